@@ -1,0 +1,379 @@
+//! The broker traits every backend implements, and the types they exchange.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, Stream};
+
+#[cfg(doc)]
+use crate::ErrorKind;
+use crate::{Capabilities, Delivery, Error, Message, Position, Result};
+
+/// Where a newly created consumer group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartPosition {
+    /// Only messages published after the group was created (the default).
+    #[default]
+    Latest,
+    /// Everything the topic still retains, then new messages.
+    Earliest,
+    /// Retained messages recorded at or after this time, then new messages.
+    Time(SystemTime),
+}
+
+/// Default number of unacked deliveries a subscription may hold (the seeds' `PrefetchCount`).
+pub const DEFAULT_PREFETCH: usize = 100;
+
+/// How to subscribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Consumer group. Members of one group compete for messages; every group gets every
+    /// message. `None` makes a private group for this subscription alone, which receives
+    /// everything published after it subscribed and goes away with it.
+    pub group: Option<String>,
+    /// Most unacked deliveries this subscription holds at once (at least 1).
+    pub prefetch: usize,
+    /// Where a group that does not exist yet starts. Ignored for an existing group, which
+    /// continues where it is. Anything but [`StartPosition::Latest`] needs
+    /// [`Capabilities::replay_by_time`].
+    pub start: StartPosition,
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        SubscribeOptions {
+            group: None,
+            prefetch: DEFAULT_PREFETCH,
+            start: StartPosition::Latest,
+        }
+    }
+}
+
+impl SubscribeOptions {
+    /// Options for joining consumer group `group`, defaults otherwise.
+    pub fn group(group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: Some(group.into()),
+            ..SubscribeOptions::default()
+        }
+    }
+
+    /// Set the prefetch (values below 1 are treated as 1).
+    #[must_use]
+    pub fn with_prefetch(mut self, prefetch: usize) -> Self {
+        self.prefetch = prefetch.max(1);
+        self
+    }
+
+    /// Set where a new group starts.
+    #[must_use]
+    pub fn with_start(mut self, start: StartPosition) -> Self {
+        self.start = start;
+        self
+    }
+}
+
+/// A live subscription: a [`Stream`] of deliveries.
+///
+/// The stream yields `Err` for a problem the backend reports but survives (it keeps going),
+/// and ends (`None`) when the broker is closed. Dropping the subscription returns its unsettled
+/// deliveries to the group on backends with [`Capabilities::redeliver_unacked`].
+pub struct Subscription {
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    inner: BoxStream<'static, Result<Delivery>>,
+}
+
+impl Subscription {
+    /// Wrap a backend's delivery stream (adapters do this).
+    pub fn new(
+        topic: Arc<str>,
+        group: Option<Arc<str>>,
+        inner: BoxStream<'static, Result<Delivery>>,
+    ) -> Self {
+        Subscription {
+            topic,
+            group,
+            inner,
+        }
+    }
+
+    /// The subscribed topic.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The consumer group, if one was named.
+    pub fn group(&self) -> Option<&str> {
+        self.group.as_deref()
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<Delivery>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.inner.size_hint()
+    }
+}
+
+impl fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscription")
+            .field("topic", &self.topic)
+            .field("group", &self.group)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A half-open time window `[from, to)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeRange {
+    from: SystemTime,
+    to: SystemTime,
+}
+
+impl TimeRange {
+    /// The window from `from` (inclusive) to `to` (exclusive).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when `to` is before `from`.
+    pub fn new(from: SystemTime, to: SystemTime) -> Result<Self> {
+        if to < from {
+            return Err(Error::invalid_input(
+                "time range ends before it starts (to < from)",
+            ));
+        }
+        Ok(TimeRange { from, to })
+    }
+
+    /// Inclusive start.
+    pub fn from(&self) -> SystemTime {
+        self.from
+    }
+
+    /// Exclusive end.
+    pub fn to(&self) -> SystemTime {
+        self.to
+    }
+
+    /// Whether `t` lies in the window.
+    pub fn contains(&self, t: SystemTime) -> bool {
+        self.from <= t && t < self.to
+    }
+}
+
+/// A message read back from a topic's history.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    /// The message as published.
+    pub message: Arc<Message>,
+    /// The time the backend recorded for it: its append time where the broker assigns one,
+    /// otherwise the message timestamp.
+    pub recorded_at: SystemTime,
+    /// Where it sits in the backend.
+    pub position: Option<Position>,
+}
+
+/// Stream of history entries in recorded order.
+pub type HistoryStream = BoxStream<'static, Result<HistoryEntry>>;
+
+/// Overall health of a broker connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthStatus {
+    /// Everything works.
+    Healthy,
+    /// Working with reduced guarantees (reconnecting, spooling to a fallback).
+    Degraded,
+    /// Not working (closed, unreachable).
+    Unhealthy,
+}
+
+/// A health report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    /// The verdict.
+    pub status: HealthStatus,
+    /// Human-readable detail (never contains secrets).
+    pub detail: String,
+}
+
+impl Health {
+    /// A healthy report with `detail`.
+    pub fn healthy(detail: impl Into<String>) -> Self {
+        Health {
+            status: HealthStatus::Healthy,
+            detail: detail.into(),
+        }
+    }
+
+    /// An unhealthy report with `detail`.
+    pub fn unhealthy(detail: impl Into<String>) -> Self {
+        Health {
+            status: HealthStatus::Unhealthy,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Outcome of a batch publish: which messages (by index in the batch) failed and why.
+#[derive(Debug, Default)]
+pub struct BatchReport {
+    total: usize,
+    failures: Vec<(usize, Error)>,
+}
+
+impl BatchReport {
+    /// A report for a batch of `total` messages with the given failures.
+    pub fn new(total: usize, mut failures: Vec<(usize, Error)>) -> Self {
+        failures.sort_by_key(|(index, _)| *index);
+        BatchReport { total, failures }
+    }
+
+    /// A report where every one of `total` messages failed with `error`'s kind and text.
+    pub fn all_failed(total: usize, error: &Error) -> Self {
+        let failures = (0..total)
+            .map(|i| (i, error.copy_without_source()))
+            .collect();
+        BatchReport { total, failures }
+    }
+
+    /// Messages in the batch.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Messages the broker accepted.
+    pub fn succeeded(&self) -> usize {
+        self.total - self.failures.len()
+    }
+
+    /// Whether every message was accepted.
+    pub fn is_ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    /// The failed messages' indices and errors, in batch order.
+    pub fn failures(&self) -> &[(usize, Error)] {
+        &self.failures
+    }
+
+    /// `Ok(())` if every message was accepted, else the first failure, annotated with how many
+    /// failed.
+    ///
+    /// # Errors
+    /// The first failure's kind and retryability, with a message counting all failures.
+    pub fn into_result(self) -> Result<()> {
+        let failed = self.failures.len();
+        match self.failures.into_iter().next() {
+            None => Ok(()),
+            Some((index, first)) => {
+                let kind = first.kind();
+                let retryable = first.is_retryable();
+                Err(Error::new(
+                    kind,
+                    format!(
+                        "{failed} of {} messages in the batch failed; first (index {index}): {}",
+                        self.total,
+                        first.message()
+                    ),
+                )
+                .with_retryable(retryable)
+                .with_source(first))
+            }
+        }
+    }
+}
+
+/// Publishes messages to topics.
+#[async_trait]
+pub trait Publisher: Send + Sync {
+    /// Publish one message to `topic`.
+    ///
+    /// Resolves once the broker has accepted the message with its durability acknowledgement
+    /// where it has one (RabbitMQ confirm, Kafka ack, Redis reply).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad topic name, [`ErrorKind::PayloadTooLarge`],
+    /// [`ErrorKind::Closed`] after close, [`ErrorKind::Timeout`] when the broker stays full,
+    /// connection and backend errors otherwise.
+    async fn publish(&self, topic: &str, message: Message) -> Result<()>;
+
+    /// Publish many messages to `topic`, pipelining acknowledgements rather than waiting for
+    /// each in turn, and report per message. Messages keep their order relative to each other.
+    ///
+    /// The default publishes every message concurrently; backends override it with their
+    /// native batching.
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+        let total = messages.len();
+        let results =
+            futures::future::join_all(messages.into_iter().map(|m| self.publish(topic, m))).await;
+        let failures = results
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.err().map(|e| (i, e)))
+            .collect();
+        BatchReport::new(total, failures)
+    }
+}
+
+/// Subscribes to topics.
+#[async_trait]
+pub trait Subscriber: Send + Sync {
+    /// Subscribe to `topic`.
+    ///
+    /// When this resolves the subscription is registered: every message published to `topic`
+    /// afterwards reaches its group.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad topic or group name, [`ErrorKind::Closed`] after
+    /// close, [`ErrorKind::Unsupported`] for options the backend cannot honour (a named group
+    /// without [`Capabilities::consumer_groups`], a start position without
+    /// [`Capabilities::replay_by_time`]).
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription>;
+}
+
+/// A connection to one messaging backend: publish, subscribe, report and close.
+///
+/// `Arc<dyn Broker>` is what every layer above the adapters works with. Its `Debug` output
+/// never contains secrets.
+#[async_trait]
+pub trait Broker: Publisher + Subscriber + fmt::Debug {
+    /// Short backend name (`"memory"`, `"redis"`, `"kafka"`, `"rabbitmq"`, …).
+    fn name(&self) -> &'static str;
+
+    /// What this backend promises.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Current health.
+    async fn health(&self) -> Health;
+
+    /// Read `topic`'s retained history recorded inside `range`, oldest first. Exactly the
+    /// window: nothing recorded before `range.from()` or at/after `range.to()`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] unless [`Capabilities::replay_by_time`]; otherwise as the
+    /// backend reports.
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        let _ = (topic, range);
+        Err(Error::unsupported(
+            self.name(),
+            "reading history by time range",
+        ))
+    }
+
+    /// Close the connection: publishing and subscribing fail with [`ErrorKind::Closed`]
+    /// afterwards and open subscriptions end. Idempotent.
+    ///
+    /// # Errors
+    /// The backend's error if flushing or closing failed.
+    async fn close(&self) -> Result<()>;
+}

@@ -1,0 +1,65 @@
+//! What a backend can honestly promise.
+
+/// The promises a backend keeps. Each adapter exposes its own as a constant, so the testkit,
+/// the README's backend table and applications can all read them without connecting.
+///
+/// An operation that needs a capability the backend lacks returns
+/// [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported); it is never silently ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Capabilities {
+    /// Accepted messages survive a broker restart.
+    pub durable: bool,
+    /// A delivery stays pending until acked, and `nack(requeue = true)` redelivers it with
+    /// attempt + 1.
+    pub redelivery: bool,
+    /// Named consumer groups: competing consumers inside a group, every group gets every
+    /// message.
+    pub consumer_groups: bool,
+    /// Messages with the same key reach a group in publish order.
+    pub per_key_ordering: bool,
+    /// A backlog is delivered highest priority first.
+    pub priority: bool,
+    /// A message's TTL is enforced: it is discarded if not delivered in time.
+    pub ttl: bool,
+    /// Unacked deliveries are handed to another member after a deadline or when their
+    /// subscription goes away.
+    pub redeliver_unacked: bool,
+    /// The topic's history can be read back by time range, and a new group can start from it.
+    pub replay_by_time: bool,
+    /// Rejected messages are routed to a dead-letter destination by the broker itself.
+    pub native_dlq: bool,
+    /// Largest payload accepted, in bytes, when the backend enforces one.
+    pub max_payload_bytes: Option<usize>,
+}
+
+impl Capabilities {
+    /// No capabilities at all: the base adapters build on with struct-update syntax.
+    pub const NONE: Capabilities = Capabilities {
+        durable: false,
+        redelivery: false,
+        consumer_groups: false,
+        per_key_ordering: false,
+        priority: false,
+        ttl: false,
+        redeliver_unacked: false,
+        replay_by_time: false,
+        native_dlq: false,
+        max_payload_bytes: None,
+    };
+
+    /// The boolean capabilities with a short column title each, in a fixed order (used to
+    /// render and check the README's backend table).
+    pub fn flags(&self) -> [(&'static str, bool); 9] {
+        [
+            ("Durable", self.durable),
+            ("Ack + redelivery", self.redelivery),
+            ("Consumer groups", self.consumer_groups),
+            ("Per-key order", self.per_key_ordering),
+            ("Priority", self.priority),
+            ("TTL", self.ttl),
+            ("Unacked handed over", self.redeliver_unacked),
+            ("Replay by time", self.replay_by_time),
+            ("Native DLQ", self.native_dlq),
+        ]
+    }
+}

@@ -1,0 +1,298 @@
+//! A received message and the handle that settles it with the broker.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+
+use crate::{Error, ErrorKind, Message, Result};
+
+/// Where a delivery sits in its backend, for diagnostics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Position {
+    /// A Kafka partition and offset.
+    Offset {
+        /// Partition number.
+        partition: i32,
+        /// Offset inside the partition.
+        offset: i64,
+    },
+    /// A Redis stream entry id (`<ms>-<seq>`).
+    StreamId(String),
+    /// An AMQP delivery tag (unique per channel).
+    DeliveryTag(u64),
+    /// A backend-assigned sequence number (the memory broker's publish order).
+    Sequence(u64),
+}
+
+impl fmt::Display for Position {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Position::Offset { partition, offset } => {
+                write!(f, "partition {partition} offset {offset}")
+            }
+            Position::StreamId(id) => write!(f, "stream id {id}"),
+            Position::DeliveryTag(tag) => write!(f, "delivery tag {tag}"),
+            Position::Sequence(seq) => write!(f, "sequence {seq}"),
+        }
+    }
+}
+
+/// Facts about one delivery of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryInfo {
+    /// The topic the message was received from.
+    pub topic: Arc<str>,
+    /// The consumer group it was delivered to, if the subscription named one.
+    pub group: Option<Arc<str>>,
+    /// 1 on the first delivery, incremented on every redelivery.
+    pub attempt: u32,
+    /// Whether this message was delivered before (to this or another group member).
+    pub redelivered: bool,
+    /// Where the message sits in the backend, when it has such a notion.
+    pub position: Option<Position>,
+}
+
+/// How a delivery is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// Processed: remove it for good.
+    Ack,
+    /// Not processed: hand it out again (to any member of the group), attempt + 1.
+    Requeue,
+    /// Not processable: remove it without redelivery; backends with a native dead-letter
+    /// route send it there.
+    Reject,
+}
+
+/// Backend side of settlement, implemented by each adapter once per delivery.
+///
+/// Adapters implement this; applications call [`Delivery::ack`] and friends instead.
+#[async_trait]
+pub trait Acknowledge: Send + Sync + 'static {
+    /// Tell the broker the outcome. Called at most once per delivery (the [`Settler`]
+    /// guarantees it).
+    ///
+    /// # Errors
+    /// The backend's error when it could not record the outcome (connection lost, delivery
+    /// no longer held because its subscription closed or its ack deadline passed, …). The
+    /// message is then redelivered by the backend's own rules.
+    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()>;
+}
+
+/// The settle-once handle of a delivery.
+///
+/// Settling is defined exactly once: the first `ack`, `nack` or `reject` reaches the broker,
+/// every later call returns [`ErrorKind::AlreadySettled`] and changes nothing. A settlement
+/// whose backend call fails is final too; the backend redelivers by its own rules.
+///
+/// Dropping an unsettled `Settler` tells the broker nothing: the message stays in flight until
+/// its subscription is dropped or the backend's ack deadline passes, and is then redelivered.
+pub struct Settler {
+    acker: Mutex<Option<Box<dyn Acknowledge>>>,
+}
+
+impl Settler {
+    /// Wrap a backend acknowledger.
+    pub fn new(acker: Box<dyn Acknowledge>) -> Self {
+        Settler {
+            acker: Mutex::new(Some(acker)),
+        }
+    }
+
+    /// Whether this delivery has been settled (successfully or not).
+    pub fn is_settled(&self) -> bool {
+        self.acker.lock().is_none()
+    }
+
+    /// Settle with `outcome`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::AlreadySettled`] on a second call; otherwise the backend's error.
+    pub async fn settle(&self, outcome: Settlement) -> Result<()> {
+        let acker = self.acker.lock().take();
+        match acker {
+            Some(acker) => acker.settle(outcome).await,
+            None => Err(Error::new(
+                ErrorKind::AlreadySettled,
+                format!("cannot {outcome:?}: the delivery was already settled"),
+            )),
+        }
+    }
+
+    /// Processed successfully: remove the message.
+    ///
+    /// # Errors
+    /// As [`Settler::settle`].
+    pub async fn ack(&self) -> Result<()> {
+        self.settle(Settlement::Ack).await
+    }
+
+    /// Not processed: `requeue = true` hands it out again with attempt + 1; `requeue = false`
+    /// is the same as [`Settler::reject`].
+    ///
+    /// # Errors
+    /// As [`Settler::settle`]; [`ErrorKind::Unsupported`] from backends without redelivery.
+    pub async fn nack(&self, requeue: bool) -> Result<()> {
+        self.settle(if requeue {
+            Settlement::Requeue
+        } else {
+            Settlement::Reject
+        })
+        .await
+    }
+
+    /// Not processable: remove without redelivery (to the native dead-letter route where the
+    /// backend has one).
+    ///
+    /// # Errors
+    /// As [`Settler::settle`].
+    pub async fn reject(&self) -> Result<()> {
+        self.settle(Settlement::Reject).await
+    }
+}
+
+impl fmt::Debug for Settler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settler")
+            .field("settled", &self.is_settled())
+            .finish()
+    }
+}
+
+/// A message with its delivery facts, without the settle handle: cheap to clone and to hand
+/// to a handler.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The message as published.
+    pub message: Arc<Message>,
+    /// Facts about this delivery.
+    pub info: DeliveryInfo,
+}
+
+/// A message received from a [`Subscription`](crate::Subscription), to be settled with
+/// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or [`reject`](Delivery::reject).
+///
+/// See [`Settler`] for what settling twice and dropping unsettled mean.
+#[derive(Debug)]
+pub struct Delivery {
+    envelope: Envelope,
+    settler: Settler,
+}
+
+impl Delivery {
+    /// Assemble a delivery (adapters do this).
+    pub fn new(message: Arc<Message>, info: DeliveryInfo, acker: Box<dyn Acknowledge>) -> Self {
+        Delivery {
+            envelope: Envelope { message, info },
+            settler: Settler::new(acker),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.envelope.message
+    }
+
+    /// Facts about this delivery (topic, attempt, redelivered, position).
+    pub fn info(&self) -> &DeliveryInfo {
+        &self.envelope.info
+    }
+
+    /// Shorthand for `info().attempt`: 1 on first delivery.
+    pub fn attempt(&self) -> u32 {
+        self.envelope.info.attempt
+    }
+
+    /// Split into the message part and the settle handle, so a handler can own the message
+    /// while the caller keeps the right to settle.
+    pub fn into_parts(self) -> (Envelope, Settler) {
+        (self.envelope, self.settler)
+    }
+
+    /// Whether this delivery has been settled.
+    pub fn is_settled(&self) -> bool {
+        self.settler.is_settled()
+    }
+
+    /// See [`Settler::ack`].
+    ///
+    /// # Errors
+    /// As [`Settler::settle`].
+    pub async fn ack(&self) -> Result<()> {
+        self.settler.ack().await
+    }
+
+    /// See [`Settler::nack`].
+    ///
+    /// # Errors
+    /// As [`Settler::settle`].
+    pub async fn nack(&self, requeue: bool) -> Result<()> {
+        self.settler.nack(requeue).await
+    }
+
+    /// See [`Settler::reject`].
+    ///
+    /// # Errors
+    /// As [`Settler::settle`].
+    pub async fn reject(&self) -> Result<()> {
+        self.settler.reject().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(Arc<AtomicUsize>);
+
+    #[async_trait]
+    impl Acknowledge for Counting {
+        async fn settle(self: Box<Self>, _outcome: Settlement) -> Result<()> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn delivery(calls: &Arc<AtomicUsize>) -> Delivery {
+        Delivery::new(
+            Arc::new(Message::new("x")),
+            DeliveryInfo {
+                topic: "t".into(),
+                group: None,
+                attempt: 1,
+                redelivered: false,
+                position: Some(Position::Sequence(7)),
+            },
+            Box::new(Counting(calls.clone())),
+        )
+    }
+
+    #[tokio::test]
+    async fn second_settlement_is_refused_and_never_reaches_the_backend() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let d = delivery(&calls);
+        d.ack().await.expect("first ack");
+        assert!(d.is_settled());
+        let again = d.ack().await.expect_err("second ack must fail");
+        assert_eq!(again.kind(), ErrorKind::AlreadySettled);
+        let nack = d.nack(true).await.expect_err("nack after ack must fail");
+        assert_eq!(nack.kind(), ErrorKind::AlreadySettled);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn position_displays_readably() {
+        assert_eq!(
+            Position::Offset {
+                partition: 2,
+                offset: 40
+            }
+            .to_string(),
+            "partition 2 offset 40"
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! Core contracts of helix-messaging: the message model, the broker traits every backend
+//! implements, errors, capabilities and the handler runner.
+//!
+//! Applications depend on the `helix-messaging` crate, which re-exports all of this; backend
+//! adapters depend on this crate directly.
+
+mod broker;
+mod capabilities;
+mod delivery;
+mod error;
+mod message;
+mod names;
+mod runner;
+
+pub use broker::{
+    BatchReport, Broker, DEFAULT_PREFETCH, Health, HealthStatus, HistoryEntry, HistoryStream,
+    Publisher, StartPosition, SubscribeOptions, Subscriber, Subscription, TimeRange,
+};
+pub use capabilities::Capabilities;
+pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
+pub use error::{BoxError, Error, ErrorKind, Result};
+pub use message::{Headers, MAX_PRIORITY, Message};
+pub use names::{MAX_NAME_LEN, validate_name};
+pub use runner::{
+    BoxHandler, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_TIMEOUT, FailureKind, Handler, HandlerError,
+    HandlerFn, Layer, RunReport, Runner, RunnerBuilder, handler_fn,
+};
+
+/// Re-exported so adapters and layers implement the traits with the same macro version.
+pub use async_trait::async_trait;

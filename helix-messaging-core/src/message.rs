@@ -1,0 +1,204 @@
+//! The message model: what a publisher sends and a subscriber receives.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// Highest message priority (the seeds' range is 0–10, higher is more urgent).
+pub const MAX_PRIORITY: u8 = 10;
+
+/// String headers carried with a message, ordered by name.
+pub type Headers = BTreeMap<String, String>;
+
+/// A message: an opaque payload plus the metadata every backend carries.
+///
+/// Build one with [`Message::new`] and the `with_*` methods:
+///
+/// ```
+/// use helix_messaging_core::Message;
+/// use std::time::Duration;
+///
+/// let msg = Message::new("hello")
+///     .with_key("user-42")
+///     .with_header("type", "greeting")
+///     .with_priority(7)
+///     .with_ttl(Duration::from_secs(60));
+/// assert_eq!(msg.payload().as_ref(), b"hello");
+/// assert_eq!(msg.header("type"), Some("greeting"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    id: String,
+    key: Option<String>,
+    payload: Bytes,
+    headers: Headers,
+    timestamp: SystemTime,
+    content_type: Option<String>,
+    correlation_id: Option<String>,
+    priority: u8,
+    ttl: Option<Duration>,
+}
+
+impl Message {
+    /// A message with `payload`, a fresh UUID v4 id, the current time as timestamp, no key,
+    /// no headers, priority 0 and no TTL.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: uuid::Uuid::new_v4().to_string(),
+            key: None,
+            payload: payload.into(),
+            headers: Headers::new(),
+            timestamp: SystemTime::now(),
+            content_type: None,
+            correlation_id: None,
+            priority: 0,
+            ttl: None,
+        }
+    }
+
+    /// Replace the generated id (for example with an id from an upstream system).
+    #[must_use]
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Set the key: the partition key on Kafka, the routing key on RabbitMQ. Messages with
+    /// the same key keep their order on backends that declare per-key ordering.
+    #[must_use]
+    pub fn with_key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Add (or replace) one header.
+    #[must_use]
+    pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Replace all headers.
+    #[must_use]
+    pub fn with_headers(mut self, headers: Headers) -> Self {
+        self.headers = headers;
+        self
+    }
+
+    /// Override the timestamp (defaults to the time the message was built).
+    #[must_use]
+    pub fn with_timestamp(mut self, timestamp: SystemTime) -> Self {
+        self.timestamp = timestamp;
+        self
+    }
+
+    /// Set the MIME content type of the payload.
+    #[must_use]
+    pub fn with_content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Set the correlation id (request/reply, tracing a workflow across messages).
+    #[must_use]
+    pub fn with_correlation_id(mut self, correlation_id: impl Into<String>) -> Self {
+        self.correlation_id = Some(correlation_id.into());
+        self
+    }
+
+    /// Set the priority, 0 (default) to [`MAX_PRIORITY`]; higher is more urgent.
+    ///
+    /// Values above [`MAX_PRIORITY`] are clamped to it, as AMQP brokers treat a priority above
+    /// a queue's maximum.
+    #[must_use]
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority.min(MAX_PRIORITY);
+        self
+    }
+
+    /// Discard the message if it has not been delivered within `ttl` of entering the broker.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = Some(ttl);
+        self
+    }
+
+    /// The message id (a UUID v4 unless one was given).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The partition / routing key, if any.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The payload bytes.
+    pub fn payload(&self) -> &Bytes {
+        &self.payload
+    }
+
+    /// All headers.
+    pub fn headers(&self) -> &Headers {
+        &self.headers
+    }
+
+    /// One header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    /// Mutable access to the headers (layers use it to add trace context).
+    pub fn headers_mut(&mut self) -> &mut Headers {
+        &mut self.headers
+    }
+
+    /// When the message was created (or the time given with [`Message::with_timestamp`]).
+    pub fn timestamp(&self) -> SystemTime {
+        self.timestamp
+    }
+
+    /// The payload's MIME content type, if given.
+    pub fn content_type(&self) -> Option<&str> {
+        self.content_type.as_deref()
+    }
+
+    /// The correlation id, if given.
+    pub fn correlation_id(&self) -> Option<&str> {
+        self.correlation_id.as_deref()
+    }
+
+    /// The priority, 0 to [`MAX_PRIORITY`].
+    pub fn priority(&self) -> u8 {
+        self.priority
+    }
+
+    /// The time-to-live, if any.
+    pub fn ttl(&self) -> Option<Duration> {
+        self.ttl
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_message_has_a_uuid_and_defaults() {
+        let a = Message::new(Bytes::from_static(b"x"));
+        let b = Message::new(Bytes::from_static(b"x"));
+        assert_ne!(a.id(), b.id());
+        assert!(uuid::Uuid::parse_str(a.id()).is_ok());
+        assert_eq!(a.priority(), 0);
+        assert_eq!(a.ttl(), None);
+        assert!(a.headers().is_empty());
+    }
+
+    #[test]
+    fn priority_is_clamped_to_the_maximum() {
+        assert_eq!(Message::new("").with_priority(200).priority(), MAX_PRIORITY);
+        assert_eq!(Message::new("").with_priority(3).priority(), 3);
+    }
+}

@@ -1,0 +1,50 @@
+//! Portable topic and group names.
+
+use crate::{Error, Result};
+
+/// Longest topic or group name accepted (Kafka's limit, the strictest of the backends).
+pub const MAX_NAME_LEN: usize = 249;
+
+/// Check that `name` is a topic or group name every backend accepts: 1 to
+/// [`MAX_NAME_LEN`] ASCII letters, digits, `.`, `_` or `-` (Kafka's rule, the strictest).
+///
+/// # Errors
+/// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) saying what is wrong, with the
+/// name and what it names (`what`, e.g. "topic").
+pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_input(format!("{what} name is empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::invalid_input(format!(
+            "{what} name {name:?} is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            name.len()
+        )));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(Error::invalid_input(format!(
+            "{what} name {name:?} contains {bad:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+
+    #[test]
+    fn accepts_seed_names_and_refuses_bad_ones() {
+        validate_name("topic", "helixagent.tasks.llm").expect("seed name is valid");
+        validate_name("group", "helixagent-workers_2").expect("group name is valid");
+        for bad in ["", "a b", "tasks/llm", "ü", &"x".repeat(250)] {
+            let err = validate_name("topic", bad).expect_err(bad);
+            assert_eq!(err.kind(), ErrorKind::InvalidInput);
+            assert!(err.to_string().contains("topic name"), "{err}");
+        }
+    }
+}

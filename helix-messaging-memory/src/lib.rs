@@ -1,0 +1,520 @@
+//! The in-process broker of helix-messaging: the embedded default backend and the reference
+//! implementation every other backend is compared to.
+//!
+//! It keeps everything in this process (nothing survives a restart) and implements every other
+//! promise of the contract: consumer groups with competing members and fan-out across groups,
+//! ack / requeue / reject with attempt counting, redelivery of unacked messages when their
+//! subscription is dropped or their ack deadline passes, priority order, per-message TTL,
+//! bounded queues with backpressure, and a retained log readable by time range.
+//!
+//! ```
+//! use futures::StreamExt;
+//! use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+//! use helix_messaging_memory::MemoryBroker;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> helix_messaging_core::Result<()> {
+//! let broker = MemoryBroker::new();
+//! let mut sub = broker.subscribe("greetings", SubscribeOptions::group("workers")).await?;
+//! broker.publish("greetings", Message::new("hello")).await?;
+//! let delivery = sub.next().await.expect("a delivery")?;
+//! assert_eq!(delivery.message().payload().as_ref(), b"hello");
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod state;
+
+use std::collections::{HashMap, VecDeque};
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use helix_messaging_core::{
+    Acknowledge, BatchReport, Broker, Capabilities, Delivery, DeliveryInfo, Error, ErrorKind,
+    Health, HistoryStream, Message, Position, Publisher, Result, Settlement, SubscribeOptions,
+    Subscriber, Subscription, TimeRange, validate_name,
+};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::Notify;
+
+use state::{Blocked, SettleError, Take, Taken, TopicState};
+
+/// Backend name reported by [`Broker::name`].
+pub const NAME: &str = "memory";
+
+/// What the memory broker promises (with the default payload limit).
+pub const CAPABILITIES: Capabilities = Capabilities {
+    durable: false,
+    redelivery: true,
+    consumer_groups: true,
+    per_key_ordering: true,
+    priority: true,
+    ttl: true,
+    redeliver_unacked: true,
+    replay_by_time: true,
+    native_dlq: false,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+};
+
+/// Default largest payload accepted: 16 MiB.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+
+/// Deliveries a subscription moves out of the shared queue per lock acquisition (bounded by
+/// its prefetch), so a busy consumer does not take the topic lock once per message.
+const TAKE_BATCH: usize = 64;
+
+/// Tuning of the memory broker. Every field has a default ([`MemoryConfig::default`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Most messages a group may hold (ready plus unacked). A publish to a topic with a full
+    /// group waits for room up to [`MemoryConfig::publish_timeout`]. Default 100,000.
+    pub max_queue_depth: usize,
+    /// How long a publish waits for room in a full group before failing with
+    /// [`ErrorKind::Timeout`]. Default 5 s.
+    pub publish_timeout: Duration,
+    /// How long a delivery may stay unacked, measured from when it was handed out, before it
+    /// is returned to its group for another member. `None` waits forever. Default 30 min
+    /// (RabbitMQ's consumer timeout).
+    pub ack_deadline: Option<Duration>,
+    /// Most messages the retained log keeps per topic (the replay source); 0 keeps none.
+    /// Default 100,000.
+    pub retention_messages: usize,
+    /// Oldest message the retained log keeps, by recorded time; `None` keeps any age.
+    /// Default 24 h.
+    pub retention_age: Option<Duration>,
+    /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub max_payload_bytes: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            max_queue_depth: 100_000,
+            publish_timeout: Duration::from_secs(5),
+            ack_deadline: Some(Duration::from_secs(30 * 60)),
+            retention_messages: 100_000,
+            retention_age: Some(Duration::from_secs(24 * 60 * 60)),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+/// Counters of one topic, for diagnostics and tests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TopicStats {
+    /// Messages queued or unacked, summed over the topic's groups.
+    pub depth: usize,
+    /// Messages dropped because their TTL passed before delivery.
+    pub expired: u64,
+}
+
+struct Topic {
+    name: Arc<str>,
+    state: Mutex<TopicState>,
+    /// Publishers waiting for room in a full group.
+    space: Notify,
+}
+
+struct Shared {
+    config: Arc<MemoryConfig>,
+    topics: RwLock<HashMap<Arc<str>, Arc<Topic>>>,
+    closed: AtomicBool,
+}
+
+/// The in-process broker. Cheap to clone: clones share the same topics.
+#[derive(Clone)]
+pub struct MemoryBroker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryBroker")
+            .field("config", &self.shared.config)
+            .field("topics", &self.shared.topics.read().len())
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Default for MemoryBroker {
+    fn default() -> Self {
+        MemoryBroker::new()
+    }
+}
+
+impl MemoryBroker {
+    /// A broker with the default [`MemoryConfig`].
+    pub fn new() -> Self {
+        MemoryBroker::with_config(MemoryConfig::default())
+    }
+
+    /// A broker with `config`.
+    pub fn with_config(config: MemoryConfig) -> Self {
+        MemoryBroker {
+            shared: Arc::new(Shared {
+                config: Arc::new(config),
+                topics: RwLock::new(HashMap::new()),
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &MemoryConfig {
+        &self.shared.config
+    }
+
+    /// Counters of `topic` (zero for a topic never used).
+    pub fn topic_stats(&self, topic: &str) -> TopicStats {
+        match self.shared.topics.read().get(topic) {
+            None => TopicStats::default(),
+            Some(topic) => {
+                let state = topic.state.lock();
+                TopicStats {
+                    depth: state.depth(),
+                    expired: state.expired,
+                }
+            }
+        }
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            Err(Error::closed("the memory broker"))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn topic(&self, name: &str) -> Result<Arc<Topic>> {
+        validate_name("topic", name)?;
+        self.ensure_open()?;
+        if let Some(topic) = self.shared.topics.read().get(name) {
+            return Ok(topic.clone());
+        }
+        let mut topics = self.shared.topics.write();
+        // Re-checked under the write lock: close() marks topics closed under it, so a topic
+        // created here after close would never be closed.
+        self.ensure_open()?;
+        let topic = topics.entry(Arc::from(name)).or_insert_with_key(|key| {
+            Arc::new(Topic {
+                name: key.clone(),
+                state: Mutex::new(TopicState::new(self.shared.config.clone())),
+                space: Notify::new(),
+            })
+        });
+        Ok(topic.clone())
+    }
+
+    fn check_payload(&self, message: &Message) -> Result<()> {
+        let limit = self.shared.config.max_payload_bytes;
+        let size = message.payload().len();
+        if size > limit {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "payload of {size} bytes exceeds the memory broker's limit of {limit} bytes"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Enqueue `messages` in order, waiting for room as needed. On failure returns how many
+    /// were enqueued before it and the error.
+    async fn enqueue_all(
+        &self,
+        topic: &Topic,
+        messages: impl IntoIterator<Item = Message>,
+    ) -> Result<(), (usize, Error)> {
+        let mut done = 0;
+        let mut messages = messages.into_iter().peekable();
+        while messages.peek().is_some() {
+            let blocked = {
+                let mut state = topic.state.lock();
+                let now = Instant::now();
+                loop {
+                    if let Err(blocked) = state.check_space(now) {
+                        break Some(blocked);
+                    }
+                    match messages.next() {
+                        Some(message) => {
+                            state.enqueue(Arc::new(message), now);
+                            done += 1;
+                        }
+                        None => break None,
+                    }
+                }
+            };
+            match blocked {
+                None => {}
+                Some(blocked) => self
+                    .wait_for_space(topic, blocked)
+                    .await
+                    .map_err(|e| (done, e))?,
+            }
+        }
+        Ok(())
+    }
+
+    async fn wait_for_space(&self, topic: &Topic, mut blocked: Blocked) -> Result<()> {
+        let deadline = Instant::now() + self.shared.config.publish_timeout;
+        loop {
+            match blocked {
+                Blocked::Closed => return Err(Error::closed("the memory broker")),
+                Blocked::Full { group, capacity } => {
+                    let mut notified = pin!(topic.space.notified());
+                    notified.as_mut().enable();
+                    // Re-checked after registering for the wake-up, so an ack in between
+                    // cannot be missed.
+                    match topic.state.lock().check_space(Instant::now()) {
+                        Ok(()) => return Ok(()),
+                        Err(again) => blocked = again,
+                    }
+                    if matches!(blocked, Blocked::Full { .. }) {
+                        if Instant::now() >= deadline {
+                            return Err(Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "topic {:?}: group {group:?} is full ({capacity} messages) and no room freed within {:?}",
+                                    topic.name, self.shared.config.publish_timeout
+                                ),
+                            ));
+                        }
+                        let _ = tokio::time::timeout_at(deadline.into(), notified).await;
+                        blocked = match topic.state.lock().check_space(Instant::now()) {
+                            Ok(()) => return Ok(()),
+                            Err(again) => again,
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for MemoryBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let topic = self.topic(topic)?;
+        self.check_payload(&message)?;
+        self.enqueue_all(&topic, [message])
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+        let total = messages.len();
+        let topic = match self.topic(topic) {
+            Ok(topic) => topic,
+            Err(err) => return BatchReport::all_failed(total, &err),
+        };
+        let mut failures = Vec::new();
+        let mut accepted_indices = Vec::with_capacity(total);
+        let mut accepted = Vec::with_capacity(total);
+        for (index, message) in messages.into_iter().enumerate() {
+            match self.check_payload(&message) {
+                Ok(()) => {
+                    accepted_indices.push(index);
+                    accepted.push(message);
+                }
+                Err(err) => failures.push((index, err)),
+            }
+        }
+        if let Err((done, err)) = self.enqueue_all(&topic, accepted).await {
+            failures.extend(
+                accepted_indices[done..]
+                    .iter()
+                    .map(|&index| (index, err.copy_without_source())),
+            );
+        }
+        BatchReport::new(total, failures)
+    }
+}
+
+#[async_trait]
+impl Subscriber for MemoryBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        if let Some(group) = &options.group {
+            validate_name("group", group)?;
+        }
+        let topic = self.topic(topic)?;
+        let notify = Arc::new(Notify::new());
+        let group_name: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
+        let (slot, id) = {
+            let mut state = topic.state.lock();
+            if state.closed {
+                return Err(Error::closed("the memory broker"));
+            }
+            state.join(
+                group_name.clone(),
+                options.prefetch,
+                options.start,
+                notify.clone(),
+            )
+        };
+        let member = MemberStream {
+            topic: topic.clone(),
+            slot,
+            id,
+            notify,
+            group: group_name.clone(),
+            buffer: VecDeque::new(),
+        };
+        let stream = futures::stream::unfold(member, |mut member| async move {
+            member.next_delivery().await.map(|d| (Ok(d), member))
+        });
+        Ok(Subscription::new(
+            topic.name.clone(),
+            group_name,
+            Box::pin(stream),
+        ))
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
+            ..CAPABILITIES
+        }
+    }
+
+    async fn health(&self) -> Health {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Health::unhealthy("the memory broker is closed");
+        }
+        let topics = self.shared.topics.read();
+        let depth: usize = topics.values().map(|t| t.state.lock().depth()).sum();
+        Health::healthy(format!(
+            "{} topics, {depth} messages queued or unacked",
+            topics.len()
+        ))
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        validate_name("topic", topic)?;
+        self.ensure_open()?;
+        let entries = match self.shared.topics.read().get(topic) {
+            Some(topic) => topic.state.lock().history(range.from(), range.to()),
+            None => Vec::new(),
+        };
+        Ok(Box::pin(futures::stream::iter(entries.into_iter().map(Ok))))
+    }
+
+    async fn close(&self) -> Result<()> {
+        let topics = self.shared.topics.write();
+        self.shared.closed.store(true, Ordering::Release);
+        for topic in topics.values() {
+            topic.state.lock().close();
+            topic.space.notify_waiters();
+        }
+        Ok(())
+    }
+}
+
+/// One subscription's view of its group.
+struct MemberStream {
+    topic: Arc<Topic>,
+    slot: usize,
+    id: u64,
+    notify: Arc<Notify>,
+    group: Option<Arc<str>>,
+    buffer: VecDeque<Delivery>,
+}
+
+impl MemberStream {
+    async fn next_delivery(&mut self) -> Option<Delivery> {
+        loop {
+            if let Some(delivery) = self.buffer.pop_front() {
+                return Some(delivery);
+            }
+            let take = self
+                .topic
+                .state
+                .lock()
+                .take(self.slot, self.id, TAKE_BATCH, Instant::now());
+            match take {
+                Take::Some(taken) => {
+                    let deliveries: Vec<Delivery> =
+                        taken.into_iter().map(|t| self.delivery(t)).collect();
+                    self.buffer.extend(deliveries);
+                }
+                Take::Closed => return None,
+                // notify_one stores a permit, so a publish between take() and here still
+                // wakes us.
+                Take::Wait(Some(deadline)) => {
+                    let _ = tokio::time::timeout_at(deadline.into(), self.notify.notified()).await;
+                }
+                Take::Wait(None) => self.notify.notified().await,
+            }
+        }
+    }
+
+    fn delivery(&self, taken: Taken) -> Delivery {
+        Delivery::new(
+            taken.message,
+            DeliveryInfo {
+                topic: self.topic.name.clone(),
+                group: self.group.clone(),
+                attempt: taken.attempt,
+                redelivered: taken.attempt > 1,
+                position: Some(Position::Sequence(taken.seq)),
+            },
+            Box::new(MemoryAcker {
+                topic: self.topic.clone(),
+                slot: self.slot,
+                token: taken.token,
+            }),
+        )
+    }
+}
+
+impl Drop for MemberStream {
+    fn drop(&mut self) {
+        self.topic.state.lock().leave(self.slot, self.id);
+    }
+}
+
+struct MemoryAcker {
+    topic: Arc<Topic>,
+    slot: usize,
+    token: u64,
+}
+
+#[async_trait]
+impl Acknowledge for MemoryAcker {
+    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
+        let requeue = outcome == Settlement::Requeue;
+        let settled = self
+            .topic
+            .state
+            .lock()
+            .settle(self.slot, self.token, requeue);
+        match settled {
+            Ok(freed_room) => {
+                if freed_room {
+                    self.topic.space.notify_waiters();
+                }
+                Ok(())
+            }
+            Err(SettleError::Closed) => Err(Error::closed("the memory broker")),
+            Err(SettleError::NotHeld) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "delivery {} on topic {:?} is no longer held (its subscription was dropped or its ack deadline passed); it is redelivered instead",
+                    self.token, self.topic.name
+                ),
+            )),
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The per-topic state machine: retained log, consumer groups, ready queues by priority,
+//! in-flight deliveries with deadlines. Everything here runs under the topic's lock and never
+//! awaits.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use helix_messaging_core::{HistoryEntry, MAX_PRIORITY, Message, Position, StartPosition};
+use tokio::sync::Notify;
+
+use crate::MemoryConfig;
+
+const LEVELS: usize = MAX_PRIORITY as usize + 1;
+
+/// A message waiting in a group's ready queue.
+pub(crate) struct Ready {
+    pub(crate) message: Arc<Message>,
+    pub(crate) seq: u64,
+    /// How often it has been handed out so far.
+    pub(crate) deliveries: u32,
+    pub(crate) expires_at: Option<Instant>,
+}
+
+struct InFlight {
+    ready: Ready,
+    member: u64,
+    deadline: Option<Instant>,
+}
+
+struct Member {
+    id: u64,
+    notify: Arc<Notify>,
+    outstanding: usize,
+    prefetch: usize,
+}
+
+/// One consumer group (or a private subscription's own group).
+pub(crate) struct Group {
+    name: Option<Arc<str>>,
+    ready: [VecDeque<Ready>; LEVELS],
+    ready_len: usize,
+    /// Keyed by delivery token, which grows with delivery time; with one ack deadline for the
+    /// whole broker the first entry is therefore always the next to expire.
+    in_flight: BTreeMap<u64, InFlight>,
+    members: Vec<Member>,
+}
+
+impl Group {
+    fn new(name: Option<Arc<str>>) -> Self {
+        Group {
+            name,
+            ready: Default::default(),
+            ready_len: 0,
+            in_flight: BTreeMap::new(),
+            members: Vec::new(),
+        }
+    }
+
+    fn depth(&self) -> usize {
+        self.ready_len + self.in_flight.len()
+    }
+
+    fn push_back(&mut self, ready: Ready) {
+        self.ready[usize::from(ready.message.priority())].push_back(ready);
+        self.ready_len += 1;
+    }
+
+    /// Put redelivered entries back at the head of their priority level, keeping their
+    /// original relative order.
+    fn push_front_in_order(&mut self, mut entries: Vec<Ready>) {
+        entries.sort_by_key(|r| std::cmp::Reverse(r.seq));
+        for ready in entries {
+            self.ready[usize::from(ready.message.priority())].push_front(ready);
+            self.ready_len += 1;
+        }
+    }
+
+    fn pop_highest(&mut self) -> Option<Ready> {
+        let level = self.ready.iter_mut().rev().find(|q| !q.is_empty())?;
+        self.ready_len -= 1;
+        level.pop_front()
+    }
+
+    fn notify_members(&self) {
+        for member in &self.members {
+            member.notify.notify_one();
+        }
+    }
+
+    fn member_mut(&mut self, id: u64) -> Option<&mut Member> {
+        self.members.iter_mut().find(|m| m.id == id)
+    }
+
+    /// Return every in-flight delivery whose deadline has passed to the ready queue.
+    fn requeue_overdue(&mut self, now: Instant) {
+        let mut overdue = Vec::new();
+        while let Some(entry) = self.in_flight.first_entry() {
+            match entry.get().deadline {
+                Some(deadline) if deadline <= now => {
+                    let in_flight = entry.remove();
+                    if let Some(member) = self.member_mut(in_flight.member) {
+                        member.outstanding -= 1;
+                    }
+                    overdue.push(in_flight.ready);
+                }
+                _ => break,
+            }
+        }
+        if !overdue.is_empty() {
+            self.push_front_in_order(overdue);
+            self.notify_members();
+        }
+    }
+
+    fn purge_expired(&mut self, now: Instant) -> usize {
+        let before = self.ready_len;
+        for level in &mut self.ready {
+            level.retain(|r| r.expires_at.is_none_or(|t| t > now));
+        }
+        self.ready_len = self.ready.iter().map(VecDeque::len).sum();
+        before - self.ready_len
+    }
+}
+
+/// A delivery taken from a group, to be turned into a [`helix_messaging_core::Delivery`]
+/// outside the lock.
+pub(crate) struct Taken {
+    pub(crate) message: Arc<Message>,
+    pub(crate) token: u64,
+    pub(crate) attempt: u32,
+    pub(crate) seq: u64,
+}
+
+/// What a member found when it tried to take deliveries.
+pub(crate) enum Take {
+    /// Deliveries (at least one).
+    Some(Vec<Taken>),
+    /// Nothing to take now; wake up by this time at the latest (an ack deadline).
+    Wait(Option<Instant>),
+    /// The broker is closed.
+    Closed,
+}
+
+/// Why a publish could not be enqueued right now.
+pub(crate) enum Blocked {
+    Full { group: String, capacity: usize },
+    Closed,
+}
+
+/// Outcome of settling a delivery.
+pub(crate) enum SettleError {
+    Closed,
+    NotHeld,
+}
+
+struct LogEntry {
+    message: Arc<Message>,
+    recorded_at: SystemTime,
+    seq: u64,
+    expires_at: Option<Instant>,
+}
+
+/// Everything about one topic, guarded by one lock.
+pub(crate) struct TopicState {
+    config: Arc<MemoryConfig>,
+    pub(crate) closed: bool,
+    next_seq: u64,
+    next_token: u64,
+    next_member: u64,
+    last_recorded: SystemTime,
+    log: VecDeque<LogEntry>,
+    groups: Vec<Option<Group>>,
+    group_slots: HashMap<Arc<str>, usize>,
+    /// Messages dropped because their TTL passed before delivery (diagnostics, tests).
+    pub(crate) expired: u64,
+}
+
+impl TopicState {
+    pub(crate) fn new(config: Arc<MemoryConfig>) -> Self {
+        TopicState {
+            config,
+            closed: false,
+            next_seq: 0,
+            next_token: 0,
+            next_member: 0,
+            last_recorded: SystemTime::UNIX_EPOCH,
+            log: VecDeque::new(),
+            groups: Vec::new(),
+            group_slots: HashMap::new(),
+            expired: 0,
+        }
+    }
+
+    fn group_mut(&mut self, slot: usize) -> Option<&mut Group> {
+        self.groups.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    /// Check whether one more message fits in every group; purges expired messages from a
+    /// full group before declaring it full.
+    pub(crate) fn check_space(&mut self, now: Instant) -> Result<(), Blocked> {
+        if self.closed {
+            return Err(Blocked::Closed);
+        }
+        let capacity = self.config.max_queue_depth;
+        let mut purged = 0;
+        for group in self.groups.iter_mut().flatten() {
+            if group.depth() >= capacity {
+                purged += group.purge_expired(now);
+                if group.depth() >= capacity {
+                    let name = group.name.as_deref().unwrap_or("(private)").to_owned();
+                    self.expired += purged as u64;
+                    return Err(Blocked::Full {
+                        group: name,
+                        capacity,
+                    });
+                }
+            }
+        }
+        self.expired += purged as u64;
+        Ok(())
+    }
+
+    /// Append to the log and every group. The caller has checked space.
+    pub(crate) fn enqueue(&mut self, message: Arc<Message>, now: Instant) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let expires_at = message.ttl().map(|ttl| now + ttl);
+        // Recorded times never go backwards, so the log stays sorted for range reads even if
+        // the wall clock is stepped back.
+        let recorded_at = SystemTime::now().max(self.last_recorded);
+        self.last_recorded = recorded_at;
+        for group in self.groups.iter_mut().flatten() {
+            group.push_back(Ready {
+                message: message.clone(),
+                seq,
+                deliveries: 0,
+                expires_at,
+            });
+            group.notify_members();
+        }
+        if self.config.retention_messages > 0 {
+            self.log.push_back(LogEntry {
+                message,
+                recorded_at,
+                seq,
+                expires_at,
+            });
+            self.prune_log(recorded_at);
+        }
+    }
+
+    fn prune_log(&mut self, now: SystemTime) {
+        while self.log.len() > self.config.retention_messages {
+            self.log.pop_front();
+        }
+        if let Some(max_age) = self.config.retention_age {
+            let oldest_kept = now.checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
+            while self
+                .log
+                .front()
+                .is_some_and(|e| e.recorded_at < oldest_kept)
+            {
+                self.log.pop_front();
+            }
+        }
+    }
+
+    /// Join (creating if needed) a group; returns `(slot, member id)`.
+    pub(crate) fn join(
+        &mut self,
+        group_name: Option<Arc<str>>,
+        prefetch: usize,
+        start: StartPosition,
+        notify: Arc<Notify>,
+    ) -> (usize, u64) {
+        let existing = group_name
+            .as_ref()
+            .and_then(|name| self.group_slots.get(name).copied());
+        let slot = match existing {
+            Some(slot) => slot,
+            None => {
+                let mut group = Group::new(group_name.clone());
+                self.seed_from_log(&mut group, start);
+                let slot = match self.groups.iter().position(Option::is_none) {
+                    Some(free) => {
+                        self.groups[free] = Some(group);
+                        free
+                    }
+                    None => {
+                        self.groups.push(Some(group));
+                        self.groups.len() - 1
+                    }
+                };
+                if let Some(name) = group_name {
+                    self.group_slots.insert(name, slot);
+                }
+                slot
+            }
+        };
+        let id = self.next_member;
+        self.next_member += 1;
+        let group = self.group_mut(slot).expect("slot was just resolved");
+        group.members.push(Member {
+            id,
+            notify,
+            outstanding: 0,
+            prefetch: prefetch.max(1),
+        });
+        (slot, id)
+    }
+
+    fn seed_from_log(&self, group: &mut Group, start: StartPosition) {
+        let first = match start {
+            StartPosition::Latest => return,
+            StartPosition::Earliest => 0,
+            StartPosition::Time(t) => self.log.partition_point(|e| e.recorded_at < t),
+        };
+        let room = self.config.max_queue_depth;
+        for entry in self.log.range(first..).take(room) {
+            group.push_back(Ready {
+                message: entry.message.clone(),
+                seq: entry.seq,
+                deliveries: 0,
+                expires_at: entry.expires_at,
+            });
+        }
+    }
+
+    /// A member leaves: its in-flight deliveries go back to the group (or vanish with a
+    /// private group).
+    pub(crate) fn leave(&mut self, slot: usize, member_id: u64) {
+        let Some(group) = self.group_mut(slot) else {
+            return;
+        };
+        group.members.retain(|m| m.id != member_id);
+        if group.name.is_none() {
+            self.groups[slot] = None;
+            return;
+        }
+        let tokens: Vec<u64> = group
+            .in_flight
+            .iter()
+            .filter(|(_, f)| f.member == member_id)
+            .map(|(token, _)| *token)
+            .collect();
+        if tokens.is_empty() {
+            return;
+        }
+        let returned = tokens
+            .into_iter()
+            .filter_map(|t| group.in_flight.remove(&t))
+            .map(|f| f.ready)
+            .collect();
+        group.push_front_in_order(returned);
+        group.notify_members();
+    }
+
+    /// Take up to `max` deliveries for a member, respecting its prefetch.
+    pub(crate) fn take(&mut self, slot: usize, member_id: u64, max: usize, now: Instant) -> Take {
+        if self.closed {
+            return Take::Closed;
+        }
+        let ack_deadline = self.config.ack_deadline;
+        let mut next_token = self.next_token;
+        let mut expired = 0u64;
+        let Some(group) = self.group_mut(slot) else {
+            return Take::Closed;
+        };
+        group.requeue_overdue(now);
+        let Some(member) = group.member_mut(member_id) else {
+            return Take::Closed;
+        };
+        let room = member.prefetch.saturating_sub(member.outstanding).min(max);
+        let mut taken = Vec::new();
+        while taken.len() < room {
+            let Some(mut ready) = group.pop_highest() else {
+                break;
+            };
+            if ready.expires_at.is_some_and(|t| t <= now) {
+                expired += 1;
+                continue;
+            }
+            ready.deliveries += 1;
+            let token = next_token;
+            next_token += 1;
+            taken.push(Taken {
+                message: ready.message.clone(),
+                token,
+                attempt: ready.deliveries,
+                seq: ready.seq,
+            });
+            group.in_flight.insert(
+                token,
+                InFlight {
+                    ready,
+                    member: member_id,
+                    deadline: ack_deadline.map(|d| now + d),
+                },
+            );
+        }
+        let next_deadline = group.in_flight.values().next().and_then(|f| f.deadline);
+        if let Some(member) = group.member_mut(member_id) {
+            member.outstanding += taken.len();
+        }
+        self.next_token = next_token;
+        self.expired += expired;
+        if taken.is_empty() {
+            Take::Wait(next_deadline)
+        } else {
+            Take::Some(taken)
+        }
+    }
+
+    /// Settle one delivery. Returns whether the group was at capacity before, so the caller
+    /// can wake publishers waiting for space.
+    pub(crate) fn settle(
+        &mut self,
+        slot: usize,
+        token: u64,
+        requeue: bool,
+    ) -> Result<bool, SettleError> {
+        if self.closed {
+            return Err(SettleError::Closed);
+        }
+        let capacity = self.config.max_queue_depth;
+        let group = self.group_mut(slot).ok_or(SettleError::NotHeld)?;
+        let was_full = group.depth() >= capacity;
+        let in_flight = group.in_flight.remove(&token).ok_or(SettleError::NotHeld)?;
+        let member = group.member_mut(in_flight.member);
+        let mut wake_member = None;
+        if let Some(member) = member {
+            if member.outstanding >= member.prefetch {
+                wake_member = Some(member.notify.clone());
+            }
+            member.outstanding -= 1;
+        }
+        if requeue {
+            group.push_front_in_order(vec![in_flight.ready]);
+            group.notify_members();
+        } else if let Some(notify) = wake_member {
+            notify.notify_one();
+        }
+        Ok(was_full && !requeue)
+    }
+
+    /// The retained messages recorded in `[from, to)`.
+    pub(crate) fn history(&self, from: SystemTime, to: SystemTime) -> Vec<HistoryEntry> {
+        let first = self.log.partition_point(|e| e.recorded_at < from);
+        self.log
+            .range(first..)
+            .take_while(|e| e.recorded_at < to)
+            .map(|e| HistoryEntry {
+                message: e.message.clone(),
+                recorded_at: e.recorded_at,
+                position: Some(Position::Sequence(e.seq)),
+            })
+            .collect()
+    }
+
+    /// Close the topic and wake everyone waiting on it.
+    pub(crate) fn close(&mut self) {
+        self.closed = true;
+        for group in self.groups.iter().flatten() {
+            group.notify_members();
+        }
+    }
+
+    /// Number of groups and their total depth (health, tests).
+    pub(crate) fn depth(&self) -> usize {
+        self.groups.iter().flatten().map(Group::depth).sum()
+    }
+}

@@ -1,0 +1,603 @@
+//! The conformance cases. Each takes a [`Ctx`] with a fresh broker and fails by panicking
+//! (assertions) or returning a broker error.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
+use helix_messaging_core::{
+    ErrorKind, Message, Result, StartPosition, SubscribeOptions, TimeRange,
+};
+
+use crate::{Case, Ctx, Needs};
+
+macro_rules! cases {
+    ($($name:ident: [$($need:ident),*];)*) => {
+        /// Every case, in the order the runner reports them.
+        pub const ALL: &[Case] = &[
+            $(Case::new(stringify!($name), &[$(Needs::$need),*], |ctx| $name(ctx).boxed()),)*
+        ];
+    };
+}
+
+cases! {
+    round_trip: [];
+    batch_publish: [];
+    per_key_ordering: [PerKeyOrdering];
+    topic_isolation: [];
+    fan_out_to_groups: [ConsumerGroups];
+    group_load_sharing: [ConsumerGroups];
+    nack_requeue_redelivers: [Redelivery];
+    reject_does_not_redeliver: [];
+    double_settle_is_refused: [];
+    dropped_subscription_hands_over_unacked: [ConsumerGroups, RedeliverUnacked];
+    concurrent_publishers_exactly_once: [];
+    priority_order: [ConsumerGroups, Priority];
+    ttl_expiry: [ConsumerGroups, Ttl];
+    read_range_returns_exactly_the_window: [ReplayByTime];
+    new_group_starts_from_earliest: [ConsumerGroups, ReplayByTime];
+    invalid_names_are_refused: [];
+    oversized_payload_is_refused: [PayloadLimit];
+    closed_broker_refuses_work: [];
+}
+
+/// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty
+/// and a 1 MiB payload too. First delivery has attempt 1 and is not flagged redelivered.
+pub async fn round_trip(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("round-trip");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+
+    let big: Bytes = (0..1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let sent = vec![
+        Message::new("hello, world")
+            .with_key("key-1")
+            .with_header("type", "greeting")
+            .with_header("lang", "日本語 — ünïcödé ✓")
+            .with_content_type("text/plain; charset=utf-8")
+            .with_correlation_id("corr-42"),
+        Message::new(Bytes::new()).with_header("kind", "empty"),
+        Message::new(big).with_header("kind", "big"),
+    ];
+    for m in &sent {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    let mut received = BTreeMap::new();
+    for d in ctx.recv_n(&mut sub, sent.len()).await {
+        assert_eq!(&*d.info().topic, topic.as_str());
+        assert_eq!(d.attempt(), 1, "first delivery has attempt 1");
+        assert!(!d.info().redelivered, "first delivery is not redelivered");
+        received.insert(d.message().id().to_owned(), d.message().clone());
+        d.ack().await?;
+    }
+    for m in &sent {
+        let got = received
+            .get(m.id())
+            .unwrap_or_else(|| panic!("message {} not received", m.id()));
+        assert_eq!(got.payload(), m.payload(), "payload of {}", m.id());
+        assert_eq!(got.key(), m.key(), "key of {}", m.id());
+        assert_eq!(got.headers(), m.headers(), "headers of {}", m.id());
+        assert_eq!(got.content_type(), m.content_type());
+        assert_eq!(got.correlation_id(), m.correlation_id());
+        let skew = got
+            .timestamp()
+            .duration_since(m.timestamp())
+            .or_else(|e| Ok::<_, ()>(e.duration()))
+            .expect("duration");
+        assert!(
+            skew < Duration::from_secs(1),
+            "timestamp of {} moved by {skew:?}",
+            m.id()
+        );
+    }
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A batch publish is accepted whole and every message arrives (in order where the backend
+/// orders by key).
+pub async fn batch_publish(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("batch");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    let batch: Vec<Message> = (0..200)
+        .map(|i| Message::new(format!("m{i}")).with_key("one-key"))
+        .collect();
+    let ids: Vec<String> = batch.iter().map(|m| m.id().to_owned()).collect();
+    let report = ctx.broker.publish_batch(&topic, batch).await;
+    assert_eq!(report.total(), 200);
+    report.into_result()?;
+    let got = ctx.recv_ack_ids(&mut sub, ids.len()).await;
+    if ctx.broker.capabilities().per_key_ordering {
+        assert_eq!(got, ids, "batch order is kept for one key");
+    } else {
+        let got: HashSet<_> = got.into_iter().collect();
+        assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+    }
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// Messages with the same key arrive in publish order, with keys interleaved.
+pub async fn per_key_ordering(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("ordering");
+    let group = crate::fresh_name("g");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let keys = ["alpha", "beta", "gamma"];
+    for i in 0..50u32 {
+        for key in keys {
+            let m = Message::new(format!("{key}-{i}"))
+                .with_key(key)
+                .with_header("seq", i.to_string());
+            ctx.publish(&topic, m).await;
+        }
+    }
+    let mut last: BTreeMap<String, i64> = BTreeMap::new();
+    for _ in 0..150 {
+        let d = ctx.recv(&mut sub).await;
+        let key = d.message().key().expect("key kept").to_owned();
+        let seq: i64 = d
+            .message()
+            .header("seq")
+            .expect("seq header")
+            .parse()
+            .expect("number");
+        let prev = last.insert(key.clone(), seq).unwrap_or(-1);
+        assert_eq!(seq, prev + 1, "key {key}: got seq {seq} after {prev}");
+        d.ack().await?;
+    }
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A subscriber never sees another topic's messages.
+pub async fn topic_isolation(ctx: Ctx) -> Result<()> {
+    let a = ctx.topic("iso-a");
+    let b = ctx.topic("iso-b");
+    let mut sub_a = ctx.subscribe(&a, SubscribeOptions::default()).await;
+    let mut sub_b = ctx.subscribe(&b, SubscribeOptions::default()).await;
+    let to_a: Vec<Message> = (0..3).map(|i| Message::new(format!("a{i}"))).collect();
+    for m in &to_a {
+        ctx.publish(&a, m.clone()).await;
+    }
+    let got: HashSet<String> = ctx.recv_ack_ids(&mut sub_a, 3).await.into_iter().collect();
+    assert_eq!(got, to_a.iter().map(|m| m.id().to_owned()).collect());
+    ctx.expect_quiet(&mut sub_b).await;
+
+    let to_b = Message::new("b0");
+    ctx.publish(&b, to_b.clone()).await;
+    assert_eq!(
+        ctx.recv_ack_ids(&mut sub_b, 1).await,
+        vec![to_b.id().to_owned()]
+    );
+    ctx.expect_quiet(&mut sub_a).await;
+    Ok(())
+}
+
+/// Every group gets every message.
+pub async fn fan_out_to_groups(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("fan-out");
+    let mut g1 = ctx
+        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g1")))
+        .await;
+    let mut g2 = ctx
+        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g2")))
+        .await;
+    let sent: HashSet<String> = {
+        let mut ids = HashSet::new();
+        for i in 0..10 {
+            let m = Message::new(format!("event {i}")).with_key(format!("k{i}"));
+            ids.insert(m.id().to_owned());
+            ctx.publish(&topic, m).await;
+        }
+        ids
+    };
+    let got1: HashSet<String> = ctx.recv_ack_ids(&mut g1, 10).await.into_iter().collect();
+    let got2: HashSet<String> = ctx.recv_ack_ids(&mut g2, 10).await.into_iter().collect();
+    assert_eq!(got1, sent, "group 1 got every message");
+    assert_eq!(got2, sent, "group 2 got every message");
+    ctx.expect_quiet(&mut g1).await;
+    ctx.expect_quiet(&mut g2).await;
+    Ok(())
+}
+
+/// Two members of one group both receive work; together they receive everything, nothing
+/// twice. Each member holds its deliveries unacked until the other has received one, so with
+/// a prefetch of 5 the first member cannot take everything.
+pub async fn group_load_sharing(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("sharing");
+    let group = crate::fresh_name("workers");
+    let options = SubscribeOptions::group(&group).with_prefetch(5);
+    let mut members = [
+        ctx.subscribe(&topic, options.clone()).await,
+        ctx.subscribe(&topic, options).await,
+    ];
+    let mut sent = HashSet::new();
+    for i in 0..40 {
+        let m = Message::new(format!("task {i}")).with_key(format!("key-{i}"));
+        sent.insert(m.id().to_owned());
+        ctx.publish(&topic, m).await;
+    }
+    let mut got: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    let mut held: Vec<helix_messaging_core::Delivery> = Vec::new();
+    let deadline = tokio::time::Instant::now() + ctx.settings.receive_timeout * 4;
+    while got[0].len() + got[1].len() < sent.len() {
+        let [a, b] = &mut members;
+        let (who, next) = tokio::select! {
+            next = a.next() => (0, next),
+            next = b.next() => (1, next),
+            () = tokio::time::sleep_until(deadline) => panic!(
+                "group members received only {} + {} of {} messages",
+                got[0].len(), got[1].len(), sent.len()
+            ),
+        };
+        let d = next.expect("subscription ended")?;
+        got[who].push(d.message().id().to_owned());
+        held.push(d);
+        if !got[0].is_empty() && !got[1].is_empty() {
+            for d in held.drain(..) {
+                d.ack().await?;
+            }
+        }
+    }
+    for d in held.drain(..) {
+        d.ack().await?;
+    }
+    assert!(!got[0].is_empty(), "member 1 received no work");
+    assert!(!got[1].is_empty(), "member 2 received no work");
+    let all: Vec<&String> = got[0].iter().chain(&got[1]).collect();
+    let unique: HashSet<&String> = all.iter().copied().collect();
+    assert_eq!(all.len(), unique.len(), "a message was delivered twice");
+    assert_eq!(unique, sent.iter().collect(), "union is everything");
+    for m in &mut members {
+        ctx.expect_quiet(m).await;
+    }
+    Ok(())
+}
+
+/// `nack(requeue = true)` redelivers the same message with attempt + 1 and the redelivered
+/// flag; after the ack it is gone.
+pub async fn nack_requeue_redelivers(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("nack");
+    let mut sub = ctx
+        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g")))
+        .await;
+    let m = Message::new("retry me");
+    ctx.publish(&topic, m.clone()).await;
+    let first = ctx.recv(&mut sub).await;
+    assert_eq!(first.message().id(), m.id());
+    assert_eq!(first.attempt(), 1);
+    assert!(!first.info().redelivered);
+    first.nack(true).await?;
+
+    let second = ctx.recv(&mut sub).await;
+    assert_eq!(second.message().id(), m.id(), "the same message comes back");
+    assert_eq!(second.attempt(), 2, "attempt is incremented");
+    assert!(second.info().redelivered, "redelivered flag is set");
+    assert_eq!(second.message().payload(), m.payload());
+    second.nack(true).await?;
+
+    let third = ctx.recv(&mut sub).await;
+    assert_eq!(third.message().id(), m.id());
+    assert_eq!(third.attempt(), 3);
+    third.ack().await?;
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A rejected message is not delivered again; the subscription goes on with the next one.
+pub async fn reject_does_not_redeliver(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("reject");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    let poison = Message::new("poison");
+    let next = Message::new("fine");
+    ctx.publish(&topic, poison.clone()).await;
+    let d = ctx.recv(&mut sub).await;
+    assert_eq!(d.message().id(), poison.id());
+    d.reject().await?;
+    ctx.publish(&topic, next.clone()).await;
+    let d = ctx.recv(&mut sub).await;
+    assert_eq!(
+        d.message().id(),
+        next.id(),
+        "the rejected message came back"
+    );
+    d.ack().await?;
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A second settlement of a delivery returns `AlreadySettled` and changes nothing: an acked
+/// message does not come back after a late nack.
+pub async fn double_settle_is_refused(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("double-settle");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    ctx.publish(&topic, Message::new("once")).await;
+    let d = ctx.recv(&mut sub).await;
+    d.ack().await?;
+    assert!(d.is_settled());
+    for (what, err) in [
+        ("ack", d.ack().await),
+        ("nack", d.nack(true).await),
+        ("reject", d.reject().await),
+    ] {
+        let err = err.expect_err(what);
+        assert_eq!(err.kind(), ErrorKind::AlreadySettled, "{what} after ack");
+    }
+    ctx.expect_quiet(&mut sub).await;
+
+    ctx.publish(&topic, Message::new("rejected")).await;
+    let d = ctx.recv(&mut sub).await;
+    d.reject().await?;
+    let err = d.ack().await.expect_err("ack after reject");
+    assert_eq!(err.kind(), ErrorKind::AlreadySettled);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// Unacked deliveries of a dropped subscription go to the next member of the group.
+pub async fn dropped_subscription_hands_over_unacked(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("handover");
+    let group = crate::fresh_name("g");
+    let mut first = ctx
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(10))
+        .await;
+    let mut sent = HashSet::new();
+    for i in 0..5 {
+        let m = Message::new(format!("job {i}")).with_key("jobs");
+        sent.insert(m.id().to_owned());
+        ctx.publish(&topic, m).await;
+    }
+    let held = ctx.recv_n(&mut first, 5).await;
+    let held_ids: HashSet<String> = held.iter().map(|d| d.message().id().to_owned()).collect();
+    assert_eq!(held_ids, sent);
+    drop(held);
+    drop(first);
+
+    let mut second = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let got: HashSet<String> = ctx.recv_ack_ids(&mut second, 5).await.into_iter().collect();
+    assert_eq!(got, sent, "every unacked message was handed over");
+    ctx.expect_quiet(&mut second).await;
+    Ok(())
+}
+
+/// 20 publishers × 500 messages, all received exactly once.
+pub async fn concurrent_publishers_exactly_once(ctx: Ctx) -> Result<()> {
+    const PUBLISHERS: usize = 20;
+    const EACH: usize = 500;
+    let topic = ctx.topic("concurrent");
+    let mut sub = ctx
+        .subscribe(&topic, SubscribeOptions::default().with_prefetch(500))
+        .await;
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let broker = ctx.broker.clone();
+            let topic = topic.clone();
+            tokio::spawn(async move {
+                for i in 0..EACH {
+                    let m = Message::new(format!("{p}:{i}"))
+                        .with_id(format!("p{p}-m{i}"))
+                        .with_key(format!("publisher-{p}"));
+                    broker.publish(&topic, m).await?;
+                }
+                Ok::<_, helix_messaging_core::Error>(())
+            })
+        })
+        .collect();
+    let mut seen = HashSet::with_capacity(PUBLISHERS * EACH);
+    for _ in 0..PUBLISHERS * EACH {
+        let d = ctx.recv(&mut sub).await;
+        let id = d.message().id().to_owned();
+        assert!(seen.insert(id.clone()), "{id} received twice");
+        d.ack().await?;
+    }
+    for p in publishers {
+        p.await.expect("publisher task")?;
+    }
+    let expected: HashSet<String> = (0..PUBLISHERS)
+        .flat_map(|p| (0..EACH).map(move |i| format!("p{p}-m{i}")))
+        .collect();
+    assert_eq!(seen, expected);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A backlog is delivered highest priority first, publish order within one priority.
+pub async fn priority_order(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("priority");
+    let group = crate::fresh_name("g");
+    ctx.create_group(&topic, &group).await?;
+    let priorities = [1u8, 5, 10, 0, 7, 3, 10, 5];
+    let mut sent = Vec::new();
+    for (i, p) in priorities.iter().enumerate() {
+        let m = Message::new(format!("p{p}"))
+            .with_id(format!("i{i}-p{p}"))
+            .with_priority(*p);
+        sent.push((*p, i, m.id().to_owned()));
+        ctx.publish(&topic, m).await;
+    }
+    sent.sort_by_key(|(p, i, _)| (std::cmp::Reverse(*p), *i));
+    let expected: Vec<String> = sent.into_iter().map(|(_, _, id)| id).collect();
+    let mut sub = ctx
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(1))
+        .await;
+    let got = ctx.recv_ack_ids(&mut sub, expected.len()).await;
+    assert_eq!(
+        got, expected,
+        "highest priority first, FIFO within a priority"
+    );
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A message whose TTL passes before delivery is never delivered; others are.
+pub async fn ttl_expiry(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("ttl");
+    let group = crate::fresh_name("g");
+    ctx.create_group(&topic, &group).await?;
+    let short = Message::new("expires").with_ttl(Duration::from_millis(100));
+    let plain = Message::new("stays");
+    let long = Message::new("stays too").with_ttl(Duration::from_secs(300));
+    for m in [&short, &plain, &long] {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    // Lets the short TTL pass for certain before anyone consumes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let got = ctx.recv_ack_ids(&mut sub, 2).await;
+    assert_eq!(got, vec![plain.id().to_owned(), long.id().to_owned()]);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// Reading the history by time range returns exactly the messages recorded in the window.
+pub async fn read_range_returns_exactly_the_window(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("range");
+    // Gaps keep the three batches apart on every clock the backends use (Redis stream ids
+    // and Kafka timestamps have millisecond resolution).
+    let gap = Duration::from_millis(150);
+    for i in 0..2 {
+        ctx.publish(&topic, Message::new(format!("before {i}")))
+            .await;
+    }
+    tokio::time::sleep(gap).await;
+    let from = SystemTime::now();
+    let mut inside = Vec::new();
+    for i in 0..3 {
+        let m = Message::new(format!("inside {i}")).with_key("k");
+        inside.push(m.id().to_owned());
+        ctx.publish(&topic, m).await;
+    }
+    tokio::time::sleep(gap).await;
+    let to = SystemTime::now();
+    tokio::time::sleep(gap).await;
+    for i in 0..2 {
+        ctx.publish(&topic, Message::new(format!("after {i}")))
+            .await;
+    }
+    let range = TimeRange::new(from, to)?;
+    let entries: Vec<_> = tokio::time::timeout(
+        ctx.settings.receive_timeout,
+        ctx.broker
+            .read_range(&topic, range)
+            .await?
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .expect("history read finished in time");
+    let mut got = Vec::new();
+    for entry in entries {
+        let entry = entry?;
+        assert!(
+            range.contains(entry.recorded_at),
+            "entry recorded at {:?} is outside the window",
+            entry.recorded_at
+        );
+        got.push(entry.message.id().to_owned());
+    }
+    assert_eq!(got, inside, "exactly the window, oldest first");
+    Ok(())
+}
+
+/// A new group told to start from the earliest retained message receives the history first.
+pub async fn new_group_starts_from_earliest(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("earliest");
+    let mut sent = Vec::new();
+    for i in 0..3 {
+        let m = Message::new(format!("old {i}")).with_key("k");
+        sent.push(m.id().to_owned());
+        ctx.publish(&topic, m).await;
+    }
+    let options =
+        SubscribeOptions::group(crate::fresh_name("late")).with_start(StartPosition::Earliest);
+    let mut sub = ctx.subscribe(&topic, options).await;
+    let newer = Message::new("new").with_key("k");
+    ctx.publish(&topic, newer.clone()).await;
+    sent.push(newer.id().to_owned());
+    assert_eq!(ctx.recv_ack_ids(&mut sub, 4).await, sent);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// Empty or illegal topic and group names are refused with `InvalidInput`.
+pub async fn invalid_names_are_refused(ctx: Ctx) -> Result<()> {
+    let err = ctx
+        .broker
+        .publish("", Message::new("x"))
+        .await
+        .expect_err("empty topic");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let err = ctx
+        .broker
+        .publish("has space", Message::new("x"))
+        .await
+        .expect_err("topic with a space");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let err = ctx
+        .broker
+        .subscribe("tasks/llm", SubscribeOptions::default())
+        .await
+        .expect_err("topic with a slash");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    let err = ctx
+        .broker
+        .subscribe(&ctx.topic("ok"), SubscribeOptions::group("bad group"))
+        .await
+        .expect_err("group with a space");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput);
+    Ok(())
+}
+
+/// A payload over the declared limit is refused with `PayloadTooLarge`, not truncated.
+pub async fn oversized_payload_is_refused(ctx: Ctx) -> Result<()> {
+    let limit = ctx
+        .broker
+        .capabilities()
+        .max_payload_bytes
+        .expect("case needs a payload limit");
+    let topic = ctx.topic("too-big");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    let err = ctx
+        .broker
+        .publish(&topic, Message::new(vec![0u8; limit + 1]))
+        .await
+        .expect_err("oversized payload");
+    assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// After close, publish and subscribe fail with `Closed` and open subscriptions end.
+pub async fn closed_broker_refuses_work(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("closed");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    ctx.broker.close().await?;
+    let err = ctx
+        .broker
+        .publish(&topic, Message::new("late"))
+        .await
+        .expect_err("publish after close");
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    let err = ctx
+        .broker
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .expect_err("subscribe after close");
+    assert_eq!(err.kind(), ErrorKind::Closed);
+    let report = ctx
+        .broker
+        .publish_batch(&topic, vec![Message::new("a"), Message::new("b")])
+        .await;
+    assert_eq!(report.succeeded(), 0);
+    assert!(
+        report
+            .failures()
+            .iter()
+            .all(|(_, e)| e.kind() == ErrorKind::Closed)
+    );
+    let end = tokio::time::timeout(ctx.settings.receive_timeout, sub.next())
+        .await
+        .expect("open subscription ends after close");
+    assert!(end.is_none(), "subscription yielded instead of ending");
+    ctx.broker.close().await?;
+    Ok(())
+}

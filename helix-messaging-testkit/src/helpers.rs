@@ -1,0 +1,169 @@
+//! What every case uses: fresh names, receives with timeouts, quiet checks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use helix_messaging_core::{Broker, Delivery, Result, SubscribeOptions, Subscription};
+
+/// Timing of the suite. Real brokers need more patience than the memory one; every value can
+/// be set from the environment (milliseconds).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Longest wait for one expected delivery (`HELIX_TESTKIT_RECEIVE_TIMEOUT_MS`, default
+    /// 15,000).
+    pub receive_timeout: Duration,
+    /// How long to watch for a delivery that must not come (`HELIX_TESTKIT_QUIET_MS`,
+    /// default 500).
+    pub quiet_period: Duration,
+    /// Longest run of one case (`HELIX_TESTKIT_CASE_TIMEOUT_MS`, default 120,000).
+    pub case_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            receive_timeout: Duration::from_secs(15),
+            quiet_period: Duration::from_millis(500),
+            case_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, overridden by the `HELIX_TESTKIT_*_MS` variables that are set.
+    ///
+    /// # Panics
+    /// If a variable is set but is not a whole number of milliseconds (naming the variable).
+    pub fn from_env() -> Self {
+        fn ms(var: &str, default: Duration) -> Duration {
+            match std::env::var(var) {
+                Err(_) => default,
+                Ok(v) => Duration::from_millis(v.trim().parse().unwrap_or_else(|_| {
+                    panic!("{var}: expected a whole number of milliseconds, got {v:?}")
+                })),
+            }
+        }
+        let d = Settings::default();
+        Settings {
+            receive_timeout: ms("HELIX_TESTKIT_RECEIVE_TIMEOUT_MS", d.receive_timeout),
+            quiet_period: ms("HELIX_TESTKIT_QUIET_MS", d.quiet_period),
+            case_timeout: ms("HELIX_TESTKIT_CASE_TIMEOUT_MS", d.case_timeout),
+        }
+    }
+}
+
+/// A random name with a readable prefix, unique per call, valid on every backend.
+pub fn fresh_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("hm-test.{prefix}.{}", &id[..12])
+}
+
+/// What a case gets: a fresh broker and the timing settings, plus helpers.
+#[derive(Clone)]
+pub struct Ctx {
+    /// The broker under test (closed by the runner after the case).
+    pub broker: Arc<dyn Broker>,
+    /// Timing settings.
+    pub settings: Settings,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("broker", &self.broker.name())
+            .field("settings", &self.settings)
+            .finish()
+    }
+}
+
+impl Ctx {
+    /// Wrap a broker.
+    pub fn new(broker: Arc<dyn Broker>, settings: Settings) -> Self {
+        Ctx { broker, settings }
+    }
+
+    /// A fresh topic name.
+    pub fn topic(&self, what: &str) -> String {
+        fresh_name(what)
+    }
+
+    /// Subscribe, panicking with context on error.
+    pub async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Subscription {
+        self.broker
+            .subscribe(topic, options)
+            .await
+            .unwrap_or_else(|e| panic!("subscribe to {topic}: {e}"))
+    }
+
+    /// The next delivery, failing the case if none arrives within the receive timeout, the
+    /// stream reports an error or ends.
+    pub async fn recv(&self, sub: &mut Subscription) -> Delivery {
+        match tokio::time::timeout(self.settings.receive_timeout, sub.next()).await {
+            Err(_) => panic!(
+                "no delivery on {} within {:?}",
+                sub.topic(),
+                self.settings.receive_timeout
+            ),
+            Ok(None) => panic!("subscription to {} ended unexpectedly", sub.topic()),
+            Ok(Some(Err(e))) => panic!("subscription to {} reported: {e}", sub.topic()),
+            Ok(Some(Ok(delivery))) => delivery,
+        }
+    }
+
+    /// `n` deliveries, each within the receive timeout.
+    pub async fn recv_n(&self, sub: &mut Subscription, n: usize) -> Vec<Delivery> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(self.recv(sub).await);
+        }
+        out
+    }
+
+    /// Receive `n` deliveries, acking each, and return their message ids in arrival order.
+    pub async fn recv_ack_ids(&self, sub: &mut Subscription, n: usize) -> Vec<String> {
+        let mut ids = Vec::with_capacity(n);
+        for _ in 0..n {
+            let d = self.recv(sub).await;
+            ids.push(d.message().id().to_owned());
+            d.ack().await.expect("ack");
+        }
+        ids
+    }
+
+    /// Fail the case if a delivery arrives during the quiet period.
+    pub async fn expect_quiet(&self, sub: &mut Subscription) {
+        if let Ok(next) = tokio::time::timeout(self.settings.quiet_period, sub.next()).await {
+            match next {
+                Some(Ok(d)) => panic!(
+                    "unexpected delivery on {}: id {} (attempt {})",
+                    sub.topic(),
+                    d.message().id(),
+                    d.attempt()
+                ),
+                Some(Err(e)) => panic!("subscription to {} reported: {e}", sub.topic()),
+                None => panic!("subscription to {} ended unexpectedly", sub.topic()),
+            }
+        }
+    }
+
+    /// Publish, panicking with context on error.
+    pub async fn publish(&self, topic: &str, message: helix_messaging_core::Message) {
+        let id = message.id().to_owned();
+        self.broker
+            .publish(topic, message)
+            .await
+            .unwrap_or_else(|e| panic!("publish {id} to {topic}: {e}"));
+    }
+
+    /// Create the named group (so it retains what is published while it has no member) by
+    /// subscribing once and dropping the subscription.
+    pub async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        let sub = self
+            .broker
+            .subscribe(topic, SubscribeOptions::group(group))
+            .await?;
+        drop(sub);
+        Ok(())
+    }
+}

@@ -1,0 +1,72 @@
+//! helix-messaging: one messaging API over RabbitMQ, Kafka, Redis and an in-memory broker.
+//!
+//! Pick the backend with Cargo features (`memory` is the default) and at run time with
+//! `MESSAGING_BACKEND`; everything above the broker works with `Arc<dyn Broker>`.
+//!
+//! ```
+//! use futures::StreamExt;
+//! use helix_messaging::{Message, SubscribeOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> helix_messaging::Result<()> {
+//! let broker = helix_messaging::connect("memory://").await?;
+//! let mut tasks = broker.subscribe("helixagent.tasks.background", SubscribeOptions::group("workers")).await?;
+//! broker.publish("helixagent.tasks.background", Message::new("reindex").with_priority(5)).await?;
+//! let delivery = tasks.next().await.expect("a delivery")?;
+//! delivery.ack().await?;
+//! # Ok(()) }
+//! ```
+
+mod backends;
+
+pub use backends::{BackendInfo, KNOWN_BACKENDS, capability_table, compiled_backends};
+pub use helix_messaging_core::*;
+
+#[cfg(feature = "memory")]
+pub use helix_messaging_memory as memory;
+
+use std::sync::Arc;
+
+/// Environment variable choosing the backend (`memory` when unset or empty).
+pub const BACKEND_VAR: &str = "MESSAGING_BACKEND";
+
+/// Build the broker `MESSAGING_BACKEND` names (default `memory`), configured from the
+/// backend's own environment variables.
+///
+/// # Errors
+/// [`ErrorKind::Config`] for an unknown backend (listing the compiled-in ones), for a backend
+/// whose Cargo feature is off (naming the feature), or for malformed backend variables (naming
+/// the variable); connection errors from the backend.
+pub async fn from_env() -> Result<Arc<dyn Broker>> {
+    from_vars(|name| std::env::var(name).ok()).await
+}
+
+/// [`from_env`] reading variables through `lookup` instead of the process environment (for
+/// configuration from another source, and for tests).
+///
+/// # Errors
+/// As [`from_env`].
+pub async fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Arc<dyn Broker>> {
+    let requested = lookup(BACKEND_VAR)
+        .map(|v| v.trim().to_ascii_lowercase())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "memory".to_owned());
+    let backend = backends::resolve(&requested, BACKEND_VAR)?;
+    backends::build(backend, &lookup).await
+}
+
+/// Build a broker from a URL whose scheme names the backend (`memory://`).
+///
+/// # Errors
+/// [`ErrorKind::Config`] for a URL without a scheme or with an unknown or not compiled-in
+/// scheme; connection errors from the backend.
+pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
+    let Some((scheme, _rest)) = url.split_once("://") else {
+        return Err(Error::config(
+            "url",
+            format!("{url:?} has no scheme; expected something like memory://"),
+        ));
+    };
+    let backend = backends::resolve(&scheme.to_ascii_lowercase(), "url scheme")?;
+    backends::build(backend, &|_: &str| None).await
+}
