@@ -46,7 +46,7 @@ impl Message {
     /// no headers, priority 0 and no TTL.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Message {
-            id: uuid::Uuid::new_v4().to_string(),
+            id: new_id(),
             key: None,
             payload: payload.into(),
             headers: Headers::new(),
@@ -179,6 +179,17 @@ impl Message {
     pub fn ttl(&self) -> Option<Duration> {
         self.ttl
     }
+}
+
+/// A fresh UUID v4 as a lowercase hyphenated string.
+fn new_id() -> String {
+    // Encoding into a stack buffer skips the `fmt` machinery `to_string` goes through; this
+    // runs once per message.
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    uuid::Uuid::new_v4()
+        .hyphenated()
+        .encode_lower(&mut buf)
+        .to_owned()
 }
 
 #[cfg(test)]

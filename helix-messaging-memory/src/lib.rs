@@ -234,65 +234,54 @@ impl MemoryBroker {
         let mut done = 0;
         let mut messages = messages.into_iter().peekable();
         while messages.peek().is_some() {
-            let blocked = {
+            let full = {
                 let mut state = topic.state.lock();
                 let now = Instant::now();
                 loop {
-                    if let Err(blocked) = state.check_space(now) {
-                        break Some(blocked);
+                    if messages.peek().is_none() {
+                        break false;
                     }
-                    match messages.next() {
-                        Some(message) => {
-                            state.enqueue(Arc::new(message), now);
-                            done += 1;
-                        }
-                        None => break None,
+                    if state.check_space(now).is_err() {
+                        break true;
                     }
+                    let message = messages.next().expect("peeked");
+                    state.enqueue(Arc::new(message), now);
+                    done += 1;
                 }
             };
-            match blocked {
-                None => {}
-                Some(blocked) => self
-                    .wait_for_space(topic, blocked)
-                    .await
-                    .map_err(|e| (done, e))?,
+            if full {
+                self.wait_for_space(topic).await.map_err(|e| (done, e))?;
             }
         }
         Ok(())
     }
 
-    async fn wait_for_space(&self, topic: &Topic, mut blocked: Blocked) -> Result<()> {
-        let deadline = Instant::now() + self.shared.config.publish_timeout;
+    /// Wait until every group of `topic` has room, the broker closes, or the publish timeout
+    /// passes.
+    async fn wait_for_space(&self, topic: &Topic) -> Result<()> {
+        let timeout = self.shared.config.publish_timeout;
+        let deadline = Instant::now() + timeout;
         loop {
-            match blocked {
-                Blocked::Closed => return Err(Error::closed("the memory broker")),
-                Blocked::Full { group, capacity } => {
-                    let mut notified = pin!(topic.space.notified());
-                    notified.as_mut().enable();
-                    // Re-checked after registering for the wake-up, so an ack in between
-                    // cannot be missed.
-                    match topic.state.lock().check_space(Instant::now()) {
-                        Ok(()) => return Ok(()),
-                        Err(again) => blocked = again,
-                    }
-                    if matches!(blocked, Blocked::Full { .. }) {
-                        if Instant::now() >= deadline {
-                            return Err(Error::new(
-                                ErrorKind::Timeout,
-                                format!(
-                                    "topic {:?}: group {group:?} is full ({capacity} messages) and no room freed within {:?}",
-                                    topic.name, self.shared.config.publish_timeout
-                                ),
-                            ));
-                        }
-                        let _ = tokio::time::timeout_at(deadline.into(), notified).await;
-                        blocked = match topic.state.lock().check_space(Instant::now()) {
-                            Ok(()) => return Ok(()),
-                            Err(again) => again,
-                        };
-                    }
+            let mut room_freed = pin!(topic.space.notified());
+            // Registered before checking, so an ack between the check and the wait still
+            // wakes us.
+            room_freed.as_mut().enable();
+            let now = Instant::now();
+            match topic.state.lock().check_space(now) {
+                Ok(()) => return Ok(()),
+                Err(Blocked::Closed) => return Err(Error::closed("the memory broker")),
+                Err(Blocked::Full { group, capacity }) if now >= deadline => {
+                    return Err(Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "topic {:?}: group {group:?} is full ({capacity} messages) and no room freed within {timeout:?}",
+                            topic.name
+                        ),
+                    ));
                 }
+                Err(Blocked::Full { .. }) => {}
             }
+            let _ = tokio::time::timeout_at(deadline.into(), room_freed).await;
         }
     }
 }

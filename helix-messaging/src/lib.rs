@@ -70,3 +70,8 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
     let backend = backends::resolve(&scheme.to_ascii_lowercase(), "url scheme")?;
     backends::build(backend, &|_: &str| None).await
 }
+
+/// Compiles the README's Rust examples as doc tests, so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+struct ReadmeDoctests;

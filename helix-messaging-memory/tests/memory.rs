@@ -1,0 +1,302 @@
+//! Behaviour specific to the memory broker's configuration: ack deadline, backpressure,
+//! retention, private groups, TTL accounting.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use helix_messaging_core::{
+    Broker, Delivery, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
+    TimeRange,
+};
+use helix_messaging_memory::{MemoryBroker, MemoryConfig};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn recv(sub: &mut Subscription) -> Delivery {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("delivery within timeout")
+        .expect("subscription open")
+        .expect("no stream error")
+}
+
+async fn history(broker: &MemoryBroker, topic: &str) -> Vec<String> {
+    let range = TimeRange::new(SystemTime::UNIX_EPOCH, SystemTime::now() + WAIT).unwrap();
+    broker
+        .read_range(topic, range)
+        .await
+        .unwrap()
+        .map(|e| e.unwrap().message.id().to_owned())
+        .collect()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_deadline_is_measured_from_delivery_not_publish() {
+    let deadline = Duration::from_millis(300);
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        ack_deadline: Some(deadline),
+        ..MemoryConfig::default()
+    });
+    let group = SubscribeOptions::group("g");
+    drop(broker.subscribe("t", group.clone()).await.unwrap());
+    let m = Message::new("slow");
+    broker.publish("t", m.clone()).await.unwrap();
+    // The message waits longer than the deadline before anyone takes it; a deadline measured
+    // from publish would already have passed.
+    tokio::time::sleep(deadline * 2).await;
+
+    let mut first = broker.subscribe("t", group.clone()).await.unwrap();
+    let held = recv(&mut first).await;
+    let delivered_at = Instant::now();
+    assert_eq!(held.attempt(), 1);
+
+    let mut second = broker.subscribe("t", group).await.unwrap();
+    let again = recv(&mut second).await;
+    let waited = delivered_at.elapsed();
+    assert_eq!(again.message().id(), m.id());
+    assert_eq!(again.attempt(), 2);
+    assert!(again.info().redelivered);
+    assert!(
+        waited >= deadline - Duration::from_millis(20),
+        "redelivered after {waited:?}, before the {deadline:?} deadline"
+    );
+    let late = held.ack().await.expect_err("ack after the deadline");
+    assert_eq!(late.kind(), ErrorKind::NotFound);
+    again.ack().await.unwrap();
+    assert_eq!(broker.topic_stats("t").depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_group_makes_publish_wait_then_time_out_without_dropping() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 3,
+        publish_timeout: Duration::from_millis(200),
+        ..MemoryConfig::default()
+    });
+    drop(
+        broker
+            .subscribe("t", SubscribeOptions::group("g"))
+            .await
+            .unwrap(),
+    );
+    for i in 0..3 {
+        broker
+            .publish("t", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let started = Instant::now();
+    let err = broker
+        .publish("t", Message::new("one too many"))
+        .await
+        .expect_err("group is full");
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(err.is_retryable());
+    assert!(
+        err.to_string().contains("\"g\" is full (3 messages)"),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "publish waited first"
+    );
+
+    let batch = broker
+        .publish_batch("t", vec![Message::new("a"), Message::new("b")])
+        .await;
+    assert_eq!(batch.succeeded(), 0);
+    assert_eq!(batch.failures().len(), 2);
+    assert_eq!(
+        broker.topic_stats("t").depth,
+        3,
+        "the refused messages were not enqueued"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_publish_completes_when_an_ack_frees_room() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 2,
+        publish_timeout: WAIT,
+        ..MemoryConfig::default()
+    });
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let sent: Vec<Message> = (0..4).map(|i| Message::new(format!("{i}"))).collect();
+    let publisher = {
+        let broker = broker.clone();
+        let sent = sent.clone();
+        tokio::spawn(async move { broker.publish_batch("t", sent).await })
+    };
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let d = recv(&mut sub).await;
+        got.push(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let report = tokio::time::timeout(WAIT, publisher)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(report.is_ok(), "{:?}", report.failures());
+    let expected: Vec<String> = sent.iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(got, expected, "all delivered, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn close_wakes_a_publisher_waiting_for_room() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 1,
+        publish_timeout: WAIT,
+        ..MemoryConfig::default()
+    });
+    drop(
+        broker
+            .subscribe("t", SubscribeOptions::group("g"))
+            .await
+            .unwrap(),
+    );
+    broker.publish("t", Message::new("fills it")).await.unwrap();
+    let waiting = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish("t", Message::new("waits")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    broker.close().await.unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("close wakes the publisher")
+        .unwrap()
+        .expect_err("publish fails");
+    assert_eq!(err.kind(), ErrorKind::Closed);
+}
+
+#[tokio::test]
+async fn retained_log_keeps_the_newest_messages_up_to_the_count() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        retention_messages: 5,
+        ..MemoryConfig::default()
+    });
+    let sent: Vec<Message> = (0..8).map(|i| Message::new(format!("{i}"))).collect();
+    for m in &sent {
+        broker.publish("t", m.clone()).await.unwrap();
+    }
+    let expected: Vec<String> = sent[3..].iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(history(&broker, "t").await, expected);
+}
+
+#[tokio::test]
+async fn retained_log_drops_messages_older_than_the_age_limit() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        retention_age: Some(Duration::from_millis(100)),
+        ..MemoryConfig::default()
+    });
+    broker.publish("t", Message::new("old")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let fresh = Message::new("fresh");
+    broker.publish("t", fresh.clone()).await.unwrap();
+    assert_eq!(history(&broker, "t").await, vec![fresh.id().to_owned()]);
+}
+
+#[tokio::test]
+async fn zero_retention_keeps_no_history() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        retention_messages: 0,
+        ..MemoryConfig::default()
+    });
+    broker.publish("t", Message::new("x")).await.unwrap();
+    assert!(history(&broker, "t").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_private_group_goes_away_with_its_subscription() {
+    let broker = MemoryBroker::new();
+    let sub = broker
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    broker
+        .publish("t", Message::new("seen by the private group"))
+        .await
+        .unwrap();
+    assert_eq!(broker.topic_stats("t").depth, 1);
+    drop(sub);
+    assert_eq!(
+        broker.topic_stats("t").depth,
+        0,
+        "nothing held for a gone subscriber"
+    );
+    broker
+        .publish("t", Message::new("nobody listens"))
+        .await
+        .unwrap();
+    assert_eq!(broker.topic_stats("t").depth, 0);
+}
+
+#[tokio::test]
+async fn expired_messages_are_counted() {
+    let broker = MemoryBroker::new();
+    drop(
+        broker
+            .subscribe("t", SubscribeOptions::group("g"))
+            .await
+            .unwrap(),
+    );
+    broker
+        .publish("t", Message::new("x").with_ttl(Duration::from_millis(10)))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+    assert!(next.is_err(), "expired message was delivered");
+    assert_eq!(broker.topic_stats("t").expired, 1);
+    assert_eq!(broker.topic_stats("t").depth, 0);
+}
+
+#[tokio::test]
+async fn prefetch_bounds_unacked_deliveries_per_subscription() {
+    let broker = Arc::new(MemoryBroker::new());
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g").with_prefetch(2))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        broker
+            .publish("t", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let a = recv(&mut sub).await;
+    let _b = recv(&mut sub).await;
+    let third = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
+    assert!(
+        third.is_err(),
+        "a third delivery arrived with two unacked and prefetch 2"
+    );
+    a.ack().await.unwrap();
+    let c = recv(&mut sub).await;
+    assert_eq!(c.message().payload().as_ref(), b"2");
+}
+
+#[tokio::test]
+async fn health_reports_closed_broker_as_unhealthy() {
+    let broker = MemoryBroker::new();
+    assert_eq!(
+        broker.health().await.status,
+        helix_messaging_core::HealthStatus::Healthy
+    );
+    broker.close().await.unwrap();
+    broker.close().await.expect("close is idempotent");
+    assert_eq!(
+        broker.health().await.status,
+        helix_messaging_core::HealthStatus::Unhealthy
+    );
+}

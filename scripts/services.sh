@@ -1,0 +1,56 @@
+# Start-if-missing helpers for the brokers the test suite talks to. Sourced by scripts/test.
+# Each function returns only when the broker accepts connections, and fails loudly otherwise.
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() { # port, what, seconds
+  local i
+  for ((i = 0; i < $3 * 4; i++)); do
+    port_open "$1" && return 0
+    sleep 0.25
+  done
+  echo "error: $2 is not accepting connections on 127.0.0.1:$1 after $3 s" >&2
+  return 1
+}
+
+apt_install() {
+  echo "installing $* from Debian packages" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+ensure_redis() {
+  port_open 6379 && return 0
+  command -v redis-server >/dev/null || apt_install redis-server
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  wait_for_port 6379 Redis 30
+}
+
+ensure_rabbitmq() {
+  port_open 5672 && return 0
+  command -v rabbitmq-server >/dev/null || apt_install rabbitmq-server
+  rabbitmq-server -detached
+  local i
+  for ((i = 0; i < 60; i++)); do
+    rabbitmqctl await_startup >/dev/null 2>&1 && break
+    sleep 1
+  done
+  wait_for_port 5672 RabbitMQ 60
+}
+
+TANSU_VERSION=0.6.0
+
+ensure_tansu() {
+  port_open 9092 && return 0
+  if ! command -v tansu >/dev/null && [[ ! -x "$HOME/.cargo/bin/tansu" ]]; then
+    echo "building the Tansu Kafka-protocol broker $TANSU_VERSION (once per machine, ~9 min)" >&2
+    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+  fi
+  local tansu
+  tansu=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+  mkdir -p target
+  nohup "$tansu" broker \
+    --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 \
+    --storage-engine memory://tansu/ >target/tansu.log 2>&1 &
+  wait_for_port 9092 "Tansu (log: target/tansu.log)" 60
+}
