@@ -32,8 +32,9 @@ pub const DEFAULT_PREFETCH: usize = 100;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubscribeOptions {
     /// Consumer group. Members of one group compete for messages; every group gets every
-    /// message. `None` makes a private group for this subscription alone, which receives
-    /// everything published after it subscribed and goes away with it.
+    /// message. A named group outlives its subscriptions: what is published while it has no
+    /// member waits for the next one. `None` makes a private group for this subscription
+    /// alone, which receives everything published after it subscribed and goes away with it.
     pub group: Option<String>,
     /// Most unacked deliveries this subscription holds at once (at least 1).
     pub prefetch: usize,

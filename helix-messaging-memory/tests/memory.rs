@@ -21,6 +21,19 @@ async fn recv(sub: &mut Subscription) -> Delivery {
         .expect("no stream error")
 }
 
+/// A broker with `config` and an existing group "g" on topic "t" with no member, so what is
+/// published waits there.
+async fn broker_with_group(config: MemoryConfig) -> MemoryBroker {
+    let broker = MemoryBroker::with_config(config);
+    drop(
+        broker
+            .subscribe("t", SubscribeOptions::group("g"))
+            .await
+            .unwrap(),
+    );
+    broker
+}
+
 async fn history(broker: &MemoryBroker, topic: &str) -> Vec<String> {
     let range = TimeRange::new(SystemTime::UNIX_EPOCH, SystemTime::now() + WAIT).unwrap();
     broker
@@ -70,17 +83,12 @@ async fn ack_deadline_is_measured_from_delivery_not_publish() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_group_makes_publish_wait_then_time_out_without_dropping() {
-    let broker = MemoryBroker::with_config(MemoryConfig {
+    let broker = broker_with_group(MemoryConfig {
         max_queue_depth: 3,
         publish_timeout: Duration::from_millis(200),
         ..MemoryConfig::default()
-    });
-    drop(
-        broker
-            .subscribe("t", SubscribeOptions::group("g"))
-            .await
-            .unwrap(),
-    );
+    })
+    .await;
     for i in 0..3 {
         broker
             .publish("t", Message::new(format!("{i}")))
@@ -149,17 +157,12 @@ async fn a_waiting_publish_completes_when_an_ack_frees_room() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_wakes_a_publisher_waiting_for_room() {
-    let broker = MemoryBroker::with_config(MemoryConfig {
+    let broker = broker_with_group(MemoryConfig {
         max_queue_depth: 1,
         publish_timeout: WAIT,
         ..MemoryConfig::default()
-    });
-    drop(
-        broker
-            .subscribe("t", SubscribeOptions::group("g"))
-            .await
-            .unwrap(),
-    );
+    })
+    .await;
     broker.publish("t", Message::new("fills it")).await.unwrap();
     let waiting = {
         let broker = broker.clone();
@@ -239,13 +242,7 @@ async fn a_private_group_goes_away_with_its_subscription() {
 
 #[tokio::test]
 async fn expired_messages_are_counted() {
-    let broker = MemoryBroker::new();
-    drop(
-        broker
-            .subscribe("t", SubscribeOptions::group("g"))
-            .await
-            .unwrap(),
-    );
+    let broker = broker_with_group(MemoryConfig::default()).await;
     broker
         .publish("t", Message::new("x").with_ttl(Duration::from_millis(10)))
         .await

@@ -33,6 +33,17 @@ fn broker() -> Arc<MemoryBroker> {
     Arc::new(MemoryBroker::new())
 }
 
+/// Publish messages "0" to "n-1" to `topic`, returning them.
+async fn publish_numbered(broker: &MemoryBroker, topic: &str, n: usize) -> Vec<Message> {
+    let mut sent = Vec::with_capacity(n);
+    for i in 0..n {
+        let m = Message::new(format!("{i}"));
+        broker.publish(topic, m.clone()).await.unwrap();
+        sent.push(m);
+    }
+    sent
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_decide_settlement() {
     let broker = broker();
@@ -100,6 +111,17 @@ impl Gate {
         })
     }
 
+    /// Wait (bounded) until `n` handlers are running at once.
+    async fn wait_until_running(&self, n: usize) {
+        let started = tokio::time::timeout(WAIT, async {
+            while self.running.load(Ordering::SeqCst) < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(started.is_ok(), "{n} handlers did not start");
+    }
+
     fn open(&self) {
         self.released.store(true, Ordering::SeqCst);
         self.release.notify_waiters();
@@ -129,19 +151,8 @@ async fn concurrency_is_bounded() {
         .start(gate.clone())
         .await
         .unwrap();
-    for i in 0..10 {
-        broker
-            .publish("bounded", Message::new(format!("{i}")))
-            .await
-            .unwrap();
-    }
-    tokio::time::timeout(WAIT, async {
-        while gate.running.load(Ordering::SeqCst) < 3 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("three handlers start");
+    publish_numbered(&broker, "bounded", 10).await;
+    gate.wait_until_running(3).await;
     // Give a fourth handler every chance to start if the bound were broken.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gate.max.load(Ordering::SeqCst), 3);
@@ -166,19 +177,8 @@ async fn shutdown_lets_in_flight_handlers_finish() {
         .start(gate.clone())
         .await
         .unwrap();
-    for i in 0..4 {
-        broker
-            .publish("graceful", Message::new(format!("{i}")))
-            .await
-            .unwrap();
-    }
-    tokio::time::timeout(WAIT, async {
-        while gate.running.load(Ordering::SeqCst) < 4 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("four handlers start");
+    publish_numbered(&broker, "graceful", 4).await;
+    gate.wait_until_running(4).await;
     let shutdown = tokio::spawn(runner.shutdown());
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(
@@ -203,17 +203,8 @@ async fn handlers_past_the_shutdown_timeout_are_requeued_not_rejected() {
         .start(gate.clone())
         .await
         .unwrap();
-    let sent: Vec<Message> = (0..2).map(|i| Message::new(format!("{i}"))).collect();
-    for m in &sent {
-        broker.publish("stuck", m.clone()).await.unwrap();
-    }
-    tokio::time::timeout(WAIT, async {
-        while gate.running.load(Ordering::SeqCst) < 2 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("handlers start");
+    let sent = publish_numbered(&broker, "stuck", 2).await;
+    gate.wait_until_running(2).await;
     let report = tokio::time::timeout(WAIT, runner.shutdown())
         .await
         .expect("shutdown is bounded by its timeout");
