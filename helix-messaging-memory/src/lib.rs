@@ -29,7 +29,7 @@ use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use helix_messaging_core::{
@@ -234,9 +234,13 @@ impl MemoryBroker {
         let mut done = 0;
         let mut messages = messages.into_iter().peekable();
         while messages.peek().is_some() {
+            // Clocks are read and evicted messages freed outside the lock, which publishers
+            // and consumers of the topic share.
+            let now = Instant::now();
+            let wall = SystemTime::now();
+            let mut evicted = Vec::new();
             let full = {
                 let mut state = topic.state.lock();
-                let now = Instant::now();
                 loop {
                     if messages.peek().is_none() {
                         break false;
@@ -245,10 +249,11 @@ impl MemoryBroker {
                         break true;
                     }
                     let message = messages.next().expect("peeked");
-                    state.enqueue(Arc::new(message), now);
+                    state.enqueue(Arc::new(message), now, wall, &mut evicted);
                     done += 1;
                 }
             };
+            drop(evicted);
             if full {
                 self.wait_for_space(topic).await.map_err(|e| (done, e))?;
             }

@@ -40,6 +40,10 @@ pub(crate) struct Group {
     name: Option<Arc<str>>,
     ready: [VecDeque<Ready>; LEVELS],
     ready_len: usize,
+    /// Earliest expiry among ready entries, if any has a TTL (a lower bound: entries taken
+    /// since may have held it). Lets a full group skip scanning for expired entries when
+    /// none can be due.
+    earliest_expiry: Option<Instant>,
     /// Keyed by delivery token, which grows with delivery time; with one ack deadline for the
     /// whole broker the first entry is therefore always the next to expire.
     in_flight: BTreeMap<u64, InFlight>,
@@ -52,6 +56,7 @@ impl Group {
             name,
             ready: Default::default(),
             ready_len: 0,
+            earliest_expiry: None,
             in_flight: BTreeMap::new(),
             members: Vec::new(),
         }
@@ -62,8 +67,15 @@ impl Group {
     }
 
     fn push_back(&mut self, ready: Ready) {
+        self.note_expiry(ready.expires_at);
         self.ready[usize::from(ready.message.priority())].push_back(ready);
         self.ready_len += 1;
+    }
+
+    fn note_expiry(&mut self, expires_at: Option<Instant>) {
+        if let Some(t) = expires_at {
+            self.earliest_expiry = Some(self.earliest_expiry.map_or(t, |e| e.min(t)));
+        }
     }
 
     /// Put redelivered entries back at the head of their priority level, keeping their
@@ -71,6 +83,7 @@ impl Group {
     fn push_front_in_order(&mut self, mut entries: Vec<Ready>) {
         entries.sort_by_key(|r| std::cmp::Reverse(r.seq));
         for ready in entries {
+            self.note_expiry(ready.expires_at);
             self.ready[usize::from(ready.message.priority())].push_front(ready);
             self.ready_len += 1;
         }
@@ -114,10 +127,22 @@ impl Group {
     }
 
     fn purge_expired(&mut self, now: Instant) -> usize {
-        let before = self.ready_len;
-        for level in &mut self.ready {
-            level.retain(|r| r.expires_at.is_none_or(|t| t > now));
+        if self.earliest_expiry.is_none_or(|t| t > now) {
+            return 0;
         }
+        let before = self.ready_len;
+        let mut earliest = None;
+        for level in &mut self.ready {
+            level.retain(|r| match r.expires_at {
+                None => true,
+                Some(t) if t <= now => false,
+                Some(t) => {
+                    earliest = Some(earliest.map_or(t, |e: Instant| e.min(t)));
+                    true
+                }
+            });
+        }
+        self.earliest_expiry = earliest;
         self.ready_len = self.ready.iter().map(VecDeque::len).sum();
         before - self.ready_len
     }
@@ -221,14 +246,22 @@ impl TopicState {
         Ok(())
     }
 
-    /// Append to the log and every group. The caller has checked space.
-    pub(crate) fn enqueue(&mut self, message: Arc<Message>, now: Instant) {
+    /// Append to the log and every group. The caller has checked space. `now` and `wall` are
+    /// read by the caller before taking the lock; log entries evicted by retention are moved
+    /// to `evicted` so they are freed after the lock is released.
+    pub(crate) fn enqueue(
+        &mut self,
+        message: Arc<Message>,
+        now: Instant,
+        wall: SystemTime,
+        evicted: &mut Vec<Arc<Message>>,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
         let expires_at = message.ttl().map(|ttl| now + ttl);
         // Recorded times never go backwards, so the log stays sorted for range reads even if
         // the wall clock is stepped back.
-        let recorded_at = SystemTime::now().max(self.last_recorded);
+        let recorded_at = wall.max(self.last_recorded);
         self.last_recorded = recorded_at;
         for group in self.groups.iter_mut().flatten() {
             group.push_back(Ready {
@@ -246,22 +279,23 @@ impl TopicState {
                 seq,
                 expires_at,
             });
-            self.prune_log(recorded_at);
+            self.prune_log(recorded_at, evicted);
         }
     }
 
-    fn prune_log(&mut self, now: SystemTime) {
-        while self.log.len() > self.config.retention_messages {
-            self.log.pop_front();
-        }
-        if let Some(max_age) = self.config.retention_age {
-            let oldest_kept = now.checked_sub(max_age).unwrap_or(SystemTime::UNIX_EPOCH);
-            while self
-                .log
-                .front()
-                .is_some_and(|e| e.recorded_at < oldest_kept)
-            {
-                self.log.pop_front();
+    fn prune_log(&mut self, now: SystemTime, evicted: &mut Vec<Arc<Message>>) {
+        let oldest_kept = self
+            .config
+            .retention_age
+            .map(|age| now.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH));
+        while let Some(front) = self.log.front() {
+            let too_many = self.log.len() > self.config.retention_messages;
+            let too_old = oldest_kept.is_some_and(|t| front.recorded_at < t);
+            if !(too_many || too_old) {
+                break;
+            }
+            if let Some(entry) = self.log.pop_front() {
+                evicted.push(entry.message);
             }
         }
     }

@@ -297,3 +297,38 @@ async fn health_reports_closed_broker_as_unhealthy() {
         helix_messaging_core::HealthStatus::Unhealthy
     );
 }
+
+#[tokio::test]
+async fn expired_messages_make_room_in_a_full_group() {
+    let broker = broker_with_group(MemoryConfig {
+        max_queue_depth: 3,
+        publish_timeout: Duration::from_millis(100),
+        ..MemoryConfig::default()
+    })
+    .await;
+    let keeper = Message::new("no ttl");
+    broker.publish("t", keeper.clone()).await.unwrap();
+    for ttl_ms in [30, 60] {
+        let m = Message::new("short-lived").with_ttl(Duration::from_millis(ttl_ms));
+        broker.publish("t", m).await.unwrap();
+    }
+    // Full now; once both TTLs have passed, their room is reclaimed without any consumer.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let late = Message::new("fits after the purge");
+    broker
+        .publish("t", late.clone())
+        .await
+        .expect("room was reclaimed");
+    assert_eq!(broker.topic_stats("t").expired, 2);
+    assert_eq!(broker.topic_stats("t").depth, 2);
+
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    for expected in [&keeper, &late] {
+        let d = recv(&mut sub).await;
+        assert_eq!(d.message().id(), expected.id());
+        d.ack().await.unwrap();
+    }
+}
