@@ -1,0 +1,166 @@
+//! The wire form of a message: one MessagePack map carrying the payload and all metadata,
+//! published as the pub/sub payload or stored as the single field `m` of a stream entry.
+//! MessagePack keeps it compact and readable from any language.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use helix_messaging_core::{Error, ErrorKind, Headers, Message, Result};
+use serde::{Deserialize, Serialize};
+
+/// Stream entry field holding the encoded message.
+pub(crate) const FIELD: &str = "m";
+
+const VERSION: u8 = 1;
+
+#[derive(Serialize)]
+struct Outgoing<'a> {
+    v: u8,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+    #[serde(skip_serializing_if = "Headers::is_empty")]
+    headers: &'a Headers,
+    ts_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "is_zero")]
+    priority: u8,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ttl_ms: Option<u64>,
+}
+
+fn is_zero(p: &u8) -> bool {
+    *p == 0
+}
+
+#[derive(Deserialize)]
+struct Incoming<'a> {
+    v: u8,
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    key: Option<Cow<'a, str>>,
+    #[serde(with = "serde_bytes")]
+    payload: Vec<u8>,
+    #[serde(default)]
+    headers: Headers,
+    ts_ns: u64,
+    #[serde(default, borrow)]
+    content_type: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    correlation_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    priority: u8,
+    #[serde(default)]
+    ttl_ms: Option<u64>,
+}
+
+/// Encode `message` for the wire.
+pub(crate) fn encode(message: &Message) -> Result<Vec<u8>> {
+    let ts_ns = message
+        .timestamp()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let outgoing = Outgoing {
+        v: VERSION,
+        id: message.id(),
+        key: message.key(),
+        payload: message.payload(),
+        headers: message.headers(),
+        ts_ns,
+        content_type: message.content_type(),
+        correlation_id: message.correlation_id(),
+        priority: message.priority(),
+        ttl_ms: message.ttl().map(|t| t.as_millis() as u64),
+    };
+    rmp_serde::to_vec_named(&outgoing).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!("cannot encode message {}", message.id()),
+        )
+        .with_source(e)
+    })
+}
+
+/// Decode a wire message.
+///
+/// # Errors
+/// [`ErrorKind::Serialization`] saying why (not a helix-messaging envelope, newer version).
+pub(crate) fn decode(bytes: &[u8]) -> Result<Message> {
+    let incoming: Incoming<'_> = rmp_serde::from_slice(bytes).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "{} bytes that are not a helix-messaging envelope: {e}",
+                bytes.len()
+            ),
+        )
+    })?;
+    if incoming.v != VERSION {
+        return Err(Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "envelope version {} is not supported (this build reads version {VERSION})",
+                incoming.v
+            ),
+        ));
+    }
+    let mut message = Message::new(Bytes::from(incoming.payload))
+        .with_id(incoming.id)
+        .with_headers(incoming.headers)
+        .with_timestamp(UNIX_EPOCH + Duration::from_nanos(incoming.ts_ns))
+        .with_priority(incoming.priority);
+    if let Some(key) = incoming.key {
+        message = message.with_key(key);
+    }
+    if let Some(ct) = incoming.content_type {
+        message = message.with_content_type(ct);
+    }
+    if let Some(corr) = incoming.correlation_id {
+        message = message.with_correlation_id(corr);
+    }
+    if let Some(ttl) = incoming.ttl_ms {
+        message = message.with_ttl(Duration::from_millis(ttl));
+    }
+    Ok(message)
+}
+
+/// Whether `message`, recorded at `recorded_at`, has outlived its TTL by `now`.
+pub(crate) fn expired(message: &Message, recorded_at: SystemTime, now: SystemTime) -> bool {
+    message.ttl().is_some_and(|ttl| recorded_at + ttl <= now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_field_survives_a_round_trip() {
+        let m = Message::new(vec![0u8, 159, 146, 150])
+            .with_key("k")
+            .with_header("lang", "日本語 ✓")
+            .with_content_type("application/octet-stream")
+            .with_correlation_id("c")
+            .with_priority(9)
+            .with_ttl(Duration::from_millis(1500));
+        let back = decode(&encode(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn foreign_bytes_are_a_serialization_error() {
+        let err = decode(b"hello from redis-cli").expect_err("not an envelope");
+        assert_eq!(err.kind(), ErrorKind::Serialization);
+        assert!(
+            err.to_string().contains("not a helix-messaging envelope"),
+            "{err}"
+        );
+    }
+}

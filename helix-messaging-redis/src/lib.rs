@@ -1,0 +1,363 @@
+//! Redis backend for helix-messaging, in two honestly labelled modes:
+//!
+//! - **pub/sub** ([`RedisMode::PubSub`], `MESSAGING_BACKEND=redis`): PUBLISH / SUBSCRIBE.
+//!   At most once: nothing is stored, a message published while nobody listens is gone
+//!   (counted, not an error), there are no consumer groups and no redelivery — `nack(true)`
+//!   returns `Unsupported` so a retry layer knows to retry in process. A subscriber whose
+//!   connection drops reconnects and resubscribes by itself.
+//! - **Streams** ([`RedisMode::Streams`], `MESSAGING_BACKEND=redis-streams`): XADD with
+//!   `MAXLEN` trimming, consumer groups with XREADGROUP, XACK on ack, requeue by handing the
+//!   entry back to the group, attempt from the delivery count, a reclaimer (XAUTOCLAIM) that
+//!   takes over entries left pending past the ack deadline (measured from delivery), replay by
+//!   time range with XRANGE, and TTL enforced when a message is read.
+//!
+//! ```no_run
+//! use helix_messaging_core::{Broker, Message, Publisher};
+//! use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
+//!
+//! # async fn demo() -> helix_messaging_core::Result<()> {
+//! let broker = RedisBroker::connect(RedisConfig::from_env(RedisMode::Streams)?).await?;
+//! broker.publish("helixagent.events.audit", Message::new("login")).await?;
+//! # Ok(()) }
+//! ```
+
+mod codec;
+mod config;
+mod error;
+mod pubsub;
+mod streams;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use backon::{ExponentialBuilder, Retryable};
+use helix_messaging_core::{
+    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
+    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    validate_name,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::{DEFAULT_MAX_PAYLOAD_BYTES, RedisConfig, RedisMode, StreamsConfig};
+pub use streams::REQUEUE_CONSUMER;
+
+/// Backend name of pub/sub mode (the value of `MESSAGING_BACKEND`).
+pub const PUBSUB_NAME: &str = "redis";
+/// Backend name of Streams mode (the value of `MESSAGING_BACKEND`).
+pub const STREAMS_NAME: &str = "redis-streams";
+
+/// What pub/sub mode promises: delivery to whoever is subscribed right now, in publish order.
+pub const PUBSUB_CAPABILITIES: Capabilities = Capabilities {
+    per_key_ordering: true,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+    ..Capabilities::NONE
+};
+
+/// What Streams mode promises. Durability is the server's: entries survive a restart when
+/// Redis persists (AOF, ideally `appendfsync always`).
+pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
+    durable: true,
+    redelivery: true,
+    consumer_groups: true,
+    per_key_ordering: true,
+    priority: false,
+    ttl: true,
+    redeliver_unacked: true,
+    replay_by_time: true,
+    native_dlq: false,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+};
+
+/// Name of the metric counting pub/sub publishes that reached no subscriber.
+pub const UNROUTED_METRIC: &str = "messaging_redis_unrouted_publishes_total";
+
+/// What both modes share.
+struct Shared {
+    config: RedisConfig,
+    client: redis::Client,
+    /// Commands that do not block: publish, ack, group management. Reconnects by itself.
+    commands: ConnectionManager,
+    /// Cancelled on close; every subscription task holds a child.
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    closed: AtomicBool,
+    unrouted: AtomicU64,
+    /// Subscriptions currently without a working connection (health reports degraded).
+    reconnecting: AtomicUsize,
+}
+
+impl Shared {
+    fn name(&self) -> &'static str {
+        match self.config.mode {
+            RedisMode::PubSub => PUBSUB_NAME,
+            RedisMode::Streams => STREAMS_NAME,
+        }
+    }
+
+    fn ensure_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::closed(format!("the {} broker", self.name())))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn check_payload(&self, message: &Message) -> Result<()> {
+        let limit = self.config.max_payload_bytes;
+        let size = message.payload().len();
+        if size > limit {
+            return Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "payload of {size} bytes exceeds the Redis backend's limit of {limit} bytes"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Validate and encode one message for `topic`.
+    fn prepare(&self, message: &Message) -> Result<Vec<u8>> {
+        self.check_payload(message)?;
+        codec::encode(message)
+    }
+
+    /// Exponential backoff for reconnect loops, capped by the configuration.
+    fn reconnect_backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(self.config.max_reconnect_delay)
+            .with_jitter()
+            .without_max_times()
+    }
+
+    /// Run `attempt` until it succeeds, backing off between failures, or until `cancel`
+    /// fires (`None`). Counts the subscription as reconnecting meanwhile.
+    async fn retry_until_cancelled<T, F, Fut>(
+        &self,
+        what: &str,
+        cancel: &CancellationToken,
+        attempt: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.reconnecting.fetch_add(1, Ordering::Relaxed);
+        let retried = attempt
+            .retry(self.reconnect_backoff())
+            .sleep(tokio::time::sleep)
+            .notify(|err: &Error, wait: Duration| {
+                tracing::warn!(error = %err, ?wait, "{what} failed; retrying");
+            });
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => None,
+            result = retried => result.ok(),
+        };
+        self.reconnecting.fetch_sub(1, Ordering::Relaxed);
+        outcome
+    }
+}
+
+/// A connection to Redis in pub/sub or Streams mode. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for RedisBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBroker")
+            .field("config", &self.shared.config)
+            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBroker {
+    /// Connect (the first connection is awaited; later ones are re-established by
+    /// themselves).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for unusable settings (unreadable CA file, refused
+    /// credentials), [`ErrorKind::Connection`] / [`ErrorKind::Timeout`] when the server
+    /// cannot be reached.
+    pub async fn connect(config: RedisConfig) -> Result<Self> {
+        let client = config.client()?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_max_delay(config.max_reconnect_delay)
+            .set_number_of_retries(6);
+        let commands = client
+            .get_connection_manager_with_config(manager_config)
+            .await
+            .map_err(|e| error::from_redis(e, format!("connecting to {}", config.address())))?;
+        Ok(RedisBroker {
+            shared: Arc::new(Shared {
+                config,
+                client,
+                commands,
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                closed: AtomicBool::new(false),
+                unrouted: AtomicU64::new(0),
+                reconnecting: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    /// Connect with settings from the environment (see [`RedisConfig::from_vars`]).
+    ///
+    /// # Errors
+    /// As [`RedisConfig::from_vars`] and [`RedisBroker::connect`].
+    pub async fn from_env(mode: RedisMode) -> Result<Self> {
+        RedisBroker::connect(RedisConfig::from_env(mode)?).await
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &RedisConfig {
+        &self.shared.config
+    }
+
+    /// Pub/sub publishes that reached no subscriber since connecting (also reported as the
+    /// [`UNROUTED_METRIC`] counter).
+    pub fn unrouted_publishes(&self) -> u64 {
+        self.shared.unrouted.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait]
+impl Publisher for RedisBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        validate_name("topic", topic)?;
+        self.shared.ensure_open()?;
+        let encoded = self.shared.prepare(&message)?;
+        match self.shared.config.mode {
+            RedisMode::PubSub => pubsub::publish(&self.shared, topic, encoded).await,
+            RedisMode::Streams => streams::publish(&self.shared, topic, encoded).await,
+        }
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+        let total = messages.len();
+        if let Err(err) = validate_name("topic", topic).and_then(|()| self.shared.ensure_open()) {
+            return BatchReport::all_failed(total, &err);
+        }
+        let mut failures = Vec::new();
+        let mut prepared = Vec::with_capacity(total);
+        for (index, message) in messages.iter().enumerate() {
+            match self.shared.prepare(message) {
+                Ok(bytes) => prepared.push((index, bytes)),
+                Err(err) => failures.push((index, err)),
+            }
+        }
+        // One pipeline per chunk: one round trip for many messages, without building a
+        // single enormous request.
+        for chunk in prepared.chunks(1000) {
+            let sent = match self.shared.config.mode {
+                RedisMode::PubSub => pubsub::publish_pipelined(&self.shared, topic, chunk).await,
+                RedisMode::Streams => streams::publish_pipelined(&self.shared, topic, chunk).await,
+            };
+            if let Err(err) = sent {
+                failures.extend(chunk.iter().map(|(i, _)| (*i, err.copy_without_source())));
+            }
+        }
+        BatchReport::new(total, failures)
+    }
+}
+
+#[async_trait]
+impl Subscriber for RedisBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        validate_name("topic", topic)?;
+        if let Some(group) = &options.group {
+            validate_name("group", group)?;
+        }
+        self.shared.ensure_open()?;
+        match self.shared.config.mode {
+            RedisMode::PubSub => pubsub::subscribe(&self.shared, topic, options).await,
+            RedisMode::Streams => streams::subscribe(&self.shared, topic, options).await,
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn name(&self) -> &'static str {
+        self.shared.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let base = match self.shared.config.mode {
+            RedisMode::PubSub => PUBSUB_CAPABILITIES,
+            RedisMode::Streams => STREAMS_CAPABILITIES,
+        };
+        Capabilities {
+            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
+            ..base
+        }
+    }
+
+    async fn health(&self) -> Health {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Health::unhealthy(format!("the {} broker is closed", self.name()));
+        }
+        let mut commands = self.shared.commands.clone();
+        let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut commands).await;
+        let address = self.shared.config.address();
+        match ping {
+            Err(err) => Health::unhealthy(format!("{address}: {err}")),
+            Ok(_) => match self.shared.reconnecting.load(Ordering::Relaxed) {
+                0 => Health::healthy(format!("{address} answers")),
+                n => Health {
+                    status: HealthStatus::Degraded,
+                    detail: format!("{address} answers; {n} subscriptions are reconnecting"),
+                },
+            },
+        }
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        validate_name("topic", topic)?;
+        self.shared.ensure_open()?;
+        match self.shared.config.mode {
+            RedisMode::PubSub => Err(Error::unsupported(
+                PUBSUB_NAME,
+                "reading history (pub/sub keeps none; use redis-streams)",
+            )),
+            RedisMode::Streams => Ok(streams::read_range(self.shared.clone(), topic, range)),
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.shutdown.cancel();
+        self.shared.tasks.close();
+        // Subscription tasks hand their unacked entries back to the group on the way out;
+        // give them a bounded moment to do so.
+        let _ = tokio::time::timeout(
+            self.shared.config.response_timeout,
+            self.shared.tasks.wait(),
+        )
+        .await;
+        Ok(())
+    }
+}
+
+/// A subscription's stream over the channel its task fills; dropping the stream cancels the
+/// task.
+fn channel_stream(
+    rx: tokio::sync::mpsc::Receiver<Result<helix_messaging_core::Delivery>>,
+    cancel: CancellationToken,
+) -> futures::stream::BoxStream<'static, Result<helix_messaging_core::Delivery>> {
+    let guard = cancel.drop_guard();
+    Box::pin(futures::stream::unfold(
+        (rx, guard),
+        |(mut rx, guard)| async move { rx.recv().await.map(|item| (item, (rx, guard))) },
+    ))
+}

@@ -1,0 +1,193 @@
+//! Pub/sub mode: PUBLISH / SUBSCRIBE, at most once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use helix_messaging_core::{
+    Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, Result, Settlement, StartPosition,
+    SubscribeOptions, Subscription,
+};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::{PUBSUB_NAME, Shared, UNROUTED_METRIC, codec, error::from_redis};
+
+pub(crate) async fn publish(shared: &Shared, topic: &str, encoded: Vec<u8>) -> Result<()> {
+    let mut commands = shared.commands.clone();
+    let receivers: i64 = redis::cmd("PUBLISH")
+        .arg(topic)
+        .arg(encoded)
+        .query_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("PUBLISH to {topic}")))?;
+    count_unrouted(shared, topic, u64::from(receivers == 0));
+    Ok(())
+}
+
+pub(crate) async fn publish_pipelined(
+    shared: &Shared,
+    topic: &str,
+    messages: &[(usize, Vec<u8>)],
+) -> Result<()> {
+    let mut pipe = redis::pipe();
+    for (_, encoded) in messages {
+        pipe.cmd("PUBLISH").arg(topic).arg(encoded.as_slice());
+    }
+    let mut commands = shared.commands.clone();
+    let receivers: Vec<i64> = pipe
+        .query_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("PUBLISH batch to {topic}")))?;
+    count_unrouted(
+        shared,
+        topic,
+        receivers.iter().filter(|r| **r == 0).count() as u64,
+    );
+    Ok(())
+}
+
+/// A publish that reached nobody is normal for pub/sub, so it is counted, not an error.
+fn count_unrouted(shared: &Shared, topic: &str, unrouted: u64) {
+    if unrouted > 0 {
+        shared.unrouted.fetch_add(unrouted, Ordering::Relaxed);
+        metrics::counter!(UNROUTED_METRIC, "topic" => topic.to_owned()).increment(unrouted);
+    }
+}
+
+pub(crate) async fn subscribe(
+    shared: &Arc<Shared>,
+    topic: &str,
+    options: SubscribeOptions,
+) -> Result<Subscription> {
+    if options.group.is_some() {
+        return Err(Error::unsupported(
+            PUBSUB_NAME,
+            "consumer groups (pub/sub delivers every message to every subscriber; use redis-streams)",
+        ));
+    }
+    if options.start != StartPosition::Latest {
+        return Err(Error::unsupported(
+            PUBSUB_NAME,
+            "starting from history (pub/sub keeps none; use redis-streams)",
+        ));
+    }
+    // Subscribed before returning, so every later publish reaches this subscription.
+    let connection = connect(shared, topic).await?;
+    let topic: Arc<str> = Arc::from(topic);
+    let (tx, rx) = mpsc::channel(options.prefetch.max(1));
+    let cancel = shared.shutdown.child_token();
+    shared.tasks.spawn(read_loop(
+        shared.clone(),
+        topic.clone(),
+        connection,
+        tx,
+        cancel.clone(),
+    ));
+    Ok(Subscription::new(
+        topic,
+        None,
+        crate::channel_stream(rx, cancel),
+    ))
+}
+
+async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
+    let address = shared.config.address();
+    let mut connection = tokio::time::timeout(
+        shared.config.connect_timeout,
+        shared.client.get_async_pubsub(),
+    )
+    .await
+    .map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "connecting to {address} for SUBSCRIBE took longer than {:?}",
+                shared.config.connect_timeout
+            ),
+        )
+    })?
+    .map_err(|e| from_redis(e, format!("connecting to {address} for SUBSCRIBE")))?;
+    connection
+        .subscribe(topic)
+        .await
+        .map_err(|e| from_redis(e, format!("SUBSCRIBE {topic}")))?;
+    Ok(connection)
+}
+
+/// Forwards messages until cancelled; when the connection drops, reconnects with backoff
+/// and subscribes again.
+async fn read_loop(
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    mut connection: redis::aio::PubSub,
+    tx: mpsc::Sender<Result<Delivery>>,
+    cancel: CancellationToken,
+) {
+    loop {
+        {
+            let mut messages = connection.on_message();
+            loop {
+                let next = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    next = messages.next() => next,
+                };
+                let Some(message) = next else { break };
+                let item = delivery(&topic, message.get_payload_bytes());
+                let sent = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    sent = tx.send(item) => sent,
+                };
+                if sent.is_err() {
+                    return;
+                }
+            }
+        }
+        tracing::warn!(%topic, "Redis pub/sub connection lost; subscribing again");
+        let reconnected = shared
+            .retry_until_cancelled("subscribing again", &cancel, || connect(&shared, &topic))
+            .await;
+        match reconnected {
+            Some(fresh) => connection = fresh,
+            None => return,
+        }
+    }
+}
+
+fn delivery(topic: &Arc<str>, payload: &[u8]) -> Result<Delivery> {
+    let message = codec::decode(payload).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!("a message on {topic} was dropped: {}", e.message()),
+        )
+    })?;
+    Ok(Delivery::new(
+        Arc::new(message),
+        DeliveryInfo {
+            topic: topic.clone(),
+            group: None,
+            attempt: 1,
+            redelivered: false,
+            position: None,
+        },
+        Box::new(PubSubAcker),
+    ))
+}
+
+/// A pub/sub delivery is final when it arrives: ack and reject have nothing to tell the
+/// server, and requeue is impossible.
+struct PubSubAcker;
+
+#[async_trait]
+impl Acknowledge for PubSubAcker {
+    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
+        match outcome {
+            Settlement::Ack | Settlement::Reject => Ok(()),
+            Settlement::Requeue => Err(Error::unsupported(
+                PUBSUB_NAME,
+                "requeue (pub/sub delivers at most once; retry in process or use redis-streams)",
+            )),
+        }
+    }
+}

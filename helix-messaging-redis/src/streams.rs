@@ -1,0 +1,672 @@
+//! Streams mode: XADD, consumer groups with XREADGROUP, XACK, requeue via the group's pending
+//! list, a reclaimer (XAUTOCLAIM) for entries left pending past the ack deadline, XRANGE
+//! replay.
+//!
+//! Requeue hands an entry to a placeholder consumer ([`REQUEUE_CONSUMER`]) with its idle
+//! time set to the maximum (`XCLAIM … TIME 0 JUSTID`, which keeps the delivery count), so the
+//! next reclaimer pass of any member takes it at once; that pass increments the delivery
+//! count, which is where `attempt` comes from.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use helix_messaging_core::{
+    Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, HistoryEntry, HistoryStream, Position,
+    Result, Settlement, StartPosition, SubscribeOptions, Subscription, TimeRange,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamRangeReply, StreamReadReply,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::Shared;
+use crate::codec;
+use crate::error::{from_redis, has_code};
+
+/// Consumer name that holds requeued and handed-back entries until a member claims them.
+pub const REQUEUE_CONSUMER: &str = "helix-requeue";
+
+/// Entries read per XRANGE page when reading history.
+const RANGE_PAGE: usize = 500;
+
+fn xadd(shared: &Shared, topic: &str, encoded: &[u8]) -> redis::Cmd {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(topic);
+    if let Some(max_len) = shared.config.streams.max_len {
+        let how = if shared.config.streams.exact_trim {
+            "="
+        } else {
+            "~"
+        };
+        cmd.arg("MAXLEN").arg(how).arg(max_len);
+    }
+    cmd.arg("*").arg(codec::FIELD).arg(encoded);
+    cmd
+}
+
+pub(crate) async fn publish(shared: &Shared, topic: &str, encoded: Vec<u8>) -> Result<()> {
+    let mut commands = shared.commands.clone();
+    let _id: String = xadd(shared, topic, &encoded)
+        .query_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("XADD to {topic}")))?;
+    Ok(())
+}
+
+pub(crate) async fn publish_pipelined(
+    shared: &Shared,
+    topic: &str,
+    messages: &[(usize, Vec<u8>)],
+) -> Result<()> {
+    let mut pipe = redis::pipe();
+    for (_, encoded) in messages {
+        pipe.add_command(xadd(shared, topic, encoded));
+    }
+    let mut commands = shared.commands.clone();
+    let _ids: Vec<String> = pipe
+        .query_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("XADD batch to {topic}")))?;
+    Ok(())
+}
+
+/// Milliseconds since the epoch, rounded up: an entry whose id time is `ms` was recorded at
+/// or after `t` exactly when `ms >= ceil_ms(t)`.
+fn ceil_ms(t: SystemTime) -> u64 {
+    let nanos = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos();
+    nanos.div_ceil(1_000_000) as u64
+}
+
+/// The time encoded in a stream entry id (`<ms>-<seq>`).
+fn id_time(id: &str) -> SystemTime {
+    let ms = id
+        .split('-')
+        .next()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .unwrap_or(0);
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+async fn create_group(
+    commands: &mut ConnectionManager,
+    topic: &str,
+    group: &str,
+    start: &str,
+) -> Result<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(topic)
+        .arg(group)
+        .arg(start)
+        .arg("MKSTREAM")
+        .query_async(commands)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if has_code(&e, "BUSYGROUP") => Ok(()),
+        Err(e) => Err(from_redis(e, format!("XGROUP CREATE {topic} {group}"))),
+    }
+}
+
+/// What a subscription's task and its deliveries' ackers share.
+struct Reader {
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    group: Arc<str>,
+    /// The group as reported in deliveries (`None` for a private subscription).
+    reported_group: Option<Arc<str>>,
+    consumer: String,
+    prefetch: usize,
+    /// Deliveries handed out and not yet settled or dropped.
+    outstanding: AtomicUsize,
+    /// Woken when a delivery is settled or dropped.
+    slot_freed: Notify,
+    /// Set by a requeue so the next pass claims at once, from the start of the pending list.
+    requeued: AtomicBool,
+}
+
+pub(crate) async fn subscribe(
+    shared: &Arc<Shared>,
+    topic: &str,
+    options: SubscribeOptions,
+) -> Result<Subscription> {
+    let private = options.group.is_none();
+    let group: Arc<str> = match &options.group {
+        Some(group) => Arc::from(group.as_str()),
+        None => Arc::from(format!("helix-private-{}", uuid::Uuid::new_v4().simple())),
+    };
+    let start = match options.start {
+        StartPosition::Latest => "$".to_owned(),
+        StartPosition::Earliest => "0".to_owned(),
+        // The group starts after the given id, so the last id before `t` is the start.
+        StartPosition::Time(t) => match ceil_ms(t) {
+            0 => "0".to_owned(),
+            ms => format!("{}-{}", ms - 1, u64::MAX),
+        },
+    };
+    let mut commands = shared.commands.clone();
+    // Created before returning, so every later XADD reaches the group.
+    create_group(&mut commands, topic, &group, &start).await?;
+
+    // Blocking reads get a connection of their own: on the shared multiplexed connection a
+    // blocked XREADGROUP would hold up every publish and ack queued behind it.
+    let streams = &shared.config.streams;
+    let reader_config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(shared.config.connect_timeout))
+        .set_response_timeout(Some(shared.config.response_timeout + streams.block))
+        .set_max_delay(shared.config.max_reconnect_delay)
+        .set_number_of_retries(6);
+    let connection = shared
+        .client
+        .get_connection_manager_with_config(reader_config)
+        .await
+        .map_err(|e| from_redis(e, format!("connecting to {}", shared.config.address())))?;
+
+    let topic: Arc<str> = Arc::from(topic);
+    let reader = Arc::new(Reader {
+        shared: shared.clone(),
+        topic: topic.clone(),
+        reported_group: (!private).then(|| group.clone()),
+        group,
+        consumer: format!("c-{}", uuid::Uuid::new_v4().simple()),
+        prefetch: options.prefetch.max(1),
+        outstanding: AtomicUsize::new(0),
+        slot_freed: Notify::new(),
+        requeued: AtomicBool::new(false),
+    });
+    let (tx, rx) = mpsc::channel(reader.prefetch);
+    let cancel = shared.shutdown.child_token();
+    let reported_group = reader.reported_group.clone();
+    shared
+        .tasks
+        .spawn(read_loop(reader, connection, tx, cancel.clone(), private));
+    Ok(Subscription::new(
+        topic,
+        reported_group,
+        crate::channel_stream(rx, cancel),
+    ))
+}
+
+async fn read_loop(
+    reader: Arc<Reader>,
+    mut connection: ConnectionManager,
+    tx: mpsc::Sender<Result<Delivery>>,
+    cancel: CancellationToken,
+    private: bool,
+) {
+    let streams = reader.shared.config.streams.clone();
+    let mut cursor = "0-0".to_owned();
+    let mut last_claim: Option<Instant> = None;
+    'reading: while !cancel.is_cancelled() {
+        let room = reader
+            .prefetch
+            .saturating_sub(reader.outstanding.load(Ordering::Acquire));
+        if room == 0 {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = reader.slot_freed.notified() => {}
+            }
+            continue;
+        }
+        let requeued = reader.requeued.swap(false, Ordering::AcqRel);
+        if requeued {
+            cursor = "0-0".to_owned();
+        }
+        let claim_due =
+            requeued || last_claim.is_none_or(|t| t.elapsed() >= streams.claim_interval);
+        let batch = tokio::select! {
+            () = cancel.cancelled() => break,
+            batch = async {
+                if claim_due {
+                    last_claim = Some(Instant::now());
+                    let claimed = claim(&reader, &mut connection, &mut cursor, room).await?;
+                    if !claimed.is_empty() {
+                        return Ok(claimed);
+                    }
+                }
+                read_new(&reader, &mut connection, room, streams.block).await
+            } => batch,
+        };
+        match batch {
+            Ok(entries) => {
+                for (entry, attempt) in entries {
+                    let Some(item) = to_delivery(&reader, entry, attempt).await else {
+                        continue;
+                    };
+                    if item.is_ok() {
+                        reader.outstanding.fetch_add(1, Ordering::AcqRel);
+                    }
+                    let sent = tokio::select! {
+                        () = cancel.cancelled() => break 'reading,
+                        sent = tx.send(item) => sent,
+                    };
+                    if sent.is_err() {
+                        break 'reading;
+                    }
+                }
+            }
+            Err(err) if err.kind() == ErrorKind::NotFound => {
+                // The group (or the whole stream) vanished, e.g. a restart of a Redis that
+                // does not persist: recreate it and read whatever the stream holds.
+                tracing::warn!(topic = %reader.topic, group = %reader.group, error = %err, "consumer group missing; recreating it");
+                let mut commands = reader.shared.commands.clone();
+                if let Err(err) =
+                    create_group(&mut commands, &reader.topic, &reader.group, "0").await
+                {
+                    tracing::warn!(error = %err, "cannot recreate consumer group");
+                    tokio::time::sleep(streams.claim_interval).await;
+                }
+            }
+            Err(err) => {
+                tracing::warn!(topic = %reader.topic, error = %err, "reading the stream failed; waiting for Redis");
+                let probe = connection.clone();
+                let back = reader
+                    .shared
+                    .retry_until_cancelled("reaching Redis", &cancel, || {
+                        let mut probe = probe.clone();
+                        async move {
+                            redis::cmd("PING")
+                                .query_async::<String>(&mut probe)
+                                .await
+                                .map_err(|e| from_redis(e, "PING"))
+                        }
+                    })
+                    .await;
+                if back.is_none() {
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    hand_back(&reader, &mut connection, private).await;
+}
+
+/// Take requeued entries and entries idle past the ack deadline, with their delivery counts.
+async fn claim(
+    reader: &Reader,
+    connection: &mut ConnectionManager,
+    cursor: &mut String,
+    room: usize,
+) -> Result<Vec<(StreamId, u32)>> {
+    let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
+    let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+        .arg(&*reader.topic)
+        .arg(&*reader.group)
+        .arg(&reader.consumer)
+        .arg(deadline_ms)
+        .arg(cursor.as_str())
+        .arg("COUNT")
+        .arg(room)
+        .query_async(connection)
+        .await
+        .map_err(|e| from_redis(e, format!("XAUTOCLAIM on {}", reader.topic)))?;
+    *cursor = reply.next_stream_id;
+    if !reply.deleted_ids.is_empty() {
+        // Trimmed away while pending: nothing left to deliver, so clear them from the group.
+        let _: redis::RedisResult<i64> = redis::cmd("XACK")
+            .arg(&*reader.topic)
+            .arg(&*reader.group)
+            .arg(&reply.deleted_ids)
+            .query_async(connection)
+            .await;
+    }
+    let claimed = reply.claimed;
+    let (Some(first), Some(last)) = (claimed.first(), claimed.last()) else {
+        return Ok(Vec::new());
+    };
+    let pending: StreamPendingCountReply = redis::cmd("XPENDING")
+        .arg(&*reader.topic)
+        .arg(&*reader.group)
+        .arg(&first.id)
+        .arg(&last.id)
+        .arg(claimed.len())
+        .arg(&reader.consumer)
+        .query_async(connection)
+        .await
+        .map_err(|e| from_redis(e, format!("XPENDING on {}", reader.topic)))?;
+    Ok(claimed
+        .into_iter()
+        .map(|entry| {
+            let count = pending
+                .ids
+                .iter()
+                .find(|p| p.id == entry.id)
+                .map_or(2, |p| p.times_delivered);
+            (entry, u32::try_from(count).unwrap_or(u32::MAX))
+        })
+        .collect())
+}
+
+async fn read_new(
+    reader: &Reader,
+    connection: &mut ConnectionManager,
+    room: usize,
+    block: Duration,
+) -> Result<Vec<(StreamId, u32)>> {
+    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg(&*reader.group)
+        .arg(&reader.consumer)
+        .arg("COUNT")
+        .arg(room)
+        .arg("BLOCK")
+        .arg(block.as_millis() as u64)
+        .arg("STREAMS")
+        .arg(&*reader.topic)
+        .arg(">")
+        .query_async(connection)
+        .await
+        .map_err(|e| from_redis(e, format!("XREADGROUP on {}", reader.topic)))?;
+    Ok(reply
+        .into_iter()
+        .flat_map(|r| r.keys)
+        .flat_map(|k| k.ids)
+        .map(|entry| (entry, 1))
+        .collect())
+}
+
+/// Turn a stream entry into a delivery. Expired entries are acked and skipped (`None`);
+/// undecodable ones are copied to `<topic>.undecodable` with the reason, acked, and reported
+/// as an error on the subscription.
+async fn to_delivery(
+    reader: &Arc<Reader>,
+    entry: StreamId,
+    attempt: u32,
+) -> Option<Result<Delivery>> {
+    let recorded_at = id_time(&entry.id);
+    let decoded = match entry.map.get(codec::FIELD) {
+        Some(redis::Value::BulkString(bytes)) => codec::decode(bytes),
+        _ => Err(Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "entry has no {:?} field written by helix-messaging",
+                codec::FIELD
+            ),
+        )),
+    };
+    match decoded {
+        Ok(message) if codec::expired(&message, recorded_at, SystemTime::now()) => {
+            ack(reader, &entry.id).await.ok();
+            tracing::debug!(topic = %reader.topic, id = %entry.id, "dropped an entry whose TTL passed");
+            None
+        }
+        Ok(message) => Some(Ok(Delivery::new(
+            Arc::new(message),
+            DeliveryInfo {
+                topic: reader.topic.clone(),
+                group: reader.reported_group.clone(),
+                attempt,
+                redelivered: attempt > 1,
+                position: Some(Position::StreamId(entry.id.clone())),
+            },
+            Box::new(StreamAcker {
+                reader: reader.clone(),
+                id: entry.id,
+            }),
+        ))),
+        Err(err) => Some(Err(set_aside(reader, entry, &err).await)),
+    }
+}
+
+/// Move an undecodable entry out of the group's way without losing it.
+async fn set_aside(reader: &Reader, entry: StreamId, err: &Error) -> Error {
+    let parking = format!("{}.undecodable", reader.topic);
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(&parking).arg("*");
+    for (field, value) in &entry.map {
+        // Binary values are kept byte for byte; anything else as its textual form.
+        match value {
+            redis::Value::BulkString(bytes) => cmd.arg(field).arg(bytes.as_slice()),
+            other => cmd.arg(field).arg(format!("{other:?}")),
+        };
+    }
+    cmd.arg("helix.reason")
+        .arg(err.message())
+        .arg("helix.source-id")
+        .arg(&entry.id)
+        .arg("helix.group")
+        .arg(&*reader.group);
+    let mut commands = reader.shared.commands.clone();
+    let parked: redis::RedisResult<String> = cmd.query_async(&mut commands).await;
+    match parked {
+        Ok(_) => {
+            ack(reader, &entry.id).await.ok();
+            Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "entry {} on {} cannot be decoded ({}); moved to {parking}",
+                    entry.id,
+                    reader.topic,
+                    err.message()
+                ),
+            )
+        }
+        Err(park_err) => Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "entry {} on {} cannot be decoded ({}) and could not be moved aside ({park_err}); it stays pending",
+                entry.id,
+                reader.topic,
+                err.message()
+            ),
+        ),
+    }
+}
+
+async fn ack(reader: &Reader, id: &str) -> Result<i64> {
+    let mut commands = reader.shared.commands.clone();
+    redis::cmd("XACK")
+        .arg(&*reader.topic)
+        .arg(&*reader.group)
+        .arg(id)
+        .query_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("XACK {id} on {}", reader.topic)))
+}
+
+/// On the way out: a private group is destroyed; otherwise this consumer's pending entries
+/// go back to the group for the other members, and the consumer is removed.
+async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private: bool) {
+    let topic = &*reader.topic;
+    let group = &*reader.group;
+    if private {
+        let destroyed: redis::RedisResult<i64> = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(topic)
+            .arg(group)
+            .query_async(connection)
+            .await;
+        if let Err(err) = destroyed {
+            tracing::warn!(topic, group, error = %err, "cannot remove private consumer group");
+        }
+        return;
+    }
+    let pending: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
+        .arg(topic)
+        .arg(group)
+        .arg("-")
+        .arg("+")
+        .arg(100_000)
+        .arg(&reader.consumer)
+        .query_async(connection)
+        .await;
+    let ids: Vec<String> = match pending {
+        Ok(reply) => reply.ids.into_iter().map(|p| p.id).collect(),
+        Err(err) => {
+            tracing::warn!(topic, group, error = %err, "cannot list pending entries to hand back; the reclaimer will take them after the ack deadline");
+            return;
+        }
+    };
+    if !ids.is_empty() {
+        let handed: redis::RedisResult<Vec<String>> = requeue_cmd(topic, group, &ids)
+            .query_async(connection)
+            .await;
+        if let Err(err) = handed {
+            tracing::warn!(topic, group, error = %err, "cannot hand back pending entries; the reclaimer will take them after the ack deadline");
+            return;
+        }
+    }
+    let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
+        .arg("DELCONSUMER")
+        .arg(topic)
+        .arg(group)
+        .arg(&reader.consumer)
+        .query_async(connection)
+        .await;
+}
+
+/// `XCLAIM` to the requeue consumer with maximal idle time and the delivery count kept.
+fn requeue_cmd(topic: &str, group: &str, ids: &[String]) -> redis::Cmd {
+    let mut cmd = redis::cmd("XCLAIM");
+    cmd.arg(topic)
+        .arg(group)
+        .arg(REQUEUE_CONSUMER)
+        .arg(0)
+        .arg(ids)
+        .arg("TIME")
+        .arg(0)
+        .arg("JUSTID");
+    cmd
+}
+
+struct StreamAcker {
+    reader: Arc<Reader>,
+    id: String,
+}
+
+#[async_trait]
+impl Acknowledge for StreamAcker {
+    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
+        let reader = &self.reader;
+        let not_pending = || {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "entry {} on {} is no longer pending for group {} (already settled, or taken over by another member after the ack deadline)",
+                    self.id, reader.topic, reader.group
+                ),
+            )
+        };
+        match outcome {
+            Settlement::Ack | Settlement::Reject => match ack(reader, &self.id).await? {
+                0 => Err(not_pending()),
+                _ => Ok(()),
+            },
+            Settlement::Requeue => {
+                let mut commands = reader.shared.commands.clone();
+                let ids = [self.id.clone()];
+                let claimed: Vec<String> = requeue_cmd(&reader.topic, &reader.group, &ids)
+                    .query_async(&mut commands)
+                    .await
+                    .map_err(|e| {
+                        from_redis(e, format!("requeue {} on {}", self.id, reader.topic))
+                    })?;
+                if claimed.is_empty() {
+                    return Err(not_pending());
+                }
+                reader.requeued.store(true, Ordering::Release);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for StreamAcker {
+    /// Settled or not, the delivery no longer occupies a prefetch slot; an unsettled one stays
+    /// pending and is reclaimed after the ack deadline.
+    fn drop(&mut self) {
+        self.reader.outstanding.fetch_sub(1, Ordering::AcqRel);
+        self.reader.slot_freed.notify_one();
+    }
+}
+
+pub(crate) fn read_range(shared: Arc<Shared>, topic: &str, range: TimeRange) -> HistoryStream {
+    let topic: Arc<str> = Arc::from(topic);
+    let end_ms = ceil_ms(range.to());
+    let start = format!("{}-0", ceil_ms(range.from()));
+    // Exclusive end: entries recorded before `to`, i.e. with an id time below ceil(to).
+    let end = format!("({end_ms}-0");
+    let first = (end_ms > 0).then_some(start);
+    let pages = futures::stream::unfold(first, move |next| {
+        let shared = shared.clone();
+        let topic = topic.clone();
+        let end = end.clone();
+        async move {
+            let start = next?;
+            let mut commands = shared.commands.clone();
+            let page: Result<StreamRangeReply> = redis::cmd("XRANGE")
+                .arg(&*topic)
+                .arg(&start)
+                .arg(&end)
+                .arg("COUNT")
+                .arg(RANGE_PAGE)
+                .query_async(&mut commands)
+                .await
+                .map_err(|e| from_redis(e, format!("XRANGE on {topic}")));
+            match page {
+                Err(err) => Some((vec![Err(err)], None)),
+                Ok(page) => {
+                    let following = (page.ids.len() == RANGE_PAGE)
+                        .then(|| page.ids.last().map(|e| format!("({}", e.id)))
+                        .flatten();
+                    let entries = page
+                        .ids
+                        .into_iter()
+                        .map(|entry| history_entry(&topic, entry))
+                        .collect();
+                    Some((entries, following))
+                }
+            }
+        }
+    });
+    Box::pin(futures::StreamExt::flat_map(pages, futures::stream::iter))
+}
+
+fn history_entry(topic: &str, entry: StreamId) -> Result<HistoryEntry> {
+    let message = match entry.map.get(codec::FIELD) {
+        Some(redis::Value::BulkString(bytes)) => codec::decode(bytes),
+        _ => Err(Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "entry has no {:?} field written by helix-messaging",
+                codec::FIELD
+            ),
+        )),
+    }
+    .map_err(|e| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!(
+                "entry {} on {topic} cannot be decoded: {}",
+                entry.id,
+                e.message()
+            ),
+        )
+    })?;
+    Ok(HistoryEntry {
+        message: Arc::new(message),
+        recorded_at: id_time(&entry.id),
+        position: Some(Position::StreamId(entry.id)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_bounds_round_up_to_whole_milliseconds() {
+        let t = UNIX_EPOCH + Duration::from_micros(10_500);
+        assert_eq!(ceil_ms(t), 11);
+        assert_eq!(ceil_ms(UNIX_EPOCH + Duration::from_millis(10)), 10);
+        assert_eq!(
+            id_time("1700000000123-7"),
+            UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)
+        );
+    }
+}

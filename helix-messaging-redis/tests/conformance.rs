@@ -1,0 +1,53 @@
+//! Both Redis modes run the conformance suite against the real server on 127.0.0.1:6379
+//! (`REDIS_URL` overrides). A server that cannot be reached fails the test.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use helix_messaging_core::Broker;
+use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
+use helix_messaging_testkit::Conformance;
+
+fn config(mode: RedisMode) -> RedisConfig {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut config = RedisConfig::new(&url, mode).expect("REDIS_URL");
+    // Short enough for the hand-over case to finish quickly, long enough that no case's
+    // held delivery is reclaimed while it is being examined.
+    config.streams.ack_deadline = Duration::from_secs(10);
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_pass_the_conformance_suite() {
+    Conformance::new("redis-streams", || async {
+        Ok(Arc::new(RedisBroker::connect(config(RedisMode::Streams)).await?) as Arc<dyn Broker>)
+    })
+    // Streams have no priority: entries are read in append order.
+    .expect_skipped(
+        "priority_order",
+        "Redis Streams deliver in append order; no priorities",
+    )
+    .run()
+    .await
+    .assert_passed();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pubsub_passes_the_conformance_suite() {
+    let at_most_once =
+        "Redis pub/sub is at most once: no consumer groups, no redelivery, no history";
+    Conformance::new("redis", || async {
+        Ok(Arc::new(RedisBroker::connect(config(RedisMode::PubSub)).await?) as Arc<dyn Broker>)
+    })
+    .expect_skipped("fan_out_to_groups", at_most_once)
+    .expect_skipped("group_load_sharing", at_most_once)
+    .expect_skipped("nack_requeue_redelivers", at_most_once)
+    .expect_skipped("dropped_subscription_hands_over_unacked", at_most_once)
+    .expect_skipped("priority_order", at_most_once)
+    .expect_skipped("ttl_expiry", at_most_once)
+    .expect_skipped("read_range_returns_exactly_the_window", at_most_once)
+    .expect_skipped("new_group_starts_from_earliest", at_most_once)
+    .run()
+    .await
+    .assert_passed();
+}
