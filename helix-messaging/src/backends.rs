@@ -15,10 +15,20 @@ pub struct BackendInfo {
 }
 
 /// Every backend the crate can be built with, compiled in or not.
-pub const KNOWN_BACKENDS: &[BackendInfo] = &[BackendInfo {
-    name: "memory",
-    feature: "memory",
-}];
+pub const KNOWN_BACKENDS: &[BackendInfo] = &[
+    BackendInfo {
+        name: "memory",
+        feature: "memory",
+    },
+    BackendInfo {
+        name: "redis",
+        feature: "redis",
+    },
+    BackendInfo {
+        name: "redis-streams",
+        feature: "redis",
+    },
+];
 
 /// The compiled-in backends with what each promises.
 // One cfg-gated push per backend feature, so `vec![]` cannot express it.
@@ -28,6 +38,16 @@ pub fn compiled_backends() -> Vec<(BackendInfo, Capabilities)> {
     let mut out = Vec::new();
     #[cfg(feature = "memory")]
     out.push((KNOWN_BACKENDS[0], helix_messaging_memory::CAPABILITIES));
+    #[cfg(feature = "redis")]
+    out.push((
+        KNOWN_BACKENDS[1],
+        helix_messaging_redis::PUBSUB_CAPABILITIES,
+    ));
+    #[cfg(feature = "redis")]
+    out.push((
+        KNOWN_BACKENDS[2],
+        helix_messaging_redis::STREAMS_CAPABILITIES,
+    ));
     out
 }
 
@@ -86,18 +106,54 @@ pub(crate) fn resolve(requested: &str, source: &str) -> Result<BackendInfo> {
     }
 }
 
-/// Build a compiled-in backend, reading its variables through `lookup`.
+/// Build a compiled-in backend, reading its variables through `lookup`, or from `url` when
+/// given (from [`crate::connect`]).
 pub(crate) async fn build(
     backend: BackendInfo,
     lookup: &(impl Fn(&str) -> Option<String> + ?Sized),
+    url: Option<&str>,
 ) -> Result<Arc<dyn Broker>> {
-    let _ = lookup;
+    let _ = (lookup, url);
     match backend.name {
         #[cfg(feature = "memory")]
         "memory" => Ok(Arc::new(helix_messaging_memory::MemoryBroker::new())),
+        #[cfg(feature = "redis")]
+        "redis" | "redis-streams" => {
+            use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
+            let mode = if backend.name == "redis" {
+                RedisMode::PubSub
+            } else {
+                RedisMode::Streams
+            };
+            let config = match url {
+                Some(url) => RedisConfig::new(url, mode)?,
+                None => RedisConfig::from_vars(lookup, mode)?,
+            };
+            Ok(Arc::new(RedisBroker::connect(config).await?))
+        }
         other => Err(Error::config(
             "MESSAGING_BACKEND",
             format!("backend {other:?} is not compiled in"),
         )),
     }
+}
+
+/// Map a URL to the backend its scheme selects and the URL the backend's client reads
+/// (`redis-streams://` becomes `redis://` for the Streams mode of the Redis backend).
+pub(crate) fn from_url(url: &str) -> Result<(BackendInfo, String)> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(Error::config(
+            "url",
+            "no scheme; expected something like memory://, redis://host:6379 or redis-streams://host:6379",
+        ));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let (backend, client_scheme) = match scheme.as_str() {
+        "redis" | "rediss" => ("redis", scheme.clone()),
+        "redis-streams" => ("redis-streams", "redis".to_owned()),
+        "rediss-streams" => ("redis-streams", "rediss".to_owned()),
+        other => (other, other.to_owned()),
+    };
+    let backend = resolve(backend, "url scheme")?;
+    Ok((backend, format!("{client_scheme}://{rest}")))
 }

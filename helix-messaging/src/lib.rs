@@ -24,6 +24,8 @@ pub use helix_messaging_core::*;
 
 #[cfg(feature = "memory")]
 pub use helix_messaging_memory as memory;
+#[cfg(feature = "redis")]
+pub use helix_messaging_redis as redis;
 
 use std::sync::Arc;
 
@@ -52,23 +54,19 @@ pub async fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Arc<dy
         .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "memory".to_owned());
     let backend = backends::resolve(&requested, BACKEND_VAR)?;
-    backends::build(backend, &lookup).await
+    backends::build(backend, &lookup, None).await
 }
 
-/// Build a broker from a URL whose scheme names the backend (`memory://`).
+/// Build a broker from a URL whose scheme names the backend: `memory://`,
+/// `redis://host:6379` or `rediss://…` (Redis pub/sub), `redis-streams://host:6379` or
+/// `rediss-streams://…` (Redis Streams).
 ///
 /// # Errors
 /// [`ErrorKind::Config`] for a URL without a scheme or with an unknown or not compiled-in
 /// scheme; connection errors from the backend.
 pub async fn connect(url: &str) -> Result<Arc<dyn Broker>> {
-    let Some((scheme, _rest)) = url.split_once("://") else {
-        return Err(Error::config(
-            "url",
-            format!("{url:?} has no scheme; expected something like memory://"),
-        ));
-    };
-    let backend = backends::resolve(&scheme.to_ascii_lowercase(), "url scheme")?;
-    backends::build(backend, &|_: &str| None).await
+    let (backend, client_url) = backends::from_url(url)?;
+    backends::build(backend, &|_: &str| None, Some(&client_url)).await
 }
 
 /// Compiles the README's Rust examples as doc tests, so they cannot drift from the API.

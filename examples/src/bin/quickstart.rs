@@ -43,13 +43,22 @@ async fn run() -> helix_messaging::Result<()> {
         broker.name(),
         broker.health().await.status
     );
+    // The example adapts to what the backend can do instead of assuming it: without
+    // consumer groups every subscription gets its own copy, without redelivery a failed
+    // task cannot come back.
+    let caps = broker.capabilities();
+    let options = |group: &str| SubscribeOptions {
+        group: caps.consumer_groups.then(|| group.to_owned()),
+        ..SubscribeOptions::default()
+    };
 
     // Tasks: one worker group sharing the work. Subscribing first creates the group, so
     // nothing published below is missed.
     let log: Arc<Mutex<BTreeMap<String, Vec<u32>>>> = Arc::default();
     let worker_log = log.clone();
+    let redelivery = caps.redelivery;
     let workers = Runner::builder(broker.clone(), TASKS)
-        .group("helixagent-workers")
+        .options(options("helixagent-workers"))
         .concurrency(4)
         .start(handler_fn(move |task: Envelope| {
             let log = worker_log.clone();
@@ -61,7 +70,7 @@ async fn run() -> helix_messaging::Result<()> {
                     .entry(name.clone())
                     .or_default()
                     .push(attempt);
-                if name == "flaky-report" && attempt == 1 {
+                if name == "flaky-report" && attempt == 1 && redelivery {
                     println!("task {name:<14} attempt {attempt}: failed, will be redelivered");
                     return Err(HandlerError::transient("report service not ready yet"));
                 }
@@ -75,11 +84,9 @@ async fn run() -> helix_messaging::Result<()> {
         .await?;
 
     // Events: two independent groups, each sees every event.
-    let mut audit = broker
-        .subscribe(EVENTS, SubscribeOptions::group("audit-log"))
-        .await?;
+    let mut audit = broker.subscribe(EVENTS, options("audit-log")).await?;
     let mut analytics = broker
-        .subscribe(EVENTS, SubscribeOptions::group("analytics-workers"))
+        .subscribe(EVENTS, options("analytics-workers"))
         .await?;
 
     for (name, priority) in [("send-email", 5), ("flaky-report", 10), ("resize-image", 1)] {
