@@ -188,6 +188,24 @@ impl RedisBroker {
     /// cannot be reached.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         let client = config.client()?;
+        let address = config.address();
+        // One direct attempt first, so an unreachable server or a refused certificate is
+        // reported at once rather than after the manager's reconnect backoff.
+        tokio::time::timeout(
+            config.connect_timeout,
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "connecting to {address} took longer than {:?}",
+                    config.connect_timeout
+                ),
+            )
+        })?
+        .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout))
@@ -196,7 +214,7 @@ impl RedisBroker {
         let commands = client
             .get_connection_manager_with_config(manager_config)
             .await
-            .map_err(|e| error::from_redis(e, format!("connecting to {}", config.address())))?;
+            .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         Ok(RedisBroker {
             shared: Arc::new(Shared {
                 config,

@@ -1,0 +1,426 @@
+//! Redis-specific behaviour: the reclaimer, restart durability, pub/sub reconnection, TLS,
+//! unrouted publishes, undecodable entries. Fault tests run their own `redis-server`.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::TempRedis;
+use futures::StreamExt;
+use helix_messaging_core::{
+    Broker, Delivery, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
+};
+use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn shared_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn topic(what: &str) -> String {
+    helix_messaging_testkit::fresh_name(what)
+}
+
+async fn broker(url: &str, mode: RedisMode, tune: impl FnOnce(&mut RedisConfig)) -> RedisBroker {
+    let mut config = RedisConfig::new(url, mode).expect("url");
+    tune(&mut config);
+    RedisBroker::connect(config).await.expect("connect")
+}
+
+async fn recv(sub: &mut Subscription) -> Delivery {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery on {} within {WAIT:?}", sub.topic()))
+        .expect("subscription open")
+        .expect("no stream error")
+}
+
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reclaimer_hands_a_dead_consumers_entries_to_another_member_after_the_deadline() {
+    let deadline = Duration::from_millis(1500);
+    let url = shared_url();
+    let topic = topic("reclaim");
+    let group = "workers";
+    let tune = move |c: &mut RedisConfig| c.streams.ack_deadline = deadline;
+
+    let publisher = broker(&url, RedisMode::Streams, tune).await;
+    // The group exists before publishing, with no member yet.
+    drop(
+        publisher
+            .subscribe(&topic, SubscribeOptions::group(group))
+            .await
+            .unwrap(),
+    );
+    let mut sent = HashSet::new();
+    for i in 0..5 {
+        let m = Message::new(format!("job {i}"));
+        sent.insert(m.id().to_owned());
+        publisher.publish(&topic, m).await.unwrap();
+    }
+    // Entries wait longer than the deadline before anyone reads them: a deadline measured
+    // from publish instead of delivery would hand them over at once.
+    tokio::time::sleep(deadline * 2).await;
+
+    // A consumer in a runtime of its own takes all five and then "dies": its runtime is
+    // dropped, so nothing it would do on a graceful exit runs.
+    let (url2, topic2) = (url.clone(), topic.clone());
+    let taken_at = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let held = rt.block_on(async move {
+            let dying = broker(&url2, RedisMode::Streams, tune).await;
+            let mut sub = dying
+                .subscribe(&topic2, SubscribeOptions::group(group))
+                .await
+                .unwrap();
+            let mut deliveries = Vec::new();
+            for _ in 0..5 {
+                deliveries.push(recv(&mut sub).await);
+            }
+            (dying, sub, deliveries)
+        });
+        let taken_at = Instant::now();
+        drop(rt);
+        // A dead process runs no destructors either.
+        std::mem::forget(held);
+        taken_at
+    })
+    .join()
+    .unwrap();
+
+    let survivor = broker(&url, RedisMode::Streams, tune).await;
+    let mut sub = survivor
+        .subscribe(&topic, SubscribeOptions::group(group))
+        .await
+        .unwrap();
+    let mut got = HashSet::new();
+    for _ in 0..5 {
+        let d = recv(&mut sub).await;
+        assert!(
+            d.info().redelivered,
+            "reclaimed delivery is flagged redelivered"
+        );
+        assert_eq!(d.attempt(), 2, "attempt comes from the delivery count");
+        got.insert(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let waited = taken_at.elapsed();
+    assert_eq!(got, sent, "every entry of the dead consumer was taken over");
+    assert!(
+        waited >= deadline - Duration::from_millis(100),
+        "taken over after {waited:?}, before the {deadline:?} deadline"
+    );
+    let next = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(next.is_err(), "nothing else arrives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
+    const MESSAGES: usize = 3_000;
+    let mut server = TempRedis::start("aof", &["--appendonly", "yes", "--appendfsync", "always"]);
+    let url = server.url();
+    let topic = topic("restart");
+    let tune = |c: &mut RedisConfig| {
+        c.streams.ack_deadline = Duration::from_secs(2);
+        c.max_reconnect_delay = Duration::from_millis(500);
+        c.response_timeout = Duration::from_secs(2);
+    };
+    let consumer = broker(&url, RedisMode::Streams, tune).await;
+    let mut sub = consumer
+        .subscribe(&topic, SubscribeOptions::group("g").with_prefetch(200))
+        .await
+        .unwrap();
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let collector = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(item) = sub.next().await {
+                let Ok(d) = item else { continue };
+                received.lock().unwrap().push(d.message().id().to_owned());
+                // An ack lost to the crash only means a redelivery, counted below.
+                let _ = d.ack().await;
+            }
+        })
+    };
+
+    let publisher = broker(&url, RedisMode::Streams, tune).await;
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..MESSAGES {
+        if i == MESSAGES / 3 {
+            server.kill();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let port = server.port;
+            server.restart(port);
+        }
+        let m = Message::new(format!("event {i}")).with_id(format!("m{i}"));
+        match publisher.publish(&topic, m).await {
+            Ok(()) => accepted.push(format!("m{i}")),
+            Err(err) => {
+                assert!(err.is_retryable(), "outage errors are retryable: {err}");
+                refused += 1;
+            }
+        }
+    }
+    let wanted: HashSet<String> = accepted.iter().cloned().collect();
+    let all_in = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let got: HashSet<String> = received.lock().unwrap().iter().cloned().collect();
+            if wanted.is_subset(&got) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let got = received.lock().unwrap().clone();
+    let unique: HashSet<&String> = got.iter().collect();
+    let missing: Vec<&String> = accepted.iter().filter(|id| !unique.contains(id)).collect();
+    eprintln!(
+        "restart test: {} accepted, {refused} refused during the outage, {} received, {} duplicates, {} missing",
+        accepted.len(),
+        got.len(),
+        got.len() - unique.len(),
+        missing.len()
+    );
+    assert!(
+        all_in.is_ok(),
+        "accepted messages never delivered: {missing:?}"
+    );
+    assert!(
+        refused < MESSAGES / 2,
+        "the publisher recovered after the restart"
+    );
+    collector.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
+    let server = TempRedis::start("kill", &[]);
+    let url = server.url();
+    let topic = topic("kill");
+    let broker = broker(&url, RedisMode::PubSub, |_| {}).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .unwrap();
+    broker
+        .publish(&topic, Message::new("before"))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut sub).await.message().payload().as_ref(), b"before");
+
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut raw(&url).await)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the subscriber's connection was killed");
+    let killed_at = Instant::now();
+
+    // Probes published until one arrives show when the subscription is back; probes sent
+    // while it was down are lost, as pub/sub promises.
+    let back = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            broker.publish(&topic, Message::new("probe")).await.unwrap();
+            if let Ok(Some(Ok(_))) =
+                tokio::time::timeout(Duration::from_millis(100), sub.next()).await
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(
+        back.is_ok(),
+        "subscriber not back within 5 s of CLIENT KILL"
+    );
+    eprintln!(
+        "pub/sub subscriber back {:?} after CLIENT KILL",
+        killed_at.elapsed()
+    );
+
+    let after = Message::new("after");
+    broker.publish(&topic, after.clone()).await.unwrap();
+    loop {
+        let d = recv(&mut sub).await;
+        if d.message().id() == after.id() {
+            break;
+        }
+        assert_eq!(d.message().payload().as_ref(), b"probe");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_connections_work_in_both_modes_and_verify_the_server() {
+    let certs = common::temp_dir("certs");
+    common::make_certificates(&certs);
+    let tls_port = common::free_port();
+    let cert = |f: &str| certs.join(f).display().to_string();
+    let (server_pem, server_key, ca_pem) = (cert("server.pem"), cert("server.key"), cert("ca.pem"));
+    let tls_port_arg = tls_port.to_string();
+    let _server = TempRedis::start(
+        "tls",
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &tls_port_arg,
+            "--tls-cert-file",
+            &server_pem,
+            "--tls-key-file",
+            &server_key,
+            "--tls-ca-cert-file",
+            &ca_pem,
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+
+    for mode in [RedisMode::Streams, RedisMode::PubSub] {
+        let broker = broker(&url, mode, |c| c.tls_ca_cert = Some(certs.join("ca.pem"))).await;
+        assert!(broker.config().uses_tls());
+        let topic = topic("tls");
+        let mut sub = broker
+            .subscribe(&topic, SubscribeOptions::default())
+            .await
+            .unwrap();
+        let m = Message::new("over TLS").with_header("secure", "yes");
+        broker.publish(&topic, m.clone()).await.unwrap();
+        let d = recv(&mut sub).await;
+        assert_eq!(d.message().id(), m.id());
+        assert_eq!(d.message().header("secure"), Some("yes"));
+        d.ack().await.unwrap();
+        broker.close().await.unwrap();
+    }
+
+    // Without the CA the server's certificate is not trusted: the connection must fail.
+    let config = RedisConfig::new(&url, RedisMode::Streams).unwrap();
+    let started = Instant::now();
+    let err = RedisBroker::connect(config)
+        .await
+        .expect_err("untrusted certificate");
+    eprintln!(
+        "untrusted certificate refused after {:?}: {err}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(
+            err.kind(),
+            ErrorKind::Connection | ErrorKind::Backend | ErrorKind::Config
+        ),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_counts_publishes_that_reached_nobody_and_refuses_requeue() {
+    let broker = broker(&shared_url(), RedisMode::PubSub, |_| {}).await;
+    let topic = topic("unrouted");
+    broker
+        .publish(&topic, Message::new("nobody listens"))
+        .await
+        .unwrap();
+    let report = broker
+        .publish_batch(&topic, vec![Message::new("a"), Message::new("b")])
+        .await;
+    assert!(report.is_ok());
+    assert_eq!(broker.unrouted_publishes(), 3);
+
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .unwrap();
+    broker.publish(&topic, Message::new("heard")).await.unwrap();
+    assert_eq!(
+        broker.unrouted_publishes(),
+        3,
+        "a publish that reached a subscriber is not counted"
+    );
+    let d = recv(&mut sub).await;
+    let err = d.nack(true).await.expect_err("requeue on pub/sub");
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+
+    let err = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .expect_err("groups on pub/sub");
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_entry_is_reported_and_set_aside_and_the_next_one_delivered() {
+    let url = shared_url();
+    let broker = broker(&url, RedisMode::Streams, |_| {}).await;
+    let topic = topic("undecodable");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let mut conn = raw(&url).await;
+    let foreign: String = redis::cmd("XADD")
+        .arg(&topic)
+        .arg("*")
+        .arg("data")
+        .arg("written by another program")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let fine = Message::new("fine");
+    broker.publish(&topic, fine.clone()).await.unwrap();
+
+    let first = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let err = first.expect_err("undecodable entry is an error on the subscription");
+    assert_eq!(err.kind(), ErrorKind::Serialization);
+    assert!(err.to_string().contains(&foreign), "{err}");
+    assert!(err.to_string().contains(".undecodable"), "{err}");
+    let d = recv(&mut sub).await;
+    assert_eq!(d.message().id(), fine.id());
+    d.ack().await.unwrap();
+
+    let parked: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg(format!("{topic}.undecodable"))
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(parked.ids.len(), 1, "the entry was kept, not lost");
+    let entry = &parked.ids[0];
+    assert_eq!(
+        entry.get::<String>("data").as_deref(),
+        Some("written by another program")
+    );
+    assert_eq!(
+        entry.get::<String>("helix.source-id").as_deref(),
+        Some(foreign.as_str())
+    );
+    assert!(entry.get::<String>("helix.reason").is_some());
+    let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+        .arg(&topic)
+        .arg("g")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.count(), 0, "nothing left pending in the group");
+}
