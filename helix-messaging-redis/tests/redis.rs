@@ -223,6 +223,8 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
         .unwrap();
     assert_eq!(recv(&mut sub).await.message().payload().as_ref(), b"before");
 
+    let before = pubsub_client_ids(&url).await;
+    assert_eq!(before.len(), 1, "one subscriber connection: {before:?}");
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
@@ -254,6 +256,9 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
         "pub/sub subscriber back {:?} after CLIENT KILL",
         killed_at.elapsed()
     );
+    let after_ids = pubsub_client_ids(&url).await;
+    assert_eq!(after_ids.len(), 1, "{after_ids:?}");
+    assert_ne!(after_ids, before, "the subscriber is on a new connection");
 
     let after = Message::new("after");
     broker.publish(&topic, after.clone()).await.unwrap();
@@ -264,6 +269,21 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
         }
         assert_eq!(d.message().payload().as_ref(), b"probe");
     }
+}
+
+/// Ids of the server's pub/sub client connections.
+async fn pubsub_client_ids(url: &str) -> Vec<String> {
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut raw(url).await)
+        .await
+        .unwrap();
+    list.lines()
+        .filter_map(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
