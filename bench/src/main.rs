@@ -3,17 +3,21 @@
 //!
 //! ```text
 //! cargo run --release -p helix-messaging-bench -- memory [--messages N] [--size BYTES] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- redis [--messages N] [--size BYTES] [--runs R]
 //! ```
+//!
+//! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`).
 
 mod measure;
 mod memory;
+mod redis;
 
 use std::process::ExitCode;
 
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory [--messages N] [--size BYTES] [--runs R]"
+    "usage: helix-messaging-bench memory|redis [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -37,6 +41,18 @@ fn main() -> ExitCode {
     match scenario.as_str() {
         "memory" => {
             runtime.block_on(memory::compare(&options));
+            ExitCode::SUCCESS
+        }
+        "redis" => {
+            let options = Options {
+                messages: if options.messages_given {
+                    options.messages
+                } else {
+                    100_000
+                },
+                ..options
+            };
+            runtime.block_on(redis::compare(&options));
             ExitCode::SUCCESS
         }
         other => {

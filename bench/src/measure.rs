@@ -12,6 +12,10 @@ pub(crate) struct Options {
     pub(crate) messages: usize,
     pub(crate) size: usize,
     pub(crate) runs: usize,
+    /// Whether `--messages` was given (scenarios have different defaults).
+    pub(crate) messages_given: bool,
+    /// Only comparisons whose name contains this run (`--filter`).
+    pub(crate) filter: Option<String>,
 }
 
 impl Options {
@@ -20,9 +24,16 @@ impl Options {
             messages: 1_000_000,
             size: 256,
             runs: 3,
+            messages_given: false,
+            filter: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--filter" {
+                let value = it.next().ok_or("--filter needs a value")?;
+                options.filter = Some(value.clone());
+                continue;
+            }
             let value = it
                 .next()
                 .ok_or_else(|| format!("{flag} needs a value"))?
@@ -31,7 +42,10 @@ impl Options {
                 .parse()
                 .map_err(|_| format!("{flag}: expected a whole number, got {value:?}"))?;
             match flag.as_str() {
-                "--messages" => options.messages = number.max(1),
+                "--messages" => {
+                    options.messages = number.max(1);
+                    options.messages_given = true;
+                }
                 "--size" => options.size = number.max(8),
                 "--runs" => options.runs = number.max(1),
                 other => return Err(format!("unknown flag {other}")),

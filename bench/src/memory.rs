@@ -141,6 +141,8 @@ mod tests {
             messages: 5_000,
             size: 256,
             runs: 1,
+            messages_given: true,
+            filter: None,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
         assert_eq!(memory_broker(&options, 1).await.messages, 5_000);

@@ -58,6 +58,27 @@ impl Message {
         }
     }
 
+    /// A message with the given id, payload and timestamp and nothing else set: for adapters
+    /// rebuilding a received message, where generating an id and reading the clock would be
+    /// wasted work.
+    pub fn restore(
+        id: impl Into<String>,
+        payload: impl Into<Bytes>,
+        timestamp: SystemTime,
+    ) -> Self {
+        Message {
+            id: id.into(),
+            key: None,
+            payload: payload.into(),
+            headers: Headers::new(),
+            timestamp,
+            content_type: None,
+            correlation_id: None,
+            priority: 0,
+            ttl: None,
+        }
+    }
+
     /// Replace the generated id (for example with an id from an upstream system).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {

@@ -1,6 +1,11 @@
 //! The wire form of a message: one MessagePack map carrying the payload and all metadata,
 //! published as the pub/sub payload or stored as the single field `m` of a stream entry.
 //! MessagePack keeps it compact and readable from any language.
+//!
+//! Keys (short, since they travel with every message): `v` format version (1), `id`,
+//! `k` key, `p` payload (binary), `h` headers (map), `t` timestamp in nanoseconds since the
+//! Unix epoch, `ct` content type, `c` correlation id, `pr` priority, `ttl` TTL in ms.
+//! Absent optional keys mean "not set".
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,20 +23,21 @@ const VERSION: u8 = 1;
 struct Outgoing<'a> {
     v: u8,
     id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "k", skip_serializing_if = "Option::is_none")]
     key: Option<&'a str>,
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "p", with = "serde_bytes")]
     payload: &'a [u8],
-    #[serde(skip_serializing_if = "Headers::is_empty")]
+    #[serde(rename = "h", skip_serializing_if = "Headers::is_empty")]
     headers: &'a Headers,
+    #[serde(rename = "t")]
     ts_ns: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "ct", skip_serializing_if = "Option::is_none")]
     content_type: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "c", skip_serializing_if = "Option::is_none")]
     correlation_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "is_zero")]
+    #[serde(rename = "pr", skip_serializing_if = "is_zero")]
     priority: u8,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "ttl", skip_serializing_if = "Option::is_none")]
     ttl_ms: Option<u64>,
 }
 
@@ -44,20 +50,21 @@ struct Incoming<'a> {
     v: u8,
     #[serde(borrow)]
     id: Cow<'a, str>,
-    #[serde(default, borrow)]
+    #[serde(rename = "k", default, borrow)]
     key: Option<Cow<'a, str>>,
-    #[serde(with = "serde_bytes")]
+    #[serde(rename = "p", with = "serde_bytes")]
     payload: Vec<u8>,
-    #[serde(default)]
+    #[serde(rename = "h", default)]
     headers: Headers,
+    #[serde(rename = "t")]
     ts_ns: u64,
-    #[serde(default, borrow)]
+    #[serde(rename = "ct", default, borrow)]
     content_type: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
+    #[serde(rename = "c", default, borrow)]
     correlation_id: Option<Cow<'a, str>>,
-    #[serde(default)]
+    #[serde(rename = "pr", default)]
     priority: u8,
-    #[serde(default)]
+    #[serde(rename = "ttl", default)]
     ttl_ms: Option<u64>,
 }
 
@@ -112,11 +119,13 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Message> {
             ),
         ));
     }
-    let mut message = Message::new(Bytes::from(incoming.payload))
-        .with_id(incoming.id)
-        .with_headers(incoming.headers)
-        .with_timestamp(UNIX_EPOCH + Duration::from_nanos(incoming.ts_ns))
-        .with_priority(incoming.priority);
+    let mut message = Message::restore(
+        incoming.id,
+        Bytes::from(incoming.payload),
+        UNIX_EPOCH + Duration::from_nanos(incoming.ts_ns),
+    )
+    .with_headers(incoming.headers)
+    .with_priority(incoming.priority);
     if let Some(key) = incoming.key {
         message = message.with_key(key);
     }

@@ -367,15 +367,23 @@ impl Broker for RedisBroker {
     }
 }
 
-/// A subscription's stream over the channel its task fills; dropping the stream cancels the
-/// task.
+/// A subscription's stream over the batches its task hands over; dropping the stream cancels
+/// the task.
 fn channel_stream(
-    rx: tokio::sync::mpsc::Receiver<Result<helix_messaging_core::Delivery>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Result<helix_messaging_core::Delivery>>>,
     cancel: CancellationToken,
 ) -> futures::stream::BoxStream<'static, Result<helix_messaging_core::Delivery>> {
     let guard = cancel.drop_guard();
+    let state = (rx, std::collections::VecDeque::new(), guard);
     Box::pin(futures::stream::unfold(
-        (rx, guard),
-        |(mut rx, guard)| async move { rx.recv().await.map(|item| (item, (rx, guard))) },
+        state,
+        |(mut rx, mut buffered, guard)| async move {
+            loop {
+                if let Some(item) = buffered.pop_front() {
+                    return Some((item, (rx, buffered, guard)));
+                }
+                buffered.extend(rx.recv().await?);
+            }
+        },
     ))
 }

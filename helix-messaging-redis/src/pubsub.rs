@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{
     Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, Result, Settlement, StartPosition,
     SubscribeOptions, Subscription,
@@ -13,6 +13,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{PUBSUB_NAME, Shared, UNROUTED_METRIC, codec, error::from_redis};
+
+/// Most messages handed to the subscription stream at once.
+const HANDOVER_BATCH: usize = 256;
 
 pub(crate) async fn publish(shared: &Shared, topic: &str, encoded: Vec<u8>) -> Result<()> {
     let mut commands = shared.commands.clone();
@@ -76,7 +79,9 @@ pub(crate) async fn subscribe(
     // Subscribed before returning, so every later publish reaches this subscription.
     let connection = connect(shared, topic).await?;
     let topic: Arc<str> = Arc::from(topic);
-    let (tx, rx) = mpsc::channel(options.prefetch.max(1));
+    // Pub/sub cannot pause the server, so the buffer is what absorbs bursts: prefetch
+    // messages' worth of batches.
+    let (tx, rx) = mpsc::channel(options.prefetch.div_ceil(HANDOVER_BATCH).max(2));
     let cancel = shared.shutdown.child_token();
     shared.tasks.spawn(read_loop(
         shared.clone(),
@@ -122,7 +127,7 @@ async fn read_loop(
     shared: Arc<Shared>,
     topic: Arc<str>,
     mut connection: redis::aio::PubSub,
-    tx: mpsc::Sender<Result<Delivery>>,
+    tx: mpsc::Sender<Vec<Result<Delivery>>>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -134,10 +139,19 @@ async fn read_loop(
                     next = messages.next() => next,
                 };
                 let Some(message) = next else { break };
-                let item = delivery(&topic, message.get_payload_bytes());
+                let mut batch = vec![delivery(&topic, message.get_payload_bytes())];
+                // Whatever else has already arrived goes in the same hand-over.
+                while batch.len() < HANDOVER_BATCH {
+                    match messages.next().now_or_never() {
+                        Some(Some(message)) => {
+                            batch.push(delivery(&topic, message.get_payload_bytes()));
+                        }
+                        _ => break,
+                    }
+                }
                 let sent = tokio::select! {
                     () = cancel.cancelled() => return,
-                    sent = tx.send(item) => sent,
+                    sent = tx.send(batch) => sent,
                 };
                 if sent.is_err() {
                     return;

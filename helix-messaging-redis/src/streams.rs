@@ -17,9 +17,7 @@ use helix_messaging_core::{
     Result, Settlement, StartPosition, SubscribeOptions, Subscription, TimeRange,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::streams::{
-    StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamRangeReply, StreamReadReply,
-};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamRangeReply};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -112,6 +110,85 @@ async fn create_group(
     }
 }
 
+/// A stream entry taken out of a reply without copying: its id and fields.
+struct RawEntry {
+    id: String,
+    fields: Vec<(String, redis::Value)>,
+}
+
+impl RawEntry {
+    fn field(&self, name: &str) -> Option<&redis::Value> {
+        self.fields.iter().find(|(f, _)| f == name).map(|(_, v)| v)
+    }
+}
+
+impl From<StreamId> for RawEntry {
+    fn from(entry: StreamId) -> Self {
+        RawEntry {
+            id: entry.id,
+            fields: entry.map.into_iter().collect(),
+        }
+    }
+}
+
+fn text(value: redis::Value) -> Option<String> {
+    match value {
+        redis::Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        redis::Value::SimpleString(s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Parse an XREADGROUP reply (`[[key, [[id, [field, value, …]], …]]]`, or nil on time-out)
+/// by taking the values apart instead of converting through maps and clones: this runs for
+/// every entry read.
+fn parse_read_reply(reply: redis::Value) -> Result<Vec<RawEntry>> {
+    let malformed = || {
+        Error::new(
+            ErrorKind::Serialization,
+            "XREADGROUP reply does not have the documented shape",
+        )
+    };
+    let streams = match reply {
+        redis::Value::Nil => return Ok(Vec::new()),
+        redis::Value::Array(streams) => streams,
+        redis::Value::Map(pairs) => pairs
+            .into_iter()
+            .map(|(k, v)| redis::Value::Array(vec![k, v]))
+            .collect(),
+        _ => return Err(malformed()),
+    };
+    let mut out = Vec::new();
+    for stream in streams {
+        let redis::Value::Array(mut key_and_entries) = stream else {
+            return Err(malformed());
+        };
+        let Some(redis::Value::Array(entries)) = key_and_entries.pop() else {
+            return Err(malformed());
+        };
+        out.reserve(entries.len());
+        for entry in entries {
+            let redis::Value::Array(mut id_and_fields) = entry else {
+                return Err(malformed());
+            };
+            let fields = match id_and_fields.pop() {
+                Some(redis::Value::Array(flat)) => flat,
+                // An entry deleted while pending comes back with nil fields.
+                Some(redis::Value::Nil) => Vec::new(),
+                _ => return Err(malformed()),
+            };
+            let id = id_and_fields.pop().and_then(text).ok_or_else(malformed)?;
+            let mut pairs = Vec::with_capacity(fields.len() / 2);
+            let mut flat = fields.into_iter();
+            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+                pairs.push((text(name).ok_or_else(malformed)?, value));
+            }
+            out.push(RawEntry { id, fields: pairs });
+        }
+    }
+    Ok(out)
+}
+
 /// What a subscription's task and its deliveries' ackers share.
 struct Reader {
     shared: Arc<Shared>,
@@ -178,7 +255,8 @@ pub(crate) async fn subscribe(
         slot_freed: Notify::new(),
         requeued: AtomicBool::new(false),
     });
-    let (tx, rx) = mpsc::channel(reader.prefetch);
+    // Batches, each at most a prefetch window, so two of them bound what is buffered.
+    let (tx, rx) = mpsc::channel(2);
     let cancel = shared.shutdown.child_token();
     let reported_group = reader.reported_group.clone();
     shared
@@ -194,7 +272,7 @@ pub(crate) async fn subscribe(
 async fn read_loop(
     reader: Arc<Reader>,
     mut connection: ConnectionManager,
-    tx: mpsc::Sender<Result<Delivery>>,
+    tx: mpsc::Sender<Vec<Result<Delivery>>>,
     cancel: CancellationToken,
     private: bool,
 ) {
@@ -205,7 +283,9 @@ async fn read_loop(
         let room = reader
             .prefetch
             .saturating_sub(reader.outstanding.load(Ordering::Acquire));
-        if room == 0 {
+        // Reading only once half the window is free keeps reads large: many small
+        // XREADGROUP round trips, serialized with delivery, cap throughput.
+        if room == 0 || room < reader.prefetch.div_ceil(2) {
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = reader.slot_freed.notified() => {}
@@ -233,20 +313,25 @@ async fn read_loop(
         };
         match batch {
             Ok(entries) => {
+                let mut batch = Vec::with_capacity(entries.len());
                 for (entry, attempt) in entries {
-                    let Some(item) = to_delivery(&reader, entry, attempt).await else {
-                        continue;
-                    };
-                    if item.is_ok() {
-                        reader.outstanding.fetch_add(1, Ordering::AcqRel);
+                    if let Some(item) = to_delivery(&reader, entry, attempt).await {
+                        if item.is_ok() {
+                            reader.outstanding.fetch_add(1, Ordering::AcqRel);
+                        }
+                        batch.push(item);
                     }
-                    let sent = tokio::select! {
-                        () = cancel.cancelled() => break 'reading,
-                        sent = tx.send(item) => sent,
-                    };
-                    if sent.is_err() {
-                        break 'reading;
-                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                // One hand-over per read rather than per entry.
+                let sent = tokio::select! {
+                    () = cancel.cancelled() => break 'reading,
+                    sent = tx.send(batch) => sent,
+                };
+                if sent.is_err() {
+                    break 'reading;
                 }
             }
             Err(err) if err.kind() == ErrorKind::NotFound => {
@@ -292,7 +377,7 @@ async fn claim(
     connection: &mut ConnectionManager,
     cursor: &mut String,
     room: usize,
-) -> Result<Vec<(StreamId, u32)>> {
+) -> Result<Vec<(RawEntry, u32)>> {
     let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
     let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
         .arg(&*reader.topic)
@@ -337,7 +422,10 @@ async fn claim(
                 .iter()
                 .find(|p| p.id == entry.id)
                 .map_or(2, |p| p.times_delivered);
-            (entry, u32::try_from(count).unwrap_or(u32::MAX))
+            (
+                RawEntry::from(entry),
+                u32::try_from(count).unwrap_or(u32::MAX),
+            )
         })
         .collect())
 }
@@ -347,8 +435,8 @@ async fn read_new(
     connection: &mut ConnectionManager,
     room: usize,
     block: Duration,
-) -> Result<Vec<(StreamId, u32)>> {
-    let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+) -> Result<Vec<(RawEntry, u32)>> {
+    let reply: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(&*reader.group)
         .arg(&reader.consumer)
@@ -362,10 +450,8 @@ async fn read_new(
         .query_async(connection)
         .await
         .map_err(|e| from_redis(e, format!("XREADGROUP on {}", reader.topic)))?;
-    Ok(reply
+    Ok(parse_read_reply(reply)?
         .into_iter()
-        .flat_map(|r| r.keys)
-        .flat_map(|k| k.ids)
         .map(|entry| (entry, 1))
         .collect())
 }
@@ -375,11 +461,11 @@ async fn read_new(
 /// as an error on the subscription.
 async fn to_delivery(
     reader: &Arc<Reader>,
-    entry: StreamId,
+    entry: RawEntry,
     attempt: u32,
 ) -> Option<Result<Delivery>> {
     let recorded_at = id_time(&entry.id);
-    let decoded = match entry.map.get(codec::FIELD) {
+    let decoded = match entry.field(codec::FIELD) {
         Some(redis::Value::BulkString(bytes)) => codec::decode(bytes),
         _ => Err(Error::new(
             ErrorKind::Serialization,
@@ -414,11 +500,11 @@ async fn to_delivery(
 }
 
 /// Move an undecodable entry out of the group's way without losing it.
-async fn set_aside(reader: &Reader, entry: StreamId, err: &Error) -> Error {
+async fn set_aside(reader: &Reader, entry: RawEntry, err: &Error) -> Error {
     let parking = format!("{}.undecodable", reader.topic);
     let mut cmd = redis::cmd("XADD");
     cmd.arg(&parking).arg("*");
-    for (field, value) in &entry.map {
+    for (field, value) in &entry.fields {
         // Binary values are kept byte for byte; anything else as its textual form.
         match value {
             redis::Value::BulkString(bytes) => cmd.arg(field).arg(bytes.as_slice()),

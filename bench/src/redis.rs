@@ -1,0 +1,385 @@
+//! Redis: raw redis-rs against the adapter, pub/sub and Streams, publish-only and end to end.
+//! Like with like: the raw side pipelines batches of [`BATCH`], the adapter uses
+//! `publish_batch` with the same batch size; the raw Streams consumer acks each XREADGROUP
+//! batch with one XACK, the adapter's consumer acks every delivery, up to [`ACKS_IN_FLIGHT`]
+//! at once.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use futures::StreamExt;
+use helix_messaging::redis::{RedisBroker, RedisConfig, RedisMode};
+use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamReadReply;
+
+use hdrhistogram::Histogram;
+
+use crate::measure::{Clock, Options, Run, histogram, report};
+
+const BATCH: usize = 100;
+const PREFETCH: usize = 500;
+const ACKS_IN_FLIGHT: usize = 64;
+const FIELD: &str = "m";
+
+fn url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn topic(what: &str) -> String {
+    format!("bench.{what}.{}", std::process::id())
+}
+
+async fn raw_connection() -> MultiplexedConnection {
+    redis::Client::open(url())
+        .expect("REDIS_URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis")
+}
+
+async fn adapter(mode: RedisMode) -> RedisBroker {
+    let config = RedisConfig::new(&url(), mode).expect("REDIS_URL");
+    RedisBroker::connect(config)
+        .await
+        .expect("connect to Redis")
+}
+
+async fn delete(topic: &str) {
+    let mut conn = raw_connection().await;
+    let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(topic).query_async(&mut conn).await;
+}
+
+fn raw_pipeline(streams: bool, topic: &str, payloads: &[bytes::Bytes]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for payload in payloads {
+        if streams {
+            pipe.cmd("XADD")
+                .arg(topic)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(1_000_000)
+                .arg("*")
+                .arg(FIELD)
+                .arg(payload.as_ref());
+        } else {
+            pipe.cmd("PUBLISH").arg(topic).arg(payload.as_ref());
+        }
+    }
+    pipe
+}
+
+/// Publish `n` stamped payloads in pipelined batches with raw redis-rs.
+/// Returns the round trip of every batch.
+async fn raw_publish_all(
+    conn: &mut MultiplexedConnection,
+    streams: bool,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = BATCH.min(n - sent);
+        let payloads: Vec<bytes::Bytes> = (0..count).map(|_| clock.stamped_payload()).collect();
+        let _: Vec<redis::Value> = raw_pipeline(streams, topic, &payloads)
+            .query_async(conn)
+            .await
+            .expect("raw pipeline");
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+/// Publish `n` stamped messages with the adapter's `publish_batch`.
+/// Returns the round trip of every batch.
+async fn adapter_publish_all(
+    broker: &RedisBroker,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = BATCH.min(n - sent);
+        let batch = (0..count)
+            .map(|_| Message::new(clock.stamped_payload()))
+            .collect();
+        broker
+            .publish_batch(topic, batch)
+            .await
+            .into_result()
+            .expect("publish_batch");
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic(if streams { "pub-streams" } else { "pub-pubsub" });
+    let n = options.messages;
+    let started = Instant::now();
+    // For publish-only runs the latency columns are batch round trips.
+    let latency = if raw {
+        let mut conn = raw_connection().await;
+        raw_publish_all(&mut conn, streams, &topic, n, clock).await
+    } else {
+        let mode = if streams {
+            RedisMode::Streams
+        } else {
+            RedisMode::PubSub
+        };
+        let broker = adapter(mode).await;
+        adapter_publish_all(&broker, &topic, n, clock).await
+    };
+    let elapsed = started.elapsed();
+    delete(&topic).await;
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+async fn raw_pubsub_e2e(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("e2e-raw-pubsub");
+    let n = options.messages;
+    let mut subscriber = redis::Client::open(url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    subscriber.subscribe(&topic).await.unwrap();
+    let started = Instant::now();
+    let producer = {
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut conn = raw_connection().await;
+            raw_publish_all(&mut conn, false, &topic, n, clock).await;
+        })
+    };
+    let mut latency = histogram();
+    let mut messages = subscriber.on_message();
+    for _ in 0..n {
+        let msg = messages.next().await.expect("pub/sub stream");
+        latency.saturating_record(clock.latency_ns(msg.get_payload_bytes()));
+    }
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+async fn raw_streams_e2e(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("e2e-raw-streams");
+    let n = options.messages;
+    let mut conn = raw_connection().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&topic)
+        .arg("g")
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let producer = {
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            let mut conn = raw_connection().await;
+            raw_publish_all(&mut conn, true, &topic, n, clock).await;
+        })
+    };
+    let mut reader = raw_connection().await;
+    let mut latency = histogram();
+    let mut received = 0;
+    while received < n {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg("g")
+            .arg("c")
+            .arg("COUNT")
+            .arg(PREFETCH)
+            .arg("BLOCK")
+            .arg(1000)
+            .arg("STREAMS")
+            .arg(&topic)
+            .arg(">")
+            .query_async(&mut reader)
+            .await
+            .unwrap();
+        let ids: Vec<String> = reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(|entry| {
+                if let Some(redis::Value::BulkString(bytes)) = entry.map.get(FIELD) {
+                    latency.saturating_record(clock.latency_ns(bytes));
+                }
+                entry.id
+            })
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        received += ids.len();
+        let _: i64 = redis::cmd("XACK")
+            .arg(&topic)
+            .arg("g")
+            .arg(&ids)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    delete(&topic).await;
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
+    let clock = Clock::new(options.size);
+    let streams = mode == RedisMode::Streams;
+    let topic = topic(if streams { "e2e-streams" } else { "e2e-pubsub" });
+    let n = options.messages;
+    let broker = adapter(mode).await;
+    let subscribe = if streams {
+        SubscribeOptions::group("g").with_prefetch(PREFETCH)
+    } else {
+        SubscribeOptions::default().with_prefetch(PREFETCH)
+    };
+    let subscription = broker
+        .subscribe(&topic, subscribe)
+        .await
+        .expect("subscribe");
+    let started = Instant::now();
+    let producer = {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move { adapter_publish_all(&broker, &topic, n, clock).await })
+    };
+    let latency = Arc::new(Mutex::new(histogram()));
+    subscription
+        .take(n)
+        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
+            let latency = latency.clone();
+            async move {
+                let delivery = delivery.expect("delivery");
+                let ns = clock.latency_ns(delivery.message().payload());
+                latency.lock().expect("histogram").saturating_record(ns);
+                delivery.ack().await.expect("ack");
+            }
+        })
+        .await;
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    broker.close().await.unwrap();
+    if streams {
+        delete(&topic).await;
+    }
+    let latency = latency.lock().expect("histogram").clone();
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+/// One comparison: its name, and which side of it a run measures.
+#[derive(Clone, Copy)]
+enum Comparison {
+    PubSubPublish,
+    StreamsPublish,
+    PubSubEndToEnd,
+    StreamsEndToEnd,
+}
+
+impl Comparison {
+    const ALL: [Comparison; 4] = [
+        Comparison::PubSubPublish,
+        Comparison::StreamsPublish,
+        Comparison::PubSubEndToEnd,
+        Comparison::StreamsEndToEnd,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Comparison::PubSubPublish => "pub/sub publish",
+            Comparison::StreamsPublish => "streams publish",
+            Comparison::PubSubEndToEnd => "pub/sub end to end",
+            Comparison::StreamsEndToEnd => "streams end to end",
+        }
+    }
+
+    async fn measure(self, options: &Options, raw: bool) -> Run {
+        match (self, raw) {
+            (Comparison::PubSubPublish, raw) => publish_only(options, false, raw).await,
+            (Comparison::StreamsPublish, raw) => publish_only(options, true, raw).await,
+            (Comparison::PubSubEndToEnd, true) => raw_pubsub_e2e(options).await,
+            (Comparison::PubSubEndToEnd, false) => adapter_e2e(options, RedisMode::PubSub).await,
+            (Comparison::StreamsEndToEnd, true) => raw_streams_e2e(options).await,
+            (Comparison::StreamsEndToEnd, false) => adapter_e2e(options, RedisMode::Streams).await,
+        }
+    }
+}
+
+pub(crate) async fn compare(options: &Options) {
+    println!(
+        "redis at {}: {} messages x {} B, batches of {BATCH}, {} runs each",
+        url(),
+        options.messages,
+        options.size,
+        options.runs
+    );
+    let selected: Vec<Comparison> = Comparison::ALL
+        .into_iter()
+        .filter(|c| {
+            options
+                .filter
+                .as_deref()
+                .is_none_or(|f| c.name().contains(f))
+        })
+        .collect();
+    let mut results = Vec::new();
+    for comparison in selected {
+        let (raw_label, ours_label) = (
+            format!("raw {}", comparison.name()),
+            format!("adapter {}", comparison.name()),
+        );
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for run in 1..=options.runs {
+            let r = comparison.measure(options, true).await;
+            println!("run {run}: {}", r.line(&raw_label));
+            raw.push(r);
+            let o = comparison.measure(options, false).await;
+            println!("run {run}: {}", o.line(&ours_label));
+            ours.push(o);
+        }
+        results.push((
+            comparison.name(),
+            report(&raw_label, raw, &ours_label, ours),
+        ));
+    }
+    let summary: Vec<String> = results
+        .iter()
+        .map(|(name, ratio)| format!("{name} {ratio:.2}x"))
+        .collect();
+    println!("target >= 0.95x raw; measured: {}", summary.join(", "));
+}
