@@ -148,6 +148,20 @@ async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
     }
 }
 
+/// Publish `n` messages with raw redis-rs in the background.
+fn spawn_raw_producer(
+    streams: bool,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+) -> tokio::task::JoinHandle<Histogram<u64>> {
+    let topic = topic.to_owned();
+    tokio::spawn(async move {
+        let mut conn = raw_connection().await;
+        raw_publish_all(&mut conn, streams, &topic, n, clock).await
+    })
+}
+
 async fn raw_pubsub_e2e(options: &Options) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("e2e-raw-pubsub");
@@ -159,13 +173,7 @@ async fn raw_pubsub_e2e(options: &Options) -> Run {
         .unwrap();
     subscriber.subscribe(&topic).await.unwrap();
     let started = Instant::now();
-    let producer = {
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            let mut conn = raw_connection().await;
-            raw_publish_all(&mut conn, false, &topic, n, clock).await;
-        })
-    };
+    let producer = spawn_raw_producer(false, &topic, n, clock);
     let mut latency = histogram();
     let mut messages = subscriber.on_message();
     for _ in 0..n {
@@ -196,13 +204,7 @@ async fn raw_streams_e2e(options: &Options) -> Run {
         .await
         .unwrap();
     let started = Instant::now();
-    let producer = {
-        let topic = topic.clone();
-        tokio::spawn(async move {
-            let mut conn = raw_connection().await;
-            raw_publish_all(&mut conn, true, &topic, n, clock).await;
-        })
-    };
+    let producer = spawn_raw_producer(true, &topic, n, clock);
     let mut reader = raw_connection().await;
     let mut latency = histogram();
     let mut received = 0;

@@ -20,7 +20,7 @@ pub use capabilities::Capabilities;
 pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
 pub use error::{BoxError, Error, ErrorKind, Result};
 pub use message::{Headers, MAX_PRIORITY, Message};
-pub use names::{MAX_NAME_LEN, validate_name};
+pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};
 pub use runner::{
     BoxHandler, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_TIMEOUT, FailureKind, Handler, HandlerError,
     HandlerFn, Layer, RunReport, Runner, RunnerBuilder, handler_fn,

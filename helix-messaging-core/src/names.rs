@@ -32,6 +32,23 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Check that `message`'s payload fits `limit` bytes, the largest payload `backend` accepts.
+///
+/// # Errors
+/// [`ErrorKind::PayloadTooLarge`](crate::ErrorKind::PayloadTooLarge) with both sizes.
+pub fn check_payload_size(backend: &str, message: &crate::Message, limit: usize) -> Result<()> {
+    let size = message.payload().len();
+    if size > limit {
+        return Err(Error::new(
+            crate::ErrorKind::PayloadTooLarge,
+            format!(
+                "payload of {size} bytes exceeds the {backend} backend's limit of {limit} bytes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,7 +35,7 @@ use async_trait::async_trait;
 use helix_messaging_core::{
     Acknowledge, BatchReport, Broker, Capabilities, Delivery, DeliveryInfo, Error, ErrorKind,
     Health, HistoryStream, Message, Position, Publisher, Result, Settlement, SubscribeOptions,
-    Subscriber, Subscription, TimeRange, validate_name,
+    Subscriber, Subscription, TimeRange, check_payload_size, validate_name,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -211,17 +211,7 @@ impl MemoryBroker {
     }
 
     fn check_payload(&self, message: &Message) -> Result<()> {
-        let limit = self.shared.config.max_payload_bytes;
-        let size = message.payload().len();
-        if size > limit {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "payload of {size} bytes exceeds the memory broker's limit of {limit} bytes"
-                ),
-            ));
-        }
-        Ok(())
+        check_payload_size(NAME, message, self.shared.config.max_payload_bytes)
     }
 
     /// Enqueue `messages` in order, waiting for room as needed. On failure returns how many

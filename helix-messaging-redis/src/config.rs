@@ -231,15 +231,7 @@ impl fmt::Debug for RedisConfig {
 mod tests {
     use super::*;
     use helix_messaging_core::ErrorKind;
-    use std::collections::HashMap;
-
-    fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect();
-        move |name| map.get(name).cloned()
-    }
+    use helix_messaging_testkit::env_lookup as vars;
 
     #[test]
     fn password_never_shows_in_debug_or_errors() {

@@ -36,7 +36,7 @@ use backon::{ExponentialBuilder, Retryable};
 use helix_messaging_core::{
     BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
     Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
-    validate_name,
+    check_payload_size, validate_name,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
@@ -106,24 +106,47 @@ impl Shared {
         }
     }
 
-    fn check_payload(&self, message: &Message) -> Result<()> {
-        let limit = self.config.max_payload_bytes;
-        let size = message.payload().len();
-        if size > limit {
-            return Err(Error::new(
-                ErrorKind::PayloadTooLarge,
-                format!(
-                    "payload of {size} bytes exceeds the Redis backend's limit of {limit} bytes"
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     /// Validate and encode one message for `topic`.
     fn prepare(&self, message: &Message) -> Result<Vec<u8>> {
-        self.check_payload(message)?;
+        check_payload_size(self.name(), message, self.config.max_payload_bytes)?;
         codec::encode(message)
+    }
+
+    /// The command that publishes one encoded message in this mode.
+    fn publish_command(&self, topic: &str, encoded: &[u8]) -> redis::Cmd {
+        match self.config.mode {
+            RedisMode::PubSub => {
+                let mut cmd = redis::cmd("PUBLISH");
+                cmd.arg(topic).arg(encoded);
+                cmd
+            }
+            RedisMode::Streams => streams::xadd(self, topic, encoded),
+        }
+    }
+
+    /// Publish encoded messages in one pipelined round trip. Pub/sub publishes that
+    /// reached no subscriber are counted, not errors.
+    async fn send(&self, topic: &str, encoded: &[&[u8]]) -> Result<()> {
+        let mut pipe = redis::pipe();
+        for message in encoded {
+            pipe.add_command(self.publish_command(topic, message));
+        }
+        let mut commands = self.commands.clone();
+        let replies: Vec<redis::Value> = pipe
+            .query_async(&mut commands)
+            .await
+            .map_err(|e| error::from_redis(e, format!("publishing to {topic}")))?;
+        if self.config.mode == RedisMode::PubSub {
+            let unrouted = replies
+                .iter()
+                .filter(|r| matches!(r, redis::Value::Int(0)))
+                .count() as u64;
+            if unrouted > 0 {
+                self.unrouted.fetch_add(unrouted, Ordering::Relaxed);
+                metrics::counter!(UNROUTED_METRIC, "topic" => topic.to_owned()).increment(unrouted);
+            }
+        }
+        Ok(())
     }
 
     /// Exponential backoff for reconnect loops, capped by the configuration.
@@ -255,10 +278,7 @@ impl Publisher for RedisBroker {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
         let encoded = self.shared.prepare(&message)?;
-        match self.shared.config.mode {
-            RedisMode::PubSub => pubsub::publish(&self.shared, topic, encoded).await,
-            RedisMode::Streams => streams::publish(&self.shared, topic, encoded).await,
-        }
+        self.shared.send(topic, &[&encoded]).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
@@ -277,11 +297,8 @@ impl Publisher for RedisBroker {
         // One pipeline per chunk: one round trip for many messages, without building a
         // single enormous request.
         for chunk in prepared.chunks(1000) {
-            let sent = match self.shared.config.mode {
-                RedisMode::PubSub => pubsub::publish_pipelined(&self.shared, topic, chunk).await,
-                RedisMode::Streams => streams::publish_pipelined(&self.shared, topic, chunk).await,
-            };
-            if let Err(err) = sent {
+            let encoded: Vec<&[u8]> = chunk.iter().map(|(_, bytes)| bytes.as_slice()).collect();
+            if let Err(err) = self.shared.send(topic, &encoded).await {
                 failures.extend(chunk.iter().map(|(i, _)| (*i, err.copy_without_source())));
             }
         }

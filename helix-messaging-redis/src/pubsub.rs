@@ -1,7 +1,6 @@
 //! Pub/sub mode: PUBLISH / SUBSCRIBE, at most once.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
@@ -12,52 +11,10 @@ use helix_messaging_core::{
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{PUBSUB_NAME, Shared, UNROUTED_METRIC, codec, error::from_redis};
+use crate::{PUBSUB_NAME, Shared, codec, error::from_redis};
 
 /// Most messages handed to the subscription stream at once.
 const HANDOVER_BATCH: usize = 256;
-
-pub(crate) async fn publish(shared: &Shared, topic: &str, encoded: Vec<u8>) -> Result<()> {
-    let mut commands = shared.commands.clone();
-    let receivers: i64 = redis::cmd("PUBLISH")
-        .arg(topic)
-        .arg(encoded)
-        .query_async(&mut commands)
-        .await
-        .map_err(|e| from_redis(e, format!("PUBLISH to {topic}")))?;
-    count_unrouted(shared, topic, u64::from(receivers == 0));
-    Ok(())
-}
-
-pub(crate) async fn publish_pipelined(
-    shared: &Shared,
-    topic: &str,
-    messages: &[(usize, Vec<u8>)],
-) -> Result<()> {
-    let mut pipe = redis::pipe();
-    for (_, encoded) in messages {
-        pipe.cmd("PUBLISH").arg(topic).arg(encoded.as_slice());
-    }
-    let mut commands = shared.commands.clone();
-    let receivers: Vec<i64> = pipe
-        .query_async(&mut commands)
-        .await
-        .map_err(|e| from_redis(e, format!("PUBLISH batch to {topic}")))?;
-    count_unrouted(
-        shared,
-        topic,
-        receivers.iter().filter(|r| **r == 0).count() as u64,
-    );
-    Ok(())
-}
-
-/// A publish that reached nobody is normal for pub/sub, so it is counted, not an error.
-fn count_unrouted(shared: &Shared, topic: &str, unrouted: u64) {
-    if unrouted > 0 {
-        shared.unrouted.fetch_add(unrouted, Ordering::Relaxed);
-        metrics::counter!(UNROUTED_METRIC, "topic" => topic.to_owned()).increment(unrouted);
-    }
-}
 
 pub(crate) async fn subscribe(
     shared: &Arc<Shared>,

@@ -31,7 +31,7 @@ pub const REQUEUE_CONSUMER: &str = "helix-requeue";
 /// Entries read per XRANGE page when reading history.
 const RANGE_PAGE: usize = 500;
 
-fn xadd(shared: &Shared, topic: &str, encoded: &[u8]) -> redis::Cmd {
+pub(crate) fn xadd(shared: &Shared, topic: &str, encoded: &[u8]) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(topic);
     if let Some(max_len) = shared.config.streams.max_len {
@@ -44,32 +44,6 @@ fn xadd(shared: &Shared, topic: &str, encoded: &[u8]) -> redis::Cmd {
     }
     cmd.arg("*").arg(codec::FIELD).arg(encoded);
     cmd
-}
-
-pub(crate) async fn publish(shared: &Shared, topic: &str, encoded: Vec<u8>) -> Result<()> {
-    let mut commands = shared.commands.clone();
-    let _id: String = xadd(shared, topic, &encoded)
-        .query_async(&mut commands)
-        .await
-        .map_err(|e| from_redis(e, format!("XADD to {topic}")))?;
-    Ok(())
-}
-
-pub(crate) async fn publish_pipelined(
-    shared: &Shared,
-    topic: &str,
-    messages: &[(usize, Vec<u8>)],
-) -> Result<()> {
-    let mut pipe = redis::pipe();
-    for (_, encoded) in messages {
-        pipe.add_command(xadd(shared, topic, encoded));
-    }
-    let mut commands = shared.commands.clone();
-    let _ids: Vec<String> = pipe
-        .query_async(&mut commands)
-        .await
-        .map_err(|e| from_redis(e, format!("XADD batch to {topic}")))?;
-    Ok(())
 }
 
 /// Milliseconds since the epoch, rounded up: an entry whose id time is `ms` was recorded at

@@ -53,6 +53,16 @@ impl Settings {
     }
 }
 
+/// A variable lookup over fixed pairs, for testing `from_vars`-style configuration without
+/// touching the process environment.
+pub fn env_lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+    let map: std::collections::HashMap<String, String> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    move |name| map.get(name).cloned()
+}
+
 /// A random name with a readable prefix, unique per call, valid on every backend.
 pub fn fresh_name(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

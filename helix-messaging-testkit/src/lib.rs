@@ -36,7 +36,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{Broker, Capabilities, Result};
 
-pub use helpers::{Ctx, Settings, fresh_name};
+pub use helpers::{Ctx, Settings, env_lookup, fresh_name};
 
 /// A capability a case needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

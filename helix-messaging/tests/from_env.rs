@@ -1,16 +1,7 @@
 //! Backend selection from `MESSAGING_BACKEND` and URLs.
 
-use std::collections::HashMap;
-
 use helix_messaging::{ErrorKind, HealthStatus, from_vars};
-
-fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
-    let map: HashMap<String, String> = pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    move |name| map.get(name).cloned()
-}
+use helix_messaging_testkit::env_lookup as vars;
 
 #[tokio::test]
 async fn unset_or_empty_backend_means_memory() {
