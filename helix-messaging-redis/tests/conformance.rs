@@ -8,6 +8,25 @@ use helix_messaging_core::Broker;
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use helix_messaging_testkit::Conformance;
 
+/// Delete the streams (and their `.undecodable` companions) a case created.
+async fn delete_topics(topics: Vec<String>) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let Ok(mut conn) = redis::Client::open(url)
+        .expect("REDIS_URL")
+        .get_multiplexed_async_connection()
+        .await
+    else {
+        return;
+    };
+    let keys: Vec<String> = topics
+        .iter()
+        .flat_map(|t| [t.clone(), format!("{t}.undecodable")])
+        .collect();
+    if !keys.is_empty() {
+        let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await;
+    }
+}
+
 fn config(mode: RedisMode) -> RedisConfig {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let mut config = RedisConfig::new(&url, mode).expect("REDIS_URL");
@@ -27,6 +46,7 @@ async fn redis_streams_pass_the_conformance_suite() {
         "priority_order",
         "Redis Streams deliver in append order; no priorities",
     )
+    .cleanup(delete_topics)
     .run()
     .await
     .assert_passed();
@@ -47,6 +67,7 @@ async fn redis_pubsub_passes_the_conformance_suite() {
     .expect_skipped("ttl_expiry", at_most_once)
     .expect_skipped("read_range_returns_exactly_the_window", at_most_once)
     .expect_skipped("new_group_starts_from_earliest", at_most_once)
+    .cleanup(delete_topics)
     .run()
     .await
     .assert_passed();

@@ -24,6 +24,18 @@ fn topic(what: &str) -> String {
     helix_messaging_testkit::fresh_name(what)
 }
 
+/// Deletes keys from the shared server when dropped, so a test leaves nothing behind even
+/// when it fails.
+struct DeleteOnDrop(Vec<String>);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = redis::Client::open(shared_url()).and_then(|c| c.get_connection()) {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&self.0).query(&mut conn);
+        }
+    }
+}
+
 async fn broker(url: &str, mode: RedisMode, tune: impl FnOnce(&mut RedisConfig)) -> RedisBroker {
     let mut config = RedisConfig::new(url, mode).expect("url");
     tune(&mut config);
@@ -51,6 +63,7 @@ async fn reclaimer_hands_a_dead_consumers_entries_to_another_member_after_the_de
     let deadline = Duration::from_millis(1500);
     let url = shared_url();
     let topic = topic("reclaim");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
     let group = "workers";
     let tune = move |c: &mut RedisConfig| c.streams.ack_deadline = deadline;
 
@@ -390,6 +403,7 @@ async fn an_undecodable_entry_is_reported_and_set_aside_and_the_next_one_deliver
     let url = shared_url();
     let broker = broker(&url, RedisMode::Streams, |_| {}).await;
     let topic = topic("undecodable");
+    let _cleanup = DeleteOnDrop(vec![topic.clone(), format!("{topic}.undecodable")]);
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group("g"))
         .await

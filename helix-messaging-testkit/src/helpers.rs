@@ -76,6 +76,8 @@ pub struct Ctx {
     pub broker: Arc<dyn Broker>,
     /// Timing settings.
     pub settings: Settings,
+    /// Every topic handed out by [`Ctx::topic`], for the adapter's cleanup afterwards.
+    topics: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -90,12 +92,26 @@ impl std::fmt::Debug for Ctx {
 impl Ctx {
     /// Wrap a broker.
     pub fn new(broker: Arc<dyn Broker>, settings: Settings) -> Self {
-        Ctx { broker, settings }
+        Ctx {
+            broker,
+            settings,
+            topics: Arc::default(),
+        }
     }
 
-    /// A fresh topic name.
+    /// A fresh topic name (remembered, so the runner can have it cleaned up).
     pub fn topic(&self, what: &str) -> String {
-        fresh_name(what)
+        let name = fresh_name(what);
+        self.topics
+            .lock()
+            .expect("topic list lock")
+            .push(name.clone());
+        name
+    }
+
+    /// The topics handed out so far.
+    pub fn topics_used(&self) -> Vec<String> {
+        self.topics.lock().expect("topic list lock").clone()
     }
 
     /// Subscribe, panicking with context on error.

@@ -218,6 +218,7 @@ impl Report {
 }
 
 type Factory = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Broker>>> + Send + Sync>;
+type Cleanup = Arc<dyn Fn(Vec<String>) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Runs the conformance suite against one backend.
 pub struct Conformance {
@@ -227,6 +228,7 @@ pub struct Conformance {
     expected_skips: Vec<(&'static str, &'static str)>,
     parallelism: usize,
     only: Option<String>,
+    cleanup: Option<Cleanup>,
 }
 
 impl Conformance {
@@ -246,6 +248,7 @@ impl Conformance {
             expected_skips: Vec::new(),
             parallelism: 4,
             only: std::env::var("HELIX_CONFORMANCE_CASE").ok(),
+            cleanup: None,
         }
     }
 
@@ -261,6 +264,19 @@ impl Conformance {
     #[must_use]
     pub fn settings(mut self, settings: Settings) -> Self {
         self.settings = settings;
+        self
+    }
+
+    /// After each case, hand the topics it used to `cleanup` (for backends that keep topics
+    /// on the server, so repeated runs leave nothing behind). Runs whether the case passed or
+    /// failed.
+    #[must_use]
+    pub fn cleanup<F, Fut>(mut self, cleanup: F) -> Self
+    where
+        F: Fn(Vec<String>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.cleanup = Some(Arc::new(move |topics| cleanup(topics).boxed()));
         self
     }
 
@@ -290,10 +306,12 @@ impl Conformance {
             .collect();
         let settings = self.settings;
         let factory = self.factory;
+        let cleanup = self.cleanup;
         let outcomes = futures::stream::iter(selected)
             .map(|case| {
                 let factory = factory.clone();
                 let settings = settings.clone();
+                let cleanup = cleanup.clone();
                 async move {
                     let started = Instant::now();
                     let outcome = match case.unmet_need(&caps) {
@@ -301,7 +319,7 @@ impl Conformance {
                             "backend does not declare {}",
                             need.describe()
                         )),
-                        None => run_case(case, factory, settings).await,
+                        None => run_case(case, factory, settings, cleanup).await,
                     };
                     (case.name, outcome, started.elapsed())
                 }
@@ -317,12 +335,18 @@ impl Conformance {
     }
 }
 
-async fn run_case(case: Case, factory: Factory, settings: Settings) -> Outcome {
+async fn run_case(
+    case: Case,
+    factory: Factory,
+    settings: Settings,
+    cleanup: Option<Cleanup>,
+) -> Outcome {
     let broker = match factory().await {
         Ok(broker) => broker,
         Err(e) => return Outcome::Failed(format!("cannot create broker: {e}")),
     };
     let ctx = Ctx::new(broker.clone(), settings.clone());
+    let used = ctx.clone();
     let run = AssertUnwindSafe((case.run)(ctx)).catch_unwind();
     let outcome = match tokio::time::timeout(settings.case_timeout, run).await {
         Err(_) => Outcome::Failed(format!("did not finish within {:?}", settings.case_timeout)),
@@ -331,6 +355,9 @@ async fn run_case(case: Case, factory: Factory, settings: Settings) -> Outcome {
         Ok(Ok(Ok(()))) => Outcome::Passed,
     };
     let _ = broker.close().await;
+    if let Some(cleanup) = cleanup {
+        cleanup(used.topics_used()).await;
+    }
     outcome
 }
 
