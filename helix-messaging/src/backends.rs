@@ -28,6 +28,10 @@ pub const KNOWN_BACKENDS: &[BackendInfo] = &[
         name: "redis-streams",
         feature: "redis",
     },
+    BackendInfo {
+        name: "rabbitmq",
+        feature: "rabbitmq",
+    },
 ];
 
 /// The compiled-in backends with what each promises.
@@ -48,6 +52,8 @@ pub fn compiled_backends() -> Vec<(BackendInfo, Capabilities)> {
         KNOWN_BACKENDS[2],
         helix_messaging_redis::STREAMS_CAPABILITIES,
     ));
+    #[cfg(feature = "rabbitmq")]
+    out.push((KNOWN_BACKENDS[3], helix_messaging_rabbitmq::CAPABILITIES));
     out
 }
 
@@ -131,6 +137,15 @@ pub(crate) async fn build(
             };
             Ok(Arc::new(RedisBroker::connect(config).await?))
         }
+        #[cfg(feature = "rabbitmq")]
+        "rabbitmq" => {
+            use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+            let config = match url {
+                Some(url) => RabbitConfig::new(url)?,
+                None => RabbitConfig::from_vars(lookup)?,
+            };
+            Ok(Arc::new(RabbitBroker::connect(config).await?))
+        }
         other => Err(Error::config(
             "MESSAGING_BACKEND",
             format!("backend {other:?} is not compiled in"),
@@ -144,7 +159,7 @@ pub(crate) fn from_url(url: &str) -> Result<(BackendInfo, String)> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(Error::config(
             "url",
-            "no scheme; expected something like memory://, redis://host:6379 or redis-streams://host:6379",
+            "no scheme; expected something like memory://, redis://host:6379, redis-streams://host:6379 or amqp://host:5672",
         ));
     };
     let scheme = scheme.to_ascii_lowercase();
@@ -152,6 +167,7 @@ pub(crate) fn from_url(url: &str) -> Result<(BackendInfo, String)> {
         "redis" | "rediss" => ("redis", scheme.clone()),
         "redis-streams" => ("redis-streams", "redis".to_owned()),
         "rediss-streams" => ("redis-streams", "rediss".to_owned()),
+        "amqp" | "amqps" => ("rabbitmq", scheme.clone()),
         other => (other, other.to_owned()),
     };
     let backend = resolve(backend, "url scheme")?;

@@ -24,6 +24,8 @@ pub use helix_messaging_core::*;
 
 #[cfg(feature = "memory")]
 pub use helix_messaging_memory as memory;
+#[cfg(feature = "rabbitmq")]
+pub use helix_messaging_rabbitmq as rabbitmq;
 #[cfg(feature = "redis")]
 pub use helix_messaging_redis as redis;
 
@@ -59,7 +61,8 @@ pub async fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Arc<dy
 
 /// Build a broker from a URL whose scheme names the backend: `memory://`,
 /// `redis://host:6379` or `rediss://…` (Redis pub/sub), `redis-streams://host:6379` or
-/// `rediss-streams://…` (Redis Streams).
+/// `rediss-streams://…` (Redis Streams), `amqp://user:password@host:5672/vhost` or `amqps://…`
+/// (RabbitMQ).
 ///
 /// # Errors
 /// [`ErrorKind::Config`] for a URL without a scheme or with an unknown or not compiled-in

@@ -48,3 +48,27 @@ async fn connect_picks_the_backend_from_the_url_scheme() {
         "{err}"
     );
 }
+
+#[test]
+fn every_enabled_backend_feature_compiles_in_its_backends() {
+    let compiled: Vec<&str> = helix_messaging::compiled_backends()
+        .iter()
+        .map(|(info, _)| info.name)
+        .collect();
+    for info in helix_messaging::KNOWN_BACKENDS {
+        let enabled = match info.feature {
+            "memory" => cfg!(feature = "memory"),
+            "redis" => cfg!(feature = "redis"),
+            "rabbitmq" => cfg!(feature = "rabbitmq"),
+            other => panic!("feature {other:?} is missing from this test"),
+        };
+        assert_eq!(
+            compiled.contains(&info.name),
+            enabled,
+            "backend {} (feature {:?}): compiled in = {}, feature on = {enabled}",
+            info.name,
+            info.feature,
+            compiled.contains(&info.name)
+        );
+    }
+}

@@ -1,0 +1,241 @@
+//! Configuration from code or from the seeds' variables. The password never appears in
+//! `Debug`, `Display`, logs or errors (lapin's URI type prints it, so it stays inside).
+
+use std::fmt;
+use std::time::Duration;
+
+use helix_messaging_core::{DEFAULT_PREFETCH, Error, Result};
+use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
+
+/// Largest payload accepted by default: 32 MiB (RabbitMQ's own limit is 128 MiB; messages
+/// that large hurt every queue they pass through).
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 32 * 1024 * 1024;
+
+/// Connection and topology settings of the RabbitMQ backend.
+#[derive(Clone)]
+pub struct RabbitConfig {
+    uri: AMQPUri,
+    /// Durable topic exchange every topic is published to, with the topic as routing key
+    /// (`RABBITMQ_EXCHANGE`, default `helixagent` as in the seeds).
+    pub exchange: String,
+    /// Unacked deliveries per subscription when its options keep the default prefetch
+    /// (`RABBITMQ_PREFETCH_COUNT`, default 100).
+    pub prefetch_count: u16,
+    /// Wait for the broker's publisher confirm before a publish resolves
+    /// (`RABBITMQ_PUBLISHER_CONFIRM`, default true). Without it a publish resolves once
+    /// written to the socket and the backend does not promise durability.
+    pub publisher_confirm: bool,
+    /// `x-max-priority` of group queues (classic queues; RabbitMQ 3.10 has no priorities on
+    /// quorum queues). Default 10, the seeds' range.
+    pub max_priority: u8,
+    /// Delete a group's queue after it has had no consumer for this long (`x-expires`).
+    /// `None` (default) keeps groups until deleted by an operator.
+    pub group_queue_expires: Option<Duration>,
+    /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub max_payload_bytes: usize,
+    /// Longest wait to connect. Default 10 s.
+    pub connect_timeout: Duration,
+}
+
+impl RabbitConfig {
+    /// Settings for the server at `uri` (`amqp://user:password@host:port/vhost`), defaults
+    /// otherwise.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) when the URI does not
+    /// parse (the URI itself is not repeated: it may hold a password).
+    pub fn new(uri: &str) -> Result<Self> {
+        let uri: AMQPUri = uri.parse().map_err(|_| {
+            Error::config(
+                "RABBITMQ_URL",
+                "not a valid AMQP URI; expected amqp://user:password@host:port/vhost or amqps://…",
+            )
+        })?;
+        Ok(RabbitConfig::with_uri(uri))
+    }
+
+    fn with_uri(uri: AMQPUri) -> Self {
+        RabbitConfig {
+            uri,
+            exchange: "helixagent".to_owned(),
+            prefetch_count: DEFAULT_PREFETCH as u16,
+            publisher_confirm: true,
+            max_priority: 10,
+            group_queue_expires: None,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// Settings from the process environment; see [`RabbitConfig::from_vars`].
+    ///
+    /// # Errors
+    /// As [`RabbitConfig::from_vars`].
+    pub fn from_env() -> Result<Self> {
+        RabbitConfig::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Settings from variables read through `lookup`: `RABBITMQ_URL`, or else
+    /// `RABBITMQ_HOST` (default `localhost`), `RABBITMQ_PORT` (5672), `RABBITMQ_USER`
+    /// (`guest`), `RABBITMQ_PASSWORD` (`guest`), `RABBITMQ_VHOST` (`/`); plus
+    /// `RABBITMQ_EXCHANGE`, `RABBITMQ_PREFETCH_COUNT`, `RABBITMQ_PUBLISHER_CONFIRM`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
+    /// variable.
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let var = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut config = match var("RABBITMQ_URL") {
+            Some(url) => RabbitConfig::new(&url)?,
+            None => {
+                let port = match var("RABBITMQ_PORT") {
+                    None => 5672,
+                    Some(p) => p.parse::<u16>().map_err(|_| {
+                        Error::config(
+                            "RABBITMQ_PORT",
+                            format!("expected a port number, got {p:?}"),
+                        )
+                    })?,
+                };
+                RabbitConfig::with_uri(AMQPUri {
+                    scheme: AMQPScheme::AMQP,
+                    authority: AMQPAuthority {
+                        userinfo: AMQPUserInfo {
+                            username: var("RABBITMQ_USER").unwrap_or_else(|| "guest".into()),
+                            password: var("RABBITMQ_PASSWORD").unwrap_or_else(|| "guest".into()),
+                        },
+                        host: var("RABBITMQ_HOST").unwrap_or_else(|| "localhost".into()),
+                        port,
+                    },
+                    vhost: var("RABBITMQ_VHOST").unwrap_or_else(|| "/".into()),
+                    query: Default::default(),
+                })
+            }
+        };
+        if let Some(exchange) = var("RABBITMQ_EXCHANGE") {
+            config.exchange = exchange;
+        }
+        if let Some(prefetch) = var("RABBITMQ_PREFETCH_COUNT") {
+            config.prefetch_count =
+                prefetch
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| {
+                        Error::config(
+                            "RABBITMQ_PREFETCH_COUNT",
+                            format!("expected a whole number from 1 to 65535, got {prefetch:?}"),
+                        )
+                    })?;
+        }
+        if let Some(confirm) = var("RABBITMQ_PUBLISHER_CONFIRM") {
+            config.publisher_confirm = match confirm.to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" | "on" => true,
+                "false" | "0" | "no" | "off" => false,
+                _ => {
+                    return Err(Error::config(
+                        "RABBITMQ_PUBLISHER_CONFIRM",
+                        format!("expected true or false, got {confirm:?}"),
+                    ));
+                }
+            };
+        }
+        Ok(config)
+    }
+
+    /// Where the server is, without the password (`amqp://user@host:port/vhost`).
+    pub fn address(&self) -> String {
+        let scheme = match self.uri.scheme {
+            AMQPScheme::AMQP => "amqp",
+            AMQPScheme::AMQPS => "amqps",
+        };
+        let a = &self.uri.authority;
+        format!(
+            "{scheme}://{}@{}:{}/{}",
+            a.userinfo.username, a.host, a.port, self.uri.vhost
+        )
+    }
+
+    pub(crate) fn uri(&self) -> AMQPUri {
+        self.uri.clone()
+    }
+}
+
+impl fmt::Debug for RabbitConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitConfig")
+            .field("address", &self.address())
+            .field("password", &"<redacted>")
+            .field("exchange", &self.exchange)
+            .field("prefetch_count", &self.prefetch_count)
+            .field("publisher_confirm", &self.publisher_confirm)
+            .field("max_priority", &self.max_priority)
+            .field("group_queue_expires", &self.group_queue_expires)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("connect_timeout", &self.connect_timeout)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use helix_messaging_core::ErrorKind;
+    use helix_messaging_testkit::env_lookup as vars;
+
+    #[test]
+    fn password_never_shows() {
+        let config = RabbitConfig::new("amqp://app:s3cr3t-pw@mq.internal:5673/prod").unwrap();
+        let shown = format!("{config:?} {}", config.address());
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert_eq!(config.address(), "amqp://app@mq.internal:5673/prod");
+        let err = RabbitConfig::new("amqp://app:s3cr3t-pw@host:notaport/").expect_err("bad URI");
+        assert!(!err.to_string().contains("s3cr3t-pw"), "{err}");
+    }
+
+    #[test]
+    fn seed_variables_build_the_connection() {
+        let config = RabbitConfig::from_vars(vars(&[
+            ("RABBITMQ_HOST", "10.0.0.5"),
+            ("RABBITMQ_PORT", "5673"),
+            ("RABBITMQ_USER", "helixagent"),
+            ("RABBITMQ_PASSWORD", "pa/ss@word"),
+            ("RABBITMQ_VHOST", "/"),
+            ("RABBITMQ_PREFETCH_COUNT", "25"),
+            ("RABBITMQ_PUBLISHER_CONFIRM", "false"),
+        ]))
+        .unwrap();
+        assert_eq!(config.address(), "amqp://helixagent@10.0.0.5:5673//");
+        assert_eq!(config.uri.authority.userinfo.password, "pa/ss@word");
+        assert_eq!(config.prefetch_count, 25);
+        assert!(!config.publisher_confirm);
+        let defaults = RabbitConfig::from_vars(vars(&[])).unwrap();
+        assert_eq!(defaults.address(), "amqp://guest@localhost:5672//");
+        assert!(defaults.publisher_confirm);
+        assert_eq!(defaults.exchange, "helixagent");
+    }
+
+    #[test]
+    fn malformed_variables_are_named() {
+        for (pairs, variable) in [
+            (vec![("RABBITMQ_PORT", "amqp")], "RABBITMQ_PORT"),
+            (
+                vec![("RABBITMQ_PREFETCH_COUNT", "0")],
+                "RABBITMQ_PREFETCH_COUNT",
+            ),
+            (
+                vec![("RABBITMQ_PUBLISHER_CONFIRM", "maybe")],
+                "RABBITMQ_PUBLISHER_CONFIRM",
+            ),
+            (vec![("RABBITMQ_URL", "http://x")], "RABBITMQ_URL"),
+        ] {
+            let err = RabbitConfig::from_vars(vars(&pairs)).expect_err(variable);
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(variable), "{err}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Mapping between [`Message`] and AMQP properties.
+//!
+//! Message id, correlation id, content type, priority, TTL (`expiration`) and timestamp map to
+//! their AMQP properties; headers to the header table; the key, the nanosecond timestamp and
+//! the attempt count travel in reserved `x-helix-` headers.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use helix_messaging_core::{Headers, Message};
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldTable, LongString};
+
+const KEY: &str = "x-helix-key";
+const TIMESTAMP_NS: &str = "x-helix-timestamp-ns";
+const ATTEMPTS: &str = "x-helix-attempt";
+
+/// Persistent delivery mode.
+const PERSISTENT: u8 = 2;
+
+/// AMQP properties for `message`; `attempts_so_far` is set on a requeued copy.
+pub(crate) fn properties(message: &Message, attempts_so_far: Option<u32>) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in message.headers() {
+        headers.insert(name.as_str().into(), long_string(value.as_bytes()));
+    }
+    if let Some(key) = message.key() {
+        headers.insert(KEY.into(), long_string(key.as_bytes()));
+    }
+    let since_epoch = message
+        .timestamp()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    headers.insert(
+        TIMESTAMP_NS.into(),
+        AMQPValue::LongLongInt(i64::try_from(since_epoch.as_nanos()).unwrap_or(i64::MAX)),
+    );
+    if let Some(attempts) = attempts_so_far {
+        headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempts));
+    }
+    let mut props = BasicProperties::default()
+        .with_message_id(message.id().into())
+        .with_delivery_mode(PERSISTENT)
+        .with_timestamp(since_epoch.as_secs())
+        .with_priority(message.priority())
+        .with_headers(headers);
+    if let Some(ct) = message.content_type() {
+        props = props.with_content_type(ct.into());
+    }
+    if let Some(corr) = message.correlation_id() {
+        props = props.with_correlation_id(corr.into());
+    }
+    if let Some(ttl) = message.ttl() {
+        props = props.with_expiration(ttl.as_millis().to_string().into());
+    }
+    props
+}
+
+fn long_string(bytes: &[u8]) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(bytes.to_vec()))
+}
+
+/// A received message and the attempt it is on.
+pub(crate) struct Received {
+    pub(crate) message: Message,
+    pub(crate) attempt: u32,
+}
+
+/// Rebuild the message from a delivery. Messages from other publishers (no helix headers)
+/// are taken as they are: a fresh id if they carry none, the AMQP timestamp or now.
+pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
+    let props = &delivery.properties;
+    let table = props.headers().as_ref();
+    let header = |name: &str| table.and_then(|t| t.inner().get(name));
+    let timestamp = match header(TIMESTAMP_NS) {
+        Some(AMQPValue::LongLongInt(ns)) => UNIX_EPOCH + Duration::from_nanos(*ns as u64),
+        _ => props
+            .timestamp()
+            .map_or_else(SystemTime::now, |s| UNIX_EPOCH + Duration::from_secs(s)),
+    };
+    let id = props
+        .message_id()
+        .as_ref()
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), |id| id.to_string());
+    let payload = delivery.data.clone();
+    let mut headers = Headers::new();
+    if let Some(table) = table {
+        for (name, value) in table.inner() {
+            let name = name.as_str();
+            if !name.starts_with("x-helix-") {
+                headers.insert(name.to_owned(), text(value));
+            }
+        }
+    }
+    let mut message = Message::restore(id, payload, timestamp)
+        .with_headers(headers)
+        .with_priority(props.priority().unwrap_or(0));
+    if let Some(key) = header(KEY) {
+        message = message.with_key(text(key));
+    }
+    if let Some(ct) = props.content_type() {
+        message = message.with_content_type(ct.as_str());
+    }
+    if let Some(corr) = props.correlation_id() {
+        message = message.with_correlation_id(corr.as_str());
+    }
+    if let Some(ttl) = props
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok())
+    {
+        message = message.with_ttl(Duration::from_millis(ttl));
+    }
+    let earlier = match header(ATTEMPTS) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        _ => 0,
+    };
+    // A native redelivery (closed channel) adds one delivery the header cannot know about.
+    let attempt = earlier + 1 + u32::from(delivery.redelivered);
+    Received { message, attempt }
+}
+
+/// A header value as text: strings as they are, other AMQP types in their usual notation.
+fn text(value: &AMQPValue) -> String {
+    match value {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.as_str().to_owned(),
+        AMQPValue::Boolean(b) => b.to_string(),
+        AMQPValue::ShortShortInt(n) => n.to_string(),
+        AMQPValue::ShortShortUInt(n) => n.to_string(),
+        AMQPValue::ShortInt(n) => n.to_string(),
+        AMQPValue::ShortUInt(n) => n.to_string(),
+        AMQPValue::LongInt(n) => n.to_string(),
+        AMQPValue::LongUInt(n) => n.to_string(),
+        AMQPValue::LongLongInt(n) => n.to_string(),
+        AMQPValue::Float(n) => n.to_string(),
+        AMQPValue::Double(n) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}

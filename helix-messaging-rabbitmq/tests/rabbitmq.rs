@@ -1,0 +1,93 @@
+//! RabbitMQ-specific behaviour against the real server.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+
+fn config() -> RabbitConfig {
+    let url = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let mut config = RabbitConfig::new(&url).expect("RABBITMQ_URL");
+    config.group_queue_expires = Some(Duration::from_secs(30));
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_no_queue_can_take_is_an_error_not_a_silent_ack() {
+    let broker = RabbitBroker::connect(config()).await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("unroutable");
+    let err = broker
+        .publish(&topic, Message::new("nobody is bound"))
+        .await
+        .expect_err("unroutable publish");
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert!(err.to_string().contains("unroutable"), "{err}");
+
+    let report = broker
+        .publish_batch(&topic, vec![Message::new("a"), Message::new("b")])
+        .await;
+    assert_eq!(
+        report.failures().len(),
+        2,
+        "every message of the batch is reported"
+    );
+
+    // Once a group exists the same topic is routable.
+    let mut sub = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::group(helix_messaging_testkit::fresh_name("g")),
+        )
+        .await
+        .unwrap();
+    broker
+        .publish(&topic, Message::new("now routable"))
+        .await
+        .unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("delivery in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().payload().as_ref(), b"now routable");
+    d.ack().await.unwrap();
+    broker.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dropped_unacked_comes_back_as_a_redelivery() {
+    let broker = RabbitBroker::connect(config()).await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("redelivered");
+    let group = helix_messaging_testkit::fresh_name("g");
+    let mut first = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    broker.publish(&topic, Message::new("x")).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(10), first.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(held.attempt(), 1);
+    drop(held);
+    drop(first);
+    let mut second = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let again = tokio::time::timeout(Duration::from_secs(10), second.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        again.info().redelivered,
+        "RabbitMQ flags the native redelivery"
+    );
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    broker.close().await.unwrap();
+}
