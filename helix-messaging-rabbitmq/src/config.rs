@@ -35,6 +35,20 @@ pub struct RabbitConfig {
     pub max_payload_bytes: usize,
     /// Longest wait to connect. Default 10 s.
     pub connect_timeout: Duration,
+    /// Longest wait for a publish and its confirm; past it the publish fails with a
+    /// retryable [`ErrorKind::Timeout`](helix_messaging_core::ErrorKind::Timeout) instead of
+    /// hanging (its outcome is then unknown). Default 30 s.
+    pub publish_timeout: Duration,
+    /// AMQP heartbeat: a dead peer is noticed after about twice this. Default 10 s.
+    pub heartbeat: Duration,
+    /// Reconnection attempts after the connection is lost before giving up. Default 100
+    /// (about eight minutes at the maximum delay).
+    pub reconnect_attempts: usize,
+    /// First pause between reconnection attempts; it doubles up to
+    /// [`RabbitConfig::max_reconnect_delay`]. Default 100 ms.
+    pub reconnect_delay: Duration,
+    /// Longest pause between reconnection attempts. Default 5 s.
+    pub max_reconnect_delay: Duration,
 }
 
 impl RabbitConfig {
@@ -64,6 +78,11 @@ impl RabbitConfig {
             group_queue_expires: None,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             connect_timeout: Duration::from_secs(10),
+            publish_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(10),
+            reconnect_attempts: 100,
+            reconnect_delay: Duration::from_millis(100),
+            max_reconnect_delay: Duration::from_secs(5),
         }
     }
 
@@ -161,7 +180,9 @@ impl RabbitConfig {
     }
 
     pub(crate) fn uri(&self) -> AMQPUri {
-        self.uri.clone()
+        let mut uri = self.uri.clone();
+        uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
+        uri
     }
 }
 
@@ -177,6 +198,11 @@ impl fmt::Debug for RabbitConfig {
             .field("group_queue_expires", &self.group_queue_expires)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("connect_timeout", &self.connect_timeout)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("heartbeat", &self.heartbeat)
+            .field("reconnect_attempts", &self.reconnect_attempts)
+            .field("reconnect_delay", &self.reconnect_delay)
+            .field("max_reconnect_delay", &self.max_reconnect_delay)
             .finish()
     }
 }

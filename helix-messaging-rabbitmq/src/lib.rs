@@ -23,10 +23,10 @@
 
 mod config;
 mod error;
+mod link;
 mod wire;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -37,15 +37,15 @@ use helix_messaging_core::{
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions,
+    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Confirmation};
 
 pub use config::{DEFAULT_MAX_PAYLOAD_BYTES, RabbitConfig};
 
 use error::from_lapin;
+use link::{Link, Supervisor};
 
 /// Backend name reported by [`Broker::name`] and selected by `MESSAGING_BACKEND=rabbitmq`.
 pub const NAME: &str = "rabbitmq";
@@ -65,23 +65,34 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 };
 
 struct Shared {
-    config: RabbitConfig,
-    connection: Connection,
-    /// Publishing channel, in confirm mode when [`RabbitConfig::publisher_confirm`] is set.
-    publisher: Channel,
-    closed: AtomicBool,
+    supervisor: Arc<Supervisor>,
 }
 
 impl Shared {
+    fn config(&self) -> &RabbitConfig {
+        self.supervisor.config()
+    }
+
     fn ensure_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
+        if self.supervisor.is_closed() {
             Err(Error::closed("the rabbitmq broker"))
         } else {
             Ok(())
         }
     }
 
+    /// A lapin error met on the live connection: map it, and start reconnecting when it means
+    /// the connection is gone.
+    fn connection_error(&self, err: lapin::Error, doing: impl std::fmt::Display) -> Error {
+        let err = from_lapin(err, doing);
+        if err.kind() == ErrorKind::Connection {
+            self.supervisor.reconnect();
+        }
+        err
+    }
+
     /// Start publishing `message`; the returned future resolves with the broker's verdict.
+    /// Without a usable connection this fails at once with a retryable error.
     async fn start_publish(
         &self,
         exchange: &str,
@@ -89,37 +100,57 @@ impl Shared {
         message: &Message,
         attempts_so_far: Option<u32>,
     ) -> Result<lapin::PublisherConfirm> {
-        check_payload_size(NAME, message, self.config.max_payload_bytes)?;
-        self.publisher
-            .basic_publish(
-                exchange.into(),
-                routing_key.into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                message.payload(),
-                wire::properties(message, attempts_so_far),
-            )
+        check_payload_size(NAME, message, self.config().max_payload_bytes)?;
+        let link = self
+            .supervisor
+            .usable()
+            .ok_or_else(|| self.supervisor.unavailable())?;
+        let publish = link.publisher.basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            message.payload(),
+            wire::properties(message, attempts_so_far),
+        );
+        tokio::time::timeout(self.config().publish_timeout, publish)
             .await
-            .map_err(|e| from_lapin(e, format!("publishing to {routing_key}")))
+            .map_err(|_| self.publish_timed_out(routing_key))?
+            .map_err(|e| self.connection_error(e, format!("publishing to {routing_key}")))
+    }
+
+    fn publish_timed_out(&self, routing_key: &str) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "no confirm for a publish to {routing_key} within {:?} (connection lost or broker blocked); whether it was stored is unknown",
+                self.config().publish_timeout
+            ),
+        )
     }
 
     /// The broker's verdict on one publish.
     async fn confirmed(&self, routing_key: &str, confirm: lapin::PublisherConfirm) -> Result<()> {
-        let confirmation = confirm.await.map_err(|e| {
-            from_lapin(
-                e,
-                format!("waiting for the confirm of a publish to {routing_key}"),
-            )
-        })?;
+        let confirmation = tokio::time::timeout(self.config().publish_timeout, confirm)
+            .await
+            .map_err(|_| self.publish_timed_out(routing_key))?
+            .map_err(|e| {
+                self.connection_error(
+                    e,
+                    format!("waiting for the confirm of a publish to {routing_key}"),
+                )
+            })?;
         match confirmation {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(returned)) => Err(Error::new(
                 ErrorKind::Rejected,
                 format!(
                     "unroutable: no queue is bound to {routing_key} on exchange {:?} (no consumer group exists for the topic); the broker returned it ({} {})",
-                    self.config.exchange, returned.reply_code, returned.reply_text
+                    self.config().exchange,
+                    returned.reply_code,
+                    returned.reply_text
                 ),
             )),
             Confirmation::Nack(_) => Err(Error::new(
@@ -133,7 +164,9 @@ impl Shared {
     }
 }
 
-/// A connection to RabbitMQ. Cheap to clone.
+/// A connection to RabbitMQ, supervised: when it is lost it is replaced, with backoff, and
+/// every subscription re-creates its queue, binding and consumer on the new one. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct RabbitBroker {
     shared: Arc<Shared>,
@@ -142,8 +175,8 @@ pub struct RabbitBroker {
 impl std::fmt::Debug for RabbitBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RabbitBroker")
-            .field("config", &self.shared.config)
-            .field("closed", &self.shared.closed.load(Ordering::Relaxed))
+            .field("config", self.shared.config())
+            .field("closed", &self.shared.supervisor.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -155,50 +188,10 @@ impl RabbitBroker {
     /// [`ErrorKind::Connection`] / [`ErrorKind::Timeout`] when the server cannot be reached,
     /// [`ErrorKind::Config`] when it refuses the credentials or the vhost.
     pub async fn connect(config: RabbitConfig) -> Result<Self> {
-        let address = config.address();
-        let connection = tokio::time::timeout(
-            config.connect_timeout,
-            Connection::connect_uri(config.uri(), ConnectionProperties::default()),
-        )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "connecting to {address} took longer than {:?}",
-                    config.connect_timeout
-                ),
-            )
-        })?
-        .map_err(|e| from_lapin(e, format!("connecting to {address}")))?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(|e| from_lapin(e, "opening the publishing channel"))?;
-        if config.publisher_confirm {
-            publisher
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| from_lapin(e, "enabling publisher confirms"))?;
-        }
-        publisher
-            .exchange_declare(
-                config.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| from_lapin(e, format!("declaring exchange {:?}", config.exchange)))?;
+        let first = Link::open(&config).await?;
         Ok(RabbitBroker {
             shared: Arc::new(Shared {
-                config,
-                connection,
-                publisher,
-                closed: AtomicBool::new(false),
+                supervisor: Supervisor::new(config, first),
             }),
         })
     }
@@ -213,7 +206,7 @@ impl RabbitBroker {
 
     /// The settings in use.
     pub fn config(&self) -> &RabbitConfig {
-        &self.shared.config
+        self.shared.config()
     }
 }
 
@@ -224,7 +217,7 @@ impl Publisher for RabbitBroker {
         self.shared.ensure_open()?;
         let confirm = self
             .shared
-            .start_publish(&self.shared.config.exchange, topic, &message, None)
+            .start_publish(&self.shared.config().exchange, topic, &message, None)
             .await?;
         self.shared.confirmed(topic, confirm).await
     }
@@ -241,7 +234,7 @@ impl Publisher for RabbitBroker {
         for (index, message) in messages.iter().enumerate() {
             match self
                 .shared
-                .start_publish(&self.shared.config.exchange, topic, message, None)
+                .start_publish(&self.shared.config().exchange, topic, message, None)
                 .await
             {
                 Ok(confirm) => pending.push((index, confirm)),
@@ -262,6 +255,83 @@ impl Publisher for RabbitBroker {
     }
 }
 
+/// What a subscription is, so it can be re-created on a new connection.
+struct SubscriptionSpec {
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    prefetch: u16,
+}
+
+/// Declare the queue, bind it, set the prefetch and start consuming on a new channel.
+async fn open_consumer(
+    shared: &Shared,
+    spec: &SubscriptionSpec,
+    link: &Link,
+) -> Result<(Channel, lapin::Consumer, String)> {
+    let config = shared.config();
+    let lapin_err = |e, doing: String| shared.connection_error(e, doing);
+    let channel = link
+        .connection
+        .create_channel()
+        .await
+        .map_err(|e| lapin_err(e, "opening a consumer channel".into()))?;
+    channel
+        .basic_qos(spec.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(|e| lapin_err(e, "setting the prefetch".into()))?;
+    let private = spec.group.is_none();
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-max-priority".into(),
+        AMQPValue::ShortShortUInt(config.max_priority),
+    );
+    if let (false, Some(expires)) = (private, config.group_queue_expires) {
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(u32::try_from(expires.as_millis()).unwrap_or(u32::MAX)),
+        );
+    }
+    let queue_name = match &spec.group {
+        Some(group) => format!("{}.{group}", spec.topic),
+        None => String::new(),
+    };
+    let queue = channel
+        .queue_declare(
+            queue_name.as_str().into(),
+            QueueDeclareOptions {
+                durable: !private,
+                exclusive: private,
+                auto_delete: private,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| lapin_err(e, format!("declaring queue {queue_name:?}")))?;
+    let queue_name = queue.name().as_str().to_owned();
+    // Bound before returning, so every later publish to the topic reaches the queue.
+    channel
+        .queue_bind(
+            queue_name.as_str().into(),
+            config.exchange.as_str().into(),
+            (*spec.topic).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_err(e, format!("binding {queue_name} to {}", spec.topic)))?;
+    let consumer = channel
+        .basic_consume(
+            queue_name.as_str().into(),
+            format!("helix-{}", uuid::Uuid::new_v4().simple()).into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_err(e, format!("consuming from {queue_name}")))?;
+    Ok((channel, consumer, queue_name))
+}
+
 #[async_trait]
 impl Subscriber for RabbitBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
@@ -276,101 +346,39 @@ impl Subscriber for RabbitBroker {
                 "starting a group from history (queues keep no history before they exist)",
             ));
         }
-        let config = &self.shared.config;
-        let channel = self
-            .shared
-            .connection
-            .create_channel()
-            .await
-            .map_err(|e| from_lapin(e, "opening a consumer channel"))?;
         let prefetch = if options.prefetch == DEFAULT_PREFETCH {
-            config.prefetch_count
+            self.shared.config().prefetch_count
         } else {
             u16::try_from(options.prefetch).unwrap_or(u16::MAX)
         };
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await
-            .map_err(|e| from_lapin(e, "setting the prefetch"))?;
-
-        let private = options.group.is_none();
-        let mut arguments = FieldTable::default();
-        arguments.insert(
-            "x-max-priority".into(),
-            AMQPValue::ShortShortUInt(config.max_priority),
-        );
-        if let (false, Some(expires)) = (private, config.group_queue_expires) {
-            arguments.insert(
-                "x-expires".into(),
-                AMQPValue::LongUInt(u32::try_from(expires.as_millis()).unwrap_or(u32::MAX)),
-            );
-        }
-        let queue_name = match &options.group {
-            Some(group) => format!("{topic}.{group}"),
-            None => String::new(),
+        let spec = SubscriptionSpec {
+            topic: Arc::from(topic),
+            group: options.group.as_deref().map(Arc::from),
+            prefetch,
         };
-        let queue = channel
-            .queue_declare(
-                queue_name.as_str().into(),
-                QueueDeclareOptions {
-                    durable: !private,
-                    exclusive: private,
-                    auto_delete: private,
-                    ..QueueDeclareOptions::default()
-                },
-                arguments,
-            )
-            .await
-            .map_err(|e| from_lapin(e, format!("declaring queue {queue_name:?}")))?;
-        let queue_name = queue.name().as_str().to_owned();
-        // Bound before returning, so every later publish to the topic reaches the queue.
-        channel
-            .queue_bind(
-                queue_name.as_str().into(),
-                config.exchange.as_str().into(),
-                topic.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| from_lapin(e, format!("binding {queue_name} to {topic}")))?;
-        let consumer = channel
-            .basic_consume(
-                queue_name.as_str().into(),
-                format!("helix-{}", uuid::Uuid::new_v4().simple()).into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| from_lapin(e, format!("consuming from {queue_name}")))?;
-
-        let topic: Arc<str> = Arc::from(topic);
-        let group: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
+        let link = self
+            .shared
+            .supervisor
+            .usable()
+            .ok_or_else(|| self.shared.supervisor.unavailable())?;
+        let (channel, consumer, queue) = open_consumer(&self.shared, &spec, &link).await?;
+        let (topic, group) = (spec.topic.clone(), spec.group.clone());
         let state = ConsumerStream {
-            consumer: Some(consumer),
-            channel,
+            current: Some((consumer, channel, link)),
             context: Arc::new(ConsumerContext {
                 shared: self.shared.clone(),
-                topic: topic.clone(),
-                group: group.clone(),
-                queue: queue_name,
+                topic: spec.topic.clone(),
+                group: spec.group.clone(),
+                queue,
             }),
+            spec,
+            finished: false,
         };
-        let deliveries = futures::stream::unfold(state, |mut state| async move {
-            let next = state.consumer.as_mut()?.next().await?;
-            let item = match next {
-                Ok(delivery) => Ok(state.context.delivery(delivery)),
-                // After close, the channel's end shows up as an error: that is the end of
-                // the subscription, not something to report.
-                Err(_) if state.context.shared.closed.load(Ordering::Acquire) => return None,
-                Err(err) => Err(from_lapin(
-                    err,
-                    format!("consuming from {}", state.context.queue),
-                )),
-            };
-            Some((item, state))
-        });
-        Ok(Subscription::new(topic, group, Box::pin(deliveries)))
+        Ok(Subscription::new(
+            topic,
+            group,
+            Box::pin(futures::stream::unfold(state, ConsumerStream::next)),
+        ))
     }
 }
 
@@ -382,60 +390,125 @@ impl Broker for RabbitBroker {
 
     fn capabilities(&self) -> Capabilities {
         Capabilities {
-            durable: self.shared.config.publisher_confirm,
-            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
+            durable: self.shared.config().publisher_confirm,
+            max_payload_bytes: Some(self.shared.config().max_payload_bytes),
             ..CAPABILITIES
         }
     }
 
     async fn health(&self) -> Health {
-        let address = self.shared.config.address();
-        if self.shared.closed.load(Ordering::Acquire) {
-            return Health::unhealthy(format!("the rabbitmq broker ({address}) is closed"));
-        }
-        let status = self.shared.connection.status();
-        if status.connected() {
+        let supervisor = &self.shared.supervisor;
+        let address = supervisor.config().address();
+        if supervisor.is_closed() {
+            Health::unhealthy(format!("the rabbitmq broker ({address}) is closed"))
+        } else if supervisor.usable().is_some() {
             Health::healthy(format!("connected to {address}"))
+        } else if supervisor.gave_up() {
+            Health::unhealthy(supervisor.unavailable().to_string())
         } else {
-            Health::unhealthy(format!("{address}: not connected"))
+            Health {
+                status: helix_messaging_core::HealthStatus::Degraded,
+                detail: format!("{address}: connection lost, reconnecting"),
+            }
         }
     }
 
     async fn close(&self) -> Result<()> {
-        if self.shared.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        match self
-            .shared
-            .connection
-            .close(200, "closed by the application".into())
-            .await
-        {
-            Ok(()) => Ok(()),
-            // Already gone is as closed as it gets.
-            Err(err) if !self.shared.connection.status().connected() => {
-                tracing::debug!(error = %err, "connection was already closed");
-                Ok(())
-            }
-            Err(err) => Err(from_lapin(err, "closing the connection")),
-        }
+        self.shared.supervisor.close().await
     }
 }
 
-/// A subscription's consumer and channel. Dropping it closes the channel, which makes
-/// RabbitMQ return the unacked deliveries to the queue. The consumer is kept until the close
-/// has completed: dropped earlier, lapin would cancel it concurrently with the close, and the
-/// failed cancel can surface as an error elsewhere on the connection.
+/// A subscription's consumer and channel, re-created on a new connection when the old one
+/// is lost. Dropping it closes the channel, which makes RabbitMQ return the unacked
+/// deliveries to the queue.
 struct ConsumerStream {
-    consumer: Option<lapin::Consumer>,
-    channel: Channel,
+    /// The consumer, its channel, and the link they were created on.
+    current: Option<(lapin::Consumer, Channel, Arc<Link>)>,
     context: Arc<ConsumerContext>,
+    spec: SubscriptionSpec,
+    /// Set once an unrecoverable failure has been reported: the stream then ends.
+    finished: bool,
 }
 
-impl Drop for ConsumerStream {
-    fn drop(&mut self) {
-        let consumer = self.consumer.take();
-        let channel = self.channel.clone();
+impl ConsumerStream {
+    async fn next(mut self) -> Option<(Result<Delivery>, Self)> {
+        let supervisor = self.context.shared.supervisor.clone();
+        loop {
+            if self.finished || supervisor.is_closed() {
+                return None;
+            }
+            let Some((consumer, _, link)) = self.current.as_mut() else {
+                // Lost: wait for a new connection and rebuild on it.
+                let Some(link) = supervisor.wait_usable().await else {
+                    if supervisor.is_closed() {
+                        return None;
+                    }
+                    self.finished = true;
+                    return Some((Err(supervisor.unavailable()), self));
+                };
+                match open_consumer(&self.context.shared, &self.spec, &link).await {
+                    Ok((channel, consumer, queue)) => {
+                        tracing::info!(%queue, "consumer re-created on the new connection");
+                        self.current = Some((consumer, channel, link));
+                        self.context = Arc::new(ConsumerContext {
+                            shared: self.context.shared.clone(),
+                            topic: self.context.topic.clone(),
+                            group: self.context.group.clone(),
+                            queue,
+                        });
+                    }
+                    Err(err) if err.is_retryable() => {
+                        tracing::warn!(error = %err, "re-creating the consumer failed; retrying");
+                        tokio::time::sleep(supervisor.config().reconnect_delay).await;
+                    }
+                    Err(err) => {
+                        self.finished = true;
+                        return Some((Err(err), self));
+                    }
+                }
+                continue;
+            };
+            // A consumer does not always learn that its connection died, so the link is
+            // watched too, with a periodic check as the last resort.
+            let link = link.clone();
+            let next = tokio::select! {
+                next = consumer.next() => next,
+                () = supervisor.replaced(&link) => None,
+                () = async {
+                    while link.usable() {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                } => None,
+            };
+            match next {
+                Some(Ok(delivery)) => {
+                    let delivery = self.context.delivery(delivery);
+                    return Some((Ok(delivery), self));
+                }
+                // After close, the channel's end shows up as an error or an end: that is the
+                // end of the subscription, not something to report.
+                _ if supervisor.is_closed() => return None,
+                lost => {
+                    let why = match lost {
+                        Some(Err(err)) => err.to_string(),
+                        _ => "consumer cancelled".to_owned(),
+                    };
+                    tracing::warn!(queue = %self.context.queue, why, "consumer lost; re-creating it");
+                    self.release();
+                    // Starts reconnecting if the connection itself is gone.
+                    let _ = supervisor.usable();
+                }
+            }
+        }
+    }
+
+    /// Close the channel, then drop the consumer: dropped earlier, lapin would cancel it
+    /// concurrently with the close, and the failed cancel can surface as an error elsewhere on
+    /// the connection.
+    fn release(&mut self) {
+        let Some((consumer, channel, _)) = self.current.take() else {
+            return;
+        };
         if !channel.status().connected() {
             return;
         }
@@ -447,6 +520,12 @@ impl Drop for ConsumerStream {
                 drop(consumer);
             });
         }
+    }
+}
+
+impl Drop for ConsumerStream {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 

@@ -22,7 +22,18 @@ pub(crate) fn from_redis(err: RedisError, doing: impl Display) -> Error {
             _ => ErrorKind::Backend,
         }
     };
-    Error::new(kind, format!("{doing}: {err}")).with_source(err)
+    // The server's own advice wins where it says a retry can succeed: LOADING while an AOF is
+    // replayed after a restart, TRYAGAIN, MASTERDOWN, …
+    let retryable = kind.retryable_by_default()
+        || matches!(
+            err.retry_method(),
+            redis::RetryMethod::Reconnect
+                | redis::RetryMethod::RetryImmediately
+                | redis::RetryMethod::WaitAndRetry
+        );
+    Error::new(kind, format!("{doing}: {err}"))
+        .with_retryable(retryable)
+        .with_source(err)
 }
 
 /// Whether a server error is the given code (`BUSYGROUP`, `NOGROUP`, …).

@@ -1,0 +1,281 @@
+//! The supervised connection: one AMQP connection with its publishing channel, replaced by a
+//! single supervisor task (exponential backoff with `backon`) whenever it is lost.
+//!
+//! lapin's own recovery is not used: it can give up silently when it reconnects while a
+//! restarting broker has not opened the vhost yet, leaving consumers waiting forever. Here
+//! every user of the connection notices its loss, asks for a new one, and rebuilds what it
+//! needs (the publisher its channel, each subscription its queue, binding and consumer).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use helix_messaging_core::{Error, ErrorKind, Result};
+use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::watch;
+
+use crate::RabbitConfig;
+use crate::error::from_lapin;
+
+/// A live connection and its publishing channel.
+pub(crate) struct Link {
+    pub(crate) connection: Connection,
+    /// In confirm mode when [`RabbitConfig::publisher_confirm`] is set.
+    pub(crate) publisher: Channel,
+}
+
+impl Link {
+    pub(crate) fn usable(&self) -> bool {
+        self.connection.status().connected() && self.publisher.status().connected()
+    }
+
+    /// Connect, open the publishing channel and declare the exchange.
+    pub(crate) async fn open(config: &RabbitConfig) -> Result<Link> {
+        let address = config.address();
+        let connection = tokio::time::timeout(
+            config.connect_timeout,
+            Connection::connect_uri(config.uri(), ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "connecting to {address} took longer than {:?}",
+                    config.connect_timeout
+                ),
+            )
+        })?
+        .map_err(|e| from_lapin(e, format!("connecting to {address}")))?;
+        let publisher = connection
+            .create_channel()
+            .await
+            .map_err(|e| from_lapin(e, "opening the publishing channel"))?;
+        if config.publisher_confirm {
+            publisher
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(|e| from_lapin(e, "enabling publisher confirms"))?;
+        }
+        publisher
+            .exchange_declare(
+                config.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| from_lapin(e, format!("declaring exchange {:?}", config.exchange)))?;
+        Ok(Link {
+            connection,
+            publisher,
+        })
+    }
+}
+
+/// The current link and the machinery that replaces it.
+pub(crate) struct Supervisor {
+    config: RabbitConfig,
+    /// `None` while there is no usable link (reconnecting, given up, or closed).
+    current: watch::Sender<Option<Arc<Link>>>,
+    reconnecting: AtomicBool,
+    gave_up: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl Supervisor {
+    pub(crate) fn new(config: RabbitConfig, first: Link) -> Arc<Self> {
+        let first = Arc::new(first);
+        let supervisor = Arc::new(Supervisor {
+            config,
+            current: watch::Sender::new(Some(first.clone())),
+            reconnecting: AtomicBool::new(false),
+            gave_up: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        });
+        supervisor.watch(&first);
+        supervisor
+    }
+
+    /// Reconnect as soon as `link`'s connection reports an error, rather than when someone
+    /// next happens to use it.
+    fn watch(self: &Arc<Self>, link: &Arc<Link>) {
+        let events = link.connection.events_listener();
+        let supervisor = Arc::downgrade(self);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            use futures::StreamExt;
+            let mut events = std::pin::pin!(events);
+            loop {
+                let event = events.next().await;
+                let Some(supervisor) = supervisor.upgrade() else {
+                    return;
+                };
+                match event {
+                    Some(lapin::Event::Error(err)) => {
+                        tracing::warn!(error = %err, "connection error");
+                        supervisor.reconnect();
+                        return;
+                    }
+                    Some(_) => {}
+                    None => {
+                        supervisor.reconnect();
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Resolves once `link` is no longer the current one (replaced, lost, or closed).
+    pub(crate) async fn replaced(&self, link: &Arc<Link>) {
+        let mut changes = self.current.subscribe();
+        loop {
+            let same = matches!(&*changes.borrow_and_update(), Some(current) if Arc::ptr_eq(current, link));
+            if !same || changes.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn config(&self) -> &RabbitConfig {
+        &self.config
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn gave_up(&self) -> bool {
+        self.gave_up.load(Ordering::Acquire)
+    }
+
+    /// The link if it is usable right now; otherwise starts reconnecting and returns
+    /// `None` (callers fail fast with a retryable error instead of waiting).
+    pub(crate) fn usable(self: &Arc<Self>) -> Option<Arc<Link>> {
+        let link = self.current.borrow().clone();
+        match link {
+            Some(link) if link.usable() => Some(link),
+            _ => {
+                self.reconnect();
+                None
+            }
+        }
+    }
+
+    /// Wait for a usable link, reconnecting as needed; `None` once closed or given up.
+    pub(crate) async fn wait_usable(self: &Arc<Self>) -> Option<Arc<Link>> {
+        let mut changes = self.current.subscribe();
+        loop {
+            if self.is_closed() || self.gave_up() {
+                return None;
+            }
+            if let Some(link) = self.usable() {
+                return Some(link);
+            }
+            if changes.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// The error for an operation attempted while there is no usable link.
+    pub(crate) fn unavailable(&self) -> Error {
+        if self.gave_up() {
+            Error::new(
+                ErrorKind::Connection,
+                format!(
+                    "lost the connection to {} and gave up after {} attempts",
+                    self.config.address(),
+                    self.config.reconnect_attempts
+                ),
+            )
+            .with_retryable(false)
+        } else {
+            Error::new(
+                ErrorKind::Connection,
+                format!("reconnecting to {}", self.config.address()),
+            )
+        }
+    }
+
+    /// Start replacing the link unless that is already under way (one supervisor task).
+    pub(crate) fn reconnect(self: &Arc<Self>) {
+        if self.is_closed() || self.gave_up() || self.reconnecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.current.send_replace(None);
+        let supervisor = self.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.reconnecting.store(false, Ordering::Release);
+            return;
+        };
+        runtime.spawn(async move {
+            let config = &supervisor.config;
+            tracing::warn!(address = %config.address(), "connection lost; reconnecting");
+            let backoff = ExponentialBuilder::default()
+                .with_min_delay(config.reconnect_delay)
+                .with_max_delay(config.max_reconnect_delay)
+                .with_max_times(config.reconnect_attempts)
+                .with_jitter();
+            let opened = (|| Link::open(config))
+                .retry(backoff)
+                .sleep(tokio::time::sleep)
+                .when(|_| !supervisor.is_closed())
+                .notify(|err: &Error, wait: Duration| {
+                    tracing::warn!(error = %err, ?wait, "reconnect attempt failed");
+                })
+                .await;
+            match opened {
+                Ok(link) if !supervisor.is_closed() => {
+                    tracing::info!(address = %config.address(), "reconnected");
+                    let link = Arc::new(link);
+                    supervisor.watch(&link);
+                    supervisor.reconnecting.store(false, Ordering::Release);
+                    supervisor.current.send_replace(Some(link));
+                }
+                Ok(link) => {
+                    let _ = link.connection.close(200, "closed".into()).await;
+                    supervisor.reconnecting.store(false, Ordering::Release);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "giving up reconnecting");
+                    supervisor.gave_up.store(true, Ordering::Release);
+                    supervisor.reconnecting.store(false, Ordering::Release);
+                    // Wakes everyone waiting for a link, so they can report the failure.
+                    supervisor.current.send_replace(None);
+                }
+            }
+        });
+    }
+
+    /// Close for good: no more reconnecting, waiters are woken.
+    pub(crate) async fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let link = self.current.send_replace(None);
+        let Some(link) = link else { return Ok(()) };
+        match link
+            .connection
+            .close(200, "closed by the application".into())
+            .await
+        {
+            Ok(()) => Ok(()),
+            // Already gone is as closed as it gets.
+            Err(err) if !link.connection.status().connected() => {
+                tracing::debug!(error = %err, "connection was already closed");
+                Ok(())
+            }
+            Err(err) => Err(from_lapin(err, "closing the connection")),
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Fault tests against the real RabbitMQ: connections killed server-side, and the broker
+//! application stopped and started while messages flow. Each runs in a vhost of its own;
+//! the broker is always left running, even when a test fails.
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+
+const MESSAGES: usize = 20_000;
+
+/// Both tests act on the whole node; they must not overlap.
+static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl on PATH (scripts/test installs RabbitMQ)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A vhost of the test's own, deleted afterwards.
+struct Vhost(String);
+
+impl Vhost {
+    fn new() -> Vhost {
+        let name = format!("helix-fault-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost(name)
+    }
+
+    fn config(&self) -> RabbitConfig {
+        let mut config =
+            RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)).unwrap();
+        // Quick retries, for long enough to outlast a restart on a loaded machine.
+        config.max_reconnect_delay = Duration::from_millis(500);
+        config.reconnect_attempts = 200;
+        config.publish_timeout = Duration::from_secs(10);
+        config
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+/// Starts the RabbitMQ application when dropped, so a failing test leaves it running.
+struct KeepRunning;
+
+impl Drop for KeepRunning {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "60"])
+            .output();
+    }
+}
+
+/// Receives and acks everything on `topic` for group `g`, recording ids and arrival times.
+async fn collect(broker: &RabbitBroker, topic: &str) -> Arc<Mutex<Vec<(String, Instant)>>> {
+    let mut sub = broker
+        .subscribe(topic, SubscribeOptions::group("g").with_prefetch(200))
+        .await
+        .unwrap();
+    let received: Arc<Mutex<Vec<(String, Instant)>>> = Arc::default();
+    let sink = received.clone();
+    tokio::spawn(async move {
+        while let Some(item) = sub.next().await {
+            let d = match item {
+                Ok(d) => d,
+                Err(err) => {
+                    eprintln!("subscription reported: {err}");
+                    continue;
+                }
+            };
+            sink.lock()
+                .unwrap()
+                .push((d.message().id().to_owned(), Instant::now()));
+            // An ack lost with its channel only means a redelivery, counted as a duplicate.
+            let _ = d.ack().await;
+        }
+    });
+    received
+}
+
+/// Wait until every accepted id has arrived; report counts either way.
+async fn expect_all_delivered(
+    what: &str,
+    accepted: &[String],
+    refused: usize,
+    received: &Arc<Mutex<Vec<(String, Instant)>>>,
+) {
+    let wanted: HashSet<&String> = accepted.iter().collect();
+    let done = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let got: HashSet<String> = received
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, _)| id.clone())
+                .collect();
+            if wanted.iter().all(|id| got.contains(*id)) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let all = received.lock().unwrap().len();
+    let unique: HashSet<String> = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(id, _)| id.clone())
+        .collect();
+    let missing = wanted.iter().filter(|id| !unique.contains(**id)).count();
+    eprintln!(
+        "{what}: {} confirmed, {refused} refused during the fault, {all} received, {} duplicates, {missing} confirmed but missing",
+        accepted.len(),
+        all - unique.len()
+    );
+    assert!(
+        done.is_ok(),
+        "{what}: {missing} confirmed messages were never delivered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_killed() {
+    let _node = NODE.lock().await;
+    let vhost = Vhost::new();
+    let topic = "fault.connection-kill";
+    let consumer = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let received = collect(&consumer, topic).await;
+    let publisher = RabbitBroker::connect(vhost.config()).await.unwrap();
+
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    let mut killed_at = None;
+    for batch in 0..MESSAGES / 100 {
+        if batch == MESSAGES / 400 {
+            let vhost_name = vhost.0.clone();
+            tokio::task::spawn_blocking(move || {
+                rabbitmqctl(&[
+                    "close_all_connections",
+                    "-p",
+                    &vhost_name,
+                    "helix fault test",
+                ]);
+            })
+            .await
+            .unwrap();
+            killed_at = Some(Instant::now());
+        }
+        let ids: Vec<String> = (0..100).map(|i| format!("m{}", batch * 100 + i)).collect();
+        let messages = ids
+            .iter()
+            .map(|id| Message::new("x").with_id(id.clone()))
+            .collect();
+        let report = publisher.publish_batch(topic, messages).await;
+        let failed: HashSet<usize> = report.failures().iter().map(|(i, _)| *i).collect();
+        for (err_index, err) in report.failures().iter().take(1) {
+            assert!(err.is_retryable(), "message {err_index}: {err}");
+        }
+        refused += failed.len();
+        accepted.extend(
+            ids.into_iter()
+                .enumerate()
+                .filter(|(i, _)| !failed.contains(i))
+                .map(|(_, id)| id),
+        );
+        if !failed.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    expect_all_delivered("connection kill", &accepted, refused, &received).await;
+
+    let killed_at = killed_at.expect("connections were killed");
+    let resumed = received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(_, at)| *at)
+        .filter(|at| *at > killed_at)
+        .min()
+        .expect("deliveries after the kill");
+    let gap = resumed - killed_at;
+    eprintln!("connection kill: first delivery {gap:?} after the connections were closed");
+    assert!(
+        gap <= Duration::from_secs(5),
+        "consumers resumed only after {gap:?}"
+    );
+    publisher.close().await.unwrap();
+    consumer.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_confirmed_publish_survives_a_broker_restart() {
+    const PUBLISHERS: usize = 8;
+    let _node = NODE.lock().await;
+    let vhost = Vhost::new();
+    let topic = "fault.restart";
+    let consumer = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let received = collect(&consumer, topic).await;
+    let publisher = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+
+    let _keep_running = KeepRunning;
+    let restarter = {
+        let accepted = accepted.clone();
+        tokio::spawn(async move {
+            while accepted.lock().unwrap().len() < MESSAGES / 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::task::spawn_blocking(|| {
+                rabbitmqctl(&["stop_app"]);
+                std::thread::sleep(Duration::from_secs(1));
+                rabbitmqctl(&["start_app"]);
+                rabbitmqctl(&["await_startup", "--timeout", "60"]);
+            })
+            .await
+            .unwrap();
+        })
+    };
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let (publisher, accepted, refused) =
+                (publisher.clone(), accepted.clone(), refused.clone());
+            tokio::spawn(async move {
+                for i in 0..MESSAGES / PUBLISHERS {
+                    let id = format!("p{p}-{i}");
+                    match publisher
+                        .publish(topic, Message::new("x").with_id(id.clone()))
+                        .await
+                    {
+                        Ok(()) => accepted.lock().unwrap().push(id),
+                        Err(err) => {
+                            assert!(
+                                err.is_retryable()
+                                    || err.kind() == helix_messaging_core::ErrorKind::Rejected,
+                                "{err}"
+                            );
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    restarter.await.unwrap();
+    let accepted = accepted.lock().unwrap().clone();
+    let refused = refused.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(refused > 0, "the restart happened while publishing");
+    expect_all_delivered("broker restart", &accepted, refused, &received).await;
+    publisher.close().await.unwrap();
+    consumer.close().await.unwrap();
+}
