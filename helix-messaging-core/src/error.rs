@@ -164,6 +164,24 @@ impl Error {
     }
 }
 
+/// Run `future`, failing with a retryable [`ErrorKind::Timeout`] naming `what` (for example
+/// "connecting to amqp://…") if it takes longer than `limit`.
+///
+/// # Errors
+/// [`ErrorKind::Timeout`] when the limit passes first.
+pub async fn within<T>(
+    limit: std::time::Duration,
+    what: impl fmt::Display,
+    future: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    tokio::time::timeout(limit, future).await.map_err(|_| {
+        Error::new(
+            ErrorKind::Timeout,
+            format!("{what} took longer than {limit:?}"),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,6 +207,18 @@ mod tests {
                 .with_retryable(false)
                 .is_retryable()
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn within_names_what_took_too_long_and_passes_results_through() {
+        let limit = std::time::Duration::from_secs(5);
+        let late = within(limit, "connecting to amqp://h", std::future::pending::<()>())
+            .await
+            .expect_err("never finishes");
+        assert_eq!(late.kind(), ErrorKind::Timeout);
+        assert!(late.is_retryable());
+        assert_eq!(late.message(), "connecting to amqp://h took longer than 5s");
+        assert_eq!(within(limit, "x", async { 7 }).await.expect("in time"), 7);
     }
 
     #[test]

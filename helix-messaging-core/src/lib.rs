@@ -18,7 +18,7 @@ pub use broker::{
 };
 pub use capabilities::Capabilities;
 pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
-pub use error::{BoxError, Error, ErrorKind, Result};
+pub use error::{BoxError, Error, ErrorKind, Result, within};
 pub use message::{Headers, MAX_PRIORITY, Message};
 pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};
 pub use runner::{

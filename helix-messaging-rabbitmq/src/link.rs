@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use helix_messaging_core::{Error, ErrorKind, Result};
+use helix_messaging_core::{Error, ErrorKind, Result, within};
 use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -35,20 +35,12 @@ impl Link {
     /// Connect, open the publishing channel and declare the exchange.
     pub(crate) async fn open(config: &RabbitConfig) -> Result<Link> {
         let address = config.address();
-        let connection = tokio::time::timeout(
+        let connection = within(
             config.connect_timeout,
+            format!("connecting to {address}"),
             Connection::connect_uri(config.uri(), ConnectionProperties::default()),
         )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "connecting to {address} took longer than {:?}",
-                    config.connect_timeout
-                ),
-            )
-        })?
+        .await?
         .map_err(|e| from_lapin(e, format!("connecting to {address}")))?;
         let publisher = connection
             .create_channel()

@@ -1,21 +1,13 @@
 //! The RabbitMQ backend runs the conformance suite against the real server on 127.0.0.1:5672
 //! (`RABBITMQ_URL` overrides). A server that cannot be reached fails the test.
 
+mod common;
+
 use std::sync::Arc;
-use std::time::Duration;
 
 use helix_messaging_core::Broker;
-use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+use helix_messaging_rabbitmq::RabbitBroker;
 use helix_messaging_testkit::Conformance;
-
-fn config() -> RabbitConfig {
-    let url = std::env::var("RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let mut config = RabbitConfig::new(&url).expect("RABBITMQ_URL");
-    // Group queues of the suite's random groups remove themselves once unused.
-    config.group_queue_expires = Some(Duration::from_secs(30));
-    config
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_passes_the_conformance_suite() {
@@ -23,7 +15,7 @@ async fn rabbitmq_passes_the_conformance_suite() {
     // implemented yet, so the backend does not declare it.
     let no_history = "RabbitMQ queues keep no history; stream-queue replay is not implemented yet";
     Conformance::new("rabbitmq", || async {
-        Ok(Arc::new(RabbitBroker::connect(config()).await?) as Arc<dyn Broker>)
+        Ok(Arc::new(RabbitBroker::connect(common::config()).await?) as Arc<dyn Broker>)
     })
     .expect_skipped("read_range_returns_exactly_the_window", no_history)
     .expect_skipped("new_group_starts_from_earliest", no_history)

@@ -1,22 +1,16 @@
 //! RabbitMQ-specific behaviour against the real server.
 
+mod common;
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
-use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
-
-fn config() -> RabbitConfig {
-    let url = std::env::var("RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let mut config = RabbitConfig::new(&url).expect("RABBITMQ_URL");
-    config.group_queue_expires = Some(Duration::from_secs(30));
-    config
-}
+use helix_messaging_rabbitmq::RabbitBroker;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_no_queue_can_take_is_an_error_not_a_silent_ack() {
-    let broker = RabbitBroker::connect(config()).await.unwrap();
+    let broker = RabbitBroker::connect(common::config()).await.unwrap();
     let topic = helix_messaging_testkit::fresh_name("unroutable");
     let err = broker
         .publish(&topic, Message::new("nobody is bound"))
@@ -58,7 +52,7 @@ async fn a_publish_no_queue_can_take_is_an_error_not_a_silent_ack() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_dropped_unacked_comes_back_as_a_redelivery() {
-    let broker = RabbitBroker::connect(config()).await.unwrap();
+    let broker = RabbitBroker::connect(common::config()).await.unwrap();
     let topic = helix_messaging_testkit::fresh_name("redelivered");
     let group = helix_messaging_testkit::fresh_name("g");
     let mut first = broker

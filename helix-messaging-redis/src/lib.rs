@@ -34,9 +34,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use backon::{ExponentialBuilder, Retryable};
 use helix_messaging_core::{
-    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
-    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
-    check_payload_size, validate_name,
+    BatchReport, Broker, Capabilities, Error, Health, HealthStatus, HistoryStream, Message,
+    Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size,
+    validate_name, within,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
@@ -214,20 +214,12 @@ impl RedisBroker {
         let address = config.address();
         // One direct attempt first, so an unreachable server or a refused certificate is
         // reported at once rather than after the manager's reconnect backoff.
-        tokio::time::timeout(
+        within(
             config.connect_timeout,
+            format!("connecting to {address}"),
             client.get_multiplexed_async_connection(),
         )
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Timeout,
-                format!(
-                    "connecting to {address} took longer than {:?}",
-                    config.connect_timeout
-                ),
-            )
-        })?
+        .await?
         .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))

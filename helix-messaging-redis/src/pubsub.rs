@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{
     Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, Result, Settlement, StartPosition,
-    SubscribeOptions, Subscription,
+    SubscribeOptions, Subscription, within,
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -56,21 +56,14 @@ pub(crate) async fn subscribe(
 
 async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
     let address = shared.config.address();
-    let mut connection = tokio::time::timeout(
+    let doing = format!("connecting to {address} for SUBSCRIBE");
+    let mut connection = within(
         shared.config.connect_timeout,
+        &doing,
         shared.client.get_async_pubsub(),
     )
-    .await
-    .map_err(|_| {
-        Error::new(
-            ErrorKind::Timeout,
-            format!(
-                "connecting to {address} for SUBSCRIBE took longer than {:?}",
-                shared.config.connect_timeout
-            ),
-        )
-    })?
-    .map_err(|e| from_redis(e, format!("connecting to {address} for SUBSCRIBE")))?;
+    .await?
+    .map_err(|e| from_redis(e, &doing))?;
     connection
         .subscribe(topic)
         .await
