@@ -212,9 +212,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn within_names_what_took_too_long_and_passes_results_through() {
         let limit = std::time::Duration::from_secs(5);
-        let late = within(limit, "connecting to amqp://h", std::future::pending::<()>())
-            .await
-            .expect_err("never finishes");
+        let late = within(
+            limit,
+            "connecting to amqp://h",
+            std::future::pending::<()>(),
+        )
+        .await
+        .expect_err("never finishes");
         assert_eq!(late.kind(), ErrorKind::Timeout);
         assert!(late.is_retryable());
         assert_eq!(late.message(), "connecting to amqp://h took longer than 5s");
