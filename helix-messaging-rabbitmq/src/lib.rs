@@ -33,7 +33,7 @@ use futures::StreamExt;
 use helix_messaging_core::{
     Acknowledge, BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Delivery, Error, ErrorKind,
     Health, Message, Publisher, Result, Settlement, StartPosition, SubscribeOptions, Subscriber,
-    Subscription, check_payload_size, validate_name,
+    Subscription, check_payload_size, validate_name, within,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -262,8 +262,22 @@ struct SubscriptionSpec {
     prefetch: u16,
 }
 
-/// Declare the queue, bind it, set the prefetch and start consuming on a new channel.
+/// Declare the queue, bind it, set the prefetch and start consuming on a new channel, within
+/// the connect timeout (a broker that is still starting may never answer).
 async fn open_consumer(
+    shared: &Shared,
+    spec: &SubscriptionSpec,
+    link: &Link,
+) -> Result<(Channel, lapin::Consumer, String)> {
+    within(
+        shared.config().connect_timeout,
+        format!("setting up the consumer for {}", spec.topic),
+        open_consumer_unbounded(shared, spec, link),
+    )
+    .await?
+}
+
+async fn open_consumer_unbounded(
     shared: &Shared,
     spec: &SubscriptionSpec,
     link: &Link,

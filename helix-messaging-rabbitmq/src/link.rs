@@ -32,8 +32,19 @@ impl Link {
         self.connection.status().connected() && self.publisher.status().connected()
     }
 
-    /// Connect, open the publishing channel and declare the exchange.
+    /// Connect, open the publishing channel and declare the exchange, all within the connect
+    /// timeout: against a broker that is still starting, any of these can otherwise wait
+    /// forever.
     pub(crate) async fn open(config: &RabbitConfig) -> Result<Link> {
+        within(
+            config.connect_timeout,
+            format!("setting up the connection to {}", config.address()),
+            Link::open_unbounded(config),
+        )
+        .await?
+    }
+
+    async fn open_unbounded(config: &RabbitConfig) -> Result<Link> {
         let address = config.address();
         let connection = within(
             config.connect_timeout,

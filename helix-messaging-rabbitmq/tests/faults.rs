@@ -47,6 +47,7 @@ impl Vhost {
         config.max_reconnect_delay = Duration::from_millis(500);
         config.reconnect_attempts = 200;
         config.publish_timeout = Duration::from_secs(10);
+        config.connect_timeout = Duration::from_secs(5);
         config
     }
 }
