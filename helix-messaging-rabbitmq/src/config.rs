@@ -2,6 +2,7 @@
 //! `Debug`, `Display`, logs or errors (lapin's URI type prints it, so it stays inside).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use helix_messaging_core::{DEFAULT_PREFETCH, Error, Result};
@@ -33,6 +34,9 @@ pub struct RabbitConfig {
     pub group_queue_expires: Option<Duration>,
     /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
+    /// PEM file of the CA that signed an `amqps://` server's certificate, when the system
+    /// trust store does not cover it (`RABBITMQ_TLS_CA_CERT`).
+    pub tls_ca_cert: Option<PathBuf>,
     /// Longest wait to connect. Default 10 s.
     pub connect_timeout: Duration,
     /// Longest wait for a publish and its confirm; past it the publish fails with a
@@ -77,6 +81,7 @@ impl RabbitConfig {
             max_priority: 10,
             group_queue_expires: None,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            tls_ca_cert: None,
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(10),
@@ -97,7 +102,8 @@ impl RabbitConfig {
     /// Settings from variables read through `lookup`: `RABBITMQ_URL`, or else
     /// `RABBITMQ_HOST` (default `localhost`), `RABBITMQ_PORT` (5672), `RABBITMQ_USER`
     /// (`guest`), `RABBITMQ_PASSWORD` (`guest`), `RABBITMQ_VHOST` (`/`); plus
-    /// `RABBITMQ_EXCHANGE`, `RABBITMQ_PREFETCH_COUNT`, `RABBITMQ_PUBLISHER_CONFIRM`.
+    /// `RABBITMQ_EXCHANGE`, `RABBITMQ_PREFETCH_COUNT`, `RABBITMQ_PUBLISHER_CONFIRM`,
+    /// `RABBITMQ_TLS_CA_CERT`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
@@ -135,6 +141,7 @@ impl RabbitConfig {
                 })
             }
         };
+        config.tls_ca_cert = var("RABBITMQ_TLS_CA_CERT").map(PathBuf::from);
         if let Some(exchange) = var("RABBITMQ_EXCHANGE") {
             config.exchange = exchange;
         }
@@ -179,6 +186,23 @@ impl RabbitConfig {
         )
     }
 
+    /// The TLS settings for the connection: the configured CA, if any.
+    pub(crate) fn tls(&self) -> Result<lapin::tcp::OwnedTLSConfig> {
+        let cert_chain = match &self.tls_ca_cert {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(path).map_err(|e| {
+                Error::config(
+                    "RABBITMQ_TLS_CA_CERT",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?),
+        };
+        Ok(lapin::tcp::OwnedTLSConfig {
+            identity: None,
+            cert_chain,
+        })
+    }
+
     pub(crate) fn uri(&self) -> AMQPUri {
         let mut uri = self.uri.clone();
         uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
@@ -197,6 +221,7 @@ impl fmt::Debug for RabbitConfig {
             .field("max_priority", &self.max_priority)
             .field("group_queue_expires", &self.group_queue_expires)
             .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("tls_ca_cert", &self.tls_ca_cert)
             .field("connect_timeout", &self.connect_timeout)
             .field("publish_timeout", &self.publish_timeout)
             .field("heartbeat", &self.heartbeat)
@@ -233,12 +258,14 @@ mod tests {
             ("RABBITMQ_VHOST", "/"),
             ("RABBITMQ_PREFETCH_COUNT", "25"),
             ("RABBITMQ_PUBLISHER_CONFIRM", "false"),
+            ("RABBITMQ_TLS_CA_CERT", "/etc/helix/ca.pem"),
         ]))
         .unwrap();
         assert_eq!(config.address(), "amqp://helixagent@10.0.0.5:5673//");
         assert_eq!(config.uri.authority.userinfo.password, "pa/ss@word");
         assert_eq!(config.prefetch_count, 25);
         assert!(!config.publisher_confirm);
+        assert_eq!(config.tls_ca_cert, Some(PathBuf::from("/etc/helix/ca.pem")));
         let defaults = RabbitConfig::from_vars(vars(&[])).unwrap();
         assert_eq!(defaults.address(), "amqp://guest@localhost:5672//");
         assert!(defaults.publisher_confirm);

@@ -587,39 +587,46 @@ struct RabbitAcker {
 impl Acknowledge for RabbitAcker {
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
         let queue = &self.context.queue;
-        let settled = match outcome {
-            Settlement::Ack => self.acker.ack(BasicAckOptions::default()).await,
-            Settlement::Reject => {
-                self.acker
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-            }
-            Settlement::Requeue => {
-                // A copy carrying the attempt count, then the original acked: classic queues
-                // keep no delivery count, so this is how the next attempt knows its number.
-                let shared = &self.context.shared;
-                let copied = match shared
-                    .start_publish("", queue, &self.message, Some(self.attempt))
-                    .await
-                {
-                    Ok(confirm) => shared.confirmed(queue, confirm).await,
-                    Err(err) => Err(err),
-                };
-                match copied {
-                    Ok(()) => self.acker.ack(BasicAckOptions::default()).await,
-                    Err(err) => {
-                        tracing::warn!(queue, error = %err, "requeue copy failed; requeueing natively");
-                        self.acker
-                            .nack(BasicNackOptions {
-                                requeue: true,
-                                ..BasicNackOptions::default()
-                            })
-                            .await
+        let limit = self.context.shared.config().publish_timeout;
+        // Settling on a channel whose connection just died may never be answered; the
+        // delivery is then redelivered by the broker anyway, so the caller gets an error
+        // instead of waiting forever.
+        let settle = async {
+            match outcome {
+                Settlement::Ack => self.acker.ack(BasicAckOptions::default()).await,
+                Settlement::Reject => {
+                    self.acker
+                        .reject(BasicRejectOptions { requeue: false })
+                        .await
+                }
+                Settlement::Requeue => {
+                    // A copy carrying the attempt count, then the original acked: classic queues
+                    // keep no delivery count, so this is how the next attempt knows its number.
+                    let shared = &self.context.shared;
+                    let copied = match shared
+                        .start_publish("", queue, &self.message, Some(self.attempt))
+                        .await
+                    {
+                        Ok(confirm) => shared.confirmed(queue, confirm).await,
+                        Err(err) => Err(err),
+                    };
+                    match copied {
+                        Ok(()) => self.acker.ack(BasicAckOptions::default()).await,
+                        Err(err) => {
+                            tracing::warn!(queue, error = %err, "requeue copy failed; requeueing natively");
+                            self.acker
+                                .nack(BasicNackOptions {
+                                    requeue: true,
+                                    ..BasicNackOptions::default()
+                                })
+                                .await
+                        }
                     }
                 }
             }
         };
-        settled
+        within(limit, format!("settling a delivery from {queue}"), settle)
+            .await?
             .map(|_| ())
             .map_err(|e| from_lapin(e, format!("settling a delivery from {queue}")))
     }

@@ -46,10 +46,17 @@ impl Link {
 
     async fn open_unbounded(config: &RabbitConfig) -> Result<Link> {
         let address = config.address();
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| from_lapin(e, "finding the Tokio runtime"))?;
         let connection = within(
             config.connect_timeout,
             format!("connecting to {address}"),
-            Connection::connect_uri(config.uri(), ConnectionProperties::default()),
+            Connection::connect_uri_with_config(
+                config.uri(),
+                ConnectionProperties::default(),
+                config.tls()?,
+                runtime,
+            ),
         )
         .await?
         .map_err(|e| from_lapin(e, format!("connecting to {address}")))?;

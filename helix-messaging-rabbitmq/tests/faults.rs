@@ -16,6 +16,18 @@ const MESSAGES: usize = 20_000;
 /// Both tests act on the whole node; they must not overlap.
 static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The adapter's warnings (reconnects, consumers re-created) in the test output, so a failure
+/// shows what supervision was doing.
+fn log_to_stderr() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "helix_messaging_rabbitmq=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 fn rabbitmqctl(args: &[&str]) -> String {
     let out = Command::new("rabbitmqctl")
         .args(args)
@@ -213,6 +225,7 @@ async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_kil
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_confirmed_publish_survives_a_broker_restart() {
     const PUBLISHERS: usize = 8;
+    log_to_stderr();
     let _node = NODE.lock().await;
     let vhost = Vhost::new();
     let topic = "fault.restart";

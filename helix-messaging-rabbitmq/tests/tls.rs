@@ -1,0 +1,176 @@
+//! amqps against a RabbitMQ TLS listener that the test starts at run time on a free port,
+//! with a CA and server certificate it generates; the listener is stopped afterwards, even
+//! when the test fails. No broker configuration file is touched.
+
+mod common;
+
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+
+fn run(program: &str, args: &[&str], dir: &Path) {
+    let status = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed");
+}
+
+/// A CA and a server certificate for 127.0.0.1, readable by the broker's own user.
+fn certificates() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("helix-amqps-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=helix-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ],
+        &dir,
+    );
+    run(
+        "openssl",
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+        ],
+        &dir,
+    );
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+            "-out",
+            "server.pem",
+        ],
+        &dir,
+    );
+    for file in ["ca.pem", "server.pem", "server.key"] {
+        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    dir
+}
+
+/// A TLS listener on the running broker; stopped when dropped.
+struct TlsListener {
+    port: u16,
+    certs: PathBuf,
+}
+
+impl TlsListener {
+    fn start() -> TlsListener {
+        let certs = certificates();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let file = |name: &str| certs.join(name).display().to_string();
+        let expr = format!(
+            "rabbit_networking:start_ssl_listener({port}, [{{cacertfile, \"{}\"}}, {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {{verify, verify_none}}, {{fail_if_no_peer_cert, false}}], 1, 1).",
+            file("ca.pem"),
+            file("server.pem"),
+            file("server.key")
+        );
+        run("rabbitmqctl", &["eval", &expr], &certs);
+        TlsListener { port, certs }
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        let expr = format!("rabbit_networking:stop_tcp_listener({}).", self.port);
+        let _ = Command::new("rabbitmqctl").args(["eval", &expr]).output();
+        let _ = std::fs::remove_dir_all(&self.certs);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_the_test_ca_round_trips_and_an_untrusted_certificate_is_refused() {
+    let listener = TlsListener::start();
+    let url = format!("amqps://guest:guest@127.0.0.1:{}/%2f", listener.port);
+
+    let mut config = RabbitConfig::new(&url).unwrap();
+    config.tls_ca_cert = Some(listener.certs.join("ca.pem"));
+    config.group_queue_expires = common::config().group_queue_expires;
+    let broker = RabbitBroker::connect(config)
+        .await
+        .expect("amqps connection");
+    assert!(broker.config().address().starts_with("amqps://"));
+    let topic = helix_messaging_testkit::fresh_name("tls");
+    let mut sub = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::group(helix_messaging_testkit::fresh_name("g")),
+        )
+        .await
+        .unwrap();
+    let m = Message::new("over TLS").with_header("secure", "yes");
+    broker.publish(&topic, m.clone()).await.unwrap();
+    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("delivery in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(d.message().id(), m.id());
+    assert_eq!(d.message().header("secure"), Some("yes"));
+    d.ack().await.unwrap();
+    broker.close().await.unwrap();
+
+    // Without the test CA the server's certificate is not trusted.
+    let mut untrusted = RabbitConfig::new(&url).unwrap();
+    untrusted.connect_timeout = Duration::from_secs(5);
+    let err = RabbitBroker::connect(untrusted)
+        .await
+        .expect_err("untrusted certificate");
+    assert!(
+        err.to_string().contains("certificate verify failed"),
+        "refused for the wrong reason: {err}"
+    );
+}
