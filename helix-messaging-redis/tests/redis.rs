@@ -128,7 +128,14 @@ async fn reclaimer_hands_a_dead_consumers_entries_to_another_member_after_the_de
             d.info().redelivered,
             "reclaimed delivery is flagged redelivered"
         );
-        assert_eq!(d.attempt(), 2, "attempt comes from the delivery count");
+        // At least the second delivery. Exact counting is covered by the conformance suite;
+        // here a heavily loaded machine may legitimately let the survivor's own reclaimer
+        // take an entry again before the test acks it.
+        assert!(
+            d.attempt() >= 2,
+            "a taken-over entry counts as a further attempt, got {}",
+            d.attempt()
+        );
         got.insert(d.message().id().to_owned());
         d.ack().await.unwrap();
     }
