@@ -2,9 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
-use futures::StreamExt;
 use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::RabbitBroker;
 
@@ -40,11 +37,7 @@ async fn a_publish_no_queue_can_take_is_an_error_not_a_silent_ack() {
         .publish(&topic, Message::new("now routable"))
         .await
         .unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("delivery in time")
-        .unwrap()
-        .unwrap();
+    let d = common::recv(&mut sub).await;
     assert_eq!(d.message().payload().as_ref(), b"now routable");
     d.ack().await.unwrap();
     broker.close().await.unwrap();
@@ -60,11 +53,7 @@ async fn a_message_dropped_unacked_comes_back_as_a_redelivery() {
         .await
         .unwrap();
     broker.publish(&topic, Message::new("x")).await.unwrap();
-    let held = tokio::time::timeout(Duration::from_secs(10), first.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let held = common::recv(&mut first).await;
     assert_eq!(held.attempt(), 1);
     drop(held);
     drop(first);
@@ -72,11 +61,7 @@ async fn a_message_dropped_unacked_comes_back_as_a_redelivery() {
         .subscribe(&topic, SubscribeOptions::group(&group))
         .await
         .unwrap();
-    let again = tokio::time::timeout(Duration::from_secs(10), second.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let again = common::recv(&mut second).await;
     assert!(
         again.info().redelivered,
         "RabbitMQ flags the native redelivery"

@@ -5,12 +5,10 @@
 mod common;
 
 use std::net::TcpListener;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use futures::StreamExt;
 use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 
@@ -25,75 +23,10 @@ fn run(program: &str, args: &[&str], dir: &Path) {
     assert!(status.success(), "{program} {args:?} failed");
 }
 
-/// A CA and a server certificate for 127.0.0.1, readable by the broker's own user.
+/// A fresh directory with a test CA and a server certificate for 127.0.0.1.
 fn certificates() -> PathBuf {
     let dir = std::env::temp_dir().join(format!("helix-amqps-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    run(
-        "openssl",
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=helix-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-        &dir,
-    );
-    run(
-        "openssl",
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-        &dir,
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    run(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ],
-        &dir,
-    );
-    for file in ["ca.pem", "server.pem", "server.key"] {
-        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644)).unwrap();
-    }
+    helix_messaging_testkit::test_certificates(&dir);
     dir
 }
 
@@ -153,11 +86,7 @@ async fn amqps_with_the_test_ca_round_trips_and_an_untrusted_certificate_is_refu
         .unwrap();
     let m = Message::new("over TLS").with_header("secure", "yes");
     broker.publish(&topic, m.clone()).await.unwrap();
-    let d = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("delivery in time")
-        .unwrap()
-        .unwrap();
+    let d = common::recv(&mut sub).await;
     assert_eq!(d.message().id(), m.id());
     assert_eq!(d.message().header("secure"), Some("yes"));
     d.ack().await.unwrap();

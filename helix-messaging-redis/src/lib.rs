@@ -206,9 +206,10 @@ impl RedisBroker {
     /// themselves).
     ///
     /// # Errors
-    /// [`ErrorKind::Config`] for unusable settings (unreadable CA file, refused
-    /// credentials), [`ErrorKind::Connection`] / [`ErrorKind::Timeout`] when the server
-    /// cannot be reached.
+    /// [`Config`](helix_messaging_core::ErrorKind::Config) for unusable settings (unreadable
+    /// CA file, refused credentials), [`Connection`](helix_messaging_core::ErrorKind::Connection)
+    /// or [`Timeout`](helix_messaging_core::ErrorKind::Timeout) when the server cannot be
+    /// reached.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         let client = config.client()?;
         let address = config.address();

@@ -311,7 +311,7 @@ async fn pubsub_client_ids(url: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_connections_work_in_both_modes_and_verify_the_server() {
     let certs = common::temp_dir("certs");
-    common::make_certificates(&certs);
+    helix_messaging_testkit::test_certificates(&certs);
     let tls_port = common::free_port();
     let cert = |f: &str| certs.join(f).display().to_string();
     let (server_pem, server_key, ca_pem) = (cert("server.pem"), cert("server.key"), cert("ca.pem"));

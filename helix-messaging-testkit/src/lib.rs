@@ -24,6 +24,7 @@
 //! ```
 
 pub mod cases;
+mod certs;
 mod helpers;
 
 use std::any::Any;
@@ -36,6 +37,7 @@ use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{Broker, Capabilities, Result};
 
+pub use certs::test_certificates;
 pub use helpers::{Ctx, Settings, env_lookup, fresh_name};
 
 /// A capability a case needs.
