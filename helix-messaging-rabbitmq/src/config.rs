@@ -8,6 +8,8 @@ use std::time::Duration;
 use helix_messaging_core::{DEFAULT_PREFETCH, Error, Result};
 use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
 
+use crate::topology::{ExchangeType, Queue, Topology};
+
 /// Largest payload accepted by default: 32 MiB (RabbitMQ's own limit is 128 MiB; messages
 /// that large hurt every queue they pass through).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 32 * 1024 * 1024;
@@ -53,6 +55,22 @@ pub struct RabbitConfig {
     pub reconnect_delay: Duration,
     /// Longest pause between reconnection attempts. Default 5 s.
     pub max_reconnect_delay: Duration,
+    /// Queue that rejected messages of every consumer group are dead-lettered to
+    /// (`x-dead-letter-exchange` `""`, `x-dead-letter-routing-key` this name), declared
+    /// with the seeds' limits (7 days, 100,000 messages). `RABBITMQ_DEAD_LETTER_QUEUE`,
+    /// default `helixagent.dlq`; `none` turns dead-lettering off, and `reject` then drops.
+    pub dead_letter_queue: Option<String>,
+    /// Keep every published message in a stream queue (`<exchange>.journal`, bound to the
+    /// exchange with `#`), which makes history readable by time range and lets a new group
+    /// start from it (`RABBITMQ_REPLAY_JOURNAL`, default false: it writes every message a
+    /// second time). With it on, no publish is unroutable: the journal takes every one.
+    pub replay_journal: bool,
+    /// How long the journal keeps messages (its `x-max-age`). Default 7 days.
+    pub journal_max_age: Duration,
+    /// Largest difference expected between the publishers' clocks and the broker's: a read
+    /// of the journal starts this much before the window, since the journal is positioned by
+    /// the broker's append time and the window filtered by the message timestamps. Default 5 s.
+    pub journal_clock_skew: Duration,
 }
 
 impl RabbitConfig {
@@ -88,7 +106,32 @@ impl RabbitConfig {
             reconnect_attempts: 100,
             reconnect_delay: Duration::from_millis(100),
             max_reconnect_delay: Duration::from_secs(5),
+            dead_letter_queue: Some(crate::topology::HELIXAGENT_DLQ.to_owned()),
+            replay_journal: false,
+            journal_max_age: Duration::from_secs(7 * 24 * 3600),
+            journal_clock_skew: Duration::from_secs(5),
         }
+    }
+
+    /// Name of the journal stream of [`RabbitConfig::replay_journal`].
+    pub fn journal_queue(&self) -> String {
+        format!("{}.journal", self.exchange)
+    }
+
+    /// What this backend itself needs declared on every connection: the exchange, the
+    /// dead-letter queue and the journal, as configured.
+    pub(crate) fn base_topology(&self) -> Topology {
+        let mut topology = Topology::new().exchange(self.exchange.as_str(), ExchangeType::Topic);
+        if let Some(dlq) = &self.dead_letter_queue {
+            topology = topology.queue(Topology::helixagent_dlq(dlq));
+        }
+        if self.replay_journal {
+            let journal = self.journal_queue();
+            topology = topology
+                .queue(Queue::stream(&journal, self.journal_max_age))
+                .bind(journal, self.exchange.as_str(), "#");
+        }
+        topology
     }
 
     /// Settings from the process environment; see [`RabbitConfig::from_vars`].
@@ -103,7 +146,7 @@ impl RabbitConfig {
     /// `RABBITMQ_HOST` (default `localhost`), `RABBITMQ_PORT` (5672), `RABBITMQ_USER`
     /// (`guest`), `RABBITMQ_PASSWORD` (`guest`), `RABBITMQ_VHOST` (`/`); plus
     /// `RABBITMQ_EXCHANGE`, `RABBITMQ_PREFETCH_COUNT`, `RABBITMQ_PUBLISHER_CONFIRM`,
-    /// `RABBITMQ_TLS_CA_CERT`.
+    /// `RABBITMQ_TLS_CA_CERT`, `RABBITMQ_DEAD_LETTER_QUEUE`, `RABBITMQ_REPLAY_JOURNAL`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
@@ -159,16 +202,13 @@ impl RabbitConfig {
                     })?;
         }
         if let Some(confirm) = var("RABBITMQ_PUBLISHER_CONFIRM") {
-            config.publisher_confirm = match confirm.to_ascii_lowercase().as_str() {
-                "true" | "1" | "yes" | "on" => true,
-                "false" | "0" | "no" | "off" => false,
-                _ => {
-                    return Err(Error::config(
-                        "RABBITMQ_PUBLISHER_CONFIRM",
-                        format!("expected true or false, got {confirm:?}"),
-                    ));
-                }
-            };
+            config.publisher_confirm = flag("RABBITMQ_PUBLISHER_CONFIRM", &confirm)?;
+        }
+        if let Some(journal) = var("RABBITMQ_REPLAY_JOURNAL") {
+            config.replay_journal = flag("RABBITMQ_REPLAY_JOURNAL", &journal)?;
+        }
+        if let Some(dlq) = var("RABBITMQ_DEAD_LETTER_QUEUE") {
+            config.dead_letter_queue = (!dlq.eq_ignore_ascii_case("none")).then_some(dlq);
         }
         Ok(config)
     }
@@ -210,6 +250,18 @@ impl RabbitConfig {
     }
 }
 
+/// A boolean variable's value.
+fn flag(variable: &str, value: &str) -> Result<bool> {
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(Error::config(
+            variable,
+            format!("expected true or false, got {value:?}"),
+        )),
+    }
+}
+
 impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
@@ -228,6 +280,10 @@ impl fmt::Debug for RabbitConfig {
             .field("reconnect_attempts", &self.reconnect_attempts)
             .field("reconnect_delay", &self.reconnect_delay)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
+            .field("dead_letter_queue", &self.dead_letter_queue)
+            .field("replay_journal", &self.replay_journal)
+            .field("journal_max_age", &self.journal_max_age)
+            .field("journal_clock_skew", &self.journal_clock_skew)
             .finish()
     }
 }
@@ -259,6 +315,8 @@ mod tests {
             ("RABBITMQ_PREFETCH_COUNT", "25"),
             ("RABBITMQ_PUBLISHER_CONFIRM", "false"),
             ("RABBITMQ_TLS_CA_CERT", "/etc/helix/ca.pem"),
+            ("RABBITMQ_REPLAY_JOURNAL", "true"),
+            ("RABBITMQ_DEAD_LETTER_QUEUE", "none"),
         ]))
         .unwrap();
         assert_eq!(config.address(), "amqp://helixagent@10.0.0.5:5673//");
@@ -266,10 +324,17 @@ mod tests {
         assert_eq!(config.prefetch_count, 25);
         assert!(!config.publisher_confirm);
         assert_eq!(config.tls_ca_cert, Some(PathBuf::from("/etc/helix/ca.pem")));
+        assert!(config.replay_journal);
+        assert_eq!(config.dead_letter_queue, None);
         let defaults = RabbitConfig::from_vars(vars(&[])).unwrap();
         assert_eq!(defaults.address(), "amqp://guest@localhost:5672//");
         assert!(defaults.publisher_confirm);
         assert_eq!(defaults.exchange, "helixagent");
+        assert_eq!(
+            defaults.dead_letter_queue.as_deref(),
+            Some("helixagent.dlq")
+        );
+        assert!(!defaults.replay_journal);
     }
 
     #[test]
@@ -283,6 +348,10 @@ mod tests {
             (
                 vec![("RABBITMQ_PUBLISHER_CONFIRM", "maybe")],
                 "RABBITMQ_PUBLISHER_CONFIRM",
+            ),
+            (
+                vec![("RABBITMQ_REPLAY_JOURNAL", "sometimes")],
+                "RABBITMQ_REPLAY_JOURNAL",
             ),
             (vec![("RABBITMQ_URL", "http://x")], "RABBITMQ_URL"),
         ] {

@@ -23,7 +23,9 @@
 
 mod config;
 mod error;
+mod journal;
 mod link;
+mod topology;
 mod wire;
 
 use std::sync::Arc;
@@ -32,8 +34,8 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use helix_messaging_core::{
     Acknowledge, BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Delivery, Error, ErrorKind,
-    Health, Message, Publisher, Result, Settlement, StartPosition, SubscribeOptions, Subscriber,
-    Subscription, check_payload_size, validate_name, within,
+    Health, HistoryStream, Message, Publisher, Result, Settlement, StartPosition, SubscribeOptions,
+    Subscriber, Subscription, TimeRange, check_payload_size, validate_name, within,
 };
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -43,6 +45,10 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation};
 
 pub use config::{DEFAULT_MAX_PAYLOAD_BYTES, RabbitConfig};
+pub use topology::{
+    Binding, Exchange, ExchangeType, HELIXAGENT_DLQ, HELIXAGENT_EVENTS, HELIXAGENT_NOTIFICATIONS,
+    HELIXAGENT_RETRY, HELIXAGENT_TASKS, Queue, QueueType, Topology,
+};
 
 use error::from_lapin;
 use link::{Link, Supervisor};
@@ -59,8 +65,9 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     priority: true,
     ttl: true,
     redeliver_unacked: true,
+    // Needs the replay journal, which is off by default; see `RabbitConfig::replay_journal`.
     replay_by_time: false,
-    native_dlq: false,
+    native_dlq: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -101,6 +108,24 @@ impl Shared {
         attempts_so_far: Option<u32>,
     ) -> Result<lapin::PublisherConfirm> {
         check_payload_size(NAME, message, self.config().max_payload_bytes)?;
+        self.start_publish_raw(
+            exchange,
+            routing_key,
+            message.payload(),
+            wire::properties(message, attempts_so_far),
+        )
+        .await
+    }
+
+    /// [`Shared::start_publish`] of a payload with its AMQP properties as they are (copies of
+    /// received messages).
+    async fn start_publish_raw(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        payload: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<lapin::PublisherConfirm> {
         let link = self
             .supervisor
             .usable()
@@ -112,8 +137,8 @@ impl Shared {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
-            message.payload(),
-            wire::properties(message, attempts_so_far),
+            payload,
+            properties,
         );
         tokio::time::timeout(self.config().publish_timeout, publish)
             .await
@@ -148,7 +173,7 @@ impl Shared {
                 ErrorKind::Rejected,
                 format!(
                     "unroutable: no queue is bound to {routing_key} on exchange {:?} (no consumer group exists for the topic); the broker returned it ({} {})",
-                    self.config().exchange,
+                    returned.delivery.exchange.as_str(),
                     returned.reply_code,
                     returned.reply_text
                 ),
@@ -188,7 +213,7 @@ impl RabbitBroker {
     /// [`ErrorKind::Connection`] / [`ErrorKind::Timeout`] when the server cannot be reached,
     /// [`ErrorKind::Config`] when it refuses the credentials or the vhost.
     pub async fn connect(config: RabbitConfig) -> Result<Self> {
-        let first = Link::open(&config).await?;
+        let first = Link::open(&config, &[]).await?;
         Ok(RabbitBroker {
             shared: Arc::new(Shared {
                 supervisor: Supervisor::new(config, first),
@@ -257,9 +282,12 @@ impl Publisher for RabbitBroker {
 
 /// What a subscription is, so it can be re-created on a new connection.
 struct SubscriptionSpec {
+    /// The topic, or the queue's name for [`RabbitBroker::consume`].
     topic: Arc<str>,
     group: Option<Arc<str>>,
     prefetch: u16,
+    /// Consume this declared queue as it is instead of declaring and binding a group queue.
+    declared_queue: bool,
 }
 
 /// Declare the queue, bind it, set the prefetch and start consuming on a new channel, within
@@ -282,7 +310,6 @@ async fn open_consumer_unbounded(
     spec: &SubscriptionSpec,
     link: &Link,
 ) -> Result<(Channel, lapin::Consumer, String)> {
-    let config = shared.config();
     let lapin_err = |e, doing: String| shared.connection_error(e, doing);
     let channel = link
         .connection
@@ -293,47 +320,11 @@ async fn open_consumer_unbounded(
         .basic_qos(spec.prefetch, BasicQosOptions::default())
         .await
         .map_err(|e| lapin_err(e, "setting the prefetch".into()))?;
-    let private = spec.group.is_none();
-    let mut arguments = FieldTable::default();
-    arguments.insert(
-        "x-max-priority".into(),
-        AMQPValue::ShortShortUInt(config.max_priority),
-    );
-    if let (false, Some(expires)) = (private, config.group_queue_expires) {
-        arguments.insert(
-            "x-expires".into(),
-            AMQPValue::LongUInt(u32::try_from(expires.as_millis()).unwrap_or(u32::MAX)),
-        );
-    }
-    let queue_name = match &spec.group {
-        Some(group) => format!("{}.{group}", spec.topic),
-        None => String::new(),
+    let queue_name = if spec.declared_queue {
+        spec.topic.to_string()
+    } else {
+        declare_group_queue(shared, spec, &channel).await?
     };
-    let queue = channel
-        .queue_declare(
-            queue_name.as_str().into(),
-            QueueDeclareOptions {
-                durable: !private,
-                exclusive: private,
-                auto_delete: private,
-                ..QueueDeclareOptions::default()
-            },
-            arguments,
-        )
-        .await
-        .map_err(|e| lapin_err(e, format!("declaring queue {queue_name:?}")))?;
-    let queue_name = queue.name().as_str().to_owned();
-    // Bound before returning, so every later publish to the topic reaches the queue.
-    channel
-        .queue_bind(
-            queue_name.as_str().into(),
-            config.exchange.as_str().into(),
-            (*spec.topic).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| lapin_err(e, format!("binding {queue_name} to {}", spec.topic)))?;
     let consumer = channel
         .basic_consume(
             queue_name.as_str().into(),
@@ -346,36 +337,158 @@ async fn open_consumer_unbounded(
     Ok((channel, consumer, queue_name))
 }
 
-#[async_trait]
-impl Subscriber for RabbitBroker {
-    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        validate_name("topic", topic)?;
-        if let Some(group) = &options.group {
-            validate_name("group", group)?;
-        }
+/// Declare the subscription's queue and bind it to its topic; returns the queue's name.
+async fn declare_group_queue(
+    shared: &Shared,
+    spec: &SubscriptionSpec,
+    channel: &Channel,
+) -> Result<String> {
+    let config = shared.config();
+    let lapin_err = |e, doing: String| shared.connection_error(e, doing);
+    let private = spec.group.is_none();
+    let mut queue = Queue::classic(match &spec.group {
+        Some(group) => format!("{}.{group}", spec.topic),
+        None => String::new(),
+    })
+    .max_priority(config.max_priority);
+    if let Some(dlq) = &config.dead_letter_queue {
+        queue = queue.dead_letter_to_queue(dlq.as_str());
+    }
+    let mut arguments = queue.arguments();
+    if let (false, Some(expires)) = (private, config.group_queue_expires) {
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(u32::try_from(expires.as_millis()).unwrap_or(u32::MAX)),
+        );
+    }
+    let declared = channel
+        .queue_declare(
+            queue.name.as_str().into(),
+            QueueDeclareOptions {
+                durable: !private,
+                exclusive: private,
+                auto_delete: private,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await
+        .map_err(|e| lapin_err(e, format!("declaring queue {:?}", queue.name)))?;
+    let queue_name = declared.name().as_str().to_owned();
+    // Bound before returning, so every later publish to the topic reaches the queue.
+    channel
+        .queue_bind(
+            queue_name.as_str().into(),
+            config.exchange.as_str().into(),
+            (*spec.topic).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| lapin_err(e, format!("binding {queue_name} to {}", spec.topic)))?;
+    Ok(queue_name)
+}
+
+impl RabbitBroker {
+    /// Declare `topology` now and again on every new connection (after a reconnect, before
+    /// any subscription is re-created).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for inconsistent declarations (nothing is sent then);
+    /// [`ErrorKind::Rejected`] when the broker refuses one, typically because the queue or
+    /// exchange exists with other arguments (the topology is then not remembered);
+    /// [`ErrorKind::Connection`] without a connection.
+    pub async fn declare(&self, topology: Topology) -> Result<()> {
         self.shared.ensure_open()?;
-        if options.start != StartPosition::Latest {
-            return Err(Error::unsupported(
-                NAME,
-                "starting a group from history (queues keep no history before they exist)",
-            ));
-        }
-        let prefetch = if options.prefetch == DEFAULT_PREFETCH {
-            self.shared.config().prefetch_count
-        } else {
-            u16::try_from(options.prefetch).unwrap_or(u16::MAX)
-        };
-        let spec = SubscriptionSpec {
-            topic: Arc::from(topic),
-            group: options.group.as_deref().map(Arc::from),
-            prefetch,
-        };
+        topology.validate()?;
         let link = self
             .shared
             .supervisor
             .usable()
             .ok_or_else(|| self.shared.supervisor.unavailable())?;
+        within(
+            self.shared.config().connect_timeout,
+            "declaring topology",
+            topology.declare_on(&link.connection),
+        )
+        .await??;
+        self.shared.supervisor.remember(topology);
+        Ok(())
+    }
+
+    /// Publish `message` to `exchange` with `routing_key` (for example a task to the seeds'
+    /// `helixagent.tasks` exchange with key `llm`), with the same confirms and `mandatory`
+    /// handling as [`Publisher::publish`].
+    ///
+    /// # Errors
+    /// As [`Publisher::publish`]; [`ErrorKind::Rejected`] when no queue is bound for
+    /// `routing_key`; [`ErrorKind::NotFound`] when the exchange does not exist.
+    pub async fn publish_to(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        message: Message,
+    ) -> Result<()> {
+        self.shared.ensure_open()?;
+        let confirm = self
+            .shared
+            .start_publish(exchange, routing_key, &message, None)
+            .await?;
+        self.shared.confirmed(routing_key, confirm).await
+    }
+
+    /// Consume the declared queue `queue` as it is (no declaration, no binding), for example
+    /// `helixagent.tasks.llm` or the dead-letter queue. Deliveries report the queue's name as
+    /// their topic; otherwise it behaves as a group subscription, re-created after a
+    /// reconnect.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] when the queue does not exist; [`ErrorKind::Closed`],
+    /// [`ErrorKind::Connection`] as for [`Subscriber::subscribe`].
+    pub async fn consume(&self, queue: &str, prefetch: u16) -> Result<Subscription> {
+        self.shared.ensure_open()?;
+        let spec = SubscriptionSpec {
+            topic: Arc::from(queue),
+            group: None,
+            prefetch: prefetch.max(1),
+            declared_queue: true,
+        };
+        self.start_subscription(spec, None).await
+    }
+
+    /// Open the consumer of `spec`; with `history`, first fill its new queue from the journal.
+    async fn start_subscription(
+        &self,
+        spec: SubscriptionSpec,
+        history: Option<Option<std::time::SystemTime>>,
+    ) -> Result<Subscription> {
+        let link = self
+            .shared
+            .supervisor
+            .usable()
+            .ok_or_else(|| self.shared.supervisor.unavailable())?;
+        let fresh = match (&history, &spec.group) {
+            (None, _) => false,
+            (Some(_), None) => true,
+            (Some(_), Some(group)) => {
+                let name = format!("{}.{group}", spec.topic);
+                !journal::queue_exists(&self.shared, &link, &name).await?
+            }
+        };
         let (channel, consumer, queue) = open_consumer(&self.shared, &spec, &link).await?;
+        if let (true, Some(since)) = (fresh, history)
+            && let Err(err) =
+                journal::copy_history(&self.shared, &link, &spec.topic, since, &queue).await
+        {
+            // Without its history the group must not exist, or the next attempt would find it
+            // and skip the history for good.
+            if spec.group.is_some() {
+                let _ = channel
+                    .queue_delete(queue.as_str().into(), Default::default())
+                    .await;
+            }
+            return Err(err);
+        }
         let (topic, group) = (spec.topic.clone(), spec.group.clone());
         let state = ConsumerStream {
             current: Some((consumer, channel, link)),
@@ -397,17 +510,71 @@ impl Subscriber for RabbitBroker {
 }
 
 #[async_trait]
+impl Subscriber for RabbitBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        validate_name("topic", topic)?;
+        if let Some(group) = &options.group {
+            validate_name("group", group)?;
+        }
+        self.shared.ensure_open()?;
+        let history = match options.start {
+            StartPosition::Latest => None,
+            StartPosition::Earliest => Some(None),
+            StartPosition::Time(since) => Some(Some(since)),
+        };
+        if history.is_some() && !self.shared.config().replay_journal {
+            return Err(Error::unsupported(
+                NAME,
+                "starting a group from history without the replay journal (RABBITMQ_REPLAY_JOURNAL=true): queues keep nothing from before they exist",
+            ));
+        }
+        let prefetch = if options.prefetch == DEFAULT_PREFETCH {
+            self.shared.config().prefetch_count
+        } else {
+            u16::try_from(options.prefetch).unwrap_or(u16::MAX)
+        };
+        let spec = SubscriptionSpec {
+            topic: Arc::from(topic),
+            group: options.group.as_deref().map(Arc::from),
+            prefetch,
+            declared_queue: false,
+        };
+        self.start_subscription(spec, history).await
+    }
+}
+
+#[async_trait]
 impl Broker for RabbitBroker {
     fn name(&self) -> &'static str {
         NAME
     }
 
     fn capabilities(&self) -> Capabilities {
+        let config = self.shared.config();
         Capabilities {
-            durable: self.shared.config().publisher_confirm,
-            max_payload_bytes: Some(self.shared.config().max_payload_bytes),
+            durable: config.publisher_confirm,
+            replay_by_time: config.replay_journal,
+            native_dlq: config.dead_letter_queue.is_some(),
+            max_payload_bytes: Some(config.max_payload_bytes),
             ..CAPABILITIES
         }
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        validate_name("topic", topic)?;
+        self.shared.ensure_open()?;
+        if !self.shared.config().replay_journal {
+            return Err(Error::unsupported(
+                NAME,
+                "reading history without the replay journal (RABBITMQ_REPLAY_JOURNAL=true)",
+            ));
+        }
+        let link = self
+            .shared
+            .supervisor
+            .usable()
+            .ok_or_else(|| self.shared.supervisor.unavailable())?;
+        journal::read_range(&self.shared, &link, topic, range).await
     }
 
     async fn health(&self) -> Health {
@@ -516,24 +683,28 @@ impl ConsumerStream {
         }
     }
 
-    /// Close the channel, then drop the consumer: dropped earlier, lapin would cancel it
-    /// concurrently with the close, and the failed cancel can surface as an error elsewhere on
-    /// the connection.
+    /// Close the channel, then drop the consumer (see [`close_consumer`]).
     fn release(&mut self) {
-        let Some((consumer, channel, _)) = self.current.take() else {
-            return;
-        };
-        if !channel.status().connected() {
-            return;
+        if let Some((consumer, channel, _)) = self.current.take() {
+            close_consumer(channel, consumer);
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                if let Err(err) = channel.close(200, "subscription dropped".into()).await {
-                    tracing::debug!(error = %err, "closing a consumer channel");
-                }
-                drop(consumer);
-            });
-        }
+    }
+}
+
+/// Close `channel` in the background, then drop `consumer`: dropped earlier, lapin would
+/// cancel it concurrently with the close, and the failed cancel can surface as an error
+/// elsewhere on the connection. Closing the channel returns its unacked deliveries.
+fn close_consumer(channel: Channel, consumer: lapin::Consumer) {
+    if !channel.status().connected() {
+        return;
+    }
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            if let Err(err) = channel.close(200, "consumer dropped".into()).await {
+                tracing::debug!(error = %err, "closing a consumer channel");
+            }
+            drop(consumer);
+        });
     }
 }
 

@@ -12,13 +12,13 @@ use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
 use helix_messaging_core::{Error, ErrorKind, Result, within};
-use lapin::options::{ConfirmSelectOptions, ExchangeDeclareOptions};
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::options::ConfirmSelectOptions;
+use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
 use crate::RabbitConfig;
 use crate::error::from_lapin;
+use crate::topology::Topology;
 
 /// A live connection and its publishing channel.
 pub(crate) struct Link {
@@ -32,19 +32,19 @@ impl Link {
         self.connection.status().connected() && self.publisher.status().connected()
     }
 
-    /// Connect, open the publishing channel and declare the exchange, all within the connect
-    /// timeout: against a broker that is still starting, any of these can otherwise wait
-    /// forever.
-    pub(crate) async fn open(config: &RabbitConfig) -> Result<Link> {
+    /// Connect, open the publishing channel and declare the backend's own topology and then
+    /// every topology in `declared`, all within the connect timeout: against a broker that is
+    /// still starting, any of these can otherwise wait forever.
+    pub(crate) async fn open(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
         within(
             config.connect_timeout,
             format!("setting up the connection to {}", config.address()),
-            Link::open_unbounded(config),
+            Link::open_unbounded(config, declared),
         )
         .await?
     }
 
-    async fn open_unbounded(config: &RabbitConfig) -> Result<Link> {
+    async fn open_unbounded(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
         let address = config.address();
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| from_lapin(e, "finding the Tokio runtime"))?;
@@ -70,18 +70,10 @@ impl Link {
                 .await
                 .map_err(|e| from_lapin(e, "enabling publisher confirms"))?;
         }
-        publisher
-            .exchange_declare(
-                config.exchange.as_str().into(),
-                ExchangeKind::Topic,
-                ExchangeDeclareOptions {
-                    durable: true,
-                    ..ExchangeDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| from_lapin(e, format!("declaring exchange {:?}", config.exchange)))?;
+        config.base_topology().declare_on(&connection).await?;
+        for topology in declared {
+            topology.declare_on(&connection).await?;
+        }
         Ok(Link {
             connection,
             publisher,
@@ -97,6 +89,8 @@ pub(crate) struct Supervisor {
     reconnecting: AtomicBool,
     gave_up: AtomicBool,
     closed: AtomicBool,
+    /// Topologies the application declared, declared again on every new connection.
+    declared: std::sync::Mutex<Vec<Topology>>,
 }
 
 impl Supervisor {
@@ -108,6 +102,7 @@ impl Supervisor {
             reconnecting: AtomicBool::new(false),
             gave_up: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            declared: std::sync::Mutex::default(),
         });
         supervisor.watch(&first);
         supervisor
@@ -117,6 +112,7 @@ impl Supervisor {
     /// next happens to use it.
     fn watch(self: &Arc<Self>, link: &Arc<Link>) {
         let events = link.connection.events_listener();
+        let status = link.connection.status().clone();
         let supervisor = Arc::downgrade(self);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -130,6 +126,11 @@ impl Supervisor {
                     return;
                 };
                 match event {
+                    // lapin reports a channel the server closed (a refused declaration,
+                    // say) here too; only the connection's own end needs a new one.
+                    Some(lapin::Event::Error(err)) if status.connected() => {
+                        tracing::debug!(error = %err, "channel closed by the server");
+                    }
                     Some(lapin::Event::Error(err)) => {
                         tracing::warn!(error = %err, "connection error");
                         supervisor.reconnect();
@@ -158,6 +159,21 @@ impl Supervisor {
 
     pub(crate) fn config(&self) -> &RabbitConfig {
         &self.config
+    }
+
+    /// Remember `topology`, so every later connection declares it too.
+    pub(crate) fn remember(&self, topology: Topology) {
+        self.declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(topology);
+    }
+
+    fn declared(&self) -> Vec<Topology> {
+        self.declared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -236,7 +252,8 @@ impl Supervisor {
                 .with_max_delay(config.max_reconnect_delay)
                 .with_max_times(config.reconnect_attempts)
                 .with_jitter();
-            let opened = (|| Link::open(config))
+            let declared = supervisor.declared();
+            let opened = (|| Link::open(config, &declared))
                 .retry(backoff)
                 .sleep(tokio::time::sleep)
                 .when(|_| !supervisor.is_closed())

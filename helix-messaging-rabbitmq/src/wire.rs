@@ -13,6 +13,10 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 const KEY: &str = "x-helix-key";
 const TIMESTAMP_NS: &str = "x-helix-timestamp-ns";
 const ATTEMPTS: &str = "x-helix-attempt";
+/// Marks a fence in the replay journal: the end of one read (see `journal`).
+pub(crate) const FENCE: &str = "x-helix-fence";
+/// Where a stream delivery sits in its stream (set by RabbitMQ).
+const STREAM_OFFSET: &str = "x-stream-offset";
 
 /// Persistent delivery mode.
 const PERSISTENT: u8 = 2;
@@ -65,18 +69,48 @@ pub(crate) struct Received {
     pub(crate) attempt: u32,
 }
 
+/// One header of `props`.
+pub(crate) fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref().and_then(|t| t.inner().get(name))
+}
+
+/// The message's timestamp: the nanosecond header this library writes, else the AMQP
+/// timestamp (seconds), else now.
+pub(crate) fn timestamp(props: &BasicProperties) -> SystemTime {
+    match header(props, TIMESTAMP_NS) {
+        Some(AMQPValue::LongLongInt(ns)) => UNIX_EPOCH + Duration::from_nanos(*ns as u64),
+        _ => props
+            .timestamp()
+            .map_or_else(SystemTime::now, |s| UNIX_EPOCH + Duration::from_secs(s)),
+    }
+}
+
+/// Whether a message with `props` has outlived its TTL by `now`.
+pub(crate) fn expired(props: &BasicProperties, now: SystemTime) -> bool {
+    props
+        .expiration()
+        .as_ref()
+        .and_then(|e| e.as_str().parse::<u64>().ok())
+        .is_some_and(|ttl| timestamp(props) + Duration::from_millis(ttl) <= now)
+}
+
+/// The stream offset RabbitMQ reports on a delivery from a stream.
+pub(crate) fn stream_offset(props: &BasicProperties) -> Option<i64> {
+    match header(props, STREAM_OFFSET)? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        _ => None,
+    }
+}
+
 /// Rebuild the message from a delivery. Messages from other publishers (no helix headers)
 /// are taken as they are: a fresh id if they carry none, the AMQP timestamp or now.
 pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
     let props = &delivery.properties;
     let table = props.headers().as_ref();
-    let header = |name: &str| table.and_then(|t| t.inner().get(name));
-    let timestamp = match header(TIMESTAMP_NS) {
-        Some(AMQPValue::LongLongInt(ns)) => UNIX_EPOCH + Duration::from_nanos(*ns as u64),
-        _ => props
-            .timestamp()
-            .map_or_else(SystemTime::now, |s| UNIX_EPOCH + Duration::from_secs(s)),
-    };
+    let header = |name: &str| header(props, name);
+    let timestamp = timestamp(props);
     let id = props
         .message_id()
         .as_ref()
@@ -86,7 +120,8 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
     if let Some(table) = table {
         for (name, value) in table.inner() {
             let name = name.as_str();
-            if !name.starts_with("x-helix-") {
+            // Broker bookkeeping of streams is not part of the message.
+            if !name.starts_with("x-helix-") && name != STREAM_OFFSET {
                 headers.insert(name.to_owned(), text(value));
             }
         }

@@ -11,14 +11,16 @@ use helix_messaging_testkit::Conformance;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_passes_the_conformance_suite() {
-    // Queues hold no history from before they exist; replay through a stream queue is not
-    // implemented yet, so the backend does not declare it.
-    let no_history = "RabbitMQ queues keep no history; stream-queue replay is not implemented yet";
-    Conformance::new("rabbitmq", || async {
-        Ok(Arc::new(RabbitBroker::connect(common::config()).await?) as Arc<dyn Broker>)
+    // With the replay journal on, every case applies: history is read from the journal
+    // stream. Without it the two history cases are skipped by capability, which
+    // `replay_needs_the_journal` in rabbitmq.rs covers.
+    // A vhost of its own, so reading the journal from its start reads only this run.
+    let vhost = common::Vhost::new("helix-conformance");
+    let config = vhost.journal_config();
+    Conformance::new("rabbitmq", move || {
+        let config = config.clone();
+        async move { Ok(Arc::new(RabbitBroker::connect(config).await?) as Arc<dyn Broker>) }
     })
-    .expect_skipped("read_range_returns_exactly_the_window", no_history)
-    .expect_skipped("new_group_starts_from_earliest", no_history)
     .run()
     .await
     .assert_passed();

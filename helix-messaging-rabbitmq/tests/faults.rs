@@ -11,6 +11,9 @@ use futures::StreamExt;
 use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 
+mod common;
+use common::{Vhost, rabbitmqctl};
+
 const MESSAGES: usize = 20_000;
 
 /// Both tests act on the whole node; they must not overlap.
@@ -28,48 +31,15 @@ fn log_to_stderr() {
         .try_init();
 }
 
-fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl on PATH (scripts/test installs RabbitMQ)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A vhost of the test's own, deleted afterwards.
-struct Vhost(String);
-
-impl Vhost {
-    fn new() -> Vhost {
-        let name = format!("helix-fault-{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        Vhost(name)
-    }
-
-    fn config(&self) -> RabbitConfig {
-        let mut config =
-            RabbitConfig::new(&format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)).unwrap();
-        // Quick retries, for long enough to outlast a restart on a loaded machine.
-        config.max_reconnect_delay = Duration::from_millis(500);
-        config.reconnect_attempts = 200;
-        config.publish_timeout = Duration::from_secs(10);
-        config.connect_timeout = Duration::from_secs(5);
-        config
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.0])
-            .output();
-    }
+/// Test settings for `vhost` with quick reconnects, retried for long enough to outlast a
+/// restart on a loaded machine.
+fn fault_config(vhost: &Vhost) -> RabbitConfig {
+    let mut config = vhost.config();
+    config.max_reconnect_delay = Duration::from_millis(500);
+    config.reconnect_attempts = 200;
+    config.publish_timeout = Duration::from_secs(10);
+    config.connect_timeout = Duration::from_secs(5);
+    config
 }
 
 /// Starts the RabbitMQ application when dropped, so a failing test leaves it running.
@@ -156,11 +126,11 @@ async fn expect_all_delivered(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_killed() {
     let _node = NODE.lock().await;
-    let vhost = Vhost::new();
+    let vhost = Vhost::new("helix-fault");
     let topic = "fault.connection-kill";
-    let consumer = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let consumer = RabbitBroker::connect(fault_config(&vhost)).await.unwrap();
     let received = collect(&consumer, topic).await;
-    let publisher = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let publisher = RabbitBroker::connect(fault_config(&vhost)).await.unwrap();
 
     let mut accepted = Vec::new();
     let mut refused = 0;
@@ -227,11 +197,11 @@ async fn every_confirmed_publish_survives_a_broker_restart() {
     const PUBLISHERS: usize = 8;
     log_to_stderr();
     let _node = NODE.lock().await;
-    let vhost = Vhost::new();
+    let vhost = Vhost::new("helix-fault");
     let topic = "fault.restart";
-    let consumer = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let consumer = RabbitBroker::connect(fault_config(&vhost)).await.unwrap();
     let received = collect(&consumer, topic).await;
-    let publisher = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let publisher = RabbitBroker::connect(fault_config(&vhost)).await.unwrap();
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 

@@ -3,19 +3,78 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
 use helix_messaging_core::{Delivery, Subscription};
 use helix_messaging_rabbitmq::RabbitConfig;
 
+/// Test settings for the server at `url`.
+fn config_for(url: &str) -> RabbitConfig {
+    let mut config = RabbitConfig::new(url).expect("RABBITMQ_URL");
+    // Queues of the tests' random groups remove themselves once unused.
+    config.group_queue_expires = Some(Duration::from_secs(30));
+    // Rejected test messages stay out of the seeds' dead-letter queue.
+    config.dead_letter_queue = Some("hm-test.dlq".into());
+    config
+}
+
+/// The shared server's default vhost.
 pub fn config() -> RabbitConfig {
     let url = std::env::var("RABBITMQ_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let mut config = RabbitConfig::new(&url).expect("RABBITMQ_URL");
-    // Queues of the tests' random groups remove themselves once unused.
-    config.group_queue_expires = Some(Duration::from_secs(30));
-    config
+    config_for(&url)
+}
+
+/// Run `rabbitmqctl`, failing the test if it fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl on PATH (scripts/test installs RabbitMQ)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A vhost of the test's own, deleted afterwards.
+pub struct Vhost(pub String);
+
+impl Vhost {
+    pub fn new(prefix: &str) -> Vhost {
+        let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost(name)
+    }
+
+    /// Test settings for this vhost, with the backend's default dead-letter queue (the
+    /// vhost keeps it apart from everything else).
+    pub fn config(&self) -> RabbitConfig {
+        let mut config = config_for(&format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0));
+        config.dead_letter_queue = Some(helix_messaging_rabbitmq::HELIXAGENT_DLQ.into());
+        config
+    }
+
+    /// [`Vhost::config`] with the replay journal on: the journal then holds only this
+    /// vhost's traffic, and goes away with it.
+    pub fn journal_config(&self) -> RabbitConfig {
+        let mut config = self.config();
+        config.replay_journal = true;
+        config
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
 }
 
 /// The next delivery, failing the test if none arrives within 10 s or the stream errs or ends.
