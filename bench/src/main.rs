@@ -4,12 +4,15 @@
 //! ```text
 //! cargo run --release -p helix-messaging-bench -- memory [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- redis [--messages N] [--size BYTES] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- rabbitmq [--messages N] [--size BYTES] [--runs R]
 //! ```
 //!
-//! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`).
+//! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
+//! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
 
 mod measure;
 mod memory;
+mod rabbitmq;
 mod redis;
 
 use std::process::ExitCode;
@@ -17,7 +20,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // `RUST_LOG=helix_messaging_rabbitmq=debug` shows what an adapter is doing during a run.
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -44,15 +54,11 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         "redis" => {
-            let options = Options {
-                messages: if options.messages_given {
-                    options.messages
-                } else {
-                    100_000
-                },
-                ..options
-            };
-            runtime.block_on(redis::compare(&options));
+            runtime.block_on(redis::compare(&options.default_messages(100_000)));
+            ExitCode::SUCCESS
+        }
+        "rabbitmq" => {
+            runtime.block_on(rabbitmq::compare(&options.default_messages(50_000)));
             ExitCode::SUCCESS
         }
         other => {

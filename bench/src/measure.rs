@@ -53,6 +53,18 @@ impl Options {
         }
         Ok(options)
     }
+
+    /// These options with `messages` as the count unless `--messages` was given.
+    pub(crate) fn default_messages(&self, messages: usize) -> Options {
+        Options {
+            messages: if self.messages_given {
+                self.messages
+            } else {
+                messages
+            },
+            ..self.clone()
+        }
+    }
 }
 
 /// Builds payloads of a fixed size whose first 8 bytes are the send time (nanoseconds since

@@ -82,7 +82,9 @@ impl SubscribeOptions {
 ///
 /// The stream yields `Err` for a problem the backend reports but survives (it keeps going),
 /// and ends (`None`) when the broker is closed. Dropping the subscription returns its unsettled
-/// deliveries to the group on backends with [`Capabilities::redeliver_unacked`].
+/// deliveries to the group on backends with [`Capabilities::redeliver_unacked`]: at once, or
+/// (RabbitMQ, whose deliveries can only be settled on their own channel) once the deliveries
+/// themselves are dropped too, so that one still held can be settled.
 pub struct Subscription {
     topic: Arc<str>,
     group: Option<Arc<str>>,

@@ -29,7 +29,9 @@ pub struct RabbitConfig {
     /// written to the socket and the backend does not promise durability.
     pub publisher_confirm: bool,
     /// `x-max-priority` of group queues (classic queues; RabbitMQ 3.10 has no priorities on
-    /// quorum queues). Default 10, the seeds' range.
+    /// quorum queues). `RABBITMQ_MAX_PRIORITY`, default 10, the seeds' range; 0 makes plain
+    /// queues, which the broker handles faster (about 15% more throughput in `bench/`) but
+    /// which deliver in publish order whatever the priority (the capabilities then say so).
     pub max_priority: u8,
     /// Delete a group's queue after it has had no consumer for this long (`x-expires`).
     /// `None` (default) keeps groups until deleted by an operator.
@@ -146,7 +148,8 @@ impl RabbitConfig {
     /// `RABBITMQ_HOST` (default `localhost`), `RABBITMQ_PORT` (5672), `RABBITMQ_USER`
     /// (`guest`), `RABBITMQ_PASSWORD` (`guest`), `RABBITMQ_VHOST` (`/`); plus
     /// `RABBITMQ_EXCHANGE`, `RABBITMQ_PREFETCH_COUNT`, `RABBITMQ_PUBLISHER_CONFIRM`,
-    /// `RABBITMQ_TLS_CA_CERT`, `RABBITMQ_DEAD_LETTER_QUEUE`, `RABBITMQ_REPLAY_JOURNAL`.
+    /// `RABBITMQ_TLS_CA_CERT`, `RABBITMQ_MAX_PRIORITY`, `RABBITMQ_DEAD_LETTER_QUEUE`,
+    /// `RABBITMQ_REPLAY_JOURNAL`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
@@ -203,6 +206,14 @@ impl RabbitConfig {
         }
         if let Some(confirm) = var("RABBITMQ_PUBLISHER_CONFIRM") {
             config.publisher_confirm = flag("RABBITMQ_PUBLISHER_CONFIRM", &confirm)?;
+        }
+        if let Some(max) = var("RABBITMQ_MAX_PRIORITY") {
+            config.max_priority = max.parse::<u8>().map_err(|_| {
+                Error::config(
+                    "RABBITMQ_MAX_PRIORITY",
+                    format!("expected a whole number from 0 (no priorities) to 255, got {max:?}"),
+                )
+            })?;
         }
         if let Some(journal) = var("RABBITMQ_REPLAY_JOURNAL") {
             config.replay_journal = flag("RABBITMQ_REPLAY_JOURNAL", &journal)?;
@@ -317,6 +328,7 @@ mod tests {
             ("RABBITMQ_TLS_CA_CERT", "/etc/helix/ca.pem"),
             ("RABBITMQ_REPLAY_JOURNAL", "true"),
             ("RABBITMQ_DEAD_LETTER_QUEUE", "none"),
+            ("RABBITMQ_MAX_PRIORITY", "0"),
         ]))
         .unwrap();
         assert_eq!(config.address(), "amqp://helixagent@10.0.0.5:5673//");
@@ -326,6 +338,7 @@ mod tests {
         assert_eq!(config.tls_ca_cert, Some(PathBuf::from("/etc/helix/ca.pem")));
         assert!(config.replay_journal);
         assert_eq!(config.dead_letter_queue, None);
+        assert_eq!(config.max_priority, 0);
         let defaults = RabbitConfig::from_vars(vars(&[])).unwrap();
         assert_eq!(defaults.address(), "amqp://guest@localhost:5672//");
         assert!(defaults.publisher_confirm);
@@ -348,6 +361,10 @@ mod tests {
             (
                 vec![("RABBITMQ_PUBLISHER_CONFIRM", "maybe")],
                 "RABBITMQ_PUBLISHER_CONFIRM",
+            ),
+            (
+                vec![("RABBITMQ_MAX_PRIORITY", "300")],
+                "RABBITMQ_MAX_PRIORITY",
             ),
             (
                 vec![("RABBITMQ_REPLAY_JOURNAL", "sometimes")],

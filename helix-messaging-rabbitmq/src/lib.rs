@@ -349,8 +349,10 @@ async fn declare_group_queue(
     let mut queue = Queue::classic(match &spec.group {
         Some(group) => format!("{}.{group}", spec.topic),
         None => String::new(),
-    })
-    .max_priority(config.max_priority);
+    });
+    if config.max_priority > 0 {
+        queue = queue.max_priority(config.max_priority);
+    }
     if let Some(dlq) = &config.dead_letter_queue {
         queue = queue.dead_letter_to_queue(dlq.as_str());
     }
@@ -491,12 +493,17 @@ impl RabbitBroker {
         }
         let (topic, group) = (spec.topic.clone(), spec.group.clone());
         let state = ConsumerStream {
-            current: Some((consumer, channel, link)),
+            current: Some(Current::new(
+                consumer.clone(),
+                link,
+                &self.shared.supervisor,
+            )),
             context: Arc::new(ConsumerContext {
                 shared: self.shared.clone(),
                 topic: spec.topic.clone(),
                 group: spec.group.clone(),
                 queue,
+                channel: ConsumerChannel::new(channel, consumer),
             }),
             spec,
             finished: false,
@@ -553,6 +560,7 @@ impl Broker for RabbitBroker {
         let config = self.shared.config();
         Capabilities {
             durable: config.publisher_confirm,
+            priority: config.max_priority > 0,
             replay_by_time: config.replay_journal,
             native_dlq: config.dead_letter_queue.is_some(),
             max_payload_bytes: Some(config.max_payload_bytes),
@@ -599,12 +607,11 @@ impl Broker for RabbitBroker {
     }
 }
 
-/// A subscription's consumer and channel, re-created on a new connection when the old one
-/// is lost. Dropping it closes the channel, which makes RabbitMQ return the unacked
-/// deliveries to the queue.
+/// A subscription's consumer, re-created on a new connection when the old one is lost. Its
+/// channel belongs to the [`ConsumerContext`], which its deliveries share.
 struct ConsumerStream {
-    /// The consumer, its channel, and the link they were created on.
-    current: Option<(lapin::Consumer, Channel, Arc<Link>)>,
+    /// The consumer, while it has one.
+    current: Option<Current>,
     context: Arc<ConsumerContext>,
     spec: SubscriptionSpec,
     /// Set once an unrecoverable failure has been reported: the stream then ends.
@@ -618,7 +625,7 @@ impl ConsumerStream {
             if self.finished || supervisor.is_closed() {
                 return None;
             }
-            let Some((consumer, _, link)) = self.current.as_mut() else {
+            let Some(current) = self.current.as_mut() else {
                 // Lost: wait for a new connection and rebuild on it.
                 let Some(link) = supervisor.wait_usable().await else {
                     if supervisor.is_closed() {
@@ -630,12 +637,13 @@ impl ConsumerStream {
                 match open_consumer(&self.context.shared, &self.spec, &link).await {
                     Ok((channel, consumer, queue)) => {
                         tracing::info!(%queue, "consumer re-created on the new connection");
-                        self.current = Some((consumer, channel, link));
+                        self.current = Some(Current::new(consumer.clone(), link, &supervisor));
                         self.context = Arc::new(ConsumerContext {
                             shared: self.context.shared.clone(),
                             topic: self.context.topic.clone(),
                             group: self.context.group.clone(),
                             queue,
+                            channel: ConsumerChannel::new(channel, consumer),
                         });
                     }
                     Err(err) if err.is_retryable() => {
@@ -649,17 +657,9 @@ impl ConsumerStream {
                 }
                 continue;
             };
-            // A consumer does not always learn that its connection died, so the link is
-            // watched too, with a periodic check as the last resort.
-            let link = link.clone();
             let next = tokio::select! {
-                next = consumer.next() => next,
-                () = supervisor.replaced(&link) => None,
-                () = async {
-                    while link.usable() {
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                } => None,
+                next = current.consumer.next() => next,
+                () = &mut current.link_lost => None,
             };
             match next {
                 Some(Ok(delivery)) => {
@@ -683,11 +683,69 @@ impl ConsumerStream {
         }
     }
 
-    /// Close the channel, then drop the consumer (see [`close_consumer`]).
+    /// Give up the lost consumer and close its channel now: its deliveries are being
+    /// returned to the queue anyway.
     fn release(&mut self) {
-        if let Some((consumer, channel, _)) = self.current.take() {
+        self.current = None;
+        self.context.channel.close();
+    }
+}
+
+/// A live consumer and the watch on the link it was created on.
+struct Current {
+    consumer: lapin::Consumer,
+    /// Resolves once the link is replaced or found unusable: a consumer does not always learn
+    /// that its connection died. Made once per consumer rather than once per delivery.
+    link_lost: futures::future::BoxFuture<'static, ()>,
+}
+
+impl Current {
+    fn new(consumer: lapin::Consumer, link: Arc<Link>, supervisor: &Arc<Supervisor>) -> Self {
+        let supervisor = supervisor.clone();
+        let link_lost = Box::pin(async move {
+            tokio::select! {
+                () = supervisor.replaced(&link) => {}
+                // The last resort: a periodic look at the link itself.
+                () = async {
+                    while link.usable() {
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                } => {}
+            }
+        });
+        Current {
+            consumer,
+            link_lost,
+        }
+    }
+}
+
+/// A consumer's channel. It stays open while the subscription or any of its unsettled
+/// deliveries is alive, so a delivery can still be settled after its subscription was dropped
+/// (`stream.take(n).for_each_concurrent(..)` drops the stream before the last acks); once
+/// neither is left it is closed, and RabbitMQ returns whatever is still unacked.
+struct ConsumerChannel(std::sync::Mutex<Option<(Channel, lapin::Consumer)>>);
+
+impl ConsumerChannel {
+    fn new(channel: Channel, consumer: lapin::Consumer) -> Self {
+        ConsumerChannel(std::sync::Mutex::new(Some((channel, consumer))))
+    }
+
+    fn close(&self) {
+        let parts = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some((channel, consumer)) = parts {
             close_consumer(channel, consumer);
         }
+    }
+}
+
+impl Drop for ConsumerChannel {
+    fn drop(&mut self) {
+        self.close();
     }
 }
 
@@ -708,18 +766,13 @@ fn close_consumer(channel: Channel, consumer: lapin::Consumer) {
     }
 }
 
-impl Drop for ConsumerStream {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
 /// What every delivery of one subscription shares.
 struct ConsumerContext {
     shared: Arc<Shared>,
     topic: Arc<str>,
     group: Option<Arc<str>>,
     queue: String,
+    channel: ConsumerChannel,
 }
 
 impl ConsumerContext {

@@ -1,0 +1,409 @@
+//! RabbitMQ: raw lapin against the adapter, 256 B persistent messages with publisher confirms,
+//! publish-only and end to end.
+//!
+//! Both sides publish persistent, `mandatory` messages through a durable topic exchange to a
+//! durable queue on one connection, in batches of [`BATCH`] whose confirms are awaited
+//! together (`publish_batch` on the adapter); both consume with a prefetch of [`PREFETCH`] and
+//! ack every delivery, up to [`ACKS_IN_FLIGHT`] at once.
+//!
+//! Two raw baselines:
+//! - *like for like*: the raw queue has the adapter's arguments (`x-max-priority 10`,
+//!   dead-lettering) and each raw message carries what the adapter needs to carry a
+//!   `Message` (message id, timestamp, priority, the nanosecond timestamp header). The ratio
+//!   is the adapter's own overhead; this is the target's comparison.
+//! - *minimal*: a plain queue and bare messages. The ratio adds what priority queues and the
+//!   metadata cost the broker, so users can weigh them (`max_priority = 0` turns priority
+//!   queues off).
+
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use helix_messaging::rabbitmq::{RabbitBroker, RabbitConfig};
+use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
+
+use crate::measure::{Clock, Options, Run, histogram, report};
+
+const BATCH: usize = 100;
+const PREFETCH: u16 = 500;
+const ACKS_IN_FLIGHT: usize = 64;
+const RAW_EXCHANGE: &str = "bench.raw";
+
+/// What the raw side's queue and messages look like.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Baseline {
+    LikeForLike,
+    Minimal,
+}
+
+fn url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+fn topic(what: &str) -> String {
+    format!("bench.{what}.{}", std::process::id())
+}
+
+async fn raw_connection() -> Connection {
+    Connection::connect(&url(), ConnectionProperties::default())
+        .await
+        .expect("connect to RabbitMQ")
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.as_bytes().to_vec().into())
+}
+
+/// A confirming channel, the raw exchange, and a durable queue bound to it by `key`, with the
+/// adapter's queue arguments for a like-for-like baseline.
+async fn raw_setup(connection: &Connection, key: &str, baseline: Baseline) -> Channel {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    channel
+        .exchange_declare(
+            RAW_EXCHANGE.into(),
+            lapin::ExchangeKind::Topic,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut args = FieldTable::default();
+    if baseline == Baseline::LikeForLike {
+        args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
+        args.insert("x-dead-letter-exchange".into(), text(""));
+        args.insert("x-dead-letter-routing-key".into(), text("bench.dlq"));
+    }
+    channel
+        .queue_declare(
+            key.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .unwrap();
+    channel
+        .queue_bind(
+            key.into(),
+            RAW_EXCHANGE.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    channel
+}
+
+async fn delete_queue(queue: &str) {
+    let connection = raw_connection().await;
+    let channel = connection.create_channel().await.unwrap();
+    let _ = channel
+        .queue_delete(queue.into(), QueueDeleteOptions::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Publish `n` stamped payloads with raw lapin, [`BATCH`] confirms in flight at a time.
+/// Returns the round trip of every batch.
+async fn raw_publish_all(
+    channel: &Channel,
+    key: &str,
+    n: usize,
+    clock: Clock,
+    baseline: Baseline,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = BATCH.min(n - sent);
+        let mut confirms = Vec::with_capacity(count);
+        for _ in 0..count {
+            let payload = clock.stamped_payload();
+            let properties = match baseline {
+                Baseline::Minimal => persistent.clone(),
+                Baseline::LikeForLike => {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let mut headers = FieldTable::default();
+                    headers.insert(
+                        "x-helix-timestamp-ns".into(),
+                        AMQPValue::LongLongInt(now.as_nanos() as i64),
+                    );
+                    persistent
+                        .clone()
+                        .with_message_id(uuid::Uuid::new_v4().to_string().into())
+                        .with_timestamp(now.as_secs())
+                        .with_priority(0)
+                        .with_headers(headers)
+                }
+            };
+            confirms.push(
+                channel
+                    .basic_publish(
+                        RAW_EXCHANGE.into(),
+                        key.into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        &payload,
+                        properties,
+                    )
+                    .await
+                    .expect("raw publish"),
+            );
+        }
+        for confirmation in futures::future::join_all(confirms).await {
+            assert!(matches!(
+                confirmation.expect("confirm"),
+                Confirmation::Ack(None)
+            ));
+        }
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+async fn adapter() -> RabbitBroker {
+    let mut config = RabbitConfig::new(&url()).expect("RABBITMQ_URL");
+    config.exchange = "bench.adapter".into();
+    config.dead_letter_queue = Some("bench.dlq".into());
+    RabbitBroker::connect(config)
+        .await
+        .expect("connect to RabbitMQ")
+}
+
+/// Publish `n` stamped messages with the adapter's `publish_batch`.
+/// Returns the round trip of every batch.
+async fn adapter_publish_all(
+    broker: &RabbitBroker,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = BATCH.min(n - sent);
+        let batch = (0..count)
+            .map(|_| Message::new(clock.stamped_payload()))
+            .collect();
+        broker
+            .publish_batch(topic, batch)
+            .await
+            .into_result()
+            .expect("publish_batch");
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
+    let clock = Clock::new(options.size);
+    let key = topic("raw-publish");
+    let connection = raw_connection().await;
+    let channel = raw_setup(&connection, &key, baseline).await;
+    let started = Instant::now();
+    let latency = raw_publish_all(&channel, &key, options.messages, clock, baseline).await;
+    let elapsed = started.elapsed();
+    let _ = connection.close(200, "done".into()).await;
+    delete_queue(&key).await;
+    Run {
+        messages: options.messages,
+        elapsed,
+        latency,
+    }
+}
+
+async fn adapter_publish_only(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("adapter-publish");
+    let broker = adapter().await;
+    // The group's queue makes the topic routable, as the raw side's bound queue does.
+    drop(
+        broker
+            .subscribe(&topic, SubscribeOptions::group("g"))
+            .await
+            .expect("subscribe"),
+    );
+    let started = Instant::now();
+    let latency = adapter_publish_all(&broker, &topic, options.messages, clock).await;
+    let elapsed = started.elapsed();
+    broker.close().await.unwrap();
+    delete_queue(&format!("{topic}.g")).await;
+    Run {
+        messages: options.messages,
+        elapsed,
+        latency,
+    }
+}
+
+async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
+    let clock = Clock::new(options.size);
+    let key = topic("raw-e2e");
+    let n = options.messages;
+    let connection = raw_connection().await;
+    let publisher = raw_setup(&connection, &key, baseline).await;
+    let consumer_channel = connection.create_channel().await.unwrap();
+    consumer_channel
+        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let consumer = consumer_channel
+        .basic_consume(
+            key.as_str().into(),
+            "bench".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let producer = {
+        let key = key.clone();
+        tokio::spawn(async move { raw_publish_all(&publisher, &key, n, clock, baseline).await })
+    };
+    let latency = Arc::new(Mutex::new(histogram()));
+    consumer
+        .take(n)
+        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
+            let latency = latency.clone();
+            async move {
+                let delivery = delivery.expect("delivery");
+                let ns = clock.latency_ns(&delivery.data);
+                latency.lock().expect("histogram").saturating_record(ns);
+                delivery
+                    .acker
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .expect("ack");
+            }
+        })
+        .await;
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    let _ = connection.close(200, "done".into()).await;
+    delete_queue(&key).await;
+    let latency = latency.lock().expect("histogram").clone();
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+async fn adapter_e2e(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("adapter-e2e");
+    let n = options.messages;
+    let broker = adapter().await;
+    let subscription = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::group("g").with_prefetch(usize::from(PREFETCH)),
+        )
+        .await
+        .expect("subscribe");
+    let started = Instant::now();
+    let producer = {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move { adapter_publish_all(&broker, &topic, n, clock).await })
+    };
+    let latency = Arc::new(Mutex::new(histogram()));
+    subscription
+        .take(n)
+        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
+            let latency = latency.clone();
+            async move {
+                let delivery = delivery.expect("delivery");
+                let ns = clock.latency_ns(delivery.message().payload());
+                latency.lock().expect("histogram").saturating_record(ns);
+                delivery.ack().await.expect("ack");
+            }
+        })
+        .await;
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    broker.close().await.unwrap();
+    delete_queue(&format!("{topic}.g")).await;
+    let latency = latency.lock().expect("histogram").clone();
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+pub(crate) async fn compare(options: &Options) {
+    println!(
+        "rabbitmq at {}: {} persistent messages x {} B with confirms, batches of {BATCH}, {} runs each",
+        url().split('@').next_back().unwrap_or_default(),
+        options.messages,
+        options.size,
+        options.runs
+    );
+    let comparisons = [
+        ("publish", false, Baseline::LikeForLike),
+        ("end to end", true, Baseline::LikeForLike),
+        ("publish vs minimal raw", false, Baseline::Minimal),
+        ("end to end vs minimal raw", true, Baseline::Minimal),
+    ];
+    let mut results = Vec::new();
+    for (name, end_to_end, baseline) in comparisons {
+        if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let (raw_label, ours_label) = (format!("raw lapin {name}"), format!("adapter {name}"));
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for run in 1..=options.runs {
+            let r = if end_to_end {
+                raw_e2e(options, baseline).await
+            } else {
+                raw_publish_only(options, baseline).await
+            };
+            println!("run {run}: {}", r.line(&raw_label));
+            raw.push(r);
+            let o = if end_to_end {
+                adapter_e2e(options).await
+            } else {
+                adapter_publish_only(options).await
+            };
+            println!("run {run}: {}", o.line(&ours_label));
+            ours.push(o);
+        }
+        results.push((name, report(&raw_label, raw, &ours_label, ours)));
+    }
+    let summary: Vec<String> = results
+        .iter()
+        .map(|(name, ratio)| format!("{name} {ratio:.2}x"))
+        .collect();
+    println!(
+        "target >= 0.95x raw (like for like); measured: {}",
+        summary.join(", ")
+    );
+}
