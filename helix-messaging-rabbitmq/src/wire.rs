@@ -17,6 +17,8 @@ const ATTEMPTS: &str = "x-helix-attempt";
 pub(crate) const FENCE: &str = "x-helix-fence";
 /// Where a stream delivery sits in its stream (set by RabbitMQ).
 const STREAM_OFFSET: &str = "x-stream-offset";
+/// Earlier deliveries of a message from a quorum queue (set by RabbitMQ).
+const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Persistent delivery mode.
 const PERSISTENT: u8 = 2;
@@ -96,10 +98,19 @@ pub(crate) fn expired(props: &BasicProperties, now: SystemTime) -> bool {
 
 /// The stream offset RabbitMQ reports on a delivery from a stream.
 pub(crate) fn stream_offset(props: &BasicProperties) -> Option<i64> {
-    match header(props, STREAM_OFFSET)? {
+    header(props, STREAM_OFFSET).and_then(integer)
+}
+
+/// An integer header value of any width.
+fn integer(value: &AMQPValue) -> Option<i64> {
+    match value {
         AMQPValue::LongLongInt(n) => Some(*n),
         AMQPValue::LongUInt(n) => Some(i64::from(*n)),
         AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortShortInt(n) => Some(i64::from(*n)),
         _ => None,
     }
 }
@@ -121,7 +132,7 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
         for (name, value) in table.inner() {
             let name = name.as_str();
             // Broker bookkeeping of streams is not part of the message.
-            if !name.starts_with("x-helix-") && name != STREAM_OFFSET {
+            if !name.starts_with("x-helix-") && name != STREAM_OFFSET && name != DELIVERY_COUNT {
                 headers.insert(name.to_owned(), text(value));
             }
         }
@@ -150,7 +161,11 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
         _ => 0,
     };
     // A native redelivery (closed channel) adds one delivery the header cannot know about.
-    let attempt = earlier + 1 + u32::from(delivery.redelivered);
+    let mut attempt = earlier + 1 + u32::from(delivery.redelivered);
+    // Quorum queues count deliveries themselves: exact where the flag is only a hint.
+    if let Some(count) = header(DELIVERY_COUNT).and_then(integer) {
+        attempt = attempt.max(earlier + 1 + u32::try_from(count).unwrap_or(u32::MAX));
+    }
     Received { message, attempt }
 }
 

@@ -86,7 +86,9 @@ async fn a_delivery_can_be_acked_after_its_subscription_is_dropped() {
     broker.publish(&topic, Message::new("x")).await.unwrap();
     let held = common::recv(&mut sub).await;
     drop(sub);
-    held.ack().await.expect("ack after the subscription was dropped");
+    held.ack()
+        .await
+        .expect("ack after the subscription was dropped");
     drop(held);
 
     let mut next = broker

@@ -336,3 +336,40 @@ async fn a_new_group_starting_at_a_time_gets_the_history_from_then_and_then_live
     assert!(quiet.is_err(), "an existing group continues where it is");
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quorum_queue_counts_native_redeliveries_exactly() {
+    let vhost = Vhost::new("helix-quorum");
+    let broker = RabbitBroker::connect(vhost.config()).await.unwrap();
+    broker
+        .declare(Topology::new().queue(Queue {
+            queue_type: helix_messaging_rabbitmq::QueueType::Quorum,
+            ..Queue::classic("jobs")
+        }))
+        .await
+        .unwrap();
+    broker
+        .publish_to("", "jobs", Message::new("x"))
+        .await
+        .unwrap();
+    // Each time the consumer goes away without settling, RabbitMQ redelivers; the redelivered
+    // flag alone could only say "more than once".
+    for expected in 1..=3 {
+        let mut sub = broker.consume("jobs", 1).await.unwrap();
+        let d = recv(&mut sub).await;
+        assert_eq!(d.attempt(), expected);
+        drop(d);
+        drop(sub);
+    }
+    let mut sub = broker.consume("jobs", 1).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.attempt(), 4);
+    assert!(d.info().redelivered);
+    assert_eq!(
+        d.message().header("x-delivery-count"),
+        None,
+        "broker bookkeeping stays out"
+    );
+    d.ack().await.unwrap();
+    broker.close().await.unwrap();
+}
