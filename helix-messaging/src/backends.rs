@@ -32,6 +32,10 @@ pub const KNOWN_BACKENDS: &[BackendInfo] = &[
         name: "rabbitmq",
         feature: "rabbitmq",
     },
+    BackendInfo {
+        name: "kafka",
+        feature: "kafka",
+    },
 ];
 
 /// The compiled-in backends with what each promises.
@@ -54,6 +58,8 @@ pub fn compiled_backends() -> Vec<(BackendInfo, Capabilities)> {
     ));
     #[cfg(feature = "rabbitmq")]
     out.push((KNOWN_BACKENDS[3], helix_messaging_rabbitmq::CAPABILITIES));
+    #[cfg(feature = "kafka")]
+    out.push((KNOWN_BACKENDS[4], helix_messaging_kafka::CAPABILITIES));
     out
 }
 
@@ -146,6 +152,24 @@ pub(crate) async fn build(
             };
             Ok(Arc::new(RabbitBroker::connect(config).await?))
         }
+        #[cfg(feature = "kafka")]
+        "kafka" => {
+            use helix_messaging_kafka::{KafkaBroker, KafkaConfig};
+            let config = match url {
+                // kafka://host:9092[,host:9092…]: the part after the scheme is the broker list.
+                Some(url) => {
+                    let mut config = KafkaConfig::from_vars(lookup)?;
+                    config.brokers = url
+                        .split_once("://")
+                        .map_or(url, |(_, rest)| rest)
+                        .trim_end_matches('/')
+                        .to_owned();
+                    config
+                }
+                None => KafkaConfig::from_vars(lookup)?,
+            };
+            Ok(Arc::new(KafkaBroker::connect(config).await?))
+        }
         other => Err(Error::config(
             "MESSAGING_BACKEND",
             format!("backend {other:?} is not compiled in"),
@@ -159,7 +183,7 @@ pub(crate) fn from_url(url: &str) -> Result<(BackendInfo, String)> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Err(Error::config(
             "url",
-            "no scheme; expected something like memory://, redis://host:6379, redis-streams://host:6379 or amqp://host:5672",
+            "no scheme; expected something like memory://, redis://host:6379, redis-streams://host:6379, amqp://host:5672 or kafka://host:9092",
         ));
     };
     let scheme = scheme.to_ascii_lowercase();
@@ -168,6 +192,7 @@ pub(crate) fn from_url(url: &str) -> Result<(BackendInfo, String)> {
         "redis-streams" => ("redis-streams", "redis".to_owned()),
         "rediss-streams" => ("redis-streams", "rediss".to_owned()),
         "amqp" | "amqps" => ("rabbitmq", scheme.clone()),
+        "kafka" => ("kafka", scheme.clone()),
         other => (other, other.to_owned()),
     };
     let backend = resolve(backend, "url scheme")?;

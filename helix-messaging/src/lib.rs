@@ -22,6 +22,8 @@ mod backends;
 pub use backends::{BackendInfo, KNOWN_BACKENDS, capability_table, compiled_backends};
 pub use helix_messaging_core::*;
 
+#[cfg(feature = "kafka")]
+pub use helix_messaging_kafka as kafka;
 #[cfg(feature = "memory")]
 pub use helix_messaging_memory as memory;
 #[cfg(feature = "rabbitmq")]
@@ -62,7 +64,7 @@ pub async fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Arc<dy
 /// Build a broker from a URL whose scheme names the backend: `memory://`,
 /// `redis://host:6379` or `rediss://…` (Redis pub/sub), `redis-streams://host:6379` or
 /// `rediss-streams://…` (Redis Streams), `amqp://user:password@host:5672/vhost` or `amqps://…`
-/// (RabbitMQ).
+/// (RabbitMQ), `kafka://host:9092[,host:9092…]` (Kafka, other settings at their defaults).
 ///
 /// # Errors
 /// [`ErrorKind::Config`] for a URL without a scheme or with an unknown or not compiled-in

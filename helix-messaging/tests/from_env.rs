@@ -60,6 +60,7 @@ fn every_enabled_backend_feature_compiles_in_its_backends() {
             "memory" => cfg!(feature = "memory"),
             "redis" => cfg!(feature = "redis"),
             "rabbitmq" => cfg!(feature = "rabbitmq"),
+            "kafka" => cfg!(feature = "kafka"),
             other => panic!("feature {other:?} is missing from this test"),
         };
         assert_eq!(

@@ -1,0 +1,461 @@
+//! Configuration from code or from the seeds' variables. Secrets (the SASL password and any
+//! passed-through property that looks like one) never appear in `Debug`, logs or errors.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use helix_messaging_core::{Error, Result};
+use rdkafka::ClientConfig;
+
+/// Largest payload accepted by default: 4 MiB. Topics this backend creates allow records of
+/// this size plus room for headers; Kafka's own default (1 MB) would refuse a 1 MiB payload.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// Room for key and headers on top of the payload in a record.
+const RECORD_OVERHEAD_BYTES: usize = 64 * 1024;
+
+/// Producer compression codec (`compression.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compression {
+    /// No compression (default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+}
+
+impl Compression {
+    fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Snappy => "snappy",
+            Compression::Lz4 => "lz4",
+        }
+    }
+}
+
+/// Settings of the Kafka backend.
+#[derive(Clone)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma-separated `host:port` (`KAFKA_BROKERS`, default
+    /// `localhost:9092`).
+    pub brokers: String,
+    /// Prepended to every topic name with a dot: topic `events` is Kafka topic
+    /// `helixagent.events` with prefix `helixagent` (`KAFKA_TOPIC_PREFIX`, default none).
+    pub topic_prefix: Option<String>,
+    /// The seeds' default consumer group (`KAFKA_CONSUMER_GROUP`, default
+    /// `helixagent-workers`), for `SubscribeOptions::group(config.default_group())`. A
+    /// subscription that names no group gets a private group of its own, as on every backend.
+    pub consumer_group: String,
+    /// `client.id` (`KAFKA_CLIENT_ID`, default `helix-messaging`).
+    pub client_id: String,
+    /// Most messages per produce batch (`batch.num.messages`; `KAFKA_BATCH_SIZE`, default
+    /// 10,000 as librdkafka).
+    pub batch_size: u32,
+    /// How long the producer waits to fill a batch (`linger.ms`; `KAFKA_LINGER_MS`, default
+    /// 5 ms as librdkafka).
+    pub linger: Duration,
+    /// Compression codec (`KAFKA_COMPRESSION`: none, gzip, snappy, lz4).
+    pub compression: Compression,
+    /// `security.protocol` (`KAFKA_SECURITY_PROTOCOL`: plaintext, ssl, sasl_plaintext,
+    /// sasl_ssl; default plaintext).
+    pub security_protocol: String,
+    /// `sasl.mechanism` (`KAFKA_SASL_MECHANISM`, e.g. `SCRAM-SHA-512` as in the seeds).
+    pub sasl_mechanism: Option<String>,
+    /// `sasl.username` (`KAFKA_SASL_USERNAME`).
+    pub sasl_username: Option<String>,
+    sasl_password: Option<String>,
+    /// `ssl.ca.location`: PEM file of the CA that signed the brokers' certificates
+    /// (`KAFKA_SSL_CA_LOCATION`).
+    pub ssl_ca_location: Option<String>,
+    /// Any other librdkafka property, applied last (so it wins). Values of keys containing
+    /// `password`, `secret` or `key` are redacted in `Debug`.
+    pub properties: BTreeMap<String, String>,
+    /// Partitions of topics created on first use. Default 3.
+    pub default_partitions: i32,
+    /// Replication factor of topics created on first use. Default 1 (a single broker);
+    /// production clusters want 3, as in the seeds.
+    pub replication_factor: i32,
+    /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
+    pub max_payload_bytes: usize,
+    /// Longest wait for a publish's delivery report (`message.timeout.ms`; the producer retries
+    /// within it). Default 30 s.
+    pub publish_timeout: Duration,
+    /// Longest wait for metadata, topic creation, offset lookups and commits. Default 10 s.
+    pub request_timeout: Duration,
+    /// `fetch.wait.max.ms`: how long a fetch waits for data. Default 100 ms (librdkafka's
+    /// 500 ms adds that much latency to an idle topic).
+    pub fetch_wait_max: Duration,
+    /// `session.timeout.ms`: a member silent this long leaves its group. Default 45 s.
+    pub session_timeout: Duration,
+    /// `heartbeat.interval.ms`. Default 3 s.
+    pub heartbeat_interval: Duration,
+    /// Largest difference expected between publishers' clocks and the brokers': a read by
+    /// time starts this much earlier and filters on the records' timestamps. Default 5 s.
+    pub clock_skew: Duration,
+    /// When a subscription ends, how long deliveries still out may take to be settled before
+    /// the consumer commits and leaves its group. Default 5 s.
+    pub shutdown_grace: Duration,
+}
+
+impl KafkaConfig {
+    /// Settings for the cluster at `brokers`, defaults otherwise.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        KafkaConfig {
+            brokers: brokers.into(),
+            topic_prefix: None,
+            consumer_group: "helixagent-workers".to_owned(),
+            client_id: "helix-messaging".to_owned(),
+            batch_size: 10_000,
+            linger: Duration::from_millis(5),
+            compression: Compression::None,
+            security_protocol: "plaintext".to_owned(),
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+            ssl_ca_location: None,
+            properties: BTreeMap::new(),
+            default_partitions: 3,
+            replication_factor: 1,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            publish_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(10),
+            fetch_wait_max: Duration::from_millis(100),
+            session_timeout: Duration::from_secs(45),
+            heartbeat_interval: Duration::from_secs(3),
+            clock_skew: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+
+    /// Settings from the process environment; see [`KafkaConfig::from_vars`].
+    ///
+    /// # Errors
+    /// As [`KafkaConfig::from_vars`].
+    pub fn from_env() -> Result<Self> {
+        KafkaConfig::from_vars(|name| std::env::var(name).ok())
+    }
+
+    /// Settings from variables read through `lookup`: `KAFKA_BROKERS`, `KAFKA_TOPIC_PREFIX`,
+    /// `KAFKA_CONSUMER_GROUP` (the seeds'), plus `KAFKA_CLIENT_ID`, `KAFKA_BATCH_SIZE`,
+    /// `KAFKA_LINGER_MS`, `KAFKA_COMPRESSION`, `KAFKA_SECURITY_PROTOCOL`,
+    /// `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD`,
+    /// `KAFKA_SSL_CA_LOCATION`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
+    /// variable.
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let var = |name: &str| {
+            lookup(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mut config =
+            KafkaConfig::new(var("KAFKA_BROKERS").unwrap_or_else(|| "localhost:9092".into()));
+        if config.brokers.split(',').any(|b| b.trim().is_empty()) {
+            return Err(Error::config(
+                "KAFKA_BROKERS",
+                "expected comma-separated host:port pairs with none empty",
+            ));
+        }
+        config.topic_prefix = var("KAFKA_TOPIC_PREFIX");
+        if let Some(group) = var("KAFKA_CONSUMER_GROUP") {
+            config.consumer_group = group;
+        }
+        if let Some(id) = var("KAFKA_CLIENT_ID") {
+            config.client_id = id;
+        }
+        if let Some(size) = var("KAFKA_BATCH_SIZE") {
+            config.batch_size = size.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::config(
+                    "KAFKA_BATCH_SIZE",
+                    format!("expected a whole number of messages above 0, got {size:?}"),
+                )
+            })?;
+        }
+        if let Some(linger) = var("KAFKA_LINGER_MS") {
+            config.linger = Duration::from_millis(linger.parse().map_err(|_| {
+                Error::config(
+                    "KAFKA_LINGER_MS",
+                    format!("expected a whole number of milliseconds, got {linger:?}"),
+                )
+            })?);
+        }
+        if let Some(codec) = var("KAFKA_COMPRESSION") {
+            config.compression = match codec.to_ascii_lowercase().as_str() {
+                "none" => Compression::None,
+                "gzip" => Compression::Gzip,
+                "snappy" => Compression::Snappy,
+                "lz4" => Compression::Lz4,
+                _ => {
+                    return Err(Error::config(
+                        "KAFKA_COMPRESSION",
+                        format!("expected none, gzip, snappy or lz4, got {codec:?}"),
+                    ));
+                }
+            };
+        }
+        if let Some(protocol) = var("KAFKA_SECURITY_PROTOCOL") {
+            let lower = protocol.to_ascii_lowercase();
+            if !["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&lower.as_str()) {
+                return Err(Error::config(
+                    "KAFKA_SECURITY_PROTOCOL",
+                    format!(
+                        "expected plaintext, ssl, sasl_plaintext or sasl_ssl, got {protocol:?}"
+                    ),
+                ));
+            }
+            config.security_protocol = lower;
+        }
+        config.sasl_mechanism = var("KAFKA_SASL_MECHANISM");
+        config.sasl_username = var("KAFKA_SASL_USERNAME");
+        config.sasl_password = var("KAFKA_SASL_PASSWORD");
+        config.ssl_ca_location = var("KAFKA_SSL_CA_LOCATION");
+        Ok(config)
+    }
+
+    /// Set the SASL password (kept out of `Debug`).
+    #[must_use]
+    pub fn with_sasl_password(mut self, password: impl Into<String>) -> Self {
+        self.sasl_password = Some(password.into());
+        self
+    }
+
+    /// The group named by `KAFKA_CONSUMER_GROUP`, for applications that subscribe with the
+    /// seeds' default group.
+    pub fn default_group(&self) -> &str {
+        &self.consumer_group
+    }
+
+    /// The Kafka topic for `topic`.
+    pub fn kafka_topic(&self, topic: &str) -> String {
+        match &self.topic_prefix {
+            Some(prefix) => format!("{prefix}.{topic}"),
+            None => topic.to_owned(),
+        }
+    }
+
+    /// The largest record the producer sends and topics this backend creates accept.
+    pub(crate) fn max_record_bytes(&self) -> usize {
+        self.max_payload_bytes + RECORD_OVERHEAD_BYTES
+    }
+
+    /// Properties every client shares: servers, identity, security, then the pass-through.
+    fn common(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            .set("security.protocol", &self.security_protocol);
+        if let Some(mechanism) = &self.sasl_mechanism {
+            c.set("sasl.mechanism", mechanism);
+        }
+        if let Some(user) = &self.sasl_username {
+            c.set("sasl.username", user);
+        }
+        if let Some(password) = &self.sasl_password {
+            c.set("sasl.password", password);
+        }
+        if let Some(ca) = &self.ssl_ca_location {
+            c.set("ssl.ca.location", ca);
+        }
+        c
+    }
+
+    fn finish(&self, mut c: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.properties {
+            c.set(key, value);
+        }
+        c
+    }
+
+    /// The producer's properties: acks from every in-sync replica, idempotence (no duplicates
+    /// or reordering from the producer's own retries), retries within the publish timeout.
+    pub(crate) fn producer(&self) -> ClientConfig {
+        let mut c = self.common();
+        c.set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", millis(self.publish_timeout))
+            .set("linger.ms", millis(self.linger))
+            .set("batch.num.messages", self.batch_size.to_string())
+            .set("compression.type", self.compression.as_str())
+            .set("message.max.bytes", self.max_record_bytes().to_string());
+        self.finish(c)
+    }
+
+    /// A group consumer's properties: offsets are stored by the adapter (only up to what is
+    /// settled) and committed by librdkafka in the background and on revoke and close.
+    pub(crate) fn consumer(&self, group: &str) -> ClientConfig {
+        let mut c = self.common();
+        c.set("group.id", group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", millis(self.fetch_wait_max))
+            .set("session.timeout.ms", millis(self.session_timeout))
+            .set("heartbeat.interval.ms", millis(self.heartbeat_interval))
+            .set(
+                "fetch.message.max.bytes",
+                self.max_record_bytes().to_string(),
+            );
+        self.finish(c)
+    }
+
+    /// A reader without a group (history reads): assigns partitions itself, commits nothing.
+    pub(crate) fn reader(&self) -> ClientConfig {
+        let mut c = self.common();
+        c.set(
+            "group.id",
+            format!("helix-reader-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", millis(self.fetch_wait_max))
+        .set(
+            "fetch.message.max.bytes",
+            self.max_record_bytes().to_string(),
+        );
+        self.finish(c)
+    }
+
+    /// The admin client's properties.
+    pub(crate) fn admin(&self) -> ClientConfig {
+        let c = self.common();
+        self.finish(c)
+    }
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().to_string()
+}
+
+/// Whether a property's value must not be shown.
+fn secret(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "key"]
+        .iter()
+        .any(|s| key.contains(s))
+}
+
+impl fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let properties: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if secret(k) { "<redacted>" } else { v.as_str() };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("topic_prefix", &self.topic_prefix)
+            .field("consumer_group", &self.consumer_group)
+            .field("client_id", &self.client_id)
+            .field("batch_size", &self.batch_size)
+            .field("linger", &self.linger)
+            .field("compression", &self.compression)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("properties", &properties)
+            .field("default_partitions", &self.default_partitions)
+            .field("replication_factor", &self.replication_factor)
+            .field("max_payload_bytes", &self.max_payload_bytes)
+            .field("publish_timeout", &self.publish_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .field("fetch_wait_max", &self.fetch_wait_max)
+            .field("session_timeout", &self.session_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("clock_skew", &self.clock_skew)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use helix_messaging_core::ErrorKind;
+    use helix_messaging_testkit::env_lookup as vars;
+
+    #[test]
+    fn seed_variables_and_tuning_are_read() {
+        let config = KafkaConfig::from_vars(vars(&[
+            ("KAFKA_BROKERS", "k1:9092,k2:9092"),
+            ("KAFKA_TOPIC_PREFIX", "helixagent"),
+            ("KAFKA_CONSUMER_GROUP", "analytics-workers"),
+            ("KAFKA_BATCH_SIZE", "100"),
+            ("KAFKA_LINGER_MS", "10"),
+            ("KAFKA_COMPRESSION", "LZ4"),
+            ("KAFKA_SECURITY_PROTOCOL", "SASL_SSL"),
+            ("KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+            ("KAFKA_SASL_USERNAME", "helixagent"),
+            ("KAFKA_SASL_PASSWORD", "s3cr3t-pw"),
+        ]))
+        .unwrap();
+        assert_eq!(config.brokers, "k1:9092,k2:9092");
+        assert_eq!(config.kafka_topic("tasks"), "helixagent.tasks");
+        assert_eq!(config.default_group(), "analytics-workers");
+        assert_eq!(config.batch_size, 100);
+        assert_eq!(config.linger, Duration::from_millis(10));
+        assert_eq!(config.compression, Compression::Lz4);
+        assert_eq!(config.security_protocol, "sasl_ssl");
+        let producer = config.producer();
+        assert_eq!(producer.get("acks"), Some("all"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("sasl.password"), Some("s3cr3t-pw"));
+        assert_eq!(producer.get("batch.num.messages"), Some("100"));
+        let defaults = KafkaConfig::from_vars(vars(&[])).unwrap();
+        assert_eq!(defaults.brokers, "localhost:9092");
+        assert_eq!(defaults.kafka_topic("tasks"), "tasks");
+        assert_eq!(defaults.default_group(), "helixagent-workers");
+    }
+
+    #[test]
+    fn secrets_never_show() {
+        let mut config = KafkaConfig::new("k:9092").with_sasl_password("s3cr3t-pw");
+        config
+            .properties
+            .insert("ssl.key.password".into(), "k3y-pw".into());
+        config
+            .properties
+            .insert("socket.keepalive.enable".into(), "true".into());
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cr3t-pw") && !shown.contains("k3y-pw"),
+            "{shown}"
+        );
+        assert!(shown.contains("socket.keepalive.enable"), "{shown}");
+    }
+
+    #[test]
+    fn malformed_variables_are_named() {
+        for (pairs, variable) in [
+            (vec![("KAFKA_BROKERS", "a:1,,b:2")], "KAFKA_BROKERS"),
+            (vec![("KAFKA_BATCH_SIZE", "0")], "KAFKA_BATCH_SIZE"),
+            (vec![("KAFKA_LINGER_MS", "soon")], "KAFKA_LINGER_MS"),
+            (vec![("KAFKA_COMPRESSION", "brotli")], "KAFKA_COMPRESSION"),
+            (
+                vec![("KAFKA_SECURITY_PROTOCOL", "tls")],
+                "KAFKA_SECURITY_PROTOCOL",
+            ),
+        ] {
+            let err = KafkaConfig::from_vars(vars(&pairs)).expect_err(variable);
+            assert_eq!(err.kind(), ErrorKind::Config);
+            assert!(err.to_string().contains(variable), "{err}");
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! Kafka backend for helix-messaging, on rdkafka (librdkafka built from the crate's bundled
+//! sources).
+//!
+//! - **Publishing**: an idempotent producer with `acks=all`; a publish resolves on its
+//!   delivery report, a batch hands every record to the producer before awaiting any report.
+//!   The message key is the record key (so one key stays on one partition, in order), the
+//!   payload the record value; see the `wire` module for headers. Closing flushes.
+//! - **Topics**: created on first use with [`KafkaConfig::default_partitions`] partitions, or
+//!   declared up front with [`KafkaBroker::create_topics`] ([`KafkaTopic::helixagent`] is the
+//!   seeds' table). [`KafkaConfig::topic_prefix`] is prepended.
+//! - **Consuming**: a subscription is a consumer in its group (a private group when it names
+//!   none). A new group starts where [`SubscribeOptions::start`] says and commits that
+//!   position at once, so what is published while it has no member waits for it. Offsets are
+//!   committed only up to the lowest unsettled offset per partition. `nack(true)` publishes a
+//!   copy with the attempt count to the end of the same partition and settles the original:
+//!   the retry path, since rewinding a partition would redeliver everything after the message
+//!   too. A message whose TTL has passed is skipped when read. On revoke, what is settled is
+//!   committed and the partition's undelivered records are dropped.
+//! - **Replay**: `read_range` reads every partition from the broker's offset for the window's
+//!   start (or the beginning, on brokers without a timestamp index) to the high watermark, and
+//!   filters by record timestamp.
+
+mod config;
+mod consumer;
+mod error;
+mod history;
+mod topics;
+mod wire;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use helix_messaging_core::{
+    BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Error, ErrorKind, Health, HistoryStream,
+    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    check_payload_size, validate_name, within,
+};
+use rdkafka::consumer::Consumer;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::{mpsc, watch};
+
+pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
+pub use topics::KafkaTopic;
+
+use consumer::{GroupConsumer, GroupContext, GroupState, Reader};
+use error::from_kafka;
+use topics::Topics;
+
+/// Backend name reported by [`Broker::name`] and selected by `MESSAGING_BACKEND=kafka`.
+pub const NAME: &str = "kafka";
+
+/// What the Kafka backend promises.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    durable: true,
+    redelivery: true,
+    consumer_groups: true,
+    per_key_ordering: true,
+    // Partitions are logs: there is no reordering by priority.
+    priority: false,
+    // Enforced when a message is read: an expired one is skipped.
+    ttl: true,
+    // A dropped subscription leaves its group, and its partitions resume from the committed
+    // offset, which never passes an unsettled message.
+    redeliver_unacked: true,
+    replay_by_time: true,
+    native_dlq: false,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+};
+
+/// What the broker handle and every subscription and delivery share.
+pub(crate) struct Shared {
+    pub(crate) config: KafkaConfig,
+    producer: FutureProducer,
+    topics: Topics,
+    /// Set once on close; readers watch it.
+    pub(crate) closed: watch::Sender<bool>,
+    closing: AtomicBool,
+}
+
+impl Shared {
+    fn ensure_open(&self) -> Result<()> {
+        if *self.closed.borrow() {
+            Err(Error::closed("the kafka broker"))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Hand one record to the producer; the returned future resolves with its delivery report.
+    fn enqueue(
+        &self,
+        kafka_topic: &str,
+        message: &Message,
+        attempts_so_far: Option<u32>,
+    ) -> Result<rdkafka::producer::DeliveryFuture> {
+        check_payload_size(NAME, message, self.config.max_payload_bytes)?;
+        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(kafka_topic)
+            .payload(message.payload().as_ref())
+            .timestamp(wire::millis(message.timestamp()))
+            .headers(wire::headers(message, attempts_so_far));
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        self.producer
+            .send_result(record)
+            .map_err(|(err, _)| from_kafka(err, format!("publishing to {kafka_topic}")))
+    }
+
+    /// The broker's verdict on one record.
+    async fn delivered(
+        &self,
+        kafka_topic: &str,
+        report: rdkafka::producer::DeliveryFuture,
+    ) -> Result<()> {
+        match report.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((err, _))) => Err(from_kafka(err, format!("publishing to {kafka_topic}"))),
+            Err(_) => Err(Error::closed("the kafka producer")),
+        }
+    }
+
+    /// Publish one message to `topic` (as the application names it) and wait for its report.
+    /// A producer queue that stays full for the publish timeout is a retryable timeout.
+    pub(crate) async fn publish_one(
+        &self,
+        topic: &str,
+        message: &Message,
+        attempts_so_far: Option<u32>,
+    ) -> Result<()> {
+        let kafka_topic = self.config.kafka_topic(topic);
+        self.topics.ensure(&self.config, &kafka_topic).await?;
+        let report = self
+            .enqueue_waiting(&kafka_topic, message, attempts_so_far)
+            .await?;
+        self.delivered(&kafka_topic, report).await
+    }
+
+    /// [`Shared::enqueue`], waiting while the producer's queue is full.
+    async fn enqueue_waiting(
+        &self,
+        kafka_topic: &str,
+        message: &Message,
+        attempts_so_far: Option<u32>,
+    ) -> Result<rdkafka::producer::DeliveryFuture> {
+        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        loop {
+            match self.enqueue(kafka_topic, message, attempts_so_far) {
+                Err(err)
+                    if err.kind() == ErrorKind::Timeout
+                        && err.is_retryable()
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    // The queue is full: the delivery reports of earlier records free it.
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// A connection to a Kafka cluster: one producer shared by every publish, one consumer per
+/// subscription. Cheap to clone.
+#[derive(Clone)]
+pub struct KafkaBroker {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for KafkaBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBroker")
+            .field("config", &self.shared.config)
+            .field("closed", &*self.shared.closed.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaBroker {
+    /// Create the producer and check the cluster answers (its metadata, within
+    /// [`KafkaConfig::request_timeout`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for settings librdkafka refuses; [`ErrorKind::Connection`] /
+    /// [`ErrorKind::Timeout`] when no broker answers.
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let producer: FutureProducer = config
+            .producer()
+            .create()
+            .map_err(|e| from_kafka(e, "creating the Kafka producer"))?;
+        let topics = Topics::new(&config)?;
+        let broker = KafkaBroker {
+            shared: Arc::new(Shared {
+                config,
+                producer,
+                topics,
+                closed: watch::Sender::new(false),
+                closing: AtomicBool::new(false),
+            }),
+        };
+        broker.metadata().await?;
+        Ok(broker)
+    }
+
+    /// Connect with settings from the environment (see [`KafkaConfig::from_vars`]).
+    ///
+    /// # Errors
+    /// As [`KafkaConfig::from_vars`] and [`KafkaBroker::connect`].
+    pub async fn from_env() -> Result<Self> {
+        KafkaBroker::connect(KafkaConfig::from_env()?).await
+    }
+
+    /// The settings in use.
+    pub fn config(&self) -> &KafkaConfig {
+        &self.shared.config
+    }
+
+    /// Create `topics` (their names get the topic prefix); existing ones are left as they are.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Rejected`] when the cluster refuses one (too many partitions, bad
+    /// retention, …); [`ErrorKind::Timeout`] / [`ErrorKind::Connection`] otherwise.
+    pub async fn create_topics(&self, topics: &[KafkaTopic]) -> Result<()> {
+        self.shared.ensure_open()?;
+        let prefixed: Vec<KafkaTopic> = topics
+            .iter()
+            .map(|t| KafkaTopic {
+                name: self.shared.config.kafka_topic(&t.name),
+                ..t.clone()
+            })
+            .collect();
+        self.shared
+            .topics
+            .create(&self.shared.config, &prefixed)
+            .await
+    }
+
+    /// Fetch the cluster's metadata: proves a broker answers.
+    async fn metadata(&self) -> Result<usize> {
+        let shared = self.shared.clone();
+        let timeout = shared.config.request_timeout;
+        let brokers = shared.config.brokers.clone();
+        tokio::task::spawn_blocking(move || {
+            shared
+                .producer
+                .client()
+                .fetch_metadata(None, timeout)
+                .map(|m| m.brokers().len())
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Backend, format!("metadata task failed: {e}")))?
+        .map_err(|e| from_kafka(e, format!("reaching the Kafka brokers {brokers}")))
+    }
+}
+
+#[async_trait]
+impl Publisher for KafkaBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        validate_name("topic", topic)?;
+        self.shared.ensure_open()?;
+        self.shared.publish_one(topic, &message, None).await
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+        let total = messages.len();
+        let kafka_topic = self.shared.config.kafka_topic(topic);
+        let ready = async {
+            validate_name("topic", topic)?;
+            self.shared.ensure_open()?;
+            self.shared
+                .topics
+                .ensure(&self.shared.config, &kafka_topic)
+                .await
+        };
+        if let Err(err) = ready.await {
+            return BatchReport::all_failed(total, &err);
+        }
+        // Every record goes to the producer before any report is awaited: librdkafka batches
+        // them, and the reports arrive together.
+        let mut failures = Vec::new();
+        let mut pending = Vec::with_capacity(total);
+        for (index, message) in messages.iter().enumerate() {
+            match self
+                .shared
+                .enqueue_waiting(&kafka_topic, message, None)
+                .await
+            {
+                Ok(report) => pending.push((index, report)),
+                Err(err) => failures.push((index, err)),
+            }
+        }
+        let shared = &self.shared;
+        let kafka_topic = &kafka_topic;
+        let verdicts =
+            futures::future::join_all(pending.into_iter().map(|(i, report)| async move {
+                (i, shared.delivered(kafka_topic, report).await)
+            }))
+            .await;
+        failures.extend(
+            verdicts
+                .into_iter()
+                .filter_map(|(i, r)| r.err().map(|e| (i, e))),
+        );
+        BatchReport::new(total, failures)
+    }
+}
+
+#[async_trait]
+impl Subscriber for KafkaBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        validate_name("topic", topic)?;
+        if let Some(group) = &options.group {
+            validate_name("group", group)?;
+        }
+        self.shared.ensure_open()?;
+        let config = &self.shared.config;
+        let kafka_topic = config.kafka_topic(topic);
+        self.shared.topics.ensure(config, &kafka_topic).await?;
+        let group_id = match &options.group {
+            Some(group) => group.clone(),
+            None => format!("helix-private-{}", uuid::Uuid::new_v4().simple()),
+        };
+        let state = GroupState::new(kafka_topic.clone(), options.start, &self.shared);
+        let fallback = match options.start {
+            helix_messaging_core::StartPosition::Latest => "latest",
+            _ => "earliest",
+        };
+        let consumer: GroupConsumer = config
+            .consumer(&group_id)
+            .set("auto.offset.reset", fallback)
+            .create_with_context(GroupContext {
+                state: state.clone(),
+            })
+            .map_err(|e| from_kafka(e, format!("creating a consumer for group {group_id}")))?;
+        consumer
+            .subscribe(&[&kafka_topic])
+            .map_err(|e| from_kafka(e, format!("subscribing to {kafka_topic}")))?;
+        let (deliveries, mut receiver) = mpsc::unbounded_channel();
+        let prefetch = if options.prefetch == DEFAULT_PREFETCH {
+            DEFAULT_PREFETCH
+        } else {
+            options.prefetch.max(1)
+        };
+        let topic: Arc<str> = Arc::from(topic);
+        let group: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
+        let reader = Reader {
+            consumer: Arc::new(consumer),
+            state: state.clone(),
+            shared: self.shared.clone(),
+            deliveries,
+            prefetch,
+            topic: topic.clone(),
+            group: group.clone(),
+        };
+        tokio::spawn(reader.run());
+        // Registered once the group has placed this member: only then is every later publish
+        // certain to reach the group from the position it starts at.
+        let joined = config.request_timeout + config.session_timeout;
+        within(
+            joined,
+            format!("joining group {group_id} on {kafka_topic}"),
+            state.first_assignment(),
+        )
+        .await?;
+        let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+        Ok(Subscription::new(topic, group, Box::pin(stream)))
+    }
+}
+
+#[async_trait]
+impl Broker for KafkaBroker {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
+            ..CAPABILITIES
+        }
+    }
+
+    async fn health(&self) -> Health {
+        if *self.shared.closed.borrow() {
+            return Health::unhealthy("the kafka broker is closed");
+        }
+        match self.metadata().await {
+            Ok(brokers) => Health::healthy(format!(
+                "{brokers} broker(s) reachable at {}",
+                self.shared.config.brokers
+            )),
+            Err(err) => Health::unhealthy(err.to_string()),
+        }
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        validate_name("topic", topic)?;
+        self.shared.ensure_open()?;
+        let shared = self.shared.clone();
+        let kafka_topic = shared.config.kafka_topic(topic);
+        let entries =
+            tokio::task::spawn_blocking(move || history::read(&shared.config, &kafka_topic, range))
+                .await
+                .map_err(|e| {
+                    Error::new(ErrorKind::Backend, format!("history task failed: {e}"))
+                })??;
+        Ok(Box::pin(futures::stream::iter(entries.into_iter().map(Ok))))
+    }
+
+    async fn close(&self) -> Result<()> {
+        if self.shared.closing.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.shared.closed.send_replace(true);
+        let shared = self.shared.clone();
+        let timeout = shared.config.publish_timeout;
+        tokio::task::spawn_blocking(move || shared.producer.flush(timeout))
+            .await
+            .map_err(|e| Error::new(ErrorKind::Backend, format!("flush task failed: {e}")))?
+            .map_err(|e| from_kafka(e, "flushing the producer"))
+    }
+}

@@ -1,0 +1,177 @@
+//! Topics: created on first use or from a declared list, plus the seeds' topic table.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use helix_messaging_core::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::error::RDKafkaErrorCode;
+
+use crate::KafkaConfig;
+use crate::error::from_kafka;
+
+/// A topic to create, with its partitions and retention.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KafkaTopic {
+    /// Its name as the application uses it (the topic prefix is added).
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: i32,
+    /// `retention.ms`: records older than this are deleted. `None` keeps the broker default.
+    pub retention: Option<Duration>,
+}
+
+impl KafkaTopic {
+    /// A topic named `name` with `partitions` partitions and the broker's retention.
+    pub fn new(name: impl Into<String>, partitions: i32) -> Self {
+        KafkaTopic {
+            name: name.into(),
+            partitions,
+            retention: None,
+        }
+    }
+
+    /// Set the retention.
+    #[must_use]
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
+    /// The seeds' topic table (full names, for a configuration without a topic prefix):
+    ///
+    /// | topic | partitions | retention |
+    /// |---|---|---|
+    /// | `helixagent.events.llm.responses` | 6 | 7 days |
+    /// | `helixagent.events.debate.rounds` | 6 | 7 days |
+    /// | `helixagent.events.verification.results` | 3 | 30 days |
+    /// | `helixagent.events.provider.health` | 3 | 1 day |
+    /// | `helixagent.events.audit` | 6 | 90 days |
+    /// | `helixagent.events.metrics` | 3 | 1 day |
+    /// | `helixagent.events.errors` | 3 | 30 days |
+    /// | `helixagent.stream.tokens` | 12 | 1 hour |
+    /// | `helixagent.dlq.tasks` | 3 | 30 days |
+    /// | `helixagent.dlq.events` | 3 | 30 days |
+    pub fn helixagent() -> Vec<KafkaTopic> {
+        const HOUR: u64 = 3600;
+        const DAY: u64 = 24 * HOUR;
+        [
+            ("helixagent.events.llm.responses", 6, 7 * DAY),
+            ("helixagent.events.debate.rounds", 6, 7 * DAY),
+            ("helixagent.events.verification.results", 3, 30 * DAY),
+            ("helixagent.events.provider.health", 3, DAY),
+            ("helixagent.events.audit", 6, 90 * DAY),
+            ("helixagent.events.metrics", 3, DAY),
+            ("helixagent.events.errors", 3, 30 * DAY),
+            ("helixagent.stream.tokens", 12, HOUR),
+            ("helixagent.dlq.tasks", 3, 30 * DAY),
+            ("helixagent.dlq.events", 3, 30 * DAY),
+        ]
+        .into_iter()
+        .map(|(name, partitions, secs)| {
+            KafkaTopic::new(name, partitions).retention(Duration::from_secs(secs))
+        })
+        .collect()
+    }
+}
+
+/// Creates topics and remembers which exist, so only a topic's first use costs a request.
+pub(crate) struct Topics {
+    admin: AdminClient<DefaultClientContext>,
+    known: Mutex<HashSet<String>>,
+}
+
+impl Topics {
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self> {
+        let admin = config
+            .admin()
+            .create()
+            .map_err(|e| from_kafka(e, "creating the Kafka admin client"))?;
+        Ok(Topics {
+            admin,
+            known: Mutex::default(),
+        })
+    }
+
+    /// Make sure the Kafka topic `name` exists, creating it with the configured defaults.
+    pub(crate) async fn ensure(&self, config: &KafkaConfig, name: &str) -> Result<()> {
+        if self.known.lock().contains(name) {
+            return Ok(());
+        }
+        let topic = KafkaTopic::new(name, config.default_partitions);
+        self.create(config, std::slice::from_ref(&topic)).await
+    }
+
+    /// Create `topics` (Kafka names); one that exists already is left as it is.
+    pub(crate) async fn create(&self, config: &KafkaConfig, topics: &[KafkaTopic]) -> Result<()> {
+        let max_bytes = config.max_record_bytes().to_string();
+        let retention: Vec<Option<String>> = topics
+            .iter()
+            .map(|t| t.retention.map(|r| r.as_millis().to_string()))
+            .collect();
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .zip(&retention)
+            .map(|(t, retention)| {
+                let mut topic = NewTopic::new(
+                    &t.name,
+                    t.partitions,
+                    TopicReplication::Fixed(config.replication_factor),
+                )
+                .set("max.message.bytes", &max_bytes);
+                if let Some(ms) = retention {
+                    topic = topic.set("retention.ms", ms);
+                }
+                topic
+            })
+            .collect();
+        let options = AdminOptions::new()
+            .request_timeout(Some(config.request_timeout))
+            .operation_timeout(Some(config.request_timeout));
+        let results = helix_messaging_core::within(
+            config.request_timeout,
+            "creating topics",
+            self.admin.create_topics(&new, &options),
+        )
+        .await?
+        .map_err(|e| from_kafka(e, "creating topics"))?;
+        for result in results {
+            match result {
+                Ok(name) | Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    self.known.lock().insert(name);
+                }
+                Err((name, code)) => {
+                    return Err(Error::new(
+                        ErrorKind::Rejected,
+                        format!("creating topic {name:?}: {code}"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_seed_table_has_its_partitions_and_retention() {
+        let topics = KafkaTopic::helixagent();
+        assert_eq!(topics.len(), 10);
+        let tokens = topics
+            .iter()
+            .find(|t| t.name == "helixagent.stream.tokens")
+            .expect("token stream");
+        assert_eq!(tokens.partitions, 12);
+        assert_eq!(tokens.retention, Some(Duration::from_secs(3600)));
+        let audit = topics
+            .iter()
+            .find(|t| t.name == "helixagent.events.audit")
+            .expect("audit");
+        assert_eq!(audit.retention, Some(Duration::from_secs(90 * 86_400)));
+    }
+}

@@ -1,0 +1,158 @@
+//! Mapping between [`Message`] and Kafka records.
+//!
+//! The payload is the record's value and the key its key, so other Kafka clients read the
+//! messages as they are; the record timestamp is the message timestamp (milliseconds).
+//! Application headers become record headers; the id, the exact (nanosecond) timestamp,
+//! content type, correlation id, priority, TTL and attempt count travel in reserved
+//! `x-helix-` headers.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use helix_messaging_core::Message;
+use rdkafka::Message as _;
+use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
+
+const ID: &str = "x-helix-id";
+const TIMESTAMP_NS: &str = "x-helix-timestamp-ns";
+const CONTENT_TYPE: &str = "x-helix-content-type";
+const CORRELATION_ID: &str = "x-helix-correlation-id";
+const PRIORITY: &str = "x-helix-priority";
+const TTL_MS: &str = "x-helix-ttl-ms";
+const ATTEMPT: &str = "x-helix-attempt";
+
+/// Record headers for `message`; `attempts_so_far` is set on a requeued copy.
+pub(crate) fn headers(message: &Message, attempts_so_far: Option<u32>) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 4);
+    for (name, value) in message.headers() {
+        headers = headers.insert(Header {
+            key: name,
+            value: Some(value.as_bytes()),
+        });
+    }
+    let mut reserved = |key: &str, value: &str| {
+        headers = std::mem::take(&mut headers).insert(Header {
+            key,
+            value: Some(value.as_bytes()),
+        });
+    };
+    reserved(ID, message.id());
+    reserved(TIMESTAMP_NS, &nanos(message.timestamp()).to_string());
+    if let Some(ct) = message.content_type() {
+        reserved(CONTENT_TYPE, ct);
+    }
+    if let Some(corr) = message.correlation_id() {
+        reserved(CORRELATION_ID, corr);
+    }
+    if message.priority() > 0 {
+        reserved(PRIORITY, &message.priority().to_string());
+    }
+    if let Some(ttl) = message.ttl() {
+        reserved(TTL_MS, &ttl.as_millis().to_string());
+    }
+    if let Some(attempts) = attempts_so_far {
+        reserved(ATTEMPT, &attempts.to_string());
+    }
+    headers
+}
+
+fn nanos(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
+}
+
+/// Milliseconds since the epoch: the record timestamp.
+pub(crate) fn millis(t: SystemTime) -> i64 {
+    i64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The time of a record timestamp in milliseconds.
+pub(crate) fn from_millis(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+}
+
+/// A received record as a message, the attempt it is on, and the record's own timestamp.
+pub(crate) struct Received {
+    pub(crate) message: Message,
+    pub(crate) attempt: u32,
+    /// The record timestamp (the broker's append time on topics configured for it).
+    pub(crate) recorded_at: SystemTime,
+}
+
+/// Rebuild the message from a record. Records from other producers (no helix headers) are
+/// taken as they are: the offset-derived id `<topic>-<partition>@<offset>`, the record
+/// timestamp.
+pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
+    let recorded_at = record
+        .timestamp()
+        .to_millis()
+        .map_or_else(SystemTime::now, from_millis);
+    let mut id = None;
+    let mut timestamp = recorded_at;
+    let mut content_type = None;
+    let mut correlation_id = None;
+    let mut priority = 0;
+    let mut ttl = None;
+    let mut earlier = 0;
+    let mut app_headers = helix_messaging_core::Headers::new();
+    if let Some(headers) = record.headers() {
+        for header in headers.iter() {
+            let value = String::from_utf8_lossy(header.value.unwrap_or_default());
+            match header.key {
+                ID => id = Some(value.into_owned()),
+                TIMESTAMP_NS => {
+                    if let Ok(ns) = value.parse::<u64>() {
+                        timestamp = UNIX_EPOCH + Duration::from_nanos(ns);
+                    }
+                }
+                CONTENT_TYPE => content_type = Some(value.into_owned()),
+                CORRELATION_ID => correlation_id = Some(value.into_owned()),
+                PRIORITY => priority = value.parse().unwrap_or(0),
+                TTL_MS => ttl = value.parse::<u64>().ok().map(Duration::from_millis),
+                ATTEMPT => earlier = value.parse().unwrap_or(0),
+                key if key.starts_with("x-helix-") => {}
+                key => {
+                    app_headers.insert(key.to_owned(), value.into_owned());
+                }
+            }
+        }
+    }
+    let id = id.unwrap_or_else(|| {
+        format!(
+            "{}-{}@{}",
+            record.topic(),
+            record.partition(),
+            record.offset()
+        )
+    });
+    let payload = bytes_of(record.payload());
+    let mut message = Message::restore(id, payload, timestamp)
+        .with_headers(app_headers)
+        .with_priority(priority);
+    if let Some(key) = record.key() {
+        message = message.with_key(String::from_utf8_lossy(key).into_owned());
+    }
+    if let Some(ct) = content_type {
+        message = message.with_content_type(ct);
+    }
+    if let Some(corr) = correlation_id {
+        message = message.with_correlation_id(corr);
+    }
+    if let Some(ttl) = ttl {
+        message = message.with_ttl(ttl);
+    }
+    Received {
+        message,
+        attempt: earlier + 1,
+        recorded_at,
+    }
+}
+
+fn bytes_of(payload: Option<&[u8]>) -> bytes::Bytes {
+    payload.map_or_else(bytes::Bytes::new, bytes::Bytes::copy_from_slice)
+}
+
+/// Whether `message` has outlived its TTL by `now`.
+pub(crate) fn expired(message: &Message, now: SystemTime) -> bool {
+    message
+        .ttl()
+        .is_some_and(|ttl| message.timestamp() + ttl <= now)
+}

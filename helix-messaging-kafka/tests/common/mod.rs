@@ -1,0 +1,36 @@
+//! Settings every Kafka test uses: the real Kafka-protocol broker (Tansu, started by
+//! `scripts/test`) on 127.0.0.1:9092 (`KAFKA_BROKERS` overrides).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use helix_messaging_core::{Delivery, Subscription};
+use helix_messaging_kafka::KafkaConfig;
+
+/// Settings for `brokers` with the short group timings a test needs: a group join or a fetch
+/// otherwise crawls.
+pub fn config_for(brokers: &str) -> KafkaConfig {
+    let mut config = KafkaConfig::new(brokers);
+    config.fetch_wait_max = Duration::from_millis(50);
+    config.session_timeout = Duration::from_secs(6);
+    config.heartbeat_interval = Duration::from_millis(500);
+    config.shutdown_grace = Duration::from_secs(2);
+    config
+}
+
+/// The shared test broker.
+pub fn config() -> KafkaConfig {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    config_for(&brokers)
+}
+
+/// The next delivery, failing the test if none arrives within 20 s or the stream errs or ends.
+pub async fn recv(sub: &mut Subscription) -> Delivery {
+    tokio::time::timeout(Duration::from_secs(20), sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery on {} within 20 s", sub.topic()))
+        .expect("subscription open")
+        .expect("no stream error")
+}

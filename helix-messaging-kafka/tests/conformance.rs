@@ -1,0 +1,26 @@
+//! The Kafka backend runs the conformance suite against a real Kafka-protocol broker (Tansu on
+//! 127.0.0.1:9092, started by `scripts/test`; `KAFKA_BROKERS` overrides). A broker that
+//! cannot be reached fails the test.
+
+mod common;
+
+use std::sync::Arc;
+
+use helix_messaging_core::Broker;
+use helix_messaging_kafka::KafkaBroker;
+use helix_messaging_testkit::Conformance;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_passes_the_conformance_suite() {
+    Conformance::new("kafka", || async {
+        Ok(Arc::new(KafkaBroker::connect(common::config()).await?) as Arc<dyn Broker>)
+    })
+    // A partition is a log: records are read in the order they were written.
+    .expect_skipped(
+        "priority_order",
+        "Kafka partitions keep write order; no priorities",
+    )
+    .run()
+    .await
+    .assert_passed();
+}
