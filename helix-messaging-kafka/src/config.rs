@@ -325,9 +325,11 @@ impl KafkaConfig {
         self.finish(c)
     }
 
-    /// The admin client's properties.
+    /// The admin client's properties. Its metadata requests never create topics: topics are
+    /// created with this backend's partitions and limits, not the broker's defaults.
     pub(crate) fn admin(&self) -> ClientConfig {
-        let c = self.common();
+        let mut c = self.common();
+        c.set("allow.auto.create.topics", "false");
         self.finish(c)
     }
 }

@@ -180,6 +180,7 @@ impl GroupState {
         {
             tracing::warn!(topic = %self.topic, error = %err, "committing the start position failed");
         }
+        tracing::debug!(topic = %self.topic, generation, ?trackers, "partitions assigned");
         let mut partitions = self.partitions.lock();
         for (partition, start) in trackers {
             partitions.insert(partition, Tracker::new(generation, start));
@@ -199,6 +200,7 @@ impl GroupState {
                 let point = partitions
                     .remove(&element.partition())
                     .and_then(|t| t.commit_point());
+                tracing::debug!(topic = %self.topic, partition = element.partition(), ?point, "partition revoked");
                 if let Some(point) = point {
                     let _ = store.add_partition_offset(
                         &self.topic,
@@ -264,14 +266,16 @@ impl GroupState {
                 })
         };
         if let Some(point) = store {
-            consumer
-                .store_offset(&self.topic, partition, point)
-                .map_err(|e| {
-                    from_kafka(
-                        e,
-                        format!("storing offset {point} of partition {partition}"),
-                    )
-                })?;
+            // `store_offsets` stores exactly `point`; librdkafka's single-offset store would
+            // store `point + 1` and skip a message.
+            let mut tpl = TopicPartitionList::new();
+            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(point));
+            consumer.store_offsets(&tpl).map_err(|e| {
+                from_kafka(
+                    e,
+                    format!("storing offset {point} of partition {partition}"),
+                )
+            })?;
         }
         Ok(())
     }
@@ -344,11 +348,24 @@ impl Reader {
         let mut buffer: VecDeque<Buffered> = VecDeque::new();
         let mut paused = false;
         let mut closed = self.shared.closed.subscribe();
+        let mut assignments = self.state.assignments.subscribe();
         loop {
+            if paused && buffer.len() < self.prefetch / 2 {
+                paused = !self.set_paused(false);
+            }
             tokio::select! {
                 biased;
                 () = async { let _ = closed.wait_for(|c| *c).await; } => break,
                 () = self.deliveries.closed() => break,
+                Ok(()) = assignments.changed() => {
+                    // Revoked partitions' records are not handed out any more, and a new
+                    // assignment must not inherit a pause from an earlier one.
+                    buffer.retain(|b| self.state.holds(b.partition, b.generation));
+                    paused = buffer.len() >= self.prefetch && self.set_paused(true);
+                    if !paused {
+                        self.set_paused(false);
+                    }
+                }
                 permit = permits.clone().acquire_owned(), if !buffer.is_empty() => {
                     let Ok(permit) = permit else { break };
                     let Some(item) = buffer.pop_front() else { continue };
@@ -358,9 +375,6 @@ impl Reader {
                     let delivery = self.delivery(item, permit);
                     if self.deliveries.send(Ok(delivery)).is_err() {
                         break;
-                    }
-                    if paused && buffer.len() < self.prefetch / 2 {
-                        paused = !self.set_paused(false);
                     }
                 }
                 received = self.consumer.recv() => match received {

@@ -37,6 +37,7 @@ pub(crate) fn from_kafka(err: KafkaError, doing: impl Display) -> Error {
     let (kind, retryable) = match &err {
         KafkaError::ClientConfig(..) | KafkaError::ClientCreation(_) => (ErrorKind::Config, false),
         KafkaError::Canceled => (ErrorKind::Closed, false),
+        KafkaError::AdminOp(code) => classify(*code),
         other => match other.rdkafka_error_code() {
             Some(code) => classify(code),
             None => (ErrorKind::Backend, false),

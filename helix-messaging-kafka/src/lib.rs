@@ -76,6 +76,9 @@ pub(crate) struct Shared {
     /// Set once on close; readers watch it.
     pub(crate) closed: watch::Sender<bool>,
     closing: AtomicBool,
+    /// The subscriptions' reader tasks, awaited on close so every consumer has committed and
+    /// left its group when `close` returns.
+    readers: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -196,6 +199,7 @@ impl KafkaBroker {
                 topics,
                 closed: watch::Sender::new(false),
                 closing: AtomicBool::new(false),
+                readers: parking_lot::Mutex::default(),
             }),
         };
         broker.metadata().await?;
@@ -352,7 +356,11 @@ impl Subscriber for KafkaBroker {
             topic: topic.clone(),
             group: group.clone(),
         };
-        tokio::spawn(reader.run());
+        {
+            let mut readers = self.shared.readers.lock();
+            readers.retain(|r| !r.is_finished());
+            readers.push(tokio::spawn(reader.run()));
+        }
         // Registered once the group has placed this member: only then is every later publish
         // certain to reach the group from the position it starts at.
         let joined = config.request_timeout + config.session_timeout;
@@ -412,6 +420,20 @@ impl Broker for KafkaBroker {
             return Ok(());
         }
         self.shared.closed.send_replace(true);
+        // Subscriptions end: each gives its deliveries still out the shutdown grace, commits
+        // and leaves its group.
+        let readers = std::mem::take(&mut *self.shared.readers.lock());
+        let limit = self.shared.config.shutdown_grace + self.shared.config.request_timeout * 2;
+        if within(
+            limit,
+            "ending the subscriptions",
+            futures::future::join_all(readers),
+        )
+        .await
+        .is_err()
+        {
+            tracing::warn!(?limit, "subscriptions did not end in time; closing anyway");
+        }
         let shared = self.shared.clone();
         let timeout = shared.config.publish_timeout;
         tokio::task::spawn_blocking(move || shared.producer.flush(timeout))

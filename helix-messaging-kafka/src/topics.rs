@@ -1,6 +1,7 @@
 //! Topics: created on first use or from a declared list, plus the seeds' topic table.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use helix_messaging_core::{Error, ErrorKind, Result};
@@ -79,7 +80,7 @@ impl KafkaTopic {
 
 /// Creates topics and remembers which exist, so only a topic's first use costs a request.
 pub(crate) struct Topics {
-    admin: AdminClient<DefaultClientContext>,
+    admin: Arc<AdminClient<DefaultClientContext>>,
     known: Mutex<HashSet<String>>,
 }
 
@@ -90,7 +91,7 @@ impl Topics {
             .create()
             .map_err(|e| from_kafka(e, "creating the Kafka admin client"))?;
         Ok(Topics {
-            admin,
+            admin: Arc::new(admin),
             known: Mutex::default(),
         })
     }
@@ -100,8 +101,32 @@ impl Topics {
         if self.known.lock().contains(name) {
             return Ok(());
         }
+        if self.exists(config, name).await? {
+            self.known.lock().insert(name.to_owned());
+            return Ok(());
+        }
         let topic = KafkaTopic::new(name, config.default_partitions);
         self.create(config, std::slice::from_ref(&topic)).await
+    }
+
+    /// Whether the cluster's metadata lists topic `name` (the admin client never asks the
+    /// broker to create it on the way).
+    async fn exists(&self, config: &KafkaConfig, name: &str) -> Result<bool> {
+        let admin = self.admin.clone();
+        let timeout = config.request_timeout;
+        let topic = name.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let metadata = admin
+                .inner()
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| from_kafka(e, format!("reading the metadata of {topic}")))?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+        })
+        .await
+        .map_err(|e| Error::new(ErrorKind::Backend, format!("metadata task failed: {e}")))?
     }
 
     /// Create `topics` (Kafka names); one that exists already is left as it is.

@@ -1,0 +1,352 @@
+//! Kafka-specific behaviour: commits that never pass an unsettled message, a group member
+//! joining and leaving mid-stream (against Tansu), and a broker outage (rdkafka's in-process
+//! `MockCluster`).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use helix_messaging_core::{
+    Broker, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
+};
+use helix_messaging_kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
+use helix_messaging_testkit::fresh_name;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use common::recv;
+
+/// Partitions of `topic` as the cluster at `brokers` reports them.
+fn partitions(brokers: &str, topic: &str) -> usize {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata.topics()[0].partitions().len()
+}
+
+/// Acks all but the second of five messages, latest first; the group must resume at the
+/// unsettled one.
+async fn check_commits_stop_at_the_unsettled_message(
+    config: KafkaConfig,
+    mock: Option<&rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>>,
+) {
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    let topic = fresh_name("commits");
+    // The mock cluster does not answer CreateTopics.
+    match mock {
+        Some(cluster) => cluster.create_topic(&topic, 1, 1).unwrap(),
+        None => broker
+            .create_topics(&[KafkaTopic::new(&topic, 1)])
+            .await
+            .unwrap(),
+    }
+    let batch = mock.is_some();
+    let group = fresh_name("g");
+    let mut first = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let sent: Vec<Message> = (0..5).map(|i| Message::new(format!("m{i}"))).collect();
+    if batch {
+        broker
+            .publish_batch(&topic, sent.clone())
+            .await
+            .into_result()
+            .unwrap();
+    } else {
+        for m in &sent {
+            broker.publish(&topic, m.clone()).await.unwrap();
+        }
+    }
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(recv(&mut first).await);
+    }
+    for (i, d) in held.iter().enumerate().rev() {
+        if i != 1 {
+            d.ack().await.unwrap();
+        }
+    }
+    drop(held);
+    drop(first);
+
+    // The group resumes at the unsettled message: it comes again, and so does everything
+    // after it (at least once), nothing before it.
+    let mut second = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let mut again = Vec::new();
+    for _ in 0..4 {
+        let d = recv(&mut second).await;
+        again.push(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let expected: Vec<String> = sent[1..].iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(again, expected);
+    drop(second);
+
+    // Everything is settled now: a third member gets nothing.
+    let mut third = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(1), third.next()).await;
+    assert!(quiet.is_err(), "all committed");
+    broker.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_out_of_order_never_commits_past_an_unsettled_message() {
+    common::log_to_stderr();
+    // One record batch per message: Tansu 0.6 serves nothing to a fetch that starts inside
+    // a batch, which a resumed group does here.
+    check_commits_stop_at_the_unsettled_message(common::config(), None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_stop_at_the_unsettled_message_inside_a_batch_too() {
+    common::log_to_stderr();
+    // librdkafka's mock broker serves fetches from inside a record batch, as Kafka does.
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let config = common::config_for(&cluster.bootstrap_servers());
+    check_commits_stop_at_the_unsettled_message(config, Some(&cluster)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_topic_table_is_created_with_its_partitions() {
+    let mut config = common::config();
+    let prefix = fresh_name("seeds");
+    config.topic_prefix = Some(prefix.clone());
+    let broker = KafkaBroker::connect(config.clone()).await.unwrap();
+    broker
+        .create_topics(&KafkaTopic::helixagent())
+        .await
+        .unwrap();
+    // Declaring again leaves them as they are.
+    broker
+        .create_topics(&KafkaTopic::helixagent())
+        .await
+        .unwrap();
+    for (name, expected) in [
+        ("helixagent.stream.tokens", 12),
+        ("helixagent.events.audit", 6),
+        ("helixagent.dlq.tasks", 3),
+    ] {
+        let full = format!("{prefix}.{name}");
+        assert_eq!(partitions(&config.brokers, &full), expected, "{full}");
+    }
+    broker.close().await.unwrap();
+}
+
+/// Receives and acks everything on `sub`, recording ids; stops when `stop` is dropped.
+fn consume(
+    mut sub: Subscription,
+    seen: Arc<Mutex<HashMap<String, usize>>>,
+    count: Arc<AtomicUsize>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return,
+                next = sub.next() => match next {
+                    Some(Ok(d)) => {
+                        *seen.lock().unwrap().entry(d.message().id().to_owned()).or_default() += 1;
+                        count.fetch_add(1, Ordering::SeqCst);
+                        // A partition revoked meanwhile refuses the ack; its new owner gets
+                        // the message again (counted as a duplicate).
+                        let _ = d.ack().await;
+                    }
+                    Some(Err(err)) => eprintln!("subscription reported: {err}"),
+                    None => return,
+                }
+            }
+        }
+    });
+    (task, stop)
+}
+
+async fn wait_until(what: &str, limit: Duration, cond: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not reached within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_and_leaving_mid_stream_loses_nothing() {
+    const MESSAGES: usize = 10_000;
+    common::log_to_stderr();
+    let broker = KafkaBroker::connect(common::config()).await.unwrap();
+    let topic = fresh_name("rebalance");
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, 4)])
+        .await
+        .unwrap();
+    let group = fresh_name("g");
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let first = broker
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(50))
+        .await
+        .unwrap();
+    let (first_task, _first_stop) = consume(first, seen.clone(), count.clone());
+
+    let ids: Vec<String> = (0..MESSAGES).map(|i| format!("m{i:05}")).collect();
+    let publisher = {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        let ids = ids.clone();
+        tokio::spawn(async move {
+            for chunk in ids.chunks(100) {
+                let batch = chunk
+                    .iter()
+                    .map(|id| Message::new("x").with_id(id.clone()).with_key(id.clone()))
+                    .collect();
+                broker
+                    .publish_batch(&topic, batch)
+                    .await
+                    .into_result()
+                    .unwrap();
+                // Spread the stream out so the rebalances land in the middle of it.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    wait_until("a third received", Duration::from_secs(60), || {
+        count.load(Ordering::SeqCst) >= MESSAGES / 3
+    })
+    .await;
+    let second = broker
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(50))
+        .await
+        .unwrap();
+    let second_count = Arc::new(AtomicUsize::new(0));
+    let (second_task, second_stop) = consume(second, seen.clone(), second_count.clone());
+    wait_until("two thirds received", Duration::from_secs(60), || {
+        count.load(Ordering::SeqCst) + second_count.load(Ordering::SeqCst) >= 2 * MESSAGES / 3
+    })
+    .await;
+    // The second member leaves: its subscription is dropped.
+    drop(second_stop);
+    second_task.await.unwrap();
+    publisher.await.unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    while seen.lock().unwrap().len() < MESSAGES {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {} of {MESSAGES} distinct messages received within 90 s",
+            seen.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = seen.lock().unwrap().clone();
+    let duplicates: usize = seen.values().map(|n| n - 1).sum();
+    eprintln!(
+        "rebalance: {MESSAGES} published, {} distinct received, {duplicates} duplicates; the second member processed {}",
+        seen.len(),
+        second_count.load(Ordering::SeqCst)
+    );
+    for id in &ids {
+        assert!(seen.contains_key(id), "{id} was never processed");
+    }
+    assert!(
+        second_count.load(Ordering::SeqCst) > 0,
+        "the second member took part"
+    );
+    broker.close().await.unwrap();
+    first_task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_loses_no_acknowledged_message() {
+    common::log_to_stderr();
+    const MESSAGES: usize = 3_000;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = "outage";
+    cluster.create_topic(topic, 4, 1).unwrap();
+    let mut config = common::config_for(&cluster.bootstrap_servers());
+    config.publish_timeout = Duration::from_secs(60);
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
+    let count = Arc::new(AtomicUsize::new(0));
+    let sub = broker
+        .subscribe(topic, SubscribeOptions::group("g").with_prefetch(200))
+        .await
+        .unwrap();
+    let (consumer, _stop) = consume(sub, seen.clone(), count.clone());
+
+    let published = Arc::new(AtomicUsize::new(0));
+    let publisher = {
+        let broker = broker.clone();
+        let published = published.clone();
+        tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            let mut refused = 0;
+            for batch in 0..MESSAGES / 100 {
+                let ids: Vec<String> = (0..100).map(|i| format!("m{}", batch * 100 + i)).collect();
+                let messages = ids
+                    .iter()
+                    .map(|id| Message::new("x").with_id(id.clone()))
+                    .collect();
+                let report = broker.publish_batch(topic, messages).await;
+                let failed: Vec<usize> = report.failures().iter().map(|(i, _)| *i).collect();
+                refused += failed.len();
+                accepted.extend(
+                    ids.into_iter()
+                        .enumerate()
+                        .filter(|(i, _)| !failed.contains(i))
+                        .map(|(_, id)| id),
+                );
+                published.fetch_add(100, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (accepted, refused)
+        })
+    };
+    wait_until("a third published", Duration::from_secs(60), || {
+        published.load(Ordering::SeqCst) >= MESSAGES / 3
+    })
+    .await;
+    cluster.broker_down(1).unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster.broker_up(1).unwrap();
+    let (accepted, refused) = publisher.await.unwrap();
+
+    wait_until(
+        "every accepted message received",
+        Duration::from_secs(90),
+        || {
+            let seen = seen.lock().unwrap();
+            accepted.iter().all(|id| seen.contains_key(id))
+        },
+    )
+    .await;
+    let duplicates: usize = seen.lock().unwrap().values().map(|n| n - 1).sum();
+    eprintln!(
+        "outage: {} accepted, {refused} refused, {} received, {duplicates} duplicates",
+        accepted.len(),
+        count.load(Ordering::SeqCst)
+    );
+    assert!(!accepted.is_empty());
+    // Closing ends the subscription (committed, out of the group) while the cluster is up.
+    broker.close().await.unwrap();
+    consumer.await.unwrap();
+}
