@@ -5,11 +5,14 @@
 //! cargo run --release -p helix-messaging-bench -- memory [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- redis [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- rabbitmq [--messages N] [--size BYTES] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- kafka [--messages N] [--size BYTES] [--runs R]
 //! ```
 //!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
-//! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `kafka` to `KAFKA_BROKERS`
+//! (default `127.0.0.1:9092`).
 
+mod kafka;
 mod measure;
 mod memory;
 mod rabbitmq;
@@ -20,7 +23,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -55,6 +58,10 @@ fn main() -> ExitCode {
         }
         "redis" => {
             runtime.block_on(redis::compare(&options.default_messages(100_000)));
+            ExitCode::SUCCESS
+        }
+        "kafka" => {
+            runtime.block_on(kafka::compare(&options.default_messages(100_000)));
             ExitCode::SUCCESS
         }
         "rabbitmq" => {

@@ -1,0 +1,348 @@
+//! Kafka: raw rdkafka (`FutureProducer` + `StreamConsumer`) against the adapter, 256 B
+//! messages on a 4-partition topic, publish-only and end to end.
+//!
+//! Both sides use the same producer settings (`acks=all`, idempotence, `linger.ms` 5) and hand
+//! batches of [`BATCH`] records to the producer before awaiting their delivery reports
+//! (`publish_batch` on the adapter). End to end, the raw consumer stores each processed
+//! record's offset for the background commit (the usual at-least-once loop); the adapter acks
+//! every delivery, up to [`ACKS_IN_FLIGHT`] at once.
+//!
+//! Two raw baselines, as for RabbitMQ: *like for like* records carry what the adapter needs to
+//! carry a `Message` (id and nanosecond timestamp headers, record timestamp); *minimal*
+//! records are bare payloads.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use helix_messaging::kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
+use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Message as _, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use crate::measure::{Clock, Options, Run, histogram, report};
+
+const BATCH: usize = 100;
+const PARTITIONS: i32 = 4;
+const PREFETCH: usize = 1000;
+const ACKS_IN_FLIGHT: usize = 64;
+
+/// What the raw side's records carry.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Baseline {
+    LikeForLike,
+    Minimal,
+}
+
+fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn topic(what: &str) -> String {
+    format!(
+        "bench.{what}.{}.{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    )
+}
+
+fn adapter_config() -> KafkaConfig {
+    let mut config = KafkaConfig::new(brokers());
+    config.fetch_wait_max = Duration::from_millis(50);
+    config.session_timeout = Duration::from_secs(6);
+    config.heartbeat_interval = Duration::from_millis(500);
+    config.default_partitions = PARTITIONS;
+    config
+}
+
+/// A producer that already knows `topic`'s partitions and leaders, as the adapter's does
+/// once connected and the topic created: connection setup stays out of the timing.
+fn raw_producer(topic: &str) -> FutureProducer {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()
+        .expect("raw producer");
+    producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    producer
+}
+
+async fn raw_create_topic(name: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let topic = NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1));
+    admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .expect("create topic");
+}
+
+/// Publish `n` stamped payloads with raw rdkafka, [`BATCH`] reports awaited together.
+/// Returns the round trip of every batch.
+async fn raw_publish_all(
+    producer: &FutureProducer,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+    baseline: Baseline,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = BATCH.min(n - sent);
+        let mut reports = Vec::with_capacity(count);
+        for _ in 0..count {
+            let payload = clock.stamped_payload();
+            let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(&payload);
+            if baseline == Baseline::LikeForLike {
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap_or_default();
+                let id = uuid::Uuid::new_v4().to_string();
+                let nanos = now.as_nanos().to_string();
+                record = record.timestamp(now.as_millis() as i64).headers(
+                    OwnedHeaders::new_with_capacity(2)
+                        .insert(Header {
+                            key: "x-helix-id",
+                            value: Some(&id),
+                        })
+                        .insert(Header {
+                            key: "x-helix-timestamp-ns",
+                            value: Some(&nanos),
+                        }),
+                );
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(report) => {
+                        reports.push(report);
+                        break;
+                    }
+                    Err((_, back)) => {
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+            }
+        }
+        for report in futures::future::join_all(reports).await {
+            report.expect("report").expect("delivered");
+        }
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+/// Publish `n` stamped messages with the adapter's `publish_batch`.
+async fn adapter_publish_all(
+    broker: &KafkaBroker,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = BATCH.min(n - sent);
+        let batch = (0..count)
+            .map(|_| Message::new(clock.stamped_payload()))
+            .collect();
+        broker
+            .publish_batch(topic, batch)
+            .await
+            .into_result()
+            .expect("publish_batch");
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("raw-publish");
+    raw_create_topic(&topic).await;
+    let producer = raw_producer(&topic);
+    let started = Instant::now();
+    let latency = raw_publish_all(&producer, &topic, options.messages, clock, baseline).await;
+    Run {
+        messages: options.messages,
+        elapsed: started.elapsed(),
+        latency,
+    }
+}
+
+async fn adapter_publish_only(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("adapter-publish");
+    let broker = KafkaBroker::connect(adapter_config())
+        .await
+        .expect("connect");
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, PARTITIONS)])
+        .await
+        .expect("create topic");
+    let started = Instant::now();
+    let latency = adapter_publish_all(&broker, &topic, options.messages, clock).await;
+    let elapsed = started.elapsed();
+    broker.close().await.unwrap();
+    Run {
+        messages: options.messages,
+        elapsed,
+        latency,
+    }
+}
+
+async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("raw-e2e");
+    let n = options.messages;
+    raw_create_topic(&topic).await;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set(
+            "group.id",
+            format!("bench-{}", uuid::Uuid::new_v4().simple()),
+        )
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.offset.store", "false")
+        .set("fetch.wait.max.ms", "50")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .create()
+        .expect("raw consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    // Joined before the clock starts, as the adapter's `subscribe` is when it returns.
+    while consumer.assignment().map_or(0, |a| a.count()) == 0 {
+        let _ = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await;
+    }
+    let producer = raw_producer(&topic);
+    let started = Instant::now();
+    let producer = {
+        let topic = topic.clone();
+        tokio::spawn(async move { raw_publish_all(&producer, &topic, n, clock, baseline).await })
+    };
+    let mut latency = histogram();
+    for _ in 0..n {
+        let record = consumer.recv().await.expect("record");
+        latency.saturating_record(clock.latency_ns(record.payload().expect("payload")));
+        consumer
+            .store_offset_from_message(&record)
+            .expect("store offset");
+    }
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+async fn adapter_e2e(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let topic = topic("adapter-e2e");
+    let n = options.messages;
+    let broker = KafkaBroker::connect(adapter_config())
+        .await
+        .expect("connect");
+    let subscription = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::group("bench").with_prefetch(PREFETCH),
+        )
+        .await
+        .expect("subscribe");
+    let started = Instant::now();
+    let producer = {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        tokio::spawn(async move { adapter_publish_all(&broker, &topic, n, clock).await })
+    };
+    let latency = Arc::new(Mutex::new(histogram()));
+    subscription
+        .take(n)
+        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
+            let latency = latency.clone();
+            async move {
+                let delivery = delivery.expect("delivery");
+                let ns = clock.latency_ns(delivery.message().payload());
+                latency.lock().expect("histogram").saturating_record(ns);
+                delivery.ack().await.expect("ack");
+            }
+        })
+        .await;
+    let elapsed = started.elapsed();
+    producer.await.unwrap();
+    broker.close().await.unwrap();
+    let latency = latency.lock().expect("histogram").clone();
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
+pub(crate) async fn compare(options: &Options) {
+    println!(
+        "kafka at {}: {} messages x {} B on {PARTITIONS} partitions, batches of {BATCH}, {} runs each",
+        brokers(),
+        options.messages,
+        options.size,
+        options.runs
+    );
+    let comparisons = [
+        ("publish", false, Baseline::LikeForLike),
+        ("end to end", true, Baseline::LikeForLike),
+        ("publish vs minimal raw", false, Baseline::Minimal),
+        ("end to end vs minimal raw", true, Baseline::Minimal),
+    ];
+    let mut results = Vec::new();
+    for (name, end_to_end, baseline) in comparisons {
+        if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let (raw_label, ours_label) = (format!("raw rdkafka {name}"), format!("adapter {name}"));
+        let (mut raw, mut ours) = (Vec::new(), Vec::new());
+        for run in 1..=options.runs {
+            let r = if end_to_end {
+                raw_e2e(options, baseline).await
+            } else {
+                raw_publish_only(options, baseline).await
+            };
+            println!("run {run}: {}", r.line(&raw_label));
+            raw.push(r);
+            let o = if end_to_end {
+                adapter_e2e(options).await
+            } else {
+                adapter_publish_only(options).await
+            };
+            println!("run {run}: {}", o.line(&ours_label));
+            ours.push(o);
+        }
+        results.push((name, report(&raw_label, raw, &ours_label, ours)));
+    }
+    let summary: Vec<String> = results
+        .iter()
+        .map(|(name, ratio)| format!("{name} {ratio:.2}x"))
+        .collect();
+    println!(
+        "target >= 0.95x raw (like for like); measured: {}",
+        summary.join(", ")
+    );
+}
