@@ -11,13 +11,11 @@
 //! carry a `Message` (id and nanosecond timestamp headers, record timestamp); *minimal*
 //! records are bare payloads.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt;
 use hdrhistogram::Histogram;
 use helix_messaging::kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
-use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging::{Broker, SubscribeOptions, Subscriber};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -25,19 +23,14 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::measure::{Clock, Options, Run, histogram, report};
+use crate::measure::{
+    Baseline, Clock, Options, Run, compare_baselines, consume_and_ack, histogram, publish_batches,
+};
 
 const BATCH: usize = 100;
 const PARTITIONS: i32 = 4;
 const PREFETCH: usize = 1000;
 const ACKS_IN_FLIGHT: usize = 64;
-
-/// What the raw side's records carry.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Baseline {
-    LikeForLike,
-    Minimal,
-}
 
 fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -147,32 +140,6 @@ async fn raw_publish_all(
     round_trips
 }
 
-/// Publish `n` stamped messages with the adapter's `publish_batch`.
-async fn adapter_publish_all(
-    broker: &KafkaBroker,
-    topic: &str,
-    n: usize,
-    clock: Clock,
-) -> Histogram<u64> {
-    let mut round_trips = histogram();
-    let mut sent = 0;
-    while sent < n {
-        let batch_started = Instant::now();
-        let count = BATCH.min(n - sent);
-        let batch = (0..count)
-            .map(|_| Message::new(clock.stamped_payload()))
-            .collect();
-        broker
-            .publish_batch(topic, batch)
-            .await
-            .into_result()
-            .expect("publish_batch");
-        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
-        sent += count;
-    }
-    round_trips
-}
-
 async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("raw-publish");
@@ -198,7 +165,7 @@ async fn adapter_publish_only(options: &Options) -> Run {
         .await
         .expect("create topic");
     let started = Instant::now();
-    let latency = adapter_publish_all(&broker, &topic, options.messages, clock).await;
+    let latency = publish_batches(&broker, &topic, options.messages, BATCH, clock).await;
     let elapsed = started.elapsed();
     broker.close().await.unwrap();
     Run {
@@ -272,25 +239,12 @@ async fn adapter_e2e(options: &Options) -> Run {
     let producer = {
         let broker = broker.clone();
         let topic = topic.clone();
-        tokio::spawn(async move { adapter_publish_all(&broker, &topic, n, clock).await })
+        tokio::spawn(async move { publish_batches(&broker, &topic, n, BATCH, clock).await })
     };
-    let latency = Arc::new(Mutex::new(histogram()));
-    subscription
-        .take(n)
-        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
-            let latency = latency.clone();
-            async move {
-                let delivery = delivery.expect("delivery");
-                let ns = clock.latency_ns(delivery.message().payload());
-                latency.lock().expect("histogram").saturating_record(ns);
-                delivery.ack().await.expect("ack");
-            }
-        })
-        .await;
+    let latency = consume_and_ack(subscription, n, clock, ACKS_IN_FLIGHT).await;
     let elapsed = started.elapsed();
     producer.await.unwrap();
     broker.close().await.unwrap();
-    let latency = latency.lock().expect("histogram").clone();
     Run {
         messages: n,
         elapsed,
@@ -306,43 +260,23 @@ pub(crate) async fn compare(options: &Options) {
         options.size,
         options.runs
     );
-    let comparisons = [
-        ("publish", false, Baseline::LikeForLike),
-        ("end to end", true, Baseline::LikeForLike),
-        ("publish vs minimal raw", false, Baseline::Minimal),
-        ("end to end vs minimal raw", true, Baseline::Minimal),
-    ];
-    let mut results = Vec::new();
-    for (name, end_to_end, baseline) in comparisons {
-        if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
-            continue;
-        }
-        let (raw_label, ours_label) = (format!("raw rdkafka {name}"), format!("adapter {name}"));
-        let (mut raw, mut ours) = (Vec::new(), Vec::new());
-        for run in 1..=options.runs {
-            let r = if end_to_end {
+    compare_baselines(
+        options,
+        "raw rdkafka",
+        |end_to_end, baseline| async move {
+            if end_to_end {
                 raw_e2e(options, baseline).await
             } else {
                 raw_publish_only(options, baseline).await
-            };
-            println!("run {run}: {}", r.line(&raw_label));
-            raw.push(r);
-            let o = if end_to_end {
+            }
+        },
+        |end_to_end| async move {
+            if end_to_end {
                 adapter_e2e(options).await
             } else {
                 adapter_publish_only(options).await
-            };
-            println!("run {run}: {}", o.line(&ours_label));
-            ours.push(o);
-        }
-        results.push((name, report(&raw_label, raw, &ours_label, ours)));
-    }
-    let summary: Vec<String> = results
-        .iter()
-        .map(|(name, ratio)| format!("{name} {ratio:.2}x"))
-        .collect();
-    println!(
-        "target >= 0.95x raw (like for like); measured: {}",
-        summary.join(", ")
-    );
+            }
+        },
+    )
+    .await;
 }

@@ -1,10 +1,14 @@
 //! Shared measuring: options, payloads that carry their send time, latency histograms,
 //! result lines and ratios.
 
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::StreamExt;
 use hdrhistogram::Histogram;
+use helix_messaging::{Message, Publisher, Subscription};
 
 /// Command-line options shared by every scenario.
 #[derive(Debug, Clone)]
@@ -150,4 +154,113 @@ pub(crate) fn report(raw_label: &str, raw: Vec<Run>, ours_label: &str, ours: Vec
     println!("  {}", ours.line(ours_label));
     println!("  ratio {ours_label} / {raw_label}: {ratio:.2}x");
     ratio
+}
+
+/// Publish `n` stamped messages with `publish_batch`, `batch` at a time. Returns the round
+/// trip of every batch.
+pub(crate) async fn publish_batches<P: Publisher + ?Sized>(
+    publisher: &P,
+    topic: &str,
+    n: usize,
+    batch: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let mut round_trips = histogram();
+    let mut sent = 0;
+    while sent < n {
+        let batch_started = Instant::now();
+        let count = batch.min(n - sent);
+        let messages = (0..count)
+            .map(|_| Message::new(clock.stamped_payload()))
+            .collect();
+        publisher
+            .publish_batch(topic, messages)
+            .await
+            .into_result()
+            .expect("publish_batch");
+        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        sent += count;
+    }
+    round_trips
+}
+
+/// Receive `n` deliveries from `subscription`, recording each one's latency and acking it,
+/// up to `acks_in_flight` acks at once.
+pub(crate) async fn consume_and_ack(
+    subscription: Subscription,
+    n: usize,
+    clock: Clock,
+    acks_in_flight: usize,
+) -> Histogram<u64> {
+    let latency = Arc::new(Mutex::new(histogram()));
+    subscription
+        .take(n)
+        .for_each_concurrent(acks_in_flight, |delivery| {
+            let latency = latency.clone();
+            async move {
+                let delivery = delivery.expect("delivery");
+                let ns = clock.latency_ns(delivery.message().payload());
+                latency.lock().expect("histogram").saturating_record(ns);
+                delivery.ack().await.expect("ack");
+            }
+        })
+        .await;
+    latency.lock().expect("histogram").clone()
+}
+
+/// What the raw side of a comparison carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Baseline {
+    /// The metadata the adapter carries per message (and, where it matters, its queue
+    /// arguments): the ratio is the adapter's own overhead, the target's comparison.
+    LikeForLike,
+    /// Bare payloads: the ratio adds what the metadata costs.
+    Minimal,
+}
+
+/// Run publish-only and end-to-end comparisons against both raw baselines, `options.runs`
+/// times each, and print every run, the medians, the ratios and a summary line.
+/// `raw(end_to_end, baseline)` and `ours(end_to_end)` measure one run.
+pub(crate) async fn compare_baselines<R, RF, O, OF>(
+    options: &Options,
+    raw_name: &str,
+    raw: R,
+    ours: O,
+) where
+    R: Fn(bool, Baseline) -> RF,
+    RF: Future<Output = Run>,
+    O: Fn(bool) -> OF,
+    OF: Future<Output = Run>,
+{
+    let comparisons = [
+        ("publish", false, Baseline::LikeForLike),
+        ("end to end", true, Baseline::LikeForLike),
+        ("publish vs minimal raw", false, Baseline::Minimal),
+        ("end to end vs minimal raw", true, Baseline::Minimal),
+    ];
+    let mut results = Vec::new();
+    for (name, end_to_end, baseline) in comparisons {
+        if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
+            continue;
+        }
+        let (raw_label, ours_label) = (format!("{raw_name} {name}"), format!("adapter {name}"));
+        let (mut raw_runs, mut our_runs) = (Vec::new(), Vec::new());
+        for run in 1..=options.runs {
+            let r = raw(end_to_end, baseline).await;
+            println!("run {run}: {}", r.line(&raw_label));
+            raw_runs.push(r);
+            let o = ours(end_to_end).await;
+            println!("run {run}: {}", o.line(&ours_label));
+            our_runs.push(o);
+        }
+        results.push((name, report(&raw_label, raw_runs, &ours_label, our_runs)));
+    }
+    let summary: Vec<String> = results
+        .iter()
+        .map(|(name, ratio)| format!("{name} {ratio:.2}x"))
+        .collect();
+    println!(
+        "target >= 0.95x raw (like for like); measured: {}",
+        summary.join(", ")
+    );
 }

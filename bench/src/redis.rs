@@ -4,18 +4,17 @@
 //! batch with one XACK, the adapter's consumer acks every delivery, up to [`ACKS_IN_FLIGHT`]
 //! at once.
 
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use futures::StreamExt;
 use helix_messaging::redis::{RedisBroker, RedisConfig, RedisMode};
-use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging::{Broker, SubscribeOptions, Subscriber};
 use redis::aio::MultiplexedConnection;
 use redis::streams::StreamReadReply;
 
 use hdrhistogram::Histogram;
 
-use crate::measure::{Clock, Options, Run, histogram, report};
+use crate::measure::{Clock, Options, Run, consume_and_ack, histogram, publish_batches, report};
 
 const BATCH: usize = 100;
 const PREFETCH: usize = 500;
@@ -94,33 +93,6 @@ async fn raw_publish_all(
     round_trips
 }
 
-/// Publish `n` stamped messages with the adapter's `publish_batch`.
-/// Returns the round trip of every batch.
-async fn adapter_publish_all(
-    broker: &RedisBroker,
-    topic: &str,
-    n: usize,
-    clock: Clock,
-) -> Histogram<u64> {
-    let mut round_trips = histogram();
-    let mut sent = 0;
-    while sent < n {
-        let batch_started = Instant::now();
-        let count = BATCH.min(n - sent);
-        let batch = (0..count)
-            .map(|_| Message::new(clock.stamped_payload()))
-            .collect();
-        broker
-            .publish_batch(topic, batch)
-            .await
-            .into_result()
-            .expect("publish_batch");
-        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
-        sent += count;
-    }
-    round_trips
-}
-
 async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic(if streams { "pub-streams" } else { "pub-pubsub" });
@@ -137,7 +109,7 @@ async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
             RedisMode::PubSub
         };
         let broker = adapter(mode).await;
-        adapter_publish_all(&broker, &topic, n, clock).await
+        publish_batches(&broker, &topic, n, BATCH, clock).await
     };
     let elapsed = started.elapsed();
     delete(&topic).await;
@@ -275,28 +247,15 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
     let producer = {
         let broker = broker.clone();
         let topic = topic.clone();
-        tokio::spawn(async move { adapter_publish_all(&broker, &topic, n, clock).await })
+        tokio::spawn(async move { publish_batches(&broker, &topic, n, BATCH, clock).await })
     };
-    let latency = Arc::new(Mutex::new(histogram()));
-    subscription
-        .take(n)
-        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
-            let latency = latency.clone();
-            async move {
-                let delivery = delivery.expect("delivery");
-                let ns = clock.latency_ns(delivery.message().payload());
-                latency.lock().expect("histogram").saturating_record(ns);
-                delivery.ack().await.expect("ack");
-            }
-        })
-        .await;
+    let latency = consume_and_ack(subscription, n, clock, ACKS_IN_FLIGHT).await;
     let elapsed = started.elapsed();
     producer.await.unwrap();
     broker.close().await.unwrap();
     if streams {
         delete(&topic).await;
     }
-    let latency = latency.lock().expect("histogram").clone();
     Run {
         messages: n,
         elapsed,

@@ -249,6 +249,42 @@ impl BatchReport {
         BatchReport { total, failures }
     }
 
+    /// Publish a batch in two phases, for clients whose acknowledgements arrive
+    /// asynchronously: `start` hands each message to the client in order (a message it fails
+    /// fails alone), then the acknowledgements of all started messages are awaited together
+    /// with `acknowledged`, so a batch costs one round trip rather than one per message.
+    pub async fn pipelined<'a, M, T, Start, Started, Ack, Acked>(
+        messages: &'a [M],
+        mut start: Start,
+        acknowledged: Ack,
+    ) -> BatchReport
+    where
+        Start: FnMut(&'a M) -> Started,
+        Started: std::future::Future<Output = Result<T>>,
+        Ack: Fn(T) -> Acked,
+        Acked: std::future::Future<Output = Result<()>>,
+    {
+        let mut failures = Vec::new();
+        let mut pending = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            match start(message).await {
+                Ok(handle) => pending.push((index, handle)),
+                Err(err) => failures.push((index, err)),
+            }
+        }
+        let verdicts = futures::future::join_all(pending.into_iter().map(|(index, handle)| {
+            let acked = acknowledged(handle);
+            async move { (index, acked.await) }
+        }))
+        .await;
+        failures.extend(
+            verdicts
+                .into_iter()
+                .filter_map(|(index, verdict)| verdict.err().map(|e| (index, e))),
+        );
+        BatchReport::new(messages.len(), failures)
+    }
+
     /// Messages in the batch.
     pub fn total(&self) -> usize {
         self.total

@@ -281,31 +281,14 @@ impl Publisher for KafkaBroker {
         }
         // Every record goes to the producer before any report is awaited: librdkafka batches
         // them, and the reports arrive together.
-        let mut failures = Vec::new();
-        let mut pending = Vec::with_capacity(total);
-        for (index, message) in messages.iter().enumerate() {
-            match self
-                .shared
-                .enqueue_waiting(&kafka_topic, message, None)
-                .await
-            {
-                Ok(report) => pending.push((index, report)),
-                Err(err) => failures.push((index, err)),
-            }
-        }
         let shared = &self.shared;
         let kafka_topic = &kafka_topic;
-        let verdicts =
-            futures::future::join_all(pending.into_iter().map(|(i, report)| async move {
-                (i, shared.delivered(kafka_topic, report).await)
-            }))
-            .await;
-        failures.extend(
-            verdicts
-                .into_iter()
-                .filter_map(|(i, r)| r.err().map(|e| (i, e))),
-        );
-        BatchReport::new(total, failures)
+        BatchReport::pipelined(
+            &messages,
+            |message| shared.enqueue_waiting(kafka_topic, message, None),
+            |report| shared.delivered(kafka_topic, report),
+        )
+        .await
     }
 }
 

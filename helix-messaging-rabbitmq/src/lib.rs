@@ -254,29 +254,13 @@ impl Publisher for RabbitBroker {
         }
         // Every publish goes out before any confirm is awaited: one window of confirms in
         // flight instead of a round trip per message.
-        let mut failures = Vec::new();
-        let mut pending = Vec::with_capacity(total);
-        for (index, message) in messages.iter().enumerate() {
-            match self
-                .shared
-                .start_publish(&self.shared.config().exchange, topic, message, None)
-                .await
-            {
-                Ok(confirm) => pending.push((index, confirm)),
-                Err(err) => failures.push((index, err)),
-            }
-        }
-        let verdicts =
-            futures::future::join_all(pending.into_iter().map(|(index, confirm)| async move {
-                (index, self.shared.confirmed(topic, confirm).await)
-            }))
-            .await;
-        failures.extend(
-            verdicts
-                .into_iter()
-                .filter_map(|(i, r)| r.err().map(|e| (i, e))),
-        );
-        BatchReport::new(total, failures)
+        let shared = &self.shared;
+        BatchReport::pipelined(
+            &messages,
+            |message| shared.start_publish(&shared.config().exchange, topic, message, None),
+            |confirm| shared.confirmed(topic, confirm),
+        )
+        .await
     }
 }
 
