@@ -49,11 +49,19 @@ async fn delete(topic: &str) {
     let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(topic).query_async(&mut conn).await;
 }
 
-fn raw_pipeline(streams: bool, topic: &str, payloads: &[bytes::Bytes]) -> redis::Pipeline {
+/// XADDs (or PUBLISHes) of `payloads`; with `metadata`, each entry also carries an id and a
+/// nanosecond timestamp, as the adapter's entries do.
+fn raw_pipeline(
+    streams: bool,
+    metadata: bool,
+    topic: &str,
+    payloads: &[bytes::Bytes],
+) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for payload in payloads {
         if streams {
-            pipe.cmd("XADD")
+            let cmd = pipe
+                .cmd("XADD")
                 .arg(topic)
                 .arg("MAXLEN")
                 .arg("~")
@@ -61,6 +69,15 @@ fn raw_pipeline(streams: bool, topic: &str, payloads: &[bytes::Bytes]) -> redis:
                 .arg("*")
                 .arg(FIELD)
                 .arg(payload.as_ref());
+            if metadata {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                cmd.arg("id")
+                    .arg(uuid::Uuid::new_v4().to_string())
+                    .arg("ts")
+                    .arg(now.as_nanos().to_string());
+            }
         } else {
             pipe.cmd("PUBLISH").arg(topic).arg(payload.as_ref());
         }
@@ -73,6 +90,7 @@ fn raw_pipeline(streams: bool, topic: &str, payloads: &[bytes::Bytes]) -> redis:
 async fn raw_publish_all(
     conn: &mut MultiplexedConnection,
     streams: bool,
+    metadata: bool,
     topic: &str,
     n: usize,
     clock: Clock,
@@ -83,7 +101,7 @@ async fn raw_publish_all(
         let batch_started = Instant::now();
         let count = BATCH.min(n - sent);
         let payloads: Vec<bytes::Bytes> = (0..count).map(|_| clock.stamped_payload()).collect();
-        let _: Vec<redis::Value> = raw_pipeline(streams, topic, &payloads)
+        let _: Vec<redis::Value> = raw_pipeline(streams, metadata, topic, &payloads)
             .query_async(conn)
             .await
             .expect("raw pipeline");
@@ -101,7 +119,7 @@ async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
     // For publish-only runs the latency columns are batch round trips.
     let latency = if raw {
         let mut conn = raw_connection().await;
-        raw_publish_all(&mut conn, streams, &topic, n, clock).await
+        raw_publish_all(&mut conn, streams, false, &topic, n, clock).await
     } else {
         let mode = if streams {
             RedisMode::Streams
@@ -123,6 +141,7 @@ async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
 /// Publish `n` messages with raw redis-rs in the background.
 fn spawn_raw_producer(
     streams: bool,
+    metadata: bool,
     topic: &str,
     n: usize,
     clock: Clock,
@@ -130,7 +149,7 @@ fn spawn_raw_producer(
     let topic = topic.to_owned();
     tokio::spawn(async move {
         let mut conn = raw_connection().await;
-        raw_publish_all(&mut conn, streams, &topic, n, clock).await
+        raw_publish_all(&mut conn, streams, metadata, &topic, n, clock).await
     })
 }
 
@@ -145,7 +164,7 @@ async fn raw_pubsub_e2e(options: &Options) -> Run {
         .unwrap();
     subscriber.subscribe(&topic).await.unwrap();
     let started = Instant::now();
-    let producer = spawn_raw_producer(false, &topic, n, clock);
+    let producer = spawn_raw_producer(false, false, &topic, n, clock);
     let mut latency = histogram();
     let mut messages = subscriber.on_message();
     for _ in 0..n {
@@ -161,7 +180,11 @@ async fn raw_pubsub_e2e(options: &Options) -> Run {
     }
 }
 
-async fn raw_streams_e2e(options: &Options) -> Run {
+/// The raw Streams consumer. With `ack_each` it acks every entry with its own XACK (up to
+/// [`ACKS_IN_FLIGHT`] at once) and its producer writes the adapter's metadata: like for like
+/// with the adapter, whose API settles each delivery on its own. Without, one XACK per read
+/// and bare entries.
+async fn raw_streams_e2e(options: &Options, ack_each: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("e2e-raw-streams");
     let n = options.messages;
@@ -176,7 +199,7 @@ async fn raw_streams_e2e(options: &Options) -> Run {
         .await
         .unwrap();
     let started = Instant::now();
-    let producer = spawn_raw_producer(true, &topic, n, clock);
+    let producer = spawn_raw_producer(true, ack_each, &topic, n, clock);
     let mut reader = raw_connection().await;
     let mut latency = histogram();
     let mut received = 0;
@@ -210,13 +233,31 @@ async fn raw_streams_e2e(options: &Options) -> Run {
             continue;
         }
         received += ids.len();
-        let _: i64 = redis::cmd("XACK")
-            .arg(&topic)
-            .arg("g")
-            .arg(&ids)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        if ack_each {
+            futures::stream::iter(ids)
+                .for_each_concurrent(ACKS_IN_FLIGHT, |id| {
+                    let mut conn = conn.clone();
+                    let topic = &topic;
+                    async move {
+                        let _: i64 = redis::cmd("XACK")
+                            .arg(topic)
+                            .arg("g")
+                            .arg(id)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                })
+                .await;
+        } else {
+            let _: i64 = redis::cmd("XACK")
+                .arg(&topic)
+                .arg("g")
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
     }
     let elapsed = started.elapsed();
     producer.await.unwrap();
@@ -270,14 +311,16 @@ enum Comparison {
     StreamsPublish,
     PubSubEndToEnd,
     StreamsEndToEnd,
+    StreamsEndToEndAckEach,
 }
 
 impl Comparison {
-    const ALL: [Comparison; 4] = [
+    const ALL: [Comparison; 5] = [
         Comparison::PubSubPublish,
         Comparison::StreamsPublish,
         Comparison::PubSubEndToEnd,
         Comparison::StreamsEndToEnd,
+        Comparison::StreamsEndToEndAckEach,
     ];
 
     fn name(self) -> &'static str {
@@ -286,6 +329,7 @@ impl Comparison {
             Comparison::StreamsPublish => "streams publish",
             Comparison::PubSubEndToEnd => "pub/sub end to end",
             Comparison::StreamsEndToEnd => "streams end to end",
+            Comparison::StreamsEndToEndAckEach => "streams end to end, raw acks each",
         }
     }
 
@@ -295,8 +339,11 @@ impl Comparison {
             (Comparison::StreamsPublish, raw) => publish_only(options, true, raw).await,
             (Comparison::PubSubEndToEnd, true) => raw_pubsub_e2e(options).await,
             (Comparison::PubSubEndToEnd, false) => adapter_e2e(options, RedisMode::PubSub).await,
-            (Comparison::StreamsEndToEnd, true) => raw_streams_e2e(options).await,
-            (Comparison::StreamsEndToEnd, false) => adapter_e2e(options, RedisMode::Streams).await,
+            (Comparison::StreamsEndToEnd, true) => raw_streams_e2e(options, false).await,
+            (Comparison::StreamsEndToEndAckEach, true) => raw_streams_e2e(options, true).await,
+            (Comparison::StreamsEndToEnd | Comparison::StreamsEndToEndAckEach, false) => {
+                adapter_e2e(options, RedisMode::Streams).await
+            }
         }
     }
 }
