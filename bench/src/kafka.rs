@@ -263,15 +263,16 @@ pub(crate) async fn compare(options: &Options) {
     compare_baselines(
         options,
         "raw rdkafka",
-        |end_to_end, baseline| async move {
-            if end_to_end {
+        &["publish", "end to end"],
+        |scenario, baseline| async move {
+            if scenario == 1 {
                 raw_e2e(options, baseline).await
             } else {
                 raw_publish_only(options, baseline).await
             }
         },
-        |end_to_end| async move {
-            if end_to_end {
+        |scenario| async move {
+            if scenario == 1 {
                 adapter_e2e(options).await
             } else {
                 adapter_publish_only(options).await

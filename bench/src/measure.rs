@@ -218,38 +218,45 @@ pub(crate) enum Baseline {
     Minimal,
 }
 
-/// Run publish-only and end-to-end comparisons against both raw baselines, `options.runs`
-/// times each, and print every run, the medians, the ratios and a summary line.
-/// `raw(end_to_end, baseline)` and `ours(end_to_end)` measure one run.
+/// Run every scenario of `scenarios` against both raw baselines (like for like first),
+/// `options.runs` times each, and print every run, the medians, the ratios and a summary line.
+/// `raw(scenario, baseline)` and `ours(scenario)` measure one run; a scenario is its index
+/// in `scenarios`.
 pub(crate) async fn compare_baselines<R, RF, O, OF>(
     options: &Options,
     raw_name: &str,
+    scenarios: &[&str],
     raw: R,
     ours: O,
 ) where
-    R: Fn(bool, Baseline) -> RF,
+    R: Fn(usize, Baseline) -> RF,
     RF: Future<Output = Run>,
-    O: Fn(bool) -> OF,
+    O: Fn(usize) -> OF,
     OF: Future<Output = Run>,
 {
-    let comparisons = [
-        ("publish", false, Baseline::LikeForLike),
-        ("end to end", true, Baseline::LikeForLike),
-        ("publish vs minimal raw", false, Baseline::Minimal),
-        ("end to end vs minimal raw", true, Baseline::Minimal),
-    ];
+    let comparisons = [Baseline::LikeForLike, Baseline::Minimal]
+        .into_iter()
+        .flat_map(|baseline| {
+            scenarios.iter().enumerate().map(move |(scenario, name)| {
+                let name = match baseline {
+                    Baseline::LikeForLike => (*name).to_owned(),
+                    Baseline::Minimal => format!("{name} vs minimal raw"),
+                };
+                (name, scenario, baseline)
+            })
+        });
     let mut results = Vec::new();
-    for (name, end_to_end, baseline) in comparisons {
+    for (name, scenario, baseline) in comparisons {
         if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
         let (raw_label, ours_label) = (format!("{raw_name} {name}"), format!("adapter {name}"));
         let (mut raw_runs, mut our_runs) = (Vec::new(), Vec::new());
         for run in 1..=options.runs {
-            let r = raw(end_to_end, baseline).await;
+            let r = raw(scenario, baseline).await;
             println!("run {run}: {}", r.line(&raw_label));
             raw_runs.push(r);
-            let o = ours(end_to_end).await;
+            let o = ours(scenario).await;
             println!("run {run}: {}", o.line(&ours_label));
             our_runs.push(o);
         }

@@ -14,7 +14,9 @@ use redis::streams::StreamReadReply;
 
 use hdrhistogram::Histogram;
 
-use crate::measure::{Clock, Options, Run, consume_and_ack, histogram, publish_batches, report};
+use crate::measure::{
+    Baseline, Clock, Options, Run, compare_baselines, consume_and_ack, histogram, publish_batches,
+};
 
 const BATCH: usize = 100;
 const PREFETCH: usize = 500;
@@ -78,6 +80,15 @@ fn raw_pipeline(
                     .arg("ts")
                     .arg(now.as_nanos().to_string());
             }
+        } else if metadata {
+            // The same id and timestamp, framed after the payload.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default();
+            let mut framed = payload.to_vec();
+            framed.extend_from_slice(uuid::Uuid::new_v4().to_string().as_bytes());
+            framed.extend_from_slice(&now.as_nanos().to_be_bytes());
+            pipe.cmd("PUBLISH").arg(topic).arg(framed);
         } else {
             pipe.cmd("PUBLISH").arg(topic).arg(payload.as_ref());
         }
@@ -111,15 +122,17 @@ async fn raw_publish_all(
     round_trips
 }
 
-async fn publish_only(options: &Options, streams: bool, raw: bool) -> Run {
+/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter.
+async fn publish_only(options: &Options, streams: bool, raw: Option<Baseline>) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic(if streams { "pub-streams" } else { "pub-pubsub" });
     let n = options.messages;
     let started = Instant::now();
     // For publish-only runs the latency columns are batch round trips.
-    let latency = if raw {
+    let latency = if let Some(baseline) = raw {
         let mut conn = raw_connection().await;
-        raw_publish_all(&mut conn, streams, false, &topic, n, clock).await
+        let metadata = baseline == Baseline::LikeForLike;
+        raw_publish_all(&mut conn, streams, metadata, &topic, n, clock).await
     } else {
         let mode = if streams {
             RedisMode::Streams
@@ -153,7 +166,7 @@ fn spawn_raw_producer(
     })
 }
 
-async fn raw_pubsub_e2e(options: &Options) -> Run {
+async fn raw_pubsub_e2e(options: &Options, baseline: Baseline) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("e2e-raw-pubsub");
     let n = options.messages;
@@ -164,7 +177,8 @@ async fn raw_pubsub_e2e(options: &Options) -> Run {
         .unwrap();
     subscriber.subscribe(&topic).await.unwrap();
     let started = Instant::now();
-    let producer = spawn_raw_producer(false, false, &topic, n, clock);
+    let metadata = baseline == Baseline::LikeForLike;
+    let producer = spawn_raw_producer(false, metadata, &topic, n, clock);
     let mut latency = histogram();
     let mut messages = subscriber.on_message();
     for _ in 0..n {
@@ -180,11 +194,11 @@ async fn raw_pubsub_e2e(options: &Options) -> Run {
     }
 }
 
-/// The raw Streams consumer. With `ack_each` it acks every entry with its own XACK (up to
-/// [`ACKS_IN_FLIGHT`] at once) and its producer writes the adapter's metadata: like for like
-/// with the adapter, whose API settles each delivery on its own. Without, one XACK per read
-/// and bare entries.
-async fn raw_streams_e2e(options: &Options, ack_each: bool) -> Run {
+/// The raw Streams consumer. Like for like, it acks every entry with its own XACK (up to
+/// [`ACKS_IN_FLIGHT`] at once), as the adapter's per-delivery settlement does, and its
+/// producer writes the adapter's metadata. Minimal: one XACK per read, bare entries.
+async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
+    let ack_each = baseline == Baseline::LikeForLike;
     let clock = Clock::new(options.size);
     let topic = topic("e2e-raw-streams");
     let n = options.messages;
@@ -304,49 +318,13 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
     }
 }
 
-/// One comparison: its name, and which side of it a run measures.
-#[derive(Clone, Copy)]
-enum Comparison {
-    PubSubPublish,
-    StreamsPublish,
-    PubSubEndToEnd,
-    StreamsEndToEnd,
-    StreamsEndToEndAckEach,
-}
-
-impl Comparison {
-    const ALL: [Comparison; 5] = [
-        Comparison::PubSubPublish,
-        Comparison::StreamsPublish,
-        Comparison::PubSubEndToEnd,
-        Comparison::StreamsEndToEnd,
-        Comparison::StreamsEndToEndAckEach,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Comparison::PubSubPublish => "pub/sub publish",
-            Comparison::StreamsPublish => "streams publish",
-            Comparison::PubSubEndToEnd => "pub/sub end to end",
-            Comparison::StreamsEndToEnd => "streams end to end",
-            Comparison::StreamsEndToEndAckEach => "streams end to end, raw acks each",
-        }
-    }
-
-    async fn measure(self, options: &Options, raw: bool) -> Run {
-        match (self, raw) {
-            (Comparison::PubSubPublish, raw) => publish_only(options, false, raw).await,
-            (Comparison::StreamsPublish, raw) => publish_only(options, true, raw).await,
-            (Comparison::PubSubEndToEnd, true) => raw_pubsub_e2e(options).await,
-            (Comparison::PubSubEndToEnd, false) => adapter_e2e(options, RedisMode::PubSub).await,
-            (Comparison::StreamsEndToEnd, true) => raw_streams_e2e(options, false).await,
-            (Comparison::StreamsEndToEndAckEach, true) => raw_streams_e2e(options, true).await,
-            (Comparison::StreamsEndToEnd | Comparison::StreamsEndToEndAckEach, false) => {
-                adapter_e2e(options, RedisMode::Streams).await
-            }
-        }
-    }
-}
+/// The scenarios, by index for [`compare_baselines`].
+const SCENARIOS: [&str; 4] = [
+    "pub/sub publish",
+    "streams publish",
+    "pub/sub end to end",
+    "streams end to end",
+];
 
 pub(crate) async fn compare(options: &Options) {
     println!(
@@ -356,38 +334,26 @@ pub(crate) async fn compare(options: &Options) {
         options.size,
         options.runs
     );
-    let selected: Vec<Comparison> = Comparison::ALL
-        .into_iter()
-        .filter(|c| {
-            options
-                .filter
-                .as_deref()
-                .is_none_or(|f| c.name().contains(f))
-        })
-        .collect();
-    let mut results = Vec::new();
-    for comparison in selected {
-        let (raw_label, ours_label) = (
-            format!("raw {}", comparison.name()),
-            format!("adapter {}", comparison.name()),
-        );
-        let (mut raw, mut ours) = (Vec::new(), Vec::new());
-        for run in 1..=options.runs {
-            let r = comparison.measure(options, true).await;
-            println!("run {run}: {}", r.line(&raw_label));
-            raw.push(r);
-            let o = comparison.measure(options, false).await;
-            println!("run {run}: {}", o.line(&ours_label));
-            ours.push(o);
-        }
-        results.push((
-            comparison.name(),
-            report(&raw_label, raw, &ours_label, ours),
-        ));
-    }
-    let summary: Vec<String> = results
-        .iter()
-        .map(|(name, ratio)| format!("{name} {ratio:.2}x"))
-        .collect();
-    println!("target >= 0.95x raw; measured: {}", summary.join(", "));
+    compare_baselines(
+        options,
+        "raw",
+        &SCENARIOS,
+        |scenario, baseline| async move {
+            match scenario {
+                0 => publish_only(options, false, Some(baseline)).await,
+                1 => publish_only(options, true, Some(baseline)).await,
+                2 => raw_pubsub_e2e(options, baseline).await,
+                _ => raw_streams_e2e(options, baseline).await,
+            }
+        },
+        |scenario| async move {
+            match scenario {
+                0 => publish_only(options, false, None).await,
+                1 => publish_only(options, true, None).await,
+                2 => adapter_e2e(options, RedisMode::PubSub).await,
+                _ => adapter_e2e(options, RedisMode::Streams).await,
+            }
+        },
+    )
+    .await;
 }
