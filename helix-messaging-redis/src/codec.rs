@@ -87,13 +87,22 @@ pub(crate) fn encode(message: &Message) -> Result<Vec<u8>> {
         priority: message.priority(),
         ttl_ms: message.ttl().map(|t| t.as_millis() as u64),
     };
-    rmp_serde::to_vec_named(&outgoing).map_err(|e| {
+    // Sized once up front: growing the buffer while encoding reallocates it several times per
+    // message, which shows in profiles of a busy publisher.
+    let headers: usize = message
+        .headers()
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 10)
+        .sum();
+    let mut out = Vec::with_capacity(message.payload().len() + message.id().len() + headers + 96);
+    rmp_serde::encode::write_named(&mut out, &outgoing).map_err(|e| {
         Error::new(
             ErrorKind::Serialization,
             format!("cannot encode message {}", message.id()),
         )
         .with_source(e)
-    })
+    })?;
+    Ok(out)
 }
 
 /// Decode a wire message.
