@@ -4,7 +4,7 @@
 //!   At most once: nothing is stored, a message published while nobody listens is gone
 //!   (counted, not an error), there are no consumer groups and no redelivery — `nack(true)`
 //!   returns `Unsupported` so a retry layer knows to retry in process. A subscriber whose
-//!   connection drops reconnects and resubscribes by itself.
+//!   connection drops reconnects and resubscribes by itself when next polled.
 //! - **Streams** ([`RedisMode::Streams`], `MESSAGING_BACKEND=redis-streams`): XADD with
 //!   `MAXLEN` trimming, consumer groups with XREADGROUP, XACK on ack, requeue by handing the
 //!   entry back to the group, attempt from the delivery count, a reclaimer (XAUTOCLAIM) that

@@ -3,18 +3,14 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use helix_messaging_core::{
     Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, Result, Settlement, StartPosition,
     SubscribeOptions, Subscription, within,
 };
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::{PUBSUB_NAME, Shared, codec, error::from_redis};
-
-/// Most messages handed to the subscription stream at once.
-const HANDOVER_BATCH: usize = 256;
 
 pub(crate) async fn subscribe(
     shared: &Arc<Shared>,
@@ -36,22 +32,59 @@ pub(crate) async fn subscribe(
     // Subscribed before returning, so every later publish reaches this subscription.
     let connection = connect(shared, topic).await?;
     let topic: Arc<str> = Arc::from(topic);
-    // Pub/sub cannot pause the server, so the buffer is what absorbs bursts: prefetch
-    // messages' worth of batches.
-    let (tx, rx) = mpsc::channel(options.prefetch.div_ceil(HANDOVER_BATCH).max(2));
-    let cancel = shared.shutdown.child_token();
-    shared.tasks.spawn(read_loop(
-        shared.clone(),
-        topic.clone(),
-        connection,
-        tx,
-        cancel.clone(),
-    ));
+    // Pulled by the subscription itself: no task between the connection and the consumer, so
+    // a message costs no extra hand-over. The connection is re-made on the next poll after it
+    // is lost.
+    let state = Puller {
+        shared: shared.clone(),
+        topic: topic.clone(),
+        messages: Some(connection.into_on_message().boxed()),
+        cancel: shared.shutdown.child_token(),
+    };
     Ok(Subscription::new(
         topic,
         None,
-        crate::channel_stream(rx, cancel),
+        Box::pin(futures::stream::unfold(state, Puller::next)),
     ))
+}
+
+/// A pub/sub subscription's state: the message stream of its connection, while it has one.
+struct Puller {
+    shared: Arc<Shared>,
+    topic: Arc<str>,
+    messages: Option<futures::stream::BoxStream<'static, redis::Msg>>,
+    /// Cancelled when the broker closes.
+    cancel: CancellationToken,
+}
+
+impl Puller {
+    async fn next(mut self) -> Option<(Result<Delivery>, Self)> {
+        loop {
+            let Some(messages) = self.messages.as_mut() else {
+                tracing::warn!(topic = %self.topic, "Redis pub/sub connection lost; subscribing again");
+                let (shared, topic) = (self.shared.clone(), self.topic.clone());
+                let fresh = shared
+                    .retry_until_cancelled("subscribing again", &self.cancel, || {
+                        connect(&shared, &topic)
+                    })
+                    .await?;
+                self.messages = Some(fresh.into_on_message().boxed());
+                continue;
+            };
+            let next = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return None,
+                next = messages.next() => next,
+            };
+            match next {
+                Some(message) => {
+                    let delivery = delivery(&self.topic, message.get_payload_bytes());
+                    return Some((delivery, self));
+                }
+                None => self.messages = None,
+            }
+        }
+    }
 }
 
 async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
@@ -73,52 +106,6 @@ async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
 
 /// Forwards messages until cancelled; when the connection drops, reconnects with backoff
 /// and subscribes again.
-async fn read_loop(
-    shared: Arc<Shared>,
-    topic: Arc<str>,
-    mut connection: redis::aio::PubSub,
-    tx: mpsc::Sender<Vec<Result<Delivery>>>,
-    cancel: CancellationToken,
-) {
-    loop {
-        {
-            let mut messages = connection.on_message();
-            loop {
-                let next = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    next = messages.next() => next,
-                };
-                let Some(message) = next else { break };
-                let mut batch = vec![delivery(&topic, message.get_payload_bytes())];
-                // Whatever else has already arrived goes in the same hand-over.
-                while batch.len() < HANDOVER_BATCH {
-                    match messages.next().now_or_never() {
-                        Some(Some(message)) => {
-                            batch.push(delivery(&topic, message.get_payload_bytes()));
-                        }
-                        _ => break,
-                    }
-                }
-                let sent = tokio::select! {
-                    () = cancel.cancelled() => return,
-                    sent = tx.send(batch) => sent,
-                };
-                if sent.is_err() {
-                    return;
-                }
-            }
-        }
-        tracing::warn!(%topic, "Redis pub/sub connection lost; subscribing again");
-        let reconnected = shared
-            .retry_until_cancelled("subscribing again", &cancel, || connect(&shared, &topic))
-            .await;
-        match reconnected {
-            Some(fresh) => connection = fresh,
-            None => return,
-        }
-    }
-}
-
 fn delivery(topic: &Arc<str>, payload: &[u8]) -> Result<Delivery> {
     let message = codec::decode(payload).map_err(|e| {
         Error::new(
