@@ -32,9 +32,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use helix_messaging_core::{
-    BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Error, ErrorKind, Health, HistoryStream,
-    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
-    check_payload_size, validate_name, within,
+    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher,
+    Result, SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size,
+    validate_name, within,
 };
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -323,11 +323,7 @@ impl Subscriber for KafkaBroker {
             .subscribe(&[&kafka_topic])
             .map_err(|e| from_kafka(e, format!("subscribing to {kafka_topic}")))?;
         let (deliveries, mut receiver) = mpsc::unbounded_channel();
-        let prefetch = if options.prefetch == DEFAULT_PREFETCH {
-            DEFAULT_PREFETCH
-        } else {
-            options.prefetch.max(1)
-        };
+        let prefetch = options.prefetch.max(1);
         let topic: Arc<str> = Arc::from(topic);
         let group: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
         let reader = Reader {
