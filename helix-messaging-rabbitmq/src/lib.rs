@@ -88,6 +88,13 @@ impl Shared {
         }
     }
 
+    /// The link if it is usable now; otherwise a retryable error (and reconnecting starts).
+    fn link(&self) -> Result<Arc<Link>> {
+        self.supervisor
+            .usable()
+            .ok_or_else(|| self.supervisor.unavailable())
+    }
+
     /// A lapin error met on the live connection: map it, and start reconnecting when it means
     /// the connection is gone.
     fn connection_error(&self, err: lapin::Error, doing: impl std::fmt::Display) -> Error {
@@ -126,10 +133,7 @@ impl Shared {
         payload: &[u8],
         properties: lapin::BasicProperties,
     ) -> Result<lapin::PublisherConfirm> {
-        let link = self
-            .supervisor
-            .usable()
-            .ok_or_else(|| self.supervisor.unavailable())?;
+        let link = self.link()?;
         let publish = link.publisher.basic_publish(
             exchange.into(),
             routing_key.into(),
@@ -274,6 +278,16 @@ struct SubscriptionSpec {
     declared_queue: bool,
 }
 
+impl SubscriptionSpec {
+    /// The name of a named group's queue, `<topic>.<group>`; `None` for a private one (the
+    /// server names it).
+    fn group_queue(&self) -> Option<String> {
+        self.group
+            .as_ref()
+            .map(|group| format!("{}.{group}", self.topic))
+    }
+}
+
 /// Declare the queue, bind it, set the prefetch and start consuming on a new channel, within
 /// the connect timeout (a broker that is still starting may never answer).
 async fn open_consumer(
@@ -330,10 +344,7 @@ async fn declare_group_queue(
     let config = shared.config();
     let lapin_err = |e, doing: String| shared.connection_error(e, doing);
     let private = spec.group.is_none();
-    let mut queue = Queue::classic(match &spec.group {
-        Some(group) => format!("{}.{group}", spec.topic),
-        None => String::new(),
-    });
+    let mut queue = Queue::classic(spec.group_queue().unwrap_or_default());
     if config.max_priority > 0 {
         queue = queue.max_priority(config.max_priority);
     }
@@ -387,11 +398,7 @@ impl RabbitBroker {
     pub async fn declare(&self, topology: Topology) -> Result<()> {
         self.shared.ensure_open()?;
         topology.validate()?;
-        let link = self
-            .shared
-            .supervisor
-            .usable()
-            .ok_or_else(|| self.shared.supervisor.unavailable())?;
+        let link = self.shared.link()?;
         within(
             self.shared.config().connect_timeout,
             "declaring topology",
@@ -448,18 +455,11 @@ impl RabbitBroker {
         spec: SubscriptionSpec,
         history: Option<Option<std::time::SystemTime>>,
     ) -> Result<Subscription> {
-        let link = self
-            .shared
-            .supervisor
-            .usable()
-            .ok_or_else(|| self.shared.supervisor.unavailable())?;
-        let fresh = match (&history, &spec.group) {
+        let link = self.shared.link()?;
+        let fresh = match (&history, spec.group_queue()) {
             (None, _) => false,
             (Some(_), None) => true,
-            (Some(_), Some(group)) => {
-                let name = format!("{}.{group}", spec.topic);
-                !journal::queue_exists(&self.shared, &link, &name).await?
-            }
+            (Some(_), Some(name)) => !journal::queue_exists(&self.shared, &link, &name).await?,
         };
         let (channel, consumer, queue) = open_consumer(&self.shared, &spec, &link).await?;
         if let (true, Some(since)) = (fresh, history)
@@ -482,13 +482,13 @@ impl RabbitBroker {
                 link,
                 &self.shared.supervisor,
             )),
-            context: Arc::new(ConsumerContext {
-                shared: self.shared.clone(),
-                topic: spec.topic.clone(),
-                group: spec.group.clone(),
+            context: Arc::new(ConsumerContext::new(
+                &self.shared,
+                &spec,
                 queue,
-                channel: ConsumerChannel::new(channel, consumer),
-            }),
+                channel,
+                consumer,
+            )),
             spec,
             finished: false,
         };
@@ -561,11 +561,7 @@ impl Broker for RabbitBroker {
                 "reading history without the replay journal (RABBITMQ_REPLAY_JOURNAL=true)",
             ));
         }
-        let link = self
-            .shared
-            .supervisor
-            .usable()
-            .ok_or_else(|| self.shared.supervisor.unavailable())?;
+        let link = self.shared.link()?;
         journal::read_range(&self.shared, &link, topic, range).await
     }
 
@@ -622,13 +618,13 @@ impl ConsumerStream {
                     Ok((channel, consumer, queue)) => {
                         tracing::info!(%queue, "consumer re-created on the new connection");
                         self.current = Some(Current::new(consumer.clone(), link, &supervisor));
-                        self.context = Arc::new(ConsumerContext {
-                            shared: self.context.shared.clone(),
-                            topic: self.context.topic.clone(),
-                            group: self.context.group.clone(),
+                        self.context = Arc::new(ConsumerContext::new(
+                            &self.context.shared,
+                            &self.spec,
                             queue,
-                            channel: ConsumerChannel::new(channel, consumer),
-                        });
+                            channel,
+                            consumer,
+                        ));
                     }
                     Err(err) if err.is_retryable() => {
                         tracing::warn!(error = %err, "re-creating the consumer failed; retrying");
@@ -760,6 +756,22 @@ struct ConsumerContext {
 }
 
 impl ConsumerContext {
+    fn new(
+        shared: &Arc<Shared>,
+        spec: &SubscriptionSpec,
+        queue: String,
+        channel: Channel,
+        consumer: lapin::Consumer,
+    ) -> Self {
+        ConsumerContext {
+            shared: shared.clone(),
+            topic: spec.topic.clone(),
+            group: spec.group.clone(),
+            queue,
+            channel: ConsumerChannel::new(channel, consumer),
+        }
+    }
+
     fn delivery(self: &Arc<Self>, delivery: lapin::message::Delivery) -> Delivery {
         let received = wire::received(&delivery);
         let message = Arc::new(received.message);
