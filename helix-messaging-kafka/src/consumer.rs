@@ -29,7 +29,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 
 use crate::error::from_kafka;
-use crate::{Shared, wire};
+use crate::{Shared, history, wire};
 
 /// The consumer type of a subscription.
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
@@ -113,26 +113,14 @@ impl GroupState {
             StartPosition::Earliest => low,
             StartPosition::Time(since) => {
                 *self.not_before.lock() = Some(since);
-                let at = since.checked_sub(self.clock_skew).unwrap_or(since);
                 let mut query = TopicPartitionList::new();
                 let _ = query.add_partition_offset(
                     &self.topic,
                     partition,
-                    Offset::Offset(wire::millis(at)),
+                    Offset::Offset(history::lookup_millis(since, self.clock_skew)),
                 );
-                // Brokers without a timestamp index (Tansu) answer with an error or no
-                // offset: start at the beginning and skip what is older.
-                match consumer.offsets_for_times(query, self.timeout) {
-                    Ok(found) => match found
-                        .find_partition(&self.topic, partition)
-                        .map(|e| e.offset())
-                    {
-                        Some(Offset::Offset(o)) if o >= low => o,
-                        Some(Offset::End) => high,
-                        _ => low,
-                    },
-                    Err(_) => low,
-                }
+                let found = consumer.offsets_for_times(query, self.timeout).ok();
+                history::offset_for_time(found.as_ref(), &self.topic, partition, (low, high))
             }
         }
     }

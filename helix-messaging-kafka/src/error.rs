@@ -48,6 +48,22 @@ pub(crate) fn from_kafka(err: KafkaError, doing: impl Display) -> Error {
         .with_source(err)
 }
 
+/// Run a blocking librdkafka call (metadata, flush, a history read) off the async threads.
+///
+/// # Errors
+/// `f`'s error, or [`ErrorKind::Backend`] if the blocking task panicked or was cancelled.
+pub(crate) async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> helix_messaging_core::Result<T> + Send + 'static,
+) -> helix_messaging_core::Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Backend,
+            format!("{what}: the blocking task failed: {e}"),
+        )
+    })?
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

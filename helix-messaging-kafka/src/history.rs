@@ -7,7 +7,7 @@
 //! of all partitions are returned oldest first.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use helix_messaging_core::{Error, ErrorKind, HistoryEntry, Position, Result, TimeRange};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -16,6 +16,31 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::error::from_kafka;
 use crate::{KafkaConfig, wire};
+
+/// The timestamp (ms) to look offsets up at for a read starting at `t`: `clock_skew` earlier,
+/// since the lookup uses the brokers' clock and the filter afterwards the publishers'.
+pub(crate) fn lookup_millis(t: SystemTime, clock_skew: Duration) -> i64 {
+    wire::millis(t.checked_sub(clock_skew).unwrap_or(t))
+}
+
+/// Where a read by time starts in `partition`, whose offsets run from `low` to `high`, given
+/// the answer of an offset-for-time lookup. Brokers without a timestamp index (Tansu) answer
+/// with an error or no offset: the read then starts at the beginning and filters by time.
+pub(crate) fn offset_for_time(
+    found: Option<&TopicPartitionList>,
+    topic: &str,
+    partition: i32,
+    (low, high): (i64, i64),
+) -> i64 {
+    match found
+        .and_then(|t| t.find_partition(topic, partition))
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(o)) if o >= low => o,
+        Some(Offset::End) => high,
+        _ => low,
+    }
+}
 
 /// Read `topic` (a Kafka topic name) inside `range`. Blocking: run it off the async threads.
 pub(crate) fn read(
@@ -37,12 +62,7 @@ pub(crate) fn read(
         .filter(|t| t.name() == topic && t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let start_ms = wire::millis(
-        range
-            .from()
-            .checked_sub(config.clock_skew)
-            .unwrap_or(range.from()),
-    );
+    let start_ms = lookup_millis(range.from(), config.clock_skew);
     let mut query = TopicPartitionList::new();
     for partition in &partitions {
         let _ = query.add_partition_offset(topic, *partition, Offset::Offset(start_ms));
@@ -56,15 +76,7 @@ pub(crate) fn read(
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, timeout)
             .map_err(|e| from_kafka(e, format!("reading the offsets of {topic}/{partition}")))?;
-        let start = match by_time
-            .as_ref()
-            .and_then(|t| t.find_partition(topic, partition))
-            .map(|e| e.offset())
-        {
-            Some(Offset::Offset(o)) if o >= low => o,
-            Some(Offset::End) => high,
-            _ => low,
-        };
+        let start = offset_for_time(by_time.as_ref(), topic, partition, (low, high));
         if start < high {
             let _ = assignment.add_partition_offset(topic, partition, Offset::Offset(start));
             ends.insert(partition, high);

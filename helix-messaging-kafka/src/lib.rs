@@ -44,7 +44,7 @@ pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
 pub use topics::KafkaTopic;
 
 use consumer::{GroupConsumer, GroupContext, GroupState, Reader};
-use error::from_kafka;
+use error::{blocking, from_kafka};
 use topics::Topics;
 
 /// Backend name reported by [`Broker::name`] and selected by `MESSAGING_BACKEND=kafka`.
@@ -244,16 +244,15 @@ impl KafkaBroker {
         let shared = self.shared.clone();
         let timeout = shared.config.request_timeout;
         let brokers = shared.config.brokers.clone();
-        tokio::task::spawn_blocking(move || {
+        blocking("reading the cluster's metadata", move || {
             shared
                 .producer
                 .client()
                 .fetch_metadata(None, timeout)
                 .map(|m| m.brokers().len())
+                .map_err(|e| from_kafka(e, format!("reaching the Kafka brokers {brokers}")))
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Backend, format!("metadata task failed: {e}")))?
-        .map_err(|e| from_kafka(e, format!("reaching the Kafka brokers {brokers}")))
     }
 }
 
@@ -385,12 +384,10 @@ impl Broker for KafkaBroker {
         self.shared.ensure_open()?;
         let shared = self.shared.clone();
         let kafka_topic = shared.config.kafka_topic(topic);
-        let entries =
-            tokio::task::spawn_blocking(move || history::read(&shared.config, &kafka_topic, range))
-                .await
-                .map_err(|e| {
-                    Error::new(ErrorKind::Backend, format!("history task failed: {e}"))
-                })??;
+        let entries = blocking("reading history", move || {
+            history::read(&shared.config, &kafka_topic, range)
+        })
+        .await?;
         Ok(Box::pin(futures::stream::iter(entries.into_iter().map(Ok))))
     }
 
@@ -415,9 +412,12 @@ impl Broker for KafkaBroker {
         }
         let shared = self.shared.clone();
         let timeout = shared.config.publish_timeout;
-        tokio::task::spawn_blocking(move || shared.producer.flush(timeout))
-            .await
-            .map_err(|e| Error::new(ErrorKind::Backend, format!("flush task failed: {e}")))?
-            .map_err(|e| from_kafka(e, "flushing the producer"))
+        blocking("flushing the producer", move || {
+            shared
+                .producer
+                .flush(timeout)
+                .map_err(|e| from_kafka(e, "flushing the producer"))
+        })
+        .await
     }
 }

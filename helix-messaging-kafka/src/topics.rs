@@ -11,7 +11,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
 use crate::KafkaConfig;
-use crate::error::from_kafka;
+use crate::error::{blocking, from_kafka};
 
 /// A topic to create, with its partitions and retention.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,7 +115,7 @@ impl Topics {
         let admin = self.admin.clone();
         let timeout = config.request_timeout;
         let topic = name.to_owned();
-        tokio::task::spawn_blocking(move || {
+        blocking("reading topic metadata", move || {
             let metadata = admin
                 .inner()
                 .fetch_metadata(Some(&topic), timeout)
@@ -126,7 +126,6 @@ impl Topics {
                 .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
         })
         .await
-        .map_err(|e| Error::new(ErrorKind::Backend, format!("metadata task failed: {e}")))?
     }
 
     /// Create `topics` (Kafka names); one that exists already is left as it is.
