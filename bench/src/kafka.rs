@@ -24,7 +24,8 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, compare_baselines, consume_and_ack, histogram, publish_batches,
+    Baseline, Clock, Options, Run, compare_baselines, histogram, publish_and_consume,
+    publish_batches,
 };
 
 const BATCH: usize = 100;
@@ -235,21 +236,18 @@ async fn adapter_e2e(options: &Options) -> Run {
         )
         .await
         .expect("subscribe");
-    let started = Instant::now();
-    let producer = {
-        let broker = broker.clone();
-        let topic = topic.clone();
-        tokio::spawn(async move { publish_batches(&broker, &topic, n, BATCH, clock).await })
-    };
-    let latency = consume_and_ack(subscription, n, clock, ACKS_IN_FLIGHT).await;
-    let elapsed = started.elapsed();
-    producer.await.unwrap();
+    let run = publish_and_consume(
+        &broker,
+        &topic,
+        subscription,
+        n,
+        BATCH,
+        clock,
+        ACKS_IN_FLIGHT,
+    )
+    .await;
     broker.close().await.unwrap();
-    Run {
-        messages: n,
-        elapsed,
-        latency,
-    }
+    run
 }
 
 pub(crate) async fn compare(options: &Options) {

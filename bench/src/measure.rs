@@ -184,9 +184,37 @@ pub(crate) async fn publish_batches<P: Publisher + ?Sized>(
     round_trips
 }
 
+/// An adapter's end-to-end run: `n` stamped messages published with [`publish_batches`] in
+/// the background while `subscription` receives and acks them ([`consume_and_ack`]); timed
+/// from the first publish to the last delivery.
+pub(crate) async fn publish_and_consume<P: Publisher + Clone + 'static>(
+    publisher: &P,
+    topic: &str,
+    subscription: Subscription,
+    n: usize,
+    batch: usize,
+    clock: Clock,
+    acks_in_flight: usize,
+) -> Run {
+    let started = Instant::now();
+    let producer = {
+        let publisher = publisher.clone();
+        let topic = topic.to_owned();
+        tokio::spawn(async move { publish_batches(&publisher, &topic, n, batch, clock).await })
+    };
+    let latency = consume_and_ack(subscription, n, clock, acks_in_flight).await;
+    let elapsed = started.elapsed();
+    producer.await.expect("producer task");
+    Run {
+        messages: n,
+        elapsed,
+        latency,
+    }
+}
+
 /// Receive `n` deliveries from `subscription`, recording each one's latency and acking it,
 /// up to `acks_in_flight` acks at once.
-pub(crate) async fn consume_and_ack(
+async fn consume_and_ack(
     subscription: Subscription,
     n: usize,
     clock: Clock,

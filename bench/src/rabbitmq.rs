@@ -31,7 +31,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, compare_baselines, consume_and_ack, histogram, publish_batches,
+    Baseline, Clock, Options, Run, compare_baselines, histogram, publish_and_consume,
+    publish_batches,
 };
 
 const BATCH: usize = 100;
@@ -296,22 +297,19 @@ async fn adapter_e2e(options: &Options) -> Run {
         )
         .await
         .expect("subscribe");
-    let started = Instant::now();
-    let producer = {
-        let broker = broker.clone();
-        let topic = topic.clone();
-        tokio::spawn(async move { publish_batches(&broker, &topic, n, BATCH, clock).await })
-    };
-    let latency = consume_and_ack(subscription, n, clock, ACKS_IN_FLIGHT).await;
-    let elapsed = started.elapsed();
-    producer.await.unwrap();
+    let run = publish_and_consume(
+        &broker,
+        &topic,
+        subscription,
+        n,
+        BATCH,
+        clock,
+        ACKS_IN_FLIGHT,
+    )
+    .await;
     broker.close().await.unwrap();
     delete_queue(&format!("{topic}.g")).await;
-    Run {
-        messages: n,
-        elapsed,
-        latency,
-    }
+    run
 }
 
 pub(crate) async fn compare(options: &Options) {

@@ -15,7 +15,8 @@ use redis::streams::StreamReadReply;
 use hdrhistogram::Histogram;
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, compare_baselines, consume_and_ack, histogram, publish_batches,
+    Baseline, Clock, Options, Run, compare_baselines, histogram, publish_and_consume,
+    publish_batches,
 };
 
 const BATCH: usize = 100;
@@ -298,24 +299,21 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
         .subscribe(&topic, subscribe)
         .await
         .expect("subscribe");
-    let started = Instant::now();
-    let producer = {
-        let broker = broker.clone();
-        let topic = topic.clone();
-        tokio::spawn(async move { publish_batches(&broker, &topic, n, BATCH, clock).await })
-    };
-    let latency = consume_and_ack(subscription, n, clock, ACKS_IN_FLIGHT).await;
-    let elapsed = started.elapsed();
-    producer.await.unwrap();
+    let run = publish_and_consume(
+        &broker,
+        &topic,
+        subscription,
+        n,
+        BATCH,
+        clock,
+        ACKS_IN_FLIGHT,
+    )
+    .await;
     broker.close().await.unwrap();
     if streams {
         delete(&topic).await;
     }
-    Run {
-        messages: n,
-        elapsed,
-        latency,
-    }
+    run
 }
 
 /// The scenarios, by index for [`compare_baselines`].
