@@ -78,7 +78,7 @@ impl Puller {
             };
             match next {
                 Some(message) => {
-                    let delivery = delivery(&self.topic, message.get_payload_bytes());
+                    let delivery = delivery(&self.topic, message.get_payload_bytes(), &self.cancel);
                     return Some((delivery, self));
                 }
                 None => self.messages = None,
@@ -106,7 +106,7 @@ async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
 
 /// Forwards messages until cancelled; when the connection drops, reconnects with backoff
 /// and subscribes again.
-fn delivery(topic: &Arc<str>, payload: &[u8]) -> Result<Delivery> {
+fn delivery(topic: &Arc<str>, payload: &[u8], closed: &CancellationToken) -> Result<Delivery> {
     let message = codec::decode(payload).map_err(|e| {
         Error::new(
             ErrorKind::Serialization,
@@ -122,17 +122,21 @@ fn delivery(topic: &Arc<str>, payload: &[u8]) -> Result<Delivery> {
             redelivered: false,
             position: None,
         },
-        Box::new(PubSubAcker),
+        Box::new(PubSubAcker(closed.clone())),
     ))
 }
 
 /// A pub/sub delivery is final when it arrives: ack and reject have nothing to tell the
-/// server, and requeue is impossible.
-struct PubSubAcker;
+/// server, and requeue is impossible. After the broker is closed nothing can be settled, and
+/// saying `Ok` would be a lie. Holds the broker's shutdown token.
+struct PubSubAcker(CancellationToken);
 
 #[async_trait]
 impl Acknowledge for PubSubAcker {
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
+        if self.0.is_cancelled() {
+            return Err(Error::closed("the redis broker"));
+        }
         match outcome {
             Settlement::Ack | Settlement::Reject => Ok(()),
             Settlement::Requeue => Err(Error::unsupported(

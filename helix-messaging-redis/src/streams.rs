@@ -375,27 +375,34 @@ async fn claim(
             .await;
     }
     let claimed = reply.claimed;
-    let (Some(first), Some(last)) = (claimed.first(), claimed.last()) else {
+    if claimed.is_empty() {
         return Ok(Vec::new());
-    };
-    let pending: StreamPendingCountReply = redis::cmd("XPENDING")
-        .arg(&*reader.topic)
-        .arg(&*reader.group)
-        .arg(&first.id)
-        .arg(&last.id)
-        .arg(claimed.len())
-        .arg(&reader.consumer)
+    }
+    // Each entry's own delivery count, which XAUTOCLAIM has just incremented: one XPENDING
+    // per id, exactly that id, in one round trip. (A range from the first to the last id would
+    // also list this consumer's other pending entries between them and crowd claimed ones
+    // out of the reply.)
+    let mut counts = redis::pipe();
+    for entry in &claimed {
+        counts
+            .cmd("XPENDING")
+            .arg(&*reader.topic)
+            .arg(&*reader.group)
+            .arg(&entry.id)
+            .arg(&entry.id)
+            .arg(1);
+    }
+    let pending: Vec<StreamPendingCountReply> = counts
         .query_async(connection)
         .await
         .map_err(|e| from_redis(e, format!("XPENDING on {}", reader.topic)))?;
     Ok(claimed
         .into_iter()
-        .map(|entry| {
-            let count = pending
-                .ids
-                .iter()
-                .find(|p| p.id == entry.id)
-                .map_or(2, |p| p.times_delivered);
+        .zip(pending)
+        .map(|(entry, pending)| {
+            // Gone from the pending list meanwhile (acked by a member it was also claimed
+            // by): at least the claim and the delivery before it.
+            let count = pending.ids.first().map_or(2, |p| p.times_delivered);
             (
                 RawEntry::from(entry),
                 u32::try_from(count).unwrap_or(u32::MAX),
@@ -603,6 +610,7 @@ struct StreamAcker {
 impl Acknowledge for StreamAcker {
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
         let reader = &self.reader;
+        reader.shared.ensure_open()?;
         let not_pending = || {
             Error::new(
                 ErrorKind::NotFound,

@@ -67,6 +67,14 @@ async fn redis_pubsub_passes_the_conformance_suite() {
     .expect_skipped("ttl_expiry", at_most_once)
     .expect_skipped("read_range_returns_exactly_the_window", at_most_once)
     .expect_skipped("new_group_starts_from_earliest", at_most_once)
+    .expect_skipped("requeue_reaches_only_its_group", at_most_once)
+    .expect_skipped("crash_loop_counts_every_attempt", at_most_once)
+    .expect_skipped("prefetch_one_keeps_flowing", at_most_once)
+    .expect_skipped(
+        "live_messages_stamped_before_a_time_start_arrive",
+        at_most_once,
+    )
+    .expect_skipped("zero_ttl_is_never_delivered", at_most_once)
     .cleanup(delete_topics)
     .run()
     .await

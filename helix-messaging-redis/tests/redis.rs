@@ -467,3 +467,52 @@ async fn an_undecodable_entry_is_reported_and_set_aside_and_the_next_one_deliver
         .unwrap();
     assert_eq!(pending.count(), 0, "nothing left pending in the group");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_entries_get_their_own_delivery_counts() {
+    // A member holds one entry while the two around it are requeued and claimed back
+    // together, twice: each claimed entry's attempt is its own delivery count, not a
+    // neighbour's.
+    let url = shared_url();
+    let topic = topic("claim-counts");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let broker = broker(&url, RedisMode::Streams, |_| {}).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g").with_prefetch(10))
+        .await
+        .unwrap();
+    let sent: Vec<Message> = (0..3).map(|i| Message::new(format!("m{i}"))).collect();
+    for m in &sent {
+        broker.publish(&topic, m.clone()).await.unwrap();
+    }
+    let mut first = Vec::new();
+    for _ in 0..3 {
+        first.push(recv(&mut sub).await);
+    }
+    let held = first.remove(1);
+    assert_eq!(held.message().id(), sent[1].id());
+    let mut out = first;
+    for round in 2..=3u32 {
+        futures::future::try_join_all(out.iter().map(|d| d.nack(true)))
+            .await
+            .unwrap();
+        out = vec![recv(&mut sub).await, recv(&mut sub).await];
+        let mut attempts: Vec<(String, u32)> = out
+            .iter()
+            .map(|d| (d.message().id().to_owned(), d.attempt()))
+            .collect();
+        attempts.sort();
+        let mut expected = vec![
+            (sent[0].id().to_owned(), round),
+            (sent[2].id().to_owned(), round),
+        ];
+        expected.sort();
+        assert_eq!(attempts, expected, "attempts after {} requeues", round - 1);
+    }
+    for d in out {
+        d.ack().await.unwrap();
+    }
+    assert_eq!(held.attempt(), 1);
+    held.ack().await.unwrap();
+    broker.close().await.unwrap();
+}

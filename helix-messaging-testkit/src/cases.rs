@@ -40,6 +40,12 @@ cases! {
     invalid_names_are_refused: [];
     oversized_payload_is_refused: [PayloadLimit];
     closed_broker_refuses_work: [];
+    requeue_reaches_only_its_group: [ConsumerGroups, Redelivery];
+    crash_loop_counts_every_attempt: [ConsumerGroups, RedeliverUnacked];
+    prefetch_one_keeps_flowing: [Redelivery];
+    live_messages_stamped_before_a_time_start_arrive: [ConsumerGroups, ReplayByTime];
+    zero_ttl_is_never_delivered: [Ttl];
+    settling_after_close_fails: [];
 }
 
 /// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty
@@ -604,5 +610,178 @@ pub async fn closed_broker_refuses_work(ctx: Ctx) -> Result<()> {
         .expect("open subscription ends after close");
     assert!(end.is_none(), "subscription yielded instead of ending");
     ctx.broker.close().await?;
+    Ok(())
+}
+
+/// `nack(true)` in one group redelivers to that group only: another group receives the
+/// message exactly once, and the history holds it once.
+pub async fn requeue_reaches_only_its_group(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("requeue-groups");
+    let mut g1 = ctx
+        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g1")))
+        .await;
+    let mut g2 = ctx
+        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g2")))
+        .await;
+    // The topic is new: the window can start well before the publish (backends record
+    // times in whole milliseconds, so `now` could fall after the message's record time).
+    let from = SystemTime::now() - Duration::from_secs(5);
+    let m = Message::new("nacked in g1 only");
+    ctx.publish(&topic, m.clone()).await;
+
+    let first = ctx.recv(&mut g1).await;
+    assert_eq!(first.message().id(), m.id());
+    first.nack(true).await?;
+    let again = ctx.recv(&mut g1).await;
+    assert_eq!(again.message().id(), m.id(), "g1 gets its requeued message");
+    assert_eq!(again.attempt(), 2);
+    again.ack().await?;
+
+    let other = ctx.recv(&mut g2).await;
+    assert_eq!(other.message().id(), m.id());
+    assert_eq!(other.attempt(), 1, "g2 sees a first delivery");
+    assert!(!other.info().redelivered);
+    other.ack().await?;
+    ctx.expect_quiet(&mut g2).await;
+    ctx.expect_quiet(&mut g1).await;
+
+    if ctx.broker.capabilities().replay_by_time {
+        let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(1))?;
+        let entries: Vec<_> = tokio::time::timeout(
+            ctx.settings.receive_timeout,
+            ctx.broker
+                .read_range(&topic, range)
+                .await?
+                .collect::<Vec<_>>(),
+        )
+        .await
+        .expect("history read finished in time");
+        let ids: Vec<String> = entries
+            .into_iter()
+            .map(|e| e.map(|e| e.message.id().to_owned()))
+            .collect::<Result<_>>()?;
+        assert_eq!(
+            ids,
+            vec![m.id().to_owned()],
+            "a requeue adds nothing to the history"
+        );
+    }
+    Ok(())
+}
+
+/// A consumer that crashes (drops its delivery and subscription unsettled) again and again
+/// sees the attempt count go 1, 2, 3, 4, 5: a retry limit can be reached.
+pub async fn crash_loop_counts_every_attempt(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("crash-loop");
+    let group = crate::fresh_name("g");
+    ctx.create_group(&topic, &group).await?;
+    let m = Message::new("poison").with_key("k");
+    ctx.publish(&topic, m.clone()).await;
+    for expected in 1..=5u32 {
+        let mut sub = ctx
+            .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(1))
+            .await;
+        let d = ctx.recv(&mut sub).await;
+        assert_eq!(d.message().id(), m.id());
+        assert_eq!(
+            d.attempt(),
+            expected,
+            "attempt after {} crashes",
+            expected - 1
+        );
+        assert_eq!(d.info().redelivered, expected > 1, "redelivered flag");
+        if expected == 5 {
+            d.ack().await?;
+            ctx.expect_quiet(&mut sub).await;
+        }
+        // The crash: neither settled nor kept.
+        drop(d);
+        drop(sub);
+    }
+    Ok(())
+}
+
+/// With a prefetch of 1, each ack lets the next message through.
+pub async fn prefetch_one_keeps_flowing(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("prefetch-one");
+    let group = crate::fresh_name("g");
+    let mut sub = ctx
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(1))
+        .await;
+    let sent: Vec<Message> = (0..4)
+        .map(|i| Message::new(format!("one at a time {i}")).with_key("k"))
+        .collect();
+    for m in &sent {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    let got = ctx.recv_ack_ids(&mut sub, sent.len()).await;
+    let expected: Vec<String> = sent.iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(got, expected);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A group starting at a time skips older history only: a live message published after the
+/// group joined arrives even when its own timestamp is older than the start.
+pub async fn live_messages_stamped_before_a_time_start_arrive(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("time-start");
+    let start = SystemTime::now() - Duration::from_secs(60);
+    let mut sub = ctx
+        .subscribe(
+            &topic,
+            SubscribeOptions::group(crate::fresh_name("g")).with_start(StartPosition::Time(start)),
+        )
+        .await;
+    let backdated = Message::new("live, stamped an hour ago")
+        .with_key("k")
+        .with_timestamp(SystemTime::now() - Duration::from_secs(3600));
+    ctx.publish(&topic, backdated.clone()).await;
+    let got = ctx.recv_ack_ids(&mut sub, 1).await;
+    assert_eq!(got, vec![backdated.id().to_owned()]);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A TTL of zero means the message expires as it is published: it is never delivered, even
+/// to a consumer waiting for it.
+pub async fn zero_ttl_is_never_delivered(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("ttl-zero");
+    let group = crate::fresh_name("g");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    ctx.publish(&topic, Message::new("gone").with_ttl(Duration::ZERO))
+        .await;
+    let kept = Message::new("kept");
+    ctx.publish(&topic, kept.clone()).await;
+    assert_eq!(
+        ctx.recv_ack_ids(&mut sub, 1).await,
+        vec![kept.id().to_owned()]
+    );
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A delivery settled after its broker was closed reports an error: nothing was settled, and
+/// `Ok` would be a lie.
+pub async fn settling_after_close_fails(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("settle-closed");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    ctx.publish(&topic, Message::new("a")).await;
+    ctx.publish(&topic, Message::new("b")).await;
+    let held = ctx.recv_n(&mut sub, 2).await;
+    ctx.broker.close().await?;
+    for (what, result) in [
+        ("ack", held[0].ack().await),
+        ("reject", held[1].reject().await),
+    ] {
+        let err = result.expect_err(what);
+        assert!(
+            matches!(
+                err.kind(),
+                ErrorKind::Closed | ErrorKind::Connection | ErrorKind::NotFound
+            ),
+            "{what} after close: unexpected kind {:?} ({err})",
+            err.kind()
+        );
+    }
     Ok(())
 }
