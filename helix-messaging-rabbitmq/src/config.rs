@@ -36,6 +36,10 @@ pub struct RabbitConfig {
     /// Delete a group's queue after it has had no consumer for this long (`x-expires`).
     /// `None` (default) keeps groups until deleted by an operator.
     pub group_queue_expires: Option<Duration>,
+    /// How long a private subscription's queue outlives a lost connection (`x-expires`): it
+    /// is named by the subscription, not the server, so a reconnect finds it again with what
+    /// was published meanwhile. Dropping the subscription deletes it at once. Default 10 min.
+    pub private_queue_expires: Duration,
     /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
     /// PEM file of the CA that signed an `amqps://` server's certificate, when the system
@@ -100,6 +104,7 @@ impl RabbitConfig {
             publisher_confirm: true,
             max_priority: 10,
             group_queue_expires: None,
+            private_queue_expires: Duration::from_secs(600),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             tls_ca_cert: None,
             connect_timeout: Duration::from_secs(10),
@@ -283,6 +288,7 @@ impl fmt::Debug for RabbitConfig {
             .field("publisher_confirm", &self.publisher_confirm)
             .field("max_priority", &self.max_priority)
             .field("group_queue_expires", &self.group_queue_expires)
+            .field("private_queue_expires", &self.private_queue_expires)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("tls_ca_cert", &self.tls_ca_cert)
             .field("connect_timeout", &self.connect_timeout)

@@ -5,8 +5,8 @@
 //! named `<topic>.<group>` bound to that routing key, so members of a group share its
 //! messages and every group gets every message. A subscription without a group gets a
 //! server-named exclusive queue that goes away with it. Group queues are classic queues with
-//! `x-max-priority`, so a backlog is delivered by priority; a message TTL becomes the AMQP
-//! `expiration`.
+//! `x-max-priority`, so a backlog is delivered by priority; a message whose TTL has passed is
+//! dropped when it is read (see the `wire` module for why not the AMQP `expiration`).
 //!
 //! Publishing is persistent, `mandatory` and, by default, confirmed: a publish resolves after
 //! the broker's confirm, an unroutable message (no group bound to the topic) is returned as an
@@ -17,7 +17,9 @@
 //! deliveries so far in the `x-helix-attempt` header, then acks the original, so `attempt`
 //! is exact on classic queues (which keep no delivery count); the copy joins the back of the
 //! queue. Deliveries a closed channel returns (a dropped subscription, a lost connection) come
-//! back natively with the redelivered flag.
+//! back natively with only the redelivered flag: the consumer re-counts each such delivery by
+//! the same copy-then-ack before the application sees it, so attempts stay exact through a
+//! crash loop too.
 //!
 //! Headers starting with `x-helix-` are reserved for this mapping.
 
@@ -99,8 +101,10 @@ impl Shared {
     /// the connection is gone.
     fn connection_error(&self, err: lapin::Error, doing: impl std::fmt::Display) -> Error {
         let err = from_lapin(err, doing);
+        // A channel the server closed reports itself as a connection error too; only a
+        // connection that is really down is replaced (which tears down every consumer).
         if err.kind() == ErrorKind::Connection {
-            self.supervisor.reconnect();
+            let _ = self.supervisor.usable();
         }
         err
     }
@@ -134,20 +138,25 @@ impl Shared {
         properties: lapin::BasicProperties,
     ) -> Result<lapin::PublisherConfirm> {
         let link = self.link()?;
-        let publish = link.publisher.basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            payload,
-            properties,
-        );
+        let publish = async {
+            let publisher = link.publisher().await?;
+            publisher
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    payload,
+                    properties,
+                )
+                .await
+                .map_err(|e| self.connection_error(e, format!("publishing to {routing_key}")))
+        };
         tokio::time::timeout(self.config().publish_timeout, publish)
             .await
             .map_err(|_| self.publish_timed_out(routing_key))?
-            .map_err(|e| self.connection_error(e, format!("publishing to {routing_key}")))
     }
 
     fn publish_timed_out(&self, routing_key: &str) -> Error {
@@ -276,6 +285,9 @@ struct SubscriptionSpec {
     prefetch: u16,
     /// Consume this declared queue as it is instead of declaring and binding a group queue.
     declared_queue: bool,
+    /// The queue of a subscription without a group, `<topic>.private-<uuid>`: named here so
+    /// that a reconnect declares the same queue again instead of a new, empty one.
+    private_queue: Option<String>,
 }
 
 impl SubscriptionSpec {
@@ -344,7 +356,11 @@ async fn declare_group_queue(
     let config = shared.config();
     let lapin_err = |e, doing: String| shared.connection_error(e, doing);
     let private = spec.group.is_none();
-    let mut queue = Queue::classic(spec.group_queue().unwrap_or_default());
+    let name = spec
+        .group_queue()
+        .or_else(|| spec.private_queue.clone())
+        .unwrap_or_default();
+    let mut queue = Queue::classic(name);
     if config.max_priority > 0 {
         queue = queue.max_priority(config.max_priority);
     }
@@ -352,19 +368,24 @@ async fn declare_group_queue(
         queue = queue.dead_letter_to_queue(dlq.as_str());
     }
     let mut arguments = queue.arguments();
-    if let (false, Some(expires)) = (private, config.group_queue_expires) {
+    let expires = if private {
+        Some(config.private_queue_expires)
+    } else {
+        config.group_queue_expires
+    };
+    if let Some(expires) = expires {
         arguments.insert(
             "x-expires".into(),
             AMQPValue::LongUInt(u32::try_from(expires.as_millis()).unwrap_or(u32::MAX)),
         );
     }
+    // A private queue is neither exclusive nor auto-delete: either would delete it with a
+    // lost connection, and with it what was published until the reconnect.
     let declared = channel
         .queue_declare(
             queue.name.as_str().into(),
             QueueDeclareOptions {
-                durable: !private,
-                exclusive: private,
-                auto_delete: private,
+                durable: true,
                 ..QueueDeclareOptions::default()
             },
             arguments,
@@ -445,6 +466,7 @@ impl RabbitBroker {
             group: None,
             prefetch: prefetch.max(1),
             declared_queue: true,
+            private_queue: None,
         };
         self.start_subscription(spec, None).await
     }
@@ -529,6 +551,10 @@ impl Subscriber for RabbitBroker {
             group: options.group.as_deref().map(Arc::from),
             prefetch,
             declared_queue: false,
+            private_queue: options
+                .group
+                .is_none()
+                .then(|| format!("{topic}.private-{}", uuid::Uuid::new_v4().simple())),
         };
         self.start_subscription(spec, history).await
     }
@@ -643,8 +669,9 @@ impl ConsumerStream {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    let delivery = self.context.delivery(delivery);
-                    return Some((Ok(delivery), self));
+                    if let Some(delivery) = self.context.screen(delivery).await {
+                        return Some((Ok(self.context.delivery(delivery)), self));
+                    }
                 }
                 // After close, the channel's end shows up as an error or an end: that is the
                 // end of the subscription, not something to report.
@@ -667,7 +694,7 @@ impl ConsumerStream {
     /// returned to the queue anyway.
     fn release(&mut self) {
         self.current = None;
-        self.context.channel.close();
+        self.context.channel.close(false);
     }
 }
 
@@ -703,41 +730,59 @@ impl Current {
 /// A consumer's channel. It stays open while the subscription or any of its unsettled
 /// deliveries is alive, so a delivery can still be settled after its subscription was dropped
 /// (`stream.take(n).for_each_concurrent(..)` drops the stream before the last acks); once
-/// neither is left it is closed, and RabbitMQ returns whatever is still unacked.
-struct ConsumerChannel(std::sync::Mutex<Option<(Channel, lapin::Consumer)>>);
+/// neither is left it is closed, and RabbitMQ returns whatever is still unacked. A private
+/// subscription's queue is deleted then too.
+struct ConsumerChannel {
+    parts: std::sync::Mutex<Option<(Channel, lapin::Consumer)>>,
+    private_queue: Option<String>,
+}
 
 impl ConsumerChannel {
-    fn new(channel: Channel, consumer: lapin::Consumer) -> Self {
-        ConsumerChannel(std::sync::Mutex::new(Some((channel, consumer))))
+    fn new(channel: Channel, consumer: lapin::Consumer, private_queue: Option<String>) -> Self {
+        ConsumerChannel {
+            parts: std::sync::Mutex::new(Some((channel, consumer))),
+            private_queue,
+        }
     }
 
-    fn close(&self) {
+    /// Close the channel; with `finished`, the subscription is over and its private queue
+    /// goes too (a lost consumer keeps it, for the consumer that replaces it).
+    fn close(&self, finished: bool) {
         let parts = self
-            .0
+            .parts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take();
         if let Some((channel, consumer)) = parts {
-            close_consumer(channel, consumer);
+            let delete = self.private_queue.clone().filter(|_| finished);
+            close_consumer(channel, consumer, delete);
         }
     }
 }
 
 impl Drop for ConsumerChannel {
     fn drop(&mut self) {
-        self.close();
+        self.close(true);
     }
 }
 
 /// Close `channel` in the background, then drop `consumer`: dropped earlier, lapin would
 /// cancel it concurrently with the close, and the failed cancel can surface as an error
-/// elsewhere on the connection. Closing the channel returns its unacked deliveries.
-fn close_consumer(channel: Channel, consumer: lapin::Consumer) {
+/// elsewhere on the connection. Closing the channel returns its unacked deliveries. With
+/// `delete`, that queue is deleted first.
+fn close_consumer(channel: Channel, consumer: lapin::Consumer, delete: Option<String>) {
     if !channel.status().connected() {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
+            if let Some(queue) = delete
+                && let Err(err) = channel
+                    .queue_delete(queue.as_str().into(), Default::default())
+                    .await
+            {
+                tracing::debug!(%queue, error = %err, "deleting a private queue");
+            }
             if let Err(err) = channel.close(200, "consumer dropped".into()).await {
                 tracing::debug!(error = %err, "closing a consumer channel");
             }
@@ -768,7 +813,53 @@ impl ConsumerContext {
             topic: spec.topic.clone(),
             group: spec.group.clone(),
             queue,
-            channel: ConsumerChannel::new(channel, consumer),
+            channel: ConsumerChannel::new(channel, consumer, spec.private_queue.clone()),
+        }
+    }
+
+    /// What must happen to a delivery before the application sees it: `None` when it was
+    /// dealt with here.
+    ///
+    /// - Its TTL has passed: acked and dropped (never dead-lettered).
+    /// - A native redelivery the queue does not count (a classic queue after a consumer
+    ///   crashed or its channel closed): a copy with the attempt that was lost counted is
+    ///   published to the queue and the original acked, so a crash loop climbs 1, 2, 3, …
+    ///   and reaches a retry limit. If the copy fails, the delivery is handed out with its
+    ///   estimated attempt instead.
+    async fn screen(&self, delivery: lapin::message::Delivery) -> Option<lapin::message::Delivery> {
+        let queue = &self.queue;
+        if wire::expired(&delivery.properties, std::time::SystemTime::now()) {
+            if let Err(err) = settle_delivery(self, &delivery.acker, AckAction::Ack).await {
+                tracing::warn!(queue, error = %err, "dropping an expired message failed");
+            }
+            return None;
+        }
+        if !wire::uncounted_redelivery(&delivery) {
+            return Some(delivery);
+        }
+        let counted = wire::attempts_in_header(&delivery.properties) + 1;
+        let properties = wire::with_attempts(&delivery.properties, counted);
+        let shared = &self.shared;
+        let copied = match shared
+            .start_publish_raw("", queue, &delivery.data, properties)
+            .await
+        {
+            Ok(confirm) => shared.confirmed(queue, confirm).await,
+            Err(err) => Err(err),
+        };
+        match copied {
+            Ok(()) => {
+                // If this fails the broker returns the original as well: a duplicate, never
+                // a loss.
+                if let Err(err) = settle_delivery(self, &delivery.acker, AckAction::Ack).await {
+                    tracing::warn!(queue, error = %err, "acking a re-counted redelivery failed");
+                }
+                None
+            }
+            Err(err) => {
+                tracing::warn!(queue, error = %err, "re-counting a redelivery failed; delivering it with an estimated attempt");
+                Some(delivery)
+            }
         }
     }
 
@@ -807,47 +898,84 @@ struct RabbitAcker {
 impl Acknowledge for RabbitAcker {
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
         let queue = &self.context.queue;
-        let limit = self.context.shared.config().publish_timeout;
-        // Settling on a channel whose connection just died may never be answered; the
-        // delivery is then redelivered by the broker anyway, so the caller gets an error
-        // instead of waiting forever.
-        let settle = async {
-            match outcome {
-                Settlement::Ack => self.acker.ack(BasicAckOptions::default()).await,
-                Settlement::Reject => {
-                    self.acker
-                        .reject(BasicRejectOptions { requeue: false })
-                        .await
-                }
-                Settlement::Requeue => {
-                    // A copy carrying the attempt count, then the original acked: classic queues
-                    // keep no delivery count, so this is how the next attempt knows its number.
-                    let shared = &self.context.shared;
-                    let copied = match shared
-                        .start_publish("", queue, &self.message, Some(self.attempt))
-                        .await
-                    {
-                        Ok(confirm) => shared.confirmed(queue, confirm).await,
-                        Err(err) => Err(err),
-                    };
-                    match copied {
-                        Ok(()) => self.acker.ack(BasicAckOptions::default()).await,
-                        Err(err) => {
-                            tracing::warn!(queue, error = %err, "requeue copy failed; requeueing natively");
-                            self.acker
-                                .nack(BasicNackOptions {
-                                    requeue: true,
-                                    ..BasicNackOptions::default()
-                                })
-                                .await
-                        }
+        let action = match outcome {
+            Settlement::Ack => AckAction::Ack,
+            Settlement::Reject => AckAction::Reject,
+            Settlement::Requeue => {
+                // A copy carrying the attempt count, then the original acked: classic queues
+                // keep no delivery count, so this is how the next attempt knows its number.
+                // The copy is bounded by the publish timeout on its own, so the original is
+                // always settled one way or the other afterwards.
+                let shared = &self.context.shared;
+                let copied = match shared
+                    .start_publish("", queue, &self.message, Some(self.attempt))
+                    .await
+                {
+                    Ok(confirm) => shared.confirmed(queue, confirm).await,
+                    Err(err) => Err(err),
+                };
+                match copied {
+                    Ok(()) => AckAction::Ack,
+                    Err(err) => {
+                        tracing::warn!(queue, error = %err, "requeue copy failed; requeueing natively");
+                        AckAction::Requeue
                     }
                 }
             }
         };
-        within(limit, format!("settling a delivery from {queue}"), settle)
-            .await?
-            .map(|_| ())
-            .map_err(|e| from_lapin(e, format!("settling a delivery from {queue}")))
+        settle_delivery(&self.context, &self.acker, action).await
     }
+}
+
+/// What to tell the broker about one delivery.
+#[derive(Debug, Clone, Copy)]
+enum AckAction {
+    Ack,
+    Reject,
+    /// Back to the queue natively (the redelivered flag is set).
+    Requeue,
+}
+
+/// Settle one delivery on its channel. A settlement lapin refuses because the channel is
+/// closed (the broker then returns the delivery to its queue) is an error, never `Ok`; one
+/// on a channel whose connection just died may never be answered, so it is bounded by the
+/// publish timeout.
+async fn settle_delivery(
+    context: &ConsumerContext,
+    acker: &lapin::Acker,
+    action: AckAction,
+) -> Result<()> {
+    let queue = &context.queue;
+    let doing = format!("settling ({action:?}) a delivery from {queue}");
+    let settle = async {
+        match action {
+            AckAction::Ack => acker.ack(BasicAckOptions::default()).await,
+            AckAction::Reject => acker.reject(BasicRejectOptions { requeue: false }).await,
+            AckAction::Requeue => {
+                acker
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await
+            }
+        }
+    };
+    let done = within(context.shared.config().publish_timeout, &doing, settle)
+        .await?
+        .map_err(|e| from_lapin(e, &doing))?;
+    if done {
+        return Ok(());
+    }
+    let supervisor = &context.shared.supervisor;
+    if supervisor.is_closed() {
+        return Err(Error::closed("the rabbitmq broker"));
+    }
+    Err(Error::new(
+        ErrorKind::Connection,
+        format!(
+            "{doing}: its channel is closed, so nothing was settled; the broker returns the message to {queue}"
+        ),
+    )
+    .with_retryable(false))
 }

@@ -23,13 +23,48 @@ use crate::topology::Topology;
 /// A live connection and its publishing channel.
 pub(crate) struct Link {
     pub(crate) connection: Connection,
-    /// In confirm mode when [`RabbitConfig::publisher_confirm`] is set.
-    pub(crate) publisher: Channel,
+    /// In confirm mode when [`RabbitConfig::publisher_confirm`] is set. Replaced on its own
+    /// when the server closes it (a publish to a missing exchange, say): the connection and
+    /// every consumer on it stay as they are.
+    publisher: std::sync::RwLock<Channel>,
+    /// Held while a closed publishing channel is being replaced, so only one replacement is
+    /// opened.
+    reopening: tokio::sync::Mutex<()>,
+    publisher_confirm: bool,
 }
 
 impl Link {
+    /// Whether the connection is up. A closed publishing channel does not make the link
+    /// unusable: [`Link::publisher`] opens a new one.
     pub(crate) fn usable(&self) -> bool {
-        self.connection.status().connected() && self.publisher.status().connected()
+        self.connection.status().connected()
+    }
+
+    fn current_publisher(&self) -> Channel {
+        self.publisher
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The publishing channel, reopened first if the server closed it.
+    pub(crate) async fn publisher(&self) -> Result<Channel> {
+        let channel = self.current_publisher();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        let _reopening = self.reopening.lock().await;
+        let channel = self.current_publisher();
+        if channel.status().connected() {
+            return Ok(channel);
+        }
+        tracing::info!("publishing channel closed by the server; opening a new one");
+        let channel = open_publisher(&self.connection, self.publisher_confirm).await?;
+        *self
+            .publisher
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = channel.clone();
+        Ok(channel)
     }
 
     /// Connect, open the publishing channel and declare the backend's own topology and then
@@ -60,25 +95,33 @@ impl Link {
         )
         .await?
         .map_err(|e| from_lapin(e, format!("connecting to {address}")))?;
-        let publisher = connection
-            .create_channel()
-            .await
-            .map_err(|e| from_lapin(e, "opening the publishing channel"))?;
-        if config.publisher_confirm {
-            publisher
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map_err(|e| from_lapin(e, "enabling publisher confirms"))?;
-        }
+        let publisher = open_publisher(&connection, config.publisher_confirm).await?;
         config.base_topology().declare_on(&connection).await?;
         for topology in declared {
             topology.declare_on(&connection).await?;
         }
         Ok(Link {
             connection,
-            publisher,
+            publisher: std::sync::RwLock::new(publisher),
+            reopening: tokio::sync::Mutex::new(()),
+            publisher_confirm: config.publisher_confirm,
         })
     }
+}
+
+/// A publishing channel on `connection`, in confirm mode if `confirm`.
+async fn open_publisher(connection: &Connection, confirm: bool) -> Result<Channel> {
+    let publisher = connection
+        .create_channel()
+        .await
+        .map_err(|e| from_lapin(e, "opening the publishing channel"))?;
+    if confirm {
+        publisher
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| from_lapin(e, "enabling publisher confirms"))?;
+    }
+    Ok(publisher)
 }
 
 /// The current link and the machinery that replaces it.

@@ -1,8 +1,14 @@
 //! Mapping between [`Message`] and AMQP properties.
 //!
-//! Message id, correlation id, content type, priority, TTL (`expiration`) and timestamp map to
-//! their AMQP properties; headers to the header table; the key, the nanosecond timestamp and
+//! Message id, correlation id, content type, priority and timestamp map to their AMQP
+//! properties; headers to the header table; the key, the nanosecond timestamp, the TTL and
 //! the attempt count travel in reserved `x-helix-` headers.
+//!
+//! The TTL is not the AMQP `expiration`: RabbitMQ dead-letters expired messages through the
+//! queue's dead-letter exchange, where they would crowd real rejects out of the bounded
+//! dead-letter queue, and it hands a zero-TTL message to a waiting consumer. Like every other
+//! backend, the adapter drops a message whose TTL has passed when it is read (a plain
+//! client's `expiration` is honoured the same way, on top of RabbitMQ's own).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -13,6 +19,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString};
 const KEY: &str = "x-helix-key";
 const TIMESTAMP_NS: &str = "x-helix-timestamp-ns";
 const ATTEMPTS: &str = "x-helix-attempt";
+const TTL_MS: &str = "x-helix-ttl-ms";
 /// Marks a fence in the replay journal: the end of one read (see `journal`).
 pub(crate) const FENCE: &str = "x-helix-fence";
 /// Where a stream delivery sits in its stream (set by RabbitMQ).
@@ -43,6 +50,12 @@ pub(crate) fn properties(message: &Message, attempts_so_far: Option<u32>) -> Bas
     if let Some(attempts) = attempts_so_far {
         headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempts));
     }
+    if let Some(ttl) = message.ttl() {
+        headers.insert(
+            TTL_MS.into(),
+            AMQPValue::LongLongInt(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+        );
+    }
     let mut props = BasicProperties::default()
         .with_message_id(message.id().into())
         .with_delivery_mode(PERSISTENT)
@@ -55,10 +68,41 @@ pub(crate) fn properties(message: &Message, attempts_so_far: Option<u32>) -> Bas
     if let Some(corr) = message.correlation_id() {
         props = props.with_correlation_id(corr.into());
     }
-    if let Some(ttl) = message.ttl() {
-        props = props.with_expiration(ttl.as_millis().to_string().into());
-    }
     props
+}
+
+/// `props` with the attempt count set to `attempts_so_far` (for a copy of a received message).
+pub(crate) fn with_attempts(props: &BasicProperties, attempts_so_far: u32) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempts_so_far));
+    props.clone().with_headers(headers)
+}
+
+/// Attempts made before the copy that carries them was published.
+pub(crate) fn attempts_in_header(props: &BasicProperties) -> u32 {
+    match header(props, ATTEMPTS) {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        _ => 0,
+    }
+}
+
+/// A native redelivery that the queue does not count (classic queues keep only the flag).
+pub(crate) fn uncounted_redelivery(delivery: &lapin::message::Delivery) -> bool {
+    delivery.redelivered && header(&delivery.properties, DELIVERY_COUNT).is_none()
+}
+
+/// The message's TTL: ours, else a plain client's AMQP `expiration`.
+fn ttl(props: &BasicProperties) -> Option<Duration> {
+    header(props, TTL_MS)
+        .and_then(integer)
+        .map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+        .or_else(|| {
+            props
+                .expiration()
+                .as_ref()
+                .and_then(|e| e.as_str().parse::<u64>().ok())
+                .map(Duration::from_millis)
+        })
 }
 
 fn long_string(bytes: &[u8]) -> AMQPValue {
@@ -89,11 +133,7 @@ pub(crate) fn timestamp(props: &BasicProperties) -> SystemTime {
 
 /// Whether a message with `props` has outlived its TTL by `now`.
 pub(crate) fn expired(props: &BasicProperties, now: SystemTime) -> bool {
-    props
-        .expiration()
-        .as_ref()
-        .and_then(|e| e.as_str().parse::<u64>().ok())
-        .is_some_and(|ttl| timestamp(props) + Duration::from_millis(ttl) <= now)
+    ttl(props).is_some_and(|ttl| timestamp(props) + ttl <= now)
 }
 
 /// The stream offset RabbitMQ reports on a delivery from a stream.
@@ -149,18 +189,13 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
     if let Some(corr) = props.correlation_id() {
         message = message.with_correlation_id(corr.as_str());
     }
-    if let Some(ttl) = props
-        .expiration()
-        .as_ref()
-        .and_then(|e| e.as_str().parse::<u64>().ok())
-    {
-        message = message.with_ttl(Duration::from_millis(ttl));
+    if let Some(ttl) = ttl(props) {
+        message = message.with_ttl(ttl);
     }
-    let earlier = match header(ATTEMPTS) {
-        Some(AMQPValue::LongUInt(n)) => *n,
-        _ => 0,
-    };
-    // A native redelivery (closed channel) adds one delivery the header cannot know about.
+    let earlier = attempts_in_header(props);
+    // A native redelivery (closed channel) adds one delivery the header cannot know about;
+    // the consumer re-counts those before they get here (see `uncounted_redelivery`), so this
+    // is only the estimate used when that copy could not be made.
     let mut attempt = earlier + 1 + u32::from(delivery.redelivered);
     // Quorum queues count deliveries themselves: exact where the flag is only a hint.
     if let Some(count) = header(DELIVERY_COUNT).and_then(integer) {

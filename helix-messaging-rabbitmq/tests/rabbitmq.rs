@@ -118,3 +118,133 @@ async fn without_priority_queues_the_backend_does_not_claim_priority() {
     common::recv(&mut sub).await.ack().await.unwrap();
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_subscription_keeps_its_queue_and_messages_across_a_reconnect() {
+    let vhost = common::Vhost::new("helix-private");
+    let subscriber = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("private");
+    let mut sub = subscriber
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .unwrap();
+    subscriber
+        .publish(&topic, Message::new("before"))
+        .await
+        .unwrap();
+    common::recv(&mut sub).await.ack().await.unwrap();
+
+    common::rabbitmqctl(&[
+        "close_all_connections",
+        "-p",
+        &vhost.0,
+        "private queue test",
+    ]);
+    // The subscriber re-creates its consumer only when its stream is next polled: until then
+    // nothing of it is on the broker but its queue. A publisher connected after the kill finds
+    // that queue (an exclusive one would have gone with the connection: unroutable).
+    let publisher = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let meanwhile = Message::new("published while the subscriber was disconnected");
+    publisher
+        .publish(&topic, meanwhile.clone())
+        .await
+        .expect("the private queue outlives its connection");
+    let d = common::recv(&mut sub).await;
+    assert_eq!(d.message().id(), meanwhile.id());
+    d.ack().await.unwrap();
+
+    // Dropping the subscription deletes the queue: the topic is unroutable again.
+    drop(sub);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match publisher.publish(&topic, Message::new("after")).await {
+            Err(err) if err.kind() == ErrorKind::Rejected => break,
+            _ if tokio::time::Instant::now() > deadline => {
+                panic!("the private queue was not deleted with its subscription")
+            }
+            _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+        }
+    }
+    publisher.close().await.unwrap();
+    subscriber.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_publishing_channel_leaves_consumers_alone() {
+    let broker = RabbitBroker::connect(common::config()).await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("publisher-channel");
+    let mut sub = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::group(helix_messaging_testkit::fresh_name("g")),
+        )
+        .await
+        .unwrap();
+    broker.publish(&topic, Message::new("held")).await.unwrap();
+    let held = common::recv(&mut sub).await;
+
+    // The server closes the publishing channel for a publish to a missing exchange.
+    let err = broker
+        .publish_to("hm-test.no-such-exchange", "x", Message::new("lost"))
+        .await
+        .expect_err("publish to a missing exchange");
+    assert_ne!(err.kind(), ErrorKind::Closed, "{err}");
+
+    // The next publish opens a new channel; the consumer's channel was never touched, so the
+    // held delivery can still be acked and does not come back.
+    let next = Message::new("after");
+    broker.publish(&topic, next.clone()).await.unwrap();
+    held.ack()
+        .await
+        .expect("the consumer's channel is still open");
+    let d = common::recv(&mut sub).await;
+    assert_eq!(d.message().id(), next.id());
+    assert_eq!(d.attempt(), 1);
+    d.ack().await.unwrap();
+    let quiet = tokio::time::timeout(std::time::Duration::from_millis(500), sub.next()).await;
+    assert!(quiet.is_err(), "nothing is redelivered");
+    broker.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_on_a_killed_connection_is_an_error() {
+    let vhost = common::Vhost::new("helix-dead-channel");
+    let broker = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("dead-channel");
+    let group = helix_messaging_testkit::fresh_name("g");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let m = Message::new("settled on a dead channel");
+    broker.publish(&topic, m.clone()).await.unwrap();
+    let held = common::recv(&mut sub).await;
+    let probe = helix_messaging_testkit::fresh_name("probe");
+    let _probe_group = broker
+        .subscribe(&probe, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    common::rabbitmqctl(&["close_all_connections", "-p", &vhost.0, "dead channel test"]);
+    // Once a publish goes through again, the broker is on a new connection and the held
+    // delivery's channel is known to be dead. (An ack is fire-and-forget in AMQP: while the
+    // client has not yet learnt of the close, nobody can tell it failed.)
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while broker.publish(&probe, Message::new("probe")).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconnect within 15 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let err = held
+        .ack()
+        .await
+        .expect_err("an ack on a killed connection must not be Ok");
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+    // The broker gives the message back: it comes again, counted.
+    let again = common::recv(&mut sub).await;
+    assert_eq!(again.message().id(), m.id());
+    assert_eq!(again.attempt(), 2);
+    again.ack().await.unwrap();
+    broker.close().await.unwrap();
+}
