@@ -79,9 +79,10 @@ pub struct KafkaConfig {
     pub properties: BTreeMap<String, String>,
     /// Partitions of topics created on first use. Default 3.
     pub default_partitions: i32,
-    /// Replication factor of topics created on first use. Default 1 (a single broker);
-    /// production clusters want 3, as in the seeds.
-    pub replication_factor: i32,
+    /// Replication factor of topics the adapter creates (`KAFKA_REPLICATION_FACTOR`). `None`
+    /// (default) leaves it to the brokers' `default.replication.factor`, so a production
+    /// cluster's own durability setting applies (the seeds' clusters use 3).
+    pub replication_factor: Option<i32>,
     /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
     /// Longest wait for a publish's delivery report (`message.timeout.ms`; the producer retries
@@ -122,7 +123,7 @@ impl KafkaConfig {
             ssl_ca_location: None,
             properties: BTreeMap::new(),
             default_partitions: 3,
-            replication_factor: 1,
+            replication_factor: None,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             publish_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
@@ -146,7 +147,7 @@ impl KafkaConfig {
     /// `KAFKA_CONSUMER_GROUP` (the seeds'), plus `KAFKA_CLIENT_ID`, `KAFKA_BATCH_SIZE`,
     /// `KAFKA_LINGER_MS`, `KAFKA_COMPRESSION`, `KAFKA_SECURITY_PROTOCOL`,
     /// `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD`,
-    /// `KAFKA_SSL_CA_LOCATION`.
+    /// `KAFKA_SSL_CA_LOCATION`, `KAFKA_REPLICATION_FACTOR`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
@@ -218,6 +219,19 @@ impl KafkaConfig {
         config.sasl_username = var("KAFKA_SASL_USERNAME");
         config.sasl_password = var("KAFKA_SASL_PASSWORD");
         config.ssl_ca_location = var("KAFKA_SSL_CA_LOCATION");
+        if let Some(factor) = var("KAFKA_REPLICATION_FACTOR") {
+            config.replication_factor = match factor.as_str() {
+                "default" => None,
+                n => Some(n.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Error::config(
+                        "KAFKA_REPLICATION_FACTOR",
+                        format!(
+                            "expected a whole number above 0, or `default` for the brokers' own, got {factor:?}"
+                        ),
+                    )
+                })?),
+            };
+        }
         Ok(config)
     }
 
@@ -338,6 +352,43 @@ fn millis(d: Duration) -> String {
     d.as_millis().to_string()
 }
 
+impl KafkaConfig {
+    /// Every value of this configuration that must never be shown: the SASL password and
+    /// the values of secret-like properties.
+    fn secret_values(&self) -> impl Iterator<Item = &str> {
+        self.sasl_password
+            .as_deref()
+            .into_iter()
+            .chain(
+                self.properties
+                    .iter()
+                    .filter(|(k, _)| secret(k))
+                    .map(|(_, v)| v.as_str()),
+            )
+            .filter(|v| !v.is_empty())
+    }
+
+    /// An error librdkafka reported while a client was created from this configuration.
+    /// librdkafka echoes the offending property's value (`... sasl.oauthbearer.client.secret
+    /// <value>`), so the text is rebuilt with every secret value redacted, and the original
+    /// error is not kept as the source (its text is the unredacted one).
+    pub(crate) fn client_error(&self, err: rdkafka::error::KafkaError, doing: &str) -> Error {
+        let mut text = match &err {
+            rdkafka::error::KafkaError::ClientConfig(_, description, key, _value) => {
+                format!("invalid Kafka client property {key}: {description}")
+            }
+            other => other.to_string(),
+        };
+        for value in self.secret_values() {
+            text = text.replace(value, "<redacted>");
+        }
+        Error::new(
+            helix_messaging_core::ErrorKind::Config,
+            format!("{doing}: {text}"),
+        )
+    }
+}
+
 /// Whether a property's value must not be shown.
 fn secret(key: &str) -> bool {
     let key = key.to_ascii_lowercase();
@@ -454,10 +505,24 @@ mod tests {
                 vec![("KAFKA_SECURITY_PROTOCOL", "tls")],
                 "KAFKA_SECURITY_PROTOCOL",
             ),
+            (
+                vec![("KAFKA_REPLICATION_FACTOR", "0")],
+                "KAFKA_REPLICATION_FACTOR",
+            ),
         ] {
             let err = KafkaConfig::from_vars(vars(&pairs)).expect_err(variable);
             assert_eq!(err.kind(), ErrorKind::Config);
             assert!(err.to_string().contains(variable), "{err}");
         }
+    }
+
+    #[test]
+    fn replication_factor_defaults_to_the_brokers_own() {
+        assert_eq!(KafkaConfig::new("k:9092").replication_factor, None);
+        let three = KafkaConfig::from_vars(vars(&[("KAFKA_REPLICATION_FACTOR", "3")])).unwrap();
+        assert_eq!(three.replication_factor, Some(3));
+        let default =
+            KafkaConfig::from_vars(vars(&[("KAFKA_REPLICATION_FACTOR", "default")])).unwrap();
+        assert_eq!(default.replication_factor, None);
     }
 }

@@ -9,8 +9,17 @@
 //! On revoke, a partition's trackers are dropped: buffered deliveries of it are discarded and a
 //! later settlement of one already handed out fails with [`ErrorKind::NotFound`] (its new owner
 //! gets it again from the committed offset).
+//!
+//! Requeue never writes to the topic (every other group would receive the message again):
+//! the record stays unsettled, so no commit passes it, and the reader hands it out again at
+//! the head of its buffer with `attempt + 1`. A delivery dropped unsettled is handed out again
+//! the same way, so it cannot hold its partition's commits back for good.
+//!
+//! Attempts survive a change of owner: every commit carries, in the offset's metadata, the
+//! attempt each unsettled record had reached when the application received it
+//! ([`attempts_metadata`]), and the next owner of the partition continues from there.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -45,16 +54,32 @@ struct Tracker {
     next: Option<i64>,
     /// The offset last stored for commit.
     stored: i64,
+    /// The attempt each unsettled record had reached when the application received it.
+    delivered: BTreeMap<i64, u32>,
+    /// Attempts made by earlier owners, read from the committed offset's metadata.
+    prior: HashMap<i64, u32>,
+    /// A start by time on a broker without a timestamp index: records below the offset that
+    /// was the end of the partition when the group started, and stamped before the time, are
+    /// history the group must skip. Live records are never filtered.
+    history_filter: Option<(i64, SystemTime)>,
 }
 
 impl Tracker {
-    fn new(generation: u64, start: Option<i64>) -> Self {
+    fn new(generation: u64, start: Option<i64>, metadata: Option<&str>) -> Self {
         Tracker {
             generation,
             pending: BTreeSet::new(),
             next: start,
             stored: start.unwrap_or(i64::MIN),
+            delivered: BTreeMap::new(),
+            prior: metadata.map(parse_attempts_metadata).unwrap_or_default(),
+            history_filter: None,
         }
+    }
+
+    /// The metadata committed with the commit point: the attempts of records still out.
+    fn metadata(&self) -> String {
+        attempts_metadata(&self.delivered)
     }
 
     /// Everything below this offset is settled; `None` while it is not known.
@@ -73,9 +98,6 @@ pub(crate) struct GroupState {
     generation: AtomicU64,
     /// Counts assignments, so `subscribe` can wait for the first.
     assignments: watch::Sender<u64>,
-    /// Messages recorded before this are skipped: a start time the broker could not look up
-    /// by itself.
-    not_before: Mutex<Option<SystemTime>>,
 }
 
 impl GroupState {
@@ -88,7 +110,6 @@ impl GroupState {
             partitions: Mutex::default(),
             generation: AtomicU64::new(0),
             assignments: watch::Sender::new(0),
-            not_before: Mutex::default(),
         })
     }
 
@@ -98,8 +119,13 @@ impl GroupState {
         let _ = changes.wait_for(|n| *n > 0).await;
     }
 
-    /// Where a partition without a committed offset starts.
-    fn start_offset<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, partition: i32) -> i64 {
+    /// Where a partition without a committed offset starts, and for a start by time the
+    /// history filter (see [`Tracker::history_filter`]).
+    fn start_offset<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partition: i32,
+    ) -> (i64, Option<(i64, SystemTime)>) {
         let watermarks = consumer.fetch_watermarks(&self.topic, partition, self.timeout);
         let (low, high) = match watermarks {
             Ok(marks) => marks,
@@ -109,10 +135,9 @@ impl GroupState {
             }
         };
         match self.start {
-            StartPosition::Latest => high,
-            StartPosition::Earliest => low,
+            StartPosition::Latest => (high, None),
+            StartPosition::Earliest => (low, None),
             StartPosition::Time(since) => {
-                *self.not_before.lock() = Some(since);
                 let mut query = TopicPartitionList::new();
                 let _ = query.add_partition_offset(
                     &self.topic,
@@ -120,7 +145,9 @@ impl GroupState {
                     Offset::Offset(history::lookup_millis(since, self.clock_skew)),
                 );
                 let found = consumer.offsets_for_times(query, self.timeout).ok();
-                history::offset_for_time(found.as_ref(), &self.topic, partition, (low, high))
+                let start =
+                    history::offset_for_time(found.as_ref(), &self.topic, partition, (low, high));
+                (start, Some((high, since)))
             }
         }
     }
@@ -144,22 +171,22 @@ impl GroupState {
             let known = committed
                 .as_ref()
                 .and_then(|c| c.find_partition(&self.topic, partition))
-                .map(|e| e.offset());
-            let start = match (&committed, known) {
-                (_, Some(Offset::Offset(o))) => Some(o),
+                .map(|e| (e.offset(), e.metadata().to_owned()));
+            let (start, metadata, filter) = match (&committed, known) {
+                (_, Some((Offset::Offset(o), metadata))) => (Some(o), Some(metadata), None),
                 // The lookup failed: librdkafka's own resolution (committed, else
                 // `auto.offset.reset`) is the safe choice.
-                (None, _) => None,
+                (None, _) => (None, None, None),
                 (Some(_), _) => {
-                    let start = self.start_offset(consumer, partition);
+                    let (start, filter) = self.start_offset(consumer, partition);
                     let _ =
                         fresh.add_partition_offset(&self.topic, partition, Offset::Offset(start));
-                    Some(start)
+                    (Some(start), None, filter)
                 }
             };
             let offset = start.map_or(Offset::Stored, Offset::Offset);
             let _ = positions.add_partition_offset(&self.topic, partition, offset);
-            trackers.push((partition, start));
+            trackers.push((partition, start, metadata, filter));
         }
         // A new group's position is committed at once, so what is published while it has no
         // member waits for the next one.
@@ -170,8 +197,10 @@ impl GroupState {
         }
         tracing::debug!(topic = %self.topic, generation, ?trackers, "partitions assigned");
         let mut partitions = self.partitions.lock();
-        for (partition, start) in trackers {
-            partitions.insert(partition, Tracker::new(generation, start));
+        for (partition, start, metadata, filter) in trackers {
+            let mut tracker = Tracker::new(generation, start, metadata.as_deref());
+            tracker.history_filter = filter;
+            partitions.insert(partition, tracker);
         }
         positions
     }
@@ -185,15 +214,18 @@ impl GroupState {
         {
             let mut partitions = self.partitions.lock();
             for element in revoked.elements_for_topic(&self.topic) {
-                let point = partitions
-                    .remove(&element.partition())
-                    .and_then(|t| t.commit_point());
+                let Some(tracker) = partitions.remove(&element.partition()) else {
+                    continue;
+                };
+                let point = tracker.commit_point();
                 tracing::debug!(topic = %self.topic, partition = element.partition(), ?point, "partition revoked");
                 if let Some(point) = point {
-                    let _ = store.add_partition_offset(
+                    add_commit(
+                        &mut store,
                         &self.topic,
                         element.partition(),
-                        Offset::Offset(point),
+                        point,
+                        &tracker.metadata(),
                     );
                 }
             }
@@ -205,14 +237,42 @@ impl GroupState {
         }
     }
 
-    /// Record that `offset` of `partition` was received; `None` if the partition is no longer
-    /// assigned here.
-    fn register(&self, partition: i32, offset: i64) -> Option<u64> {
+    /// Record that `offset` of `partition` was received, stamped `timestamp`, with
+    /// `attempts_in_header` earlier attempts written into the record itself. Returns the
+    /// assignment's generation and the record's attempt number, or `None` if the partition
+    /// is no longer assigned here; `Skip` if the record is history a start by time excludes.
+    fn register(
+        &self,
+        partition: i32,
+        offset: i64,
+        timestamp: SystemTime,
+        attempts_in_header: u32,
+    ) -> Option<Registered> {
         let mut partitions = self.partitions.lock();
         let tracker = partitions.get_mut(&partition)?;
         tracker.pending.insert(offset);
         tracker.next = Some(tracker.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        Some(tracker.generation)
+        let before_start = tracker
+            .history_filter
+            .is_some_and(|(end, since)| offset < end && timestamp < since);
+        if before_start {
+            return Some(Registered::Skip(tracker.generation));
+        }
+        let earlier = tracker.prior.remove(&offset).unwrap_or(0);
+        Some(Registered::Deliver {
+            generation: tracker.generation,
+            attempt: attempts_in_header.max(earlier) + 1,
+        })
+    }
+
+    /// The application received `offset` of `partition` at `attempt`: the number a later
+    /// owner continues from if it is not settled here.
+    pub(crate) fn received(&self, partition: i32, offset: i64, attempt: u32) {
+        if let Some(tracker) = self.partitions.lock().get_mut(&partition)
+            && tracker.pending.contains(&offset)
+        {
+            tracker.delivered.insert(offset, attempt);
+        }
     }
 
     /// Whether deliveries of `partition` from assignment `generation` may still be handed out.
@@ -246,18 +306,20 @@ impl GroupState {
                     )
                 })?;
             tracker.pending.remove(&offset);
+            tracker.delivered.remove(&offset);
             tracker
                 .commit_point()
                 .filter(|p| *p > tracker.stored)
                 .inspect(|p| {
                     tracker.stored = *p;
                 })
+                .map(|p| (p, tracker.metadata()))
         };
-        if let Some(point) = store {
+        if let Some((point, metadata)) = store {
             // `store_offsets` stores exactly `point`; librdkafka's single-offset store would
             // store `point + 1` and skip a message.
             let mut tpl = TopicPartitionList::new();
-            let _ = tpl.add_partition_offset(&self.topic, partition, Offset::Offset(point));
+            add_commit(&mut tpl, &self.topic, partition, point, &metadata);
             consumer.store_offsets(&tpl).map_err(|e| {
                 from_kafka(
                     e,
@@ -267,10 +329,65 @@ impl GroupState {
         }
         Ok(())
     }
+}
 
-    fn not_before(&self) -> Option<SystemTime> {
-        *self.not_before.lock()
+/// What [`GroupState::register`] found out about a received record.
+enum Registered {
+    /// Hand it out with this attempt number.
+    Deliver { generation: u64, attempt: u32 },
+    /// Settle it unseen: history before a start by time.
+    Skip(u64),
+}
+
+/// Prefix of the offset metadata this adapter commits.
+const ATTEMPTS_PREFIX: &str = "helix-attempts:";
+
+/// Kafka brokers keep 4096 bytes of offset metadata by default (`offset.metadata.max.bytes`);
+/// the list stays well below, keeping the lowest offsets (the next owner's first records).
+const ATTEMPTS_METADATA_MAX: usize = 3000;
+
+/// `helix-attempts:<offset>=<attempt>,…` for the records still out.
+pub(crate) fn attempts_metadata(delivered: &BTreeMap<i64, u32>) -> String {
+    let mut out = String::new();
+    if delivered.is_empty() {
+        return out;
     }
+    out.push_str(ATTEMPTS_PREFIX);
+    for (i, (offset, attempt)) in delivered.iter().enumerate() {
+        let entry = format!("{}{offset}={attempt}", if i == 0 { "" } else { "," });
+        if out.len() + entry.len() > ATTEMPTS_METADATA_MAX {
+            break;
+        }
+        out.push_str(&entry);
+    }
+    out
+}
+
+/// The inverse of [`attempts_metadata`]; anything else (another client's metadata) is no
+/// attempts at all.
+pub(crate) fn parse_attempts_metadata(metadata: &str) -> HashMap<i64, u32> {
+    let Some(list) = metadata.strip_prefix(ATTEMPTS_PREFIX) else {
+        return HashMap::new();
+    };
+    list.split(',')
+        .filter_map(|entry| {
+            let (offset, attempt) = entry.split_once('=')?;
+            Some((offset.parse().ok()?, attempt.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Add `point` of `partition` with `metadata` to a list to store or commit.
+fn add_commit(
+    tpl: &mut TopicPartitionList,
+    topic: &str,
+    partition: i32,
+    point: i64,
+    metadata: &str,
+) {
+    let mut element = tpl.add_partition(topic, partition);
+    let _ = element.set_offset(Offset::Offset(point));
+    element.set_metadata(metadata);
 }
 
 /// The rebalance callback of a subscription's consumer.
@@ -308,8 +425,8 @@ impl ConsumerContext for GroupContext {
 }
 
 /// A received record waiting to be handed out.
-struct Buffered {
-    message: Message,
+pub(crate) struct Buffered {
+    message: Arc<Message>,
     attempt: u32,
     partition: i32,
     offset: i64,
@@ -322,6 +439,9 @@ pub(crate) struct Reader {
     pub(crate) state: Arc<GroupState>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) deliveries: mpsc::UnboundedSender<Result<Delivery>>,
+    /// Requeued and dropped deliveries, to hand out again.
+    pub(crate) again: mpsc::UnboundedSender<Buffered>,
+    pub(crate) again_rx: mpsc::UnboundedReceiver<Buffered>,
     pub(crate) prefetch: usize,
     pub(crate) topic: Arc<str>,
     pub(crate) group: Option<Arc<str>>,
@@ -331,14 +451,16 @@ impl Reader {
     /// Poll the consumer (which also runs its rebalances), buffer what arrives, hand it out
     /// while fewer than `prefetch` deliveries are unsettled, and pause fetching while the
     /// buffer is full. Ends when the subscription is dropped or the broker closed.
-    pub(crate) async fn run(self) {
+    pub(crate) async fn run(mut self) {
         let permits = Arc::new(Semaphore::new(self.prefetch));
         let mut buffer: VecDeque<Buffered> = VecDeque::new();
         let mut paused = false;
         let mut closed = self.shared.closed.subscribe();
         let mut assignments = self.state.assignments.subscribe();
         loop {
-            if paused && buffer.len() < self.prefetch / 2 {
+            // Fetching resumes once the buffer is half empty; with a prefetch of 1, once it is
+            // empty.
+            if paused && buffer.len() * 2 < self.prefetch.max(2) {
                 paused = !self.set_paused(false);
             }
             tokio::select! {
@@ -352,6 +474,11 @@ impl Reader {
                     paused = buffer.len() >= self.prefetch && self.set_paused(true);
                     if !paused {
                         self.set_paused(false);
+                    }
+                }
+                Some(item) = self.again_rx.recv() => {
+                    if self.state.holds(item.partition, item.generation) {
+                        buffer.push_front(item);
                     }
                 }
                 permit = permits.clone().acquire_owned(), if !buffer.is_empty() => {
@@ -368,23 +495,29 @@ impl Reader {
                 received = self.consumer.recv() => match received {
                     Ok(record) => {
                         let (partition, offset) = (record.partition(), record.offset());
-                        let Some(generation) = self.state.register(partition, offset) else {
-                            continue;
-                        };
                         let received = wire::received(&record);
                         drop(record);
-                        let now = SystemTime::now();
-                        let too_old = self
-                            .state
-                            .not_before()
-                            .is_some_and(|t| received.message.timestamp() < t);
-                        if too_old || wire::expired(&received.message, now) {
+                        let registered = self.state.register(
+                            partition,
+                            offset,
+                            received.message.timestamp(),
+                            received.attempts_in_header,
+                        );
+                        let (generation, attempt) = match registered {
+                            None => continue,
+                            Some(Registered::Skip(generation)) => {
+                                let _ = self.state.settle(&self.consumer, partition, offset, generation);
+                                continue;
+                            }
+                            Some(Registered::Deliver { generation, attempt }) => (generation, attempt),
+                        };
+                        if wire::expired(&received.message, SystemTime::now()) {
                             let _ = self.state.settle(&self.consumer, partition, offset, generation);
                             continue;
                         }
                         buffer.push_back(Buffered {
-                            message: received.message,
-                            attempt: received.attempt,
+                            message: Arc::new(received.message),
+                            attempt,
                             partition,
                             offset,
                             generation,
@@ -438,8 +571,13 @@ impl Reader {
             let mut store = TopicPartitionList::new();
             for (partition, tracker) in state.partitions.lock().iter() {
                 if let Some(point) = tracker.commit_point() {
-                    let _ =
-                        store.add_partition_offset(&state.topic, *partition, Offset::Offset(point));
+                    add_commit(
+                        &mut store,
+                        &state.topic,
+                        *partition,
+                        point,
+                        &tracker.metadata(),
+                    );
                 }
             }
             if store.count() > 0 {
@@ -454,7 +592,7 @@ impl Reader {
     }
 
     fn delivery(&self, item: Buffered, permit: OwnedSemaphorePermit) -> Delivery {
-        let message = Arc::new(item.message);
+        let message = item.message;
         Delivery::new(
             message.clone(),
             DeliveryInfo {
@@ -470,13 +608,14 @@ impl Reader {
             Box::new(KafkaAcker {
                 consumer: Arc::downgrade(&self.consumer),
                 state: self.state.clone(),
-                shared: self.shared.clone(),
+                again: self.again.clone(),
                 topic: self.topic.clone(),
                 message,
                 attempt: item.attempt,
                 partition: item.partition,
                 offset: item.offset,
                 generation: item.generation,
+                settled: false,
                 _permit: permit,
             }),
         )
@@ -488,29 +627,49 @@ struct KafkaAcker {
     /// Weak: a subscription that has ended must be able to leave its group.
     consumer: Weak<GroupConsumer>,
     state: Arc<GroupState>,
-    shared: Arc<Shared>,
+    again: mpsc::UnboundedSender<Buffered>,
     topic: Arc<str>,
     message: Arc<Message>,
     attempt: u32,
     partition: i32,
     offset: i64,
     generation: u64,
+    /// Set once `settle` was called: dropping an unsettled acker hands the record out again.
+    settled: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+impl KafkaAcker {
+    /// Hand the record out again with the next attempt; `false` if the partition is no longer
+    /// assigned here or the subscription has ended (its next owner reads it again from the
+    /// committed offset, which has not passed it).
+    fn hand_out_again(&self) -> bool {
+        self.state.holds(self.partition, self.generation)
+            && self
+                .again
+                .send(Buffered {
+                    message: self.message.clone(),
+                    attempt: self.attempt + 1,
+                    partition: self.partition,
+                    offset: self.offset,
+                    generation: self.generation,
+                })
+                .is_ok()
+    }
+}
+
+impl Drop for KafkaAcker {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.hand_out_again();
+        }
+    }
 }
 
 #[async_trait]
 impl Acknowledge for KafkaAcker {
-    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
-        if outcome == Settlement::Requeue {
-            // Kafka cannot hand one record out again without rewinding the whole partition,
-            // so a requeue publishes a copy (same key, same partition, at its end) carrying
-            // the attempts so far, and settles the original once the copy is stored. If the
-            // copy fails, the original stays unsettled and is redelivered from the committed
-            // offset after the next rebalance or restart: never lost.
-            self.shared
-                .publish_one(&self.topic, &self.message, Some(self.attempt))
-                .await?;
-        }
+    async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
+        self.settled = true;
         let consumer = self.consumer.upgrade().ok_or_else(|| {
             Error::new(
                 ErrorKind::NotFound,
@@ -520,6 +679,21 @@ impl Acknowledge for KafkaAcker {
                 ),
             )
         })?;
+        if outcome == Settlement::Requeue {
+            // Rewinding the partition would redeliver everything after the record too, and a
+            // copy on the topic would reach every other group: the record stays unsettled
+            // (no commit passes it) and is handed out again here.
+            if self.hand_out_again() {
+                return Ok(());
+            }
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "partition {} of {} was reassigned; its new owner receives this message again",
+                    self.partition, self.topic
+                ),
+            ));
+        }
         self.state
             .settle(&consumer, self.partition, self.offset, self.generation)
     }

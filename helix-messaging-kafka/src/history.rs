@@ -51,7 +51,7 @@ pub(crate) fn read(
     let consumer: BaseConsumer = config
         .reader()
         .create()
-        .map_err(|e| from_kafka(e, "creating a history reader"))?;
+        .map_err(|e| config.client_error(e, "creating a history reader"))?;
     let timeout = config.request_timeout;
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)

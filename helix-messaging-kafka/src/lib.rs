@@ -11,11 +11,13 @@
 //! - **Consuming**: a subscription is a consumer in its group (a private group when it names
 //!   none). A new group starts where [`SubscribeOptions::start`] says and commits that
 //!   position at once, so what is published while it has no member waits for it. Offsets are
-//!   committed only up to the lowest unsettled offset per partition. `nack(true)` publishes a
-//!   copy with the attempt count to the end of the same partition and settles the original:
-//!   the retry path, since rewinding a partition would redeliver everything after the message
-//!   too. A message whose TTL has passed is skipped when read. On revoke, what is settled is
-//!   committed and the partition's undelivered records are dropped.
+//!   committed only up to the lowest unsettled offset per partition. `nack(true)` leaves the
+//!   record unsettled and hands it out again to the same subscription with `attempt + 1`
+//!   (nothing is written to the topic, so no other group sees it again); a delivery dropped
+//!   unsettled is handed out again the same way. Attempts survive a change of owner in the
+//!   committed offsets' metadata. A message whose TTL has passed is skipped when read. On
+//!   revoke, what is settled is committed and the partition's undelivered records are
+//!   dropped.
 //! - **Replay**: `read_range` reads every partition from the broker's offset for the window's
 //!   start (or the beginning, on brokers without a timestamp index) to the high watermark, and
 //!   filters by record timestamp.
@@ -190,7 +192,7 @@ impl KafkaBroker {
         let producer: FutureProducer = config
             .producer()
             .create()
-            .map_err(|e| from_kafka(e, "creating the Kafka producer"))?;
+            .map_err(|e| config.client_error(e, "creating the Kafka producer"))?;
         let topics = Topics::new(&config)?;
         let broker = KafkaBroker {
             shared: Arc::new(Shared {
@@ -317,11 +319,14 @@ impl Subscriber for KafkaBroker {
             .create_with_context(GroupContext {
                 state: state.clone(),
             })
-            .map_err(|e| from_kafka(e, format!("creating a consumer for group {group_id}")))?;
+            .map_err(|e| {
+                config.client_error(e, &format!("creating a consumer for group {group_id}"))
+            })?;
         consumer
             .subscribe(&[&kafka_topic])
             .map_err(|e| from_kafka(e, format!("subscribing to {kafka_topic}")))?;
         let (deliveries, mut receiver) = mpsc::unbounded_channel();
+        let (again, again_rx) = mpsc::unbounded_channel();
         let prefetch = options.prefetch.max(1);
         let topic: Arc<str> = Arc::from(topic);
         let group: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
@@ -330,6 +335,8 @@ impl Subscriber for KafkaBroker {
             state: state.clone(),
             shared: self.shared.clone(),
             deliveries,
+            again,
+            again_rx,
             prefetch,
             topic: topic.clone(),
             group: group.clone(),
@@ -348,7 +355,18 @@ impl Subscriber for KafkaBroker {
             state.first_assignment(),
         )
         .await?;
-        let stream = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
+        // A delivery counts as an attempt once the application has it: one still queued here
+        // when the subscription is dropped was never seen.
+        let stream = futures::stream::poll_fn(move |cx| {
+            let next = receiver.poll_recv(cx);
+            if let std::task::Poll::Ready(Some(Ok(delivery))) = &next
+                && let Some(helix_messaging_core::Position::Offset { partition, offset }) =
+                    delivery.info().position
+            {
+                state.received(partition, offset, delivery.attempt());
+            }
+            next
+        });
         Ok(Subscription::new(topic, group, Box::pin(stream)))
     }
 }

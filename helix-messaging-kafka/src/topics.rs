@@ -89,7 +89,7 @@ impl Topics {
         let admin = config
             .admin()
             .create()
-            .map_err(|e| from_kafka(e, "creating the Kafka admin client"))?;
+            .map_err(|e| config.client_error(e, "creating the Kafka admin client"))?;
         Ok(Topics {
             admin: Arc::new(admin),
             known: Mutex::default(),
@@ -142,7 +142,8 @@ impl Topics {
                 let mut topic = NewTopic::new(
                     &t.name,
                     t.partitions,
-                    TopicReplication::Fixed(config.replication_factor),
+                    // -1: the brokers' `default.replication.factor`.
+                    TopicReplication::Fixed(config.replication_factor.unwrap_or(-1)),
                 )
                 .set("max.message.bytes", &max_bytes);
                 if let Some(ms) = retention {

@@ -72,7 +72,8 @@ pub(crate) fn from_millis(ms: i64) -> SystemTime {
 /// A received record as a message, the attempt it is on, and the record's own timestamp.
 pub(crate) struct Received {
     pub(crate) message: Message,
-    pub(crate) attempt: u32,
+    /// Attempts written into the record by a requeue copy of an earlier version.
+    pub(crate) attempts_in_header: u32,
     /// The record timestamp (the broker's append time on topics configured for it).
     pub(crate) recorded_at: SystemTime,
 }
@@ -141,7 +142,7 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
     }
     Received {
         message,
-        attempt: earlier + 1,
+        attempts_in_header: earlier,
         recorded_at,
     }
 }

@@ -20,6 +20,12 @@ async fn kafka_passes_the_conformance_suite() {
         "priority_order",
         "Kafka partitions keep write order; no priorities",
     )
+    // Attempts of records still out travel in the committed offsets' metadata, which Apache
+    // Kafka keeps and Tansu 0.6 drops (its OffsetFetch answers offsets only).
+    .exclude(
+        "crash_loop_counts_every_attempt",
+        "Tansu 0.6 drops offset-commit metadata; kafka.rs a_crash_loop_counts_every_attempt_across_owners runs it on librdkafka's mock cluster",
+    )
     .run()
     .await
     .assert_passed();

@@ -350,3 +350,143 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
     broker.close().await.unwrap();
     consumer.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_secret_property_never_shows_its_value() {
+    // librdkafka refuses the property and echoes it with its value; the adapter's error must
+    // carry neither that value nor the SASL password, in its text or its source chain.
+    let mut config = common::config().with_sasl_password("PASSWORD-5678");
+    config
+        .properties
+        .insert("hm.test.client.secret".into(), "TOPSECRET-1234".into());
+    let err = KafkaBroker::connect(config)
+        .await
+        .expect_err("librdkafka refuses an unknown property");
+    assert_eq!(err.kind(), helix_messaging_core::ErrorKind::Config);
+    let mut shown = format!("{err} {err:?}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(cause) = source {
+        shown.push_str(&format!(" {cause} {cause:?}"));
+        source = cause.source();
+    }
+    assert!(
+        shown.contains("hm.test.client.secret"),
+        "names the property: {shown}"
+    );
+    assert!(
+        !shown.contains("TOPSECRET-1234"),
+        "leaks the secret: {shown}"
+    );
+    assert!(
+        !shown.contains("PASSWORD-5678"),
+        "leaks the password: {shown}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_loop_counts_every_attempt_across_owners() {
+    // The attempts of a record still out travel in the committed offset's metadata, as
+    // Apache Kafka stores it. Tansu 0.6 drops commit metadata (its OffsetFetch answers
+    // offsets only), so this runs on librdkafka's mock cluster, which keeps it as Kafka does.
+    common::log_to_stderr();
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let broker = KafkaBroker::connect(common::config_for(&cluster.bootstrap_servers()))
+        .await
+        .unwrap();
+    let topic = fresh_name("crash-loop");
+    cluster.create_topic(&topic, 1, 1).unwrap();
+    let group = fresh_name("g");
+    drop(
+        broker
+            .subscribe(&topic, SubscribeOptions::group(&group))
+            .await
+            .unwrap(),
+    );
+    // Behind the poison message, two more in the same record batch: the group resumes inside
+    // it every time.
+    let sent: Vec<Message> = (0..3).map(|i| Message::new(format!("m{i}"))).collect();
+    broker
+        .publish_batch(&topic, sent.clone())
+        .await
+        .into_result()
+        .unwrap();
+    for expected in 1..=5u32 {
+        let mut sub = broker
+            .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(1))
+            .await
+            .unwrap();
+        let d = recv(&mut sub).await;
+        assert_eq!(d.message().id(), sent[0].id());
+        assert_eq!(
+            d.attempt(),
+            expected,
+            "attempt after {} crashes",
+            expected - 1
+        );
+        assert_eq!(d.info().redelivered, expected > 1);
+        if expected == 5 {
+            d.ack().await.unwrap();
+            for m in &sent[1..] {
+                let next = recv(&mut sub).await;
+                assert_eq!(next.message().id(), m.id());
+                assert_eq!(
+                    next.attempt(),
+                    1,
+                    "a record never handed out is on attempt 1"
+                );
+                next.ack().await.unwrap();
+            }
+        }
+        drop(d);
+        drop(sub);
+    }
+    broker.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_dropped_unsettled_comes_back_and_commits_move_on() {
+    // Dropped without a settlement, a delivery would otherwise hold its partition's commit
+    // point for good: it is handed out again, and once settled the group moves past it.
+    common::log_to_stderr();
+    let broker = KafkaBroker::connect(common::config()).await.unwrap();
+    let topic = fresh_name("dropped");
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, 1)])
+        .await
+        .unwrap();
+    let group = fresh_name("g");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let sent: Vec<Message> = (0..2).map(|i| Message::new(format!("m{i}"))).collect();
+    for m in &sent {
+        broker.publish(&topic, m.clone()).await.unwrap();
+    }
+    let first = recv(&mut sub).await;
+    assert_eq!(first.message().id(), sent[0].id());
+    drop(first);
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = recv(&mut sub).await;
+        got.push((d.message().id().to_owned(), d.attempt()));
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    let mut expected = vec![(sent[0].id().to_owned(), 2), (sent[1].id().to_owned(), 1)];
+    expected.sort();
+    assert_eq!(got, expected);
+    drop(sub);
+
+    // Everything is settled and committed: the next member of the group gets nothing.
+    let mut next = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let quiet = tokio::time::timeout(Duration::from_secs(1), next.next()).await;
+    assert!(
+        quiet.is_err(),
+        "the commit point moved past the dropped delivery"
+    );
+    broker.close().await.unwrap();
+}

@@ -228,6 +228,7 @@ pub struct Conformance {
     factory: Factory,
     settings: Settings,
     expected_skips: Vec<(&'static str, &'static str)>,
+    excluded: Vec<(&'static str, &'static str)>,
     parallelism: usize,
     only: Option<String>,
     cleanup: Option<Cleanup>,
@@ -248,6 +249,7 @@ impl Conformance {
             factory: Arc::new(move || factory().boxed()),
             settings: Settings::from_env(),
             expected_skips: Vec::new(),
+            excluded: Vec::new(),
             parallelism: 4,
             only: std::env::var("HELIX_CONFORMANCE_CASE").ok(),
             cleanup: None,
@@ -258,6 +260,17 @@ impl Conformance {
     /// case runs or an undeclared one is skipped.
     #[must_use]
     pub fn expect_skipped(mut self, case: &'static str, why: &'static str) -> Self {
+        self.expected_skips.push((case, why));
+        self
+    }
+
+    /// Do not run `case` against this server although the backend's capabilities allow it,
+    /// because the *server* (not the adapter) cannot do what the case needs — for example a
+    /// test broker that lacks a feature of the real one. It is reported as skipped with `why`,
+    /// never as passed; `why` should name where the case runs instead.
+    #[must_use]
+    pub fn exclude(mut self, case: &'static str, why: &'static str) -> Self {
+        self.excluded.push((case, why));
         self.expected_skips.push((case, why));
         self
     }
@@ -309,19 +322,27 @@ impl Conformance {
         let settings = self.settings;
         let factory = self.factory;
         let cleanup = self.cleanup;
+        let excluded = self.excluded;
         let outcomes = futures::stream::iter(selected)
             .map(|case| {
                 let factory = factory.clone();
                 let settings = settings.clone();
                 let cleanup = cleanup.clone();
+                let exclusion = excluded
+                    .iter()
+                    .find(|(name, _)| *name == case.name)
+                    .map(|(_, why)| *why);
                 async move {
                     let started = Instant::now();
-                    let outcome = match case.unmet_need(&caps) {
-                        Some(need) => Outcome::Skipped(format!(
+                    let outcome = match (exclusion, case.unmet_need(&caps)) {
+                        (Some(why), _) => {
+                            Outcome::Skipped(format!("excluded for this server: {why}"))
+                        }
+                        (None, Some(need)) => Outcome::Skipped(format!(
                             "backend does not declare {}",
                             need.describe()
                         )),
-                        None => run_case(case, factory, settings, cleanup).await,
+                        (None, None) => run_case(case, factory, settings, cleanup).await,
                     };
                     (case.name, outcome, started.elapsed())
                 }
