@@ -22,7 +22,7 @@ use crate::measure::{
 const BATCH: usize = 100;
 const PREFETCH: usize = 500;
 const ACKS_IN_FLIGHT: usize = 64;
-const FIELD: &str = "m";
+const FIELD: &str = "data";
 
 fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())

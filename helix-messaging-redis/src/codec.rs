@@ -1,11 +1,26 @@
-//! The wire form of a message: one MessagePack map carrying the payload and all metadata,
-//! published as the pub/sub payload or stored as the single field `m` of a stream entry.
-//! MessagePack keeps it compact and readable from any language.
+//! The wire forms of a message, readable by plain clients.
 //!
-//! Keys (short, since they travel with every message): `v` format version (1), `id`,
-//! `k` key, `p` payload (binary), `h` headers (map), `t` timestamp in nanoseconds since the
-//! Unix epoch, `ct` content type, `c` correlation id, `pr` priority, `ttl` TTL in ms.
-//! Absent optional keys mean "not set".
+//! **Stream entries** keep the payload as it is in one field ([`StreamsConfig::payload_field`],
+//! `data` by default) and the metadata in fields of their own: `helix.id`, `helix.ts-ns`
+//! (nanoseconds since the Unix epoch), `helix.key`, `helix.content-type`,
+//! `helix.correlation-id`, `helix.priority`, `helix.ttl-ms`. Each header is a field with its
+//! own name (`helix.header.<name>` when the name would clash with the payload field or the
+//! reserved prefix). A plain `XADD s * data <json>` is read back with that payload, its
+//! entry id as the message id, the entry's time as its timestamp and any other fields as
+//! headers; a plain `XRANGE` sees helix's payloads as they are.
+//!
+//! **Entries of the first format** (a single field `m` holding the envelope below) are still
+//! read.
+//!
+//! **The envelope**: one MessagePack map with the payload and all metadata, used by pub/sub
+//! when [`RedisConfig::pubsub_envelope`](crate::RedisConfig::pubsub_envelope) is on (by
+//! default pub/sub publishes the bare payload, which is all a channel can carry). Keys: `v`
+//! format version (1), `id`, `k` key, `p` payload (binary), `h` headers (map), `t` timestamp
+//! in nanoseconds, `ct` content type, `c` correlation id, `pr` priority, `ttl` TTL in ms.
+//! A subscriber recognises an envelope whatever its own setting, and delivers anything else
+//! as a plain message whose payload is the body.
+//!
+//! [`StreamsConfig::payload_field`]: crate::StreamsConfig::payload_field
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,8 +29,19 @@ use bytes::Bytes;
 use helix_messaging_core::{Error, ErrorKind, Headers, Message, Result};
 use serde::{Deserialize, Serialize};
 
-/// Stream entry field holding the encoded message.
-pub(crate) const FIELD: &str = "m";
+/// The single field of first-format stream entries, holding the envelope.
+pub(crate) const LEGACY_FIELD: &str = "m";
+
+/// Prefix of the stream fields that carry helix's metadata.
+pub(crate) const RESERVED_PREFIX: &str = "helix.";
+const F_ID: &str = "helix.id";
+const F_TS_NS: &str = "helix.ts-ns";
+const F_KEY: &str = "helix.key";
+const F_CONTENT_TYPE: &str = "helix.content-type";
+const F_CORRELATION_ID: &str = "helix.correlation-id";
+const F_PRIORITY: &str = "helix.priority";
+const F_TTL_MS: &str = "helix.ttl-ms";
+const F_HEADER: &str = "helix.header.";
 
 const VERSION: u8 = 1;
 
@@ -150,6 +176,155 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Message> {
     Ok(message)
 }
 
+fn nanos(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Append `message` as stream entry fields (field, value, field, value, …) to an `XADD`.
+pub(crate) fn append_stream_fields(cmd: &mut redis::Cmd, message: &Message, payload_field: &str) {
+    cmd.arg(payload_field).arg(message.payload().as_ref());
+    cmd.arg(F_ID).arg(message.id());
+    cmd.arg(F_TS_NS).arg(nanos(message.timestamp()));
+    if let Some(key) = message.key() {
+        cmd.arg(F_KEY).arg(key);
+    }
+    if let Some(ct) = message.content_type() {
+        cmd.arg(F_CONTENT_TYPE).arg(ct);
+    }
+    if let Some(corr) = message.correlation_id() {
+        cmd.arg(F_CORRELATION_ID).arg(corr);
+    }
+    if message.priority() > 0 {
+        cmd.arg(F_PRIORITY).arg(message.priority());
+    }
+    if let Some(ttl) = message.ttl() {
+        cmd.arg(F_TTL_MS)
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+    }
+    for (name, value) in message.headers() {
+        let clashes =
+            name == payload_field || name == LEGACY_FIELD || name.starts_with(RESERVED_PREFIX);
+        if clashes {
+            cmd.arg(format!("{F_HEADER}{name}")).arg(value);
+        } else {
+            cmd.arg(name).arg(value);
+        }
+    }
+}
+
+fn value_bytes(value: &redis::Value) -> Cow<'_, [u8]> {
+    match value {
+        redis::Value::BulkString(bytes) => Cow::Borrowed(bytes),
+        redis::Value::SimpleString(s) => Cow::Borrowed(s.as_bytes()),
+        redis::Value::Int(n) => Cow::Owned(n.to_string().into_bytes()),
+        other => Cow::Owned(format!("{other:?}").into_bytes()),
+    }
+}
+
+fn value_text(value: &redis::Value) -> String {
+    String::from_utf8_lossy(&value_bytes(value)).into_owned()
+}
+
+/// Read a stream entry written in either format, or by a plain client.
+///
+/// # Errors
+/// [`ErrorKind::Serialization`] when the entry has no payload field and no first-format
+/// envelope, or its envelope cannot be decoded.
+pub(crate) fn from_stream_fields<'a>(
+    entry_id: &str,
+    recorded_at: SystemTime,
+    fields: impl IntoIterator<Item = (&'a str, &'a redis::Value)>,
+    payload_field: &str,
+) -> Result<Message> {
+    let mut payload = None;
+    let mut legacy = None;
+    let mut id = None;
+    let mut timestamp = recorded_at;
+    let mut key = None;
+    let mut content_type = None;
+    let mut correlation_id = None;
+    let mut priority = 0;
+    let mut ttl = None;
+    let mut headers = Headers::new();
+    for (field, value) in fields {
+        if field == payload_field {
+            payload = Some(Bytes::copy_from_slice(&value_bytes(value)));
+            continue;
+        }
+        match field {
+            LEGACY_FIELD => legacy = Some(value_bytes(value)),
+            F_ID => id = Some(value_text(value)),
+            F_TS_NS => {
+                if let Ok(ns) = value_text(value).parse::<u64>() {
+                    timestamp = UNIX_EPOCH + Duration::from_nanos(ns);
+                }
+            }
+            F_KEY => key = Some(value_text(value)),
+            F_CONTENT_TYPE => content_type = Some(value_text(value)),
+            F_CORRELATION_ID => correlation_id = Some(value_text(value)),
+            F_PRIORITY => priority = value_text(value).parse().unwrap_or(0),
+            F_TTL_MS => {
+                ttl = value_text(value)
+                    .parse::<u64>()
+                    .ok()
+                    .map(Duration::from_millis)
+            }
+            other => {
+                let name = other.strip_prefix(F_HEADER).unwrap_or(other).to_owned();
+                headers.insert(name, value_text(value));
+            }
+        }
+    }
+    let Some(payload) = payload else {
+        return match legacy {
+            Some(envelope) => decode(&envelope),
+            None => Err(Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "entry has no {payload_field:?} field (the payload) and no helix-messaging envelope"
+                ),
+            )),
+        };
+    };
+    let mut message = Message::restore(
+        id.unwrap_or_else(|| entry_id.to_owned()),
+        payload,
+        timestamp,
+    )
+    .with_headers(headers)
+    .with_priority(priority);
+    if let Some(key) = key {
+        message = message.with_key(key);
+    }
+    if let Some(ct) = content_type {
+        message = message.with_content_type(ct);
+    }
+    if let Some(corr) = correlation_id {
+        message = message.with_correlation_id(corr);
+    }
+    if let Some(ttl) = ttl {
+        message = message.with_ttl(ttl);
+    }
+    Ok(message)
+}
+
+/// A pub/sub body: the envelope when `envelope`, else the bare payload.
+///
+/// # Errors
+/// As [`encode`].
+pub(crate) fn pubsub_body(message: &Message, envelope: bool) -> Result<Bytes> {
+    if envelope {
+        encode(message).map(Bytes::from)
+    } else {
+        Ok(message.payload().clone())
+    }
+}
+
+/// A received pub/sub body: helix's envelope, or a plain message whose payload is the body.
+pub(crate) fn from_pubsub_body(body: &[u8]) -> Message {
+    decode(body).unwrap_or_else(|_| Message::new(Bytes::copy_from_slice(body)))
+}
+
 /// Whether `message`, recorded at `recorded_at`, has outlived its TTL by `now`.
 pub(crate) fn expired(message: &Message, recorded_at: SystemTime, now: SystemTime) -> bool {
     message.ttl().is_some_and(|ttl| recorded_at + ttl <= now)
@@ -170,6 +345,101 @@ mod tests {
             .with_ttl(Duration::from_millis(1500));
         let back = decode(&encode(&m).unwrap()).unwrap();
         assert_eq!(back, m);
+    }
+
+    fn pairs(fields: &[(String, redis::Value)]) -> impl Iterator<Item = (&str, &redis::Value)> {
+        fields.iter().map(|(f, v)| (f.as_str(), v))
+    }
+
+    fn fields_of(message: &Message, payload_field: &str) -> Vec<(String, redis::Value)> {
+        let mut cmd = redis::cmd("XADD");
+        append_stream_fields(&mut cmd, message, payload_field);
+        let args: Vec<Vec<u8>> = cmd
+            .args_iter()
+            .skip(1)
+            .map(|a| match a {
+                redis::Arg::Simple(bytes) => bytes.to_vec(),
+                _ => Vec::new(),
+            })
+            .collect();
+        args.chunks(2)
+            .map(|pair| {
+                (
+                    String::from_utf8(pair[0].clone()).unwrap(),
+                    redis::Value::BulkString(pair[1].clone()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stream_fields_carry_the_payload_as_it_is_and_every_field_back() {
+        let m = Message::new(&b"{\"a\":1}"[..])
+            .with_key("k")
+            .with_header("lang", "日本語 ✓")
+            .with_header("data", "clashes with the payload field")
+            .with_header("helix.id", "clashes with the prefix")
+            .with_content_type("application/json")
+            .with_correlation_id("c")
+            .with_priority(9)
+            .with_ttl(Duration::from_millis(1500));
+        let fields = fields_of(&m, "data");
+        assert_eq!(
+            fields[0],
+            (
+                "data".to_owned(),
+                redis::Value::BulkString(b"{\"a\":1}".to_vec())
+            )
+        );
+        let back = from_stream_fields("1-0", UNIX_EPOCH, pairs(&fields), "data").unwrap();
+        assert_eq!(back, m);
+    }
+
+    #[test]
+    fn a_plain_entry_is_a_message_with_its_payload_and_fields_as_headers() {
+        let recorded = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let fields = vec![
+            (
+                "data".to_owned(),
+                redis::Value::BulkString(b"{\"a\":1}".to_vec()),
+            ),
+            (
+                "source".to_owned(),
+                redis::Value::BulkString(b"billing".to_vec()),
+            ),
+        ];
+        let m = from_stream_fields("1700000000123-0", recorded, pairs(&fields), "data").unwrap();
+        assert_eq!(m.payload().as_ref(), b"{\"a\":1}");
+        assert_eq!(m.id(), "1700000000123-0");
+        assert_eq!(m.timestamp(), recorded);
+        assert_eq!(m.header("source"), Some("billing"));
+        let none = from_stream_fields("1-0", recorded, [], "data").expect_err("empty");
+        assert_eq!(none.kind(), ErrorKind::Serialization);
+    }
+
+    #[test]
+    fn first_format_entries_are_still_read() {
+        let m = Message::new("old").with_header("h", "v");
+        let fields = vec![(
+            LEGACY_FIELD.to_owned(),
+            redis::Value::BulkString(encode(&m).unwrap()),
+        )];
+        assert_eq!(
+            from_stream_fields("1-0", UNIX_EPOCH, pairs(&fields), "data").unwrap(),
+            m
+        );
+    }
+
+    #[test]
+    fn pubsub_bodies_are_bare_unless_the_envelope_is_on_and_both_are_read() {
+        let m = Message::new("body").with_header("h", "v");
+        assert_eq!(pubsub_body(&m, false).unwrap().as_ref(), b"body");
+        assert_eq!(
+            from_pubsub_body(b"{\"a\":1}").payload().as_ref(),
+            b"{\"a\":1}"
+        );
+        let enveloped = pubsub_body(&m, true).unwrap();
+        assert_eq!(from_pubsub_body(&enveloped), m);
     }
 
     #[test]

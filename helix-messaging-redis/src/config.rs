@@ -35,6 +35,10 @@ pub struct StreamsConfig {
     /// How often each subscription looks for requeued or abandoned entries to claim.
     /// Default 250 ms.
     pub claim_interval: Duration,
+    /// The entry field that holds the payload, as it is (`REDIS_STREAM_PAYLOAD_FIELD`).
+    /// Plain clients' entries (`XADD s * data <json>`) are read from it, and plain `XRANGE`
+    /// readers find helix's payloads in it. Default `data`.
+    pub payload_field: String,
 }
 
 impl Default for StreamsConfig {
@@ -45,6 +49,7 @@ impl Default for StreamsConfig {
             block: Duration::from_millis(200),
             ack_deadline: Duration::from_secs(60),
             claim_interval: Duration::from_millis(250),
+            payload_field: "data".to_owned(),
         }
     }
 }
@@ -73,6 +78,11 @@ pub struct RedisConfig {
     pub max_reconnect_delay: Duration,
     /// Streams-mode tuning.
     pub streams: StreamsConfig,
+    /// Pub/sub: publish helix's MessagePack envelope (id, key, headers, timestamp, …) instead
+    /// of the bare payload (`REDIS_PUBSUB_ENVELOPE`). Off by default, so plain subscribers
+    /// read the body as it is; a subscriber recognises the envelope either way, and a plain
+    /// message is delivered with its body as the payload. Default false.
+    pub pubsub_envelope: bool,
 }
 
 impl RedisConfig {
@@ -102,6 +112,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(10),
             max_reconnect_delay: Duration::from_secs(5),
             streams: StreamsConfig::default(),
+            pubsub_envelope: false,
         }
     }
 
@@ -115,7 +126,8 @@ impl RedisConfig {
 
     /// Settings from variables read through `lookup`: `REDIS_URL`, or else `REDIS_HOST`
     /// (default `localhost`), `REDIS_PORT` (default 6379), `REDIS_PASSWORD`, `REDIS_DB`;
-    /// plus `REDIS_TLS_CA_CERT` (a PEM file path).
+    /// plus `REDIS_TLS_CA_CERT` (a PEM file path), `REDIS_STREAM_PAYLOAD_FIELD` and
+    /// `REDIS_PUBSUB_ENVELOPE` (`true` / `false`).
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the variable
@@ -161,6 +173,31 @@ impl RedisConfig {
             }
         };
         config.tls_ca_cert = var("REDIS_TLS_CA_CERT").map(PathBuf::from);
+        if let Some(field) = var("REDIS_STREAM_PAYLOAD_FIELD") {
+            let field = field.trim();
+            if field.starts_with(crate::codec::RESERVED_PREFIX) {
+                return Err(Error::config(
+                    "REDIS_STREAM_PAYLOAD_FIELD",
+                    format!(
+                        "{field:?} starts with {:?}, which is reserved for helix's metadata fields",
+                        crate::codec::RESERVED_PREFIX
+                    ),
+                ));
+            }
+            config.streams.payload_field = field.to_owned();
+        }
+        if let Some(envelope) = var("REDIS_PUBSUB_ENVELOPE") {
+            config.pubsub_envelope = match envelope.trim().to_ascii_lowercase().as_str() {
+                "true" | "1" | "yes" => true,
+                "false" | "0" | "no" => false,
+                _ => {
+                    return Err(Error::config(
+                        "REDIS_PUBSUB_ENVELOPE",
+                        format!("expected true or false, got {envelope:?}"),
+                    ));
+                }
+            };
+        }
         Ok(config)
     }
 
@@ -223,6 +260,7 @@ impl fmt::Debug for RedisConfig {
             .field("response_timeout", &self.response_timeout)
             .field("max_reconnect_delay", &self.max_reconnect_delay)
             .field("streams", &self.streams)
+            .field("pubsub_envelope", &self.pubsub_envelope)
             .finish()
     }
 }

@@ -106,30 +106,31 @@ impl Shared {
         }
     }
 
-    /// Validate and encode one message for `topic`.
-    fn prepare(&self, message: &Message) -> Result<Vec<u8>> {
+    /// Validate one message for `topic` and build the command that publishes it in this
+    /// mode.
+    fn prepare(&self, topic: &str, message: &Message) -> Result<redis::Cmd> {
         check_payload_size(self.name(), message, self.config.max_payload_bytes)?;
-        codec::encode(message)
-    }
-
-    /// The command that publishes one encoded message in this mode.
-    fn publish_command(&self, topic: &str, encoded: &[u8]) -> redis::Cmd {
         match self.config.mode {
             RedisMode::PubSub => {
+                let body = codec::pubsub_body(message, self.config.pubsub_envelope)?;
                 let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(topic).arg(encoded);
-                cmd
+                cmd.arg(topic).arg(body.as_ref());
+                Ok(cmd)
             }
-            RedisMode::Streams => streams::xadd(self, topic, encoded),
+            RedisMode::Streams => Ok(streams::xadd(self, topic, message)),
         }
     }
 
-    /// Publish encoded messages in one pipelined round trip. Pub/sub publishes that
-    /// reached no subscriber are counted, not errors.
-    async fn send(&self, topic: &str, encoded: &[&[u8]]) -> Result<()> {
+    /// Run publish commands in one pipelined round trip. Pub/sub publishes that reached no
+    /// subscriber are counted, not errors.
+    async fn send<'a>(
+        &self,
+        topic: &str,
+        commands: impl IntoIterator<Item = &'a redis::Cmd>,
+    ) -> Result<()> {
         let mut pipe = redis::pipe();
-        for message in encoded {
-            pipe.add_command(self.publish_command(topic, message));
+        for command in commands {
+            pipe.add_command(command.clone());
         }
         let mut commands = self.commands.clone();
         let replies: Vec<redis::Value> = pipe
@@ -270,8 +271,8 @@ impl Publisher for RedisBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
-        let encoded = self.shared.prepare(&message)?;
-        self.shared.send(topic, &[&encoded]).await
+        let command = self.shared.prepare(topic, &message)?;
+        self.shared.send(topic, [&command]).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
@@ -282,16 +283,15 @@ impl Publisher for RedisBroker {
         let mut failures = Vec::new();
         let mut prepared = Vec::with_capacity(total);
         for (index, message) in messages.iter().enumerate() {
-            match self.shared.prepare(message) {
-                Ok(bytes) => prepared.push((index, bytes)),
+            match self.shared.prepare(topic, message) {
+                Ok(command) => prepared.push((index, command)),
                 Err(err) => failures.push((index, err)),
             }
         }
         // One pipeline per chunk: one round trip for many messages, without building a
         // single enormous request.
         for chunk in prepared.chunks(1000) {
-            let encoded: Vec<&[u8]> = chunk.iter().map(|(_, bytes)| bytes.as_slice()).collect();
-            if let Err(err) = self.shared.send(topic, &encoded).await {
+            if let Err(err) = self.shared.send(topic, chunk.iter().map(|(_, c)| c)).await {
                 failures.extend(chunk.iter().map(|(i, _)| (*i, err.copy_without_source())));
             }
         }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::StreamExt;
 use helix_messaging_core::{
-    Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, Result, Settlement, StartPosition,
+    Acknowledge, Delivery, DeliveryInfo, Error, Result, Settlement, StartPosition,
     SubscribeOptions, Subscription, within,
 };
 use tokio_util::sync::CancellationToken;
@@ -106,15 +106,9 @@ async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
 
 /// Forwards messages until cancelled; when the connection drops, reconnects with backoff
 /// and subscribes again.
-fn delivery(topic: &Arc<str>, payload: &[u8], closed: &CancellationToken) -> Result<Delivery> {
-    let message = codec::decode(payload).map_err(|e| {
-        Error::new(
-            ErrorKind::Serialization,
-            format!("a message on {topic} was dropped: {}", e.message()),
-        )
-    })?;
+fn delivery(topic: &Arc<str>, body: &[u8], closed: &CancellationToken) -> Result<Delivery> {
     Ok(Delivery::new(
-        Arc::new(message),
+        Arc::new(codec::from_pubsub_body(body)),
         DeliveryInfo {
             topic: topic.clone(),
             group: None,

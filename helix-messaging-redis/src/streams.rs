@@ -31,7 +31,11 @@ pub const REQUEUE_CONSUMER: &str = "helix-requeue";
 /// Entries read per XRANGE page when reading history.
 const RANGE_PAGE: usize = 500;
 
-pub(crate) fn xadd(shared: &Shared, topic: &str, encoded: &[u8]) -> redis::Cmd {
+pub(crate) fn xadd(
+    shared: &Shared,
+    topic: &str,
+    message: &helix_messaging_core::Message,
+) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(topic);
     if let Some(max_len) = shared.config.streams.max_len {
@@ -42,7 +46,8 @@ pub(crate) fn xadd(shared: &Shared, topic: &str, encoded: &[u8]) -> redis::Cmd {
         };
         cmd.arg("MAXLEN").arg(how).arg(max_len);
     }
-    cmd.arg("*").arg(codec::FIELD).arg(encoded);
+    cmd.arg("*");
+    codec::append_stream_fields(&mut cmd, message, &shared.config.streams.payload_field);
     cmd
 }
 
@@ -88,12 +93,6 @@ async fn create_group(
 struct RawEntry {
     id: String,
     fields: Vec<(String, redis::Value)>,
-}
-
-impl RawEntry {
-    fn field(&self, name: &str) -> Option<&redis::Value> {
-        self.fields.iter().find(|(f, _)| f == name).map(|(_, v)| v)
-    }
 }
 
 impl From<StreamId> for RawEntry {
@@ -446,16 +445,12 @@ async fn to_delivery(
     attempt: u32,
 ) -> Option<Result<Delivery>> {
     let recorded_at = id_time(&entry.id);
-    let decoded = match entry.field(codec::FIELD) {
-        Some(redis::Value::BulkString(bytes)) => codec::decode(bytes),
-        _ => Err(Error::new(
-            ErrorKind::Serialization,
-            format!(
-                "entry has no {:?} field written by helix-messaging",
-                codec::FIELD
-            ),
-        )),
-    };
+    let decoded = codec::from_stream_fields(
+        &entry.id,
+        recorded_at,
+        entry.fields.iter().map(|(f, v)| (f.as_str(), v)),
+        &reader.shared.config.streams.payload_field,
+    );
     match decoded {
         Ok(message) if codec::expired(&message, recorded_at, SystemTime::now()) => {
             ack(reader, &entry.id).await.ok();
@@ -685,7 +680,9 @@ pub(crate) fn read_range(shared: Arc<Shared>, topic: &str, range: TimeRange) -> 
                     let entries = page
                         .ids
                         .into_iter()
-                        .map(|entry| history_entry(&topic, entry))
+                        .map(|entry| {
+                            history_entry(&topic, entry, &shared.config.streams.payload_field)
+                        })
                         .collect();
                     Some((entries, following))
                 }
@@ -695,17 +692,14 @@ pub(crate) fn read_range(shared: Arc<Shared>, topic: &str, range: TimeRange) -> 
     Box::pin(futures::StreamExt::flat_map(pages, futures::stream::iter))
 }
 
-fn history_entry(topic: &str, entry: StreamId) -> Result<HistoryEntry> {
-    let message = match entry.map.get(codec::FIELD) {
-        Some(redis::Value::BulkString(bytes)) => codec::decode(bytes),
-        _ => Err(Error::new(
-            ErrorKind::Serialization,
-            format!(
-                "entry has no {:?} field written by helix-messaging",
-                codec::FIELD
-            ),
-        )),
-    }
+fn history_entry(topic: &str, entry: StreamId, payload_field: &str) -> Result<HistoryEntry> {
+    let recorded_at = id_time(&entry.id);
+    let message = codec::from_stream_fields(
+        &entry.id,
+        recorded_at,
+        entry.map.iter().map(|(f, v)| (f.as_str(), v)),
+        payload_field,
+    )
     .map_err(|e| {
         Error::new(
             ErrorKind::Serialization,
@@ -718,7 +712,7 @@ fn history_entry(topic: &str, entry: StreamId) -> Result<HistoryEntry> {
     })?;
     Ok(HistoryEntry {
         message: Arc::new(message),
-        recorded_at: id_time(&entry.id),
+        recorded_at,
         position: Some(Position::StreamId(entry.id)),
     })
 }
