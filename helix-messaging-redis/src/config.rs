@@ -20,12 +20,15 @@ pub enum RedisMode {
 /// Streams-mode tuning. Every field has a default ([`StreamsConfig::default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamsConfig {
-    /// Trim each stream to about this many entries on every XADD (`MAXLEN ~`); `None`
-    /// keeps everything. Default 1,000,000. This bounds what replay can read back.
+    /// Trim each stream to about this many entries, never below what a consumer group has
+    /// not yet read or acked (see the `trim` module); `None` keeps everything. Default
+    /// 1,000,000. This bounds what replay can read back.
     pub max_len: Option<usize>,
-    /// Trim to exactly [`StreamsConfig::max_len`] (`MAXLEN =`) instead of approximately
-    /// (slower on the server). Default false.
+    /// Trim exactly instead of approximately (whole radix-tree nodes, cheaper on the
+    /// server). Default false.
     pub exact_trim: bool,
+    /// How often, at most, each stream is trimmed (after a publish to it). Default 1 s.
+    pub trim_interval: Duration,
     /// How long one XREADGROUP waits for new entries. Also bounds how long a requeued
     /// message waits before a member picks it up. Default 200 ms.
     pub block: Duration,
@@ -46,6 +49,7 @@ impl Default for StreamsConfig {
         StreamsConfig {
             max_len: Some(1_000_000),
             exact_trim: false,
+            trim_interval: Duration::from_secs(1),
             block: Duration::from_millis(200),
             ack_deadline: Duration::from_secs(60),
             claim_interval: Duration::from_millis(250),

@@ -5,8 +5,9 @@
 //!   (counted, not an error), there are no consumer groups and no redelivery — `nack(true)`
 //!   returns `Unsupported` so a retry layer knows to retry in process. A subscriber whose
 //!   connection drops reconnects and resubscribes by itself when next polled.
-//! - **Streams** ([`RedisMode::Streams`], `MESSAGING_BACKEND=redis-streams`): XADD with
-//!   `MAXLEN` trimming, consumer groups with XREADGROUP, XACK on ack, requeue by handing the
+//! - **Streams** ([`RedisMode::Streams`], `MESSAGING_BACKEND=redis-streams`): XADD, trimmed
+//!   to a length limit but never below what a group still needs (the `trim` module's
+//!   docs), consumer groups with XREADGROUP, XACK on ack, requeue by handing the
 //!   entry back to the group, attempt from the delivery count, a reclaimer (XAUTOCLAIM) that
 //!   takes over entries left pending past the ack deadline (measured from delivery), replay by
 //!   time range with XRANGE, and TTL enforced when a message is read.
@@ -26,6 +27,7 @@ mod config;
 mod error;
 mod pubsub;
 mod streams;
+mod trim;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -44,6 +46,7 @@ use tokio_util::task::TaskTracker;
 
 pub use config::{DEFAULT_MAX_PAYLOAD_BYTES, RedisConfig, RedisMode, StreamsConfig};
 pub use streams::REQUEUE_CONSUMER;
+pub use trim::{TRIM_HELD_BACK_METRIC, TRIMMED_METRIC, TrimReport};
 
 /// Backend name of pub/sub mode (the value of `MESSAGING_BACKEND`).
 pub const PUBSUB_NAME: &str = "redis";
@@ -86,6 +89,10 @@ struct Shared {
     tasks: TaskTracker,
     closed: AtomicBool,
     unrouted: AtomicU64,
+    /// Stream entries removed by trimming since connecting.
+    trimmed: AtomicU64,
+    trimmer: trim::Trimmer,
+    trims: trim::Trims,
     /// Subscriptions currently without a working connection (health reports degraded).
     reconnecting: AtomicUsize,
 }
@@ -148,6 +155,13 @@ impl Shared {
             }
         }
         Ok(())
+    }
+
+    /// After a publish to `topic`: Streams are trimmed in the background when due.
+    fn published(self: &Arc<Self>, topic: &str) {
+        if self.config.mode == RedisMode::Streams {
+            trim::after_publish(self, topic);
+        }
     }
 
     /// Exponential backoff for reconnect loops, capped by the configuration.
@@ -241,6 +255,9 @@ impl RedisBroker {
                 tasks: TaskTracker::new(),
                 closed: AtomicBool::new(false),
                 unrouted: AtomicU64::new(0),
+                trimmed: AtomicU64::new(0),
+                trimmer: trim::Trimmer::new(),
+                trims: trim::Trims::default(),
                 reconnecting: AtomicUsize::new(0),
             }),
         })
@@ -264,6 +281,31 @@ impl RedisBroker {
     pub fn unrouted_publishes(&self) -> u64 {
         self.shared.unrouted.load(Ordering::Relaxed)
     }
+
+    /// Stream entries removed by trimming since connecting (also reported as the
+    /// [`TRIMMED_METRIC`] counter).
+    pub fn trimmed_entries(&self) -> u64 {
+        self.shared.trimmed.load(Ordering::Relaxed)
+    }
+
+    /// Trim `topic` to [`StreamsConfig::max_len`] now, never below the oldest entry a
+    /// consumer group has pending or not yet delivered. Publishing does this by itself at most
+    /// once per [`StreamsConfig::trim_interval`]; this is for operators and tests.
+    ///
+    /// # Errors
+    /// [`Unsupported`](helix_messaging_core::ErrorKind::Unsupported) in pub/sub mode;
+    /// [`Closed`](helix_messaging_core::ErrorKind::Closed) after `close`; the server's error.
+    pub async fn trim(&self, topic: &str) -> Result<TrimReport> {
+        validate_name("topic", topic)?;
+        self.shared.ensure_open()?;
+        if self.shared.config.mode == RedisMode::PubSub {
+            return Err(Error::unsupported(
+                PUBSUB_NAME,
+                "trimming (pub/sub stores nothing)",
+            ));
+        }
+        trim::trim(&self.shared, topic).await
+    }
 }
 
 #[async_trait]
@@ -272,7 +314,9 @@ impl Publisher for RedisBroker {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
         let command = self.shared.prepare(topic, &message)?;
-        self.shared.send(topic, [&command]).await
+        self.shared.send(topic, [&command]).await?;
+        self.shared.published(topic);
+        Ok(())
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
@@ -295,6 +339,7 @@ impl Publisher for RedisBroker {
                 failures.extend(chunk.iter().map(|(i, _)| (*i, err.copy_without_source())));
             }
         }
+        self.shared.published(topic);
         BatchReport::new(total, failures)
     }
 }

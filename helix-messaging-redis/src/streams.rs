@@ -31,6 +31,8 @@ pub const REQUEUE_CONSUMER: &str = "helix-requeue";
 /// Entries read per XRANGE page when reading history.
 const RANGE_PAGE: usize = 500;
 
+/// The XADD of `message`. No `MAXLEN`: trimming by length alone would cut entries a
+/// lagging group still needs (see the `trim` module).
 pub(crate) fn xadd(
     shared: &Shared,
     topic: &str,
@@ -38,14 +40,6 @@ pub(crate) fn xadd(
 ) -> redis::Cmd {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(topic);
-    if let Some(max_len) = shared.config.streams.max_len {
-        let how = if shared.config.streams.exact_trim {
-            "="
-        } else {
-            "~"
-        };
-        cmd.arg("MAXLEN").arg(how).arg(max_len);
-    }
     cmd.arg("*");
     codec::append_stream_fields(&mut cmd, message, &shared.config.streams.payload_field);
     cmd
@@ -187,7 +181,11 @@ pub(crate) async fn subscribe(
     let private = options.group.is_none();
     let group: Arc<str> = match &options.group {
         Some(group) => Arc::from(group.as_str()),
-        None => Arc::from(format!("helix-private-{}", uuid::Uuid::new_v4().simple())),
+        None => Arc::from(format!(
+            "{}{}",
+            crate::trim::PRIVATE_GROUP_PREFIX,
+            uuid::Uuid::new_v4().simple()
+        )),
     };
     let start = match options.start {
         StartPosition::Latest => "$".to_owned(),

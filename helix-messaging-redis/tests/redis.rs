@@ -523,3 +523,82 @@ async fn claimed_entries_get_their_own_delivery_counts() {
     held.ack().await.unwrap();
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trimming_never_cuts_what_a_lagging_group_still_needs() {
+    let url = shared_url();
+    let topic = topic("trim");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let broker = broker(&url, RedisMode::Streams, |c| {
+        c.streams.max_len = Some(10);
+        c.streams.exact_trim = true;
+    })
+    .await;
+    // "slow" exists but reads nothing yet; "fast" reads and acks everything.
+    drop(
+        broker
+            .subscribe(&topic, SubscribeOptions::group("slow"))
+            .await
+            .unwrap(),
+    );
+    let mut fast = broker
+        .subscribe(&topic, SubscribeOptions::group("fast"))
+        .await
+        .unwrap();
+    let sent: Vec<Message> = (0..50).map(|i| Message::new(format!("m{i}"))).collect();
+    broker
+        .publish_batch(&topic, sent.clone())
+        .await
+        .into_result()
+        .unwrap();
+    for _ in 0..50 {
+        recv(&mut fast).await.ack().await.unwrap();
+    }
+    let report = broker.trim(&topic).await.unwrap();
+    assert_eq!(report.removed, 0, "slow has read nothing: {report:?}");
+    assert!(report.held_back, "{report:?}");
+    assert_eq!(report.length, 50);
+
+    // slow reads 30 and acks 25 of them: the oldest entry it still needs is its 26th.
+    let mut slow = broker
+        .subscribe(&topic, SubscribeOptions::group("slow").with_prefetch(30))
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for (i, m) in sent.iter().take(30).enumerate() {
+        let d = recv(&mut slow).await;
+        assert_eq!(d.message().id(), m.id());
+        if i < 25 {
+            d.ack().await.unwrap();
+        } else {
+            held.push(d);
+        }
+    }
+    let report = broker.trim(&topic).await.unwrap();
+    assert_eq!(report.removed, 25, "{report:?}");
+    assert!(report.held_back, "{report:?}");
+    assert_eq!(broker.trimmed_entries(), 25);
+    for d in held {
+        d.ack().await.unwrap();
+    }
+    let mut rest = Vec::new();
+    for _ in 30..50 {
+        let d = recv(&mut slow).await;
+        rest.push(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let expected: Vec<String> = sent[30..].iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(rest, expected, "slow lost nothing");
+
+    // Everything is read and acked: now the length limit applies.
+    let report = broker.trim(&topic).await.unwrap();
+    assert_eq!(
+        report,
+        helix_messaging_redis::TrimReport {
+            removed: 15,
+            held_back: false,
+            length: 10
+        }
+    );
+    broker.close().await.unwrap();
+}
