@@ -25,6 +25,7 @@
 
 pub mod cases;
 mod certs;
+pub mod differential;
 mod helpers;
 
 use std::any::Any;
@@ -38,6 +39,7 @@ use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{Broker, Capabilities, Result};
 
 pub use certs::test_certificates;
+pub use differential::{Differential, DifferentialReport};
 pub use helpers::{Ctx, Settings, env_lookup, fresh_name};
 
 /// A capability a case needs.

@@ -1,0 +1,21 @@
+//! RabbitMQ against the memory reference: seeded programs of publishes, acks, requeues,
+//! rejects and consumer crashes (`HELIX_DIFFERENTIAL_SEEDS=n` runs seeds 1..=n,
+//! `HELIX_DIFFERENTIAL_SEED=s` one seed).
+
+mod common;
+
+use std::sync::Arc;
+
+use helix_messaging_core::Broker;
+use helix_messaging_rabbitmq::RabbitBroker;
+use helix_messaging_testkit::Differential;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_agrees_with_the_memory_reference() {
+    Differential::new("rabbitmq", || async {
+        Ok(Arc::new(RabbitBroker::connect(common::config()).await?) as Arc<dyn Broker>)
+    })
+    .run()
+    .await
+    .assert_agrees();
+}
