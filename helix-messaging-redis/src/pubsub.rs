@@ -40,6 +40,7 @@ pub(crate) async fn subscribe(
         topic: topic.clone(),
         messages: Some(connection.into_on_message().boxed()),
         cancel: shared.shutdown.child_token(),
+        slots: Arc::new(tokio::sync::Semaphore::new(options.prefetch.max(1))),
     };
     Ok(Subscription::new(
         topic,
@@ -55,6 +56,9 @@ struct Puller {
     messages: Option<futures::stream::BoxStream<'static, redis::Msg>>,
     /// Cancelled when the broker closes.
     cancel: CancellationToken,
+    /// One per delivery the application may hold unsettled (`prefetch`). Pub/sub cannot make
+    /// the server wait: while every slot is taken, what arrives waits in the client.
+    slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Puller {
@@ -71,6 +75,11 @@ impl Puller {
                 self.messages = Some(fresh.into_on_message().boxed());
                 continue;
             };
+            let slot = tokio::select! {
+                biased;
+                () = self.cancel.cancelled() => return None,
+                slot = self.slots.clone().acquire_owned() => slot.ok()?,
+            };
             let next = tokio::select! {
                 biased;
                 () = self.cancel.cancelled() => return None,
@@ -78,7 +87,11 @@ impl Puller {
             };
             match next {
                 Some(message) => {
-                    let delivery = delivery(&self.topic, message.get_payload_bytes(), &self.cancel);
+                    let acker = PubSubAcker {
+                        closed: self.cancel.clone(),
+                        _slot: slot,
+                    };
+                    let delivery = delivery(&self.topic, message.get_payload_bytes(), acker);
                     return Some((delivery, self));
                 }
                 None => self.messages = None,
@@ -106,7 +119,7 @@ async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
 
 /// Forwards messages until cancelled; when the connection drops, reconnects with backoff
 /// and subscribes again.
-fn delivery(topic: &Arc<str>, body: &[u8], closed: &CancellationToken) -> Result<Delivery> {
+fn delivery(topic: &Arc<str>, body: &[u8], acker: PubSubAcker) -> Result<Delivery> {
     Ok(Delivery::new(
         Arc::new(codec::from_pubsub_body(body)),
         DeliveryInfo {
@@ -116,19 +129,23 @@ fn delivery(topic: &Arc<str>, body: &[u8], closed: &CancellationToken) -> Result
             redelivered: false,
             position: None,
         },
-        Box::new(PubSubAcker(closed.clone())),
+        Box::new(acker),
     ))
 }
 
 /// A pub/sub delivery is final when it arrives: ack and reject have nothing to tell the
 /// server, and requeue is impossible. After the broker is closed nothing can be settled, and
-/// saying `Ok` would be a lie. Holds the broker's shutdown token.
-struct PubSubAcker(CancellationToken);
+/// saying `Ok` would be a lie. Holds a prefetch slot until it is settled or dropped.
+struct PubSubAcker {
+    /// The broker's shutdown token.
+    closed: CancellationToken,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
 
 #[async_trait]
 impl Acknowledge for PubSubAcker {
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
-        if self.0.is_cancelled() {
+        if self.closed.is_cancelled() {
             return Err(Error::closed("the redis broker"));
         }
         match outcome {

@@ -602,3 +602,30 @@ async fn trimming_never_cuts_what_a_lagging_group_still_needs() {
     );
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_holds_no_more_unsettled_deliveries_than_its_prefetch() {
+    let url = shared_url();
+    let topic = topic("pubsub-prefetch");
+    let broker = broker(&url, RedisMode::PubSub, |_| {}).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::default().with_prefetch(2))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        broker
+            .publish(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let first = recv(&mut sub).await;
+    let second = recv(&mut sub).await;
+    let third = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(third.is_err(), "a third delivery while two are unsettled");
+    first.ack().await.unwrap();
+    let third = recv(&mut sub).await;
+    assert_eq!(third.message().payload().as_ref(), b"m2");
+    drop(second);
+    third.ack().await.unwrap();
+    broker.close().await.unwrap();
+}
