@@ -86,8 +86,11 @@ impl Message {
         self
     }
 
-    /// Set the key: the partition key on Kafka, the routing key on RabbitMQ. Messages with
-    /// the same key keep their order on backends that declare per-key ordering.
+    /// Set the key: messages with the same key keep their order on backends that declare
+    /// per-key ordering. On Kafka it is the record key (so it picks the partition). On
+    /// RabbitMQ and Redis it travels with the message (the `x-helix-key` header, the
+    /// `helix.key` field) but does not route it: the topic is the routing key, since a key
+    /// appended to it (`<topic>.<key>`) could not be told apart from another topic.
     #[must_use]
     pub fn with_key(mut self, key: impl Into<String>) -> Self {
         self.key = Some(key.into());
@@ -151,7 +154,7 @@ impl Message {
         &self.id
     }
 
-    /// The partition / routing key, if any.
+    /// The key, if any (see [`Message::with_key`]).
     pub fn key(&self) -> Option<&str> {
         self.key.as_deref()
     }
