@@ -171,6 +171,10 @@ struct Reader {
     slot_freed: Notify,
     /// Set by a requeue so the next pass claims at once, from the start of the pending list.
     requeued: AtomicBool,
+    /// Entries the application has received and not settled. XREADGROUP counts a delivery
+    /// when it reads an entry, but one still on its way to the application when the
+    /// subscription ends was never seen: handing it back, its count is set back by one.
+    received: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
 pub(crate) async fn subscribe(
@@ -225,18 +229,27 @@ pub(crate) async fn subscribe(
         outstanding: AtomicUsize::new(0),
         slot_freed: Notify::new(),
         requeued: AtomicBool::new(false),
+        received: parking_lot::Mutex::default(),
     });
     // Batches, each at most a prefetch window, so two of them bound what is buffered.
     let (tx, rx) = mpsc::channel(2);
     let cancel = shared.shutdown.child_token();
     let reported_group = reader.reported_group.clone();
+    let seen_by = reader.clone();
     shared
         .tasks
         .spawn(read_loop(reader, connection, tx, cancel.clone(), private));
+    let deliveries = futures::StreamExt::inspect(crate::channel_stream(rx, cancel), move |item| {
+        if let Ok(delivery) = item
+            && let Some(Position::StreamId(id)) = &delivery.info().position
+        {
+            seen_by.received.lock().insert(id.clone());
+        }
+    });
     Ok(Subscription::new(
         topic,
         reported_group,
-        crate::channel_stream(rx, cancel),
+        Box::pin(deliveries),
     ))
 }
 
@@ -555,17 +568,25 @@ async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private:
         .arg(&reader.consumer)
         .query_async(connection)
         .await;
-    let ids: Vec<String> = match pending {
-        Ok(reply) => reply.ids.into_iter().map(|p| p.id).collect(),
+    let pending = match pending {
+        Ok(reply) => reply.ids,
         Err(err) => {
             tracing::warn!(topic, group, error = %err, "cannot list pending entries to hand back; the reclaimer will take them after the ack deadline");
             return;
         }
     };
-    if !ids.is_empty() {
-        let handed: redis::RedisResult<Vec<String>> = requeue_cmd(topic, group, &ids)
-            .query_async(connection)
-            .await;
+    if !pending.is_empty() {
+        // Each entry keeps its count, less the read that never reached the application.
+        let received = std::mem::take(&mut *reader.received.lock());
+        let mut pipe = redis::pipe();
+        for entry in &pending {
+            let unseen = usize::from(!received.contains(&entry.id));
+            let count = entry.times_delivered.saturating_sub(unseen);
+            pipe.add_command(requeue_cmd(topic, group, std::slice::from_ref(&entry.id)))
+                .arg("RETRYCOUNT")
+                .arg(count);
+        }
+        let handed: redis::RedisResult<Vec<Vec<String>>> = pipe.query_async(connection).await;
         if let Err(err) = handed {
             tracing::warn!(topic, group, error = %err, "cannot hand back pending entries; the reclaimer will take them after the ack deadline");
             return;
@@ -604,6 +625,7 @@ impl Acknowledge for StreamAcker {
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
         let reader = &self.reader;
         reader.shared.ensure_open()?;
+        reader.received.lock().remove(&self.id);
         let not_pending = || {
             Error::new(
                 ErrorKind::NotFound,

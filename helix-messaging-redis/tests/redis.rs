@@ -629,3 +629,47 @@ async fn pubsub_holds_no_more_unsettled_deliveries_than_its_prefetch() {
     third.ack().await.unwrap();
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_read_but_never_received_is_not_counted_as_an_attempt() {
+    // XREADGROUP counts a delivery when it reads an entry. One read into the subscription's
+    // buffer but not yet received by the application when the subscription ends was never
+    // attempted: the next member gets it as attempt 1, while the received one is attempt 2.
+    let url = shared_url();
+    let topic = topic("read-ahead");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let broker = broker(&url, RedisMode::Streams, |_| {}).await;
+    drop(
+        broker
+            .subscribe(&topic, SubscribeOptions::group("g"))
+            .await
+            .unwrap(),
+    );
+    let sent: Vec<Message> = (0..2).map(|i| Message::new(format!("m{i}"))).collect();
+    for m in &sent {
+        broker.publish(&topic, m.clone()).await.unwrap();
+    }
+    let mut first = broker
+        .subscribe(&topic, SubscribeOptions::group("g").with_prefetch(2))
+        .await
+        .unwrap();
+    let seen = recv(&mut first).await;
+    assert_eq!(seen.message().id(), sent[0].id());
+    drop(first);
+    drop(seen);
+    let mut second = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let mut attempts = Vec::new();
+    for _ in 0..2 {
+        let d = recv(&mut second).await;
+        attempts.push((d.message().id().to_owned(), d.attempt()));
+        d.ack().await.unwrap();
+    }
+    attempts.sort();
+    let mut expected = vec![(sent[0].id().to_owned(), 2), (sent[1].id().to_owned(), 1)];
+    expected.sort();
+    assert_eq!(attempts, expected);
+    broker.close().await.unwrap();
+}
