@@ -26,6 +26,10 @@ async fn kafka_passes_the_conformance_suite() {
         "crash_loop_counts_every_attempt",
         "Tansu 0.6 drops offset-commit metadata; kafka.rs a_crash_loop_counts_every_attempt_across_owners runs it on librdkafka's mock cluster",
     )
+    .exclude(
+        "prefetched_but_unseen_is_not_an_attempt",
+        "Tansu 0.6 drops offset-commit metadata, where the received one's attempt survives; kafka.rs a_crash_loop_counts_every_attempt_across_owners checks both on librdkafka's mock cluster",
+    )
     .run()
     .await
     .assert_passed();

@@ -413,13 +413,14 @@ struct MemberStream {
     id: u64,
     notify: Arc<Notify>,
     group: Option<Arc<str>>,
-    buffer: VecDeque<Delivery>,
+    /// Taken from the group, not yet received by the application; with each one's token.
+    buffer: VecDeque<(u64, Delivery)>,
 }
 
 impl MemberStream {
     async fn next_delivery(&mut self) -> Option<Delivery> {
         loop {
-            if let Some(delivery) = self.buffer.pop_front() {
+            if let Some((_, delivery)) = self.buffer.pop_front() {
                 return Some(delivery);
             }
             let take = self
@@ -429,8 +430,10 @@ impl MemberStream {
                 .take(self.slot, self.id, TAKE_BATCH, Instant::now());
             match take {
                 Take::Some(taken) => {
-                    let deliveries: Vec<Delivery> =
-                        taken.into_iter().map(|t| self.delivery(t)).collect();
+                    let deliveries: Vec<(u64, Delivery)> = taken
+                        .into_iter()
+                        .map(|t| (t.token, self.delivery(t)))
+                        .collect();
                     self.buffer.extend(deliveries);
                 }
                 Take::Closed => return None,
@@ -465,7 +468,9 @@ impl MemberStream {
 
 impl Drop for MemberStream {
     fn drop(&mut self) {
-        self.topic.state.lock().leave(self.slot, self.id);
+        // What is still buffered was never received: it goes back uncounted.
+        let unseen: Vec<u64> = self.buffer.iter().map(|(token, _)| *token).collect();
+        self.topic.state.lock().leave(self.slot, self.id, &unseen);
     }
 }
 

@@ -362,8 +362,9 @@ impl TopicState {
     }
 
     /// A member leaves: its in-flight deliveries go back to the group (or vanish with a
-    /// private group).
-    pub(crate) fn leave(&mut self, slot: usize, member_id: u64) {
+    /// private group). Those in `unseen` (taken into its buffer but never received by the
+    /// application) go back without the delivery they were counted for.
+    pub(crate) fn leave(&mut self, slot: usize, member_id: u64, unseen: &[u64]) {
         let Some(group) = self.group_mut(slot) else {
             return;
         };
@@ -383,8 +384,14 @@ impl TopicState {
         }
         let returned = tokens
             .into_iter()
-            .filter_map(|t| group.in_flight.remove(&t))
-            .map(|f| f.ready)
+            .filter_map(|t| group.in_flight.remove(&t).map(|f| (t, f)))
+            .map(|(token, f)| {
+                let mut ready = f.ready;
+                if unseen.contains(&token) {
+                    ready.deliveries = ready.deliveries.saturating_sub(1);
+                }
+                ready
+            })
             .collect();
         group.push_front_in_order(returned);
         group.notify_members();

@@ -189,7 +189,7 @@ impl JournalReader {
 
     fn finish(&mut self) {
         if let Some((channel, consumer)) = self.current.take() {
-            close_consumer(channel, consumer, None);
+            close_consumer(channel, consumer, None, None);
         }
     }
 }

@@ -40,8 +40,9 @@ use helix_messaging_core::{
     Subscriber, Subscription, TimeRange, check_payload_size, validate_name, within,
 };
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    BasicRejectOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Confirmation};
@@ -75,11 +76,37 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 
 struct Shared {
     supervisor: Arc<Supervisor>,
+    /// Messages (queue, message id) a subscription of this broker had prefetched but never
+    /// handed to the application when it ended: they come back flagged redelivered, and are
+    /// not an attempt.
+    unseen: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
+
+/// Most remembered unseen returns; past it the memory starts over (those returns then count
+/// as attempts, as they would in another process).
+const UNSEEN_MAX: usize = 100_000;
 
 impl Shared {
     fn config(&self) -> &RabbitConfig {
         self.supervisor.config()
+    }
+
+    fn unseen(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(String, String)>> {
+        self.unseen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn note_unseen(&self, queue: &str, id: String) {
+        let mut unseen = self.unseen();
+        if unseen.len() >= UNSEEN_MAX {
+            unseen.clear();
+        }
+        unseen.insert((queue.to_owned(), id));
+    }
+
+    fn take_unseen(&self, queue: &str, id: &str) -> bool {
+        self.unseen().remove(&(queue.to_owned(), id.to_owned()))
     }
 
     fn ensure_open(&self) -> Result<()> {
@@ -230,6 +257,7 @@ impl RabbitBroker {
         Ok(RabbitBroker {
             shared: Arc::new(Shared {
                 supervisor: Supervisor::new(config, first),
+                unseen: std::sync::Mutex::default(),
             }),
         })
     }
@@ -669,8 +697,8 @@ impl ConsumerStream {
             };
             match next {
                 Some(Ok(delivery)) => {
-                    if let Some(delivery) = self.context.screen(delivery).await {
-                        return Some((Ok(self.context.delivery(delivery)), self));
+                    if let Some((delivery, unseen)) = self.context.screen(delivery).await {
+                        return Some((Ok(self.context.delivery(delivery, unseen)), self));
                     }
                 }
                 // After close, the channel's end shows up as an error or an end: that is the
@@ -735,13 +763,21 @@ impl Current {
 struct ConsumerChannel {
     parts: std::sync::Mutex<Option<(Channel, lapin::Consumer)>>,
     private_queue: Option<String>,
+    /// Where unseen returns are remembered: the broker and the consumer's queue.
+    returns: (Arc<Shared>, String),
 }
 
 impl ConsumerChannel {
-    fn new(channel: Channel, consumer: lapin::Consumer, private_queue: Option<String>) -> Self {
+    fn new(
+        channel: Channel,
+        consumer: lapin::Consumer,
+        private_queue: Option<String>,
+        returns: (Arc<Shared>, String),
+    ) -> Self {
         ConsumerChannel {
             parts: std::sync::Mutex::new(Some((channel, consumer))),
             private_queue,
+            returns,
         }
     }
 
@@ -755,7 +791,8 @@ impl ConsumerChannel {
             .take();
         if let Some((channel, consumer)) = parts {
             let delete = self.private_queue.clone().filter(|_| finished);
-            close_consumer(channel, consumer, delete);
+            let returns = (finished && delete.is_none()).then(|| self.returns.clone());
+            close_consumer(channel, consumer, delete, returns);
         }
     }
 }
@@ -769,13 +806,37 @@ impl Drop for ConsumerChannel {
 /// Close `channel` in the background, then drop `consumer`: dropped earlier, lapin would
 /// cancel it concurrently with the close, and the failed cancel can surface as an error
 /// elsewhere on the connection. Closing the channel returns its unacked deliveries. With
-/// `delete`, that queue is deleted first.
-fn close_consumer(channel: Channel, consumer: lapin::Consumer, delete: Option<String>) {
+/// `delete`, that queue is deleted first. With `returns`, the consumer is cancelled first and
+/// what it had prefetched but not handed out is remembered as unseen (see [`Shared::unseen`]),
+/// so those returns keep their place in the queue and are not counted as attempts.
+fn close_consumer(
+    channel: Channel,
+    mut consumer: lapin::Consumer,
+    delete: Option<String>,
+    returns: Option<(Arc<Shared>, String)>,
+) {
     if !channel.status().connected() {
         return;
     }
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
         runtime.spawn(async move {
+            if let Some((shared, queue)) = returns
+                && channel
+                    .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                    .await
+                    .is_ok()
+            {
+                // After cancel-ok nothing more arrives: what the consumer still yields was
+                // prefetched and never handed out.
+                while let Ok(Some(Ok(delivery))) =
+                    tokio::time::timeout(std::time::Duration::from_millis(500), consumer.next())
+                        .await
+                {
+                    if let Some(id) = wire::message_id(&delivery.properties) {
+                        shared.note_unseen(&queue, id);
+                    }
+                }
+            }
             if let Some(queue) = delete
                 && let Err(err) = channel
                     .queue_delete(queue.as_str().into(), Default::default())
@@ -812,8 +873,13 @@ impl ConsumerContext {
             shared: shared.clone(),
             topic: spec.topic.clone(),
             group: spec.group.clone(),
+            channel: ConsumerChannel::new(
+                channel,
+                consumer,
+                spec.private_queue.clone(),
+                (shared.clone(), queue.clone()),
+            ),
             queue,
-            channel: ConsumerChannel::new(channel, consumer, spec.private_queue.clone()),
         }
     }
 
@@ -826,7 +892,12 @@ impl ConsumerContext {
     ///   published to the queue and the original acked, so a crash loop climbs 1, 2, 3, …
     ///   and reaches a retry limit. If the copy fails, the delivery is handed out with its
     ///   estimated attempt instead.
-    async fn screen(&self, delivery: lapin::message::Delivery) -> Option<lapin::message::Delivery> {
+    /// `Some((delivery, unseen))`: `unseen` when it is a return of one this broker's
+    /// subscriptions never handed out, whose redelivered flag is no attempt.
+    async fn screen(
+        &self,
+        delivery: lapin::message::Delivery,
+    ) -> Option<(lapin::message::Delivery, bool)> {
         let queue = &self.queue;
         if wire::expired(&delivery.properties, std::time::SystemTime::now()) {
             if let Err(err) = settle_delivery(self, &delivery.acker, AckAction::Ack).await {
@@ -835,7 +906,14 @@ impl ConsumerContext {
             return None;
         }
         if !wire::uncounted_redelivery(&delivery) {
-            return Some(delivery);
+            return Some((delivery, false));
+        }
+        // Returned unseen by a subscription of this broker: not an attempt, and it keeps its
+        // place in the queue.
+        if let Some(id) = wire::message_id(&delivery.properties)
+            && self.shared.take_unseen(queue, &id)
+        {
+            return Some((delivery, true));
         }
         let counted = wire::attempts_in_header(&delivery.properties) + 1;
         let properties = wire::with_attempts(&delivery.properties, counted);
@@ -858,13 +936,17 @@ impl ConsumerContext {
             }
             Err(err) => {
                 tracing::warn!(queue, error = %err, "re-counting a redelivery failed; delivering it with an estimated attempt");
-                Some(delivery)
+                Some((delivery, false))
             }
         }
     }
 
-    fn delivery(self: &Arc<Self>, delivery: lapin::message::Delivery) -> Delivery {
-        let received = wire::received(&delivery);
+    /// The delivery the application gets; `unseen` as from [`ConsumerContext::screen`].
+    fn delivery(self: &Arc<Self>, delivery: lapin::message::Delivery, unseen: bool) -> Delivery {
+        let mut received = wire::received(&delivery);
+        if unseen {
+            received.attempt = received.attempt.saturating_sub(1).max(1);
+        }
         let message = Arc::new(received.message);
         Delivery::new(
             message.clone(),

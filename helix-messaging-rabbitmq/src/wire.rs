@@ -86,6 +86,11 @@ pub(crate) fn attempts_in_header(props: &BasicProperties) -> u32 {
     }
 }
 
+/// The AMQP message id, if the publisher set one.
+pub(crate) fn message_id(props: &BasicProperties) -> Option<String> {
+    props.message_id().as_ref().map(|id| id.to_string())
+}
+
 /// A native redelivery that the queue does not count (classic queues keep only the flag).
 pub(crate) fn uncounted_redelivery(delivery: &lapin::message::Delivery) -> bool {
     delivery.redelivered && header(&delivery.properties, DELIVERY_COUNT).is_none()

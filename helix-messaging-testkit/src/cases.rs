@@ -46,6 +46,7 @@ cases! {
     live_messages_stamped_before_a_time_start_arrive: [ConsumerGroups, ReplayByTime];
     zero_ttl_is_never_delivered: [Ttl];
     settling_after_close_fails: [];
+    prefetched_but_unseen_is_not_an_attempt: [ConsumerGroups, RedeliverUnacked];
 }
 
 /// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty
@@ -783,5 +784,43 @@ pub async fn settling_after_close_fails(ctx: Ctx) -> Result<()> {
             err.kind()
         );
     }
+    Ok(())
+}
+
+/// A subscription that ends with one delivery received and others only prefetched (read
+/// from the broker, never handed to the application) hands all of them over, and only the
+/// one the application saw counts as an attempt.
+pub async fn prefetched_but_unseen_is_not_an_attempt(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("unseen");
+    let group = crate::fresh_name("g");
+    ctx.create_group(&topic, &group).await?;
+    let sent: Vec<Message> = (0..3)
+        .map(|i| Message::new(format!("m{i}")).with_key("k"))
+        .collect();
+    for m in &sent {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    let mut first = ctx
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(3))
+        .await;
+    let seen = ctx.recv(&mut first).await;
+    assert_eq!(seen.message().id(), sent[0].id());
+    // Give the others time to be prefetched, as they would be by a busy consumer.
+    tokio::time::sleep(ctx.settings.quiet_period).await;
+    drop(first);
+    drop(seen);
+    let mut next = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let mut attempts = BTreeMap::new();
+    for d in ctx.recv_n(&mut next, 3).await {
+        attempts.insert(d.message().id().to_owned(), d.attempt());
+        d.ack().await?;
+    }
+    let expected: BTreeMap<String, u32> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, m)| (m.id().to_owned(), if i == 0 { 2 } else { 1 }))
+        .collect();
+    assert_eq!(attempts, expected, "only the received one was attempted");
+    ctx.expect_quiet(&mut next).await;
     Ok(())
 }
