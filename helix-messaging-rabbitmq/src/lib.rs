@@ -892,8 +892,8 @@ impl ConsumerContext {
     ///   published to the queue and the original acked, so a crash loop climbs 1, 2, 3, …
     ///   and reaches a retry limit. If the copy fails, the delivery is handed out with its
     ///   estimated attempt instead.
-    /// `Some((delivery, unseen))`: `unseen` when it is a return of one this broker's
-    /// subscriptions never handed out, whose redelivered flag is no attempt.
+    /// - A return of one this broker's subscriptions had prefetched and never handed out:
+    ///   delivered in its place, its redelivered flag no attempt (`Some((delivery, true))`).
     async fn screen(
         &self,
         delivery: lapin::message::Delivery,
