@@ -259,3 +259,80 @@ async fn every_confirmed_publish_survives_a_broker_restart() {
     publisher.close().await.unwrap();
     consumer.close().await.unwrap();
 }
+
+/// Puts the memory high watermark back when dropped, so a failing test leaves the broker
+/// accepting publishes.
+struct RestoreWatermark(String);
+
+impl Drop for RestoreWatermark {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["set_vm_memory_high_watermark", &self.0])
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
+    // A memory alarm blocks every publishing connection: the requeue's copy cannot be
+    // confirmed within the publish timeout. The delivery must still be settled (natively
+    // requeued), or it would hold its prefetch slot, and the subscription would stall, for as
+    // long as its channel lives.
+    let _node = NODE.lock().await;
+    log_to_stderr();
+    let vhost = Vhost::new("helix-slow-requeue");
+    let mut config = fault_config(&vhost);
+    config.publish_timeout = Duration::from_secs(1);
+    let broker = RabbitBroker::connect(config).await.unwrap();
+    let topic = "fault.slow-requeue";
+    let mut sub = broker
+        .subscribe(topic, SubscribeOptions::group("g").with_prefetch(1))
+        .await
+        .unwrap();
+    let m = Message::new("requeued while the broker is blocked");
+    broker.publish(topic, m.clone()).await.unwrap();
+    let d = common::recv(&mut sub).await;
+
+    let watermark = rabbitmqctl(&["eval", "vm_memory_monitor:get_vm_memory_high_watermark()."]);
+    let watermark = watermark.trim();
+    let restore = RestoreWatermark(if watermark.parse::<f64>().is_ok() {
+        watermark.to_owned()
+    } else {
+        "0.4".to_owned()
+    });
+    rabbitmqctl(&["set_vm_memory_high_watermark", "0.0000001"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !rabbitmqctl(&["eval", "rabbit_alarm:get_alarms()."]).contains("memory") {
+        assert!(Instant::now() < deadline, "the memory alarm did not go off");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = Instant::now();
+    let settled = d.nack(true).await;
+    eprintln!(
+        "requeue under the alarm: {settled:?} after {:?}",
+        started.elapsed()
+    );
+    drop(restore);
+
+    // Once the broker reads again, the message comes back (perhaps twice: the copy may have
+    // been stored after its confirm timed out), and nothing is stuck behind it.
+    let again = common::recv(&mut sub).await;
+    assert_eq!(again.message().id(), m.id());
+    assert!(again.attempt() >= 2, "attempt {}", again.attempt());
+    again.ack().await.unwrap();
+    let next = Message::new("after");
+    broker.publish(topic, next.clone()).await.unwrap();
+    loop {
+        let d = common::recv(&mut sub).await;
+        d.ack().await.unwrap();
+        if d.message().id() == next.id() {
+            break;
+        }
+        assert_eq!(
+            d.message().id(),
+            m.id(),
+            "only the duplicate copy may come first"
+        );
+    }
+    broker.close().await.unwrap();
+}

@@ -373,3 +373,46 @@ async fn a_quorum_queue_counts_native_redeliveries_exactly() {
     d.ack().await.unwrap();
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_message_is_dropped_and_never_dead_lettered() {
+    // Dead-lettered on expiry, messages nobody rejected would fill the bounded dead-letter
+    // queue and push real rejects out: an expired message is dropped when read instead.
+    let vhost = Vhost::new("helix-expiry");
+    let broker = RabbitBroker::connect(vhost.config()).await.unwrap();
+    let topic = fresh_name("expiry");
+    drop(
+        broker
+            .subscribe(&topic, SubscribeOptions::group("workers"))
+            .await
+            .unwrap(),
+    );
+    let short = Message::new("expires").with_ttl(Duration::from_millis(50));
+    let kept = Message::new("kept");
+    broker.publish(&topic, short).await.unwrap();
+    broker.publish(&topic, kept.clone()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("workers"))
+        .await
+        .unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(
+        d.message().id(),
+        kept.id(),
+        "the expired one is not delivered"
+    );
+    d.ack().await.unwrap();
+
+    let dead = rabbitmqctl(&["list_queues", "-p", &vhost.0, "name", "messages"]);
+    let line = dead
+        .lines()
+        .find(|l| l.starts_with(HELIXAGENT_DLQ))
+        .unwrap_or_else(|| panic!("{HELIXAGENT_DLQ} is declared: {dead}"));
+    assert_eq!(
+        line.split_whitespace().nth(1),
+        Some("0"),
+        "nothing was dead-lettered: {line}"
+    );
+    broker.close().await.unwrap();
+}
