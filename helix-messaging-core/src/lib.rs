@@ -19,7 +19,7 @@ pub use broker::{
 pub use capabilities::Capabilities;
 pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
 pub use error::{BoxError, Error, ErrorKind, Result, within};
-pub use message::{Headers, MAX_PRIORITY, Message};
+pub use message::{Headers, MAX_PRIORITY, Message, MessageParts};
 pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};
 pub use runner::{
     BoxHandler, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_TIMEOUT, FailureKind, Handler, HandlerError,

@@ -41,6 +41,30 @@ pub struct Message {
     ttl: Option<Duration>,
 }
 
+/// Everything a [`Message`] carries, field by field: what an adapter has read back from its
+/// wire format, for [`Message::from_parts`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageParts {
+    /// The message id.
+    pub id: String,
+    /// The key, if any.
+    pub key: Option<String>,
+    /// The payload.
+    pub payload: Bytes,
+    /// Application headers.
+    pub headers: Headers,
+    /// When the message was created.
+    pub timestamp: SystemTime,
+    /// The content type, if any.
+    pub content_type: Option<String>,
+    /// The correlation id, if any.
+    pub correlation_id: Option<String>,
+    /// Priority 0–10 (higher values are clamped).
+    pub priority: u8,
+    /// Time to live, if any.
+    pub ttl: Option<Duration>,
+}
+
 impl Message {
     /// A message with `payload`, a fresh UUID v4 id, the current time as timestamp, no key,
     /// no headers, priority 0 and no TTL.
@@ -55,6 +79,22 @@ impl Message {
             correlation_id: None,
             priority: 0,
             ttl: None,
+        }
+    }
+
+    /// A message made of `parts` as they are (the priority is clamped to [`MAX_PRIORITY`]):
+    /// for adapters rebuilding a received message in one step.
+    pub fn from_parts(parts: MessageParts) -> Self {
+        Message {
+            id: parts.id,
+            key: parts.key,
+            payload: parts.payload,
+            headers: parts.headers,
+            timestamp: parts.timestamp,
+            content_type: parts.content_type,
+            correlation_id: parts.correlation_id,
+            priority: parts.priority.min(MAX_PRIORITY),
+            ttl: parts.ttl,
         }
     }
 

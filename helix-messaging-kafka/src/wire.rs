@@ -8,7 +8,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use helix_messaging_core::Message;
+use helix_messaging_core::{Message, MessageParts};
 use rdkafka::Message as _;
 use rdkafka::message::{BorrowedMessage, Header, Headers as _, OwnedHeaders};
 
@@ -125,21 +125,19 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
         )
     });
     let payload = bytes_of(record.payload());
-    let mut message = Message::restore(id, payload, timestamp)
-        .with_headers(app_headers)
-        .with_priority(priority);
-    if let Some(key) = record.key() {
-        message = message.with_key(String::from_utf8_lossy(key).into_owned());
-    }
-    if let Some(ct) = content_type {
-        message = message.with_content_type(ct);
-    }
-    if let Some(corr) = correlation_id {
-        message = message.with_correlation_id(corr);
-    }
-    if let Some(ttl) = ttl {
-        message = message.with_ttl(ttl);
-    }
+    let message = Message::from_parts(MessageParts {
+        id,
+        key: record
+            .key()
+            .map(|key| String::from_utf8_lossy(key).into_owned()),
+        payload,
+        headers: app_headers,
+        timestamp,
+        content_type,
+        correlation_id,
+        priority,
+        ttl,
+    });
     Received {
         message,
         attempts_in_header: earlier,

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use helix_messaging_core::{Headers, Message};
+use helix_messaging_core::{Headers, Message, MessageParts};
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 
@@ -182,21 +182,17 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
             }
         }
     }
-    let mut message = Message::restore(id, payload, timestamp)
-        .with_headers(headers)
-        .with_priority(props.priority().unwrap_or(0));
-    if let Some(key) = header(KEY) {
-        message = message.with_key(text(key));
-    }
-    if let Some(ct) = props.content_type() {
-        message = message.with_content_type(ct.as_str());
-    }
-    if let Some(corr) = props.correlation_id() {
-        message = message.with_correlation_id(corr.as_str());
-    }
-    if let Some(ttl) = ttl(props) {
-        message = message.with_ttl(ttl);
-    }
+    let message = Message::from_parts(MessageParts {
+        id,
+        key: header(KEY).map(text),
+        payload: payload.into(),
+        headers,
+        timestamp,
+        content_type: props.content_type().as_ref().map(|ct| ct.to_string()),
+        correlation_id: props.correlation_id().as_ref().map(|c| c.to_string()),
+        priority: props.priority().unwrap_or(0),
+        ttl: ttl(props),
+    });
     let earlier = attempts_in_header(props);
     // A native redelivery (closed channel) adds one delivery the header cannot know about;
     // the consumer re-counts those before they get here (see `uncounted_redelivery`), so this

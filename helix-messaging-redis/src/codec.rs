@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use helix_messaging_core::{Error, ErrorKind, Headers, Message, Result};
+use helix_messaging_core::{Error, ErrorKind, Headers, Message, MessageParts, Result};
 use serde::{Deserialize, Serialize};
 
 /// The single field of first-format stream entries, holding the envelope.
@@ -154,26 +154,17 @@ pub(crate) fn decode(bytes: &[u8]) -> Result<Message> {
             ),
         ));
     }
-    let mut message = Message::restore(
-        incoming.id,
-        Bytes::from(incoming.payload),
-        UNIX_EPOCH + Duration::from_nanos(incoming.ts_ns),
-    )
-    .with_headers(incoming.headers)
-    .with_priority(incoming.priority);
-    if let Some(key) = incoming.key {
-        message = message.with_key(key);
-    }
-    if let Some(ct) = incoming.content_type {
-        message = message.with_content_type(ct);
-    }
-    if let Some(corr) = incoming.correlation_id {
-        message = message.with_correlation_id(corr);
-    }
-    if let Some(ttl) = incoming.ttl_ms {
-        message = message.with_ttl(Duration::from_millis(ttl));
-    }
-    Ok(message)
+    Ok(Message::from_parts(MessageParts {
+        id: incoming.id.into_owned(),
+        key: incoming.key.map(Cow::into_owned),
+        payload: Bytes::from(incoming.payload),
+        headers: incoming.headers,
+        timestamp: UNIX_EPOCH + Duration::from_nanos(incoming.ts_ns),
+        content_type: incoming.content_type.map(Cow::into_owned),
+        correlation_id: incoming.correlation_id.map(Cow::into_owned),
+        priority: incoming.priority,
+        ttl: incoming.ttl_ms.map(Duration::from_millis),
+    }))
 }
 
 fn nanos(t: SystemTime) -> u64 {
@@ -286,26 +277,17 @@ pub(crate) fn from_stream_fields<'a>(
             )),
         };
     };
-    let mut message = Message::restore(
-        id.unwrap_or_else(|| entry_id.to_owned()),
+    Ok(Message::from_parts(MessageParts {
+        id: id.unwrap_or_else(|| entry_id.to_owned()),
+        key,
         payload,
+        headers,
         timestamp,
-    )
-    .with_headers(headers)
-    .with_priority(priority);
-    if let Some(key) = key {
-        message = message.with_key(key);
-    }
-    if let Some(ct) = content_type {
-        message = message.with_content_type(ct);
-    }
-    if let Some(corr) = correlation_id {
-        message = message.with_correlation_id(corr);
-    }
-    if let Some(ttl) = ttl {
-        message = message.with_ttl(ttl);
-    }
-    Ok(message)
+        content_type,
+        correlation_id,
+        priority,
+        ttl,
+    }))
 }
 
 /// A pub/sub body: the envelope when `envelope`, else the bare payload.
