@@ -87,12 +87,18 @@ impl Puller {
             };
             match next {
                 Some(message) => {
+                    let message = codec::from_pubsub_body(message.get_payload_bytes());
+                    // A TTL travels only in the envelope; where it does, an expired message is
+                    // dropped as on every other backend.
+                    let now = std::time::SystemTime::now();
+                    if codec::expired(&message, message.timestamp(), now) {
+                        continue;
+                    }
                     let acker = PubSubAcker {
                         closed: self.cancel.clone(),
                         _slot: slot,
                     };
-                    let delivery = delivery(&self.topic, message.get_payload_bytes(), acker);
-                    return Some((delivery, self));
+                    return Some((Ok(delivery(&self.topic, message, acker)), self));
                 }
                 None => self.messages = None,
             }
@@ -117,11 +123,14 @@ async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
     Ok(connection)
 }
 
-/// Forwards messages until cancelled; when the connection drops, reconnects with backoff
-/// and subscribes again.
-fn delivery(topic: &Arc<str>, body: &[u8], acker: PubSubAcker) -> Result<Delivery> {
-    Ok(Delivery::new(
-        Arc::new(codec::from_pubsub_body(body)),
+/// The delivery of a received pub/sub message: always a first attempt.
+fn delivery(
+    topic: &Arc<str>,
+    message: helix_messaging_core::Message,
+    acker: PubSubAcker,
+) -> Delivery {
+    Delivery::new(
+        Arc::new(message),
         DeliveryInfo {
             topic: topic.clone(),
             group: None,
@@ -130,7 +139,7 @@ fn delivery(topic: &Arc<str>, body: &[u8], acker: PubSubAcker) -> Result<Deliver
             position: None,
         },
         Box::new(acker),
-    ))
+    )
 }
 
 /// A pub/sub delivery is final when it arrives: ack and reject have nothing to tell the

@@ -673,3 +673,28 @@ async fn an_entry_read_but_never_received_is_not_counted_as_an_attempt() {
     assert_eq!(attempts, expected);
     broker.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_drops_a_message_whose_ttl_has_passed_when_the_envelope_carries_it() {
+    let url = shared_url();
+    let topic = topic("pubsub-ttl");
+    let broker = broker(&url, RedisMode::PubSub, |c| c.pubsub_envelope = true).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::default())
+        .await
+        .unwrap();
+    broker
+        .publish(&topic, Message::new("gone").with_ttl(Duration::ZERO))
+        .await
+        .unwrap();
+    let kept = Message::new("kept");
+    broker.publish(&topic, kept.clone()).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(
+        d.message().id(),
+        kept.id(),
+        "a TTL of zero is never delivered"
+    );
+    d.ack().await.unwrap();
+    broker.close().await.unwrap();
+}
