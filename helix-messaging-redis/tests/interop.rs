@@ -5,19 +5,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
-use futures::StreamExt;
-use helix_messaging_core::{
-    Broker, Delivery, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
-};
+use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 
-const WAIT: Duration = Duration::from_secs(15);
+mod common;
 
-fn url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
+use common::{DeleteOnDrop, WAIT, recv, shared_url as url};
 
 /// Run `redis-cli` with `args` against the test server, failing the test if it fails.
 fn redis_cli(args: &[&str]) -> String {
@@ -37,17 +31,7 @@ fn redis_cli(args: &[&str]) -> String {
 }
 
 async fn connect(mode: RedisMode, tune: impl FnOnce(&mut RedisConfig)) -> RedisBroker {
-    let mut config = RedisConfig::new(&url(), mode).expect("url");
-    tune(&mut config);
-    RedisBroker::connect(config).await.expect("connect")
-}
-
-async fn recv(sub: &mut Subscription) -> Delivery {
-    tokio::time::timeout(WAIT, sub.next())
-        .await
-        .unwrap_or_else(|_| panic!("no delivery on {} within {WAIT:?}", sub.topic()))
-        .expect("subscription open")
-        .expect("no stream error")
+    common::broker(&url(), mode, tune).await
 }
 
 /// The next line `redis-cli` printed.
@@ -56,21 +40,6 @@ async fn next_line(lines: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> 
         .await
         .expect("redis-cli printed in time")
         .expect("redis-cli still running")
-}
-
-/// Deletes the test's streams when dropped, failing test or not.
-struct DeleteOnDrop(Vec<String>);
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        let mut args = vec!["DEL"];
-        args.extend(self.0.iter().map(String::as_str));
-        let _ = Command::new("redis-cli")
-            .arg("-u")
-            .arg(url())
-            .args(&args)
-            .output();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,47 +7,13 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TempRedis;
+use common::{DeleteOnDrop, TempRedis, WAIT, broker, recv, shared_url};
 use futures::StreamExt;
-use helix_messaging_core::{
-    Broker, Delivery, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
-};
+use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
-
-const WAIT: Duration = Duration::from_secs(15);
-
-fn shared_url() -> String {
-    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
 
 fn topic(what: &str) -> String {
     helix_messaging_testkit::fresh_name(what)
-}
-
-/// Deletes keys from the shared server when dropped, so a test leaves nothing behind even
-/// when it fails.
-struct DeleteOnDrop(Vec<String>);
-
-impl Drop for DeleteOnDrop {
-    fn drop(&mut self) {
-        if let Ok(mut conn) = redis::Client::open(shared_url()).and_then(|c| c.get_connection()) {
-            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&self.0).query(&mut conn);
-        }
-    }
-}
-
-async fn broker(url: &str, mode: RedisMode, tune: impl FnOnce(&mut RedisConfig)) -> RedisBroker {
-    let mut config = RedisConfig::new(url, mode).expect("url");
-    tune(&mut config);
-    RedisBroker::connect(config).await.expect("connect")
-}
-
-async fn recv(sub: &mut Subscription) -> Delivery {
-    tokio::time::timeout(WAIT, sub.next())
-        .await
-        .unwrap_or_else(|_| panic!("no delivery on {} within {WAIT:?}", sub.topic()))
-        .expect("subscription open")
-        .expect("no stream error")
 }
 
 async fn raw(url: &str) -> redis::aio::MultiplexedConnection {

@@ -5,6 +5,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::TcpListener;
+
+use futures::StreamExt;
+use helix_messaging_core::{Delivery, Subscription};
+use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -116,4 +120,45 @@ pub fn wait_for_port(port: u16) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Longest wait for one expected delivery.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+/// The shared server (`REDIS_URL` overrides).
+pub fn shared_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// Deletes keys from the shared server when dropped, so a test leaves nothing behind even
+/// when it fails.
+pub struct DeleteOnDrop(pub Vec<String>);
+
+impl Drop for DeleteOnDrop {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = redis::Client::open(shared_url()).and_then(|c| c.get_connection()) {
+            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&self.0).query(&mut conn);
+        }
+    }
+}
+
+/// A broker for `url` in `mode`, with `tune` applied to its settings.
+pub async fn broker(
+    url: &str,
+    mode: RedisMode,
+    tune: impl FnOnce(&mut RedisConfig),
+) -> RedisBroker {
+    let mut config = RedisConfig::new(url, mode).expect("url");
+    tune(&mut config);
+    RedisBroker::connect(config).await.expect("connect")
+}
+
+/// The next delivery, failing the test if none arrives within [`WAIT`] or the stream errs
+/// or ends.
+pub async fn recv(sub: &mut Subscription) -> Delivery {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery on {} within {WAIT:?}", sub.topic()))
+        .expect("subscription open")
+        .expect("no stream error")
 }
