@@ -65,7 +65,12 @@ struct Tracker {
 }
 
 impl Tracker {
-    fn new(generation: u64, start: Option<i64>, metadata: Option<&str>) -> Self {
+    fn new(
+        generation: u64,
+        start: Option<i64>,
+        metadata: Option<&str>,
+        history_filter: Option<(i64, SystemTime)>,
+    ) -> Self {
         Tracker {
             generation,
             pending: BTreeSet::new(),
@@ -73,7 +78,7 @@ impl Tracker {
             stored: start.unwrap_or(i64::MIN),
             delivered: BTreeMap::new(),
             prior: metadata.map(parse_attempts_metadata).unwrap_or_default(),
-            history_filter: None,
+            history_filter,
         }
     }
 
@@ -198,8 +203,7 @@ impl GroupState {
         tracing::debug!(topic = %self.topic, generation, ?trackers, "partitions assigned");
         let mut partitions = self.partitions.lock();
         for (partition, start, metadata, filter) in trackers {
-            let mut tracker = Tracker::new(generation, start, metadata.as_deref());
-            tracker.history_filter = filter;
+            let tracker = Tracker::new(generation, start, metadata.as_deref(), filter);
             partitions.insert(partition, tracker);
         }
         positions

@@ -97,13 +97,12 @@ impl Shared {
         &self,
         kafka_topic: &str,
         message: &Message,
-        attempts_so_far: Option<u32>,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
         check_payload_size(NAME, message, self.config.max_payload_bytes)?;
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(kafka_topic)
             .payload(message.payload().as_ref())
             .timestamp(wire::millis(message.timestamp()))
-            .headers(wire::headers(message, attempts_so_far));
+            .headers(wire::headers(message));
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -127,17 +126,10 @@ impl Shared {
 
     /// Publish one message to `topic` (as the application names it) and wait for its report.
     /// A producer queue that stays full for the publish timeout is a retryable timeout.
-    pub(crate) async fn publish_one(
-        &self,
-        topic: &str,
-        message: &Message,
-        attempts_so_far: Option<u32>,
-    ) -> Result<()> {
+    async fn publish_one(&self, topic: &str, message: &Message) -> Result<()> {
         let kafka_topic = self.config.kafka_topic(topic);
         self.topics.ensure(&self.config, &kafka_topic).await?;
-        let report = self
-            .enqueue_waiting(&kafka_topic, message, attempts_so_far)
-            .await?;
+        let report = self.enqueue_waiting(&kafka_topic, message).await?;
         self.delivered(&kafka_topic, report).await
     }
 
@@ -146,11 +138,10 @@ impl Shared {
         &self,
         kafka_topic: &str,
         message: &Message,
-        attempts_so_far: Option<u32>,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
         let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
         loop {
-            match self.enqueue(kafka_topic, message, attempts_so_far) {
+            match self.enqueue(kafka_topic, message) {
                 Err(err)
                     if err.kind() == ErrorKind::Timeout
                         && err.is_retryable()
@@ -263,7 +254,7 @@ impl Publisher for KafkaBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
-        self.shared.publish_one(topic, &message, None).await
+        self.shared.publish_one(topic, &message).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
@@ -286,7 +277,7 @@ impl Publisher for KafkaBroker {
         let kafka_topic = &kafka_topic;
         BatchReport::pipelined(
             &messages,
-            |message| shared.enqueue_waiting(kafka_topic, message, None),
+            |message| shared.enqueue_waiting(kafka_topic, message),
             |report| shared.delivered(kafka_topic, report),
         )
         .await

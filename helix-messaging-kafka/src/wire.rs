@@ -3,8 +3,10 @@
 //! The payload is the record's value and the key its key, so other Kafka clients read the
 //! messages as they are; the record timestamp is the message timestamp (milliseconds).
 //! Application headers become record headers; the id, the exact (nanosecond) timestamp,
-//! content type, correlation id, priority, TTL and attempt count travel in reserved
-//! `x-helix-` headers.
+//! content type, correlation id, priority and TTL travel in reserved `x-helix-` headers.
+//! Records written by earlier versions as requeue copies carry an attempt count in
+//! `x-helix-attempt`, which is still read; attempts now live in the committed offsets'
+//! metadata (see the `consumer` module).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -18,10 +20,11 @@ const CONTENT_TYPE: &str = "x-helix-content-type";
 const CORRELATION_ID: &str = "x-helix-correlation-id";
 const PRIORITY: &str = "x-helix-priority";
 const TTL_MS: &str = "x-helix-ttl-ms";
+/// Written by earlier versions' requeue copies; only read.
 const ATTEMPT: &str = "x-helix-attempt";
 
-/// Record headers for `message`; `attempts_so_far` is set on a requeued copy.
-pub(crate) fn headers(message: &Message, attempts_so_far: Option<u32>) -> OwnedHeaders {
+/// Record headers for `message`.
+pub(crate) fn headers(message: &Message) -> OwnedHeaders {
     let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 4);
     for (name, value) in message.headers() {
         headers = headers.insert(Header {
@@ -48,9 +51,6 @@ pub(crate) fn headers(message: &Message, attempts_so_far: Option<u32>) -> OwnedH
     }
     if let Some(ttl) = message.ttl() {
         reserved(TTL_MS, &ttl.as_millis().to_string());
-    }
-    if let Some(attempts) = attempts_so_far {
-        reserved(ATTEMPT, &attempts.to_string());
     }
     headers
 }

@@ -3,8 +3,9 @@
 //! Topology: every topic is a routing key on one durable topic exchange
 //! ([`RabbitConfig::exchange`], `helixagent` by default). A consumer group is a durable queue
 //! named `<topic>.<group>` bound to that routing key, so members of a group share its
-//! messages and every group gets every message. A subscription without a group gets a
-//! server-named exclusive queue that goes away with it. Group queues are classic queues with
+//! messages and every group gets every message. A subscription without a group gets a queue
+//! of its own, `<topic>.private-<uuid>`, deleted with the subscription (and by `x-expires`
+//! if its process dies); not exclusive, so a reconnect finds it again. Group queues are classic queues with
 //! `x-max-priority`, so a backlog is delivered by priority; a message whose TTL has passed is
 //! dropped when it is read (see the `wire` module for why not the AMQP `expiration`).
 //!
@@ -186,6 +187,20 @@ impl Shared {
             .map_err(|_| self.publish_timed_out(routing_key))?
     }
 
+    /// Publish a copy straight to `queue` (the default exchange) and wait for its confirm: how
+    /// a requeue and a re-counted redelivery carry their attempt count.
+    async fn copy_to_queue(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        properties: lapin::BasicProperties,
+    ) -> Result<()> {
+        let confirm = self
+            .start_publish_raw("", queue, payload, properties)
+            .await?;
+        self.confirmed(queue, confirm).await
+    }
+
     fn publish_timed_out(&self, routing_key: &str) -> Error {
         Error::new(
             ErrorKind::Timeout,
@@ -319,8 +334,8 @@ struct SubscriptionSpec {
 }
 
 impl SubscriptionSpec {
-    /// The name of a named group's queue, `<topic>.<group>`; `None` for a private one (the
-    /// server names it).
+    /// The name of a named group's queue, `<topic>.<group>`; `None` for a private
+    /// subscription (see [`SubscriptionSpec::private_queue`]).
     fn group_queue(&self) -> Option<String> {
         self.group
             .as_ref()
@@ -917,14 +932,10 @@ impl ConsumerContext {
         }
         let counted = wire::attempts_in_header(&delivery.properties) + 1;
         let properties = wire::with_attempts(&delivery.properties, counted);
-        let shared = &self.shared;
-        let copied = match shared
-            .start_publish_raw("", queue, &delivery.data, properties)
-            .await
-        {
-            Ok(confirm) => shared.confirmed(queue, confirm).await,
-            Err(err) => Err(err),
-        };
+        let copied = self
+            .shared
+            .copy_to_queue(queue, &delivery.data, properties)
+            .await;
         match copied {
             Ok(()) => {
                 // If this fails the broker returns the original as well: a duplicate, never
@@ -988,14 +999,12 @@ impl Acknowledge for RabbitAcker {
                 // keep no delivery count, so this is how the next attempt knows its number.
                 // The copy is bounded by the publish timeout on its own, so the original is
                 // always settled one way or the other afterwards.
-                let shared = &self.context.shared;
-                let copied = match shared
-                    .start_publish("", queue, &self.message, Some(self.attempt))
-                    .await
-                {
-                    Ok(confirm) => shared.confirmed(queue, confirm).await,
-                    Err(err) => Err(err),
-                };
+                let properties = wire::properties(&self.message, Some(self.attempt));
+                let copied = self
+                    .context
+                    .shared
+                    .copy_to_queue(queue, self.message.payload(), properties)
+                    .await;
                 match copied {
                     Ok(()) => AckAction::Ack,
                     Err(err) => {

@@ -130,14 +130,14 @@ impl Shared {
 
     /// Run publish commands in one pipelined round trip. Pub/sub publishes that reached no
     /// subscriber are counted, not errors.
-    async fn send<'a>(
+    async fn send(
         &self,
         topic: &str,
-        commands: impl IntoIterator<Item = &'a redis::Cmd>,
+        commands: impl IntoIterator<Item = redis::Cmd>,
     ) -> Result<()> {
         let mut pipe = redis::pipe();
         for command in commands {
-            pipe.add_command(command.clone());
+            pipe.add_command(command);
         }
         let mut commands = self.commands.clone();
         let replies: Vec<redis::Value> = pipe
@@ -314,7 +314,7 @@ impl Publisher for RedisBroker {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
         let command = self.shared.prepare(topic, &message)?;
-        self.shared.send(topic, [&command]).await?;
+        self.shared.send(topic, [command]).await?;
         self.shared.published(topic);
         Ok(())
     }
@@ -334,9 +334,12 @@ impl Publisher for RedisBroker {
         }
         // One pipeline per chunk: one round trip for many messages, without building a
         // single enormous request.
-        for chunk in prepared.chunks(1000) {
-            if let Err(err) = self.shared.send(topic, chunk.iter().map(|(_, c)| c)).await {
-                failures.extend(chunk.iter().map(|(i, _)| (*i, err.copy_without_source())));
+        let mut prepared = prepared.into_iter().peekable();
+        while prepared.peek().is_some() {
+            let (indexes, commands): (Vec<usize>, Vec<redis::Cmd>) =
+                prepared.by_ref().take(1000).unzip();
+            if let Err(err) = self.shared.send(topic, commands).await {
+                failures.extend(indexes.into_iter().map(|i| (i, err.copy_without_source())));
             }
         }
         self.shared.published(topic);

@@ -135,14 +135,20 @@ impl Trimmer {
 /// Trim `topic` now.
 pub(crate) async fn trim(shared: &Shared, topic: &str) -> Result<TrimReport> {
     let streams = &shared.config.streams;
+    let mut commands = shared.commands.clone();
     let Some(max_len) = streams.max_len else {
+        // No limit: nothing to trim; the report still tells the length.
+        let length: u64 = redis::cmd("XLEN")
+            .arg(topic)
+            .query_async(&mut commands)
+            .await
+            .map_err(|e| from_redis(e, format!("XLEN {topic}")))?;
         return Ok(TrimReport {
             removed: 0,
             held_back: false,
-            length: 0,
+            length,
         });
     };
-    let mut commands = shared.commands.clone();
     let (removed, held, length): (u64, u8, u64) = shared
         .trimmer
         .script
