@@ -28,6 +28,10 @@ pub struct Capabilities {
     pub replay_by_time: bool,
     /// Rejected messages are routed to a dead-letter destination by the broker itself.
     pub native_dlq: bool,
+    /// A requeue can be delayed ([`Delivery::nack_after`](crate::Delivery::nack_after)): the
+    /// broker holds the message back for its group until the delay has passed, so a waiting
+    /// retry occupies nothing in the consumer and survives its crash.
+    pub delayed_delivery: bool,
     /// Largest payload accepted, in bytes, when the backend enforces one.
     pub max_payload_bytes: Option<usize>,
 }
@@ -44,12 +48,13 @@ impl Capabilities {
         redeliver_unacked: false,
         replay_by_time: false,
         native_dlq: false,
+        delayed_delivery: false,
         max_payload_bytes: None,
     };
 
     /// The boolean capabilities with a short column title each, in a fixed order (used to
     /// render and check the README's backend table).
-    pub fn flags(&self) -> [(&'static str, bool); 9] {
+    pub fn flags(&self) -> [(&'static str, bool); 10] {
         [
             ("Durable", self.durable),
             ("Ack + redelivery", self.redelivery),
@@ -60,6 +65,7 @@ impl Capabilities {
             ("Unacked handed over", self.redeliver_unacked),
             ("Replay by time", self.replay_by_time),
             ("Native DLQ", self.native_dlq),
+            ("Delayed requeue", self.delayed_delivery),
         ]
     }
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -62,6 +63,10 @@ pub enum Settlement {
     Ack,
     /// Not processed: hand it out again (to any member of the group), attempt + 1.
     Requeue,
+    /// Not processed: hand it out again to the same group, attempt + 1, but not before this
+    /// delay has passed. Only sent to an [`Acknowledge`] whose
+    /// [`delays_requeue`](Acknowledge::delays_requeue) is true.
+    RequeueAfter(Duration),
     /// Not processable: remove it without redelivery; backends with a native dead-letter
     /// route send it there.
     Reject,
@@ -80,6 +85,13 @@ pub trait Acknowledge: Send + Sync + 'static {
     /// no longer held because its subscription closed or its ack deadline passed, …). The
     /// message is then redelivered by the backend's own rules.
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()>;
+
+    /// Whether this delivery can be settled with [`Settlement::RequeueAfter`]: the backend
+    /// holds the message back itself, without the consumer keeping it (the backend declares
+    /// [`Capabilities::delayed_delivery`](crate::Capabilities::delayed_delivery)).
+    fn delays_requeue(&self) -> bool {
+        false
+    }
 }
 
 /// The settle-once handle of a delivery.
@@ -112,7 +124,22 @@ impl Settler {
     /// # Errors
     /// [`ErrorKind::AlreadySettled`] on a second call; otherwise the backend's error.
     pub async fn settle(&self, outcome: Settlement) -> Result<()> {
-        let acker = self.acker.lock().take();
+        let outcome = match outcome {
+            Settlement::RequeueAfter(delay) if delay.is_zero() => Settlement::Requeue,
+            other => other,
+        };
+        let acker = {
+            let mut slot = self.acker.lock();
+            if let (Settlement::RequeueAfter(_), Some(acker)) = (outcome, slot.as_ref()) {
+                if !acker.delays_requeue() {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        "this backend cannot delay a requeue (Capabilities::delayed_delivery is false); the delivery is still unsettled",
+                    ));
+                }
+            }
+            slot.take()
+        };
         match acker {
             Some(acker) => acker.settle(outcome).await,
             None => Err(Error::new(
@@ -128,6 +155,27 @@ impl Settler {
     /// As [`Settler::settle`].
     pub async fn ack(&self) -> Result<()> {
         self.settle(Settlement::Ack).await
+    }
+
+    /// Whether [`Settler::nack_after`] is available for this delivery (the backend holds a
+    /// delayed requeue itself).
+    pub fn can_delay(&self) -> bool {
+        self.acker
+            .lock()
+            .as_ref()
+            .is_some_and(|a| a.delays_requeue())
+    }
+
+    /// Not processed: hand the message out again to this delivery's group, attempt + 1, once
+    /// `delay` has passed. The broker holds it meanwhile: nothing in this process waits, and a
+    /// crash of this process loses nothing. A zero delay is a plain requeue.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] when the backend cannot delay a requeue (see
+    /// [`Settler::can_delay`]); the delivery is then still unsettled and can be settled
+    /// otherwise. Otherwise as [`Settler::settle`].
+    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
+        self.settle(Settlement::RequeueAfter(delay)).await
     }
 
     /// Not processed: `requeue = true` hands it out again with attempt + 1; `requeue = false`
@@ -239,6 +287,19 @@ impl Delivery {
     /// As [`Settler::settle`].
     pub async fn reject(&self) -> Result<()> {
         self.settler.reject().await
+    }
+
+    /// See [`Settler::nack_after`].
+    ///
+    /// # Errors
+    /// As [`Settler::nack_after`].
+    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
+        self.settler.nack_after(delay).await
+    }
+
+    /// See [`Settler::can_delay`].
+    pub fn can_delay(&self) -> bool {
+        self.settler.can_delay()
     }
 }
 

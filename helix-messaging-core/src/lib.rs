@@ -7,10 +7,13 @@
 mod broker;
 mod capabilities;
 mod delivery;
+pub mod dlq;
 mod error;
 mod message;
 mod names;
+pub mod retry;
 mod runner;
+mod typed;
 
 pub use broker::{
     BatchReport, Broker, DEFAULT_PREFETCH, Health, HealthStatus, HistoryEntry, HistoryStream,
@@ -19,12 +22,13 @@ pub use broker::{
 pub use capabilities::Capabilities;
 pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
 pub use error::{BoxError, Error, ErrorKind, Result, within};
-pub use message::{Headers, MAX_PRIORITY, Message, MessageParts};
+pub use message::{Headers, MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message, MessageParts};
 pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};
 pub use runner::{
     BoxHandler, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_TIMEOUT, FailureKind, Handler, HandlerError,
     HandlerFn, Layer, RunReport, Runner, RunnerBuilder, handler_fn,
 };
+pub use typed::{JsonHandler, json_handler};
 
 /// Re-exported so adapters and layers implement the traits with the same macro version.
 pub use async_trait::async_trait;

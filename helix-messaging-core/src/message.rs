@@ -9,6 +9,10 @@ use serde::{Deserialize, Serialize};
 /// Highest message priority (the seeds' range is 0–10, higher is more urgent).
 pub const MAX_PRIORITY: u8 = 10;
 
+/// The header naming a message's type (`llm.request`, `verification.completed`, …): what DLQ
+/// handlers are registered for and what replay filters on.
+pub const MESSAGE_TYPE_HEADER: &str = "type";
+
 /// String headers carried with a message, ordered by name.
 pub type Headers = BTreeMap<String, String>;
 

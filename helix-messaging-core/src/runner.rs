@@ -8,7 +8,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::{FutureExt, StreamExt};
@@ -16,7 +16,8 @@ use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
-use crate::{BoxError, Envelope, Result, Settler, SubscribeOptions, Subscriber};
+use crate::dlq::DeadLetterReason;
+use crate::{BoxError, Envelope, ErrorKind, Result, Settler, SubscribeOptions, Subscriber};
 
 /// Default number of handlers running at once.
 pub const DEFAULT_CONCURRENCY: usize = 10;
@@ -40,23 +41,83 @@ pub enum FailureKind {
 pub struct HandlerError {
     kind: FailureKind,
     error: BoxError,
+    retry_after: Option<Duration>,
+    reason: Option<DeadLetterReason>,
+    first_failure: Option<SystemTime>,
 }
 
 impl HandlerError {
-    /// A failure that may succeed on another attempt.
-    pub fn transient(error: impl Into<BoxError>) -> Self {
+    fn with_kind(kind: FailureKind, error: BoxError) -> Self {
         HandlerError {
-            kind: FailureKind::Transient,
-            error: error.into(),
+            kind,
+            error,
+            retry_after: None,
+            reason: None,
+            first_failure: None,
         }
     }
 
-    /// A failure that will never succeed (undecodable payload, invalid request, …).
+    /// A failure that may succeed on another attempt.
+    pub fn transient(error: impl Into<BoxError>) -> Self {
+        HandlerError::with_kind(FailureKind::Transient, error.into())
+    }
+
+    /// A failure that will never succeed (invalid request, …): with a
+    /// [`DeadLetterLayer`](crate::dlq::DeadLetterLayer) it is dead-lettered at once with
+    /// reason [`DeadLetterReason::Permanent`].
     pub fn permanent(error: impl Into<BoxError>) -> Self {
-        HandlerError {
-            kind: FailureKind::Permanent,
-            error: error.into(),
+        HandlerError::with_kind(FailureKind::Permanent, error.into())
+    }
+
+    /// A payload that cannot be decoded into the handler's type: permanent, dead-lettered on
+    /// its first delivery with reason [`DeadLetterReason::Undecodable`].
+    pub fn undecodable(error: impl Into<BoxError>) -> Self {
+        HandlerError::permanent(error).with_reason(DeadLetterReason::Undecodable)
+    }
+
+    /// A permanent failure with this dead-letter reason.
+    #[must_use]
+    pub fn with_reason(mut self, reason: DeadLetterReason) -> Self {
+        self.kind = FailureKind::Permanent;
+        self.reason = Some(reason);
+        self
+    }
+
+    /// Ask for the next attempt no sooner than `delay` from now (a transient failure only;
+    /// the retry layer sets it from its backoff). The runner settles with
+    /// [`Settler::nack_after`] where the backend holds delayed requeues, and otherwise keeps
+    /// the delivery unsettled for the delay without occupying a handler slot.
+    #[must_use]
+    pub fn with_retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// Record when this message first failed (the retry layer does, for the dead letter).
+    #[must_use]
+    pub fn with_first_failure(mut self, at: SystemTime) -> Self {
+        self.first_failure = Some(at);
+        self
+    }
+
+    /// The delay asked for before the next attempt, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+
+    /// Why the message should be dead-lettered: the reason given, or
+    /// [`DeadLetterReason::Permanent`] for a permanent failure without one. `None` for a
+    /// transient failure.
+    pub fn dead_letter_reason(&self) -> Option<DeadLetterReason> {
+        match self.kind {
+            FailureKind::Permanent => Some(self.reason.unwrap_or(DeadLetterReason::Permanent)),
+            FailureKind::Transient => None,
         }
+    }
+
+    /// When the message first failed, if a layer recorded it.
+    pub fn first_failure(&self) -> Option<SystemTime> {
+        self.first_failure
     }
 
     /// Transient or permanent.
@@ -91,6 +152,8 @@ impl fmt::Debug for HandlerError {
         f.debug_struct("HandlerError")
             .field("kind", &self.kind)
             .field("error", &self.error)
+            .field("retry_after", &self.retry_after)
+            .field("reason", &self.reason)
             .finish()
     }
 }
@@ -178,6 +241,9 @@ pub struct RunReport {
     pub acked: u64,
     /// Handler failed transiently (or panicked); delivery requeued.
     pub requeued: u64,
+    /// Handler failed transiently and asked for a delay: delivery requeued after it (by the
+    /// broker where it holds delayed requeues, otherwise by the runner holding it meanwhile).
+    pub delayed: u64,
     /// Handler failed permanently; delivery rejected.
     pub rejected: u64,
     /// Handler was still running when the shutdown timeout passed; delivery requeued.
@@ -192,6 +258,7 @@ pub struct RunReport {
 struct Counters {
     acked: AtomicU64,
     requeued: AtomicU64,
+    delayed: AtomicU64,
     rejected: AtomicU64,
     interrupted: AtomicU64,
     settle_errors: AtomicU64,
@@ -203,6 +270,7 @@ impl Counters {
         RunReport {
             acked: self.acked.load(Ordering::Relaxed),
             requeued: self.requeued.load(Ordering::Relaxed),
+            delayed: self.delayed.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             interrupted: self.interrupted.load(Ordering::Relaxed),
             settle_errors: self.settle_errors.load(Ordering::Relaxed),
@@ -381,7 +449,10 @@ impl RunLoop {
                 self.handler.clone(),
                 envelope,
                 settler,
-                self.interrupt.clone(),
+                Tokens {
+                    stop: self.stop.clone(),
+                    interrupt: self.interrupt.clone(),
+                },
                 self.counters.clone(),
                 slot,
             ));
@@ -407,19 +478,26 @@ impl RunLoop {
     }
 }
 
+struct Tokens {
+    /// Shutdown requested: a delivery held for a delayed retry is requeued at once.
+    stop: CancellationToken,
+    /// Shutdown timeout passed: running handlers are abandoned and their deliveries requeued.
+    interrupt: CancellationToken,
+}
+
 async fn handle_one(
     handler: BoxHandler,
     envelope: Envelope,
     settler: Settler,
-    interrupt: CancellationToken,
+    tokens: Tokens,
     counters: Arc<Counters>,
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    slot: tokio::sync::OwnedSemaphorePermit,
 ) {
     let message_id = envelope.message.id().to_owned();
     let topic = envelope.info.topic.clone();
     let outcome = tokio::select! {
         biased;
-        () = interrupt.cancelled() => None,
+        () = tokens.interrupt.cancelled() => None,
         result = AssertUnwindSafe(handler.handle(envelope)).catch_unwind() => Some(result),
     };
     let (settled, counter) = match outcome {
@@ -429,10 +507,21 @@ async fn handle_one(
             tracing::warn!(%topic, message_id, error = %err, "handler failed permanently; rejecting");
             (settler.reject().await, &counters.rejected)
         }
-        Some(Ok(Err(err))) => {
-            tracing::debug!(%topic, message_id, error = %err, "handler failed; requeueing");
-            (settler.nack(true).await, &counters.requeued)
-        }
+        Some(Ok(Err(err))) => match err.retry_after().filter(|d| !d.is_zero()) {
+            Some(delay) => {
+                tracing::debug!(%topic, message_id, error = %err, ?delay, "handler failed; requeueing after a delay");
+                // The handler slot is free from here on: a waiting retry never blocks others.
+                drop(slot);
+                (
+                    requeue_after(&settler, delay, &tokens.stop).await,
+                    &counters.delayed,
+                )
+            }
+            None => {
+                tracing::debug!(%topic, message_id, error = %err, "handler failed; requeueing");
+                (settler.nack(true).await, &counters.requeued)
+            }
+        },
         Some(Err(_panic)) => {
             tracing::error!(%topic, message_id, "handler panicked; requeueing");
             (settler.nack(true).await, &counters.requeued)
@@ -442,5 +531,21 @@ async fn handle_one(
     if let Err(err) = settled {
         counters.settle_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%topic, message_id, error = %err, "could not settle delivery");
+    }
+}
+
+/// Requeue after `delay`: by the broker where it holds delayed requeues, otherwise by keeping
+/// the delivery unsettled here for the delay (it then holds a prefetch place, not a handler
+/// slot) and requeueing at once if the runner shuts down meanwhile.
+async fn requeue_after(settler: &Settler, delay: Duration, stop: &CancellationToken) -> Result<()> {
+    match settler.nack_after(delay).await {
+        Err(err) if err.kind() == ErrorKind::Unsupported => {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+            settler.nack(true).await
+        }
+        other => other,
     }
 }

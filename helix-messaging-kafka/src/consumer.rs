@@ -673,6 +673,12 @@ impl Drop for KafkaAcker {
 #[async_trait]
 impl Acknowledge for KafkaAcker {
     async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
+        if let Settlement::RequeueAfter(_) = outcome {
+            return Err(Error::unsupported(
+                crate::NAME,
+                "a delayed requeue (this delivery does not declare delays_requeue)",
+            ));
+        }
         self.settled = true;
         let consumer = self.consumer.upgrade().ok_or_else(|| {
             Error::new(

@@ -40,7 +40,7 @@ use helix_messaging_core::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use state::{Blocked, SettleError, Take, Taken, TopicState};
+use state::{Blocked, SettleAction, SettleError, Take, Taken, TopicState};
 
 /// Backend name reported by [`Broker::name`].
 pub const NAME: &str = "memory";
@@ -56,6 +56,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     redeliver_unacked: true,
     replay_by_time: true,
     native_dlq: false,
+    delayed_delivery: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -482,13 +483,21 @@ struct MemoryAcker {
 
 #[async_trait]
 impl Acknowledge for MemoryAcker {
+    fn delays_requeue(&self) -> bool {
+        true
+    }
+
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
-        let requeue = outcome == Settlement::Requeue;
+        let action = match outcome {
+            Settlement::Ack | Settlement::Reject => SettleAction::Remove,
+            Settlement::Requeue => SettleAction::Requeue,
+            Settlement::RequeueAfter(delay) => SettleAction::RequeueAt(Instant::now() + delay),
+        };
         let settled = self
             .topic
             .state
             .lock()
-            .settle(self.slot, self.token, requeue);
+            .settle(self.slot, self.token, action);
         match settled {
             Ok(freed_room) => {
                 if freed_room {

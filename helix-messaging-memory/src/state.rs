@@ -47,6 +47,9 @@ pub(crate) struct Group {
     /// Keyed by delivery token, which grows with delivery time; with one ack deadline for the
     /// whole broker the first entry is therefore always the next to expire.
     in_flight: BTreeMap<u64, InFlight>,
+    /// Requeued with a delay: held back until the instant, keyed with the delivery token so
+    /// equal instants stay apart and keep their order.
+    delayed: BTreeMap<(Instant, u64), Ready>,
     members: Vec<Member>,
 }
 
@@ -58,12 +61,27 @@ impl Group {
             ready_len: 0,
             earliest_expiry: None,
             in_flight: BTreeMap::new(),
+            delayed: BTreeMap::new(),
             members: Vec::new(),
         }
     }
 
     fn depth(&self) -> usize {
-        self.ready_len + self.in_flight.len()
+        self.ready_len + self.in_flight.len() + self.delayed.len()
+    }
+
+    /// Move every delayed entry whose time has come to the head of the ready queue.
+    fn release_due(&mut self, now: Instant) {
+        let mut due = Vec::new();
+        while let Some(entry) = self.delayed.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        if !due.is_empty() {
+            self.push_front_in_order(due);
+        }
     }
 
     fn push_back(&mut self, ready: Ready) {
@@ -171,6 +189,17 @@ pub(crate) enum Take {
 pub(crate) enum Blocked {
     Full { group: String, capacity: usize },
     Closed,
+}
+
+/// What settling does with a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SettleAction {
+    /// Remove it (ack or reject).
+    Remove,
+    /// Hand it out again now.
+    Requeue,
+    /// Hand it out again once this instant has passed.
+    RequeueAt(Instant),
 }
 
 /// Outcome of settling a delivery.
@@ -409,6 +438,7 @@ impl TopicState {
             return Take::Closed;
         };
         group.requeue_overdue(now);
+        group.release_due(now);
         let Some(member) = group.member_mut(member_id) else {
             return Take::Closed;
         };
@@ -440,7 +470,12 @@ impl TopicState {
                 },
             );
         }
-        let next_deadline = group.in_flight.values().next().and_then(|f| f.deadline);
+        let next_ack_deadline = group.in_flight.values().next().and_then(|f| f.deadline);
+        let next_release = group.delayed.keys().next().map(|(at, _)| *at);
+        let next_deadline = match (next_ack_deadline, next_release) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if let Some(member) = group.member_mut(member_id) {
             member.outstanding += taken.len();
         }
@@ -459,7 +494,7 @@ impl TopicState {
         &mut self,
         slot: usize,
         token: u64,
-        requeue: bool,
+        action: SettleAction,
     ) -> Result<bool, SettleError> {
         if self.closed {
             return Err(SettleError::Closed);
@@ -476,13 +511,25 @@ impl TopicState {
             }
             member.outstanding -= 1;
         }
-        if requeue {
-            group.push_front_in_order(vec![in_flight.ready]);
+        let removed = match action {
+            SettleAction::Remove => true,
+            SettleAction::Requeue => {
+                group.push_front_in_order(vec![in_flight.ready]);
+                false
+            }
+            SettleAction::RequeueAt(at) => {
+                group.delayed.insert((at, token), in_flight.ready);
+                false
+            }
+        };
+        // Every member is woken for a delayed entry too: one of them must recompute its
+        // wake-up time to include the release.
+        if !removed {
             group.notify_members();
         } else if let Some(notify) = wake_member {
             notify.notify_one();
         }
-        Ok(was_full && !requeue)
+        Ok(was_full && removed)
     }
 
     /// The retained messages recorded in `[from, to)`.

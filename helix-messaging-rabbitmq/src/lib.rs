@@ -72,6 +72,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // Needs the replay journal, which is off by default; see `RabbitConfig::replay_journal`.
     replay_by_time: false,
     native_dlq: true,
+    delayed_delivery: false,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -994,6 +995,12 @@ impl Acknowledge for RabbitAcker {
         let action = match outcome {
             Settlement::Ack => AckAction::Ack,
             Settlement::Reject => AckAction::Reject,
+            Settlement::RequeueAfter(_) => {
+                return Err(Error::unsupported(
+                    NAME,
+                    "a delayed requeue (this delivery does not declare delays_requeue)",
+                ));
+            }
             Settlement::Requeue => {
                 // A copy carrying the attempt count, then the original acked: classic queues
                 // keep no delivery count, so this is how the next attempt knows its number.

@@ -159,7 +159,7 @@ impl Acknowledge for PubSubAcker {
         }
         match outcome {
             Settlement::Ack | Settlement::Reject => Ok(()),
-            Settlement::Requeue => Err(Error::unsupported(
+            Settlement::Requeue | Settlement::RequeueAfter(_) => Err(Error::unsupported(
                 PUBSUB_NAME,
                 "requeue (pub/sub delivers at most once; retry in process or use redis-streams)",
             )),

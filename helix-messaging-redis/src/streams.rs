@@ -21,9 +21,9 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::Shared;
 use crate::codec;
 use crate::error::{from_redis, has_code};
+use crate::{STREAMS_NAME, Shared};
 
 /// Consumer name that holds requeued and handed-back entries until a member claims them.
 pub const REQUEUE_CONSUMER: &str = "helix-requeue";
@@ -640,6 +640,10 @@ impl Acknowledge for StreamAcker {
                 0 => Err(not_pending()),
                 _ => Ok(()),
             },
+            Settlement::RequeueAfter(_) => Err(Error::unsupported(
+                STREAMS_NAME,
+                "a delayed requeue (this delivery does not declare delays_requeue)",
+            )),
             Settlement::Requeue => {
                 let mut commands = reader.shared.commands.clone();
                 let ids = [self.id.clone()];

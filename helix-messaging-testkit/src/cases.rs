@@ -12,6 +12,9 @@ use helix_messaging_core::{
 
 use crate::{Case, Ctx, Needs};
 
+mod reliability;
+pub use reliability::*;
+
 macro_rules! cases {
     ($($name:ident: [$($need:ident),*];)*) => {
         /// Every case, in the order the runner reports them.
@@ -47,6 +50,12 @@ cases! {
     zero_ttl_is_never_delivered: [Ttl];
     settling_after_close_fails: [];
     prefetched_but_unseen_is_not_an_attempt: [ConsumerGroups, RedeliverUnacked];
+    delayed_requeue_holds_the_message_back: [ConsumerGroups, DelayedDelivery];
+    delayed_requeue_is_declared_honestly: [];
+    retry_then_dead_letter_after_exact_attempts: [ConsumerGroups, Redelivery];
+    undecodable_is_dead_lettered_on_first_delivery: [ConsumerGroups];
+    poison_message_does_not_stall_the_others: [ConsumerGroups, Redelivery];
+    processor_ingests_lists_and_reprocesses: [ConsumerGroups];
 }
 
 /// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty

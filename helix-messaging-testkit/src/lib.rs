@@ -61,6 +61,8 @@ pub enum Needs {
     ReplayByTime,
     /// [`Capabilities::max_payload_bytes`] is set.
     PayloadLimit,
+    /// [`Capabilities::delayed_delivery`].
+    DelayedDelivery,
 }
 
 impl Needs {
@@ -75,6 +77,7 @@ impl Needs {
             Needs::RedeliverUnacked => caps.redeliver_unacked,
             Needs::ReplayByTime => caps.replay_by_time,
             Needs::PayloadLimit => caps.max_payload_bytes.is_some(),
+            Needs::DelayedDelivery => caps.delayed_delivery,
         }
     }
 
@@ -88,6 +91,7 @@ impl Needs {
             Needs::RedeliverUnacked => "redelivery of unacked messages",
             Needs::ReplayByTime => "replay by time",
             Needs::PayloadLimit => "a payload limit",
+            Needs::DelayedDelivery => "delayed delivery",
         }
     }
 }

@@ -1,0 +1,292 @@
+//! Dead-lettering: what happens to a message that cannot be processed, and the management
+//! plane over what was dead-lettered (the seeds' "Dead Letter Queue (DLQ) Processing").
+//!
+//! - [`DeadLetterLayer`] (a runner [`Layer`]) sends a message to its DLQ topic when the
+//!   handler fails permanently, when a [`RetryLayer`](crate::retry::RetryLayer) has used up
+//!   its retries, or when the payload cannot be decoded; the original is acked only once the
+//!   DLQ publish is confirmed.
+//! - The DLQ message is readable by any client: the original payload as the body, the
+//!   original headers, and the failure facts in `x-helix-dlq-*` headers ([`DeadLetter`]).
+//! - [`Processor`] ingests the DLQ topics into a [`DeadLetterStore`] (in memory, SQLite,
+//!   PostgreSQL), re-drives with backoff, parks what stays broken, and offers list / get /
+//!   reprocess / discard / purge, failure groups and bulk redrive jobs.
+
+mod letter;
+mod processor;
+mod redrive;
+mod store;
+
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+
+pub use letter::{
+    DeadLetter, DeadLetterReason, HEADER_ATTEMPTS, HEADER_DEAD_LETTERED_AT, HEADER_ERROR,
+    HEADER_ERROR_TRUNCATED, HEADER_FIRST_FAILURE, HEADER_GROUP, HEADER_LAST_FAILURE,
+    HEADER_ORIGINAL_ID, HEADER_ORIGINAL_TIMESTAMP, HEADER_ORIGINAL_TOPIC, HEADER_PREFIX,
+    HEADER_REASON, HEADER_REDRIVE_COUNT, MAX_ERROR_HEADER_BYTES,
+};
+pub use processor::{
+    DEFAULT_PROCESSOR_GROUP, DlqHandler, DlqPage, Processor, ProcessorConfig, ProcessorMetrics,
+};
+pub use redrive::{CanaryConfig, RedriveProgress, RedriveRequest, RedriveStatus};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteDeadLetterStore;
+pub use store::{
+    DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, MemoryDeadLetterStore,
+    StoredDeadLetter,
+};
+
+use crate::{
+    BoxHandler, Envelope, Error, Handler, HandlerError, Layer, Publisher, Result, validate_name,
+};
+
+/// The seeds' dead-letter queue (RabbitMQ's `helixagent.dlq`): the default DLQ topic.
+pub const DEFAULT_DLQ_TOPIC: &str = "helixagent.dlq";
+/// The seeds' dead-letter topic for tasks (`helixagent.dlq.tasks`).
+pub const TASK_DLQ_TOPIC: &str = "helixagent.dlq.tasks";
+/// The seeds' dead-letter topic for events (`helixagent.dlq.events`).
+pub const EVENT_DLQ_TOPIC: &str = "helixagent.dlq.events";
+
+/// Where dead letters go.
+///
+/// Every failed message goes to [`topic`](DeadLetterConfig::topic) unless a route matches its
+/// topic: routes are `(prefix, dlq topic)` pairs, the longest matching prefix wins.
+/// [`DeadLetterConfig::seeds`] routes `helixagent.tasks.*` to `helixagent.dlq.tasks` and
+/// `helixagent.events.*` to `helixagent.dlq.events`, as the seeds' topology does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    topic: String,
+    routes: Vec<(String, String)>,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig {
+            topic: DEFAULT_DLQ_TOPIC.to_owned(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+impl DeadLetterConfig {
+    /// Everything to `topic`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for an invalid topic name.
+    pub fn new(topic: impl Into<String>) -> Result<Self> {
+        let topic = topic.into();
+        validate_name("DLQ topic", &topic)?;
+        Ok(DeadLetterConfig {
+            topic,
+            routes: Vec::new(),
+        })
+    }
+
+    /// The seeds' topology: tasks to `helixagent.dlq.tasks`, events to
+    /// `helixagent.dlq.events`, anything else to `helixagent.dlq`.
+    pub fn seeds() -> Self {
+        DeadLetterConfig {
+            topic: DEFAULT_DLQ_TOPIC.to_owned(),
+            routes: vec![
+                ("helixagent.tasks.".to_owned(), TASK_DLQ_TOPIC.to_owned()),
+                ("helixagent.events.".to_owned(), EVENT_DLQ_TOPIC.to_owned()),
+            ],
+        }
+    }
+
+    /// Send failures of topics starting with `prefix` to `dlq_topic`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for an invalid topic name.
+    pub fn route(
+        mut self,
+        prefix: impl Into<String>,
+        dlq_topic: impl Into<String>,
+    ) -> Result<Self> {
+        let dlq_topic = dlq_topic.into();
+        validate_name("DLQ topic", &dlq_topic)?;
+        self.routes.push((prefix.into(), dlq_topic));
+        Ok(self)
+    }
+
+    /// The DLQ topic for a message that failed on `topic`.
+    pub fn topic_for(&self, topic: &str) -> &str {
+        self.routes
+            .iter()
+            .filter(|(prefix, _)| topic.starts_with(prefix.as_str()))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.topic.as_str(), |(_, dlq)| dlq.as_str())
+    }
+
+    /// Every DLQ topic this configuration can send to (what a [`Processor`] consumes).
+    pub fn topics(&self) -> Vec<String> {
+        let mut topics: Vec<String> = std::iter::once(self.topic.clone())
+            .chain(self.routes.iter().map(|(_, t)| t.clone()))
+            .collect();
+        topics.sort();
+        topics.dedup();
+        topics
+    }
+}
+
+/// Sends dead letters: publishes each to its DLQ topic (confirmed), and records the full
+/// error text in a store when one is attached.
+#[derive(Clone)]
+pub struct DeadLetterQueue {
+    publisher: Arc<dyn Publisher>,
+    config: Arc<DeadLetterConfig>,
+    store: Option<Arc<dyn DeadLetterStore>>,
+}
+
+impl std::fmt::Debug for DeadLetterQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeadLetterQueue")
+            .field("config", &self.config)
+            .field("store", &self.store.is_some())
+            .finish()
+    }
+}
+
+impl DeadLetterQueue {
+    /// Dead letters published through `publisher` (any `Arc<dyn Broker>` coerces) to the
+    /// topics of `config`.
+    pub fn new(publisher: Arc<dyn Publisher>, config: DeadLetterConfig) -> Self {
+        DeadLetterQueue {
+            publisher,
+            config: Arc::new(config),
+            store: None,
+        }
+    }
+
+    /// Also record each dead letter, with its full error text, in `store` (the DLQ topic's
+    /// header carries at most [`MAX_ERROR_HEADER_BYTES`] of it).
+    #[must_use]
+    pub fn with_store(mut self, store: Arc<dyn DeadLetterStore>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DeadLetterConfig {
+        &self.config
+    }
+
+    /// Publish `letter` to its DLQ topic and wait for the broker's confirmation; then record
+    /// it in the store, if one is attached. Returns the DLQ topic.
+    ///
+    /// # Errors
+    /// The publish error: the dead letter did not reach the broker, so the caller must not
+    /// settle the original. A failure to record in the store is only logged: the
+    /// [`Processor`] ingests the letter from the DLQ topic anyway.
+    pub async fn send(&self, letter: &DeadLetter) -> Result<String> {
+        let topic = self.config.topic_for(&letter.original_topic).to_owned();
+        self.publisher.publish(&topic, letter.to_message()).await?;
+        metrics::counter!(
+            "messaging_dead_lettered_total",
+            "topic" => letter.original_topic.clone(),
+            "reason" => letter.reason.as_str(),
+        )
+        .increment(1);
+        if let Some(store) = &self.store {
+            let entry = StoredDeadLetter::received(letter.clone(), SystemTime::now());
+            if let Err(err) = store.insert(entry).await {
+                tracing::warn!(dead_letter = %letter.id, error = %err, "dead letter published but not recorded in the store; the processor ingests it from the DLQ topic");
+            }
+        }
+        Ok(topic)
+    }
+}
+
+/// A runner [`Layer`] that dead-letters what cannot be processed.
+///
+/// When the inner handler fails permanently (its own verdict, an undecodable payload, or
+/// retries used up under a [`RetryLayer`](crate::retry::RetryLayer) inside this layer), the
+/// message is published to its DLQ topic with the failure facts and, once the broker has
+/// confirmed that, reported as handled so the runner acks the original. If the DLQ publish
+/// fails, the original is requeued (after [`DeadLetterLayer::PUBLISH_RETRY_DELAY`]), never
+/// acked: nothing is lost while the DLQ is unreachable.
+pub struct DeadLetterLayer {
+    queue: DeadLetterQueue,
+}
+
+impl DeadLetterLayer {
+    /// How long a message whose dead-lettering failed waits before it is tried again.
+    pub const PUBLISH_RETRY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
+
+    /// A layer sending to `queue`.
+    pub fn new(queue: DeadLetterQueue) -> Self {
+        DeadLetterLayer { queue }
+    }
+}
+
+impl Layer for DeadLetterLayer {
+    fn layer(&self, inner: BoxHandler) -> BoxHandler {
+        Arc::new(DeadLettering {
+            inner,
+            queue: self.queue.clone(),
+        })
+    }
+}
+
+struct DeadLettering {
+    inner: BoxHandler,
+    queue: DeadLetterQueue,
+}
+
+#[async_trait]
+impl Handler for DeadLettering {
+    async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
+        // Reference-counted copies, so the failure path still has the message.
+        let message = envelope.message.clone();
+        let info = envelope.info.clone();
+        let err = match self.inner.handle(envelope).await {
+            Ok(()) => return Ok(()),
+            Err(err) => err,
+        };
+        let Some(reason) = err.dead_letter_reason() else {
+            return Err(err);
+        };
+        let now = SystemTime::now();
+        let letter = DeadLetter::new(
+            &message,
+            &info,
+            reason,
+            &err.error().to_string(),
+            err.first_failure().unwrap_or(now),
+            now,
+        );
+        match self.queue.send(&letter).await {
+            Ok(topic) => {
+                tracing::warn!(
+                    topic = %info.topic,
+                    message_id = message.id(),
+                    dead_letter = %letter.id,
+                    dlq_topic = %topic,
+                    reason = reason.as_str(),
+                    attempts = info.attempt,
+                    error = %err,
+                    "message dead-lettered"
+                );
+                Ok(())
+            }
+            Err(send) => {
+                tracing::error!(
+                    topic = %info.topic,
+                    message_id = message.id(),
+                    error = %send,
+                    "could not dead-letter the message; requeueing it"
+                );
+                Err(HandlerError::transient(Error::new(
+                    send.kind(),
+                    format!("dead-lettering failed ({send}) after: {err}"),
+                ))
+                .with_retry_after(DeadLetterLayer::PUBLISH_RETRY_DELAY))
+            }
+        }
+    }
+}

@@ -1,0 +1,653 @@
+//! The DLQ processor (the seeds' `dlq.NewProcessor(broker, ProcessorConfig)`): ingests DLQ
+//! topics into a store, re-drives on a schedule with backoff, parks what stays broken, and
+//! offers the management operations.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::redrive::{self, Job, RedriveProgress, RedriveRequest};
+use super::{
+    DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup,
+    StoredDeadLetter,
+};
+use crate::retry::RetryPolicy;
+use crate::{
+    BoxError, Broker, Envelope, Error, ErrorKind, HandlerError, Result, Runner, handler_fn,
+    validate_name,
+};
+
+/// Group the processor consumes DLQ topics in.
+pub const DEFAULT_PROCESSOR_GROUP: &str = "helix-dlq-processor";
+
+/// How the [`Processor`] works (the seeds' `dlq.ProcessorConfig`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessorConfig {
+    /// Automatic re-drives of one message, counted across its trips through the DLQ (the
+    /// [`HEADER_REDRIVE_COUNT`](super::HEADER_REDRIVE_COUNT) header), before it is parked
+    /// (default 3).
+    pub max_retries: u32,
+    /// Wait before the first automatic re-drive (default 1 s).
+    pub retry_delay: Duration,
+    /// Factor the wait grows by per re-drive (default 2.0).
+    pub retry_backoff_multiplier: f32,
+    /// Longest wait between re-drives (default 30 s).
+    pub max_retry_delay: Duration,
+    /// Longest a registered handler may take for one message (default 30 s); a handler
+    /// still running then counts as failed.
+    pub processing_timeout: Duration,
+    /// Entries re-driven per poll (default 10).
+    pub batch_size: usize,
+    /// Time between polls for due re-drives (default 5 s).
+    pub poll_interval: Duration,
+    /// DLQ topics to ingest (default `["helixagent.dlq"]`; see
+    /// [`DeadLetterConfig::topics`](super::DeadLetterConfig::topics)).
+    pub topics: Vec<String>,
+    /// Consumer group the DLQ topics are ingested in (default `helix-dlq-processor`).
+    pub group: String,
+    /// Re-drive automatically (default true). Off, entries wait for an operator.
+    pub auto_redrive: bool,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            max_retries: 3,
+            retry_delay: Duration::from_secs(1),
+            retry_backoff_multiplier: 2.0,
+            max_retry_delay: Duration::from_secs(30),
+            processing_timeout: Duration::from_secs(30),
+            batch_size: 10,
+            poll_interval: Duration::from_secs(5),
+            topics: vec![DEFAULT_DLQ_TOPIC.to_owned()],
+            group: DEFAULT_PROCESSOR_GROUP.to_owned(),
+            auto_redrive: true,
+        }
+    }
+}
+
+impl ProcessorConfig {
+    fn backoff(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_retries: self.max_retries,
+            retry_delay: self.retry_delay,
+            retry_backoff_multiplier: self.retry_backoff_multiplier,
+            max_retry_delay: self.max_retry_delay,
+            jitter: true,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        self.backoff().validate()?;
+        if self.batch_size == 0 {
+            return Err(Error::config("batch_size", "must be at least 1"));
+        }
+        if self.poll_interval.is_zero() {
+            return Err(Error::config("poll_interval", "must be longer than zero"));
+        }
+        if self.topics.is_empty() {
+            return Err(Error::config("topics", "name at least one DLQ topic"));
+        }
+        for topic in &self.topics {
+            validate_name("DLQ topic", topic)?;
+        }
+        validate_name("group", &self.group)
+    }
+}
+
+/// Custom re-processing for one message type (the seeds' `RegisterHandler`): called instead
+/// of republishing to the original topic. `Ok` resolves the entry; `Err` counts as a failed
+/// re-drive.
+#[async_trait]
+pub trait DlqHandler: Send + Sync + 'static {
+    /// Re-process one dead letter.
+    ///
+    /// # Errors
+    /// Why it failed again; the processor retries with backoff, then parks it.
+    async fn handle(&self, letter: DeadLetter) -> std::result::Result<(), BoxError>;
+}
+
+#[async_trait]
+impl<F, Fut> DlqHandler for F
+where
+    F: Fn(DeadLetter) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<(), BoxError>> + Send + 'static,
+{
+    async fn handle(&self, letter: DeadLetter) -> std::result::Result<(), BoxError> {
+        self(letter).await
+    }
+}
+
+/// What the processor has done since it was created (the seeds' `GetMetrics()`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProcessorMetrics {
+    /// Dead letters ingested from the DLQ topics.
+    pub messages_ingested: u64,
+    /// Entries resolved: re-driven to their topic (automatically, by an operator or a bulk
+    /// job) or handled by a registered handler.
+    pub messages_processed: u64,
+    /// Automatic re-drives that failed and were scheduled again.
+    pub messages_retried: u64,
+    /// Entries an operator discarded.
+    pub messages_discarded: u64,
+    /// Entries parked: re-drives used up, or not worth re-driving automatically.
+    pub messages_parked: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    ingested: AtomicU64,
+    processed: AtomicU64,
+    retried: AtomicU64,
+    discarded: AtomicU64,
+    parked: AtomicU64,
+}
+
+/// One page of a listing, with the number of entries the filter matches in all (the count
+/// the seeds' scripts read as `.count`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DlqPage {
+    /// The entries on this page.
+    pub entries: Vec<StoredDeadLetter>,
+    /// Entries matching the filter in all.
+    pub count: u64,
+    /// The page size asked for.
+    pub limit: usize,
+    /// Entries skipped before this page.
+    pub offset: usize,
+}
+
+struct Running {
+    stop: CancellationToken,
+    poller: JoinHandle<()>,
+    ingesters: Vec<Runner>,
+}
+
+pub(super) struct Inner {
+    pub(super) broker: Arc<dyn Broker>,
+    pub(super) store: Arc<dyn DeadLetterStore>,
+    config: ProcessorConfig,
+    handlers: RwLock<HashMap<String, Arc<dyn DlqHandler>>>,
+    counters: Counters,
+    pub(super) jobs: Mutex<HashMap<String, Job>>,
+    running: tokio::sync::Mutex<Option<Running>>,
+}
+
+/// The DLQ processor and management plane.
+///
+/// Cheap to clone (all clones share one processor).
+///
+/// ```
+/// # async fn demo(broker: std::sync::Arc<dyn helix_messaging_core::Broker>) -> helix_messaging_core::Result<()> {
+/// use std::sync::Arc;
+/// use helix_messaging_core::dlq::{MemoryDeadLetterStore, Processor, ProcessorConfig};
+///
+/// let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), ProcessorConfig::default())?;
+/// processor.register_handler("llm.request", |letter: helix_messaging_core::dlq::DeadLetter| async move {
+///     println!("retrying {} by hand", letter.message.id());
+///     Ok(())
+/// });
+/// processor.start().await?;
+/// let page = processor.list(&Default::default(), 100, 0).await?;
+/// println!("{} in the DLQ", page.count);
+/// processor.stop().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Processor {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Processor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Processor {
+    /// A processor over `broker` (where DLQ topics are read and re-drives published) keeping
+    /// its entries in `store`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] naming the field of `config` that is out of range.
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        store: Arc<dyn DeadLetterStore>,
+        config: ProcessorConfig,
+    ) -> Result<Self> {
+        config.validate()?;
+        Ok(Processor {
+            inner: Arc::new(Inner {
+                broker,
+                store,
+                config,
+                handlers: RwLock::new(HashMap::new()),
+                counters: Counters::default(),
+                jobs: Mutex::new(HashMap::new()),
+                running: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ProcessorConfig {
+        &self.inner.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn DeadLetterStore> {
+        &self.inner.store
+    }
+
+    /// Re-process messages of `message_type` (their `type` header) with `handler` instead of
+    /// republishing them. Replaces an earlier handler for the type.
+    pub fn register_handler(&self, message_type: impl Into<String>, handler: impl DlqHandler) {
+        self.inner
+            .handlers
+            .write()
+            .insert(message_type.into(), Arc::new(handler));
+    }
+
+    fn handler_for(&self, letter: &DeadLetter) -> Option<Arc<dyn DlqHandler>> {
+        let message_type = letter.message_type()?;
+        self.inner.handlers.read().get(message_type).cloned()
+    }
+
+    /// Start ingesting the DLQ topics and re-driving due entries in the background.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] when already started; the subscribe error otherwise.
+    pub async fn start(&self) -> Result<()> {
+        let mut running = self.inner.running.lock().await;
+        if running.is_some() {
+            return Err(Error::invalid_input("the DLQ processor is already running"));
+        }
+        let mut ingesters = Vec::new();
+        for topic in &self.inner.config.topics {
+            let processor = self.clone();
+            let dlq_topic: Arc<str> = Arc::from(topic.as_str());
+            let handler = handler_fn(move |envelope: Envelope| {
+                let processor = processor.clone();
+                let dlq_topic = dlq_topic.clone();
+                async move {
+                    processor
+                        .ingest(DeadLetter::from_message(&envelope.message, &dlq_topic))
+                        .await
+                        .map(|_| ())
+                        .map_err(HandlerError::transient)
+                }
+            });
+            let runner = Runner::builder(self.inner.broker.clone(), topic.clone())
+                .group(self.inner.config.group.clone())
+                .start(handler)
+                .await;
+            match runner {
+                Ok(runner) => ingesters.push(runner),
+                Err(err) => {
+                    for runner in ingesters {
+                        runner.shutdown().await;
+                    }
+                    return Err(err);
+                }
+            }
+        }
+        let stop = CancellationToken::new();
+        let poller = tokio::spawn(self.clone().poll_loop(stop.clone()));
+        *running = Some(Running {
+            stop,
+            poller,
+            ingesters,
+        });
+        Ok(())
+    }
+
+    /// Stop ingesting and re-driving; bulk redrive jobs are cancelled. Idempotent.
+    pub async fn stop(&self) {
+        let running = self.inner.running.lock().await.take();
+        for job in self.inner.jobs.lock().values() {
+            job.cancel.cancel();
+        }
+        if let Some(running) = running {
+            running.stop.cancel();
+            let _ = running.poller.await;
+            for runner in running.ingesters {
+                runner.shutdown().await;
+            }
+        }
+    }
+
+    async fn poll_loop(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.inner.config.poll_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            if self.inner.config.auto_redrive {
+                if let Err(err) = self.process_due().await {
+                    tracing::warn!(error = %err, "DLQ re-drive poll failed");
+                }
+            }
+            if let Err(err) = self.publish_gauges().await {
+                tracing::warn!(error = %err, "could not read the DLQ store's depth");
+            }
+        }
+    }
+
+    async fn publish_gauges(&self) -> Result<()> {
+        let stats = self.inner.store.stats().await?;
+        // The seeds name the depth gauge `messaging_dlq_messages_total`.
+        metrics::gauge!("messaging_dlq_messages_total").set(stats.depth as f64);
+        metrics::gauge!("messaging_dlq_parked_messages").set(stats.parked as f64);
+        let age = stats
+            .oldest
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+            .unwrap_or_default();
+        metrics::gauge!("messaging_dlq_oldest_age_seconds").set(age.as_secs_f64());
+        Ok(())
+    }
+
+    /// Take a dead letter into the store (the ingest path; also usable directly). Decides
+    /// its fate: scheduled for an automatic re-drive, or parked when its re-drives are used
+    /// up or cannot help (an undecodable or permanently failing message without a registered
+    /// handler). Returns whether it was new.
+    ///
+    /// # Errors
+    /// The store's error (the DLQ message then stays unacked and comes back).
+    pub async fn ingest(&self, letter: DeadLetter) -> Result<bool> {
+        let now = SystemTime::now();
+        let config = &self.inner.config;
+        let has_handler = self.handler_for(&letter).is_some();
+        let mut entry = StoredDeadLetter::received(letter, now);
+        if config.auto_redrive {
+            let used = entry.letter.redrives;
+            if used >= config.max_retries || !(entry.letter.reason.worth_redriving() || has_handler)
+            {
+                entry.status = EntryStatus::Parked;
+            } else {
+                let delay = config
+                    .backoff()
+                    .delay_before_retry(used + 1)
+                    .unwrap_or_default();
+                entry.next_attempt_at = Some(now + delay);
+            }
+        }
+        let parked = entry.status == EntryStatus::Parked;
+        let new = self.inner.store.insert(entry).await?;
+        if new {
+            self.inner.counters.ingested.fetch_add(1, Ordering::Relaxed);
+            if parked {
+                self.count_parked();
+            }
+        }
+        Ok(new)
+    }
+
+    fn count_parked(&self) {
+        self.inner.counters.parked.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("messaging_dlq_parked_total").increment(1);
+    }
+
+    fn count_processed(&self) {
+        self.inner
+            .counters
+            .processed
+            .fetch_add(1, Ordering::Relaxed);
+        // The seeds' counter for DLQ messages re-processed.
+        metrics::counter!("messaging_dlq_reprocessed_total").increment(1);
+    }
+
+    /// Re-drive every entry whose automatic re-drive is due (at most `batch_size`): one poll.
+    /// Returns how many were attempted.
+    ///
+    /// Entries are claimed for `processing_timeout` plus a minute first, so processors
+    /// sharing a store do not re-drive the same entry twice.
+    ///
+    /// # Errors
+    /// The store's error when claiming.
+    pub async fn process_due(&self) -> Result<usize> {
+        let config = &self.inner.config;
+        let lease = config.processing_timeout + Duration::from_secs(60);
+        let due = self
+            .inner
+            .store
+            .claim_due(SystemTime::now(), lease, config.batch_size)
+            .await?;
+        let attempted = due.len();
+        for entry in due {
+            self.attempt(entry).await;
+        }
+        Ok(attempted)
+    }
+
+    async fn attempt(&self, mut entry: StoredDeadLetter) {
+        let outcome = match self.handler_for(&entry.letter) {
+            Some(handler) => {
+                let timeout = self.inner.config.processing_timeout;
+                match tokio::time::timeout(timeout, handler.handle(entry.letter.clone())).await {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(err.to_string()),
+                    Err(_) => Err(format!("the handler did not finish within {timeout:?}")),
+                }
+            }
+            None => {
+                let target = entry.letter.original_topic.clone();
+                self.republish(&entry.letter, &target)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let id = entry.letter.id.clone();
+        let stored = match outcome {
+            Ok(()) => {
+                self.count_processed();
+                self.inner.store.remove(&id).await.map(|_| ())
+            }
+            Err(error) => {
+                let config = &self.inner.config;
+                entry.retries += 1;
+                let used = entry.letter.redrives + entry.retries;
+                entry.last_error = Some(error.clone());
+                match config.backoff().delay_before_retry(used + 1) {
+                    Some(delay) if used < config.max_retries => {
+                        entry.next_attempt_at = Some(SystemTime::now() + delay);
+                        self.inner.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("messaging_dlq_retried_total").increment(1);
+                    }
+                    _ => {
+                        entry.status = EntryStatus::Parked;
+                        entry.next_attempt_at = None;
+                        self.count_parked();
+                        tracing::warn!(dead_letter = %id, error, "DLQ entry parked: re-drives used up");
+                    }
+                }
+                self.inner.store.update(&entry).await.map(|_| ())
+            }
+        };
+        if let Err(err) = stored {
+            tracing::error!(dead_letter = %id, error = %err, "could not record a re-drive's outcome in the DLQ store");
+        }
+    }
+
+    /// Publish `letter`'s message to `topic` and wait for the broker's confirmation.
+    pub(super) async fn republish(&self, letter: &DeadLetter, topic: &str) -> Result<()> {
+        self.inner
+            .broker
+            .publish(topic, letter.redrive_message())
+            .await
+    }
+
+    /// Entries matching `filter`, a page at a time (the seeds' `ListMessages(limit, offset)`).
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn list(&self, filter: &DlqFilter, limit: usize, offset: usize) -> Result<DlqPage> {
+        let store = &self.inner.store;
+        let entries = store.list(filter, limit, offset).await?;
+        let count = store.count(filter).await?;
+        Ok(DlqPage {
+            entries,
+            count,
+            limit,
+            offset,
+        })
+    }
+
+    /// One entry.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
+    pub async fn get(&self, id: &str) -> Result<StoredDeadLetter> {
+        self.inner.store.get(id).await?.ok_or_else(|| not_found(id))
+    }
+
+    /// Re-drive one entry now (the seeds' `ReprocessMessage`): republish it to its original
+    /// topic, or to `target_topic`, with its original id, attempts starting again at 1 and
+    /// the re-drive counter one higher; once the broker has confirmed, remove the entry.
+    /// Parked entries can be reprocessed; discarded ones cannot.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id, [`ErrorKind::InvalidInput`] for a
+    /// discarded entry or an invalid target; the publish error (the entry is kept).
+    pub async fn reprocess(&self, id: &str, target_topic: Option<&str>) -> Result<()> {
+        let entry = self.get(id).await?;
+        if entry.status == EntryStatus::Discarded {
+            return Err(Error::invalid_input(format!(
+                "DLQ entry {id} was discarded ({}); purge it or reprocess another",
+                entry.discard_reason.as_deref().unwrap_or("no reason given")
+            )));
+        }
+        let target = target_topic.unwrap_or(&entry.letter.original_topic);
+        validate_name("target topic", target)?;
+        self.republish(&entry.letter, target).await?;
+        self.count_processed();
+        self.inner.store.remove(id).await?;
+        Ok(())
+    }
+
+    /// Discard one entry (the seeds' `DiscardMessage(id, reason)`): it is never re-driven
+    /// and no longer counts towards the DLQ depth; it stays listed, with the reason, until
+    /// purged.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
+    pub async fn discard(&self, id: &str, reason: &str) -> Result<()> {
+        let mut entry = self.get(id).await?;
+        entry.status = EntryStatus::Discarded;
+        entry.next_attempt_at = None;
+        entry.discard_reason = Some(reason.to_owned());
+        if !self.inner.store.update(&entry).await? {
+            return Err(not_found(id));
+        }
+        self.inner
+            .counters
+            .discarded
+            .fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("messaging_dlq_discarded_total").increment(1);
+        tracing::info!(dead_letter = %id, reason, "DLQ entry discarded");
+        Ok(())
+    }
+
+    /// Remove every entry matching `filter` from the store for good; how many.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+        let purged = self.inner.store.purge(filter).await?;
+        tracing::info!(purged, ?filter, "DLQ entries purged");
+        Ok(purged)
+    }
+
+    /// Entries matching `filter` grouped by reason and topic, largest group first.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn failure_groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+        self.inner.store.groups(filter).await
+    }
+
+    /// Depth, parked count and oldest entry.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn stats(&self) -> Result<DlqStats> {
+        self.inner.store.stats().await
+    }
+
+    /// Counts of what the processor has done.
+    pub fn metrics(&self) -> ProcessorMetrics {
+        let c = &self.inner.counters;
+        ProcessorMetrics {
+            messages_ingested: c.ingested.load(Ordering::Relaxed),
+            messages_processed: c.processed.load(Ordering::Relaxed),
+            messages_retried: c.retried.load(Ordering::Relaxed),
+            messages_discarded: c.discarded.load(Ordering::Relaxed),
+            messages_parked: c.parked.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(super) fn note_redriven(&self) {
+        self.count_processed();
+    }
+
+    /// Start a bulk redrive job in the background; returns its id. See [`RedriveRequest`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad request; the store's error selecting entries.
+    pub async fn start_redrive(&self, request: RedriveRequest) -> Result<String> {
+        redrive::start(self, request).await
+    }
+
+    /// A redrive job's progress.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown job id.
+    pub fn redrive_progress(&self, id: &str) -> Result<RedriveProgress> {
+        self.inner
+            .jobs
+            .lock()
+            .get(id)
+            .map(|job| job.progress.lock().clone())
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no redrive job {id:?}")))
+    }
+
+    /// Every redrive job this processor has run, newest first.
+    pub fn list_redrives(&self) -> Vec<RedriveProgress> {
+        let mut jobs: Vec<RedriveProgress> = self
+            .inner
+            .jobs
+            .lock()
+            .values()
+            .map(|job| job.progress.lock().clone())
+            .collect();
+        jobs.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        jobs
+    }
+
+    /// Ask a redrive job to stop; what it re-drove stays re-driven. Idempotent.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown job id.
+    pub fn cancel_redrive(&self, id: &str) -> Result<()> {
+        let jobs = self.inner.jobs.lock();
+        let job = jobs
+            .get(id)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no redrive job {id:?}")))?;
+        job.cancel.cancel();
+        Ok(())
+    }
+}
+
+fn not_found(id: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no DLQ entry {id:?}"))
+}

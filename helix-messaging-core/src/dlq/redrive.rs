@@ -1,0 +1,348 @@
+//! Bulk redrive jobs: re-drive a frozen selection of DLQ entries at a bounded rate, with
+//! progress, cancel and a canary mode.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::processor::Processor;
+use super::{DlqFilter, EntryStatus};
+use crate::{Error, Message, Result, validate_name};
+
+/// Redrive the first `count` entries, then watch for `watch`: if any of them is
+/// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the
+/// rest stay in the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryConfig {
+    /// Entries re-driven first.
+    pub count: usize,
+    /// How long to watch them before re-driving the rest.
+    pub watch: Duration,
+}
+
+/// A bulk redrive: which entries, where to, how fast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedriveRequest {
+    /// The entries to re-drive, selected when the job starts (the selection is frozen:
+    /// entries dead-lettered later are not part of it). Discarded entries are never
+    /// re-driven.
+    pub filter: DlqFilter,
+    /// Publish to this topic instead of each message's original topic.
+    pub target_topic: Option<String>,
+    /// Most messages published per second (`None`: as fast as the broker confirms).
+    pub rate_per_second: Option<f64>,
+    /// Canary mode.
+    pub canary: Option<CanaryConfig>,
+    /// Messages published per batch (default 100; the batch's confirmations are awaited
+    /// together).
+    pub batch_size: usize,
+}
+
+impl Default for RedriveRequest {
+    fn default() -> Self {
+        RedriveRequest {
+            filter: DlqFilter::default(),
+            target_topic: None,
+            rate_per_second: None,
+            canary: None,
+            batch_size: 100,
+        }
+    }
+}
+
+/// Where a redrive job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedriveStatus {
+    /// Re-driving.
+    Running,
+    /// The canaries are out; watching whether they fail again.
+    Watching,
+    /// Everything selected was re-driven (or skipped, or failed to publish).
+    Completed,
+    /// Cancelled; what was re-driven stays re-driven.
+    Cancelled,
+    /// A canary was dead-lettered again; the rest were left alone.
+    CanaryFailed,
+    /// The store failed; the job stopped.
+    Failed,
+}
+
+impl RedriveStatus {
+    /// The status as shown.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RedriveStatus::Running => "running",
+            RedriveStatus::Watching => "watching",
+            RedriveStatus::Completed => "completed",
+            RedriveStatus::Cancelled => "cancelled",
+            RedriveStatus::CanaryFailed => "canary_failed",
+            RedriveStatus::Failed => "failed",
+        }
+    }
+
+    /// Whether the job has stopped.
+    pub const fn is_finished(self) -> bool {
+        !matches!(self, RedriveStatus::Running | RedriveStatus::Watching)
+    }
+}
+
+/// A redrive job's progress. `redriven + failed + skipped <= total`, equal once finished
+/// unless cancelled or stopped early.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedriveProgress {
+    /// The job id.
+    pub id: String,
+    /// Where it stands.
+    pub status: RedriveStatus,
+    /// Entries selected.
+    pub total: u64,
+    /// Published (confirmed) and removed from the DLQ.
+    pub redriven: u64,
+    /// Could not be published (kept in the DLQ).
+    pub failed: u64,
+    /// Gone or discarded by the time the job reached them.
+    pub skipped: u64,
+    /// When the job started.
+    pub started_at: SystemTime,
+    /// When it finished.
+    pub finished_at: Option<SystemTime>,
+    /// The last error seen.
+    pub last_error: Option<String>,
+}
+
+impl RedriveProgress {
+    /// Percentage of the selection dealt with (100 for an empty selection).
+    pub fn percentage(&self) -> f64 {
+        if self.total == 0 {
+            return 100.0;
+        }
+        (self.redriven + self.failed + self.skipped) as f64 * 100.0 / self.total as f64
+    }
+}
+
+pub(super) struct Job {
+    pub(super) progress: Arc<Mutex<RedriveProgress>>,
+    pub(super) cancel: CancellationToken,
+}
+
+pub(super) async fn start(processor: &Processor, request: RedriveRequest) -> Result<String> {
+    if let Some(target) = &request.target_topic {
+        validate_name("target topic", target)?;
+    }
+    if let Some(rate) = request.rate_per_second {
+        if !rate.is_finite() || rate <= 0.0 {
+            return Err(Error::invalid_input(format!(
+                "rate_per_second must be a positive number, got {rate}"
+            )));
+        }
+    }
+    if request.batch_size == 0 {
+        return Err(Error::invalid_input("batch_size must be at least 1"));
+    }
+    let ids = processor.inner.store.ids(&request.filter).await?;
+    let id = uuid::Uuid::new_v4().to_string();
+    let progress = Arc::new(Mutex::new(RedriveProgress {
+        id: id.clone(),
+        status: RedriveStatus::Running,
+        total: ids.len() as u64,
+        redriven: 0,
+        failed: 0,
+        skipped: 0,
+        started_at: SystemTime::now(),
+        finished_at: None,
+        last_error: None,
+    }));
+    let cancel = CancellationToken::new();
+    processor.inner.jobs.lock().insert(
+        id.clone(),
+        Job {
+            progress: progress.clone(),
+            cancel: cancel.clone(),
+        },
+    );
+    let run = Run {
+        processor: processor.clone(),
+        request,
+        progress,
+        cancel,
+    };
+    tokio::spawn(run.run(ids));
+    Ok(id)
+}
+
+struct Run {
+    processor: Processor,
+    request: RedriveRequest,
+    progress: Arc<Mutex<RedriveProgress>>,
+    cancel: CancellationToken,
+}
+
+impl Run {
+    async fn run(self, ids: Vec<String>) {
+        let status = match self.drive(ids).await {
+            Ok(status) => status,
+            Err(err) => {
+                self.progress.lock().last_error = Some(err.to_string());
+                RedriveStatus::Failed
+            }
+        };
+        let mut progress = self.progress.lock();
+        progress.status = status;
+        progress.finished_at = Some(SystemTime::now());
+        tracing::info!(job = %progress.id, status = status.as_str(), redriven = progress.redriven, failed = progress.failed, skipped = progress.skipped, "DLQ redrive job finished");
+    }
+
+    async fn drive(&self, ids: Vec<String>) -> Result<RedriveStatus> {
+        let started = Instant::now();
+        let mut done = 0usize;
+        let (canaries, rest) = match self.request.canary {
+            Some(canary) => ids.split_at(canary.count.min(ids.len())),
+            None => ids.split_at(0),
+        };
+        if let Some(canary) = self.request.canary.filter(|_| !canaries.is_empty()) {
+            // Failure times travel in whole milliseconds.
+            let watch_from = SystemTime::now() - Duration::from_millis(1);
+            let canary_ids = self.batch(canaries, &mut done, started).await?;
+            if self.cancel.is_cancelled() {
+                return Ok(RedriveStatus::Cancelled);
+            }
+            self.progress.lock().status = RedriveStatus::Watching;
+            tokio::select! {
+                () = self.cancel.cancelled() => return Ok(RedriveStatus::Cancelled),
+                () = tokio::time::sleep(canary.watch) => {}
+            }
+            if self.canary_failed(&canary_ids, watch_from).await? {
+                return Ok(RedriveStatus::CanaryFailed);
+            }
+            self.progress.lock().status = RedriveStatus::Running;
+        }
+        for chunk in rest.chunks(self.chunk_size()) {
+            if self.cancel.is_cancelled() {
+                return Ok(RedriveStatus::Cancelled);
+            }
+            self.batch(chunk, &mut done, started).await?;
+        }
+        Ok(if self.cancel.is_cancelled() {
+            RedriveStatus::Cancelled
+        } else {
+            RedriveStatus::Completed
+        })
+    }
+
+    /// With a rate limit, batches are small enough to keep the pace even (about twenty a
+    /// second).
+    fn chunk_size(&self) -> usize {
+        match self.request.rate_per_second {
+            Some(rate) => ((rate / 20.0) as usize).clamp(1, self.request.batch_size),
+            None => self.request.batch_size,
+        }
+    }
+
+    /// Re-drive the entries `ids` (paced from `started`); returns the original ids of those
+    /// re-driven.
+    async fn batch(
+        &self,
+        ids: &[String],
+        done: &mut usize,
+        started: Instant,
+    ) -> Result<HashSet<String>> {
+        let mut redriven_ids = HashSet::new();
+        for chunk in ids.chunks(self.chunk_size()) {
+            if let Some(rate) = self.request.rate_per_second {
+                let due = started + Duration::from_secs_f64(*done as f64 / rate);
+                tokio::select! {
+                    () = self.cancel.cancelled() => return Ok(redriven_ids),
+                    () = tokio::time::sleep_until(due) => {}
+                }
+            }
+            *done += chunk.len();
+            self.publish_chunk(chunk, &mut redriven_ids).await?;
+        }
+        Ok(redriven_ids)
+    }
+
+    async fn publish_chunk(
+        &self,
+        ids: &[String],
+        redriven_ids: &mut HashSet<String>,
+    ) -> Result<()> {
+        let store = &self.processor.inner.store;
+        let mut letters = Vec::with_capacity(ids.len());
+        let mut skipped = 0;
+        for id in ids {
+            match store.get(id).await? {
+                Some(entry) if entry.status != EntryStatus::Discarded => letters.push(entry.letter),
+                _ => skipped += 1,
+            }
+        }
+        // One batch per target topic, so confirmations are awaited together.
+        let mut by_topic: Vec<(String, Vec<usize>)> = Vec::new();
+        for (i, letter) in letters.iter().enumerate() {
+            let topic = self
+                .request
+                .target_topic
+                .clone()
+                .unwrap_or_else(|| letter.original_topic.clone());
+            match by_topic.iter_mut().find(|(t, _)| *t == topic) {
+                Some((_, members)) => members.push(i),
+                None => by_topic.push((topic, vec![i])),
+            }
+        }
+        let (mut redriven, mut failed, mut last_error) = (0, 0, None);
+        for (topic, members) in by_topic {
+            let messages: Vec<Message> = members
+                .iter()
+                .map(|&i| letters[i].redrive_message())
+                .collect();
+            let report = self
+                .processor
+                .inner
+                .broker
+                .publish_batch(&topic, messages)
+                .await;
+            let failures: HashSet<usize> = report.failures().iter().map(|(i, _)| *i).collect();
+            if let Some((_, err)) = report.failures().first() {
+                last_error = Some(err.to_string());
+            }
+            for (position, &i) in members.iter().enumerate() {
+                if failures.contains(&position) {
+                    failed += 1;
+                    continue;
+                }
+                // Published and confirmed: only now does it leave the DLQ.
+                store.remove(&letters[i].id).await?;
+                self.processor.note_redriven();
+                redriven_ids.insert(letters[i].message.id().to_owned());
+                redriven += 1;
+            }
+        }
+        let mut progress = self.progress.lock();
+        progress.redriven += redriven;
+        progress.failed += failed;
+        progress.skipped += skipped;
+        if last_error.is_some() {
+            progress.last_error = last_error;
+        }
+        Ok(())
+    }
+
+    /// Whether any canary (by original message id) was dead-lettered again after `since`.
+    async fn canary_failed(&self, canary_ids: &HashSet<String>, since: SystemTime) -> Result<bool> {
+        let store = &self.processor.inner.store;
+        for original_id in canary_ids {
+            let filter = DlqFilter {
+                original_id: Some(original_id.clone()),
+                from: Some(since),
+                ..DlqFilter::default()
+            };
+            if store.count(&filter).await? > 0 {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}

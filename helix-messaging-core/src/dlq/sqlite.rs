@@ -1,0 +1,460 @@
+//! A durable DLQ store in an embedded SQLite file.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rusqlite::types::Value;
+use rusqlite::{Connection, OptionalExtension, Row, params_from_iter};
+
+use super::{
+    DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
+};
+use crate::{Error, ErrorKind, Headers, Message, MessageParts, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS helix_dead_letters (
+    id TEXT PRIMARY KEY,
+    original_topic TEXT NOT NULL,
+    consumer_group TEXT,
+    reason TEXT NOT NULL,
+    error TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_failure_us INTEGER NOT NULL,
+    last_failure_us INTEGER NOT NULL,
+    redrives INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    message_key TEXT,
+    payload BLOB NOT NULL,
+    headers TEXT NOT NULL,
+    message_timestamp_us INTEGER NOT NULL,
+    content_type TEXT,
+    correlation_id TEXT,
+    priority INTEGER NOT NULL,
+    message_type TEXT,
+    status TEXT NOT NULL,
+    retries INTEGER NOT NULL,
+    next_attempt_us INTEGER,
+    last_error TEXT,
+    discard_reason TEXT,
+    stored_us INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS helix_dead_letters_by_time ON helix_dead_letters (last_failure_us, id);
+CREATE INDEX IF NOT EXISTS helix_dead_letters_due ON helix_dead_letters (status, next_attempt_us);
+CREATE INDEX IF NOT EXISTS helix_dead_letters_by_message ON helix_dead_letters (message_id);
+";
+
+const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, first_failure_us, \
+    last_failure_us, redrives, message_id, message_key, payload, headers, message_timestamp_us, \
+    content_type, correlation_id, priority, status, retries, next_attempt_us, last_error, \
+    discard_reason, stored_us";
+
+/// Dead letters in an SQLite file (WAL journal, `synchronous = FULL`: every write is on disk
+/// before it returns), surviving restarts of the process. One process at a time should
+/// write to a file; several instances sharing one DLQ use the PostgreSQL store.
+#[derive(Clone)]
+pub struct SqliteDeadLetterStore {
+    connection: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for SqliteDeadLetterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteDeadLetterStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+fn store_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
+    Error::new(ErrorKind::Backend, format!("DLQ store: {what}: {err}")).with_source(err)
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn from_micros(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+fn status_value(status: EntryStatus) -> Value {
+    Value::Text(status.as_str().to_owned())
+}
+
+/// The filter as a `WHERE` clause (always present, `1 = 1` when empty) and its parameters.
+fn where_clause(filter: &DlqFilter) -> (String, Vec<Value>) {
+    let mut clauses = vec!["1 = 1".to_owned()];
+    let mut values = Vec::new();
+    let mut add = |clause: &str, value: Value| {
+        values.push(value);
+        clauses.push(format!("{clause} ?{}", values.len()));
+    };
+    if let Some(topic) = &filter.topic {
+        add("original_topic =", Value::Text(topic.clone()));
+    }
+    if let Some(reason) = filter.reason {
+        add("reason =", Value::Text(reason.as_str().to_owned()));
+    }
+    if let Some(message_type) = &filter.message_type {
+        add("message_type =", Value::Text(message_type.clone()));
+    }
+    if let Some(status) = filter.status {
+        add("status =", status_value(status));
+    }
+    if let Some(id) = &filter.original_id {
+        add("message_id =", Value::Text(id.clone()));
+    }
+    if let Some(from) = filter.from {
+        add("last_failure_us >=", Value::Integer(micros(from)));
+    }
+    if let Some(to) = filter.to {
+        add("last_failure_us <", Value::Integer(micros(to)));
+    }
+    (clauses.join(" AND "), values)
+}
+
+fn read_entry(row: &Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
+    let text_err = |i: usize, e: Error| {
+        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, Box::new(e))
+    };
+    let headers: String = row.get(12)?;
+    let headers: Headers = serde_json::from_str(&headers).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(12, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    let reason: String = row.get(3)?;
+    let status: String = row.get(17)?;
+    let payload: Vec<u8> = row.get(11)?;
+    let message = Message::from_parts(MessageParts {
+        id: row.get(9)?,
+        key: row.get(10)?,
+        payload: payload.into(),
+        headers,
+        timestamp: from_micros(row.get(13)?),
+        content_type: row.get(14)?,
+        correlation_id: row.get(15)?,
+        priority: row.get(16)?,
+        ttl: None,
+    });
+    Ok(StoredDeadLetter {
+        letter: DeadLetter {
+            id: row.get(0)?,
+            message,
+            original_topic: row.get(1)?,
+            group: row.get(2)?,
+            reason: reason.parse().map_err(|e| text_err(3, e))?,
+            error: row.get(4)?,
+            attempts: row.get(5)?,
+            first_failure_at: from_micros(row.get(6)?),
+            last_failure_at: from_micros(row.get(7)?),
+            redrives: row.get(8)?,
+        },
+        status: EntryStatus::parse(&status).map_err(|e| text_err(17, e))?,
+        retries: row.get(18)?,
+        next_attempt_at: row.get::<_, Option<i64>>(19)?.map(from_micros),
+        last_error: row.get(20)?,
+        discard_reason: row.get(21)?,
+        stored_at: from_micros(row.get(22)?),
+    })
+}
+
+fn entry_values(entry: &StoredDeadLetter) -> Result<Vec<Value>> {
+    let l = &entry.letter;
+    let m = &l.message;
+    let text = |s: &str| Value::Text(s.to_owned());
+    let opt = |s: Option<&str>| s.map_or(Value::Null, |s| Value::Text(s.to_owned()));
+    let headers = serde_json::to_string(m.headers())
+        .map_err(|e| Error::new(ErrorKind::Serialization, format!("DLQ store: headers: {e}")))?;
+    Ok(vec![
+        text(&l.id),
+        text(&l.original_topic),
+        opt(l.group.as_deref()),
+        text(l.reason.as_str()),
+        text(&l.error),
+        Value::Integer(l.attempts.into()),
+        Value::Integer(micros(l.first_failure_at)),
+        Value::Integer(micros(l.last_failure_at)),
+        Value::Integer(l.redrives.into()),
+        text(m.id()),
+        opt(m.key()),
+        Value::Blob(m.payload().to_vec()),
+        Value::Text(headers),
+        Value::Integer(micros(m.timestamp())),
+        opt(m.content_type()),
+        opt(m.correlation_id()),
+        Value::Integer(m.priority().into()),
+        opt(l.message_type()),
+        status_value(entry.status),
+        Value::Integer(entry.retries.into()),
+        entry
+            .next_attempt_at
+            .map_or(Value::Null, |t| Value::Integer(micros(t))),
+        opt(entry.last_error.as_deref()),
+        opt(entry.discard_reason.as_deref()),
+        Value::Integer(micros(entry.stored_at)),
+    ])
+}
+
+const INSERT_COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, \
+    first_failure_us, last_failure_us, redrives, message_id, message_key, payload, headers, \
+    message_timestamp_us, content_type, correlation_id, priority, message_type, status, retries, \
+    next_attempt_us, last_error, discard_reason, stored_us";
+
+impl SqliteDeadLetterStore {
+    /// Open (creating if needed) the store in the file at `path`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Backend`] when the file cannot be opened or its schema created.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let opened = path.clone();
+        let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
+            let what = format!("open {}", opened.display());
+            let connection = Connection::open(&opened).map_err(|e| store_error(&what, e))?;
+            connection
+                .pragma_update(None, "journal_mode", "WAL")
+                .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
+                .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
+                .and_then(|()| connection.execute_batch(SCHEMA))
+                .map_err(|e| store_error(&what, e))?;
+            Ok(connection)
+        })
+        .await
+        .map_err(|e| store_error("open", e))??;
+        Ok(SqliteDeadLetterStore {
+            connection: Arc::new(Mutex::new(connection)),
+            path,
+        })
+    }
+
+    /// The file the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn run<T, F>(&self, what: &'static str, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let connection = self.connection.clone();
+        tokio::task::spawn_blocking(move || f(&mut connection.lock()))
+            .await
+            .map_err(|e| store_error(what, e))?
+            .map_err(|e| store_error(what, e))
+    }
+
+    async fn select(
+        &self,
+        what: &'static str,
+        tail: String,
+        values: Vec<Value>,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.run(what, move |c| {
+            let sql = format!("SELECT {COLUMNS} FROM helix_dead_letters WHERE {tail}");
+            let mut statement = c.prepare_cached(&sql)?;
+            let rows = statement.query_map(params_from_iter(values), read_entry)?;
+            rows.collect()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for SqliteDeadLetterStore {
+    async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
+        let values = entry_values(&entry)?;
+        self.run("insert", move |c| {
+            let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
+            let sql = format!(
+                "INSERT OR IGNORE INTO helix_dead_letters ({INSERT_COLUMNS}) VALUES ({})",
+                placeholders.join(", ")
+            );
+            Ok(c.prepare_cached(&sql)?.execute(params_from_iter(values))? == 1)
+        })
+        .await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
+        let id = id.to_owned();
+        self.run("get", move |c| {
+            let sql = format!("SELECT {COLUMNS} FROM helix_dead_letters WHERE id = ?1");
+            c.prepare_cached(&sql)?
+                .query_row([id], read_entry)
+                .optional()
+        })
+        .await
+    }
+
+    async fn list(
+        &self,
+        filter: &DlqFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let (clause, values) = where_clause(filter);
+        let tail = format!(
+            "{clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}",
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            i64::try_from(offset).unwrap_or(i64::MAX)
+        );
+        self.select("list", tail, values).await
+    }
+
+    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+        let (clause, values) = where_clause(filter);
+        self.run("count", move |c| {
+            let sql = format!("SELECT COUNT(*) FROM helix_dead_letters WHERE {clause}");
+            c.prepare_cached(&sql)?
+                .query_row(params_from_iter(values), |row| row.get::<_, i64>(0))
+                .map(|n| n.unsigned_abs())
+        })
+        .await
+    }
+
+    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+        let (clause, values) = where_clause(filter);
+        self.run("ids", move |c| {
+            let sql = format!(
+                "SELECT id FROM helix_dead_letters WHERE {clause} ORDER BY last_failure_us, id"
+            );
+            let mut statement = c.prepare_cached(&sql)?;
+            let rows = statement.query_map(params_from_iter(values), |row| row.get(0))?;
+            rows.collect()
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let (now, until) = (micros(now), micros(now + lease));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.run("claim due entries", move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let claimed: Vec<StoredDeadLetter> = {
+                let sql = format!(
+                    "SELECT {COLUMNS} FROM helix_dead_letters \
+                     WHERE status = 'pending' AND next_attempt_us <= ?1 \
+                     ORDER BY next_attempt_us, id LIMIT ?2"
+                );
+                let mut statement = tx.prepare_cached(&sql)?;
+                let rows = statement.query_map(rusqlite::params![now, limit], read_entry)?;
+                rows.collect::<rusqlite::Result<_>>()?
+            };
+            {
+                let mut lease = tx.prepare_cached(
+                    "UPDATE helix_dead_letters SET next_attempt_us = ?1 WHERE id = ?2",
+                )?;
+                for entry in &claimed {
+                    lease.execute(rusqlite::params![until, entry.letter.id])?;
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
+        let values = entry_values(entry)?;
+        self.run("update", move |c| {
+            let sets: Vec<String> = INSERT_COLUMNS
+                .split(',')
+                .map(str::trim)
+                .enumerate()
+                .skip(1)
+                .map(|(i, column)| format!("{column} = ?{}", i + 1))
+                .collect();
+            let sql = format!(
+                "UPDATE helix_dead_letters SET {} WHERE id = ?1",
+                sets.join(", ")
+            );
+            Ok(c.prepare_cached(&sql)?.execute(params_from_iter(values))? == 1)
+        })
+        .await
+    }
+
+    async fn remove(&self, id: &str) -> Result<bool> {
+        let id = id.to_owned();
+        self.run("remove", move |c| {
+            Ok(
+                c.prepare_cached("DELETE FROM helix_dead_letters WHERE id = ?1")?
+                    .execute([id])?
+                    == 1,
+            )
+        })
+        .await
+    }
+
+    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+        let (clause, values) = where_clause(filter);
+        self.run("purge", move |c| {
+            let sql = format!("DELETE FROM helix_dead_letters WHERE {clause}");
+            Ok(c.execute(&sql, params_from_iter(values))? as u64)
+        })
+        .await
+    }
+
+    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+        let (clause, values) = where_clause(filter);
+        let rows = self
+            .run("group failures", move |c| {
+                // The sample error is the newest entry's: SQLite takes the bare column from
+                // the row that gives MAX().
+                let sql = format!(
+                    "SELECT reason, original_topic, COUNT(*), MIN(last_failure_us), \
+                     MAX(last_failure_us), error FROM helix_dead_letters WHERE {clause} \
+                     GROUP BY reason, original_topic ORDER BY COUNT(*) DESC, original_topic"
+                );
+                let mut statement = c.prepare_cached(&sql)?;
+                let rows = statement.query_map(params_from_iter(values), |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                        row.get::<_, i64>(4)?,
+                        row.get::<_, String>(5)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(reason, topic, count, oldest, newest, sample_error)| {
+                Ok(FailureGroup {
+                    reason: reason.parse()?,
+                    topic,
+                    count: count.unsigned_abs(),
+                    oldest: from_micros(oldest),
+                    newest: from_micros(newest),
+                    sample_error,
+                })
+            })
+            .collect()
+    }
+
+    async fn stats(&self) -> Result<DlqStats> {
+        self.run("stats", |c| {
+            c.prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(status = 'parked'), 0), MIN(last_failure_us) \
+                 FROM helix_dead_letters WHERE status != 'discarded'",
+            )?
+            .query_row([], |row| {
+                Ok(DlqStats {
+                    depth: row.get::<_, i64>(0)?.unsigned_abs(),
+                    parked: row.get::<_, i64>(1)?.unsigned_abs(),
+                    oldest: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                })
+            })
+        })
+        .await
+    }
+}
