@@ -72,7 +72,7 @@ pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
     redeliver_unacked: true,
     replay_by_time: true,
     native_dlq: false,
-    delayed_delivery: false,
+    delayed_delivery: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 

@@ -6,6 +6,16 @@
 //! time set to the maximum (`XCLAIM … TIME 0 JUSTID`, which keeps the delivery count), so the
 //! next reclaimer pass of any member takes it at once; that pass increments the delivery
 //! count, which is where `attempt` comes from.
+//!
+//! A delayed requeue is timed by Redis itself, with the same pending list: the entry goes to
+//! the requeue consumer with its delivery time set so that it becomes idle past the ack
+//! deadline exactly when the delay is over, and the reclaimer takes it then. A delay longer
+//! than the ack deadline cannot be expressed that way (Redis refuses delivery times in the
+//! future), so such an entry is also put in a sorted set by due time
+//! (`<topic>.helix-delayed.<group>`) and kept idle-fresh by every member's reclaimer until
+//! it is within the ack deadline of being due. The entry never leaves the group's pending
+//! list, so the wait reaches only its group, counts as an attempt, survives any consumer's
+//! crash and is never trimmed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,12 +31,77 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, St
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use crate::Shared;
 use crate::codec;
 use crate::error::{from_redis, has_code};
-use crate::{STREAMS_NAME, Shared};
 
 /// Consumer name that holds requeued and handed-back entries until a member claims them.
 pub const REQUEUE_CONSUMER: &str = "helix-requeue";
+
+/// The sorted set of `group`'s entries waiting out a delay longer than the ack deadline.
+fn delayed_key(topic: &str, group: &str) -> String {
+    format!("{topic}.helix-delayed.{group}")
+}
+
+/// Requeue one entry with a delay. KEYS: stream, delayed set. ARGV: group, requeue consumer,
+/// entry id, delay ms, ack deadline ms. Returns 0 when the entry is no longer pending.
+const DELAY_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local delay = tonumber(ARGV[4])
+local deadline = tonumber(ARGV[5])
+local at = now
+if delay <= deadline then at = now + delay - deadline end
+local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3],
+    'TIME', string.format('%.0f', at), 'JUSTID')
+if #claimed == 0 then return 0 end
+if delay > deadline then redis.call('ZADD', KEYS[2], string.format('%.0f', now + delay), ARGV[3]) end
+return 1
+";
+
+/// Keep long-delayed entries from being reclaimed early, and hand those now within the ack
+/// deadline of being due to Redis's own timing. KEYS: stream, delayed set. ARGV: group,
+/// requeue consumer, ack deadline ms. Returns how many left the set.
+const HOLD_SCRIPT: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local deadline = tonumber(ARGV[3])
+local entries = redis.call('ZRANGE', KEYS[2], 0, -1, 'WITHSCORES')
+local released = 0
+for i = 1, #entries, 2 do
+  local id = entries[i]
+  local due = tonumber(entries[i + 1])
+  local near = due - now <= deadline
+  local at = now
+  if near then at = due - deadline end
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id,
+      'TIME', string.format('%.0f', at), 'JUSTID')
+  if near or #claimed == 0 then
+    redis.call('ZREM', KEYS[2], id)
+    released = released + 1
+  end
+end
+return released
+";
+
+static DELAY: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(DELAY_SCRIPT));
+static HOLD: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(HOLD_SCRIPT));
+
+/// Run the hold pass for `reader`'s group (see [`HOLD_SCRIPT`]).
+async fn hold_delayed(reader: &Reader, connection: &mut ConnectionManager) -> Result<()> {
+    let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
+    HOLD.key(&*reader.topic)
+        .key(delayed_key(&reader.topic, &reader.group))
+        .arg(&*reader.group)
+        .arg(REQUEUE_CONSUMER)
+        .arg(deadline_ms)
+        .invoke_async::<i64>(connection)
+        .await
+        .map(|_| ())
+        .map_err(|e| from_redis(e, format!("holding delayed entries of {}", reader.topic)))
+}
 
 /// Entries read per XRANGE page when reading history.
 const RANGE_PAGE: usize = 500;
@@ -263,6 +338,10 @@ async fn read_loop(
     let streams = reader.shared.config.streams.clone();
     let mut cursor = "0-0".to_owned();
     let mut last_claim: Option<Instant> = None;
+    // Well inside the ack deadline, so a long-delayed entry is refreshed before it could be
+    // reclaimed; and once before the first claim, for entries delayed while no member ran.
+    let hold_every = streams.ack_deadline / 4;
+    let mut last_hold: Option<Instant> = None;
     'reading: while !cancel.is_cancelled() {
         let room = reader
             .prefetch
@@ -286,6 +365,10 @@ async fn read_loop(
             () = cancel.cancelled() => break,
             batch = async {
                 if claim_due {
+                    if last_hold.is_none_or(|t| t.elapsed() >= hold_every) {
+                        hold_delayed(&reader, &mut connection).await?;
+                        last_hold = Some(Instant::now());
+                    }
                     last_claim = Some(Instant::now());
                     let claimed = claim(&reader, &mut connection, &mut cursor, room).await?;
                     if !claimed.is_empty() {
@@ -554,6 +637,11 @@ async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private:
             .arg(group)
             .query_async(connection)
             .await;
+        // The group's long delays die with it.
+        let _: redis::RedisResult<i64> = redis::cmd("DEL")
+            .arg(delayed_key(topic, group))
+            .query_async(connection)
+            .await;
         if let Err(err) = destroyed {
             tracing::warn!(topic, group, error = %err, "cannot remove private consumer group");
         }
@@ -622,6 +710,10 @@ struct StreamAcker {
 
 #[async_trait]
 impl Acknowledge for StreamAcker {
+    fn delays_requeue(&self) -> bool {
+        true
+    }
+
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
         let reader = &self.reader;
         reader.shared.ensure_open()?;
@@ -640,10 +732,30 @@ impl Acknowledge for StreamAcker {
                 0 => Err(not_pending()),
                 _ => Ok(()),
             },
-            Settlement::RequeueAfter(_) => Err(Error::unsupported(
-                STREAMS_NAME,
-                "a delayed requeue (this delivery does not declare delays_requeue)",
-            )),
+            Settlement::RequeueAfter(delay) => {
+                let mut commands = reader.shared.commands.clone();
+                let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
+                let held: i64 = DELAY
+                    .key(&*reader.topic)
+                    .key(delayed_key(&reader.topic, &reader.group))
+                    .arg(&*reader.group)
+                    .arg(REQUEUE_CONSUMER)
+                    .arg(&self.id)
+                    .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+                    .arg(deadline_ms)
+                    .invoke_async(&mut commands)
+                    .await
+                    .map_err(|e| {
+                        from_redis(
+                            e,
+                            format!("delayed requeue of {} on {}", self.id, reader.topic),
+                        )
+                    })?;
+                if held == 0 {
+                    return Err(not_pending());
+                }
+                Ok(())
+            }
             Settlement::Requeue => {
                 let mut commands = reader.shared.commands.clone();
                 let ids = [self.id.clone()];

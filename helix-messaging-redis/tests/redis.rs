@@ -664,3 +664,71 @@ async fn pubsub_drops_a_message_whose_ttl_has_passed_when_the_envelope_carries_i
     d.ack().await.unwrap();
     broker.close().await.unwrap();
 }
+
+/// A delay longer than the ack deadline: every member's reclaimer keeps the entry from being
+/// taken over early, it comes back no sooner than the delay with attempt 2, and it waits in
+/// Redis (not in the consumer), so a consumer that crashes meanwhile loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_longer_than_the_ack_deadline_survives_the_consumers_crash() {
+    let deadline = Duration::from_millis(800);
+    let delay = Duration::from_millis(3_000);
+    let url = shared_url();
+    let topic = topic("long-delay");
+    let group = "workers";
+    let _cleanup = DeleteOnDrop(vec![
+        topic.clone(),
+        format!("{topic}.helix-delayed.{group}"),
+    ]);
+    let tune = move |c: &mut RedisConfig| {
+        c.streams.ack_deadline = deadline;
+        c.streams.claim_interval = Duration::from_millis(50);
+    };
+    let broker = broker(&url, RedisMode::Streams, tune).await;
+    let mut first = broker
+        .subscribe(&topic, SubscribeOptions::group(group))
+        .await
+        .unwrap();
+    let m = Message::new("wait for it");
+    broker.publish(&topic, m.clone()).await.unwrap();
+    let d = recv(&mut first).await;
+    assert!(d.can_delay());
+    let requeued_at = Instant::now();
+    d.nack_after(delay).await.unwrap();
+    let mut zset = raw(&url).await;
+    let held: i64 = redis::cmd("ZCARD")
+        .arg(format!("{topic}.helix-delayed.{group}"))
+        .query_async(&mut zset)
+        .await
+        .unwrap();
+    assert_eq!(
+        held, 1,
+        "a delay beyond the ack deadline is scheduled in the sorted set"
+    );
+    // The consumer crashes right away; another member of the group runs meanwhile.
+    drop(first);
+    let mut second = broker
+        .subscribe(&topic, SubscribeOptions::group(group))
+        .await
+        .unwrap();
+    let again = recv(&mut second).await;
+    let waited = requeued_at.elapsed();
+    assert_eq!(again.message().id(), m.id());
+    assert_eq!(again.attempt(), 2);
+    assert!(
+        waited >= delay - Duration::from_millis(20),
+        "taken over after {waited:?}, before the {delay:?} delay"
+    );
+    again.ack().await.unwrap();
+    let left: i64 = redis::cmd("ZCARD")
+        .arg(format!("{topic}.helix-delayed.{group}"))
+        .query_async(&mut zset)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "nothing stays scheduled");
+    assert!(
+        tokio::time::timeout(deadline * 3, second.next())
+            .await
+            .is_err(),
+        "delivered again after the ack"
+    );
+}
