@@ -32,6 +32,7 @@ mod topology;
 mod wire;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -72,7 +73,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // Needs the replay journal, which is off by default; see `RabbitConfig::replay_journal`.
     replay_by_time: false,
     native_dlq: true,
-    delayed_delivery: false,
+    delayed_delivery: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -200,6 +201,56 @@ impl Shared {
             .start_publish_raw("", queue, payload, properties)
             .await?;
         self.confirmed(queue, confirm).await
+    }
+
+    /// Publish a copy to `queue`'s retry queue for `delay` (rounded up to a step of
+    /// [`delay_step`]): a queue whose message TTL is that step and which dead-letters back to
+    /// `queue`, so the broker holds the message meanwhile. The retry queue is declared each
+    /// time, which also renews its `x-expires` (it goes away a minute after its last use,
+    /// always after the messages in it have left).
+    async fn delay_to_queue(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        properties: lapin::BasicProperties,
+        delay: Duration,
+    ) -> Result<()> {
+        let step = delay_step(delay);
+        let retry_queue = format!("{queue}.retry.{step}");
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-message-ttl".into(), AMQPValue::LongUInt(step));
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(queue.into()),
+        );
+        arguments.insert(
+            "x-expires".into(),
+            AMQPValue::LongUInt(step.saturating_add(60_000)),
+        );
+        let link = self.link()?;
+        let declare = async {
+            link.publisher()
+                .await?
+                .queue_declare(
+                    retry_queue.as_str().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    arguments,
+                )
+                .await
+                .map_err(|e| self.connection_error(e, format!("declaring {retry_queue}")))
+        };
+        tokio::time::timeout(self.config().publish_timeout, declare)
+            .await
+            .map_err(|_| self.publish_timed_out(&retry_queue))??;
+        self.copy_to_queue(&retry_queue, payload, wire::delayed(properties))
+            .await
     }
 
     fn publish_timed_out(&self, routing_key: &str) -> Error {
@@ -988,18 +1039,51 @@ struct RabbitAcker {
     attempt: u32,
 }
 
+/// The retry-queue TTL a delay is rounded up to, in milliseconds: steps of at most a
+/// third (10, 12, 15, 20, 25, 30, 40, 50, 60, 80 times a power of ten, at least 10 ms), so a
+/// group needs few retry queues however its delays are jittered.
+fn delay_step(delay: Duration) -> u32 {
+    const STEPS: [u64; 10] = [10, 12, 15, 20, 25, 30, 40, 50, 60, 80];
+    let wanted = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    let mut scale = 1u64;
+    while scale <= u64::from(u32::MAX) {
+        if let Some(step) = STEPS.iter().map(|s| s * scale).find(|s| *s >= wanted) {
+            return u32::try_from(step).unwrap_or(u32::MAX);
+        }
+        scale *= 10;
+    }
+    u32::MAX
+}
+
 #[async_trait]
 impl Acknowledge for RabbitAcker {
+    fn delays_requeue(&self) -> bool {
+        true
+    }
+
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
         let queue = &self.context.queue;
         let action = match outcome {
             Settlement::Ack => AckAction::Ack,
             Settlement::Reject => AckAction::Reject,
-            Settlement::RequeueAfter(_) => {
-                return Err(Error::unsupported(
-                    NAME,
-                    "a delayed requeue (this delivery does not declare delays_requeue)",
-                ));
+            Settlement::RequeueAfter(delay) => {
+                // As a requeue, but through the retry queue: the broker holds the copy for
+                // the delay, then dead-letters it back to this group's queue alone. If the
+                // copy fails the delivery is requeued at once: a retry that comes early,
+                // never one that is lost.
+                let properties = wire::properties(&self.message, Some(self.attempt));
+                let copied = self
+                    .context
+                    .shared
+                    .delay_to_queue(queue, self.message.payload(), properties, delay)
+                    .await;
+                match copied {
+                    Ok(()) => AckAction::Ack,
+                    Err(err) => {
+                        tracing::warn!(queue, error = %err, "delayed requeue copy failed; requeueing natively");
+                        AckAction::Requeue
+                    }
+                }
             }
             Settlement::Requeue => {
                 // A copy carrying the attempt count, then the original acked: classic queues

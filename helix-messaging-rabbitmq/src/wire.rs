@@ -72,6 +72,28 @@ pub(crate) fn properties(message: &Message, attempts_so_far: Option<u32>) -> Bas
 }
 
 /// `props` with the attempt count set to `attempts_so_far` (for a copy of a received message).
+/// Marks a copy that waits out a delay in a retry queue: when it is dead-lettered back, the
+/// broker's `x-death` bookkeeping of that hop is not part of the message.
+const DELAYED: &str = "x-helix-delayed";
+
+/// Headers the broker adds when it dead-letters a message.
+const DEATH_HEADERS: [&str; 7] = [
+    "x-death",
+    "x-first-death-exchange",
+    "x-first-death-queue",
+    "x-first-death-reason",
+    "x-last-death-exchange",
+    "x-last-death-queue",
+    "x-last-death-reason",
+];
+
+/// `props` marked as a delayed copy.
+pub(crate) fn delayed(props: BasicProperties) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(DELAYED.into(), AMQPValue::Boolean(true));
+    props.with_headers(headers)
+}
+
 pub(crate) fn with_attempts(props: &BasicProperties, attempts_so_far: u32) -> BasicProperties {
     let mut headers = props.headers().clone().unwrap_or_default();
     headers.insert(ATTEMPTS.into(), AMQPValue::LongUInt(attempts_so_far));
@@ -174,10 +196,15 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
     let payload = delivery.data.clone();
     let mut headers = Headers::new();
     if let Some(table) = table {
+        let came_back_from_a_delay = table.inner().contains_key(DELAYED);
         for (name, value) in table.inner() {
             let name = name.as_str();
-            // Broker bookkeeping of streams is not part of the message.
-            if !name.starts_with("x-helix-") && name != STREAM_OFFSET && name != DELIVERY_COUNT {
+            // Broker bookkeeping of streams, and of our own retry hop, is not part of the
+            // message.
+            let bookkeeping = name == STREAM_OFFSET
+                || name == DELIVERY_COUNT
+                || (came_back_from_a_delay && DEATH_HEADERS.contains(&name));
+            if !name.starts_with("x-helix-") && !bookkeeping {
                 headers.insert(name.to_owned(), text(value));
             }
         }

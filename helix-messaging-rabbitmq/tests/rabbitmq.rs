@@ -248,3 +248,58 @@ async fn a_settlement_on_a_killed_connection_is_an_error() {
     again.ack().await.unwrap();
     broker.close().await.unwrap();
 }
+
+/// A delayed requeue waits in the broker, not in the consumer: after the consumer's whole
+/// connection is gone, the message comes back to its group no sooner than the delay, with
+/// attempt 2 and none of the broker's dead-letter bookkeeping of the retry hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_requeue_waits_in_the_broker_across_a_consumer_crash() {
+    let topic = helix_messaging_testkit::fresh_name("delayed");
+    let group = helix_messaging_testkit::fresh_name("g");
+    let delay = std::time::Duration::from_millis(2_000);
+    let consumer = RabbitBroker::connect(common::config()).await.unwrap();
+    let mut sub = consumer
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let m = Message::new("wait in the broker").with_header("kind", "retry-me");
+    consumer.publish(&topic, m.clone()).await.unwrap();
+    let d = common::recv(&mut sub).await;
+    assert!(d.can_delay());
+    let requeued_at = std::time::Instant::now();
+    d.nack_after(delay).await.unwrap();
+    // The consumer's process "dies": its connection closes with nothing held.
+    drop(sub);
+    consumer.close().await.unwrap();
+
+    let other = RabbitBroker::connect(common::config()).await.unwrap();
+    let mut sub = other
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let again = common::recv(&mut sub).await;
+    let waited = requeued_at.elapsed();
+    assert_eq!(again.message().id(), m.id());
+    assert_eq!(again.attempt(), 2);
+    assert!(
+        waited >= delay - std::time::Duration::from_millis(20),
+        "back after {waited:?}, before the {delay:?} delay"
+    );
+    assert_eq!(again.message().header("kind"), Some("retry-me"));
+    assert!(
+        again
+            .message()
+            .headers()
+            .keys()
+            .all(|k| !k.starts_with("x-death") && !k.starts_with("x-first-death")),
+        "dead-letter bookkeeping leaked into the headers: {:?}",
+        again.message().headers()
+    );
+    again.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), sub.next())
+            .await
+            .is_err(),
+        "delivered again after the ack"
+    );
+}

@@ -8,32 +8,32 @@ use crate::{DeliveryInfo, Error, Headers, Message, MessageParts, Result};
 
 /// Prefix of every header the dead-lettering writes. All of them are removed and written
 /// afresh each time a message is dead-lettered, so they never accumulate.
-pub const HEADER_PREFIX: &str = "x-helix-dlq-";
+pub const HEADER_PREFIX: &str = "helix-dlq-";
 /// The topic the message failed on.
-pub const HEADER_ORIGINAL_TOPIC: &str = "x-helix-dlq-original-topic";
+pub const HEADER_ORIGINAL_TOPIC: &str = "helix-dlq-original-topic";
 /// The failed message's own id (the DLQ message has the dead letter's id).
-pub const HEADER_ORIGINAL_ID: &str = "x-helix-dlq-original-id";
+pub const HEADER_ORIGINAL_ID: &str = "helix-dlq-original-id";
 /// The failed message's timestamp, milliseconds since the Unix epoch.
-pub const HEADER_ORIGINAL_TIMESTAMP: &str = "x-helix-dlq-original-timestamp";
+pub const HEADER_ORIGINAL_TIMESTAMP: &str = "helix-dlq-original-timestamp";
 /// The consumer group it failed in (absent for a private subscription).
-pub const HEADER_GROUP: &str = "x-helix-dlq-group";
+pub const HEADER_GROUP: &str = "helix-dlq-group";
 /// Why it was dead-lettered ([`DeadLetterReason::as_str`]).
-pub const HEADER_REASON: &str = "x-helix-dlq-reason";
+pub const HEADER_REASON: &str = "helix-dlq-reason";
 /// The error text, at most [`MAX_ERROR_HEADER_BYTES`] bytes.
-pub const HEADER_ERROR: &str = "x-helix-dlq-error";
+pub const HEADER_ERROR: &str = "helix-dlq-error";
 /// `true` when [`HEADER_ERROR`] was cut short (the store keeps the full text).
-pub const HEADER_ERROR_TRUNCATED: &str = "x-helix-dlq-error-truncated";
+pub const HEADER_ERROR_TRUNCATED: &str = "helix-dlq-error-truncated";
 /// Delivery attempts made before it was dead-lettered.
-pub const HEADER_ATTEMPTS: &str = "x-helix-dlq-attempts";
+pub const HEADER_ATTEMPTS: &str = "helix-dlq-attempts";
 /// First failure, milliseconds since the Unix epoch.
-pub const HEADER_FIRST_FAILURE: &str = "x-helix-dlq-first-failure";
+pub const HEADER_FIRST_FAILURE: &str = "helix-dlq-first-failure";
 /// Last failure, milliseconds since the Unix epoch.
-pub const HEADER_LAST_FAILURE: &str = "x-helix-dlq-last-failure";
+pub const HEADER_LAST_FAILURE: &str = "helix-dlq-last-failure";
 /// When it was dead-lettered, milliseconds since the Unix epoch.
-pub const HEADER_DEAD_LETTERED_AT: &str = "x-helix-dlq-dead-lettered-at";
+pub const HEADER_DEAD_LETTERED_AT: &str = "helix-dlq-dead-lettered-at";
 /// How often the message was re-driven out of a DLQ before. Kept on the re-driven message
-/// (it is not an `x-helix-dlq-` header), so a message that keeps failing is recognised.
-pub const HEADER_REDRIVE_COUNT: &str = "x-helix-redrive-count";
+/// (it is not an `helix-dlq-` header), so a message that keeps failing is recognised.
+pub const HEADER_REDRIVE_COUNT: &str = "helix-redrive-count";
 
 /// Longest error text carried in [`HEADER_ERROR`]; brokers limit header sizes, and the
 /// store keeps the whole text.
@@ -116,7 +116,7 @@ impl FromStr for DeadLetterReason {
 pub struct DeadLetter {
     /// This dead letter's id (a UUID v4; the DLQ message's id).
     pub id: String,
-    /// The failed message as it was received, without stale `x-helix-dlq-*` headers. Its
+    /// The failed message as it was received, without stale `helix-dlq-*` headers. Its
     /// headers carry the trace context, so a re-drive continues the trace.
     pub message: Message,
     /// The topic it failed on.
@@ -209,7 +209,7 @@ impl DeadLetter {
     }
 
     /// The DLQ message: the original payload, key, content type, correlation id and
-    /// priority; the original headers plus the failure facts in `x-helix-dlq-*` headers;
+    /// priority; the original headers plus the failure facts in `helix-dlq-*` headers;
     /// this dead letter's id; no TTL (a dead letter never expires on its own).
     pub fn to_message(&self) -> Message {
         let mut headers = without_failure_headers(self.message.headers());

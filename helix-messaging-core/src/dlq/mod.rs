@@ -6,7 +6,7 @@
 //!   its retries, or when the payload cannot be decoded; the original is acked only once the
 //!   DLQ publish is confirmed.
 //! - The DLQ message is readable by any client: the original payload as the body, the
-//!   original headers, and the failure facts in `x-helix-dlq-*` headers ([`DeadLetter`]).
+//!   original headers, and the failure facts in `helix-dlq-*` headers ([`DeadLetter`]).
 //! - [`Processor`] ingests the DLQ topics into a [`DeadLetterStore`] (in memory, SQLite,
 //!   PostgreSQL), re-drives with backoff, parks what stays broken, and offers list / get /
 //!   reprocess / discard / purge, failure groups and bulk redrive jobs.
