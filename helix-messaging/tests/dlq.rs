@@ -1,0 +1,655 @@
+//! The DLQ store and processor on the embedded broker: the SQLite store across reopenings,
+//! automatic re-drive with backoff and parking, per-type handlers, and bulk redrive jobs
+//! (frozen selection, rate limit, canary, cancel).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::StreamExt;
+use helix_messaging::dlq::{
+    CanaryConfig, DeadLetter, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason,
+    DeadLetterStore, DlqFilter, EntryStatus, Processor, ProcessorConfig, RedriveRequest,
+    RedriveStatus, SqliteDeadLetterStore, StoredDeadLetter,
+};
+use helix_messaging::retry::{RetryLayer, RetryPolicy};
+use helix_messaging::{
+    Broker, DeliveryInfo, Envelope, HandlerError, Message, Runner, SubscribeOptions, Subscription,
+    handler_fn,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn broker() -> Arc<dyn Broker> {
+    helix_messaging::connect("memory://")
+        .await
+        .expect("memory broker")
+}
+
+fn name(what: &str) -> String {
+    helix_messaging_testkit::fresh_name(what)
+}
+
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn recv(sub: &mut Subscription) -> helix_messaging::Delivery {
+    tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap_or_else(|_| panic!("no delivery on {} within {WAIT:?}", sub.topic()))
+        .expect("open")
+        .expect("no stream error")
+}
+
+fn letter(topic: &str, reason: DeadLetterReason, kind: &str, at: SystemTime) -> DeadLetter {
+    let info = DeliveryInfo {
+        topic: topic.into(),
+        group: Some("workers".into()),
+        attempt: 4,
+        redelivered: true,
+        position: None,
+    };
+    let message = Message::new(format!("payload of a {kind}"))
+        .with_key("k-1")
+        .with_header("type", kind)
+        .with_header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .with_content_type("application/json")
+        .with_correlation_id("corr")
+        .with_priority(7);
+    DeadLetter::new(
+        &message,
+        &info,
+        reason,
+        &format!("{kind} failed: {}", "x".repeat(5_000)),
+        at - Duration::from_secs(3),
+        at,
+    )
+}
+
+fn in_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    dir.path().join("dlq.sqlite")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let t0 = SystemTime::now() - Duration::from_secs(60);
+    let letters = [
+        letter(
+            "orders",
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            t0,
+        ),
+        letter(
+            "orders",
+            DeadLetterReason::Undecodable,
+            "order.created",
+            t0 + Duration::from_secs(1),
+        ),
+        letter(
+            "payments",
+            DeadLetterReason::MaxRetriesExceeded,
+            "payment.made",
+            t0 + Duration::from_secs(2),
+        ),
+    ];
+    {
+        let store = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
+        for l in &letters {
+            let entry = StoredDeadLetter::received(l.clone(), SystemTime::now());
+            assert!(store.insert(entry.clone()).await.unwrap());
+            assert!(
+                !store.insert(entry).await.unwrap(),
+                "a second insert of one id is ignored"
+            );
+        }
+        let mut parked = store.get(&letters[1].id).await.unwrap().unwrap();
+        parked.status = EntryStatus::Parked;
+        parked.last_error = Some("still broken".into());
+        assert!(store.update(&parked).await.unwrap());
+        let mut due = store.get(&letters[2].id).await.unwrap().unwrap();
+        due.next_attempt_at = Some(SystemTime::now() - Duration::from_secs(1));
+        store.update(&due).await.unwrap();
+    }
+    // A new process opens the same file.
+    let store = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
+    let all = store.list(&DlqFilter::default(), 10, 0).await.unwrap();
+    assert_eq!(all.len(), 3);
+    let ids: Vec<&str> = all.iter().map(|e| e.letter.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        letters.iter().map(|l| l.id.as_str()).collect::<Vec<_>>(),
+        "listed oldest first"
+    );
+    let first = &all[0].letter;
+    let expected = &letters[0];
+    assert_eq!(first.message.id(), expected.message.id());
+    assert_eq!(first.message.payload(), expected.message.payload());
+    assert_eq!(first.message.headers(), expected.message.headers());
+    assert_eq!(first.message.key(), Some("k-1"));
+    assert_eq!(first.message.priority(), 7);
+    assert_eq!(first.message.content_type(), Some("application/json"));
+    assert_eq!(first.message.correlation_id(), Some("corr"));
+    assert_eq!(first.error, expected.error, "the full error text is kept");
+    assert_eq!(first.attempts, 4);
+    assert_eq!(first.group.as_deref(), Some("workers"));
+    let micros = |t: SystemTime| {
+        t.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_micros()
+    };
+    assert_eq!(
+        micros(first.first_failure_at),
+        micros(expected.first_failure_at)
+    );
+    assert_eq!(
+        micros(first.last_failure_at),
+        micros(expected.last_failure_at)
+    );
+    assert_eq!(all[1].status, EntryStatus::Parked);
+    assert_eq!(all[1].last_error.as_deref(), Some("still broken"));
+
+    let orders = DlqFilter {
+        topic: Some("orders".into()),
+        ..DlqFilter::default()
+    };
+    assert_eq!(store.count(&orders).await.unwrap(), 2);
+    let undecodable = DlqFilter {
+        reason: Some(DeadLetterReason::Undecodable),
+        ..DlqFilter::default()
+    };
+    assert_eq!(store.count(&undecodable).await.unwrap(), 1);
+    let payments = DlqFilter {
+        message_type: Some("payment.made".into()),
+        ..DlqFilter::default()
+    };
+    assert_eq!(
+        store.ids(&payments).await.unwrap(),
+        vec![letters[2].id.clone()]
+    );
+    let window = DlqFilter {
+        from: Some(t0 + Duration::from_millis(500)),
+        to: Some(t0 + Duration::from_millis(1_500)),
+        ..DlqFilter::default()
+    };
+    assert_eq!(
+        store.ids(&window).await.unwrap(),
+        vec![letters[1].id.clone()]
+    );
+    assert_eq!(
+        store.list(&DlqFilter::default(), 1, 1).await.unwrap()[0]
+            .letter
+            .id,
+        letters[1].id,
+        "offset"
+    );
+
+    let groups = store.groups(&DlqFilter::default()).await.unwrap();
+    assert_eq!(groups.len(), 3);
+    let stats = store.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.parked), (3, 1));
+    assert_eq!(stats.oldest.map(micros), Some(micros(t0)));
+
+    let lease = Duration::from_secs(60);
+    let claimed = store.claim_due(SystemTime::now(), lease, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1, "only the due, pending entry");
+    assert_eq!(claimed[0].letter.id, letters[2].id);
+    assert!(
+        store
+            .claim_due(SystemTime::now(), lease, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a claimed entry is leased"
+    );
+    assert_eq!(
+        store
+            .claim_due(
+                SystemTime::now() + lease + Duration::from_secs(1),
+                lease,
+                10
+            )
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "after the lease it is due again"
+    );
+
+    assert!(store.remove(&letters[0].id).await.unwrap());
+    assert!(!store.remove(&letters[0].id).await.unwrap());
+    assert_eq!(store.purge(&orders).await.unwrap(), 1);
+    drop(store);
+    let store = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
+    assert_eq!(
+        store.ids(&DlqFilter::default()).await.unwrap(),
+        vec![letters[2].id.clone()]
+    );
+}
+
+/// Dead-letters every message of `topic` in group `workers` (no retries) into `dlq_topic`.
+async fn failing_consumer(
+    broker: &Arc<dyn Broker>,
+    topic: &str,
+    dlq_topic: &str,
+    reason: DeadLetterReason,
+) -> (Runner, Arc<AtomicU32>) {
+    let calls = Arc::new(AtomicU32::new(0));
+    let counted = calls.clone();
+    let runner = Runner::builder(broker.clone(), topic)
+        .group("workers")
+        .layer(DeadLetterLayer::new(DeadLetterQueue::new(
+            broker.clone(),
+            DeadLetterConfig::new(dlq_topic).unwrap(),
+        )))
+        .layer(RetryLayer::new(RetryPolicy::new().with_max_retries(0)).unwrap())
+        .start(handler_fn(move |_envelope: Envelope| {
+            let counted = counted.clone();
+            async move {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let err = HandlerError::transient(std::io::Error::other("downstream is down"));
+                Err(if reason == DeadLetterReason::MaxRetriesExceeded {
+                    err
+                } else {
+                    err.with_reason(reason)
+                })
+            }
+        }))
+        .await
+        .unwrap();
+    (runner, calls)
+}
+
+fn processor_config(dlq_topic: &str) -> ProcessorConfig {
+    ProcessorConfig {
+        topics: vec![dlq_topic.to_owned()],
+        poll_interval: Duration::from_millis(50),
+        retry_delay: Duration::from_millis(100),
+        max_retry_delay: Duration::from_millis(200),
+        max_retries: 2,
+        ..ProcessorConfig::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reopened_store_can_be_reprocessed_discarded_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = broker().await;
+    let (topic, dlq_topic) = (name("orders"), name("dlq"));
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        ..processor_config(&dlq_topic)
+    };
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        config.clone(),
+    )
+    .unwrap();
+    processor.start().await.unwrap();
+    let (runner, _) =
+        failing_consumer(&broker, &topic, &dlq_topic, DeadLetterReason::Permanent).await;
+    let sent: Vec<Message> = (0..3).map(|i| Message::new(format!("order {i}"))).collect();
+    for m in &sent {
+        broker.publish(&topic, m.clone()).await.unwrap();
+    }
+    eventually("three dead letters stored", || {
+        let processor = processor.clone();
+        async move { (processor.stats().await.ok()?.depth == 3).then_some(()) }
+    })
+    .await;
+    runner.shutdown().await;
+    processor.stop().await;
+    drop(processor);
+
+    // Another process, the same file.
+    let store = Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap());
+    let processor = Processor::new(broker.clone(), store.clone(), config).unwrap();
+    let page = processor.list(&DlqFilter::default(), 10, 0).await.unwrap();
+    assert_eq!(page.count, 3);
+    let id_of = |m: &Message| {
+        page.entries
+            .iter()
+            .find(|e| e.letter.message.id() == m.id())
+            .map(|e| e.letter.id.clone())
+            .expect("entry for a sent message")
+    };
+    let mut replay = broker
+        .subscribe(&topic, SubscribeOptions::group(name("after")))
+        .await
+        .unwrap();
+    processor.reprocess(&id_of(&sent[0]), None).await.unwrap();
+    let back = recv(&mut replay).await;
+    assert_eq!(back.message().id(), sent[0].id());
+    assert_eq!(back.message().payload(), sent[0].payload());
+    back.ack().await.unwrap();
+    let elsewhere = name("elsewhere");
+    let mut other = broker
+        .subscribe(&elsewhere, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    processor
+        .reprocess(&id_of(&sent[1]), Some(&elsewhere))
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut other).await.message().id(),
+        sent[1].id(),
+        "reprocessed into another topic"
+    );
+    processor
+        .discard(&id_of(&sent[2]), "test data")
+        .await
+        .unwrap();
+    let discarded = processor.get(&id_of(&sent[2])).await.unwrap();
+    assert_eq!(discarded.status, EntryStatus::Discarded);
+    assert_eq!(discarded.discard_reason.as_deref(), Some("test data"));
+    assert_eq!(processor.stats().await.unwrap().depth, 0);
+    assert_eq!(
+        processor
+            .purge(&DlqFilter {
+                status: Some(EntryStatus::Discarded),
+                ..DlqFilter::default()
+            })
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.count(&DlqFilter::default()).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn automatic_redrive_backs_off_then_parks_the_message() {
+    let broker = broker().await;
+    let (topic, dlq_topic) = (name("flaky"), name("dlq"));
+    let dir = tempfile::tempdir().unwrap();
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        processor_config(&dlq_topic),
+    )
+    .unwrap();
+    processor.start().await.unwrap();
+    let (runner, calls) = failing_consumer(
+        &broker,
+        &topic,
+        &dlq_topic,
+        DeadLetterReason::MaxRetriesExceeded,
+    )
+    .await;
+    let m = Message::new("keeps failing");
+    broker.publish(&topic, m.clone()).await.unwrap();
+    let parked = eventually("the message parked", || {
+        let processor = processor.clone();
+        async move {
+            let page = processor
+                .list(
+                    &DlqFilter {
+                        status: Some(EntryStatus::Parked),
+                        ..DlqFilter::default()
+                    },
+                    10,
+                    0,
+                )
+                .await
+                .ok()?;
+            page.entries.into_iter().next()
+        }
+    })
+    .await;
+    runner.shutdown().await;
+    processor.stop().await;
+    assert_eq!(
+        parked.letter.message.id(),
+        m.id(),
+        "the original id survives every trip"
+    );
+    assert_eq!(parked.letter.redrives, 2, "re-driven max_retries times");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "the first delivery and one per re-drive"
+    );
+    let metrics = processor.metrics();
+    assert_eq!(metrics.messages_ingested, 3);
+    assert_eq!(metrics.messages_processed, 2, "two re-drives published");
+    assert_eq!(metrics.messages_parked, 1);
+    assert_eq!(
+        processor.stats().await.unwrap().depth,
+        1,
+        "parked, never lost"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_for_the_message_type_is_retried_with_backoff_instead_of_republishing() {
+    let broker = broker().await;
+    let (topic, dlq_topic) = (name("llm"), name("dlq"));
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        ProcessorConfig {
+            max_retries: 3,
+            ..processor_config(&dlq_topic)
+        },
+    )
+    .unwrap();
+    let tries = Arc::new(AtomicU32::new(0));
+    let counted = tries.clone();
+    processor.register_handler("llm.request", move |letter: DeadLetter| {
+        let counted = counted.clone();
+        async move {
+            assert_eq!(letter.message.header("type"), Some("llm.request"));
+            if counted.fetch_add(1, Ordering::SeqCst) < 2 {
+                return Err("provider still rate-limited".into());
+            }
+            Ok(())
+        }
+    });
+    processor.start().await.unwrap();
+    let mut original = broker
+        .subscribe(&topic, SubscribeOptions::group(name("watch")))
+        .await
+        .unwrap();
+    // Permanent failures are parked unless a handler is registered for their type.
+    let (runner, _) =
+        failing_consumer(&broker, &topic, &dlq_topic, DeadLetterReason::Permanent).await;
+    broker
+        .publish(
+            &topic,
+            Message::new("prompt").with_header("type", "llm.request"),
+        )
+        .await
+        .unwrap();
+    recv(&mut original).await.ack().await.unwrap();
+    eventually("the handler succeeded and the entry is gone", || {
+        let (processor, tries) = (processor.clone(), tries.clone());
+        async move {
+            (tries.load(Ordering::SeqCst) == 3 && processor.stats().await.ok()?.depth == 0)
+                .then_some(())
+        }
+    })
+    .await;
+    runner.shutdown().await;
+    processor.stop().await;
+    let metrics = processor.metrics();
+    assert_eq!(metrics.messages_retried, 2);
+    assert_eq!(metrics.messages_processed, 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), original.next())
+            .await
+            .is_err(),
+        "a handled entry is not republished"
+    );
+}
+
+/// Stores `n` dead letters of `topic` directly (as the processor would have ingested them).
+async fn stored_letters(processor: &Processor, topic: &str, n: usize) -> Vec<DeadLetter> {
+    let t0 = SystemTime::now() - Duration::from_secs(3_600);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let l = letter(
+            topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            t0 + Duration::from_millis(i as u64),
+        );
+        processor
+            .store()
+            .insert(StoredDeadLetter::received(l.clone(), SystemTime::now()))
+            .await
+            .unwrap();
+        out.push(l);
+    }
+    out
+}
+
+async fn finished(processor: &Processor, job: &str) -> helix_messaging::dlq::RedriveProgress {
+    eventually("the redrive job finished", || {
+        let processor = processor.clone();
+        let job = job.to_owned();
+        async move {
+            processor
+                .redrive_progress(&job)
+                .ok()
+                .filter(|p| p.status.is_finished())
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
+    let broker = broker().await;
+    let topic = name("bulk");
+    let dir = tempfile::tempdir().unwrap();
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    let letters = stored_letters(&processor, &topic, 200).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: Some(100.0),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    // Dead-lettered after the job started: not part of its selection.
+    let late = stored_letters(&processor, &topic, 1).await;
+    let progress = finished(&processor, &job).await;
+    let took = started.elapsed();
+    assert_eq!(progress.status, RedriveStatus::Completed);
+    assert_eq!(
+        (
+            progress.total,
+            progress.redriven,
+            progress.failed,
+            progress.skipped
+        ),
+        (200, 200, 0, 0)
+    );
+    assert!((progress.percentage() - 100.0).abs() < f64::EPSILON);
+    assert!(
+        took >= Duration::from_millis(1_900),
+        "200 messages at 100/s took only {took:?}"
+    );
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        let d = recv(&mut sub).await;
+        got.push(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let expected: Vec<String> = letters.iter().map(|l| l.message.id().to_owned()).collect();
+    assert_eq!(got, expected, "re-driven in DLQ order");
+    let left = processor.list(&DlqFilter::default(), 10, 0).await.unwrap();
+    assert_eq!(left.count, 1);
+    assert_eq!(
+        left.entries[0].letter.id, late[0].id,
+        "only the late letter stays"
+    );
+    assert_eq!(processor.list_redrives().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too() {
+    let broker = broker().await;
+    let (topic, dlq_topic) = (name("canary"), name("dlq"));
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        ProcessorConfig {
+            auto_redrive: false,
+            ..processor_config(&dlq_topic)
+        },
+    )
+    .unwrap();
+    processor.start().await.unwrap();
+    let (runner, calls) =
+        failing_consumer(&broker, &topic, &dlq_topic, DeadLetterReason::Permanent).await;
+    stored_letters(&processor, &topic, 20).await;
+    let job = processor
+        .start_redrive(RedriveRequest {
+            canary: Some(CanaryConfig {
+                count: 2,
+                watch: Duration::from_millis(1_500),
+            }),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let progress = finished(&processor, &job).await;
+    assert_eq!(progress.status, RedriveStatus::CanaryFailed);
+    assert_eq!(progress.redriven, 2, "only the canaries went out");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let stats = processor.stats().await.unwrap();
+    assert_eq!(stats.depth, 20, "18 untouched and the 2 canaries back");
+    runner.shutdown().await;
+
+    // Nobody fails now, but the job is cancelled early.
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: Some(10.0),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    processor.cancel_redrive(&job).unwrap();
+    let progress = finished(&processor, &job).await;
+    assert_eq!(progress.status, RedriveStatus::Cancelled);
+    assert!(
+        progress.redriven >= 1 && progress.redriven < 20,
+        "redriven {} before the cancel",
+        progress.redriven
+    );
+    assert_eq!(
+        processor.stats().await.unwrap().depth,
+        20 - progress.redriven,
+        "what was not re-driven stays"
+    );
+    processor.stop().await;
+}
