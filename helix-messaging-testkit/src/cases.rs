@@ -56,6 +56,7 @@ cases! {
     undecodable_is_dead_lettered_on_first_delivery: [ConsumerGroups];
     poison_message_does_not_stall_the_others: [ConsumerGroups, Redelivery];
     processor_ingests_lists_and_reprocesses: [ConsumerGroups];
+    malformed_payloads_reach_the_dlq_after_one_delivery: [ConsumerGroups];
 }
 
 /// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty

@@ -518,3 +518,84 @@ pub async fn processor_ingests_lists_and_reprocesses(ctx: Ctx) -> Result<()> {
     ctx.expect_quiet(&mut after).await;
     Ok(())
 }
+
+/// 1% of 2,000 payloads cannot be decoded: each of those reaches the DLQ after exactly one
+/// delivery (never the handler), every other one is handled exactly once.
+pub async fn malformed_payloads_reach_the_dlq_after_one_delivery(ctx: Ctx) -> Result<()> {
+    const TOTAL: usize = 2_000;
+    let topic = ctx.topic("malformed");
+    let dlq_topic = ctx.topic("malformed-dlq");
+    let mut dlq = ctx
+        .subscribe(
+            &dlq_topic,
+            SubscribeOptions::group(crate::fresh_name("dlq")),
+        )
+        .await;
+    let handled = Arc::new(Mutex::new(HashMap::<u64, u32>::new()));
+    let seen = handled.clone();
+    let runner = Runner::builder(ctx.broker.clone(), topic.clone())
+        .group(crate::fresh_name("workers"))
+        .concurrency(8)
+        .layer(dead_letter_layer(&ctx, &dlq_topic)?)
+        .layer(fixed_retries(3, Duration::from_millis(50))?)
+        .start(json_handler(move |order: Order, _envelope: Envelope| {
+            let seen = seen.clone();
+            async move {
+                *seen.lock().entry(order.id).or_default() += 1;
+                Ok(())
+            }
+        }))
+        .await?;
+    let mut malformed = std::collections::HashSet::new();
+    let messages: Vec<Message> = (0..TOTAL as u64)
+        .map(|i| {
+            if i % 100 == 99 {
+                let m = Message::new(format!("{{\"id\": {i}, truncated"));
+                malformed.insert(m.id().to_owned());
+                m
+            } else {
+                Message::new(format!("{{\"id\": {i}}}"))
+            }
+        })
+        .collect();
+    for chunk in messages.chunks(500) {
+        ctx.broker
+            .publish_batch(&topic, chunk.to_vec())
+            .await
+            .into_result()?;
+    }
+    let mut dead = std::collections::HashSet::new();
+    for _ in 0..malformed.len() {
+        let letter = ctx.recv(&mut dlq).await;
+        assert_eq!(header(&letter, dlq::HEADER_ATTEMPTS), "1");
+        assert_eq!(
+            header(&letter, dlq::HEADER_REASON),
+            DeadLetterReason::Undecodable.as_str()
+        );
+        dead.insert(header(&letter, dlq::HEADER_ORIGINAL_ID).to_owned());
+        letter.ack().await?;
+    }
+    assert_eq!(
+        dead, malformed,
+        "exactly the malformed payloads were dead-lettered"
+    );
+    let good = TOTAL - malformed.len();
+    eventually(
+        ctx.settings.receive_timeout,
+        "every good payload handled",
+        || {
+            let handled = handled.clone();
+            async move { (handled.lock().len() == good).then_some(()) }
+        },
+    )
+    .await;
+    let report = runner.shutdown().await;
+    ctx.expect_quiet(&mut dlq).await;
+    assert!(
+        handled.lock().values().all(|n| *n == 1),
+        "a good payload was handled twice"
+    );
+    assert_eq!(report.delayed, 0, "nothing was retried");
+    assert_eq!(report.acked, TOTAL as u64);
+    Ok(())
+}
