@@ -13,7 +13,13 @@ use helix_messaging_testkit::Conformance;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_passes_the_conformance_suite() {
     Conformance::new("kafka", || async {
-        Ok(Arc::new(KafkaBroker::connect(common::config()).await?) as Arc<dyn Broker>)
+        // One record per produce batch: Tansu 0.6 serves nothing to a fetch that starts
+        // inside a record batch, which is where a consumer resumes after pausing a partition
+        // (its buffer was full), so the cases with thousands of messages would stall there.
+        // Apache Kafka serves such fetches; the bench runs with librdkafka's batching.
+        let mut config = common::config();
+        config.batch_size = 1;
+        Ok(Arc::new(KafkaBroker::connect(config).await?) as Arc<dyn Broker>)
     })
     // A partition is a log: records are read in the order they were written.
     .expect_skipped(

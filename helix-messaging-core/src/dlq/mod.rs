@@ -134,20 +134,20 @@ impl DeadLetterConfig {
     }
 }
 
-/// Sends dead letters: publishes each to its DLQ topic (confirmed), and records the full
-/// error text in a store when one is attached.
+/// Sends dead letters: publishes each to its DLQ topic (confirmed), and hands it with its
+/// full error text to a [`Processor`] in this process when one is attached.
 #[derive(Clone)]
 pub struct DeadLetterQueue {
     publisher: Arc<dyn Publisher>,
     config: Arc<DeadLetterConfig>,
-    store: Option<Arc<dyn DeadLetterStore>>,
+    processor: Option<Processor>,
 }
 
 impl std::fmt::Debug for DeadLetterQueue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeadLetterQueue")
             .field("config", &self.config)
-            .field("store", &self.store.is_some())
+            .field("processor", &self.processor.is_some())
             .finish()
     }
 }
@@ -159,15 +159,16 @@ impl DeadLetterQueue {
         DeadLetterQueue {
             publisher,
             config: Arc::new(config),
-            store: None,
+            processor: None,
         }
     }
 
-    /// Also record each dead letter, with its full error text, in `store` (the DLQ topic's
-    /// header carries at most [`MAX_ERROR_HEADER_BYTES`] of it).
+    /// Also hand each dead letter, with its full error text, to `processor` (the DLQ topic's
+    /// header carries at most [`MAX_ERROR_HEADER_BYTES`] of it; the processor's own ingest
+    /// of the same letter from the topic is then a no-op).
     #[must_use]
-    pub fn with_store(mut self, store: Arc<dyn DeadLetterStore>) -> Self {
-        self.store = Some(store);
+    pub fn with_processor(mut self, processor: &Processor) -> Self {
+        self.processor = Some(processor.clone());
         self
     }
 
@@ -176,13 +177,13 @@ impl DeadLetterQueue {
         &self.config
     }
 
-    /// Publish `letter` to its DLQ topic and wait for the broker's confirmation; then record
-    /// it in the store, if one is attached. Returns the DLQ topic.
+    /// Publish `letter` to its DLQ topic and wait for the broker's confirmation; then hand it
+    /// to the attached processor, if any. Returns the DLQ topic.
     ///
     /// # Errors
     /// The publish error: the dead letter did not reach the broker, so the caller must not
-    /// settle the original. A failure to record in the store is only logged: the
-    /// [`Processor`] ingests the letter from the DLQ topic anyway.
+    /// settle the original. A failure of the processor's store is only logged: the
+    /// processor ingests the letter from the DLQ topic anyway.
     pub async fn send(&self, letter: &DeadLetter) -> Result<String> {
         let topic = self.config.topic_for(&letter.original_topic).to_owned();
         self.publisher.publish(&topic, letter.to_message()).await?;
@@ -192,9 +193,8 @@ impl DeadLetterQueue {
             "reason" => letter.reason.as_str(),
         )
         .increment(1);
-        if let Some(store) = &self.store {
-            let entry = StoredDeadLetter::received(letter.clone(), SystemTime::now());
-            if let Err(err) = store.insert(entry).await {
+        if let Some(processor) = &self.processor {
+            if let Err(err) = processor.ingest(letter.clone()).await {
                 tracing::warn!(dead_letter = %letter.id, error = %err, "dead letter published but not recorded in the store; the processor ingests it from the DLQ topic");
             }
         }
