@@ -18,6 +18,13 @@
 //! Attempts survive a change of owner: every commit carries, in the offset's metadata, the
 //! attempt each unsettled record had reached when the application received it
 //! ([`attempts_metadata`]), and the next owner of the partition continues from there.
+//!
+//! A delayed requeue writes a copy to the group's own retry topic (`<topic>.retry.<group>`,
+//! read by the group's members in the group `<group>.helix-retry`) carrying the attempts so far
+//! and the time it is due, and then settles the original. A member reading a copy that is
+//! not due yet holds it, and the records behind it, and pauses that one partition until it
+//! is due; every other partition keeps flowing. The copy is committed only once it is
+//! settled, so a crash while it waits loses nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +49,10 @@ use crate::{Shared, history, wire};
 
 /// The consumer type of a subscription.
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// What a reader hands to its subscription: the group state the delivery belongs to (the
+/// topic's, or its retry topic's), and the delivery.
+pub(crate) type Handed = (Arc<GroupState>, Result<Delivery>);
 
 /// Offsets of one assigned partition.
 struct Tracker {
@@ -435,6 +446,23 @@ pub(crate) struct Buffered {
     partition: i32,
     offset: i64,
     generation: u64,
+    /// A retry-topic copy is not handed out before this time.
+    not_before: Option<SystemTime>,
+}
+
+/// The earliest time a held partition's first record is due (`None`: nothing held).
+fn next_release(held: &HashMap<i32, VecDeque<Buffered>>) -> Option<tokio::time::Instant> {
+    let now = SystemTime::now();
+    held.values()
+        .filter_map(VecDeque::front)
+        .map(|b| {
+            let wait = b
+                .not_before
+                .and_then(|t| t.duration_since(now).ok())
+                .unwrap_or_default();
+            tokio::time::Instant::now() + wait
+        })
+        .min()
 }
 
 /// Everything a subscription's reader task needs.
@@ -442,13 +470,15 @@ pub(crate) struct Reader {
     pub(crate) consumer: Arc<GroupConsumer>,
     pub(crate) state: Arc<GroupState>,
     pub(crate) shared: Arc<Shared>,
-    pub(crate) deliveries: mpsc::UnboundedSender<Result<Delivery>>,
+    pub(crate) deliveries: mpsc::UnboundedSender<Handed>,
     /// Requeued and dropped deliveries, to hand out again.
     pub(crate) again: mpsc::UnboundedSender<Buffered>,
     pub(crate) again_rx: mpsc::UnboundedReceiver<Buffered>,
     pub(crate) prefetch: usize,
     pub(crate) topic: Arc<str>,
     pub(crate) group: Option<Arc<str>>,
+    /// Where delayed requeues go (named groups only).
+    pub(crate) retry: Option<Arc<crate::RetryLane>>,
 }
 
 impl Reader {
@@ -458,6 +488,8 @@ impl Reader {
     pub(crate) async fn run(mut self) {
         let permits = Arc::new(Semaphore::new(self.prefetch));
         let mut buffer: VecDeque<Buffered> = VecDeque::new();
+        // Per partition: records waiting for a retry copy at their head to be due.
+        let mut held: HashMap<i32, VecDeque<Buffered>> = HashMap::new();
         let mut paused = false;
         let mut closed = self.shared.closed.subscribe();
         let mut assignments = self.state.assignments.subscribe();
@@ -465,8 +497,9 @@ impl Reader {
             // Fetching resumes once the buffer is half empty; with a prefetch of 1, once it is
             // empty.
             if paused && buffer.len() * 2 < self.prefetch.max(2) {
-                paused = !self.set_paused(false);
+                paused = !self.set_paused(false, &held);
             }
+            let release = next_release(&held);
             tokio::select! {
                 biased;
                 () = async { let _ = closed.wait_for(|c| *c).await; } => break,
@@ -475,9 +508,37 @@ impl Reader {
                     // Revoked partitions' records are not handed out any more, and a new
                     // assignment must not inherit a pause from an earlier one.
                     buffer.retain(|b| self.state.holds(b.partition, b.generation));
-                    paused = buffer.len() >= self.prefetch && self.set_paused(true);
+                    held.retain(|_, queue| {
+                        queue.retain(|b| self.state.holds(b.partition, b.generation));
+                        !queue.is_empty()
+                    });
+                    paused = buffer.len() >= self.prefetch && self.set_paused(true, &held);
                     if !paused {
-                        self.set_paused(false);
+                        self.set_paused(false, &held);
+                    }
+                    for partition in held.keys() {
+                        self.pause_partition(*partition, true);
+                    }
+                }
+                () = async {
+                    if let Some(at) = release {
+                        tokio::time::sleep_until(at).await;
+                    }
+                }, if release.is_some() => {
+                    let now = SystemTime::now();
+                    held.retain(|partition, queue| {
+                        while queue.front().is_some_and(|b| b.not_before.is_none_or(|t| t <= now)) {
+                            if let Some(item) = queue.pop_front() {
+                                buffer.push_back(item);
+                            }
+                        }
+                        if queue.is_empty() && !paused {
+                            self.pause_partition(*partition, false);
+                        }
+                        !queue.is_empty()
+                    });
+                    if !paused && buffer.len() >= self.prefetch {
+                        paused = self.set_paused(true, &held);
                     }
                 }
                 Some(item) = self.again_rx.recv() => {
@@ -492,7 +553,7 @@ impl Reader {
                         continue;
                     }
                     let delivery = self.delivery(item, permit);
-                    if self.deliveries.send(Ok(delivery)).is_err() {
+                    if self.deliveries.send((self.state.clone(), Ok(delivery))).is_err() {
                         break;
                     }
                 }
@@ -519,21 +580,34 @@ impl Reader {
                             let _ = self.state.settle(&self.consumer, partition, offset, generation);
                             continue;
                         }
-                        buffer.push_back(Buffered {
+                        let item = Buffered {
                             message: Arc::new(received.message),
                             attempt,
                             partition,
                             offset,
                             generation,
-                        });
+                            not_before: received.not_before,
+                        };
+                        let early = item.not_before.is_some_and(|t| t > SystemTime::now());
+                        if early || held.contains_key(&partition) {
+                            // Only this partition waits; its later records keep their order
+                            // behind the one that is not due.
+                            let queue = held.entry(partition).or_default();
+                            if queue.is_empty() {
+                                self.pause_partition(partition, true);
+                            }
+                            queue.push_back(item);
+                            continue;
+                        }
+                        buffer.push_back(item);
                         if !paused && buffer.len() >= self.prefetch {
-                            paused = self.set_paused(true);
+                            paused = self.set_paused(true, &held);
                         }
                     }
                     Err(err) => {
                         let err = from_kafka(err, format!("consuming {}", self.state.topic));
                         tracing::warn!(error = %err, "consumer error");
-                        if self.deliveries.send(Err(err)).is_err() {
+                        if self.deliveries.send((self.state.clone(), Err(err))).is_err() {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -544,23 +618,44 @@ impl Reader {
         self.shutdown(&permits).await;
     }
 
-    /// Pause or resume fetching every assigned partition; returns whether it took effect.
-    fn set_paused(&self, pause: bool) -> bool {
+    /// Pause or resume fetching every assigned partition (a resume leaves the `held` ones
+    /// paused); returns whether it took effect.
+    fn set_paused(&self, pause: bool, held: &HashMap<i32, VecDeque<Buffered>>) -> bool {
         let Ok(assignment) = self.consumer.assignment() else {
             return false;
         };
         let result = if pause {
             self.consumer.pause(&assignment)
         } else {
-            self.consumer.resume(&assignment)
+            let mut resume = TopicPartitionList::new();
+            for element in assignment.elements() {
+                if !held.contains_key(&element.partition()) {
+                    resume.add_partition(element.topic(), element.partition());
+                }
+            }
+            self.consumer.resume(&resume)
         };
         result.is_ok()
+    }
+
+    /// Pause or resume fetching one partition.
+    fn pause_partition(&self, partition: i32, pause: bool) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.state.topic, partition);
+        let result = if pause {
+            self.consumer.pause(&tpl)
+        } else {
+            self.consumer.resume(&tpl)
+        };
+        if let Err(err) = result {
+            tracing::warn!(topic = %self.state.topic, partition, pause, error = %err, "pausing or resuming a partition failed");
+        }
     }
 
     /// Stop fetching, give deliveries still out `shutdown_grace` to be settled (the consumer
     /// keeps polling meanwhile, so the group is not held up), commit, and leave the group.
     async fn shutdown(self, permits: &Semaphore) {
-        self.set_paused(true);
+        self.set_paused(true, &HashMap::new());
         let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_grace;
         while permits.available_permits() < self.prefetch && tokio::time::Instant::now() < deadline
         {
@@ -619,6 +714,7 @@ impl Reader {
                 partition: item.partition,
                 offset: item.offset,
                 generation: item.generation,
+                retry: self.retry.clone(),
                 settled: false,
                 _permit: permit,
             }),
@@ -638,6 +734,7 @@ struct KafkaAcker {
     partition: i32,
     offset: i64,
     generation: u64,
+    retry: Option<Arc<crate::RetryLane>>,
     /// Set once `settle` was called: dropping an unsettled acker hands the record out again.
     settled: bool,
     _permit: OwnedSemaphorePermit,
@@ -657,6 +754,7 @@ impl KafkaAcker {
                     partition: self.partition,
                     offset: self.offset,
                     generation: self.generation,
+                    not_before: None,
                 })
                 .is_ok()
     }
@@ -672,13 +770,11 @@ impl Drop for KafkaAcker {
 
 #[async_trait]
 impl Acknowledge for KafkaAcker {
+    fn delays_requeue(&self) -> bool {
+        self.retry.is_some()
+    }
+
     async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
-        if let Settlement::RequeueAfter(_) = outcome {
-            return Err(Error::unsupported(
-                crate::NAME,
-                "a delayed requeue (this delivery does not declare delays_requeue)",
-            ));
-        }
         self.settled = true;
         let consumer = self.consumer.upgrade().ok_or_else(|| {
             Error::new(
@@ -689,6 +785,31 @@ impl Acknowledge for KafkaAcker {
                 ),
             )
         })?;
+        if let Settlement::RequeueAfter(delay) = outcome {
+            let lane = self.retry.clone().ok_or_else(|| {
+                Error::unsupported(
+                    crate::NAME,
+                    "a delayed requeue on a private subscription (named groups have a retry topic)",
+                )
+            })?;
+            let due = SystemTime::now() + delay;
+            return match lane.send(&self.message, self.attempt, due).await {
+                // The copy is on the retry topic: the original is done with.
+                Ok(()) => {
+                    self.state
+                        .settle(&consumer, self.partition, self.offset, self.generation)
+                }
+                Err(err) => {
+                    // A retry that comes early, never one that is lost.
+                    tracing::warn!(topic = %self.topic, error = %err, "writing the retry copy failed; requeueing at once");
+                    if self.hand_out_again() {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    }
+                }
+            };
+        }
         if outcome == Settlement::Requeue {
             // Rewinding the partition would redeliver everything after the record too, and a
             // copy on the topic would reach every other group: the record stays unsettled

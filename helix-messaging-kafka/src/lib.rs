@@ -67,7 +67,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     redeliver_unacked: true,
     replay_by_time: true,
     native_dlq: false,
-    delayed_delivery: false,
+    // Named groups: copies wait on the group's retry topic (see the `consumer` module).
+    delayed_delivery: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -99,11 +100,21 @@ impl Shared {
         kafka_topic: &str,
         message: &Message,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
+        self.enqueue_with(kafka_topic, message, wire::headers(message))
+    }
+
+    /// [`Shared::enqueue`] with the record headers given.
+    fn enqueue_with(
+        &self,
+        kafka_topic: &str,
+        message: &Message,
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> Result<rdkafka::producer::DeliveryFuture> {
         check_payload_size(NAME, message, self.config.max_payload_bytes)?;
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(kafka_topic)
             .payload(message.payload().as_ref())
             .timestamp(wire::millis(message.timestamp()))
-            .headers(wire::headers(message));
+            .headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -300,43 +311,28 @@ impl Subscriber for KafkaBroker {
             Some(group) => group.clone(),
             None => format!("helix-private-{}", uuid::Uuid::new_v4().simple()),
         };
-        let state = GroupState::new(kafka_topic.clone(), options.start, &self.shared);
-        let fallback = match options.start {
-            helix_messaging_core::StartPosition::Latest => "latest",
-            _ => "earliest",
-        };
-        let consumer: GroupConsumer = config
-            .consumer(&group_id)
-            .set("auto.offset.reset", fallback)
-            .create_with_context(GroupContext {
-                state: state.clone(),
-            })
-            .map_err(|e| {
-                config.client_error(e, &format!("creating a consumer for group {group_id}"))
-            })?;
-        consumer
-            .subscribe(&[&kafka_topic])
-            .map_err(|e| from_kafka(e, format!("subscribing to {kafka_topic}")))?;
         let (deliveries, mut receiver) = mpsc::unbounded_channel();
-        let (again, again_rx) = mpsc::unbounded_channel();
-        let prefetch = options.prefetch.max(1);
-        let topic: Arc<str> = Arc::from(topic);
-        let group: Option<Arc<str>> = options.group.as_deref().map(Arc::from);
-        let reader = Reader {
-            consumer: Arc::new(consumer),
-            state: state.clone(),
+        let lane = Lane {
             shared: self.shared.clone(),
             deliveries,
-            again,
-            again_rx,
-            prefetch,
-            topic: topic.clone(),
-            group: group.clone(),
+            prefetch: options.prefetch.max(1),
+            topic: Arc::from(topic),
+            group: options.group.as_deref().map(Arc::from),
         };
+        let retry = options
+            .group
+            .as_deref()
+            .and_then(|group| RetryLane::new(&lane, &kafka_topic, group));
+        let state = lane.start(&kafka_topic, &group_id, options.start, retry.clone())?;
+        // Copies left on the retry topic by members that are gone are read from the start.
+        if let Some(retry) = &retry
+            && self
+                .shared
+                .topics
+                .exists(config, &retry.kafka_topic)
+                .await?
         {
-            let mut readers = self.shared.readers.lock();
-            readers.retain(|r| !r.is_finished());
-            readers.push(tokio::spawn(reader.run()));
+            retry.ensure_started().await?;
         }
         // Registered once the group has placed this member: only then is every later publish
         // certain to reach the group from the position it starts at.
@@ -350,16 +346,145 @@ impl Subscriber for KafkaBroker {
         // A delivery counts as an attempt once the application has it: one still queued here
         // when the subscription is dropped was never seen.
         let stream = futures::stream::poll_fn(move |cx| {
-            let next = receiver.poll_recv(cx);
-            if let std::task::Poll::Ready(Some(Ok(delivery))) = &next
-                && let Some(helix_messaging_core::Position::Offset { partition, offset }) =
-                    delivery.info().position
-            {
-                state.received(partition, offset, delivery.attempt());
-            }
-            next
+            receiver.poll_recv(cx).map(|next| {
+                next.map(|(state, delivery): consumer::Handed| {
+                    if let Ok(delivery) = &delivery
+                        && let Some(helix_messaging_core::Position::Offset { partition, offset }) =
+                            delivery.info().position
+                    {
+                        state.received(partition, offset, delivery.attempt());
+                    }
+                    delivery
+                })
+            })
         });
-        Ok(Subscription::new(topic, group, Box::pin(stream)))
+        Ok(Subscription::new(lane.topic, lane.group, Box::pin(stream)))
+    }
+}
+
+/// What a subscription's readers (of its topic and of its retry topic) share.
+#[derive(Clone)]
+struct Lane {
+    shared: Arc<Shared>,
+    deliveries: mpsc::UnboundedSender<consumer::Handed>,
+    prefetch: usize,
+    /// The topic as the application names it (what deliveries report).
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+}
+
+impl Lane {
+    /// Create a consumer of `kafka_topic` in group `group_id` and start its reader.
+    fn start(
+        &self,
+        kafka_topic: &str,
+        group_id: &str,
+        start: helix_messaging_core::StartPosition,
+        retry: Option<Arc<RetryLane>>,
+    ) -> Result<Arc<GroupState>> {
+        let config = &self.shared.config;
+        let state = GroupState::new(kafka_topic.to_owned(), start, &self.shared);
+        let fallback = match start {
+            helix_messaging_core::StartPosition::Latest => "latest",
+            _ => "earliest",
+        };
+        let consumer: GroupConsumer = config
+            .consumer(group_id)
+            .set("auto.offset.reset", fallback)
+            .create_with_context(GroupContext {
+                state: state.clone(),
+            })
+            .map_err(|e| {
+                config.client_error(e, &format!("creating a consumer for group {group_id}"))
+            })?;
+        consumer
+            .subscribe(&[kafka_topic])
+            .map_err(|e| from_kafka(e, format!("subscribing to {kafka_topic}")))?;
+        let (again, again_rx) = mpsc::unbounded_channel();
+        let reader = Reader {
+            consumer: Arc::new(consumer),
+            state: state.clone(),
+            shared: self.shared.clone(),
+            deliveries: self.deliveries.clone(),
+            again,
+            again_rx,
+            prefetch: self.prefetch,
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            retry,
+        };
+        let mut readers = self.shared.readers.lock();
+        readers.retain(|r| !r.is_finished());
+        readers.push(tokio::spawn(reader.run()));
+        Ok(state)
+    }
+}
+
+/// A named group's retry topic `<topic>.retry.<group>`: where its delayed requeues wait
+/// (see the `consumer` module). Its reader starts with the first delayed requeue, or at
+/// subscribe when the topic already exists.
+pub(crate) struct RetryLane {
+    lane: Lane,
+    kafka_topic: String,
+    group_id: String,
+    started: tokio::sync::OnceCell<()>,
+    me: std::sync::Weak<RetryLane>,
+}
+
+impl RetryLane {
+    /// `None` when the retry topic's name would be longer than Kafka allows (delayed
+    /// requeues of that group are then held by the consumer instead).
+    fn new(lane: &Lane, kafka_topic: &str, group: &str) -> Option<Arc<Self>> {
+        let retry_topic = format!("{kafka_topic}.retry.{group}");
+        if retry_topic.len() > helix_messaging_core::MAX_NAME_LEN {
+            return None;
+        }
+        Some(Arc::new_cyclic(|me| RetryLane {
+            lane: lane.clone(),
+            kafka_topic: retry_topic,
+            group_id: format!("{group}.helix-retry"),
+            started: tokio::sync::OnceCell::new(),
+            me: me.clone(),
+        }))
+    }
+
+    /// Start reading the retry topic (creating it if needed), once.
+    async fn ensure_started(&self) -> Result<()> {
+        self.started
+            .get_or_try_init(|| async {
+                let shared = &self.lane.shared;
+                shared
+                    .topics
+                    .ensure(&shared.config, &self.kafka_topic)
+                    .await?;
+                self.lane.start(
+                    &self.kafka_topic,
+                    &self.group_id,
+                    helix_messaging_core::StartPosition::Earliest,
+                    self.me.upgrade(),
+                )?;
+                Ok::<(), Error>(())
+            })
+            .await
+            .map(|_| ())
+    }
+
+    /// Write a copy of `message`, received at `attempt`, due at `not_before`, and wait for
+    /// its delivery report.
+    pub(crate) async fn send(
+        &self,
+        message: &Message,
+        attempt: u32,
+        not_before: std::time::SystemTime,
+    ) -> Result<()> {
+        self.ensure_started().await?;
+        let shared = &self.lane.shared;
+        let report = shared.enqueue_with(
+            &self.kafka_topic,
+            message,
+            wire::retry_headers(message, attempt, not_before),
+        )?;
+        shared.delivered(&self.kafka_topic, report).await
     }
 }
 

@@ -111,7 +111,7 @@ impl Topics {
 
     /// Whether the cluster's metadata lists topic `name` (the admin client never asks the
     /// broker to create it on the way).
-    async fn exists(&self, config: &KafkaConfig, name: &str) -> Result<bool> {
+    pub(crate) async fn exists(&self, config: &KafkaConfig, name: &str) -> Result<bool> {
         let admin = self.admin.clone();
         let timeout = config.request_timeout;
         let topic = name.to_owned();

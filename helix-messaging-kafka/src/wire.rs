@@ -4,9 +4,10 @@
 //! messages as they are; the record timestamp is the message timestamp (milliseconds).
 //! Application headers become record headers; the id, the exact (nanosecond) timestamp,
 //! content type, correlation id, priority and TTL travel in reserved `x-helix-` headers.
-//! Records written by earlier versions as requeue copies carry an attempt count in
-//! `x-helix-attempt`, which is still read; attempts now live in the committed offsets'
-//! metadata (see the `consumer` module).
+//! Copies on a group's retry topic (a delayed requeue) carry the attempts made so far in
+//! `x-helix-attempt` and the time before which they must not be handed out in
+//! `x-helix-not-before-ms`; attempts of records on the topic itself live in the committed
+//! offsets' metadata (see the `consumer` module).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -20,8 +21,28 @@ const CONTENT_TYPE: &str = "x-helix-content-type";
 const CORRELATION_ID: &str = "x-helix-correlation-id";
 const PRIORITY: &str = "x-helix-priority";
 const TTL_MS: &str = "x-helix-ttl-ms";
-/// Written by earlier versions' requeue copies; only read.
+/// Attempts made before this copy was written (retry-topic copies).
 const ATTEMPT: &str = "x-helix-attempt";
+/// Milliseconds since the epoch before which a retry-topic copy is not handed out.
+const NOT_BEFORE_MS: &str = "x-helix-not-before-ms";
+
+/// Record headers for a retry-topic copy of `message`: its own, the attempts made so far and
+/// the time it is due.
+pub(crate) fn retry_headers(
+    message: &Message,
+    attempts: u32,
+    not_before: SystemTime,
+) -> OwnedHeaders {
+    headers(message)
+        .insert(Header {
+            key: ATTEMPT,
+            value: Some(attempts.to_string().as_bytes()),
+        })
+        .insert(Header {
+            key: NOT_BEFORE_MS,
+            value: Some(millis(not_before).to_string().as_bytes()),
+        })
+}
 
 /// Record headers for `message`.
 pub(crate) fn headers(message: &Message) -> OwnedHeaders {
@@ -72,8 +93,10 @@ pub(crate) fn from_millis(ms: i64) -> SystemTime {
 /// A received record as a message, the attempt it is on, and the record's own timestamp.
 pub(crate) struct Received {
     pub(crate) message: Message,
-    /// Attempts written into the record by a requeue copy of an earlier version.
+    /// Attempts written into the record by a retry-topic copy.
     pub(crate) attempts_in_header: u32,
+    /// When a retry-topic copy is due.
+    pub(crate) not_before: Option<SystemTime>,
     /// The record timestamp (the broker's append time on topics configured for it).
     pub(crate) recorded_at: SystemTime,
 }
@@ -93,6 +116,7 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
     let mut priority = 0;
     let mut ttl = None;
     let mut earlier = 0;
+    let mut not_before = None;
     let mut app_headers = helix_messaging_core::Headers::new();
     if let Some(headers) = record.headers() {
         for header in headers.iter() {
@@ -109,6 +133,7 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
                 PRIORITY => priority = value.parse().unwrap_or(0),
                 TTL_MS => ttl = value.parse::<u64>().ok().map(Duration::from_millis),
                 ATTEMPT => earlier = value.parse().unwrap_or(0),
+                NOT_BEFORE_MS => not_before = value.parse::<i64>().ok().map(from_millis),
                 key if key.starts_with("x-helix-") => {}
                 key => {
                     app_headers.insert(key.to_owned(), value.into_owned());
@@ -141,6 +166,7 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
     Received {
         message,
         attempts_in_header: earlier,
+        not_before,
         recorded_at,
     }
 }

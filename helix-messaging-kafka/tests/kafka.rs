@@ -7,11 +7,11 @@ mod common;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use helix_messaging_core::{
-    Broker, Message, Publisher, SubscribeOptions, Subscriber, Subscription,
+    Broker, Message, Position, Publisher, SubscribeOptions, Subscriber, Subscription,
 };
 use helix_messaging_kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
 use helix_messaging_testkit::fresh_name;
@@ -509,4 +509,115 @@ async fn a_delivery_dropped_unsettled_comes_back_and_commits_move_on() {
         "the commit point moved past the dropped delivery"
     );
     broker.close().await.unwrap();
+}
+
+/// Delayed requeues wait on the group's retry topic: a copy that is not due pauses only its
+/// own partition (a shorter delay on another partition comes back first), every copy comes
+/// back no sooner than its delay with the next attempt, and a copy written just before the
+/// consumer's process went away is read by the group's next member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() {
+    common::log_to_stderr();
+    let mut config = common::config();
+    config.batch_size = 1;
+    let topic = helix_messaging_testkit::fresh_name("delayed");
+    let group = helix_messaging_testkit::fresh_name("g");
+    let broker = KafkaBroker::connect(config.clone()).await.unwrap();
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    // Keys landing on different partitions (the retry topic has as many, and the same
+    // partitioner places the copies alike).
+    let mut by_partition: std::collections::BTreeMap<i32, Message> = Default::default();
+    for i in 0..24 {
+        let m = Message::new(format!("probe {i}")).with_key(format!("key-{i}"));
+        broker.publish(&topic, m.clone()).await.unwrap();
+        let d = common::recv(&mut sub).await;
+        if let Some(Position::Offset { partition, .. }) = d.info().position {
+            by_partition.entry(partition).or_insert(m);
+        }
+        d.ack().await.unwrap();
+        if by_partition.len() >= 2 {
+            break;
+        }
+    }
+    let mut two = by_partition.into_values();
+    let (slow, fast) = (
+        two.next().expect("a partition"),
+        two.next().expect("another partition"),
+    );
+    let slow = slow.with_id(uuid::Uuid::new_v4().to_string());
+    let fast = fast.with_id(uuid::Uuid::new_v4().to_string());
+    broker.publish(&topic, slow.clone()).await.unwrap();
+    broker.publish(&topic, fast.clone()).await.unwrap();
+    let started = Instant::now();
+    let mut delays = std::collections::HashMap::new();
+    delays.insert(slow.id().to_owned(), Duration::from_millis(4_000));
+    delays.insert(fast.id().to_owned(), Duration::from_millis(500));
+    for _ in 0..2 {
+        let d = common::recv(&mut sub).await;
+        assert!(d.can_delay());
+        d.nack_after(delays[d.message().id()]).await.unwrap();
+    }
+    let first = common::recv(&mut sub).await;
+    assert_eq!(
+        first.message().id(),
+        fast.id(),
+        "the short delay on the other partition comes back first"
+    );
+    assert_eq!(first.attempt(), 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(480),
+        "early: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(4_000),
+        "the long delay held up another partition"
+    );
+    first.ack().await.unwrap();
+    let slow_back = common::recv(&mut sub).await;
+    assert_eq!(slow_back.message().id(), slow.id());
+    assert!(
+        started.elapsed() >= Duration::from_millis(3_980),
+        "early: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow_back.attempt(), 2);
+    // Delayed again, then this process "dies" with the copy on the retry topic.
+    let requeued_at = Instant::now();
+    slow_back
+        .nack_after(Duration::from_millis(1_500))
+        .await
+        .unwrap();
+    drop(sub);
+    broker.close().await.unwrap();
+
+    let next = KafkaBroker::connect(config).await.unwrap();
+    let mut sub = next
+        .subscribe(&topic, SubscribeOptions::group(&group))
+        .await
+        .unwrap();
+    let again = common::recv(&mut sub).await;
+    assert_eq!(
+        again.message().id(),
+        slow.id(),
+        "the waiting copy reaches the next member"
+    );
+    assert_eq!(again.attempt(), 3);
+    assert!(
+        requeued_at.elapsed() >= Duration::from_millis(1_480),
+        "early: {:?}",
+        requeued_at.elapsed()
+    );
+    assert_eq!(again.message().key(), slow.key());
+    again.ack().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1_000), sub.next())
+            .await
+            .is_err(),
+        "delivered again after the ack"
+    );
+    next.close().await.unwrap();
 }

@@ -118,27 +118,29 @@ async fn run() -> Result<()> {
                 .with_retry_delay(Duration::from_millis(100))
                 .with_max_retry_delay(Duration::from_millis(400)),
         )?)
-        .start(json_handler(move |request: LlmRequest, envelope: Envelope| {
-            let is_fixed = is_fixed.clone();
-            async move {
-                if request.provider == "flaky" && !is_fixed.load(Ordering::SeqCst) {
-                    return Err(HandlerError::transient(std::io::Error::other(format!(
-                        "provider {} timed out (attempt {})",
-                        request.provider, envelope.info.attempt
-                    ))));
+        .start(json_handler(
+            move |request: LlmRequest, envelope: Envelope| {
+                let is_fixed = is_fixed.clone();
+                async move {
+                    if request.provider == "flaky" && !is_fixed.load(Ordering::SeqCst) {
+                        return Err(HandlerError::transient(std::io::Error::other(format!(
+                            "provider {} timed out (attempt {})",
+                            request.provider, envelope.info.attempt
+                        ))));
+                    }
+                    if request.prompt.is_empty() {
+                        return Err(HandlerError::permanent(std::io::Error::other(
+                            "empty prompt",
+                        )));
+                    }
+                    println!(
+                        "  handled {:?} (attempt {})",
+                        request.prompt, envelope.info.attempt
+                    );
+                    Ok(())
                 }
-                if request.prompt.is_empty() {
-                    return Err(HandlerError::permanent(std::io::Error::other(
-                        "empty prompt",
-                    )));
-                }
-                println!(
-                    "  handled {:?} (attempt {})",
-                    request.prompt, envelope.info.attempt
-                );
-                Ok(())
-            }
-        }))
+            },
+        ))
         .await?;
 
     let requests = [
