@@ -6,6 +6,8 @@
 //! cargo run --release -p helix-messaging-bench -- redis [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- rabbitmq [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- kafka [--messages N] [--size BYTES] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- layers [--messages N] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- redrive [--messages N] [--runs R]
 //! ```
 //!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
@@ -13,6 +15,7 @@
 //! (default `127.0.0.1:9092`).
 
 mod kafka;
+mod layers;
 mod measure;
 mod memory;
 mod rabbitmq;
@@ -23,7 +26,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -62,6 +65,14 @@ fn main() -> ExitCode {
         }
         "kafka" => {
             runtime.block_on(kafka::compare(&options.default_messages(100_000)));
+            ExitCode::SUCCESS
+        }
+        "layers" => {
+            runtime.block_on(layers::compare_layers(&options.default_messages(200_000)));
+            ExitCode::SUCCESS
+        }
+        "redrive" => {
+            runtime.block_on(layers::compare_redrive(&options.default_messages(10_000)));
             ExitCode::SUCCESS
         }
         "rabbitmq" => {

@@ -30,7 +30,10 @@ pub struct Capabilities {
     pub native_dlq: bool,
     /// A requeue can be delayed ([`Delivery::nack_after`](crate::Delivery::nack_after)): the
     /// broker holds the message back for its group until the delay has passed, so a waiting
-    /// retry occupies nothing in the consumer and survives its crash.
+    /// retry occupies nothing in the consumer and survives its crash. Promised for named
+    /// consumer groups; a private subscription's delivery may not offer it (Kafka would need
+    /// a retry topic per subscription), which [`Delivery::can_delay`](crate::Delivery::can_delay)
+    /// tells.
     pub delayed_delivery: bool,
     /// Largest payload accepted, in bytes, when the backend enforces one.
     pub max_payload_bytes: Option<usize>,

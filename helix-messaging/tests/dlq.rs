@@ -546,6 +546,14 @@ async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
     )
     .unwrap();
     let letters = stored_letters(&processor, &topic, 200).await;
+    drop(processor);
+    // The redrive runs in a later process, on the reopened file.
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group("g"))
         .await
@@ -598,19 +606,20 @@ async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
 async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too() {
     let broker = broker().await;
     let (topic, dlq_topic) = (name("canary"), name("dlq"));
-    let processor = Processor::new(
-        broker.clone(),
-        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
-        ProcessorConfig {
-            auto_redrive: false,
-            ..processor_config(&dlq_topic)
-        },
-    )
-    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        ..processor_config(&dlq_topic)
+    };
+    let open = || async { Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()) };
+    let earlier = Processor::new(broker.clone(), open().await, config.clone()).unwrap();
+    stored_letters(&earlier, &topic, 20).await;
+    drop(earlier);
+    // The jobs run in a later process, on the reopened file.
+    let processor = Processor::new(broker.clone(), open().await, config).unwrap();
     processor.start().await.unwrap();
     let (runner, calls) =
         failing_consumer(&broker, &topic, &dlq_topic, DeadLetterReason::Permanent).await;
-    stored_letters(&processor, &topic, 20).await;
     let job = processor
         .start_redrive(RedriveRequest {
             canary: Some(CanaryConfig {

@@ -308,17 +308,21 @@ impl Run {
             if let Some((_, err)) = report.failures().first() {
                 last_error = Some(err.to_string());
             }
+            let mut confirmed = Vec::with_capacity(members.len());
             for (position, &i) in members.iter().enumerate() {
                 if failures.contains(&position) {
                     failed += 1;
-                    continue;
+                } else {
+                    confirmed.push(letters[i].id.clone());
+                    redriven_ids.insert(letters[i].message.id().to_owned());
                 }
-                // Published and confirmed: only now does it leave the DLQ.
-                store.remove(&letters[i].id).await?;
-                self.processor.note_redriven();
-                redriven_ids.insert(letters[i].message.id().to_owned());
-                redriven += 1;
             }
+            // Published and confirmed: only now do they leave the DLQ.
+            store.remove_many(&confirmed).await?;
+            for _ in &confirmed {
+                self.processor.note_redriven();
+            }
+            redriven += confirmed.len() as u64;
         }
         let mut progress = self.progress.lock();
         progress.redriven += redriven;

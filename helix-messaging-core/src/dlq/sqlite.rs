@@ -393,6 +393,25 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         .await
     }
 
+    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
+        let ids = ids.to_vec();
+        self.run("remove", move |c| {
+            // One transaction: one sync to disk for the whole batch.
+            let tx = c.transaction()?;
+            let mut removed = 0;
+            {
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM helix_dead_letters WHERE id = ?1")?;
+                for id in ids {
+                    removed += delete.execute([id])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
         let (clause, values) = where_clause(filter);
         self.run("purge", move |c| {

@@ -224,6 +224,18 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// The store's error.
     async fn remove(&self, id: &str) -> Result<bool>;
 
+    /// Remove every entry in `ids` (one durable write where the store can); how many existed.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
+        let mut removed = 0;
+        for id in ids {
+            removed += u64::from(self.remove(id).await?);
+        }
+        Ok(removed)
+    }
+
     /// Remove every entry matching `filter`; how many.
     ///
     /// # Errors

@@ -1,0 +1,246 @@
+//! The reliability layers' cost on the memory backend, and the bulk redrive rate.
+//!
+//! - `layers`: the handler runner bare against the same runner with the full stack (a
+//!   `DeadLetterLayer` around a `RetryLayer`), every message succeeding, same run.
+//! - `redrive`: a bulk redrive job of N dead letters (memory store, and SQLite store) against
+//!   plain `publish_batch` of the same N messages in the same batch size.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use helix_messaging::dlq::{
+    DeadLetter, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason,
+    DeadLetterStore, MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveRequest,
+    SqliteDeadLetterStore, StoredDeadLetter,
+};
+use helix_messaging::memory::{MemoryBroker, MemoryConfig};
+use helix_messaging::retry::{RetryLayer, RetryPolicy};
+use helix_messaging::{
+    Broker, DeliveryInfo, Envelope, Message, Runner, SubscribeOptions, handler_fn,
+};
+
+use crate::measure::{Clock, Options, Run, histogram, report};
+
+const BATCH: usize = 1_000;
+
+fn broker() -> Arc<dyn Broker> {
+    Arc::new(MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 1_000_000,
+        ..MemoryConfig::default()
+    }))
+}
+
+/// Publish `options.messages` through the runner, with or without the layers; the time from
+/// the first publish until the handler has seen every message.
+async fn run_through(options: &Options, layered: bool) -> Run {
+    let clock = Clock::new(options.size);
+    let broker = broker();
+    let topic = "bench.layers";
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    // Only a counter: per-message bookkeeping here would cost both sides alike and blur
+    // what the layers cost.
+    let handler = handler_fn(move |_envelope: Envelope| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+    });
+    let mut builder = Runner::builder(broker.clone(), topic)
+        .group("bench")
+        .concurrency(64)
+        .options(SubscribeOptions::group("bench").with_prefetch(1_000));
+    if layered {
+        builder = builder
+            .layer(DeadLetterLayer::new(DeadLetterQueue::new(
+                broker.clone(),
+                DeadLetterConfig::new("bench.dlq").expect("name"),
+            )))
+            .layer(RetryLayer::new(RetryPolicy::new()).expect("policy"));
+    }
+    let runner = builder.start(handler).await.expect("runner");
+    let n = options.messages;
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < n {
+        let count = BATCH.min(n - sent);
+        let messages = (0..count)
+            .map(|_| Message::new(clock.stamped_payload()))
+            .collect();
+        broker
+            .publish_batch(topic, messages)
+            .await
+            .into_result()
+            .expect("publish");
+        sent += count;
+    }
+    while seen.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    let elapsed = started.elapsed();
+    runner.shutdown().await;
+    Run {
+        messages: n,
+        elapsed,
+        latency: histogram(),
+    }
+}
+
+pub(crate) async fn compare_layers(options: &Options) -> f64 {
+    println!(
+        "runner on memory, bare vs retry + DLQ layers: {} messages x {} B, {} runs each, concurrency 64",
+        options.messages, options.size, options.runs
+    );
+    let (mut bare, mut layered) = (Vec::new(), Vec::new());
+    for run in 1..=options.runs {
+        // Alternating which goes first keeps warm-up from favouring one side.
+        let (a, b) = if run % 2 == 1 {
+            let a = run_through(options, false).await;
+            (a, run_through(options, true).await)
+        } else {
+            let b = run_through(options, true).await;
+            (run_through(options, false).await, b)
+        };
+        println!("run {run}: {}", a.line("bare runner"));
+        println!("run {run}: {}", b.line("runner + DLQ + retry layers"));
+        bare.push(a);
+        layered.push(b);
+    }
+    let ratio = report("bare runner", bare, "runner + DLQ + retry layers", layered);
+    println!("target: layers >= 0.95x the bare runner; measured {ratio:.2}x");
+    ratio
+}
+
+fn letters(n: usize, size: usize) -> Vec<DeadLetter> {
+    let info = DeliveryInfo {
+        topic: "bench.redriven".into(),
+        group: Some("bench".into()),
+        attempt: 4,
+        redelivered: true,
+        position: None,
+    };
+    let payload = bytes::Bytes::from(vec![b'x'; size]);
+    let now = SystemTime::now();
+    (0..n)
+        .map(|_| {
+            DeadLetter::new(
+                &Message::new(payload.clone()),
+                &info,
+                DeadLetterReason::MaxRetriesExceeded,
+                "bench",
+                now,
+                now,
+            )
+        })
+        .collect()
+}
+
+/// Redrive `options.messages` stored dead letters in one job; the job's own time.
+async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run {
+    let broker = broker();
+    for letter in letters(options.messages, options.size) {
+        store
+            .insert(StoredDeadLetter::received(letter, SystemTime::now()))
+            .await
+            .expect("insert");
+    }
+    // The group that receives the re-driven messages (so they are routed and counted).
+    let _sink = broker
+        .subscribe("bench.redriven", SubscribeOptions::group("sink"))
+        .await
+        .expect("subscribe");
+    let processor = Processor::new(
+        broker.clone(),
+        store,
+        ProcessorConfig {
+            auto_redrive: false,
+            ..ProcessorConfig::default()
+        },
+    )
+    .expect("processor");
+    let started = Instant::now();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            batch_size: 100,
+            ..RedriveRequest::default()
+        })
+        .await
+        .expect("start");
+    let progress = loop {
+        let progress = processor.redrive_progress(&job).expect("job");
+        if progress.status.is_finished() {
+            break progress;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    assert_eq!(progress.redriven as usize, options.messages, "{progress:?}");
+    Run {
+        messages: options.messages,
+        elapsed: started.elapsed(),
+        latency: histogram(),
+    }
+}
+
+async fn plain_batches(options: &Options) -> Run {
+    let broker = broker();
+    let _sink = broker
+        .subscribe("bench.plain", SubscribeOptions::group("sink"))
+        .await
+        .expect("subscribe");
+    let payload = bytes::Bytes::from(vec![b'x'; options.size]);
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < options.messages {
+        let count = 100.min(options.messages - sent);
+        let messages = (0..count).map(|_| Message::new(payload.clone())).collect();
+        broker
+            .publish_batch("bench.plain", messages)
+            .await
+            .into_result()
+            .expect("publish");
+        sent += count;
+    }
+    Run {
+        messages: options.messages,
+        elapsed: started.elapsed(),
+        latency: histogram(),
+    }
+}
+
+pub(crate) async fn compare_redrive(options: &Options) {
+    println!(
+        "bulk redrive on memory: {} dead letters x {} B, batches of 100, {} runs each",
+        options.messages, options.size, options.runs
+    );
+    let dir = std::env::temp_dir().join(format!("helix-bench-redrive-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let (mut plain, mut memory, mut sqlite) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 1..=options.runs {
+        let p = plain_batches(options).await;
+        println!("run {run}: {}", p.line("plain publish_batch 100"));
+        plain.push(p);
+        let m = redrive_job(options, Arc::new(MemoryDeadLetterStore::new())).await;
+        println!("run {run}: {}", m.line("redrive job, memory store"));
+        memory.push(m);
+        let path = dir.join(format!("run-{run}.sqlite"));
+        let store = SqliteDeadLetterStore::open(&path).await.expect("sqlite");
+        let s = redrive_job(options, Arc::new(store)).await;
+        println!("run {run}: {}", s.line("redrive job, SQLite store"));
+        sqlite.push(s);
+    }
+    report(
+        "plain publish_batch 100",
+        plain.clone(),
+        "redrive job, memory store",
+        memory,
+    );
+    report(
+        "plain publish_batch 100",
+        plain,
+        "redrive job, SQLite store",
+        sqlite,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
