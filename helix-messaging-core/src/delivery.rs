@@ -130,13 +130,13 @@ impl Settler {
         };
         let acker = {
             let mut slot = self.acker.lock();
-            if let (Settlement::RequeueAfter(_), Some(acker)) = (outcome, slot.as_ref()) {
-                if !acker.delays_requeue() {
-                    return Err(Error::new(
-                        ErrorKind::Unsupported,
-                        "this backend cannot delay a requeue (Capabilities::delayed_delivery is false); the delivery is still unsettled",
-                    ));
-                }
+            if let (Settlement::RequeueAfter(_), Some(acker)) = (outcome, slot.as_ref())
+                && !acker.delays_requeue()
+            {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    "this backend cannot delay a requeue (Capabilities::delayed_delivery is false); the delivery is still unsettled",
+                ));
             }
             slot.take()
         };

@@ -162,10 +162,10 @@ impl FirstFailures {
         if let Some(at) = self.at.get(&key) {
             return *at;
         }
-        if self.order.len() >= self.capacity {
-            if let Some(oldest) = self.order.pop_front() {
-                self.at.remove(&oldest);
-            }
+        if self.order.len() >= self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.at.remove(&oldest);
         }
         self.order.push_back(key.clone());
         self.at.insert(key, now);

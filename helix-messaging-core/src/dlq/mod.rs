@@ -54,7 +54,7 @@ pub const EVENT_DLQ_TOPIC: &str = "helixagent.dlq.events";
 
 /// Where dead letters go.
 ///
-/// Every failed message goes to [`topic`](DeadLetterConfig::topic) unless a route matches its
+/// Every failed message goes to the default DLQ topic unless a route matches its
 /// topic: routes are `(prefix, dlq topic)` pairs, the longest matching prefix wins.
 /// [`DeadLetterConfig::seeds`] routes `helixagent.tasks.*` to `helixagent.dlq.tasks` and
 /// `helixagent.events.*` to `helixagent.dlq.events`, as the seeds' topology does.
@@ -193,10 +193,10 @@ impl DeadLetterQueue {
             "reason" => letter.reason.as_str(),
         )
         .increment(1);
-        if let Some(processor) = &self.processor {
-            if let Err(err) = processor.ingest(letter.clone()).await {
-                tracing::warn!(dead_letter = %letter.id, error = %err, "dead letter published but not recorded in the store; the processor ingests it from the DLQ topic");
-            }
+        if let Some(processor) = &self.processor
+            && let Err(err) = processor.ingest(letter.clone()).await
+        {
+            tracing::warn!(dead_letter = %letter.id, error = %err, "dead letter published but not recorded in the store; the processor ingests it from the DLQ topic");
         }
         Ok(topic)
     }

@@ -333,10 +333,10 @@ impl Processor {
                 () = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if self.inner.config.auto_redrive {
-                if let Err(err) = self.process_due().await {
-                    tracing::warn!(error = %err, "DLQ re-drive poll failed");
-                }
+            if self.inner.config.auto_redrive
+                && let Err(err) = self.process_due().await
+            {
+                tracing::warn!(error = %err, "DLQ re-drive poll failed");
             }
             if let Err(err) = self.publish_gauges().await {
                 tracing::warn!(error = %err, "could not read the DLQ store's depth");
@@ -630,7 +630,7 @@ impl Processor {
             .values()
             .map(|job| job.progress.lock().clone())
             .collect();
-        jobs.sort_by(|a, b| b.started_at.cmp(&a.started_at));
+        jobs.sort_by_key(|job| std::cmp::Reverse(job.started_at));
         jobs
     }
 

@@ -133,12 +133,12 @@ pub(super) async fn start(processor: &Processor, request: RedriveRequest) -> Res
     if let Some(target) = &request.target_topic {
         validate_name("target topic", target)?;
     }
-    if let Some(rate) = request.rate_per_second {
-        if !rate.is_finite() || rate <= 0.0 {
-            return Err(Error::invalid_input(format!(
-                "rate_per_second must be a positive number, got {rate}"
-            )));
-        }
+    if let Some(rate) = request.rate_per_second
+        && (!rate.is_finite() || rate <= 0.0)
+    {
+        return Err(Error::invalid_input(format!(
+            "rate_per_second must be a positive number, got {rate}"
+        )));
     }
     if request.batch_size == 0 {
         return Err(Error::invalid_input("batch_size must be at least 1"));

@@ -399,11 +399,11 @@ impl DeadLetterStore for MemoryDeadLetterStore {
         due.truncate(limit);
         let mut claimed = Vec::with_capacity(due.len());
         for (_, id) in due {
-            if let Some(key) = entries.key_of(&id) {
-                if let Some(entry) = entries.by_time.get_mut(&key) {
-                    claimed.push(entry.clone());
-                    entry.next_attempt_at = Some(now + lease);
-                }
+            if let Some(key) = entries.key_of(&id)
+                && let Some(entry) = entries.by_time.get_mut(&key)
+            {
+                claimed.push(entry.clone());
+                entry.next_attempt_at = Some(now + lease);
             }
         }
         Ok(claimed)
