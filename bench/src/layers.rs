@@ -3,7 +3,8 @@
 //! - `layers`: the handler runner bare against the same runner with the full stack (a
 //!   `DeadLetterLayer` around a `RetryLayer`), every message succeeding, same run.
 //! - `redrive`: a bulk redrive job of N dead letters (memory store, and SQLite store) against
-//!   plain `publish_batch` of the same N messages in the same batch size.
+//!   plain `publish_batch` of the same N messages in the same batch size, on the broker
+//!   `MESSAGING_BACKEND` names (memory by default).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -113,9 +114,9 @@ pub(crate) async fn compare_layers(options: &Options) -> f64 {
     ratio
 }
 
-fn letters(n: usize, size: usize) -> Vec<DeadLetter> {
+fn letters(n: usize, size: usize, topic: &str) -> Vec<DeadLetter> {
     let info = DeliveryInfo {
-        topic: "bench.redriven".into(),
+        topic: topic.into(),
         group: Some("bench".into()),
         attempt: 4,
         redelivered: true,
@@ -137,10 +138,22 @@ fn letters(n: usize, size: usize) -> Vec<DeadLetter> {
         .collect()
 }
 
+/// The broker `MESSAGING_BACKEND` names (memory by default) for the redrive comparison.
+async fn redrive_broker() -> Arc<dyn Broker> {
+    helix_messaging::from_env()
+        .await
+        .expect("MESSAGING_BACKEND broker")
+}
+
+fn fresh(what: &str) -> String {
+    format!("bench.{what}.{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Redrive `options.messages` stored dead letters in one job; the job's own time.
 async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run {
-    let broker = broker();
-    for letter in letters(options.messages, options.size) {
+    let broker = redrive_broker().await;
+    let topic = fresh("redriven");
+    for letter in letters(options.messages, options.size, &topic) {
         store
             .insert(StoredDeadLetter::received(letter, SystemTime::now()))
             .await
@@ -148,7 +161,7 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
     }
     // The group that receives the re-driven messages (so they are routed and counted).
     let _sink = broker
-        .subscribe("bench.redriven", SubscribeOptions::group("sink"))
+        .subscribe(&topic, SubscribeOptions::group("sink"))
         .await
         .expect("subscribe");
     let processor = Processor::new(
@@ -176,17 +189,20 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     assert_eq!(progress.redriven as usize, options.messages, "{progress:?}");
+    let elapsed = started.elapsed();
+    let _ = broker.close().await;
     Run {
         messages: options.messages,
-        elapsed: started.elapsed(),
+        elapsed,
         latency: histogram(),
     }
 }
 
 async fn plain_batches(options: &Options) -> Run {
-    let broker = broker();
+    let broker = redrive_broker().await;
+    let topic = fresh("plain");
     let _sink = broker
-        .subscribe("bench.plain", SubscribeOptions::group("sink"))
+        .subscribe(&topic, SubscribeOptions::group("sink"))
         .await
         .expect("subscribe");
     let payload = bytes::Bytes::from(vec![b'x'; options.size]);
@@ -196,22 +212,25 @@ async fn plain_batches(options: &Options) -> Run {
         let count = 100.min(options.messages - sent);
         let messages = (0..count).map(|_| Message::new(payload.clone())).collect();
         broker
-            .publish_batch("bench.plain", messages)
+            .publish_batch(&topic, messages)
             .await
             .into_result()
             .expect("publish");
         sent += count;
     }
+    let elapsed = started.elapsed();
+    let _ = broker.close().await;
     Run {
         messages: options.messages,
-        elapsed: started.elapsed(),
+        elapsed,
         latency: histogram(),
     }
 }
 
 pub(crate) async fn compare_redrive(options: &Options) {
+    let backend = std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into());
     println!(
-        "bulk redrive on memory: {} dead letters x {} B, batches of 100, {} runs each",
+        "bulk redrive on {backend}: {} dead letters x {} B, batches of 100, {} runs each",
         options.messages, options.size, options.runs
     );
     let dir = std::env::temp_dir().join(format!("helix-bench-redrive-{}", std::process::id()));

@@ -271,14 +271,15 @@ impl Run {
         redriven_ids: &mut HashSet<String>,
     ) -> Result<()> {
         let store = &self.processor.inner.store;
-        let mut letters = Vec::with_capacity(ids.len());
-        let mut skipped = 0;
-        for id in ids {
-            match store.get(id).await? {
-                Some(entry) if entry.status != EntryStatus::Discarded => letters.push(entry.letter),
-                _ => skipped += 1,
-            }
-        }
+        let letters: Vec<_> = store
+            .get_many(ids)
+            .await?
+            .into_iter()
+            .filter(|entry| entry.status != EntryStatus::Discarded)
+            .map(|entry| entry.letter)
+            .collect();
+        // Gone (reprocessed, purged) or discarded since the selection was made.
+        let skipped = (ids.len() - letters.len()) as u64;
         // One batch per target topic, so confirmations are awaited together.
         let mut by_topic: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, letter) in letters.iter().enumerate() {

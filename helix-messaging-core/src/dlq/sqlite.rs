@@ -289,6 +289,22 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         .await
     }
 
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<StoredDeadLetter>> {
+        let ids = ids.to_vec();
+        self.run("get", move |c| {
+            let sql = format!("SELECT {COLUMNS} FROM helix_dead_letters WHERE id = ?1");
+            let mut statement = c.prepare_cached(&sql)?;
+            let mut found = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(entry) = statement.query_row([id], read_entry).optional()? {
+                    found.push(entry);
+                }
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     async fn list(
         &self,
         filter: &DlqFilter,

@@ -175,6 +175,21 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// The store's error.
     async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>>;
 
+    /// The entries with these ids that exist, in the order given (one read where the store
+    /// can).
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<StoredDeadLetter>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(entry) = self.get(id).await? {
+                found.push(entry);
+            }
+        }
+        Ok(found)
+    }
+
     /// Up to `limit` entries matching `filter`, skipping the first `offset`.
     ///
     /// # Errors
