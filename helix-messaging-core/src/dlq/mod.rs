@@ -241,15 +241,27 @@ struct DeadLettering {
 #[async_trait]
 impl Handler for DeadLettering {
     async fn handle(&self, envelope: Envelope) -> Result<(), HandlerError> {
-        // Reference-counted copies, so the failure path still has the message.
+        // Reference-counted copies, so the failure path still has the message (the position,
+        // which may own a string, is not needed for the dead letter).
         let message = envelope.message.clone();
-        let info = envelope.info.clone();
+        let (topic, group, attempt) = (
+            envelope.info.topic.clone(),
+            envelope.info.group.clone(),
+            envelope.info.attempt,
+        );
         let err = match self.inner.handle(envelope).await {
             Ok(()) => return Ok(()),
             Err(err) => err,
         };
         let Some(reason) = err.dead_letter_reason() else {
             return Err(err);
+        };
+        let info = crate::DeliveryInfo {
+            topic,
+            group,
+            attempt,
+            redelivered: attempt > 1,
+            position: None,
         };
         let now = SystemTime::now();
         let letter = DeadLetter::new(
