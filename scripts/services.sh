@@ -37,6 +37,13 @@ ensure_rabbitmq() {
   wait_for_port 5672 RabbitMQ 60
 }
 
+ensure_postgres() {
+  port_open 5432 && return 0
+  command -v pg_ctlcluster >/dev/null || apt_install postgresql
+  pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+  wait_for_port 5432 PostgreSQL 60
+}
+
 TANSU_VERSION=0.6.0
 
 ensure_tansu() {

@@ -16,6 +16,8 @@ mod processor;
 mod redrive;
 mod store;
 
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 
@@ -30,6 +32,8 @@ pub use letter::{
     HEADER_ORIGINAL_ID, HEADER_ORIGINAL_TIMESTAMP, HEADER_ORIGINAL_TOPIC, HEADER_PREFIX,
     HEADER_REASON, HEADER_REDRIVE_COUNT, MAX_ERROR_HEADER_BYTES,
 };
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresDeadLetterStore;
 pub use processor::{
     DEFAULT_PROCESSOR_GROUP, DlqHandler, DlqPage, Processor, ProcessorConfig, ProcessorMetrics,
 };

@@ -158,8 +158,8 @@ pub struct DlqStats {
 /// Keeps dead letters for the [`Processor`](super::Processor) and its management operations.
 ///
 /// Listings are ordered by dead-lettering time, then id. Implementations: the in-memory
-/// [`MemoryDeadLetterStore`], the durable `SqliteDeadLetterStore` (feature `sqlite`), and a
-/// PostgreSQL store shared by several instances.
+/// [`MemoryDeadLetterStore`], the durable `SqliteDeadLetterStore` (feature `sqlite`), and
+/// `PostgresDeadLetterStore` (feature `postgres`), shared by several instances.
 #[async_trait]
 pub trait DeadLetterStore: Send + Sync + 'static {
     /// Store `entry` unless one with its id exists; whether it was stored. Durable stores

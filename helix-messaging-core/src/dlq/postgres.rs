@@ -1,0 +1,474 @@
+//! A DLQ store in PostgreSQL, for several service instances sharing one DLQ.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Row};
+
+use super::{
+    DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
+};
+use crate::{Error, ErrorKind, Headers, Message, MessageParts, Result};
+
+const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, \
+    first_failure_us, last_failure_us, redrives, message_id, message_key, payload, headers, \
+    message_timestamp_us, content_type, correlation_id, priority, status, retries, \
+    next_attempt_us, last_error, discard_reason, stored_us, message_type";
+
+type Param = Box<dyn ToSql + Send + Sync>;
+
+/// Dead letters in a PostgreSQL table (default `helix_dead_letters`), shared by every
+/// processor pointed at it: due re-drives are claimed with `FOR UPDATE SKIP LOCKED`, so two
+/// instances never re-drive one entry at the same time. A lost connection is re-established
+/// on the next call.
+pub struct PostgresDeadLetterStore {
+    config: String,
+    table: String,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl std::fmt::Debug for PostgresDeadLetterStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection string may hold a password.
+        f.debug_struct("PostgresDeadLetterStore")
+            .field("table", &self.table)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db_error(what: &str, err: tokio_postgres::Error) -> Error {
+    let kind = if err.is_closed() {
+        ErrorKind::Connection
+    } else {
+        ErrorKind::Backend
+    };
+    Error::new(kind, format!("DLQ store (PostgreSQL): {what}: {err}"))
+        .with_retryable(err.is_closed())
+        .with_source(err)
+}
+
+fn micros(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn from_micros(us: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+fn where_clause(filter: &DlqFilter, params: &mut Vec<Param>) -> String {
+    let mut clauses = vec!["TRUE".to_owned()];
+    let mut add = |clause: &str, value: Param| {
+        params.push(value);
+        clauses.push(format!("{clause} ${}", params.len()));
+    };
+    if let Some(topic) = &filter.topic {
+        add("original_topic =", Box::new(topic.clone()));
+    }
+    if let Some(reason) = filter.reason {
+        add("reason =", Box::new(reason.as_str().to_owned()));
+    }
+    if let Some(message_type) = &filter.message_type {
+        add("message_type =", Box::new(message_type.clone()));
+    }
+    if let Some(status) = filter.status {
+        add("status =", Box::new(status.as_str().to_owned()));
+    }
+    if let Some(id) = &filter.original_id {
+        add("message_id =", Box::new(id.clone()));
+    }
+    if let Some(from) = filter.from {
+        add("last_failure_us >=", Box::new(micros(from)));
+    }
+    if let Some(to) = filter.to {
+        add("last_failure_us <", Box::new(micros(to)));
+    }
+    clauses.join(" AND ")
+}
+
+fn refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
+    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+}
+
+fn read_entry(row: &Row) -> Result<StoredDeadLetter> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!("DLQ store (PostgreSQL): unreadable {what}: {e}"),
+        )
+    };
+    let headers: String = row.get(12);
+    let headers: Headers = serde_json::from_str(&headers).map_err(|e| bad("headers", &e))?;
+    let reason: String = row.get(3);
+    let status: String = row.get(17);
+    let payload: Vec<u8> = row.get(11);
+    let count = |i: usize| u32::try_from(row.get::<_, i64>(i)).unwrap_or(u32::MAX);
+    let message = Message::from_parts(MessageParts {
+        id: row.get(9),
+        key: row.get(10),
+        payload: payload.into(),
+        headers,
+        timestamp: from_micros(row.get(13)),
+        content_type: row.get(14),
+        correlation_id: row.get(15),
+        priority: u8::try_from(row.get::<_, i16>(16)).unwrap_or(0),
+        ttl: None,
+    });
+    Ok(StoredDeadLetter {
+        letter: DeadLetter {
+            id: row.get(0),
+            message,
+            original_topic: row.get(1),
+            group: row.get(2),
+            reason: reason.parse()?,
+            error: row.get(4),
+            attempts: count(5),
+            first_failure_at: from_micros(row.get(6)),
+            last_failure_at: from_micros(row.get(7)),
+            redrives: count(8),
+        },
+        status: EntryStatus::parse(&status)?,
+        retries: count(18),
+        next_attempt_at: row.get::<_, Option<i64>>(19).map(from_micros),
+        last_error: row.get(20),
+        discard_reason: row.get(21),
+        stored_at: from_micros(row.get(22)),
+    })
+}
+
+fn entry_params(entry: &StoredDeadLetter) -> Result<Vec<Param>> {
+    let l = &entry.letter;
+    let m = &l.message;
+    let headers = serde_json::to_string(m.headers()).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!("DLQ store (PostgreSQL): headers: {e}"),
+        )
+    })?;
+    let owned = |s: Option<&str>| s.map(str::to_owned);
+    Ok(vec![
+        Box::new(l.id.clone()),
+        Box::new(l.original_topic.clone()),
+        Box::new(l.group.clone()),
+        Box::new(l.reason.as_str().to_owned()),
+        Box::new(l.error.clone()),
+        Box::new(i64::from(l.attempts)),
+        Box::new(micros(l.first_failure_at)),
+        Box::new(micros(l.last_failure_at)),
+        Box::new(i64::from(l.redrives)),
+        Box::new(m.id().to_owned()),
+        Box::new(owned(m.key())),
+        Box::new(m.payload().to_vec()),
+        Box::new(headers),
+        Box::new(micros(m.timestamp())),
+        Box::new(owned(m.content_type())),
+        Box::new(owned(m.correlation_id())),
+        Box::new(i16::from(m.priority())),
+        Box::new(entry.status.as_str().to_owned()),
+        Box::new(i64::from(entry.retries)),
+        Box::new(entry.next_attempt_at.map(micros)),
+        Box::new(entry.last_error.clone()),
+        Box::new(entry.discard_reason.clone()),
+        Box::new(micros(entry.stored_at)),
+        Box::new(owned(l.message_type())),
+    ])
+}
+
+impl PostgresDeadLetterStore {
+    /// Connect with a libpq-style connection string (`host=127.0.0.1 user=postgres
+    /// dbname=test`, or a `postgresql://` URL) and create the table `helix_dead_letters` if
+    /// it is missing.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Connection`] when the server cannot be reached; [`ErrorKind::Backend`]
+    /// when the table cannot be created.
+    pub async fn connect(config: &str) -> Result<Self> {
+        PostgresDeadLetterStore::connect_table(config, "helix_dead_letters").await
+    }
+
+    /// [`PostgresDeadLetterStore::connect`] with another table name (lower-case ASCII
+    /// letters, digits and `_`), for several DLQs in one database.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad table name; otherwise as
+    /// [`PostgresDeadLetterStore::connect`].
+    pub async fn connect_table(config: &str, table: &str) -> Result<Self> {
+        let valid = !table.is_empty()
+            && table.len() <= 63
+            && table
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !table.starts_with(|c: char| c.is_ascii_digit());
+        if !valid {
+            return Err(Error::invalid_input(format!(
+                "DLQ table name {table:?}: use 1 to 63 lower-case ASCII letters, digits and '_', not starting with a digit"
+            )));
+        }
+        let store = PostgresDeadLetterStore {
+            config: config.to_owned(),
+            table: table.to_owned(),
+            client: tokio::sync::Mutex::new(None),
+        };
+        let t = &store.table;
+        let schema = format!(
+            "CREATE TABLE IF NOT EXISTS {t} (
+                id TEXT PRIMARY KEY,
+                original_topic TEXT NOT NULL,
+                consumer_group TEXT,
+                reason TEXT NOT NULL,
+                error TEXT NOT NULL,
+                attempts BIGINT NOT NULL,
+                first_failure_us BIGINT NOT NULL,
+                last_failure_us BIGINT NOT NULL,
+                redrives BIGINT NOT NULL,
+                message_id TEXT NOT NULL,
+                message_key TEXT,
+                payload BYTEA NOT NULL,
+                headers TEXT NOT NULL,
+                message_timestamp_us BIGINT NOT NULL,
+                content_type TEXT,
+                correlation_id TEXT,
+                priority SMALLINT NOT NULL,
+                status TEXT NOT NULL,
+                retries BIGINT NOT NULL,
+                next_attempt_us BIGINT,
+                last_error TEXT,
+                discard_reason TEXT,
+                stored_us BIGINT NOT NULL,
+                message_type TEXT
+            );
+            CREATE INDEX IF NOT EXISTS {t}_by_time ON {t} (last_failure_us, id);
+            CREATE INDEX IF NOT EXISTS {t}_due ON {t} (status, next_attempt_us);
+            CREATE INDEX IF NOT EXISTS {t}_by_message ON {t} (message_id);"
+        );
+        {
+            let mut guard = store.connection().await?;
+            let client = guard.as_mut().expect("connected");
+            client
+                .batch_execute(&schema)
+                .await
+                .map_err(|e| db_error("creating the table", e))?;
+        }
+        Ok(store)
+    }
+
+    /// The client, connecting first if there is none or the last one was lost.
+    async fn connection(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
+                .await
+                .map_err(|e| db_error("connecting", e))?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::warn!(error = %err, "DLQ store connection to PostgreSQL ended");
+                }
+            });
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
+
+    async fn query(&self, what: &str, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
+        let guard = self.connection().await?;
+        let client = guard.as_ref().expect("connected");
+        client
+            .query(sql, &refs(params))
+            .await
+            .map_err(|e| db_error(what, e))
+    }
+
+    async fn execute(&self, what: &str, sql: &str, params: &[Param]) -> Result<u64> {
+        let guard = self.connection().await?;
+        let client = guard.as_ref().expect("connected");
+        client
+            .execute(sql, &refs(params))
+            .await
+            .map_err(|e| db_error(what, e))
+    }
+
+    fn placeholders(n: usize) -> String {
+        (1..=n)
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for PostgresDeadLetterStore {
+    async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
+        let params = entry_params(&entry)?;
+        let sql = format!(
+            "INSERT INTO {} ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
+            self.table,
+            Self::placeholders(params.len())
+        );
+        Ok(self.execute("insert", &sql, &params).await? == 1)
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
+        let sql = format!("SELECT {COLUMNS} FROM {} WHERE id = $1", self.table);
+        let rows = self
+            .query("get", &sql, &[Box::new(id.to_owned()) as Param])
+            .await?;
+        rows.first().map(read_entry).transpose()
+    }
+
+    async fn get_many(&self, ids: &[String]) -> Result<Vec<StoredDeadLetter>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {t} JOIN unnest($1::text[]) WITH ORDINALITY AS wanted(id, n) USING (id) ORDER BY wanted.n",
+            t = self.table
+        );
+        let rows = self
+            .query("get", &sql, &[Box::new(ids.to_vec()) as Param])
+            .await?;
+        rows.iter().map(read_entry).collect()
+    }
+
+    async fn list(
+        &self,
+        filter: &DlqFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let mut params = Vec::new();
+        let clause = where_clause(filter, &mut params);
+        let sql = format!(
+            "SELECT {COLUMNS} FROM {} WHERE {clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}",
+            self.table,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            i64::try_from(offset).unwrap_or(i64::MAX)
+        );
+        let rows = self.query("list", &sql, &params).await?;
+        rows.iter().map(read_entry).collect()
+    }
+
+    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+        let mut params = Vec::new();
+        let clause = where_clause(filter, &mut params);
+        let sql = format!("SELECT COUNT(*) FROM {} WHERE {clause}", self.table);
+        let rows = self.query("count", &sql, &params).await?;
+        Ok(rows
+            .first()
+            .map_or(0, |r| r.get::<_, i64>(0).unsigned_abs()))
+    }
+
+    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+        let mut params = Vec::new();
+        let clause = where_clause(filter, &mut params);
+        let sql = format!(
+            "SELECT id FROM {} WHERE {clause} ORDER BY last_failure_us, id",
+            self.table
+        );
+        let rows = self.query("ids", &sql, &params).await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn claim_due(
+        &self,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        // SKIP LOCKED: an entry another instance is claiming right now is left to it.
+        let sql = format!(
+            "UPDATE {t} SET next_attempt_us = $2 WHERE id IN (
+                SELECT id FROM {t} WHERE status = 'pending' AND next_attempt_us <= $1
+                ORDER BY next_attempt_us, id LIMIT $3 FOR UPDATE SKIP LOCKED
+            ) RETURNING {COLUMNS}",
+            t = self.table
+        );
+        let params: Vec<Param> = vec![
+            Box::new(micros(now)),
+            Box::new(micros(now + lease)),
+            Box::new(i64::try_from(limit).unwrap_or(i64::MAX)),
+        ];
+        let rows = self.query("claim due entries", &sql, &params).await?;
+        rows.iter().map(read_entry).collect()
+    }
+
+    async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
+        let params = entry_params(entry)?;
+        let sets: Vec<String> = COLUMNS
+            .split(',')
+            .map(str::trim)
+            .enumerate()
+            .skip(1)
+            .map(|(i, column)| format!("{column} = ${}", i + 1))
+            .collect();
+        let sql = format!(
+            "UPDATE {} SET {} WHERE id = $1",
+            self.table,
+            sets.join(", ")
+        );
+        Ok(self.execute("update", &sql, &params).await? == 1)
+    }
+
+    async fn remove(&self, id: &str) -> Result<bool> {
+        let sql = format!("DELETE FROM {} WHERE id = $1", self.table);
+        Ok(self
+            .execute("remove", &sql, &[Box::new(id.to_owned()) as Param])
+            .await?
+            == 1)
+    }
+
+    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
+        let sql = format!("DELETE FROM {} WHERE id = ANY($1)", self.table);
+        self.execute("remove", &sql, &[Box::new(ids.to_vec()) as Param])
+            .await
+    }
+
+    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+        let mut params = Vec::new();
+        let clause = where_clause(filter, &mut params);
+        let sql = format!("DELETE FROM {} WHERE {clause}", self.table);
+        self.execute("purge", &sql, &params).await
+    }
+
+    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+        let mut params = Vec::new();
+        let clause = where_clause(filter, &mut params);
+        let sql = format!(
+            "SELECT reason, original_topic, COUNT(*), MIN(last_failure_us), MAX(last_failure_us),
+                (ARRAY_AGG(error ORDER BY last_failure_us DESC))[1]
+             FROM {} WHERE {clause} GROUP BY reason, original_topic
+             ORDER BY COUNT(*) DESC, original_topic",
+            self.table
+        );
+        let rows = self.query("group failures", &sql, &params).await?;
+        rows.iter()
+            .map(|row| {
+                Ok(FailureGroup {
+                    reason: row.get::<_, String>(0).parse()?,
+                    topic: row.get(1),
+                    count: row.get::<_, i64>(2).unsigned_abs(),
+                    oldest: from_micros(row.get(3)),
+                    newest: from_micros(row.get(4)),
+                    sample_error: row.get(5),
+                })
+            })
+            .collect()
+    }
+
+    async fn stats(&self) -> Result<DlqStats> {
+        let sql = format!(
+            "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'parked'), MIN(last_failure_us)
+             FROM {} WHERE status != 'discarded'",
+            self.table
+        );
+        let rows = self.query("stats", &sql, &[]).await?;
+        let row = rows.first().ok_or_else(|| {
+            Error::new(
+                ErrorKind::Backend,
+                "DLQ store (PostgreSQL): stats returned no row",
+            )
+        })?;
+        Ok(DlqStats {
+            depth: row.get::<_, i64>(0).unsigned_abs(),
+            parked: row.get::<_, i64>(1).unsigned_abs(),
+            oldest: row.get::<_, Option<i64>>(2).map(from_micros),
+        })
+    }
+}

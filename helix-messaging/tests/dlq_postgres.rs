@@ -1,0 +1,235 @@
+//! The PostgreSQL DLQ store against the machine's server (127.0.0.1:5432, database `test`;
+//! `HELIX_TEST_POSTGRES` overrides the connection string): every field survives, filters
+//! work, and two instances sharing the table never claim or re-drive one entry twice.
+#![cfg(feature = "postgres")]
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use helix_messaging::dlq::{
+    DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, PostgresDeadLetterStore,
+    Processor, ProcessorConfig, StoredDeadLetter,
+};
+use helix_messaging::{DeliveryInfo, Message, SubscribeOptions};
+
+fn connection() -> String {
+    std::env::var("HELIX_TEST_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 user=postgres dbname=test".into())
+}
+
+/// A table of the test's own, dropped afterwards even when the test fails.
+struct Table(String);
+
+impl Table {
+    fn new() -> Table {
+        Table(format!("hm_test_dlq_{}", uuid_like()))
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-q",
+                "-c",
+            ])
+            .arg(format!("DROP TABLE IF EXISTS {}", self.0))
+            .output();
+    }
+}
+
+fn uuid_like() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{:x}_{}", nanos, std::process::id())
+}
+
+fn letter(topic: &str, kind: &str, at: SystemTime) -> DeadLetter {
+    let info = DeliveryInfo {
+        topic: topic.into(),
+        group: Some("workers".into()),
+        attempt: 4,
+        redelivered: true,
+        position: None,
+    };
+    let message = Message::new(format!("payload of {kind}"))
+        .with_key("k")
+        .with_header("type", kind)
+        .with_header("lang", "日本語")
+        .with_priority(9);
+    DeadLetter::new(
+        &message,
+        &info,
+        DeadLetterReason::MaxRetriesExceeded,
+        &"e".repeat(3_000),
+        at - Duration::from_secs(1),
+        at,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entries() {
+    let table = Table::new();
+    let a = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
+    let t0 = SystemTime::now() - Duration::from_secs(600);
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let kind = if i % 2 == 0 {
+            "order.created"
+        } else {
+            "payment.made"
+        };
+        let l = letter("orders", kind, t0 + Duration::from_millis(i));
+        let mut entry = StoredDeadLetter::received(l.clone(), SystemTime::now());
+        entry.next_attempt_at = Some(SystemTime::now() - Duration::from_secs(1));
+        assert!(a.insert(entry.clone()).await.unwrap());
+        assert!(!a.insert(entry).await.unwrap(), "one id is stored once");
+        ids.push(l);
+    }
+    // A second instance on the same table.
+    let b = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .unwrap();
+    let got = b.get(&ids[0].id).await.unwrap().expect("stored");
+    assert_eq!(got.letter.message.id(), ids[0].message.id());
+    assert_eq!(got.letter.message.headers(), ids[0].message.headers());
+    assert_eq!(got.letter.message.payload(), ids[0].message.payload());
+    assert_eq!(got.letter.message.priority(), 9);
+    assert_eq!(got.letter.error, ids[0].error);
+    assert_eq!(got.letter.attempts, 4);
+    assert_eq!(got.status, EntryStatus::Pending);
+    let payments = DlqFilter {
+        message_type: Some("payment.made".into()),
+        ..DlqFilter::default()
+    };
+    assert_eq!(b.count(&payments).await.unwrap(), 20);
+    let page = b.list(&DlqFilter::default(), 5, 10).await.unwrap();
+    let expected: Vec<&str> = ids[10..15].iter().map(|l| l.id.as_str()).collect();
+    assert_eq!(
+        page.iter()
+            .map(|e| e.letter.id.as_str())
+            .collect::<Vec<_>>(),
+        expected
+    );
+    let many = b
+        .get_many(&[ids[3].id.clone(), "missing".into(), ids[1].id.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        many.iter()
+            .map(|e| e.letter.id.as_str())
+            .collect::<Vec<_>>(),
+        vec![ids[3].id.as_str(), ids[1].id.as_str()]
+    );
+
+    // Both instances claim at once: every due entry goes to exactly one of them.
+    let lease = Duration::from_secs(60);
+    let (from_a, from_b) = tokio::join!(
+        a.claim_due(SystemTime::now(), lease, 25),
+        b.claim_due(SystemTime::now(), lease, 25)
+    );
+    let (from_a, from_b) = (from_a.unwrap(), from_b.unwrap());
+    let a_ids: HashSet<String> = from_a.iter().map(|e| e.letter.id.clone()).collect();
+    let b_ids: HashSet<String> = from_b.iter().map(|e| e.letter.id.clone()).collect();
+    assert!(a_ids.is_disjoint(&b_ids), "an entry was claimed twice");
+    assert_eq!(a_ids.len() + b_ids.len(), 40);
+    assert!(
+        a.claim_due(SystemTime::now(), lease, 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let groups = a.groups(&DlqFilter::default()).await.unwrap();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].count, 40);
+    let mut parked = a.get(&ids[5].id).await.unwrap().unwrap();
+    parked.status = EntryStatus::Parked;
+    assert!(b.update(&parked).await.unwrap());
+    let stats = a.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.parked), (40, 1));
+    assert_eq!(
+        a.remove_many(&[ids[0].id.clone(), ids[2].id.clone()])
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(b.purge(&payments).await.unwrap(), 20);
+    assert_eq!(a.count(&DlqFilter::default()).await.unwrap(), 18);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processors_sharing_a_table_redrive_each_entry_once() {
+    let table = Table::new();
+    let broker = helix_messaging::connect("memory://").await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("shared");
+    let mut sink = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let config = ProcessorConfig {
+        batch_size: 50,
+        topics: vec![helix_messaging_testkit::fresh_name("dlq")],
+        ..ProcessorConfig::default()
+    };
+    let open = || async {
+        Arc::new(
+            PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+                .await
+                .unwrap(),
+        )
+    };
+    let first = Processor::new(broker.clone(), open().await, config.clone()).unwrap();
+    let second = Processor::new(broker.clone(), open().await, config).unwrap();
+    let mut sent = HashSet::new();
+    for i in 0..30 {
+        let l = letter(
+            &topic,
+            "order.created",
+            SystemTime::now() - Duration::from_secs(60 - i),
+        );
+        sent.insert(l.message.id().to_owned());
+        let mut entry = StoredDeadLetter::received(l, SystemTime::now());
+        entry.next_attempt_at = Some(SystemTime::now() - Duration::from_secs(1));
+        first.store().insert(entry).await.unwrap();
+    }
+    let (a, b) = tokio::join!(first.process_due(), second.process_due());
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        30,
+        "every due entry attempted once in all"
+    );
+    let mut received = HashSet::new();
+    for _ in 0..30 {
+        let d = tokio::time::timeout(Duration::from_secs(10), sink.next())
+            .await
+            .expect("a re-driven message")
+            .expect("open")
+            .expect("delivery");
+        assert!(
+            received.insert(d.message().id().to_owned()),
+            "re-driven twice"
+        );
+        d.ack().await.unwrap();
+    }
+    assert_eq!(received, sent);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sink.next())
+            .await
+            .is_err(),
+        "a duplicate arrived"
+    );
+    assert_eq!(first.stats().await.unwrap().depth, 0);
+}
