@@ -40,7 +40,7 @@ use helix_messaging_core::{Broker, Capabilities, Result};
 
 pub use certs::test_certificates;
 pub use differential::{Differential, DifferentialReport};
-pub use helpers::{Ctx, Settings, env_lookup, fresh_name};
+pub use helpers::{Ctx, Settings, env_lookup, eventually, fresh_name};
 
 /// A capability a case needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

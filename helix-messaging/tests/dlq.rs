@@ -6,6 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+mod common;
+use common::letter;
+
 use futures::StreamExt;
 use helix_messaging::dlq::{
     CanaryConfig, DeadLetter, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason,
@@ -14,8 +17,7 @@ use helix_messaging::dlq::{
 };
 use helix_messaging::retry::{RetryLayer, RetryPolicy};
 use helix_messaging::{
-    Broker, DeliveryInfo, Envelope, HandlerError, Message, Runner, SubscribeOptions, Subscription,
-    handler_fn,
+    Broker, Envelope, HandlerError, Message, Runner, SubscribeOptions, Subscription, handler_fn,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -30,19 +32,11 @@ fn name(what: &str) -> String {
     helix_messaging_testkit::fresh_name(what)
 }
 
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+async fn eventually<T, Fut>(what: &str, check: impl FnMut() -> Fut) -> T
 where
-    F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    helix_messaging_testkit::eventually(WAIT, what, check).await
 }
 
 async fn recv(sub: &mut Subscription) -> helix_messaging::Delivery {
@@ -51,34 +45,6 @@ async fn recv(sub: &mut Subscription) -> helix_messaging::Delivery {
         .unwrap_or_else(|_| panic!("no delivery on {} within {WAIT:?}", sub.topic()))
         .expect("open")
         .expect("no stream error")
-}
-
-fn letter(topic: &str, reason: DeadLetterReason, kind: &str, at: SystemTime) -> DeadLetter {
-    let info = DeliveryInfo {
-        topic: topic.into(),
-        group: Some("workers".into()),
-        attempt: 4,
-        redelivered: true,
-        position: None,
-    };
-    let message = Message::new(format!("payload of a {kind}"))
-        .with_key("k-1")
-        .with_header("type", kind)
-        .with_header(
-            "traceparent",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-        )
-        .with_content_type("application/json")
-        .with_correlation_id("corr")
-        .with_priority(7);
-    DeadLetter::new(
-        &message,
-        &info,
-        reason,
-        &format!("{kind} failed: {}", "x".repeat(5_000)),
-        at - Duration::from_secs(3),
-        at,
-    )
 }
 
 fn in_file(dir: &tempfile::TempDir) -> std::path::PathBuf {

@@ -7,12 +7,15 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+mod common;
+use common::letter;
+
 use futures::StreamExt;
+use helix_messaging::SubscribeOptions;
 use helix_messaging::dlq::{
-    DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, PostgresDeadLetterStore,
-    Processor, ProcessorConfig, StoredDeadLetter,
+    DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, PostgresDeadLetterStore, Processor,
+    ProcessorConfig, StoredDeadLetter,
 };
-use helix_messaging::{DeliveryInfo, Message, SubscribeOptions};
 
 fn connection() -> String {
     std::env::var("HELIX_TEST_POSTGRES")
@@ -54,29 +57,6 @@ fn uuid_like() -> String {
     format!("{:x}_{}", nanos, std::process::id())
 }
 
-fn letter(topic: &str, kind: &str, at: SystemTime) -> DeadLetter {
-    let info = DeliveryInfo {
-        topic: topic.into(),
-        group: Some("workers".into()),
-        attempt: 4,
-        redelivered: true,
-        position: None,
-    };
-    let message = Message::new(format!("payload of {kind}"))
-        .with_key("k")
-        .with_header("type", kind)
-        .with_header("lang", "日本語")
-        .with_priority(9);
-    DeadLetter::new(
-        &message,
-        &info,
-        DeadLetterReason::MaxRetriesExceeded,
-        &"e".repeat(3_000),
-        at - Duration::from_secs(1),
-        at,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entries() {
     let table = Table::new();
@@ -91,7 +71,12 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
         } else {
             "payment.made"
         };
-        let l = letter("orders", kind, t0 + Duration::from_millis(i));
+        let l = letter(
+            "orders",
+            DeadLetterReason::MaxRetriesExceeded,
+            kind,
+            t0 + Duration::from_millis(i),
+        );
         let mut entry = StoredDeadLetter::received(l.clone(), SystemTime::now());
         entry.next_attempt_at = Some(SystemTime::now() - Duration::from_secs(1));
         assert!(a.insert(entry.clone()).await.unwrap());
@@ -106,7 +91,7 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
     assert_eq!(got.letter.message.id(), ids[0].message.id());
     assert_eq!(got.letter.message.headers(), ids[0].message.headers());
     assert_eq!(got.letter.message.payload(), ids[0].message.payload());
-    assert_eq!(got.letter.message.priority(), 9);
+    assert_eq!(got.letter.message.priority(), 7);
     assert_eq!(got.letter.error, ids[0].error);
     assert_eq!(got.letter.attempts, 4);
     assert_eq!(got.status, EntryStatus::Pending);
@@ -197,6 +182,7 @@ async fn two_processors_sharing_a_table_redrive_each_entry_once() {
     for i in 0..30 {
         let l = letter(
             &topic,
+            DeadLetterReason::MaxRetriesExceeded,
             "order.created",
             SystemTime::now() - Duration::from_secs(60 - i),
         );

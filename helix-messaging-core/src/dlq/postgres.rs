@@ -1,11 +1,12 @@
 //! A DLQ store in PostgreSQL, for several service instances sharing one DLQ.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
+use super::store::{SqlValue, from_micros, micros, sql_conditions};
 use super::{
     DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
 };
@@ -48,41 +49,14 @@ fn db_error(what: &str, err: tokio_postgres::Error) -> Error {
         .with_source(err)
 }
 
-fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-fn from_micros(us: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
-}
-
 fn where_clause(filter: &DlqFilter, params: &mut Vec<Param>) -> String {
     let mut clauses = vec!["TRUE".to_owned()];
-    let mut add = |clause: &str, value: Param| {
-        params.push(value);
-        clauses.push(format!("{clause} ${}", params.len()));
-    };
-    if let Some(topic) = &filter.topic {
-        add("original_topic =", Box::new(topic.clone()));
-    }
-    if let Some(reason) = filter.reason {
-        add("reason =", Box::new(reason.as_str().to_owned()));
-    }
-    if let Some(message_type) = &filter.message_type {
-        add("message_type =", Box::new(message_type.clone()));
-    }
-    if let Some(status) = filter.status {
-        add("status =", Box::new(status.as_str().to_owned()));
-    }
-    if let Some(id) = &filter.original_id {
-        add("message_id =", Box::new(id.clone()));
-    }
-    if let Some(from) = filter.from {
-        add("last_failure_us >=", Box::new(micros(from)));
-    }
-    if let Some(to) = filter.to {
-        add("last_failure_us <", Box::new(micros(to)));
+    for (condition, value) in sql_conditions(filter) {
+        params.push(match value {
+            SqlValue::Text(s) => Box::new(s),
+            SqlValue::Int(n) => Box::new(n),
+        });
+        clauses.push(format!("{condition} ${}", params.len()));
     }
     clauses.join(" AND ")
 }

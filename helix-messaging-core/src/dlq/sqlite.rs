@@ -2,13 +2,14 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params_from_iter};
 
+use super::store::{SqlValue, from_micros, micros, sql_conditions};
 use super::{
     DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
 };
@@ -72,47 +73,16 @@ fn store_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) 
     Error::new(ErrorKind::Backend, format!("DLQ store: {what}: {err}")).with_source(err)
 }
 
-fn micros(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-fn from_micros(us: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
-}
-
-fn status_value(status: EntryStatus) -> Value {
-    Value::Text(status.as_str().to_owned())
-}
-
 /// The filter as a `WHERE` clause (always present, `1 = 1` when empty) and its parameters.
 fn where_clause(filter: &DlqFilter) -> (String, Vec<Value>) {
     let mut clauses = vec!["1 = 1".to_owned()];
     let mut values = Vec::new();
-    let mut add = |clause: &str, value: Value| {
-        values.push(value);
-        clauses.push(format!("{clause} ?{}", values.len()));
-    };
-    if let Some(topic) = &filter.topic {
-        add("original_topic =", Value::Text(topic.clone()));
-    }
-    if let Some(reason) = filter.reason {
-        add("reason =", Value::Text(reason.as_str().to_owned()));
-    }
-    if let Some(message_type) = &filter.message_type {
-        add("message_type =", Value::Text(message_type.clone()));
-    }
-    if let Some(status) = filter.status {
-        add("status =", status_value(status));
-    }
-    if let Some(id) = &filter.original_id {
-        add("message_id =", Value::Text(id.clone()));
-    }
-    if let Some(from) = filter.from {
-        add("last_failure_us >=", Value::Integer(micros(from)));
-    }
-    if let Some(to) = filter.to {
-        add("last_failure_us <", Value::Integer(micros(to)));
+    for (condition, value) in sql_conditions(filter) {
+        values.push(match value {
+            SqlValue::Text(s) => Value::Text(s),
+            SqlValue::Int(n) => Value::Integer(n),
+        });
+        clauses.push(format!("{condition} ?{}", values.len()));
     }
     (clauses.join(" AND "), values)
 }
@@ -187,7 +157,7 @@ fn entry_values(entry: &StoredDeadLetter) -> Result<Vec<Value>> {
         opt(m.correlation_id()),
         Value::Integer(m.priority().into()),
         opt(l.message_type()),
-        status_value(entry.status),
+        Value::Text(entry.status.as_str().to_owned()),
         Value::Integer(entry.retries.into()),
         entry
             .next_attempt_at

@@ -127,6 +127,56 @@ impl DlqFilter {
     }
 }
 
+/// A value a SQL store binds for a filter condition.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) enum SqlValue {
+    Text(String),
+    Int(i64),
+}
+
+/// `filter` as SQL conditions (`"<column> <operator>"` and the value to bind), the same for
+/// every SQL store; an empty list matches everything.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn sql_conditions(filter: &DlqFilter) -> Vec<(&'static str, SqlValue)> {
+    let text = |s: &str| SqlValue::Text(s.to_owned());
+    let mut out = Vec::new();
+    if let Some(topic) = &filter.topic {
+        out.push(("original_topic =", text(topic)));
+    }
+    if let Some(reason) = filter.reason {
+        out.push(("reason =", text(reason.as_str())));
+    }
+    if let Some(message_type) = &filter.message_type {
+        out.push(("message_type =", text(message_type)));
+    }
+    if let Some(status) = filter.status {
+        out.push(("status =", text(status.as_str())));
+    }
+    if let Some(id) = &filter.original_id {
+        out.push(("message_id =", text(id)));
+    }
+    if let Some(from) = filter.from {
+        out.push(("last_failure_us >=", SqlValue::Int(micros(from))));
+    }
+    if let Some(to) = filter.to {
+        out.push(("last_failure_us <", SqlValue::Int(micros(to))));
+    }
+    out
+}
+
+/// Microseconds since the epoch, as SQL stores keep times.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn micros(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+/// The inverse of [`micros`].
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn from_micros(us: i64) -> SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
 /// Failures sharing a reason and topic: the "what is breaking" view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FailureGroup {

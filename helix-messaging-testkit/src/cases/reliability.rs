@@ -2,7 +2,6 @@
 //! and the DLQ processor.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,23 +16,7 @@ use helix_messaging_core::{
 };
 use parking_lot::Mutex;
 
-use crate::Ctx;
-
-/// Poll `check` every 50 ms until it returns `Some`, failing the case after `timeout`.
-async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::{Ctx, eventually};
 
 fn header<'a>(d: &'a Delivery, name: &str) -> &'a str {
     d.message()
