@@ -628,3 +628,40 @@ async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too()
     );
     processor.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn letters_sent_before_the_processor_first_ran_are_ingested() {
+    let broker = broker().await;
+    let (topic, dlq_topic) = (name("early"), name("dlq"));
+    let queue = DeadLetterQueue::new(broker.clone(), DeadLetterConfig::new(&dlq_topic).unwrap());
+    let early = letter(
+        &topic,
+        DeadLetterReason::MaxRetriesExceeded,
+        "order.created",
+        SystemTime::now(),
+    );
+    queue.send(&early).await.unwrap();
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        ProcessorConfig {
+            auto_redrive: false,
+            ..processor_config(&dlq_topic)
+        },
+    )
+    .unwrap();
+    processor.start().await.unwrap();
+    let stored = eventually("the early letter ingested", || {
+        let processor = processor.clone();
+        let id = early.id.clone();
+        async move { processor.get(&id).await.ok() }
+    })
+    .await;
+    assert_eq!(stored.letter.message.id(), early.message.id());
+    assert_eq!(
+        stored.letter.error,
+        early.error[..1024],
+        "the wire carries the bounded error"
+    );
+    processor.stop().await;
+}

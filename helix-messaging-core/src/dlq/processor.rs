@@ -20,8 +20,8 @@ use super::{
 };
 use crate::retry::RetryPolicy;
 use crate::{
-    BoxError, Broker, Envelope, Error, ErrorKind, HandlerError, Result, Runner, handler_fn,
-    validate_name,
+    BoxError, Broker, Envelope, Error, ErrorKind, HandlerError, Result, Runner, StartPosition,
+    SubscribeOptions, handler_fn, validate_name,
 };
 
 /// Group the processor consumes DLQ topics in.
@@ -262,7 +262,11 @@ impl Processor {
         self.inner.handlers.read().get(message_type).cloned()
     }
 
-    /// Start ingesting the DLQ topics and re-driving due entries in the background.
+    /// Start ingesting the DLQ topics and re-driving due entries in the background. The
+    /// processor's group on a DLQ topic, created by the first start, begins with everything
+    /// the topic retains on backends with [`Capabilities::replay_by_time`](crate::Capabilities::replay_by_time);
+    /// elsewhere start the processor before anything can fail (RabbitMQ refuses a dead letter
+    /// no queue is bound for, so the original is requeued rather than lost).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`] when already started; the subscribe error otherwise.
@@ -286,8 +290,17 @@ impl Processor {
                         .map_err(HandlerError::transient)
                 }
             });
+            // A group created now starts from what the topic retains, where it can: letters
+            // sent before the processor first ran are ingested too.
+            let start = if self.inner.broker.capabilities().replay_by_time {
+                StartPosition::Earliest
+            } else {
+                StartPosition::Latest
+            };
+            let options =
+                SubscribeOptions::group(self.inner.config.group.clone()).with_start(start);
             let runner = Runner::builder(self.inner.broker.clone(), topic.clone())
-                .group(self.inner.config.group.clone())
+                .options(options)
                 .start(handler)
                 .await;
             match runner {
