@@ -135,6 +135,8 @@ impl RetryPolicy {
             .build()
             .nth(retry as usize - 1)
             .unwrap_or(self.max_retry_delay);
+        // Whole microseconds: the f32 factor leaves nanosecond dust (200.000003 ms).
+        let delay = Duration::from_micros(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
         Some(delay.min(self.max_retry_delay))
     }
 
