@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row};
 
-use super::store::{SqlValue, from_micros, micros, sql_conditions};
+use super::store::{SqlValue, from_micros, micros, set_list, sql_conditions};
 use super::{
     DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
 };
@@ -365,17 +365,10 @@ impl DeadLetterStore for PostgresDeadLetterStore {
 
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
         let params = entry_params(entry)?;
-        let sets: Vec<String> = COLUMNS
-            .split(',')
-            .map(str::trim)
-            .enumerate()
-            .skip(1)
-            .map(|(i, column)| format!("{column} = ${}", i + 1))
-            .collect();
         let sql = format!(
             "UPDATE {} SET {} WHERE id = $1",
             self.table,
-            sets.join(", ")
+            set_list(COLUMNS, '$')
         );
         Ok(self.execute("update", &sql, &params).await? == 1)
     }

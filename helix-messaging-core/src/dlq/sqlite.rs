@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params_from_iter};
 
-use super::store::{SqlValue, from_micros, micros, sql_conditions};
+use super::store::{SqlValue, from_micros, micros, set_list, sql_conditions};
 use super::{
     DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
 };
@@ -351,16 +351,9 @@ impl DeadLetterStore for SqliteDeadLetterStore {
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
         let values = entry_values(entry)?;
         self.run("update", move |c| {
-            let sets: Vec<String> = INSERT_COLUMNS
-                .split(',')
-                .map(str::trim)
-                .enumerate()
-                .skip(1)
-                .map(|(i, column)| format!("{column} = ?{}", i + 1))
-                .collect();
             let sql = format!(
                 "UPDATE helix_dead_letters SET {} WHERE id = ?1",
-                sets.join(", ")
+                set_list(INSERT_COLUMNS, '?')
             );
             Ok(c.prepare_cached(&sql)?.execute(params_from_iter(values))? == 1)
         })

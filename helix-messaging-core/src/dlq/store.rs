@@ -164,6 +164,21 @@ pub(crate) fn sql_conditions(filter: &DlqFilter) -> Vec<(&'static str, SqlValue)
     out
 }
 
+/// `col2 = <p>2, col3 = <p>3, …` for every column after the first (the id, bound as
+/// `<p>1`) of the comma-separated `columns`: the `SET` list of an update by id, with
+/// placeholders written `<p>N` (`?` for SQLite, `$` for PostgreSQL).
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub(crate) fn set_list(columns: &str, placeholder: char) -> String {
+    columns
+        .split(',')
+        .map(str::trim)
+        .enumerate()
+        .skip(1)
+        .map(|(i, column)| format!("{column} = {placeholder}{}", i + 1))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Microseconds since the epoch, as SQL stores keep times.
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn micros(t: SystemTime) -> i64 {
