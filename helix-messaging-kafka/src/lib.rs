@@ -76,6 +76,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
     producer: FutureProducer,
+    /// Writes retry-topic copies one record per batch (see [`Shared::retry_producer`]).
+    retry_producer: parking_lot::Mutex<Option<FutureProducer>>,
     topics: Topics,
     /// Set once on close; readers watch it.
     pub(crate) closed: watch::Sender<bool>,
@@ -100,12 +102,37 @@ impl Shared {
         kafka_topic: &str,
         message: &Message,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
-        self.enqueue_with(kafka_topic, message, wire::headers(message))
+        self.enqueue_with(&self.producer, kafka_topic, message, wire::headers(message))
     }
 
-    /// [`Shared::enqueue`] with the record headers given.
+    /// The producer of retry-topic copies, created on first use: one record per batch, no
+    /// linger. A member waiting for a copy to be due pauses its partition and later fetches
+    /// from that copy's offset; a broker that cannot serve a fetch starting inside a record
+    /// batch (Tansu 0.6) would otherwise stall that partition when two copies shared a
+    /// batch. Retry traffic is small, so the cost of unbatched writes is too.
+    fn retry_producer(&self) -> Result<FutureProducer> {
+        let mut slot = self.retry_producer.lock();
+        if let Some(producer) = slot.as_ref() {
+            return Ok(producer.clone());
+        }
+        let producer: FutureProducer = self
+            .config
+            .producer()
+            .set("batch.num.messages", "1")
+            .set("linger.ms", "0")
+            .create()
+            .map_err(|e| {
+                self.config
+                    .client_error(e, "creating the Kafka producer of retry copies")
+            })?;
+        *slot = Some(producer.clone());
+        Ok(producer)
+    }
+
+    /// [`Shared::enqueue`] through `producer` with the record headers given.
     fn enqueue_with(
         &self,
+        producer: &FutureProducer,
         kafka_topic: &str,
         message: &Message,
         headers: rdkafka::message::OwnedHeaders,
@@ -118,7 +145,7 @@ impl Shared {
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        self.producer
+        producer
             .send_result(record)
             .map_err(|(err, _)| from_kafka(err, format!("publishing to {kafka_topic}")))
     }
@@ -201,6 +228,7 @@ impl KafkaBroker {
             shared: Arc::new(Shared {
                 config,
                 producer,
+                retry_producer: parking_lot::Mutex::new(None),
                 topics,
                 closed: watch::Sender::new(false),
                 closing: AtomicBool::new(false),
@@ -480,6 +508,7 @@ impl RetryLane {
         self.ensure_started().await?;
         let shared = &self.lane.shared;
         let report = shared.enqueue_with(
+            &shared.retry_producer()?,
             &self.kafka_topic,
             message,
             wire::retry_headers(message, attempt, not_before),
