@@ -21,7 +21,7 @@ use helix_messaging::{
     Broker, DeliveryInfo, Envelope, Message, Runner, SubscribeOptions, handler_fn,
 };
 
-use crate::measure::{Clock, Options, Run, histogram, report};
+use crate::measure::{Clock, Options, Run, histogram, publish_batches, report};
 
 const BATCH: usize = 1_000;
 
@@ -64,19 +64,7 @@ async fn run_through(options: &Options, layered: bool) -> Run {
     let runner = builder.start(handler).await.expect("runner");
     let n = options.messages;
     let started = Instant::now();
-    let mut sent = 0;
-    while sent < n {
-        let count = BATCH.min(n - sent);
-        let messages = (0..count)
-            .map(|_| Message::new(clock.stamped_payload()))
-            .collect();
-        broker
-            .publish_batch(topic, messages)
-            .await
-            .into_result()
-            .expect("publish");
-        sent += count;
-    }
+    publish_batches(&*broker, topic, n, BATCH, clock).await;
     while seen.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }

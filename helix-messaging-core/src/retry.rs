@@ -139,20 +139,18 @@ impl RetryPolicy {
         let delay = Duration::from_micros(u64::try_from(delay.as_micros()).unwrap_or(u64::MAX));
         Some(delay.min(self.max_retry_delay))
     }
-
-    /// Whether a message that failed on delivery attempt `attempt` (1-based) gets another.
-    pub fn retries_after(&self, attempt: u32) -> bool {
-        attempt <= self.max_retries
-    }
 }
 
 /// First-failure times of messages being retried, so the dead letter can say when the
 /// trouble began. Bounded: the oldest entries make room (a message retried by another
-/// instance never comes back here to be removed).
+/// instance never comes back here to be removed). Removal leaves the key's slot in `order`
+/// behind, tagged with the entry's generation, so it costs nothing; eviction skips slots
+/// whose entry is gone or newer.
 struct FirstFailures {
-    at: HashMap<String, SystemTime>,
-    order: VecDeque<String>,
+    at: HashMap<String, (SystemTime, u64)>,
+    order: VecDeque<(String, u64)>,
     capacity: usize,
+    generation: u64,
 }
 
 impl FirstFailures {
@@ -161,25 +159,23 @@ impl FirstFailures {
     }
 
     fn note(&mut self, key: String, now: SystemTime) -> SystemTime {
-        if let Some(at) = self.at.get(&key) {
+        if let Some((at, _)) = self.at.get(&key) {
             return *at;
         }
         if self.order.len() >= self.capacity
-            && let Some(oldest) = self.order.pop_front()
+            && let Some((oldest, generation)) = self.order.pop_front()
+            && self.at.get(&oldest).is_some_and(|(_, g)| *g == generation)
         {
             self.at.remove(&oldest);
         }
-        self.order.push_back(key.clone());
-        self.at.insert(key, now);
+        self.generation += 1;
+        self.order.push_back((key.clone(), self.generation));
+        self.at.insert(key, (now, self.generation));
         now
     }
 
     fn take(&mut self, key: &str) -> Option<SystemTime> {
-        let at = self.at.remove(key)?;
-        if let Some(i) = self.order.iter().position(|k| k == key) {
-            self.order.remove(i);
-        }
-        Some(at)
+        self.at.remove(key).map(|(at, _)| at)
     }
 }
 
@@ -217,6 +213,7 @@ impl RetryLayer {
                 at: HashMap::new(),
                 order: VecDeque::new(),
                 capacity: FIRST_FAILURE_CAPACITY,
+                generation: 0,
             })),
         })
     }
@@ -315,6 +312,37 @@ mod tests {
             assert!(third <= Duration::from_millis(300));
         }
         assert!(seen.len() > 10, "jitter should spread delays, saw {seen:?}");
+    }
+
+    #[test]
+    fn first_failures_stay_bounded_and_evict_only_the_oldest_live_entry() {
+        let mut memory = FirstFailures {
+            at: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: 3,
+            generation: 0,
+        };
+        let t = |s: u64| SystemTime::UNIX_EPOCH + Duration::from_secs(s);
+        memory.note("a".into(), t(1));
+        memory.note("b".into(), t(2));
+        assert_eq!(memory.take("a"), Some(t(1)));
+        // "a" comes back: its old slot must not evict the new entry.
+        memory.note("a".into(), t(3));
+        memory.note("c".into(), t(4));
+        assert_eq!(
+            memory.note("b".into(), t(9)),
+            t(2),
+            "a known key keeps its first time"
+        );
+        memory.note("d".into(), t(5));
+        assert!(memory.at.len() <= 3 && memory.order.len() <= 3);
+        assert_eq!(
+            memory.take("a"),
+            Some(t(3)),
+            "the re-noted key survived its stale slot"
+        );
+        assert_eq!(memory.take("c"), Some(t(4)));
+        assert_eq!(memory.take("d"), Some(t(5)));
     }
 
     #[test]
