@@ -11,6 +11,7 @@ pub mod dlq;
 mod error;
 mod message;
 mod names;
+pub mod replay;
 pub mod retry;
 mod runner;
 mod typed;

@@ -260,6 +260,21 @@ fn new_id() -> String {
         .to_owned()
 }
 
+/// `t` as milliseconds since the Unix epoch, the form times take in headers.
+pub(crate) fn millis(t: SystemTime) -> String {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis()
+        .to_string()
+}
+
+/// A header time written by [`millis`].
+pub(crate) fn parse_millis(s: &str) -> Option<SystemTime> {
+    s.parse::<u64>()
+        .ok()
+        .map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -331,6 +331,13 @@ impl KafkaConfig {
         )
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
+        // Each partition has its own queue in a history read, and this bounds each: a read
+        // holds at most this much per partition however long the window.
+        .set(
+            "queued.max.messages.kbytes",
+            (self.max_record_bytes() / 1024 + 1).max(4096).to_string(),
+        )
+        .set("queued.min.messages", "10000")
         .set("fetch.wait.max.ms", millis(self.fetch_wait_max))
         .set(
             "fetch.message.max.bytes",

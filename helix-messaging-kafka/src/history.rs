@@ -3,14 +3,21 @@
 //! Each partition is positioned at the broker's offset for the window's start (less the clock
 //! skew) where the broker can look offsets up by time, else at its beginning, and read up to
 //! the high watermark taken when the read began; records are then filtered by their own
-//! timestamps, so the result is exactly the window whatever the broker's lookup does. Entries
-//! of all partitions are returned oldest first.
+//! timestamps, so the result is exactly the window whatever the broker's lookup does.
+//!
+//! The read streams: each partition has its own queue (bounded by
+//! `queued.max.messages.kbytes`, so the client stops fetching a partition that is ahead),
+//! and the partitions are merged k-way by timestamp, holding one record per partition.
+//! Nothing is paused and resumed, so a fetch never restarts inside a record batch.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use helix_messaging_core::{Error, ErrorKind, HistoryEntry, Position, Result, TimeRange};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use helix_messaging_core::{
+    Error, ErrorKind, HistoryEntry, HistoryStream, Position, Result, TimeRange,
+};
+use rdkafka::consumer::base_consumer::PartitionQueue;
+use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -42,16 +49,45 @@ pub(crate) fn offset_for_time(
     }
 }
 
-/// Read `topic` (a Kafka topic name) inside `range`. Blocking: run it off the async threads.
-pub(crate) fn read(
-    config: &KafkaConfig,
-    topic: &str,
+/// Entries handed from the reading thread to the stream ahead of being asked for.
+const HANDOFF: usize = 256;
+
+/// One partition of a read: its queue, where it ends, and its next entry in the window.
+struct Part {
+    partition: i32,
+    /// The high watermark when the read began. Only a lower bound of where the partition
+    /// ends: Tansu 0.6 answers a ListOffsets for the latest offset with the last record
+    /// batch's base offset + 1, so after a batched produce it names a point inside the
+    /// last batch. The end of a partition is its end-of-partition event, which follows the
+    /// fetch responses' (correct) high watermark.
+    end: i64,
+    queue: PartitionQueue<DefaultConsumerContext>,
+    /// Records fetched before the partition had its own queue, which arrive on the
+    /// consumer's main queue; they precede everything on the partition queue.
+    early: std::collections::VecDeque<(i64, HistoryEntry)>,
+    head: Option<HistoryEntry>,
+    done: bool,
+}
+
+/// A read in progress. Blocking: drive it off the async threads.
+pub(crate) struct Reader {
+    // Dropped after the queues (fields drop in order), which must not outlive it.
+    parts: Vec<Part>,
+    consumer: Arc<BaseConsumer>,
+    topic: String,
     range: TimeRange,
-) -> Result<Vec<HistoryEntry>> {
-    let consumer: BaseConsumer = config
-        .reader()
-        .create()
-        .map_err(|e| config.client_error(e, "creating a history reader"))?;
+    timeout: Duration,
+    clock_skew: Duration,
+}
+
+/// Start reading `topic` (a Kafka topic name) inside `range`. Blocking.
+pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Result<Reader> {
+    let consumer: Arc<BaseConsumer> = Arc::new(
+        config
+            .reader()
+            .create()
+            .map_err(|e| config.client_error(e, "creating a history reader"))?,
+    );
     let timeout = config.request_timeout;
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
@@ -70,8 +106,7 @@ pub(crate) fn read(
     let by_time = consumer.offsets_for_times(query, timeout).ok();
 
     let mut assignment = TopicPartitionList::new();
-    // Where each partition's read ends: its high watermark when the read began.
-    let mut ends = std::collections::HashMap::new();
+    let mut ends = Vec::new();
     for partition in partitions {
         let (low, high) = consumer
             .fetch_watermarks(topic, partition, timeout)
@@ -79,65 +114,161 @@ pub(crate) fn read(
         let start = offset_for_time(by_time.as_ref(), topic, partition, (low, high));
         if start < high {
             let _ = assignment.add_partition_offset(topic, partition, Offset::Offset(start));
-            ends.insert(partition, high);
+            ends.push((partition, high));
         }
     }
-    if ends.is_empty() {
-        return Ok(Vec::new());
+    if !ends.is_empty() {
+        consumer
+            .assign(&assignment)
+            .map_err(|e| from_kafka(e, format!("reading {topic}")))?;
     }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| from_kafka(e, format!("reading {topic}")))?;
+    // After the assignment: assigning deactivates the partition queues split before it.
+    let mut parts = Vec::with_capacity(ends.len());
+    for (partition, end) in ends {
+        let queue = consumer
+            .split_partition_queue(topic, partition)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Backend,
+                    format!("reading {topic}/{partition}: no queue of its own"),
+                )
+            })?;
+        parts.push(Part {
+            partition,
+            end,
+            queue,
+            early: std::collections::VecDeque::new(),
+            head: None,
+            done: false,
+        });
+    }
+    Ok(Reader {
+        parts,
+        consumer,
+        topic: topic.to_owned(),
+        range,
+        timeout,
+        clock_skew: config.clock_skew,
+    })
+}
 
-    let mut entries = Vec::new();
-    let mut last_progress = Instant::now();
-    while !ends.is_empty() {
-        match consumer.poll(Duration::from_millis(100)) {
-            None => {
-                if last_progress.elapsed() > timeout {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "reading the history of {topic}: no records for {timeout:?} before its end"
-                        ),
-                    ));
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(partition))) => {
-                ends.remove(&partition);
-            }
-            Some(Err(err)) => return Err(from_kafka(err, format!("reading {topic}"))),
-            Some(Ok(record)) => {
-                last_progress = Instant::now();
-                let (partition, offset) = (record.partition(), record.offset());
-                let Some(end) = ends.get(&partition).copied() else {
-                    continue;
-                };
-                if offset + 1 >= end {
-                    ends.remove(&partition);
-                }
-                if offset >= end {
-                    continue;
-                }
-                let received = wire::received(&record);
-                if range.contains(received.recorded_at) {
-                    entries.push(HistoryEntry {
-                        message: Arc::new(received.message),
-                        recorded_at: received.recorded_at,
-                        position: Some(Position::Offset { partition, offset }),
-                    });
-                }
+impl Reader {
+    /// Serve the client's events; a record fetched before the split is kept for its
+    /// partition.
+    fn serve_main_queue(&mut self) -> Result<()> {
+        while let Some(event) = self.consumer.poll(Duration::ZERO) {
+            let record = match event {
+                Ok(record) => record,
+                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
+                Err(err) => return Err(from_kafka(err, format!("reading {}", self.topic))),
+            };
+            let partition = record.partition();
+            let offset = record.offset();
+            let entry = entry(&record, partition, offset);
+            if let Some(part) = self.parts.iter_mut().find(|p| p.partition == partition) {
+                part.early.push_back((offset, entry));
             }
         }
+        Ok(())
     }
-    entries.sort_by(|a, b| {
-        let key = |e: &HistoryEntry| match e.position {
-            Some(Position::Offset { partition, offset }) => (partition, offset),
-            _ => (0, 0),
-        };
-        a.recorded_at
-            .cmp(&b.recorded_at)
-            .then_with(|| key(a).cmp(&key(b)))
+
+    /// Fill `part`'s head with its next record in the window, or mark it done.
+    fn fill(&mut self, index: usize) -> Result<()> {
+        let mut waited_since = Instant::now();
+        while self.parts[index].head.is_none() && !self.parts[index].done {
+            self.serve_main_queue()?;
+            let (topic, range, timeout) = (&self.topic, self.range, self.timeout);
+            let past_window = range.to() + self.clock_skew;
+            let part = &mut self.parts[index];
+            let (offset, entry) = match part.early.pop_front() {
+                Some(early) => early,
+                None => match part.queue.poll(Duration::from_millis(100)) {
+                    None => {
+                        if waited_since.elapsed() > timeout {
+                            return Err(Error::new(
+                                ErrorKind::Timeout,
+                                format!(
+                                    "reading the history of {topic}/{}: no records for {timeout:?} before its end",
+                                    part.partition
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                        part.done = true;
+                        continue;
+                    }
+                    Some(Err(err)) => return Err(from_kafka(err, format!("reading {topic}"))),
+                    Some(Ok(record)) => {
+                        let offset = record.offset();
+                        (offset, entry(&record, part.partition, offset))
+                    }
+                },
+            };
+            waited_since = Instant::now();
+            // Past the end the read began at and past the window (with the clock skew's
+            // allowance): what follows was written after the read began.
+            if offset >= part.end && entry.recorded_at >= past_window {
+                part.done = true;
+                continue;
+            }
+            if range.contains(entry.recorded_at) {
+                part.head = Some(entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// The next entry of the window across partitions: the oldest of the partitions' heads
+    /// (ties by partition), or `None` at the end.
+    pub(crate) fn next_entry(&mut self) -> Option<Result<HistoryEntry>> {
+        for index in 0..self.parts.len() {
+            if let Err(err) = self.fill(index) {
+                return Some(Err(err));
+            }
+        }
+        let oldest = self
+            .parts
+            .iter_mut()
+            .filter(|p| p.head.is_some())
+            .min_by_key(|p| (p.head.as_ref().map(|h| h.recorded_at), p.partition))?;
+        oldest.head.take().map(Ok)
+    }
+}
+
+fn entry(
+    record: &rdkafka::message::BorrowedMessage<'_>,
+    partition: i32,
+    offset: i64,
+) -> HistoryEntry {
+    let received = wire::received(record);
+    HistoryEntry {
+        message: Arc::new(received.message),
+        recorded_at: received.recorded_at,
+        position: Some(Position::Offset { partition, offset }),
+    }
+}
+
+/// Stream `topic` (a Kafka topic name) inside `range`, oldest first.
+pub(crate) async fn stream(
+    config: KafkaConfig,
+    topic: String,
+    range: TimeRange,
+) -> Result<HistoryStream> {
+    let mut reader =
+        crate::error::blocking("reading history", move || open(&config, &topic, range)).await?;
+    let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF);
+    tokio::task::spawn_blocking(move || {
+        while let Some(entry) = reader.next_entry() {
+            let failed = entry.is_err();
+            // The stream was dropped: stop reading.
+            if tx.blocking_send(entry).is_err() || failed {
+                break;
+            }
+        }
     });
-    Ok(entries)
+    Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|entry| (entry, rx))
+    })))
 }

@@ -546,13 +546,8 @@ impl Broker for KafkaBroker {
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
-        let shared = self.shared.clone();
-        let kafka_topic = shared.config.kafka_topic(topic);
-        let entries = blocking("reading history", move || {
-            history::read(&shared.config, &kafka_topic, range)
-        })
-        .await?;
-        Ok(Box::pin(futures::stream::iter(entries.into_iter().map(Ok))))
+        let kafka_topic = self.shared.config.kafka_topic(topic);
+        history::stream(self.shared.config.clone(), kafka_topic, range).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -34,8 +34,8 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use helix_messaging_core::{
     Acknowledge, BatchReport, Broker, Capabilities, Delivery, DeliveryInfo, Error, ErrorKind,
-    Health, HistoryStream, Message, Position, Publisher, Result, Settlement, SubscribeOptions,
-    Subscriber, Subscription, TimeRange, check_payload_size, validate_name,
+    Health, HistoryEntry, HistoryStream, Message, Position, Publisher, Result, Settlement,
+    SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size, validate_name,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -66,6 +66,9 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
 /// Deliveries a subscription moves out of the shared queue per lock acquisition (bounded by
 /// its prefetch), so a busy consumer does not take the topic lock once per message.
 const TAKE_BATCH: usize = 64;
+
+/// Entries copied out of a topic per lock taken by a history read.
+const HISTORY_PAGE: usize = 1024;
 
 /// Tuning of the memory broker. Every field has a default ([`MemoryConfig::default`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,11 +392,31 @@ impl Broker for MemoryBroker {
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         validate_name("topic", topic)?;
         self.ensure_open()?;
-        let entries = match self.shared.topics.read().get(topic) {
-            Some(topic) => topic.state.lock().history(range.from(), range.to()),
-            None => Vec::new(),
+        let Some(topic) = self.shared.topics.read().get(topic).cloned() else {
+            return Ok(Box::pin(futures::stream::empty()));
         };
-        Ok(Box::pin(futures::stream::iter(entries.into_iter().map(Ok))))
+        // Page by page, so a long window is never copied whole and publishing goes on
+        // between pages.
+        let pages = futures::stream::unfold(Some(None), move |after: Option<Option<u64>>| {
+            let topic = topic.clone();
+            async move {
+                let after = after?;
+                let page =
+                    topic
+                        .state
+                        .lock()
+                        .history_page(range.from(), range.to(), after, HISTORY_PAGE);
+                let next = match page.last() {
+                    Some(HistoryEntry {
+                        position: Some(Position::Sequence(seq)),
+                        ..
+                    }) if page.len() == HISTORY_PAGE => Some(Some(*seq)),
+                    _ => None,
+                };
+                (!page.is_empty()).then(|| (futures::stream::iter(page.into_iter().map(Ok)), next))
+            }
+        });
+        Ok(Box::pin(futures::StreamExt::flatten(pages)))
     }
 
     async fn close(&self) -> Result<()> {

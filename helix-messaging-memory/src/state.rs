@@ -532,12 +532,24 @@ impl TopicState {
         Ok(was_full && removed)
     }
 
-    /// The retained messages recorded in `[from, to)`.
-    pub(crate) fn history(&self, from: SystemTime, to: SystemTime) -> Vec<HistoryEntry> {
-        let first = self.log.partition_point(|e| e.recorded_at < from);
+    /// Up to `limit` retained messages recorded in `[from, to)` after sequence number
+    /// `after` (from the window's start without one): a page of a streamed read.
+    pub(crate) fn history_page(
+        &self,
+        from: SystemTime,
+        to: SystemTime,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Vec<HistoryEntry> {
+        let first = match after {
+            None => self.log.partition_point(|e| e.recorded_at < from),
+            Some(after) => self.log.partition_point(|e| e.seq <= after),
+        };
         self.log
             .range(first..)
             .take_while(|e| e.recorded_at < to)
+            .filter(|e| e.recorded_at >= from)
+            .take(limit)
             .map(|e| HistoryEntry {
                 message: e.message.clone(),
                 recorded_at: e.recorded_at,

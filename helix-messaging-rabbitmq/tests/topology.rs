@@ -7,6 +7,7 @@ mod common;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use helix_messaging_core::replay::{ReplayConfig, ReplayHandler, ReplayRequest};
 use helix_messaging_core::{
     Broker, ErrorKind, HealthStatus, Message, Publisher, StartPosition, SubscribeOptions,
     Subscriber, TimeRange,
@@ -260,6 +261,20 @@ async fn replay_needs_the_journal_and_says_so() {
         .await
         .expect_err("no journal");
     assert_eq!(err.kind(), ErrorKind::Unsupported);
+    let broker: std::sync::Arc<dyn Broker> = std::sync::Arc::new(broker);
+    let replays = ReplayHandler::new(broker.clone(), ReplayConfig::default());
+    let err = replays
+        .start_replay(ReplayRequest::new("t", range.from(), range.to()))
+        .await
+        .expect_err("no journal, no replay");
+    assert_eq!(err.kind(), ErrorKind::Unsupported);
+    for named in [
+        "kafka",
+        "REDIS_MODE=streams",
+        "RABBITMQ_REPLAY_JOURNAL=true",
+    ] {
+        assert!(err.to_string().contains(named), "names {named}: {err}");
+    }
     broker.close().await.unwrap();
 }
 

@@ -13,7 +13,9 @@ use helix_messaging_core::{
 use crate::{Case, Ctx, Needs};
 
 mod reliability;
+mod replay;
 pub use reliability::*;
+pub use replay::*;
 
 macro_rules! cases {
     ($($name:ident: [$($need:ident),*];)*) => {
@@ -57,6 +59,11 @@ cases! {
     poison_message_does_not_stall_the_others: [ConsumerGroups, Redelivery];
     processor_ingests_lists_and_reprocesses: [ConsumerGroups];
     malformed_payloads_reach_the_dlq_after_one_delivery: [ConsumerGroups];
+    replay_copies_exactly_the_window: [ReplayByTime];
+    replay_skips_duplicate_ids: [ReplayByTime];
+    replay_cancel_stops_within_one_batch: [ReplayByTime];
+    replay_resumes_after_restart_without_duplicates: [ReplayByTime];
+    replay_is_declared_honestly: [];
 }
 
 /// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty

@@ -244,7 +244,8 @@ impl Conformance {
     /// A suite for `backend`, building a fresh broker for every case with `factory`.
     ///
     /// The environment variable `HELIX_CONFORMANCE_CASE`, when set, restricts the run to the
-    /// case of that name (for debugging one case).
+    /// case of that name, or to the cases starting with it when it ends in `*` (for
+    /// debugging).
     pub fn new<F, Fut>(backend: impl Into<String>, factory: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,
@@ -323,7 +324,14 @@ impl Conformance {
         let selected: Vec<Case> = cases::ALL
             .iter()
             .copied()
-            .filter(|c| self.only.as_deref().is_none_or(|only| c.name == only))
+            .filter(|c| {
+                self.only
+                    .as_deref()
+                    .is_none_or(|only| match only.strip_suffix('*') {
+                        Some(prefix) => c.name.starts_with(prefix),
+                        None => c.name == only,
+                    })
+            })
             .collect();
         let settings = self.settings;
         let factory = self.factory;

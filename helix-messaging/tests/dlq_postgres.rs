@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime};
 mod common;
 use common::letter;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use helix_messaging::SubscribeOptions;
 use helix_messaging::dlq::{
     DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, PostgresDeadLetterStore, Processor,
@@ -44,7 +44,7 @@ impl Drop for Table {
                 "-q",
                 "-c",
             ])
-            .arg(format!("DROP TABLE IF EXISTS {}", self.0))
+            .arg(format!("DROP TABLE IF EXISTS {0}, {0}_replays", self.0))
             .output();
     }
 }
@@ -218,4 +218,28 @@ async fn two_processors_sharing_a_table_redrive_each_entry_once() {
         "a duplicate arrived"
     );
     assert_eq!(first.stats().await.unwrap().depth, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_checkpoints_live_beside_the_dlq_in_postgres() {
+    let table = Table::new();
+    let dlq = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
+    let store = dlq.replay_store().await.unwrap();
+    common::replay_store_round_trips(&store).await;
+    let config = connection();
+    let name = table.0.clone();
+    let open: common::OpenStore = Arc::new(move || {
+        let (config, name) = (config.clone(), name.clone());
+        async move {
+            let dlq = PostgresDeadLetterStore::connect_table(&config, &name)
+                .await
+                .unwrap();
+            Arc::new(dlq.replay_store().await.unwrap())
+                as Arc<dyn helix_messaging::replay::ReplayStore>
+        }
+        .boxed()
+    });
+    common::a_killed_replay_resumes_without_publishing_twice(open).await;
 }

@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
+use crate::message::{millis, parse_millis};
 use crate::{DeliveryInfo, Error, Headers, Message, MessageParts, Result};
 
 /// Prefix of every header the dead-lettering writes. All of them are removed and written
@@ -135,19 +136,6 @@ pub struct DeadLetter {
     pub last_failure_at: SystemTime,
     /// How often it had been re-driven out of a DLQ before this failure.
     pub redrives: u32,
-}
-
-fn millis(t: SystemTime) -> String {
-    t.duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis()
-        .to_string()
-}
-
-fn parse_millis(s: &str) -> Option<SystemTime> {
-    s.parse::<u64>()
-        .ok()
-        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, and whether it was cut.
@@ -314,6 +302,7 @@ impl DeadLetter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, UNIX_EPOCH};
 
     fn info(attempt: u32) -> DeliveryInfo {
         DeliveryInfo {

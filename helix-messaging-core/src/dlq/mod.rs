@@ -14,12 +14,12 @@
 mod letter;
 mod processor;
 mod redrive;
-mod store;
+pub(crate) mod store;
 
 #[cfg(feature = "postgres")]
-mod postgres;
+pub(crate) mod postgres;
 #[cfg(feature = "sqlite")]
-mod sqlite;
+pub(crate) mod sqlite;
 
 use std::sync::Arc;
 use std::time::SystemTime;

@@ -1,5 +1,6 @@
 //! A DLQ store in PostgreSQL, for several service instances sharing one DLQ.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -17,16 +18,75 @@ const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attemp
     message_timestamp_us, content_type, correlation_id, priority, status, retries, \
     next_attempt_us, last_error, discard_reason, stored_us, message_type";
 
-type Param = Box<dyn ToSql + Send + Sync>;
+pub(crate) type Param = Box<dyn ToSql + Send + Sync>;
 
 /// Dead letters in a PostgreSQL table (default `helix_dead_letters`), shared by every
 /// processor pointed at it: due re-drives are claimed with `FOR UPDATE SKIP LOCKED`, so two
 /// instances never re-drive one entry at the same time. A lost connection is re-established
 /// on the next call.
 pub struct PostgresDeadLetterStore {
-    config: String,
+    database: Arc<Database>,
     table: String,
+}
+
+/// One PostgreSQL connection, (re)established on demand and shared by the stores that use
+/// the same database (the DLQ and its replay checkpoints).
+pub(crate) struct Database {
+    config: String,
     client: tokio::sync::Mutex<Option<Client>>,
+}
+
+impl Database {
+    pub(crate) fn new(config: &str) -> Arc<Self> {
+        Arc::new(Database {
+            config: config.to_owned(),
+            client: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The client, connecting first if there is none or the last one was lost.
+    async fn connection(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
+        let mut guard = self.client.lock().await;
+        if guard.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
+                .await
+                .map_err(|e| db_error("connecting", e))?;
+            tokio::spawn(async move {
+                if let Err(err) = connection.await {
+                    tracing::warn!(error = %err, "store connection to PostgreSQL ended");
+                }
+            });
+            *guard = Some(client);
+        }
+        Ok(guard)
+    }
+
+    pub(crate) async fn batch_execute(&self, what: &str, sql: &str) -> Result<()> {
+        let guard = self.connection().await?;
+        let client = guard.as_ref().expect("connected");
+        client
+            .batch_execute(sql)
+            .await
+            .map_err(|e| db_error(what, e))
+    }
+
+    pub(crate) async fn query(&self, what: &str, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
+        let guard = self.connection().await?;
+        let client = guard.as_ref().expect("connected");
+        client
+            .query(sql, &refs(params))
+            .await
+            .map_err(|e| db_error(what, e))
+    }
+
+    pub(crate) async fn execute(&self, what: &str, sql: &str, params: &[Param]) -> Result<u64> {
+        let guard = self.connection().await?;
+        let client = guard.as_ref().expect("connected");
+        client
+            .execute(sql, &refs(params))
+            .await
+            .map_err(|e| db_error(what, e))
+    }
 }
 
 impl std::fmt::Debug for PostgresDeadLetterStore {
@@ -47,6 +107,23 @@ fn db_error(what: &str, err: tokio_postgres::Error) -> Error {
     Error::new(kind, format!("DLQ store (PostgreSQL): {what}: {err}"))
         .with_retryable(err.is_closed())
         .with_source(err)
+}
+
+/// `table` is usable as an unquoted table name.
+pub(crate) fn check_table_name(what: &str, table: &str) -> Result<()> {
+    let valid = !table.is_empty()
+        && table.len() <= 63
+        && table
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !table.starts_with(|c: char| c.is_ascii_digit());
+    if valid {
+        Ok(())
+    } else {
+        Err(Error::invalid_input(format!(
+            "{what} table name {table:?}: use 1 to 63 lower-case ASCII letters, digits and '_', not starting with a digit"
+        )))
+    }
 }
 
 fn where_clause(filter: &DlqFilter, params: &mut Vec<Param>) -> String {
@@ -168,21 +245,10 @@ impl PostgresDeadLetterStore {
     /// [`ErrorKind::InvalidInput`] for a bad table name; otherwise as
     /// [`PostgresDeadLetterStore::connect`].
     pub async fn connect_table(config: &str, table: &str) -> Result<Self> {
-        let valid = !table.is_empty()
-            && table.len() <= 63
-            && table
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            && !table.starts_with(|c: char| c.is_ascii_digit());
-        if !valid {
-            return Err(Error::invalid_input(format!(
-                "DLQ table name {table:?}: use 1 to 63 lower-case ASCII letters, digits and '_', not starting with a digit"
-            )));
-        }
+        check_table_name("DLQ", table)?;
         let store = PostgresDeadLetterStore {
-            config: config.to_owned(),
+            database: Database::new(config),
             table: table.to_owned(),
-            client: tokio::sync::Mutex::new(None),
         };
         let t = &store.table;
         let schema = format!(
@@ -216,50 +282,32 @@ impl PostgresDeadLetterStore {
             CREATE INDEX IF NOT EXISTS {t}_due ON {t} (status, next_attempt_us);
             CREATE INDEX IF NOT EXISTS {t}_by_message ON {t} (message_id);"
         );
-        {
-            let mut guard = store.connection().await?;
-            let client = guard.as_mut().expect("connected");
-            client
-                .batch_execute(&schema)
-                .await
-                .map_err(|e| db_error("creating the table", e))?;
-        }
+        store
+            .database
+            .batch_execute("creating the table", &schema)
+            .await?;
         Ok(store)
     }
 
-    /// The client, connecting first if there is none or the last one was lost.
-    async fn connection(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
-                .await
-                .map_err(|e| db_error("connecting", e))?;
-            tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::warn!(error = %err, "DLQ store connection to PostgreSQL ended");
-                }
-            });
-            *guard = Some(client);
-        }
-        Ok(guard)
-    }
-
     async fn query(&self, what: &str, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
-        let guard = self.connection().await?;
-        let client = guard.as_ref().expect("connected");
-        client
-            .query(sql, &refs(params))
-            .await
-            .map_err(|e| db_error(what, e))
+        self.database.query(what, sql, params).await
     }
 
     async fn execute(&self, what: &str, sql: &str, params: &[Param]) -> Result<u64> {
-        let guard = self.connection().await?;
-        let client = guard.as_ref().expect("connected");
-        client
-            .execute(sql, &refs(params))
-            .await
-            .map_err(|e| db_error(what, e))
+        self.database.execute(what, sql, params).await
+    }
+
+    /// A replay checkpoint store in the same database, on this store's connection (table
+    /// `<dlq table>_replays`), so replays resume from where the DLQ lives.
+    ///
+    /// # Errors
+    /// As [`PostgresReplayStore::connect`](crate::replay::PostgresReplayStore::connect).
+    pub async fn replay_store(&self) -> Result<crate::replay::PostgresReplayStore> {
+        crate::replay::PostgresReplayStore::sharing(
+            self.database.clone(),
+            format!("{}_replays", self.table),
+        )
+        .await
     }
 
     fn placeholders(n: usize) -> String {

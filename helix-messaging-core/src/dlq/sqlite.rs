@@ -69,8 +69,51 @@ impl std::fmt::Debug for SqliteDeadLetterStore {
     }
 }
 
-fn store_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> Error {
-    Error::new(ErrorKind::Backend, format!("DLQ store: {what}: {err}")).with_source(err)
+/// Run `f` on `connection` off the async threads; errors name `store` and `what`.
+pub(crate) async fn on_connection<T, F>(
+    connection: &Arc<Mutex<Connection>>,
+    store: &'static str,
+    what: &'static str,
+    f: F,
+) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+{
+    let connection = connection.clone();
+    let error =
+        |e: &dyn std::fmt::Display| Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}"));
+    tokio::task::spawn_blocking(move || f(&mut connection.lock()))
+        .await
+        .map_err(|e| error(&e))?
+        .map_err(|e| error(&e).with_source(e))
+}
+
+/// Open (creating if needed) the SQLite file at `path` the way every durable store here
+/// uses it: WAL journal, `synchronous = FULL` (a write is on disk before it returns), a busy
+/// timeout for a second connection, and `schema` applied.
+pub(crate) async fn open_connection(
+    path: &Path,
+    schema: &'static str,
+    store: &'static str,
+) -> Result<Arc<Mutex<Connection>>> {
+    let opened = path.to_path_buf();
+    let error =
+        move |what: &str, e| Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}"));
+    let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
+        let what = format!("open {}", opened.display());
+        let connection = Connection::open(&opened).map_err(|e| error(&what, e.to_string()))?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
+            .and_then(|()| connection.execute_batch(schema))
+            .map_err(|e| error(&what, e.to_string()))?;
+        Ok(connection)
+    })
+    .await
+    .map_err(|e| error("open", e.to_string()))??;
+    Ok(Arc::new(Mutex::new(connection)))
 }
 
 /// The filter as a `WHERE` clause (always present, `1 = 1` when empty) and its parameters.
@@ -180,24 +223,17 @@ impl SqliteDeadLetterStore {
     /// [`ErrorKind::Backend`] when the file cannot be opened or its schema created.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let opened = path.clone();
-        let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
-            let what = format!("open {}", opened.display());
-            let connection = Connection::open(&opened).map_err(|e| store_error(&what, e))?;
-            connection
-                .pragma_update(None, "journal_mode", "WAL")
-                .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
-                .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
-                .and_then(|()| connection.execute_batch(SCHEMA))
-                .map_err(|e| store_error(&what, e))?;
-            Ok(connection)
-        })
-        .await
-        .map_err(|e| store_error("open", e))??;
-        Ok(SqliteDeadLetterStore {
-            connection: Arc::new(Mutex::new(connection)),
-            path,
-        })
+        let connection = open_connection(&path, SCHEMA, "DLQ store").await?;
+        Ok(SqliteDeadLetterStore { connection, path })
+    }
+
+    /// A replay checkpoint store in the same file, sharing this store's connection (so
+    /// replays resume from the same database the DLQ survives in).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Backend`] when the replay table cannot be created.
+    pub async fn replay_store(&self) -> Result<crate::replay::SqliteReplayStore> {
+        crate::replay::SqliteReplayStore::sharing(self.connection.clone(), self.path.clone()).await
     }
 
     /// The file the store lives in.
@@ -210,11 +246,7 @@ impl SqliteDeadLetterStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        let connection = self.connection.clone();
-        tokio::task::spawn_blocking(move || f(&mut connection.lock()))
-            .await
-            .map_err(|e| store_error(what, e))?
-            .map_err(|e| store_error(what, e))
+        on_connection(&self.connection, "DLQ store", what, f).await
     }
 
     async fn select(

@@ -37,3 +37,197 @@ pub fn letter(topic: &str, reason: DeadLetterReason, kind: &str, at: SystemTime)
         at,
     )
 }
+
+/// Opens the same replay store again (as a restarted process would).
+pub type OpenStore = std::sync::Arc<
+    dyn Fn() -> futures::future::BoxFuture<
+            'static,
+            std::sync::Arc<dyn helix_messaging::replay::ReplayStore>,
+        > + Send
+        + Sync,
+>;
+
+/// A replay of 3,000 messages on the memory broker is killed mid-run (its runtime shut down
+/// under it, at whatever await it had reached: a publish, a checkpoint write), then resumed
+/// by a handler opened on the same store: every message of the window reaches the target
+/// exactly once, in order per key, and the progress adds up.
+pub async fn a_killed_replay_resumes_without_publishing_twice(open_store: OpenStore) {
+    use futures::StreamExt;
+    use helix_messaging::replay::{
+        HEADER_REPLAY_ID, ReplayConfig, ReplayHandler, ReplayOptions, ReplayRequest, ReplayStatus,
+    };
+    use helix_messaging::{Broker, TimeRange};
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    const TOTAL: usize = 3000;
+    let broker: Arc<dyn Broker> = helix_messaging::connect("memory://")
+        .await
+        .expect("memory broker");
+    let from = SystemTime::now() - Duration::from_secs(1);
+    let sent: Vec<Message> = (0..TOTAL)
+        .map(|i| Message::new(format!("event {i}")).with_key(format!("k{}", i % 7)))
+        .collect();
+    broker
+        .publish_batch("audit", sent.clone())
+        .await
+        .into_result()
+        .unwrap();
+    let to = SystemTime::now() + Duration::from_secs(1);
+    let config = ReplayConfig {
+        checkpoint_interval: Duration::from_millis(20),
+        ..ReplayConfig::default()
+    };
+    let request = ReplayRequest::new("audit", from, to)
+        .with_id("audit-backfill")
+        .with_target_topic("audit.replay")
+        .with_options(ReplayOptions {
+            batch_size: 20,
+            delay_between: Duration::from_millis(2),
+            skip_duplicates: true,
+            ..ReplayOptions::default()
+        });
+
+    // The first process: killed once a third is replayed.
+    let (first_broker, first_store, first_config) =
+        (broker.clone(), open_store.clone(), config.clone());
+    let at_kill = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let replayed = runtime.block_on(async move {
+            let handler = ReplayHandler::open(first_broker, first_config, first_store().await)
+                .await
+                .unwrap();
+            handler.start_replay(request).await.unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let p = handler.get_progress("audit-backfill").await.unwrap();
+                if p.replayed >= (TOTAL / 3) as u64 {
+                    return p.replayed;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "a third not replayed in time: {p:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        runtime.shutdown_background();
+        replayed
+    })
+    .join()
+    .expect("the first process ran");
+    assert!(at_kill < TOTAL as u64, "killed midway");
+
+    // The restarted process.
+    let handler = ReplayHandler::open(broker.clone(), config, open_store().await)
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(60), handler.wait("audit-backfill"))
+        .await
+        .expect("the resumed replay finished in time")
+        .unwrap();
+    assert_eq!(done.status, ReplayStatus::Completed, "{done:?}");
+    assert_eq!(done.resumes, 1, "{done:?}");
+    assert_eq!(
+        (done.total, done.replayed),
+        (TOTAL as u64, TOTAL as u64),
+        "{done:?}"
+    );
+    assert_eq!(done.replayed + done.skipped + done.failed, done.total);
+
+    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(1)).unwrap();
+    let copies: Vec<_> = broker
+        .read_range("audit.replay", range)
+        .await
+        .unwrap()
+        .map(|e| e.unwrap())
+        .collect()
+        .await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for copy in &copies {
+        assert_eq!(
+            copy.message.header(HEADER_REPLAY_ID),
+            Some("audit-backfill")
+        );
+        *counts.entry(copy.message.id().to_owned()).or_default() += 1;
+    }
+    let twice = counts.values().filter(|n| **n > 1).count();
+    assert_eq!(twice, 0, "{twice} messages published twice across the kill");
+    assert_eq!(counts.len(), TOTAL, "every message of the window published");
+    let order = |messages: &mut dyn Iterator<Item = &Message>| {
+        let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+        for m in messages {
+            keys.entry(m.key().unwrap().to_owned())
+                .or_default()
+                .push(m.id().to_owned());
+        }
+        keys
+    };
+    assert_eq!(
+        order(&mut copies.iter().map(|e| &*e.message)),
+        order(&mut sent.iter()),
+        "per-key order kept across the kill"
+    );
+}
+
+/// Save, load, list, overwrite and remove a replay record.
+pub async fn replay_store_round_trips(store: &dyn helix_messaging::replay::ReplayStore) {
+    use helix_messaging::replay::{Checkpoint, ReplayRecord, ReplayRequest, ReplayStatus};
+
+    let now = SystemTime::now();
+    let request = ReplayRequest::new("orders", now - Duration::from_secs(3600), now)
+        .with_id(format!("r-{}", std::process::id()));
+    let mut progress = helix_messaging::replay::ReplayProgress {
+        id: request.id.clone(),
+        status: ReplayStatus::Running,
+        topic: "orders".into(),
+        target_topic: request.target(),
+        dry_run: false,
+        total: 10,
+        replayed: 7,
+        skipped: 3,
+        failed: 0,
+        filtered: 3,
+        duplicates: 0,
+        by_type: [("order.created".to_owned(), 7)].into(),
+        skipped_by_type: [("(untyped)".to_owned(), 3)].into(),
+        reached: Some(now - Duration::from_secs(60)),
+        from_time: request.from_time,
+        to_time: request.to_time,
+        started_at: now,
+        finished_at: None,
+        last_error: None,
+        resumes: 0,
+    };
+    let mut record = ReplayRecord {
+        request: request.clone(),
+        progress: progress.clone(),
+        checkpoint: Checkpoint {
+            frontier: [(0, (41, 0)), (2, (1_700_000_000_123, 4))].into(),
+            in_flight_since: Some(now),
+        },
+    };
+    store.save(&record).await.unwrap();
+    assert_eq!(store.load(&request.id).await.unwrap(), Some(record.clone()));
+    progress.status = ReplayStatus::Completed;
+    progress.finished_at = Some(SystemTime::now());
+    record.progress = progress;
+    record.checkpoint.in_flight_since = None;
+    store.save(&record).await.unwrap();
+    let listed = store.list().await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .filter(|r| r.id() == request.id)
+            .collect::<Vec<_>>(),
+        vec![&record],
+        "overwritten, listed once"
+    );
+    assert!(store.remove(&request.id).await.unwrap());
+    assert!(!store.remove(&request.id).await.unwrap());
+    assert_eq!(store.load(&request.id).await.unwrap(), None);
+}

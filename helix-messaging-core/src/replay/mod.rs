@@ -1,0 +1,768 @@
+//! Time-range replay (the seeds' `replay` package): read a topic's history between two
+//! times, filter it by message type and headers, and publish the matches into a target
+//! topic, in batches, paced, optionally as a dry run, skipping repeated message ids, with
+//! progress, cancel and list.
+//!
+//! - [`ReplayHandler::start_replay`] returns at once; the replay runs in the background.
+//! - It streams the window ([`Broker::read_range`]) and holds at most one batch, so memory
+//!   stays bounded whatever the window's size (the id set of
+//!   [`ReplayOptions::skip_duplicates`] aside: about 20 bytes per distinct id).
+//! - Copies keep the original's id, key (so per-key order holds in the target), payload and
+//!   headers (trace context included), carry [`HEADER_REPLAY_ID`], [`HEADER_SOURCE_TOPIC`],
+//!   [`HEADER_SOURCE_POSITION`] and [`HEADER_ORIGINAL_TIMESTAMP`], and are stamped with the
+//!   time they are replayed (a log's retention goes by timestamps; the original's is in the
+//!   header).
+//! - Progress is checkpointed in a [`ReplayStore`] (the DLQ's SQLite file or PostgreSQL
+//!   database, when configured). A replay interrupted by a restart is resumed by
+//!   [`ReplayHandler::open`]: what the checkpoint covers is skipped, and copies published
+//!   after it are found in the target topic by their replay id, so nothing is published
+//!   twice.
+
+mod run;
+mod store;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresReplayStore;
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteReplayStore;
+pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayRecord, ReplayStore};
+
+#[cfg(doc)]
+use crate::Capabilities;
+use crate::{Broker, Error, ErrorKind, Headers, MESSAGE_TYPE_HEADER, Message, Result, TimeRange};
+use crate::{validate_name, within};
+
+/// Header naming the replay that published a copy.
+pub const HEADER_REPLAY_ID: &str = "helix-replay-id";
+/// Header naming the topic a copy was replayed from.
+pub const HEADER_SOURCE_TOPIC: &str = "helix-replay-source-topic";
+/// Header with the original's place in the source (`<partition>:<a>:<b>`), which a resumed
+/// replay uses to recognise copies it already published.
+pub const HEADER_SOURCE_POSITION: &str = "helix-replay-source-position";
+/// Header with the original's timestamp, milliseconds since the Unix epoch.
+pub const HEADER_ORIGINAL_TIMESTAMP: &str = "helix-replay-original-timestamp";
+
+/// What `by_type` counts messages without a type header under.
+pub const UNTYPED: &str = "(untyped)";
+
+/// Which messages of the window are replayed. An empty filter takes everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayFilter {
+    /// Take only messages whose type (the [`MESSAGE_TYPE_HEADER`] header) is one of these;
+    /// empty takes every type, untyped messages included.
+    #[serde(default)]
+    pub message_types: Vec<String>,
+    /// Take only messages carrying every one of these headers with exactly this value.
+    #[serde(default)]
+    pub headers: Headers,
+}
+
+impl ReplayFilter {
+    /// Whether `message` passes.
+    pub fn matches(&self, message: &Message) -> bool {
+        let type_ok = self.message_types.is_empty()
+            || message
+                .header(MESSAGE_TYPE_HEADER)
+                .is_some_and(|t| self.message_types.iter().any(|wanted| wanted == t));
+        type_ok
+            && self
+                .headers
+                .iter()
+                .all(|(name, value)| message.header(name) == Some(value.as_str()))
+    }
+}
+
+/// How a replay runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ReplayOptions {
+    /// Messages published per batch, whose confirmations are awaited together (default
+    /// 100). A cancel takes effect between batches.
+    pub batch_size: usize,
+    /// Pause after each batch (default none).
+    pub delay_between: Duration,
+    /// Publish nothing: count what would be replayed (by type) and what would be skipped.
+    pub dry_run: bool,
+    /// Skip a message whose id was already seen earlier in the window.
+    pub skip_duplicates: bool,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            batch_size: 100,
+            delay_between: Duration::ZERO,
+            dry_run: false,
+            skip_duplicates: false,
+        }
+    }
+}
+
+/// A replay: which topic, which window, where to, which messages, how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayRequest {
+    /// Replay id (an empty one is replaced by a fresh UUID). At most one replay per id.
+    #[serde(default)]
+    pub id: String,
+    /// The topic whose history is replayed.
+    pub topic: String,
+    /// Window start (inclusive), by the time the backend recorded each message.
+    pub from_time: SystemTime,
+    /// Window end (exclusive).
+    pub to_time: SystemTime,
+    /// Where copies are published (default `<topic>.replay`).
+    #[serde(default)]
+    pub target_topic: Option<String>,
+    /// Which messages.
+    #[serde(default)]
+    pub filter: ReplayFilter,
+    /// How.
+    #[serde(default)]
+    pub options: ReplayOptions,
+}
+
+impl ReplayRequest {
+    /// Replay `topic` recorded in `[from_time, to_time)` into `<topic>.replay`, everything,
+    /// with default options.
+    pub fn new(topic: impl Into<String>, from_time: SystemTime, to_time: SystemTime) -> Self {
+        ReplayRequest {
+            id: String::new(),
+            topic: topic.into(),
+            from_time,
+            to_time,
+            target_topic: None,
+            filter: ReplayFilter::default(),
+            options: ReplayOptions::default(),
+        }
+    }
+
+    /// Set the replay id.
+    #[must_use]
+    pub fn with_id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Publish into `target` instead of `<topic>.replay`.
+    #[must_use]
+    pub fn with_target_topic(mut self, target: impl Into<String>) -> Self {
+        self.target_topic = Some(target.into());
+        self
+    }
+
+    /// Set the filter.
+    #[must_use]
+    pub fn with_filter(mut self, filter: ReplayFilter) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// Set the options.
+    #[must_use]
+    pub fn with_options(mut self, options: ReplayOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Where copies go.
+    pub fn target(&self) -> String {
+        self.target_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.replay", self.topic))
+    }
+
+    fn validate(&self) -> Result<TimeRange> {
+        validate_name("topic", &self.topic)?;
+        validate_name("target topic", &self.target())?;
+        if self.id.len() > 200 || self.id.chars().any(char::is_control) {
+            return Err(Error::invalid_input(
+                "replay id: at most 200 characters, no control characters",
+            ));
+        }
+        if self.options.batch_size == 0 {
+            return Err(Error::invalid_input("batch_size must be at least 1"));
+        }
+        TimeRange::new(self.from_time, self.to_time)
+    }
+}
+
+/// Where a replay stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplayStatus {
+    /// Reading and publishing (or resumed after a restart and doing so again).
+    Running,
+    /// The whole window was dealt with.
+    Completed,
+    /// Cancelled; what was published stays published.
+    Cancelled,
+    /// Stopped by an error (in `last_error`); [`ReplayHandler::resume_replay`] continues it
+    /// from its checkpoint.
+    Failed,
+}
+
+impl ReplayStatus {
+    /// The status as shown.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ReplayStatus::Running => "running",
+            ReplayStatus::Completed => "completed",
+            ReplayStatus::Cancelled => "cancelled",
+            ReplayStatus::Failed => "failed",
+        }
+    }
+
+    /// Whether the replay has stopped.
+    pub const fn is_finished(self) -> bool {
+        !matches!(self, ReplayStatus::Running)
+    }
+}
+
+/// A replay's progress. Always `replayed + skipped + failed == total`, where `total` counts
+/// the window's messages dealt with so far (final once the replay has completed: the window
+/// is streamed, not counted ahead).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplayProgress {
+    /// The replay id.
+    pub id: String,
+    /// Where it stands.
+    pub status: ReplayStatus,
+    /// The source topic.
+    pub topic: String,
+    /// The target topic.
+    pub target_topic: String,
+    /// Whether this is a dry run (`replayed` then counts what would have been published).
+    pub dry_run: bool,
+    /// Messages of the window dealt with.
+    pub total: u64,
+    /// Published to the target (confirmed by the broker).
+    pub replayed: u64,
+    /// Left out: filtered or duplicates.
+    pub skipped: u64,
+    /// Could not be published (after retrying transient errors).
+    pub failed: u64,
+    /// Of `skipped`: did not pass the filter.
+    pub filtered: u64,
+    /// Of `skipped`: an id already seen in the window.
+    pub duplicates: u64,
+    /// `replayed` by message type ([`UNTYPED`] for messages without one).
+    pub by_type: BTreeMap<String, u64>,
+    /// `skipped` by message type.
+    pub skipped_by_type: BTreeMap<String, u64>,
+    /// Recorded time of the last message dealt with.
+    pub reached: Option<SystemTime>,
+    /// The window.
+    pub from_time: SystemTime,
+    /// The window's end.
+    pub to_time: SystemTime,
+    /// When the replay started.
+    pub started_at: SystemTime,
+    /// When it finished.
+    pub finished_at: Option<SystemTime>,
+    /// The last error seen.
+    pub last_error: Option<String>,
+    /// How often it was resumed after a restart or a failure.
+    pub resumes: u32,
+}
+
+impl ReplayProgress {
+    fn new(request: &ReplayRequest) -> Self {
+        ReplayProgress {
+            id: request.id.clone(),
+            status: ReplayStatus::Running,
+            topic: request.topic.clone(),
+            target_topic: request.target(),
+            dry_run: request.options.dry_run,
+            total: 0,
+            replayed: 0,
+            skipped: 0,
+            failed: 0,
+            filtered: 0,
+            duplicates: 0,
+            by_type: BTreeMap::new(),
+            skipped_by_type: BTreeMap::new(),
+            reached: None,
+            from_time: request.from_time,
+            to_time: request.to_time,
+            started_at: SystemTime::now(),
+            finished_at: None,
+            last_error: None,
+            resumes: 0,
+        }
+    }
+
+    /// How much of the window has been dealt with, in percent: 100 once completed, else
+    /// the share of the window's time span up to [`ReplayProgress::reached`] (the number of
+    /// messages in the window is not known ahead).
+    pub fn percentage(&self) -> f64 {
+        if self.status == ReplayStatus::Completed {
+            return 100.0;
+        }
+        let span = self
+            .to_time
+            .duration_since(self.from_time)
+            .unwrap_or_default()
+            .as_secs_f64();
+        match self.reached {
+            None => 0.0,
+            Some(_) if span <= 0.0 => 100.0,
+            Some(reached) => {
+                let covered = reached
+                    .duration_since(self.from_time)
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                (covered * 100.0 / span).min(99.9)
+            }
+        }
+    }
+}
+
+/// Settings shared by a handler's replays (the seeds' `DefaultReplayConfig`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayConfig {
+    /// Most replays running at once (default 4); more are refused.
+    pub max_active: usize,
+    /// Attempts to publish a batch's messages that fail with a transient error (default 3),
+    /// with exponential backoff from `retry_delay`.
+    pub publish_attempts: usize,
+    /// First backoff between those attempts (default 200 ms).
+    pub retry_delay: Duration,
+    /// Longest time between checkpoints while a replay runs (default 1 s; they are taken
+    /// between batches). Copies published since the last one are recognised by a resumed
+    /// replay in the target topic.
+    pub checkpoint_interval: Duration,
+    /// How far clocks may disagree (default 5 s): a resumed replay looks for its copies in
+    /// the target from that much before its in-flight mark.
+    pub clock_skew: Duration,
+}
+
+impl Default for ReplayConfig {
+    fn default() -> Self {
+        ReplayConfig {
+            max_active: 4,
+            publish_attempts: 3,
+            retry_delay: Duration::from_millis(200),
+            checkpoint_interval: Duration::from_secs(1),
+            clock_skew: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Backends that keep history, for the error a backend without it returns.
+const HISTORY_BACKENDS: &str = "memory, redis (streams mode, REDIS_MODE=streams), kafka, \
+    and rabbitmq with the replay journal on (RABBITMQ_REPLAY_JOURNAL=true)";
+
+struct Job {
+    progress: Arc<Mutex<ReplayProgress>>,
+    cancel: CancellationToken,
+    finished: watch::Receiver<bool>,
+}
+
+struct Inner {
+    broker: Arc<dyn Broker>,
+    config: ReplayConfig,
+    store: Arc<dyn ReplayStore>,
+    jobs: Mutex<HashMap<String, Job>>,
+    /// Cancelled by [`ReplayHandler::shutdown`]: replays stop where they are and stay
+    /// resumable.
+    shutdown: CancellationToken,
+}
+
+/// Starts, tracks and cancels replays on one broker (the seeds' `replay.NewHandler`).
+/// Cloning shares the handler.
+#[derive(Clone)]
+pub struct ReplayHandler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for ReplayHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplayHandler")
+            .field("broker", &self.inner.broker.name())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReplayHandler {
+    /// A handler keeping progress in memory only (a replay interrupted by a restart is not
+    /// resumed).
+    pub fn new(broker: Arc<dyn Broker>, config: ReplayConfig) -> Self {
+        ReplayHandler::with_store(broker, config, Arc::new(MemoryReplayStore::new()))
+    }
+
+    fn with_store(
+        broker: Arc<dyn Broker>,
+        config: ReplayConfig,
+        store: Arc<dyn ReplayStore>,
+    ) -> Self {
+        ReplayHandler {
+            inner: Arc::new(Inner {
+                broker,
+                config,
+                store,
+                jobs: Mutex::new(HashMap::new()),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// A handler checkpointing into `store`; replays the store shows as running (a previous
+    /// process was stopped or crashed mid-replay) are resumed from their checkpoints.
+    ///
+    /// # Errors
+    /// The store's error reading its records.
+    pub async fn open(
+        broker: Arc<dyn Broker>,
+        config: ReplayConfig,
+        store: Arc<dyn ReplayStore>,
+    ) -> Result<Self> {
+        let handler = ReplayHandler::with_store(broker, config, store);
+        for record in handler.inner.store.list().await? {
+            if record.progress.status == ReplayStatus::Running {
+                tracing::info!(replay = %record.id(), "resuming an interrupted replay");
+                handler.spawn(record, true);
+            }
+        }
+        Ok(handler)
+    }
+
+    /// The broker replays read from and publish to.
+    pub fn broker(&self) -> &Arc<dyn Broker> {
+        &self.inner.broker
+    }
+
+    /// Start a replay in the background; returns its initial progress (with its id).
+    ///
+    /// # Errors
+    /// - [`ErrorKind::Unsupported`] when the broker keeps no history, naming the backends
+    ///   that do.
+    /// - [`ErrorKind::InvalidInput`] for a bad request, an id already used, or too many
+    ///   replays running.
+    /// - The store's error saving the first checkpoint (nothing was started).
+    pub async fn start_replay(&self, mut request: ReplayRequest) -> Result<ReplayProgress> {
+        let broker = &self.inner.broker;
+        if !broker.capabilities().replay_by_time {
+            return Err(Error::unsupported(
+                broker.name(),
+                format!(
+                    "replay (its configuration keeps no history to read back); backends that do: {HISTORY_BACKENDS}"
+                ),
+            ));
+        }
+        if request.id.is_empty() {
+            request.id = uuid::Uuid::new_v4().to_string();
+        }
+        request.validate()?;
+        let active = self
+            .inner
+            .jobs
+            .lock()
+            .values()
+            .filter(|job| !*job.finished.borrow())
+            .count();
+        if active >= self.inner.config.max_active {
+            return Err(Error::invalid_input(format!(
+                "{active} replays are running, the most allowed (ReplayConfig::max_active)"
+            )));
+        }
+        if self.inner.jobs.lock().contains_key(&request.id)
+            || self.inner.store.load(&request.id).await?.is_some()
+        {
+            return Err(Error::invalid_input(format!(
+                "a replay with id {:?} already exists",
+                request.id
+            )));
+        }
+        let record = ReplayRecord {
+            progress: ReplayProgress::new(&request),
+            request,
+            checkpoint: Checkpoint::default(),
+        };
+        self.inner.store.save(&record).await?;
+        let progress = record.progress.clone();
+        tracing::info!(replay = %progress.id, topic = %progress.topic, target = %progress.target_topic, dry_run = progress.dry_run, "replay started");
+        self.spawn(record, false);
+        Ok(progress)
+    }
+
+    /// Continue a failed replay from its checkpoint.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id; [`ErrorKind::InvalidInput`] unless it
+    /// failed; the store's error.
+    pub async fn resume_replay(&self, id: &str) -> Result<ReplayProgress> {
+        let record = self
+            .inner
+            .store
+            .load(id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let live = self
+            .inner
+            .jobs
+            .lock()
+            .get(id)
+            .is_some_and(|job| !*job.finished.borrow());
+        if live || record.progress.status != ReplayStatus::Failed {
+            return Err(Error::invalid_input(format!(
+                "replay {id:?} is {}; only a failed replay can be resumed",
+                if live {
+                    "running"
+                } else {
+                    record.progress.status.as_str()
+                }
+            )));
+        }
+        let progress = record.progress.clone();
+        self.spawn(record, true);
+        Ok(progress)
+    }
+
+    fn spawn(&self, record: ReplayRecord, resumed: bool) {
+        let mut progress = record.progress.clone();
+        progress.status = ReplayStatus::Running;
+        progress.finished_at = None;
+        if resumed {
+            progress.resumes += 1;
+        }
+        let progress = Arc::new(Mutex::new(progress));
+        let cancel = CancellationToken::new();
+        let (done, finished) = watch::channel(false);
+        self.inner.jobs.lock().insert(
+            record.id().to_owned(),
+            Job {
+                progress: progress.clone(),
+                cancel: cancel.clone(),
+                finished,
+            },
+        );
+        let run = run::Run {
+            broker: self.inner.broker.clone(),
+            store: self.inner.store.clone(),
+            config: self.inner.config.clone(),
+            record,
+            progress,
+            cancel,
+            shutdown: self.inner.shutdown.clone(),
+        };
+        tokio::spawn(async move {
+            metrics::gauge!("messaging_replay_active").increment(1.0);
+            run.run().await;
+            metrics::gauge!("messaging_replay_active").decrement(1.0);
+            let _ = done.send(true);
+        });
+    }
+
+    /// A replay's progress (of this process's run, or as last stored).
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
+    pub async fn get_progress(&self, id: &str) -> Result<ReplayProgress> {
+        if let Some(job) = self.inner.jobs.lock().get(id) {
+            return Ok(job.progress.lock().clone());
+        }
+        self.inner
+            .store
+            .load(id)
+            .await?
+            .map(|record| record.progress)
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// Every replay known here or in the store, newest first.
+    ///
+    /// # Errors
+    /// The store's error.
+    pub async fn list_replays(&self) -> Result<Vec<ReplayProgress>> {
+        let mut all: HashMap<String, ReplayProgress> = self
+            .inner
+            .store
+            .list()
+            .await?
+            .into_iter()
+            .map(|record| (record.request.id, record.progress))
+            .collect();
+        for (id, job) in self.inner.jobs.lock().iter() {
+            all.insert(id.clone(), job.progress.lock().clone());
+        }
+        let mut all: Vec<ReplayProgress> = all.into_values().collect();
+        all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.id.cmp(&b.id)));
+        Ok(all)
+    }
+
+    /// Ask a replay to stop: the batch being published is finished, nothing after it. The
+    /// replay's status becomes [`ReplayStatus::Cancelled`]. Idempotent; a finished replay
+    /// stays as it finished.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
+    pub async fn cancel_replay(&self, id: &str) -> Result<()> {
+        if let Some(job) = self.inner.jobs.lock().get(id) {
+            job.cancel.cancel();
+            return Ok(());
+        }
+        match self.inner.store.load(id).await? {
+            None => Err(not_found(id)),
+            Some(mut record) => {
+                // Failed: not running anywhere here, but resumable; cancelling closes it.
+                if record.progress.status == ReplayStatus::Failed {
+                    record.progress.status = ReplayStatus::Cancelled;
+                    self.inner.store.save(&record).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Wait until the replay has stopped; its final progress.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an id not running here and not stored; the store's
+    /// error.
+    pub async fn wait(&self, id: &str) -> Result<ReplayProgress> {
+        let finished = self
+            .inner
+            .jobs
+            .lock()
+            .get(id)
+            .map(|job| job.finished.clone());
+        if let Some(mut finished) = finished {
+            // The sender lives until the run has ended, after which the value is true.
+            let _ = finished.wait_for(|done| *done).await;
+        }
+        self.get_progress(id).await
+    }
+
+    /// Stop every running replay where it is, leaving it resumable by the next
+    /// [`ReplayHandler::open`] on the same store; waits for them (at most `timeout`).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] when a replay did not stop in time.
+    pub async fn shutdown(&self, timeout: Duration) -> Result<()> {
+        self.inner.shutdown.cancel();
+        let waiting: Vec<_> = self
+            .inner
+            .jobs
+            .lock()
+            .values()
+            .map(|job| job.finished.clone())
+            .collect();
+        within(
+            timeout,
+            "stopping the running replays",
+            futures::future::join_all(waiting.into_iter().map(|mut finished| async move {
+                let _ = finished.wait_for(|done| *done).await;
+            })),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+fn not_found(id: &str) -> Error {
+    Error::new(ErrorKind::NotFound, format!("no replay {id:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_filter_takes_types_and_exact_headers() {
+        let order = Message::new("x")
+            .with_header("type", "order.created")
+            .with_header("region", "eu");
+        let untyped = Message::new("x").with_header("region", "eu");
+        assert!(ReplayFilter::default().matches(&order));
+        assert!(ReplayFilter::default().matches(&untyped));
+        let by_type = ReplayFilter {
+            message_types: vec!["order.created".into(), "order.paid".into()],
+            ..ReplayFilter::default()
+        };
+        assert!(by_type.matches(&order));
+        assert!(
+            !by_type.matches(&untyped),
+            "a type filter leaves untyped messages out"
+        );
+        let by_header = ReplayFilter {
+            headers: [("region".to_owned(), "us".to_owned())].into(),
+            ..ReplayFilter::default()
+        };
+        assert!(!by_header.matches(&order));
+        let both = ReplayFilter {
+            headers: [("region".to_owned(), "eu".to_owned())].into(),
+            ..by_type
+        };
+        assert!(both.matches(&order));
+    }
+
+    #[test]
+    fn percentage_follows_the_window_covered() {
+        let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let request = ReplayRequest::new("t", start, start + Duration::from_secs(100));
+        let mut p = ReplayProgress::new(&request);
+        assert_eq!(p.percentage(), 0.0);
+        p.reached = Some(start + Duration::from_secs(25));
+        assert!((p.percentage() - 25.0).abs() < 1e-9);
+        p.reached = Some(start + Duration::from_secs(100));
+        assert!(p.percentage() < 100.0, "100 only once completed");
+        p.status = ReplayStatus::Completed;
+        assert_eq!(p.percentage(), 100.0);
+    }
+
+    #[test]
+    fn requests_are_checked() {
+        let now = SystemTime::now();
+        let ok = ReplayRequest::new("orders", now - Duration::from_secs(60), now);
+        assert_eq!(ok.target(), "orders.replay");
+        assert!(ok.validate().is_ok());
+        let backwards = ReplayRequest::new("orders", now, now - Duration::from_secs(60));
+        assert_eq!(
+            backwards.validate().unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+        let no_batch = ok.clone().with_options(ReplayOptions {
+            batch_size: 0,
+            ..ReplayOptions::default()
+        });
+        assert!(
+            no_batch
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("batch_size")
+        );
+        let bad_target = ok.with_target_topic("has space");
+        assert_eq!(
+            bad_target.validate().unwrap_err().kind(),
+            ErrorKind::InvalidInput
+        );
+    }
+
+    #[test]
+    fn a_request_reads_from_json_with_defaults() {
+        let json = r#"{"topic":"helixagent.events.audit",
+            "from_time":{"secs_since_epoch":1704067200,"nanos_since_epoch":0},
+            "to_time":{"secs_since_epoch":1704153600,"nanos_since_epoch":0},
+            "options":{"dry_run":true}}"#;
+        let request: ReplayRequest = serde_json::from_str(json).unwrap();
+        assert!(request.options.dry_run);
+        assert_eq!(request.options.batch_size, 100);
+        assert_eq!(request.target(), "helixagent.events.audit.replay");
+    }
+}

@@ -1,0 +1,456 @@
+//! One replay's run: stream the window, filter, publish in batches, checkpoint.
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Frontier, HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION,
+    HEADER_SOURCE_TOPIC, ReplayConfig, ReplayProgress, ReplayRecord, ReplayStatus, ReplayStore,
+    UNTYPED,
+};
+use crate::message::millis;
+use crate::{
+    Broker, Error, ErrorKind, HistoryEntry, MESSAGE_TYPE_HEADER, Message, MessageParts, Position,
+    Result, TimeRange,
+};
+
+pub(super) struct Run {
+    pub(super) broker: Arc<dyn Broker>,
+    pub(super) store: Arc<dyn ReplayStore>,
+    pub(super) config: ReplayConfig,
+    /// As last made durable.
+    pub(super) record: ReplayRecord,
+    /// Live: ahead of `record` by what was done since the last checkpoint.
+    pub(super) progress: Arc<Mutex<ReplayProgress>>,
+    pub(super) cancel: CancellationToken,
+    pub(super) shutdown: CancellationToken,
+}
+
+enum Stop {
+    Completed,
+    Cancelled,
+    /// The handler shut down: the stored record stays `Running`, to be resumed.
+    Interrupted,
+}
+
+/// An original waiting in the batch, with its place in the source.
+struct Pending {
+    entry: HistoryEntry,
+    position: String,
+}
+
+/// What a run keeps besides its progress.
+struct State {
+    frontier: Frontier,
+    batch: Vec<Pending>,
+    /// Copies a previous run published after its last checkpoint (source positions).
+    published_before: HashSet<String>,
+    /// Hashes of the ids seen (with `skip_duplicates`).
+    seen: HashSet<u64>,
+    last_checkpoint: Instant,
+}
+
+/// Where an entry sits in its source partition, as a mark comparable with the frontier's.
+/// Entries a backend gives no position fall back on their index in the window, which holds
+/// while the window's history does not change.
+fn position_mark(entry: &HistoryEntry, index: u64) -> (i32, (u64, u64)) {
+    let by_index = (i32::MIN, (index, 0));
+    match &entry.position {
+        Some(Position::Offset { partition, offset }) => {
+            (*partition, (u64::try_from(*offset).unwrap_or(0), 0))
+        }
+        Some(Position::Sequence(n)) => (0, (*n, 0)),
+        Some(Position::StreamId(id)) => id
+            .split_once('-')
+            .and_then(|(ms, seq)| Some((0, (ms.parse().ok()?, seq.parse().ok()?))))
+            .unwrap_or(by_index),
+        Some(Position::DeliveryTag(_)) | None => by_index,
+    }
+}
+
+fn id_hash(id: &str) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    id.hash(&mut hasher);
+    hasher.finish()
+}
+
+fn type_of(message: &Message) -> &str {
+    message.header(MESSAGE_TYPE_HEADER).unwrap_or(UNTYPED)
+}
+
+fn bump(counts: &mut std::collections::BTreeMap<String, u64>, kind: &str, by: u64) {
+    match counts.get_mut(kind) {
+        Some(n) => *n += by,
+        None => {
+            counts.insert(kind.to_owned(), by);
+        }
+    }
+}
+
+impl Run {
+    pub(super) async fn run(mut self) {
+        let outcome = self.drive().await;
+        let id = self.record.request.id.clone();
+        let mut final_record = match outcome {
+            Ok(Stop::Interrupted) => {
+                tracing::info!(replay = %id, "replay interrupted by shutdown; it resumes from its checkpoint");
+                return;
+            }
+            Ok(stop) => {
+                let mut progress = self.progress.lock();
+                progress.status = match stop {
+                    Stop::Cancelled => ReplayStatus::Cancelled,
+                    _ => ReplayStatus::Completed,
+                };
+                progress.finished_at = Some(SystemTime::now());
+                ReplayRecord {
+                    request: self.record.request.clone(),
+                    progress: progress.clone(),
+                    checkpoint: self.record.checkpoint.clone(),
+                }
+            }
+            Err(err) => {
+                // Back to what is durable, so the counts match the checkpoint a resume
+                // starts from.
+                let mut record = self.record.clone();
+                record.progress.status = ReplayStatus::Failed;
+                record.progress.last_error = Some(err.to_string());
+                record.progress.finished_at = Some(SystemTime::now());
+                record.progress.resumes = self.progress.lock().resumes;
+                *self.progress.lock() = record.progress.clone();
+                tracing::warn!(replay = %id, error = %err, "replay failed; resumable from its checkpoint");
+                record
+            }
+        };
+        if let Err(err) = self.store.save(&final_record).await {
+            tracing::warn!(replay = %id, error = %err, "the replay's final state could not be stored");
+            final_record.progress.last_error = Some(err.to_string());
+            *self.progress.lock() = final_record.progress.clone();
+        }
+        let p = &final_record.progress;
+        tracing::info!(replay = %id, status = p.status.as_str(), total = p.total, replayed = p.replayed, skipped = p.skipped, failed = p.failed, "replay finished");
+    }
+
+    async fn drive(&mut self) -> Result<Stop> {
+        let request = self.record.request.clone();
+        let range = TimeRange::new(request.from_time, request.to_time)?;
+        let options = request.options.clone();
+        let resume_from = self.record.checkpoint.frontier.clone();
+        let published_before = match self.record.checkpoint.in_flight_since {
+            Some(since) if !options.dry_run => self.find_published(since).await?,
+            _ => HashSet::new(),
+        };
+        let mut state = State {
+            frontier: resume_from.clone(),
+            batch: Vec::with_capacity(options.batch_size),
+            published_before,
+            seen: HashSet::new(),
+            last_checkpoint: Instant::now(),
+        };
+        let mut stream = self.broker.read_range(&request.topic, range).await?;
+        let mut index = 0u64;
+        loop {
+            let item = tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return Ok(Stop::Interrupted),
+                () = self.cancel.cancelled() => return Ok(Stop::Cancelled),
+                item = stream.next() => item,
+            };
+            let Some(item) = item else { break };
+            let entry = match item {
+                Ok(entry) => entry,
+                // One entry the backend cannot decode: it cannot be replayed, the rest can.
+                Err(err) if err.kind() == ErrorKind::Serialization => {
+                    let mut progress = self.progress.lock();
+                    progress.total += 1;
+                    progress.failed += 1;
+                    progress.last_error = Some(err.to_string());
+                    continue;
+                }
+                Err(err) => return Err(err),
+            };
+            index += 1;
+            let (partition, mark) = position_mark(&entry, index);
+            if resume_from
+                .get(&partition)
+                .is_some_and(|done| mark <= *done)
+            {
+                if options.skip_duplicates {
+                    state.seen.insert(id_hash(entry.message.id()));
+                }
+                continue;
+            }
+            state.frontier.insert(partition, mark);
+            let position = format!("{partition}:{}:{}", mark.0, mark.1);
+            {
+                let mut progress = self.progress.lock();
+                progress.reached = Some(entry.recorded_at);
+                let kind = type_of(&entry.message);
+                if !request.filter.matches(&entry.message) {
+                    progress.total += 1;
+                    progress.skipped += 1;
+                    progress.filtered += 1;
+                    bump(&mut progress.skipped_by_type, kind, 1);
+                    continue;
+                }
+                if options.skip_duplicates && !state.seen.insert(id_hash(entry.message.id())) {
+                    progress.total += 1;
+                    progress.skipped += 1;
+                    progress.duplicates += 1;
+                    bump(&mut progress.skipped_by_type, kind, 1);
+                    continue;
+                }
+                if state.published_before.remove(&position) {
+                    progress.total += 1;
+                    progress.replayed += 1;
+                    bump(&mut progress.by_type, kind, 1);
+                    continue;
+                }
+            }
+            state.batch.push(Pending { entry, position });
+            if state.batch.len() >= options.batch_size {
+                self.flush(&mut state).await?;
+                self.checkpoint(&mut state, false).await?;
+                if !options.delay_between.is_zero() {
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => return Ok(Stop::Interrupted),
+                        () = self.cancel.cancelled() => return Ok(Stop::Cancelled),
+                        () = tokio::time::sleep(options.delay_between) => {}
+                    }
+                }
+            } else if state.batch.is_empty() {
+                self.checkpoint(&mut state, false).await?;
+            }
+        }
+        self.flush(&mut state).await?;
+        self.checkpoint(&mut state, true).await?;
+        Ok(Stop::Completed)
+    }
+
+    /// Make the progress durable when the interval has passed (or `force`). Only called
+    /// with an empty batch, so the frontier is exactly what was dealt with.
+    async fn checkpoint(&mut self, state: &mut State, force: bool) -> Result<()> {
+        if !force && state.last_checkpoint.elapsed() < self.config.checkpoint_interval {
+            return Ok(());
+        }
+        let mut record = ReplayRecord {
+            request: self.record.request.clone(),
+            progress: self.progress.lock().clone(),
+            checkpoint: self.record.checkpoint.clone(),
+        };
+        record.checkpoint.frontier = state.frontier.clone();
+        // Copies of a previous run not met again yet must still be looked for next time.
+        if state.published_before.is_empty() {
+            record.checkpoint.in_flight_since = None;
+        }
+        self.store.save(&record).await?;
+        self.record = record;
+        state.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Publish the batch (or, in a dry run, count it) and count the outcome.
+    async fn flush(&mut self, state: &mut State) -> Result<()> {
+        if state.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut state.batch);
+        let mut failed = vec![false; batch.len()];
+        if !self.record.request.options.dry_run {
+            if self.record.checkpoint.in_flight_since.is_none() {
+                // Durable before the first copy goes out: a resumed run looks for copies
+                // from here on.
+                let mut record = self.record.clone();
+                record.checkpoint.in_flight_since = Some(SystemTime::now());
+                self.store.save(&record).await?;
+                self.record = record;
+            }
+            failed = self.publish(&batch).await?;
+        }
+        let mut progress = self.progress.lock();
+        for (pending, failed) in batch.iter().zip(failed) {
+            progress.total += 1;
+            if failed {
+                progress.failed += 1;
+            } else {
+                progress.replayed += 1;
+                bump(&mut progress.by_type, type_of(&pending.entry.message), 1);
+            }
+        }
+        drop(progress);
+        state.batch = batch;
+        state.batch.clear();
+        Ok(())
+    }
+
+    /// Publish copies of `batch`, retrying transient failures; which ones failed for good.
+    ///
+    /// # Errors
+    /// The last error when every message failed transiently: the broker is away, and the
+    /// replay stops (resumable) rather than count the window as failed.
+    async fn publish(&self, batch: &[Pending]) -> Result<Vec<bool>> {
+        let target = self.record.request.target();
+        let mut failed = vec![false; batch.len()];
+        let mut pending: Vec<usize> = (0..batch.len()).collect();
+        let mut delays = ExponentialBuilder::default()
+            .with_min_delay(self.config.retry_delay)
+            .with_max_times(self.config.publish_attempts.saturating_sub(1))
+            .build();
+        let mut last_error: Option<Error> = None;
+        let mut only_transient = true;
+        loop {
+            let copies = pending.iter().map(|&i| self.copy(&batch[i])).collect();
+            let report = self.broker.publish_batch(&target, copies).await;
+            let mut retry = Vec::new();
+            for (j, err) in report.failures() {
+                let i = pending[*j];
+                if err.is_retryable() {
+                    retry.push(i);
+                } else {
+                    failed[i] = true;
+                    only_transient = false;
+                }
+                last_error = Some(err.copy_without_source());
+            }
+            if retry.is_empty() {
+                break;
+            }
+            match delays.next() {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => {
+                    for i in retry {
+                        failed[i] = true;
+                    }
+                    break;
+                }
+            }
+            pending = retry;
+        }
+        if let Some(err) = last_error {
+            if only_transient && failed.iter().all(|f| *f) {
+                return Err(err);
+            }
+            self.progress.lock().last_error = Some(err.to_string());
+        }
+        Ok(failed)
+    }
+
+    /// The copy published for an original.
+    fn copy(&self, pending: &Pending) -> Message {
+        let original = &*pending.entry.message;
+        let request = &self.record.request;
+        let mut headers = original.headers().clone();
+        headers.insert(HEADER_REPLAY_ID.to_owned(), request.id.clone());
+        headers.insert(HEADER_SOURCE_TOPIC.to_owned(), request.topic.clone());
+        headers.insert(HEADER_SOURCE_POSITION.to_owned(), pending.position.clone());
+        headers.insert(
+            HEADER_ORIGINAL_TIMESTAMP.to_owned(),
+            millis(original.timestamp()),
+        );
+        Message::from_parts(MessageParts {
+            id: original.id().to_owned(),
+            key: original.key().map(str::to_owned),
+            payload: original.payload().clone(),
+            headers,
+            timestamp: SystemTime::now(),
+            content_type: original.content_type().map(str::to_owned),
+            correlation_id: original.correlation_id().map(str::to_owned),
+            priority: original.priority(),
+            ttl: original.ttl(),
+        })
+    }
+
+    /// Source positions of the copies this replay published to the target since `since`
+    /// (a previous run's in-flight mark).
+    async fn find_published(&self, since: SystemTime) -> Result<HashSet<String>> {
+        let skew = self.config.clock_skew;
+        let from = since.checked_sub(skew).unwrap_or(since);
+        let range = TimeRange::new(from, SystemTime::now() + skew)?;
+        let id = self.record.request.id.as_str();
+        let mut copies = self
+            .broker
+            .read_range(&self.record.request.target(), range)
+            .await?;
+        let mut found = HashSet::new();
+        while let Some(entry) = copies.next().await {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(err) if err.kind() == ErrorKind::Serialization => continue,
+                Err(err) => return Err(err),
+            };
+            let message = &entry.message;
+            if message.header(HEADER_REPLAY_ID) == Some(id)
+                && let Some(position) = message.header(HEADER_SOURCE_POSITION)
+            {
+                found.insert(position.to_owned());
+            }
+        }
+        tracing::info!(
+            replay = id,
+            copies = found.len(),
+            "copies published after the last checkpoint found in the target"
+        );
+        Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(position: Option<Position>) -> HistoryEntry {
+        HistoryEntry {
+            message: Arc::new(Message::new("x")),
+            recorded_at: SystemTime::now(),
+            position,
+        }
+    }
+
+    #[test]
+    fn positions_become_marks_ordered_within_their_partition() {
+        let kafka = |offset| {
+            position_mark(
+                &at(Some(Position::Offset {
+                    partition: 3,
+                    offset,
+                })),
+                9,
+            )
+        };
+        assert_eq!(kafka(41), (3, (41, 0)));
+        assert!(kafka(41).1 < kafka(42).1);
+        let redis = |id: &str| position_mark(&at(Some(Position::StreamId(id.into()))), 9);
+        assert_eq!(redis("1700000000123-4"), (0, (1_700_000_000_123, 4)));
+        assert!(redis("1700000000123-9").1 < redis("1700000000124-0").1);
+        assert_eq!(
+            position_mark(&at(Some(Position::Sequence(7))), 9),
+            (0, (7, 0))
+        );
+        // No usable position: the index in the window.
+        assert_eq!(position_mark(&at(None), 9), (i32::MIN, (9, 0)));
+        assert_eq!(
+            position_mark(&at(Some(Position::StreamId("garbage".into()))), 5),
+            (i32::MIN, (5, 0))
+        );
+    }
+
+    #[test]
+    fn counts_by_type_accumulate() {
+        let mut counts = std::collections::BTreeMap::new();
+        bump(&mut counts, "a", 1);
+        bump(&mut counts, "a", 2);
+        bump(&mut counts, UNTYPED, 1);
+        assert_eq!(counts.get("a"), Some(&3));
+        assert_eq!(counts.get(UNTYPED), Some(&1));
+        assert_eq!(type_of(&Message::new("x")), UNTYPED);
+        assert_eq!(type_of(&Message::new("x").with_header("type", "t")), "t");
+    }
+}

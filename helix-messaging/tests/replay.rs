@@ -1,0 +1,36 @@
+//! Replay checkpoints in the DLQ's SQLite file survive a killed process: the resumed replay
+//! publishes nothing twice.
+#![cfg(all(feature = "sqlite", feature = "memory"))]
+
+use std::sync::Arc;
+
+mod common;
+
+use futures::FutureExt;
+use helix_messaging::dlq::SqliteDeadLetterStore;
+use helix_messaging::replay::{ReplayStore, SqliteReplayStore};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_killed_mid_run_resumes_from_the_dlq_sqlite_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("helix.db");
+    let open: common::OpenStore = Arc::new(move || {
+        let path = path.clone();
+        async move {
+            // The DLQ's file, opened afresh each time as a new process would.
+            let dlq = SqliteDeadLetterStore::open(&path).await.unwrap();
+            Arc::new(dlq.replay_store().await.unwrap()) as Arc<dyn ReplayStore>
+        }
+        .boxed()
+    });
+    common::a_killed_replay_resumes_without_publishing_twice(open).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_replay_store_round_trips_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteReplayStore::open(dir.path().join("replays.db"))
+        .await
+        .unwrap();
+    common::replay_store_round_trips(&store).await;
+}
