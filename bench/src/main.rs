@@ -8,6 +8,8 @@
 //! cargo run --release -p helix-messaging-bench -- kafka [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- layers [--messages N] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- redrive [--messages N] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- replay [--messages N] [--size BYTES] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- replay-peak [--messages N] [--size BYTES]
 //! ```
 //!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
@@ -20,13 +22,14 @@ mod measure;
 mod memory;
 mod rabbitmq;
 mod redis;
+mod replay;
 
 use std::process::ExitCode;
 
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,14 @@ fn main() -> ExitCode {
         }
         "layers" => {
             runtime.block_on(layers::compare_layers(&options.default_messages(200_000)));
+            ExitCode::SUCCESS
+        }
+        "replay" => {
+            runtime.block_on(replay::compare(&options.default_messages(100_000)));
+            ExitCode::SUCCESS
+        }
+        "replay-peak" => {
+            runtime.block_on(replay::peak_memory(&options.default_messages(1_000_000)));
             ExitCode::SUCCESS
         }
         "redrive" => {

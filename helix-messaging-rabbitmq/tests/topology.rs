@@ -270,7 +270,7 @@ async fn replay_needs_the_journal_and_says_so() {
     assert_eq!(err.kind(), ErrorKind::Unsupported);
     for named in [
         "kafka",
-        "REDIS_MODE=streams",
+        "MESSAGING_BACKEND=redis-streams",
         "RABBITMQ_REPLAY_JOURNAL=true",
     ] {
         assert!(err.to_string().contains(named), "names {named}: {err}");

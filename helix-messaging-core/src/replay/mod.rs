@@ -363,7 +363,7 @@ impl Default for ReplayConfig {
 }
 
 /// Backends that keep history, for the error a backend without it returns.
-const HISTORY_BACKENDS: &str = "memory, redis (streams mode, REDIS_MODE=streams), kafka, \
+const HISTORY_BACKENDS: &str = "memory, redis-streams (MESSAGING_BACKEND=redis-streams), kafka, \
     and rabbitmq with the replay journal on (RABBITMQ_REPLAY_JOURNAL=true)";
 
 struct Job {

@@ -75,6 +75,29 @@ fn position_mark(entry: &HistoryEntry, index: u64) -> (i32, (u64, u64)) {
     }
 }
 
+/// Entries read ahead of the batch being published (at least one batch's worth).
+const READ_AHEAD: usize = 1024;
+
+/// `stream` read by a task of its own into a buffer of `ahead` entries, so the next batch
+/// is read while this one is published. The task ends with the stream or when the returned
+/// stream is dropped.
+fn read_ahead(
+    mut stream: crate::HistoryStream,
+    ahead: usize,
+) -> futures::stream::BoxStream<'static, Result<HistoryEntry>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(ahead);
+    tokio::spawn(async move {
+        while let Some(entry) = stream.next().await {
+            if tx.send(entry).await.is_err() {
+                break;
+            }
+        }
+    });
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|entry| (entry, rx))
+    }))
+}
+
 fn id_hash(id: &str) -> u64 {
     let mut hasher = DefaultHasher::new();
     id.hash(&mut hasher);
@@ -154,7 +177,10 @@ impl Run {
             seen: HashSet::new(),
             last_checkpoint: Instant::now(),
         };
-        let mut stream = self.broker.read_range(&request.topic, range).await?;
+        let mut stream = read_ahead(
+            self.broker.read_range(&request.topic, range).await?,
+            options.batch_size.max(READ_AHEAD),
+        );
         let mut index = 0u64;
         loop {
             let item = tokio::select! {

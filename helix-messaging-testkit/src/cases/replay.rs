@@ -485,7 +485,7 @@ pub async fn replay_is_declared_honestly(ctx: Ctx) -> Result<()> {
         for named in [
             "memory",
             "kafka",
-            "REDIS_MODE=streams",
+            "MESSAGING_BACKEND=redis-streams",
             "RABBITMQ_REPLAY_JOURNAL=true",
         ] {
             assert!(text.contains(named), "the error names {named}: {text}");
