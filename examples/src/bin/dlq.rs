@@ -38,19 +38,7 @@ struct LlmRequest {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .init();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    helix_messaging_examples::run_main("error", run()).await
 }
 
 async fn wait_for_depth(processor: &Processor, depth: u64) -> Result<()> {

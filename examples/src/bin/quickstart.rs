@@ -22,18 +22,7 @@ const EVENTS: &str = "helixagent.events.audit";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .init();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    helix_messaging_examples::run_main("warn", run()).await
 }
 
 async fn run() -> helix_messaging::Result<()> {

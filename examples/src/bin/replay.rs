@@ -30,19 +30,7 @@ const TOPIC: &str = "helixagent.events.llm.responses";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "error".into()),
-        )
-        .init();
-    match run().await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: {err}");
-            ExitCode::FAILURE
-        }
-    }
+    helix_messaging_examples::run_main("error", run()).await
 }
 
 /// `count` LLM events, a third of them from gemini, every fifth a request rather than a

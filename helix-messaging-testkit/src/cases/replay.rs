@@ -47,6 +47,21 @@ async fn publish_all(ctx: &Ctx, topic: &str, messages: Vec<Message>) -> Result<(
         .into_result()
 }
 
+/// Publish `messages` to `topic`; a window (with a second's margin each side) that holds
+/// them all.
+async fn publish_window(ctx: &Ctx, topic: &str, messages: Vec<Message>) -> Result<TimeRange> {
+    let from = SystemTime::now() - Duration::from_secs(1);
+    publish_all(ctx, topic, messages).await?;
+    TimeRange::new(from, SystemTime::now() + Duration::from_secs(1))
+}
+
+/// `n` messages numbered in their payload, keyed by `key(i)`.
+fn numbered(n: usize, key: impl Fn(usize) -> String) -> Vec<Message> {
+    (0..n)
+        .map(|i| Message::new(format!("m {i}")).with_key(key(i)))
+        .collect()
+}
+
 /// A history of three hours (by message timestamp, one message every three minutes) with
 /// types, regions, keys and a trace context; returns the messages in publish order.
 fn three_hours_of_orders(now: SystemTime) -> Vec<Message> {
@@ -288,17 +303,13 @@ pub async fn replay_copies_exactly_the_window(ctx: Ctx) -> Result<()> {
 pub async fn replay_skips_duplicate_ids(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("replay-dups");
     let target = ctx.topic("replay-dups-target");
-    let from = SystemTime::now() - Duration::from_secs(1);
-    let originals: Vec<Message> = (0..20)
-        .map(|i| Message::new(format!("m {i}")).with_key("k"))
-        .collect();
+    let originals = numbered(20, |_| "k".into());
     let mut sent = originals.clone();
     // Every other one again, as a producer retrying would.
     sent.extend(originals.iter().step_by(2).cloned());
-    publish_all(&ctx, &topic, sent).await?;
-    let to = SystemTime::now() + Duration::from_secs(1);
+    let window = publish_window(&ctx, &topic, sent).await?;
     let handler = ReplayHandler::new(ctx.broker.clone(), ReplayConfig::default());
-    let request = ReplayRequest::new(&topic, from, to)
+    let request = ReplayRequest::new(&topic, window.from(), window.to())
         .with_target_topic(&target)
         .with_options(ReplayOptions {
             skip_duplicates: true,
@@ -328,14 +339,9 @@ pub async fn replay_skips_duplicate_ids(ctx: Ctx) -> Result<()> {
 pub async fn replay_cancel_stops_within_one_batch(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("replay-cancel");
     let target = ctx.topic("replay-cancel-target");
-    let from = SystemTime::now() - Duration::from_secs(1);
-    let sent: Vec<Message> = (0..60)
-        .map(|i| Message::new(format!("m {i}")).with_key("k"))
-        .collect();
-    publish_all(&ctx, &topic, sent).await?;
-    let to = SystemTime::now() + Duration::from_secs(1);
+    let window = publish_window(&ctx, &topic, numbered(60, |_| "k".into())).await?;
     let handler = ReplayHandler::new(ctx.broker.clone(), ReplayConfig::default());
-    let request = ReplayRequest::new(&topic, from, to)
+    let request = ReplayRequest::new(&topic, window.from(), window.to())
         .with_target_topic(&target)
         .with_options(ReplayOptions {
             batch_size: 5,
@@ -389,12 +395,8 @@ pub async fn replay_cancel_stops_within_one_batch(ctx: Ctx) -> Result<()> {
 pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("replay-resume");
     let target = ctx.topic("replay-resume-target");
-    let from = SystemTime::now() - Duration::from_secs(1);
-    let sent: Vec<Message> = (0..80)
-        .map(|i| Message::new(format!("m {i}")).with_key(format!("k{}", i % 3)))
-        .collect();
-    publish_all(&ctx, &topic, sent.clone()).await?;
-    let to = SystemTime::now() + Duration::from_secs(1);
+    let sent = numbered(80, |i| format!("k{}", i % 3));
+    let window = publish_window(&ctx, &topic, sent.clone()).await?;
     let store: Arc<dyn ReplayStore> = Arc::new(MemoryReplayStore::new());
     // Checkpoints an hour apart: after the first batch, every copy published before the
     // restart is known only from the target itself.
@@ -403,7 +405,7 @@ pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result
         ..ReplayConfig::default()
     };
     let first = ReplayHandler::open(ctx.broker.clone(), config.clone(), store.clone()).await?;
-    let request = ReplayRequest::new(&topic, from, to)
+    let request = ReplayRequest::new(&topic, window.from(), window.to())
         .with_id(crate::fresh_name("resume"))
         .with_target_topic(&target)
         .with_options(ReplayOptions {
