@@ -34,3 +34,8 @@ async fn the_sqlite_replay_store_round_trips_records() {
         .unwrap();
     common::replay_store_round_trips(&store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_replay_store_round_trips_records() {
+    common::replay_store_round_trips(&helix_messaging::replay::MemoryReplayStore::new()).await;
+}

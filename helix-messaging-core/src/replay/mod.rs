@@ -348,6 +348,15 @@ pub struct ReplayConfig {
     /// How far clocks may disagree (default 5 s): a resumed replay looks for its copies in
     /// the target from that much before its in-flight mark.
     pub clock_skew: Duration,
+    /// How long a handler's hold on a running replay lasts without renewal (default 15 s;
+    /// renewed every third of it). Handlers sharing a store run each replay in one of them;
+    /// one whose holder died (crashed, never released it) is taken over by another once its
+    /// lease has run out.
+    pub lease: Duration,
+    /// This handler's name as a lease holder (default: a fresh UUID). A stable name (the
+    /// host or pod name) lets a restarted process take its own replays back at once instead
+    /// of waiting for their leases to run out.
+    pub instance_id: Option<String>,
 }
 
 impl Default for ReplayConfig {
@@ -358,6 +367,8 @@ impl Default for ReplayConfig {
             retry_delay: Duration::from_millis(200),
             checkpoint_interval: Duration::from_secs(1),
             clock_skew: Duration::from_secs(5),
+            lease: Duration::from_secs(15),
+            instance_id: None,
         }
     }
 }
@@ -377,6 +388,8 @@ struct Inner {
     config: ReplayConfig,
     store: Arc<dyn ReplayStore>,
     jobs: Mutex<HashMap<String, Job>>,
+    /// The lease holder name.
+    owner: String,
     /// Cancelled by [`ReplayHandler::shutdown`]: replays stop where they are and stay
     /// resumable.
     shutdown: CancellationToken,
@@ -410,10 +423,15 @@ impl ReplayHandler {
         config: ReplayConfig,
         store: Arc<dyn ReplayStore>,
     ) -> Self {
+        let owner = config
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         ReplayHandler {
             inner: Arc::new(Inner {
                 broker,
                 config,
+                owner,
                 store,
                 jobs: Mutex::new(HashMap::new()),
                 shutdown: CancellationToken::new(),
@@ -421,8 +439,10 @@ impl ReplayHandler {
         }
     }
 
-    /// A handler checkpointing into `store`; replays the store shows as running (a previous
-    /// process was stopped or crashed mid-replay) are resumed from their checkpoints.
+    /// A handler checkpointing into `store`. Replays the store shows as running and that no
+    /// live handler holds (a previous process was stopped, or crashed and its lease has run
+    /// out) are resumed from their checkpoints, now and, while the handler lives, whenever
+    /// such a lease runs out later.
     ///
     /// # Errors
     /// The store's error reading its records.
@@ -432,13 +452,53 @@ impl ReplayHandler {
         store: Arc<dyn ReplayStore>,
     ) -> Result<Self> {
         let handler = ReplayHandler::with_store(broker, config, store);
-        for record in handler.inner.store.list().await? {
-            if record.progress.status == ReplayStatus::Running {
+        handler.adopt_orphans().await?;
+        let weak = Arc::downgrade(&handler.inner);
+        let shutdown = handler.inner.shutdown.clone();
+        let every = (handler.inner.config.lease / 2).max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(every) => {}
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                if let Err(err) = (ReplayHandler { inner }).adopt_orphans().await {
+                    tracing::warn!(error = %err, "looking for replays to resume failed");
+                }
+            }
+        });
+        Ok(handler)
+    }
+
+    /// Resume every running replay of the store that nobody holds.
+    async fn adopt_orphans(&self) -> Result<()> {
+        for record in self.inner.store.list().await? {
+            if record.progress.status != ReplayStatus::Running || self.is_live(record.id()) {
+                continue;
+            }
+            if self.claim(record.id()).await? {
                 tracing::info!(replay = %record.id(), "resuming an interrupted replay");
-                handler.spawn(record, true);
+                self.spawn(record, true);
             }
         }
-        Ok(handler)
+        Ok(())
+    }
+
+    fn is_live(&self, id: &str) -> bool {
+        self.inner
+            .jobs
+            .lock()
+            .get(id)
+            .is_some_and(|job| !*job.finished.borrow())
+    }
+
+    async fn claim(&self, id: &str) -> Result<bool> {
+        let now = SystemTime::now();
+        self.inner
+            .store
+            .claim(id, &self.inner.owner, now + self.inner.config.lease, now)
+            .await
     }
 
     /// The broker replays read from and publish to.
@@ -494,6 +554,12 @@ impl ReplayHandler {
             checkpoint: Checkpoint::default(),
         };
         self.inner.store.save(&record).await?;
+        if !self.claim(record.id()).await? {
+            return Err(Error::invalid_input(format!(
+                "a replay with id {:?} already exists",
+                record.id()
+            )));
+        }
         let progress = record.progress.clone();
         tracing::info!(replay = %progress.id, topic = %progress.topic, target = %progress.target_topic, dry_run = progress.dry_run, "replay started");
         self.spawn(record, false);
@@ -512,13 +578,8 @@ impl ReplayHandler {
             .load(id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        let live = self
-            .inner
-            .jobs
-            .lock()
-            .get(id)
-            .is_some_and(|job| !*job.finished.borrow());
-        if live || record.progress.status != ReplayStatus::Failed {
+        let live = self.is_live(id);
+        if live || record.progress.status != ReplayStatus::Failed || !self.claim(id).await? {
             return Err(Error::invalid_input(format!(
                 "replay {id:?} is {}; only a failed replay can be resumed",
                 if live {
@@ -555,6 +616,7 @@ impl ReplayHandler {
             broker: self.inner.broker.clone(),
             store: self.inner.store.clone(),
             config: self.inner.config.clone(),
+            owner: self.inner.owner.clone(),
             record,
             progress,
             cancel,
@@ -619,7 +681,12 @@ impl ReplayHandler {
         match self.inner.store.load(id).await? {
             None => Err(not_found(id)),
             Some(mut record) => {
-                // Failed: not running anywhere here, but resumable; cancelling closes it.
+                if record.progress.status == ReplayStatus::Running {
+                    return Err(Error::invalid_input(format!(
+                        "replay {id:?} is running in another process sharing the store; cancel it there"
+                    )));
+                }
+                // Failed: not running anywhere, but resumable; cancelling closes it.
                 if record.progress.status == ReplayStatus::Failed {
                     record.progress.status = ReplayStatus::Cancelled;
                     self.inner.store.save(&record).await?;
@@ -629,23 +696,37 @@ impl ReplayHandler {
         }
     }
 
-    /// Wait until the replay has stopped; its final progress.
+    /// Wait until the replay has stopped; its final progress. A replay running in another
+    /// process sharing the store (or waiting for this handler to take it over) is watched in
+    /// the store.
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] for an id not running here and not stored; the store's
     /// error.
     pub async fn wait(&self, id: &str) -> Result<ReplayProgress> {
-        let finished = self
-            .inner
-            .jobs
-            .lock()
-            .get(id)
-            .map(|job| job.finished.clone());
-        if let Some(mut finished) = finished {
-            // The sender lives until the run has ended, after which the value is true.
-            let _ = finished.wait_for(|done| *done).await;
+        loop {
+            let finished = self
+                .inner
+                .jobs
+                .lock()
+                .get(id)
+                .map(|job| job.finished.clone());
+            if let Some(mut finished) = finished {
+                // The sender lives until the run has ended, after which the value is true.
+                let _ = finished.wait_for(|done| *done).await;
+                let progress = self.get_progress(id).await?;
+                // A run that stopped holding the lease (shutdown, lost lease) leaves the
+                // replay running elsewhere.
+                if progress.status.is_finished() || self.inner.shutdown.is_cancelled() {
+                    return Ok(progress);
+                }
+            }
+            let progress = self.get_progress(id).await?;
+            if progress.status.is_finished() {
+                return Ok(progress);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        self.get_progress(id).await
     }
 
     /// Stop every running replay where it is, leaving it resumable by the next

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use super::{ReplayRecord, ReplayStore};
 use crate::Result;
 use crate::dlq::postgres::{Database, Param, check_table_name};
+use crate::dlq::store::micros;
 
 /// Replay records in a PostgreSQL table (default `helix_replays`). Connect on its own with
 /// [`PostgresReplayStore::connect`], or on the DLQ's connection with
@@ -43,7 +44,9 @@ impl PostgresReplayStore {
             "CREATE TABLE IF NOT EXISTS {table} (
                 id TEXT PRIMARY KEY,
                 record TEXT NOT NULL,
-                updated_at TIMESTAMPTZ NOT NULL DEFAULT now()
+                updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                owner TEXT,
+                lease_until_us BIGINT
             );"
         );
         database
@@ -92,6 +95,43 @@ impl ReplayStore for PostgresReplayStore {
         rows.iter()
             .map(|row| ReplayRecord::from_json(row.get(0), row.get(1)))
             .collect()
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        until: std::time::SystemTime,
+        now: std::time::SystemTime,
+    ) -> Result<bool> {
+        let sql = format!(
+            "UPDATE {} SET owner = $2, lease_until_us = $3
+             WHERE id = $1 AND (owner IS NULL OR owner = $2 OR lease_until_us < $4)",
+            self.table
+        );
+        let params: [Param; 4] = [
+            Box::new(id.to_owned()),
+            Box::new(owner.to_owned()),
+            Box::new(micros(until)),
+            Box::new(micros(now)),
+        ];
+        Ok(self
+            .database
+            .execute("claiming a replay", &sql, &params)
+            .await?
+            == 1)
+    }
+
+    async fn release(&self, id: &str, owner: &str) -> Result<()> {
+        let sql = format!(
+            "UPDATE {} SET owner = NULL, lease_until_us = NULL WHERE id = $1 AND owner = $2",
+            self.table
+        );
+        let params: [Param; 2] = [Box::new(id.to_owned()), Box::new(owner.to_owned())];
+        self.database
+            .execute("releasing a replay", &sql, &params)
+            .await
+            .map(drop)
     }
 
     async fn remove(&self, id: &str) -> Result<bool> {

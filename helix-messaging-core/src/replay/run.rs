@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
@@ -25,6 +25,8 @@ pub(super) struct Run {
     pub(super) broker: Arc<dyn Broker>,
     pub(super) store: Arc<dyn ReplayStore>,
     pub(super) config: ReplayConfig,
+    /// The lease holder this run works for.
+    pub(super) owner: String,
     /// As last made durable.
     pub(super) record: ReplayRecord,
     /// Live: ahead of `record` by what was done since the last checkpoint.
@@ -38,6 +40,9 @@ enum Stop {
     Cancelled,
     /// The handler shut down: the stored record stays `Running`, to be resumed.
     Interrupted,
+    /// Another handler took the replay over (this one could not renew its lease in time):
+    /// this run writes nothing more.
+    LeaseLost,
 }
 
 /// An original waiting in the batch, with its place in the source.
@@ -119,11 +124,35 @@ fn bump(counts: &mut std::collections::BTreeMap<String, u64>, kind: &str, by: u6
 
 impl Run {
     pub(super) async fn run(mut self) {
-        let outcome = self.drive().await;
         let id = self.record.request.id.clone();
+        let (store, owner, lease) = (self.store.clone(), self.owner.clone(), self.config.lease);
+        let renew = async {
+            loop {
+                tokio::time::sleep((lease / 3).max(Duration::from_millis(10))).await;
+                let now = SystemTime::now();
+                match store.claim(&id, &owner, now + lease, now).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(err) => {
+                        tracing::warn!(replay = %id, error = %err, "renewing the replay's lease failed");
+                    }
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = self.drive() => outcome,
+            () = renew => Ok(Stop::LeaseLost),
+        };
         let mut final_record = match outcome {
+            Ok(Stop::LeaseLost) => {
+                tracing::warn!(replay = %id, "another handler took the replay over; this one stops");
+                return;
+            }
             Ok(Stop::Interrupted) => {
                 tracing::info!(replay = %id, "replay interrupted by shutdown; it resumes from its checkpoint");
+                if let Err(err) = self.store.release(&id, &self.owner).await {
+                    tracing::warn!(replay = %id, error = %err, "releasing the replay failed; another handler takes it once the lease runs out");
+                }
                 return;
             }
             Ok(stop) => {
@@ -156,6 +185,9 @@ impl Run {
             tracing::warn!(replay = %id, error = %err, "the replay's final state could not be stored");
             final_record.progress.last_error = Some(err.to_string());
             *self.progress.lock() = final_record.progress.clone();
+        }
+        if let Err(err) = self.store.release(&id, &self.owner).await {
+            tracing::warn!(replay = %id, error = %err, "releasing the finished replay failed");
         }
         let p = &final_record.progress;
         tracing::info!(replay = %id, status = p.status.as_str(), total = p.total, replayed = p.replayed, skipped = p.skipped, failed = p.failed, "replay finished");

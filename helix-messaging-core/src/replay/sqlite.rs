@@ -10,12 +10,15 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{ReplayRecord, ReplayStore};
 use crate::Result;
 use crate::dlq::sqlite::{on_connection, open_connection};
+use crate::dlq::store::micros;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS helix_replays (
     id TEXT PRIMARY KEY,
     record TEXT NOT NULL,
-    updated_us INTEGER NOT NULL
+    updated_us INTEGER NOT NULL,
+    owner TEXT,
+    lease_until_us INTEGER
 );
 ";
 
@@ -69,7 +72,7 @@ impl SqliteReplayStore {
 impl ReplayStore for SqliteReplayStore {
     async fn save(&self, record: &ReplayRecord) -> Result<()> {
         let (id, json) = (record.id().to_owned(), record.to_json()?);
-        let now = crate::dlq::store::micros(std::time::SystemTime::now());
+        let now = micros(std::time::SystemTime::now());
         on_connection(&self.connection, STORE, "saving a replay", move |c| {
             c.prepare_cached(
                 "INSERT INTO helix_replays (id, record, updated_us) VALUES (?1, ?2, ?3)
@@ -105,6 +108,39 @@ impl ReplayStore for SqliteReplayStore {
         rows.iter()
             .map(|(id, json)| ReplayRecord::from_json(id, json))
             .collect()
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        until: std::time::SystemTime,
+        now: std::time::SystemTime,
+    ) -> Result<bool> {
+        let (key, owner) = (id.to_owned(), owner.to_owned());
+        let (until, now) = (micros(until), micros(now));
+        on_connection(&self.connection, STORE, "claiming a replay", move |c| {
+            c.prepare_cached(
+                "UPDATE helix_replays SET owner = ?2, lease_until_us = ?3
+                 WHERE id = ?1 AND (owner IS NULL OR owner = ?2 OR lease_until_us < ?4)",
+            )?
+            .execute(params![key, owner, until, now])
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn release(&self, id: &str, owner: &str) -> Result<()> {
+        let (key, owner) = (id.to_owned(), owner.to_owned());
+        on_connection(&self.connection, STORE, "releasing a replay", move |c| {
+            c.prepare_cached(
+                "UPDATE helix_replays SET owner = NULL, lease_until_us = NULL
+                 WHERE id = ?1 AND owner = ?2",
+            )?
+            .execute(params![key, owner])
+            .map(drop)
+        })
+        .await
     }
 
     async fn remove(&self, id: &str) -> Result<bool> {

@@ -97,12 +97,34 @@ pub trait ReplayStore: Send + Sync + 'static {
     /// # Errors
     /// The store's error.
     async fn remove(&self, id: &str) -> Result<bool>;
+
+    /// Take or renew the lease on replay `id` for `owner` until `until`, atomically: it
+    /// succeeds when nobody holds it, `owner` already does, or the holder's lease ended
+    /// before `now`. Whether `owner` holds it now (false for an unknown id). Handlers sharing
+    /// a store run each replay in one of them at a time this way.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<bool>;
+
+    /// Give up `owner`'s lease on `id`, if it holds it.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn release(&self, id: &str, owner: &str) -> Result<()>;
 }
 
 /// Replay records in memory: progress is kept for listing, but nothing survives the process.
 #[derive(Debug, Default)]
 pub struct MemoryReplayStore {
     records: Mutex<HashMap<String, ReplayRecord>>,
+    leases: Mutex<HashMap<String, (String, SystemTime)>>,
 }
 
 impl MemoryReplayStore {
@@ -130,6 +152,35 @@ impl ReplayStore for MemoryReplayStore {
     }
 
     async fn remove(&self, id: &str) -> Result<bool> {
+        self.leases.lock().remove(id);
         Ok(self.records.lock().remove(id).is_some())
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        until: SystemTime,
+        now: SystemTime,
+    ) -> Result<bool> {
+        if !self.records.lock().contains_key(id) {
+            return Ok(false);
+        }
+        let mut leases = self.leases.lock();
+        let free = leases
+            .get(id)
+            .is_none_or(|(holder, ends)| holder == owner || *ends < now);
+        if free {
+            leases.insert(id.to_owned(), (owner.to_owned(), until));
+        }
+        Ok(free)
+    }
+
+    async fn release(&self, id: &str, owner: &str) -> Result<()> {
+        let mut leases = self.leases.lock();
+        if leases.get(id).is_some_and(|(holder, _)| holder == owner) {
+            leases.remove(id);
+        }
+        Ok(())
     }
 }

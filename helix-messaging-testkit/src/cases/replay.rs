@@ -391,7 +391,8 @@ pub async fn replay_cancel_stops_within_one_batch(ctx: Ctx) -> Result<()> {
 
 /// A replay stopped by a restart (its handler shut down mid-run, a new one opened on the
 /// same store) resumes and completes, publishing every message of the window exactly once,
-/// also those published after its last checkpoint.
+/// also those published after its last checkpoint; a second handler sharing the store while
+/// the first runs it leaves it alone.
 pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("replay-resume");
     let target = ctx.topic("replay-resume-target");
@@ -415,6 +416,8 @@ pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result
             ..ReplayOptions::default()
         });
     let id = first.start_replay(request).await?.id;
+    // Another handler on the same store while the first runs it: it must leave it alone.
+    let bystander = ReplayHandler::open(ctx.broker.clone(), config.clone(), store.clone()).await?;
     eventually(
         ctx.settings.receive_timeout * 2,
         "some batches replayed",
@@ -438,8 +441,11 @@ pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result
         "stored as running"
     );
 
+    // The bystander (whose sweep may take it over first) and a restarted handler: between
+    // them the replay resumes once and completes.
     let second = ReplayHandler::open(ctx.broker.clone(), config, store.clone()).await?;
     let done = finished(&second, &id, ctx.settings.receive_timeout * 4).await?;
+    drop(bystander);
     assert_eq!(done.status, ReplayStatus::Completed, "{done:?}");
     assert_eq!(done.resumes, 1);
     assert_eq!((done.total, done.replayed), (80, 80), "{done:?}");

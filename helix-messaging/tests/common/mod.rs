@@ -74,8 +74,11 @@ pub async fn a_killed_replay_resumes_without_publishing_twice(open_store: OpenSt
         .into_result()
         .unwrap();
     let to = SystemTime::now() + Duration::from_secs(1);
+    // The killed process never gives its lease back: a short one lets the restarted
+    // process take the replay over within a second.
     let config = ReplayConfig {
         checkpoint_interval: Duration::from_millis(20),
+        lease: Duration::from_millis(500),
         ..ReplayConfig::default()
     };
     let request = ReplayRequest::new("audit", from, to)
@@ -226,6 +229,41 @@ pub async fn replay_store_round_trips(store: &dyn helix_messaging::replay::Repla
             .collect::<Vec<_>>(),
         vec![&record],
         "overwritten, listed once"
+    );
+    // Leases: one holder at a time, renewable by it, free once released or run out.
+    let (id, t) = (request.id.as_str(), SystemTime::now());
+    let later = t + Duration::from_secs(30);
+    assert!(
+        !store.claim("no-such-replay", "a", later, t).await.unwrap(),
+        "unknown id"
+    );
+    assert!(
+        store.claim(id, "a", later, t).await.unwrap(),
+        "free: a takes it"
+    );
+    assert!(store.claim(id, "a", later, t).await.unwrap(), "a renews it");
+    assert!(!store.claim(id, "b", later, t).await.unwrap(), "held by a");
+    store.release(id, "b").await.unwrap();
+    assert!(
+        !store.claim(id, "b", later, t).await.unwrap(),
+        "only a can release it"
+    );
+    assert!(
+        store
+            .claim(id, "b", later, later + Duration::from_secs(1))
+            .await
+            .unwrap(),
+        "b takes it once a's lease has run out"
+    );
+    store.release(id, "b").await.unwrap();
+    assert!(
+        store.claim(id, "c", later, t).await.unwrap(),
+        "free after release"
+    );
+    store.save(&record).await.unwrap();
+    assert!(
+        !store.claim(id, "d", later, t).await.unwrap(),
+        "saving keeps the lease"
     );
     assert!(store.remove(&request.id).await.unwrap());
     assert!(!store.remove(&request.id).await.unwrap());
