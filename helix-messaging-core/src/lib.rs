@@ -4,6 +4,7 @@
 //! Applications depend on the `helix-messaging` crate, which re-exports all of this; backend
 //! adapters depend on this crate directly.
 
+pub mod breaker;
 mod broker;
 mod capabilities;
 mod delivery;

@@ -336,3 +336,92 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
     }
     broker.close().await.unwrap();
 }
+
+/// Through a `BreakerBroker`, publishes during an outage open the publish breaker after its
+/// threshold; then they fail fast without reaching the adapter, health says so, and once
+/// the broker is back a probe closes the breaker again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
+    use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig, BreakerState};
+    use helix_messaging_core::{ErrorKind, HealthStatus};
+
+    log_to_stderr();
+    let _node = NODE.lock().await;
+    let vhost = Vhost::new("helix-breaker");
+    let mut config = fault_config(&vhost);
+    config.publish_timeout = Duration::from_secs(2);
+    let inner = Arc::new(RabbitBroker::connect(config).await.unwrap());
+    let topic = "breaker.outage";
+    let _group = inner
+        .subscribe(topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let broker = BreakerBroker::new(
+        inner,
+        BreakerConfig {
+            failure_threshold: 3,
+            open_interval: Duration::from_secs(2),
+            half_open_probes: 1,
+        },
+    )
+    .unwrap();
+    broker.publish(topic, Message::new("before")).await.unwrap();
+    assert_eq!(broker.health().await.status, HealthStatus::Healthy);
+
+    let _keep_running = KeepRunning;
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failures = 0;
+    while broker.publish_breaker().state() != BreakerState::Open {
+        let err = broker
+            .publish(topic, Message::new("during"))
+            .await
+            .expect_err("the node is stopped");
+        assert!(err.is_retryable(), "{err}");
+        failures += 1;
+        assert!(Instant::now() < deadline, "the breaker did not open: {err}");
+    }
+    assert!(failures >= 3, "opened after {failures} failures");
+    let err = broker
+        .publish(topic, Message::new("fails fast"))
+        .await
+        .expect_err("open");
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    assert!(
+        err.to_string()
+            .contains("circuit breaker rabbitmq.publish is open"),
+        "failed fast in the breaker, not in the adapter: {err}"
+    );
+    let batch = broker
+        .publish_batch(topic, vec![Message::new("a"), Message::new("b")])
+        .await;
+    assert_eq!(batch.failures().len(), 2, "a batch fails fast whole");
+    let health = broker.health().await;
+    assert_eq!(health.status, HealthStatus::Unhealthy, "{health:?}");
+    assert!(
+        health.detail.contains("rabbitmq.publish open"),
+        "{health:?}"
+    );
+
+    tokio::task::spawn_blocking(|| {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup", "--timeout", "60"]);
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match broker.publish(topic, Message::new("after")).await {
+            Ok(()) => break,
+            Err(err) => {
+                assert!(Instant::now() < deadline, "never closed again: {err}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    assert_eq!(broker.publish_breaker().state(), BreakerState::Closed);
+    assert_eq!(broker.health().await.status, HealthStatus::Healthy);
+    broker.close().await.unwrap();
+}
