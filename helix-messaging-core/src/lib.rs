@@ -10,6 +10,7 @@ mod capabilities;
 mod delivery;
 pub mod dlq;
 mod error;
+pub mod fallback;
 mod message;
 mod names;
 pub mod replay;

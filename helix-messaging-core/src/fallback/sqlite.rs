@@ -1,0 +1,210 @@
+//! The fallback spool in an embedded SQLite file.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use rusqlite::{Connection, params};
+
+use super::{Spool, SpoolLimits, SpoolStats, SpooledMessage, full, spooled_size};
+use crate::dlq::sqlite::{on_connection, open_connection};
+use crate::dlq::store::{from_micros, micros};
+use crate::{Error, ErrorKind, Message, MessageParts, Result};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS helix_spool (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    bytes INTEGER NOT NULL,
+    spooled_us INTEGER NOT NULL
+);
+";
+
+const STORE: &str = "fallback spool";
+
+/// Spooled publishes in an SQLite file (WAL, `synchronous = FULL`: an append is on disk
+/// before it returns), surviving a crash of the process. One process at a time should use a
+/// file.
+#[derive(Clone)]
+pub struct SqliteSpool {
+    connection: Arc<Mutex<Connection>>,
+    path: PathBuf,
+    limits: SpoolLimits,
+}
+
+impl std::fmt::Debug for SqliteSpool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteSpool")
+            .field("path", &self.path)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// The message without its payload, as JSON (the payload has a column of its own).
+fn meta(message: &Message) -> Result<String> {
+    let bare = Message::from_parts(MessageParts {
+        id: message.id().to_owned(),
+        key: message.key().map(str::to_owned),
+        payload: Bytes::new(),
+        headers: message.headers().clone(),
+        timestamp: message.timestamp(),
+        content_type: message.content_type().map(str::to_owned),
+        correlation_id: message.correlation_id().map(str::to_owned),
+        priority: message.priority(),
+        ttl: message.ttl(),
+    });
+    serde_json::to_string(&bare).map_err(|e| {
+        Error::new(
+            ErrorKind::Serialization,
+            format!("spooling message {}: {e}", message.id()),
+        )
+    })
+}
+
+fn restore(meta: &str, payload: Vec<u8>) -> rusqlite::Result<Message> {
+    let bare: Message = serde_json::from_str(meta).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
+    })?;
+    Ok(Message::from_parts(MessageParts {
+        id: bare.id().to_owned(),
+        key: bare.key().map(str::to_owned),
+        payload: payload.into(),
+        headers: bare.headers().clone(),
+        timestamp: bare.timestamp(),
+        content_type: bare.content_type().map(str::to_owned),
+        correlation_id: bare.correlation_id().map(str::to_owned),
+        priority: bare.priority(),
+        ttl: bare.ttl(),
+    }))
+}
+
+fn stats_of(c: &Connection) -> rusqlite::Result<SpoolStats> {
+    c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(spooled_us) FROM helix_spool")?
+        .query_row([], |row| {
+            let oldest: Option<i64> = row.get(2)?;
+            Ok(SpoolStats {
+                depth: row.get::<_, i64>(0)? as u64,
+                bytes: row.get::<_, i64>(1)? as u64,
+                oldest: oldest.map(from_micros),
+            })
+        })
+}
+
+impl SqliteSpool {
+    /// Open (creating if needed) the spool in the file at `path`; what it already holds
+    /// stays, to be forwarded.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Backend`] when the file cannot be opened or its table created.
+    pub async fn open(path: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let connection = open_connection(&path, SCHEMA, STORE).await?;
+        Ok(SqliteSpool {
+            connection,
+            path,
+            limits,
+        })
+    }
+
+    /// The file the spool lives in.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// What an append found: appended, or the spool as it was (full).
+enum Appended {
+    Done,
+    Full(SpoolStats, u64),
+}
+
+#[async_trait]
+impl Spool for SqliteSpool {
+    async fn append(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        let rows: Vec<(String, Bytes, u64)> = messages
+            .iter()
+            .map(|m| Ok((meta(m)?, m.payload().clone(), spooled_size(m))))
+            .collect::<Result<_>>()?;
+        let (topic, limits, count) = (topic.to_owned(), self.limits, messages.len());
+        let now = micros(SystemTime::now());
+        let outcome = on_connection(&self.connection, STORE, "appending", move |c| {
+            let tx = c.transaction()?;
+            let stats = stats_of(&tx)?;
+            let bytes: u64 = rows.iter().map(|r| r.2).sum();
+            if stats.depth + count as u64 > limits.max_messages
+                || stats.bytes + bytes > limits.max_bytes
+            {
+                return Ok(Appended::Full(stats, bytes));
+            }
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (meta, payload, bytes) in &rows {
+                    insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(Appended::Done)
+        })
+        .await?;
+        match outcome {
+            Appended::Done => Ok(()),
+            Appended::Full(stats, bytes) => Err(full(self.limits, stats, count, bytes)),
+        }
+    }
+
+    async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        on_connection(&self.connection, STORE, "reading", move |c| {
+            c.prepare_cached(
+                "SELECT seq, topic, meta, payload FROM helix_spool ORDER BY seq LIMIT ?1",
+            )?
+            .query_map(params![limit], |row| {
+                let meta: String = row.get(2)?;
+                Ok(SpooledMessage {
+                    seq: row.get(0)?,
+                    topic: row.get(1)?,
+                    message: restore(&meta, row.get(3)?)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn remove(&self, seqs: &[i64]) -> Result<()> {
+        let seqs = seqs.to_vec();
+        on_connection(&self.connection, STORE, "removing", move |c| {
+            let tx = c.transaction()?;
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM helix_spool WHERE seq = ?1")?;
+                for seq in &seqs {
+                    delete.execute(params![seq])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn topics(&self) -> Result<HashMap<String, u64>> {
+        on_connection(&self.connection, STORE, "listing topics", |c| {
+            c.prepare_cached("SELECT topic, COUNT(*) FROM helix_spool GROUP BY topic")?
+                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
+                .collect()
+        })
+        .await
+    }
+
+    async fn stats(&self) -> Result<SpoolStats> {
+        on_connection(&self.connection, STORE, "reading its size", |c| stats_of(c)).await
+    }
+}
