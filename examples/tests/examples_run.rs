@@ -10,6 +10,9 @@ fn run(program: &str) -> String {
         .env("MESSAGING_BACKEND", "memory")
         .env_remove("HELIX_REPLAY_STORE")
         .env_remove("HELIX_DLQ_STORE")
+        .env_remove("MESSAGING_TASK_BACKEND")
+        .env_remove("MESSAGING_EVENT_BACKEND")
+        .env_remove("MESSAGING_FALLBACK_ENABLED")
         .output()
         .unwrap_or_else(|e| panic!("running {program}: {e}"));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -37,4 +40,13 @@ fn the_replay_example_replays_what_its_dry_run_counted() {
 fn the_dlq_example_runs() {
     let out = run(env!("CARGO_BIN_EXE_dlq"));
     assert!(out.contains("backend: memory"), "{out}");
+}
+
+#[test]
+fn the_hub_example_handles_tasks_and_events() {
+    let out = run(env!("CARGO_BIN_EXE_hub"));
+    assert!(out.contains("tasks on memory, events on memory"), "{out}");
+    assert!(out.contains("tasks_handled: 3"), "{out}");
+    assert!(out.contains("tasks_expired: 1"), "{out}");
+    assert!(out.contains("events_handled: 2"), "{out}");
 }

@@ -11,6 +11,7 @@ mod delivery;
 pub mod dlq;
 mod error;
 pub mod fallback;
+pub mod hub;
 mod message;
 mod names;
 pub mod replay;

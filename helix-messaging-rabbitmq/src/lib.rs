@@ -1128,6 +1128,11 @@ async fn settle_delivery(
     action: AckAction,
 ) -> Result<()> {
     let queue = &context.queue;
+    // After close nothing is sent: an ack written to a connection being torn down can wait
+    // for the whole timeout (seen once under load) instead of failing.
+    if context.shared.supervisor.is_closed() {
+        return Err(Error::closed("the rabbitmq broker"));
+    }
     let doing = format!("settling ({action:?}) a delivery from {queue}");
     let settle = async {
         match action {

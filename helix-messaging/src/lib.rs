@@ -18,9 +18,14 @@
 //! ```
 
 mod backends;
+mod hub_env;
 
 pub use backends::{BackendInfo, KNOWN_BACKENDS, capability_table, compiled_backends};
 pub use helix_messaging_core::*;
+pub use hub_env::{
+    EVENT_BACKEND_VAR, FALLBACK_DIR_VAR, FALLBACK_VAR, GROUP_VAR, TASK_BACKEND_VAR, hub_from_env,
+    hub_from_vars,
+};
 
 #[cfg(feature = "kafka")]
 pub use helix_messaging_kafka as kafka;

@@ -63,7 +63,9 @@ pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
     let first = ctx.recv(&mut g1).await;
     assert_eq!(first.message().id(), held.id());
     assert!(first.can_delay(), "the backend declares delayed_delivery");
-    let delay = Duration::from_secs(1);
+    // Long enough that the later message's publish and delivery fit inside it on a loaded
+    // machine (Tansu in a debug build took over a second under a parallel build).
+    let delay = Duration::from_secs(3);
     let requeued_at = Instant::now();
     first.nack_after(delay).await?;
 

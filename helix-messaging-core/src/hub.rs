@@ -1,0 +1,462 @@
+//! The application-facing hub (the seeds' `messaging.NewHub`): tasks on one broker (the
+//! seeds put them on RabbitMQ), events on another (Kafka), each behind a circuit breaker
+//! and, with fallback on, a spool; typed task and event handlers with retry and
+//! dead-lettering.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::breaker::{BreakerBroker, BreakerConfig};
+use crate::dlq::{DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason};
+use crate::fallback::{FallbackBroker, ForwardConfig, Spool};
+use crate::retry::{RetryLayer, RetryPolicy};
+use crate::{
+    Broker, Envelope, Error, HandlerError, Health, HealthStatus, MAX_PRIORITY, MESSAGE_TYPE_HEADER,
+    Message, Result, Runner, json_handler,
+};
+
+/// Content type of a task's message.
+pub const TASK_CONTENT_TYPE: &str = "application/json";
+/// Content type of an event's message: a CloudEvents 1.0 event in structured JSON mode.
+pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
+
+/// A unit of work for one worker (the seeds' task message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    /// Task id (the message id too).
+    pub id: String,
+    /// What kind of work (`completion`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// 0 (lowest) to 10.
+    #[serde(default)]
+    pub priority: u8,
+    /// The work's input.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// Past this time the task is not handled: it is dead-lettered with reason
+    /// "deadline exceeded".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<DateTime<Utc>>,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Task {
+    /// A task of `kind` with `payload`, a fresh id, priority 0, no deadline.
+    pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
+        Task {
+            id: format!("task-{}", uuid::Uuid::new_v4()),
+            kind: kind.into(),
+            priority: 0,
+            payload,
+            deadline: None,
+            created_at: Utc::now(),
+        }
+    }
+
+    /// Set the priority (0–10).
+    #[must_use]
+    pub fn with_priority(mut self, priority: u8) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Set the deadline.
+    #[must_use]
+    pub fn with_deadline(mut self, deadline: DateTime<Utc>) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    fn to_message(&self) -> Result<Message> {
+        if self.priority > MAX_PRIORITY {
+            return Err(Error::invalid_input(format!(
+                "task priority {} is above {MAX_PRIORITY}",
+                self.priority
+            )));
+        }
+        let body = serde_json::to_vec(self)
+            .map_err(|e| Error::new(crate::ErrorKind::Serialization, e.to_string()))?;
+        Ok(Message::new(body)
+            .with_id(self.id.clone())
+            .with_header(MESSAGE_TYPE_HEADER, self.kind.clone())
+            .with_content_type(TASK_CONTENT_TYPE)
+            .with_priority(self.priority))
+    }
+}
+
+/// Something that happened (the seeds' event message), written as a CloudEvents 1.0 event
+/// in structured JSON mode (`specversion`, `id`, `source`, `type`, `subject`, `time`,
+/// `datacontenttype`, `data`), so CloudEvents tools read it; `timestamp` (the seeds' name)
+/// is accepted for `time` on input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Always `"1.0"`.
+    #[serde(default = "spec_version")]
+    pub specversion: String,
+    /// Event id (the message id too).
+    pub id: String,
+    /// What kind of event (`debate.round.completed`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Who emitted it (`debate-service`).
+    pub source: String,
+    /// What it is about (also the message key: one subject's events keep their order on
+    /// the broker; handlers run up to [`HubConfig::concurrency`] at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// When it happened.
+    #[serde(alias = "timestamp")]
+    pub time: DateTime<Utc>,
+    /// Always `application/json`.
+    #[serde(default = "json_type")]
+    pub datacontenttype: String,
+    /// The event's data.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+fn spec_version() -> String {
+    "1.0".into()
+}
+
+fn json_type() -> String {
+    "application/json".into()
+}
+
+impl Event {
+    /// An event of `kind` from `source` with `data`, a fresh id, now.
+    pub fn new(
+        kind: impl Into<String>,
+        source: impl Into<String>,
+        data: serde_json::Value,
+    ) -> Self {
+        Event {
+            specversion: spec_version(),
+            id: format!("event-{}", uuid::Uuid::new_v4()),
+            kind: kind.into(),
+            source: source.into(),
+            subject: None,
+            time: Utc::now(),
+            datacontenttype: json_type(),
+            data,
+        }
+    }
+
+    /// Set the subject.
+    #[must_use]
+    pub fn with_subject(mut self, subject: impl Into<String>) -> Self {
+        self.subject = Some(subject.into());
+        self
+    }
+
+    fn to_message(&self) -> Result<Message> {
+        let body = serde_json::to_vec(self)
+            .map_err(|e| Error::new(crate::ErrorKind::Serialization, e.to_string()))?;
+        let mut message = Message::new(body)
+            .with_id(self.id.clone())
+            .with_header(MESSAGE_TYPE_HEADER, self.kind.clone())
+            .with_content_type(EVENT_CONTENT_TYPE);
+        if let Some(subject) = &self.subject {
+            message = message.with_key(subject.clone());
+        }
+        Ok(message)
+    }
+}
+
+/// How the hub is set up.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Consumer group of task workers (default `helixagent-workers`, `KAFKA_CONSUMER_GROUP`).
+    pub task_group: String,
+    /// Where failed tasks and events go (default: the seeds' routing, `helixagent.dlq.tasks`
+    /// and `helixagent.dlq.events`, else `helixagent.dlq`).
+    pub dead_letters: DeadLetterConfig,
+    /// Retries before dead-lettering.
+    pub retry: RetryPolicy,
+    /// The breakers on both brokers.
+    pub breaker: BreakerConfig,
+    /// Handlers running at once per subscription (default 16; 1 handles a subscription's
+    /// messages one after another, in delivery order).
+    pub concurrency: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            task_group: "helixagent-workers".into(),
+            dead_letters: DeadLetterConfig::seeds(),
+            retry: RetryPolicy::new(),
+            breaker: BreakerConfig::default(),
+            concurrency: 16,
+        }
+    }
+}
+
+/// Counts of what the hub has done (the seeds' `GetMetrics`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HubMetrics {
+    /// Tasks published (accepted by the broker or the spool).
+    pub tasks_published: u64,
+    /// Events published.
+    pub events_published: u64,
+    /// Tasks handled successfully.
+    pub tasks_handled: u64,
+    /// Events handled successfully.
+    pub events_handled: u64,
+    /// Tasks dead-lettered because their deadline had passed.
+    pub tasks_expired: u64,
+}
+
+/// The health of both sides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubHealth {
+    /// The worse of the two.
+    pub status: HealthStatus,
+    /// The task broker's.
+    pub tasks: Health,
+    /// The event broker's.
+    pub events: Health,
+}
+
+#[derive(Default)]
+struct Counters {
+    tasks_published: AtomicU64,
+    events_published: AtomicU64,
+    tasks_handled: AtomicU64,
+    events_handled: AtomicU64,
+    tasks_expired: AtomicU64,
+}
+
+/// One side of the hub: the broker as given, and as used (breaker, maybe fallback).
+struct Side {
+    used: Arc<dyn Broker>,
+}
+
+impl Side {
+    async fn new(
+        broker: Arc<dyn Broker>,
+        config: &HubConfig,
+        spool: Option<Arc<dyn Spool>>,
+    ) -> Result<Side> {
+        let guarded = BreakerBroker::new(broker, config.breaker)?;
+        let used: Arc<dyn Broker> = match spool {
+            Some(spool) => {
+                Arc::new(FallbackBroker::new(guarded, spool, ForwardConfig::default()).await?)
+            }
+            None => Arc::new(guarded),
+        };
+        Ok(Side { used })
+    }
+}
+
+/// Tasks and events over two brokers (which may be one), with breakers, optional fallback
+/// spools, retry and dead-lettering. Cloning shares it.
+#[derive(Clone)]
+pub struct Hub {
+    tasks: Arc<Side>,
+    events: Arc<Side>,
+    config: Arc<HubConfig>,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub")
+            .field("tasks", &self.tasks.used)
+            .field("events", &self.events.used)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// A hub over `tasks` and `events` (pass one broker twice for a single backend). With a
+    /// spool for a side, that side's publishes are spooled while its broker is away (the
+    /// seeds' `MESSAGING_FALLBACK_ENABLED`; give each side a spool of its own).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a bad breaker
+    /// configuration; a spool's error reading what it holds.
+    pub async fn new(
+        config: HubConfig,
+        tasks: Arc<dyn Broker>,
+        events: Arc<dyn Broker>,
+        spools: Option<(Arc<dyn Spool>, Arc<dyn Spool>)>,
+    ) -> Result<Self> {
+        let (task_spool, event_spool) = match spools {
+            Some((t, e)) => (Some(t), Some(e)),
+            None => (None, None),
+        };
+        let tasks = Side::new(tasks, &config, task_spool).await?;
+        let events = Side::new(events, &config, event_spool).await?;
+        Ok(Hub {
+            tasks: Arc::new(tasks),
+            events: Arc::new(events),
+            config: Arc::new(config),
+            counters: Arc::default(),
+        })
+    }
+
+    /// The task side's broker, as the hub uses it.
+    pub fn task_broker(&self) -> &Arc<dyn Broker> {
+        &self.tasks.used
+    }
+
+    /// The event side's broker, as the hub uses it.
+    pub fn event_broker(&self) -> &Arc<dyn Broker> {
+        &self.events.used
+    }
+
+    /// Publish `task` to `queue`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a priority above 10;
+    /// the broker's (or, with fallback, the spool's) error.
+    pub async fn publish_task(&self, queue: &str, task: &Task) -> Result<()> {
+        self.tasks.used.publish(queue, task.to_message()?).await?;
+        self.counters
+            .tasks_published
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Publish `event` to `topic` (keyed by its subject).
+    ///
+    /// # Errors
+    /// The broker's (or, with fallback, the spool's) error.
+    pub async fn publish_event(&self, topic: &str, event: &Event) -> Result<()> {
+        self.events.used.publish(topic, event.to_message()?).await?;
+        self.counters
+            .events_published
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A runner on `broker`'s `topic` in `group`, with dead-lettering around retry.
+    fn runner(
+        &self,
+        broker: &Arc<dyn Broker>,
+        topic: &str,
+        group: &str,
+    ) -> Result<crate::RunnerBuilder> {
+        let dlq = DeadLetterLayer::new(DeadLetterQueue::new(
+            broker.clone(),
+            self.config.dead_letters.clone(),
+        ));
+        Ok(Runner::builder(broker.clone(), topic)
+            .group(group)
+            .concurrency(self.config.concurrency)
+            .layer(dlq)
+            .layer(RetryLayer::new(self.config.retry.clone())?))
+    }
+
+    /// Handle the tasks of `queue` in the workers' group: each is decoded (an undecodable
+    /// one is dead-lettered at once), a task past its deadline is dead-lettered with reason
+    /// "deadline exceeded" without reaching `handler`, failures are retried and finally
+    /// dead-lettered. Returns the running [`Runner`].
+    ///
+    /// # Errors
+    /// The broker's error subscribing.
+    pub async fn subscribe_tasks<F, Fut>(&self, queue: &str, handler: F) -> Result<Runner>
+    where
+        F: Fn(Task, Envelope) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let counters = self.counters.clone();
+        let handler = Arc::new(handler);
+        self.runner(&self.tasks.used, queue, &self.config.task_group)?
+            .start(json_handler(move |task: Task, envelope: Envelope| {
+                let (counters, handler) = (counters.clone(), handler.clone());
+                async move {
+                    if task.deadline.is_some_and(|deadline| deadline < Utc::now()) {
+                        counters.tasks_expired.fetch_add(1, Ordering::Relaxed);
+                        return Err(HandlerError::permanent(format!(
+                            "task {} passed its deadline {}",
+                            task.id,
+                            task.deadline.map(|d| d.to_rfc3339()).unwrap_or_default()
+                        ))
+                        .with_reason(DeadLetterReason::DeadlineExceeded));
+                    }
+                    handler(task, envelope).await?;
+                    counters.tasks_handled.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            }))
+            .await
+    }
+
+    /// Handle the events of `topic` in consumer group `group` (every group gets every
+    /// event), decoded, retried and dead-lettered like tasks.
+    ///
+    /// # Errors
+    /// The broker's error subscribing.
+    pub async fn subscribe_events<F, Fut>(
+        &self,
+        topic: &str,
+        handler: F,
+        group: &str,
+    ) -> Result<Runner>
+    where
+        F: Fn(Event, Envelope) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let counters = self.counters.clone();
+        let handler = Arc::new(handler);
+        self.runner(&self.events.used, topic, group)?
+            .start(json_handler(move |event: Event, envelope: Envelope| {
+                let (counters, handler) = (counters.clone(), handler.clone());
+                async move {
+                    handler(event, envelope).await?;
+                    counters.events_handled.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                }
+            }))
+            .await
+    }
+
+    /// Both sides' health (the seeds' `HealthCheck`).
+    pub async fn health_check(&self) -> HubHealth {
+        let (tasks, events) = futures::join!(self.tasks.used.health(), self.events.used.health());
+        let rank = |s: HealthStatus| match s {
+            HealthStatus::Healthy => 0,
+            HealthStatus::Degraded => 1,
+            HealthStatus::Unhealthy => 2,
+        };
+        let status = if rank(tasks.status) >= rank(events.status) {
+            tasks.status
+        } else {
+            events.status
+        };
+        HubHealth {
+            status,
+            tasks,
+            events,
+        }
+    }
+
+    /// What the hub has done so far.
+    pub fn metrics(&self) -> HubMetrics {
+        let c = &self.counters;
+        HubMetrics {
+            tasks_published: c.tasks_published.load(Ordering::Relaxed),
+            events_published: c.events_published.load(Ordering::Relaxed),
+            tasks_handled: c.tasks_handled.load(Ordering::Relaxed),
+            events_handled: c.events_handled.load(Ordering::Relaxed),
+            tasks_expired: c.tasks_expired.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Close both brokers (once each, also when they are one).
+    ///
+    /// # Errors
+    /// The first close error.
+    pub async fn close(&self) -> Result<()> {
+        let tasks = self.tasks.used.close().await;
+        let events = self.events.used.close().await;
+        tasks.and(events)
+    }
+}

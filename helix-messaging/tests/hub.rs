@@ -1,0 +1,186 @@
+//! The hub over two real brokers: tasks on RabbitMQ, events on Redis Streams.
+#![cfg(all(feature = "rabbitmq", feature = "redis"))]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use helix_messaging::dlq::{DeadLetterConfig, HEADER_ORIGINAL_ID, HEADER_REASON};
+use helix_messaging::hub::{Event, Hub, HubConfig, Task};
+use helix_messaging::{HealthStatus, Message, SubscribeOptions};
+use helix_messaging_testkit::fresh_name;
+use parking_lot::Mutex;
+
+async fn until(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: not within 30 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_on_rabbitmq_and_events_on_redis_streams_round_trip() {
+    let rabbitmq = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let tasks = helix_messaging::connect(&rabbitmq).await.expect("RabbitMQ");
+    let events = helix_messaging::connect(&redis.replacen("redis://", "redis-streams://", 1))
+        .await
+        .expect("Redis");
+    assert_eq!((tasks.name(), events.name()), ("rabbitmq", "redis-streams"));
+    let dlq = fresh_name("hub-dlq");
+    let hub = Hub::new(
+        HubConfig {
+            task_group: fresh_name("workers"),
+            dead_letters: DeadLetterConfig::new(&dlq).unwrap(),
+            ..HubConfig::default()
+        },
+        tasks.clone(),
+        events.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let queue = fresh_name("tasks");
+    let topic = fresh_name("events");
+    let mut dead = tasks
+        .subscribe(&dlq, SubscribeOptions::group("inspect"))
+        .await
+        .unwrap();
+
+    let handled: Arc<Mutex<Vec<Task>>> = Arc::default();
+    let sink = handled.clone();
+    let workers = hub
+        .subscribe_tasks(&queue, move |task: Task, _| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().push(task);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let seen: Arc<Mutex<Vec<(Event, serde_json::Value)>>> = Arc::default();
+    let sink = seen.clone();
+    let audit = hub
+        .subscribe_events(
+            &topic,
+            move |event: Event, envelope| {
+                let sink = sink.clone();
+                async move {
+                    let wire: serde_json::Value =
+                        serde_json::from_slice(envelope.message.payload()).unwrap();
+                    sink.lock().push((event, wire));
+                    Ok(())
+                }
+            },
+            "audit",
+        )
+        .await
+        .unwrap();
+
+    let sent: Vec<Task> = (0..5u8)
+        .map(|i| Task::new("completion", serde_json::json!({ "n": i })).with_priority(i * 2))
+        .collect();
+    for task in &sent {
+        hub.publish_task(&queue, task).await.unwrap();
+    }
+    let expired = Task::new("completion", serde_json::json!({}))
+        .with_deadline(chrono::Utc::now() - chrono::Duration::seconds(5));
+    hub.publish_task(&queue, &expired).await.unwrap();
+    let too_high = Task::new("completion", serde_json::json!({})).with_priority(11);
+    assert!(
+        hub.publish_task(&queue, &too_high).await.is_err(),
+        "priority above 10"
+    );
+    let garbage = Message::new("not a task");
+    hub.task_broker()
+        .publish(&queue, garbage.clone())
+        .await
+        .unwrap();
+    let events_sent: Vec<Event> = (0..5)
+        .map(|i| {
+            Event::new(
+                "debate.round.completed",
+                "debate-service",
+                serde_json::json!({ "round": i }),
+            )
+            .with_subject("debate-789")
+        })
+        .collect();
+    for event in &events_sent {
+        hub.publish_event(&topic, event).await.unwrap();
+    }
+
+    until("5 tasks handled", || handled.lock().len() == 5).await;
+    until("5 events handled", || seen.lock().len() == 5).await;
+    let mut got = handled.lock().clone();
+    got.sort_by_key(|t| t.id.clone());
+    let mut want = sent.clone();
+    want.sort_by_key(|t| t.id.clone());
+    assert_eq!(got, want, "every field of every task");
+    let seen = seen.lock().clone();
+    // Handlers run concurrently (HubConfig::concurrency), so compare as sets.
+    let mut got_events: Vec<Event> = seen.iter().map(|(e, _)| e.clone()).collect();
+    got_events.sort_by_key(|e| e.id.clone());
+    let mut want_events = events_sent.clone();
+    want_events.sort_by_key(|e| e.id.clone());
+    assert_eq!(got_events, want_events, "every field of every event");
+    let wire = &seen[0].1;
+    for attribute in [
+        "specversion",
+        "id",
+        "source",
+        "type",
+        "subject",
+        "time",
+        "datacontenttype",
+        "data",
+    ] {
+        assert!(
+            wire.get(attribute).is_some(),
+            "CloudEvents attribute {attribute}: {wire}"
+        );
+    }
+    assert_eq!(wire["specversion"], "1.0");
+
+    // The expired task and the undecodable message are dead-lettered, with their reasons.
+    let mut reasons = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(30), futures::StreamExt::next(&mut dead))
+            .await
+            .expect("a dead letter within 30 s")
+            .unwrap()
+            .unwrap();
+        reasons.insert(
+            d.message()
+                .header(HEADER_ORIGINAL_ID)
+                .unwrap_or_default()
+                .to_owned(),
+            d.message()
+                .header(HEADER_REASON)
+                .unwrap_or_default()
+                .to_owned(),
+        );
+        d.ack().await.unwrap();
+    }
+    assert_eq!(reasons[expired.id.as_str()], "deadline exceeded");
+    assert_eq!(reasons[garbage.id()], "undecodable payload");
+
+    let metrics = hub.metrics();
+    assert_eq!(
+        (
+            metrics.tasks_published,
+            metrics.tasks_handled,
+            metrics.tasks_expired
+        ),
+        (6, 5, 1)
+    );
+    assert_eq!((metrics.events_published, metrics.events_handled), (5, 5));
+    let health = hub.health_check().await;
+    assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
+    workers.shutdown().await;
+    audit.shutdown().await;
+    drop(dead);
+    hub.close().await.unwrap();
+}
