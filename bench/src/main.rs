@@ -10,6 +10,7 @@
 //! cargo run --release -p helix-messaging-bench -- redrive [--messages N] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- replay [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- replay-peak [--messages N] [--size BYTES]
+//! cargo run --release -p helix-messaging-bench -- spool [--messages N] [--size BYTES] [--runs R]
 //! ```
 //!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
@@ -23,13 +24,14 @@ mod memory;
 mod rabbitmq;
 mod redis;
 mod replay;
+mod spool;
 
 use std::process::ExitCode;
 
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -76,6 +78,10 @@ fn main() -> ExitCode {
         }
         "replay" => {
             runtime.block_on(replay::compare(&options.default_messages(100_000)));
+            ExitCode::SUCCESS
+        }
+        "spool" => {
+            runtime.block_on(spool::compare(&options.default_messages(20_000)));
             ExitCode::SUCCESS
         }
         "replay-peak" => {

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Spool, SpoolLimits, SpoolStats, SpooledMessage, full, spooled_size};
 use crate::dlq::sqlite::{on_connection, open_connection};
@@ -36,6 +36,9 @@ pub struct SqliteSpool {
     connection: Arc<Mutex<Connection>>,
     path: PathBuf,
     limits: SpoolLimits,
+    /// Messages and bytes held: counted once at open, then kept here (SQLite counts by
+    /// scanning the table).
+    held: Arc<Mutex<(u64, u64)>>,
 }
 
 impl std::fmt::Debug for SqliteSpool {
@@ -85,15 +88,10 @@ fn restore(meta: &str, payload: Vec<u8>) -> rusqlite::Result<Message> {
     }))
 }
 
-fn stats_of(c: &Connection) -> rusqlite::Result<SpoolStats> {
-    c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0), MIN(spooled_us) FROM helix_spool")?
+fn count(c: &Connection) -> rusqlite::Result<(u64, u64)> {
+    c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM helix_spool")?
         .query_row([], |row| {
-            let oldest: Option<i64> = row.get(2)?;
-            Ok(SpoolStats {
-                depth: row.get::<_, i64>(0)? as u64,
-                bytes: row.get::<_, i64>(1)? as u64,
-                oldest: oldest.map(from_micros),
-            })
+            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
         })
 }
 
@@ -106,10 +104,12 @@ impl SqliteSpool {
     pub async fn open(path: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let connection = open_connection(&path, SCHEMA, STORE).await?;
+        let held = on_connection(&connection, STORE, "counting", |c| count(c)).await?;
         Ok(SqliteSpool {
             connection,
             path,
             limits,
+            held: Arc::new(Mutex::new(held)),
         })
     }
 
@@ -119,12 +119,6 @@ impl SqliteSpool {
     }
 }
 
-/// What an append found: appended, or the spool as it was (full).
-enum Appended {
-    Done,
-    Full(SpoolStats, u64),
-}
-
 #[async_trait]
 impl Spool for SqliteSpool {
     async fn append(&self, topic: &str, messages: &[Message]) -> Result<()> {
@@ -132,17 +126,28 @@ impl Spool for SqliteSpool {
             .iter()
             .map(|m| Ok((meta(m)?, m.payload().clone(), spooled_size(m))))
             .collect::<Result<_>>()?;
-        let (topic, limits, count) = (topic.to_owned(), self.limits, messages.len());
-        let now = micros(SystemTime::now());
-        let outcome = on_connection(&self.connection, STORE, "appending", move |c| {
-            let tx = c.transaction()?;
-            let stats = stats_of(&tx)?;
-            let bytes: u64 = rows.iter().map(|r| r.2).sum();
-            if stats.depth + count as u64 > limits.max_messages
-                || stats.bytes + bytes > limits.max_bytes
+        let (topic, count) = (topic.to_owned(), messages.len());
+        let bytes: u64 = rows.iter().map(|r| r.2).sum();
+        {
+            // Room is reserved before writing, so concurrent appends never overshoot.
+            let mut held = self.held.lock();
+            let (depth, held_bytes) = *held;
+            if depth + count as u64 > self.limits.max_messages
+                || held_bytes + bytes > self.limits.max_bytes
             {
-                return Ok(Appended::Full(stats, bytes));
+                let stats = SpoolStats {
+                    depth,
+                    bytes: held_bytes,
+                    oldest: None,
+                };
+                return Err(full(self.limits, stats, count, bytes));
             }
+            held.0 += count as u64;
+            held.1 += bytes;
+        }
+        let now = micros(SystemTime::now());
+        let written = on_connection(&self.connection, STORE, "appending", move |c| {
+            let tx = c.transaction()?;
             {
                 let mut insert = tx.prepare_cached(
                     "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -151,14 +156,15 @@ impl Spool for SqliteSpool {
                     insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
                 }
             }
-            tx.commit()?;
-            Ok(Appended::Done)
+            tx.commit()
         })
-        .await?;
-        match outcome {
-            Appended::Done => Ok(()),
-            Appended::Full(stats, bytes) => Err(full(self.limits, stats, count, bytes)),
+        .await;
+        if written.is_err() {
+            let mut held = self.held.lock();
+            held.0 -= count as u64;
+            held.1 -= bytes;
         }
+        written
     }
 
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
@@ -182,17 +188,30 @@ impl Spool for SqliteSpool {
 
     async fn remove(&self, seqs: &[i64]) -> Result<()> {
         let seqs = seqs.to_vec();
-        on_connection(&self.connection, STORE, "removing", move |c| {
+        let (removed, freed) = on_connection(&self.connection, STORE, "removing", move |c| {
             let tx = c.transaction()?;
+            let (mut removed, mut freed) = (0u64, 0u64);
             {
-                let mut delete = tx.prepare_cached("DELETE FROM helix_spool WHERE seq = ?1")?;
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM helix_spool WHERE seq = ?1 RETURNING bytes")?;
                 for seq in &seqs {
-                    delete.execute(params![seq])?;
+                    if let Some(bytes) = delete
+                        .query_row(params![seq], |row| row.get::<_, i64>(0))
+                        .optional()?
+                    {
+                        removed += 1;
+                        freed += bytes as u64;
+                    }
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok((removed, freed))
         })
-        .await
+        .await?;
+        let mut held = self.held.lock();
+        held.0 = held.0.saturating_sub(removed);
+        held.1 = held.1.saturating_sub(freed);
+        Ok(())
     }
 
     async fn topics(&self) -> Result<HashMap<String, u64>> {
@@ -205,6 +224,17 @@ impl Spool for SqliteSpool {
     }
 
     async fn stats(&self) -> Result<SpoolStats> {
-        on_connection(&self.connection, STORE, "reading its size", |c| stats_of(c)).await
+        let oldest: Option<i64> = on_connection(&self.connection, STORE, "reading its age", |c| {
+            c.prepare_cached("SELECT spooled_us FROM helix_spool ORDER BY seq LIMIT 1")?
+                .query_row([], |row| row.get(0))
+                .optional()
+        })
+        .await?;
+        let (depth, bytes) = *self.held.lock();
+        Ok(SpoolStats {
+            depth,
+            bytes,
+            oldest: oldest.map(from_micros),
+        })
     }
 }
