@@ -102,6 +102,22 @@ impl Message {
         }
     }
 
+    /// The message taken apart, field by field: the inverse of [`Message::from_parts`], for
+    /// building a changed copy without naming every field.
+    pub fn into_parts(self) -> MessageParts {
+        MessageParts {
+            id: self.id,
+            key: self.key,
+            payload: self.payload,
+            headers: self.headers,
+            timestamp: self.timestamp,
+            content_type: self.content_type,
+            correlation_id: self.correlation_id,
+            priority: self.priority,
+            ttl: self.ttl,
+        }
+    }
+
     /// A message with the given id, payload and timestamp and nothing else set: for adapters
     /// rebuilding a received message, where generating an id and reading the clock would be
     /// wasted work.

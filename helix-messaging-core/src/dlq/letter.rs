@@ -279,23 +279,18 @@ impl DeadLetter {
     /// consumers can deduplicate), payload, key and headers, no failure headers, the
     /// re-drive counter one higher, a fresh timestamp, and attempts starting again at 1.
     pub fn redrive_message(&self) -> Message {
-        let m = &self.message;
-        let mut headers = without_failure_headers(m.headers());
-        headers.insert(
+        let mut parts = self.message.clone().into_parts();
+        // The copy's own headers, filtered in place: no second map.
+        parts
+            .headers
+            .retain(|name, _| !name.starts_with(HEADER_PREFIX));
+        parts.headers.insert(
             HEADER_REDRIVE_COUNT.to_owned(),
             (self.redrives + 1).to_string(),
         );
-        Message::from_parts(MessageParts {
-            id: m.id().to_owned(),
-            key: m.key().map(str::to_owned),
-            payload: m.payload().clone(),
-            headers,
-            timestamp: SystemTime::now(),
-            content_type: m.content_type().map(str::to_owned),
-            correlation_id: m.correlation_id().map(str::to_owned),
-            priority: m.priority(),
-            ttl: None,
-        })
+        parts.timestamp = SystemTime::now();
+        parts.ttl = None;
+        Message::from_parts(parts)
     }
 }
 

@@ -13,7 +13,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::{Spool, SpoolLimits, SpoolStats, SpooledMessage, full, spooled_size};
 use crate::dlq::sqlite::{on_connection, open_connection};
 use crate::dlq::store::{from_micros, micros};
-use crate::{Error, ErrorKind, Message, MessageParts, Result};
+use crate::{Error, ErrorKind, Message, Result};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS helix_spool (
@@ -52,18 +52,9 @@ impl std::fmt::Debug for SqliteSpool {
 
 /// The message without its payload, as JSON (the payload has a column of its own).
 fn meta(message: &Message) -> Result<String> {
-    let bare = Message::from_parts(MessageParts {
-        id: message.id().to_owned(),
-        key: message.key().map(str::to_owned),
-        payload: Bytes::new(),
-        headers: message.headers().clone(),
-        timestamp: message.timestamp(),
-        content_type: message.content_type().map(str::to_owned),
-        correlation_id: message.correlation_id().map(str::to_owned),
-        priority: message.priority(),
-        ttl: message.ttl(),
-    });
-    serde_json::to_string(&bare).map_err(|e| {
+    let mut parts = message.clone().into_parts();
+    parts.payload = Bytes::new();
+    serde_json::to_string(&Message::from_parts(parts)).map_err(|e| {
         Error::new(
             ErrorKind::Serialization,
             format!("spooling message {}: {e}", message.id()),
@@ -75,17 +66,9 @@ fn restore(meta: &str, payload: Vec<u8>) -> rusqlite::Result<Message> {
     let bare: Message = serde_json::from_str(meta).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
     })?;
-    Ok(Message::from_parts(MessageParts {
-        id: bare.id().to_owned(),
-        key: bare.key().map(str::to_owned),
-        payload: payload.into(),
-        headers: bare.headers().clone(),
-        timestamp: bare.timestamp(),
-        content_type: bare.content_type().map(str::to_owned),
-        correlation_id: bare.correlation_id().map(str::to_owned),
-        priority: bare.priority(),
-        ttl: bare.ttl(),
-    }))
+    let mut parts = bare.into_parts();
+    parts.payload = payload.into();
+    Ok(Message::from_parts(parts))
 }
 
 fn count(c: &Connection) -> rusqlite::Result<(u64, u64)> {

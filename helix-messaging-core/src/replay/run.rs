@@ -17,8 +17,8 @@ use super::{
 };
 use crate::message::millis;
 use crate::{
-    Broker, Error, ErrorKind, HistoryEntry, MESSAGE_TYPE_HEADER, Message, MessageParts, Position,
-    Result, TimeRange,
+    Broker, Error, ErrorKind, HistoryEntry, MESSAGE_TYPE_HEADER, Message, Position, Result,
+    TimeRange,
 };
 
 pub(super) struct Run {
@@ -405,7 +405,8 @@ impl Run {
     fn copy(&self, pending: &Pending) -> Message {
         let original = &*pending.entry.message;
         let request = &self.record.request;
-        let mut headers = original.headers().clone();
+        let mut parts = original.clone().into_parts();
+        let headers = &mut parts.headers;
         headers.insert(HEADER_REPLAY_ID.to_owned(), request.id.clone());
         headers.insert(HEADER_SOURCE_TOPIC.to_owned(), request.topic.clone());
         headers.insert(HEADER_SOURCE_POSITION.to_owned(), pending.position.clone());
@@ -413,17 +414,8 @@ impl Run {
             HEADER_ORIGINAL_TIMESTAMP.to_owned(),
             millis(original.timestamp()),
         );
-        Message::from_parts(MessageParts {
-            id: original.id().to_owned(),
-            key: original.key().map(str::to_owned),
-            payload: original.payload().clone(),
-            headers,
-            timestamp: SystemTime::now(),
-            content_type: original.content_type().map(str::to_owned),
-            correlation_id: original.correlation_id().map(str::to_owned),
-            priority: original.priority(),
-            ttl: original.ttl(),
-        })
+        parts.timestamp = SystemTime::now();
+        Message::from_parts(parts)
     }
 
     /// Source positions of the copies this replay published to the target since `since`
