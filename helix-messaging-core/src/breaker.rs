@@ -413,11 +413,6 @@ impl Broker for BreakerBroker {
     async fn health(&self) -> Health {
         let inner = self.inner.health().await;
         let breakers = [&self.publish, &self.consume];
-        let worst = breakers
-            .iter()
-            .map(|b| b.state())
-            .max_by_key(|s| s.gauge() as u8)
-            .unwrap_or(BreakerState::Closed);
         let detail = format!(
             "{}; breakers: {}",
             inner.detail,
@@ -427,11 +422,14 @@ impl Broker for BreakerBroker {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        let status = match (inner.status, worst) {
-            (HealthStatus::Unhealthy, _) | (_, BreakerState::Open) => HealthStatus::Unhealthy,
-            (HealthStatus::Degraded, _) | (_, BreakerState::HalfOpen) => HealthStatus::Degraded,
-            _ => HealthStatus::Healthy,
-        };
+        let status = breakers
+            .iter()
+            .map(|b| match b.state() {
+                BreakerState::Closed => HealthStatus::Healthy,
+                BreakerState::HalfOpen => HealthStatus::Degraded,
+                BreakerState::Open => HealthStatus::Unhealthy,
+            })
+            .fold(inner.status, Ord::max);
         Health { status, detail }
     }
 

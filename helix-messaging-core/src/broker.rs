@@ -189,8 +189,9 @@ pub struct HistoryEntry {
 /// Stream of history entries in recorded order.
 pub type HistoryStream = BoxStream<'static, Result<HistoryEntry>>;
 
-/// Overall health of a broker connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Overall health of a broker connection, ordered from best to worst (so `a.max(b)` is the
+/// worse of two).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum HealthStatus {
     /// Everything works.
     Healthy,

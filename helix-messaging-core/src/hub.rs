@@ -232,34 +232,27 @@ struct Counters {
     tasks_expired: AtomicU64,
 }
 
-/// One side of the hub: the broker as given, and as used (breaker, maybe fallback).
-struct Side {
-    used: Arc<dyn Broker>,
-}
-
-impl Side {
-    async fn new(
-        broker: Arc<dyn Broker>,
-        config: &HubConfig,
-        spool: Option<Arc<dyn Spool>>,
-    ) -> Result<Side> {
-        let guarded = BreakerBroker::new(broker, config.breaker)?;
-        let used: Arc<dyn Broker> = match spool {
-            Some(spool) => {
-                Arc::new(FallbackBroker::new(guarded, spool, ForwardConfig::default()).await?)
-            }
-            None => Arc::new(guarded),
-        };
-        Ok(Side { used })
-    }
+/// `broker` as a hub side uses it: behind a breaker, and with `spool` behind a fallback.
+async fn guarded(
+    broker: Arc<dyn Broker>,
+    config: &HubConfig,
+    spool: Option<Arc<dyn Spool>>,
+) -> Result<Arc<dyn Broker>> {
+    let guarded = BreakerBroker::new(broker, config.breaker)?;
+    Ok(match spool {
+        Some(spool) => {
+            Arc::new(FallbackBroker::new(guarded, spool, ForwardConfig::default()).await?)
+        }
+        None => Arc::new(guarded),
+    })
 }
 
 /// Tasks and events over two brokers (which may be one), with breakers, optional fallback
 /// spools, retry and dead-lettering. Cloning shares it.
 #[derive(Clone)]
 pub struct Hub {
-    tasks: Arc<Side>,
-    events: Arc<Side>,
+    tasks: Arc<dyn Broker>,
+    events: Arc<dyn Broker>,
     config: Arc<HubConfig>,
     counters: Arc<Counters>,
 }
@@ -267,8 +260,8 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("tasks", &self.tasks.used)
-            .field("events", &self.events.used)
+            .field("tasks", &self.tasks)
+            .field("events", &self.events)
             .finish_non_exhaustive()
     }
 }
@@ -291,11 +284,9 @@ impl Hub {
             Some((t, e)) => (Some(t), Some(e)),
             None => (None, None),
         };
-        let tasks = Side::new(tasks, &config, task_spool).await?;
-        let events = Side::new(events, &config, event_spool).await?;
         Ok(Hub {
-            tasks: Arc::new(tasks),
-            events: Arc::new(events),
+            tasks: guarded(tasks, &config, task_spool).await?,
+            events: guarded(events, &config, event_spool).await?,
             config: Arc::new(config),
             counters: Arc::default(),
         })
@@ -303,12 +294,12 @@ impl Hub {
 
     /// The task side's broker, as the hub uses it.
     pub fn task_broker(&self) -> &Arc<dyn Broker> {
-        &self.tasks.used
+        &self.tasks
     }
 
     /// The event side's broker, as the hub uses it.
     pub fn event_broker(&self) -> &Arc<dyn Broker> {
-        &self.events.used
+        &self.events
     }
 
     /// Publish `task` to `queue`.
@@ -317,7 +308,7 @@ impl Hub {
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a priority above 10;
     /// the broker's (or, with fallback, the spool's) error.
     pub async fn publish_task(&self, queue: &str, task: &Task) -> Result<()> {
-        self.tasks.used.publish(queue, task.to_message()?).await?;
+        self.tasks.publish(queue, task.to_message()?).await?;
         self.counters
             .tasks_published
             .fetch_add(1, Ordering::Relaxed);
@@ -329,7 +320,7 @@ impl Hub {
     /// # Errors
     /// The broker's (or, with fallback, the spool's) error.
     pub async fn publish_event(&self, topic: &str, event: &Event) -> Result<()> {
-        self.events.used.publish(topic, event.to_message()?).await?;
+        self.events.publish(topic, event.to_message()?).await?;
         self.counters
             .events_published
             .fetch_add(1, Ordering::Relaxed);
@@ -368,7 +359,7 @@ impl Hub {
     {
         let counters = self.counters.clone();
         let handler = Arc::new(handler);
-        self.runner(&self.tasks.used, queue, &self.config.task_group)?
+        self.runner(&self.tasks, queue, &self.config.task_group)?
             .start(json_handler(move |task: Task, envelope: Envelope| {
                 let (counters, handler) = (counters.clone(), handler.clone());
                 async move {
@@ -406,7 +397,7 @@ impl Hub {
     {
         let counters = self.counters.clone();
         let handler = Arc::new(handler);
-        self.runner(&self.events.used, topic, group)?
+        self.runner(&self.events, topic, group)?
             .start(json_handler(move |event: Event, envelope: Envelope| {
                 let (counters, handler) = (counters.clone(), handler.clone());
                 async move {
@@ -420,19 +411,9 @@ impl Hub {
 
     /// Both sides' health (the seeds' `HealthCheck`).
     pub async fn health_check(&self) -> HubHealth {
-        let (tasks, events) = futures::join!(self.tasks.used.health(), self.events.used.health());
-        let rank = |s: HealthStatus| match s {
-            HealthStatus::Healthy => 0,
-            HealthStatus::Degraded => 1,
-            HealthStatus::Unhealthy => 2,
-        };
-        let status = if rank(tasks.status) >= rank(events.status) {
-            tasks.status
-        } else {
-            events.status
-        };
+        let (tasks, events) = futures::join!(self.tasks.health(), self.events.health());
         HubHealth {
-            status,
+            status: tasks.status.max(events.status),
             tasks,
             events,
         }
@@ -455,8 +436,8 @@ impl Hub {
     /// # Errors
     /// The first close error.
     pub async fn close(&self) -> Result<()> {
-        let tasks = self.tasks.used.close().await;
-        let events = self.events.used.close().await;
+        let tasks = self.tasks.close().await;
+        let events = self.events.close().await;
         tasks.and(events)
     }
 }
