@@ -515,17 +515,11 @@ impl Broker for FallbackBroker {
                     ),
                 )
             }
-            Ok(_) => (inner.status, "spool empty".to_owned()),
+            Ok(_) => (HealthStatus::Healthy, "spool empty".to_owned()),
             Err(err) => (HealthStatus::Unhealthy, format!("spool unreadable: {err}")),
         };
         // Publishes are accepted into the spool while the broker is away: degraded, not down.
-        let status = match (status, inner.status) {
-            (HealthStatus::Unhealthy, _) => HealthStatus::Unhealthy,
-            (_, HealthStatus::Unhealthy | HealthStatus::Degraded) | (HealthStatus::Degraded, _) => {
-                HealthStatus::Degraded
-            }
-            _ => HealthStatus::Healthy,
-        };
+        let status = status.max(inner.status.min(HealthStatus::Degraded));
         Health {
             status,
             detail: format!("{}; fallback: {spooled}", inner.detail),
@@ -600,6 +594,73 @@ mod tests {
         assert_eq!(left.len(), 2);
         assert_eq!(left[0].message.id(), a[2].id());
         assert_eq!(spool.stats().await.unwrap().depth, 2);
+    }
+
+    /// A broker that is away with nothing spooled yet is degraded, not down: publishes
+    /// would be accepted into the spool.
+    #[tokio::test]
+    async fn an_open_breaker_with_an_empty_spool_is_degraded() {
+        use crate::breaker::BreakerConfig;
+        use crate::{Capabilities, Result, TimeRange};
+
+        /// The least broker there is: healthy, accepting everything.
+        #[derive(Debug)]
+        struct Accepting;
+        #[async_trait]
+        impl Publisher for Accepting {
+            async fn publish(&self, _: &str, _: Message) -> Result<()> {
+                Ok(())
+            }
+        }
+        #[async_trait]
+        impl Subscriber for Accepting {
+            async fn subscribe(&self, _: &str, _: SubscribeOptions) -> Result<Subscription> {
+                Err(Error::unsupported("accepting", "subscribing"))
+            }
+        }
+        #[async_trait]
+        impl Broker for Accepting {
+            fn name(&self) -> &'static str {
+                "accepting"
+            }
+            fn capabilities(&self) -> Capabilities {
+                Capabilities::NONE
+            }
+            async fn health(&self) -> Health {
+                Health::healthy("up")
+            }
+            async fn read_range(&self, _: &str, _: TimeRange) -> Result<HistoryStream> {
+                Err(Error::unsupported("accepting", "history"))
+            }
+            async fn close(&self) -> Result<()> {
+                Ok(())
+            }
+        }
+
+        let breaker = BreakerBroker::new(
+            Arc::new(Accepting),
+            BreakerConfig {
+                failure_threshold: 1,
+                ..BreakerConfig::default()
+            },
+        )
+        .unwrap();
+        let fallback = FallbackBroker::new(
+            breaker,
+            Arc::new(MemorySpool::new(SpoolLimits::default())),
+            ForwardConfig::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(fallback.health().await.status, HealthStatus::Healthy);
+        fallback
+            .breaker_broker()
+            .publish_breaker()
+            .observe(Some(&Error::new(ErrorKind::Connection, "refused")));
+        let health = fallback.health().await;
+        assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+        assert!(health.detail.contains("spool empty"), "{health:?}");
+        fallback.close().await.unwrap();
     }
 
     #[tokio::test]
