@@ -247,30 +247,40 @@ impl Run {
             }
             state.frontier.insert(partition, mark);
             let position = format!("{partition}:{}:{}", mark.0, mark.1);
-            {
+            // Dealt with here (skipped, or published by a previous run) rather than batched.
+            let settled = {
                 let mut progress = self.progress.lock();
                 progress.reached = Some(entry.recorded_at);
                 let kind = type_of(&entry.message);
-                if !request.filter.matches(&entry.message) {
+                let filtered = !request.filter.matches(&entry.message);
+                if filtered
+                    || (options.skip_duplicates && !state.seen.insert(id_hash(entry.message.id())))
+                {
                     progress.total += 1;
                     progress.skipped += 1;
-                    progress.filtered += 1;
+                    if filtered {
+                        progress.filtered += 1;
+                    } else {
+                        progress.duplicates += 1;
+                    }
                     bump(&mut progress.skipped_by_type, kind, 1);
-                    continue;
-                }
-                if options.skip_duplicates && !state.seen.insert(id_hash(entry.message.id())) {
-                    progress.total += 1;
-                    progress.skipped += 1;
-                    progress.duplicates += 1;
-                    bump(&mut progress.skipped_by_type, kind, 1);
-                    continue;
-                }
-                if state.published_before.remove(&position) {
+                    true
+                } else if state.published_before.remove(&position) {
                     progress.total += 1;
                     progress.replayed += 1;
                     bump(&mut progress.by_type, kind, 1);
-                    continue;
+                    true
+                } else {
+                    false
                 }
+            };
+            if settled {
+                // A long stretch of skipped entries is checkpointed too, when nothing is
+                // batched (the frontier is then exactly what was dealt with).
+                if state.batch.is_empty() {
+                    self.checkpoint(&mut state, false).await?;
+                }
+                continue;
             }
             state.batch.push(Pending { entry, position });
             if state.batch.len() >= options.batch_size {
@@ -284,8 +294,6 @@ impl Run {
                         () = tokio::time::sleep(options.delay_between) => {}
                     }
                 }
-            } else if state.batch.is_empty() {
-                self.checkpoint(&mut state, false).await?;
             }
         }
         self.flush(&mut state).await?;
