@@ -54,6 +54,24 @@ impl Drop for KeepRunning {
     }
 }
 
+/// Stop the RabbitMQ application (the node stays up; [`KeepRunning`] restarts it if the test
+/// fails).
+async fn stop_node() {
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .unwrap();
+}
+
+/// Start the RabbitMQ application and wait until it serves again.
+async fn start_node() {
+    tokio::task::spawn_blocking(|| {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup", "--timeout", "60"]);
+    })
+    .await
+    .unwrap();
+}
+
 /// Receives and acks everything on `topic` for group `g`, recording ids and arrival times.
 async fn collect(broker: &RabbitBroker, topic: &str) -> Arc<Mutex<Vec<(String, Instant)>>> {
     let mut sub = broker
@@ -212,14 +230,9 @@ async fn every_confirmed_publish_survives_a_broker_restart() {
             while accepted.lock().unwrap().len() < MESSAGES / 3 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            tokio::task::spawn_blocking(|| {
-                rabbitmqctl(&["stop_app"]);
-                std::thread::sleep(Duration::from_secs(1));
-                rabbitmqctl(&["start_app"]);
-                rabbitmqctl(&["await_startup", "--timeout", "60"]);
-            })
-            .await
-            .unwrap();
+            stop_node().await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            start_node().await;
         })
     };
     let publishers: Vec<_> = (0..PUBLISHERS)
@@ -369,9 +382,7 @@ async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
     assert_eq!(broker.health().await.status, HealthStatus::Healthy);
 
     let _keep_running = KeepRunning;
-    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
-        .await
-        .unwrap();
+    stop_node().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut failures = 0;
     while broker.publish_breaker().state() != BreakerState::Open {
@@ -405,12 +416,7 @@ async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
         "{health:?}"
     );
 
-    tokio::task::spawn_blocking(|| {
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup", "--timeout", "60"]);
-    })
-    .await
-    .unwrap();
+    start_node().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match broker.publish(topic, Message::new("after")).await {
@@ -472,9 +478,7 @@ async fn publishes_during_an_outage_are_spooled_and_forwarded_in_order() {
     }
 
     let _keep_running = KeepRunning;
-    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
-        .await
-        .unwrap();
+    stop_node().await;
     let mut sent_b = Vec::new();
     for i in 0..300 {
         let m = Message::new(format!("during {i}"));
@@ -498,12 +502,7 @@ async fn publishes_during_an_outage_are_spooled_and_forwarded_in_order() {
     assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
     assert!(health.detail.contains("publishes spooled"), "{health:?}");
 
-    tokio::task::spawn_blocking(|| {
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup", "--timeout", "60"]);
-    })
-    .await
-    .unwrap();
+    start_node().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     while broker.spool_stats().await.unwrap().depth > 0 {
         assert!(Instant::now() < deadline, "the spool was not forwarded");
