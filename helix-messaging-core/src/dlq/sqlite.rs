@@ -98,21 +98,22 @@ pub(crate) async fn open_connection(
     store: &'static str,
 ) -> Result<Arc<Mutex<Connection>>> {
     let opened = path.to_path_buf();
-    let error =
-        move |what: &str, e| Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}"));
+    let error = move |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+        Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}")).with_source(e)
+    };
     let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
         let what = format!("open {}", opened.display());
-        let connection = Connection::open(&opened).map_err(|e| error(&what, e.to_string()))?;
+        let connection = Connection::open(&opened).map_err(|e| error(&what, e.into()))?;
         connection
             .pragma_update(None, "journal_mode", "WAL")
             .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
             .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
             .and_then(|()| connection.execute_batch(schema))
-            .map_err(|e| error(&what, e.to_string()))?;
+            .map_err(|e| error(&what, e.into()))?;
         Ok(connection)
     })
     .await
-    .map_err(|e| error("open", e.to_string()))??;
+    .map_err(|e| error("open", e.into()))??;
     Ok(Arc::new(Mutex::new(connection)))
 }
 
