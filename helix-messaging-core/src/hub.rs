@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::breaker::{BreakerBroker, BreakerConfig};
 use crate::dlq::{DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason};
-use crate::fallback::{FallbackBroker, ForwardConfig, Spool};
+use crate::fallback::{FallbackBroker, ForwardConfig, Spool, SpoolStats};
 use crate::retry::{RetryLayer, RetryPolicy};
 use crate::{
     Broker, Envelope, Error, HandlerError, Health, HealthStatus, MAX_PRIORITY, MESSAGE_TYPE_HEADER,
@@ -232,27 +232,60 @@ struct Counters {
     tasks_expired: AtomicU64,
 }
 
-/// `broker` as a hub side uses it: behind a breaker, and with `spool` behind a fallback.
-async fn guarded(
+/// One side of the hub: its broker as the hub uses it (behind a breaker, and behind a
+/// fallback when spooled), and the fallback for its spool's figures.
+#[derive(Clone)]
+struct Side {
     broker: Arc<dyn Broker>,
-    config: &HubConfig,
-    spool: Option<Arc<dyn Spool>>,
-) -> Result<Arc<dyn Broker>> {
-    let guarded = BreakerBroker::new(broker, config.breaker)?;
-    Ok(match spool {
-        Some(spool) => {
-            Arc::new(FallbackBroker::new(guarded, spool, ForwardConfig::default()).await?)
+    fallback: Option<FallbackBroker>,
+}
+
+impl Side {
+    async fn new(
+        broker: Arc<dyn Broker>,
+        config: &HubConfig,
+        spool: Option<Arc<dyn Spool>>,
+    ) -> Result<Self> {
+        let guarded = BreakerBroker::new(broker, config.breaker)?;
+        Ok(match spool {
+            Some(spool) => {
+                let fallback =
+                    FallbackBroker::new(guarded, spool, ForwardConfig::default()).await?;
+                Side {
+                    broker: Arc::new(fallback.clone()),
+                    fallback: Some(fallback),
+                }
+            }
+            None => Side {
+                broker: Arc::new(guarded),
+                fallback: None,
+            },
+        })
+    }
+
+    async fn spool_stats(&self) -> Result<Option<SpoolStats>> {
+        match &self.fallback {
+            Some(fallback) => fallback.spool_stats().await.map(Some),
+            None => Ok(None),
         }
-        None => Arc::new(guarded),
-    })
+    }
+}
+
+/// What each side's fallback spool holds (`None`: that side has no spool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubSpoolStats {
+    /// The task side's spool.
+    pub tasks: Option<SpoolStats>,
+    /// The event side's spool.
+    pub events: Option<SpoolStats>,
 }
 
 /// Tasks and events over two brokers (which may be one), with breakers, optional fallback
 /// spools, retry and dead-lettering. Cloning shares it.
 #[derive(Clone)]
 pub struct Hub {
-    tasks: Arc<dyn Broker>,
-    events: Arc<dyn Broker>,
+    tasks: Side,
+    events: Side,
     config: Arc<HubConfig>,
     counters: Arc<Counters>,
 }
@@ -260,8 +293,8 @@ pub struct Hub {
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Hub")
-            .field("tasks", &self.tasks)
-            .field("events", &self.events)
+            .field("tasks", &self.tasks.broker)
+            .field("events", &self.events.broker)
             .finish_non_exhaustive()
     }
 }
@@ -285,8 +318,8 @@ impl Hub {
             None => (None, None),
         };
         Ok(Hub {
-            tasks: guarded(tasks, &config, task_spool).await?,
-            events: guarded(events, &config, event_spool).await?,
+            tasks: Side::new(tasks, &config, task_spool).await?,
+            events: Side::new(events, &config, event_spool).await?,
             config: Arc::new(config),
             counters: Arc::default(),
         })
@@ -294,12 +327,12 @@ impl Hub {
 
     /// The task side's broker, as the hub uses it.
     pub fn task_broker(&self) -> &Arc<dyn Broker> {
-        &self.tasks
+        &self.tasks.broker
     }
 
     /// The event side's broker, as the hub uses it.
     pub fn event_broker(&self) -> &Arc<dyn Broker> {
-        &self.events
+        &self.events.broker
     }
 
     /// Publish `task` to `queue`.
@@ -308,7 +341,7 @@ impl Hub {
     /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a priority above 10;
     /// the broker's (or, with fallback, the spool's) error.
     pub async fn publish_task(&self, queue: &str, task: &Task) -> Result<()> {
-        self.tasks.publish(queue, task.to_message()?).await?;
+        self.tasks.broker.publish(queue, task.to_message()?).await?;
         self.counters
             .tasks_published
             .fetch_add(1, Ordering::Relaxed);
@@ -320,7 +353,10 @@ impl Hub {
     /// # Errors
     /// The broker's (or, with fallback, the spool's) error.
     pub async fn publish_event(&self, topic: &str, event: &Event) -> Result<()> {
-        self.events.publish(topic, event.to_message()?).await?;
+        self.events
+            .broker
+            .publish(topic, event.to_message()?)
+            .await?;
         self.counters
             .events_published
             .fetch_add(1, Ordering::Relaxed);
@@ -359,7 +395,7 @@ impl Hub {
     {
         let counters = self.counters.clone();
         let handler = Arc::new(handler);
-        self.runner(&self.tasks, queue, &self.config.task_group)?
+        self.runner(&self.tasks.broker, queue, &self.config.task_group)?
             .start(json_handler(move |task: Task, envelope: Envelope| {
                 let (counters, handler) = (counters.clone(), handler.clone());
                 async move {
@@ -397,7 +433,7 @@ impl Hub {
     {
         let counters = self.counters.clone();
         let handler = Arc::new(handler);
-        self.runner(&self.events, topic, group)?
+        self.runner(&self.events.broker, topic, group)?
             .start(json_handler(move |event: Event, envelope: Envelope| {
                 let (counters, handler) = (counters.clone(), handler.clone());
                 async move {
@@ -411,12 +447,24 @@ impl Hub {
 
     /// Both sides' health (the seeds' `HealthCheck`).
     pub async fn health_check(&self) -> HubHealth {
-        let (tasks, events) = futures::join!(self.tasks.health(), self.events.health());
+        let (tasks, events) =
+            futures::join!(self.tasks.broker.health(), self.events.broker.health());
         HubHealth {
             status: tasks.status.max(events.status),
             tasks,
             events,
         }
+    }
+
+    /// What the fallback spools hold (both `None` without fallback).
+    ///
+    /// # Errors
+    /// A spool's error.
+    pub async fn spool_stats(&self) -> Result<HubSpoolStats> {
+        Ok(HubSpoolStats {
+            tasks: self.tasks.spool_stats().await?,
+            events: self.events.spool_stats().await?,
+        })
     }
 
     /// What the hub has done so far.
@@ -436,8 +484,8 @@ impl Hub {
     /// # Errors
     /// The first close error.
     pub async fn close(&self) -> Result<()> {
-        let tasks = self.tasks.close().await;
-        let events = self.events.close().await;
+        let tasks = self.tasks.broker.close().await;
+        let events = self.events.broker.close().await;
         tasks.and(events)
     }
 }

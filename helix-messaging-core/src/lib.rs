@@ -12,6 +12,7 @@ pub mod dlq;
 mod error;
 pub mod fallback;
 pub mod hub;
+pub mod lazy;
 mod message;
 mod names;
 pub mod replay;

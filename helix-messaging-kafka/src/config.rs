@@ -106,6 +106,16 @@ pub struct KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// What a broker connected with these settings promises (its
+    /// [`Broker::capabilities`](helix_messaging_core::Broker::capabilities)), known before
+    /// connecting.
+    pub fn capabilities(&self) -> helix_messaging_core::Capabilities {
+        helix_messaging_core::Capabilities {
+            max_payload_bytes: Some(self.max_payload_bytes),
+            ..crate::CAPABILITIES
+        }
+    }
+
     /// Settings for the cluster at `brokers`, defaults otherwise.
     pub fn new(brokers: impl Into<String>) -> Self {
         KafkaConfig {

@@ -524,10 +524,7 @@ impl Broker for KafkaBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
-            ..CAPABILITIES
-        }
+        self.shared.config.capabilities()
     }
 
     async fn health(&self) -> Health {

@@ -80,6 +80,20 @@ pub struct RabbitConfig {
 }
 
 impl RabbitConfig {
+    /// What a broker connected with these settings promises (its
+    /// [`Broker::capabilities`](helix_messaging_core::Broker::capabilities)), known before
+    /// connecting.
+    pub fn capabilities(&self) -> helix_messaging_core::Capabilities {
+        helix_messaging_core::Capabilities {
+            durable: self.publisher_confirm,
+            priority: self.max_priority > 0,
+            replay_by_time: self.replay_journal,
+            native_dlq: self.dead_letter_queue.is_some(),
+            max_payload_bytes: Some(self.max_payload_bytes),
+            ..crate::CAPABILITIES
+        }
+    }
+
     /// Settings for the server at `uri` (`amqp://user:password@host:port/vhost`), defaults
     /// otherwise.
     ///

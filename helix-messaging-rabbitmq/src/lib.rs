@@ -662,15 +662,7 @@ impl Broker for RabbitBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let config = self.shared.config();
-        Capabilities {
-            durable: config.publisher_confirm,
-            priority: config.max_priority > 0,
-            replay_by_time: config.replay_journal,
-            native_dlq: config.dead_letter_queue.is_some(),
-            max_payload_bytes: Some(config.max_payload_bytes),
-            ..CAPABILITIES
-        }
+        self.shared.config().capabilities()
     }
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {

@@ -90,6 +90,20 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// What a broker connected with these settings promises (its
+    /// [`Broker::capabilities`](helix_messaging_core::Broker::capabilities)), known before
+    /// connecting.
+    pub fn capabilities(&self) -> helix_messaging_core::Capabilities {
+        let base = match self.mode {
+            RedisMode::PubSub => crate::PUBSUB_CAPABILITIES,
+            RedisMode::Streams => crate::STREAMS_CAPABILITIES,
+        };
+        helix_messaging_core::Capabilities {
+            max_payload_bytes: Some(self.max_payload_bytes),
+            ..base
+        }
+    }
+
     /// Settings for the server at `url` (`redis://[user:password@]host[:port][/db]`, or
     /// `rediss://` for TLS), defaults otherwise.
     ///

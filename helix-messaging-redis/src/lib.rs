@@ -370,14 +370,7 @@ impl Broker for RedisBroker {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let base = match self.shared.config.mode {
-            RedisMode::PubSub => PUBSUB_CAPABILITIES,
-            RedisMode::Streams => STREAMS_CAPABILITIES,
-        };
-        Capabilities {
-            max_payload_bytes: Some(self.shared.config.max_payload_bytes),
-            ..base
-        }
+        self.shared.config.capabilities()
     }
 
     async fn health(&self) -> Health {

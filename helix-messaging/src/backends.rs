@@ -3,6 +3,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use helix_messaging_core::lazy::{ConnectRetry, LazyBroker};
 use helix_messaging_core::{Broker, Capabilities, Error, Result};
 
 /// A backend this crate knows about.
@@ -118,6 +119,126 @@ pub(crate) fn resolve(requested: &str, source: &str) -> Result<BackendInfo> {
     }
 }
 
+/// A compiled-in backend with its settings read, not yet connected.
+#[derive(Clone)]
+pub(crate) enum Configured {
+    #[cfg(feature = "memory")]
+    Memory,
+    #[cfg(feature = "redis")]
+    Redis(helix_messaging_redis::RedisConfig),
+    #[cfg(feature = "rabbitmq")]
+    RabbitMq(helix_messaging_rabbitmq::RabbitConfig),
+    #[cfg(feature = "kafka")]
+    Kafka(helix_messaging_kafka::KafkaConfig),
+}
+
+impl Configured {
+    /// Read `backend`'s settings through `lookup`, or from `url` when given (from
+    /// [`crate::connect`]).
+    pub(crate) fn read(
+        backend: BackendInfo,
+        lookup: &(impl Fn(&str) -> Option<String> + ?Sized),
+        url: Option<&str>,
+    ) -> Result<Self> {
+        let _ = (lookup, url);
+        match backend.name {
+            #[cfg(feature = "memory")]
+            "memory" => Ok(Configured::Memory),
+            #[cfg(feature = "redis")]
+            "redis" | "redis-streams" => {
+                use helix_messaging_redis::{RedisConfig, RedisMode};
+                let mode = if backend.name == "redis" {
+                    RedisMode::PubSub
+                } else {
+                    RedisMode::Streams
+                };
+                Ok(Configured::Redis(match url {
+                    Some(url) => RedisConfig::new(url, mode)?,
+                    None => RedisConfig::from_vars(lookup, mode)?,
+                }))
+            }
+            #[cfg(feature = "rabbitmq")]
+            "rabbitmq" => {
+                use helix_messaging_rabbitmq::RabbitConfig;
+                Ok(Configured::RabbitMq(match url {
+                    Some(url) => RabbitConfig::new(url)?,
+                    None => RabbitConfig::from_vars(lookup)?,
+                }))
+            }
+            #[cfg(feature = "kafka")]
+            "kafka" => {
+                use helix_messaging_kafka::KafkaConfig;
+                let mut config = KafkaConfig::from_vars(lookup)?;
+                // kafka://host:9092[,host:9092…]: the part after the scheme is the broker list.
+                if let Some(url) = url {
+                    config.brokers = url
+                        .split_once("://")
+                        .map_or(url, |(_, rest)| rest)
+                        .trim_end_matches('/')
+                        .to_owned();
+                }
+                Ok(Configured::Kafka(config))
+            }
+            other => Err(Error::config(
+                "MESSAGING_BACKEND",
+                format!("backend {other:?} is not compiled in"),
+            )),
+        }
+    }
+
+    /// Connect now.
+    pub(crate) async fn connect(self) -> Result<Arc<dyn Broker>> {
+        match self {
+            #[cfg(feature = "memory")]
+            Configured::Memory => Ok(Arc::new(helix_messaging_memory::MemoryBroker::new())),
+            #[cfg(feature = "redis")]
+            Configured::Redis(config) => Ok(Arc::new(
+                helix_messaging_redis::RedisBroker::connect(config).await?,
+            )),
+            #[cfg(feature = "rabbitmq")]
+            Configured::RabbitMq(config) => Ok(Arc::new(
+                helix_messaging_rabbitmq::RabbitBroker::connect(config).await?,
+            )),
+            #[cfg(feature = "kafka")]
+            Configured::Kafka(config) => Ok(Arc::new(
+                helix_messaging_kafka::KafkaBroker::connect(config).await?,
+            )),
+        }
+    }
+
+    /// Connect in the background ([`LazyBroker`]): the broker is returned at once and
+    /// fails its operations with connection errors until connected. The memory broker,
+    /// which has nothing to reach, is connected at once.
+    // With no backend compiled in, `Configured` has no values and all this is unreachable.
+    #[cfg_attr(
+        not(any(
+            feature = "memory",
+            feature = "redis",
+            feature = "rabbitmq",
+            feature = "kafka"
+        )),
+        allow(unreachable_code, unused_variables)
+    )]
+    pub(crate) async fn connect_in_background(self, name: &'static str) -> Result<Arc<dyn Broker>> {
+        let capabilities = match self.clone() {
+            #[cfg(feature = "memory")]
+            Configured::Memory => return self.connect().await,
+            #[cfg(feature = "redis")]
+            Configured::Redis(config) => config.capabilities(),
+            #[cfg(feature = "rabbitmq")]
+            Configured::RabbitMq(config) => config.capabilities(),
+            #[cfg(feature = "kafka")]
+            Configured::Kafka(config) => config.capabilities(),
+        };
+        Ok(Arc::new(LazyBroker::new(
+            name,
+            capabilities,
+            ConnectRetry::default(),
+            move || self.clone().connect(),
+        )))
+    }
+}
+
 /// Build a compiled-in backend, reading its variables through `lookup`, or from `url` when
 /// given (from [`crate::connect`]).
 pub(crate) async fn build(
@@ -125,56 +246,7 @@ pub(crate) async fn build(
     lookup: &(impl Fn(&str) -> Option<String> + ?Sized),
     url: Option<&str>,
 ) -> Result<Arc<dyn Broker>> {
-    let _ = (lookup, url);
-    match backend.name {
-        #[cfg(feature = "memory")]
-        "memory" => Ok(Arc::new(helix_messaging_memory::MemoryBroker::new())),
-        #[cfg(feature = "redis")]
-        "redis" | "redis-streams" => {
-            use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
-            let mode = if backend.name == "redis" {
-                RedisMode::PubSub
-            } else {
-                RedisMode::Streams
-            };
-            let config = match url {
-                Some(url) => RedisConfig::new(url, mode)?,
-                None => RedisConfig::from_vars(lookup, mode)?,
-            };
-            Ok(Arc::new(RedisBroker::connect(config).await?))
-        }
-        #[cfg(feature = "rabbitmq")]
-        "rabbitmq" => {
-            use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
-            let config = match url {
-                Some(url) => RabbitConfig::new(url)?,
-                None => RabbitConfig::from_vars(lookup)?,
-            };
-            Ok(Arc::new(RabbitBroker::connect(config).await?))
-        }
-        #[cfg(feature = "kafka")]
-        "kafka" => {
-            use helix_messaging_kafka::{KafkaBroker, KafkaConfig};
-            let config = match url {
-                // kafka://host:9092[,host:9092…]: the part after the scheme is the broker list.
-                Some(url) => {
-                    let mut config = KafkaConfig::from_vars(lookup)?;
-                    config.brokers = url
-                        .split_once("://")
-                        .map_or(url, |(_, rest)| rest)
-                        .trim_end_matches('/')
-                        .to_owned();
-                    config
-                }
-                None => KafkaConfig::from_vars(lookup)?,
-            };
-            Ok(Arc::new(KafkaBroker::connect(config).await?))
-        }
-        other => Err(Error::config(
-            "MESSAGING_BACKEND",
-            format!("backend {other:?} is not compiled in"),
-        )),
-    }
+    Configured::read(backend, lookup, url)?.connect().await
 }
 
 /// Map a URL to the backend its scheme selects and the URL the backend's client reads

@@ -5,7 +5,8 @@ use std::sync::Arc;
 use helix_messaging_core::hub::{Hub, HubConfig};
 use helix_messaging_core::{Broker, Error, Result};
 
-use crate::{BACKEND_VAR, backends};
+use crate::BACKEND_VAR;
+use crate::backends::{self, Configured};
 
 /// Backend for tasks (default: `MESSAGING_BACKEND`, else `memory`).
 pub const TASK_BACKEND_VAR: &str = "MESSAGING_TASK_BACKEND";
@@ -15,18 +16,28 @@ pub const EVENT_BACKEND_VAR: &str = "MESSAGING_EVENT_BACKEND";
 pub const FALLBACK_VAR: &str = "MESSAGING_FALLBACK_ENABLED";
 /// Folder of the fallback spools (`tasks.sqlite`, `events.sqlite`; default `helix-spool`).
 pub const FALLBACK_DIR_VAR: &str = "MESSAGING_FALLBACK_DIR";
+/// Most messages each fallback spool holds (default 100,000); beyond it publishes fail.
+pub const FALLBACK_MAX_MESSAGES_VAR: &str = "MESSAGING_FALLBACK_MAX_MESSAGES";
+/// Most payload and header bytes each fallback spool holds (default 268,435,456, 256 MiB).
+pub const FALLBACK_MAX_BYTES_VAR: &str = "MESSAGING_FALLBACK_MAX_BYTES";
 /// Consumer group of task workers (default `helixagent-workers`).
 pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 
 /// A [`Hub`] as the environment describes it: `MESSAGING_TASK_BACKEND` and
 /// `MESSAGING_EVENT_BACKEND` pick each side's backend (configured from its own variables;
 /// one connection when both name the same backend), `MESSAGING_FALLBACK_ENABLED` turns the
-/// fallback spools on (in `MESSAGING_FALLBACK_DIR`), `KAFKA_CONSUMER_GROUP` names the
-/// workers' group.
+/// fallback spools on (in `MESSAGING_FALLBACK_DIR`, bounded by
+/// `MESSAGING_FALLBACK_MAX_MESSAGES` and `MESSAGING_FALLBACK_MAX_BYTES`),
+/// `KAFKA_CONSUMER_GROUP` names the workers' group.
+///
+/// With the spools on, the hub is returned even while a broker is unreachable: it connects
+/// in the background ([`LazyBroker`](crate::lazy::LazyBroker)) and publishes are spooled
+/// until it is connected. Without them an unreachable broker is an error here.
 ///
 /// # Errors
 /// [`ErrorKind::Config`](crate::ErrorKind::Config) naming the variable for an unknown or
-/// not compiled-in backend or a malformed value; connection errors; the spool's error.
+/// not compiled-in backend or a malformed value; connection errors (without the spools);
+/// the spool's error.
 pub async fn hub_from_env() -> Result<Hub> {
     hub_from_vars(|name| std::env::var(name).ok()).await
 }
@@ -62,16 +73,32 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
     };
     let task_backend = backends::resolve(&task_name, task_var)?;
     let event_backend = backends::resolve(&event_name, event_var)?;
-    let tasks: Arc<dyn Broker> = backends::build(task_backend, &lookup, None).await?;
-    let events = if event_name == task_name {
-        tasks.clone()
+    // Every setting is read, and every malformed one reported, before anything connects.
+    let task_config = Configured::read(task_backend, &lookup, None)?;
+    let event_config = if event_name == task_name {
+        None
     } else {
-        backends::build(event_backend, &lookup, None).await?
+        Some(Configured::read(event_backend, &lookup, None)?)
     };
     let spools = if fallback {
         Some(spools(&lookup).await?)
     } else {
         None
+    };
+    // With the spool on, a hub starts while its brokers are away (a restart during an
+    // outage) and spools until they are reachable; without it, an unreachable broker is an
+    // error now.
+    let connect = |config: Configured, name: &'static str| async move {
+        if fallback {
+            config.connect_in_background(name).await
+        } else {
+            config.connect().await
+        }
+    };
+    let tasks: Arc<dyn Broker> = connect(task_config, task_backend.name).await?;
+    let events = match event_config {
+        Some(config) => connect(config, event_backend.name).await?,
+        None => tasks.clone(),
     };
     let mut config = HubConfig::default();
     if let Some(group) = lookup(GROUP_VAR).filter(|g| !g.trim().is_empty()) {
@@ -96,9 +123,26 @@ async fn spools(
             format!("cannot create {}: {e}", dir.display()),
         )
     })?;
-    let tasks = SqliteSpool::open(dir.join("tasks.sqlite"), SpoolLimits::default()).await?;
-    let events = SqliteSpool::open(dir.join("events.sqlite"), SpoolLimits::default()).await?;
+    let defaults = SpoolLimits::default();
+    let limits = SpoolLimits {
+        max_messages: limit(lookup, FALLBACK_MAX_MESSAGES_VAR, defaults.max_messages)?,
+        max_bytes: limit(lookup, FALLBACK_MAX_BYTES_VAR, defaults.max_bytes)?,
+    };
+    let tasks = SqliteSpool::open(dir.join("tasks.sqlite"), limits).await?;
+    let events = SqliteSpool::open(dir.join("events.sqlite"), limits).await?;
     Ok((Arc::new(tasks), Arc::new(events)))
+}
+
+/// A positive whole number from `var`, or `default` when it is unset or empty.
+#[cfg(feature = "sqlite")]
+fn limit(lookup: &impl Fn(&str) -> Option<String>, var: &str, default: u64) -> Result<u64> {
+    match lookup(var).map(|v| v.trim().replace('_', "")) {
+        None => Ok(default),
+        Some(v) if v.is_empty() => Ok(default),
+        Some(v) => v.parse::<u64>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            Error::config(var, format!("expected a positive whole number, got {v:?}"))
+        }),
+    }
 }
 
 #[cfg(not(feature = "sqlite"))]

@@ -81,3 +81,91 @@ async fn bad_values_name_their_variable() {
     .unwrap_err();
     assert!(err.to_string().contains("MESSAGING_EVENT_BACKEND"), "{err}");
 }
+
+/// A publisher restarted during an outage comes up with the spool on: the hub connects in
+/// the background, publishes are spooled (durably, bounded by the limit variables) and
+/// health says degraded. Without the spool, the unreachable broker is an error at once.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_spool_on_a_hub_starts_while_its_broker_is_unreachable() {
+    use helix_messaging::fallback::{Spool, SpoolLimits, SqliteSpool};
+
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().to_str().unwrap().to_owned();
+    // Nothing listens on port 1.
+    let unreachable = [
+        ("MESSAGING_TASK_BACKEND", "rabbitmq"),
+        ("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+    ];
+    let err = hub_from_vars(env_lookup(&unreachable)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+
+    let mut vars = unreachable.to_vec();
+    vars.extend([
+        ("MESSAGING_FALLBACK_ENABLED", "true"),
+        ("MESSAGING_FALLBACK_DIR", spool_dir.as_str()),
+        ("MESSAGING_FALLBACK_MAX_MESSAGES", "2"),
+    ]);
+    let hub = tokio::time::timeout(Duration::from_secs(10), hub_from_vars(env_lookup(&vars)))
+        .await
+        .expect("returns without waiting for the broker")
+        .expect("starts with the broker away");
+    assert_eq!(hub.task_broker().name(), "rabbitmq");
+    let tasks: Vec<Task> = (0..3)
+        .map(|i| Task::new("reindex", serde_json::json!({ "n": i })))
+        .collect();
+    hub.publish_task("helixagent.tasks.background", &tasks[0])
+        .await
+        .expect("spooled");
+    hub.publish_task("helixagent.tasks.background", &tasks[1])
+        .await
+        .expect("spooled");
+    let err = hub
+        .publish_task("helixagent.tasks.background", &tasks[2])
+        .await
+        .expect_err("beyond MESSAGING_FALLBACK_MAX_MESSAGES");
+    assert_eq!(err.kind(), ErrorKind::Rejected, "{err}");
+    let stats = hub.spool_stats().await.unwrap();
+    assert_eq!(stats.tasks.map(|s| s.depth), Some(2));
+    assert_eq!(stats.events.map(|s| s.depth), Some(0));
+    let health = hub.health_check().await;
+    assert_eq!(health.tasks.status, HealthStatus::Degraded, "{health:?}");
+    assert!(
+        health.tasks.detail.contains("not connected yet"),
+        "{health:?}"
+    );
+    hub.close().await.unwrap();
+    drop(hub);
+
+    // On disk, in publish order, with the tasks' ids.
+    let spool = SqliteSpool::open(dir.path().join("tasks.sqlite"), SpoolLimits::default())
+        .await
+        .unwrap();
+    let held: Vec<String> = spool
+        .oldest(10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.message.id().to_owned())
+        .collect();
+    assert_eq!(held, vec![tasks[0].id.clone(), tasks[1].id.clone()]);
+}
+
+#[tokio::test]
+async fn malformed_spool_limits_name_their_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    for (var, value) in [
+        ("MESSAGING_FALLBACK_MAX_MESSAGES", "lots"),
+        ("MESSAGING_FALLBACK_MAX_BYTES", "0"),
+    ] {
+        let err = hub_from_vars(env_lookup(&[
+            ("MESSAGING_FALLBACK_ENABLED", "true"),
+            ("MESSAGING_FALLBACK_DIR", dir.path().to_str().unwrap()),
+            (var, value),
+        ]))
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+        assert!(err.to_string().contains(var), "{err}");
+    }
+}
