@@ -13,6 +13,7 @@ use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 
 mod common;
 use common::{Vhost, rabbitmqctl};
+use helix_messaging_testkit::faults::{KeepRabbitMqRunning, start_rabbitmq, stop_rabbitmq};
 
 const MESSAGES: usize = 20_000;
 
@@ -40,36 +41,6 @@ fn fault_config(vhost: &Vhost) -> RabbitConfig {
     config.publish_timeout = Duration::from_secs(10);
     config.connect_timeout = Duration::from_secs(5);
     config
-}
-
-/// Starts the RabbitMQ application when dropped, so a failing test leaves it running.
-struct KeepRunning;
-
-impl Drop for KeepRunning {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").arg("start_app").output();
-        let _ = Command::new("rabbitmqctl")
-            .args(["await_startup", "--timeout", "60"])
-            .output();
-    }
-}
-
-/// Stop the RabbitMQ application (the node stays up; [`KeepRunning`] restarts it if the test
-/// fails).
-async fn stop_node() {
-    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
-        .await
-        .unwrap();
-}
-
-/// Start the RabbitMQ application and wait until it serves again.
-async fn start_node() {
-    tokio::task::spawn_blocking(|| {
-        rabbitmqctl(&["start_app"]);
-        rabbitmqctl(&["await_startup", "--timeout", "60"]);
-    })
-    .await
-    .unwrap();
 }
 
 /// Receives and acks everything on `topic` for group `g`, recording ids and arrival times.
@@ -155,7 +126,7 @@ async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_kil
     let mut killed_at = None;
     for batch in 0..MESSAGES / 100 {
         if batch == MESSAGES / 400 {
-            let vhost_name = vhost.0.clone();
+            let vhost_name = vhost.name().to_owned();
             tokio::task::spawn_blocking(move || {
                 rabbitmqctl(&[
                     "close_all_connections",
@@ -223,16 +194,16 @@ async fn every_confirmed_publish_survives_a_broker_restart() {
     let accepted: Arc<Mutex<Vec<String>>> = Arc::default();
     let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
 
-    let _keep_running = KeepRunning;
+    let _keep_running = KeepRabbitMqRunning;
     let restarter = {
         let accepted = accepted.clone();
         tokio::spawn(async move {
             while accepted.lock().unwrap().len() < MESSAGES / 3 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            stop_node().await;
+            stop_rabbitmq().await;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            start_node().await;
+            start_rabbitmq().await;
         })
     };
     let publishers: Vec<_> = (0..PUBLISHERS)
@@ -381,8 +352,8 @@ async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
     broker.publish(topic, Message::new("before")).await.unwrap();
     assert_eq!(broker.health().await.status, HealthStatus::Healthy);
 
-    let _keep_running = KeepRunning;
-    stop_node().await;
+    let _keep_running = KeepRabbitMqRunning;
+    stop_rabbitmq().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut failures = 0;
     while broker.publish_breaker().state() != BreakerState::Open {
@@ -416,7 +387,7 @@ async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
         "{health:?}"
     );
 
-    start_node().await;
+    start_rabbitmq().await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         match broker.publish(topic, Message::new("after")).await {
@@ -477,8 +448,8 @@ async fn publishes_during_an_outage_are_spooled_and_forwarded_in_order() {
         broker.publish(a, m).await.unwrap();
     }
 
-    let _keep_running = KeepRunning;
-    stop_node().await;
+    let _keep_running = KeepRabbitMqRunning;
+    stop_rabbitmq().await;
     let mut sent_b = Vec::new();
     for i in 0..300 {
         let m = Message::new(format!("during {i}"));
@@ -502,7 +473,7 @@ async fn publishes_during_an_outage_are_spooled_and_forwarded_in_order() {
     assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
     assert!(health.detail.contains("publishes spooled"), "{health:?}");
 
-    start_node().await;
+    start_rabbitmq().await;
     let deadline = Instant::now() + Duration::from_secs(90);
     while broker.spool_stats().await.unwrap().depth > 0 {
         assert!(Instant::now() < deadline, "the spool was not forwarded");

@@ -137,7 +137,7 @@ async fn a_private_subscription_keeps_its_queue_and_messages_across_a_reconnect(
     common::rabbitmqctl(&[
         "close_all_connections",
         "-p",
-        &vhost.0,
+        vhost.name(),
         "private queue test",
     ]);
     // The subscriber re-creates its consumer only when its stream is next polled: until then
@@ -224,7 +224,12 @@ async fn a_settlement_on_a_killed_connection_is_an_error() {
         .subscribe(&probe, SubscribeOptions::group("g"))
         .await
         .unwrap();
-    common::rabbitmqctl(&["close_all_connections", "-p", &vhost.0, "dead channel test"]);
+    common::rabbitmqctl(&[
+        "close_all_connections",
+        "-p",
+        vhost.name(),
+        "dead channel test",
+    ]);
     // Once a publish goes through again, the broker is on a new connection and the held
     // delivery's channel is known to be dead. (An ack is fire-and-forget in AMQP: while the
     // client has not yet learnt of the close, nobody can tell it failed.)

@@ -21,7 +21,7 @@ use common::{Vhost, rabbitmqctl, recv};
 
 /// `rabbitmqctl list_queues` of `vhost`: name and arguments, one line per queue.
 fn queue_arguments(vhost: &Vhost) -> Vec<String> {
-    rabbitmqctl(&["list_queues", "-q", "-p", &vhost.0, "name", "arguments"])
+    rabbitmqctl(&["list_queues", "-q", "-p", vhost.name(), "name", "arguments"])
         .lines()
         .filter(|l| !l.starts_with("name"))
         .map(str::to_owned)
@@ -76,7 +76,7 @@ async fn the_seed_topology_is_declared_with_the_seeds_arguments() {
         "60 s, 10,000: {retry}"
     );
 
-    let exchanges = rabbitmqctl(&["list_exchanges", "-q", "-p", &vhost.0, "name", "type"]);
+    let exchanges = rabbitmqctl(&["list_exchanges", "-q", "-p", vhost.name(), "name", "type"]);
     for (name, kind) in [
         ("helixagent.tasks", "direct"),
         ("helixagent.events", "topic"),
@@ -210,8 +210,13 @@ async fn declared_topology_is_declared_again_after_the_connection_is_lost() {
         .queue(Queue::classic("orders.created"))
         .bind("orders.created", "orders", "created");
     broker.declare(topology).await.unwrap();
-    rabbitmqctl(&["delete_queue", "-p", &vhost.0, "orders.created"]);
-    rabbitmqctl(&["close_all_connections", "-p", &vhost.0, "redeclare test"]);
+    rabbitmqctl(&["delete_queue", "-p", vhost.name(), "orders.created"]);
+    rabbitmqctl(&[
+        "close_all_connections",
+        "-p",
+        vhost.name(),
+        "redeclare test",
+    ]);
 
     // Until the new connection is up, publishes fail fast; then the queue is back and
     // routable again.
@@ -419,7 +424,7 @@ async fn an_expired_message_is_dropped_and_never_dead_lettered() {
     );
     d.ack().await.unwrap();
 
-    let dead = rabbitmqctl(&["list_queues", "-p", &vhost.0, "name", "messages"]);
+    let dead = rabbitmqctl(&["list_queues", "-p", vhost.name(), "name", "messages"]);
     let line = dead
         .lines()
         .find(|l| l.starts_with(HELIXAGENT_DLQ))

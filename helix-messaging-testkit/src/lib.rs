@@ -26,6 +26,7 @@
 pub mod cases;
 mod certs;
 pub mod differential;
+pub mod faults;
 mod helpers;
 
 use std::any::Any;

@@ -20,6 +20,12 @@ pub const FALLBACK_DIR_VAR: &str = "MESSAGING_FALLBACK_DIR";
 pub const FALLBACK_MAX_MESSAGES_VAR: &str = "MESSAGING_FALLBACK_MAX_MESSAGES";
 /// Most payload and header bytes each fallback spool holds (default 268,435,456, 256 MiB).
 pub const FALLBACK_MAX_BYTES_VAR: &str = "MESSAGING_FALLBACK_MAX_BYTES";
+/// Failures in a row that open a hub side's circuit breaker (default 5).
+pub const BREAKER_FAILURES_VAR: &str = "MESSAGING_BREAKER_FAILURE_THRESHOLD";
+/// Milliseconds an open breaker fails fast before a probe (default 30,000). Spooled
+/// publishes are forwarded from the first successful probe on, so this is also how long
+/// after a broker is back the spool may wait.
+pub const BREAKER_OPEN_MS_VAR: &str = "MESSAGING_BREAKER_OPEN_MS";
 /// Consumer group of task workers (default `helixagent-workers`).
 pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 
@@ -28,7 +34,8 @@ pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 /// one connection when both name the same backend), `MESSAGING_FALLBACK_ENABLED` turns the
 /// fallback spools on (in `MESSAGING_FALLBACK_DIR`, bounded by
 /// `MESSAGING_FALLBACK_MAX_MESSAGES` and `MESSAGING_FALLBACK_MAX_BYTES`),
-/// `KAFKA_CONSUMER_GROUP` names the workers' group.
+/// `MESSAGING_BREAKER_FAILURE_THRESHOLD` and `MESSAGING_BREAKER_OPEN_MS` tune the circuit
+/// breakers, `KAFKA_CONSUMER_GROUP` names the workers' group.
 ///
 /// With the spools on, the hub is returned even while a broker is unreachable: it connects
 /// in the background ([`LazyBroker`](crate::lazy::LazyBroker)) and publishes are spooled
@@ -71,6 +78,23 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
             ));
         }
     };
+    let mut config = HubConfig::default();
+    let failures = positive(
+        &lookup,
+        BREAKER_FAILURES_VAR,
+        config.breaker.failure_threshold.into(),
+    )?;
+    config.breaker.failure_threshold = u32::try_from(failures)
+        .map_err(|_| Error::config(BREAKER_FAILURES_VAR, format!("{failures} is too large")))?;
+    let open_ms = positive(
+        &lookup,
+        BREAKER_OPEN_MS_VAR,
+        u64::try_from(config.breaker.open_interval.as_millis()).unwrap_or(u64::MAX),
+    )?;
+    config.breaker.open_interval = std::time::Duration::from_millis(open_ms);
+    if let Some(group) = lookup(GROUP_VAR).filter(|g| !g.trim().is_empty()) {
+        config.task_group = group.trim().to_owned();
+    }
     let task_backend = backends::resolve(&task_name, task_var)?;
     let event_backend = backends::resolve(&event_name, event_var)?;
     // Every setting is read, and every malformed one reported, before anything connects.
@@ -100,10 +124,6 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
         Some(config) => connect(config, event_backend.name).await?,
         None => tasks.clone(),
     };
-    let mut config = HubConfig::default();
-    if let Some(group) = lookup(GROUP_VAR).filter(|g| !g.trim().is_empty()) {
-        config.task_group = group.trim().to_owned();
-    }
     Hub::new(config, tasks, events, spools).await
 }
 
@@ -125,8 +145,8 @@ async fn spools(
     })?;
     let defaults = SpoolLimits::default();
     let limits = SpoolLimits {
-        max_messages: limit(lookup, FALLBACK_MAX_MESSAGES_VAR, defaults.max_messages)?,
-        max_bytes: limit(lookup, FALLBACK_MAX_BYTES_VAR, defaults.max_bytes)?,
+        max_messages: positive(lookup, FALLBACK_MAX_MESSAGES_VAR, defaults.max_messages)?,
+        max_bytes: positive(lookup, FALLBACK_MAX_BYTES_VAR, defaults.max_bytes)?,
     };
     let tasks = SqliteSpool::open(dir.join("tasks.sqlite"), limits).await?;
     let events = SqliteSpool::open(dir.join("events.sqlite"), limits).await?;
@@ -134,8 +154,7 @@ async fn spools(
 }
 
 /// A positive whole number from `var`, or `default` when it is unset or empty.
-#[cfg(feature = "sqlite")]
-fn limit(lookup: &impl Fn(&str) -> Option<String>, var: &str, default: u64) -> Result<u64> {
+fn positive(lookup: &impl Fn(&str) -> Option<String>, var: &str, default: u64) -> Result<u64> {
     match lookup(var).map(|v| v.trim().replace('_', "")) {
         None => Ok(default),
         Some(v) if v.is_empty() => Ok(default),

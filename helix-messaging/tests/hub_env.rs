@@ -152,11 +152,14 @@ async fn with_the_spool_on_a_hub_starts_while_its_broker_is_unreachable() {
 }
 
 #[tokio::test]
-async fn malformed_spool_limits_name_their_variable() {
+async fn malformed_spool_limits_and_breaker_settings_name_their_variable() {
     let dir = tempfile::tempdir().unwrap();
     for (var, value) in [
         ("MESSAGING_FALLBACK_MAX_MESSAGES", "lots"),
         ("MESSAGING_FALLBACK_MAX_BYTES", "0"),
+        ("MESSAGING_BREAKER_FAILURE_THRESHOLD", "-1"),
+        ("MESSAGING_BREAKER_FAILURE_THRESHOLD", "99999999999"),
+        ("MESSAGING_BREAKER_OPEN_MS", "30s"),
     ] {
         let err = hub_from_vars(env_lookup(&[
             ("MESSAGING_FALLBACK_ENABLED", "true"),

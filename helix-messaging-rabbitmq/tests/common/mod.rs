@@ -1,9 +1,8 @@
 //! Settings every RabbitMQ test uses: the real server on 127.0.0.1:5672 (`RABBITMQ_URL`
 //! overrides).
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
-use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -27,35 +26,26 @@ pub fn config() -> RabbitConfig {
     config_for(&url)
 }
 
-/// Run `rabbitmqctl`, failing the test if it fails.
-pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl on PATH (scripts/test installs RabbitMQ)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use helix_messaging_testkit::faults::TestVhost;
+pub use helix_messaging_testkit::faults::rabbitmqctl;
 
 /// A vhost of the test's own, deleted afterwards.
-pub struct Vhost(pub String);
+pub struct Vhost(pub TestVhost);
 
 impl Vhost {
     pub fn new(prefix: &str) -> Vhost {
-        let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
-        rabbitmqctl(&["add_vhost", &name]);
-        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        Vhost(name)
+        Vhost(TestVhost::new(prefix))
+    }
+
+    /// The vhost's name.
+    pub fn name(&self) -> &str {
+        &self.0.0
     }
 
     /// Test settings for this vhost, with the backend's default dead-letter queue (the
     /// vhost keeps it apart from everything else).
     pub fn config(&self) -> RabbitConfig {
-        let mut config = config_for(&format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0));
+        let mut config = config_for(&self.0.url());
         config.dead_letter_queue = Some(helix_messaging_rabbitmq::HELIXAGENT_DLQ.into());
         config
     }
@@ -66,14 +56,6 @@ impl Vhost {
         let mut config = self.config();
         config.replay_journal = true;
         config
-    }
-}
-
-impl Drop for Vhost {
-    fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.0])
-            .output();
     }
 }
 

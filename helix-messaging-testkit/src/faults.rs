@@ -1,0 +1,209 @@
+//! Fault helpers for tests that take a broker away: stopping and starting the shared
+//! RabbitMQ node's application (always started again, even when the test fails), vhosts of
+//! a test's own, and a private Redis server (its own port, append-only file on) that a test
+//! may crash and restart without touching the machine's Redis.
+//!
+//! Every helper panics when its tool fails: a fault that cannot be injected is a failed
+//! test, never a skipped one.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Run `rabbitmqctl` with `args`, returning its output.
+///
+/// # Panics
+/// When it cannot be run or fails.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl on PATH (scripts/test installs RabbitMQ)");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts the RabbitMQ application when dropped, so a test that stopped it (and failed
+/// before starting it) leaves it running.
+#[derive(Debug)]
+pub struct KeepRabbitMqRunning;
+
+impl Drop for KeepRabbitMqRunning {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").arg("start_app").output();
+        let _ = Command::new("rabbitmqctl")
+            .args(["await_startup", "--timeout", "60"])
+            .output();
+    }
+}
+
+/// Stop the RabbitMQ application (the Erlang node stays up; hold a [`KeepRabbitMqRunning`]
+/// so a failing test starts it again).
+///
+/// # Panics
+/// When `rabbitmqctl stop_app` fails.
+pub async fn stop_rabbitmq() {
+    tokio::task::spawn_blocking(|| rabbitmqctl(&["stop_app"]))
+        .await
+        .expect("rabbitmqctl stop_app ran");
+}
+
+/// Start the RabbitMQ application and wait until it serves again.
+///
+/// # Panics
+/// When it does not start within 60 s.
+pub async fn start_rabbitmq() {
+    tokio::task::spawn_blocking(|| {
+        rabbitmqctl(&["start_app"]);
+        rabbitmqctl(&["await_startup", "--timeout", "60"]);
+    })
+    .await
+    .expect("rabbitmqctl start_app ran");
+}
+
+/// A RabbitMQ vhost of the test's own (guest may use it), deleted when dropped.
+#[derive(Debug)]
+pub struct TestVhost(pub String);
+
+impl TestVhost {
+    /// Create `<prefix>-<random>`.
+    ///
+    /// # Panics
+    /// When `rabbitmqctl` fails.
+    pub fn new(prefix: &str) -> TestVhost {
+        let name = format!("{prefix}-{}", uuid::Uuid::new_v4().simple());
+        rabbitmqctl(&["add_vhost", &name]);
+        rabbitmqctl(&["set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        TestVhost(name)
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:5672/<vhost>`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}", self.0)
+    }
+}
+
+impl Drop for TestVhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl")
+            .args(["delete_vhost", &self.0])
+            .output();
+    }
+}
+
+/// A `redis-server` of the test's own on a free port, with the append-only file on and
+/// fsynced before every reply (`appendfsync always`): what it acknowledged survives
+/// [`PrivateRedis::crash`]. Killed, and its files removed, when dropped.
+#[derive(Debug)]
+pub struct PrivateRedis {
+    port: u16,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Start one and wait until it answers.
+    ///
+    /// # Panics
+    /// When `redis-server` cannot be started or does not answer within 30 s.
+    pub fn start() -> PrivateRedis {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = std::env::temp_dir().join(format!(
+            "helix-private-redis-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("a folder for the private Redis");
+        let mut redis = PrivateRedis {
+            port,
+            dir,
+            server: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kill it with SIGKILL (a crash: nothing is flushed beyond what was fsynced).
+    pub fn crash(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+    }
+
+    /// Start it again on the same port and folder (it reloads its append-only file) and
+    /// wait until it answers; a running server is crashed first.
+    ///
+    /// # Panics
+    /// When it cannot be started or does not answer within 30 s.
+    pub fn restart(&mut self) {
+        self.crash();
+        let server = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                self.dir.to_str().expect("a UTF-8 temp path"),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (scripts/test installs Redis)");
+        self.server = Some(server);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.answers() {
+            assert!(
+                Instant::now() < deadline,
+                "the private Redis on port {} did not answer within 30 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Whether it answers PING with PONG (not while it is still loading its file).
+    fn answers(&self) -> bool {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+        let mut reply = [0u8; 16];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream
+                .read(&mut reply)
+                .is_ok_and(|n| reply[..n].starts_with(b"+PONG"))
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.crash();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
