@@ -7,10 +7,11 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{DeleteOnDrop, TempRedis, WAIT, broker, recv, shared_url};
+use common::{DeleteOnDrop, WAIT, broker, recv, shared_url};
 use futures::StreamExt;
 use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
+use helix_messaging_testkit::faults::{PrivateRedis, free_port};
 
 fn topic(what: &str) -> String {
     helix_messaging_testkit::fresh_name(what)
@@ -118,7 +119,7 @@ async fn reclaimer_hands_a_dead_consumers_entries_to_another_member_after_the_de
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
     const MESSAGES: usize = 3_000;
-    let mut server = TempRedis::start("aof", &["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut server = PrivateRedis::start();
     let url = server.url();
     let topic = topic("restart");
     let tune = |c: &mut RedisConfig| {
@@ -149,10 +150,9 @@ async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
     let mut refused = 0;
     for i in 0..MESSAGES {
         if i == MESSAGES / 3 {
-            server.kill();
+            server.crash();
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let port = server.port;
-            server.restart(port);
+            server.restart();
         }
         let m = Message::new(format!("event {i}")).with_id(format!("m{i}"));
         match publisher.publish(&topic, m).await {
@@ -197,7 +197,7 @@ async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
-    let server = TempRedis::start("kill", &[]);
+    let server = PrivateRedis::start_with(&["--appendonly", "no"]);
     let url = server.url();
     let topic = topic("kill");
     let broker = broker(&url, RedisMode::PubSub, |_| {}).await;
@@ -279,27 +279,24 @@ async fn pubsub_client_ids(url: &str) -> Vec<String> {
 async fn tls_connections_work_in_both_modes_and_verify_the_server() {
     let certs = common::temp_dir("certs");
     helix_messaging_testkit::test_certificates(&certs);
-    let tls_port = common::free_port();
+    let tls_port = free_port();
     let cert = |f: &str| certs.join(f).display().to_string();
     let (server_pem, server_key, ca_pem) = (cert("server.pem"), cert("server.key"), cert("ca.pem"));
     let tls_port_arg = tls_port.to_string();
-    let _server = TempRedis::start(
-        "tls",
-        &[
-            "--port",
-            "0",
-            "--tls-port",
-            &tls_port_arg,
-            "--tls-cert-file",
-            &server_pem,
-            "--tls-key-file",
-            &server_key,
-            "--tls-ca-cert-file",
-            &ca_pem,
-            "--tls-auth-clients",
-            "no",
-        ],
-    );
+    let _server = PrivateRedis::start_with(&[
+        "--port",
+        "0",
+        "--tls-port",
+        &tls_port_arg,
+        "--tls-cert-file",
+        &server_pem,
+        "--tls-key-file",
+        &server_key,
+        "--tls-ca-cert-file",
+        &ca_pem,
+        "--tls-auth-clients",
+        "no",
+    ]);
     let url = format!("rediss://127.0.0.1:{tls_port}");
 
     for mode in [RedisMode::Streams, RedisMode::PubSub] {

@@ -97,6 +97,17 @@ impl Drop for TestVhost {
     }
 }
 
+/// A free TCP port on 127.0.0.1 (free when asked; a test binds it soon after).
+///
+/// # Panics
+/// When no port can be bound.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
 /// A `redis-server` of the test's own on a free port, with the append-only file on and
 /// fsynced before every reply (`appendfsync always`): what it acknowledged survives
 /// [`PrivateRedis::crash`]. Killed, and its files removed, when dropped.
@@ -104,6 +115,8 @@ impl Drop for TestVhost {
 pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
+    /// The settings after the defaults (later ones win), kept for restarts.
+    extra: Vec<String>,
     server: Option<Child>,
 }
 
@@ -113,25 +126,31 @@ impl PrivateRedis {
     /// # Panics
     /// When `redis-server` cannot be started or does not answer within 30 s.
     pub fn start() -> PrivateRedis {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        PrivateRedis::start_with(&[])
+    }
+
+    /// Start one with `extra` settings after the defaults (they win: `--appendonly no`, or
+    /// `--port 0 --tls-port N …` for a TLS-only server, which is ready once `N` listens).
+    ///
+    /// # Panics
+    /// When `redis-server` cannot be started or does not answer within 30 s.
+    pub fn start_with(extra: &[&str]) -> PrivateRedis {
         let dir = std::env::temp_dir().join(format!(
             "helix-private-redis-{}",
             uuid::Uuid::new_v4().simple()
         ));
         std::fs::create_dir_all(&dir).expect("a folder for the private Redis");
         let mut redis = PrivateRedis {
-            port,
+            port: free_port(),
             dir,
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
             server: None,
         };
         redis.restart();
         redis
     }
 
-    /// Its port.
+    /// Its plain port (unused when `extra` set `--port 0`).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -149,8 +168,8 @@ impl PrivateRedis {
         }
     }
 
-    /// Start it again on the same port and folder (it reloads its append-only file) and
-    /// wait until it answers; a running server is crashed first.
+    /// Start it again on the same port and folder with the same settings (it reloads its
+    /// append-only file) and wait until it answers; a running server is crashed first.
     ///
     /// # Panics
     /// When it cannot be started or does not answer within 30 s.
@@ -171,6 +190,7 @@ impl PrivateRedis {
                 "--save",
                 "",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -187,8 +207,18 @@ impl PrivateRedis {
         }
     }
 
-    /// Whether it answers PING with PONG (not while it is still loading its file).
+    /// Whether it answers PING with PONG (not while it is still loading its file); a
+    /// TLS-only server, whether its TLS port listens.
     fn answers(&self) -> bool {
+        let tls_port = self
+            .extra
+            .iter()
+            .position(|a| a == "--tls-port")
+            .and_then(|i| self.extra.get(i + 1));
+        if let Some(port) = tls_port {
+            let port: u16 = port.parse().expect("a --tls-port number");
+            return TcpStream::connect(("127.0.0.1", port)).is_ok();
+        }
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
