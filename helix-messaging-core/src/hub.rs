@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::breaker::{BreakerBroker, BreakerConfig};
 use crate::dlq::{DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason};
 use crate::fallback::{FallbackBroker, ForwardConfig, Spool, SpoolStats};
+use crate::observe::ObservedBroker;
 use crate::retry::{RetryLayer, RetryPolicy};
 use crate::{
     Broker, Envelope, Error, HandlerError, Health, HealthStatus, MAX_PRIORITY, MESSAGE_TYPE_HEADER,
@@ -246,7 +247,10 @@ impl Side {
         config: &HubConfig,
         spool: Option<Arc<dyn Spool>>,
     ) -> Result<Self> {
-        let guarded = BreakerBroker::new(broker, config.breaker)?;
+        // Counted beneath the breaker and the spool: a spooled publish is counted when the
+        // broker takes it, not when the spool does.
+        let observed: Arc<dyn Broker> = Arc::new(ObservedBroker::new(broker));
+        let guarded = BreakerBroker::new(observed, config.breaker)?;
         Ok(match spool {
             Some(spool) => {
                 let fallback =

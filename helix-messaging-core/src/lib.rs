@@ -15,6 +15,7 @@ pub mod hub;
 pub mod lazy;
 mod message;
 mod names;
+pub mod observe;
 pub mod replay;
 pub mod retry;
 mod runner;

@@ -1,0 +1,237 @@
+//! Message counts and delivery latency for any [`Broker`], under the seeds' metric names,
+//! through the [`metrics`] facade (the application installs the exporter).
+//!
+//! [`ObservedBroker`] records, with the labels `backend` (the adapter's name) and `topic`:
+//!
+//! - `messaging_messages_published_total`: messages the broker accepted;
+//! - `messaging_publish_failures_total`: publishes it did not (label `kind` too, the
+//!   [`ErrorKind`](crate::ErrorKind) in snake case);
+//! - `messaging_messages_consumed_total`: deliveries handed to a subscriber, each attempt
+//!   counted (a redelivery is consumed again);
+//! - `messaging_delivery_latency_seconds`: a histogram of the time from a message's
+//!   timestamp to its delivery (a first delivery's is the transit time; a redelivery's
+//!   includes its earlier attempts);
+//! - `messaging_consume_errors_total`: errors a subscription reported and survived.
+//!
+//! **Topic cardinality is bounded**: the first [`TopicLabels::max`] distinct topics an
+//! `ObservedBroker` sees keep their own label, every later one is recorded under
+//! [`OTHER_TOPICS`], so a service publishing to per-user or per-request topics cannot grow
+//! the exporter's memory without bound. Clones of one `ObservedBroker` share the bound.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use parking_lot::Mutex;
+
+use crate::{
+    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher,
+    Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+};
+
+/// Distinct topics labelled by name by default; later ones share [`OTHER_TOPICS`].
+pub const DEFAULT_MAX_TOPIC_LABELS: usize = 100;
+
+/// The `topic` label of every topic past the bound.
+pub const OTHER_TOPICS: &str = "_other";
+
+/// The bounded set of topic labels one [`ObservedBroker`] (and its clones) uses.
+#[derive(Debug)]
+pub struct TopicLabels {
+    max: usize,
+    seen: Mutex<HashSet<Arc<str>>>,
+}
+
+impl TopicLabels {
+    /// At most `max` topics labelled by name (0: every topic is [`OTHER_TOPICS`]).
+    pub fn new(max: usize) -> Self {
+        TopicLabels {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// How many topics keep their own label.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The label `topic` is recorded under: its name while there is room or once it has
+    /// one, else [`OTHER_TOPICS`].
+    pub fn label(&self, topic: &str) -> Arc<str> {
+        let mut seen = self.seen.lock();
+        if let Some(known) = seen.get(topic) {
+            return known.clone();
+        }
+        if seen.len() < self.max {
+            let label: Arc<str> = Arc::from(topic);
+            seen.insert(label.clone());
+            return label;
+        }
+        Arc::from(OTHER_TOPICS)
+    }
+}
+
+impl Default for TopicLabels {
+    fn default() -> Self {
+        TopicLabels::new(DEFAULT_MAX_TOPIC_LABELS)
+    }
+}
+
+/// A broker whose publishes and deliveries are counted (see the module docs). Everything
+/// else passes through unchanged; it adds no errors of its own.
+#[derive(Clone)]
+pub struct ObservedBroker {
+    inner: Arc<dyn Broker>,
+    topics: Arc<TopicLabels>,
+}
+
+impl std::fmt::Debug for ObservedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObservedBroker")
+            .field("backend", &self.inner.name())
+            .field("topic_labels", &self.topics.max)
+            .finish()
+    }
+}
+
+impl ObservedBroker {
+    /// Observe `inner`, with at most [`DEFAULT_MAX_TOPIC_LABELS`] topic labels.
+    pub fn new(inner: Arc<dyn Broker>) -> Self {
+        ObservedBroker::with_topic_labels(inner, TopicLabels::default())
+    }
+
+    /// Observe `inner` with the given topic bound.
+    pub fn with_topic_labels(inner: Arc<dyn Broker>, topics: TopicLabels) -> Self {
+        ObservedBroker {
+            inner,
+            topics: Arc::new(topics),
+        }
+    }
+
+    fn labels(&self, topic: &str) -> [(&'static str, String); 2] {
+        [
+            ("backend", self.inner.name().to_owned()),
+            ("topic", self.topics.label(topic).to_string()),
+        ]
+    }
+
+    fn count_published(&self, topic: &str, accepted: usize, failures: &[&Error]) {
+        let labels = self.labels(topic);
+        if accepted > 0 {
+            metrics::counter!("messaging_messages_published_total", &labels)
+                .increment(accepted as u64);
+        }
+        for err in failures {
+            let [backend, topic] = labels.clone();
+            metrics::counter!(
+                "messaging_publish_failures_total",
+                &[backend, topic, ("kind", kind_label(err.kind()).to_owned())]
+            )
+            .increment(1);
+        }
+    }
+}
+
+/// An error kind as a metric label.
+fn kind_label(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Config => "config",
+        ErrorKind::Connection => "connection",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::NotFound => "not_found",
+        ErrorKind::Unsupported => "unsupported",
+        ErrorKind::PayloadTooLarge => "payload_too_large",
+        ErrorKind::Serialization => "serialization",
+        ErrorKind::Closed => "closed",
+        ErrorKind::Rejected => "rejected",
+        ErrorKind::InvalidInput => "invalid_input",
+        ErrorKind::AlreadySettled => "already_settled",
+        ErrorKind::Backend => "backend",
+    }
+}
+
+#[async_trait]
+impl Publisher for ObservedBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let outcome = self.inner.publish(topic, message).await;
+        match &outcome {
+            Ok(()) => self.count_published(topic, 1, &[]),
+            Err(err) => self.count_published(topic, 0, &[err]),
+        }
+        outcome
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+        let report = self.inner.publish_batch(topic, messages).await;
+        let failures: Vec<&Error> = report.failures().iter().map(|(_, err)| err).collect();
+        self.count_published(topic, report.succeeded(), &failures);
+        report
+    }
+}
+
+#[async_trait]
+impl Subscriber for ObservedBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        let subscription = self.inner.subscribe(topic, options).await?;
+        let name: Arc<str> = Arc::from(subscription.topic());
+        let group = subscription.group().map(Arc::from);
+        // The handles are looked up once: a delivery only bumps them.
+        let labels = self.labels(topic);
+        let consumed = metrics::counter!("messaging_messages_consumed_total", &labels);
+        let latency = metrics::histogram!("messaging_delivery_latency_seconds", &labels);
+        let errors = metrics::counter!("messaging_consume_errors_total", &labels);
+        let observed = subscription.inspect(move |item| match item {
+            Ok(delivery) => {
+                consumed.increment(1);
+                // A timestamp ahead of this clock (skew between hosts) records nothing
+                // rather than a made-up zero.
+                if let Ok(age) = SystemTime::now().duration_since(delivery.message().timestamp()) {
+                    latency.record(age.as_secs_f64());
+                }
+            }
+            Err(_) => errors.increment(1),
+        });
+        Ok(Subscription::new(name, group, Box::pin(observed)))
+    }
+}
+
+#[async_trait]
+impl Broker for ObservedBroker {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn health(&self) -> Health {
+        self.inner.health().await
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        self.inner.read_range(topic, range).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_past_the_bound_share_one_label_and_known_ones_keep_theirs() {
+        let labels = TopicLabels::new(2);
+        assert_eq!(&*labels.label("a"), "a");
+        assert_eq!(&*labels.label("b"), "b");
+        assert_eq!(&*labels.label("c"), OTHER_TOPICS);
+        assert_eq!(&*labels.label("a"), "a", "a labelled topic keeps its label");
+        assert_eq!(&*TopicLabels::new(0).label("a"), OTHER_TOPICS);
+    }
+}

@@ -1,0 +1,199 @@
+//! `ObservedBroker` records the seeds' message metrics with bounded topic labels, on the
+//! memory broker and on the real Redis Streams.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use helix_messaging::observe::{OTHER_TOPICS, ObservedBroker, TopicLabels};
+use helix_messaging::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
+use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
+
+/// One recorder for the test process (nextest runs each test in its own; `cargo test` shares
+/// it, which is why every test has a backend label of its own).
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("no other recorder in this test binary");
+        snapshotter
+    })
+}
+
+/// Every recorded value, by metric name and sorted labels.
+type Recorded = HashMap<(String, Vec<(String, String)>), DebugValue>;
+
+fn recorded() -> Recorded {
+    snapshotter()
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| {
+            let key = key.key();
+            let mut labels: Vec<(String, String)> = key
+                .labels()
+                .map(|l| (l.key().to_owned(), l.value().to_owned()))
+                .collect();
+            labels.sort();
+            ((key.name().to_owned(), labels), value)
+        })
+        .collect()
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    let mut labels: Vec<(String, String)> = pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    labels.sort();
+    labels
+}
+
+fn counter(recorded: &Recorded, name: &str, pairs: &[(&str, &str)]) -> u64 {
+    match recorded.get(&(name.to_owned(), labels(pairs))) {
+        Some(DebugValue::Counter(n)) => *n,
+        other => panic!("{name} {pairs:?}: {other:?}"),
+    }
+}
+
+async fn counts_publishes_deliveries_and_latency(broker: Arc<dyn Broker>) {
+    snapshotter();
+    // Two topics keep their names; a third, and a refused one, are `_other`.
+    let observed = ObservedBroker::with_topic_labels(broker, TopicLabels::new(2));
+    let backend = observed.name();
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let (a, b, c) = (
+        format!("observe.{run}.a"),
+        format!("observe.{run}.b"),
+        format!("observe.{run}.c"),
+    );
+    let mut sub = observed
+        .subscribe(&a, SubscribeOptions::group("observers"))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        observed
+            .publish(&a, Message::new(format!("a{i}")))
+            .await
+            .unwrap();
+    }
+    let report = observed
+        .publish_batch(&b, vec![Message::new("b0"), Message::new("b1")])
+        .await;
+    assert!(report.is_ok(), "{:?}", report.failures());
+    observed.publish(&c, Message::new("c0")).await.unwrap();
+    let refused = observed
+        .publish("not a topic!", Message::new("x"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.kind(), ErrorKind::InvalidInput);
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(15), sub.next())
+            .await
+            .expect("a delivery within 15 s")
+            .expect("the subscription is open")
+            .expect("a delivery");
+        delivery.ack().await.unwrap();
+    }
+
+    let recorded = recorded();
+    let published = "messaging_messages_published_total";
+    fn on<'a>(backend: &'a str, topic: &'a str) -> [(&'a str, &'a str); 2] {
+        [("backend", backend), ("topic", topic)]
+    }
+    assert_eq!(counter(&recorded, published, &on(backend, &a)), 3);
+    assert_eq!(counter(&recorded, published, &on(backend, &b)), 2);
+    assert_eq!(counter(&recorded, published, &on(backend, OTHER_TOPICS)), 1);
+    assert!(
+        !recorded
+            .keys()
+            .any(|(_, labels)| labels.iter().any(|(_, v)| *v == c)),
+        "the topic past the bound has no label of its own"
+    );
+    assert_eq!(
+        counter(
+            &recorded,
+            "messaging_publish_failures_total",
+            &[
+                ("backend", backend),
+                ("topic", OTHER_TOPICS),
+                ("kind", "invalid_input")
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        counter(
+            &recorded,
+            "messaging_messages_consumed_total",
+            &on(backend, &a)
+        ),
+        3
+    );
+    match recorded.get(&(
+        "messaging_delivery_latency_seconds".to_owned(),
+        labels(&on(backend, &a)),
+    )) {
+        Some(DebugValue::Histogram(values)) => {
+            assert_eq!(values.len(), 3, "one latency per delivery");
+            for v in values {
+                assert!(
+                    (0.0..15.0).contains(&v.into_inner()),
+                    "latency {v} s is from this test's publishes"
+                );
+            }
+        }
+        other => panic!("latency: {other:?}"),
+    }
+    observed.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_publishes_deliveries_and_latency_are_counted_with_bounded_topics() {
+    let broker = helix_messaging::connect("memory://").await.unwrap();
+    counts_publishes_deliveries_and_latency(broker).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_publishes_deliveries_and_latency_are_counted_with_bounded_topics() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let broker = helix_messaging::connect(&url.replacen("redis://", "redis-streams://", 1))
+        .await
+        .expect("Redis");
+    counts_publishes_deliveries_and_latency(broker).await;
+}
+
+/// The hub counts what its brokers take (beneath the breaker and the spool).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_counts_its_publishes() {
+    snapshotter();
+    let tasks = helix_messaging::connect("memory://").await.unwrap();
+    let events = helix_messaging::connect("memory://").await.unwrap();
+    let hub = helix_messaging::hub::Hub::new(
+        helix_messaging::hub::HubConfig::default(),
+        tasks,
+        events,
+        None,
+    )
+    .await
+    .unwrap();
+    let queue = format!("observe.{}.tasks", uuid::Uuid::new_v4().simple());
+    for _ in 0..2 {
+        let task = helix_messaging::hub::Task::new("observe", serde_json::json!({}));
+        hub.publish_task(&queue, &task).await.unwrap();
+    }
+    assert_eq!(
+        counter(
+            &recorded(),
+            "messaging_messages_published_total",
+            &[("backend", "memory"), ("topic", &queue)]
+        ),
+        2
+    );
+    hub.close().await.unwrap();
+}
