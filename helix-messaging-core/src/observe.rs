@@ -5,7 +5,7 @@
 //!
 //! - `messaging_messages_published_total`: messages the broker accepted;
 //! - `messaging_publish_failures_total`: publishes it did not (label `kind` too, the
-//!   [`ErrorKind`](crate::ErrorKind) in snake case);
+//!   [`ErrorKind`] in snake case);
 //! - `messaging_messages_consumed_total`: deliveries handed to a subscriber, each attempt
 //!   counted (a redelivery is consumed again);
 //! - `messaging_delivery_latency_seconds`: a histogram of the time from a message's
