@@ -28,6 +28,9 @@ pub use hub_env::{
     hub_from_env, hub_from_vars,
 };
 
+/// The HTTP admin API (feature `admin`).
+#[cfg(feature = "admin")]
+pub use helix_messaging_admin as admin;
 #[cfg(feature = "kafka")]
 pub use helix_messaging_kafka as kafka;
 #[cfg(feature = "memory")]

@@ -1,0 +1,317 @@
+//! The HTTP admin API of helix-messaging, on axum: the seeds' `/v1/messaging/…` endpoints
+//! over a [`Hub`], behind bearer-token auth.
+//!
+//! [`router`] gives a [`Router`] to mount in an application's own axum app; [`serve`] runs
+//! it on its own listener (by default `127.0.0.1:7061`, the seeds' port, never every
+//! interface unless asked). Served so far:
+//!
+//! - `GET /v1/messaging/health`: both sides' health as JSON (`status` is `healthy`,
+//!   `degraded` or `unhealthy`; HTTP 503 when unhealthy, so a load balancer's check works);
+//! - `GET /v1/messaging/metrics`: every metric recorded through the `metrics` facade, in the
+//!   Prometheus text format (from [`install_prometheus`]'s recorder).
+//!
+//! Every request needs `Authorization: Bearer <token>` (the token from
+//! `MESSAGING_ADMIN_TOKEN`); a missing or wrong one is 401. Errors, unknown paths (404) and
+//! wrong methods (405) answer with a JSON body `{"error": {"status": …, "message": …}}`.
+//! Request bodies will be bounded ([`AdminConfig::body_limit`], 413 beyond it) on the
+//! endpoints that take one (the DLQ and replay ones, not served yet).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use helix_messaging_core::hub::Hub;
+use helix_messaging_core::{Health, HealthStatus};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use serde::Serialize;
+use subtle::ConstantTimeEq;
+
+/// Variable holding the bearer token every request must carry.
+pub const TOKEN_VAR: &str = "MESSAGING_ADMIN_TOKEN";
+/// Variable holding the address to listen on (default [`DEFAULT_ADDR`]).
+pub const ADDR_VAR: &str = "MESSAGING_ADMIN_ADDR";
+/// Loopback only, on the seeds' port: exposing the API is a decision, not a default.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:7061";
+/// Largest request body accepted by default (1 MiB).
+pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// What can go wrong setting the admin API up.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// A setting is missing or malformed; the message names the variable.
+    #[error("{var}: {reason}")]
+    Config {
+        /// The variable (or field) at fault.
+        var: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The address could not be listened on.
+    #[error("admin API: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The server stopped with an I/O error.
+    #[error("admin API: {0}")]
+    Serve(#[from] std::io::Error),
+    /// The Prometheus recorder could not be installed (another recorder is installed).
+    #[error("admin API: cannot install the Prometheus recorder: {0}")]
+    Prometheus(String),
+}
+
+/// The admin API's settings.
+#[derive(Clone)]
+pub struct AdminConfig {
+    token: Arc<str>,
+    /// Where [`serve`] listens.
+    pub addr: SocketAddr,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The token is a secret: never printed.
+        f.debug_struct("AdminConfig")
+            .field("token", &"<redacted>")
+            .field("addr", &self.addr)
+            .field("body_limit", &self.body_limit)
+            .finish()
+    }
+}
+
+impl AdminConfig {
+    /// Settings with `token`, on [`DEFAULT_ADDR`] with [`DEFAULT_BODY_LIMIT`].
+    ///
+    /// # Errors
+    /// [`AdminError::Config`] for an empty or blank token.
+    pub fn new(token: impl Into<String>) -> Result<Self, AdminError> {
+        let token = token.into();
+        if token.trim().is_empty() {
+            return Err(AdminError::Config {
+                var: TOKEN_VAR,
+                reason: "the admin token is empty; every request must carry one".into(),
+            });
+        }
+        Ok(AdminConfig {
+            token: token.into(),
+            addr: DEFAULT_ADDR.parse().expect("a valid default address"),
+            body_limit: DEFAULT_BODY_LIMIT,
+        })
+    }
+
+    /// Settings from `MESSAGING_ADMIN_TOKEN` (required) and `MESSAGING_ADMIN_ADDR`.
+    ///
+    /// # Errors
+    /// [`AdminError::Config`] naming the variable that is missing or malformed.
+    pub fn from_env() -> Result<Self, AdminError> {
+        AdminConfig::from_vars(|var| std::env::var(var).ok())
+    }
+
+    /// [`AdminConfig::from_env`] over any lookup (for tests and other config sources).
+    ///
+    /// # Errors
+    /// As [`AdminConfig::from_env`].
+    pub fn from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, AdminError> {
+        let token = lookup(TOKEN_VAR).ok_or(AdminError::Config {
+            var: TOKEN_VAR,
+            reason: "not set; the admin API refuses to run without a token".into(),
+        })?;
+        let mut config = AdminConfig::new(token)?;
+        if let Some(addr) = lookup(ADDR_VAR).filter(|a| !a.trim().is_empty()) {
+            config.addr = addr.trim().parse().map_err(|err| AdminError::Config {
+                var: ADDR_VAR,
+                reason: format!("{addr:?} is not an address like 127.0.0.1:7061: {err}"),
+            })?;
+        }
+        Ok(config)
+    }
+}
+
+/// Install the `metrics` facade's global recorder as a Prometheus one and return the handle
+/// that renders it (give it to [`router`]).
+///
+/// # Errors
+/// [`AdminError::Prometheus`] when a recorder is already installed.
+pub fn install_prometheus() -> Result<PrometheusHandle, AdminError> {
+    PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|err| AdminError::Prometheus(err.to_string()))
+}
+
+#[derive(Clone)]
+struct AppState {
+    hub: Hub,
+    prometheus: Option<PrometheusHandle>,
+    token: Arc<str>,
+}
+
+/// The admin API over `hub`, rendering `prometheus` at `/v1/messaging/metrics` (`None`: that
+/// endpoint answers 503, as no exporter is installed).
+pub fn router(config: &AdminConfig, hub: Hub, prometheus: Option<PrometheusHandle>) -> Router {
+    let state = AppState {
+        hub,
+        prometheus,
+        token: config.token.clone(),
+    };
+    Router::new()
+        .route("/v1/messaging/health", get(health))
+        .route("/v1/messaging/metrics", get(metrics_text))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed on this endpoint",
+            )
+        })
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state)
+}
+
+/// Serve [`router`] on `config.addr` until `shutdown` completes, then finish the requests
+/// under way.
+///
+/// # Errors
+/// [`AdminError::Bind`] when the address cannot be listened on, [`AdminError::Serve`] when
+/// the server fails.
+pub async fn serve(
+    config: AdminConfig,
+    hub: Hub,
+    prometheus: Option<PrometheusHandle>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .map_err(|source| AdminError::Bind {
+            addr: config.addr,
+            source,
+        })?;
+    tracing::info!(addr = %config.addr, "admin API listening");
+    axum::serve(listener, router(&config, hub, prometheus))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}
+
+/// An error answer: its status and a JSON body saying why.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "status": self.status.as_u16(), "message": self.message }
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        None => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "a bearer token is required").into_response()
+        }
+        // Compared in constant time, so the answer's timing does not leak the token.
+        Some(token) if bool::from(token.as_bytes().ct_eq(state.token.as_bytes())) => {
+            next.run(request).await
+        }
+        Some(_) => {
+            ApiError::new(StatusCode::UNAUTHORIZED, "the bearer token is wrong").into_response()
+        }
+    }
+}
+
+fn status_name(status: HealthStatus) -> &'static str {
+    match status {
+        HealthStatus::Healthy => "healthy",
+        HealthStatus::Degraded => "degraded",
+        HealthStatus::Unhealthy => "unhealthy",
+    }
+}
+
+#[derive(Serialize)]
+struct SideHealth {
+    status: &'static str,
+    detail: String,
+}
+
+impl From<Health> for SideHealth {
+    fn from(health: Health) -> Self {
+        SideHealth {
+            status: status_name(health.status),
+            detail: health.detail,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct HealthBody {
+    status: &'static str,
+    tasks: SideHealth,
+    events: SideHealth,
+}
+
+async fn health(State(state): State<AppState>) -> Response {
+    let health = state.hub.health_check().await;
+    let code = match health.status {
+        HealthStatus::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
+        HealthStatus::Healthy | HealthStatus::Degraded => StatusCode::OK,
+    };
+    let body = HealthBody {
+        status: status_name(health.status),
+        tasks: health.tasks.into(),
+        events: health.events.into(),
+    };
+    (code, Json(body)).into_response()
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    match &state.prometheus {
+        Some(handle) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            )],
+            handle.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no Prometheus recorder is installed (see install_prometheus)",
+        )
+        .into_response(),
+    }
+}
