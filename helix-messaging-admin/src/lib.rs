@@ -8,28 +8,39 @@
 //! - `GET /v1/messaging/health`: both sides' health as JSON (`status` is `healthy`,
 //!   `degraded` or `unhealthy`; HTTP 503 when unhealthy, so a load balancer's check works);
 //! - `GET /v1/messaging/metrics`: every metric recorded through the `metrics` facade, in the
-//!   Prometheus text format (from [`install_prometheus`]'s recorder).
+//!   Prometheus text format (from [`install_prometheus`]'s recorder);
+//! - `GET /v1/messaging/dlq?limit&offset` (filters `topic`, `reason`, `type`, `status`,
+//!   `original_id`, `from`, `to` in RFC 3339): `{"count", "limit", "offset", "messages"}`,
+//!   `count` being every match (the seeds' scripts read `.count`);
+//! - `GET /v1/messaging/dlq/{id}`, `POST /v1/messaging/dlq/{id}/reprocess` (optional body
+//!   `{"target_topic"}`), `DELETE /v1/messaging/dlq/{id}/discard` and the seeds' `DELETE
+//!   /v1/messaging/dlq/{id}` (optional body `{"reason"}`): 404 for an unknown id, 400 for
+//!   bad input.
 //!
 //! Every request needs `Authorization: Bearer <token>` (the token from
 //! `MESSAGING_ADMIN_TOKEN`); a missing or wrong one is 401. Errors, unknown paths (404) and
 //! wrong methods (405) answer with a JSON body `{"error": {"status": …, "message": …}}`.
-//! Request bodies will be bounded ([`AdminConfig::body_limit`], 413 beyond it) on the
-//! endpoints that take one (the DLQ and replay ones, not served yet).
+//! Request bodies are bounded ([`AdminConfig::body_limit`], 413 beyond it); a malformed
+//! JSON body is 400.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+mod dlq;
+
+use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
+use helix_messaging_core::dlq::Processor;
 use helix_messaging_core::hub::Hub;
-use helix_messaging_core::{Health, HealthStatus};
+use helix_messaging_core::{ErrorKind, Health, HealthStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
+use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
 
 /// Variable holding the bearer token every request must carry.
@@ -148,24 +159,66 @@ pub fn install_prometheus() -> Result<PrometheusHandle, AdminError> {
         .map_err(|err| AdminError::Prometheus(err.to_string()))
 }
 
+/// What the admin API serves: the hub, and optionally the Prometheus handle and the DLQ
+/// processor (without them their endpoints answer 503).
+#[derive(Clone)]
+pub struct Services {
+    hub: Hub,
+    prometheus: Option<PrometheusHandle>,
+    dlq: Option<Processor>,
+}
+
+impl Services {
+    /// The hub's health; no metrics, no DLQ.
+    pub fn new(hub: Hub) -> Self {
+        Services {
+            hub,
+            prometheus: None,
+            dlq: None,
+        }
+    }
+
+    /// Render `handle` at `/v1/messaging/metrics`.
+    #[must_use]
+    pub fn with_prometheus(mut self, handle: PrometheusHandle) -> Self {
+        self.prometheus = Some(handle);
+        self
+    }
+
+    /// Serve the DLQ endpoints from `processor`.
+    #[must_use]
+    pub fn with_dlq(mut self, processor: Processor) -> Self {
+        self.dlq = Some(processor);
+        self
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     hub: Hub,
     prometheus: Option<PrometheusHandle>,
+    dlq: Option<Processor>,
     token: Arc<str>,
 }
 
-/// The admin API over `hub`, rendering `prometheus` at `/v1/messaging/metrics` (`None`: that
-/// endpoint answers 503, as no exporter is installed).
-pub fn router(config: &AdminConfig, hub: Hub, prometheus: Option<PrometheusHandle>) -> Router {
+/// The admin API over `services`, to mount in an axum app or run with [`serve`].
+pub fn router(config: &AdminConfig, services: Services) -> Router {
     let state = AppState {
-        hub,
-        prometheus,
+        hub: services.hub,
+        prometheus: services.prometheus,
+        dlq: services.dlq,
         token: config.token.clone(),
     };
     Router::new()
         .route("/v1/messaging/health", get(health))
         .route("/v1/messaging/metrics", get(metrics_text))
+        .route("/v1/messaging/dlq", get(dlq::list))
+        .route(
+            "/v1/messaging/dlq/{id}",
+            get(dlq::show).delete(dlq::discard),
+        )
+        .route("/v1/messaging/dlq/{id}/reprocess", post(dlq::reprocess))
+        .route("/v1/messaging/dlq/{id}/discard", delete(dlq::discard))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -186,8 +239,7 @@ pub fn router(config: &AdminConfig, hub: Hub, prometheus: Option<PrometheusHandl
 /// the server fails.
 pub async fn serve(
     config: AdminConfig,
-    hub: Hub,
-    prometheus: Option<PrometheusHandle>,
+    services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
     let listener = tokio::net::TcpListener::bind(config.addr)
@@ -197,10 +249,36 @@ pub async fn serve(
             source,
         })?;
     tracing::info!(addr = %config.addr, "admin API listening");
-    axum::serve(listener, router(&config, hub, prometheus))
+    axum::serve(listener, router(&config, services))
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
+}
+
+/// A JSON request body whose rejections (malformed JSON 400, too large 413, wrong content
+/// type 415) answer with the API's JSON errors. Optional: no body, no value.
+struct JsonBody<T>(T);
+
+impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        match <Json<T> as OptionalFromRequest<S>>::from_request(request, state).await {
+            Ok(body) => Ok(body.map(|Json(value)| JsonBody(value))),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match <Json<T> as FromRequest<S>>::from_request(request, state).await {
+            Ok(Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
 }
 
 /// An error answer: its status and a JSON body saying why.
@@ -216,6 +294,29 @@ impl ApiError {
             status,
             message: message.into(),
         }
+    }
+}
+
+impl ApiError {
+    fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<helix_messaging_core::Error> for ApiError {
+    fn from(err: helix_messaging_core::Error) -> Self {
+        let status = match err.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::InvalidInput | ErrorKind::Config | ErrorKind::Serialization => {
+                StatusCode::BAD_REQUEST
+            }
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, err.to_string())
     }
 }
 

@@ -3,9 +3,15 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use helix_messaging_admin::{ADDR_VAR, AdminConfig, AdminError, TOKEN_VAR};
-use helix_messaging_core::Broker;
+use helix_messaging_admin::{ADDR_VAR, AdminConfig, AdminError, Services, TOKEN_VAR};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use helix_messaging_core::dlq::{
+    DeadLetter, DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
+};
 use helix_messaging_core::hub::{Hub, HubConfig};
+use helix_messaging_core::{Broker, DeliveryInfo, Message, SubscribeOptions};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 
@@ -19,10 +25,21 @@ struct Server {
 
 impl Server {
     async fn start(hub: Hub, prometheus: Option<PrometheusHandle>) -> Server {
-        let config = AdminConfig::new(TOKEN).unwrap();
+        let mut services = Services::new(hub.clone());
+        if let Some(handle) = prometheus {
+            services = services.with_prometheus(handle);
+        }
+        Server::with(services, hub).await
+    }
+
+    async fn with(services: Services, hub: Hub) -> Server {
+        Server::configured(AdminConfig::new(TOKEN).unwrap(), services, hub).await
+    }
+
+    async fn configured(config: AdminConfig, services: Services, hub: Hub) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        let app = helix_messaging_admin::router(&config, hub.clone(), prometheus);
+        let app = helix_messaging_admin::router(&config, services);
         tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
@@ -33,6 +50,12 @@ impl Server {
             client,
             hub,
         }
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
@@ -214,8 +237,7 @@ async fn serve_listens_where_configured_refuses_a_taken_address_and_stops_on_shu
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(helix_messaging_admin::serve(
         config.clone(),
-        memory_hub().await,
-        None,
+        Services::new(memory_hub().await),
         async {
             let _ = stopped.await;
         },
@@ -235,7 +257,8 @@ async fn serve_listens_where_configured_refuses_a_taken_address_and_stops_on_shu
             }
         }
     }
-    let taken = helix_messaging_admin::serve(config, memory_hub().await, None, async {}).await;
+    let taken =
+        helix_messaging_admin::serve(config, Services::new(memory_hub().await), async {}).await;
     assert!(matches!(taken, Err(AdminError::Bind { .. })), "{taken:?}");
     stop.send(()).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(10), server)
@@ -243,4 +266,326 @@ async fn serve_listens_where_configured_refuses_a_taken_address_and_stops_on_shu
         .expect("stopped within 10 s")
         .unwrap()
         .unwrap();
+}
+
+/// A DLQ processor over the memory broker, holding `letters` (failed on `topic`).
+struct Dlq {
+    server: Server,
+    broker: Arc<dyn Broker>,
+    topic: String,
+    ids: Vec<String>,
+}
+
+async fn dlq_server(config: AdminConfig, letters: &[(&str, DeadLetterReason)]) -> Dlq {
+    let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(MemoryDeadLetterStore::new()),
+        ProcessorConfig::default(),
+    )
+    .unwrap();
+    let topic = format!("admin.dlq.{}", uuid_like());
+    let info = DeliveryInfo {
+        topic: topic.as_str().into(),
+        group: Some("workers".into()),
+        attempt: 3,
+        redelivered: true,
+        position: None,
+    };
+    let mut ids = Vec::new();
+    for (payload, reason) in letters {
+        let message = Message::new(payload.to_string()).with_header("type", "admin.test");
+        let now = SystemTime::now();
+        let letter = DeadLetter::new(&message, &info, *reason, "boom", now, now);
+        ids.push(letter.id.clone());
+        assert!(processor.ingest(letter).await.unwrap());
+    }
+    let hub = Hub::new(HubConfig::default(), broker.clone(), broker.clone(), None)
+        .await
+        .unwrap();
+    let services = Services::new(hub.clone()).with_dlq(processor);
+    Dlq {
+        server: Server::configured(config, services, hub).await,
+        broker,
+        topic,
+        ids,
+    }
+}
+
+fn uuid_like() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{nanos:x}")
+}
+
+async fn json_of(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let path = response.url().path().to_owned();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_listing_pages_filters_and_counts_every_match() {
+    let dlq = dlq_server(
+        AdminConfig::new(TOKEN).unwrap(),
+        &[
+            ("one", DeadLetterReason::Permanent),
+            ("two", DeadLetterReason::Permanent),
+            ("three", DeadLetterReason::Undecodable),
+        ],
+    )
+    .await;
+    let s = &dlq.server;
+    let page = json_of(s.get("/v1/messaging/dlq?limit=2").send().await.unwrap()).await;
+    assert_eq!(page["count"], 3, "{page}");
+    assert_eq!(page["messages"].as_array().unwrap().len(), 2, "{page}");
+    let rest = json_of(
+        s.get("/v1/messaging/dlq?limit=2&offset=2")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(rest["messages"].as_array().unwrap().len(), 1, "{rest}");
+    let mut seen: Vec<String> = page["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(rest["messages"].as_array().unwrap())
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    let mut ids = dlq.ids.clone();
+    ids.sort();
+    assert_eq!(seen, ids, "the pages hold every entry once");
+
+    let undecodable = json_of(
+        s.get("/v1/messaging/dlq?reason=undecodable_payload")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(undecodable["count"], 1, "{undecodable}");
+    let entry = &undecodable["messages"][0];
+    assert_eq!(entry["message"]["payload"], "three");
+    assert_eq!(entry["original_topic"], dlq.topic.as_str());
+    assert_eq!(entry["reason"], "undecodable payload");
+    assert_eq!(
+        entry["status"], "parked",
+        "no handler for a permanent failure"
+    );
+    let by_topic = format!(
+        "/v1/messaging/dlq?topic={}&status=parked&from=2000-01-01T00:00:00Z",
+        dlq.topic
+    );
+    assert_eq!(
+        json_of(s.get(&by_topic).send().await.unwrap()).await["count"],
+        3
+    );
+
+    for (query, var) in [
+        ("limit=abc", "limit"),
+        ("limit=0", "limit"),
+        ("limit=5000", "limit"),
+        ("offset=-1", "offset"),
+        ("reason=bogus", "reason"),
+        ("from=yesterday", "from"),
+        ("status=lost", "unknown DLQ entry status"),
+    ] {
+        let response = s
+            .get(&format!("/v1/messaging/dlq?{query}"))
+            .send()
+            .await
+            .unwrap();
+        let (status, message) = error_of(response).await;
+        assert_eq!(status, 400, "{query}");
+        assert!(message.contains(var), "{query}: {message}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_is_shown_reprocessed_to_its_topic_and_then_gone() {
+    let dlq = dlq_server(
+        AdminConfig::new(TOKEN).unwrap(),
+        &[("again", DeadLetterReason::MaxRetriesExceeded)],
+    )
+    .await;
+    let s = &dlq.server;
+    let id = &dlq.ids[0];
+    let entry = json_of(
+        s.get(&format!("/v1/messaging/dlq/{id}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(entry["id"], id.as_str());
+    assert_eq!(entry["attempts"], 3);
+    assert_eq!(entry["message"]["headers"]["type"], "admin.test");
+    let original_id = entry["original_id"].as_str().unwrap().to_owned();
+
+    let mut sub = dlq
+        .broker
+        .subscribe(&dlq.topic, SubscribeOptions::group("workers"))
+        .await
+        .unwrap();
+    let path = format!("/v1/messaging/dlq/{id}/reprocess");
+    let done = json_of(
+        s.request(reqwest::Method::POST, &path)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(done["status"], "reprocessed");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the reprocessed message within 10 s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(delivery.message().id(), original_id, "it keeps its id");
+    assert_eq!(&delivery.message().payload()[..], b"again");
+    delivery.ack().await.unwrap();
+
+    let gone = s
+        .get(&format!("/v1/messaging/dlq/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(gone).await.0, 404);
+    let again = s
+        .request(reqwest::Method::POST, &path)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(again).await.0, 404, "reprocessing twice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_reprocess_bodies_are_400_or_413_and_keep_the_entry() {
+    let mut config = AdminConfig::new(TOKEN).unwrap();
+    config.body_limit = 256;
+    let dlq = dlq_server(config, &[("kept", DeadLetterReason::Permanent)]).await;
+    let s = &dlq.server;
+    let path = format!("/v1/messaging/dlq/{}/reprocess", dlq.ids[0]);
+    let post = |body: String| {
+        s.request(reqwest::Method::POST, &path)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    let malformed = post("{\"target_topic\": ".into()).send().await.unwrap();
+    assert_eq!(error_of(malformed).await.0, 400);
+    let unknown_field = post("{\"topic\": \"x\"}".into()).send().await.unwrap();
+    assert_eq!(error_of(unknown_field).await.0, 422);
+    let bad_topic = post("{\"target_topic\": \"not a topic!\"}".into())
+        .send()
+        .await
+        .unwrap();
+    let (status, message) = error_of(bad_topic).await;
+    assert_eq!(status, 400);
+    assert!(message.contains("target topic"), "{message}");
+    let huge = post(format!("{{\"target_topic\": \"{}\"}}", "a".repeat(1000)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(huge).await.0, 413);
+    let entry = s
+        .get(&format!("/v1/messaging/dlq/{}", dlq.ids[0]))
+        .send()
+        .await
+        .unwrap();
+    let entry = json_of(entry).await;
+    assert_eq!(entry["retries"], 0, "nothing was attempted: {entry}");
+    assert_eq!(
+        entry["status"], "parked",
+        "still there (a permanent failure without a handler is parked): {entry}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discarding_keeps_the_entry_listed_with_its_reason_and_unknown_ids_are_404() {
+    let dlq = dlq_server(
+        AdminConfig::new(TOKEN).unwrap(),
+        &[
+            ("a", DeadLetterReason::Permanent),
+            ("b", DeadLetterReason::Permanent),
+        ],
+    )
+    .await;
+    let s = &dlq.server;
+    let (first, second) = (&dlq.ids[0], &dlq.ids[1]);
+    let done = json_of(
+        s.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/messaging/dlq/{first}/discard"),
+        )
+        .json(&serde_json::json!({"reason": "bad data"}))
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(done["status"], "discarded");
+    let entry = json_of(
+        s.get(&format!("/v1/messaging/dlq/{first}"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(entry["status"], "discarded");
+    assert_eq!(entry["discard_reason"], "bad data");
+    // The seeds' form, without a body.
+    json_of(
+        s.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/messaging/dlq/{second}"),
+        )
+        .send()
+        .await
+        .unwrap(),
+    )
+    .await;
+    let discarded = json_of(
+        s.get("/v1/messaging/dlq?status=discarded")
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(discarded["count"], 2, "{discarded}");
+    let reprocess = s
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/messaging/dlq/{first}/reprocess"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        error_of(reprocess).await.0,
+        400,
+        "a discarded entry is not reprocessed"
+    );
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/messaging/dlq/nope"),
+        (reqwest::Method::DELETE, "/v1/messaging/dlq/nope/discard"),
+        (reqwest::Method::DELETE, "/v1/messaging/dlq/nope"),
+        (reqwest::Method::POST, "/v1/messaging/dlq/nope/reprocess"),
+    ] {
+        let response = s.request(method.clone(), path).send().await.unwrap();
+        assert_eq!(error_of(response).await.0, 404, "{method} {path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_dlq_processor_its_endpoints_are_503() {
+    let server = Server::start(memory_hub().await, None).await;
+    let response = server.get("/v1/messaging/dlq").send().await.unwrap();
+    assert_eq!(error_of(response).await.0, 503);
 }

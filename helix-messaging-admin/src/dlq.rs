@@ -1,0 +1,197 @@
+//! The DLQ endpoints: list, show, reprocess, discard.
+
+use std::collections::HashMap;
+use std::time::SystemTime;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, SecondsFormat, Utc};
+use helix_messaging_core::dlq::{
+    DeadLetterReason, DlqFilter, EntryStatus, Processor, StoredDeadLetter,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{ApiError, AppState};
+
+/// Entries per page unless `limit` says otherwise.
+const DEFAULT_LIMIT: usize = 50;
+/// The largest page: a bigger listing is paged with `offset`.
+const MAX_LIMIT: usize = 1000;
+
+fn processor(state: &AppState) -> Result<&Processor, ApiError> {
+    state.dlq.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no DLQ processor is configured for this admin API",
+        )
+    })
+}
+
+fn time(t: SystemTime) -> String {
+    DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_time(var: &str, value: &str) -> Result<SystemTime, ApiError> {
+    DateTime::parse_from_rfc3339(value)
+        .map(SystemTime::from)
+        .map_err(|err| {
+            ApiError::bad_request(format!(
+                "{var}: {value:?} is not an RFC 3339 time such as 2026-01-02T03:04:05Z: {err}"
+            ))
+        })
+}
+
+fn number(var: &str, value: Option<&String>, default: usize) -> Result<usize, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(v) => v
+            .parse()
+            .map_err(|_| ApiError::bad_request(format!("{var}: {v:?} is not a whole number"))),
+    }
+}
+
+/// One entry as JSON. The payload is shown as text when it is UTF-8 (`payload_size` always
+/// gives its length in bytes).
+pub(crate) fn entry_json(entry: &StoredDeadLetter) -> Value {
+    let letter = &entry.letter;
+    let message = &letter.message;
+    let headers: HashMap<&str, &str> = message
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    json!({
+        "id": letter.id,
+        "original_id": message.id(),
+        "original_topic": letter.original_topic,
+        "group": letter.group,
+        "reason": letter.reason.as_str(),
+        "error": letter.error,
+        "attempts": letter.attempts,
+        "redrives": letter.redrives,
+        "first_failure_at": time(letter.first_failure_at),
+        "last_failure_at": time(letter.last_failure_at),
+        "status": entry.status.as_str(),
+        "retries": entry.retries,
+        "next_attempt_at": entry.next_attempt_at.map(time),
+        "last_error": entry.last_error,
+        "discard_reason": entry.discard_reason,
+        "stored_at": time(entry.stored_at),
+        "message": {
+            "key": message.key(),
+            "headers": headers,
+            "payload": std::str::from_utf8(message.payload()).ok(),
+            "payload_size": message.payload().len(),
+        },
+    })
+}
+
+/// `GET /v1/messaging/dlq?limit&offset&topic&reason&type&status&original_id&from&to`.
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let dlq = processor(&state)?;
+    let limit = number("limit", query.get("limit"), DEFAULT_LIMIT)?;
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit: {limit} is outside 1..={MAX_LIMIT}"
+        )));
+    }
+    let offset = number("offset", query.get("offset"), 0)?;
+    let reason = match query.get("reason") {
+        None => None,
+        Some(r) => Some(
+            DeadLetterReason::ALL
+                .into_iter()
+                // As written in headers ("undecodable payload") or with underscores, which
+                // need no escaping in a URL.
+                .find(|known| known.as_str() == r || known.as_str().replace(' ', "_") == *r)
+                .ok_or_else(|| {
+                    let known: Vec<&str> =
+                        DeadLetterReason::ALL.iter().map(|k| k.as_str()).collect();
+                    ApiError::bad_request(format!("reason: {r:?} is not one of {known:?}"))
+                })?,
+        ),
+    };
+    let status = match query.get("status") {
+        None => None,
+        Some(s) => Some(EntryStatus::parse(s).map_err(ApiError::from)?),
+    };
+    let filter = DlqFilter {
+        topic: query.get("topic").cloned(),
+        reason,
+        message_type: query.get("type").cloned(),
+        status,
+        original_id: query.get("original_id").cloned(),
+        from: query
+            .get("from")
+            .map(|v| parse_time("from", v))
+            .transpose()?,
+        to: query.get("to").map(|v| parse_time("to", v)).transpose()?,
+    };
+    let page = dlq.list(&filter, limit, offset).await?;
+    Ok(Json(json!({
+        "count": page.count,
+        "limit": page.limit,
+        "offset": page.offset,
+        "messages": page.entries.iter().map(entry_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/messaging/dlq/{id}`.
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let entry = processor(&state)?.get(&id).await?;
+    Ok(Json(entry_json(&entry)).into_response())
+}
+
+/// The optional body of a reprocess request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReprocessBody {
+    /// Publish there instead of the topic it failed on.
+    target_topic: Option<String>,
+}
+
+/// The optional body of a discard request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DiscardBody {
+    /// Why (kept with the entry).
+    reason: Option<String>,
+}
+
+/// `POST /v1/messaging/dlq/{id}/reprocess`, body `{"target_topic": …}` or none.
+pub(crate) async fn reprocess(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<crate::JsonBody<ReprocessBody>>,
+) -> Result<Response, ApiError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    processor(&state)?
+        .reprocess(&id, body.target_topic.as_deref())
+        .await?;
+    Ok(Json(json!({ "id": id, "status": "reprocessed" })).into_response())
+}
+
+/// `DELETE /v1/messaging/dlq/{id}/discard` (and the seeds' `DELETE /v1/messaging/dlq/{id}`),
+/// body `{"reason": …}` or none.
+pub(crate) async fn discard(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<crate::JsonBody<DiscardBody>>,
+) -> Result<Response, ApiError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "discarded through the admin API".into());
+    processor(&state)?.discard(&id, &reason).await?;
+    Ok(Json(json!({ "id": id, "status": "discarded" })).into_response())
+}
