@@ -30,11 +30,11 @@ fn processor(state: &AppState) -> Result<&Processor, ApiError> {
     })
 }
 
-fn time(t: SystemTime) -> String {
+pub(crate) fn time(t: SystemTime) -> String {
     DateTime::<Utc>::from(t).to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn parse_time(var: &str, value: &str) -> Result<SystemTime, ApiError> {
+pub(crate) fn parse_time(var: &str, value: &str) -> Result<SystemTime, ApiError> {
     DateTime::parse_from_rfc3339(value)
         .map(SystemTime::from)
         .map_err(|err| {

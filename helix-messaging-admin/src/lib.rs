@@ -15,7 +15,12 @@
 //! - `GET /v1/messaging/dlq/{id}`, `POST /v1/messaging/dlq/{id}/reprocess` (optional body
 //!   `{"target_topic"}`), `DELETE /v1/messaging/dlq/{id}/discard` and the seeds' `DELETE
 //!   /v1/messaging/dlq/{id}` (optional body `{"reason"}`): 404 for an unknown id, 400 for
-//!   bad input.
+//!   bad input;
+//! - `POST /v1/messaging/replay` (the seeds' body: `topic`, `from_time`, `to_time` in RFC
+//!   3339, optional `id`, `target_topic`, `filter` {`message_types`, `headers`}, `options`
+//!   {`batch_size`, `delay_between_ms`, `dry_run`, `skip_duplicates`}; 202 with its
+//!   progress), `GET /v1/messaging/replay` (`{"count", "replays"}`), `GET` and `DELETE
+//!   /v1/messaging/replay/{id}` (progress; cancel).
 //!
 //! Every request needs `Authorization: Bearer <token>` (the token from
 //! `MESSAGING_ADMIN_TOKEN`); a missing or wrong one is 401. Errors, unknown paths (404) and
@@ -28,6 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 mod dlq;
+mod replay;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -37,6 +43,7 @@ use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use helix_messaging_core::dlq::Processor;
 use helix_messaging_core::hub::Hub;
+use helix_messaging_core::replay::ReplayHandler;
 use helix_messaging_core::{ErrorKind, Health, HealthStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde::Serialize;
@@ -166,6 +173,7 @@ pub struct Services {
     hub: Hub,
     prometheus: Option<PrometheusHandle>,
     dlq: Option<Processor>,
+    replay: Option<ReplayHandler>,
 }
 
 impl Services {
@@ -175,6 +183,7 @@ impl Services {
             hub,
             prometheus: None,
             dlq: None,
+            replay: None,
         }
     }
 
@@ -191,6 +200,13 @@ impl Services {
         self.dlq = Some(processor);
         self
     }
+
+    /// Serve the replay endpoints from `handler`.
+    #[must_use]
+    pub fn with_replay(mut self, handler: ReplayHandler) -> Self {
+        self.replay = Some(handler);
+        self
+    }
 }
 
 #[derive(Clone)]
@@ -198,6 +214,7 @@ struct AppState {
     hub: Hub,
     prometheus: Option<PrometheusHandle>,
     dlq: Option<Processor>,
+    replay: Option<ReplayHandler>,
     token: Arc<str>,
 }
 
@@ -207,6 +224,7 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
         hub: services.hub,
         prometheus: services.prometheus,
         dlq: services.dlq,
+        replay: services.replay,
         token: config.token.clone(),
     };
     Router::new()
@@ -219,6 +237,14 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
         )
         .route("/v1/messaging/dlq/{id}/reprocess", post(dlq::reprocess))
         .route("/v1/messaging/dlq/{id}/discard", delete(dlq::discard))
+        .route(
+            "/v1/messaging/replay",
+            post(replay::start).get(replay::list),
+        )
+        .route(
+            "/v1/messaging/replay/{id}",
+            get(replay::show).delete(replay::cancel),
+        )
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -311,6 +337,7 @@ impl From<helix_messaging_core::Error> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => {
                 StatusCode::SERVICE_UNAVAILABLE
             }

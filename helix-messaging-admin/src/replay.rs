@@ -1,0 +1,154 @@
+//! The replay endpoints: start, list, show, cancel.
+
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use helix_messaging_core::Headers;
+use helix_messaging_core::replay::{
+    ReplayFilter, ReplayHandler, ReplayOptions, ReplayProgress, ReplayRequest,
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::dlq::{parse_time, time};
+use crate::{ApiError, AppState, JsonBody};
+
+fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
+    state.replay.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no replay handler is configured for this admin API",
+        )
+    })
+}
+
+/// The body of `POST /v1/messaging/replay` (the seeds' request; times in RFC 3339).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartBody {
+    #[serde(default)]
+    id: Option<String>,
+    topic: String,
+    from_time: String,
+    to_time: String,
+    #[serde(default)]
+    target_topic: Option<String>,
+    #[serde(default)]
+    filter: FilterBody,
+    #[serde(default)]
+    options: OptionsBody,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterBody {
+    #[serde(default)]
+    message_types: Vec<String>,
+    #[serde(default)]
+    headers: Headers,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OptionsBody {
+    batch_size: Option<usize>,
+    delay_between_ms: Option<u64>,
+    #[serde(default)]
+    dry_run: bool,
+    #[serde(default)]
+    skip_duplicates: bool,
+}
+
+/// A replay's progress as JSON (times in RFC 3339, `percentage` of the window reached).
+fn progress_json(p: &ReplayProgress) -> Value {
+    json!({
+        "id": p.id,
+        "status": p.status.as_str(),
+        "topic": p.topic,
+        "target_topic": p.target_topic,
+        "dry_run": p.dry_run,
+        "total": p.total,
+        "replayed": p.replayed,
+        "skipped": p.skipped,
+        "failed": p.failed,
+        "filtered": p.filtered,
+        "duplicates": p.duplicates,
+        "by_type": p.by_type,
+        "skipped_by_type": p.skipped_by_type,
+        "percentage": p.percentage(),
+        "reached": p.reached.map(time),
+        "from_time": time(p.from_time),
+        "to_time": time(p.to_time),
+        "started_at": time(p.started_at),
+        "finished_at": p.finished_at.map(time),
+        "last_error": p.last_error,
+        "resumes": p.resumes,
+    })
+}
+
+/// `POST /v1/messaging/replay`: 202 with the replay's first progress.
+pub(crate) async fn start(
+    State(state): State<AppState>,
+    JsonBody(body): JsonBody<StartBody>,
+) -> Result<Response, ApiError> {
+    let replays = handler(&state)?;
+    let from: SystemTime = parse_time("from_time", &body.from_time)?;
+    let to: SystemTime = parse_time("to_time", &body.to_time)?;
+    let defaults = ReplayOptions::default();
+    let mut request = ReplayRequest::new(body.topic, from, to)
+        .with_filter(ReplayFilter {
+            message_types: body.filter.message_types,
+            headers: body.filter.headers,
+        })
+        .with_options(ReplayOptions {
+            batch_size: body.options.batch_size.unwrap_or(defaults.batch_size),
+            delay_between: body
+                .options
+                .delay_between_ms
+                .map_or(defaults.delay_between, Duration::from_millis),
+            dry_run: body.options.dry_run,
+            skip_duplicates: body.options.skip_duplicates,
+        });
+    if let Some(id) = body.id {
+        request = request.with_id(id);
+    }
+    if let Some(target) = body.target_topic {
+        request = request.with_target_topic(target);
+    }
+    let progress = replays.start_replay(request).await?;
+    Ok((StatusCode::ACCEPTED, Json(progress_json(&progress))).into_response())
+}
+
+/// `GET /v1/messaging/replay`: every replay, newest first.
+pub(crate) async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let all = handler(&state)?.list_replays().await?;
+    Ok(Json(json!({
+        "count": all.len(),
+        "replays": all.iter().map(progress_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/messaging/replay/{id}`.
+pub(crate) async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let progress = handler(&state)?.get_progress(&id).await?;
+    Ok(Json(progress_json(&progress)).into_response())
+}
+
+/// `DELETE /v1/messaging/replay/{id}`: asks it to stop (a finished replay stays as it
+/// finished); answers with its progress.
+pub(crate) async fn cancel(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let replays = handler(&state)?;
+    replays.cancel_replay(&id).await?;
+    let progress = replays.get_progress(&id).await?;
+    Ok(Json(progress_json(&progress)).into_response())
+}
