@@ -269,6 +269,18 @@ async fn serve_listens_where_configured_refuses_a_taken_address_and_stops_on_shu
         .unwrap();
 }
 
+/// A server whose hub has `broker` on both sides, serving what `add` adds.
+async fn over(
+    broker: Arc<dyn Broker>,
+    config: AdminConfig,
+    add: impl FnOnce(Services) -> Services,
+) -> Server {
+    let hub = Hub::new(HubConfig::default(), broker.clone(), broker, None)
+        .await
+        .unwrap();
+    Server::configured(config, add(Services::new(hub.clone())), hub).await
+}
+
 /// A DLQ processor over the memory broker, holding `letters` (failed on `topic`).
 struct Dlq {
     server: Server,
@@ -301,12 +313,8 @@ async fn dlq_server(config: AdminConfig, letters: &[(&str, DeadLetterReason)]) -
         ids.push(letter.id.clone());
         assert!(processor.ingest(letter).await.unwrap());
     }
-    let hub = Hub::new(HubConfig::default(), broker.clone(), broker.clone(), None)
-        .await
-        .unwrap();
-    let services = Services::new(hub.clone()).with_dlq(processor);
     Dlq {
-        server: Server::configured(config, services, hub).await,
+        server: over(broker.clone(), config, |s| s.with_dlq(processor)).await,
         broker,
         topic,
         ids,
@@ -319,6 +327,11 @@ fn uuid_like() -> String {
         .unwrap()
         .as_nanos();
     format!("{nanos:x}")
+}
+
+/// Send `request` and read its 200 JSON answer.
+async fn call(request: reqwest::RequestBuilder) -> Value {
+    json_of(request.send().await.unwrap()).await
 }
 
 async fn json_of(response: reqwest::Response) -> Value {
@@ -341,16 +354,10 @@ async fn the_dlq_listing_pages_filters_and_counts_every_match() {
     )
     .await;
     let s = &dlq.server;
-    let page = json_of(s.get("/v1/messaging/dlq?limit=2").send().await.unwrap()).await;
+    let page = call(s.get("/v1/messaging/dlq?limit=2")).await;
     assert_eq!(page["count"], 3, "{page}");
     assert_eq!(page["messages"].as_array().unwrap().len(), 2, "{page}");
-    let rest = json_of(
-        s.get("/v1/messaging/dlq?limit=2&offset=2")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let rest = call(s.get("/v1/messaging/dlq?limit=2&offset=2")).await;
     assert_eq!(rest["messages"].as_array().unwrap().len(), 1, "{rest}");
     let mut seen: Vec<String> = page["messages"]
         .as_array()
@@ -364,13 +371,7 @@ async fn the_dlq_listing_pages_filters_and_counts_every_match() {
     ids.sort();
     assert_eq!(seen, ids, "the pages hold every entry once");
 
-    let undecodable = json_of(
-        s.get("/v1/messaging/dlq?reason=undecodable_payload")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let undecodable = call(s.get("/v1/messaging/dlq?reason=undecodable_payload")).await;
     assert_eq!(undecodable["count"], 1, "{undecodable}");
     let entry = &undecodable["messages"][0];
     assert_eq!(entry["message"]["payload"], "three");
@@ -384,10 +385,7 @@ async fn the_dlq_listing_pages_filters_and_counts_every_match() {
         "/v1/messaging/dlq?topic={}&status=parked&from=2000-01-01T00:00:00Z",
         dlq.topic
     );
-    assert_eq!(
-        json_of(s.get(&by_topic).send().await.unwrap()).await["count"],
-        3
-    );
+    assert_eq!(call(s.get(&by_topic)).await["count"], 3);
 
     for (query, var) in [
         ("limit=abc", "limit"),
@@ -418,13 +416,7 @@ async fn an_entry_is_shown_reprocessed_to_its_topic_and_then_gone() {
     .await;
     let s = &dlq.server;
     let id = &dlq.ids[0];
-    let entry = json_of(
-        s.get(&format!("/v1/messaging/dlq/{id}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let entry = call(s.get(&format!("/v1/messaging/dlq/{id}"))).await;
     assert_eq!(entry["id"], id.as_str());
     assert_eq!(entry["attempts"], 3);
     assert_eq!(entry["message"]["headers"]["type"], "admin.test");
@@ -436,13 +428,7 @@ async fn an_entry_is_shown_reprocessed_to_its_topic_and_then_gone() {
         .await
         .unwrap();
     let path = format!("/v1/messaging/dlq/{id}/reprocess");
-    let done = json_of(
-        s.request(reqwest::Method::POST, &path)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let done = call(s.request(reqwest::Method::POST, &path)).await;
     assert_eq!(done["status"], "reprocessed");
     let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
         .await
@@ -520,45 +506,25 @@ async fn discarding_keeps_the_entry_listed_with_its_reason_and_unknown_ids_are_4
     .await;
     let s = &dlq.server;
     let (first, second) = (&dlq.ids[0], &dlq.ids[1]);
-    let done = json_of(
+    let done = call(
         s.request(
             reqwest::Method::DELETE,
             &format!("/v1/messaging/dlq/{first}/discard"),
         )
-        .json(&serde_json::json!({"reason": "bad data"}))
-        .send()
-        .await
-        .unwrap(),
+        .json(&serde_json::json!({"reason": "bad data"})),
     )
     .await;
     assert_eq!(done["status"], "discarded");
-    let entry = json_of(
-        s.get(&format!("/v1/messaging/dlq/{first}"))
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let entry = call(s.get(&format!("/v1/messaging/dlq/{first}"))).await;
     assert_eq!(entry["status"], "discarded");
     assert_eq!(entry["discard_reason"], "bad data");
     // The seeds' form, without a body.
-    json_of(
-        s.request(
-            reqwest::Method::DELETE,
-            &format!("/v1/messaging/dlq/{second}"),
-        )
-        .send()
-        .await
-        .unwrap(),
-    )
+    call(s.request(
+        reqwest::Method::DELETE,
+        &format!("/v1/messaging/dlq/{second}"),
+    ))
     .await;
-    let discarded = json_of(
-        s.get("/v1/messaging/dlq?status=discarded")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let discarded = call(s.get("/v1/messaging/dlq?status=discarded")).await;
     assert_eq!(discarded["count"], 2, "{discarded}");
     let reprocess = s
         .request(
@@ -605,25 +571,16 @@ async fn replay_server(n: usize) -> (Server, Arc<dyn Broker>, String) {
             .await
             .unwrap();
     }
-    let hub = Hub::new(HubConfig::default(), broker.clone(), broker.clone(), None)
-        .await
-        .unwrap();
     let replays = ReplayHandler::new(broker.clone(), ReplayConfig::default());
-    let services = Services::new(hub.clone()).with_replay(replays);
-    let server = Server::configured(AdminConfig::new(TOKEN).unwrap(), services, hub).await;
+    let config = AdminConfig::new(TOKEN).unwrap();
+    let server = over(broker.clone(), config, |s| s.with_replay(replays)).await;
     (server, broker, topic)
 }
 
 async fn until_finished(s: &Server, id: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let progress = json_of(
-            s.get(&format!("/v1/messaging/replay/{id}"))
-                .send()
-                .await
-                .unwrap(),
-        )
-        .await;
+        let progress = call(s.get(&format!("/v1/messaging/replay/{id}"))).await;
         if progress["status"] != "running" {
             return progress;
         }
@@ -682,19 +639,14 @@ async fn a_replay_started_over_http_copies_the_window_and_reports_progress() {
     }
     assert_eq!(payloads, ["m0", "m2", "m4"]);
 
-    let listed = json_of(s.get("/v1/messaging/replay").send().await.unwrap()).await;
+    let listed = call(s.get("/v1/messaging/replay")).await;
     assert_eq!(listed["count"], 1, "{listed}");
     assert_eq!(listed["replays"][0]["id"], "admin-replay-1");
     // Cancelling a finished replay leaves it as it finished.
-    let cancelled = json_of(
-        s.request(
-            reqwest::Method::DELETE,
-            "/v1/messaging/replay/admin-replay-1",
-        )
-        .send()
-        .await
-        .unwrap(),
-    )
+    let cancelled = call(s.request(
+        reqwest::Method::DELETE,
+        "/v1/messaging/replay/admin-replay-1",
+    ))
     .await;
     assert_eq!(cancelled["status"], "completed");
 }
@@ -741,6 +693,6 @@ async fn bad_replay_requests_are_400_and_unknown_ids_404() {
             .unwrap();
         assert_eq!(error_of(response).await.0, 404, "{method}");
     }
-    let listed = json_of(s.get("/v1/messaging/replay").send().await.unwrap()).await;
+    let listed = call(s.get("/v1/messaging/replay")).await;
     assert_eq!(listed["count"], 0, "nothing was started: {listed}");
 }
