@@ -1,0 +1,347 @@
+//! `helixctl` run as a process against a running admin API (memory broker, DLQ processor,
+//! replay handler) and, for `tail`, the real Redis.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use helix_messaging_admin::{AdminConfig, Services};
+use helix_messaging_core::dlq::{
+    DeadLetter, DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
+};
+use helix_messaging_core::hub::{Hub, HubConfig};
+use helix_messaging_core::replay::{ReplayConfig, ReplayHandler};
+use helix_messaging_core::{Broker, DeliveryInfo, Message, SubscribeOptions};
+use serde_json::Value;
+
+const TOKEN: &str = "ctl-token";
+
+struct Fixture {
+    url: String,
+    broker: Arc<dyn Broker>,
+    dead: Vec<String>,
+    topic: String,
+}
+
+/// An admin API on a free port over a memory broker whose `topic` holds 4 messages and
+/// whose DLQ holds 2 entries.
+async fn fixture() -> Fixture {
+    let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
+    let topic = "ctl.events".to_owned();
+    for i in 0..4 {
+        broker
+            .publish(&topic, Message::new(format!("e{i}")))
+            .await
+            .unwrap();
+    }
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(MemoryDeadLetterStore::new()),
+        ProcessorConfig::default(),
+    )
+    .unwrap();
+    let info = DeliveryInfo {
+        topic: "ctl.tasks".into(),
+        group: Some("workers".into()),
+        attempt: 1,
+        redelivered: false,
+        position: None,
+    };
+    let mut dead = Vec::new();
+    for payload in ["first", "second"] {
+        let now = SystemTime::now();
+        let letter = DeadLetter::new(
+            &Message::new(payload),
+            &info,
+            DeadLetterReason::Permanent,
+            "refused",
+            now,
+            now,
+        );
+        dead.push(letter.id.clone());
+        processor.ingest(letter).await.unwrap();
+    }
+    let hub = Hub::new(HubConfig::default(), broker.clone(), broker.clone(), None)
+        .await
+        .unwrap();
+    let services = Services::new(hub)
+        .with_dlq(processor)
+        .with_replay(ReplayHandler::new(broker.clone(), ReplayConfig::default()));
+    let app = helix_messaging_admin::router(&AdminConfig::new(TOKEN).unwrap(), services);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Fixture {
+        url,
+        broker,
+        dead,
+        topic,
+    }
+}
+
+/// Run helixctl with `args` against `url` (off the runtime's threads: the server runs on
+/// them), giving up after 60 s.
+async fn helixctl(url: &str, token: Option<&str>, args: &[&str]) -> Output {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_helixctl"));
+    command
+        .args(["--url", url])
+        .args(args)
+        .env_remove("MESSAGING_ADMIN_TOKEN")
+        .env_remove("HELIXCTL_URL");
+    if let Some(token) = token {
+        command.env("MESSAGING_ADMIN_TOKEN", token);
+    }
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || command.output().expect("helixctl runs")),
+    )
+    .await
+    .expect("helixctl finished within 60 s")
+    .unwrap()
+}
+
+fn ok_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON on stdout")
+}
+
+fn failed(out: &Output, code: i32, says: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(code), "{stderr}");
+    assert!(stderr.contains(says), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_in_text_and_json_and_clear_failures_for_auth_and_connection() {
+    let f = fixture().await;
+    let text = helixctl(&f.url, Some(TOKEN), &["health"]).await;
+    assert!(text.status.success());
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.starts_with("healthy\ntasks:  healthy"), "{text}");
+    let json = ok_json(&helixctl(&f.url, Some(TOKEN), &["health", "--json"]).await);
+    assert_eq!(json["events"]["status"], "healthy");
+
+    let wrong = helixctl(&f.url, Some("nope"), &["health"]).await;
+    failed(&wrong, 3, "authentication failed");
+    failed(&helixctl(&f.url, None, &["health"]).await, 3, "no token");
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let nowhere = format!("http://{free}");
+    failed(
+        &helixctl(&nowhere, Some(TOKEN), &["health"]).await,
+        4,
+        "cannot reach the admin API",
+    );
+    failed(
+        &helixctl(&f.url, Some(TOKEN), &["dlq", "frobnicate"]).await,
+        2,
+        "",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_list_show_reprocess_and_discard() {
+    let f = fixture().await;
+    let page = ok_json(&helixctl(&f.url, Some(TOKEN), &["dlq", "list", "--json"]).await);
+    assert_eq!(page["count"], 2, "{page}");
+    let text = helixctl(&f.url, Some(TOKEN), &["dlq", "list", "--limit", "1"]).await;
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert_eq!(text.lines().count(), 2, "the count and one entry: {text}");
+    assert!(text.starts_with("2 entries\n"), "{text}");
+
+    let (first, second) = (f.dead[0].as_str(), f.dead[1].as_str());
+    let entry = ok_json(&helixctl(&f.url, Some(TOKEN), &["dlq", "show", first, "--json"]).await);
+    assert_eq!(entry["message"]["payload"], "first");
+
+    let mut sub = f
+        .broker
+        .subscribe("ctl.tasks", SubscribeOptions::group("workers"))
+        .await
+        .unwrap();
+    let out = helixctl(&f.url, Some(TOKEN), &["dlq", "reprocess", first]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap().trim(),
+        format!("{first} reprocessed")
+    );
+    let delivery = tokio::time::timeout(Duration::from_secs(10), futures_next(&mut sub))
+        .await
+        .expect("the reprocessed message within 10 s");
+    assert_eq!(&delivery.message().payload()[..], b"first");
+    delivery.ack().await.unwrap();
+
+    let done = ok_json(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &["dlq", "discard", second, "--reason", "bad data", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(done["status"], "discarded");
+    let entry = ok_json(&helixctl(&f.url, Some(TOKEN), &["dlq", "show", second, "--json"]).await);
+    assert_eq!(entry["discard_reason"], "bad data");
+    failed(
+        &helixctl(&f.url, Some(TOKEN), &["dlq", "show", first]).await,
+        1,
+        "404",
+    );
+}
+
+async fn futures_next(
+    sub: &mut helix_messaging_core::Subscription,
+) -> helix_messaging_core::Delivery {
+    use futures::StreamExt;
+    sub.next().await.expect("open").expect("a delivery")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_start_wait_status_list_and_cancel() {
+    let f = fixture().await;
+    let started = ok_json(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &[
+                "replay",
+                "start",
+                "--topic",
+                &f.topic,
+                "--from",
+                "2000-01-01T00:00:00Z",
+                "--to",
+                "2100-01-01T00:00:00Z",
+                "--id",
+                "ctl-replay",
+                "--wait",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(
+        started["status"], "completed",
+        "--wait follows it to the end: {started}"
+    );
+    assert_eq!(started["replayed"], 4, "{started}");
+    let status = helixctl(&f.url, Some(TOKEN), &["replay", "status", "ctl-replay"]).await;
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        status.starts_with(
+            "ctl-replay  completed  ctl.events -> ctl.events.replay  total 4  replayed 4"
+        ),
+        "{status}"
+    );
+    let all = ok_json(&helixctl(&f.url, Some(TOKEN), &["replay", "list", "--json"]).await);
+    assert_eq!(all["count"], 1);
+    let cancelled = ok_json(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &["replay", "cancel", "ctl-replay", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(
+        cancelled["status"], "completed",
+        "a finished replay stays finished"
+    );
+    failed(
+        &helixctl(&f.url, Some(TOKEN), &["replay", "status", "nope"]).await,
+        1,
+        "404",
+    );
+    failed(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &[
+                "replay", "start", "--topic", "t", "--from", "soon", "--to", "later",
+            ],
+        )
+        .await,
+        1,
+        "400",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_prints_what_is_published_on_redis_streams() {
+    // Streams: they carry the message id (plain pub/sub carries the payload alone).
+    let redis = std::env::var("REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+        .replacen("redis://", "redis-streams://", 1);
+    let topic = format!(
+        "ctl.tail.{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_helixctl"))
+        .args(["tail", &topic, "--broker", &redis, "--count", "2", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        line
+    });
+    let line = tokio::time::timeout(Duration::from_secs(30), ready)
+        .await
+        .expect("tail subscribed within 30 s")
+        .unwrap();
+    assert!(line.starts_with("tailing"), "{line}");
+    let broker = helix_messaging::connect(&redis).await.unwrap();
+    for payload in ["one", "two"] {
+        broker
+            .publish(
+                &topic,
+                Message::new(payload).with_id(format!("id-{payload}")),
+            )
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let output = tokio::task::spawn_blocking(move || {
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut out = String::new();
+                std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+                return Some((status, out));
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    let (status, out) = output.expect("tail stopped after 2 messages within 30 s");
+    assert!(status.success());
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert_eq!(lines[0]["payload"], "one");
+    assert_eq!(lines[1]["id"], "id-two");
+    broker.close().await.unwrap();
+}
