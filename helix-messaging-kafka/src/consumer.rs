@@ -38,7 +38,6 @@ use helix_messaging_core::{
 };
 use parking_lot::Mutex;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
-use rdkafka::error::KafkaResult;
 use rdkafka::message::Message as _;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -481,6 +480,68 @@ pub(crate) struct Reader {
     pub(crate) retry: Option<Arc<crate::RetryLane>>,
 }
 
+/// Commit what a leaving member settled. A coordinator that is moving or a rebalance under
+/// way (another member joining as this one leaves) fails a commit only for the moment:
+/// it is tried again, polling meanwhile so the consumer can finish that rebalance, rather
+/// than given up, which would have the next owner redeliver settled messages.
+async fn final_commit(consumer: &Arc<GroupConsumer>, state: &GroupState) {
+    let topic = state.topic.as_str();
+    use backon::BackoffBuilder;
+    let mut waits = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(1))
+        .with_max_times(10)
+        .build();
+    loop {
+        // Built afresh each time: a rebalance meanwhile took the revoked partitions out (and
+        // committed them), and committing them again could move their new owner back.
+        let mut offsets = TopicPartitionList::new();
+        for (partition, tracker) in state.partitions.lock().iter() {
+            if let Some(point) = tracker.commit_point() {
+                add_commit(&mut offsets, topic, *partition, point, &tracker.metadata());
+            }
+        }
+        if offsets.count() == 0 {
+            return;
+        }
+        let committer = consumer.clone();
+        let committed =
+            tokio::task::spawn_blocking(move || committer.commit(&offsets, CommitMode::Sync))
+                .await
+                .unwrap_or(Err(rdkafka::error::KafkaError::Canceled));
+        let err = match committed {
+            Ok(()) => return,
+            Err(err) => err,
+        };
+        let passing = err.rdkafka_error_code().is_some_and(|code| {
+            use rdkafka::error::RDKafkaErrorCode as C;
+            matches!(
+                code,
+                C::RebalanceInProgress
+                    | C::WaitingForCoordinator
+                    | C::CoordinatorLoadInProgress
+                    | C::CoordinatorNotAvailable
+                    | C::NotCoordinator
+                    | C::RequestTimedOut
+            )
+        });
+        match waits.next().filter(|_| passing) {
+            Some(wait) => {
+                tracing::debug!(topic, error = %err, ?wait, "final commit failed for now; trying again");
+                let until = tokio::time::Instant::now() + wait;
+                while tokio::time::Instant::now() < until {
+                    // Records arriving now are not registered: they stay uncommitted.
+                    let _ = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await;
+                }
+            }
+            None => {
+                tracing::warn!(topic, error = %err, "final commit failed");
+                return;
+            }
+        }
+    }
+}
+
 impl Reader {
     /// Poll the consumer (which also runs its rebalances), buffer what arrives, hand it out
     /// while fewer than `prefetch` deliveries are unsettled, and pause fetching while the
@@ -664,30 +725,9 @@ impl Reader {
             let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
         }
         let consumer = self.consumer;
-        let state = self.state;
-        // Committing and closing block on the network.
-        let _ = tokio::task::spawn_blocking(move || {
-            let mut store = TopicPartitionList::new();
-            for (partition, tracker) in state.partitions.lock().iter() {
-                if let Some(point) = tracker.commit_point() {
-                    add_commit(
-                        &mut store,
-                        &state.topic,
-                        *partition,
-                        point,
-                        &tracker.metadata(),
-                    );
-                }
-            }
-            if store.count() > 0 {
-                let committed: KafkaResult<()> = consumer.commit(&store, CommitMode::Sync);
-                if let Err(err) = committed {
-                    tracing::warn!(topic = %state.topic, error = %err, "final commit failed");
-                }
-            }
-            drop(consumer);
-        })
-        .await;
+        final_commit(&consumer, &self.state).await;
+        // Closing blocks on the network.
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }
 
     fn delivery(&self, item: Buffered, permit: OwnedSemaphorePermit) -> Delivery {
