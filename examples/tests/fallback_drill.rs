@@ -21,6 +21,7 @@ use futures::StreamExt;
 use helix_messaging::dlq::{DeadLetterConfig, HEADER_ORIGINAL_ID, HEADER_REASON};
 use helix_messaging::hub::{Event, Hub, HubConfig, Task};
 use helix_messaging::{HandlerError, SubscribeOptions};
+use helix_messaging_testkit::eventually;
 use helix_messaging_testkit::faults::{
     KeepRabbitMqRunning, PrivateRedis, TestVhost, start_rabbitmq, stop_rabbitmq,
 };
@@ -91,12 +92,9 @@ fn spawn_publisher(
     child
 }
 
+/// Wait until `check` holds (the testkit's `eventually`, for a plain condition).
 async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: not within {limit:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(limit, what, || std::future::ready(check().then_some(()))).await;
 }
 
 /// The broker taken away and brought back.

@@ -22,7 +22,7 @@ const DEFAULT_LIMIT: usize = 50;
 const MAX_LIMIT: usize = 1000;
 
 fn processor(state: &AppState) -> Result<&Processor, ApiError> {
-    state.dlq.as_ref().ok_or_else(|| {
+    state.services.dlq.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no DLQ processor is configured for this admin API",

@@ -211,20 +211,14 @@ impl Services {
 
 #[derive(Clone)]
 struct AppState {
-    hub: Hub,
-    prometheus: Option<PrometheusHandle>,
-    dlq: Option<Processor>,
-    replay: Option<ReplayHandler>,
+    services: Services,
     token: Arc<str>,
 }
 
 /// The admin API over `services`, to mount in an axum app or run with [`serve`].
 pub fn router(config: &AdminConfig, services: Services) -> Router {
     let state = AppState {
-        hub: services.hub,
-        prometheus: services.prometheus,
-        dlq: services.dlq,
-        replay: services.replay,
+        services,
         token: config.token.clone(),
     };
     Router::new()
@@ -413,7 +407,7 @@ struct HealthBody {
 }
 
 async fn health(State(state): State<AppState>) -> Response {
-    let health = state.hub.health_check().await;
+    let health = state.services.hub.health_check().await;
     let code = match health.status {
         HealthStatus::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
         HealthStatus::Healthy | HealthStatus::Degraded => StatusCode::OK,
@@ -427,7 +421,7 @@ async fn health(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics_text(State(state): State<AppState>) -> Response {
-    match &state.prometheus {
+    match &state.services.prometheus {
         Some(handle) => (
             [(
                 header::CONTENT_TYPE,

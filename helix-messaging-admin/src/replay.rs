@@ -17,7 +17,7 @@ use crate::dlq::{parse_time, time};
 use crate::{ApiError, AppState, JsonBody};
 
 fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
-    state.replay.as_ref().ok_or_else(|| {
+    state.services.replay.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "no replay handler is configured for this admin API",
