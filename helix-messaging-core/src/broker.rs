@@ -88,6 +88,7 @@ impl SubscribeOptions {
 pub struct Subscription {
     topic: Arc<str>,
     group: Option<Arc<str>>,
+    system: Option<&'static str>,
     inner: BoxStream<'static, Result<Delivery>>,
 }
 
@@ -101,8 +102,22 @@ impl Subscription {
         Subscription {
             topic,
             group,
+            system: None,
             inner,
         }
+    }
+
+    /// Name the backend the deliveries come from (`messaging.system` of the spans that
+    /// process them).
+    #[must_use]
+    pub fn with_system(mut self, system: &'static str) -> Self {
+        self.system = Some(system);
+        self
+    }
+
+    /// The backend the deliveries come from, when the subscription was told.
+    pub fn system(&self) -> Option<&'static str> {
+        self.system
     }
 
     /// The subscribed topic.

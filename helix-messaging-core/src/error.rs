@@ -51,6 +51,25 @@ impl ErrorKind {
         matches!(self, ErrorKind::Connection | ErrorKind::Timeout)
     }
 
+    /// The kind in snake case (`"not_found"`, `"payload_too_large"`, …): the `kind` label of
+    /// failure metrics and the `error.type` of a failed span.
+    pub const fn label(self) -> &'static str {
+        match self {
+            ErrorKind::Config => "config",
+            ErrorKind::Connection => "connection",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Serialization => "serialization",
+            ErrorKind::Closed => "closed",
+            ErrorKind::Rejected => "rejected",
+            ErrorKind::InvalidInput => "invalid_input",
+            ErrorKind::AlreadySettled => "already_settled",
+            ErrorKind::Backend => "backend",
+        }
+    }
+
     const fn as_str(self) -> &'static str {
         match self {
             ErrorKind::Config => "configuration error",

@@ -5,13 +5,17 @@
 //!
 //! - `messaging_messages_published_total`: messages the broker accepted;
 //! - `messaging_publish_failures_total`: publishes it did not (label `kind` too, the
-//!   [`ErrorKind`] in snake case);
+//!   [`ErrorKind`](crate::ErrorKind) in snake case);
 //! - `messaging_messages_consumed_total`: deliveries handed to a subscriber, each attempt
 //!   counted (a redelivery is consumed again);
 //! - `messaging_delivery_latency_seconds`: a histogram of the time from a message's
 //!   timestamp to its delivery (a first delivery's is the transit time; a redelivery's
 //!   includes its earlier attempts);
 //! - `messaging_consume_errors_total`: errors a subscription reported and survived.
+//!
+//! Every publish also gets a `publish {topic}` span and the message its W3C `traceparent`
+//! ([`crate::trace`]); a subscription names the backend, so the runner's process spans carry
+//! `messaging.system`.
 //!
 //! **Topic cardinality is bounded**: the first [`TopicLabels::max`] distinct topics an
 //! `ObservedBroker` sees keep their own label, every later one is recorded under
@@ -24,11 +28,14 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use opentelemetry::trace::TraceContextExt;
 use parking_lot::Mutex;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
-    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher,
-    Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher, Result,
+    SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
 };
 
 /// Distinct topics labelled by name by default; later ones share [`OTHER_TOPICS`].
@@ -128,45 +135,58 @@ impl ObservedBroker {
             let [backend, topic] = labels.clone();
             metrics::counter!(
                 "messaging_publish_failures_total",
-                &[backend, topic, ("kind", kind_label(err.kind()).to_owned())]
+                &[backend, topic, ("kind", err.kind().label().to_owned())]
             )
             .increment(1);
         }
     }
 }
 
-/// An error kind as a metric label.
-fn kind_label(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Config => "config",
-        ErrorKind::Connection => "connection",
-        ErrorKind::Timeout => "timeout",
-        ErrorKind::NotFound => "not_found",
-        ErrorKind::Unsupported => "unsupported",
-        ErrorKind::PayloadTooLarge => "payload_too_large",
-        ErrorKind::Serialization => "serialization",
-        ErrorKind::Closed => "closed",
-        ErrorKind::Rejected => "rejected",
-        ErrorKind::InvalidInput => "invalid_input",
-        ErrorKind::AlreadySettled => "already_settled",
-        ErrorKind::Backend => "backend",
-    }
-}
-
 #[async_trait]
 impl Publisher for ObservedBroker {
-    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        let outcome = self.inner.publish(topic, message).await;
+    async fn publish(&self, topic: &str, mut message: Message) -> Result<()> {
+        let span = trace::publish_span(self.inner.name(), topic, &message);
+        trace::stamp(&mut message, &span);
+        let outcome = self
+            .inner
+            .publish(topic, message)
+            .instrument(span.clone())
+            .await;
         match &outcome {
             Ok(()) => self.count_published(topic, 1, &[]),
-            Err(err) => self.count_published(topic, 0, &[err]),
+            Err(err) => {
+                trace::record_error(&span, err);
+                self.count_published(topic, 0, &[err]);
+            }
         }
         outcome
     }
 
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
-        let report = self.inner.publish_batch(topic, messages).await;
+    async fn publish_batch(&self, topic: &str, mut messages: Vec<Message>) -> BatchReport {
+        let span = trace::batch_publish_span(self.inner.name(), topic, messages.len());
+        if !span.is_disabled() {
+            for message in &mut messages {
+                // A message that already carries a context (a replay copy, a spooled
+                // publish) keeps it, so its consumer continues that trace; the batch span
+                // links to it.
+                let carried = trace::carried_context(message);
+                let carried = carried.span().span_context().clone();
+                if carried.is_valid() {
+                    span.add_link(carried);
+                } else {
+                    trace::stamp(message, &span);
+                }
+            }
+        }
+        let report = self
+            .inner
+            .publish_batch(topic, messages)
+            .instrument(span.clone())
+            .await;
         let failures: Vec<&Error> = report.failures().iter().map(|(_, err)| err).collect();
+        if let Some(first) = failures.first() {
+            trace::record_error(&span, first);
+        }
         self.count_published(topic, report.succeeded(), &failures);
         report
     }
@@ -194,7 +214,7 @@ impl Subscriber for ObservedBroker {
             }
             Err(_) => errors.increment(1),
         });
-        Ok(Subscription::new(name, group, Box::pin(observed)))
+        Ok(Subscription::new(name, group, Box::pin(observed)).with_system(self.inner.name()))
     }
 }
 

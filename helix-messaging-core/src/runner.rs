@@ -15,9 +15,10 @@ use futures::{FutureExt, StreamExt};
 use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::dlq::DeadLetterReason;
-use crate::{BoxError, Envelope, ErrorKind, Result, Settler, SubscribeOptions, Subscriber};
+use crate::{BoxError, Envelope, ErrorKind, Result, Settler, SubscribeOptions, Subscriber, trace};
 
 /// Default number of handlers running at once.
 pub const DEFAULT_CONCURRENCY: usize = 10;
@@ -445,17 +446,27 @@ impl RunLoop {
                 Some(Ok(delivery)) => delivery,
             };
             let (envelope, settler) = delivery.into_parts();
-            tasks.spawn(handle_one(
-                self.handler.clone(),
-                envelope,
-                settler,
-                Tokens {
-                    stop: self.stop.clone(),
-                    interrupt: self.interrupt.clone(),
-                },
-                self.counters.clone(),
-                slot,
-            ));
+            let span = trace::process_span(
+                subscription.system(),
+                &envelope.info.topic,
+                envelope.info.group.as_deref(),
+                envelope.info.attempt,
+                &envelope.message,
+            );
+            tasks.spawn(
+                handle_one(
+                    self.handler.clone(),
+                    envelope,
+                    settler,
+                    Tokens {
+                        stop: self.stop.clone(),
+                        interrupt: self.interrupt.clone(),
+                    },
+                    self.counters.clone(),
+                    slot,
+                )
+                .instrument(span),
+            );
             while tasks.try_join_next().is_some() {}
         }
 
@@ -500,31 +511,53 @@ async fn handle_one(
         () = tokens.interrupt.cancelled() => None,
         result = AssertUnwindSafe(handler.handle(envelope)).catch_unwind() => Some(result),
     };
+    let failure = |what: &'static str| {
+        let span = tracing::Span::current();
+        span.record("otel.status_code", "ERROR");
+        span.record("error.type", what);
+    };
     let (settled, counter) = match outcome {
-        None => (settler.nack(true).await, &counters.interrupted),
-        Some(Ok(Ok(()))) => (settler.ack().await, &counters.acked),
+        None => (
+            settle(&topic, "nack", settler.nack(true)).await,
+            &counters.interrupted,
+        ),
+        Some(Ok(Ok(()))) => (settle(&topic, "ack", settler.ack()).await, &counters.acked),
         Some(Ok(Err(err))) if err.is_permanent() => {
+            failure("permanent_handler_failure");
             tracing::warn!(%topic, message_id, error = %err, "handler failed permanently; rejecting");
-            (settler.reject().await, &counters.rejected)
+            (
+                settle(&topic, "reject", settler.reject()).await,
+                &counters.rejected,
+            )
         }
-        Some(Ok(Err(err))) => match err.retry_after().filter(|d| !d.is_zero()) {
-            Some(delay) => {
-                tracing::debug!(%topic, message_id, error = %err, ?delay, "handler failed; requeueing after a delay");
-                // The handler slot is free from here on: a waiting retry never blocks others.
-                drop(slot);
-                (
-                    requeue_after(&settler, delay, &tokens.stop).await,
-                    &counters.delayed,
-                )
+        Some(Ok(Err(err))) => {
+            failure("transient_handler_failure");
+            match err.retry_after().filter(|d| !d.is_zero()) {
+                Some(delay) => {
+                    tracing::debug!(%topic, message_id, error = %err, ?delay, "handler failed; requeueing after a delay");
+                    // The handler slot is free from here on: a waiting retry never blocks others.
+                    drop(slot);
+                    (
+                        settle(&topic, "nack", requeue_after(&settler, delay, &tokens.stop)).await,
+                        &counters.delayed,
+                    )
+                }
+                None => {
+                    tracing::debug!(%topic, message_id, error = %err, "handler failed; requeueing");
+                    (
+                        settle(&topic, "nack", settler.nack(true)).await,
+                        &counters.requeued,
+                    )
+                }
             }
-            None => {
-                tracing::debug!(%topic, message_id, error = %err, "handler failed; requeueing");
-                (settler.nack(true).await, &counters.requeued)
-            }
-        },
+        }
         Some(Err(_panic)) => {
+            failure("panic");
             tracing::error!(%topic, message_id, "handler panicked; requeueing");
-            (settler.nack(true).await, &counters.requeued)
+            (
+                settle(&topic, "nack", settler.nack(true)).await,
+                &counters.requeued,
+            )
         }
     };
     counter.fetch_add(1, Ordering::Relaxed);
@@ -532,6 +565,20 @@ async fn handle_one(
         counters.settle_errors.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(%topic, message_id, error = %err, "could not settle delivery");
     }
+}
+
+/// Run one settlement inside its `settle` span.
+async fn settle(
+    topic: &str,
+    operation: &'static str,
+    settlement: impl Future<Output = Result<()>>,
+) -> Result<()> {
+    let span = trace::settle_span(topic, operation);
+    let outcome = settlement.instrument(span.clone()).await;
+    if let Err(err) = &outcome {
+        trace::record_error(&span, err);
+    }
+    outcome
 }
 
 /// Requeue after `delay`: by the broker where it holds delayed requeues, otherwise by keeping

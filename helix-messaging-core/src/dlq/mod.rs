@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
+use tracing::Instrument;
 
 pub use letter::{
     DeadLetter, DeadLetterReason, HEADER_ATTEMPTS, HEADER_DEAD_LETTERED_AT, HEADER_ERROR,
@@ -46,7 +47,8 @@ pub use store::{
 };
 
 use crate::{
-    BoxHandler, Envelope, Error, Handler, HandlerError, Layer, Publisher, Result, validate_name,
+    BoxHandler, Envelope, Error, Handler, HandlerError, Layer, Publisher, Result, trace,
+    validate_name,
 };
 
 /// The seeds' dead-letter queue (RabbitMQ's `helixagent.dlq`): the default DLQ topic.
@@ -190,7 +192,25 @@ impl DeadLetterQueue {
     /// processor ingests the letter from the DLQ topic anyway.
     pub async fn send(&self, letter: &DeadLetter) -> Result<String> {
         let topic = self.config.topic_for(&letter.original_topic).to_owned();
-        self.publisher.publish(&topic, letter.to_message()).await?;
+        let span = trace::dead_letter_span(
+            &letter.original_topic,
+            &topic,
+            letter.reason.as_str(),
+            &letter.message,
+        );
+        // The letter carries the dead-lettering's context on, to its re-drives too.
+        let mut letter = letter.clone();
+        trace::stamp(&mut letter.message, &span);
+        let letter = &letter;
+        let published = self
+            .publisher
+            .publish(&topic, letter.to_message())
+            .instrument(span.clone())
+            .await;
+        if let Err(err) = &published {
+            trace::record_error(&span, err);
+        }
+        published?;
         metrics::counter!(
             "messaging_dead_lettered_total",
             "topic" => letter.original_topic.clone(),
@@ -278,6 +298,11 @@ impl Handler for DeadLettering {
         );
         match self.queue.send(&letter).await {
             Ok(topic) => {
+                // The delivery is settled as handled, but its processing failed: the
+                // process span says so.
+                let process = tracing::Span::current();
+                process.record("otel.status_code", "ERROR");
+                process.record("error.type", "dead_lettered");
                 tracing::warn!(
                     topic = %info.topic,
                     message_id = message.id(),

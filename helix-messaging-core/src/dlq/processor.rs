@@ -21,7 +21,7 @@ use super::{
 use crate::retry::RetryPolicy;
 use crate::{
     BoxError, Broker, Envelope, Error, ErrorKind, HandlerError, Result, Runner, StartPosition,
-    SubscribeOptions, handler_fn, validate_name,
+    SubscribeOptions, handler_fn, trace, validate_name,
 };
 
 /// Group the processor consumes DLQ topics in.
@@ -494,10 +494,9 @@ impl Processor {
 
     /// Publish `letter`'s message to `topic` and wait for the broker's confirmation.
     pub(super) async fn republish(&self, letter: &DeadLetter, topic: &str) -> Result<()> {
-        self.inner
-            .broker
-            .publish(topic, letter.redrive_message())
-            .await
+        let mut message = letter.redrive_message();
+        trace::stamp_copy(trace::CopyKind::Redrive, topic, &mut message);
+        self.inner.broker.publish(topic, message).await
     }
 
     /// Entries matching `filter`, a page at a time (the seeds' `ListMessages(limit, offset)`).

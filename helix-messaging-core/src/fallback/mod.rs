@@ -33,7 +33,7 @@ pub use sqlite::SqliteSpool;
 use crate::breaker::{BreakerBroker, BreakerState, is_broker_failure};
 use crate::{
     BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
-    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
 };
 
 /// How much a spool may hold.
@@ -339,6 +339,17 @@ impl FallbackBroker {
     }
 
     async fn spool(&self, topic: &str, messages: &[Message]) -> Result<()> {
+        // Each spooled message carries the publisher's trace on through its `spool` span:
+        // the forwarder that sends it later runs outside the publisher's span.
+        let messages: Vec<Message> = messages
+            .iter()
+            .map(|message| {
+                let mut message = message.clone();
+                trace::stamp_copy(trace::CopyKind::Spool, topic, &mut message);
+                message
+            })
+            .collect();
+        let messages = messages.as_slice();
         self.inner.spool.append(topic, messages).await?;
         *self
             .inner

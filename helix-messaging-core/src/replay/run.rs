@@ -18,7 +18,7 @@ use super::{
 use crate::message::millis;
 use crate::{
     Broker, Error, ErrorKind, HistoryEntry, MESSAGE_TYPE_HEADER, Message, Position, Result,
-    TimeRange,
+    TimeRange, trace,
 };
 
 pub(super) struct Run {
@@ -373,7 +373,10 @@ impl Run {
         let mut last_error: Option<Error> = None;
         let mut only_transient = true;
         loop {
-            let copies = pending.iter().map(|&i| self.copy(&batch[i])).collect();
+            let copies = pending
+                .iter()
+                .map(|&i| self.copy(&batch[i], &target))
+                .collect();
             let report = self.broker.publish_batch(&target, copies).await;
             let mut retry = Vec::new();
             for (j, err) in report.failures() {
@@ -410,7 +413,7 @@ impl Run {
     }
 
     /// The copy published for an original.
-    fn copy(&self, pending: &Pending) -> Message {
+    fn copy(&self, pending: &Pending, target: &str) -> Message {
         let original = &*pending.entry.message;
         let request = &self.record.request;
         let mut parts = original.clone().into_parts();
@@ -423,7 +426,9 @@ impl Run {
             millis(original.timestamp()),
         );
         parts.timestamp = SystemTime::now();
-        Message::from_parts(parts)
+        let mut copy = Message::from_parts(parts);
+        trace::stamp_copy(trace::CopyKind::Replay, target, &mut copy);
+        copy
     }
 
     /// Source positions of the copies this replay published to the target since `since`

@@ -1,0 +1,285 @@
+//! Trace context through messages: `tracing` spans named and attributed after the
+//! OpenTelemetry messaging conventions, and the W3C `traceparent` / `tracestate` headers
+//! written and read by the OpenTelemetry [`TraceContextPropagator`].
+//!
+//! What carries a trace across a broker:
+//!
+//! - [`ObservedBroker`](crate::observe::ObservedBroker) opens a `publish {topic}` span
+//!   (`otel.kind = producer`) for every publish and writes its context into the message's
+//!   `traceparent` header;
+//! - the [`Runner`](crate::Runner) opens a `process {topic}` span (`otel.kind = consumer`)
+//!   around the handler, a child of the context the message carries, and a `settle {topic}`
+//!   span around the ack / nack / reject;
+//! - dead-lettering opens a `dead_letter {dlq topic}` span inside the process span and stamps
+//!   the dead letter with it; a re-drive, a replay copy and a spooled message each get a
+//!   `redrive` / `replay` / `spool` span, a child of the context the message carried, and
+//!   carry that one on. So a consumer of a re-driven, replayed or once-spooled message
+//!   continues the original publisher's trace.
+//!
+//! **Which parent a span takes**: the current span's context when there is one (a publish
+//! inside a request handler belongs to the request), else the context the message carries
+//! (a spool forwarder, a redrive job and a runner's handler task have no current span).
+//!
+//! Nothing here exports spans: the application installs a `tracing` subscriber with the
+//! [`tracing_opentelemetry`] layer and an OpenTelemetry tracer of its choice. Without that
+//! layer the spans are ordinary `tracing` spans (or nothing, when no subscriber wants
+//! them) and no header is written; a `traceparent` a message already carries is kept.
+
+use opentelemetry::Context;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tracing::Span;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::{Error, Headers, Message};
+
+/// The W3C trace-context header holding the trace id and the sending span's id.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+/// The W3C trace-context header holding vendor state, written when the context has any.
+pub const TRACESTATE_HEADER: &str = "tracestate";
+
+/// The context `message` carries in its trace-context headers: the sender's span, or an
+/// empty context when the headers are missing or malformed.
+pub fn carried_context(message: &Message) -> Context {
+    TraceContextPropagator::new().extract(&HeaderExtractor(message.headers()))
+}
+
+/// Write `span`'s context into `message`'s trace-context headers, replacing what was there.
+/// A span without an OpenTelemetry context (no layer installed, or disabled) writes nothing
+/// and leaves the headers as they were.
+pub fn stamp(message: &mut Message, span: &Span) {
+    if span.is_disabled() {
+        return;
+    }
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    let headers = message.headers_mut();
+    headers.remove(TRACESTATE_HEADER);
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// The span for publishing `message` to `topic` on the `system` backend (`publish {topic}`,
+/// a producer span). Its parent is the current span, else the context `message` carries.
+pub fn publish_span(system: &str, topic: &str, message: &Message) -> Span {
+    let span = tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {topic}"),
+        otel.kind = "producer",
+        otel.status_code = Empty,
+        error.type = Empty,
+        messaging.system = system,
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = topic,
+        messaging.message.id = message.id(),
+        messaging.message.body.size = message.payload().len(),
+    );
+    adopt(&span, message);
+    span
+}
+
+/// The span for publishing `count` messages to `topic` at once (`publish {topic}` with
+/// `messaging.batch.message_count`), a child of the current span.
+pub fn batch_publish_span(system: &str, topic: &str, count: usize) -> Span {
+    tracing::info_span!(
+        "publish",
+        otel.name = %format_args!("publish {topic}"),
+        otel.kind = "producer",
+        otel.status_code = Empty,
+        error.type = Empty,
+        messaging.system = system,
+        messaging.operation.type = "send",
+        messaging.operation.name = "publish",
+        messaging.destination.name = topic,
+        messaging.batch.message_count = count,
+    )
+}
+
+/// The span for handling one delivery (`process {topic}`, a consumer span): a child of the
+/// current span, else of the context the message carries. `system` is the backend's name
+/// when the subscription knows it.
+pub fn process_span(
+    system: Option<&str>,
+    topic: &str,
+    group: Option<&str>,
+    attempt: u32,
+    message: &Message,
+) -> Span {
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format_args!("process {topic}"),
+        otel.kind = "consumer",
+        otel.status_code = Empty,
+        error.type = Empty,
+        messaging.system = system,
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = topic,
+        messaging.consumer.group.name = group,
+        messaging.message.id = message.id(),
+        messaging.message.body.size = message.payload().len(),
+        messaging.message.delivery_attempt = attempt,
+    );
+    adopt(&span, message);
+    span
+}
+
+/// The span for settling a delivery of `topic` (`settle {topic}`) with `operation`
+/// (`"ack"`, `"nack"`, `"reject"`), a child of the current (process) span.
+pub fn settle_span(topic: &str, operation: &'static str) -> Span {
+    tracing::info_span!(
+        "settle",
+        otel.name = %format_args!("settle {topic}"),
+        otel.status_code = Empty,
+        error.type = Empty,
+        messaging.operation.type = "settle",
+        messaging.operation.name = operation,
+        messaging.destination.name = topic,
+    )
+}
+
+/// The span for dead-lettering `message` of `original_topic` to `dlq_topic` for `reason`,
+/// a child of the current (process) span, else of the context the message carries.
+pub fn dead_letter_span(
+    original_topic: &str,
+    dlq_topic: &str,
+    reason: &str,
+    message: &Message,
+) -> Span {
+    let span = tracing::info_span!(
+        "dead_letter",
+        otel.name = %format_args!("dead_letter {dlq_topic}"),
+        otel.kind = "producer",
+        otel.status_code = Empty,
+        error.type = Empty,
+        messaging.operation.type = "send",
+        messaging.operation.name = "dead_letter",
+        messaging.destination.name = dlq_topic,
+        messaging.message.id = message.id(),
+        helix.original_topic = original_topic,
+        helix.dlq.reason = reason,
+    );
+    adopt(&span, message);
+    span
+}
+
+/// How a message is copied onward: the name of its span ([`stamp_copy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyKind {
+    /// A dead letter re-driven to its topic.
+    Redrive,
+    /// A message replayed from history into a target topic.
+    Replay,
+    /// A publish the broker could not take, kept in the fallback spool.
+    Spool,
+}
+
+impl CopyKind {
+    /// The span's (and the OpenTelemetry operation's) name.
+    pub const fn name(self) -> &'static str {
+        match self {
+            CopyKind::Redrive => "redrive",
+            CopyKind::Replay => "replay",
+            CopyKind::Spool => "spool",
+        }
+    }
+}
+
+/// Open a `{copy} {topic}` span (an OpenTelemetry "create" operation) as a child of the
+/// current span, else of the context `message` carries, and stamp `message` with it: the
+/// copy's consumer continues the trace through it. The span ends when this returns.
+pub fn stamp_copy(copy: CopyKind, topic: &str, message: &mut Message) {
+    let span = tracing::info_span!(
+        "copy",
+        otel.name = %format_args!("{} {topic}", copy.name()),
+        otel.kind = "producer",
+        messaging.operation.type = "create",
+        messaging.operation.name = copy.name(),
+        messaging.destination.name = topic,
+        messaging.message.id = message.id(),
+    );
+    adopt(&span, message);
+    stamp(message, &span);
+}
+
+/// Mark `span` as failed with `error` (OpenTelemetry status ERROR, `error.type` the kind).
+pub fn record_error(span: &Span, error: &Error) {
+    span.record("otel.status_code", "ERROR");
+    span.record("error.type", error.kind().label());
+}
+
+/// Give `span` the context `message` carries as its parent, unless there is a current span
+/// (which `tracing` already made its parent).
+fn adopt(span: &Span, message: &Message) {
+    if span.is_disabled() || !message.headers().contains_key(TRACEPARENT_HEADER) {
+        return;
+    }
+    if Span::current().context().span().span_context().is_valid() {
+        return;
+    }
+    let carried = carried_context(message);
+    if carried.span().span_context().is_valid() {
+        // Fails only without the OpenTelemetry layer, where there is no parent to set.
+        let _ = span.set_parent(carried);
+    }
+}
+
+struct HeaderInjector<'a>(&'a mut Headers);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key.to_owned(), value);
+    }
+}
+
+struct HeaderExtractor<'a>(&'a Headers);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_carried_traceparent_is_read_and_a_malformed_one_is_no_context() {
+        let message = Message::new("x").with_header(
+            TRACEPARENT_HEADER,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        );
+        let cx = carried_context(&message);
+        let span = cx.span();
+        let carried = span.span_context();
+        assert!(carried.is_valid());
+        assert!(carried.is_remote());
+        assert_eq!(
+            carried.trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert_eq!(carried.span_id().to_string(), "00f067aa0ba902b7");
+
+        let broken = Message::new("x").with_header(TRACEPARENT_HEADER, "not a traceparent");
+        assert!(!carried_context(&broken).span().span_context().is_valid());
+    }
+
+    #[test]
+    fn without_an_opentelemetry_layer_a_carried_traceparent_is_kept() {
+        let original = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut message = Message::new("x").with_header(TRACEPARENT_HEADER, original);
+        stamp_copy(CopyKind::Replay, "t", &mut message);
+        let span = publish_span("memory", "t", &message);
+        stamp(&mut message, &span);
+        assert_eq!(message.header(TRACEPARENT_HEADER), Some(original));
+    }
+}
