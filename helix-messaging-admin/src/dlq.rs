@@ -1,7 +1,7 @@
-//! The DLQ endpoints: list, show, reprocess, discard.
+//! The DLQ endpoints: list, show, reprocess, discard, failure groups and bulk redrive jobs.
 
 use std::collections::HashMap;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -9,12 +9,13 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use helix_messaging_core::dlq::{
-    DeadLetterReason, DlqFilter, EntryStatus, Processor, StoredDeadLetter,
+    CanaryConfig, DeadLetterReason, DlqFilter, EntryStatus, FailureGroup, Processor,
+    RedriveProgress, RedriveRequest, StoredDeadLetter,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::{ApiError, AppState};
+use crate::{ApiError, AppState, JsonBody};
 
 /// Entries per page unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 50;
@@ -89,19 +90,20 @@ pub(crate) fn entry_json(entry: &StoredDeadLetter) -> Value {
     })
 }
 
-/// `GET /v1/messaging/dlq?limit&offset&topic&reason&type&status&original_id&from&to`.
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let dlq = processor(&state)?;
-    let limit = number("limit", query.get("limit"), DEFAULT_LIMIT)?;
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit: {limit} is outside 1..={MAX_LIMIT}"
-        )));
-    }
-    let offset = number("offset", query.get("offset"), 0)?;
+/// The keys a DLQ filter is read from.
+const FILTER_KEYS: [&str; 7] = [
+    "topic",
+    "reason",
+    "type",
+    "status",
+    "original_id",
+    "from",
+    "to",
+];
+
+/// A [`DlqFilter`] from `topic`, `reason` (as written in headers, or with underscores),
+/// `type`, `status`, `original_id`, `from` and `to` (RFC 3339); other keys are ignored.
+fn filter_from(query: &HashMap<String, String>) -> Result<DlqFilter, ApiError> {
     let reason = match query.get("reason") {
         None => None,
         Some(r) => Some(
@@ -121,7 +123,7 @@ pub(crate) async fn list(
         None => None,
         Some(s) => Some(EntryStatus::parse(s).map_err(ApiError::from)?),
     };
-    let filter = DlqFilter {
+    Ok(DlqFilter {
         topic: query.get("topic").cloned(),
         reason,
         message_type: query.get("type").cloned(),
@@ -132,7 +134,23 @@ pub(crate) async fn list(
             .map(|v| parse_time("from", v))
             .transpose()?,
         to: query.get("to").map(|v| parse_time("to", v)).transpose()?,
-    };
+    })
+}
+
+/// `GET /v1/messaging/dlq?limit&offset&topic&reason&type&status&original_id&from&to`.
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let dlq = processor(&state)?;
+    let limit = number("limit", query.get("limit"), DEFAULT_LIMIT)?;
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit: {limit} is outside 1..={MAX_LIMIT}"
+        )));
+    }
+    let offset = number("offset", query.get("offset"), 0)?;
+    let filter = filter_from(&query)?;
     let page = dlq.list(&filter, limit, offset).await?;
     Ok(Json(json!({
         "count": page.count,
@@ -194,4 +212,136 @@ pub(crate) async fn discard(
         .unwrap_or_else(|| "discarded through the admin API".into());
     processor(&state)?.discard(&id, &reason).await?;
     Ok(Json(json!({ "id": id, "status": "discarded" })).into_response())
+}
+
+fn group_json(group: &FailureGroup) -> Value {
+    json!({
+        "reason": group.reason.as_str(),
+        "topic": group.topic,
+        "count": group.count,
+        "oldest": time(group.oldest),
+        "newest": time(group.newest),
+        "sample_error": group.sample_error,
+    })
+}
+
+/// `GET /v1/messaging/dlq/groups?topic&reason&type&status&original_id&from&to`: the entries
+/// grouped by reason and topic, largest group first.
+pub(crate) async fn groups(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let groups = processor(&state)?
+        .failure_groups(&filter_from(&query)?)
+        .await?;
+    Ok(Json(json!({
+        "count": groups.len(),
+        "groups": groups.iter().map(group_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+pub(crate) fn redrive_json(progress: &RedriveProgress) -> Value {
+    json!({
+        "id": progress.id,
+        "status": progress.status.as_str(),
+        "total": progress.total,
+        "redriven": progress.redriven,
+        "failed": progress.failed,
+        "skipped": progress.skipped,
+        "percentage": progress.percentage(),
+        "started_at": time(progress.started_at),
+        "finished_at": progress.finished_at.map(time),
+        "last_error": progress.last_error,
+    })
+}
+
+/// The body of `POST /v1/messaging/dlq/redrives`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RedriveBody {
+    /// Which entries: the list endpoint's filter keys (`topic`, `reason`, `type`, `status`,
+    /// `original_id`, `from`, `to`).
+    #[serde(default)]
+    filter: HashMap<String, String>,
+    /// Publish there instead of each message's original topic.
+    target_topic: Option<String>,
+    /// Most messages per second.
+    rate_per_second: Option<f64>,
+    /// Re-drive this many first, watch them, then the rest.
+    canary: Option<CanaryBody>,
+    /// Messages per published batch.
+    batch_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CanaryBody {
+    count: usize,
+    watch_ms: u64,
+}
+
+/// `POST /v1/messaging/dlq/redrives`: start a bulk redrive job; 202 with its progress.
+pub(crate) async fn start_redrive(
+    State(state): State<AppState>,
+    body: Option<JsonBody<RedriveBody>>,
+) -> Result<Response, ApiError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    if let Some(unknown) = body
+        .filter
+        .keys()
+        .find(|k| !FILTER_KEYS.contains(&k.as_str()))
+    {
+        return Err(ApiError::bad_request(format!(
+            "filter: unknown key {unknown:?}; known keys are {FILTER_KEYS:?}"
+        )));
+    }
+    if body.batch_size == Some(0) {
+        return Err(ApiError::bad_request("batch_size: must be at least 1"));
+    }
+    let request = RedriveRequest {
+        filter: filter_from(&body.filter)?,
+        target_topic: body.target_topic,
+        rate_per_second: body.rate_per_second,
+        canary: body.canary.map(|c| CanaryConfig {
+            count: c.count,
+            watch: Duration::from_millis(c.watch_ms),
+        }),
+        batch_size: body
+            .batch_size
+            .unwrap_or(RedriveRequest::default().batch_size),
+    };
+    let dlq = processor(&state)?;
+    let id = dlq.start_redrive(request).await?;
+    let progress = dlq.redrive_progress(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(redrive_json(&progress))).into_response())
+}
+
+/// `GET /v1/messaging/dlq/redrives`: every job, newest first.
+pub(crate) async fn list_redrives(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let jobs = processor(&state)?.list_redrives();
+    Ok(Json(json!({
+        "count": jobs.len(),
+        "redrives": jobs.iter().map(redrive_json).collect::<Vec<_>>(),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/messaging/dlq/redrives/{id}`.
+pub(crate) async fn show_redrive(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let progress = processor(&state)?.redrive_progress(&id)?;
+    Ok(Json(redrive_json(&progress)).into_response())
+}
+
+/// `DELETE /v1/messaging/dlq/redrives/{id}`: ask the job to stop; its progress.
+pub(crate) async fn cancel_redrive(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let dlq = processor(&state)?;
+    dlq.cancel_redrive(&id)?;
+    Ok(Json(redrive_json(&dlq.redrive_progress(&id)?)).into_response())
 }

@@ -3,7 +3,7 @@
 //!
 //! [`router`] gives a [`Router`] to mount in an application's own axum app; [`serve`] runs
 //! it on its own listener (by default `127.0.0.1:7061`, the seeds' port, never every
-//! interface unless asked). Served so far:
+//! interface unless asked). Served:
 //!
 //! - `GET /v1/messaging/health`: both sides' health as JSON (`status` is `healthy`,
 //!   `degraded` or `unhealthy`; HTTP 503 when unhealthy, so a load balancer's check works);
@@ -16,6 +16,13 @@
 //!   `{"target_topic"}`), `DELETE /v1/messaging/dlq/{id}/discard` and the seeds' `DELETE
 //!   /v1/messaging/dlq/{id}` (optional body `{"reason"}`): 404 for an unknown id, 400 for
 //!   bad input;
+//! - `GET /v1/messaging/dlq/groups` (the list's filters): `{"count", "groups"}`, the
+//!   entries grouped by reason and topic, largest first;
+//! - `POST /v1/messaging/dlq/redrives` (body `{"filter": {…the list's filter keys},
+//!   "target_topic", "rate_per_second", "canary": {"count", "watch_ms"}, "batch_size"}`, all
+//!   optional; 202 with its progress), `GET /v1/messaging/dlq/redrives` (`{"count",
+//!   "redrives"}`), `GET` and `DELETE /v1/messaging/dlq/redrives/{id}` (progress; cancel):
+//!   bulk redrive jobs;
 //! - `POST /v1/messaging/replay` (the seeds' body: `topic`, `from_time`, `to_time` in RFC
 //!   3339, optional `id`, `target_topic`, `filter` {`message_types`, `headers`}, `options`
 //!   {`batch_size`, `delay_between_ms`, `dry_run`, `skip_duplicates`}; 202 with its
@@ -225,6 +232,15 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
         .route("/v1/messaging/health", get(health))
         .route("/v1/messaging/metrics", get(metrics_text))
         .route("/v1/messaging/dlq", get(dlq::list))
+        .route("/v1/messaging/dlq/groups", get(dlq::groups))
+        .route(
+            "/v1/messaging/dlq/redrives",
+            post(dlq::start_redrive).get(dlq::list_redrives),
+        )
+        .route(
+            "/v1/messaging/dlq/redrives/{id}",
+            get(dlq::show_redrive).delete(dlq::cancel_redrive),
+        )
         .route(
             "/v1/messaging/dlq/{id}",
             get(dlq::show).delete(dlq::discard),

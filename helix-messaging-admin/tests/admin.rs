@@ -281,7 +281,7 @@ async fn over(
     Server::configured(config, add(Services::new(hub.clone())), hub).await
 }
 
-/// A DLQ processor over the memory broker, holding `letters` (failed on `topic`).
+/// A DLQ processor over a broker, holding `letters` (failed on `topic`).
 struct Dlq {
     server: Server,
     broker: Arc<dyn Broker>,
@@ -289,8 +289,31 @@ struct Dlq {
     ids: Vec<String>,
 }
 
+/// Redis Streams on the machine's Redis (`REDIS_URL`).
+async fn redis_streams() -> Arc<dyn Broker> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    helix_messaging::connect(&url.replacen("redis://", "redis-streams://", 1))
+        .await
+        .expect("Redis")
+}
+
+/// The machine's RabbitMQ (`RABBITMQ_URL`).
+async fn rabbitmq() -> Arc<dyn Broker> {
+    let url = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    helix_messaging::connect(&url).await.expect("RabbitMQ")
+}
+
+/// A DLQ server on the real Redis Streams.
 async fn dlq_server(config: AdminConfig, letters: &[(&str, DeadLetterReason)]) -> Dlq {
-    let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
+    dlq_server_on(redis_streams().await, config, letters).await
+}
+
+async fn dlq_server_on(
+    broker: Arc<dyn Broker>,
+    config: AdminConfig,
+    letters: &[(&str, DeadLetterReason)],
+) -> Dlq {
     let processor = Processor::new(
         broker.clone(),
         Arc::new(MemoryDeadLetterStore::new()),
@@ -557,9 +580,9 @@ async fn without_a_dlq_processor_its_endpoints_are_503() {
     assert_eq!(error_of(response).await.0, 503);
 }
 
-/// A replay handler over a memory broker whose `topic` holds `n` messages.
+/// A replay handler over the real Redis Streams, whose `topic` holds `n` messages.
 async fn replay_server(n: usize) -> (Server, Arc<dyn Broker>, String) {
-    let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
+    let broker = redis_streams().await;
     let topic = format!("admin.replay.{}", uuid_like());
     for i in 0..n {
         let kind = if i % 2 == 0 { "even" } else { "odd" };
@@ -578,10 +601,15 @@ async fn replay_server(n: usize) -> (Server, Arc<dyn Broker>, String) {
 }
 
 async fn until_finished(s: &Server, id: &str) -> Value {
+    until_done(s, &format!("/v1/messaging/replay/{id}")).await
+}
+
+/// Poll the progress at `path` until it is neither running nor watching.
+async fn until_done(s: &Server, path: &str) -> Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let progress = call(s.get(&format!("/v1/messaging/replay/{id}"))).await;
-        if progress["status"] != "running" {
+        let progress = call(s.get(path)).await;
+        if progress["status"] != "running" && progress["status"] != "watching" {
             return progress;
         }
         assert!(
@@ -695,4 +723,146 @@ async fn bad_replay_requests_are_400_and_unknown_ids_404() {
     }
     let listed = call(s.get("/v1/messaging/replay")).await;
     assert_eq!(listed["count"], 0, "nothing was started: {listed}");
+}
+
+/// Failure groups and a bulk redrive job over HTTP, with every error path.
+async fn groups_and_bulk_redrives_over_http(broker: Arc<dyn Broker>) {
+    let dlq = dlq_server_on(
+        broker,
+        AdminConfig::new(TOKEN).unwrap(),
+        &[
+            ("p1", DeadLetterReason::Permanent),
+            ("p2", DeadLetterReason::Permanent),
+            ("p3", DeadLetterReason::Permanent),
+            ("u1", DeadLetterReason::Undecodable),
+            ("u2", DeadLetterReason::Undecodable),
+        ],
+    )
+    .await;
+    let s = &dlq.server;
+    let groups = call(s.get("/v1/messaging/dlq/groups")).await;
+    assert_eq!(groups["count"], 2, "{groups}");
+    assert_eq!(
+        groups["groups"][0]["reason"], "permanent failure",
+        "{groups}"
+    );
+    assert_eq!(groups["groups"][0]["count"], 3, "largest first: {groups}");
+    assert_eq!(groups["groups"][0]["topic"], dlq.topic.as_str());
+    assert_eq!(groups["groups"][0]["sample_error"], "boom");
+    assert_eq!(groups["groups"][1]["count"], 2, "{groups}");
+    let undecodable = call(s.get("/v1/messaging/dlq/groups?reason=undecodable_payload")).await;
+    assert_eq!(undecodable["count"], 1, "{undecodable}");
+
+    let mut sub = dlq
+        .broker
+        .subscribe(&dlq.topic, SubscribeOptions::group("workers"))
+        .await
+        .unwrap();
+    let started = s
+        .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
+        .json(&serde_json::json!({
+            "filter": {"reason": "permanent_failure"},
+            "batch_size": 2,
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let started: Value = started.json().await.unwrap();
+    assert_eq!(started["total"], 3, "{started}");
+    let id = started["id"].as_str().unwrap().to_owned();
+    let done = until_done(s, &format!("/v1/messaging/dlq/redrives/{id}")).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["redriven"], 3, "{done}");
+    assert_eq!(done["percentage"], 100.0, "{done}");
+    let mut payloads = Vec::new();
+    for _ in 0..3 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("a re-driven message within 10 s")
+            .unwrap()
+            .unwrap();
+        payloads.push(String::from_utf8(delivery.message().payload().to_vec()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    payloads.sort();
+    assert_eq!(payloads, ["p1", "p2", "p3"]);
+    let left = call(s.get("/v1/messaging/dlq")).await;
+    assert_eq!(left["count"], 2, "the undecodable ones stay: {left}");
+    let jobs = call(s.get("/v1/messaging/dlq/redrives")).await;
+    assert_eq!(jobs["count"], 1, "{jobs}");
+    assert_eq!(jobs["redrives"][0]["id"], id.as_str());
+
+    // A slow job, cancelled: it stops with what it had re-driven.
+    let slow = s
+        .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
+        .json(&serde_json::json!({"rate_per_second": 0.5, "batch_size": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(slow.status(), 202);
+    let slow: Value = slow.json().await.unwrap();
+    let slow_id = slow["id"].as_str().unwrap();
+    let path = format!("/v1/messaging/dlq/redrives/{slow_id}");
+    call(s.request(reqwest::Method::DELETE, &path)).await;
+    let cancelled = until_done(s, &path).await;
+    assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+    assert!(
+        cancelled["redriven"].as_u64().unwrap() < 2,
+        "cancelled before the rate let both go: {cancelled}"
+    );
+
+    let unknown = "/v1/messaging/dlq/redrives/no-such-job";
+    for method in [reqwest::Method::GET, reqwest::Method::DELETE] {
+        let response = s.request(method.clone(), unknown).send().await.unwrap();
+        assert_eq!(error_of(response).await.0, 404, "{method} {unknown}");
+    }
+    for (body, what) in [
+        (r#"{"filter": {"bogus": "x"}}"#, "bogus"),
+        (r#"{"filter": {"reason": "bogus"}}"#, "reason"),
+        (r#"{"filter": {"from": "yesterday"}}"#, "from"),
+        (r#"{"rate_per_second": -1}"#, "rate_per_second"),
+        (r#"{"batch_size": 0}"#, "batch_size"),
+        (r#"{"target_topic": ""}"#, "target topic"),
+        (r#"{"filter": "#, "JSON"),
+    ] {
+        let response = s
+            .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let (status, message) = error_of(response).await;
+        assert_eq!(status, 400, "{body}: {message}");
+        assert!(message.contains(what), "{body}: {message}");
+    }
+    let wrong_shape = s
+        .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
+        .json(&serde_json::json!({"colour": "red"}))
+        .send()
+        .await
+        .unwrap();
+    let (status, message) = error_of(wrong_shape).await;
+    assert_eq!(
+        status, 422,
+        "well-formed JSON of the wrong shape: {message}"
+    );
+    assert!(message.contains("colour"), "{message}");
+    let bad_group = s
+        .get("/v1/messaging/dlq/groups?from=yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(bad_group).await.0, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_bulk_redrives_over_http_on_redis_streams() {
+    groups_and_bulk_redrives_over_http(redis_streams().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_and_bulk_redrives_over_http_on_rabbitmq() {
+    groups_and_bulk_redrives_over_http(rabbitmq().await).await;
 }

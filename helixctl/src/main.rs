@@ -78,15 +78,8 @@ enum DlqCommand {
         limit: usize,
         #[arg(long, default_value_t = 0)]
         offset: usize,
-        /// Only entries that failed on this topic.
-        #[arg(long)]
-        topic: Option<String>,
-        /// Only this reason (e.g. `permanent_failure`).
-        #[arg(long)]
-        reason: Option<String>,
-        /// Only this status (`pending`, `parked`, `discarded`).
-        #[arg(long)]
-        status: Option<String>,
+        #[command(flatten)]
+        filter: FilterArgs,
     },
     /// One entry, whole.
     Show { id: String },
@@ -102,6 +95,79 @@ enum DlqCommand {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// The entries grouped by reason and topic, largest group first.
+    Groups {
+        #[command(flatten)]
+        filter: FilterArgs,
+    },
+    /// Bulk redrive jobs.
+    #[command(subcommand)]
+    Redrive(RedriveCommand),
+}
+
+/// Which DLQ entries (every one unless narrowed).
+#[derive(Debug, Args)]
+struct FilterArgs {
+    /// Only entries that failed on this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Only this reason (e.g. `permanent_failure`).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Only this status (`pending`, `parked`, `discarded`).
+    #[arg(long)]
+    status: Option<String>,
+    /// Only messages of this type (their `type` header).
+    #[arg(long = "type")]
+    message_type: Option<String>,
+}
+
+impl FilterArgs {
+    fn pairs(self) -> Vec<(&'static str, Option<String>)> {
+        vec![
+            ("topic", self.topic),
+            ("reason", self.reason),
+            ("status", self.status),
+            ("type", self.message_type),
+        ]
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum RedriveCommand {
+    /// Start re-driving the selected entries; with `--wait`, follow the job with a progress
+    /// bar.
+    Start(RedriveArgs),
+    /// A job's progress.
+    Status { id: String },
+    /// Ask a job to stop (what it re-drove stays re-driven).
+    Cancel { id: String },
+    /// Every job, newest first.
+    List,
+}
+
+#[derive(Debug, Args)]
+struct RedriveArgs {
+    #[command(flatten)]
+    filter: FilterArgs,
+    /// Publish there instead of each message's original topic.
+    #[arg(long)]
+    target_topic: Option<String>,
+    /// Most messages per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Messages per published batch.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Re-drive this many first and watch them before the rest.
+    #[arg(long)]
+    canary: Option<usize>,
+    /// How long to watch the canaries, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    canary_watch_ms: u64,
+    /// Follow it until it finishes.
+    #[arg(long)]
+    wait: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,6 +326,22 @@ fn progress_line(p: &Value) -> String {
     )
 }
 
+fn redrive_line(p: &Value) -> String {
+    format!(
+        "{}  {}  total {}  redriven {}  skipped {}  failed {}{}",
+        str_of(&p["id"]),
+        str_of(&p["status"]),
+        p["total"],
+        p["redriven"],
+        p["skipped"],
+        p["failed"],
+        p["last_error"]
+            .as_str()
+            .map(|e| format!("  last error: {e}"))
+            .unwrap_or_default(),
+    )
+}
+
 /// `key=value` pairs for a query string, percent-encoded.
 fn query(pairs: &[(&str, Option<String>)]) -> String {
     let mut url = reqwest::Url::parse("http://query.invalid/").expect("a valid URL");
@@ -315,20 +397,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Dlq(DlqCommand::List {
             limit,
             offset,
-            topic,
-            reason,
-            status,
+            filter,
         }) => {
-            let path = format!(
-                "/v1/messaging/dlq{}",
-                query(&[
-                    ("limit", Some(limit.to_string())),
-                    ("offset", Some(offset.to_string())),
-                    ("topic", topic),
-                    ("reason", reason),
-                    ("status", status),
-                ])
-            );
+            let mut pairs = vec![
+                ("limit", Some(limit.to_string())),
+                ("offset", Some(offset.to_string())),
+            ];
+            pairs.extend(filter.pairs());
+            let path = format!("/v1/messaging/dlq{}", query(&pairs));
             let page = api.get(&path).await?;
             print(json_out, &page, |p| {
                 let mut out = format!("{} entries", p["count"]);
@@ -367,6 +443,82 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .await?;
             print(json_out, &done, |_| format!("{id} discarded"));
         }
+        Command::Dlq(DlqCommand::Groups { filter }) => {
+            let path = format!("/v1/messaging/dlq/groups{}", query(&filter.pairs()));
+            let groups = api.get(&path).await?;
+            print(json_out, &groups, |g| {
+                let mut out = format!("{} groups", g["count"]);
+                for group in g["groups"].as_array().into_iter().flatten() {
+                    out.push_str(&format!(
+                        "\n{:>6}  {}  {}  newest {}  {}",
+                        group["count"].as_u64().unwrap_or(0),
+                        str_of(&group["reason"]),
+                        str_of(&group["topic"]),
+                        str_of(&group["newest"]),
+                        str_of(&group["sample_error"]),
+                    ));
+                }
+                out
+            });
+        }
+        Command::Dlq(DlqCommand::Redrive(RedriveCommand::Start(args))) => {
+            let filter: serde_json::Map<String, Value> = args
+                .filter
+                .pairs()
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), json!(v))))
+                .collect();
+            let mut body = json!({ "filter": filter });
+            if let Some(target) = args.target_topic {
+                body["target_topic"] = json!(target);
+            }
+            if let Some(rate) = args.rate {
+                body["rate_per_second"] = json!(rate);
+            }
+            if let Some(size) = args.batch_size {
+                body["batch_size"] = json!(size);
+            }
+            if let Some(count) = args.canary {
+                body["canary"] = json!({ "count": count, "watch_ms": args.canary_watch_ms });
+            }
+            let mut progress = api
+                .call(
+                    reqwest::Method::POST,
+                    "/v1/messaging/dlq/redrives",
+                    Some(body),
+                )
+                .await?;
+            if args.wait {
+                let path = format!("/v1/messaging/dlq/redrives/{}", str_of(&progress["id"]));
+                progress = follow(&api, &path, "redrive", json_out).await?;
+            }
+            print(json_out, &progress, redrive_line);
+        }
+        Command::Dlq(DlqCommand::Redrive(RedriveCommand::Status { id })) => {
+            let progress = api.get(&format!("/v1/messaging/dlq/redrives/{id}")).await?;
+            print(json_out, &progress, redrive_line);
+        }
+        Command::Dlq(DlqCommand::Redrive(RedriveCommand::Cancel { id })) => {
+            let progress = api
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/messaging/dlq/redrives/{id}"),
+                    None,
+                )
+                .await?;
+            print(json_out, &progress, redrive_line);
+        }
+        Command::Dlq(DlqCommand::Redrive(RedriveCommand::List)) => {
+            let all = api.get("/v1/messaging/dlq/redrives").await?;
+            print(json_out, &all, |a| {
+                let mut out = format!("{} redrives", a["count"]);
+                for p in a["redrives"].as_array().into_iter().flatten() {
+                    out.push('\n');
+                    out.push_str(&redrive_line(p));
+                }
+                out
+            });
+        }
         Command::Replay(ReplayCommand::Start(args)) => {
             let mut body = json!({
                 "topic": args.topic,
@@ -385,7 +537,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 .call(reqwest::Method::POST, "/v1/messaging/replay", Some(body))
                 .await?;
             if args.wait {
-                progress = follow(&api, &progress, json_out).await?;
+                let path = format!("/v1/messaging/replay/{}", str_of(&progress["id"]));
+                progress = follow(&api, &path, "replay", json_out).await?;
             }
             print(json_out, &progress, progress_line);
         }
@@ -419,26 +572,25 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Poll a replay until it finishes, drawing its percentage (on stderr, and only on a
-/// terminal: scripts get the final progress alone).
-async fn follow(api: &Api, started: &Value, json_out: bool) -> Result<Value, Failure> {
-    let id = str_of(&started["id"]).to_owned();
+/// Poll the job at `path` (a replay or a redrive) until it finishes, drawing its percentage
+/// (on stderr, and only on a terminal: scripts get the final progress alone).
+async fn follow(api: &Api, path: &str, what: &str, json_out: bool) -> Result<Value, Failure> {
     let bar = if json_out {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(100)
     };
     bar.set_style(
-        ProgressStyle::with_template("{spinner} replay {msg} [{bar:30}] {pos}%")
+        ProgressStyle::with_template(&format!("{{spinner}} {what} {{msg}} [{{bar:30}}] {{pos}}%"))
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    bar.set_message(id.clone());
     loop {
-        let progress = api.get(&format!("/v1/messaging/replay/{id}")).await?;
+        let progress = api.get(path).await?;
+        bar.set_message(str_of(&progress["id"]).to_owned());
         let percent = progress["percentage"].as_f64().unwrap_or(0.0);
         bar.set_position(percent.clamp(0.0, 100.0) as u64);
-        if progress["status"] != "running" {
+        if progress["status"] != "running" && progress["status"] != "watching" {
             bar.finish_and_clear();
             return Ok(progress);
         }

@@ -1,5 +1,5 @@
-//! `helixctl` run as a process against a running admin API (memory broker, DLQ processor,
-//! replay handler) and, for `tail`, the real Redis.
+//! `helixctl` run as a process against a running admin API over the real Redis Streams
+//! (DLQ processor, replay handler), and `tail` on the real Redis.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
@@ -21,14 +21,35 @@ struct Fixture {
     url: String,
     broker: Arc<dyn Broker>,
     dead: Vec<String>,
+    /// Holds 4 messages.
     topic: String,
+    /// Where the dead letters failed.
+    tasks: String,
 }
 
-/// An admin API on a free port over a memory broker whose `topic` holds 4 messages and
-/// whose DLQ holds 2 entries.
+fn redis_streams_url() -> String {
+    std::env::var("REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+        .replacen("redis://", "redis-streams://", 1)
+}
+
+/// A name no earlier run used (the Redis is shared).
+fn fresh(prefix: &str) -> String {
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!("{prefix}.{nanos}")
+}
+
+/// An admin API on a free port over the real Redis Streams, whose `topic` holds 4 messages
+/// and whose DLQ holds 2 entries.
 async fn fixture() -> Fixture {
-    let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
-    let topic = "ctl.events".to_owned();
+    let broker = helix_messaging::connect(&redis_streams_url())
+        .await
+        .expect("Redis");
+    let topic = fresh("ctl.events");
+    let tasks = fresh("ctl.tasks");
     for i in 0..4 {
         broker
             .publish(&topic, Message::new(format!("e{i}")))
@@ -42,7 +63,7 @@ async fn fixture() -> Fixture {
     )
     .unwrap();
     let info = DeliveryInfo {
-        topic: "ctl.tasks".into(),
+        topic: tasks.as_str().into(),
         group: Some("workers".into()),
         attempt: 1,
         redelivered: false,
@@ -77,6 +98,7 @@ async fn fixture() -> Fixture {
         broker,
         dead,
         topic,
+        tasks,
     }
 }
 
@@ -163,7 +185,7 @@ async fn dlq_list_show_reprocess_and_discard() {
 
     let mut sub = f
         .broker
-        .subscribe("ctl.tasks", SubscribeOptions::group("workers"))
+        .subscribe(&f.tasks, SubscribeOptions::group("workers"))
         .await
         .unwrap();
     let out = helixctl(&f.url, Some(TOKEN), &["dlq", "reprocess", first]).await;
@@ -208,6 +230,101 @@ async fn futures_next(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_groups_and_redrive_start_wait_status_list_and_cancel() {
+    let f = fixture().await;
+    let groups = ok_json(&helixctl(&f.url, Some(TOKEN), &["dlq", "groups", "--json"]).await);
+    assert_eq!(groups["count"], 1, "{groups}");
+    assert_eq!(groups["groups"][0]["count"], 2, "{groups}");
+    let text = helixctl(&f.url, Some(TOKEN), &["dlq", "groups", "--topic", &f.tasks]).await;
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(
+        text.starts_with("1 groups\n     2  permanent failure  "),
+        "{text}"
+    );
+    let none = ok_json(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &["dlq", "groups", "--reason", "undecodable_payload", "--json"],
+        )
+        .await,
+    );
+    assert_eq!(none["count"], 0, "{none}");
+
+    let mut sub = f
+        .broker
+        .subscribe(&f.tasks, SubscribeOptions::group("workers"))
+        .await
+        .unwrap();
+    let done = ok_json(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &[
+                "dlq",
+                "redrive",
+                "start",
+                "--topic",
+                &f.tasks,
+                "--batch-size",
+                "1",
+                "--wait",
+                "--json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(done["status"], "completed", "--wait follows it: {done}");
+    assert_eq!(done["redriven"], 2, "{done}");
+    let mut payloads = Vec::new();
+    for _ in 0..2 {
+        let delivery = tokio::time::timeout(Duration::from_secs(10), futures_next(&mut sub))
+            .await
+            .expect("a re-driven message within 10 s");
+        payloads.push(String::from_utf8(delivery.message().payload().to_vec()).unwrap());
+        delivery.ack().await.unwrap();
+    }
+    payloads.sort();
+    assert_eq!(payloads, ["first", "second"]);
+    let id = done["id"].as_str().unwrap();
+    let status = helixctl(&f.url, Some(TOKEN), &["dlq", "redrive", "status", id]).await;
+    let status = String::from_utf8(status.stdout).unwrap();
+    assert!(
+        status.starts_with(&format!("{id}  completed  total 2  redriven 2")),
+        "{status}"
+    );
+    let all = ok_json(&helixctl(&f.url, Some(TOKEN), &["dlq", "redrive", "list", "--json"]).await);
+    assert_eq!(all["count"], 1, "{all}");
+    let cancelled = ok_json(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &["dlq", "redrive", "cancel", id, "--json"],
+        )
+        .await,
+    );
+    assert_eq!(
+        cancelled["status"], "completed",
+        "a finished job stays finished"
+    );
+    failed(
+        &helixctl(&f.url, Some(TOKEN), &["dlq", "redrive", "status", "nope"]).await,
+        1,
+        "404",
+    );
+    failed(
+        &helixctl(
+            &f.url,
+            Some(TOKEN),
+            &["dlq", "redrive", "start", "--rate", "0"],
+        )
+        .await,
+        1,
+        "rate_per_second",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_start_wait_status_list_and_cancel() {
     let f = fixture().await;
     let started = ok_json(
@@ -238,12 +355,11 @@ async fn replay_start_wait_status_list_and_cancel() {
     assert_eq!(started["replayed"], 4, "{started}");
     let status = helixctl(&f.url, Some(TOKEN), &["replay", "status", "ctl-replay"]).await;
     let status = String::from_utf8(status.stdout).unwrap();
-    assert!(
-        status.starts_with(
-            "ctl-replay  completed  ctl.events -> ctl.events.replay  total 4  replayed 4"
-        ),
-        "{status}"
+    let expected = format!(
+        "ctl-replay  completed  {0} -> {0}.replay  total 4  replayed 4",
+        f.topic
     );
+    assert!(status.starts_with(&expected), "{status}");
     let all = ok_json(&helixctl(&f.url, Some(TOKEN), &["replay", "list", "--json"]).await);
     assert_eq!(all["count"], 1);
     let cancelled = ok_json(
@@ -280,16 +396,8 @@ async fn replay_start_wait_status_list_and_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tail_prints_what_is_published_on_redis_streams() {
     // Streams: they carry the message id (plain pub/sub carries the payload alone).
-    let redis = std::env::var("REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-        .replacen("redis://", "redis-streams://", 1);
-    let topic = format!(
-        "ctl.tail.{}",
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    );
+    let redis = redis_streams_url();
+    let topic = fresh("ctl.tail");
     let mut child = Command::new(env!("CARGO_BIN_EXE_helixctl"))
         .args(["tail", &topic, "--broker", &redis, "--count", "2", "--json"])
         .stdout(Stdio::piped())
