@@ -66,3 +66,17 @@ ensure_tansu() {
     --storage-engine memory://tansu/ >target/tansu.log 2>&1 &
   wait_for_port 9092 "Tansu (log: target/tansu.log)" 60
 }
+
+# schemathesis (PyPI), for the admin API's property-based OpenAPI test: installed once per
+# machine into a virtualenv of its own, then named in SCHEMATHESIS.
+SCHEMATHESIS_VERSION=4.32.5
+ensure_schemathesis() {
+  local venv="${XDG_CACHE_HOME:-$HOME/.cache}/helix-messaging/schemathesis-$SCHEMATHESIS_VERSION"
+  if [[ ! -x "$venv/bin/schemathesis" ]]; then
+    echo "installing schemathesis $SCHEMATHESIS_VERSION (once per machine)" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet "schemathesis==$SCHEMATHESIS_VERSION"
+  fi
+  export SCHEMATHESIS="$venv/bin/schemathesis"
+}

@@ -269,6 +269,7 @@ pub(crate) struct RedriveBody {
     /// Most messages per second.
     rate_per_second: Option<f64>,
     /// Re-drive this many first, watch them, then the rest.
+    #[serde(default, deserialize_with = "crate::optional_object")]
     canary: Option<CanaryBody>,
     /// Messages per published batch.
     batch_size: Option<usize>,

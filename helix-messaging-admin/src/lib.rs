@@ -7,6 +7,7 @@
 //!
 //! - `GET /v1/messaging/health`: both sides' health as JSON (`status` is `healthy`,
 //!   `degraded` or `unhealthy`; HTTP 503 when unhealthy, so a load balancer's check works);
+//! - `GET /v1/messaging/openapi.json`: the OpenAPI 3.0 document of all of this;
 //! - `GET /v1/messaging/metrics`: every metric recorded through the `metrics` facade, in the
 //!   Prometheus text format (from [`install_prometheus`]'s recorder);
 //! - `GET /v1/messaging/dlq?limit&offset` (filters `topic`, `reason`, `type`, `status`,
@@ -40,6 +41,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 mod dlq;
+mod openapi;
 mod replay;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request, State};
@@ -53,8 +55,8 @@ use helix_messaging_core::hub::Hub;
 use helix_messaging_core::replay::ReplayHandler;
 use helix_messaging_core::{ErrorKind, Health, HealthStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
+use serde::{Deserialize as _, Serialize};
 use subtle::ConstantTimeEq;
 
 /// Variable holding the bearer token every request must carry.
@@ -231,6 +233,10 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
     Router::new()
         .route("/v1/messaging/health", get(health))
         .route("/v1/messaging/metrics", get(metrics_text))
+        .route(
+            "/v1/messaging/openapi.json",
+            get(|| async { Json(openapi::document()) }),
+        )
         .route("/v1/messaging/dlq", get(dlq::list))
         .route("/v1/messaging/dlq/groups", get(dlq::groups))
         .route(
@@ -291,6 +297,50 @@ pub async fn serve(
     Ok(())
 }
 
+/// A `T` taken only from a JSON object: serde's derive also builds a struct from an array
+/// of its fields' values, which no client means and the OpenAPI document does not allow.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        object(deserializer).map(ObjectOnly)
+    }
+}
+
+/// `deserialize_with` for a nested body struct (see [`ObjectOnly`]).
+pub(crate) fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::de::Error as _;
+    let value = serde_json::Value::deserialize(deserializer)?;
+    if !value.is_object() {
+        return Err(D::Error::custom(format!(
+            "expected a JSON object, found {value}"
+        )));
+    }
+    T::deserialize(value).map_err(D::Error::custom)
+}
+
+/// `deserialize_with` for an optional nested body struct: `null` is `None`.
+pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::de::Error as _;
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Null => Ok(None),
+        value @ serde_json::Value::Object(_) => {
+            T::deserialize(value).map(Some).map_err(D::Error::custom)
+        }
+        other => Err(D::Error::custom(format!(
+            "expected a JSON object or null, found {other}"
+        ))),
+    }
+}
+
 /// A JSON request body whose rejections (malformed JSON 400, too large 413, wrong content
 /// type 415) answer with the API's JSON errors. Optional: no body, no value.
 struct JsonBody<T>(T);
@@ -299,8 +349,8 @@ impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for JsonBody<T>
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Option<Self>, ApiError> {
-        match <Json<T> as OptionalFromRequest<S>>::from_request(request, state).await {
-            Ok(body) => Ok(body.map(|Json(value)| JsonBody(value))),
+        match <Json<ObjectOnly<T>> as OptionalFromRequest<S>>::from_request(request, state).await {
+            Ok(body) => Ok(body.map(|Json(ObjectOnly(value))| JsonBody(value))),
             Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
         }
     }
@@ -310,8 +360,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match <Json<T> as FromRequest<S>>::from_request(request, state).await {
-            Ok(Json(value)) => Ok(JsonBody(value)),
+        match <Json<ObjectOnly<T>> as FromRequest<S>>::from_request(request, state).await {
+            Ok(Json(ObjectOnly(value))) => Ok(JsonBody(value)),
             Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
         }
     }

@@ -36,9 +36,9 @@ pub(crate) struct StartBody {
     to_time: String,
     #[serde(default)]
     target_topic: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::object")]
     filter: FilterBody,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::object")]
     options: OptionsBody,
 }
 

@@ -866,3 +866,71 @@ async fn groups_and_bulk_redrives_over_http_on_redis_streams() {
 async fn groups_and_bulk_redrives_over_http_on_rabbitmq() {
     groups_and_bulk_redrives_over_http(rabbitmq().await).await;
 }
+
+/// Every operation the served OpenAPI document names is routed, answers with a status the
+/// document gives for it, and an error body of the documented shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_in_the_openapi_document_is_served_as_documented() {
+    let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(MemoryDeadLetterStore::new()),
+        ProcessorConfig::default(),
+    )
+    .unwrap();
+    let replays = ReplayHandler::new(broker.clone(), ReplayConfig::default());
+    let s = over(broker, AdminConfig::new(TOKEN).unwrap(), |s| {
+        s.with_dlq(processor).with_replay(replays)
+    })
+    .await;
+    let doc = call(s.get("/v1/messaging/openapi.json")).await;
+    assert_eq!(doc["openapi"], "3.0.3");
+    let paths = doc["paths"].as_object().unwrap();
+    let mut operations = 0;
+    for (path, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            let method = match method.as_str() {
+                "get" => reqwest::Method::GET,
+                "post" => reqwest::Method::POST,
+                "delete" => reqwest::Method::DELETE,
+                "parameters" => continue,
+                other => panic!("{path}: unexpected method {other}"),
+            };
+            operations += 1;
+            let concrete = path.replace("{id}", "no-such-id");
+            let response = s.request(method.clone(), &concrete).send().await.unwrap();
+            let status = response.status().as_u16().to_string();
+            let documented = &operation["responses"][&status];
+            assert!(
+                documented.is_object(),
+                "{method} {path}: {status} is not documented"
+            );
+            let body: Value = if response.status().is_success() && path.ends_with("/metrics") {
+                Value::Null
+            } else {
+                response.json().await.unwrap()
+            };
+            if !response_is_success(&status) {
+                assert_ne!(
+                    body["error"]["message"], "no such endpoint",
+                    "{method} {path} is documented but not routed"
+                );
+                assert_ne!(status, "405", "{method} {path}: method not routed");
+            }
+            // Without its own `Authorization` header, every operation is refused.
+            let anonymous = s
+                .client
+                .request(method.clone(), format!("{}{concrete}", s.base))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(anonymous.status(), 401, "{method} {path}");
+            assert!(operation["responses"]["401"].is_object(), "{method} {path}");
+        }
+    }
+    assert_eq!(operations, 17, "every operation of the API");
+}
+
+fn response_is_success(status: &str) -> bool {
+    status.starts_with('2')
+}
