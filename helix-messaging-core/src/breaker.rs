@@ -22,8 +22,9 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 
 use crate::{
-    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
-    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    Backlog, BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus,
+    HistoryStream, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription,
+    TimeRange,
 };
 
 /// When a breaker opens and how it recovers.
@@ -435,6 +436,11 @@ impl Broker for BreakerBroker {
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         self.consume.call(self.inner.read_range(topic, range)).await
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+        // A read-only probe: it neither trips nor waits for the consume breaker.
+        self.inner.backlog(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

@@ -396,6 +396,23 @@ pub trait Subscriber: Send + Sync {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription>;
 }
 
+/// How far one consumer group is behind on one topic ([`Broker::backlog`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Messages waiting for the group: published, not yet delivered to any member (on a
+    /// log-based backend, past the group's committed position).
+    pub waiting: u64,
+    /// Messages delivered to a member and not yet settled, where the backend tracks that.
+    pub in_flight: Option<u64>,
+}
+
+impl Backlog {
+    /// Everything the group has not finished: waiting plus in flight.
+    pub fn lag(&self) -> u64 {
+        self.waiting + self.in_flight.unwrap_or(0)
+    }
+}
+
 /// A connection to one messaging backend: publish, subscribe, report and close.
 ///
 /// `Arc<dyn Broker>` is what every layer above the adapters works with. Its `Debug` output
@@ -422,6 +439,21 @@ pub trait Broker: Publisher + Subscriber + fmt::Debug {
         Err(Error::unsupported(
             self.name(),
             "reading history by time range",
+        ))
+    }
+
+    /// How far consumer group `group` is behind on `topic`: what waits for it and, where the
+    /// backend knows, what it holds unsettled. A group the backend has never seen has a
+    /// zero backlog.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] unless [`Capabilities::backlog`]; [`ErrorKind::InvalidInput`]
+    /// for a bad name; otherwise as the backend reports.
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+        let _ = (topic, group);
+        Err(Error::unsupported(
+            self.name(),
+            "reporting a group's backlog",
         ))
     }
 

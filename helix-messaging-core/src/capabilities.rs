@@ -35,6 +35,10 @@ pub struct Capabilities {
     /// a retry topic per subscription), which [`Delivery::can_delay`](crate::Delivery::can_delay)
     /// tells.
     pub delayed_delivery: bool,
+    /// How far a consumer group is behind can be asked ([`Broker::backlog`](crate::Broker::backlog)):
+    /// the messages waiting for it, and where the backend knows, those delivered but not
+    /// yet settled.
+    pub backlog: bool,
     /// Largest payload accepted, in bytes, when the backend enforces one.
     pub max_payload_bytes: Option<usize>,
 }
@@ -52,12 +56,13 @@ impl Capabilities {
         replay_by_time: false,
         native_dlq: false,
         delayed_delivery: false,
+        backlog: false,
         max_payload_bytes: None,
     };
 
     /// The boolean capabilities with a short column title each, in a fixed order (used to
     /// render and check the README's backend table).
-    pub fn flags(&self) -> [(&'static str, bool); 10] {
+    pub fn flags(&self) -> [(&'static str, bool); 11] {
         [
             ("Durable", self.durable),
             ("Ack + redelivery", self.redelivery),
@@ -69,6 +74,7 @@ impl Capabilities {
             ("Replay by time", self.replay_by_time),
             ("Native DLQ", self.native_dlq),
             ("Delayed requeue", self.delayed_delivery),
+            ("Backlog", self.backlog),
         ]
     }
 }

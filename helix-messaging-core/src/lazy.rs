@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher,
-    Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    Backlog, BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message,
+    Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
 };
 
 /// How the first connection is retried.
@@ -244,6 +244,10 @@ impl Broker for LazyBroker {
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         self.current()?.read_range(topic, range).await
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+        self.current()?.backlog(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

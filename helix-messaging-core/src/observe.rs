@@ -34,8 +34,8 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::{
-    BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher, Result,
-    SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
+    Backlog, BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher,
+    Result, SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
 };
 
 /// Distinct topics labelled by name by default; later ones share [`OTHER_TOPICS`].
@@ -234,6 +234,10 @@ impl Broker for ObservedBroker {
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         self.inner.read_range(topic, range).await
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+        self.inner.backlog(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {

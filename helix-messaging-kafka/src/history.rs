@@ -80,6 +80,51 @@ pub(crate) struct Reader {
     clock_skew: Duration,
 }
 
+/// How many records of `topic` (a Kafka topic name) `group` has not committed past, over
+/// every partition. Blocking. Asks the group's coordinator without joining the group.
+pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Result<u64> {
+    let mut client = config.reader();
+    client.set("group.id", group);
+    let consumer: BaseConsumer = client
+        .create()
+        .map_err(|e| config.client_error(e, "creating a lag reader"))?;
+    let timeout = config.request_timeout;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| from_kafka(e, format!("reading the metadata of {topic}")))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    if partitions.is_empty() {
+        return Ok(0);
+    }
+    let mut query = TopicPartitionList::new();
+    for partition in &partitions {
+        query.add_partition(topic, *partition);
+    }
+    let committed = consumer
+        .committed_offsets(query, timeout)
+        .map_err(|e| from_kafka(e, format!("reading {group}'s committed offsets on {topic}")))?;
+    let mut lag = 0u64;
+    for partition in partitions {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|e| from_kafka(e, format!("reading the watermarks of {topic}/{partition}")))?;
+        let from = match committed
+            .find_partition(topic, partition)
+            .map(|p| p.offset())
+        {
+            Some(Offset::Offset(at)) => at.max(low),
+            _ => low,
+        };
+        lag += u64::try_from(high - from).unwrap_or(0);
+    }
+    Ok(lag)
+}
+
 /// Start reading `topic` (a Kafka topic name) inside `range`. Blocking.
 pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Result<Reader> {
     let consumer: Arc<BaseConsumer> = Arc::new(

@@ -69,6 +69,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     native_dlq: false,
     // Named groups: copies wait on the group's retry topic (see the `consumer` module).
     delayed_delivery: true,
+    backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -538,6 +539,27 @@ impl Broker for KafkaBroker {
             )),
             Err(err) => Health::unhealthy(err.to_string()),
         }
+    }
+
+    /// `waiting` is the group's lag: per partition, the high watermark less the committed
+    /// offset (the low watermark where it has committed nothing). Kafka does not know what a
+    /// member holds unsettled (`in_flight` is unknown), and copies waiting out a delay on the
+    /// group's retry topic are not counted.
+    async fn backlog(&self, topic: &str, group: &str) -> Result<helix_messaging_core::Backlog> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        let config = self.shared.config.clone();
+        let kafka_topic = config.kafka_topic(topic);
+        let group = group.to_owned();
+        blocking("reading a group's backlog", move || {
+            history::group_lag(&config, &kafka_topic, &group)
+        })
+        .await
+        .map(|waiting| helix_messaging_core::Backlog {
+            waiting,
+            in_flight: None,
+        })
     }
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {

@@ -33,9 +33,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use helix_messaging_core::{
-    Acknowledge, BatchReport, Broker, Capabilities, Delivery, DeliveryInfo, Error, ErrorKind,
-    Health, HistoryEntry, HistoryStream, Message, Position, Publisher, Result, Settlement,
-    SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size, validate_name,
+    Acknowledge, Backlog, BatchReport, Broker, Capabilities, Delivery, DeliveryInfo, Error,
+    ErrorKind, Health, HistoryEntry, HistoryStream, Message, Position, Publisher, Result,
+    Settlement, SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size,
+    validate_name,
 };
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
@@ -57,6 +58,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     replay_by_time: true,
     native_dlq: false,
     delayed_delivery: true,
+    backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -387,6 +389,16 @@ impl Broker for MemoryBroker {
             "{} topics, {depth} messages queued or unacked",
             topics.len()
         ))
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.ensure_open()?;
+        Ok(match self.shared.topics.read().get(topic) {
+            None => Backlog::default(),
+            Some(topic) => topic.state.lock().backlog(group),
+        })
     }
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {

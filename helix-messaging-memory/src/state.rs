@@ -566,6 +566,23 @@ impl TopicState {
         }
     }
 
+    /// What waits for the named group (ready and held back for a delayed requeue) and what
+    /// its members hold; zero for a group that never joined.
+    pub(crate) fn backlog(&self, group: &str) -> helix_messaging_core::Backlog {
+        let Some(group) = self
+            .group_slots
+            .get(group)
+            .and_then(|&slot| self.groups.get(slot))
+            .and_then(Option::as_ref)
+        else {
+            return helix_messaging_core::Backlog::default();
+        };
+        helix_messaging_core::Backlog {
+            waiting: (group.ready_len + group.delayed.len()) as u64,
+            in_flight: Some(group.in_flight.len() as u64),
+        }
+    }
+
     /// Number of groups and their total depth (health, tests).
     pub(crate) fn depth(&self) -> usize {
         self.groups.iter().flatten().map(Group::depth).sum()

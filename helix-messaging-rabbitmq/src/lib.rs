@@ -37,9 +37,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use helix_messaging_core::{
-    Acknowledge, BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Delivery, Error, ErrorKind,
-    Health, HistoryStream, Message, Publisher, Result, Settlement, StartPosition, SubscribeOptions,
-    Subscriber, Subscription, TimeRange, check_payload_size, validate_name, within,
+    Acknowledge, Backlog, BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Delivery, Error,
+    ErrorKind, Health, HistoryStream, Message, Publisher, Result, Settlement, StartPosition,
+    SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size, validate_name,
+    within,
 };
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
@@ -74,6 +75,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     replay_by_time: false,
     native_dlq: true,
     delayed_delivery: true,
+    backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -663,6 +665,59 @@ impl Broker for RabbitBroker {
 
     fn capabilities(&self) -> Capabilities {
         self.shared.config().capabilities()
+    }
+
+    /// `waiting` is the group queue's ready count (a passive declare of `<topic>.<group>`);
+    /// AMQP does not report unacknowledged counts, so `in_flight` is unknown, and a requeue
+    /// waiting out its delay sits in the delay queue, not counted.
+    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        let link = self.shared.link()?;
+        let queue = format!("{topic}.{group}");
+        let probe = async {
+            // Its own channel: a passive declare of a missing queue closes the channel.
+            let channel = link
+                .connection
+                .create_channel()
+                .await
+                .map_err(|e| self.shared.connection_error(e, "opening a channel"))?;
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let backlog = match declared {
+                Ok(declared) => Backlog {
+                    waiting: u64::from(declared.message_count()),
+                    in_flight: None,
+                },
+                Err(e) => {
+                    let err = from_lapin(e, format!("inspecting queue {queue:?}"));
+                    if err.kind() != ErrorKind::NotFound {
+                        return Err(err);
+                    }
+                    // The group never subscribed: nothing waits for it.
+                    Backlog::default()
+                }
+            };
+            if channel.status().connected() {
+                let _ = channel.close(200, "backlog read".into()).await;
+            }
+            Ok(backlog)
+        };
+        within(
+            self.shared.config().connect_timeout,
+            format!("reading the backlog of {queue}"),
+            probe,
+        )
+        .await?
     }
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {

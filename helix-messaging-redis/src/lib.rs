@@ -73,6 +73,7 @@ pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
     replay_by_time: true,
     native_dlq: false,
     delayed_delivery: true,
+    backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };
 
@@ -389,6 +390,19 @@ impl Broker for RedisBroker {
                     detail: format!("{address} answers; {n} subscriptions are reconnecting"),
                 },
             },
+        }
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<helix_messaging_core::Backlog> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        match self.shared.config.mode {
+            RedisMode::PubSub => Err(Error::unsupported(
+                PUBSUB_NAME,
+                "reporting a group's backlog (pub/sub has no groups; use redis-streams)",
+            )),
+            RedisMode::Streams => streams::backlog(&self.shared, topic, group).await,
         }
     }
 

@@ -784,6 +784,51 @@ impl Drop for StreamAcker {
     }
 }
 
+/// A group's backlog in one round trip. KEYS: stream, delayed set. ARGV: group. Returns
+/// {entries not yet delivered to the group, pending (delivered, unacked, or waiting out a
+/// short delay), waiting out a long delay}. XINFO's `lag` is nil when Redis cannot tell
+/// (entries were deleted inside the group's range); the entries are then counted.
+const BACKLOG_SCRIPT: &str = r"
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return {0, 0, 0} end
+for _, flat in ipairs(groups) do
+  local g = {}
+  for i = 1, #flat, 2 do g[flat[i]] = flat[i + 1] end
+  if g['name'] == ARGV[1] then
+    local lag = g['lag']
+    if type(lag) ~= 'number' then
+      lag = #redis.call('XRANGE', KEYS[1], '(' .. g['last-delivered-id'], '+')
+    end
+    return {lag, g['pending'], redis.call('ZCARD', KEYS[2])}
+  end
+end
+return {0, 0, 0}
+";
+
+static BACKLOG: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(BACKLOG_SCRIPT));
+
+/// `group`'s backlog on `topic` (see [`BACKLOG_SCRIPT`]): waiting is what the group has not
+/// read plus what waits out a long delay; in flight is its pending list.
+pub(crate) async fn backlog(
+    shared: &Shared,
+    topic: &str,
+    group: &str,
+) -> Result<helix_messaging_core::Backlog> {
+    let mut commands = shared.commands.clone();
+    let (unread, pending, delayed): (u64, u64, u64) = BACKLOG
+        .key(topic)
+        .key(delayed_key(topic, group))
+        .arg(group)
+        .invoke_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("reading the backlog of {group} on {topic}")))?;
+    Ok(helix_messaging_core::Backlog {
+        waiting: unread + delayed,
+        in_flight: Some(pending),
+    })
+}
+
 pub(crate) fn read_range(shared: Arc<Shared>, topic: &str, range: TimeRange) -> HistoryStream {
     let topic: Arc<str> = Arc::from(topic);
     let end_ms = ceil_ms(range.to());

@@ -99,6 +99,10 @@ async fn redis_pubsub_passes_the_conformance_suite() {
         "replay_resumes_after_restart_without_duplicates",
         at_most_once,
     )
+    .expect_skipped(
+        "backlog_counts_what_the_group_has_not_finished",
+        at_most_once,
+    )
     .cleanup(delete_topics)
     .run()
     .await

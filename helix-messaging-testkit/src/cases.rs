@@ -64,6 +64,79 @@ cases! {
     replay_cancel_stops_within_one_batch: [ReplayByTime];
     replay_resumes_after_restart_without_duplicates: [ReplayByTime];
     replay_is_declared_honestly: [];
+    backlog_counts_what_the_group_has_not_finished: [ConsumerGroups, Backlog];
+    backlog_is_declared_honestly: [];
+}
+
+/// A group's backlog: zero before it exists, every message published while it has no
+/// member, and after two of five are acked and the subscription dropped, the other three
+/// (waiting, or in flight where the backend counts what it handed out); a bad name is
+/// refused.
+pub async fn backlog_counts_what_the_group_has_not_finished(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("backlog");
+    let group = "lagging";
+    assert_eq!(
+        ctx.broker.backlog(&topic, group).await?.lag(),
+        0,
+        "a group that never subscribed"
+    );
+    ctx.create_group(&topic, group).await?;
+    // One publish per request: some Kafka-protocol brokers report the high watermark of a
+    // batched produce short.
+    for i in 0..5 {
+        ctx.publish(&topic, Message::new(format!("m{i}"))).await;
+    }
+    let broker = ctx.broker.clone();
+    let waiting = crate::eventually(ctx.settings.receive_timeout, "five waiting", || {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        async move {
+            let backlog = broker.backlog(&topic, group).await.ok()?;
+            (backlog.lag() == 5).then_some(backlog)
+        }
+    })
+    .await;
+    assert_eq!(waiting.waiting, 5, "nothing is in flight yet: {waiting:?}");
+    assert!(waiting.in_flight.is_none_or(|n| n == 0), "{waiting:?}");
+
+    let mut sub = ctx
+        .subscribe(&topic, SubscribeOptions::group(group).with_prefetch(1))
+        .await;
+    for _ in 0..2 {
+        ctx.recv(&mut sub).await.ack().await?;
+    }
+    drop(sub);
+    let broker = ctx.broker.clone();
+    crate::eventually(ctx.settings.receive_timeout, "three left", || {
+        let broker = broker.clone();
+        let topic = topic.clone();
+        async move {
+            let backlog = broker.backlog(&topic, group).await.ok()?;
+            (backlog.lag() == 3).then_some(())
+        }
+    })
+    .await;
+    let err = ctx
+        .broker
+        .backlog(&topic, "bad group!")
+        .await
+        .expect_err("a bad group name");
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    Ok(())
+}
+
+/// A backend without backlog reporting says so with `Unsupported`.
+pub async fn backlog_is_declared_honestly(ctx: Ctx) -> Result<()> {
+    if ctx.broker.capabilities().backlog {
+        return Ok(());
+    }
+    let err = ctx
+        .broker
+        .backlog(&ctx.topic("backlog"), "g")
+        .await
+        .expect_err("no backlog without the capability");
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    Ok(())
 }
 
 /// Payload, key, headers (non-ASCII values too), ids and metadata survive the trip; an empty

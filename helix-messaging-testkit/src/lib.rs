@@ -64,6 +64,8 @@ pub enum Needs {
     PayloadLimit,
     /// [`Capabilities::delayed_delivery`].
     DelayedDelivery,
+    /// [`Capabilities::backlog`].
+    Backlog,
 }
 
 impl Needs {
@@ -79,6 +81,7 @@ impl Needs {
             Needs::ReplayByTime => caps.replay_by_time,
             Needs::PayloadLimit => caps.max_payload_bytes.is_some(),
             Needs::DelayedDelivery => caps.delayed_delivery,
+            Needs::Backlog => caps.backlog,
         }
     }
 
@@ -93,6 +96,7 @@ impl Needs {
             Needs::ReplayByTime => "replay by time",
             Needs::PayloadLimit => "a payload limit",
             Needs::DelayedDelivery => "delayed delivery",
+            Needs::Backlog => "backlog reporting",
         }
     }
 }

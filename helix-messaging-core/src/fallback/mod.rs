@@ -541,6 +541,10 @@ impl Broker for FallbackBroker {
         self.inner.broker.read_range(topic, range).await
     }
 
+    async fn backlog(&self, topic: &str, group: &str) -> Result<crate::Backlog> {
+        self.inner.broker.backlog(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.stop.cancel();
         self.inner.broker.close().await
