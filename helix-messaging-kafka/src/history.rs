@@ -80,6 +80,19 @@ pub(crate) struct Reader {
     clock_skew: Duration,
 }
 
+/// The partition ids of `topic` (none when it does not exist). Blocking.
+fn partitions_of(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Result<Vec<i32>> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| from_kafka(e, format!("reading the metadata of {topic}")))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic && t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect())
+}
+
 /// How many records of `topic` (a Kafka topic name) `group` has not committed past, over
 /// every partition. Blocking. Asks the group's coordinator without joining the group.
 pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Result<u64> {
@@ -89,15 +102,7 @@ pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Resul
         .create()
         .map_err(|e| config.client_error(e, "creating a lag reader"))?;
     let timeout = config.request_timeout;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| from_kafka(e, format!("reading the metadata of {topic}")))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = partitions_of(&consumer, topic, timeout)?;
     if partitions.is_empty() {
         return Ok(0);
     }
@@ -134,15 +139,7 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
             .map_err(|e| config.client_error(e, "creating a history reader"))?,
     );
     let timeout = config.request_timeout;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), timeout)
-        .map_err(|e| from_kafka(e, format!("reading the metadata of {topic}")))?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
+    let partitions = partitions_of(&consumer, topic, timeout)?;
     let start_ms = lookup_millis(range.from(), config.clock_skew);
     let mut query = TopicPartitionList::new();
     for partition in &partitions {
