@@ -899,18 +899,19 @@ async fn every_operation_in_the_openapi_document_is_served_as_documented() {
             operations += 1;
             let concrete = path.replace("{id}", "no-such-id");
             let response = s.request(method.clone(), &concrete).send().await.unwrap();
+            let success = response.status().is_success();
             let status = response.status().as_u16().to_string();
             let documented = &operation["responses"][&status];
             assert!(
                 documented.is_object(),
                 "{method} {path}: {status} is not documented"
             );
-            let body: Value = if response.status().is_success() && path.ends_with("/metrics") {
+            let body: Value = if success && path.ends_with("/metrics") {
                 Value::Null
             } else {
                 response.json().await.unwrap()
             };
-            if !response_is_success(&status) {
+            if !success {
                 assert_ne!(
                     body["error"]["message"], "no such endpoint",
                     "{method} {path} is documented but not routed"
@@ -929,8 +930,4 @@ async fn every_operation_in_the_openapi_document_is_served_as_documented() {
         }
     }
     assert_eq!(operations, 17, "every operation of the API");
-}
-
-fn response_is_success(status: &str) -> bool {
-    status.starts_with('2')
 }

@@ -147,17 +147,10 @@ impl Publisher for ObservedBroker {
     async fn publish(&self, topic: &str, mut message: Message) -> Result<()> {
         let span = trace::publish_span(self.inner.name(), topic, &message);
         trace::stamp(&mut message, &span);
-        let outcome = self
-            .inner
-            .publish(topic, message)
-            .instrument(span.clone())
-            .await;
+        let outcome = trace::in_span(span, self.inner.publish(topic, message)).await;
         match &outcome {
             Ok(()) => self.count_published(topic, 1, &[]),
-            Err(err) => {
-                trace::record_error(&span, err);
-                self.count_published(topic, 0, &[err]);
-            }
+            Err(err) => self.count_published(topic, 0, &[err]),
         }
         outcome
     }
@@ -165,6 +158,7 @@ impl Publisher for ObservedBroker {
     async fn publish_batch(&self, topic: &str, mut messages: Vec<Message>) -> BatchReport {
         let span = trace::batch_publish_span(self.inner.name(), topic, messages.len());
         if !span.is_disabled() {
+            let cx = span.context();
             for message in &mut messages {
                 // A message that already carries a context (a replay copy, a spooled
                 // publish) keeps it, so its consumer continues that trace; the batch span
@@ -174,7 +168,7 @@ impl Publisher for ObservedBroker {
                 if carried.is_valid() {
                     span.add_link(carried);
                 } else {
-                    trace::stamp(message, &span);
+                    trace::stamp_context(message, &cx);
                 }
             }
         }

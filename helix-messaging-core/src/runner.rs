@@ -573,12 +573,7 @@ async fn settle(
     operation: &'static str,
     settlement: impl Future<Output = Result<()>>,
 ) -> Result<()> {
-    let span = trace::settle_span(topic, operation);
-    let outcome = settlement.instrument(span.clone()).await;
-    if let Err(err) = &outcome {
-        trace::record_error(&span, err);
-    }
-    outcome
+    trace::in_span(trace::settle_span(topic, operation), settlement).await
 }
 
 /// Requeue after `delay`: by the broker where it holds delayed requeues, otherwise by keeping

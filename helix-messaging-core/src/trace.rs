@@ -29,11 +29,13 @@ use opentelemetry::Context;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TraceContextExt;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use tracing::Span;
+use std::future::Future;
+
 use tracing::field::Empty;
+use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::{Error, Headers, Message};
+use crate::{Error, Headers, Message, Result};
 
 /// The W3C trace-context header holding the trace id and the sending span's id.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
@@ -53,13 +55,28 @@ pub fn stamp(message: &mut Message, span: &Span) {
     if span.is_disabled() {
         return;
     }
-    let cx = span.context();
+    stamp_context(message, &span.context());
+}
+
+/// Write `cx` into `message`'s trace-context headers, replacing what was there; an invalid
+/// context writes nothing. For stamping many messages with one span: its context is then
+/// looked up once.
+pub fn stamp_context(message: &mut Message, cx: &Context) {
     if !cx.span().span_context().is_valid() {
         return;
     }
     let headers = message.headers_mut();
     headers.remove(TRACESTATE_HEADER);
-    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+}
+
+/// Run `work` inside `span`, marking the span failed ([`record_error`]) when it fails.
+pub async fn in_span<T>(span: Span, work: impl Future<Output = Result<T>>) -> Result<T> {
+    let outcome = work.instrument(span.clone()).await;
+    if let Err(err) = &outcome {
+        record_error(&span, err);
+    }
+    outcome
 }
 
 /// The span for publishing `message` to `topic` on the `system` backend (`publish {topic}`,

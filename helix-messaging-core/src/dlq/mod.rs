@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
-use tracing::Instrument;
 
 pub use letter::{
     DeadLetter, DeadLetterReason, HEADER_ATTEMPTS, HEADER_DEAD_LETTERED_AT, HEADER_ERROR,
@@ -202,15 +201,7 @@ impl DeadLetterQueue {
         let mut letter = letter.clone();
         trace::stamp(&mut letter.message, &span);
         let letter = &letter;
-        let published = self
-            .publisher
-            .publish(&topic, letter.to_message())
-            .instrument(span.clone())
-            .await;
-        if let Err(err) = &published {
-            trace::record_error(&span, err);
-        }
-        published?;
+        trace::in_span(span, self.publisher.publish(&topic, letter.to_message())).await?;
         metrics::counter!(
             "messaging_dead_lettered_total",
             "topic" => letter.original_topic.clone(),

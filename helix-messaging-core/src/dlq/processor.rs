@@ -494,9 +494,10 @@ impl Processor {
 
     /// Publish `letter`'s message to `topic` and wait for the broker's confirmation.
     pub(super) async fn republish(&self, letter: &DeadLetter, topic: &str) -> Result<()> {
-        let mut message = letter.redrive_message();
-        trace::stamp_copy(trace::CopyKind::Redrive, topic, &mut message);
-        self.inner.broker.publish(topic, message).await
+        self.inner
+            .broker
+            .publish(topic, redrive_copy(letter, topic))
+            .await
     }
 
     /// Entries matching `filter`, a page at a time (the seeds' `ListMessages(limit, offset)`).
@@ -662,4 +663,12 @@ impl Processor {
 
 fn not_found(id: &str) -> Error {
     Error::new(ErrorKind::NotFound, format!("no DLQ entry {id:?}"))
+}
+
+/// The message re-driving `letter` to `topic` publishes, stamped with its `redrive` span so
+/// the consumer continues the letter's trace.
+pub(super) fn redrive_copy(letter: &DeadLetter, topic: &str) -> crate::Message {
+    let mut message = letter.redrive_message();
+    trace::stamp_copy(trace::CopyKind::Redrive, topic, &mut message);
+    message
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::processor::Processor;
 use super::{DlqFilter, EntryStatus};
-use crate::{Error, Message, Result, trace, validate_name};
+use crate::{Error, Message, Result, validate_name};
 
 /// Redrive the first `count` entries, then watch for `watch`: if any of them is
 /// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the
@@ -297,11 +297,7 @@ impl Run {
         for (topic, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
-                .map(|&i| {
-                    let mut message = letters[i].redrive_message();
-                    trace::stamp_copy(trace::CopyKind::Redrive, &topic, &mut message);
-                    message
-                })
+                .map(|&i| super::processor::redrive_copy(&letters[i], &topic))
                 .collect();
             let report = self
                 .processor

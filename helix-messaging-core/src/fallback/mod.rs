@@ -338,19 +338,13 @@ impl FallbackBroker {
         self.inner.pending.lock().get(topic).is_some_and(|n| *n > 0)
     }
 
-    async fn spool(&self, topic: &str, messages: &[Message]) -> Result<()> {
+    async fn spool(&self, topic: &str, mut messages: Vec<Message>) -> Result<()> {
         // Each spooled message carries the publisher's trace on through its `spool` span:
         // the forwarder that sends it later runs outside the publisher's span.
-        let messages: Vec<Message> = messages
-            .iter()
-            .map(|message| {
-                let mut message = message.clone();
-                trace::stamp_copy(trace::CopyKind::Spool, topic, &mut message);
-                message
-            })
-            .collect();
-        let messages = messages.as_slice();
-        self.inner.spool.append(topic, messages).await?;
+        for message in &mut messages {
+            trace::stamp_copy(trace::CopyKind::Spool, topic, message);
+        }
+        self.inner.spool.append(topic, &messages).await?;
         *self
             .inner
             .pending
@@ -452,7 +446,7 @@ impl Publisher for FallbackBroker {
                 }
             }
         }
-        self.spool(topic, std::slice::from_ref(&message)).await
+        self.spool(topic, vec![message]).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
@@ -479,12 +473,12 @@ impl Publisher for FallbackBroker {
                 .filter(|(_, err)| !is_broker_failure(err))
                 .map(|(i, err)| (*i, err.copy_without_source()))
                 .collect();
-            if let Err(err) = self.spool(topic, &retry).await {
+            if let Err(err) = self.spool(topic, retry).await {
                 failures.extend(transient.iter().map(|&i| (i, err.copy_without_source())));
             }
             return BatchReport::new(total, failures);
         }
-        match self.spool(topic, &messages).await {
+        match self.spool(topic, messages).await {
             Ok(()) => BatchReport::new(total, Vec::new()),
             Err(err) => BatchReport::all_failed(total, &err),
         }
