@@ -171,6 +171,11 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
     hub.publish_task("admin.metrics.tasks", &task)
         .await
         .unwrap();
+    // The task workers' group is sampled into the backlog gauges as soon as it subscribes.
+    let workers = hub
+        .subscribe_tasks("admin.metrics.depth", |_task, _envelope| async { Ok(()) })
+        .await
+        .unwrap();
     let server = Server::start(hub, Some(prometheus)).await;
     let response = server.get("/v1/messaging/metrics").send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -190,6 +195,35 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
         .unwrap_or_else(|| panic!("no published count in:\n{text}"));
     assert!(line.contains("backend=\"memory\""), "{line}");
     assert!(line.ends_with(" 1"), "{line}");
+
+    for gauge in ["messaging_queue_depth", "messaging_consumer_lag"] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let text = server
+                .get("/v1/messaging/metrics")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let sampled = text.lines().any(|l| {
+                l.starts_with(&format!("{gauge}{{"))
+                    && l.contains("topic=\"admin.metrics.depth\"")
+                    && l.contains("group=\"helixagent-workers\"")
+                    && l.ends_with(" 0")
+            });
+            if sampled {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {gauge} of the workers' group within 15 s in:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    workers.shutdown().await;
 }
 
 #[test]

@@ -184,6 +184,9 @@ pub struct HubConfig {
     /// Handlers running at once per subscription (default 16; 1 handles a subscription's
     /// messages one after another, in delivery order).
     pub concurrency: usize,
+    /// How often each side samples its consumer groups' backlogs into
+    /// `messaging_queue_depth` and `messaging_consumer_lag` (default 15 s; zero: never).
+    pub backlog_interval: std::time::Duration,
 }
 
 impl Default for HubConfig {
@@ -194,6 +197,7 @@ impl Default for HubConfig {
             retry: RetryPolicy::new(),
             breaker: BreakerConfig::default(),
             concurrency: 16,
+            backlog_interval: crate::observe::DEFAULT_BACKLOG_INTERVAL,
         }
     }
 }
@@ -249,7 +253,8 @@ impl Side {
     ) -> Result<Self> {
         // Counted beneath the breaker and the spool: a spooled publish is counted when the
         // broker takes it, not when the spool does.
-        let observed: Arc<dyn Broker> = Arc::new(ObservedBroker::new(broker));
+        let observed: Arc<dyn Broker> =
+            Arc::new(ObservedBroker::new(broker).with_backlog_interval(config.backlog_interval));
         let guarded = BreakerBroker::new(observed, config.breaker)?;
         Ok(match spool {
             Some(spool) => {

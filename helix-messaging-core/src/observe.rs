@@ -13,6 +13,23 @@
 //!   includes its earlier attempts);
 //! - `messaging_consume_errors_total`: errors a subscription reported and survived.
 //!
+//! and, for every consumer group subscribed through it (label `group` too), sampled from
+//! [`Broker::backlog`] every [`DEFAULT_BACKLOG_INTERVAL`] (see
+//! [`ObservedBroker::with_backlog_interval`]) on backends that declare
+//! [`Capabilities::backlog`]:
+//!
+//! - `messaging_queue_depth`: messages waiting for the group, not yet delivered to any
+//!   member ([`Backlog::waiting`]);
+//! - `messaging_consumer_lag`: everything the group has not finished, waiting plus
+//!   delivered-but-unsettled where the backend knows that ([`Backlog::lag`]; on Kafka the
+//!   distance from the committed offset to the high watermark);
+//! - `messaging_backlog_sample_errors_total`: samples the broker could not answer (the
+//!   gauges then keep their last value).
+//!
+//! A group stays sampled after its last subscription ends, until the broker is closed or
+//! dropped: a backlog that grows while nobody consumes is what the gauges are for. At most
+//! [`MAX_SAMPLED_GROUPS`] (topic, group) pairs are sampled; later ones are not (logged once).
+//!
 //! Every publish also gets a `publish {topic}` span and the message its W3C `traceparent`
 //! ([`crate::trace`]); a subscription names the backend, so the runner's process spans carry
 //! `messaging.system`.
@@ -22,9 +39,10 @@
 //! [`OTHER_TOPICS`], so a service publishing to per-user or per-request topics cannot grow
 //! the exporter's memory without bound. Clones of one `ObservedBroker` share the bound.
 
-use std::collections::HashSet;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -43,6 +61,12 @@ pub const DEFAULT_MAX_TOPIC_LABELS: usize = 100;
 
 /// The `topic` label of every topic past the bound.
 pub const OTHER_TOPICS: &str = "_other";
+
+/// How often the backlog gauges are sampled by default.
+pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The most (topic, group) pairs one [`ObservedBroker`] samples.
+pub const MAX_SAMPLED_GROUPS: usize = 1_000;
 
 /// The bounded set of topic labels one [`ObservedBroker`] (and its clones) uses.
 #[derive(Debug)]
@@ -93,6 +117,100 @@ impl Default for TopicLabels {
 pub struct ObservedBroker {
     inner: Arc<dyn Broker>,
     topics: Arc<TopicLabels>,
+    backlogs: Arc<Backlogs>,
+}
+
+/// The consumer groups an [`ObservedBroker`] samples, and its sampling task's state. The
+/// task holds it weakly, so it ends when the last clone of the broker is dropped.
+struct Backlogs {
+    inner: Arc<dyn Broker>,
+    topics: Arc<TopicLabels>,
+    interval: Duration,
+    groups: Mutex<HashSet<(String, String)>>,
+    started: AtomicBool,
+    closed: AtomicBool,
+    warned_full: AtomicBool,
+}
+
+impl Backlogs {
+    /// Remember `topic`'s `group`; start the sampling task with the first one.
+    fn track(self: &Arc<Self>, topic: &str, group: &str) {
+        {
+            let mut groups = self.groups.lock();
+            if groups.len() >= MAX_SAMPLED_GROUPS {
+                if !groups.contains(&(topic.to_owned(), group.to_owned()))
+                    && !self.warned_full.swap(true, Ordering::Relaxed)
+                {
+                    tracing::warn!(
+                        max = MAX_SAMPLED_GROUPS,
+                        "too many consumer groups to sample backlogs of; later ones are not sampled"
+                    );
+                }
+                return;
+            }
+            groups.insert((topic.to_owned(), group.to_owned()));
+        }
+        if self.interval.is_zero() || self.started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.started.store(false, Ordering::Release);
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        runtime.spawn(sample_every(weak, self.interval));
+    }
+
+    /// Sample every tracked group once and set the gauges. Topics sharing a label (past the
+    /// topic bound) are summed; a label one of whose groups could not be sampled keeps its
+    /// last value rather than showing a partial sum.
+    async fn sample(&self) {
+        let groups: Vec<(String, String)> = self.groups.lock().iter().cloned().collect();
+        let backend = self.inner.name();
+        let mut sums: HashMap<(Arc<str>, String), Option<(u64, u64)>> = HashMap::new();
+        for (topic, group) in groups {
+            let label = self.topics.label(&topic);
+            let sample = match self.inner.backlog(&topic, &group).await {
+                Ok(backlog) => Some((backlog.waiting, backlog.lag())),
+                Err(err) => {
+                    tracing::debug!(%topic, %group, error = %err, "backlog sample failed");
+                    metrics::counter!("messaging_backlog_sample_errors_total", "backend" => backend)
+                        .increment(1);
+                    None
+                }
+            };
+            let sum = sums.entry((label, group)).or_insert(Some((0, 0)));
+            *sum = match (*sum, sample) {
+                (Some((waiting, lag)), Some((w, l))) => Some((waiting + w, lag + l)),
+                _ => None,
+            };
+        }
+        for ((topic, group), sum) in sums {
+            let Some((waiting, lag)) = sum else { continue };
+            let labels = [
+                ("backend", backend.to_owned()),
+                ("topic", topic.to_string()),
+                ("group", group),
+            ];
+            metrics::gauge!("messaging_queue_depth", &labels).set(waiting as f64);
+            metrics::gauge!("messaging_consumer_lag", &labels).set(lag as f64);
+        }
+    }
+}
+
+async fn sample_every(backlogs: Weak<Backlogs>, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let Some(backlogs) = backlogs.upgrade() else {
+            return;
+        };
+        if backlogs.closed.load(Ordering::Acquire) {
+            return;
+        }
+        backlogs.sample().await;
+    }
 }
 
 impl std::fmt::Debug for ObservedBroker {
@@ -112,10 +230,28 @@ impl ObservedBroker {
 
     /// Observe `inner` with the given topic bound.
     pub fn with_topic_labels(inner: Arc<dyn Broker>, topics: TopicLabels) -> Self {
+        let topics = Arc::new(topics);
         ObservedBroker {
+            backlogs: Backlogs::new(inner.clone(), topics.clone(), DEFAULT_BACKLOG_INTERVAL),
             inner,
-            topics: Arc::new(topics),
+            topics,
         }
+    }
+
+    /// Sample the backlog gauges every `interval` instead of [`DEFAULT_BACKLOG_INTERVAL`];
+    /// [`Duration::ZERO`] samples only when [`ObservedBroker::sample_backlogs`] is called.
+    /// Takes effect for a broker no group has subscribed through yet.
+    pub fn with_backlog_interval(mut self, interval: Duration) -> Self {
+        self.backlogs = Backlogs::new(self.inner.clone(), self.topics.clone(), interval);
+        self
+    }
+
+    /// Sample the backlog of every consumer group subscribed through this broker now, and
+    /// set `messaging_queue_depth` and `messaging_consumer_lag` (the module docs). A group
+    /// the broker cannot report on is counted in `messaging_backlog_sample_errors_total`
+    /// and keeps its last values; nothing is returned as an error.
+    pub async fn sample_backlogs(&self) {
+        self.backlogs.sample().await;
     }
 
     fn labels(&self, topic: &str) -> [(&'static str, String); 2] {
@@ -190,6 +326,11 @@ impl Publisher for ObservedBroker {
 impl Subscriber for ObservedBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
         let subscription = self.inner.subscribe(topic, options).await?;
+        if let Some(group) = subscription.group()
+            && self.inner.capabilities().backlog
+        {
+            self.backlogs.track(topic, group);
+        }
         let name: Arc<str> = Arc::from(subscription.topic());
         let group = subscription.group().map(Arc::from);
         // The handles are looked up once: a delivery only bumps them.
@@ -235,7 +376,22 @@ impl Broker for ObservedBroker {
     }
 
     async fn close(&self) -> Result<()> {
+        self.backlogs.closed.store(true, Ordering::Release);
         self.inner.close().await
+    }
+}
+
+impl Backlogs {
+    fn new(inner: Arc<dyn Broker>, topics: Arc<TopicLabels>, interval: Duration) -> Arc<Self> {
+        Arc::new(Backlogs {
+            inner,
+            topics,
+            interval,
+            groups: Mutex::new(HashSet::new()),
+            started: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            warned_full: AtomicBool::new(false),
+        })
     }
 }
 

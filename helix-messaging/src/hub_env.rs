@@ -26,6 +26,9 @@ pub const BREAKER_FAILURES_VAR: &str = "MESSAGING_BREAKER_FAILURE_THRESHOLD";
 /// publishes are forwarded from the first successful probe on, so this is also how long
 /// after a broker is back the spool may wait.
 pub const BREAKER_OPEN_MS_VAR: &str = "MESSAGING_BREAKER_OPEN_MS";
+/// Milliseconds between samples of the consumer groups' backlogs into
+/// `messaging_queue_depth` and `messaging_consumer_lag` (default 15,000).
+pub const BACKLOG_INTERVAL_MS_VAR: &str = "MESSAGING_METRICS_BACKLOG_INTERVAL_MS";
 /// Consumer group of task workers (default `helixagent-workers`).
 pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 
@@ -35,7 +38,8 @@ pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 /// fallback spools on (in `MESSAGING_FALLBACK_DIR`, bounded by
 /// `MESSAGING_FALLBACK_MAX_MESSAGES` and `MESSAGING_FALLBACK_MAX_BYTES`),
 /// `MESSAGING_BREAKER_FAILURE_THRESHOLD` and `MESSAGING_BREAKER_OPEN_MS` tune the circuit
-/// breakers, `KAFKA_CONSUMER_GROUP` names the workers' group.
+/// breakers, `MESSAGING_METRICS_BACKLOG_INTERVAL_MS` sets how often backlogs are sampled
+/// into the queue-depth and lag gauges, `KAFKA_CONSUMER_GROUP` names the workers' group.
 ///
 /// With the spools on, the hub is returned even while a broker is unreachable: it connects
 /// in the background ([`LazyBroker`](crate::lazy::LazyBroker)) and publishes are spooled
@@ -92,6 +96,12 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
         u64::try_from(config.breaker.open_interval.as_millis()).unwrap_or(u64::MAX),
     )?;
     config.breaker.open_interval = std::time::Duration::from_millis(open_ms);
+    let backlog_ms = positive(
+        &lookup,
+        BACKLOG_INTERVAL_MS_VAR,
+        u64::try_from(config.backlog_interval.as_millis()).unwrap_or(u64::MAX),
+    )?;
+    config.backlog_interval = std::time::Duration::from_millis(backlog_ms);
     if let Some(group) = lookup(GROUP_VAR).filter(|g| !g.trim().is_empty()) {
         config.task_group = group.trim().to_owned();
     }

@@ -23,9 +23,9 @@ mod hub_env;
 pub use backends::{BackendInfo, KNOWN_BACKENDS, capability_table, compiled_backends};
 pub use helix_messaging_core::*;
 pub use hub_env::{
-    BREAKER_FAILURES_VAR, BREAKER_OPEN_MS_VAR, EVENT_BACKEND_VAR, FALLBACK_DIR_VAR,
-    FALLBACK_MAX_BYTES_VAR, FALLBACK_MAX_MESSAGES_VAR, FALLBACK_VAR, GROUP_VAR, TASK_BACKEND_VAR,
-    hub_from_env, hub_from_vars,
+    BACKLOG_INTERVAL_MS_VAR, BREAKER_FAILURES_VAR, BREAKER_OPEN_MS_VAR, EVENT_BACKEND_VAR,
+    FALLBACK_DIR_VAR, FALLBACK_MAX_BYTES_VAR, FALLBACK_MAX_MESSAGES_VAR, FALLBACK_VAR, GROUP_VAR,
+    TASK_BACKEND_VAR, hub_from_env, hub_from_vars,
 };
 
 /// The HTTP admin API (feature `admin`).

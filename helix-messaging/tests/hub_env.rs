@@ -160,6 +160,7 @@ async fn malformed_spool_limits_and_breaker_settings_name_their_variable() {
         ("MESSAGING_BREAKER_FAILURE_THRESHOLD", "-1"),
         ("MESSAGING_BREAKER_FAILURE_THRESHOLD", "99999999999"),
         ("MESSAGING_BREAKER_OPEN_MS", "30s"),
+        ("MESSAGING_METRICS_BACKLOG_INTERVAL_MS", "soon"),
     ] {
         let err = hub_from_vars(env_lookup(&[
             ("MESSAGING_FALLBACK_ENABLED", "true"),

@@ -197,3 +197,135 @@ async fn the_hub_counts_its_publishes() {
     );
     hub.close().await.unwrap();
 }
+
+fn gauge(recorded: &Recorded, name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
+    match recorded.get(&(name.to_owned(), labels(pairs)))? {
+        DebugValue::Gauge(v) => Some(v.into_inner()),
+        other => panic!("{name} {pairs:?} is not a gauge: {other:?}"),
+    }
+}
+
+/// Wait until the sampler has set `topic`'s `group` gauges to `depth` and `lag`.
+async fn until_gauges(backend: &str, topic: &str, group: &str, depth: f64, lag: f64) {
+    let on = [("backend", backend), ("topic", topic), ("group", group)];
+    let mut last = (None, None);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        let recorded = recorded();
+        last = (
+            gauge(&recorded, "messaging_queue_depth", &on),
+            gauge(&recorded, "messaging_consumer_lag", &on),
+        );
+        if last == (Some(depth), Some(lag)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{topic}/{group}: (depth, lag) {last:?}, expected ({depth}, {lag}) within 15 s");
+}
+
+/// The background sampler follows a group's backlog: everything waiting while it has no
+/// member, one fewer waiting (and, where the backend counts it, still in the lag) while a
+/// member holds a delivery, and what is left once that delivery is acked.
+async fn samples_queue_depth_and_lag(broker: Arc<dyn Broker>, counts_in_flight: bool) {
+    snapshotter();
+    let observed = ObservedBroker::new(broker).with_backlog_interval(Duration::from_millis(50));
+    let backend = observed.name();
+    let topic = format!("observe.{}.depth", uuid::Uuid::new_v4().simple());
+    let group = "depth-watchers";
+    let options = SubscribeOptions::group(group).with_prefetch(1);
+    // The group exists (and is sampled) from its first subscription on.
+    drop(observed.subscribe(&topic, options.clone()).await.unwrap());
+    until_gauges(backend, &topic, group, 0.0, 0.0).await;
+    for i in 0..4 {
+        observed
+            .publish(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    until_gauges(backend, &topic, group, 4.0, 4.0).await;
+
+    let mut sub = observed.subscribe(&topic, options).await.unwrap();
+    let held = tokio::time::timeout(Duration::from_secs(15), sub.next())
+        .await
+        .expect("a delivery within 15 s")
+        .expect("the subscription is open")
+        .expect("a delivery");
+    let lag_while_held = if counts_in_flight { 4.0 } else { 3.0 };
+    until_gauges(backend, &topic, group, 3.0, lag_while_held).await;
+    held.ack().await.unwrap();
+    drop(sub);
+    until_gauges(backend, &topic, group, 3.0, 3.0).await;
+    observed.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_queue_depth_and_lag_are_sampled() {
+    let broker = helix_messaging::connect("memory://").await.unwrap();
+    samples_queue_depth_and_lag(broker, true).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_queue_depth_and_lag_are_sampled() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let broker = helix_messaging::connect(&url.replacen("redis://", "redis-streams://", 1))
+        .await
+        .expect("Redis");
+    samples_queue_depth_and_lag(broker, true).await;
+}
+
+/// RabbitMQ reports a queue's ready messages only: a held delivery leaves the lag.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_queue_depth_and_lag_are_sampled() {
+    let url = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let broker = helix_messaging::connect(&url).await.expect("RabbitMQ");
+    samples_queue_depth_and_lag(broker, false).await;
+}
+
+/// Topics past the label bound are summed under `_other`, per group; without an interval
+/// nothing is sampled until `sample_backlogs` is called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlabelled_topics_are_summed_and_sampling_on_demand_works() {
+    snapshotter();
+    let broker = helix_messaging::connect("memory://").await.unwrap();
+    let observed = ObservedBroker::with_topic_labels(broker, TopicLabels::new(0))
+        .with_backlog_interval(Duration::ZERO);
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    // A group name of this test's own: `_other` is shared with other tests.
+    let group = format!("summed-{run}");
+    for (n, topic) in [
+        (2, format!("observe.{run}.x")),
+        (3, format!("observe.{run}.y")),
+    ] {
+        drop(
+            observed
+                .subscribe(&topic, SubscribeOptions::group(&group))
+                .await
+                .unwrap(),
+        );
+        for i in 0..n {
+            observed
+                .publish(&topic, Message::new(format!("m{i}")))
+                .await
+                .unwrap();
+        }
+    }
+    let on = [
+        ("backend", observed.name()),
+        ("topic", OTHER_TOPICS),
+        ("group", group.as_str()),
+    ];
+    assert_eq!(
+        gauge(&recorded(), "messaging_queue_depth", &on),
+        None,
+        "nothing is sampled without an interval until asked"
+    );
+    observed.sample_backlogs().await;
+    let recorded = recorded();
+    assert_eq!(gauge(&recorded, "messaging_queue_depth", &on), Some(5.0));
+    assert_eq!(gauge(&recorded, "messaging_consumer_lag", &on), Some(5.0));
+    observed.close().await.unwrap();
+}
