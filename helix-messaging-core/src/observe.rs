@@ -26,6 +26,9 @@
 //! - `messaging_backlog_sample_errors_total`: samples the broker could not answer (the
 //!   gauges then keep their last value).
 //!
+//! Adapters count `messaging_reconnects_total` (label `backend`, [`count_reconnect`]) where
+//! they re-establish a lost connection, whether or not they are observed.
+//!
 //! A group stays sampled after its last subscription ends, until the broker is closed or
 //! dropped: a backlog that grows while nobody consumes is what the gauges are for. At most
 //! [`MAX_SAMPLED_GROUPS`] (topic, group) pairs are sampled; later ones are not (logged once).
@@ -61,6 +64,21 @@ pub const DEFAULT_MAX_TOPIC_LABELS: usize = 100;
 
 /// The `topic` label of every topic past the bound.
 pub const OTHER_TOPICS: &str = "_other";
+
+/// The counter of connections an adapter re-established after losing them, labelled
+/// `backend` (each adapter documents what it counts).
+pub const RECONNECTS_METRIC: &str = "messaging_reconnects_total";
+
+/// Count one re-established connection of `backend` in [`RECONNECTS_METRIC`]. Adapters call
+/// it from their reconnect paths.
+pub fn count_reconnect(backend: &'static str) {
+    count_reconnects(backend, 1);
+}
+
+/// Count `n` re-established connections of `backend` in [`RECONNECTS_METRIC`].
+pub fn count_reconnects(backend: &'static str, n: u64) {
+    metrics::counter!(RECONNECTS_METRIC, "backend" => backend).increment(n);
+}
 
 /// How often the backlog gauges are sampled by default.
 pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
@@ -167,7 +185,7 @@ impl Backlogs {
     async fn sample(&self) {
         let groups: Vec<(String, String)> = self.groups.lock().iter().cloned().collect();
         let backend = self.inner.name();
-        let mut sums: HashMap<(Arc<str>, String), Option<(u64, u64)>> = HashMap::new();
+        let mut sums: HashMap<(Arc<str>, String), LabelSum> = HashMap::new();
         for (topic, group) in groups {
             let label = self.topics.label(&topic);
             let sample = match self.inner.backlog(&topic, &group).await {
@@ -197,6 +215,10 @@ impl Backlogs {
         }
     }
 }
+
+/// Waiting and lag summed over a label's topics for one group; `None` once one of them
+/// could not be sampled.
+type LabelSum = Option<(u64, u64)>;
 
 async fn sample_every(backlogs: Weak<Backlogs>, interval: Duration) {
     let mut ticks = tokio::time::interval(interval);

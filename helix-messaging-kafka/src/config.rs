@@ -103,6 +103,11 @@ pub struct KafkaConfig {
     /// When a subscription ends, how long deliveries still out may take to be settled before
     /// the consumer commits and leaves its group. Default 5 s.
     pub shutdown_grace: Duration,
+    /// `statistics.interval.ms`: how often each client reads librdkafka's statistics, from
+    /// which broker connections lost and re-established are counted in
+    /// `messaging_reconnects_total` (so also how late a reconnect may be counted). Default
+    /// 5 s; zero turns the statistics, and the count, off.
+    pub statistics_interval: Duration,
 }
 
 impl KafkaConfig {
@@ -142,6 +147,7 @@ impl KafkaConfig {
             heartbeat_interval: Duration::from_secs(3),
             clock_skew: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
+            statistics_interval: Duration::from_secs(5),
         }
     }
 
@@ -288,6 +294,12 @@ impl KafkaConfig {
         }
         if let Some(ca) = &self.ssl_ca_location {
             c.set("ssl.ca.location", ca);
+        }
+        if !self.statistics_interval.is_zero() {
+            c.set(
+                "statistics.interval.ms",
+                self.statistics_interval.as_millis().to_string(),
+            );
         }
         c
     }
@@ -451,6 +463,7 @@ impl fmt::Debug for KafkaConfig {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("clock_skew", &self.clock_skew)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("statistics_interval", &self.statistics_interval)
             .finish()
     }
 }

@@ -407,9 +407,14 @@ fn add_commit(
 /// The rebalance callback of a subscription's consumer.
 pub(crate) struct GroupContext {
     pub(crate) state: Arc<GroupState>,
+    pub(crate) reconnects: crate::reconnects::Reconnects,
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.reconnects.observe(statistics);
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn rebalance(

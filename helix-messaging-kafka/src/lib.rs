@@ -26,6 +26,7 @@ mod config;
 mod consumer;
 mod error;
 mod history;
+mod reconnects;
 mod topics;
 mod wire;
 
@@ -46,6 +47,10 @@ pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
 pub use topics::KafkaTopic;
 
 use consumer::{GroupConsumer, GroupContext, GroupState, Reader};
+use reconnects::StatsContext;
+
+/// The adapter's producers, whose statistics count their reconnects.
+type HelixProducer = FutureProducer<StatsContext>;
 use error::{blocking, from_kafka};
 use topics::Topics;
 
@@ -76,9 +81,9 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 /// What the broker handle and every subscription and delivery share.
 pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
-    producer: FutureProducer,
+    producer: HelixProducer,
     /// Writes retry-topic copies one record per batch (see [`Shared::retry_producer`]).
-    retry_producer: parking_lot::Mutex<Option<FutureProducer>>,
+    retry_producer: parking_lot::Mutex<Option<HelixProducer>>,
     topics: Topics,
     /// Set once on close; readers watch it.
     pub(crate) closed: watch::Sender<bool>,
@@ -111,17 +116,17 @@ impl Shared {
     /// from that copy's offset; a broker that cannot serve a fetch starting inside a record
     /// batch (Tansu 0.6) would otherwise stall that partition when two copies shared a
     /// batch. Retry traffic is small, so the cost of unbatched writes is too.
-    fn retry_producer(&self) -> Result<FutureProducer> {
+    fn retry_producer(&self) -> Result<HelixProducer> {
         let mut slot = self.retry_producer.lock();
         if let Some(producer) = slot.as_ref() {
             return Ok(producer.clone());
         }
-        let producer: FutureProducer = self
+        let producer: HelixProducer = self
             .config
             .producer()
             .set("batch.num.messages", "1")
             .set("linger.ms", "0")
-            .create()
+            .create_with_context(StatsContext::default())
             .map_err(|e| {
                 self.config
                     .client_error(e, "creating the Kafka producer of retry copies")
@@ -133,7 +138,7 @@ impl Shared {
     /// [`Shared::enqueue`] through `producer` with the record headers given.
     fn enqueue_with(
         &self,
-        producer: &FutureProducer,
+        producer: &HelixProducer,
         kafka_topic: &str,
         message: &Message,
         headers: rdkafka::message::OwnedHeaders,
@@ -220,9 +225,9 @@ impl KafkaBroker {
     /// [`ErrorKind::Config`] for settings librdkafka refuses; [`ErrorKind::Connection`] /
     /// [`ErrorKind::Timeout`] when no broker answers.
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
-        let producer: FutureProducer = config
+        let producer: HelixProducer = config
             .producer()
-            .create()
+            .create_with_context(StatsContext::default())
             .map_err(|e| config.client_error(e, "creating the Kafka producer"))?;
         let topics = Topics::new(&config)?;
         let broker = KafkaBroker {
@@ -422,6 +427,7 @@ impl Lane {
             .set("auto.offset.reset", fallback)
             .create_with_context(GroupContext {
                 state: state.clone(),
+                reconnects: reconnects::Reconnects::default(),
             })
             .map_err(|e| {
                 config.client_error(e, &format!("creating a consumer for group {group_id}"))

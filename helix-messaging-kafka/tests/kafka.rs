@@ -291,6 +291,8 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
     cluster.create_topic(topic, 4, 1).unwrap();
     let mut config = common::config_for(&cluster.bootstrap_servers());
     config.publish_timeout = Duration::from_secs(60);
+    config.statistics_interval = Duration::from_millis(100);
+    helix_messaging_testkit::recorded::install();
     let broker = KafkaBroker::connect(config).await.unwrap();
     let seen: Arc<Mutex<HashMap<String, usize>>> = Arc::default();
     let count = Arc::new(AtomicUsize::new(0));
@@ -332,6 +334,8 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
         published.load(Ordering::SeqCst) >= MESSAGES / 3
     })
     .await;
+    // Steady traffic (dozens of statistics documents by now) counted no reconnect.
+    assert_eq!(reconnects(), 0, "no reconnect before the outage");
     cluster.broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.broker_up(1).unwrap();
@@ -353,6 +357,11 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
         count.load(Ordering::SeqCst)
     );
     assert!(!accepted.is_empty());
+    // The producer and the group's consumer each lost the broker and are back on it.
+    wait_until("both reconnects counted", Duration::from_secs(10), || {
+        reconnects() >= 2
+    })
+    .await;
     // Closing ends the subscription (committed, out of the group) while the cluster is up.
     broker.close().await.unwrap();
     consumer.await.unwrap();
@@ -627,4 +636,14 @@ async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() 
         "delivered again after the ack"
     );
     next.close().await.unwrap();
+}
+
+/// `messaging_reconnects_total` of the Kafka backend so far.
+fn reconnects() -> u64 {
+    use helix_messaging_testkit::recorded;
+    recorded::counter(
+        &recorded::snapshot(),
+        helix_messaging_core::observe::RECONNECTS_METRIC,
+        &[("backend", helix_messaging_kafka::NAME)],
+    )
 }

@@ -307,6 +307,7 @@ impl Supervisor {
             match opened {
                 Ok(link) if !supervisor.is_closed() => {
                     tracing::info!(address = %config.address(), "reconnected");
+                    helix_messaging_core::observe::count_reconnect(crate::NAME);
                     let link = Arc::new(link);
                     supervisor.watch(&link);
                     supervisor.reconnecting.store(false, Ordering::Release);

@@ -97,6 +97,9 @@ struct Shared {
     trims: trim::Trims,
     /// Subscriptions currently without a working connection (health reports degraded).
     reconnecting: AtomicUsize,
+    /// The publishing connection was lost: the connection manager reconnects on the next
+    /// command, and the first publish that succeeds after it counts the reconnect.
+    commands_lost: AtomicBool,
 }
 
 impl Shared {
@@ -142,10 +145,21 @@ impl Shared {
             pipe.add_command(command);
         }
         let mut commands = self.commands.clone();
-        let replies: Vec<redis::Value> = pipe
-            .query_async(&mut commands)
-            .await
-            .map_err(|e| error::from_redis(e, format!("publishing to {topic}")))?;
+        let replies: Vec<redis::Value> = match pipe.query_async(&mut commands).await {
+            Ok(replies) => {
+                if self.commands_lost.swap(false, Ordering::AcqRel) {
+                    self.count_reconnect();
+                }
+                replies
+            }
+            Err(err) => {
+                let err = error::from_redis(err, format!("publishing to {topic}"));
+                if err.kind() == helix_messaging_core::ErrorKind::Connection {
+                    self.commands_lost.store(true, Ordering::Release);
+                }
+                return Err(err);
+            }
+        };
         if self.config.mode == RedisMode::PubSub {
             let unrouted = replies
                 .iter()
@@ -164,6 +178,12 @@ impl Shared {
         if self.config.mode == RedisMode::Streams {
             trim::after_publish(self, topic);
         }
+    }
+
+    /// A lost connection (publishing, or a subscription's) is back: counted in
+    /// `messaging_reconnects_total`.
+    fn count_reconnect(&self) {
+        helix_messaging_core::observe::count_reconnect(self.name());
     }
 
     /// Exponential backoff for reconnect loops, capped by the configuration.
@@ -261,6 +281,7 @@ impl RedisBroker {
                 trimmer: trim::Trimmer::new(),
                 trims: trim::Trims::default(),
                 reconnecting: AtomicUsize::new(0),
+                commands_lost: AtomicBool::new(false),
             }),
         })
     }

@@ -72,6 +72,7 @@ impl Puller {
                         connect(&shared, &topic)
                     })
                     .await?;
+                self.shared.count_reconnect();
                 self.messages = Some(fresh.into_on_message().boxed());
                 continue;
             };

@@ -431,6 +431,9 @@ async fn read_loop(
                 if back.is_none() {
                     break;
                 }
+                if err.kind() == ErrorKind::Connection {
+                    reader.shared.count_reconnect();
+                }
             }
         }
     }

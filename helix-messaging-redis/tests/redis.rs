@@ -197,6 +197,8 @@ async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
+    helix_messaging_testkit::recorded::install();
+    let reconnects_before = reconnects("redis");
     let server = PrivateRedis::start_with(&["--appendonly", "no"]);
     let url = server.url();
     let topic = topic("kill");
@@ -247,6 +249,36 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
     let after_ids = pubsub_client_ids(&url).await;
     assert_eq!(after_ids.len(), 1, "{after_ids:?}");
     assert_ne!(after_ids, before, "the subscriber is on a new connection");
+    assert_eq!(
+        reconnects("redis") - reconnects_before,
+        1,
+        "the subscriber's reconnect is counted, once"
+    );
+
+    // The publishing connection: the first publish after its kill may meet the dead
+    // connection (a retryable error); the one that then goes through counts the reconnect.
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .query_async(&mut raw(&url).await)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the publishing connection");
+    let deadline = Instant::now() + WAIT;
+    while let Err(err) = broker.publish(&topic, Message::new("probe")).await {
+        assert!(err.is_retryable(), "{err}");
+        assert!(
+            Instant::now() < deadline,
+            "no publish within {WAIT:?}: {err}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        reconnects("redis") - reconnects_before,
+        2,
+        "and the publisher's"
+    );
 
     let after = Message::new("after");
     broker.publish(&topic, after.clone()).await.unwrap();
@@ -258,6 +290,77 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
         }
         assert_eq!(d.message().payload().as_ref(), b"probe");
     }
+}
+
+/// `messaging_reconnects_total` of `backend` so far.
+fn reconnects(backend: &str) -> u64 {
+    use helix_messaging_testkit::recorded;
+    recorded::counter(
+        &recorded::snapshot(),
+        helix_messaging_core::observe::RECONNECTS_METRIC,
+        &[("backend", backend)],
+    )
+}
+
+/// After `CLIENT KILL` of its reading connection, a Streams subscription reads again, and
+/// that reconnect is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_readers_reconnect_is_counted_after_client_kill() {
+    helix_messaging_testkit::recorded::install();
+    let reconnects_before = reconnects("redis-streams");
+    let server = PrivateRedis::start_with(&["--appendonly", "no"]);
+    let url = server.url();
+    let topic = topic("kill-streams");
+    let broker = broker(&url, RedisMode::Streams, |_| {}).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    broker
+        .publish(&topic, Message::new("before"))
+        .await
+        .unwrap();
+    recv(&mut sub).await.ack().await.unwrap();
+
+    // The reader is the connection blocked in XREADGROUP.
+    let reader = tokio::time::timeout(WAIT, async {
+        loop {
+            let list: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .query_async(&mut raw(&url).await)
+                .await
+                .unwrap();
+            let blocked = list
+                .lines()
+                .find(|line| line.contains("cmd=xreadgroup"))
+                .and_then(|line| line.split(' ').find_map(|f| f.strip_prefix("id=")))
+                .map(str::to_owned);
+            if let Some(id) = blocked {
+                return id;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("a connection blocked in XREADGROUP");
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("ID")
+        .arg(&reader)
+        .query_async(&mut raw(&url).await)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1);
+    let after = Message::new("after");
+    broker.publish(&topic, after.clone()).await.unwrap();
+    let d = recv(&mut sub).await;
+    assert_eq!(d.message().id(), after.id());
+    d.ack().await.unwrap();
+    assert_eq!(
+        reconnects("redis-streams") - reconnects_before,
+        1,
+        "the reader's reconnect"
+    );
 }
 
 /// Ids of the server's pub/sub client connections.

@@ -1,67 +1,16 @@
 //! `ObservedBroker` records the seeds' message metrics with bounded topic labels, on the
 //! memory broker and on the real Redis Streams.
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use helix_messaging::observe::{OTHER_TOPICS, ObservedBroker, TopicLabels};
 use helix_messaging::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
-use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
-
-/// One recorder for the test process (nextest runs each test in its own; `cargo test` shares
-/// it, which is why every test has a backend label of its own).
-fn snapshotter() -> &'static Snapshotter {
-    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
-    SNAPSHOTTER.get_or_init(|| {
-        let recorder = DebuggingRecorder::new();
-        let snapshotter = recorder.snapshotter();
-        recorder
-            .install()
-            .expect("no other recorder in this test binary");
-        snapshotter
-    })
-}
-
-/// Every recorded value, by metric name and sorted labels.
-type Recorded = HashMap<(String, Vec<(String, String)>), DebugValue>;
-
-fn recorded() -> Recorded {
-    snapshotter()
-        .snapshot()
-        .into_vec()
-        .into_iter()
-        .map(|(key, _, _, value)| {
-            let key = key.key();
-            let mut labels: Vec<(String, String)> = key
-                .labels()
-                .map(|l| (l.key().to_owned(), l.value().to_owned()))
-                .collect();
-            labels.sort();
-            ((key.name().to_owned(), labels), value)
-        })
-        .collect()
-}
-
-fn labels(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut labels: Vec<(String, String)> = pairs
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-    labels.sort();
-    labels
-}
-
-fn counter(recorded: &Recorded, name: &str, pairs: &[(&str, &str)]) -> u64 {
-    match recorded.get(&(name.to_owned(), labels(pairs))) {
-        Some(DebugValue::Counter(n)) => *n,
-        other => panic!("{name} {pairs:?}: {other:?}"),
-    }
-}
+use helix_messaging_testkit::recorded::{self, Value, counter, gauge, labels};
 
 async fn counts_publishes_deliveries_and_latency(broker: Arc<dyn Broker>) {
-    snapshotter();
+    recorded::install();
     // Two topics keep their names; a third, and a refused one, are `_other`.
     let observed = ObservedBroker::with_topic_labels(broker, TopicLabels::new(2));
     let backend = observed.name();
@@ -100,7 +49,7 @@ async fn counts_publishes_deliveries_and_latency(broker: Arc<dyn Broker>) {
         delivery.ack().await.unwrap();
     }
 
-    let recorded = recorded();
+    let recorded = recorded::snapshot();
     let published = "messaging_messages_published_total";
     fn on<'a>(backend: &'a str, topic: &'a str) -> [(&'a str, &'a str); 2] {
         [("backend", backend), ("topic", topic)]
@@ -138,11 +87,11 @@ async fn counts_publishes_deliveries_and_latency(broker: Arc<dyn Broker>) {
         "messaging_delivery_latency_seconds".to_owned(),
         labels(&on(backend, &a)),
     )) {
-        Some(DebugValue::Histogram(values)) => {
+        Some(Value::Histogram(values)) => {
             assert_eq!(values.len(), 3, "one latency per delivery");
             for v in values {
                 assert!(
-                    (0.0..15.0).contains(&v.into_inner()),
+                    (0.0..15.0).contains(v),
                     "latency {v} s is from this test's publishes"
                 );
             }
@@ -171,7 +120,7 @@ async fn redis_streams_publishes_deliveries_and_latency_are_counted_with_bounded
 /// The hub counts what its brokers take (beneath the breaker and the spool).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hub_counts_its_publishes() {
-    snapshotter();
+    recorded::install();
     let tasks = helix_messaging::connect("memory://").await.unwrap();
     let events = helix_messaging::connect("memory://").await.unwrap();
     let hub = helix_messaging::hub::Hub::new(
@@ -189,7 +138,7 @@ async fn the_hub_counts_its_publishes() {
     }
     assert_eq!(
         counter(
-            &recorded(),
+            &recorded::snapshot(),
             "messaging_messages_published_total",
             &[("backend", "memory"), ("topic", &queue)]
         ),
@@ -198,20 +147,13 @@ async fn the_hub_counts_its_publishes() {
     hub.close().await.unwrap();
 }
 
-fn gauge(recorded: &Recorded, name: &str, pairs: &[(&str, &str)]) -> Option<f64> {
-    match recorded.get(&(name.to_owned(), labels(pairs)))? {
-        DebugValue::Gauge(v) => Some(v.into_inner()),
-        other => panic!("{name} {pairs:?} is not a gauge: {other:?}"),
-    }
-}
-
 /// Wait until the sampler has set `topic`'s `group` gauges to `depth` and `lag`.
 async fn until_gauges(backend: &str, topic: &str, group: &str, depth: f64, lag: f64) {
     let on = [("backend", backend), ("topic", topic), ("group", group)];
     let mut last = (None, None);
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     while std::time::Instant::now() < deadline {
-        let recorded = recorded();
+        let recorded = recorded::snapshot();
         last = (
             gauge(&recorded, "messaging_queue_depth", &on),
             gauge(&recorded, "messaging_consumer_lag", &on),
@@ -228,7 +170,7 @@ async fn until_gauges(backend: &str, topic: &str, group: &str, depth: f64, lag: 
 /// member, one fewer waiting (and, where the backend counts it, still in the lag) while a
 /// member holds a delivery, and what is left once that delivery is acked.
 async fn samples_queue_depth_and_lag(broker: Arc<dyn Broker>, counts_in_flight: bool) {
-    snapshotter();
+    recorded::install();
     let observed = ObservedBroker::new(broker).with_backlog_interval(Duration::from_millis(50));
     let backend = observed.name();
     let topic = format!("observe.{}.depth", uuid::Uuid::new_v4().simple());
@@ -289,7 +231,7 @@ async fn rabbitmq_queue_depth_and_lag_are_sampled() {
 /// nothing is sampled until `sample_backlogs` is called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unlabelled_topics_are_summed_and_sampling_on_demand_works() {
-    snapshotter();
+    recorded::install();
     let broker = helix_messaging::connect("memory://").await.unwrap();
     let observed = ObservedBroker::with_topic_labels(broker, TopicLabels::new(0))
         .with_backlog_interval(Duration::ZERO);
@@ -319,12 +261,12 @@ async fn unlabelled_topics_are_summed_and_sampling_on_demand_works() {
         ("group", group.as_str()),
     ];
     assert_eq!(
-        gauge(&recorded(), "messaging_queue_depth", &on),
+        gauge(&recorded::snapshot(), "messaging_queue_depth", &on),
         None,
         "nothing is sampled without an interval until asked"
     );
     observed.sample_backlogs().await;
-    let recorded = recorded();
+    let recorded = recorded::snapshot();
     assert_eq!(gauge(&recorded, "messaging_queue_depth", &on), Some(5.0));
     assert_eq!(gauge(&recorded, "messaging_consumer_lag", &on), Some(5.0));
     observed.close().await.unwrap();
