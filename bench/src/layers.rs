@@ -102,7 +102,7 @@ pub(crate) async fn compare_layers(options: &Options) -> f64 {
     ratio
 }
 
-fn letters(n: usize, size: usize, topic: &str) -> Vec<DeadLetter> {
+pub(crate) fn letters(n: usize, size: usize, topic: &str) -> Vec<DeadLetter> {
     let info = DeliveryInfo {
         topic: topic.into(),
         group: Some("bench".into()),
@@ -133,7 +133,7 @@ async fn redrive_broker() -> Arc<dyn Broker> {
         .expect("MESSAGING_BACKEND broker")
 }
 
-fn fresh(what: &str) -> String {
+pub(crate) fn fresh(what: &str) -> String {
     format!("bench.{what}.{}", uuid::Uuid::new_v4().simple())
 }
 

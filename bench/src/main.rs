@@ -11,12 +11,14 @@
 //! cargo run --release -p helix-messaging-bench -- replay [--messages N] [--size BYTES] [--runs R]
 //! cargo run --release -p helix-messaging-bench -- replay-peak [--messages N] [--size BYTES]
 //! cargo run --release -p helix-messaging-bench -- spool [--messages N] [--size BYTES] [--runs R]
+//! cargo run --release -p helix-messaging-bench -- admin-dlq [--messages N] [--size BYTES] [--runs R]
 //! ```
 //!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
 //! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `kafka` to `KAFKA_BROKERS`
 //! (default `127.0.0.1:9092`).
 
+mod admin;
 mod kafka;
 mod layers;
 mod measure;
@@ -31,7 +33,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
 }
 
 fn main() -> ExitCode {
@@ -90,6 +92,10 @@ fn main() -> ExitCode {
         }
         "redrive" => {
             runtime.block_on(layers::compare_redrive(&options.default_messages(10_000)));
+            ExitCode::SUCCESS
+        }
+        "admin-dlq" => {
+            runtime.block_on(admin::compare(&options.default_messages(10_000)));
             ExitCode::SUCCESS
         }
         "rabbitmq" => {

@@ -12,7 +12,7 @@ use helix_messaging_core::dlq::{
     CanaryConfig, DeadLetterReason, DlqFilter, EntryStatus, FailureGroup, Processor,
     RedriveProgress, RedriveRequest, StoredDeadLetter,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::{ApiError, AppState, JsonBody};
@@ -56,38 +56,64 @@ fn number(var: &str, value: Option<&String>, default: usize) -> Result<usize, Ap
 
 /// One entry as JSON. The payload is shown as text when it is UTF-8 (`payload_size` always
 /// gives its length in bytes).
-pub(crate) fn entry_json(entry: &StoredDeadLetter) -> Value {
+pub(crate) fn entry_json(entry: &StoredDeadLetter) -> EntryJson<'_> {
     let letter = &entry.letter;
     let message = &letter.message;
-    let headers: HashMap<&str, &str> = message
-        .headers()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    json!({
-        "id": letter.id,
-        "original_id": message.id(),
-        "original_topic": letter.original_topic,
-        "group": letter.group,
-        "reason": letter.reason.as_str(),
-        "error": letter.error,
-        "attempts": letter.attempts,
-        "redrives": letter.redrives,
-        "first_failure_at": time(letter.first_failure_at),
-        "last_failure_at": time(letter.last_failure_at),
-        "status": entry.status.as_str(),
-        "retries": entry.retries,
-        "next_attempt_at": entry.next_attempt_at.map(time),
-        "last_error": entry.last_error,
-        "discard_reason": entry.discard_reason,
-        "stored_at": time(entry.stored_at),
-        "message": {
-            "key": message.key(),
-            "headers": headers,
-            "payload": std::str::from_utf8(message.payload()).ok(),
-            "payload_size": message.payload().len(),
+    EntryJson {
+        id: &letter.id,
+        original_id: message.id(),
+        original_topic: &letter.original_topic,
+        group: letter.group.as_deref(),
+        reason: letter.reason.as_str(),
+        error: &letter.error,
+        attempts: letter.attempts,
+        redrives: letter.redrives,
+        first_failure_at: time(letter.first_failure_at),
+        last_failure_at: time(letter.last_failure_at),
+        status: entry.status.as_str(),
+        retries: entry.retries,
+        next_attempt_at: entry.next_attempt_at.map(time),
+        last_error: entry.last_error.as_deref(),
+        discard_reason: entry.discard_reason.as_deref(),
+        stored_at: time(entry.stored_at),
+        message: MessageJson {
+            key: message.key(),
+            headers: message.headers(),
+            payload: std::str::from_utf8(message.payload()).ok(),
+            payload_size: message.payload().len(),
         },
-    })
+    }
+}
+
+/// A DLQ entry as the API shows it, serialized straight from the stored entry (a listing of
+/// 1,000 entries builds no intermediate JSON tree).
+#[derive(Serialize)]
+pub(crate) struct EntryJson<'a> {
+    id: &'a str,
+    original_id: &'a str,
+    original_topic: &'a str,
+    group: Option<&'a str>,
+    reason: &'a str,
+    error: &'a str,
+    attempts: u32,
+    redrives: u32,
+    first_failure_at: String,
+    last_failure_at: String,
+    status: &'a str,
+    retries: u32,
+    next_attempt_at: Option<String>,
+    last_error: Option<&'a str>,
+    discard_reason: Option<&'a str>,
+    stored_at: String,
+    message: MessageJson<'a>,
+}
+
+#[derive(Serialize)]
+pub(crate) struct MessageJson<'a> {
+    key: Option<&'a str>,
+    headers: &'a std::collections::BTreeMap<String, String>,
+    payload: Option<&'a str>,
+    payload_size: usize,
 }
 
 /// The keys a DLQ filter is read from.
@@ -152,12 +178,19 @@ pub(crate) async fn list(
     let offset = number("offset", query.get("offset"), 0)?;
     let filter = filter_from(&query)?;
     let page = dlq.list(&filter, limit, offset).await?;
-    Ok(Json(json!({
-        "count": page.count,
-        "limit": page.limit,
-        "offset": page.offset,
-        "messages": page.entries.iter().map(entry_json).collect::<Vec<_>>(),
-    }))
+    #[derive(Serialize)]
+    struct PageJson<'a> {
+        count: u64,
+        limit: usize,
+        offset: usize,
+        messages: Vec<EntryJson<'a>>,
+    }
+    Ok(Json(PageJson {
+        count: page.count,
+        limit: page.limit,
+        offset: page.offset,
+        messages: page.entries.iter().map(entry_json).collect(),
+    })
     .into_response())
 }
 

@@ -315,8 +315,11 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
         let (clause, values) = where_clause(filter);
+        // The page's rows are picked by rowid first: skipping `offset` rows then walks the
+        // (last_failure_us, id) index alone instead of reading every skipped entry whole.
         let tail = format!(
-            "{clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}",
+            "rowid IN (SELECT rowid FROM helix_dead_letters WHERE {clause} \
+             ORDER BY last_failure_us, id LIMIT {} OFFSET {}) ORDER BY last_failure_us, id",
             i64::try_from(limit).unwrap_or(i64::MAX),
             i64::try_from(offset).unwrap_or(i64::MAX)
         );
