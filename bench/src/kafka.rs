@@ -2,10 +2,10 @@
 //! messages on a 4-partition topic, publish-only and end to end.
 //!
 //! Both sides use the same producer settings (`acks=all`, idempotence, `linger.ms` 5) and hand
-//! batches of [`BATCH`] records to the producer before awaiting their delivery reports
-//! (`publish_batch` on the adapter). End to end, the raw consumer stores each processed
-//! record's offset for the background commit (the usual at-least-once loop); the adapter acks
-//! every delivery, up to [`ACKS_IN_FLIGHT`] at once.
+//! batches of records to the producer before awaiting their delivery reports
+//! (`publish_batch` on the adapter; 100, or 10,000 with `--peak`, see [`shape`]). End to end,
+//! the raw consumer stores each processed record's offset for the background commit (the
+//! usual at-least-once loop); the adapter acks every delivery, up to 64 (peak: 256) at once.
 //!
 //! Two raw baselines, as for RabbitMQ: *like for like* records carry what the adapter needs to
 //! carry a `Message` (id and nanosecond timestamp headers, record timestamp); *minimal*
@@ -24,14 +24,26 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, compare_baselines, histogram, publish_and_consume,
-    publish_batches,
+    Baseline, Clock, Options, Run, Shape, compare_baselines, histogram, publish_and_consume,
+    publish_batches, publish_concurrently, scenarios,
 };
 
-const BATCH: usize = 100;
 const PARTITIONS: i32 = 4;
-const PREFETCH: usize = 1000;
-const ACKS_IN_FLIGHT: usize = 64;
+
+/// Like for like, and at peak: 10,000 delivery reports outstanding (as many as the
+/// producer's default queue lets a caller hand over without waiting), consumers holding as
+/// many, 256 acks in flight.
+fn shape(options: &Options) -> Shape {
+    Shape::pick(
+        options,
+        Shape::like_for_like(1_000),
+        Shape {
+            batch: 10_000,
+            prefetch: 10_000,
+            acks_in_flight: 256,
+        },
+    )
+}
 
 fn brokers() -> String {
     std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -83,12 +95,13 @@ async fn raw_create_topic(name: &str) {
         .expect("create topic");
 }
 
-/// Publish `n` stamped payloads with raw rdkafka, [`BATCH`] reports awaited together.
+/// Publish `n` stamped payloads with raw rdkafka, `batch` reports awaited together.
 /// Returns the round trip of every batch.
 async fn raw_publish_all(
     producer: &FutureProducer,
     topic: &str,
     n: usize,
+    batch: usize,
     clock: Clock,
     baseline: Baseline,
 ) -> Histogram<u64> {
@@ -96,7 +109,7 @@ async fn raw_publish_all(
     let mut sent = 0;
     while sent < n {
         let batch_started = Instant::now();
-        let count = BATCH.min(n - sent);
+        let count = batch.min(n - sent);
         let mut reports = Vec::with_capacity(count);
         for _ in 0..count {
             let payload = clock.stamped_payload();
@@ -147,7 +160,9 @@ async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
     raw_create_topic(&topic).await;
     let producer = raw_producer(&topic);
     let started = Instant::now();
-    let latency = raw_publish_all(&producer, &topic, options.messages, clock, baseline).await;
+    let batch = shape(options).batch;
+    let latency =
+        raw_publish_all(&producer, &topic, options.messages, batch, clock, baseline).await;
     Run {
         messages: options.messages,
         elapsed: started.elapsed(),
@@ -155,7 +170,9 @@ async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
     }
 }
 
-async fn adapter_publish_only(options: &Options) -> Run {
+/// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
+/// one `publish` at a time from each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks.
+async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");
     let broker = KafkaBroker::connect(adapter_config())
@@ -166,7 +183,18 @@ async fn adapter_publish_only(options: &Options) -> Run {
         .await
         .expect("create topic");
     let started = Instant::now();
-    let latency = publish_batches(&broker, &topic, options.messages, BATCH, clock).await;
+    let latency = if concurrent {
+        publish_concurrently(&broker, &topic, options.messages, clock).await
+    } else {
+        publish_batches(
+            &broker,
+            &topic,
+            options.messages,
+            shape(options).batch,
+            clock,
+        )
+        .await
+    };
     let elapsed = started.elapsed();
     broker.close().await.unwrap();
     Run {
@@ -203,7 +231,10 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     let started = Instant::now();
     let producer = {
         let topic = topic.clone();
-        tokio::spawn(async move { raw_publish_all(&producer, &topic, n, clock, baseline).await })
+        let batch = shape(options).batch;
+        tokio::spawn(
+            async move { raw_publish_all(&producer, &topic, n, batch, clock, baseline).await },
+        )
     };
     let mut latency = histogram();
     for _ in 0..n {
@@ -232,7 +263,7 @@ async fn adapter_e2e(options: &Options) -> Run {
     let subscription = broker
         .subscribe(
             &topic,
-            SubscribeOptions::group("bench").with_prefetch(PREFETCH),
+            SubscribeOptions::group("bench").with_prefetch(shape(options).prefetch),
         )
         .await
         .expect("subscribe");
@@ -241,9 +272,9 @@ async fn adapter_e2e(options: &Options) -> Run {
         &topic,
         subscription,
         n,
-        BATCH,
+        shape(options).batch,
         clock,
-        ACKS_IN_FLIGHT,
+        shape(options).acks_in_flight,
     )
     .await;
     broker.close().await.unwrap();
@@ -252,16 +283,17 @@ async fn adapter_e2e(options: &Options) -> Run {
 
 pub(crate) async fn compare(options: &Options) {
     println!(
-        "kafka at {}: {} messages x {} B on {PARTITIONS} partitions, batches of {BATCH}, {} runs each",
+        "kafka at {}: {} messages x {} B on {PARTITIONS} partitions, {:?}, {} runs each",
         brokers(),
         options.messages,
         options.size,
+        shape(options),
         options.runs
     );
     compare_baselines(
         options,
         "raw rdkafka",
-        &["publish", "end to end"],
+        scenarios(options),
         |scenario, baseline| async move {
             if scenario == 1 {
                 raw_e2e(options, baseline).await
@@ -270,10 +302,10 @@ pub(crate) async fn compare(options: &Options) {
             }
         },
         |scenario| async move {
-            if scenario == 1 {
-                adapter_e2e(options).await
-            } else {
-                adapter_publish_only(options).await
+            match scenario {
+                0 => adapter_publish_only(options, false).await,
+                1 => adapter_e2e(options).await,
+                _ => adapter_publish_only(options, true).await,
             }
         },
     )

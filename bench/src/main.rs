@@ -14,6 +14,12 @@
 //! cargo run --release -p helix-messaging-bench -- admin-dlq [--messages N] [--size BYTES] [--runs R]
 //! ```
 //!
+//! `--peak` on `memory`, `redis`, `rabbitmq` and `kafka` drives both sides at their best
+//! instead of like for like at batches of 100: the raw client with deep pipelines, a window
+//! of confirms or every delivery report outstanding, against the adapter's large
+//! `publish_batch`, 256 concurrent `publish` callers, and a consumer acking every delivery
+//! with 256 acks in flight.
+//!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
 //! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `kafka` to `KAFKA_BROKERS`
 //! (default `127.0.0.1:9092`).
@@ -33,7 +39,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME] [--peak]"
 }
 
 fn main() -> ExitCode {

@@ -20,6 +20,9 @@ pub(crate) struct Options {
     pub(crate) messages_given: bool,
     /// Only comparisons whose name contains this run (`--filter`).
     pub(crate) filter: Option<String>,
+    /// `--peak`: each side at its best instead of like for like at batches of 100 (see
+    /// [`Shape`]), plus many concurrent `publish` callers against the raw client's peak.
+    pub(crate) peak: bool,
 }
 
 impl Options {
@@ -30,9 +33,14 @@ impl Options {
             runs: 3,
             messages_given: false,
             filter: None,
+            peak: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--peak" {
+                options.peak = true;
+                continue;
+            }
             if flag == "--filter" {
                 let value = it.next().ok_or("--filter needs a value")?;
                 options.filter = Some(value.clone());
@@ -69,6 +77,81 @@ impl Options {
             ..self.clone()
         }
     }
+}
+
+/// How a comparison drives both sides: messages handed over before their acknowledgements
+/// are awaited (`publish_batch` size, pipeline depth, confirms or delivery reports in
+/// flight), deliveries a consumer may hold, and acks in flight.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub(crate) batch: usize,
+    pub(crate) prefetch: usize,
+    pub(crate) acks_in_flight: usize,
+}
+
+/// Concurrent `publish` callers in peak mode (the 256 tasks).
+pub(crate) const PEAK_CALLERS: usize = 256;
+
+impl Shape {
+    /// The like-for-like shape with `prefetch`: batches of 100, 64 acks in flight.
+    pub(crate) const fn like_for_like(prefetch: usize) -> Shape {
+        Shape {
+            batch: 100,
+            prefetch,
+            acks_in_flight: 64,
+        }
+    }
+
+    /// `normal` unless `options.peak`, then `peak`.
+    pub(crate) fn pick(options: &Options, normal: Shape, peak: Shape) -> Shape {
+        if options.peak { peak } else { normal }
+    }
+}
+
+/// The publish and end-to-end comparisons every broker runs; at peak also the adapter's
+/// concurrent `publish` callers against the raw client's peak publishing (scenario 2).
+pub(crate) fn scenarios(options: &Options) -> &'static [&'static str] {
+    if options.peak {
+        &["publish", "end to end", "publish, 256 callers"]
+    } else {
+        &["publish", "end to end"]
+    }
+}
+
+/// Publish `n` stamped messages from [`PEAK_CALLERS`] tasks, each awaiting one `publish` at
+/// a time. Returns every publish's round trip.
+pub(crate) async fn publish_concurrently<P: Publisher + Clone + 'static>(
+    publisher: &P,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let callers: Vec<_> = (0..PEAK_CALLERS)
+        .map(|caller| {
+            let (publisher, topic) = (publisher.clone(), topic.to_owned());
+            // The first `n % callers` callers take one more, so exactly `n` go out.
+            let count = n / PEAK_CALLERS + usize::from(caller < n % PEAK_CALLERS);
+            tokio::spawn(async move {
+                let mut round_trips = histogram();
+                for _ in 0..count {
+                    let sent = Instant::now();
+                    publisher
+                        .publish(&topic, Message::new(clock.stamped_payload()))
+                        .await
+                        .expect("publish");
+                    round_trips.saturating_record(sent.elapsed().as_nanos() as u64);
+                }
+                round_trips
+            })
+        })
+        .collect();
+    let mut round_trips = histogram();
+    for caller in callers {
+        round_trips
+            .add(caller.await.expect("publishing task"))
+            .expect("histogram");
+    }
+    round_trips
 }
 
 /// Builds payloads of a fixed size whose first 8 bytes are the send time (nanoseconds since

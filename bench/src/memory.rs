@@ -8,7 +8,7 @@ use helix_messaging::memory::{MemoryBroker, MemoryConfig};
 use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::mpsc;
 
-use crate::measure::{Clock, Options, Run, histogram, report};
+use crate::measure::{Clock, Options, Run, histogram, publish_concurrently, report};
 
 /// Queue bound shared by both sides, so neither buffers more than the other.
 const CAPACITY: usize = 10_000;
@@ -40,7 +40,15 @@ pub(crate) async fn raw_mpsc(options: &Options) -> Run {
     }
 }
 
-pub(crate) async fn memory_broker(options: &Options, batch: usize) -> Run {
+/// Publishing for [`memory_broker`]: `publish_batch` of this many (1: `publish`), or one
+/// `publish` at a time from each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks.
+#[derive(Clone, Copy)]
+pub(crate) enum Publishing {
+    Batches(usize),
+    Concurrent,
+}
+
+pub(crate) async fn memory_broker(options: &Options, publishing: Publishing) -> Run {
     let clock = Clock::new(options.size);
     let broker = Arc::new(MemoryBroker::with_config(MemoryConfig {
         max_queue_depth: CAPACITY,
@@ -59,6 +67,13 @@ pub(crate) async fn memory_broker(options: &Options, batch: usize) -> Run {
     let producer = {
         let broker = broker.clone();
         tokio::spawn(async move {
+            let batch = match publishing {
+                Publishing::Batches(batch) => batch,
+                Publishing::Concurrent => {
+                    publish_concurrently(&*broker, topic, n, clock).await;
+                    return;
+                }
+            };
             let mut sent = 0;
             while sent < n {
                 let count = batch.min(n - sent);
@@ -102,32 +117,41 @@ pub(crate) async fn compare(options: &Options) -> f64 {
         "memory end to end: {} messages x {} B, {} runs each, queue bound {CAPACITY}, prefetch {PREFETCH}",
         options.messages, options.size, options.runs
     );
-    let (mut raw, mut single, mut batched) = (Vec::new(), Vec::new(), Vec::new());
+    // At peak, helix's best public paths: large batches, and many concurrent callers.
+    let mut ways = vec![
+        ("memory (publish + ack)", Publishing::Batches(1)),
+        ("memory (publish_batch 100 + ack)", Publishing::Batches(100)),
+    ];
+    if options.peak {
+        ways.push((
+            "memory (publish_batch 1000 + ack)",
+            Publishing::Batches(1_000),
+        ));
+        ways.push(("memory (256 publish callers + ack)", Publishing::Concurrent));
+    }
+    let mut raw = Vec::new();
+    let mut ours: Vec<Vec<Run>> = ways.iter().map(|_| Vec::new()).collect();
     for run in 1..=options.runs {
         let r = raw_mpsc(options).await;
         println!("run {run}: {}", r.line("raw tokio mpsc"));
         raw.push(r);
-        let m = memory_broker(options, 1).await;
-        println!("run {run}: {}", m.line("memory (publish + ack)"));
-        single.push(m);
-        let b = memory_broker(options, 100).await;
-        println!("run {run}: {}", b.line("memory (publish_batch 100 + ack)"));
-        batched.push(b);
+        for ((label, publishing), runs) in ways.iter().zip(&mut ours) {
+            let m = memory_broker(options, *publishing).await;
+            println!("run {run}: {}", m.line(label));
+            runs.push(m);
+        }
     }
-    let ratio = report(
-        "raw tokio mpsc",
-        raw.clone(),
-        "memory (publish + ack)",
-        single,
+    let ratios: Vec<f64> = ways
+        .iter()
+        .zip(ours)
+        .map(|((label, _), runs)| report("raw tokio mpsc", raw.clone(), label, runs))
+        .collect();
+    let best = ratios.iter().copied().fold(0.0, f64::max);
+    println!(
+        "target: memory >= 0.5x raw mpsc end to end (peak: 0.95x); measured {:.2}x with publish, best {best:.2}x",
+        ratios[0]
     );
-    report(
-        "raw tokio mpsc",
-        raw,
-        "memory (publish_batch 100 + ack)",
-        batched,
-    );
-    println!("target: memory >= 0.5x raw mpsc end to end; measured {ratio:.2}x");
-    ratio
+    ratios[0]
 }
 
 #[cfg(test)]
@@ -143,9 +167,15 @@ mod tests {
             runs: 1,
             messages_given: true,
             filter: None,
+            peak: false,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
-        assert_eq!(memory_broker(&options, 1).await.messages, 5_000);
-        assert_eq!(memory_broker(&options, 100).await.messages, 5_000);
+        for publishing in [
+            Publishing::Batches(1),
+            Publishing::Batches(100),
+            Publishing::Concurrent,
+        ] {
+            assert_eq!(memory_broker(&options, publishing).await.messages, 5_000);
+        }
     }
 }

@@ -2,9 +2,10 @@
 //! publish-only and end to end.
 //!
 //! Both sides publish persistent, `mandatory` messages through a durable topic exchange to a
-//! durable queue on one connection, in batches of [`BATCH`] whose confirms are awaited
-//! together (`publish_batch` on the adapter); both consume with a prefetch of [`PREFETCH`] and
-//! ack every delivery, up to [`ACKS_IN_FLIGHT`] at once.
+//! durable queue on one connection, in batches whose confirms are awaited together
+//! (`publish_batch` on the adapter); both consume with a prefetch and ack every delivery, a
+//! number of acks in flight at once: batches of 100, prefetch 500 and 64 acks like for like,
+//! 1,000, 2,000 and 256 with `--peak` ([`shape`]).
 //!
 //! Two raw baselines:
 //! - *like for like*: the raw queue has the adapter's arguments (`x-max-priority 10`,
@@ -31,13 +32,21 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, compare_baselines, histogram, publish_and_consume,
-    publish_batches,
+    Baseline, Clock, Options, Run, Shape, compare_baselines, histogram, publish_and_consume,
+    publish_batches, publish_concurrently, scenarios,
 };
 
-const BATCH: usize = 100;
-const PREFETCH: u16 = 500;
-const ACKS_IN_FLIGHT: usize = 64;
+fn shape(options: &Options) -> Shape {
+    Shape::pick(
+        options,
+        Shape::like_for_like(500),
+        Shape {
+            batch: 1_000,
+            prefetch: 2_000,
+            acks_in_flight: 256,
+        },
+    )
+}
 const RAW_EXCHANGE: &str = "bench.raw";
 
 fn url() -> String {
@@ -117,12 +126,13 @@ async fn delete_queue(queue: &str) {
     let _ = connection.close(200, "done".into()).await;
 }
 
-/// Publish `n` stamped payloads with raw lapin, [`BATCH`] confirms in flight at a time.
+/// Publish `n` stamped payloads with raw lapin, `batch` confirms in flight at a time.
 /// Returns the round trip of every batch.
 async fn raw_publish_all(
     channel: &Channel,
     key: &str,
     n: usize,
+    batch: usize,
     clock: Clock,
     baseline: Baseline,
 ) -> Histogram<u64> {
@@ -131,7 +141,7 @@ async fn raw_publish_all(
     let persistent = BasicProperties::default().with_delivery_mode(2);
     while sent < n {
         let batch_started = Instant::now();
-        let count = BATCH.min(n - sent);
+        let count = batch.min(n - sent);
         let mut confirms = Vec::with_capacity(count);
         for _ in 0..count {
             let payload = clock.stamped_payload();
@@ -197,7 +207,8 @@ async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
     let connection = raw_connection().await;
     let channel = raw_setup(&connection, &key, baseline).await;
     let started = Instant::now();
-    let latency = raw_publish_all(&channel, &key, options.messages, clock, baseline).await;
+    let batch = shape(options).batch;
+    let latency = raw_publish_all(&channel, &key, options.messages, batch, clock, baseline).await;
     let elapsed = started.elapsed();
     let _ = connection.close(200, "done".into()).await;
     delete_queue(&key).await;
@@ -208,7 +219,9 @@ async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
     }
 }
 
-async fn adapter_publish_only(options: &Options) -> Run {
+/// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
+/// one `publish` at a time from each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks.
+async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");
     let broker = adapter().await;
@@ -220,7 +233,18 @@ async fn adapter_publish_only(options: &Options) -> Run {
             .expect("subscribe"),
     );
     let started = Instant::now();
-    let latency = publish_batches(&broker, &topic, options.messages, BATCH, clock).await;
+    let latency = if concurrent {
+        publish_concurrently(&broker, &topic, options.messages, clock).await
+    } else {
+        publish_batches(
+            &broker,
+            &topic,
+            options.messages,
+            shape(options).batch,
+            clock,
+        )
+        .await
+    };
     let elapsed = started.elapsed();
     broker.close().await.unwrap();
     delete_queue(&format!("{topic}.g")).await;
@@ -239,7 +263,10 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     let publisher = raw_setup(&connection, &key, baseline).await;
     let consumer_channel = connection.create_channel().await.unwrap();
     consumer_channel
-        .basic_qos(PREFETCH, BasicQosOptions::default())
+        .basic_qos(
+            u16::try_from(shape(options).prefetch).unwrap_or(u16::MAX),
+            BasicQosOptions::default(),
+        )
         .await
         .unwrap();
     let consumer = consumer_channel
@@ -254,12 +281,15 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     let started = Instant::now();
     let producer = {
         let key = key.clone();
-        tokio::spawn(async move { raw_publish_all(&publisher, &key, n, clock, baseline).await })
+        let batch = shape(options).batch;
+        tokio::spawn(
+            async move { raw_publish_all(&publisher, &key, n, batch, clock, baseline).await },
+        )
     };
     let latency = Arc::new(Mutex::new(histogram()));
     consumer
         .take(n)
-        .for_each_concurrent(ACKS_IN_FLIGHT, |delivery| {
+        .for_each_concurrent(shape(options).acks_in_flight, |delivery| {
             let latency = latency.clone();
             async move {
                 let delivery = delivery.expect("delivery");
@@ -293,7 +323,7 @@ async fn adapter_e2e(options: &Options) -> Run {
     let subscription = broker
         .subscribe(
             &topic,
-            SubscribeOptions::group("g").with_prefetch(usize::from(PREFETCH)),
+            SubscribeOptions::group("g").with_prefetch(shape(options).prefetch),
         )
         .await
         .expect("subscribe");
@@ -302,9 +332,9 @@ async fn adapter_e2e(options: &Options) -> Run {
         &topic,
         subscription,
         n,
-        BATCH,
+        shape(options).batch,
         clock,
-        ACKS_IN_FLIGHT,
+        shape(options).acks_in_flight,
     )
     .await;
     broker.close().await.unwrap();
@@ -314,16 +344,17 @@ async fn adapter_e2e(options: &Options) -> Run {
 
 pub(crate) async fn compare(options: &Options) {
     println!(
-        "rabbitmq at {}: {} persistent messages x {} B with confirms, batches of {BATCH}, {} runs each",
+        "rabbitmq at {}: {} persistent messages x {} B with confirms, {:?}, {} runs each",
         url().split('@').next_back().unwrap_or_default(),
         options.messages,
         options.size,
+        shape(options),
         options.runs
     );
     compare_baselines(
         options,
         "raw lapin",
-        &["publish", "end to end"],
+        scenarios(options),
         |scenario, baseline| async move {
             if scenario == 1 {
                 raw_e2e(options, baseline).await
@@ -332,10 +363,10 @@ pub(crate) async fn compare(options: &Options) {
             }
         },
         |scenario| async move {
-            if scenario == 1 {
-                adapter_e2e(options).await
-            } else {
-                adapter_publish_only(options).await
+            match scenario {
+                0 => adapter_publish_only(options, false).await,
+                1 => adapter_e2e(options).await,
+                _ => adapter_publish_only(options, true).await,
             }
         },
     )

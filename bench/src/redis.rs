@@ -1,8 +1,8 @@
 //! Redis: raw redis-rs against the adapter, pub/sub and Streams, publish-only and end to end.
-//! Like with like: the raw side pipelines batches of [`BATCH`], the adapter uses
-//! `publish_batch` with the same batch size; the raw Streams consumer acks each XREADGROUP
-//! batch with one XACK, the adapter's consumer acks every delivery, up to [`ACKS_IN_FLIGHT`]
-//! at once.
+//! Like with like: the raw side pipelines batches of 100 (10,000 with `--peak`, see
+//! [`shape`]), the adapter uses `publish_batch` with the same batch size; the raw Streams
+//! consumer acks each XREADGROUP batch with one XACK, the adapter's consumer acks every
+//! delivery, up to 64 (peak: 256) at once.
 
 use std::time::Instant;
 
@@ -15,13 +15,21 @@ use redis::streams::StreamReadReply;
 use hdrhistogram::Histogram;
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, compare_baselines, histogram, publish_and_consume,
-    publish_batches,
+    Baseline, Clock, Options, Run, Shape, compare_baselines, histogram, publish_and_consume,
+    publish_batches, publish_concurrently,
 };
 
-const BATCH: usize = 100;
-const PREFETCH: usize = 500;
-const ACKS_IN_FLIGHT: usize = 64;
+fn shape(options: &Options) -> Shape {
+    Shape::pick(
+        options,
+        Shape::like_for_like(500),
+        Shape {
+            batch: 10_000,
+            prefetch: 2_000,
+            acks_in_flight: 256,
+        },
+    )
+}
 const FIELD: &str = "data";
 
 fn url() -> String {
@@ -105,13 +113,14 @@ async fn raw_publish_all(
     metadata: bool,
     topic: &str,
     n: usize,
+    batch: usize,
     clock: Clock,
 ) -> Histogram<u64> {
     let mut round_trips = histogram();
     let mut sent = 0;
     while sent < n {
         let batch_started = Instant::now();
-        let count = BATCH.min(n - sent);
+        let count = batch.min(n - sent);
         let payloads: Vec<bytes::Bytes> = (0..count).map(|_| clock.stamped_payload()).collect();
         let _: Vec<redis::Value> = raw_pipeline(streams, metadata, topic, &payloads)
             .query_async(conn)
@@ -123,8 +132,15 @@ async fn raw_publish_all(
     round_trips
 }
 
-/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter.
-async fn publish_only(options: &Options, streams: bool, raw: Option<Baseline>) -> Run {
+/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter (with
+/// `concurrent`, one `publish` at a time from each of
+/// [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks).
+async fn publish_only(
+    options: &Options,
+    streams: bool,
+    raw: Option<Baseline>,
+    concurrent: bool,
+) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic(if streams { "pub-streams" } else { "pub-pubsub" });
     let n = options.messages;
@@ -133,7 +149,8 @@ async fn publish_only(options: &Options, streams: bool, raw: Option<Baseline>) -
     let latency = if let Some(baseline) = raw {
         let mut conn = raw_connection().await;
         let metadata = baseline == Baseline::LikeForLike;
-        raw_publish_all(&mut conn, streams, metadata, &topic, n, clock).await
+        let batch = shape(options).batch;
+        raw_publish_all(&mut conn, streams, metadata, &topic, n, batch, clock).await
     } else {
         let mode = if streams {
             RedisMode::Streams
@@ -141,7 +158,11 @@ async fn publish_only(options: &Options, streams: bool, raw: Option<Baseline>) -
             RedisMode::PubSub
         };
         let broker = adapter(mode).await;
-        publish_batches(&broker, &topic, n, BATCH, clock).await
+        if concurrent {
+            publish_concurrently(&broker, &topic, n, clock).await
+        } else {
+            publish_batches(&broker, &topic, n, shape(options).batch, clock).await
+        }
     };
     let elapsed = started.elapsed();
     delete(&topic).await;
@@ -158,12 +179,13 @@ fn spawn_raw_producer(
     metadata: bool,
     topic: &str,
     n: usize,
+    batch: usize,
     clock: Clock,
 ) -> tokio::task::JoinHandle<Histogram<u64>> {
     let topic = topic.to_owned();
     tokio::spawn(async move {
         let mut conn = raw_connection().await;
-        raw_publish_all(&mut conn, streams, metadata, &topic, n, clock).await
+        raw_publish_all(&mut conn, streams, metadata, &topic, n, batch, clock).await
     })
 }
 
@@ -179,7 +201,7 @@ async fn raw_pubsub_e2e(options: &Options, baseline: Baseline) -> Run {
     subscriber.subscribe(&topic).await.unwrap();
     let started = Instant::now();
     let metadata = baseline == Baseline::LikeForLike;
-    let producer = spawn_raw_producer(false, metadata, &topic, n, clock);
+    let producer = spawn_raw_producer(false, metadata, &topic, n, shape(options).batch, clock);
     let mut latency = histogram();
     let mut messages = subscriber.on_message();
     for _ in 0..n {
@@ -214,7 +236,7 @@ async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
         .await
         .unwrap();
     let started = Instant::now();
-    let producer = spawn_raw_producer(true, ack_each, &topic, n, clock);
+    let producer = spawn_raw_producer(true, ack_each, &topic, n, shape(options).batch, clock);
     let mut reader = raw_connection().await;
     let mut latency = histogram();
     let mut received = 0;
@@ -224,7 +246,7 @@ async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
             .arg("g")
             .arg("c")
             .arg("COUNT")
-            .arg(PREFETCH)
+            .arg(shape(options).prefetch)
             .arg("BLOCK")
             .arg(1000)
             .arg("STREAMS")
@@ -250,7 +272,7 @@ async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
         received += ids.len();
         if ack_each {
             futures::stream::iter(ids)
-                .for_each_concurrent(ACKS_IN_FLIGHT, |id| {
+                .for_each_concurrent(shape(options).acks_in_flight, |id| {
                     let mut conn = conn.clone();
                     let topic = &topic;
                     async move {
@@ -291,9 +313,9 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
     let n = options.messages;
     let broker = adapter(mode).await;
     let subscribe = if streams {
-        SubscribeOptions::group("g").with_prefetch(PREFETCH)
+        SubscribeOptions::group("g").with_prefetch(shape(options).prefetch)
     } else {
-        SubscribeOptions::default().with_prefetch(PREFETCH)
+        SubscribeOptions::default().with_prefetch(shape(options).prefetch)
     };
     let subscription = broker
         .subscribe(&topic, subscribe)
@@ -304,9 +326,9 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
         &topic,
         subscription,
         n,
-        BATCH,
+        shape(options).batch,
         clock,
-        ACKS_IN_FLIGHT,
+        shape(options).acks_in_flight,
     )
     .await;
     broker.close().await.unwrap();
@@ -317,37 +339,46 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
 }
 
 /// The scenarios, by index for [`compare_baselines`].
-const SCENARIOS: [&str; 4] = [
+const SCENARIOS: [&str; 6] = [
     "pub/sub publish",
     "streams publish",
     "pub/sub end to end",
     "streams end to end",
+    "pub/sub publish, 256 callers",
+    "streams publish, 256 callers",
 ];
 
 pub(crate) async fn compare(options: &Options) {
     println!(
-        "redis at {}: {} messages x {} B, batches of {BATCH}, {} runs each",
+        "redis at {}: {} messages x {} B, {:?}, {} runs each",
         url(),
         options.messages,
         options.size,
+        shape(options),
         options.runs
     );
+    // The concurrent callers run against the raw client's peak publishing, at peak only.
+    let scenarios = if options.peak {
+        &SCENARIOS[..]
+    } else {
+        &SCENARIOS[..4]
+    };
     compare_baselines(
         options,
         "raw",
-        &SCENARIOS,
+        scenarios,
         |scenario, baseline| async move {
             match scenario {
-                0 => publish_only(options, false, Some(baseline)).await,
-                1 => publish_only(options, true, Some(baseline)).await,
+                0 | 4 => publish_only(options, false, Some(baseline), false).await,
+                1 | 5 => publish_only(options, true, Some(baseline), false).await,
                 2 => raw_pubsub_e2e(options, baseline).await,
                 _ => raw_streams_e2e(options, baseline).await,
             }
         },
         |scenario| async move {
             match scenario {
-                0 => publish_only(options, false, None).await,
-                1 => publish_only(options, true, None).await,
+                0 | 4 => publish_only(options, false, None, scenario == 4).await,
+                1 | 5 => publish_only(options, true, None, scenario == 5).await,
                 2 => adapter_e2e(options, RedisMode::PubSub).await,
                 _ => adapter_e2e(options, RedisMode::Streams).await,
             }
