@@ -24,8 +24,8 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, Shape, compare_baselines, histogram, publish_and_consume,
-    publish_batches, publish_concurrently, scenarios,
+    Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
+    in_callers, publish_and_consume, scenarios,
 };
 
 const PARTITIONS: i32 = 4;
@@ -154,15 +154,24 @@ async fn raw_publish_all(
     round_trips
 }
 
-async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
+/// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one record at a time from
+/// each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks sharing the producer.
+async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("raw-publish");
     raw_create_topic(&topic).await;
     let producer = raw_producer(&topic);
     let started = Instant::now();
-    let batch = shape(options).batch;
-    let latency =
-        raw_publish_all(&producer, &topic, options.messages, batch, clock, baseline).await;
+    let latency = if concurrent {
+        in_callers(options.messages, |count| {
+            let (producer, topic) = (producer.clone(), topic.clone());
+            async move { raw_publish_all(&producer, &topic, count, 1, clock, baseline).await }
+        })
+        .await
+    } else {
+        let batch = shape(options).batch;
+        raw_publish_all(&producer, &topic, options.messages, batch, clock, baseline).await
+    };
     Run {
         messages: options.messages,
         elapsed: started.elapsed(),
@@ -183,18 +192,15 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
         .await
         .expect("create topic");
     let started = Instant::now();
-    let latency = if concurrent {
-        publish_concurrently(&broker, &topic, options.messages, clock).await
-    } else {
-        publish_batches(
-            &broker,
-            &topic,
-            options.messages,
-            shape(options).batch,
-            clock,
-        )
-        .await
-    };
+    let latency = adapter_publish(
+        &broker,
+        &topic,
+        options.messages,
+        shape(options).batch,
+        concurrent,
+        clock,
+    )
+    .await;
     let elapsed = started.elapsed();
     broker.close().await.unwrap();
     Run {
@@ -295,10 +301,10 @@ pub(crate) async fn compare(options: &Options) {
         "raw rdkafka",
         scenarios(options),
         |scenario, baseline| async move {
-            if scenario == 1 {
-                raw_e2e(options, baseline).await
-            } else {
-                raw_publish_only(options, baseline).await
+            match scenario {
+                0 => raw_publish_only(options, baseline, false).await,
+                1 => raw_e2e(options, baseline).await,
+                _ => raw_publish_only(options, baseline, true).await,
             }
         },
         |scenario| async move {

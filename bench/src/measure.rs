@@ -109,13 +109,54 @@ impl Shape {
 }
 
 /// The publish and end-to-end comparisons every broker runs; at peak also the adapter's
-/// concurrent `publish` callers against the raw client's peak publishing (scenario 2).
+/// concurrent `publish` callers against as many raw callers, each awaiting its own
+/// acknowledgement (scenario 2).
 pub(crate) fn scenarios(options: &Options) -> &'static [&'static str] {
     if options.peak {
         &["publish", "end to end", "publish, 256 callers"]
     } else {
         &["publish", "end to end"]
     }
+}
+
+/// An adapter's publish-only run: [`publish_batches`] of `batch`, or with `concurrent`
+/// [`publish_concurrently`].
+pub(crate) async fn adapter_publish<P: Publisher + Clone + 'static>(
+    publisher: &P,
+    topic: &str,
+    n: usize,
+    batch: usize,
+    concurrent: bool,
+    clock: Clock,
+) -> Histogram<u64> {
+    if concurrent {
+        publish_concurrently(publisher, topic, n, clock).await
+    } else {
+        publish_batches(publisher, topic, n, batch, clock).await
+    }
+}
+
+/// Split `n` among [`PEAK_CALLERS`] tasks, each running `caller(its count)`, and merge the
+/// histograms they return.
+pub(crate) async fn in_callers<F, Fut>(n: usize, caller: F) -> Histogram<u64>
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = Histogram<u64>> + Send + 'static,
+{
+    let callers: Vec<_> = (0..PEAK_CALLERS)
+        .map(|i| {
+            // The first `n % callers` callers take one more, so exactly `n` go out.
+            let count = n / PEAK_CALLERS + usize::from(i < n % PEAK_CALLERS);
+            tokio::spawn(caller(count))
+        })
+        .collect();
+    let mut merged = histogram();
+    for caller in callers {
+        merged
+            .add(caller.await.expect("caller task"))
+            .expect("histogram");
+    }
+    merged
 }
 
 /// Publish `n` stamped messages from [`PEAK_CALLERS`] tasks, each awaiting one `publish` at
@@ -126,32 +167,22 @@ pub(crate) async fn publish_concurrently<P: Publisher + Clone + 'static>(
     n: usize,
     clock: Clock,
 ) -> Histogram<u64> {
-    let callers: Vec<_> = (0..PEAK_CALLERS)
-        .map(|caller| {
-            let (publisher, topic) = (publisher.clone(), topic.to_owned());
-            // The first `n % callers` callers take one more, so exactly `n` go out.
-            let count = n / PEAK_CALLERS + usize::from(caller < n % PEAK_CALLERS);
-            tokio::spawn(async move {
-                let mut round_trips = histogram();
-                for _ in 0..count {
-                    let sent = Instant::now();
-                    publisher
-                        .publish(&topic, Message::new(clock.stamped_payload()))
-                        .await
-                        .expect("publish");
-                    round_trips.saturating_record(sent.elapsed().as_nanos() as u64);
-                }
-                round_trips
-            })
-        })
-        .collect();
-    let mut round_trips = histogram();
-    for caller in callers {
-        round_trips
-            .add(caller.await.expect("publishing task"))
-            .expect("histogram");
-    }
-    round_trips
+    in_callers(n, |count| {
+        let (publisher, topic) = (publisher.clone(), topic.to_owned());
+        async move {
+            let mut round_trips = histogram();
+            for _ in 0..count {
+                let sent = Instant::now();
+                publisher
+                    .publish(&topic, Message::new(clock.stamped_payload()))
+                    .await
+                    .expect("publish");
+                round_trips.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            round_trips
+        }
+    })
+    .await
 }
 
 /// Builds payloads of a fixed size whose first 8 bytes are the send time (nanoseconds since

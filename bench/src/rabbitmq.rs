@@ -32,8 +32,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, Shape, compare_baselines, histogram, publish_and_consume,
-    publish_batches, publish_concurrently, scenarios,
+    Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
+    in_callers, publish_and_consume, scenarios,
 };
 
 fn shape(options: &Options) -> Shape {
@@ -201,14 +201,25 @@ async fn adapter() -> RabbitBroker {
         .expect("connect to RabbitMQ")
 }
 
-async fn raw_publish_only(options: &Options, baseline: Baseline) -> Run {
+/// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one message at a time,
+/// each confirm awaited, from each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks
+/// sharing the channel.
+async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let key = topic("raw-publish");
     let connection = raw_connection().await;
     let channel = raw_setup(&connection, &key, baseline).await;
     let started = Instant::now();
-    let batch = shape(options).batch;
-    let latency = raw_publish_all(&channel, &key, options.messages, batch, clock, baseline).await;
+    let latency = if concurrent {
+        in_callers(options.messages, |count| {
+            let (channel, key) = (channel.clone(), key.clone());
+            async move { raw_publish_all(&channel, &key, count, 1, clock, baseline).await }
+        })
+        .await
+    } else {
+        let batch = shape(options).batch;
+        raw_publish_all(&channel, &key, options.messages, batch, clock, baseline).await
+    };
     let elapsed = started.elapsed();
     let _ = connection.close(200, "done".into()).await;
     delete_queue(&key).await;
@@ -233,18 +244,15 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
             .expect("subscribe"),
     );
     let started = Instant::now();
-    let latency = if concurrent {
-        publish_concurrently(&broker, &topic, options.messages, clock).await
-    } else {
-        publish_batches(
-            &broker,
-            &topic,
-            options.messages,
-            shape(options).batch,
-            clock,
-        )
-        .await
-    };
+    let latency = adapter_publish(
+        &broker,
+        &topic,
+        options.messages,
+        shape(options).batch,
+        concurrent,
+        clock,
+    )
+    .await;
     let elapsed = started.elapsed();
     broker.close().await.unwrap();
     delete_queue(&format!("{topic}.g")).await;
@@ -356,10 +364,10 @@ pub(crate) async fn compare(options: &Options) {
         "raw lapin",
         scenarios(options),
         |scenario, baseline| async move {
-            if scenario == 1 {
-                raw_e2e(options, baseline).await
-            } else {
-                raw_publish_only(options, baseline).await
+            match scenario {
+                0 => raw_publish_only(options, baseline, false).await,
+                1 => raw_e2e(options, baseline).await,
+                _ => raw_publish_only(options, baseline, true).await,
             }
         },
         |scenario| async move {

@@ -15,8 +15,8 @@ use redis::streams::StreamReadReply;
 use hdrhistogram::Histogram;
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, Shape, compare_baselines, histogram, publish_and_consume,
-    publish_batches, publish_concurrently,
+    Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
+    in_callers, publish_and_consume,
 };
 
 fn shape(options: &Options) -> Shape {
@@ -132,9 +132,9 @@ async fn raw_publish_all(
     round_trips
 }
 
-/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter (with
-/// `concurrent`, one `publish` at a time from each of
-/// [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks).
+/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter; with
+/// `concurrent`, one publish at a time from each of
+/// [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks on either side.
 async fn publish_only(
     options: &Options,
     streams: bool,
@@ -149,8 +149,19 @@ async fn publish_only(
     let latency = if let Some(baseline) = raw {
         let mut conn = raw_connection().await;
         let metadata = baseline == Baseline::LikeForLike;
-        let batch = shape(options).batch;
-        raw_publish_all(&mut conn, streams, metadata, &topic, n, batch, clock).await
+        if concurrent {
+            // One command at a time per caller, on the one multiplexed connection.
+            in_callers(n, |count| {
+                let (mut conn, topic) = (conn.clone(), topic.clone());
+                async move {
+                    raw_publish_all(&mut conn, streams, metadata, &topic, count, 1, clock).await
+                }
+            })
+            .await
+        } else {
+            let batch = shape(options).batch;
+            raw_publish_all(&mut conn, streams, metadata, &topic, n, batch, clock).await
+        }
     } else {
         let mode = if streams {
             RedisMode::Streams
@@ -158,11 +169,7 @@ async fn publish_only(
             RedisMode::PubSub
         };
         let broker = adapter(mode).await;
-        if concurrent {
-            publish_concurrently(&broker, &topic, n, clock).await
-        } else {
-            publish_batches(&broker, &topic, n, shape(options).batch, clock).await
-        }
+        adapter_publish(&broker, &topic, n, shape(options).batch, concurrent, clock).await
     };
     let elapsed = started.elapsed();
     delete(&topic).await;
@@ -369,8 +376,8 @@ pub(crate) async fn compare(options: &Options) {
         scenarios,
         |scenario, baseline| async move {
             match scenario {
-                0 | 4 => publish_only(options, false, Some(baseline), false).await,
-                1 | 5 => publish_only(options, true, Some(baseline), false).await,
+                0 | 4 => publish_only(options, false, Some(baseline), scenario == 4).await,
+                1 | 5 => publish_only(options, true, Some(baseline), scenario == 5).await,
                 2 => raw_pubsub_e2e(options, baseline).await,
                 _ => raw_streams_e2e(options, baseline).await,
             }

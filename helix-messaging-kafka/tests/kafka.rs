@@ -335,7 +335,11 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
     })
     .await;
     // Steady traffic (dozens of statistics documents by now) counted no reconnect.
-    assert_eq!(reconnects(), 0, "no reconnect before the outage");
+    assert_eq!(
+        helix_messaging_testkit::recorded::reconnects(helix_messaging_kafka::NAME),
+        0,
+        "no reconnect before the outage"
+    );
     cluster.broker_down(1).unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.broker_up(1).unwrap();
@@ -359,7 +363,7 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
     assert!(!accepted.is_empty());
     // The producer and the group's consumer each lost the broker and are back on it.
     wait_until("both reconnects counted", Duration::from_secs(10), || {
-        reconnects() >= 2
+        helix_messaging_testkit::recorded::reconnects(helix_messaging_kafka::NAME) >= 2
     })
     .await;
     // Closing ends the subscription (committed, out of the group) while the cluster is up.
@@ -636,14 +640,4 @@ async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() 
         "delivered again after the ack"
     );
     next.close().await.unwrap();
-}
-
-/// `messaging_reconnects_total` of the Kafka backend so far.
-fn reconnects() -> u64 {
-    use helix_messaging_testkit::recorded;
-    recorded::counter(
-        &recorded::snapshot(),
-        helix_messaging_core::observe::RECONNECTS_METRIC,
-        &[("backend", helix_messaging_kafka::NAME)],
-    )
 }

@@ -116,7 +116,8 @@ async fn expect_all_delivered(
 async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_killed() {
     let _node = NODE.lock().await;
     helix_messaging_testkit::recorded::install();
-    let reconnects_before = reconnects();
+    let reconnects_before =
+        helix_messaging_testkit::recorded::reconnects(helix_messaging_rabbitmq::NAME);
     let vhost = Vhost::new("helix-fault");
     let topic = "fault.connection-kill";
     let consumer = RabbitBroker::connect(fault_config(&vhost)).await.unwrap();
@@ -181,22 +182,13 @@ async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_kil
     );
     // The publisher's and the consumer's connections, each replaced once.
     assert_eq!(
-        reconnects() - reconnects_before,
+        helix_messaging_testkit::recorded::reconnects(helix_messaging_rabbitmq::NAME)
+            - reconnects_before,
         2,
         "messaging_reconnects_total"
     );
     publisher.close().await.unwrap();
     consumer.close().await.unwrap();
-}
-
-/// `messaging_reconnects_total` of this backend so far.
-fn reconnects() -> u64 {
-    use helix_messaging_testkit::recorded;
-    recorded::counter(
-        &recorded::snapshot(),
-        helix_messaging_core::observe::RECONNECTS_METRIC,
-        &[("backend", helix_messaging_rabbitmq::NAME)],
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -195,23 +195,39 @@ async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
     collector.abort();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
+/// A broker in `mode` on a private server of its own (with the metrics recorder installed),
+/// subscribed with `options` to a fresh topic that has delivered one message ("before",
+/// acked).
+async fn subscribed_on_a_private_server(
+    mode: RedisMode,
+    options: SubscribeOptions,
+) -> (
+    PrivateRedis,
+    RedisBroker,
+    String,
+    helix_messaging_core::Subscription,
+) {
     helix_messaging_testkit::recorded::install();
-    let reconnects_before = reconnects("redis");
     let server = PrivateRedis::start_with(&["--appendonly", "no"]);
-    let url = server.url();
     let topic = topic("kill");
-    let broker = broker(&url, RedisMode::PubSub, |_| {}).await;
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::default())
-        .await
-        .unwrap();
+    let broker = broker(&server.url(), mode, |_| {}).await;
+    let mut sub = broker.subscribe(&topic, options).await.unwrap();
     broker
         .publish(&topic, Message::new("before"))
         .await
         .unwrap();
-    assert_eq!(recv(&mut sub).await.message().payload().as_ref(), b"before");
+    let before = recv(&mut sub).await;
+    assert_eq!(before.message().payload().as_ref(), b"before");
+    before.ack().await.unwrap();
+    (server, broker, topic, sub)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
+    let reconnects_before = helix_messaging_testkit::recorded::reconnects("redis");
+    let (server, broker, topic, mut sub) =
+        subscribed_on_a_private_server(RedisMode::PubSub, SubscribeOptions::default()).await;
+    let url = server.url();
 
     let before = pubsub_client_ids(&url).await;
     assert_eq!(before.len(), 1, "one subscriber connection: {before:?}");
@@ -250,7 +266,7 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
     assert_eq!(after_ids.len(), 1, "{after_ids:?}");
     assert_ne!(after_ids, before, "the subscriber is on a new connection");
     assert_eq!(
-        reconnects("redis") - reconnects_before,
+        helix_messaging_testkit::recorded::reconnects("redis") - reconnects_before,
         1,
         "the subscriber's reconnect is counted, once"
     );
@@ -275,7 +291,7 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        reconnects("redis") - reconnects_before,
+        helix_messaging_testkit::recorded::reconnects("redis") - reconnects_before,
         2,
         "and the publisher's"
     );
@@ -292,35 +308,14 @@ async fn pubsub_subscriber_is_back_within_five_seconds_after_client_kill() {
     }
 }
 
-/// `messaging_reconnects_total` of `backend` so far.
-fn reconnects(backend: &str) -> u64 {
-    use helix_messaging_testkit::recorded;
-    recorded::counter(
-        &recorded::snapshot(),
-        helix_messaging_core::observe::RECONNECTS_METRIC,
-        &[("backend", backend)],
-    )
-}
-
 /// After `CLIENT KILL` of its reading connection, a Streams subscription reads again, and
 /// that reconnect is counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_streams_readers_reconnect_is_counted_after_client_kill() {
-    helix_messaging_testkit::recorded::install();
-    let reconnects_before = reconnects("redis-streams");
-    let server = PrivateRedis::start_with(&["--appendonly", "no"]);
+    let reconnects_before = helix_messaging_testkit::recorded::reconnects("redis-streams");
+    let (server, broker, topic, mut sub) =
+        subscribed_on_a_private_server(RedisMode::Streams, SubscribeOptions::group("g")).await;
     let url = server.url();
-    let topic = topic("kill-streams");
-    let broker = broker(&url, RedisMode::Streams, |_| {}).await;
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::group("g"))
-        .await
-        .unwrap();
-    broker
-        .publish(&topic, Message::new("before"))
-        .await
-        .unwrap();
-    recv(&mut sub).await.ack().await.unwrap();
 
     // The reader is the connection blocked in XREADGROUP.
     let reader = tokio::time::timeout(WAIT, async {
@@ -357,7 +352,7 @@ async fn a_streams_readers_reconnect_is_counted_after_client_kill() {
     assert_eq!(d.message().id(), after.id());
     d.ack().await.unwrap();
     assert_eq!(
-        reconnects("redis-streams") - reconnects_before,
+        helix_messaging_testkit::recorded::reconnects("redis-streams") - reconnects_before,
         1,
         "the reader's reconnect"
     );

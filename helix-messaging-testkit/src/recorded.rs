@@ -128,3 +128,12 @@ pub fn gauge(recorded: &Recorded, name: &str, pairs: &[(&str, &str)]) -> Option<
         other => panic!("{name} {pairs:?} is not a gauge: {other:?}"),
     }
 }
+
+/// `messaging_reconnects_total` of `backend` so far.
+pub fn reconnects(backend: &str) -> u64 {
+    counter(
+        &snapshot(),
+        helix_messaging_core::observe::RECONNECTS_METRIC,
+        &[("backend", backend)],
+    )
+}
