@@ -225,7 +225,7 @@ async fn raw_pubsub_e2e(options: &Options, baseline: Baseline) -> Run {
 }
 
 /// The raw Streams consumer. Like for like, it acks every entry with its own XACK (up to
-/// [`ACKS_IN_FLIGHT`] at once), as the adapter's per-delivery settlement does, and its
+/// [`Shape::acks_in_flight`] at once), as the adapter's per-delivery settlement does, and its
 /// producer writes the adapter's metadata. Minimal: one XACK per read, bare entries.
 async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
     let ack_each = baseline == Baseline::LikeForLike;

@@ -184,14 +184,15 @@ impl Shared {
         kafka_topic: &str,
         message: &Message,
     ) -> Result<rdkafka::producer::DeliveryFuture> {
-        let deadline = tokio::time::Instant::now() + self.config.publish_timeout;
+        // The clock is read only once the queue is full: this runs for every record.
+        let mut deadline = None;
         loop {
             match self.enqueue(kafka_topic, message) {
-                Err(err)
-                    if err.kind() == ErrorKind::Timeout
-                        && err.is_retryable()
-                        && tokio::time::Instant::now() < deadline =>
-                {
+                Err(err) if err.kind() == ErrorKind::Timeout && err.is_retryable() => {
+                    let now = tokio::time::Instant::now();
+                    if now >= *deadline.get_or_insert(now + self.config.publish_timeout) {
+                        return Err(err);
+                    }
                     // The queue is full: the delivery reports of earlier records free it.
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }

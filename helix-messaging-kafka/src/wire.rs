@@ -76,8 +76,10 @@ pub(crate) fn headers(message: &Message) -> OwnedHeaders {
     headers
 }
 
-fn nanos(t: SystemTime) -> u128 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()
+/// Nanoseconds since the epoch; `u64` holds them until the year 2554, and formats several
+/// times faster than `u128` (this runs for every record published).
+fn nanos(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Milliseconds since the epoch: the record timestamp.
