@@ -192,10 +192,19 @@ async fn raw_publish_all(
     round_trips
 }
 
+/// The adapter with its defaults (priority queues, dead-lettering into `bench.dlq`), or
+/// with them turned off by `RABBITMQ_MAX_PRIORITY=0` and `RABBITMQ_DEAD_LETTER_QUEUE=none`
+/// (compare that run with the minimal raw baseline: the cost of the queue arguments).
 async fn adapter() -> RabbitBroker {
     let mut config = RabbitConfig::new(&url()).expect("RABBITMQ_URL");
     config.exchange = "bench.adapter".into();
     config.dead_letter_queue = Some("bench.dlq".into());
+    if let Ok(max) = std::env::var("RABBITMQ_MAX_PRIORITY") {
+        config.max_priority = max.trim().parse().expect("RABBITMQ_MAX_PRIORITY: 0 to 255");
+    }
+    if std::env::var("RABBITMQ_DEAD_LETTER_QUEUE").is_ok_and(|v| v.trim() == "none") {
+        config.dead_letter_queue = None;
+    }
     RabbitBroker::connect(config)
         .await
         .expect("connect to RabbitMQ")
