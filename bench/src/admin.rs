@@ -16,7 +16,7 @@ use helix_messaging::hub::{Hub, HubConfig};
 use helix_messaging::memory::MemoryBroker;
 
 use crate::layers::{fresh, letters};
-use crate::measure::{Options, Run, histogram, median};
+use crate::measure::{Options, Run, histogram, in_tasks, median};
 
 const CLIENTS: usize = 50;
 const PAGE: usize = 50;
@@ -68,26 +68,19 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     let started = Instant::now();
-    let tasks: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            let call = call.clone();
-            tokio::spawn(async move {
-                let mut latency = histogram();
-                for i in 0..per_client {
-                    let sent = Instant::now();
-                    call(client, i).await;
-                    latency.saturating_record(sent.elapsed().as_nanos() as u64);
-                }
-                latency
-            })
-        })
-        .collect();
-    let mut latency = histogram();
-    for task in tasks {
-        latency
-            .add(task.await.expect("client task"))
-            .expect("histogram");
-    }
+    let latency = in_tasks(CLIENTS, CLIENTS * per_client, |client, count| {
+        let call = call.clone();
+        async move {
+            let mut latency = histogram();
+            for i in 0..count {
+                let sent = Instant::now();
+                call(client, i).await;
+                latency.saturating_record(sent.elapsed().as_nanos() as u64);
+            }
+            latency
+        }
+    })
+    .await;
     Run {
         messages: CLIENTS * per_client,
         elapsed: started.elapsed(),

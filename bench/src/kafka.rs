@@ -25,7 +25,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::measure::{
     Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
-    in_callers, publish_and_consume, scenarios,
+    publish_and_consume, raw_publishing, scenarios,
 };
 
 const PARTITIONS: i32 = 4;
@@ -162,16 +162,12 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
     raw_create_topic(&topic).await;
     let producer = raw_producer(&topic);
     let started = Instant::now();
-    let latency = if concurrent {
-        in_callers(options.messages, |count| {
-            let (producer, topic) = (producer.clone(), topic.clone());
-            async move { raw_publish_all(&producer, &topic, count, 1, clock, baseline).await }
-        })
-        .await
-    } else {
-        let batch = shape(options).batch;
-        raw_publish_all(&producer, &topic, options.messages, batch, clock, baseline).await
-    };
+    let batch = shape(options).batch;
+    let latency = raw_publishing(options.messages, batch, concurrent, |count, batch| {
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move { raw_publish_all(&producer, &topic, count, batch, clock, baseline).await }
+    })
+    .await;
     Run {
         messages: options.messages,
         elapsed: started.elapsed(),

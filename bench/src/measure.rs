@@ -136,27 +136,45 @@ pub(crate) async fn adapter_publish<P: Publisher + Clone + 'static>(
     }
 }
 
-/// Split `n` among [`PEAK_CALLERS`] tasks, each running `caller(its count)`, and merge the
+/// Split `n` among `tasks` tasks, each running `task(its index, its count)`, and merge the
 /// histograms they return.
-pub(crate) async fn in_callers<F, Fut>(n: usize, caller: F) -> Histogram<u64>
+pub(crate) async fn in_tasks<F, Fut>(tasks: usize, n: usize, task: F) -> Histogram<u64>
 where
-    F: Fn(usize) -> Fut,
+    F: Fn(usize, usize) -> Fut,
     Fut: Future<Output = Histogram<u64>> + Send + 'static,
 {
-    let callers: Vec<_> = (0..PEAK_CALLERS)
+    let handles: Vec<_> = (0..tasks)
         .map(|i| {
-            // The first `n % callers` callers take one more, so exactly `n` go out.
-            let count = n / PEAK_CALLERS + usize::from(i < n % PEAK_CALLERS);
-            tokio::spawn(caller(count))
+            // The first `n % tasks` tasks take one more, so exactly `n` go out.
+            let count = n / tasks + usize::from(i < n % tasks);
+            tokio::spawn(task(i, count))
         })
         .collect();
     let mut merged = histogram();
-    for caller in callers {
-        merged
-            .add(caller.await.expect("caller task"))
-            .expect("histogram");
+    for handle in handles {
+        merged.add(handle.await.expect("task")).expect("histogram");
     }
     merged
+}
+
+/// A raw client's publish-only run: `publish(n, batch)`, or with `concurrent`
+/// `publish(its count, 1)` in each of [`PEAK_CALLERS`] tasks, so every caller awaits one
+/// acknowledgement at a time.
+pub(crate) async fn raw_publishing<F, Fut>(
+    n: usize,
+    batch: usize,
+    concurrent: bool,
+    publish: F,
+) -> Histogram<u64>
+where
+    F: Fn(usize, usize) -> Fut,
+    Fut: Future<Output = Histogram<u64>> + Send + 'static,
+{
+    if concurrent {
+        in_tasks(PEAK_CALLERS, n, |_, count| publish(count, 1)).await
+    } else {
+        publish(n, batch).await
+    }
 }
 
 /// Publish `n` stamped messages from [`PEAK_CALLERS`] tasks, each awaiting one `publish` at
@@ -167,7 +185,7 @@ pub(crate) async fn publish_concurrently<P: Publisher + Clone + 'static>(
     n: usize,
     clock: Clock,
 ) -> Histogram<u64> {
-    in_callers(n, |count| {
+    in_tasks(PEAK_CALLERS, n, |_, count| {
         let (publisher, topic) = (publisher.clone(), topic.to_owned());
         async move {
             let mut round_trips = histogram();

@@ -33,7 +33,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 
 use crate::measure::{
     Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
-    in_callers, publish_and_consume, scenarios,
+    publish_and_consume, raw_publishing, scenarios,
 };
 
 fn shape(options: &Options) -> Shape {
@@ -219,16 +219,12 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
     let connection = raw_connection().await;
     let channel = raw_setup(&connection, &key, baseline).await;
     let started = Instant::now();
-    let latency = if concurrent {
-        in_callers(options.messages, |count| {
-            let (channel, key) = (channel.clone(), key.clone());
-            async move { raw_publish_all(&channel, &key, count, 1, clock, baseline).await }
-        })
-        .await
-    } else {
-        let batch = shape(options).batch;
-        raw_publish_all(&channel, &key, options.messages, batch, clock, baseline).await
-    };
+    let batch = shape(options).batch;
+    let latency = raw_publishing(options.messages, batch, concurrent, |count, batch| {
+        let (channel, key) = (channel.clone(), key.clone());
+        async move { raw_publish_all(&channel, &key, count, batch, clock, baseline).await }
+    })
+    .await;
     let elapsed = started.elapsed();
     let _ = connection.close(200, "done".into()).await;
     delete_queue(&key).await;

@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 
 use crate::measure::{
     Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
-    in_callers, publish_and_consume,
+    publish_and_consume, raw_publishing,
 };
 
 fn shape(options: &Options) -> Shape {
@@ -147,21 +147,16 @@ async fn publish_only(
     let started = Instant::now();
     // For publish-only runs the latency columns are batch round trips.
     let latency = if let Some(baseline) = raw {
-        let mut conn = raw_connection().await;
+        let conn = raw_connection().await;
         let metadata = baseline == Baseline::LikeForLike;
-        if concurrent {
-            // One command at a time per caller, on the one multiplexed connection.
-            in_callers(n, |count| {
-                let (mut conn, topic) = (conn.clone(), topic.clone());
-                async move {
-                    raw_publish_all(&mut conn, streams, metadata, &topic, count, 1, clock).await
-                }
-            })
-            .await
-        } else {
-            let batch = shape(options).batch;
-            raw_publish_all(&mut conn, streams, metadata, &topic, n, batch, clock).await
-        }
+        // Concurrent callers share the one multiplexed connection.
+        raw_publishing(n, shape(options).batch, concurrent, |count, batch| {
+            let (mut conn, topic) = (conn.clone(), topic.clone());
+            async move {
+                raw_publish_all(&mut conn, streams, metadata, &topic, count, batch, clock).await
+            }
+        })
+        .await
     } else {
         let mode = if streams {
             RedisMode::Streams

@@ -133,13 +133,12 @@ impl Default for TopicLabels {
 /// else passes through unchanged; it adds no errors of its own.
 #[derive(Clone)]
 pub struct ObservedBroker {
-    inner: Arc<dyn Broker>,
-    topics: Arc<TopicLabels>,
-    backlogs: Arc<Backlogs>,
+    shared: Arc<Backlogs>,
 }
 
-/// The consumer groups an [`ObservedBroker`] samples, and its sampling task's state. The
-/// task holds it weakly, so it ends when the last clone of the broker is dropped.
+/// What the clones of one [`ObservedBroker`] share: the broker, its topic labels, and the
+/// consumer groups it samples with its sampling task's state. The task holds it weakly, so
+/// it ends when the last clone of the broker is dropped.
 struct Backlogs {
     inner: Arc<dyn Broker>,
     topics: Arc<TopicLabels>,
@@ -151,6 +150,18 @@ struct Backlogs {
 }
 
 impl Backlogs {
+    fn new(inner: Arc<dyn Broker>, topics: Arc<TopicLabels>, interval: Duration) -> Arc<Self> {
+        Arc::new(Backlogs {
+            inner,
+            topics,
+            interval,
+            groups: Mutex::new(HashSet::new()),
+            started: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            warned_full: AtomicBool::new(false),
+        })
+    }
+
     /// Remember `topic`'s `group`; start the sampling task with the first one.
     fn track(self: &Arc<Self>, topic: &str, group: &str) {
         {
@@ -238,8 +249,8 @@ async fn sample_every(backlogs: Weak<Backlogs>, interval: Duration) {
 impl std::fmt::Debug for ObservedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ObservedBroker")
-            .field("backend", &self.inner.name())
-            .field("topic_labels", &self.topics.max)
+            .field("backend", &self.shared.inner.name())
+            .field("topic_labels", &self.shared.topics.max)
             .finish()
     }
 }
@@ -252,11 +263,8 @@ impl ObservedBroker {
 
     /// Observe `inner` with the given topic bound.
     pub fn with_topic_labels(inner: Arc<dyn Broker>, topics: TopicLabels) -> Self {
-        let topics = Arc::new(topics);
         ObservedBroker {
-            backlogs: Backlogs::new(inner.clone(), topics.clone(), DEFAULT_BACKLOG_INTERVAL),
-            inner,
-            topics,
+            shared: Backlogs::new(inner, Arc::new(topics), DEFAULT_BACKLOG_INTERVAL),
         }
     }
 
@@ -264,7 +272,11 @@ impl ObservedBroker {
     /// [`Duration::ZERO`] samples only when [`ObservedBroker::sample_backlogs`] is called.
     /// Takes effect for a broker no group has subscribed through yet.
     pub fn with_backlog_interval(mut self, interval: Duration) -> Self {
-        self.backlogs = Backlogs::new(self.inner.clone(), self.topics.clone(), interval);
+        self.shared = Backlogs::new(
+            self.shared.inner.clone(),
+            self.shared.topics.clone(),
+            interval,
+        );
         self
     }
 
@@ -273,13 +285,13 @@ impl ObservedBroker {
     /// the broker cannot report on is counted in `messaging_backlog_sample_errors_total`
     /// and keeps its last values; nothing is returned as an error.
     pub async fn sample_backlogs(&self) {
-        self.backlogs.sample().await;
+        self.shared.sample().await;
     }
 
     fn labels(&self, topic: &str) -> [(&'static str, String); 2] {
         [
-            ("backend", self.inner.name().to_owned()),
-            ("topic", self.topics.label(topic).to_string()),
+            ("backend", self.shared.inner.name().to_owned()),
+            ("topic", self.shared.topics.label(topic).to_string()),
         ]
     }
 
@@ -303,9 +315,9 @@ impl ObservedBroker {
 #[async_trait]
 impl Publisher for ObservedBroker {
     async fn publish(&self, topic: &str, mut message: Message) -> Result<()> {
-        let span = trace::publish_span(self.inner.name(), topic, &message);
+        let span = trace::publish_span(self.shared.inner.name(), topic, &message);
         trace::stamp(&mut message, &span);
-        let outcome = trace::in_span(span, self.inner.publish(topic, message)).await;
+        let outcome = trace::in_span(span, self.shared.inner.publish(topic, message)).await;
         match &outcome {
             Ok(()) => self.count_published(topic, 1, &[]),
             Err(err) => self.count_published(topic, 0, &[err]),
@@ -314,7 +326,7 @@ impl Publisher for ObservedBroker {
     }
 
     async fn publish_batch(&self, topic: &str, mut messages: Vec<Message>) -> BatchReport {
-        let span = trace::batch_publish_span(self.inner.name(), topic, messages.len());
+        let span = trace::batch_publish_span(self.shared.inner.name(), topic, messages.len());
         if !span.is_disabled() {
             let cx = span.context();
             for message in &mut messages {
@@ -331,6 +343,7 @@ impl Publisher for ObservedBroker {
             }
         }
         let report = self
+            .shared
             .inner
             .publish_batch(topic, messages)
             .instrument(span.clone())
@@ -347,11 +360,11 @@ impl Publisher for ObservedBroker {
 #[async_trait]
 impl Subscriber for ObservedBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        let subscription = self.inner.subscribe(topic, options).await?;
+        let subscription = self.shared.inner.subscribe(topic, options).await?;
         if let Some(group) = subscription.group()
-            && self.inner.capabilities().backlog
+            && self.shared.inner.capabilities().backlog
         {
-            self.backlogs.track(topic, group);
+            self.shared.track(topic, group);
         }
         let name: Arc<str> = Arc::from(subscription.topic());
         let group = subscription.group().map(Arc::from);
@@ -371,49 +384,38 @@ impl Subscriber for ObservedBroker {
             }
             Err(_) => errors.increment(1),
         });
-        Ok(Subscription::new(name, group, Box::pin(observed)).with_system(self.inner.name()))
+        Ok(
+            Subscription::new(name, group, Box::pin(observed))
+                .with_system(self.shared.inner.name()),
+        )
     }
 }
 
 #[async_trait]
 impl Broker for ObservedBroker {
     fn name(&self) -> &'static str {
-        self.inner.name()
+        self.shared.inner.name()
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        self.shared.inner.capabilities()
     }
 
     async fn health(&self) -> Health {
-        self.inner.health().await
+        self.shared.inner.health().await
     }
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
-        self.inner.read_range(topic, range).await
+        self.shared.inner.read_range(topic, range).await
     }
 
     async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
-        self.inner.backlog(topic, group).await
+        self.shared.inner.backlog(topic, group).await
     }
 
     async fn close(&self) -> Result<()> {
-        self.backlogs.closed.store(true, Ordering::Release);
-        self.inner.close().await
-    }
-}
-
-impl Backlogs {
-    fn new(inner: Arc<dyn Broker>, topics: Arc<TopicLabels>, interval: Duration) -> Arc<Self> {
-        Arc::new(Backlogs {
-            inner,
-            topics,
-            interval,
-            groups: Mutex::new(HashSet::new()),
-            started: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            warned_full: AtomicBool::new(false),
-        })
+        self.shared.closed.store(true, Ordering::Release);
+        self.shared.inner.close().await
     }
 }
 

@@ -47,12 +47,12 @@ pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
 pub use topics::KafkaTopic;
 
 use consumer::{GroupConsumer, GroupContext, GroupState, Reader};
+use error::{blocking, from_kafka};
 use reconnects::StatsContext;
+use topics::Topics;
 
 /// The adapter's producers, whose statistics count their reconnects.
 type HelixProducer = FutureProducer<StatsContext>;
-use error::{blocking, from_kafka};
-use topics::Topics;
 
 /// Backend name reported by [`Broker::name`] and selected by `MESSAGING_BACKEND=kafka`.
 pub const NAME: &str = "kafka";

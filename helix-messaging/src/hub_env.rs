@@ -90,18 +90,10 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
     )?;
     config.breaker.failure_threshold = u32::try_from(failures)
         .map_err(|_| Error::config(BREAKER_FAILURES_VAR, format!("{failures} is too large")))?;
-    let open_ms = positive(
-        &lookup,
-        BREAKER_OPEN_MS_VAR,
-        u64::try_from(config.breaker.open_interval.as_millis()).unwrap_or(u64::MAX),
-    )?;
-    config.breaker.open_interval = std::time::Duration::from_millis(open_ms);
-    let backlog_ms = positive(
-        &lookup,
-        BACKLOG_INTERVAL_MS_VAR,
-        u64::try_from(config.backlog_interval.as_millis()).unwrap_or(u64::MAX),
-    )?;
-    config.backlog_interval = std::time::Duration::from_millis(backlog_ms);
+    config.breaker.open_interval =
+        positive_ms(&lookup, BREAKER_OPEN_MS_VAR, config.breaker.open_interval)?;
+    config.backlog_interval =
+        positive_ms(&lookup, BACKLOG_INTERVAL_MS_VAR, config.backlog_interval)?;
     if let Some(group) = lookup(GROUP_VAR).filter(|g| !g.trim().is_empty()) {
         config.task_group = group.trim().to_owned();
     }
@@ -172,6 +164,16 @@ fn positive(lookup: &impl Fn(&str) -> Option<String>, var: &str, default: u64) -
             Error::config(var, format!("expected a positive whole number, got {v:?}"))
         }),
     }
+}
+
+/// A positive number of milliseconds from `var`, or `default` when it is unset or empty.
+fn positive_ms(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &str,
+    default: std::time::Duration,
+) -> Result<std::time::Duration> {
+    let default = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+    positive(lookup, var, default).map(std::time::Duration::from_millis)
 }
 
 #[cfg(not(feature = "sqlite"))]
