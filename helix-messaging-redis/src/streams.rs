@@ -650,47 +650,49 @@ async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private:
         }
         return;
     }
-    let pending: redis::RedisResult<StreamPendingCountReply> = redis::cmd("XPENDING")
-        .arg(topic)
+    // Each entry keeps its count, less the read that never reached the application.
+    let received: Vec<String> = std::mem::take(&mut *reader.received.lock())
+        .into_iter()
+        .collect();
+    let handed: redis::RedisResult<i64> = HAND_BACK
+        .key(topic)
         .arg(group)
-        .arg("-")
-        .arg("+")
-        .arg(100_000)
         .arg(&reader.consumer)
-        .query_async(connection)
+        .arg(REQUEUE_CONSUMER)
+        .arg(received)
+        .invoke_async(connection)
         .await;
-    let pending = match pending {
-        Ok(reply) => reply.ids,
-        Err(err) => {
-            tracing::warn!(topic, group, error = %err, "cannot list pending entries to hand back; the reclaimer will take them after the ack deadline");
-            return;
-        }
-    };
-    if !pending.is_empty() {
-        // Each entry keeps its count, less the read that never reached the application.
-        let received = std::mem::take(&mut *reader.received.lock());
-        let mut pipe = redis::pipe();
-        for entry in &pending {
-            let unseen = usize::from(!received.contains(&entry.id));
-            let count = entry.times_delivered.saturating_sub(unseen);
-            pipe.add_command(requeue_cmd(topic, group, std::slice::from_ref(&entry.id)))
-                .arg("RETRYCOUNT")
-                .arg(count);
-        }
-        let handed: redis::RedisResult<Vec<Vec<String>>> = pipe.query_async(connection).await;
-        if let Err(err) = handed {
-            tracing::warn!(topic, group, error = %err, "cannot hand back pending entries; the reclaimer will take them after the ack deadline");
-            return;
-        }
+    if let Err(err) = handed {
+        tracing::warn!(topic, group, error = %err, "cannot hand back pending entries; the reclaimer will take them after the ack deadline");
     }
-    let _: redis::RedisResult<i64> = redis::cmd("XGROUP")
-        .arg("DELCONSUMER")
-        .arg(topic)
-        .arg(group)
-        .arg(&reader.consumer)
-        .query_async(connection)
-        .await;
 }
+
+/// Hand a leaving consumer's pending entries to the requeue consumer, then remove it, in one
+/// atomic step: removing a consumer drops whatever it still has pending, so nothing may
+/// reach its pending list between the listing and the removal. KEYS: stream. ARGV: group,
+/// consumer, requeue consumer, then the ids the application received (an entry read but
+/// never received has its delivery count set back by one). Returns how many were handed.
+const HAND_BACK_SCRIPT: &str = r"
+local received = {}
+for i = 4, #ARGV do received[ARGV[i]] = true end
+local handed = 0
+while true do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1000, ARGV[2])
+  if #pending == 0 then break end
+  for _, entry in ipairs(pending) do
+    local count = entry[4]
+    if not received[entry[1]] and count > 0 then count = count - 1 end
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, entry[1], 'TIME', 0,
+        'RETRYCOUNT', count, 'JUSTID')
+    handed = handed + 1
+  end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return handed
+";
+
+static HAND_BACK: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(HAND_BACK_SCRIPT));
 
 /// `XCLAIM` to the requeue consumer with maximal idle time and the delivery count kept.
 fn requeue_cmd(topic: &str, group: &str, ids: &[String]) -> redis::Cmd {

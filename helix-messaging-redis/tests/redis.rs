@@ -116,6 +116,68 @@ async fn reclaimer_hands_a_dead_consumers_entries_to_another_member_after_the_de
     assert!(next.is_err(), "nothing else arrives");
 }
 
+/// A member that leaves hands every entry it still holds back to the group at once, not
+/// after the ack deadline: more than one page of the pending list (the hand-back pages by
+/// 1,000), each counted as the one delivery it had; and the member is gone from the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leaving_member_hands_back_everything_it_holds_at_once() {
+    const HELD: usize = 2_500;
+    let url = shared_url();
+    let topic = topic("hand-back");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let group = "leavers";
+    // Far beyond the test: only the hand-back can make the entries available again.
+    let tune = |c: &mut RedisConfig| c.streams.ack_deadline = Duration::from_secs(600);
+    let broker = broker(&url, RedisMode::Streams, tune).await;
+    let options = SubscribeOptions::group(group).with_prefetch(HELD);
+    let mut leaving = broker.subscribe(&topic, options.clone()).await.unwrap();
+    let sent: Vec<Message> = (0..HELD)
+        .map(|i| Message::new(format!("held {i}")))
+        .collect();
+    let report = broker.publish_batch(&topic, sent.clone()).await;
+    assert!(report.is_ok(), "{:?}", report.failures());
+    let mut held = Vec::with_capacity(HELD);
+    for _ in 0..HELD {
+        held.push(recv(&mut leaving).await);
+    }
+    // Unsettled deliveries stay pending; the subscription's end hands them back.
+    drop(held);
+    drop(leaving);
+
+    let mut staying = broker.subscribe(&topic, options).await.unwrap();
+    let mut got = HashSet::new();
+    for _ in 0..HELD {
+        let d = recv(&mut staying).await;
+        assert_eq!(
+            d.attempt(),
+            2,
+            "{} was delivered once before",
+            d.message().id()
+        );
+        got.insert(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let expected: HashSet<String> = sent.iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(got, expected, "every held entry came back");
+
+    let consumers: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&topic)
+        .arg(group)
+        .query_async(&mut raw(&url).await)
+        .await
+        .unwrap();
+    let names: Vec<String> = consumers
+        .iter()
+        .filter_map(|fields| match fields.get(1) {
+            Some(redis::Value::BulkString(name)) => Some(String::from_utf8_lossy(name).into()),
+            _ => None,
+        })
+        .filter(|name: &String| name != helix_messaging_redis::REQUEUE_CONSUMER)
+        .collect();
+    assert_eq!(names.len(), 1, "only the staying member is left: {names:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_lose_no_accepted_message_across_a_server_crash_and_restart() {
     const MESSAGES: usize = 3_000;
