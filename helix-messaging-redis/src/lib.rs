@@ -22,6 +22,7 @@
 //! # Ok(()) }
 //! ```
 
+mod acks;
 mod codec;
 mod config;
 mod error;

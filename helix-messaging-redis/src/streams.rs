@@ -250,6 +250,8 @@ struct Reader {
     /// when it reads an entry, but one still on its way to the application when the
     /// subscription ends was never seen: handing it back, its count is set back by one.
     received: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Where its deliveries' acks go, to be sent together.
+    acks: crate::acks::Acks,
 }
 
 pub(crate) async fn subscribe(
@@ -294,6 +296,12 @@ pub(crate) async fn subscribe(
         .map_err(|e| from_redis(e, format!("connecting to {}", shared.config.address())))?;
 
     let topic: Arc<str> = Arc::from(topic);
+    let acks = crate::acks::Acks::start(
+        shared.commands.clone(),
+        topic.clone(),
+        group.clone(),
+        shared.shutdown.clone(),
+    );
     let reader = Arc::new(Reader {
         shared: shared.clone(),
         topic: topic.clone(),
@@ -305,6 +313,7 @@ pub(crate) async fn subscribe(
         slot_freed: Notify::new(),
         requeued: AtomicBool::new(false),
         received: parking_lot::Mutex::default(),
+        acks,
     });
     // Batches, each at most a prefetch window, so two of them bound what is buffered.
     let (tx, rx) = mpsc::channel(2);
@@ -617,15 +626,9 @@ async fn set_aside(reader: &Reader, entry: RawEntry, err: &Error) -> Error {
     }
 }
 
-async fn ack(reader: &Reader, id: &str) -> Result<i64> {
-    let mut commands = reader.shared.commands.clone();
-    redis::cmd("XACK")
-        .arg(&*reader.topic)
-        .arg(&*reader.group)
-        .arg(id)
-        .query_async(&mut commands)
-        .await
-        .map_err(|e| from_redis(e, format!("XACK {id} on {}", reader.topic)))
+/// Ack `id` for `reader`'s group: whether it was still pending.
+async fn ack(reader: &Reader, id: &str) -> Result<bool> {
+    reader.acks.ack(id.to_owned()).await
 }
 
 /// On the way out: a private group is destroyed; otherwise this consumer's pending entries
@@ -734,8 +737,8 @@ impl Acknowledge for StreamAcker {
         };
         match outcome {
             Settlement::Ack | Settlement::Reject => match ack(reader, &self.id).await? {
-                0 => Err(not_pending()),
-                _ => Ok(()),
+                true => Ok(()),
+                false => Err(not_pending()),
             },
             Settlement::RequeueAfter(delay) => {
                 let mut commands = reader.shared.commands.clone();
