@@ -95,6 +95,18 @@ async fn raw_create_topic(name: &str) {
         .expect("create topic");
 }
 
+/// Delete a run's topic once it is measured: Tansu keeps every topic in memory and slows
+/// as they pile up, which would favour whichever side runs first.
+async fn delete_topic(name: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    if let Err(err) = admin.delete_topics(&[name], &AdminOptions::new()).await {
+        eprintln!("deleting {name}: {err}");
+    }
+}
+
 /// Publish `n` stamped payloads with raw rdkafka, `batch` reports awaited together.
 /// Returns the round trip of every batch.
 async fn raw_publish_all(
@@ -168,9 +180,11 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
         async move { raw_publish_all(&producer, &topic, count, batch, clock, baseline).await }
     })
     .await;
+    let elapsed = started.elapsed();
+    delete_topic(&topic).await;
     Run {
         messages: options.messages,
-        elapsed: started.elapsed(),
+        elapsed,
         latency,
     }
 }
@@ -199,6 +213,7 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     .await;
     let elapsed = started.elapsed();
     broker.close().await.unwrap();
+    delete_topic(&topic).await;
     Run {
         messages: options.messages,
         elapsed,
@@ -248,6 +263,8 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     }
     let elapsed = started.elapsed();
     producer.await.unwrap();
+    drop(consumer);
+    delete_topic(&topic).await;
     Run {
         messages: n,
         elapsed,
@@ -280,6 +297,7 @@ async fn adapter_e2e(options: &Options) -> Run {
     )
     .await;
     broker.close().await.unwrap();
+    delete_topic(&topic).await;
     run
 }
 

@@ -27,11 +27,12 @@
 //! settled, so a crash while it waits loses nothing.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use futures::FutureExt as _;
 use helix_messaging_core::{
     Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, Message, Position, Result, Settlement,
     StartPosition,
@@ -48,6 +49,12 @@ use crate::{Shared, history, wire};
 
 /// The consumer type of a subscription.
 pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
+
+/// Most records a reader takes in one go from what the consumer has already fetched.
+const RECV_BURST: usize = 256;
+
+/// How often a reader stores the commit points its deliveries' settlements moved.
+const STORE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What a reader hands to its subscription: the group state the delivery belongs to (the
 /// topic's, or its retry topic's), and the delivery.
@@ -111,6 +118,8 @@ pub(crate) struct GroupState {
     clock_skew: Duration,
     partitions: Mutex<HashMap<i32, Tracker>>,
     generation: AtomicU64,
+    /// Set when a settlement moved a commit point that is not stored yet.
+    unstored: AtomicBool,
     /// Counts assignments, so `subscribe` can wait for the first.
     assignments: watch::Sender<u64>,
 }
@@ -124,6 +133,7 @@ impl GroupState {
             clock_skew: shared.config.clock_skew,
             partitions: Mutex::default(),
             generation: AtomicU64::new(0),
+            unstored: AtomicBool::new(false),
             assignments: watch::Sender::new(0),
         })
     }
@@ -244,8 +254,12 @@ impl GroupState {
                 }
             }
         }
+        // Stored too: on unassign the consumer commits its stored offsets, and a store that
+        // lags the tick would move the group back.
         if store.count() > 0
-            && let Err(err) = consumer.commit(&store, CommitMode::Sync)
+            && let Err(err) = consumer
+                .store_offsets(&store)
+                .and_then(|()| consumer.commit(&store, CommitMode::Sync))
         {
             tracing::warn!(topic = %self.topic, error = %err, "committing revoked partitions failed");
         }
@@ -297,51 +311,65 @@ impl GroupState {
             .is_some_and(|t| t.generation == generation)
     }
 
-    /// Mark `offset` settled and store the new commit point if it moved.
-    fn settle(
-        &self,
-        consumer: &GroupConsumer,
-        partition: i32,
-        offset: i64,
-        generation: u64,
-    ) -> Result<()> {
-        let store = {
-            let mut partitions = self.partitions.lock();
-            let tracker = partitions
-                .get_mut(&partition)
-                .filter(|t| t.generation == generation)
-                .ok_or_else(|| {
-                    Error::new(
-                        ErrorKind::NotFound,
-                        format!(
-                            "partition {partition} of {} was reassigned; its new owner receives this message again",
-                            self.topic
-                        ),
-                    )
-                })?;
-            tracker.pending.remove(&offset);
-            tracker.delivered.remove(&offset);
-            tracker
-                .commit_point()
-                .filter(|p| *p > tracker.stored)
-                .inspect(|p| {
-                    tracker.stored = *p;
-                })
-                .map(|p| (p, tracker.metadata()))
-        };
-        if let Some((point, metadata)) = store {
-            // `store_offsets` stores exactly `point`; librdkafka's single-offset store would
-            // store `point + 1` and skip a message.
-            let mut tpl = TopicPartitionList::new();
-            add_commit(&mut tpl, &self.topic, partition, point, &metadata);
-            consumer.store_offsets(&tpl).map_err(|e| {
-                from_kafka(
-                    e,
-                    format!("storing offset {point} of partition {partition}"),
+    /// Mark `offset` settled. A commit point that moved is stored by the next
+    /// [`GroupState::store_settled`].
+    fn settle(&self, partition: i32, offset: i64, generation: u64) -> Result<()> {
+        let mut partitions = self.partitions.lock();
+        let tracker = partitions
+            .get_mut(&partition)
+            .filter(|t| t.generation == generation)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "partition {partition} of {} was reassigned; its new owner receives this message again",
+                        self.topic
+                    ),
                 )
             })?;
+        tracker.pending.remove(&offset);
+        tracker.delivered.remove(&offset);
+        if tracker.commit_point().is_some_and(|p| p > tracker.stored) {
+            self.unstored.store(true, Ordering::Release);
         }
         Ok(())
+    }
+
+    /// Store, for the consumer's next automatic commit, every commit point that moved since
+    /// the last call, with the attempts of the records still out. Runs on a short tick rather
+    /// than per settlement: only the last store before a commit counts, and building the
+    /// attempts list for each of thousands of settlements a second cost more than the
+    /// consuming itself. Revocations and the final commit read the points directly.
+    fn store_settled(&self, consumer: &GroupConsumer) {
+        if !self.unstored.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        {
+            let mut partitions = self.partitions.lock();
+            for (partition, tracker) in partitions.iter_mut() {
+                if let Some(point) = tracker.commit_point().filter(|p| *p > tracker.stored) {
+                    tracker.stored = point;
+                    add_commit(
+                        &mut tpl,
+                        &self.topic,
+                        *partition,
+                        point,
+                        &tracker.metadata(),
+                    );
+                }
+            }
+        }
+        // `store_offsets` stores exactly each point; librdkafka's single-offset store would
+        // store `point + 1` and skip a message.
+        if tpl.count() > 0
+            && let Err(err) = consumer.store_offsets(&tpl)
+        {
+            // Revoked meanwhile: its new owner starts from the last commit, which at worst
+            // redelivers; anything else is tried again on the next tick.
+            tracing::debug!(topic = %self.topic, error = %err, "storing offsets failed");
+            self.unstored.store(true, Ordering::Release);
+        }
     }
 }
 
@@ -509,6 +537,11 @@ async fn final_commit(consumer: &Arc<GroupConsumer>, state: &GroupState) {
         if offsets.count() == 0 {
             return;
         }
+        // Stored as well as committed: closing commits the stored offsets, which must not be
+        // behind this commit.
+        if let Err(err) = consumer.store_offsets(&offsets) {
+            tracing::debug!(topic, error = %err, "storing the final offsets failed");
+        }
         let committer = consumer.clone();
         let committed =
             tokio::task::spawn_blocking(move || committer.commit(&offsets, CommitMode::Sync))
@@ -559,7 +592,14 @@ impl Reader {
         let mut paused = false;
         let mut closed = self.shared.closed.subscribe();
         let mut assignments = self.state.assignments.subscribe();
-        loop {
+        // Well inside the automatic commit interval, so a commit carries what was settled
+        // up to a moment before it.
+        let mut store_ticks = tokio::time::interval(STORE_INTERVAL);
+        store_ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        'running: loop {
+            if !self.hand_out(&mut buffer, &permits) {
+                break;
+            }
             // Fetching resumes once the buffer is half empty; with a prefetch of 1, once it is
             // empty.
             if paused && buffer.len() * 2 < self.prefetch.max(2) {
@@ -607,6 +647,7 @@ impl Reader {
                         paused = self.set_paused(true, &held);
                     }
                 }
+                _ = store_ticks.tick() => self.state.store_settled(&self.consumer),
                 Some(item) = self.again_rx.recv() => {
                     if self.state.holds(item.partition, item.generation) {
                         buffer.push_front(item);
@@ -625,63 +666,140 @@ impl Reader {
                 }
                 received = self.consumer.recv() => match received {
                     Ok(record) => {
-                        let (partition, offset) = (record.partition(), record.offset());
-                        let received = wire::received(&record);
-                        drop(record);
-                        let registered = self.state.register(
-                            partition,
-                            offset,
-                            received.message.timestamp(),
-                            received.attempts_in_header,
-                        );
-                        let (generation, attempt) = match registered {
-                            None => continue,
-                            Some(Registered::Skip(generation)) => {
-                                let _ = self.state.settle(&self.consumer, partition, offset, generation);
-                                continue;
+                        self.take(record, &mut buffer, &mut held, &mut paused);
+                        // Records that have arrived meanwhile are taken now rather than one
+                        // trip through this loop each, and handed out as they come: a buffer
+                        // filled first would pause fetching, and the consumer drops what it
+                        // had fetched beyond a paused position.
+                        for _ in 1..RECV_BURST {
+                            if !self.hand_out(&mut buffer, &permits) {
+                                break 'running;
                             }
-                            Some(Registered::Deliver { generation, attempt }) => (generation, attempt),
-                        };
-                        if wire::expired(&received.message, SystemTime::now()) {
-                            let _ = self.state.settle(&self.consumer, partition, offset, generation);
-                            continue;
-                        }
-                        let item = Buffered {
-                            message: Arc::new(received.message),
-                            attempt,
-                            partition,
-                            offset,
-                            generation,
-                            not_before: received.not_before,
-                        };
-                        let early = item.not_before.is_some_and(|t| t > SystemTime::now());
-                        if early || held.contains_key(&partition) {
-                            // Only this partition waits; its later records keep their order
-                            // behind the one that is not due.
-                            let queue = held.entry(partition).or_default();
-                            if queue.is_empty() {
-                                self.pause_partition(partition, true);
+                            if paused {
+                                break;
                             }
-                            queue.push_back(item);
-                            continue;
-                        }
-                        buffer.push_back(item);
-                        if !paused && buffer.len() >= self.prefetch {
-                            paused = self.set_paused(true, &held);
+                            match self.consumer.recv().now_or_never() {
+                                Some(Ok(record)) => {
+                                    self.take(record, &mut buffer, &mut held, &mut paused);
+                                }
+                                Some(Err(err)) => {
+                                    if !self.report(err).await {
+                                        break 'running;
+                                    }
+                                    break;
+                                }
+                                None => break,
+                            }
                         }
                     }
                     Err(err) => {
-                        let err = from_kafka(err, format!("consuming {}", self.state.topic));
-                        tracing::warn!(error = %err, "consumer error");
-                        if self.deliveries.send((self.state.clone(), Err(err))).is_err() {
+                        if !self.report(err).await {
                             break;
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 },
             }
         }
         self.shutdown(&permits).await;
+    }
+
+    /// Hand out buffered records while the prefetch window has room; `false` once the
+    /// subscription is gone.
+    fn hand_out(&self, buffer: &mut VecDeque<Buffered>, permits: &Arc<Semaphore>) -> bool {
+        while !buffer.is_empty() {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                break;
+            };
+            let Some(item) = buffer.pop_front() else {
+                break;
+            };
+            if !self.state.holds(item.partition, item.generation) {
+                continue;
+            }
+            let delivery = self.delivery(item, permit);
+            if self
+                .deliveries
+                .send((self.state.clone(), Ok(delivery)))
+                .is_err()
+            {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Register a received record and buffer it (or hold it, when it or an earlier record
+    /// of its partition is not due yet); pause fetching once the buffer is full.
+    fn take(
+        &self,
+        record: rdkafka::message::BorrowedMessage<'_>,
+        buffer: &mut VecDeque<Buffered>,
+        held: &mut HashMap<i32, VecDeque<Buffered>>,
+        paused: &mut bool,
+    ) {
+        let (partition, offset) = (record.partition(), record.offset());
+        let received = wire::received(&record);
+        drop(record);
+        let registered = self.state.register(
+            partition,
+            offset,
+            received.message.timestamp(),
+            received.attempts_in_header,
+        );
+        let (generation, attempt) = match registered {
+            None => return,
+            Some(Registered::Skip(generation)) => {
+                let _ = self.state.settle(partition, offset, generation);
+                return;
+            }
+            Some(Registered::Deliver {
+                generation,
+                attempt,
+            }) => (generation, attempt),
+        };
+        if wire::expired(&received.message, SystemTime::now()) {
+            let _ = self.state.settle(partition, offset, generation);
+            return;
+        }
+        let item = Buffered {
+            message: Arc::new(received.message),
+            attempt,
+            partition,
+            offset,
+            generation,
+            not_before: received.not_before,
+        };
+        let early = item.not_before.is_some_and(|t| t > SystemTime::now());
+        if early || held.contains_key(&partition) {
+            // Only this partition waits; its later records keep their order behind the one
+            // that is not due.
+            let queue = held.entry(partition).or_default();
+            if queue.is_empty() {
+                self.pause_partition(partition, true);
+            }
+            queue.push_back(item);
+            return;
+        }
+        buffer.push_back(item);
+        if !*paused && buffer.len() >= self.prefetch {
+            *paused = self.set_paused(true, held);
+        }
+    }
+
+    /// Report a consumer error on the subscription and pause briefly; `false` once the
+    /// subscription is gone.
+    async fn report(&self, err: rdkafka::error::KafkaError) -> bool {
+        let err = from_kafka(err, format!("consuming {}", self.state.topic));
+        tracing::warn!(error = %err, "consumer error");
+        if self
+            .deliveries
+            .send((self.state.clone(), Err(err)))
+            .is_err()
+        {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        true
     }
 
     /// Pause or resume fetching every assigned partition (a resume leaves the `held` ones
@@ -821,15 +939,15 @@ impl Acknowledge for KafkaAcker {
 
     async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
         self.settled = true;
-        let consumer = self.consumer.upgrade().ok_or_else(|| {
-            Error::new(
+        if self.consumer.strong_count() == 0 {
+            return Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
                     "the subscription to {} has ended; the message is redelivered from the committed offset",
                     self.topic
                 ),
-            )
-        })?;
+            ));
+        }
         if let Settlement::RequeueAfter(delay) = outcome {
             let lane = self.retry.clone().ok_or_else(|| {
                 Error::unsupported(
@@ -840,10 +958,9 @@ impl Acknowledge for KafkaAcker {
             let due = SystemTime::now() + delay;
             return match lane.send(&self.message, self.attempt, due).await {
                 // The copy is on the retry topic: the original is done with.
-                Ok(()) => {
-                    self.state
-                        .settle(&consumer, self.partition, self.offset, self.generation)
-                }
+                Ok(()) => self
+                    .state
+                    .settle(self.partition, self.offset, self.generation),
                 Err(err) => {
                     // A retry that comes early, never one that is lost.
                     tracing::warn!(topic = %self.topic, error = %err, "writing the retry copy failed; requeueing at once");
@@ -871,6 +988,6 @@ impl Acknowledge for KafkaAcker {
             ));
         }
         self.state
-            .settle(&consumer, self.partition, self.offset, self.generation)
+            .settle(self.partition, self.offset, self.generation)
     }
 }
