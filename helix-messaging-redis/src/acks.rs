@@ -4,7 +4,8 @@
 //! otherwise cost the server one `XACK` command each: on a busy server that per-command cost,
 //! not the acking itself, bounds how fast a group can consume. Acks of one subscription go to
 //! one task instead, which sends whatever has queued while the previous round trip was out as
-//! one command. Nothing waits for company: an ack that finds the task idle goes out at once.
+//! one command (a few such commands may be out at once). Nothing waits for company: an ack
+//! that finds the task idle goes out at once.
 //! Each ack still resolves only once the server has answered for its own entry, with its own
 //! result (whether the entry was still pending).
 
@@ -19,6 +20,9 @@ use crate::error::from_redis;
 
 /// Most entries one round trip acks.
 const MAX_BATCH: usize = 1_024;
+
+/// Round trips out at once: a few, so acks keep flowing while a busy server answers one.
+const MAX_IN_FLIGHT: usize = 4;
 
 /// Ack each id on its own, in one script call, and report each one's `XACK` count (a plain
 /// `XACK` of several ids only counts them together). KEYS: stream. ARGV: group, ids.
@@ -72,67 +76,84 @@ impl Acks {
 }
 
 async fn send_acks(
-    mut commands: ConnectionManager,
+    commands: ConnectionManager,
     topic: Arc<str>,
     group: Arc<str>,
     mut waiting: mpsc::UnboundedReceiver<Waiting>,
     shutdown: CancellationToken,
 ) {
-    let mut batch: Vec<Waiting> = Vec::new();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     loop {
-        let received = tokio::select! {
+        let mut batch: Vec<Waiting> = Vec::new();
+        tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
-            received = waiting.recv_many(&mut batch, MAX_BATCH) => received,
-        };
-        if received == 0 {
-            return;
-        }
-        let acked: redis::RedisResult<Vec<i64>> = if let [(id, _)] = batch.as_slice() {
-            redis::cmd("XACK")
-                .arg(&*topic)
-                .arg(&*group)
-                .arg(id)
-                .query_async(&mut commands)
-                .await
-                .map(|count: i64| vec![count])
-        } else {
-            let mut call = ACK_EACH.key(&*topic);
-            call.arg(&*group);
-            for (id, _) in &batch {
-                call.arg(id);
-            }
-            call.invoke_async(&mut commands).await
-        };
-        match acked {
-            Ok(counts) if counts.len() == batch.len() => {
-                for ((_, reply), count) in batch.drain(..).zip(counts) {
-                    let _ = reply.send(Ok(count > 0));
+            Some(()) = futures::StreamExt::next(&mut in_flight) => continue,
+            received = waiting.recv_many(&mut batch, MAX_BATCH), if in_flight.len() < MAX_IN_FLIGHT => {
+                if received == 0 {
+                    // Every handle is gone; answer what is still out, then end.
+                    while futures::StreamExt::next(&mut in_flight).await.is_some() {}
+                    return;
                 }
-            }
-            Ok(counts) => {
-                let err = Error::new(
-                    ErrorKind::Serialization,
-                    format!(
-                        "acking {} entries on {topic} answered {} counts",
-                        batch.len(),
-                        counts.len()
-                    ),
-                );
-                fail_all(&mut batch, &err);
-            }
-            Err(err) => {
-                let err = from_redis(err, format!("XACK on {topic}"));
-                fail_all(&mut batch, &err);
+                in_flight.push(send_batch(commands.clone(), topic.clone(), group.clone(), batch));
             }
         }
     }
     // Closed: nothing more is sent.
+    drop(in_flight);
     waiting.close();
+    let mut rest = Vec::new();
     while let Ok(item) = waiting.try_recv() {
-        batch.push(item);
+        rest.push(item);
     }
-    fail_all(&mut batch, &Error::closed("the redis broker"));
+    fail_all(&mut rest, &Error::closed("the redis broker"));
+}
+
+/// Ack one batch and answer each of its waiters.
+async fn send_batch(
+    mut commands: ConnectionManager,
+    topic: Arc<str>,
+    group: Arc<str>,
+    mut batch: Vec<Waiting>,
+) {
+    let acked: redis::RedisResult<Vec<i64>> = if let [(id, _)] = batch.as_slice() {
+        redis::cmd("XACK")
+            .arg(&*topic)
+            .arg(&*group)
+            .arg(id)
+            .query_async(&mut commands)
+            .await
+            .map(|count: i64| vec![count])
+    } else {
+        let mut call = ACK_EACH.key(&*topic);
+        call.arg(&*group);
+        for (id, _) in &batch {
+            call.arg(id);
+        }
+        call.invoke_async(&mut commands).await
+    };
+    match acked {
+        Ok(counts) if counts.len() == batch.len() => {
+            for ((_, reply), count) in batch.drain(..).zip(counts) {
+                let _ = reply.send(Ok(count > 0));
+            }
+        }
+        Ok(counts) => {
+            let err = Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "acking {} entries on {topic} answered {} counts",
+                    batch.len(),
+                    counts.len()
+                ),
+            );
+            fail_all(&mut batch, &err);
+        }
+        Err(err) => {
+            let err = from_redis(err, format!("XACK on {topic}"));
+            fail_all(&mut batch, &err);
+        }
+    }
 }
 
 /// Answer every waiting ack with (a copy of) `err`.
