@@ -269,20 +269,23 @@ impl BatchReport {
     /// asynchronously: `start` hands each message to the client in order (a message it fails
     /// fails alone), then the acknowledgements of all started messages are awaited together
     /// with `acknowledged`, so a batch costs one round trip rather than one per message.
-    pub async fn pipelined<'a, M, T, Start, Started, Ack, Acked>(
-        messages: &'a [M],
+    /// `start` takes each message by value: a client that copies what it sends lets it be
+    /// freed at once instead of holding the whole batch until its last acknowledgement.
+    pub async fn pipelined<M, T, Start, Started, Ack, Acked>(
+        messages: Vec<M>,
         mut start: Start,
         acknowledged: Ack,
     ) -> BatchReport
     where
-        Start: FnMut(&'a M) -> Started,
+        Start: FnMut(M) -> Started,
         Started: std::future::Future<Output = Result<T>>,
         Ack: Fn(T) -> Acked,
         Acked: std::future::Future<Output = Result<()>>,
     {
+        let total = messages.len();
         let mut failures = Vec::new();
-        let mut pending = Vec::with_capacity(messages.len());
-        for (index, message) in messages.iter().enumerate() {
+        let mut pending = Vec::with_capacity(total);
+        for (index, message) in messages.into_iter().enumerate() {
             match start(message).await {
                 Ok(handle) => pending.push((index, handle)),
                 Err(err) => failures.push((index, err)),
@@ -298,7 +301,7 @@ impl BatchReport {
                 .into_iter()
                 .filter_map(|(index, verdict)| verdict.err().map(|e| (index, e))),
         );
-        BatchReport::new(messages.len(), failures)
+        BatchReport::new(total, failures)
     }
 
     /// Messages in the batch.

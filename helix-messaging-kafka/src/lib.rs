@@ -323,8 +323,8 @@ impl Publisher for KafkaBroker {
         let shared = &self.shared;
         let kafka_topic = &kafka_topic;
         BatchReport::pipelined(
-            &messages,
-            |message| shared.enqueue_waiting(kafka_topic, message),
+            messages,
+            |message| async move { shared.enqueue_waiting(kafka_topic, &message).await },
             |report| shared.delivered(kafka_topic, report),
         )
         .await

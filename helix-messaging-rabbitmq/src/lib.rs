@@ -366,8 +366,12 @@ impl Publisher for RabbitBroker {
         // flight instead of a round trip per message.
         let shared = &self.shared;
         BatchReport::pipelined(
-            &messages,
-            |message| shared.start_publish(&shared.config().exchange, topic, message, None),
+            messages,
+            |message| async move {
+                shared
+                    .start_publish(&shared.config().exchange, topic, &message, None)
+                    .await
+            },
             |confirm| shared.confirmed(topic, confirm),
         )
         .await
