@@ -226,6 +226,108 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
     workers.shutdown().await;
 }
 
+/// Poll `/metrics` until a line starting with `prefix` ends with ` value` (15 s at most).
+async fn until_metric(server: &Server, prefix: &str, value: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let response = server.get("/v1/messaging/metrics").send().await.unwrap();
+        let text = response.text().await.unwrap();
+        if text
+            .lines()
+            .any(|l| l.starts_with(prefix) && l.ends_with(&format!(" {value}")))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no {prefix} of {value} within 15 s in:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_and_replay_metrics_are_the_seeds_names_in_the_prometheus_text() {
+    let prometheus = helix_messaging_admin::install_prometheus().unwrap();
+    let broker = redis_streams().await;
+    let dlq_topic = format!("admin.metrics.dlq.{}", uuid_like());
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(MemoryDeadLetterStore::new()),
+        ProcessorConfig {
+            topics: vec![dlq_topic],
+            poll_interval: Duration::from_millis(50),
+            auto_redrive: false,
+            ..ProcessorConfig::default()
+        },
+    )
+    .unwrap();
+    processor.start().await.unwrap();
+    let topic = format!("admin.metrics.failed.{}", uuid_like());
+    let info = DeliveryInfo {
+        topic: topic.as_str().into(),
+        group: Some("workers".into()),
+        attempt: 3,
+        redelivered: true,
+        position: None,
+    };
+    let mut ids = Vec::new();
+    for payload in ["one", "two"] {
+        let now = SystemTime::now();
+        let letter = DeadLetter::new(
+            &Message::new(payload),
+            &info,
+            DeadLetterReason::MaxRetriesExceeded,
+            "boom",
+            now,
+            now,
+        );
+        ids.push(letter.id.clone());
+        assert!(processor.ingest(letter).await.unwrap());
+    }
+    for payload in ["history 1", "history 2"] {
+        broker.publish(&topic, Message::new(payload)).await.unwrap();
+    }
+    let replays = ReplayHandler::new(broker.clone(), ReplayConfig::default());
+    let server = over(broker.clone(), AdminConfig::new(TOKEN).unwrap(), |s| {
+        s.with_dlq(processor.clone())
+            .with_replay(replays)
+            .with_prometheus(prometheus)
+    })
+    .await;
+    // The DLQ's depth gauge carries the seeds' name `messaging_dlq_messages_total`.
+    until_metric(&server, "messaging_dlq_messages_total", "2").await;
+    let path = format!("/v1/messaging/dlq/{}/reprocess", ids[0]);
+    call(server.request(reqwest::Method::POST, &path)).await;
+    until_metric(&server, "messaging_dlq_reprocessed_total", "1").await;
+    until_metric(&server, "messaging_dlq_messages_total", "1").await;
+
+    // One copy, then a pause of a minute before the next batch: running until cancelled.
+    let body = serde_json::json!({
+        "id": "admin-metrics-replay",
+        "topic": topic,
+        "from_time": "2000-01-01T00:00:00Z",
+        "to_time": "2100-01-01T00:00:00Z",
+        "target_topic": format!("{topic}.copy"),
+        "options": {"batch_size": 1, "delay_between_ms": 60000}
+    });
+    let response = server
+        .request(reqwest::Method::POST, "/v1/messaging/replay")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    until_metric(&server, "messaging_replay_active", "1").await;
+    call(server.request(
+        reqwest::Method::DELETE,
+        "/v1/messaging/replay/admin-metrics-replay",
+    ))
+    .await;
+    until_metric(&server, "messaging_replay_active", "0").await;
+    processor.stop().await;
+}
+
 #[test]
 fn settings_come_from_the_environment_and_name_the_bad_variable() {
     let vars = |pairs: &'static [(&'static str, &'static str)]| {
