@@ -216,19 +216,57 @@ fn value_text(value: &redis::Value) -> String {
     String::from_utf8_lossy(&value_bytes(value)).into_owned()
 }
 
-/// Read a stream entry written in either format, or by a plain client.
+/// The value as bytes, taken out of the reply (left empty) rather than copied: this runs
+/// for every payload read.
+fn take_bytes(value: &mut redis::Value) -> Bytes {
+    match value {
+        redis::Value::BulkString(bytes) => Bytes::from(std::mem::take(bytes)),
+        other => Bytes::copy_from_slice(&value_bytes(other)),
+    }
+}
+
+/// The value as text, taken out of the reply when it is UTF-8 (as helix writes it).
+fn take_text(value: &mut redis::Value) -> String {
+    match value {
+        redis::Value::BulkString(bytes) => match String::from_utf8(std::mem::take(bytes)) {
+            Ok(text) => text,
+            Err(err) => {
+                let text = String::from_utf8_lossy(err.as_bytes()).into_owned();
+                *bytes = err.into_bytes();
+                text
+            }
+        },
+        other => value_text(other),
+    }
+}
+
+/// Read a stream entry written in either format, or by a plain client. The payload and
+/// the text fields are taken out of `fields` (left empty) once the payload is found; a
+/// failed read leaves them as they were.
 ///
 /// # Errors
 /// [`ErrorKind::Serialization`] when the entry has no payload field and no first-format
 /// envelope, or its envelope cannot be decoded.
-pub(crate) fn from_stream_fields<'a>(
+pub(crate) fn from_stream_fields(
     entry_id: &str,
     recorded_at: SystemTime,
-    fields: impl IntoIterator<Item = (&'a str, &'a redis::Value)>,
+    fields: &mut [(String, redis::Value)],
     payload_field: &str,
 ) -> Result<Message> {
-    let mut payload = None;
-    let mut legacy = None;
+    // Whether the payload is there is settled first: only then are values taken out, so an
+    // entry that cannot be read keeps its fields for setting aside.
+    if !fields.iter().any(|(field, _)| field == payload_field) {
+        return match fields.iter().find(|(field, _)| field == LEGACY_FIELD) {
+            Some((_, envelope)) => decode(&value_bytes(envelope)),
+            None => Err(Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "entry has no {payload_field:?} field (the payload) and no helix-messaging envelope"
+                ),
+            )),
+        };
+    }
+    let mut payload = Bytes::new();
     let mut id = None;
     let mut timestamp = recorded_at;
     let mut key = None;
@@ -237,22 +275,22 @@ pub(crate) fn from_stream_fields<'a>(
     let mut priority = 0;
     let mut ttl = None;
     let mut headers = Headers::new();
-    for (field, value) in fields {
+    for (field, value) in fields.iter_mut() {
         if field == payload_field {
-            payload = Some(Bytes::copy_from_slice(&value_bytes(value)));
+            payload = take_bytes(value);
             continue;
         }
-        match field {
-            LEGACY_FIELD => legacy = Some(value_bytes(value)),
-            F_ID => id = Some(value_text(value)),
+        match field.as_str() {
+            LEGACY_FIELD => {}
+            F_ID => id = Some(take_text(value)),
             F_TS_NS => {
                 if let Ok(ns) = value_text(value).parse::<u64>() {
                     timestamp = UNIX_EPOCH + Duration::from_nanos(ns);
                 }
             }
-            F_KEY => key = Some(value_text(value)),
-            F_CONTENT_TYPE => content_type = Some(value_text(value)),
-            F_CORRELATION_ID => correlation_id = Some(value_text(value)),
+            F_KEY => key = Some(take_text(value)),
+            F_CONTENT_TYPE => content_type = Some(take_text(value)),
+            F_CORRELATION_ID => correlation_id = Some(take_text(value)),
             F_PRIORITY => priority = value_text(value).parse().unwrap_or(0),
             F_TTL_MS => {
                 ttl = value_text(value)
@@ -262,21 +300,10 @@ pub(crate) fn from_stream_fields<'a>(
             }
             other => {
                 let name = other.strip_prefix(F_HEADER).unwrap_or(other).to_owned();
-                headers.insert(name, value_text(value));
+                headers.insert(name, take_text(value));
             }
         }
     }
-    let Some(payload) = payload else {
-        return match legacy {
-            Some(envelope) => decode(&envelope),
-            None => Err(Error::new(
-                ErrorKind::Serialization,
-                format!(
-                    "entry has no {payload_field:?} field (the payload) and no helix-messaging envelope"
-                ),
-            )),
-        };
-    };
     Ok(Message::from_parts(MessageParts {
         id: id.unwrap_or_else(|| entry_id.to_owned()),
         key,
@@ -329,10 +356,6 @@ mod tests {
         assert_eq!(back, m);
     }
 
-    fn pairs(fields: &[(String, redis::Value)]) -> impl Iterator<Item = (&str, &redis::Value)> {
-        fields.iter().map(|(f, v)| (f.as_str(), v))
-    }
-
     fn fields_of(message: &Message, payload_field: &str) -> Vec<(String, redis::Value)> {
         let mut cmd = redis::cmd("XADD");
         append_stream_fields(&mut cmd, message, payload_field);
@@ -365,7 +388,7 @@ mod tests {
             .with_correlation_id("c")
             .with_priority(9)
             .with_ttl(Duration::from_millis(1500));
-        let fields = fields_of(&m, "data");
+        let mut fields = fields_of(&m, "data");
         assert_eq!(
             fields[0],
             (
@@ -373,14 +396,14 @@ mod tests {
                 redis::Value::BulkString(b"{\"a\":1}".to_vec())
             )
         );
-        let back = from_stream_fields("1-0", UNIX_EPOCH, pairs(&fields), "data").unwrap();
+        let back = from_stream_fields("1-0", UNIX_EPOCH, &mut fields, "data").unwrap();
         assert_eq!(back, m);
     }
 
     #[test]
     fn a_plain_entry_is_a_message_with_its_payload_and_fields_as_headers() {
         let recorded = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let fields = vec![
+        let mut fields = vec![
             (
                 "data".to_owned(),
                 redis::Value::BulkString(b"{\"a\":1}".to_vec()),
@@ -390,24 +413,24 @@ mod tests {
                 redis::Value::BulkString(b"billing".to_vec()),
             ),
         ];
-        let m = from_stream_fields("1700000000123-0", recorded, pairs(&fields), "data").unwrap();
+        let m = from_stream_fields("1700000000123-0", recorded, &mut fields, "data").unwrap();
         assert_eq!(m.payload().as_ref(), b"{\"a\":1}");
         assert_eq!(m.id(), "1700000000123-0");
         assert_eq!(m.timestamp(), recorded);
         assert_eq!(m.header("source"), Some("billing"));
-        let none = from_stream_fields("1-0", recorded, [], "data").expect_err("empty");
+        let none = from_stream_fields("1-0", recorded, &mut [], "data").expect_err("empty");
         assert_eq!(none.kind(), ErrorKind::Serialization);
     }
 
     #[test]
     fn first_format_entries_are_still_read() {
         let m = Message::new("old").with_header("h", "v");
-        let fields = vec![(
+        let mut fields = vec![(
             LEGACY_FIELD.to_owned(),
             redis::Value::BulkString(encode(&m).unwrap()),
         )];
         assert_eq!(
-            from_stream_fields("1-0", UNIX_EPOCH, pairs(&fields), "data").unwrap(),
+            from_stream_fields("1-0", UNIX_EPOCH, &mut fields, "data").unwrap(),
             m
         );
     }

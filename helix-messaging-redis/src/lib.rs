@@ -85,8 +85,12 @@ pub const UNROUTED_METRIC: &str = "messaging_redis_unrouted_publishes_total";
 struct Shared {
     config: RedisConfig,
     client: redis::Client,
-    /// Commands that do not block: publish, ack, group management. Reconnects by itself.
+    /// Commands that do not block: publish, group management. Reconnects by itself.
     commands: ConnectionManager,
+    /// Streams acks, on a connection of their own (made by the first group subscription):
+    /// behind a large pipelined publish on `commands` they would wait for all of it, and
+    /// the prefetch window they free with them.
+    acks_connection: tokio::sync::OnceCell<ConnectionManager>,
     /// Cancelled on close; every subscription task holds a child.
     shutdown: CancellationToken,
     tasks: TaskTracker,
@@ -260,13 +264,8 @@ impl RedisBroker {
         )
         .await?
         .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            .set_max_delay(config.max_reconnect_delay)
-            .set_number_of_retries(6);
         let commands = client
-            .get_connection_manager_with_config(manager_config)
+            .get_connection_manager_with_config(manager_config(&config, Duration::ZERO))
             .await
             .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         Ok(RedisBroker {
@@ -274,6 +273,7 @@ impl RedisBroker {
                 config,
                 client,
                 commands,
+                acks_connection: tokio::sync::OnceCell::new(),
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
                 closed: AtomicBool::new(false),
@@ -453,6 +453,17 @@ impl Broker for RedisBroker {
         .await;
         Ok(())
     }
+}
+
+/// How a connection manager of this broker connects and reconnects; `blocking` is the
+/// longest a command on it blocks on the server (a blocking read's timeout), added to the
+/// response timeout.
+fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.response_timeout + blocking))
+        .set_max_delay(config.max_reconnect_delay)
+        .set_number_of_retries(6)
 }
 
 /// A subscription's stream over the batches its task hands over; dropping the stream cancels

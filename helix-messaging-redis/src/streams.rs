@@ -26,7 +26,7 @@ use helix_messaging_core::{
     Acknowledge, Delivery, DeliveryInfo, Error, ErrorKind, HistoryEntry, HistoryStream, Position,
     Result, Settlement, StartPosition, SubscribeOptions, Subscription, TimeRange,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamRangeReply};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -249,7 +249,8 @@ struct Reader {
     /// Entries the application has received and not settled. XREADGROUP counts a delivery
     /// when it reads an entry, but one still on its way to the application when the
     /// subscription ends was never seen: handing it back, its count is set back by one.
-    received: parking_lot::Mutex<std::collections::HashSet<String>>,
+    /// Kept as [`entry_key`]s: inserting and removing one per delivery costs no allocation.
+    received: parking_lot::Mutex<std::collections::HashSet<u128>>,
     /// Where its deliveries' acks go, to be sent together.
     acks: crate::acks::Acks,
 }
@@ -283,21 +284,31 @@ pub(crate) async fn subscribe(
 
     // Blocking reads get a connection of their own: on the shared multiplexed connection a
     // blocked XREADGROUP would hold up every publish and ack queued behind it.
-    let streams = &shared.config.streams;
-    let reader_config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(shared.config.connect_timeout))
-        .set_response_timeout(Some(shared.config.response_timeout + streams.block))
-        .set_max_delay(shared.config.max_reconnect_delay)
-        .set_number_of_retries(6);
     let connection = shared
         .client
-        .get_connection_manager_with_config(reader_config)
+        .get_connection_manager_with_config(crate::manager_config(
+            &shared.config,
+            shared.config.streams.block,
+        ))
         .await
         .map_err(|e| from_redis(e, format!("connecting to {}", shared.config.address())))?;
+    let acks_connection = shared
+        .acks_connection
+        .get_or_try_init(|| {
+            shared
+                .client
+                .get_connection_manager_with_config(crate::manager_config(
+                    &shared.config,
+                    Duration::ZERO,
+                ))
+        })
+        .await
+        .map_err(|e| from_redis(e, format!("connecting to {}", shared.config.address())))?
+        .clone();
 
     let topic: Arc<str> = Arc::from(topic);
     let acks = crate::acks::Acks::start(
-        shared.commands.clone(),
+        acks_connection,
         topic.clone(),
         group.clone(),
         shared.shutdown.clone(),
@@ -326,8 +337,9 @@ pub(crate) async fn subscribe(
     let deliveries = futures::StreamExt::inspect(crate::channel_stream(rx, cancel), move |item| {
         if let Ok(delivery) = item
             && let Some(Position::StreamId(id)) = &delivery.info().position
+            && let Some(key) = entry_key(id)
         {
-            seen_by.received.lock().insert(id.clone());
+            seen_by.received.lock().insert(key);
         }
     });
     Ok(Subscription::new(
@@ -547,14 +559,14 @@ async fn read_new(
 /// as an error on the subscription.
 async fn to_delivery(
     reader: &Arc<Reader>,
-    entry: RawEntry,
+    mut entry: RawEntry,
     attempt: u32,
 ) -> Option<Result<Delivery>> {
     let recorded_at = id_time(&entry.id);
     let decoded = codec::from_stream_fields(
         &entry.id,
         recorded_at,
-        entry.fields.iter().map(|(f, v)| (f.as_str(), v)),
+        &mut entry.fields,
         &reader.shared.config.streams.payload_field,
     );
     match decoded {
@@ -574,6 +586,7 @@ async fn to_delivery(
             },
             Box::new(StreamAcker {
                 reader: reader.clone(),
+                key: entry_key(&entry.id),
                 id: entry.id,
             }),
         ))),
@@ -656,6 +669,7 @@ async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private:
     // Each entry keeps its count, less the read that never reached the application.
     let received: Vec<String> = std::mem::take(&mut *reader.received.lock())
         .into_iter()
+        .map(entry_id)
         .collect();
     let handed: redis::RedisResult<i64> = HAND_BACK
         .key(topic)
@@ -714,6 +728,18 @@ fn requeue_cmd(topic: &str, group: &str, ids: &[String]) -> redis::Cmd {
 struct StreamAcker {
     reader: Arc<Reader>,
     id: String,
+    key: Option<u128>,
+}
+
+/// A stream entry id (`<ms>-<seq>`) as one number, ordered as the ids are.
+fn entry_key(id: &str) -> Option<u128> {
+    let (ms, seq) = id.split_once('-')?;
+    Some(u128::from(ms.parse::<u64>().ok()?) << 64 | u128::from(seq.parse::<u64>().ok()?))
+}
+
+/// The entry id an [`entry_key`] was made from.
+fn entry_id(key: u128) -> String {
+    format!("{}-{}", key >> 64, key as u64)
 }
 
 #[async_trait]
@@ -722,25 +748,25 @@ impl Acknowledge for StreamAcker {
         true
     }
 
-    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
-        let reader = &self.reader;
-        reader.shared.ensure_open()?;
-        reader.received.lock().remove(&self.id);
-        let not_pending = || {
-            Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "entry {} on {} is no longer pending for group {} (already settled, or taken over by another member after the ack deadline)",
-                    self.id, reader.topic, reader.group
-                ),
-            )
-        };
+    async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
+        self.reader.shared.ensure_open()?;
+        if let Some(key) = self.key {
+            self.reader.received.lock().remove(&key);
+        }
         match outcome {
-            Settlement::Ack | Settlement::Reject => match ack(reader, &self.id).await? {
-                true => Ok(()),
-                false => Err(not_pending()),
-            },
+            Settlement::Ack | Settlement::Reject => {
+                // The id goes to the ack task as it is: acks are the hot path.
+                let id = std::mem::take(&mut self.id);
+                match self.reader.acks.ack(id).await? {
+                    true => Ok(()),
+                    false => {
+                        self.id = self.key.map(entry_id).unwrap_or_default();
+                        Err(self.not_pending())
+                    }
+                }
+            }
             Settlement::RequeueAfter(delay) => {
+                let reader = &self.reader;
                 let mut commands = reader.shared.commands.clone();
                 let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
                 let held: i64 = DELAY
@@ -760,11 +786,12 @@ impl Acknowledge for StreamAcker {
                         )
                     })?;
                 if held == 0 {
-                    return Err(not_pending());
+                    return Err(self.not_pending());
                 }
                 Ok(())
             }
             Settlement::Requeue => {
+                let reader = &self.reader;
                 let mut commands = reader.shared.commands.clone();
                 let ids = [self.id.clone()];
                 let claimed: Vec<String> = requeue_cmd(&reader.topic, &reader.group, &ids)
@@ -774,12 +801,24 @@ impl Acknowledge for StreamAcker {
                         from_redis(e, format!("requeue {} on {}", self.id, reader.topic))
                     })?;
                 if claimed.is_empty() {
-                    return Err(not_pending());
+                    return Err(self.not_pending());
                 }
                 reader.requeued.store(true, Ordering::Release);
                 Ok(())
             }
         }
+    }
+}
+
+impl StreamAcker {
+    fn not_pending(&self) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "entry {} on {} is no longer pending for group {} (already settled, or taken over by another member after the ack deadline)",
+                self.id, self.reader.topic, self.reader.group
+            ),
+        )
     }
 }
 
@@ -883,22 +922,18 @@ pub(crate) fn read_range(shared: Arc<Shared>, topic: &str, range: TimeRange) -> 
 
 fn history_entry(topic: &str, entry: StreamId, payload_field: &str) -> Result<HistoryEntry> {
     let recorded_at = id_time(&entry.id);
-    let message = codec::from_stream_fields(
-        &entry.id,
-        recorded_at,
-        entry.map.iter().map(|(f, v)| (f.as_str(), v)),
-        payload_field,
-    )
-    .map_err(|e| {
-        Error::new(
-            ErrorKind::Serialization,
-            format!(
-                "entry {} on {topic} cannot be decoded: {}",
-                entry.id,
-                e.message()
-            ),
-        )
-    })?;
+    let mut fields: Vec<(String, redis::Value)> = entry.map.into_iter().collect();
+    let message = codec::from_stream_fields(&entry.id, recorded_at, &mut fields, payload_field)
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Serialization,
+                format!(
+                    "entry {} on {topic} cannot be decoded: {}",
+                    entry.id,
+                    e.message()
+                ),
+            )
+        })?;
     Ok(HistoryEntry {
         message: Arc::new(message),
         recorded_at,
