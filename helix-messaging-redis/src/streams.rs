@@ -349,6 +349,12 @@ pub(crate) async fn subscribe(
     ))
 }
 
+/// How long a reader with only a few free slots (under half its prefetch) waits for
+/// settlements to free more before reading into the few: long enough for a consumer that
+/// settles steadily to free half a window, short enough not to stall one that holds its
+/// deliveries until the window is full.
+const SHORT_READ_WAIT: Duration = Duration::from_millis(10);
+
 async fn read_loop(
     reader: Arc<Reader>,
     mut connection: ConnectionManager,
@@ -363,19 +369,37 @@ async fn read_loop(
     // reclaimed; and once before the first claim, for entries delayed while no member ran.
     let hold_every = streams.ack_deadline / 4;
     let mut last_hold: Option<Instant> = None;
+    // Since when a few slots have been free, waiting for more.
+    let mut short_since: Option<Instant> = None;
     'reading: while !cancel.is_cancelled() {
         let room = reader
             .prefetch
             .saturating_sub(reader.outstanding.load(Ordering::Acquire));
         // Reading only once half the window is free keeps reads large: many small
-        // XREADGROUP round trips, serialized with delivery, cap throughput.
-        if room == 0 || room < reader.prefetch.div_ceil(2) {
+        // XREADGROUP round trips, serialized with delivery, cap throughput. But an
+        // application may hold what it has until it gets more (a batch of the whole window),
+        // so a few free slots are filled anyway once settlements stop freeing more.
+        if room == 0 {
+            short_since = None;
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = reader.slot_freed.notified() => {}
             }
             continue;
         }
+        if room < reader.prefetch.div_ceil(2) {
+            let left = SHORT_READ_WAIT
+                .saturating_sub(short_since.get_or_insert_with(Instant::now).elapsed());
+            if !left.is_zero() {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = reader.slot_freed.notified() => {}
+                    () = tokio::time::sleep(left) => {}
+                }
+                continue;
+            }
+        }
+        short_since = None;
         let requeued = reader.requeued.swap(false, Ordering::AcqRel);
         if requeued {
             cursor = "0-0".to_owned();

@@ -48,6 +48,7 @@ cases! {
     requeue_reaches_only_its_group: [ConsumerGroups, Redelivery];
     crash_loop_counts_every_attempt: [ConsumerGroups, RedeliverUnacked];
     prefetch_one_keeps_flowing: [Redelivery];
+    a_held_window_fills_to_the_prefetch: [ConsumerGroups];
     live_messages_stamped_before_a_time_start_arrive: [ConsumerGroups, ReplayByTime];
     zero_ttl_is_never_delivered: [Ttl];
     settling_after_close_fails: [];
@@ -808,6 +809,56 @@ pub async fn prefetch_one_keeps_flowing(ctx: Ctx) -> Result<()> {
     let got = ctx.recv_ack_ids(&mut sub, sent.len()).await;
     let expected: Vec<String> = sent.iter().map(|m| m.id().to_owned()).collect();
     assert_eq!(got, expected);
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A consumer that holds its deliveries unsettled still receives up to its prefetch: the
+/// window fills even when the last free slots are few (an application collecting a batch
+/// before settling any must not wait forever), nothing beyond it arrives while all are held,
+/// and each settlement lets one more through.
+pub async fn a_held_window_fills_to_the_prefetch(ctx: Ctx) -> Result<()> {
+    const WINDOW: usize = 10;
+    let topic = ctx.topic("held-window");
+    let group = crate::fresh_name("g");
+    let mut sub = ctx
+        .subscribe(
+            &topic,
+            SubscribeOptions::group(&group).with_prefetch(WINDOW),
+        )
+        .await;
+    let sent: Vec<Message> = (0..WINDOW + 2)
+        .map(|i| Message::new(format!("held {i}")).with_key("k"))
+        .collect();
+    // Most of the window first, taken and held, so the rest is a read of its own.
+    for m in &sent[..WINDOW - 2] {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    let mut held = ctx.recv_n(&mut sub, WINDOW - 2).await;
+    for m in &sent[WINDOW - 2..] {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    held.extend(ctx.recv_n(&mut sub, 2).await);
+    ctx.expect_quiet(&mut sub).await;
+
+    let mut got = HashSet::new();
+    for _ in 0..2 {
+        let settled = held.remove(0);
+        got.insert(settled.message().id().to_owned());
+        settled.ack().await?;
+        held.push(ctx.recv(&mut sub).await);
+        ctx.expect_quiet(&mut sub).await;
+    }
+    for d in held {
+        assert!(
+            got.insert(d.message().id().to_owned()),
+            "{} delivered twice",
+            d.message().id()
+        );
+        d.ack().await?;
+    }
+    let expected: HashSet<String> = sent.iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(got, expected, "every message once");
     ctx.expect_quiet(&mut sub).await;
     Ok(())
 }

@@ -254,6 +254,21 @@ async fn a_consumer_continues_the_publishers_trace_on_rabbitmq() {
     a_consumer_continues_the_publishers_trace(broker).await;
 }
 
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_continues_the_publishers_trace_on_kafka() {
+    use helix_messaging::kafka::{KafkaBroker, KafkaConfig};
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+    let mut config = KafkaConfig::new(brokers);
+    // Tansu answers group joins and empty fetches slowly at librdkafka's defaults.
+    config.fetch_wait_max = Duration::from_millis(50);
+    config.session_timeout = Duration::from_secs(6);
+    config.heartbeat_interval = Duration::from_millis(500);
+    config.shutdown_grace = Duration::from_secs(2);
+    let broker = KafkaBroker::connect(config).await.expect("Kafka (Tansu)");
+    a_consumer_continues_the_publishers_trace(Arc::new(broker)).await;
+}
+
 /// Publisher → process (fails) → dead_letter → DLQ → re-drive → process again, one trace.
 async fn the_trace_goes_through_the_dlq_and_its_redrive(backend: Arc<dyn Broker>) {
     exporter();
