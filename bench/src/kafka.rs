@@ -313,6 +313,7 @@ pub(crate) async fn compare(options: &Options) {
     compare_baselines(
         options,
         "raw rdkafka",
+        "tansu",
         scenarios(options),
         |scenario, baseline| async move {
             match scenario {

@@ -20,6 +20,9 @@
 //! `publish_batch`, 256 concurrent `publish` callers, and a consumer acking every delivery
 //! with 256 acks in flight.
 //!
+//! `--side adapter` (or `raw`) runs one side of each comparison only, for a profiler
+//! (`valgrind --tool=callgrind`, `perf record`); it prints no ratio.
+//!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
 //! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `kafka` to `KAFKA_BROKERS`
 //! (default `127.0.0.1:9092`).
@@ -39,7 +42,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME] [--peak]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME] [--peak] [--side adapter|raw]"
 }
 
 fn main() -> ExitCode {

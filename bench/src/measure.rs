@@ -23,6 +23,15 @@ pub(crate) struct Options {
     /// `--peak`: each side at its best instead of like for like at batches of 100 (see
     /// [`Shape`]), plus many concurrent `publish` callers against the raw client's peak.
     pub(crate) peak: bool,
+    /// `--side adapter|raw`: run one side only, for a profiler (no ratio is printed).
+    pub(crate) side: Option<Side>,
+}
+
+/// One side of a comparison.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Adapter,
+    Raw,
 }
 
 impl Options {
@@ -34,11 +43,20 @@ impl Options {
             messages_given: false,
             filter: None,
             peak: false,
+            side: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
             if flag == "--peak" {
                 options.peak = true;
+                continue;
+            }
+            if flag == "--side" {
+                options.side = match it.next().map(String::as_str) {
+                    Some("adapter") => Some(Side::Adapter),
+                    Some("raw") => Some(Side::Raw),
+                    _ => return Err("--side needs adapter or raw".into()),
+                };
                 continue;
             }
             if flag == "--filter" {
@@ -270,6 +288,90 @@ fn fmt_ns(ns: u64) -> String {
     }
 }
 
+/// CPU time spent in a stretch of the benchmark: by this process (the client side, every
+/// thread) and by the broker's processes on this machine, found by their command name.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuTime {
+    client: Duration,
+    /// `None` when no process of that name could be read.
+    broker: Option<Duration>,
+}
+
+impl CpuTime {
+    /// Nothing yet: the start of a total.
+    const ZERO: CpuTime = CpuTime {
+        client: Duration::ZERO,
+        broker: Some(Duration::ZERO),
+    };
+
+    /// The CPU time `work` took, on both sides, with its result.
+    pub(crate) async fn of<T>(broker_process: &str, work: impl Future<Output = T>) -> (T, Self) {
+        let (client, broker) = (process_cpu("self"), broker_cpu(broker_process));
+        let out = work.await;
+        let used = CpuTime {
+            client: process_cpu("self")
+                .zip(client)
+                .map_or(Duration::ZERO, |(after, before)| {
+                    after.saturating_sub(before)
+                }),
+            broker: broker_cpu(broker_process)
+                .zip(broker)
+                .map(|(after, before)| after.saturating_sub(before)),
+        };
+        (out, used)
+    }
+
+    fn add(&mut self, other: CpuTime) {
+        self.client += other.client;
+        self.broker = self.broker.zip(other.broker).map(|(a, b)| a + b);
+    }
+
+    /// Both sides' time, and per 100,000 messages.
+    fn per(&self, messages: usize) -> String {
+        let per_100k = |d: Duration| d.as_secs_f64() * 100_000.0 / messages.max(1) as f64;
+        let broker = self.broker.map_or("broker n/a".to_owned(), |b| {
+            format!("broker {:.2} s ({:.2}/100k)", b.as_secs_f64(), per_100k(b))
+        });
+        format!(
+            "cpu: client {:.2} s ({:.2}/100k), {broker}",
+            self.client.as_secs_f64(),
+            per_100k(self.client)
+        )
+    }
+}
+
+/// User plus system time of process `pid` (`self` for this one), from `/proc/<pid>/stat`.
+fn process_cpu(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: count fields after it.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, in clock ticks (100 a second
+    // on Linux).
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// The CPU time of every process named `name` (its `/proc/<pid>/comm`).
+fn broker_cpu(name: &str) -> Option<Duration> {
+    let mut total = None;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let pid = entry.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim_end() == name
+            && let Some(cpu) = process_cpu(pid)
+        {
+            total = Some(total.unwrap_or(Duration::ZERO) + cpu);
+        }
+    }
+    total
+}
+
 /// The run with the median rate.
 pub(crate) fn median(mut runs: Vec<Run>) -> Run {
     runs.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
@@ -385,6 +487,7 @@ pub(crate) enum Baseline {
 pub(crate) async fn compare_baselines<R, RF, O, OF>(
     options: &Options,
     raw_name: &str,
+    broker_process: &str,
     scenarios: &[&str],
     raw: R,
     ours: O,
@@ -406,30 +509,63 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
             })
         });
     let mut results = Vec::new();
+    // Time each side ran: the client's and the broker's CPU time, per run and in all.
+    let measured = |label: &str, run: &Run, cpu: CpuTime, totals: &mut CpuTime| {
+        println!("{}   {}", run.line(label), cpu.per(run.messages));
+        totals.add(cpu);
+    };
     for (name, scenario, baseline) in comparisons {
         if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
             continue;
         }
         let (raw_label, ours_label) = (format!("{raw_name} {name}"), format!("adapter {name}"));
         let (mut raw_runs, mut our_runs) = (Vec::new(), Vec::new());
+        let (mut raw_cpu, mut our_cpu) = (CpuTime::ZERO, CpuTime::ZERO);
+        if let Some(side) = options.side {
+            let mut total = CpuTime::ZERO;
+            let mut messages = 0;
+            for run in 1..=options.runs {
+                let (label, (r, cpu)) = match side {
+                    Side::Adapter => (
+                        &ours_label,
+                        CpuTime::of(broker_process, ours(scenario)).await,
+                    ),
+                    Side::Raw => (
+                        &raw_label,
+                        CpuTime::of(broker_process, raw(scenario, baseline)).await,
+                    ),
+                };
+                measured(&format!("run {run}: {label}"), &r, cpu, &mut total);
+                messages += r.messages;
+            }
+            println!("  all runs, {}", total.per(messages));
+            continue;
+        }
         for run in 1..=options.runs {
             // Every other run the adapter goes first: a broker that slows as it fills (Tansu
             // keeps every topic in memory) or warms up would otherwise favour one side.
             if run % 2 == 0 {
-                let o = ours(scenario).await;
-                println!("run {run}: {}", o.line(&ours_label));
+                let (o, cpu) = CpuTime::of(broker_process, ours(scenario)).await;
+                measured(&format!("run {run}: {ours_label}"), &o, cpu, &mut our_cpu);
                 our_runs.push(o);
             }
-            let r = raw(scenario, baseline).await;
-            println!("run {run}: {}", r.line(&raw_label));
+            let (r, cpu) = CpuTime::of(broker_process, raw(scenario, baseline)).await;
+            measured(&format!("run {run}: {raw_label}"), &r, cpu, &mut raw_cpu);
             raw_runs.push(r);
             if run % 2 == 1 {
-                let o = ours(scenario).await;
-                println!("run {run}: {}", o.line(&ours_label));
+                let (o, cpu) = CpuTime::of(broker_process, ours(scenario)).await;
+                measured(&format!("run {run}: {ours_label}"), &o, cpu, &mut our_cpu);
                 our_runs.push(o);
             }
         }
-        results.push((name, report(&raw_label, raw_runs, &ours_label, our_runs)));
+        let messages: usize = raw_runs.iter().map(|r| r.messages).sum();
+        let ratio = report(&raw_label, raw_runs, &ours_label, our_runs);
+        println!(
+            "  all runs, raw {}; adapter {}",
+            raw_cpu.per(messages),
+            our_cpu.per(messages)
+        );
+        results.push((name, ratio));
     }
     let summary: Vec<String> = results
         .iter()
@@ -439,4 +575,47 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
         "target >= 0.95x raw (like for like); measured: {}",
         summary.join(", ")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| (*a).to_owned()).collect()
+    }
+
+    #[test]
+    fn side_picks_one_side_and_refuses_anything_else() {
+        let options = Options::parse(&args(&["--side", "adapter", "--runs", "2"])).unwrap();
+        assert_eq!(options.side, Some(Side::Adapter));
+        assert_eq!(options.runs, 2);
+        let options = Options::parse(&args(&["--side", "raw"])).unwrap();
+        assert_eq!(options.side, Some(Side::Raw));
+        assert!(Options::parse(&args(&["--side", "both"])).is_err());
+        assert_eq!(Options::parse(&[]).unwrap().side, None);
+    }
+
+    /// The client's CPU time is this process's and grows with work done; a broker process
+    /// that does not exist reads as unknown rather than as zero.
+    #[tokio::test]
+    async fn cpu_time_counts_this_process_and_knows_a_missing_broker() {
+        let (sum, used) = CpuTime::of("no-such-broker-process", async {
+            let started = Instant::now();
+            let mut sum = 0u64;
+            while started.elapsed() < Duration::from_millis(200) {
+                sum = std::hint::black_box(sum.wrapping_add(1));
+            }
+            sum
+        })
+        .await;
+        assert!(sum > 0);
+        assert!(
+            used.client >= Duration::from_millis(100),
+            "200 ms of spinning counted as {:?}",
+            used.client
+        );
+        assert_eq!(used.broker, None);
+        assert!(used.per(1).contains("broker n/a"), "{}", used.per(1));
+    }
 }

@@ -168,6 +168,7 @@ mod tests {
             messages_given: true,
             filter: None,
             peak: false,
+            side: None,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
         for publishing in [

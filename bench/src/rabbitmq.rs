@@ -367,6 +367,7 @@ pub(crate) async fn compare(options: &Options) {
     compare_baselines(
         options,
         "raw lapin",
+        "beam.smp",
         scenarios(options),
         |scenario, baseline| async move {
             match scenario {

@@ -351,6 +351,7 @@ pub(crate) async fn compare(options: &Options) {
     compare_baselines(
         options,
         "raw",
+        "redis-server",
         scenarios,
         |scenario, baseline| async move {
             match scenario {

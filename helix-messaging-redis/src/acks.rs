@@ -16,7 +16,7 @@ use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::error::from_redis;
+use crate::error::{from_redis, has_code};
 
 /// Most entries one round trip acks.
 const MAX_BATCH: usize = 1_024;
@@ -40,7 +40,40 @@ return missing
 static ACK: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(ACK_SCRIPT));
 
-type Waiting = (String, oneshot::Sender<Result<bool>>);
+/// A stream entry id (`<ms>-<seq>`) as its two numbers: ordered as the ids are, hashed and
+/// handed around without an allocation, and written into a command as the text Redis gave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct EntryId {
+    ms: u64,
+    seq: u64,
+}
+
+impl EntryId {
+    /// The id in Redis' text form; `None` for anything else.
+    pub(crate) fn parse(id: &str) -> Option<Self> {
+        let (ms, seq) = id.split_once('-')?;
+        Some(EntryId {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for EntryId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.ms, self.seq)
+    }
+}
+
+impl redis::ToRedisArgs for EntryId {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        // Straight into the command's buffer: writing to a Vec cannot fail.
+        let _ = write!(out.writer_for_next_arg(), "{}-{}", self.ms, self.seq);
+    }
+}
+
+type Waiting = (EntryId, oneshot::Sender<Result<bool>>);
 
 /// The acking side of one subscription's group: cheap to share among its deliveries.
 pub(crate) struct Acks {
@@ -67,7 +100,7 @@ impl Acks {
     /// # Errors
     /// The server's error for the round trip that carried it; [`ErrorKind::Closed`] once
     /// the broker is closed.
-    pub(crate) async fn ack(&self, id: String) -> Result<bool> {
+    pub(crate) async fn ack(&self, id: EntryId) -> Result<bool> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send((id, reply))
@@ -129,22 +162,37 @@ async fn send_batch(
             .await
             .map(|count: i64| vec![count > 0])
     } else {
-        let mut call = ACK.key(&*topic);
-        call.arg(&*group);
+        // The script call is written as one command, each id straight into its buffer (a
+        // `ScriptInvocation` holds every argument in a buffer of its own, then copies them).
+        let mut call = redis::Cmd::with_capacity(
+            5 + batch.len(),
+            64 + topic.len() + group.len() + 42 * batch.len(),
+        );
+        call.arg("EVALSHA")
+            .arg(ACK.get_hash())
+            .arg(1)
+            .arg(&*topic)
+            .arg(&*group);
         for (id, _) in &batch {
             call.arg(id);
         }
-        call.invoke_async(&mut commands)
-            .await
-            .map(|missing: Vec<usize>| {
-                let mut pending = vec![true; batch.len()];
-                for position in missing {
-                    if let Some(slot) = position.checked_sub(1).and_then(|i| pending.get_mut(i)) {
-                        *slot = false;
-                    }
+        let missing: redis::RedisResult<Vec<usize>> = match call.query_async(&mut commands).await {
+            // The server lost its script cache (a restart, SCRIPT FLUSH): load it, once more.
+            Err(err) if has_code(&err, "NOSCRIPT") => match ACK.load_async(&mut commands).await {
+                Ok(_) => call.query_async(&mut commands).await,
+                Err(err) => Err(err),
+            },
+            answer => answer,
+        };
+        missing.map(|missing| {
+            let mut pending = vec![true; batch.len()];
+            for position in missing {
+                if let Some(slot) = position.checked_sub(1).and_then(|i| pending.get_mut(i)) {
+                    *slot = false;
                 }
-                pending
-            })
+            }
+            pending
+        })
     };
     match acked {
         Ok(pending) => {
@@ -222,13 +270,24 @@ mod tests {
                 .await
                 .unwrap();
         }
+        // The acks of several ids are one script call by its hash: with the server's script
+        // cache emptied, the call loads the script and goes through all the same.
+        let _: () = redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut commands)
+            .await
+            .unwrap();
         let acks = Acks::start(
             commands.clone(),
             Arc::from(topic.as_str()),
             Arc::from("g"),
             CancellationToken::new(),
         );
-        let answers = futures::future::join_all(ids.iter().map(|id| acks.ack(id.clone()))).await;
+        let answers = futures::future::join_all(
+            ids.iter()
+                .map(|id: &String| acks.ack(EntryId::parse(id).expect("a Redis entry id"))),
+        )
+        .await;
         for (i, answer) in answers.into_iter().enumerate() {
             assert_eq!(answer.unwrap(), i % 10 != 0, "entry {i}");
         }
@@ -257,7 +316,7 @@ mod tests {
         shutdown.cancel();
         let answer = tokio::time::timeout(
             std::time::Duration::from_secs(5),
-            acks.ack("1-0".to_owned()),
+            acks.ack(EntryId::parse("1-0").unwrap()),
         )
         .await
         .expect("an answer within 5 s");

@@ -32,6 +32,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::acks::EntryId;
 use crate::codec;
 use crate::error::{from_redis, has_code};
 
@@ -242,15 +243,17 @@ struct Reader {
     prefetch: usize,
     /// Deliveries handed out and not yet settled or dropped.
     outstanding: AtomicUsize,
-    /// Woken when a delivery is settled or dropped.
+    /// Woken when settlements free the first slot of a full window, or half the window: the
+    /// two points the reader waits for (not on every settlement, which would wake it once
+    /// per delivery), and by a requeue.
     slot_freed: Notify,
     /// Set by a requeue so the next pass claims at once, from the start of the pending list.
     requeued: AtomicBool,
     /// Entries the application has received and not settled. XREADGROUP counts a delivery
     /// when it reads an entry, but one still on its way to the application when the
     /// subscription ends was never seen: handing it back, its count is set back by one.
-    /// Kept as [`entry_key`]s: inserting and removing one per delivery costs no allocation.
-    received: parking_lot::Mutex<std::collections::HashSet<u128>>,
+    /// Kept as [`EntryId`]s: inserting and removing one per delivery costs no allocation.
+    received: parking_lot::Mutex<std::collections::HashSet<EntryId>>,
     /// Where its deliveries' acks go, to be sent together.
     acks: crate::acks::Acks,
 }
@@ -337,7 +340,7 @@ pub(crate) async fn subscribe(
     let deliveries = futures::StreamExt::inspect(crate::channel_stream(rx, cancel), move |item| {
         if let Ok(delivery) = item
             && let Some(Position::StreamId(id)) = &delivery.info().position
-            && let Some(key) = entry_key(id)
+            && let Some(key) = EntryId::parse(id)
         {
             seen_by.received.lock().insert(key);
         }
@@ -599,21 +602,29 @@ async fn to_delivery(
             tracing::debug!(topic = %reader.topic, id = %entry.id, "dropped an entry whose TTL passed");
             None
         }
-        Ok(message) => Some(Ok(Delivery::new(
-            Arc::new(message),
-            DeliveryInfo {
-                topic: reader.topic.clone(),
-                group: reader.reported_group.clone(),
-                attempt,
-                redelivered: attempt > 1,
-                position: Some(Position::StreamId(entry.id.clone())),
-            },
-            Box::new(StreamAcker {
-                reader: reader.clone(),
-                key: entry_key(&entry.id),
-                id: entry.id,
-            }),
-        ))),
+        Ok(message) => {
+            let Some(key) = EntryId::parse(&entry.id) else {
+                let err = Error::new(
+                    ErrorKind::Serialization,
+                    format!("entry id {:?} is not of the form <ms>-<seq>", entry.id),
+                );
+                return Some(Err(set_aside(reader, entry, &err).await));
+            };
+            Some(Ok(Delivery::new(
+                Arc::new(message),
+                DeliveryInfo {
+                    topic: reader.topic.clone(),
+                    group: reader.reported_group.clone(),
+                    attempt,
+                    redelivered: attempt > 1,
+                    position: Some(Position::StreamId(entry.id)),
+                },
+                Box::new(StreamAcker {
+                    reader: reader.clone(),
+                    key,
+                }),
+            )))
+        }
         Err(err) => Some(Err(set_aside(reader, entry, &err).await)),
     }
 }
@@ -665,7 +676,18 @@ async fn set_aside(reader: &Reader, entry: RawEntry, err: &Error) -> Error {
 
 /// Ack `id` for `reader`'s group: whether it was still pending.
 async fn ack(reader: &Reader, id: &str) -> Result<bool> {
-    reader.acks.ack(id.to_owned()).await
+    if let Some(key) = EntryId::parse(id) {
+        return reader.acks.ack(key).await;
+    }
+    // Not an id Redis makes, so not one the ack task can carry: acked on its own, as given.
+    let acked: i64 = redis::cmd("XACK")
+        .arg(&*reader.topic)
+        .arg(&*reader.group)
+        .arg(id)
+        .query_async(&mut reader.shared.commands.clone())
+        .await
+        .map_err(|e| from_redis(e, format!("XACK of {id} on {}", reader.topic)))?;
+    Ok(acked > 0)
 }
 
 /// On the way out: a private group is destroyed; otherwise this consumer's pending entries
@@ -691,9 +713,8 @@ async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private:
         return;
     }
     // Each entry keeps its count, less the read that never reached the application.
-    let received: Vec<String> = std::mem::take(&mut *reader.received.lock())
+    let received: Vec<EntryId> = std::mem::take(&mut *reader.received.lock())
         .into_iter()
-        .map(entry_id)
         .collect();
     let handed: redis::RedisResult<i64> = HAND_BACK
         .key(topic)
@@ -736,7 +757,7 @@ static HAND_BACK: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(HAND_BACK_SCRIPT));
 
 /// `XCLAIM` to the requeue consumer with maximal idle time and the delivery count kept.
-fn requeue_cmd(topic: &str, group: &str, ids: &[String]) -> redis::Cmd {
+fn requeue_cmd(topic: &str, group: &str, ids: &[EntryId]) -> redis::Cmd {
     let mut cmd = redis::cmd("XCLAIM");
     cmd.arg(topic)
         .arg(group)
@@ -751,19 +772,7 @@ fn requeue_cmd(topic: &str, group: &str, ids: &[String]) -> redis::Cmd {
 
 struct StreamAcker {
     reader: Arc<Reader>,
-    id: String,
-    key: Option<u128>,
-}
-
-/// A stream entry id (`<ms>-<seq>`) as one number, ordered as the ids are.
-fn entry_key(id: &str) -> Option<u128> {
-    let (ms, seq) = id.split_once('-')?;
-    Some(u128::from(ms.parse::<u64>().ok()?) << 64 | u128::from(seq.parse::<u64>().ok()?))
-}
-
-/// The entry id an [`entry_key`] was made from.
-fn entry_id(key: u128) -> String {
-    format!("{}-{}", key >> 64, key as u64)
+    key: EntryId,
 }
 
 #[async_trait]
@@ -774,21 +783,12 @@ impl Acknowledge for StreamAcker {
 
     async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
         self.reader.shared.ensure_open()?;
-        if let Some(key) = self.key {
-            self.reader.received.lock().remove(&key);
-        }
+        self.reader.received.lock().remove(&self.key);
         match outcome {
-            Settlement::Ack | Settlement::Reject => {
-                // The id goes to the ack task as it is: acks are the hot path.
-                let id = std::mem::take(&mut self.id);
-                match self.reader.acks.ack(id).await? {
-                    true => Ok(()),
-                    false => {
-                        self.id = self.key.map(entry_id).unwrap_or_default();
-                        Err(self.not_pending())
-                    }
-                }
-            }
+            Settlement::Ack | Settlement::Reject => match self.reader.acks.ack(self.key).await? {
+                true => Ok(()),
+                false => Err(self.not_pending()),
+            },
             Settlement::RequeueAfter(delay) => {
                 let reader = &self.reader;
                 let mut commands = reader.shared.commands.clone();
@@ -798,7 +798,7 @@ impl Acknowledge for StreamAcker {
                     .key(delayed_key(&reader.topic, &reader.group))
                     .arg(&*reader.group)
                     .arg(REQUEUE_CONSUMER)
-                    .arg(&self.id)
+                    .arg(self.key)
                     .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
                     .arg(deadline_ms)
                     .invoke_async(&mut commands)
@@ -806,7 +806,7 @@ impl Acknowledge for StreamAcker {
                     .map_err(|e| {
                         from_redis(
                             e,
-                            format!("delayed requeue of {} on {}", self.id, reader.topic),
+                            format!("delayed requeue of {} on {}", self.key, reader.topic),
                         )
                     })?;
                 if held == 0 {
@@ -817,17 +817,18 @@ impl Acknowledge for StreamAcker {
             Settlement::Requeue => {
                 let reader = &self.reader;
                 let mut commands = reader.shared.commands.clone();
-                let ids = [self.id.clone()];
+                let ids = [self.key];
                 let claimed: Vec<String> = requeue_cmd(&reader.topic, &reader.group, &ids)
                     .query_async(&mut commands)
                     .await
                     .map_err(|e| {
-                        from_redis(e, format!("requeue {} on {}", self.id, reader.topic))
+                        from_redis(e, format!("requeue {} on {}", self.key, reader.topic))
                     })?;
                 if claimed.is_empty() {
                     return Err(self.not_pending());
                 }
                 reader.requeued.store(true, Ordering::Release);
+                reader.slot_freed.notify_one();
                 Ok(())
             }
         }
@@ -840,7 +841,7 @@ impl StreamAcker {
             ErrorKind::NotFound,
             format!(
                 "entry {} on {} is no longer pending for group {} (already settled, or taken over by another member after the ack deadline)",
-                self.id, self.reader.topic, self.reader.group
+                self.key, self.reader.topic, self.reader.group
             ),
         )
     }
@@ -850,8 +851,13 @@ impl Drop for StreamAcker {
     /// Settled or not, the delivery no longer occupies a prefetch slot; an unsettled one stays
     /// pending and is reclaimed after the ack deadline.
     fn drop(&mut self) {
-        self.reader.outstanding.fetch_sub(1, Ordering::AcqRel);
-        self.reader.slot_freed.notify_one();
+        let reader = &self.reader;
+        let before = reader.outstanding.fetch_sub(1, Ordering::AcqRel);
+        // Each count is passed by exactly one decrement, so each point wakes the reader once.
+        let room = reader.prefetch.saturating_sub(before.saturating_sub(1));
+        if room == 1 || room == reader.prefetch.div_ceil(2) {
+            reader.slot_freed.notify_one();
+        }
     }
 }
 
