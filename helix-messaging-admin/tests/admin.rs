@@ -228,22 +228,16 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
 
 /// Poll `/metrics` until a line starting with `prefix` ends with ` value` (15 s at most).
 async fn until_metric(server: &Server, prefix: &str, value: &str) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let response = server.get("/v1/messaging/metrics").send().await.unwrap();
-        let text = response.text().await.unwrap();
-        if text
-            .lines()
-            .any(|l| l.starts_with(prefix) && l.ends_with(&format!(" {value}")))
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no {prefix} of {value} within 15 s in:\n{text}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = format!("{prefix} of {value} in /v1/messaging/metrics");
+    let line_end = format!(" {value}");
+    helix_messaging_testkit::eventually(Duration::from_secs(15), &what, || async {
+        let response = server.get("/v1/messaging/metrics").send().await.ok()?;
+        let text = response.text().await.ok()?;
+        text.lines()
+            .any(|l| l.starts_with(prefix) && l.ends_with(&line_end))
+            .then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -740,20 +734,14 @@ async fn until_finished(s: &Server, id: &str) -> Value {
     until_done(s, &format!("/v1/messaging/replay/{id}")).await
 }
 
-/// Poll the progress at `path` until it is neither running nor watching.
+/// Poll the progress at `path` until it is neither running nor watching (15 s at most).
 async fn until_done(s: &Server, path: &str) -> Value {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
+    let what = format!("{path} to finish");
+    helix_messaging_testkit::eventually(Duration::from_secs(15), &what, || async {
         let progress = call(s.get(path)).await;
-        if progress["status"] != "running" && progress["status"] != "watching" {
-            return progress;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still running: {progress}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (progress["status"] != "running" && progress["status"] != "watching").then_some(progress)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
