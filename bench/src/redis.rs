@@ -1,7 +1,8 @@
 //! Redis: raw redis-rs against the adapter, pub/sub and Streams, publish-only and end to end.
 //! Like with like: the raw side pipelines batches of 100 (10,000 with `--peak`, see
 //! [`shape`]), the adapter uses `publish_batch` with the same batch size; the raw Streams
-//! consumer acks each XREADGROUP batch with one XACK, the adapter's consumer acks every
+//! consumer acks each XREADGROUP batch with one XACK (with `--peak`, also with a script
+//! answering per entry, the adapter's broker-side cost), the adapter's consumer acks every
 //! delivery, up to 64 (peak: 256) at once (the adapter sends acks that meet in one round
 //! trip).
 
@@ -220,9 +221,32 @@ async fn raw_pubsub_e2e(options: &Options, baseline: Baseline) -> Run {
     }
 }
 
-/// The raw Streams consumer, at its best: each read acked with one XACK. Like for like, its
-/// producer writes the adapter's metadata; minimal, bare entries.
-async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
+/// How the raw Streams consumer acks a read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RawAck {
+    /// One `XACK` of every id in the read: the raw client at its best, learning only how
+    /// many were still pending.
+    Counted,
+    /// One script call acking each id with its own `XACK`, answering for every entry
+    /// whether it was still pending: what the adapter's per-delivery ack promises, and
+    /// what Redis 7.0 can answer per entry only through a script (Redis 8.2's `XACKDEL`
+    /// would answer per id natively). The broker-side cost matched on the raw side.
+    AnsweredPerEntry,
+}
+
+/// The per-entry ack a raw client would write: the 1-based positions of the ids that were
+/// not pending. KEYS: stream. ARGV: group, ids.
+const RAW_ACK_PER_ENTRY: &str = r"
+local missing = {}
+for i = 2, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 0 then missing[#missing + 1] = i - 1 end
+end
+return missing
+";
+
+/// The raw Streams consumer: each read acked in one command, as `ack` says. Like for like,
+/// its producer writes the adapter's metadata; minimal, bare entries.
+async fn raw_streams_e2e(options: &Options, baseline: Baseline, ack: RawAck) -> Run {
     let metadata = baseline == Baseline::LikeForLike;
     let clock = Clock::new(options.size);
     let topic = topic("e2e-raw-streams");
@@ -237,6 +261,8 @@ async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
         .query_async(&mut conn)
         .await
         .unwrap();
+    let per_entry = redis::Script::new(RAW_ACK_PER_ENTRY);
+    per_entry.load_async(&mut conn).await.unwrap();
     let started = Instant::now();
     let producer = spawn_raw_producer(true, metadata, &topic, n, shape(options).batch, clock);
     let mut reader = raw_connection().await;
@@ -272,14 +298,28 @@ async fn raw_streams_e2e(options: &Options, baseline: Baseline) -> Run {
             continue;
         }
         received += ids.len();
-        // A whole read acked in one command: the raw client at its best.
-        let _: i64 = redis::cmd("XACK")
-            .arg(&topic)
-            .arg("g")
-            .arg(&ids)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        match ack {
+            RawAck::Counted => {
+                let acked: usize = redis::cmd("XACK")
+                    .arg(&topic)
+                    .arg("g")
+                    .arg(&ids)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert_eq!(acked, ids.len(), "every entry read was pending");
+            }
+            RawAck::AnsweredPerEntry => {
+                let missing: Vec<usize> = per_entry
+                    .key(&topic)
+                    .arg("g")
+                    .arg(&ids)
+                    .invoke_async(&mut conn)
+                    .await
+                    .unwrap();
+                assert!(missing.is_empty(), "every entry read was pending");
+            }
+        }
     }
     let elapsed = started.elapsed();
     producer.await.unwrap();
@@ -324,13 +364,14 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
 }
 
 /// The scenarios, by index for [`compare_baselines`].
-const SCENARIOS: [&str; 6] = [
+const SCENARIOS: [&str; 7] = [
     "pub/sub publish",
     "streams publish",
     "pub/sub end to end",
     "streams end to end",
     "pub/sub publish, 256 callers",
     "streams publish, 256 callers",
+    "streams end to end, raw acks answered per entry",
 ];
 
 pub(crate) async fn compare(options: &Options) {
@@ -342,7 +383,8 @@ pub(crate) async fn compare(options: &Options) {
         shape(options),
         options.runs
     );
-    // The concurrent callers run against the raw client's peak publishing, at peak only.
+    // The concurrent callers and the raw per-entry acks run against the raw client's peak,
+    // at peak only.
     let scenarios = if options.peak {
         &SCENARIOS[..]
     } else {
@@ -358,7 +400,8 @@ pub(crate) async fn compare(options: &Options) {
                 0 | 4 => publish_only(options, false, Some(baseline), scenario == 4).await,
                 1 | 5 => publish_only(options, true, Some(baseline), scenario == 5).await,
                 2 => raw_pubsub_e2e(options, baseline).await,
-                _ => raw_streams_e2e(options, baseline).await,
+                3 => raw_streams_e2e(options, baseline, RawAck::Counted).await,
+                _ => raw_streams_e2e(options, baseline, RawAck::AnsweredPerEntry).await,
             }
         },
         |scenario| async move {
