@@ -52,6 +52,9 @@ pub(crate) async fn memory_broker(options: &Options, publishing: Publishing) -> 
     let clock = Clock::new(options.size);
     let broker = Arc::new(MemoryBroker::with_config(MemoryConfig {
         max_queue_depth: CAPACITY,
+        retention_messages: std::env::var("XRET")
+            .ok()
+            .map_or(100_000, |v| v.parse().unwrap()),
         ..MemoryConfig::default()
     }));
     let topic = "bench.memory";
@@ -128,6 +131,14 @@ pub(crate) async fn compare(options: &Options) -> f64 {
             Publishing::Batches(1_000),
         ));
         ways.push(("memory (256 publish callers + ack)", Publishing::Concurrent));
+    }
+    // `--filter` keeps the adapter ways whose label contains it (the raw side always runs).
+    if let Some(filter) = options.filter.as_deref() {
+        ways.retain(|(label, _)| label.contains(filter));
+        assert!(
+            !ways.is_empty(),
+            "--filter {filter:?} matches no memory way"
+        );
     }
     let mut raw = Vec::new();
     let mut ours: Vec<Vec<Run>> = ways.iter().map(|_| Vec::new()).collect();

@@ -28,7 +28,7 @@ mod state;
 use std::collections::{HashMap, VecDeque};
 use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
@@ -41,7 +41,7 @@ use helix_messaging_core::{
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use state::{Blocked, SettleAction, SettleError, Take, Taken, TopicState};
+use state::{Blocked, Evicted, LazyNow, SettleAction, SettleError, Take, Taken, TopicState};
 
 /// Backend name reported by [`Broker::name`].
 pub const NAME: &str = "memory";
@@ -122,6 +122,11 @@ struct Topic {
     state: Mutex<TopicState>,
     /// Publishers waiting for room in a full group.
     space: Notify,
+    /// How many publishers wait on `space`. A settlement that frees a slot wakes one of them
+    /// while any wait: waking them all for every slot made hundreds of callers fight over
+    /// one slot under the topic lock, and waking one only when the group was full before
+    /// could leave a second waiter asleep beside room freed by the next settlement.
+    space_waiters: AtomicUsize,
 }
 
 struct Shared {
@@ -211,6 +216,7 @@ impl MemoryBroker {
                 name: key.clone(),
                 state: Mutex::new(TopicState::new(self.shared.config.clone())),
                 space: Notify::new(),
+                space_waiters: AtomicUsize::new(0),
             })
         });
         Ok(topic.clone())
@@ -232,20 +238,20 @@ impl MemoryBroker {
         while messages.peek().is_some() {
             // Clocks are read and evicted messages freed outside the lock, which publishers
             // and consumers of the topic share.
-            let now = Instant::now();
+            let mut now = LazyNow::default();
             let wall = SystemTime::now();
-            let mut evicted = Vec::new();
+            let mut evicted = Evicted::new();
             let full = {
                 let mut state = topic.state.lock();
                 loop {
                     if messages.peek().is_none() {
                         break false;
                     }
-                    if state.check_space(now).is_err() {
+                    if state.check_space(&mut now).is_err() {
                         break true;
                     }
                     let message = messages.next().expect("peeked");
-                    state.enqueue(Arc::new(message), now, wall, &mut evicted);
+                    state.enqueue(Arc::new(message), &mut now, wall, &mut evicted);
                     done += 1;
                 }
             };
@@ -262,16 +268,20 @@ impl MemoryBroker {
     async fn wait_for_space(&self, topic: &Topic) -> Result<()> {
         let timeout = self.shared.config.publish_timeout;
         let deadline = Instant::now() + timeout;
+        // Counted before the first check under the lock, so a settlement after that check
+        // sees this publisher waiting (see `Topic::space_waiters`).
+        let _waiting = SpaceWaiter::register(topic);
         loop {
             let mut room_freed = pin!(topic.space.notified());
             // Registered before checking, so an ack between the check and the wait still
             // wakes us.
             room_freed.as_mut().enable();
-            let now = Instant::now();
-            match topic.state.lock().check_space(now) {
+            let mut now = LazyNow::default();
+            let now_checked = now.get();
+            match topic.state.lock().check_space(&mut now) {
                 Ok(()) => return Ok(()),
                 Err(Blocked::Closed) => return Err(Error::closed("the memory broker")),
-                Err(Blocked::Full { group, capacity }) if now >= deadline => {
+                Err(Blocked::Full { group, capacity }) if now_checked >= deadline => {
                     return Err(Error::new(
                         ErrorKind::Timeout,
                         format!(
@@ -284,6 +294,22 @@ impl MemoryBroker {
             }
             let _ = tokio::time::timeout_at(deadline.into(), room_freed).await;
         }
+    }
+}
+
+/// A publisher's place among `Topic::space_waiters`, given up however its wait ends.
+struct SpaceWaiter<'a>(&'a Topic);
+
+impl<'a> SpaceWaiter<'a> {
+    fn register(topic: &'a Topic) -> Self {
+        topic.space_waiters.fetch_add(1, Ordering::SeqCst);
+        SpaceWaiter(topic)
+    }
+}
+
+impl Drop for SpaceWaiter<'_> {
+    fn drop(&mut self) {
+        self.0.space_waiters.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -506,7 +532,12 @@ impl Drop for MemberStream {
     fn drop(&mut self) {
         // What is still buffered was never received: it goes back uncounted.
         let unseen: Vec<u64> = self.buffer.iter().map(|(token, _)| *token).collect();
-        self.topic.state.lock().leave(self.slot, self.id, &unseen);
+        let group_gone = self.topic.state.lock().leave(self.slot, self.id, &unseen);
+        if group_gone {
+            // A private subscription's group took its room with it: any publisher it held
+            // back may go on.
+            self.topic.space.notify_waiters();
+        }
     }
 }
 
@@ -534,9 +565,11 @@ impl Acknowledge for MemoryAcker {
             .lock()
             .settle(self.slot, self.token, action);
         match settled {
-            Ok(freed_room) => {
-                if freed_room {
-                    self.topic.space.notify_waiters();
+            Ok(freed_slot) => {
+                // SeqCst pairs with the waiter's increment: either it is seen here, or the
+                // waiter's check under the lock saw the freed slot.
+                if freed_slot && self.topic.space_waiters.load(Ordering::SeqCst) > 0 {
+                    self.topic.space.notify_one();
                 }
                 Ok(())
             }

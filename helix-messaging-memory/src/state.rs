@@ -13,6 +13,18 @@ use crate::MemoryConfig;
 
 const LEVELS: usize = MAX_PRIORITY as usize + 1;
 
+/// The current instant, read from the clock the first time it is asked for: a publish
+/// needs it only for a TTL or to purge a full group, and most carry no TTL into groups with
+/// room.
+#[derive(Default)]
+pub(crate) struct LazyNow(Option<Instant>);
+
+impl LazyNow {
+    pub(crate) fn get(&mut self) -> Instant {
+        *self.0.get_or_insert_with(Instant::now)
+    }
+}
+
 /// A message waiting in a group's ready queue.
 pub(crate) struct Ready {
     pub(crate) message: Arc<Message>,
@@ -185,6 +197,11 @@ pub(crate) enum Take {
     Closed,
 }
 
+/// Log entries evicted by retention, freed by the publisher after it releases the topic
+/// lock. Inline for the usual one per publish once the log is full, so that steady state
+/// allocates nothing for it.
+pub(crate) type Evicted = smallvec::SmallVec<[Arc<Message>; 4]>;
+
 /// Why a publish could not be enqueued right now.
 pub(crate) enum Blocked {
     Full { group: String, capacity: usize },
@@ -252,7 +269,7 @@ impl TopicState {
 
     /// Check whether one more message fits in every group; purges expired messages from a
     /// full group before declaring it full.
-    pub(crate) fn check_space(&mut self, now: Instant) -> Result<(), Blocked> {
+    pub(crate) fn check_space(&mut self, now: &mut LazyNow) -> Result<(), Blocked> {
         if self.closed {
             return Err(Blocked::Closed);
         }
@@ -260,7 +277,7 @@ impl TopicState {
         let mut purged = 0;
         for group in self.groups.iter_mut().flatten() {
             if group.depth() >= capacity {
-                purged += group.purge_expired(now);
+                purged += group.purge_expired(now.get());
                 if group.depth() >= capacity {
                     let name = group.name.as_deref().unwrap_or("(private)").to_owned();
                     self.expired += purged as u64;
@@ -281,13 +298,13 @@ impl TopicState {
     pub(crate) fn enqueue(
         &mut self,
         message: Arc<Message>,
-        now: Instant,
+        now: &mut LazyNow,
         wall: SystemTime,
-        evicted: &mut Vec<Arc<Message>>,
+        evicted: &mut Evicted,
     ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let expires_at = message.ttl().map(|ttl| now + ttl);
+        let expires_at = message.ttl().map(|ttl| now.get() + ttl);
         // Recorded times never go backwards, so the log stays sorted for range reads even if
         // the wall clock is stepped back.
         let recorded_at = wall.max(self.last_recorded);
@@ -312,7 +329,7 @@ impl TopicState {
         }
     }
 
-    fn prune_log(&mut self, now: SystemTime, evicted: &mut Vec<Arc<Message>>) {
+    fn prune_log(&mut self, now: SystemTime, evicted: &mut Evicted) {
         let oldest_kept = self
             .config
             .retention_age
@@ -392,15 +409,16 @@ impl TopicState {
 
     /// A member leaves: its in-flight deliveries go back to the group (or vanish with a
     /// private group). Those in `unseen` (taken into its buffer but never received by the
-    /// application) go back without the delivery they were counted for.
-    pub(crate) fn leave(&mut self, slot: usize, member_id: u64, unseen: &[u64]) {
+    /// application) go back without the delivery they were counted for. Returns whether a
+    /// private group went away with it, freeing whatever room it took.
+    pub(crate) fn leave(&mut self, slot: usize, member_id: u64, unseen: &[u64]) -> bool {
         let Some(group) = self.group_mut(slot) else {
-            return;
+            return false;
         };
         group.members.retain(|m| m.id != member_id);
         if group.name.is_none() {
             self.groups[slot] = None;
-            return;
+            return true;
         }
         let tokens: Vec<u64> = group
             .in_flight
@@ -409,7 +427,7 @@ impl TopicState {
             .map(|(token, _)| *token)
             .collect();
         if tokens.is_empty() {
-            return;
+            return false;
         }
         let returned = tokens
             .into_iter()
@@ -424,6 +442,7 @@ impl TopicState {
             .collect();
         group.push_front_in_order(returned);
         group.notify_members();
+        false
     }
 
     /// Take up to `max` deliveries for a member, respecting its prefetch.
@@ -488,8 +507,8 @@ impl TopicState {
         }
     }
 
-    /// Settle one delivery. Returns whether the group was at capacity before, so the caller
-    /// can wake publishers waiting for space.
+    /// Settle one delivery. Returns whether it freed a slot in its group (it was removed), so
+    /// the caller can wake a publisher waiting for space.
     pub(crate) fn settle(
         &mut self,
         slot: usize,
@@ -499,9 +518,7 @@ impl TopicState {
         if self.closed {
             return Err(SettleError::Closed);
         }
-        let capacity = self.config.max_queue_depth;
         let group = self.group_mut(slot).ok_or(SettleError::NotHeld)?;
-        let was_full = group.depth() >= capacity;
         let in_flight = group.in_flight.remove(&token).ok_or(SettleError::NotHeld)?;
         let member = group.member_mut(in_flight.member);
         let mut wake_member = None;
@@ -529,7 +546,7 @@ impl TopicState {
         } else if let Some(notify) = wake_member {
             notify.notify_one();
         }
-        Ok(was_full && removed)
+        Ok(removed)
     }
 
     /// Up to `limit` retained messages recorded in `[from, to)` after sequence number

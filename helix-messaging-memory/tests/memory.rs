@@ -155,6 +155,90 @@ async fn a_waiting_publish_completes_when_an_ack_frees_room() {
     assert_eq!(got, expected, "all delivered, in order");
 }
 
+/// Lets every spawned task run until it waits (on the current-thread runtime, a task runs
+/// when the test task yields).
+async fn let_spawned_tasks_run() {
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn every_publisher_waiting_for_room_goes_on_as_acks_free_it() {
+    const CAPACITY: usize = 4;
+    const WAITING: usize = 20;
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: CAPACITY,
+        publish_timeout: WAIT,
+        ..MemoryConfig::default()
+    });
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g").with_prefetch(100))
+        .await
+        .unwrap();
+    for i in 0..CAPACITY {
+        broker
+            .publish("t", Message::new(format!("fill {i}")))
+            .await
+            .unwrap();
+    }
+    let publishers: Vec<_> = (0..WAITING)
+        .map(|i| {
+            let broker = broker.clone();
+            tokio::spawn(async move {
+                broker
+                    .publish("t", Message::new(format!("waits {i}")))
+                    .await
+            })
+        })
+        .collect();
+    let_spawned_tasks_run().await;
+    assert!(
+        publishers.iter().all(|p| !p.is_finished()),
+        "the group is full, so every publisher waits"
+    );
+    // Each ack frees one slot; one waiting publisher takes it. None may be left asleep
+    // beside room freed while another was being woken.
+    for _ in 0..CAPACITY + WAITING {
+        recv(&mut sub).await.ack().await.unwrap();
+    }
+    for publisher in publishers {
+        tokio::time::timeout(WAIT, publisher)
+            .await
+            .expect("the publisher went on before its timeout")
+            .unwrap()
+            .expect("published");
+    }
+    assert_eq!(broker.topic_stats("t").depth, 0, "every message acked");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn dropping_a_private_subscription_lets_a_waiting_publisher_go_on() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 1,
+        publish_timeout: WAIT,
+        ..MemoryConfig::default()
+    });
+    let sub = broker
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    broker.publish("t", Message::new("fills it")).await.unwrap();
+    let waiting = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish("t", Message::new("waits")).await })
+    };
+    let_spawned_tasks_run().await;
+    assert!(!waiting.is_finished(), "the private group is full");
+    drop(sub);
+    // Well before the publish timeout: the room went with the group, not with a deadline.
+    tokio::time::timeout(Duration::from_secs(2), waiting)
+        .await
+        .expect("the publisher is woken when the group goes away")
+        .unwrap()
+        .expect("published");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn close_wakes_a_publisher_waiting_for_room() {
     let broker = broker_with_group(MemoryConfig {
