@@ -332,6 +332,9 @@ impl RedisBroker {
     }
 }
 
+/// Commands per pipeline in a `publish_batch`.
+const PUBLISH_CHUNK: usize = 1000;
+
 #[async_trait]
 impl Publisher for RedisBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
@@ -356,13 +359,25 @@ impl Publisher for RedisBroker {
                 Err(err) => failures.push((index, err)),
             }
         }
-        // One pipeline per chunk: one round trip for many messages, without building a
-        // single enormous request.
+        // One pipeline per chunk, without building a single enormous request, and every
+        // chunk in flight at once on the multiplexed connection: awaiting each chunk's
+        // replies before writing the next left the connection idle for a round trip per
+        // chunk (pub/sub `publish_batch` of 10,000 ran at 0.85x raw redis-rs writing one
+        // pipeline). The chunks are written in order: each one's request is queued on the
+        // connection when it is first polled, and `join_all` first polls them in order.
         let mut prepared = prepared.into_iter().peekable();
+        let mut chunks = Vec::new();
         while prepared.peek().is_some() {
             let (indexes, commands): (Vec<usize>, Vec<redis::Cmd>) =
-                prepared.by_ref().take(1000).unzip();
-            if let Err(err) = self.shared.send(topic, commands).await {
+                prepared.by_ref().take(PUBLISH_CHUNK).unzip();
+            chunks.push((indexes, commands));
+        }
+        let sent = futures::future::join_all(chunks.into_iter().map(|(indexes, commands)| async {
+            (indexes, self.shared.send(topic, commands).await)
+        }))
+        .await;
+        for (indexes, result) in sent {
+            if let Err(err) = result {
                 failures.extend(indexes.into_iter().map(|i| (i, err.copy_without_source())));
             }
         }

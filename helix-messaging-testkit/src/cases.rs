@@ -193,16 +193,18 @@ pub async fn round_trip(ctx: Ctx) -> Result<()> {
 }
 
 /// A batch publish is accepted whole and every message arrives (in order where the backend
-/// orders by key).
+/// orders by key). The batch is larger than the pipelines and chunks adapters split a batch
+/// into (Redis: 1,000 commands, in flight together), so order across chunks is checked too.
 pub async fn batch_publish(ctx: Ctx) -> Result<()> {
+    const BATCH: usize = 2_500;
     let topic = ctx.topic("batch");
     let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
-    let batch: Vec<Message> = (0..200)
+    let batch: Vec<Message> = (0..BATCH)
         .map(|i| Message::new(format!("m{i}")).with_key("one-key"))
         .collect();
     let ids: Vec<String> = batch.iter().map(|m| m.id().to_owned()).collect();
     let report = ctx.broker.publish_batch(&topic, batch).await;
-    assert_eq!(report.total(), 200);
+    assert_eq!(report.total(), BATCH);
     report.into_result()?;
     let got = ctx.recv_ack_ids(&mut sub, ids.len()).await;
     if ctx.broker.capabilities().per_key_ordering {
