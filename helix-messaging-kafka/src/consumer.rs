@@ -53,6 +53,22 @@ pub(crate) type GroupConsumer = StreamConsumer<GroupContext>;
 /// Most records a reader takes in one go from what the consumer has already fetched.
 const RECV_BURST: usize = 256;
 
+/// Pauses a reader has decided on and makes once it has taken what was already fetched
+/// (see [`Reader::drain_then_pause`]).
+#[derive(Default)]
+struct Pauses {
+    /// Fetching as a whole: the buffer is full.
+    all: bool,
+    /// Partitions whose head record is not due yet.
+    partitions: BTreeSet<i32>,
+}
+
+impl Pauses {
+    fn wanted(&self) -> bool {
+        self.all || !self.partitions.is_empty()
+    }
+}
+
 /// How often a reader stores the commit points its deliveries' settlements moved.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
 
@@ -590,6 +606,7 @@ impl Reader {
         // Per partition: records waiting for a retry copy at their head to be due.
         let mut held: HashMap<i32, VecDeque<Buffered>> = HashMap::new();
         let mut paused = false;
+        let mut pauses = Pauses::default();
         let mut closed = self.shared.closed.subscribe();
         let mut assignments = self.state.assignments.subscribe();
         // Well inside the automatic commit interval, so a commit carries what was settled
@@ -644,7 +661,12 @@ impl Reader {
                         !queue.is_empty()
                     });
                     if !paused && buffer.len() >= self.prefetch {
-                        paused = self.set_paused(true, &held);
+                        pauses.all = true;
+                    }
+                    if let Err(err) = self.drain_then_pause(&mut buffer, &mut held, &mut paused, &mut pauses)
+                        && !self.report(err).await
+                    {
+                        break;
                     }
                 }
                 _ = store_ticks.tick() => self.state.store_settled(&self.consumer),
@@ -666,7 +688,7 @@ impl Reader {
                 }
                 received = self.consumer.recv() => match received {
                     Ok(record) => {
-                        self.take(record, &mut buffer, &mut held, &mut paused);
+                        self.take(record, &mut buffer, &mut held, paused, &mut pauses);
                         // Records that have arrived meanwhile are taken now rather than one
                         // trip through this loop each, and handed out as they come: a buffer
                         // filled first would pause fetching, and the consumer drops what it
@@ -675,12 +697,12 @@ impl Reader {
                             if !self.hand_out(&mut buffer, &permits) {
                                 break 'running;
                             }
-                            if paused {
+                            if pauses.wanted() {
                                 break;
                             }
                             match self.consumer.recv().now_or_never() {
                                 Some(Ok(record)) => {
-                                    self.take(record, &mut buffer, &mut held, &mut paused);
+                                    self.take(record, &mut buffer, &mut held, paused, &mut pauses);
                                 }
                                 Some(Err(err)) => {
                                     if !self.report(err).await {
@@ -690,6 +712,11 @@ impl Reader {
                                 }
                                 None => break,
                             }
+                        }
+                        if let Err(err) = self.drain_then_pause(&mut buffer, &mut held, &mut paused, &mut pauses)
+                            && !self.report(err).await
+                        {
+                            break 'running;
                         }
                     }
                     Err(err) => {
@@ -729,13 +756,15 @@ impl Reader {
     }
 
     /// Register a received record and buffer it (or hold it, when it or an earlier record
-    /// of its partition is not due yet); pause fetching once the buffer is full.
+    /// of its partition is not due yet); ask for fetching to pause once the buffer is full,
+    /// or for the partition of a held record (made by [`Reader::drain_then_pause`]).
     fn take(
         &self,
         record: rdkafka::message::BorrowedMessage<'_>,
         buffer: &mut VecDeque<Buffered>,
         held: &mut HashMap<i32, VecDeque<Buffered>>,
-        paused: &mut bool,
+        paused: bool,
+        pauses: &mut Pauses,
     ) {
         let (partition, offset) = (record.partition(), record.offset());
         let received = wire::received(&record);
@@ -775,15 +804,51 @@ impl Reader {
             // that is not due.
             let queue = held.entry(partition).or_default();
             if queue.is_empty() {
-                self.pause_partition(partition, true);
+                pauses.partitions.insert(partition);
             }
             queue.push_back(item);
             return;
         }
         buffer.push_back(item);
-        if !*paused && buffer.len() >= self.prefetch {
+        if !paused && buffer.len() >= self.prefetch {
+            pauses.all = true;
+        }
+    }
+
+    /// Take everything the consumer has already fetched, then make the pauses `pauses` asks
+    /// for (`paused` is set once fetching is paused as a whole).
+    ///
+    /// librdkafka discards what it fetched beyond a paused partition's position and fetches
+    /// from that position again on resume. Paused in the middle of a fetched record batch, a
+    /// resume therefore asks for an offset inside a batch, which a Kafka broker answers with
+    /// the whole batch but Tansu answers with nothing, or with the batches after it: a
+    /// subscription stalled, or lost the rest of the batch, whenever its prefetch filled
+    /// mid-batch (a default subscription got 202 of a `publish_batch` of 500). Drained first,
+    /// the position is the end of what was fetched, which is a batch boundary.
+    fn drain_then_pause(
+        &self,
+        buffer: &mut VecDeque<Buffered>,
+        held: &mut HashMap<i32, VecDeque<Buffered>>,
+        paused: &mut bool,
+        pauses: &mut Pauses,
+    ) -> std::result::Result<(), rdkafka::error::KafkaError> {
+        if !pauses.wanted() {
+            return Ok(());
+        }
+        let drained = loop {
+            match self.consumer.recv().now_or_never() {
+                Some(Ok(record)) => self.take(record, buffer, held, *paused, pauses),
+                Some(Err(err)) => break Err(err),
+                None => break Ok(()),
+            }
+        };
+        for partition in std::mem::take(&mut pauses.partitions) {
+            self.pause_partition(partition, true);
+        }
+        if std::mem::take(&mut pauses.all) && !*paused {
             *paused = self.set_paused(true, held);
         }
+        drained
     }
 
     /// Report a consumer error on the subscription and pause briefly; `false` once the

@@ -194,7 +194,9 @@ pub async fn round_trip(ctx: Ctx) -> Result<()> {
 
 /// A batch publish is accepted whole and every message arrives (in order where the backend
 /// orders by key). The batch is larger than the pipelines and chunks adapters split a batch
-/// into (Redis: 1,000 commands, in flight together), so order across chunks is checked too.
+/// into (Redis: 1,000 commands, in flight together), so order across chunks is checked too,
+/// and than the default prefetch, so a consumer fills its window in the middle of what it
+/// fetched (Kafka on Tansu lost or stalled on the rest of the batch when it paused there).
 pub async fn batch_publish(ctx: Ctx) -> Result<()> {
     const BATCH: usize = 2_500;
     let topic = ctx.topic("batch");
