@@ -8,8 +8,9 @@
 //! usual at-least-once loop); the adapter acks every delivery, up to 64 (peak: 256) at once.
 //!
 //! Two raw baselines, as for RabbitMQ: *like for like* records carry what the adapter needs to
-//! carry a `Message` (id and nanosecond timestamp headers, record timestamp); *minimal*
-//! records are bare payloads.
+//! carry a `Message` (id and nanosecond timestamp headers, record timestamp), and the raw
+//! consumer reads those headers back as the adapter does; *minimal* records are bare
+//! payloads.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -221,6 +222,33 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     }
 }
 
+/// What a like-for-like raw consumer reads besides the payload: the id and timestamp its
+/// producer sent in headers, which the adapter reads to give each delivery its `Message`.
+/// A consumer that deduplicates, traces or orders by them reads them as well.
+fn read_identity(record: &rdkafka::message::BorrowedMessage<'_>) {
+    use rdkafka::message::Headers as _;
+    let headers = record
+        .headers()
+        .expect("like-for-like records carry headers");
+    let (mut id, mut nanos) = (None, None);
+    for header in headers.iter() {
+        match header.key {
+            "x-helix-id" => id = header.value.and_then(|v| std::str::from_utf8(v).ok()),
+            "x-helix-timestamp-ns" => {
+                nanos = header
+                    .value
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .and_then(|v| v.parse::<u128>().ok());
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        id.is_some_and(|id| !id.is_empty()) && nanos.is_some(),
+        "a like-for-like record carries its id and timestamp"
+    );
+}
+
 async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("raw-e2e");
@@ -257,6 +285,9 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     for _ in 0..n {
         let record = consumer.recv().await.expect("record");
         latency.saturating_record(clock.latency_ns(record.payload().expect("payload")));
+        if baseline == Baseline::LikeForLike {
+            read_identity(&record);
+        }
         consumer
             .store_offset_from_message(&record)
             .expect("store offset");

@@ -295,6 +295,11 @@ pub(crate) struct CpuTime {
     client: Duration,
     /// `None` when no process of that name could be read.
     broker: Option<Duration>,
+    /// The whole machine's CPU ticks meanwhile, and how many of them the hypervisor gave to
+    /// other guests (steal): a run that lost a share of its cores that way is slower on the
+    /// side that contends more, so the ratio of that pair is worth less.
+    machine_ticks: u64,
+    stolen_ticks: u64,
 }
 
 impl CpuTime {
@@ -302,13 +307,24 @@ impl CpuTime {
     const ZERO: CpuTime = CpuTime {
         client: Duration::ZERO,
         broker: Some(Duration::ZERO),
+        machine_ticks: 0,
+        stolen_ticks: 0,
     };
 
     /// The CPU time `work` took, on both sides, with its result.
     pub(crate) async fn of<T>(broker_process: &str, work: impl Future<Output = T>) -> (T, Self) {
         let (client, broker) = (process_cpu("self"), broker_cpu(broker_process));
+        let machine = machine_cpu_ticks();
         let out = work.await;
+        let (machine_ticks, stolen_ticks) = machine_cpu_ticks().zip(machine).map_or(
+            (0, 0),
+            |((total, stolen), (total0, stolen0))| {
+                (total.saturating_sub(total0), stolen.saturating_sub(stolen0))
+            },
+        );
         let used = CpuTime {
+            machine_ticks,
+            stolen_ticks,
             client: process_cpu("self")
                 .zip(client)
                 .map_or(Duration::ZERO, |(after, before)| {
@@ -324,6 +340,8 @@ impl CpuTime {
     fn add(&mut self, other: CpuTime) {
         self.client += other.client;
         self.broker = self.broker.zip(other.broker).map(|(a, b)| a + b);
+        self.machine_ticks += other.machine_ticks;
+        self.stolen_ticks += other.stolen_ticks;
     }
 
     /// Both sides' time, and per 100,000 messages.
@@ -332,12 +350,36 @@ impl CpuTime {
         let broker = self.broker.map_or("broker n/a".to_owned(), |b| {
             format!("broker {:.2} s ({:.2}/100k)", b.as_secs_f64(), per_100k(b))
         });
+        let steal = if self.machine_ticks == 0 {
+            String::new()
+        } else {
+            format!(
+                ", steal {:.0}%",
+                100.0 * self.stolen_ticks as f64 / self.machine_ticks as f64
+            )
+        };
         format!(
-            "cpu: client {:.2} s ({:.2}/100k), {broker}",
+            "cpu: client {:.2} s ({:.2}/100k), {broker}{steal}",
             self.client.as_secs_f64(),
             per_100k(self.client)
         )
     }
+}
+
+/// The machine's CPU ticks so far, all and stolen, from the `cpu` line of `/proc/stat`
+/// (user nice system idle iowait irq softirq steal …).
+fn machine_cpu_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .map(|t| t.parse().ok())
+        .collect::<Option<_>>()?;
+    // guest and guest_nice (the last two) are already counted in user and nice.
+    let total = ticks.iter().take(8).sum();
+    Some((total, *ticks.get(7)?))
 }
 
 /// User plus system time of process `pid` (`self` for this one), from `/proc/<pid>/stat`.
