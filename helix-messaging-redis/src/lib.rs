@@ -130,8 +130,10 @@ impl Shared {
         match self.config.mode {
             RedisMode::PubSub => {
                 let body = codec::pubsub_body(message, self.config.pubsub_envelope)?;
-                let mut cmd = redis::cmd("PUBLISH");
-                cmd.arg(topic).arg(body.as_ref());
+                // Sized up front, as an `XADD` is (see `codec::stream_fields_capacity`).
+                let mut cmd =
+                    redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + body.len());
+                cmd.arg("PUBLISH").arg(topic).arg(body.as_ref());
                 Ok(cmd)
             }
             RedisMode::Streams => Ok(streams::xadd(self, topic, message)),

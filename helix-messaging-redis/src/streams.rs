@@ -114,10 +114,13 @@ pub(crate) fn xadd(
     topic: &str,
     message: &helix_messaging_core::Message,
 ) -> redis::Cmd {
-    let mut cmd = redis::cmd("XADD");
+    let payload_field = &shared.config.streams.payload_field;
+    let (args, bytes) = codec::stream_fields_capacity(message, payload_field);
+    let mut cmd = redis::Cmd::with_capacity(3 + args, "XADD".len() + topic.len() + 1 + bytes);
+    cmd.arg("XADD");
     cmd.arg(topic);
     cmd.arg("*");
-    codec::append_stream_fields(&mut cmd, message, &shared.config.streams.payload_field);
+    codec::append_stream_fields(&mut cmd, message, payload_field);
     cmd
 }
 
