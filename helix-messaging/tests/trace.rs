@@ -227,6 +227,11 @@ async fn a_consumer_continues_the_publishers_trace(backend: Arc<dyn Broker>) {
         attribute(&settle, "messaging.operation.name").as_deref(),
         Some("ack")
     );
+    // Closed before the test's runtime goes: the subscription's reader commits and leaves
+    // its group while the runtime still runs. Dropped with the runtime instead, a Kafka
+    // reader cancelled in its final commit left librdkafka's destroy waiting on a broker
+    // thread, and the runtime's shutdown waited on it for good (3 of 25 runs here).
+    broker.close().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
