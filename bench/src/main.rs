@@ -21,7 +21,10 @@
 //! with 256 acks in flight.
 //!
 //! `--side adapter` (or `raw`) runs one side of each comparison only, for a profiler
-//! (`valgrind --tool=callgrind`, `perf record`); it prints no ratio.
+//! (`valgrind --tool=callgrind`, `perf record`); it prints no ratio. The adapter's side of a
+//! scenario is the same against either raw baseline, so it runs once. `--baseline like` (or
+//! `minimal`) compares against one raw baseline only: a raw profile of one scenario is then
+//! one run, not the like-for-like and the minimal run added together.
 //!
 //! `redis` talks to `REDIS_URL` (default `redis://127.0.0.1:6379`), `rabbitmq` to
 //! `RABBITMQ_URL` (default `amqp://guest:guest@127.0.0.1:5672/%2f`), `kafka` to `KAFKA_BROKERS`
@@ -42,7 +45,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME] [--peak] [--side adapter|raw]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME] [--peak] [--side adapter|raw] [--baseline like|minimal]"
 }
 
 fn main() -> ExitCode {

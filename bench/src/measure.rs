@@ -25,6 +25,8 @@ pub(crate) struct Options {
     pub(crate) peak: bool,
     /// `--side adapter|raw`: run one side only, for a profiler (no ratio is printed).
     pub(crate) side: Option<Side>,
+    /// `--baseline like|minimal`: compare against one raw baseline only.
+    pub(crate) baseline: Option<Baseline>,
 }
 
 /// One side of a comparison.
@@ -44,6 +46,7 @@ impl Options {
             filter: None,
             peak: false,
             side: None,
+            baseline: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -56,6 +59,14 @@ impl Options {
                     Some("adapter") => Some(Side::Adapter),
                     Some("raw") => Some(Side::Raw),
                     _ => return Err("--side needs adapter or raw".into()),
+                };
+                continue;
+            }
+            if flag == "--baseline" {
+                options.baseline = match it.next().map(String::as_str) {
+                    Some("like") => Some(Baseline::LikeForLike),
+                    Some("minimal") => Some(Baseline::Minimal),
+                    _ => return Err("--baseline needs like or minimal".into()),
                 };
                 continue;
             }
@@ -557,7 +568,11 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
         totals.add(cpu);
     };
     for (name, scenario, baseline) in comparisons {
-        if options.filter.as_deref().is_some_and(|f| !name.contains(f)) {
+        if options.filter.as_deref().is_some_and(|f| !name.contains(f))
+            || options.baseline.is_some_and(|b| b != baseline)
+            // The adapter's run does not depend on the raw baseline: once is enough.
+            || (options.side == Some(Side::Adapter) && baseline == Baseline::Minimal)
+        {
             continue;
         }
         let (raw_label, ours_label) = (format!("{raw_name} {name}"), format!("adapter {name}"));
@@ -636,6 +651,16 @@ mod tests {
         assert_eq!(options.side, Some(Side::Raw));
         assert!(Options::parse(&args(&["--side", "both"])).is_err());
         assert_eq!(Options::parse(&[]).unwrap().side, None);
+    }
+
+    #[test]
+    fn baseline_picks_one_raw_baseline_and_refuses_anything_else() {
+        let options = Options::parse(&args(&["--baseline", "like"])).unwrap();
+        assert_eq!(options.baseline, Some(Baseline::LikeForLike));
+        let options = Options::parse(&args(&["--baseline", "minimal"])).unwrap();
+        assert_eq!(options.baseline, Some(Baseline::Minimal));
+        assert!(Options::parse(&args(&["--baseline", "both"])).is_err());
+        assert_eq!(Options::parse(&[]).unwrap().baseline, None);
     }
 
     /// The client's CPU time is this process's and grows with work done; a broker process

@@ -180,6 +180,7 @@ mod tests {
             filter: None,
             peak: false,
             side: None,
+            baseline: None,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
         for publishing in [
