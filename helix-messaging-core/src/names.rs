@@ -12,6 +12,17 @@ pub const MAX_NAME_LEN: usize = 249;
 /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) saying what is wrong, with the
 /// name and what it names (`what`, e.g. "topic").
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
+    /// The bytes a name may have: ASCII letters, digits, `.`, `_` and `-`.
+    const NAME_BYTES: [bool; 256] = {
+        let mut allowed = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            let c = b as u8;
+            allowed[b] = c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-');
+            b += 1;
+        }
+        allowed
+    };
     if name.is_empty() {
         return Err(Error::invalid_input(format!("{what} name is empty")));
     }
@@ -21,9 +32,13 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
             name.len()
         )));
     }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    // Checked byte by byte (every publish checks its topic): a byte outside the set, which
+    // includes every byte of a non-ASCII character, fails the name, and only then is the
+    // offending character looked for.
+    if !name.bytes().all(|b| NAME_BYTES[usize::from(b)])
+        && let Some(bad) = name
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
     {
         return Err(Error::invalid_input(format!(
             "{what} name {name:?} contains {bad:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"
@@ -62,6 +77,21 @@ mod tests {
             let err = validate_name("topic", bad).expect_err(bad);
             assert_eq!(err.kind(), ErrorKind::InvalidInput);
             assert!(err.to_string().contains("topic name"), "{err}");
+        }
+    }
+
+    #[test]
+    fn exactly_ascii_letters_digits_dot_underscore_and_dash_are_allowed() {
+        for c in (0u8..128).map(char::from).chain(['é', '\u{2024}']) {
+            let name = format!("a{c}b");
+            let allowed = c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            match validate_name("topic", &name) {
+                Ok(()) => assert!(allowed, "{name:?} was accepted"),
+                Err(err) => {
+                    assert!(!allowed, "{name:?} was refused: {err}");
+                    assert!(err.to_string().contains(&format!("{c:?}")), "{err}");
+                }
+            }
         }
     }
 }

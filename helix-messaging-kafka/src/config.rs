@@ -266,9 +266,15 @@ impl KafkaConfig {
 
     /// The Kafka topic for `topic`.
     pub fn kafka_topic(&self, topic: &str) -> String {
+        self.kafka_topic_ref(topic).into_owned()
+    }
+
+    /// [`KafkaConfig::kafka_topic`] without a copy when there is no prefix (every publish
+    /// names its topic).
+    pub(crate) fn kafka_topic_ref<'a>(&self, topic: &'a str) -> std::borrow::Cow<'a, str> {
         match &self.topic_prefix {
-            Some(prefix) => format!("{prefix}.{topic}"),
-            None => topic.to_owned(),
+            Some(prefix) => std::borrow::Cow::Owned(format!("{prefix}.{topic}")),
+            None => std::borrow::Cow::Borrowed(topic),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Topics: created on first use or from a declared list, plus the seeds' topic table.
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,7 +81,9 @@ impl KafkaTopic {
 /// Creates topics and remembers which exist, so only a topic's first use costs a request.
 pub(crate) struct Topics {
     admin: Arc<AdminClient<DefaultClientContext>>,
-    known: Mutex<HashSet<String>>,
+    /// A set ordered by name rather than hashed: every publish looks its topic up, and a
+    /// few comparisons cost less than hashing the name.
+    known: Mutex<BTreeSet<String>>,
 }
 
 impl Topics {
