@@ -86,6 +86,16 @@ pub trait Acknowledge: Send + Sync + 'static {
     /// message is then redelivered by the backend's own rules.
     async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()>;
 
+    /// Settle without awaiting anything, where recording `outcome` needs no I/O (a local
+    /// commit point, an in-process queue): `Some` with the outcome's result, and
+    /// [`settle`](Acknowledge::settle) is not called; `None` when `outcome` needs
+    /// `settle`, having changed nothing. The [`Settler`] asks this first: a settlement done
+    /// here costs no boxed future. The default settles nothing here.
+    fn settle_now(&mut self, outcome: Settlement) -> Option<Result<()>> {
+        let _ = outcome;
+        None
+    }
+
     /// Whether this delivery can be settled with [`Settlement::RequeueAfter`]: the backend
     /// holds the message back itself, without the consumer keeping it (the backend declares
     /// [`Capabilities::delayed_delivery`](crate::Capabilities::delayed_delivery)).
@@ -141,7 +151,10 @@ impl Settler {
             slot.take()
         };
         match acker {
-            Some(acker) => acker.settle(outcome).await,
+            Some(mut acker) => match acker.settle_now(outcome) {
+                Some(settled) => settled,
+                None => acker.settle(outcome).await,
+            },
             None => Err(Error::new(
                 ErrorKind::AlreadySettled,
                 format!("cannot {outcome:?}: the delivery was already settled"),
@@ -343,6 +356,59 @@ mod tests {
         let nack = d.nack(true).await.expect_err("nack after ack must fail");
         assert_eq!(nack.kind(), ErrorKind::AlreadySettled);
         assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    /// Acks at once, anything else through `settle`; counts each path.
+    struct AcksAtOnce {
+        at_once: Arc<AtomicUsize>,
+        awaited: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Acknowledge for AcksAtOnce {
+        async fn settle(self: Box<Self>, _outcome: Settlement) -> Result<()> {
+            self.awaited.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+
+        fn settle_now(&mut self, outcome: Settlement) -> Option<Result<()>> {
+            (outcome == Settlement::Ack).then(|| {
+                self.at_once.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settlement_made_at_once_is_not_made_again_and_the_rest_are_awaited() {
+        let (at_once, awaited) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let settler = || {
+            Settler::new(Box::new(AcksAtOnce {
+                at_once: at_once.clone(),
+                awaited: awaited.clone(),
+            }))
+        };
+        let acked = settler();
+        acked.ack().await.expect("ack");
+        assert_eq!(
+            (
+                at_once.load(Ordering::SeqCst),
+                awaited.load(Ordering::SeqCst)
+            ),
+            (1, 0)
+        );
+        let again = acked.ack().await.expect_err("second ack must fail");
+        assert_eq!(again.kind(), ErrorKind::AlreadySettled);
+        let requeued = settler();
+        requeued.nack(true).await.expect("requeue");
+        assert_eq!(
+            (
+                at_once.load(Ordering::SeqCst),
+                awaited.load(Ordering::SeqCst)
+            ),
+            (1, 1)
+        );
+        assert!(requeued.is_settled());
     }
 
     #[test]

@@ -26,7 +26,7 @@
 //! is due; every other partition keeps flowing. The copy is committed only once it is
 //! settled, so a crash while it waits loses nothing.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -76,21 +76,144 @@ const STORE_INTERVAL: Duration = Duration::from_millis(100);
 /// topic's, or its retry topic's), and the delivery.
 pub(crate) type Handed = (Arc<GroupState>, Result<Delivery>);
 
+/// The records of one partition handed out (or buffered) and not settled yet, in offset
+/// order, each with the attempt it had reached when the application received it.
+///
+/// A fetch returns a partition's records in offset order and most settle in about that
+/// order: registering is an append, a settlement a binary search, and the settled records at
+/// the front are dropped as they come. This runs for every record, twice; two B-trees (the
+/// unsettled offsets, and the attempts of those received) cost several times as much.
+#[derive(Default)]
+struct Unsettled {
+    slots: VecDeque<Slot>,
+    /// Settled slots behind the front (which is never settled), dropped in one pass once
+    /// they are half of all.
+    settled_inside: usize,
+}
+
+#[derive(Clone, Copy)]
+struct Slot {
+    offset: i64,
+    state: SlotState,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Registered, not received by the application yet.
+    Buffered,
+    /// Received by the application at this attempt.
+    Received(u32),
+    Settled,
+}
+
+impl Unsettled {
+    fn find(&self, offset: i64) -> Result<usize, usize> {
+        // A partition's offsets are mostly consecutive: look where it would be first.
+        let guess = self
+            .slots
+            .front()
+            .and_then(|front| offset.checked_sub(front.offset))
+            .and_then(|distance| usize::try_from(distance).ok());
+        if let Some(i) = guess
+            && self.slots.get(i).is_some_and(|slot| slot.offset == offset)
+        {
+            return Ok(i);
+        }
+        self.slots.binary_search_by_key(&offset, |slot| slot.offset)
+    }
+
+    /// Register `offset` as unsettled; one already unsettled is left as it is.
+    fn insert(&mut self, offset: i64) {
+        if self.slots.back().is_none_or(|last| last.offset < offset) {
+            self.slots.push_back(Slot {
+                offset,
+                state: SlotState::Buffered,
+            });
+            return;
+        }
+        match self.find(offset) {
+            Ok(i) => {
+                if self.slots[i].state == SlotState::Settled {
+                    self.slots[i].state = SlotState::Buffered;
+                    self.settled_inside -= 1;
+                }
+            }
+            Err(i) => self.slots.insert(
+                i,
+                Slot {
+                    offset,
+                    state: SlotState::Buffered,
+                },
+            ),
+        }
+    }
+
+    /// The application received `offset` at `attempt`; `false` if it is not unsettled.
+    fn received(&mut self, offset: i64, attempt: u32) -> bool {
+        match self.find(offset) {
+            Ok(i) if self.slots[i].state != SlotState::Settled => {
+                self.slots[i].state = SlotState::Received(attempt);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Mark `offset` settled (nothing if it is not unsettled).
+    fn settle(&mut self, offset: i64) {
+        let Ok(i) = self.find(offset) else { return };
+        if self.slots[i].state == SlotState::Settled {
+            return;
+        }
+        if i > 0 {
+            self.slots[i].state = SlotState::Settled;
+            self.settled_inside += 1;
+            // A front the application holds must not keep every later settled slot.
+            if self.settled_inside > 64 && self.settled_inside * 2 > self.slots.len() {
+                self.slots.retain(|slot| slot.state != SlotState::Settled);
+                self.settled_inside = 0;
+            }
+            return;
+        }
+        self.slots.pop_front();
+        while self
+            .slots
+            .front()
+            .is_some_and(|slot| slot.state == SlotState::Settled)
+        {
+            self.slots.pop_front();
+            self.settled_inside -= 1;
+        }
+    }
+
+    /// The lowest unsettled offset.
+    fn first(&self) -> Option<i64> {
+        self.slots.front().map(|slot| slot.offset)
+    }
+
+    /// `(offset, attempt)` of the unsettled records the application has received.
+    fn received_attempts(&self) -> impl Iterator<Item = (i64, u32)> + '_ {
+        self.slots.iter().filter_map(|slot| match slot.state {
+            SlotState::Received(attempt) => Some((slot.offset, attempt)),
+            _ => None,
+        })
+    }
+}
+
 /// Offsets of one assigned partition.
 struct Tracker {
     /// Which assignment this is: settlements from an earlier one are refused.
     generation: u64,
-    /// Offsets handed out (or buffered) and not settled yet.
-    pending: BTreeSet<i64>,
+    /// Records handed out (or buffered) and not settled yet, with the attempt each had
+    /// reached when the application received it.
+    unsettled: Unsettled,
     /// The offset after the highest one received, or the start position; `None` when
     /// librdkafka resolved the start itself and nothing has arrived yet.
     next: Option<i64>,
     /// The offset last stored for commit.
     stored: i64,
-    /// The attempt each unsettled record had reached when the application received it.
-    delivered: BTreeMap<i64, u32>,
     /// Attempts made by earlier owners, read from the committed offset's metadata.
-    prior: HashMap<i64, u32>,
+    prior: BTreeMap<i64, u32>,
     /// A start by time on a broker without a timestamp index: records below the offset that
     /// was the end of the partition when the group started, and stamped before the time, are
     /// history the group must skip. Live records are never filtered.
@@ -106,10 +229,9 @@ impl Tracker {
     ) -> Self {
         Tracker {
             generation,
-            pending: BTreeSet::new(),
+            unsettled: Unsettled::default(),
             next: start,
             stored: start.unwrap_or(i64::MIN),
-            delivered: BTreeMap::new(),
             prior: metadata.map(parse_attempts_metadata).unwrap_or_default(),
             history_filter,
         }
@@ -117,12 +239,12 @@ impl Tracker {
 
     /// The metadata committed with the commit point: the attempts of records still out.
     fn metadata(&self) -> String {
-        attempts_metadata(&self.delivered)
+        attempts_metadata(self.unsettled.received_attempts())
     }
 
     /// Everything below this offset is settled; `None` while it is not known.
     fn commit_point(&self) -> Option<i64> {
-        self.pending.first().copied().or(self.next)
+        self.unsettled.first().or(self.next)
     }
 }
 
@@ -132,7 +254,7 @@ pub(crate) struct GroupState {
     start: StartPosition,
     timeout: Duration,
     clock_skew: Duration,
-    partitions: Mutex<HashMap<i32, Tracker>>,
+    partitions: Mutex<BTreeMap<i32, Tracker>>,
     generation: AtomicU64,
     /// Set when a settlement moved a commit point that is not stored yet.
     unstored: AtomicBool,
@@ -294,7 +416,7 @@ impl GroupState {
     ) -> Option<Registered> {
         let mut partitions = self.partitions.lock();
         let tracker = partitions.get_mut(&partition)?;
-        tracker.pending.insert(offset);
+        tracker.unsettled.insert(offset);
         tracker.next = Some(tracker.next.map_or(offset + 1, |n| n.max(offset + 1)));
         let before_start = tracker
             .history_filter
@@ -312,10 +434,8 @@ impl GroupState {
     /// The application received `offset` of `partition` at `attempt`: the number a later
     /// owner continues from if it is not settled here.
     pub(crate) fn received(&self, partition: i32, offset: i64, attempt: u32) {
-        if let Some(tracker) = self.partitions.lock().get_mut(&partition)
-            && tracker.pending.contains(&offset)
-        {
-            tracker.delivered.insert(offset, attempt);
+        if let Some(tracker) = self.partitions.lock().get_mut(&partition) {
+            tracker.unsettled.received(offset, attempt);
         }
     }
 
@@ -343,8 +463,7 @@ impl GroupState {
                     ),
                 )
             })?;
-        tracker.pending.remove(&offset);
-        tracker.delivered.remove(&offset);
+        tracker.unsettled.settle(offset);
         if tracker.commit_point().is_some_and(|p| p > tracker.stored) {
             self.unstored.store(true, Ordering::Release);
         }
@@ -405,13 +524,14 @@ const ATTEMPTS_PREFIX: &str = "helix-attempts:";
 const ATTEMPTS_METADATA_MAX: usize = 3000;
 
 /// `helix-attempts:<offset>=<attempt>,…` for the records still out.
-pub(crate) fn attempts_metadata(delivered: &BTreeMap<i64, u32>) -> String {
+pub(crate) fn attempts_metadata(delivered: impl IntoIterator<Item = (i64, u32)>) -> String {
+    let mut delivered = delivered.into_iter().peekable();
     let mut out = String::new();
-    if delivered.is_empty() {
+    if delivered.peek().is_none() {
         return out;
     }
     out.push_str(ATTEMPTS_PREFIX);
-    for (i, (offset, attempt)) in delivered.iter().enumerate() {
+    for (i, (offset, attempt)) in delivered.enumerate() {
         let entry = format!("{}{offset}={attempt}", if i == 0 { "" } else { "," });
         if out.len() + entry.len() > ATTEMPTS_METADATA_MAX {
             break;
@@ -423,9 +543,9 @@ pub(crate) fn attempts_metadata(delivered: &BTreeMap<i64, u32>) -> String {
 
 /// The inverse of [`attempts_metadata`]; anything else (another client's metadata) is no
 /// attempts at all.
-pub(crate) fn parse_attempts_metadata(metadata: &str) -> HashMap<i64, u32> {
+pub(crate) fn parse_attempts_metadata(metadata: &str) -> BTreeMap<i64, u32> {
     let Some(list) = metadata.strip_prefix(ATTEMPTS_PREFIX) else {
-        return HashMap::new();
+        return BTreeMap::new();
     };
     list.split(',')
         .filter_map(|entry| {
@@ -499,7 +619,7 @@ pub(crate) struct Buffered {
 }
 
 /// The earliest time a held partition's first record is due (`None`: nothing held).
-fn next_release(held: &HashMap<i32, VecDeque<Buffered>>) -> Option<tokio::time::Instant> {
+fn next_release(held: &BTreeMap<i32, VecDeque<Buffered>>) -> Option<tokio::time::Instant> {
     let now = SystemTime::now();
     held.values()
         .filter_map(VecDeque::front)
@@ -515,13 +635,25 @@ fn next_release(held: &HashMap<i32, VecDeque<Buffered>>) -> Option<tokio::time::
 
 /// Everything a subscription's reader task needs.
 pub(crate) struct Reader {
+    consumer: Arc<GroupConsumer>,
+    state: Arc<GroupState>,
+    shared: Arc<Shared>,
+    deliveries: mpsc::UnboundedSender<Handed>,
+    /// Requeued and dropped deliveries, to hand out again (their sender is in `acks`).
+    again_rx: mpsc::UnboundedReceiver<Buffered>,
+    prefetch: usize,
+    topic: Arc<str>,
+    group: Option<Arc<str>>,
+    /// What the deliveries' ackers share.
+    acks: Arc<AckContext>,
+}
+
+/// What a reader is made of (see [`Reader::new`]).
+pub(crate) struct ReaderParts {
     pub(crate) consumer: Arc<GroupConsumer>,
     pub(crate) state: Arc<GroupState>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) deliveries: mpsc::UnboundedSender<Handed>,
-    /// Requeued and dropped deliveries, to hand out again.
-    pub(crate) again: mpsc::UnboundedSender<Buffered>,
-    pub(crate) again_rx: mpsc::UnboundedReceiver<Buffered>,
     pub(crate) prefetch: usize,
     pub(crate) topic: Arc<str>,
     pub(crate) group: Option<Arc<str>>,
@@ -597,6 +729,28 @@ async fn final_commit(consumer: &Arc<GroupConsumer>, state: &GroupState) {
 }
 
 impl Reader {
+    pub(crate) fn new(parts: ReaderParts) -> Self {
+        let (again, again_rx) = mpsc::unbounded_channel();
+        let acks = Arc::new(AckContext {
+            consumer: Arc::downgrade(&parts.consumer),
+            state: parts.state.clone(),
+            again,
+            topic: parts.topic.clone(),
+            retry: parts.retry,
+        });
+        Reader {
+            consumer: parts.consumer,
+            state: parts.state,
+            shared: parts.shared,
+            deliveries: parts.deliveries,
+            again_rx,
+            prefetch: parts.prefetch,
+            topic: parts.topic,
+            group: parts.group,
+            acks,
+        }
+    }
+
     /// Poll the consumer (which also runs its rebalances), buffer what arrives, hand it out
     /// while fewer than `prefetch` deliveries are unsettled, and pause fetching while the
     /// buffer is full. Ends when the subscription is dropped or the broker closed.
@@ -604,7 +758,7 @@ impl Reader {
         let permits = Arc::new(Semaphore::new(self.prefetch));
         let mut buffer: VecDeque<Buffered> = VecDeque::new();
         // Per partition: records waiting for a retry copy at their head to be due.
-        let mut held: HashMap<i32, VecDeque<Buffered>> = HashMap::new();
+        let mut held: BTreeMap<i32, VecDeque<Buffered>> = BTreeMap::new();
         let mut paused = false;
         let mut pauses = Pauses::default();
         let mut closed = self.shared.closed.subscribe();
@@ -762,7 +916,7 @@ impl Reader {
         &self,
         record: rdkafka::message::BorrowedMessage<'_>,
         buffer: &mut VecDeque<Buffered>,
-        held: &mut HashMap<i32, VecDeque<Buffered>>,
+        held: &mut BTreeMap<i32, VecDeque<Buffered>>,
         paused: bool,
         pauses: &mut Pauses,
     ) {
@@ -828,7 +982,7 @@ impl Reader {
     fn drain_then_pause(
         &self,
         buffer: &mut VecDeque<Buffered>,
-        held: &mut HashMap<i32, VecDeque<Buffered>>,
+        held: &mut BTreeMap<i32, VecDeque<Buffered>>,
         paused: &mut bool,
         pauses: &mut Pauses,
     ) -> std::result::Result<(), rdkafka::error::KafkaError> {
@@ -869,7 +1023,7 @@ impl Reader {
 
     /// Pause or resume fetching every assigned partition (a resume leaves the `held` ones
     /// paused); returns whether it took effect.
-    fn set_paused(&self, pause: bool, held: &HashMap<i32, VecDeque<Buffered>>) -> bool {
+    fn set_paused(&self, pause: bool, held: &BTreeMap<i32, VecDeque<Buffered>>) -> bool {
         let Ok(assignment) = self.consumer.assignment() else {
             return false;
         };
@@ -904,7 +1058,7 @@ impl Reader {
     /// Stop fetching, give deliveries still out `shutdown_grace` to be settled (the consumer
     /// keeps polling meanwhile, so the group is not held up), commit, and leave the group.
     async fn shutdown(self, permits: &Semaphore) {
-        self.set_paused(true, &HashMap::new());
+        self.set_paused(true, &BTreeMap::new());
         let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_grace;
         while permits.available_permits() < self.prefetch && tokio::time::Instant::now() < deadline
         {
@@ -933,16 +1087,12 @@ impl Reader {
                 }),
             },
             Box::new(KafkaAcker {
-                consumer: Arc::downgrade(&self.consumer),
-                state: self.state.clone(),
-                again: self.again.clone(),
-                topic: self.topic.clone(),
+                context: self.acks.clone(),
                 message,
                 attempt: item.attempt,
                 partition: item.partition,
                 offset: item.offset,
                 generation: item.generation,
-                retry: self.retry.clone(),
                 settled: false,
                 _permit: permit,
             }),
@@ -950,20 +1100,27 @@ impl Reader {
     }
 }
 
-/// Settles one delivery. Holds a prefetch permit until it is dropped.
-struct KafkaAcker {
+/// What every delivery of one reader settles through: one reference per delivery rather
+/// than one per part (each is an atomic count touched on two threads).
+struct AckContext {
     /// Weak: a subscription that has ended must be able to leave its group.
     consumer: Weak<GroupConsumer>,
     state: Arc<GroupState>,
     again: mpsc::UnboundedSender<Buffered>,
     topic: Arc<str>,
+    retry: Option<Arc<crate::RetryLane>>,
+}
+
+/// Settles one delivery. Holds a prefetch permit until it is dropped.
+struct KafkaAcker {
+    context: Arc<AckContext>,
     message: Arc<Message>,
     attempt: u32,
     partition: i32,
     offset: i64,
     generation: u64,
-    retry: Option<Arc<crate::RetryLane>>,
-    /// Set once `settle` was called: dropping an unsettled acker hands the record out again.
+    /// Set once the delivery is settled: dropping an unsettled acker hands the record out
+    /// again.
     settled: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -973,8 +1130,9 @@ impl KafkaAcker {
     /// assigned here or the subscription has ended (its next owner reads it again from the
     /// committed offset, which has not passed it).
     fn hand_out_again(&self) -> bool {
-        self.state.holds(self.partition, self.generation)
-            && self
+        let context = &self.context;
+        context.state.holds(self.partition, self.generation)
+            && context
                 .again
                 .send(Buffered {
                     message: self.message.clone(),
@@ -985,6 +1143,16 @@ impl KafkaAcker {
                     not_before: None,
                 })
                 .is_ok()
+    }
+
+    fn reassigned(&self) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "partition {} of {} was reassigned; its new owner receives this message again",
+                self.partition, self.context.topic
+            ),
+        )
     }
 }
 
@@ -999,60 +1167,170 @@ impl Drop for KafkaAcker {
 #[async_trait]
 impl Acknowledge for KafkaAcker {
     fn delays_requeue(&self) -> bool {
-        self.retry.is_some()
+        self.context.retry.is_some()
     }
 
-    async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
+    /// Everything but a delayed requeue is settled here: an ack or a reject moves the
+    /// partition's commit point, a requeue hands the record out again from this process.
+    fn settle_now(&mut self, outcome: Settlement) -> Option<Result<()>> {
+        if matches!(outcome, Settlement::RequeueAfter(_)) {
+            return None;
+        }
         self.settled = true;
-        if self.consumer.strong_count() == 0 {
-            return Err(Error::new(
+        let context = &self.context;
+        if context.consumer.strong_count() == 0 {
+            return Some(Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
                     "the subscription to {} has ended; the message is redelivered from the committed offset",
-                    self.topic
+                    context.topic
                 ),
-            ));
-        }
-        if let Settlement::RequeueAfter(delay) = outcome {
-            let lane = self.retry.clone().ok_or_else(|| {
-                Error::unsupported(
-                    crate::NAME,
-                    "a delayed requeue on a private subscription (named groups have a retry topic)",
-                )
-            })?;
-            let due = SystemTime::now() + delay;
-            return match lane.send(&self.message, self.attempt, due).await {
-                // The copy is on the retry topic: the original is done with.
-                Ok(()) => self
-                    .state
-                    .settle(self.partition, self.offset, self.generation),
-                Err(err) => {
-                    // A retry that comes early, never one that is lost.
-                    tracing::warn!(topic = %self.topic, error = %err, "writing the retry copy failed; requeueing at once");
-                    if self.hand_out_again() {
-                        Ok(())
-                    } else {
-                        Err(err)
-                    }
-                }
-            };
+            )));
         }
         if outcome == Settlement::Requeue {
             // Rewinding the partition would redeliver everything after the record too, and a
             // copy on the topic would reach every other group: the record stays unsettled
             // (no commit passes it) and is handed out again here.
-            if self.hand_out_again() {
-                return Ok(());
-            }
+            return Some(if self.hand_out_again() {
+                Ok(())
+            } else {
+                Err(self.reassigned())
+            });
+        }
+        Some(
+            context
+                .state
+                .settle(self.partition, self.offset, self.generation),
+        )
+    }
+
+    async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
+        let Settlement::RequeueAfter(delay) = outcome else {
+            // Settled at once (the `Settler` asks `settle_now` first; this is for a caller
+            // that does not).
+            return self.settle_now(outcome).unwrap_or(Ok(()));
+        };
+        self.settled = true;
+        let context = self.context.clone();
+        if context.consumer.strong_count() == 0 {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
-                    "partition {} of {} was reassigned; its new owner receives this message again",
-                    self.partition, self.topic
+                    "the subscription to {} has ended; the message is redelivered from the committed offset",
+                    context.topic
                 ),
             ));
         }
-        self.state
-            .settle(self.partition, self.offset, self.generation)
+        let lane = context.retry.clone().ok_or_else(|| {
+            Error::unsupported(
+                crate::NAME,
+                "a delayed requeue on a private subscription (named groups have a retry topic)",
+            )
+        })?;
+        let due = SystemTime::now() + delay;
+        match lane.send(&self.message, self.attempt, due).await {
+            // The copy is on the retry topic: the original is done with.
+            Ok(()) => context
+                .state
+                .settle(self.partition, self.offset, self.generation),
+            Err(err) => {
+                // A retry that comes early, never one that is lost.
+                tracing::warn!(topic = %context.topic, error = %err, "writing the retry copy failed; requeueing at once");
+                if self.hand_out_again() {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unsettled(offsets: impl IntoIterator<Item = i64>) -> Unsettled {
+        let mut list = Unsettled::default();
+        for offset in offsets {
+            list.insert(offset);
+        }
+        list
+    }
+
+    #[test]
+    fn the_commit_point_waits_for_the_lowest_unsettled_record() {
+        let mut list = unsettled(10..15);
+        assert_eq!(list.first(), Some(10));
+        list.settle(12);
+        list.settle(11);
+        assert_eq!(
+            list.first(),
+            Some(10),
+            "settled out of order: 10 is still out"
+        );
+        list.settle(10);
+        assert_eq!(list.first(), Some(13), "11 and 12 were settled already");
+        list.settle(13);
+        list.settle(14);
+        assert_eq!(list.first(), None);
+        assert_eq!(list.settled_inside, 0);
+    }
+
+    #[test]
+    fn only_received_unsettled_records_carry_their_attempts() {
+        let mut list = unsettled([3, 4, 5, 6]);
+        assert!(list.received(4, 1));
+        assert!(list.received(5, 2));
+        assert!(!list.received(9, 1), "never registered");
+        list.settle(5);
+        assert!(!list.received(5, 3), "settled");
+        assert_eq!(list.received_attempts().collect::<Vec<_>>(), vec![(4, 1)]);
+        assert_eq!(
+            attempts_metadata(list.received_attempts()),
+            "helix-attempts:4=1"
+        );
+        assert_eq!(
+            parse_attempts_metadata("helix-attempts:4=1,7=3"),
+            BTreeMap::from([(4, 1), (7, 3)])
+        );
+        assert_eq!(attempts_metadata(unsettled([1]).received_attempts()), "");
+    }
+
+    #[test]
+    fn a_record_registered_again_or_out_of_order_is_unsettled_once() {
+        let mut list = unsettled([5, 7]);
+        list.insert(6);
+        list.insert(2);
+        list.insert(7);
+        assert_eq!(
+            list.slots.iter().map(|s| s.offset).collect::<Vec<_>>(),
+            vec![2, 5, 6, 7]
+        );
+        list.settle(6);
+        list.insert(6);
+        for offset in [2, 5, 7] {
+            list.settle(offset);
+        }
+        assert_eq!(
+            list.first(),
+            Some(6),
+            "registered again after its settlement"
+        );
+    }
+
+    #[test]
+    fn a_held_record_does_not_keep_every_later_settlement() {
+        let mut list = unsettled(0..10_000);
+        assert!(list.received(0, 1));
+        for offset in 1..10_000 {
+            list.settle(offset);
+        }
+        assert!(list.slots.len() < 200, "{} slots kept", list.slots.len());
+        assert_eq!(list.first(), Some(0));
+        assert_eq!(list.received_attempts().collect::<Vec<_>>(), vec![(0, 1)]);
+        list.settle(0);
+        assert_eq!(list.first(), None);
+        assert_eq!(list.settled_inside, 0);
     }
 }

@@ -46,7 +46,7 @@ use tokio::sync::{mpsc, watch};
 pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
 pub use topics::KafkaTopic;
 
-use consumer::{GroupConsumer, GroupContext, GroupState, Reader};
+use consumer::{GroupConsumer, GroupContext, GroupState, Reader, ReaderParts};
 use error::{blocking, from_kafka};
 use reconnects::StatsContext;
 use topics::Topics;
@@ -172,7 +172,7 @@ impl Shared {
     /// Publish one message to `topic` (as the application names it) and wait for its report.
     /// A producer queue that stays full for the publish timeout is a retryable timeout.
     async fn publish_one(&self, topic: &str, message: &Message) -> Result<()> {
-        let kafka_topic = self.config.kafka_topic(topic);
+        let kafka_topic = self.config.kafka_topic_ref(topic);
         self.topics.ensure(&self.config, &kafka_topic).await?;
         let report = self.enqueue_waiting(&kafka_topic, message).await?;
         self.delivered(&kafka_topic, report).await
@@ -436,19 +436,16 @@ impl Lane {
         consumer
             .subscribe(&[kafka_topic])
             .map_err(|e| from_kafka(e, format!("subscribing to {kafka_topic}")))?;
-        let (again, again_rx) = mpsc::unbounded_channel();
-        let reader = Reader {
+        let reader = Reader::new(ReaderParts {
             consumer: Arc::new(consumer),
             state: state.clone(),
             shared: self.shared.clone(),
             deliveries: self.deliveries.clone(),
-            again,
-            again_rx,
             prefetch: self.prefetch,
             topic: self.topic.clone(),
             group: self.group.clone(),
             retry,
-        };
+        });
         let mut readers = self.shared.readers.lock();
         readers.retain(|r| !r.is_finished());
         readers.push(tokio::spawn(reader.run()));

@@ -553,7 +553,12 @@ impl Acknowledge for MemoryAcker {
         true
     }
 
-    async fn settle(self: Box<Self>, outcome: Settlement) -> Result<()> {
+    async fn settle(mut self: Box<Self>, outcome: Settlement) -> Result<()> {
+        self.settle_now(outcome).unwrap_or(Ok(()))
+    }
+
+    /// Every outcome is settled here: the broker is in this process.
+    fn settle_now(&mut self, outcome: Settlement) -> Option<Result<()>> {
         let action = match outcome {
             Settlement::Ack | Settlement::Reject => SettleAction::Remove,
             Settlement::Requeue => SettleAction::Requeue,
@@ -564,7 +569,7 @@ impl Acknowledge for MemoryAcker {
             .state
             .lock()
             .settle(self.slot, self.token, action);
-        match settled {
+        Some(match settled {
             Ok(freed_slot) => {
                 // SeqCst pairs with the waiter's increment: either it is seen here, or the
                 // waiter's check under the lock saw the freed slot.
@@ -581,6 +586,6 @@ impl Acknowledge for MemoryAcker {
                     self.token, self.topic.name
                 ),
             )),
-        }
+        })
     }
 }
