@@ -216,7 +216,7 @@ pub(crate) async fn read_range(
                 match reader.next().await {
                     Ok(None) => return None,
                     Err(err) => return Some((Err(err), None)),
-                    Ok(Some(delivery)) => {
+                    Ok(Some(mut delivery)) => {
                         let recorded_at = wire::timestamp(&delivery.properties);
                         if !range.contains(recorded_at) {
                             continue;
@@ -228,7 +228,7 @@ pub(crate) async fn read_range(
                             }
                         });
                         let entry = HistoryEntry {
-                            message: Arc::new(wire::received(&delivery).message),
+                            message: Arc::new(wire::received(&mut delivery).message),
                             recorded_at,
                             position,
                         };

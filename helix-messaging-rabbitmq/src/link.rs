@@ -53,6 +53,13 @@ impl Link {
         if channel.status().connected() {
             return Ok(channel);
         }
+        // Boxed: inline, opening a channel would make every publish's future (moved a few
+        // times per publish) as large as its own.
+        Box::pin(self.reopen_publisher()).await
+    }
+
+    /// [`Link::publisher`] once the channel was seen closed.
+    async fn reopen_publisher(&self) -> Result<Channel> {
         let _reopening = self.reopening.lock().await;
         let channel = self.current_publisher();
         if channel.status().connected() {

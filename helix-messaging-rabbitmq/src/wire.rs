@@ -183,8 +183,9 @@ fn integer(value: &AMQPValue) -> Option<i64> {
 }
 
 /// Rebuild the message from a delivery. Messages from other publishers (no helix headers)
-/// are taken as they are: a fresh id if they carry none, the AMQP timestamp or now.
-pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
+/// are taken as they are: a fresh id if they carry none, the AMQP timestamp or now. The
+/// payload is taken out of the delivery, not copied.
+pub(crate) fn received(delivery: &mut lapin::message::Delivery) -> Received {
     let props = &delivery.properties;
     let table = props.headers().as_ref();
     let header = |name: &str| header(props, name);
@@ -193,7 +194,7 @@ pub(crate) fn received(delivery: &lapin::message::Delivery) -> Received {
         .message_id()
         .as_ref()
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), |id| id.to_string());
-    let payload = delivery.data.clone();
+    let payload = std::mem::take(&mut delivery.data);
     let mut headers = Headers::new();
     if let Some(table) = table {
         let came_back_from_a_delay = table.inner().contains_key(DELAYED);
