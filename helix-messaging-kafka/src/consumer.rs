@@ -72,9 +72,11 @@ impl Pauses {
 /// How often a reader stores the commit points its deliveries' settlements moved.
 const STORE_INTERVAL: Duration = Duration::from_millis(100);
 
-/// What a reader hands to its subscription: the group state the delivery belongs to (the
-/// topic's, or its retry topic's), and the delivery.
-pub(crate) type Handed = (Arc<GroupState>, Result<Delivery>);
+/// What a reader hands to its subscription: the group state the deliveries belong to (the
+/// topic's, or its retry topic's), and the deliveries, in order. Handed over together: a
+/// hand-over per delivery woke the application's task (on another thread) and touched the
+/// channel and the state's count from both threads for each one.
+pub(crate) type Handed = (Arc<GroupState>, Vec<Result<Delivery>>);
 
 /// The records of one partition handed out (or buffered) and not settled yet, in offset
 /// order, each with the attempt it had reached when the application received it.
@@ -836,7 +838,7 @@ impl Reader {
                         continue;
                     }
                     let delivery = self.delivery(item, permit);
-                    if self.deliveries.send((self.state.clone(), Ok(delivery))).is_err() {
+                    if self.deliveries.send((self.state.clone(), vec![Ok(delivery)])).is_err() {
                         break;
                     }
                 }
@@ -846,11 +848,11 @@ impl Reader {
                         // Records that have arrived meanwhile are taken now rather than one
                         // trip through this loop each, and handed out as they come: a buffer
                         // filled first would pause fetching, and the consumer drops what it
-                        // had fetched beyond a paused position.
+                        // had fetched beyond a paused position. They reach the subscription
+                        // together, once the burst is over.
+                        let mut out = Vec::new();
                         for _ in 1..RECV_BURST {
-                            if !self.hand_out(&mut buffer, &permits) {
-                                break 'running;
-                            }
+                            self.gather(&mut buffer, &permits, &mut out);
                             if pauses.wanted() {
                                 break;
                             }
@@ -859,13 +861,16 @@ impl Reader {
                                     self.take(record, &mut buffer, &mut held, paused, &mut pauses);
                                 }
                                 Some(Err(err)) => {
-                                    if !self.report(err).await {
+                                    if !self.send_out(&mut out) || !self.report(err).await {
                                         break 'running;
                                     }
                                     break;
                                 }
                                 None => break,
                             }
+                        }
+                        if !self.send_out(&mut out) {
+                            break 'running;
                         }
                         if let Err(err) = self.drain_then_pause(&mut buffer, &mut held, &mut paused, &mut pauses)
                             && !self.report(err).await
@@ -887,6 +892,18 @@ impl Reader {
     /// Hand out buffered records while the prefetch window has room; `false` once the
     /// subscription is gone.
     fn hand_out(&self, buffer: &mut VecDeque<Buffered>, permits: &Arc<Semaphore>) -> bool {
+        let mut out = Vec::new();
+        self.gather(buffer, permits, &mut out);
+        self.send_out(&mut out)
+    }
+
+    /// Make deliveries of buffered records, into `out`, while the prefetch window has room.
+    fn gather(
+        &self,
+        buffer: &mut VecDeque<Buffered>,
+        permits: &Arc<Semaphore>,
+        out: &mut Vec<Result<Delivery>>,
+    ) {
         while !buffer.is_empty() {
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 break;
@@ -897,16 +914,17 @@ impl Reader {
             if !self.state.holds(item.partition, item.generation) {
                 continue;
             }
-            let delivery = self.delivery(item, permit);
-            if self
-                .deliveries
-                .send((self.state.clone(), Ok(delivery)))
-                .is_err()
-            {
-                return false;
-            }
+            out.push(Ok(self.delivery(item, permit)));
         }
-        true
+    }
+
+    /// Hand the deliveries in `out` to the subscription; `false` once it is gone.
+    fn send_out(&self, out: &mut Vec<Result<Delivery>>) -> bool {
+        out.is_empty()
+            || self
+                .deliveries
+                .send((self.state.clone(), std::mem::take(out)))
+                .is_ok()
     }
 
     /// Register a received record and buffer it (or hold it, when it or an earlier record
@@ -1012,7 +1030,7 @@ impl Reader {
         tracing::warn!(error = %err, "consumer error");
         if self
             .deliveries
-            .send((self.state.clone(), Err(err)))
+            .send((self.state.clone(), vec![Err(err)]))
             .is_err()
         {
             return false;

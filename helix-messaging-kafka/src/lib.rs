@@ -380,18 +380,34 @@ impl Subscriber for KafkaBroker {
         .await?;
         // A delivery counts as an attempt once the application has it: one still queued here
         // when the subscription is dropped was never seen.
+        let mut batch: Option<(
+            Arc<GroupState>,
+            std::vec::IntoIter<Result<helix_messaging_core::Delivery>>,
+        )> = None;
         let stream = futures::stream::poll_fn(move |cx| {
-            receiver.poll_recv(cx).map(|next| {
-                next.map(|(state, delivery): consumer::Handed| {
-                    if let Ok(delivery) = &delivery
-                        && let Some(helix_messaging_core::Position::Offset { partition, offset }) =
-                            delivery.info().position
-                    {
-                        state.received(partition, offset, delivery.attempt());
+            loop {
+                if let Some((state, deliveries)) = &mut batch {
+                    if let Some(delivery) = deliveries.next() {
+                        if let Ok(delivery) = &delivery
+                            && let Some(helix_messaging_core::Position::Offset {
+                                partition,
+                                offset,
+                            }) = delivery.info().position
+                        {
+                            state.received(partition, offset, delivery.attempt());
+                        }
+                        return std::task::Poll::Ready(Some(delivery));
                     }
-                    delivery
-                })
-            })
+                    batch = None;
+                }
+                match receiver.poll_recv(cx) {
+                    std::task::Poll::Ready(Some((state, deliveries))) => {
+                        batch = Some((state, deliveries.into_iter()));
+                    }
+                    std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+                    std::task::Poll::Pending => return std::task::Poll::Pending,
+                }
+            }
         });
         Ok(Subscription::new(lane.topic, lane.group, Box::pin(stream)))
     }
