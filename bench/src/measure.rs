@@ -443,6 +443,27 @@ pub(crate) fn report(raw_label: &str, raw: Vec<Run>, ours_label: &str, ours: Vec
     ratio
 }
 
+/// The adapter's rate over the raw side's in each run, both sides of a run measured back to
+/// back: pairs share the machine's state of the moment (another guest's load, the broker's
+/// warmth), which the medians of each side taken apart do not.
+fn pair_ratios(raw: &[Run], ours: &[Run]) -> Vec<f64> {
+    raw.iter()
+        .zip(ours)
+        .map(|(raw, ours)| ours.rate() / raw.rate())
+        .collect()
+}
+
+/// The median of `values` (the mean of the middle two for an even count); 0 for none.
+fn median_of(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// Publish `n` stamped messages with `publish_batch`, `batch` at a time. Returns the round
 /// trip of every batch.
 pub(crate) async fn publish_batches<P: Publisher + ?Sized>(
@@ -598,6 +619,16 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
             println!("  all runs, {}", total.per(messages));
             continue;
         }
+        if options.runs > 1 {
+            // One unmeasured run of each side first: the first runs of a scenario are slow on
+            // both sides (the broker's and the client's allocations, connections, page
+            // faults), and with a handful of runs that skews whichever side's runs fall in
+            // that period.
+            let (r, _) = CpuTime::of(broker_process, raw(scenario, baseline)).await;
+            println!("{}", r.line(&format!("warm-up: {raw_label}")));
+            let (o, _) = CpuTime::of(broker_process, ours(scenario)).await;
+            println!("{}", o.line(&format!("warm-up: {ours_label}")));
+        }
         for run in 1..=options.runs {
             // Every other run the adapter goes first: a broker that slows as it fills (Tansu
             // keeps every topic in memory) or warms up would otherwise favour one side.
@@ -616,7 +647,16 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
             }
         }
         let messages: usize = raw_runs.iter().map(|r| r.messages).sum();
+        let pairs = pair_ratios(&raw_runs, &our_runs);
         let ratio = report(&raw_label, raw_runs, &ours_label, our_runs);
+        if pairs.len() > 1 {
+            let shown: Vec<String> = pairs.iter().map(|r| format!("{r:.2}")).collect();
+            println!(
+                "  each run's pair (adapter / raw, run back to back): median {:.2}x [{}]",
+                median_of(&pairs),
+                shown.join(" ")
+            );
+        }
         println!(
             "  all runs, raw {}; adapter {}",
             raw_cpu.per(messages),
@@ -651,6 +691,21 @@ mod tests {
         assert_eq!(options.side, Some(Side::Raw));
         assert!(Options::parse(&args(&["--side", "both"])).is_err());
         assert_eq!(Options::parse(&[]).unwrap().side, None);
+    }
+
+    #[test]
+    fn pairs_are_taken_run_by_run_and_their_median_is_the_middle() {
+        let run = |seconds: f64| Run {
+            messages: 100,
+            elapsed: Duration::from_secs_f64(seconds),
+            latency: histogram(),
+        };
+        let raw = [run(1.0), run(2.0), run(1.0)];
+        let ours = [run(2.0), run(2.0), run(0.5)];
+        assert_eq!(pair_ratios(&raw, &ours), vec![0.5, 1.0, 2.0]);
+        assert_eq!(median_of(&[2.0, 0.5, 1.0]), 1.0);
+        assert_eq!(median_of(&[1.0, 2.0]), 1.5);
+        assert_eq!(median_of(&[]), 0.0);
     }
 
     #[test]
