@@ -443,6 +443,15 @@ pub(crate) fn report(raw_label: &str, raw: Vec<Run>, ours_label: &str, ours: Vec
     ratio
 }
 
+/// Whether a comparison named `name` runs under `--filter filter`: names containing it, or
+/// with a leading `=`, exactly that name (`=publish` without `publish, 256 callers`).
+fn filter_matches(filter: &str, name: &str) -> bool {
+    match filter.strip_prefix('=') {
+        Some(exact) => name == exact,
+        None => name.contains(filter),
+    }
+}
+
 /// The adapter's rate over the raw side's in each run, both sides of a run measured back to
 /// back: pairs share the machine's state of the moment (another guest's load, the broker's
 /// warmth), which the medians of each side taken apart do not.
@@ -521,13 +530,24 @@ pub(crate) async fn publish_and_consume<P: Publisher + Clone + 'static>(
 }
 
 /// Receive `n` deliveries from `subscription`, recording each one's latency and acking it,
-/// up to `acks_in_flight` acks at once.
+/// up to `acks_in_flight` acks at once; with 1, each is acked before the next is taken.
 async fn consume_and_ack(
     subscription: Subscription,
     n: usize,
     clock: Clock,
     acks_in_flight: usize,
 ) -> Histogram<u64> {
+    if acks_in_flight == 1 {
+        // The loop a raw consumer runs: no task per ack.
+        let mut latency = histogram();
+        let mut deliveries = subscription.take(n);
+        while let Some(delivery) = deliveries.next().await {
+            let delivery = delivery.expect("delivery");
+            latency.saturating_record(clock.latency_ns(delivery.message().payload()));
+            delivery.ack().await.expect("ack");
+        }
+        return latency;
+    }
     let latency = Arc::new(Mutex::new(histogram()));
     subscription
         .take(n)
@@ -589,7 +609,7 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
         totals.add(cpu);
     };
     for (name, scenario, baseline) in comparisons {
-        if options.filter.as_deref().is_some_and(|f| !name.contains(f))
+        if options.filter.as_deref().is_some_and(|f| !filter_matches(f, &name))
             || options.baseline.is_some_and(|b| b != baseline)
             // The adapter's run does not depend on the raw baseline: once is enough.
             || (options.side == Some(Side::Adapter) && baseline == Baseline::Minimal)
@@ -691,6 +711,14 @@ mod tests {
         assert_eq!(options.side, Some(Side::Raw));
         assert!(Options::parse(&args(&["--side", "both"])).is_err());
         assert_eq!(Options::parse(&[]).unwrap().side, None);
+    }
+
+    #[test]
+    fn a_filter_matches_part_of_a_name_or_with_equals_the_whole_name() {
+        assert!(filter_matches("publish", "publish, 256 callers"));
+        assert!(filter_matches("=publish", "publish"));
+        assert!(!filter_matches("=publish", "publish, 256 callers"));
+        assert!(!filter_matches("streams", "publish"));
     }
 
     #[test]
