@@ -5,7 +5,8 @@
 //! batches of records to the producer before awaiting their delivery reports
 //! (`publish_batch` on the adapter; 100, or 10,000 with `--peak`, see [`shape`]). End to end,
 //! the raw consumer stores each processed record's offset for the background commit (the
-//! usual at-least-once loop); the adapter acks every delivery, up to 64 (peak: 256) at once.
+//! usual at-least-once loop); the adapter acks every delivery, up to 64 at once (peak: each
+//! before the next is taken, the raw consumer's loop).
 //!
 //! Two raw baselines, as for RabbitMQ: *like for like* records carry what the adapter needs to
 //! carry a `Message` (id and nanosecond timestamp headers, record timestamp), and the raw

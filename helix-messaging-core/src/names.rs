@@ -38,7 +38,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     if !name.bytes().all(|b| NAME_BYTES[usize::from(b)])
         && let Some(bad) = name
             .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+            .find(|c| !c.is_ascii() || !NAME_BYTES[*c as usize])
     {
         return Err(Error::invalid_input(format!(
             "{what} name {name:?} contains {bad:?}; only ASCII letters, digits, '.', '_' and '-' are allowed"

@@ -456,15 +456,7 @@ impl GroupState {
         let tracker = partitions
             .get_mut(&partition)
             .filter(|t| t.generation == generation)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::NotFound,
-                    format!(
-                        "partition {partition} of {} was reassigned; its new owner receives this message again",
-                        self.topic
-                    ),
-                )
-            })?;
+            .ok_or_else(|| reassigned(partition, &self.topic))?;
         tracker.unsettled.settle(offset);
         if tracker.commit_point().is_some_and(|p| p > tracker.stored) {
             self.unstored.store(true, Ordering::Release);
@@ -1163,15 +1155,26 @@ impl KafkaAcker {
                 .is_ok()
     }
 
-    fn reassigned(&self) -> Error {
+    /// The error of a settlement after the subscription ended.
+    fn ended(&self) -> Error {
         Error::new(
             ErrorKind::NotFound,
             format!(
-                "partition {} of {} was reassigned; its new owner receives this message again",
-                self.partition, self.context.topic
+                "the subscription to {} has ended; the message is redelivered from the committed offset",
+                self.context.topic
             ),
         )
     }
+}
+
+/// The error of a settlement of `partition` of `topic` after it was assigned elsewhere.
+fn reassigned(partition: i32, topic: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!(
+            "partition {partition} of {topic} was reassigned; its new owner receives this message again"
+        ),
+    )
 }
 
 impl Drop for KafkaAcker {
@@ -1197,13 +1200,7 @@ impl Acknowledge for KafkaAcker {
         self.settled = true;
         let context = &self.context;
         if context.consumer.strong_count() == 0 {
-            return Some(Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "the subscription to {} has ended; the message is redelivered from the committed offset",
-                    context.topic
-                ),
-            )));
+            return Some(Err(self.ended()));
         }
         if outcome == Settlement::Requeue {
             // Rewinding the partition would redeliver everything after the record too, and a
@@ -1212,7 +1209,7 @@ impl Acknowledge for KafkaAcker {
             return Some(if self.hand_out_again() {
                 Ok(())
             } else {
-                Err(self.reassigned())
+                Err(reassigned(self.partition, &context.topic))
             });
         }
         Some(
@@ -1231,13 +1228,7 @@ impl Acknowledge for KafkaAcker {
         self.settled = true;
         let context = self.context.clone();
         if context.consumer.strong_count() == 0 {
-            return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
-                    "the subscription to {} has ended; the message is redelivered from the committed offset",
-                    context.topic
-                ),
-            ));
+            return Err(self.ended());
         }
         let lane = context.retry.clone().ok_or_else(|| {
             Error::unsupported(
