@@ -371,6 +371,53 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
     consumer.await.unwrap();
 }
 
+/// A batch whose records the producer cannot take (its queue full, the broker down) fails
+/// within one publish timeout: once one record waited the timeout out, the rest fail at once
+/// instead of each waiting its own, one after another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_producer_cannot_take_fails_within_one_publish_timeout() {
+    common::log_to_stderr();
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let topic = "full-queue";
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let mut config = common::config_for(&cluster.bootstrap_servers());
+    config.publish_timeout = Duration::from_secs(1);
+    // Room for one record: the second waits for the first's delivery report.
+    config
+        .properties
+        .insert("queue.buffering.max.messages".into(), "1".into());
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    broker
+        .publish(topic, Message::new("while up"))
+        .await
+        .unwrap();
+
+    cluster.broker_down(1).unwrap();
+    let batch: Vec<Message> = (0..5).map(|i| Message::new(format!("{i}"))).collect();
+    let started = Instant::now();
+    let report = broker.publish_batch(topic, batch).await;
+    let took = started.elapsed();
+    cluster.broker_up(1).unwrap();
+    assert_eq!(report.failures().len(), 5, "{:?}", report.failures());
+    for (_, err) in report.failures() {
+        assert_eq!(
+            err.kind(),
+            helix_messaging_core::ErrorKind::Timeout,
+            "{err}"
+        );
+        assert!(err.is_retryable(), "{err}");
+    }
+    // The record in the queue fails by librdkafka's message timeout, checked about once a
+    // second, so its report takes up to twice the timeout; five records each waiting for
+    // room in turn took 9.4 s.
+    assert!(
+        took < Duration::from_secs(4),
+        "a batch of 5 with a 1 s publish timeout took {took:?}: {:?}",
+        report.failures()
+    );
+    broker.close().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejected_secret_property_never_shows_its_value() {
     // librdkafka refuses the property and echoes it with its value; the adapter's error must

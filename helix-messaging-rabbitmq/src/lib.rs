@@ -302,6 +302,18 @@ impl Shared {
         )
     }
 
+    /// Why the rest of a batch to `routing_key` was not published: an earlier message of it
+    /// timed out.
+    fn batch_refused(&self, routing_key: &str) -> Error {
+        Error::new(
+            ErrorKind::Timeout,
+            format!(
+                "not published: an earlier message of the batch to {routing_key} was not taken within {:?} (connection lost or broker blocked)",
+                self.config().publish_timeout
+            ),
+        )
+    }
+
     /// The broker's verdict on one publish, within the publish timeout.
     async fn confirmed(&self, routing_key: &str, confirm: lapin::PublisherConfirm) -> Result<()> {
         self.within_publish_timeout(routing_key, self.verdict(routing_key, confirm))
@@ -414,14 +426,37 @@ impl Publisher for RabbitBroker {
         // Every publish goes out before any confirm is awaited: one window of confirms in
         // flight instead of a round trip per message.
         let shared = &self.shared;
+        // A publish the broker does not take within the timeout means it takes none (a
+        // blocked or lost connection): the rest of the batch fails at once instead of each
+        // waiting its own timeout, one after another.
+        let refused = std::sync::atomic::AtomicBool::new(false);
+        let refused = &refused;
+        // Likewise the confirms, awaited in turn: one deadline for all of them, set when the
+        // first is awaited.
+        let deadline = std::sync::OnceLock::new();
         BatchReport::pipelined(
             messages,
             |message| async move {
-                shared
+                if refused.load(std::sync::atomic::Ordering::Relaxed) {
+                    return Err(shared.batch_refused(topic));
+                }
+                let started = shared
                     .start_publish(&shared.config().exchange, topic, &message, None)
-                    .await
+                    .await;
+                if matches!(&started, Err(err) if err.kind() == ErrorKind::Timeout) {
+                    refused.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                started
             },
-            |confirm| shared.confirmed(topic, confirm),
+            move |confirm| {
+                let deadline = *deadline
+                    .get_or_init(|| tokio::time::Instant::now() + shared.config().publish_timeout);
+                async move {
+                    tokio::time::timeout_at(deadline, shared.verdict(topic, confirm))
+                        .await
+                        .map_err(|_| shared.publish_timed_out(topic))?
+                }
+            },
         )
         .await
     }

@@ -323,6 +323,28 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
         took < Duration::from_millis(1_800),
         "a 1 s publish timeout took {took:?}"
     );
+    // So is every message of a batch, within the same timeout: the batch's confirms share one
+    // deadline, not a timeout each one after another.
+    let batch: Vec<Message> = (0..5)
+        .map(|i| Message::new(format!("batch message {i}, published while blocked")))
+        .collect();
+    let batch_ids: Vec<String> = batch.iter().map(|m| m.id().to_owned()).collect();
+    let started = Instant::now();
+    let report = broker.publish_batch(topic, batch).await;
+    let took = started.elapsed();
+    assert_eq!(report.failures().len(), 5, "{:?}", report.failures());
+    for (_, err) in report.failures() {
+        assert_eq!(
+            err.kind(),
+            helix_messaging_core::ErrorKind::Timeout,
+            "{err}"
+        );
+    }
+    assert!(
+        took < Duration::from_millis(1_800),
+        "a batch of 5 with a 1 s publish timeout took {took:?}: {:?}",
+        report.failures()
+    );
     drop(restore);
 
     // Once the broker reads again, the message comes back (perhaps twice: the copy may have
@@ -339,9 +361,10 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
         if d.message().id() == next.id() {
             break;
         }
+        let id = d.message().id();
         assert!(
-            d.message().id() == m.id() || d.message().id() == blocked.id(),
-            "only the duplicate copy, or the publish whose confirm timed out, may come first"
+            id == m.id() || id == blocked.id() || batch_ids.iter().any(|b| b == id),
+            "only the duplicate copy, or the publishes whose confirms timed out, may come first"
         );
     }
     broker.close().await.unwrap();
