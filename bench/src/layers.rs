@@ -21,7 +21,7 @@ use helix_messaging::{
     Broker, DeliveryInfo, Envelope, Message, Runner, SubscribeOptions, handler_fn,
 };
 
-use crate::measure::{Clock, Options, Run, histogram, publish_batches, report};
+use crate::measure::{Batching, Clock, Options, Run, histogram, publish_batches, report};
 
 const BATCH: usize = 1_000;
 
@@ -64,7 +64,7 @@ async fn run_through(options: &Options, layered: bool) -> Run {
     let runner = builder.start(handler).await.expect("runner");
     let n = options.messages;
     let started = Instant::now();
-    publish_batches(&*broker, topic, n, BATCH, clock).await;
+    publish_batches(&*broker, topic, n, Batching::whole(BATCH), clock).await;
     while seen.load(Ordering::Relaxed) < n {
         tokio::time::sleep(Duration::from_micros(200)).await;
     }

@@ -27,6 +27,9 @@ pub(crate) struct Options {
     pub(crate) side: Option<Side>,
     /// `--baseline like|minimal`: compare against one raw baseline only.
     pub(crate) baseline: Option<Baseline>,
+    /// `--chunk N`: the adapter's `publish_batch` calls carry N messages each instead of the
+    /// shape's (see [`Batching`]).
+    pub(crate) chunk: Option<usize>,
 }
 
 /// One side of a comparison.
@@ -47,6 +50,7 @@ impl Options {
             peak: false,
             side: None,
             baseline: None,
+            chunk: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -89,6 +93,7 @@ impl Options {
                 }
                 "--size" => options.size = number.max(8),
                 "--runs" => options.runs = number.max(1),
+                "--chunk" => options.chunk = Some(number.max(1)),
                 other => return Err(format!("unknown flag {other}")),
             }
         }
@@ -114,8 +119,28 @@ impl Options {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Shape {
     pub(crate) batch: usize,
+    /// Messages per `publish_batch` call within a batch (see [`Batching`]).
+    pub(crate) chunk: usize,
     pub(crate) prefetch: usize,
     pub(crate) acks_in_flight: usize,
+}
+
+/// How the adapter hands over a window of messages before awaiting their acknowledgements:
+/// in `publish_batch` calls of `chunk`, each started as soon as it is built.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Batching {
+    pub(crate) window: usize,
+    pub(crate) chunk: usize,
+}
+
+impl Batching {
+    /// One `publish_batch` call per window of `size`.
+    pub(crate) const fn whole(size: usize) -> Batching {
+        Batching {
+            window: size,
+            chunk: size,
+        }
+    }
 }
 
 /// Concurrent `publish` callers in peak mode (the 256 tasks).
@@ -126,14 +151,28 @@ impl Shape {
     pub(crate) const fn like_for_like(prefetch: usize) -> Shape {
         Shape {
             batch: 100,
+            chunk: 100,
             prefetch,
             acks_in_flight: 64,
         }
     }
 
-    /// `normal` unless `options.peak`, then `peak`.
+    /// `normal` unless `options.peak`, then `peak`; with `--chunk`, that many messages per
+    /// `publish_batch` call (at most a batch).
     pub(crate) fn pick(options: &Options, normal: Shape, peak: Shape) -> Shape {
-        if options.peak { peak } else { normal }
+        let shape = if options.peak { peak } else { normal };
+        Shape {
+            chunk: options.chunk.unwrap_or(shape.chunk).clamp(1, shape.batch),
+            ..shape
+        }
+    }
+
+    /// How the adapter publishes a batch.
+    pub(crate) fn batching(&self) -> Batching {
+        Batching {
+            window: self.batch,
+            chunk: self.chunk,
+        }
     }
 }
 
@@ -148,20 +187,20 @@ pub(crate) fn scenarios(options: &Options) -> &'static [&'static str] {
     }
 }
 
-/// An adapter's publish-only run: [`publish_batches`] of `batch`, or with `concurrent`
-/// [`publish_concurrently`].
+/// An adapter's publish-only run: [`publish_batches`] as `batching` says, or with
+/// `concurrent` [`publish_concurrently`].
 pub(crate) async fn adapter_publish<P: Publisher + Clone + 'static>(
     publisher: &P,
     topic: &str,
     n: usize,
-    batch: usize,
+    batching: Batching,
     concurrent: bool,
     clock: Clock,
 ) -> Histogram<u64> {
     if concurrent {
         publish_concurrently(publisher, topic, n, clock).await
     } else {
-        publish_batches(publisher, topic, n, batch, clock).await
+        publish_batches(publisher, topic, n, batching, clock).await
     }
 }
 
@@ -473,29 +512,42 @@ fn median_of(values: &[f64]) -> f64 {
     }
 }
 
-/// Publish `n` stamped messages with `publish_batch`, `batch` at a time. Returns the round
-/// trip of every batch.
+/// Publish `n` stamped messages with `publish_batch`, a window of `batching.window` at a
+/// time: each window in calls of `batching.chunk`, each call started as soon as its messages
+/// are built (so they go to the client while the next chunk is built, as a raw loop hands
+/// over each record as it builds it), and every call's report awaited before the next
+/// window. Returns the round trip of every window.
 pub(crate) async fn publish_batches<P: Publisher + ?Sized>(
     publisher: &P,
     topic: &str,
     n: usize,
-    batch: usize,
+    batching: Batching,
     clock: Clock,
 ) -> Histogram<u64> {
     let mut round_trips = histogram();
     let mut sent = 0;
     while sent < n {
-        let batch_started = Instant::now();
-        let count = batch.min(n - sent);
-        let messages = (0..count)
-            .map(|_| Message::new(clock.stamped_payload()))
-            .collect();
-        publisher
-            .publish_batch(topic, messages)
-            .await
-            .into_result()
-            .expect("publish_batch");
-        round_trips.saturating_record(batch_started.elapsed().as_nanos() as u64);
+        let window_started = Instant::now();
+        let count = batching.window.min(n - sent);
+        let mut in_flight = Vec::new();
+        let mut left = count;
+        while left > 0 {
+            let take = batching.chunk.min(left);
+            left -= take;
+            let messages = (0..take)
+                .map(|_| Message::new(clock.stamped_payload()))
+                .collect();
+            let mut publishing = publisher.publish_batch(topic, messages);
+            // Polled once here: a backend hands the batch to its client on the first poll.
+            match futures::poll!(&mut publishing) {
+                std::task::Poll::Ready(report) => report.into_result().expect("publish_batch"),
+                std::task::Poll::Pending => in_flight.push(publishing),
+            }
+        }
+        for report in futures::future::join_all(in_flight).await {
+            report.into_result().expect("publish_batch");
+        }
+        round_trips.saturating_record(window_started.elapsed().as_nanos() as u64);
         sent += count;
     }
     round_trips
@@ -509,7 +561,7 @@ pub(crate) async fn publish_and_consume<P: Publisher + Clone + 'static>(
     topic: &str,
     subscription: Subscription,
     n: usize,
-    batch: usize,
+    batching: Batching,
     clock: Clock,
     acks_in_flight: usize,
 ) -> Run {
@@ -517,7 +569,7 @@ pub(crate) async fn publish_and_consume<P: Publisher + Clone + 'static>(
     let producer = {
         let publisher = publisher.clone();
         let topic = topic.to_owned();
-        tokio::spawn(async move { publish_batches(&publisher, &topic, n, batch, clock).await })
+        tokio::spawn(async move { publish_batches(&publisher, &topic, n, batching, clock).await })
     };
     let latency = consume_and_ack(subscription, n, clock, acks_in_flight).await;
     let elapsed = started.elapsed();
@@ -744,6 +796,64 @@ mod tests {
         assert_eq!(options.baseline, Some(Baseline::Minimal));
         assert!(Options::parse(&args(&["--baseline", "both"])).is_err());
         assert_eq!(Options::parse(&[]).unwrap().baseline, None);
+    }
+
+    #[test]
+    fn chunk_sets_the_messages_per_publish_batch_call_up_to_a_batch() {
+        let peak = Shape {
+            batch: 10_000,
+            chunk: 1_000,
+            prefetch: 10,
+            acks_in_flight: 1,
+        };
+        let pick = |list: &[&str]| {
+            let options = Options::parse(&args(list)).unwrap();
+            Shape::pick(&options, Shape::like_for_like(10), peak).batching()
+        };
+        let default = pick(&["--peak"]);
+        assert_eq!((default.window, default.chunk), (10_000, 1_000));
+        let given = pick(&["--peak", "--chunk", "250"]);
+        assert_eq!((given.window, given.chunk), (10_000, 250));
+        let whole = pick(&["--peak", "--chunk", "50000"]);
+        assert_eq!((whole.window, whole.chunk), (10_000, 10_000));
+        let like = pick(&["--chunk", "250"]);
+        assert_eq!((like.window, like.chunk), (100, 100));
+        assert!(Options::parse(&args(&["--chunk", "many"])).is_err());
+    }
+
+    /// In chunks, every message goes out exactly once and in order, and each window is one
+    /// round trip.
+    #[tokio::test]
+    async fn publish_batches_in_chunks_sends_every_message_once_in_order() {
+        use helix_messaging::memory::MemoryBroker;
+        use helix_messaging::{SubscribeOptions, Subscriber};
+
+        let broker = MemoryBroker::new();
+        let mut subscription = broker
+            .subscribe("chunks", SubscribeOptions::default())
+            .await
+            .unwrap();
+        let batching = Batching {
+            window: 1_000,
+            chunk: 300,
+        };
+        let round_trips = publish_batches(&broker, "chunks", 2_500, batching, Clock::new(64)).await;
+        assert_eq!(round_trips.len(), 3, "windows of 1,000, 1,000 and 500");
+        let mut last_sent = 0;
+        for _ in 0..2_500 {
+            let delivery = tokio::time::timeout(Duration::from_secs(5), subscription.next())
+                .await
+                .expect("a delivery within 5 s")
+                .expect("the subscription is open")
+                .unwrap();
+            let payload = delivery.message().payload();
+            let sent = u64::from_be_bytes(payload[..8].try_into().unwrap());
+            assert!(sent >= last_sent, "out of order");
+            last_sent = sent;
+            delivery.ack().await.unwrap();
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(100), subscription.next()).await;
+        assert!(extra.is_err(), "no message beyond the 2,500 published");
     }
 
     /// The client's CPU time is this process's and grows with work done; a broker process

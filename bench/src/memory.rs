@@ -181,6 +181,7 @@ mod tests {
             peak: false,
             side: None,
             baseline: None,
+            chunk: None,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
         for publishing in [

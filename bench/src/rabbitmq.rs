@@ -42,6 +42,7 @@ fn shape(options: &Options) -> Shape {
         Shape::like_for_like(500),
         Shape {
             batch: 1_000,
+            chunk: 1_000,
             prefetch: 2_000,
             acks_in_flight: 256,
         },
@@ -180,9 +181,11 @@ async fn raw_publish_all(
                     .expect("raw publish"),
             );
         }
-        for confirmation in futures::future::join_all(confirms).await {
+        // In turn, as the Kafka baseline awaits its reports: the confirms are already on
+        // their way.
+        for confirm in confirms {
             assert!(matches!(
-                confirmation.expect("confirm"),
+                confirm.await.expect("confirm"),
                 Confirmation::Ack(None)
             ));
         }
@@ -253,7 +256,7 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
         &broker,
         &topic,
         options.messages,
-        shape(options).batch,
+        shape(options).batching(),
         concurrent,
         clock,
     )
@@ -345,7 +348,7 @@ async fn adapter_e2e(options: &Options) -> Run {
         &topic,
         subscription,
         n,
-        shape(options).batch,
+        shape(options).batching(),
         clock,
         shape(options).acks_in_flight,
     )

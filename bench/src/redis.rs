@@ -27,6 +27,7 @@ fn shape(options: &Options) -> Shape {
         Shape::like_for_like(500),
         Shape {
             batch: 10_000,
+            chunk: 10_000,
             prefetch: 2_000,
             acks_in_flight: 2_000,
         },
@@ -166,7 +167,15 @@ async fn publish_only(
             RedisMode::PubSub
         };
         let broker = adapter(mode).await;
-        adapter_publish(&broker, &topic, n, shape(options).batch, concurrent, clock).await
+        adapter_publish(
+            &broker,
+            &topic,
+            n,
+            shape(options).batching(),
+            concurrent,
+            clock,
+        )
+        .await
     };
     let elapsed = started.elapsed();
     delete(&topic).await;
@@ -354,7 +363,7 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
         &topic,
         subscription,
         n,
-        shape(options).batch,
+        shape(options).batching(),
         clock,
         shape(options).acks_in_flight,
     )

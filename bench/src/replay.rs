@@ -17,7 +17,7 @@ use helix_messaging::replay::{
     SqliteReplayStore,
 };
 
-use crate::measure::{Clock, Options, Run, histogram, publish_batches, report};
+use crate::measure::{Batching, Clock, Options, Run, histogram, publish_batches, report};
 
 /// Both the window and its copies stay in the memory broker's log.
 async fn broker(messages: usize) -> Arc<dyn Broker> {
@@ -45,7 +45,7 @@ async fn publish_window(broker: &Arc<dyn Broker>, topic: &str, options: &Options
         broker.as_ref(),
         topic,
         options.messages,
-        100,
+        Batching::whole(100),
         Clock::new(options.size),
     )
     .await;
