@@ -103,6 +103,14 @@ impl Topics {
         if self.known.lock().contains(name) {
             return Ok(());
         }
+        // Boxed: asking the cluster (metadata, then perhaps a creation) is a large future,
+        // and every publish's future would carry its size for the few that need it. At over
+        // 1 KiB, a publish's future missed the allocator's per-thread cache on every call.
+        Box::pin(self.learn(config, name)).await
+    }
+
+    /// [`Topics::ensure`] for a topic not known yet: find it on the cluster, or create it.
+    async fn learn(&self, config: &KafkaConfig, name: &str) -> Result<()> {
         if self.exists(config, name).await? {
             self.known.lock().insert(name.to_owned());
             return Ok(());
