@@ -3,7 +3,8 @@
 //!
 //! Both sides use the same producer settings (`acks=all`, idempotence, `linger.ms` 5) and hand
 //! batches of records to the producer before awaiting their delivery reports
-//! (`publish_batch` on the adapter; 100, or 10,000 with `--peak`, see [`shape`]). End to end,
+//! (`publish_batch` on the adapter; 100, or 10,000 with `--peak` in calls of 1,000, each
+//! started as soon as it is built, see [`shape`]). End to end,
 //! the raw consumer stores each processed record's offset for the background commit (the
 //! usual at-least-once loop); the adapter acks every delivery, up to 64 at once (peak: each
 //! before the next is taken, the raw consumer's loop).
@@ -36,7 +37,11 @@ const PARTITIONS: i32 = 4;
 /// producer's default queue lets a caller hand over without waiting), consumers holding as
 /// many, and each delivery acked before the next is taken. A Kafka ack is a local offset
 /// store, on the adapter's side as on the raw consumer's (`store_offset`): it has no round
-/// trip to overlap, so the peak consumer is the raw one's loop, without a task per ack.
+/// trip to overlap, so the peak consumer is the raw one's loop, without a task per ack. The
+/// adapter hands each window over in `publish_batch` calls of 1,000 as it builds them, as
+/// the raw loop hands each record over as it builds it: one call of 10,000 built up front
+/// (`--chunk 10000`) keeps every message of the window in memory before the first is sent,
+/// past what the allocator's per-thread caches and the CPU's caches hold.
 fn shape(options: &Options) -> Shape {
     Shape::pick(
         options,
