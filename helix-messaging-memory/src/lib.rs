@@ -227,11 +227,12 @@ impl MemoryBroker {
     }
 
     /// Enqueue `messages` in order, waiting for room as needed. On failure returns how many
-    /// were enqueued before it and the error.
+    /// were enqueued before it and the error. Messages come already shared: a future holding
+    /// them by value would be one message larger per copy it keeps.
     async fn enqueue_all(
         &self,
         topic: &Topic,
-        messages: impl IntoIterator<Item = Message>,
+        messages: impl IntoIterator<Item = Arc<Message>>,
     ) -> Result<(), (usize, Error)> {
         let mut done = 0;
         let mut messages = messages.into_iter().peekable();
@@ -251,13 +252,17 @@ impl MemoryBroker {
                         break true;
                     }
                     let message = messages.next().expect("peeked");
-                    state.enqueue(Arc::new(message), &mut now, wall, &mut evicted);
+                    state.enqueue(message, &mut now, wall, &mut evicted);
                     done += 1;
                 }
             };
             drop(evicted);
             if full {
-                self.wait_for_space(topic).await.map_err(|e| (done, e))?;
+                // Boxed: the wait (a notification, a timer) would otherwise make every
+                // publish's future larger than the allocator's per-thread cache serves.
+                Box::pin(self.wait_for_space(topic))
+                    .await
+                    .map_err(|e| (done, e))?;
             }
         }
         Ok(())
@@ -318,7 +323,7 @@ impl Publisher for MemoryBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
         let topic = self.topic(topic)?;
         self.check_payload(&message)?;
-        self.enqueue_all(&topic, [message])
+        self.enqueue_all(&topic, [Arc::new(message)])
             .await
             .map_err(|(_, e)| e)
     }
@@ -341,7 +346,10 @@ impl Publisher for MemoryBroker {
                 Err(err) => failures.push((index, err)),
             }
         }
-        if let Err((done, err)) = self.enqueue_all(&topic, accepted).await {
+        if let Err((done, err)) = self
+            .enqueue_all(&topic, accepted.into_iter().map(Arc::new))
+            .await
+        {
             failures.extend(
                 accepted_indices[done..]
                     .iter()
