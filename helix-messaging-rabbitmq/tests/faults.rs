@@ -323,28 +323,15 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
         took < Duration::from_millis(1_800),
         "a 1 s publish timeout took {took:?}"
     );
-    // So is every message of a batch, within the same timeout: the batch's confirms share one
-    // deadline, not a timeout each one after another.
-    let batch: Vec<Message> = (0..5)
-        .map(|i| Message::new(format!("batch message {i}, published while blocked")))
-        .collect();
-    let batch_ids: Vec<String> = batch.iter().map(|m| m.id().to_owned()).collect();
-    let started = Instant::now();
-    let report = broker.publish_batch(topic, batch).await;
-    let took = started.elapsed();
-    assert_eq!(report.failures().len(), 5, "{:?}", report.failures());
-    for (_, err) in report.failures() {
-        assert_eq!(
-            err.kind(),
-            helix_messaging_core::ErrorKind::Timeout,
-            "{err}"
-        );
-    }
-    assert!(
-        took < Duration::from_millis(1_800),
-        "a batch of 5 with a 1 s publish timeout took {took:?}: {:?}",
-        report.failures()
-    );
+    // So is every message of a batch, within the same timeout: once one is not taken, the
+    // rest fail at once, and the confirms share one deadline.
+    let batch_ids = helix_messaging_testkit::faults::assert_batch_times_out(
+        &broker,
+        topic,
+        5,
+        Duration::from_millis(1_800),
+    )
+    .await;
     drop(restore);
 
     // Once the broker reads again, the message comes back (perhaps twice: the copy may have

@@ -237,3 +237,40 @@ impl Drop for PrivateRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Publish a batch of `count` messages to `topic` while the broker takes none, and check
+/// that every one fails with a retryable timeout within `limit`: a batch must not wait a
+/// publish timeout per message, one after another. Returns the messages' ids, which the
+/// broker may still store once it takes publishes again.
+///
+/// # Panics
+/// When a message does not fail, fails otherwise, or the batch takes `limit` or longer.
+pub async fn assert_batch_times_out(
+    publisher: &dyn helix_messaging_core::Publisher,
+    topic: &str,
+    count: usize,
+    limit: Duration,
+) -> Vec<String> {
+    let batch: Vec<helix_messaging_core::Message> = (0..count)
+        .map(|i| helix_messaging_core::Message::new(format!("batch message {i}, refused")))
+        .collect();
+    let ids = batch.iter().map(|m| m.id().to_owned()).collect();
+    let started = Instant::now();
+    let report = publisher.publish_batch(topic, batch).await;
+    let took = started.elapsed();
+    assert_eq!(report.failures().len(), count, "{:?}", report.failures());
+    for (_, err) in report.failures() {
+        assert_eq!(
+            err.kind(),
+            helix_messaging_core::ErrorKind::Timeout,
+            "{err}"
+        );
+        assert!(err.is_retryable(), "{err}");
+    }
+    assert!(
+        took < limit,
+        "a batch of {count} took {took:?}: {:?}",
+        report.failures()
+    );
+    ids
+}
