@@ -260,12 +260,7 @@ pub async fn assert_batch_times_out(
     let took = started.elapsed();
     assert_eq!(report.failures().len(), count, "{:?}", report.failures());
     for (_, err) in report.failures() {
-        assert_eq!(
-            err.kind(),
-            helix_messaging_core::ErrorKind::Timeout,
-            "{err}"
-        );
-        assert!(err.is_retryable(), "{err}");
+        assert_retryable_timeout(err);
     }
     assert!(
         took < limit,
@@ -273,4 +268,18 @@ pub async fn assert_batch_times_out(
         report.failures()
     );
     ids
+}
+
+/// Check that `err` is a timeout the caller may retry: what a publish the broker does not
+/// take within the publish timeout must be.
+///
+/// # Panics
+/// When it is of another kind or not retryable.
+pub fn assert_retryable_timeout(err: &helix_messaging_core::Error) {
+    assert_eq!(
+        err.kind(),
+        helix_messaging_core::ErrorKind::Timeout,
+        "{err}"
+    );
+    assert!(err.is_retryable(), "{err}");
 }
