@@ -366,8 +366,12 @@ pub trait Publisher: Send + Sync {
     /// connection and backend errors otherwise.
     async fn publish(&self, topic: &str, message: Message) -> Result<()>;
 
-    /// Publish many messages to `topic`, pipelining acknowledgements rather than waiting for
-    /// each in turn, and report per message. Messages keep their order relative to each other.
+    /// Publish many messages to `topic`, pipelining acknowledgements (every message is on its
+    /// way before any acknowledgement is awaited, so a batch costs about one round trip, not
+    /// one per message), and report per message. Messages keep their order relative to each
+    /// other. A broker that takes none of them fails the batch within about one publish
+    /// timeout, not one per message: once a message is not taken in time, the rest fail at
+    /// once with a retryable [`ErrorKind::Timeout`].
     ///
     /// The default publishes every message concurrently; backends override it with their
     /// native batching.
