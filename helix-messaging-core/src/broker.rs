@@ -9,9 +9,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, Stream};
 
-#[cfg(doc)]
-use crate::ErrorKind;
-use crate::{Capabilities, Delivery, Error, Message, Position, Result};
+use crate::{Capabilities, Delivery, Error, ErrorKind, Message, Position, Result};
 
 /// Where a newly created consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -277,6 +275,11 @@ impl BatchReport {
     /// (joining 10,000 Kafka delivery reports cost about 2,400 instructions a message more).
     /// `acknowledged` is called as each is awaited: a timeout started there would run one
     /// after another, so a backend that bounds the wait gives the batch one deadline.
+    ///
+    /// A message `start` fails with [`ErrorKind::Timeout`] was not taken by the client in
+    /// time (a full queue that does not drain, a blocked connection), so none after it would
+    /// be: the rest of the batch fails at once with a retryable timeout, without being
+    /// started, instead of each waiting its own timeout, one after another.
     pub async fn pipelined<M, T, Start, Started, Ack, Acked>(
         messages: Vec<M>,
         mut start: Start,
@@ -291,10 +294,24 @@ impl BatchReport {
         let total = messages.len();
         let mut failures = Vec::new();
         let mut pending = Vec::with_capacity(total);
+        // Why the rest of the batch is not started, once a message timed out.
+        let mut refused: Option<String> = None;
         for (index, message) in messages.into_iter().enumerate() {
+            if let Some(why) = &refused {
+                failures.push((index, Error::new(ErrorKind::Timeout, why.clone())));
+                continue;
+            }
             match start(message).await {
                 Ok(handle) => pending.push((index, handle)),
-                Err(err) => failures.push((index, err)),
+                Err(err) => {
+                    if err.kind() == ErrorKind::Timeout {
+                        refused = Some(format!(
+                            "not published: an earlier message of the batch timed out ({})",
+                            err.message()
+                        ));
+                    }
+                    failures.push((index, err));
+                }
             }
         }
         for (index, handle) in pending {
@@ -471,4 +488,51 @@ pub trait Broker: Publisher + Subscriber + fmt::Debug {
     /// # Errors
     /// The backend's error if flushing or closing failed.
     async fn close(&self) -> Result<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Once one message times out being handed over, the rest fail at once as retryable
+    /// timeouts without being started; other failures stay the message's own.
+    #[tokio::test]
+    async fn after_a_start_timeout_the_rest_of_the_batch_fails_unstarted() {
+        let mut started = Vec::new();
+        let report = BatchReport::pipelined(
+            (0..5).collect(),
+            |i: usize| {
+                started.push(i);
+                async move {
+                    match i {
+                        1 => Err(Error::invalid_input("bad message")),
+                        2 => Err(Error::new(ErrorKind::Timeout, "queue full")),
+                        _ => Ok(i),
+                    }
+                }
+            },
+            |_| async { Ok(()) },
+        )
+        .await;
+        assert_eq!(started, vec![0, 1, 2]);
+        let failed: Vec<(usize, ErrorKind, bool)> = report
+            .failures()
+            .iter()
+            .map(|(i, e)| (*i, e.kind(), e.is_retryable()))
+            .collect();
+        assert_eq!(
+            failed,
+            vec![
+                (1, ErrorKind::InvalidInput, false),
+                (2, ErrorKind::Timeout, true),
+                (3, ErrorKind::Timeout, true),
+                (4, ErrorKind::Timeout, true),
+            ]
+        );
+        assert!(
+            report.failures()[2].1.message().contains("queue full"),
+            "{}",
+            report.failures()[2].1
+        );
+    }
 }

@@ -322,29 +322,9 @@ impl Publisher for KafkaBroker {
         // them, and the reports arrive together.
         let shared = &self.shared;
         let kafka_topic = &kafka_topic;
-        // A queue that stayed full for the whole publish timeout does not empty for the next
-        // record either (the broker is not taking them): the rest of the batch fails at once
-        // instead of each waiting its own timeout, one after another.
-        let refused = std::sync::atomic::AtomicBool::new(false);
-        let refused = &refused;
         BatchReport::pipelined(
             messages,
-            |message| async move {
-                if refused.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "not published: an earlier record of the batch to {kafka_topic} found the producer's queue full for {:?}",
-                            shared.config.publish_timeout
-                        ),
-                    ));
-                }
-                let enqueued = shared.enqueue_waiting(kafka_topic, &message).await;
-                if matches!(&enqueued, Err(err) if err.kind() == ErrorKind::Timeout) {
-                    refused.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                enqueued
-            },
+            |message| async move { shared.enqueue_waiting(kafka_topic, &message).await },
             |report| shared.delivered(kafka_topic, report),
         )
         .await

@@ -218,12 +218,24 @@ impl Shared {
 
     /// `step` of a publish to `routing_key`, failing with [`Shared::publish_timed_out`] past
     /// the publish timeout.
-    async fn within_publish_timeout<T>(
+    fn within_publish_timeout<T>(
         &self,
         routing_key: &str,
         step: impl Future<Output = Result<T>>,
+    ) -> impl Future<Output = Result<T>> {
+        let deadline = tokio::time::Instant::now() + self.config().publish_timeout;
+        self.by_publish_deadline(deadline, routing_key, step)
+    }
+
+    /// `step` of a publish to `routing_key`, failing with [`Shared::publish_timed_out`] past
+    /// `deadline`.
+    async fn by_publish_deadline<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        routing_key: &str,
+        step: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        tokio::time::timeout(self.config().publish_timeout, step)
+        tokio::time::timeout_at(deadline, step)
             .await
             .map_err(|_| self.publish_timed_out(routing_key))?
     }
@@ -297,18 +309,6 @@ impl Shared {
             ErrorKind::Timeout,
             format!(
                 "no confirm for a publish to {routing_key} within {:?} (connection lost or broker blocked); whether it was stored is unknown",
-                self.config().publish_timeout
-            ),
-        )
-    }
-
-    /// Why the rest of a batch to `routing_key` was not published: an earlier message of it
-    /// timed out.
-    fn batch_refused(&self, routing_key: &str) -> Error {
-        Error::new(
-            ErrorKind::Timeout,
-            format!(
-                "not published: an earlier message of the batch to {routing_key} was not taken within {:?} (connection lost or broker blocked)",
                 self.config().publish_timeout
             ),
         )
@@ -405,7 +405,7 @@ impl Publisher for RabbitBroker {
         // One timeout for the publish and its confirm (as `publish_timeout` promises), not
         // one each: a timer is registered and removed per publish, and under many concurrent
         // callers the second one was 3% of the client's instructions. Written out rather than
-        // through `within_publish_timeout`: that async fn holds the publish's future (lapin's
+        // through `within_publish_timeout`: its async fn holds the publish's future (lapin's
         // is large) in a state of its own, one more copy of it per publish (callgrind).
         let shared = &self.shared;
         tokio::time::timeout(shared.config().publish_timeout, async {
@@ -426,36 +426,20 @@ impl Publisher for RabbitBroker {
         // Every publish goes out before any confirm is awaited: one window of confirms in
         // flight instead of a round trip per message.
         let shared = &self.shared;
-        // A publish the broker does not take within the timeout means it takes none (a
-        // blocked or lost connection): the rest of the batch fails at once instead of each
-        // waiting its own timeout, one after another.
-        let refused = std::sync::atomic::AtomicBool::new(false);
-        let refused = &refused;
-        // Likewise the confirms, awaited in turn: one deadline for all of them, set when the
-        // first is awaited.
+        // The confirms are awaited in turn: one deadline for all of them, set when the first
+        // is awaited, so a batch the broker does not confirm fails within one publish timeout.
         let deadline = std::sync::OnceLock::new();
         BatchReport::pipelined(
             messages,
             |message| async move {
-                if refused.load(std::sync::atomic::Ordering::Relaxed) {
-                    return Err(shared.batch_refused(topic));
-                }
-                let started = shared
+                shared
                     .start_publish(&shared.config().exchange, topic, &message, None)
-                    .await;
-                if matches!(&started, Err(err) if err.kind() == ErrorKind::Timeout) {
-                    refused.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                started
+                    .await
             },
             move |confirm| {
                 let deadline = *deadline
                     .get_or_init(|| tokio::time::Instant::now() + shared.config().publish_timeout);
-                async move {
-                    tokio::time::timeout_at(deadline, shared.verdict(topic, confirm))
-                        .await
-                        .map_err(|_| shared.publish_timed_out(topic))?
-                }
+                shared.by_publish_deadline(deadline, topic, shared.verdict(topic, confirm))
             },
         )
         .await
