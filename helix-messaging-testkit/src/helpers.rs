@@ -213,3 +213,24 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Most bytes a publish's future may take. The `Publisher` trait boxes each publish's
+/// future, and glibc serves chunks up to 1,032 bytes from a per-thread cache: a larger
+/// future takes the allocator's slow path on every publish.
+pub const MAX_PUBLISH_FUTURE_BYTES: usize = 1_024;
+
+/// Check that `publisher`'s publish future fits [`MAX_PUBLISH_FUTURE_BYTES`]. The future is
+/// built and dropped, never polled: nothing is published.
+///
+/// # Panics
+/// When it is larger.
+pub fn assert_publish_future_fits_the_allocators_cache(
+    publisher: &dyn helix_messaging_core::Publisher,
+) {
+    let publishing = publisher.publish("size", helix_messaging_core::Message::new("x"));
+    let size = std::mem::size_of_val(&*publishing);
+    assert!(
+        size <= MAX_PUBLISH_FUTURE_BYTES,
+        "a publish's future is {size} bytes"
+    );
+}

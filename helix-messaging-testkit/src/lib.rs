@@ -42,7 +42,10 @@ use helix_messaging_core::{Broker, Capabilities, Result};
 
 pub use certs::test_certificates;
 pub use differential::{Differential, DifferentialReport};
-pub use helpers::{Ctx, Settings, env_lookup, eventually, fresh_name};
+pub use helpers::{
+    Ctx, MAX_PUBLISH_FUTURE_BYTES, Settings, assert_publish_future_fits_the_allocators_cache,
+    env_lookup, eventually, fresh_name,
+};
 
 /// A capability a case needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
