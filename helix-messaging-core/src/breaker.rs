@@ -106,8 +106,19 @@ struct State {
     state: BreakerState,
     consecutive_failures: u32,
     opened_at: Option<Instant>,
+    /// Probes out in the current half-open period.
     probes: u32,
+    /// Counts half-open periods: a probe permit of an earlier one is no probe any more.
+    period: u64,
     last_error: Option<String>,
+}
+
+impl State {
+    /// Whether a permit taken as a probe in `period` is a probe of the current half-open
+    /// period (the breaker may have closed and opened again since it was taken).
+    fn is_current_probe(&self, period: Option<u64>) -> bool {
+        self.state == BreakerState::HalfOpen && period == Some(self.period)
+    }
 }
 
 struct Inner {
@@ -133,10 +144,13 @@ impl std::fmt::Debug for CircuitBreaker {
 
 /// Leave to make one call through a breaker; report its outcome with
 /// [`Permit::record`]. Dropped unrecorded (the call was abandoned), it counts for nothing.
+/// A probe's permit decides only the half-open period it was taken in.
 #[derive(Debug)]
 pub struct Permit {
     breaker: CircuitBreaker,
-    probe: bool,
+    /// The half-open period this permit is a probe of; `None` for a call of a closed
+    /// breaker.
+    probe: Option<u64>,
     recorded: bool,
 }
 
@@ -150,8 +164,11 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if !self.recorded && self.probe {
-            self.breaker.inner.state.lock().probes -= 1;
+        if !self.recorded {
+            let mut state = self.breaker.inner.state.lock();
+            if state.is_current_probe(self.probe) {
+                state.probes = state.probes.saturating_sub(1);
+            }
         }
     }
 }
@@ -172,6 +189,7 @@ impl CircuitBreaker {
                     consecutive_failures: 0,
                     opened_at: None,
                     probes: 0,
+                    period: 0,
                     last_error: None,
                 }),
             }),
@@ -208,6 +226,7 @@ impl CircuitBreaker {
         {
             state.state = BreakerState::HalfOpen;
             state.probes = 0;
+            state.period += 1;
             self.publish_state(BreakerState::HalfOpen);
         }
     }
@@ -226,10 +245,10 @@ impl CircuitBreaker {
         let mut state = self.inner.state.lock();
         self.advance(&mut state);
         let probe = match state.state {
-            BreakerState::Closed => false,
+            BreakerState::Closed => None,
             BreakerState::HalfOpen if state.probes < self.inner.config.half_open_probes => {
                 state.probes += 1;
-                true
+                Some(state.period)
             }
             BreakerState::HalfOpen | BreakerState::Open => {
                 let retry_in = state
@@ -256,8 +275,10 @@ impl CircuitBreaker {
         })
     }
 
-    fn record(&self, probe: bool, failure: Option<&Error>) {
+    fn record(&self, probe: Option<u64>, failure: Option<&Error>) {
         let mut state = self.inner.state.lock();
+        // A probe of an earlier half-open period reports like any other call.
+        let probe = state.is_current_probe(probe);
         if probe {
             state.probes = state.probes.saturating_sub(1);
         }
@@ -301,7 +322,7 @@ impl CircuitBreaker {
     /// reported): a delivery shows the broker answers, so it closes the breaker.
     pub fn observe(&self, failure: Option<&Error>) {
         match failure.filter(|err| is_broker_failure(err)) {
-            Some(err) => self.record(false, Some(err)),
+            Some(err) => self.record(None, Some(err)),
             None => {
                 let mut state = self.inner.state.lock();
                 if state.state != BreakerState::Closed {
@@ -533,6 +554,46 @@ mod tests {
         succeed(&b).await.unwrap();
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.last_error(), None);
+    }
+
+    /// A probe permit that outlives its half-open period (the breaker closed and opened again
+    /// meanwhile) neither underflows the probe count when it is dropped or recorded, nor
+    /// takes the place of the new period's probe: the breaker still lets one probe through
+    /// and closes on its success.
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_from_an_earlier_half_open_period_counts_for_nothing() {
+        for record_it in [false, true] {
+            let b = breaker(1);
+            fail(&b).await.unwrap_err();
+            tokio::time::advance(Duration::from_secs(10)).await;
+            let stale = b.acquire().expect("the half-open probe");
+            // A delivery closes it, a failure opens it again, and a new half-open period
+            // begins while the old probe is still out.
+            b.observe(None);
+            fail(&b).await.unwrap_err();
+            tokio::time::advance(Duration::from_secs(10)).await;
+            assert_eq!(b.state(), BreakerState::HalfOpen);
+            let probe = b.acquire().expect("the new period's probe");
+            if record_it {
+                stale.record(Some(&down()));
+            } else {
+                drop(stale);
+            }
+            assert_eq!(
+                b.state(),
+                BreakerState::HalfOpen,
+                "the stale probe decides nothing"
+            );
+            b.acquire()
+                .expect_err("the new probe is still out: one at a time");
+            probe.record(None);
+            assert_eq!(b.state(), BreakerState::Closed, "record_it = {record_it}");
+            // And the count is sound: the next half-open period has its probe again.
+            fail(&b).await.unwrap_err();
+            tokio::time::advance(Duration::from_secs(10)).await;
+            succeed(&b).await.unwrap();
+            assert_eq!(b.state(), BreakerState::Closed);
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -79,7 +79,8 @@ const STORE_INTERVAL: Duration = Duration::from_millis(100);
 pub(crate) type Handed = (Arc<GroupState>, Vec<Result<Delivery>>);
 
 /// The records of one partition handed out (or buffered) and not settled yet, in offset
-/// order, each with the attempt it had reached when the application received it.
+/// order, each with the attempts made on it so far: by this owner's application, or by
+/// earlier owners for a record not received here yet.
 ///
 /// A fetch returns a partition's records in offset order and most settle in about that
 /// order: registering is an append, a settlement a binary search, and the settled records at
@@ -101,8 +102,9 @@ struct Slot {
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum SlotState {
-    /// Registered, not received by the application yet.
-    Buffered,
+    /// Registered, not received by the application yet; the attempts earlier owners made
+    /// (0 if none), which a commit must keep carrying until this owner settles it.
+    Buffered(u32),
     /// Received by the application at this attempt.
     Received(u32),
     Settled,
@@ -124,29 +126,22 @@ impl Unsettled {
         self.slots.binary_search_by_key(&offset, |slot| slot.offset)
     }
 
-    /// Register `offset` as unsettled; one already unsettled is left as it is.
-    fn insert(&mut self, offset: i64) {
+    /// Register `offset` as unsettled, with `earlier` attempts made on it by earlier owners;
+    /// one already unsettled is left as it is.
+    fn insert(&mut self, offset: i64, earlier: u32) {
+        let state = SlotState::Buffered(earlier);
         if self.slots.back().is_none_or(|last| last.offset < offset) {
-            self.slots.push_back(Slot {
-                offset,
-                state: SlotState::Buffered,
-            });
+            self.slots.push_back(Slot { offset, state });
             return;
         }
         match self.find(offset) {
             Ok(i) => {
                 if self.slots[i].state == SlotState::Settled {
-                    self.slots[i].state = SlotState::Buffered;
+                    self.slots[i].state = state;
                     self.settled_inside -= 1;
                 }
             }
-            Err(i) => self.slots.insert(
-                i,
-                Slot {
-                    offset,
-                    state: SlotState::Buffered,
-                },
-            ),
+            Err(i) => self.slots.insert(i, Slot { offset, state }),
         }
     }
 
@@ -193,10 +188,13 @@ impl Unsettled {
         self.slots.front().map(|slot| slot.offset)
     }
 
-    /// `(offset, attempt)` of the unsettled records the application has received.
-    fn received_attempts(&self) -> impl Iterator<Item = (i64, u32)> + '_ {
+    /// `(offset, attempts)` of the unsettled records attempted so far: received by the
+    /// application here, or by an earlier owner's.
+    fn attempts(&self) -> impl Iterator<Item = (i64, u32)> + '_ {
         self.slots.iter().filter_map(|slot| match slot.state {
-            SlotState::Received(attempt) => Some((slot.offset, attempt)),
+            SlotState::Received(attempt) | SlotState::Buffered(attempt) if attempt > 0 => {
+                Some((slot.offset, attempt))
+            }
             _ => None,
         })
     }
@@ -214,7 +212,8 @@ struct Tracker {
     next: Option<i64>,
     /// The offset last stored for commit.
     stored: i64,
-    /// Attempts made by earlier owners, read from the committed offset's metadata.
+    /// Attempts made by earlier owners on records not registered here yet, read from the
+    /// committed offset's metadata.
     prior: BTreeMap<i64, u32>,
     /// A start by time on a broker without a timestamp index: records below the offset that
     /// was the end of the partition when the group started, and stamped before the time, are
@@ -239,9 +238,24 @@ impl Tracker {
         }
     }
 
-    /// The metadata committed with the commit point: the attempts of records still out.
+    /// The metadata committed with the commit point: the attempts of records still out,
+    /// including those an earlier owner made on records this owner has not received (or not
+    /// even fetched) yet; dropping those would restart their count at 1 with the next owner.
     fn metadata(&self) -> String {
-        attempts_metadata(self.unsettled.received_attempts())
+        if self.prior.is_empty() {
+            return attempts_metadata(self.unsettled.attempts());
+        }
+        let mut all: BTreeMap<i64, u32> = self.prior.clone();
+        all.extend(self.unsettled.attempts());
+        attempts_metadata(all)
+    }
+
+    /// Register `offset` as unsettled; the attempts earlier owners made on it (0 if none).
+    fn register(&mut self, offset: i64) -> u32 {
+        let earlier = self.prior.remove(&offset).unwrap_or(0);
+        self.unsettled.insert(offset, earlier);
+        self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        earlier
     }
 
     /// Everything below this offset is settled; `None` while it is not known.
@@ -418,15 +432,13 @@ impl GroupState {
     ) -> Option<Registered> {
         let mut partitions = self.partitions.lock();
         let tracker = partitions.get_mut(&partition)?;
-        tracker.unsettled.insert(offset);
-        tracker.next = Some(tracker.next.map_or(offset + 1, |n| n.max(offset + 1)));
+        let earlier = tracker.register(offset);
         let before_start = tracker
             .history_filter
             .is_some_and(|(end, since)| offset < end && timestamp < since);
         if before_start {
             return Some(Registered::Skip(tracker.generation));
         }
-        let earlier = tracker.prior.remove(&offset).unwrap_or(0);
         Some(Registered::Deliver {
             generation: tracker.generation,
             attempt: attempts_in_header.max(earlier) + 1,
@@ -1262,7 +1274,7 @@ mod tests {
     fn unsettled(offsets: impl IntoIterator<Item = i64>) -> Unsettled {
         let mut list = Unsettled::default();
         for offset in offsets {
-            list.insert(offset);
+            list.insert(offset, 0);
         }
         list
     }
@@ -1287,37 +1299,59 @@ mod tests {
     }
 
     #[test]
-    fn only_received_unsettled_records_carry_their_attempts() {
+    fn only_attempted_unsettled_records_carry_their_attempts() {
         let mut list = unsettled([3, 4, 5, 6]);
         assert!(list.received(4, 1));
         assert!(list.received(5, 2));
         assert!(!list.received(9, 1), "never registered");
         list.settle(5);
         assert!(!list.received(5, 3), "settled");
-        assert_eq!(list.received_attempts().collect::<Vec<_>>(), vec![(4, 1)]);
-        assert_eq!(
-            attempts_metadata(list.received_attempts()),
-            "helix-attempts:4=1"
-        );
+        assert_eq!(list.attempts().collect::<Vec<_>>(), vec![(4, 1)]);
+        assert_eq!(attempts_metadata(list.attempts()), "helix-attempts:4=1");
         assert_eq!(
             parse_attempts_metadata("helix-attempts:4=1,7=3"),
             BTreeMap::from([(4, 1), (7, 3)])
         );
-        assert_eq!(attempts_metadata(unsettled([1]).received_attempts()), "");
+        assert_eq!(attempts_metadata(unsettled([1]).attempts()), "");
+    }
+
+    /// An owner that commits before it has received a record an earlier owner attempted
+    /// (before fetching it, or with it only prefetched) commits those attempts again.
+    #[test]
+    fn attempts_inherited_from_an_earlier_owner_are_committed_until_received_here() {
+        let mut tracker = Tracker::new(2, Some(3), Some("helix-attempts:3=2,5=1"), None);
+        assert_eq!(
+            tracker.metadata(),
+            "helix-attempts:3=2,5=1",
+            "nothing fetched yet"
+        );
+        assert_eq!(tracker.register(3), 2);
+        assert_eq!(tracker.register(4), 0);
+        assert_eq!(
+            tracker.metadata(),
+            "helix-attempts:3=2,5=1",
+            "3 prefetched, not received"
+        );
+        assert!(tracker.unsettled.received(3, 3));
+        assert_eq!(tracker.metadata(), "helix-attempts:3=3,5=1");
+        tracker.unsettled.settle(3);
+        assert_eq!(tracker.register(5), 1);
+        assert_eq!(tracker.metadata(), "helix-attempts:5=1");
+        assert_eq!(tracker.commit_point(), Some(4));
     }
 
     #[test]
     fn a_record_registered_again_or_out_of_order_is_unsettled_once() {
         let mut list = unsettled([5, 7]);
-        list.insert(6);
-        list.insert(2);
-        list.insert(7);
+        list.insert(6, 0);
+        list.insert(2, 0);
+        list.insert(7, 0);
         assert_eq!(
             list.slots.iter().map(|s| s.offset).collect::<Vec<_>>(),
             vec![2, 5, 6, 7]
         );
         list.settle(6);
-        list.insert(6);
+        list.insert(6, 0);
         for offset in [2, 5, 7] {
             list.settle(offset);
         }
@@ -1337,7 +1371,7 @@ mod tests {
         }
         assert!(list.slots.len() < 200, "{} slots kept", list.slots.len());
         assert_eq!(list.first(), Some(0));
-        assert_eq!(list.received_attempts().collect::<Vec<_>>(), vec![(0, 1)]);
+        assert_eq!(list.attempts().collect::<Vec<_>>(), vec![(0, 1)]);
         list.settle(0);
         assert_eq!(list.first(), None);
         assert_eq!(list.settled_inside, 0);

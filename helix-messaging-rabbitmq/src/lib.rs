@@ -84,7 +84,10 @@ struct Shared {
     /// Messages (queue, message id) a subscription of this broker had prefetched but never
     /// handed to the application when it ended: they come back flagged redelivered, and are
     /// not an attempt.
-    unseen: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
+    /// Each says whether the delivery was itself a redelivery not counted yet when it was
+    /// prefetched (returned by an earlier consumer that had received it): that return is
+    /// still an attempt to count.
+    unseen: std::sync::Mutex<std::collections::HashMap<(String, String), bool>>,
 }
 
 /// Most remembered unseen returns; past it the memory starts over (those returns then count
@@ -96,21 +99,25 @@ impl Shared {
         self.supervisor.config()
     }
 
-    fn unseen(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<(String, String)>> {
+    fn unseen(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), bool>> {
         self.unseen
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn note_unseen(&self, queue: &str, id: String) {
+    fn note_unseen(&self, queue: &str, id: String, uncounted: bool) {
         let mut unseen = self.unseen();
         if unseen.len() >= UNSEEN_MAX {
             unseen.clear();
         }
-        unseen.insert((queue.to_owned(), id));
+        unseen.insert((queue.to_owned(), id), uncounted);
     }
 
-    fn take_unseen(&self, queue: &str, id: &str) -> bool {
+    /// Whether `id` came back unseen from a subscription of this broker: `Some(uncounted)`
+    /// as noted by [`Shared::note_unseen`].
+    fn take_unseen(&self, queue: &str, id: &str) -> Option<bool> {
         self.unseen().remove(&(queue.to_owned(), id.to_owned()))
     }
 
@@ -1019,7 +1026,7 @@ fn close_consumer(
                         .await
                 {
                     if let Some(id) = wire::message_id(&delivery.properties) {
-                        shared.note_unseen(&queue, id);
+                        shared.note_unseen(&queue, id, wire::uncounted_redelivery(&delivery));
                     }
                 }
             }
@@ -1095,9 +1102,11 @@ impl ConsumerContext {
             return Some((delivery, false));
         }
         // Returned unseen by a subscription of this broker: not an attempt, and it keeps its
-        // place in the queue.
+        // place in the queue; unless it was a return not counted yet when that subscription
+        // prefetched it (a crashed consumer's), which is counted now as it would have been
+        // there.
         if let Some(id) = wire::message_id(&delivery.properties)
-            && self.shared.take_unseen(queue, &id)
+            && self.shared.take_unseen(queue, &id) == Some(false)
         {
             return Some((delivery, true));
         }

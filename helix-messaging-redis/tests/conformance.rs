@@ -81,6 +81,10 @@ async fn redis_pubsub_passes_the_conformance_suite() {
     )
     .expect_skipped("zero_ttl_is_never_delivered", at_most_once)
     .expect_skipped("prefetched_but_unseen_is_not_an_attempt", at_most_once)
+    .expect_skipped(
+        "an_owner_that_never_received_it_keeps_its_attempts",
+        at_most_once,
+    )
     .expect_skipped("delayed_requeue_holds_the_message_back", at_most_once)
     .expect_skipped("retry_then_dead_letter_after_exact_attempts", at_most_once)
     .expect_skipped(

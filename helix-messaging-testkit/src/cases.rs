@@ -53,6 +53,7 @@ cases! {
     zero_ttl_is_never_delivered: [Ttl];
     settling_after_close_fails: [];
     prefetched_but_unseen_is_not_an_attempt: [ConsumerGroups, RedeliverUnacked];
+    an_owner_that_never_received_it_keeps_its_attempts: [ConsumerGroups, RedeliverUnacked];
     delayed_requeue_holds_the_message_back: [ConsumerGroups, DelayedDelivery];
     delayed_requeue_is_declared_honestly: [];
     retry_then_dead_letter_after_exact_attempts: [ConsumerGroups, Redelivery];
@@ -929,6 +930,39 @@ pub async fn settling_after_close_fails(ctx: Ctx) -> Result<()> {
             err.kind()
         );
     }
+    Ok(())
+}
+
+/// Attempts survive an owner that never received the message: after a crash at attempt 1,
+/// a subscription that ends without taking anything (it may have prefetched the message, or
+/// not fetched it yet) leaves the next one to receive it at attempt 2, not 1 again.
+pub async fn an_owner_that_never_received_it_keeps_its_attempts(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("unseen-owner");
+    let group = crate::fresh_name("g");
+    ctx.create_group(&topic, &group).await?;
+    let m = Message::new("crashed on once").with_key("k");
+    ctx.publish(&topic, m.clone()).await;
+    let mut first = ctx
+        .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(1))
+        .await;
+    let d = ctx.recv(&mut first).await;
+    assert_eq!((d.message().id(), d.attempt()), (m.id(), 1));
+    drop(first);
+    drop(d);
+    let second = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    // Time to prefetch it, as a member that is busy elsewhere would.
+    tokio::time::sleep(ctx.settings.quiet_period).await;
+    drop(second);
+    let mut third = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let d = ctx.recv(&mut third).await;
+    assert_eq!(d.message().id(), m.id());
+    assert_eq!(
+        (d.attempt(), d.info().redelivered),
+        (2, true),
+        "the second owner never received it: its attempt 1 must not be forgotten"
+    );
+    d.ack().await?;
+    ctx.expect_quiet(&mut third).await;
     Ok(())
 }
 

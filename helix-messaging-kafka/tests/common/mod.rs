@@ -1,5 +1,6 @@
-//! Settings every Kafka test uses: the real Kafka-protocol broker (Tansu, started by
-//! `scripts/test`) on 127.0.0.1:9092 (`KAFKA_BROKERS` overrides).
+//! Settings every Kafka test uses: the test broker on 127.0.0.1:9092 (`KAFKA_BROKERS`
+//! overrides), Apache Kafka in KRaft mode as `scripts/test` starts it, or Tansu 0.6 when
+//! `HELIX_KAFKA_BROKER=tansu`.
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -18,6 +19,12 @@ pub fn config_for(brokers: &str) -> KafkaConfig {
     config.heartbeat_interval = Duration::from_millis(500);
     config.shutdown_grace = Duration::from_secs(2);
     config
+}
+
+/// Whether the tests run against Tansu 0.6 (`HELIX_KAFKA_BROKER=tansu`) rather than Apache
+/// Kafka: the few behaviours Tansu does not have are then excluded, with the reason.
+pub fn on_tansu() -> bool {
+    std::env::var("HELIX_KAFKA_BROKER").is_ok_and(|b| b == "tansu")
 }
 
 /// The shared test broker.
