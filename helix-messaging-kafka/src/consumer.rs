@@ -17,7 +17,9 @@
 //!
 //! Attempts survive a change of owner: every commit carries, in the offset's metadata, the
 //! attempt each unsettled record had reached when the application received it
-//! ([`attempts_metadata`]), and the next owner of the partition continues from there.
+//! ([`offset_metadata`]), and the next owner of the partition continues from there. The
+//! metadata also names the records settled above the commit point (acked past one still
+//! out), which the next owner settles without delivering them again.
 //!
 //! A delayed requeue writes a copy to the group's own retry topic (`<topic>.retry.<group>`,
 //! read by the group's members in the group `<group>.helix-retry`) carrying the attempts so far
@@ -188,6 +190,28 @@ impl Unsettled {
         self.slots.front().map(|slot| slot.offset)
     }
 
+    /// Ranges of offsets (inclusive) settled above the lowest unsettled one, up to
+    /// `below`: the gaps between the unsettled records. Every record below `below` was
+    /// registered as it arrived, so an offset in a gap is a settled record (or none at all).
+    fn settled_gaps(&self, below: i64) -> impl Iterator<Item = (i64, i64)> + '_ {
+        let mut open = self
+            .slots
+            .iter()
+            .filter(|slot| slot.state != SlotState::Settled)
+            .map(|slot| slot.offset)
+            .chain(std::iter::once(below))
+            .peekable();
+        std::iter::from_fn(move || {
+            loop {
+                let at = open.next()?;
+                let next = *open.peek()?;
+                if next > at + 1 {
+                    return Some((at + 1, next - 1));
+                }
+            }
+        })
+    }
+
     /// `(offset, attempts)` of the unsettled records attempted so far: received by the
     /// application here, or by an earlier owner's.
     fn attempts(&self) -> impl Iterator<Item = (i64, u32)> + '_ {
@@ -215,6 +239,9 @@ struct Tracker {
     /// Attempts made by earlier owners on records not registered here yet, read from the
     /// committed offset's metadata.
     prior: BTreeMap<i64, u32>,
+    /// Ranges of offsets (inclusive, in order) an earlier owner settled above its commit
+    /// point: not delivered again here.
+    prior_settled: Vec<(i64, i64)>,
     /// A start by time on a broker without a timestamp index: records below the offset that
     /// was the end of the partition when the group started, and stamped before the time, are
     /// history the group must skip. Live records are never filtered.
@@ -228,12 +255,14 @@ impl Tracker {
         metadata: Option<&str>,
         history_filter: Option<(i64, SystemTime)>,
     ) -> Self {
+        let prior = metadata.map(parse_attempts_metadata).unwrap_or_default();
         Tracker {
             generation,
             unsettled: Unsettled::default(),
             next: start,
             stored: start.unwrap_or(i64::MIN),
-            prior: metadata.map(parse_attempts_metadata).unwrap_or_default(),
+            prior: prior.attempts,
+            prior_settled: prior.settled,
             history_filter,
         }
     }
@@ -241,21 +270,53 @@ impl Tracker {
     /// The metadata committed with the commit point: the attempts of records still out,
     /// including those an earlier owner made on records this owner has not received (or not
     /// even fetched) yet; dropping those would restart their count at 1 with the next owner.
+    ///
+    /// It also names the records settled above the commit point (acked past one still out,
+    /// here or by an earlier owner), so the next owner does not deliver them again: a commit
+    /// is one offset per partition, and without this every acked record behind one held
+    /// message would come back after a crash.
     fn metadata(&self) -> String {
-        if self.prior.is_empty() {
-            return attempts_metadata(self.unsettled.attempts());
-        }
-        let mut all: BTreeMap<i64, u32> = self.prior.clone();
-        all.extend(self.unsettled.attempts());
-        attempts_metadata(all)
+        let below = self.next.unwrap_or(i64::MIN);
+        let settled_here = self
+            .unsettled
+            .settled_gaps(below)
+            .map(|(from, to)| (from, OffsetNote::Settled(to)));
+        let settled_before = self
+            .prior_settled
+            .iter()
+            .filter(|(_, to)| *to >= below)
+            .map(|&(from, to)| (from.max(below), OffsetNote::Settled(to)));
+        let attempts = self
+            .unsettled
+            .attempts()
+            .map(|(offset, attempts)| (offset, OffsetNote::Attempts(attempts)));
+        let prior = self
+            .prior
+            .iter()
+            .map(|(offset, attempts)| (*offset, OffsetNote::Attempts(*attempts)));
+        let mut all: Vec<(i64, OffsetNote)> = attempts
+            .chain(settled_here)
+            .chain(prior)
+            .chain(settled_before)
+            .collect();
+        // Lowest first: past the size limit, the entries for the next owner's first
+        // records are the ones kept.
+        all.sort_unstable_by_key(|(offset, _)| *offset);
+        offset_metadata(all)
     }
 
-    /// Register `offset` as unsettled; the attempts earlier owners made on it (0 if none).
-    fn register(&mut self, offset: i64) -> u32 {
+    /// Register `offset` as unsettled: the attempts earlier owners made on it (0 if none),
+    /// or `None` if an earlier owner settled it already.
+    fn register(&mut self, offset: i64) -> Option<u32> {
         let earlier = self.prior.remove(&offset).unwrap_or(0);
         self.unsettled.insert(offset, earlier);
         self.next = Some(self.next.map_or(offset + 1, |n| n.max(offset + 1)));
-        earlier
+        let at = self.prior_settled.partition_point(|(_, to)| *to < offset);
+        let settled = self
+            .prior_settled
+            .get(at)
+            .is_some_and(|(from, _)| *from <= offset);
+        (!settled).then_some(earlier)
     }
 
     /// Everything below this offset is settled; `None` while it is not known.
@@ -432,7 +493,9 @@ impl GroupState {
     ) -> Option<Registered> {
         let mut partitions = self.partitions.lock();
         let tracker = partitions.get_mut(&partition)?;
-        let earlier = tracker.register(offset);
+        let Some(earlier) = tracker.register(offset) else {
+            return Some(Registered::Skip(tracker.generation));
+        };
         let before_start = tracker
             .history_filter
             .is_some_and(|(end, since)| offset < end && timestamp < since);
@@ -529,16 +592,32 @@ const ATTEMPTS_PREFIX: &str = "helix-attempts:";
 /// the list stays well below, keeping the lowest offsets (the next owner's first records).
 const ATTEMPTS_METADATA_MAX: usize = 3000;
 
-/// `helix-attempts:<offset>=<attempt>,…` for the records still out.
-pub(crate) fn attempts_metadata(delivered: impl IntoIterator<Item = (i64, u32)>) -> String {
-    let mut delivered = delivered.into_iter().peekable();
+/// What the offset metadata says about a record at or after the commit point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OffsetNote {
+    /// Still out, attempted this many times.
+    Attempts(u32),
+    /// Settled, and so is every record up to this offset (inclusive).
+    Settled(i64),
+}
+
+/// `helix-attempts:<offset>=<attempts>,<from>-<to>,…` in offset order: the attempts of the
+/// records still out, and the ranges settled above the commit point. Past the size limit
+/// the highest entries are left out: their records are then delivered again, as they would
+/// be without the metadata (at least once).
+pub(crate) fn offset_metadata(notes: impl IntoIterator<Item = (i64, OffsetNote)>) -> String {
+    let mut notes = notes.into_iter().peekable();
     let mut out = String::new();
-    if delivered.peek().is_none() {
+    if notes.peek().is_none() {
         return out;
     }
     out.push_str(ATTEMPTS_PREFIX);
-    for (i, (offset, attempt)) in delivered.enumerate() {
-        let entry = format!("{}{offset}={attempt}", if i == 0 { "" } else { "," });
+    for (i, (offset, note)) in notes.enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let entry = match note {
+            OffsetNote::Attempts(attempts) => format!("{sep}{offset}={attempts}"),
+            OffsetNote::Settled(to) => format!("{sep}{offset}-{to}"),
+        };
         if out.len() + entry.len() > ATTEMPTS_METADATA_MAX {
             break;
         }
@@ -547,18 +626,36 @@ pub(crate) fn attempts_metadata(delivered: impl IntoIterator<Item = (i64, u32)>)
     out
 }
 
-/// The inverse of [`attempts_metadata`]; anything else (another client's metadata) is no
-/// attempts at all.
-pub(crate) fn parse_attempts_metadata(metadata: &str) -> BTreeMap<i64, u32> {
+/// The metadata of [`offset_metadata`], read back.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct PriorOffsets {
+    /// Attempts of records still out.
+    pub(crate) attempts: BTreeMap<i64, u32>,
+    /// Settled ranges (inclusive), in offset order.
+    pub(crate) settled: Vec<(i64, i64)>,
+}
+
+/// The inverse of [`offset_metadata`]; anything else (another client's metadata) says
+/// nothing.
+pub(crate) fn parse_attempts_metadata(metadata: &str) -> PriorOffsets {
+    let mut prior = PriorOffsets::default();
     let Some(list) = metadata.strip_prefix(ATTEMPTS_PREFIX) else {
-        return BTreeMap::new();
+        return prior;
     };
-    list.split(',')
-        .filter_map(|entry| {
-            let (offset, attempt) = entry.split_once('=')?;
-            Some((offset.parse().ok()?, attempt.parse().ok()?))
-        })
-        .collect()
+    for entry in list.split(',') {
+        if let Some((offset, attempts)) = entry.split_once('=') {
+            if let (Ok(offset), Ok(attempts)) = (offset.parse(), attempts.parse()) {
+                prior.attempts.insert(offset, attempts);
+            }
+        } else if let Some((from, to)) = entry.split_once('-')
+            && let (Ok(from), Ok(to)) = (from.parse::<i64>(), to.parse::<i64>())
+            && from <= to
+        {
+            prior.settled.push((from, to));
+        }
+    }
+    prior.settled.sort_unstable();
+    prior
 }
 
 /// Add `point` of `partition` with `metadata` to a list to store or commit.
@@ -1307,12 +1404,15 @@ mod tests {
         list.settle(5);
         assert!(!list.received(5, 3), "settled");
         assert_eq!(list.attempts().collect::<Vec<_>>(), vec![(4, 1)]);
-        assert_eq!(attempts_metadata(list.attempts()), "helix-attempts:4=1");
+        let notes = |list: &Unsettled| {
+            offset_metadata(list.attempts().map(|(o, a)| (o, OffsetNote::Attempts(a))))
+        };
+        assert_eq!(notes(&list), "helix-attempts:4=1");
         assert_eq!(
-            parse_attempts_metadata("helix-attempts:4=1,7=3"),
+            parse_attempts_metadata("helix-attempts:4=1,6-6,7=3,9-12").attempts,
             BTreeMap::from([(4, 1), (7, 3)])
         );
-        assert_eq!(attempts_metadata(unsettled([1]).attempts()), "");
+        assert_eq!(notes(&unsettled([1])), "");
     }
 
     /// An owner that commits before it has received a record an earlier owner attempted
@@ -1325,8 +1425,8 @@ mod tests {
             "helix-attempts:3=2,5=1",
             "nothing fetched yet"
         );
-        assert_eq!(tracker.register(3), 2);
-        assert_eq!(tracker.register(4), 0);
+        assert_eq!(tracker.register(3), Some(2));
+        assert_eq!(tracker.register(4), Some(0));
         assert_eq!(
             tracker.metadata(),
             "helix-attempts:3=2,5=1",
@@ -1335,9 +1435,46 @@ mod tests {
         assert!(tracker.unsettled.received(3, 3));
         assert_eq!(tracker.metadata(), "helix-attempts:3=3,5=1");
         tracker.unsettled.settle(3);
-        assert_eq!(tracker.register(5), 1);
+        assert_eq!(tracker.register(5), Some(1));
         assert_eq!(tracker.metadata(), "helix-attempts:5=1");
         assert_eq!(tracker.commit_point(), Some(4));
+    }
+
+    /// Records settled above the commit point are named in the metadata, and the next owner
+    /// settles them without delivering them again, carrying them on until it has.
+    #[test]
+    fn records_settled_past_one_still_out_are_not_delivered_to_the_next_owner() {
+        let mut first = Tracker::new(1, Some(10), None, None);
+        for offset in 10..=15 {
+            assert_eq!(first.register(offset), Some(0));
+        }
+        assert!(first.unsettled.received(10, 1));
+        for offset in [11, 12, 14] {
+            first.unsettled.settle(offset);
+        }
+        assert_eq!(first.commit_point(), Some(10));
+        let metadata = first.metadata();
+        assert_eq!(metadata, "helix-attempts:10=1,11-12,14-14");
+
+        let mut next = Tracker::new(2, Some(10), Some(&metadata), None);
+        assert_eq!(
+            next.metadata(),
+            metadata,
+            "carried on before anything is fetched"
+        );
+        let registered: Vec<Option<u32>> = (10..=15).map(|o| next.register(o)).collect();
+        assert_eq!(
+            registered,
+            vec![Some(1), None, None, Some(0), None, Some(0)],
+            "11, 12 and 14 are settled already"
+        );
+        for offset in [11, 12, 14] {
+            next.unsettled.settle(offset);
+        }
+        assert_eq!(next.metadata(), "helix-attempts:10=1,11-12,14-14");
+        next.unsettled.settle(10);
+        assert_eq!(next.commit_point(), Some(13));
+        assert_eq!(next.metadata(), "helix-attempts:14-14");
     }
 
     #[test]

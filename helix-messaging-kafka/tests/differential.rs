@@ -20,10 +20,6 @@ async fn kafka_agrees_with_the_memory_reference() {
         differential = differential.without_crashes(
             "Tansu 0.6 drops offset-commit metadata, where attempts survive a crash",
         );
-    } else {
-        differential = differential.without_crashes(
-            "a record acked past an unsettled one of its partition is delivered again to the next owner (a commit is one offset per partition)",
-        );
     }
     differential.run().await.assert_agrees();
 }
