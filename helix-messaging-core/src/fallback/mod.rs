@@ -7,13 +7,26 @@
 //! is open or the broker fails it with a broker error (connection, timeout, backend), and
 //! once a topic has spooled messages, later publishes to it are spooled behind them so the
 //! topic's order holds. A spooled publish returns `Ok` only once the spool has it on disk
-//! ([`SqliteSpool`]: WAL, `synchronous = FULL`). The spool is bounded
-//! ([`SpoolLimits`]): beyond the bound a publish fails with [`ErrorKind::Rejected`], never
-//! dropped. Forwarded messages keep their ids, so a consumer can deduplicate the copy of a
-//! publish whose broker acknowledgement was lost before it was spooled. Health is
-//! `degraded` while anything is spooled; metrics `messaging_fallback_spool_depth`,
+//! ([`SqliteSpool`]: WAL, `synchronous = FULL`), and a publish whose caller goes away while
+//! it is being spooled still finishes spooling, so the topic's order never depends on
+//! whether its caller waited. What can be checked locally (the topic's name) is checked
+//! before spooling: such a publish fails at once rather than returning `Ok`. The spool is
+//! bounded ([`SpoolLimits`]): beyond the bound a publish fails with [`ErrorKind::Rejected`],
+//! never dropped. Forwarded messages keep their ids, so a consumer can deduplicate the copy
+//! of a publish whose broker acknowledgement was lost before it was spooled.
+//!
+//! A spooled message the broker refuses for good when it is forwarded (any error that is
+//! not a broker failure, e.g. [`ErrorKind::Rejected`] or [`ErrorKind::PayloadTooLarge`]) is
+//! set aside, durably, with the broker's error ([`FallbackBroker::refused`]), and the rest
+//! keeps flowing; it stays there until it is sent again ([`FallbackBroker::retry_refused`])
+//! or discarded ([`FallbackBroker::discard_refused`]), and counts against the limits
+//! meanwhile.
+//!
+//! Health is `degraded` while anything is spooled or set aside; metrics
+//! `messaging_fallback_spool_depth`, `messaging_fallback_spool_refused`,
 //! `messaging_fallback_spool_bytes`, `messaging_fallback_spool_oldest_age_seconds`,
-//! `messaging_fallback_spooled_total` and `messaging_fallback_forwarded_total`.
+//! `messaging_fallback_spooled_total`, `messaging_fallback_forwarded_total` and
+//! `messaging_fallback_refused_total`.
 
 #[cfg(feature = "sqlite")]
 mod sqlite;
@@ -65,14 +78,31 @@ pub struct SpooledMessage {
     pub message: Message,
 }
 
+/// A spooled message the broker refused for good, set aside.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefusedMessage {
+    /// Its place in the spool when it was refused (it keeps it while set aside).
+    pub seq: i64,
+    /// The topic it was published to.
+    pub topic: String,
+    /// The message as published.
+    pub message: Message,
+    /// The broker's error.
+    pub reason: String,
+    /// When it was set aside.
+    pub refused_at: SystemTime,
+}
+
 /// What a spool holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SpoolStats {
-    /// Messages.
+    /// Messages waiting to be forwarded.
     pub depth: u64,
-    /// Their payload and header bytes.
+    /// Messages set aside because the broker refused them (not in `depth`).
+    pub refused: u64,
+    /// The payload and header bytes of both.
     pub bytes: u64,
-    /// When the oldest was spooled.
+    /// When the oldest message waiting to be forwarded was spooled.
     pub oldest: Option<SystemTime>,
 }
 
@@ -86,15 +116,17 @@ pub fn spooled_size(message: &Message) -> u64 {
     (message.payload().len() + headers + message.id().len()) as u64
 }
 
-/// Durable storage of spooled publishes.
+/// Durable storage of spooled publishes: the messages waiting to be forwarded, in order, and
+/// beside them those set aside because the broker refused them.
 #[async_trait]
 pub trait Spool: Send + Sync + 'static {
-    /// Append `messages` for `topic`, all or none, durable when it returns.
+    /// Append `messages` for `topic`, all or none, durable when it returns; the `seq` of
+    /// the last one. Every append's `seq`s are above every earlier append's.
     ///
     /// # Errors
     /// [`ErrorKind::Rejected`] when they do not fit the limits (nothing is appended); the
     /// store's error.
-    async fn append(&self, topic: &str, messages: &[Message]) -> Result<()>;
+    async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64>;
 
     /// Up to `limit` of the oldest messages, in spool order.
     ///
@@ -108,12 +140,32 @@ pub trait Spool: Send + Sync + 'static {
     /// The store's error.
     async fn remove(&self, seqs: &[i64]) -> Result<()>;
 
-    /// Spooled messages per topic (to keep a topic's order when a process starts with a
-    /// non-empty spool).
+    /// Set the waiting message `seq` aside with `reason` (the broker refused it), in one
+    /// durable step; nothing if it is not waiting.
     ///
     /// # Errors
     /// The store's error.
-    async fn topics(&self) -> Result<HashMap<String, u64>>;
+    async fn refuse(&self, seq: i64, reason: &str) -> Result<()>;
+
+    /// Up to `limit` of the messages set aside, oldest first.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>>;
+
+    /// Take the set-aside message `seq` out: with `retry`, back to the end of the spool to
+    /// be forwarded again (under a new `seq`), else discarded; `false` if it is not there.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool>;
+
+    /// The newest waiting `seq` of each topic that has messages waiting (to keep a topic's
+    /// order when a process starts with a non-empty spool).
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn topics(&self) -> Result<HashMap<String, i64>>;
 
     /// What the spool holds.
     ///
@@ -140,13 +192,30 @@ pub struct MemorySpool {
     state: Mutex<MemorySpoolState>,
 }
 
-/// The last sequence number given, the spooled messages with their spool times, and their
-/// bytes.
+/// The last sequence number given, the spooled messages with their spool times, those set
+/// aside, and the bytes of both.
 #[derive(Debug, Default)]
 struct MemorySpoolState {
     last_seq: i64,
     held: std::collections::VecDeque<(SpooledMessage, SystemTime)>,
+    refused: std::collections::BTreeMap<i64, RefusedMessage>,
     bytes: u64,
+}
+
+impl MemorySpoolState {
+    fn push(&mut self, topic: &str, message: Message, at: SystemTime) -> i64 {
+        self.last_seq += 1;
+        let seq = self.last_seq;
+        self.held.push_back((
+            SpooledMessage {
+                seq,
+                topic: topic.to_owned(),
+                message,
+            },
+            at,
+        ));
+        seq
+    }
 }
 
 impl MemorySpool {
@@ -161,15 +230,20 @@ impl MemorySpool {
 
 #[async_trait]
 impl Spool for MemorySpool {
-    async fn append(&self, topic: &str, messages: &[Message]) -> Result<()> {
+    async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
         let mut state = self.state.lock();
         let bytes: u64 = messages.iter().map(spooled_size).sum();
-        let (depth, held) = (state.held.len() as u64, state.bytes);
-        if depth + messages.len() as u64 > self.limits.max_messages
+        let (depth, refused, held) = (
+            state.held.len() as u64,
+            state.refused.len() as u64,
+            state.bytes,
+        );
+        if depth + refused + messages.len() as u64 > self.limits.max_messages
             || held + bytes > self.limits.max_bytes
         {
             let stats = SpoolStats {
                 depth,
+                refused,
                 bytes: held,
                 oldest: None,
             };
@@ -177,19 +251,10 @@ impl Spool for MemorySpool {
         }
         let now = SystemTime::now();
         for message in messages {
-            state.last_seq += 1;
-            let seq = state.last_seq;
-            state.held.push_back((
-                SpooledMessage {
-                    seq,
-                    topic: topic.to_owned(),
-                    message: message.clone(),
-                },
-                now,
-            ));
+            state.push(topic, message.clone(), now);
         }
         state.bytes += bytes;
-        Ok(())
+        Ok(state.last_seq)
     }
 
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
@@ -217,10 +282,53 @@ impl Spool for MemorySpool {
         Ok(())
     }
 
-    async fn topics(&self) -> Result<HashMap<String, u64>> {
+    async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
+        let mut state = self.state.lock();
+        if let Some(i) = state.held.iter().position(|(m, _)| m.seq == seq)
+            && let Some((m, _)) = state.held.remove(i)
+        {
+            state.refused.insert(
+                seq,
+                RefusedMessage {
+                    seq,
+                    topic: m.topic,
+                    message: m.message,
+                    reason: reason.to_owned(),
+                    refused_at: SystemTime::now(),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
+        Ok(self
+            .state
+            .lock()
+            .refused
+            .values()
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
+        let mut state = self.state.lock();
+        let Some(refused) = state.refused.remove(&seq) else {
+            return Ok(false);
+        };
+        if retry {
+            state.push(&refused.topic, refused.message, SystemTime::now());
+        } else {
+            state.bytes -= spooled_size(&refused.message);
+        }
+        Ok(true)
+    }
+
+    async fn topics(&self) -> Result<HashMap<String, i64>> {
         let mut topics = HashMap::new();
         for (m, _) in &self.state.lock().held {
-            *topics.entry(m.topic.clone()).or_default() += 1;
+            topics.insert(m.topic.clone(), m.seq);
         }
         Ok(topics)
     }
@@ -229,6 +337,7 @@ impl Spool for MemorySpool {
         let state = self.state.lock();
         Ok(SpoolStats {
             depth: state.held.len() as u64,
+            refused: state.refused.len() as u64,
             bytes: state.bytes,
             oldest: state.held.front().map(|(_, at)| *at),
         })
@@ -253,12 +362,28 @@ impl Default for ForwardConfig {
     }
 }
 
+/// Where a topic's spooled messages stand: the newest `seq` appended, and the newest
+/// forwarded or set aside. The topic has messages waiting while the first is above the
+/// second. Both only grow, so it does not matter whether an append or the forwarder records
+/// its mark first.
+#[derive(Debug, Default, Clone, Copy)]
+struct TopicMarks {
+    appended: i64,
+    cleared: i64,
+}
+
+impl TopicMarks {
+    fn waiting(self) -> bool {
+        self.appended > self.cleared
+    }
+}
+
 struct Inner {
     broker: BreakerBroker,
     spool: Arc<dyn Spool>,
     config: ForwardConfig,
-    /// Spooled messages per topic not yet forwarded: a topic listed here is spooled behind.
-    pending: Mutex<HashMap<String, u64>>,
+    /// Per topic: a topic with messages waiting has later publishes spooled behind them.
+    marks: Mutex<HashMap<String, TopicMarks>>,
     wake: Notify,
     stop: CancellationToken,
 }
@@ -289,7 +414,18 @@ impl FallbackBroker {
         spool: Arc<dyn Spool>,
         config: ForwardConfig,
     ) -> Result<Self> {
-        let pending = spool.topics().await?;
+        let marks = spool
+            .topics()
+            .await?
+            .into_iter()
+            .map(|(topic, newest)| {
+                let marks = TopicMarks {
+                    appended: newest,
+                    cleared: 0,
+                };
+                (topic, marks)
+            })
+            .collect();
         let fallback = FallbackBroker {
             inner: Arc::new(Inner {
                 broker,
@@ -298,7 +434,7 @@ impl FallbackBroker {
                     batch_size: config.batch_size.max(1),
                     ..config
                 },
-                pending: Mutex::new(pending),
+                marks: Mutex::new(marks),
                 wake: Notify::new(),
                 stop: CancellationToken::new(),
             }),
@@ -322,9 +458,50 @@ impl FallbackBroker {
         self.inner.spool.stats().await
     }
 
+    /// Up to `limit` of the messages set aside because the broker refused them, oldest
+    /// first.
+    ///
+    /// # Errors
+    /// The spool's error.
+    pub async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
+        self.inner.spool.refused(limit).await
+    }
+
+    /// Send the set-aside message `seq` again: it goes back to the end of the spool and is
+    /// forwarded (or set aside again, if the broker still refuses it); `false` if there is
+    /// no such message.
+    ///
+    /// # Errors
+    /// The spool's error.
+    pub async fn retry_refused(&self, seq: i64) -> Result<bool> {
+        let found = self.inner.spool.release_refused(seq, true).await?;
+        if found {
+            self.inner.wake.notify_one();
+        }
+        self.publish_gauges().await;
+        Ok(found)
+    }
+
+    /// Discard the set-aside message `seq` for good; `false` if there is no such message.
+    ///
+    /// # Errors
+    /// The spool's error.
+    pub async fn discard_refused(&self, seq: i64) -> Result<bool> {
+        let found = self.inner.spool.release_refused(seq, false).await?;
+        if found {
+            tracing::warn!(
+                seq,
+                "a message the broker refused was discarded from the fallback spool"
+            );
+        }
+        self.publish_gauges().await;
+        Ok(found)
+    }
+
     async fn publish_gauges(&self) {
         if let Ok(stats) = self.inner.spool.stats().await {
             metrics::gauge!("messaging_fallback_spool_depth").set(stats.depth as f64);
+            metrics::gauge!("messaging_fallback_spool_refused").set(stats.refused as f64);
             metrics::gauge!("messaging_fallback_spool_bytes").set(stats.bytes as f64);
             let age = stats
                 .oldest
@@ -335,7 +512,15 @@ impl FallbackBroker {
     }
 
     fn spooled_behind(&self, topic: &str) -> bool {
-        self.inner.pending.lock().get(topic).is_some_and(|n| *n > 0)
+        self.inner
+            .marks
+            .lock()
+            .get(topic)
+            .is_some_and(|m| m.waiting())
+    }
+
+    fn mark(&self, topic: &str, update: impl FnOnce(&mut TopicMarks)) {
+        update(self.inner.marks.lock().entry(topic.to_owned()).or_default());
     }
 
     async fn spool(&self, topic: &str, mut messages: Vec<Message>) -> Result<()> {
@@ -344,16 +529,25 @@ impl FallbackBroker {
         for message in &mut messages {
             trace::stamp_copy(trace::CopyKind::Spool, topic, message);
         }
-        self.inner.spool.append(topic, &messages).await?;
-        *self
-            .inner
-            .pending
-            .lock()
-            .entry(topic.to_owned())
-            .or_default() += messages.len() as u64;
-        metrics::counter!("messaging_fallback_spooled_total").increment(messages.len() as u64);
+        // Appended and marked in a task of its own: a caller that goes away once the spool
+        // has the messages must not leave them unmarked, or the topic's next publishes would
+        // go to the broker ahead of them.
+        let this = self.clone();
+        let topic = topic.to_owned();
+        let appending = tokio::spawn(async move {
+            let newest = this.inner.spool.append(&topic, &messages).await?;
+            this.mark(&topic, |m| m.appended = m.appended.max(newest));
+            metrics::counter!("messaging_fallback_spooled_total").increment(messages.len() as u64);
+            this.inner.wake.notify_one();
+            Ok::<_, Error>(())
+        });
+        appending.await.map_err(|err| {
+            Error::new(
+                ErrorKind::Backend,
+                format!("spooling a publish did not finish: {err}"),
+            )
+        })??;
         self.publish_gauges().await;
-        self.inner.wake.notify_one();
         Ok(())
     }
 
@@ -369,7 +563,11 @@ impl FallbackBroker {
             if forwarded > 0 {
                 continue;
             }
-            let pause = if self.inner.pending.lock().values().any(|n| *n > 0) {
+            // A message sent again from the set-aside area has no mark: the spool itself says
+            // whether anything waits.
+            let waiting = self.inner.marks.lock().values().any(|m| m.waiting())
+                || self.inner.spool.stats().await.is_ok_and(|s| s.depth > 0);
+            let pause = if waiting {
                 self.inner.config.retry_interval
             } else {
                 Duration::from_secs(3600)
@@ -382,20 +580,37 @@ impl FallbackBroker {
         }
     }
 
-    /// Forward one batch of the oldest spooled messages; how many went out.
+    /// Forward one batch of the oldest spooled messages, setting aside those the broker
+    /// refuses for good; how many went out.
     async fn forward_once(&self) -> Result<usize> {
         if self.inner.broker.publish_breaker().state() == BreakerState::Open {
             return Ok(0);
         }
+        let appended: Vec<(String, i64)> = self
+            .inner
+            .marks
+            .lock()
+            .iter()
+            .map(|(topic, m)| (topic.clone(), m.appended))
+            .collect();
         let batch = self
             .inner
             .spool
             .oldest(self.inner.config.batch_size)
             .await?;
+        if batch.is_empty() {
+            // Everything appended before the read has left the spool: a mark the forwarder
+            // did not get to record (it was stopped in between) must not keep its topic
+            // spooled.
+            for (topic, newest) in appended {
+                self.mark(&topic, |m| m.cleared = m.cleared.max(newest));
+            }
+            return Ok(0);
+        }
         let mut forwarded = 0;
         let mut start = 0;
-        // Runs of one topic, in spool order; a run's failure stops the round so nothing
-        // overtakes it.
+        // Runs of one topic, in spool order; a run's broker failure stops the round so
+        // nothing overtakes it.
         while start < batch.len() {
             let topic = batch[start].topic.clone();
             let end = batch[start..]
@@ -408,23 +623,41 @@ impl FallbackBroker {
                 .broker
                 .publish_batch(&topic, run.iter().map(|m| m.message.clone()).collect())
                 .await;
-            let accepted = report
-                .failures()
-                .first()
-                .map_or(run.len(), |(first, _)| *first);
-            let seqs: Vec<i64> = run[..accepted].iter().map(|m| m.seq).collect();
-            if !seqs.is_empty() {
-                self.inner.spool.remove(&seqs).await?;
-                if let Some(n) = self.inner.pending.lock().get_mut(&topic) {
-                    *n = n.saturating_sub(seqs.len() as u64);
+            // In order up to the first broker failure: accepted, or refused for good.
+            let mut failures = report.failures().iter().peekable();
+            let (mut sent, mut refused, mut stopped) = (Vec::new(), Vec::new(), false);
+            for (i, message) in run.iter().enumerate() {
+                match failures.next_if(|(at, _)| *at == i) {
+                    None => sent.push(message.seq),
+                    Some((_, err)) if is_broker_failure(err) => {
+                        // Later messages of the run may have been accepted out of order;
+                        // they stay spooled and go again (same ids), never lost.
+                        stopped = true;
+                        break;
+                    }
+                    Some((_, err)) => refused.push((message, err.to_string())),
                 }
-                metrics::counter!("messaging_fallback_forwarded_total")
-                    .increment(seqs.len() as u64);
-                forwarded += seqs.len();
             }
-            if accepted < run.len() {
-                // Later messages of the run may have been accepted out of order; they stay
-                // spooled and go again (same ids), never lost.
+            if !sent.is_empty() {
+                self.inner.spool.remove(&sent).await?;
+                metrics::counter!("messaging_fallback_forwarded_total")
+                    .increment(sent.len() as u64);
+                forwarded += sent.len();
+            }
+            for (message, reason) in &refused {
+                self.inner.spool.refuse(message.seq, reason).await?;
+                tracing::warn!(topic, seq = message.seq, id = message.message.id(), %reason, "the broker refused a spooled message; it is set aside");
+                metrics::counter!("messaging_fallback_refused_total").increment(1);
+            }
+            let cleared = sent
+                .iter()
+                .copied()
+                .chain(refused.iter().map(|(m, _)| m.seq))
+                .max();
+            if let Some(cleared) = cleared {
+                self.mark(&topic, |m| m.cleared = m.cleared.max(cleared));
+            }
+            if stopped {
                 break;
             }
             start = end;
@@ -437,6 +670,8 @@ impl FallbackBroker {
 #[async_trait]
 impl Publisher for FallbackBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        // Refused here rather than spooled with `Ok` and refused by the broker later.
+        crate::names::validate_name("topic", topic)?;
         if !self.spooled_behind(topic) {
             match self.inner.broker.publish(topic, message.clone()).await {
                 Ok(()) => return Ok(()),
@@ -451,6 +686,9 @@ impl Publisher for FallbackBroker {
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
         let total = messages.len();
+        if let Err(err) = crate::names::validate_name("topic", topic) {
+            return BatchReport::all_failed(total, &err);
+        }
         if !self.spooled_behind(topic) {
             let report = self
                 .inner
@@ -506,19 +744,23 @@ impl Broker for FallbackBroker {
         let inner = self.inner.broker.health().await;
         let stats = self.inner.spool.stats().await;
         let (status, spooled) = match &stats {
-            Ok(stats) if stats.depth > 0 => {
+            Ok(stats) if stats.depth > 0 || stats.refused > 0 => {
                 let age = stats
                     .oldest
                     .and_then(|at| at.elapsed().ok())
                     .unwrap_or_default();
-                (
-                    HealthStatus::Degraded,
-                    format!(
-                        "{} publishes spooled, oldest {:.0} s",
-                        stats.depth,
-                        age.as_secs_f64()
-                    ),
-                )
+                let mut detail = format!(
+                    "{} publishes spooled, oldest {:.0} s",
+                    stats.depth,
+                    age.as_secs_f64()
+                );
+                if stats.refused > 0 {
+                    detail.push_str(&format!(
+                        "; {} refused by the broker and set aside",
+                        stats.refused
+                    ));
+                }
+                (HealthStatus::Degraded, detail)
             }
             Ok(_) => (HealthStatus::Healthy, "spool empty".to_owned()),
             Err(err) => (HealthStatus::Unhealthy, format!("spool unreadable: {err}")),
@@ -596,13 +838,52 @@ mod tests {
         assert_eq!(held[0].message, a[0], "every field kept");
         assert_eq!(
             spool.topics().await.unwrap(),
-            [("orders".to_owned(), 3), ("audit".to_owned(), 1)].into()
+            [
+                ("orders".to_owned(), held[2].seq),
+                ("audit".to_owned(), held[3].seq)
+            ]
+            .into(),
+            "the newest waiting seq of each topic"
         );
         spool.remove(&[held[0].seq, held[1].seq]).await.unwrap();
         let left = spool.oldest(10).await.unwrap();
         assert_eq!(left.len(), 2);
         assert_eq!(left[0].message.id(), a[2].id());
         assert_eq!(spool.stats().await.unwrap().depth, 2);
+
+        // Set aside: out of the line, listed with its reason, still within the limits.
+        spool.refuse(left[0].seq, "refused: no").await.unwrap();
+        let stats = spool.stats().await.unwrap();
+        assert_eq!((stats.depth, stats.refused), (1, 1), "{stats:?}");
+        let refused = spool.refused(10).await.unwrap();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(
+            (
+                refused[0].seq,
+                refused[0].topic.as_str(),
+                refused[0].reason.as_str()
+            ),
+            (left[0].seq, "orders", "refused: no")
+        );
+        assert_eq!(refused[0].message, a[2], "every field kept");
+        assert_eq!(
+            spool.oldest(10).await.unwrap()[0].message.id(),
+            left[1].message.id()
+        );
+        assert_eq!(
+            spool.topics().await.unwrap(),
+            [("audit".to_owned(), left[1].seq)].into()
+        );
+        let four: Vec<Message> = (0..4).map(|i| Message::new(format!("d{i}"))).collect();
+        assert_eq!(
+            spool.append("x", &four).await.unwrap_err().kind(),
+            ErrorKind::Rejected,
+            "what is set aside counts against the limits"
+        );
+        assert!(
+            !spool.release_refused(left[1].seq, false).await.unwrap(),
+            "not set aside"
+        );
     }
 
     /// A broker that is away with nothing spooled yet is degraded, not down: publishes
@@ -672,6 +953,315 @@ mod tests {
         fallback.close().await.unwrap();
     }
 
+    /// A broker whose availability the test switches, which refuses payloads saying
+    /// "poison" for good and records what it accepted, in order.
+    #[derive(Debug, Default)]
+    struct Scripted {
+        down: std::sync::atomic::AtomicBool,
+        accepted: Mutex<Vec<(String, String)>>,
+    }
+
+    impl Scripted {
+        fn set_down(&self, down: bool) {
+            self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        }
+
+        fn accepted(&self) -> Vec<(String, String)> {
+            self.accepted.lock().clone()
+        }
+    }
+
+    #[async_trait]
+    impl Publisher for Scripted {
+        async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(
+                    Error::new(ErrorKind::Connection, "connection refused").with_retryable(true)
+                );
+            }
+            let payload = String::from_utf8_lossy(message.payload()).into_owned();
+            if payload == "poison" {
+                return Err(Error::new(ErrorKind::Rejected, "the broker refuses poison"));
+            }
+            self.accepted.lock().push((topic.to_owned(), payload));
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Subscriber for Scripted {
+        async fn subscribe(&self, _: &str, _: SubscribeOptions) -> Result<Subscription> {
+            Err(Error::unsupported("scripted", "subscribing"))
+        }
+    }
+
+    #[async_trait]
+    impl Broker for Scripted {
+        fn name(&self) -> &'static str {
+            "scripted"
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::NONE
+        }
+        async fn health(&self) -> Health {
+            Health::healthy("up")
+        }
+        async fn read_range(&self, _: &str, _: TimeRange) -> Result<HistoryStream> {
+            Err(Error::unsupported("scripted", "history"))
+        }
+        async fn close(&self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A fallback broker over `broker` whose breaker never opens (so every publish is tried
+    /// on the broker first) and whose forwarder retries every 10 ms.
+    async fn fallback_over(broker: Arc<Scripted>, spool: Arc<dyn Spool>) -> FallbackBroker {
+        fallback_retrying(broker, spool, Duration::from_millis(10)).await
+    }
+
+    /// The same, retrying every `retry_interval`.
+    async fn fallback_retrying(
+        broker: Arc<Scripted>,
+        spool: Arc<dyn Spool>,
+        retry_interval: Duration,
+    ) -> FallbackBroker {
+        use crate::breaker::BreakerConfig;
+        let breaker = BreakerBroker::new(
+            broker,
+            BreakerConfig {
+                failure_threshold: 1_000_000,
+                ..BreakerConfig::default()
+            },
+        )
+        .unwrap();
+        let config = ForwardConfig {
+            batch_size: 100,
+            retry_interval,
+        };
+        FallbackBroker::new(breaker, spool, config).await.unwrap()
+    }
+
+    /// Wait (at most 5 s) until `done` holds.
+    async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: not within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    fn payloads(accepted: &[(String, String)], topic: &str) -> Vec<String> {
+        accepted
+            .iter()
+            .filter(|(t, _)| t == topic)
+            .map(|(_, p)| p.clone())
+            .collect()
+    }
+
+    /// A spooled message the broker refuses for good is set aside with the broker's reason
+    /// (listed, counted, reported as degraded health), and everything behind it, on its
+    /// topic and on others, is forwarded; it can be discarded or sent again.
+    #[tokio::test]
+    async fn a_refused_message_is_set_aside_and_the_rest_keeps_flowing() {
+        let broker = Arc::new(Scripted::default());
+        let fallback = fallback_over(broker.clone(), Arc::new(MemorySpool::default())).await;
+        broker.set_down(true);
+        for (topic, payload) in [("a", "a1"), ("a", "poison"), ("a", "a2"), ("b", "b1")] {
+            fallback
+                .publish(topic, Message::new(payload))
+                .await
+                .unwrap();
+        }
+        assert_eq!(
+            fallback.spool_stats().await.unwrap().depth,
+            4,
+            "all spooled"
+        );
+        broker.set_down(false);
+        eventually("everything but the refused message forwarded", || {
+            broker.accepted().len() == 3
+        })
+        .await;
+        let accepted = broker.accepted();
+        assert_eq!(payloads(&accepted, "a"), ["a1", "a2"], "in order");
+        assert_eq!(payloads(&accepted, "b"), ["b1"]);
+        // Later publishes go straight to the broker again.
+        fallback.publish("a", Message::new("a3")).await.unwrap();
+        assert_eq!(payloads(&broker.accepted(), "a"), ["a1", "a2", "a3"]);
+
+        let stats = fallback.spool_stats().await.unwrap();
+        assert_eq!((stats.depth, stats.refused), (0, 1), "{stats:?}");
+        let refused = fallback.refused(10).await.unwrap();
+        assert_eq!(refused.len(), 1);
+        assert_eq!(refused[0].topic, "a");
+        assert_eq!(refused[0].message.payload().as_ref(), b"poison");
+        assert!(
+            refused[0].reason.contains("refuses poison"),
+            "{:?}",
+            refused[0]
+        );
+        let health = fallback.health().await;
+        assert_eq!(health.status, HealthStatus::Degraded, "{health:?}");
+        assert!(health.detail.contains("1 refused"), "{health:?}");
+
+        // Sent again, it is refused again and set aside again; discarded, it is gone.
+        assert!(fallback.retry_refused(refused[0].seq).await.unwrap());
+        let mut again = Vec::new();
+        for _ in 0..200 {
+            again = fallback.refused(10).await.unwrap();
+            if again.len() == 1 && again[0].seq != refused[0].seq {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(again.len(), 1, "set aside again");
+        assert_ne!(again[0].seq, refused[0].seq, "a new place in the spool");
+        assert!(
+            !fallback.discard_refused(refused[0].seq).await.unwrap(),
+            "no longer there"
+        );
+        assert!(fallback.discard_refused(again[0].seq).await.unwrap());
+        assert_eq!(fallback.spool_stats().await.unwrap().refused, 0);
+        assert_eq!(fallback.health().await.status, HealthStatus::Healthy);
+        fallback.close().await.unwrap();
+    }
+
+    /// A publish that the broker would refuse for its name is refused at once, never spooled
+    /// with `Ok`.
+    #[tokio::test]
+    async fn a_bad_name_is_refused_before_spooling() {
+        let broker = Arc::new(Scripted::default());
+        let fallback = fallback_over(broker.clone(), Arc::new(MemorySpool::default())).await;
+        broker.set_down(true);
+        let err = fallback
+            .publish("bad topic!", Message::new("x"))
+            .await
+            .expect_err("an invalid name");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+        let report = fallback
+            .publish_batch("bad topic!", vec![Message::new("x")])
+            .await;
+        assert_eq!(report.failures().len(), 1);
+        assert_eq!(fallback.spool_stats().await.unwrap().depth, 0);
+        fallback.close().await.unwrap();
+    }
+
+    /// A spool whose appends pause after they are durable until the test lets them go on.
+    #[derive(Debug, Default)]
+    struct PausingSpool {
+        inner: MemorySpool,
+        committed: Notify,
+        resume: Notify,
+        appends: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Spool for PausingSpool {
+        async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
+            let seq = self.inner.append(topic, messages).await?;
+            self.appends
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.committed.notify_one();
+            self.resume.notified().await;
+            Ok(seq)
+        }
+        async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
+            self.inner.oldest(limit).await
+        }
+        async fn remove(&self, seqs: &[i64]) -> Result<()> {
+            self.inner.remove(seqs).await
+        }
+        async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
+            self.inner.refuse(seq, reason).await
+        }
+        async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
+            self.inner.refused(limit).await
+        }
+        async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
+            self.inner.release_refused(seq, retry).await
+        }
+        async fn topics(&self) -> Result<HashMap<String, i64>> {
+            self.inner.topics().await
+        }
+        async fn stats(&self) -> Result<SpoolStats> {
+            self.inner.stats().await
+        }
+    }
+
+    /// A publish whose caller went away after the spool had it still holds the topic's
+    /// order: a later publish to the topic is spooled behind it, not sent ahead (the
+    /// forwarder retries only hourly here, so nothing but the topic's marks keeps the order).
+    #[tokio::test]
+    async fn a_publish_cancelled_after_spooling_is_not_overtaken() {
+        let broker = Arc::new(Scripted::default());
+        let spool = Arc::new(PausingSpool::default());
+        let fallback =
+            fallback_retrying(broker.clone(), spool.clone(), Duration::from_secs(3600)).await;
+        broker.set_down(true);
+        let publish = fallback.publish("t", Message::new("first"));
+        tokio::select! {
+            _ = publish => panic!("the append is paused"),
+            () = spool.committed.notified() => {}
+        }
+        // The caller is gone; the spool has the message. The append goes on by itself, and
+        // the forwarder's first round finds the broker still down (its next is in an hour).
+        spool.resume.notify_one();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        broker.set_down(false);
+        let second = fallback.publish("t", Message::new("second"));
+        tokio::pin!(second);
+        loop {
+            tokio::select! {
+                result = &mut second => { result.unwrap(); break; }
+                () = spool.committed.notified() => spool.resume.notify_one(),
+            }
+        }
+        eventually("both forwarded", || broker.accepted().len() == 2).await;
+        assert_eq!(payloads(&broker.accepted(), "t"), ["first", "second"]);
+        fallback.close().await.unwrap();
+    }
+
+    /// A message forwarded before its append has returned leaves nothing behind: the topic's
+    /// next publish goes straight to the broker.
+    #[tokio::test]
+    async fn a_message_forwarded_before_its_append_returns_leaves_the_topic_unspooled() {
+        let broker = Arc::new(Scripted::default());
+        let spool = Arc::new(PausingSpool::default());
+        let fallback = fallback_over(broker.clone(), spool.clone()).await;
+        broker.set_down(true);
+        let publishing = {
+            let fallback = fallback.clone();
+            tokio::spawn(async move { fallback.publish("t", Message::new("first")).await })
+        };
+        spool.committed.notified().await;
+        broker.set_down(false);
+        assert_eq!(
+            fallback.forward_once().await.unwrap(),
+            1,
+            "forwarded meanwhile"
+        );
+        spool.resume.notify_one();
+        publishing.await.unwrap().unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(2),
+            fallback.publish("t", Message::new("second")),
+        )
+        .await
+        .expect("straight to the broker, not into the (paused) spool")
+        .unwrap();
+        assert_eq!(payloads(&broker.accepted(), "t"), ["first", "second"]);
+        assert_eq!(
+            spool.appends.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the second publish went straight to the broker"
+        );
+        fallback.close().await.unwrap();
+    }
+
     #[tokio::test]
     async fn the_memory_spool_keeps_order_and_bounds() {
         keeps_order_and_bounds(&MemorySpool::new(limits())).await;
@@ -688,14 +1278,24 @@ mod tests {
         keeps_order_and_bounds(&spool).await;
         drop(spool);
         let reopened = SqliteSpool::open(&path, limits()).await.unwrap();
-        assert_eq!(reopened.stats().await.unwrap().depth, 2, "kept on disk");
-        assert_eq!(
-            reopened.oldest(1).await.unwrap()[0]
-                .message
-                .payload()
-                .as_ref(),
-            b"a2"
+        let stats = reopened.stats().await.unwrap();
+        assert_eq!((stats.depth, stats.refused), (1, 1), "kept on disk");
+        let refused = reopened.refused(10).await.unwrap();
+        assert_eq!(refused[0].message.payload().as_ref(), b"a2");
+        assert!(
+            reopened
+                .release_refused(refused[0].seq, true)
+                .await
+                .unwrap()
         );
+        let waiting = reopened.oldest(10).await.unwrap();
+        let payloads: Vec<&[u8]> = waiting
+            .iter()
+            .map(|m| m.message.payload().as_ref())
+            .collect();
+        assert_eq!(payloads, [b"b0".as_slice(), b"a2"], "sent again at the end");
+        assert!(waiting[1].seq > refused[0].seq);
+        assert_eq!(reopened.stats().await.unwrap().refused, 0);
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
         }

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{Spool, SpoolLimits, SpoolStats, SpooledMessage, full, spooled_size};
+use super::{RefusedMessage, Spool, SpoolLimits, SpoolStats, SpooledMessage, full, spooled_size};
 use crate::dlq::sqlite::{on_connection, open_connection};
 use crate::dlq::store::{from_micros, micros};
 use crate::{Error, ErrorKind, Message, Result};
@@ -24,7 +24,29 @@ CREATE TABLE IF NOT EXISTS helix_spool (
     bytes INTEGER NOT NULL,
     spooled_us INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS helix_spool_refused (
+    seq INTEGER PRIMARY KEY,
+    topic TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    bytes INTEGER NOT NULL,
+    spooled_us INTEGER NOT NULL,
+    refused_us INTEGER NOT NULL,
+    reason TEXT NOT NULL
+);
 ";
+
+/// What the file holds, counted once at open and then kept in memory (SQLite counts by
+/// scanning the tables).
+#[derive(Debug, Clone, Copy, Default)]
+struct Held {
+    /// Messages waiting and set aside: both count against the limits.
+    messages: u64,
+    /// Their bytes.
+    bytes: u64,
+    /// Of the messages, those set aside.
+    refused: u64,
+}
 
 const STORE: &str = "fallback spool";
 
@@ -36,9 +58,7 @@ pub struct SqliteSpool {
     connection: Arc<Mutex<Connection>>,
     path: PathBuf,
     limits: SpoolLimits,
-    /// Messages and bytes held: counted once at open, then kept here (SQLite counts by
-    /// scanning the table).
-    held: Arc<Mutex<(u64, u64)>>,
+    held: Arc<Mutex<Held>>,
 }
 
 impl std::fmt::Debug for SqliteSpool {
@@ -71,11 +91,23 @@ fn restore(meta: &str, payload: Vec<u8>) -> rusqlite::Result<Message> {
     Ok(Message::from_parts(parts))
 }
 
-fn count(c: &Connection) -> rusqlite::Result<(u64, u64)> {
-    c.prepare_cached("SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM helix_spool")?
-        .query_row([], |row| {
-            Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
-        })
+fn count(c: &Connection) -> rusqlite::Result<Held> {
+    let mut held = Held::default();
+    for (table, refused) in [("helix_spool", false), ("helix_spool_refused", true)] {
+        let (messages, bytes) = c
+            .prepare_cached(&format!(
+                "SELECT COUNT(*), COALESCE(SUM(bytes), 0) FROM {table}"
+            ))?
+            .query_row([], |row| {
+                Ok((row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64))
+            })?;
+        held.messages += messages;
+        held.bytes += bytes;
+        if refused {
+            held.refused = messages;
+        }
+    }
+    Ok(held)
 }
 
 impl SqliteSpool {
@@ -104,7 +136,7 @@ impl SqliteSpool {
 
 #[async_trait]
 impl Spool for SqliteSpool {
-    async fn append(&self, topic: &str, messages: &[Message]) -> Result<()> {
+    async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
         let rows: Vec<(String, Bytes, u64)> = messages
             .iter()
             .map(|m| Ok((meta(m)?, m.payload().clone(), spooled_size(m))))
@@ -114,19 +146,19 @@ impl Spool for SqliteSpool {
         {
             // Room is reserved before writing, so concurrent appends never overshoot.
             let mut held = self.held.lock();
-            let (depth, held_bytes) = *held;
-            if depth + count as u64 > self.limits.max_messages
-                || held_bytes + bytes > self.limits.max_bytes
+            if held.messages + count as u64 > self.limits.max_messages
+                || held.bytes + bytes > self.limits.max_bytes
             {
                 let stats = SpoolStats {
-                    depth,
-                    bytes: held_bytes,
+                    depth: held.messages - held.refused,
+                    refused: held.refused,
+                    bytes: held.bytes,
                     oldest: None,
                 };
                 return Err(full(self.limits, stats, count, bytes));
             }
-            held.0 += count as u64;
-            held.1 += bytes;
+            held.messages += count as u64;
+            held.bytes += bytes;
         }
         let now = micros(SystemTime::now());
         let written = on_connection(&self.connection, STORE, "appending", move |c| {
@@ -139,13 +171,15 @@ impl Spool for SqliteSpool {
                     insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
                 }
             }
-            tx.commit()
+            let newest = tx.last_insert_rowid();
+            tx.commit()?;
+            Ok(newest)
         })
         .await;
         if written.is_err() {
             let mut held = self.held.lock();
-            held.0 -= count as u64;
-            held.1 -= bytes;
+            held.messages -= count as u64;
+            held.bytes -= bytes;
         }
         written
     }
@@ -192,15 +226,89 @@ impl Spool for SqliteSpool {
         })
         .await?;
         let mut held = self.held.lock();
-        held.0 = held.0.saturating_sub(removed);
-        held.1 = held.1.saturating_sub(freed);
+        held.messages = held.messages.saturating_sub(removed);
+        held.bytes = held.bytes.saturating_sub(freed);
         Ok(())
     }
 
-    async fn topics(&self) -> Result<HashMap<String, u64>> {
+    async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
+        let (reason, now) = (reason.to_owned(), micros(SystemTime::now()));
+        let moved = on_connection(&self.connection, STORE, "setting a message aside", move |c| {
+            let tx = c.transaction()?;
+            let moved = tx.prepare_cached(
+                "INSERT INTO helix_spool_refused (seq, topic, meta, payload, bytes, spooled_us, refused_us, reason)
+                 SELECT seq, topic, meta, payload, bytes, spooled_us, ?2, ?3 FROM helix_spool WHERE seq = ?1",
+            )?
+            .execute(params![seq, now, reason])?;
+            tx.prepare_cached("DELETE FROM helix_spool WHERE seq = ?1")?
+                .execute(params![seq])?;
+            tx.commit()?;
+            Ok(moved)
+        })
+        .await?;
+        if moved > 0 {
+            self.held.lock().refused += 1;
+        }
+        Ok(())
+    }
+
+    async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        on_connection(&self.connection, STORE, "listing what is set aside", move |c| {
+            c.prepare_cached(
+                "SELECT seq, topic, meta, payload, reason, refused_us FROM helix_spool_refused ORDER BY seq LIMIT ?1",
+            )?
+            .query_map(params![limit], |row| {
+                let meta: String = row.get(2)?;
+                Ok(RefusedMessage {
+                    seq: row.get(0)?,
+                    topic: row.get(1)?,
+                    message: restore(&meta, row.get(3)?)?,
+                    reason: row.get(4)?,
+                    refused_at: from_micros(row.get(5)?),
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
+    async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
+        let now = micros(SystemTime::now());
+        let released = on_connection(&self.connection, STORE, "releasing a set-aside message", move |c| {
+            let tx = c.transaction()?;
+            if retry {
+                // AUTOINCREMENT: the new seq is above every seq ever given, this one's too.
+                tx.prepare_cached(
+                    "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us)
+                     SELECT topic, meta, payload, bytes, ?2 FROM helix_spool_refused WHERE seq = ?1",
+                )?
+                .execute(params![seq, now])?;
+            }
+            let bytes: Option<i64> = tx
+                .prepare_cached("DELETE FROM helix_spool_refused WHERE seq = ?1 RETURNING bytes")?
+                .query_row(params![seq], |row| row.get(0))
+                .optional()?;
+            tx.commit()?;
+            Ok(bytes)
+        })
+        .await?;
+        let Some(bytes) = released else {
+            return Ok(false);
+        };
+        let mut held = self.held.lock();
+        held.refused = held.refused.saturating_sub(1);
+        if !retry {
+            held.messages = held.messages.saturating_sub(1);
+            held.bytes = held.bytes.saturating_sub(bytes as u64);
+        }
+        Ok(true)
+    }
+
+    async fn topics(&self) -> Result<HashMap<String, i64>> {
         on_connection(&self.connection, STORE, "listing topics", |c| {
-            c.prepare_cached("SELECT topic, COUNT(*) FROM helix_spool GROUP BY topic")?
-                .query_map([], |row| Ok((row.get(0)?, row.get::<_, i64>(1)? as u64)))?
+            c.prepare_cached("SELECT topic, MAX(seq) FROM helix_spool GROUP BY topic")?
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect()
         })
         .await
@@ -213,10 +321,11 @@ impl Spool for SqliteSpool {
                 .optional()
         })
         .await?;
-        let (depth, bytes) = *self.held.lock();
+        let held = *self.held.lock();
         Ok(SpoolStats {
-            depth,
-            bytes,
+            depth: held.messages - held.refused,
+            refused: held.refused,
+            bytes: held.bytes,
             oldest: oldest.map(from_micros),
         })
     }
