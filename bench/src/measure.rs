@@ -702,8 +702,8 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
             println!("{}", o.line(&format!("warm-up: {ours_label}")));
         }
         for run in 1..=options.runs {
-            // Every other run the adapter goes first: a broker that slows as it fills (Tansu
-            // keeps every topic in memory) or warms up would otherwise favour one side.
+            // Every other run the adapter goes first: a broker that slows as it fills or warms
+            // up (a JVM's JIT, Tansu's in-memory topics) would otherwise favour one side.
             if run % 2 == 0 {
                 let (o, cpu) = CpuTime::of(broker_process, ours(scenario)).await;
                 measured(&format!("run {run}: {ours_label}"), &o, cpu, &mut our_cpu);

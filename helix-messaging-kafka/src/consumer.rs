@@ -1092,12 +1092,12 @@ impl Reader {
     /// for (`paused` is set once fetching is paused as a whole).
     ///
     /// librdkafka discards what it fetched beyond a paused partition's position and fetches
-    /// from that position again on resume. Paused in the middle of a fetched record batch, a
-    /// resume therefore asks for an offset inside a batch, which a Kafka broker answers with
-    /// the whole batch but Tansu answers with nothing, or with the batches after it: a
-    /// subscription stalled, or lost the rest of the batch, whenever its prefetch filled
-    /// mid-batch (a default subscription got 202 of a `publish_batch` of 500). Drained first,
-    /// the position is the end of what was fetched, which is a batch boundary.
+    /// from that position again on resume. Drained first, nothing fetched is thrown away and
+    /// fetched again, and the position is the end of what was fetched, a batch boundary.
+    /// Apache Kafka serves a fetch from inside a batch too (with the whole batch), but not
+    /// every Kafka-protocol broker does: Tansu 0.6 answers it with nothing, or with the
+    /// batches after it, and a subscription that paused mid-batch there stalled or lost the
+    /// rest of the batch (a default subscription got 202 of a `publish_batch` of 500).
     fn drain_then_pause(
         &self,
         buffer: &mut VecDeque<Buffered>,
@@ -1174,19 +1174,29 @@ impl Reader {
         }
     }
 
-    /// Stop fetching, give deliveries still out `shutdown_grace` to be settled (the consumer
-    /// keeps polling meanwhile, so the group is not held up), commit, and leave the group.
+    /// End the subscription's stream, stop fetching, give deliveries still out
+    /// `shutdown_grace` to be settled (the consumer keeps polling meanwhile, so the group is
+    /// not held up), commit, and leave the group.
     async fn shutdown(self, permits: &Semaphore) {
         self.set_paused(true, &BTreeMap::new());
-        let deadline = tokio::time::Instant::now() + self.shared.config.shutdown_grace;
-        while permits.available_permits() < self.prefetch && tokio::time::Instant::now() < deadline
-        {
+        // The application learns at once that nothing more comes; what it still holds can
+        // be settled during the grace.
+        let Reader {
+            consumer,
+            state,
+            shared,
+            deliveries,
+            prefetch,
+            ..
+        } = self;
+        drop(deliveries);
+        let deadline = tokio::time::Instant::now() + shared.config.shutdown_grace;
+        while permits.available_permits() < prefetch && tokio::time::Instant::now() < deadline {
             // Records still arriving are not registered: they stay uncommitted, so the next
             // owner of the partition reads them.
-            let _ = tokio::time::timeout(Duration::from_millis(50), self.consumer.recv()).await;
+            let _ = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await;
         }
-        let consumer = self.consumer;
-        final_commit(&consumer, &self.state).await;
+        final_commit(&consumer, &state).await;
         // Closing blocks on the network.
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }

@@ -31,8 +31,10 @@ pub(crate) fn lookup_millis(t: SystemTime, clock_skew: Duration) -> i64 {
 }
 
 /// Where a read by time starts in `partition`, whose offsets run from `low` to `high`, given
-/// the answer of an offset-for-time lookup. Brokers without a timestamp index (Tansu) answer
-/// with an error or no offset: the read then starts at the beginning and filters by time.
+/// the answer of an offset-for-time lookup (ListOffsets by timestamp, which Apache Kafka
+/// answers from its time index). A broker without a timestamp index (Tansu 0.6) answers
+/// with an error or no offset, and so does a failed lookup: the read then starts at the
+/// beginning and the filter by time keeps the window exact.
 pub(crate) fn offset_for_time(
     found: Option<&TopicPartitionList>,
     topic: &str,
@@ -55,11 +57,11 @@ const HANDOFF: usize = 256;
 /// One partition of a read: its queue, where it ends, and its next entry in the window.
 struct Part {
     partition: i32,
-    /// The high watermark when the read began. Only a lower bound of where the partition
-    /// ends: Tansu 0.6 answers a ListOffsets for the latest offset with the last record
-    /// batch's base offset + 1, so after a batched produce it names a point inside the
-    /// last batch. The end of a partition is its end-of-partition event, which follows the
-    /// fetch responses' (correct) high watermark.
+    /// The high watermark when the read began. The read ends at the partition's
+    /// end-of-partition event, which follows the fetch responses' high watermark, and takes
+    /// this only as a lower bound: on Apache Kafka the two agree, but Tansu 0.6 answers a
+    /// ListOffsets for the latest offset with the last record batch's base offset + 1, a
+    /// point inside the last batch, and a read ending there would miss its end.
     end: i64,
     queue: PartitionQueue<DefaultConsumerContext>,
     /// Records fetched before the partition had its own queue, which arrive on the

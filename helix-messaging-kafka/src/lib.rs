@@ -111,11 +111,10 @@ impl Shared {
         self.enqueue_with(&self.producer, kafka_topic, message, wire::headers(message))
     }
 
-    /// The producer of retry-topic copies, created on first use: one record per batch, no
-    /// linger. A member waiting for a copy to be due pauses its partition and later fetches
-    /// from that copy's offset; a broker that cannot serve a fetch starting inside a record
-    /// batch (Tansu 0.6) would otherwise stall that partition when two copies shared a
-    /// batch. Retry traffic is small, so the cost of unbatched writes is too.
+    /// The producer of retry-topic copies, created on first use, with no linger: a delayed
+    /// requeue settles its delivery only once its copy's delivery report is in, so waiting
+    /// for a batch to fill would hold the consumer's slot for nothing. Retry traffic is
+    /// small, so what batching would save is too.
     fn retry_producer(&self) -> Result<HelixProducer> {
         let mut slot = self.retry_producer.lock();
         if let Some(producer) = slot.as_ref() {
@@ -124,7 +123,6 @@ impl Shared {
         let producer: HelixProducer = self
             .config
             .producer()
-            .set("batch.num.messages", "1")
             .set("linger.ms", "0")
             .create_with_context(StatsContext::default())
             .map_err(|e| {
@@ -349,7 +347,7 @@ impl Subscriber for KafkaBroker {
         let (deliveries, mut receiver) = mpsc::unbounded_channel();
         let lane = Lane {
             shared: self.shared.clone(),
-            deliveries,
+            deliveries: deliveries.downgrade(),
             prefetch: options.prefetch.max(1),
             topic: Arc::from(topic),
             group: options.group.as_deref().map(Arc::from),
@@ -369,6 +367,8 @@ impl Subscriber for KafkaBroker {
         {
             retry.ensure_started().await?;
         }
+        // From here only running readers keep the stream open: it ends once they have.
+        drop(deliveries);
         // Registered once the group has placed this member: only then is every later publish
         // certain to reach the group from the position it starts at.
         let joined = config.request_timeout + config.session_timeout;
@@ -417,7 +417,10 @@ impl Subscriber for KafkaBroker {
 #[derive(Clone)]
 struct Lane {
     shared: Arc<Shared>,
-    deliveries: mpsc::UnboundedSender<consumer::Handed>,
+    /// Weak: what keeps a subscription's stream open is its running readers, never an
+    /// unsettled delivery (whose acker can reach this lane through the retry lane), so the
+    /// stream ends when the broker closes whatever the application still holds.
+    deliveries: mpsc::WeakUnboundedSender<consumer::Handed>,
     prefetch: usize,
     /// The topic as the application names it (what deliveries report).
     topic: Arc<str>,
@@ -434,6 +437,10 @@ impl Lane {
         retry: Option<Arc<RetryLane>>,
     ) -> Result<Arc<GroupState>> {
         let config = &self.shared.config;
+        let deliveries = self
+            .deliveries
+            .upgrade()
+            .ok_or_else(|| Error::closed(format!("the subscription to {}", self.topic)))?;
         let state = GroupState::new(kafka_topic.to_owned(), start, &self.shared);
         let fallback = match start {
             helix_messaging_core::StartPosition::Latest => "latest",
@@ -456,7 +463,7 @@ impl Lane {
             consumer: Arc::new(consumer),
             state: state.clone(),
             shared: self.shared.clone(),
-            deliveries: self.deliveries.clone(),
+            deliveries,
             prefetch: self.prefetch,
             topic: self.topic.clone(),
             group: self.group.clone(),

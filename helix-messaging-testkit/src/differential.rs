@@ -34,7 +34,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{Broker, Capabilities, Message, Result, SubscribeOptions, Subscription};
 
@@ -132,7 +131,7 @@ pub struct Seen {
 /// Everything a program run observed, per consumer ("g0", "g1", …, "private").
 pub type Observation = BTreeMap<String, Seen>;
 
-type Factory = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Broker>>> + Send + Sync>;
+use crate::helpers::Factory;
 
 /// Runs programs against a backend and the memory reference; see the module docs.
 pub struct Differential {
@@ -484,20 +483,35 @@ async fn observe(
                 .push(format!("subscribe: {err}")),
         }
     }
-    // Awaited one at a time: each message its own record batch (Tansu 0.6 serves nothing to a
-    // fetch that starts inside a batch, which a group resuming after a crash does).
-    for index in 0..shape.messages {
-        let mut message = Message::new(format!("m{index}")).with_id(format!("m{index}"));
-        if let Some(key) = key_of(shape, index) {
-            message = message.with_key(key);
-        }
-        if let Err(err) = bounded(settings, broker.publish(&topic, message)).await {
-            observation
-                .entry("publisher".into())
-                .or_default()
-                .problems
-                .push(format!("publish m{index}: {err}"));
-        }
+    // One batch: where the broker batches records (Kafka), a group resuming after a crash
+    // fetches from inside a batch, which is part of what is compared.
+    let messages: Vec<Message> = (0..shape.messages)
+        .map(|index| {
+            let message = Message::new(format!("m{index}")).with_id(format!("m{index}"));
+            match key_of(shape, index) {
+                Some(key) => message.with_key(key),
+                None => message,
+            }
+        })
+        .collect();
+    let report = bounded(settings, async {
+        Ok(broker.publish_batch(&topic, messages).await)
+    })
+    .await;
+    let failures: Vec<String> = match report {
+        Ok(report) => report
+            .failures()
+            .iter()
+            .map(|(index, err)| format!("publish m{index}: {err}"))
+            .collect(),
+        Err(err) => vec![format!("publish: {err}")],
+    };
+    if !failures.is_empty() {
+        observation
+            .entry("publisher".into())
+            .or_default()
+            .problems
+            .extend(failures);
     }
     for (consumer, (name, group)) in names.iter().zip(&groups).enumerate() {
         let seen = observation.entry(name.clone()).or_default();

@@ -69,6 +69,10 @@ pub fn fresh_name(prefix: &str) -> String {
     format!("hm-test.{prefix}.{}", &id[..12])
 }
 
+/// Builds a fresh broker of the backend under test.
+pub(crate) type Factory =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<dyn Broker>>> + Send + Sync>;
+
 /// What a case gets: a fresh broker and the timing settings, plus helpers.
 #[derive(Clone)]
 pub struct Ctx {
@@ -78,6 +82,8 @@ pub struct Ctx {
     pub settings: Settings,
     /// Every topic handed out by [`Ctx::topic`], for the adapter's cleanup afterwards.
     topics: Arc<std::sync::Mutex<Vec<String>>>,
+    /// Builds more brokers of the same backend, for [`Ctx::another_broker`].
+    factory: Option<Factory>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -96,6 +102,29 @@ impl Ctx {
             broker,
             settings,
             topics: Arc::default(),
+            factory: None,
+        }
+    }
+
+    /// The same, able to build more brokers of the backend with `factory`.
+    pub(crate) fn with_factory(mut self, factory: Factory) -> Self {
+        self.factory = Some(factory);
+        self
+    }
+
+    /// Another broker of the backend under test, as a second process would have it (the
+    /// case closes it).
+    ///
+    /// # Errors
+    /// The factory's error; [`ErrorKind::Unsupported`](helix_messaging_core::ErrorKind) for a
+    /// context made with [`Ctx::new`], which has no factory.
+    pub async fn another_broker(&self) -> Result<Arc<dyn Broker>> {
+        match &self.factory {
+            Some(factory) => factory().await,
+            None => Err(helix_messaging_core::Error::new(
+                helix_messaging_core::ErrorKind::Unsupported,
+                "this test context cannot build another broker: it was made with Ctx::new, without a factory",
+            )),
         }
     }
 

@@ -234,7 +234,7 @@ impl Report {
     }
 }
 
-type Factory = Arc<dyn Fn() -> BoxFuture<'static, Result<Arc<dyn Broker>>> + Send + Sync>;
+use helpers::Factory;
 type Cleanup = Arc<dyn Fn(Vec<String>) -> BoxFuture<'static, ()> + Send + Sync>;
 
 /// Runs the conformance suite against one backend.
@@ -391,7 +391,7 @@ async fn run_case(
         Ok(broker) => broker,
         Err(e) => return Outcome::Failed(format!("cannot create broker: {e}")),
     };
-    let ctx = Ctx::new(broker.clone(), settings.clone());
+    let ctx = Ctx::new(broker.clone(), settings.clone()).with_factory(factory);
     let used = ctx.clone();
     let run = AssertUnwindSafe((case.run)(ctx)).catch_unwind();
     let outcome = match tokio::time::timeout(settings.case_timeout, run).await {

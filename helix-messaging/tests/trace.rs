@@ -265,12 +265,14 @@ async fn a_consumer_continues_the_publishers_trace_on_kafka() {
     use helix_messaging::kafka::{KafkaBroker, KafkaConfig};
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
     let mut config = KafkaConfig::new(brokers);
-    // Tansu answers group joins and empty fetches slowly at librdkafka's defaults.
+    // A group join and an empty fetch take seconds at librdkafka's defaults.
     config.fetch_wait_max = Duration::from_millis(50);
     config.session_timeout = Duration::from_secs(6);
     config.heartbeat_interval = Duration::from_millis(500);
     config.shutdown_grace = Duration::from_secs(2);
-    let broker = KafkaBroker::connect(config).await.expect("Kafka (Tansu)");
+    let broker = KafkaBroker::connect(config)
+        .await
+        .expect("Kafka on 127.0.0.1:9092 (scripts/test starts it)");
     a_consumer_continues_the_publishers_trace(Arc::new(broker)).await;
 }
 

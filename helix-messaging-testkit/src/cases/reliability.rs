@@ -64,7 +64,7 @@ pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
     assert_eq!(first.message().id(), held.id());
     assert!(first.can_delay(), "the backend declares delayed_delivery");
     // Long enough that the later message's publish and delivery fit inside it on a loaded
-    // machine (Tansu in a debug build took over a second under a parallel build).
+    // machine (a debug-built broker took over a second under a parallel build).
     let delay = Duration::from_secs(3);
     let requeued_at = Instant::now();
     first.nack_after(delay).await?;
@@ -309,11 +309,8 @@ pub async fn poison_message_does_not_stall_the_others(ctx: Ctx) -> Result<()> {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let record = seen.clone();
     let delay = Duration::from_millis(500);
-    // A prefetch of everything: the reader never pauses a partition, so this case does not
-    // depend on how a broker serves a fetch that resumes inside a record batch (Tansu serves
-    // nothing there; the Kafka adapter's own tests cover pausing).
     let runner = Runner::builder(ctx.broker.clone(), topic.clone())
-        .options(SubscribeOptions::group(crate::fresh_name("workers")).with_prefetch(TOTAL))
+        .options(SubscribeOptions::group(crate::fresh_name("workers")))
         .concurrency(1)
         .layer(dead_letter_layer(&ctx, &dlq_topic)?)
         .layer(fixed_retries(3, delay)?)
@@ -536,9 +533,8 @@ pub async fn malformed_payloads_reach_the_dlq_after_one_delivery(ctx: Ctx) -> Re
         .await;
     let handled = Arc::new(Mutex::new(HashMap::<u64, u32>::new()));
     let seen = handled.clone();
-    // A prefetch of everything, as in the poison case.
     let runner = Runner::builder(ctx.broker.clone(), topic.clone())
-        .options(SubscribeOptions::group(crate::fresh_name("workers")).with_prefetch(TOTAL))
+        .options(SubscribeOptions::group(crate::fresh_name("workers")))
         .concurrency(8)
         .layer(dead_letter_layer(&ctx, &dlq_topic)?)
         .layer(fixed_retries(3, Duration::from_millis(50))?)
