@@ -52,6 +52,15 @@ fn in_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_groups_sample_error_is_its_newest_failures_on_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
+    common::check_the_sample_error_is_the_newest_failures(&sqlite, "orders").await;
+    let memory = helix_messaging::dlq::MemoryDeadLetterStore::new();
+    common::check_the_sample_error_is_the_newest_failures(&memory, "orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = SystemTime::now() - Duration::from_secs(60);

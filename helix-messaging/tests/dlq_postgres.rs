@@ -58,6 +58,15 @@ fn uuid_like() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_groups_sample_error_is_its_newest_failures() {
+    let table = Table::new();
+    let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
+    common::check_the_sample_error_is_the_newest_failures(&store, "orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entries() {
     let table = Table::new();
     let a = PostgresDeadLetterStore::connect_table(&connection(), &table.0)

@@ -447,7 +447,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
         let clause = where_clause(filter, &mut params);
         let sql = format!(
             "SELECT reason, original_topic, COUNT(*), MIN(last_failure_us), MAX(last_failure_us),
-                (ARRAY_AGG(error ORDER BY last_failure_us DESC))[1]
+                (ARRAY_AGG(error ORDER BY last_failure_us DESC, id DESC))[1]
              FROM {} WHERE {clause} GROUP BY reason, original_topic
              ORDER BY COUNT(*) DESC, original_topic",
             self.table

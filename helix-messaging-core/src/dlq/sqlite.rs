@@ -440,11 +440,16 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         let (clause, values) = where_clause(filter);
         let rows = self
             .run("group failures", move |c| {
-                // The sample error is the newest entry's: SQLite takes the bare column from
-                // the row that gives MAX().
+                // The sample error is the newest entry's (of two at once, the greater id's),
+                // picked by rank: beside both MIN() and MAX(), SQLite takes a bare column
+                // from any row of the group.
                 let sql = format!(
                     "SELECT reason, original_topic, COUNT(*), MIN(last_failure_us), \
-                     MAX(last_failure_us), error FROM helix_dead_letters WHERE {clause} \
+                     MAX(last_failure_us), MAX(CASE WHEN newest = 1 THEN error END) \
+                     FROM (SELECT reason, original_topic, last_failure_us, error, \
+                           ROW_NUMBER() OVER (PARTITION BY reason, original_topic \
+                                              ORDER BY last_failure_us DESC, id DESC) AS newest \
+                           FROM helix_dead_letters WHERE {clause}) \
                      GROUP BY reason, original_topic ORDER BY COUNT(*) DESC, original_topic"
                 );
                 let mut statement = c.prepare_cached(&sql)?;

@@ -205,7 +205,8 @@ pub struct FailureGroup {
     pub oldest: SystemTime,
     /// Latest dead-lettering among them.
     pub newest: SystemTime,
-    /// The error text of the latest one.
+    /// The error text of the latest one (of two at the same time, the one with the greater id;
+    /// the same on every store).
     pub sample_error: String,
 }
 
@@ -339,30 +340,35 @@ pub trait DeadLetterStore: Send + Sync + 'static {
 pub(crate) fn group_entries<'a>(
     entries: impl Iterator<Item = &'a StoredDeadLetter>,
 ) -> Vec<FailureGroup> {
-    let mut groups: BTreeMap<(&'static str, String), FailureGroup> = BTreeMap::new();
+    // Each group with the id of the entry its sample error is from.
+    let mut groups: BTreeMap<(&'static str, String), (FailureGroup, &'a str)> = BTreeMap::new();
     for entry in entries {
         let l = &entry.letter;
         let at = l.last_failure_at;
         groups
             .entry((l.reason.as_str(), l.original_topic.clone()))
-            .and_modify(|g| {
+            .and_modify(|(g, sample_id)| {
                 g.count += 1;
                 g.oldest = g.oldest.min(at);
-                if at >= g.newest {
+                if (at, l.id.as_str()) > (g.newest, *sample_id) {
                     g.newest = at;
                     g.sample_error.clone_from(&l.error);
+                    *sample_id = &l.id;
                 }
             })
-            .or_insert_with(|| FailureGroup {
-                reason: l.reason,
-                topic: l.original_topic.clone(),
-                count: 1,
-                oldest: at,
-                newest: at,
-                sample_error: l.error.clone(),
+            .or_insert_with(|| {
+                let group = FailureGroup {
+                    reason: l.reason,
+                    topic: l.original_topic.clone(),
+                    count: 1,
+                    oldest: at,
+                    newest: at,
+                    sample_error: l.error.clone(),
+                };
+                (group, &l.id)
             });
     }
-    let mut groups: Vec<FailureGroup> = groups.into_values().collect();
+    let mut groups: Vec<FailureGroup> = groups.into_values().map(|(g, _)| g).collect();
     groups.sort_by(|a, b| b.count.cmp(&a.count).then(a.topic.cmp(&b.topic)));
     groups
 }

@@ -269,3 +269,47 @@ pub async fn replay_store_round_trips(store: &dyn helix_messaging::replay::Repla
     assert!(!store.remove(&request.id).await.unwrap());
     assert_eq!(store.load(&request.id).await.unwrap(), None);
 }
+
+/// A failure group's sample error is the error of its newest failure, and of two failures
+/// at the same time, the one with the greater id: the same on every store, whatever order
+/// the entries were written in (here newest first, so it is neither the first nor the last
+/// row written).
+pub async fn check_the_sample_error_is_the_newest_failures(
+    store: &dyn helix_messaging::dlq::DeadLetterStore,
+    topic: &str,
+) {
+    use helix_messaging::dlq::{DlqFilter, StoredDeadLetter};
+    let t0 = SystemTime::now() - Duration::from_secs(600);
+    for (id, secs, error) in [
+        ("a", 30, "newest, a"),
+        ("c", 10, "older"),
+        ("b", 30, "newest, b"),
+        ("d", 0, "oldest"),
+    ] {
+        let mut l = letter(
+            topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            t0 + Duration::from_secs(secs),
+        );
+        l.id = format!("{topic}-{id}");
+        l.error = error.into();
+        assert!(
+            store
+                .insert(StoredDeadLetter::received(l, SystemTime::now()))
+                .await
+                .unwrap()
+        );
+    }
+    let filter = DlqFilter {
+        topic: Some(topic.into()),
+        ..DlqFilter::default()
+    };
+    let groups = store.groups(&filter).await.unwrap();
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!(groups[0].count, 4);
+    assert_eq!(
+        groups[0].sample_error, "newest, b",
+        "the newest failure's error; of two at once, the greater id's"
+    );
+}
