@@ -45,7 +45,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME|=NAME] [--peak] [--side adapter|raw] [--baseline like|minimal] [--chunk N]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME|=NAME] [--peak] [--side adapter|raw] [--baseline like|minimal] [--chunk N] [--prefetch N]"
 }
 
 fn main() -> ExitCode {

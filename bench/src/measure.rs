@@ -30,6 +30,9 @@ pub(crate) struct Options {
     /// `--chunk N`: the adapter's `publish_batch` calls carry N messages each instead of the
     /// shape's (see [`Batching`]).
     pub(crate) chunk: Option<usize>,
+    /// `--prefetch N`: the adapter's subscriptions hold up to N unsettled deliveries instead
+    /// of the shape's (the raw clients have no such window).
+    pub(crate) prefetch: Option<usize>,
 }
 
 /// One side of a comparison.
@@ -51,6 +54,7 @@ impl Options {
             side: None,
             baseline: None,
             chunk: None,
+            prefetch: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -94,6 +98,7 @@ impl Options {
                 "--size" => options.size = number.max(8),
                 "--runs" => options.runs = number.max(1),
                 "--chunk" => options.chunk = Some(number.max(1)),
+                "--prefetch" => options.prefetch = Some(number.max(1)),
                 other => return Err(format!("unknown flag {other}")),
             }
         }
@@ -163,6 +168,7 @@ impl Shape {
         let shape = if options.peak { peak } else { normal };
         Shape {
             chunk: options.chunk.unwrap_or(shape.chunk).clamp(1, shape.batch),
+            prefetch: options.prefetch.unwrap_or(shape.prefetch),
             ..shape
         }
     }
@@ -819,6 +825,18 @@ mod tests {
         let like = pick(&["--chunk", "250"]);
         assert_eq!((like.window, like.chunk), (100, 100));
         assert!(Options::parse(&args(&["--chunk", "many"])).is_err());
+    }
+
+    #[test]
+    fn prefetch_overrides_the_shapes_window() {
+        let shape = |list: &[&str]| {
+            let options = Options::parse(&args(list)).unwrap();
+            Shape::pick(&options, Shape::like_for_like(10), Shape::like_for_like(20)).prefetch
+        };
+        assert_eq!(shape(&[]), 10);
+        assert_eq!(shape(&["--peak"]), 20);
+        assert_eq!(shape(&["--peak", "--prefetch", "100"]), 100);
+        assert_eq!(shape(&["--prefetch", "0"]), 1, "at least one");
     }
 
     /// In chunks, every message goes out exactly once and in order, and each window is one

@@ -182,6 +182,7 @@ mod tests {
             side: None,
             baseline: None,
             chunk: None,
+            prefetch: None,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
         for publishing in [
