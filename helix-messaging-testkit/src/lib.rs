@@ -28,6 +28,7 @@ mod certs;
 pub mod differential;
 pub mod faults;
 mod helpers;
+pub mod plane;
 pub mod recorded;
 
 use std::any::Any;

@@ -1,0 +1,21 @@
+//! The reliability plane under seeded faults on Redis Streams, in the configuration
+//! `from_env()` builds by default (`HELIX_PLANE_SEEDS=n` runs seeds 1..=n, default 20;
+//! `HELIX_PLANE_SEED=s` one seed).
+
+use std::sync::Arc;
+
+use helix_messaging_core::Broker;
+use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
+use helix_messaging_testkit::plane::SpoolHarness;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spool_keeps_every_acknowledged_publish_under_faults_on_streams() {
+    SpoolHarness::new("redis-streams", || async {
+        let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        let config = RedisConfig::new(&url, RedisMode::Streams)?;
+        Ok(Arc::new(RedisBroker::connect(config).await?) as Arc<dyn Broker>)
+    })
+    .run()
+    .await
+    .assert_holds();
+}

@@ -1,0 +1,744 @@
+//! The reliability plane under faults: seeded fault-injecting wrappers over a broker and a
+//! spool, and runs that check the plane's promises after each seed.
+//!
+//! [`FaultyBroker`] wraps any `Arc<dyn Broker>` and, per publish, passes it through, fails it
+//! transiently (a retryable connection error, before the broker saw it), times it out
+//! *after* the broker took it (the ambiguous case), or delays it; a message it refuses
+//! ([`ErrorKind::Rejected`]) it refuses every time, as a broker refuses a bad message. A
+//! batch goes over in order, and a transient fault fails the rest of it, as a lost
+//! connection does. [`FaultySpool`] does the same to a [`Spool`]'s calls: an append can
+//! fail before it is written or after (written, but reported failed). Every decision comes
+//! from the seed and, for a publish, the message's id and how often it was tried; for a
+//! store call, how many calls of its kind came before. So a seed replays the same faults
+//! whatever order the caller and the forwarder interleave in.
+//!
+//! [`SpoolHarness`] runs seeded programs through a [`FallbackBroker`] over a faulty broker
+//! and spool, cancelling some publishes at a seeded await point, then heals the faults and
+//! checks the spool's promise: every publish that returned `Ok` is delivered at least once,
+//! with each topic's first deliveries in the order of the `Ok`s, or sits in the set-aside
+//! area with the broker's reason; never neither. [`check_breaker`] drives a
+//! [`CircuitBreaker`] through seeded permits, outcomes, abandoned calls and time, and checks
+//! that its counts never underflow and that a half-open breaker always resolves.
+//!
+//! On a violation the report names the seed, the shortest failing program (the fewest
+//! publishes that still fail) and what was observed. `HELIX_PLANE_SEEDS=n` runs seeds 1 to n
+//! (default 20), `HELIX_PLANE_SEED=s` one seed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig, BreakerState, CircuitBreaker};
+use helix_messaging_core::fallback::{
+    FallbackBroker, ForwardConfig, MemorySpool, RefusedMessage, Spool, SpoolStats, SpooledMessage,
+};
+use helix_messaging_core::{
+    Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher, Result,
+    SubscribeOptions, Subscriber, Subscription, TimeRange,
+};
+use parking_lot::Mutex;
+
+use crate::differential::splitmix;
+use crate::helpers::Factory;
+
+/// What a faulty wrapper does to one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Nothing: the call goes through.
+    Pass,
+    /// A retryable connection error before the call reaches the wrapped broker or store.
+    Transient,
+    /// The call goes through, then fails with a retryable timeout: the ambiguous case.
+    AfterTheFact,
+    /// The call goes through after this long.
+    Delay(Duration),
+}
+
+/// A seeded source of faults shared by the wrappers of one run. Cloning shares it.
+#[derive(Debug, Clone)]
+pub struct FaultSchedule {
+    seed: u64,
+    /// Percent of calls that get a fault while the schedule is active.
+    rate: u64,
+    /// Percent of messages the broker refuses for good.
+    refuse_rate: u64,
+    active: Arc<AtomicBool>,
+    /// Calls so far per key (a message id, or a kind of store call).
+    calls: Arc<Mutex<HashMap<String, u64>>>,
+    applied: Arc<Mutex<Vec<String>>>,
+}
+
+impl FaultSchedule {
+    /// Faults on about `rate` percent of calls and refusals of about `refuse_rate` percent of
+    /// messages, from `seed`.
+    pub fn new(seed: u64, rate: u64, refuse_rate: u64) -> Self {
+        FaultSchedule {
+            seed,
+            rate,
+            refuse_rate,
+            active: Arc::new(AtomicBool::new(true)),
+            calls: Arc::default(),
+            applied: Arc::default(),
+        }
+    }
+
+    /// The fault for the next call about `key` (a message id, or a kind of store call).
+    pub fn next(&self, key: &str) -> Fault {
+        let call = {
+            let mut calls = self.calls.lock();
+            let n = calls.entry(key.to_owned()).or_default();
+            *n += 1;
+            *n
+        };
+        if !self.active.load(Ordering::SeqCst) {
+            return Fault::Pass;
+        }
+        let roll = splitmix(hash(self.seed, key) ^ call.wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        if roll % 100 >= self.rate {
+            return Fault::Pass;
+        }
+        let fault = match (roll >> 8) % 3 {
+            0 => Fault::Transient,
+            1 => Fault::AfterTheFact,
+            _ => Fault::Delay(Duration::from_millis((roll >> 16) % 30)),
+        };
+        self.applied
+            .lock()
+            .push(format!("{key}, call {call}: {fault:?}"));
+        fault
+    }
+
+    /// Whether the broker refuses the message `id` (always the same answer for an id, and
+    /// also once the schedule is healed: a refusal is the message's, not the moment's).
+    pub fn refuses(&self, id: &str) -> bool {
+        hash(self.seed ^ 0x5EED, id) % 100 < self.refuse_rate
+    }
+
+    /// No more faults from now on (refusals stay).
+    pub fn heal(&self) {
+        self.active.store(false, Ordering::SeqCst);
+    }
+
+    /// The faults applied so far, in order.
+    pub fn applied(&self) -> Vec<String> {
+        self.applied.lock().clone()
+    }
+}
+
+/// A broker whose publishes fail as its [`FaultSchedule`] says (see the module docs).
+#[derive(Debug, Clone)]
+pub struct FaultyBroker {
+    inner: Arc<dyn Broker>,
+    schedule: FaultSchedule,
+}
+
+impl FaultyBroker {
+    /// Wrap `inner`.
+    pub fn new(inner: Arc<dyn Broker>, schedule: FaultSchedule) -> Self {
+        FaultyBroker { inner, schedule }
+    }
+}
+
+fn hash(seed: u64, key: &str) -> u64 {
+    key.bytes().fold(seed, |h, b| splitmix(h ^ u64::from(b)))
+}
+
+fn transient(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Connection,
+        format!("injected fault: {what} lost the connection"),
+    )
+    .with_retryable(true)
+}
+
+fn after_the_fact(what: &str) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("injected fault: {what} timed out after it was done"),
+    )
+    .with_retryable(true)
+}
+
+/// Run `call` as `fault` says.
+async fn faulted<T>(
+    fault: Fault,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    match fault {
+        Fault::Pass => call.await,
+        Fault::Transient => Err(transient(what)),
+        Fault::AfterTheFact => {
+            call.await?;
+            Err(after_the_fact(what))
+        }
+        Fault::Delay(by) => {
+            tokio::time::sleep(by).await;
+            call.await
+        }
+    }
+}
+
+#[async_trait]
+impl Publisher for FaultyBroker {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        if self.schedule.refuses(message.id()) {
+            return Err(Error::new(
+                ErrorKind::Rejected,
+                format!(
+                    "injected fault: the broker refuses message {}",
+                    message.id()
+                ),
+            ));
+        }
+        let fault = self.schedule.next(message.id());
+        faulted(fault, "publish", self.inner.publish(topic, message)).await
+    }
+
+    /// In order, one at a time; a transient fault fails the rest of the batch unsent, as a
+    /// lost connection does.
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<Message>,
+    ) -> helix_messaging_core::BatchReport {
+        let total = messages.len();
+        let mut failures = Vec::new();
+        let mut lost: Option<Error> = None;
+        for (index, message) in messages.into_iter().enumerate() {
+            if let Some(err) = &lost {
+                failures.push((index, err.copy_without_source()));
+                continue;
+            }
+            if let Err(err) = self.publish(topic, message).await {
+                if err.kind() == ErrorKind::Connection {
+                    lost = Some(err.copy_without_source());
+                }
+                failures.push((index, err));
+            }
+        }
+        helix_messaging_core::BatchReport::new(total, failures)
+    }
+}
+
+#[async_trait]
+impl Subscriber for FaultyBroker {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        self.inner.subscribe(topic, options).await
+    }
+}
+
+#[async_trait]
+impl Broker for FaultyBroker {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn health(&self) -> Health {
+        self.inner.health().await
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        self.inner.read_range(topic, range).await
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<helix_messaging_core::Backlog> {
+        self.inner.backlog(topic, group).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// A spool whose calls fail as its [`FaultSchedule`] says: an append can fail before it is
+/// written or after (see the module docs); the other calls fail before they act.
+#[derive(Debug, Clone)]
+pub struct FaultySpool<S> {
+    inner: S,
+    schedule: FaultSchedule,
+}
+
+impl<S> FaultySpool<S> {
+    /// Wrap `inner`.
+    pub fn new(inner: S, schedule: FaultSchedule) -> Self {
+        FaultySpool { inner, schedule }
+    }
+}
+
+#[async_trait]
+impl<S: Spool> Spool for FaultySpool<S> {
+    async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
+        let fault = self.schedule.next("spool append");
+        faulted(fault, "spool append", self.inner.append(topic, messages)).await
+    }
+
+    async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
+        let fault = self.schedule.next("spool read");
+        faulted(fault, "spool read", self.inner.oldest(limit)).await
+    }
+
+    async fn remove(&self, seqs: &[i64]) -> Result<()> {
+        let fault = self.schedule.next("spool remove");
+        faulted(fault, "spool remove", self.inner.remove(seqs)).await
+    }
+
+    async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
+        let fault = self.schedule.next("spool set aside");
+        faulted(fault, "spool set aside", self.inner.refuse(seq, reason)).await
+    }
+
+    async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
+        self.inner.refused(limit).await
+    }
+
+    async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
+        self.inner.release_refused(seq, retry).await
+    }
+
+    async fn topics(&self) -> Result<HashMap<String, i64>> {
+        self.inner.topics().await
+    }
+
+    async fn stats(&self) -> Result<SpoolStats> {
+        self.inner.stats().await
+    }
+}
+
+/// Poll `future` at most `polls` times, yielding to the runtime between polls, then drop
+/// it: `None` if it had not finished, which cancels it at whatever await point it reached.
+pub async fn cancel_after_polls<F: std::future::Future>(
+    future: F,
+    polls: usize,
+) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    for _ in 0..polls {
+        if let Some(output) = futures::FutureExt::now_or_never(future.as_mut()) {
+            return Some(output);
+        }
+        tokio::task::yield_now().await;
+    }
+    None
+}
+
+/// How one publish of a program ended for its caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    Ok,
+    Failed(String),
+    Cancelled,
+}
+
+/// What one seeded run of the spool saw.
+#[derive(Debug)]
+struct SpoolRun {
+    /// Per topic, the publishes in call order with their outcome.
+    published: BTreeMap<String, Vec<(String, Outcome)>>,
+    /// Per topic, the ids delivered, in order.
+    delivered: BTreeMap<String, Vec<String>>,
+    /// Id to the reason it was set aside with.
+    refused: HashMap<String, String>,
+    faults: Vec<String>,
+    problems: Vec<String>,
+}
+
+impl SpoolRun {
+    /// How the publishes ended and what arrived, in numbers.
+    fn summary(&self) -> String {
+        let (mut ok, mut failed, mut cancelled) = (0, 0, 0);
+        for (_, outcome) in self.published.values().flatten() {
+            match outcome {
+                Outcome::Ok => ok += 1,
+                Outcome::Failed(_) => failed += 1,
+                Outcome::Cancelled => cancelled += 1,
+            }
+        }
+        let delivered: usize = self.delivered.values().map(Vec::len).sum();
+        format!(
+            "{ok} ok, {failed} failed, {cancelled} cancelled; {delivered} deliveries, {} set aside; {} faults",
+            self.refused.len(),
+            self.faults.len()
+        )
+    }
+
+    /// The spool's promise, broken in each of these ways (empty if kept).
+    fn violations(&self) -> Vec<String> {
+        let mut violations = self.problems.clone();
+        for (topic, published) in &self.published {
+            let delivered = self.delivered.get(topic).cloned().unwrap_or_default();
+            let mut first_seen: HashMap<&str, usize> = HashMap::new();
+            for (at, id) in delivered.iter().enumerate() {
+                first_seen.entry(id.as_str()).or_insert(at);
+            }
+            let mut last: Option<(&str, usize)> = None;
+            for (id, outcome) in published {
+                if *outcome != Outcome::Ok {
+                    continue;
+                }
+                match (first_seen.get(id.as_str()), self.refused.get(id)) {
+                    (Some(&at), _) => {
+                        if let Some((before, before_at)) = last
+                            && before_at > at
+                        {
+                            violations.push(format!(
+                                "{topic}: {id} was first delivered before {before}, whose publish returned Ok earlier"
+                            ));
+                        }
+                        last = Some((id, at));
+                    }
+                    (None, Some(reason)) if !reason.is_empty() => {}
+                    (None, Some(_)) => {
+                        violations.push(format!("{topic}: {id} is set aside without a reason"));
+                    }
+                    (None, None) => violations.push(format!(
+                        "{topic}: {id}'s publish returned Ok, but it was neither delivered nor set aside"
+                    )),
+                }
+            }
+        }
+        violations
+    }
+}
+
+/// Seeded runs of the fallback spool over one backend (see the module docs).
+pub struct SpoolHarness {
+    backend: String,
+    factory: Factory,
+    messages: usize,
+    settings: crate::Settings,
+}
+
+/// The outcome of a [`SpoolHarness`] run.
+#[derive(Debug)]
+pub struct PlaneReport {
+    backend: String,
+    seeds: usize,
+    failures: Vec<String>,
+}
+
+impl PlaneReport {
+    /// Panic with every failing seed's report unless every seed kept the promise.
+    pub fn assert_holds(&self) {
+        assert!(
+            self.failures.is_empty(),
+            "the reliability plane on {} broke its promise (rerun one seed with HELIX_PLANE_SEED):\n{}",
+            self.backend,
+            self.failures.join("\n\n")
+        );
+        assert!(self.seeds > 0, "no seed ran on {}", self.backend);
+    }
+}
+
+/// The seeds to run: `HELIX_PLANE_SEED`, else 1 to `HELIX_PLANE_SEEDS` (default 20).
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = std::env::var("HELIX_PLANE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
+        return vec![seed];
+    }
+    let n = std::env::var("HELIX_PLANE_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20u64);
+    (1..=n).collect()
+}
+
+impl SpoolHarness {
+    /// A harness building a fresh broker of `backend` for every run with `factory`.
+    pub fn new<F, Fut>(backend: impl Into<String>, factory: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Arc<dyn Broker>>> + Send + 'static,
+    {
+        SpoolHarness {
+            backend: backend.into(),
+            factory: Arc::new(move || futures::FutureExt::boxed(factory())),
+            messages: 60,
+            settings: crate::Settings::from_env(),
+        }
+    }
+
+    /// Run every seed; a failing seed is shrunk to the fewest publishes that still fail.
+    pub async fn run(self) -> PlaneReport {
+        let seeds = seeds();
+        let mut failures = Vec::new();
+        for &seed in &seeds {
+            let run = self.run_seed(seed, self.messages).await;
+            let violations = run.violations();
+            if violations.is_empty() {
+                println!(
+                    "plane[{}] seed {seed}: the spool kept its promise ({})",
+                    self.backend,
+                    run.summary()
+                );
+                continue;
+            }
+            let mut shortest = (self.messages, run, violations);
+            for messages in [5, 10, 20, 40] {
+                if messages >= shortest.0 {
+                    break;
+                }
+                let run = self.run_seed(seed, messages).await;
+                let violations = run.violations();
+                if !violations.is_empty() {
+                    shortest = (messages, run, violations);
+                    break;
+                }
+            }
+            let (messages, run, violations) = shortest;
+            let report = format!(
+                "plane[{}] seed {seed}: BROKEN with {messages} publishes\n  violations:\n    {}\n  faults applied:\n    {}\n  published: {:?}\n  delivered: {:?}\n  set aside: {:?}",
+                self.backend,
+                violations.join("\n    "),
+                run.faults.join("\n    "),
+                run.published,
+                run.delivered,
+                run.refused,
+            );
+            println!("{report}");
+            failures.push(report);
+        }
+        PlaneReport {
+            backend: self.backend,
+            seeds: seeds.len(),
+            failures,
+        }
+    }
+
+    async fn run_seed(&self, seed: u64, messages: usize) -> SpoolRun {
+        let mut run = SpoolRun {
+            published: BTreeMap::new(),
+            delivered: BTreeMap::new(),
+            refused: HashMap::new(),
+            faults: Vec::new(),
+            problems: Vec::new(),
+        };
+        let broker = match (self.factory)().await {
+            Ok(broker) => broker,
+            Err(err) => {
+                run.problems.push(format!("creating the broker: {err}"));
+                return run;
+            }
+        };
+        let schedule = FaultSchedule::new(seed, 30, 5);
+        let topics: Vec<String> = (0..3).map(|_| crate::fresh_name("plane")).collect();
+        // Observed on the broker itself, through groups that exist before the first publish.
+        let mut subscriptions = Vec::new();
+        for topic in &topics {
+            match broker
+                .subscribe(topic, SubscribeOptions::group(crate::fresh_name("watch")))
+                .await
+            {
+                Ok(sub) => subscriptions.push(sub),
+                Err(err) => {
+                    run.problems.push(format!("subscribe to {topic}: {err}"));
+                    let _ = broker.close().await;
+                    return run;
+                }
+            }
+        }
+        let fallback = match fallback_over(broker.clone(), &schedule).await {
+            Ok(fallback) => fallback,
+            Err(err) => {
+                run.problems
+                    .push(format!("building the fallback broker: {err}"));
+                let _ = broker.close().await;
+                return run;
+            }
+        };
+        for index in 0..messages {
+            let roll = splitmix(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let topic = &topics[(roll % 3) as usize];
+            let id = format!("s{seed}-m{index}");
+            // One key per topic: every backend keeps one key's order.
+            let message = Message::new(id.clone())
+                .with_id(id.clone())
+                .with_key(topic.clone());
+            let publish = fallback.publish(topic, message);
+            let outcome = if (roll >> 8) % 100 < 10 {
+                match cancel_after_polls(publish, ((roll >> 16) % 4) as usize).await {
+                    None => Outcome::Cancelled,
+                    Some(Ok(())) => Outcome::Ok,
+                    Some(Err(err)) => Outcome::Failed(err.to_string()),
+                }
+            } else {
+                match publish.await {
+                    Ok(()) => Outcome::Ok,
+                    Err(err) => Outcome::Failed(err.to_string()),
+                }
+            };
+            run.published
+                .entry(topic.clone())
+                .or_default()
+                .push((id, outcome));
+        }
+        schedule.heal();
+        // Everything still spooled is forwarded once the faults are gone.
+        let drained = tokio::time::timeout(self.settings.receive_timeout, async {
+            loop {
+                if fallback.spool_stats().await.is_ok_and(|s| s.depth == 0) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            let stats = fallback.spool_stats().await;
+            run.problems.push(format!(
+                "the spool did not drain within {:?} after the faults healed: {stats:?}",
+                self.settings.receive_timeout
+            ));
+        }
+        if let Ok(refused) = fallback.refused(usize::MAX).await {
+            run.refused = refused
+                .into_iter()
+                .map(|r| (r.message.id().to_owned(), r.reason))
+                .collect();
+        }
+        for (topic, mut sub) in topics.iter().zip(subscriptions) {
+            let wanted: usize = run.published[topic]
+                .iter()
+                .filter(|(id, o)| *o == Outcome::Ok && !run.refused.contains_key(id))
+                .count();
+            let delivered = run.delivered.entry(topic.clone()).or_default();
+            loop {
+                let distinct = delivered
+                    .iter()
+                    .collect::<std::collections::HashSet<_>>()
+                    .len();
+                let wait = if distinct >= wanted {
+                    self.settings.quiet_period
+                } else {
+                    self.settings.receive_timeout
+                };
+                match tokio::time::timeout(wait, sub.next()).await {
+                    Ok(Some(Ok(delivery))) => {
+                        delivered.push(delivery.message().id().to_owned());
+                        if let Err(err) = delivery.ack().await {
+                            run.problems.push(format!("ack on {topic}: {err}"));
+                        }
+                    }
+                    Ok(Some(Err(err))) => run.problems.push(format!("stream of {topic}: {err}")),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+        run.faults = schedule.applied();
+        let _ = fallback.close().await;
+        run
+    }
+}
+
+async fn fallback_over(
+    broker: Arc<dyn Broker>,
+    schedule: &FaultSchedule,
+) -> Result<FallbackBroker> {
+    let faulty = Arc::new(FaultyBroker::new(broker, schedule.clone()));
+    let breaker = BreakerBroker::new(
+        faulty,
+        BreakerConfig {
+            failure_threshold: 3,
+            open_interval: Duration::from_millis(50),
+            half_open_probes: 1,
+        },
+    )?;
+    let spool = FaultySpool::new(MemorySpool::default(), schedule.clone());
+    let config = ForwardConfig {
+        batch_size: 7,
+        retry_interval: Duration::from_millis(10),
+    };
+    FallbackBroker::new(breaker, Arc::new(spool), config).await
+}
+
+/// Drive a breaker through a seeded sequence of permits, outcomes, abandoned calls,
+/// deliveries and time (on a paused tokio clock), then heal: its probe count must never
+/// underflow (a panic in debug builds), and once calls succeed again a half-open or open
+/// breaker must close. `Err` describes the seed and the steps on a violation.
+///
+/// # Errors
+/// The violation, with the seed and the steps taken.
+pub async fn check_breaker(seed: u64) -> std::result::Result<(), String> {
+    let interval = Duration::from_secs(1);
+    let breaker = CircuitBreaker::new(
+        format!("plane-{seed}"),
+        BreakerConfig {
+            failure_threshold: 2,
+            open_interval: interval,
+            half_open_probes: 1 + (seed % 2) as u32,
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let down = Error::new(ErrorKind::Connection, "down").with_retryable(true);
+    let mut permits = Vec::new();
+    let mut steps = Vec::new();
+    for step in 0..300u64 {
+        let roll = splitmix(seed ^ step.wrapping_mul(0xA24B_AED4_963E_E407));
+        let op = roll % 7;
+        steps.push(op);
+        let outcome = std::panic::AssertUnwindSafe(async {
+            match op {
+                0 | 1 => {
+                    if let Ok(permit) = breaker.acquire() {
+                        permits.push(permit);
+                    }
+                }
+                2 if !permits.is_empty() => {
+                    let permit = permits.remove(((roll >> 8) as usize) % permits.len());
+                    permit.record(None);
+                }
+                3 if !permits.is_empty() => {
+                    let permit = permits.remove(((roll >> 8) as usize) % permits.len());
+                    permit.record(Some(&down));
+                }
+                4 if !permits.is_empty() => {
+                    drop(permits.remove(((roll >> 8) as usize) % permits.len()));
+                }
+                5 => breaker.observe((roll >> 8).is_multiple_of(2).then_some(&down)),
+                _ => tokio::time::advance(interval / 2).await,
+            }
+        });
+        if let Err(panic) = futures::FutureExt::catch_unwind(outcome).await {
+            let text = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_default();
+            return Err(format!(
+                "breaker seed {seed}: panicked at step {step} ({text}); steps {steps:?}"
+            ));
+        }
+    }
+    // Healed: every call abandoned, the interval passed, calls succeed.
+    permits.clear();
+    tokio::time::advance(interval).await;
+    for _ in 0..3 {
+        let _ = breaker.call(async { Ok::<(), Error>(()) }).await;
+    }
+    match breaker.state() {
+        BreakerState::Closed => Ok(()),
+        state => Err(format!(
+            "breaker seed {seed}: still {state:?} after the broker answered again; steps {steps:?}"
+        )),
+    }
+}
+
+/// [`check_breaker`] over every seed (`HELIX_PLANE_SEEDS`, `HELIX_PLANE_SEED`).
+///
+/// # Panics
+/// On the first seed that breaks the breaker's promise.
+pub async fn assert_breaker_holds() {
+    for seed in seeds() {
+        if let Err(violation) = check_breaker(seed).await {
+            panic!("{violation}");
+        }
+    }
+}
