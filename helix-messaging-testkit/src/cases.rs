@@ -937,6 +937,25 @@ pub async fn settling_after_close_fails(ctx: Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A fresh topic, a group created on it, and `n` messages `m0`, `m1`, … of one key
+/// published to it, in order.
+async fn a_group_with_messages(
+    ctx: &Ctx,
+    what: &str,
+    n: usize,
+) -> Result<(String, String, Vec<Message>)> {
+    let topic = ctx.topic(what);
+    let group = crate::fresh_name("g");
+    ctx.create_group(&topic, &group).await?;
+    let sent: Vec<Message> = (0..n)
+        .map(|i| Message::new(format!("m{i}")).with_key("k"))
+        .collect();
+    for m in &sent {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    Ok((topic, group, sent))
+}
+
 /// Attempts survive an owner that never received the message: after a crash at attempt 1,
 /// a subscription that ends without taking anything (it may have prefetched the message, or
 /// not fetched it yet) leaves the next one to receive it at attempt 2, not 1 again.
@@ -975,15 +994,7 @@ pub async fn an_owner_that_never_received_it_keeps_its_attempts(ctx: Ctx) -> Res
 /// that was acked (on Kafka the commit cannot pass the held message, so this is on the
 /// adapter).
 pub async fn an_ack_past_a_crashed_message_stays_acked(ctx: Ctx) -> Result<()> {
-    let topic = ctx.topic("ack-past-crash");
-    let group = crate::fresh_name("g");
-    ctx.create_group(&topic, &group).await?;
-    let sent: Vec<Message> = (0..3)
-        .map(|i| Message::new(format!("m{i}")).with_key("k"))
-        .collect();
-    for m in &sent {
-        ctx.publish(&topic, m.clone()).await;
-    }
+    let (topic, group, sent) = a_group_with_messages(&ctx, "ack-past-crash", 3).await?;
     let mut first = ctx
         .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(3))
         .await;
@@ -1065,15 +1076,7 @@ pub async fn close_ends_subscriptions_promptly_and_commits_nothing_held(ctx: Ctx
     const AFTER_CLOSE: Duration = Duration::from_secs(1);
     /// How long `close()` plus that may take in all, with a delivery held.
     const IN_ALL: Duration = Duration::from_secs(10);
-    let topic = ctx.topic("close-ends");
-    let group = crate::fresh_name("g");
-    ctx.create_group(&topic, &group).await?;
-    let sent: Vec<Message> = (0..3)
-        .map(|i| Message::new(format!("m{i}")).with_key("k"))
-        .collect();
-    for m in &sent {
-        ctx.publish(&topic, m.clone()).await;
-    }
+    let (topic, group, sent) = a_group_with_messages(&ctx, "close-ends", 3).await?;
     let mut sub = ctx
         .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(2))
         .await;
@@ -1130,15 +1133,7 @@ pub async fn close_ends_subscriptions_promptly_and_commits_nothing_held(ctx: Ctx
 /// from the broker, never handed to the application) hands all of them over, and only the
 /// one the application saw counts as an attempt.
 pub async fn prefetched_but_unseen_is_not_an_attempt(ctx: Ctx) -> Result<()> {
-    let topic = ctx.topic("unseen");
-    let group = crate::fresh_name("g");
-    ctx.create_group(&topic, &group).await?;
-    let sent: Vec<Message> = (0..3)
-        .map(|i| Message::new(format!("m{i}")).with_key("k"))
-        .collect();
-    for m in &sent {
-        ctx.publish(&topic, m.clone()).await;
-    }
+    let (topic, group, sent) = a_group_with_messages(&ctx, "unseen", 3).await?;
     let mut first = ctx
         .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(3))
         .await;
