@@ -32,6 +32,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig, BreakerState, CircuitBreaker};
+use helix_messaging_core::dlq::{
+    DeadLetterStore, DlqFilter, DlqStats, FailureGroup, StoredDeadLetter,
+};
 use helix_messaging_core::fallback::{
     FallbackBroker, ForwardConfig, MemorySpool, RefusedMessage, Spool, SpoolStats, SpooledMessage,
 };
@@ -740,5 +743,112 @@ pub async fn assert_breaker_holds() {
         if let Err(violation) = check_breaker(seed).await {
             panic!("{violation}");
         }
+    }
+}
+
+/// A dead-letter store whose calls fail (a retryable connection error, before the call acts)
+/// while it is set down, and pass through otherwise; it counts the inserts tried.
+#[derive(Debug)]
+pub struct FaultyDeadLetterStore<S> {
+    inner: S,
+    down: AtomicBool,
+    inserts: std::sync::atomic::AtomicU64,
+}
+
+impl<S> FaultyDeadLetterStore<S> {
+    /// Wrap `inner`, up.
+    pub fn new(inner: S) -> Self {
+        FaultyDeadLetterStore {
+            inner,
+            down: AtomicBool::new(false),
+            inserts: std::sync::atomic::AtomicU64::default(),
+        }
+    }
+
+    /// Fail every call from now on (`true`), or pass them through again.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Inserts tried so far, failed ones included.
+    pub fn inserts_tried(&self) -> u64 {
+        self.inserts.load(Ordering::SeqCst)
+    }
+
+    fn check(&self, what: &str) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(transient(what))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
+    async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
+        self.inserts.fetch_add(1, Ordering::SeqCst);
+        self.check("a DLQ insert")?;
+        self.inner.insert(entry).await
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
+        self.check("a DLQ read")?;
+        self.inner.get(id).await
+    }
+
+    async fn list(
+        &self,
+        filter: &DlqFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.check("a DLQ listing")?;
+        self.inner.list(filter, limit, offset).await
+    }
+
+    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+        self.check("a DLQ count")?;
+        self.inner.count(filter).await
+    }
+
+    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+        self.check("a DLQ selection")?;
+        self.inner.ids(filter).await
+    }
+
+    async fn claim_due(
+        &self,
+        now: std::time::SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.check("a DLQ claim")?;
+        self.inner.claim_due(now, lease, limit).await
+    }
+
+    async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
+        self.check("a DLQ update")?;
+        self.inner.update(entry).await
+    }
+
+    async fn remove(&self, id: &str) -> Result<bool> {
+        self.check("a DLQ removal")?;
+        self.inner.remove(id).await
+    }
+
+    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+        self.check("a DLQ purge")?;
+        self.inner.purge(filter).await
+    }
+
+    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+        self.check("a DLQ grouping")?;
+        self.inner.groups(filter).await
+    }
+
+    async fn stats(&self) -> Result<DlqStats> {
+        self.check("the DLQ's stats")?;
+        self.inner.stats().await
     }
 }

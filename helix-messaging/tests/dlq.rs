@@ -412,6 +412,45 @@ async fn automatic_redrive_backs_off_then_parks_the_message() {
     );
 }
 
+/// While its store is down the processor's ingester backs off instead of taking the dead
+/// letter back and again in a tight loop; once the store is back the letter is ingested.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ingester_backs_off_while_its_store_is_down() {
+    use helix_messaging_testkit::plane::FaultyDeadLetterStore;
+    let broker = broker().await;
+    let dlq_topic = name("dlq");
+    let store = Arc::new(FaultyDeadLetterStore::new(
+        helix_messaging::dlq::MemoryDeadLetterStore::new(),
+    ));
+    let processor =
+        Processor::new(broker.clone(), store.clone(), processor_config(&dlq_topic)).unwrap();
+    processor.start().await.unwrap();
+    store.set_down(true);
+    let letter = common::letter(
+        "orders",
+        DeadLetterReason::MaxRetriesExceeded,
+        "order.created",
+        std::time::SystemTime::now(),
+    );
+    broker
+        .publish(&dlq_topic, letter.to_message())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let tried = store.inserts_tried();
+    assert!(
+        (1..=12).contains(&tried),
+        "{tried} inserts in 2 s with the store down: it should back off (100 ms doubling)"
+    );
+    store.set_down(false);
+    eventually("ingested once the store is back", || {
+        let processor = processor.clone();
+        async move { (processor.stats().await.ok()?.depth == 1).then_some(()) }
+    })
+    .await;
+    processor.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_for_the_message_type_is_retried_with_backoff_instead_of_republishing() {
     let broker = broker().await;

@@ -176,9 +176,21 @@ pub(super) struct Inner {
     config: ProcessorConfig,
     handlers: RwLock<HashMap<String, Arc<dyn DlqHandler>>>,
     counters: Counters,
+    /// Ingests that failed in a row (the store is down), for the ingesters' backoff.
+    ingest_failures: std::sync::atomic::AtomicU32,
     pub(super) jobs: Mutex<HashMap<String, Job>>,
     running: tokio::sync::Mutex<Option<Running>>,
 }
+
+/// How the ingesters back off while the store fails: 100 ms, doubling, at most 10 s, with
+/// jitter. The dead letter stays unacked on its topic meanwhile and is taken again after.
+const INGEST_BACKOFF: RetryPolicy = RetryPolicy {
+    max_retries: u32::MAX,
+    retry_delay: Duration::from_millis(100),
+    retry_backoff_multiplier: 2.0,
+    max_retry_delay: Duration::from_secs(10),
+    jitter: true,
+};
 
 /// The DLQ processor and management plane.
 ///
@@ -232,6 +244,7 @@ impl Processor {
                 config,
                 handlers: RwLock::new(HashMap::new()),
                 counters: Counters::default(),
+                ingest_failures: std::sync::atomic::AtomicU32::new(0),
                 jobs: Mutex::new(HashMap::new()),
                 running: tokio::sync::Mutex::new(None),
             }),
@@ -283,11 +296,14 @@ impl Processor {
                 let processor = processor.clone();
                 let dlq_topic = dlq_topic.clone();
                 async move {
-                    processor
-                        .ingest(DeadLetter::from_message(&envelope.message, &dlq_topic))
-                        .await
-                        .map(|_| ())
-                        .map_err(HandlerError::transient)
+                    let letter = DeadLetter::from_message(&envelope.message, &dlq_topic);
+                    match processor.ingest(letter).await {
+                        Ok(_) => {
+                            processor.inner.ingest_failures.store(0, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(err) => Err(processor.back_off_ingesting(&dlq_topic, err).await),
+                    }
                 }
             });
             // A group created now starts from what the topic retains, where it can: letters
@@ -404,6 +420,19 @@ impl Processor {
             }
         }
         Ok(new)
+    }
+
+    /// After a failed ingest (the store is down): wait before the dead letter is taken
+    /// again, longer with every failure in a row, and say so at warn, so the ingesters
+    /// neither spin nor fail silently.
+    async fn back_off_ingesting(&self, dlq_topic: &str, err: Error) -> HandlerError {
+        let failures = self.inner.ingest_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        let wait = INGEST_BACKOFF
+            .delay_before_retry(failures.min(64))
+            .unwrap_or(INGEST_BACKOFF.max_retry_delay);
+        tracing::warn!(dlq_topic, failures, ?wait, error = %err, "the DLQ store did not take a dead letter; it stays on its topic and is tried again after a pause");
+        tokio::time::sleep(wait).await;
+        HandlerError::transient(err)
     }
 
     fn count_parked(&self) {
