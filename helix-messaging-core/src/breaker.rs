@@ -355,6 +355,7 @@ impl CircuitBreaker {
 #[derive(Debug, Clone)]
 pub struct BreakerBroker {
     inner: Arc<dyn Broker>,
+    name: Arc<str>,
     publish: CircuitBreaker,
     consume: CircuitBreaker,
 }
@@ -366,11 +367,32 @@ impl BreakerBroker {
     /// [`ErrorKind::InvalidInput`] for a bad [`BreakerConfig`].
     pub fn new(inner: Arc<dyn Broker>, config: BreakerConfig) -> Result<Self> {
         let name = inner.name();
+        BreakerBroker::named(inner, name, config)
+    }
+
+    /// Wrap `inner`, with breakers named `<name>.publish` and `<name>.consume`: for more
+    /// than one wrapper of a backend in a process (the hub's task and event sides), whose
+    /// metrics would otherwise be one series.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`] for a bad [`BreakerConfig`].
+    pub fn named(
+        inner: Arc<dyn Broker>,
+        name: impl Into<Arc<str>>,
+        config: BreakerConfig,
+    ) -> Result<Self> {
+        let name = name.into();
         Ok(BreakerBroker {
             publish: CircuitBreaker::new(format!("{name}.publish"), config)?,
             consume: CircuitBreaker::new(format!("{name}.consume"), config)?,
+            name,
             inner,
         })
+    }
+
+    /// The name its breakers are named after (`<backend>` unless given).
+    pub fn label(&self) -> &str {
+        &self.name
     }
 
     /// The breaker on publishing.

@@ -246,16 +246,20 @@ struct Side {
 }
 
 impl Side {
+    /// The side named `side` over `broker`: its breakers and spool metrics are labelled
+    /// `<side>.<backend>`, so two sides on one backend stay apart.
     async fn new(
+        side: &str,
         broker: Arc<dyn Broker>,
         config: &HubConfig,
         spool: Option<Arc<dyn Spool>>,
     ) -> Result<Self> {
+        let label = format!("{side}.{}", broker.name());
         // Counted beneath the breaker and the spool: a spooled publish is counted when the
         // broker takes it, not when the spool does.
         let observed: Arc<dyn Broker> =
             Arc::new(ObservedBroker::new(broker).with_backlog_interval(config.backlog_interval));
-        let guarded = BreakerBroker::new(observed, config.breaker)?;
+        let guarded = BreakerBroker::named(observed, label, config.breaker)?;
         Ok(match spool {
             Some(spool) => {
                 let fallback =
@@ -327,8 +331,8 @@ impl Hub {
             None => (None, None),
         };
         Ok(Hub {
-            tasks: Side::new(tasks, &config, task_spool).await?,
-            events: Side::new(events, &config, event_spool).await?,
+            tasks: Side::new("tasks", tasks, &config, task_spool).await?,
+            events: Side::new("events", events, &config, event_spool).await?,
             config: Arc::new(config),
             counters: Arc::default(),
         })

@@ -1,6 +1,8 @@
 //! `ObservedBroker` records the seeds' message metrics with bounded topic labels, on the
 //! memory broker and on the real Redis Streams.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -290,4 +292,91 @@ async fn unlabelled_topics_are_summed_and_sampling_on_demand_works() {
     assert_eq!(gauge(&recorded, "messaging_queue_depth", &on), Some(5.0));
     assert_eq!(gauge(&recorded, "messaging_consumer_lag", &on), Some(5.0));
     observed.close().await.unwrap();
+}
+
+/// The hub's two sides on one backend keep their metrics apart: each side's breakers are
+/// named after the side, and each spool's gauges and counters carry the side in `spool`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hubs_sides_have_breakers_and_spools_of_their_own() {
+    use helix_messaging::fallback::{MemorySpool, Spool};
+    use helix_messaging::hub::{Hub, HubConfig};
+    use helix_messaging_testkit::recorded;
+    recorded::install();
+    let broker = helix_messaging::connect("memory://").await.unwrap();
+    let spools = (
+        Arc::new(MemorySpool::default()) as Arc<dyn Spool>,
+        Arc::new(MemorySpool::default()) as Arc<dyn Spool>,
+    );
+    let hub = Hub::new(HubConfig::default(), broker.clone(), broker, Some(spools))
+        .await
+        .unwrap();
+    let recorded = recorded::snapshot();
+    for side in ["tasks", "events"] {
+        for breaker in ["publish", "consume"] {
+            let name = format!("{side}.memory.{breaker}");
+            assert_eq!(
+                recorded::gauge(
+                    &recorded,
+                    "messaging_circuit_breaker_state",
+                    &[("breaker", &name)]
+                ),
+                Some(0.0),
+                "breaker {name}, closed"
+            );
+        }
+        assert_eq!(
+            recorded::gauge(
+                &recorded,
+                "messaging_fallback_spool_depth",
+                &[("spool", &format!("{side}.memory"))]
+            ),
+            Some(0.0),
+            "the {side} spool's depth"
+        );
+    }
+    hub.close().await.unwrap();
+}
+
+/// `messaging_dead_lettered_total` labels topics as `observe` does: by name up to the bound,
+/// then `_other`, so dead letters from many topics cannot grow its series without end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_lettered_counts_use_bounded_topic_labels() {
+    use helix_messaging::dlq::{DeadLetterConfig, DeadLetterQueue, DeadLetterReason};
+    recorded::install();
+    let broker = helix_messaging::connect("memory://").await.unwrap();
+    let labels = Arc::new(TopicLabels::new(2));
+    let dlq =
+        DeadLetterQueue::new(broker.clone(), DeadLetterConfig::default()).with_topic_labels(labels);
+    let topics: Vec<String> = (0..4)
+        .map(|_| helix_messaging_testkit::fresh_name("dead"))
+        .collect();
+    for topic in &topics {
+        let letter = common::letter(
+            topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            std::time::SystemTime::now(),
+        );
+        dlq.send(&letter).await.unwrap();
+    }
+    let recorded = recorded::snapshot();
+    let reason = [("reason", DeadLetterReason::MaxRetriesExceeded.as_str())];
+    let by = |topic: &str| {
+        counter(
+            &recorded,
+            "messaging_dead_lettered_total",
+            &[reason[0], ("topic", topic)],
+        )
+    };
+    assert_eq!(
+        (by(&topics[0]), by(&topics[1])),
+        (1, 1),
+        "the first two by name"
+    );
+    assert_eq!(
+        (by(&topics[2]), by(&topics[3])),
+        (0, 0),
+        "no series of their own"
+    );
+    assert!(by(OTHER_TOPICS) >= 2, "the rest as {OTHER_TOPICS}");
 }

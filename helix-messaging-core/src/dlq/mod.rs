@@ -146,6 +146,8 @@ pub struct DeadLetterQueue {
     publisher: Arc<dyn Publisher>,
     config: Arc<DeadLetterConfig>,
     processor: Option<Processor>,
+    /// How `messaging_dead_lettered_total` labels the original topic.
+    topic_labels: Arc<crate::observe::TopicLabels>,
 }
 
 impl std::fmt::Debug for DeadLetterQueue {
@@ -165,7 +167,17 @@ impl DeadLetterQueue {
             publisher,
             config: Arc::new(config),
             processor: None,
+            topic_labels: Arc::default(),
         }
+    }
+
+    /// Label `messaging_dead_lettered_total`'s topics with `labels` (share the ones an
+    /// [`ObservedBroker`](crate::observe::ObservedBroker) uses, so both name the same topics);
+    /// by default a set of its own with [`DEFAULT_MAX_TOPIC_LABELS`](crate::observe::DEFAULT_MAX_TOPIC_LABELS).
+    #[must_use]
+    pub fn with_topic_labels(mut self, labels: Arc<crate::observe::TopicLabels>) -> Self {
+        self.topic_labels = labels;
+        self
     }
 
     /// Also hand each dead letter, with its full error text, to `processor` (the DLQ topic's
@@ -204,7 +216,7 @@ impl DeadLetterQueue {
         trace::in_span(span, self.publisher.publish(&topic, letter.to_message())).await?;
         metrics::counter!(
             "messaging_dead_lettered_total",
-            "topic" => letter.original_topic.clone(),
+            "topic" => self.topic_labels.label(&letter.original_topic).to_string(),
             "reason" => letter.reason.as_str(),
         )
         .increment(1);

@@ -22,8 +22,8 @@
 //! or discarded ([`FallbackBroker::discard_refused`]), and counts against the limits
 //! meanwhile.
 //!
-//! Health is `degraded` while anything is spooled or set aside; metrics
-//! `messaging_fallback_spool_depth`, `messaging_fallback_spool_refused`,
+//! Health is `degraded` while anything is spooled or set aside; metrics, labelled `spool`
+//! with the breaker broker's name, `messaging_fallback_spool_depth`, `messaging_fallback_spool_refused`,
 //! `messaging_fallback_spool_bytes`, `messaging_fallback_spool_oldest_age_seconds`,
 //! `messaging_fallback_spooled_total`, `messaging_fallback_forwarded_total` and
 //! `messaging_fallback_refused_total`.
@@ -500,15 +500,25 @@ impl FallbackBroker {
 
     async fn publish_gauges(&self) {
         if let Ok(stats) = self.inner.spool.stats().await {
-            metrics::gauge!("messaging_fallback_spool_depth").set(stats.depth as f64);
-            metrics::gauge!("messaging_fallback_spool_refused").set(stats.refused as f64);
-            metrics::gauge!("messaging_fallback_spool_bytes").set(stats.bytes as f64);
+            metrics::gauge!("messaging_fallback_spool_depth", "spool" => self.label())
+                .set(stats.depth as f64);
+            metrics::gauge!("messaging_fallback_spool_refused", "spool" => self.label())
+                .set(stats.refused as f64);
+            metrics::gauge!("messaging_fallback_spool_bytes", "spool" => self.label())
+                .set(stats.bytes as f64);
             let age = stats
                 .oldest
                 .and_then(|at| at.elapsed().ok())
                 .unwrap_or_default();
-            metrics::gauge!("messaging_fallback_spool_oldest_age_seconds").set(age.as_secs_f64());
+            metrics::gauge!("messaging_fallback_spool_oldest_age_seconds", "spool" => self.label())
+                .set(age.as_secs_f64());
         }
+    }
+
+    /// The `spool` label of its metrics: the breaker broker's name (`<backend>`, or what
+    /// [`BreakerBroker::named`] gave it).
+    fn label(&self) -> String {
+        self.inner.broker.label().to_owned()
     }
 
     fn spooled_behind(&self, topic: &str) -> bool {
@@ -537,7 +547,8 @@ impl FallbackBroker {
         let appending = tokio::spawn(async move {
             let newest = this.inner.spool.append(&topic, &messages).await?;
             this.mark(&topic, |m| m.appended = m.appended.max(newest));
-            metrics::counter!("messaging_fallback_spooled_total").increment(messages.len() as u64);
+            metrics::counter!("messaging_fallback_spooled_total", "spool" => this.label())
+                .increment(messages.len() as u64);
             this.inner.wake.notify_one();
             Ok::<_, Error>(())
         });
@@ -640,14 +651,15 @@ impl FallbackBroker {
             }
             if !sent.is_empty() {
                 self.inner.spool.remove(&sent).await?;
-                metrics::counter!("messaging_fallback_forwarded_total")
+                metrics::counter!("messaging_fallback_forwarded_total", "spool" => self.label())
                     .increment(sent.len() as u64);
                 forwarded += sent.len();
             }
             for (message, reason) in &refused {
                 self.inner.spool.refuse(message.seq, reason).await?;
                 tracing::warn!(topic, seq = message.seq, id = message.message.id(), %reason, "the broker refused a spooled message; it is set aside");
-                metrics::counter!("messaging_fallback_refused_total").increment(1);
+                metrics::counter!("messaging_fallback_refused_total", "spool" => self.label())
+                    .increment(1);
             }
             let cleared = sent
                 .iter()
