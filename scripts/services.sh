@@ -60,6 +60,13 @@ ensure_rabbitmq() {
 # loopback TCP, which the PostgreSQL store tests connect with (host=127.0.0.1 user=postgres
 # dbname=test). Trust is for this test server only: it listens on loopback.
 ensure_postgres() {
+  local psql=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qtA)
+  if port_open 5432 && [[ $("${psql[@]}" -c 'SELECT 1' 2>/dev/null) == 1 ]]; then
+    # A server that already lets the tests in (started before, or not ours): only the
+    # database may be missing.
+    ensure_test_database
+    return
+  fi
   if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null; then
     apt_install postgresql
   fi
@@ -73,12 +80,16 @@ ensure_postgres() {
       printf 'host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust\n'
       cat "$hba"; } >"$hba.new" && mv "$hba.new" "$hba"
     chown postgres:postgres "$hba"
-    port_open 5432 && pg_ctlcluster "$version" main reload
+    port_open 5432 && pg_ctlcluster --skip-systemctl-redirect "$version" main reload
   fi
   if ! port_open 5432; then
     pg_ctlcluster --skip-systemctl-redirect "$version" main start
     wait_for_port 5432 PostgreSQL 60
   fi
+  ensure_test_database
+}
+
+ensure_test_database() {
   local psql=(psql -h 127.0.0.1 -U postgres -v ON_ERROR_STOP=1 -qtA)
   if [[ $("${psql[@]}" -c "SELECT 1 FROM pg_database WHERE datname = 'test'") != 1 ]]; then
     "${psql[@]}" -c 'CREATE DATABASE test' >/dev/null
@@ -153,6 +164,9 @@ SCHEMATHESIS_VERSION=4.32.5
 ensure_schemathesis() {
   local venv="$HELIX_CACHE/schemathesis-$SCHEMATHESIS_VERSION"
   if [[ ! -x "$venv/bin/schemathesis" ]]; then
+    # Debian's own python3 comes without venv and ensurepip.
+    command -v python3 >/dev/null && python3 -c 'import venv, ensurepip' 2>/dev/null ||
+      apt_install python3 python3-venv
     echo "installing schemathesis $SCHEMATHESIS_VERSION (once per machine)" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"

@@ -144,7 +144,9 @@ impl std::fmt::Debug for CircuitBreaker {
 
 /// Leave to make one call through a breaker; report its outcome with
 /// [`Permit::record`]. Dropped unrecorded (the call was abandoned), it counts for nothing.
-/// A probe's permit decides only the half-open period it was taken in.
+/// A probe's permit is a probe only of the half-open period it was taken in: abandoned or
+/// failed later, it counts for nothing; its success, like any call's, shows the broker
+/// answers and closes a half-open breaker.
 #[derive(Debug)]
 pub struct Permit {
     breaker: CircuitBreaker,

@@ -274,7 +274,10 @@ impl Tracker {
     /// It also names the records settled above the commit point (acked past one still out,
     /// here or by an earlier owner), so the next owner does not deliver them again: a commit
     /// is one offset per partition, and without this every acked record behind one held
-    /// message would come back after a crash.
+    /// message would come back. Revocations and a subscription's end commit it as it is;
+    /// the periodic commit stores it only when the commit point moves, so after a crash the
+    /// next owner knows what the last such commit said (the rest comes back: at least
+    /// once).
     fn metadata(&self) -> String {
         let below = self.next.unwrap_or(i64::MIN);
         let settled_here = self

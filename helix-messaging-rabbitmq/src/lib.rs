@@ -112,7 +112,12 @@ impl Shared {
         if unseen.len() >= UNSEEN_MAX {
             unseen.clear();
         }
-        unseen.insert((queue.to_owned(), id), uncounted);
+        // A return noted earlier and prefetched again unseen comes back flagged redelivered
+        // by its own earlier return, not by an attempt: what the first note said stands.
+        unseen
+            .entry((queue.to_owned(), id))
+            .and_modify(|earlier| *earlier &= uncounted)
+            .or_insert(uncounted);
     }
 
     /// Whether `id` came back unseen from a subscription of this broker: `Some(uncounted)`

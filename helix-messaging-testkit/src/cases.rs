@@ -55,6 +55,7 @@ cases! {
     prefetched_but_unseen_is_not_an_attempt: [ConsumerGroups, RedeliverUnacked];
     an_owner_that_never_received_it_keeps_its_attempts: [ConsumerGroups, RedeliverUnacked];
     an_ack_past_a_crashed_message_stays_acked: [ConsumerGroups, RedeliverUnacked];
+    prefetched_by_two_owners_in_turn_is_no_attempt: [ConsumerGroups, RedeliverUnacked];
     successive_members_of_a_group_lose_nothing: [ConsumerGroups, RedeliverUnacked];
     close_ends_subscriptions_promptly_and_commits_nothing_held: [ConsumerGroups, RedeliverUnacked];
     delayed_requeue_holds_the_message_back: [ConsumerGroups, DelayedDelivery];
@@ -983,6 +984,29 @@ pub async fn an_owner_that_never_received_it_keeps_its_attempts(ctx: Ctx) -> Res
         (d.attempt(), d.info().redelivered),
         (2, true),
         "the second owner never received it: its attempt 1 must not be forgotten"
+    );
+    d.ack().await?;
+    ctx.expect_quiet(&mut third).await;
+    Ok(())
+}
+
+/// A message two members in turn only prefetched (each ended without taking anything)
+/// reaches the third at attempt 1: no one has attempted it.
+pub async fn prefetched_by_two_owners_in_turn_is_no_attempt(ctx: Ctx) -> Result<()> {
+    let (topic, group, sent) = a_group_with_messages(&ctx, "prefetched-twice", 1).await?;
+    for _ in 0..2 {
+        let member = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+        // Time to prefetch it, as a member that is busy elsewhere would.
+        tokio::time::sleep(ctx.settings.quiet_period).await;
+        drop(member);
+    }
+    let mut third = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let d = ctx.recv(&mut third).await;
+    assert_eq!(d.message().id(), sent[0].id());
+    assert_eq!(
+        (d.attempt(), d.info().redelivered),
+        (1, false),
+        "never attempted"
     );
     d.ack().await?;
     ctx.expect_quiet(&mut third).await;

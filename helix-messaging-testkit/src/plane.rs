@@ -348,6 +348,8 @@ struct SpoolRun {
     delivered: BTreeMap<String, Vec<String>>,
     /// Id to the reason it was set aside with.
     refused: HashMap<String, String>,
+    /// The ids the broker refuses for good: the only ones that may be set aside.
+    refusable: std::collections::HashSet<String>,
     faults: Vec<String>,
     problems: Vec<String>,
 }
@@ -396,10 +398,15 @@ impl SpoolRun {
                         }
                         last = Some((id, at));
                     }
-                    (None, Some(reason)) if !reason.is_empty() => {}
-                    (None, Some(_)) => {
+                    (None, Some(reason)) if reason.is_empty() => {
                         violations.push(format!("{topic}: {id} is set aside without a reason"));
                     }
+                    (None, Some(reason)) if !self.refusable.contains(id) => {
+                        violations.push(format!(
+                            "{topic}: {id} is set aside ({reason}) though the broker takes it"
+                        ));
+                    }
+                    (None, Some(_)) => {}
                     (None, None) => violations.push(format!(
                         "{topic}: {id}'s publish returned Ok, but it was neither delivered nor set aside"
                     )),
@@ -521,6 +528,7 @@ impl SpoolHarness {
             published: BTreeMap::new(),
             delivered: BTreeMap::new(),
             refused: HashMap::new(),
+            refusable: std::collections::HashSet::new(),
             faults: Vec::new(),
             problems: Vec::new(),
         };
@@ -562,6 +570,9 @@ impl SpoolHarness {
             let topic = &topics[(roll % 3) as usize];
             let id = format!("s{seed}-m{index}");
             // One key per topic: every backend keeps one key's order.
+            if schedule.refuses(&id) {
+                run.refusable.insert(id.clone());
+            }
             let message = Message::new(id.clone())
                 .with_id(id.clone())
                 .with_key(topic.clone());

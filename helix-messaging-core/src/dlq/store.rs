@@ -180,7 +180,6 @@ pub(crate) fn set_list(columns: &str, placeholder: char) -> String {
 }
 
 /// Microseconds since the epoch, as SQL stores keep times.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub(crate) fn micros(t: SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
@@ -350,7 +349,8 @@ pub(crate) fn group_entries<'a>(
             .and_modify(|(g, sample_id)| {
                 g.count += 1;
                 g.oldest = g.oldest.min(at);
-                if (at, l.id.as_str()) > (g.newest, *sample_id) {
+                // Compared at the microseconds the SQL stores keep, so all stores agree.
+                if (micros(at), l.id.as_str()) > (micros(g.newest), *sample_id) {
                     g.newest = at;
                     g.sample_error.clone_from(&l.error);
                     *sample_id = &l.id;

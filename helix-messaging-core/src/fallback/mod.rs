@@ -15,8 +15,10 @@
 //! never dropped. Forwarded messages keep their ids, so a consumer can deduplicate the copy
 //! of a publish whose broker acknowledgement was lost before it was spooled.
 //!
-//! A spooled message the broker refuses for good when it is forwarded (any error that is
-//! not a broker failure, e.g. [`ErrorKind::Rejected`] or [`ErrorKind::PayloadTooLarge`]) is
+//! A spooled message the broker refuses for good when it is forwarded
+//! ([`ErrorKind::Rejected`], [`ErrorKind::PayloadTooLarge`], [`ErrorKind::InvalidInput`] or
+//! [`ErrorKind::Serialization`]; any other failure, a closing broker's included, leaves it
+//! waiting) is
 //! set aside, durably, with the broker's error ([`FallbackBroker::refused`]), and the rest
 //! keeps flowing; it stays there until it is sent again ([`FallbackBroker::retry_refused`])
 //! or discarded ([`FallbackBroker::discard_refused`]), and counts against the limits
@@ -48,6 +50,18 @@ use crate::{
     BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
     Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
 };
+
+/// Whether `err` is the broker refusing the message itself (set aside when forwarding), as
+/// opposed to the broker failing or going away (the message waits and goes again).
+fn is_refusal(err: &Error) -> bool {
+    matches!(
+        err.kind(),
+        ErrorKind::Rejected
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::InvalidInput
+            | ErrorKind::Serialization
+    )
+}
 
 /// How much a spool may hold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,7 +135,8 @@ pub fn spooled_size(message: &Message) -> u64 {
 #[async_trait]
 pub trait Spool: Send + Sync + 'static {
     /// Append `messages` for `topic`, all or none, durable when it returns; the `seq` of
-    /// the last one. Every append's `seq`s are above every earlier append's.
+    /// the last one (0 when there are none). Every append's `seq`s are above every earlier
+    /// append's.
     ///
     /// # Errors
     /// [`ErrorKind::Rejected`] when they do not fit the limits (nothing is appended); the
@@ -231,6 +246,9 @@ impl MemorySpool {
 #[async_trait]
 impl Spool for MemorySpool {
     async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
+        if messages.is_empty() {
+            return Ok(0);
+        }
         let mut state = self.state.lock();
         let bytes: u64 = messages.iter().map(spooled_size).sum();
         let (depth, refused, held) = (
@@ -362,19 +380,22 @@ impl Default for ForwardConfig {
     }
 }
 
-/// Where a topic's spooled messages stand: the newest `seq` appended, and the newest
-/// forwarded or set aside. The topic has messages waiting while the first is above the
-/// second. Both only grow, so it does not matter whether an append or the forwarder records
-/// its mark first.
+/// Where a topic's spooled messages stand: the newest `seq` appended, the newest forwarded
+/// or set aside, and the appends under way. The topic has messages waiting while the first
+/// is above the second or an append is under way. The two seqs only grow, so it does not
+/// matter whether an append or the forwarder records its mark first; an append counts as
+/// under way from before it starts until its mark is recorded, so nothing published to the
+/// topic meanwhile goes to the broker ahead of it.
 #[derive(Debug, Default, Clone, Copy)]
 struct TopicMarks {
     appended: i64,
     cleared: i64,
+    appending: u32,
 }
 
 impl TopicMarks {
     fn waiting(self) -> bool {
-        self.appended > self.cleared
+        self.appended > self.cleared || self.appending > 0
     }
 }
 
@@ -421,7 +442,7 @@ impl FallbackBroker {
             .map(|(topic, newest)| {
                 let marks = TopicMarks {
                     appended: newest,
-                    cleared: 0,
+                    ..TopicMarks::default()
                 };
                 (topic, marks)
             })
@@ -476,6 +497,11 @@ impl FallbackBroker {
     pub async fn retry_refused(&self, seq: i64) -> Result<bool> {
         let found = self.inner.spool.release_refused(seq, true).await?;
         if found {
+            // Back in its topic's line: what is published to the topic from now on waits
+            // behind it.
+            for (topic, newest) in self.inner.spool.topics().await? {
+                self.mark(&topic, |m| m.appended = m.appended.max(newest));
+            }
             self.inner.wake.notify_one();
         }
         self.publish_gauges().await;
@@ -536,17 +562,27 @@ impl FallbackBroker {
     async fn spool(&self, topic: &str, mut messages: Vec<Message>) -> Result<()> {
         // Each spooled message carries the publisher's trace on through its `spool` span:
         // the forwarder that sends it later runs outside the publisher's span.
+        if messages.is_empty() {
+            return Ok(());
+        }
         for message in &mut messages {
             trace::stamp_copy(trace::CopyKind::Spool, topic, message);
         }
         // Appended and marked in a task of its own: a caller that goes away once the spool
         // has the messages must not leave them unmarked, or the topic's next publishes would
         // go to the broker ahead of them.
+        self.mark(topic, |m| m.appending += 1);
         let this = self.clone();
         let topic = topic.to_owned();
         let appending = tokio::spawn(async move {
-            let newest = this.inner.spool.append(&topic, &messages).await?;
-            this.mark(&topic, |m| m.appended = m.appended.max(newest));
+            let appended = this.inner.spool.append(&topic, &messages).await;
+            this.mark(&topic, |m| {
+                m.appending -= 1;
+                if let Ok(newest) = appended {
+                    m.appended = m.appended.max(newest);
+                }
+            });
+            appended?;
             metrics::counter!("messaging_fallback_spooled_total", "spool" => this.label())
                 .increment(messages.len() as u64);
             this.inner.wake.notify_one();
@@ -634,19 +670,21 @@ impl FallbackBroker {
                 .broker
                 .publish_batch(&topic, run.iter().map(|m| m.message.clone()).collect())
                 .await;
-            // In order up to the first broker failure: accepted, or refused for good.
+            // In order up to the first failure that is not the broker refusing the message:
+            // accepted, or refused for good.
             let mut failures = report.failures().iter().peekable();
             let (mut sent, mut refused, mut stopped) = (Vec::new(), Vec::new(), false);
             for (i, message) in run.iter().enumerate() {
                 match failures.next_if(|(at, _)| *at == i) {
                     None => sent.push(message.seq),
-                    Some((_, err)) if is_broker_failure(err) => {
-                        // Later messages of the run may have been accepted out of order;
-                        // they stay spooled and go again (same ids), never lost.
+                    Some((_, err)) if is_refusal(err) => refused.push((message, err.to_string())),
+                    Some(_) => {
+                        // A broker failure, or the broker closing: later messages of the run
+                        // may have been accepted out of order; they stay spooled and go
+                        // again (same ids), never lost.
                         stopped = true;
                         break;
                     }
-                    Some((_, err)) => refused.push((message, err.to_string())),
                 }
             }
             if !sent.is_empty() {
@@ -970,6 +1008,7 @@ mod tests {
     #[derive(Debug, Default)]
     struct Scripted {
         down: std::sync::atomic::AtomicBool,
+        closed: std::sync::atomic::AtomicBool,
         accepted: Mutex<Vec<(String, String)>>,
     }
 
@@ -990,6 +1029,9 @@ mod tests {
                 return Err(
                     Error::new(ErrorKind::Connection, "connection refused").with_retryable(true)
                 );
+            }
+            if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(Error::closed("the scripted broker"));
             }
             let payload = String::from_utf8_lossy(message.payload()).into_owned();
             if payload == "poison" {
@@ -1139,6 +1181,39 @@ mod tests {
         assert!(fallback.discard_refused(again[0].seq).await.unwrap());
         assert_eq!(fallback.spool_stats().await.unwrap().refused, 0);
         assert_eq!(fallback.health().await.status, HealthStatus::Healthy);
+        fallback.close().await.unwrap();
+    }
+
+    /// A forward that meets a closed broker (the process is shutting down) keeps the
+    /// messages spooled for the next process: closing is not the broker refusing them.
+    #[tokio::test]
+    async fn a_closed_broker_sets_nothing_aside() {
+        let broker = Arc::new(Scripted::default());
+        let spool = Arc::new(MemorySpool::default());
+        let fallback = fallback_retrying(broker.clone(), spool, Duration::from_secs(3600)).await;
+        broker.set_down(true);
+        fallback.publish("t", Message::new("kept")).await.unwrap();
+        broker.set_down(false);
+        broker
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(fallback.forward_once().await.unwrap(), 0);
+        let stats = fallback.spool_stats().await.unwrap();
+        assert_eq!((stats.depth, stats.refused), (1, 0), "{stats:?}");
+        fallback.close().await.unwrap();
+    }
+
+    /// An empty batch spools nothing and leaves the topic's order alone.
+    #[tokio::test]
+    async fn an_empty_batch_spools_nothing() {
+        let broker = Arc::new(Scripted::default());
+        let spool = Arc::new(MemorySpool::default());
+        let fallback = fallback_over(broker.clone(), spool).await;
+        broker.set_down(true);
+        fallback.publish("a", Message::new("a1")).await.unwrap();
+        let report = fallback.publish_batch("b", Vec::new()).await;
+        assert!(report.failures().is_empty());
+        assert!(!fallback.spooled_behind("b"), "b has nothing waiting");
         fallback.close().await.unwrap();
     }
 

@@ -137,6 +137,9 @@ impl SqliteSpool {
 #[async_trait]
 impl Spool for SqliteSpool {
     async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
+        if messages.is_empty() {
+            return Ok(0);
+        }
         let rows: Vec<(String, Bytes, u64)> = messages
             .iter()
             .map(|m| Ok((meta(m)?, m.payload().clone(), spooled_size(m))))
@@ -161,27 +164,33 @@ impl Spool for SqliteSpool {
             held.bytes += bytes;
         }
         let now = micros(SystemTime::now());
-        let written = on_connection(&self.connection, STORE, "appending", move |c| {
-            let tx = c.transaction()?;
-            {
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for (meta, payload, bytes) in &rows {
-                    insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
+        let held = self.held.clone();
+        // The counts change in the same blocking task as the file (here: the reservation
+        // is given back if the write fails), so a caller that goes away cannot leave them
+        // out of step with it.
+        on_connection(&self.connection, STORE, "appending", move |c| {
+            let written = (|| {
+                let tx = c.transaction()?;
+                {
+                    let mut insert = tx.prepare_cached(
+                        "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?;
+                    for (meta, payload, bytes) in &rows {
+                        insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
+                    }
                 }
+                let newest = tx.last_insert_rowid();
+                tx.commit()?;
+                Ok(newest)
+            })();
+            if written.is_err() {
+                let mut held = held.lock();
+                held.messages = held.messages.saturating_sub(count as u64);
+                held.bytes = held.bytes.saturating_sub(bytes);
             }
-            let newest = tx.last_insert_rowid();
-            tx.commit()?;
-            Ok(newest)
+            written
         })
-        .await;
-        if written.is_err() {
-            let mut held = self.held.lock();
-            held.messages -= count as u64;
-            held.bytes -= bytes;
-        }
-        written
+        .await
     }
 
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
@@ -205,7 +214,8 @@ impl Spool for SqliteSpool {
 
     async fn remove(&self, seqs: &[i64]) -> Result<()> {
         let seqs = seqs.to_vec();
-        let (removed, freed) = on_connection(&self.connection, STORE, "removing", move |c| {
+        let held = self.held.clone();
+        on_connection(&self.connection, STORE, "removing", move |c| {
             let tx = c.transaction()?;
             let (mut removed, mut freed) = (0u64, 0u64);
             {
@@ -222,18 +232,18 @@ impl Spool for SqliteSpool {
                 }
             }
             tx.commit()?;
-            Ok((removed, freed))
+            let mut held = held.lock();
+            held.messages = held.messages.saturating_sub(removed);
+            held.bytes = held.bytes.saturating_sub(freed);
+            Ok(())
         })
-        .await?;
-        let mut held = self.held.lock();
-        held.messages = held.messages.saturating_sub(removed);
-        held.bytes = held.bytes.saturating_sub(freed);
-        Ok(())
+        .await
     }
 
     async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
         let (reason, now) = (reason.to_owned(), micros(SystemTime::now()));
-        let moved = on_connection(&self.connection, STORE, "setting a message aside", move |c| {
+        let held = self.held.clone();
+        on_connection(&self.connection, STORE, "setting a message aside", move |c| {
             let tx = c.transaction()?;
             let moved = tx.prepare_cached(
                 "INSERT INTO helix_spool_refused (seq, topic, meta, payload, bytes, spooled_us, refused_us, reason)
@@ -243,13 +253,12 @@ impl Spool for SqliteSpool {
             tx.prepare_cached("DELETE FROM helix_spool WHERE seq = ?1")?
                 .execute(params![seq])?;
             tx.commit()?;
-            Ok(moved)
+            if moved > 0 {
+                held.lock().refused += 1;
+            }
+            Ok(())
         })
-        .await?;
-        if moved > 0 {
-            self.held.lock().refused += 1;
-        }
-        Ok(())
+        .await
     }
 
     async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
@@ -275,7 +284,8 @@ impl Spool for SqliteSpool {
 
     async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
         let now = micros(SystemTime::now());
-        let released = on_connection(&self.connection, STORE, "releasing a set-aside message", move |c| {
+        let held = self.held.clone();
+        on_connection(&self.connection, STORE, "releasing a set-aside message", move |c| {
             let tx = c.transaction()?;
             if retry {
                 // AUTOINCREMENT: the new seq is above every seq ever given, this one's too.
@@ -290,19 +300,18 @@ impl Spool for SqliteSpool {
                 .query_row(params![seq], |row| row.get(0))
                 .optional()?;
             tx.commit()?;
-            Ok(bytes)
+            let Some(bytes) = bytes else {
+                return Ok(false);
+            };
+            let mut held = held.lock();
+            held.refused = held.refused.saturating_sub(1);
+            if !retry {
+                held.messages = held.messages.saturating_sub(1);
+                held.bytes = held.bytes.saturating_sub(bytes as u64);
+            }
+            Ok(true)
         })
-        .await?;
-        let Some(bytes) = released else {
-            return Ok(false);
-        };
-        let mut held = self.held.lock();
-        held.refused = held.refused.saturating_sub(1);
-        if !retry {
-            held.messages = held.messages.saturating_sub(1);
-            held.bytes = held.bytes.saturating_sub(bytes as u64);
-        }
-        Ok(true)
+        .await
     }
 
     async fn topics(&self) -> Result<HashMap<String, i64>> {
@@ -323,7 +332,7 @@ impl Spool for SqliteSpool {
         .await?;
         let held = *self.held.lock();
         Ok(SpoolStats {
-            depth: held.messages - held.refused,
+            depth: held.messages.saturating_sub(held.refused),
             refused: held.refused,
             bytes: held.bytes,
             oldest: oldest.map(from_micros),
