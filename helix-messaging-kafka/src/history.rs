@@ -57,6 +57,8 @@ const HANDOFF: usize = 256;
 /// One partition of a read: its queue, where it ends, and its next entry in the window.
 struct Part {
     partition: i32,
+    /// Where the read began: the broker's offset for the window's start (or the beginning).
+    start: i64,
     /// The high watermark when the read began. The read ends at the partition's
     /// end-of-partition event, which follows the fetch responses' high watermark, and takes
     /// this only as a lower bound: on Apache Kafka the two agree, but Tansu 0.6 answers a
@@ -158,7 +160,7 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
         let start = offset_for_time(by_time.as_ref(), topic, partition, (low, high));
         if start < high {
             let _ = assignment.add_partition_offset(topic, partition, Offset::Offset(start));
-            ends.push((partition, high));
+            ends.push((partition, start, high));
         }
     }
     if !ends.is_empty() {
@@ -168,7 +170,7 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
     }
     // After the assignment: assigning deactivates the partition queues split before it.
     let mut parts = Vec::with_capacity(ends.len());
-    for (partition, end) in ends {
+    for (partition, start, end) in ends {
         let queue = consumer
             .split_partition_queue(topic, partition)
             .ok_or_else(|| {
@@ -179,12 +181,22 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
             })?;
         parts.push(Part {
             partition,
+            start,
             end,
             queue,
             early: std::collections::VecDeque::new(),
             head: None,
             done: false,
         });
+    }
+    for part in &parts {
+        tracing::debug!(
+            topic,
+            partition = part.partition,
+            start = part.start,
+            end = part.end,
+            "reading history"
+        );
     }
     Ok(Reader {
         parts,
@@ -315,4 +327,54 @@ pub(crate) async fn stream(
     Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|entry| (entry, rx))
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use helix_messaging_core::{Broker, Message, Publisher, TimeRange};
+
+    use crate::{KafkaBroker, KafkaConfig};
+
+    /// A read by time starts where the broker's time index says (ListOffsets by timestamp),
+    /// not at the partition's beginning: against the test broker (Apache Kafka on
+    /// 127.0.0.1:9092, `KAFKA_BROKERS` overrides), ten records a minute apart, a window from
+    /// just after the sixth.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_by_time_starts_at_the_brokers_offset_for_the_time() {
+        let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let config = KafkaConfig::new(brokers);
+        let broker = KafkaBroker::connect(config.clone())
+            .await
+            .expect("Kafka on 127.0.0.1:9092 (scripts/test starts it)");
+        let topic = helix_messaging_testkit::fresh_name("by-time");
+        broker
+            .create_topics(&[crate::KafkaTopic::new(&topic, 1)])
+            .await
+            .unwrap();
+        let t0 = SystemTime::now() - Duration::from_secs(3600);
+        let minute = Duration::from_secs(60);
+        for i in 0..10u32 {
+            let at = t0 + minute * i;
+            broker
+                .publish(&topic, Message::new(format!("m{i}")).with_timestamp(at))
+                .await
+                .unwrap();
+        }
+        let range = TimeRange::new(t0 + minute * 5 + minute / 2, SystemTime::now()).unwrap();
+        let kafka_topic = config.kafka_topic(&topic);
+        let reader = tokio::task::spawn_blocking(move || super::open(&config, &kafka_topic, range))
+            .await
+            .unwrap()
+            .unwrap();
+        let starts: Vec<i64> = reader.parts.iter().map(|p| p.start).collect();
+        assert_eq!(
+            starts,
+            vec![6],
+            "the first record at or after the window's start"
+        );
+        drop(reader);
+        broker.close().await.unwrap();
+    }
 }
