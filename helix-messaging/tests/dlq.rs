@@ -616,6 +616,57 @@ async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
     assert_eq!(processor.list_redrives().len(), 1);
 }
 
+/// The rate limit holds over every window of the run, the canary watch included: the time
+/// spent watching is not banked and spent in one burst afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
+    const RATE: f64 = 20.0;
+    let broker = broker().await;
+    let topic = name("paced");
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    stored_letters(&processor, &topic, 30).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: Some(RATE),
+            canary: Some(CanaryConfig {
+                count: 1,
+                watch: Duration::from_secs(1),
+            }),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    for _ in 0..30 {
+        recv(&mut sub).await.ack().await.unwrap();
+        arrivals.push(Instant::now());
+    }
+    assert_eq!(
+        finished(&processor, &job).await.status,
+        RedriveStatus::Completed
+    );
+    // Half a second holds RATE / 2 messages, plus one chunk (RATE / 20) that may start at
+    // its beginning and a little for the scheduler.
+    let window = Duration::from_millis(500);
+    let most = (RATE / 2.0) as usize + 1 + 2;
+    for (i, at) in arrivals.iter().enumerate() {
+        let within = arrivals[i..].iter().filter(|t| **t < *at + window).count();
+        assert!(
+            within <= most,
+            "{within} re-driven within {window:?} from the {i}th at {RATE}/s (at most {most})"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too() {
     let broker = broker().await;

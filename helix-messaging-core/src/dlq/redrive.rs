@@ -24,6 +24,34 @@ pub struct CanaryConfig {
     pub watch: Duration,
 }
 
+/// Paces a job's chunks to `rate` messages a second over every window: a chunk goes out no
+/// sooner than the previous one's share of a second after it. Time spent not sending (a
+/// canary's watch, a slow store) is not banked: the job never bursts to catch up with a
+/// schedule taken from when it started.
+#[derive(Debug)]
+struct Pacer {
+    rate: f64,
+    next: Option<Instant>,
+}
+
+impl Pacer {
+    fn new(rate: f64) -> Self {
+        Pacer { rate, next: None }
+    }
+
+    /// When the next chunk, of `messages`, may go out; the one after it waits its share.
+    fn take(&mut self, messages: usize) -> Instant {
+        let now = Instant::now();
+        let at = self.next.map_or(now, |next| next.max(now));
+        // A rate too small to express waits a year, rather than overflowing.
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let share =
+            Duration::try_from_secs_f64(messages as f64 / self.rate).map_or(year, |d| d.min(year));
+        self.next = Some(at + share);
+        at
+    }
+}
+
 /// A bulk redrive: which entries, where to, how fast.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RedriveRequest {
@@ -197,8 +225,7 @@ impl Run {
     }
 
     async fn drive(&self, ids: Vec<String>) -> Result<RedriveStatus> {
-        let started = Instant::now();
-        let mut done = 0usize;
+        let mut pacer = self.request.rate_per_second.map(Pacer::new);
         let (canaries, rest) = match self.request.canary {
             Some(canary) => ids.split_at(canary.count.min(ids.len())),
             None => ids.split_at(0),
@@ -206,7 +233,7 @@ impl Run {
         if let Some(canary) = self.request.canary.filter(|_| !canaries.is_empty()) {
             // Failure times travel in whole milliseconds.
             let watch_from = SystemTime::now() - Duration::from_millis(1);
-            let canary_ids = self.batch(canaries, &mut done, started).await?;
+            let canary_ids = self.batch(canaries, &mut pacer).await?;
             if self.cancel.is_cancelled() {
                 return Ok(RedriveStatus::Cancelled);
             }
@@ -224,7 +251,7 @@ impl Run {
             if self.cancel.is_cancelled() {
                 return Ok(RedriveStatus::Cancelled);
             }
-            self.batch(chunk, &mut done, started).await?;
+            self.batch(chunk, &mut pacer).await?;
         }
         Ok(if self.cancel.is_cancelled() {
             RedriveStatus::Cancelled
@@ -242,24 +269,18 @@ impl Run {
         }
     }
 
-    /// Re-drive the entries `ids` (paced from `started`); returns the original ids of those
-    /// re-driven.
-    async fn batch(
-        &self,
-        ids: &[String],
-        done: &mut usize,
-        started: Instant,
-    ) -> Result<HashSet<String>> {
+    /// Re-drive the entries `ids`, each chunk when `pacer` lets it go; returns the original
+    /// ids of those re-driven.
+    async fn batch(&self, ids: &[String], pacer: &mut Option<Pacer>) -> Result<HashSet<String>> {
         let mut redriven_ids = HashSet::new();
         for chunk in ids.chunks(self.chunk_size()) {
-            if let Some(rate) = self.request.rate_per_second {
-                let due = started + Duration::from_secs_f64(*done as f64 / rate);
+            if let Some(pacer) = pacer {
+                let due = pacer.take(chunk.len());
                 tokio::select! {
                     () = self.cancel.cancelled() => return Ok(redriven_ids),
                     () = tokio::time::sleep_until(due) => {}
                 }
             }
-            *done += chunk.len();
             self.publish_chunk(chunk, &mut redriven_ids).await?;
         }
         Ok(redriven_ids)
