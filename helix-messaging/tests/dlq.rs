@@ -667,6 +667,98 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
     }
 }
 
+/// A redrive whose canary cannot be re-driven fails, leaving everything else in the DLQ,
+/// instead of going on without a canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
+    use helix_messaging_testkit::plane::{FaultSchedule, FaultyBroker};
+    // A broker that refuses every message.
+    let refusing: Arc<dyn helix_messaging::Broker> = Arc::new(FaultyBroker::new(
+        broker().await,
+        FaultSchedule::new(1, 0, 100),
+    ));
+    let processor = Processor::new(
+        refusing,
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    stored_letters(&processor, &name("no-canary"), 5).await;
+    let job = processor
+        .start_redrive(RedriveRequest {
+            canary: Some(CanaryConfig {
+                count: 1,
+                watch: Duration::from_millis(200),
+            }),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let progress = finished(&processor, &job).await;
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed),
+        (0, 1),
+        "only the canary was tried"
+    );
+    assert!(
+        progress
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("canary")),
+        "{progress:?}"
+    );
+    assert_eq!(
+        processor.stats().await.unwrap().depth,
+        5,
+        "all still in the DLQ"
+    );
+}
+
+/// A canary dead-lettered again by a consumer whose clock runs an hour behind the
+/// processor's still fails the canary: it is recognised by its redrive count, not by when
+/// its failure was stamped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_on_a_host_with_a_slow_clock_still_stops_the_redrive() {
+    let broker = broker().await;
+    let topic = name("skewed");
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    let letters = stored_letters(&processor, &topic, 5).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            canary: Some(CanaryConfig {
+                count: 1,
+                watch: Duration::from_secs(2),
+            }),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let canary = recv(&mut sub).await;
+    assert_eq!(canary.message().id(), letters[0].message.id());
+    // The consumer fails it again (a dead letter of the copy, which carries one more
+    // redrive), and stamps the failure by its own clock.
+    let mut again = letters[0].clone();
+    again.id = uuid::Uuid::new_v4().to_string();
+    again.redrives += 1;
+    again.last_failure_at = SystemTime::now() - Duration::from_secs(3_600);
+    again.first_failure_at = again.last_failure_at;
+    canary.ack().await.unwrap();
+    processor.ingest(again).await.unwrap();
+    let progress = finished(&processor, &job).await;
+    assert_eq!(progress.status, RedriveStatus::CanaryFailed, "{progress:?}");
+    assert_eq!(progress.redriven, 1, "only the canary went out");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too() {
     let broker = broker().await;

@@ -1,7 +1,7 @@
 //! Bulk redrive jobs: re-drive a frozen selection of DLQ entries at a bounded rate, with
 //! progress, cancel and a canary mode.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -231,18 +231,23 @@ impl Run {
             None => ids.split_at(0),
         };
         if let Some(canary) = self.request.canary.filter(|_| !canaries.is_empty()) {
-            // Failure times travel in whole milliseconds.
-            let watch_from = SystemTime::now() - Duration::from_millis(1);
             let canary_ids = self.batch(canaries, &mut pacer).await?;
             if self.cancel.is_cancelled() {
                 return Ok(RedriveStatus::Cancelled);
+            }
+            if canary_ids.is_empty() {
+                // Nothing to watch: going on would re-drive everything without a canary.
+                return Err(Error::new(
+                    crate::ErrorKind::Backend,
+                    "no canary could be re-driven (see last_error); the rest were left alone",
+                ));
             }
             self.progress.lock().status = RedriveStatus::Watching;
             tokio::select! {
                 () = self.cancel.cancelled() => return Ok(RedriveStatus::Cancelled),
                 () = tokio::time::sleep(canary.watch) => {}
             }
-            if self.canary_failed(&canary_ids, watch_from).await? {
+            if self.canary_failed(&canary_ids).await? {
                 return Ok(RedriveStatus::CanaryFailed);
             }
             self.progress.lock().status = RedriveStatus::Running;
@@ -270,9 +275,13 @@ impl Run {
     }
 
     /// Re-drive the entries `ids`, each chunk when `pacer` lets it go; returns the original
-    /// ids of those re-driven.
-    async fn batch(&self, ids: &[String], pacer: &mut Option<Pacer>) -> Result<HashSet<String>> {
-        let mut redriven_ids = HashSet::new();
+    /// message id of each one re-driven, with the redrive count its copy carries.
+    async fn batch(
+        &self,
+        ids: &[String],
+        pacer: &mut Option<Pacer>,
+    ) -> Result<HashMap<String, u32>> {
+        let mut redriven_ids = HashMap::new();
         for chunk in ids.chunks(self.chunk_size()) {
             if let Some(pacer) = pacer {
                 let due = pacer.take(chunk.len());
@@ -289,7 +298,7 @@ impl Run {
     async fn publish_chunk(
         &self,
         ids: &[String],
-        redriven_ids: &mut HashSet<String>,
+        redriven_ids: &mut HashMap<String, u32>,
     ) -> Result<()> {
         let store = &self.processor.inner.store;
         let letters: Vec<_> = store
@@ -336,7 +345,10 @@ impl Run {
                     failed += 1;
                 } else {
                     confirmed.push(letters[i].id.clone());
-                    redriven_ids.insert(letters[i].message.id().to_owned());
+                    redriven_ids.insert(
+                        letters[i].message.id().to_owned(),
+                        letters[i].redrives.saturating_add(1),
+                    );
                 }
             }
             // Published and confirmed: only now do they leave the DLQ.
@@ -356,16 +368,19 @@ impl Run {
         Ok(())
     }
 
-    /// Whether any canary (by original message id) was dead-lettered again after `since`.
-    async fn canary_failed(&self, canary_ids: &HashSet<String>, since: SystemTime) -> Result<bool> {
+    /// Whether any canary was dead-lettered again: an entry of its original message id
+    /// carrying at least the redrive count of the canary's copy. Counted, not timed: the
+    /// consumer that fails it stamps the failure with its own clock, which need not agree
+    /// with this process's.
+    async fn canary_failed(&self, canaries: &HashMap<String, u32>) -> Result<bool> {
         let store = &self.processor.inner.store;
-        for original_id in canary_ids {
+        for (original_id, redrives) in canaries {
             let filter = DlqFilter {
                 original_id: Some(original_id.clone()),
-                from: Some(since),
                 ..DlqFilter::default()
             };
-            if store.count(&filter).await? > 0 {
+            let entries = store.list(&filter, usize::MAX, 0).await?;
+            if entries.iter().any(|e| e.letter.redrives >= *redrives) {
                 return Ok(true);
             }
         }
