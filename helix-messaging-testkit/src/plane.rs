@@ -763,6 +763,8 @@ pub async fn assert_breaker_holds() {
 pub struct FaultyDeadLetterStore<S> {
     inner: S,
     down: AtomicBool,
+    /// Only removals fail.
+    removals_down: AtomicBool,
     inserts: std::sync::atomic::AtomicU64,
 }
 
@@ -772,7 +774,23 @@ impl<S> FaultyDeadLetterStore<S> {
         FaultyDeadLetterStore {
             inner,
             down: AtomicBool::new(false),
+            removals_down: AtomicBool::new(false),
             inserts: std::sync::atomic::AtomicU64::default(),
+        }
+    }
+
+    /// Fail every removal from now on (`true`), the other calls passing through, or pass
+    /// removals through again.
+    pub fn set_removals_down(&self, down: bool) {
+        self.removals_down.store(down, Ordering::SeqCst);
+    }
+
+    fn check_removal(&self) -> Result<()> {
+        self.check("a DLQ removal")?;
+        if self.removals_down.load(Ordering::SeqCst) {
+            Err(transient("a DLQ removal"))
+        } else {
+            Ok(())
         }
     }
 
@@ -844,8 +862,13 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
     }
 
     async fn remove(&self, id: &str) -> Result<bool> {
-        self.check("a DLQ removal")?;
+        self.check_removal()?;
         self.inner.remove(id).await
+    }
+
+    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
+        self.check_removal()?;
+        self.inner.remove_many(ids).await
     }
 
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {

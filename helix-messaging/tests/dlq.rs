@@ -667,6 +667,44 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
     }
 }
 
+/// When the store cannot remove what was re-driven, the job's counts still add up to its
+/// selection: what went out counts as re-driven, and the job fails saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
+    use helix_messaging_testkit::plane::FaultyDeadLetterStore;
+    let broker = broker().await;
+    let topic = name("unremovable");
+    let store = Arc::new(FaultyDeadLetterStore::new(
+        helix_messaging::dlq::MemoryDeadLetterStore::new(),
+    ));
+    let processor = Processor::new(
+        broker.clone(),
+        store.clone(),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    stored_letters(&processor, &topic, 10).await;
+    store.set_removals_down(true);
+    let job = processor
+        .start_redrive(RedriveRequest::default())
+        .await
+        .unwrap();
+    let progress = finished(&processor, &job).await;
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (10, 0, 0),
+        "published, so re-driven, though still in the store: {progress:?}"
+    );
+    assert!(
+        progress
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("removal")),
+        "{progress:?}"
+    );
+}
+
 /// A redrive whose canary cannot be re-driven fails, leaving everything else in the DLQ,
 /// instead of going on without a canary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,6 +24,29 @@ pub struct CanaryConfig {
     pub watch: Duration,
 }
 
+/// Remove re-driven entries from the store, trying a few times over about a second: a
+/// store that fails here leaves entries already published in the DLQ.
+async fn remove_redriven(store: &dyn super::DeadLetterStore, ids: &[String]) -> Result<()> {
+    use backon::Retryable;
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_times(3);
+    (|| store.remove_many(ids))
+        .retry(backoff)
+        .await
+        .map(|_| ())
+        .map_err(|err| {
+            Error::new(
+                err.kind(),
+                format!(
+                    "the DLQ removal of {} re-driven entries failed: {err}",
+                    ids.len()
+                ),
+            )
+            .with_source(err)
+        })
+}
+
 /// Paces a job's chunks to `rate` messages a second over every window: a chunk goes out no
 /// sooner than the previous one's share of a second after it. Time spent not sending (a
 /// canary's watch, a slow store) is not banked: the job never bursts to catch up with a
@@ -324,6 +347,7 @@ impl Run {
             }
         }
         let (mut redriven, mut failed, mut last_error) = (0, 0, None);
+        let mut unremoved: Option<Error> = None;
         for (topic, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
@@ -351,12 +375,16 @@ impl Run {
                     );
                 }
             }
-            // Published and confirmed: only now do they leave the DLQ.
-            store.remove_many(&confirmed).await?;
+            // Published and confirmed: they count as re-driven whatever the store says next,
+            // and only now do they leave the DLQ.
             for _ in &confirmed {
                 self.processor.note_redriven();
             }
             redriven += confirmed.len() as u64;
+            if let Err(err) = remove_redriven(store.as_ref(), &confirmed).await {
+                tracing::warn!(topic = %topic, entries = confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
+                unremoved = Some(err);
+            }
         }
         let mut progress = self.progress.lock();
         progress.redriven += redriven;
@@ -365,7 +393,10 @@ impl Run {
         if last_error.is_some() {
             progress.last_error = last_error;
         }
-        Ok(())
+        match unremoved {
+            None => Ok(()),
+            Some(err) => Err(err),
+        }
     }
 
     /// Whether any canary was dead-lettered again: an entry of its original message id
