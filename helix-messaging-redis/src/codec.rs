@@ -13,8 +13,8 @@
 //! read.
 //!
 //! **The envelope**: one MessagePack map with the payload and all metadata, used by pub/sub
-//! when [`RedisConfig::pubsub_envelope`](crate::RedisConfig::pubsub_envelope) is on (by
-//! default pub/sub publishes the bare payload, which is all a channel can carry). Keys: `v`
+//! while [`RedisConfig::pubsub_envelope`](crate::RedisConfig::pubsub_envelope) is on (the
+//! default; off, pub/sub publishes the bare payload, which is all a channel carries). Keys: `v`
 //! format version (1), `id`, `k` key, `p` payload (binary), `h` headers (map), `t` timestamp
 //! in nanoseconds, `ct` content type, `c` correlation id, `pr` priority, `ttl` TTL in ms.
 //! A subscriber recognises an envelope whatever its own setting, and delivers anything else

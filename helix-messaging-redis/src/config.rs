@@ -82,10 +82,14 @@ pub struct RedisConfig {
     pub max_reconnect_delay: Duration,
     /// Streams-mode tuning.
     pub streams: StreamsConfig,
-    /// Pub/sub: publish helix's MessagePack envelope (id, key, headers, timestamp, …) instead
-    /// of the bare payload (`REDIS_PUBSUB_ENVELOPE`). Off by default, so plain subscribers
-    /// read the body as it is; a subscriber recognises the envelope either way, and a plain
-    /// message is delivered with its body as the payload. Default false.
+    /// Pub/sub: publish helix's MessagePack envelope (id, key, headers with the trace
+    /// context and `type`, timestamp, …) rather than the bare payload
+    /// (`REDIS_PUBSUB_ENVELOPE`). On by default: a channel carries nothing but a body, and
+    /// without the envelope every delivery gets a new id and loses its headers, key,
+    /// priority and correlation id, which retries, the DLQ's handlers by type, tracing and
+    /// deduplication depend on. Turn it off when the channel's subscribers are not helix (they
+    /// then read the body as it is). A subscriber recognises the envelope either way, and a
+    /// plain message is delivered with its body as the payload. Default true.
     pub pubsub_envelope: bool,
 }
 
@@ -130,7 +134,7 @@ impl RedisConfig {
             response_timeout: Duration::from_secs(10),
             max_reconnect_delay: Duration::from_secs(5),
             streams: StreamsConfig::default(),
-            pubsub_envelope: false,
+            pubsub_envelope: true,
         }
     }
 

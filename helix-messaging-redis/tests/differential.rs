@@ -13,7 +13,6 @@ fn config(mode: RedisMode) -> RedisConfig {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let mut config = RedisConfig::new(&url, mode).expect("REDIS_URL");
     config.streams.ack_deadline = Duration::from_secs(10);
-    config.pubsub_envelope = true;
     config
 }
 

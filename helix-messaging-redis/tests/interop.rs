@@ -172,7 +172,8 @@ async fn plain_subscribers_read_helix_publishes_as_they_are() {
     for expected in ["subscribe", channel.as_str(), "1"] {
         assert_eq!(next_line(&mut lines).await, expected);
     }
-    let broker = connect(RedisMode::PubSub, |_| {}).await;
+    // For subscribers that are not helix: the bare payload.
+    let broker = connect(RedisMode::PubSub, |c| c.pubsub_envelope = false).await;
     let json = r#"{"event":"ping"}"#;
     broker
         .publish(&channel, Message::new(json).with_header("h", "v"))
