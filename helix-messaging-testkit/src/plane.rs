@@ -263,21 +263,29 @@ impl Broker for FaultyBroker {
 
 /// A spool whose calls fail as its [`FaultSchedule`] says: an append can fail before it is
 /// written or after (see the module docs); the other calls fail before they act.
-#[derive(Debug, Clone)]
-pub struct FaultySpool<S> {
-    inner: S,
+#[derive(Clone)]
+pub struct FaultySpool {
+    inner: Arc<dyn Spool>,
     schedule: FaultSchedule,
 }
 
-impl<S> FaultySpool<S> {
+impl std::fmt::Debug for FaultySpool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultySpool")
+            .field("schedule", &self.schedule)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultySpool {
     /// Wrap `inner`.
-    pub fn new(inner: S, schedule: FaultSchedule) -> Self {
+    pub fn new(inner: Arc<dyn Spool>, schedule: FaultSchedule) -> Self {
         FaultySpool { inner, schedule }
     }
 }
 
 #[async_trait]
-impl<S: Spool> Spool for FaultySpool<S> {
+impl Spool for FaultySpool {
     async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
         let fault = self.schedule.next("spool append");
         faulted(fault, "spool append", self.inner.append(topic, messages)).await
@@ -417,10 +425,15 @@ impl SpoolRun {
     }
 }
 
+/// Builds the spool a run's fallback broker writes to.
+type SpoolFactory =
+    Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<dyn Spool>>> + Send + Sync>;
+
 /// Seeded runs of the fallback spool over one backend (see the module docs).
 pub struct SpoolHarness {
     backend: String,
     factory: Factory,
+    spool: SpoolFactory,
     messages: usize,
     settings: crate::Settings,
 }
@@ -471,9 +484,25 @@ impl SpoolHarness {
         SpoolHarness {
             backend: backend.into(),
             factory: Arc::new(move || futures::FutureExt::boxed(factory())),
+            spool: Arc::new(|| {
+                futures::FutureExt::boxed(async {
+                    Ok(Arc::new(MemorySpool::default()) as Arc<dyn Spool>)
+                })
+            }),
             messages: 60,
             settings: crate::Settings::from_env(),
         }
+    }
+
+    /// Spool to what `spool` builds (a fresh one every run) instead of a [`MemorySpool`].
+    #[must_use]
+    pub fn spooling_to<F, Fut>(mut self, spool: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Arc<dyn Spool>>> + Send + 'static,
+    {
+        self.spool = Arc::new(move || futures::FutureExt::boxed(spool()));
+        self
     }
 
     /// Run every seed; a failing seed is shrunk to the fewest publishes that still fail.
@@ -556,7 +585,15 @@ impl SpoolHarness {
                 }
             }
         }
-        let fallback = match fallback_over(broker.clone(), &schedule).await {
+        let spool = match (self.spool)().await {
+            Ok(spool) => spool,
+            Err(err) => {
+                run.problems.push(format!("building the spool: {err}"));
+                let _ = broker.close().await;
+                return run;
+            }
+        };
+        let fallback = match fallback_over(broker.clone(), spool, &schedule).await {
             Ok(fallback) => fallback,
             Err(err) => {
                 run.problems
@@ -654,6 +691,7 @@ impl SpoolHarness {
 
 async fn fallback_over(
     broker: Arc<dyn Broker>,
+    spool: Arc<dyn Spool>,
     schedule: &FaultSchedule,
 ) -> Result<FallbackBroker> {
     let faulty = Arc::new(FaultyBroker::new(broker, schedule.clone()));
@@ -665,7 +703,7 @@ async fn fallback_over(
             half_open_probes: 1,
         },
     )?;
-    let spool = FaultySpool::new(MemorySpool::default(), schedule.clone());
+    let spool = FaultySpool::new(spool, schedule.clone());
     let config = ForwardConfig {
         batch_size: 7,
         retry_interval: Duration::from_millis(10),
