@@ -1,5 +1,10 @@
 //! Portable topic and group names.
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
 use crate::{Error, Result};
 
 /// Longest topic or group name accepted (Kafka's limit, the strictest of the backends).
@@ -73,6 +78,58 @@ pub fn check_payload_size(backend: &str, message: &crate::Message, limit: usize)
         ));
     }
     Ok(())
+}
+
+/// Distinct topics labelled by name by default; later ones share [`OTHER_TOPICS`].
+pub const DEFAULT_MAX_TOPIC_LABELS: usize = 100;
+
+/// The `topic` label of every topic past the bound.
+pub const OTHER_TOPICS: &str = "_other";
+
+/// A bounded set of topic labels: the first topics keep their names, the rest share
+/// [`OTHER_TOPICS`], so metrics labelled by topic have a bounded number of series. One
+/// [`ObservedBroker`](crate::observe::ObservedBroker) (and its clones) uses one; a
+/// [`DeadLetterQueue`](crate::dlq::DeadLetterQueue) can share it.
+#[derive(Debug)]
+pub struct TopicLabels {
+    max: usize,
+    seen: Mutex<HashSet<Arc<str>>>,
+}
+
+impl TopicLabels {
+    /// At most `max` topics labelled by name (0: every topic is [`OTHER_TOPICS`]).
+    pub fn new(max: usize) -> Self {
+        TopicLabels {
+            max,
+            seen: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// How many topics keep their own label.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// The label `topic` is recorded under: its name while there is room or once it has
+    /// one, else [`OTHER_TOPICS`].
+    pub fn label(&self, topic: &str) -> Arc<str> {
+        let mut seen = self.seen.lock();
+        if let Some(known) = seen.get(topic) {
+            return known.clone();
+        }
+        if seen.len() < self.max {
+            let label: Arc<str> = Arc::from(topic);
+            seen.insert(label.clone());
+            return label;
+        }
+        Arc::from(OTHER_TOPICS)
+    }
+}
+
+impl Default for TopicLabels {
+    fn default() -> Self {
+        TopicLabels::new(DEFAULT_MAX_TOPIC_LABELS)
+    }
 }
 
 #[cfg(test)]

@@ -54,16 +54,11 @@ use parking_lot::Mutex;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+pub use crate::names::{DEFAULT_MAX_TOPIC_LABELS, OTHER_TOPICS, TopicLabels};
 use crate::{
     Backlog, BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher,
     Result, SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
 };
-
-/// Distinct topics labelled by name by default; later ones share [`OTHER_TOPICS`].
-pub const DEFAULT_MAX_TOPIC_LABELS: usize = 100;
-
-/// The `topic` label of every topic past the bound.
-pub const OTHER_TOPICS: &str = "_other";
 
 /// The counter of connections an adapter re-established after losing them, labelled
 /// `backend` (each adapter documents what it counts).
@@ -85,49 +80,6 @@ pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The most (topic, group) pairs one [`ObservedBroker`] samples.
 pub const MAX_SAMPLED_GROUPS: usize = 1_000;
-
-/// The bounded set of topic labels one [`ObservedBroker`] (and its clones) uses.
-#[derive(Debug)]
-pub struct TopicLabels {
-    max: usize,
-    seen: Mutex<HashSet<Arc<str>>>,
-}
-
-impl TopicLabels {
-    /// At most `max` topics labelled by name (0: every topic is [`OTHER_TOPICS`]).
-    pub fn new(max: usize) -> Self {
-        TopicLabels {
-            max,
-            seen: Mutex::new(HashSet::new()),
-        }
-    }
-
-    /// How many topics keep their own label.
-    pub fn max(&self) -> usize {
-        self.max
-    }
-
-    /// The label `topic` is recorded under: its name while there is room or once it has
-    /// one, else [`OTHER_TOPICS`].
-    pub fn label(&self, topic: &str) -> Arc<str> {
-        let mut seen = self.seen.lock();
-        if let Some(known) = seen.get(topic) {
-            return known.clone();
-        }
-        if seen.len() < self.max {
-            let label: Arc<str> = Arc::from(topic);
-            seen.insert(label.clone());
-            return label;
-        }
-        Arc::from(OTHER_TOPICS)
-    }
-}
-
-impl Default for TopicLabels {
-    fn default() -> Self {
-        TopicLabels::new(DEFAULT_MAX_TOPIC_LABELS)
-    }
-}
 
 /// A broker whose publishes and deliveries are counted (see the module docs). Everything
 /// else passes through unchanged; it adds no errors of its own.
@@ -250,7 +202,7 @@ impl std::fmt::Debug for ObservedBroker {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ObservedBroker")
             .field("backend", &self.shared.inner.name())
-            .field("topic_labels", &self.shared.topics.max)
+            .field("topic_labels", &self.shared.topics.max())
             .finish()
     }
 }

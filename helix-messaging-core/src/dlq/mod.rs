@@ -147,7 +147,7 @@ pub struct DeadLetterQueue {
     config: Arc<DeadLetterConfig>,
     processor: Option<Processor>,
     /// How `messaging_dead_lettered_total` labels the original topic.
-    topic_labels: Arc<crate::observe::TopicLabels>,
+    topic_labels: Arc<crate::names::TopicLabels>,
 }
 
 impl std::fmt::Debug for DeadLetterQueue {
@@ -175,7 +175,7 @@ impl DeadLetterQueue {
     /// [`ObservedBroker`](crate::observe::ObservedBroker) uses, so both name the same topics);
     /// by default a set of its own with [`DEFAULT_MAX_TOPIC_LABELS`](crate::observe::DEFAULT_MAX_TOPIC_LABELS).
     #[must_use]
-    pub fn with_topic_labels(mut self, labels: Arc<crate::observe::TopicLabels>) -> Self {
+    pub fn with_topic_labels(mut self, labels: Arc<crate::names::TopicLabels>) -> Self {
         self.topic_labels = labels;
         self
     }
