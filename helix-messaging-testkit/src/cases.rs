@@ -957,37 +957,59 @@ async fn a_group_with_messages(
     Ok((topic, group, sent))
 }
 
+/// A member of `group` that ends without taking anything, after time enough to prefetch
+/// what waits, as a member busy elsewhere would.
+async fn a_member_that_only_prefetches(ctx: &Ctx, topic: &str, group: &str) {
+    let member = ctx.subscribe(topic, SubscribeOptions::group(group)).await;
+    tokio::time::sleep(ctx.settings.quiet_period).await;
+    drop(member);
+}
+
+/// The next member of `group` receives `m` at `attempt` (redelivered past the first), and
+/// then nothing more.
+async fn the_next_member_receives(
+    ctx: &Ctx,
+    topic: &str,
+    group: &str,
+    m: &Message,
+    attempt: u32,
+    why: &str,
+) -> Result<()> {
+    let mut next = ctx.subscribe(topic, SubscribeOptions::group(group)).await;
+    let d = ctx.recv(&mut next).await;
+    assert_eq!(d.message().id(), m.id());
+    assert_eq!(
+        (d.attempt(), d.info().redelivered),
+        (attempt, attempt > 1),
+        "{why}"
+    );
+    d.ack().await?;
+    ctx.expect_quiet(&mut next).await;
+    Ok(())
+}
+
 /// Attempts survive an owner that never received the message: after a crash at attempt 1,
 /// a subscription that ends without taking anything (it may have prefetched the message, or
 /// not fetched it yet) leaves the next one to receive it at attempt 2, not 1 again.
 pub async fn an_owner_that_never_received_it_keeps_its_attempts(ctx: Ctx) -> Result<()> {
-    let topic = ctx.topic("unseen-owner");
-    let group = crate::fresh_name("g");
-    ctx.create_group(&topic, &group).await?;
-    let m = Message::new("crashed on once").with_key("k");
-    ctx.publish(&topic, m.clone()).await;
+    let (topic, group, sent) = a_group_with_messages(&ctx, "unseen-owner", 1).await?;
     let mut first = ctx
         .subscribe(&topic, SubscribeOptions::group(&group).with_prefetch(1))
         .await;
     let d = ctx.recv(&mut first).await;
-    assert_eq!((d.message().id(), d.attempt()), (m.id(), 1));
+    assert_eq!((d.message().id(), d.attempt()), (sent[0].id(), 1));
     drop(first);
     drop(d);
-    let second = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
-    // Time to prefetch it, as a member that is busy elsewhere would.
-    tokio::time::sleep(ctx.settings.quiet_period).await;
-    drop(second);
-    let mut third = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
-    let d = ctx.recv(&mut third).await;
-    assert_eq!(d.message().id(), m.id());
-    assert_eq!(
-        (d.attempt(), d.info().redelivered),
-        (2, true),
-        "the second owner never received it: its attempt 1 must not be forgotten"
-    );
-    d.ack().await?;
-    ctx.expect_quiet(&mut third).await;
-    Ok(())
+    a_member_that_only_prefetches(&ctx, &topic, &group).await;
+    the_next_member_receives(
+        &ctx,
+        &topic,
+        &group,
+        &sent[0],
+        2,
+        "the second owner never received it: its attempt 1 must not be forgotten",
+    )
+    .await
 }
 
 /// A message two members in turn only prefetched (each ended without taking anything)
@@ -995,22 +1017,9 @@ pub async fn an_owner_that_never_received_it_keeps_its_attempts(ctx: Ctx) -> Res
 pub async fn prefetched_by_two_owners_in_turn_is_no_attempt(ctx: Ctx) -> Result<()> {
     let (topic, group, sent) = a_group_with_messages(&ctx, "prefetched-twice", 1).await?;
     for _ in 0..2 {
-        let member = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
-        // Time to prefetch it, as a member that is busy elsewhere would.
-        tokio::time::sleep(ctx.settings.quiet_period).await;
-        drop(member);
+        a_member_that_only_prefetches(&ctx, &topic, &group).await;
     }
-    let mut third = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
-    let d = ctx.recv(&mut third).await;
-    assert_eq!(d.message().id(), sent[0].id());
-    assert_eq!(
-        (d.attempt(), d.info().redelivered),
-        (1, false),
-        "never attempted"
-    );
-    d.ack().await?;
-    ctx.expect_quiet(&mut third).await;
-    Ok(())
+    the_next_member_receives(&ctx, &topic, &group, &sent[0], 1, "never attempted").await
 }
 
 /// A consumer that acks a later message and then crashes holding an earlier one of the same

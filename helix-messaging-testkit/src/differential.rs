@@ -254,20 +254,11 @@ impl Differential {
 }
 
 fn seeds_from_env() -> Vec<u64> {
-    if let Ok(seed) = std::env::var("HELIX_DIFFERENTIAL_SEED") {
-        return vec![seed.trim().parse().unwrap_or_else(|_| {
-            panic!("HELIX_DIFFERENTIAL_SEED: expected a whole number, got {seed:?}")
-        })];
-    }
-    match std::env::var("HELIX_DIFFERENTIAL_SEEDS") {
-        Ok(n) => {
-            let n: u64 = n.trim().parse().unwrap_or_else(|_| {
-                panic!("HELIX_DIFFERENTIAL_SEEDS: expected a number of seeds, got {n:?}")
-            });
-            (1..=n).collect()
-        }
-        Err(_) => DEFAULT_SEEDS.to_vec(),
-    }
+    crate::helpers::seeds_from_env(
+        "HELIX_DIFFERENTIAL_SEED",
+        "HELIX_DIFFERENTIAL_SEEDS",
+        DEFAULT_SEEDS.to_vec(),
+    )
 }
 
 /// The shortest disagreeing program's message count, with what the reference and the

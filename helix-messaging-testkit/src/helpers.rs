@@ -69,6 +69,31 @@ pub fn fresh_name(prefix: &str) -> String {
     format!("hm-test.{prefix}.{}", &id[..12])
 }
 
+/// The seeds a seeded mode runs: the one `one` names, else `1..=n` for the `n` that `count`
+/// names, else `default`.
+///
+/// # Panics
+/// When a variable is set to something that is not a whole number, naming it.
+pub(crate) fn seeds_from_env(one: &str, count: &str, default: Vec<u64>) -> Vec<u64> {
+    if let Ok(seed) = std::env::var(one) {
+        return vec![
+            seed.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{one}: expected a whole number, got {seed:?}")),
+        ];
+    }
+    match std::env::var(count) {
+        Ok(n) => {
+            let n: u64 = n
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("{count}: expected a number of seeds, got {n:?}"));
+            (1..=n).collect()
+        }
+        Err(_) => default,
+    }
+}
+
 /// Builds a fresh broker of the backend under test.
 pub(crate) type Factory =
     Arc<dyn Fn() -> futures::future::BoxFuture<'static, Result<Arc<dyn Broker>>> + Send + Sync>;

@@ -461,17 +461,7 @@ impl PlaneReport {
 
 /// The seeds to run: `HELIX_PLANE_SEED`, else 1 to `HELIX_PLANE_SEEDS` (default 20).
 fn seeds() -> Vec<u64> {
-    if let Some(seed) = std::env::var("HELIX_PLANE_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-    {
-        return vec![seed];
-    }
-    let n = std::env::var("HELIX_PLANE_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20u64);
-    (1..=n).collect()
+    crate::helpers::seeds_from_env("HELIX_PLANE_SEED", "HELIX_PLANE_SEEDS", (1..=20).collect())
 }
 
 impl SpoolHarness {

@@ -251,6 +251,16 @@ async fn failing_consumer(
     (runner, calls)
 }
 
+/// A processor of `broker` with a DLQ store in memory and the tests' settings.
+fn memory_processor(broker: Arc<dyn Broker>) -> Processor {
+    Processor::new(
+        broker,
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap()
+}
+
 fn processor_config(dlq_topic: &str) -> ProcessorConfig {
     ProcessorConfig {
         topics: vec![dlq_topic.to_owned()],
@@ -623,12 +633,7 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
     const RATE: f64 = 20.0;
     let broker = broker().await;
     let topic = name("paced");
-    let processor = Processor::new(
-        broker.clone(),
-        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
-        processor_config(&name("dlq")),
-    )
-    .unwrap();
+    let processor = memory_processor(broker.clone());
     stored_letters(&processor, &topic, 30).await;
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group("g"))
@@ -715,12 +720,7 @@ async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
         broker().await,
         FaultSchedule::new(1, 0, 100),
     ));
-    let processor = Processor::new(
-        refusing,
-        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
-        processor_config(&name("dlq")),
-    )
-    .unwrap();
+    let processor = memory_processor(refusing);
     stored_letters(&processor, &name("no-canary"), 5).await;
     let job = processor
         .start_redrive(RedriveRequest {
@@ -760,12 +760,7 @@ async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
 async fn a_canary_failing_on_a_host_with_a_slow_clock_still_stops_the_redrive() {
     let broker = broker().await;
     let topic = name("skewed");
-    let processor = Processor::new(
-        broker.clone(),
-        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
-        processor_config(&name("dlq")),
-    )
-    .unwrap();
+    let processor = memory_processor(broker.clone());
     let letters = stored_letters(&processor, &topic, 5).await;
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group("g"))

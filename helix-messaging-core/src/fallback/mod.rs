@@ -941,44 +941,9 @@ mod tests {
     #[tokio::test]
     async fn an_open_breaker_with_an_empty_spool_is_degraded() {
         use crate::breaker::BreakerConfig;
-        use crate::{Capabilities, Result, TimeRange};
-
-        /// The least broker there is: healthy, accepting everything.
-        #[derive(Debug)]
-        struct Accepting;
-        #[async_trait]
-        impl Publisher for Accepting {
-            async fn publish(&self, _: &str, _: Message) -> Result<()> {
-                Ok(())
-            }
-        }
-        #[async_trait]
-        impl Subscriber for Accepting {
-            async fn subscribe(&self, _: &str, _: SubscribeOptions) -> Result<Subscription> {
-                Err(Error::unsupported("accepting", "subscribing"))
-            }
-        }
-        #[async_trait]
-        impl Broker for Accepting {
-            fn name(&self) -> &'static str {
-                "accepting"
-            }
-            fn capabilities(&self) -> Capabilities {
-                Capabilities::NONE
-            }
-            async fn health(&self) -> Health {
-                Health::healthy("up")
-            }
-            async fn read_range(&self, _: &str, _: TimeRange) -> Result<HistoryStream> {
-                Err(Error::unsupported("accepting", "history"))
-            }
-            async fn close(&self) -> Result<()> {
-                Ok(())
-            }
-        }
-
+        // Up, accepting everything.
         let breaker = BreakerBroker::new(
-            Arc::new(Accepting),
+            Arc::new(Scripted::default()),
             BreakerConfig {
                 failure_threshold: 1,
                 ..BreakerConfig::default()
