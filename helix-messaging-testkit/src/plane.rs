@@ -38,6 +38,7 @@ use helix_messaging_core::dlq::{
 use helix_messaging_core::fallback::{
     FallbackBroker, ForwardConfig, MemorySpool, RefusedMessage, Spool, SpoolStats, SpooledMessage,
 };
+use helix_messaging_core::replay::{ReplayLease, ReplayRecord, ReplayStore};
 use helix_messaging_core::{
     Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher, Result,
     SubscribeOptions, Subscriber, Subscription, TimeRange,
@@ -912,5 +913,90 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
     async fn stats(&self) -> Result<DlqStats> {
         self.check("the DLQ's stats")?;
         self.inner.stats().await
+    }
+}
+
+/// A replay store that lets other tasks run before each call (as a store across a network
+/// does) and whose lease claims and renewals fail (a retryable connection error) while set
+/// down, the other calls passing through: a handler cut off from the store's leases.
+pub struct FaultyReplayStore {
+    inner: Arc<dyn ReplayStore>,
+    claims_down: AtomicBool,
+}
+
+impl std::fmt::Debug for FaultyReplayStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FaultyReplayStore")
+            .field("claims_down", &self.claims_down)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultyReplayStore {
+    /// Wrap `inner`, up.
+    pub fn new(inner: Arc<dyn ReplayStore>) -> Self {
+        FaultyReplayStore {
+            inner,
+            claims_down: AtomicBool::new(false),
+        }
+    }
+
+    /// Fail every claim and renewal from now on (`true`), or pass them through again.
+    pub fn set_claims_down(&self, down: bool) {
+        self.claims_down.store(down, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl ReplayStore for FaultyReplayStore {
+    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
+        tokio::task::yield_now().await;
+        self.inner.create(record).await
+    }
+
+    async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
+        tokio::task::yield_now().await;
+        self.inner.save(record, lease).await
+    }
+
+    async fn load(&self, id: &str) -> Result<Option<ReplayRecord>> {
+        tokio::task::yield_now().await;
+        self.inner.load(id).await
+    }
+
+    async fn list(&self) -> Result<Vec<ReplayRecord>> {
+        tokio::task::yield_now().await;
+        self.inner.list().await
+    }
+
+    async fn remove(&self, id: &str) -> Result<bool> {
+        tokio::task::yield_now().await;
+        self.inner.remove(id).await
+    }
+
+    async fn claim(
+        &self,
+        id: &str,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
+        tokio::task::yield_now().await;
+        if self.claims_down.load(Ordering::SeqCst) {
+            return Err(transient("a replay lease claim"));
+        }
+        self.inner.claim(id, owner, duration).await
+    }
+
+    async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
+        tokio::task::yield_now().await;
+        if self.claims_down.load(Ordering::SeqCst) {
+            return Err(transient("a replay lease renewal"));
+        }
+        self.inner.renew(id, lease, duration).await
+    }
+
+    async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
+        tokio::task::yield_now().await;
+        self.inner.release(id, lease).await
     }
 }

@@ -252,3 +252,85 @@ async fn replay_checkpoints_live_beside_the_dlq_in_postgres() {
     });
     common::a_killed_replay_resumes_without_publishing_twice(open).await;
 }
+
+/// The DLQ and its replay checkpoints share one database. A DLQ call stuck behind a lock
+/// (a slow listing, a table another client holds) must not hold up a replay's lease
+/// renewal, or the replay is taken over while it runs (issue 27, item 4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dlq_call_stuck_on_a_lock_does_not_hold_up_a_replay_lease() {
+    use helix_messaging::replay::{Checkpoint, ReplayRecord, ReplayRequest, ReplayStore};
+
+    let table = Table::new();
+    let dlq = Arc::new(
+        PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+            .await
+            .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)"),
+    );
+    let replays = dlq.replay_store().await.unwrap();
+    let now = SystemTime::now();
+    let request = ReplayRequest::new("orders", now - Duration::from_secs(60), now).with_id("r");
+    let record = ReplayRecord {
+        progress: serde_json::from_value(serde_json::json!({
+            "id": "r", "status": "running", "topic": "orders", "target_topic": "orders.replay",
+            "dry_run": false, "total": 0, "replayed": 0, "skipped": 0, "failed": 0,
+            "filtered": 0, "duplicates": 0, "by_type": {}, "skipped_by_type": {},
+            "reached": null, "from_time": request.from_time, "to_time": request.to_time,
+            "started_at": now, "finished_at": null, "last_error": null, "resumes": 0
+        }))
+        .unwrap(),
+        request,
+        checkpoint: Checkpoint::default(),
+    };
+    assert!(replays.create(&record).await.unwrap());
+
+    // Another client locks the DLQ's table; a DLQ count then waits for it.
+    let (locker, connection_task) = tokio_postgres::connect(&connection(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection_task);
+    locker
+        .batch_execute(&format!(
+            "BEGIN; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+            table.0
+        ))
+        .await
+        .unwrap();
+    let counting = tokio::spawn({
+        let dlq = dlq.clone();
+        async move { dlq.count(&DlqFilter::default()).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = locker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE $1",
+                &[&format!("%{}%", table.0)],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the DLQ count never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let claimed = tokio::time::timeout(
+        Duration::from_secs(10),
+        replays.claim("r", "me", Duration::from_secs(30)),
+    )
+    .await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    let counted = tokio::time::timeout(Duration::from_secs(30), counting)
+        .await
+        .expect("the count finished once the lock was gone");
+    assert_eq!(counted.unwrap().unwrap(), 0);
+    let lease = claimed
+        .expect("the replay's lease was claimed while the DLQ call waited")
+        .unwrap();
+    assert!(lease.is_some(), "free: claimed");
+}

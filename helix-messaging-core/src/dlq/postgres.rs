@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{NoTls, Row};
 
 use super::store::{SqlValue, from_micros, micros, set_list, sql_conditions};
 use super::{
@@ -29,60 +29,77 @@ pub struct PostgresDeadLetterStore {
     table: String,
 }
 
-/// One PostgreSQL connection, (re)established on demand and shared by the stores that use
-/// the same database (the DLQ and its replay checkpoints).
+/// A pool of PostgreSQL connections shared by the stores that use the same database (the
+/// DLQ and its replay checkpoints). Each call takes a connection of its own, so a slow or
+/// blocked call (a long listing, a table another client has locked) holds up only itself,
+/// never a replay's lease renewal. A lost connection is replaced on the next call.
 pub(crate) struct Database {
-    config: String,
-    client: tokio::sync::Mutex<Option<Client>>,
+    pool: deadpool_postgres::Pool,
 }
 
+/// Connections a store opens at most.
+const POOL_SIZE: usize = 8;
+
 impl Database {
-    pub(crate) fn new(config: &str) -> Arc<Self> {
-        Arc::new(Database {
-            config: config.to_owned(),
-            client: tokio::sync::Mutex::new(None),
+    /// A pool for the libpq-style connection string `config`; it connects on first use.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`] for a connection string that cannot be parsed.
+    pub(crate) fn new(config: &str) -> Result<Arc<Self>> {
+        let parsed: tokio_postgres::Config = config.parse().map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("PostgreSQL connection string: {e}"),
+            )
+        })?;
+        let manager = deadpool_postgres::Manager::from_config(
+            parsed,
+            NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let pool = deadpool_postgres::Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(Some(Duration::from_secs(10)))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .build()
+            .map_err(|e| Error::new(ErrorKind::Config, format!("PostgreSQL pool: {e}")))?;
+        Ok(Arc::new(Database { pool }))
+    }
+
+    /// A connection of the pool, connecting first when none is idle.
+    async fn connection(&self) -> Result<deadpool_postgres::Object> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => db_error("connecting", e),
+            other => Error::new(
+                ErrorKind::Connection,
+                format!("DLQ store (PostgreSQL): connecting: {other}"),
+            )
+            .with_retryable(true),
         })
     }
 
-    /// The client, connecting first if there is none or the last one was lost.
-    async fn connection(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>> {
-        let mut guard = self.client.lock().await;
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            let (client, connection) = tokio_postgres::connect(&self.config, NoTls)
-                .await
-                .map_err(|e| db_error("connecting", e))?;
-            tokio::spawn(async move {
-                if let Err(err) = connection.await {
-                    tracing::warn!(error = %err, "store connection to PostgreSQL ended");
-                }
-            });
-            *guard = Some(client);
-        }
-        Ok(guard)
-    }
-
     pub(crate) async fn batch_execute(&self, what: &str, sql: &str) -> Result<()> {
-        let guard = self.connection().await?;
-        let client = guard.as_ref().expect("connected");
-        client
+        self.connection()
+            .await?
             .batch_execute(sql)
             .await
             .map_err(|e| db_error(what, e))
     }
 
     pub(crate) async fn query(&self, what: &str, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
-        let guard = self.connection().await?;
-        let client = guard.as_ref().expect("connected");
-        client
+        self.connection()
+            .await?
             .query(sql, &refs(params))
             .await
             .map_err(|e| db_error(what, e))
     }
 
     pub(crate) async fn execute(&self, what: &str, sql: &str, params: &[Param]) -> Result<u64> {
-        let guard = self.connection().await?;
-        let client = guard.as_ref().expect("connected");
-        client
+        self.connection()
+            .await?
             .execute(sql, &refs(params))
             .await
             .map_err(|e| db_error(what, e))
@@ -232,6 +249,7 @@ impl PostgresDeadLetterStore {
     /// it is missing.
     ///
     /// # Errors
+    /// [`ErrorKind::Config`] for a connection string that cannot be parsed;
     /// [`ErrorKind::Connection`] when the server cannot be reached; [`ErrorKind::Backend`]
     /// when the table cannot be created.
     pub async fn connect(config: &str) -> Result<Self> {
@@ -247,7 +265,7 @@ impl PostgresDeadLetterStore {
     pub async fn connect_table(config: &str, table: &str) -> Result<Self> {
         check_table_name("DLQ", table)?;
         let store = PostgresDeadLetterStore {
-            database: Database::new(config),
+            database: Database::new(config)?,
             table: table.to_owned(),
         };
         let t = &store.table;

@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 pub use postgres::PostgresReplayStore;
 #[cfg(feature = "sqlite")]
 pub use sqlite::SqliteReplayStore;
-pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayRecord, ReplayStore};
+pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayLease, ReplayRecord, ReplayStore};
 
 #[cfg(doc)]
 use crate::Capabilities;
@@ -377,10 +377,35 @@ impl Default for ReplayConfig {
 const HISTORY_BACKENDS: &str = "memory, redis-streams (MESSAGING_BACKEND=redis-streams), kafka, \
     and rabbitmq with the replay journal on (RABBITMQ_REPLAY_JOURNAL=true)";
 
+/// A replay this handler runs, or is about to: a slot taken in the jobs map before any
+/// await, so one replay id is started at most once in a process however many calls race.
 struct Job {
-    progress: Arc<Mutex<ReplayProgress>>,
+    /// Which taking of the slot this is (a reservation given up removes only its own).
+    slot: u64,
+    /// `None` until the run is spawned.
+    progress: Option<Arc<Mutex<ReplayProgress>>>,
     cancel: CancellationToken,
     finished: watch::Receiver<bool>,
+}
+
+/// A slot in the jobs map, held until the run is spawned; dropped unused, it frees the slot.
+struct Reservation {
+    inner: Arc<Inner>,
+    id: String,
+    slot: u64,
+    cancel: CancellationToken,
+    done: Option<watch::Sender<bool>>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.done.is_some() {
+            let mut jobs = self.inner.jobs.lock();
+            if jobs.get(&self.id).is_some_and(|job| job.slot == self.slot) {
+                jobs.remove(&self.id);
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -388,6 +413,8 @@ struct Inner {
     config: ReplayConfig,
     store: Arc<dyn ReplayStore>,
     jobs: Mutex<HashMap<String, Job>>,
+    /// Numbers the slots of `jobs`.
+    slots: std::sync::atomic::AtomicU64,
     /// The lease holder name.
     owner: String,
     /// Cancelled by [`ReplayHandler::shutdown`]: replays stop where they are and stay
@@ -434,6 +461,7 @@ impl ReplayHandler {
                 owner,
                 store,
                 jobs: Mutex::new(HashMap::new()),
+                slots: std::sync::atomic::AtomicU64::new(0),
                 shutdown: CancellationToken::new(),
             }),
         }
@@ -474,31 +502,77 @@ impl ReplayHandler {
     /// Resume every running replay of the store that nobody holds.
     async fn adopt_orphans(&self) -> Result<()> {
         for record in self.inner.store.list().await? {
-            if record.progress.status != ReplayStatus::Running || self.is_live(record.id()) {
+            if record.progress.status != ReplayStatus::Running {
                 continue;
             }
-            if self.claim(record.id()).await? {
-                tracing::info!(replay = %record.id(), "resuming an interrupted replay");
-                self.spawn(record, true);
+            let Ok(slot) = self.reserve(record.id(), false) else {
+                continue;
+            };
+            if let Some(lease) = self.claim(record.id()).await? {
+                // Read again under the lease: the holder that gave it up may have finished
+                // it since the listing.
+                match self.inner.store.load(record.id()).await? {
+                    Some(record) if record.progress.status == ReplayStatus::Running => {
+                        tracing::info!(replay = %record.id(), "resuming an interrupted replay");
+                        self.spawn(slot, record, lease, true);
+                    }
+                    _ => self.release(record.id(), &lease).await,
+                }
             }
         }
         Ok(())
     }
 
-    fn is_live(&self, id: &str) -> bool {
-        self.inner
-            .jobs
-            .lock()
-            .get(id)
-            .is_some_and(|job| !*job.finished.borrow())
+    /// Take the slot for replay `id` in this process, before any await: refused while a run
+    /// of it is live here (or being started), and, with `limit`, when `max_active` replays
+    /// run.
+    fn reserve(&self, id: &str, limit: bool) -> std::result::Result<Reservation, Busy> {
+        let mut jobs = self.inner.jobs.lock();
+        if jobs.get(id).is_some_and(|job| !*job.finished.borrow()) {
+            return Err(Busy::Running);
+        }
+        let active = jobs.values().filter(|job| !*job.finished.borrow()).count();
+        if limit && active >= self.inner.config.max_active {
+            return Err(Busy::Full(active));
+        }
+        let slot = self
+            .inner
+            .slots
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let cancel = CancellationToken::new();
+        let (done, finished) = watch::channel(false);
+        let previous = jobs.insert(
+            id.to_owned(),
+            Job {
+                slot,
+                progress: None,
+                cancel: cancel.clone(),
+                finished,
+            },
+        );
+        drop(jobs);
+        // A finished run's job is replaced; its progress is in the store.
+        drop(previous);
+        Ok(Reservation {
+            inner: self.inner.clone(),
+            id: id.to_owned(),
+            slot,
+            cancel,
+            done: Some(done),
+        })
     }
 
-    async fn claim(&self, id: &str) -> Result<bool> {
-        let now = SystemTime::now();
+    async fn claim(&self, id: &str) -> Result<Option<ReplayLease>> {
         self.inner
             .store
-            .claim(id, &self.inner.owner, now + self.inner.config.lease, now)
+            .claim(id, &self.inner.owner, self.inner.config.lease)
             .await
+    }
+
+    async fn release(&self, id: &str, lease: &ReplayLease) {
+        if let Err(err) = self.inner.store.release(id, lease).await {
+            tracing::warn!(replay = %id, error = %err, "releasing the replay failed; it is free once its lease runs out");
+        }
     }
 
     /// The broker replays read from and publish to.
@@ -528,41 +602,29 @@ impl ReplayHandler {
             request.id = uuid::Uuid::new_v4().to_string();
         }
         request.validate()?;
-        let active = self
-            .inner
-            .jobs
-            .lock()
-            .values()
-            .filter(|job| !*job.finished.borrow())
-            .count();
-        if active >= self.inner.config.max_active {
-            return Err(Error::invalid_input(format!(
-                "{active} replays are running, the most allowed (ReplayConfig::max_active)"
-            )));
-        }
-        if self.inner.jobs.lock().contains_key(&request.id)
-            || self.inner.store.load(&request.id).await?.is_some()
-        {
-            return Err(Error::invalid_input(format!(
-                "a replay with id {:?} already exists",
-                request.id
-            )));
-        }
+        let exists =
+            || Error::invalid_input(format!("a replay with id {:?} already exists", request.id));
+        let slot = match self.reserve(&request.id, true) {
+            Ok(slot) => slot,
+            Err(Busy::Running) => return Err(exists()),
+            Err(busy) => return Err(busy.into_error(&request.id)),
+        };
         let record = ReplayRecord {
             progress: ReplayProgress::new(&request),
-            request,
+            request: request.clone(),
             checkpoint: Checkpoint::default(),
         };
-        self.inner.store.save(&record).await?;
-        if !self.claim(record.id()).await? {
-            return Err(Error::invalid_input(format!(
-                "a replay with id {:?} already exists",
-                record.id()
-            )));
+        if !self.inner.store.create(&record).await? {
+            return Err(exists());
         }
+        // Nobody can hold a replay just created, unless another process sharing the store
+        // claimed it in between (its adopt loop): then it runs there.
+        let Some(lease) = self.claim(record.id()).await? else {
+            return Err(exists());
+        };
         let progress = record.progress.clone();
         tracing::info!(replay = %progress.id, topic = %progress.topic, target = %progress.target_topic, dry_run = progress.dry_run, "replay started");
-        self.spawn(record, false);
+        self.spawn(slot, record, lease, false);
         Ok(progress)
     }
 
@@ -572,29 +634,45 @@ impl ReplayHandler {
     /// [`ErrorKind::NotFound`] for an unknown id; [`ErrorKind::InvalidInput`] unless it
     /// failed; the store's error.
     pub async fn resume_replay(&self, id: &str) -> Result<ReplayProgress> {
+        let not_failed = |status: &str| {
+            Error::invalid_input(format!(
+                "replay {id:?} is {status}; only a failed replay can be resumed"
+            ))
+        };
+        let slot = self.reserve(id, false).map_err(|_| not_failed("running"))?;
         let record = self
             .inner
             .store
             .load(id)
             .await?
             .ok_or_else(|| not_found(id))?;
-        let live = self.is_live(id);
-        if live || record.progress.status != ReplayStatus::Failed || !self.claim(id).await? {
-            return Err(Error::invalid_input(format!(
-                "replay {id:?} is {}; only a failed replay can be resumed",
-                if live {
-                    "running"
-                } else {
-                    record.progress.status.as_str()
-                }
-            )));
+        if record.progress.status != ReplayStatus::Failed {
+            return Err(not_failed(record.progress.status.as_str()));
         }
+        let Some(lease) = self.claim(id).await? else {
+            return Err(not_failed("running in another process sharing the store"));
+        };
+        // Read again under the lease: what was read before may have changed in between.
+        let record = match self.inner.store.load(id).await? {
+            Some(record) if record.progress.status == ReplayStatus::Failed => record,
+            other => {
+                self.release(id, &lease).await;
+                let status = other.map_or("gone", |r| r.progress.status.as_str());
+                return Err(not_failed(status));
+            }
+        };
         let progress = record.progress.clone();
-        self.spawn(record, true);
+        self.spawn(slot, record, lease, true);
         Ok(progress)
     }
 
-    fn spawn(&self, record: ReplayRecord, resumed: bool) {
+    fn spawn(
+        &self,
+        mut slot: Reservation,
+        record: ReplayRecord,
+        lease: ReplayLease,
+        resumed: bool,
+    ) {
         let mut progress = record.progress.clone();
         progress.status = ReplayStatus::Running;
         progress.finished_at = None;
@@ -602,25 +680,22 @@ impl ReplayHandler {
             progress.resumes += 1;
         }
         let progress = Arc::new(Mutex::new(progress));
-        let cancel = CancellationToken::new();
-        let (done, finished) = watch::channel(false);
-        self.inner.jobs.lock().insert(
-            record.id().to_owned(),
-            Job {
-                progress: progress.clone(),
-                cancel: cancel.clone(),
-                finished,
-            },
-        );
+        let done = slot.done.take().expect("a reservation is spawned once");
+        if let Some(job) = self.inner.jobs.lock().get_mut(record.id())
+            && job.slot == slot.slot
+        {
+            job.progress = Some(progress.clone());
+        }
         let run = run::Run {
             broker: self.inner.broker.clone(),
             store: self.inner.store.clone(),
             config: self.inner.config.clone(),
-            owner: self.inner.owner.clone(),
+            lease,
             record,
             progress,
-            cancel,
+            cancel: slot.cancel.clone(),
             shutdown: self.inner.shutdown.clone(),
+            lost: false,
         };
         tokio::spawn(async move {
             metrics::gauge!("messaging_replay_active").increment(1.0);
@@ -635,8 +710,14 @@ impl ReplayHandler {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
     pub async fn get_progress(&self, id: &str) -> Result<ReplayProgress> {
-        if let Some(job) = self.inner.jobs.lock().get(id) {
-            return Ok(job.progress.lock().clone());
+        if let Some(progress) = self
+            .inner
+            .jobs
+            .lock()
+            .get(id)
+            .and_then(|job| job.progress.clone())
+        {
+            return Ok(progress.lock().clone());
         }
         self.inner
             .store
@@ -660,7 +741,9 @@ impl ReplayHandler {
             .map(|record| (record.request.id, record.progress))
             .collect();
         for (id, job) in self.inner.jobs.lock().iter() {
-            all.insert(id.clone(), job.progress.lock().clone());
+            if let Some(progress) = &job.progress {
+                all.insert(id.clone(), progress.lock().clone());
+            }
         }
         let mut all: Vec<ReplayProgress> = all.into_values().collect();
         all.sort_by(|a, b| b.started_at.cmp(&a.started_at).then(a.id.cmp(&b.id)));
@@ -674,24 +757,41 @@ impl ReplayHandler {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
     pub async fn cancel_replay(&self, id: &str) -> Result<()> {
-        if let Some(job) = self.inner.jobs.lock().get(id) {
+        if let Some(job) = self.inner.jobs.lock().get(id)
+            && !*job.finished.borrow()
+        {
             job.cancel.cancel();
             return Ok(());
         }
         match self.inner.store.load(id).await? {
             None => Err(not_found(id)),
-            Some(mut record) => {
-                if record.progress.status == ReplayStatus::Running {
-                    return Err(Error::invalid_input(format!(
+            Some(record) => {
+                let elsewhere = || {
+                    Error::invalid_input(format!(
                         "replay {id:?} is running in another process sharing the store; cancel it there"
-                    )));
+                    ))
+                };
+                if record.progress.status == ReplayStatus::Running {
+                    return Err(elsewhere());
                 }
-                // Failed: not running anywhere, but resumable; cancelling closes it.
-                if record.progress.status == ReplayStatus::Failed {
-                    record.progress.status = ReplayStatus::Cancelled;
-                    self.inner.store.save(&record).await?;
+                if record.progress.status != ReplayStatus::Failed {
+                    return Ok(());
                 }
-                Ok(())
+                // Failed: not running anywhere, but resumable; cancelling closes it, under
+                // the lease, so that a resume starting elsewhere meanwhile is not undone.
+                let Some(lease) = self.claim(id).await? else {
+                    return Err(elsewhere());
+                };
+                let closed = match self.inner.store.load(id).await {
+                    Ok(Some(mut record)) if record.progress.status == ReplayStatus::Failed => {
+                        record.progress.status = ReplayStatus::Cancelled;
+                        self.inner.store.save(&record, &lease).await.map(drop)
+                    }
+                    Ok(_) => Ok(()),
+                    Err(err) => Err(err),
+                };
+                self.release(id, &lease).await;
+                closed
             }
         }
     }
@@ -752,6 +852,25 @@ impl ReplayHandler {
         )
         .await
         .map(drop)
+    }
+}
+
+/// Why a replay's slot could not be taken.
+enum Busy {
+    /// A run of it is live here.
+    Running,
+    /// This many replays run, the most allowed.
+    Full(usize),
+}
+
+impl Busy {
+    fn into_error(self, id: &str) -> Error {
+        match self {
+            Busy::Running => Error::invalid_input(format!("replay {id:?} is running")),
+            Busy::Full(active) => Error::invalid_input(format!(
+                "{active} replays are running, the most allowed (ReplayConfig::max_active)"
+            )),
+        }
     }
 }
 

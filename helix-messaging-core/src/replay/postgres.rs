@@ -1,13 +1,13 @@
 //! Replay checkpoints in PostgreSQL.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::{ReplayRecord, ReplayStore};
+use super::{ReplayLease, ReplayRecord, ReplayStore};
 use crate::Result;
 use crate::dlq::postgres::{Database, Param, check_table_name};
-use crate::dlq::store::micros;
 
 /// Replay records in a PostgreSQL table (default `helix_replays`). Connect on its own with
 /// [`PostgresReplayStore::connect`], or on the DLQ's connection with
@@ -31,11 +31,12 @@ impl PostgresReplayStore {
     /// if it is missing.
     ///
     /// # Errors
-    /// [`ErrorKind::Connection`](crate::ErrorKind::Connection) when the server cannot be
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for a connection string that cannot be
+    /// parsed; [`ErrorKind::Connection`](crate::ErrorKind::Connection) when the server cannot be
     /// reached; [`ErrorKind::Backend`](crate::ErrorKind::Backend) when the table cannot be
     /// created.
     pub async fn connect(config: &str) -> Result<Self> {
-        PostgresReplayStore::sharing(Database::new(config), "helix_replays".to_owned()).await
+        PostgresReplayStore::sharing(Database::new(config)?, "helix_replays".to_owned()).await
     }
 
     pub(crate) async fn sharing(database: Arc<Database>, table: String) -> Result<Self> {
@@ -46,8 +47,10 @@ impl PostgresReplayStore {
                 record TEXT NOT NULL,
                 updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
                 owner TEXT,
-                lease_until_us BIGINT
-            );"
+                lease_until_us BIGINT,
+                lease_epoch BIGINT NOT NULL DEFAULT 0
+            );
+            ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lease_epoch BIGINT NOT NULL DEFAULT 0;"
         );
         database
             .batch_execute("creating the replay table", &schema)
@@ -56,22 +59,53 @@ impl PostgresReplayStore {
     }
 }
 
+/// The server's clock, in microseconds since the Unix epoch: every handler sharing the
+/// database judges leases by it.
+const NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
+
+fn micros_of(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn epoch_of(lease: &ReplayLease) -> i64 {
+    i64::try_from(lease.epoch).unwrap_or(i64::MAX)
+}
+
 #[async_trait]
 impl ReplayStore for PostgresReplayStore {
-    async fn save(&self, record: &ReplayRecord) -> Result<()> {
+    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
         let sql = format!(
-            "INSERT INTO {} (id, record) VALUES ($1, $2)
-             ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_at = now()",
+            "INSERT INTO {} (id, record) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
             self.table
         );
         let params: [Param; 2] = [
             Box::new(record.id().to_owned()),
             Box::new(record.to_json()?),
         ];
-        self.database
+        Ok(self
+            .database
+            .execute("creating a replay", &sql, &params)
+            .await?
+            == 1)
+    }
+
+    async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
+        let sql = format!(
+            "UPDATE {} SET record = $2, updated_at = now()
+             WHERE id = $1 AND owner = $3 AND lease_epoch = $4",
+            self.table
+        );
+        let params: [Param; 4] = [
+            Box::new(record.id().to_owned()),
+            Box::new(record.to_json()?),
+            Box::new(lease.owner.clone()),
+            Box::new(epoch_of(lease)),
+        ];
+        Ok(self
+            .database
             .execute("saving a replay", &sql, &params)
-            .await
-            .map(drop)
+            .await?
+            == 1)
     }
 
     async fn load(&self, id: &str) -> Result<Option<ReplayRecord>> {
@@ -101,33 +135,60 @@ impl ReplayStore for PostgresReplayStore {
         &self,
         id: &str,
         owner: &str,
-        until: std::time::SystemTime,
-        now: std::time::SystemTime,
-    ) -> Result<bool> {
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
         let sql = format!(
-            "UPDATE {} SET owner = $2, lease_until_us = $3
-             WHERE id = $1 AND (owner IS NULL OR owner = $2 OR lease_until_us < $4)",
+            "UPDATE {} SET owner = $2, lease_epoch = lease_epoch + 1,
+                 lease_until_us = {NOW_US} + $3
+             WHERE id = $1 AND (owner IS NULL OR owner = $2 OR lease_until_us < {NOW_US})
+             RETURNING lease_epoch",
+            self.table
+        );
+        let params: [Param; 3] = [
+            Box::new(id.to_owned()),
+            Box::new(owner.to_owned()),
+            Box::new(micros_of(duration)),
+        ];
+        let rows = self
+            .database
+            .query("claiming a replay", &sql, &params)
+            .await?;
+        Ok(rows.first().map(|row| ReplayLease {
+            owner: owner.to_owned(),
+            epoch: u64::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+        }))
+    }
+
+    async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
+        let sql = format!(
+            "UPDATE {} SET lease_until_us = {NOW_US} + $4
+             WHERE id = $1 AND owner = $2 AND lease_epoch = $3",
             self.table
         );
         let params: [Param; 4] = [
             Box::new(id.to_owned()),
-            Box::new(owner.to_owned()),
-            Box::new(micros(until)),
-            Box::new(micros(now)),
+            Box::new(lease.owner.clone()),
+            Box::new(epoch_of(lease)),
+            Box::new(micros_of(duration)),
         ];
         Ok(self
             .database
-            .execute("claiming a replay", &sql, &params)
+            .execute("renewing a replay's lease", &sql, &params)
             .await?
             == 1)
     }
 
-    async fn release(&self, id: &str, owner: &str) -> Result<()> {
+    async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
         let sql = format!(
-            "UPDATE {} SET owner = NULL, lease_until_us = NULL WHERE id = $1 AND owner = $2",
+            "UPDATE {} SET owner = NULL, lease_until_us = NULL
+             WHERE id = $1 AND owner = $2 AND lease_epoch = $3",
             self.table
         );
-        let params: [Param; 2] = [Box::new(id.to_owned()), Box::new(owner.to_owned())];
+        let params: [Param; 3] = [
+            Box::new(id.to_owned()),
+            Box::new(lease.owner.clone()),
+            Box::new(epoch_of(lease)),
+        ];
         self.database
             .execute("releasing a replay", &sql, &params)
             .await

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Frontier, HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION,
-    HEADER_SOURCE_TOPIC, ReplayConfig, ReplayProgress, ReplayRecord, ReplayStatus, ReplayStore,
-    UNTYPED,
+    HEADER_SOURCE_TOPIC, ReplayConfig, ReplayLease, ReplayProgress, ReplayRecord, ReplayStatus,
+    ReplayStore, UNTYPED,
 };
 use crate::message::millis;
 use crate::{
@@ -25,14 +25,16 @@ pub(super) struct Run {
     pub(super) broker: Arc<dyn Broker>,
     pub(super) store: Arc<dyn ReplayStore>,
     pub(super) config: ReplayConfig,
-    /// The lease holder this run works for.
-    pub(super) owner: String,
+    /// The lease this run holds: every write it makes is fenced by it.
+    pub(super) lease: ReplayLease,
     /// As last made durable.
     pub(super) record: ReplayRecord,
     /// Live: ahead of `record` by what was done since the last checkpoint.
     pub(super) progress: Arc<Mutex<ReplayProgress>>,
     pub(super) cancel: CancellationToken,
     pub(super) shutdown: CancellationToken,
+    /// Set when a write found the lease taken by another handler.
+    pub(super) lost: bool,
 }
 
 enum Stop {
@@ -125,16 +127,21 @@ fn bump(counts: &mut std::collections::BTreeMap<String, u64>, kind: &str, by: u6
 impl Run {
     pub(super) async fn run(mut self) {
         let id = self.record.request.id.clone();
-        let (store, owner, lease) = (self.store.clone(), self.owner.clone(), self.config.lease);
+        let (store, held, lease) = (self.store.clone(), self.lease.clone(), self.config.lease);
         let renew = async {
+            let mut renewed = Instant::now();
             loop {
                 tokio::time::sleep((lease / 3).max(Duration::from_millis(10))).await;
-                let now = SystemTime::now();
-                match store.claim(&id, &owner, now + lease, now).await {
-                    Ok(true) => {}
+                match store.renew(&id, &held, lease).await {
+                    Ok(true) => renewed = Instant::now(),
                     Ok(false) => return,
                     Err(err) => {
                         tracing::warn!(replay = %id, error = %err, "renewing the replay's lease failed");
+                        // Past its lease another handler may have taken the replay over: stop
+                        // rather than publish beside it.
+                        if renewed.elapsed() >= lease {
+                            return;
+                        }
                     }
                 }
             }
@@ -143,6 +150,10 @@ impl Run {
             outcome = self.drive() => outcome,
             () = renew => Ok(Stop::LeaseLost),
         };
+        let outcome = match outcome {
+            Err(err) if err.kind() == ErrorKind::AlreadySettled && self.lost => Ok(Stop::LeaseLost),
+            other => other,
+        };
         let mut final_record = match outcome {
             Ok(Stop::LeaseLost) => {
                 tracing::warn!(replay = %id, "another handler took the replay over; this one stops");
@@ -150,7 +161,7 @@ impl Run {
             }
             Ok(Stop::Interrupted) => {
                 tracing::info!(replay = %id, "replay interrupted by shutdown; it resumes from its checkpoint");
-                if let Err(err) = self.store.release(&id, &self.owner).await {
+                if let Err(err) = self.store.release(&id, &self.lease).await {
                     tracing::warn!(replay = %id, error = %err, "releasing the replay failed; another handler takes it once the lease runs out");
                 }
                 return;
@@ -181,12 +192,19 @@ impl Run {
                 record
             }
         };
-        if let Err(err) = self.store.save(&final_record).await {
-            tracing::warn!(replay = %id, error = %err, "the replay's final state could not be stored");
-            final_record.progress.last_error = Some(err.to_string());
-            *self.progress.lock() = final_record.progress.clone();
+        match self.store.save(&final_record, &self.lease).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(replay = %id, "another handler took the replay over before it finished here; its record is that handler's");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(replay = %id, error = %err, "the replay's final state could not be stored");
+                final_record.progress.last_error = Some(err.to_string());
+                *self.progress.lock() = final_record.progress.clone();
+            }
         }
-        if let Err(err) = self.store.release(&id, &self.owner).await {
+        if let Err(err) = self.store.release(&id, &self.lease).await {
             tracing::warn!(replay = %id, error = %err, "releasing the finished replay failed");
         }
         let p = &final_record.progress;
@@ -301,6 +319,23 @@ impl Run {
         Ok(Stop::Completed)
     }
 
+    /// Write `record` under the run's lease.
+    ///
+    /// # Errors
+    /// The store's error, or [`ErrorKind::AlreadySettled`] (with `lost` set) when another
+    /// handler has taken the replay over: this run must stop without writing or publishing
+    /// more.
+    async fn save(&mut self, record: &ReplayRecord) -> Result<()> {
+        if self.store.save(record, &self.lease).await? {
+            return Ok(());
+        }
+        self.lost = true;
+        Err(Error::new(
+            ErrorKind::AlreadySettled,
+            format!("replay {}: another handler took it over", record.request.id),
+        ))
+    }
+
     /// Make the progress durable when the interval has passed (or `force`). Only called
     /// with an empty batch, so the frontier is exactly what was dealt with.
     async fn checkpoint(&mut self, state: &mut State, force: bool) -> Result<()> {
@@ -317,7 +352,7 @@ impl Run {
         if state.published_before.is_empty() {
             record.checkpoint.in_flight_since = None;
         }
-        self.store.save(&record).await?;
+        self.save(&record).await?;
         self.record = record;
         state.last_checkpoint = Instant::now();
         Ok(())
@@ -336,7 +371,7 @@ impl Run {
                 // from here on.
                 let mut record = self.record.clone();
                 record.checkpoint.in_flight_since = Some(SystemTime::now());
-                self.store.save(&record).await?;
+                self.save(&record).await?;
                 self.record = record;
             }
             failed = self.publish(&batch).await?;

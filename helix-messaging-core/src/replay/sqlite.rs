@@ -2,15 +2,15 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{ReplayRecord, ReplayStore};
+use super::{ReplayLease, ReplayRecord, ReplayStore};
 use crate::Result;
 use crate::dlq::sqlite::{on_connection, open_connection};
-use crate::dlq::store::micros;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS helix_replays (
@@ -18,9 +18,31 @@ CREATE TABLE IF NOT EXISTS helix_replays (
     record TEXT NOT NULL,
     updated_us INTEGER NOT NULL,
     owner TEXT,
-    lease_until_us INTEGER
+    lease_until_us INTEGER,
+    lease_epoch INTEGER NOT NULL DEFAULT 0
 );
 ";
+
+/// The store's clock, in microseconds since the Unix epoch: every handler sharing the file
+/// judges leases by it.
+const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+
+/// Files written before leases had epochs get the column.
+fn add_lease_epoch(c: &mut Connection) -> rusqlite::Result<()> {
+    let present = c
+        .prepare("SELECT 1 FROM pragma_table_info('helix_replays') WHERE name = 'lease_epoch'")?
+        .exists([])?;
+    if !present {
+        c.execute_batch(
+            "ALTER TABLE helix_replays ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    Ok(())
+}
+
+fn micros_of(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
 
 const STORE: &str = "replay store";
 
@@ -51,12 +73,20 @@ impl SqliteReplayStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let connection = open_connection(&path, SCHEMA, STORE).await?;
+        on_connection(
+            &connection,
+            STORE,
+            "adding the lease epoch",
+            add_lease_epoch,
+        )
+        .await?;
         Ok(SqliteReplayStore { connection, path })
     }
 
     pub(crate) async fn sharing(connection: Arc<Mutex<Connection>>, path: PathBuf) -> Result<Self> {
         on_connection(&connection, STORE, "creating the table", |c| {
-            c.execute_batch(SCHEMA)
+            c.execute_batch(SCHEMA)?;
+            add_lease_epoch(c)
         })
         .await?;
         Ok(SqliteReplayStore { connection, path })
@@ -70,16 +100,29 @@ impl SqliteReplayStore {
 
 #[async_trait]
 impl ReplayStore for SqliteReplayStore {
-    async fn save(&self, record: &ReplayRecord) -> Result<()> {
+    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
         let (id, json) = (record.id().to_owned(), record.to_json()?);
-        let now = micros(std::time::SystemTime::now());
+        on_connection(&self.connection, STORE, "creating a replay", move |c| {
+            c.prepare_cached(&format!(
+                "INSERT INTO helix_replays (id, record, updated_us) VALUES (?1, ?2, {NOW_US})
+                 ON CONFLICT (id) DO NOTHING"
+            ))?
+            .execute(params![id, json])
+            .map(|n| n == 1)
+        })
+        .await
+    }
+
+    async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
+        let (id, json) = (record.id().to_owned(), record.to_json()?);
+        let (owner, epoch) = (lease.owner.clone(), epoch_of(lease));
         on_connection(&self.connection, STORE, "saving a replay", move |c| {
-            c.prepare_cached(
-                "INSERT INTO helix_replays (id, record, updated_us) VALUES (?1, ?2, ?3)
-                 ON CONFLICT (id) DO UPDATE SET record = excluded.record, updated_us = excluded.updated_us",
-            )?
-            .execute(params![id, json, now])
-            .map(drop)
+            c.prepare_cached(&format!(
+                "UPDATE helix_replays SET record = ?2, updated_us = {NOW_US}
+                 WHERE id = ?1 AND owner = ?3 AND lease_epoch = ?4"
+            ))?
+            .execute(params![id, json, owner, epoch])
+            .map(|n| n == 1)
         })
         .await
     }
@@ -114,30 +157,53 @@ impl ReplayStore for SqliteReplayStore {
         &self,
         id: &str,
         owner: &str,
-        until: std::time::SystemTime,
-        now: std::time::SystemTime,
-    ) -> Result<bool> {
-        let (key, owner) = (id.to_owned(), owner.to_owned());
-        let (until, now) = (micros(until), micros(now));
-        on_connection(&self.connection, STORE, "claiming a replay", move |c| {
-            c.prepare_cached(
-                "UPDATE helix_replays SET owner = ?2, lease_until_us = ?3
-                 WHERE id = ?1 AND (owner IS NULL OR owner = ?2 OR lease_until_us < ?4)",
-            )?
-            .execute(params![key, owner, until, now])
-            .map(|n| n == 1)
-        })
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
+        let (key, holder) = (id.to_owned(), owner.to_owned());
+        let epoch: Option<i64> =
+            on_connection(&self.connection, STORE, "claiming a replay", move |c| {
+                c.prepare_cached(&format!(
+                    "UPDATE helix_replays
+                     SET owner = ?2, lease_epoch = lease_epoch + 1, lease_until_us = {NOW_US} + ?3
+                     WHERE id = ?1 AND (owner IS NULL OR owner = ?2 OR lease_until_us < {NOW_US})
+                     RETURNING lease_epoch"
+                ))?
+                .query_row(params![key, holder, micros_of(duration)], |row| row.get(0))
+                .optional()
+            })
+            .await?;
+        Ok(epoch.map(|epoch| ReplayLease {
+            owner: owner.to_owned(),
+            epoch: u64::try_from(epoch).unwrap_or(0),
+        }))
+    }
+
+    async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
+        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), epoch_of(lease));
+        on_connection(
+            &self.connection,
+            STORE,
+            "renewing a replay's lease",
+            move |c| {
+                c.prepare_cached(&format!(
+                    "UPDATE helix_replays SET lease_until_us = {NOW_US} + ?4
+                 WHERE id = ?1 AND owner = ?2 AND lease_epoch = ?3"
+                ))?
+                .execute(params![key, owner, epoch, micros_of(duration)])
+                .map(|n| n == 1)
+            },
+        )
         .await
     }
 
-    async fn release(&self, id: &str, owner: &str) -> Result<()> {
-        let (key, owner) = (id.to_owned(), owner.to_owned());
+    async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
+        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), epoch_of(lease));
         on_connection(&self.connection, STORE, "releasing a replay", move |c| {
             c.prepare_cached(
                 "UPDATE helix_replays SET owner = NULL, lease_until_us = NULL
-                 WHERE id = ?1 AND owner = ?2",
+                 WHERE id = ?1 AND owner = ?2 AND lease_epoch = ?3",
             )?
-            .execute(params![key, owner])
+            .execute(params![key, owner, epoch])
             .map(drop)
         })
         .await
@@ -152,4 +218,8 @@ impl ReplayStore for SqliteReplayStore {
         })
         .await
     }
+}
+
+fn epoch_of(lease: &ReplayLease) -> i64 {
+    i64::try_from(lease.epoch).unwrap_or(i64::MAX)
 }

@@ -1,7 +1,7 @@
 //! Where replays keep their progress: the durable record a replay resumes from.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
@@ -69,16 +69,42 @@ impl ReplayRecord {
     }
 }
 
+/// A hold on one replay, from [`ReplayStore::claim`]: who holds it, and which taking of it
+/// this is. Every write a run makes is fenced by it: once the replay has been claimed again
+/// (by another handler whose lease check found this one run out, or by a restarted process of
+/// the same name), the writes under this lease change nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayLease {
+    /// The holder's name.
+    pub owner: String,
+    /// Grows with every claim of the replay, whoever makes it.
+    pub epoch: u64,
+}
+
 /// Durable replay records. Implementations: [`MemoryReplayStore`] (nothing survives the
 /// process), `SqliteReplayStore` (feature `sqlite`) and `PostgresReplayStore` (feature
 /// `postgres`), each of which can share the DLQ's database.
+///
+/// A replay runs in one handler at a time: the handler [claims](ReplayStore::claim) a lease,
+/// renews it while it runs, and writes the record only under it
+/// ([`ReplayStore::save`]). Lease times are the store's clock (the database server's for the
+/// SQL stores), so handlers on machines whose clocks disagree still agree on when a lease
+/// has run out.
 #[async_trait]
 pub trait ReplayStore: Send + Sync + 'static {
-    /// Insert or replace the record with this id. Durable when it returns.
+    /// Store a new record, unless one with its id exists. Whether it was stored. Durable when
+    /// it returns.
+    ///
+    /// # Errors
+    /// The store's error; nothing was stored.
+    async fn create(&self, record: &ReplayRecord) -> Result<bool>;
+
+    /// Replace the record, if `lease` still holds it: nobody has claimed the replay since
+    /// `lease` was taken. Whether it was written. Durable when it returns.
     ///
     /// # Errors
     /// The store's error; the record is then as before.
-    async fn save(&self, record: &ReplayRecord) -> Result<()>;
+    async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool>;
 
     /// The record with this id, if any.
     ///
@@ -98,33 +124,43 @@ pub trait ReplayStore: Send + Sync + 'static {
     /// The store's error.
     async fn remove(&self, id: &str) -> Result<bool>;
 
-    /// Take or renew the lease on replay `id` for `owner` until `until`, atomically: it
-    /// succeeds when nobody holds it, `owner` already does, or the holder's lease ended
-    /// before `now`. Whether `owner` holds it now (false for an unknown id). Handlers sharing
-    /// a store run each replay in one of them at a time this way.
+    /// Take the lease on replay `id` for `owner`, for `duration` of the store's clock. It is
+    /// taken when nobody holds it, when its holder's lease has run out, or when `owner`
+    /// holds it already (a restarted process of the same name takes its replays back at
+    /// once); each taking has a new, greater epoch, which fences off the previous holder's
+    /// writes. `None` when someone else holds it, or for an unknown id.
     ///
     /// # Errors
     /// The store's error.
-    async fn claim(
-        &self,
-        id: &str,
-        owner: &str,
-        until: SystemTime,
-        now: SystemTime,
-    ) -> Result<bool>;
+    async fn claim(&self, id: &str, owner: &str, duration: Duration)
+    -> Result<Option<ReplayLease>>;
 
-    /// Give up `owner`'s lease on `id`, if it holds it.
+    /// Extend `lease` to `duration` from now (the store's clock), if it still holds the
+    /// replay. Whether it does.
     ///
     /// # Errors
     /// The store's error.
-    async fn release(&self, id: &str, owner: &str) -> Result<()>;
+    async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool>;
+
+    /// Give the replay up, if `lease` still holds it.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()>;
+}
+
+/// Who holds a replay in a [`MemoryReplayStore`].
+#[derive(Debug, Default)]
+struct MemoryLease {
+    owner: Option<String>,
+    epoch: u64,
+    until: Option<Instant>,
 }
 
 /// Replay records in memory: progress is kept for listing, but nothing survives the process.
 #[derive(Debug, Default)]
 pub struct MemoryReplayStore {
-    records: Mutex<HashMap<String, ReplayRecord>>,
-    leases: Mutex<HashMap<String, (String, SystemTime)>>,
+    records: Mutex<HashMap<String, (ReplayRecord, MemoryLease)>>,
 }
 
 impl MemoryReplayStore {
@@ -134,25 +170,53 @@ impl MemoryReplayStore {
     }
 }
 
+fn holds(held: &MemoryLease, lease: &ReplayLease) -> bool {
+    held.owner.as_deref() == Some(lease.owner.as_str()) && held.epoch == lease.epoch
+}
+
 #[async_trait]
 impl ReplayStore for MemoryReplayStore {
-    async fn save(&self, record: &ReplayRecord) -> Result<()> {
-        self.records
-            .lock()
-            .insert(record.id().to_owned(), record.clone());
-        Ok(())
+    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
+        let mut records = self.records.lock();
+        if records.contains_key(record.id()) {
+            return Ok(false);
+        }
+        records.insert(
+            record.id().to_owned(),
+            (record.clone(), MemoryLease::default()),
+        );
+        Ok(true)
+    }
+
+    async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
+        let mut records = self.records.lock();
+        match records.get_mut(record.id()) {
+            Some((stored, held)) if holds(held, lease) => {
+                *stored = record.clone();
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
     }
 
     async fn load(&self, id: &str) -> Result<Option<ReplayRecord>> {
-        Ok(self.records.lock().get(id).cloned())
+        Ok(self
+            .records
+            .lock()
+            .get(id)
+            .map(|(record, _)| record.clone()))
     }
 
     async fn list(&self) -> Result<Vec<ReplayRecord>> {
-        Ok(self.records.lock().values().cloned().collect())
+        Ok(self
+            .records
+            .lock()
+            .values()
+            .map(|(record, _)| record.clone())
+            .collect())
     }
 
     async fn remove(&self, id: &str) -> Result<bool> {
-        self.leases.lock().remove(id);
         Ok(self.records.lock().remove(id).is_some())
     }
 
@@ -160,26 +224,46 @@ impl ReplayStore for MemoryReplayStore {
         &self,
         id: &str,
         owner: &str,
-        until: SystemTime,
-        now: SystemTime,
-    ) -> Result<bool> {
-        if !self.records.lock().contains_key(id) {
-            return Ok(false);
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
+        let mut records = self.records.lock();
+        let Some((_, held)) = records.get_mut(id) else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let free = match (&held.owner, held.until) {
+            (None, _) => true,
+            (Some(holder), until) => holder == owner || until.is_none_or(|until| until < now),
+        };
+        if !free {
+            return Ok(None);
         }
-        let mut leases = self.leases.lock();
-        let free = leases
-            .get(id)
-            .is_none_or(|(holder, ends)| holder == owner || *ends < now);
-        if free {
-            leases.insert(id.to_owned(), (owner.to_owned(), until));
-        }
-        Ok(free)
+        held.owner = Some(owner.to_owned());
+        held.epoch += 1;
+        held.until = Some(now + duration);
+        Ok(Some(ReplayLease {
+            owner: owner.to_owned(),
+            epoch: held.epoch,
+        }))
     }
 
-    async fn release(&self, id: &str, owner: &str) -> Result<()> {
-        let mut leases = self.leases.lock();
-        if leases.get(id).is_some_and(|(holder, _)| holder == owner) {
-            leases.remove(id);
+    async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
+        let mut records = self.records.lock();
+        match records.get_mut(id) {
+            Some((_, held)) if holds(held, lease) => {
+                held.until = Some(Instant::now() + duration);
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
+        if let Some((_, held)) = self.records.lock().get_mut(id)
+            && holds(held, lease)
+        {
+            held.owner = None;
+            held.until = None;
         }
         Ok(())
     }

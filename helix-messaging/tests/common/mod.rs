@@ -214,13 +214,38 @@ pub async fn replay_store_round_trips(store: &dyn helix_messaging::replay::Repla
             in_flight_since: Some(now),
         },
     };
-    store.save(&record).await.unwrap();
+    assert!(store.create(&record).await.unwrap(), "a new id is created");
+    assert!(
+        !store.create(&record).await.unwrap(),
+        "an existing id is not created again"
+    );
     assert_eq!(store.load(&request.id).await.unwrap(), Some(record.clone()));
+    let id = request.id.as_str();
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        store.claim("no-such-replay", "a", lease).await.unwrap(),
+        None,
+        "unknown id"
+    );
+    let a = store
+        .claim(id, "a", lease)
+        .await
+        .unwrap()
+        .expect("free: a takes it");
+    assert_eq!(
+        store.claim(id, "b", lease).await.unwrap(),
+        None,
+        "held by a"
+    );
+    assert!(store.renew(id, &a, lease).await.unwrap(), "a renews it");
     progress.status = ReplayStatus::Completed;
     progress.finished_at = Some(SystemTime::now());
     record.progress = progress;
     record.checkpoint.in_flight_since = None;
-    store.save(&record).await.unwrap();
+    assert!(
+        store.save(&record, &a).await.unwrap(),
+        "written under a's lease"
+    );
     let listed = store.list().await.unwrap();
     assert_eq!(
         listed
@@ -230,40 +255,48 @@ pub async fn replay_store_round_trips(store: &dyn helix_messaging::replay::Repla
         vec![&record],
         "overwritten, listed once"
     );
-    // Leases: one holder at a time, renewable by it, free once released or run out.
-    let (id, t) = (request.id.as_str(), SystemTime::now());
-    let later = t + Duration::from_secs(30);
+    // The same name claiming again (a restarted process) takes it with a new epoch, which
+    // fences off the earlier holding.
+    let again = store.claim(id, "a", lease).await.unwrap().expect("a again");
+    assert!(again.epoch > a.epoch, "{again:?} after {a:?}");
+    let mut stale = record.clone();
+    stale.progress.total = 999;
     assert!(
-        !store.claim("no-such-replay", "a", later, t).await.unwrap(),
-        "unknown id"
+        !store.save(&stale, &a).await.unwrap(),
+        "the earlier holding writes nothing"
     );
-    assert!(
-        store.claim(id, "a", later, t).await.unwrap(),
-        "free: a takes it"
+    assert!(!store.renew(id, &a, lease).await.unwrap(), "nor renews");
+    store.release(id, &a).await.unwrap();
+    assert_eq!(
+        store.claim(id, "b", lease).await.unwrap(),
+        None,
+        "nor releases: still held"
     );
-    assert!(store.claim(id, "a", later, t).await.unwrap(), "a renews it");
-    assert!(!store.claim(id, "b", later, t).await.unwrap(), "held by a");
-    store.release(id, "b").await.unwrap();
+    assert_eq!(store.load(id).await.unwrap(), Some(record.clone()));
+    // A lease that runs out (the store's clock) can be taken by another holder, whose
+    // epoch fences off the first one's writes.
+    store.release(id, &again).await.unwrap();
+    let short = store
+        .claim(id, "c", Duration::from_millis(50))
+        .await
+        .unwrap()
+        .expect("free after release");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let d = store
+        .claim(id, "d", lease)
+        .await
+        .unwrap()
+        .expect("d takes it once c's lease has run out");
     assert!(
-        !store.claim(id, "b", later, t).await.unwrap(),
-        "only a can release it"
+        !store.save(&stale, &short).await.unwrap(),
+        "c is fenced off"
     );
+    assert!(!store.renew(id, &short, lease).await.unwrap());
+    assert!(store.save(&record, &d).await.unwrap());
+    store.release(id, &d).await.unwrap();
     assert!(
-        store
-            .claim(id, "b", later, later + Duration::from_secs(1))
-            .await
-            .unwrap(),
-        "b takes it once a's lease has run out"
-    );
-    store.release(id, "b").await.unwrap();
-    assert!(
-        store.claim(id, "c", later, t).await.unwrap(),
-        "free after release"
-    );
-    store.save(&record).await.unwrap();
-    assert!(
-        !store.claim(id, "d", later, t).await.unwrap(),
-        "saving keeps the lease"
+        !store.save(&record, &d).await.unwrap(),
+        "nothing is written once released"
     );
     assert!(store.remove(&request.id).await.unwrap());
     assert!(!store.remove(&request.id).await.unwrap());
