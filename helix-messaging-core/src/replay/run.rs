@@ -232,6 +232,15 @@ impl Run {
             options.batch_size.max(READ_AHEAD),
         );
         let mut index = 0u64;
+        // An undecodable entry has no position to compare with the checkpoint. In the
+        // stream's order, those before an entry the checkpoint covers were counted by the
+        // run that took it; those after the last covered entry were not (a checkpoint is
+        // taken right after an entry). So on a resume they are held back until the next
+        // entry says which side of the frontier they are on. Exact for a source read in
+        // position order, which is every backend that yields undecodable entries (Redis
+        // Streams: one stream, in id order).
+        let mut past_frontier = resume_from.is_empty();
+        let mut held_back: Vec<Error> = Vec::new();
         loop {
             let item = tokio::select! {
                 biased;
@@ -244,10 +253,11 @@ impl Run {
                 Ok(entry) => entry,
                 // One entry the backend cannot decode: it cannot be replayed, the rest can.
                 Err(err) if err.kind() == ErrorKind::Serialization => {
-                    let mut progress = self.progress.lock();
-                    progress.total += 1;
-                    progress.failed += 1;
-                    progress.last_error = Some(err.to_string());
+                    if past_frontier {
+                        self.count_undecodable(std::slice::from_ref(&err));
+                    } else {
+                        held_back.push(err);
+                    }
                     continue;
                 }
                 Err(err) => return Err(err),
@@ -261,7 +271,13 @@ impl Run {
                 if options.skip_duplicates {
                     state.seen.insert(id_hash(entry.message.id()));
                 }
+                // Before a covered entry: counted by the run that checkpointed it.
+                held_back.clear();
                 continue;
+            }
+            if !past_frontier {
+                past_frontier = true;
+                self.count_undecodable(&std::mem::take(&mut held_back));
             }
             state.frontier.insert(partition, mark);
             let position = format!("{partition}:{}:{}", mark.0, mark.1);
@@ -314,9 +330,19 @@ impl Run {
                 }
             }
         }
+        self.count_undecodable(&held_back);
         self.flush(&mut state).await?;
         self.checkpoint(&mut state, true).await?;
         Ok(Stop::Completed)
+    }
+
+    /// Count entries the backend could not decode as dealt with, failed.
+    fn count_undecodable(&self, errors: &[Error]) {
+        let Some(last) = errors.last() else { return };
+        let mut progress = self.progress.lock();
+        progress.total += errors.len() as u64;
+        progress.failed += errors.len() as u64;
+        progress.last_error = Some(last.to_string());
     }
 
     /// Write `record` under the run's lease.
@@ -364,7 +390,7 @@ impl Run {
             return Ok(());
         }
         let batch = std::mem::take(&mut state.batch);
-        let mut failed = vec![false; batch.len()];
+        let mut refused = vec![false; batch.len()];
         if !self.record.request.options.dry_run {
             if self.record.checkpoint.in_flight_since.is_none() {
                 // Durable before the first copy goes out: a resumed run looks for copies
@@ -374,10 +400,10 @@ impl Run {
                 self.save(&record).await?;
                 self.record = record;
             }
-            failed = self.publish(&batch).await?;
+            refused = self.publish(&batch).await?;
         }
         let mut progress = self.progress.lock();
-        for (pending, failed) in batch.iter().zip(failed) {
+        for (pending, failed) in batch.iter().zip(refused) {
             progress.total += 1;
             if failed {
                 progress.failed += 1;
@@ -392,21 +418,28 @@ impl Run {
         Ok(())
     }
 
-    /// Publish copies of `batch`, retrying transient failures; which ones failed for good.
+    /// Publish copies of `batch`, retrying transient failures; which ones the broker refused
+    /// for good (counted failed: no retry can publish them).
+    ///
+    /// A broker that stops taking messages fails the rest of the batch (the
+    /// [`Publisher::publish_batch`](crate::Publisher::publish_batch) contract), so what is
+    /// retried is the failed suffix, in order, and per-key order holds in the target. A
+    /// timeout is ambiguous (the broker may have taken the message): before a retry, the
+    /// target is searched for the copies such a batch published (by replay id and source
+    /// position, as a resume does), and those found are not published again.
     ///
     /// # Errors
-    /// The last error when every message failed transiently: the broker is away, and the
-    /// replay stops (resumable) rather than count the window as failed.
+    /// The last error when a copy still fails transiently after
+    /// [`ReplayConfig::publish_attempts`]: the replay stops (resumable from its checkpoint,
+    /// which never moves past an unpublished copy) rather than count it failed.
     async fn publish(&self, batch: &[Pending]) -> Result<Vec<bool>> {
         let target = self.record.request.target();
-        let mut failed = vec![false; batch.len()];
+        let mut refused = vec![false; batch.len()];
         let mut pending: Vec<usize> = (0..batch.len()).collect();
         let mut delays = ExponentialBuilder::default()
             .with_min_delay(self.config.retry_delay)
             .with_max_times(self.config.publish_attempts.saturating_sub(1))
             .build();
-        let mut last_error: Option<Error> = None;
-        let mut only_transient = true;
         loop {
             let copies = pending
                 .iter()
@@ -414,37 +447,33 @@ impl Run {
                 .collect();
             let report = self.broker.publish_batch(&target, copies).await;
             let mut retry = Vec::new();
+            let mut ambiguous = false;
+            let mut transient: Option<Error> = None;
             for (j, err) in report.failures() {
                 let i = pending[*j];
                 if err.is_retryable() {
                     retry.push(i);
+                    ambiguous |= err.kind() == ErrorKind::Timeout;
+                    transient = Some(err.copy_without_source());
                 } else {
-                    failed[i] = true;
-                    only_transient = false;
+                    refused[i] = true;
+                    self.progress.lock().last_error = Some(err.to_string());
                 }
-                last_error = Some(err.copy_without_source());
             }
-            if retry.is_empty() {
-                break;
+            if ambiguous && let Some(since) = self.record.checkpoint.in_flight_since {
+                let published = self.find_published(since).await?;
+                retry.retain(|&i| !published.contains(&batch[i].position));
             }
+            let Some(err) = transient.filter(|_| !retry.is_empty()) else {
+                return Ok(refused);
+            };
+            retry.sort_unstable();
             match delays.next() {
                 Some(delay) => tokio::time::sleep(delay).await,
-                None => {
-                    for i in retry {
-                        failed[i] = true;
-                    }
-                    break;
-                }
+                None => return Err(err),
             }
             pending = retry;
         }
-        if let Some(err) = last_error {
-            if only_transient && failed.iter().all(|f| *f) {
-                return Err(err);
-            }
-            self.progress.lock().last_error = Some(err.to_string());
-        }
-        Ok(failed)
     }
 
     /// The copy published for an original.
