@@ -9,6 +9,12 @@
 pub struct Capabilities {
     /// Accepted messages survive a broker restart.
     pub durable: bool,
+    /// A message reaches its subscribers whole: its id, key, headers (trace context and
+    /// `type` included), priority, content type and correlation id as published, besides
+    /// its payload. Without it a subscriber sees the payload only, with a fresh id, so
+    /// retries, the DLQ's handlers by type, tracing and deduplication by id cannot work
+    /// across it (Redis pub/sub with its envelope turned off).
+    pub metadata: bool,
     /// A delivery stays pending until acked, and `nack(requeue = true)` redelivers it with
     /// attempt + 1.
     pub redelivery: bool,
@@ -47,6 +53,7 @@ impl Capabilities {
     /// No capabilities at all: the base adapters build on with struct-update syntax.
     pub const NONE: Capabilities = Capabilities {
         durable: false,
+        metadata: false,
         redelivery: false,
         consumer_groups: false,
         per_key_ordering: false,
@@ -62,9 +69,10 @@ impl Capabilities {
 
     /// The boolean capabilities with a short column title each, in a fixed order (used to
     /// render and check the README's backend table).
-    pub fn flags(&self) -> [(&'static str, bool); 11] {
+    pub fn flags(&self) -> [(&'static str, bool); 12] {
         [
             ("Durable", self.durable),
+            ("Metadata kept", self.metadata),
             ("Ack + redelivery", self.redelivery),
             ("Consumer groups", self.consumer_groups),
             ("Per-key order", self.per_key_ordering),

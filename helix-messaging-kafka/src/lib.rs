@@ -59,6 +59,7 @@ pub const NAME: &str = "kafka";
 
 /// What the Kafka backend promises.
 pub const CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
     durable: true,
     redelivery: true,
     consumer_groups: true,

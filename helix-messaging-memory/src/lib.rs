@@ -48,6 +48,7 @@ pub const NAME: &str = "memory";
 
 /// What the memory broker promises (with the default payload limit).
 pub const CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
     durable: false,
     redelivery: true,
     consumer_groups: true,

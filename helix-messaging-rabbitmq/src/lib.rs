@@ -64,6 +64,7 @@ pub const NAME: &str = "rabbitmq";
 
 /// What the RabbitMQ backend promises.
 pub const CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
     durable: true,
     redelivery: true,
     consumer_groups: true,

@@ -104,6 +104,9 @@ impl RedisConfig {
         };
         helix_messaging_core::Capabilities {
             max_payload_bytes: Some(self.max_payload_bytes),
+            // A channel carries only what is published on it: without the envelope, the
+            // payload.
+            metadata: base.metadata && (self.mode == RedisMode::Streams || self.pubsub_envelope),
             ..base
         }
     }

@@ -56,6 +56,8 @@ pub const STREAMS_NAME: &str = "redis-streams";
 
 /// What pub/sub mode promises: delivery to whoever is subscribed right now, in publish order.
 pub const PUBSUB_CAPABILITIES: Capabilities = Capabilities {
+    // With the envelope (the default); a bare payload carries none.
+    metadata: true,
     per_key_ordering: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
     ..Capabilities::NONE
@@ -64,6 +66,7 @@ pub const PUBSUB_CAPABILITIES: Capabilities = Capabilities {
 /// What Streams mode promises. Durability is the server's: entries survive a restart when
 /// Redis persists (AOF, ideally `appendfsync always`).
 pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
     durable: true,
     redelivery: true,
     consumer_groups: true,

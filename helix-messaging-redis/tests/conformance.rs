@@ -52,71 +52,105 @@ async fn redis_streams_pass_the_conformance_suite() {
     .assert_passed();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_pubsub_passes_the_conformance_suite() {
+/// Pub/sub is at most once: the cases that need groups, redelivery or history are skipped.
+fn at_most_once(suite: Conformance) -> Conformance {
     let at_most_once =
         "Redis pub/sub is at most once: no consumer groups, no redelivery, no history";
-    // The default configuration, envelope on: every field the cases check travels. The
-    // bare-payload mode (`REDIS_PUBSUB_ENVELOPE=false`) is checked against redis-cli in
-    // `interop.rs`.
-    Conformance::new("redis", || async {
+    suite
+        .expect_skipped("fan_out_to_groups", at_most_once)
+        .expect_skipped("group_load_sharing", at_most_once)
+        .expect_skipped("nack_requeue_redelivers", at_most_once)
+        .expect_skipped("dropped_subscription_hands_over_unacked", at_most_once)
+        .expect_skipped("priority_order", at_most_once)
+        .expect_skipped("ttl_expiry", at_most_once)
+        .expect_skipped("read_range_returns_exactly_the_window", at_most_once)
+        .expect_skipped("new_group_starts_from_earliest", at_most_once)
+        .expect_skipped("requeue_reaches_only_its_group", at_most_once)
+        .expect_skipped("crash_loop_counts_every_attempt", at_most_once)
+        .expect_skipped("prefetch_one_keeps_flowing", at_most_once)
+        .expect_skipped("a_held_window_fills_to_the_prefetch", at_most_once)
+        .expect_skipped(
+            "live_messages_stamped_before_a_time_start_arrive",
+            at_most_once,
+        )
+        .expect_skipped("zero_ttl_is_never_delivered", at_most_once)
+        .expect_skipped("prefetched_but_unseen_is_not_an_attempt", at_most_once)
+        .expect_skipped(
+            "an_owner_that_never_received_it_keeps_its_attempts",
+            at_most_once,
+        )
+        .expect_skipped("an_ack_past_a_crashed_message_stays_acked", at_most_once)
+        .expect_skipped(
+            "prefetched_by_two_owners_in_turn_is_no_attempt",
+            at_most_once,
+        )
+        .expect_skipped("successive_members_of_a_group_lose_nothing", at_most_once)
+        .expect_skipped(
+            "close_ends_subscriptions_promptly_and_commits_nothing_held",
+            at_most_once,
+        )
+        .expect_skipped("delayed_requeue_holds_the_message_back", at_most_once)
+        .expect_skipped("retry_then_dead_letter_after_exact_attempts", at_most_once)
+        .expect_skipped(
+            "undecodable_is_dead_lettered_on_first_delivery",
+            at_most_once,
+        )
+        .expect_skipped("poison_message_does_not_stall_the_others", at_most_once)
+        .expect_skipped("processor_ingests_lists_and_reprocesses", at_most_once)
+        .expect_skipped(
+            "malformed_payloads_reach_the_dlq_after_one_delivery",
+            at_most_once,
+        )
+        .expect_skipped("replay_copies_exactly_the_window", at_most_once)
+        .expect_skipped("replay_skips_duplicate_ids", at_most_once)
+        .expect_skipped("replay_cancel_stops_within_one_batch", at_most_once)
+        .expect_skipped(
+            "replay_resumes_after_restart_without_duplicates",
+            at_most_once,
+        )
+        .expect_skipped(
+            "backlog_counts_what_the_group_has_not_finished",
+            at_most_once,
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pubsub_passes_the_conformance_suite() {
+    // The default configuration, envelope on: every field the cases check travels.
+    at_most_once(Conformance::new("redis", || async {
         Ok(Arc::new(RedisBroker::connect(config(RedisMode::PubSub)).await?) as Arc<dyn Broker>)
-    })
-    .expect_skipped("fan_out_to_groups", at_most_once)
-    .expect_skipped("group_load_sharing", at_most_once)
-    .expect_skipped("nack_requeue_redelivers", at_most_once)
-    .expect_skipped("dropped_subscription_hands_over_unacked", at_most_once)
-    .expect_skipped("priority_order", at_most_once)
-    .expect_skipped("ttl_expiry", at_most_once)
-    .expect_skipped("read_range_returns_exactly_the_window", at_most_once)
-    .expect_skipped("new_group_starts_from_earliest", at_most_once)
-    .expect_skipped("requeue_reaches_only_its_group", at_most_once)
-    .expect_skipped("crash_loop_counts_every_attempt", at_most_once)
-    .expect_skipped("prefetch_one_keeps_flowing", at_most_once)
-    .expect_skipped("a_held_window_fills_to_the_prefetch", at_most_once)
-    .expect_skipped(
-        "live_messages_stamped_before_a_time_start_arrive",
-        at_most_once,
-    )
-    .expect_skipped("zero_ttl_is_never_delivered", at_most_once)
-    .expect_skipped("prefetched_but_unseen_is_not_an_attempt", at_most_once)
-    .expect_skipped(
-        "an_owner_that_never_received_it_keeps_its_attempts",
-        at_most_once,
-    )
-    .expect_skipped("an_ack_past_a_crashed_message_stays_acked", at_most_once)
-    .expect_skipped(
-        "prefetched_by_two_owners_in_turn_is_no_attempt",
-        at_most_once,
-    )
-    .expect_skipped("successive_members_of_a_group_lose_nothing", at_most_once)
-    .expect_skipped(
-        "close_ends_subscriptions_promptly_and_commits_nothing_held",
-        at_most_once,
-    )
-    .expect_skipped("delayed_requeue_holds_the_message_back", at_most_once)
-    .expect_skipped("retry_then_dead_letter_after_exact_attempts", at_most_once)
-    .expect_skipped(
-        "undecodable_is_dead_lettered_on_first_delivery",
-        at_most_once,
-    )
-    .expect_skipped("poison_message_does_not_stall_the_others", at_most_once)
-    .expect_skipped("processor_ingests_lists_and_reprocesses", at_most_once)
-    .expect_skipped(
-        "malformed_payloads_reach_the_dlq_after_one_delivery",
-        at_most_once,
-    )
-    .expect_skipped("replay_copies_exactly_the_window", at_most_once)
-    .expect_skipped("replay_skips_duplicate_ids", at_most_once)
-    .expect_skipped("replay_cancel_stops_within_one_batch", at_most_once)
-    .expect_skipped(
-        "replay_resumes_after_restart_without_duplicates",
-        at_most_once,
-    )
-    .expect_skipped(
-        "backlog_counts_what_the_group_has_not_finished",
-        at_most_once,
-    )
+    }))
+    .cleanup(delete_topics)
+    .run()
+    .await
+    .assert_passed();
+}
+
+/// With the envelope off (`REDIS_PUBSUB_ENVELOPE=false`) a channel carries the bare payload
+/// for subscribers that are not helix: the capabilities say no metadata, and the cases that
+/// need it are skipped for that reason; the rest hold. `interop.rs` checks the bytes
+/// against redis-cli.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_pubsub_with_bare_payloads_keeps_what_it_declares() {
+    let bare = || {
+        let mut config = config(RedisMode::PubSub);
+        config.pubsub_envelope = false;
+        config
+    };
+    assert!(
+        !bare().capabilities().metadata,
+        "bare payloads carry no metadata"
+    );
+    let no_metadata = "a bare payload carries no id, key or headers: ids are fresh on delivery";
+    at_most_once(Conformance::new("redis", move || async move {
+        Ok(Arc::new(RedisBroker::connect(bare()).await?) as Arc<dyn Broker>)
+    }))
+    .expect_skipped("round_trip", no_metadata)
+    .expect_skipped("batch_publish", no_metadata)
+    .expect_skipped("per_key_ordering", no_metadata)
+    .expect_skipped("topic_isolation", no_metadata)
+    .expect_skipped("reject_does_not_redeliver", no_metadata)
+    .expect_skipped("concurrent_publishers_exactly_once", no_metadata)
     .cleanup(delete_topics)
     .run()
     .await

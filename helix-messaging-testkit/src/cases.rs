@@ -27,17 +27,17 @@ macro_rules! cases {
 }
 
 cases! {
-    round_trip: [];
-    batch_publish: [];
-    per_key_ordering: [PerKeyOrdering];
-    topic_isolation: [];
+    round_trip: [Metadata];
+    batch_publish: [Metadata];
+    per_key_ordering: [Metadata, PerKeyOrdering];
+    topic_isolation: [Metadata];
     fan_out_to_groups: [ConsumerGroups];
     group_load_sharing: [ConsumerGroups];
     nack_requeue_redelivers: [Redelivery];
-    reject_does_not_redeliver: [];
+    reject_does_not_redeliver: [Metadata];
     double_settle_is_refused: [];
     dropped_subscription_hands_over_unacked: [ConsumerGroups, RedeliverUnacked];
-    concurrent_publishers_exactly_once: [];
+    concurrent_publishers_exactly_once: [Metadata];
     priority_order: [ConsumerGroups, Priority];
     ttl_expiry: [ConsumerGroups, Ttl];
     read_range_returns_exactly_the_window: [ReplayByTime];

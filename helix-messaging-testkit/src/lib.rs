@@ -51,6 +51,8 @@ pub use helpers::{
 /// A capability a case needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Needs {
+    /// [`Capabilities::metadata`].
+    Metadata,
     /// [`Capabilities::redelivery`].
     Redelivery,
     /// [`Capabilities::consumer_groups`].
@@ -77,6 +79,7 @@ impl Needs {
     /// Whether `caps` provide this.
     pub fn met_by(self, caps: &Capabilities) -> bool {
         match self {
+            Needs::Metadata => caps.metadata,
             Needs::Redelivery => caps.redelivery,
             Needs::ConsumerGroups => caps.consumer_groups,
             Needs::PerKeyOrdering => caps.per_key_ordering,
@@ -92,6 +95,7 @@ impl Needs {
 
     fn describe(self) -> &'static str {
         match self {
+            Needs::Metadata => "a message's id, key and headers kept end to end",
             Needs::Redelivery => "redelivery",
             Needs::ConsumerGroups => "consumer groups",
             Needs::PerKeyOrdering => "per-key ordering",
