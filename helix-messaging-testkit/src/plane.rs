@@ -395,7 +395,18 @@ struct SpoolRun {
     problems: Vec<String>,
 }
 
-impl SpoolRun {
+impl SeedRun for SpoolRun {
+    fn faults(&self) -> &[String] {
+        &self.faults
+    }
+
+    fn observed(&self) -> String {
+        format!(
+            "published: {:?}\n  delivered: {:?}\n  set aside: {:?}",
+            self.published, self.delivered, self.refused
+        )
+    }
+
     /// How the publishes ended and what arrived, in numbers.
     fn summary(&self) -> String {
         let (mut ok, mut failed, mut cancelled) = (0, 0, 0);
@@ -497,6 +508,68 @@ fn seeds() -> Vec<u64> {
     crate::helpers::seeds_from_env("HELIX_PLANE_SEED", "HELIX_PLANE_SEEDS", (1..=20).collect())
 }
 
+/// What one seeded run saw, as the reports need it.
+trait SeedRun {
+    /// The promises broken (empty if every one was kept).
+    fn violations(&self) -> Vec<String>;
+    /// The run in numbers.
+    fn summary(&self) -> String;
+    /// The faults applied, in order.
+    fn faults(&self) -> &[String];
+    /// What was observed, for a failing seed's report.
+    fn observed(&self) -> String;
+}
+
+/// Run every seed with `run` (a seed and a size); a failing seed is shrunk to the smallest
+/// size that still fails, and reported with its faults and what was observed.
+async fn run_seeds<R, F, Fut>(backend: &str, what: &str, size: usize, run: F) -> PlaneReport
+where
+    R: SeedRun,
+    F: Fn(u64, usize) -> Fut,
+    Fut: std::future::Future<Output = R>,
+{
+    let seeds = seeds();
+    let mut failures = Vec::new();
+    for &seed in &seeds {
+        let first = run(seed, size).await;
+        let violations = first.violations();
+        if violations.is_empty() {
+            println!(
+                "plane[{backend}] {what} seed {seed}: kept its promise ({})",
+                first.summary()
+            );
+            continue;
+        }
+        let mut shortest = (size, first, violations);
+        for smaller in [5, 10, 20, 40] {
+            if smaller >= shortest.0 {
+                break;
+            }
+            let again = run(seed, smaller).await;
+            let violations = again.violations();
+            if !violations.is_empty() {
+                shortest = (smaller, again, violations);
+                break;
+            }
+        }
+        let (size, failed, violations) = shortest;
+        let report = format!(
+            "plane[{backend}] {what} seed {seed}: BROKEN with {size} messages ({})\n  violations:\n    {}\n  faults applied:\n    {}\n  {}",
+            failed.summary(),
+            violations.join("\n    "),
+            failed.faults().join("\n    "),
+            failed.observed(),
+        );
+        println!("{report}");
+        failures.push(report);
+    }
+    PlaneReport {
+        backend: backend.to_owned(),
+        seeds: seeds.len(),
+        failures,
+    }
+}
+
 impl SpoolHarness {
     /// A harness building a fresh broker of `backend` for every run with `factory`.
     pub fn new<F, Fut>(backend: impl Into<String>, factory: F) -> Self
@@ -530,49 +603,10 @@ impl SpoolHarness {
 
     /// Run every seed; a failing seed is shrunk to the fewest publishes that still fail.
     pub async fn run(self) -> PlaneReport {
-        let seeds = seeds();
-        let mut failures = Vec::new();
-        for &seed in &seeds {
-            let run = self.run_seed(seed, self.messages).await;
-            let violations = run.violations();
-            if violations.is_empty() {
-                println!(
-                    "plane[{}] seed {seed}: the spool kept its promise ({})",
-                    self.backend,
-                    run.summary()
-                );
-                continue;
-            }
-            let mut shortest = (self.messages, run, violations);
-            for messages in [5, 10, 20, 40] {
-                if messages >= shortest.0 {
-                    break;
-                }
-                let run = self.run_seed(seed, messages).await;
-                let violations = run.violations();
-                if !violations.is_empty() {
-                    shortest = (messages, run, violations);
-                    break;
-                }
-            }
-            let (messages, run, violations) = shortest;
-            let report = format!(
-                "plane[{}] seed {seed}: BROKEN with {messages} publishes\n  violations:\n    {}\n  faults applied:\n    {}\n  published: {:?}\n  delivered: {:?}\n  set aside: {:?}",
-                self.backend,
-                violations.join("\n    "),
-                run.faults.join("\n    "),
-                run.published,
-                run.delivered,
-                run.refused,
-            );
-            println!("{report}");
-            failures.push(report);
-        }
-        PlaneReport {
-            backend: self.backend,
-            seeds: seeds.len(),
-            failures,
-        }
+        run_seeds(&self.backend, "spool", self.messages, |seed, messages| {
+            self.run_seed(seed, messages)
+        })
+        .await
     }
 
     async fn run_seed(&self, seed: u64, messages: usize) -> SpoolRun {
@@ -1052,7 +1086,15 @@ struct ReplayRun {
     problems: Vec<String>,
 }
 
-impl ReplayRun {
+impl SeedRun for ReplayRun {
+    fn faults(&self) -> &[String] {
+        &self.faults
+    }
+
+    fn observed(&self) -> String {
+        format!("progress: {:?}", self.progress)
+    }
+
     fn summary(&self) -> String {
         let p = self.progress.as_ref();
         format!(
@@ -1177,48 +1219,10 @@ impl ReplayHarness {
 
     /// Run every seed; a failing seed is shrunk to the fewest messages that still fail.
     pub async fn run(self) -> PlaneReport {
-        let seeds = seeds();
-        let mut failures = Vec::new();
-        for &seed in &seeds {
-            let run = self.run_seed(seed, self.messages).await;
-            let violations = run.violations();
-            if violations.is_empty() {
-                println!(
-                    "plane[{}] replay seed {seed}: kept its promises ({})",
-                    self.backend,
-                    run.summary()
-                );
-                continue;
-            }
-            let mut shortest = (self.messages, run, violations);
-            for messages in [5, 10, 20, 40] {
-                if messages >= shortest.0 {
-                    break;
-                }
-                let run = self.run_seed(seed, messages).await;
-                let violations = run.violations();
-                if !violations.is_empty() {
-                    shortest = (messages, run, violations);
-                    break;
-                }
-            }
-            let (messages, run, violations) = shortest;
-            let report = format!(
-                "plane[{}] replay seed {seed}: BROKEN with {messages} messages ({})\n  violations:\n    {}\n  faults applied:\n    {}\n  progress: {:?}",
-                self.backend,
-                run.summary(),
-                violations.join("\n    "),
-                run.faults.join("\n    "),
-                run.progress,
-            );
-            println!("{report}");
-            failures.push(report);
-        }
-        PlaneReport {
-            backend: self.backend,
-            seeds: seeds.len(),
-            failures,
-        }
+        run_seeds(&self.backend, "replay", self.messages, |seed, messages| {
+            self.run_seed(seed, messages)
+        })
+        .await
     }
 
     async fn run_seed(&self, seed: u64, messages: usize) -> ReplayRun {
