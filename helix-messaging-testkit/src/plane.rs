@@ -1015,9 +1015,14 @@ impl FaultyReplayStore {
 
 #[async_trait]
 impl ReplayStore for FaultyReplayStore {
-    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
+    async fn create(
+        &self,
+        record: &ReplayRecord,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
         tokio::task::yield_now().await;
-        self.inner.create(record).await
+        self.inner.create(record, owner, duration).await
     }
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {

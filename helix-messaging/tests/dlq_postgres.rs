@@ -281,7 +281,12 @@ async fn a_dlq_call_stuck_on_a_lock_does_not_hold_up_a_replay_lease() {
         request,
         checkpoint: Checkpoint::default(),
     };
-    assert!(replays.create(&record).await.unwrap());
+    let creator = replays
+        .create(&record, "creator", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("created");
+    replays.release("r", &creator).await.unwrap();
 
     // Another client locks the DLQ's table; a DLQ count then waits for it.
     let (locker, connection_task) = tokio_postgres::connect(&connection(), tokio_postgres::NoTls)

@@ -104,7 +104,13 @@ async fn a_failed_replay_resumed_three_times_at_once_runs_once() {
     let (broker, sent, from, to) = history(300).await;
     let store = Arc::new(FaultyReplayStore::new(Arc::new(MemoryReplayStore::new())));
     let record = failed_record(request("resumed", from, to, ReplayOptions::default()));
-    assert!(store.create(&record).await.unwrap());
+    // Failed and free: its last holder released it.
+    let setup = store
+        .create(&record, "setup", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .expect("created");
+    store.release("resumed", &setup).await.unwrap();
     let handler = ReplayHandler::open(broker.clone(), ReplayConfig::default(), store)
         .await
         .unwrap();

@@ -355,7 +355,8 @@ pub struct ReplayConfig {
     pub lease: Duration,
     /// This handler's name as a lease holder (default: a fresh UUID). A stable name (the
     /// host or pod name) lets a restarted process take its own replays back at once instead
-    /// of waiting for their leases to run out.
+    /// of waiting for their leases to run out. It must be unique among the live handlers
+    /// sharing a store: two live handlers of one name take a replay from each other.
     pub instance_id: Option<String>,
 }
 
@@ -614,12 +615,14 @@ impl ReplayHandler {
             request: request.clone(),
             checkpoint: Checkpoint::default(),
         };
-        if !self.inner.store.create(&record).await? {
-            return Err(exists());
-        }
-        // Nobody can hold a replay just created, unless another process sharing the store
-        // claimed it in between (its adopt loop): then it runs there.
-        let Some(lease) = self.claim(record.id()).await? else {
+        // Created leased to this handler, so no other handler's adopt loop can take it
+        // before it runs here.
+        let Some(lease) = self
+            .inner
+            .store
+            .create(&record, &self.inner.owner, self.inner.config.lease)
+            .await?
+        else {
             return Err(exists());
         };
         let progress = record.progress.clone();
@@ -710,21 +713,32 @@ impl ReplayHandler {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
     pub async fn get_progress(&self, id: &str) -> Result<ReplayProgress> {
-        if let Some(progress) = self
-            .inner
-            .jobs
-            .lock()
-            .get(id)
-            .and_then(|job| job.progress.clone())
-        {
-            return Ok(progress.lock().clone());
+        let (live, ended) = self.job_progress(id);
+        if let Some(progress) = live {
+            return Ok(progress);
         }
-        self.inner
-            .store
-            .load(id)
-            .await?
-            .map(|record| record.progress)
-            .ok_or_else(|| not_found(id))
+        // A run that ended here wrote its end to the store, unless it lost the replay to
+        // another handler (which the store then shows) or could not write (its own copy
+        // says why).
+        match self.inner.store.load(id).await {
+            Ok(Some(record)) => Ok(record.progress),
+            Ok(None) => ended.ok_or_else(|| not_found(id)),
+            Err(err) => ended.ok_or(err),
+        }
+    }
+
+    /// This handler's progress of replay `id`: of a live run, or of one that ended.
+    fn job_progress(&self, id: &str) -> (Option<ReplayProgress>, Option<ReplayProgress>) {
+        let jobs = self.inner.jobs.lock();
+        let Some(job) = jobs.get(id) else {
+            return (None, None);
+        };
+        let progress = job.progress.as_ref().map(|p| p.lock().clone());
+        if *job.finished.borrow() {
+            (None, progress)
+        } else {
+            (progress, None)
+        }
     }
 
     /// Every replay known here or in the store, newest first.
@@ -741,7 +755,10 @@ impl ReplayHandler {
             .map(|record| (record.request.id, record.progress))
             .collect();
         for (id, job) in self.inner.jobs.lock().iter() {
-            if let Some(progress) = &job.progress {
+            // Live runs only: an ended one is as the store shows it.
+            if let Some(progress) = &job.progress
+                && (!*job.finished.borrow() || !all.contains_key(id))
+            {
                 all.insert(id.clone(), progress.lock().clone());
             }
         }
@@ -757,7 +774,9 @@ impl ReplayHandler {
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
     pub async fn cancel_replay(&self, id: &str) -> Result<()> {
+        // A run of it here (spawned: a slot still being taken may come to nothing).
         if let Some(job) = self.inner.jobs.lock().get(id)
+            && job.progress.is_some()
             && !*job.finished.borrow()
         {
             job.cancel.cancel();
@@ -777,15 +796,25 @@ impl ReplayHandler {
                 if record.progress.status != ReplayStatus::Failed {
                     return Ok(());
                 }
-                // Failed: not running anywhere, but resumable; cancelling closes it, under
-                // the lease, so that a resume starting elsewhere meanwhile is not undone.
+                // Failed: not running anywhere, but resumable; cancelling closes it, holding
+                // its slot here and its lease, so that a resume starting meanwhile, here or
+                // elsewhere, is not undone.
+                let Ok(_slot) = self.reserve(id, false) else {
+                    return Err(Error::invalid_input(format!(
+                        "replay {id:?} is being resumed here; cancel it again"
+                    )));
+                };
                 let Some(lease) = self.claim(id).await? else {
                     return Err(elsewhere());
                 };
                 let closed = match self.inner.store.load(id).await {
                     Ok(Some(mut record)) if record.progress.status == ReplayStatus::Failed => {
                         record.progress.status = ReplayStatus::Cancelled;
-                        self.inner.store.save(&record, &lease).await.map(drop)
+                        match self.inner.store.save(&record, &lease).await {
+                            Ok(true) => Ok(()),
+                            Ok(false) => Err(elsewhere()),
+                            Err(err) => Err(err),
+                        }
                     }
                     Ok(_) => Ok(()),
                     Err(err) => Err(err),

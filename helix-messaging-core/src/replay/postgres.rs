@@ -49,12 +49,32 @@ impl PostgresReplayStore {
                 owner TEXT,
                 lease_until_us BIGINT,
                 lease_epoch BIGINT NOT NULL DEFAULT 0
-            );
-            ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lease_epoch BIGINT NOT NULL DEFAULT 0;"
+            );"
         );
         database
             .batch_execute("creating the replay table", &schema)
             .await?;
+        // Tables made before leases had epochs get the column. Looked up first: ALTER TABLE
+        // takes the table's strongest lock and needs its owner, on every connect otherwise.
+        let present = database
+            .query(
+                "looking for the lease epoch column",
+                "SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = $1
+                   AND column_name = 'lease_epoch'",
+                &[Box::new(table.clone()) as Param],
+            )
+            .await?;
+        if present.is_empty() {
+            database
+                .batch_execute(
+                    "adding the lease epoch column",
+                    &format!(
+                        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lease_epoch BIGINT NOT NULL DEFAULT 0"
+                    ),
+                )
+                .await?;
+        }
         Ok(PostgresReplayStore { database, table })
     }
 }
@@ -73,20 +93,32 @@ fn epoch_of(lease: &ReplayLease) -> i64 {
 
 #[async_trait]
 impl ReplayStore for PostgresReplayStore {
-    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
+    async fn create(
+        &self,
+        record: &ReplayRecord,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
         let sql = format!(
-            "INSERT INTO {} (id, record) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO {} (id, record, owner, lease_epoch, lease_until_us)
+             VALUES ($1, $2, $3, 1, {NOW_US} + $4) ON CONFLICT (id) DO NOTHING",
             self.table
         );
-        let params: [Param; 2] = [
+        let params: [Param; 4] = [
             Box::new(record.id().to_owned()),
             Box::new(record.to_json()?),
+            Box::new(owner.to_owned()),
+            Box::new(micros_of(duration)),
         ];
-        Ok(self
+        let created = self
             .database
             .execute("creating a replay", &sql, &params)
             .await?
-            == 1)
+            == 1;
+        Ok(created.then(|| ReplayLease {
+            owner: owner.to_owned(),
+            epoch: 1,
+        }))
     }
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {

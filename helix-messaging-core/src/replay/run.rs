@@ -129,17 +129,24 @@ impl Run {
         let id = self.record.request.id.clone();
         let (store, held, lease) = (self.store.clone(), self.lease.clone(), self.config.lease);
         let renew = async {
-            let mut renewed = Instant::now();
+            // Past its lease another handler may take the replay over: the run stops by then
+            // rather than publish beside it, whether or not a renewal is still on its way. The
+            // lease was taken no later than when this run began, and a renewal extends it
+            // from no earlier than when it was sent.
+            let mut expires = tokio::time::Instant::now() + lease;
             loop {
                 tokio::time::sleep((lease / 3).max(Duration::from_millis(10))).await;
-                match store.renew(&id, &held, lease).await {
-                    Ok(true) => renewed = Instant::now(),
-                    Ok(false) => return,
-                    Err(err) => {
+                let sent = tokio::time::Instant::now();
+                match tokio::time::timeout_at(expires, store.renew(&id, &held, lease)).await {
+                    Err(_) => {
+                        tracing::warn!(replay = %id, "the replay's lease ran out before it could be renewed");
+                        return;
+                    }
+                    Ok(Ok(true)) => expires = sent + lease,
+                    Ok(Ok(false)) => return,
+                    Ok(Err(err)) => {
                         tracing::warn!(replay = %id, error = %err, "renewing the replay's lease failed");
-                        // Past its lease another handler may have taken the replay over: stop
-                        // rather than publish beside it.
-                        if renewed.elapsed() >= lease {
+                        if tokio::time::Instant::now() >= expires {
                             return;
                         }
                     }
@@ -426,7 +433,10 @@ impl Run {
     /// retried is the failed suffix, in order, and per-key order holds in the target. A
     /// timeout is ambiguous (the broker may have taken the message): before a retry, the
     /// target is searched for the copies such a batch published (by replay id and source
-    /// position, as a resume does), and those found are not published again.
+    /// position, as a resume does), and those found are not published again; so is any other
+    /// transient failure, since a connection lost after the broker took a copy looks the
+    /// same. A copy the broker takes but shows only after the search (a slow replica) can
+    /// still be published twice.
     ///
     /// # Errors
     /// The last error when a copy still fails transiently after
@@ -447,20 +457,22 @@ impl Run {
                 .collect();
             let report = self.broker.publish_batch(&target, copies).await;
             let mut retry = Vec::new();
-            let mut ambiguous = false;
             let mut transient: Option<Error> = None;
             for (j, err) in report.failures() {
                 let i = pending[*j];
                 if err.is_retryable() {
                     retry.push(i);
-                    ambiguous |= err.kind() == ErrorKind::Timeout;
                     transient = Some(err.copy_without_source());
                 } else {
                     refused[i] = true;
                     self.progress.lock().last_error = Some(err.to_string());
                 }
             }
-            if ambiguous && let Some(since) = self.record.checkpoint.in_flight_since {
+            // A timeout, or a connection lost while the confirmation was on its way
+            // (RabbitMQ): the broker may have taken the copy.
+            if !retry.is_empty()
+                && let Some(since) = self.record.checkpoint.in_flight_since
+            {
                 let published = self.find_published(since).await?;
                 retry.retain(|&i| !published.contains(&batch[i].position));
             }

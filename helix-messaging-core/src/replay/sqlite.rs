@@ -33,9 +33,13 @@ fn add_lease_epoch(c: &mut Connection) -> rusqlite::Result<()> {
         .prepare("SELECT 1 FROM pragma_table_info('helix_replays') WHERE name = 'lease_epoch'")?
         .exists([])?;
     if !present {
-        c.execute_batch(
+        match c.execute_batch(
             "ALTER TABLE helix_replays ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
-        )?;
+        ) {
+            // Another process opening the same file added it first.
+            Err(err) if err.to_string().contains("duplicate column") => {}
+            other => other?,
+        }
     }
     Ok(())
 }
@@ -100,17 +104,28 @@ impl SqliteReplayStore {
 
 #[async_trait]
 impl ReplayStore for SqliteReplayStore {
-    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
+    async fn create(
+        &self,
+        record: &ReplayRecord,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
         let (id, json) = (record.id().to_owned(), record.to_json()?);
-        on_connection(&self.connection, STORE, "creating a replay", move |c| {
+        let holder = owner.to_owned();
+        let created = on_connection(&self.connection, STORE, "creating a replay", move |c| {
             c.prepare_cached(&format!(
-                "INSERT INTO helix_replays (id, record, updated_us) VALUES (?1, ?2, {NOW_US})
+                "INSERT INTO helix_replays (id, record, updated_us, owner, lease_epoch, lease_until_us)
+                 VALUES (?1, ?2, {NOW_US}, ?3, 1, {NOW_US} + ?4)
                  ON CONFLICT (id) DO NOTHING"
             ))?
-            .execute(params![id, json])
+            .execute(params![id, json, holder, micros_of(duration)])
             .map(|n| n == 1)
         })
-        .await
+        .await?;
+        Ok(created.then(|| ReplayLease {
+            owner: owner.to_owned(),
+            epoch: 1,
+        }))
     }
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {

@@ -92,12 +92,18 @@ pub struct ReplayLease {
 /// has run out.
 #[async_trait]
 pub trait ReplayStore: Send + Sync + 'static {
-    /// Store a new record, unless one with its id exists. Whether it was stored. Durable when
-    /// it returns.
+    /// Store a new record, unless one with its id exists, leased to `owner` for `duration`
+    /// in the same atomic step (so no other handler can take a replay being started). The
+    /// lease, or `None` when the id exists. Durable when it returns.
     ///
     /// # Errors
     /// The store's error; nothing was stored.
-    async fn create(&self, record: &ReplayRecord) -> Result<bool>;
+    async fn create(
+        &self,
+        record: &ReplayRecord,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>>;
 
     /// Replace the record, if `lease` still holds it: nobody has claimed the replay since
     /// `lease` was taken. Whether it was written. Durable when it returns.
@@ -176,16 +182,26 @@ fn holds(held: &MemoryLease, lease: &ReplayLease) -> bool {
 
 #[async_trait]
 impl ReplayStore for MemoryReplayStore {
-    async fn create(&self, record: &ReplayRecord) -> Result<bool> {
+    async fn create(
+        &self,
+        record: &ReplayRecord,
+        owner: &str,
+        duration: Duration,
+    ) -> Result<Option<ReplayLease>> {
         let mut records = self.records.lock();
         if records.contains_key(record.id()) {
-            return Ok(false);
+            return Ok(None);
         }
-        records.insert(
-            record.id().to_owned(),
-            (record.clone(), MemoryLease::default()),
-        );
-        Ok(true)
+        let held = MemoryLease {
+            owner: Some(owner.to_owned()),
+            epoch: 1,
+            until: Some(Instant::now() + duration),
+        };
+        records.insert(record.id().to_owned(), (record.clone(), held));
+        Ok(Some(ReplayLease {
+            owner: owner.to_owned(),
+            epoch: 1,
+        }))
     }
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {

@@ -214,24 +214,24 @@ pub async fn replay_store_round_trips(store: &dyn helix_messaging::replay::Repla
             in_flight_since: Some(now),
         },
     };
-    assert!(store.create(&record).await.unwrap(), "a new id is created");
-    assert!(
-        !store.create(&record).await.unwrap(),
+    let id = request.id.as_str();
+    let lease = Duration::from_secs(30);
+    let a = store
+        .create(&record, "a", lease)
+        .await
+        .unwrap()
+        .expect("a new id is created, leased to its creator");
+    assert_eq!(
+        store.create(&record, "b", lease).await.unwrap(),
+        None,
         "an existing id is not created again"
     );
     assert_eq!(store.load(&request.id).await.unwrap(), Some(record.clone()));
-    let id = request.id.as_str();
-    let lease = Duration::from_secs(30);
     assert_eq!(
         store.claim("no-such-replay", "a", lease).await.unwrap(),
         None,
         "unknown id"
     );
-    let a = store
-        .claim(id, "a", lease)
-        .await
-        .unwrap()
-        .expect("free: a takes it");
     assert_eq!(
         store.claim(id, "b", lease).await.unwrap(),
         None,
