@@ -1342,8 +1342,12 @@ impl ReplayHarness {
     }
 }
 
-/// The copies replay `id` published to `target`, in order: id and key.
-async fn read_copies(
+/// The copies replay `id` published to `target` from `from` on, in order: each one's
+/// message id and key.
+///
+/// # Errors
+/// The broker's error reading the target's history.
+pub async fn read_copies(
     broker: &Arc<dyn Broker>,
     target: &str,
     from: SystemTime,

@@ -544,6 +544,11 @@ async fn stored_letters(processor: &Processor, topic: &str, n: usize) -> Vec<Dea
     out
 }
 
+/// Re-drive `count` entries first and watch them for `watch`.
+fn canary(count: usize, watch: Duration) -> Option<CanaryConfig> {
+    Some(CanaryConfig { count, watch })
+}
+
 async fn finished(processor: &Processor, job: &str) -> helix_messaging::dlq::RedriveProgress {
     eventually("the redrive job finished", || {
         let processor = processor.clone();
@@ -642,10 +647,7 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
     let job = processor
         .start_redrive(RedriveRequest {
             rate_per_second: Some(RATE),
-            canary: Some(CanaryConfig {
-                count: 1,
-                watch: Duration::from_secs(1),
-            }),
+            canary: canary(1, Duration::from_secs(1)),
             ..RedriveRequest::default()
         })
         .await
@@ -724,10 +726,7 @@ async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
     stored_letters(&processor, &name("no-canary"), 5).await;
     let job = processor
         .start_redrive(RedriveRequest {
-            canary: Some(CanaryConfig {
-                count: 1,
-                watch: Duration::from_millis(200),
-            }),
+            canary: canary(1, Duration::from_millis(200)),
             ..RedriveRequest::default()
         })
         .await
@@ -768,10 +767,7 @@ async fn a_canary_failing_on_a_host_with_a_slow_clock_still_stops_the_redrive() 
         .unwrap();
     let job = processor
         .start_redrive(RedriveRequest {
-            canary: Some(CanaryConfig {
-                count: 1,
-                watch: Duration::from_secs(2),
-            }),
+            canary: canary(1, Duration::from_secs(2)),
             ..RedriveRequest::default()
         })
         .await
@@ -812,10 +808,7 @@ async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too()
         failing_consumer(&broker, &topic, &dlq_topic, DeadLetterReason::Permanent).await;
     let job = processor
         .start_redrive(RedriveRequest {
-            canary: Some(CanaryConfig {
-                count: 2,
-                watch: Duration::from_millis(1_500),
-            }),
+            canary: canary(2, Duration::from_millis(1_500)),
             ..RedriveRequest::default()
         })
         .await

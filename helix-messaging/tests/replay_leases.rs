@@ -7,13 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use futures::StreamExt;
 use helix_messaging::replay::{
-    Checkpoint, HEADER_REPLAY_ID, MemoryReplayStore, ReplayConfig, ReplayHandler, ReplayOptions,
-    ReplayProgress, ReplayRecord, ReplayRequest, ReplayStatus, ReplayStore,
+    Checkpoint, MemoryReplayStore, ReplayConfig, ReplayHandler, ReplayOptions, ReplayProgress,
+    ReplayRecord, ReplayRequest, ReplayStatus, ReplayStore,
 };
-use helix_messaging::{Broker, Message, TimeRange};
-use helix_messaging_testkit::plane::FaultyReplayStore;
+use helix_messaging::{Broker, Message};
+use helix_messaging_testkit::plane::{FaultyReplayStore, read_copies};
 
 const SOURCE: &str = "audit";
 const TARGET: &str = "audit.copies";
@@ -41,14 +40,9 @@ async fn history(n: usize) -> (Arc<dyn Broker>, Vec<Message>, SystemTime, System
 
 /// How often each source message was copied into the target by replay `id`.
 async fn copies(broker: &Arc<dyn Broker>, id: &str, from: SystemTime) -> HashMap<String, usize> {
-    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(1)).unwrap();
     let mut counts = HashMap::new();
-    let mut entries = broker.read_range(TARGET, range).await.unwrap();
-    while let Some(entry) = entries.next().await {
-        let entry = entry.unwrap();
-        if entry.message.header(HEADER_REPLAY_ID) == Some(id) {
-            *counts.entry(entry.message.id().to_owned()).or_default() += 1;
-        }
+    for (copy, _) in read_copies(broker, TARGET, from, id).await.unwrap() {
+        *counts.entry(copy).or_default() += 1;
     }
     counts
 }

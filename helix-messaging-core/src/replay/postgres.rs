@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
+use super::store::lease_micros;
 use super::{ReplayLease, ReplayRecord, ReplayStore};
 use crate::Result;
 use crate::dlq::postgres::{Database, Param, check_table_name};
@@ -83,14 +84,6 @@ impl PostgresReplayStore {
 /// database judges leases by it.
 const NOW_US: &str = "(extract(epoch from clock_timestamp()) * 1000000)::bigint";
 
-fn micros_of(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
-}
-
-fn epoch_of(lease: &ReplayLease) -> i64 {
-    i64::try_from(lease.epoch).unwrap_or(i64::MAX)
-}
-
 #[async_trait]
 impl ReplayStore for PostgresReplayStore {
     async fn create(
@@ -108,7 +101,7 @@ impl ReplayStore for PostgresReplayStore {
             Box::new(record.id().to_owned()),
             Box::new(record.to_json()?),
             Box::new(owner.to_owned()),
-            Box::new(micros_of(duration)),
+            Box::new(lease_micros(duration)),
         ];
         let created = self
             .database
@@ -131,7 +124,7 @@ impl ReplayStore for PostgresReplayStore {
             Box::new(record.id().to_owned()),
             Box::new(record.to_json()?),
             Box::new(lease.owner.clone()),
-            Box::new(epoch_of(lease)),
+            Box::new(lease.stored_epoch()),
         ];
         Ok(self
             .database
@@ -179,7 +172,7 @@ impl ReplayStore for PostgresReplayStore {
         let params: [Param; 3] = [
             Box::new(id.to_owned()),
             Box::new(owner.to_owned()),
-            Box::new(micros_of(duration)),
+            Box::new(lease_micros(duration)),
         ];
         let rows = self
             .database
@@ -200,8 +193,8 @@ impl ReplayStore for PostgresReplayStore {
         let params: [Param; 4] = [
             Box::new(id.to_owned()),
             Box::new(lease.owner.clone()),
-            Box::new(epoch_of(lease)),
-            Box::new(micros_of(duration)),
+            Box::new(lease.stored_epoch()),
+            Box::new(lease_micros(duration)),
         ];
         Ok(self
             .database
@@ -219,7 +212,7 @@ impl ReplayStore for PostgresReplayStore {
         let params: [Param; 3] = [
             Box::new(id.to_owned()),
             Box::new(lease.owner.clone()),
-            Box::new(epoch_of(lease)),
+            Box::new(lease.stored_epoch()),
         ];
         self.database
             .execute("releasing a replay", &sql, &params)

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::store::lease_micros;
 use super::{ReplayLease, ReplayRecord, ReplayStore};
 use crate::Result;
 use crate::dlq::sqlite::{on_connection, open_connection};
@@ -42,10 +43,6 @@ fn add_lease_epoch(c: &mut Connection) -> rusqlite::Result<()> {
         }
     }
     Ok(())
-}
-
-fn micros_of(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 const STORE: &str = "replay store";
@@ -118,7 +115,7 @@ impl ReplayStore for SqliteReplayStore {
                  VALUES (?1, ?2, {NOW_US}, ?3, 1, {NOW_US} + ?4)
                  ON CONFLICT (id) DO NOTHING"
             ))?
-            .execute(params![id, json, holder, micros_of(duration)])
+            .execute(params![id, json, holder, lease_micros(duration)])
             .map(|n| n == 1)
         })
         .await?;
@@ -130,7 +127,7 @@ impl ReplayStore for SqliteReplayStore {
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
         let (id, json) = (record.id().to_owned(), record.to_json()?);
-        let (owner, epoch) = (lease.owner.clone(), epoch_of(lease));
+        let (owner, epoch) = (lease.owner.clone(), lease.stored_epoch());
         on_connection(&self.connection, STORE, "saving a replay", move |c| {
             c.prepare_cached(&format!(
                 "UPDATE helix_replays SET record = ?2, updated_us = {NOW_US}
@@ -183,7 +180,9 @@ impl ReplayStore for SqliteReplayStore {
                      WHERE id = ?1 AND (owner IS NULL OR owner = ?2 OR lease_until_us < {NOW_US})
                      RETURNING lease_epoch"
                 ))?
-                .query_row(params![key, holder, micros_of(duration)], |row| row.get(0))
+                .query_row(params![key, holder, lease_micros(duration)], |row| {
+                    row.get(0)
+                })
                 .optional()
             })
             .await?;
@@ -194,7 +193,7 @@ impl ReplayStore for SqliteReplayStore {
     }
 
     async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
-        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), epoch_of(lease));
+        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), lease.stored_epoch());
         on_connection(
             &self.connection,
             STORE,
@@ -204,7 +203,7 @@ impl ReplayStore for SqliteReplayStore {
                     "UPDATE helix_replays SET lease_until_us = {NOW_US} + ?4
                  WHERE id = ?1 AND owner = ?2 AND lease_epoch = ?3"
                 ))?
-                .execute(params![key, owner, epoch, micros_of(duration)])
+                .execute(params![key, owner, epoch, lease_micros(duration)])
                 .map(|n| n == 1)
             },
         )
@@ -212,7 +211,7 @@ impl ReplayStore for SqliteReplayStore {
     }
 
     async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
-        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), epoch_of(lease));
+        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), lease.stored_epoch());
         on_connection(&self.connection, STORE, "releasing a replay", move |c| {
             c.prepare_cached(
                 "UPDATE helix_replays SET owner = NULL, lease_until_us = NULL
@@ -233,8 +232,4 @@ impl ReplayStore for SqliteReplayStore {
         })
         .await
     }
-}
-
-fn epoch_of(lease: &ReplayLease) -> i64 {
-    i64::try_from(lease.epoch).unwrap_or(i64::MAX)
 }

@@ -81,6 +81,20 @@ pub struct ReplayLease {
     pub epoch: u64,
 }
 
+impl ReplayLease {
+    /// The epoch as the SQL stores keep it (a signed 64-bit column).
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn stored_epoch(&self) -> i64 {
+        i64::try_from(self.epoch).unwrap_or(i64::MAX)
+    }
+}
+
+/// A lease's length in microseconds, as the SQL stores add it to their clock.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+pub(crate) fn lease_micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
+}
+
 /// Durable replay records. Implementations: [`MemoryReplayStore`] (nothing survives the
 /// process), `SqliteReplayStore` (feature `sqlite`) and `PostgresReplayStore` (feature
 /// `postgres`), each of which can share the DLQ's database.
