@@ -39,6 +39,9 @@ pub enum ErrorKind {
     InvalidInput,
     /// The delivery was already acked, nacked or rejected.
     AlreadySettled,
+    /// Another operation holds the thing right now (a DLQ entry being re-driven); trying
+    /// again once it is done can succeed.
+    Conflict,
     /// Anything else the backend reported.
     Backend,
 }
@@ -66,6 +69,7 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected",
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::AlreadySettled => "already_settled",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::Backend => "backend",
         }
     }
@@ -83,6 +87,7 @@ impl ErrorKind {
             ErrorKind::Rejected => "rejected by the broker",
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::AlreadySettled => "delivery already settled",
+            ErrorKind::Conflict => "held by another operation",
             ErrorKind::Backend => "backend error",
         }
     }

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use helix_messaging_core::Broker;
 use helix_messaging_memory::MemoryBroker;
-use helix_messaging_testkit::plane::{ReplayHarness, SpoolHarness, assert_breaker_holds};
+use helix_messaging_testkit::plane::{
+    DlqHarness, ReplayHarness, SpoolHarness, assert_breaker_holds,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spool_keeps_every_acknowledged_publish_under_faults() {
@@ -31,4 +33,14 @@ async fn a_replay_killed_and_resumed_under_faults_copies_each_entry_once_in_orde
 #[tokio::test(start_paused = true)]
 async fn the_breaker_always_resolves_and_never_underflows() {
     assert_breaker_holds().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dlq_delivers_each_entry_once_and_never_undoes_a_discard_under_faults() {
+    DlqHarness::new("memory", || async {
+        Ok(Arc::new(MemoryBroker::new()) as Arc<dyn Broker>)
+    })
+    .run()
+    .await
+    .assert_holds();
 }

@@ -51,6 +51,9 @@ use parking_lot::Mutex;
 use crate::differential::splitmix;
 use crate::helpers::Factory;
 
+mod dlq;
+pub use dlq::DlqHarness;
+
 /// What a faulty wrapper does to one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -956,14 +959,24 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         self.inner.update(entry).await
     }
 
-    async fn remove(&self, id: &str) -> Result<bool> {
-        self.check_removal()?;
-        self.inner.remove(id).await
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: std::time::SystemTime,
+        lease: Duration,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.check("a DLQ claim")?;
+        self.inner.claim(ids, now, lease).await
     }
 
-    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
+    async fn remove(&self, id: &str, version: u64) -> Result<bool> {
         self.check_removal()?;
-        self.inner.remove_many(ids).await
+        self.inner.remove(id, version).await
+    }
+
+    async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
+        self.check_removal()?;
+        self.inner.remove_many(entries).await
     }
 
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {

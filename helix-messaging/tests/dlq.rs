@@ -61,6 +61,15 @@ async fn a_failure_groups_sample_error_is_its_newest_failures_on_every_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_hold_entries_and_versions_fence_writes_on_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
+    common::check_claims_hold_entries_and_versions_fence_writes(&sqlite, "orders").await;
+    let memory = helix_messaging::dlq::MemoryDeadLetterStore::new();
+    common::check_claims_hold_entries_and_versions_fence_writes(&memory, "orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
     let dir = tempfile::tempdir().unwrap();
     let t0 = SystemTime::now() - Duration::from_secs(60);
@@ -207,8 +216,9 @@ async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
         "after the lease it is due again"
     );
 
-    assert!(store.remove(&letters[0].id).await.unwrap());
-    assert!(!store.remove(&letters[0].id).await.unwrap());
+    let first = store.get(&letters[0].id).await.unwrap().unwrap();
+    assert!(store.remove(&letters[0].id, first.version).await.unwrap());
+    assert!(!store.remove(&letters[0].id, first.version).await.unwrap());
     assert_eq!(store.purge(&orders).await.unwrap(), 1);
     drop(store);
     let store = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();

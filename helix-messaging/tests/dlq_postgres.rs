@@ -58,6 +58,15 @@ fn uuid_like() -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_hold_entries_and_versions_fence_writes() {
+    let table = Table::new();
+    let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
+    common::check_claims_hold_entries_and_versions_fence_writes(&store, "orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failure_groups_sample_error_is_its_newest_failures() {
     let table = Table::new();
     let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
@@ -154,12 +163,14 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
     assert!(b.update(&parked).await.unwrap());
     let stats = a.stats().await.unwrap();
     assert_eq!((stats.depth, stats.parked), (40, 1));
-    assert_eq!(
-        a.remove_many(&[ids[0].id.clone(), ids[2].id.clone()])
-            .await
-            .unwrap(),
-        2
-    );
+    let current: Vec<(String, u64)> = a
+        .get_many(&[ids[0].id.clone(), ids[2].id.clone()])
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| (e.letter.id.clone(), e.version))
+        .collect();
+    assert_eq!(a.remove_many(&current).await.unwrap(), 2);
     assert_eq!(b.purge(&payments).await.unwrap(), 20);
     assert_eq!(a.count(&DlqFilter::default()).await.unwrap(), 18);
 }

@@ -1,5 +1,6 @@
 //! A DLQ store in PostgreSQL, for several service instances sharing one DLQ.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,7 +17,17 @@ use crate::{Error, ErrorKind, Headers, Message, MessageParts, Result};
 const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, \
     first_failure_us, last_failure_us, redrives, message_id, message_key, payload, headers, \
     message_timestamp_us, content_type, correlation_id, priority, status, retries, \
-    next_attempt_us, last_error, discard_reason, stored_us, message_type";
+    next_attempt_us, last_error, discard_reason, stored_us, message_type, claimed_until_us";
+
+/// What a read selects: the written [`COLUMNS`], then the version the store keeps.
+const SELECTED: &str = "id, original_topic, consumer_group, reason, error, attempts, \
+    first_failure_us, last_failure_us, redrives, message_id, message_key, payload, headers, \
+    message_timestamp_us, content_type, correlation_id, priority, status, retries, \
+    next_attempt_us, last_error, discard_reason, stored_us, message_type, claimed_until_us, \
+    version";
+
+/// How many parameters [`entry_params`] gives: the columns, then the version.
+const WRITTEN_VALUES: usize = 26;
 
 pub(crate) type Param = Box<dyn ToSql + Send + Sync>;
 
@@ -79,6 +90,36 @@ impl Database {
             )
             .with_retryable(true),
         })
+    }
+
+    /// Adds `column` (declared `declaration`) to `table` when a table made by an earlier
+    /// version lacks it. Looked up first: ALTER TABLE takes the table's strongest lock and
+    /// needs its owner, on every connect otherwise.
+    pub(crate) async fn add_column(
+        &self,
+        table: &str,
+        column: &str,
+        declaration: &str,
+    ) -> Result<()> {
+        let present = self
+            .query(
+                "looking for a column",
+                "SELECT 1 FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2",
+                &[
+                    Box::new(table.to_owned()) as Param,
+                    Box::new(column.to_owned()) as Param,
+                ],
+            )
+            .await?;
+        if present.is_empty() {
+            self.batch_execute(
+                "adding a column",
+                &format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {declaration}"),
+            )
+            .await?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn batch_execute(&self, what: &str, sql: &str) -> Result<()> {
@@ -202,6 +243,8 @@ fn read_entry(row: &Row) -> Result<StoredDeadLetter> {
         last_error: row.get(20),
         discard_reason: row.get(21),
         stored_at: from_micros(row.get(22)),
+        claimed_until: row.get::<_, Option<i64>>(24).map(from_micros),
+        version: row.get::<_, i64>(25).unsigned_abs(),
     })
 }
 
@@ -240,6 +283,8 @@ fn entry_params(entry: &StoredDeadLetter) -> Result<Vec<Param>> {
         Box::new(entry.discard_reason.clone()),
         Box::new(micros(entry.stored_at)),
         Box::new(owned(l.message_type())),
+        Box::new(entry.claimed_until.map(micros)),
+        Box::new(i64::try_from(entry.version).unwrap_or(i64::MAX)),
     ])
 }
 
@@ -294,7 +339,9 @@ impl PostgresDeadLetterStore {
                 last_error TEXT,
                 discard_reason TEXT,
                 stored_us BIGINT NOT NULL,
-                message_type TEXT
+                message_type TEXT,
+                claimed_until_us BIGINT,
+                version BIGINT NOT NULL DEFAULT 0
             );
             CREATE INDEX IF NOT EXISTS {t}_by_time ON {t} (last_failure_us, id);
             CREATE INDEX IF NOT EXISTS {t}_due ON {t} (status, next_attempt_us);
@@ -304,6 +351,12 @@ impl PostgresDeadLetterStore {
             .database
             .batch_execute("creating the table", &schema)
             .await?;
+        for (column, declaration) in [
+            ("claimed_until_us", "BIGINT"),
+            ("version", "BIGINT NOT NULL DEFAULT 0"),
+        ] {
+            store.database.add_column(t, column, declaration).await?;
+        }
         Ok(store)
     }
 
@@ -341,7 +394,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
     async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
         let params = entry_params(&entry)?;
         let sql = format!(
-            "INSERT INTO {} ({COLUMNS}) VALUES ({}) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO {} ({COLUMNS}, version) VALUES ({}) ON CONFLICT (id) DO NOTHING",
             self.table,
             Self::placeholders(params.len())
         );
@@ -349,7 +402,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
     }
 
     async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
-        let sql = format!("SELECT {COLUMNS} FROM {} WHERE id = $1", self.table);
+        let sql = format!("SELECT {SELECTED} FROM {} WHERE id = $1", self.table);
         let rows = self
             .query("get", &sql, &[Box::new(id.to_owned()) as Param])
             .await?;
@@ -358,7 +411,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
 
     async fn get_many(&self, ids: &[String]) -> Result<Vec<StoredDeadLetter>> {
         let sql = format!(
-            "SELECT {COLUMNS} FROM {t} JOIN unnest($1::text[]) WITH ORDINALITY AS wanted(id, n) USING (id) ORDER BY wanted.n",
+            "SELECT {SELECTED} FROM {t} JOIN unnest($1::text[]) WITH ORDINALITY AS wanted(id, n) USING (id) ORDER BY wanted.n",
             t = self.table
         );
         let rows = self
@@ -376,7 +429,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
         let mut params = Vec::new();
         let clause = where_clause(filter, &mut params);
         let sql = format!(
-            "SELECT {COLUMNS} FROM {} WHERE {clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}",
+            "SELECT {SELECTED} FROM {} WHERE {clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}",
             self.table,
             i64::try_from(limit).unwrap_or(i64::MAX),
             i64::try_from(offset).unwrap_or(i64::MAX)
@@ -414,10 +467,12 @@ impl DeadLetterStore for PostgresDeadLetterStore {
     ) -> Result<Vec<StoredDeadLetter>> {
         // SKIP LOCKED: an entry another instance is claiming right now is left to it.
         let sql = format!(
-            "UPDATE {t} SET next_attempt_us = $2 WHERE id IN (
+            "UPDATE {t} SET next_attempt_us = $2, claimed_until_us = $2, version = version + 1
+             WHERE id IN (
                 SELECT id FROM {t} WHERE status = 'pending' AND next_attempt_us <= $1
+                  AND (claimed_until_us IS NULL OR claimed_until_us <= $1)
                 ORDER BY next_attempt_us, id LIMIT $3 FOR UPDATE SKIP LOCKED
-            ) RETURNING {COLUMNS}",
+            ) RETURNING {SELECTED}",
             t = self.table
         );
         let params: Vec<Param> = vec![
@@ -429,28 +484,63 @@ impl DeadLetterStore for PostgresDeadLetterStore {
         rows.iter().map(read_entry).collect()
     }
 
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        // Under READ COMMITTED a second claim of a row waits for the first to commit, then
+        // sees it held and leaves it.
+        let sql = format!(
+            "UPDATE {} SET claimed_until_us = $2, version = version + 1
+             WHERE id = ANY($1) AND status != 'discarded'
+               AND (claimed_until_us IS NULL OR claimed_until_us <= $3)
+             RETURNING {SELECTED}",
+            self.table
+        );
+        let params: Vec<Param> = vec![
+            Box::new(ids.to_vec()),
+            Box::new(micros(now + lease)),
+            Box::new(micros(now)),
+        ];
+        let rows = self.query("claim entries", &sql, &params).await?;
+        let mut claimed: HashMap<String, StoredDeadLetter> = rows
+            .iter()
+            .map(|row| read_entry(row).map(|e| (e.letter.id.clone(), e)))
+            .collect::<Result<_>>()?;
+        Ok(ids.iter().filter_map(|id| claimed.remove(id)).collect())
+    }
+
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
         let params = entry_params(entry)?;
         let sql = format!(
-            "UPDATE {} SET {} WHERE id = $1",
+            "UPDATE {} SET {}, version = version + 1 WHERE id = $1 AND version = ${WRITTEN_VALUES}",
             self.table,
             set_list(COLUMNS, '$')
         );
         Ok(self.execute("update", &sql, &params).await? == 1)
     }
 
-    async fn remove(&self, id: &str) -> Result<bool> {
-        let sql = format!("DELETE FROM {} WHERE id = $1", self.table);
-        Ok(self
-            .execute("remove", &sql, &[Box::new(id.to_owned()) as Param])
-            .await?
-            == 1)
+    async fn remove(&self, id: &str, version: u64) -> Result<bool> {
+        Ok(self.remove_many(&[(id.to_owned(), version)]).await? == 1)
     }
 
-    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
-        let sql = format!("DELETE FROM {} WHERE id = ANY($1)", self.table);
-        self.execute("remove", &sql, &[Box::new(ids.to_vec()) as Param])
-            .await
+    async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
+        let sql = format!(
+            "DELETE FROM {} WHERE (id, version) IN (SELECT * FROM unnest($1::text[], $2::bigint[]))",
+            self.table
+        );
+        let (ids, versions): (Vec<String>, Vec<i64>) = entries
+            .iter()
+            .map(|(id, v)| (id.clone(), i64::try_from(*v).unwrap_or(i64::MAX)))
+            .unzip();
+        self.execute(
+            "remove",
+            &sql,
+            &[Box::new(ids) as Param, Box::new(versions)],
+        )
+        .await
     }
 
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {

@@ -458,18 +458,26 @@ impl Processor {
     /// # Errors
     /// The store's error when claiming.
     pub async fn process_due(&self) -> Result<usize> {
-        let config = &self.inner.config;
-        let lease = config.processing_timeout + Duration::from_secs(60);
         let due = self
             .inner
             .store
-            .claim_due(SystemTime::now(), lease, config.batch_size)
+            .claim_due(
+                SystemTime::now(),
+                self.claim_lease(),
+                self.inner.config.batch_size,
+            )
             .await?;
         let attempted = due.len();
         for entry in due {
             self.attempt(entry).await;
         }
         Ok(attempted)
+    }
+
+    /// How long a re-drive holds an entry: longer than a handler may take, so the entry is
+    /// let go only by a holder that died.
+    pub(super) fn claim_lease(&self) -> Duration {
+        self.inner.config.processing_timeout + Duration::from_secs(60)
     }
 
     async fn attempt(&self, mut entry: StoredDeadLetter) {
@@ -490,13 +498,17 @@ impl Processor {
             }
         };
         let id = entry.letter.id.clone();
+        // Written back only over the copy this attempt claimed: nothing else re-drives or
+        // discards a held entry, and one whose hold ran out (a handler slower than the
+        // lease) belongs to whoever claimed it next.
         let stored = match outcome {
             Ok(()) => {
                 self.count_processed();
-                self.inner.store.remove(&id).await.map(|_| ())
+                self.inner.store.remove(&id, entry.version).await
             }
             Err(error) => {
                 let config = &self.inner.config;
+                entry.claimed_until = None;
                 entry.retries += 1;
                 let used = entry.letter.redrives + entry.retries;
                 entry.last_error = Some(error.clone());
@@ -513,12 +525,48 @@ impl Processor {
                         tracing::warn!(dead_letter = %id, error, "DLQ entry parked: re-drives used up");
                     }
                 }
-                self.inner.store.update(&entry).await.map(|_| ())
+                self.inner.store.update(&entry).await
             }
         };
-        if let Err(err) = stored {
-            tracing::error!(dead_letter = %id, error = %err, "could not record a re-drive's outcome in the DLQ store");
+        match stored {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(dead_letter = %id, "a re-drive's outcome was not recorded: the entry was purged, or its hold ran out and another re-drive took it");
+            }
+            Err(err) => {
+                tracing::error!(dead_letter = %id, error = %err, "could not record a re-drive's outcome in the DLQ store; the entry is re-driven again when its hold runs out");
+            }
         }
+    }
+
+    /// Let go of `entry`, claimed by a re-drive that could not publish it, at once rather
+    /// than when its hold runs out (which it still does if this write fails).
+    pub(super) async fn let_go(&self, entry: &StoredDeadLetter) {
+        let mut released = entry.clone();
+        released.claimed_until = None;
+        if let Err(err) = self.inner.store.update(&released).await {
+            tracing::warn!(dead_letter = %entry.id(), error = %err, "could not let go of a DLQ entry whose re-drive failed; it is held until its claim runs out");
+        }
+    }
+
+    /// Hold the entry `id` for a re-drive by this call alone.
+    ///
+    /// # Errors
+    /// [`ErrorKind::NotFound`] for an unknown id, [`ErrorKind::InvalidInput`] for a
+    /// discarded entry, [`ErrorKind::Conflict`] while another re-drive holds it; the store's
+    /// error.
+    async fn claim_one(&self, id: &str) -> Result<StoredDeadLetter> {
+        let now = SystemTime::now();
+        let store = &self.inner.store;
+        if let Some(entry) = store
+            .claim(&[id.to_owned()], now, self.claim_lease())
+            .await?
+            .pop()
+        {
+            return Ok(entry);
+        }
+        let entry = self.get(id).await?;
+        Err(unclaimable(&entry, now))
     }
 
     /// Publish `letter`'s message to `topic` and wait for the broker's confirmation.
@@ -556,40 +604,77 @@ impl Processor {
     /// Re-drive one entry now (the seeds' `ReprocessMessage`): republish it to its original
     /// topic, or to `target_topic`, with its original id, attempts starting again at 1 and
     /// the re-drive counter one higher; once the broker has confirmed, remove the entry.
-    /// Parked entries can be reprocessed; discarded ones cannot.
+    /// Parked entries can be reprocessed; discarded ones cannot. The entry is held while it
+    /// is republished, so no automatic attempt or bulk redrive re-drives it at the same time.
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown id, [`ErrorKind::InvalidInput`] for a
-    /// discarded entry or an invalid target; the publish error (the entry is kept).
+    /// discarded entry or an invalid target, [`ErrorKind::Conflict`] while another re-drive
+    /// holds the entry (an automatic attempt, a bulk redrive); the publish error (the entry
+    /// is kept).
     pub async fn reprocess(&self, id: &str, target_topic: Option<&str>) -> Result<()> {
-        let entry = self.get(id).await?;
-        if entry.status == EntryStatus::Discarded {
-            return Err(Error::invalid_input(format!(
-                "DLQ entry {id} was discarded ({}); purge it or reprocess another",
-                entry.discard_reason.as_deref().unwrap_or("no reason given")
-            )));
+        if let Some(target) = target_topic {
+            validate_name("target topic", target)?;
         }
+        // Runs to its end even when the caller goes away (an HTTP client that hangs up): cut
+        // off between its claim and its removal, it would leave the entry held, and perhaps
+        // published, until the hold ran out.
+        let processor = self.clone();
+        let (id, target) = (id.to_owned(), target_topic.map(str::to_owned));
+        tokio::spawn(async move { processor.reprocess_claimed(&id, target.as_deref()).await })
+            .await
+            .map_err(|err| {
+                Error::new(
+                    ErrorKind::Backend,
+                    format!("a DLQ reprocess stopped: {err}"),
+                )
+            })?
+    }
+
+    async fn reprocess_claimed(&self, id: &str, target_topic: Option<&str>) -> Result<()> {
+        let entry = self.claim_one(id).await?;
         let target = target_topic.unwrap_or(&entry.letter.original_topic);
-        validate_name("target topic", target)?;
-        self.republish(&entry.letter, target).await?;
+        if let Err(err) = self.republish(&entry.letter, target).await {
+            self.let_go(&entry).await;
+            return Err(err);
+        }
         self.count_processed();
-        self.inner.store.remove(id).await?;
+        self.inner.store.remove(id, entry.version).await?;
         Ok(())
     }
 
     /// Discard one entry (the seeds' `DiscardMessage(id, reason)`): it is never re-driven
     /// and no longer counts towards the DLQ depth; it stays listed, with the reason, until
-    /// purged.
+    /// purged. Nothing undoes a discard: a re-drive under way holds the entry, and the
+    /// discard is refused until it lets go.
     ///
     /// # Errors
-    /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
+    /// [`ErrorKind::NotFound`] for an unknown id, [`ErrorKind::Conflict`] while a re-drive
+    /// holds the entry (try again once it is done: it succeeded and the entry is gone, or
+    /// it failed and the discard goes through); the store's error.
     pub async fn discard(&self, id: &str, reason: &str) -> Result<()> {
-        let mut entry = self.get(id).await?;
-        entry.status = EntryStatus::Discarded;
-        entry.next_attempt_at = None;
-        entry.discard_reason = Some(reason.to_owned());
-        if !self.inner.store.update(&entry).await? {
-            return Err(not_found(id));
+        // Compare-and-set: a write between the read and the update (another discard, a
+        // claim) makes the update miss, and the entry is read again.
+        let mut tries = 0;
+        loop {
+            let mut entry = self.get(id).await?;
+            let now = SystemTime::now();
+            if entry.is_claimed(now) {
+                return Err(unclaimable(&entry, now));
+            }
+            entry.status = EntryStatus::Discarded;
+            entry.next_attempt_at = None;
+            entry.discard_reason = Some(reason.to_owned());
+            if self.inner.store.update(&entry).await? {
+                break;
+            }
+            tries += 1;
+            if tries == DISCARD_TRIES {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("DLQ entry {id} kept changing while it was being discarded; try again"),
+                ));
+            }
         }
         self.inner
             .counters
@@ -688,6 +773,31 @@ impl Processor {
         job.cancel.cancel();
         Ok(())
     }
+}
+
+/// Reads of an entry a discard makes before giving up on one that keeps changing.
+const DISCARD_TRIES: u32 = 5;
+
+/// Why `entry` could not be claimed at `now`.
+fn unclaimable(entry: &StoredDeadLetter, now: SystemTime) -> Error {
+    let id = entry.id();
+    if entry.status == EntryStatus::Discarded {
+        return Error::invalid_input(format!(
+            "DLQ entry {id} was discarded ({}); purge it or reprocess another",
+            entry.discard_reason.as_deref().unwrap_or("no reason given")
+        ));
+    }
+    let left = entry
+        .claimed_until
+        .and_then(|until| until.duration_since(now).ok())
+        .unwrap_or_default();
+    Error::new(
+        ErrorKind::Conflict,
+        format!(
+            "DLQ entry {id} is being re-driven by another operation (held for up to {}s more); try again once it is done",
+            left.as_secs() + 1
+        ),
+    )
 }
 
 fn not_found(id: &str) -> Error {

@@ -9,8 +9,8 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::DlqFilter;
 use super::processor::Processor;
-use super::{DlqFilter, EntryStatus};
 use crate::{Error, Message, Result, validate_name};
 
 /// Redrive the first `count` entries, then watch for `watch`: if any of them is
@@ -26,12 +26,15 @@ pub struct CanaryConfig {
 
 /// Remove re-driven entries from the store, trying a few times over about a second: a
 /// store that fails here leaves entries already published in the DLQ.
-async fn remove_redriven(store: &dyn super::DeadLetterStore, ids: &[String]) -> Result<()> {
+async fn remove_redriven(
+    store: &dyn super::DeadLetterStore,
+    entries: &[(String, u64)],
+) -> Result<()> {
     use backon::Retryable;
     let backoff = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(100))
         .with_max_times(3);
-    (|| store.remove_many(ids))
+    (|| store.remove_many(entries))
         .retry(backoff)
         .await
         .map(|_| ())
@@ -40,7 +43,7 @@ async fn remove_redriven(store: &dyn super::DeadLetterStore, ids: &[String]) -> 
                 err.kind(),
                 format!(
                     "the DLQ removal of {} re-driven entries failed: {err}",
-                    ids.len()
+                    entries.len()
                 ),
             )
             .with_source(err)
@@ -155,7 +158,8 @@ pub struct RedriveProgress {
     pub redriven: u64,
     /// Could not be published (kept in the DLQ).
     pub failed: u64,
-    /// Gone or discarded by the time the job reached them.
+    /// Gone, discarded or held by another re-drive (an automatic attempt, a reprocess,
+    /// another job) by the time the job reached them.
     pub skipped: u64,
     /// When the job started.
     pub started_at: SystemTime,
@@ -324,15 +328,14 @@ impl Run {
         redriven_ids: &mut HashMap<String, u32>,
     ) -> Result<()> {
         let store = &self.processor.inner.store;
-        let letters: Vec<_> = store
-            .get_many(ids)
-            .await?
-            .into_iter()
-            .filter(|entry| entry.status != EntryStatus::Discarded)
-            .map(|entry| entry.letter)
-            .collect();
-        // Gone (reprocessed, purged) or discarded since the selection was made.
-        let skipped = (ids.len() - letters.len()) as u64;
+        // Held for this job alone while it publishes them: another job, a reprocess or an
+        // automatic attempt does not re-drive them at the same time.
+        let entries = store
+            .claim(ids, SystemTime::now(), self.processor.claim_lease())
+            .await?;
+        // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
+        let skipped = (ids.len() - entries.len()) as u64;
+        let letters: Vec<&super::DeadLetter> = entries.iter().map(|e| &e.letter).collect();
         // One batch per target topic, so confirmations are awaited together.
         let mut by_topic: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, letter) in letters.iter().enumerate() {
@@ -351,7 +354,7 @@ impl Run {
         for (topic, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
-                .map(|&i| super::processor::redrive_copy(&letters[i], &topic))
+                .map(|&i| super::processor::redrive_copy(letters[i], &topic))
                 .collect();
             let report = self
                 .processor
@@ -367,8 +370,9 @@ impl Run {
             for (position, &i) in members.iter().enumerate() {
                 if failures.contains(&position) {
                     failed += 1;
+                    self.processor.let_go(&entries[i]).await;
                 } else {
-                    confirmed.push(letters[i].id.clone());
+                    confirmed.push((entries[i].letter.id.clone(), entries[i].version));
                     redriven_ids.insert(
                         letters[i].message.id().to_owned(),
                         letters[i].redrives.saturating_add(1),

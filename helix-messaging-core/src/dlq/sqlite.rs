@@ -40,7 +40,9 @@ CREATE TABLE IF NOT EXISTS helix_dead_letters (
     next_attempt_us INTEGER,
     last_error TEXT,
     discard_reason TEXT,
-    stored_us INTEGER NOT NULL
+    stored_us INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    claimed_until_us INTEGER
 );
 CREATE INDEX IF NOT EXISTS helix_dead_letters_by_time ON helix_dead_letters (last_failure_us, id);
 CREATE INDEX IF NOT EXISTS helix_dead_letters_due ON helix_dead_letters (status, next_attempt_us);
@@ -50,7 +52,7 @@ CREATE INDEX IF NOT EXISTS helix_dead_letters_by_message ON helix_dead_letters (
 const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, first_failure_us, \
     last_failure_us, redrives, message_id, message_key, payload, headers, message_timestamp_us, \
     content_type, correlation_id, priority, status, retries, next_attempt_us, last_error, \
-    discard_reason, stored_us";
+    discard_reason, stored_us, version, claimed_until_us";
 
 /// Dead letters in an SQLite file (WAL journal, `synchronous = FULL`: every write is on disk
 /// before it returns), surviving restarts of the process. One process at a time should
@@ -172,6 +174,8 @@ fn read_entry(row: &Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
         last_error: row.get(20)?,
         discard_reason: row.get(21)?,
         stored_at: from_micros(row.get(22)?),
+        version: row.get::<_, i64>(23)?.unsigned_abs(),
+        claimed_until: row.get::<_, Option<i64>>(24)?.map(from_micros),
     })
 }
 
@@ -209,13 +213,44 @@ fn entry_values(entry: &StoredDeadLetter) -> Result<Vec<Value>> {
         opt(entry.last_error.as_deref()),
         opt(entry.discard_reason.as_deref()),
         Value::Integer(micros(entry.stored_at)),
+        entry
+            .claimed_until
+            .map_or(Value::Null, |t| Value::Integer(micros(t))),
+        Value::Integer(i64::try_from(entry.version).unwrap_or(i64::MAX)),
     ])
 }
 
-const INSERT_COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, \
+/// The columns [`entry_values`] gives, in its order; the entry's version follows them.
+const WRITTEN_COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, \
     first_failure_us, last_failure_us, redrives, message_id, message_key, payload, headers, \
     message_timestamp_us, content_type, correlation_id, priority, message_type, status, retries, \
-    next_attempt_us, last_error, discard_reason, stored_us";
+    next_attempt_us, last_error, discard_reason, stored_us, claimed_until_us";
+
+/// How many values [`entry_values`] gives: the written columns, then the version.
+const WRITTEN_VALUES: usize = 26;
+
+/// Adds `column` (declared `declaration`) to `table` when a file written by an earlier
+/// version lacks it.
+pub(crate) fn add_column(
+    c: &mut Connection,
+    table: &str,
+    column: &str,
+    declaration: &str,
+) -> rusqlite::Result<()> {
+    let present = c
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists([table, column])?;
+    if !present {
+        match c.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+        )) {
+            // Another process opening the same file added it first.
+            Err(err) if err.to_string().contains("duplicate column") => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
 
 impl SqliteDeadLetterStore {
     /// Open (creating if needed) the store in the file at `path`.
@@ -225,6 +260,16 @@ impl SqliteDeadLetterStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let connection = open_connection(&path, SCHEMA, "DLQ store").await?;
+        on_connection(&connection, "DLQ store", "adding columns", |c| {
+            add_column(
+                c,
+                "helix_dead_letters",
+                "version",
+                "INTEGER NOT NULL DEFAULT 0",
+            )?;
+            add_column(c, "helix_dead_letters", "claimed_until_us", "INTEGER")
+        })
+        .await?;
         Ok(SqliteDeadLetterStore { connection, path })
     }
 
@@ -273,7 +318,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         self.run("insert", move |c| {
             let placeholders: Vec<String> = (1..=values.len()).map(|i| format!("?{i}")).collect();
             let sql = format!(
-                "INSERT OR IGNORE INTO helix_dead_letters ({INSERT_COLUMNS}) VALUES ({})",
+                "INSERT OR IGNORE INTO helix_dead_letters ({WRITTEN_COLUMNS}, version) VALUES ({})",
                 placeholders.join(", ")
             );
             Ok(c.prepare_cached(&sql)?.execute(params_from_iter(values))? == 1)
@@ -360,22 +405,58 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run("claim due entries", move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let claimed: Vec<StoredDeadLetter> = {
-                let sql = format!(
-                    "SELECT {COLUMNS} FROM helix_dead_letters \
+            let due: Vec<String> = {
+                let mut statement = tx.prepare_cached(
+                    "SELECT id FROM helix_dead_letters \
                      WHERE status = 'pending' AND next_attempt_us <= ?1 \
-                     ORDER BY next_attempt_us, id LIMIT ?2"
-                );
-                let mut statement = tx.prepare_cached(&sql)?;
-                let rows = statement.query_map(rusqlite::params![now, limit], read_entry)?;
+                       AND (claimed_until_us IS NULL OR claimed_until_us <= ?1) \
+                     ORDER BY next_attempt_us, id LIMIT ?2",
+                )?;
+                let rows = statement.query_map(rusqlite::params![now, limit], |row| row.get(0))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
+            let claimed = {
+                let sql = format!(
+                    "UPDATE helix_dead_letters \
+                     SET next_attempt_us = ?1, claimed_until_us = ?1, version = version + 1 \
+                     WHERE id = ?2 RETURNING {COLUMNS}"
+                );
+                let mut hold = tx.prepare_cached(&sql)?;
+                due.into_iter()
+                    .map(|id| hold.query_row(rusqlite::params![until, id], read_entry))
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let (ids, now, until) = (ids.to_vec(), micros(now), micros(now + lease));
+        self.run("claim entries", move |c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut claimed = Vec::with_capacity(ids.len());
             {
-                let mut lease = tx.prepare_cached(
-                    "UPDATE helix_dead_letters SET next_attempt_us = ?1 WHERE id = ?2",
-                )?;
-                for entry in &claimed {
-                    lease.execute(rusqlite::params![until, entry.letter.id])?;
+                let sql = format!(
+                    "UPDATE helix_dead_letters SET claimed_until_us = ?1, version = version + 1 \
+                     WHERE id = ?2 AND status != 'discarded' \
+                       AND (claimed_until_us IS NULL OR claimed_until_us <= ?3) \
+                     RETURNING {COLUMNS}"
+                );
+                let mut hold = tx.prepare_cached(&sql)?;
+                for id in ids {
+                    if let Some(entry) = hold
+                        .query_row(rusqlite::params![until, id, now], read_entry)
+                        .optional()?
+                    {
+                        claimed.push(entry);
+                    }
                 }
             }
             tx.commit()?;
@@ -388,37 +469,33 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         let values = entry_values(entry)?;
         self.run("update", move |c| {
             let sql = format!(
-                "UPDATE helix_dead_letters SET {} WHERE id = ?1",
-                set_list(INSERT_COLUMNS, '?')
+                "UPDATE helix_dead_letters SET {}, version = version + 1 \
+                 WHERE id = ?1 AND version = ?{WRITTEN_VALUES}",
+                set_list(WRITTEN_COLUMNS, '?')
             );
             Ok(c.prepare_cached(&sql)?.execute(params_from_iter(values))? == 1)
         })
         .await
     }
 
-    async fn remove(&self, id: &str) -> Result<bool> {
-        let id = id.to_owned();
-        self.run("remove", move |c| {
-            Ok(
-                c.prepare_cached("DELETE FROM helix_dead_letters WHERE id = ?1")?
-                    .execute([id])?
-                    == 1,
-            )
-        })
-        .await
+    async fn remove(&self, id: &str, version: u64) -> Result<bool> {
+        let removed = self.remove_many(&[(id.to_owned(), version)]).await?;
+        Ok(removed == 1)
     }
 
-    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
-        let ids = ids.to_vec();
+    async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
+        let entries = entries.to_vec();
         self.run("remove", move |c| {
             // One transaction: one sync to disk for the whole batch.
             let tx = c.transaction()?;
             let mut removed = 0;
             {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM helix_dead_letters WHERE id = ?1")?;
-                for id in ids {
-                    removed += delete.execute([id])? as u64;
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM helix_dead_letters WHERE id = ?1 AND version = ?2",
+                )?;
+                for (id, version) in entries {
+                    let version = i64::try_from(version).unwrap_or(i64::MAX);
+                    removed += delete.execute(rusqlite::params![id, version])? as u64;
                 }
             }
             tx.commit()?;
@@ -495,5 +572,52 @@ impl DeadLetterStore for SqliteDeadLetterStore {
             })
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The table as versions before claims wrote it: no `version`, no `claimed_until_us`.
+    const EARLIER_SCHEMA: &str = "
+    CREATE TABLE helix_dead_letters (
+        id TEXT PRIMARY KEY, original_topic TEXT NOT NULL, consumer_group TEXT,
+        reason TEXT NOT NULL, error TEXT NOT NULL, attempts INTEGER NOT NULL,
+        first_failure_us INTEGER NOT NULL, last_failure_us INTEGER NOT NULL,
+        redrives INTEGER NOT NULL, message_id TEXT NOT NULL, message_key TEXT,
+        payload BLOB NOT NULL, headers TEXT NOT NULL, message_timestamp_us INTEGER NOT NULL,
+        content_type TEXT, correlation_id TEXT, priority INTEGER NOT NULL, message_type TEXT,
+        status TEXT NOT NULL, retries INTEGER NOT NULL, next_attempt_us INTEGER,
+        last_error TEXT, discard_reason TEXT, stored_us INTEGER NOT NULL
+    );
+    INSERT INTO helix_dead_letters VALUES ('dl-1', 'orders', 'workers', 'max retries exceeded',
+        'boom', 4, 1, 2, 0, 'm-1', NULL, x'7031', '{}', 3, NULL, NULL, 0, NULL, 'pending', 0,
+        NULL, NULL, NULL, 4);";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_written_before_claims_opens_and_its_entries_can_be_claimed() {
+        let path = std::env::temp_dir().join(format!("helix-dlq-{}.sqlite", uuid::Uuid::new_v4()));
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch(EARLIER_SCHEMA)
+            .unwrap();
+        let store = SqliteDeadLetterStore::open(&path).await.unwrap();
+        // A second opener finds the columns there.
+        let again = SqliteDeadLetterStore::open(&path).await.unwrap();
+        let entry = store.get("dl-1").await.unwrap().expect("kept");
+        assert_eq!((entry.version, entry.claimed_until), (0, None));
+        let now = SystemTime::now();
+        let claimed = again
+            .claim(&["dl-1".to_owned()], now, Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].version, 1);
+        assert!(claimed[0].is_claimed(now));
+        drop((store, again));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
     }
 }

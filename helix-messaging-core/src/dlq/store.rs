@@ -65,6 +65,14 @@ pub struct StoredDeadLetter {
     pub discard_reason: Option<String>,
     /// When the store received it.
     pub stored_at: SystemTime,
+    /// How many times the store has written the entry since it was inserted: an update or
+    /// a removal names the version it read and takes effect only while the entry is still
+    /// at it, so nothing writes back a stale copy.
+    pub version: u64,
+    /// Until when a re-drive holds the entry (an automatic attempt, a reprocess or a bulk
+    /// redrive): while it does, nothing else re-drives or discards it. A holder that dies
+    /// lets go when this time passes.
+    pub claimed_until: Option<SystemTime>,
 }
 
 impl StoredDeadLetter {
@@ -78,12 +86,25 @@ impl StoredDeadLetter {
             last_error: None,
             discard_reason: None,
             stored_at: now,
+            version: 0,
+            claimed_until: None,
         }
     }
 
     /// The entry's id (the dead letter's).
     pub fn id(&self) -> &str {
         &self.letter.id
+    }
+
+    /// Whether a re-drive holds the entry at `now`.
+    pub fn is_claimed(&self, now: SystemTime) -> bool {
+        self.claimed_until.is_some_and(|until| until > now)
+    }
+
+    /// Whether a re-drive may claim the entry at `now`: it is not discarded and nothing
+    /// holds it.
+    pub fn claimable(&self, now: SystemTime) -> bool {
+        self.status != EntryStatus::Discarded && !self.is_claimed(now)
     }
 }
 
@@ -278,10 +299,12 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// The store's error.
     async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>>;
 
-    /// Claim up to `limit` pending entries whose automatic re-drive is due at `now`, earliest
-    /// first: in the same atomic step their next attempt moves to `now + lease`, so another
-    /// processor sharing the store does not claim them too, and an entry whose processor
-    /// dies comes due again after the lease.
+    /// Claim up to `limit` pending entries whose automatic re-drive is due at `now` and that
+    /// nothing holds, earliest first. In the same atomic step each is held until
+    /// `now + lease` ([`StoredDeadLetter::claimed_until`]), its next attempt moves there
+    /// too and its version goes up by one; the entries are returned as stored after that
+    /// step. Another processor sharing the store does not claim them too, and an entry
+    /// whose processor dies comes due again after the lease.
     ///
     /// # Errors
     /// The store's error.
@@ -292,26 +315,43 @@ pub trait DeadLetterStore: Send + Sync + 'static {
         limit: usize,
     ) -> Result<Vec<StoredDeadLetter>>;
 
-    /// Replace the stored entry with `entry` (matched by id); whether it existed.
+    /// Claim, in one atomic step, those of the entries `ids` that exist, are not discarded
+    /// and that nothing holds at `now` ([`StoredDeadLetter::claimable`]): each is held until
+    /// `now + lease` and its version goes up by one. Returns them as stored after that step,
+    /// in the order of `ids`; the others are left as they are.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> Result<Vec<StoredDeadLetter>>;
+
+    /// Replace the stored entry with `entry` if the stored one is still at
+    /// `entry.version`; the stored copy's version becomes `entry.version + 1`. Whether it
+    /// was replaced: `false` when the entry is gone or was written since `entry` was read.
     ///
     /// # Errors
     /// The store's error.
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool>;
 
-    /// Remove the entry; whether it existed.
+    /// Remove the entry `id` if it is still at `version`; whether it was removed.
     ///
     /// # Errors
     /// The store's error.
-    async fn remove(&self, id: &str) -> Result<bool>;
+    async fn remove(&self, id: &str, version: u64) -> Result<bool>;
 
-    /// Remove every entry in `ids` (one durable write where the store can); how many existed.
+    /// Remove every entry of `entries` (id and version) still at its version, in one
+    /// durable write where the store can; how many were removed.
     ///
     /// # Errors
     /// The store's error.
-    async fn remove_many(&self, ids: &[String]) -> Result<u64> {
+    async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
         let mut removed = 0;
-        for id in ids {
-            removed += u64::from(self.remove(id).await?);
+        for (id, version) in entries {
+            removed += u64::from(self.remove(id, *version).await?);
         }
         Ok(removed)
     }
@@ -333,6 +373,12 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// # Errors
     /// The store's error.
     async fn stats(&self) -> Result<DlqStats>;
+}
+
+/// Holds `entry` for a re-drive until `until` (the in-process stores' claim).
+fn hold(entry: &mut StoredDeadLetter, until: SystemTime) {
+    entry.claimed_until = Some(until);
+    entry.version += 1;
 }
 
 /// Groups `entries` by reason and topic (shared by stores that filter in process).
@@ -398,6 +444,11 @@ impl Entries {
         let at = entry.letter.last_failure_at;
         self.by_id.insert(entry.letter.id.clone(), at);
         self.by_time.insert((at, entry.letter.id.clone()), entry);
+    }
+
+    fn get_mut(&mut self, id: &str) -> Option<&mut StoredDeadLetter> {
+        let key = self.key_of(id)?;
+        self.by_time.get_mut(&key)
     }
 
     fn take(&mut self, id: &str) -> Option<StoredDeadLetter> {
@@ -477,7 +528,9 @@ impl DeadLetterStore for MemoryDeadLetterStore {
             .by_time
             .values()
             .filter(|e| {
-                e.status == EntryStatus::Pending && e.next_attempt_at.is_some_and(|t| t <= now)
+                e.status == EntryStatus::Pending
+                    && e.next_attempt_at.is_some_and(|t| t <= now)
+                    && !e.is_claimed(now)
             })
             .map(|e| (e.next_attempt_at.unwrap_or(now), e.letter.id.clone()))
             .collect();
@@ -485,11 +538,27 @@ impl DeadLetterStore for MemoryDeadLetterStore {
         due.truncate(limit);
         let mut claimed = Vec::with_capacity(due.len());
         for (_, id) in due {
-            if let Some(key) = entries.key_of(&id)
-                && let Some(entry) = entries.by_time.get_mut(&key)
-            {
-                claimed.push(entry.clone());
+            if let Some(entry) = entries.get_mut(&id) {
                 entry.next_attempt_at = Some(now + lease);
+                hold(entry, now + lease);
+                claimed.push(entry.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        let mut entries = self.inner.lock();
+        let mut claimed = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(entry) = entries.get_mut(id).filter(|e| e.claimable(now)) {
+                hold(entry, now + lease);
+                claimed.push(entry.clone());
             }
         }
         Ok(claimed)
@@ -497,15 +566,22 @@ impl DeadLetterStore for MemoryDeadLetterStore {
 
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
         let mut entries = self.inner.lock();
-        if entries.take(entry.id()).is_none() {
+        if entries.get_mut(entry.id()).map(|e| e.version) != Some(entry.version) {
             return Ok(false);
         }
-        entries.put(entry.clone());
+        entries.take(entry.id());
+        let mut written = entry.clone();
+        written.version += 1;
+        entries.put(written);
         Ok(true)
     }
 
-    async fn remove(&self, id: &str) -> Result<bool> {
-        Ok(self.inner.lock().take(id).is_some())
+    async fn remove(&self, id: &str, version: u64) -> Result<bool> {
+        let mut entries = self.inner.lock();
+        if entries.get_mut(id).map(|e| e.version) != Some(version) {
+            return Ok(false);
+        }
+        Ok(entries.take(id).is_some())
     }
 
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {

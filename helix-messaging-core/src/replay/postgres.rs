@@ -55,27 +55,10 @@ impl PostgresReplayStore {
         database
             .batch_execute("creating the replay table", &schema)
             .await?;
-        // Tables made before leases had epochs get the column. Looked up first: ALTER TABLE
-        // takes the table's strongest lock and needs its owner, on every connect otherwise.
-        let present = database
-            .query(
-                "looking for the lease epoch column",
-                "SELECT 1 FROM information_schema.columns
-                 WHERE table_schema = current_schema() AND table_name = $1
-                   AND column_name = 'lease_epoch'",
-                &[Box::new(table.clone()) as Param],
-            )
+        // Tables made before leases had epochs get the column.
+        database
+            .add_column(&table, "lease_epoch", "BIGINT NOT NULL DEFAULT 0")
             .await?;
-        if present.is_empty() {
-            database
-                .batch_execute(
-                    "adding the lease epoch column",
-                    &format!(
-                        "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lease_epoch BIGINT NOT NULL DEFAULT 0"
-                    ),
-                )
-                .await?;
-        }
         Ok(PostgresReplayStore { database, table })
     }
 }

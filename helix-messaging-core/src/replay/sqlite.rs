@@ -30,19 +30,12 @@ const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
 
 /// Files written before leases had epochs get the column.
 fn add_lease_epoch(c: &mut Connection) -> rusqlite::Result<()> {
-    let present = c
-        .prepare("SELECT 1 FROM pragma_table_info('helix_replays') WHERE name = 'lease_epoch'")?
-        .exists([])?;
-    if !present {
-        match c.execute_batch(
-            "ALTER TABLE helix_replays ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
-        ) {
-            // Another process opening the same file added it first.
-            Err(err) if err.to_string().contains("duplicate column") => {}
-            other => other?,
-        }
-    }
-    Ok(())
+    crate::dlq::sqlite::add_column(
+        c,
+        "helix_replays",
+        "lease_epoch",
+        "INTEGER NOT NULL DEFAULT 0",
+    )
 }
 
 const STORE: &str = "replay store";

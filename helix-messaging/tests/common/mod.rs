@@ -346,3 +346,128 @@ pub async fn check_the_sample_error_is_the_newest_failures(
         "the newest failure's error; of two at once, the greater id's"
     );
 }
+
+/// A DLQ store's claims and versions (issue 27, item 8), the same on every store: a claim
+/// holds only entries that exist, are not discarded and that nothing holds; a held entry is
+/// neither claimed again nor due until its hold runs out; an update or a removal naming a
+/// version the entry has left takes no effect.
+pub async fn check_claims_hold_entries_and_versions_fence_writes(
+    store: &dyn helix_messaging::dlq::DeadLetterStore,
+    topic: &str,
+) {
+    use helix_messaging::dlq::{EntryStatus, StoredDeadLetter};
+    let now = SystemTime::now();
+    let lease = Duration::from_secs(60);
+    let after_the_hold = now + lease + Duration::from_secs(1);
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        let at = now - Duration::from_secs(100 - i);
+        let l = letter(
+            topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            at,
+        );
+        let mut entry = StoredDeadLetter::received(l, now);
+        if i == 3 {
+            entry.next_attempt_at = Some(now - Duration::from_secs(1));
+        }
+        ids.push(entry.id().to_owned());
+        assert!(store.insert(entry).await.unwrap());
+    }
+    let read = |id: &str| {
+        let id = id.to_owned();
+        async move { store.get(&id).await.unwrap().expect("stored") }
+    };
+    let stale = read(&ids[2]).await;
+    assert_eq!((stale.version, stale.claimed_until), (0, None));
+    let mut discarded = read(&ids[2]).await;
+    discarded.status = EntryStatus::Discarded;
+    assert!(store.update(&discarded).await.unwrap());
+    assert!(
+        !store.update(&stale).await.unwrap(),
+        "a copy read before the discard overwrote it"
+    );
+    assert_eq!(read(&ids[2]).await.status, EntryStatus::Discarded);
+    assert_eq!(read(&ids[2]).await.version, 1);
+
+    let wanted = vec![
+        ids[1].clone(),
+        "missing".to_owned(),
+        ids[2].clone(),
+        ids[0].clone(),
+    ];
+    let claimed = store.claim(&wanted, now, lease).await.unwrap();
+    let claimed_ids: Vec<&str> = claimed.iter().map(|e| e.id()).collect();
+    assert_eq!(
+        claimed_ids,
+        vec![ids[1].as_str(), ids[0].as_str()],
+        "the entries that exist and are not discarded, in the order asked"
+    );
+    for entry in &claimed {
+        assert_eq!(entry.version, 1, "a claim is a write");
+        assert!(entry.is_claimed(now) && !entry.is_claimed(after_the_hold));
+        assert_eq!(read(entry.id()).await, *entry, "returned as stored");
+    }
+    assert!(
+        store.claim(&wanted, now, lease).await.unwrap().is_empty(),
+        "held entries are not claimed twice"
+    );
+    assert!(
+        !store
+            .update(&stale_copy(&read(&ids[0]).await))
+            .await
+            .unwrap(),
+        "an update naming an older version"
+    );
+    assert!(!store.remove(&ids[0], 0).await.unwrap());
+    assert_eq!(
+        store
+            .remove_many(&[(ids[0].clone(), 1), (ids[1].clone(), 0)])
+            .await
+            .unwrap(),
+        1,
+        "only the entry still at the version named"
+    );
+    assert!(store.get(&ids[0]).await.unwrap().is_none());
+    assert_eq!(read(&ids[1]).await.version, 1);
+
+    // Held by a claim, a due entry is not due; its hold run out, it is claimed again.
+    assert_eq!(
+        store
+            .claim(&[ids[3].clone()], now, lease)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(store.claim_due(now, lease, 10).await.unwrap().is_empty());
+    let due = store.claim_due(after_the_hold, lease, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].id(), ids[3]);
+    assert_eq!(due[0].version, 2);
+    assert!(due[0].is_claimed(after_the_hold));
+    assert_eq!(read(&ids[3]).await, due[0], "returned as stored");
+    let again = store
+        .claim(&[ids[1].clone()], after_the_hold, lease)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "a hold that ran out is taken over");
+    assert_eq!(again[0].version, 2);
+    // Let go: an update clearing the hold, from the holder's copy.
+    let mut released = again[0].clone();
+    released.claimed_until = None;
+    assert!(store.update(&released).await.unwrap());
+    assert_eq!(read(&ids[1]).await.claimed_until, None);
+    assert_eq!(read(&ids[1]).await.version, 3);
+}
+
+/// `entry` as it was one write earlier.
+fn stale_copy(
+    entry: &helix_messaging::dlq::StoredDeadLetter,
+) -> helix_messaging::dlq::StoredDeadLetter {
+    let mut stale = entry.clone();
+    stale.version -= 1;
+    stale.claimed_until = None;
+    stale
+}

@@ -1,0 +1,463 @@
+//! Seeded DLQ programs: automatic attempts, reprocesses, discards and bulk redrives of one
+//! DLQ running at once over a [`FaultyBroker`], and the DLQ's promises checked afterwards.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use helix_messaging_core::dlq::{
+    DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, MemoryDeadLetterStore,
+    Processor, ProcessorConfig, RedriveProgress, RedriveRequest, StoredDeadLetter,
+};
+use helix_messaging_core::{Broker, DeliveryInfo, Message, Result, TimeRange};
+use parking_lot::Mutex;
+
+use super::{FaultSchedule, FaultyBroker, PlaneReport, SeedRun, cancel_after_polls, run_seeds};
+use crate::differential::splitmix;
+use crate::helpers::Factory;
+
+/// The message type a registered handler re-drives (the others are republished).
+const HANDLED_TYPE: &str = "plane.handled";
+
+/// Seeded DLQ programs over one backend. Each seed stores dead letters (some with a
+/// registered handler for their type, some due for an automatic re-drive) and runs, all at
+/// once and at seeded moments, automatic attempts, reprocesses, discards and two bulk
+/// redrive jobs over the whole DLQ, through a [`FaultyBroker`] (transient, ambiguous and
+/// delayed publishes); some reprocess, discard and redrive calls are cancelled at a seeded
+/// await point. Checked afterwards:
+///
+/// - every entry is in the DLQ or was delivered (a copy on its topic, or handled by its
+///   handler): never neither;
+/// - a discard that returned `Ok` is never undone: the entry is still there, discarded;
+/// - no message is delivered twice (by two jobs, a job and an attempt, a reprocess and an
+///   attempt) unless a publish of it timed out after the broker took it (the ambiguous
+///   case, where at-least-once is the promise);
+/// - every finished job's counts add up to its selection, and no entry is still held by a
+///   re-drive once every call has returned;
+/// - the store's count, listing and depth agree.
+pub struct DlqHarness {
+    backend: String,
+    factory: Factory,
+    entries: usize,
+}
+
+impl DlqHarness {
+    /// A harness building a fresh broker of `backend` (one that keeps history, where the
+    /// copies are counted) for every run with `factory`.
+    pub fn new<F, Fut>(backend: impl Into<String>, factory: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<Arc<dyn Broker>>> + Send + 'static,
+    {
+        DlqHarness {
+            backend: backend.into(),
+            factory: Arc::new(move || futures::FutureExt::boxed(factory())),
+            entries: 24,
+        }
+    }
+
+    /// Run every seed; a failing seed is shrunk to the fewest entries that still fail.
+    pub async fn run(self) -> PlaneReport {
+        run_seeds(&self.backend, "dlq", self.entries, |seed, entries| {
+            self.run_seed(seed, entries)
+        })
+        .await
+    }
+
+    async fn run_seed(&self, seed: u64, entries: usize) -> DlqRun {
+        let mut run = DlqRun::default();
+        let broker = match (self.factory)().await {
+            Ok(broker) => broker,
+            Err(err) => {
+                run.problems.push(format!("creating the broker: {err}"));
+                return run;
+            }
+        };
+        let schedule = FaultSchedule::new(seed, 20, 0);
+        let faulty: Arc<dyn Broker> = Arc::new(FaultyBroker::new(broker.clone(), schedule.clone()));
+        let store = Arc::new(MemoryDeadLetterStore::new());
+        let processor = match Processor::new(
+            faulty,
+            store.clone(),
+            ProcessorConfig {
+                topics: vec![crate::fresh_name("plane-dlq")],
+                retry_delay: Duration::from_millis(5),
+                max_retry_delay: Duration::from_millis(20),
+                max_retries: 4,
+                processing_timeout: Duration::from_secs(5),
+                batch_size: 8,
+                ..ProcessorConfig::default()
+            },
+        ) {
+            Ok(processor) => processor,
+            Err(err) => {
+                run.problems.push(format!("creating the processor: {err}"));
+                return run;
+            }
+        };
+        let handled = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+        register_handler(&processor, seed, handled.clone());
+
+        let topic = crate::fresh_name("plane-dlq-target");
+        let from = SystemTime::now() - Duration::from_secs(1);
+        let mut ids = Vec::new();
+        for i in 0..entries {
+            let entry = dead_letter(seed, i, &topic);
+            run.entries
+                .insert(entry.id().to_owned(), entry.letter.message.id().to_owned());
+            ids.push(entry.id().to_owned());
+            if let Err(err) = store.insert(entry).await {
+                run.problems.push(format!("storing entry {i}: {err}"));
+                return run;
+            }
+        }
+
+        let outcomes = Arc::new(Mutex::new(Vec::<Op>::new()));
+        let mut calls = Vec::new();
+        for step in 0..entries as u64 {
+            let roll =
+                splitmix(seed.wrapping_mul(0x9E37_79B9) ^ step.wrapping_mul(0xA24B_AED4_963E_E407));
+            let wait = Duration::from_millis(roll % 15);
+            let target = ids[((roll >> 8) % ids.len() as u64) as usize].clone();
+            // A few calls are dropped at a seeded await point, as a caller that goes away.
+            let polls = (roll >> 24)
+                .is_multiple_of(6)
+                .then_some(((roll >> 32) % 12) as usize + 1);
+            let (processor, outcomes) = (processor.clone(), outcomes.clone());
+            let kind = (roll >> 16) % 5;
+            calls.push(tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let op = match kind {
+                    0 | 1 => Op::Attempts(processor.process_due().await.map_err(|e| e.to_string())),
+                    2 => {
+                        let call = processor.reprocess(&target, None);
+                        let outcome = finished(cancellable(call, polls).await);
+                        Op::Reprocess(target, outcome)
+                    }
+                    3 => {
+                        let call = processor.discard(&target, "the plane harness discards it");
+                        let outcome = finished(cancellable(call, polls).await);
+                        Op::Discard(target, outcome)
+                    }
+                    _ => {
+                        let request = RedriveRequest {
+                            batch_size: 4,
+                            ..RedriveRequest::default()
+                        };
+                        let call = processor.start_redrive(request);
+                        Op::Redrive(finished(cancellable(call, polls).await))
+                    }
+                };
+                outcomes.lock().push(op);
+            }));
+        }
+        for call in calls {
+            if let Err(err) = call.await {
+                run.problems.push(format!("a call panicked: {err}"));
+            }
+        }
+        let jobs = crate::eventually(
+            Duration::from_secs(60),
+            "every redrive job finished",
+            || {
+                let jobs = processor.list_redrives();
+                async move { jobs.iter().all(|j| j.status.is_finished()).then_some(jobs) }
+            },
+        )
+        .await;
+        schedule.heal();
+
+        run.operations = outcomes.lock().iter().map(Op::describe).collect();
+        run.discarded = outcomes
+            .lock()
+            .iter()
+            .filter_map(|op| match op {
+                Op::Discard(id, Outcome::Ok(())) => Some(id.clone()),
+                _ => None,
+            })
+            .collect();
+        run.jobs = jobs;
+        run.handled = handled.lock().clone();
+        run.faults = schedule.applied();
+        run.ambiguous = run
+            .faults
+            .iter()
+            .filter(|f| f.ends_with("AfterTheFact"))
+            .filter_map(|f| f.split(", call").next().map(str::to_owned))
+            .collect();
+        match copies(&broker, &topic, from).await {
+            Ok(copies) => run.copies = copies,
+            Err(err) => run
+                .problems
+                .push(format!("reading the target's history: {err}")),
+        }
+        if let Err(err) = run.read_store(store.as_ref()).await {
+            run.problems.push(format!("reading the DLQ store: {err}"));
+        }
+        let _ = broker.close().await;
+        run
+    }
+}
+
+/// A handler for [`HANDLED_TYPE`] that takes a few milliseconds and fails about a third of
+/// its calls (seeded by message id and call), counting the successes per message id.
+fn register_handler(processor: &Processor, seed: u64, handled: Arc<Mutex<HashMap<String, usize>>>) {
+    let calls = Arc::new(Mutex::new(HashMap::<String, u64>::new()));
+    processor.register_handler(HANDLED_TYPE, move |letter: DeadLetter| {
+        let (handled, calls) = (handled.clone(), calls.clone());
+        async move {
+            let id = letter.message.id().to_owned();
+            let call = {
+                let mut calls = calls.lock();
+                let n = calls.entry(id.clone()).or_default();
+                *n += 1;
+                *n
+            };
+            let roll = splitmix(super::hash(seed ^ 0x4A4D, &id) ^ call);
+            tokio::time::sleep(Duration::from_millis(roll % 8)).await;
+            if roll.is_multiple_of(3) {
+                return Err("the plane harness's handler fails this call".into());
+            }
+            *handled.lock().entry(id).or_default() += 1;
+            Ok(())
+        }
+    });
+}
+
+/// Entry `i` of a seed: every third one of the handled type; every other one due for an
+/// automatic re-drive now.
+fn dead_letter(seed: u64, i: usize, topic: &str) -> StoredDeadLetter {
+    let kind = if i.is_multiple_of(3) {
+        HANDLED_TYPE
+    } else {
+        "plane.plain"
+    };
+    let message = Message::new(format!("dead letter {i}"))
+        .with_id(format!("s{seed}-d{i}"))
+        .with_header("type", kind);
+    let info = DeliveryInfo {
+        topic: topic.into(),
+        group: Some("plane".into()),
+        attempt: 3,
+        redelivered: true,
+        position: None,
+    };
+    let now = SystemTime::now();
+    let at = now - Duration::from_secs(60) + Duration::from_millis(i as u64);
+    let letter = DeadLetter::new(
+        &message,
+        &info,
+        DeadLetterReason::MaxRetriesExceeded,
+        "failed in the plane harness",
+        at,
+        at,
+    );
+    let mut entry = StoredDeadLetter::received(letter, now);
+    if i.is_multiple_of(2) {
+        entry.next_attempt_at = Some(now - Duration::from_millis(1));
+    }
+    entry
+}
+
+async fn cancellable<T>(
+    call: impl std::future::Future<Output = Result<T>>,
+    polls: Option<usize>,
+) -> Option<Result<T>> {
+    match polls {
+        Some(polls) => cancel_after_polls(call, polls).await,
+        None => Some(call.await),
+    }
+}
+
+fn finished<T>(outcome: Option<Result<T>>) -> Outcome<T> {
+    match outcome {
+        Some(Ok(value)) => Outcome::Ok(value),
+        Some(Err(err)) => Outcome::Failed(err.to_string()),
+        None => Outcome::Cancelled,
+    }
+}
+
+/// Copies on `topic` since `from`, per message id.
+async fn copies(
+    broker: &Arc<dyn Broker>,
+    topic: &str,
+    from: SystemTime,
+) -> Result<HashMap<String, usize>> {
+    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(5))?;
+    let mut entries = broker.read_range(topic, range).await?;
+    let mut copies = HashMap::new();
+    while let Some(entry) = entries.next().await {
+        *copies.entry(entry?.message.id().to_owned()).or_default() += 1;
+    }
+    Ok(copies)
+}
+
+enum Outcome<T> {
+    Ok(T),
+    Failed(String),
+    Cancelled,
+}
+
+impl<T: std::fmt::Debug> Outcome<T> {
+    fn describe(&self) -> String {
+        match self {
+            Outcome::Ok(value) => format!("ok {value:?}"),
+            Outcome::Failed(err) => format!("failed: {err}"),
+            Outcome::Cancelled => "cancelled".to_owned(),
+        }
+    }
+}
+
+/// One call of a program and how it ended.
+enum Op {
+    Attempts(std::result::Result<usize, String>),
+    Reprocess(String, Outcome<()>),
+    Discard(String, Outcome<()>),
+    Redrive(Outcome<String>),
+}
+
+impl Op {
+    fn describe(&self) -> String {
+        match self {
+            Op::Attempts(Ok(n)) => format!("attempts: {n} due"),
+            Op::Attempts(Err(err)) => format!("attempts: failed: {err}"),
+            Op::Reprocess(id, outcome) => format!("reprocess {id}: {}", outcome.describe()),
+            Op::Discard(id, outcome) => format!("discard {id}: {}", outcome.describe()),
+            Op::Redrive(outcome) => format!("redrive: {}", outcome.describe()),
+        }
+    }
+}
+
+/// What one seeded DLQ program saw.
+#[derive(Default)]
+struct DlqRun {
+    problems: Vec<String>,
+    faults: Vec<String>,
+    /// Entry id → its message's id.
+    entries: BTreeMap<String, String>,
+    operations: Vec<String>,
+    /// Entries whose discard returned `Ok`.
+    discarded: Vec<String>,
+    jobs: Vec<RedriveProgress>,
+    /// Copies on the target per message id.
+    copies: HashMap<String, usize>,
+    /// Handler successes per message id.
+    handled: HashMap<String, usize>,
+    /// Message ids a publish of which timed out after the broker took it.
+    ambiguous: HashSet<String>,
+    /// The store at the end: entry id → status and whether a re-drive still holds it.
+    left: BTreeMap<String, (EntryStatus, bool)>,
+    /// The store's count, its listing's length, and its depth.
+    counted: (u64, usize, u64),
+}
+
+impl DlqRun {
+    async fn read_store(&mut self, store: &dyn DeadLetterStore) -> Result<()> {
+        let all = DlqFilter::default();
+        let listed = store.list(&all, usize::MAX, 0).await?;
+        let now = SystemTime::now();
+        self.left = listed
+            .iter()
+            .map(|e| (e.id().to_owned(), (e.status, e.is_claimed(now))))
+            .collect();
+        self.counted = (
+            store.count(&all).await?,
+            listed.len(),
+            store.stats().await?.depth,
+        );
+        Ok(())
+    }
+}
+
+impl SeedRun for DlqRun {
+    fn faults(&self) -> &[String] {
+        &self.faults
+    }
+
+    fn observed(&self) -> String {
+        format!(
+            "operations:\n    {}\n  jobs: {:?}\n  left: {:?}\n  copies: {:?}\n  handled: {:?}",
+            self.operations.join("\n    "),
+            self.jobs
+                .iter()
+                .map(|j| (j.status, j.total, j.redriven, j.failed, j.skipped))
+                .collect::<Vec<_>>(),
+            self.left,
+            self.copies,
+            self.handled
+        )
+    }
+
+    fn summary(&self) -> String {
+        let delivered: usize =
+            self.copies.values().sum::<usize>() + self.handled.values().sum::<usize>();
+        format!(
+            "{} entries, {} calls, {} jobs; {delivered} delivered, {} left ({} discarded); {} faults ({} ambiguous)",
+            self.entries.len(),
+            self.operations.len(),
+            self.jobs.len(),
+            self.left.len(),
+            self.discarded.len(),
+            self.faults.len(),
+            self.ambiguous.len()
+        )
+    }
+
+    fn violations(&self) -> Vec<String> {
+        let mut violations = self.problems.clone();
+        for (entry, message) in &self.entries {
+            let copies = self.copies.get(message).copied().unwrap_or(0);
+            let handled = self.handled.get(message).copied().unwrap_or(0);
+            if !self.left.contains_key(entry) && copies + handled == 0 {
+                violations.push(format!(
+                    "entry {entry} (message {message}) is neither in the DLQ nor delivered"
+                ));
+            }
+            if copies + handled > 1 && !self.ambiguous.contains(message) {
+                violations.push(format!(
+                    "message {message} was delivered {} times ({copies} copies, handled {handled} times) with no ambiguous publish",
+                    copies + handled
+                ));
+            }
+            if let Some((_, true)) = self.left.get(entry) {
+                violations.push(format!(
+                    "entry {entry} is still held by a re-drive after every call returned"
+                ));
+            }
+        }
+        for entry in &self.discarded {
+            match self.left.get(entry) {
+                Some((EntryStatus::Discarded, _)) => {}
+                other => violations.push(format!(
+                    "the discard of {entry} returned Ok but the entry is {other:?} at the end: undone"
+                )),
+            }
+        }
+        for job in &self.jobs {
+            if job.redriven + job.failed + job.skipped != job.total {
+                violations.push(format!(
+                    "redrive {} ({}): redriven {} + failed {} + skipped {} != total {}",
+                    job.id,
+                    job.status.as_str(),
+                    job.redriven,
+                    job.failed,
+                    job.skipped,
+                    job.total
+                ));
+            }
+        }
+        let (count, listed, depth) = self.counted;
+        let pending = self
+            .left
+            .values()
+            .filter(|(status, _)| *status != EntryStatus::Discarded)
+            .count() as u64;
+        if count != listed as u64 || depth != pending {
+            violations.push(format!(
+                "the store disagrees with itself: count {count}, listed {listed}, depth {depth} with {pending} not discarded"
+            ));
+        }
+        violations
+    }
+}

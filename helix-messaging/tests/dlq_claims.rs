@@ -1,0 +1,413 @@
+//! One DLQ entry, one re-drive at a time (issue 27, item 8): an automatic attempt, a
+//! reprocess, a bulk redrive and a discard each act on an entry only while no other of them
+//! holds it, and none writes back a stale copy. Before entries were claimed, a discard made
+//! while a handler re-drove the entry was undone by the attempt's write-back, and a reprocess
+//! or a bulk redrive during an attempt delivered the message twice.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, SystemTime};
+
+mod common;
+use common::letter;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use helix_messaging::dlq::{
+    DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup,
+    MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveRequest, RedriveStatus,
+    StoredDeadLetter,
+};
+use helix_messaging::{Broker, ErrorKind, SubscribeOptions, Subscription};
+use tokio::sync::{Notify, Semaphore};
+
+const WAIT: Duration = Duration::from_secs(15);
+/// How long a test watches for a delivery that must not come.
+const QUIET: Duration = Duration::from_millis(300);
+
+fn name(what: &str) -> String {
+    helix_messaging_testkit::fresh_name(what)
+}
+
+async fn broker() -> Arc<dyn Broker> {
+    helix_messaging::connect("memory://")
+        .await
+        .expect("memory broker")
+}
+
+/// A handler for `llm.request` letters that says when it started and finishes, failing or
+/// not, only when released.
+#[derive(Clone)]
+struct HeldHandler {
+    started: Arc<Semaphore>,
+    release: Arc<Notify>,
+    calls: Arc<AtomicU32>,
+}
+
+impl Default for HeldHandler {
+    fn default() -> Self {
+        HeldHandler {
+            started: Arc::new(Semaphore::new(0)),
+            release: Arc::default(),
+            calls: Arc::default(),
+        }
+    }
+}
+
+impl HeldHandler {
+    fn register(&self, processor: &Processor, succeed: bool) {
+        let held = self.clone();
+        processor.register_handler("llm.request", move |_letter: DeadLetter| {
+            let held = held.clone();
+            async move {
+                held.calls.fetch_add(1, Ordering::SeqCst);
+                held.started.add_permits(1);
+                held.release.notified().await;
+                if succeed {
+                    Ok(())
+                } else {
+                    Err("the provider is still rate-limited".into())
+                }
+            }
+        });
+    }
+
+    async fn wait_started(&self) {
+        tokio::time::timeout(WAIT, self.started.acquire())
+            .await
+            .expect("the handler started within the wait")
+            .expect("open")
+            .forget();
+    }
+
+    fn finish(&self) {
+        self.release.notify_one();
+    }
+}
+
+fn config() -> ProcessorConfig {
+    ProcessorConfig {
+        topics: vec![name("dlq")],
+        retry_delay: Duration::from_millis(10),
+        max_retry_delay: Duration::from_millis(10),
+        max_retries: 5,
+        ..ProcessorConfig::default()
+    }
+}
+
+/// Stores a `llm.request` letter of `topic`, due for its automatic re-drive now.
+async fn due_letter(store: &dyn DeadLetterStore, topic: &str) -> String {
+    let now = SystemTime::now();
+    let mut entry = StoredDeadLetter::received(
+        letter(
+            topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "llm.request",
+            now,
+        ),
+        now,
+    );
+    entry.next_attempt_at = Some(now - Duration::from_secs(1));
+    let id = entry.id().to_owned();
+    assert!(store.insert(entry).await.unwrap());
+    id
+}
+
+/// An automatic attempt on `processor`, running in the background until the handler is
+/// released.
+async fn attempt_under_way(
+    processor: &Processor,
+    handler: &HeldHandler,
+) -> tokio::task::JoinHandle<usize> {
+    let polling = processor.clone();
+    let attempt = tokio::spawn(async move { polling.process_due().await.unwrap() });
+    handler.wait_started().await;
+    attempt
+}
+
+async fn nothing_arrives(sub: &mut Subscription, what: &str) {
+    if let Ok(Some(delivery)) = tokio::time::timeout(QUIET, sub.next()).await {
+        panic!(
+            "{what}: {} was delivered",
+            delivery.expect("no stream error").message().id()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_during_a_handlers_redrive_is_never_undone() {
+    let store = Arc::new(MemoryDeadLetterStore::new());
+    let processor = Processor::new(broker().await, store.clone(), config()).unwrap();
+    let handler = HeldHandler::default();
+    handler.register(&processor, false);
+    let id = due_letter(store.as_ref(), &name("llm")).await;
+
+    let attempt = attempt_under_way(&processor, &handler).await;
+    let discarded = processor.discard(&id, "the operator gave up").await;
+    handler.finish();
+    assert_eq!(
+        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
+        1
+    );
+
+    match discarded {
+        Ok(()) => {}
+        Err(err) => {
+            // Refused while the handler held the entry: once it let go, the discard goes
+            // through.
+            assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+            processor
+                .discard(&id, "the operator gave up")
+                .await
+                .unwrap();
+        }
+    }
+    let entry = processor.get(&id).await.unwrap();
+    assert_eq!(
+        entry.status,
+        EntryStatus::Discarded,
+        "a discard that returned Ok was undone by the attempt's write-back"
+    );
+    assert_eq!(
+        entry.discard_reason.as_deref(),
+        Some("the operator gave up")
+    );
+    // Due times passed or not, a discarded entry is never re-driven again.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(processor.process_due().await.unwrap(), 0);
+    assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reprocess_during_an_automatic_attempt_does_not_deliver_twice() {
+    let broker = broker().await;
+    let topic = name("llm");
+    let store = Arc::new(MemoryDeadLetterStore::new());
+    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
+    let handler = HeldHandler::default();
+    handler.register(&processor, true);
+    let id = due_letter(store.as_ref(), &topic).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+
+    let attempt = attempt_under_way(&processor, &handler).await;
+    let reprocessed = processor.reprocess(&id, None).await;
+    handler.finish();
+    assert_eq!(
+        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
+        1
+    );
+
+    let err = reprocessed.expect_err("the entry was being re-driven by its handler");
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    nothing_arrives(
+        &mut sub,
+        "the handler re-drove it; a reprocess published it again",
+    )
+    .await;
+    assert_eq!(
+        processor.get(&id).await.unwrap_err().kind(),
+        ErrorKind::NotFound,
+        "the handler's success removed the entry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_redrive_during_an_automatic_attempt_leaves_the_entry_to_it() {
+    let broker = broker().await;
+    let topic = name("llm");
+    let store = Arc::new(MemoryDeadLetterStore::new());
+    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
+    let handler = HeldHandler::default();
+    handler.register(&processor, true);
+    let id = due_letter(store.as_ref(), &topic).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+
+    let attempt = attempt_under_way(&processor, &handler).await;
+    let job = processor
+        .start_redrive(RedriveRequest::default())
+        .await
+        .unwrap();
+    let progress = finished(&processor, &job).await;
+    handler.finish();
+    assert_eq!(
+        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
+        1
+    );
+
+    assert_eq!(progress.status, RedriveStatus::Completed);
+    assert_eq!(
+        (progress.total, progress.redriven, progress.skipped),
+        (1, 0, 1),
+        "the entry held by the handler is skipped, not re-driven again"
+    );
+    nothing_arrives(
+        &mut sub,
+        "the handler re-drove it; the bulk redrive published it again",
+    )
+    .await;
+    assert_eq!(
+        processor.get(&id).await.unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+async fn finished(processor: &Processor, job: &str) -> helix_messaging::dlq::RedriveProgress {
+    helix_messaging_testkit::eventually(WAIT, "the redrive job finished", || {
+        let (processor, job) = (processor.clone(), job.to_owned());
+        async move {
+            processor
+                .redrive_progress(&job)
+                .ok()
+                .filter(|p| p.status.is_finished())
+        }
+    })
+    .await
+}
+
+/// A memory store whose removals wait (up to a few seconds) until two jobs have read or
+/// claimed entries, so that two redrive jobs overlap deterministically: the second job comes
+/// to the entries while the first has published them and not yet removed them.
+struct OverlappingJobs {
+    inner: MemoryDeadLetterStore,
+    reads: Arc<Semaphore>,
+}
+
+impl OverlappingJobs {
+    fn read(&self) {
+        self.reads.add_permits(1);
+    }
+}
+
+#[async_trait]
+impl DeadLetterStore for OverlappingJobs {
+    async fn insert(&self, entry: StoredDeadLetter) -> helix_messaging::Result<bool> {
+        self.inner.insert(entry).await
+    }
+    async fn get(&self, id: &str) -> helix_messaging::Result<Option<StoredDeadLetter>> {
+        self.inner.get(id).await
+    }
+    async fn get_many(&self, ids: &[String]) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.read();
+        self.inner.get_many(ids).await
+    }
+    async fn list(
+        &self,
+        filter: &DlqFilter,
+        limit: usize,
+        offset: usize,
+    ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.inner.list(filter, limit, offset).await
+    }
+    async fn count(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+        self.inner.count(filter).await
+    }
+    async fn ids(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<String>> {
+        self.inner.ids(filter).await
+    }
+    async fn claim_due(
+        &self,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.inner.claim_due(now, lease, limit).await
+    }
+    async fn update(&self, entry: &StoredDeadLetter) -> helix_messaging::Result<bool> {
+        self.inner.update(entry).await
+    }
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.read();
+        self.inner.claim(ids, now, lease).await
+    }
+    async fn remove(&self, id: &str, version: u64) -> helix_messaging::Result<bool> {
+        self.inner.remove(id, version).await
+    }
+    async fn remove_many(&self, entries: &[(String, u64)]) -> helix_messaging::Result<u64> {
+        // Both jobs have come to the entries (or one never will): go on.
+        if let Ok(Ok(both)) =
+            tokio::time::timeout(Duration::from_secs(3), self.reads.acquire_many(2)).await
+        {
+            both.forget();
+            self.reads.add_permits(2);
+        }
+        self.inner.remove_many(entries).await
+    }
+    async fn purge(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+        self.inner.purge(filter).await
+    }
+    async fn groups(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<FailureGroup>> {
+        self.inner.groups(filter).await
+    }
+    async fn stats(&self) -> helix_messaging::Result<DlqStats> {
+        self.inner.stats().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bulk_redrives_of_one_selection_publish_each_entry_once() {
+    const ENTRIES: usize = 10;
+    let broker = broker().await;
+    let topic = name("orders");
+    let store = Arc::new(OverlappingJobs {
+        inner: MemoryDeadLetterStore::new(),
+        reads: Arc::new(Semaphore::new(0)),
+    });
+    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
+    let t0 = SystemTime::now() - Duration::from_secs(60);
+    for i in 0..ENTRIES {
+        let at = t0 + Duration::from_millis(i as u64);
+        let l = letter(
+            &topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            at,
+        );
+        store
+            .insert(StoredDeadLetter::received(l, SystemTime::now()))
+            .await
+            .unwrap();
+    }
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+
+    let (a, b) = tokio::join!(
+        processor.start_redrive(RedriveRequest::default()),
+        processor.start_redrive(RedriveRequest::default())
+    );
+    let (a, b) = (
+        finished(&processor, &a.unwrap()).await,
+        finished(&processor, &b.unwrap()).await,
+    );
+    assert_eq!(a.redriven + b.redriven, ENTRIES as u64, "{a:?}\n{b:?}");
+    assert_eq!(a.redriven + a.skipped, ENTRIES as u64, "{a:?}");
+    assert_eq!(b.redriven + b.skipped, ENTRIES as u64, "{b:?}");
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..ENTRIES {
+        let delivery = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("a re-driven copy within the wait")
+            .expect("open")
+            .expect("no stream error");
+        assert!(
+            seen.insert(delivery.message().id().to_owned()),
+            "{} re-driven twice",
+            delivery.message().id()
+        );
+        delivery.ack().await.unwrap();
+    }
+    nothing_arrives(&mut sub, "an entry went out once per job").await;
+    assert_eq!(store.count(&DlqFilter::default()).await.unwrap(), 0);
+}
