@@ -76,12 +76,18 @@ pub(crate) fn entry_json(entry: &StoredDeadLetter) -> EntryJson<'_> {
         last_error: entry.last_error.as_deref(),
         discard_reason: entry.discard_reason.as_deref(),
         stored_at: time(entry.stored_at),
-        message: MessageJson {
-            key: message.key(),
-            headers: message.headers(),
-            payload: std::str::from_utf8(message.payload()).ok(),
-            payload_size: message.payload().len(),
-        },
+        claimed_until: entry.claimed_until.map(time),
+        message: message_json(message),
+    }
+}
+
+/// A message's key, headers and payload as JSON (the payload as text when it is UTF-8).
+pub(crate) fn message_json(message: &helix_messaging_core::Message) -> MessageJson<'_> {
+    MessageJson {
+        key: message.key(),
+        headers: message.headers(),
+        payload: std::str::from_utf8(message.payload()).ok(),
+        payload_size: message.payload().len(),
     }
 }
 
@@ -105,6 +111,7 @@ pub(crate) struct EntryJson<'a> {
     last_error: Option<&'a str>,
     discard_reason: Option<&'a str>,
     stored_at: String,
+    claimed_until: Option<String>,
     message: MessageJson<'a>,
 }
 
@@ -164,17 +171,23 @@ fn filter_from(query: &HashMap<String, String>) -> Result<DlqFilter, ApiError> {
 }
 
 /// `GET /v1/messaging/dlq?limit&offset&topic&reason&type&status&original_id&from&to`.
-pub(crate) async fn list(
-    State(state): State<AppState>,
-    Query(query): Query<HashMap<String, String>>,
-) -> Result<Response, ApiError> {
-    let dlq = processor(&state)?;
+/// The `limit` query parameter of a listing: 1 to 1000, [`DEFAULT_LIMIT`] when absent.
+pub(crate) fn limit_param(query: &HashMap<String, String>) -> Result<usize, ApiError> {
     let limit = number("limit", query.get("limit"), DEFAULT_LIMIT)?;
     if !(1..=MAX_LIMIT).contains(&limit) {
         return Err(ApiError::bad_request(format!(
             "limit: {limit} is outside 1..={MAX_LIMIT}"
         )));
     }
+    Ok(limit)
+}
+
+pub(crate) async fn list(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let dlq = processor(&state)?;
+    let limit = limit_param(&query)?;
     let offset = number("offset", query.get("offset"), 0)?;
     let filter = filter_from(&query)?;
     let page = dlq.list(&filter, limit, offset).await?;

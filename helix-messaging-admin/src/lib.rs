@@ -28,7 +28,14 @@
 //!   3339, optional `id`, `target_topic`, `filter` {`message_types`, `headers`}, `options`
 //!   {`batch_size`, `delay_between_ms`, `dry_run`, `skip_duplicates`}; 202 with its
 //!   progress), `GET /v1/messaging/replay` (`{"count", "replays"}`), `GET` and `DELETE
-//!   /v1/messaging/replay/{id}` (progress; cancel).
+//!   /v1/messaging/replay/{id}` (progress; cancel);
+//! - `GET /v1/messaging/spools` (each side's fallback spool: `depth`, `refused`, `bytes`,
+//!   `oldest`; `null` for a side without one), `GET /v1/messaging/spools/{side}/refused?limit`
+//!   (`{"count", "refused"}`: the messages the broker refused when they were forwarded, set
+//!   aside with its error), `POST /v1/messaging/spools/{side}/refused/{seq}/retry` (back to
+//!   the end of the spool) and `DELETE /v1/messaging/spools/{side}/refused/{seq}` (dropped
+//!   for good); `side` is `tasks` or `events`, 404 for a side without a spool or an unknown
+//!   `seq`.
 //!
 //! Every request needs `Authorization: Bearer <token>` (the token from
 //! `MESSAGING_ADMIN_TOKEN`); a missing or wrong one is 401. Errors, unknown paths (404) and
@@ -43,6 +50,7 @@ use std::sync::Arc;
 mod dlq;
 mod openapi;
 mod replay;
+mod spool;
 
 use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -253,6 +261,16 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
         )
         .route("/v1/messaging/dlq/{id}/reprocess", post(dlq::reprocess))
         .route("/v1/messaging/dlq/{id}/discard", delete(dlq::discard))
+        .route("/v1/messaging/spools", get(spool::stats))
+        .route("/v1/messaging/spools/{side}/refused", get(spool::refused))
+        .route(
+            "/v1/messaging/spools/{side}/refused/{seq}",
+            delete(spool::discard),
+        )
+        .route(
+            "/v1/messaging/spools/{side}/refused/{seq}/retry",
+            post(spool::retry),
+        )
         .route(
             "/v1/messaging/replay",
             post(replay::start).get(replay::list),
@@ -397,6 +415,7 @@ impl From<helix_messaging_core::Error> for ApiError {
                 StatusCode::BAD_REQUEST
             }
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -179,15 +179,36 @@ fn schemas() -> Value {
         "last_error": nullable_string(),
         "discard_reason": nullable_string(),
         "stored_at": time(),
-        "message": closed(json!({
-            "key": nullable_string(),
-            "headers": { "type": "object", "additionalProperties": { "type": "string" } },
-            "payload": {
-                "type": "string", "nullable": true,
-                "description": "The payload as text; null when it is not UTF-8.",
-            },
-            "payload_size": count(),
-        })),
+        "claimed_until": nullable_time(),
+        "message": reference("MessageBody"),
+    }));
+    let message = closed(json!({
+        "key": nullable_string(),
+        "headers": { "type": "object", "additionalProperties": { "type": "string" } },
+        "payload": {
+            "type": "string", "nullable": true,
+            "description": "The payload as text; null when it is not UTF-8.",
+        },
+        "payload_size": count(),
+    }));
+    let spool = closed(json!({
+        "depth": count(),
+        "refused": count(),
+        "bytes": count(),
+        "oldest": nullable_time(),
+    }));
+    let nullable_spool = {
+        let mut schema = spool.clone();
+        schema["nullable"] = json!(true);
+        schema
+    };
+    let refused = closed(json!({
+        "seq": { "type": "integer" },
+        "topic": string(),
+        "reason": string(),
+        "refused_at": time(),
+        "message_id": string(),
+        "message": reference("MessageBody"),
     }));
     let group = closed(json!({
         "reason": { "type": "string", "enum": reasons(false) },
@@ -250,6 +271,16 @@ fn schemas() -> Value {
             "events": side,
         })),
         "DlqEntry": entry,
+        "MessageBody": message,
+        "Spools": closed(json!({ "tasks": nullable_spool, "events": nullable_spool })),
+        "RefusedMessages": closed(json!({
+            "count": count(),
+            "refused": { "type": "array", "items": refused },
+        })),
+        "Released": closed(json!({
+            "seq": { "type": "integer" },
+            "status": { "type": "string", "enum": ["retried", "discarded"] },
+        })),
         "DlqPage": closed(json!({
             "count": count(),
             "limit": count(),
@@ -332,11 +363,32 @@ pub(crate) fn document() -> Value {
     let too_large = ("413", "The body is larger than the configured limit.");
     let media = ("415", "The body is not application/json.");
     let missing = ("404", "No such entry, job or replay.");
+    let held = (
+        "409",
+        "A re-drive (an automatic attempt, a reprocess, a bulk redrive) holds the entry right now; try again once it is done.",
+    );
     let no_dlq = (
         "503",
         "No DLQ processor is configured, or the broker is unreachable.",
     );
     let no_replay = ("503", "No replay handler is configured.");
+    let no_spool = (
+        "404",
+        "No such side, the side has no fallback spool, or no refused message with this seq.",
+    );
+    let spool_unreadable = ("503", "The spool could not be read.");
+    let side_and_seq = json!([
+        {
+            "name": "side", "in": "path", "required": true,
+            "description": "The hub's side: tasks or events.",
+            "schema": { "type": "string" },
+        },
+        {
+            "name": "seq", "in": "path", "required": true,
+            "description": "The refused message's place in the spool.",
+            "schema": { "type": "integer" },
+        },
+    ]);
     let unsupported = ("501", "The backend keeps no history to replay.");
     let mut list_parameters = vec![
         query(
@@ -352,7 +404,7 @@ pub(crate) fn document() -> Value {
         "info": {
             "title": "helix-messaging admin API",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Health, metrics, the dead-letter queue and replays of a helix-messaging hub.",
+            "description": "Health, metrics, the dead-letter queue, replays and fallback spools of a helix-messaging hub.",
         },
         "security": [{ "bearer": [] }],
         "paths": {
@@ -427,7 +479,7 @@ pub(crate) fn document() -> Value {
                     "operationId": "deleteDeadLetter",
                     "summary": "Discard an entry (the seeds' form of discard).",
                     "requestBody": request_body("DiscardRequest", false),
-                    "responses": responses("200", ok_json("Discarded.", reference("Settled")), &[bad, shape, too_large, media, missing, no_dlq]),
+                    "responses": responses("200", ok_json("Discarded.", reference("Settled")), &[bad, shape, too_large, media, missing, held, no_dlq]),
                 },
             },
             "/v1/messaging/dlq/{id}/reprocess": {
@@ -436,7 +488,7 @@ pub(crate) fn document() -> Value {
                     "operationId": "reprocessDeadLetter",
                     "summary": "Publish the entry's message again and remove the entry.",
                     "requestBody": request_body("ReprocessRequest", false),
-                    "responses": responses("200", ok_json("Reprocessed.", reference("Settled")), &[bad, shape, too_large, media, missing, no_dlq]),
+                    "responses": responses("200", ok_json("Reprocessed.", reference("Settled")), &[bad, shape, too_large, media, missing, held, no_dlq]),
                 },
             },
             "/v1/messaging/dlq/{id}/discard": {
@@ -445,7 +497,41 @@ pub(crate) fn document() -> Value {
                     "operationId": "discardDeadLetter",
                     "summary": "Mark an entry discarded; it stays listed with the reason.",
                     "requestBody": request_body("DiscardRequest", false),
-                    "responses": responses("200", ok_json("Discarded.", reference("Settled")), &[bad, shape, too_large, media, missing, no_dlq]),
+                    "responses": responses("200", ok_json("Discarded.", reference("Settled")), &[bad, shape, too_large, media, missing, held, no_dlq]),
+                },
+            },
+            "/v1/messaging/spools": { "get": {
+                "operationId": "spools",
+                "summary": "What each side's fallback spool holds (null: no spool on that side).",
+                "responses": responses("200", ok_json("The figures.", reference("Spools")), &[spool_unreadable]),
+            }},
+            "/v1/messaging/spools/{side}/refused": {
+                "parameters": [side_and_seq[0]],
+                "get": {
+                    "operationId": "listRefused",
+                    "summary": "The messages the broker refused when they were forwarded, set aside with its error, oldest first.",
+                    "parameters": [query(
+                        "limit",
+                        "Messages listed (1 to 1000, default 50).",
+                        json!({ "type": "integer", "minimum": 1, "maximum": 1000 }),
+                    )],
+                    "responses": responses("200", ok_json("The refused messages.", reference("RefusedMessages")), &[bad, no_spool, spool_unreadable]),
+                },
+            },
+            "/v1/messaging/spools/{side}/refused/{seq}": {
+                "parameters": side_and_seq,
+                "delete": {
+                    "operationId": "discardRefused",
+                    "summary": "Drop a refused message for good.",
+                    "responses": responses("200", ok_json("Discarded.", reference("Released")), &[bad, no_spool, spool_unreadable]),
+                },
+            },
+            "/v1/messaging/spools/{side}/refused/{seq}/retry": {
+                "parameters": side_and_seq,
+                "post": {
+                    "operationId": "retryRefused",
+                    "summary": "Send a refused message again: back to the end of the spool, forwarded in its turn.",
+                    "responses": responses("200", ok_json("Back in the spool.", reference("Released")), &[bad, no_spool, spool_unreadable]),
                 },
             },
             "/v1/messaging/replay": {

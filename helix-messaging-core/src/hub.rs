@@ -469,6 +469,17 @@ impl Hub {
         }
     }
 
+    /// The task side's fallback (its spool and what the broker refused from it), if the
+    /// side has a spool.
+    pub fn task_fallback(&self) -> Option<&FallbackBroker> {
+        self.tasks.fallback.as_ref()
+    }
+
+    /// The event side's fallback, if the side has a spool.
+    pub fn event_fallback(&self) -> Option<&FallbackBroker> {
+        self.events.fallback.as_ref()
+    }
+
     /// What the fallback spools hold (both `None` without fallback).
     ///
     /// # Errors
