@@ -411,3 +411,127 @@ async fn two_bulk_redrives_of_one_selection_publish_each_entry_once() {
     nothing_arrives(&mut sub, "an entry went out once per job").await;
     assert_eq!(store.count(&DlqFilter::default()).await.unwrap(), 0);
 }
+
+/// A process running a bulk redrive over an SQLite DLQ dies midway (its runtime shut down
+/// under it, at whatever await it had reached: a claim, a publish, a removal); a new process
+/// opens the same file and re-drives what is left. Nothing is lost: every entry is delivered
+/// or still in the DLQ. What the dead process held (at most the chunk it was on) stays held
+/// until its claim runs out, so the new job skips it rather than publishing it a second time
+/// now; only that chunk can arrive twice, once its hold has run out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk_held() {
+    use helix_messaging::TimeRange;
+    use helix_messaging::dlq::SqliteDeadLetterStore;
+    use std::collections::HashMap;
+
+    const ENTRIES: usize = 600;
+    const RATE: f64 = 400.0;
+    // The job's chunk at this rate: rate / 20, within the batch size.
+    const CHUNK: usize = 20;
+    let broker = broker().await;
+    let topic = name("killed");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("dlq.sqlite");
+    let from = SystemTime::now() - Duration::from_secs(1);
+    let mut messages = HashMap::new();
+    {
+        let store = SqliteDeadLetterStore::open(&path).await.unwrap();
+        let t0 = SystemTime::now() - Duration::from_secs(600);
+        for i in 0..ENTRIES {
+            let at = t0 + Duration::from_millis(i as u64);
+            let l = letter(
+                &topic,
+                DeadLetterReason::MaxRetriesExceeded,
+                "order.created",
+                at,
+            );
+            messages.insert(l.id.clone(), l.message.id().to_owned());
+            store
+                .insert(StoredDeadLetter::received(l, SystemTime::now()))
+                .await
+                .unwrap();
+        }
+    }
+
+    let (first_broker, first_path) = (broker.clone(), path.clone());
+    let at_kill = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let redriven =
+            runtime.block_on(async move {
+                let store = SqliteDeadLetterStore::open(&first_path).await.unwrap();
+                let processor = Processor::new(first_broker, Arc::new(store), config()).unwrap();
+                let job = processor
+                    .start_redrive(RedriveRequest {
+                        rate_per_second: Some(RATE),
+                        ..RedriveRequest::default()
+                    })
+                    .await
+                    .unwrap();
+                helix_messaging_testkit::eventually(WAIT, "a third re-driven", || {
+                    let progress = processor.redrive_progress(&job).unwrap();
+                    async move {
+                        (progress.redriven >= (ENTRIES / 3) as u64).then_some(progress.redriven)
+                    }
+                })
+                .await
+            });
+        runtime.shutdown_background();
+        redriven
+    })
+    .join()
+    .expect("the first process ran");
+    assert!(at_kill < ENTRIES as u64, "killed midway");
+
+    // The restarted process.
+    let store = Arc::new(SqliteDeadLetterStore::open(&path).await.unwrap());
+    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
+    let job = processor
+        .start_redrive(RedriveRequest::default())
+        .await
+        .unwrap();
+    let progress = finished(&processor, &job).await;
+    assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
+    assert_eq!(
+        progress.redriven + progress.skipped,
+        progress.total,
+        "{progress:?}"
+    );
+
+    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(1)).unwrap();
+    let mut copies: HashMap<String, usize> = HashMap::new();
+    let mut history = broker.read_range(&topic, range).await.unwrap();
+    while let Some(entry) = history.next().await {
+        *copies
+            .entry(entry.unwrap().message.id().to_owned())
+            .or_default() += 1;
+    }
+    let now = SystemTime::now();
+    let left = store.list(&DlqFilter::default(), ENTRIES, 0).await.unwrap();
+    let held = left.iter().filter(|e| e.is_claimed(now)).count();
+    assert_eq!(
+        held,
+        left.len(),
+        "what is left is what the dead process held"
+    );
+    assert!(
+        left.len() <= CHUNK,
+        "{} left held, more than a chunk",
+        left.len()
+    );
+    assert_eq!(progress.skipped, left.len() as u64, "{progress:?}");
+    let twice = copies.values().filter(|n| **n > 1).count();
+    assert_eq!(
+        twice, 0,
+        "{twice} delivered twice while the dead process's hold lasts"
+    );
+    for (entry, message) in &messages {
+        assert!(
+            copies.contains_key(message) || left.iter().any(|e| e.id() == entry),
+            "entry {entry} is neither delivered nor in the DLQ"
+        );
+    }
+}
