@@ -7,13 +7,18 @@ mod common;
 use std::sync::Arc;
 
 use helix_messaging_core::Broker;
-use helix_messaging_rabbitmq::RabbitBroker;
+use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 use helix_messaging_testkit::Differential;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_agrees_with_the_memory_reference() {
-    Differential::new("rabbitmq", || async {
-        Ok(Arc::new(RabbitBroker::connect(common::config()).await?) as Arc<dyn Broker>)
+    // What `MESSAGING_BACKEND=rabbitmq` gives with nothing else set, in a vhost of its own
+    // (its queues go away with it).
+    let vhost = common::Vhost::new("helix-differential");
+    let config = RabbitConfig::new(&vhost.0.url()).expect("the vhost's URL");
+    Differential::new("rabbitmq", move || {
+        let config = config.clone();
+        async move { Ok(Arc::new(RabbitBroker::connect(config).await?) as Arc<dyn Broker>) }
     })
     .run()
     .await

@@ -3,17 +3,15 @@
 //! `HELIX_DIFFERENTIAL_SEED=s` one seed).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use helix_messaging_core::Broker;
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use helix_messaging_testkit::Differential;
 
+/// What `MESSAGING_BACKEND=redis-streams` (or `redis`) gives with nothing else set.
 fn config(mode: RedisMode) -> RedisConfig {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut config = RedisConfig::new(&url, mode).expect("REDIS_URL");
-    config.streams.ack_deadline = Duration::from_secs(10);
-    config
+    RedisConfig::new(&url, mode).expect("REDIS_URL")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

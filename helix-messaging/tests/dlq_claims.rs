@@ -460,25 +460,24 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
             .enable_all()
             .build()
             .unwrap();
-        let redriven =
-            runtime.block_on(async move {
-                let store = SqliteDeadLetterStore::open(&first_path).await.unwrap();
-                let processor = Processor::new(first_broker, Arc::new(store), config()).unwrap();
-                let job = processor
-                    .start_redrive(RedriveRequest {
-                        rate_per_second: Some(RATE),
-                        ..RedriveRequest::default()
-                    })
-                    .await
-                    .unwrap();
-                helix_messaging_testkit::eventually(WAIT, "a third re-driven", || {
+        let redriven = runtime.block_on(async move {
+            let store = SqliteDeadLetterStore::open(&first_path).await.unwrap();
+            let processor = Processor::new(first_broker, Arc::new(store), config()).unwrap();
+            let job = processor
+                .start_redrive(RedriveRequest {
+                    rate_per_second: Some(RATE),
+                    ..RedriveRequest::default()
+                })
+                .await
+                .unwrap();
+            helix_messaging_testkit::eventually(WAIT, "a third re-driven", || {
                     let progress = processor.redrive_progress(&job).unwrap();
                     async move {
                         (progress.redriven >= (ENTRIES / 3) as u64).then_some(progress.redriven)
                     }
                 })
                 .await
-            });
+        });
         runtime.shutdown_background();
         redriven
     })

@@ -27,10 +27,14 @@ pub fn on_tansu() -> bool {
     std::env::var("HELIX_KAFKA_BROKER").is_ok_and(|b| b == "tansu")
 }
 
+/// The shared test broker's bootstrap list (`KAFKA_BROKERS`, default 127.0.0.1:9092).
+pub fn brokers() -> String {
+    std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
 /// The shared test broker.
 pub fn config() -> KafkaConfig {
-    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
-    config_for(&brokers)
+    config_for(&brokers())
 }
 
 /// The next delivery, failing the test if none arrives within 20 s or the stream errs or ends.
