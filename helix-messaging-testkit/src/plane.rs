@@ -856,7 +856,9 @@ pub async fn assert_breaker_holds() {
 }
 
 /// A dead-letter store whose calls fail (a retryable connection error, before the call acts)
-/// while it is set down, and pass through otherwise; it counts the inserts tried.
+/// while it is set down, and otherwise as its [`FaultSchedule`] says, if it has one: before
+/// the call acts, after it acted (a write done but reported failed), or late. It counts the
+/// inserts tried.
 #[derive(Debug)]
 pub struct FaultyDeadLetterStore<S> {
     inner: S,
@@ -864,6 +866,7 @@ pub struct FaultyDeadLetterStore<S> {
     /// Only removals fail.
     removals_down: AtomicBool,
     inserts: std::sync::atomic::AtomicU64,
+    schedule: Option<FaultSchedule>,
 }
 
 impl<S> FaultyDeadLetterStore<S> {
@@ -874,7 +877,30 @@ impl<S> FaultyDeadLetterStore<S> {
             down: AtomicBool::new(false),
             removals_down: AtomicBool::new(false),
             inserts: std::sync::atomic::AtomicU64::default(),
+            schedule: None,
         }
+    }
+
+    /// Also fail calls as `schedule` says (each kind of call keyed by what it is, so a seed
+    /// replays the same faults).
+    #[must_use]
+    pub fn with_schedule(mut self, schedule: FaultSchedule) -> Self {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// Run `call` (a call of kind `what`) as the store's state and schedule say.
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.check(what)?;
+        let fault = self
+            .schedule
+            .as_ref()
+            .map_or(Fault::Pass, |schedule| schedule.next(what));
+        faulted(fault, what, call).await
     }
 
     /// Fail every removal from now on (`true`), the other calls passing through, or pass
@@ -884,7 +910,6 @@ impl<S> FaultyDeadLetterStore<S> {
     }
 
     fn check_removal(&self) -> Result<()> {
-        self.check("a DLQ removal")?;
         if self.removals_down.load(Ordering::SeqCst) {
             Err(transient("a DLQ removal"))
         } else {
@@ -915,13 +940,11 @@ impl<S> FaultyDeadLetterStore<S> {
 impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
     async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
         self.inserts.fetch_add(1, Ordering::SeqCst);
-        self.check("a DLQ insert")?;
-        self.inner.insert(entry).await
+        self.call("a DLQ insert", self.inner.insert(entry)).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
-        self.check("a DLQ read")?;
-        self.inner.get(id).await
+        self.call("a DLQ read", self.inner.get(id)).await
     }
 
     async fn list(
@@ -930,18 +953,16 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.check("a DLQ listing")?;
-        self.inner.list(filter, limit, offset).await
+        self.call("a DLQ listing", self.inner.list(filter, limit, offset))
+            .await
     }
 
     async fn count(&self, filter: &DlqFilter) -> Result<u64> {
-        self.check("a DLQ count")?;
-        self.inner.count(filter).await
+        self.call("a DLQ count", self.inner.count(filter)).await
     }
 
     async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
-        self.check("a DLQ selection")?;
-        self.inner.ids(filter).await
+        self.call("a DLQ selection", self.inner.ids(filter)).await
     }
 
     async fn claim_due(
@@ -950,13 +971,15 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.check("a DLQ claim")?;
-        self.inner.claim_due(now, lease, limit).await
+        self.call(
+            "a DLQ claim of due entries",
+            self.inner.claim_due(now, lease, limit),
+        )
+        .await
     }
 
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
-        self.check("a DLQ update")?;
-        self.inner.update(entry).await
+        self.call("a DLQ update", self.inner.update(entry)).await
     }
 
     async fn claim(
@@ -965,33 +988,32 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         now: std::time::SystemTime,
         lease: Duration,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.check("a DLQ claim")?;
-        self.inner.claim(ids, now, lease).await
+        self.call("a DLQ claim", self.inner.claim(ids, now, lease))
+            .await
     }
 
     async fn remove(&self, id: &str, version: u64) -> Result<bool> {
         self.check_removal()?;
-        self.inner.remove(id, version).await
+        self.call("a DLQ removal", self.inner.remove(id, version))
+            .await
     }
 
     async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
         self.check_removal()?;
-        self.inner.remove_many(entries).await
+        self.call("a DLQ removal", self.inner.remove_many(entries))
+            .await
     }
 
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
-        self.check("a DLQ purge")?;
-        self.inner.purge(filter).await
+        self.call("a DLQ purge", self.inner.purge(filter)).await
     }
 
     async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
-        self.check("a DLQ grouping")?;
-        self.inner.groups(filter).await
+        self.call("a DLQ grouping", self.inner.groups(filter)).await
     }
 
     async fn stats(&self) -> Result<DlqStats> {
-        self.check("the DLQ's stats")?;
-        self.inner.stats().await
+        self.call("the DLQ's stats", self.inner.stats()).await
     }
 }
 
