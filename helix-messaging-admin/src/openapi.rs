@@ -274,7 +274,10 @@ fn schemas() -> Value {
         "MessageBody": message,
         "Spools": closed(json!({ "tasks": nullable_spool, "events": nullable_spool })),
         "RefusedMessages": closed(json!({
-            "count": count(),
+            "count": {
+                "type": "integer", "minimum": 0,
+                "description": "How many are listed here (at most `limit`); the spool's figures give them all.",
+            },
             "refused": { "type": "array", "items": refused },
         })),
         "Released": closed(json!({

@@ -296,6 +296,15 @@ async fn dlq_and_replay_metrics_are_the_seeds_names_in_the_prometheus_text() {
     call(server.request(reqwest::Method::POST, &path)).await;
     until_metric(&server, "messaging_dlq_reprocessed_total", "1").await;
     until_metric(&server, "messaging_dlq_messages_total", "1").await;
+    // The gauge, the listing and the store's depth agree: a discarded entry stays listed
+    // but no longer counts towards the depth.
+    let path = format!("/v1/messaging/dlq/{}/discard", ids[1]);
+    call(server.request(reqwest::Method::DELETE, &path)).await;
+    until_metric(&server, "messaging_dlq_messages_total", "0").await;
+    let listed = call(server.get("/v1/messaging/dlq")).await;
+    assert_eq!(listed["count"], 1, "{listed}");
+    assert_eq!(listed["messages"][0]["status"], "discarded", "{listed}");
+    assert_eq!(processor.stats().await.unwrap().depth, 0);
 
     // One copy, then a pause of a minute before the next batch: running until cancelled.
     let body = serde_json::json!({

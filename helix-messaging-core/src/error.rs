@@ -49,9 +49,13 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Whether an error of this kind is worth retrying unless the site says otherwise.
     ///
-    /// Connection loss and time-outs are transient; everything else needs a change first.
+    /// Connection loss, time-outs and conflicts (another operation holding the thing) are
+    /// transient; everything else needs a change first.
     pub const fn retryable_by_default(self) -> bool {
-        matches!(self, ErrorKind::Connection | ErrorKind::Timeout)
+        matches!(
+            self,
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Conflict
+        )
     }
 
     /// The kind in snake case (`"not_found"`, `"payload_too_large"`, …): the `kind` label of

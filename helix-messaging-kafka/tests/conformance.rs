@@ -15,7 +15,7 @@ use helix_messaging_testkit::Conformance;
 /// them to make hand-overs quick; here they cost about 4 s in all).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_passes_the_conformance_suite() {
-    let config = KafkaConfig::new(&common::brokers());
+    let config = KafkaConfig::new(common::brokers());
     let mut suite = Conformance::new("kafka", move || {
         let config = config.clone();
         async move { Ok(Arc::new(KafkaBroker::connect(config).await?) as Arc<dyn Broker>) }

@@ -14,7 +14,7 @@ use helix_messaging_testkit::Differential;
 async fn kafka_agrees_with_the_memory_reference() {
     common::log_to_stderr();
     // What `MESSAGING_BACKEND=kafka` gives with nothing but the brokers set.
-    let config = KafkaConfig::new(&common::brokers());
+    let config = KafkaConfig::new(common::brokers());
     let mut differential = Differential::new("kafka", move || {
         let config = config.clone();
         async move { Ok(Arc::new(KafkaBroker::connect(config).await?) as Arc<dyn Broker>) }

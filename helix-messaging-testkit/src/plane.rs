@@ -4,7 +4,9 @@
 //! [`FaultyBroker`] wraps any `Arc<dyn Broker>` and, per publish, passes it through, fails it
 //! transiently (a retryable connection error, before the broker saw it), times it out
 //! *after* the broker took it (the ambiguous case), or delays it; a message it refuses
-//! ([`ErrorKind::Rejected`]) it refuses every time, as a broker refuses a bad message. A
+//! ([`ErrorKind::Rejected`]) it refuses every time, as a broker refuses a bad message. Per
+//! delivery, it drops it with the connection (requeued, the stream reporting the loss) or
+//! delays it. A
 //! batch goes over in order, and a transient fault fails the rest of it, as a lost
 //! connection does. [`FaultySpool`] does the same to a [`Spool`]'s calls: an append can
 //! fail before it is written or after (written, but reported failed). Every decision comes
@@ -159,12 +161,24 @@ impl FaultSchedule {
 pub struct FaultyBroker {
     inner: Arc<dyn Broker>,
     schedule: FaultSchedule,
+    /// When the wrapped broker took each publish, per topic.
+    taken: Arc<Mutex<HashMap<String, Vec<tokio::time::Instant>>>>,
 }
 
 impl FaultyBroker {
     /// Wrap `inner`.
     pub fn new(inner: Arc<dyn Broker>, schedule: FaultSchedule) -> Self {
-        FaultyBroker { inner, schedule }
+        FaultyBroker {
+            inner,
+            schedule,
+            taken: Arc::default(),
+        }
+    }
+
+    /// When each publish to `topic` that the wrapped broker took (its publish returned
+    /// `Ok`, whatever the wrapper then reported) was sent, in order of the broker's answers.
+    pub fn taken_at(&self, topic: &str) -> Vec<tokio::time::Instant> {
+        self.taken.lock().get(topic).cloned().unwrap_or_default()
     }
 }
 
@@ -221,7 +235,21 @@ impl Publisher for FaultyBroker {
             ));
         }
         let fault = self.schedule.next(message.id());
-        faulted(fault, "publish", self.inner.publish(topic, message)).await
+        // Timed when the caller let it go, not when the broker answered: a slow broker
+        // must not look like a caller sending too fast.
+        let sent = tokio::time::Instant::now();
+        let publish = async {
+            let published = self.inner.publish(topic, message).await;
+            if published.is_ok() {
+                self.taken
+                    .lock()
+                    .entry(topic.to_owned())
+                    .or_default()
+                    .push(sent);
+            }
+            published
+        };
+        faulted(fault, "publish", publish).await
     }
 
     /// In order, one at a time; a transient fault fails the rest of the batch unsent, as a
@@ -252,8 +280,42 @@ impl Publisher for FaultyBroker {
 
 #[async_trait]
 impl Subscriber for FaultyBroker {
+    /// The wrapped broker's subscription, whose deliveries the schedule may drop with the
+    /// connection (the delivery goes back to the broker, requeued, and the stream reports the
+    /// loss and keeps going, as the adapters do) or delay.
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        self.inner.subscribe(topic, options).await
+        let inner = self.inner.subscribe(topic, options).await?;
+        let (name, group, system) = (
+            Arc::<str>::from(inner.topic()),
+            inner.group().map(Arc::<str>::from),
+            inner.system(),
+        );
+        let schedule = self.schedule.clone();
+        let key = format!("a delivery on {topic}");
+        let deliveries = inner.then(move |item| {
+            let fault = match &item {
+                Ok(_) => schedule.next(&key),
+                Err(_) => Fault::Pass,
+            };
+            async move {
+                match (fault, item) {
+                    (Fault::Transient | Fault::AfterTheFact, Ok(delivery)) => {
+                        let _ = delivery.nack(true).await;
+                        Err(transient("a subscription"))
+                    }
+                    (Fault::Delay(by), item) => {
+                        tokio::time::sleep(by).await;
+                        item
+                    }
+                    (_, item) => item,
+                }
+            }
+        });
+        let subscription = Subscription::new(name, group, Box::pin(deliveries));
+        Ok(match system {
+            Some(system) => subscription.with_system(system),
+            None => subscription,
+        })
     }
 }
 
@@ -867,6 +929,9 @@ pub struct FaultyDeadLetterStore<S> {
     removals_down: AtomicBool,
     inserts: std::sync::atomic::AtomicU64,
     schedule: Option<FaultSchedule>,
+    /// Entries a fault may have left held: claimed by a call reported failed, or not let go
+    /// or removed because the write failed.
+    stranded: Mutex<std::collections::HashSet<String>>,
 }
 
 impl<S> FaultyDeadLetterStore<S> {
@@ -878,7 +943,60 @@ impl<S> FaultyDeadLetterStore<S> {
             removals_down: AtomicBool::new(false),
             inserts: std::sync::atomic::AtomicU64::default(),
             schedule: None,
+            stranded: Mutex::default(),
         }
+    }
+
+    /// The entries a scheduled fault may have left held until their claims run out (as the
+    /// processor intends when a store write fails): claimed by a call that then reported
+    /// failure, or whose update or removal failed before it acted.
+    pub fn stranded(&self) -> std::collections::HashSet<String> {
+        self.stranded.lock().clone()
+    }
+
+    fn fault(&self, what: &str) -> Fault {
+        self.schedule
+            .as_ref()
+            .map_or(Fault::Pass, |schedule| schedule.next(what))
+    }
+
+    fn strand<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        self.stranded
+            .lock()
+            .extend(ids.into_iter().map(str::to_owned));
+    }
+
+    /// A claim of kind `what`: one that takes effect and is then reported failed strands
+    /// what it claimed.
+    async fn claim_call(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<Vec<StoredDeadLetter>>>,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.check(what)?;
+        match self.fault(what) {
+            Fault::AfterTheFact => {
+                let claimed = call.await?;
+                self.strand(claimed.iter().map(StoredDeadLetter::id));
+                Err(after_the_fact(what))
+            }
+            fault => faulted(fault, what, call).await,
+        }
+    }
+
+    /// A write of kind `what` to `ids`: one that fails before it acts strands them.
+    async fn write_call<T>(
+        &self,
+        what: &str,
+        ids: &[&str],
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        self.check(what)?;
+        let fault = self.fault(what);
+        if fault == Fault::Transient {
+            self.strand(ids.iter().copied());
+        }
+        faulted(fault, what, call).await
     }
 
     /// Also fail calls as `schedule` says (each kind of call keyed by what it is, so a seed
@@ -896,11 +1014,7 @@ impl<S> FaultyDeadLetterStore<S> {
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         self.check(what)?;
-        let fault = self
-            .schedule
-            .as_ref()
-            .map_or(Fault::Pass, |schedule| schedule.next(what));
-        faulted(fault, what, call).await
+        faulted(self.fault(what), what, call).await
     }
 
     /// Fail every removal from now on (`true`), the other calls passing through, or pass
@@ -940,7 +1054,9 @@ impl<S> FaultyDeadLetterStore<S> {
 impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
     async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
         self.inserts.fetch_add(1, Ordering::SeqCst);
-        self.call("a DLQ insert", self.inner.insert(entry)).await
+        // Keyed by entry: a report names the entry an insert failed (or only seemed to) for.
+        let what = format!("a DLQ insert of {}", entry.id());
+        self.call(&what, self.inner.insert(entry)).await
     }
 
     async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
@@ -971,7 +1087,7 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.call(
+        self.claim_call(
             "a DLQ claim of due entries",
             self.inner.claim_due(now, lease, limit),
         )
@@ -979,7 +1095,8 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
     }
 
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
-        self.call("a DLQ update", self.inner.update(entry)).await
+        self.write_call("a DLQ update", &[entry.id()], self.inner.update(entry))
+            .await
     }
 
     async fn claim(
@@ -988,19 +1105,20 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         now: std::time::SystemTime,
         lease: Duration,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.call("a DLQ claim", self.inner.claim(ids, now, lease))
+        self.claim_call("a DLQ claim", self.inner.claim(ids, now, lease))
             .await
     }
 
     async fn remove(&self, id: &str, version: u64) -> Result<bool> {
         self.check_removal()?;
-        self.call("a DLQ removal", self.inner.remove(id, version))
+        self.write_call("a DLQ removal", &[id], self.inner.remove(id, version))
             .await
     }
 
     async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
         self.check_removal()?;
-        self.call("a DLQ removal", self.inner.remove_many(entries))
+        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
+        self.write_call("a DLQ removal", &ids, self.inner.remove_many(entries))
             .await
     }
 

@@ -534,3 +534,125 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
         );
     }
 }
+
+/// A memory store whose due claims hold entries for 200 ms only, so that one poll's batch
+/// outlives its claim, as a batch of slow handlers outlives `processing_timeout + 60 s`.
+struct ShortDueClaims(MemoryDeadLetterStore);
+
+#[async_trait]
+impl DeadLetterStore for ShortDueClaims {
+    async fn insert(&self, entry: StoredDeadLetter) -> helix_messaging::Result<bool> {
+        self.0.insert(entry).await
+    }
+    async fn get(&self, id: &str) -> helix_messaging::Result<Option<StoredDeadLetter>> {
+        self.0.get(id).await
+    }
+    async fn list(
+        &self,
+        filter: &DlqFilter,
+        limit: usize,
+        offset: usize,
+    ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.0.list(filter, limit, offset).await
+    }
+    async fn count(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+        self.0.count(filter).await
+    }
+    async fn ids(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<String>> {
+        self.0.ids(filter).await
+    }
+    async fn claim_due(
+        &self,
+        now: SystemTime,
+        _lease: Duration,
+        limit: usize,
+    ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.0
+            .claim_due(now, Duration::from_millis(200), limit)
+            .await
+    }
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
+        self.0.claim(ids, now, lease).await
+    }
+    async fn update(&self, entry: &StoredDeadLetter) -> helix_messaging::Result<bool> {
+        self.0.update(entry).await
+    }
+    async fn remove(&self, id: &str, version: u64) -> helix_messaging::Result<bool> {
+        self.0.remove(id, version).await
+    }
+    async fn purge(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+        self.0.purge(filter).await
+    }
+    async fn groups(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<FailureGroup>> {
+        self.0.groups(filter).await
+    }
+    async fn stats(&self) -> helix_messaging::Result<DlqStats> {
+        self.0.stats().await
+    }
+}
+
+/// One poll claims a batch and attempts its entries one after another; an entry whose
+/// claim ran out while an earlier one was handled may be taken by another re-drive (here a
+/// reprocess). The attempt then leaves it to that re-drive instead of delivering it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_whose_claim_ran_out_during_its_batch_is_not_delivered_twice() {
+    let broker = broker().await;
+    let topic = name("batch");
+    let store = Arc::new(ShortDueClaims(MemoryDeadLetterStore::new()));
+    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
+    let handler = HeldHandler::default();
+    handler.register(&processor, true);
+    // First in the batch (dead-lettered earlier): the slow, handled one.
+    let slow = due_letter(store.as_ref(), &topic).await;
+    let now = SystemTime::now();
+    let plain = StoredDeadLetter::received(
+        letter(
+            &topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            now,
+        ),
+        now,
+    );
+    let mut plain = plain;
+    plain.next_attempt_at = Some(now - Duration::from_millis(500));
+    let plain_id = plain.id().to_owned();
+    let plain_message = plain.letter.message.id().to_owned();
+    assert!(store.insert(plain).await.unwrap());
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+
+    let attempt = attempt_under_way(&processor, &handler).await;
+    // The batch's claim has run out; the plain entry's turn has not come.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    processor.reprocess(&plain_id, None).await.unwrap();
+    handler.finish();
+    assert_eq!(
+        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
+        2
+    );
+
+    let first = tokio::time::timeout(WAIT, sub.next())
+        .await
+        .expect("the reprocessed copy")
+        .expect("open")
+        .expect("no stream error");
+    assert_eq!(first.message().id(), plain_message);
+    first.ack().await.unwrap();
+    nothing_arrives(
+        &mut sub,
+        "the reprocess took the entry; the batch delivered it again",
+    )
+    .await;
+    assert!(
+        processor.get(&slow).await.is_err(),
+        "the handled entry is gone"
+    );
+}

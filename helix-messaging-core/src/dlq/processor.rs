@@ -469,9 +469,37 @@ impl Processor {
             .await?;
         let attempted = due.len();
         for entry in due {
-            self.attempt(entry).await;
+            // The entries are attempted one after another under one claim: one whose hold
+            // could run out before its attempt ends is held anew first.
+            if let Some(entry) = self.hold_for_attempt(entry).await {
+                self.attempt(entry).await;
+            }
         }
         Ok(attempted)
+    }
+
+    /// `entry`, held long enough for an attempt (a handler or a publish bounded by
+    /// `processing_timeout`): as claimed, or held anew by a write naming its version.
+    /// `None` when another re-drive took it meanwhile (its hold had run out), it was purged,
+    /// or the store failed (it comes due again when its hold runs out).
+    async fn hold_for_attempt(&self, mut entry: StoredDeadLetter) -> Option<StoredDeadLetter> {
+        let now = SystemTime::now();
+        let needed = now + self.inner.config.processing_timeout + HOLD_MARGIN;
+        if entry.claimed_until.is_some_and(|until| until >= needed) {
+            return Some(entry);
+        }
+        entry.claimed_until = Some(now + self.claim_lease());
+        match self.inner.store.update(&entry).await {
+            Ok(true) => {
+                entry.version += 1;
+                Some(entry)
+            }
+            Ok(false) => None,
+            Err(err) => {
+                tracing::warn!(dead_letter = %entry.id(), error = %err, "could not hold a DLQ entry for its re-drive; it comes due again when its claim runs out");
+                None
+            }
+        }
     }
 
     /// How long a re-drive holds an entry: longer than a handler may take, so the entry is
@@ -481,9 +509,9 @@ impl Processor {
     }
 
     async fn attempt(&self, mut entry: StoredDeadLetter) {
+        let timeout = self.inner.config.processing_timeout;
         let outcome = match self.handler_for(&entry.letter) {
             Some(handler) => {
-                let timeout = self.inner.config.processing_timeout;
                 match tokio::time::timeout(timeout, handler.handle(entry.letter.clone())).await {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(err)) => Err(err.to_string()),
@@ -569,12 +597,21 @@ impl Processor {
         Err(unclaimable(&entry, now))
     }
 
-    /// Publish `letter`'s message to `topic` and wait for the broker's confirmation.
+    /// Publish `letter`'s message to `topic` and wait for the broker's confirmation, no
+    /// longer than `processing_timeout` (so the publish ends well within the entry's hold).
+    ///
+    /// # Errors
+    /// The broker's error; [`ErrorKind::Timeout`] when it did not confirm in time (the copy
+    /// may still arrive: at least once).
     pub(super) async fn republish(&self, letter: &DeadLetter, topic: &str) -> Result<()> {
-        self.inner
+        let timeout = self.inner.config.processing_timeout;
+        let publish = self
+            .inner
             .broker
-            .publish(topic, redrive_copy(letter, topic))
+            .publish(topic, redrive_copy(letter, topic));
+        tokio::time::timeout(timeout, publish)
             .await
+            .unwrap_or_else(|_| Err(publish_timed_out(timeout)))
     }
 
     /// Entries matching `filter`, a page at a time (the seeds' `ListMessages(limit, offset)`).
@@ -634,12 +671,28 @@ impl Processor {
     async fn reprocess_claimed(&self, id: &str, target_topic: Option<&str>) -> Result<()> {
         let entry = self.claim_one(id).await?;
         let target = target_topic.unwrap_or(&entry.letter.original_topic);
-        if let Err(err) = self.republish(&entry.letter, target).await {
+        // The original topic comes from the dead letter's headers: checked like a target
+        // given, so a bad one is refused here rather than by the broker.
+        let published = match validate_name("target topic", target) {
+            Ok(()) => self.republish(&entry.letter, target).await,
+            Err(err) => Err(err),
+        };
+        if let Err(err) = published {
             self.let_go(&entry).await;
             return Err(err);
         }
         self.count_processed();
-        self.inner.store.remove(id, entry.version).await?;
+        // Published: the reprocess is done whatever the store says next. An entry the
+        // store keeps failing to remove stays held until its claim runs out, and may then
+        // be re-driven again (at least once).
+        if let Err(err) = super::redrive::remove_redriven(
+            self.inner.store.as_ref(),
+            &[(id.to_owned(), entry.version)],
+        )
+        .await
+        {
+            tracing::warn!(dead_letter = %id, error = %err, "a reprocessed DLQ entry could not be removed; it stays held until its claim runs out and may be re-driven again");
+        }
         Ok(())
     }
 
@@ -773,6 +826,20 @@ impl Processor {
         job.cancel.cancel();
         Ok(())
     }
+}
+
+/// Hold an entry must have left, beyond `processing_timeout`, for an attempt to start on it.
+const HOLD_MARGIN: Duration = Duration::from_secs(10);
+
+/// A publish the broker did not confirm within `timeout`.
+pub(super) fn publish_timed_out(timeout: Duration) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!(
+            "the broker did not confirm the re-drive within {timeout:?}; the copy may still arrive"
+        ),
+    )
+    .with_retryable(true)
 }
 
 /// Reads of an entry a discard makes before giving up on one that keeps changing.

@@ -26,7 +26,7 @@ pub struct CanaryConfig {
 
 /// Remove re-driven entries from the store, trying a few times over about a second: a
 /// store that fails here leaves entries already published in the DLQ.
-async fn remove_redriven(
+pub(super) async fn remove_redriven(
     store: &dyn super::DeadLetterStore,
     entries: &[(String, u64)],
 ) -> Result<()> {
@@ -356,12 +356,19 @@ impl Run {
                 .iter()
                 .map(|&i| super::processor::redrive_copy(letters[i], &topic))
                 .collect();
-            let report = self
-                .processor
-                .inner
-                .broker
-                .publish_batch(&topic, messages)
-                .await;
+            // Bounded, so the chunk ends well within its hold; what was not confirmed in time
+            // counts failed and is let go (a copy may still arrive: at least once).
+            let timeout = self.processor.config().processing_timeout;
+            let count = messages.len();
+            let publish = self.processor.inner.broker.publish_batch(&topic, messages);
+            let report = tokio::time::timeout(timeout, publish)
+                .await
+                .unwrap_or_else(|_| {
+                    let failures = (0..count)
+                        .map(|i| (i, super::processor::publish_timed_out(timeout)))
+                        .collect();
+                    crate::BatchReport::new(count, failures)
+                });
             let failures: HashSet<usize> = report.failures().iter().map(|(i, _)| *i).collect();
             if let Some((_, err)) = report.failures().first() {
                 last_error = Some(err.to_string());

@@ -498,9 +498,19 @@ impl FallbackBroker {
         let found = self.inner.spool.release_refused(seq, true).await?;
         if found {
             // Back in its topic's line: what is published to the topic from now on waits
-            // behind it.
-            for (topic, newest) in self.inner.spool.topics().await? {
-                self.mark(&topic, |m| m.appended = m.appended.max(newest));
+            // behind it. It is back whatever happens next, so a failure to read the line
+            // is logged, not returned (a caller told it failed would find it gone).
+            match self.inner.spool.topics().await {
+                Ok(topics) => {
+                    for (topic, newest) in topics {
+                        self.mark(&topic, |m| m.appended = m.appended.max(newest));
+                    }
+                }
+                Err(err) => tracing::warn!(
+                    seq,
+                    error = %err,
+                    "a refused message is back in the spool, but the spool's topics could not be read; publishes to its topic may overtake it"
+                ),
             }
             self.inner.wake.notify_one();
         }

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, MemoryDeadLetterStore,
-    Processor, ProcessorConfig, RedriveProgress, RedriveRequest, RedriveStatus, StoredDeadLetter,
+    CanaryConfig, DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus,
+    MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveProgress, RedriveRequest,
+    RedriveStatus, StoredDeadLetter,
 };
 use helix_messaging_core::{Broker, DeliveryInfo, Message, Result, TimeRange};
 use parking_lot::Mutex;
@@ -23,25 +24,45 @@ use crate::helpers::Factory;
 /// The message type a registered handler re-drives (the others are republished).
 const HANDLED_TYPE: &str = "plane.handled";
 
+/// Dead letters sent to the DLQ topic for the running processor to ingest.
+const INGESTED: usize = 6;
+
+/// Entries only paced jobs select.
+const PACED_ENTRIES: usize = 12;
+
+/// A paced job's rate, messages a second; it sends chunks of `rate / 20`.
+const PACED_RATE: f64 = 40.0;
+
+/// How far a paced job's sends may run ahead of its rate: one chunk (sent at once), and
+/// the latency of a chunk's publishes (its sends are timed when the broker took them, not
+/// when the job let them go; a publish can be delayed by up to 30 ms here).
+const PACED_CHUNK: f64 = 2.0;
+const PACED_LATENCY: Duration = Duration::from_millis(50);
+
 /// Seeded DLQ programs over one backend. Each seed stores dead letters (some with a
-/// registered handler for their type, some due for an automatic re-drive) and runs, all at
-/// once and at seeded moments, automatic attempts, reprocesses, discards and two bulk
+/// registered handler for their type, some due for an automatic re-drive), starts the
+/// processor (ingesting dead letters sent to its topic meanwhile, through deliveries the
+/// faulty broker drops with the connection or delays, and re-driving what is due) and runs,
+/// all at once and at seeded moments, automatic attempts, reprocesses, discards and two bulk
 /// redrive jobs over the whole DLQ, through a [`FaultyBroker`] (transient, ambiguous and
 /// delayed publishes) and a [`FaultyDeadLetterStore`] with a schedule of its own (store calls
 /// failing before they act, after, or late); some reprocess, discard and redrive calls are
 /// cancelled at a seeded await point. Checked afterwards:
 ///
-/// - every entry is in the DLQ or was delivered (a copy on its topic, or handled by its
-///   handler): never neither;
+/// - every entry, and every dead letter sent to the DLQ topic, is in the DLQ or was
+///   delivered (a copy on its topic, or handled by its handler): never neither;
 /// - a discard that returned `Ok` is never undone: the entry is still there, discarded;
 /// - no message is delivered twice (by two jobs, a job and an attempt, a reprocess and an
 ///   attempt) unless a publish of it timed out after the broker took it (the ambiguous
 ///   case, where at-least-once is the promise);
 /// - a completed job's counts add up to its selection (a job a store failure stopped, to no
 ///   more than it), and no entry is still held by a re-drive once every call (a cancelled
-///   reprocess's own task included) has ended, unless a store write failed in a way that
-///   leaves the hold to run out;
-/// - the store's count, listing and depth agree.
+///   reprocess's own task included) has ended, unless a store fault left it so (a claim
+///   reported failed after it took effect, a let-go or a removal that failed);
+/// - the store's count, listing and depth agree;
+/// - a paced job (every program has one, over entries only paced jobs select, with a canary
+///   watch) keeps its rate over every window of its sends, the watch included: run against
+///   a pacer that banked idle time (issue 27, item 6), 7 of seeds 1–20 broke here.
 pub struct DlqHarness {
     backend: String,
     factory: Factory,
@@ -81,13 +102,24 @@ impl DlqHarness {
             }
         };
         let schedule = FaultSchedule::new(seed, 20, 0);
-        let faulty: Arc<dyn Broker> = Arc::new(FaultyBroker::new(broker.clone(), schedule.clone()));
+        let faulty = Arc::new(FaultyBroker::new(broker.clone(), schedule.clone()));
         let topic = crate::fresh_name("plane-dlq-target");
+        // Each paced job re-drives to a topic of its own, so its sends can be told apart.
+        let mut paced_topics = Vec::new();
         let from = SystemTime::now() - Duration::from_secs(1);
+        // Entries that failed on a topic of their own, not due: only the paced jobs select
+        // them (the other jobs select `topic`'s), and a reprocess or a discard may hit them.
+        let slow = format!("{topic}.slow");
         let memory = MemoryDeadLetterStore::new();
         let mut ids = Vec::new();
-        for i in 0..entries {
-            let entry = dead_letter(seed, i, &topic);
+        for i in 0..entries + PACED_ENTRIES {
+            let entry = if i < entries {
+                dead_letter(seed, i, &topic)
+            } else {
+                let mut entry = dead_letter(seed, i, &slow);
+                entry.next_attempt_at = None;
+                entry
+            };
             run.entries
                 .insert(entry.id().to_owned(), entry.letter.message.id().to_owned());
             ids.push(entry.id().to_owned());
@@ -101,7 +133,7 @@ impl DlqHarness {
         let store =
             Arc::new(FaultyDeadLetterStore::new(memory).with_schedule(store_schedule.clone()));
         let processor = match Processor::new(
-            faulty,
+            faulty.clone(),
             store.clone(),
             ProcessorConfig {
                 topics: vec![crate::fresh_name("plane-dlq")],
@@ -110,6 +142,7 @@ impl DlqHarness {
                 max_retries: 4,
                 processing_timeout: Duration::from_secs(5),
                 batch_size: 8,
+                poll_interval: Duration::from_millis(20),
                 ..ProcessorConfig::default()
             },
         ) {
@@ -121,9 +154,54 @@ impl DlqHarness {
         };
         let handled = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
         register_handler(&processor, seed, handled.clone());
+        // Running: it ingests its DLQ topic through the faulty broker (deliveries dropped
+        // with the connection, or late) and re-drives what is due every 20 ms.
+        if let Err(err) = processor.start().await {
+            run.problems.push(format!("starting the processor: {err}"));
+            return run;
+        }
+        let dlq_topic = processor.config().topics[0].clone();
+        for i in 0..INGESTED {
+            let letter = dead_letter(seed, entries + PACED_ENTRIES + i, &topic).letter;
+            run.ingested
+                .insert(letter.id.clone(), letter.message.id().to_owned());
+            if let Err(err) = broker.publish(&dlq_topic, letter.to_message()).await {
+                run.problems.push(format!("dead-lettering {i}: {err}"));
+                processor.stop().await;
+                return run;
+            }
+        }
 
         let outcomes = Arc::new(Mutex::new(Vec::<Op>::new()));
         let mut calls = Vec::new();
+        // One paced job in every program, plus those the rolls add.
+        let paced_job = |step: u64, paced_topics: &mut Vec<String>| {
+            let target = format!("{topic}.paced-{step}");
+            paced_topics.push(target.clone());
+            RedriveRequest {
+                filter: DlqFilter {
+                    topic: Some(slow.clone()),
+                    ..DlqFilter::default()
+                },
+                target_topic: Some(target),
+                rate_per_second: Some(PACED_RATE),
+                // Its rate must hold over every window, the canary's watch included.
+                canary: Some(CanaryConfig {
+                    count: 2,
+                    watch: Duration::from_millis(200),
+                }),
+                batch_size: 4,
+            }
+        };
+        let first_paced = paced_job(u64::MAX, &mut paced_topics);
+        {
+            let processor = processor.clone();
+            let outcomes = outcomes.clone();
+            calls.push(tokio::spawn(async move {
+                let started = processor.start_redrive(first_paced).await;
+                outcomes.lock().push(Op::Redrive(finished(Some(started))));
+            }));
+        }
         for step in 0..entries as u64 {
             let roll =
                 splitmix(seed.wrapping_mul(0x9E37_79B9) ^ step.wrapping_mul(0xA24B_AED4_963E_E407));
@@ -135,6 +213,9 @@ impl DlqHarness {
                 .then_some(((roll >> 32) % 12) as usize + 1);
             let (processor, outcomes) = (processor.clone(), outcomes.clone());
             let kind = (roll >> 16) % 5;
+            let paced = (kind == 4 && (roll >> 40).is_multiple_of(3))
+                .then(|| paced_job(step, &mut paced_topics));
+            let main_topic = topic.clone();
             calls.push(tokio::spawn(async move {
                 tokio::time::sleep(wait).await;
                 let op = match kind {
@@ -150,10 +231,14 @@ impl DlqHarness {
                         Op::Discard(target, outcome)
                     }
                     _ => {
-                        let request = RedriveRequest {
+                        let request = paced.unwrap_or_else(|| RedriveRequest {
+                            filter: DlqFilter {
+                                topic: Some(main_topic),
+                                ..DlqFilter::default()
+                            },
                             batch_size: 4,
                             ..RedriveRequest::default()
-                        };
+                        });
                         let call = processor.start_redrive(request);
                         Op::Redrive(finished(cancellable(call, polls).await))
                     }
@@ -175,6 +260,32 @@ impl DlqHarness {
             },
         )
         .await;
+        // Ingested: each dead letter is in the store, or already delivered (its entry
+        // re-driven and removed). The ingest count alone would miss one whose insert took
+        // effect but was reported failed.
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let waiting = not_ingested(
+                &run.ingested,
+                store.as_ref(),
+                &broker,
+                &topic,
+                from,
+                &handled,
+            )
+            .await;
+            if waiting.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= until {
+                run.problems.push(format!(
+                    "dead letters sent to the DLQ topic and not ingested within 30 s: {waiting:?}"
+                ));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        processor.stop().await;
         schedule.heal();
         store_schedule.heal();
 
@@ -196,21 +307,27 @@ impl DlqHarness {
             .filter_map(|f| f.split(", call").next().map(str::to_owned))
             .collect();
         let store_faults = store_schedule.applied();
-        // A claim that took effect but was reported failed, or a removal or an update (a
-        // let-go) that failed, leaves an entry held until its claim runs out: as designed.
-        run.holds_may_remain = store_faults.iter().any(|f| {
-            (f.starts_with("a DLQ claim") && f.ends_with("AfterTheFact"))
-                || ((f.starts_with("a DLQ removal") || f.starts_with("a DLQ update"))
-                    && !f.contains("Delay"))
-        });
-        run.faults.extend(store_faults);
-        if !run.holds_may_remain {
-            // A cancelled reprocess goes on to its end in a task of its own: wait (a while)
-            // for what such tasks still hold; what is held after that is reported.
-            let until = tokio::time::Instant::now() + Duration::from_secs(5);
-            while tokio::time::Instant::now() < until && any_held(store.as_ref()).await {
-                tokio::time::sleep(Duration::from_millis(20)).await;
+        // An insert that took effect but was reported failed leaves the dead letter on its
+        // topic, to be ingested again, perhaps after its entry was re-driven and removed:
+        // twice, at least once, as an ambiguous publish is.
+        for (letter, message) in &run.ingested {
+            let key = format!("a DLQ insert of {letter}");
+            if store_faults
+                .iter()
+                .any(|f| f.starts_with(&key) && f.ends_with("AfterTheFact"))
+            {
+                run.ambiguous.insert(message.clone());
             }
+        }
+        run.faults.extend(store_faults);
+        // A claim that took effect but was reported failed, or a removal or a let-go that
+        // failed, leaves its entries held until their claims run out: as designed.
+        run.stranded = store.stranded();
+        // A cancelled reprocess goes on to its end in a task of its own: wait (a while) for
+        // what such tasks still hold; what is held after that is reported.
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < until && any_held(store.as_ref(), &run.stranded).await {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         // The store first, then the target: an entry a late task removes after the store was
         // read was published before, so the target read next has its copy.
@@ -218,24 +335,57 @@ impl DlqHarness {
             run.problems.push(format!("reading the DLQ store: {err}"));
         }
         run.handled = handled.lock().clone();
-        match copies(&broker, &topic, from).await {
-            Ok(copies) => run.copies = copies,
-            Err(err) => run
-                .problems
-                .push(format!("reading the target's history: {err}")),
+        for target in [&topic, &slow].into_iter().chain(&paced_topics) {
+            match copies(&broker, target, from).await {
+                Ok(copies) => {
+                    for (id, n) in copies {
+                        *run.copies.entry(id).or_default() += n;
+                    }
+                }
+                Err(err) => run
+                    .problems
+                    .push(format!("reading {target}'s history: {err}")),
+            }
         }
+        run.paced_sends = paced_topics.iter().map(|t| faulty.taken_at(t)).collect();
         let _ = broker.close().await;
         run
     }
 }
 
-/// Whether a re-drive holds any entry now (a store that cannot say counts as no).
-async fn any_held(store: &dyn DeadLetterStore) -> bool {
+/// The dead letters of `ingested` (letter id → message id) neither in `store` nor delivered
+/// (a copy on `topic` since `from`, or handled).
+async fn not_ingested(
+    ingested: &BTreeMap<String, String>,
+    store: &dyn DeadLetterStore,
+    broker: &Arc<dyn Broker>,
+    topic: &str,
+    from: SystemTime,
+    handled: &Mutex<HashMap<String, usize>>,
+) -> Vec<String> {
+    let copies = copies(broker, topic, from).await.unwrap_or_default();
+    let mut waiting = Vec::new();
+    for (letter, message) in ingested {
+        let delivered = copies.contains_key(message) || handled.lock().contains_key(message);
+        if !delivered && !matches!(store.get(letter).await, Ok(Some(_))) {
+            waiting.push(letter.clone());
+        }
+    }
+    waiting
+}
+
+/// Whether a re-drive holds any entry now, `stranded` ones aside (a store that cannot say
+/// counts as no).
+async fn any_held(store: &dyn DeadLetterStore, stranded: &HashSet<String>) -> bool {
     let now = SystemTime::now();
     store
         .list(&DlqFilter::default(), usize::MAX, 0)
         .await
-        .is_ok_and(|entries| entries.iter().any(|e| e.is_claimed(now)))
+        .is_ok_and(|entries| {
+            entries
+                .iter()
+                .any(|e| e.is_claimed(now) && !stranded.contains(e.id()))
+        })
 }
 
 /// A handler for [`HANDLED_TYPE`] that takes a few milliseconds and fails about a third of
@@ -316,6 +466,27 @@ fn finished<T>(outcome: Option<Result<T>>) -> Outcome<T> {
     }
 }
 
+/// A window in which a paced job's sends ran ahead of its rate, if there is one: `n` sends
+/// between two instants `d` apart, where the pace allows `rate × (d + latency)` plus one
+/// chunk.
+fn burst(sends: &[tokio::time::Instant]) -> Option<String> {
+    let mut sends = sends.to_vec();
+    sends.sort();
+    for (i, first) in sends.iter().enumerate() {
+        for (j, last) in sends.iter().enumerate().skip(i) {
+            let n = (j - i + 1) as f64;
+            let span = last.duration_since(*first);
+            let allowed = PACED_RATE * (span + PACED_LATENCY).as_secs_f64() + PACED_CHUNK;
+            if n > allowed {
+                return Some(format!(
+                    "a paced redrive sent {n} messages within {span:?}, more than {allowed:.1} at {PACED_RATE}/s"
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Copies on `topic` since `from`, per message id.
 async fn copies(
     broker: &Arc<dyn Broker>,
@@ -384,10 +555,16 @@ struct DlqRun {
     handled: HashMap<String, usize>,
     /// Message ids a publish of which timed out after the broker took it.
     ambiguous: HashSet<String>,
-    /// Whether a store fault may have left an entry held (see where it is set).
-    holds_may_remain: bool,
+    /// Entries a store fault may have left held until their claims run out.
+    stranded: HashSet<String>,
+    /// When the broker took each send of each paced job.
+    paced_sends: Vec<Vec<tokio::time::Instant>>,
     /// The store at the end: entry id → status and whether a re-drive still holds it.
     left: BTreeMap<String, (EntryStatus, bool)>,
+    /// The messages of the entries in the store at the end.
+    left_messages: HashSet<String>,
+    /// The dead letters sent to the DLQ topic: letter id → its message's id.
+    ingested: BTreeMap<String, String>,
     /// The store's count, its listing's length, and its depth.
     counted: (u64, usize, u64),
 }
@@ -400,6 +577,10 @@ impl DlqRun {
         self.left = listed
             .iter()
             .map(|e| (e.id().to_owned(), (e.status, e.is_claimed(now))))
+            .collect();
+        self.left_messages = listed
+            .iter()
+            .map(|e| e.letter.message.id().to_owned())
             .collect();
         self.counted = (
             store.count(&all).await?,
@@ -433,10 +614,11 @@ impl SeedRun for DlqRun {
         let delivered: usize =
             self.copies.values().sum::<usize>() + self.handled.values().sum::<usize>();
         format!(
-            "{} entries, {} calls, {} jobs; {delivered} delivered, {} left ({} discarded); {} faults ({} ambiguous)",
+            "{} entries, {} calls, {} jobs (paced sends {:?}); {delivered} delivered, {} left ({} discarded); {} faults ({} ambiguous)",
             self.entries.len(),
             self.operations.len(),
             self.jobs.len(),
+            self.paced_sends.iter().map(Vec::len).collect::<Vec<_>>(),
             self.left.len(),
             self.discarded.len(),
             self.faults.len(),
@@ -460,11 +642,25 @@ impl SeedRun for DlqRun {
                     copies + handled
                 ));
             }
-            if let Some((_, true)) = self.left.get(entry)
-                && !self.holds_may_remain
-            {
+        }
+        for (entry, (_, held)) in &self.left {
+            if *held && !self.stranded.contains(entry) {
                 violations.push(format!(
-                    "entry {entry} is still held by a re-drive 5 s after every call ended"
+                    "entry {entry} is still held by a re-drive 5 s after every call ended, and no store fault explains it"
+                ));
+            }
+        }
+        for message in self.ingested.values() {
+            let delivered = self.copies.get(message).copied().unwrap_or(0)
+                + self.handled.get(message).copied().unwrap_or(0);
+            if delivered == 0 && !self.left_messages.contains(message) {
+                violations.push(format!(
+                    "dead letter {message}, sent to the DLQ topic, is neither in the DLQ nor delivered"
+                ));
+            }
+            if delivered > 1 && !self.ambiguous.contains(message) {
+                violations.push(format!(
+                    "dead letter {message} was delivered {delivered} times with no ambiguous publish"
                 ));
             }
         }
@@ -497,6 +693,7 @@ impl SeedRun for DlqRun {
                 ));
             }
         }
+        violations.extend(self.paced_sends.iter().filter_map(|sends| burst(sends)));
         let (count, listed, depth) = self.counted;
         let pending = self
             .left
