@@ -15,7 +15,10 @@
 //! whatever order the caller and the forwarder interleave in.
 //!
 //! [`SpoolHarness`] runs seeded programs through a [`FallbackBroker`] over a faulty broker
-//! and spool, cancelling some publishes at a seeded await point, then heals the faults and
+//! and spool, cancelling some publishes at a seeded await point; the first part of each
+//! program is published by a process killed afterwards (its runtime shut down, its
+//! forwarder dropped at whatever await it reached, perhaps mid-round) and the rest by a
+//! second process on the same spool. It then heals the faults and
 //! checks the spool's promise: every publish that returned `Ok` is delivered at least once,
 //! with each topic's first deliveries in the order of the `Ok`s, or sits in the set-aside
 //! area with the broker's reason; never neither. [`check_breaker`] drives a
@@ -715,6 +718,32 @@ impl SpoolHarness {
                 return run;
             }
         };
+        for index in 0..messages {
+            let id = format!("s{seed}-m{index}");
+            if schedule.refuses(&id) {
+                run.refusable.insert(id);
+            }
+        }
+        // A first process publishes the first part of the program and is killed (its
+        // runtime shut down, its forwarder dropped at whatever await it reached, perhaps
+        // mid-round: sent and not yet removed); a second one, on the same spool, forwards
+        // what it left and publishes the rest.
+        let killed_after = (splitmix(seed ^ 0x00C1_A55E) % (messages as u64 + 1)) as usize;
+        let first = tokio::task::spawn_blocking({
+            let (broker, spool, schedule, topics) = (
+                broker.clone(),
+                spool.clone(),
+                schedule.clone(),
+                topics.clone(),
+            );
+            move || first_process(broker, spool, &schedule, &topics, seed, 0..killed_after)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("the first process panicked: {e}")));
+        match first {
+            Ok(published) => record(&mut run, published),
+            Err(problem) => run.problems.push(problem),
+        }
         let fallback = match fallback_over(broker.clone(), spool, &schedule).await {
             Ok(fallback) => fallback,
             Err(err) => {
@@ -724,35 +753,8 @@ impl SpoolHarness {
                 return run;
             }
         };
-        for index in 0..messages {
-            let roll = splitmix(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            let topic = &topics[(roll % 3) as usize];
-            let id = format!("s{seed}-m{index}");
-            // One key per topic: every backend keeps one key's order.
-            if schedule.refuses(&id) {
-                run.refusable.insert(id.clone());
-            }
-            let message = Message::new(id.clone())
-                .with_id(id.clone())
-                .with_key(topic.clone());
-            let publish = fallback.publish(topic, message);
-            let outcome = if (roll >> 8) % 100 < 10 {
-                match cancel_after_polls(publish, ((roll >> 16) % 4) as usize).await {
-                    None => Outcome::Cancelled,
-                    Some(Ok(())) => Outcome::Ok,
-                    Some(Err(err)) => Outcome::Failed(err.to_string()),
-                }
-            } else {
-                match publish.await {
-                    Ok(()) => Outcome::Ok,
-                    Err(err) => Outcome::Failed(err.to_string()),
-                }
-            };
-            run.published
-                .entry(topic.clone())
-                .or_default()
-                .push((id, outcome));
-        }
+        let rest = publish_program(&fallback, &topics, seed, killed_after..messages).await;
+        record(&mut run, rest);
         schedule.heal();
         // Everything still spooled is forwarded once the faults are gone.
         let drained = tokio::time::timeout(self.settings.receive_timeout, async {
@@ -809,6 +811,78 @@ impl SpoolHarness {
         let _ = fallback.close().await;
         run
     }
+}
+
+/// One publish of a program: its topic, its message id and how it ended for the caller.
+type Published = (String, String, Outcome);
+
+fn record(run: &mut SpoolRun, published: Vec<Published>) {
+    for (topic, id, outcome) in published {
+        run.published.entry(topic).or_default().push((id, outcome));
+    }
+}
+
+/// Publish the program's messages `indexes` through `fallback`, a few of them cancelled at
+/// a seeded await point.
+async fn publish_program(
+    fallback: &FallbackBroker,
+    topics: &[String],
+    seed: u64,
+    indexes: std::ops::Range<usize>,
+) -> Vec<Published> {
+    let mut published = Vec::new();
+    for index in indexes {
+        let roll = splitmix(seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let topic = &topics[(roll % 3) as usize];
+        let id = format!("s{seed}-m{index}");
+        // One key per topic: every backend keeps one key's order.
+        let message = Message::new(id.clone())
+            .with_id(id.clone())
+            .with_key(topic.clone());
+        let publish = fallback.publish(topic, message);
+        let outcome = if (roll >> 8) % 100 < 10 {
+            match cancel_after_polls(publish, ((roll >> 16) % 4) as usize).await {
+                None => Outcome::Cancelled,
+                Some(Ok(())) => Outcome::Ok,
+                Some(Err(err)) => Outcome::Failed(err.to_string()),
+            }
+        } else {
+            match publish.await {
+                Ok(()) => Outcome::Ok,
+                Err(err) => Outcome::Failed(err.to_string()),
+            }
+        };
+        published.push((topic.clone(), id, outcome));
+    }
+    published
+}
+
+/// A process that publishes the program's messages `indexes` through a fallback of its own
+/// on `spool`, lets its forwarder run for a seeded moment, and is killed: its runtime shut
+/// down with every task dropped where it stands.
+fn first_process(
+    broker: Arc<dyn Broker>,
+    spool: Arc<dyn Spool>,
+    schedule: &FaultSchedule,
+    topics: &[String],
+    seed: u64,
+    indexes: std::ops::Range<usize>,
+) -> std::result::Result<Vec<Published>, String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("building the first process's runtime: {e}"))?;
+    let published = runtime.block_on(async {
+        let fallback = fallback_over(broker, spool, schedule)
+            .await
+            .map_err(|e| format!("building the first process's fallback broker: {e}"))?;
+        let published = publish_program(&fallback, topics, seed, indexes).await;
+        tokio::time::sleep(Duration::from_millis(splitmix(seed ^ 0x0F0E) % 20)).await;
+        Ok(published)
+    });
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    published
 }
 
 async fn fallback_over(

@@ -592,6 +592,10 @@ impl FallbackBroker {
                     m.appended = m.appended.max(newest);
                 }
             });
+            if appended.is_err() {
+                // The append may have taken effect before it failed: the forwarder looks.
+                this.inner.wake.notify_one();
+            }
             appended?;
             metrics::counter!("messaging_fallback_spooled_total", "spool" => this.label())
                 .increment(messages.len() as u64);
@@ -620,10 +624,11 @@ impl FallbackBroker {
             if forwarded > 0 {
                 continue;
             }
-            // A message sent again from the set-aside area has no mark: the spool itself says
-            // whether anything waits.
+            // A message sent again from the set-aside area, or one an append took although
+            // it was reported failed, has no mark: the spool itself says whether anything
+            // waits, and a spool that cannot say may hold something.
             let waiting = self.inner.marks.lock().values().any(|m| m.waiting())
-                || self.inner.spool.stats().await.is_ok_and(|s| s.depth > 0);
+                || self.inner.spool.stats().await.map_or(true, |s| s.depth > 0);
             let pause = if waiting {
                 self.inner.config.retry_interval
             } else {
@@ -1321,6 +1326,67 @@ mod tests {
             1,
             "the second publish went straight to the broker"
         );
+        fallback.close().await.unwrap();
+    }
+
+    /// A spool whose appends take effect and are then reported failed (a commit whose
+    /// answer was lost), and whose figures cannot be read.
+    #[derive(Debug, Default)]
+    struct AmbiguousSpool {
+        inner: MemorySpool,
+    }
+
+    #[async_trait]
+    impl Spool for AmbiguousSpool {
+        async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
+            self.inner.append(topic, messages).await?;
+            Err(Error::new(ErrorKind::Timeout, "the commit's answer was lost").with_retryable(true))
+        }
+        async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
+            self.inner.oldest(limit).await
+        }
+        async fn remove(&self, seqs: &[i64]) -> Result<()> {
+            self.inner.remove(seqs).await
+        }
+        async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
+            self.inner.refuse(seq, reason).await
+        }
+        async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
+            self.inner.refused(limit).await
+        }
+        async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
+            self.inner.release_refused(seq, retry).await
+        }
+        async fn topics(&self) -> Result<HashMap<String, i64>> {
+            self.inner.topics().await
+        }
+        async fn stats(&self) -> Result<SpoolStats> {
+            Err(Error::new(
+                ErrorKind::Backend,
+                "the spool's figures cannot be read",
+            ))
+        }
+    }
+
+    /// A message the spool took although its append was reported failed is forwarded once
+    /// the broker is back: the forwarder is woken for it, and a spool whose figures cannot
+    /// be read counts as holding something. Found by the plane harness (a process killed and
+    /// restarted on its spool, memory, seed 9): the forwarder slept for an hour beside it.
+    #[tokio::test]
+    async fn a_message_spooled_by_an_append_reported_failed_is_still_forwarded() {
+        let broker = Arc::new(Scripted::default());
+        let fallback = fallback_over(broker.clone(), Arc::new(AmbiguousSpool::default())).await;
+        broker.set_down(true);
+        let published = fallback.publish("t", Message::new("kept")).await;
+        assert_eq!(published.unwrap_err().kind(), ErrorKind::Timeout);
+        // The forwarder tries while the broker is still down, then looks whether anything
+        // waits before it rests.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        broker.set_down(false);
+        eventually("the spooled message forwarded", || {
+            payloads(&broker.accepted(), "t") == ["kept"]
+        })
+        .await;
         fallback.close().await.unwrap();
     }
 

@@ -62,7 +62,7 @@ const PACED_LATENCY: Duration = Duration::from_millis(50);
 /// - the store's count, listing and depth agree;
 /// - a paced job (every program has one, over entries only paced jobs select, with a canary
 ///   watch) keeps its rate over every window of its sends, the watch included: run against
-///   a pacer that banked idle time (issue 27, item 6), 7 of seeds 1–20 broke here.
+///   a pacer that banked idle time (issue 27, item 6), 10 of seeds 1–20 broke here.
 pub struct DlqHarness {
     backend: String,
     factory: Factory,
