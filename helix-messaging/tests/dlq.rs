@@ -559,20 +559,6 @@ fn canary(count: usize, watch: Duration) -> Option<CanaryConfig> {
     Some(CanaryConfig { count, watch })
 }
 
-async fn finished(processor: &Processor, job: &str) -> helix_messaging::dlq::RedriveProgress {
-    eventually("the redrive job finished", || {
-        let processor = processor.clone();
-        let job = job.to_owned();
-        async move {
-            processor
-                .redrive_progress(&job)
-                .ok()
-                .filter(|p| p.status.is_finished())
-        }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
     let broker = broker().await;
@@ -607,7 +593,7 @@ async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
         .unwrap();
     // Dead-lettered after the job started: not part of its selection.
     let late = stored_letters(&processor, &topic, 1).await;
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     let took = started.elapsed();
     assert_eq!(progress.status, RedriveStatus::Completed);
     assert_eq!(
@@ -668,7 +654,7 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
         arrivals.push(Instant::now());
     }
     assert_eq!(
-        finished(&processor, &job).await.status,
+        common::redrive_finished(&processor, &job).await.status,
         RedriveStatus::Completed
     );
     // Half a second holds RATE / 2 messages, plus one chunk (RATE / 20) that may start at
@@ -706,7 +692,7 @@ async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed, progress.skipped),
@@ -741,7 +727,7 @@ async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
         })
         .await
         .unwrap();
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed),
@@ -793,7 +779,7 @@ async fn a_canary_failing_on_a_host_with_a_slow_clock_still_stops_the_redrive() 
     again.first_failure_at = again.last_failure_at;
     canary.ack().await.unwrap();
     processor.ingest(again).await.unwrap();
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     assert_eq!(progress.status, RedriveStatus::CanaryFailed, "{progress:?}");
     assert_eq!(progress.redriven, 1, "only the canary went out");
 }
@@ -823,7 +809,7 @@ async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too()
         })
         .await
         .unwrap();
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     assert_eq!(progress.status, RedriveStatus::CanaryFailed);
     assert_eq!(progress.redriven, 2, "only the canaries went out");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -841,7 +827,7 @@ async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
     processor.cancel_redrive(&job).unwrap();
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     assert_eq!(progress.status, RedriveStatus::Cancelled);
     assert!(
         progress.redriven >= 1 && progress.redriven < 20,

@@ -125,6 +125,15 @@ async fn attempt_under_way(
     attempt
 }
 
+/// Let the held handler finish and wait for the attempt under way; how many were due.
+async fn attempt_ends(handler: &HeldHandler, attempt: tokio::task::JoinHandle<usize>) -> usize {
+    handler.finish();
+    tokio::time::timeout(WAIT, attempt)
+        .await
+        .expect("the attempt ended within the wait")
+        .expect("the attempt did not panic")
+}
+
 async fn nothing_arrives(sub: &mut Subscription, what: &str) {
     if let Ok(Some(delivery)) = tokio::time::timeout(QUIET, sub.next()).await {
         panic!(
@@ -144,11 +153,7 @@ async fn a_discard_during_a_handlers_redrive_is_never_undone() {
 
     let attempt = attempt_under_way(&processor, &handler).await;
     let discarded = processor.discard(&id, "the operator gave up").await;
-    handler.finish();
-    assert_eq!(
-        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
-        1
-    );
+    assert_eq!(attempt_ends(&handler, attempt).await, 1);
 
     match discarded {
         Ok(()) => {}
@@ -178,27 +183,49 @@ async fn a_discard_during_a_handlers_redrive_is_never_undone() {
     assert_eq!(handler.calls.load(Ordering::SeqCst), 1);
 }
 
+/// A processor on the memory broker with a held handler that succeeds, one entry of its
+/// type due, and a subscription to the entry's topic.
+struct Scene {
+    processor: Processor,
+    handler: HeldHandler,
+    id: String,
+    sub: Subscription,
+}
+
+impl Scene {
+    async fn new() -> Scene {
+        let broker = broker().await;
+        let topic = name("llm");
+        let store = Arc::new(MemoryDeadLetterStore::new());
+        let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
+        let handler = HeldHandler::default();
+        handler.register(&processor, true);
+        let id = due_letter(store.as_ref(), &topic).await;
+        let sub = broker
+            .subscribe(&topic, SubscribeOptions::group("g"))
+            .await
+            .unwrap();
+        Scene {
+            processor,
+            handler,
+            id,
+            sub,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reprocess_during_an_automatic_attempt_does_not_deliver_twice() {
-    let broker = broker().await;
-    let topic = name("llm");
-    let store = Arc::new(MemoryDeadLetterStore::new());
-    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
-    let handler = HeldHandler::default();
-    handler.register(&processor, true);
-    let id = due_letter(store.as_ref(), &topic).await;
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::group("g"))
-        .await
-        .unwrap();
+    let Scene {
+        processor,
+        handler,
+        id,
+        mut sub,
+    } = Scene::new().await;
 
     let attempt = attempt_under_way(&processor, &handler).await;
     let reprocessed = processor.reprocess(&id, None).await;
-    handler.finish();
-    assert_eq!(
-        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
-        1
-    );
+    assert_eq!(attempt_ends(&handler, attempt).await, 1);
 
     let err = reprocessed.expect_err("the entry was being re-driven by its handler");
     assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
@@ -216,29 +243,20 @@ async fn a_reprocess_during_an_automatic_attempt_does_not_deliver_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_redrive_during_an_automatic_attempt_leaves_the_entry_to_it() {
-    let broker = broker().await;
-    let topic = name("llm");
-    let store = Arc::new(MemoryDeadLetterStore::new());
-    let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
-    let handler = HeldHandler::default();
-    handler.register(&processor, true);
-    let id = due_letter(store.as_ref(), &topic).await;
-    let mut sub = broker
-        .subscribe(&topic, SubscribeOptions::group("g"))
-        .await
-        .unwrap();
+    let Scene {
+        processor,
+        handler,
+        id,
+        mut sub,
+    } = Scene::new().await;
 
     let attempt = attempt_under_way(&processor, &handler).await;
     let job = processor
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let progress = finished(&processor, &job).await;
-    handler.finish();
-    assert_eq!(
-        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
-        1
-    );
+    let progress = common::redrive_finished(&processor, &job).await;
+    assert_eq!(attempt_ends(&handler, attempt).await, 1);
 
     assert_eq!(progress.status, RedriveStatus::Completed);
     assert_eq!(
@@ -255,19 +273,6 @@ async fn a_bulk_redrive_during_an_automatic_attempt_leaves_the_entry_to_it() {
         processor.get(&id).await.unwrap_err().kind(),
         ErrorKind::NotFound
     );
-}
-
-async fn finished(processor: &Processor, job: &str) -> helix_messaging::dlq::RedriveProgress {
-    helix_messaging_testkit::eventually(WAIT, "the redrive job finished", || {
-        let (processor, job) = (processor.clone(), job.to_owned());
-        async move {
-            processor
-                .redrive_progress(&job)
-                .ok()
-                .filter(|p| p.status.is_finished())
-        }
-    })
-    .await
 }
 
 /// A memory store whose removals wait (up to a few seconds) until two jobs have read or
@@ -388,8 +393,8 @@ async fn two_bulk_redrives_of_one_selection_publish_each_entry_once() {
         processor.start_redrive(RedriveRequest::default())
     );
     let (a, b) = (
-        finished(&processor, &a.unwrap()).await,
-        finished(&processor, &b.unwrap()).await,
+        common::redrive_finished(&processor, &a.unwrap()).await,
+        common::redrive_finished(&processor, &b.unwrap()).await,
     );
     assert_eq!(a.redriven + b.redriven, ENTRIES as u64, "{a:?}\n{b:?}");
     assert_eq!(a.redriven + a.skipped, ENTRIES as u64, "{a:?}");
@@ -492,7 +497,7 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let progress = finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
         progress.redriven + progress.skipped,
@@ -633,11 +638,7 @@ async fn an_entry_whose_claim_ran_out_during_its_batch_is_not_delivered_twice() 
     // The batch's claim has run out; the plain entry's turn has not come.
     tokio::time::sleep(Duration::from_millis(300)).await;
     processor.reprocess(&plain_id, None).await.unwrap();
-    handler.finish();
-    assert_eq!(
-        tokio::time::timeout(WAIT, attempt).await.unwrap().unwrap(),
-        2
-    );
+    assert_eq!(attempt_ends(&handler, attempt).await, 2);
 
     let first = tokio::time::timeout(WAIT, sub.next())
         .await

@@ -471,3 +471,20 @@ fn stale_copy(
     stale.claimed_until = None;
     stale
 }
+
+/// The progress of redrive job `job` once it has finished (15 s at most).
+pub async fn redrive_finished(
+    processor: &helix_messaging::dlq::Processor,
+    job: &str,
+) -> helix_messaging::dlq::RedriveProgress {
+    helix_messaging_testkit::eventually(Duration::from_secs(15), "the redrive job finished", || {
+        let (processor, job) = (processor.clone(), job.to_owned());
+        async move {
+            processor
+                .redrive_progress(&job)
+                .ok()
+                .filter(|p| p.status.is_finished())
+        }
+    })
+    .await
+}
