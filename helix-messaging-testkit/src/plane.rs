@@ -1215,6 +1215,7 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
 pub struct FaultyReplayStore {
     inner: Arc<dyn ReplayStore>,
     claims_down: AtomicBool,
+    schedule: Option<FaultSchedule>,
 }
 
 impl std::fmt::Debug for FaultyReplayStore {
@@ -1231,7 +1232,30 @@ impl FaultyReplayStore {
         FaultyReplayStore {
             inner,
             claims_down: AtomicBool::new(false),
+            schedule: None,
         }
+    }
+
+    /// Also fail calls as `schedule` says: before a call acts, after it acted (a write done
+    /// but reported failed), or late; each kind of call keyed by what it is.
+    #[must_use]
+    pub fn with_schedule(mut self, schedule: FaultSchedule) -> Self {
+        self.schedule = Some(schedule);
+        self
+    }
+
+    /// Run `call` (of kind `what`) as the schedule says, after letting other tasks run.
+    async fn call<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::task::yield_now().await;
+        let fault = self
+            .schedule
+            .as_ref()
+            .map_or(Fault::Pass, |schedule| schedule.next(what));
+        faulted(fault, what, call).await
     }
 
     /// Fail every claim and renewal from now on (`true`), or pass them through again.
@@ -1248,28 +1272,28 @@ impl ReplayStore for FaultyReplayStore {
         owner: &str,
         duration: Duration,
     ) -> Result<Option<ReplayLease>> {
-        tokio::task::yield_now().await;
-        self.inner.create(record, owner, duration).await
+        self.call(
+            "a replay creation",
+            self.inner.create(record, owner, duration),
+        )
+        .await
     }
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
-        tokio::task::yield_now().await;
-        self.inner.save(record, lease).await
+        self.call("a replay checkpoint", self.inner.save(record, lease))
+            .await
     }
 
     async fn load(&self, id: &str) -> Result<Option<ReplayRecord>> {
-        tokio::task::yield_now().await;
-        self.inner.load(id).await
+        self.call("a replay read", self.inner.load(id)).await
     }
 
     async fn list(&self) -> Result<Vec<ReplayRecord>> {
-        tokio::task::yield_now().await;
-        self.inner.list().await
+        self.call("a replay listing", self.inner.list()).await
     }
 
     async fn remove(&self, id: &str) -> Result<bool> {
-        tokio::task::yield_now().await;
-        self.inner.remove(id).await
+        self.call("a replay removal", self.inner.remove(id)).await
     }
 
     async fn claim(
@@ -1278,24 +1302,30 @@ impl ReplayStore for FaultyReplayStore {
         owner: &str,
         duration: Duration,
     ) -> Result<Option<ReplayLease>> {
-        tokio::task::yield_now().await;
         if self.claims_down.load(Ordering::SeqCst) {
             return Err(transient("a replay lease claim"));
         }
-        self.inner.claim(id, owner, duration).await
+        self.call(
+            "a replay lease claim",
+            self.inner.claim(id, owner, duration),
+        )
+        .await
     }
 
     async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
-        tokio::task::yield_now().await;
         if self.claims_down.load(Ordering::SeqCst) {
             return Err(transient("a replay lease renewal"));
         }
-        self.inner.renew(id, lease, duration).await
+        self.call(
+            "a replay lease renewal",
+            self.inner.renew(id, lease, duration),
+        )
+        .await
     }
 
     async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
-        tokio::task::yield_now().await;
-        self.inner.release(id, lease).await
+        self.call("a replay lease release", self.inner.release(id, lease))
+            .await
     }
 }
 
@@ -1418,7 +1448,8 @@ impl SeedRun for ReplayRun {
 
 /// Seeded replays over one backend: the source's history is replayed through a
 /// [`FaultyBroker`] (transient, ambiguous and delayed publishes, refused messages,
-/// undecodable entries), by handlers ("processes", each on a runtime of its own) killed at a
+/// undecodable entries), with its checkpoints and leases in a [`FaultyReplayStore`] failing
+/// on a schedule of its own (before a call acts, after it acted, or late), by handlers ("processes", each on a runtime of its own) killed at a
 /// seeded moment and followed by a new one on the same store, as a restarted service would
 /// be; from the fourth on the faults are healed. Checked after each seed: the replay
 /// completes; every entry that can be replayed appears in the target exactly once, in the
@@ -1430,6 +1461,9 @@ pub struct ReplayHarness {
     factory: Factory,
     messages: usize,
 }
+
+/// Times a replay process tries a store call its schedule fails before it gives up.
+const STORE_TRIES: u32 = 50;
 
 /// Handlers one seeded replay goes through at most.
 const PROCESSES: u64 = 6;
@@ -1499,7 +1533,12 @@ impl ReplayHarness {
                 .push((id, message.key().unwrap_or_default().to_owned()));
         }
         let faulty: Arc<dyn Broker> = Arc::new(FaultyBroker::new(broker.clone(), schedule.clone()));
-        let store: Arc<dyn ReplayStore> = Arc::new(MemoryReplayStore::new());
+        // The store fails too, less often, on a schedule of its own.
+        let store_schedule = FaultSchedule::new(seed ^ 0x5EB1A, 5, 0);
+        let store: Arc<dyn ReplayStore> = Arc::new(
+            FaultyReplayStore::new(Arc::new(MemoryReplayStore::new()))
+                .with_schedule(store_schedule.clone()),
+        );
         let roll = splitmix(seed ^ 0x04E5_01A7);
         let config = ReplayConfig {
             publish_attempts: 3,
@@ -1519,6 +1558,7 @@ impl ReplayHarness {
         for process in 0..PROCESSES {
             if process >= 3 {
                 schedule.heal();
+                store_schedule.heal();
             }
             // Killed once it has dealt with a seeded share of the window (on any backend,
             // fast or slow, somewhere in the middle of it), the last one never.
@@ -1560,6 +1600,7 @@ impl ReplayHarness {
             }
         }
         run.faults = schedule.applied();
+        run.faults.extend(store_schedule.applied());
         match read_copies(&broker, &target, from, &request.id).await {
             Ok(copies) => run.copies = copies,
             Err(err) => run.problems.push(format!("reading the target: {err}")),
@@ -1636,24 +1677,44 @@ fn replay_process(
             how: String::new(),
             problems: Vec::new(),
         };
-        let handler = match ReplayHandler::open(broker, config, store).await {
-            Ok(handler) => handler,
-            Err(err) => {
-                end.how = "could not open".into();
-                end.problems.push(format!("opening a handler: {err}"));
-                return end;
-            }
-        };
-        let started = if first {
-            handler.start_replay(request).await.map(drop)
-        } else {
-            match handler.get_progress(&id).await {
-                Ok(p) if p.status == ReplayStatus::Failed => {
-                    handler.resume_replay(&id).await.map(drop)
+        // The store may fail a call (its schedule): a service retries what it can.
+        let mut tries = 0;
+        let handler = loop {
+            match ReplayHandler::open(broker.clone(), config.clone(), store.clone()).await {
+                Ok(handler) => break handler,
+                Err(err) if err.is_retryable() && tries < STORE_TRIES => tries += 1,
+                Err(err) => {
+                    end.how = "could not open".into();
+                    end.problems.push(format!("opening a handler: {err}"));
+                    return end;
                 }
-                Ok(_) => Ok(()),
-                Err(err) => Err(err),
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut tries = 0;
+        let started = loop {
+            let started = if first {
+                handler.start_replay(request.clone()).await.map(drop)
+            } else {
+                match handler.get_progress(&id).await {
+                    Ok(p) if p.status == ReplayStatus::Failed => {
+                        handler.resume_replay(&id).await.map(drop)
+                    }
+                    Ok(_) => Ok(()),
+                    Err(err) => Err(err),
+                }
+            };
+            match started {
+                // A creation that took effect although it was reported failed: the replay
+                // exists, leased to this handler, whose adopt loop runs it once the lease
+                // runs out.
+                Err(err) if first && tries > 0 && err.to_string().contains("already exists") => {
+                    break Ok(());
+                }
+                Err(err) if err.is_retryable() && tries < STORE_TRIES => tries += 1,
+                other => break other,
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         };
         if let Err(err) = started {
             end.how = format!("could not start: {err}");
@@ -1685,6 +1746,8 @@ fn replay_process(
                         return end;
                     }
                 }
+                // A store call the schedule failed: read again.
+                Err(err) if err.is_retryable() => {}
                 Err(err) => end.problems.push(format!("reading the progress: {err}")),
             }
             if std::time::Instant::now() > deadline {
