@@ -1003,9 +1003,10 @@ pub struct FaultyDeadLetterStore<S> {
     removals_down: AtomicBool,
     inserts: std::sync::atomic::AtomicU64,
     schedule: Option<FaultSchedule>,
-    /// Entries a fault may have left held: claimed by a call reported failed, or not let go
-    /// or removed because the write failed.
-    stranded: Mutex<std::collections::HashSet<String>>,
+    /// Entries a fault may have left held, with the version they were left at: claimed by a
+    /// call reported failed, held anew by an update reported failed, or not let go or
+    /// removed because the write failed before it acted.
+    stranded: Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 impl<S> FaultyDeadLetterStore<S> {
@@ -1022,9 +1023,9 @@ impl<S> FaultyDeadLetterStore<S> {
     }
 
     /// The entries a scheduled fault may have left held until their claims run out (as the
-    /// processor intends when a store write fails): claimed by a call that then reported
-    /// failure, or whose update or removal failed before it acted.
-    pub fn stranded(&self) -> std::collections::HashSet<String> {
+    /// processor intends when a store write fails), each with the version it was left at:
+    /// an entry written again since is no longer explained by the fault.
+    pub fn stranded(&self) -> std::collections::HashSet<(String, u64)> {
         self.stranded.lock().clone()
     }
 
@@ -1034,10 +1035,10 @@ impl<S> FaultyDeadLetterStore<S> {
             .map_or(Fault::Pass, |schedule| schedule.next(what))
     }
 
-    fn strand<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+    fn strand<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) {
         self.stranded
             .lock()
-            .extend(ids.into_iter().map(str::to_owned));
+            .extend(entries.into_iter().map(|(id, v)| (id.to_owned(), v)));
     }
 
     /// A claim of kind `what`: one that takes effect and is then reported failed strands
@@ -1051,24 +1052,30 @@ impl<S> FaultyDeadLetterStore<S> {
         match self.fault(what) {
             Fault::AfterTheFact => {
                 let claimed = call.await?;
-                self.strand(claimed.iter().map(StoredDeadLetter::id));
+                self.strand(claimed.iter().map(|e| (e.id(), e.version)));
                 Err(after_the_fact(what))
             }
             fault => faulted(fault, what, call).await,
         }
     }
 
-    /// A write of kind `what` to `ids`: one that fails before it acts strands them.
+    /// A write of kind `what` to `entries` (id and the version it names): one that fails
+    /// before it acts strands them at that version; `holding` (an update that holds its
+    /// entry, at the next version) strands it if the write took effect and was reported
+    /// failed.
     async fn write_call<T>(
         &self,
         what: &str,
-        ids: &[&str],
+        entries: &[(&str, u64)],
+        holding: Option<(&str, u64)>,
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         self.check(what)?;
         let fault = self.fault(what);
-        if fault == Fault::Transient {
-            self.strand(ids.iter().copied());
+        match fault {
+            Fault::Transient => self.strand(entries.iter().copied()),
+            Fault::AfterTheFact => self.strand(holding),
+            _ => {}
         }
         faulted(fault, what, call).await
     }
@@ -1169,8 +1176,17 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
     }
 
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
-        self.write_call("a DLQ update", &[entry.id()], self.inner.update(entry))
-            .await
+        let holding = entry
+            .claimed_until
+            .filter(|until| *until > std::time::SystemTime::now())
+            .map(|_| (entry.id(), entry.version + 1));
+        self.write_call(
+            "a DLQ update",
+            &[(entry.id(), entry.version)],
+            holding,
+            self.inner.update(entry),
+        )
+        .await
     }
 
     async fn claim(
@@ -1185,15 +1201,25 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
 
     async fn remove(&self, id: &str, version: u64) -> Result<bool> {
         self.check_removal()?;
-        self.write_call("a DLQ removal", &[id], self.inner.remove(id, version))
-            .await
+        self.write_call(
+            "a DLQ removal",
+            &[(id, version)],
+            None,
+            self.inner.remove(id, version),
+        )
+        .await
     }
 
     async fn remove_many(&self, entries: &[(String, u64)]) -> Result<u64> {
         self.check_removal()?;
-        let ids: Vec<&str> = entries.iter().map(|(id, _)| id.as_str()).collect();
-        self.write_call("a DLQ removal", &ids, self.inner.remove_many(entries))
-            .await
+        let named: Vec<(&str, u64)> = entries.iter().map(|(id, v)| (id.as_str(), *v)).collect();
+        self.write_call(
+            "a DLQ removal",
+            &named,
+            None,
+            self.inner.remove_many(entries),
+        )
+        .await
     }
 
     async fn purge(&self, filter: &DlqFilter) -> Result<u64> {

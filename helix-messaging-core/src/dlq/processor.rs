@@ -450,7 +450,7 @@ impl Processor {
     }
 
     /// Re-drive every entry whose automatic re-drive is due (at most `batch_size`): one poll.
-    /// Returns how many were attempted.
+    /// Returns how many were attempted (an entry another re-drive took meanwhile is not).
     ///
     /// Entries are claimed for `processing_timeout` plus a minute first, so processors
     /// sharing a store do not re-drive the same entry twice.
@@ -467,12 +467,13 @@ impl Processor {
                 self.inner.config.batch_size,
             )
             .await?;
-        let attempted = due.len();
+        let mut attempted = 0;
         for entry in due {
             // The entries are attempted one after another under one claim: one whose hold
             // could run out before its attempt ends is held anew first.
             if let Some(entry) = self.hold_for_attempt(entry).await {
                 self.attempt(entry).await;
+                attempted += 1;
             }
         }
         Ok(attempted)

@@ -350,25 +350,30 @@ impl Run {
             }
         }
         let (mut redriven, mut failed, mut last_error) = (0, 0, None);
+        let timeout = self.processor.config().processing_timeout;
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut unremoved: Option<Error> = None;
         for (topic, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
                 .map(|&i| super::processor::redrive_copy(letters[i], &topic))
                 .collect();
-            // Bounded, so the chunk ends well within its hold; what was not confirmed in time
-            // counts failed and is let go (a copy may still arrive: at least once).
-            let timeout = self.processor.config().processing_timeout;
+            // The whole chunk, every topic of it, ends within `processing_timeout`, well
+            // within its hold: what was not confirmed by then (or not sent, the time being
+            // up) counts failed and is let go (a copy may still arrive: at least once).
             let count = messages.len();
-            let publish = self.processor.inner.broker.publish_batch(&topic, messages);
-            let report = tokio::time::timeout(timeout, publish)
-                .await
-                .unwrap_or_else(|_| {
-                    let failures = (0..count)
-                        .map(|i| (i, super::processor::publish_timed_out(timeout)))
-                        .collect();
-                    crate::BatchReport::new(count, failures)
-                });
+            let report = if tokio::time::Instant::now() < deadline {
+                let publish = self.processor.inner.broker.publish_batch(&topic, messages);
+                tokio::time::timeout_at(deadline, publish).await.ok()
+            } else {
+                None
+            }
+            .unwrap_or_else(|| {
+                let failures = (0..count)
+                    .map(|i| (i, super::processor::publish_timed_out(timeout)))
+                    .collect();
+                crate::BatchReport::new(count, failures)
+            });
             let failures: HashSet<usize> = report.failures().iter().map(|(i, _)| *i).collect();
             if let Some((_, err)) = report.failures().first() {
                 last_error = Some(err.to_string());

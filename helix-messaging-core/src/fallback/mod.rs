@@ -1330,10 +1330,11 @@ mod tests {
     }
 
     /// A spool whose appends take effect and are then reported failed (a commit whose
-    /// answer was lost), and whose figures cannot be read.
+    /// answer was lost), and whose figures can or cannot be read.
     #[derive(Debug, Default)]
     struct AmbiguousSpool {
         inner: MemorySpool,
+        figures_unreadable: bool,
     }
 
     #[async_trait]
@@ -1361,10 +1362,13 @@ mod tests {
             self.inner.topics().await
         }
         async fn stats(&self) -> Result<SpoolStats> {
-            Err(Error::new(
-                ErrorKind::Backend,
-                "the spool's figures cannot be read",
-            ))
+            if self.figures_unreadable {
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    "the spool's figures cannot be read",
+                ));
+            }
+            self.inner.stats().await
         }
     }
 
@@ -1374,8 +1378,21 @@ mod tests {
     /// restarted on its spool, memory, seed 9): the forwarder slept for an hour beside it.
     #[tokio::test]
     async fn a_message_spooled_by_an_append_reported_failed_is_still_forwarded() {
+        // The forwarder is asleep when the append fails: only a wake-up brings it back.
+        spooled_by_an_append_reported_failed_is_forwarded(AmbiguousSpool::default()).await;
+        // It is woken, finds the broker down, and cannot tell whether anything waits.
+        let unreadable = AmbiguousSpool {
+            figures_unreadable: true,
+            ..AmbiguousSpool::default()
+        };
+        spooled_by_an_append_reported_failed_is_forwarded(unreadable).await;
+    }
+
+    async fn spooled_by_an_append_reported_failed_is_forwarded(spool: AmbiguousSpool) {
         let broker = Arc::new(Scripted::default());
-        let fallback = fallback_over(broker.clone(), Arc::new(AmbiguousSpool::default())).await;
+        let fallback = fallback_over(broker.clone(), Arc::new(spool)).await;
+        // Idle: the forwarder has found nothing and rests until woken.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         broker.set_down(true);
         let published = fallback.publish("t", Message::new("kept")).await;
         assert_eq!(published.unwrap_err().kind(), ErrorKind::Timeout);

@@ -146,51 +146,44 @@ impl Spool for SqliteSpool {
             .collect::<Result<_>>()?;
         let (topic, count) = (topic.to_owned(), messages.len());
         let bytes: u64 = rows.iter().map(|r| r.2).sum();
-        {
-            // Room is reserved before writing, so concurrent appends never overshoot.
-            let mut held = self.held.lock();
-            if held.messages + count as u64 > self.limits.max_messages
-                || held.bytes + bytes > self.limits.max_bytes
+        let now = micros(SystemTime::now());
+        let (held, limits) = (self.held.clone(), self.limits);
+        // The counts change in the same blocking task as the file, the room being checked
+        // and taken there too (one task at a time holds the connection, so concurrent
+        // appends never overshoot): a caller that goes away, or a runtime shut down before
+        // the task started, cannot leave them out of step with it.
+        on_connection(&self.connection, STORE, "appending", move |c| {
             {
-                let stats = SpoolStats {
-                    depth: held.messages - held.refused,
-                    refused: held.refused,
-                    bytes: held.bytes,
-                    oldest: None,
-                };
-                return Err(full(self.limits, stats, count, bytes));
+                let held = held.lock();
+                if held.messages + count as u64 > limits.max_messages
+                    || held.bytes + bytes > limits.max_bytes
+                {
+                    let stats = SpoolStats {
+                        depth: held.messages - held.refused,
+                        refused: held.refused,
+                        bytes: held.bytes,
+                        oldest: None,
+                    };
+                    return Ok(Err(full(limits, stats, count, bytes)));
+                }
             }
+            let tx = c.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (meta, payload, bytes) in &rows {
+                    insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
+                }
+            }
+            let newest = tx.last_insert_rowid();
+            tx.commit()?;
+            let mut held = held.lock();
             held.messages += count as u64;
             held.bytes += bytes;
-        }
-        let now = micros(SystemTime::now());
-        let held = self.held.clone();
-        // The counts change in the same blocking task as the file (here: the reservation
-        // is given back if the write fails), so a caller that goes away cannot leave them
-        // out of step with it.
-        on_connection(&self.connection, STORE, "appending", move |c| {
-            let written = (|| {
-                let tx = c.transaction()?;
-                {
-                    let mut insert = tx.prepare_cached(
-                        "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    )?;
-                    for (meta, payload, bytes) in &rows {
-                        insert.execute(params![topic, meta, payload.as_ref(), *bytes as i64, now])?;
-                    }
-                }
-                let newest = tx.last_insert_rowid();
-                tx.commit()?;
-                Ok(newest)
-            })();
-            if written.is_err() {
-                let mut held = held.lock();
-                held.messages = held.messages.saturating_sub(count as u64);
-                held.bytes = held.bytes.saturating_sub(bytes);
-            }
-            written
+            Ok(Ok(newest))
         })
-        .await
+        .await?
     }
 
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
