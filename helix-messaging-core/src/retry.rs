@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use parking_lot::Mutex;
 
-use crate::dlq::DeadLetterReason;
+use crate::runner::DeadLetterReason;
 use crate::{BoxHandler, Envelope, Error, Handler, HandlerError, Layer, Result};
 
 /// How often and how patiently a failing message is retried.

@@ -17,8 +17,84 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::dlq::DeadLetterReason;
-use crate::{BoxError, Envelope, ErrorKind, Result, Settler, SubscribeOptions, Subscriber, trace};
+use crate::{
+    BoxError, Envelope, Error, ErrorKind, Result, Settler, SubscribeOptions, Subscriber, trace,
+};
+
+// The reason is the runner's: it reports why a handler gave a message up. The dead-letter
+// plane above uses it (and re-exports it as `dlq::DeadLetterReason`); nothing below it
+// needs the DLQ.
+/// Why a message was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum DeadLetterReason {
+    /// Every attempt the retry policy allows failed.
+    MaxRetriesExceeded,
+    /// The handler said the message can never be processed.
+    Permanent,
+    /// The payload could not be decoded into the handler's type.
+    Undecodable,
+    /// A task's deadline passed before it was handled.
+    DeadlineExceeded,
+    /// Found on a DLQ topic without (readable) helix failure headers: put there by another
+    /// client or by the broker's own dead-lettering.
+    Unknown,
+}
+
+impl DeadLetterReason {
+    /// Every reason, in a fixed order.
+    pub const ALL: [DeadLetterReason; 5] = [
+        DeadLetterReason::MaxRetriesExceeded,
+        DeadLetterReason::Permanent,
+        DeadLetterReason::Undecodable,
+        DeadLetterReason::DeadlineExceeded,
+        DeadLetterReason::Unknown,
+    ];
+
+    /// The reason as written to headers and stores.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::MaxRetriesExceeded => "max retries exceeded",
+            DeadLetterReason::Permanent => "permanent failure",
+            DeadLetterReason::Undecodable => "undecodable payload",
+            DeadLetterReason::DeadlineExceeded => "deadline exceeded",
+            DeadLetterReason::Unknown => "unknown",
+        }
+    }
+
+    /// Whether an automatic re-drive can help: not for a payload that cannot be decoded or
+    /// a message its handler declared unprocessable (those wait for an operator).
+    pub const fn worth_redriving(self) -> bool {
+        matches!(
+            self,
+            DeadLetterReason::MaxRetriesExceeded | DeadLetterReason::DeadlineExceeded
+        )
+    }
+}
+
+impl fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DeadLetterReason {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        DeadLetterReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid_input(format!(
+                    "unknown dead-letter reason {s:?}; expected one of: {}",
+                    DeadLetterReason::ALL
+                        .map(DeadLetterReason::as_str)
+                        .join(", ")
+                ))
+            })
+    }
+}
 
 /// Default number of handlers running at once.
 pub const DEFAULT_CONCURRENCY: usize = 10;
