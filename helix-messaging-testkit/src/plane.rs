@@ -205,6 +205,11 @@ fn after_the_fact(what: &str) -> Error {
     .with_retryable(true)
 }
 
+/// The fault `schedule` (if a wrapper has one) gives the next call of kind `what`.
+fn scheduled(schedule: Option<&FaultSchedule>, what: &str) -> Fault {
+    schedule.map_or(Fault::Pass, |schedule| schedule.next(what))
+}
+
 /// Run `call` as `fault` says.
 async fn faulted<T>(
     fault: Fault,
@@ -1030,9 +1035,7 @@ impl<S> FaultyDeadLetterStore<S> {
     }
 
     fn fault(&self, what: &str) -> Fault {
-        self.schedule
-            .as_ref()
-            .map_or(Fault::Pass, |schedule| schedule.next(what))
+        scheduled(self.schedule.as_ref(), what)
     }
 
     fn strand<'a>(&self, entries: impl IntoIterator<Item = (&'a str, u64)>) {
@@ -1277,11 +1280,7 @@ impl FaultyReplayStore {
         call: impl std::future::Future<Output = Result<T>>,
     ) -> Result<T> {
         tokio::task::yield_now().await;
-        let fault = self
-            .schedule
-            .as_ref()
-            .map_or(Fault::Pass, |schedule| schedule.next(what));
-        faulted(fault, what, call).await
+        faulted(scheduled(self.schedule.as_ref(), what), what, call).await
     }
 
     /// Fail every claim and renewal from now on (`true`), or pass them through again.
@@ -1647,19 +1646,36 @@ pub async fn read_copies(
     from: SystemTime,
     id: &str,
 ) -> Result<Vec<(String, String)>> {
-    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(5))?;
-    let mut entries = broker.read_range(target, range).await?;
-    let mut copies = Vec::new();
-    while let Some(entry) = entries.next().await {
-        let message = entry?.message;
-        if message.header(HEADER_REPLAY_ID) == Some(id) {
-            copies.push((
+    Ok(read_history(broker, target, from)
+        .await?
+        .iter()
+        .filter(|message| message.header(HEADER_REPLAY_ID) == Some(id))
+        .map(|message| {
+            (
                 message.id().to_owned(),
                 message.key().unwrap_or_default().to_owned(),
-            ));
-        }
+            )
+        })
+        .collect())
+}
+
+/// Every message `topic`'s history holds from `from` on (up to a few seconds from now), in
+/// order.
+///
+/// # Errors
+/// The broker's error reading the history, or an entry it cannot decode.
+pub async fn read_history(
+    broker: &Arc<dyn Broker>,
+    topic: &str,
+    from: SystemTime,
+) -> Result<Vec<Arc<Message>>> {
+    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(5))?;
+    let mut entries = broker.read_range(topic, range).await?;
+    let mut messages = Vec::new();
+    while let Some(entry) = entries.next().await {
+        messages.push(entry?.message);
     }
-    Ok(copies)
+    Ok(messages)
 }
 
 /// How one replay process ended.

@@ -425,8 +425,8 @@ async fn two_bulk_redrives_of_one_selection_publish_each_entry_once() {
 /// now; only that chunk can arrive twice, once its hold has run out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk_held() {
-    use helix_messaging::TimeRange;
     use helix_messaging::dlq::SqliteDeadLetterStore;
+    use helix_messaging_testkit::plane::read_history;
     use std::collections::HashMap;
 
     const ENTRIES: usize = 600;
@@ -459,35 +459,22 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
     }
 
     let (first_broker, first_path) = (broker.clone(), path.clone());
-    let at_kill = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
+    let at_kill = common::in_a_process_killed_after(async move {
+        let store = SqliteDeadLetterStore::open(&first_path).await.unwrap();
+        let processor = Processor::new(first_broker, Arc::new(store), config()).unwrap();
+        let job = processor
+            .start_redrive(RedriveRequest {
+                rate_per_second: Some(RATE),
+                ..RedriveRequest::default()
+            })
+            .await
             .unwrap();
-        let redriven = runtime.block_on(async move {
-            let store = SqliteDeadLetterStore::open(&first_path).await.unwrap();
-            let processor = Processor::new(first_broker, Arc::new(store), config()).unwrap();
-            let job = processor
-                .start_redrive(RedriveRequest {
-                    rate_per_second: Some(RATE),
-                    ..RedriveRequest::default()
-                })
-                .await
-                .unwrap();
-            helix_messaging_testkit::eventually(WAIT, "a third re-driven", || {
-                    let progress = processor.redrive_progress(&job).unwrap();
-                    async move {
-                        (progress.redriven >= (ENTRIES / 3) as u64).then_some(progress.redriven)
-                    }
-                })
-                .await
-        });
-        runtime.shutdown_background();
-        redriven
-    })
-    .join()
-    .expect("the first process ran");
+        helix_messaging_testkit::eventually(WAIT, "a third re-driven", || {
+            let progress = processor.redrive_progress(&job).unwrap();
+            async move { (progress.redriven >= (ENTRIES / 3) as u64).then_some(progress.redriven) }
+        })
+        .await
+    });
     assert!(at_kill < ENTRIES as u64, "killed midway");
 
     // The restarted process.
@@ -505,13 +492,9 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
         "{progress:?}"
     );
 
-    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(1)).unwrap();
     let mut copies: HashMap<String, usize> = HashMap::new();
-    let mut history = broker.read_range(&topic, range).await.unwrap();
-    while let Some(entry) = history.next().await {
-        *copies
-            .entry(entry.unwrap().message.id().to_owned())
-            .or_default() += 1;
+    for message in read_history(&broker, &topic, from).await.unwrap() {
+        *copies.entry(message.id().to_owned()).or_default() += 1;
     }
     let now = SystemTime::now();
     let left = store.list(&DlqFilter::default(), ENTRIES, 0).await.unwrap();

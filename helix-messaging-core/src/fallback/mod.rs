@@ -1217,23 +1217,45 @@ mod tests {
         fallback.close().await.unwrap();
     }
 
-    /// A spool whose appends pause after they are durable until the test lets them go on.
+    /// A memory spool scripted by the test: its appends can pause once they are durable until
+    /// the test lets them go on, or take effect and then be reported failed (a commit whose
+    /// answer was lost); its figures can be unreadable.
     #[derive(Debug, Default)]
-    struct PausingSpool {
+    struct ScriptedSpool {
         inner: MemorySpool,
+        pausing: bool,
+        appends_reported_failed: bool,
+        figures_unreadable: bool,
         committed: Notify,
         resume: Notify,
         appends: std::sync::atomic::AtomicUsize,
     }
 
+    impl ScriptedSpool {
+        fn pausing() -> Self {
+            ScriptedSpool {
+                pausing: true,
+                ..ScriptedSpool::default()
+            }
+        }
+    }
+
     #[async_trait]
-    impl Spool for PausingSpool {
+    impl Spool for ScriptedSpool {
         async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
             let seq = self.inner.append(topic, messages).await?;
             self.appends
                 .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            self.committed.notify_one();
-            self.resume.notified().await;
+            if self.pausing {
+                self.committed.notify_one();
+                self.resume.notified().await;
+            }
+            if self.appends_reported_failed {
+                return Err(
+                    Error::new(ErrorKind::Timeout, "the commit's answer was lost")
+                        .with_retryable(true),
+                );
+            }
             Ok(seq)
         }
         async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
@@ -1255,6 +1277,12 @@ mod tests {
             self.inner.topics().await
         }
         async fn stats(&self) -> Result<SpoolStats> {
+            if self.figures_unreadable {
+                return Err(Error::new(
+                    ErrorKind::Backend,
+                    "the spool's figures cannot be read",
+                ));
+            }
             self.inner.stats().await
         }
     }
@@ -1265,7 +1293,7 @@ mod tests {
     #[tokio::test]
     async fn a_publish_cancelled_after_spooling_is_not_overtaken() {
         let broker = Arc::new(Scripted::default());
-        let spool = Arc::new(PausingSpool::default());
+        let spool = Arc::new(ScriptedSpool::pausing());
         let fallback =
             fallback_retrying(broker.clone(), spool.clone(), Duration::from_secs(3600)).await;
         broker.set_down(true);
@@ -1297,7 +1325,7 @@ mod tests {
     #[tokio::test]
     async fn a_message_forwarded_before_its_append_returns_leaves_the_topic_unspooled() {
         let broker = Arc::new(Scripted::default());
-        let spool = Arc::new(PausingSpool::default());
+        let spool = Arc::new(ScriptedSpool::pausing());
         let fallback = fallback_over(broker.clone(), spool.clone()).await;
         broker.set_down(true);
         let publishing = {
@@ -1329,49 +1357,6 @@ mod tests {
         fallback.close().await.unwrap();
     }
 
-    /// A spool whose appends take effect and are then reported failed (a commit whose
-    /// answer was lost), and whose figures can or cannot be read.
-    #[derive(Debug, Default)]
-    struct AmbiguousSpool {
-        inner: MemorySpool,
-        figures_unreadable: bool,
-    }
-
-    #[async_trait]
-    impl Spool for AmbiguousSpool {
-        async fn append(&self, topic: &str, messages: &[Message]) -> Result<i64> {
-            self.inner.append(topic, messages).await?;
-            Err(Error::new(ErrorKind::Timeout, "the commit's answer was lost").with_retryable(true))
-        }
-        async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
-            self.inner.oldest(limit).await
-        }
-        async fn remove(&self, seqs: &[i64]) -> Result<()> {
-            self.inner.remove(seqs).await
-        }
-        async fn refuse(&self, seq: i64, reason: &str) -> Result<()> {
-            self.inner.refuse(seq, reason).await
-        }
-        async fn refused(&self, limit: usize) -> Result<Vec<RefusedMessage>> {
-            self.inner.refused(limit).await
-        }
-        async fn release_refused(&self, seq: i64, retry: bool) -> Result<bool> {
-            self.inner.release_refused(seq, retry).await
-        }
-        async fn topics(&self) -> Result<HashMap<String, i64>> {
-            self.inner.topics().await
-        }
-        async fn stats(&self) -> Result<SpoolStats> {
-            if self.figures_unreadable {
-                return Err(Error::new(
-                    ErrorKind::Backend,
-                    "the spool's figures cannot be read",
-                ));
-            }
-            self.inner.stats().await
-        }
-    }
-
     /// A message the spool took although its append was reported failed is forwarded once
     /// the broker is back: the forwarder is woken for it, and a spool whose figures cannot
     /// be read counts as holding something. Found by the plane harness (a process killed and
@@ -1379,16 +1364,21 @@ mod tests {
     #[tokio::test]
     async fn a_message_spooled_by_an_append_reported_failed_is_still_forwarded() {
         // The forwarder is asleep when the append fails: only a wake-up brings it back.
-        spooled_by_an_append_reported_failed_is_forwarded(AmbiguousSpool::default()).await;
+        let readable = ScriptedSpool {
+            appends_reported_failed: true,
+            ..ScriptedSpool::default()
+        };
+        spooled_by_an_append_reported_failed_is_forwarded(readable).await;
         // It is woken, finds the broker down, and cannot tell whether anything waits.
-        let unreadable = AmbiguousSpool {
+        let unreadable = ScriptedSpool {
+            appends_reported_failed: true,
             figures_unreadable: true,
-            ..AmbiguousSpool::default()
+            ..ScriptedSpool::default()
         };
         spooled_by_an_append_reported_failed_is_forwarded(unreadable).await;
     }
 
-    async fn spooled_by_an_append_reported_failed_is_forwarded(spool: AmbiguousSpool) {
+    async fn spooled_by_an_append_reported_failed_is_forwarded(spool: ScriptedSpool) {
         let broker = Arc::new(Scripted::default());
         let fallback = fallback_over(broker.clone(), Arc::new(spool)).await;
         // Idle: the forwarder has found nothing and rests until woken.

@@ -5,18 +5,17 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
 use helix_messaging_core::dlq::{
     CanaryConfig, DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus,
     MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveProgress, RedriveRequest,
     RedriveStatus, StoredDeadLetter,
 };
-use helix_messaging_core::{Broker, DeliveryInfo, Message, Result, TimeRange};
+use helix_messaging_core::{Broker, DeliveryInfo, Message, Result};
 use parking_lot::Mutex;
 
 use super::{
     FaultSchedule, FaultyBroker, FaultyDeadLetterStore, PlaneReport, SeedRun, cancel_after_polls,
-    run_seeds,
+    read_history, run_seeds,
 };
 use crate::differential::splitmix;
 use crate::helpers::Factory;
@@ -504,11 +503,9 @@ async fn copies(
     topic: &str,
     from: SystemTime,
 ) -> Result<HashMap<String, usize>> {
-    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(5))?;
-    let mut entries = broker.read_range(topic, range).await?;
     let mut copies = HashMap::new();
-    while let Some(entry) = entries.next().await {
-        *copies.entry(entry?.message.id().to_owned()).or_default() += 1;
+    for message in read_history(broker, topic, from).await? {
+        *copies.entry(message.id().to_owned()).or_default() += 1;
     }
     Ok(copies)
 }

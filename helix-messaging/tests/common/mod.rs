@@ -94,35 +94,24 @@ pub async fn a_killed_replay_resumes_without_publishing_twice(open_store: OpenSt
     // The first process: killed once a third is replayed.
     let (first_broker, first_store, first_config) =
         (broker.clone(), open_store.clone(), config.clone());
-    let at_kill = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
+    let at_kill = in_a_process_killed_after(async move {
+        let handler = ReplayHandler::open(first_broker, first_config, first_store().await)
+            .await
             .unwrap();
-        let replayed = runtime.block_on(async move {
-            let handler = ReplayHandler::open(first_broker, first_config, first_store().await)
-                .await
-                .unwrap();
-            handler.start_replay(request).await.unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let p = handler.get_progress("audit-backfill").await.unwrap();
-                if p.replayed >= (TOTAL / 3) as u64 {
-                    return p.replayed;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "a third not replayed in time: {p:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        handler.start_replay(request).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let p = handler.get_progress("audit-backfill").await.unwrap();
+            if p.replayed >= (TOTAL / 3) as u64 {
+                return p.replayed;
             }
-        });
-        runtime.shutdown_background();
-        replayed
-    })
-    .join()
-    .expect("the first process ran");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a third not replayed in time: {p:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
     assert!(at_kill < TOTAL as u64, "killed midway");
 
     // The restarted process.
@@ -487,4 +476,24 @@ pub async fn redrive_finished(
         }
     })
     .await
+}
+
+/// Run `work` as a process of its own would (a runtime of its own, on its own thread), then
+/// kill it once `work` returns: every task it spawned is dropped at the await it reached,
+/// nothing given back. Returns what `work` returned.
+pub fn in_a_process_killed_after<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let out = runtime.block_on(work);
+        runtime.shutdown_background();
+        out
+    })
+    .join()
+    .expect("the process ran")
 }
