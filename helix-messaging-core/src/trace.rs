@@ -1,6 +1,7 @@
 //! Trace context through messages: `tracing` spans named and attributed after the
 //! OpenTelemetry messaging conventions, and the W3C `traceparent` / `tracestate` headers
-//! written and read by the OpenTelemetry [`TraceContextPropagator`].
+//! written and read as the W3C Trace Context recommendation says (written here against the
+//! OpenTelemetry API alone: a library does not pick the application's OpenTelemetry SDK).
 //!
 //! What carries a trace across a broker:
 //!
@@ -25,11 +26,11 @@
 //! layer the spans are ordinary `tracing` spans (or nothing, when no subscriber wants
 //! them) and no header is written; a `traceparent` a message already carries is kept.
 
-use opentelemetry::Context;
-use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::TraceContextExt;
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use std::future::Future;
+use std::str::FromStr;
+
+use opentelemetry::Context;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 
 use tracing::field::Empty;
 use tracing::{Instrument, Span};
@@ -42,10 +43,53 @@ pub const TRACEPARENT_HEADER: &str = "traceparent";
 /// The W3C trace-context header holding vendor state, written when the context has any.
 pub const TRACESTATE_HEADER: &str = "tracestate";
 
-/// The context `message` carries in its trace-context headers: the sender's span, or an
-/// empty context when the headers are missing or malformed.
+/// The context `message` carries in its trace-context headers: the sender's span as a
+/// remote parent within the current OpenTelemetry context, or the current context unchanged
+/// (no valid span) when the headers are missing or malformed.
 pub fn carried_context(message: &Message) -> Context {
-    TraceContextPropagator::new().extract(&HeaderExtractor(message.headers()))
+    let current = Context::current();
+    match read_traceparent(message.headers()) {
+        Some(sender) => current.with_remote_span_context(sender),
+        None => current,
+    }
+}
+
+/// The `traceparent` version written; later versions are read by their first four fields.
+const TRACEPARENT_VERSION: u8 = 0;
+
+/// The span context in `headers`' `traceparent` (with its `tracestate`), read by the W3C
+/// Trace Context rules: lower-case hex fields, version `ff` invalid, version `00` exactly four
+/// fields, only the sampled flag kept, an unreadable `tracestate` read as empty, and an
+/// all-zero trace or span id no context.
+fn read_traceparent(headers: &Headers) -> Option<SpanContext> {
+    let value = headers.get(TRACEPARENT_HEADER)?.trim();
+    let fields: Vec<&str> = value.split_terminator('-').collect();
+    let [version, trace_id, span_id, flags, ..] = fields[..] else {
+        return None;
+    };
+    let version = u8::from_str_radix(version, 16).ok()?;
+    if version == u8::MAX || (version == TRACEPARENT_VERSION && fields.len() != 4) {
+        return None;
+    }
+    if [trace_id, span_id, flags]
+        .iter()
+        .any(|field| field.chars().any(|c| c.is_ascii_uppercase()))
+    {
+        return None;
+    }
+    let flags = TraceFlags::new(u8::from_str_radix(flags, 16).ok()?) & TraceFlags::SAMPLED;
+    let state = headers
+        .get(TRACESTATE_HEADER)
+        .and_then(|state| TraceState::from_str(state).ok())
+        .unwrap_or_default();
+    let sender = SpanContext::new(
+        TraceId::from_hex(trace_id).ok()?,
+        SpanId::from_hex(span_id).ok()?,
+        flags,
+        true,
+        state,
+    );
+    sender.is_valid().then_some(sender)
 }
 
 /// Write `span`'s context into `message`'s trace-context headers, replacing what was there.
@@ -65,9 +109,24 @@ pub fn stamp_context(message: &mut Message, cx: &Context) {
     if !cx.span().span_context().is_valid() {
         return;
     }
+    let span = cx.span();
+    let sender = span.span_context();
     let headers = message.headers_mut();
-    headers.remove(TRACESTATE_HEADER);
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    headers.insert(
+        TRACEPARENT_HEADER.to_owned(),
+        format!(
+            "{TRACEPARENT_VERSION:02x}-{}-{}-{:02x}",
+            sender.trace_id(),
+            sender.span_id(),
+            sender.trace_flags() & TraceFlags::SAMPLED
+        ),
+    );
+    let state = sender.trace_state().header();
+    if state.is_empty() {
+        headers.remove(TRACESTATE_HEADER);
+    } else {
+        headers.insert(TRACESTATE_HEADER.to_owned(), state);
+    }
 }
 
 /// Run `work` inside `span`, marking the span failed ([`record_error`]) when it fails.
@@ -245,26 +304,6 @@ fn adopt(span: &Span, message: &Message) {
     }
 }
 
-struct HeaderInjector<'a>(&'a mut Headers);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        self.0.insert(key.to_owned(), value);
-    }
-}
-
-struct HeaderExtractor<'a>(&'a Headers);
-
-impl Extractor for HeaderExtractor<'_> {
-    fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).map(String::as_str)
-    }
-
-    fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(String::as_str).collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,6 +327,85 @@ mod tests {
 
         let broken = Message::new("x").with_header(TRACEPARENT_HEADER, "not a traceparent");
         assert!(!carried_context(&broken).span().span_context().is_valid());
+    }
+
+    #[test]
+    fn traceparents_are_read_by_the_w3c_rules() {
+        let read = |traceparent: &str| {
+            let message = Message::new("x").with_header(TRACEPARENT_HEADER, traceparent);
+            read_traceparent(message.headers()).map(|cx| {
+                (
+                    cx.trace_id().to_string(),
+                    cx.span_id().to_string(),
+                    cx.trace_flags().is_sampled(),
+                )
+            })
+        };
+        let (trace, span) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+        let valid = Some((trace.to_owned(), span.to_owned(), true));
+        assert_eq!(read(&format!("00-{trace}-{span}-01")), valid);
+        assert_eq!(read(&format!(" 00-{trace}-{span}-01 ")), valid, "trimmed");
+        assert_eq!(
+            read(&format!("cc-{trace}-{span}-09-what-comes")),
+            valid,
+            "a later version"
+        );
+        assert_eq!(
+            read(&format!("00-{trace}-{span}-02")),
+            Some((trace.to_owned(), span.to_owned(), false)),
+            "only the sampled flag is kept"
+        );
+        for bad in [
+            format!("00-{trace}-{span}-01-extra"),
+            format!("ff-{trace}-{span}-01"),
+            format!("00-{}-{span}-01", trace.to_uppercase()),
+            format!("00-{trace}-{}-01", span.to_uppercase()),
+            format!("00-00000000000000000000000000000000-{span}-01"),
+            format!("00-{trace}-0000000000000000-01"),
+            format!("00-{trace}-{span}"),
+            format!("zz-{trace}-{span}-01"),
+        ] {
+            assert_eq!(read(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_context_is_written_as_traceparent_and_its_state_only_when_it_has_any() {
+        let sender = SpanContext::new(
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap(),
+            SpanId::from_hex("00f067aa0ba902b7").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        );
+        let mut message = Message::new("x").with_header(TRACESTATE_HEADER, "old=1");
+        stamp_context(
+            &mut message,
+            &Context::new().with_remote_span_context(sender.clone()),
+        );
+        assert_eq!(
+            message.header(TRACEPARENT_HEADER),
+            Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        );
+        assert_eq!(message.header(TRACESTATE_HEADER), None, "replaced by none");
+
+        let with_state = SpanContext::new(
+            sender.trace_id(),
+            sender.span_id(),
+            sender.trace_flags(),
+            false,
+            TraceState::from_str("vendor=abc,other=1").unwrap(),
+        );
+        stamp_context(
+            &mut message,
+            &Context::new().with_remote_span_context(with_state),
+        );
+        assert_eq!(
+            message.header(TRACESTATE_HEADER),
+            Some("vendor=abc,other=1")
+        );
+        let read = read_traceparent(message.headers()).unwrap();
+        assert_eq!(read.trace_state().get("vendor"), Some("abc"), "read back");
     }
 
     #[test]

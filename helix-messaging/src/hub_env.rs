@@ -136,7 +136,7 @@ async fn spools(
     Arc<dyn helix_messaging_core::fallback::Spool>,
     Arc<dyn helix_messaging_core::fallback::Spool>,
 )> {
-    use helix_messaging_core::fallback::{SpoolLimits, SqliteSpool};
+    use crate::fallback::{SpoolLimits, SqliteSpool};
     let dir =
         std::path::PathBuf::from(lookup(FALLBACK_DIR_VAR).unwrap_or_else(|| "helix-spool".into()));
     std::fs::create_dir_all(&dir).map_err(|e| {

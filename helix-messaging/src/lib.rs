@@ -28,6 +28,40 @@ pub use hub_env::{
     TASK_BACKEND_VAR, hub_from_env, hub_from_vars,
 };
 
+/// The durable stores (features `sqlite`, the default, and `postgres`), also re-exported
+/// in [`dlq`], [`replay`] and [`fallback`] beside the traits they implement.
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use helix_messaging_store as store;
+
+/// Dead-lettering: [`DeadLetterLayer`](dlq::DeadLetterLayer), the [`Processor`](dlq::Processor)
+/// and its stores, in memory, in SQLite (feature `sqlite`) and in PostgreSQL (feature
+/// `postgres`). See [`helix_messaging_core::dlq`] for how the pieces fit.
+pub mod dlq {
+    pub use helix_messaging_core::dlq::*;
+    #[cfg(feature = "postgres")]
+    pub use helix_messaging_store::PostgresDeadLetterStore;
+    #[cfg(feature = "sqlite")]
+    pub use helix_messaging_store::SqliteDeadLetterStore;
+}
+
+/// Replay of a time range of a topic, with its record stores in memory, in SQLite (feature
+/// `sqlite`) and in PostgreSQL (feature `postgres`). See [`helix_messaging_core::replay`].
+pub mod replay {
+    pub use helix_messaging_core::replay::*;
+    #[cfg(feature = "postgres")]
+    pub use helix_messaging_store::PostgresReplayStore;
+    #[cfg(feature = "sqlite")]
+    pub use helix_messaging_store::SqliteReplayStore;
+}
+
+/// The fallback spool, in memory or in SQLite (feature `sqlite`). See
+/// [`helix_messaging_core::fallback`].
+pub mod fallback {
+    pub use helix_messaging_core::fallback::*;
+    #[cfg(feature = "sqlite")]
+    pub use helix_messaging_store::SqliteSpool;
+}
+
 /// The HTTP admin API (feature `admin`).
 #[cfg(feature = "admin")]
 pub use helix_messaging_admin as admin;

@@ -11,35 +11,27 @@
 //!   PostgreSQL), re-drives with backoff, parks what stays broken, and offers list / get /
 //!   reprocess / discard / purge, failure groups and bulk redrive jobs.
 
+mod jobs;
 mod letter;
 mod processor;
 mod redrive;
-pub(crate) mod store;
-
-#[cfg(feature = "postgres")]
-pub(crate) mod postgres;
-#[cfg(feature = "sqlite")]
-pub(crate) mod sqlite;
+mod store;
 
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use async_trait::async_trait;
 
+pub use jobs::{CanaryConfig, RedriveProgress, RedriveRequest, RedriveStatus};
 pub use letter::{
     DeadLetter, DeadLetterReason, HEADER_ATTEMPTS, HEADER_DEAD_LETTERED_AT, HEADER_ERROR,
     HEADER_ERROR_TRUNCATED, HEADER_FIRST_FAILURE, HEADER_GROUP, HEADER_LAST_FAILURE,
     HEADER_ORIGINAL_ID, HEADER_ORIGINAL_TIMESTAMP, HEADER_ORIGINAL_TOPIC, HEADER_PREFIX,
     HEADER_REASON, HEADER_REDRIVE_COUNT, MAX_ERROR_HEADER_BYTES,
 };
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresDeadLetterStore;
 pub use processor::{
     DEFAULT_PROCESSOR_GROUP, DlqHandler, DlqPage, Processor, ProcessorConfig, ProcessorMetrics,
 };
-pub use redrive::{CanaryConfig, RedriveProgress, RedriveRequest, RedriveStatus};
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteDeadLetterStore;
 pub use store::{
     DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, MemoryDeadLetterStore,
     StoredDeadLetter,

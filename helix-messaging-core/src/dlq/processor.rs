@@ -13,7 +13,8 @@ use parking_lot::{Mutex, RwLock};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::redrive::{self, Job, RedriveProgress, RedriveRequest};
+use super::jobs::{Job, RedriveProgress};
+use super::store::remove_redriven;
 use super::{
     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup,
     StoredDeadLetter,
@@ -686,11 +687,8 @@ impl Processor {
         // Published: the reprocess is done whatever the store says next. An entry the
         // store keeps failing to remove stays held until its claim runs out, and may then
         // be re-driven again (at least once).
-        if let Err(err) = super::redrive::remove_redriven(
-            self.inner.store.as_ref(),
-            &[(id.to_owned(), entry.version)],
-        )
-        .await
+        if let Err(err) =
+            remove_redriven(self.inner.store.as_ref(), &[(id.to_owned(), entry.version)]).await
         {
             tracing::warn!(dead_letter = %id, error = %err, "a reprocessed DLQ entry could not be removed; it stays held until its claim runs out and may be re-driven again");
         }
@@ -779,14 +777,6 @@ impl Processor {
 
     pub(super) fn note_redriven(&self) {
         self.count_processed();
-    }
-
-    /// Start a bulk redrive job in the background; returns its id. See [`RedriveRequest`].
-    ///
-    /// # Errors
-    /// [`ErrorKind::InvalidInput`] for a bad request; the store's error selecting entries.
-    pub async fn start_redrive(&self, request: RedriveRequest) -> Result<String> {
-        redrive::start(self, request).await
     }
 
     /// A redrive job's progress.

@@ -10,45 +10,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::DlqFilter;
-use super::processor::Processor;
+use super::jobs::{Job, RedriveProgress, RedriveRequest, RedriveStatus};
+use super::processor::{Processor, publish_timed_out, redrive_copy};
+use super::store::remove_redriven;
 use crate::{Error, Message, Result, validate_name};
-
-/// Redrive the first `count` entries, then watch for `watch`: if any of them is
-/// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the
-/// rest stay in the DLQ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CanaryConfig {
-    /// Entries re-driven first.
-    pub count: usize,
-    /// How long to watch them before re-driving the rest.
-    pub watch: Duration,
-}
-
-/// Remove re-driven entries from the store, trying a few times over about a second: a
-/// store that fails here leaves entries already published in the DLQ.
-pub(super) async fn remove_redriven(
-    store: &dyn super::DeadLetterStore,
-    entries: &[(String, u64)],
-) -> Result<()> {
-    use backon::Retryable;
-    let backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(100))
-        .with_max_times(3);
-    (|| store.remove_many(entries))
-        .retry(backoff)
-        .await
-        .map(|_| ())
-        .map_err(|err| {
-            Error::new(
-                err.kind(),
-                format!(
-                    "the DLQ removal of {} re-driven entries failed: {err}",
-                    entries.len()
-                ),
-            )
-            .with_source(err)
-        })
-}
 
 /// Paces a job's chunks to `rate` messages a second over every window: a chunk goes out no
 /// sooner than the previous one's share of a second after it. Time spent not sending (a
@@ -78,113 +43,18 @@ impl Pacer {
     }
 }
 
-/// A bulk redrive: which entries, where to, how fast.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RedriveRequest {
-    /// The entries to re-drive, selected when the job starts (the selection is frozen:
-    /// entries dead-lettered later are not part of it). Discarded entries are never
-    /// re-driven.
-    pub filter: DlqFilter,
-    /// Publish to this topic instead of each message's original topic.
-    pub target_topic: Option<String>,
-    /// Most messages published per second (`None`: as fast as the broker confirms).
-    pub rate_per_second: Option<f64>,
-    /// Canary mode.
-    pub canary: Option<CanaryConfig>,
-    /// Messages published per batch (default 100; the batch's confirmations are awaited
-    /// together).
-    pub batch_size: usize,
-}
-
-impl Default for RedriveRequest {
-    fn default() -> Self {
-        RedriveRequest {
-            filter: DlqFilter::default(),
-            target_topic: None,
-            rate_per_second: None,
-            canary: None,
-            batch_size: 100,
-        }
+impl Processor {
+    /// Start a bulk redrive job in the background; returns its id. See [`RedriveRequest`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a bad request; the
+    /// store's error selecting entries.
+    pub async fn start_redrive(&self, request: RedriveRequest) -> Result<String> {
+        start(self, request).await
     }
 }
 
-/// Where a redrive job stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RedriveStatus {
-    /// Re-driving.
-    Running,
-    /// The canaries are out; watching whether they fail again.
-    Watching,
-    /// Everything selected was re-driven (or skipped, or failed to publish).
-    Completed,
-    /// Cancelled; what was re-driven stays re-driven.
-    Cancelled,
-    /// A canary was dead-lettered again; the rest were left alone.
-    CanaryFailed,
-    /// The store failed; the job stopped.
-    Failed,
-}
-
-impl RedriveStatus {
-    /// The status as shown.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            RedriveStatus::Running => "running",
-            RedriveStatus::Watching => "watching",
-            RedriveStatus::Completed => "completed",
-            RedriveStatus::Cancelled => "cancelled",
-            RedriveStatus::CanaryFailed => "canary_failed",
-            RedriveStatus::Failed => "failed",
-        }
-    }
-
-    /// Whether the job has stopped.
-    pub const fn is_finished(self) -> bool {
-        !matches!(self, RedriveStatus::Running | RedriveStatus::Watching)
-    }
-}
-
-/// A redrive job's progress. `redriven + failed + skipped <= total`, equal once finished
-/// unless cancelled or stopped early.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RedriveProgress {
-    /// The job id.
-    pub id: String,
-    /// Where it stands.
-    pub status: RedriveStatus,
-    /// Entries selected.
-    pub total: u64,
-    /// Published (confirmed) and removed from the DLQ.
-    pub redriven: u64,
-    /// Could not be published (kept in the DLQ).
-    pub failed: u64,
-    /// Gone, discarded or held by another re-drive (an automatic attempt, a reprocess,
-    /// another job) by the time the job reached them.
-    pub skipped: u64,
-    /// When the job started.
-    pub started_at: SystemTime,
-    /// When it finished.
-    pub finished_at: Option<SystemTime>,
-    /// The last error seen.
-    pub last_error: Option<String>,
-}
-
-impl RedriveProgress {
-    /// Percentage of the selection dealt with (100 for an empty selection).
-    pub fn percentage(&self) -> f64 {
-        if self.total == 0 {
-            return 100.0;
-        }
-        (self.redriven + self.failed + self.skipped) as f64 * 100.0 / self.total as f64
-    }
-}
-
-pub(super) struct Job {
-    pub(super) progress: Arc<Mutex<RedriveProgress>>,
-    pub(super) cancel: CancellationToken,
-}
-
-pub(super) async fn start(processor: &Processor, request: RedriveRequest) -> Result<String> {
+async fn start(processor: &Processor, request: RedriveRequest) -> Result<String> {
     if let Some(target) = &request.target_topic {
         validate_name("target topic", target)?;
     }
@@ -356,7 +226,7 @@ impl Run {
         for (topic, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
-                .map(|&i| super::processor::redrive_copy(letters[i], &topic))
+                .map(|&i| redrive_copy(letters[i], &topic))
                 .collect();
             // The whole chunk, every topic of it, ends within `processing_timeout`, well
             // within its hold: what was not confirmed by then (or not sent, the time being
@@ -370,7 +240,7 @@ impl Run {
             }
             .unwrap_or_else(|| {
                 let failures = (0..count)
-                    .map(|i| (i, super::processor::publish_timed_out(timeout)))
+                    .map(|i| (i, publish_timed_out(timeout)))
                     .collect();
                 crate::BatchReport::new(count, failures)
             });

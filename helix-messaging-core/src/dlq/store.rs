@@ -148,68 +148,11 @@ impl DlqFilter {
     }
 }
 
-/// A value a SQL store binds for a filter condition.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) enum SqlValue {
-    Text(String),
-    Int(i64),
-}
-
-/// `filter` as SQL conditions (`"<column> <operator>"` and the value to bind), the same for
-/// every SQL store; an empty list matches everything.
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) fn sql_conditions(filter: &DlqFilter) -> Vec<(&'static str, SqlValue)> {
-    let text = |s: &str| SqlValue::Text(s.to_owned());
-    let mut out = Vec::new();
-    if let Some(topic) = &filter.topic {
-        out.push(("original_topic =", text(topic)));
-    }
-    if let Some(reason) = filter.reason {
-        out.push(("reason =", text(reason.as_str())));
-    }
-    if let Some(message_type) = &filter.message_type {
-        out.push(("message_type =", text(message_type)));
-    }
-    if let Some(status) = filter.status {
-        out.push(("status =", text(status.as_str())));
-    }
-    if let Some(id) = &filter.original_id {
-        out.push(("message_id =", text(id)));
-    }
-    if let Some(from) = filter.from {
-        out.push(("last_failure_us >=", SqlValue::Int(micros(from))));
-    }
-    if let Some(to) = filter.to {
-        out.push(("last_failure_us <", SqlValue::Int(micros(to))));
-    }
-    out
-}
-
-/// `col2 = <p>2, col3 = <p>3, …` for every column after the first (the id, bound as
-/// `<p>1`) of the comma-separated `columns`: the `SET` list of an update by id, with
-/// placeholders written `<p>N` (`?` for SQLite, `$` for PostgreSQL).
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) fn set_list(columns: &str, placeholder: char) -> String {
-    columns
-        .split(',')
-        .map(str::trim)
-        .enumerate()
-        .skip(1)
-        .map(|(i, column)| format!("{column} = {placeholder}{}", i + 1))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// Microseconds since the epoch, as SQL stores keep times.
-pub(crate) fn micros(t: SystemTime) -> i64 {
+/// Microseconds since the epoch: the precision the SQL stores keep times in, so grouping
+/// ties break the same way on every store.
+fn micros(t: SystemTime) -> i64 {
     t.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-}
-
-/// The inverse of [`micros`].
-#[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub(crate) fn from_micros(us: i64) -> SystemTime {
-    std::time::UNIX_EPOCH + Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
 /// Failures sharing a reason and topic: the "what is breaking" view.
@@ -617,4 +560,30 @@ impl DeadLetterStore for MemoryDeadLetterStore {
         }
         Ok(stats)
     }
+}
+
+/// Remove re-driven entries from the store, trying a few times over about a second: a
+/// store that fails here leaves entries already published in the DLQ.
+pub(super) async fn remove_redriven(
+    store: &dyn DeadLetterStore,
+    entries: &[(String, u64)],
+) -> Result<()> {
+    use backon::Retryable;
+    let backoff = backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_times(3);
+    (|| store.remove_many(entries))
+        .retry(backoff)
+        .await
+        .map(|_| ())
+        .map_err(|err| {
+            Error::new(
+                err.kind(),
+                format!(
+                    "the DLQ removal of {} re-driven entries failed: {err}",
+                    entries.len()
+                ),
+            )
+            .with_source(err)
+        })
 }

@@ -21,11 +21,6 @@
 mod run;
 mod store;
 
-#[cfg(feature = "postgres")]
-mod postgres;
-#[cfg(feature = "sqlite")]
-mod sqlite;
-
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -35,10 +30,6 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresReplayStore;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteReplayStore;
 pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayLease, ReplayRecord, ReplayStore};
 
 #[cfg(doc)]

@@ -46,9 +46,11 @@ impl ReplayRecord {
         &self.request.id
     }
 
-    /// The record as JSON (how the SQL stores keep it).
-    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-    pub(crate) fn to_json(&self) -> Result<String> {
+    /// The record as JSON, the form a durable store keeps it in.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Serialization`] when it cannot be encoded.
+    pub fn to_json(&self) -> Result<String> {
         serde_json::to_string(self).map_err(|e| {
             Error::new(
                 ErrorKind::Serialization,
@@ -57,9 +59,11 @@ impl ReplayRecord {
         })
     }
 
-    /// A record from its JSON.
-    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-    pub(crate) fn from_json(id: &str, json: &str) -> Result<Self> {
+    /// A record from its JSON ([`to_json`](Self::to_json)); `id` names it in the error.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Serialization`] when `json` is not a record.
+    pub fn from_json(id: &str, json: &str) -> Result<Self> {
         serde_json::from_str(json).map_err(|e| {
             Error::new(
                 ErrorKind::Serialization,
@@ -79,20 +83,6 @@ pub struct ReplayLease {
     pub owner: String,
     /// Grows with every claim of the replay, whoever makes it.
     pub epoch: u64,
-}
-
-impl ReplayLease {
-    /// The epoch as the SQL stores keep it (a signed 64-bit column).
-    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-    pub(crate) fn stored_epoch(&self) -> i64 {
-        i64::try_from(self.epoch).unwrap_or(i64::MAX)
-    }
-}
-
-/// A lease's length in microseconds, as the SQL stores add it to their clock.
-#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
-pub(crate) fn lease_micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Durable replay records. Implementations: [`MemoryReplayStore`] (nothing survives the

@@ -5,14 +5,16 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
-
-use super::store::{SqlValue, from_micros, micros, set_list, sql_conditions};
-use super::{
+use helix_messaging_core::dlq::{
     DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
 };
-use crate::{Error, ErrorKind, Headers, Message, MessageParts, Result};
+use helix_messaging_core::{Error, ErrorKind, Headers, Message, MessageParts, Result};
+use tokio_postgres::Row;
+
+use crate::connection::Step;
+use crate::connection::postgres::{Database, Param, check_table_name};
+use crate::replay::postgres::PostgresReplayStore;
+use crate::sql::{SqlValue, from_micros, micros, set_list, sql_conditions};
 
 const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, \
     first_failure_us, last_failure_us, redrives, message_id, message_key, payload, headers, \
@@ -29,7 +31,51 @@ const SELECTED: &str = "id, original_topic, consumer_group, reason, error, attem
 /// How many parameters [`entry_params`] gives: the columns, then the version.
 const WRITTEN_VALUES: usize = 26;
 
-pub(crate) type Param = Box<dyn ToSql + Send + Sync>;
+/// The table's schema, oldest step first ([`crate::connection`]): the table as it is made
+/// today, then the columns tables made before claims lack.
+const SCHEMA: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS {table} (
+             id TEXT PRIMARY KEY,
+             original_topic TEXT NOT NULL,
+             consumer_group TEXT,
+             reason TEXT NOT NULL,
+             error TEXT NOT NULL,
+             attempts BIGINT NOT NULL,
+             first_failure_us BIGINT NOT NULL,
+             last_failure_us BIGINT NOT NULL,
+             redrives BIGINT NOT NULL,
+             message_id TEXT NOT NULL,
+             message_key TEXT,
+             payload BYTEA NOT NULL,
+             headers TEXT NOT NULL,
+             message_timestamp_us BIGINT NOT NULL,
+             content_type TEXT,
+             correlation_id TEXT,
+             priority SMALLINT NOT NULL,
+             status TEXT NOT NULL,
+             retries BIGINT NOT NULL,
+             next_attempt_us BIGINT,
+             last_error TEXT,
+             discard_reason TEXT,
+             stored_us BIGINT NOT NULL,
+             message_type TEXT,
+             claimed_until_us BIGINT,
+             version BIGINT NOT NULL DEFAULT 0
+         );
+         CREATE INDEX IF NOT EXISTS {table}_by_time ON {table} (last_failure_us, id);
+         CREATE INDEX IF NOT EXISTS {table}_due ON {table} (status, next_attempt_us);
+         CREATE INDEX IF NOT EXISTS {table}_by_message ON {table} (message_id);",
+    ),
+    Step::AddColumn {
+        column: "claimed_until_us",
+        declaration: "BIGINT",
+    },
+    Step::AddColumn {
+        column: "version",
+        declaration: "BIGINT NOT NULL DEFAULT 0",
+    },
+];
 
 /// Dead letters in a PostgreSQL table (default `helix_dead_letters`), shared by every
 /// processor pointed at it: due re-drives are claimed with `FOR UPDATE SKIP LOCKED`, so two
@@ -40,147 +86,12 @@ pub struct PostgresDeadLetterStore {
     table: String,
 }
 
-/// A pool of PostgreSQL connections shared by the stores that use the same database (the
-/// DLQ and its replay checkpoints). Each call takes a connection of its own, so a slow or
-/// blocked call (a long listing, a table another client has locked) holds up only itself,
-/// never a replay's lease renewal. A lost connection is replaced on the next call.
-pub(crate) struct Database {
-    pool: deadpool_postgres::Pool,
-}
-
-/// Connections a store opens at most.
-const POOL_SIZE: usize = 8;
-
-impl Database {
-    /// A pool for the libpq-style connection string `config`; it connects on first use.
-    ///
-    /// # Errors
-    /// [`ErrorKind::Config`] for a connection string that cannot be parsed.
-    pub(crate) fn new(config: &str) -> Result<Arc<Self>> {
-        let parsed: tokio_postgres::Config = config.parse().map_err(|e| {
-            Error::new(
-                ErrorKind::Config,
-                format!("PostgreSQL connection string: {e}"),
-            )
-        })?;
-        let manager = deadpool_postgres::Manager::from_config(
-            parsed,
-            NoTls,
-            deadpool_postgres::ManagerConfig {
-                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-            },
-        );
-        let pool = deadpool_postgres::Pool::builder(manager)
-            .max_size(POOL_SIZE)
-            .runtime(deadpool_postgres::Runtime::Tokio1)
-            .create_timeout(Some(Duration::from_secs(10)))
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .map_err(|e| Error::new(ErrorKind::Config, format!("PostgreSQL pool: {e}")))?;
-        Ok(Arc::new(Database { pool }))
-    }
-
-    /// A connection of the pool, connecting first when none is idle.
-    async fn connection(&self) -> Result<deadpool_postgres::Object> {
-        self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => db_error("connecting", e),
-            other => Error::new(
-                ErrorKind::Connection,
-                format!("DLQ store (PostgreSQL): connecting: {other}"),
-            )
-            .with_retryable(true),
-        })
-    }
-
-    /// Adds `column` (declared `declaration`) to `table` when a table made by an earlier
-    /// version lacks it. Looked up first: ALTER TABLE takes the table's strongest lock and
-    /// needs its owner, on every connect otherwise.
-    pub(crate) async fn add_column(
-        &self,
-        table: &str,
-        column: &str,
-        declaration: &str,
-    ) -> Result<()> {
-        let present = self
-            .query(
-                "looking for a column",
-                "SELECT 1 FROM information_schema.columns
-                 WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2",
-                &[
-                    Box::new(table.to_owned()) as Param,
-                    Box::new(column.to_owned()) as Param,
-                ],
-            )
-            .await?;
-        if present.is_empty() {
-            self.batch_execute(
-                "adding a column",
-                &format!("ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {declaration}"),
-            )
-            .await?;
-        }
-        Ok(())
-    }
-
-    pub(crate) async fn batch_execute(&self, what: &str, sql: &str) -> Result<()> {
-        self.connection()
-            .await?
-            .batch_execute(sql)
-            .await
-            .map_err(|e| db_error(what, e))
-    }
-
-    pub(crate) async fn query(&self, what: &str, sql: &str, params: &[Param]) -> Result<Vec<Row>> {
-        self.connection()
-            .await?
-            .query(sql, &refs(params))
-            .await
-            .map_err(|e| db_error(what, e))
-    }
-
-    pub(crate) async fn execute(&self, what: &str, sql: &str, params: &[Param]) -> Result<u64> {
-        self.connection()
-            .await?
-            .execute(sql, &refs(params))
-            .await
-            .map_err(|e| db_error(what, e))
-    }
-}
-
 impl std::fmt::Debug for PostgresDeadLetterStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The connection string may hold a password.
         f.debug_struct("PostgresDeadLetterStore")
             .field("table", &self.table)
             .finish_non_exhaustive()
-    }
-}
-
-fn db_error(what: &str, err: tokio_postgres::Error) -> Error {
-    let kind = if err.is_closed() {
-        ErrorKind::Connection
-    } else {
-        ErrorKind::Backend
-    };
-    Error::new(kind, format!("DLQ store (PostgreSQL): {what}: {err}"))
-        .with_retryable(err.is_closed())
-        .with_source(err)
-}
-
-/// `table` is usable as an unquoted table name.
-pub(crate) fn check_table_name(what: &str, table: &str) -> Result<()> {
-    let valid = !table.is_empty()
-        && table.len() <= 63
-        && table
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !table.starts_with(|c: char| c.is_ascii_digit());
-    if valid {
-        Ok(())
-    } else {
-        Err(Error::invalid_input(format!(
-            "{what} table name {table:?}: use 1 to 63 lower-case ASCII letters, digits and '_', not starting with a digit"
-        )))
     }
 }
 
@@ -194,10 +105,6 @@ fn where_clause(filter: &DlqFilter, params: &mut Vec<Param>) -> String {
         clauses.push(format!("{condition} ${}", params.len()));
     }
     clauses.join(" AND ")
-}
-
-fn refs(params: &[Param]) -> Vec<&(dyn ToSql + Sync)> {
-    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
 }
 
 fn read_entry(row: &Row) -> Result<StoredDeadLetter> {
@@ -313,50 +220,10 @@ impl PostgresDeadLetterStore {
             database: Database::new(config)?,
             table: table.to_owned(),
         };
-        let t = &store.table;
-        let schema = format!(
-            "CREATE TABLE IF NOT EXISTS {t} (
-                id TEXT PRIMARY KEY,
-                original_topic TEXT NOT NULL,
-                consumer_group TEXT,
-                reason TEXT NOT NULL,
-                error TEXT NOT NULL,
-                attempts BIGINT NOT NULL,
-                first_failure_us BIGINT NOT NULL,
-                last_failure_us BIGINT NOT NULL,
-                redrives BIGINT NOT NULL,
-                message_id TEXT NOT NULL,
-                message_key TEXT,
-                payload BYTEA NOT NULL,
-                headers TEXT NOT NULL,
-                message_timestamp_us BIGINT NOT NULL,
-                content_type TEXT,
-                correlation_id TEXT,
-                priority SMALLINT NOT NULL,
-                status TEXT NOT NULL,
-                retries BIGINT NOT NULL,
-                next_attempt_us BIGINT,
-                last_error TEXT,
-                discard_reason TEXT,
-                stored_us BIGINT NOT NULL,
-                message_type TEXT,
-                claimed_until_us BIGINT,
-                version BIGINT NOT NULL DEFAULT 0
-            );
-            CREATE INDEX IF NOT EXISTS {t}_by_time ON {t} (last_failure_us, id);
-            CREATE INDEX IF NOT EXISTS {t}_due ON {t} (status, next_attempt_us);
-            CREATE INDEX IF NOT EXISTS {t}_by_message ON {t} (message_id);"
-        );
         store
             .database
-            .batch_execute("creating the table", &schema)
+            .migrate("DLQ store (PostgreSQL)", table, SCHEMA)
             .await?;
-        for (column, declaration) in [
-            ("claimed_until_us", "BIGINT"),
-            ("version", "BIGINT NOT NULL DEFAULT 0"),
-        ] {
-            store.database.add_column(t, column, declaration).await?;
-        }
         Ok(store)
     }
 
@@ -372,13 +239,9 @@ impl PostgresDeadLetterStore {
     /// `<dlq table>_replays`), so replays resume from where the DLQ lives.
     ///
     /// # Errors
-    /// As [`PostgresReplayStore::connect`](crate::replay::PostgresReplayStore::connect).
-    pub async fn replay_store(&self) -> Result<crate::replay::PostgresReplayStore> {
-        crate::replay::PostgresReplayStore::sharing(
-            self.database.clone(),
-            format!("{}_replays", self.table),
-        )
-        .await
+    /// As [`PostgresReplayStore::connect`](PostgresReplayStore::connect).
+    pub async fn replay_store(&self) -> Result<PostgresReplayStore> {
+        PostgresReplayStore::sharing(self.database.clone(), format!("{}_replays", self.table)).await
     }
 
     fn placeholders(n: usize) -> String {

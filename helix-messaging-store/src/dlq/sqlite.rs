@@ -1,65 +1,79 @@
 //! A durable DLQ store in an embedded SQLite file.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
+use helix_messaging_core::dlq::{
+    DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
+};
+use helix_messaging_core::{Error, ErrorKind, Headers, Message, MessageParts, Result};
 use rusqlite::types::Value;
 use rusqlite::{Connection, OptionalExtension, Row, params_from_iter};
 
-use super::store::{SqlValue, from_micros, micros, set_list, sql_conditions};
-use super::{
-    DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
-};
-use crate::{Error, ErrorKind, Headers, Message, MessageParts, Result};
+use crate::connection::Step;
+use crate::connection::sqlite::{Shared, migrate, on_connection, open_file};
+use crate::sql::{SqlValue, from_micros, micros, set_list, sql_conditions};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS helix_dead_letters (
-    id TEXT PRIMARY KEY,
-    original_topic TEXT NOT NULL,
-    consumer_group TEXT,
-    reason TEXT NOT NULL,
-    error TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    first_failure_us INTEGER NOT NULL,
-    last_failure_us INTEGER NOT NULL,
-    redrives INTEGER NOT NULL,
-    message_id TEXT NOT NULL,
-    message_key TEXT,
-    payload BLOB NOT NULL,
-    headers TEXT NOT NULL,
-    message_timestamp_us INTEGER NOT NULL,
-    content_type TEXT,
-    correlation_id TEXT,
-    priority INTEGER NOT NULL,
-    message_type TEXT,
-    status TEXT NOT NULL,
-    retries INTEGER NOT NULL,
-    next_attempt_us INTEGER,
-    last_error TEXT,
-    discard_reason TEXT,
-    stored_us INTEGER NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    claimed_until_us INTEGER
-);
-CREATE INDEX IF NOT EXISTS helix_dead_letters_by_time ON helix_dead_letters (last_failure_us, id);
-CREATE INDEX IF NOT EXISTS helix_dead_letters_due ON helix_dead_letters (status, next_attempt_us);
-CREATE INDEX IF NOT EXISTS helix_dead_letters_by_message ON helix_dead_letters (message_id);
-";
+/// The table's schema, oldest step first ([`crate::connection`]): the table as it is made
+/// today, then the columns files written before claims lack.
+const SCHEMA: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS helix_dead_letters (
+             id TEXT PRIMARY KEY,
+             original_topic TEXT NOT NULL,
+             consumer_group TEXT,
+             reason TEXT NOT NULL,
+             error TEXT NOT NULL,
+             attempts INTEGER NOT NULL,
+             first_failure_us INTEGER NOT NULL,
+             last_failure_us INTEGER NOT NULL,
+             redrives INTEGER NOT NULL,
+             message_id TEXT NOT NULL,
+             message_key TEXT,
+             payload BLOB NOT NULL,
+             headers TEXT NOT NULL,
+             message_timestamp_us INTEGER NOT NULL,
+             content_type TEXT,
+             correlation_id TEXT,
+             priority INTEGER NOT NULL,
+             message_type TEXT,
+             status TEXT NOT NULL,
+             retries INTEGER NOT NULL,
+             next_attempt_us INTEGER,
+             last_error TEXT,
+             discard_reason TEXT,
+             stored_us INTEGER NOT NULL,
+             version INTEGER NOT NULL DEFAULT 0,
+             claimed_until_us INTEGER
+         );
+         CREATE INDEX IF NOT EXISTS helix_dead_letters_by_time ON helix_dead_letters (last_failure_us, id);
+         CREATE INDEX IF NOT EXISTS helix_dead_letters_due ON helix_dead_letters (status, next_attempt_us);
+         CREATE INDEX IF NOT EXISTS helix_dead_letters_by_message ON helix_dead_letters (message_id);",
+    ),
+    Step::AddColumn {
+        column: "version",
+        declaration: "INTEGER NOT NULL DEFAULT 0",
+    },
+    Step::AddColumn {
+        column: "claimed_until_us",
+        declaration: "INTEGER",
+    },
+];
 
 const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attempts, first_failure_us, \
     last_failure_us, redrives, message_id, message_key, payload, headers, message_timestamp_us, \
     content_type, correlation_id, priority, status, retries, next_attempt_us, last_error, \
     discard_reason, stored_us, version, claimed_until_us";
 
+const STORE: &str = "DLQ store";
+
 /// Dead letters in an SQLite file (WAL journal, `synchronous = FULL`: every write is on disk
 /// before it returns), surviving restarts of the process. One process at a time should
 /// write to a file; several instances sharing one DLQ use the PostgreSQL store.
 #[derive(Clone)]
 pub struct SqliteDeadLetterStore {
-    connection: Arc<Mutex<Connection>>,
+    connection: Shared,
     path: PathBuf,
 }
 
@@ -69,54 +83,6 @@ impl std::fmt::Debug for SqliteDeadLetterStore {
             .field("path", &self.path)
             .finish()
     }
-}
-
-/// Run `f` on `connection` off the async threads; errors name `store` and `what`.
-pub(crate) async fn on_connection<T, F>(
-    connection: &Arc<Mutex<Connection>>,
-    store: &'static str,
-    what: &'static str,
-    f: F,
-) -> Result<T>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
-{
-    let connection = connection.clone();
-    let error =
-        |e: &dyn std::fmt::Display| Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}"));
-    tokio::task::spawn_blocking(move || f(&mut connection.lock()))
-        .await
-        .map_err(|e| error(&e))?
-        .map_err(|e| error(&e).with_source(e))
-}
-
-/// Open (creating if needed) the SQLite file at `path` the way every durable store here
-/// uses it: WAL journal, `synchronous = FULL` (a write is on disk before it returns), a busy
-/// timeout for a second connection, and `schema` applied.
-pub(crate) async fn open_connection(
-    path: &Path,
-    schema: &'static str,
-    store: &'static str,
-) -> Result<Arc<Mutex<Connection>>> {
-    let opened = path.to_path_buf();
-    let error = move |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
-        Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}")).with_source(e)
-    };
-    let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
-        let what = format!("open {}", opened.display());
-        let connection = Connection::open(&opened).map_err(|e| error(&what, e.into()))?;
-        connection
-            .pragma_update(None, "journal_mode", "WAL")
-            .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
-            .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
-            .and_then(|()| connection.execute_batch(schema))
-            .map_err(|e| error(&what, e.into()))?;
-        Ok(connection)
-    })
-    .await
-    .map_err(|e| error("open", e.into()))??;
-    Ok(Arc::new(Mutex::new(connection)))
 }
 
 /// The filter as a `WHERE` clause (always present, `1 = 1` when empty) and its parameters.
@@ -229,29 +195,6 @@ const WRITTEN_COLUMNS: &str = "id, original_topic, consumer_group, reason, error
 /// How many values [`entry_values`] gives: the written columns, then the version.
 const WRITTEN_VALUES: usize = 26;
 
-/// Adds `column` (declared `declaration`) to `table` when a file written by an earlier
-/// version lacks it.
-pub(crate) fn add_column(
-    c: &mut Connection,
-    table: &str,
-    column: &str,
-    declaration: &str,
-) -> rusqlite::Result<()> {
-    let present = c
-        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
-        .exists([table, column])?;
-    if !present {
-        match c.execute_batch(&format!(
-            "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
-        )) {
-            // Another process opening the same file added it first.
-            Err(err) if err.to_string().contains("duplicate column") => {}
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
 impl SqliteDeadLetterStore {
     /// Open (creating if needed) the store in the file at `path`.
     ///
@@ -259,17 +202,8 @@ impl SqliteDeadLetterStore {
     /// [`ErrorKind::Backend`] when the file cannot be opened or its schema created.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let connection = open_connection(&path, SCHEMA, "DLQ store").await?;
-        on_connection(&connection, "DLQ store", "adding columns", |c| {
-            add_column(
-                c,
-                "helix_dead_letters",
-                "version",
-                "INTEGER NOT NULL DEFAULT 0",
-            )?;
-            add_column(c, "helix_dead_letters", "claimed_until_us", "INTEGER")
-        })
-        .await?;
+        let connection = open_file(&path, STORE).await?;
+        migrate(&connection, STORE, "helix_dead_letters", SCHEMA).await?;
         Ok(SqliteDeadLetterStore { connection, path })
     }
 
@@ -278,8 +212,8 @@ impl SqliteDeadLetterStore {
     ///
     /// # Errors
     /// [`ErrorKind::Backend`] when the replay table cannot be created.
-    pub async fn replay_store(&self) -> Result<crate::replay::SqliteReplayStore> {
-        crate::replay::SqliteReplayStore::sharing(self.connection.clone(), self.path.clone()).await
+    pub async fn replay_store(&self) -> Result<crate::SqliteReplayStore> {
+        crate::SqliteReplayStore::sharing(self.connection.clone(), self.path.clone()).await
     }
 
     /// The file the store lives in.
@@ -292,7 +226,7 @@ impl SqliteDeadLetterStore {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
     {
-        on_connection(&self.connection, "DLQ store", what, f).await
+        on_connection(&self.connection, STORE, what, f).await
     }
 
     async fn select(

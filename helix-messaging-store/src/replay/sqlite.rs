@@ -1,52 +1,49 @@
 //! Replay checkpoints in an embedded SQLite file.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
-use rusqlite::{Connection, OptionalExtension, params};
+use helix_messaging_core::Result;
+use helix_messaging_core::replay::{ReplayLease, ReplayRecord, ReplayStore};
+use rusqlite::{OptionalExtension, params};
 
-use super::store::lease_micros;
-use super::{ReplayLease, ReplayRecord, ReplayStore};
-use crate::Result;
-use crate::dlq::sqlite::{on_connection, open_connection};
+use crate::connection::Step;
+use crate::connection::sqlite::{Shared, migrate, on_connection, open_file};
+use crate::sql::{lease_micros, stored_epoch};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS helix_replays (
-    id TEXT PRIMARY KEY,
-    record TEXT NOT NULL,
-    updated_us INTEGER NOT NULL,
-    owner TEXT,
-    lease_until_us INTEGER,
-    lease_epoch INTEGER NOT NULL DEFAULT 0
-);
-";
+/// The table's schema, oldest step first ([`crate::connection`]): the table as it is made
+/// today, then the lease epoch files written before leases had epochs lack.
+const SCHEMA: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS helix_replays (
+             id TEXT PRIMARY KEY,
+             record TEXT NOT NULL,
+             updated_us INTEGER NOT NULL,
+             owner TEXT,
+             lease_until_us INTEGER,
+             lease_epoch INTEGER NOT NULL DEFAULT 0
+         );",
+    ),
+    Step::AddColumn {
+        column: "lease_epoch",
+        declaration: "INTEGER NOT NULL DEFAULT 0",
+    },
+];
 
 /// The store's clock, in microseconds since the Unix epoch: every handler sharing the file
 /// judges leases by it.
 const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
-
-/// Files written before leases had epochs get the column.
-fn add_lease_epoch(c: &mut Connection) -> rusqlite::Result<()> {
-    crate::dlq::sqlite::add_column(
-        c,
-        "helix_replays",
-        "lease_epoch",
-        "INTEGER NOT NULL DEFAULT 0",
-    )
-}
 
 const STORE: &str = "replay store";
 
 /// Replay records in an SQLite file (WAL, `synchronous = FULL`: a checkpoint is on disk
 /// before the replay publishes past it). Open it on its own file with
 /// [`SqliteReplayStore::open`], or in the DLQ's file with
-/// [`SqliteDeadLetterStore::replay_store`](crate::dlq::SqliteDeadLetterStore::replay_store).
+/// [`SqliteDeadLetterStore::replay_store`](crate::SqliteDeadLetterStore::replay_store).
 #[derive(Clone)]
 pub struct SqliteReplayStore {
-    connection: Arc<Mutex<Connection>>,
+    connection: Shared,
     path: PathBuf,
 }
 
@@ -62,27 +59,16 @@ impl SqliteReplayStore {
     /// Open (creating if needed) the store in the file at `path`.
     ///
     /// # Errors
-    /// [`ErrorKind::Backend`](crate::ErrorKind::Backend) when the file cannot be opened or
+    /// [`ErrorKind::Backend`](helix_messaging_core::ErrorKind::Backend) when the file cannot be opened or
     /// its table created.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let connection = open_connection(&path, SCHEMA, STORE).await?;
-        on_connection(
-            &connection,
-            STORE,
-            "adding the lease epoch",
-            add_lease_epoch,
-        )
-        .await?;
-        Ok(SqliteReplayStore { connection, path })
+        let connection = open_file(&path, STORE).await?;
+        SqliteReplayStore::sharing(connection, path).await
     }
 
-    pub(crate) async fn sharing(connection: Arc<Mutex<Connection>>, path: PathBuf) -> Result<Self> {
-        on_connection(&connection, STORE, "creating the table", |c| {
-            c.execute_batch(SCHEMA)?;
-            add_lease_epoch(c)
-        })
-        .await?;
+    pub(crate) async fn sharing(connection: Shared, path: PathBuf) -> Result<Self> {
+        migrate(&connection, STORE, "helix_replays", SCHEMA).await?;
         Ok(SqliteReplayStore { connection, path })
     }
 
@@ -120,7 +106,7 @@ impl ReplayStore for SqliteReplayStore {
 
     async fn save(&self, record: &ReplayRecord, lease: &ReplayLease) -> Result<bool> {
         let (id, json) = (record.id().to_owned(), record.to_json()?);
-        let (owner, epoch) = (lease.owner.clone(), lease.stored_epoch());
+        let (owner, epoch) = (lease.owner.clone(), stored_epoch(lease));
         on_connection(&self.connection, STORE, "saving a replay", move |c| {
             c.prepare_cached(&format!(
                 "UPDATE helix_replays SET record = ?2, updated_us = {NOW_US}
@@ -186,7 +172,7 @@ impl ReplayStore for SqliteReplayStore {
     }
 
     async fn renew(&self, id: &str, lease: &ReplayLease, duration: Duration) -> Result<bool> {
-        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), lease.stored_epoch());
+        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), stored_epoch(lease));
         on_connection(
             &self.connection,
             STORE,
@@ -204,7 +190,7 @@ impl ReplayStore for SqliteReplayStore {
     }
 
     async fn release(&self, id: &str, lease: &ReplayLease) -> Result<()> {
-        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), lease.stored_epoch());
+        let (key, owner, epoch) = (id.to_owned(), lease.owner.clone(), stored_epoch(lease));
         on_connection(&self.connection, STORE, "releasing a replay", move |c| {
             c.prepare_cached(
                 "UPDATE helix_replays SET owner = NULL, lease_until_us = NULL

@@ -5,14 +5,35 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use super::store::lease_micros;
-use super::{ReplayLease, ReplayRecord, ReplayStore};
-use crate::Result;
-use crate::dlq::postgres::{Database, Param, check_table_name};
+use helix_messaging_core::Result;
+use helix_messaging_core::replay::{ReplayLease, ReplayRecord, ReplayStore};
+
+use crate::connection::Step;
+use crate::connection::postgres::{Database, Param, check_table_name};
+use crate::sql::{lease_micros, stored_epoch};
+
+/// The table's schema, oldest step first ([`crate::connection`]): the table as it is made
+/// today, then the lease epoch tables made before leases had epochs lack.
+const SCHEMA: &[Step] = &[
+    Step::Sql(
+        "CREATE TABLE IF NOT EXISTS {table} (
+             id TEXT PRIMARY KEY,
+             record TEXT NOT NULL,
+             updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             owner TEXT,
+             lease_until_us BIGINT,
+             lease_epoch BIGINT NOT NULL DEFAULT 0
+         );",
+    ),
+    Step::AddColumn {
+        column: "lease_epoch",
+        declaration: "BIGINT NOT NULL DEFAULT 0",
+    },
+];
 
 /// Replay records in a PostgreSQL table (default `helix_replays`). Connect on its own with
 /// [`PostgresReplayStore::connect`], or on the DLQ's connection with
-/// [`PostgresDeadLetterStore::replay_store`](crate::dlq::PostgresDeadLetterStore::replay_store).
+/// [`PostgresDeadLetterStore::replay_store`](crate::PostgresDeadLetterStore::replay_store).
 pub struct PostgresReplayStore {
     database: Arc<Database>,
     table: String,
@@ -32,9 +53,9 @@ impl PostgresReplayStore {
     /// if it is missing.
     ///
     /// # Errors
-    /// [`ErrorKind::Config`](crate::ErrorKind::Config) for a connection string that cannot be
-    /// parsed; [`ErrorKind::Connection`](crate::ErrorKind::Connection) when the server cannot be
-    /// reached; [`ErrorKind::Backend`](crate::ErrorKind::Backend) when the table cannot be
+    /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) for a connection string that cannot be
+    /// parsed; [`ErrorKind::Connection`](helix_messaging_core::ErrorKind::Connection) when the server cannot be
+    /// reached; [`ErrorKind::Backend`](helix_messaging_core::ErrorKind::Backend) when the table cannot be
     /// created.
     pub async fn connect(config: &str) -> Result<Self> {
         PostgresReplayStore::sharing(Database::new(config)?, "helix_replays".to_owned()).await
@@ -42,23 +63,7 @@ impl PostgresReplayStore {
 
     pub(crate) async fn sharing(database: Arc<Database>, table: String) -> Result<Self> {
         check_table_name("replay", &table)?;
-        let schema = format!(
-            "CREATE TABLE IF NOT EXISTS {table} (
-                id TEXT PRIMARY KEY,
-                record TEXT NOT NULL,
-                updated_at TIMESTAMPTZ NOT NULL DEFAULT now(),
-                owner TEXT,
-                lease_until_us BIGINT,
-                lease_epoch BIGINT NOT NULL DEFAULT 0
-            );"
-        );
-        database
-            .batch_execute("creating the replay table", &schema)
-            .await?;
-        // Tables made before leases had epochs get the column.
-        database
-            .add_column(&table, "lease_epoch", "BIGINT NOT NULL DEFAULT 0")
-            .await?;
+        database.migrate("replay store", &table, SCHEMA).await?;
         Ok(PostgresReplayStore { database, table })
     }
 }
@@ -107,7 +112,7 @@ impl ReplayStore for PostgresReplayStore {
             Box::new(record.id().to_owned()),
             Box::new(record.to_json()?),
             Box::new(lease.owner.clone()),
-            Box::new(lease.stored_epoch()),
+            Box::new(stored_epoch(lease)),
         ];
         Ok(self
             .database
@@ -176,7 +181,7 @@ impl ReplayStore for PostgresReplayStore {
         let params: [Param; 4] = [
             Box::new(id.to_owned()),
             Box::new(lease.owner.clone()),
-            Box::new(lease.stored_epoch()),
+            Box::new(stored_epoch(lease)),
             Box::new(lease_micros(duration)),
         ];
         Ok(self
@@ -195,7 +200,7 @@ impl ReplayStore for PostgresReplayStore {
         let params: [Param; 3] = [
             Box::new(id.to_owned()),
             Box::new(lease.owner.clone()),
-            Box::new(lease.stored_epoch()),
+            Box::new(stored_epoch(lease)),
         ];
         self.database
             .execute("releasing a replay", &sql, &params)

@@ -7,34 +7,38 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use helix_messaging_core::fallback::{
+    RefusedMessage, Spool, SpoolLimits, SpoolStats, SpooledMessage, spooled_size,
+};
+use helix_messaging_core::{Error, ErrorKind, Message, Result};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{RefusedMessage, Spool, SpoolLimits, SpoolStats, SpooledMessage, full, spooled_size};
-use crate::dlq::sqlite::{on_connection, open_connection};
-use crate::dlq::store::{from_micros, micros};
-use crate::{Error, ErrorKind, Message, Result};
+use crate::connection::Step;
+use crate::connection::sqlite::{Shared, migrate, on_connection, open_file};
+use crate::sql::{from_micros, micros};
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS helix_spool (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    topic TEXT NOT NULL,
-    meta TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    bytes INTEGER NOT NULL,
-    spooled_us INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS helix_spool_refused (
-    seq INTEGER PRIMARY KEY,
-    topic TEXT NOT NULL,
-    meta TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    bytes INTEGER NOT NULL,
-    spooled_us INTEGER NOT NULL,
-    refused_us INTEGER NOT NULL,
-    reason TEXT NOT NULL
-);
-";
+/// The spool's schema, oldest step first ([`crate::connection`]).
+const SCHEMA: &[Step] = &[Step::Sql(
+    "CREATE TABLE IF NOT EXISTS helix_spool (
+             seq INTEGER PRIMARY KEY AUTOINCREMENT,
+             topic TEXT NOT NULL,
+             meta TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             bytes INTEGER NOT NULL,
+             spooled_us INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS helix_spool_refused (
+             seq INTEGER PRIMARY KEY,
+             topic TEXT NOT NULL,
+             meta TEXT NOT NULL,
+             payload BLOB NOT NULL,
+             bytes INTEGER NOT NULL,
+             spooled_us INTEGER NOT NULL,
+             refused_us INTEGER NOT NULL,
+             reason TEXT NOT NULL
+         );",
+)];
 
 /// What the file holds, counted once at open and then kept in memory (SQLite counts by
 /// scanning the tables).
@@ -55,7 +59,7 @@ const STORE: &str = "fallback spool";
 /// file.
 #[derive(Clone)]
 pub struct SqliteSpool {
-    connection: Arc<Mutex<Connection>>,
+    connection: Shared,
     path: PathBuf,
     limits: SpoolLimits,
     held: Arc<Mutex<Held>>,
@@ -118,7 +122,8 @@ impl SqliteSpool {
     /// [`ErrorKind::Backend`] when the file cannot be opened or its table created.
     pub async fn open(path: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let connection = open_connection(&path, SCHEMA, STORE).await?;
+        let connection = open_file(&path, STORE).await?;
+        migrate(&connection, STORE, "helix_spool", SCHEMA).await?;
         let held = on_connection(&connection, STORE, "counting", |c| count(c)).await?;
         Ok(SqliteSpool {
             connection,
@@ -155,16 +160,14 @@ impl Spool for SqliteSpool {
         on_connection(&self.connection, STORE, "appending", move |c| {
             {
                 let held = held.lock();
-                if held.messages + count as u64 > limits.max_messages
-                    || held.bytes + bytes > limits.max_bytes
-                {
-                    let stats = SpoolStats {
-                        depth: held.messages - held.refused,
-                        refused: held.refused,
-                        bytes: held.bytes,
-                        oldest: None,
-                    };
-                    return Ok(Err(full(limits, stats, count, bytes)));
+                let stats = SpoolStats {
+                    depth: held.messages - held.refused,
+                    refused: held.refused,
+                    bytes: held.bytes,
+                    oldest: None,
+                };
+                if let Err(full) = limits.admit(stats, count, bytes) {
+                    return Ok(Err(full));
                 }
             }
             let tx = c.transaction()?;

@@ -1,0 +1,128 @@
+//! What a bulk redrive job is, apart from how it runs: the request, its status and progress,
+//! and the handle the processor keeps for each job (the running is `redrive`'s, which is
+//! built on the processor).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::DlqFilter;
+
+/// Redrive the first `count` entries, then watch for `watch`: if any of them is
+/// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the
+/// rest stay in the DLQ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CanaryConfig {
+    /// Entries re-driven first.
+    pub count: usize,
+    /// How long to watch them before re-driving the rest.
+    pub watch: Duration,
+}
+
+/// A bulk redrive: which entries, where to, how fast.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedriveRequest {
+    /// The entries to re-drive, selected when the job starts (the selection is frozen:
+    /// entries dead-lettered later are not part of it). Discarded entries are never
+    /// re-driven.
+    pub filter: DlqFilter,
+    /// Publish to this topic instead of each message's original topic.
+    pub target_topic: Option<String>,
+    /// Most messages published per second (`None`: as fast as the broker confirms).
+    pub rate_per_second: Option<f64>,
+    /// Canary mode.
+    pub canary: Option<CanaryConfig>,
+    /// Messages published per batch (default 100; the batch's confirmations are awaited
+    /// together).
+    pub batch_size: usize,
+}
+
+impl Default for RedriveRequest {
+    fn default() -> Self {
+        RedriveRequest {
+            filter: DlqFilter::default(),
+            target_topic: None,
+            rate_per_second: None,
+            canary: None,
+            batch_size: 100,
+        }
+    }
+}
+
+/// Where a redrive job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RedriveStatus {
+    /// Re-driving.
+    Running,
+    /// The canaries are out; watching whether they fail again.
+    Watching,
+    /// Everything selected was re-driven (or skipped, or failed to publish).
+    Completed,
+    /// Cancelled; what was re-driven stays re-driven.
+    Cancelled,
+    /// A canary was dead-lettered again; the rest were left alone.
+    CanaryFailed,
+    /// The store failed; the job stopped.
+    Failed,
+}
+
+impl RedriveStatus {
+    /// The status as shown.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            RedriveStatus::Running => "running",
+            RedriveStatus::Watching => "watching",
+            RedriveStatus::Completed => "completed",
+            RedriveStatus::Cancelled => "cancelled",
+            RedriveStatus::CanaryFailed => "canary_failed",
+            RedriveStatus::Failed => "failed",
+        }
+    }
+
+    /// Whether the job has stopped.
+    pub const fn is_finished(self) -> bool {
+        !matches!(self, RedriveStatus::Running | RedriveStatus::Watching)
+    }
+}
+
+/// A redrive job's progress. `redriven + failed + skipped <= total`, equal once finished
+/// unless cancelled or stopped early.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RedriveProgress {
+    /// The job id.
+    pub id: String,
+    /// Where it stands.
+    pub status: RedriveStatus,
+    /// Entries selected.
+    pub total: u64,
+    /// Published (confirmed) and removed from the DLQ.
+    pub redriven: u64,
+    /// Could not be published (kept in the DLQ).
+    pub failed: u64,
+    /// Gone, discarded or held by another re-drive (an automatic attempt, a reprocess,
+    /// another job) by the time the job reached them.
+    pub skipped: u64,
+    /// When the job started.
+    pub started_at: SystemTime,
+    /// When it finished.
+    pub finished_at: Option<SystemTime>,
+    /// The last error seen.
+    pub last_error: Option<String>,
+}
+
+impl RedriveProgress {
+    /// Percentage of the selection dealt with (100 for an empty selection).
+    pub fn percentage(&self) -> f64 {
+        if self.total == 0 {
+            return 100.0;
+        }
+        (self.redriven + self.failed + self.skipped) as f64 * 100.0 / self.total as f64
+    }
+}
+
+pub(super) struct Job {
+    pub(super) progress: Arc<Mutex<RedriveProgress>>,
+    pub(super) cancel: CancellationToken,
+}

@@ -1,0 +1,133 @@
+//! The SQLite file every SQLite store uses: opened with a WAL journal and
+//! `synchronous = FULL` (a write is on disk before it returns), used off the async threads,
+//! and migrated by the schema steps of [`super`].
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use helix_messaging_core::{Error, ErrorKind, Result};
+use parking_lot::Mutex;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+
+use super::{Step, VERSIONS_TABLE, latest, pending};
+
+/// A connection shared by the stores in one file (the DLQ and its replay records).
+pub(crate) type Shared = Arc<Mutex<Connection>>;
+
+/// Run `f` on `connection` off the async threads; errors name `store` and `what`.
+pub(crate) async fn on_connection<T, F>(
+    connection: &Shared,
+    store: &'static str,
+    what: &'static str,
+    f: F,
+) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+{
+    let connection = connection.clone();
+    let error =
+        |e: &dyn std::fmt::Display| Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}"));
+    tokio::task::spawn_blocking(move || f(&mut connection.lock()))
+        .await
+        .map_err(|e| error(&e))?
+        .map_err(|e| error(&e).with_source(e))
+}
+
+/// Open (creating if needed) the SQLite file at `path` the way every durable store here
+/// uses it: WAL journal, `synchronous = FULL` (a write is on disk before it returns), and a
+/// busy timeout for a second connection.
+///
+/// # Errors
+/// [`ErrorKind::Backend`], naming `store` and the file, when it cannot be opened.
+pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared> {
+    let opened = path.to_path_buf();
+    let error = move |what: &str, e: Box<dyn std::error::Error + Send + Sync>| {
+        Error::new(ErrorKind::Backend, format!("{store}: {what}: {e}")).with_source(e)
+    };
+    let connection = tokio::task::spawn_blocking(move || -> Result<Connection> {
+        let what = format!("open {}", opened.display());
+        let connection = Connection::open(&opened).map_err(|e| error(&what, e.into()))?;
+        connection
+            .pragma_update(None, "journal_mode", "WAL")
+            .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
+            .map_err(|e| error(&what, e.into()))?;
+        Ok(connection)
+    })
+    .await
+    .map_err(|e| error("open", e.into()))??;
+    Ok(Arc::new(Mutex::new(connection)))
+}
+
+/// Bring `table` up to `schema` in one transaction, recording the version reached.
+///
+/// # Errors
+/// [`ErrorKind::Backend`] when a step fails, or the table is recorded at a version newer
+/// than `schema`.
+pub(crate) async fn migrate(
+    connection: &Shared,
+    store: &'static str,
+    table: &'static str,
+    schema: &'static [Step],
+) -> Result<()> {
+    on_connection(connection, store, "migrating the schema", move |c| {
+        // Immediate: the write lock from the first read, so two processes opening one file
+        // apply the steps one after the other.
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (table_name TEXT PRIMARY KEY, version INTEGER NOT NULL)"
+        ))?;
+        let recorded: i64 = tx
+            .query_row(
+                &format!("SELECT version FROM {VERSIONS_TABLE} WHERE table_name = ?1"),
+                [table],
+                |row| row.get(0),
+            )
+            .optional()?
+            .unwrap_or(0);
+        let steps = match pending(store, table, recorded, schema) {
+            Ok(steps) => steps,
+            Err(newer) => return Ok(Err(newer)),
+        };
+        for step in steps {
+            match step {
+                Step::Sql(sql) => tx.execute_batch(&Step::sql_for(sql, table))?,
+                Step::AddColumn {
+                    column,
+                    declaration,
+                } => add_column(&tx, table, column, declaration)?,
+            }
+        }
+        tx.execute(
+            &format!(
+                "INSERT INTO {VERSIONS_TABLE} (table_name, version) VALUES (?1, ?2)
+                 ON CONFLICT (table_name) DO UPDATE SET version = max(version, excluded.version)"
+            ),
+            rusqlite::params![table, latest(schema)],
+        )?;
+        tx.commit()?;
+        Ok(Ok(()))
+    })
+    .await?
+}
+
+/// Adds `column` (declared `declaration`) to `table` when a file written by an earlier
+/// version lacks it.
+fn add_column(
+    c: &Connection,
+    table: &str,
+    column: &str,
+    declaration: &str,
+) -> rusqlite::Result<()> {
+    let present = c
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists([table, column])?;
+    if !present {
+        c.execute_batch(&format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {declaration}"
+        ))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! The spool contract, the same on the in-memory spool and the SQLite one: order per topic,
+//! the bounds, setting aside and releasing, and (SQLite) surviving a reopen.
+#![cfg(feature = "sqlite")]
+
+use helix_messaging_core::fallback::{MemorySpool, Spool, SpoolLimits};
+use helix_messaging_core::{ErrorKind, Message};
+use helix_messaging_store::SqliteSpool;
+
+fn limits() -> SpoolLimits {
+    SpoolLimits {
+        max_messages: 5,
+        max_bytes: 10_000,
+    }
+}
+
+async fn keeps_order_and_bounds(spool: &dyn Spool) {
+    let a: Vec<Message> = (0..3)
+        .map(|i| {
+            Message::new(format!("a{i}"))
+                .with_key("k")
+                .with_header("traceparent", "00-1-2-01")
+                .with_priority(4)
+        })
+        .collect();
+    spool.append("orders", &a).await.unwrap();
+    spool.append("audit", &[Message::new("b0")]).await.unwrap();
+    let err = spool
+        .append("orders", &[Message::new("c0"), Message::new("c1")])
+        .await
+        .expect_err("6 > 5");
+    assert_eq!(err.kind(), ErrorKind::Rejected);
+    assert!(err.to_string().contains("spool is full"), "{err}");
+    let big = Message::new(vec![0u8; 20_000]);
+    assert_eq!(
+        spool.append("x", &[big]).await.unwrap_err().kind(),
+        ErrorKind::Rejected,
+        "over the byte bound"
+    );
+    let stats = spool.stats().await.unwrap();
+    assert_eq!(stats.depth, 4, "a refused append adds nothing");
+    assert!(stats.oldest.is_some());
+    let held = spool.oldest(10).await.unwrap();
+    let order: Vec<(&str, &str)> = held
+        .iter()
+        .map(|m| (m.topic.as_str(), m.message.id()))
+        .collect();
+    let want: Vec<(&str, &str)> = a
+        .iter()
+        .map(|m| ("orders", m.id()))
+        .chain(std::iter::once(("audit", held[3].message.id())))
+        .collect();
+    assert_eq!(order, want, "spool order");
+    assert_eq!(held[0].message, a[0], "every field kept");
+    assert_eq!(
+        spool.topics().await.unwrap(),
+        [
+            ("orders".to_owned(), held[2].seq),
+            ("audit".to_owned(), held[3].seq)
+        ]
+        .into(),
+        "the newest waiting seq of each topic"
+    );
+    spool.remove(&[held[0].seq, held[1].seq]).await.unwrap();
+    let left = spool.oldest(10).await.unwrap();
+    assert_eq!(left.len(), 2);
+    assert_eq!(left[0].message.id(), a[2].id());
+    assert_eq!(spool.stats().await.unwrap().depth, 2);
+
+    // Set aside: out of the line, listed with its reason, still within the limits.
+    spool.refuse(left[0].seq, "refused: no").await.unwrap();
+    let stats = spool.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.refused), (1, 1), "{stats:?}");
+    let refused = spool.refused(10).await.unwrap();
+    assert_eq!(refused.len(), 1);
+    assert_eq!(
+        (
+            refused[0].seq,
+            refused[0].topic.as_str(),
+            refused[0].reason.as_str()
+        ),
+        (left[0].seq, "orders", "refused: no")
+    );
+    assert_eq!(refused[0].message, a[2], "every field kept");
+    assert_eq!(
+        spool.oldest(10).await.unwrap()[0].message.id(),
+        left[1].message.id()
+    );
+    assert_eq!(
+        spool.topics().await.unwrap(),
+        [("audit".to_owned(), left[1].seq)].into()
+    );
+    let four: Vec<Message> = (0..4).map(|i| Message::new(format!("d{i}"))).collect();
+    assert_eq!(
+        spool.append("x", &four).await.unwrap_err().kind(),
+        ErrorKind::Rejected,
+        "what is set aside counts against the limits"
+    );
+    assert!(
+        !spool.release_refused(left[1].seq, false).await.unwrap(),
+        "not set aside"
+    );
+}
+
+/// A broker that is away with nothing spooled yet is degraded, not down: publishes
+/// would be accepted into the spool.
+
+#[tokio::test]
+async fn the_memory_spool_keeps_order_and_bounds() {
+    keeps_order_and_bounds(&MemorySpool::new(limits())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_spool_keeps_order_and_bounds_and_survives_reopening() {
+    let path = std::env::temp_dir().join(format!(
+        "helix-spool-test-{}.sqlite",
+        uuid::Uuid::new_v4().simple()
+    ));
+    let spool = SqliteSpool::open(&path, limits()).await.unwrap();
+    keeps_order_and_bounds(&spool).await;
+    drop(spool);
+    let reopened = SqliteSpool::open(&path, limits()).await.unwrap();
+    let stats = reopened.stats().await.unwrap();
+    assert_eq!((stats.depth, stats.refused), (1, 1), "kept on disk");
+    let refused = reopened.refused(10).await.unwrap();
+    assert_eq!(refused[0].message.payload().as_ref(), b"a2");
+    assert!(
+        reopened
+            .release_refused(refused[0].seq, true)
+            .await
+            .unwrap()
+    );
+    let waiting = reopened.oldest(10).await.unwrap();
+    let payloads: Vec<&[u8]> = waiting
+        .iter()
+        .map(|m| m.message.payload().as_ref())
+        .collect();
+    assert_eq!(payloads, [b"b0".as_slice(), b"a2"], "sent again at the end");
+    assert!(waiting[1].seq > refused[0].seq);
+    assert_eq!(reopened.stats().await.unwrap().refused, 0);
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
