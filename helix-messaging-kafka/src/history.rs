@@ -21,8 +21,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::config::KafkaConfig;
 use crate::error::from_kafka;
-use crate::{KafkaConfig, wire};
+use crate::wire;
 
 /// The timestamp (ms) to look offsets up at for a read starting at `t`: `clock_skew` earlier,
 /// since the lookup uses the brokers' clock and the filter afterwards the publishers'.

@@ -22,10 +22,14 @@
 //!   start (or the beginning, on brokers without a timestamp index) to the high watermark, and
 //!   filters by record timestamp.
 
+mod acker;
+mod attempts;
 mod config;
-mod consumer;
 mod error;
 mod history;
+mod offsets;
+mod reader;
+mod rebalance;
 mod reconnects;
 mod topics;
 mod wire;
@@ -46,8 +50,10 @@ use tokio::sync::{mpsc, watch};
 pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
 pub use topics::KafkaTopic;
 
-use consumer::{GroupConsumer, GroupContext, GroupState, Reader, ReaderParts};
 use error::{blocking, from_kafka};
+use offsets::GroupState;
+use reader::{Reader, ReaderParts};
+use rebalance::{GroupConsumer, GroupContext};
 use reconnects::StatsContext;
 use topics::Topics;
 
@@ -73,7 +79,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     redeliver_unacked: true,
     replay_by_time: true,
     native_dlq: false,
-    // Named groups: copies wait on the group's retry topic (see the `consumer` module).
+    // Named groups: copies wait on the group's retry topic (see the `reader` module).
     delayed_delivery: true,
     backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
@@ -376,7 +382,7 @@ impl Subscriber for KafkaBroker {
         within(
             joined,
             format!("joining group {group_id} on {kafka_topic}"),
-            state.first_assignment(),
+            rebalance::first_assignment(&state),
         )
         .await?;
         // A delivery counts as an attempt once the application has it: one still queued here
@@ -421,7 +427,7 @@ struct Lane {
     /// Weak: what keeps a subscription's stream open is its running readers, never an
     /// unsettled delivery (whose acker can reach this lane through the retry lane), so the
     /// stream ends when the broker closes whatever the application still holds.
-    deliveries: mpsc::WeakUnboundedSender<consumer::Handed>,
+    deliveries: mpsc::WeakUnboundedSender<reader::Handed>,
     prefetch: usize,
     /// The topic as the application names it (what deliveries report).
     topic: Arc<str>,
@@ -442,7 +448,7 @@ impl Lane {
             .deliveries
             .upgrade()
             .ok_or_else(|| Error::closed(format!("the subscription to {}", self.topic)))?;
-        let state = GroupState::new(kafka_topic.to_owned(), start, &self.shared);
+        let state = GroupState::new(kafka_topic.to_owned());
         let fallback = match start {
             helix_messaging_core::StartPosition::Latest => "latest",
             _ => "earliest",
@@ -450,10 +456,7 @@ impl Lane {
         let consumer: GroupConsumer = config
             .consumer(group_id)
             .set("auto.offset.reset", fallback)
-            .create_with_context(GroupContext {
-                state: state.clone(),
-                reconnects: reconnects::Reconnects::default(),
-            })
+            .create_with_context(GroupContext::new(state.clone(), start, config))
             .map_err(|e| {
                 config.client_error(e, &format!("creating a consumer for group {group_id}"))
             })?;
@@ -478,7 +481,7 @@ impl Lane {
 }
 
 /// A named group's retry topic `<topic>.retry.<group>`: where its delayed requeues wait
-/// (see the `consumer` module). Its reader starts with the first delayed requeue, or at
+/// (see the `reader` module). Its reader starts with the first delayed requeue, or at
 /// subscribe when the topic already exists.
 pub(crate) struct RetryLane {
     lane: Lane,

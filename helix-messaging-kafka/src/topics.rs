@@ -10,7 +10,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
-use crate::KafkaConfig;
+use crate::config::KafkaConfig;
 use crate::error::{blocking, from_kafka};
 
 /// A topic to create, with its partitions and retention.

@@ -7,7 +7,7 @@
 //! Copies on a group's retry topic (a delayed requeue) carry the attempts made so far in
 //! `x-helix-attempt` and the time before which they must not be handed out in
 //! `x-helix-not-before-ms`; attempts of records on the topic itself live in the committed
-//! offsets' metadata (see the `consumer` module).
+//! offsets' metadata (see the `attempts` module).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use helix_messaging_core::{DEFAULT_PREFETCH, Error, Result};
+use helix_messaging_core::{Capabilities, DEFAULT_PREFETCH, Error, Result};
 use lapin::uri::{AMQPAuthority, AMQPScheme, AMQPUri, AMQPUserInfo};
 
 use crate::topology::{ExchangeType, Queue, Topology};
@@ -13,6 +13,28 @@ use crate::topology::{ExchangeType, Queue, Topology};
 /// Largest payload accepted by default: 32 MiB (RabbitMQ's own limit is 128 MiB; messages
 /// that large hurt every queue they pass through).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 32 * 1024 * 1024;
+
+/// Backend name reported by [`Broker::name`](helix_messaging_core::Broker::name) and selected
+/// by `MESSAGING_BACKEND=rabbitmq`.
+pub const NAME: &str = "rabbitmq";
+
+/// What the RabbitMQ backend promises.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
+    durable: true,
+    redelivery: true,
+    consumer_groups: true,
+    per_key_ordering: true,
+    priority: true,
+    ttl: true,
+    redeliver_unacked: true,
+    // Needs the replay journal, which is off by default; see `RabbitConfig::replay_journal`.
+    replay_by_time: false,
+    native_dlq: true,
+    delayed_delivery: true,
+    backlog: true,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+};
 
 /// Connection and topology settings of the RabbitMQ backend.
 #[derive(Clone)]
@@ -90,7 +112,7 @@ impl RabbitConfig {
             replay_by_time: self.replay_journal,
             native_dlq: self.dead_letter_queue.is_some(),
             max_payload_bytes: Some(self.max_payload_bytes),
-            ..crate::CAPABILITIES
+            ..CAPABILITIES
         }
     }
 

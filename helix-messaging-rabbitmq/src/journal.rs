@@ -22,9 +22,12 @@ use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, Queu
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Channel, Consumer};
 
+use crate::config::RabbitConfig;
+use crate::consumer::close_consumer;
 use crate::error::from_lapin;
 use crate::link::Link;
-use crate::{RabbitConfig, Shared, close_consumer, wire};
+use crate::shared::Shared;
+use crate::wire;
 
 /// Entries a journal read holds unacked (streams need a prefetch to consume at all); they
 /// are acked together once half of them have arrived.
@@ -89,7 +92,9 @@ impl JournalReader {
         let journal = config.journal_queue();
         let fence = uuid::Uuid::new_v4().simple().to_string();
         let marker = Message::new("").with_header(wire::FENCE, fence.as_str());
-        let confirm = shared.start_publish("", &journal, &marker, None).await?;
+        let confirm = shared
+            .start_publish("", &journal, &marker, None, Some(shared.publish_deadline()))
+            .await?;
         shared.confirmed(&journal, confirm).await?;
 
         let offset = match since {
@@ -263,7 +268,13 @@ pub(crate) async fn copy_history(
             continue;
         }
         let confirm = shared
-            .start_publish_raw("", queue, &delivery.data, props.clone())
+            .start_publish_raw(
+                "",
+                queue,
+                &delivery.data,
+                props.clone(),
+                Some(shared.publish_deadline()),
+            )
             .await?;
         in_flight.push(confirm);
         copied += 1;

@@ -16,7 +16,7 @@ use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
 use tokio::sync::watch;
 
-use crate::RabbitConfig;
+use crate::config::{NAME, RabbitConfig};
 use crate::error::from_lapin;
 use crate::topology::Topology;
 
@@ -314,7 +314,7 @@ impl Supervisor {
             match opened {
                 Ok(link) if !supervisor.is_closed() => {
                     tracing::info!(address = %config.address(), "reconnected");
-                    helix_messaging_core::observe::count_reconnect(crate::NAME);
+                    helix_messaging_core::observe::count_reconnect(NAME);
                     let link = Arc::new(link);
                     supervisor.watch(&link);
                     supervisor.reconnecting.store(false, Ordering::Release);
