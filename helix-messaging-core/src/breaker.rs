@@ -21,11 +21,16 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use crate::{
-    Backlog, BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus,
-    HistoryStream, Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription,
-    TimeRange,
+use crate::broker::{
+    Backlog, BatchReport, Broker, Health, HealthStatus, HistoryStream, Publisher, SubscribeOptions,
+    Subscriber, Subscription, TimeRange,
 };
+
+use crate::capabilities::Capabilities;
+
+use crate::error::{Error, ErrorKind, Result};
+
+use crate::message::Message;
 
 /// When a breaker opens and how it recovers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

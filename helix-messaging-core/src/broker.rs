@@ -9,7 +9,13 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use futures::stream::{BoxStream, Stream};
 
-use crate::{Capabilities, Delivery, Error, ErrorKind, Message, Position, Result};
+use crate::capabilities::Capabilities;
+
+use crate::delivery::{Delivery, Position};
+
+use crate::error::{Error, ErrorKind, Result};
+
+use crate::message::Message;
 
 /// Where a newly created consumer group starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -7,7 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use crate::{Error, ErrorKind, Message, Result};
+use crate::error::{Error, ErrorKind, Result};
+
+use crate::message::Message;
 
 /// Where a delivery sits in its backend, for diagnostics and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]

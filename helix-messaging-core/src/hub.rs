@@ -10,14 +10,16 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::{BreakerBroker, BreakerConfig};
+use crate::broker::{Broker, Health, HealthStatus};
+use crate::delivery::Envelope;
 use crate::dlq::{DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason};
+use crate::error::{Error, Result};
 use crate::fallback::{FallbackBroker, ForwardConfig, Spool, SpoolStats};
+use crate::message::{MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message};
 use crate::observe::ObservedBroker;
 use crate::retry::{RetryLayer, RetryPolicy};
-use crate::{
-    Broker, Envelope, Error, HandlerError, Health, HealthStatus, MAX_PRIORITY, MESSAGE_TYPE_HEADER,
-    Message, Result, Runner, json_handler,
-};
+use crate::runner::{HandlerError, Runner};
+use crate::typed::json_handler;
 
 /// Content type of a task's message.
 pub const TASK_CONTENT_TYPE: &str = "application/json";
@@ -81,7 +83,7 @@ impl Task {
             )));
         }
         let body = serde_json::to_vec(self)
-            .map_err(|e| Error::new(crate::ErrorKind::Serialization, e.to_string()))?;
+            .map_err(|e| Error::new(crate::error::ErrorKind::Serialization, e.to_string()))?;
         Ok(Message::new(body)
             .with_id(self.id.clone())
             .with_header(MESSAGE_TYPE_HEADER, self.kind.clone())
@@ -157,7 +159,7 @@ impl Event {
 
     fn to_message(&self) -> Result<Message> {
         let body = serde_json::to_vec(self)
-            .map_err(|e| Error::new(crate::ErrorKind::Serialization, e.to_string()))?;
+            .map_err(|e| Error::new(crate::error::ErrorKind::Serialization, e.to_string()))?;
         let mut message = Message::new(body)
             .with_id(self.id.clone())
             .with_header(MESSAGE_TYPE_HEADER, self.kind.clone())
@@ -318,7 +320,7 @@ impl Hub {
     /// seeds' `MESSAGING_FALLBACK_ENABLED`; give each side a spool of its own).
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a bad breaker
+    /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad breaker
     /// configuration; a spool's error reading what it holds.
     pub async fn new(
         config: HubConfig,
@@ -351,7 +353,7 @@ impl Hub {
     /// Publish `task` to `queue`.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a priority above 10;
+    /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a priority above 10;
     /// the broker's (or, with fallback, the spool's) error.
     pub async fn publish_task(&self, queue: &str, task: &Task) -> Result<()> {
         self.tasks.broker.publish(queue, task.to_message()?).await?;
@@ -382,7 +384,7 @@ impl Hub {
         broker: &Arc<dyn Broker>,
         topic: &str,
         group: &str,
-    ) -> Result<crate::RunnerBuilder> {
+    ) -> Result<crate::runner::RunnerBuilder> {
         let dlq = DeadLetterLayer::new(DeadLetterQueue::new(
             broker.clone(),
             self.config.dead_letters.clone(),

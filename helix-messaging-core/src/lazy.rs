@@ -19,10 +19,16 @@ use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    Backlog, BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message,
-    Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+use crate::broker::{
+    Backlog, BatchReport, Broker, Health, HistoryStream, Publisher, SubscribeOptions, Subscriber,
+    Subscription, TimeRange,
 };
+
+use crate::capabilities::Capabilities;
+
+use crate::error::{Error, ErrorKind, Result};
+
+use crate::message::Message;
 
 /// How the first connection is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +272,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
-    use crate::HealthStatus;
+    use crate::broker::HealthStatus;
 
     /// A broker that takes every publish and counts them.
     #[derive(Debug, Default)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Longest topic or group name accepted (Kafka's limit, the strictest of the backends).
 pub const MAX_NAME_LEN: usize = 249;
@@ -14,7 +14,7 @@ pub const MAX_NAME_LEN: usize = 249;
 /// [`MAX_NAME_LEN`] ASCII letters, digits, `.`, `_` or `-` (Kafka's rule, the strictest).
 ///
 /// # Errors
-/// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) saying what is wrong, with the
+/// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) saying what is wrong, with the
 /// name and what it names (`what`, e.g. "topic").
 pub fn validate_name(what: &str, name: &str) -> Result<()> {
     if name.is_empty() {
@@ -66,12 +66,16 @@ const fn is_name_byte(b: u8) -> bool {
 /// Check that `message`'s payload fits `limit` bytes, the largest payload `backend` accepts.
 ///
 /// # Errors
-/// [`ErrorKind::PayloadTooLarge`](crate::ErrorKind::PayloadTooLarge) with both sizes.
-pub fn check_payload_size(backend: &str, message: &crate::Message, limit: usize) -> Result<()> {
+/// [`ErrorKind::PayloadTooLarge`](crate::error::ErrorKind::PayloadTooLarge) with both sizes.
+pub fn check_payload_size(
+    backend: &str,
+    message: &crate::message::Message,
+    limit: usize,
+) -> Result<()> {
     let size = message.payload().len();
     if size > limit {
         return Err(Error::new(
-            crate::ErrorKind::PayloadTooLarge,
+            crate::error::ErrorKind::PayloadTooLarge,
             format!(
                 "payload of {size} bytes exceeds the {backend} backend's limit of {limit} bytes"
             ),
@@ -135,7 +139,7 @@ impl Default for TopicLabels {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ErrorKind;
+    use crate::error::ErrorKind;
 
     #[test]
     fn accepts_seed_names_and_refuses_bad_ones() {

@@ -54,11 +54,15 @@ use parking_lot::Mutex;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-pub use crate::names::{DEFAULT_MAX_TOPIC_LABELS, OTHER_TOPICS, TopicLabels};
-use crate::{
-    Backlog, BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher,
-    Result, SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
+use crate::broker::{
+    Backlog, BatchReport, Broker, Health, HistoryStream, Publisher, SubscribeOptions, Subscriber,
+    Subscription, TimeRange,
 };
+use crate::capabilities::Capabilities;
+use crate::error::{Error, Result};
+use crate::message::Message;
+pub use crate::names::{DEFAULT_MAX_TOPIC_LABELS, OTHER_TOPICS, TopicLabels};
+use crate::trace;
 
 /// The counter of connections an adapter re-established after losing them, labelled
 /// `backend` (each adapter documents what it counts).

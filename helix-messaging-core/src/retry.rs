@@ -9,8 +9,10 @@ use async_trait::async_trait;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use parking_lot::Mutex;
 
+use crate::delivery::Envelope;
+use crate::error::{Error, Result};
 use crate::runner::DeadLetterReason;
-use crate::{BoxHandler, Envelope, Error, Handler, HandlerError, Layer, Result};
+use crate::runner::{BoxHandler, Handler, HandlerError, Layer};
 
 /// How often and how patiently a failing message is retried.
 ///

@@ -17,9 +17,13 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::{
-    BoxError, Envelope, Error, ErrorKind, Result, Settler, SubscribeOptions, Subscriber, trace,
-};
+use crate::broker::{SubscribeOptions, Subscriber};
+
+use crate::delivery::{Envelope, Settler};
+
+use crate::error::{BoxError, Error, ErrorKind, Result};
+
+use crate::trace;
 
 // The reason is the runner's: it reports why a handler gave a message up. The dead-letter
 // plane above uses it (and re-exports it as `dlq::DeadLetterReason`); nothing below it
@@ -496,7 +500,7 @@ struct RunLoop {
 }
 
 impl RunLoop {
-    async fn run(self, mut subscription: crate::Subscription) {
+    async fn run(self, mut subscription: crate::broker::Subscription) {
         let slots = Arc::new(Semaphore::new(self.concurrency));
         let mut tasks = JoinSet::new();
         loop {

@@ -36,7 +36,9 @@ use tracing::field::Empty;
 use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::{Error, Headers, Message, Result};
+use crate::error::{Error, Result};
+
+use crate::message::{Headers, Message};
 
 /// The W3C trace-context header holding the trace id and the sending span's id.
 pub const TRACEPARENT_HEADER: &str = "traceparent";

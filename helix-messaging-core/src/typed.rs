@@ -6,7 +6,9 @@ use std::marker::PhantomData;
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
-use crate::{Envelope, Handler, HandlerError};
+use crate::delivery::Envelope;
+
+use crate::runner::{Handler, HandlerError};
 
 /// A [`Handler`] that decodes each payload as JSON into `T` first; build it with
 /// [`json_handler`].

@@ -3,36 +3,34 @@
 //! table dropped by hand is made again, and several instances migrating one new table at
 //! once all come up.
 
-use std::path::PathBuf;
-
-/// A file of the test's own, removed afterwards even when the test fails.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new() -> TempFile {
-        TempFile(std::env::temp_dir().join(format!(
-            "helix-migrations-{}.sqlite",
-            uuid::Uuid::new_v4().simple()
-        )))
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
-        }
-    }
-}
-
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use helix_messaging_core::ErrorKind;
-    use helix_messaging_core::fallback::SpoolLimits;
+    use helix_messaging_core::fallback::{Spool, SpoolLimits};
     use helix_messaging_store::{SqliteDeadLetterStore, SqliteSpool};
     use rusqlite::Connection;
 
-    use super::TempFile;
+    use std::path::PathBuf;
+
+    /// A file of the test's own, removed afterwards even when the test fails.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new() -> TempFile {
+            TempFile(std::env::temp_dir().join(format!(
+                "helix-migrations-{}.sqlite",
+                uuid::Uuid::new_v4().simple()
+            )))
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", self.0.display()));
+            }
+        }
+    }
 
     fn versions(file: &TempFile) -> Vec<(String, i64)> {
         let c = Connection::open(&file.0).unwrap();
@@ -66,6 +64,25 @@ mod sqlite {
         // Opening again applies nothing and records the same.
         drop(SqliteDeadLetterStore::open(&file.0).await.unwrap());
         assert_eq!(versions(&file)[0], ("helix_dead_letters".to_owned(), 3));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_table_dropped_by_hand_is_made_again_despite_its_recorded_version() {
+        let file = TempFile::new();
+        drop(
+            SqliteSpool::open(&file.0, SpoolLimits::default())
+                .await
+                .unwrap(),
+        );
+        Connection::open(&file.0)
+            .unwrap()
+            .execute_batch("DROP TABLE helix_spool_refused")
+            .unwrap();
+        let spool = SqliteSpool::open(&file.0, SpoolLimits::default())
+            .await
+            .expect("the table is made again");
+        assert!(spool.refused(10).await.unwrap().is_empty());
+        assert_eq!(versions(&file), [("helix_spool".to_owned(), 1)]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

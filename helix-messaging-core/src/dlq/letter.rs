@@ -2,8 +2,9 @@
 
 use std::time::SystemTime;
 
+use crate::delivery::DeliveryInfo;
+use crate::message::{Headers, Message, MessageParts};
 use crate::message::{millis, parse_millis};
-use crate::{DeliveryInfo, Headers, Message, MessageParts};
 
 /// Prefix of every header the dead-lettering writes. All of them are removed and written
 /// afresh each time a message is dead-lettered, so they never accumulate.

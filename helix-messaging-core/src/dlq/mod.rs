@@ -7,8 +7,8 @@
 //!   DLQ publish is confirmed.
 //! - The DLQ message is readable by any client: the original payload as the body, the
 //!   original headers, and the failure facts in `helix-dlq-*` headers ([`DeadLetter`]).
-//! - [`Processor`] ingests the DLQ topics into a [`DeadLetterStore`] (in memory, SQLite,
-//!   PostgreSQL), re-drives with backoff, parks what stays broken, and offers list / get /
+//! - [`Processor`] ingests the DLQ topics into a [`DeadLetterStore`] (in memory here; SQLite
+//!   and PostgreSQL in `helix-messaging-store`), re-drives with backoff, parks what stays broken, and offers list / get /
 //!   reprocess / discard / purge, failure groups and bulk redrive jobs.
 
 mod jobs;
@@ -37,10 +37,17 @@ pub use store::{
     StoredDeadLetter,
 };
 
-use crate::{
-    BoxHandler, Envelope, Error, Handler, HandlerError, Layer, Publisher, Result, trace,
-    validate_name,
-};
+use crate::broker::Publisher;
+
+use crate::delivery::Envelope;
+
+use crate::error::{Error, Result};
+
+use crate::names::validate_name;
+
+use crate::runner::{BoxHandler, Handler, HandlerError, Layer};
+
+use crate::trace;
 
 /// The seeds' dead-letter queue (RabbitMQ's `helixagent.dlq`): the default DLQ topic.
 pub const DEFAULT_DLQ_TOPIC: &str = "helixagent.dlq";
@@ -275,7 +282,7 @@ impl Handler for DeadLettering {
         let Some(reason) = err.dead_letter_reason() else {
             return Err(err);
         };
-        let info = crate::DeliveryInfo {
+        let info = crate::delivery::DeliveryInfo {
             topic,
             group,
             attempt,

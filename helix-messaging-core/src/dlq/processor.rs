@@ -19,11 +19,13 @@ use super::{
     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup,
     StoredDeadLetter,
 };
+use crate::broker::{Broker, StartPosition, SubscribeOptions};
+use crate::delivery::Envelope;
+use crate::error::{BoxError, Error, ErrorKind, Result};
+use crate::names::validate_name;
 use crate::retry::RetryPolicy;
-use crate::{
-    BoxError, Broker, Envelope, Error, ErrorKind, HandlerError, Result, Runner, StartPosition,
-    SubscribeOptions, handler_fn, trace, validate_name,
-};
+use crate::runner::{HandlerError, Runner, handler_fn};
+use crate::trace;
 
 /// Group the processor consumes DLQ topics in.
 pub const DEFAULT_PROCESSOR_GROUP: &str = "helix-dlq-processor";
@@ -864,7 +866,7 @@ fn not_found(id: &str) -> Error {
 
 /// The message re-driving `letter` to `topic` publishes, stamped with its `redrive` span so
 /// the consumer continues the letter's trace.
-pub(super) fn redrive_copy(letter: &DeadLetter, topic: &str) -> crate::Message {
+pub(super) fn redrive_copy(letter: &DeadLetter, topic: &str) -> crate::message::Message {
     let mut message = letter.redrive_message();
     trace::stamp_copy(trace::CopyKind::Redrive, topic, &mut message);
     message

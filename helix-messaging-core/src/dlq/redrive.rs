@@ -13,7 +13,9 @@ use super::DlqFilter;
 use super::jobs::{Job, RedriveProgress, RedriveRequest, RedriveStatus};
 use super::processor::{Processor, publish_timed_out, redrive_copy};
 use super::store::remove_redriven;
-use crate::{Error, Message, Result, validate_name};
+use crate::error::{Error, Result};
+use crate::message::Message;
+use crate::names::validate_name;
 
 /// Paces a job's chunks to `rate` messages a second over every window: a chunk goes out no
 /// sooner than the previous one's share of a second after it. Time spent not sending (a
@@ -47,7 +49,7 @@ impl Processor {
     /// Start a bulk redrive job in the background; returns its id. See [`RedriveRequest`].
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a bad request; the
+    /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad request; the
     /// store's error selecting entries.
     pub async fn start_redrive(&self, request: RedriveRequest) -> Result<String> {
         start(self, request).await
@@ -135,7 +137,7 @@ impl Run {
             if canary_ids.is_empty() {
                 // Nothing to watch: going on would re-drive everything without a canary.
                 return Err(Error::new(
-                    crate::ErrorKind::Backend,
+                    crate::error::ErrorKind::Backend,
                     "no canary could be re-driven (see last_error); the rest were left alone",
                 ));
             }
@@ -242,7 +244,7 @@ impl Run {
                 let failures = (0..count)
                     .map(|i| (i, publish_timed_out(timeout)))
                     .collect();
-                crate::BatchReport::new(count, failures)
+                crate::broker::BatchReport::new(count, failures)
             });
             let failures: HashSet<usize> = report.failures().iter().map(|(i, _)| *i).collect();
             if let Some((_, err)) = report.failures().first() {

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use super::{DeadLetter, DeadLetterReason};
-use crate::{Error, Result};
+use crate::error::{Error, Result};
 
 /// Where a stored dead letter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -187,8 +187,9 @@ pub struct DlqStats {
 /// Keeps dead letters for the [`Processor`](super::Processor) and its management operations.
 ///
 /// Listings are ordered by dead-lettering time, then id. Implementations: the in-memory
-/// [`MemoryDeadLetterStore`], the durable `SqliteDeadLetterStore` (feature `sqlite`), and
-/// `PostgresDeadLetterStore` (feature `postgres`), shared by several instances.
+/// [`MemoryDeadLetterStore`]; in `helix-messaging-store`, the durable `SqliteDeadLetterStore`
+/// (feature `sqlite`) and `PostgresDeadLetterStore` (feature `postgres`), shared by several
+/// instances.
 #[async_trait]
 pub trait DeadLetterStore: Send + Sync + 'static {
     /// Store `entry` unless one with its id exists; whether it was stored. Durable stores

@@ -7,7 +7,7 @@
 //! is open or the broker fails it with a broker error (connection, timeout, backend), and
 //! once a topic has spooled messages, later publishes to it are spooled behind them so the
 //! topic's order holds. A spooled publish returns `Ok` only once the spool has it on disk
-//! ([`SqliteSpool`]: WAL, `synchronous = FULL`), and a publish whose caller goes away while
+//! (`SqliteSpool` in `helix-messaging-store`: WAL, `synchronous = FULL`), and a publish whose caller goes away while
 //! it is being spooled still finishes spooling, so the topic's order never depends on
 //! whether its caller waited. What can be checked locally (the topic's name) is checked
 //! before spooling: such a publish fails at once rather than returning `Ok`. The spool is
@@ -40,10 +40,14 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::breaker::{BreakerBroker, BreakerState, is_broker_failure};
-use crate::{
-    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HealthStatus, HistoryStream,
-    Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange, trace,
+use crate::broker::{
+    BatchReport, Broker, Health, HealthStatus, HistoryStream, Publisher, SubscribeOptions,
+    Subscriber, Subscription, TimeRange,
 };
+use crate::capabilities::Capabilities;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::Message;
+use crate::trace;
 
 /// Whether `err` is the broker refusing the message itself (set aside when forwarding), as
 /// opposed to the broker failing or going away (the message waits and goes again).
@@ -845,7 +849,7 @@ impl Broker for FallbackBroker {
         self.inner.broker.read_range(topic, range).await
     }
 
-    async fn backlog(&self, topic: &str, group: &str) -> Result<crate::Backlog> {
+    async fn backlog(&self, topic: &str, group: &str) -> Result<crate::broker::Backlog> {
         self.inner.broker.backlog(topic, group).await
     }
 

@@ -32,10 +32,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayLease, ReplayRecord, ReplayStore};
 
+use crate::broker::{Broker, TimeRange};
 #[cfg(doc)]
-use crate::Capabilities;
-use crate::{Broker, Error, ErrorKind, Headers, MESSAGE_TYPE_HEADER, Message, Result, TimeRange};
-use crate::{validate_name, within};
+use crate::capabilities::Capabilities;
+use crate::error::within;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Headers, MESSAGE_TYPE_HEADER, Message};
+use crate::names::validate_name;
 
 /// Header naming the replay that published a copy.
 pub const HEADER_REPLAY_ID: &str = "helix-replay-id";

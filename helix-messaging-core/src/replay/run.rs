@@ -15,11 +15,12 @@ use super::{
     HEADER_SOURCE_TOPIC, ReplayConfig, ReplayLease, ReplayProgress, ReplayRecord, ReplayStatus,
     ReplayStore, UNTYPED,
 };
+use crate::broker::{Broker, HistoryEntry, TimeRange};
+use crate::delivery::Position;
+use crate::error::{Error, ErrorKind, Result};
 use crate::message::millis;
-use crate::{
-    Broker, Error, ErrorKind, HistoryEntry, MESSAGE_TYPE_HEADER, Message, Position, Result,
-    TimeRange, trace,
-};
+use crate::message::{MESSAGE_TYPE_HEADER, Message};
+use crate::trace;
 
 pub(super) struct Run {
     pub(super) broker: Arc<dyn Broker>,
@@ -89,7 +90,7 @@ const READ_AHEAD: usize = 1024;
 /// is read while this one is published. The task ends with the stream or when the returned
 /// stream is dropped.
 fn read_ahead(
-    mut stream: crate::HistoryStream,
+    mut stream: crate::broker::HistoryStream,
     ahead: usize,
 ) -> futures::stream::BoxStream<'static, Result<HistoryEntry>> {
     let (tx, rx) = tokio::sync::mpsc::channel(ahead);

@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::{ReplayProgress, ReplayRequest};
-use crate::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 /// How far a replay has got through its window, per partition of the source: every entry at
 /// or before the mark has been dealt with (published, skipped or counted as failed).
@@ -86,8 +86,8 @@ pub struct ReplayLease {
 }
 
 /// Durable replay records. Implementations: [`MemoryReplayStore`] (nothing survives the
-/// process), `SqliteReplayStore` (feature `sqlite`) and `PostgresReplayStore` (feature
-/// `postgres`), each of which can share the DLQ's database.
+/// process); in `helix-messaging-store`, `SqliteReplayStore` (feature `sqlite`) and
+/// `PostgresReplayStore` (feature `postgres`), each of which can share the DLQ's database.
 ///
 /// A replay runs in one handler at a time: the handler [claims](ReplayStore::claim) a lease,
 /// renews it while it runs, and writes the record only under it

@@ -99,7 +99,12 @@ impl Database {
         }
         .await
         .map_err(|e| db_error(what, e))?;
-        for step in pending(store, table, recorded, schema)? {
+        let steps = pending(store, table, recorded, schema)?;
+        if steps.is_empty() {
+            // Up to date: nothing to write, so a role that may only use the table starts too.
+            return tx.commit().await.map_err(|e| db_error(what, e));
+        }
+        for step in steps {
             match step {
                 Step::Sql(sql) => tx.batch_execute(&Step::sql_for(sql, table)).await,
                 Step::AddColumn {

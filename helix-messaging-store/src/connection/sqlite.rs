@@ -61,7 +61,11 @@ pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared
     Ok(Arc::new(Mutex::new(connection)))
 }
 
-/// Bring `table` up to `schema` in one transaction, recording the version reached.
+/// Bring `tables` (the first names the schema's version; the schema makes them all) up to
+/// `schema`, recording the version reached. A file already at it is only read; otherwise the
+/// steps run in one transaction that holds the write lock from its first read, so two
+/// processes opening one file apply them one after the other. A table missing from the file
+/// (dropped by hand, say) puts the schema back at version 0, whatever was recorded.
 ///
 /// # Errors
 /// [`ErrorKind::Backend`] when a step fails, or the table is recorded at a version newer
@@ -69,25 +73,19 @@ pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared
 pub(crate) async fn migrate(
     connection: &Shared,
     store: &'static str,
-    table: &'static str,
+    tables: &'static [&'static str],
     schema: &'static [Step],
 ) -> Result<()> {
     on_connection(connection, store, "migrating the schema", move |c| {
-        // Immediate: the write lock from the first read, so two processes opening one file
-        // apply the steps one after the other.
+        let table = tables[0];
+        if recorded_version(c, tables)? == latest(schema) {
+            return Ok(Ok(()));
+        }
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(&format!(
             "CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (table_name TEXT PRIMARY KEY, version INTEGER NOT NULL)"
         ))?;
-        let recorded: i64 = tx
-            .query_row(
-                &format!("SELECT version FROM {VERSIONS_TABLE} WHERE table_name = ?1"),
-                [table],
-                |row| row.get(0),
-            )
-            .optional()?
-            .unwrap_or(0);
-        let steps = match pending(store, table, recorded, schema) {
+        let steps = match pending(store, table, recorded_version(&tx, tables)?, schema) {
             Ok(steps) => steps,
             Err(newer) => return Ok(Err(newer)),
         };
@@ -103,7 +101,7 @@ pub(crate) async fn migrate(
         tx.execute(
             &format!(
                 "INSERT INTO {VERSIONS_TABLE} (table_name, version) VALUES (?1, ?2)
-                 ON CONFLICT (table_name) DO UPDATE SET version = max(version, excluded.version)"
+                 ON CONFLICT (table_name) DO UPDATE SET version = excluded.version"
             ),
             rusqlite::params![table, latest(schema)],
         )?;
@@ -111,6 +109,25 @@ pub(crate) async fn migrate(
         Ok(Ok(()))
     })
     .await?
+}
+
+/// The version recorded for `tables[0]`: 0 when nothing is recorded, or when any of
+/// `tables` is missing from the file.
+fn recorded_version(c: &Connection, tables: &[&str]) -> rusqlite::Result<i64> {
+    let mut exists =
+        c.prepare_cached("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1")?;
+    for table in std::iter::once(&VERSIONS_TABLE).chain(tables) {
+        if !exists.exists([table])? {
+            return Ok(0);
+        }
+    }
+    c.query_row(
+        &format!("SELECT version FROM {VERSIONS_TABLE} WHERE table_name = ?1"),
+        [tables[0]],
+        |row| row.get(0),
+    )
+    .optional()
+    .map(|version| version.unwrap_or(0))
 }
 
 /// Adds `column` (declared `declaration`) to `table` when a file written by an earlier

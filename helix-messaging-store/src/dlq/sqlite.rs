@@ -203,7 +203,7 @@ impl SqliteDeadLetterStore {
     pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let connection = open_file(&path, STORE).await?;
-        migrate(&connection, STORE, "helix_dead_letters", SCHEMA).await?;
+        migrate(&connection, STORE, &["helix_dead_letters"], SCHEMA).await?;
         Ok(SqliteDeadLetterStore { connection, path })
     }
 

@@ -68,7 +68,7 @@ impl SqliteReplayStore {
     }
 
     pub(crate) async fn sharing(connection: Shared, path: PathBuf) -> Result<Self> {
-        migrate(&connection, STORE, "helix_replays", SCHEMA).await?;
+        migrate(&connection, STORE, &["helix_replays"], SCHEMA).await?;
         Ok(SqliteReplayStore { connection, path })
     }
 

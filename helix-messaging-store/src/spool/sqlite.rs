@@ -123,7 +123,13 @@ impl SqliteSpool {
     pub async fn open(path: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let connection = open_file(&path, STORE).await?;
-        migrate(&connection, STORE, "helix_spool", SCHEMA).await?;
+        migrate(
+            &connection,
+            STORE,
+            &["helix_spool", "helix_spool_refused"],
+            SCHEMA,
+        )
+        .await?;
         let held = on_connection(&connection, STORE, "counting", |c| count(c)).await?;
         Ok(SqliteSpool {
             connection,
@@ -161,7 +167,7 @@ impl Spool for SqliteSpool {
             {
                 let held = held.lock();
                 let stats = SpoolStats {
-                    depth: held.messages - held.refused,
+                    depth: held.messages.saturating_sub(held.refused),
                     refused: held.refused,
                     bytes: held.bytes,
                     oldest: None,
