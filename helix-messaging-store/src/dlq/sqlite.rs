@@ -13,6 +13,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params_from_iter};
 
 use crate::connection::Step;
 use crate::connection::sqlite::{Shared, migrate, on_connection, open_file};
+use crate::replay::sqlite::SqliteReplayStore;
 use crate::sql::{SqlValue, from_micros, micros, set_list, sql_conditions};
 
 /// The table's schema, oldest step first ([`crate::connection`]): the table as it is made
@@ -212,8 +213,8 @@ impl SqliteDeadLetterStore {
     ///
     /// # Errors
     /// [`ErrorKind::Backend`] when the replay table cannot be created.
-    pub async fn replay_store(&self) -> Result<crate::SqliteReplayStore> {
-        crate::SqliteReplayStore::sharing(self.connection.clone(), self.path.clone()).await
+    pub async fn replay_store(&self) -> Result<SqliteReplayStore> {
+        SqliteReplayStore::sharing(self.connection.clone(), self.path.clone()).await
     }
 
     /// The file the store lives in.
