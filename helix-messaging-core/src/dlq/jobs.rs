@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::DlqFilter;
+use super::store::DlqFilter;
 
 /// Redrive the first `count` entries, then watch for `watch`: if any of them is
 /// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the

@@ -41,6 +41,13 @@ pub const MAX_ERROR_HEADER_BYTES: usize = 1024;
 
 pub use crate::runner::DeadLetterReason;
 
+/// HelixAgent's dead-letter queue (RabbitMQ's `helixagent.dlq`): the default DLQ topic.
+pub const DEFAULT_DLQ_TOPIC: &str = "helixagent.dlq";
+/// HelixAgent's dead-letter topic for tasks (`helixagent.dlq.tasks`).
+pub const TASK_DLQ_TOPIC: &str = "helixagent.dlq.tasks";
+/// HelixAgent's dead-letter topic for events (`helixagent.dlq.events`).
+pub const EVENT_DLQ_TOPIC: &str = "helixagent.dlq.events";
+
 /// A message that could not be processed, with the facts of its failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {

@@ -11,6 +11,7 @@
 //!   and PostgreSQL in `helix-messaging-store`), re-drives with backoff, parks what stays broken, and offers list / get /
 //!   reprocess / discard / purge, failure groups and bulk redrive jobs.
 
+mod config;
 mod jobs;
 mod letter;
 mod processor;
@@ -22,16 +23,16 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
+pub use config::{DEFAULT_PROCESSOR_GROUP, DlqHandler, ProcessorConfig};
 pub use jobs::{CanaryConfig, RedriveProgress, RedriveRequest, RedriveStatus};
 pub use letter::{
-    DeadLetter, DeadLetterReason, HEADER_ATTEMPTS, HEADER_DEAD_LETTERED_AT, HEADER_ERROR,
-    HEADER_ERROR_TRUNCATED, HEADER_FIRST_FAILURE, HEADER_GROUP, HEADER_LAST_FAILURE,
-    HEADER_ORIGINAL_ID, HEADER_ORIGINAL_TIMESTAMP, HEADER_ORIGINAL_TOPIC, HEADER_PREFIX,
-    HEADER_REASON, HEADER_REDRIVE_COUNT, MAX_ERROR_HEADER_BYTES,
+    DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterReason, EVENT_DLQ_TOPIC, HEADER_ATTEMPTS,
+    HEADER_DEAD_LETTERED_AT, HEADER_ERROR, HEADER_ERROR_TRUNCATED, HEADER_FIRST_FAILURE,
+    HEADER_GROUP, HEADER_LAST_FAILURE, HEADER_ORIGINAL_ID, HEADER_ORIGINAL_TIMESTAMP,
+    HEADER_ORIGINAL_TOPIC, HEADER_PREFIX, HEADER_REASON, HEADER_REDRIVE_COUNT,
+    MAX_ERROR_HEADER_BYTES, TASK_DLQ_TOPIC,
 };
-pub use processor::{
-    DEFAULT_PROCESSOR_GROUP, DlqHandler, DlqPage, Processor, ProcessorConfig, ProcessorMetrics,
-};
+pub use processor::{DlqPage, Processor, ProcessorMetrics};
 pub use store::{
     DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, MemoryDeadLetterStore,
     StoredDeadLetter,
@@ -48,13 +49,6 @@ use crate::names::validate_name;
 use crate::runner::{BoxHandler, Handler, HandlerError, Layer};
 
 use crate::trace;
-
-/// The seeds' dead-letter queue (RabbitMQ's `helixagent.dlq`): the default DLQ topic.
-pub const DEFAULT_DLQ_TOPIC: &str = "helixagent.dlq";
-/// The seeds' dead-letter topic for tasks (`helixagent.dlq.tasks`).
-pub const TASK_DLQ_TOPIC: &str = "helixagent.dlq.tasks";
-/// The seeds' dead-letter topic for events (`helixagent.dlq.events`).
-pub const EVENT_DLQ_TOPIC: &str = "helixagent.dlq.events";
 
 /// Where dead letters go.
 ///

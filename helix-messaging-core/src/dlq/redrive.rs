@@ -9,9 +9,9 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::DlqFilter;
 use super::jobs::{Job, RedriveProgress, RedriveRequest, RedriveStatus};
 use super::processor::{Processor, publish_timed_out, redrive_copy};
+use super::store::DlqFilter;
 use super::store::remove_redriven;
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -207,7 +207,7 @@ impl Run {
             .await?;
         // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
         let skipped = (ids.len() - entries.len()) as u64;
-        let letters: Vec<&super::DeadLetter> = entries.iter().map(|e| &e.letter).collect();
+        let letters: Vec<&super::letter::DeadLetter> = entries.iter().map(|e| &e.letter).collect();
         // One batch per target topic, so confirmations are awaited together.
         let mut by_topic: Vec<(String, Vec<usize>)> = Vec::new();
         for (i, letter) in letters.iter().enumerate() {

@@ -6,8 +6,9 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 
-use super::{DeadLetter, DeadLetterReason};
+use super::letter::DeadLetter;
 use crate::error::{Error, Result};
+use crate::runner::DeadLetterReason;
 
 /// Where a stored dead letter stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,11 +10,11 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{
-    Frontier, HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION,
-    HEADER_SOURCE_TOPIC, ReplayConfig, ReplayLease, ReplayProgress, ReplayRecord, ReplayStatus,
-    ReplayStore, UNTYPED,
+use super::request::{
+    HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION, HEADER_SOURCE_TOPIC,
+    ReplayConfig, ReplayProgress, ReplayStatus, UNTYPED,
 };
+use super::store::{Frontier, ReplayLease, ReplayRecord, ReplayStore};
 use crate::broker::{Broker, HistoryEntry, TimeRange};
 use crate::delivery::Position;
 use crate::error::{Error, ErrorKind, Result};

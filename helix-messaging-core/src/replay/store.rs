@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::{ReplayProgress, ReplayRequest};
+use super::request::{ReplayProgress, ReplayRequest};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How far a replay has got through its window, per partition of the source: every entry at
