@@ -25,12 +25,10 @@ use crate::broker::{
     Backlog, BatchReport, Broker, Health, HealthStatus, HistoryStream, Publisher, SubscribeOptions,
     Subscriber, Subscription, TimeRange,
 };
-
 use crate::capabilities::Capabilities;
-
 use crate::error::{Error, ErrorKind, Result};
-
 use crate::message::Message;
+use crate::stack::BrokerLayer;
 
 /// When a breaker opens and how it recovers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -365,6 +363,39 @@ pub struct BreakerBroker {
     name: Arc<str>,
     publish: CircuitBreaker,
     consume: CircuitBreaker,
+}
+
+/// Builds [`BreakerBroker`]s, as a [`BrokerLayer`] (see [`crate::stack`] for where it
+/// stacks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BreakerLayer {
+    config: BreakerConfig,
+    name: Option<Arc<str>>,
+}
+
+impl BreakerLayer {
+    /// Breakers with `config`, named after the backend ([`BreakerBroker::new`]).
+    pub fn new(config: BreakerConfig) -> Self {
+        BreakerLayer { config, name: None }
+    }
+
+    /// Breakers named `<name>.publish` and `<name>.consume` ([`BreakerBroker::named`]).
+    pub fn named(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+}
+
+#[async_trait]
+impl BrokerLayer for BreakerLayer {
+    type Wrapped = BreakerBroker;
+
+    async fn wrap(&self, inner: Arc<dyn Broker>) -> Result<BreakerBroker> {
+        match &self.name {
+            Some(name) => BreakerBroker::named(inner, name.clone(), self.config),
+            None => BreakerBroker::new(inner, self.config),
+        }
+    }
 }
 
 impl BreakerBroker {

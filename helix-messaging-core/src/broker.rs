@@ -10,11 +10,8 @@ use async_trait::async_trait;
 use futures::stream::{BoxStream, Stream};
 
 use crate::capabilities::Capabilities;
-
 use crate::delivery::{Delivery, Position};
-
 use crate::error::{Error, ErrorKind, Result};
-
 use crate::message::Message;
 
 /// Where a newly created consumer group starts reading.

@@ -8,7 +8,6 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 
 use crate::error::{Error, ErrorKind, Result};
-
 use crate::message::Message;
 
 /// Where a delivery sits in its backend, for diagnostics and logs.

@@ -9,16 +9,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::breaker::{BreakerBroker, BreakerConfig};
+use crate::breaker::{BreakerConfig, BreakerLayer};
 use crate::broker::{Broker, Health, HealthStatus};
 use crate::delivery::Envelope;
 use crate::dlq::{DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason};
 use crate::error::{Error, Result};
-use crate::fallback::{FallbackBroker, ForwardConfig, Spool, SpoolStats};
+use crate::fallback::{FallbackBroker, FallbackLayer, Spool, SpoolStats};
 use crate::message::{MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message};
-use crate::observe::ObservedBroker;
+use crate::observe::ObserveLayer;
 use crate::retry::{RetryLayer, RetryPolicy};
 use crate::runner::{HandlerError, Runner};
+use crate::stack::BrokerLayer;
 use crate::typed::json_handler;
 
 /// Content type of a task's message.
@@ -257,22 +258,28 @@ impl Side {
         spool: Option<Arc<dyn Spool>>,
     ) -> Result<Self> {
         let label = format!("{side}.{}", broker.name());
-        // Counted beneath the breaker and the spool: a spooled publish is counted when the
-        // broker takes it, not when the spool does.
-        let observed: Arc<dyn Broker> =
-            Arc::new(ObservedBroker::new(broker).with_backlog_interval(config.backlog_interval));
-        let guarded = BreakerBroker::named(observed, label, config.breaker)?;
+        // Stacked as crate::stack says: counted beneath the breaker and the spool, so a
+        // spooled publish is counted when the broker takes it, not when the spool does.
+        let observed: Arc<dyn Broker> = Arc::new(
+            ObserveLayer::new()
+                .with_backlog_interval(config.backlog_interval)
+                .wrap(broker)
+                .await?,
+        );
+        let breaker = BreakerLayer::new(config.breaker).named(label);
         Ok(match spool {
             Some(spool) => {
-                let fallback =
-                    FallbackBroker::new(guarded, spool, ForwardConfig::default()).await?;
+                let fallback = FallbackLayer::new(spool)
+                    .with_breaker(breaker)
+                    .wrap(observed)
+                    .await?;
                 Side {
                     broker: Arc::new(fallback.clone()),
                     fallback: Some(fallback),
                 }
             }
             None => Side {
-                broker: Arc::new(guarded),
+                broker: Arc::new(breaker.wrap(observed).await?),
                 fallback: None,
             },
         })

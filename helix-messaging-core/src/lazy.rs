@@ -23,11 +23,8 @@ use crate::broker::{
     Backlog, BatchReport, Broker, Health, HistoryStream, Publisher, SubscribeOptions, Subscriber,
     Subscription, TimeRange,
 };
-
 use crate::capabilities::Capabilities;
-
 use crate::error::{Error, ErrorKind, Result};
-
 use crate::message::Message;
 
 /// How the first connection is retried.

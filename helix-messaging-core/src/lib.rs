@@ -19,6 +19,7 @@ pub mod observe;
 pub mod replay;
 pub mod retry;
 mod runner;
+pub mod stack;
 pub mod trace;
 mod typed;
 

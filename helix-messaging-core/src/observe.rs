@@ -62,6 +62,7 @@ use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::message::Message;
 pub use crate::names::{DEFAULT_MAX_TOPIC_LABELS, OTHER_TOPICS, TopicLabels};
+use crate::stack::BrokerLayer;
 use crate::trace;
 
 /// The counter of connections an adapter re-established after losing them, labelled
@@ -199,6 +200,55 @@ async fn sample_every(backlogs: Weak<Backlogs>, interval: Duration) {
             return;
         }
         backlogs.sample().await;
+    }
+}
+
+/// Builds [`ObservedBroker`]s, as a [`BrokerLayer`] (see [`crate::stack`] for where it
+/// stacks): each with at most [`DEFAULT_MAX_TOPIC_LABELS`] topic labels and backlog samples
+/// every [`DEFAULT_BACKLOG_INTERVAL`], unless told otherwise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObserveLayer {
+    max_topic_labels: usize,
+    backlog_interval: Duration,
+}
+
+impl Default for ObserveLayer {
+    fn default() -> Self {
+        ObserveLayer {
+            max_topic_labels: DEFAULT_MAX_TOPIC_LABELS,
+            backlog_interval: DEFAULT_BACKLOG_INTERVAL,
+        }
+    }
+}
+
+impl ObserveLayer {
+    /// The defaults.
+    pub fn new() -> Self {
+        ObserveLayer::default()
+    }
+
+    /// At most `max` distinct topic labels per broker ([`TopicLabels`]).
+    pub fn with_max_topic_labels(mut self, max: usize) -> Self {
+        self.max_topic_labels = max;
+        self
+    }
+
+    /// Backlog samples every `interval` ([`ObservedBroker::with_backlog_interval`]).
+    pub fn with_backlog_interval(mut self, interval: Duration) -> Self {
+        self.backlog_interval = interval;
+        self
+    }
+}
+
+#[async_trait]
+impl BrokerLayer for ObserveLayer {
+    type Wrapped = ObservedBroker;
+
+    async fn wrap(&self, inner: Arc<dyn Broker>) -> Result<ObservedBroker> {
+        Ok(
+            ObservedBroker::with_topic_labels(inner, TopicLabels::new(self.max_topic_labels))
+                .with_backlog_interval(self.backlog_interval),
+        )
     }
 }
 

@@ -18,11 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::broker::{SubscribeOptions, Subscriber};
-
 use crate::delivery::{Envelope, Settler};
-
 use crate::error::{BoxError, Error, ErrorKind, Result};
-
 use crate::trace;
 
 // The reason is the runner's: it reports why a handler gave a message up. The dead-letter

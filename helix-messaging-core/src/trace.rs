@@ -37,7 +37,6 @@ use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::error::{Error, Result};
-
 use crate::message::{Headers, Message};
 
 /// The W3C trace-context header holding the trace id and the sending span's id.

@@ -7,7 +7,6 @@ use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::delivery::Envelope;
-
 use crate::runner::{Handler, HandlerError};
 
 /// A [`Handler`] that decodes each payload as JSON into `T` first; build it with

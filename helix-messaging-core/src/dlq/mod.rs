@@ -39,15 +39,10 @@ pub use store::{
 };
 
 use crate::broker::Publisher;
-
 use crate::delivery::Envelope;
-
 use crate::error::{Error, Result};
-
 use crate::names::validate_name;
-
 use crate::runner::{BoxHandler, Handler, HandlerError, Layer};
-
 use crate::trace;
 
 /// Where dead letters go.

@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker::{BreakerBroker, BreakerState, is_broker_failure};
+use crate::breaker::{BreakerBroker, BreakerLayer, BreakerState, is_broker_failure};
 use crate::broker::{
     BatchReport, Broker, Health, HealthStatus, HistoryStream, Publisher, SubscribeOptions,
     Subscriber, Subscription, TimeRange,
@@ -19,6 +19,7 @@ use crate::broker::{
 use crate::capabilities::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::message::Message;
+use crate::stack::BrokerLayer;
 use crate::trace;
 
 use super::spool::{RefusedMessage, Spool, SpoolStats};
@@ -94,6 +95,59 @@ impl std::fmt::Debug for FallbackBroker {
         f.debug_struct("FallbackBroker")
             .field("broker", &self.inner.broker)
             .finish_non_exhaustive()
+    }
+}
+
+/// Builds [`FallbackBroker`]s, as a [`BrokerLayer`] (see [`crate::stack`] for where it
+/// stacks): each over a breaker of its own ([`BreakerLayer`], default
+/// [`BreakerConfig`](crate::breaker::BreakerConfig) unless told otherwise), spooling to
+/// `spool` while that breaker is open.
+#[derive(Clone)]
+pub struct FallbackLayer {
+    spool: Arc<dyn Spool>,
+    breaker: BreakerLayer,
+    forward: ForwardConfig,
+}
+
+impl std::fmt::Debug for FallbackLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FallbackLayer")
+            .field("breaker", &self.breaker)
+            .field("forward", &self.forward)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FallbackLayer {
+    /// Spool to `spool`, with default breakers and forwarding.
+    pub fn new(spool: Arc<dyn Spool>) -> Self {
+        FallbackLayer {
+            spool,
+            breaker: BreakerLayer::new(crate::breaker::BreakerConfig::default()),
+            forward: ForwardConfig::default(),
+        }
+    }
+
+    /// The breaker the fallback builds beneath it.
+    pub fn with_breaker(mut self, breaker: BreakerLayer) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    /// How the forwarder runs.
+    pub fn with_forwarding(mut self, forward: ForwardConfig) -> Self {
+        self.forward = forward;
+        self
+    }
+}
+
+#[async_trait]
+impl BrokerLayer for FallbackLayer {
+    type Wrapped = FallbackBroker;
+
+    async fn wrap(&self, inner: Arc<dyn Broker>) -> Result<FallbackBroker> {
+        let guarded = self.breaker.wrap(inner).await?;
+        FallbackBroker::new(guarded, self.spool.clone(), self.forward).await
     }
 }
 

@@ -33,7 +33,7 @@
 mod broker;
 mod spool;
 
-pub use broker::{FallbackBroker, ForwardConfig};
+pub use broker::{FallbackBroker, FallbackLayer, ForwardConfig};
 pub use spool::{
     MemorySpool, RefusedMessage, Spool, SpoolLimits, SpoolStats, SpooledMessage, spooled_size,
 };

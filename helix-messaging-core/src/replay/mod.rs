@@ -40,8 +40,7 @@ pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayLease, ReplayReco
 use crate::broker::Broker;
 #[cfg(doc)]
 use crate::capabilities::Capabilities;
-use crate::error::within;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, within};
 
 /// Backends that keep history, for the error a backend without it returns.
 const HISTORY_BACKENDS: &str = "memory, redis-streams (MESSAGING_BACKEND=redis-streams), kafka, \
