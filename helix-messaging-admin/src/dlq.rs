@@ -245,7 +245,7 @@ pub(crate) async fn reprocess(
     Ok(Json(json!({ "id": id, "status": "reprocessed" })).into_response())
 }
 
-/// `DELETE /v1/messaging/dlq/{id}/discard` (and the seeds' `DELETE /v1/messaging/dlq/{id}`),
+/// `DELETE /v1/messaging/dlq/{id}/discard` (and HelixAgent's `DELETE /v1/messaging/dlq/{id}`),
 /// body `{"reason": …}` or none.
 pub(crate) async fn discard(
     State(state): State<AppState>,

@@ -1,8 +1,8 @@
-//! The HTTP admin API of helix-messaging, on axum: the seeds' `/v1/messaging/…` endpoints
+//! The HTTP admin API of helix-messaging, on axum: HelixAgent's `/v1/messaging/…` endpoints
 //! over a [`Hub`], behind bearer-token auth.
 //!
 //! [`router`] gives a [`Router`] to mount in an application's own axum app; [`serve`] runs
-//! it on its own listener (by default `127.0.0.1:7061`, the seeds' port, never every
+//! it on its own listener (by default `127.0.0.1:7061`, HelixAgent's port, never every
 //! interface unless asked). Served:
 //!
 //! - `GET /v1/messaging/health`: both sides' health as JSON (`status` is `healthy`,
@@ -12,9 +12,9 @@
 //!   Prometheus text format (from [`install_prometheus`]'s recorder);
 //! - `GET /v1/messaging/dlq?limit&offset` (filters `topic`, `reason`, `type`, `status`,
 //!   `original_id`, `from`, `to` in RFC 3339): `{"count", "limit", "offset", "messages"}`,
-//!   `count` being every match (the seeds' scripts read `.count`);
+//!   `count` being every match (HelixAgent's scripts read `.count`);
 //! - `GET /v1/messaging/dlq/{id}`, `POST /v1/messaging/dlq/{id}/reprocess` (optional body
-//!   `{"target_topic"}`), `DELETE /v1/messaging/dlq/{id}/discard` and the seeds' `DELETE
+//!   `{"target_topic"}`), `DELETE /v1/messaging/dlq/{id}/discard` and HelixAgent's `DELETE
 //!   /v1/messaging/dlq/{id}` (optional body `{"reason"}`): 404 for an unknown id, 400 for
 //!   bad input;
 //! - `GET /v1/messaging/dlq/groups` (the list's filters): `{"count", "groups"}`, the
@@ -24,7 +24,7 @@
 //!   optional; 202 with its progress), `GET /v1/messaging/dlq/redrives` (`{"count",
 //!   "redrives"}`), `GET` and `DELETE /v1/messaging/dlq/redrives/{id}` (progress; cancel):
 //!   bulk redrive jobs;
-//! - `POST /v1/messaging/replay` (the seeds' body: `topic`, `from_time`, `to_time` in RFC
+//! - `POST /v1/messaging/replay` (HelixAgent's body: `topic`, `from_time`, `to_time` in RFC
 //!   3339, optional `id`, `target_topic`, `filter` {`message_types`, `headers`}, `options`
 //!   {`batch_size`, `delay_between_ms`, `dry_run`, `skip_duplicates`}; 202 with its
 //!   progress), `GET /v1/messaging/replay` (`{"count", "replays"}`), `GET` and `DELETE
@@ -71,7 +71,7 @@ use subtle::ConstantTimeEq;
 pub const TOKEN_VAR: &str = "MESSAGING_ADMIN_TOKEN";
 /// Variable holding the address to listen on (default [`DEFAULT_ADDR`]).
 pub const ADDR_VAR: &str = "MESSAGING_ADMIN_ADDR";
-/// Loopback only, on the seeds' port: exposing the API is a decision, not a default.
+/// Loopback only, on HelixAgent's port: exposing the API is a decision, not a default.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:7061";
 /// Largest request body accepted by default (1 MiB).
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
@@ -233,6 +233,32 @@ struct AppState {
 }
 
 /// The admin API over `services`, to mount in an axum app or run with [`serve`].
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+///
+/// use helix_messaging_admin::{AdminConfig, Services, router};
+/// use helix_messaging_core::Broker;
+/// use helix_messaging_core::hub::{Hub, HubConfig};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let hub = Hub::new(HubConfig::default(), broker.clone(), broker, None).await?;
+/// let app = router(&AdminConfig::new("s3cret")?, Services::new(hub));
+/// // Mounted in the application's own server (or run on its own with `serve`):
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let addr = listener.local_addr()?;
+/// tokio::spawn(async move { axum::serve(listener, app).await });
+/// let client = reqwest::Client::new();
+/// let url = format!("http://{addr}/v1/messaging/health");
+/// let health = client.get(&url).bearer_auth("s3cret").send().await?;
+/// assert_eq!(health.status(), 200);
+/// let anonymous = client.get(&url).send().await?;
+/// assert_eq!(anonymous.status(), 401);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # }).unwrap();
+/// ```
 pub fn router(config: &AdminConfig, services: Services) -> Router {
     let state = AppState {
         services,

@@ -480,7 +480,7 @@ pub(crate) fn document() -> Value {
                 },
                 "delete": {
                     "operationId": "deleteDeadLetter",
-                    "summary": "Discard an entry (the seeds' form of discard).",
+                    "summary": "Discard an entry (HelixAgent's form of discard).",
                     "requestBody": request_body("DiscardRequest", false),
                     "responses": responses("200", ok_json("Discarded.", reference("Settled")), &[bad, shape, too_large, media, missing, held, no_dlq]),
                 },

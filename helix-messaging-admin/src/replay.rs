@@ -25,7 +25,7 @@ fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
     })
 }
 
-/// The body of `POST /v1/messaging/replay` (the seeds' request; times in RFC 3339).
+/// The body of `POST /v1/messaging/replay` (HelixAgent's request; times in RFC 3339).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct StartBody {

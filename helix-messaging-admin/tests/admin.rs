@@ -290,7 +290,7 @@ async fn dlq_and_replay_metrics_are_the_seeds_names_in_the_prometheus_text() {
             .with_prometheus(prometheus)
     })
     .await;
-    // The DLQ's depth gauge carries the seeds' name `messaging_dlq_messages_total`.
+    // The DLQ's depth gauge carries HelixAgent's name `messaging_dlq_messages_total`.
     until_metric(&server, "messaging_dlq_messages_total", "2").await;
     let path = format!("/v1/messaging/dlq/{}/reprocess", ids[0]);
     call(server.request(reqwest::Method::POST, &path)).await;
@@ -681,7 +681,7 @@ async fn discarding_keeps_the_entry_listed_with_its_reason_and_unknown_ids_are_4
     let entry = call(s.get(&format!("/v1/messaging/dlq/{first}"))).await;
     assert_eq!(entry["status"], "discarded");
     assert_eq!(entry["discard_reason"], "bad data");
-    // The seeds' form, without a body.
+    // HelixAgent's form, without a body.
     call(s.request(
         reqwest::Method::DELETE,
         &format!("/v1/messaging/dlq/{second}"),

@@ -356,7 +356,35 @@ impl CircuitBreaker {
 
 /// A broker with a breaker on publishing (publish, publish_batch) and one on consuming
 /// (subscribe, history reads, and the errors a subscription reports). While the publish
-/// breaker is open, publishes fail fast; health reports the breakers.
+/// breaker is open, publishes fail fast; health reports the breakers. Build it with
+/// [`BreakerBroker::new`] or, stacked with the other wrappers, [`BreakerLayer`].
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig, BreakerState};
+/// use helix_messaging_core::{Error, ErrorKind, Message, Publisher};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let memory = Arc::new(MemoryBroker::new());
+/// let config = BreakerConfig {
+///     failure_threshold: 1,
+///     open_interval: Duration::from_secs(30),
+///     ..BreakerConfig::default()
+/// };
+/// let guarded = BreakerBroker::new(memory, config)?;
+/// guarded.publish("orders", Message::new("one")).await?;
+/// // A publish the broker fails with a connection error (what a lost server gives):
+/// let permit = guarded.publish_breaker().acquire()?;
+/// permit.record(Some(&Error::new(ErrorKind::Connection, "connection reset")));
+/// assert_eq!(guarded.publish_breaker().state(), BreakerState::Open);
+/// let fast = guarded.publish("orders", Message::new("three")).await.unwrap_err();
+/// assert_eq!(fast.kind(), ErrorKind::Connection); // failed fast, retryable
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Debug, Clone)]
 pub struct BreakerBroker {
     inner: Arc<dyn Broker>,

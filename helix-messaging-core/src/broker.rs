@@ -26,7 +26,7 @@ pub enum StartPosition {
     Time(SystemTime),
 }
 
-/// Default number of unacked deliveries a subscription may hold (the seeds' `PrefetchCount`).
+/// Default number of unacked deliveries a subscription may hold (HelixAgent's `PrefetchCount`).
 pub const DEFAULT_PREFETCH: usize = 100;
 
 /// How to subscribe.

@@ -1,5 +1,5 @@
-//! The application-facing hub (the seeds' `messaging.NewHub`): tasks on one broker (the
-//! seeds put them on RabbitMQ), events on another (Kafka), each behind a circuit breaker
+//! The application-facing hub (HelixAgent's `messaging.NewHub`): tasks on one broker (the
+//! HelixAgent puts them on RabbitMQ), events on another (Kafka), each behind a circuit breaker
 //! and, with fallback on, a spool; typed task and event handlers with retry and
 //! dead-lettering.
 
@@ -27,7 +27,7 @@ pub const TASK_CONTENT_TYPE: &str = "application/json";
 /// Content type of an event's message: a CloudEvents 1.0 event in structured JSON mode.
 pub const EVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
 
-/// A unit of work for one worker (the seeds' task message).
+/// A unit of work for one worker (HelixAgent's task message).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     /// Task id (the message id too).
@@ -93,9 +93,9 @@ impl Task {
     }
 }
 
-/// Something that happened (the seeds' event message), written as a CloudEvents 1.0 event
+/// Something that happened (HelixAgent's event message), written as a CloudEvents 1.0 event
 /// in structured JSON mode (`specversion`, `id`, `source`, `type`, `subject`, `time`,
-/// `datacontenttype`, `data`), so CloudEvents tools read it; `timestamp` (the seeds' name)
+/// `datacontenttype`, `data`), so CloudEvents tools read it; `timestamp` (HelixAgent's name)
 /// is accepted for `time` on input.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -177,7 +177,7 @@ impl Event {
 pub struct HubConfig {
     /// Consumer group of task workers (default `helixagent-workers`, `KAFKA_CONSUMER_GROUP`).
     pub task_group: String,
-    /// Where failed tasks and events go (default: the seeds' routing, `helixagent.dlq.tasks`
+    /// Where failed tasks and events go (default: HelixAgent's routing, `helixagent.dlq.tasks`
     /// and `helixagent.dlq.events`, else `helixagent.dlq`).
     pub dead_letters: DeadLetterConfig,
     /// Retries before dead-lettering.
@@ -196,7 +196,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             task_group: "helixagent-workers".into(),
-            dead_letters: DeadLetterConfig::seeds(),
+            dead_letters: DeadLetterConfig::helixagent(),
             retry: RetryPolicy::new(),
             breaker: BreakerConfig::default(),
             concurrency: 16,
@@ -205,7 +205,7 @@ impl Default for HubConfig {
     }
 }
 
-/// Counts of what the hub has done (the seeds' `GetMetrics`).
+/// Counts of what the hub has done (HelixAgent's `GetMetrics`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct HubMetrics {
     /// Tasks published (accepted by the broker or the spool).
@@ -303,7 +303,40 @@ pub struct HubSpoolStats {
 }
 
 /// Tasks and events over two brokers (which may be one), with breakers, optional fallback
-/// spools, retry and dead-lettering. Cloning shares it.
+/// spools, retry and dead-lettering. Cloning shares it. An application configured from the
+/// environment builds it with `helix_messaging::hub_from_env()`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use helix_messaging_core::Broker;
+/// use helix_messaging_core::hub::{Hub, HubConfig, Task};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// // Tasks and events on one broker here, and no fallback spools.
+/// let hub = Hub::new(HubConfig::default(), broker.clone(), broker, None).await?;
+/// let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+/// let workers = hub
+///     .subscribe_tasks("llm", move |task: Task, _envelope| {
+///         let done = done.clone();
+///         async move {
+///             done.send(task.kind).ok();
+///             Ok(())
+///         }
+///     })
+///     .await?;
+/// let task = Task::new("summarise", serde_json::json!({ "document": 42 })).with_priority(7);
+/// hub.publish_task("llm", &task).await?;
+/// let kind = tokio::time::timeout(Duration::from_secs(5), finished.recv()).await;
+/// assert_eq!(kind.expect("handled in time").as_deref(), Some("summarise"));
+/// workers.shutdown().await;
+/// hub.close().await?;
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct Hub {
     tasks: Side,
@@ -323,8 +356,8 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// A hub over `tasks` and `events` (pass one broker twice for a single backend). With a
-    /// spool for a side, that side's publishes are spooled while its broker is away (the
-    /// seeds' `MESSAGING_FALLBACK_ENABLED`; give each side a spool of its own).
+    /// spool for a side, that side's publishes are spooled while its broker is away (HelixAgent's
+    /// `MESSAGING_FALLBACK_ENABLED`; give each side a spool of its own).
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad breaker
@@ -467,7 +500,7 @@ impl Hub {
             .await
     }
 
-    /// Both sides' health (the seeds' `HealthCheck`).
+    /// Both sides' health (HelixAgent's `HealthCheck`).
     pub async fn health_check(&self) -> HubHealth {
         let (tasks, events) =
             futures::join!(self.tasks.broker.health(), self.events.broker.health());

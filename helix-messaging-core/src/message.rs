@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// Highest message priority (the seeds' range is 0–10, higher is more urgent).
+/// Highest message priority (HelixAgent's range is 0–10, higher is more urgent).
 pub const MAX_PRIORITY: u8 = 10;
 
 /// The header naming a message's type (`llm.request`, `verification.completed`, …): what DLQ

@@ -1,4 +1,4 @@
-//! Message counts and delivery latency for any [`Broker`], under the seeds' metric names,
+//! Message counts and delivery latency for any [`Broker`], under HelixAgent's metric names,
 //! through the [`metrics`] facade (the application installs the exporter).
 //!
 //! [`ObservedBroker`] records, with the labels `backend` (the adapter's name) and `topic`:
@@ -87,7 +87,32 @@ pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
 pub const MAX_SAMPLED_GROUPS: usize = 1_000;
 
 /// A broker whose publishes and deliveries are counted (see the module docs). Everything
-/// else passes through unchanged; it adds no errors of its own.
+/// else passes through unchanged; it adds no errors of its own. Build it with
+/// [`ObservedBroker::new`] or, stacked with the other wrappers, [`ObserveLayer`].
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+///
+/// use helix_messaging_core::observe::ObservedBroker;
+/// use helix_messaging_core::{Message, Publisher};
+/// use helix_messaging_memory::MemoryBroker;
+/// use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+///
+/// // The application installs an exporter (Prometheus, say); a debugging one here.
+/// let recorder = DebuggingRecorder::new();
+/// let snapshots = recorder.snapshotter();
+/// recorder.install().expect("the only recorder");
+///
+/// let observed = ObservedBroker::new(Arc::new(MemoryBroker::new()));
+/// observed.publish("orders", Message::new("order 7")).await?;
+/// let published = snapshots.snapshot().into_vec().into_iter().find_map(|(key, _, _, value)| {
+///     (key.key().name() == "messaging_messages_published_total").then_some(value)
+/// });
+/// assert_eq!(published, Some(DebugValue::Counter(1)));
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct ObservedBroker {
     shared: Arc<Backlogs>,

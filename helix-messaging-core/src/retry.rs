@@ -1,4 +1,4 @@
-//! Retry with exponential backoff and jitter: the seeds' `MaxRetries`, `RetryDelay`,
+//! Retry with exponential backoff and jitter: HelixAgent's `MaxRetries`, `RetryDelay`,
 //! `RetryBackoffMultiplier` and `MaxRetryDelay`, as a policy and as a runner [`Layer`].
 
 use std::collections::{HashMap, VecDeque};
@@ -21,7 +21,7 @@ use crate::runner::{BoxHandler, Handler, HandlerError, Layer};
 /// the same again of random jitter when `jitter` is on, capped at `max_retry_delay` again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
-    /// Retries after the first attempt (the seeds' default: 3).
+    /// Retries after the first attempt (HelixAgent's default: 3).
     pub max_retries: u32,
     /// Wait before the first retry (default 1 s).
     pub retry_delay: Duration,
@@ -46,7 +46,7 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The seeds' defaults (3 retries, 1 s doubling up to 30 s, with jitter).
+    /// HelixAgent's defaults (3 retries, 1 s doubling up to 30 s, with jitter).
     pub fn new() -> Self {
         RetryPolicy::default()
     }
@@ -196,6 +196,45 @@ pub const FIRST_FAILURE_CAPACITY: usize = 65_536;
 ///
 /// Add the dead-letter layer first (outermost), then this one:
 /// `Runner::builder(..).layer(dead_letter).layer(retry)`.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use helix_messaging_core::retry::{RetryLayer, RetryPolicy};
+/// use helix_messaging_core::{Broker, Envelope, HandlerError, Message, Runner, handler_fn};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let retry = RetryLayer::new(RetryPolicy {
+///     max_retries: 3,
+///     retry_delay: Duration::from_millis(10),
+///     ..RetryPolicy::default()
+/// })?;
+/// let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
+/// let runner = Runner::builder(broker.clone(), "jobs")
+///     .group("workers")
+///     .layer(retry)
+///     .start(handler_fn(move |job: Envelope| {
+///         let done = done.clone();
+///         async move {
+///             // Fails twice (the broker counts the attempts), then works.
+///             if job.info.attempt < 3 {
+///                 return Err(HandlerError::transient("the model is busy"));
+///             }
+///             done.send(job.info.attempt).ok();
+///             Ok(())
+///         }
+///     }))
+///     .await?;
+/// broker.publish("jobs", Message::new("summarise")).await?;
+/// let attempt = tokio::time::timeout(Duration::from_secs(5), finished.recv()).await;
+/// assert_eq!(attempt.expect("done in time"), Some(3));
+/// runner.shutdown().await;
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct RetryLayer {
     policy: Arc<RetryPolicy>,

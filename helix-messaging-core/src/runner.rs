@@ -1,6 +1,6 @@
 //! Handler-style consumption: run an async handler for every delivery of a topic, with bounded
 //! concurrency, settlement from the handler's result, layers around the handler and a graceful
-//! shutdown. This is the seeds' `SubscribeTasks(queue, handler)`.
+//! shutdown. This is HelixAgent's `SubscribeTasks(queue, handler)`.
 
 use std::error::Error as StdError;
 use std::fmt;
@@ -100,7 +100,7 @@ impl std::str::FromStr for DeadLetterReason {
 /// Default number of handlers running at once.
 pub const DEFAULT_CONCURRENCY: usize = 10;
 
-/// Default time in-flight handlers get to finish on shutdown (the seeds allow 30 s).
+/// Default time in-flight handlers get to finish on shutdown (HelixAgent allows 30 s).
 pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Whether a handler failure may succeed on another attempt.
@@ -441,6 +441,37 @@ impl RunnerBuilder {
 
 /// Runs a handler over a topic until shut down (or until the subscription ends, e.g. because
 /// the broker was closed).
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use helix_messaging_core::{Broker, Envelope, Message, Runner, handler_fn};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let (seen, mut orders) = tokio::sync::mpsc::unbounded_channel();
+/// let runner = Runner::builder(broker.clone(), "orders")
+///     .group("billing")
+///     .concurrency(4)
+///     .start(handler_fn(move |order: Envelope| {
+///         let seen = seen.clone();
+///         async move {
+///             seen.send(order.message.id().to_owned()).ok();
+///             Ok(()) // acked; Err(HandlerError::transient(..)) requeues, ::permanent(..) rejects
+///         }
+///     }))
+///     .await?;
+/// let order = Message::new("order 1");
+/// broker.publish("orders", order.clone()).await?;
+/// let handled = tokio::time::timeout(Duration::from_secs(5), orders.recv()).await;
+/// assert_eq!(handled.expect("handled in time").as_deref(), Some(order.id()));
+/// let report = runner.shutdown().await; // in-flight work finishes first
+/// assert_eq!(report.acked, 1);
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 pub struct Runner {
     stop: CancellationToken,
     counters: Arc<Counters>,

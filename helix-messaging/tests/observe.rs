@@ -1,4 +1,4 @@
-//! `ObservedBroker` records the seeds' message metrics with bounded topic labels, on the
+//! `ObservedBroker` records HelixAgent's message metrics with bounded topic labels, on the
 //! memory broker and on the real Redis Streams.
 
 mod common;

@@ -1,4 +1,4 @@
-//! The messaging hub on the seeds' topology: LLM tasks to a worker group, debate events to
+//! The messaging hub on HelixAgent's topology: LLM tasks to a worker group, debate events to
 //! an audit group, a task past its deadline dead-lettered, health and metrics.
 //!
 //! Runs on the embedded memory broker with no setup:
@@ -7,7 +7,7 @@
 //! cargo run -p helix-messaging-examples --bin hub
 //! ```
 //!
-//! and on the seeds' hybrid with `MESSAGING_TASK_BACKEND=rabbitmq MESSAGING_EVENT_BACKEND=kafka
+//! and on HelixAgent's hybrid with `MESSAGING_TASK_BACKEND=rabbitmq MESSAGING_EVENT_BACKEND=kafka
 //! cargo run -p helix-messaging-examples --features rabbitmq,kafka --bin hub` (or any backends
 //! with consumer groups; `MESSAGING_FALLBACK_ENABLED=true` spools publishes while a broker is
 //! away).

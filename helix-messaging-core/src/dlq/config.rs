@@ -15,7 +15,7 @@ use crate::retry::RetryPolicy;
 /// Group the processor consumes DLQ topics in.
 pub const DEFAULT_PROCESSOR_GROUP: &str = "helix-dlq-processor";
 
-/// How the [`Processor`] works (the seeds' `dlq.ProcessorConfig`).
+/// How the [`Processor`](super::Processor) works (HelixAgent's `dlq.ProcessorConfig`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProcessorConfig {
     /// Automatic re-drives of one message, counted across its trips through the DLQ (the
@@ -90,7 +90,7 @@ impl ProcessorConfig {
     }
 }
 
-/// Custom re-processing for one message type (the seeds' `RegisterHandler`): called instead
+/// Custom re-processing for one message type (HelixAgent's `RegisterHandler`): called instead
 /// of republishing to the original topic. `Ok` resolves the entry; `Err` counts as a failed
 /// re-drive.
 #[async_trait]

@@ -1,5 +1,5 @@
 //! Dead-lettering: what happens to a message that cannot be processed, and the management
-//! plane over what was dead-lettered (the seeds' "Dead Letter Queue (DLQ) Processing").
+//! plane over what was dead-lettered (HelixAgent's "Dead Letter Queue (DLQ) Processing").
 //!
 //! - [`DeadLetterLayer`] (a runner [`Layer`]) sends a message to its DLQ topic when the
 //!   handler fails permanently, when a [`RetryLayer`](crate::retry::RetryLayer) has used up
@@ -49,8 +49,8 @@ use crate::trace;
 ///
 /// Every failed message goes to the default DLQ topic unless a route matches its
 /// topic: routes are `(prefix, dlq topic)` pairs, the longest matching prefix wins.
-/// [`DeadLetterConfig::seeds`] routes `helixagent.tasks.*` to `helixagent.dlq.tasks` and
-/// `helixagent.events.*` to `helixagent.dlq.events`, as the seeds' topology does.
+/// [`DeadLetterConfig::helixagent`] routes `helixagent.tasks.*` to `helixagent.dlq.tasks` and
+/// `helixagent.events.*` to `helixagent.dlq.events`, as HelixAgent's topology does.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetterConfig {
     topic: String,
@@ -80,9 +80,9 @@ impl DeadLetterConfig {
         })
     }
 
-    /// The seeds' topology: tasks to `helixagent.dlq.tasks`, events to
+    /// HelixAgent's topology: tasks to `helixagent.dlq.tasks`, events to
     /// `helixagent.dlq.events`, anything else to `helixagent.dlq`.
-    pub fn seeds() -> Self {
+    pub fn helixagent() -> Self {
         DeadLetterConfig {
             topic: DEFAULT_DLQ_TOPIC.to_owned(),
             routes: vec![
@@ -90,6 +90,12 @@ impl DeadLetterConfig {
                 ("helixagent.events.".to_owned(), EVENT_DLQ_TOPIC.to_owned()),
             ],
         }
+    }
+
+    /// [`DeadLetterConfig::helixagent`], under its name before 0.2.
+    #[deprecated(since = "0.2.0", note = "renamed `DeadLetterConfig::helixagent`")]
+    pub fn seeds() -> Self {
+        DeadLetterConfig::helixagent()
     }
 
     /// Send failures of topics starting with `prefix` to `dlq_topic`.
@@ -225,6 +231,44 @@ impl DeadLetterQueue {
 /// confirmed that, reported as handled so the runner acks the original. If the DLQ publish
 /// fails, the original is requeued (after [`DeadLetterLayer::PUBLISH_RETRY_DELAY`]), never
 /// acked: nothing is lost while the DLQ is unreachable.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use futures::StreamExt;
+/// use helix_messaging_core::dlq::{
+///     DeadLetter, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason,
+/// };
+/// use helix_messaging_core::{
+///     Broker, Envelope, HandlerError, Message, Runner, SubscribeOptions, handler_fn,
+/// };
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let mut dlq = broker.subscribe("orders.dlq", SubscribeOptions::default()).await?;
+/// let queue = DeadLetterQueue::new(broker.clone(), DeadLetterConfig::new("orders.dlq")?);
+/// let runner = Runner::builder(broker.clone(), "orders")
+///     .group("billing")
+///     .layer(DeadLetterLayer::new(queue))
+///     .start(handler_fn(|_order: Envelope| async {
+///         Err(HandlerError::permanent("no such customer"))
+///     }))
+///     .await?;
+/// broker.publish("orders", Message::new("order 7")).await?;
+/// let delivery = tokio::time::timeout(Duration::from_secs(5), dlq.next())
+///     .await
+///     .expect("dead-lettered in time")
+///     .expect("subscription open")?;
+/// let letter = DeadLetter::from_message(delivery.message(), "orders.dlq");
+/// assert_eq!(letter.original_topic, "orders");
+/// assert_eq!(letter.reason, DeadLetterReason::Permanent);
+/// assert_eq!(letter.message.payload().as_ref(), b"order 7");
+/// runner.shutdown().await;
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 pub struct DeadLetterLayer {
     queue: DeadLetterQueue,
 }

@@ -1,4 +1,4 @@
-//! The DLQ processor (the seeds' `dlq.NewProcessor(broker, ProcessorConfig)`): ingests DLQ
+//! The DLQ processor (HelixAgent's `dlq.NewProcessor(broker, ProcessorConfig)`): ingests DLQ
 //! topics into a store, re-drives on a schedule with backoff, parks what stays broken, and
 //! offers the management operations.
 
@@ -26,7 +26,7 @@ use crate::retry::RetryPolicy;
 use crate::runner::{HandlerError, Runner, handler_fn};
 use crate::trace;
 
-/// What the processor has done since it was created (the seeds' `GetMetrics()`).
+/// What the processor has done since it was created (HelixAgent's `GetMetrics()`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProcessorMetrics {
     /// Dead letters ingested from the DLQ topics.
@@ -52,7 +52,7 @@ struct Counters {
 }
 
 /// One page of a listing, with the number of entries the filter matches in all (the count
-/// the seeds' scripts read as `.count`).
+/// HelixAgent's scripts read as `.count`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DlqPage {
     /// The entries on this page.
@@ -98,20 +98,43 @@ const INGEST_BACKOFF: RetryPolicy = RetryPolicy {
 /// Cheap to clone (all clones share one processor).
 ///
 /// ```
-/// # async fn demo(broker: std::sync::Arc<dyn helix_messaging_core::Broker>) -> helix_messaging_core::Result<()> {
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
 /// use std::sync::Arc;
-/// use helix_messaging_core::dlq::{MemoryDeadLetterStore, Processor, ProcessorConfig};
+/// use std::time::Duration;
 ///
-/// let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), ProcessorConfig::default())?;
-/// processor.register_handler("llm.request", |letter: helix_messaging_core::dlq::DeadLetter| async move {
-///     println!("retrying {} by hand", letter.message.id());
-///     Ok(())
-/// });
-/// processor.start().await?;
-/// let page = processor.list(&Default::default(), 100, 0).await?;
-/// println!("{} in the DLQ", page.count);
-/// processor.stop().await;
-/// # Ok(()) }
+/// use futures::StreamExt;
+/// use helix_messaging_core::dlq::{
+///     DEFAULT_DLQ_TOPIC, DeadLetter, DlqFilter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore,
+///     Processor, ProcessorConfig,
+/// };
+/// use helix_messaging_core::{Broker, Message, SubscribeOptions};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let config = ProcessorConfig {
+///     auto_redrive: false, // re-drive by hand below
+///     ..ProcessorConfig::default()
+/// };
+/// let store = Arc::new(MemoryDeadLetterStore::new());
+/// let processor = Processor::new(broker.clone(), store, config)?;
+/// // `processor.start()` would ingest the DLQ topics in the background; here one dead
+/// // letter, as a DeadLetterLayer publishes it, is handed over directly.
+/// let failed = Message::new("order 7").with_header(HEADER_ORIGINAL_TOPIC, "orders");
+/// processor.ingest(DeadLetter::from_message(&failed, DEFAULT_DLQ_TOPIC)).await?;
+/// let page = processor.list(&DlqFilter::default(), 100, 0).await?;
+/// assert_eq!(page.count, 1);
+///
+/// // Send it back to its topic, and out of the DLQ.
+/// let mut orders = broker.subscribe("orders", SubscribeOptions::default()).await?;
+/// processor.reprocess(&page.entries[0].letter.id, None).await?;
+/// let again = tokio::time::timeout(Duration::from_secs(5), orders.next())
+///     .await
+///     .expect("re-driven in time")
+///     .expect("subscription open")?;
+/// assert_eq!(again.message().payload().as_ref(), b"order 7");
+/// assert_eq!(processor.stats().await?.depth, 0);
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
 /// ```
 #[derive(Clone)]
 pub struct Processor {
@@ -276,7 +299,7 @@ impl Processor {
 
     async fn publish_gauges(&self) -> Result<()> {
         let stats = self.inner.store.stats().await?;
-        // The seeds name the depth gauge `messaging_dlq_messages_total`.
+        // HelixAgent names the depth gauge `messaging_dlq_messages_total`.
         metrics::gauge!("messaging_dlq_messages_total").set(stats.depth as f64);
         metrics::gauge!("messaging_dlq_parked_messages").set(stats.parked as f64);
         let age = stats
@@ -346,7 +369,7 @@ impl Processor {
             .counters
             .processed
             .fetch_add(1, Ordering::Relaxed);
-        // The seeds' counter for DLQ messages re-processed.
+        // HelixAgent's counter for DLQ messages re-processed.
         metrics::counter!("messaging_dlq_reprocessed_total").increment(1);
     }
 
@@ -516,7 +539,7 @@ impl Processor {
             .unwrap_or_else(|_| Err(publish_timed_out(timeout)))
     }
 
-    /// Entries matching `filter`, a page at a time (the seeds' `ListMessages(limit, offset)`).
+    /// Entries matching `filter`, a page at a time (HelixAgent's `ListMessages(limit, offset)`).
     ///
     /// # Errors
     /// The store's error.
@@ -540,7 +563,7 @@ impl Processor {
         self.inner.store.get(id).await?.ok_or_else(|| not_found(id))
     }
 
-    /// Re-drive one entry now (the seeds' `ReprocessMessage`): republish it to its original
+    /// Re-drive one entry now (HelixAgent's `ReprocessMessage`): republish it to its original
     /// topic, or to `target_topic`, with its original id, attempts starting again at 1 and
     /// the re-drive counter one higher; once the broker has confirmed, remove the entry.
     /// Parked entries can be reprocessed; discarded ones cannot. The entry is held while it
@@ -595,7 +618,7 @@ impl Processor {
         Ok(())
     }
 
-    /// Discard one entry (the seeds' `DiscardMessage(id, reason)`): it is never re-driven
+    /// Discard one entry (HelixAgent's `DiscardMessage(id, reason)`): it is never re-driven
     /// and no longer counts towards the DLQ depth; it stays listed, with the reason, until
     /// purged. Nothing undoes a discard: a re-drive under way holds the entry, and the
     /// discard is refused until it lets go.

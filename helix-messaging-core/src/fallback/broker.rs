@@ -84,7 +84,49 @@ struct Inner {
 }
 
 /// A broker that spools publishes it cannot deliver and forwards them later (see the
-/// module docs). Cloning shares it; the forwarder stops at [`Broker::close`].
+/// module docs). Cloning shares it; the forwarder stops at [`Broker::close`]. Build it with
+/// [`FallbackBroker::new`] or, stacked with the other wrappers, [`FallbackLayer`].
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::Duration;
+///
+/// use futures::StreamExt;
+/// use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig};
+/// use helix_messaging_core::fallback::{FallbackBroker, ForwardConfig, MemorySpool};
+/// use helix_messaging_core::{Broker, Error, ErrorKind, Message, Publisher, SubscribeOptions};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let memory: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let mut orders = memory.subscribe("orders", SubscribeOptions::default()).await?;
+/// let breaker = BreakerConfig {
+///     failure_threshold: 1,
+///     open_interval: Duration::from_millis(100),
+///     ..BreakerConfig::default()
+/// };
+/// let forwarding = ForwardConfig {
+///     retry_interval: Duration::from_millis(20),
+///     ..ForwardConfig::default()
+/// };
+/// let spool = Arc::new(MemorySpool::default());
+/// let guarded = BreakerBroker::new(memory, breaker)?;
+/// let fallback = FallbackBroker::new(guarded, spool, forwarding).await?;
+/// // The broker fails a publish with a connection error: the breaker opens.
+/// let permit = fallback.breaker_broker().publish_breaker().acquire()?;
+/// permit.record(Some(&Error::new(ErrorKind::Connection, "connection reset")));
+/// fallback.publish("orders", Message::new("order 7")).await?; // Ok: spooled
+/// assert_eq!(fallback.spool_stats().await?.depth, 1);
+/// // Once the breaker lets a call through again, the forwarder sends it on.
+/// let forwarded = tokio::time::timeout(Duration::from_secs(5), orders.next())
+///     .await
+///     .expect("forwarded in time")
+///     .expect("subscription open")?;
+/// assert_eq!(forwarded.message().payload().as_ref(), b"order 7");
+/// fallback.close().await?;
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct FallbackBroker {
     inner: Arc<Inner>,

@@ -29,6 +29,12 @@
 //! `messaging_fallback_spool_bytes`, `messaging_fallback_spool_oldest_age_seconds`,
 //! `messaging_fallback_spooled_total`, `messaging_fallback_forwarded_total` and
 //! `messaging_fallback_refused_total`.
+//!
+//! [`BreakerBroker`]: crate::breaker::BreakerBroker
+//! [`ErrorKind::Rejected`]: crate::ErrorKind::Rejected
+//! [`ErrorKind::PayloadTooLarge`]: crate::ErrorKind::PayloadTooLarge
+//! [`ErrorKind::InvalidInput`]: crate::ErrorKind::InvalidInput
+//! [`ErrorKind::Serialization`]: crate::ErrorKind::Serialization
 
 mod broker;
 mod spool;

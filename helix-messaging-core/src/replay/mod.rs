@@ -1,4 +1,4 @@
-//! Time-range replay (the seeds' `replay` package): read a topic's history between two
+//! Time-range replay (HelixAgent's `replay` package): read a topic's history between two
 //! times, filter it by message type and headers, and publish the matches into a target
 //! topic, in batches, paced, optionally as a dry run, skipping repeated message ids, with
 //! progress, cancel and list.
@@ -91,8 +91,37 @@ struct Inner {
     shutdown: CancellationToken,
 }
 
-/// Starts, tracks and cancels replays on one broker (the seeds' `replay.NewHandler`).
+/// Starts, tracks and cancels replays on one broker (HelixAgent's `replay.NewHandler`).
 /// Cloning shares the handler.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use std::time::{Duration, SystemTime};
+///
+/// use helix_messaging_core::replay::{ReplayConfig, ReplayHandler, ReplayRequest, ReplayStatus};
+/// use helix_messaging_core::{Broker, MESSAGE_TYPE_HEADER, Message};
+/// use helix_messaging_memory::MemoryBroker;
+///
+/// let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+/// let from = SystemTime::now() - Duration::from_secs(1);
+/// for kind in ["order.created", "order.paid", "order.created"] {
+///     let event = Message::new(kind).with_header(MESSAGE_TYPE_HEADER, kind);
+///     broker.publish("orders", event).await?;
+/// }
+/// let handler = ReplayHandler::new(broker.clone(), ReplayConfig::default());
+/// let mut request = ReplayRequest::new("orders", from, SystemTime::now())
+///     .with_target_topic("orders.replayed");
+/// request.filter.message_types = vec!["order.created".to_owned()];
+/// let started = handler.start_replay(request).await?; // runs in the background
+/// let done = tokio::time::timeout(Duration::from_secs(5), handler.wait(&started.id))
+///     .await
+///     .expect("finished in time")?;
+/// assert_eq!(done.status, ReplayStatus::Completed);
+/// assert_eq!((done.replayed, done.filtered), (2, 1));
+/// # Ok::<(), helix_messaging_core::Error>(())
+/// # }).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct ReplayHandler {
     inner: Arc<Inner>,

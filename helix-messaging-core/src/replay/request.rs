@@ -176,7 +176,7 @@ pub enum ReplayStatus {
     Completed,
     /// Cancelled; what was published stays published.
     Cancelled,
-    /// Stopped by an error (in `last_error`); [`ReplayHandler::resume_replay`] continues it
+    /// Stopped by an error (in `last_error`); [`ReplayHandler::resume_replay`](super::ReplayHandler::resume_replay) continues it
     /// from its checkpoint.
     Failed,
 }
@@ -297,7 +297,7 @@ impl ReplayProgress {
     }
 }
 
-/// Settings shared by a handler's replays (the seeds' `DefaultReplayConfig`).
+/// Settings shared by a handler's replays (HelixAgent's `DefaultReplayConfig`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayConfig {
     /// Most replays running at once (default 4); more are refused.
