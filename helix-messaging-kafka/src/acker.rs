@@ -17,8 +17,10 @@ use async_trait::async_trait;
 use helix_messaging_core::{Acknowledge, Error, ErrorKind, Message, Result, Settlement};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
+use crate::config::NAME;
 use crate::offsets::{GroupState, reassigned};
 use crate::rebalance::GroupConsumer;
+use crate::retry_lane::RetryLane;
 
 /// A received record waiting to be handed out.
 pub(crate) struct Buffered {
@@ -39,7 +41,7 @@ pub(crate) struct AckContext {
     state: Arc<GroupState>,
     again: mpsc::UnboundedSender<Buffered>,
     topic: Arc<str>,
-    retry: Option<Arc<crate::RetryLane>>,
+    retry: Option<Arc<RetryLane>>,
 }
 
 impl AckContext {
@@ -49,7 +51,7 @@ impl AckContext {
         consumer: &Arc<GroupConsumer>,
         state: Arc<GroupState>,
         topic: Arc<str>,
-        retry: Option<Arc<crate::RetryLane>>,
+        retry: Option<Arc<RetryLane>>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<Buffered>) {
         let (again, again_rx) = mpsc::unbounded_channel();
         let context = Arc::new(AckContext {
@@ -182,7 +184,7 @@ impl Acknowledge for KafkaAcker {
         }
         let lane = context.retry.clone().ok_or_else(|| {
             Error::unsupported(
-                crate::NAME,
+                NAME,
                 "a delayed requeue on a private subscription (named groups have a retry topic)",
             )
         })?;

@@ -5,12 +5,38 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use helix_messaging_core::{Error, Result};
+use helix_messaging_core::{Capabilities, Error, Result};
 use rdkafka::ClientConfig;
 
 /// Largest payload accepted by default: 4 MiB. Topics this backend creates allow records of
 /// this size plus room for headers; Kafka's own default (1 MB) would refuse a 1 MiB payload.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+
+/// Backend name reported by [`Broker::name`](helix_messaging_core::Broker::name) and selected
+/// by `MESSAGING_BACKEND=kafka`.
+pub const NAME: &str = "kafka";
+
+/// What the Kafka backend promises.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
+    durable: true,
+    redelivery: true,
+    consumer_groups: true,
+    per_key_ordering: true,
+    // Partitions are logs: there is no reordering by priority.
+    priority: false,
+    // Enforced when a message is read: an expired one is skipped.
+    ttl: true,
+    // A dropped subscription leaves its group, and its partitions resume from the committed
+    // offset, which never passes an unsettled message.
+    redeliver_unacked: true,
+    replay_by_time: true,
+    native_dlq: false,
+    // Named groups: copies wait on the group's retry topic (see the `reader` module).
+    delayed_delivery: true,
+    backlog: true,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+};
 
 /// Room for key and headers on top of the payload in a record.
 const RECORD_OVERHEAD_BYTES: usize = 64 * 1024;
@@ -117,7 +143,7 @@ impl KafkaConfig {
     pub fn capabilities(&self) -> helix_messaging_core::Capabilities {
         helix_messaging_core::Capabilities {
             max_payload_bytes: Some(self.max_payload_bytes),
-            ..crate::CAPABILITIES
+            ..CAPABILITIES
         }
     }
 

@@ -336,7 +336,9 @@ mod tests {
 
     use helix_messaging_core::{Broker, Message, Publisher, TimeRange};
 
-    use crate::{KafkaBroker, KafkaConfig};
+    use crate::KafkaBroker;
+    use crate::config::KafkaConfig;
+    use crate::topics::KafkaTopic;
 
     /// A read by time starts where the broker's time index says (ListOffsets by timestamp),
     /// not at the partition's beginning: against the test broker (Apache Kafka on
@@ -351,7 +353,7 @@ mod tests {
             .expect("Kafka on 127.0.0.1:9092 (scripts/test starts it)");
         let topic = helix_messaging_testkit::fresh_name("by-time");
         broker
-            .create_topics(&[crate::KafkaTopic::new(&topic, 1)])
+            .create_topics(&[KafkaTopic::new(&topic, 1)])
             .await
             .unwrap();
         let t0 = SystemTime::now() - Duration::from_secs(3600);

@@ -31,23 +31,27 @@ mod offsets;
 mod reader;
 mod rebalance;
 mod reconnects;
+mod retry_lane;
+mod shared;
 mod topics;
 mod wire;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use helix_messaging_core::{
-    BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream, Message, Publisher,
-    Result, SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size,
-    validate_name, within,
+    BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher, Result,
+    SubscribeOptions, Subscriber, Subscription, TimeRange, validate_name, within,
 };
 use rdkafka::consumer::Consumer;
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use tokio::sync::{mpsc, watch};
+use rdkafka::producer::Producer;
+use tokio::sync::mpsc;
+// Only the `# Errors` sections below name it.
+#[cfg(doc)]
+use helix_messaging_core::ErrorKind;
 
-pub use config::{Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig};
+pub use config::{CAPABILITIES, Compression, DEFAULT_MAX_PAYLOAD_BYTES, KafkaConfig, NAME};
 pub use topics::KafkaTopic;
 
 use error::{blocking, from_kafka};
@@ -55,157 +59,9 @@ use offsets::GroupState;
 use reader::{Reader, ReaderParts};
 use rebalance::{GroupConsumer, GroupContext};
 use reconnects::StatsContext;
+use retry_lane::{RetryLane, StartReader};
+use shared::{HelixProducer, Shared};
 use topics::Topics;
-
-/// The adapter's producers, whose statistics count their reconnects.
-type HelixProducer = FutureProducer<StatsContext>;
-
-/// Backend name reported by [`Broker::name`] and selected by `MESSAGING_BACKEND=kafka`.
-pub const NAME: &str = "kafka";
-
-/// What the Kafka backend promises.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    metadata: true,
-    durable: true,
-    redelivery: true,
-    consumer_groups: true,
-    per_key_ordering: true,
-    // Partitions are logs: there is no reordering by priority.
-    priority: false,
-    // Enforced when a message is read: an expired one is skipped.
-    ttl: true,
-    // A dropped subscription leaves its group, and its partitions resume from the committed
-    // offset, which never passes an unsettled message.
-    redeliver_unacked: true,
-    replay_by_time: true,
-    native_dlq: false,
-    // Named groups: copies wait on the group's retry topic (see the `reader` module).
-    delayed_delivery: true,
-    backlog: true,
-    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
-};
-
-/// What the broker handle and every subscription and delivery share.
-pub(crate) struct Shared {
-    pub(crate) config: KafkaConfig,
-    producer: HelixProducer,
-    /// Writes retry-topic copies one record per batch (see [`Shared::retry_producer`]).
-    retry_producer: parking_lot::Mutex<Option<HelixProducer>>,
-    topics: Topics,
-    /// Set once on close; readers watch it.
-    pub(crate) closed: watch::Sender<bool>,
-    closing: AtomicBool,
-    /// The subscriptions' reader tasks, awaited on close so every consumer has committed and
-    /// left its group when `close` returns.
-    readers: parking_lot::Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-impl Shared {
-    fn ensure_open(&self) -> Result<()> {
-        if *self.closed.borrow() {
-            Err(Error::closed("the kafka broker"))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// Hand one record to the producer; the returned future resolves with its delivery report.
-    fn enqueue(
-        &self,
-        kafka_topic: &str,
-        message: &Message,
-    ) -> Result<rdkafka::producer::DeliveryFuture> {
-        self.enqueue_with(&self.producer, kafka_topic, message, wire::headers(message))
-    }
-
-    /// The producer of retry-topic copies, created on first use, with no linger: a delayed
-    /// requeue settles its delivery only once its copy's delivery report is in, so waiting
-    /// for a batch to fill would hold the consumer's slot for nothing. Retry traffic is
-    /// small, so what batching would save is too.
-    fn retry_producer(&self) -> Result<HelixProducer> {
-        let mut slot = self.retry_producer.lock();
-        if let Some(producer) = slot.as_ref() {
-            return Ok(producer.clone());
-        }
-        let producer: HelixProducer = self
-            .config
-            .producer()
-            .set("linger.ms", "0")
-            .create_with_context(StatsContext::default())
-            .map_err(|e| {
-                self.config
-                    .client_error(e, "creating the Kafka producer of retry copies")
-            })?;
-        *slot = Some(producer.clone());
-        Ok(producer)
-    }
-
-    /// [`Shared::enqueue`] through `producer` with the record headers given.
-    fn enqueue_with(
-        &self,
-        producer: &HelixProducer,
-        kafka_topic: &str,
-        message: &Message,
-        headers: rdkafka::message::OwnedHeaders,
-    ) -> Result<rdkafka::producer::DeliveryFuture> {
-        check_payload_size(NAME, message, self.config.max_payload_bytes)?;
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(kafka_topic)
-            .payload(message.payload().as_ref())
-            .timestamp(wire::millis(message.timestamp()))
-            .headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        producer
-            .send_result(record)
-            .map_err(|(err, _)| from_kafka(err, format!("publishing to {kafka_topic}")))
-    }
-
-    /// The broker's verdict on one record.
-    async fn delivered(
-        &self,
-        kafka_topic: &str,
-        report: rdkafka::producer::DeliveryFuture,
-    ) -> Result<()> {
-        match report.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((err, _))) => Err(from_kafka(err, format!("publishing to {kafka_topic}"))),
-            Err(_) => Err(Error::closed("the kafka producer")),
-        }
-    }
-
-    /// Publish one message to `topic` (as the application names it) and wait for its report.
-    /// A producer queue that stays full for the publish timeout is a retryable timeout.
-    async fn publish_one(&self, topic: &str, message: &Message) -> Result<()> {
-        let kafka_topic = self.config.kafka_topic_ref(topic);
-        self.topics.ensure(&self.config, &kafka_topic).await?;
-        let report = self.enqueue_waiting(&kafka_topic, message).await?;
-        self.delivered(&kafka_topic, report).await
-    }
-
-    /// [`Shared::enqueue`], waiting while the producer's queue is full.
-    async fn enqueue_waiting(
-        &self,
-        kafka_topic: &str,
-        message: &Message,
-    ) -> Result<rdkafka::producer::DeliveryFuture> {
-        // The clock is read only once the queue is full: this runs for every record.
-        let mut deadline = None;
-        loop {
-            match self.enqueue(kafka_topic, message) {
-                Err(err) if err.kind() == ErrorKind::Timeout && err.is_retryable() => {
-                    let now = tokio::time::Instant::now();
-                    if now >= *deadline.get_or_insert(now + self.config.publish_timeout) {
-                        return Err(err);
-                    }
-                    // The queue is full: the delivery reports of earlier records free it.
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
-                other => return other,
-            }
-        }
-    }
-}
 
 /// A connection to a Kafka cluster: one producer shared by every publish, one consumer per
 /// subscription. Cheap to clone.
@@ -237,15 +93,7 @@ impl KafkaBroker {
             .map_err(|e| config.client_error(e, "creating the Kafka producer"))?;
         let topics = Topics::new(&config)?;
         let broker = KafkaBroker {
-            shared: Arc::new(Shared {
-                config,
-                producer,
-                retry_producer: parking_lot::Mutex::new(None),
-                topics,
-                closed: watch::Sender::new(false),
-                closing: AtomicBool::new(false),
-                readers: parking_lot::Mutex::default(),
-            }),
+            shared: Arc::new(Shared::new(config, producer, topics)),
         };
         broker.metadata().await?;
         Ok(broker)
@@ -362,7 +210,7 @@ impl Subscriber for KafkaBroker {
         let retry = options
             .group
             .as_deref()
-            .and_then(|group| RetryLane::new(&lane, &kafka_topic, group));
+            .and_then(|group| RetryLane::new(&self.shared, lane.clone(), &kafka_topic, group));
         let state = lane.start(&kafka_topic, &group_id, options.start, retry.clone())?;
         // Copies left on the retry topic by members that are gone are read from the start.
         if let Some(retry) = &retry
@@ -434,8 +282,7 @@ struct Lane {
     group: Option<Arc<str>>,
 }
 
-impl Lane {
-    /// Create a consumer of `kafka_topic` in group `group_id` and start its reader.
+impl StartReader for Lane {
     fn start(
         &self,
         kafka_topic: &str,
@@ -477,75 +324,6 @@ impl Lane {
         readers.retain(|r| !r.is_finished());
         readers.push(tokio::spawn(reader.run()));
         Ok(state)
-    }
-}
-
-/// A named group's retry topic `<topic>.retry.<group>`: where its delayed requeues wait
-/// (see the `reader` module). Its reader starts with the first delayed requeue, or at
-/// subscribe when the topic already exists.
-pub(crate) struct RetryLane {
-    lane: Lane,
-    kafka_topic: String,
-    group_id: String,
-    started: tokio::sync::OnceCell<()>,
-    me: std::sync::Weak<RetryLane>,
-}
-
-impl RetryLane {
-    /// `None` when the retry topic's name would be longer than Kafka allows (delayed
-    /// requeues of that group are then held by the consumer instead).
-    fn new(lane: &Lane, kafka_topic: &str, group: &str) -> Option<Arc<Self>> {
-        let retry_topic = format!("{kafka_topic}.retry.{group}");
-        if retry_topic.len() > helix_messaging_core::MAX_NAME_LEN {
-            return None;
-        }
-        Some(Arc::new_cyclic(|me| RetryLane {
-            lane: lane.clone(),
-            kafka_topic: retry_topic,
-            group_id: format!("{group}.helix-retry"),
-            started: tokio::sync::OnceCell::new(),
-            me: me.clone(),
-        }))
-    }
-
-    /// Start reading the retry topic (creating it if needed), once.
-    async fn ensure_started(&self) -> Result<()> {
-        self.started
-            .get_or_try_init(|| async {
-                let shared = &self.lane.shared;
-                shared
-                    .topics
-                    .ensure(&shared.config, &self.kafka_topic)
-                    .await?;
-                self.lane.start(
-                    &self.kafka_topic,
-                    &self.group_id,
-                    helix_messaging_core::StartPosition::Earliest,
-                    self.me.upgrade(),
-                )?;
-                Ok::<(), Error>(())
-            })
-            .await
-            .map(|_| ())
-    }
-
-    /// Write a copy of `message`, received at `attempt`, due at `not_before`, and wait for
-    /// its delivery report.
-    pub(crate) async fn send(
-        &self,
-        message: &Message,
-        attempt: u32,
-        not_before: std::time::SystemTime,
-    ) -> Result<()> {
-        self.ensure_started().await?;
-        let shared = &self.lane.shared;
-        let report = shared.enqueue_with(
-            &shared.retry_producer()?,
-            &self.kafka_topic,
-            message,
-            wire::retry_headers(message, attempt, not_before),
-        )?;
-        shared.delivered(&self.kafka_topic, report).await
     }
 }
 

@@ -30,7 +30,9 @@ use crate::acker::{AckContext, Buffered, KafkaAcker};
 use crate::error::from_kafka;
 use crate::offsets::{GroupState, Registered};
 use crate::rebalance::{GroupConsumer, commit_list};
-use crate::{Shared, wire};
+use crate::retry_lane::RetryLane;
+use crate::shared::Shared;
+use crate::wire;
 
 /// Most records a reader takes in one go from what the consumer has already fetched.
 const RECV_BURST: usize = 256;
@@ -100,7 +102,7 @@ pub(crate) struct ReaderParts {
     pub(crate) topic: Arc<str>,
     pub(crate) group: Option<Arc<str>>,
     /// Where delayed requeues go (named groups only).
-    pub(crate) retry: Option<Arc<crate::RetryLane>>,
+    pub(crate) retry: Option<Arc<RetryLane>>,
 }
 
 /// Commit what a leaving member settled. A coordinator that is moving or a rebalance under

@@ -1,7 +1,7 @@
 //! Re-established broker connections, read from librdkafka's statistics.
 //!
 //! librdkafka reconnects by itself and tells no callback when it does; its statistics
-//! (every [`KafkaConfig::statistics_interval`](crate::KafkaConfig::statistics_interval))
+//! (every [`KafkaConfig::statistics_interval`](crate::config::KafkaConfig::statistics_interval))
 //! count per broker the connections that were up and were lost (`disconnects`) and give the
 //! broker's state. A loss is counted in `messaging_reconnects_total` once the broker is `UP`
 //! again. Bootstrap entries (node id −1) are left out: librdkafka drops their connections
@@ -66,7 +66,7 @@ impl Reconnects {
             }
         }
         if reconnected > 0 {
-            helix_messaging_core::observe::count_reconnects(crate::NAME, reconnected);
+            helix_messaging_core::observe::count_reconnects(crate::config::NAME, reconnected);
         }
         reconnected
     }
