@@ -172,9 +172,11 @@ impl Topics {
         )
         .await?
         .map_err(|e| from_kafka(e, "creating topics"))?;
+        let mut created = Vec::new();
         for result in results {
             match result {
-                Ok(name) | Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                Ok(name) => created.push(name),
+                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
                     self.known.lock().insert(name);
                 }
                 Err((name, code)) => {
@@ -185,7 +187,29 @@ impl Topics {
                 }
             }
         }
+        for name in created {
+            self.await_metadata(config, &name).await;
+            self.known.lock().insert(name);
+        }
         Ok(())
+    }
+
+    /// Wait, up to the request timeout, until the brokers' metadata lists the topic just
+    /// created: the controller answers a creation before every broker has it, and a consumer
+    /// subscribing meanwhile is told the topic does not exist (seen on a loaded machine as
+    /// `UnknownTopicOrPartition` on fresh subscriptions). A topic still missing then is left
+    /// to the clients' own metadata refresh.
+    async fn await_metadata(&self, config: &KafkaConfig, name: &str) {
+        let deadline = tokio::time::Instant::now() + config.request_timeout;
+        let mut pause = Duration::from_millis(10);
+        while tokio::time::Instant::now() < deadline {
+            if let Ok(true) = self.exists(config, name).await {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
+        }
+        tracing::warn!(topic = name, "a created topic is not in the metadata yet");
     }
 }
 
