@@ -93,7 +93,7 @@ impl JournalReader {
         let fence = uuid::Uuid::new_v4().simple().to_string();
         let marker = Message::new("").with_header(wire::FENCE, fence.as_str());
         let confirm = shared
-            .start_publish("", &journal, &marker, None, Some(shared.publish_deadline()))
+            .within_publish_timeout(&journal, shared.start_publish("", &journal, &marker, None))
             .await?;
         shared.confirmed(&journal, confirm).await?;
 
@@ -268,12 +268,9 @@ pub(crate) async fn copy_history(
             continue;
         }
         let confirm = shared
-            .start_publish_raw(
-                "",
+            .within_publish_timeout(
                 queue,
-                &delivery.data,
-                props.clone(),
-                Some(shared.publish_deadline()),
+                shared.start_publish_raw("", queue, &delivery.data, props.clone()),
             )
             .await?;
         in_flight.push(confirm);

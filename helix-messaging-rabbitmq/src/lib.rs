@@ -115,7 +115,7 @@ impl Publisher for RabbitBroker {
         let shared = &self.shared;
         tokio::time::timeout(shared.config().publish_timeout, async {
             let confirm = shared
-                .start_publish(&shared.config().exchange, topic, &message, None, None)
+                .start_publish(&shared.config().exchange, topic, &message, None)
                 .await?;
             shared.verdict(topic, confirm).await
         })
@@ -138,12 +138,9 @@ impl Publisher for RabbitBroker {
             messages,
             |message| async move {
                 shared
-                    .start_publish(
-                        &shared.config().exchange,
+                    .within_publish_timeout(
                         topic,
-                        &message,
-                        None,
-                        Some(shared.publish_deadline()),
+                        shared.start_publish(&shared.config().exchange, topic, &message, None),
                     )
                     .await
             },
@@ -196,12 +193,10 @@ impl RabbitBroker {
         self.shared.ensure_open()?;
         let confirm = self
             .shared
-            .start_publish(
-                exchange,
+            .within_publish_timeout(
                 routing_key,
-                &message,
-                None,
-                Some(self.shared.publish_deadline()),
+                self.shared
+                    .start_publish(exchange, routing_key, &message, None),
             )
             .await?;
         self.shared.confirmed(routing_key, confirm).await

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use futures::{FutureExt, StreamExt};
 use helix_messaging_core::{Broker, Capabilities, Message, Result, SubscribeOptions, Subscription};
 
-use crate::{Settings, fresh_name};
+use crate::helpers::{Settings, fresh_name};
 
 /// Seeds run by default (`HELIX_DIFFERENTIAL_SEEDS` overrides with a count of seeds
 /// `1..=n`, `HELIX_DIFFERENTIAL_SEED` with one seed).

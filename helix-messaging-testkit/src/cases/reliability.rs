@@ -16,7 +16,7 @@ use helix_messaging_core::{
 };
 use parking_lot::Mutex;
 
-use crate::{Ctx, eventually};
+use crate::helpers::{Ctx, eventually, fresh_name};
 
 fn header<'a>(d: &'a Delivery, name: &str) -> &'a str {
     d.message()
@@ -53,10 +53,10 @@ fn fixed_retries(max_retries: u32, delay: Duration) -> Result<RetryLayer> {
 pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("delayed-requeue");
     let mut g1 = ctx
-        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g1")))
+        .subscribe(&topic, SubscribeOptions::group(fresh_name("g1")))
         .await;
     let mut g2 = ctx
-        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("g2")))
+        .subscribe(&topic, SubscribeOptions::group(fresh_name("g2")))
         .await;
     let held = Message::new("held back").with_key("k1");
     ctx.publish(&topic, held.clone()).await;
@@ -113,7 +113,7 @@ pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
 pub async fn delayed_requeue_is_declared_honestly(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("delay-declared");
     let options = if ctx.broker.capabilities().consumer_groups {
-        SubscribeOptions::group(crate::fresh_name("g"))
+        SubscribeOptions::group(fresh_name("g"))
     } else {
         SubscribeOptions::default()
     };
@@ -144,12 +144,9 @@ pub async fn delayed_requeue_is_declared_honestly(ctx: Ctx) -> Result<()> {
 pub async fn retry_then_dead_letter_after_exact_attempts(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("retry");
     let dlq_topic = ctx.topic("retry-dlq");
-    let group = crate::fresh_name("workers");
+    let group = fresh_name("workers");
     let mut dlq = ctx
-        .subscribe(
-            &dlq_topic,
-            SubscribeOptions::group(crate::fresh_name("dlq")),
-        )
+        .subscribe(&dlq_topic, SubscribeOptions::group(fresh_name("dlq")))
         .await;
     let attempts = Arc::new(Mutex::new(Vec::new()));
     let seen = attempts.clone();
@@ -234,15 +231,12 @@ pub async fn undecodable_is_dead_lettered_on_first_delivery(ctx: Ctx) -> Result<
     let topic = ctx.topic("undecodable");
     let dlq_topic = ctx.topic("undecodable-dlq");
     let mut dlq = ctx
-        .subscribe(
-            &dlq_topic,
-            SubscribeOptions::group(crate::fresh_name("dlq")),
-        )
+        .subscribe(&dlq_topic, SubscribeOptions::group(fresh_name("dlq")))
         .await;
     let handled = Arc::new(Mutex::new(Vec::new()));
     let seen = handled.clone();
     let runner = Runner::builder(ctx.broker.clone(), topic.clone())
-        .group(crate::fresh_name("workers"))
+        .group(fresh_name("workers"))
         .layer(dead_letter_layer(&ctx, &dlq_topic)?)
         .layer(fixed_retries(3, Duration::from_millis(50))?)
         .start(json_handler(move |order: Order, _envelope: Envelope| {
@@ -295,10 +289,7 @@ pub async fn poison_message_does_not_stall_the_others(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("poison");
     let dlq_topic = ctx.topic("poison-dlq");
     let mut dlq = ctx
-        .subscribe(
-            &dlq_topic,
-            SubscribeOptions::group(crate::fresh_name("dlq")),
-        )
+        .subscribe(&dlq_topic, SubscribeOptions::group(fresh_name("dlq")))
         .await;
     #[derive(Default)]
     struct Seen {
@@ -310,7 +301,7 @@ pub async fn poison_message_does_not_stall_the_others(ctx: Ctx) -> Result<()> {
     let record = seen.clone();
     let delay = Duration::from_millis(500);
     let runner = Runner::builder(ctx.broker.clone(), topic.clone())
-        .options(SubscribeOptions::group(crate::fresh_name("workers")))
+        .options(SubscribeOptions::group(fresh_name("workers")))
         .concurrency(1)
         .layer(dead_letter_layer(&ctx, &dlq_topic)?)
         .layer(fixed_retries(3, delay)?)
@@ -402,7 +393,7 @@ pub async fn processor_ingests_lists_and_reprocesses(ctx: Ctx) -> Result<()> {
         store.clone(),
         ProcessorConfig {
             topics: vec![dlq_topic.clone()],
-            group: crate::fresh_name("processor"),
+            group: fresh_name("processor"),
             // Permanent failures are parked on arrival; nothing else is due within the case.
             retry_delay: Duration::from_secs(600),
             max_retry_delay: Duration::from_secs(600),
@@ -412,10 +403,10 @@ pub async fn processor_ingests_lists_and_reprocesses(ctx: Ctx) -> Result<()> {
     )?;
     processor.start().await?;
     let mut after = ctx
-        .subscribe(&topic, SubscribeOptions::group(crate::fresh_name("after")))
+        .subscribe(&topic, SubscribeOptions::group(fresh_name("after")))
         .await;
     let runner = Runner::builder(ctx.broker.clone(), topic.clone())
-        .group(crate::fresh_name("workers"))
+        .group(fresh_name("workers"))
         .layer(dead_letter_layer(&ctx, &dlq_topic)?)
         .start(handler_fn(|envelope: Envelope| async move {
             Err(HandlerError::permanent(std::io::Error::other(format!(
@@ -526,15 +517,12 @@ pub async fn malformed_payloads_reach_the_dlq_after_one_delivery(ctx: Ctx) -> Re
     let topic = ctx.topic("malformed");
     let dlq_topic = ctx.topic("malformed-dlq");
     let mut dlq = ctx
-        .subscribe(
-            &dlq_topic,
-            SubscribeOptions::group(crate::fresh_name("dlq")),
-        )
+        .subscribe(&dlq_topic, SubscribeOptions::group(fresh_name("dlq")))
         .await;
     let handled = Arc::new(Mutex::new(HashMap::<u64, u32>::new()));
     let seen = handled.clone();
     let runner = Runner::builder(ctx.broker.clone(), topic.clone())
-        .options(SubscribeOptions::group(crate::fresh_name("workers")))
+        .options(SubscribeOptions::group(fresh_name("workers")))
         .concurrency(8)
         .layer(dead_letter_layer(&ctx, &dlq_topic)?)
         .layer(fixed_retries(3, Duration::from_millis(50))?)

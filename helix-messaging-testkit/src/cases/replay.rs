@@ -11,7 +11,7 @@ use helix_messaging_core::replay::{
 };
 use helix_messaging_core::{ErrorKind, HistoryEntry, Message, Result, TimeRange};
 
-use crate::{Ctx, eventually};
+use crate::helpers::{Ctx, eventually, fresh_name};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -407,7 +407,7 @@ pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result
     };
     let first = ReplayHandler::open(ctx.broker.clone(), config.clone(), store.clone()).await?;
     let request = ReplayRequest::new(&topic, window.from(), window.to())
-        .with_id(crate::fresh_name("resume"))
+        .with_id(fresh_name("resume"))
         .with_target_topic(&target)
         .with_options(ReplayOptions {
             batch_size: 5,

@@ -13,12 +13,13 @@ use helix_messaging_core::dlq::{
 use helix_messaging_core::{Broker, DeliveryInfo, Message, Result};
 use parking_lot::Mutex;
 
-use super::{
-    FaultSchedule, FaultyBroker, FaultyDeadLetterStore, PlaneReport, SeedRun, cancel_after_polls,
-    read_history, run_seeds,
-};
+use super::broker::FaultyBroker;
+use super::replay::read_history;
+use super::schedule::{FaultSchedule, cancel_after_polls, hash};
+use super::seeds::{PlaneReport, SeedRun, run_seeds};
+use super::stores::FaultyDeadLetterStore;
 use crate::differential::splitmix;
-use crate::helpers::Factory;
+use crate::helpers::{Factory, eventually, fresh_name};
 
 /// The message type a registered handler re-drives (the others are republished).
 const HANDLED_TYPE: &str = "plane.handled";
@@ -102,7 +103,7 @@ impl DlqHarness {
         };
         let schedule = FaultSchedule::new(seed, 20, 0);
         let faulty = Arc::new(FaultyBroker::new(broker.clone(), schedule.clone()));
-        let topic = crate::fresh_name("plane-dlq-target");
+        let topic = fresh_name("plane-dlq-target");
         // Each paced job re-drives to a topic of its own, so its sends can be told apart.
         let mut paced_topics = Vec::new();
         let from = SystemTime::now() - Duration::from_secs(1);
@@ -135,7 +136,7 @@ impl DlqHarness {
             faulty.clone(),
             store.clone(),
             ProcessorConfig {
-                topics: vec![crate::fresh_name("plane-dlq")],
+                topics: vec![fresh_name("plane-dlq")],
                 retry_delay: Duration::from_millis(5),
                 max_retry_delay: Duration::from_millis(20),
                 max_retries: 4,
@@ -253,7 +254,7 @@ impl DlqHarness {
                 run.problems.push(format!("a call panicked: {err}"));
             }
         }
-        let jobs = crate::eventually(
+        let jobs = eventually(
             Duration::from_secs(60),
             "every redrive job finished",
             || {
@@ -412,7 +413,7 @@ fn register_handler(processor: &Processor, seed: u64, handled: Arc<Mutex<HashMap
                 *n += 1;
                 *n
             };
-            let roll = splitmix(super::hash(seed ^ 0x4A4D, &id) ^ call);
+            let roll = splitmix(hash(seed ^ 0x4A4D, &id) ^ call);
             tokio::time::sleep(Duration::from_millis(roll % 8)).await;
             if roll.is_multiple_of(3) {
                 return Err("the plane harness's handler fails this call".into());
