@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use helix_messaging::Broker;
 use helix_messaging::admin::{AdminConfig, Services};
 use helix_messaging::dlq::{
-    DeadLetterStore, DlqFilter, MemoryDeadLetterStore, Processor, ProcessorConfig,
+    DeadLetterFilter, DeadLetterStore, MemoryDeadLetterStore, Processor, ProcessorConfig,
     SqliteDeadLetterStore,
 };
 use helix_messaging::hub::{Hub, HubConfig};
@@ -151,7 +151,11 @@ async fn direct(processor: &Processor, entries: usize, per_client: usize) -> Run
         let processor = processor.clone();
         async move {
             let page = processor
-                .list(&DlqFilter::default(), PAGE, offset(entries, client, i))
+                .list(
+                    &DeadLetterFilter::default(),
+                    PAGE,
+                    offset(entries, client, i),
+                )
                 .await
                 .expect("list");
             assert_eq!(page.count as usize, entries);

@@ -170,7 +170,7 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
         .await
         .expect("start");
     let progress = loop {
-        let progress = processor.redrive_progress(&job).expect("job");
+        let progress = processor.redrive_progress(&job.id).expect("job");
         if progress.status.is_finished() {
             break progress;
         }

@@ -9,7 +9,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use helix_messaging_core::dlq::{
-    CanaryConfig, DeadLetterReason, DlqFilter, EntryStatus, FailureGroup, Processor,
+    CanaryConfig, DeadLetterFilter, DeadLetterReason, EntryStatus, FailureGroup, Processor,
     RedriveProgress, RedriveRequest, StoredDeadLetter,
 };
 use serde::{Deserialize, Serialize};
@@ -134,9 +134,9 @@ const FILTER_KEYS: [&str; 7] = [
     "to",
 ];
 
-/// A [`DlqFilter`] from `topic`, `reason` (as written in headers, or with underscores),
+/// A [`DeadLetterFilter`] from `topic`, `reason` (as written in headers, or with underscores),
 /// `type`, `status`, `original_id`, `from` and `to` (RFC 3339); other keys are ignored.
-fn filter_from(query: &HashMap<String, String>) -> Result<DlqFilter, ApiError> {
+fn filter_from(query: &HashMap<String, String>) -> Result<DeadLetterFilter, ApiError> {
     let reason = match query.get("reason") {
         None => None,
         Some(r) => Some(
@@ -156,7 +156,7 @@ fn filter_from(query: &HashMap<String, String>) -> Result<DlqFilter, ApiError> {
         None => None,
         Some(s) => Some(EntryStatus::parse(s).map_err(ApiError::from)?),
     };
-    Ok(DlqFilter {
+    Ok(DeadLetterFilter {
         topic: query.get("topic").cloned(),
         reason,
         message_type: query.get("type").cloned(),
@@ -359,8 +359,9 @@ pub(crate) async fn start_redrive(
             .unwrap_or(RedriveRequest::default().batch_size),
     };
     let dlq = processor(&state)?;
-    let id = dlq.start_redrive(request).await?;
-    let progress = dlq.redrive_progress(&id)?;
+    let started = dlq.start_redrive(request).await?;
+    // Read again: a small job may be further along than when it started.
+    let progress = dlq.redrive_progress(&started.id)?;
     Ok((StatusCode::ACCEPTED, Json(redrive_json(&progress))).into_response())
 }
 

@@ -137,7 +137,7 @@ pub(crate) async fn show(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let progress = handler(&state)?.get_progress(&id).await?;
+    let progress = handler(&state)?.replay_progress(&id).await?;
     Ok(Json(progress_json(&progress)).into_response())
 }
 
@@ -149,6 +149,6 @@ pub(crate) async fn cancel(
 ) -> Result<Response, ApiError> {
     let replays = handler(&state)?;
     replays.cancel_replay(&id).await?;
-    let progress = replays.get_progress(&id).await?;
+    let progress = replays.replay_progress(&id).await?;
     Ok(Json(progress_json(&progress)).into_response())
 }

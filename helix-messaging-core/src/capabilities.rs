@@ -34,13 +34,13 @@ pub struct Capabilities {
     pub replay_by_time: bool,
     /// Rejected messages are routed to a dead-letter destination by the broker itself.
     pub native_dlq: bool,
-    /// A requeue can be delayed ([`Delivery::nack_after`](crate::Delivery::nack_after)): the
+    /// A requeue can be delayed ([`Delivery::requeue_after`](crate::Delivery::requeue_after)): the
     /// broker holds the message back for its group until the delay has passed, so a waiting
     /// retry occupies nothing in the consumer and survives its crash. Promised for named
     /// consumer groups; a private subscription's delivery may not offer it (Kafka would need
-    /// a retry topic per subscription), which [`Delivery::can_delay`](crate::Delivery::can_delay)
+    /// a retry topic per subscription), which [`Delivery::delays_requeue`](crate::Delivery::delays_requeue)
     /// tells.
-    pub delayed_delivery: bool,
+    pub delayed_requeue: bool,
     /// How far a consumer group is behind can be asked ([`Broker::backlog`](crate::Broker::backlog)):
     /// the messages waiting for it, and where the backend knows, those delivered but not
     /// yet settled.
@@ -62,7 +62,7 @@ impl Capabilities {
         redeliver_unacked: false,
         replay_by_time: false,
         native_dlq: false,
-        delayed_delivery: false,
+        delayed_requeue: false,
         backlog: false,
         max_payload_bytes: None,
     };
@@ -81,7 +81,7 @@ impl Capabilities {
             ("Unacked handed over", self.redeliver_unacked),
             ("Replay by time", self.replay_by_time),
             ("Native DLQ", self.native_dlq),
-            ("Delayed requeue", self.delayed_delivery),
+            ("Delayed requeue", self.delayed_requeue),
             ("Backlog", self.backlog),
         ]
     }

@@ -99,7 +99,7 @@ pub trait Acknowledge: Send + Sync + 'static {
 
     /// Whether this delivery can be settled with [`Settlement::RequeueAfter`]: the backend
     /// holds the message back itself, without the consumer keeping it (the backend declares
-    /// [`Capabilities::delayed_delivery`](crate::Capabilities::delayed_delivery)).
+    /// [`Capabilities::delayed_requeue`](crate::Capabilities::delayed_requeue)).
     fn delays_requeue(&self) -> bool {
         false
     }
@@ -146,7 +146,7 @@ impl Settler {
             {
                 return Err(Error::new(
                     ErrorKind::Unsupported,
-                    "this backend cannot delay a requeue (Capabilities::delayed_delivery is false); the delivery is still unsettled",
+                    "this backend cannot delay a requeue (Capabilities::delayed_requeue is false); the delivery is still unsettled",
                 ));
             }
             slot.take()
@@ -171,29 +171,55 @@ impl Settler {
         self.settle(Settlement::Ack).await
     }
 
-    /// Whether [`Settler::nack_after`] is available for this delivery (the backend holds a
-    /// delayed requeue itself).
-    pub fn can_delay(&self) -> bool {
+    /// Whether [`Settler::requeue_after`] is available for this delivery: the backend holds a
+    /// delayed requeue itself ([`Acknowledge::delays_requeue`], declared by
+    /// [`Capabilities::delayed_requeue`](crate::Capabilities::delayed_requeue)).
+    pub fn delays_requeue(&self) -> bool {
         self.acker
             .lock()
             .as_ref()
             .is_some_and(|a| a.delays_requeue())
     }
 
+    /// [`Settler::delays_requeue`], under its name before 0.2.
+    #[deprecated(since = "0.2.0", note = "renamed `delays_requeue`")]
+    pub fn can_delay(&self) -> bool {
+        self.delays_requeue()
+    }
+
+    /// Not processed: hand the message out again to this delivery's group (any member),
+    /// attempt + 1 ([`Settlement::Requeue`]).
+    ///
+    /// # Errors
+    /// As [`Settler::settle`]; [`ErrorKind::Unsupported`] from backends without redelivery.
+    pub async fn requeue(&self) -> Result<()> {
+        self.settle(Settlement::Requeue).await
+    }
+
     /// Not processed: hand the message out again to this delivery's group, attempt + 1, once
-    /// `delay` has passed. The broker holds it meanwhile: nothing in this process waits, and a
-    /// crash of this process loses nothing. A zero delay is a plain requeue.
+    /// `delay` has passed ([`Settlement::RequeueAfter`]). The broker holds it meanwhile:
+    /// nothing in this process waits, and a crash of this process loses nothing. A zero delay
+    /// is a plain requeue.
     ///
     /// # Errors
     /// [`ErrorKind::Unsupported`] when the backend cannot delay a requeue (see
-    /// [`Settler::can_delay`]); the delivery is then still unsettled and can be settled
+    /// [`Settler::delays_requeue`]); the delivery is then still unsettled and can be settled
     /// otherwise. Otherwise as [`Settler::settle`].
-    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
+    pub async fn requeue_after(&self, delay: Duration) -> Result<()> {
         self.settle(Settlement::RequeueAfter(delay)).await
     }
 
-    /// Not processed: `requeue = true` hands it out again with attempt + 1; `requeue = false`
-    /// is the same as [`Settler::reject`].
+    /// [`Settler::requeue_after`], under its name before 0.2.
+    ///
+    /// # Errors
+    /// As [`Settler::requeue_after`].
+    #[deprecated(since = "0.2.0", note = "renamed `requeue_after`")]
+    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
+        self.requeue_after(delay).await
+    }
+
+    /// HelixAgent's settlement by flag: `requeue = true` is [`Settler::requeue`],
+    /// `requeue = false` is [`Settler::reject`].
     ///
     /// # Errors
     /// As [`Settler::settle`]; [`ErrorKind::Unsupported`] from backends without redelivery.
@@ -287,6 +313,14 @@ impl Delivery {
         self.settler.ack().await
     }
 
+    /// See [`Settler::requeue`].
+    ///
+    /// # Errors
+    /// As [`Settler::settle`].
+    pub async fn requeue(&self) -> Result<()> {
+        self.settler.requeue().await
+    }
+
     /// See [`Settler::nack`].
     ///
     /// # Errors
@@ -303,17 +337,32 @@ impl Delivery {
         self.settler.reject().await
     }
 
-    /// See [`Settler::nack_after`].
+    /// See [`Settler::requeue_after`].
     ///
     /// # Errors
-    /// As [`Settler::nack_after`].
-    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
-        self.settler.nack_after(delay).await
+    /// As [`Settler::requeue_after`].
+    pub async fn requeue_after(&self, delay: Duration) -> Result<()> {
+        self.settler.requeue_after(delay).await
     }
 
-    /// See [`Settler::can_delay`].
+    /// See [`Settler::delays_requeue`].
+    pub fn delays_requeue(&self) -> bool {
+        self.settler.delays_requeue()
+    }
+
+    /// [`Delivery::requeue_after`], under its name before 0.2.
+    ///
+    /// # Errors
+    /// As [`Settler::requeue_after`].
+    #[deprecated(since = "0.2.0", note = "renamed `requeue_after`")]
+    pub async fn nack_after(&self, delay: Duration) -> Result<()> {
+        self.requeue_after(delay).await
+    }
+
+    /// [`Delivery::delays_requeue`], under its name before 0.2.
+    #[deprecated(since = "0.2.0", note = "renamed `delays_requeue`")]
     pub fn can_delay(&self) -> bool {
-        self.settler.can_delay()
+        self.delays_requeue()
     }
 }
 

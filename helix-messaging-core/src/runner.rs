@@ -163,7 +163,7 @@ impl HandlerError {
 
     /// Ask for the next attempt no sooner than `delay` from now (a transient failure only;
     /// the retry layer sets it from its backoff). The runner settles with
-    /// [`Settler::nack_after`] where the backend holds delayed requeues, and otherwise keeps
+    /// [`Settler::requeue_after`] where the backend holds delayed requeues, and otherwise keeps
     /// the delivery unsettled for the delay without occupying a handler slot.
     #[must_use]
     pub fn with_retry_after(mut self, delay: Duration) -> Self {
@@ -688,7 +688,7 @@ async fn settle(
 /// the delivery unsettled here for the delay (it then holds a prefetch place, not a handler
 /// slot) and requeueing at once if the runner shuts down meanwhile.
 async fn requeue_after(settler: &Settler, delay: Duration, stop: &CancellationToken) -> Result<()> {
-    match settler.nack_after(delay).await {
+    match settler.requeue_after(delay).await {
         Err(err) if err.kind() == ErrorKind::Unsupported => {
             tokio::select! {
                 () = stop.cancelled() => {}

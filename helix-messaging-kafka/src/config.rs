@@ -33,7 +33,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     replay_by_time: true,
     native_dlq: false,
     // Named groups: copies wait on the group's retry topic (see the `reader` module).
-    delayed_delivery: true,
+    delayed_requeue: true,
     backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };

@@ -631,8 +631,8 @@ async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() 
     delays.insert(fast.id().to_owned(), Duration::from_millis(500));
     for _ in 0..2 {
         let d = common::recv(&mut sub).await;
-        assert!(d.can_delay());
-        d.nack_after(delays[d.message().id()]).await.unwrap();
+        assert!(d.delays_requeue());
+        d.requeue_after(delays[d.message().id()]).await.unwrap();
     }
     let first = common::recv(&mut sub).await;
     assert_eq!(
@@ -662,7 +662,7 @@ async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() 
     // Delayed again, then this process "dies" with the copy on the retry topic.
     let requeued_at = Instant::now();
     slow_back
-        .nack_after(Duration::from_millis(1_500))
+        .requeue_after(Duration::from_millis(1_500))
         .await
         .unwrap();
     drop(sub);

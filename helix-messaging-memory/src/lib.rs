@@ -58,7 +58,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     redeliver_unacked: true,
     replay_by_time: true,
     native_dlq: false,
-    delayed_delivery: true,
+    delayed_requeue: true,
     backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };

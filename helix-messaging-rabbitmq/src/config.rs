@@ -31,7 +31,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     // Needs the replay journal, which is off by default; see `RabbitConfig::replay_journal`.
     replay_by_time: false,
     native_dlq: true,
-    delayed_delivery: true,
+    delayed_requeue: true,
     backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };

@@ -270,9 +270,9 @@ async fn a_delayed_requeue_waits_in_the_broker_across_a_consumer_crash() {
     let m = Message::new("wait in the broker").with_header("kind", "retry-me");
     consumer.publish(&topic, m.clone()).await.unwrap();
     let d = common::recv(&mut sub).await;
-    assert!(d.can_delay());
+    assert!(d.delays_requeue());
     let requeued_at = std::time::Instant::now();
-    d.nack_after(delay).await.unwrap();
+    d.requeue_after(delay).await.unwrap();
     // The consumer's process "dies": its connection closes with nothing held.
     drop(sub);
     consumer.close().await.unwrap();

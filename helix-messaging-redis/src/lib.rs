@@ -76,7 +76,7 @@ pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
     redeliver_unacked: true,
     replay_by_time: true,
     native_dlq: false,
-    delayed_delivery: true,
+    delayed_requeue: true,
     backlog: true,
     max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
 };

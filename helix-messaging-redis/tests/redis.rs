@@ -848,9 +848,9 @@ async fn a_delay_longer_than_the_ack_deadline_survives_the_consumers_crash() {
     let m = Message::new("wait for it");
     broker.publish(&topic, m.clone()).await.unwrap();
     let d = recv(&mut first).await;
-    assert!(d.can_delay());
+    assert!(d.delays_requeue());
     let requeued_at = Instant::now();
-    d.nack_after(delay).await.unwrap();
+    d.requeue_after(delay).await.unwrap();
     let mut zset = raw(&url).await;
     let held: i64 = redis::cmd("ZCARD")
         .arg(format!("{topic}.helix-delayed.{group}"))

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use helix_messaging_core::dlq::DlqFilter;
+use helix_messaging_core::dlq::DeadLetterFilter;
 use helix_messaging_core::replay::ReplayLease;
 
 /// A value a SQL store binds for a filter condition.
@@ -14,7 +14,7 @@ pub(crate) enum SqlValue {
 
 /// `filter` as SQL conditions (`"<column> <operator>"` and the value to bind), the same for
 /// every SQL store; an empty list matches everything.
-pub(crate) fn sql_conditions(filter: &DlqFilter) -> Vec<(&'static str, SqlValue)> {
+pub(crate) fn sql_conditions(filter: &DeadLetterFilter) -> Vec<(&'static str, SqlValue)> {
     let text = |s: &str| SqlValue::Text(s.to_owned());
     let mut out = Vec::new();
     if let Some(topic) = &filter.topic {

@@ -28,7 +28,7 @@ pub enum Needs {
     ReplayByTime,
     /// [`Capabilities::max_payload_bytes`] is set.
     PayloadLimit,
-    /// [`Capabilities::delayed_delivery`].
+    /// [`Capabilities::delayed_requeue`].
     DelayedDelivery,
     /// [`Capabilities::backlog`].
     Backlog,
@@ -47,7 +47,7 @@ impl Needs {
             Needs::RedeliverUnacked => caps.redeliver_unacked,
             Needs::ReplayByTime => caps.replay_by_time,
             Needs::PayloadLimit => caps.max_payload_bytes.is_some(),
-            Needs::DelayedDelivery => caps.delayed_delivery,
+            Needs::DelayedDelivery => caps.delayed_requeue,
             Needs::Backlog => caps.backlog,
         }
     }

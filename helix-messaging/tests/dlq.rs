@@ -11,8 +11,8 @@ use common::letter;
 
 use futures::StreamExt;
 use helix_messaging::dlq::{
-    CanaryConfig, DeadLetter, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason,
-    DeadLetterStore, DlqFilter, EntryStatus, Processor, ProcessorConfig, RedriveRequest,
+    CanaryConfig, DeadLetter, DeadLetterConfig, DeadLetterFilter, DeadLetterLayer, DeadLetterQueue,
+    DeadLetterReason, DeadLetterStore, EntryStatus, Processor, ProcessorConfig, RedriveRequest,
     RedriveStatus, SqliteDeadLetterStore, StoredDeadLetter,
 };
 use helix_messaging::retry::{RetryLayer, RetryPolicy};
@@ -113,7 +113,10 @@ async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
     }
     // A new process opens the same file.
     let store = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
-    let all = store.list(&DlqFilter::default(), 10, 0).await.unwrap();
+    let all = store
+        .list(&DeadLetterFilter::default(), 10, 0)
+        .await
+        .unwrap();
     assert_eq!(all.len(), 3);
     let ids: Vec<&str> = all.iter().map(|e| e.letter.id.as_str()).collect();
     assert_eq!(
@@ -149,42 +152,45 @@ async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
     assert_eq!(all[1].status, EntryStatus::Parked);
     assert_eq!(all[1].last_error.as_deref(), Some("still broken"));
 
-    let orders = DlqFilter {
+    let orders = DeadLetterFilter {
         topic: Some("orders".into()),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     assert_eq!(store.count(&orders).await.unwrap(), 2);
-    let undecodable = DlqFilter {
+    let undecodable = DeadLetterFilter {
         reason: Some(DeadLetterReason::Undecodable),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     assert_eq!(store.count(&undecodable).await.unwrap(), 1);
-    let payments = DlqFilter {
+    let payments = DeadLetterFilter {
         message_type: Some("payment.made".into()),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     assert_eq!(
         store.ids(&payments).await.unwrap(),
         vec![letters[2].id.clone()]
     );
-    let window = DlqFilter {
+    let window = DeadLetterFilter {
         from: Some(t0 + Duration::from_millis(500)),
         to: Some(t0 + Duration::from_millis(1_500)),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     assert_eq!(
         store.ids(&window).await.unwrap(),
         vec![letters[1].id.clone()]
     );
     assert_eq!(
-        store.list(&DlqFilter::default(), 1, 1).await.unwrap()[0]
+        store
+            .list(&DeadLetterFilter::default(), 1, 1)
+            .await
+            .unwrap()[0]
             .letter
             .id,
         letters[1].id,
         "offset"
     );
 
-    let groups = store.groups(&DlqFilter::default()).await.unwrap();
+    let groups = store.groups(&DeadLetterFilter::default()).await.unwrap();
     assert_eq!(groups.len(), 3);
     let stats = store.stats().await.unwrap();
     assert_eq!((stats.depth, stats.parked), (3, 1));
@@ -223,7 +229,7 @@ async fn the_sqlite_store_keeps_every_field_across_a_reopening() {
     drop(store);
     let store = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
     assert_eq!(
-        store.ids(&DlqFilter::default()).await.unwrap(),
+        store.ids(&DeadLetterFilter::default()).await.unwrap(),
         vec![letters[2].id.clone()]
     );
 }
@@ -316,7 +322,10 @@ async fn a_reopened_store_can_be_reprocessed_discarded_and_purged() {
     // Another process, the same file.
     let store = Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap());
     let processor = Processor::new(broker.clone(), store.clone(), config).unwrap();
-    let page = processor.list(&DlqFilter::default(), 10, 0).await.unwrap();
+    let page = processor
+        .list(&DeadLetterFilter::default(), 10, 0)
+        .await
+        .unwrap();
     assert_eq!(page.count, 3);
     let id_of = |m: &Message| {
         page.entries
@@ -358,15 +367,15 @@ async fn a_reopened_store_can_be_reprocessed_discarded_and_purged() {
     assert_eq!(processor.stats().await.unwrap().depth, 0);
     assert_eq!(
         processor
-            .purge(&DlqFilter {
+            .purge(&DeadLetterFilter {
                 status: Some(EntryStatus::Discarded),
-                ..DlqFilter::default()
+                ..DeadLetterFilter::default()
             })
             .await
             .unwrap(),
         1
     );
-    assert_eq!(store.count(&DlqFilter::default()).await.unwrap(), 0);
+    assert_eq!(store.count(&DeadLetterFilter::default()).await.unwrap(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,9 +404,9 @@ async fn automatic_redrive_backs_off_then_parks_the_message() {
         async move {
             let page = processor
                 .list(
-                    &DlqFilter {
+                    &DeadLetterFilter {
                         status: Some(EntryStatus::Parked),
-                        ..DlqFilter::default()
+                        ..DeadLetterFilter::default()
                     },
                     10,
                     0,
@@ -593,7 +602,7 @@ async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
         .unwrap();
     // Dead-lettered after the job started: not part of its selection.
     let late = stored_letters(&processor, &topic, 1).await;
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     let took = started.elapsed();
     assert_eq!(progress.status, RedriveStatus::Completed);
     assert_eq!(
@@ -618,7 +627,10 @@ async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
     }
     let expected: Vec<String> = letters.iter().map(|l| l.message.id().to_owned()).collect();
     assert_eq!(got, expected, "re-driven in DLQ order");
-    let left = processor.list(&DlqFilter::default(), 10, 0).await.unwrap();
+    let left = processor
+        .list(&DeadLetterFilter::default(), 10, 0)
+        .await
+        .unwrap();
     assert_eq!(left.count, 1);
     assert_eq!(
         left.entries[0].letter.id, late[0].id,
@@ -654,7 +666,7 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
         arrivals.push(Instant::now());
     }
     assert_eq!(
-        common::redrive_finished(&processor, &job).await.status,
+        common::redrive_finished(&processor, &job.id).await.status,
         RedriveStatus::Completed
     );
     // Half a second holds RATE / 2 messages, plus one chunk (RATE / 20) that may start at
@@ -692,7 +704,7 @@ async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed, progress.skipped),
@@ -727,7 +739,7 @@ async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
         })
         .await
         .unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed),
@@ -779,7 +791,7 @@ async fn a_canary_failing_on_a_host_with_a_slow_clock_still_stops_the_redrive() 
     again.first_failure_at = again.last_failure_at;
     canary.ack().await.unwrap();
     processor.ingest(again).await.unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(progress.status, RedriveStatus::CanaryFailed, "{progress:?}");
     assert_eq!(progress.redriven, 1, "only the canary went out");
 }
@@ -809,7 +821,7 @@ async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too()
         })
         .await
         .unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(progress.status, RedriveStatus::CanaryFailed);
     assert_eq!(progress.redriven, 2, "only the canaries went out");
     assert_eq!(calls.load(Ordering::SeqCst), 2);
@@ -826,8 +838,8 @@ async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too()
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(350)).await;
-    processor.cancel_redrive(&job).unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    processor.cancel_redrive(&job.id).unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(progress.status, RedriveStatus::Cancelled);
     assert!(
         progress.redriven >= 1 && progress.redriven < 20,

@@ -14,8 +14,8 @@ use common::letter;
 use async_trait::async_trait;
 use futures::StreamExt;
 use helix_messaging::dlq::{
-    DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup,
-    MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveRequest, RedriveStatus,
+    DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterStats, DeadLetterStore, EntryStatus,
+    FailureGroup, MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveRequest, RedriveStatus,
     StoredDeadLetter,
 };
 use helix_messaging::{Broker, ErrorKind, SubscribeOptions, Subscription};
@@ -255,7 +255,7 @@ async fn a_bulk_redrive_during_an_automatic_attempt_leaves_the_entry_to_it() {
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(attempt_ends(&handler, attempt).await, 1);
 
     assert_eq!(progress.status, RedriveStatus::Completed);
@@ -303,16 +303,16 @@ impl DeadLetterStore for OverlappingJobs {
     }
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
         self.inner.list(filter, limit, offset).await
     }
-    async fn count(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+    async fn count(&self, filter: &DeadLetterFilter) -> helix_messaging::Result<u64> {
         self.inner.count(filter).await
     }
-    async fn ids(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<String>> {
+    async fn ids(&self, filter: &DeadLetterFilter) -> helix_messaging::Result<Vec<String>> {
         self.inner.ids(filter).await
     }
     async fn claim_due(
@@ -348,13 +348,16 @@ impl DeadLetterStore for OverlappingJobs {
         }
         self.inner.remove_many(entries).await
     }
-    async fn purge(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+    async fn purge(&self, filter: &DeadLetterFilter) -> helix_messaging::Result<u64> {
         self.inner.purge(filter).await
     }
-    async fn groups(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<FailureGroup>> {
+    async fn groups(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> helix_messaging::Result<Vec<FailureGroup>> {
         self.inner.groups(filter).await
     }
-    async fn stats(&self) -> helix_messaging::Result<DlqStats> {
+    async fn stats(&self) -> helix_messaging::Result<DeadLetterStats> {
         self.inner.stats().await
     }
 }
@@ -393,8 +396,8 @@ async fn two_bulk_redrives_of_one_selection_publish_each_entry_once() {
         processor.start_redrive(RedriveRequest::default())
     );
     let (a, b) = (
-        common::redrive_finished(&processor, &a.unwrap()).await,
-        common::redrive_finished(&processor, &b.unwrap()).await,
+        common::redrive_finished(&processor, &a.unwrap().id).await,
+        common::redrive_finished(&processor, &b.unwrap().id).await,
     );
     assert_eq!(a.redriven + b.redriven, ENTRIES as u64, "{a:?}\n{b:?}");
     assert_eq!(a.redriven + a.skipped, ENTRIES as u64, "{a:?}");
@@ -414,7 +417,7 @@ async fn two_bulk_redrives_of_one_selection_publish_each_entry_once() {
         delivery.ack().await.unwrap();
     }
     nothing_arrives(&mut sub, "an entry went out once per job").await;
-    assert_eq!(store.count(&DlqFilter::default()).await.unwrap(), 0);
+    assert_eq!(store.count(&DeadLetterFilter::default()).await.unwrap(), 0);
 }
 
 /// A process running a bulk redrive over an SQLite DLQ dies midway (its runtime shut down
@@ -470,7 +473,7 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
             .await
             .unwrap();
         helix_messaging_testkit::eventually(WAIT, "a third re-driven", || {
-            let progress = processor.redrive_progress(&job).unwrap();
+            let progress = processor.redrive_progress(&job.id).unwrap();
             async move { (progress.redriven >= (ENTRIES / 3) as u64).then_some(progress.redriven) }
         })
         .await
@@ -484,7 +487,7 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let progress = common::redrive_finished(&processor, &job).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
         progress.redriven + progress.skipped,
@@ -497,7 +500,10 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
         *copies.entry(message.id().to_owned()).or_default() += 1;
     }
     let now = SystemTime::now();
-    let left = store.list(&DlqFilter::default(), ENTRIES, 0).await.unwrap();
+    let left = store
+        .list(&DeadLetterFilter::default(), ENTRIES, 0)
+        .await
+        .unwrap();
     let held = left.iter().filter(|e| e.is_claimed(now)).count();
     assert_eq!(
         held,
@@ -537,16 +543,16 @@ impl DeadLetterStore for ShortDueClaims {
     }
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> helix_messaging::Result<Vec<StoredDeadLetter>> {
         self.0.list(filter, limit, offset).await
     }
-    async fn count(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+    async fn count(&self, filter: &DeadLetterFilter) -> helix_messaging::Result<u64> {
         self.0.count(filter).await
     }
-    async fn ids(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<String>> {
+    async fn ids(&self, filter: &DeadLetterFilter) -> helix_messaging::Result<Vec<String>> {
         self.0.ids(filter).await
     }
     async fn claim_due(
@@ -573,13 +579,16 @@ impl DeadLetterStore for ShortDueClaims {
     async fn remove(&self, id: &str, version: u64) -> helix_messaging::Result<bool> {
         self.0.remove(id, version).await
     }
-    async fn purge(&self, filter: &DlqFilter) -> helix_messaging::Result<u64> {
+    async fn purge(&self, filter: &DeadLetterFilter) -> helix_messaging::Result<u64> {
         self.0.purge(filter).await
     }
-    async fn groups(&self, filter: &DlqFilter) -> helix_messaging::Result<Vec<FailureGroup>> {
+    async fn groups(
+        &self,
+        filter: &DeadLetterFilter,
+    ) -> helix_messaging::Result<Vec<FailureGroup>> {
         self.0.groups(filter).await
     }
-    async fn stats(&self) -> helix_messaging::Result<DlqStats> {
+    async fn stats(&self) -> helix_messaging::Result<DeadLetterStats> {
         self.0.stats().await
     }
 }

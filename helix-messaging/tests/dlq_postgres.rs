@@ -13,8 +13,8 @@ use common::letter;
 use futures::{FutureExt, StreamExt};
 use helix_messaging::SubscribeOptions;
 use helix_messaging::dlq::{
-    DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus, PostgresDeadLetterStore, Processor,
-    ProcessorConfig, StoredDeadLetter,
+    DeadLetterFilter, DeadLetterReason, DeadLetterStore, EntryStatus, PostgresDeadLetterStore,
+    Processor, ProcessorConfig, StoredDeadLetter,
 };
 
 fn connection() -> String {
@@ -113,12 +113,12 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
     assert_eq!(got.letter.error, ids[0].error);
     assert_eq!(got.letter.attempts, 4);
     assert_eq!(got.status, EntryStatus::Pending);
-    let payments = DlqFilter {
+    let payments = DeadLetterFilter {
         message_type: Some("payment.made".into()),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     assert_eq!(b.count(&payments).await.unwrap(), 20);
-    let page = b.list(&DlqFilter::default(), 5, 10).await.unwrap();
+    let page = b.list(&DeadLetterFilter::default(), 5, 10).await.unwrap();
     let expected: Vec<&str> = ids[10..15].iter().map(|l| l.id.as_str()).collect();
     assert_eq!(
         page.iter()
@@ -155,7 +155,7 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
             .is_empty()
     );
 
-    let groups = a.groups(&DlqFilter::default()).await.unwrap();
+    let groups = a.groups(&DeadLetterFilter::default()).await.unwrap();
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].count, 40);
     let mut parked = a.get(&ids[5].id).await.unwrap().unwrap();
@@ -172,7 +172,7 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
         .collect();
     assert_eq!(a.remove_many(&current).await.unwrap(), 2);
     assert_eq!(b.purge(&payments).await.unwrap(), 20);
-    assert_eq!(a.count(&DlqFilter::default()).await.unwrap(), 18);
+    assert_eq!(a.count(&DeadLetterFilter::default()).await.unwrap(), 18);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,7 +313,7 @@ async fn a_dlq_call_stuck_on_a_lock_does_not_hold_up_a_replay_lease() {
         .unwrap();
     let counting = tokio::spawn({
         let dlq = dlq.clone();
-        async move { dlq.count(&DlqFilter::default()).await }
+        async move { dlq.count(&DeadLetterFilter::default()).await }
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -197,7 +197,7 @@ async fn a_handler_that_lost_its_lease_stops_and_overwrites_nothing() {
         .await
         .unwrap();
     wait_until("ten replayed by the first handler", async || {
-        first.get_progress("taken-over").await.unwrap().replayed >= 10
+        first.replay_progress("taken-over").await.unwrap().replayed >= 10
     })
     .await;
     // The first handler can no longer renew its lease; the second takes the replay over

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use helix_messaging::async_trait;
 use helix_messaging::breaker::{BreakerBroker, BreakerConfig};
 use helix_messaging::dlq::{
-    DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DlqFilter, MemoryDeadLetterStore,
+    DeadLetterConfig, DeadLetterFilter, DeadLetterLayer, DeadLetterQueue, MemoryDeadLetterStore,
     Processor, ProcessorConfig,
 };
 use helix_messaging::fallback::{FallbackBroker, ForwardConfig, MemorySpool, SpoolLimits};
@@ -324,7 +324,10 @@ async fn the_trace_goes_through_the_dlq_and_its_redrive(backend: Arc<dyn Broker>
     let stored = eventually(WAIT, "the dead letter stored", || {
         let processor = processor.clone();
         async move {
-            let page = processor.list(&DlqFilter::default(), 10, 0).await.ok()?;
+            let page = processor
+                .list(&DeadLetterFilter::default(), 10, 0)
+                .await
+                .ok()?;
             page.entries.into_iter().next()
         }
     })

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use helix_messaging::dlq::{
-    CanaryConfig, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DlqFilter, Processor,
+    CanaryConfig, DeadLetterConfig, DeadLetterFilter, DeadLetterLayer, DeadLetterQueue, Processor,
     ProcessorConfig, RedriveRequest, SqliteDeadLetterStore,
 };
 use helix_messaging::retry::{RetryLayer, RetryPolicy};
@@ -150,7 +150,7 @@ async fn run() -> Result<()> {
     // Two flaky ones after their retries, the empty prompt and the undecodable payload.
     wait_for_depth(&processor, 4).await?;
 
-    let page = processor.list(&DlqFilter::default(), 10, 0).await?;
+    let page = processor.list(&DeadLetterFilter::default(), 10, 0).await?;
     println!("\nDLQ: {} entries", page.count);
     for entry in &page.entries {
         let l = &entry.letter;
@@ -164,7 +164,10 @@ async fn run() -> Result<()> {
         );
     }
     println!("\nfailures by reason:");
-    for group in processor.failure_groups(&DlqFilter::default()).await? {
+    for group in processor
+        .failure_groups(&DeadLetterFilter::default())
+        .await?
+    {
         println!("  {:>3} × {} on {}", group.count, group.reason, group.topic);
     }
 
@@ -180,9 +183,9 @@ async fn run() -> Result<()> {
     println!("\nprovider fixed; bulk redrive with a canary of 1:");
     let job = processor
         .start_redrive(RedriveRequest {
-            filter: DlqFilter {
+            filter: DeadLetterFilter {
                 status: Some(helix_messaging::dlq::EntryStatus::Pending),
-                ..DlqFilter::default()
+                ..DeadLetterFilter::default()
             },
             rate_per_second: Some(50.0),
             canary: Some(CanaryConfig {
@@ -193,7 +196,7 @@ async fn run() -> Result<()> {
         })
         .await?;
     let progress = loop {
-        let progress = processor.redrive_progress(&job)?;
+        let progress = processor.redrive_progress(&job.id)?;
         if progress.status.is_finished() {
             break progress;
         }

@@ -171,7 +171,7 @@ async fn run() -> Result<()> {
         });
     let started = replays.start_replay(request).await?;
     let done = loop {
-        let p = replays.get_progress(&started.id).await?;
+        let p = replays.replay_progress(&started.id).await?;
         if p.status.is_finished() {
             break p;
         }

@@ -94,7 +94,7 @@ impl ProcessorConfig {
 /// of republishing to the original topic. `Ok` resolves the entry; `Err` counts as a failed
 /// re-drive.
 #[async_trait]
-pub trait DlqHandler: Send + Sync + 'static {
+pub trait DeadLetterHandler: Send + Sync + 'static {
     /// Re-process one dead letter.
     ///
     /// # Errors
@@ -103,7 +103,7 @@ pub trait DlqHandler: Send + Sync + 'static {
 }
 
 #[async_trait]
-impl<F, Fut> DlqHandler for F
+impl<F, Fut> DeadLetterHandler for F
 where
     F: Fn(DeadLetter) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = std::result::Result<(), BoxError>> + Send + 'static,

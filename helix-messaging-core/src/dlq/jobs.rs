@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::store::DlqFilter;
+use super::store::DeadLetterFilter;
 
 /// Redrive the first `count` entries, then watch for `watch`: if any of them is
 /// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the
@@ -27,7 +27,7 @@ pub struct RedriveRequest {
     /// The entries to re-drive, selected when the job starts (the selection is frozen:
     /// entries dead-lettered later are not part of it). Discarded entries are never
     /// re-driven.
-    pub filter: DlqFilter,
+    pub filter: DeadLetterFilter,
     /// Publish to this topic instead of each message's original topic.
     pub target_topic: Option<String>,
     /// Most messages published per second (`None`: as fast as the broker confirms).
@@ -42,7 +42,7 @@ pub struct RedriveRequest {
 impl Default for RedriveRequest {
     fn default() -> Self {
         RedriveRequest {
-            filter: DlqFilter::default(),
+            filter: DeadLetterFilter::default(),
             target_topic: None,
             rate_per_second: None,
             canary: None,

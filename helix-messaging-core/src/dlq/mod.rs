@@ -23,7 +23,10 @@ use std::time::SystemTime;
 
 use async_trait::async_trait;
 
-pub use config::{DEFAULT_PROCESSOR_GROUP, DlqHandler, ProcessorConfig};
+/// [`DeadLetterHandler`], under its name before 0.2 (a trait cannot be deprecated by alias;
+/// new code names `DeadLetterHandler`).
+pub use config::DeadLetterHandler as DlqHandler;
+pub use config::{DEFAULT_PROCESSOR_GROUP, DeadLetterHandler, ProcessorConfig};
 pub use jobs::{CanaryConfig, RedriveProgress, RedriveRequest, RedriveStatus};
 pub use letter::{
     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterReason, EVENT_DLQ_TOPIC, HEADER_ATTEMPTS,
@@ -32,10 +35,10 @@ pub use letter::{
     HEADER_ORIGINAL_TOPIC, HEADER_PREFIX, HEADER_REASON, HEADER_REDRIVE_COUNT,
     MAX_ERROR_HEADER_BYTES, TASK_DLQ_TOPIC,
 };
-pub use processor::{DlqPage, Processor, ProcessorMetrics};
+pub use processor::{DeadLetterPage, Processor, ProcessorMetrics};
 pub use store::{
-    DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, MemoryDeadLetterStore,
-    StoredDeadLetter,
+    DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
+    MemoryDeadLetterStore, StoredDeadLetter,
 };
 
 use crate::broker::Publisher;
@@ -44,6 +47,16 @@ use crate::error::{Error, Result};
 use crate::names::validate_name;
 use crate::runner::{BoxHandler, Handler, HandlerError, Layer};
 use crate::trace;
+
+/// [`DeadLetterFilter`], under its name before 0.2.
+#[deprecated(since = "0.2.0", note = "renamed `DeadLetterFilter`")]
+pub type DlqFilter = DeadLetterFilter;
+/// [`DeadLetterStats`], under its name before 0.2.
+#[deprecated(since = "0.2.0", note = "renamed `DeadLetterStats`")]
+pub type DlqStats = DeadLetterStats;
+/// [`DeadLetterPage`], under its name before 0.2.
+#[deprecated(since = "0.2.0", note = "renamed `DeadLetterPage`")]
+pub type DlqPage = DeadLetterPage;
 
 /// Where dead letters go.
 ///

@@ -11,12 +11,12 @@ use parking_lot::{Mutex, RwLock};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::config::{DlqHandler, ProcessorConfig};
+use super::config::{DeadLetterHandler, ProcessorConfig};
 use super::jobs::{Job, RedriveProgress};
 use super::letter::DeadLetter;
 use super::store::remove_redriven;
 use super::store::{
-    DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
+    DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup, StoredDeadLetter,
 };
 use crate::broker::{Broker, StartPosition, SubscribeOptions};
 use crate::delivery::Envelope;
@@ -54,7 +54,7 @@ struct Counters {
 /// One page of a listing, with the number of entries the filter matches in all (the count
 /// HelixAgent's scripts read as `.count`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DlqPage {
+pub struct DeadLetterPage {
     /// The entries on this page.
     pub entries: Vec<StoredDeadLetter>,
     /// Entries matching the filter in all.
@@ -75,7 +75,7 @@ pub(super) struct Inner {
     pub(super) broker: Arc<dyn Broker>,
     pub(super) store: Arc<dyn DeadLetterStore>,
     config: ProcessorConfig,
-    handlers: RwLock<HashMap<String, Arc<dyn DlqHandler>>>,
+    handlers: RwLock<HashMap<String, Arc<dyn DeadLetterHandler>>>,
     counters: Counters,
     /// Ingests that failed in a row (the store is down), for the ingesters' backoff.
     ingest_failures: std::sync::atomic::AtomicU32,
@@ -104,7 +104,7 @@ const INGEST_BACKOFF: RetryPolicy = RetryPolicy {
 ///
 /// use futures::StreamExt;
 /// use helix_messaging_core::dlq::{
-///     DEFAULT_DLQ_TOPIC, DeadLetter, DlqFilter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore,
+///     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterFilter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore,
 ///     Processor, ProcessorConfig,
 /// };
 /// use helix_messaging_core::{Broker, Message, SubscribeOptions};
@@ -121,7 +121,7 @@ const INGEST_BACKOFF: RetryPolicy = RetryPolicy {
 /// // letter, as a DeadLetterLayer publishes it, is handed over directly.
 /// let failed = Message::new("order 7").with_header(HEADER_ORIGINAL_TOPIC, "orders");
 /// processor.ingest(DeadLetter::from_message(&failed, DEFAULT_DLQ_TOPIC)).await?;
-/// let page = processor.list(&DlqFilter::default(), 100, 0).await?;
+/// let page = processor.list(&DeadLetterFilter::default(), 100, 0).await?;
 /// assert_eq!(page.count, 1);
 ///
 /// // Send it back to its topic, and out of the DLQ.
@@ -187,14 +187,18 @@ impl Processor {
 
     /// Re-process messages of `message_type` (their `type` header) with `handler` instead of
     /// republishing them. Replaces an earlier handler for the type.
-    pub fn register_handler(&self, message_type: impl Into<String>, handler: impl DlqHandler) {
+    pub fn register_handler(
+        &self,
+        message_type: impl Into<String>,
+        handler: impl DeadLetterHandler,
+    ) {
         self.inner
             .handlers
             .write()
             .insert(message_type.into(), Arc::new(handler));
     }
 
-    fn handler_for(&self, letter: &DeadLetter) -> Option<Arc<dyn DlqHandler>> {
+    fn handler_for(&self, letter: &DeadLetter) -> Option<Arc<dyn DeadLetterHandler>> {
         let message_type = letter.message_type()?;
         self.inner.handlers.read().get(message_type).cloned()
     }
@@ -543,11 +547,16 @@ impl Processor {
     ///
     /// # Errors
     /// The store's error.
-    pub async fn list(&self, filter: &DlqFilter, limit: usize, offset: usize) -> Result<DlqPage> {
+    pub async fn list(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<DeadLetterPage> {
         let store = &self.inner.store;
         let entries = store.list(filter, limit, offset).await?;
         let count = store.count(filter).await?;
-        Ok(DlqPage {
+        Ok(DeadLetterPage {
             entries,
             count,
             limit,
@@ -664,7 +673,7 @@ impl Processor {
     ///
     /// # Errors
     /// The store's error.
-    pub async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+    pub async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let purged = self.inner.store.purge(filter).await?;
         tracing::info!(purged, ?filter, "DLQ entries purged");
         Ok(purged)
@@ -674,7 +683,7 @@ impl Processor {
     ///
     /// # Errors
     /// The store's error.
-    pub async fn failure_groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+    pub async fn failure_groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
         self.inner.store.groups(filter).await
     }
 
@@ -682,7 +691,7 @@ impl Processor {
     ///
     /// # Errors
     /// The store's error.
-    pub async fn stats(&self) -> Result<DlqStats> {
+    pub async fn stats(&self) -> Result<DeadLetterStats> {
         self.inner.store.stats().await
     }
 

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::jobs::{Job, RedriveProgress, RedriveRequest, RedriveStatus};
 use super::processor::{Processor, publish_timed_out, redrive_copy};
-use super::store::DlqFilter;
+use super::store::DeadLetterFilter;
 use super::store::remove_redriven;
 use crate::error::{Error, Result};
 use crate::message::Message;
@@ -46,17 +46,22 @@ impl Pacer {
 }
 
 impl Processor {
-    /// Start a bulk redrive job in the background; returns its id. See [`RedriveRequest`].
+    /// Start a bulk redrive job in the background; returns its progress as it starts (its
+    /// `id` names the job to [`redrive_progress`](Processor::redrive_progress),
+    /// [`cancel_redrive`](Processor::cancel_redrive) and in
+    /// [`list_redrives`](Processor::list_redrives)), the way
+    /// [`ReplayHandler::start_replay`](crate::replay::ReplayHandler::start_replay) does for a
+    /// replay. See [`RedriveRequest`].
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad request; the
     /// store's error selecting entries.
-    pub async fn start_redrive(&self, request: RedriveRequest) -> Result<String> {
+    pub async fn start_redrive(&self, request: RedriveRequest) -> Result<RedriveProgress> {
         start(self, request).await
     }
 }
 
-async fn start(processor: &Processor, request: RedriveRequest) -> Result<String> {
+async fn start(processor: &Processor, request: RedriveRequest) -> Result<RedriveProgress> {
     if let Some(target) = &request.target_topic {
         validate_name("target topic", target)?;
     }
@@ -91,6 +96,7 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<String>
             cancel: cancel.clone(),
         },
     );
+    let started = progress.lock().clone();
     let run = Run {
         processor: processor.clone(),
         request,
@@ -98,7 +104,7 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<String>
         cancel,
     };
     tokio::spawn(run.run(ids));
-    Ok(id)
+    Ok(started)
 }
 
 struct Run {
@@ -294,9 +300,9 @@ impl Run {
     async fn canary_failed(&self, canaries: &HashMap<String, u32>) -> Result<bool> {
         let store = &self.processor.inner.store;
         for (original_id, redrives) in canaries {
-            let filter = DlqFilter {
+            let filter = DeadLetterFilter {
                 original_id: Some(original_id.clone()),
-                ..DlqFilter::default()
+                ..DeadLetterFilter::default()
             };
             let entries = store.list(&filter, usize::MAX, 0).await?;
             if entries.iter().any(|e| e.letter.redrives >= *redrives) {

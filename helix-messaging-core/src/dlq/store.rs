@@ -112,7 +112,7 @@ impl StoredDeadLetter {
 /// Which entries an operation covers. Every field set must match; an empty filter matches
 /// everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DlqFilter {
+pub struct DeadLetterFilter {
     /// The topic the message failed on.
     pub topic: Option<String>,
     /// Why it was dead-lettered.
@@ -129,7 +129,7 @@ pub struct DlqFilter {
     pub to: Option<SystemTime>,
 }
 
-impl DlqFilter {
+impl DeadLetterFilter {
     /// Whether `entry` matches.
     pub fn matches(&self, entry: &StoredDeadLetter) -> bool {
         let l = &entry.letter;
@@ -176,7 +176,7 @@ pub struct FailureGroup {
 
 /// Size and age of the DLQ (entries not discarded).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DlqStats {
+pub struct DeadLetterStats {
     /// Pending and parked entries.
     pub depth: u64,
     /// Parked entries.
@@ -227,7 +227,7 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// The store's error.
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>>;
@@ -236,13 +236,13 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// The store's error.
-    async fn count(&self, filter: &DlqFilter) -> Result<u64>;
+    async fn count(&self, filter: &DeadLetterFilter) -> Result<u64>;
 
     /// The ids of every entry matching `filter`, in listing order.
     ///
     /// # Errors
     /// The store's error.
-    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>>;
+    async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>>;
 
     /// Claim up to `limit` pending entries whose automatic re-drive is due at `now` and that
     /// nothing holds, earliest first. In the same atomic step each is held until
@@ -305,19 +305,19 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     ///
     /// # Errors
     /// The store's error.
-    async fn purge(&self, filter: &DlqFilter) -> Result<u64>;
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64>;
 
     /// Entries matching `filter` grouped by reason and topic, largest group first.
     ///
     /// # Errors
     /// The store's error.
-    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>>;
+    async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>>;
 
     /// Depth and age of what is not discarded.
     ///
     /// # Errors
     /// The store's error.
-    async fn stats(&self) -> Result<DlqStats>;
+    async fn stats(&self) -> Result<DeadLetterStats>;
 }
 
 /// Holds `entry` for a re-drive until `until` (the in-process stores' claim).
@@ -404,7 +404,7 @@ impl Entries {
 
     fn matching<'a>(
         &'a self,
-        filter: &'a DlqFilter,
+        filter: &'a DeadLetterFilter,
     ) -> impl Iterator<Item = &'a StoredDeadLetter> + 'a {
         self.by_time.values().filter(move |e| filter.matches(e))
     }
@@ -437,7 +437,7 @@ impl DeadLetterStore for MemoryDeadLetterStore {
 
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
@@ -450,11 +450,11 @@ impl DeadLetterStore for MemoryDeadLetterStore {
             .collect())
     }
 
-    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         Ok(self.inner.lock().matching(filter).count() as u64)
     }
 
-    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+    async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {
         let entries = self.inner.lock();
         Ok(entries
             .matching(filter)
@@ -529,7 +529,7 @@ impl DeadLetterStore for MemoryDeadLetterStore {
         Ok(entries.take(id).is_some())
     }
 
-    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let mut entries = self.inner.lock();
         let ids: Vec<String> = entries
             .matching(filter)
@@ -541,13 +541,13 @@ impl DeadLetterStore for MemoryDeadLetterStore {
         Ok(ids.len() as u64)
     }
 
-    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+    async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
         Ok(group_entries(self.inner.lock().matching(filter)))
     }
 
-    async fn stats(&self) -> Result<DlqStats> {
+    async fn stats(&self) -> Result<DeadLetterStats> {
         let entries = self.inner.lock();
-        let mut stats = DlqStats::default();
+        let mut stats = DeadLetterStats::default();
         for e in entries
             .by_time
             .values()

@@ -405,11 +405,12 @@ impl ReplayHandler {
         });
     }
 
-    /// A replay's progress (of this process's run, or as last stored).
+    /// A replay's progress (of this process's run, or as last stored); named like
+    /// [`Processor::redrive_progress`](crate::dlq::Processor::redrive_progress).
     ///
     /// # Errors
     /// [`ErrorKind::NotFound`] for an unknown id; the store's error.
-    pub async fn get_progress(&self, id: &str) -> Result<ReplayProgress> {
+    pub async fn replay_progress(&self, id: &str) -> Result<ReplayProgress> {
         let (live, ended) = self.job_progress(id);
         if let Some(progress) = live {
             return Ok(progress);
@@ -422,6 +423,14 @@ impl ReplayHandler {
             Ok(None) => ended.ok_or_else(|| not_found(id)),
             Err(err) => ended.ok_or(err),
         }
+    }
+
+    /// [`ReplayHandler::replay_progress`] under HelixAgent's name (`GetProgress`).
+    ///
+    /// # Errors
+    /// As [`ReplayHandler::replay_progress`].
+    pub async fn get_progress(&self, id: &str) -> Result<ReplayProgress> {
+        self.replay_progress(id).await
     }
 
     /// This handler's progress of replay `id`: of a live run, or of one that ended.

@@ -6,7 +6,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
+    DeadLetter, DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
+    StoredDeadLetter,
 };
 use helix_messaging_core::{Error, ErrorKind, Headers, Message, MessageParts, Result};
 use tokio_postgres::Row;
@@ -95,7 +96,7 @@ impl std::fmt::Debug for PostgresDeadLetterStore {
     }
 }
 
-fn where_clause(filter: &DlqFilter, params: &mut Vec<Param>) -> String {
+fn where_clause(filter: &DeadLetterFilter, params: &mut Vec<Param>) -> String {
     let mut clauses = vec!["TRUE".to_owned()];
     for (condition, value) in sql_conditions(filter) {
         params.push(match value {
@@ -285,7 +286,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
 
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
@@ -301,7 +302,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
         rows.iter().map(read_entry).collect()
     }
 
-    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let mut params = Vec::new();
         let clause = where_clause(filter, &mut params);
         let sql = format!("SELECT COUNT(*) FROM {} WHERE {clause}", self.table);
@@ -311,7 +312,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
             .map_or(0, |r| r.get::<_, i64>(0).unsigned_abs()))
     }
 
-    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+    async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {
         let mut params = Vec::new();
         let clause = where_clause(filter, &mut params);
         let sql = format!(
@@ -406,14 +407,14 @@ impl DeadLetterStore for PostgresDeadLetterStore {
         .await
     }
 
-    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let mut params = Vec::new();
         let clause = where_clause(filter, &mut params);
         let sql = format!("DELETE FROM {} WHERE {clause}", self.table);
         self.execute("purge", &sql, &params).await
     }
 
-    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+    async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
         let mut params = Vec::new();
         let clause = where_clause(filter, &mut params);
         let sql = format!(
@@ -438,7 +439,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
             .collect()
     }
 
-    async fn stats(&self) -> Result<DlqStats> {
+    async fn stats(&self) -> Result<DeadLetterStats> {
         let sql = format!(
             "SELECT COUNT(*), COUNT(*) FILTER (WHERE status = 'parked'), MIN(last_failure_us)
              FROM {} WHERE status != 'discarded'",
@@ -451,7 +452,7 @@ impl DeadLetterStore for PostgresDeadLetterStore {
                 "DLQ store (PostgreSQL): stats returned no row",
             )
         })?;
-        Ok(DlqStats {
+        Ok(DeadLetterStats {
             depth: row.get::<_, i64>(0).unsigned_abs(),
             parked: row.get::<_, i64>(1).unsigned_abs(),
             oldest: row.get::<_, Option<i64>>(2).map(from_micros),

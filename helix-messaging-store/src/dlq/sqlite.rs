@@ -5,7 +5,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterStore, DlqFilter, DlqStats, EntryStatus, FailureGroup, StoredDeadLetter,
+    DeadLetter, DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
+    StoredDeadLetter,
 };
 use helix_messaging_core::{Error, ErrorKind, Headers, Message, MessageParts, Result};
 use rusqlite::types::Value;
@@ -87,7 +88,7 @@ impl std::fmt::Debug for SqliteDeadLetterStore {
 }
 
 /// The filter as a `WHERE` clause (always present, `1 = 1` when empty) and its parameters.
-fn where_clause(filter: &DlqFilter) -> (String, Vec<Value>) {
+fn where_clause(filter: &DeadLetterFilter) -> (String, Vec<Value>) {
     let mut clauses = vec!["1 = 1".to_owned()];
     let mut values = Vec::new();
     for (condition, value) in sql_conditions(filter) {
@@ -290,7 +291,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
 
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
@@ -306,7 +307,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         self.select("list", tail, values).await
     }
 
-    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let (clause, values) = where_clause(filter);
         self.run("count", move |c| {
             let sql = format!("SELECT COUNT(*) FROM helix_dead_letters WHERE {clause}");
@@ -317,7 +318,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         .await
     }
 
-    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+    async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {
         let (clause, values) = where_clause(filter);
         self.run("ids", move |c| {
             let sql = format!(
@@ -439,7 +440,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         .await
     }
 
-    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let (clause, values) = where_clause(filter);
         self.run("purge", move |c| {
             let sql = format!("DELETE FROM helix_dead_letters WHERE {clause}");
@@ -448,7 +449,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         .await
     }
 
-    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+    async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
         let (clause, values) = where_clause(filter);
         let rows = self
             .run("group failures", move |c| {
@@ -492,14 +493,14 @@ impl DeadLetterStore for SqliteDeadLetterStore {
             .collect()
     }
 
-    async fn stats(&self) -> Result<DlqStats> {
+    async fn stats(&self) -> Result<DeadLetterStats> {
         self.run("stats", |c| {
             c.prepare_cached(
                 "SELECT COUNT(*), COALESCE(SUM(status = 'parked'), 0), MIN(last_failure_us) \
                  FROM helix_dead_letters WHERE status != 'discarded'",
             )?
             .query_row([], |row| {
-                Ok(DlqStats {
+                Ok(DeadLetterStats {
                     depth: row.get::<_, i64>(0)?.unsigned_abs(),
                     parked: row.get::<_, i64>(1)?.unsigned_abs(),
                     oldest: row.get::<_, Option<i64>>(2)?.map(from_micros),

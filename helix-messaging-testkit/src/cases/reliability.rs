@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use helix_messaging_core::dlq::{
-    self, DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason, DlqFilter,
+    self, DeadLetterConfig, DeadLetterFilter, DeadLetterLayer, DeadLetterQueue, DeadLetterReason,
     EntryStatus, MemoryDeadLetterStore, Processor, ProcessorConfig,
 };
 use helix_messaging_core::retry::{RetryLayer, RetryPolicy};
@@ -48,7 +48,7 @@ fn fixed_retries(max_retries: u32, delay: Duration) -> Result<RetryLayer> {
     )
 }
 
-/// `nack_after` keeps the message from its group for the delay while later messages flow
+/// `requeue_after` keeps the message from its group for the delay while later messages flow
 /// past it, then hands it out again with attempt 2; another group sees it once.
 pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("delayed-requeue");
@@ -62,12 +62,15 @@ pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
     ctx.publish(&topic, held.clone()).await;
     let first = ctx.recv(&mut g1).await;
     assert_eq!(first.message().id(), held.id());
-    assert!(first.can_delay(), "the backend declares delayed_delivery");
+    assert!(
+        first.delays_requeue(),
+        "the backend declares delayed_requeue"
+    );
     // Long enough that the later message's publish and delivery fit inside it on a loaded
     // machine (a debug-built broker took over a second under a parallel build).
     let delay = Duration::from_secs(3);
     let requeued_at = Instant::now();
-    first.nack_after(delay).await?;
+    first.requeue_after(delay).await?;
 
     let later = Message::new("flows past").with_key("k2");
     ctx.publish(&topic, later.clone()).await;
@@ -108,7 +111,7 @@ pub async fn delayed_requeue_holds_the_message_back(ctx: Ctx) -> Result<()> {
 }
 
 /// A backend says honestly whether it can delay a requeue: a delivery to a named group can
-/// when the backend declares `delayed_delivery`; where it cannot, `nack_after` is
+/// when the backend declares `delayed_requeue`; where it cannot, `requeue_after` is
 /// `Unsupported` and leaves the delivery unsettled (it can still be acked).
 pub async fn delayed_requeue_is_declared_honestly(ctx: Ctx) -> Result<()> {
     let topic = ctx.topic("delay-declared");
@@ -120,17 +123,21 @@ pub async fn delayed_requeue_is_declared_honestly(ctx: Ctx) -> Result<()> {
     let mut sub = ctx.subscribe(&topic, options).await;
     ctx.publish(&topic, Message::new("x")).await;
     let d = ctx.recv(&mut sub).await;
-    let declared = ctx.broker.capabilities().delayed_delivery;
-    assert_eq!(d.can_delay(), declared, "can_delay matches the capability");
-    if !d.can_delay() {
+    let declared = ctx.broker.capabilities().delayed_requeue;
+    assert_eq!(
+        d.delays_requeue(),
+        declared,
+        "delays_requeue matches the capability"
+    );
+    if !d.delays_requeue() {
         let err = d
-            .nack_after(Duration::from_millis(100))
+            .requeue_after(Duration::from_millis(100))
             .await
-            .expect_err("nack_after without delayed_delivery");
+            .expect_err("requeue_after without delayed_requeue");
         assert_eq!(err.kind(), ErrorKind::Unsupported);
         assert!(
             !d.is_settled(),
-            "the refused nack_after settled the delivery"
+            "the refused requeue_after settled the delivery"
         );
     }
     d.ack().await?;
@@ -437,7 +444,10 @@ pub async fn processor_ingests_lists_and_reprocesses(ctx: Ctx) -> Result<()> {
         || {
             let processor = processor.clone();
             async move {
-                let page = processor.list(&DlqFilter::default(), 1, 0).await.ok()?;
+                let page = processor
+                    .list(&DeadLetterFilter::default(), 1, 0)
+                    .await
+                    .ok()?;
                 (page.count == 2).then_some(page)
             }
         },
@@ -445,9 +455,9 @@ pub async fn processor_ingests_lists_and_reprocesses(ctx: Ctx) -> Result<()> {
     .await;
     runner.shutdown().await;
     assert_eq!(page.entries.len(), 1, "the limit is honoured");
-    let by_original = |id: &str| DlqFilter {
+    let by_original = |id: &str| DeadLetterFilter {
         original_id: Some(id.to_owned()),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     let kept = processor.list(&by_original(keep.id()), 10, 0).await?;
     assert_eq!(kept.count, 1);
@@ -461,7 +471,9 @@ pub async fn processor_ingests_lists_and_reprocesses(ctx: Ctx) -> Result<()> {
     assert_eq!(kept.letter.reason, DeadLetterReason::Permanent);
     assert!(kept.letter.error.contains("cannot process keep me"));
     assert_eq!(processor.get(kept.id()).await?.letter.id, kept.letter.id);
-    let groups = processor.failure_groups(&DlqFilter::default()).await?;
+    let groups = processor
+        .failure_groups(&DeadLetterFilter::default())
+        .await?;
     assert_eq!(groups.len(), 1);
     assert_eq!(groups[0].count, 2);
     assert_eq!(groups[0].reason, DeadLetterReason::Permanent);

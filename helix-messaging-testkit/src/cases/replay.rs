@@ -357,7 +357,7 @@ pub async fn replay_cancel_stops_within_one_batch(ctx: Ctx) -> Result<()> {
             let handler = handler.clone();
             let id = id.clone();
             async move {
-                let p = handler.get_progress(&id).await.ok()?;
+                let p = handler.replay_progress(&id).await.ok()?;
                 (p.replayed >= 5).then_some(p.replayed)
             }
         },
@@ -381,7 +381,7 @@ pub async fn replay_cancel_stops_within_one_batch(ctx: Ctx) -> Result<()> {
         "published exactly what the progress says"
     );
     assert_eq!(
-        handler.get_progress(&id).await?.status,
+        handler.replay_progress(&id).await?.status,
         ReplayStatus::Cancelled
     );
     let listed = handler.list_replays().await?;
@@ -424,7 +424,7 @@ pub async fn replay_resumes_after_restart_without_duplicates(ctx: Ctx) -> Result
         || {
             let first = first.clone();
             let id = id.clone();
-            async move { (first.get_progress(&id).await.ok()?.replayed >= 20).then_some(()) }
+            async move { (first.replay_progress(&id).await.ok()?.replayed >= 20).then_some(()) }
         },
     )
     .await;

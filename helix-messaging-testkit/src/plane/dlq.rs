@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use helix_messaging_core::dlq::{
-    CanaryConfig, DeadLetter, DeadLetterReason, DeadLetterStore, DlqFilter, EntryStatus,
+    CanaryConfig, DeadLetter, DeadLetterFilter, DeadLetterReason, DeadLetterStore, EntryStatus,
     MemoryDeadLetterStore, Processor, ProcessorConfig, RedriveProgress, RedriveRequest,
     RedriveStatus, StoredDeadLetter,
 };
@@ -182,9 +182,9 @@ impl DlqHarness {
             let target = format!("{topic}.paced-{step}");
             paced_topics.push(target.clone());
             RedriveRequest {
-                filter: DlqFilter {
+                filter: DeadLetterFilter {
                     topic: Some(slow.clone()),
-                    ..DlqFilter::default()
+                    ..DeadLetterFilter::default()
                 },
                 target_topic: Some(target),
                 rate_per_second: Some(PACED_RATE),
@@ -202,7 +202,9 @@ impl DlqHarness {
             let outcomes = outcomes.clone();
             calls.push(tokio::spawn(async move {
                 let started = processor.start_redrive(first_paced).await;
-                outcomes.lock().push(Op::Redrive(finished(Some(started))));
+                outcomes
+                    .lock()
+                    .push(Op::Redrive(finished(Some(started.map(|job| job.id)))));
             }));
         }
         for step in 0..entries as u64 {
@@ -235,15 +237,19 @@ impl DlqHarness {
                     }
                     _ => {
                         let request = paced.unwrap_or_else(|| RedriveRequest {
-                            filter: DlqFilter {
+                            filter: DeadLetterFilter {
                                 topic: Some(main_topic),
-                                ..DlqFilter::default()
+                                ..DeadLetterFilter::default()
                             },
                             batch_size: 4,
                             ..RedriveRequest::default()
                         });
                         let call = processor.start_redrive(request);
-                        Op::Redrive(finished(cancellable(call, polls).await))
+                        Op::Redrive(finished(
+                            cancellable(call, polls)
+                                .await
+                                .map(|started| started.map(|job| job.id)),
+                        ))
                     }
                 };
                 outcomes.lock().push(op);
@@ -390,7 +396,7 @@ async fn not_ingested(
 async fn any_held(store: &dyn DeadLetterStore, stranded: &HashSet<(String, u64)>) -> bool {
     let now = SystemTime::now();
     store
-        .list(&DlqFilter::default(), usize::MAX, 0)
+        .list(&DeadLetterFilter::default(), usize::MAX, 0)
         .await
         .is_ok_and(|entries| {
             entries
@@ -582,7 +588,7 @@ struct DlqRun {
 
 impl DlqRun {
     async fn read_store(&mut self, store: &dyn DeadLetterStore) -> Result<()> {
-        let all = DlqFilter::default();
+        let all = DeadLetterFilter::default();
         let listed = store.list(&all, usize::MAX, 0).await?;
         let now = SystemTime::now();
         self.left = listed

@@ -405,7 +405,7 @@ fn replay_process(
             let started = if first {
                 handler.start_replay(request.clone()).await.map(drop)
             } else {
-                match handler.get_progress(&id).await {
+                match handler.replay_progress(&id).await {
                     Ok(p) if p.status == ReplayStatus::Failed => {
                         handler.resume_replay(&id).await.map(drop)
                     }
@@ -433,7 +433,7 @@ fn replay_process(
         let began = std::time::Instant::now();
         let deadline = began + Duration::from_secs(60);
         loop {
-            match handler.get_progress(&id).await {
+            match handler.replay_progress(&id).await {
                 Ok(p) => {
                     if p.replayed + p.skipped + p.failed != p.total || p.total > window {
                         end.problems.push(format!(

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use helix_messaging_core::dlq::{
-    DeadLetterStore, DlqFilter, DlqStats, FailureGroup, StoredDeadLetter,
+    DeadLetterFilter, DeadLetterStats, DeadLetterStore, FailureGroup, StoredDeadLetter,
 };
 use helix_messaging_core::fallback::{RefusedMessage, Spool, SpoolStats, SpooledMessage};
 use helix_messaging_core::replay::{ReplayLease, ReplayRecord, ReplayStore};
@@ -234,7 +234,7 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
 
     async fn list(
         &self,
-        filter: &DlqFilter,
+        filter: &DeadLetterFilter,
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
@@ -242,11 +242,11 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
             .await
     }
 
-    async fn count(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         self.call("a DLQ count", self.inner.count(filter)).await
     }
 
-    async fn ids(&self, filter: &DlqFilter) -> Result<Vec<String>> {
+    async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {
         self.call("a DLQ selection", self.inner.ids(filter)).await
     }
 
@@ -310,15 +310,15 @@ impl<S: DeadLetterStore> DeadLetterStore for FaultyDeadLetterStore<S> {
         .await
     }
 
-    async fn purge(&self, filter: &DlqFilter) -> Result<u64> {
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
         self.call("a DLQ purge", self.inner.purge(filter)).await
     }
 
-    async fn groups(&self, filter: &DlqFilter) -> Result<Vec<FailureGroup>> {
+    async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
         self.call("a DLQ grouping", self.inner.groups(filter)).await
     }
 
-    async fn stats(&self) -> Result<DlqStats> {
+    async fn stats(&self) -> Result<DeadLetterStats> {
         self.call("the DLQ's stats", self.inner.stats()).await
     }
 }

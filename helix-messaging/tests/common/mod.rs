@@ -101,7 +101,7 @@ pub async fn a_killed_replay_resumes_without_publishing_twice(open_store: OpenSt
         handler.start_replay(request).await.unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let p = handler.get_progress("audit-backfill").await.unwrap();
+            let p = handler.replay_progress("audit-backfill").await.unwrap();
             if p.replayed >= (TOTAL / 3) as u64 {
                 return p.replayed;
             }
@@ -300,7 +300,7 @@ pub async fn check_the_sample_error_is_the_newest_failures(
     store: &dyn helix_messaging::dlq::DeadLetterStore,
     topic: &str,
 ) {
-    use helix_messaging::dlq::{DlqFilter, StoredDeadLetter};
+    use helix_messaging::dlq::{DeadLetterFilter, StoredDeadLetter};
     let t0 = SystemTime::now() - Duration::from_secs(600);
     for (id, secs, error) in [
         ("a", 30, "newest, a"),
@@ -323,9 +323,9 @@ pub async fn check_the_sample_error_is_the_newest_failures(
                 .unwrap()
         );
     }
-    let filter = DlqFilter {
+    let filter = DeadLetterFilter {
         topic: Some(topic.into()),
-        ..DlqFilter::default()
+        ..DeadLetterFilter::default()
     };
     let groups = store.groups(&filter).await.unwrap();
     assert_eq!(groups.len(), 1, "{groups:?}");
