@@ -214,8 +214,8 @@ async fn adapter() -> RabbitBroker {
 }
 
 /// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one message at a time,
-/// each confirm awaited, from each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks
-/// sharing the channel.
+/// each confirm awaited, from each of [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS)
+/// tasks sharing the channel.
 async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let key = topic("raw-publish");
@@ -239,7 +239,8 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
 }
 
 /// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
-/// one `publish` at a time from each of [`PEAK_CALLERS`](crate::measure::PEAK_CALLERS) tasks.
+/// one `publish` at a time from each of
+/// [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS) tasks.
 async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");

@@ -1,11 +1,15 @@
 //! Configuration: from code or from the seeds' environment variables. The password never
 //! appears in `Debug`, `Display`, logs or errors.
+//!
+//! The two modes' names and what each promises stand here too, beside [`RedisMode`]: a
+//! configuration's capabilities start from them, and every other module can name a mode
+//! without reaching up to the crate root.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use helix_messaging_core::{Error, Result};
+use helix_messaging_core::{Capabilities, Error, Result};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 
 /// Which Redis feature carries the messages.
@@ -62,6 +66,38 @@ impl Default for StreamsConfig {
 /// values that large stall the server).
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 64 * 1024 * 1024;
 
+/// Backend name of pub/sub mode (the value of `MESSAGING_BACKEND`).
+pub const PUBSUB_NAME: &str = "redis";
+/// Backend name of Streams mode (the value of `MESSAGING_BACKEND`).
+pub const STREAMS_NAME: &str = "redis-streams";
+
+/// What pub/sub mode promises: delivery to whoever is subscribed right now, in publish order.
+pub const PUBSUB_CAPABILITIES: Capabilities = Capabilities {
+    // With the envelope (the default); a bare payload carries none.
+    metadata: true,
+    per_key_ordering: true,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+    ..Capabilities::NONE
+};
+
+/// What Streams mode promises. Durability is the server's: entries survive a restart when
+/// Redis persists (AOF, ideally `appendfsync always`).
+pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
+    metadata: true,
+    durable: true,
+    redelivery: true,
+    consumer_groups: true,
+    per_key_ordering: true,
+    priority: false,
+    ttl: true,
+    redeliver_unacked: true,
+    replay_by_time: true,
+    native_dlq: false,
+    delayed_requeue: true,
+    backlog: true,
+    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
+};
+
 /// Connection and behaviour settings of the Redis backend.
 #[derive(Clone)]
 pub struct RedisConfig {
@@ -99,8 +135,8 @@ impl RedisConfig {
     /// connecting.
     pub fn capabilities(&self) -> helix_messaging_core::Capabilities {
         let base = match self.mode {
-            RedisMode::PubSub => crate::PUBSUB_CAPABILITIES,
-            RedisMode::Streams => crate::STREAMS_CAPABILITIES,
+            RedisMode::PubSub => PUBSUB_CAPABILITIES,
+            RedisMode::Streams => STREAMS_CAPABILITIES,
         };
         helix_messaging_core::Capabilities {
             max_payload_bytes: Some(self.max_payload_bytes),

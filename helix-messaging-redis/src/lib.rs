@@ -27,105 +27,37 @@ mod codec;
 mod config;
 mod error;
 mod pubsub;
+mod shared;
 mod streams;
 mod trim;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use backon::{ExponentialBuilder, Retryable};
 use helix_messaging_core::{
     BatchReport, Broker, Capabilities, Error, Health, HealthStatus, HistoryStream, Message,
     Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange, check_payload_size,
     validate_name, within,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-pub use config::{DEFAULT_MAX_PAYLOAD_BYTES, RedisConfig, RedisMode, StreamsConfig};
+use shared::Shared;
+
+pub use config::{
+    DEFAULT_MAX_PAYLOAD_BYTES, PUBSUB_CAPABILITIES, PUBSUB_NAME, RedisConfig, RedisMode,
+    STREAMS_CAPABILITIES, STREAMS_NAME, StreamsConfig,
+};
 pub use streams::REQUEUE_CONSUMER;
 pub use trim::{TRIM_HELD_BACK_METRIC, TRIMMED_METRIC, TrimReport};
-
-/// Backend name of pub/sub mode (the value of `MESSAGING_BACKEND`).
-pub const PUBSUB_NAME: &str = "redis";
-/// Backend name of Streams mode (the value of `MESSAGING_BACKEND`).
-pub const STREAMS_NAME: &str = "redis-streams";
-
-/// What pub/sub mode promises: delivery to whoever is subscribed right now, in publish order.
-pub const PUBSUB_CAPABILITIES: Capabilities = Capabilities {
-    // With the envelope (the default); a bare payload carries none.
-    metadata: true,
-    per_key_ordering: true,
-    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
-    ..Capabilities::NONE
-};
-
-/// What Streams mode promises. Durability is the server's: entries survive a restart when
-/// Redis persists (AOF, ideally `appendfsync always`).
-pub const STREAMS_CAPABILITIES: Capabilities = Capabilities {
-    metadata: true,
-    durable: true,
-    redelivery: true,
-    consumer_groups: true,
-    per_key_ordering: true,
-    priority: false,
-    ttl: true,
-    redeliver_unacked: true,
-    replay_by_time: true,
-    native_dlq: false,
-    delayed_requeue: true,
-    backlog: true,
-    max_payload_bytes: Some(DEFAULT_MAX_PAYLOAD_BYTES),
-};
 
 /// Name of the metric counting pub/sub publishes that reached no subscriber.
 pub const UNROUTED_METRIC: &str = "messaging_redis_unrouted_publishes_total";
 
-/// What both modes share.
-struct Shared {
-    config: RedisConfig,
-    client: redis::Client,
-    /// Commands that do not block: publish, group management. Reconnects by itself.
-    commands: ConnectionManager,
-    /// Streams acks, on a connection of their own (made by the first group subscription):
-    /// behind a large pipelined publish on `commands` they would wait for all of it, and
-    /// the prefetch window they free with them.
-    acks_connection: tokio::sync::OnceCell<ConnectionManager>,
-    /// Cancelled on close; every subscription task holds a child.
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
-    closed: AtomicBool,
-    unrouted: AtomicU64,
-    /// Stream entries removed by trimming since connecting.
-    trimmed: AtomicU64,
-    trimmer: trim::Trimmer,
-    trims: trim::Trims,
-    /// Subscriptions currently without a working connection (health reports degraded).
-    reconnecting: AtomicUsize,
-    /// The publishing connection was lost: the connection manager reconnects on the next
-    /// command, and the first publish that succeeds after it counts the reconnect.
-    commands_lost: AtomicBool,
-}
-
+// The publish path of both modes: it builds each mode's commands and trims after Streams
+// publishes, so it stands here, above both modes and trimming, rather than with the state it
+// works on.
 impl Shared {
-    fn name(&self) -> &'static str {
-        match self.config.mode {
-            RedisMode::PubSub => PUBSUB_NAME,
-            RedisMode::Streams => STREAMS_NAME,
-        }
-    }
-
-    fn ensure_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::closed(format!("the {} broker", self.name())))
-        } else {
-            Ok(())
-        }
-    }
-
     /// Validate one message for `topic` and build the command that publishes it in this
     /// mode.
     fn prepare(&self, topic: &str, message: &Message) -> Result<redis::Cmd> {
@@ -183,53 +115,29 @@ impl Shared {
         Ok(())
     }
 
-    /// After a publish to `topic`: Streams are trimmed in the background when due.
+    /// After a publish to `topic`: Streams are trimmed in the background when due (its
+    /// interval has passed and no trim of it is running).
     fn published(self: &Arc<Self>, topic: &str) {
-        if self.config.mode == RedisMode::Streams {
-            trim::after_publish(self, topic);
+        if self.config.mode != RedisMode::Streams
+            || !self.trimmer.start_if_due(topic, &self.config.streams)
+        {
+            return;
         }
+        let shared = self.clone();
+        let topic = topic.to_owned();
+        self.tasks.spawn(async move {
+            if let Err(err) = shared.trim(&topic).await {
+                tracing::warn!(topic, error = %err, "trimming failed; the next publish tries again");
+            }
+            shared.trimmer.finished(&topic);
+        });
     }
 
-    /// A lost connection (publishing, or a subscription's) is back: counted in
-    /// `messaging_reconnects_total`.
-    fn count_reconnect(&self) {
-        helix_messaging_core::observe::count_reconnect(self.name());
-    }
-
-    /// Exponential backoff for reconnect loops, capped by the configuration.
-    fn reconnect_backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(50))
-            .with_max_delay(self.config.max_reconnect_delay)
-            .with_jitter()
-            .without_max_times()
-    }
-
-    /// Run `attempt` until it succeeds, backing off between failures, or until `cancel`
-    /// fires (`None`). Counts the subscription as reconnecting meanwhile.
-    async fn retry_until_cancelled<T, F, Fut>(
-        &self,
-        what: &str,
-        cancel: &CancellationToken,
-        attempt: F,
-    ) -> Option<T>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T>>,
-    {
-        self.reconnecting.fetch_add(1, Ordering::Relaxed);
-        let retried = attempt
-            .retry(self.reconnect_backoff())
-            .sleep(tokio::time::sleep)
-            .notify(|err: &Error, wait: Duration| {
-                tracing::warn!(error = %err, ?wait, "{what} failed; retrying");
-            });
-        let outcome = tokio::select! {
-            () = cancel.cancelled() => None,
-            result = retried => result.ok(),
-        };
-        self.reconnecting.fetch_sub(1, Ordering::Relaxed);
-        outcome
+    /// Trim `topic` now.
+    async fn trim(&self, topic: &str) -> Result<TrimReport> {
+        self.trimmer
+            .trim(&self.commands, &self.config.streams, topic)
+            .await
     }
 }
 
@@ -270,25 +178,11 @@ impl RedisBroker {
         .await?
         .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         let commands = client
-            .get_connection_manager_with_config(manager_config(&config, Duration::ZERO))
+            .get_connection_manager_with_config(shared::manager_config(&config, Duration::ZERO))
             .await
             .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         Ok(RedisBroker {
-            shared: Arc::new(Shared {
-                config,
-                client,
-                commands,
-                acks_connection: tokio::sync::OnceCell::new(),
-                shutdown: CancellationToken::new(),
-                tasks: TaskTracker::new(),
-                closed: AtomicBool::new(false),
-                unrouted: AtomicU64::new(0),
-                trimmed: AtomicU64::new(0),
-                trimmer: trim::Trimmer::new(),
-                trims: trim::Trims::default(),
-                reconnecting: AtomicUsize::new(0),
-                commands_lost: AtomicBool::new(false),
-            }),
+            shared: Arc::new(Shared::new(config, client, commands)),
         })
     }
 
@@ -314,7 +208,7 @@ impl RedisBroker {
     /// Stream entries removed by trimming since connecting (also reported as the
     /// [`TRIMMED_METRIC`] counter).
     pub fn trimmed_entries(&self) -> u64 {
-        self.shared.trimmed.load(Ordering::Relaxed)
+        self.shared.trimmer.trimmed()
     }
 
     /// Trim `topic` to [`StreamsConfig::max_len`] now, never below the oldest entry a
@@ -333,7 +227,7 @@ impl RedisBroker {
                 "trimming (pub/sub stores nothing)",
             ));
         }
-        trim::trim(&self.shared, topic).await
+        self.shared.trim(topic).await
     }
 }
 
@@ -473,36 +367,4 @@ impl Broker for RedisBroker {
         .await;
         Ok(())
     }
-}
-
-/// How a connection manager of this broker connects and reconnects; `blocking` is the
-/// longest a command on it blocks on the server (a blocking read's timeout), added to the
-/// response timeout.
-fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout + blocking))
-        .set_max_delay(config.max_reconnect_delay)
-        .set_number_of_retries(6)
-}
-
-/// A subscription's stream over the batches its task hands over; dropping the stream cancels
-/// the task.
-fn channel_stream(
-    rx: tokio::sync::mpsc::Receiver<Vec<Result<helix_messaging_core::Delivery>>>,
-    cancel: CancellationToken,
-) -> futures::stream::BoxStream<'static, Result<helix_messaging_core::Delivery>> {
-    let guard = cancel.drop_guard();
-    let state = (rx, std::collections::VecDeque::new(), guard);
-    Box::pin(futures::stream::unfold(
-        state,
-        |(mut rx, mut buffered, guard)| async move {
-            loop {
-                if let Some(item) = buffered.pop_front() {
-                    return Some((item, (rx, buffered, guard)));
-                }
-                buffered.extend(rx.recv().await?);
-            }
-        },
-    ))
 }

@@ -10,7 +10,10 @@ use helix_messaging_core::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{PUBSUB_NAME, Shared, codec, error::from_redis};
+use crate::codec;
+use crate::config::PUBSUB_NAME;
+use crate::error::from_redis;
+use crate::shared::Shared;
 
 pub(crate) async fn subscribe(
     shared: &Arc<Shared>,

@@ -17,12 +17,13 @@
 //! [`StreamsConfig::max_len`]: crate::StreamsConfig::max_len
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use helix_messaging_core::Result;
+use redis::aio::ConnectionManager;
 
-use crate::Shared;
+use crate::config::StreamsConfig;
 use crate::error::from_redis;
 
 /// Counter of stream entries removed by trimming, labelled by topic.
@@ -104,12 +105,6 @@ pub struct TrimReport {
     pub length: u64,
 }
 
-/// When each topic was last trimmed and last warned about.
-#[derive(Default)]
-pub(crate) struct Trims {
-    topics: parking_lot::Mutex<HashMap<String, TopicTrim>>,
-}
-
 #[derive(Default)]
 struct TopicTrim {
     last: Option<Instant>,
@@ -120,110 +115,122 @@ struct TopicTrim {
 /// Longest silence between two warnings about the same held-back topic.
 const WARN_EVERY: Duration = Duration::from_secs(60);
 
+/// One broker's trimming: the script, and what it remembers between trims. It is handed the
+/// connection and the settings it trims with, so that it stands below the broker's shared
+/// state, which holds it.
 pub(crate) struct Trimmer {
     script: redis::Script,
+    /// When each topic was last trimmed and last warned about.
+    topics: parking_lot::Mutex<HashMap<String, TopicTrim>>,
+    /// Stream entries removed by trimming since connecting.
+    trimmed: AtomicU64,
 }
 
 impl Trimmer {
     pub(crate) fn new() -> Self {
         Trimmer {
             script: redis::Script::new(SCRIPT),
+            topics: parking_lot::Mutex::default(),
+            trimmed: AtomicU64::new(0),
         }
     }
-}
 
-/// Trim `topic` now.
-pub(crate) async fn trim(shared: &Shared, topic: &str) -> Result<TrimReport> {
-    let streams = &shared.config.streams;
-    let mut commands = shared.commands.clone();
-    let Some(max_len) = streams.max_len else {
-        // No limit: nothing to trim; the report still tells the length.
-        let length: u64 = redis::cmd("XLEN")
-            .arg(topic)
-            .query_async(&mut commands)
-            .await
-            .map_err(|e| from_redis(e, format!("XLEN {topic}")))?;
-        return Ok(TrimReport {
-            removed: 0,
-            held_back: false,
-            length,
-        });
-    };
-    let (removed, held, length): (u64, u8, u64) = shared
-        .trimmer
-        .script
-        .key(topic)
-        .arg(max_len)
-        .arg(if streams.exact_trim { "=" } else { "~" })
-        .arg(u64::try_from(streams.ack_deadline.as_millis()).unwrap_or(u64::MAX))
-        .arg(PRIVATE_GROUP_PREFIX)
-        .invoke_async(&mut commands)
-        .await
-        .map_err(|e| from_redis(e, format!("trimming {topic}")))?;
-    let report = TrimReport {
-        removed,
-        held_back: held == 1,
-        length,
-    };
-    if removed > 0 {
-        shared
-            .trimmed
-            .fetch_add(removed, std::sync::atomic::Ordering::Relaxed);
-        metrics::counter!(TRIMMED_METRIC, "topic" => topic.to_owned()).increment(removed);
-        tracing::debug!(topic, removed, length, "trimmed stream");
+    /// Stream entries removed by trimming since connecting.
+    pub(crate) fn trimmed(&self) -> u64 {
+        self.trimmed.load(Ordering::Relaxed)
     }
-    if report.held_back {
-        metrics::counter!(TRIM_HELD_BACK_METRIC, "topic" => topic.to_owned()).increment(1);
-        let warn = {
-            let mut topics = shared.trims.topics.lock();
-            let state = topics.entry(topic.to_owned()).or_default();
-            let due = state.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
-            if due {
-                state.warned = Some(Instant::now());
-            }
-            due
-        };
-        if warn {
-            tracing::warn!(
-                topic,
+
+    /// Trim `topic` now.
+    pub(crate) async fn trim(
+        &self,
+        commands: &ConnectionManager,
+        streams: &StreamsConfig,
+        topic: &str,
+    ) -> Result<TrimReport> {
+        let mut commands = commands.clone();
+        let Some(max_len) = streams.max_len else {
+            // No limit: nothing to trim; the report still tells the length.
+            let length: u64 = redis::cmd("XLEN")
+                .arg(topic)
+                .query_async(&mut commands)
+                .await
+                .map_err(|e| from_redis(e, format!("XLEN {topic}")))?;
+            return Ok(TrimReport {
+                removed: 0,
+                held_back: false,
                 length,
-                max_len,
-                "stream kept above its length limit: a consumer group has not yet read or acked its oldest entries"
-            );
+            });
+        };
+        let (removed, held, length): (u64, u8, u64) = self
+            .script
+            .key(topic)
+            .arg(max_len)
+            .arg(if streams.exact_trim { "=" } else { "~" })
+            .arg(u64::try_from(streams.ack_deadline.as_millis()).unwrap_or(u64::MAX))
+            .arg(PRIVATE_GROUP_PREFIX)
+            .invoke_async(&mut commands)
+            .await
+            .map_err(|e| from_redis(e, format!("trimming {topic}")))?;
+        let report = TrimReport {
+            removed,
+            held_back: held == 1,
+            length,
+        };
+        if removed > 0 {
+            self.trimmed.fetch_add(removed, Ordering::Relaxed);
+            metrics::counter!(TRIMMED_METRIC, "topic" => topic.to_owned()).increment(removed);
+            tracing::debug!(topic, removed, length, "trimmed stream");
         }
+        if report.held_back {
+            metrics::counter!(TRIM_HELD_BACK_METRIC, "topic" => topic.to_owned()).increment(1);
+            let warn = {
+                let mut topics = self.topics.lock();
+                let state = topics.entry(topic.to_owned()).or_default();
+                let due = state.warned.is_none_or(|t| t.elapsed() >= WARN_EVERY);
+                if due {
+                    state.warned = Some(Instant::now());
+                }
+                due
+            };
+            if warn {
+                tracing::warn!(
+                    topic,
+                    length,
+                    max_len,
+                    "stream kept above its length limit: a consumer group has not yet read or acked its oldest entries"
+                );
+            }
+        }
+        Ok(report)
     }
-    Ok(report)
-}
 
-/// After a publish to `topic`: trim it in the background if its interval has passed and no
-/// trim of it is running.
-pub(crate) fn after_publish(shared: &Arc<Shared>, topic: &str) {
-    if shared.config.streams.max_len.is_none() {
-        return;
-    }
-    let interval = shared.config.streams.trim_interval;
-    {
-        let mut topics = shared.trims.topics.lock();
+    /// After a publish to `topic`: whether to trim it in the background, that is whether its
+    /// interval has passed and no trim of it is running. When it is, the trim counts as
+    /// running from now until [`Trimmer::finished`].
+    pub(crate) fn start_if_due(&self, topic: &str, streams: &StreamsConfig) -> bool {
+        if streams.max_len.is_none() {
+            return false;
+        }
+        let interval = streams.trim_interval;
+        let mut topics = self.topics.lock();
         if !topics.contains_key(topic) {
             topics.insert(topic.to_owned(), TopicTrim::default());
         }
         let Some(state) = topics.get_mut(topic) else {
-            return;
+            return false;
         };
         if state.running || state.last.is_some_and(|t| t.elapsed() < interval) {
-            return;
+            return false;
         }
         state.running = true;
         state.last = Some(Instant::now());
+        true
     }
-    let shared_for_task = shared.clone();
-    let topic = topic.to_owned();
-    shared.tasks.spawn(async move {
-        if let Err(err) = trim(&shared_for_task, &topic).await {
-            tracing::warn!(topic, error = %err, "trimming failed; the next publish tries again");
-        }
-        if let Some(state) = shared_for_task.trims.topics.lock().get_mut(&topic) {
+
+    /// A background trim of `topic` begun by [`Trimmer::start_if_due`] is over.
+    pub(crate) fn finished(&self, topic: &str) {
+        if let Some(state) = self.topics.lock().get_mut(topic) {
             state.running = false;
         }
-    });
+    }
 }

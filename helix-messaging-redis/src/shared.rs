@@ -1,0 +1,155 @@
+//! The broker's state that both modes share: the settings, the connections and the tasks,
+//! with what every part of the adapter asks of it (the broker's name and whether it is still
+//! open, reconnecting with backoff, a subscription's stream over its task's batches).
+//!
+//! It stands below pub/sub mode, Streams mode and trimming, which all work on it, so none of
+//! them has to import the broker that they make up.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use helix_messaging_core::{Delivery, Error, Result};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{PUBSUB_NAME, RedisConfig, RedisMode, STREAMS_NAME};
+use crate::trim::Trimmer;
+
+/// What both modes share.
+pub(crate) struct Shared {
+    pub(crate) config: RedisConfig,
+    pub(crate) client: redis::Client,
+    /// Commands that do not block: publish, group management. Reconnects by itself.
+    pub(crate) commands: ConnectionManager,
+    /// Streams acks, on a connection of their own (made by the first group subscription):
+    /// behind a large pipelined publish on `commands` they would wait for all of it, and
+    /// the prefetch window they free with them.
+    pub(crate) acks_connection: tokio::sync::OnceCell<ConnectionManager>,
+    /// Cancelled on close; every subscription task holds a child.
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
+    pub(crate) closed: AtomicBool,
+    pub(crate) unrouted: AtomicU64,
+    /// Streams trimming, with what it has removed since connecting.
+    pub(crate) trimmer: Trimmer,
+    /// Subscriptions currently without a working connection (health reports degraded).
+    pub(crate) reconnecting: AtomicUsize,
+    /// The publishing connection was lost: the connection manager reconnects on the next
+    /// command, and the first publish that succeeds after it counts the reconnect.
+    pub(crate) commands_lost: AtomicBool,
+}
+
+impl Shared {
+    /// The state of a broker just connected with `config`: `client` makes its connections,
+    /// `commands` is the first of them.
+    pub(crate) fn new(
+        config: RedisConfig,
+        client: redis::Client,
+        commands: ConnectionManager,
+    ) -> Self {
+        Shared {
+            config,
+            client,
+            commands,
+            acks_connection: tokio::sync::OnceCell::new(),
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            closed: AtomicBool::new(false),
+            unrouted: AtomicU64::new(0),
+            trimmer: Trimmer::new(),
+            reconnecting: AtomicUsize::new(0),
+            commands_lost: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &'static str {
+        match self.config.mode {
+            RedisMode::PubSub => PUBSUB_NAME,
+            RedisMode::Streams => STREAMS_NAME,
+        }
+    }
+
+    pub(crate) fn ensure_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            Err(Error::closed(format!("the {} broker", self.name())))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A lost connection (publishing, or a subscription's) is back: counted in
+    /// `messaging_reconnects_total`.
+    pub(crate) fn count_reconnect(&self) {
+        helix_messaging_core::observe::count_reconnect(self.name());
+    }
+
+    /// Exponential backoff for reconnect loops, capped by the configuration.
+    fn reconnect_backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(50))
+            .with_max_delay(self.config.max_reconnect_delay)
+            .with_jitter()
+            .without_max_times()
+    }
+
+    /// Run `attempt` until it succeeds, backing off between failures, or until `cancel`
+    /// fires (`None`). Counts the subscription as reconnecting meanwhile.
+    pub(crate) async fn retry_until_cancelled<T, F, Fut>(
+        &self,
+        what: &str,
+        cancel: &CancellationToken,
+        attempt: F,
+    ) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        self.reconnecting.fetch_add(1, Ordering::Relaxed);
+        let retried = attempt
+            .retry(self.reconnect_backoff())
+            .sleep(tokio::time::sleep)
+            .notify(|err: &Error, wait: Duration| {
+                tracing::warn!(error = %err, ?wait, "{what} failed; retrying");
+            });
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => None,
+            result = retried => result.ok(),
+        };
+        self.reconnecting.fetch_sub(1, Ordering::Relaxed);
+        outcome
+    }
+}
+
+/// How a connection manager of this broker connects and reconnects; `blocking` is the
+/// longest a command on it blocks on the server (a blocking read's timeout), added to the
+/// response timeout.
+pub(crate) fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.response_timeout + blocking))
+        .set_max_delay(config.max_reconnect_delay)
+        .set_number_of_retries(6)
+}
+
+/// A subscription's stream over the batches its task hands over; dropping the stream cancels
+/// the task.
+pub(crate) fn channel_stream(
+    rx: tokio::sync::mpsc::Receiver<Vec<Result<Delivery>>>,
+    cancel: CancellationToken,
+) -> futures::stream::BoxStream<'static, Result<Delivery>> {
+    let guard = cancel.drop_guard();
+    let state = (rx, std::collections::VecDeque::new(), guard);
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut rx, mut buffered, guard)| async move {
+            loop {
+                if let Some(item) = buffered.pop_front() {
+                    return Some((item, (rx, buffered, guard)));
+                }
+                buffered.extend(rx.recv().await?);
+            }
+        },
+    ))
+}

@@ -1,0 +1,85 @@
+//! The consumer group as Redis keeps it: creating it, the placeholder consumer and the sorted
+//! set of long delays that stand beside it, and its backlog. The read loop, settlement and
+//! the reclaimer all name these, so they stand at the ground.
+
+use helix_messaging_core::Result;
+use redis::aio::ConnectionManager;
+
+use crate::error::{from_redis, has_code};
+use crate::shared::Shared;
+
+/// Consumer name that holds requeued and handed-back entries until a member claims them.
+pub const REQUEUE_CONSUMER: &str = "helix-requeue";
+
+/// The sorted set of `group`'s entries waiting out a delay longer than the ack deadline.
+pub(super) fn delayed_key(topic: &str, group: &str) -> String {
+    format!("{topic}.helix-delayed.{group}")
+}
+
+/// Create `group` on `topic`, and the stream if there is none, delivering what comes after
+/// `start`; a group that exists already is left as it is.
+pub(super) async fn create_group(
+    commands: &mut ConnectionManager,
+    topic: &str,
+    group: &str,
+    start: &str,
+) -> Result<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(topic)
+        .arg(group)
+        .arg(start)
+        .arg("MKSTREAM")
+        .query_async(commands)
+        .await;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if has_code(&e, "BUSYGROUP") => Ok(()),
+        Err(e) => Err(from_redis(e, format!("XGROUP CREATE {topic} {group}"))),
+    }
+}
+
+/// A group's backlog in one round trip. KEYS: stream, delayed set. ARGV: group. Returns
+/// {entries not yet delivered to the group, pending (delivered, unacked, or waiting out a
+/// short delay), waiting out a long delay}. XINFO's `lag` is nil when Redis cannot tell
+/// (entries were deleted inside the group's range); the entries are then counted.
+const BACKLOG_SCRIPT: &str = r"
+local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
+if not ok then return {0, 0, 0} end
+for _, flat in ipairs(groups) do
+  local g = {}
+  for i = 1, #flat, 2 do g[flat[i]] = flat[i + 1] end
+  if g['name'] == ARGV[1] then
+    local lag = g['lag']
+    if type(lag) ~= 'number' then
+      lag = #redis.call('XRANGE', KEYS[1], '(' .. g['last-delivered-id'], '+')
+    end
+    return {lag, g['pending'], redis.call('ZCARD', KEYS[2])}
+  end
+end
+return {0, 0, 0}
+";
+
+static BACKLOG: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(BACKLOG_SCRIPT));
+
+/// `group`'s backlog on `topic` (see [`BACKLOG_SCRIPT`]): waiting is what the group has not
+/// read plus what waits out a long delay; in flight is its pending list.
+pub(crate) async fn backlog(
+    shared: &Shared,
+    topic: &str,
+    group: &str,
+) -> Result<helix_messaging_core::Backlog> {
+    let mut commands = shared.commands.clone();
+    let (unread, pending, delayed): (u64, u64, u64) = BACKLOG
+        .key(topic)
+        .key(delayed_key(topic, group))
+        .arg(group)
+        .invoke_async(&mut commands)
+        .await
+        .map_err(|e| from_redis(e, format!("reading the backlog of {group} on {topic}")))?;
+    Ok(helix_messaging_core::Backlog {
+        waiting: unread + delayed,
+        in_flight: Some(pending),
+    })
+}
