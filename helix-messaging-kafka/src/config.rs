@@ -1,4 +1,4 @@
-//! Configuration from code or from the seeds' variables. Secrets (the SASL password and any
+//! Configuration from code or from HelixAgent's variables. Secrets (the SASL password and any
 //! passed-through property that looks like one) never appear in `Debug`, logs or errors.
 
 use std::collections::BTreeMap;
@@ -75,7 +75,7 @@ pub struct KafkaConfig {
     /// Prepended to every topic name with a dot: topic `events` is Kafka topic
     /// `helixagent.events` with prefix `helixagent` (`KAFKA_TOPIC_PREFIX`, default none).
     pub topic_prefix: Option<String>,
-    /// The seeds' default consumer group (`KAFKA_CONSUMER_GROUP`, default
+    /// HelixAgent's default consumer group (`KAFKA_CONSUMER_GROUP`, default
     /// `helixagent-workers`), for `SubscribeOptions::group(config.default_group())`. A
     /// subscription that names no group gets a private group of its own, as on every backend.
     pub consumer_group: String,
@@ -92,7 +92,7 @@ pub struct KafkaConfig {
     /// `security.protocol` (`KAFKA_SECURITY_PROTOCOL`: plaintext, ssl, sasl_plaintext,
     /// sasl_ssl; default plaintext).
     pub security_protocol: String,
-    /// `sasl.mechanism` (`KAFKA_SASL_MECHANISM`, e.g. `SCRAM-SHA-512` as in the seeds).
+    /// `sasl.mechanism` (`KAFKA_SASL_MECHANISM`, e.g. `SCRAM-SHA-512` as in HelixAgent).
     pub sasl_mechanism: Option<String>,
     /// `sasl.username` (`KAFKA_SASL_USERNAME`).
     pub sasl_username: Option<String>,
@@ -107,7 +107,7 @@ pub struct KafkaConfig {
     pub default_partitions: i32,
     /// Replication factor of topics the adapter creates (`KAFKA_REPLICATION_FACTOR`). `None`
     /// (default) leaves it to the brokers' `default.replication.factor`, so a production
-    /// cluster's own durability setting applies (the seeds' clusters use 3).
+    /// cluster's own durability setting applies (HelixAgent's clusters use 3).
     pub replication_factor: Option<i32>,
     /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
@@ -186,7 +186,7 @@ impl KafkaConfig {
     }
 
     /// Settings from variables read through `lookup`: `KAFKA_BROKERS`, `KAFKA_TOPIC_PREFIX`,
-    /// `KAFKA_CONSUMER_GROUP` (the seeds'), plus `KAFKA_CLIENT_ID`, `KAFKA_BATCH_SIZE`,
+    /// `KAFKA_CONSUMER_GROUP` (HelixAgent's), plus `KAFKA_CLIENT_ID`, `KAFKA_BATCH_SIZE`,
     /// `KAFKA_LINGER_MS`, `KAFKA_COMPRESSION`, `KAFKA_SECURITY_PROTOCOL`,
     /// `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD`,
     /// `KAFKA_SSL_CA_LOCATION`, `KAFKA_REPLICATION_FACTOR`.
@@ -285,7 +285,7 @@ impl KafkaConfig {
     }
 
     /// The group named by `KAFKA_CONSUMER_GROUP`, for applications that subscribe with the
-    /// seeds' default group.
+    /// HelixAgent's default group.
     pub fn default_group(&self) -> &str {
         &self.consumer_group
     }

@@ -6,8 +6,8 @@
 //!   The message key is the record key (so one key stays on one partition, in order), the
 //!   payload the record value; see the `wire` module for headers. Closing flushes.
 //! - **Topics**: created on first use with [`KafkaConfig::default_partitions`] partitions, or
-//!   declared up front with [`KafkaBroker::create_topics`] ([`KafkaTopic::helixagent`] is the
-//!   seeds' table). [`KafkaConfig::topic_prefix`] is prepended.
+//!   declared up front with [`KafkaBroker::create_topics`] ([`KafkaTopic::helixagent`] is HelixAgent's
+//!   table). [`KafkaConfig::topic_prefix`] is prepended.
 //! - **Consuming**: a subscription is a consumer in its group (a private group when it names
 //!   none). A new group starts where [`SubscribeOptions::start`] says and commits that
 //!   position at once, so what is published while it has no member waits for it. Offsets are

@@ -1,4 +1,4 @@
-//! Topics: created on first use or from a declared list, plus the seeds' topic table.
+//! Topics: created on first use or from a declared list, plus HelixAgent's topic table.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -41,7 +41,7 @@ impl KafkaTopic {
         self
     }
 
-    /// The seeds' topic table (full names, for a configuration without a topic prefix):
+    /// HelixAgent's topic table (full names, for a configuration without a topic prefix):
     ///
     /// | topic | partitions | retention |
     /// |---|---|---|

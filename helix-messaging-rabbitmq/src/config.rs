@@ -1,4 +1,4 @@
-//! Configuration from code or from the seeds' variables. The password never appears in
+//! Configuration from code or from HelixAgent's variables. The password never appears in
 //! `Debug`, `Display`, logs or errors (lapin's URI type prints it, so it stays inside).
 
 use std::fmt;
@@ -41,7 +41,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 pub struct RabbitConfig {
     uri: AMQPUri,
     /// Durable topic exchange every topic is published to, with the topic as routing key
-    /// (`RABBITMQ_EXCHANGE`, default `helixagent` as in the seeds).
+    /// (`RABBITMQ_EXCHANGE`, default `helixagent` as in HelixAgent).
     pub exchange: String,
     /// Unacked deliveries per subscription when its options keep the default prefetch
     /// (`RABBITMQ_PREFETCH_COUNT`, default 100).
@@ -51,7 +51,7 @@ pub struct RabbitConfig {
     /// written to the socket and the backend does not promise durability.
     pub publisher_confirm: bool,
     /// `x-max-priority` of group queues (classic queues; RabbitMQ 3.10 has no priorities on
-    /// quorum queues). `RABBITMQ_MAX_PRIORITY`, default 10, the seeds' range; 0 makes plain
+    /// quorum queues). `RABBITMQ_MAX_PRIORITY`, default 10, HelixAgent's range; 0 makes plain
     /// queues, which the broker handles faster (about 15% more throughput in `bench/`) but
     /// which deliver in publish order whatever the priority (the capabilities then say so).
     pub max_priority: u8,
@@ -85,7 +85,7 @@ pub struct RabbitConfig {
     pub max_reconnect_delay: Duration,
     /// Queue that rejected messages of every consumer group are dead-lettered to
     /// (`x-dead-letter-exchange` `""`, `x-dead-letter-routing-key` this name), declared
-    /// with the seeds' limits (7 days, 100,000 messages). `RABBITMQ_DEAD_LETTER_QUEUE`,
+    /// with HelixAgent's limits (7 days, 100,000 messages). `RABBITMQ_DEAD_LETTER_QUEUE`,
     /// default `helixagent.dlq`; `none` turns dead-lettering off, and `reject` then drops.
     pub dead_letter_queue: Option<String>,
     /// Keep every published message in a stream queue (`<exchange>.journal`, bound to the

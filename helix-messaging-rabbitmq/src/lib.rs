@@ -177,7 +177,7 @@ impl RabbitBroker {
         Ok(())
     }
 
-    /// Publish `message` to `exchange` with `routing_key` (for example a task to the seeds'
+    /// Publish `message` to `exchange` with `routing_key` (for example a task to HelixAgent's
     /// `helixagent.tasks` exchange with key `llm`), with the same confirms and `mandatory`
     /// handling as [`Publisher::publish`].
     ///

@@ -1,5 +1,5 @@
 //! Declarative topology: exchanges, queues and bindings, declared together and declared again
-//! on every new connection, plus the seeds' HelixAgent topology as a ready preset.
+//! on every new connection, plus HelixAgent's topology as a ready preset.
 
 use std::time::Duration;
 
@@ -288,15 +288,15 @@ pub struct Topology {
     bindings: Vec<Binding>,
 }
 
-/// Name of the seeds' dead-letter queue.
+/// Name of HelixAgent's dead-letter queue.
 pub const HELIXAGENT_DLQ: &str = "helixagent.dlq";
-/// Name of the seeds' retry queue.
+/// Name of HelixAgent's retry queue.
 pub const HELIXAGENT_RETRY: &str = "helixagent.retry";
-/// The seeds' direct exchange routing tasks by type.
+/// HelixAgent's direct exchange routing tasks by type.
 pub const HELIXAGENT_TASKS: &str = "helixagent.tasks";
-/// The seeds' topic exchange for events.
+/// HelixAgent's topic exchange for events.
 pub const HELIXAGENT_EVENTS: &str = "helixagent.events";
-/// The seeds' fanout exchange for notifications.
+/// HelixAgent's fanout exchange for notifications.
 pub const HELIXAGENT_NOTIFICATIONS: &str = "helixagent.notifications";
 
 impl Topology {
@@ -366,14 +366,14 @@ impl Topology {
         &self.bindings
     }
 
-    /// The seeds' dead-letter queue: messages kept 7 days, at most 100,000.
+    /// HelixAgent's dead-letter queue: messages kept 7 days, at most 100,000.
     pub fn helixagent_dlq(name: &str) -> Queue {
         Queue::classic(name)
             .message_ttl(Duration::from_secs(7 * 24 * 3600))
             .max_length(100_000)
     }
 
-    /// The seeds' HelixAgent topology:
+    /// HelixAgent's topology:
     ///
     /// | what | name | details |
     /// |---|---|---|

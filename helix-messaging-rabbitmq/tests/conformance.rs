@@ -27,7 +27,7 @@ async fn rabbitmq_passes_the_conformance_suite() {
 }
 
 /// The configuration `MESSAGING_BACKEND=rabbitmq` gives with nothing else set (no replay
-/// journal, the seeds' dead-letter queue), in a vhost of its own: what users get is what
+/// journal, HelixAgent's dead-letter queue), in a vhost of its own: what users get is what
 /// the suite proves. Without the journal there is no history, so the history cases skip by
 /// capability.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,5 @@
-//! Declared topology, the seeds' preset, native dead-lettering and the replay journal against
-//! the real RabbitMQ. Topology tests run in a vhost of their own, so the seeds' names do not
+//! Declared topology, HelixAgent's preset, native dead-lettering and the replay journal against
+//! the real RabbitMQ. Topology tests run in a vhost of their own, so HelixAgent's names do not
 //! touch anything else on the server.
 
 mod common;

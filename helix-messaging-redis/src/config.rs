@@ -1,4 +1,4 @@
-//! Configuration: from code or from the seeds' environment variables. The password never
+//! Configuration: from code or from HelixAgent's environment variables. The password never
 //! appears in `Debug`, `Display`, logs or errors.
 //!
 //! The two modes' names and what each promises stand here too, beside [`RedisMode`]: a

@@ -14,7 +14,7 @@ fn config_for(url: &str) -> RabbitConfig {
     let mut config = RabbitConfig::new(url).expect("RABBITMQ_URL");
     // Queues of the tests' random groups remove themselves once unused.
     config.group_queue_expires = Some(Duration::from_secs(30));
-    // Rejected test messages stay out of the seeds' dead-letter queue.
+    // Rejected test messages stay out of HelixAgent's dead-letter queue.
     config.dead_letter_queue = Some("hm-test.dlq".into());
     config
 }

@@ -5,11 +5,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use helix_messaging::memory::MemoryBroker;
-use helix_messaging::{
+use helix_messaging_core::{
     BoxHandler, Broker, Envelope, Handler, HandlerError, Layer, Message, Publisher, RunReport,
     Runner, SubscribeOptions, Subscriber, async_trait, handler_fn,
 };
+use helix_messaging_memory::MemoryBroker;
 use tokio::sync::Notify;
 
 const WAIT: Duration = Duration::from_secs(10);
