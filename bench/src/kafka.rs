@@ -180,7 +180,7 @@ async fn raw_publish_all(
 }
 
 /// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one record at a time from
-/// each of [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS) tasks sharing the producer.
+/// each of `PEAK_CALLERS` tasks sharing the producer.
 async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("raw-publish");
@@ -204,7 +204,7 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
 
 /// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
 /// one `publish` at a time from each of
-/// [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS) tasks.
+/// `PEAK_CALLERS` tasks.
 async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");

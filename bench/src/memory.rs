@@ -41,7 +41,7 @@ pub(crate) async fn raw_mpsc(options: &Options) -> Run {
 }
 
 /// Publishing for [`memory_broker`]: `publish_batch` of this many (1: `publish`), or one
-/// `publish` at a time from each of [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS) tasks.
+/// `publish` at a time from each of `PEAK_CALLERS` tasks.
 #[derive(Clone, Copy)]
 pub(crate) enum Publishing {
     Batches(usize),

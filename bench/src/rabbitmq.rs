@@ -214,7 +214,7 @@ async fn adapter() -> RabbitBroker {
 }
 
 /// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one message at a time,
-/// each confirm awaited, from each of [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS)
+/// each confirm awaited, from each of `PEAK_CALLERS`
 /// tasks sharing the channel.
 async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
@@ -240,7 +240,7 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
 
 /// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
 /// one `publish` at a time from each of
-/// [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS) tasks.
+/// `PEAK_CALLERS` tasks.
 async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");

@@ -137,7 +137,7 @@ async fn raw_publish_all(
 
 /// Publish-only run; `raw` is the raw side's baseline, `None` the adapter; with
 /// `concurrent`, one publish at a time from each of
-/// [`PEAK_CALLERS`](crate::measure::options::PEAK_CALLERS) tasks on either side.
+/// `PEAK_CALLERS` tasks on either side.
 async fn publish_only(
     options: &Options,
     streams: bool,

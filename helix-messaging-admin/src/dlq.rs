@@ -15,7 +15,8 @@ use helix_messaging_core::dlq::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::{ApiError, AppState, JsonBody};
+use crate::json::{ApiError, JsonBody};
+use crate::services::AppState;
 
 /// Entries per page unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 50;
@@ -236,7 +237,7 @@ pub(crate) struct DiscardBody {
 pub(crate) async fn reprocess(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Option<crate::JsonBody<ReprocessBody>>,
+    body: Option<crate::json::JsonBody<ReprocessBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
     processor(&state)?
@@ -250,7 +251,7 @@ pub(crate) async fn reprocess(
 pub(crate) async fn discard(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    body: Option<crate::JsonBody<DiscardBody>>,
+    body: Option<crate::json::JsonBody<DiscardBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
     let reason = body
@@ -315,7 +316,7 @@ pub(crate) struct RedriveBody {
     /// Most messages per second.
     rate_per_second: Option<f64>,
     /// Re-drive this many first, watch them, then the rest.
-    #[serde(default, deserialize_with = "crate::optional_object")]
+    #[serde(default, deserialize_with = "crate::json::optional_object")]
     canary: Option<CanaryBody>,
     /// Messages per published batch.
     batch_size: Option<usize>,

@@ -1,5 +1,5 @@
 //! The HTTP admin API of helix-messaging, on axum: HelixAgent's `/v1/messaging/…` endpoints
-//! over a [`Hub`], behind bearer-token auth.
+//! over a [`Hub`](helix_messaging_core::hub::Hub), behind bearer-token auth.
 //!
 //! [`router`] gives a [`Router`] to mount in an application's own axum app; [`serve`] runs
 //! it on its own listener (by default `127.0.0.1:7061`, HelixAgent's port, never every
@@ -48,24 +48,27 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 mod dlq;
+mod json;
 mod openapi;
 mod replay;
+mod services;
 mod spool;
 
-use axum::extract::{DefaultBodyLimit, FromRequest, OptionalFromRequest, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use helix_messaging_core::dlq::Processor;
-use helix_messaging_core::hub::Hub;
-use helix_messaging_core::replay::ReplayHandler;
-use helix_messaging_core::{ErrorKind, Health, HealthStatus};
+use helix_messaging_core::{Health, HealthStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::de::DeserializeOwned;
-use serde::{Deserialize as _, Serialize};
+
+use serde::Serialize;
 use subtle::ConstantTimeEq;
+
+use crate::json::ApiError;
+use crate::services::AppState;
+pub use crate::services::Services;
 
 /// Variable holding the bearer token every request must carry.
 pub const TOKEN_VAR: &str = "MESSAGING_ADMIN_TOKEN";
@@ -183,55 +186,6 @@ pub fn install_prometheus() -> Result<PrometheusHandle, AdminError> {
         .map_err(|err| AdminError::Prometheus(err.to_string()))
 }
 
-/// What the admin API serves: the hub, and optionally the Prometheus handle and the DLQ
-/// processor (without them their endpoints answer 503).
-#[derive(Clone)]
-pub struct Services {
-    hub: Hub,
-    prometheus: Option<PrometheusHandle>,
-    dlq: Option<Processor>,
-    replay: Option<ReplayHandler>,
-}
-
-impl Services {
-    /// The hub's health; no metrics, no DLQ.
-    pub fn new(hub: Hub) -> Self {
-        Services {
-            hub,
-            prometheus: None,
-            dlq: None,
-            replay: None,
-        }
-    }
-
-    /// Render `handle` at `/v1/messaging/metrics`.
-    #[must_use]
-    pub fn with_prometheus(mut self, handle: PrometheusHandle) -> Self {
-        self.prometheus = Some(handle);
-        self
-    }
-
-    /// Serve the DLQ endpoints from `processor`.
-    #[must_use]
-    pub fn with_dlq(mut self, processor: Processor) -> Self {
-        self.dlq = Some(processor);
-        self
-    }
-
-    /// Serve the replay endpoints from `handler`.
-    #[must_use]
-    pub fn with_replay(mut self, handler: ReplayHandler) -> Self {
-        self.replay = Some(handler);
-        self
-    }
-}
-
-#[derive(Clone)]
-struct AppState {
-    services: Services,
-    token: Arc<str>,
-}
-
 /// The admin API over `services`, to mount in an axum app or run with [`serve`].
 ///
 /// ```
@@ -339,132 +293,6 @@ pub async fn serve(
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
-}
-
-/// A `T` taken only from a JSON object: serde's derive also builds a struct from an array
-/// of its fields' values, which no client means and the OpenAPI document does not allow.
-struct ObjectOnly<T>(T);
-
-impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for ObjectOnly<T> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        object(deserializer).map(ObjectOnly)
-    }
-}
-
-/// `deserialize_with` for a nested body struct (see [`ObjectOnly`]).
-pub(crate) fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    use serde::de::Error as _;
-    let value = serde_json::Value::deserialize(deserializer)?;
-    if !value.is_object() {
-        return Err(D::Error::custom(format!(
-            "expected a JSON object, found {value}"
-        )));
-    }
-    T::deserialize(value).map_err(D::Error::custom)
-}
-
-/// `deserialize_with` for an optional nested body struct: `null` is `None`.
-pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: DeserializeOwned,
-{
-    use serde::de::Error as _;
-    match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::Null => Ok(None),
-        value @ serde_json::Value::Object(_) => {
-            T::deserialize(value).map(Some).map_err(D::Error::custom)
-        }
-        other => Err(D::Error::custom(format!(
-            "expected a JSON object or null, found {other}"
-        ))),
-    }
-}
-
-/// A JSON request body whose rejections (malformed JSON 400, too large 413, wrong content
-/// type 415) answer with the API's JSON errors. Optional: no body, no value.
-struct JsonBody<T>(T);
-
-impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Option<Self>, ApiError> {
-        match <Json<ObjectOnly<T>> as OptionalFromRequest<S>>::from_request(request, state).await {
-            Ok(body) => Ok(body.map(|Json(ObjectOnly(value))| JsonBody(value))),
-            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
-        }
-    }
-}
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        match <Json<ObjectOnly<T>> as FromRequest<S>>::from_request(request, state).await {
-            Ok(Json(ObjectOnly(value))) => Ok(JsonBody(value)),
-            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
-        }
-    }
-}
-
-/// An error answer: its status and a JSON body saying why.
-#[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    message: String,
-}
-
-impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            message: message.into(),
-        }
-    }
-}
-
-impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-impl From<helix_messaging_core::Error> for ApiError {
-    fn from(err: helix_messaging_core::Error) -> Self {
-        let status = match err.kind() {
-            ErrorKind::NotFound => StatusCode::NOT_FOUND,
-            ErrorKind::InvalidInput | ErrorKind::Config | ErrorKind::Serialization => {
-                StatusCode::BAD_REQUEST
-            }
-            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ErrorKind::Conflict => StatusCode::CONFLICT,
-            ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
-            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError::new(status, err.to_string())
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "status": self.status.as_u16(), "message": self.message }
-        });
-        let mut response = (self.status, Json(body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        response
-    }
 }
 
 async fn authorize(State(state): State<AppState>, request: Request, next: Next) -> Response {

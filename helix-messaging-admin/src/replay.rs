@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::dlq::{parse_time, time};
-use crate::{ApiError, AppState, JsonBody};
+use crate::json::{ApiError, JsonBody};
+use crate::services::AppState;
 
 fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
     state.services.replay.as_ref().ok_or_else(|| {
@@ -36,9 +37,9 @@ pub(crate) struct StartBody {
     to_time: String,
     #[serde(default)]
     target_topic: Option<String>,
-    #[serde(default, deserialize_with = "crate::object")]
+    #[serde(default, deserialize_with = "crate::json::object")]
     filter: FilterBody,
-    #[serde(default, deserialize_with = "crate::object")]
+    #[serde(default, deserialize_with = "crate::json::object")]
     options: OptionsBody,
 }
 

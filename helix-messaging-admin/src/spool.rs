@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 
 use crate::dlq::{limit_param, message_json, time};
-use crate::{ApiError, AppState};
+use crate::json::ApiError;
+use crate::services::AppState;
 
 /// The hub's sides, as the paths name them.
 const SIDES: [&str; 2] = ["tasks", "events"];

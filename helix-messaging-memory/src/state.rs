@@ -9,7 +9,7 @@ use std::time::{Instant, SystemTime};
 use helix_messaging_core::{HistoryEntry, MAX_PRIORITY, Message, Position, StartPosition};
 use tokio::sync::Notify;
 
-use crate::MemoryConfig;
+use crate::config::MemoryConfig;
 
 const LEVELS: usize = MAX_PRIORITY as usize + 1;
 

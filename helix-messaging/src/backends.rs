@@ -15,6 +15,9 @@ pub struct BackendInfo {
     pub feature: &'static str,
 }
 
+/// Environment variable choosing the backend (`memory` when unset or empty).
+pub const BACKEND_VAR: &str = "MESSAGING_BACKEND";
+
 /// Every backend the crate can be built with, compiled in or not.
 pub const KNOWN_BACKENDS: &[BackendInfo] = &[
     BackendInfo {

@@ -5,8 +5,7 @@ use std::sync::Arc;
 use helix_messaging_core::hub::{Hub, HubConfig};
 use helix_messaging_core::{Broker, Error, Result};
 
-use crate::BACKEND_VAR;
-use crate::backends::{self, Configured};
+use crate::backends::{self, BACKEND_VAR, Configured};
 
 /// Backend for tasks (default: `MESSAGING_BACKEND`, else `memory`).
 pub const TASK_BACKEND_VAR: &str = "MESSAGING_TASK_BACKEND";
@@ -136,7 +135,8 @@ async fn spools(
     Arc<dyn helix_messaging_core::fallback::Spool>,
     Arc<dyn helix_messaging_core::fallback::Spool>,
 )> {
-    use crate::fallback::{SpoolLimits, SqliteSpool};
+    use helix_messaging_core::fallback::SpoolLimits;
+    use helix_messaging_store::SqliteSpool;
     let dir =
         std::path::PathBuf::from(lookup(FALLBACK_DIR_VAR).unwrap_or_else(|| "helix-spool".into()));
     std::fs::create_dir_all(&dir).map_err(|e| {

@@ -20,7 +20,7 @@
 mod backends;
 mod hub_env;
 
-pub use backends::{BackendInfo, KNOWN_BACKENDS, capability_table, compiled_backends};
+pub use backends::{BACKEND_VAR, BackendInfo, KNOWN_BACKENDS, capability_table, compiled_backends};
 pub use helix_messaging_core::*;
 pub use hub_env::{
     BACKLOG_INTERVAL_MS_VAR, BREAKER_FAILURES_VAR, BREAKER_OPEN_MS_VAR, EVENT_BACKEND_VAR,
@@ -75,9 +75,6 @@ pub use helix_messaging_rabbitmq as rabbitmq;
 pub use helix_messaging_redis as redis;
 
 use std::sync::Arc;
-
-/// Environment variable choosing the backend (`memory` when unset or empty).
-pub const BACKEND_VAR: &str = "MESSAGING_BACKEND";
 
 /// Build the broker `MESSAGING_BACKEND` names (default `memory`), configured from the
 /// backend's own environment variables.

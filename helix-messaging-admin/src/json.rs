@@ -1,0 +1,136 @@
+//! JSON in and out: request bodies taken only from JSON objects, within the body limit, and
+//! errors answered as `{"error": {"status", "message"}}`.
+
+use axum::Json;
+use axum::extract::{FromRequest, OptionalFromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use helix_messaging_core::ErrorKind;
+use serde::Deserialize as _;
+use serde::de::DeserializeOwned;
+
+/// A `T` taken only from a JSON object: serde's derive also builds a struct from an array
+/// of its fields' values, which no client means and the OpenAPI document does not allow.
+struct ObjectOnly<T>(T);
+
+impl<'de, T: DeserializeOwned> serde::Deserialize<'de> for ObjectOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        object(deserializer).map(ObjectOnly)
+    }
+}
+
+/// `deserialize_with` for a nested body struct (see [`ObjectOnly`]).
+pub(crate) fn object<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::de::Error as _;
+    let value = serde_json::Value::deserialize(deserializer)?;
+    if !value.is_object() {
+        return Err(D::Error::custom(format!(
+            "expected a JSON object, found {value}"
+        )));
+    }
+    T::deserialize(value).map_err(D::Error::custom)
+}
+
+/// `deserialize_with` for an optional nested body struct: `null` is `None`.
+pub(crate) fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: DeserializeOwned,
+{
+    use serde::de::Error as _;
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::Null => Ok(None),
+        value @ serde_json::Value::Object(_) => {
+            T::deserialize(value).map(Some).map_err(D::Error::custom)
+        }
+        other => Err(D::Error::custom(format!(
+            "expected a JSON object or null, found {other}"
+        ))),
+    }
+}
+
+/// A JSON request body whose rejections (malformed JSON 400, too large 413, wrong content
+/// type 415) answer with the API's JSON errors. Optional: no body, no value.
+pub(crate) struct JsonBody<T>(pub(crate) T);
+
+impl<T: DeserializeOwned, S: Send + Sync> OptionalFromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Option<Self>, ApiError> {
+        match <Json<ObjectOnly<T>> as OptionalFromRequest<S>>::from_request(request, state).await {
+            Ok(body) => Ok(body.map(|Json(ObjectOnly(value))| JsonBody(value))),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        match <Json<ObjectOnly<T>> as FromRequest<S>>::from_request(request, state).await {
+            Ok(Json(ObjectOnly(value))) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// An error answer: its status and a JSON body saying why.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl ApiError {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<helix_messaging_core::Error> for ApiError {
+    fn from(err: helix_messaging_core::Error) -> Self {
+        let status = match err.kind() {
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::InvalidInput | ErrorKind::Config | ErrorKind::Serialization => {
+                StatusCode::BAD_REQUEST
+            }
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, err.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": { "status": self.status.as_u16(), "message": self.message }
+        });
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
