@@ -204,7 +204,9 @@ pub fn install_prometheus() -> Result<PrometheusHandle, AdminError> {
 /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 /// let addr = listener.local_addr()?;
 /// tokio::spawn(async move { axum::serve(listener, app).await });
-/// let client = reqwest::Client::new();
+/// let client = reqwest::Client::builder()
+///     .timeout(std::time::Duration::from_secs(10))
+///     .build()?;
 /// let url = format!("http://{addr}/v1/messaging/health");
 /// let health = client.get(&url).bearer_auth("s3cret").send().await?;
 /// assert_eq!(health.status(), 200);

@@ -102,7 +102,8 @@ struct Inner {
 /// let mut orders = memory.subscribe("orders", SubscribeOptions::default()).await?;
 /// let breaker = BreakerConfig {
 ///     failure_threshold: 1,
-///     open_interval: Duration::from_millis(100),
+///     // Long enough that the publish below finds it open even on a busy machine.
+///     open_interval: Duration::from_secs(2),
 ///     ..BreakerConfig::default()
 /// };
 /// let forwarding = ForwardConfig {
@@ -118,7 +119,7 @@ struct Inner {
 /// fallback.publish("orders", Message::new("order 7")).await?; // Ok: spooled
 /// assert_eq!(fallback.spool_stats().await?.depth, 1);
 /// // Once the breaker lets a call through again, the forwarder sends it on.
-/// let forwarded = tokio::time::timeout(Duration::from_secs(5), orders.next())
+/// let forwarded = tokio::time::timeout(Duration::from_secs(10), orders.next())
 ///     .await
 ///     .expect("forwarded in time")
 ///     .expect("subscription open")?;

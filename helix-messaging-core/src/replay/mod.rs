@@ -549,14 +549,14 @@ impl ReplayHandler {
             if let Some(mut finished) = finished {
                 // The sender lives until the run has ended, after which the value is true.
                 let _ = finished.wait_for(|done| *done).await;
-                let progress = self.get_progress(id).await?;
+                let progress = self.replay_progress(id).await?;
                 // A run that stopped holding the lease (shutdown, lost lease) leaves the
                 // replay running elsewhere.
                 if progress.status.is_finished() || self.inner.shutdown.is_cancelled() {
                     return Ok(progress);
                 }
             }
-            let progress = self.get_progress(id).await?;
+            let progress = self.replay_progress(id).await?;
             if progress.status.is_finished() {
                 return Ok(progress);
             }
