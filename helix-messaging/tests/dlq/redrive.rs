@@ -1,0 +1,337 @@
+//! Bulk redrive jobs: the frozen selection, the rate limit (the canary watch included), the
+//! counts when removals fail, the canary, and cancelling.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use helix_messaging::dlq::{
+    CanaryConfig, DeadLetter, DeadLetterFilter, DeadLetterReason, Processor, ProcessorConfig,
+    RedriveRequest, RedriveStatus, SqliteDeadLetterStore, StoredDeadLetter,
+};
+use helix_messaging::{Broker, SubscribeOptions};
+
+use crate::common::{self, letter};
+use crate::support::{broker, failing_consumer, in_file, name, processor_config, recv};
+
+/// A processor of `broker` with a DLQ store in memory and the tests' settings.
+fn memory_processor(broker: Arc<dyn Broker>) -> Processor {
+    Processor::new(
+        broker,
+        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap()
+}
+
+/// Stores `n` dead letters of `topic` directly (as the processor would have ingested them).
+async fn stored_letters(processor: &Processor, topic: &str, n: usize) -> Vec<DeadLetter> {
+    let t0 = SystemTime::now() - Duration::from_secs(3_600);
+    let mut out = Vec::new();
+    for i in 0..n {
+        let l = letter(
+            topic,
+            DeadLetterReason::MaxRetriesExceeded,
+            "order.created",
+            t0 + Duration::from_millis(i as u64),
+        );
+        processor
+            .store()
+            .insert(StoredDeadLetter::received(l.clone(), SystemTime::now()))
+            .await
+            .unwrap();
+        out.push(l);
+    }
+    out
+}
+
+/// Re-drive `count` entries first and watch them for `watch`.
+fn canary(count: usize, watch: Duration) -> Option<CanaryConfig> {
+    Some(CanaryConfig { count, watch })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_redrive_keeps_its_rate_and_its_frozen_selection() {
+    let broker = broker().await;
+    let topic = name("bulk");
+    let dir = tempfile::tempdir().unwrap();
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    let letters = stored_letters(&processor, &topic, 200).await;
+    drop(processor);
+    // The redrive runs in a later process, on the reopened file.
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: Some(100.0),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    // Dead-lettered after the job started: not part of its selection.
+    let late = stored_letters(&processor, &topic, 1).await;
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    let took = started.elapsed();
+    assert_eq!(progress.status, RedriveStatus::Completed);
+    assert_eq!(
+        (
+            progress.total,
+            progress.redriven,
+            progress.failed,
+            progress.skipped
+        ),
+        (200, 200, 0, 0)
+    );
+    assert!((progress.percentage() - 100.0).abs() < f64::EPSILON);
+    assert!(
+        took >= Duration::from_millis(1_900),
+        "200 messages at 100/s took only {took:?}"
+    );
+    let mut got = Vec::new();
+    for _ in 0..200 {
+        let d = recv(&mut sub).await;
+        got.push(d.message().id().to_owned());
+        d.ack().await.unwrap();
+    }
+    let expected: Vec<String> = letters.iter().map(|l| l.message.id().to_owned()).collect();
+    assert_eq!(got, expected, "re-driven in DLQ order");
+    let left = processor
+        .list(&DeadLetterFilter::default(), 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(left.count, 1);
+    assert_eq!(
+        left.entries[0].letter.id, late[0].id,
+        "only the late letter stays"
+    );
+    assert_eq!(processor.list_redrives().len(), 1);
+}
+
+/// The rate limit holds over every window of the run, the canary watch included: the time
+/// spent watching is not banked and spent in one burst afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
+    const RATE: f64 = 20.0;
+    let broker = broker().await;
+    let topic = name("paced");
+    let processor = memory_processor(broker.clone());
+    stored_letters(&processor, &topic, 30).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: Some(RATE),
+            canary: canary(1, Duration::from_secs(1)),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    for _ in 0..30 {
+        recv(&mut sub).await.ack().await.unwrap();
+        arrivals.push(Instant::now());
+    }
+    assert_eq!(
+        common::redrive_finished(&processor, &job.id).await.status,
+        RedriveStatus::Completed
+    );
+    // Half a second holds RATE / 2 messages, plus one chunk (RATE / 20) that may start at
+    // its beginning and a little for the scheduler.
+    let window = Duration::from_millis(500);
+    let most = (RATE / 2.0) as usize + 1 + 2;
+    for (i, at) in arrivals.iter().enumerate() {
+        let within = arrivals[i..].iter().filter(|t| **t < *at + window).count();
+        assert!(
+            within <= most,
+            "{within} re-driven within {window:?} from the {i}th at {RATE}/s (at most {most})"
+        );
+    }
+}
+
+/// When the store cannot remove what was re-driven, the job's counts still add up to its
+/// selection: what went out counts as re-driven, and the job fails saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
+    use helix_messaging_testkit::plane::FaultyDeadLetterStore;
+    let broker = broker().await;
+    let topic = name("unremovable");
+    let store = Arc::new(FaultyDeadLetterStore::new(
+        helix_messaging::dlq::MemoryDeadLetterStore::new(),
+    ));
+    let processor = Processor::new(
+        broker.clone(),
+        store.clone(),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    stored_letters(&processor, &topic, 10).await;
+    store.set_removals_down(true);
+    let job = processor
+        .start_redrive(RedriveRequest::default())
+        .await
+        .unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (10, 0, 0),
+        "published, so re-driven, though still in the store: {progress:?}"
+    );
+    assert!(
+        progress
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("removal")),
+        "{progress:?}"
+    );
+}
+
+/// A redrive whose canary cannot be re-driven fails, leaving everything else in the DLQ,
+/// instead of going on without a canary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_whose_canary_cannot_go_out_fails_and_re_drives_nothing() {
+    use helix_messaging_testkit::plane::{FaultSchedule, FaultyBroker};
+    // A broker that refuses every message.
+    let refusing: Arc<dyn helix_messaging::Broker> = Arc::new(FaultyBroker::new(
+        broker().await,
+        FaultSchedule::new(1, 0, 100),
+    ));
+    let processor = memory_processor(refusing);
+    stored_letters(&processor, &name("no-canary"), 5).await;
+    let job = processor
+        .start_redrive(RedriveRequest {
+            canary: canary(1, Duration::from_millis(200)),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed),
+        (0, 1),
+        "only the canary was tried"
+    );
+    assert!(
+        progress
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("canary")),
+        "{progress:?}"
+    );
+    assert_eq!(
+        processor.stats().await.unwrap().depth,
+        5,
+        "all still in the DLQ"
+    );
+}
+
+/// A canary dead-lettered again by a consumer whose clock runs an hour behind the
+/// processor's still fails the canary: it is recognised by its redrive count, not by when
+/// its failure was stamped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_on_a_host_with_a_slow_clock_still_stops_the_redrive() {
+    let broker = broker().await;
+    let topic = name("skewed");
+    let processor = memory_processor(broker.clone());
+    let letters = stored_letters(&processor, &topic, 5).await;
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let job = processor
+        .start_redrive(RedriveRequest {
+            canary: canary(1, Duration::from_secs(2)),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let canary = recv(&mut sub).await;
+    assert_eq!(canary.message().id(), letters[0].message.id());
+    // The consumer fails it again (a dead letter of the copy, which carries one more
+    // redrive), and stamps the failure by its own clock.
+    let mut again = letters[0].clone();
+    again.id = uuid::Uuid::new_v4().to_string();
+    again.redrives += 1;
+    again.last_failure_at = SystemTime::now() - Duration::from_secs(3_600);
+    again.first_failure_at = again.last_failure_at;
+    canary.ack().await.unwrap();
+    processor.ingest(again).await.unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::CanaryFailed, "{progress:?}");
+    assert_eq!(progress.redriven, 1, "only the canary went out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_fails_again_stops_the_redrive_and_a_cancel_stops_it_too() {
+    let broker = broker().await;
+    let (topic, dlq_topic) = (name("canary"), name("dlq"));
+    let dir = tempfile::tempdir().unwrap();
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        ..processor_config(&dlq_topic)
+    };
+    let open = || async { Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()) };
+    let earlier = Processor::new(broker.clone(), open().await, config.clone()).unwrap();
+    stored_letters(&earlier, &topic, 20).await;
+    drop(earlier);
+    // The jobs run in a later process, on the reopened file.
+    let processor = Processor::new(broker.clone(), open().await, config).unwrap();
+    processor.start().await.unwrap();
+    let (runner, calls) =
+        failing_consumer(&broker, &topic, &dlq_topic, DeadLetterReason::Permanent).await;
+    let job = processor
+        .start_redrive(RedriveRequest {
+            canary: canary(2, Duration::from_millis(1_500)),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::CanaryFailed);
+    assert_eq!(progress.redriven, 2, "only the canaries went out");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    let stats = processor.stats().await.unwrap();
+    assert_eq!(stats.depth, 20, "18 untouched and the 2 canaries back");
+    runner.shutdown().await;
+
+    // Nobody fails now, but the job is cancelled early.
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: Some(10.0),
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    processor.cancel_redrive(&job.id).unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::Cancelled);
+    assert!(
+        progress.redriven >= 1 && progress.redriven < 20,
+        "redriven {} before the cancel",
+        progress.redriven
+    );
+    assert_eq!(
+        processor.stats().await.unwrap().depth,
+        20 - progress.redriven,
+        "what was not re-driven stays"
+    );
+    processor.stop().await;
+}
