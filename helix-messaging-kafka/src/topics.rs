@@ -122,8 +122,12 @@ impl Topics {
     /// Whether the cluster's metadata lists topic `name` (the admin client never asks the
     /// broker to create it on the way).
     pub(crate) async fn exists(&self, config: &KafkaConfig, name: &str) -> Result<bool> {
+        self.listed_within(name, config.request_timeout).await
+    }
+
+    /// [`Topics::exists`], the metadata request bounded by `timeout`.
+    async fn listed_within(&self, name: &str, timeout: Duration) -> Result<bool> {
         let admin = self.admin.clone();
-        let timeout = config.request_timeout;
         let topic = name.to_owned();
         blocking("reading topic metadata", move || {
             let metadata = admin
@@ -172,13 +176,12 @@ impl Topics {
         )
         .await?
         .map_err(|e| from_kafka(e, "creating topics"))?;
+        // A topic another client is creating right now answers "already exists" too, and
+        // may be as fresh as one created here: both are waited for.
         let mut created = Vec::new();
         for result in results {
             match result {
-                Ok(name) => created.push(name),
-                Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => {
-                    self.known.lock().insert(name);
-                }
+                Ok(name) | Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => created.push(name),
                 Err((name, code)) => {
                     return Err(Error::new(
                         ErrorKind::Rejected,
@@ -187,29 +190,33 @@ impl Topics {
                 }
             }
         }
+        let deadline = tokio::time::Instant::now() + config.request_timeout;
         for name in created {
-            self.await_metadata(config, &name).await;
+            self.await_metadata(&name, deadline).await;
             self.known.lock().insert(name);
         }
         Ok(())
     }
 
-    /// Wait, up to the request timeout, until the brokers' metadata lists the topic just
-    /// created: the controller answers a creation before every broker has it, and a consumer
-    /// subscribing meanwhile is told the topic does not exist (seen on a loaded machine as
-    /// `UnknownTopicOrPartition` on fresh subscriptions). A topic still missing then is left
-    /// to the clients' own metadata refresh.
-    async fn await_metadata(&self, config: &KafkaConfig, name: &str) {
-        let deadline = tokio::time::Instant::now() + config.request_timeout;
+    /// Wait, until `deadline` (one for every topic of a creation), until the brokers' metadata
+    /// lists the topic just created: the controller answers a creation before every broker
+    /// has it, and a consumer subscribing meanwhile is told the topic does not exist (seen on
+    /// a loaded machine as `UnknownTopicOrPartition` on fresh subscriptions). A topic still
+    /// missing then is left to the clients' own metadata refresh.
+    async fn await_metadata(&self, name: &str, deadline: tokio::time::Instant) {
         let mut pause = Duration::from_millis(10);
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(true) = self.exists(config, name).await {
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(topic = name, "a created topic is not in the metadata yet");
                 return;
             }
-            tokio::time::sleep(pause).await;
+            if let Ok(true) = self.listed_within(name, left).await {
+                return;
+            }
+            tokio::time::sleep(pause.min(left)).await;
             pause = (pause * 2).min(Duration::from_millis(200));
         }
-        tracing::warn!(topic = name, "a created topic is not in the metadata yet");
     }
 }
 

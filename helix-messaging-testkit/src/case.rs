@@ -29,7 +29,7 @@ pub enum Needs {
     /// [`Capabilities::max_payload_bytes`] is set.
     PayloadLimit,
     /// [`Capabilities::delayed_requeue`].
-    DelayedDelivery,
+    DelayedRequeue,
     /// [`Capabilities::backlog`].
     Backlog,
 }
@@ -47,7 +47,7 @@ impl Needs {
             Needs::RedeliverUnacked => caps.redeliver_unacked,
             Needs::ReplayByTime => caps.replay_by_time,
             Needs::PayloadLimit => caps.max_payload_bytes.is_some(),
-            Needs::DelayedDelivery => caps.delayed_requeue,
+            Needs::DelayedRequeue => caps.delayed_requeue,
             Needs::Backlog => caps.backlog,
         }
     }
@@ -63,7 +63,7 @@ impl Needs {
             Needs::RedeliverUnacked => "redelivery of unacked messages",
             Needs::ReplayByTime => "replay by time",
             Needs::PayloadLimit => "a payload limit",
-            Needs::DelayedDelivery => "delayed delivery",
+            Needs::DelayedRequeue => "delayed requeue",
             Needs::Backlog => "backlog reporting",
         }
     }

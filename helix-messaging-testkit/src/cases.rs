@@ -61,7 +61,7 @@ cases! {
     prefetched_by_two_owners_in_turn_is_no_attempt: [ConsumerGroups, RedeliverUnacked];
     successive_members_of_a_group_lose_nothing: [ConsumerGroups, RedeliverUnacked];
     close_ends_subscriptions_promptly_and_commits_nothing_held: [ConsumerGroups, RedeliverUnacked];
-    delayed_requeue_holds_the_message_back: [ConsumerGroups, DelayedDelivery];
+    delayed_requeue_holds_the_message_back: [ConsumerGroups, DelayedRequeue];
     delayed_requeue_is_declared_honestly: [];
     retry_then_dead_letter_after_exact_attempts: [ConsumerGroups, Redelivery];
     undecodable_is_dead_lettered_on_first_delivery: [ConsumerGroups];

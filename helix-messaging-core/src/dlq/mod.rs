@@ -16,6 +16,7 @@ mod jobs;
 mod letter;
 mod processor;
 mod redrive;
+mod report;
 mod store;
 
 use std::sync::Arc;
@@ -35,7 +36,8 @@ pub use letter::{
     HEADER_ORIGINAL_TOPIC, HEADER_PREFIX, HEADER_REASON, HEADER_REDRIVE_COUNT,
     MAX_ERROR_HEADER_BYTES, TASK_DLQ_TOPIC,
 };
-pub use processor::{DeadLetterPage, Processor, ProcessorMetrics};
+pub use processor::Processor;
+pub use report::{DeadLetterPage, ProcessorMetrics};
 pub use store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
     MemoryDeadLetterStore, StoredDeadLetter,

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::{DeadLetterHandler, ProcessorConfig};
 use super::jobs::{Job, RedriveProgress};
 use super::letter::DeadLetter;
+use super::report::{DeadLetterPage, ProcessorMetrics};
 use super::store::remove_redriven;
 use super::store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup, StoredDeadLetter,
@@ -26,22 +27,6 @@ use crate::retry::RetryPolicy;
 use crate::runner::{HandlerError, Runner, handler_fn};
 use crate::trace;
 
-/// What the processor has done since it was created (HelixAgent's `GetMetrics()`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct ProcessorMetrics {
-    /// Dead letters ingested from the DLQ topics.
-    pub messages_ingested: u64,
-    /// Entries resolved: re-driven to their topic (automatically, by an operator or a bulk
-    /// job) or handled by a registered handler.
-    pub messages_processed: u64,
-    /// Automatic re-drives that failed and were scheduled again.
-    pub messages_retried: u64,
-    /// Entries an operator discarded.
-    pub messages_discarded: u64,
-    /// Entries parked: re-drives used up, or not worth re-driving automatically.
-    pub messages_parked: u64,
-}
-
 #[derive(Default)]
 struct Counters {
     ingested: AtomicU64,
@@ -49,20 +34,6 @@ struct Counters {
     retried: AtomicU64,
     discarded: AtomicU64,
     parked: AtomicU64,
-}
-
-/// One page of a listing, with the number of entries the filter matches in all (the count
-/// HelixAgent's scripts read as `.count`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterPage {
-    /// The entries on this page.
-    pub entries: Vec<StoredDeadLetter>,
-    /// Entries matching the filter in all.
-    pub count: u64,
-    /// The page size asked for.
-    pub limit: usize,
-    /// Entries skipped before this page.
-    pub offset: usize,
 }
 
 struct Running {
@@ -117,8 +88,13 @@ const INGEST_BACKOFF: RetryPolicy = RetryPolicy {
 /// };
 /// let store = Arc::new(MemoryDeadLetterStore::new());
 /// let processor = Processor::new(broker.clone(), store, config)?;
-/// // `processor.start()` would ingest the DLQ topics in the background; here one dead
-/// // letter, as a DeadLetterLayer publishes it, is handed over directly.
+/// // Custom re-processing for one message type, called instead of a republish.
+/// processor.register_handler("llm.request", |letter: DeadLetter| async move {
+///     println!("retrying {} by hand", letter.message.id());
+///     Ok(())
+/// });
+/// processor.start().await?; // ingests the DLQ topics in the background
+/// // One dead letter, as a DeadLetterLayer publishes it, handed over directly:
 /// let failed = Message::new("order 7").with_header(HEADER_ORIGINAL_TOPIC, "orders");
 /// processor.ingest(DeadLetter::from_message(&failed, DEFAULT_DLQ_TOPIC)).await?;
 /// let page = processor.list(&DeadLetterFilter::default(), 100, 0).await?;
@@ -133,6 +109,7 @@ const INGEST_BACKOFF: RetryPolicy = RetryPolicy {
 ///     .expect("subscription open")?;
 /// assert_eq!(again.message().payload().as_ref(), b"order 7");
 /// assert_eq!(processor.stats().await?.depth, 0);
+/// processor.stop().await;
 /// # Ok::<(), helix_messaging_core::Error>(())
 /// # }).unwrap();
 /// ```
