@@ -33,6 +33,7 @@ pub mod faults;
 mod helpers;
 pub mod plane;
 pub mod recorded;
+pub mod stores;
 
 use std::any::Any;
 use std::future::Future;

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 mod common;
-use common::letter;
+use helix_messaging_testkit::stores::letter;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -462,7 +462,7 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
     }
 
     let (first_broker, first_path) = (broker.clone(), path.clone());
-    let at_kill = common::in_a_process_killed_after(async move {
+    let at_kill = helix_messaging_testkit::stores::in_a_process_killed_after(async move {
         let store = SqliteDeadLetterStore::open(&first_path).await.unwrap();
         let processor = Processor::new(first_broker, Arc::new(store), config()).unwrap();
         let job = processor

@@ -351,7 +351,7 @@ async fn dead_lettered_counts_use_bounded_topic_labels() {
         .map(|_| helix_messaging_testkit::fresh_name("dead"))
         .collect();
     for topic in &topics {
-        let letter = common::letter(
+        let letter = helix_messaging_testkit::stores::letter(
             topic,
             DeadLetterReason::MaxRetriesExceeded,
             "order.created",

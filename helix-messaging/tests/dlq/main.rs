@@ -12,7 +12,7 @@ mod common;
 mod processor;
 mod redrive;
 mod support;
-use common::letter;
+use helix_messaging_testkit::stores::letter;
 use support::in_file;
 
 use helix_messaging::dlq::{
@@ -24,18 +24,30 @@ use helix_messaging::dlq::{
 async fn a_failure_groups_sample_error_is_its_newest_failures_on_every_store() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
-    common::check_the_sample_error_is_the_newest_failures(&sqlite, "orders").await;
+    helix_messaging_testkit::stores::check_the_sample_error_is_the_newest_failures(
+        &sqlite, "orders",
+    )
+    .await;
     let memory = helix_messaging::dlq::MemoryDeadLetterStore::new();
-    common::check_the_sample_error_is_the_newest_failures(&memory, "orders").await;
+    helix_messaging_testkit::stores::check_the_sample_error_is_the_newest_failures(
+        &memory, "orders",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_hold_entries_and_versions_fence_writes_on_every_store() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
-    common::check_claims_hold_entries_and_versions_fence_writes(&sqlite, "orders").await;
+    helix_messaging_testkit::stores::check_claims_hold_entries_and_versions_fence_writes(
+        &sqlite, "orders",
+    )
+    .await;
     let memory = helix_messaging::dlq::MemoryDeadLetterStore::new();
-    common::check_claims_hold_entries_and_versions_fence_writes(&memory, "orders").await;
+    helix_messaging_testkit::stores::check_claims_hold_entries_and_versions_fence_writes(
+        &memory, "orders",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,8 +13,8 @@ use helix_messaging::dlq::{
 };
 use helix_messaging::{Message, SubscribeOptions};
 
-use crate::common::{self, letter};
 use crate::support::{broker, eventually, failing_consumer, in_file, name, processor_config, recv};
+use helix_messaging_testkit::stores::letter;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reopened_store_can_be_reprocessed_discarded_and_purged() {
@@ -183,7 +183,7 @@ async fn the_ingester_backs_off_while_its_store_is_down() {
         Processor::new(broker.clone(), store.clone(), processor_config(&dlq_topic)).unwrap();
     processor.start().await.unwrap();
     store.set_down(true);
-    let letter = common::letter(
+    let letter = helix_messaging_testkit::stores::letter(
         "orders",
         DeadLetterReason::MaxRetriesExceeded,
         "order.created",

@@ -11,8 +11,9 @@ use helix_messaging::dlq::{
 };
 use helix_messaging::{Broker, SubscribeOptions};
 
-use crate::common::{self, letter};
+use crate::common;
 use crate::support::{broker, failing_consumer, in_file, name, processor_config, recv};
+use helix_messaging_testkit::stores::letter;
 
 /// A processor of `broker` with a DLQ store in memory and the tests' settings.
 fn memory_processor(broker: Arc<dyn Broker>) -> Processor {

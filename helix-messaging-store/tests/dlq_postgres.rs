@@ -7,15 +7,20 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-mod common;
-use common::letter;
+use helix_messaging_testkit::stores::{
+    OpenStore, a_killed_replay_resumes_without_publishing_twice,
+    check_claims_hold_entries_and_versions_fence_writes,
+    check_the_sample_error_is_the_newest_failures, letter, replay_store_round_trips,
+};
 
 use futures::{FutureExt, StreamExt};
-use helix_messaging::SubscribeOptions;
-use helix_messaging::dlq::{
-    DeadLetterFilter, DeadLetterReason, DeadLetterStore, EntryStatus, PostgresDeadLetterStore,
-    Processor, ProcessorConfig, StoredDeadLetter,
+use helix_messaging_core::dlq::{
+    DeadLetterFilter, DeadLetterReason, DeadLetterStore, EntryStatus, Processor, ProcessorConfig,
+    StoredDeadLetter,
 };
+use helix_messaging_core::{Broker, SubscribeOptions};
+use helix_messaging_memory::MemoryBroker;
+use helix_messaging_store::PostgresDeadLetterStore;
 
 fn connection() -> String {
     std::env::var("HELIX_TEST_POSTGRES")
@@ -63,7 +68,7 @@ async fn claims_hold_entries_and_versions_fence_writes() {
     let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
         .await
         .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
-    common::check_claims_hold_entries_and_versions_fence_writes(&store, "orders").await;
+    check_claims_hold_entries_and_versions_fence_writes(&store, "orders").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,7 +77,7 @@ async fn a_failure_groups_sample_error_is_its_newest_failures() {
     let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
         .await
         .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
-    common::check_the_sample_error_is_the_newest_failures(&store, "orders").await;
+    check_the_sample_error_is_the_newest_failures(&store, "orders").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +183,7 @@ async fn the_postgres_store_keeps_every_field_and_instances_claim_disjoint_entri
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processors_sharing_a_table_redrive_each_entry_once() {
     let table = Table::new();
-    let broker = helix_messaging::connect("memory://").await.unwrap();
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
     let topic = helix_messaging_testkit::fresh_name("shared");
     let mut sink = broker
         .subscribe(&topic, SubscribeOptions::group("g"))
@@ -247,21 +252,21 @@ async fn replay_checkpoints_live_beside_the_dlq_in_postgres() {
         .await
         .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
     let store = dlq.replay_store().await.unwrap();
-    common::replay_store_round_trips(&store).await;
+    replay_store_round_trips(&store).await;
     let config = connection();
     let name = table.0.clone();
-    let open: common::OpenStore = Arc::new(move || {
+    let open: OpenStore = Arc::new(move || {
         let (config, name) = (config.clone(), name.clone());
         async move {
             let dlq = PostgresDeadLetterStore::connect_table(&config, &name)
                 .await
                 .unwrap();
             Arc::new(dlq.replay_store().await.unwrap())
-                as Arc<dyn helix_messaging::replay::ReplayStore>
+                as Arc<dyn helix_messaging_core::replay::ReplayStore>
         }
         .boxed()
     });
-    common::a_killed_replay_resumes_without_publishing_twice(open).await;
+    a_killed_replay_resumes_without_publishing_twice(open).await;
 }
 
 /// The DLQ and its replay checkpoints share one database. A DLQ call stuck behind a lock
@@ -269,7 +274,7 @@ async fn replay_checkpoints_live_beside_the_dlq_in_postgres() {
 /// renewal, or the replay is taken over while it runs (issue 27, item 4).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dlq_call_stuck_on_a_lock_does_not_hold_up_a_replay_lease() {
-    use helix_messaging::replay::{Checkpoint, ReplayRecord, ReplayRequest, ReplayStore};
+    use helix_messaging_core::replay::{Checkpoint, ReplayRecord, ReplayRequest, ReplayStore};
 
     let table = Table::new();
     let dlq = Arc::new(

@@ -1,20 +1,21 @@
 //! Replay checkpoints in the DLQ's SQLite file survive a killed process: the resumed replay
 //! publishes nothing twice.
-#![cfg(all(feature = "sqlite", feature = "memory"))]
+#![cfg(feature = "sqlite")]
 
 use std::sync::Arc;
 
-mod common;
-
 use futures::FutureExt;
-use helix_messaging::dlq::SqliteDeadLetterStore;
-use helix_messaging::replay::{ReplayStore, SqliteReplayStore};
+use helix_messaging_core::replay::{MemoryReplayStore, ReplayStore};
+use helix_messaging_store::{SqliteDeadLetterStore, SqliteReplayStore};
+use helix_messaging_testkit::stores::{
+    OpenStore, a_killed_replay_resumes_without_publishing_twice, replay_store_round_trips,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_killed_mid_run_resumes_from_the_dlq_sqlite_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("helix.db");
-    let open: common::OpenStore = Arc::new(move || {
+    let open: OpenStore = Arc::new(move || {
         let path = path.clone();
         async move {
             // The DLQ's file, opened afresh each time as a new process would.
@@ -23,7 +24,7 @@ async fn a_replay_killed_mid_run_resumes_from_the_dlq_sqlite_file() {
         }
         .boxed()
     });
-    common::a_killed_replay_resumes_without_publishing_twice(open).await;
+    a_killed_replay_resumes_without_publishing_twice(open).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,10 +33,10 @@ async fn the_sqlite_replay_store_round_trips_records() {
     let store = SqliteReplayStore::open(dir.path().join("replays.db"))
         .await
         .unwrap();
-    common::replay_store_round_trips(&store).await;
+    replay_store_round_trips(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_replay_store_round_trips_records() {
-    common::replay_store_round_trips(&helix_messaging::replay::MemoryReplayStore::new()).await;
+    replay_store_round_trips(&MemoryReplayStore::new()).await;
 }
