@@ -6,6 +6,10 @@
 //! against it, so the two cannot drift apart unnoticed.
 
 use helix_messaging_core::dlq::{DeadLetterReason, EntryStatus};
+use helix_messaging_core::dlq::{
+    MAX_CANARY_WATCH, MAX_REDRIVE_BATCH_SIZE, MAX_REDRIVE_RATE, MIN_REDRIVE_RATE,
+};
+use helix_messaging_core::replay::MAX_REPLAY_BATCH_SIZE;
 use serde_json::{Map, Value, json};
 
 fn string() -> Value {
@@ -323,9 +327,9 @@ fn schemas() -> Value {
                 "to": time(),
             })),
             "target_topic": optional(name()),
-            "rate_per_second": optional(json!({ "type": "number", "exclusiveMinimum": true, "minimum": 0 })),
-            "canary": optional(closed(json!({ "count": count(), "watch_ms": count() }))),
-            "batch_size": optional(json!({ "type": "integer", "minimum": 1 })),
+            "rate_per_second": optional(json!({ "type": "number", "minimum": MIN_REDRIVE_RATE, "maximum": MAX_REDRIVE_RATE })),
+            "canary": optional(closed(json!({ "count": count(), "watch_ms": { "type": "integer", "minimum": 0, "maximum": MAX_CANARY_WATCH.as_millis() as u64 } }))),
+            "batch_size": optional(json!({ "type": "integer", "minimum": 1, "maximum": MAX_REDRIVE_BATCH_SIZE })),
         })),
         "ReplayRequest": {
             "type": "object",
@@ -342,7 +346,7 @@ fn schemas() -> Value {
                     "headers": { "type": "object", "additionalProperties": string() },
                 })),
                 "options": body(json!({
-                    "batch_size": optional(json!({ "type": "integer", "minimum": 1 })),
+                    "batch_size": optional(json!({ "type": "integer", "minimum": 1, "maximum": MAX_REPLAY_BATCH_SIZE })),
                     "delay_between_ms": optional(count()),
                     "dry_run": { "type": "boolean" },
                     "skip_duplicates": { "type": "boolean" },

@@ -421,3 +421,43 @@ async fn groups_and_bulk_redrives_over_http_on_redis_streams() {
 async fn groups_and_bulk_redrives_over_http_on_rabbitmq() {
     groups_and_bulk_redrives_over_http(rabbitmq().await).await;
 }
+
+/// A redrive outside the limits is a 400 naming the field and its limit, and starts nothing
+/// (a `rate_per_second` of 1e-20 used to start a job that would wait a year for its second
+/// batch, `running` all along).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_outside_the_limits_is_400_and_starts_nothing() {
+    let dlq = dlq_server(
+        AdminConfig::new(TOKEN).unwrap(),
+        &[("p1", DeadLetterReason::Permanent)],
+    )
+    .await;
+    let s = &dlq.server;
+    for (body, says) in [
+        (serde_json::json!({"batch_size": 10_001}), "batch_size"),
+        (
+            serde_json::json!({"rate_per_second": 1e-20}),
+            "rate_per_second",
+        ),
+        (
+            serde_json::json!({"rate_per_second": 1e9}),
+            "rate_per_second",
+        ),
+        (
+            serde_json::json!({"canary": {"count": 1, "watch_ms": 3_600_001}}),
+            "watch",
+        ),
+    ] {
+        let response = s
+            .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let (status, message) = error_of(response).await;
+        assert_eq!(status, 400, "{body}: {message}");
+        assert!(message.contains(says), "{body}: {message}");
+    }
+    let jobs = call(s.get("/v1/messaging/dlq/redrives")).await;
+    assert_eq!(jobs["count"], 0, "nothing was started: {jobs}");
+}

@@ -123,6 +123,20 @@ async fn bad_replay_requests_are_400_and_unknown_ids_404() {
             "",
         ),
         ("{\"topic\": ".to_owned(), 400, ""),
+        (
+            serde_json::json!({"topic": topic, "from_time": "2000-01-01T00:00:00Z",
+                "to_time": "2000-01-02T00:00:00Z", "options": {"batch_size": 10_001}})
+            .to_string(),
+            400,
+            "batch_size",
+        ),
+        (
+            serde_json::json!({"topic": topic, "from_time": "2000-01-01T00:00:00Z",
+                "to_time": "2000-01-02T00:00:00Z", "target_topic": topic})
+            .to_string(),
+            400,
+            "target_topic",
+        ),
         ("{\"topic\": \"t\"}".to_owned(), 422, "from_time"),
     ] {
         let (status, message) = error_of(post(body.clone()).send().await.unwrap()).await;

@@ -9,6 +9,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use super::store::DeadLetterFilter;
+use crate::error::{Error, Result};
 
 /// Redrive the first `count` entries, then watch for `watch`: if any of them is
 /// dead-lettered again meanwhile, the job stops ([`RedriveStatus::CanaryFailed`]) and the
@@ -20,6 +21,15 @@ pub struct CanaryConfig {
     /// How long to watch them before re-driving the rest.
     pub watch: Duration,
 }
+
+/// Most messages a redrive publishes per batch ([`RedriveRequest::batch_size`]).
+pub const MAX_REDRIVE_BATCH_SIZE: usize = 10_000;
+/// Slowest rate a redrive may be paced at, in messages per second (one a minute, about).
+pub const MIN_REDRIVE_RATE: f64 = 0.01;
+/// Fastest rate a redrive may be paced at, in messages per second.
+pub const MAX_REDRIVE_RATE: f64 = 1_000_000.0;
+/// Longest a canary may be watched ([`CanaryConfig::watch`]).
+pub const MAX_CANARY_WATCH: Duration = Duration::from_secs(3600);
 
 /// A bulk redrive: which entries, where to, how fast.
 #[derive(Debug, Clone, PartialEq)]
@@ -37,6 +47,43 @@ pub struct RedriveRequest {
     /// Messages published per batch (default 100; the batch's confirmations are awaited
     /// together).
     pub batch_size: usize,
+}
+
+impl RedriveRequest {
+    /// The request against the limits ([`MAX_REDRIVE_BATCH_SIZE`], [`MIN_REDRIVE_RATE`] to
+    /// [`MAX_REDRIVE_RATE`], [`MAX_CANARY_WATCH`]).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) naming the field and
+    /// its limit.
+    pub(super) fn check_limits(&self) -> Result<()> {
+        if let Some(rate) = self.rate_per_second
+            && !(MIN_REDRIVE_RATE..=MAX_REDRIVE_RATE).contains(&rate)
+        {
+            return Err(Error::invalid_input(format!(
+                "rate_per_second must be a number from {MIN_REDRIVE_RATE} to {MAX_REDRIVE_RATE} messages a second, got {rate}"
+            )));
+        }
+        if self.batch_size == 0 {
+            return Err(Error::invalid_input("batch_size must be at least 1"));
+        }
+        if self.batch_size > MAX_REDRIVE_BATCH_SIZE {
+            return Err(Error::invalid_input(format!(
+                "batch_size must be at most {MAX_REDRIVE_BATCH_SIZE}, got {}",
+                self.batch_size
+            )));
+        }
+        if let Some(canary) = self.canary
+            && canary.watch > MAX_CANARY_WATCH
+        {
+            return Err(Error::invalid_input(format!(
+                "the canary's watch must be at most {} s, got {:?}",
+                MAX_CANARY_WATCH.as_secs(),
+                canary.watch
+            )));
+        }
+        Ok(())
+    }
 }
 
 impl Default for RedriveRequest {

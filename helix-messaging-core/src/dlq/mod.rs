@@ -28,7 +28,10 @@ use async_trait::async_trait;
 /// new code names `DeadLetterHandler`).
 pub use config::DeadLetterHandler as DlqHandler;
 pub use config::{DEFAULT_PROCESSOR_GROUP, DeadLetterHandler, ProcessorConfig};
-pub use jobs::{CanaryConfig, RedriveProgress, RedriveRequest, RedriveStatus};
+pub use jobs::{
+    CanaryConfig, MAX_CANARY_WATCH, MAX_REDRIVE_BATCH_SIZE, MAX_REDRIVE_RATE, MIN_REDRIVE_RATE,
+    RedriveProgress, RedriveRequest, RedriveStatus,
+};
 pub use letter::{
     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterReason, EVENT_DLQ_TOPIC, HEADER_ATTEMPTS,
     HEADER_DEAD_LETTERED_AT, HEADER_ERROR, HEADER_ERROR_TRUNCATED, HEADER_FIRST_FAILURE,

@@ -65,16 +65,7 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<Redrive
     if let Some(target) = &request.target_topic {
         validate_name("target topic", target)?;
     }
-    if let Some(rate) = request.rate_per_second
-        && (!rate.is_finite() || rate <= 0.0)
-    {
-        return Err(Error::invalid_input(format!(
-            "rate_per_second must be a positive number, got {rate}"
-        )));
-    }
-    if request.batch_size == 0 {
-        return Err(Error::invalid_input("batch_size must be at least 1"));
-    }
+    request.check_limits()?;
     let ids = processor.inner.store.ids(&request.filter).await?;
     let id = uuid::Uuid::new_v4().to_string();
     let progress = Arc::new(Mutex::new(RedriveProgress {

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use request::{
     HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION, HEADER_SOURCE_TOPIC,
-    ReplayConfig, ReplayFilter, ReplayOptions, ReplayProgress, ReplayRequest, ReplayStatus,
-    UNTYPED,
+    MAX_REPLAY_BATCH_SIZE, ReplayConfig, ReplayFilter, ReplayOptions, ReplayProgress,
+    ReplayRequest, ReplayStatus, UNTYPED,
 };
 pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayLease, ReplayRecord, ReplayStore};
 

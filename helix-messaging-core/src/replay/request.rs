@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 use crate::message::{Headers, MESSAGE_TYPE_HEADER, Message};
 use crate::names::validate_name;
 
+/// Most messages a replay publishes per batch ([`ReplayOptions::batch_size`]); a batch is
+/// held in memory.
+pub const MAX_REPLAY_BATCH_SIZE: usize = 10_000;
+
 /// Header naming the replay that published a copy.
 pub const HEADER_REPLAY_ID: &str = "helix-replay-id";
 /// Header naming the topic a copy was replayed from.
@@ -161,6 +165,19 @@ impl ReplayRequest {
         }
         if self.options.batch_size == 0 {
             return Err(Error::invalid_input("batch_size must be at least 1"));
+        }
+        if self.options.batch_size > MAX_REPLAY_BATCH_SIZE {
+            return Err(Error::invalid_input(format!(
+                "batch_size must be at most {MAX_REPLAY_BATCH_SIZE}, got {}",
+                self.options.batch_size
+            )));
+        }
+        if self.target() == self.topic {
+            // Its own copies would land in the window it is reading, and be copied again.
+            return Err(Error::invalid_input(format!(
+                "target_topic must differ from the source topic {:?}",
+                self.topic
+            )));
         }
         TimeRange::new(self.from_time, self.to_time)
     }
