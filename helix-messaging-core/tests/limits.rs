@@ -120,3 +120,34 @@ async fn a_replay_outside_the_limits_or_into_its_own_topic_is_refused() {
         "nothing started"
     );
 }
+
+/// A window ending in the future is clamped to the time the replay starts: a replay copies
+/// history and finishes, rather than copying live traffic until `to_time`.
+#[tokio::test]
+async fn a_replay_window_ending_in_the_future_ends_when_the_replay_starts() {
+    use helix_messaging_core::replay::ReplayStatus;
+    use helix_messaging_core::{Message, Publisher};
+
+    let broker = Arc::new(MemoryBroker::new());
+    let from = SystemTime::now() - Duration::from_secs(60);
+    for i in 0..2 {
+        broker
+            .publish("audit", Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let handler = ReplayHandler::new(broker.clone(), ReplayConfig::default());
+    let asked = SystemTime::now() + Duration::from_secs(3600);
+    let request = ReplayRequest::new("audit", from, asked).with_target_topic("audit.replayed");
+    let started = handler.start_replay(request).await.unwrap();
+    let now = SystemTime::now();
+    assert!(started.to_time <= now, "clamped: {:?}", started.to_time);
+    // Published after the start: outside the clamped window, never copied.
+    broker.publish("audit", Message::new("late")).await.unwrap();
+    let done = tokio::time::timeout(Duration::from_secs(10), handler.wait(&started.id))
+        .await
+        .expect("finished, not waiting for the hour to pass")
+        .unwrap();
+    assert_eq!(done.status, ReplayStatus::Completed);
+    assert_eq!(done.replayed, 2, "{done:?}");
+}

@@ -24,7 +24,7 @@ mod store;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -278,7 +278,9 @@ impl ReplayHandler {
         &self.inner.broker
     }
 
-    /// Start a replay in the background; returns its initial progress (with its id).
+    /// Start a replay in the background; returns its initial progress (with its id). A
+    /// window ending in the future is clamped to now: the replay copies what the topic holds
+    /// when it starts (the progress shows the clamped `to_time`), never live traffic.
     ///
     /// # Errors
     /// - [`ErrorKind::Unsupported`] when the broker keeps no history, naming the backends
@@ -299,6 +301,9 @@ impl ReplayHandler {
         if request.id.is_empty() {
             request.id = uuid::Uuid::new_v4().to_string();
         }
+        // A replay copies history: a window ending in the future ends now, rather than
+        // copying live traffic (on a log that keeps it) until then.
+        request.to_time = request.to_time.min(SystemTime::now());
         request.validate()?;
         let exists =
             || Error::invalid_input(format!("a replay with id {:?} already exists", request.id));
@@ -617,7 +622,6 @@ fn not_found(id: &str) -> Error {
 mod tests {
     use super::*;
     use crate::message::Message;
-    use std::time::SystemTime;
 
     #[test]
     fn the_filter_takes_types_and_exact_headers() {
