@@ -2,9 +2,11 @@
 //! progress, cancel and a canary mode.
 
 use std::collections::{HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -13,7 +15,7 @@ use super::jobs::{Job, RedriveProgress, RedriveRequest, RedriveStatus};
 use super::processor::{Processor, publish_timed_out, redrive_copy};
 use super::store::DeadLetterFilter;
 use super::store::remove_redriven;
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, panicked};
 use crate::message::Message;
 use crate::names::validate_name;
 
@@ -107,7 +109,12 @@ struct Run {
 
 impl Run {
     async fn run(self, ids: Vec<String>) {
-        let status = match self.drive(ids).await {
+        // A panic in the job ends it failed, never leaves it running.
+        let driven = AssertUnwindSafe(self.drive(ids))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| Err(panicked("redrive job", &*panic)));
+        let status = match driven {
             Ok(status) => status,
             Err(err) => {
                 self.progress.lock().last_error = Some(err.to_string());

@@ -2,11 +2,12 @@
 
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -17,7 +18,7 @@ use super::request::{
 use super::store::{Frontier, ReplayLease, ReplayRecord, ReplayStore};
 use crate::broker::{Broker, HistoryEntry, TimeRange};
 use crate::delivery::Position;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, panicked};
 use crate::message::millis;
 use crate::message::{MESSAGE_TYPE_HEADER, Message};
 use crate::trace;
@@ -155,7 +156,10 @@ impl Run {
             }
         };
         let outcome = tokio::select! {
-            outcome = self.drive() => outcome,
+            // A panic in the run ends the replay failed (resumable), never leaves it running.
+            outcome = AssertUnwindSafe(self.drive()).catch_unwind() => {
+                outcome.unwrap_or_else(|panic| Err(panicked("replay", &*panic)))
+            }
             () = renew => Ok(Stop::LeaseLost),
         };
         let outcome = match outcome {
