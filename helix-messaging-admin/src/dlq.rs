@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
@@ -15,7 +15,7 @@ use helix_messaging_core::dlq::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::json::{ApiError, JsonBody};
+use crate::json::{ApiError, JsonBody, PathParam};
 use crate::services::AppState;
 
 /// Entries per page unless `limit` says otherwise.
@@ -211,7 +211,7 @@ pub(crate) async fn list(
 /// `GET /v1/messaging/dlq/{id}`.
 pub(crate) async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, ApiError> {
     let entry = processor(&state)?.get(&id).await?;
     Ok(Json(entry_json(&entry)).into_response())
@@ -236,7 +236,7 @@ pub(crate) struct DiscardBody {
 /// `POST /v1/messaging/dlq/{id}/reprocess`, body `{"target_topic": …}` or none.
 pub(crate) async fn reprocess(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     body: Option<crate::json::JsonBody<ReprocessBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
@@ -250,7 +250,7 @@ pub(crate) async fn reprocess(
 /// body `{"reason": …}` or none.
 pub(crate) async fn discard(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
     body: Option<crate::json::JsonBody<DiscardBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
@@ -379,7 +379,7 @@ pub(crate) async fn list_redrives(State(state): State<AppState>) -> Result<Respo
 /// `GET /v1/messaging/dlq/redrives/{id}`.
 pub(crate) async fn show_redrive(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, ApiError> {
     let progress = processor(&state)?.redrive_progress(&id)?;
     Ok(Json(redrive_json(&progress)).into_response())
@@ -388,7 +388,7 @@ pub(crate) async fn show_redrive(
 /// `DELETE /v1/messaging/dlq/redrives/{id}`: ask the job to stop; its progress.
 pub(crate) async fn cancel_redrive(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, ApiError> {
     let dlq = processor(&state)?;
     dlq.cancel_redrive(&id)?;

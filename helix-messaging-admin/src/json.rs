@@ -2,7 +2,8 @@
 //! errors answered as `{"error": {"status", "message"}}`.
 
 use axum::Json;
-use axum::extract::{FromRequest, OptionalFromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, OptionalFromRequest, Path, Request};
+use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use helix_messaging_core::ErrorKind;
@@ -74,6 +75,21 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
     async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
         match <Json<ObjectOnly<T>> as FromRequest<S>>::from_request(request, state).await {
             Ok(Json(ObjectOnly(value))) => Ok(JsonBody(value)),
+            Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
+        }
+    }
+}
+
+/// A path parameter, refused as the JSON error every bad request gets (axum's own rejection,
+/// for an id that is not UTF-8, say, is plain text).
+pub(crate) struct PathParam<T>(pub(crate) T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathParam<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParam(value)),
             Err(rejection) => Err(ApiError::new(rejection.status(), rejection.body_text())),
         }
     }

@@ -374,6 +374,7 @@ pub(crate) fn document() -> Value {
         "409",
         "A re-drive (an automatic attempt, a reprocess, a bulk redrive) holds the entry right now; try again once it is done.",
     );
+    let taken = ("409", "A replay with this id exists already.");
     let no_dlq = (
         "503",
         "No DLQ processor is configured, or the broker is unreachable.",
@@ -546,7 +547,7 @@ pub(crate) fn document() -> Value {
                     "operationId": "startReplay",
                     "summary": "Start replaying a window of a topic's history.",
                     "requestBody": request_body("ReplayRequest", true),
-                    "responses": responses("202", ok_json("Started.", reference("ReplayProgress")), &[bad, shape, too_large, media, unsupported, no_replay]),
+                    "responses": responses("202", ok_json("Started.", reference("ReplayProgress")), &[bad, shape, taken, too_large, media, unsupported, no_replay]),
                 },
                 "get": {
                     "operationId": "listReplays",

@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use helix_messaging_core::Headers;
@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::dlq::{parse_time, time};
-use crate::json::{ApiError, JsonBody};
+use crate::json::{ApiError, JsonBody, PathParam};
 use crate::services::AppState;
 
 fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
@@ -136,7 +136,7 @@ pub(crate) async fn list(State(state): State<AppState>) -> Result<Response, ApiE
 /// `GET /v1/messaging/replay/{id}`.
 pub(crate) async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, ApiError> {
     let progress = handler(&state)?.replay_progress(&id).await?;
     Ok(Json(progress_json(&progress)).into_response())
@@ -146,7 +146,7 @@ pub(crate) async fn show(
 /// finished); answers with its progress.
 pub(crate) async fn cancel(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    PathParam(id): PathParam<String>,
 ) -> Result<Response, ApiError> {
     let replays = handler(&state)?;
     replays.cancel_replay(&id).await?;

@@ -3,7 +3,7 @@
 //! or discard it.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use helix_messaging_core::fallback::{FallbackBroker, RefusedMessage, SpoolStats};
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 
 use crate::dlq::{limit_param, message_json, time};
-use crate::json::ApiError;
+use crate::json::{ApiError, PathParam};
 use crate::services::AppState;
 
 /// The hub's sides, as the paths name them.
@@ -84,7 +84,7 @@ pub(crate) async fn stats(State(state): State<AppState>) -> Result<Response, Api
 /// `GET /v1/messaging/spools/{side}/refused?limit=50`: the messages set aside, oldest first.
 pub(crate) async fn refused(
     State(state): State<AppState>,
-    Path(side): Path<String>,
+    PathParam(side): PathParam<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let fallback = fallback(&state, &side)?;
@@ -101,7 +101,7 @@ pub(crate) async fn refused(
 /// be forwarded again.
 pub(crate) async fn retry(
     State(state): State<AppState>,
-    Path((side, seq)): Path<(String, String)>,
+    PathParam((side, seq)): PathParam<(String, String)>,
 ) -> Result<Response, ApiError> {
     let fallback = fallback(&state, &side)?;
     let seq = seq_of(&seq)?;
@@ -112,7 +112,7 @@ pub(crate) async fn retry(
 /// `DELETE /v1/messaging/spools/{side}/refused/{seq}`: dropped for good.
 pub(crate) async fn discard(
     State(state): State<AppState>,
-    Path((side, seq)): Path<(String, String)>,
+    PathParam((side, seq)): PathParam<(String, String)>,
 ) -> Result<Response, ApiError> {
     let fallback = fallback(&state, &side)?;
     let seq = seq_of(&seq)?;

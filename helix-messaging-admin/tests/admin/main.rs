@@ -101,6 +101,30 @@ async fn unknown_paths_and_wrong_methods_get_json_errors() {
     assert_eq!(error_of(response).await.0, 503, "no recorder installed");
 }
 
+/// An id that is not UTF-8 in a path gets the JSON error every other bad request gets, not
+/// axum's plain-text rejection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ids_that_are_not_utf8_get_the_json_error() {
+    let server = Server::start(memory_hub().await, None).await;
+    for path in [
+        "/v1/messaging/dlq/%FF%FE",
+        "/v1/messaging/replay/%C3%28",
+        "/v1/messaging/spools/%FF/refused",
+    ] {
+        let response = server.get(path).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.expect("a JSON body");
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["status"], 400, "{path}: {body}");
+        assert!(
+            body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{path}: {body}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
     let prometheus = helix_messaging_admin::install_prometheus().unwrap();

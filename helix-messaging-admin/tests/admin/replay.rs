@@ -154,3 +154,27 @@ async fn bad_replay_requests_are_400_and_unknown_ids_404() {
     let listed = call(s.get("/v1/messaging/replay")).await;
     assert_eq!(listed["count"], 0, "nothing was started: {listed}");
 }
+
+/// Starting a replay under an id already used is a 409, and the first one is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_id_already_used_is_409() {
+    let (s, _broker, topic) = replay_server(2).await;
+    let body = serde_json::json!({
+        "id": "twice",
+        "topic": topic,
+        "from_time": "2000-01-01T00:00:00Z",
+        "to_time": "2100-01-01T00:00:00Z",
+        "target_topic": format!("{topic}.copy"),
+    });
+    let post = || {
+        s.request(reqwest::Method::POST, "/v1/messaging/replay")
+            .json(&body)
+            .send()
+    };
+    assert_eq!(post().await.unwrap().status(), 202);
+    let (status, message) = error_of(post().await.unwrap()).await;
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("twice"), "{message}");
+    let done = until_finished(&s, "twice").await;
+    assert_eq!(done["status"], "completed", "{done}");
+}

@@ -285,8 +285,8 @@ impl ReplayHandler {
     /// # Errors
     /// - [`ErrorKind::Unsupported`] when the broker keeps no history, naming the backends
     ///   that do.
-    /// - [`ErrorKind::InvalidInput`] for a bad request, an id already used, or too many
-    ///   replays running.
+    /// - [`ErrorKind::InvalidInput`] for a bad request or too many replays running.
+    /// - [`ErrorKind::Conflict`] (not retryable) for an id already used.
     /// - The store's error saving the first checkpoint (nothing was started).
     pub async fn start_replay(&self, mut request: ReplayRequest) -> Result<ReplayProgress> {
         let broker = &self.inner.broker;
@@ -305,8 +305,13 @@ impl ReplayHandler {
         // copying live traffic (on a log that keeps it) until then.
         request.to_time = request.to_time.min(SystemTime::now());
         request.validate()?;
-        let exists =
-            || Error::invalid_input(format!("a replay with id {:?} already exists", request.id));
+        let exists = || {
+            Error::new(
+                ErrorKind::Conflict,
+                format!("a replay with id {:?} already exists", request.id),
+            )
+            .with_retryable(false)
+        };
         let slot = match self.reserve(&request.id, true) {
             Ok(slot) => slot,
             Err(Busy::Running) => return Err(exists()),
