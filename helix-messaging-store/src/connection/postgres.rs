@@ -64,8 +64,8 @@ impl Database {
         })
     }
 
-    /// Bring `table` up to `schema` in one transaction, recording the version reached. An
-    /// advisory lock makes concurrent openers (several instances starting at once) apply the
+    /// Bring `table` up to `schema` in one transaction, recording the version reached; a
+    /// table already there is only read. An advisory lock makes concurrent openers (several instances starting at once) apply the
     /// steps one after the other. A table missing from the database (dropped by hand, say)
     /// counts as version 0, whatever was recorded for it.
     ///
@@ -74,7 +74,18 @@ impl Database {
     /// when a step fails, or the table is recorded at a version newer than `schema`.
     pub(crate) async fn migrate(&self, store: &str, table: &str, schema: &[Step]) -> Result<()> {
         let what = "migrating the schema";
+        let recorded_sql = format!(
+            "SELECT v.version FROM {VERSIONS_TABLE} v
+             WHERE v.table_name = $1 AND to_regclass($1) IS NOT NULL"
+        );
         let mut client = self.connection().await?;
+        // Up to date, the usual start: only read, without the lock or any DDL. Before the
+        // versions table exists the read fails, which means the same as a stale version.
+        if let Ok(Some(row)) = client.query_opt(&recorded_sql, &[&table]).await
+            && row.get::<_, i64>(0) == latest(schema)
+        {
+            return Ok(());
+        }
         let tx = client.transaction().await.map_err(|e| db_error(what, e))?;
         let recorded = async {
             tx.execute(
@@ -86,15 +97,7 @@ impl Database {
                 "CREATE TABLE IF NOT EXISTS {VERSIONS_TABLE} (table_name TEXT PRIMARY KEY, version BIGINT NOT NULL)"
             ))
             .await?;
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "SELECT v.version FROM {VERSIONS_TABLE} v
-                         WHERE v.table_name = $1 AND to_regclass($1) IS NOT NULL"
-                    ),
-                    &[&table],
-                )
-                .await?;
+            let row = tx.query_opt(&recorded_sql, &[&table]).await?;
             Ok(row.map_or(0, |row| row.get::<_, i64>(0)))
         }
         .await
