@@ -427,7 +427,8 @@ pub trait Subscriber: Send + Sync {
 /// How far one consumer group is behind on one topic ([`Broker::backlog`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Backlog {
-    /// Messages waiting for the group: published, not yet delivered to any member (on a
+    /// Messages waiting for the group: published and not yet delivered to any member, or
+    /// given back (requeued, or held by a member that left) and held by none (on a
     /// log-based backend, past the group's committed position).
     pub waiting: u64,
     /// Messages delivered to a member and not yet settled, where the backend tracks that.

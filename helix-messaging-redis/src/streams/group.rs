@@ -39,13 +39,16 @@ pub(super) async fn create_group(
     }
 }
 
-/// A group's backlog in one round trip. KEYS: stream, delayed set. ARGV: group. Returns
-/// {entries not yet delivered to the group, pending (delivered, unacked, or waiting out a
-/// short delay), waiting out a long delay}. XINFO's `lag` is nil when Redis cannot tell
-/// (entries were deleted inside the group's range); the entries are then counted.
+/// A group's backlog in one round trip. KEYS: stream, delayed set. ARGV: group, the
+/// placeholder consumer. Returns {entries not yet delivered to the group, pending with a
+/// member (delivered, unacked), waiting out a long delay, held by the placeholder}. The
+/// placeholder's entries (requeued, waiting out a short delay, or handed back by a member
+/// that left) belong to nobody, so they wait rather than being in flight. XINFO's `lag` is
+/// nil when Redis cannot tell (entries were deleted inside the group's range); the entries
+/// are then counted.
 const BACKLOG_SCRIPT: &str = r"
 local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', KEYS[1])
-if not ok then return {0, 0, 0} end
+if not ok then return {0, 0, 0, 0} end
 for _, flat in ipairs(groups) do
   local g = {}
   for i = 1, #flat, 2 do g[flat[i]] = flat[i + 1] end
@@ -54,32 +57,41 @@ for _, flat in ipairs(groups) do
     if type(lag) ~= 'number' then
       lag = #redis.call('XRANGE', KEYS[1], '(' .. g['last-delivered-id'], '+')
     end
-    return {lag, g['pending'], redis.call('ZCARD', KEYS[2])}
+    local held = 0
+    local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+    if summary[4] then
+      for _, consumer in ipairs(summary[4]) do
+        if consumer[1] == ARGV[2] then held = tonumber(consumer[2]) end
+      end
+    end
+    return {lag, g['pending'] - held, redis.call('ZCARD', KEYS[2]), held}
   end
 end
-return {0, 0, 0}
+return {0, 0, 0, 0}
 ";
 
 static BACKLOG: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(BACKLOG_SCRIPT));
 
 /// `group`'s backlog on `topic` (see [`BACKLOG_SCRIPT`]): waiting is what the group has not
-/// read plus what waits out a long delay; in flight is its pending list.
+/// read, what waits out a delay and what the placeholder holds for the next member; in
+/// flight is what a member holds.
 pub(crate) async fn backlog(
     shared: &Shared,
     topic: &str,
     group: &str,
 ) -> Result<helix_messaging_core::Backlog> {
     let mut commands = shared.commands.clone();
-    let (unread, pending, delayed): (u64, u64, u64) = BACKLOG
+    let (unread, pending, delayed, held): (u64, u64, u64, u64) = BACKLOG
         .key(topic)
         .key(delayed_key(topic, group))
         .arg(group)
+        .arg(REQUEUE_CONSUMER)
         .invoke_async(&mut commands)
         .await
         .map_err(|e| from_redis(e, format!("reading the backlog of {group} on {topic}")))?;
     Ok(helix_messaging_core::Backlog {
-        waiting: unread + delayed,
+        waiting: unread + delayed + held,
         in_flight: Some(pending),
     })
 }

@@ -466,3 +466,58 @@ async fn a_delay_longer_than_the_ack_deadline_survives_the_consumers_crash() {
         "delivered again after the ack"
     );
 }
+
+/// An entry that reaches a member's last blocking read after the subscription was dropped
+/// is handed back to the group, and the backlog counts it as waiting, not in flight: nobody
+/// holds it. (The dropped reader's `XREADGROUP` stays blocked on the server, so the
+/// hand-back queued behind it runs only once the entry has arrived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_read_after_the_member_left_waits_rather_than_in_flight() {
+    let url = shared_url();
+    let topic = topic("late-read");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let group = "late";
+    // A long block keeps the dropped reader's read on the server while the test publishes.
+    let broker = broker(&url, RedisMode::Streams, |c| {
+        c.streams.block = Duration::from_secs(10);
+    })
+    .await;
+    let sub = broker
+        .subscribe(&topic, SubscribeOptions::group(group))
+        .await
+        .unwrap();
+    let mut probe = raw(&url).await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut probe)
+            .await
+            .unwrap();
+        if clients
+            .lines()
+            .any(|c| c.contains("cmd=xreadgroup") && c.contains("flags=b"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the reader never blocked: {clients}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(sub);
+    broker.publish(&topic, Message::new("late")).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let backlog = broker.backlog(&topic, group).await.unwrap();
+        if backlog.waiting == 1 && backlog.in_flight == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the entry should wait for the group, nobody holds it: {backlog:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
