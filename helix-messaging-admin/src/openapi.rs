@@ -12,6 +12,8 @@ use helix_messaging_core::dlq::{
 use helix_messaging_core::replay::MAX_REPLAY_BATCH_SIZE;
 use serde_json::{Map, Value, json};
 
+use crate::openapi_exposure::exposed;
+
 fn string() -> Value {
     json!({ "type": "string" })
 }
@@ -407,7 +409,7 @@ pub(crate) fn document() -> Value {
         query("offset", "Entries skipped.", count()),
     ];
     list_parameters.extend(filter_parameters());
-    json!({
+    let document = json!({
         "openapi": "3.0.3",
         "info": {
             "title": "helix-messaging admin API",
@@ -573,7 +575,8 @@ pub(crate) fn document() -> Value {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
             "schemas": schemas(),
         },
-    })
+    });
+    exposed(document)
 }
 
 #[cfg(test)]

@@ -7,6 +7,8 @@ use helix_messaging_core::hub::Hub;
 use helix_messaging_core::replay::ReplayHandler;
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::auth::Tokens;
+
 /// What the admin API serves: the hub, and optionally the Prometheus handle and the DLQ
 /// processor (without them their endpoints answer 503).
 #[derive(Clone)]
@@ -53,5 +55,7 @@ impl Services {
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) services: Services,
-    pub(crate) token: Arc<str>,
+    pub(crate) tokens: Arc<Tokens>,
+    /// Largest request body, in bytes.
+    pub(crate) body_limit: usize,
 }

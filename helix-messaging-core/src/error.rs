@@ -213,12 +213,17 @@ pub async fn within<T>(
 /// The error a background job (a bulk redrive, a replay) ends with when its work panicked:
 /// the panic's message, when it carries one.
 pub(crate) fn panicked(job: &str, payload: &(dyn std::any::Any + Send)) -> Error {
-    let message = payload
+    let message = panic_message(payload);
+    Error::new(ErrorKind::Backend, format!("the {job} panicked: {message}"))
+}
+
+/// The message a panic carries (its `&str` or `String` payload), or says it has none.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
         .downcast_ref::<&str>()
         .map(|text| (*text).to_owned())
         .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_owned());
-    Error::new(ErrorKind::Backend, format!("the {job} panicked: {message}"))
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 #[cfg(test)]

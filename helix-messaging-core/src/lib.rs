@@ -55,7 +55,7 @@ pub use broker::{
 };
 pub use capabilities::Capabilities;
 pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
-pub use error::{BoxError, Error, ErrorKind, Result, within};
+pub use error::{BoxError, Error, ErrorKind, Result, panic_message, within};
 pub use message::{Headers, MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message, MessageParts};
 pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};
 pub use runner::{

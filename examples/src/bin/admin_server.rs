@@ -3,8 +3,10 @@
 //! the same file, and Prometheus metrics, served until Ctrl-C.
 //!
 //! ```text
-//! MESSAGING_ADMIN_TOKEN=change-me cargo run -p helix-messaging-examples --features admin --bin admin_server
-//! curl -H "Authorization: Bearer change-me" http://127.0.0.1:7061/v1/messaging/health
+//! export MESSAGING_ADMIN_TOKEN=$(openssl rand -hex 16)
+//! cargo run -p helix-messaging-examples --features admin --bin admin_server
+//! curl http://127.0.0.1:7061/health
+//! curl -H "Authorization: Bearer $MESSAGING_ADMIN_TOKEN" http://127.0.0.1:7061/v1/messaging/health
 //! ```
 //!
 //! The hub's backends come from `MESSAGING_TASK_BACKEND` / `MESSAGING_EVENT_BACKEND` (memory

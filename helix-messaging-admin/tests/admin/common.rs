@@ -32,11 +32,20 @@ impl Server {
         Server::configured(AdminConfig::new(TOKEN).unwrap(), services, hub).await
     }
 
-    async fn configured(config: AdminConfig, services: Services, hub: Hub) -> Server {
+    pub(crate) async fn configured(config: AdminConfig, services: Services, hub: Hub) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
-        let app = helix_messaging_admin::router(&config, services);
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        // The real transport: header-read timeout, limits, client addresses, the lot.
+        tokio::spawn(async move {
+            helix_messaging_admin::serve_listener(
+                listener,
+                config,
+                services,
+                std::future::pending(),
+            )
+            .await
+            .unwrap()
+        });
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(10))
             .build()

@@ -4,8 +4,10 @@
 //! document; the DLQ, replay and spool endpoints have modules of their own, and `common` the
 //! helpers they share.
 
+mod capture;
 mod common;
 mod dlq;
+mod exposure;
 mod replay;
 mod spool;
 
@@ -13,7 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{Server, TOKEN, call, error_of, memory_hub, over, redis_streams, uuid_like};
-use helix_messaging_admin::{ADDR_VAR, AdminConfig, AdminError, Services, TOKEN_VAR};
+use helix_messaging_admin::{
+    ADDR_VAR, ALLOW_PLAINTEXT_VAR, AdminConfig, AdminError, MIN_TOKEN_LEN, READ_TOKEN_VAR,
+    Services, TLS_CERT_VAR, TLS_KEY_VAR, TOKEN_VAR, TlsFiles,
+};
 use helix_messaging_core::dlq::{
     DeadLetter, DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
 };
@@ -303,28 +308,76 @@ fn settings_come_from_the_environment_and_name_the_bad_variable() {
                 .map(|(_, v)| (*v).to_owned())
         }
     };
-    let config = AdminConfig::from_vars(vars(&[(TOKEN_VAR, "t")])).unwrap();
+    const LONG: &str = "0123456789abcdef";
+    const READ: &str = "read-only-0123456789";
+    let config = AdminConfig::from_vars(vars(&[(TOKEN_VAR, LONG)])).unwrap();
     assert_eq!(config.addr.to_string(), "127.0.0.1:7061");
-    assert!(
-        !format!("{config:?}").contains("\"t\""),
-        "the token is not printed"
-    );
-    let config =
-        AdminConfig::from_vars(vars(&[(TOKEN_VAR, "t"), (ADDR_VAR, "0.0.0.0:9000")])).unwrap();
+    assert_eq!(config.tls, None);
+    assert!(!config.allow_plaintext);
+    let config = AdminConfig::from_vars(vars(&[
+        (TOKEN_VAR, LONG),
+        (READ_TOKEN_VAR, READ),
+        (ADDR_VAR, "0.0.0.0:9000"),
+        (TLS_CERT_VAR, "/etc/admin/cert.pem"),
+        (TLS_KEY_VAR, "/etc/admin/key.pem"),
+        (ALLOW_PLAINTEXT_VAR, "true"),
+    ]))
+    .unwrap();
     assert_eq!(config.addr.to_string(), "0.0.0.0:9000");
+    assert_eq!(
+        config.tls,
+        Some(TlsFiles {
+            cert: "/etc/admin/cert.pem".into(),
+            key: "/etc/admin/key.pem".into()
+        })
+    );
+    assert!(config.allow_plaintext);
+    let printed = format!("{config:?}");
+    assert!(
+        !printed.contains(LONG) && !printed.contains(READ),
+        "the tokens are not printed: {printed}"
+    );
     for (pairs, var) in [
         (&[][..], TOKEN_VAR),
         (&[(TOKEN_VAR, "  ")][..], TOKEN_VAR),
-        (&[(TOKEN_VAR, "t"), (ADDR_VAR, "localhost")][..], ADDR_VAR),
+        // Shorter than MIN_TOKEN_LEN.
+        (&[(TOKEN_VAR, "0123456789abcde")][..], TOKEN_VAR),
+        (&[(TOKEN_VAR, "0123456789 abcdef")][..], TOKEN_VAR),
+        (
+            &[(TOKEN_VAR, LONG), (READ_TOKEN_VAR, "short")][..],
+            READ_TOKEN_VAR,
+        ),
+        (
+            &[(TOKEN_VAR, LONG), (READ_TOKEN_VAR, LONG)][..],
+            READ_TOKEN_VAR,
+        ),
+        (&[(TOKEN_VAR, LONG), (ADDR_VAR, "localhost")][..], ADDR_VAR),
+        (
+            &[(TOKEN_VAR, LONG), (TLS_CERT_VAR, "/c.pem")][..],
+            TLS_KEY_VAR,
+        ),
+        (
+            &[(TOKEN_VAR, LONG), (TLS_KEY_VAR, "/k.pem")][..],
+            TLS_CERT_VAR,
+        ),
+        (
+            &[(TOKEN_VAR, LONG), (ALLOW_PLAINTEXT_VAR, "maybe")][..],
+            ALLOW_PLAINTEXT_VAR,
+        ),
     ] {
         match AdminConfig::from_vars(vars(pairs)) {
             Err(err @ AdminError::Config { var: named, .. }) => {
-                assert_eq!(named, var);
+                assert_eq!(named, var, "{pairs:?}: {err}");
                 assert!(err.to_string().starts_with(var), "{err}");
             }
             other => panic!("{pairs:?}: {other:?}"),
         }
     }
+    let short = AdminConfig::new("0123456789abcde").unwrap_err().to_string();
+    assert!(
+        short.contains(&MIN_TOKEN_LEN.to_string()),
+        "the error names the minimum: {short}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -412,7 +465,8 @@ async fn every_operation_in_the_openapi_document_is_served_as_documented() {
                 documented.is_object(),
                 "{method} {path}: {status} is not documented"
             );
-            let body: Value = if success && path.ends_with("/metrics") {
+            let body: Value = if success && path.ends_with("/metrics") || !path.starts_with("/v1/")
+            {
                 Value::Null
             } else {
                 response.json().await.unwrap()
@@ -424,7 +478,11 @@ async fn every_operation_in_the_openapi_document_is_served_as_documented() {
                 );
                 assert_ne!(status, "405", "{method} {path}: method not routed");
             }
-            // Without its own `Authorization` header, every operation is refused.
+            // The root probes answer anybody; every other operation needs a token.
+            if operation["security"] == serde_json::json!([]) {
+                assert!(!path.starts_with("/v1/"), "{path} is open to anybody");
+                continue;
+            }
             let anonymous = s
                 .client
                 .request(method.clone(), format!("{}{concrete}", s.base))
@@ -435,5 +493,8 @@ async fn every_operation_in_the_openapi_document_is_served_as_documented() {
             assert!(operation["responses"]["401"].is_object(), "{method} {path}");
         }
     }
-    assert_eq!(operations, 21, "every operation of the API");
+    assert_eq!(
+        operations, 23,
+        "every operation of the API, the root probes included"
+    );
 }
