@@ -99,13 +99,19 @@ async fn over_http(processor: &Processor, entries: usize, per_client: usize) -> 
     .await
     .expect("hub");
     let config = AdminConfig::new(TOKEN).expect("admin config");
-    let app =
-        helix_messaging::admin::router(&config, Services::new(hub).with_dlq(processor.clone()));
+    let services = Services::new(hub).with_dlq(processor.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("listener");
     let addr: SocketAddr = listener.local_addr().expect("address");
-    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    // The transport `serve` runs in production: its timeouts, limits and audit layers are
+    // part of what is measured.
+    let server = tokio::spawn(helix_messaging::admin::serve_listener(
+        listener,
+        config,
+        services,
+        std::future::pending(),
+    ));
     let clients: Arc<Vec<reqwest::Client>> = Arc::new(
         (0..CLIENTS)
             .map(|_| {
