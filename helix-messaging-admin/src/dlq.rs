@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
 use helix_messaging_core::dlq::{
-    CanaryConfig, DeadLetterFilter, DeadLetterReason, EntryStatus, FailureGroup, Processor,
-    RedriveProgress, RedriveRequest, StoredDeadLetter,
+    CanaryConfig, DEFAULT_REDRIVE_RATE, DeadLetterFilter, DeadLetterReason, EntryStatus,
+    FailureGroup, Processor, RedriveProgress, RedriveRequest, StoredDeadLetter,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -137,6 +137,8 @@ const FILTER_KEYS: [&str; 7] = [
 
 /// A [`DeadLetterFilter`] from `topic`, `reason` (as written in headers, or with underscores),
 /// `type`, `status`, `original_id`, `from` and `to` (RFC 3339); other keys are ignored.
+/// Without a `status`, discarded entries are left out: a listing's `count` is then the DLQ
+/// depth the `messaging_dlq_messages_total` gauge shows (`status=discarded` lists them).
 fn filter_from(query: &HashMap<String, String>) -> Result<DeadLetterFilter, ApiError> {
     let reason = match query.get("reason") {
         None => None,
@@ -168,10 +170,10 @@ fn filter_from(query: &HashMap<String, String>) -> Result<DeadLetterFilter, ApiE
             .map(|v| parse_time("from", v))
             .transpose()?,
         to: query.get("to").map(|v| parse_time("to", v)).transpose()?,
+        exclude_discarded: status.is_none(),
     })
 }
 
-/// `GET /v1/messaging/dlq?limit&offset&topic&reason&type&status&original_id&from&to`.
 /// The `limit` query parameter of a listing: 1 to 1000, [`DEFAULT_LIMIT`] when absent.
 pub(crate) fn limit_param(query: &HashMap<String, String>) -> Result<usize, ApiError> {
     let limit = number("limit", query.get("limit"), DEFAULT_LIMIT)?;
@@ -183,6 +185,9 @@ pub(crate) fn limit_param(query: &HashMap<String, String>) -> Result<usize, ApiE
     Ok(limit)
 }
 
+/// `GET /v1/messaging/dlq?limit&offset&topic&reason&type&status&original_id&from&to`: a
+/// page, oldest first (paging with `offset` stays put while new letters arrive at the end),
+/// and `count`, every match, read with the page in one consistent read.
 pub(crate) async fn list(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -308,12 +313,20 @@ pub(crate) fn redrive_json(progress: &RedriveProgress) -> Value {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RedriveBody {
     /// Which entries: the list endpoint's filter keys (`topic`, `reason`, `type`, `status`,
-    /// `original_id`, `from`, `to`).
+    /// `original_id`, `from`, `to`). Empty only with `all`.
     #[serde(default)]
     filter: HashMap<String, String>,
+    /// Re-drive every entry: required when `filter` is empty, refused with one.
+    #[serde(default)]
+    all: bool,
+    /// Answer with what would be re-driven (its count and failure groups), starting nothing.
+    #[serde(default)]
+    dry_run: bool,
+    /// The job's id (a new UUID when absent); an id in use is a 409.
+    id: Option<String>,
     /// Publish there instead of each message's original topic.
     target_topic: Option<String>,
-    /// Most messages per second.
+    /// Most messages per second ([`DEFAULT_REDRIVE_RATE`] when absent).
     rate_per_second: Option<f64>,
     /// Re-drive this many first, watch them, then the rest.
     #[serde(default, deserialize_with = "crate::json::optional_object")]
@@ -329,12 +342,9 @@ struct CanaryBody {
     watch_ms: u64,
 }
 
-/// `POST /v1/messaging/dlq/redrives`: start a bulk redrive job; 202 with its progress.
-pub(crate) async fn start_redrive(
-    State(state): State<AppState>,
-    body: Option<JsonBody<RedriveBody>>,
-) -> Result<Response, ApiError> {
-    let body = body.map(|b| b.0).unwrap_or_default();
+/// The request a redrive body asks for; a 400 for a body that is not deliberate about what
+/// it selects (no filter without `all`, not both).
+fn redrive_request(body: RedriveBody) -> Result<RedriveRequest, ApiError> {
     if let Some(unknown) = body
         .filter
         .keys()
@@ -344,25 +354,61 @@ pub(crate) async fn start_redrive(
             "filter: unknown key {unknown:?}; known keys are {FILTER_KEYS:?}"
         )));
     }
+    match (body.filter.is_empty(), body.all) {
+        (true, false) => {
+            return Err(ApiError::bad_request(
+                "filter: empty, which would re-drive the whole DLQ; pass \"all\": true to mean that, or a filter (see \"dry_run\": true to look first)",
+            ));
+        }
+        (false, true) => {
+            return Err(ApiError::bad_request(
+                "all: true contradicts the filter given; pass one or the other",
+            ));
+        }
+        _ => {}
+    }
     if body.batch_size == Some(0) {
         return Err(ApiError::bad_request("batch_size: must be at least 1"));
     }
-    let request = RedriveRequest {
+    let defaults = RedriveRequest::default();
+    Ok(RedriveRequest {
         filter: filter_from(&body.filter)?,
         target_topic: body.target_topic,
-        rate_per_second: body.rate_per_second,
+        rate_per_second: Some(body.rate_per_second.unwrap_or(DEFAULT_REDRIVE_RATE)),
         canary: body.canary.map(|c| CanaryConfig {
             count: c.count,
             watch: Duration::from_millis(c.watch_ms),
         }),
-        batch_size: body
-            .batch_size
-            .unwrap_or(RedriveRequest::default().batch_size),
-    };
+        batch_size: body.batch_size.unwrap_or(defaults.batch_size),
+        id: body.id,
+    })
+}
+
+/// `POST /v1/messaging/dlq/redrives`: start a bulk redrive job; 202 with its progress. With
+/// `"dry_run": true`, 200 with what it would re-drive (`dry_run`, `total`, and the failure
+/// groups as `GET /v1/messaging/dlq/groups` gives them), starting nothing.
+pub(crate) async fn start_redrive(
+    State(state): State<AppState>,
+    body: Option<JsonBody<RedriveBody>>,
+) -> Result<Response, ApiError> {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    let dry_run = body.dry_run;
+    let request = redrive_request(body)?;
     let dlq = processor(&state)?;
+    if dry_run {
+        let preview = dlq.preview_redrive(&request).await?;
+        return Ok(Json(json!({
+            "dry_run": true,
+            "total": preview.total,
+            "count": preview.groups.len(),
+            "groups": preview.groups.iter().map(group_json).collect::<Vec<_>>(),
+        }))
+        .into_response());
+    }
     let started = dlq.start_redrive(request).await?;
-    // Read again: a small job may be further along than when it started.
-    let progress = dlq.redrive_progress(&started.id)?;
+    // Read again: a small job may be further along than when it started (or, finished and
+    // pruned already, only as it started).
+    let progress = dlq.redrive_progress(&started.id).unwrap_or(started);
     Ok((StatusCode::ACCEPTED, Json(redrive_json(&progress))).into_response())
 }
 

@@ -126,6 +126,8 @@ impl From<helix_messaging_core::Error> for ApiError {
             }
             ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Conflict => StatusCode::CONFLICT,
+            // A limit on jobs running at once: the client may try again later.
+            ErrorKind::Busy => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Closed => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -12,23 +12,39 @@
 //!   Prometheus text format (from [`install_prometheus`]'s recorder);
 //! - `GET /v1/messaging/dlq?limit&offset` (filters `topic`, `reason`, `type`, `status`,
 //!   `original_id`, `from`, `to` in RFC 3339): `{"count", "limit", "offset", "messages"}`,
-//!   `count` being every match (HelixAgent's scripts read `.count`);
+//!   oldest first (by dead-lettering time, then id: paging with `offset` stays put while new
+//!   letters arrive at the end), `count` being every match (HelixAgent's scripts read
+//!   `.count`), read with the page in one consistent read. Without `status`, discarded
+//!   entries are left out, so `count` is the DLQ depth the `messaging_dlq_messages_total`
+//!   gauge shows; `status=discarded` lists them;
 //! - `GET /v1/messaging/dlq/{id}`, `POST /v1/messaging/dlq/{id}/reprocess` (optional body
 //!   `{"target_topic"}`), `DELETE /v1/messaging/dlq/{id}/discard` and HelixAgent's `DELETE
 //!   /v1/messaging/dlq/{id}` (optional body `{"reason"}`): 404 for an unknown id, 400 for
 //!   bad input;
-//! - `GET /v1/messaging/dlq/groups` (the list's filters): `{"count", "groups"}`, the
-//!   entries grouped by reason and topic, largest first;
-//! - `POST /v1/messaging/dlq/redrives` (body `{"filter": {…the list's filter keys},
-//!   "target_topic", "rate_per_second", "canary": {"count", "watch_ms"}, "batch_size"}`, all
-//!   optional; 202 with its progress), `GET /v1/messaging/dlq/redrives` (`{"count",
+//! - `GET /v1/messaging/dlq/groups` (the list's filters, discarded entries left out likewise):
+//!   `{"count", "groups"}`, the entries grouped by reason and topic, largest first;
+//! - `POST /v1/messaging/dlq/redrives` (body `{"filter": {…the list's filter keys}, "all",
+//!   "dry_run", "id", "target_topic", "rate_per_second", "canary": {"count", "watch_ms"},
+//!   "batch_size"}`; 202 with its progress), `GET /v1/messaging/dlq/redrives` (`{"count",
 //!   "redrives"}`), `GET` and `DELETE /v1/messaging/dlq/redrives/{id}` (progress; cancel):
-//!   bulk redrive jobs;
+//!   bulk redrive jobs. A redrive is deliberate: a non-empty `filter`, or `"all": true` for
+//!   the whole DLQ (an empty filter without it, or `all` with a filter, is a 400);
+//!   `"dry_run": true` answers 200 with `{"dry_run", "total", "count", "groups"}` (the
+//!   selection's size and its failure groups), starting nothing. It is paced at
+//!   [`DEFAULT_REDRIVE_RATE`](helix_messaging_core::dlq::DEFAULT_REDRIVE_RATE) messages a
+//!   second unless `rate_per_second` says otherwise; at most
+//!   [`MAX_RUNNING_REDRIVES`](helix_messaging_core::dlq::MAX_RUNNING_REDRIVES) run at once
+//!   (429 Too Many Requests beyond); an `id` a listed job has is a 409; finished jobs are
+//!   kept up to [`MAX_FINISHED_REDRIVES`](helix_messaging_core::dlq::MAX_FINISHED_REDRIVES);
 //! - `POST /v1/messaging/replay` (HelixAgent's body: `topic`, `from_time`, `to_time` in RFC
 //!   3339, optional `id`, `target_topic`, `filter` {`message_types`, `headers`}, `options`
 //!   {`batch_size`, `delay_between_ms`, `dry_run`, `skip_duplicates`}; 202 with its
-//!   progress), `GET /v1/messaging/replay` (`{"count", "replays"}`), `GET` and `DELETE
-//!   /v1/messaging/replay/{id}` (progress; cancel);
+//!   progress; 409 for an id in use, 429 while `ReplayConfig::max_active` replays run, by
+//!   default [`MAX_RUNNING_REPLAYS`](helix_messaging_core::replay::MAX_RUNNING_REPLAYS)),
+//!   `GET /v1/messaging/replay` (`{"count", "replays"}`: running and failed ones, and the
+//!   newest [`MAX_FINISHED_REPLAYS`](helix_messaging_core::replay::MAX_FINISHED_REPLAYS)
+//!   completed or cancelled), `GET` and `DELETE /v1/messaging/replay/{id}` (progress;
+//!   cancel);
 //! - `GET /v1/messaging/spools` (each side's fallback spool: `depth`, `refused`, `bytes`,
 //!   `oldest`; `null` for a side without one), `GET /v1/messaging/spools/{side}/refused?limit`
 //!   (`{"count", "refused"}`: the messages the broker refused when they were forwarded, set

@@ -5,11 +5,14 @@
 //! (schemathesis, `examples/tests/admin_openapi.rs`) checks the running server's answers
 //! against it, so the two cannot drift apart unnoticed.
 
-use helix_messaging_core::dlq::{DeadLetterReason, EntryStatus};
 use helix_messaging_core::dlq::{
-    MAX_CANARY_WATCH, MAX_REDRIVE_BATCH_SIZE, MAX_REDRIVE_RATE, MIN_REDRIVE_RATE,
+    DEFAULT_REDRIVE_RATE, MAX_CANARY_WATCH, MAX_FINISHED_REDRIVES, MAX_REDRIVE_BATCH_SIZE,
+    MAX_REDRIVE_RATE, MAX_RUNNING_REDRIVES, MIN_REDRIVE_RATE,
 };
-use helix_messaging_core::replay::MAX_REPLAY_BATCH_SIZE;
+use helix_messaging_core::dlq::{DeadLetterReason, EntryStatus};
+use helix_messaging_core::replay::{
+    MAX_FINISHED_REPLAYS, MAX_REPLAY_BATCH_SIZE, MAX_RUNNING_REPLAYS,
+};
 use serde_json::{Map, Value, json};
 
 use crate::openapi_exposure::exposed;
@@ -302,6 +305,12 @@ fn schemas() -> Value {
         })),
         "FailureGroups": closed(json!({
             "count": count(),
+            "groups": { "type": "array", "items": group.clone() },
+        })),
+        "RedriveDryRun": closed(json!({
+            "dry_run": { "type": "boolean", "enum": [true] },
+            "total": count(),
+            "count": count(),
             "groups": { "type": "array", "items": group },
         })),
         "RedriveProgress": redrive,
@@ -318,21 +327,29 @@ fn schemas() -> Value {
             "target_topic": optional(name()),
         })),
         "DiscardRequest": body(json!({ "reason": optional(string()) })),
-        "RedriveRequest": body(json!({
-            "filter": body(json!({
-                "topic": string(),
-                "reason": { "type": "string", "enum": reasons(true) },
-                "type": string(),
-                "status": { "type": "string", "enum": statuses() },
-                "original_id": string(),
-                "from": time(),
-                "to": time(),
-            })),
-            "target_topic": optional(name()),
-            "rate_per_second": optional(json!({ "type": "number", "minimum": MIN_REDRIVE_RATE, "maximum": MAX_REDRIVE_RATE })),
-            "canary": optional(closed(json!({ "count": count(), "watch_ms": { "type": "integer", "minimum": 0, "maximum": MAX_CANARY_WATCH.as_millis() as u64 } }))),
-            "batch_size": optional(json!({ "type": "integer", "minimum": 1, "maximum": MAX_REDRIVE_BATCH_SIZE })),
-        })),
+        "RedriveRequest": {
+            "type": "object",
+            "additionalProperties": false,
+            "description": "Which entries (discarded ones are never selected), where to and how fast. A `filter` with at least one key, or `\"all\": true` to re-drive the whole DLQ (an empty filter without it, or `all` with a filter, is a 400).",
+            "properties": {
+                "filter": body(json!({
+                    "topic": string(),
+                    "reason": { "type": "string", "enum": reasons(true) },
+                    "type": string(),
+                    "status": { "type": "string", "enum": statuses() },
+                    "original_id": string(),
+                    "from": time(),
+                    "to": time(),
+                })),
+                "all": { "type": "boolean", "description": "Re-drive every entry: required when `filter` is empty or absent, refused with a filter." },
+                "dry_run": { "type": "boolean", "description": "Answer 200 with the selection's size (`total`) and failure groups, starting nothing and changing nothing; the body is checked as for a real start." },
+                "id": optional(json!({ "type": "string", "minLength": 1, "maxLength": 200, "description": "The job's id (a new UUID when absent); one a listed job has already is a 409." })),
+                "target_topic": optional(name()),
+                "rate_per_second": optional(json!({ "type": "number", "minimum": MIN_REDRIVE_RATE, "maximum": MAX_REDRIVE_RATE, "default": DEFAULT_REDRIVE_RATE, "description": format!("Most messages published per second; {DEFAULT_REDRIVE_RATE} when absent.") })),
+                "canary": optional(closed(json!({ "count": count(), "watch_ms": { "type": "integer", "minimum": 0, "maximum": MAX_CANARY_WATCH.as_millis() as u64 } }))),
+                "batch_size": optional(json!({ "type": "integer", "minimum": 1, "maximum": MAX_REDRIVE_BATCH_SIZE })),
+            },
+        },
         "ReplayRequest": {
             "type": "object",
             "additionalProperties": false,
@@ -377,11 +394,38 @@ pub(crate) fn document() -> Value {
         "A re-drive (an automatic attempt, a reprocess, a bulk redrive) holds the entry right now; try again once it is done.",
     );
     let taken = ("409", "A replay with this id exists already.");
+    let redrive_taken = ("409", "A redrive job with this id is listed already.");
+    let redrives_busy = format!(
+        "{MAX_RUNNING_REDRIVES} redrive jobs are running (MAX_RUNNING_REDRIVES), the most allowed; nothing was started, try again once one has finished."
+    );
+    let replays_busy = format!(
+        "As many replays are running as the handler allows (ReplayConfig::max_active, by default MAX_RUNNING_REPLAYS = {MAX_RUNNING_REPLAYS}); nothing was started, try again once one has finished."
+    );
     let no_dlq = (
         "503",
         "No DLQ processor is configured, or the broker is unreachable.",
     );
     let no_replay = ("503", "No replay handler is configured.");
+    let start_redrive_responses = {
+        let mut all = responses(
+            "202",
+            ok_json("Started.", reference("RedriveProgress")),
+            &[
+                bad,
+                shape,
+                redrive_taken,
+                ("429", redrives_busy.as_str()),
+                too_large,
+                media,
+                no_dlq,
+            ],
+        );
+        all["200"] = ok_json(
+            "A dry run: what the redrive would select, nothing started.",
+            reference("RedriveDryRun"),
+        );
+        all
+    };
     let no_spool = (
         "404",
         "No such side, the side has no fallback spool, or no refused message with this seq.",
@@ -442,26 +486,30 @@ pub(crate) fn document() -> Value {
             }},
             "/v1/messaging/dlq": { "get": {
                 "operationId": "listDeadLetters",
-                "summary": "A page of DLQ entries, newest first, and how many match in all.",
+                "summary": "A page of DLQ entries, oldest first, and how many match in all.",
+                "description": "Oldest first (by dead-lettering time, then id), so paging with `offset` stays put while new letters arrive at the end. Without `status`, discarded entries are left out: `count` is then the DLQ depth the `messaging_dlq_messages_total` gauge shows (`status=discarded` lists them). The page and `count` come from one consistent read of the store.",
                 "parameters": list_parameters,
                 "responses": responses("200", ok_json("The page.", reference("DlqPage")), &[bad, no_dlq]),
             }},
             "/v1/messaging/dlq/groups": { "get": {
                 "operationId": "failureGroups",
                 "summary": "The entries grouped by reason and topic, largest group first.",
+                "description": "Without `status`, discarded entries are left out, as in the listing.",
                 "parameters": filter_parameters(),
                 "responses": responses("200", ok_json("The groups.", reference("FailureGroups")), &[bad, no_dlq]),
             }},
             "/v1/messaging/dlq/redrives": {
                 "post": {
                     "operationId": "startRedrive",
-                    "summary": "Start a bulk redrive job over the selected entries.",
+                    "summary": "Start a bulk redrive job over the selected entries (or, with dry_run, show what it would select).",
+                    "description": format!("A filter, or `\"all\": true`, is required. Paced at {DEFAULT_REDRIVE_RATE} messages a second unless `rate_per_second` says otherwise. At most {MAX_RUNNING_REDRIVES} jobs run at once (429 beyond). Finished jobs are listed up to the newest {MAX_FINISHED_REDRIVES}; older ones are forgotten (404)."),
                     "requestBody": request_body("RedriveRequest", false),
-                    "responses": responses("202", ok_json("Started.", reference("RedriveProgress")), &[bad, shape, too_large, media, no_dlq]),
+                    "responses": start_redrive_responses,
                 },
                 "get": {
                     "operationId": "listRedrives",
                     "summary": "Every redrive job, newest first.",
+                    "description": format!("Running jobs, and the newest {MAX_FINISHED_REDRIVES} finished ones."),
                     "responses": responses("200", ok_json("The jobs.", reference("Redrives")), &[no_dlq]),
                 },
             },
@@ -549,11 +597,13 @@ pub(crate) fn document() -> Value {
                     "operationId": "startReplay",
                     "summary": "Start replaying a window of a topic's history.",
                     "requestBody": request_body("ReplayRequest", true),
-                    "responses": responses("202", ok_json("Started.", reference("ReplayProgress")), &[bad, shape, taken, too_large, media, unsupported, no_replay]),
+                    "description": format!("At most ReplayConfig::max_active replays (by default {MAX_RUNNING_REPLAYS}) run at once (429 beyond)."),
+                    "responses": responses("202", ok_json("Started.", reference("ReplayProgress")), &[bad, shape, taken, ("429", replays_busy.as_str()), too_large, media, unsupported, no_replay]),
                 },
                 "get": {
                     "operationId": "listReplays",
                     "summary": "Every replay, newest first.",
+                    "description": format!("Running and failed replays, and the newest {MAX_FINISHED_REPLAYS} completed or cancelled ones; older ones are forgotten (404)."),
                     "responses": responses("200", ok_json("The replays.", reference("Replays")), &[no_replay]),
                 },
             },

@@ -42,6 +42,11 @@ pub enum ErrorKind {
     /// Another operation holds the thing right now (a DLQ entry being re-driven); trying
     /// again once it is done can succeed.
     Conflict,
+    /// Too much work of this kind is under way: a limit on jobs running at once (bulk
+    /// redrives, replays) is reached, and the message names it. Nothing was started; trying
+    /// again once one has finished can succeed (retryable by default). The admin API answers
+    /// it with 429 Too Many Requests.
+    Busy,
     /// Anything else the backend reported.
     Backend,
 }
@@ -49,12 +54,13 @@ pub enum ErrorKind {
 impl ErrorKind {
     /// Whether an error of this kind is worth retrying unless the site says otherwise.
     ///
-    /// Connection loss, time-outs and conflicts (another operation holding the thing) are
-    /// transient; everything else needs a change first.
+    /// Connection loss, time-outs, conflicts (another operation holding the thing) and
+    /// [`ErrorKind::Busy`] (too many jobs running) are transient; everything else needs a
+    /// change first.
     pub const fn retryable_by_default(self) -> bool {
         matches!(
             self,
-            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Conflict
+            ErrorKind::Connection | ErrorKind::Timeout | ErrorKind::Conflict | ErrorKind::Busy
         )
     }
 
@@ -74,6 +80,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid_input",
             ErrorKind::AlreadySettled => "already_settled",
             ErrorKind::Conflict => "conflict",
+            ErrorKind::Busy => "busy",
             ErrorKind::Backend => "backend",
         }
     }
@@ -92,6 +99,7 @@ impl ErrorKind {
             ErrorKind::InvalidInput => "invalid input",
             ErrorKind::AlreadySettled => "delivery already settled",
             ErrorKind::Conflict => "held by another operation",
+            ErrorKind::Busy => "too many jobs running",
             ErrorKind::Backend => "backend error",
         }
     }

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use helix_messaging_core::dlq::DeadLetterFilter;
+use helix_messaging_core::dlq::{DeadLetterFilter, EntryStatus};
 use helix_messaging_core::replay::ReplayLease;
 
 /// A value a SQL store binds for a filter condition.
@@ -37,6 +37,9 @@ pub(crate) fn sql_conditions(filter: &DeadLetterFilter) -> Vec<(&'static str, Sq
     }
     if let Some(to) = filter.to {
         out.push(("last_failure_us <", SqlValue::Int(micros(to))));
+    }
+    if filter.exclude_discarded {
+        out.push(("status <>", text(EntryStatus::Discarded.as_str())));
     }
     out
 }

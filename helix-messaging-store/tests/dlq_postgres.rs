@@ -9,8 +9,10 @@ use std::time::{Duration, SystemTime};
 
 use helix_messaging_testkit::stores::{
     OpenStore, a_killed_replay_resumes_without_publishing_twice,
+    check_a_page_and_its_count_leave_discarded_entries_out_alike,
     check_claims_hold_entries_and_versions_fence_writes,
-    check_the_sample_error_is_the_newest_failures, letter, replay_store_round_trips,
+    check_finished_replays_are_pruned_oldest_first, check_the_sample_error_is_the_newest_failures,
+    letter, replay_store_round_trips,
 };
 
 use futures::{FutureExt, StreamExt};
@@ -354,4 +356,22 @@ async fn a_dlq_call_stuck_on_a_lock_does_not_hold_up_a_replay_lease() {
         .expect("the replay's lease was claimed while the DLQ call waited")
         .unwrap();
     assert!(lease.is_some(), "free: claimed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_and_its_count_are_one_read_and_leave_discarded_entries_out_alike() {
+    let table = Table::new();
+    let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
+    check_a_page_and_its_count_leave_discarded_entries_out_alike(&store, "orders").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_replays_are_pruned_oldest_first_in_postgres() {
+    let table = Table::new();
+    let dlq = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/test starts it)");
+    check_finished_replays_are_pruned_oldest_first(&dlq.replay_store().await.unwrap()).await;
 }

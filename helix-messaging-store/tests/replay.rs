@@ -8,7 +8,8 @@ use futures::FutureExt;
 use helix_messaging_core::replay::{MemoryReplayStore, ReplayStore};
 use helix_messaging_store::{SqliteDeadLetterStore, SqliteReplayStore};
 use helix_messaging_testkit::stores::{
-    OpenStore, a_killed_replay_resumes_without_publishing_twice, replay_store_round_trips,
+    OpenStore, a_killed_replay_resumes_without_publishing_twice,
+    check_finished_replays_are_pruned_oldest_first, replay_store_round_trips,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,4 +40,14 @@ async fn the_sqlite_replay_store_round_trips_records() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_replay_store_round_trips_records() {
     replay_store_round_trips(&MemoryReplayStore::new()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_replays_are_pruned_oldest_first_in_sqlite_and_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteReplayStore::open(dir.path().join("replays.db"))
+        .await
+        .unwrap();
+    check_finished_replays_are_pruned_oldest_first(&sqlite).await;
+    check_finished_replays_are_pruned_oldest_first(&MemoryReplayStore::new()).await;
 }

@@ -479,3 +479,136 @@ pub fn in_a_process_killed_after<T: Send + 'static>(
     .join()
     .expect("the process ran")
 }
+
+/// A page and its count are one read, equal to a listing and a count of the same filter; a
+/// filter leaving discarded entries out leaves them out of the page, the count, the ids and
+/// the groups alike, on every store (issue 29).
+pub async fn check_a_page_and_its_count_leave_discarded_entries_out_alike(
+    store: &dyn helix_messaging_core::dlq::DeadLetterStore,
+    topic: &str,
+) {
+    use helix_messaging_core::dlq::{DeadLetterFilter, EntryStatus, StoredDeadLetter};
+    let t0 = SystemTime::now() - Duration::from_secs(600);
+    let mut ids = Vec::new();
+    for secs in 0..5 {
+        let l = letter(
+            topic,
+            DeadLetterReason::Permanent,
+            "order.created",
+            t0 + Duration::from_secs(secs),
+        );
+        ids.push(l.id.clone());
+        let mut entry = StoredDeadLetter::received(l, SystemTime::now());
+        if secs == 1 {
+            entry.status = EntryStatus::Discarded;
+        }
+        assert!(store.insert(entry).await.unwrap());
+    }
+    let every = DeadLetterFilter {
+        topic: Some(topic.into()),
+        ..DeadLetterFilter::default()
+    };
+    let (page, count) = store.page(&every, 2, 1).await.unwrap();
+    assert_eq!(count, 5);
+    assert_eq!(
+        page,
+        store.list(&every, 2, 1).await.unwrap(),
+        "as a listing"
+    );
+    let undiscarded = DeadLetterFilter {
+        exclude_discarded: true,
+        ..every.clone()
+    };
+    let (page, count) = store.page(&undiscarded, 10, 0).await.unwrap();
+    assert_eq!(count, 4, "the discarded entry is not counted");
+    let listed: Vec<&str> = page.iter().map(StoredDeadLetter::id).collect();
+    let expected: Vec<&str> = [0, 2, 3, 4].iter().map(|&i| ids[i].as_str()).collect();
+    assert_eq!(listed, expected, "oldest first, the discarded one left out");
+    assert_eq!(store.count(&undiscarded).await.unwrap(), 4);
+    assert_eq!(store.ids(&undiscarded).await.unwrap(), expected);
+    let groups = store.groups(&undiscarded).await.unwrap();
+    assert_eq!(groups.iter().map(|g| g.count).sum::<u64>(), 4);
+    let discarded_only = DeadLetterFilter {
+        status: Some(EntryStatus::Discarded),
+        ..undiscarded
+    };
+    assert_eq!(
+        store.count(&discarded_only).await.unwrap(),
+        0,
+        "contradictory"
+    );
+}
+
+/// A replay store forgets completed and cancelled records beyond the newest `keep`, the
+/// oldest finished first, and never a running or failed one (issue 29). `store` must hold no
+/// other finished records (they would be pruned too).
+pub async fn check_finished_replays_are_pruned_oldest_first(
+    store: &dyn helix_messaging_core::replay::ReplayStore,
+) {
+    use helix_messaging_core::replay::{Checkpoint, ReplayRecord, ReplayRequest, ReplayStatus};
+    let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let tag = format!("prune-{}-{nanos}", std::process::id());
+    let record = |n: u64, status: ReplayStatus| {
+        let request = ReplayRequest::new("orders", start, start + Duration::from_secs(10))
+            .with_id(format!("{tag}-{n}"));
+        ReplayRecord {
+            progress: helix_messaging_core::replay::ReplayProgress {
+                id: request.id.clone(),
+                status,
+                topic: "orders".into(),
+                target_topic: request.target(),
+                dry_run: false,
+                total: 0,
+                replayed: 0,
+                skipped: 0,
+                failed: 0,
+                filtered: 0,
+                duplicates: 0,
+                by_type: Default::default(),
+                skipped_by_type: Default::default(),
+                reached: None,
+                from_time: start,
+                to_time: start + Duration::from_secs(10),
+                started_at: start,
+                finished_at: status.is_finished().then(|| start + Duration::from_secs(n)),
+                last_error: None,
+                resumes: 0,
+            },
+            request,
+            checkpoint: Checkpoint::default(),
+        }
+    };
+    let lease = Duration::from_secs(30);
+    // Created newest first, so the order pruned is not the order written.
+    for (n, status) in [
+        (5, ReplayStatus::Completed),
+        (4, ReplayStatus::Cancelled),
+        (3, ReplayStatus::Completed),
+        (2, ReplayStatus::Failed),
+        (1, ReplayStatus::Completed),
+        (0, ReplayStatus::Running),
+    ] {
+        store.create(&record(n, status), "a", lease).await.unwrap();
+    }
+    let mut removed = store.prune_finished(2).await.unwrap();
+    removed.sort();
+    assert_eq!(removed, [format!("{tag}-1"), format!("{tag}-3")]);
+    let mut left: Vec<String> = store
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.request.id)
+        .filter(|id| id.starts_with(&tag))
+        .collect();
+    left.sort();
+    let expected: Vec<String> = [0, 2, 4, 5].iter().map(|n| format!("{tag}-{n}")).collect();
+    assert_eq!(
+        left, expected,
+        "running and failed kept, the newest two finished"
+    );
+}

@@ -18,11 +18,12 @@ use crate::common::{
 };
 
 /// A DLQ processor over a broker, holding `letters` (failed on `topic`).
-struct Dlq {
-    server: Server,
-    broker: Arc<dyn Broker>,
-    topic: String,
-    ids: Vec<String>,
+pub(crate) struct Dlq {
+    pub(crate) server: Server,
+    pub(crate) broker: Arc<dyn Broker>,
+    pub(crate) topic: String,
+    pub(crate) ids: Vec<String>,
+    pub(crate) processor: Processor,
 }
 
 /// A DLQ server on the real Redis Streams.
@@ -30,7 +31,7 @@ async fn dlq_server(config: AdminConfig, letters: &[(&str, DeadLetterReason)]) -
     dlq_server_on(redis_streams().await, config, letters).await
 }
 
-async fn dlq_server_on(
+pub(crate) async fn dlq_server_on(
     broker: Arc<dyn Broker>,
     config: AdminConfig,
     letters: &[(&str, DeadLetterReason)],
@@ -58,10 +59,11 @@ async fn dlq_server_on(
         assert!(processor.ingest(letter).await.unwrap());
     }
     Dlq {
-        server: over(broker.clone(), config, |s| s.with_dlq(processor)).await,
+        server: over(broker.clone(), config, |s| s.with_dlq(processor.clone())).await,
         broker,
         topic,
         ids,
+        processor,
     }
 }
 
@@ -351,7 +353,7 @@ async fn groups_and_bulk_redrives_over_http(broker: Arc<dyn Broker>) {
     // A slow job, cancelled: it stops with what it had re-driven.
     let slow = s
         .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
-        .json(&serde_json::json!({"rate_per_second": 0.5, "batch_size": 1}))
+        .json(&serde_json::json!({"all": true, "rate_per_second": 0.5, "batch_size": 1}))
         .send()
         .await
         .unwrap();
@@ -376,9 +378,9 @@ async fn groups_and_bulk_redrives_over_http(broker: Arc<dyn Broker>) {
         (r#"{"filter": {"bogus": "x"}}"#, "bogus"),
         (r#"{"filter": {"reason": "bogus"}}"#, "reason"),
         (r#"{"filter": {"from": "yesterday"}}"#, "from"),
-        (r#"{"rate_per_second": -1}"#, "rate_per_second"),
-        (r#"{"batch_size": 0}"#, "batch_size"),
-        (r#"{"target_topic": ""}"#, "target topic"),
+        (r#"{"all": true, "rate_per_second": -1}"#, "rate_per_second"),
+        (r#"{"all": true, "batch_size": 0}"#, "batch_size"),
+        (r#"{"all": true, "target_topic": ""}"#, "target topic"),
         (r#"{"filter": "#, "JSON"),
     ] {
         let response = s
@@ -434,17 +436,20 @@ async fn a_redrive_outside_the_limits_is_400_and_starts_nothing() {
     .await;
     let s = &dlq.server;
     for (body, says) in [
-        (serde_json::json!({"batch_size": 10_001}), "batch_size"),
         (
-            serde_json::json!({"rate_per_second": 1e-20}),
+            serde_json::json!({"all": true, "batch_size": 10_001}),
+            "batch_size",
+        ),
+        (
+            serde_json::json!({"all": true, "rate_per_second": 1e-20}),
             "rate_per_second",
         ),
         (
-            serde_json::json!({"rate_per_second": 1e9}),
+            serde_json::json!({"all": true, "rate_per_second": 1e9}),
             "rate_per_second",
         ),
         (
-            serde_json::json!({"canary": {"count": 1, "watch_ms": 3_600_001}}),
+            serde_json::json!({"all": true, "canary": {"count": 1, "watch_ms": 3_600_001}}),
             "watch",
         ),
     ] {

@@ -2,6 +2,7 @@
 //! and the handle the processor keeps for each job (the running is `redrive`'s, which is
 //! built on the processor).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -30,6 +31,19 @@ pub const MIN_REDRIVE_RATE: f64 = 0.01;
 pub const MAX_REDRIVE_RATE: f64 = 1_000_000.0;
 /// Longest a canary may be watched ([`CanaryConfig::watch`]).
 pub const MAX_CANARY_WATCH: Duration = Duration::from_secs(3600);
+/// The pace of a redrive that names none ([`RedriveRequest::default`], and a body without
+/// `rate_per_second` over the admin API), in messages per second: a redrive started without
+/// thought does not flood the consumers it re-drives to (10,000 entries take 100 s).
+pub const DEFAULT_REDRIVE_RATE: f64 = 100.0;
+/// Most bulk redrive jobs one [`Processor`](super::Processor) runs at once (running or
+/// watching a canary); one more is refused with
+/// [`ErrorKind::Busy`](crate::error::ErrorKind::Busy) until one finishes.
+pub const MAX_RUNNING_REDRIVES: usize = 4;
+/// Finished redrive jobs a [`Processor`](super::Processor) keeps for
+/// [`list_redrives`](super::Processor::list_redrives) and
+/// [`redrive_progress`](super::Processor::redrive_progress): beyond this many, the ones that
+/// finished first are forgotten. Running jobs are always kept.
+pub const MAX_FINISHED_REDRIVES: usize = 100;
 
 /// A bulk redrive: which entries, where to, how fast.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,13 +54,18 @@ pub struct RedriveRequest {
     pub filter: DeadLetterFilter,
     /// Publish to this topic instead of each message's original topic.
     pub target_topic: Option<String>,
-    /// Most messages published per second (`None`: as fast as the broker confirms).
+    /// Most messages published per second (`None`: as fast as the broker confirms; the
+    /// default is [`DEFAULT_REDRIVE_RATE`]).
     pub rate_per_second: Option<f64>,
     /// Canary mode.
     pub canary: Option<CanaryConfig>,
     /// Messages published per batch (default 100; the batch's confirmations are awaited
     /// together).
     pub batch_size: usize,
+    /// The job's id (`None`: a new UUID). An id a job this processor still lists already
+    /// has is refused with [`ErrorKind::Conflict`](crate::error::ErrorKind::Conflict), so a
+    /// client that retries a start with its own id does not start the job twice.
+    pub id: Option<String>,
 }
 
 impl RedriveRequest {
@@ -87,13 +106,16 @@ impl RedriveRequest {
 }
 
 impl Default for RedriveRequest {
+    /// Every entry ([`DeadLetterFilter::default`]) to its original topic, at
+    /// [`DEFAULT_REDRIVE_RATE`], 100 a batch, no canary, a new id.
     fn default() -> Self {
         RedriveRequest {
             filter: DeadLetterFilter::default(),
             target_topic: None,
-            rate_per_second: None,
+            rate_per_second: Some(DEFAULT_REDRIVE_RATE),
             canary: None,
             batch_size: 100,
+            id: None,
         }
     }
 }
@@ -172,4 +194,30 @@ impl RedriveProgress {
 pub(super) struct Job {
     pub(super) progress: Arc<Mutex<RedriveProgress>>,
     pub(super) cancel: CancellationToken,
+}
+
+/// Forget the finished jobs of `jobs` beyond the newest `keep` (newest by when they finished;
+/// running ones are never forgotten): the map of a processor that runs redrives for months
+/// stays bounded.
+pub(super) fn prune_finished(jobs: &mut HashMap<String, Job>, keep: usize) {
+    let mut finished: Vec<(SystemTime, String)> = jobs
+        .iter()
+        .filter_map(|(id, job)| {
+            let progress = job.progress.lock();
+            progress.status.is_finished().then(|| {
+                (
+                    progress.finished_at.unwrap_or(progress.started_at),
+                    id.clone(),
+                )
+            })
+        })
+        .collect();
+    if finished.len() <= keep {
+        return;
+    }
+    finished.sort();
+    let excess = finished.len() - keep;
+    for (_, id) in finished.into_iter().take(excess) {
+        jobs.remove(&id);
+    }
 }

@@ -29,7 +29,8 @@ use async_trait::async_trait;
 pub use config::DeadLetterHandler as DlqHandler;
 pub use config::{DEFAULT_PROCESSOR_GROUP, DeadLetterHandler, ProcessorConfig};
 pub use jobs::{
-    CanaryConfig, MAX_CANARY_WATCH, MAX_REDRIVE_BATCH_SIZE, MAX_REDRIVE_RATE, MIN_REDRIVE_RATE,
+    CanaryConfig, DEFAULT_REDRIVE_RATE, MAX_CANARY_WATCH, MAX_FINISHED_REDRIVES,
+    MAX_REDRIVE_BATCH_SIZE, MAX_REDRIVE_RATE, MAX_RUNNING_REDRIVES, MIN_REDRIVE_RATE,
     RedriveProgress, RedriveRequest, RedriveStatus,
 };
 pub use letter::{
@@ -40,7 +41,7 @@ pub use letter::{
     MAX_ERROR_HEADER_BYTES, TASK_DLQ_TOPIC,
 };
 pub use processor::Processor;
-pub use report::{DeadLetterPage, ProcessorMetrics};
+pub use report::{DeadLetterPage, ProcessorMetrics, RedrivePreview};
 pub use store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
     MemoryDeadLetterStore, StoredDeadLetter,

@@ -520,7 +520,9 @@ impl Processor {
             .unwrap_or_else(|_| Err(publish_timed_out(timeout)))
     }
 
-    /// Entries matching `filter`, a page at a time (HelixAgent's `ListMessages(limit, offset)`).
+    /// Entries matching `filter`, a page at a time, oldest first (HelixAgent's
+    /// `ListMessages(limit, offset)`), with how many match in all, both from one read of the
+    /// store (see [`DeadLetterPage`]).
     ///
     /// # Errors
     /// The store's error.
@@ -530,9 +532,7 @@ impl Processor {
         limit: usize,
         offset: usize,
     ) -> Result<DeadLetterPage> {
-        let store = &self.inner.store;
-        let entries = store.list(filter, limit, offset).await?;
-        let count = store.count(filter).await?;
+        let (entries, count) = self.inner.store.page(filter, limit, offset).await?;
         Ok(DeadLetterPage {
             entries,
             count,
@@ -701,7 +701,8 @@ impl Processor {
             .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no redrive job {id:?}")))
     }
 
-    /// Every redrive job this processor has run, newest first.
+    /// Every redrive job this processor runs, and the last
+    /// [`MAX_FINISHED_REDRIVES`](super::MAX_FINISHED_REDRIVES) it finished; newest first.
     pub fn list_redrives(&self) -> Vec<RedriveProgress> {
         let mut jobs: Vec<RedriveProgress> = self
             .inner

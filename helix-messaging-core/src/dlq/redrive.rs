@@ -11,11 +11,15 @@ use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::jobs::{Job, RedriveProgress, RedriveRequest, RedriveStatus};
+use super::jobs::{
+    Job, MAX_FINISHED_REDRIVES, MAX_RUNNING_REDRIVES, RedriveProgress, RedriveRequest,
+    RedriveStatus, prune_finished,
+};
 use super::processor::{Processor, publish_timed_out, redrive_copy};
+use super::report::RedrivePreview;
 use super::store::DeadLetterFilter;
 use super::store::remove_redriven;
-use crate::error::{Error, Result, panicked};
+use crate::error::{Error, ErrorKind, Result, panicked};
 use crate::message::Message;
 use crate::names::validate_name;
 
@@ -53,23 +57,106 @@ impl Processor {
     /// [`cancel_redrive`](Processor::cancel_redrive) and in
     /// [`list_redrives`](Processor::list_redrives)), the way
     /// [`ReplayHandler::start_replay`](crate::replay::ReplayHandler::start_replay) does for a
-    /// replay. See [`RedriveRequest`].
+    /// replay. See [`RedriveRequest`]. The selection leaves discarded entries out.
+    ///
+    /// At most [`MAX_RUNNING_REDRIVES`] jobs run at once; finished ones are kept for listing
+    /// up to [`MAX_FINISHED_REDRIVES`], the oldest forgotten first.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad request; the
-    /// store's error selecting entries.
+    /// - [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad request.
+    /// - [`ErrorKind::Conflict`](crate::error::ErrorKind::Conflict) (not retryable) for an id
+    ///   a job listed here already has.
+    /// - [`ErrorKind::Busy`](crate::error::ErrorKind::Busy) while [`MAX_RUNNING_REDRIVES`]
+    ///   jobs run.
+    /// - The store's error selecting entries.
+    ///
+    /// Nothing was started on any of them.
     pub async fn start_redrive(&self, request: RedriveRequest) -> Result<RedriveProgress> {
         start(self, request).await
     }
+
+    /// What [`start_redrive`](Processor::start_redrive) would re-drive for `request`, read
+    /// without starting anything or changing anything: its selection's size and failure
+    /// groups (one read of the store). The request is checked as a start checks it, so a
+    /// preview that succeeds means the start would be accepted, unless
+    /// [`MAX_RUNNING_REDRIVES`] jobs are running by then or its id is taken.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a bad request;
+    /// the store's error.
+    pub async fn preview_redrive(&self, request: &RedriveRequest) -> Result<RedrivePreview> {
+        check(request)?;
+        let groups = self.inner.store.groups(&selection(&request.filter)).await?;
+        Ok(RedrivePreview {
+            total: groups.iter().map(|g| g.count).sum(),
+            groups,
+        })
+    }
 }
 
-async fn start(processor: &Processor, request: RedriveRequest) -> Result<RedriveProgress> {
+/// What a redrive selects: the filter's entries that are not discarded (they are never
+/// re-driven, so they are not counted in its `total` either).
+fn selection(filter: &DeadLetterFilter) -> DeadLetterFilter {
+    DeadLetterFilter {
+        exclude_discarded: true,
+        ..filter.clone()
+    }
+}
+
+fn check(request: &RedriveRequest) -> Result<()> {
     if let Some(target) = &request.target_topic {
         validate_name("target topic", target)?;
     }
-    request.check_limits()?;
-    let ids = processor.inner.store.ids(&request.filter).await?;
-    let id = uuid::Uuid::new_v4().to_string();
+    // As a replay id: any text a URL path can carry back, bounded.
+    if let Some(id) = &request.id
+        && (id.is_empty() || id.len() > 200 || id.chars().any(char::is_control))
+    {
+        return Err(Error::invalid_input(
+            "redrive id: 1 to 200 characters, no control characters",
+        ));
+    }
+    request.check_limits()
+}
+
+/// Whether a job `id` may start next to `jobs`: its id is free and fewer than
+/// [`MAX_RUNNING_REDRIVES`] run.
+fn admit(jobs: &HashMap<String, Job>, id: &str) -> Result<()> {
+    if jobs.contains_key(id) {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!("a redrive job with id {id:?} already exists"),
+        )
+        .with_retryable(false));
+    }
+    let running = jobs
+        .values()
+        .filter(|job| !job.progress.lock().status.is_finished())
+        .count();
+    if running >= MAX_RUNNING_REDRIVES {
+        return Err(Error::new(
+            ErrorKind::Busy,
+            format!(
+                "{running} redrive jobs are running, the most allowed (MAX_RUNNING_REDRIVES = {MAX_RUNNING_REDRIVES}); try again once one has finished, or cancel one"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+async fn start(processor: &Processor, request: RedriveRequest) -> Result<RedriveProgress> {
+    check(&request)?;
+    let id = request
+        .id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    // Refused before the selection is read (which can be long); checked again when the job
+    // is entered, under the same lock, for requests racing this one.
+    admit(&processor.inner.jobs.lock(), &id)?;
+    let ids = processor
+        .inner
+        .store
+        .ids(&selection(&request.filter))
+        .await?;
     let progress = Arc::new(Mutex::new(RedriveProgress {
         id: id.clone(),
         status: RedriveStatus::Running,
@@ -82,13 +169,18 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<Redrive
         last_error: None,
     }));
     let cancel = CancellationToken::new();
-    processor.inner.jobs.lock().insert(
-        id.clone(),
-        Job {
-            progress: progress.clone(),
-            cancel: cancel.clone(),
-        },
-    );
+    {
+        let mut jobs = processor.inner.jobs.lock();
+        admit(&jobs, &id)?;
+        jobs.insert(
+            id.clone(),
+            Job {
+                progress: progress.clone(),
+                cancel: cancel.clone(),
+            },
+        );
+        prune_finished(&mut jobs, MAX_FINISHED_REDRIVES);
+    }
     let started = progress.lock().clone();
     let run = Run {
         processor: processor.clone(),
@@ -121,10 +213,13 @@ impl Run {
                 RedriveStatus::Failed
             }
         };
-        let mut progress = self.progress.lock();
-        progress.status = status;
-        progress.finished_at = Some(SystemTime::now());
-        tracing::info!(job = %progress.id, status = status.as_str(), redriven = progress.redriven, failed = progress.failed, skipped = progress.skipped, "DLQ redrive job finished");
+        {
+            let mut progress = self.progress.lock();
+            progress.status = status;
+            progress.finished_at = Some(SystemTime::now());
+            tracing::info!(job = %progress.id, status = status.as_str(), redriven = progress.redriven, failed = progress.failed, skipped = progress.skipped, "DLQ redrive job finished");
+        }
+        prune_finished(&mut self.processor.inner.jobs.lock(), MAX_FINISHED_REDRIVES);
     }
 
     async fn drive(&self, ids: Vec<String>) -> Result<RedriveStatus> {
@@ -141,7 +236,7 @@ impl Run {
             if canary_ids.is_empty() {
                 // Nothing to watch: going on would re-drive everything without a canary.
                 return Err(Error::new(
-                    crate::error::ErrorKind::Backend,
+                    ErrorKind::Backend,
                     "no canary could be re-driven (see last_error); the rest were left alone",
                 ));
             }

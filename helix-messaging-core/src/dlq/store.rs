@@ -127,6 +127,11 @@ pub struct DeadLetterFilter {
     pub from: Option<SystemTime>,
     /// Dead-lettered before this time.
     pub to: Option<SystemTime>,
+    /// Leave discarded entries out: what the DLQ depth (the `messaging_dlq_messages_total`
+    /// gauge, [`DeadLetterStats::depth`]) counts. The admin API sets it when a listing,
+    /// failure groups or a redrive ask for no `status`; a bulk redrive always selects so
+    /// (discarded entries are never re-driven). With `status` discarded, nothing matches.
+    pub exclude_discarded: bool,
 }
 
 impl DeadLetterFilter {
@@ -146,6 +151,7 @@ impl DeadLetterFilter {
                 .is_none_or(|id| l.message.id() == id)
             && self.from.is_none_or(|t| l.last_failure_at >= t)
             && self.to.is_none_or(|t| l.last_failure_at < t)
+            && !(self.exclude_discarded && entry.status == EntryStatus::Discarded)
     }
 }
 
@@ -187,7 +193,7 @@ pub struct DeadLetterStats {
 
 /// Keeps dead letters for the [`Processor`](super::Processor) and its management operations.
 ///
-/// Listings are ordered by dead-lettering time, then id. Implementations: the in-memory
+/// Listings are ordered by dead-lettering time, then id: oldest first. Implementations: the in-memory
 /// [`MemoryDeadLetterStore`]; in `helix-messaging-store`, the durable `SqliteDeadLetterStore`
 /// (feature `sqlite`) and `PostgresDeadLetterStore` (feature `postgres`), shared by several
 /// instances.
@@ -237,6 +243,26 @@ pub trait DeadLetterStore: Send + Sync + 'static {
     /// # Errors
     /// The store's error.
     async fn count(&self, filter: &DeadLetterFilter) -> Result<u64>;
+
+    /// [`list`](DeadLetterStore::list) and [`count`](DeadLetterStore::count) of `filter` as
+    /// one consistent read: the count is of the same state of the store the page was read
+    /// from. The stores here all keep that promise (the memory store under one lock, SQLite
+    /// in one read transaction, PostgreSQL in one `REPEATABLE READ` transaction); this
+    /// default, for stores that cannot, reads one after the other, and the two may then
+    /// disagree by what changed in between.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn page(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredDeadLetter>, u64)> {
+        let entries = self.list(filter, limit, offset).await?;
+        let count = self.count(filter).await?;
+        Ok((entries, count))
+    }
 
     /// The ids of every entry matching `filter`, in listing order.
     ///
@@ -452,6 +478,22 @@ impl DeadLetterStore for MemoryDeadLetterStore {
 
     async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         Ok(self.inner.lock().matching(filter).count() as u64)
+    }
+
+    async fn page(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredDeadLetter>, u64)> {
+        let entries = self.inner.lock();
+        let page = entries
+            .matching(filter)
+            .skip(offset)
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok((page, entries.matching(filter).count() as u64))
     }
 
     async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {

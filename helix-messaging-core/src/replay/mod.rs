@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use request::{
     HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION, HEADER_SOURCE_TOPIC,
-    MAX_REPLAY_BATCH_SIZE, ReplayConfig, ReplayFilter, ReplayOptions, ReplayProgress,
-    ReplayRequest, ReplayStatus, UNTYPED,
+    MAX_FINISHED_REPLAYS, MAX_REPLAY_BATCH_SIZE, MAX_RUNNING_REPLAYS, ReplayConfig, ReplayFilter,
+    ReplayOptions, ReplayProgress, ReplayRequest, ReplayStatus, UNTYPED,
 };
 pub use store::{Checkpoint, Frontier, MemoryReplayStore, ReplayLease, ReplayRecord, ReplayStore};
 
@@ -285,7 +285,8 @@ impl ReplayHandler {
     /// # Errors
     /// - [`ErrorKind::Unsupported`] when the broker keeps no history, naming the backends
     ///   that do.
-    /// - [`ErrorKind::InvalidInput`] for a bad request or too many replays running.
+    /// - [`ErrorKind::InvalidInput`] for a bad request.
+    /// - [`ErrorKind::Busy`] while [`ReplayConfig::max_active`] replays run here.
     /// - [`ErrorKind::Conflict`] (not retryable) for an id already used.
     /// - The store's error saving the first checkpoint (nothing was started).
     pub async fn start_replay(&self, mut request: ReplayRequest) -> Result<ReplayProgress> {
@@ -407,12 +408,53 @@ impl ReplayHandler {
             shutdown: self.inner.shutdown.clone(),
             lost: false,
         };
+        let handler = self.clone();
         tokio::spawn(async move {
             metrics::gauge!("messaging_replay_active").increment(1.0);
             run.run().await;
             metrics::gauge!("messaging_replay_active").decrement(1.0);
             let _ = done.send(true);
+            handler.prune().await;
         });
+    }
+
+    /// Forget the completed and cancelled replays beyond the newest
+    /// [`MAX_FINISHED_REPLAYS`], in the store and here: the records of a handler that runs
+    /// replays for months stay bounded.
+    async fn prune(&self) {
+        let removed = match self.inner.store.prune_finished(MAX_FINISHED_REPLAYS).await {
+            Ok(removed) => removed,
+            Err(err) => {
+                tracing::warn!(error = %err, "pruning finished replays from the store failed; tried again when the next replay ends");
+                Vec::new()
+            }
+        };
+        let mut jobs = self.inner.jobs.lock();
+        let finished = |job: &Job| *job.finished.borrow();
+        for id in removed {
+            if jobs.get(&id).is_some_and(finished) {
+                jobs.remove(&id);
+            }
+        }
+        // Runs the store could not record are known here alone: bounded the same way.
+        let mut ended: Vec<(SystemTime, String)> = jobs
+            .iter()
+            .filter(|(_, job)| finished(job))
+            .map(|(id, job)| {
+                let at = job.progress.as_ref().map(|p| {
+                    let p = p.lock();
+                    p.finished_at.unwrap_or(p.started_at)
+                });
+                (at.unwrap_or(SystemTime::UNIX_EPOCH), id.clone())
+            })
+            .collect();
+        if ended.len() > MAX_FINISHED_REPLAYS {
+            ended.sort();
+            let excess = ended.len() - MAX_FINISHED_REPLAYS;
+            for (_, id) in ended.into_iter().take(excess) {
+                jobs.remove(&id);
+            }
+        }
     }
 
     /// A replay's progress (of this process's run, or as last stored); named like
@@ -457,7 +499,8 @@ impl ReplayHandler {
         }
     }
 
-    /// Every replay known here or in the store, newest first.
+    /// Every replay known here or in the store, newest first (finished ones: the newest
+    /// [`MAX_FINISHED_REPLAYS`] completed or cancelled, and every failed one).
     ///
     /// # Errors
     /// The store's error.
@@ -612,9 +655,12 @@ impl Busy {
     fn into_error(self, id: &str) -> Error {
         match self {
             Busy::Running => Error::invalid_input(format!("replay {id:?} is running")),
-            Busy::Full(active) => Error::invalid_input(format!(
-                "{active} replays are running, the most allowed (ReplayConfig::max_active)"
-            )),
+            Busy::Full(active) => Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{active} replays are running, the most allowed (ReplayConfig::max_active, by default MAX_RUNNING_REPLAYS = {MAX_RUNNING_REPLAYS}); try again once one has finished, or cancel one"
+                ),
+            ),
         }
     }
 }

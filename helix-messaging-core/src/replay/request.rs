@@ -15,6 +15,16 @@ use crate::names::validate_name;
 /// Most messages a replay publishes per batch ([`ReplayOptions::batch_size`]); a batch is
 /// held in memory.
 pub const MAX_REPLAY_BATCH_SIZE: usize = 10_000;
+/// Replays a [`ReplayHandler`](super::ReplayHandler) runs at once by default
+/// ([`ReplayConfig::max_active`]): each holds a batch in memory and a broker connection's
+/// worth of reading and publishing.
+pub const MAX_RUNNING_REPLAYS: usize = 4;
+/// Finished replays kept for listing (in the [`ReplayStore`](super::ReplayStore) and in the
+/// handler's memory): beyond this many completed or cancelled ones, those that finished
+/// first are forgotten whenever a replay ends. Running replays are never forgotten, nor are
+/// failed ones (they can be resumed; cancelling one closes it, and it is then forgotten in
+/// its turn).
+pub const MAX_FINISHED_REPLAYS: usize = 100;
 
 /// Header naming the replay that published a copy.
 pub const HEADER_REPLAY_ID: &str = "helix-replay-id";
@@ -317,7 +327,9 @@ impl ReplayProgress {
 /// Settings shared by a handler's replays (HelixAgent's `DefaultReplayConfig`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplayConfig {
-    /// Most replays running at once (default 4); more are refused.
+    /// Most replays running at once in this handler (default [`MAX_RUNNING_REPLAYS`]); one
+    /// more is refused with [`ErrorKind::Busy`](crate::error::ErrorKind::Busy) until one
+    /// finishes.
     pub max_active: usize,
     /// Attempts to publish a batch's messages that fail with a transient error (default 3),
     /// with exponential backoff from `retry_delay`.
@@ -346,7 +358,7 @@ pub struct ReplayConfig {
 impl Default for ReplayConfig {
     fn default() -> Self {
         ReplayConfig {
-            max_active: 4,
+            max_active: MAX_RUNNING_REPLAYS,
             publish_attempts: 3,
             retry_delay: Duration::from_millis(200),
             checkpoint_interval: Duration::from_secs(1),

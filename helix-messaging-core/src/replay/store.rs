@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::request::{ReplayProgress, ReplayRequest};
+use super::request::{ReplayProgress, ReplayRequest, ReplayStatus};
 use crate::error::{Error, ErrorKind, Result};
 
 /// How far a replay has got through its window, per partition of the source: every entry at
@@ -133,6 +133,46 @@ pub trait ReplayStore: Send + Sync + 'static {
     /// # Errors
     /// The store's error.
     async fn remove(&self, id: &str) -> Result<bool>;
+
+    /// Forget the completed and cancelled records beyond the newest `keep` (newest by when
+    /// they finished), the oldest first; the ids forgotten. Running and failed records (a
+    /// failed replay can be resumed) are never forgotten. The
+    /// [`ReplayHandler`](super::ReplayHandler) calls it with
+    /// [`MAX_FINISHED_REPLAYS`](super::MAX_FINISHED_REPLAYS) whenever a replay ends. Neither
+    /// status changes once reached, so a record forgotten here is not being written by a run.
+    ///
+    /// # Errors
+    /// As [`ReplayStore::list`] and [`ReplayStore::remove`]; records forgotten before the
+    /// error stay forgotten.
+    async fn prune_finished(&self, keep: usize) -> Result<Vec<String>> {
+        let mut ended: Vec<(SystemTime, String)> = self
+            .list()
+            .await?
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r.progress.status,
+                    ReplayStatus::Completed | ReplayStatus::Cancelled
+                )
+            })
+            .map(|r| {
+                let p = &r.progress;
+                (p.finished_at.unwrap_or(p.started_at), r.request.id)
+            })
+            .collect();
+        if ended.len() <= keep {
+            return Ok(Vec::new());
+        }
+        ended.sort();
+        let excess = ended.len() - keep;
+        let mut removed = Vec::with_capacity(excess);
+        for (_, id) in ended.into_iter().take(excess) {
+            if self.remove(&id).await? {
+                removed.push(id);
+            }
+        }
+        Ok(removed)
+    }
 
     /// Take the lease on replay `id` for `owner`, for `duration` of the store's clock. It is
     /// taken when nobody holds it, when its holder's lease has run out, or when `owner`

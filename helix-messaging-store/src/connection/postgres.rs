@@ -137,6 +137,34 @@ impl Database {
             .map_err(|e| db_error(what, e))
     }
 
+    /// Run each of `queries` in one `REPEATABLE READ`, read-only transaction: every one
+    /// sees the same snapshot of the database, whatever commits meanwhile. Their rows, in
+    /// order.
+    pub(crate) async fn query_snapshot(
+        &self,
+        what: &str,
+        queries: &[(&str, &[Param])],
+    ) -> Result<Vec<Vec<Row>>> {
+        let mut client = self.connection().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| db_error(what, e))?;
+        let mut all = Vec::with_capacity(queries.len());
+        for (sql, params) in queries {
+            let rows = tx
+                .query(*sql, &refs(params))
+                .await
+                .map_err(|e| db_error(what, e))?;
+            all.push(rows);
+        }
+        tx.commit().await.map_err(|e| db_error(what, e))?;
+        Ok(all)
+    }
+
     pub(crate) async fn execute(&self, what: &str, sql: &str, params: &[Param]) -> Result<u64> {
         self.connection()
             .await?

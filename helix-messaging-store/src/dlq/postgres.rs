@@ -302,6 +302,38 @@ impl DeadLetterStore for PostgresDeadLetterStore {
         rows.iter().map(read_entry).collect()
     }
 
+    async fn page(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredDeadLetter>, u64)> {
+        let mut params = Vec::new();
+        let clause = where_clause(filter, &mut params);
+        let list = format!(
+            "SELECT {SELECTED} FROM {} WHERE {clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}",
+            self.table,
+            i64::try_from(limit).unwrap_or(i64::MAX),
+            i64::try_from(offset).unwrap_or(i64::MAX)
+        );
+        let count = format!("SELECT COUNT(*) FROM {} WHERE {clause}", self.table);
+        // One snapshot: the count is of the state the page was read from.
+        let mut read = self
+            .database
+            .query_snapshot("page", &[(&list, &params), (&count, &params)])
+            .await?
+            .into_iter();
+        let (rows, counted) = (
+            read.next().unwrap_or_default(),
+            read.next().unwrap_or_default(),
+        );
+        let entries = rows.iter().map(read_entry).collect::<Result<Vec<_>>>()?;
+        let count = counted
+            .first()
+            .map_or(0, |r| r.get::<_, i64>(0).unsigned_abs());
+        Ok((entries, count))
+    }
+
     async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let mut params = Vec::new();
         let clause = where_clause(filter, &mut params);

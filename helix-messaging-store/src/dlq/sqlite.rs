@@ -307,6 +307,39 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         self.select("list", tail, values).await
     }
 
+    async fn page(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<StoredDeadLetter>, u64)> {
+        let (clause, values) = where_clause(filter);
+        self.run("page", move |c| {
+            // One read transaction: the count is of the state the page was read from, even
+            // with another connection writing the file.
+            let tx = c.transaction()?;
+            let list = format!(
+                "SELECT {COLUMNS} FROM helix_dead_letters WHERE rowid IN (SELECT rowid FROM \
+                 helix_dead_letters WHERE {clause} ORDER BY last_failure_us, id LIMIT {} OFFSET {}) \
+                 ORDER BY last_failure_us, id",
+                i64::try_from(limit).unwrap_or(i64::MAX),
+                i64::try_from(offset).unwrap_or(i64::MAX)
+            );
+            let entries = tx
+                .prepare_cached(&list)?
+                .query_map(params_from_iter(values.iter()), read_entry)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let count = format!("SELECT COUNT(*) FROM helix_dead_letters WHERE {clause}");
+            let count = tx
+                .prepare_cached(&count)?
+                .query_row(params_from_iter(values.iter()), |row| row.get::<_, i64>(0))?
+                .unsigned_abs();
+            tx.commit()?;
+            Ok((entries, count))
+        })
+        .await
+    }
+
     async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
         let (clause, values) = where_clause(filter);
         self.run("count", move |c| {

@@ -194,6 +194,7 @@ impl DlqHarness {
                     watch: Duration::from_millis(200),
                 }),
                 batch_size: 4,
+                id: None,
             }
         };
         let first_paced = paced_job(u64::MAX, &mut paced_topics);
@@ -242,6 +243,8 @@ impl DlqHarness {
                                 ..DeadLetterFilter::default()
                             },
                             batch_size: 4,
+                            // Unpaced, as fast as the faulty broker confirms.
+                            rate_per_second: None,
                             ..RedriveRequest::default()
                         });
                         let call = processor.start_redrive(request);

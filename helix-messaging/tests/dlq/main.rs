@@ -36,6 +36,21 @@ async fn a_failure_groups_sample_error_is_its_newest_failures_on_every_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_and_its_count_leave_discarded_entries_out_alike_on_every_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();
+    helix_messaging_testkit::stores::check_a_page_and_its_count_leave_discarded_entries_out_alike(
+        &sqlite, "orders",
+    )
+    .await;
+    let memory = helix_messaging::dlq::MemoryDeadLetterStore::new();
+    helix_messaging_testkit::stores::check_a_page_and_its_count_leave_discarded_entries_out_alike(
+        &memory, "orders",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_hold_entries_and_versions_fence_writes_on_every_store() {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap();

@@ -184,7 +184,11 @@ async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
     stored_letters(&processor, &topic, 10).await;
     store.set_removals_down(true);
     let job = processor
-        .start_redrive(RedriveRequest::default())
+        .start_redrive(RedriveRequest {
+            // Unpaced: the ten go out as one batch, whose removal fails.
+            rate_per_second: None,
+            ..RedriveRequest::default()
+        })
         .await
         .unwrap();
     let progress = common::redrive_finished(&processor, &job.id).await;
