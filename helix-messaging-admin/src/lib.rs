@@ -37,6 +37,9 @@
 //!   for good); `side` is `tasks` or `events`, 404 for a side without a spool or an unknown
 //!   `seq`.
 //!
+//! The bodies are typed in [`api`], the one place the JSON shape is written down; clients
+//! read answers into the same types.
+//!
 //! Every request needs `Authorization: Bearer <token>` (the token from
 //! `MESSAGING_ADMIN_TOKEN`); a missing or wrong one is 401. Errors, unknown paths (404) and
 //! wrong methods (405) answer with a JSON body `{"error": {"status": …, "message": …}}`.
@@ -47,6 +50,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+pub mod api;
 mod dlq;
 mod json;
 mod openapi;
@@ -63,7 +67,6 @@ use axum::{Json, Router};
 use helix_messaging_core::{Health, HealthStatus};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-use serde::Serialize;
 use subtle::ConstantTimeEq;
 
 use crate::json::ApiError;
@@ -325,26 +328,11 @@ fn status_name(status: HealthStatus) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
-struct SideHealth {
-    status: &'static str,
-    detail: String,
-}
-
-impl From<Health> for SideHealth {
-    fn from(health: Health) -> Self {
-        SideHealth {
-            status: status_name(health.status),
-            detail: health.detail,
-        }
+fn side_health(health: Health) -> api::SideHealth {
+    api::SideHealth {
+        status: status_name(health.status).to_owned(),
+        detail: health.detail,
     }
-}
-
-#[derive(Serialize)]
-struct HealthBody {
-    status: &'static str,
-    tasks: SideHealth,
-    events: SideHealth,
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -353,10 +341,10 @@ async fn health(State(state): State<AppState>) -> Response {
         HealthStatus::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
         HealthStatus::Healthy | HealthStatus::Degraded => StatusCode::OK,
     };
-    let body = HealthBody {
-        status: status_name(health.status),
-        tasks: health.tasks.into(),
-        events: health.events.into(),
+    let body = api::Health {
+        status: status_name(health.status).to_owned(),
+        tasks: side_health(health.tasks),
+        events: side_health(health.events),
     };
     (code, Json(body)).into_response()
 }

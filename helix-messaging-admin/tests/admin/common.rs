@@ -32,7 +32,7 @@ impl Server {
         Server::configured(AdminConfig::new(TOKEN).unwrap(), services, hub).await
     }
 
-    async fn configured(config: AdminConfig, services: Services, hub: Hub) -> Server {
+    pub(crate) async fn configured(config: AdminConfig, services: Services, hub: Hub) -> Server {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr: SocketAddr = listener.local_addr().unwrap();
         let app = helix_messaging_admin::router(&config, services);

@@ -5,6 +5,7 @@
 //! helpers they share.
 
 mod common;
+mod contract;
 mod dlq;
 mod replay;
 mod spool;
