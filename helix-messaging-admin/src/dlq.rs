@@ -1,5 +1,6 @@
 //! The DLQ endpoints: list, show, reprocess, discard, failure groups and bulk redrive jobs.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime};
 
@@ -12,9 +13,8 @@ use helix_messaging_core::dlq::{
     CanaryConfig, DEFAULT_REDRIVE_RATE, DeadLetterFilter, DeadLetterReason, EntryStatus,
     FailureGroup, Processor, RedriveProgress, RedriveRequest, StoredDeadLetter,
 };
-use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
 
+use crate::api;
 use crate::json::{ApiError, JsonBody, PathParam};
 use crate::services::AppState;
 
@@ -55,73 +55,45 @@ fn number(var: &str, value: Option<&String>, default: usize) -> Result<usize, Ap
     }
 }
 
-/// One entry as JSON. The payload is shown as text when it is UTF-8 (`payload_size` always
-/// gives its length in bytes).
-pub(crate) fn entry_json(entry: &StoredDeadLetter) -> EntryJson<'_> {
+/// One entry as the API shows it, borrowed from the stored entry (a listing of 1,000
+/// entries copies no payload). The payload is shown as text when it is UTF-8
+/// (`payload_size` always gives its length in bytes).
+pub(crate) fn entry_json(entry: &StoredDeadLetter) -> api::Entry<'_> {
     let letter = &entry.letter;
     let message = &letter.message;
-    EntryJson {
-        id: &letter.id,
-        original_id: message.id(),
-        original_topic: &letter.original_topic,
-        group: letter.group.as_deref(),
-        reason: letter.reason.as_str(),
-        error: &letter.error,
+    api::Entry {
+        id: Cow::Borrowed(&letter.id),
+        original_id: Cow::Borrowed(message.id()),
+        original_topic: Cow::Borrowed(&letter.original_topic),
+        group: letter.group.as_deref().map(Cow::Borrowed),
+        reason: Cow::Borrowed(letter.reason.as_str()),
+        error: Cow::Borrowed(&letter.error),
         attempts: letter.attempts,
         redrives: letter.redrives,
         first_failure_at: time(letter.first_failure_at),
         last_failure_at: time(letter.last_failure_at),
-        status: entry.status.as_str(),
+        status: Cow::Borrowed(entry.status.as_str()),
         retries: entry.retries,
         next_attempt_at: entry.next_attempt_at.map(time),
-        last_error: entry.last_error.as_deref(),
-        discard_reason: entry.discard_reason.as_deref(),
+        last_error: entry.last_error.as_deref().map(Cow::Borrowed),
+        discard_reason: entry.discard_reason.as_deref().map(Cow::Borrowed),
         stored_at: time(entry.stored_at),
         claimed_until: entry.claimed_until.map(time),
         message: message_json(message),
     }
 }
 
-/// A message's key, headers and payload as JSON (the payload as text when it is UTF-8).
-pub(crate) fn message_json(message: &helix_messaging_core::Message) -> MessageJson<'_> {
-    MessageJson {
-        key: message.key(),
-        headers: message.headers(),
-        payload: std::str::from_utf8(message.payload()).ok(),
+/// A message's key, headers and payload as the API shows them (the payload as text when it
+/// is UTF-8).
+pub(crate) fn message_json(message: &helix_messaging_core::Message) -> api::EntryMessage<'_> {
+    api::EntryMessage {
+        key: message.key().map(Cow::Borrowed),
+        headers: Cow::Borrowed(message.headers()),
+        payload: std::str::from_utf8(message.payload())
+            .ok()
+            .map(Cow::Borrowed),
         payload_size: message.payload().len(),
     }
-}
-
-/// A DLQ entry as the API shows it, serialized straight from the stored entry (a listing of
-/// 1,000 entries builds no intermediate JSON tree).
-#[derive(Serialize)]
-pub(crate) struct EntryJson<'a> {
-    id: &'a str,
-    original_id: &'a str,
-    original_topic: &'a str,
-    group: Option<&'a str>,
-    reason: &'a str,
-    error: &'a str,
-    attempts: u32,
-    redrives: u32,
-    first_failure_at: String,
-    last_failure_at: String,
-    status: &'a str,
-    retries: u32,
-    next_attempt_at: Option<String>,
-    last_error: Option<&'a str>,
-    discard_reason: Option<&'a str>,
-    stored_at: String,
-    claimed_until: Option<String>,
-    message: MessageJson<'a>,
-}
-
-#[derive(Serialize)]
-pub(crate) struct MessageJson<'a> {
-    key: Option<&'a str>,
-    headers: &'a std::collections::BTreeMap<String, String>,
-    payload: Option<&'a str>,
-    payload_size: usize,
 }
 
 /// The keys a DLQ filter is read from.
@@ -197,14 +169,7 @@ pub(crate) async fn list(
     let offset = number("offset", query.get("offset"), 0)?;
     let filter = filter_from(&query)?;
     let page = dlq.list(&filter, limit, offset).await?;
-    #[derive(Serialize)]
-    struct PageJson<'a> {
-        count: u64,
-        limit: usize,
-        offset: usize,
-        messages: Vec<EntryJson<'a>>,
-    }
-    Ok(Json(PageJson {
+    Ok(Json(api::Page {
         count: page.count,
         limit: page.limit,
         offset: page.offset,
@@ -222,33 +187,21 @@ pub(crate) async fn show(
     Ok(Json(entry_json(&entry)).into_response())
 }
 
-/// The optional body of a reprocess request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct ReprocessBody {
-    /// Publish there instead of the topic it failed on.
-    target_topic: Option<String>,
-}
-
-/// The optional body of a discard request.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct DiscardBody {
-    /// Why (kept with the entry).
-    reason: Option<String>,
-}
-
 /// `POST /v1/messaging/dlq/{id}/reprocess`, body `{"target_topic": …}` or none.
 pub(crate) async fn reprocess(
     State(state): State<AppState>,
     PathParam(id): PathParam<String>,
-    body: Option<crate::json::JsonBody<ReprocessBody>>,
+    body: Option<JsonBody<api::ReprocessBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
     processor(&state)?
         .reprocess(&id, body.target_topic.as_deref())
         .await?;
-    Ok(Json(json!({ "id": id, "status": "reprocessed" })).into_response())
+    Ok(Json(api::Ack {
+        id,
+        status: "reprocessed".into(),
+    })
+    .into_response())
 }
 
 /// `DELETE /v1/messaging/dlq/{id}/discard` (and HelixAgent's `DELETE /v1/messaging/dlq/{id}`),
@@ -256,25 +209,29 @@ pub(crate) async fn reprocess(
 pub(crate) async fn discard(
     State(state): State<AppState>,
     PathParam(id): PathParam<String>,
-    body: Option<crate::json::JsonBody<DiscardBody>>,
+    body: Option<JsonBody<api::DiscardBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
     let reason = body
         .reason
         .unwrap_or_else(|| "discarded through the admin API".into());
     processor(&state)?.discard(&id, &reason).await?;
-    Ok(Json(json!({ "id": id, "status": "discarded" })).into_response())
+    Ok(Json(api::Ack {
+        id,
+        status: "discarded".into(),
+    })
+    .into_response())
 }
 
-fn group_json(group: &FailureGroup) -> Value {
-    json!({
-        "reason": group.reason.as_str(),
-        "topic": group.topic,
-        "count": group.count,
-        "oldest": time(group.oldest),
-        "newest": time(group.newest),
-        "sample_error": group.sample_error,
-    })
+fn group_json(group: &FailureGroup) -> api::Group<'_> {
+    api::Group {
+        reason: Cow::Borrowed(group.reason.as_str()),
+        topic: Cow::Borrowed(&group.topic),
+        count: group.count,
+        oldest: time(group.oldest),
+        newest: time(group.newest),
+        sample_error: Cow::Borrowed(&group.sample_error),
+    }
 }
 
 /// `GET /v1/messaging/dlq/groups?topic&reason&type&status&original_id&from&to`: the entries
@@ -286,65 +243,32 @@ pub(crate) async fn groups(
     let groups = processor(&state)?
         .failure_groups(&filter_from(&query)?)
         .await?;
-    Ok(Json(json!({
-        "count": groups.len(),
-        "groups": groups.iter().map(group_json).collect::<Vec<_>>(),
-    }))
+    Ok(Json(api::Groups {
+        count: groups.len(),
+        groups: groups.iter().map(group_json).collect(),
+    })
     .into_response())
 }
 
-pub(crate) fn redrive_json(progress: &RedriveProgress) -> Value {
-    json!({
-        "id": progress.id,
-        "status": progress.status.as_str(),
-        "total": progress.total,
-        "redriven": progress.redriven,
-        "failed": progress.failed,
-        "skipped": progress.skipped,
-        "percentage": progress.percentage(),
-        "started_at": time(progress.started_at),
-        "finished_at": progress.finished_at.map(time),
-        "last_error": progress.last_error,
-    })
-}
-
-/// The body of `POST /v1/messaging/dlq/redrives`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct RedriveBody {
-    /// Which entries: the list endpoint's filter keys (`topic`, `reason`, `type`, `status`,
-    /// `original_id`, `from`, `to`). Empty only with `all`.
-    #[serde(default)]
-    filter: HashMap<String, String>,
-    /// Re-drive every entry: required when `filter` is empty, refused with one.
-    #[serde(default)]
-    all: bool,
-    /// Answer with what would be re-driven (its count and failure groups), starting nothing.
-    #[serde(default)]
-    dry_run: bool,
-    /// The job's id (a new UUID when absent); an id in use is a 409.
-    id: Option<String>,
-    /// Publish there instead of each message's original topic.
-    target_topic: Option<String>,
-    /// Most messages per second ([`DEFAULT_REDRIVE_RATE`] when absent).
-    rate_per_second: Option<f64>,
-    /// Re-drive this many first, watch them, then the rest.
-    #[serde(default, deserialize_with = "crate::json::optional_object")]
-    canary: Option<CanaryBody>,
-    /// Messages per published batch.
-    batch_size: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CanaryBody {
-    count: usize,
-    watch_ms: u64,
+/// A redrive job's progress as the API shows it.
+pub(crate) fn redrive_json(progress: &RedriveProgress) -> api::Redrive {
+    api::Redrive {
+        id: progress.id.clone(),
+        status: progress.status.as_str().to_owned(),
+        total: progress.total,
+        redriven: progress.redriven,
+        failed: progress.failed,
+        skipped: progress.skipped,
+        percentage: progress.percentage(),
+        started_at: time(progress.started_at),
+        finished_at: progress.finished_at.map(time),
+        last_error: progress.last_error.clone(),
+    }
 }
 
 /// The request a redrive body asks for; a 400 for a body that is not deliberate about what
 /// it selects (no filter without `all`, not both).
-fn redrive_request(body: RedriveBody) -> Result<RedriveRequest, ApiError> {
+fn redrive_request(body: api::RedriveBody) -> Result<RedriveRequest, ApiError> {
     if let Some(unknown) = body
         .filter
         .keys()
@@ -372,7 +296,7 @@ fn redrive_request(body: RedriveBody) -> Result<RedriveRequest, ApiError> {
     }
     let defaults = RedriveRequest::default();
     Ok(RedriveRequest {
-        filter: filter_from(&body.filter)?,
+        filter: filter_from(&body.filter.into_iter().collect())?,
         target_topic: body.target_topic,
         rate_per_second: Some(body.rate_per_second.unwrap_or(DEFAULT_REDRIVE_RATE)),
         canary: body.canary.map(|c| CanaryConfig {
@@ -389,7 +313,7 @@ fn redrive_request(body: RedriveBody) -> Result<RedriveRequest, ApiError> {
 /// groups as `GET /v1/messaging/dlq/groups` gives them), starting nothing.
 pub(crate) async fn start_redrive(
     State(state): State<AppState>,
-    body: Option<JsonBody<RedriveBody>>,
+    body: Option<JsonBody<api::RedriveBody>>,
 ) -> Result<Response, ApiError> {
     let body = body.map(|b| b.0).unwrap_or_default();
     let dry_run = body.dry_run;
@@ -397,12 +321,12 @@ pub(crate) async fn start_redrive(
     let dlq = processor(&state)?;
     if dry_run {
         let preview = dlq.preview_redrive(&request).await?;
-        return Ok(Json(json!({
-            "dry_run": true,
-            "total": preview.total,
-            "count": preview.groups.len(),
-            "groups": preview.groups.iter().map(group_json).collect::<Vec<_>>(),
-        }))
+        return Ok(Json(api::RedrivePreview {
+            dry_run: true,
+            total: preview.total,
+            count: preview.groups.len(),
+            groups: preview.groups.iter().map(group_json).collect(),
+        })
         .into_response());
     }
     let started = dlq.start_redrive(request).await?;
@@ -415,10 +339,10 @@ pub(crate) async fn start_redrive(
 /// `GET /v1/messaging/dlq/redrives`: every job, newest first.
 pub(crate) async fn list_redrives(State(state): State<AppState>) -> Result<Response, ApiError> {
     let jobs = processor(&state)?.list_redrives();
-    Ok(Json(json!({
-        "count": jobs.len(),
-        "redrives": jobs.iter().map(redrive_json).collect::<Vec<_>>(),
-    }))
+    Ok(Json(api::Redrives {
+        count: jobs.len(),
+        redrives: jobs.iter().map(redrive_json).collect(),
+    })
     .into_response())
 }
 

@@ -10,6 +10,8 @@ use helix_messaging_core::ErrorKind;
 use serde::Deserialize as _;
 use serde::de::DeserializeOwned;
 
+use crate::api::ErrorBody;
+
 /// A `T` taken only from a JSON object: serde's derive also builds a struct from an array
 /// of its fields' values, which no client means and the OpenAPI document does not allow.
 struct ObjectOnly<T>(T);
@@ -140,9 +142,7 @@ impl From<helix_messaging_core::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({
-            "error": { "status": self.status.as_u16(), "message": self.message }
-        });
+        let body = ErrorBody::new(Some(self.status.as_u16()), self.message);
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response

@@ -53,6 +53,9 @@
 //!   for good); `side` is `tasks` or `events`, 404 for a side without a spool or an unknown
 //!   `seq`.
 //!
+//! The bodies are typed in [`api`], the one place the JSON shape is written down; clients
+//! read answers into the same types.
+//!
 //! **Tokens.** Every request under `/v1/messaging` needs `Authorization: Bearer <token>`;
 //! a missing or wrong one is 401 (logged, at most once per [`FAILURE_LOG_INTERVAL`]). The
 //! admin token (`MESSAGING_ADMIN_TOKEN`) may do anything; the optional read-only token
@@ -75,6 +78,7 @@
 //! HTTP unless told to. Errors, unknown paths (404) and wrong methods (405) answer with a
 //! JSON body `{"error": {"status": …, "message": …}}`; a malformed JSON body is 400.
 
+pub mod api;
 mod audit;
 mod auth;
 mod config;

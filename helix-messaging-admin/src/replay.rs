@@ -6,13 +6,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use helix_messaging_core::Headers;
 use helix_messaging_core::replay::{
     ReplayFilter, ReplayHandler, ReplayOptions, ReplayProgress, ReplayRequest,
 };
-use serde::Deserialize;
-use serde_json::{Value, json};
 
+use crate::api;
 use crate::dlq::{parse_time, time};
 use crate::json::{ApiError, JsonBody, PathParam};
 use crate::services::AppState;
@@ -26,74 +24,38 @@ fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
     })
 }
 
-/// The body of `POST /v1/messaging/replay` (HelixAgent's request; times in RFC 3339).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct StartBody {
-    #[serde(default)]
-    id: Option<String>,
-    topic: String,
-    from_time: String,
-    to_time: String,
-    #[serde(default)]
-    target_topic: Option<String>,
-    #[serde(default, deserialize_with = "crate::json::object")]
-    filter: FilterBody,
-    #[serde(default, deserialize_with = "crate::json::object")]
-    options: OptionsBody,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilterBody {
-    #[serde(default)]
-    message_types: Vec<String>,
-    #[serde(default)]
-    headers: Headers,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct OptionsBody {
-    batch_size: Option<usize>,
-    delay_between_ms: Option<u64>,
-    #[serde(default)]
-    dry_run: bool,
-    #[serde(default)]
-    skip_duplicates: bool,
-}
-
-/// A replay's progress as JSON (times in RFC 3339, `percentage` of the window reached).
-fn progress_json(p: &ReplayProgress) -> Value {
-    json!({
-        "id": p.id,
-        "status": p.status.as_str(),
-        "topic": p.topic,
-        "target_topic": p.target_topic,
-        "dry_run": p.dry_run,
-        "total": p.total,
-        "replayed": p.replayed,
-        "skipped": p.skipped,
-        "failed": p.failed,
-        "filtered": p.filtered,
-        "duplicates": p.duplicates,
-        "by_type": p.by_type,
-        "skipped_by_type": p.skipped_by_type,
-        "percentage": p.percentage(),
-        "reached": p.reached.map(time),
-        "from_time": time(p.from_time),
-        "to_time": time(p.to_time),
-        "started_at": time(p.started_at),
-        "finished_at": p.finished_at.map(time),
-        "last_error": p.last_error,
-        "resumes": p.resumes,
-    })
+/// A replay's progress as the API shows it (times in RFC 3339, `percentage` of the window
+/// reached).
+fn progress_json(p: &ReplayProgress) -> api::Replay {
+    api::Replay {
+        id: p.id.clone(),
+        status: p.status.as_str().to_owned(),
+        topic: p.topic.clone(),
+        target_topic: p.target_topic.clone(),
+        dry_run: p.dry_run,
+        total: p.total,
+        replayed: p.replayed,
+        skipped: p.skipped,
+        failed: p.failed,
+        filtered: p.filtered,
+        duplicates: p.duplicates,
+        by_type: p.by_type.clone(),
+        skipped_by_type: p.skipped_by_type.clone(),
+        percentage: p.percentage(),
+        reached: p.reached.map(time),
+        from_time: time(p.from_time),
+        to_time: time(p.to_time),
+        started_at: time(p.started_at),
+        finished_at: p.finished_at.map(time),
+        last_error: p.last_error.clone(),
+        resumes: p.resumes,
+    }
 }
 
 /// `POST /v1/messaging/replay`: 202 with the replay's first progress.
 pub(crate) async fn start(
     State(state): State<AppState>,
-    JsonBody(body): JsonBody<StartBody>,
+    JsonBody(body): JsonBody<api::ReplayBody>,
 ) -> Result<Response, ApiError> {
     let replays = handler(&state)?;
     let from: SystemTime = parse_time("from_time", &body.from_time)?;
@@ -102,7 +64,7 @@ pub(crate) async fn start(
     let mut request = ReplayRequest::new(body.topic, from, to)
         .with_filter(ReplayFilter {
             message_types: body.filter.message_types,
-            headers: body.filter.headers,
+            headers: body.filter.headers.into_iter().collect(),
         })
         .with_options(ReplayOptions {
             batch_size: body.options.batch_size.unwrap_or(defaults.batch_size),
@@ -126,10 +88,10 @@ pub(crate) async fn start(
 /// `GET /v1/messaging/replay`: every replay, newest first.
 pub(crate) async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let all = handler(&state)?.list_replays().await?;
-    Ok(Json(json!({
-        "count": all.len(),
-        "replays": all.iter().map(progress_json).collect::<Vec<_>>(),
-    }))
+    Ok(Json(api::Replays {
+        count: all.len(),
+        replays: all.iter().map(progress_json).collect(),
+    })
     .into_response())
 }
 

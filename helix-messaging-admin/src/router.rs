@@ -12,7 +12,6 @@ use axum::routing::{delete, get, post};
 use axum::{BoxError, Json, Router};
 use helix_messaging_core::{Health, HealthStatus, panic_message};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use serde::Serialize;
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -23,7 +22,7 @@ use crate::auth::{Tokens, authorize};
 use crate::config::{AdminConfig, AdminError};
 use crate::json::ApiError;
 use crate::services::{AppState, Services};
-use crate::{dlq, openapi, probes, replay, spool};
+use crate::{api, dlq, openapi, probes, replay, spool};
 
 /// Install the `metrics` facade's global recorder as a Prometheus one and return the handle
 /// that renders it (give it to [`router`]).
@@ -192,26 +191,11 @@ fn status_name(status: HealthStatus) -> &'static str {
     }
 }
 
-#[derive(Serialize)]
-struct SideHealth {
-    status: &'static str,
-    detail: String,
-}
-
-impl From<Health> for SideHealth {
-    fn from(health: Health) -> Self {
-        SideHealth {
-            status: status_name(health.status),
-            detail: health.detail,
-        }
+fn side_health(health: Health) -> api::SideHealth {
+    api::SideHealth {
+        status: status_name(health.status).to_owned(),
+        detail: health.detail,
     }
-}
-
-#[derive(Serialize)]
-struct HealthBody {
-    status: &'static str,
-    tasks: SideHealth,
-    events: SideHealth,
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -220,10 +204,10 @@ async fn health(State(state): State<AppState>) -> Response {
         HealthStatus::Unhealthy => StatusCode::SERVICE_UNAVAILABLE,
         HealthStatus::Healthy | HealthStatus::Degraded => StatusCode::OK,
     };
-    let body = HealthBody {
-        status: status_name(health.status),
-        tasks: health.tasks.into(),
-        events: health.events.into(),
+    let body = api::Health {
+        status: status_name(health.status).to_owned(),
+        tasks: side_health(health.tasks),
+        events: side_health(health.events),
     };
     (code, Json(body)).into_response()
 }

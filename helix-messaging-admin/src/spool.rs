@@ -2,14 +2,16 @@
 //! refused when they were forwarded (set aside, never dropped): list them, send one again,
 //! or discard it.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
+
 use axum::Json;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use helix_messaging_core::fallback::{FallbackBroker, RefusedMessage, SpoolStats};
-use serde_json::{Value, json};
-use std::collections::HashMap;
 
+use crate::api;
 use crate::dlq::{limit_param, message_json, time};
 use crate::json::{ApiError, PathParam};
 use crate::services::AppState;
@@ -51,33 +53,33 @@ fn seq_of(seq: &str) -> Result<i64, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("seq: {seq:?} is not a whole number")))
 }
 
-fn stats_json(stats: &SpoolStats) -> Value {
-    json!({
-        "depth": stats.depth,
-        "refused": stats.refused,
-        "bytes": stats.bytes,
-        "oldest": stats.oldest.map(time),
-    })
+fn stats_json(stats: &SpoolStats) -> api::SpoolStats {
+    api::SpoolStats {
+        depth: stats.depth,
+        refused: stats.refused,
+        bytes: stats.bytes,
+        oldest: stats.oldest.map(time),
+    }
 }
 
-fn refused_json(refused: &RefusedMessage) -> Value {
-    json!({
-        "seq": refused.seq,
-        "topic": refused.topic,
-        "reason": refused.reason,
-        "refused_at": time(refused.refused_at),
-        "message_id": refused.message.id(),
-        "message": message_json(&refused.message),
-    })
+fn refused_json(refused: &RefusedMessage) -> api::Refused<'_> {
+    api::Refused {
+        seq: refused.seq,
+        topic: Cow::Borrowed(&refused.topic),
+        reason: Cow::Borrowed(&refused.reason),
+        refused_at: time(refused.refused_at),
+        message_id: Cow::Borrowed(refused.message.id()),
+        message: message_json(&refused.message),
+    }
 }
 
 /// `GET /v1/messaging/spools`: each side's spool figures (`null` for a side without one).
 pub(crate) async fn stats(State(state): State<AppState>) -> Result<Response, ApiError> {
     let stats = state.services.hub.spool_stats().await.map_err(unreadable)?;
-    Ok(Json(json!({
-        "tasks": stats.tasks.as_ref().map(stats_json),
-        "events": stats.events.as_ref().map(stats_json),
-    }))
+    Ok(Json(api::Spools {
+        tasks: stats.tasks.as_ref().map(stats_json),
+        events: stats.events.as_ref().map(stats_json),
+    })
     .into_response())
 }
 
@@ -90,10 +92,10 @@ pub(crate) async fn refused(
     let fallback = fallback(&state, &side)?;
     let limit = limit_param(&query)?;
     let refused = fallback.refused(limit).await.map_err(unreadable)?;
-    Ok(Json(json!({
-        "count": refused.len(),
-        "refused": refused.iter().map(refused_json).collect::<Vec<_>>(),
-    }))
+    Ok(Json(api::RefusedList {
+        count: refused.len(),
+        refused: refused.iter().map(refused_json).collect(),
+    })
     .into_response())
 }
 
@@ -127,5 +129,9 @@ fn released(found: bool, seq: i64, status: &str) -> Result<Response, ApiError> {
             format!("no refused message with seq {seq} in this spool"),
         ));
     }
-    Ok(Json(json!({ "seq": seq, "status": status })).into_response())
+    Ok(Json(api::SpoolAck {
+        seq,
+        status: status.to_owned(),
+    })
+    .into_response())
 }

@@ -1,359 +1,59 @@
 //! `helixctl`: operate helix-messaging from the shell.
 //!
-//! Talks to the admin API (`--url`, default `http://127.0.0.1:7061`, with the bearer token
-//! from `--token` or `MESSAGING_ADMIN_TOKEN`) for `health`, `dlq …` and `replay …`, and to a
-//! broker directly for `tail`. `--json` prints the API's JSON for scripts. Exit status: 0
-//! done, 1 the API refused or failed the request, 2 bad usage, 3 authentication failed, 4
-//! the API or broker could not be reached.
+//! Talks to the admin API (`--url`, default `http://127.0.0.1:7061`, https with the public
+//! roots and `--ca-cert`) for `health`, `dlq …` and `replay …`, reading its answers into the
+//! admin API's own types (`helix_messaging_admin::api`), and to a broker directly for `tail`.
+//! The bearer token comes from `--token`, `--token-file`, `MESSAGING_ADMIN_TOKEN` or
+//! `MESSAGING_ADMIN_TOKEN_FILE`, in that order. `--json` prints the API's JSON for scripts,
+//! and any failure as `{"error": {"status", "message"}}` on stderr. Exit status: 0 done, 1
+//! the API refused or failed the request, 2 bad usage, 3 authentication failed, 4 the API or
+//! broker could not be reached.
 
+mod cli;
+mod client;
+mod output;
+
+use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Parser;
+use clap::error::ErrorKind;
 use futures::StreamExt;
 use helix_messaging::SubscribeOptions;
+use helix_messaging_admin::api::{
+    Ack, CanaryBody, DiscardBody, Entry, Groups, Health, Page, Redrive, RedriveBody,
+    RedrivePreview, Redrives, Replay, ReplayBody, ReplayFilterBody, ReplayOptionsBody, Replays,
+    ReprocessBody,
+};
 use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::Method;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "helixctl",
-    version,
-    about = "Operate helix-messaging from the shell"
-)]
-struct Cli {
-    /// The admin API's address.
-    #[arg(
-        long,
-        env = "HELIXCTL_URL",
-        default_value = "http://127.0.0.1:7061",
-        global = true
-    )]
-    url: String,
-    /// The admin API's bearer token.
-    #[arg(
-        long,
-        env = "MESSAGING_ADMIN_TOKEN",
-        hide_env_values = true,
-        global = true
-    )]
-    token: Option<String>,
-    /// Print JSON instead of text.
-    #[arg(long, global = true)]
-    json: bool,
-    #[command(subcommand)]
-    command: Command,
+use crate::cli::{Cli, Command, DlqCommand, RedriveArgs, RedriveCommand, ReplayCommand, StartArgs};
+use crate::client::{Api, Failure, query, segment};
+use crate::output::{
+    entry_line, group_line, health_text, list_text, pretty, print, redrive_line, replay_line,
+    report,
+};
+
+/// The path of the DLQ entry `id`, with `suffix` after it.
+fn dlq_path(id: &str, suffix: &str) -> Result<String, Failure> {
+    Ok(format!("/v1/messaging/dlq/{}{suffix}", segment(id)?))
 }
 
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Both sides' health.
-    Health,
-    /// The dead-letter queue.
-    #[command(subcommand)]
-    Dlq(DlqCommand),
-    /// Replays of a topic's history.
-    #[command(subcommand)]
-    Replay(ReplayCommand),
-    /// Print what is published to TOPIC, on the backend `--broker` or `MESSAGING_BACKEND`
-    /// names, on a subscription of its own (it takes nothing from the consumer groups).
-    Tail {
-        /// The topic.
-        topic: String,
-        /// The broker URL (`memory://`, `redis://…`, `amqp://…`, `kafka://…`); else the
-        /// backend from the environment.
-        #[arg(long)]
-        broker: Option<String>,
-        /// Stop after this many messages.
-        #[arg(long)]
-        count: Option<usize>,
-    },
+fn redrive_path(id: &str) -> Result<String, Failure> {
+    Ok(format!("/v1/messaging/dlq/redrives/{}", segment(id)?))
 }
 
-#[derive(Debug, Subcommand)]
-enum DlqCommand {
-    /// List entries (newest first), with the number matching in all.
-    List {
-        #[arg(long, default_value_t = 50)]
-        limit: usize,
-        #[arg(long, default_value_t = 0)]
-        offset: usize,
-        #[command(flatten)]
-        filter: FilterArgs,
-    },
-    /// One entry, whole.
-    Show { id: String },
-    /// Publish an entry's message again (to its topic or `--target-topic`) and remove it.
-    Reprocess {
-        id: String,
-        #[arg(long)]
-        target_topic: Option<String>,
-    },
-    /// Mark an entry discarded (it stays listed, with the reason).
-    Discard {
-        id: String,
-        #[arg(long)]
-        reason: Option<String>,
-    },
-    /// The entries grouped by reason and topic, largest group first.
-    Groups {
-        #[command(flatten)]
-        filter: FilterArgs,
-    },
-    /// Bulk redrive jobs.
-    #[command(subcommand)]
-    Redrive(RedriveCommand),
+fn replay_path(id: &str) -> Result<String, Failure> {
+    Ok(format!("/v1/messaging/replay/{}", segment(id)?))
 }
 
-/// Which DLQ entries (every one unless narrowed).
-#[derive(Debug, Args)]
-struct FilterArgs {
-    /// Only entries that failed on this topic.
-    #[arg(long)]
-    topic: Option<String>,
-    /// Only this reason (e.g. `permanent_failure`).
-    #[arg(long)]
-    reason: Option<String>,
-    /// Only this status (`pending`, `parked`, `discarded`).
-    #[arg(long)]
-    status: Option<String>,
-    /// Only messages of this type (their `type` header).
-    #[arg(long = "type")]
-    message_type: Option<String>,
-}
-
-impl FilterArgs {
-    fn pairs(self) -> Vec<(&'static str, Option<String>)> {
-        vec![
-            ("topic", self.topic),
-            ("reason", self.reason),
-            ("status", self.status),
-            ("type", self.message_type),
-        ]
-    }
-}
-
-#[derive(Debug, Subcommand)]
-enum RedriveCommand {
-    /// Start re-driving the selected entries; with `--wait`, follow the job with a progress
-    /// bar.
-    Start(RedriveArgs),
-    /// A job's progress.
-    Status { id: String },
-    /// Ask a job to stop (what it re-drove stays re-driven).
-    Cancel { id: String },
-    /// Every job, newest first.
-    List,
-}
-
-#[derive(Debug, Args)]
-struct RedriveArgs {
-    #[command(flatten)]
-    filter: FilterArgs,
-    /// Publish there instead of each message's original topic.
-    #[arg(long)]
-    target_topic: Option<String>,
-    /// Most messages per second.
-    #[arg(long)]
-    rate: Option<f64>,
-    /// Messages per published batch.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Re-drive this many first and watch them before the rest.
-    #[arg(long)]
-    canary: Option<usize>,
-    /// How long to watch the canaries, in milliseconds.
-    #[arg(long, default_value_t = 10_000)]
-    canary_watch_ms: u64,
-    /// Follow it until it finishes.
-    #[arg(long)]
-    wait: bool,
-}
-
-#[derive(Debug, Subcommand)]
-enum ReplayCommand {
-    /// Start a replay; with `--wait`, follow it to the end with a progress bar.
-    Start(StartArgs),
-    /// A replay's progress.
-    Status { id: String },
-    /// Ask a replay to stop.
-    Cancel { id: String },
-    /// Every replay, newest first.
-    List,
-}
-
-#[derive(Debug, Args)]
-struct StartArgs {
-    /// The topic whose history is replayed.
-    #[arg(long)]
-    topic: String,
-    /// Window start, RFC 3339 (`2026-01-01T00:00:00Z`).
-    #[arg(long)]
-    from: String,
-    /// Window end (exclusive), RFC 3339.
-    #[arg(long)]
-    to: String,
-    /// Where copies go (default `<topic>.replay`).
-    #[arg(long)]
-    target_topic: Option<String>,
-    /// Only messages of these types (repeat it).
-    #[arg(long = "type")]
-    types: Vec<String>,
-    /// Count what would be replayed; publish nothing.
-    #[arg(long)]
-    dry_run: bool,
-    /// The replay's id (default a fresh one).
-    #[arg(long)]
-    id: Option<String>,
-    /// Follow it until it finishes.
-    #[arg(long)]
-    wait: bool,
-}
-
-/// Why a command failed, and the exit status that says so.
-#[derive(Debug)]
-enum Failure {
-    Api(String),
-    Auth(String),
-    Unreachable(String),
-}
-
-impl Failure {
-    fn exit_code(&self) -> u8 {
-        match self {
-            Failure::Api(_) => 1,
-            Failure::Auth(_) => 3,
-            Failure::Unreachable(_) => 4,
-        }
-    }
-
-    fn message(&self) -> &str {
-        match self {
-            Failure::Api(m) | Failure::Auth(m) | Failure::Unreachable(m) => m,
-        }
-    }
-}
-
-struct Api {
-    client: reqwest::Client,
-    base: String,
-    token: String,
-}
-
-impl Api {
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<Value, Failure> {
-        let url = format!("{}{path}", self.base.trim_end_matches('/'));
-        let mut request = self.client.request(method, &url).bearer_auth(&self.token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.map_err(|err| {
-            Failure::Unreachable(format!(
-                "cannot reach the admin API at {}: {err}",
-                self.base
-            ))
-        })?;
-        let status = response.status();
-        let text = response.text().await.map_err(|err| {
-            Failure::Unreachable(format!("the admin API's answer broke off: {err}"))
-        })?;
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        let message = || {
-            body["error"]["message"]
-                .as_str()
-                .map_or_else(|| body.to_string(), str::to_owned)
-        };
-        match status.as_u16() {
-            200..=299 => Ok(body),
-            401 => Err(Failure::Auth(format!(
-                "authentication failed ({}): check --token / MESSAGING_ADMIN_TOKEN",
-                message()
-            ))),
-            // Health answers 503 with a body worth showing when a side is down.
-            503 if path.ends_with("/health") && body.get("status").is_some() => Ok(body),
-            code => Err(Failure::Api(format!("{code}: {}", message()))),
-        }
-    }
-
-    async fn get(&self, path: &str) -> Result<Value, Failure> {
-        self.call(reqwest::Method::GET, path, None).await
-    }
-}
-
-fn print(json_out: bool, value: &Value, text: impl FnOnce(&Value) -> String) {
-    if json_out {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).expect("JSON values serialize")
-        );
-    } else {
-        println!("{}", text(value));
-    }
-}
-
-fn str_of(v: &Value) -> &str {
-    v.as_str().unwrap_or("-")
-}
-
-fn entry_line(e: &Value) -> String {
-    format!(
-        "{}  {}  {}  {}  attempts {}  {}",
-        str_of(&e["id"]),
-        str_of(&e["status"]),
-        str_of(&e["original_topic"]),
-        str_of(&e["reason"]),
-        e["attempts"],
-        str_of(&e["error"]),
-    )
-}
-
-fn progress_line(p: &Value) -> String {
-    format!(
-        "{}  {}  {} -> {}  total {}  replayed {}  skipped {}  failed {}",
-        str_of(&p["id"]),
-        str_of(&p["status"]),
-        str_of(&p["topic"]),
-        str_of(&p["target_topic"]),
-        p["total"],
-        p["replayed"],
-        p["skipped"],
-        p["failed"],
-    )
-}
-
-fn redrive_line(p: &Value) -> String {
-    format!(
-        "{}  {}  total {}  redriven {}  skipped {}  failed {}{}",
-        str_of(&p["id"]),
-        str_of(&p["status"]),
-        p["total"],
-        p["redriven"],
-        p["skipped"],
-        p["failed"],
-        p["last_error"]
-            .as_str()
-            .map(|e| format!("  last error: {e}"))
-            .unwrap_or_default(),
-    )
-}
-
-/// `key=value` pairs for a query string, percent-encoded.
-fn query(pairs: &[(&str, Option<String>)]) -> String {
-    let mut url = reqwest::Url::parse("http://query.invalid/").expect("a valid URL");
-    {
-        let mut q = url.query_pairs_mut();
-        for (k, v) in pairs {
-            if let Some(v) = v {
-                q.append_pair(k, v);
-            }
-        }
-    }
-    url.query().map(|q| format!("?{q}")).unwrap_or_default()
+/// A request body of a typed contract struct.
+fn body_of(value: &impl serde::Serialize) -> Value {
+    serde_json::to_value(value).expect("the API's types serialize")
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
@@ -365,33 +65,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     {
         return tail(topic, broker.as_deref(), *count, cli.json).await;
     }
-    let token = cli.token.clone().filter(|t| !t.is_empty()).ok_or_else(|| {
-        Failure::Auth("no token: pass --token or set MESSAGING_ADMIN_TOKEN".into())
+    let token = client::token(cli.token, cli.token_file.as_deref(), |var| {
+        std::env::var(var).ok()
     })?;
-    let api = Api {
-        client: reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .map_err(|err| Failure::Unreachable(err.to_string()))?,
-        base: cli.url.clone(),
-        token,
-    };
+    let api = Api::new(cli.url, token, cli.ca_cert.as_deref())?;
     let json_out = cli.json;
     match cli.command {
         Command::Health => {
-            let health = api.get("/v1/messaging/health").await?;
-            print(json_out, &health, |h| {
-                format!(
-                    "{}\ntasks:  {} ({})\nevents: {} ({})",
-                    str_of(&h["status"]),
-                    str_of(&h["tasks"]["status"]),
-                    str_of(&h["tasks"]["detail"]),
-                    str_of(&h["events"]["status"]),
-                    str_of(&h["events"]["detail"]),
-                )
-            });
-            if health["status"] == "unhealthy" {
-                return Err(Failure::Api("unhealthy".into()));
+            let health: Health = api.get("/v1/messaging/health").await?;
+            print(json_out, &health, health_text);
+            if health.status == "unhealthy" {
+                return Err(Failure::Api {
+                    status: Some(503),
+                    message: "unhealthy".into(),
+                });
             }
         }
         Command::Dlq(DlqCommand::List {
@@ -405,166 +92,127 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             ];
             pairs.extend(filter.pairs());
             let path = format!("/v1/messaging/dlq{}", query(&pairs));
-            let page = api.get(&path).await?;
+            let page: Page<'static> = api.get(&path).await?;
             print(json_out, &page, |p| {
-                let mut out = format!("{} entries", p["count"]);
-                for e in p["messages"].as_array().into_iter().flatten() {
-                    out.push('\n');
-                    out.push_str(&entry_line(e));
-                }
-                out
+                list_text(p.count, "entries", &p.messages, entry_line)
             });
         }
         Command::Dlq(DlqCommand::Show { id }) => {
-            let entry = api.get(&format!("/v1/messaging/dlq/{id}")).await?;
-            print(json_out, &entry, |e| {
-                serde_json::to_string_pretty(e).expect("JSON values serialize")
-            });
+            let entry: Entry<'static> = api.get(&dlq_path(&id, "")?).await?;
+            print(json_out, &entry, pretty);
         }
         Command::Dlq(DlqCommand::Reprocess { id, target_topic }) => {
-            let body = target_topic.map(|t| json!({ "target_topic": t }));
-            let done = api
-                .call(
-                    reqwest::Method::POST,
-                    &format!("/v1/messaging/dlq/{id}/reprocess"),
-                    body,
-                )
+            let body = target_topic.map(|t| {
+                body_of(&ReprocessBody {
+                    target_topic: Some(t),
+                })
+            });
+            let done: Ack = api
+                .call(Method::POST, &dlq_path(&id, "/reprocess")?, body)
                 .await?;
             print(json_out, &done, |_| format!("{id} reprocessed"));
         }
         Command::Dlq(DlqCommand::Discard { id, reason }) => {
-            let body = reason.map(|r| json!({ "reason": r }));
-            let done = api
-                .call(
-                    reqwest::Method::DELETE,
-                    &format!("/v1/messaging/dlq/{id}/discard"),
-                    body,
-                )
+            let body = reason.map(|r| body_of(&DiscardBody { reason: Some(r) }));
+            let done: Ack = api
+                .call(Method::DELETE, &dlq_path(&id, "/discard")?, body)
                 .await?;
             print(json_out, &done, |_| format!("{id} discarded"));
         }
         Command::Dlq(DlqCommand::Groups { filter }) => {
             let path = format!("/v1/messaging/dlq/groups{}", query(&filter.pairs()));
-            let groups = api.get(&path).await?;
+            let groups: Groups<'static> = api.get(&path).await?;
             print(json_out, &groups, |g| {
-                let mut out = format!("{} groups", g["count"]);
-                for group in g["groups"].as_array().into_iter().flatten() {
-                    out.push_str(&format!(
-                        "\n{:>6}  {}  {}  newest {}  {}",
-                        group["count"].as_u64().unwrap_or(0),
-                        str_of(&group["reason"]),
-                        str_of(&group["topic"]),
-                        str_of(&group["newest"]),
-                        str_of(&group["sample_error"]),
-                    ));
-                }
-                out
+                list_text(g.count, "groups", &g.groups, group_line)
             });
         }
         Command::Dlq(DlqCommand::Redrive(RedriveCommand::Start(args))) => {
-            let filter: serde_json::Map<String, Value> = args
-                .filter
-                .pairs()
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (k.to_owned(), json!(v))))
-                .collect();
-            let mut body = json!({ "filter": filter });
-            if let Some(target) = args.target_topic {
-                body["target_topic"] = json!(target);
+            let wait = args.wait;
+            let body = redrive_body(args)?;
+            if body.dry_run {
+                let preview: RedrivePreview<'static> = api
+                    .call(
+                        Method::POST,
+                        "/v1/messaging/dlq/redrives",
+                        Some(body_of(&body)),
+                    )
+                    .await?;
+                print(json_out, &preview, |p| {
+                    list_text(
+                        format!("dry run: {} entries would be re-driven, in", p.total),
+                        "groups",
+                        &p.groups,
+                        group_line,
+                    )
+                });
+                return Ok(());
             }
-            if let Some(rate) = args.rate {
-                body["rate_per_second"] = json!(rate);
-            }
-            if let Some(size) = args.batch_size {
-                body["batch_size"] = json!(size);
-            }
-            if let Some(count) = args.canary {
-                body["canary"] = json!({ "count": count, "watch_ms": args.canary_watch_ms });
-            }
-            let mut progress = api
+            let mut progress: Redrive = api
                 .call(
-                    reqwest::Method::POST,
+                    Method::POST,
                     "/v1/messaging/dlq/redrives",
-                    Some(body),
+                    Some(body_of(&body)),
                 )
                 .await?;
-            if args.wait {
-                let path = format!("/v1/messaging/dlq/redrives/{}", str_of(&progress["id"]));
-                progress = follow(&api, &path, "redrive", json_out).await?;
+            if wait {
+                progress = follow(
+                    &api,
+                    &redrive_path(&progress.id)?,
+                    "redrive",
+                    json_out,
+                    |p: &Redrive| (p.id.clone(), p.percentage, p.is_active()),
+                )
+                .await?;
             }
             print(json_out, &progress, redrive_line);
         }
         Command::Dlq(DlqCommand::Redrive(RedriveCommand::Status { id })) => {
-            let progress = api.get(&format!("/v1/messaging/dlq/redrives/{id}")).await?;
+            let progress: Redrive = api.get(&redrive_path(&id)?).await?;
             print(json_out, &progress, redrive_line);
         }
         Command::Dlq(DlqCommand::Redrive(RedriveCommand::Cancel { id })) => {
-            let progress = api
-                .call(
-                    reqwest::Method::DELETE,
-                    &format!("/v1/messaging/dlq/redrives/{id}"),
-                    None,
-                )
-                .await?;
+            let progress: Redrive = api.call(Method::DELETE, &redrive_path(&id)?, None).await?;
             print(json_out, &progress, redrive_line);
         }
         Command::Dlq(DlqCommand::Redrive(RedriveCommand::List)) => {
-            let all = api.get("/v1/messaging/dlq/redrives").await?;
+            let all: Redrives = api.get("/v1/messaging/dlq/redrives").await?;
             print(json_out, &all, |a| {
-                let mut out = format!("{} redrives", a["count"]);
-                for p in a["redrives"].as_array().into_iter().flatten() {
-                    out.push('\n');
-                    out.push_str(&redrive_line(p));
-                }
-                out
+                list_text(a.count, "redrives", &a.redrives, redrive_line)
             });
         }
         Command::Replay(ReplayCommand::Start(args)) => {
-            let mut body = json!({
-                "topic": args.topic,
-                "from_time": args.from,
-                "to_time": args.to,
-                "filter": { "message_types": args.types },
-                "options": { "dry_run": args.dry_run },
-            });
-            if let Some(id) = args.id {
-                body["id"] = json!(id);
-            }
-            if let Some(target) = args.target_topic {
-                body["target_topic"] = json!(target);
-            }
-            let mut progress = api
-                .call(reqwest::Method::POST, "/v1/messaging/replay", Some(body))
-                .await?;
-            if args.wait {
-                let path = format!("/v1/messaging/replay/{}", str_of(&progress["id"]));
-                progress = follow(&api, &path, "replay", json_out).await?;
-            }
-            print(json_out, &progress, progress_line);
-        }
-        Command::Replay(ReplayCommand::Status { id }) => {
-            let progress = api.get(&format!("/v1/messaging/replay/{id}")).await?;
-            print(json_out, &progress, progress_line);
-        }
-        Command::Replay(ReplayCommand::Cancel { id }) => {
-            let progress = api
+            let wait = args.wait;
+            let mut progress: Replay = api
                 .call(
-                    reqwest::Method::DELETE,
-                    &format!("/v1/messaging/replay/{id}"),
-                    None,
+                    Method::POST,
+                    "/v1/messaging/replay",
+                    Some(body_of(&replay_body(args))),
                 )
                 .await?;
-            print(json_out, &progress, progress_line);
+            if wait {
+                progress = follow(
+                    &api,
+                    &replay_path(&progress.id)?,
+                    "replay",
+                    json_out,
+                    |p: &Replay| (p.id.clone(), p.percentage, p.is_active()),
+                )
+                .await?;
+            }
+            print(json_out, &progress, replay_line);
+        }
+        Command::Replay(ReplayCommand::Status { id }) => {
+            let progress: Replay = api.get(&replay_path(&id)?).await?;
+            print(json_out, &progress, replay_line);
+        }
+        Command::Replay(ReplayCommand::Cancel { id }) => {
+            let progress: Replay = api.call(Method::DELETE, &replay_path(&id)?, None).await?;
+            print(json_out, &progress, replay_line);
         }
         Command::Replay(ReplayCommand::List) => {
-            let all = api.get("/v1/messaging/replay").await?;
+            let all: Replays = api.get("/v1/messaging/replay").await?;
             print(json_out, &all, |a| {
-                let mut out = format!("{} replays", a["count"]);
-                for p in a["replays"].as_array().into_iter().flatten() {
-                    out.push('\n');
-                    out.push_str(&progress_line(p));
-                }
-                out
+                list_text(a.count, "replays", &a.replays, replay_line)
             });
         }
         Command::Tail { .. } => unreachable!("handled above"),
@@ -572,9 +220,67 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The body of `POST /v1/messaging/dlq/redrives`. Without a filter flag it takes `--all`:
+/// re-driving the whole DLQ is never the result of a forgotten flag.
+fn redrive_body(args: RedriveArgs) -> Result<RedriveBody, Failure> {
+    let filter: BTreeMap<String, String> = args
+        .filter
+        .pairs()
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+        .collect();
+    if filter.is_empty() && !args.all {
+        return Err(Failure::Usage(
+            "dlq redrive start: no filter flag (--topic, --reason, --status, --type) narrows \
+             the selection; pass --all to re-drive every entry of the DLQ (--dry-run shows \
+             what it would take)"
+                .into(),
+        ));
+    }
+    Ok(RedriveBody {
+        filter,
+        all: args.all,
+        dry_run: args.dry_run,
+        id: args.id,
+        target_topic: args.target_topic,
+        rate_per_second: args.rate,
+        canary: args.canary.map(|count| CanaryBody {
+            count,
+            watch_ms: args.canary_watch_ms,
+        }),
+        batch_size: args.batch_size,
+    })
+}
+
+/// The body of `POST /v1/messaging/replay`.
+fn replay_body(args: StartArgs) -> ReplayBody {
+    ReplayBody {
+        id: args.id,
+        topic: args.topic,
+        from_time: args.from,
+        to_time: args.to,
+        target_topic: args.target_topic,
+        filter: ReplayFilterBody {
+            message_types: args.types,
+            headers: BTreeMap::new(),
+        },
+        options: ReplayOptionsBody {
+            dry_run: args.dry_run,
+            ..ReplayOptionsBody::default()
+        },
+    }
+}
+
 /// Poll the job at `path` (a replay or a redrive) until it finishes, drawing its percentage
-/// (on stderr, and only on a terminal: scripts get the final progress alone).
-async fn follow(api: &Api, path: &str, what: &str, json_out: bool) -> Result<Value, Failure> {
+/// (on stderr, and only on a terminal: scripts get the final progress alone). `state` gives
+/// a progress's id, percentage and whether it is still going.
+async fn follow<T: DeserializeOwned>(
+    api: &Api,
+    path: &str,
+    what: &str,
+    json_out: bool,
+    state: impl Fn(&T) -> (String, f64, bool),
+) -> Result<T, Failure> {
     let bar = if json_out {
         ProgressBar::hidden()
     } else {
@@ -586,11 +292,11 @@ async fn follow(api: &Api, path: &str, what: &str, json_out: bool) -> Result<Val
             .progress_chars("=> "),
     );
     loop {
-        let progress = api.get(path).await?;
-        bar.set_message(str_of(&progress["id"]).to_owned());
-        let percent = progress["percentage"].as_f64().unwrap_or(0.0);
+        let progress: T = api.get(path).await?;
+        let (id, percent, active) = state(&progress);
+        bar.set_message(id);
         bar.set_position(percent.clamp(0.0, 100.0) as u64);
-        if progress["status"] != "running" && progress["status"] != "watching" {
+        if !active {
             bar.finish_and_clear();
             return Ok(progress);
         }
@@ -612,7 +318,7 @@ async fn tail(
     let mut subscription = broker
         .subscribe(topic, SubscribeOptions::default())
         .await
-        .map_err(|err| Failure::Api(format!("subscribing to {topic}: {err}")))?;
+        .map_err(|err| Failure::api(format!("subscribing to {topic}: {err}")))?;
     // Said on stderr, so a script reading stdout knows when to publish.
     eprintln!("tailing {topic} on {}", broker.name());
     let mut seen = 0;
@@ -648,11 +354,28 @@ async fn tail(
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Known before parsing, so a usage error under --json is JSON too.
+    let json_out = std::env::args_os().any(|arg| arg == "--json");
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err)
+            if json_out
+                && !matches!(
+                    err.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                ) =>
+        {
+            let text = err.render().to_string();
+            let message = text.trim().trim_start_matches("error: ");
+            report(true, &Failure::Usage(message.to_owned()));
+            return ExitCode::from(2);
+        }
+        Err(err) => err.exit(),
+    };
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("helixctl: {}", failure.message());
+            report(json_out, &failure);
             ExitCode::from(failure.exit_code())
         }
     }

@@ -6,6 +6,7 @@
 
 mod capture;
 mod common;
+mod contract;
 mod dlq;
 mod exposure;
 mod jobs;
