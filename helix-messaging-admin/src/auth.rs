@@ -1,110 +1,32 @@
-//! Bearer tokens and what each may do: the admin token everything, the read-only token every
-//! `GET`. Failed attempts are logged, at most once per [`FAILURE_LOG_INTERVAL`].
+//! The authentication layer: a request's bearer token and what its scope may do — the admin
+//! token everything, the read-only token every `GET`. It runs before anything reads a body,
+//! so a client without a token cannot hold a request slot. Failed attempts are logged,
+//! rate-limited (the tokens module).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use parking_lot::Mutex;
-use subtle::ConstantTimeEq;
 
+use crate::audit::AuditEntry;
 use crate::json::ApiError;
 use crate::services::AppState;
-
-/// How often, at most, a failed authentication is logged; those in between are counted and
-/// the count reported with the next line, so a flood of guesses cannot flood the log.
-pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Which token a request carried (kept in the request's extensions for the audit trail).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Scope {
-    /// The admin token: anything.
-    Admin,
-    /// The read-only token: `GET` and `HEAD` only.
-    Read,
-}
-
-impl Scope {
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            Scope::Admin => "admin",
-            Scope::Read => "read",
-        }
-    }
-}
-
-/// The tokens, and the rate limit on logging failures.
-pub(crate) struct Tokens {
-    admin: Arc<str>,
-    read: Option<Arc<str>>,
-    failures: Mutex<FailureLog>,
-}
-
-#[derive(Default)]
-struct FailureLog {
-    last_logged: Option<Instant>,
-    suppressed: u64,
-}
-
-impl Tokens {
-    pub(crate) fn new(admin: Arc<str>, read: Option<Arc<str>>) -> Self {
-        Tokens {
-            admin,
-            read,
-            failures: Mutex::default(),
-        }
-    }
-
-    /// The scope `presented` grants, compared in constant time so the answer's timing does
-    /// not leak a token.
-    fn scope_of(&self, presented: &str) -> Option<Scope> {
-        let matches = |token: &str| bool::from(presented.as_bytes().ct_eq(token.as_bytes()));
-        // Both are compared whatever the first gives, for the same reason.
-        let admin = matches(&self.admin);
-        let read = self.read.as_deref().is_some_and(matches);
-        if admin {
-            Some(Scope::Admin)
-        } else if read {
-            Some(Scope::Read)
-        } else {
-            None
-        }
-    }
-
-    /// Log a failed attempt unless one was logged within [`FAILURE_LOG_INTERVAL`].
-    fn log_failure(&self, client: Option<SocketAddr>, method: &Method, path: &str, why: &str) {
-        let suppressed = {
-            let mut log = self.failures.lock();
-            let now = Instant::now();
-            if log
-                .last_logged
-                .is_some_and(|at| now.duration_since(at) < FAILURE_LOG_INTERVAL)
-            {
-                log.suppressed += 1;
-                return;
-            }
-            log.last_logged = Some(now);
-            std::mem::take(&mut log.suppressed)
-        };
-        tracing::warn!(
-            target: "helix_messaging_admin::auth",
-            client = client.map(|c| c.to_string()),
-            method = %method,
-            path,
-            why,
-            suppressed,
-            "admin API: authentication failed ({suppressed} more since the last such line)"
-        );
-    }
-}
+use crate::tokens::Scope;
 
 /// Whether `method` only reads.
-fn reads_only(method: &Method) -> bool {
+pub(crate) fn reads_only(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD)
+}
+
+/// The token of an `Authorization` header's `Bearer` credentials (the scheme in any case,
+/// as RFC 9110 has it).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
 }
 
 pub(crate) async fn authorize(
@@ -117,7 +39,7 @@ pub(crate) async fn authorize(
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer);
     let refuse = |why: &'static str| {
         let client = request
             .extensions()
@@ -133,17 +55,18 @@ pub(crate) async fn authorize(
             None => return refuse("the bearer token is wrong"),
         },
     };
-    let mut response = if scope == Scope::Read && !reads_only(request.method()) {
-        ApiError::new(
+    if scope == Scope::Read && !reads_only(request.method()) {
+        // Refused before its body is read, and audited: somebody tried to change something.
+        let (mut parts, _body) = request.into_parts();
+        let entry = AuditEntry::for_request(&mut parts, scope).await;
+        let response = ApiError::new(
             StatusCode::FORBIDDEN,
             "the read-only token cannot change anything; this needs the admin token",
         )
-        .into_response()
-    } else {
-        request.extensions_mut().insert(scope);
-        next.run(request).await
-    };
-    // On the answer too, for the audit trail outside this layer.
-    response.extensions_mut().insert(scope);
-    response
+        .into_response();
+        entry.finish(&response);
+        return response;
+    }
+    request.extensions_mut().insert(scope);
+    next.run(request).await
 }

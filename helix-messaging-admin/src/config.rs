@@ -119,8 +119,8 @@ impl std::fmt::Debug for AdminConfig {
     }
 }
 
-/// A token as given, checked: at least [`MIN_TOKEN_LEN`] bytes, no whitespace or control
-/// characters (it travels in a header).
+/// A token as given, checked: at least [`MIN_TOKEN_LEN`] bytes of printable ASCII (it
+/// travels in a header).
 fn checked_token(var: &'static str, token: String) -> Result<Arc<str>, AdminError> {
     let token = token.trim();
     if token.len() < MIN_TOKEN_LEN {
@@ -132,12 +132,10 @@ fn checked_token(var: &'static str, token: String) -> Result<Arc<str>, AdminErro
             ),
         });
     }
-    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(AdminError::Config {
             var,
-            reason:
-                "the token holds whitespace or a control character; it travels in an HTTP header"
-                    .into(),
+            reason: "the token holds whitespace, a control character or a character beyond ASCII; it travels in an HTTP header, so it is printable ASCII".into(),
         });
     }
     Ok(token.into())
@@ -148,8 +146,8 @@ impl AdminConfig {
     /// with the default limits.
     ///
     /// # Errors
-    /// [`AdminError::Config`] for a token shorter than [`MIN_TOKEN_LEN`] or holding
-    /// whitespace.
+    /// [`AdminError::Config`] for a token shorter than [`MIN_TOKEN_LEN`] or holding anything
+    /// but printable ASCII.
     pub fn new(token: impl Into<String>) -> Result<Self, AdminError> {
         Ok(AdminConfig {
             token: checked_token(TOKEN_VAR, token.into())?,
@@ -170,7 +168,7 @@ impl AdminConfig {
     ///
     /// # Errors
     /// [`AdminError::Config`] naming [`READ_TOKEN_VAR`] for a token shorter than
-    /// [`MIN_TOKEN_LEN`], holding whitespace, or equal to the admin token (which would make
+    /// [`MIN_TOKEN_LEN`], holding anything but printable ASCII, or equal to the admin token (which would make
     /// every holder an admin).
     pub fn with_read_token(mut self, token: impl Into<String>) -> Result<Self, AdminError> {
         let token = checked_token(READ_TOKEN_VAR, token.into())?;

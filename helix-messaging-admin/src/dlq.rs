@@ -15,7 +15,7 @@ use helix_messaging_core::dlq::{
 };
 
 use crate::api;
-use crate::json::{ApiError, JsonBody, PathParam};
+use crate::json::{ApiError, AuditDetail, JsonBody, PathParam};
 use crate::services::AppState;
 
 /// Entries per page unless `limit` says otherwise.
@@ -333,7 +333,11 @@ pub(crate) async fn start_redrive(
     // Read again: a small job may be further along than when it started (or, finished and
     // pruned already, only as it started).
     let progress = dlq.redrive_progress(&started.id).unwrap_or(started);
-    Ok((StatusCode::ACCEPTED, Json(redrive_json(&progress))).into_response())
+    let mut response = (StatusCode::ACCEPTED, Json(redrive_json(&progress))).into_response();
+    response
+        .extensions_mut()
+        .insert(AuditDetail(format!("job {}", progress.id)));
+    Ok(response)
 }
 
 /// `GET /v1/messaging/dlq/redrives`: every job, newest first.

@@ -97,6 +97,12 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for PathPar
     }
 }
 
+/// What an answer tells the audit trail beyond its status: the id of the job it started,
+/// or the error's message. Carried in the answer's extensions, so the audit layer never
+/// reads an answer's body back.
+#[derive(Debug, Clone)]
+pub(crate) struct AuditDetail(pub(crate) String);
+
 /// An error answer: its status and a JSON body saying why.
 #[derive(Debug)]
 pub(crate) struct ApiError {
@@ -142,6 +148,7 @@ impl From<helix_messaging_core::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let detail = AuditDetail(self.message.clone());
         let body = ErrorBody::new(Some(self.status.as_u16()), self.message);
         let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
@@ -149,6 +156,14 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            // Jobs end on their own; a second is as good a guess as any and keeps clients
+            // from hammering.
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response.extensions_mut().insert(detail);
         response
     }
 }

@@ -91,17 +91,18 @@ mod replay;
 mod router;
 mod services;
 mod spool;
+mod tokens;
 mod transport;
 
 pub use crate::audit::{AUDIT_TARGET, REQUEST_ID_HEADER};
-pub use crate::auth::FAILURE_LOG_INTERVAL;
 pub use crate::config::{
     ADDR_VAR, ALLOW_PLAINTEXT_VAR, AdminConfig, AdminError, DEFAULT_ADDR, DEFAULT_BODY_LIMIT,
     DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_REQUEST_TIMEOUT, MIN_TOKEN_LEN, READ_TOKEN_VAR, TLS_CERT_VAR, TLS_KEY_VAR, TOKEN_VAR,
     TlsFiles,
 };
-pub use crate::probes::PROBE_HEALTH_TIMEOUT;
+pub use crate::probes::{PROBE_HEALTH_TIMEOUT, PROBE_REUSE};
 pub use crate::router::{install_prometheus, router};
 pub use crate::services::Services;
+pub use crate::tokens::FAILURE_LOG_INTERVAL;
 pub use crate::transport::{SHUTDOWN_GRACE, serve, serve_listener};

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -28,11 +30,28 @@ fn word(code: StatusCode, word: &'static str) -> Response {
         .into_response()
 }
 
+/// How long a probe's answer is reused: anybody may ask without a token, so however many
+/// ask, the brokers are checked at most once per this.
+pub const PROBE_REUSE: Duration = Duration::from_secs(1);
+
+/// The last probe's finding, and when it was made.
+pub(crate) type ProbeCache = tokio::sync::Mutex<Option<(Instant, Option<HealthStatus>)>>;
+
+/// The hub's status, `None` when it did not answer in time; checked at most once per
+/// [`PROBE_REUSE`] (callers meanwhile wait for the check under way and share it).
 async fn hub_status(state: &AppState) -> Option<HealthStatus> {
-    tokio::time::timeout(PROBE_HEALTH_TIMEOUT, state.services.hub.health_check())
+    let mut last = state.probe.lock().await;
+    if let Some((at, status)) = *last
+        && at.elapsed() < PROBE_REUSE
+    {
+        return status;
+    }
+    let status = tokio::time::timeout(PROBE_HEALTH_TIMEOUT, state.services.hub.health_check())
         .await
         .ok()
-        .map(|health| health.status)
+        .map(|health| health.status);
+    *last = Some((Instant::now(), status));
+    status
 }
 
 /// `GET /health`: `healthy` or `degraded` (a side runs on its fallback) with 200,

@@ -12,7 +12,7 @@ use helix_messaging_core::replay::{
 
 use crate::api;
 use crate::dlq::{parse_time, time};
-use crate::json::{ApiError, JsonBody, PathParam};
+use crate::json::{ApiError, AuditDetail, JsonBody, PathParam};
 use crate::services::AppState;
 
 fn handler(state: &AppState) -> Result<&ReplayHandler, ApiError> {
@@ -82,7 +82,11 @@ pub(crate) async fn start(
         request = request.with_target_topic(target);
     }
     let progress = replays.start_replay(request).await?;
-    Ok((StatusCode::ACCEPTED, Json(progress_json(&progress))).into_response())
+    let mut response = (StatusCode::ACCEPTED, Json(progress_json(&progress))).into_response();
+    response
+        .extensions_mut()
+        .insert(AuditDetail(format!("replay {}", progress.id)));
+    Ok(response)
 }
 
 /// `GET /v1/messaging/replay`: every replay, newest first.

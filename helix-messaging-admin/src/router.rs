@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::error_handling::HandleErrorLayer;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -18,10 +18,11 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 
 use crate::audit::{REQUEST_ID_HEADER, audit};
-use crate::auth::{Tokens, authorize};
+use crate::auth::authorize;
 use crate::config::{AdminConfig, AdminError};
 use crate::json::ApiError;
 use crate::services::{AppState, Services};
+use crate::tokens::Tokens;
 use crate::{api, dlq, openapi, probes, replay, spool};
 
 /// Install the `metrics` facade's global recorder as a Prometheus one and return the handle
@@ -69,6 +70,7 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
         services,
         tokens: Arc::new(Tokens::new(config.token.clone(), config.read_token.clone())),
         body_limit: config.body_limit,
+        probe: Arc::default(),
     };
     let api = Router::new()
         .route("/v1/messaging/health", get(health))
@@ -119,9 +121,10 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(config.body_limit))
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // Audit inside authentication: no body is read before the token is checked.
         .layer(middleware::from_fn_with_state(state.clone(), audit))
-        // Outermost, so a flood is turned away before a token is even compared.
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        // Outermost: a flood is turned away before any other work.
         .layer(
             ServiceBuilder::new()
                 .layer(HandleErrorLayer::new(overloaded_or_late))
@@ -146,7 +149,30 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
             HeaderName::from_static(REQUEST_ID_HEADER),
             MakeRequestUuid,
         ))
+        .layer(middleware::map_request(drop_unusable_request_id))
         .with_state(state)
+}
+
+/// Longest request id taken from a client.
+const MAX_CLIENT_REQUEST_ID: usize = 128;
+
+/// A client's `X-Request-Id` is kept when it is at most [`MAX_CLIENT_REQUEST_ID`] letters,
+/// digits, `-`, `_`, `.` or `:` (what proxies and tracing systems send); anything else is
+/// dropped, and the request gets a fresh UUID, so no client writes what it likes into the
+/// audit trail.
+async fn drop_unusable_request_id(mut request: Request) -> Request {
+    let usable = request.headers().get(REQUEST_ID_HEADER).is_none_or(|id| {
+        id.len() <= MAX_CLIENT_REQUEST_ID
+            && !id.is_empty()
+            && id
+                .as_bytes()
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(b))
+    });
+    if !usable {
+        request.headers_mut().remove(REQUEST_ID_HEADER);
+    }
+    request
 }
 
 /// The answer to a request whose handler panicked: the panic's message, logged too.

@@ -7,7 +7,8 @@ use helix_messaging_core::hub::Hub;
 use helix_messaging_core::replay::ReplayHandler;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::auth::Tokens;
+use crate::probes::ProbeCache;
+use crate::tokens::Tokens;
 
 /// What the admin API serves: the hub, and optionally the Prometheus handle and the DLQ
 /// processor (without them their endpoints answer 503).
@@ -58,4 +59,6 @@ pub(crate) struct AppState {
     pub(crate) tokens: Arc<Tokens>,
     /// Largest request body, in bytes.
     pub(crate) body_limit: usize,
+    /// The root probes' last finding, shared by every caller for a moment.
+    pub(crate) probe: Arc<ProbeCache>,
 }

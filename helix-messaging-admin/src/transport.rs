@@ -107,14 +107,16 @@ pub async fn serve(
     services: Services,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AdminError> {
+    // Refused before binding: the address is never exposed, not even for a moment.
     check_exposure(&config)?;
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.addr)
         .await
         .map_err(|source| AdminError::Bind {
             addr: config.addr,
             source,
         })?;
-    serve_listener(listener, config, services, shutdown).await
+    run(listener, config, tls, services, shutdown).await
 }
 
 /// [`serve`] on a listener already bound (a port picked by the system, an inherited
@@ -131,12 +133,27 @@ pub async fn serve_listener(
     config.addr = listener.local_addr()?;
     check_exposure(&config)?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+    run(listener, config, tls, services, shutdown).await
+}
+
+/// Accept and serve connections on `listener` until `shutdown`.
+async fn run(
+    listener: TcpListener,
+    config: AdminConfig,
+    tls: Option<TlsAcceptor>,
+    services: Services,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AdminError> {
     let app = router(&config, services);
     tracing::info!(addr = %config.addr, tls = tls.is_some(), "admin API listening");
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(Semaphore::new(config.max_connections.max(1)));
     let mut shutdown = std::pin::pin!(shutdown);
+    // Kept so the ones still open after the grace period can be ended.
+    let mut served = tokio::task::JoinSet::new();
     loop {
+        // Reap the ended, so the set holds only live connections.
+        while served.try_join_next().is_some() {}
         let permit = tokio::select! {
             () = &mut shutdown => break,
             permit = connections.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
@@ -161,7 +178,7 @@ pub async fn serve_listener(
         };
         let watcher = graceful.watcher();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        served.spawn(async move {
             let _permit = permit;
             match tls {
                 None => connection.serve(stream, watcher).await,
@@ -186,10 +203,9 @@ pub async fn serve_listener(
         .await
         .is_err()
     {
-        tracing::warn!(
-            "admin API: requests still under way after {SHUTDOWN_GRACE:?}; stopping anyway"
-        );
+        tracing::warn!("admin API: requests still under way after {SHUTDOWN_GRACE:?}; ending them");
     }
+    served.shutdown().await;
     Ok(())
 }
 

@@ -96,14 +96,15 @@ pub(crate) fn token(
         if token.trim().is_empty() {
             return Err(Failure::Usage("--token: the token is empty".into()));
         }
-        return Ok(token);
+        // Trimmed as the server trims its own: a pasted token often carries a newline.
+        return Ok(token.trim().to_owned());
     }
     if let Some(path) = file_flag {
         return token_file("--token-file", path);
     }
-    let var = |name: &str| var(name).filter(|v| !v.is_empty());
+    let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
     if let Some(token) = var(TOKEN_VAR) {
-        return Ok(token);
+        return Ok(token.trim().to_owned());
     }
     if let Some(path) = var(TOKEN_FILE_VAR) {
         return token_file(TOKEN_FILE_VAR, Path::new(&path));
@@ -225,7 +226,8 @@ impl Api {
             Failure::Unreachable(format!("the admin API's answer broke off: {}", chain(&err)))
         })?;
         // Health answers 503 with a body worth showing when a side is down.
-        let answered = (200..300).contains(&status) || (status == 503 && path.ends_with("/health"));
+        let answered =
+            (200..300).contains(&status) || (status == 503 && path == "/v1/messaging/health");
         if answered {
             return serde_json::from_str(&text).map_err(|err| {
                 Failure::api(format!(

@@ -107,6 +107,15 @@ async fn the_read_token_reads_everything_and_changes_nothing() {
         let response = as_reader(reqwest::Method::GET, path).send().await.unwrap();
         assert_eq!(response.status(), 200, "{path}");
     }
+    // The scheme's case does not matter (RFC 9110).
+    let lower = s
+        .client
+        .get(format!("{}/v1/messaging/dlq", s.base))
+        .header("authorization", format!("bearer {READ_TOKEN}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
     let before = listing(&s).await;
     assert_eq!(before["count"], 2, "{before}");
     let now = chrono::Utc::now().to_rfc3339();
@@ -208,13 +217,14 @@ async fn the_root_probes_answer_without_a_token_with_one_word() {
 
     s.hub.close().await.unwrap();
     for (path, word) in [("/health", "unhealthy"), ("/ready", "unready")] {
-        let response = anonymous(path).await.unwrap();
-        assert_eq!(response.status(), 503, "{path}");
-        assert_eq!(
-            response.text().await.unwrap(),
-            format!("{word}\n"),
-            "{path}"
-        );
+        // The last finding is reused for up to PROBE_REUSE.
+        let within = helix_messaging_admin::PROBE_REUSE + Duration::from_secs(5);
+        let text = helix_messaging_testkit::eventually(within, path, || async {
+            let response = anonymous(path).await.unwrap();
+            (response.status() == 503).then_some(response.text().await.unwrap())
+        })
+        .await;
+        assert_eq!(text, format!("{word}\n"), "{path}");
     }
 }
 
@@ -377,6 +387,7 @@ async fn a_client_that_never_finishes_its_headers_is_disconnected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_its_time_or_beyond_the_concurrency_limit_gets_503() {
+    capture::install();
     let mut config = AdminConfig::new(TOKEN).unwrap();
     config.request_timeout = Duration::from_millis(500);
     config.max_concurrent_requests = 1;
@@ -440,6 +451,22 @@ async fn a_request_over_its_time_or_beyond_the_concurrency_limit_gets_503() {
     let answer = String::from_utf8_lossy(&answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     assert!(answer.contains("request timeout"), "{answer}");
+    // Cut short by its timeout, it is still in the audit trail, as failed.
+    let request_id = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .expect("the answer names its request id")
+        .trim()
+        .to_owned();
+    let events =
+        capture::captured(|e| e.target == AUDIT_TARGET && e.field("request_id") == request_id);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].field("outcome"), "failed", "{events:?}");
+    assert_eq!(events[0].field("action"), "replay.start", "{events:?}");
+    assert!(
+        events[0].field("detail").contains("cut short"),
+        "{events:?}"
+    );
     // The slot is free again.
     let after = s.get("/v1/messaging/openapi.json").send().await.unwrap();
     assert_eq!(after.status(), 200);
@@ -602,6 +629,20 @@ async fn every_state_changing_request_leaves_one_audit_event_with_its_request_id
     assert_eq!(events.len(), 1, "{events:?}");
     assert_eq!(events[0].field("scope"), "read");
     assert_eq!(events[0].field("outcome"), "refused");
+    // An id a client should not choose is replaced by a fresh one.
+    for unusable in ["has spaces in it", &"x".repeat(200)] {
+        let response = s
+            .request(
+                reqwest::Method::DELETE,
+                "/v1/messaging/replay/no-such-replay",
+            )
+            .header("x-request-id", unusable)
+            .send()
+            .await
+            .unwrap();
+        let id = response.headers()["x-request-id"].to_str().unwrap();
+        assert_eq!(id.len(), 36, "a UUID, not {unusable:?}: {id}");
+    }
     let read = s
         .get("/v1/messaging/dlq")
         .header("x-request-id", format!("read-{tag}"))
@@ -644,6 +685,8 @@ const BOOM: &str = "the health check exploded";
 /// How [`OddHealth`] answers a health check: [`NORMAL`], [`PANIC`] or [`HANG`] (normal
 /// while the hub is built; each test runs in a process of its own under nextest).
 static HEALTH: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(NORMAL);
+/// How many health checks [`OddHealth`] has answered.
+static CHECKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 const NORMAL: u8 = 0;
 const PANIC: u8 = 1;
 const HANG: u8 = 2;
@@ -681,6 +724,7 @@ impl helix_messaging_core::Broker for OddHealth {
     }
 
     async fn health(&self) -> helix_messaging_core::Health {
+        CHECKS.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         match HEALTH.load(std::sync::atomic::Ordering::Acquire) {
             PANIC => panic!("{BOOM}"),
             HANG => std::future::pending().await,
@@ -763,4 +807,134 @@ async fn a_connection_beyond_the_cap_waits_until_one_closes() {
         .expect("served once a slot is free")
         .unwrap();
     assert_eq!(status.unwrap(), 200);
+}
+
+/// A client without a token is answered 401 before its body is read, so it cannot hold a
+/// request slot; nor can the read-only token with a write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_the_right_token_cannot_hold_a_request_slot() {
+    let mut config = both_tokens();
+    config.max_concurrent_requests = 1;
+    let s = Server::configured(
+        config,
+        Services::new(memory_hub().await),
+        memory_hub().await,
+    )
+    .await;
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    for authorization in [
+        "",
+        "Authorization: Bearer wrong-token-0123456789\r\n",
+        &format!("Authorization: Bearer {READ_TOKEN}\r\n"),
+    ] {
+        let mut stalled = TcpStream::connect(&addr).await.unwrap();
+        stalled
+            .write_all(
+                format!(
+                    "POST /v1/messaging/replay HTTP/1.1\r\nHost: x\r\n{authorization}\
+                     Content-Type: application/json\r\nContent-Length: 1000000\r\n\r\n{{"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        // Answered at once, its body never read.
+        let mut head = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(10), stalled.read_exact(&mut head))
+            .await
+            .expect("answered without its body")
+            .unwrap();
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let expected = if authorization.contains(READ_TOKEN) {
+            "403"
+        } else {
+            "401"
+        };
+        assert!(head.ends_with(expected), "{authorization:?}: {head}");
+        // The one slot is free for the admin.
+        let admin = s.get("/v1/messaging/openapi.json").send().await.unwrap();
+        assert_eq!(admin.status(), 200, "{authorization:?}");
+    }
+}
+
+/// An answer of any size reaches the client whole: the audit trail never reads it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_answer_to_a_write_arrives_whole() {
+    let broker = redis_streams().await;
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(MemoryDeadLetterStore::new()),
+        ProcessorConfig::default(),
+    )
+    .unwrap();
+    let tag = uuid_like();
+    // 80 groups, each with a sample error of 1,000 characters: well over 64 KiB of JSON.
+    for i in 0..80 {
+        let info = DeliveryInfo {
+            topic: format!("admin.large.{tag}.{i}").as_str().into(),
+            group: None,
+            attempt: 1,
+            redelivered: false,
+            position: None,
+        };
+        let now = SystemTime::now();
+        let letter = DeadLetter::new(
+            &Message::new("x"),
+            &info,
+            DeadLetterReason::Permanent,
+            &"e".repeat(1000),
+            now,
+            now,
+        );
+        assert!(processor.ingest(letter).await.unwrap());
+    }
+    let s = crate::common::over(broker, AdminConfig::new(TOKEN).unwrap(), |s| {
+        s.with_dlq(processor)
+    })
+    .await;
+    let response = s
+        .request(reqwest::Method::POST, "/v1/messaging/dlq/redrives")
+        .json(&json!({"all": true, "dry_run": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.bytes().await.unwrap();
+    assert!(body.len() > 64 * 1024, "{} bytes", body.len());
+    let preview: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(preview["count"], 80);
+    assert_eq!(preview["total"], 80);
+}
+
+/// However many ask the probes, without a token, the brokers are checked at most once per
+/// `PROBE_REUSE`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probes_share_one_broker_check_per_reuse_period() {
+    let broker: Arc<dyn helix_messaging_core::Broker> =
+        Arc::new(OddHealth(helix_messaging_memory::MemoryBroker::new()));
+    let s = crate::common::over(broker, AdminConfig::new(TOKEN).unwrap(), |s| s).await;
+    let before = CHECKS.load(std::sync::atomic::Ordering::Acquire);
+    let started = Instant::now();
+    let probes = (0..50).map(|i| {
+        let url = format!(
+            "{}{}",
+            s.base,
+            if i % 2 == 0 { "/health" } else { "/ready" }
+        );
+        let client = s.client.clone();
+        async move { client.get(url).send().await.unwrap().status() }
+    });
+    for status in futures::future::join_all(probes).await {
+        assert_eq!(status, 200);
+    }
+    let checks = CHECKS.load(std::sync::atomic::Ordering::Acquire) - before;
+    // The hub checks both sides (one broker here, asked once per side) per probe check.
+    let periods =
+        started.elapsed().as_secs_f64() / helix_messaging_admin::PROBE_REUSE.as_secs_f64();
+    let most = 2 * (periods.ceil() as usize + 1);
+    assert!(
+        (1..=most).contains(&checks),
+        "{checks} broker checks for 50 probes in {:?}",
+        started.elapsed()
+    );
 }

@@ -350,6 +350,7 @@ fn settings_come_from_the_environment_and_name_the_bad_variable() {
         // Shorter than MIN_TOKEN_LEN.
         (&[(TOKEN_VAR, "0123456789abcde")][..], TOKEN_VAR),
         (&[(TOKEN_VAR, "0123456789 abcdef")][..], TOKEN_VAR),
+        (&[(TOKEN_VAR, "pässwort-0123456789")][..], TOKEN_VAR),
         (
             &[(TOKEN_VAR, LONG), (READ_TOKEN_VAR, "short")][..],
             READ_TOKEN_VAR,

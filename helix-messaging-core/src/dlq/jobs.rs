@@ -96,9 +96,9 @@ impl RedriveRequest {
             && canary.watch > MAX_CANARY_WATCH
         {
             return Err(Error::invalid_input(format!(
-                "the canary's watch must be at most {} s, got {:?}",
-                MAX_CANARY_WATCH.as_secs(),
-                canary.watch
+                "canary.watch_ms must be at most {} ms (one hour), got {}",
+                MAX_CANARY_WATCH.as_millis(),
+                canary.watch.as_millis()
             )));
         }
         Ok(())

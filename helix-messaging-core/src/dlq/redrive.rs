@@ -112,7 +112,7 @@ fn check(request: &RedriveRequest) -> Result<()> {
         && (id.is_empty() || id.len() > 200 || id.chars().any(char::is_control))
     {
         return Err(Error::invalid_input(
-            "redrive id: 1 to 200 characters, no control characters",
+            "id: a redrive's id is 1 to 200 characters, no control characters",
         ));
     }
     request.check_limits()
@@ -213,13 +213,16 @@ impl Run {
                 RedriveStatus::Failed
             }
         };
+        // Finished and pruned in one step under the jobs' lock, so no listing ever sees one
+        // more finished job than are kept.
+        let mut jobs = self.processor.inner.jobs.lock();
         {
             let mut progress = self.progress.lock();
             progress.status = status;
             progress.finished_at = Some(SystemTime::now());
             tracing::info!(job = %progress.id, status = status.as_str(), redriven = progress.redriven, failed = progress.failed, skipped = progress.skipped, "DLQ redrive job finished");
         }
-        prune_finished(&mut self.processor.inner.jobs.lock(), MAX_FINISHED_REDRIVES);
+        prune_finished(&mut jobs, MAX_FINISHED_REDRIVES);
     }
 
     async fn drive(&self, ids: Vec<String>) -> Result<RedriveStatus> {

@@ -436,10 +436,16 @@ impl ReplayHandler {
                 jobs.remove(&id);
             }
         }
-        // Runs the store could not record are known here alone: bounded the same way.
+        // Runs the store could not record are known here alone: bounded the same way, and
+        // like the store, a failed run (resumable) is never forgotten.
         let mut ended: Vec<(SystemTime, String)> = jobs
             .iter()
             .filter(|(_, job)| finished(job))
+            .filter(|(_, job)| {
+                job.progress
+                    .as_ref()
+                    .is_none_or(|p| p.lock().status != ReplayStatus::Failed)
+            })
             .map(|(id, job)| {
                 let at = job.progress.as_ref().map(|p| {
                     let p = p.lock();
