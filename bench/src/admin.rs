@@ -150,15 +150,20 @@ async fn over_http(processor: &Processor, entries: usize, per_client: usize) -> 
     run
 }
 
-/// The same pages from `Processor::list` in 50 tasks: the listing without HTTP.
+/// The same pages from `Processor::list` in 50 tasks: the listing without HTTP, with the
+/// filter the API lists with (discarded entries left out).
 async fn direct(processor: &Processor, entries: usize, per_client: usize) -> Run {
     let processor = processor.clone();
+    let filter = DeadLetterFilter {
+        exclude_discarded: true,
+        ..DeadLetterFilter::default()
+    };
     load(per_client, move |client, i| {
-        let processor = processor.clone();
+        let (processor, filter) = (processor.clone(), filter.clone());
         async move {
             let page = processor
                 .list(
-                    &DeadLetterFilter::default(),
+                    &filter,
                     PAGE,
                     offset(entries, client, i),
                 )

@@ -56,14 +56,28 @@ mod sqlite {
         assert_eq!(
             versions(&file),
             [
-                ("helix_dead_letters".to_owned(), 3),
+                ("helix_dead_letters".to_owned(), 4),
                 ("helix_replays".to_owned(), 2),
                 ("helix_spool".to_owned(), 1)
             ]
         );
         // Opening again applies nothing and records the same.
         drop(SqliteDeadLetterStore::open(&file.0).await.unwrap());
-        assert_eq!(versions(&file)[0], ("helix_dead_letters".to_owned(), 3));
+        assert_eq!(versions(&file)[0], ("helix_dead_letters".to_owned(), 4));
+        // Step 4: the listing's index carries the status (discarded entries are left out).
+        let indexes: Vec<String> = rusqlite::Connection::open(&file.0)
+            .unwrap()
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'helix_dead_letters'")
+            .unwrap()
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            indexes.contains(&"helix_dead_letters_by_time_status".to_owned())
+                && !indexes.contains(&"helix_dead_letters_by_time".to_owned()),
+            "{indexes:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
