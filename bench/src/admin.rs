@@ -162,11 +162,7 @@ async fn direct(processor: &Processor, entries: usize, per_client: usize) -> Run
         let (processor, filter) = (processor.clone(), filter.clone());
         async move {
             let page = processor
-                .list(
-                    &filter,
-                    PAGE,
-                    offset(entries, client, i),
-                )
+                .list(&filter, PAGE, offset(entries, client, i))
                 .await
                 .expect("list");
             assert_eq!(page.count as usize, entries);

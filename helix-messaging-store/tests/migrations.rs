@@ -186,7 +186,7 @@ mod postgres {
             let store = store.expect("every instance comes up");
             assert_eq!(store.stats().await.unwrap().depth, 0);
         }
-        assert_eq!(version(&client().await, &table.0).await, Some(3));
+        assert_eq!(version(&client().await, &table.0).await, Some(4));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,7 +202,7 @@ mod postgres {
             .batch_execute(&format!("DROP TABLE {}", table.0))
             .await
             .unwrap();
-        assert_eq!(version(&client, &table.0).await, Some(3), "still recorded");
+        assert_eq!(version(&client, &table.0).await, Some(4), "still recorded");
         let store = PostgresDeadLetterStore::connect_table(&connection(), &table.0)
             .await
             .unwrap();

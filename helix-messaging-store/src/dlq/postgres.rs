@@ -76,6 +76,12 @@ const SCHEMA: &[Step] = &[
         column: "version",
         declaration: "BIGINT NOT NULL DEFAULT 0",
     },
+    // As the SQLite store's step 4: the listing leaves discarded entries out, so the status
+    // rides in the listing's index.
+    Step::Sql(
+        "CREATE INDEX IF NOT EXISTS {table}_by_time_status ON {table} (last_failure_us, id, status);
+         DROP INDEX IF EXISTS {table}_by_time;",
+    ),
 ];
 
 /// Dead letters in a PostgreSQL table (default `helix_dead_letters`), shared by every
