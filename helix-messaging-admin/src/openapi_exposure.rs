@@ -5,7 +5,10 @@
 use serde_json::{Value, json};
 
 use crate::audit::REQUEST_ID_HEADER;
-use crate::config::{DEFAULT_MAX_CONCURRENT_REQUESTS, DEFAULT_REQUEST_TIMEOUT, MIN_TOKEN_LEN};
+use crate::config::{
+    DEFAULT_BODY_LIMIT, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_REQUEST_TIMEOUT, MIN_TOKEN_LEN,
+};
 
 fn error(description: &str) -> Value {
     json!({
@@ -92,8 +95,10 @@ pub(crate) fn exposed(mut document: Value) -> Value {
         );
     }
     document["components"]["securitySchemes"]["bearer"]["description"] = json!(format!(
-        "The admin token (MESSAGING_ADMIN_TOKEN) may do anything; the read-only token (MESSAGING_ADMIN_READ_TOKEN) every GET, and gets 403 for anything else. Each is at least {MIN_TOKEN_LEN} bytes. Requests take at most {} s each and {DEFAULT_MAX_CONCURRENT_REQUESTS} are under way at once by default; beyond either the answer is 503.",
-        DEFAULT_REQUEST_TIMEOUT.as_secs()
+        "The admin token (MESSAGING_ADMIN_TOKEN) may do anything; the read-only token (MESSAGING_ADMIN_READ_TOKEN) every GET, and gets 403 for anything else. Each is at least {MIN_TOKEN_LEN} bytes. Requests take at most {} s each and {DEFAULT_MAX_CONCURRENT_REQUESTS} are under way at once by default; beyond either the answer is 503 (with Retry-After when too many are under way). Request bodies stop at {} bytes by default (413). A client sends its request headers within {} s of connecting or of its previous answer, or is disconnected.",
+        DEFAULT_REQUEST_TIMEOUT.as_secs(),
+        DEFAULT_BODY_LIMIT,
+        DEFAULT_HEADER_READ_TIMEOUT.as_secs()
     ));
     document
 }

@@ -68,7 +68,7 @@ pub fn install_prometheus() -> Result<PrometheusHandle, AdminError> {
 pub fn router(config: &AdminConfig, services: Services) -> Router {
     let state = AppState {
         services,
-        tokens: Arc::new(Tokens::new(config.token.clone(), config.read_token.clone())),
+        tokens: Arc::new(Tokens::new(&config.token, config.read_token.as_deref())),
         body_limit: config.body_limit,
         probe: Arc::default(),
     };

@@ -2,11 +2,11 @@
 //! rate limit on logging failed attempts.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::http::Method;
 use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
 
 /// How often, at most, a failed authentication is logged; those in between are counted and
@@ -31,10 +31,18 @@ impl Scope {
     }
 }
 
-/// The tokens, and the rate limit on logging failures.
+/// A token's SHA-256 digest: tokens are compared as digests, all of one length, so neither
+/// their content nor their length shows in how long a comparison takes.
+type Digest = [u8; 32];
+
+fn digest(token: &str) -> Digest {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+/// The tokens (as digests), and the rate limit on logging failures.
 pub(crate) struct Tokens {
-    admin: Arc<str>,
-    read: Option<Arc<str>>,
+    admin: Digest,
+    read: Option<Digest>,
     failures: Mutex<FailureLog>,
 }
 
@@ -45,10 +53,10 @@ struct FailureLog {
 }
 
 impl Tokens {
-    pub(crate) fn new(admin: Arc<str>, read: Option<Arc<str>>) -> Self {
+    pub(crate) fn new(admin: &str, read: Option<&str>) -> Self {
         Tokens {
-            admin,
-            read,
+            admin: digest(admin),
+            read: read.map(digest),
             failures: Mutex::default(),
         }
     }
@@ -56,10 +64,11 @@ impl Tokens {
     /// The scope `presented` grants, compared in constant time so the answer's timing does
     /// not leak a token.
     pub(crate) fn scope_of(&self, presented: &str) -> Option<Scope> {
-        let matches = |token: &str| bool::from(presented.as_bytes().ct_eq(token.as_bytes()));
+        let presented = digest(presented);
+        let matches = |token: &Digest| bool::from(presented.ct_eq(token));
         // Both are compared whatever the first gives, for the same reason.
         let admin = matches(&self.admin);
-        let read = self.read.as_deref().is_some_and(matches);
+        let read = self.read.as_ref().is_some_and(matches);
         if admin {
             Some(Scope::Admin)
         } else if read {

@@ -160,6 +160,11 @@ async fn the_read_token_reads_everything_and_changes_nothing() {
             "/v1/messaging/spools/tasks/refused/1/retry".to_owned(),
             None,
         ),
+        (
+            reqwest::Method::DELETE,
+            "/v1/messaging/spools/tasks/refused/1".to_owned(),
+            None,
+        ),
     ] {
         let mut request = as_reader(method.clone(), &path);
         if let Some(body) = body {

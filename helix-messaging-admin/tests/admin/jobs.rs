@@ -286,6 +286,7 @@ async fn one_redrive_more_than_the_most_running_is_429_and_an_id_in_use_409() {
         assert_eq!(job["id"], format!("slow-{i}"), "the id given: {job}");
     }
     let busy = post_redrive(s, &slow("one-more")).send().await.unwrap();
+    assert_eq!(busy.headers()["retry-after"], "1", "when to try again");
     let (status, message) = error_of(busy).await;
     assert_eq!(status, 429, "{message}");
     assert!(

@@ -28,6 +28,7 @@ async fn spooling_hub(broker: Arc<dyn Broker>, spool: Arc<MemorySpool>) -> Hub {
 /// discarded through the admin API, and health says `degraded` while any is set aside.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_spool_messages_are_listed_retried_and_discarded_over_http() {
+    crate::capture::install();
     let broker: Arc<dyn Broker> = Arc::new(helix_messaging_memory::MemoryBroker::new());
     let topic = helix_messaging_testkit::fresh_name("refused");
     let spool = Arc::new(MemorySpool::new(SpoolLimits::default()));
@@ -77,10 +78,13 @@ async fn refused_spool_messages_are_listed_retried_and_discarded_over_http() {
     let first_id = first["message_id"].as_str().unwrap().to_owned();
 
     // Sent again: back in the spool, forwarded to the topic with its id.
-    let retried = call(s.request(
-        reqwest::Method::POST,
-        &format!("/v1/messaging/spools/tasks/refused/{}/retry", seqs[0]),
-    ))
+    let retried = call(
+        s.request(
+            reqwest::Method::POST,
+            &format!("/v1/messaging/spools/tasks/refused/{}/retry", seqs[0]),
+        )
+        .header("x-request-id", format!("retry-{topic}")),
+    )
     .await;
     assert_eq!(retried["status"], "retried");
     let delivery = tokio::time::timeout(Duration::from_secs(15), sub.next())
@@ -91,12 +95,28 @@ async fn refused_spool_messages_are_listed_retried_and_discarded_over_http() {
     assert_eq!(delivery.message().id(), first_id);
     delivery.ack().await.unwrap();
 
-    let discarded = call(s.request(
-        reqwest::Method::DELETE,
-        &format!("/v1/messaging/spools/tasks/refused/{}", seqs[1]),
-    ))
+    let discarded = call(
+        s.request(
+            reqwest::Method::DELETE,
+            &format!("/v1/messaging/spools/tasks/refused/{}", seqs[1]),
+        )
+        .header("x-request-id", format!("discard-{topic}")),
+    )
     .await;
     assert_eq!(discarded["status"], "discarded");
+    // Each left one audit event naming the side and the seq.
+    for (request_id, action, seq) in [
+        (format!("retry-{topic}"), "spool.retry", seqs[0]),
+        (format!("discard-{topic}"), "spool.discard", seqs[1]),
+    ] {
+        let events = crate::capture::captured(|e| {
+            e.target == helix_messaging_admin::AUDIT_TARGET && e.field("request_id") == request_id
+        });
+        assert_eq!(events.len(), 1, "{action}: {events:?}");
+        assert_eq!(events[0].field("action"), action);
+        assert_eq!(events[0].field("ids"), format!("side=tasks,seq={seq}"));
+        assert_eq!(events[0].field("outcome"), "done");
+    }
     let gone = s
         .request(
             reqwest::Method::DELETE,
