@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use helix_messaging_admin::{AdminConfig, Services};
-use helix_messaging_core::Broker;
+use helix_messaging_core::dlq::{DeadLetter, DeadLetterReason, Processor};
 use helix_messaging_core::hub::{Hub, HubConfig};
+use helix_messaging_core::{Broker, DeliveryInfo, Message};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::Value;
 
@@ -143,4 +144,46 @@ pub(crate) async fn until_done(s: &Server, path: &str) -> Value {
         (progress["status"] != "running" && progress["status"] != "watching").then_some(progress)
     })
     .await
+}
+
+/// A dead letter of `message`, failed with `error` on `topic` in group `workers` on its third
+/// attempt, at `at`.
+pub(crate) fn failed(
+    topic: &str,
+    message: &Message,
+    reason: DeadLetterReason,
+    error: &str,
+    at: SystemTime,
+) -> DeadLetter {
+    let info = DeliveryInfo {
+        topic: topic.into(),
+        group: Some("workers".into()),
+        attempt: 3,
+        redelivered: true,
+        position: None,
+    };
+    DeadLetter::new(message, &info, reason, error, at, at)
+}
+
+/// Ingest into `processor` a letter per payload, failed on `topic` for `reason` just now;
+/// their ids.
+pub(crate) async fn ingest_failed(
+    processor: &Processor,
+    topic: &str,
+    payloads: &[&str],
+    reason: DeadLetterReason,
+) -> Vec<String> {
+    let mut ids = Vec::new();
+    for payload in payloads {
+        let letter = failed(
+            topic,
+            &Message::new(payload.to_string()),
+            reason,
+            "boom",
+            SystemTime::now(),
+        );
+        ids.push(letter.id.clone());
+        assert!(processor.ingest(letter).await.unwrap());
+    }
+    ids
 }

@@ -7,14 +7,14 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use helix_messaging_admin::AdminConfig;
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
+    DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
 };
-use helix_messaging_core::{Broker, DeliveryInfo, Message, SubscribeOptions};
+use helix_messaging_core::{Broker, Message, SubscribeOptions};
 use serde_json::Value;
 
 use crate::common::{
-    Server, TOKEN, call, error_of, json_of, memory_hub, over, rabbitmq, redis_streams, until_done,
-    uuid_like,
+    Server, TOKEN, call, error_of, failed, json_of, memory_hub, over, rabbitmq, redis_streams,
+    until_done, uuid_like,
 };
 
 /// A DLQ processor over a broker, holding `letters` (failed on `topic`).
@@ -43,18 +43,10 @@ pub(crate) async fn dlq_server_on(
     )
     .unwrap();
     let topic = format!("admin.dlq.{}", uuid_like());
-    let info = DeliveryInfo {
-        topic: topic.as_str().into(),
-        group: Some("workers".into()),
-        attempt: 3,
-        redelivered: true,
-        position: None,
-    };
     let mut ids = Vec::new();
     for (payload, reason) in letters {
         let message = Message::new(payload.to_string()).with_header("type", "admin.test");
-        let now = SystemTime::now();
-        let letter = DeadLetter::new(&message, &info, *reason, "boom", now, now);
+        let letter = failed(&topic, &message, *reason, "boom", SystemTime::now());
         ids.push(letter.id.clone());
         assert!(processor.ingest(letter).await.unwrap());
     }

@@ -8,19 +8,27 @@ use std::time::{Duration, Instant, SystemTime};
 use helix_messaging_admin::{
     ADDR_VAR, AUDIT_TARGET, AdminConfig, AdminError, Services, TlsFiles, serve,
 };
+use helix_messaging_core::Message;
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
+    DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
 };
 use helix_messaging_core::replay::{ReplayConfig, ReplayHandler};
-use helix_messaging_core::{DeliveryInfo, Message};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::capture;
-use crate::common::{Server, TOKEN, error_of, memory_hub, redis_streams, uuid_like};
+use crate::common::{
+    Server, TOKEN, error_of, failed, ingest_failed, memory_hub, redis_streams, uuid_like,
+};
 
 const READ_TOKEN: &str = "read-only-token-0123";
+
+/// A server configured by `config` over a memory hub.
+async fn memory_server(config: AdminConfig) -> Server {
+    let hub = memory_hub().await;
+    Server::configured(config, Services::new(hub.clone()), hub).await
+}
 
 /// A server on the real Redis Streams with a DLQ holding two letters and a replay handler,
 /// taking both tokens.
@@ -33,27 +41,13 @@ async fn scoped_server(config: AdminConfig) -> (Server, Vec<String>) {
     )
     .unwrap();
     let topic = format!("admin.scoped.{}", uuid_like());
-    let info = DeliveryInfo {
-        topic: topic.as_str().into(),
-        group: Some("workers".into()),
-        attempt: 3,
-        redelivered: true,
-        position: None,
-    };
-    let mut ids = Vec::new();
-    for payload in ["one", "two"] {
-        let now = SystemTime::now();
-        let letter = DeadLetter::new(
-            &Message::new(payload),
-            &info,
-            DeadLetterReason::Permanent,
-            "boom",
-            now,
-            now,
-        );
-        ids.push(letter.id.clone());
-        assert!(processor.ingest(letter).await.unwrap());
-    }
+    let ids = ingest_failed(
+        &processor,
+        &topic,
+        &["one", "two"],
+        DeadLetterReason::Permanent,
+    )
+    .await;
     let replays = ReplayHandler::new(broker.clone(), ReplayConfig::default());
     let hub = helix_messaging_core::hub::Hub::new(
         helix_messaging_core::hub::HubConfig::default(),
@@ -365,12 +359,7 @@ async fn read_until_closed(stream: &mut TcpStream, within: Duration) -> Option<V
 async fn a_client_that_never_finishes_its_headers_is_disconnected() {
     let mut config = AdminConfig::new(TOKEN).unwrap();
     config.header_read_timeout = Duration::from_millis(500);
-    let s = Server::configured(
-        config,
-        Services::new(memory_hub().await),
-        memory_hub().await,
-    )
-    .await;
+    let s = memory_server(config).await;
     let addr = s.base.trim_start_matches("http://").to_owned();
     let mut silent = TcpStream::connect(&addr).await.unwrap();
     let mut partial = TcpStream::connect(&addr).await.unwrap();
@@ -396,12 +385,7 @@ async fn a_request_over_its_time_or_beyond_the_concurrency_limit_gets_503() {
     let mut config = AdminConfig::new(TOKEN).unwrap();
     config.request_timeout = Duration::from_millis(500);
     config.max_concurrent_requests = 1;
-    let s = Server::configured(
-        config,
-        Services::new(memory_hub().await),
-        memory_hub().await,
-    )
-    .await;
+    let s = memory_server(config).await;
     let addr = s.base.trim_start_matches("http://").to_owned();
     // A body announced and never sent holds the one slot until the request timeout.
     let hold = || async {
@@ -481,12 +465,7 @@ async fn a_request_over_its_time_or_beyond_the_concurrency_limit_gets_503() {
 async fn a_thousand_idle_half_open_connections_neither_exhaust_the_server_nor_delay_a_probe() {
     let mut config = AdminConfig::new(TOKEN).unwrap();
     config.header_read_timeout = Duration::from_secs(3);
-    let s = Server::configured(
-        config,
-        Services::new(memory_hub().await),
-        memory_hub().await,
-    )
-    .await;
+    let s = memory_server(config).await;
     let addr = s.base.trim_start_matches("http://").to_owned();
     let mut idle = Vec::with_capacity(1000);
     for i in 0..1000 {
@@ -789,12 +768,7 @@ async fn a_probe_answers_503_when_the_brokers_do_not_answer_in_time() {
 async fn a_connection_beyond_the_cap_waits_until_one_closes() {
     let mut config = AdminConfig::new(TOKEN).unwrap();
     config.max_connections = 2;
-    let s = Server::configured(
-        config,
-        Services::new(memory_hub().await),
-        memory_hub().await,
-    )
-    .await;
+    let s = memory_server(config).await;
     let addr = s.base.trim_start_matches("http://").to_owned();
     let first = TcpStream::connect(&addr).await.unwrap();
     let _second = TcpStream::connect(&addr).await.unwrap();
@@ -820,12 +794,7 @@ async fn a_connection_beyond_the_cap_waits_until_one_closes() {
 async fn a_client_without_the_right_token_cannot_hold_a_request_slot() {
     let mut config = both_tokens();
     config.max_concurrent_requests = 1;
-    let s = Server::configured(
-        config,
-        Services::new(memory_hub().await),
-        memory_hub().await,
-    )
-    .await;
+    let s = memory_server(config).await;
     let addr = s.base.trim_start_matches("http://").to_owned();
     for authorization in [
         "",
@@ -875,21 +844,12 @@ async fn a_large_answer_to_a_write_arrives_whole() {
     let tag = uuid_like();
     // 80 groups, each with a sample error of 1,000 characters: well over 64 KiB of JSON.
     for i in 0..80 {
-        let info = DeliveryInfo {
-            topic: format!("admin.large.{tag}.{i}").as_str().into(),
-            group: None,
-            attempt: 1,
-            redelivered: false,
-            position: None,
-        };
-        let now = SystemTime::now();
-        let letter = DeadLetter::new(
+        let letter = failed(
+            &format!("admin.large.{tag}.{i}"),
             &Message::new("x"),
-            &info,
             DeadLetterReason::Permanent,
             &"e".repeat(1000),
-            now,
-            now,
+            SystemTime::now(),
         );
         assert!(processor.ingest(letter).await.unwrap());
     }

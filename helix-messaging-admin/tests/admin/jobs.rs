@@ -11,16 +11,18 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use helix_messaging_admin::AdminConfig;
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterReason, MAX_FINISHED_REDRIVES, MAX_RUNNING_REDRIVES,
-    MemoryDeadLetterStore, Processor, ProcessorConfig,
+    DeadLetterReason, MAX_FINISHED_REDRIVES, MAX_RUNNING_REDRIVES, MemoryDeadLetterStore,
+    Processor, ProcessorConfig,
 };
 use helix_messaging_core::replay::{
     MAX_FINISHED_REPLAYS, MAX_RUNNING_REPLAYS, ReplayConfig, ReplayHandler,
 };
-use helix_messaging_core::{Broker, DeliveryInfo, Message, SubscribeOptions};
+use helix_messaging_core::{Broker, Message, SubscribeOptions};
 use serde_json::{Value, json};
 
-use crate::common::{Server, TOKEN, call, error_of, over, redis_streams, until_done, uuid_like};
+use crate::common::{
+    Server, TOKEN, call, error_of, failed, over, redis_streams, until_done, uuid_like,
+};
 use crate::dlq::{Dlq, dlq_server_on};
 
 fn memory() -> Arc<dyn Broker> {
@@ -453,23 +455,15 @@ async fn finished_replays_are_pruned_to_the_most_kept() {
 
 /// Letters failed at the given times (seconds before now), ingested in the order given.
 async fn ingested_at(processor: &Processor, topic: &str, ages: &[u64]) -> Vec<String> {
-    let info = DeliveryInfo {
-        topic: topic.into(),
-        group: Some("workers".into()),
-        attempt: 3,
-        redelivered: true,
-        position: None,
-    };
     let mut payloads = Vec::new();
     for age in ages {
         let at = SystemTime::now() - Duration::from_secs(*age);
         let payload = format!("{age}s ago");
-        let letter = DeadLetter::new(
+        let letter = failed(
+            topic,
             &Message::new(payload.clone()),
-            &info,
             DeadLetterReason::Permanent,
             "boom",
-            at,
             at,
         );
         assert!(processor.ingest(letter).await.unwrap());

@@ -14,18 +14,20 @@ mod replay;
 mod spool;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use common::{Server, TOKEN, call, error_of, memory_hub, over, redis_streams, uuid_like};
+use common::{
+    Server, TOKEN, call, error_of, ingest_failed, memory_hub, over, redis_streams, uuid_like,
+};
 use helix_messaging_admin::{
     ADDR_VAR, ALLOW_PLAINTEXT_VAR, AdminConfig, AdminError, MIN_TOKEN_LEN, READ_TOKEN_VAR,
     Services, TLS_CERT_VAR, TLS_KEY_VAR, TOKEN_VAR, TlsFiles,
 };
 use helix_messaging_core::dlq::{
-    DeadLetter, DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
+    DeadLetterReason, MemoryDeadLetterStore, Processor, ProcessorConfig,
 };
 use helix_messaging_core::replay::{ReplayConfig, ReplayHandler};
-use helix_messaging_core::{Broker, DeliveryInfo, Message};
+use helix_messaging_core::{Broker, Message};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -227,27 +229,13 @@ async fn dlq_and_replay_metrics_are_the_seeds_names_in_the_prometheus_text() {
     .unwrap();
     processor.start().await.unwrap();
     let topic = format!("admin.metrics.failed.{}", uuid_like());
-    let info = DeliveryInfo {
-        topic: topic.as_str().into(),
-        group: Some("workers".into()),
-        attempt: 3,
-        redelivered: true,
-        position: None,
-    };
-    let mut ids = Vec::new();
-    for payload in ["one", "two"] {
-        let now = SystemTime::now();
-        let letter = DeadLetter::new(
-            &Message::new(payload),
-            &info,
-            DeadLetterReason::MaxRetriesExceeded,
-            "boom",
-            now,
-            now,
-        );
-        ids.push(letter.id.clone());
-        assert!(processor.ingest(letter).await.unwrap());
-    }
+    let ids = ingest_failed(
+        &processor,
+        &topic,
+        &["one", "two"],
+        DeadLetterReason::MaxRetriesExceeded,
+    )
+    .await;
     for payload in ["history 1", "history 2"] {
         broker.publish(&topic, Message::new(payload)).await.unwrap();
     }
