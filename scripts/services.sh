@@ -175,6 +175,15 @@ ensure_schemathesis() {
   export SCHEMATHESIS="$venv/bin/schemathesis"
 }
 
+# Prometheus and promtool (Debian's package, 2.42): the shipped alert rules are checked and
+# unit-tested with promtool, and a real Prometheus scrapes a running admin server to prove
+# every dashboard panel's query. Only the binaries are used; the package's own service is
+# not started.
+ensure_prometheus() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null && return 0
+  apt_install --no-install-recommends prometheus
+}
+
 # cargo-nextest runs the suite: the test groups and per-test timeouts in .config/nextest.toml
 # only apply under it. Built from crates.io once per machine (a few minutes).
 NEXTEST_VERSION=0.9.151

@@ -294,6 +294,9 @@ impl ObservedBroker {
 
     /// Observe `inner` with the given topic bound.
     pub fn with_topic_labels(inner: Arc<dyn Broker>, topics: TopicLabels) -> Self {
+        // Shown at 0 from the start: a dashboard and an alert on reconnects see the series
+        // before the first one happens.
+        count_reconnects(inner.name(), 0);
         ObservedBroker {
             shared: Backlogs::new(inner, Arc::new(topics), DEFAULT_BACKLOG_INTERVAL),
         }
