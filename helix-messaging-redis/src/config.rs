@@ -107,6 +107,9 @@ pub struct RedisConfig {
     /// PEM file of the CA that signed the server's certificate, for `rediss://` servers
     /// whose certificate the system trust store does not cover.
     pub tls_ca_cert: Option<PathBuf>,
+    /// PEM files of the client certificate and its PKCS#8 key, for a server that requires
+    /// one (mutual TLS, `tls-auth-clients yes`). Both or neither.
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
     /// Longest wait to establish a connection. Default 5 s.
@@ -168,6 +171,7 @@ impl RedisConfig {
             info,
             mode,
             tls_ca_cert: None,
+            tls_client: None,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(10),
@@ -187,7 +191,8 @@ impl RedisConfig {
 
     /// Settings from variables read through `lookup`: `REDIS_URL`, or else `REDIS_HOST`
     /// (default `localhost`), `REDIS_PORT` (default 6379), `REDIS_PASSWORD`, `REDIS_DB`;
-    /// plus `REDIS_TLS_CA_CERT` (a PEM file path), `REDIS_STREAM_PAYLOAD_FIELD` and
+    /// plus `REDIS_TLS_CA_CERT` (a PEM file path), `REDIS_TLS_CERT` and `REDIS_TLS_KEY` (the
+    /// client certificate and key for mutual TLS, both or neither), `REDIS_STREAM_PAYLOAD_FIELD` and
     /// `REDIS_PUBSUB_ENVELOPE` (`true` / `false`).
     ///
     /// # Errors
@@ -234,6 +239,24 @@ impl RedisConfig {
             }
         };
         config.tls_ca_cert = var("REDIS_TLS_CA_CERT").map(PathBuf::from);
+        config.tls_client = match (var("REDIS_TLS_CERT"), var("REDIS_TLS_KEY")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                Some((PathBuf::from(cert.trim()), PathBuf::from(key.trim())))
+            }
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "REDIS_TLS_KEY",
+                    "not set, while REDIS_TLS_CERT is: a client certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "REDIS_TLS_CERT",
+                    "not set, while REDIS_TLS_KEY is: a client key needs its certificate",
+                ));
+            }
+        };
         if let Some(field) = var("REDIS_STREAM_PAYLOAD_FIELD") {
             let field = field.trim();
             if field.starts_with(crate::codec::RESERVED_PREFIX) {
@@ -279,23 +302,32 @@ impl RedisConfig {
     }
 
     pub(crate) fn client(&self) -> Result<redis::Client> {
-        let built = match &self.tls_ca_cert {
-            Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|e| {
-                    Error::config(
-                        "REDIS_TLS_CA_CERT",
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                redis::Client::build_with_tls(
-                    self.info.clone(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert),
-                    },
-                )
-            }
-            None => redis::Client::open(self.info.clone()),
+        let read = |var: &'static str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| Error::config(var, format!("cannot read {}: {e}", path.display())))
+        };
+        let built = if self.tls_ca_cert.is_none() && self.tls_client.is_none() {
+            redis::Client::open(self.info.clone())
+        } else {
+            let root_cert = self
+                .tls_ca_cert
+                .as_ref()
+                .map(|path| read("REDIS_TLS_CA_CERT", path))
+                .transpose()?;
+            let client_tls = match &self.tls_client {
+                Some((cert, key)) => Some(redis::ClientTlsConfig {
+                    client_cert: read("REDIS_TLS_CERT", cert)?,
+                    client_key: read("REDIS_TLS_KEY", key)?,
+                }),
+                None => None,
+            };
+            redis::Client::build_with_tls(
+                self.info.clone(),
+                redis::TlsCertificates {
+                    client_tls,
+                    root_cert,
+                },
+            )
         };
         built.map_err(|e| {
             Error::config(
@@ -316,6 +348,7 @@ impl fmt::Debug for RedisConfig {
             .field("password", &password)
             .field("mode", &self.mode)
             .field("tls_ca_cert", &self.tls_ca_cert)
+            .field("tls_client", &self.tls_client)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)

@@ -1,91 +1,68 @@
-//! Test certificates for TLS tests, made with the `openssl` command line tool.
+//! Test certificates for TLS tests, made in the process with `rcgen`: nothing is committed,
+//! nothing outside Rust is needed.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let status = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .unwrap_or_else(|e| panic!("openssl on PATH: {e}"));
-    assert!(status.success(), "openssl {args:?} failed");
-}
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
 
-/// Write a throw-away CA (`ca.pem`, `ca.key`) and a server certificate for `127.0.0.1` and
-/// `localhost` signed by it (`server.pem`, `server.key`) into `dir`, valid for two days.
-/// The directory and the files are made readable by every user, so a broker running as its
-/// own user (RabbitMQ) can load them.
+/// Write a throw-away CA (`ca.pem`), a server certificate for `127.0.0.1` and `localhost`
+/// signed by it (`server.pem`, `server.key`), and a client certificate for mutual TLS signed
+/// by it too (`client.pem`, `client.key`, common name `helix-test-client`) into `dir`. Keys
+/// are ECDSA P-256 in PKCS#8 PEM. The directory and the files are made readable by every
+/// user, so a broker running as its own user (RabbitMQ) can load them.
 ///
 /// # Panics
-/// If `openssl` is missing or fails, or `dir` cannot be written: a test that needs TLS
-/// cannot go on without them.
+/// If `dir` cannot be written or a certificate cannot be made: a test that needs TLS cannot
+/// go on without them.
 pub fn test_certificates(dir: &Path) {
     std::fs::create_dir_all(dir).expect("certificate directory");
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).expect("chmod dir");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=helix-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-subj",
-            "/CN=localhost",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-        ],
-    );
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .expect("san.ext");
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-days",
-            "2",
-            "-extfile",
-            "san.ext",
-            "-out",
-            "server.pem",
-        ],
-    );
-    for file in ["ca.pem", "server.pem", "server.key"] {
-        std::fs::set_permissions(dir.join(file), std::fs::Permissions::from_mode(0o644))
-            .expect("chmod certificate");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "helix-test-ca");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("CA key"))
+        .expect("CA certificate");
+    write(dir, "ca.pem", &ca.pem());
+
+    for (name, names, purpose, common_name) in [
+        (
+            "server",
+            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            "localhost",
+        ),
+        (
+            "client",
+            Vec::new(),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            "helix-test-client",
+        ),
+    ] {
+        let mut params = CertificateParams::new(names).expect("certificate parameters");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.extended_key_usages = vec![purpose];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &*ca).expect("certificate");
+        write(dir, &format!("{name}.pem"), &cert.pem());
+        write(dir, &format!("{name}.key"), &key.serialize_pem());
     }
+}
+
+fn write(dir: &Path, file: &str, content: &str) {
+    let path = dir.join(file);
+    std::fs::write(&path, content).expect("write certificate");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+        .expect("chmod certificate");
 }

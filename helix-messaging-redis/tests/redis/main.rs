@@ -30,6 +30,83 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// A server that requires a client certificate (`--tls-auth-clients yes`) is reached with
+/// `tls_client_cert` / `tls_client_key` (`REDIS_TLS_CERT` / `REDIS_TLS_KEY`), in both modes,
+/// and refuses a client without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_presents_the_client_certificate_a_server_requires() {
+    let certs = common::temp_dir("mtls");
+    helix_messaging_testkit::test_certificates(&certs);
+    let tls_port = free_port();
+    let cert = |f: &str| certs.join(f).display().to_string();
+    let tls_port_arg = tls_port.to_string();
+    let _server = PrivateRedis::start_with(&[
+        "--port",
+        "0",
+        "--tls-port",
+        &tls_port_arg,
+        "--tls-cert-file",
+        &cert("server.pem"),
+        "--tls-key-file",
+        &cert("server.key"),
+        "--tls-ca-cert-file",
+        &cert("ca.pem"),
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}");
+    // From the environment's names, as an operator sets them.
+    let vars = [
+        ("REDIS_URL", url.clone()),
+        ("REDIS_TLS_CA_CERT", cert("ca.pem")),
+        ("REDIS_TLS_CERT", cert("client.pem")),
+        ("REDIS_TLS_KEY", cert("client.key")),
+    ];
+    for mode in [RedisMode::Streams, RedisMode::PubSub] {
+        let mut config = RedisConfig::from_vars(
+            |v| vars.iter().find(|(k, _)| *k == v).map(|(_, x)| x.clone()),
+            mode,
+        )
+        .unwrap();
+        config.pubsub_envelope = true;
+        let broker = RedisBroker::connect(config).await.unwrap();
+        let topic = topic("mtls");
+        let mut sub = broker
+            .subscribe(&topic, SubscribeOptions::default())
+            .await
+            .unwrap();
+        let m = Message::new("mutual");
+        broker.publish(&topic, m.clone()).await.unwrap();
+        let d = recv(&mut sub).await;
+        assert_eq!(d.message().id(), m.id());
+        d.ack().await.unwrap();
+        broker.close().await.unwrap();
+    }
+    // Without the client certificate the server refuses the handshake.
+    let mut config = RedisConfig::new(&url, RedisMode::Streams).unwrap();
+    config.tls_ca_cert = Some(certs.join("ca.pem"));
+    config.connect_timeout = Duration::from_secs(5);
+    let err = RedisBroker::connect(config)
+        .await
+        .expect_err("no client certificate");
+    assert!(
+        matches!(err.kind(), ErrorKind::Connection | ErrorKind::Backend),
+        "{err}"
+    );
+    // A key without its certificate is a configuration error naming the variable.
+    let half = [
+        ("REDIS_URL", url.clone()),
+        ("REDIS_TLS_KEY", cert("client.key")),
+    ];
+    let err = RedisConfig::from_vars(
+        |v| half.iter().find(|(k, _)| *k == v).map(|(_, x)| x.clone()),
+        RedisMode::Streams,
+    )
+    .map(|_| ())
+    .expect_err("a key without a certificate");
+    assert!(err.to_string().contains("REDIS_TLS_CERT"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_connections_work_in_both_modes_and_verify_the_server() {
     let certs = common::temp_dir("certs");
