@@ -10,8 +10,9 @@ use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{BoxError, Json, Router};
+use helix_messaging_core::observe::LATENCY_BUCKETS;
 use helix_messaging_core::{Health, HealthStatus, panic_message};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tower::ServiceBuilder;
 use tower::limit::GlobalConcurrencyLimitLayer;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -28,10 +29,17 @@ use crate::{api, dlq, openapi, probes, replay, spool};
 /// Install the `metrics` facade's global recorder as a Prometheus one and return the handle
 /// that renders it (give it to [`router`]).
 ///
+/// Every histogram whose name ends in `_seconds` (the project's latency histograms) is
+/// rendered as a Prometheus histogram with the bounds of [`LATENCY_BUCKETS`]: without
+/// buckets the exporter renders a summary, whose quantiles cannot be aggregated across
+/// instances and which `histogram_quantile` cannot read.
+///
 /// # Errors
 /// [`AdminError::Prometheus`] when a recorder is already installed.
 pub fn install_prometheus() -> Result<PrometheusHandle, AdminError> {
     PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), LATENCY_BUCKETS)
+        .map_err(|err| AdminError::Prometheus(err.to_string()))?
         .install_recorder()
         .map_err(|err| AdminError::Prometheus(err.to_string()))
 }

@@ -80,6 +80,18 @@ pub fn count_reconnects(backend: &'static str, n: u64) {
     metrics::counter!(RECONNECTS_METRIC, "backend" => backend).increment(n);
 }
 
+/// The bucket bounds, in seconds, of every latency histogram this project records (the
+/// names ending in `_seconds`: `messaging_delivery_latency_seconds`,
+/// `messaging_publish_latency_seconds`). An exporter renders them as Prometheus histograms
+/// with these `le` bounds (the admin API's `install_prometheus` does), so
+/// `histogram_quantile` works over `_bucket` and instances aggregate.
+///
+/// From 1 ms (an in-process or local broker) to 5 minutes: a redelivery's latency includes
+/// its earlier attempts and their backoff, and a delivery after a consumer outage its wait.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
 /// How often the backlog gauges are sampled by default.
 pub const DEFAULT_BACKLOG_INTERVAL: Duration = Duration::from_secs(15);
 

@@ -147,6 +147,15 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
         .subscribe_tasks("admin.metrics.depth", |_task, _envelope| async { Ok(()) })
         .await
         .unwrap();
+    // One task for workers of a queue of its own (the depth queue's gauges stay at 0), so a
+    // delivery is timed.
+    let timed = hub
+        .subscribe_tasks("admin.metrics.latency", |_task, _envelope| async { Ok(()) })
+        .await
+        .unwrap();
+    hub.publish_task("admin.metrics.latency", &task)
+        .await
+        .unwrap();
     let server = Server::start(hub, Some(prometheus)).await;
     let response = server.get("/v1/messaging/metrics").send().await.unwrap();
     assert_eq!(response.status(), 200);
@@ -194,7 +203,37 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+    // Latency is a Prometheus histogram (buckets, aggregatable across instances), not a
+    // summary of one process's quantiles.
+    until_metric(
+        &server,
+        "messaging_delivery_latency_seconds_bucket{backend=\"memory\",topic=\"admin.metrics.latency\",le=\"+Inf\"}",
+        "1",
+    )
+    .await;
+    let text = call_text(&server).await;
+    let buckets: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("messaging_delivery_latency_seconds_bucket{")
+                && l.contains("topic=\"admin.metrics.latency\"")
+        })
+        .collect();
+    assert_eq!(
+        buckets.len(),
+        helix_messaging_core::observe::LATENCY_BUCKETS.len() + 1,
+        "one line per documented bucket and +Inf: {buckets:?}"
+    );
+    assert!(
+        text.contains("# TYPE messaging_delivery_latency_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("quantile="),
+        "no summary is rendered:\n{text}"
+    );
     workers.shutdown().await;
+    timed.shutdown().await;
 }
 
 /// Poll `/metrics` until a line starting with `prefix` ends with ` value` (15 s at most).
@@ -209,6 +248,13 @@ async fn until_metric(server: &Server, prefix: &str, value: &str) {
             .then_some(())
     })
     .await;
+}
+
+/// The Prometheus text at `/v1/messaging/metrics` now.
+async fn call_text(server: &Server) -> String {
+    let response = server.get("/v1/messaging/metrics").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +336,11 @@ async fn dlq_and_replay_metrics_are_the_seeds_names_in_the_prometheus_text() {
     ))
     .await;
     until_metric(&server, "messaging_replay_active", "0").await;
+    let text = call_text(&server).await;
+    assert!(
+        !text.contains("quantile="),
+        "no summary is rendered:\n{text}"
+    );
     processor.stop().await;
 }
 
