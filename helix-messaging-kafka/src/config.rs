@@ -103,12 +103,17 @@ pub struct KafkaConfig {
     /// Any other librdkafka property, applied last (so it wins). Values of keys containing
     /// `password`, `secret` or `key` are redacted in `Debug`.
     pub properties: BTreeMap<String, String>,
-    /// Partitions of topics created on first use. Default 3.
+    /// Partitions of topics created on first use that HelixAgent's topic tables
+    /// ([`KafkaTopic::helixagent`](crate::KafkaTopic::helixagent)) do not list. Default 3.
     pub default_partitions: i32,
     /// Replication factor of topics the adapter creates (`KAFKA_REPLICATION_FACTOR`). `None`
     /// (default) leaves it to the brokers' `default.replication.factor`, so a production
     /// cluster's own durability setting applies (HelixAgent's clusters use 3).
     pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` of topics the adapter creates (`KAFKA_MIN_INSYNC_REPLICAS`):
+    /// with the producer's `acks=all`, a publish succeeds only once this many replicas
+    /// have it. `None` (default) leaves it to the brokers' own setting.
+    pub min_insync_replicas: Option<i32>,
     /// Largest payload accepted, in bytes. Default [`DEFAULT_MAX_PAYLOAD_BYTES`].
     pub max_payload_bytes: usize,
     /// Longest wait for a publish's delivery report (`message.timeout.ms`; the producer retries
@@ -119,10 +124,21 @@ pub struct KafkaConfig {
     /// `fetch.wait.max.ms`: how long a fetch waits for data. Default 100 ms (librdkafka's
     /// 500 ms adds that much latency to an idle topic).
     pub fetch_wait_max: Duration,
-    /// `session.timeout.ms`: a member silent this long leaves its group. Default 45 s.
+    /// `session.timeout.ms`: a member silent this long leaves its group
+    /// (`KAFKA_SESSION_TIMEOUT_MS`). Default 45 s.
     pub session_timeout: Duration,
-    /// `heartbeat.interval.ms`. Default 3 s.
+    /// `heartbeat.interval.ms` (`KAFKA_HEARTBEAT_INTERVAL_MS`); below the session timeout.
+    /// Default 3 s.
     pub heartbeat_interval: Duration,
+    /// Most records a subscription holds unsettled (handed out and buffered), when its
+    /// options keep the default prefetch (`KAFKA_MAX_POLL_RECORDS`, default 100).
+    ///
+    /// librdkafka has no `max.poll.records`: its consumer returns one record per poll and
+    /// prefetches by bytes. What the Java setting bounds, how much a consumer takes on
+    /// before it asks for more, is here the subscription's prefetch window: the reader
+    /// pauses fetching once this many records are out or buffered, and resumes as they are
+    /// settled.
+    pub max_poll_records: usize,
     /// Largest difference expected between publishers' clocks and the brokers': a read by
     /// time starts this much earlier and filters on the records' timestamps. Default 5 s.
     pub clock_skew: Duration,
@@ -165,12 +181,14 @@ impl KafkaConfig {
             properties: BTreeMap::new(),
             default_partitions: 3,
             replication_factor: None,
+            min_insync_replicas: None,
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             publish_timeout: Duration::from_secs(30),
             request_timeout: Duration::from_secs(10),
             fetch_wait_max: Duration::from_millis(100),
             session_timeout: Duration::from_secs(45),
             heartbeat_interval: Duration::from_secs(3),
+            max_poll_records: helix_messaging_core::DEFAULT_PREFETCH,
             clock_skew: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(5),
             statistics_interval: Duration::from_secs(5),
@@ -189,7 +207,8 @@ impl KafkaConfig {
     /// `KAFKA_CONSUMER_GROUP` (HelixAgent's), plus `KAFKA_CLIENT_ID`, `KAFKA_BATCH_SIZE`,
     /// `KAFKA_LINGER_MS`, `KAFKA_COMPRESSION`, `KAFKA_SECURITY_PROTOCOL`,
     /// `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD`,
-    /// `KAFKA_SSL_CA_LOCATION`, `KAFKA_REPLICATION_FACTOR`.
+    /// `KAFKA_SSL_CA_LOCATION`, `KAFKA_REPLICATION_FACTOR`, `KAFKA_MIN_INSYNC_REPLICAS`,
+    /// `KAFKA_SESSION_TIMEOUT_MS`, `KAFKA_HEARTBEAT_INTERVAL_MS`, `KAFKA_MAX_POLL_RECORDS`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
@@ -273,6 +292,40 @@ impl KafkaConfig {
                     )
                 })?),
             };
+        }
+        if let Some(ms) = var("KAFKA_SESSION_TIMEOUT_MS") {
+            config.session_timeout = positive_ms("KAFKA_SESSION_TIMEOUT_MS", &ms)?;
+        }
+        if let Some(ms) = var("KAFKA_HEARTBEAT_INTERVAL_MS") {
+            config.heartbeat_interval = positive_ms("KAFKA_HEARTBEAT_INTERVAL_MS", &ms)?;
+        }
+        // librdkafka refuses this only when a consumer is created, far from the variables.
+        if config.heartbeat_interval >= config.session_timeout {
+            return Err(Error::config(
+                "KAFKA_HEARTBEAT_INTERVAL_MS",
+                format!(
+                    "must be below the session timeout ({} ms), got {} ms",
+                    config.session_timeout.as_millis(),
+                    config.heartbeat_interval.as_millis()
+                ),
+            ));
+        }
+        if let Some(records) = var("KAFKA_MAX_POLL_RECORDS") {
+            config.max_poll_records = records.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                Error::config(
+                    "KAFKA_MAX_POLL_RECORDS",
+                    format!("expected a whole number of records above 0, got {records:?}"),
+                )
+            })?;
+        }
+        if let Some(replicas) = var("KAFKA_MIN_INSYNC_REPLICAS") {
+            config.min_insync_replicas =
+                Some(replicas.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                    Error::config(
+                        "KAFKA_MIN_INSYNC_REPLICAS",
+                        format!("expected a whole number of replicas above 0, got {replicas:?}"),
+                    )
+                })?);
         }
         Ok(config)
     }
@@ -409,6 +462,21 @@ impl KafkaConfig {
     }
 }
 
+/// A positive number of milliseconds from `variable`.
+fn positive_ms(variable: &str, value: &str) -> Result<Duration> {
+    value
+        .parse::<u64>()
+        .ok()
+        .filter(|ms| *ms > 0)
+        .map(Duration::from_millis)
+        .ok_or_else(|| {
+            Error::config(
+                variable,
+                format!("expected a whole number of milliseconds above 0, got {value:?}"),
+            )
+        })
+}
+
 fn millis(d: Duration) -> String {
     d.as_millis().to_string()
 }
@@ -487,12 +555,14 @@ impl fmt::Debug for KafkaConfig {
             .field("properties", &properties)
             .field("default_partitions", &self.default_partitions)
             .field("replication_factor", &self.replication_factor)
+            .field("min_insync_replicas", &self.min_insync_replicas)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("publish_timeout", &self.publish_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("fetch_wait_max", &self.fetch_wait_max)
             .field("session_timeout", &self.session_timeout)
             .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("max_poll_records", &self.max_poll_records)
             .field("clock_skew", &self.clock_skew)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("statistics_interval", &self.statistics_interval)
@@ -571,11 +641,62 @@ mod tests {
                 vec![("KAFKA_REPLICATION_FACTOR", "0")],
                 "KAFKA_REPLICATION_FACTOR",
             ),
+            (
+                vec![("KAFKA_SESSION_TIMEOUT_MS", "30s")],
+                "KAFKA_SESSION_TIMEOUT_MS",
+            ),
+            (
+                vec![("KAFKA_HEARTBEAT_INTERVAL_MS", "0")],
+                "KAFKA_HEARTBEAT_INTERVAL_MS",
+            ),
+            (
+                vec![("KAFKA_MAX_POLL_RECORDS", "0")],
+                "KAFKA_MAX_POLL_RECORDS",
+            ),
+            (
+                vec![("KAFKA_MIN_INSYNC_REPLICAS", "none")],
+                "KAFKA_MIN_INSYNC_REPLICAS",
+            ),
+            // librdkafka refuses a heartbeat not below the session timeout when the consumer
+            // is created; the variables are checked against each other here instead.
+            (
+                vec![
+                    ("KAFKA_SESSION_TIMEOUT_MS", "3000"),
+                    ("KAFKA_HEARTBEAT_INTERVAL_MS", "3000"),
+                ],
+                "KAFKA_HEARTBEAT_INTERVAL_MS",
+            ),
         ] {
             let err = KafkaConfig::from_vars(vars(&pairs)).expect_err(variable);
             assert_eq!(err.kind(), ErrorKind::Config);
             assert!(err.to_string().contains(variable), "{err}");
         }
+    }
+
+    #[test]
+    fn group_timings_poll_bound_and_min_insync_replicas_are_read() {
+        let config = KafkaConfig::from_vars(vars(&[
+            ("KAFKA_SESSION_TIMEOUT_MS", "30000"),
+            ("KAFKA_HEARTBEAT_INTERVAL_MS", "10000"),
+            ("KAFKA_MAX_POLL_RECORDS", "500"),
+            ("KAFKA_MIN_INSYNC_REPLICAS", "2"),
+        ]))
+        .unwrap();
+        assert_eq!(config.session_timeout, Duration::from_secs(30));
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(10));
+        assert_eq!(config.max_poll_records, 500);
+        assert_eq!(config.min_insync_replicas, Some(2));
+        let consumer = config.consumer("g");
+        assert_eq!(consumer.get("session.timeout.ms"), Some("30000"));
+        assert_eq!(consumer.get("heartbeat.interval.ms"), Some("10000"));
+        let defaults = KafkaConfig::from_vars(vars(&[])).unwrap();
+        assert_eq!(defaults.session_timeout, Duration::from_secs(45));
+        assert_eq!(defaults.heartbeat_interval, Duration::from_secs(3));
+        assert_eq!(
+            defaults.max_poll_records,
+            helix_messaging_core::DEFAULT_PREFETCH
+        );
+        assert_eq!(defaults.min_insync_replicas, None);
     }
 
     #[test]

@@ -41,8 +41,9 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use helix_messaging_core::{
-    BatchReport, Broker, Capabilities, Error, Health, HistoryStream, Message, Publisher, Result,
-    SubscribeOptions, Subscriber, Subscription, TimeRange, validate_name, within,
+    BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Error, Health, HistoryStream, Message,
+    Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange, validate_name,
+    within,
 };
 use rdkafka::consumer::Consumer;
 use rdkafka::producer::Producer;
@@ -203,7 +204,11 @@ impl Subscriber for KafkaBroker {
         let lane = Lane {
             shared: self.shared.clone(),
             deliveries: deliveries.downgrade(),
-            prefetch: options.prefetch.max(1),
+            prefetch: if options.prefetch == DEFAULT_PREFETCH {
+                config.max_poll_records
+            } else {
+                options.prefetch.max(1)
+            },
             topic: Arc::from(topic),
             group: options.group.as_deref().map(Arc::from),
         };

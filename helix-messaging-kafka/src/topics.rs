@@ -76,6 +76,36 @@ impl KafkaTopic {
         })
         .collect()
     }
+
+    /// The topics HelixAgent's Kafka guide says it creates itself (full names; the guide
+    /// gives no retention, so the brokers' applies):
+    ///
+    /// | topic | partitions |
+    /// |---|---|
+    /// | `helixagent.tasks` | 4 |
+    /// | `helixagent.events` | 8 |
+    /// | `helixagent.completions` | 4 |
+    /// | `helixagent.debates` | 2 |
+    pub fn helixagent_auto_created() -> Vec<KafkaTopic> {
+        [
+            ("helixagent.tasks", 4),
+            ("helixagent.events", 8),
+            ("helixagent.completions", 4),
+            ("helixagent.debates", 2),
+        ]
+        .into_iter()
+        .map(|(name, partitions)| KafkaTopic::new(name, partitions))
+        .collect()
+    }
+
+    /// The entry of HelixAgent's tables ([`KafkaTopic::helixagent`],
+    /// [`KafkaTopic::helixagent_auto_created`]) for `name`, if they list it.
+    pub fn listed(name: &str) -> Option<KafkaTopic> {
+        KafkaTopic::helixagent()
+            .into_iter()
+            .chain(KafkaTopic::helixagent_auto_created())
+            .find(|t| t.name == name)
+    }
 }
 
 /// Creates topics and remembers which exist, so only a topic's first use costs a request.
@@ -115,7 +145,20 @@ impl Topics {
             self.known.lock().insert(name.to_owned());
             return Ok(());
         }
-        let topic = KafkaTopic::new(name, config.default_partitions);
+        // The tables name topics in full, as HelixAgent (prefix `helixagent`) has them; under
+        // another prefix a topic the application names in full is found too.
+        let unprefixed = config
+            .topic_prefix
+            .as_deref()
+            .and_then(|prefix| name.strip_prefix(prefix)?.strip_prefix('.'));
+        let topic =
+            match KafkaTopic::listed(name).or_else(|| unprefixed.and_then(KafkaTopic::listed)) {
+                Some(listed) => KafkaTopic {
+                    name: name.to_owned(),
+                    ..listed
+                },
+                None => KafkaTopic::new(name, config.default_partitions),
+            };
         self.create(config, std::slice::from_ref(&topic)).await
     }
 
@@ -145,6 +188,7 @@ impl Topics {
     /// Create `topics` (Kafka names); one that exists already is left as it is.
     pub(crate) async fn create(&self, config: &KafkaConfig, topics: &[KafkaTopic]) -> Result<()> {
         let max_bytes = config.max_record_bytes().to_string();
+        let min_insync = config.min_insync_replicas.map(|n| n.to_string());
         let retention: Vec<Option<String>> = topics
             .iter()
             .map(|t| t.retention.map(|r| r.as_millis().to_string()))
@@ -162,6 +206,9 @@ impl Topics {
                 .set("max.message.bytes", &max_bytes);
                 if let Some(ms) = retention {
                     topic = topic.set("retention.ms", ms);
+                }
+                if let Some(replicas) = &min_insync {
+                    topic = topic.set("min.insync.replicas", replicas);
                 }
                 topic
             })
@@ -239,5 +286,22 @@ mod tests {
             .find(|t| t.name == "helixagent.events.audit")
             .expect("audit");
         assert_eq!(audit.retention, Some(Duration::from_secs(90 * 86_400)));
+    }
+
+    #[test]
+    fn both_seed_tables_are_looked_up_by_name() {
+        assert_eq!(
+            KafkaTopic::listed("helixagent.events").map(|t| t.partitions),
+            Some(8)
+        );
+        assert_eq!(
+            KafkaTopic::listed("helixagent.debates").map(|t| t.partitions),
+            Some(2)
+        );
+        assert_eq!(
+            KafkaTopic::listed("helixagent.dlq.tasks").map(|t| t.retention),
+            Some(Some(Duration::from_secs(30 * 86_400)))
+        );
+        assert_eq!(KafkaTopic::listed("helixagent.unlisted"), None);
     }
 }

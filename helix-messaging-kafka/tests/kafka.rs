@@ -695,3 +695,102 @@ async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() 
     );
     next.close().await.unwrap();
 }
+
+/// The value and source of `key` in the configuration of `topic` on the cluster at `brokers`.
+async fn topic_setting(brokers: &str, topic: &str, key: &str) -> (Option<String>, String) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = tokio::time::timeout(
+        Duration::from_secs(20),
+        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options),
+    )
+    .await
+    .expect("described within 20 s")
+    .unwrap();
+    let resource = described[0].as_ref().expect("the topic's configuration");
+    let entry = resource.get(key).expect(key);
+    (entry.value.clone(), format!("{:?}", entry.source))
+}
+
+/// A topic of HelixAgent's tables created on first use gets the table's partitions and
+/// retention (not the flat default), and `KAFKA_MIN_INSYNC_REPLICAS` is set on every topic
+/// created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_created_on_first_use_follow_the_seed_tables_and_min_insync_replicas() {
+    let mut config = common::config();
+    let prefix = fresh_name("firstuse");
+    config.topic_prefix = Some(prefix.clone());
+    // 1, not the documents' 2: the test cluster has one broker, and the value must still be
+    // seen set on the topic rather than inherited.
+    config.min_insync_replicas = Some(1);
+    let broker = KafkaBroker::connect(config.clone()).await.unwrap();
+    for (topic, expected, retention) in [
+        ("helixagent.tasks", 4, None),
+        ("helixagent.events", 8, None),
+        ("helixagent.debates", 2, None),
+        ("helixagent.stream.tokens", 12, Some("3600000")),
+        ("unlisted", 3, None),
+    ] {
+        broker
+            .publish(topic, Message::new("first use"))
+            .await
+            .unwrap();
+        let full = format!("{prefix}.{topic}");
+        assert_eq!(partitions(&config.brokers, &full), expected, "{full}");
+        if let Some(ms) = retention {
+            let (value, _) = topic_setting(&config.brokers, &full, "retention.ms").await;
+            assert_eq!(value.as_deref(), Some(ms), "{full}");
+        }
+        let (value, source) = topic_setting(&config.brokers, &full, "min.insync.replicas").await;
+        assert_eq!(value.as_deref(), Some("1"), "{full}");
+        assert!(source.contains("DynamicTopic"), "{full}: set from {source}");
+    }
+    broker.close().await.unwrap();
+}
+
+/// `KAFKA_SESSION_TIMEOUT_MS`, `KAFKA_HEARTBEAT_INTERVAL_MS` and `KAFKA_MAX_POLL_RECORDS`
+/// from the environment make a consumer the real cluster accepts, which then receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_consumer_with_the_seed_timings_receives() {
+    let brokers = common::brokers();
+    let config = KafkaConfig::from_vars(helix_messaging_testkit::env_lookup(&[
+        ("KAFKA_BROKERS", brokers.as_str()),
+        ("KAFKA_SESSION_TIMEOUT_MS", "10000"),
+        ("KAFKA_HEARTBEAT_INTERVAL_MS", "1000"),
+        ("KAFKA_MAX_POLL_RECORDS", "2"),
+    ]))
+    .unwrap();
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    let topic = fresh_name("timings");
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, 1)])
+        .await
+        .unwrap();
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group(fresh_name("g")))
+        .await
+        .unwrap();
+    for i in 0..3 {
+        broker
+            .publish(&topic, Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    // Two unsettled at most: the third waits until one is acked.
+    let first = recv(&mut sub).await;
+    let second = recv(&mut sub).await;
+    let held = tokio::time::timeout(Duration::from_secs(1), sub.next()).await;
+    assert!(held.is_err(), "a third delivery past the bound: {held:?}");
+    first.ack().await.unwrap();
+    let third = recv(&mut sub).await;
+    assert_eq!(third.message().payload().as_ref(), b"m2");
+    second.ack().await.unwrap();
+    third.ack().await.unwrap();
+    drop(sub);
+    broker.close().await.unwrap();
+}

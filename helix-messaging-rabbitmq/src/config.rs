@@ -67,19 +67,21 @@ pub struct RabbitConfig {
     /// PEM file of the CA that signed an `amqps://` server's certificate, when the system
     /// trust store does not cover it (`RABBITMQ_TLS_CA_CERT`).
     pub tls_ca_cert: Option<PathBuf>,
-    /// Longest wait to connect. Default 10 s.
+    /// Longest wait to connect (`RABBITMQ_CONNECT_TIMEOUT`). Default 10 s.
     pub connect_timeout: Duration,
-    /// Longest wait for a publish and its confirm; past it the publish fails with a
+    /// Longest wait for a publish and its confirm (`RABBITMQ_PUBLISH_TIMEOUT`); past it the publish fails with a
     /// retryable [`ErrorKind::Timeout`](helix_messaging_core::ErrorKind::Timeout) instead of
     /// hanging (its outcome is then unknown). Default 30 s.
     pub publish_timeout: Duration,
     /// AMQP heartbeat: a dead peer is noticed after about twice this. Default 10 s.
     pub heartbeat: Duration,
-    /// Reconnection attempts after the connection is lost before giving up. Default 100
+    /// Reconnection attempts after the connection is lost before giving up
+    /// (`RABBITMQ_MAX_RECONNECT_ATTEMPTS`). Default 100
     /// (about eight minutes at the maximum delay).
     pub reconnect_attempts: usize,
     /// First pause between reconnection attempts; it doubles up to
-    /// [`RabbitConfig::max_reconnect_delay`]. Default 100 ms.
+    /// [`RabbitConfig::max_reconnect_delay`] (`RABBITMQ_RECONNECT_DELAY`, which raises that
+    /// cap to itself when above it). Default 100 ms.
     pub reconnect_delay: Duration,
     /// Longest pause between reconnection attempts. Default 5 s.
     pub max_reconnect_delay: Duration,
@@ -123,12 +125,18 @@ impl RabbitConfig {
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) when the URI does not
     /// parse (the URI itself is not repeated: it may hold a password).
     pub fn new(uri: &str) -> Result<Self> {
-        let uri: AMQPUri = uri.parse().map_err(|_| {
+        let mut uri: AMQPUri = uri.parse().map_err(|_| {
             Error::config(
                 "RABBITMQ_URL",
                 "not a valid AMQP URI; expected amqp://user:password@host:port/vhost or amqps://…",
             )
         })?;
+        // `amqp://host:5672/` (HelixAgent's documented form) names vhost "" under the AMQP
+        // URI spec, which lapin follows and every broker refuses; the Go client reads it as
+        // the default vhost `/`, and so does this backend. No vhost can be named "".
+        if uri.vhost.is_empty() {
+            uri.vhost = "/".to_owned();
+        }
         Ok(RabbitConfig::with_uri(uri))
     }
 
@@ -190,7 +198,9 @@ impl RabbitConfig {
     /// (`guest`), `RABBITMQ_PASSWORD` (`guest`), `RABBITMQ_VHOST` (`/`); plus
     /// `RABBITMQ_EXCHANGE`, `RABBITMQ_PREFETCH_COUNT`, `RABBITMQ_PUBLISHER_CONFIRM`,
     /// `RABBITMQ_TLS_CA_CERT`, `RABBITMQ_MAX_PRIORITY`, `RABBITMQ_DEAD_LETTER_QUEUE`,
-    /// `RABBITMQ_REPLAY_JOURNAL`.
+    /// `RABBITMQ_REPLAY_JOURNAL`, and HelixAgent's connection settings
+    /// `RABBITMQ_CONNECT_TIMEOUT`, `RABBITMQ_PUBLISH_TIMEOUT`, `RABBITMQ_RECONNECT_DELAY`
+    /// (durations such as `500ms`, `30s`, `2m`) and `RABBITMQ_MAX_RECONNECT_ATTEMPTS`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the malformed
@@ -262,6 +272,26 @@ impl RabbitConfig {
         if let Some(dlq) = var("RABBITMQ_DEAD_LETTER_QUEUE") {
             config.dead_letter_queue = (!dlq.eq_ignore_ascii_case("none")).then_some(dlq);
         }
+        if let Some(timeout) = var("RABBITMQ_CONNECT_TIMEOUT") {
+            config.connect_timeout = duration("RABBITMQ_CONNECT_TIMEOUT", &timeout)?;
+        }
+        if let Some(timeout) = var("RABBITMQ_PUBLISH_TIMEOUT") {
+            config.publish_timeout = duration("RABBITMQ_PUBLISH_TIMEOUT", &timeout)?;
+        }
+        if let Some(attempts) = var("RABBITMQ_MAX_RECONNECT_ATTEMPTS") {
+            config.reconnect_attempts = attempts.parse::<usize>().map_err(|_| {
+                Error::config(
+                    "RABBITMQ_MAX_RECONNECT_ATTEMPTS",
+                    format!("expected a whole number of attempts, got {attempts:?}"),
+                )
+            })?;
+        }
+        if let Some(delay) = var("RABBITMQ_RECONNECT_DELAY") {
+            config.reconnect_delay = duration("RABBITMQ_RECONNECT_DELAY", &delay)?;
+            // HelixAgent waits this delay before every attempt: a delay above the cap raises
+            // the cap rather than being cut to it.
+            config.max_reconnect_delay = config.max_reconnect_delay.max(config.reconnect_delay);
+        }
         Ok(config)
     }
 
@@ -300,6 +330,32 @@ impl RabbitConfig {
         uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
         uri
     }
+}
+
+/// A positive duration variable's value, written as HelixAgent's configuration writes them:
+/// a whole number with a unit, `ms`, `s`, `m` or `h` (`500ms`, `30s`, `2m`).
+fn duration(variable: &str, value: &str) -> Result<Duration> {
+    let bad = || {
+        Error::config(
+            variable,
+            format!("expected a positive duration such as 500ms, 30s or 2m, got {value:?}"),
+        )
+    };
+    let lower = value.to_ascii_lowercase();
+    let digits = lower.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = lower.split_at(digits);
+    let number: u64 = number.parse().map_err(|_| bad())?;
+    let parsed = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        _ => return Err(bad()),
+    };
+    if parsed.is_zero() {
+        return Err(bad());
+    }
+    Ok(parsed)
 }
 
 /// A boolean variable's value.
@@ -393,6 +449,46 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_url_path_is_the_default_vhost() {
+        for url in [
+            "amqp://user:pass@localhost:5672/",
+            "amqp://user:pass@localhost:5672",
+            "amqp://user:pass@localhost:5672/%2f",
+        ] {
+            let config = RabbitConfig::new(url).unwrap();
+            assert_eq!(config.uri.vhost, "/", "{url}");
+        }
+        let named = RabbitConfig::new("amqp://user:pass@localhost:5672/prod").unwrap();
+        assert_eq!(named.uri.vhost, "prod");
+    }
+
+    #[test]
+    fn timeouts_and_reconnects_come_from_their_variables() {
+        let config = RabbitConfig::from_vars(vars(&[
+            ("RABBITMQ_CONNECT_TIMEOUT", "30s"),
+            ("RABBITMQ_PUBLISH_TIMEOUT", "1500ms"),
+            ("RABBITMQ_MAX_RECONNECT_ATTEMPTS", "10"),
+            ("RABBITMQ_RECONNECT_DELAY", "5s"),
+        ]))
+        .unwrap();
+        assert_eq!(config.connect_timeout, Duration::from_secs(30));
+        assert_eq!(config.publish_timeout, Duration::from_millis(1500));
+        assert_eq!(config.reconnect_attempts, 10);
+        assert_eq!(config.reconnect_delay, Duration::from_secs(5));
+        // HelixAgent waits the same delay between every attempt; a delay above the cap
+        // raises the cap, so 5 s is waited each time rather than cut to the 5 s default.
+        assert!(config.max_reconnect_delay >= config.reconnect_delay);
+        let slow = RabbitConfig::from_vars(vars(&[("RABBITMQ_RECONNECT_DELAY", "1m")])).unwrap();
+        assert_eq!(slow.reconnect_delay, Duration::from_secs(60));
+        assert_eq!(slow.max_reconnect_delay, Duration::from_secs(60));
+        let defaults = RabbitConfig::from_vars(vars(&[])).unwrap();
+        assert_eq!(defaults.connect_timeout, Duration::from_secs(10));
+        assert_eq!(defaults.publish_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.reconnect_attempts, 100);
+        assert_eq!(defaults.reconnect_delay, Duration::from_millis(100));
+    }
+
+    #[test]
     fn malformed_variables_are_named() {
         for (pairs, variable) in [
             (vec![("RABBITMQ_PORT", "amqp")], "RABBITMQ_PORT"),
@@ -413,6 +509,26 @@ mod tests {
                 "RABBITMQ_REPLAY_JOURNAL",
             ),
             (vec![("RABBITMQ_URL", "http://x")], "RABBITMQ_URL"),
+            (
+                vec![("RABBITMQ_CONNECT_TIMEOUT", "30")],
+                "RABBITMQ_CONNECT_TIMEOUT",
+            ),
+            (
+                vec![("RABBITMQ_CONNECT_TIMEOUT", "0s")],
+                "RABBITMQ_CONNECT_TIMEOUT",
+            ),
+            (
+                vec![("RABBITMQ_PUBLISH_TIMEOUT", "soon")],
+                "RABBITMQ_PUBLISH_TIMEOUT",
+            ),
+            (
+                vec![("RABBITMQ_MAX_RECONNECT_ATTEMPTS", "-1")],
+                "RABBITMQ_MAX_RECONNECT_ATTEMPTS",
+            ),
+            (
+                vec![("RABBITMQ_RECONNECT_DELAY", "5x")],
+                "RABBITMQ_RECONNECT_DELAY",
+            ),
         ] {
             let err = RabbitConfig::from_vars(vars(&pairs)).expect_err(variable);
             assert_eq!(err.kind(), ErrorKind::Config);

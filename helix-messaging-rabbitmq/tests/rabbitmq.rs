@@ -2,9 +2,12 @@
 
 mod common;
 
+use std::time::Duration;
+
 use futures::StreamExt;
 use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
-use helix_messaging_rabbitmq::RabbitBroker;
+
+use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_no_queue_can_take_is_an_error_not_a_silent_ack() {
@@ -306,5 +309,54 @@ async fn a_delayed_requeue_waits_in_the_broker_across_a_consumer_crash() {
             .await
             .is_err(),
         "delivered again after the ack"
+    );
+}
+
+/// HelixAgent's documents write `RABBITMQ_URL=amqp://user:pass@localhost:5672/`: the Go client
+/// reads the empty path as the default vhost `/`, and so must this backend (lapin alone reads
+/// it as vhost `""`, which the broker refuses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_url_with_an_empty_path_connects_to_the_default_vhost() {
+    let mut config = RabbitConfig::new("amqp://guest:guest@127.0.0.1:5672/").unwrap();
+    config.dead_letter_queue = Some("hm-test.dlq".into());
+    let broker = tokio::time::timeout(Duration::from_secs(30), RabbitBroker::connect(config))
+        .await
+        .expect("connect answered within 30 s")
+        .expect("connected to vhost /");
+    assert_eq!(broker.config().address(), "amqp://guest@127.0.0.1:5672//");
+    broker.close().await.unwrap();
+}
+
+/// `RABBITMQ_CONNECT_TIMEOUT` bounds the connect: a server that accepts the TCP connection
+/// and never speaks AMQP fails it with a timeout, not a hang.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connect_timeout_variable_bounds_a_silent_server() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    // Accepted connections are kept open and never answered.
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keeper = held.clone();
+    std::thread::spawn(move || {
+        for stream in silent.incoming().flatten() {
+            keeper.lock().unwrap().push(stream);
+        }
+    });
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/");
+    let config = RabbitConfig::from_vars(helix_messaging_testkit::env_lookup(&[
+        ("RABBITMQ_URL", url.as_str()),
+        ("RABBITMQ_CONNECT_TIMEOUT", "300ms"),
+    ]))
+    .unwrap();
+    assert_eq!(config.connect_timeout, Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(10), RabbitBroker::connect(config))
+        .await
+        .expect("the connect gave up well within 10 s")
+        .expect_err("a silent server is not a broker");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}, not about 300 ms",
+        started.elapsed()
     );
 }
