@@ -67,6 +67,11 @@ pub struct RabbitConfig {
     /// PEM file of the CA that signed an `amqps://` server's certificate, when the system
     /// trust store does not cover it (`RABBITMQ_TLS_CA_CERT`).
     pub tls_ca_cert: Option<PathBuf>,
+    /// PEM files of the client certificate and its PKCS#8 key, for a listener that requires
+    /// one (`RABBITMQ_TLS_CERT`, `RABBITMQ_TLS_KEY`; both or neither). With
+    /// `?auth_mechanism=external` in the URL the certificate is also the login (SASL
+    /// EXTERNAL, RabbitMQ's `rabbitmq_auth_mechanism_ssl`).
+    pub tls_client: Option<(PathBuf, PathBuf)>,
     /// Longest wait to connect (`RABBITMQ_CONNECT_TIMEOUT`). Default 10 s.
     pub connect_timeout: Duration,
     /// Longest wait for a publish and its confirm (`RABBITMQ_PUBLISH_TIMEOUT`); past it the publish fails with a
@@ -151,6 +156,7 @@ impl RabbitConfig {
             private_queue_expires: Duration::from_secs(600),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
             tls_ca_cert: None,
+            tls_client: None,
             connect_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(10),
@@ -239,6 +245,24 @@ impl RabbitConfig {
             }
         };
         config.tls_ca_cert = var("RABBITMQ_TLS_CA_CERT").map(PathBuf::from);
+        config.tls_client = match (var("RABBITMQ_TLS_CERT"), var("RABBITMQ_TLS_KEY")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                Some((PathBuf::from(cert.trim()), PathBuf::from(key.trim())))
+            }
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "RABBITMQ_TLS_KEY",
+                    "not set, while RABBITMQ_TLS_CERT is: a client certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "RABBITMQ_TLS_CERT",
+                    "not set, while RABBITMQ_TLS_KEY is: a client key needs its certificate",
+                ));
+            }
+        };
         if let Some(exchange) = var("RABBITMQ_EXCHANGE") {
             config.exchange = exchange;
         }
@@ -319,8 +343,19 @@ impl RabbitConfig {
                 )
             })?),
         };
+        let read = |var: &'static str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| Error::config(var, format!("cannot read {}: {e}", path.display())))
+        };
+        let identity = match &self.tls_client {
+            Some((cert, key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                pem: read("RABBITMQ_TLS_CERT", cert)?,
+                key: read("RABBITMQ_TLS_KEY", key)?,
+            }),
+            None => None,
+        };
         Ok(lapin::tcp::OwnedTLSConfig {
-            identity: None,
+            identity,
             cert_chain,
         })
     }
@@ -383,6 +418,7 @@ impl fmt::Debug for RabbitConfig {
             .field("private_queue_expires", &self.private_queue_expires)
             .field("max_payload_bytes", &self.max_payload_bytes)
             .field("tls_ca_cert", &self.tls_ca_cert)
+            .field("tls_client", &self.tls_client)
             .field("connect_timeout", &self.connect_timeout)
             .field("publish_timeout", &self.publish_timeout)
             .field("heartbeat", &self.heartbeat)

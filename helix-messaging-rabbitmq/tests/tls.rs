@@ -38,6 +38,11 @@ struct TlsListener {
 
 impl TlsListener {
     fn start() -> TlsListener {
+        TlsListener::start_with("{verify, verify_none}, {fail_if_no_peer_cert, false}")
+    }
+
+    /// A listener with `verification`, an Erlang `ssl` option list's tail.
+    fn start_with(verification: &str) -> TlsListener {
         let certs = certificates();
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -46,7 +51,7 @@ impl TlsListener {
             .port();
         let file = |name: &str| certs.join(name).display().to_string();
         let expr = format!(
-            "rabbit_networking:start_ssl_listener({port}, [{{cacertfile, \"{}\"}}, {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {{verify, verify_none}}, {{fail_if_no_peer_cert, false}}], 1, 1).",
+            "rabbit_networking:start_ssl_listener({port}, [{{cacertfile, \"{}\"}}, {{certfile, \"{}\"}}, {{keyfile, \"{}\"}}, {verification}], 1, 1).",
             file("ca.pem"),
             file("server.pem"),
             file("server.key")
@@ -101,5 +106,117 @@ async fn amqps_with_the_test_ca_round_trips_and_an_untrusted_certificate_is_refu
     assert!(
         err.to_string().contains("certificate verify failed"),
         "refused for the wrong reason: {err}"
+    );
+}
+
+/// The broker's settings for SASL EXTERNAL (the certificate's common name is the user),
+/// made for one test and undone afterwards, even when it fails: the plugin, the mechanism
+/// offered beside PLAIN, the login taken from the common name, and the user.
+struct ExternalAuth {
+    user: &'static str,
+}
+
+impl ExternalAuth {
+    fn enable(user: &'static str) -> ExternalAuth {
+        let dir = std::env::temp_dir();
+        run(
+            "rabbitmq-plugins",
+            &["enable", "--online", "rabbitmq_auth_mechanism_ssl"],
+            &dir,
+        );
+        run(
+            "rabbitmqctl",
+            &[
+                "eval",
+                // EXTERNAL also checks the node's own TLS options ask for a peer certificate.
+                "application:set_env(rabbit, auth_mechanisms, ['PLAIN', 'AMQPLAIN', 'EXTERNAL']), application:set_env(rabbit, ssl_cert_login_from, common_name), application:set_env(rabbit, ssl_options, [{verify, verify_peer}, {fail_if_no_peer_cert, true}]).",
+            ],
+            &dir,
+        );
+        let password = uuid::Uuid::new_v4().simple().to_string();
+        run("rabbitmqctl", &["add_user", user, &password], &dir);
+        run(
+            "rabbitmqctl",
+            &["set_permissions", "-p", "/", user, ".*", ".*", ".*"],
+            &dir,
+        );
+        ExternalAuth { user }
+    }
+}
+
+impl Drop for ExternalAuth {
+    fn drop(&mut self) {
+        let quiet = |args: &[&str]| {
+            let _ = Command::new(args[0]).args(&args[1..]).output();
+        };
+        quiet(&["rabbitmqctl", "delete_user", self.user]);
+        quiet(&[
+            "rabbitmqctl",
+            "eval",
+            "application:set_env(rabbit, auth_mechanisms, ['PLAIN', 'AMQPLAIN']), application:unset_env(rabbit, ssl_cert_login_from), application:set_env(rabbit, ssl_options, []).",
+        ]);
+        quiet(&[
+            "rabbitmq-plugins",
+            "disable",
+            "--online",
+            "rabbitmq_auth_mechanism_ssl",
+        ]);
+    }
+}
+
+/// A listener that requires a client certificate (`verify_peer`, `fail_if_no_peer_cert`) is
+/// reached with `tls_client` (`RABBITMQ_TLS_CERT` / `RABBITMQ_TLS_KEY`), logging in with SASL
+/// EXTERNAL as the certificate's common name; without the certificate the handshake fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqps_with_a_client_certificate_logs_in_with_sasl_external() {
+    let listener = TlsListener::start_with("{verify, verify_peer}, {fail_if_no_peer_cert, true}");
+    let _auth = ExternalAuth::enable("helix-test-client");
+    // No user or password in the URL: the certificate is the credential.
+    let url = format!(
+        "amqps://127.0.0.1:{}/%2f?auth_mechanism=external",
+        listener.port
+    );
+    let file = |name: &str| listener.certs.join(name).display().to_string();
+    let vars = [
+        ("RABBITMQ_URL", url.clone()),
+        ("RABBITMQ_TLS_CA_CERT", file("ca.pem")),
+        ("RABBITMQ_TLS_CERT", file("client.pem")),
+        ("RABBITMQ_TLS_KEY", file("client.key")),
+    ];
+    let mut config =
+        RabbitConfig::from_vars(|v| vars.iter().find(|(k, _)| *k == v).map(|(_, x)| x.clone()))
+            .unwrap();
+    config.group_queue_expires = common::config().group_queue_expires;
+    let broker = RabbitBroker::connect(config)
+        .await
+        .expect("amqps with a client certificate");
+    let topic = helix_messaging_testkit::fresh_name("mtls");
+    let mut sub = broker
+        .subscribe(
+            &topic,
+            SubscribeOptions::group(helix_messaging_testkit::fresh_name("g")),
+        )
+        .await
+        .unwrap();
+    let m = Message::new("mutual");
+    broker.publish(&topic, m.clone()).await.unwrap();
+    let d = common::recv(&mut sub).await;
+    assert_eq!(d.message().id(), m.id());
+    d.ack().await.unwrap();
+    broker.close().await.unwrap();
+
+    // Without a client certificate the server ends the handshake.
+    let mut without = RabbitConfig::new(&url).unwrap();
+    without.tls_ca_cert = Some(listener.certs.join("ca.pem"));
+    without.connect_timeout = Duration::from_secs(5);
+    let err = RabbitBroker::connect(without)
+        .await
+        .expect_err("no client certificate");
+    assert!(
+        matches!(
+            err.kind(),
+            helix_messaging_core::ErrorKind::Connection | helix_messaging_core::ErrorKind::Backend
+        ),
+        "{err}"
     );
 }
