@@ -100,6 +100,10 @@ pub struct KafkaConfig {
     /// `ssl.ca.location`: PEM file of the CA that signed the brokers' certificates
     /// (`KAFKA_SSL_CA_LOCATION`).
     pub ssl_ca_location: Option<String>,
+    /// `ssl.certificate.location` and `ssl.key.location`: PEM files of the client
+    /// certificate and its key, for brokers that require one (`ssl.client.auth=required`;
+    /// `KAFKA_SSL_CERTIFICATE_LOCATION`, `KAFKA_SSL_KEY_LOCATION`, both or neither).
+    pub ssl_client: Option<(String, String)>,
     /// Any other librdkafka property, applied last (so it wins). Values of keys containing
     /// `password`, `secret` or `key` are redacted in `Debug`.
     pub properties: BTreeMap<String, String>,
@@ -178,6 +182,7 @@ impl KafkaConfig {
             sasl_username: None,
             sasl_password: None,
             ssl_ca_location: None,
+            ssl_client: None,
             properties: BTreeMap::new(),
             default_partitions: 3,
             replication_factor: None,
@@ -207,7 +212,8 @@ impl KafkaConfig {
     /// `KAFKA_CONSUMER_GROUP` (HelixAgent's), plus `KAFKA_CLIENT_ID`, `KAFKA_BATCH_SIZE`,
     /// `KAFKA_LINGER_MS`, `KAFKA_COMPRESSION`, `KAFKA_SECURITY_PROTOCOL`,
     /// `KAFKA_SASL_MECHANISM`, `KAFKA_SASL_USERNAME`, `KAFKA_SASL_PASSWORD`,
-    /// `KAFKA_SSL_CA_LOCATION`, `KAFKA_REPLICATION_FACTOR`, `KAFKA_MIN_INSYNC_REPLICAS`,
+    /// `KAFKA_SSL_CA_LOCATION`, `KAFKA_SSL_CERTIFICATE_LOCATION`, `KAFKA_SSL_KEY_LOCATION`,
+    /// `KAFKA_REPLICATION_FACTOR`, `KAFKA_MIN_INSYNC_REPLICAS`,
     /// `KAFKA_SESSION_TIMEOUT_MS`, `KAFKA_HEARTBEAT_INTERVAL_MS`, `KAFKA_MAX_POLL_RECORDS`.
     ///
     /// # Errors
@@ -280,6 +286,25 @@ impl KafkaConfig {
         config.sasl_username = var("KAFKA_SASL_USERNAME");
         config.sasl_password = var("KAFKA_SASL_PASSWORD");
         config.ssl_ca_location = var("KAFKA_SSL_CA_LOCATION");
+        config.ssl_client = match (
+            var("KAFKA_SSL_CERTIFICATE_LOCATION"),
+            var("KAFKA_SSL_KEY_LOCATION"),
+        ) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "KAFKA_SSL_KEY_LOCATION",
+                    "not set, while KAFKA_SSL_CERTIFICATE_LOCATION is: a client certificate needs its key",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "KAFKA_SSL_CERTIFICATE_LOCATION",
+                    "not set, while KAFKA_SSL_KEY_LOCATION is: a client key needs its certificate",
+                ));
+            }
+        };
         if let Some(factor) = var("KAFKA_REPLICATION_FACTOR") {
             config.replication_factor = match factor.as_str() {
                 "default" => None,
@@ -379,6 +404,10 @@ impl KafkaConfig {
         }
         if let Some(ca) = &self.ssl_ca_location {
             c.set("ssl.ca.location", ca);
+        }
+        if let Some((cert, key)) = &self.ssl_client {
+            c.set("ssl.certificate.location", cert)
+                .set("ssl.key.location", key);
         }
         if !self.statistics_interval.is_zero() {
             c.set(
@@ -552,6 +581,7 @@ impl fmt::Debug for KafkaConfig {
                 &self.sasl_password.as_ref().map(|_| "<redacted>"),
             )
             .field("ssl_ca_location", &self.ssl_ca_location)
+            .field("ssl_client", &self.ssl_client)
             .field("properties", &properties)
             .field("default_partitions", &self.default_partitions)
             .field("replication_factor", &self.replication_factor)

@@ -30,17 +30,22 @@ pub fn test_certificates(dir: &Path) {
         .expect("CA certificate");
     write(dir, "ca.pem", &ca.pem());
 
-    for (name, names, purpose, common_name) in [
+    for (name, names, purposes, common_name) in [
+        // A broker that talks to itself over its TLS listener (Kafka's inter-broker
+        // listener) presents its own certificate as a client too.
         (
             "server",
             vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
-            ExtendedKeyUsagePurpose::ServerAuth,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
             "localhost",
         ),
         (
             "client",
             Vec::new(),
-            ExtendedKeyUsagePurpose::ClientAuth,
+            vec![ExtendedKeyUsagePurpose::ClientAuth],
             "helix-test-client",
         ),
     ] {
@@ -48,7 +53,7 @@ pub fn test_certificates(dir: &Path) {
         params
             .distinguished_name
             .push(DnType::CommonName, common_name);
-        params.extended_key_usages = vec![purpose];
+        params.extended_key_usages = purposes;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
             KeyUsagePurpose::KeyEncipherment,
