@@ -1,6 +1,6 @@
 //! The admin API as a service of its own, the process to run beside the application: a hub
-//! from the environment, a DLQ processor over its dead-letter topics with a durable SQLite
-//! store, a replay handler checkpointing in the same file, and Prometheus metrics, served
+//! from the environment, a DLQ processor over its dead-letter topics (on both brokers when
+//! tasks and events are on different ones) with a durable SQLite store, a replay handler checkpointing in the same file, and Prometheus metrics, served
 //! until Ctrl-C or SIGTERM.
 //!
 //! ```text
@@ -32,8 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use helix_messaging::admin::{AdminConfig, Services, install_prometheus};
-use helix_messaging::dlq::{Processor, ProcessorConfig, SqliteDeadLetterStore};
-use helix_messaging::hub::HubConfig;
+use helix_messaging::dlq::{DeadLetterSource, Processor, ProcessorConfig, SqliteDeadLetterStore};
 use helix_messaging::replay::{ReplayConfig, ReplayHandler};
 use helix_messaging::{Error, ErrorKind, Result};
 
@@ -91,13 +90,26 @@ async fn run() -> Result<()> {
 
     let store = SqliteDeadLetterStore::open(&store_path).await?;
     let replay_store = Arc::new(store.replay_store().await?);
-    let processor = Processor::new(
+    // Each side dead-letters on its own broker: with events elsewhere, their dead letters
+    // are read there too and re-driven back there.
+    let dlq_topics = hub.config().dead_letters.topics();
+    let sources = if hub.shares_one_broker() {
+        Vec::new()
+    } else {
+        vec![DeadLetterSource::new(
+            "events",
+            hub.event_broker().clone(),
+            dlq_topics.clone(),
+        )?]
+    };
+    let processor = Processor::with_sources(
         hub.task_broker().clone(),
         Arc::new(store),
         ProcessorConfig {
-            topics: HubConfig::default().dead_letters.topics(),
+            topics: dlq_topics,
             ..ProcessorConfig::default()
         },
+        sources,
     )?;
     processor.start().await?;
     let replays = ReplayHandler::open(
