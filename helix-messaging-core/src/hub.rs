@@ -341,6 +341,9 @@ pub struct HubSpoolStats {
 pub struct Hub {
     tasks: Side,
     events: Side,
+    /// Tasks and events were given one broker: each side dead-letters on it, so one
+    /// DLQ processor over it sees both sides' letters.
+    one_broker: bool,
     config: Arc<HubConfig>,
     counters: Arc<Counters>,
 }
@@ -373,11 +376,25 @@ impl Hub {
             None => (None, None),
         };
         Ok(Hub {
+            one_broker: Arc::ptr_eq(&tasks, &events),
             tasks: Side::new("tasks", tasks, &config, task_spool).await?,
             events: Side::new("events", events, &config, event_spool).await?,
             config: Arc::new(config),
             counters: Arc::default(),
         })
+    }
+
+    /// How the hub is set up.
+    pub fn config(&self) -> &HubConfig {
+        &self.config
+    }
+
+    /// Whether tasks and events share one broker (the hub was given the same one for both,
+    /// as `hub_from_env` does when both sides name one backend). When they do not, each
+    /// side's dead letters are on its own broker, and a DLQ processor needs both: the event
+    /// broker as a [`DeadLetterSource`](crate::dlq::DeadLetterSource).
+    pub fn shares_one_broker(&self) -> bool {
+        self.one_broker
     }
 
     /// The task side's broker, as the hub uses it.

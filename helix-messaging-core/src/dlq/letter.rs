@@ -31,6 +31,11 @@ pub const HEADER_FIRST_FAILURE: &str = "helix-dlq-first-failure";
 pub const HEADER_LAST_FAILURE: &str = "helix-dlq-last-failure";
 /// When it was dead-lettered, milliseconds since the Unix epoch.
 pub const HEADER_DEAD_LETTERED_AT: &str = "helix-dlq-dead-lettered-at";
+/// The name of the [`DeadLetterSource`](super::DeadLetterSource) a dead letter was ingested
+/// from, kept on the stored letter's message (absent: the processor's own broker). A
+/// `helix-dlq-` header, so neither the wire form nor a re-driven copy carries it: it names
+/// where this processor found the letter, not a fact of the failure.
+pub const HEADER_SOURCE: &str = "helix-dlq-source";
 /// How often the message was re-driven out of a DLQ before. Kept on the re-driven message
 /// (it is not an `helix-dlq-` header), so a message that keeps failing is recognised.
 pub const HEADER_REDRIVE_COUNT: &str = "helix-redrive-count";
@@ -125,6 +130,12 @@ impl DeadLetter {
             last_failure_at,
             redrives,
         }
+    }
+
+    /// The name of the [`DeadLetterSource`](super::DeadLetterSource) this letter was
+    /// ingested from ([`HEADER_SOURCE`]); `None` for the processor's own broker.
+    pub fn source(&self) -> Option<&str> {
+        self.message.header(HEADER_SOURCE)
     }
 
     /// The message type (the `type` header), if the message names one.

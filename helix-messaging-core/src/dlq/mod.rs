@@ -17,6 +17,7 @@ mod letter;
 mod processor;
 mod redrive;
 mod report;
+mod sources;
 mod store;
 
 use std::sync::Arc;
@@ -37,11 +38,12 @@ pub use letter::{
     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterReason, EVENT_DLQ_TOPIC, HEADER_ATTEMPTS,
     HEADER_DEAD_LETTERED_AT, HEADER_ERROR, HEADER_ERROR_TRUNCATED, HEADER_FIRST_FAILURE,
     HEADER_GROUP, HEADER_LAST_FAILURE, HEADER_ORIGINAL_ID, HEADER_ORIGINAL_TIMESTAMP,
-    HEADER_ORIGINAL_TOPIC, HEADER_PREFIX, HEADER_REASON, HEADER_REDRIVE_COUNT,
+    HEADER_ORIGINAL_TOPIC, HEADER_PREFIX, HEADER_REASON, HEADER_REDRIVE_COUNT, HEADER_SOURCE,
     MAX_ERROR_HEADER_BYTES, TASK_DLQ_TOPIC,
 };
 pub use processor::Processor;
 pub use report::{DeadLetterPage, ProcessorMetrics, RedrivePreview};
+pub use sources::DeadLetterSource;
 pub use store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
     MemoryDeadLetterStore, StoredDeadLetter,

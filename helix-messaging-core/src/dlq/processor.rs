@@ -15,16 +15,16 @@ use super::config::{DeadLetterHandler, ProcessorConfig};
 use super::jobs::{Job, RedriveProgress};
 use super::letter::DeadLetter;
 use super::report::{DeadLetterPage, ProcessorMetrics};
+use super::sources::DeadLetterSource;
 use super::store::remove_redriven;
 use super::store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup, StoredDeadLetter,
 };
-use crate::broker::{Broker, StartPosition, SubscribeOptions};
-use crate::delivery::Envelope;
+use crate::broker::Broker;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::validate_name;
 use crate::retry::RetryPolicy;
-use crate::runner::{HandlerError, Runner, handler_fn};
+use crate::runner::{HandlerError, Runner};
 use crate::trace;
 
 #[derive(Default)]
@@ -44,12 +44,14 @@ struct Running {
 
 pub(super) struct Inner {
     pub(super) broker: Arc<dyn Broker>,
+    /// Brokers besides `broker` whose DLQ topics are ingested too.
+    pub(super) sources: Vec<DeadLetterSource>,
     pub(super) store: Arc<dyn DeadLetterStore>,
     config: ProcessorConfig,
     handlers: RwLock<HashMap<String, Arc<dyn DeadLetterHandler>>>,
     counters: Counters,
     /// Ingests that failed in a row (the store is down), for the ingesters' backoff.
-    ingest_failures: std::sync::atomic::AtomicU32,
+    pub(super) ingest_failures: std::sync::atomic::AtomicU32,
     pub(super) jobs: Mutex<HashMap<String, Job>>,
     running: tokio::sync::Mutex<Option<Running>>,
 }
@@ -137,10 +139,21 @@ impl Processor {
         store: Arc<dyn DeadLetterStore>,
         config: ProcessorConfig,
     ) -> Result<Self> {
+        Processor::assemble(broker, store, config, Vec::new())
+    }
+
+    /// [`Processor::new`] with `sources` (their names already checked).
+    pub(super) fn assemble(
+        broker: Arc<dyn Broker>,
+        store: Arc<dyn DeadLetterStore>,
+        config: ProcessorConfig,
+        sources: Vec<DeadLetterSource>,
+    ) -> Result<Self> {
         config.validate()?;
         Ok(Processor {
             inner: Arc::new(Inner {
                 broker,
+                sources,
                 store,
                 config,
                 handlers: RwLock::new(HashMap::new()),
@@ -193,47 +206,7 @@ impl Processor {
         if running.is_some() {
             return Err(Error::invalid_input("the DLQ processor is already running"));
         }
-        let mut ingesters = Vec::new();
-        for topic in &self.inner.config.topics {
-            let processor = self.clone();
-            let dlq_topic: Arc<str> = Arc::from(topic.as_str());
-            let handler = handler_fn(move |envelope: Envelope| {
-                let processor = processor.clone();
-                let dlq_topic = dlq_topic.clone();
-                async move {
-                    let letter = DeadLetter::from_message(&envelope.message, &dlq_topic);
-                    match processor.ingest(letter).await {
-                        Ok(_) => {
-                            processor.inner.ingest_failures.store(0, Ordering::Relaxed);
-                            Ok(())
-                        }
-                        Err(err) => Err(processor.back_off_ingesting(&dlq_topic, err).await),
-                    }
-                }
-            });
-            // A group created now starts from what the topic retains, where it can: letters
-            // sent before the processor first ran are ingested too.
-            let start = if self.inner.broker.capabilities().replay_by_time {
-                StartPosition::Earliest
-            } else {
-                StartPosition::Latest
-            };
-            let options =
-                SubscribeOptions::group(self.inner.config.group.clone()).with_start(start);
-            let runner = Runner::builder(self.inner.broker.clone(), topic.clone())
-                .options(options)
-                .start(handler)
-                .await;
-            match runner {
-                Ok(runner) => ingesters.push(runner),
-                Err(err) => {
-                    for runner in ingesters {
-                        runner.shutdown().await;
-                    }
-                    return Err(err);
-                }
-            }
-        }
+        let ingesters = self.start_ingesters().await?;
         let stop = CancellationToken::new();
         let poller = tokio::spawn(self.clone().poll_loop(stop.clone()));
         *running = Some(Running {
@@ -330,7 +303,7 @@ impl Processor {
     /// After a failed ingest (the store is down): wait before the dead letter is taken
     /// again, longer with every failure in a row, and say so at warn, so the ingesters
     /// neither spin nor fail silently.
-    async fn back_off_ingesting(&self, dlq_topic: &str, err: Error) -> HandlerError {
+    pub(super) async fn back_off_ingesting(&self, dlq_topic: &str, err: Error) -> HandlerError {
         let failures = self.inner.ingest_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let wait = INGEST_BACKOFF
             .delay_before_retry(failures.min(64))
@@ -512,8 +485,7 @@ impl Processor {
     pub(super) async fn republish(&self, letter: &DeadLetter, topic: &str) -> Result<()> {
         let timeout = self.inner.config.processing_timeout;
         let publish = self
-            .inner
-            .broker
+            .broker_for(letter)?
             .publish(topic, redrive_copy(letter, topic));
         tokio::time::timeout(timeout, publish)
             .await

@@ -310,24 +310,29 @@ impl Run {
         // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
         let skipped = (ids.len() - entries.len()) as u64;
         let letters: Vec<&super::letter::DeadLetter> = entries.iter().map(|e| &e.letter).collect();
-        // One batch per target topic, so confirmations are awaited together.
-        let mut by_topic: Vec<(String, Vec<usize>)> = Vec::new();
+        // One batch per target topic on each broker the letters came from, so
+        // confirmations are awaited together.
+        let mut by_topic: Vec<(String, Option<&str>, Vec<usize>)> = Vec::new();
         for (i, letter) in letters.iter().enumerate() {
             let topic = self
                 .request
                 .target_topic
                 .clone()
                 .unwrap_or_else(|| letter.original_topic.clone());
-            match by_topic.iter_mut().find(|(t, _)| *t == topic) {
-                Some((_, members)) => members.push(i),
-                None => by_topic.push((topic, vec![i])),
+            let source = letter.source();
+            match by_topic
+                .iter_mut()
+                .find(|(t, s, _)| *t == topic && *s == source)
+            {
+                Some((_, _, members)) => members.push(i),
+                None => by_topic.push((topic, source, vec![i])),
             }
         }
         let (mut redriven, mut failed, mut last_error) = (0, 0, None);
         let timeout = self.processor.config().processing_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let mut unremoved: Option<Error> = None;
-        for (topic, members) in by_topic {
+        for (topic, _, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
                 .map(|&i| redrive_copy(letters[i], &topic))
@@ -336,18 +341,32 @@ impl Run {
             // within its hold: what was not confirmed by then (or not sent, the time being
             // up) counts failed and is let go (a copy may still arrive: at least once).
             let count = messages.len();
-            let report = if tokio::time::Instant::now() < deadline {
-                let publish = self.processor.inner.broker.publish_batch(&topic, messages);
-                tokio::time::timeout_at(deadline, publish).await.ok()
-            } else {
-                None
-            }
-            .unwrap_or_else(|| {
-                let failures = (0..count)
-                    .map(|i| (i, publish_timed_out(timeout)))
-                    .collect();
-                crate::broker::BatchReport::new(count, failures)
-            });
+            // The members share a source, so the first names their broker.
+            let report = match self.processor.broker_for(letters[members[0]]) {
+                Err(err) => {
+                    let failures = (0..count)
+                        .map(|i| (i, Error::new(err.kind(), err.message().to_owned())))
+                        .collect();
+                    crate::broker::BatchReport::new(count, failures)
+                }
+                Ok(_) if tokio::time::Instant::now() >= deadline => {
+                    let failures = (0..count)
+                        .map(|i| (i, publish_timed_out(timeout)))
+                        .collect();
+                    crate::broker::BatchReport::new(count, failures)
+                }
+                Ok(broker) => {
+                    let publish = broker.publish_batch(&topic, messages);
+                    tokio::time::timeout_at(deadline, publish)
+                        .await
+                        .unwrap_or_else(|_| {
+                            let failures = (0..count)
+                                .map(|i| (i, publish_timed_out(timeout)))
+                                .collect();
+                            crate::broker::BatchReport::new(count, failures)
+                        })
+                }
+            };
             let failures: HashSet<usize> = report.failures().iter().map(|(i, _)| *i).collect();
             if let Some((_, err)) = report.failures().first() {
                 last_error = Some(err.to_string());

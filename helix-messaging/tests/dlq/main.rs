@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 mod common;
 mod processor;
 mod redrive;
+mod sources;
 mod support;
 use helix_messaging_testkit::stores::letter;
 use support::in_file;
