@@ -105,4 +105,4 @@ pub use crate::probes::{PROBE_HEALTH_TIMEOUT, PROBE_REUSE};
 pub use crate::router::{install_prometheus, router};
 pub use crate::services::Services;
 pub use crate::tokens::FAILURE_LOG_INTERVAL;
-pub use crate::transport::{SHUTDOWN_GRACE, serve, serve_listener};
+pub use crate::transport::{SHUTDOWN_GRACE, check_exposure, serve, serve_listener};

@@ -31,8 +31,13 @@ use crate::services::Services;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Refuse to serve plain HTTP beyond loopback unless [`AdminConfig::allow_plaintext`] says
-/// so: the tokens would cross the network in the clear.
-fn check_exposure(config: &AdminConfig) -> Result<(), AdminError> {
+/// so: the tokens would cross the network in the clear. [`serve`] and [`serve_listener`]
+/// check it themselves; a program that binds its own listener calls it before binding, so
+/// an unsafe address is never bound.
+///
+/// # Errors
+/// [`AdminError::Config`] naming `MESSAGING_ADMIN_ADDR`, with a log line saying why.
+pub fn check_exposure(config: &AdminConfig) -> Result<(), AdminError> {
     if config.addr.ip().is_loopback() || config.tls.is_some() {
         return Ok(());
     }

@@ -125,10 +125,24 @@ async fn run() -> Result<()> {
         .with_dlq(processor.clone())
         .with_replay(replays.clone());
     let stop = stop_signal()?;
-    let server = tokio::spawn(helix_messaging::admin::serve(config, services, async {
-        let signal = stop.await;
-        println!("shutting down on {signal}");
-    }));
+    // Bound before it says it listens, so a client that reads the line can connect; an
+    // address it must not expose is refused before it is bound.
+    helix_messaging::admin::check_exposure(&config).map_err(admin_error)?;
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|err| {
+        Error::new(
+            ErrorKind::Connection,
+            format!("admin API: cannot listen on {addr}: {err}"),
+        )
+    })?;
+    let server = tokio::spawn(helix_messaging::admin::serve_listener(
+        listener,
+        config,
+        services,
+        async {
+            let signal = stop.await;
+            println!("shutting down on {signal}");
+        },
+    ));
     println!("listening on {addr}");
     // The admin API drains first (its own grace), so no request reaches a stopped processor.
     let served = server
