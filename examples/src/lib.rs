@@ -3,17 +3,31 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-/// Log to stderr at `default_level` unless `RUST_LOG` says otherwise, run `program`, and turn its
-/// outcome into the process's exit code (printing the error).
+use helix_messaging::logging::log_directives;
+
+/// Log to stderr as `RUST_LOG`, else `LOG_LEVEL` (with `MESSAGING_DEBUG`), else
+/// `default_level` says (see [`log_directives`]), run `program`, and turn its outcome into
+/// the process's exit code (printing the error). A malformed level is such an error, naming
+/// its variable, before `program` starts.
 pub async fn run_main(
     default_level: &str,
     program: impl Future<Output = helix_messaging::Result<()>>,
 ) -> ExitCode {
+    let filter =
+        log_directives(|name| std::env::var(name).ok(), default_level).and_then(|directives| {
+            tracing_subscriber::EnvFilter::try_new(&directives).map_err(|e| {
+                helix_messaging::Error::config("RUST_LOG", format!("not a log filter: {e}"))
+            })
+        });
+    let filter = match filter {
+        Ok(filter) => filter,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_level.into()),
-        )
+        .with_env_filter(filter)
         // Logs stay out of the programs' output, which tests and scripts read.
         .with_writer(std::io::stderr)
         .init();

@@ -50,3 +50,21 @@ fn the_hub_example_handles_tasks_and_events() {
     assert!(out.contains("tasks_expired: 1"), "{out}");
     assert!(out.contains("events_handled: 2"), "{out}");
 }
+
+/// The programs' log level comes from `LOG_LEVEL` (HelixAgent's) when `RUST_LOG` is unset,
+/// and a malformed one stops the program before it starts, naming the variable.
+#[test]
+fn a_malformed_log_level_is_named_and_stops_the_program() {
+    for (var, value) in [("LOG_LEVEL", "verbose"), ("MESSAGING_DEBUG", "very")] {
+        let output = Command::new(env!("CARGO_BIN_EXE_quickstart"))
+            .env("MESSAGING_BACKEND", "memory")
+            .env_remove("RUST_LOG")
+            .env(var, value)
+            .output()
+            .expect("running quickstart");
+        assert!(!output.status.success(), "{var}={value} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(var), "{stderr}");
+        assert!(output.stdout.is_empty(), "the program ran: {output:?}");
+    }
+}

@@ -7,6 +7,10 @@ use helix_messaging_core::{Broker, Error, Result};
 
 use crate::backends::{self, BACKEND_VAR, Configured};
 
+/// `false` turns messaging to brokers off (HelixAgent's switch for its messaging hub): the
+/// hub runs both sides on the in-memory backend, connects to nothing and spools nothing,
+/// whatever the backend variables say (default `true`).
+pub const ENABLED_VAR: &str = "MESSAGING_ENABLED";
 /// Backend for tasks (default: `MESSAGING_BACKEND`, else `memory`).
 pub const TASK_BACKEND_VAR: &str = "MESSAGING_TASK_BACKEND";
 /// Backend for events (default: `MESSAGING_BACKEND`, else `memory`).
@@ -39,6 +43,8 @@ pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 /// `MESSAGING_BREAKER_FAILURE_THRESHOLD` and `MESSAGING_BREAKER_OPEN_MS` tune the circuit
 /// breakers, `MESSAGING_METRICS_BACKLOG_INTERVAL_MS` sets how often backlogs are sampled
 /// into the queue-depth and lag gauges, `KAFKA_CONSUMER_GROUP` names the workers' group.
+/// `MESSAGING_ENABLED=false` runs both sides on the in-memory backend instead, reading no
+/// broker's variables and opening no spool.
 ///
 /// With the spools on, the hub is returned even while a broker is unreachable: it connects
 /// in the background ([`LazyBroker`](crate::lazy::LazyBroker)) and publishes are spooled
@@ -62,24 +68,34 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
             .map(|v| v.trim().to_ascii_lowercase())
             .filter(|v| !v.is_empty())
     };
-    let default = named(BACKEND_VAR).unwrap_or_else(|| "memory".to_owned());
-    let (task_name, task_var) = match named(TASK_BACKEND_VAR) {
-        Some(name) => (name, TASK_BACKEND_VAR),
-        None => (default.clone(), BACKEND_VAR),
+    let flag = |var: &str| match named(var).as_deref() {
+        None => Ok(None),
+        Some("false" | "0" | "no" | "off") => Ok(Some(false)),
+        Some("true" | "1" | "yes" | "on") => Ok(Some(true)),
+        Some(other) => Err(Error::config(
+            var,
+            format!("expected true or false, got {other:?}"),
+        )),
     };
-    let (event_name, event_var) = match named(EVENT_BACKEND_VAR) {
-        Some(name) => (name, EVENT_BACKEND_VAR),
-        None => (default, BACKEND_VAR),
-    };
-    let fallback = match named(FALLBACK_VAR).as_deref() {
-        None | Some("false" | "0" | "no" | "off") => false,
-        Some("true" | "1" | "yes" | "on") => true,
-        Some(other) => {
-            return Err(Error::config(
-                FALLBACK_VAR,
-                format!("expected true or false, got {other:?}"),
-            ));
-        }
+    let enabled = flag(ENABLED_VAR)?.unwrap_or(true);
+    let fallback = flag(FALLBACK_VAR)?.unwrap_or(false);
+    // Disabled, HelixAgent keeps its work in the process: the brokers' variables are not
+    // read (an unreachable or half-configured broker must not stop it starting), and with
+    // nothing to be away there is nothing to spool.
+    let ((task_name, task_var), (event_name, event_var), fallback) = if enabled {
+        let default = named(BACKEND_VAR).unwrap_or_else(|| "memory".to_owned());
+        let task = match named(TASK_BACKEND_VAR) {
+            Some(name) => (name, TASK_BACKEND_VAR),
+            None => (default.clone(), BACKEND_VAR),
+        };
+        let event = match named(EVENT_BACKEND_VAR) {
+            Some(name) => (name, EVENT_BACKEND_VAR),
+            None => (default, BACKEND_VAR),
+        };
+        (task, event, fallback)
+    } else {
+        let memory = ("memory".to_owned(), ENABLED_VAR);
+        (memory.clone(), memory, false)
     };
     let mut config = HubConfig::default();
     let failures = positive(

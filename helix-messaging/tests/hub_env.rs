@@ -173,3 +173,68 @@ async fn malformed_spool_limits_and_breaker_settings_name_their_variable() {
         assert!(err.to_string().contains(var), "{err}");
     }
 }
+
+/// `MESSAGING_ENABLED=false` (HelixAgent's switch for its messaging hub) keeps everything in
+/// the process: both sides run on the in-memory backend whatever the backend variables name,
+/// nothing connects and nothing is spooled, and tasks are still handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messaging_disabled_runs_the_hub_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool_dir = dir.path().join("spool");
+    let hub = tokio::time::timeout(
+        Duration::from_secs(10),
+        hub_from_vars(env_lookup(&[
+            ("MESSAGING_ENABLED", "false"),
+            // Neither is reachable (nor, without their features, compiled in).
+            ("MESSAGING_TASK_BACKEND", "rabbitmq"),
+            ("MESSAGING_EVENT_BACKEND", "kafka"),
+            ("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
+            ("KAFKA_BROKERS", "127.0.0.1:1"),
+            ("MESSAGING_FALLBACK_ENABLED", "true"),
+            ("MESSAGING_FALLBACK_DIR", spool_dir.to_str().unwrap()),
+        ])),
+    )
+    .await
+    .expect("returns at once")
+    .expect("a hub in memory");
+    assert_eq!(hub.task_broker().name(), "memory");
+    assert_eq!(hub.event_broker().name(), "memory");
+    assert!(!spool_dir.exists(), "no spool is opened");
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = got.clone();
+    let workers = hub
+        .subscribe_tasks("helixagent.tasks.background", move |task: Task, _| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().push(task.id);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    let task = Task::new("cleanup", serde_json::json!({}));
+    hub.publish_task("helixagent.tasks.background", &task)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().is_empty() {
+        assert!(Instant::now() < deadline, "the task was not handled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    workers.shutdown().await;
+    hub.close().await.unwrap();
+
+    // Enabled (explicitly or by default) uses the backend variables as before.
+    let err = hub_from_vars(env_lookup(&[
+        ("MESSAGING_ENABLED", "true"),
+        ("MESSAGING_TASK_BACKEND", "carrier-pigeon"),
+    ]))
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("MESSAGING_TASK_BACKEND"), "{err}");
+    let err = hub_from_vars(env_lookup(&[("MESSAGING_ENABLED", "perhaps")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+    assert!(err.to_string().contains("MESSAGING_ENABLED"), "{err}");
+}

@@ -7,7 +7,8 @@
 //! `MESSAGING_ADMIN_TOKEN_FILE`, in that order. `--json` prints the API's JSON for scripts,
 //! and any failure as `{"error": {"status", "message"}}` on stderr. Exit status: 0 done, 1
 //! the API refused or failed the request, 2 bad usage, 3 authentication failed, 4 the API or
-//! broker could not be reached.
+//! broker could not be reached. Logs go to stderr, off unless `RUST_LOG`, `LOG_LEVEL` or
+//! `MESSAGING_DEBUG` ask for them.
 
 mod cli;
 mod client;
@@ -21,6 +22,7 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use futures::StreamExt;
 use helix_messaging::SubscribeOptions;
+use helix_messaging::logging::log_directives;
 use helix_messaging_admin::api::{
     Ack, CanaryBody, DiscardBody, Entry, Groups, Health, Page, Redrive, RedriveBody,
     RedrivePreview, Redrives, Replay, ReplayBody, ReplayFilterBody, ReplayOptionsBody, Replays,
@@ -372,6 +374,25 @@ async fn main() -> ExitCode {
         }
         Err(err) => err.exit(),
     };
+    // Quiet unless asked: scripts read stderr for the error report.
+    let directives = match log_directives(|var| std::env::var(var).ok(), "off") {
+        Ok(directives) => directives,
+        Err(err) => {
+            report(json_out, &Failure::Usage(err.to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    match tracing_subscriber::EnvFilter::try_new(&directives) {
+        Ok(filter) => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init(),
+        Err(err) => {
+            let message = format!("RUST_LOG: not a log filter: {err}");
+            report(json_out, &Failure::Usage(message));
+            return ExitCode::from(2);
+        }
+    }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {

@@ -426,3 +426,18 @@ async fn tail_prints_what_is_published_on_redis_streams() {
     assert_eq!(lines[1]["id"], "id-two");
     broker.close().await.unwrap();
 }
+
+/// helixctl logs as `RUST_LOG`, else `LOG_LEVEL` with `MESSAGING_DEBUG`, say; a malformed
+/// value is a usage error naming the variable, before anything is asked of the API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_log_level_is_a_usage_error_naming_it() {
+    for (var, value) in [("LOG_LEVEL", "verbose"), ("MESSAGING_DEBUG", "very")] {
+        let out = common::helixctl_with(
+            "http://127.0.0.1:1",
+            &["--json", "health"],
+            &[(var, value), ("MESSAGING_ADMIN_TOKEN", TOKEN)],
+        )
+        .await;
+        failed(&out, 2, var);
+    }
+}
