@@ -207,7 +207,7 @@ async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_panel_returns_series_from_a_real_prometheus_scraping_the_server() {
-    use helix_messaging::{Message, Publisher as _};
+    use helix_messaging::Message;
 
     let dir = tempfile::tempdir().unwrap();
     let (_server, addr) = admin_server(dir.path());
