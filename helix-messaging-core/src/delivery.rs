@@ -125,6 +125,13 @@ impl Settler {
         }
     }
 
+    /// The backend acknowledger, unless already settled: for a wrapper that adds to what
+    /// settling does while keeping the backend's own fast path
+    /// ([`Acknowledge::settle_now`]).
+    pub(crate) fn into_acker(self) -> Option<Box<dyn Acknowledge>> {
+        self.acker.into_inner()
+    }
+
     /// Whether this delivery has been settled (successfully or not).
     pub fn is_settled(&self) -> bool {
         self.acker.lock().is_none()

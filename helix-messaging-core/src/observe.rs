@@ -11,7 +11,15 @@
 //! - `messaging_delivery_latency_seconds`: a histogram of the time from a message's
 //!   timestamp to its delivery (a first delivery's is the transit time; a redelivery's
 //!   includes its earlier attempts);
-//! - `messaging_consume_errors_total`: errors a subscription reported and survived.
+//! - `messaging_consume_errors_total`: errors a subscription reported and survived;
+//! - `messaging_messages_acked_total` and `messaging_messages_nacked_total` (label `requeue`
+//!   too: `"true"` for a requeue, delayed or not, `"false"` for a reject): settlements of
+//!   its deliveries the broker accepted ([`settle`]);
+//!
+//! and, labelled `backend` alone:
+//!
+//! - `messaging_publish_latency_seconds`: a histogram of how long each publish call took,
+//!   whether it succeeded or not (a batch is one call), in [`LATENCY_BUCKETS`].
 //!
 //! and, for every consumer group subscribed through it (label `group` too), sampled from
 //! [`Broker::backlog`] every [`DEFAULT_BACKLOG_INTERVAL`] (see
@@ -27,7 +35,8 @@
 //!   gauges then keep their last value).
 //!
 //! Adapters count `messaging_reconnects_total` (label `backend`, [`count_reconnect`]) where
-//! they re-establish a lost connection, whether or not they are observed.
+//! they re-establish a lost connection, whether or not they are observed, and report their
+//! connections' state, the connections they make and the attempts that fail ([`connection`]).
 //!
 //! A group stays sampled after its last subscription ends, until the broker is closed or
 //! dropped: a backlog that grows while nobody consumes is what the gauges are for. At most
@@ -45,7 +54,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -62,8 +71,15 @@ use crate::capabilities::Capabilities;
 use crate::error::{Error, Result};
 use crate::message::Message;
 pub use crate::names::{DEFAULT_MAX_TOPIC_LABELS, OTHER_TOPICS, TopicLabels};
+use crate::observe::settle::SettleCounters;
 use crate::stack::BrokerLayer;
 use crate::trace;
+
+pub mod connection;
+pub mod settle;
+
+/// The histogram of publish call durations, labelled `backend` (the module docs).
+pub const PUBLISH_LATENCY_METRIC: &str = "messaging_publish_latency_seconds";
 
 /// The counter of connections an adapter re-established after losing them, labelled
 /// `backend` (each adapter documents what it counts).
@@ -341,6 +357,11 @@ impl ObservedBroker {
         ]
     }
 
+    fn time_publish(&self, started: Instant) {
+        metrics::histogram!(PUBLISH_LATENCY_METRIC, "backend" => self.shared.inner.name())
+            .record(started.elapsed().as_secs_f64());
+    }
+
     fn count_published(&self, topic: &str, accepted: usize, failures: &[&Error]) {
         let labels = self.labels(topic);
         if accepted > 0 {
@@ -363,7 +384,9 @@ impl Publisher for ObservedBroker {
     async fn publish(&self, topic: &str, mut message: Message) -> Result<()> {
         let span = trace::publish_span(self.shared.inner.name(), topic, &message);
         trace::stamp(&mut message, &span);
+        let started = Instant::now();
         let outcome = trace::in_span(span, self.shared.inner.publish(topic, message)).await;
+        self.time_publish(started);
         match &outcome {
             Ok(()) => self.count_published(topic, 1, &[]),
             Err(err) => self.count_published(topic, 0, &[err]),
@@ -388,12 +411,14 @@ impl Publisher for ObservedBroker {
                 }
             }
         }
+        let started = Instant::now();
         let report = self
             .shared
             .inner
             .publish_batch(topic, messages)
             .instrument(span.clone())
             .await;
+        self.time_publish(started);
         let failures: Vec<&Error> = report.failures().iter().map(|(_, err)| err).collect();
         if let Some(first) = failures.first() {
             trace::record_error(&span, first);
@@ -419,7 +444,8 @@ impl Subscriber for ObservedBroker {
         let consumed = metrics::counter!("messaging_messages_consumed_total", &labels);
         let latency = metrics::histogram!("messaging_delivery_latency_seconds", &labels);
         let errors = metrics::counter!("messaging_consume_errors_total", &labels);
-        let observed = subscription.inspect(move |item| match item {
+        let settles = SettleCounters::new(&labels);
+        let observed = subscription.map(move |item| match item {
             Ok(delivery) => {
                 consumed.increment(1);
                 // A timestamp ahead of this clock (skew between hosts) records nothing
@@ -427,8 +453,12 @@ impl Subscriber for ObservedBroker {
                 if let Ok(age) = SystemTime::now().duration_since(delivery.message().timestamp()) {
                     latency.record(age.as_secs_f64());
                 }
+                Ok(settles.wrap(delivery))
             }
-            Err(_) => errors.increment(1),
+            Err(err) => {
+                errors.increment(1);
+                Err(err)
+            }
         });
         Ok(
             Subscription::new(name, group, Box::pin(observed))

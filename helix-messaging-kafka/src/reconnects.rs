@@ -6,9 +6,14 @@
 //! broker's state. A loss is counted in `messaging_reconnects_total` once the broker is `UP`
 //! again. Bootstrap entries (node id −1) are left out: librdkafka drops their connections
 //! on purpose once it has learnt the cluster.
+//!
+//! The same documents set `messaging_connection_up{backend="kafka",connection}` per learnt
+//! broker (librdkafka's name for it, `host:port/node`): 1 while its state is `UP`, 0 in any
+//! other, summed over this process's clients (the producer and each group consumer).
 
 use std::collections::HashMap;
 
+use helix_messaging_core::observe::connection::ConnectionState;
 use parking_lot::Mutex;
 use rdkafka::ClientContext;
 use serde::Deserialize;
@@ -24,6 +29,8 @@ struct Seen {
     disconnects: u64,
     /// Losses not yet counted: the broker is not up again yet.
     pending: u64,
+    /// This client's share of the broker's `messaging_connection_up`.
+    state: Option<ConnectionState>,
 }
 
 #[derive(Deserialize)]
@@ -57,7 +64,11 @@ impl Reconnects {
             if broker.nodeid < 0 {
                 continue;
             }
-            let entry = seen.entry(name).or_default();
+            let entry = seen.entry(name.clone()).or_default();
+            entry
+                .state
+                .get_or_insert_with(|| ConnectionState::new(crate::config::NAME, name))
+                .set(broker.state == "UP");
             entry.pending += broker.disconnects.saturating_sub(entry.disconnects);
             entry.disconnects = broker.disconnects;
             if broker.state == "UP" && entry.pending > 0 {
@@ -124,5 +135,24 @@ mod tests {
             "two losses between documents; the bootstrap entry's drops are not reconnects"
         );
         assert_eq!(r.observe(b"not json"), 0);
+    }
+
+    #[test]
+    fn a_learnt_broker_is_up_in_the_gauge_while_its_state_is_up() {
+        use helix_messaging_core::observe::connection::CONNECTION_UP_METRIC;
+        use helix_messaging_testkit::recorded::{self, gauge};
+
+        recorded::install();
+        let on = [("backend", crate::config::NAME), ("connection", "g:9092/7")];
+        let up = || gauge(&recorded::snapshot(), CONNECTION_UP_METRIC, &on);
+        let r = Reconnects::default();
+        r.observe(&stats(&[("g:9092/7", 7, "UP", 0)]));
+        assert_eq!(up(), Some(1.0));
+        r.observe(&stats(&[("g:9092/7", 7, "CONNECT", 1)]));
+        assert_eq!(up(), Some(0.0), "lost");
+        r.observe(&stats(&[("g:9092/7", 7, "UP", 1)]));
+        assert_eq!(up(), Some(1.0), "back");
+        drop(r);
+        assert_eq!(up(), Some(0.0), "a client gone is no connection up");
     }
 }

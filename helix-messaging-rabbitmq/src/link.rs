@@ -11,6 +11,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use helix_messaging_core::observe::connection::{
+    ConnectionState, count_connection, count_connection_failure,
+};
 use helix_messaging_core::{Error, ErrorKind, Result, within};
 use lapin::options::ConfirmSelectOptions;
 use lapin::{Channel, Connection, ConnectionProperties};
@@ -77,13 +80,21 @@ impl Link {
     /// Connect, open the publishing channel and declare the backend's own topology and then
     /// every topology in `declared`, all within the connect timeout: against a broker that is
     /// still starting, any of these can otherwise wait forever.
+    /// Counted in `messaging_connections_total` or, when it fails,
+    /// `messaging_connection_failures_total`.
     pub(crate) async fn open(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
-        within(
+        let opened = within(
             config.connect_timeout,
             format!("setting up the connection to {}", config.address()),
             Link::open_unbounded(config, declared),
         )
-        .await?
+        .await
+        .and_then(|opened| opened);
+        match &opened {
+            Ok(_) => count_connection(NAME),
+            Err(_) => count_connection_failure(NAME),
+        }
+        opened
     }
 
     async fn open_unbounded(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
@@ -139,6 +150,8 @@ pub(crate) struct Supervisor {
     reconnecting: AtomicBool,
     gave_up: AtomicBool,
     closed: AtomicBool,
+    /// `messaging_connection_up` of this broker's connection.
+    state: ConnectionState,
     /// Topologies the application declared, declared again on every new connection.
     declared: std::sync::Mutex<Vec<Topology>>,
 }
@@ -146,7 +159,10 @@ pub(crate) struct Supervisor {
 impl Supervisor {
     pub(crate) fn new(config: RabbitConfig, first: Link) -> Arc<Self> {
         let first = Arc::new(first);
+        let state = ConnectionState::new(NAME, config.address());
+        state.set(true);
         let supervisor = Arc::new(Supervisor {
+            state,
             config,
             current: watch::Sender::new(Some(first.clone())),
             reconnecting: AtomicBool::new(false),
@@ -289,6 +305,7 @@ impl Supervisor {
             return;
         }
         self.current.send_replace(None);
+        self.state.set(false);
         let supervisor = self.clone();
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.reconnecting.store(false, Ordering::Release);
@@ -318,6 +335,7 @@ impl Supervisor {
                     let link = Arc::new(link);
                     supervisor.watch(&link);
                     supervisor.reconnecting.store(false, Ordering::Release);
+                    supervisor.state.set(true);
                     supervisor.current.send_replace(Some(link));
                 }
                 Ok(link) => {
@@ -341,6 +359,7 @@ impl Supervisor {
             return Ok(());
         }
         let link = self.current.send_replace(None);
+        self.state.set(false);
         let Some(link) = link else { return Ok(()) };
         match link
             .connection

@@ -42,6 +42,7 @@ use helix_messaging_core::{
     validate_name, within,
 };
 
+use helix_messaging_core::observe::connection::{count_connection, count_connection_failure};
 use shared::Shared;
 
 pub use config::{
@@ -91,6 +92,8 @@ impl Shared {
             Ok(replies) => {
                 if self.commands_lost.swap(false, Ordering::AcqRel) {
                     self.count_reconnect();
+                    count_connection(self.name());
+                    self.commands_state.set(true);
                 }
                 replies
             }
@@ -98,6 +101,7 @@ impl Shared {
                 let err = error::from_redis(err, format!("publishing to {topic}"));
                 if err.kind() == helix_messaging_core::ErrorKind::Connection {
                     self.commands_lost.store(true, Ordering::Release);
+                    self.commands_state.set(false);
                 }
                 return Err(err);
             }
@@ -165,7 +169,20 @@ impl RedisBroker {
     /// CA file, refused credentials), [`Connection`](helix_messaging_core::ErrorKind::Connection)
     /// or [`Timeout`](helix_messaging_core::ErrorKind::Timeout) when the server cannot be
     /// reached.
+    ///
+    /// Counted in `messaging_connections_total` or, when it fails,
+    /// `messaging_connection_failures_total`.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
+        let backend = shared::backend_name(config.mode);
+        let connected = RedisBroker::connect_uncounted(config).await;
+        match &connected {
+            Ok(_) => count_connection(backend),
+            Err(_) => count_connection_failure(backend),
+        }
+        connected
+    }
+
+    async fn connect_uncounted(config: RedisConfig) -> Result<Self> {
         let client = config.client()?;
         let address = config.address();
         // One direct attempt first, so an unreachable server or a refused certificate is
@@ -356,6 +373,7 @@ impl Broker for RedisBroker {
 
     async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::Release);
+        self.shared.commands_state.set(false);
         self.shared.shutdown.cancel();
         self.shared.tasks.close();
         // Subscription tasks hand their unacked entries back to the group on the way out;

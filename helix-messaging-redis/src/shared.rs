@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
+use helix_messaging_core::observe::connection::ConnectionState;
 use helix_messaging_core::{Delivery, Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,9 @@ pub(crate) struct Shared {
     /// The publishing connection was lost: the connection manager reconnects on the next
     /// command, and the first publish that succeeds after it counts the reconnect.
     pub(crate) commands_lost: AtomicBool,
+    /// `messaging_connection_up` of the publishing connection: down from a publish that
+    /// found it lost until one gets through again, and from close.
+    pub(crate) commands_state: ConnectionState,
 }
 
 impl Shared {
@@ -49,7 +53,10 @@ impl Shared {
         client: redis::Client,
         commands: ConnectionManager,
     ) -> Self {
+        let commands_state = ConnectionState::new(backend_name(config.mode), config.address());
+        commands_state.set(true);
         Shared {
+            commands_state,
             config,
             client,
             commands,
@@ -65,10 +72,7 @@ impl Shared {
     }
 
     pub(crate) fn name(&self) -> &'static str {
-        match self.config.mode {
-            RedisMode::PubSub => PUBSUB_NAME,
-            RedisMode::Streams => STREAMS_NAME,
-        }
+        backend_name(self.config.mode)
     }
 
     pub(crate) fn ensure_open(&self) -> Result<()> {
@@ -119,6 +123,14 @@ impl Shared {
         };
         self.reconnecting.fetch_sub(1, Ordering::Relaxed);
         outcome
+    }
+}
+
+/// The backend name of a broker in `mode`.
+pub(crate) fn backend_name(mode: RedisMode) -> &'static str {
+    match mode {
+        RedisMode::PubSub => PUBSUB_NAME,
+        RedisMode::Streams => STREAMS_NAME,
     }
 }
 

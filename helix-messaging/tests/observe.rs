@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use helix_messaging::observe::{OTHER_TOPICS, ObservedBroker, TopicLabels};
+use helix_messaging::observe::settle::{ACKED_METRIC, NACKED_METRIC};
+use helix_messaging::observe::{OTHER_TOPICS, ObservedBroker, PUBLISH_LATENCY_METRIC, TopicLabels};
 use helix_messaging::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_testkit::recorded::{self, Value, counter, gauge, labels};
 
@@ -117,6 +118,69 @@ async fn redis_streams_publishes_deliveries_and_latency_are_counted_with_bounded
         .await
         .expect("Redis");
     counts_publishes_deliveries_and_latency(broker).await;
+}
+
+/// Acks, requeues and rejects of an observed subscription's deliveries are counted, each
+/// under its topic and backend, and every publish call is timed under its backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_settlements_and_publish_latency_are_counted() {
+    recorded::install();
+    let observed = ObservedBroker::new(helix_messaging::connect("memory://").await.unwrap());
+    let topic = format!("observe.settle.{}", uuid::Uuid::new_v4().simple());
+    let mut sub = observed
+        .subscribe(&topic, SubscribeOptions::group("settlers"))
+        .await
+        .unwrap();
+    for payload in ["acked", "requeued then rejected"] {
+        observed
+            .publish(&topic, Message::new(payload))
+            .await
+            .unwrap();
+    }
+    let report = observed
+        .publish_batch(&topic, vec![Message::new("acked too")])
+        .await;
+    assert!(report.is_ok(), "{:?}", report.failures());
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(15), sub.next())
+            .await
+            .expect("a delivery within 15 s")
+            .expect("the subscription is open")
+            .expect("a delivery")
+    };
+    let mut requeued = false;
+    for _ in 0..4 {
+        let delivery = next().await;
+        match (delivery.message().payload().as_ref(), requeued) {
+            (b"requeued then rejected", false) => {
+                delivery.nack(true).await.unwrap();
+                requeued = true;
+            }
+            (b"requeued then rejected", true) => delivery.reject().await.unwrap(),
+            _ => delivery.ack().await.unwrap(),
+        }
+    }
+    let recorded = recorded::snapshot();
+    let on = [("backend", "memory"), ("topic", topic.as_str())];
+    assert_eq!(counter(&recorded, ACKED_METRIC, &on), 2);
+    let nacked = |requeue| {
+        counter(
+            &recorded,
+            NACKED_METRIC,
+            &[on[0], on[1], ("requeue", requeue)],
+        )
+    };
+    assert_eq!(nacked("true"), 1, "the requeue");
+    assert_eq!(nacked("false"), 1, "the reject");
+    match recorded.get(&(
+        PUBLISH_LATENCY_METRIC.to_owned(),
+        labels(&[("backend", "memory")]),
+    )) {
+        // Other tests of this process may publish on memory too (under `cargo test`).
+        Some(Value::Histogram(values)) => assert!(values.len() >= 3, "{values:?}"),
+        other => panic!("publish latency: {other:?}"),
+    }
+    observed.close().await.unwrap();
 }
 
 /// The hub counts what its brokers take (beneath the breaker and the spool).

@@ -211,7 +211,18 @@ async fn metrics_are_the_prometheus_text_of_what_the_hub_recorded() {
         "1",
     )
     .await;
+    // The worker's ack, and the publish's duration, in the Prometheus text too.
+    until_metric(
+        &server,
+        "messaging_messages_acked_total{backend=\"memory\",topic=\"admin.metrics.latency\"}",
+        "1",
+    )
+    .await;
     let text = call_text(&server).await;
+    assert!(
+        text.contains("messaging_publish_latency_seconds_bucket{backend=\"memory\",le=\"+Inf\"}"),
+        "{text}"
+    );
     let buckets: Vec<&str> = text
         .lines()
         .filter(|l| {
