@@ -13,10 +13,9 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
-use crate::auth::reads_only;
 use crate::json::{ApiError, AuditDetail};
 use crate::services::AppState;
-use crate::tokens::Scope;
+use crate::tokens::{Scope, reads_only};
 
 /// The `tracing` target of audit events, to route them to a log of their own.
 pub const AUDIT_TARGET: &str = "helix_messaging_admin::audit";

@@ -6,19 +6,14 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{Method, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::audit::AuditEntry;
 use crate::json::ApiError;
 use crate::services::AppState;
-use crate::tokens::Scope;
-
-/// Whether `method` only reads.
-pub(crate) fn reads_only(method: &Method) -> bool {
-    matches!(*method, Method::GET | Method::HEAD)
-}
+use crate::tokens::{Scope, reads_only};
 
 /// The token of an `Authorization` header's `Bearer` credentials (the scheme in any case,
 /// as RFC 9110 has it).

@@ -34,9 +34,6 @@ fn word(code: StatusCode, word: &'static str) -> Response {
 /// ask, the brokers are checked at most once per this.
 pub const PROBE_REUSE: Duration = Duration::from_secs(1);
 
-/// The last probe's finding, and when it was made.
-pub(crate) type ProbeCache = tokio::sync::Mutex<Option<(Instant, Option<HealthStatus>)>>;
-
 /// The hub's status, `None` when it did not answer in time; checked at most once per
 /// [`PROBE_REUSE`] (callers meanwhile wait for the check under way and share it).
 async fn hub_status(state: &AppState) -> Option<HealthStatus> {

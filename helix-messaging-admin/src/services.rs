@@ -2,12 +2,14 @@
 
 use std::sync::Arc;
 
+use tokio::time::Instant;
+
+use helix_messaging_core::HealthStatus;
 use helix_messaging_core::dlq::Processor;
 use helix_messaging_core::hub::Hub;
 use helix_messaging_core::replay::ReplayHandler;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::probes::ProbeCache;
 use crate::tokens::Tokens;
 
 /// What the admin API serves: the hub, and optionally the Prometheus handle and the DLQ
@@ -52,6 +54,9 @@ impl Services {
         self
     }
 }
+
+/// The root probes' last finding, and when it was made.
+pub(crate) type ProbeCache = tokio::sync::Mutex<Option<(Instant, Option<HealthStatus>)>>;
 
 #[derive(Clone)]
 pub(crate) struct AppState {

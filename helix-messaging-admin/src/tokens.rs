@@ -13,6 +13,11 @@ use subtle::ConstantTimeEq;
 /// the count reported with the next line, so a flood of guesses cannot flood the log.
 pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// Whether `method` only reads: all the read-only token may do.
+pub(crate) fn reads_only(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD)
+}
+
 /// Which token a request carried (kept in the request's extensions for the audit trail).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Scope {

@@ -17,6 +17,7 @@ mod letter;
 mod processor;
 mod redrive;
 mod report;
+mod source;
 mod sources;
 mod store;
 
@@ -43,7 +44,7 @@ pub use letter::{
 };
 pub use processor::Processor;
 pub use report::{DeadLetterPage, ProcessorMetrics, RedrivePreview};
-pub use sources::DeadLetterSource;
+pub use source::DeadLetterSource;
 pub use store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup,
     MemoryDeadLetterStore, StoredDeadLetter,

@@ -15,7 +15,7 @@ use super::config::{DeadLetterHandler, ProcessorConfig};
 use super::jobs::{Job, RedriveProgress};
 use super::letter::DeadLetter;
 use super::report::{DeadLetterPage, ProcessorMetrics};
-use super::sources::DeadLetterSource;
+use super::source::DeadLetterSource;
 use super::store::remove_redriven;
 use super::store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup, StoredDeadLetter,
