@@ -8,6 +8,8 @@
 //! `SCHEMATHESIS`; without it this test fails, naming what to install.
 #![cfg(all(feature = "admin", feature = "redis"))]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,7 +41,7 @@ fn the_running_admin_api_keeps_to_its_openapi_document() {
 
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = common::redis_in_db(2);
     let mut child = Command::new(env!("CARGO_BIN_EXE_admin_server"))
         .env("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("MESSAGING_ADMIN_READ_TOKEN", READ_TOKEN)

@@ -2,6 +2,8 @@
 //! real Redis Streams): a dead letter on the event broker's DLQ topic shows in its DLQ.
 #![cfg(all(feature = "admin", feature = "memory", feature = "redis"))]
 
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -43,7 +45,7 @@ fn get(addr: &str, path: &str) -> String {
 async fn a_dead_letter_on_the_event_broker_shows_in_the_admin_dlq() {
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = common::redis_in_db(4);
     let mut child = Command::new(env!("CARGO_BIN_EXE_admin_server"))
         .env("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("MESSAGING_ADMIN_ADDR", &addr)

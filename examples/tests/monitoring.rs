@@ -7,6 +7,8 @@
 //! tests fail, naming what to install.
 #![cfg(all(feature = "admin", feature = "redis"))]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -129,7 +131,7 @@ impl Drop for Running {
 /// spools, and backlogs sampled every half second; its address once it listens.
 fn admin_server(dir: &Path) -> (Running, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = common::redis_in_db(3);
     let mut child = Command::new(env!("CARGO_BIN_EXE_admin_server"))
         .env("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("MESSAGING_ADMIN_READ_TOKEN", READ_TOKEN)
@@ -225,7 +227,7 @@ async fn every_dashboard_panel_returns_series_from_a_real_prometheus_scraping_th
     // A short load on the real broker: dead letters published to the DLQ topic the server's
     // processor consumes (deliveries, their latency, the DLQ's depth), one reprocessed
     // (a publish), and a replay started (replay activity).
-    let redis = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let redis = common::redis_in_db(3);
     let broker = helix_messaging::connect(&redis.replacen("redis://", "redis-streams://", 1))
         .await
         .expect("Redis");
