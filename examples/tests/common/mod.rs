@@ -5,7 +5,7 @@
 /// The test Redis (`REDIS_URL`, default `redis://127.0.0.1:6379`) in database `db`: every
 /// `admin_server` consumes the same well-known DLQ topics, so tests that run one at the same
 /// time each take a database of their own, or one's dead letters reach another's DLQ.
-pub fn redis_in_db(db: u8) -> String {
+pub(crate) fn redis_in_db(db: u8) -> String {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let url = url.trim_end_matches('/');
     let base = match url.rsplit_once('/') {
