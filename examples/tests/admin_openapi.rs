@@ -10,24 +10,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-use helix_messaging_testkit::faults::free_port;
+use std::process::Command;
 
 const ADMIN_TOKEN: &str = "openapi-test-token";
 const READ_TOKEN: &str = "openapi-read-token-01";
-
-/// Kills the server when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[test]
 fn the_running_admin_api_keeps_to_its_openapi_document() {
@@ -40,35 +26,17 @@ fn the_running_admin_api_keeps_to_its_openapi_document() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let redis = common::redis_in_db(2);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_admin_server"))
-        .env("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("MESSAGING_ADMIN_READ_TOKEN", READ_TOKEN)
-        .env("MESSAGING_ADMIN_ADDR", &addr)
-        .env("MESSAGING_TASK_BACKEND", "redis-streams")
-        .env("MESSAGING_EVENT_BACKEND", "redis-streams")
-        .env("REDIS_URL", redis)
-        .env("HELIX_DLQ_STORE", dir.path().join("dlq.sqlite3"))
+    let (server, addr) = common::admin_server(&[
+        ("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+        ("MESSAGING_ADMIN_READ_TOKEN", READ_TOKEN.into()),
+        ("MESSAGING_TASK_BACKEND", "redis-streams".into()),
+        ("MESSAGING_EVENT_BACKEND", "redis-streams".into()),
+        ("REDIS_URL", common::redis_in_db(2).into()),
+        ("HELIX_DLQ_STORE", dir.path().join("dlq.sqlite3").into()),
         // The task and event sides spool, so the spool endpoints answer from real spools.
-        .env("MESSAGING_FALLBACK_ENABLED", "true")
-        .env("MESSAGING_FALLBACK_DIR", dir.path().join("spool"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the admin_server example starts");
-    let stdout = child.stdout.take().unwrap();
-    let server = Running(child);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = ready_tx.send(line);
-    });
-    let line = ready_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server said it listens within 60 s");
-    assert_eq!(line.trim(), format!("listening on {addr}"));
+        ("MESSAGING_FALLBACK_ENABLED", "true".into()),
+        ("MESSAGING_FALLBACK_DIR", dir.path().join("spool").into()),
+    ]);
 
     // Once with each token: the read-only one must get a documented answer (403 for a
     // write) from every operation too.

@@ -4,26 +4,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use helix_messaging::Message;
 use helix_messaging::dlq::{EVENT_DLQ_TOPIC, HEADER_ORIGINAL_TOPIC};
-use helix_messaging_testkit::faults::free_port;
 
 const ADMIN_TOKEN: &str = "two-sides-test-token";
-
-/// Kills the server when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The body of `GET path` on `addr` with the admin token (HTTP/1.1, one request).
 fn get(addr: &str, path: &str) -> String {
@@ -44,31 +32,14 @@ fn get(addr: &str, path: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_on_the_event_broker_shows_in_the_admin_dlq() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
     let redis = common::redis_in_db(4);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_admin_server"))
-        .env("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("MESSAGING_ADMIN_ADDR", &addr)
-        .env("MESSAGING_TASK_BACKEND", "memory")
-        .env("MESSAGING_EVENT_BACKEND", "redis-streams")
-        .env("REDIS_URL", &redis)
-        .env("HELIX_DLQ_STORE", dir.path().join("dlq.sqlite3"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the admin_server example starts");
-    let stdout = child.stdout.take().unwrap();
-    let _server = Running(child);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = ready_tx.send(line);
-    });
-    let line = ready_rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server said it listens within 60 s");
-    assert_eq!(line.trim(), format!("listening on {addr}"));
+    let (_server, addr) = common::admin_server(&[
+        ("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+        ("MESSAGING_TASK_BACKEND", "memory".into()),
+        ("MESSAGING_EVENT_BACKEND", "redis-streams".into()),
+        ("REDIS_URL", redis.clone().into()),
+        ("HELIX_DLQ_STORE", dir.path().join("dlq.sqlite3").into()),
+    ]);
 
     // A dead letter as the hub's event side writes it, on the event broker alone.
     let events = helix_messaging::connect(&redis.replacen("redis://", "redis-streams://", 1))

@@ -9,13 +9,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use helix_messaging_testkit::faults::free_port;
 use serde_json::Value;
+
+use common::Running;
 
 const ADMIN_TOKEN: &str = "monitoring-admin-token";
 const READ_TOKEN: &str = "monitoring-read-token";
@@ -117,49 +118,20 @@ fn the_dashboard_has_the_runbooks_panels() {
     }
 }
 
-/// A child process killed when the test ends, however it ends.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// The `admin_server` example on the real Redis Streams, with both tokens, the fallback
 /// spools, and backlogs sampled every half second; its address once it listens.
 fn admin_server(dir: &Path) -> (Running, String) {
-    let addr = format!("127.0.0.1:{}", free_port());
-    let redis = common::redis_in_db(3);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_admin_server"))
-        .env("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("MESSAGING_ADMIN_READ_TOKEN", READ_TOKEN)
-        .env("MESSAGING_ADMIN_ADDR", &addr)
-        .env("MESSAGING_TASK_BACKEND", "redis-streams")
-        .env("MESSAGING_EVENT_BACKEND", "redis-streams")
-        .env("REDIS_URL", redis)
-        .env("HELIX_DLQ_STORE", dir.join("dlq.sqlite3"))
-        .env("MESSAGING_FALLBACK_ENABLED", "true")
-        .env("MESSAGING_FALLBACK_DIR", dir.join("spool"))
-        .env("MESSAGING_METRICS_BACKLOG_INTERVAL_MS", "500")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the admin_server example starts");
-    let stdout = child.stdout.take().unwrap();
-    let server = Running(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the server said it listens within 60 s");
-    assert_eq!(line.trim(), format!("listening on {addr}"));
-    (server, addr)
+    common::admin_server(&[
+        ("MESSAGING_ADMIN_TOKEN", ADMIN_TOKEN.into()),
+        ("MESSAGING_ADMIN_READ_TOKEN", READ_TOKEN.into()),
+        ("MESSAGING_TASK_BACKEND", "redis-streams".into()),
+        ("MESSAGING_EVENT_BACKEND", "redis-streams".into()),
+        ("REDIS_URL", common::redis_in_db(3).into()),
+        ("HELIX_DLQ_STORE", dir.join("dlq.sqlite3").into()),
+        ("MESSAGING_FALLBACK_ENABLED", "true".into()),
+        ("MESSAGING_FALLBACK_DIR", dir.join("spool").into()),
+        ("MESSAGING_METRICS_BACKLOG_INTERVAL_MS", "500".into()),
+    ])
 }
 
 /// Prometheus on a loopback port scraping `target` every second with the read token; its
