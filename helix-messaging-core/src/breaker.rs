@@ -552,6 +552,11 @@ impl Broker for BreakerBroker {
         self.inner.backlog(topic, group).await
     }
 
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        // Set-up, not traffic: it neither trips nor waits for the breakers.
+        self.inner.create_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }

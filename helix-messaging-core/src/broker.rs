@@ -486,6 +486,28 @@ pub trait Broker: Publisher + Subscriber + fmt::Debug {
         ))
     }
 
+    /// Create consumer group `group` on `topic` without joining it, so that every message
+    /// published to `topic` from now on waits for the group's first member, as it does for a
+    /// group whose members have all left. A group that exists already is left where it is:
+    /// nothing it holds is delivered, lost or moved.
+    ///
+    /// This is how a producer keeps what it publishes before any consumer has started
+    /// (RabbitMQ refuses a publish no queue is bound for). The default subscribes to the group
+    /// and drops the subscription at once; backends override it to declare the group without
+    /// a member.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Unsupported`] without [`Capabilities::consumer_groups`];
+    /// [`ErrorKind::InvalidInput`] for a bad name; [`ErrorKind::Closed`] after close;
+    /// connection and backend errors otherwise.
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        let subscription = self
+            .subscribe(topic, SubscribeOptions::group(group))
+            .await?;
+        drop(subscription);
+        Ok(())
+    }
+
     /// Close the connection: publishing and subscribing fail with [`ErrorKind::Closed`]
     /// afterwards and open subscriptions end. Idempotent.
     ///

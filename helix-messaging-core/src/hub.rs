@@ -22,6 +22,10 @@ use crate::runner::{HandlerError, Runner};
 use crate::stack::BrokerLayer;
 use crate::typed::json_handler;
 
+mod task_groups;
+
+use task_groups::{TaskGroupBroker, TaskQueues};
+
 /// Content type of a task's message.
 pub const TASK_CONTENT_TYPE: &str = "application/json";
 /// Content type of an event's message: a CloudEvents 1.0 event in structured JSON mode.
@@ -177,6 +181,12 @@ impl Event {
 pub struct HubConfig {
     /// Consumer group of task workers (default `helixagent-workers`, `KAFKA_CONSUMER_GROUP`).
     pub task_group: String,
+    /// Task queues whose workers' group the hub creates when it starts, so that a task
+    /// published to one before any worker runs waits for the first, whoever publishes it
+    /// (`MESSAGING_TASK_QUEUES`, comma-separated; default none). A queue the hub publishes to
+    /// gets its group before the hub's first task to it in any case (see
+    /// [`Hub::publish_task`]); list here the queues other producers publish to as well.
+    pub task_queues: Vec<String>,
     /// Where failed tasks and events go (default: HelixAgent's routing, `helixagent.dlq.tasks`
     /// and `helixagent.dlq.events`, else `helixagent.dlq`).
     pub dead_letters: DeadLetterConfig,
@@ -196,6 +206,7 @@ impl Default for HubConfig {
     fn default() -> Self {
         HubConfig {
             task_group: "helixagent-workers".into(),
+            task_queues: Vec::new(),
             dead_letters: DeadLetterConfig::helixagent(),
             retry: RetryPolicy::new(),
             breaker: BreakerConfig::default(),
@@ -256,16 +267,24 @@ impl Side {
         broker: Arc<dyn Broker>,
         config: &HubConfig,
         spool: Option<Arc<dyn Spool>>,
+        task_queues: Option<Arc<TaskQueues>>,
     ) -> Result<Self> {
         let label = format!("{side}.{}", broker.name());
         // Stacked as crate::stack says: counted beneath the breaker and the spool, so a
         // spooled publish is counted when the broker takes it, not when the spool does.
-        let observed: Arc<dyn Broker> = Arc::new(
+        let mut observed: Arc<dyn Broker> = Arc::new(
             ObserveLayer::new()
                 .with_backlog_interval(config.backlog_interval)
                 .wrap(broker)
                 .await?,
         );
+        // Beneath the spool as well, so a task drained from it finds its group created.
+        if let Some(queues) = task_queues {
+            observed = Arc::new(TaskGroupBroker {
+                inner: observed,
+                queues,
+            });
+        }
         let breaker = BreakerLayer::new(config.breaker).named(label);
         Ok(match spool {
             Some(spool) => {
@@ -344,6 +363,8 @@ pub struct Hub {
     /// Tasks and events were given one broker: each side dead-letters on it, so one
     /// DLQ processor over it sees both sides' letters.
     one_broker: bool,
+    /// The task queues whose workers' group is created before their first publish.
+    task_queues: Arc<TaskQueues>,
     config: Arc<HubConfig>,
     counters: Arc<Counters>,
 }
@@ -375,10 +396,27 @@ impl Hub {
             Some((t, e)) => (Some(t), Some(e)),
             None => (None, None),
         };
+        let task_queues = Arc::new(TaskQueues::new(&config.task_group));
+        for queue in &config.task_queues {
+            crate::names::validate_name("task queue", queue)?;
+            task_queues.expect(queue);
+        }
+        // A broker that is away now gets the groups before the first publish to each.
+        if let Err(err) = task_queues.create_all(&*tasks).await {
+            tracing::warn!(error = %err, "creating the task queues' groups failed; each is created before its first publish");
+        }
         Ok(Hub {
             one_broker: Arc::ptr_eq(&tasks, &events),
-            tasks: Side::new("tasks", tasks, &config, task_spool).await?,
-            events: Side::new("events", events, &config, event_spool).await?,
+            tasks: Side::new(
+                "tasks",
+                tasks,
+                &config,
+                task_spool,
+                Some(task_queues.clone()),
+            )
+            .await?,
+            events: Side::new("events", events, &config, event_spool, None).await?,
+            task_queues,
             config: Arc::new(config),
             counters: Arc::default(),
         })
@@ -407,13 +445,18 @@ impl Hub {
         &self.events.broker
     }
 
-    /// Publish `task` to `queue`.
+    /// Publish `task` to `queue`. Before the first task to `queue` reaches the broker, the
+    /// workers' group ([`HubConfig::task_group`]) is created on it, so the task waits for the
+    /// first worker even when none has subscribed yet (RabbitMQ would refuse it otherwise);
+    /// a task spooled while the broker is away gets the group when the spool drains.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidInput`](crate::error::ErrorKind::InvalidInput) for a priority above 10;
     /// the broker's (or, with fallback, the spool's) error.
     pub async fn publish_task(&self, queue: &str, task: &Task) -> Result<()> {
-        self.tasks.broker.publish(queue, task.to_message()?).await?;
+        let message = task.to_message()?;
+        self.task_queues.expect(queue);
+        self.tasks.broker.publish(queue, message).await?;
         self.counters
             .tasks_published
             .fetch_add(1, Ordering::Relaxed);

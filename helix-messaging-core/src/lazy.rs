@@ -253,6 +253,10 @@ impl Broker for LazyBroker {
         self.current()?.backlog(topic, group).await
     }
 
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.current()?.create_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.state.stop.cancel();
         let previous = std::mem::replace(&mut *self.state.connection.lock(), Connection::Closed);

@@ -489,6 +489,10 @@ impl Broker for ObservedBroker {
         self.shared.inner.backlog(topic, group).await
     }
 
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.shared.inner.create_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.shared.closed.store(true, Ordering::Release);
         self.shared.inner.close().await

@@ -17,7 +17,8 @@ use helix_messaging_core::{
     Error, ErrorKind, HistoryEntry, HistoryStream, Position, Result, TimeRange,
 };
 use rdkafka::consumer::base_consumer::PartitionQueue;
-use rdkafka::consumer::{BaseConsumer, Consumer, DefaultConsumerContext};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, DefaultConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -133,6 +134,58 @@ pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Resul
         lag += u64::try_from(high - from).unwrap_or(0);
     }
     Ok(lag)
+}
+
+/// Create `group` on `topic` (a Kafka topic name) without joining it: every partition the
+/// group has no committed offset on gets its high watermark committed, as a member's first
+/// assignment would. A commit from outside the group is refused while it has members; those
+/// committed their positions when they were placed, so the group exists and that refusal is
+/// success. Blocking.
+pub(crate) fn create_group(config: &KafkaConfig, topic: &str, group: &str) -> Result<()> {
+    let mut client = config.reader();
+    client.set("group.id", group);
+    let consumer: BaseConsumer = client
+        .create()
+        .map_err(|e| config.client_error(e, "creating a group creator"))?;
+    let timeout = config.request_timeout;
+    let partitions = partitions_of(&consumer, topic, timeout)?;
+    let mut query = TopicPartitionList::new();
+    for partition in &partitions {
+        query.add_partition(topic, *partition);
+    }
+    let committed = consumer
+        .committed_offsets(query, timeout)
+        .map_err(|e| from_kafka(e, format!("reading {group}'s committed offsets on {topic}")))?;
+    let mut fresh = TopicPartitionList::new();
+    for partition in partitions {
+        let known = committed
+            .find_partition(topic, partition)
+            .is_some_and(|p| matches!(p.offset(), Offset::Offset(_)));
+        if !known {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, partition, timeout)
+                .map_err(|e| {
+                    from_kafka(e, format!("reading the watermarks of {topic}/{partition}"))
+                })?;
+            fresh
+                .add_partition_offset(topic, partition, Offset::Offset(high))
+                .map_err(|e| {
+                    from_kafka(e, format!("positioning {group} on {topic}/{partition}"))
+                })?;
+        }
+    }
+    if fresh.count() == 0 {
+        return Ok(());
+    }
+    match consumer.commit(&fresh, CommitMode::Sync) {
+        Ok(()) => Ok(()),
+        Err(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::UnknownMemberId
+            | RDKafkaErrorCode::IllegalGeneration
+            | RDKafkaErrorCode::RebalanceInProgress,
+        )) => Ok(()),
+        Err(e) => Err(from_kafka(e, format!("creating group {group} on {topic}"))),
+    }
 }
 
 /// Start reading `topic` (a Kafka topic name) inside `range`. Blocking.

@@ -376,6 +376,22 @@ impl Broker for KafkaBroker {
         })
     }
 
+    /// Commits the group's start position from outside it: no member joins, so a running
+    /// group is not rebalanced.
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        let config = self.shared.config.clone();
+        let kafka_topic = config.kafka_topic(topic);
+        self.shared.topics.ensure(&config, &kafka_topic).await?;
+        let group = group.to_owned();
+        blocking("creating a consumer group", move || {
+            history::create_group(&config, &kafka_topic, &group)
+        })
+        .await
+    }
+
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;

@@ -95,7 +95,7 @@ async fn open_consumer_unbounded(
 }
 
 /// Declare the subscription's queue and bind it to its topic; returns the queue's name.
-async fn declare_group_queue(
+pub(crate) async fn declare_group_queue(
     shared: &Shared,
     spec: &SubscriptionSpec,
     channel: &Channel,

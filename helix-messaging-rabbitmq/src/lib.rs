@@ -258,6 +258,24 @@ impl RabbitBroker {
     }
 }
 
+impl RabbitBroker {
+    /// A channel of its own on `link`, for a declaration that may close it.
+    async fn own_channel(&self, link: &Link) -> Result<lapin::Channel> {
+        link.connection
+            .create_channel()
+            .await
+            .map_err(|e| self.shared.connection_error(e, "opening a channel"))
+    }
+}
+
+/// Close a channel opened for one declaration, unless the broker already has; a failure to
+/// close changes nothing the declaration did.
+async fn close_quietly(channel: &lapin::Channel, reason: &str) {
+    if channel.status().connected() {
+        let _ = channel.close(200, reason.into()).await;
+    }
+}
+
 #[async_trait]
 impl Subscriber for RabbitBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
@@ -317,11 +335,7 @@ impl Broker for RabbitBroker {
         let queue = format!("{topic}.{group}");
         let probe = async {
             // Its own channel: a passive declare of a missing queue closes the channel.
-            let channel = link
-                .connection
-                .create_channel()
-                .await
-                .map_err(|e| self.shared.connection_error(e, "opening a channel"))?;
+            let channel = self.own_channel(&link).await?;
             let declared = channel
                 .queue_declare(
                     queue.as_str().into(),
@@ -346,15 +360,41 @@ impl Broker for RabbitBroker {
                     Backlog::default()
                 }
             };
-            if channel.status().connected() {
-                let _ = channel.close(200, "backlog read".into()).await;
-            }
+            close_quietly(&channel, "backlog read").await;
             Ok(backlog)
         };
         within(
             self.shared.config().connect_timeout,
             format!("reading the backlog of {queue}"),
             probe,
+        )
+        .await?
+    }
+
+    /// Declares the group's queue `<topic>.<group>` and binds it, as a subscription would,
+    /// without consuming from it.
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        let link = self.shared.link()?;
+        let spec = SubscriptionSpec {
+            topic: Arc::from(topic),
+            group: Some(Arc::from(group)),
+            prefetch: 1,
+            declared_queue: false,
+            private_queue: None,
+        };
+        let declare = async {
+            let channel = self.own_channel(&link).await?;
+            let declared = consumer::declare_group_queue(&self.shared, &spec, &channel).await;
+            close_quietly(&channel, "group declared").await;
+            declared.map(drop)
+        };
+        within(
+            self.shared.config().connect_timeout,
+            format!("declaring the queue of group {group} on {topic}"),
+            declare,
         )
         .await?
     }

@@ -359,6 +359,21 @@ impl Broker for RedisBroker {
         }
     }
 
+    /// Streams: `XGROUP CREATE <topic> <group> $ MKSTREAM`, no consumer and no blocking
+    /// connection; pub/sub has no groups.
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        match self.shared.config.mode {
+            RedisMode::PubSub => Err(Error::unsupported(
+                PUBSUB_NAME,
+                "consumer groups (pub/sub delivers every message to every subscriber; use redis-streams)",
+            )),
+            RedisMode::Streams => streams::create_group(&self.shared, topic, group).await,
+        }
+    }
+
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;

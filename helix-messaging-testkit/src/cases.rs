@@ -43,6 +43,7 @@ cases! {
     concurrent_publishers_exactly_once: [Metadata];
     priority_order: [ConsumerGroups, Priority];
     ttl_expiry: [ConsumerGroups, Ttl];
+    a_group_created_without_a_member_keeps_what_is_published: [];
     read_range_returns_exactly_the_window: [ReplayByTime];
     new_group_starts_from_earliest: [ConsumerGroups, ReplayByTime];
     invalid_names_are_refused: [];

@@ -283,3 +283,104 @@ pub fn assert_retryable_timeout(err: &helix_messaging_core::Error) {
     );
     assert!(err.is_retryable(), "{err}");
 }
+
+pub use outage::Outage;
+
+mod outage {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use async_trait::async_trait;
+    use helix_messaging_core::{
+        Backlog, BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream,
+        Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    };
+
+    /// A broker that is away while [`Outage::set_down`] says so: publishing and creating groups
+    /// fail with a retryable [`ErrorKind::Connection`](helix_messaging_core::ErrorKind::Connection)
+    /// error, as they do against a broker that cannot be reached; subscriptions and everything
+    /// else pass to the real broker. For tests of what the layers above do during an outage
+    /// without stopping a shared server.
+    #[derive(Debug)]
+    pub struct Outage {
+        inner: Arc<dyn Broker>,
+        down: AtomicBool,
+    }
+
+    impl Outage {
+        /// `inner`, away (`down`) or reachable.
+        pub fn new(inner: Arc<dyn Broker>, down: bool) -> Self {
+            Outage {
+                inner,
+                down: down.into(),
+            }
+        }
+
+        /// Take the broker away (`true`) or bring it back.
+        pub fn set_down(&self, down: bool) {
+            self.down.store(down, Ordering::SeqCst);
+        }
+
+        fn check(&self) -> Result<()> {
+            if self.down.load(Ordering::SeqCst) {
+                Err(Error::new(ErrorKind::Connection, "broker is away"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Publisher for Outage {
+        async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+            self.check()?;
+            self.inner.publish(topic, message).await
+        }
+
+        async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+            match self.check() {
+                Ok(()) => self.inner.publish_batch(topic, messages).await,
+                Err(err) => BatchReport::all_failed(messages.len(), &err),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Subscriber for Outage {
+        async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+            self.inner.subscribe(topic, options).await
+        }
+    }
+
+    #[async_trait]
+    impl Broker for Outage {
+        fn name(&self) -> &'static str {
+            self.inner.name()
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            self.inner.capabilities()
+        }
+
+        async fn health(&self) -> Health {
+            self.inner.health().await
+        }
+
+        async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+            self.inner.read_range(topic, range).await
+        }
+
+        async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
+            self.inner.backlog(topic, group).await
+        }
+
+        async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+            self.check()?;
+            self.inner.create_group(topic, group).await
+        }
+
+        async fn close(&self) -> Result<()> {
+            self.inner.close().await
+        }
+    }
+}

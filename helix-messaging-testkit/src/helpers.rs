@@ -236,15 +236,10 @@ impl Ctx {
             .unwrap_or_else(|e| panic!("publish {id} to {topic}: {e}"));
     }
 
-    /// Create the named group (so it retains what is published while it has no member) by
-    /// subscribing once and dropping the subscription.
+    /// Create the named group (so it retains what is published while it has no member) with
+    /// [`Broker::create_group`](helix_messaging_core::Broker::create_group).
     pub async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
-        let sub = self
-            .broker
-            .subscribe(topic, SubscribeOptions::group(group))
-            .await?;
-        drop(sub);
-        Ok(())
+        self.broker.create_group(topic, group).await
     }
 }
 

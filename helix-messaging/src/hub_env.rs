@@ -34,6 +34,9 @@ pub const BREAKER_OPEN_MS_VAR: &str = "MESSAGING_BREAKER_OPEN_MS";
 pub const BACKLOG_INTERVAL_MS_VAR: &str = "MESSAGING_METRICS_BACKLOG_INTERVAL_MS";
 /// Consumer group of task workers (default `helixagent-workers`).
 pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
+/// Task queues, comma-separated, whose workers' group the hub creates when it starts
+/// ([`HubConfig::task_queues`]; default none).
+pub const TASK_QUEUES_VAR: &str = "MESSAGING_TASK_QUEUES";
 
 /// A [`Hub`] as the environment describes it: `MESSAGING_TASK_BACKEND` and
 /// `MESSAGING_EVENT_BACKEND` pick each side's backend (configured from its own variables;
@@ -42,7 +45,8 @@ pub const GROUP_VAR: &str = "KAFKA_CONSUMER_GROUP";
 /// `MESSAGING_FALLBACK_MAX_MESSAGES` and `MESSAGING_FALLBACK_MAX_BYTES`),
 /// `MESSAGING_BREAKER_FAILURE_THRESHOLD` and `MESSAGING_BREAKER_OPEN_MS` tune the circuit
 /// breakers, `MESSAGING_METRICS_BACKLOG_INTERVAL_MS` sets how often backlogs are sampled
-/// into the queue-depth and lag gauges, `KAFKA_CONSUMER_GROUP` names the workers' group.
+/// into the queue-depth and lag gauges, `KAFKA_CONSUMER_GROUP` names the workers' group and
+/// `MESSAGING_TASK_QUEUES` lists the task queues whose group is created at start.
 /// `MESSAGING_ENABLED=false` runs both sides on the in-memory backend instead, reading no
 /// broker's variables and opening no spool.
 ///
@@ -111,6 +115,13 @@ pub async fn hub_from_vars(lookup: impl Fn(&str) -> Option<String>) -> Result<Hu
         positive_ms(&lookup, BACKLOG_INTERVAL_MS_VAR, config.backlog_interval)?;
     if let Some(group) = lookup(GROUP_VAR).filter(|g| !g.trim().is_empty()) {
         config.task_group = group.trim().to_owned();
+    }
+    if let Some(queues) = lookup(TASK_QUEUES_VAR) {
+        for queue in queues.split(',').map(str::trim).filter(|q| !q.is_empty()) {
+            crate::validate_name("task queue", queue)
+                .map_err(|e| Error::config(TASK_QUEUES_VAR, e.message().to_owned()))?;
+            config.task_queues.push(queue.to_owned());
+        }
     }
     let task_backend = backends::resolve(&task_name, task_var)?;
     let event_backend = backends::resolve(&event_name, event_var)?;

@@ -26,7 +26,7 @@ pub use helix_messaging_core::*;
 pub use hub_env::{
     BACKLOG_INTERVAL_MS_VAR, BREAKER_FAILURES_VAR, BREAKER_OPEN_MS_VAR, ENABLED_VAR,
     EVENT_BACKEND_VAR, FALLBACK_DIR_VAR, FALLBACK_MAX_BYTES_VAR, FALLBACK_MAX_MESSAGES_VAR,
-    FALLBACK_VAR, GROUP_VAR, TASK_BACKEND_VAR, hub_from_env, hub_from_vars,
+    FALLBACK_VAR, GROUP_VAR, TASK_BACKEND_VAR, TASK_QUEUES_VAR, hub_from_env, hub_from_vars,
 };
 
 /// The durable stores (features `sqlite`, the default, and `postgres`), also re-exported

@@ -184,3 +184,152 @@ async fn tasks_on_rabbitmq_and_events_on_redis_streams_round_trip() {
     drop(dead);
     hub.close().await.unwrap();
 }
+
+fn rabbitmq_url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// Workers that record the tasks they handle.
+async fn recording_workers(
+    hub: &Hub,
+    queue: &str,
+) -> (helix_messaging::Runner, Arc<Mutex<Vec<Task>>>) {
+    let handled: Arc<Mutex<Vec<Task>>> = Arc::default();
+    let sink = handled.clone();
+    let workers = hub
+        .subscribe_tasks(queue, move |task: Task, _| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().push(task);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    (workers, handled)
+}
+
+/// RabbitMQ refuses a publish no queue is bound for: before its first publish to a queue the
+/// hub creates the workers' group, so the task waits for the first worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_published_before_the_first_worker_subscribes_waits_for_it() {
+    let tasks = helix_messaging::connect(&rabbitmq_url())
+        .await
+        .expect("RabbitMQ");
+    let hub = Hub::new(
+        HubConfig {
+            task_group: fresh_name("workers"),
+            ..HubConfig::default()
+        },
+        tasks.clone(),
+        tasks,
+        None,
+    )
+    .await
+    .unwrap();
+    let queue = fresh_name("tasks");
+    let early = Task::new("summarise", serde_json::json!({ "document": 1 }));
+    hub.publish_task(&queue, &early)
+        .await
+        .expect("kept for the first worker");
+    let (workers, handled) = recording_workers(&hub, &queue).await;
+    until("the early task handled", || handled.lock().len() == 1).await;
+    assert_eq!(handled.lock()[0], early);
+    workers.shutdown().await;
+    hub.close().await.unwrap();
+}
+
+/// The queues listed in `HubConfig::task_queues` exist once the hub has started: even a
+/// producer that does not go through the hub can publish to them before any worker runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_task_queues_exist_once_the_hub_has_started() {
+    let tasks = helix_messaging::connect(&rabbitmq_url())
+        .await
+        .expect("RabbitMQ");
+    let (listed, unlisted) = (fresh_name("tasks"), fresh_name("tasks"));
+    let hub = Hub::new(
+        HubConfig {
+            task_group: fresh_name("workers"),
+            task_queues: vec![listed.clone()],
+            ..HubConfig::default()
+        },
+        tasks.clone(),
+        tasks.clone(),
+        None,
+    )
+    .await
+    .unwrap();
+    let task = Task::new("verify", serde_json::json!({}));
+    let as_message = || Message::new(serde_json::to_vec(&task).unwrap()).with_id(task.id.clone());
+    tasks
+        .publish(&listed, as_message())
+        .await
+        .expect("the listed queue's group exists");
+    let refused = tasks
+        .publish(&unlisted, as_message())
+        .await
+        .expect_err("nothing is bound for a queue the hub was not told of");
+    assert_eq!(refused.kind(), helix_messaging::ErrorKind::Rejected);
+    let (workers, handled) = recording_workers(&hub, &listed).await;
+    until("the task handled", || handled.lock().len() == 1).await;
+    assert_eq!(handled.lock()[0], task);
+    workers.shutdown().await;
+    hub.close().await.unwrap();
+}
+
+/// A task spooled while the broker was away, before its queue's group existed, is not
+/// refused when the spool drains: the group is created first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_spooled_before_its_queue_existed_reaches_the_first_worker() {
+    use helix_messaging::fallback::{MemorySpool, SpoolLimits};
+    use helix_messaging_testkit::faults::Outage;
+
+    let rabbitmq = helix_messaging::connect(&rabbitmq_url())
+        .await
+        .expect("RabbitMQ");
+    let outage = Arc::new(Outage::new(rabbitmq, true));
+    let tasks: Arc<dyn helix_messaging::Broker> = outage.clone();
+    let spool = || -> Arc<dyn helix_messaging::fallback::Spool> {
+        Arc::new(MemorySpool::new(SpoolLimits::default()))
+    };
+    let hub = Hub::new(
+        HubConfig {
+            task_group: fresh_name("workers"),
+            ..HubConfig::default()
+        },
+        tasks.clone(),
+        tasks,
+        Some((spool(), spool())),
+    )
+    .await
+    .unwrap();
+    let queue = fresh_name("tasks");
+    let task = Task::new("notify", serde_json::json!({ "to": "ops" }));
+    hub.publish_task(&queue, &task).await.expect("spooled");
+    let fallback = hub.task_fallback().unwrap().clone();
+    assert_eq!(fallback.spool_stats().await.unwrap().depth, 1, "spooled");
+    outage.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats = fallback.spool_stats().await.unwrap();
+        assert_eq!(
+            stats.refused,
+            0,
+            "refused on drain: {:?}",
+            fallback.refused(10).await
+        );
+        if stats.depth == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the spool drained: not within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (workers, handled) = recording_workers(&hub, &queue).await;
+    until("the spooled task handled", || handled.lock().len() == 1).await;
+    assert_eq!(handled.lock()[0], task);
+    workers.shutdown().await;
+    hub.close().await.unwrap();
+}

@@ -82,6 +82,44 @@ async fn bad_values_name_their_variable() {
     assert!(err.to_string().contains("MESSAGING_EVENT_BACKEND"), "{err}");
 }
 
+/// `MESSAGING_TASK_QUEUES` lists queues whose workers' group exists once the hub has
+/// started: another producer's publish to one of them is kept for the first worker.
+#[cfg(feature = "rabbitmq")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listed_task_queues_exist_once_the_hub_from_the_environment_has_started() {
+    let (first, second) = (
+        helix_messaging_testkit::fresh_name("tasks"),
+        helix_messaging_testkit::fresh_name("tasks"),
+    );
+    let group = helix_messaging_testkit::fresh_name("workers");
+    let listed = format!(" {first},{second} ,");
+    let hub = hub_from_vars(env_lookup(&[
+        ("MESSAGING_BACKEND", "rabbitmq"),
+        ("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f"),
+        ("KAFKA_CONSUMER_GROUP", group.as_str()),
+        ("MESSAGING_TASK_QUEUES", listed.as_str()),
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(
+        hub.config().task_queues,
+        vec![first.clone(), second.clone()]
+    );
+    let other_producer = helix_messaging::connect("amqp://guest:guest@127.0.0.1:5672/%2f")
+        .await
+        .unwrap();
+    for queue in [&first, &second] {
+        other_producer
+            .publish(queue, helix_messaging::Message::new("early"))
+            .await
+            .unwrap_or_else(|e| panic!("{queue} has its group: {e}"));
+        let backlog = other_producer.backlog(queue, &group).await.unwrap();
+        assert_eq!(backlog.waiting, 1, "{queue}: kept for the first worker");
+    }
+    other_producer.close().await.unwrap();
+    hub.close().await.unwrap();
+}
+
 /// A publisher restarted during an outage comes up with the spool on: the hub connects in
 /// the background, publishes are spooled (durably, bounded by the limit variables) and
 /// health says degraded. Without the spool, the unreachable broker is an error at once.
@@ -161,6 +199,7 @@ async fn malformed_spool_limits_and_breaker_settings_name_their_variable() {
         ("MESSAGING_BREAKER_FAILURE_THRESHOLD", "99999999999"),
         ("MESSAGING_BREAKER_OPEN_MS", "30s"),
         ("MESSAGING_METRICS_BACKLOG_INTERVAL_MS", "soon"),
+        ("MESSAGING_TASK_QUEUES", "helixagent.tasks.llm, not a queue"),
     ] {
         let err = hub_from_vars(env_lookup(&[
             ("MESSAGING_FALLBACK_ENABLED", "true"),

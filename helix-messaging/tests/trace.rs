@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use helix_messaging::async_trait;
 use helix_messaging::breaker::{BreakerBroker, BreakerConfig};
 use helix_messaging::dlq::{
     DeadLetterConfig, DeadLetterFilter, DeadLetterLayer, DeadLetterQueue, MemoryDeadLetterStore,
@@ -18,11 +17,8 @@ use helix_messaging::fallback::{FallbackBroker, ForwardConfig, MemorySpool, Spoo
 use helix_messaging::observe::ObservedBroker;
 use helix_messaging::replay::{ReplayConfig, ReplayHandler, ReplayRequest};
 use helix_messaging::trace::TRACEPARENT_HEADER;
-use helix_messaging::{
-    BatchReport, Broker, Capabilities, Envelope, Error, ErrorKind, HandlerError, Health,
-    HistoryStream, Message, Publisher, Runner, SubscribeOptions, Subscriber, Subscription,
-    TimeRange, handler_fn,
-};
+use helix_messaging::{Broker, Envelope, HandlerError, Message, Publisher, Runner, handler_fn};
+use helix_messaging_testkit::faults::Outage;
 use helix_messaging_testkit::{eventually, fresh_name};
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -445,81 +441,11 @@ async fn a_replayed_copy_continues_the_original_trace() {
     assert_eq!(*seen.lock(), [Some(traceparent_of(&copy))]);
 }
 
-/// A broker that refuses every publish while `down` is set (as a broker outage does), and
-/// passes everything to the real one otherwise.
-#[derive(Debug)]
-struct Outage {
-    inner: Arc<dyn Broker>,
-    down: AtomicBool,
-}
-
-impl Outage {
-    fn check(&self) -> helix_messaging::Result<()> {
-        if self.down.load(Ordering::SeqCst) {
-            Err(Error::new(ErrorKind::Connection, "broker is away"))
-        } else {
-            Ok(())
-        }
-    }
-}
-
-#[async_trait]
-impl Publisher for Outage {
-    async fn publish(&self, topic: &str, message: Message) -> helix_messaging::Result<()> {
-        self.check()?;
-        self.inner.publish(topic, message).await
-    }
-
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
-        match self.check() {
-            Ok(()) => self.inner.publish_batch(topic, messages).await,
-            Err(err) => BatchReport::all_failed(messages.len(), &err),
-        }
-    }
-}
-
-#[async_trait]
-impl Subscriber for Outage {
-    async fn subscribe(
-        &self,
-        topic: &str,
-        options: SubscribeOptions,
-    ) -> helix_messaging::Result<Subscription> {
-        self.inner.subscribe(topic, options).await
-    }
-}
-
-#[async_trait]
-impl Broker for Outage {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-    async fn health(&self) -> Health {
-        self.inner.health().await
-    }
-    async fn read_range(
-        &self,
-        topic: &str,
-        range: TimeRange,
-    ) -> helix_messaging::Result<HistoryStream> {
-        self.inner.read_range(topic, range).await
-    }
-    async fn close(&self) -> helix_messaging::Result<()> {
-        self.inner.close().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spooled_publish_continues_the_publishers_trace() {
     exporter();
     let memory = helix_messaging::connect("memory://").await.unwrap();
-    let outage = Arc::new(Outage {
-        inner: memory,
-        down: AtomicBool::new(true),
-    });
+    let outage = Arc::new(Outage::new(memory, true));
     let observed: Arc<dyn Broker> = Arc::new(ObservedBroker::new(outage.clone()));
     let fallback = FallbackBroker::new(
         BreakerBroker::new(
@@ -547,7 +473,7 @@ async fn a_spooled_publish_continues_the_publishers_trace() {
     })
     .await;
     assert_eq!(fallback.spool_stats().await.unwrap().depth, 1, "spooled");
-    outage.down.store(false, Ordering::SeqCst);
+    outage.set_down(false);
     wait_for(&format!("process {topic}"), 1).await;
     runner.shutdown().await;
 

@@ -616,6 +616,10 @@ impl Broker for FallbackBroker {
         self.inner.broker.backlog(topic, group).await
     }
 
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.inner.broker.create_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.stop.cancel();
         self.inner.broker.close().await

@@ -16,6 +16,12 @@ pub(super) fn delayed_key(topic: &str, group: &str) -> String {
     format!("{topic}.helix-delayed.{group}")
 }
 
+/// Create `group` on `topic` (and the stream) for what is added from now on, without a
+/// member ([`Broker::create_group`](helix_messaging_core::Broker::create_group)).
+pub(crate) async fn create_latest(shared: &Shared, topic: &str, group: &str) -> Result<()> {
+    create_group(&mut shared.commands.clone(), topic, group, "$").await
+}
+
 /// Create `group` on `topic`, and the stream if there is none, delivering what comes after
 /// `start`; a group that exists already is left as it is.
 pub(super) async fn create_group(

@@ -37,5 +37,5 @@ pub use group::REQUEUE_CONSUMER;
 
 pub(crate) use consumer::subscribe;
 pub(crate) use entry::xadd;
-pub(crate) use group::backlog;
+pub(crate) use group::{backlog, create_latest as create_group};
 pub(crate) use history::read_range;

@@ -239,6 +239,43 @@ pub async fn ttl_expiry(ctx: Ctx) -> Result<()> {
     Ok(())
 }
 
+/// A group created without a member keeps what is published before its first member joins;
+/// creating it again, before and while it has a member, neither loses, repeats nor moves
+/// anything. A backend without consumer groups refuses with `Unsupported`.
+pub async fn a_group_created_without_a_member_keeps_what_is_published(ctx: Ctx) -> Result<()> {
+    let topic = ctx.topic("created-group");
+    let group = fresh_name("g");
+    if !ctx.broker.capabilities().consumer_groups {
+        let err = ctx
+            .broker
+            .create_group(&topic, &group)
+            .await
+            .expect_err("create_group without consumer groups");
+        assert_eq!(err.kind(), ErrorKind::Unsupported);
+        return Ok(());
+    }
+    ctx.broker.create_group(&topic, &group).await?;
+    let early = [Message::new("early 1"), Message::new("early 2")];
+    for m in &early {
+        ctx.publish(&topic, m.clone()).await;
+    }
+    ctx.broker.create_group(&topic, &group).await?;
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::group(&group)).await;
+    let got: HashSet<String> = ctx.recv_ack_ids(&mut sub, 2).await.into_iter().collect();
+    let expected: HashSet<String> = early.iter().map(|m| m.id().to_owned()).collect();
+    assert_eq!(got, expected, "what was published before the first member");
+    ctx.broker.create_group(&topic, &group).await?;
+    let late = Message::new("late");
+    ctx.publish(&topic, late.clone()).await;
+    assert_eq!(
+        ctx.recv_ack_ids(&mut sub, 1).await,
+        vec![late.id().to_owned()],
+        "the member, undisturbed by creating its group again, gets what follows"
+    );
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
 /// Empty or illegal topic and group names are refused with `InvalidInput`.
 pub async fn invalid_names_are_refused(ctx: Ctx) -> Result<()> {
     let err = ctx

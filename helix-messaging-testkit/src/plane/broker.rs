@@ -175,6 +175,10 @@ impl Broker for FaultyBroker {
         self.inner.backlog(topic, group).await
     }
 
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.inner.create_group(topic, group).await
+    }
+
     async fn close(&self) -> Result<()> {
         self.inner.close().await
     }
