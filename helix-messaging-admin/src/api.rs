@@ -306,6 +306,41 @@ pub struct Replays {
     pub replays: Vec<Replay>,
 }
 
+/// A consumer group of one of the hub's topics, in [`Queues`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queue {
+    /// `"tasks"` or `"events"`: the side whose broker holds it.
+    pub side: String,
+    /// The topic (a task queue's name, for tasks).
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// The side's backend.
+    pub backend: String,
+    /// What the backend's own tools call it: `queue`, `consumer group`, `stream group`,
+    /// `channel` or `group`.
+    pub kind: String,
+    /// Its name in those tools (the RabbitMQ queue, the Kafka group, …).
+    pub name: String,
+    /// Where its messages come from, when the name does not say.
+    pub source: Option<String>,
+    /// Messages waiting for the group (`None` when the backlog could not be read).
+    pub waiting: Option<u64>,
+    /// Messages delivered and not yet settled, where the backend knows.
+    pub in_flight: Option<u64>,
+    /// Why the backlog could not be read (a backend without backlogs, a broker away).
+    pub backlog_error: Option<String>,
+}
+
+/// `GET /v1/messaging/queues`: the consumer groups of the hub's topics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Queues {
+    /// Number of groups listed.
+    pub count: usize,
+    /// The groups, by side, topic and group.
+    pub queues: Vec<Queue>,
+}
+
 /// One side's fallback spool, in [`Spools`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpoolStats {

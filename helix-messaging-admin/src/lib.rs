@@ -87,6 +87,7 @@ mod json;
 mod openapi;
 mod openapi_exposure;
 mod probes;
+mod queues;
 mod replay;
 mod router;
 mod services;

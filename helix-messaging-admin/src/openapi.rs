@@ -51,6 +51,10 @@ fn count() -> Value {
     json!({ "type": "integer", "minimum": 0 })
 }
 
+fn nullable_count() -> Value {
+    json!({ "type": "integer", "minimum": 0, "nullable": true })
+}
+
 fn reference(name: &str) -> Value {
     json!({ "$ref": format!("#/components/schemas/{name}") })
 }
@@ -282,6 +286,21 @@ fn schemas() -> Value {
         "DlqEntry": entry,
         "MessageBody": message,
         "Spools": closed(json!({ "tasks": nullable_spool, "events": nullable_spool })),
+        "Queues": closed(json!({
+            "count": count(),
+            "queues": { "type": "array", "items": closed(json!({
+                "side": { "type": "string", "enum": ["tasks", "events"] },
+                "topic": string(),
+                "group": string(),
+                "backend": string(),
+                "kind": { "type": "string", "enum": ["queue", "consumer group", "stream group", "channel", "group"] },
+                "name": string(),
+                "source": nullable_string(),
+                "waiting": nullable_count(),
+                "in_flight": nullable_count(),
+                "backlog_error": nullable_string(),
+            })) },
+        })),
         "RefusedMessages": closed(json!({
             "count": {
                 "type": "integer", "minimum": 0,
@@ -558,6 +577,17 @@ pub(crate) fn document() -> Value {
                     "responses": responses("200", ok_json("Discarded.", reference("Settled")), &[bad, shape, too_large, media, missing, held, no_dlq]),
                 },
             },
+            "/v1/messaging/queues": { "get": {
+                "operationId": "queues",
+                "summary": "The consumer groups of the hub's topics: where each backend keeps them (the RabbitMQ queue, the Kafka consumer group, the Redis stream group) and their backlog.",
+                "description": "Without parameters, every group the hub knows of: the workers' group of each task queue it published to, subscribed to or was configured with, and each event subscription. A topic the hub knows nothing of is answered with the group it would have (the workers' group on the task side unless side and group say otherwise).",
+                "parameters": [
+                    query("topic", "Only this topic.", name()),
+                    query("group", "Only this consumer group.", name()),
+                    query("side", "Only this side.", json!({ "type": "string", "enum": ["tasks", "events"] })),
+                ],
+                "responses": responses("200", ok_json("The groups.", reference("Queues")), &[bad]),
+            }},
             "/v1/messaging/spools": { "get": {
                 "operationId": "spools",
                 "summary": "What each side's fallback spool holds (null: no spool on that side).",

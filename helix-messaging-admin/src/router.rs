@@ -24,7 +24,7 @@ use crate::config::{AdminConfig, AdminError};
 use crate::json::ApiError;
 use crate::services::{AppState, Services};
 use crate::tokens::Tokens;
-use crate::{api, dlq, openapi, probes, replay, spool};
+use crate::{api, dlq, openapi, probes, queues, replay, spool};
 
 /// Install the `metrics` facade's global recorder as a Prometheus one and return the handle
 /// that renders it (give it to [`router`]).
@@ -103,6 +103,7 @@ pub fn router(config: &AdminConfig, services: Services) -> Router {
         )
         .route("/v1/messaging/dlq/{id}/reprocess", post(dlq::reprocess))
         .route("/v1/messaging/dlq/{id}/discard", delete(dlq::discard))
+        .route("/v1/messaging/queues", get(queues::list))
         .route("/v1/messaging/spools", get(spool::stats))
         .route("/v1/messaging/spools/{side}/refused", get(spool::refused))
         .route(

@@ -552,6 +552,10 @@ impl Broker for BreakerBroker {
         self.inner.backlog(topic, group).await
     }
 
+    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
+        self.inner.group_address(topic, group)
+    }
+
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
         // Set-up, not traffic: it neither trips nor waits for the breakers.
         self.inner.create_group(topic, group).await

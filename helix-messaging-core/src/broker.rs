@@ -442,6 +442,35 @@ impl Backlog {
     }
 }
 
+/// Where a backend keeps one consumer group of one topic, named as the backend's own tools
+/// name it (`rabbitmqadmin get queue=…`, `kafka-consumer-groups.sh --group …`,
+/// `redis-cli XINFO GROUPS …`), for an operator going from a topic to what to inspect
+/// ([`Broker::group_address`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupAddress {
+    /// What those tools call it: `"queue"` (RabbitMQ), `"consumer group"` (Kafka),
+    /// `"stream group"` (Redis Streams), `"channel"` (Redis pub/sub, which has no groups),
+    /// `"group"` otherwise.
+    pub kind: &'static str,
+    /// Its name in those tools.
+    pub name: String,
+    /// Where its messages come from, when the name does not say: the exchange and routing
+    /// key a queue is bound with, the Kafka topic, the stream's key.
+    pub source: Option<String>,
+}
+
+impl GroupAddress {
+    /// Group `group` of `topic`, named as they are: a backend whose tools know nothing
+    /// more specific.
+    pub fn plain(topic: &str, group: &str) -> Self {
+        GroupAddress {
+            kind: "group",
+            name: group.to_owned(),
+            source: Some(topic.to_owned()),
+        }
+    }
+}
+
 /// A connection to one messaging backend: publish, subscribe, report and close.
 ///
 /// `Arc<dyn Broker>` is what every layer above the adapters works with. Its `Debug` output
@@ -484,6 +513,12 @@ pub trait Broker: Publisher + Subscriber + fmt::Debug {
             self.name(),
             "reporting a group's backlog",
         ))
+    }
+
+    /// Where this backend keeps consumer group `group` of `topic` ([`GroupAddress`]), whether
+    /// or not the group exists yet. The default names the group and the topic as they are.
+    fn group_address(&self, topic: &str, group: &str) -> GroupAddress {
+        GroupAddress::plain(topic, group)
     }
 
     /// Create consumer group `group` on `topic` without joining it, so that every message

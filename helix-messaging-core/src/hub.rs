@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::breaker::{BreakerConfig, BreakerLayer};
-use crate::broker::{Broker, Health, HealthStatus};
+use crate::broker::{Broker, GroupAddress, Health, HealthStatus};
 use crate::delivery::Envelope;
 use crate::dlq::{DeadLetterConfig, DeadLetterLayer, DeadLetterQueue, DeadLetterReason};
 use crate::error::{Error, Result};
@@ -312,6 +312,41 @@ impl Side {
     }
 }
 
+/// One side of the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HubSide {
+    /// Tasks: one workers' group shares each queue.
+    Tasks,
+    /// Events: every group gets every event.
+    Events,
+}
+
+impl HubSide {
+    /// `"tasks"` or `"events"`, as the admin API's paths and labels name the sides.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HubSide::Tasks => "tasks",
+            HubSide::Events => "events",
+        }
+    }
+}
+
+/// A consumer group of one topic on one side of the hub, and where its backend keeps it
+/// ([`Hub::queues`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubQueue {
+    /// The side whose broker holds it.
+    pub side: HubSide,
+    /// The topic (the task queue's name, for tasks).
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// The side's backend (`"rabbitmq"`, `"kafka"`, …).
+    pub backend: &'static str,
+    /// Where that backend keeps the group, as its own tools name it.
+    pub address: GroupAddress,
+}
+
 /// What each side's fallback spool holds (`None`: that side has no spool).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HubSpoolStats {
@@ -365,6 +400,8 @@ pub struct Hub {
     one_broker: bool,
     /// The task queues whose workers' group is created before their first publish.
     task_queues: Arc<TaskQueues>,
+    /// The (topic, group) of every event subscription made through the hub.
+    event_groups: Arc<parking_lot::RwLock<std::collections::BTreeSet<(String, String)>>>,
     config: Arc<HubConfig>,
     counters: Arc<Counters>,
 }
@@ -417,6 +454,7 @@ impl Hub {
             .await?,
             events: Side::new("events", events, &config, event_spool, None).await?,
             task_queues,
+            event_groups: Arc::default(),
             config: Arc::new(config),
             counters: Arc::default(),
         })
@@ -510,7 +548,8 @@ impl Hub {
     {
         let counters = self.counters.clone();
         let handler = Arc::new(handler);
-        self.runner(&self.tasks.broker, queue, &self.config.task_group)?
+        let runner = self
+            .runner(&self.tasks.broker, queue, &self.config.task_group)?
             .start(json_handler(move |task: Task, envelope: Envelope| {
                 let (counters, handler) = (counters.clone(), handler.clone());
                 async move {
@@ -528,7 +567,9 @@ impl Hub {
                     Ok(())
                 }
             }))
-            .await
+            .await?;
+        self.task_queues.subscribed(queue);
+        Ok(runner)
     }
 
     /// Handle the events of `topic` in consumer group `group` (every group gets every
@@ -548,7 +589,8 @@ impl Hub {
     {
         let counters = self.counters.clone();
         let handler = Arc::new(handler);
-        self.runner(&self.events.broker, topic, group)?
+        let runner = self
+            .runner(&self.events.broker, topic, group)?
             .start(json_handler(move |event: Event, envelope: Envelope| {
                 let (counters, handler) = (counters.clone(), handler.clone());
                 async move {
@@ -557,7 +599,53 @@ impl Hub {
                     Ok(())
                 }
             }))
-            .await
+            .await?;
+        self.event_groups
+            .write()
+            .insert((topic.to_owned(), group.to_owned()));
+        Ok(runner)
+    }
+
+    /// The consumer groups this hub knows of, by side, topic and group: the workers' group
+    /// of every task queue it has published to, subscribed to or was told of
+    /// ([`HubConfig::task_queues`]), and every event subscription made through it; each with
+    /// where its backend keeps it.
+    pub fn queues(&self) -> Vec<HubQueue> {
+        let tasks = self
+            .task_queues
+            .names()
+            .into_iter()
+            .map(|queue| self.queue(HubSide::Tasks, &queue, &self.config.task_group));
+        let events: Vec<HubQueue> = self
+            .event_groups
+            .read()
+            .iter()
+            .map(|(topic, group)| self.queue(HubSide::Events, topic, group))
+            .collect();
+        let mut queues: Vec<HubQueue> = tasks.chain(events).collect();
+        queues.sort_by(|a, b| (a.side, &a.topic, &a.group).cmp(&(b.side, &b.topic, &b.group)));
+        queues
+    }
+
+    /// Group `group` of `topic` on `side`'s broker, known to the hub or not, with where that
+    /// backend keeps it.
+    pub fn queue(&self, side: HubSide, topic: &str, group: &str) -> HubQueue {
+        let broker = self.side_broker(side);
+        HubQueue {
+            side,
+            topic: topic.to_owned(),
+            group: group.to_owned(),
+            backend: broker.name(),
+            address: broker.group_address(topic, group),
+        }
+    }
+
+    /// `side`'s broker, as the hub uses it.
+    pub fn side_broker(&self, side: HubSide) -> &Arc<dyn Broker> {
+        match side {
+            HubSide::Tasks => &self.tasks.broker,
+            HubSide::Events => &self.events.broker,
+        }
     }
 
     /// Both sides' health (HelixAgent's `HealthCheck`).

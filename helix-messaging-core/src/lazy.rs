@@ -253,6 +253,14 @@ impl Broker for LazyBroker {
         self.current()?.backlog(topic, group).await
     }
 
+    /// The connected broker's; until it is connected, the plain address.
+    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
+        match self.current() {
+            Ok(broker) => broker.group_address(topic, group),
+            Err(_) => crate::broker::GroupAddress::plain(topic, group),
+        }
+    }
+
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
         self.current()?.create_group(topic, group).await
     }

@@ -50,8 +50,9 @@ pub mod trace;
 mod typed;
 
 pub use broker::{
-    Backlog, BatchReport, Broker, DEFAULT_PREFETCH, Health, HealthStatus, HistoryEntry,
-    HistoryStream, Publisher, StartPosition, SubscribeOptions, Subscriber, Subscription, TimeRange,
+    Backlog, BatchReport, Broker, DEFAULT_PREFETCH, GroupAddress, Health, HealthStatus,
+    HistoryEntry, HistoryStream, Publisher, StartPosition, SubscribeOptions, Subscriber,
+    Subscription, TimeRange,
 };
 pub use capabilities::Capabilities;
 pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};

@@ -489,6 +489,10 @@ impl Broker for ObservedBroker {
         self.shared.inner.backlog(topic, group).await
     }
 
+    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
+        self.shared.inner.group_address(topic, group)
+    }
+
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
         self.shared.inner.create_group(topic, group).await
     }

@@ -376,6 +376,15 @@ impl Broker for KafkaBroker {
         })
     }
 
+    /// The Kafka consumer group of that name, on the topic's Kafka name.
+    fn group_address(&self, topic: &str, group: &str) -> helix_messaging_core::GroupAddress {
+        helix_messaging_core::GroupAddress {
+            kind: "consumer group",
+            name: group.to_owned(),
+            source: Some(format!("topic {}", self.shared.config.kafka_topic(topic))),
+        }
+    }
+
     /// Commits the group's start position from outside it: no member joins, so a running
     /// group is not rebalanced.
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {

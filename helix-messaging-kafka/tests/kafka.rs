@@ -143,6 +143,37 @@ async fn the_seed_topic_table_is_created_with_its_partitions() {
     broker.close().await.unwrap();
 }
 
+/// `create_group` commits the group's start at the end of each partition from outside the
+/// group: what was published before is not the group's, what follows is. The address names
+/// the Kafka consumer group on the prefixed topic, as `kafka-consumer-groups` takes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_created_from_outside_starts_at_the_end_and_is_named_as_kafka_names_it() {
+    let mut config = common::config();
+    let prefix = fresh_name("created");
+    config.topic_prefix = Some(prefix.clone());
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    let (topic, group) = (fresh_name("tasks"), fresh_name("workers"));
+    broker
+        .publish(&topic, Message::new("before"))
+        .await
+        .unwrap();
+    broker.create_group(&topic, &group).await.unwrap();
+    for body in ["after 1", "after 2"] {
+        broker.publish(&topic, Message::new(body)).await.unwrap();
+    }
+    assert_eq!(broker.backlog(&topic, &group).await.unwrap().waiting, 2);
+    let address = broker.group_address(&topic, &group);
+    assert_eq!(
+        (address.kind, address.name.as_str(), address.source),
+        (
+            "consumer group",
+            group.as_str(),
+            Some(format!("topic {prefix}.{topic}"))
+        )
+    );
+    broker.close().await.unwrap();
+}
+
 /// Receives and acks everything on `sub`, recording ids; stops when `stop` is dropped.
 fn consume(
     mut sub: Subscription,

@@ -40,8 +40,8 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use futures::StreamExt;
 use helix_messaging_core::{
-    Backlog, BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Error, ErrorKind, Health,
-    HistoryStream, Message, Publisher, Result, StartPosition, SubscribeOptions, Subscriber,
+    Backlog, BatchReport, Broker, Capabilities, DEFAULT_PREFETCH, Error, ErrorKind, GroupAddress,
+    Health, HistoryStream, Message, Publisher, Result, StartPosition, SubscribeOptions, Subscriber,
     Subscription, TimeRange, validate_name, within,
 };
 use lapin::options::QueueDeclareOptions;
@@ -369,6 +369,19 @@ impl Broker for RabbitBroker {
             probe,
         )
         .await?
+    }
+
+    /// The group's queue, `<topic>.<group>`, bound to the exchange with the topic as its
+    /// routing key.
+    fn group_address(&self, topic: &str, group: &str) -> GroupAddress {
+        GroupAddress {
+            kind: "queue",
+            name: format!("{topic}.{group}"),
+            source: Some(format!(
+                "exchange {}, routing key {topic}",
+                self.shared.config().exchange
+            )),
+        }
     }
 
     /// Declares the group's queue `<topic>.<group>` and binds it, as a subscription would,

@@ -359,6 +359,23 @@ impl Broker for RedisBroker {
         }
     }
 
+    /// Streams: the group of that name on the stream whose key is the topic. Pub/sub has no
+    /// groups: the channel.
+    fn group_address(&self, topic: &str, group: &str) -> helix_messaging_core::GroupAddress {
+        match self.shared.config.mode {
+            RedisMode::Streams => helix_messaging_core::GroupAddress {
+                kind: "stream group",
+                name: group.to_owned(),
+                source: Some(format!("stream {topic}")),
+            },
+            RedisMode::PubSub => helix_messaging_core::GroupAddress {
+                kind: "channel",
+                name: topic.to_owned(),
+                source: None,
+            },
+        }
+    }
+
     /// Streams: `XGROUP CREATE <topic> <group> $ MKSTREAM`, no consumer and no blocking
     /// connection; pub/sub has no groups.
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {

@@ -374,6 +374,10 @@ mod outage {
             self.inner.backlog(topic, group).await
         }
 
+        fn group_address(&self, topic: &str, group: &str) -> helix_messaging_core::GroupAddress {
+            self.inner.group_address(topic, group)
+        }
+
         async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
             self.check()?;
             self.inner.create_group(topic, group).await

@@ -68,6 +68,20 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Both sides' health.
     Health,
+    /// The consumer groups of the hub's topics, named as the broker's own tools name them
+    /// (the RabbitMQ queue `<topic>.<group>`, the Kafka consumer group, the Redis stream
+    /// group), with their backlog. Every group the hub knows of, or TOPIC's.
+    Queues {
+        /// Only this topic (a task queue's name for tasks); one the hub knows nothing of is
+        /// shown with the group it would have.
+        topic: Option<String>,
+        /// Only this consumer group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only this side.
+        #[arg(long, value_parser = ["tasks", "events"])]
+        side: Option<String>,
+    },
     /// The dead-letter queue.
     #[command(subcommand)]
     Dlq(DlqCommand),

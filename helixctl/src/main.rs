@@ -24,7 +24,7 @@ use futures::StreamExt;
 use helix_messaging::SubscribeOptions;
 use helix_messaging::logging::log_directives;
 use helix_messaging_admin::api::{
-    Ack, CanaryBody, DiscardBody, Entry, Groups, Health, Page, Redrive, RedriveBody,
+    Ack, CanaryBody, DiscardBody, Entry, Groups, Health, Page, Queues, Redrive, RedriveBody,
     RedrivePreview, Redrives, Replay, ReplayBody, ReplayFilterBody, ReplayOptionsBody, Replays,
     ReprocessBody,
 };
@@ -36,8 +36,8 @@ use serde_json::{Value, json};
 use crate::cli::{Cli, Command, DlqCommand, RedriveArgs, RedriveCommand, ReplayCommand, StartArgs};
 use crate::client::{Api, Failure, query, segment};
 use crate::output::{
-    entry_line, group_line, health_text, list_text, pretty, print, redrive_line, replay_line,
-    report,
+    entry_line, group_line, health_text, list_text, pretty, print, queue_line, redrive_line,
+    replay_line, report,
 };
 
 /// The path of the DLQ entry `id`, with `suffix` after it.
@@ -82,6 +82,14 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                     message: "unhealthy".into(),
                 });
             }
+        }
+        Command::Queues { topic, group, side } => {
+            let pairs = [("topic", topic), ("group", group), ("side", side)];
+            let path = format!("/v1/messaging/queues{}", query(&pairs));
+            let queues: Queues = api.get(&path).await?;
+            print(json_out, &queues, |q| {
+                list_text(q.count, "queues", &q.queues, queue_line)
+            });
         }
         Command::Dlq(DlqCommand::List {
             limit,

@@ -1,7 +1,7 @@
 //! What helixctl prints: an answer as JSON or as text lines, and a failure as the API's JSON
 //! error or a line.
 
-use helix_messaging_admin::api::{Entry, Group, Health, Redrive, Replay};
+use helix_messaging_admin::api::{Entry, Group, Health, Queue, Redrive, Replay};
 use serde::Serialize;
 
 use crate::client::Failure;
@@ -68,6 +68,30 @@ pub(crate) fn redrive_line(p: &Redrive) -> String {
         p.last_error
             .as_deref()
             .map(|e| format!("  last error: {e}"))
+            .unwrap_or_default(),
+    )
+}
+
+/// A consumer group as one line: side, topic and group, then the backend's own name for it
+/// (`rabbitmq queue helixagent.tasks.llm.helixagent-workers`) and its backlog.
+pub(crate) fn queue_line(q: &Queue) -> String {
+    let backlog = match (q.waiting, q.in_flight, &q.backlog_error) {
+        (Some(waiting), Some(in_flight), _) => format!("waiting {waiting}  in flight {in_flight}"),
+        (Some(waiting), None, _) => format!("waiting {waiting}"),
+        (None, _, Some(error)) => format!("backlog unknown: {error}"),
+        (None, _, None) => "backlog unknown".to_owned(),
+    };
+    format!(
+        "{}  {}  group {}  →  {} {} {}{}  {backlog}",
+        q.side,
+        q.topic,
+        q.group,
+        q.backend,
+        q.kind,
+        q.name,
+        q.source
+            .as_deref()
+            .map(|s| format!(" ({s})"))
             .unwrap_or_default(),
     )
 }

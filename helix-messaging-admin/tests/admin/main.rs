@@ -10,6 +10,7 @@ mod contract;
 mod dlq;
 mod exposure;
 mod jobs;
+mod queues;
 mod replay;
 mod spool;
 
@@ -552,7 +553,7 @@ async fn every_operation_in_the_openapi_document_is_served_as_documented() {
         }
     }
     assert_eq!(
-        operations, 23,
+        operations, 24,
         "every operation of the API, the root probes included"
     );
 }

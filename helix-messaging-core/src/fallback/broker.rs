@@ -616,6 +616,10 @@ impl Broker for FallbackBroker {
         self.inner.broker.backlog(topic, group).await
     }
 
+    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
+        self.inner.broker.group_address(topic, group)
+    }
+
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
         self.inner.broker.create_group(topic, group).await
     }

@@ -42,6 +42,16 @@ impl TaskQueues {
         }
     }
 
+    /// Note `queue` as a task queue whose group a subscription has just created.
+    pub(super) fn subscribed(&self, queue: &str) {
+        self.created.write().insert(queue.to_owned(), true);
+    }
+
+    /// The task queues known so far.
+    pub(super) fn names(&self) -> Vec<String> {
+        self.created.read().keys().cloned().collect()
+    }
+
     /// Create the group of `topic` on `broker` if it is a task queue whose group is not known
     /// to exist yet. A broker without consumer groups has none to create.
     async fn ensure(&self, broker: &dyn Broker, topic: &str) -> Result<()> {
@@ -58,8 +68,7 @@ impl TaskQueues {
     /// Create every expected group now; the first failure is returned, and the groups not
     /// created are tried again before their next publish.
     pub(super) async fn create_all(&self, broker: &dyn Broker) -> Result<()> {
-        let expected: Vec<String> = self.created.read().keys().cloned().collect();
-        for queue in expected {
+        for queue in self.names() {
             self.ensure(broker, &queue).await?;
         }
         Ok(())
@@ -117,6 +126,10 @@ impl Broker for TaskGroupBroker {
 
     async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
         self.inner.backlog(topic, group).await
+    }
+
+    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
+        self.inner.group_address(topic, group)
     }
 
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {

@@ -441,3 +441,99 @@ async fn a_malformed_log_level_is_a_usage_error_naming_it() {
         failed(&out, 2, var);
     }
 }
+
+/// The runbooks name RabbitMQ queues (`rabbitmqadmin get queue=helixagent.tasks.llm`);
+/// `helixctl queues` goes from a task queue or event topic to the name the broker's own
+/// tools take, with its backlog, and `rabbitmqctl` finds that queue holding those tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queues_shows_each_topics_group_by_the_name_the_brokers_tools_take() {
+    let rabbitmq = helix_messaging::connect(
+        &std::env::var("RABBITMQ_URL")
+            .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+    )
+    .await
+    .expect("RabbitMQ");
+    let redis = helix_messaging::connect(&redis_streams_url())
+        .await
+        .expect("Redis");
+    let (queue, unused, topic) = (fresh("ctl.tasks"), fresh("ctl.tasks"), fresh("ctl.events"));
+    let workers = fresh("ctl-workers");
+    let hub = Hub::new(
+        HubConfig {
+            task_group: workers.clone(),
+            task_queues: vec![queue.clone()],
+            ..HubConfig::default()
+        },
+        rabbitmq,
+        redis,
+        None,
+    )
+    .await
+    .unwrap();
+    for n in 0..3 {
+        let task = helix_messaging_core::hub::Task::new("llm", serde_json::json!({ "n": n }));
+        hub.publish_task(&queue, &task).await.unwrap();
+    }
+    let audit = hub
+        .subscribe_events(&topic, |_event, _envelope| async { Ok(()) }, "audit")
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(helix_messaging_admin::serve_listener(
+        listener,
+        AdminConfig::new(TOKEN).unwrap(),
+        Services::new(hub.clone()),
+        std::future::pending(),
+    ));
+
+    let rabbit_queue = format!("{queue}.{workers}");
+    let out = helixctl(&url, Some(TOKEN), &["queues"]).await;
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.starts_with("2 queues\n"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "tasks  {queue}  group {workers}  →  rabbitmq queue {rabbit_queue} (exchange helixagent, routing key {queue})  waiting 3"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "events  {topic}  group audit  →  redis-streams stream group audit (stream {topic})  waiting 0  in flight 0"
+        )),
+        "{text}"
+    );
+    let listed = helix_messaging_testkit::faults::rabbitmqctl(&["list_queues", "name", "messages"]);
+    assert!(
+        listed
+            .lines()
+            .any(|line| line.split_whitespace().eq([rabbit_queue.as_str(), "3"])),
+        "rabbitmqctl lists {rabbit_queue} with 3 messages:\n{listed}"
+    );
+
+    // A queue the hub knows nothing of: the group it would have.
+    let json = ok_json(&helixctl(&url, Some(TOKEN), &["queues", &unused, "--json"]).await);
+    assert_eq!(json["count"], 1, "{json}");
+    assert_eq!(
+        json["queues"][0]["name"],
+        format!("{unused}.{workers}"),
+        "{json}"
+    );
+    assert_eq!(json["queues"][0]["waiting"], 0, "{json}");
+    let json =
+        ok_json(&helixctl(&url, Some(TOKEN), &["queues", "--side", "events", "--json"]).await);
+    assert_eq!(json["count"], 1, "{json}");
+    assert_eq!(json["queues"][0]["kind"], "stream group", "{json}");
+    failed(
+        &helixctl(&url, Some(TOKEN), &["queues", "not a topic"]).await,
+        1,
+        "topic",
+    );
+    audit.shutdown().await;
+    hub.close().await.unwrap();
+}
