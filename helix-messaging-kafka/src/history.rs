@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use backon::{BlockingRetryable, ExponentialBuilder};
 use helix_messaging_core::{
     Error, ErrorKind, HistoryEntry, HistoryStream, Position, Result, TimeRange,
 };
@@ -141,14 +142,43 @@ pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Resul
 /// assignment would. A commit from outside the group is refused while it has members; those
 /// committed their positions when they were placed, so the group exists and that refusal is
 /// success. Blocking.
+///
+/// A topic just created has no leaders for a moment (`NotLeaderForPartition`, no partitions
+/// in its metadata): such retryable failures are tried again for up to the request timeout.
 pub(crate) fn create_group(config: &KafkaConfig, topic: &str, group: &str) -> Result<()> {
     let mut client = config.reader();
     client.set("group.id", group);
     let consumer: BaseConsumer = client
         .create()
         .map_err(|e| config.client_error(e, "creating a group creator"))?;
+    let backoff = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_millis(500))
+        .with_total_delay(Some(config.request_timeout))
+        .without_max_times();
+    (|| commit_start(config, &consumer, topic, group))
+        .retry(backoff)
+        .sleep(std::thread::sleep)
+        .when(Error::is_retryable)
+        .call()
+}
+
+/// One attempt of [`create_group`].
+fn commit_start(
+    config: &KafkaConfig,
+    consumer: &BaseConsumer,
+    topic: &str,
+    group: &str,
+) -> Result<()> {
     let timeout = config.request_timeout;
-    let partitions = partitions_of(&consumer, topic, timeout)?;
+    let partitions = partitions_of(consumer, topic, timeout)?;
+    if partitions.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Backend,
+            format!("creating group {group} on {topic}: its partitions are not known yet"),
+        )
+        .with_retryable(true));
+    }
     let mut query = TopicPartitionList::new();
     for partition in &partitions {
         query.add_partition(topic, *partition);
@@ -184,6 +214,14 @@ pub(crate) fn create_group(config: &KafkaConfig, topic: &str, group: &str) -> Re
             | RDKafkaErrorCode::IllegalGeneration
             | RDKafkaErrorCode::RebalanceInProgress,
         )) => Ok(()),
+        // The group's coordinator is still being chosen or loading (a cluster just started).
+        Err(
+            e @ KafkaError::ConsumerCommit(
+                RDKafkaErrorCode::CoordinatorNotAvailable
+                | RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress,
+            ),
+        ) => Err(from_kafka(e, format!("creating group {group} on {topic}")).with_retryable(true)),
         Err(e) => Err(from_kafka(e, format!("creating group {group} on {topic}"))),
     }
 }

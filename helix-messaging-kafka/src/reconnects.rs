@@ -10,10 +10,20 @@
 //! The same documents set `messaging_connection_up{backend="kafka",connection}` per learnt
 //! broker (librdkafka's name for it, `host:port/node`): 1 while its state is `UP`, 0 in any
 //! other, summed over this process's clients (the producer and each group consumer).
+//!
+//! And they count connections made and attempts that failed, in
+//! `messaging_connections_total` and `messaging_connection_failures_total`: every
+//! connection that came up is either up now or counted in `disconnects` (librdkafka counts
+//! only the loss of a connection that was up there), so a broker entry's connections are
+//! `disconnects` + (1 if up); its failed attempts are the rest of `connects` (every attempt),
+//! less one still under way. Bootstrap entries count too: while the cluster cannot be reached
+//! at all, their failed attempts are the only ones there are.
 
 use std::collections::HashMap;
 
-use helix_messaging_core::observe::connection::ConnectionState;
+use helix_messaging_core::observe::connection::{
+    ConnectionState, count_connection_failures, count_connections,
+};
 use parking_lot::Mutex;
 use rdkafka::ClientContext;
 use serde::Deserialize;
@@ -27,6 +37,10 @@ pub(crate) struct Reconnects {
 #[derive(Default)]
 struct Seen {
     disconnects: u64,
+    /// Connections counted in `messaging_connections_total` so far.
+    connections: u64,
+    /// Failed attempts counted in `messaging_connection_failures_total` so far.
+    failures: u64,
     /// Losses not yet counted: the broker is not up again yet.
     pending: u64,
     /// This client's share of the broker's `messaging_connection_up`.
@@ -45,6 +59,37 @@ struct BrokerStatistics {
     state: String,
     #[serde(default)]
     disconnects: u64,
+    #[serde(default)]
+    connects: u64,
+}
+
+impl BrokerStatistics {
+    fn is_up(&self) -> bool {
+        matches!(self.state.as_str(), "UP" | "UPDATE" | "REAUTH")
+    }
+
+    /// A connection attempt under way: neither made nor failed yet.
+    fn is_connecting(&self) -> bool {
+        matches!(
+            self.state.as_str(),
+            "CONNECT"
+                | "SSL_HANDSHAKE"
+                | "AUTH_LEGACY"
+                | "APIVERSION_QUERY"
+                | "AUTH_HANDSHAKE"
+                | "AUTH_REQ"
+        )
+    }
+
+    /// (connections made, attempts failed) so far (see the module docs).
+    fn connections(&self) -> (u64, u64) {
+        let made = self.disconnects + u64::from(self.is_up());
+        let failed = self
+            .connects
+            .saturating_sub(made)
+            .saturating_sub(u64::from(self.is_connecting()));
+        (made, failed)
+    }
 }
 
 impl Reconnects {
@@ -60,11 +105,19 @@ impl Reconnects {
         };
         let mut seen = self.brokers.lock();
         let mut reconnected = 0;
+        let (mut made, mut failed) = (0, 0);
         for (name, broker) in stats.brokers {
+            let entry = seen.entry(name.clone()).or_default();
+            // Counters only grow: a figure that went back (an attempt that was under way
+            // and then came up) waits until it passes what was counted.
+            let (connections, failures) = broker.connections();
+            made += connections.saturating_sub(entry.connections);
+            entry.connections = entry.connections.max(connections);
+            failed += failures.saturating_sub(entry.failures);
+            entry.failures = entry.failures.max(failures);
             if broker.nodeid < 0 {
                 continue;
             }
-            let entry = seen.entry(name.clone()).or_default();
             entry
                 .state
                 .get_or_insert_with(|| ConnectionState::new(crate::config::NAME, name))
@@ -79,6 +132,8 @@ impl Reconnects {
         if reconnected > 0 {
             helix_messaging_core::observe::count_reconnects(crate::config::NAME, reconnected);
         }
+        count_connections(crate::config::NAME, made);
+        count_connection_failures(crate::config::NAME, failed);
         reconnected
     }
 }
@@ -135,6 +190,69 @@ mod tests {
             "two losses between documents; the bootstrap entry's drops are not reconnects"
         );
         assert_eq!(r.observe(b"not json"), 0);
+    }
+
+    /// Connections made and attempts failed, from `connects`, `disconnects` and the state,
+    /// bootstrap entries included, each counted once.
+    #[test]
+    fn connections_and_failed_attempts_are_counted_once_each() {
+        use helix_messaging_core::observe::connection::{
+            CONNECTION_FAILURES_METRIC, CONNECTIONS_METRIC,
+        };
+        use helix_messaging_testkit::recorded::{self, counter};
+
+        recorded::install();
+        let on = [("backend", crate::config::NAME)];
+        let figures = || {
+            let now = recorded::snapshot();
+            (
+                counter(&now, CONNECTIONS_METRIC, &on),
+                counter(&now, CONNECTION_FAILURES_METRIC, &on),
+            )
+        };
+        let document = |brokers: &[(&str, i32, &str, u64, u64)]| {
+            let brokers: serde_json::Map<String, serde_json::Value> = brokers
+                .iter()
+                .map(|(name, nodeid, state, connects, disconnects)| {
+                    (
+                        (*name).to_owned(),
+                        serde_json::json!({"nodeid": nodeid, "state": state,
+                            "connects": connects, "disconnects": disconnects}),
+                    )
+                })
+                .collect();
+            serde_json::to_vec(&serde_json::json!({ "brokers": brokers })).unwrap()
+        };
+        let r = Reconnects::default();
+        let start = figures();
+        let delta = || {
+            let (made, failed) = figures();
+            (made - start.0, failed - start.1)
+        };
+        let boot = "k:9092/bootstrap";
+        r.observe(&document(&[(boot, -1, "DOWN", 3, 0)]));
+        assert_eq!(
+            delta(),
+            (0, 3),
+            "the cluster unreachable: three failed attempts"
+        );
+        r.observe(&document(&[(boot, -1, "CONNECT", 4, 0)]));
+        assert_eq!(delta(), (0, 3), "an attempt under way is neither");
+        r.observe(&document(&[(boot, -1, "UP", 4, 0)]));
+        assert_eq!(delta(), (1, 3), "it came up");
+        let node = "k:9092/1";
+        r.observe(&document(&[(boot, -1, "UP", 4, 0), (node, 1, "UP", 1, 0)]));
+        assert_eq!(delta(), (2, 3), "the learnt broker's connection");
+        r.observe(&document(&[(node, 1, "UP", 1, 0)]));
+        assert_eq!(delta(), (2, 3), "the same document again counts nothing");
+        r.observe(&document(&[(node, 1, "TRY_CONNECT", 3, 1)]));
+        assert_eq!(
+            delta(),
+            (2, 5),
+            "lost, then two attempts failed (waiting to retry)"
+        );
+        r.observe(&document(&[(node, 1, "UP", 4, 1)]));
+        assert_eq!(delta(), (3, 5), "the next attempt came up");
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use futures::StreamExt;
+use helix_messaging_core::observe::connection::ConnectionState;
 use helix_messaging_core::{
     Acknowledge, Delivery, DeliveryInfo, Error, Result, Settlement, StartPosition,
     SubscribeOptions, Subscription, within,
@@ -44,6 +45,7 @@ pub(crate) async fn subscribe(
         messages: Some(connection.into_on_message().boxed()),
         cancel: shared.shutdown.child_token(),
         slots: Arc::new(tokio::sync::Semaphore::new(options.prefetch.max(1))),
+        state: shared.subscription_state(),
     };
     Ok(Subscription::new(
         topic,
@@ -62,6 +64,8 @@ struct Puller {
     /// One per delivery the application may hold unsettled (`prefetch`). Pub/sub cannot make
     /// the server wait: while every slot is taken, what arrives waits in the client.
     slots: Arc<tokio::sync::Semaphore>,
+    /// Its connection's share of `messaging_connection_up`.
+    state: ConnectionState,
 }
 
 impl Puller {
@@ -75,7 +79,7 @@ impl Puller {
                         connect(&shared, &topic)
                     })
                     .await?;
-                self.shared.count_reconnect();
+                self.shared.subscription_reconnected(&self.state);
                 self.messages = Some(fresh.into_on_message().boxed());
                 continue;
             };
@@ -104,7 +108,10 @@ impl Puller {
                     };
                     return Some((Ok(delivery(&self.topic, message, acker)), self));
                 }
-                None => self.messages = None,
+                None => {
+                    self.state.set(false);
+                    self.messages = None;
+                }
             }
         }
     }

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
-use helix_messaging_core::observe::connection::ConnectionState;
+use helix_messaging_core::observe::connection::{
+    ConnectionState, count_connection, count_connection_failure,
+};
 use helix_messaging_core::{Delivery, Error, Result};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +91,21 @@ impl Shared {
         helix_messaging_core::observe::count_reconnect(self.name());
     }
 
+    /// A subscription's share of `messaging_connection_up`, up: subscriptions read on
+    /// connections of their own, each counted beside the publishing one.
+    pub(crate) fn subscription_state(&self) -> ConnectionState {
+        let state = ConnectionState::new(self.name(), self.config.address());
+        state.set(true);
+        state
+    }
+
+    /// A subscription's lost connection is back: a reconnect, a connection made, and up.
+    pub(crate) fn subscription_reconnected(&self, state: &ConnectionState) {
+        self.count_reconnect();
+        count_connection(self.name());
+        state.set(true);
+    }
+
     /// Exponential backoff for reconnect loops, capped by the configuration.
     fn reconnect_backoff(&self) -> ExponentialBuilder {
         ExponentialBuilder::default()
@@ -99,7 +116,8 @@ impl Shared {
     }
 
     /// Run `attempt` until it succeeds, backing off between failures, or until `cancel`
-    /// fires (`None`). Counts the subscription as reconnecting meanwhile.
+    /// fires (`None`). Counts the subscription as reconnecting meanwhile, and each failed
+    /// attempt in `messaging_connection_failures_total`.
     pub(crate) async fn retry_until_cancelled<T, F, Fut>(
         &self,
         what: &str,
@@ -115,6 +133,8 @@ impl Shared {
             .retry(self.reconnect_backoff())
             .sleep(tokio::time::sleep)
             .notify(|err: &Error, wait: Duration| {
+                // Each attempt to reach the server again that failed.
+                count_connection_failure(self.name());
                 tracing::warn!(error = %err, ?wait, "{what} failed; retrying");
             });
         let outcome = tokio::select! {

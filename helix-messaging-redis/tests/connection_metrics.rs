@@ -55,3 +55,124 @@ async fn a_refused_connection_is_counted_as_a_failure() {
     RedisBroker::connect(config).await.unwrap_err();
     assert_eq!(failures() - before, 1);
 }
+
+/// Subscriptions read on connections of their own: each is in `messaging_connection_up`
+/// while it is connected. When Redis goes away, each failed attempt to reach it again is
+/// counted, the subscription's connection is down, and once Redis is back the reconnect is
+/// counted as a connection made and it is up again. Pub/sub is Redis's default mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pubsub_subscriptions_connection_is_up_down_and_counted_through_an_outage() {
+    subscription_through_an_outage(RedisMode::PubSub).await;
+}
+
+/// As for pub/sub, with a Streams group's reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streams_subscriptions_connection_is_up_down_and_counted_through_an_outage() {
+    subscription_through_an_outage(RedisMode::Streams).await;
+}
+
+async fn subscription_through_an_outage(mode: RedisMode) {
+    use helix_messaging_core::{Message, Publisher, SubscribeOptions, Subscriber};
+    use helix_messaging_testkit::eventually;
+    use helix_messaging_testkit::faults::PrivateRedis;
+
+    recorded::install();
+    let mut server = PrivateRedis::start();
+    let mut config = RedisConfig::new(&server.url(), mode).unwrap();
+    config.max_reconnect_delay = Duration::from_millis(200);
+    let address = config.address();
+    let broker = RedisBroker::connect(config).await.unwrap();
+    let backend = broker.name();
+    let on = [("backend", backend), ("connection", address.as_str())];
+    let up = || gauge(&recorded::snapshot(), CONNECTION_UP_METRIC, &on);
+    let figures = || {
+        let now = recorded::snapshot();
+        (
+            counter(&now, CONNECTIONS_METRIC, &[("backend", backend)]),
+            counter(&now, CONNECTION_FAILURES_METRIC, &[("backend", backend)]),
+        )
+    };
+    let options = match mode {
+        RedisMode::Streams => SubscribeOptions::group("g"),
+        RedisMode::PubSub => SubscribeOptions::default(),
+    };
+    let mut sub = broker.subscribe("outage", options).await.unwrap();
+    assert_eq!(
+        up(),
+        Some(2.0),
+        "the publishing connection and the subscription's"
+    );
+    let before = figures();
+
+    server.crash();
+    // Polled meanwhile, as an application does: a pub/sub subscription learns of the loss,
+    // and reconnects, when it is polled.
+    polling_until(
+        &mut sub,
+        "failed attempts counted, subscription down",
+        || figures().1 > before.1 && up() == Some(1.0),
+    )
+    .await;
+    server.restart();
+    polling_until(&mut sub, "the reconnect counted and up", || {
+        figures().0 > before.0 && up() == Some(2.0)
+    })
+    .await;
+    // The publishing connection learns of the outage on its first use, which fails
+    // (retryably); pub/sub keeps nothing for a subscriber that is not yet back. So publish
+    // until one arrives.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a message after the outage: not within 20 s"
+        );
+        if broker
+            .publish("outage", Message::new("after"))
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let next = futures::StreamExt::next(&mut sub);
+        if let Ok(delivery) = tokio::time::timeout(Duration::from_millis(500), next).await {
+            let delivery = delivery.expect("the subscription goes on").unwrap();
+            assert_eq!(delivery.message().payload(), "after".as_bytes());
+            // Not what this test is about: an ack's connection may meet the outage on its
+            // first use too (failing retryably, the entry redelivered later).
+            let _ = delivery.ack().await;
+            break;
+        }
+    }
+    drop(sub);
+    eventually(
+        Duration::from_secs(10),
+        "the dropped subscription's share gone",
+        || async { (up() == Some(1.0)).then_some(()) },
+    )
+    .await;
+    broker.close().await.unwrap();
+}
+
+/// Poll `sub` (expecting nothing) until `done`, failing the test after 30 s.
+async fn polling_until(
+    sub: &mut helix_messaging_core::Subscription,
+    what: &str,
+    done: impl Fn() -> bool,
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 30 s"
+        );
+        let next = futures::StreamExt::next(sub);
+        if let Ok(Some(Ok(delivery))) = tokio::time::timeout(Duration::from_millis(100), next).await
+        {
+            panic!(
+                "nothing was published, yet {:?} arrived",
+                delivery.message().id()
+            );
+        }
+    }
+}

@@ -23,12 +23,24 @@ pub const CONNECTION_FAILURES_METRIC: &str = "messaging_connection_failures_tota
 
 /// Count one connection of `backend` established, in [`CONNECTIONS_METRIC`].
 pub fn count_connection(backend: &'static str) {
-    metrics::counter!(CONNECTIONS_METRIC, "backend" => backend).increment(1);
+    count_connections(backend, 1);
+}
+
+/// Count `n` connections of `backend` established, in [`CONNECTIONS_METRIC`] (registering
+/// the series even for 0).
+pub fn count_connections(backend: &'static str, n: u64) {
+    metrics::counter!(CONNECTIONS_METRIC, "backend" => backend).increment(n);
 }
 
 /// Count one failed connection attempt of `backend`, in [`CONNECTION_FAILURES_METRIC`].
 pub fn count_connection_failure(backend: &'static str) {
-    metrics::counter!(CONNECTION_FAILURES_METRIC, "backend" => backend).increment(1);
+    count_connection_failures(backend, 1);
+}
+
+/// Count `n` failed connection attempts of `backend`, in [`CONNECTION_FAILURES_METRIC`]
+/// (registering the series even for 0).
+pub fn count_connection_failures(backend: &'static str, n: u64) {
+    metrics::counter!(CONNECTION_FAILURES_METRIC, "backend" => backend).increment(n);
 }
 
 /// One connection's share of [`CONNECTION_UP_METRIC`]: [`ConnectionState::set`] adds it

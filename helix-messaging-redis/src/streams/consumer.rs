@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use helix_messaging_core::observe::connection::ConnectionState;
 use helix_messaging_core::{
     Delivery, DeliveryInfo, Error, ErrorKind, Position, Result, StartPosition, SubscribeOptions,
     Subscription,
@@ -99,9 +100,16 @@ pub(crate) async fn subscribe(
     let cancel = shared.shutdown.child_token();
     let reported_group = reader.reported_group.clone();
     let seen_by = reader.clone();
-    shared
-        .tasks
-        .spawn(read_loop(reader, connection, tx, cancel.clone(), private));
+    // Up before returning: the subscription is connected from here on.
+    let state = shared.subscription_state();
+    shared.tasks.spawn(read_loop(
+        reader,
+        connection,
+        state,
+        tx,
+        cancel.clone(),
+        private,
+    ));
     let deliveries = futures::StreamExt::inspect(channel_stream(rx, cancel), move |item| {
         if let Ok(delivery) = item
             && let Some(Position::StreamId(id)) = &delivery.info().position
@@ -126,6 +134,7 @@ const SHORT_READ_WAIT: Duration = Duration::from_millis(10);
 async fn read_loop(
     reader: Arc<Reader>,
     mut connection: ConnectionManager,
+    state: ConnectionState,
     tx: mpsc::Sender<Vec<Result<Delivery>>>,
     cancel: CancellationToken,
     private: bool,
@@ -228,6 +237,10 @@ async fn read_loop(
             }
             Err(err) => {
                 tracing::warn!(topic = %reader.topic, error = %err, "reading the stream failed; waiting for Redis");
+                let lost = err.kind() == ErrorKind::Connection;
+                if lost {
+                    state.set(false);
+                }
                 let probe = connection.clone();
                 let back = reader
                     .shared
@@ -244,8 +257,8 @@ async fn read_loop(
                 if back.is_none() {
                     break;
                 }
-                if err.kind() == ErrorKind::Connection {
-                    reader.shared.count_reconnect();
+                if lost {
+                    reader.shared.subscription_reconnected(&state);
                 }
             }
         }
