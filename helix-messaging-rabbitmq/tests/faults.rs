@@ -275,8 +275,13 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
     let _node = NODE.lock().await;
     log_to_stderr();
     let vhost = Vhost::new("helix-slow-requeue");
-    let mut config = fault_config(&vhost);
-    config.publish_timeout = Duration::from_secs(1);
+    // Configured as an operator does, so the variable itself is what is proven here.
+    let url = vhost.0.url();
+    let config = RabbitConfig::from_vars(helix_messaging_testkit::env_lookup(&[
+        ("RABBITMQ_URL", url.as_str()),
+        ("RABBITMQ_PUBLISH_TIMEOUT", "1s"),
+    ]))
+    .unwrap();
     let broker = RabbitBroker::connect(config).await.unwrap();
     let topic = "fault.slow-requeue";
     let mut sub = broker
@@ -306,8 +311,9 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
         "requeue under the alarm: {settled:?} after {:?}",
         started.elapsed()
     );
-    // A publish meanwhile is a retryable timeout within the publish timeout: one deadline
-    // for the publish and its confirm, as `publish_timeout` promises.
+    // A publish meanwhile is a retryable timeout within the publish timeout
+    // (RABBITMQ_PUBLISH_TIMEOUT): one deadline for the publish and its confirm, as
+    // `publish_timeout` promises.
     let blocked = Message::new("published while the broker is blocked");
     let started = Instant::now();
     let refused = broker.publish(topic, blocked.clone()).await;
