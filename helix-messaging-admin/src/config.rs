@@ -1,6 +1,7 @@
 //! The admin API's settings: its two tokens, where it listens, TLS, and the transport's
 //! limits, from the environment or set in code.
 
+use helix_messaging_core::settings::paired_files;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -214,25 +215,15 @@ impl AdminConfig {
                 reason: format!("{addr:?} is not an address like 127.0.0.1:7061: {err}"),
             })?;
         }
-        config.tls = match (set(TLS_CERT_VAR), set(TLS_KEY_VAR)) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some(TlsFiles {
-                cert: cert.trim().into(),
-                key: key.trim().into(),
-            }),
-            (Some(_), None) => {
-                return Err(AdminError::Config {
-                    var: TLS_KEY_VAR,
-                    reason: format!("not set, while {TLS_CERT_VAR} is: TLS needs both"),
-                });
-            }
-            (None, Some(_)) => {
-                return Err(AdminError::Config {
-                    var: TLS_CERT_VAR,
-                    reason: format!("not set, while {TLS_KEY_VAR} is: TLS needs both"),
-                });
-            }
-        };
+        config.tls = paired_files(set, TLS_CERT_VAR, TLS_KEY_VAR)
+            .map_err(|unpaired| AdminError::Config {
+                var: unpaired.missing,
+                reason: unpaired.to_string(),
+            })?
+            .map(|(cert, key)| TlsFiles {
+                cert: cert.into(),
+                key: key.into(),
+            });
         if let Some(allow) = set(ALLOW_PLAINTEXT_VAR) {
             config.allow_plaintext = match allow.trim().to_ascii_lowercase().as_str() {
                 "true" | "1" | "yes" => true,

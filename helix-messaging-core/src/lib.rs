@@ -45,6 +45,7 @@ pub mod observe;
 pub mod replay;
 pub mod retry;
 mod runner;
+pub mod settings;
 pub mod stack;
 pub mod trace;
 mod typed;

@@ -1,6 +1,7 @@
 //! Configuration from code or from HelixAgent's variables. Secrets (the SASL password and any
 //! passed-through property that looks like one) never appear in `Debug`, logs or errors.
 
+use helix_messaging_core::settings::paired_files;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -286,25 +287,11 @@ impl KafkaConfig {
         config.sasl_username = var("KAFKA_SASL_USERNAME");
         config.sasl_password = var("KAFKA_SASL_PASSWORD");
         config.ssl_ca_location = var("KAFKA_SSL_CA_LOCATION");
-        config.ssl_client = match (
-            var("KAFKA_SSL_CERTIFICATE_LOCATION"),
-            var("KAFKA_SSL_KEY_LOCATION"),
-        ) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => Some((cert, key)),
-            (Some(_), None) => {
-                return Err(Error::config(
-                    "KAFKA_SSL_KEY_LOCATION",
-                    "not set, while KAFKA_SSL_CERTIFICATE_LOCATION is: a client certificate needs its key",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Error::config(
-                    "KAFKA_SSL_CERTIFICATE_LOCATION",
-                    "not set, while KAFKA_SSL_KEY_LOCATION is: a client key needs its certificate",
-                ));
-            }
-        };
+        config.ssl_client = paired_files(
+            var,
+            "KAFKA_SSL_CERTIFICATE_LOCATION",
+            "KAFKA_SSL_KEY_LOCATION",
+        )?;
         if let Some(factor) = var("KAFKA_REPLICATION_FACTOR") {
             config.replication_factor = match factor.as_str() {
                 "default" => None,

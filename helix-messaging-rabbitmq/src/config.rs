@@ -1,6 +1,7 @@
 //! Configuration from code or from HelixAgent's variables. The password never appears in
 //! `Debug`, `Display`, logs or errors (lapin's URI type prints it, so it stays inside).
 
+use helix_messaging_core::settings::paired_files;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -245,24 +246,8 @@ impl RabbitConfig {
             }
         };
         config.tls_ca_cert = var("RABBITMQ_TLS_CA_CERT").map(PathBuf::from);
-        config.tls_client = match (var("RABBITMQ_TLS_CERT"), var("RABBITMQ_TLS_KEY")) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => {
-                Some((PathBuf::from(cert.trim()), PathBuf::from(key.trim())))
-            }
-            (Some(_), None) => {
-                return Err(Error::config(
-                    "RABBITMQ_TLS_KEY",
-                    "not set, while RABBITMQ_TLS_CERT is: a client certificate needs its key",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Error::config(
-                    "RABBITMQ_TLS_CERT",
-                    "not set, while RABBITMQ_TLS_KEY is: a client key needs its certificate",
-                ));
-            }
-        };
+        config.tls_client = paired_files(var, "RABBITMQ_TLS_CERT", "RABBITMQ_TLS_KEY")?
+            .map(|(cert, key)| (PathBuf::from(cert), PathBuf::from(key)));
         if let Some(exchange) = var("RABBITMQ_EXCHANGE") {
             config.exchange = exchange;
         }

@@ -5,6 +5,7 @@
 //! configuration's capabilities start from them, and every other module can name a mode
 //! without reaching up to the crate root.
 
+use helix_messaging_core::settings::paired_files;
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -239,24 +240,8 @@ impl RedisConfig {
             }
         };
         config.tls_ca_cert = var("REDIS_TLS_CA_CERT").map(PathBuf::from);
-        config.tls_client = match (var("REDIS_TLS_CERT"), var("REDIS_TLS_KEY")) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => {
-                Some((PathBuf::from(cert.trim()), PathBuf::from(key.trim())))
-            }
-            (Some(_), None) => {
-                return Err(Error::config(
-                    "REDIS_TLS_KEY",
-                    "not set, while REDIS_TLS_CERT is: a client certificate needs its key",
-                ));
-            }
-            (None, Some(_)) => {
-                return Err(Error::config(
-                    "REDIS_TLS_CERT",
-                    "not set, while REDIS_TLS_KEY is: a client key needs its certificate",
-                ));
-            }
-        };
+        config.tls_client = paired_files(var, "REDIS_TLS_CERT", "REDIS_TLS_KEY")?
+            .map(|(cert, key)| (PathBuf::from(cert), PathBuf::from(key)));
         if let Some(field) = var("REDIS_STREAM_PAYLOAD_FIELD") {
             let field = field.trim();
             if field.starts_with(crate::codec::RESERVED_PREFIX) {
