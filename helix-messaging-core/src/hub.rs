@@ -24,7 +24,7 @@ use crate::typed::json_handler;
 
 mod task_groups;
 
-use task_groups::{TaskGroupBroker, TaskQueues};
+use task_groups::TaskQueues;
 
 /// Content type of a task's message.
 pub const TASK_CONTENT_TYPE: &str = "application/json";
@@ -280,10 +280,7 @@ impl Side {
         );
         // Beneath the spool as well, so a task drained from it finds its group created.
         if let Some(queues) = task_queues {
-            observed = Arc::new(TaskGroupBroker {
-                inner: observed,
-                queues,
-            });
+            observed = Arc::new(crate::stack::Guarded::new(observed, queues));
         }
         let breaker = BreakerLayer::new(config.breaker).named(label);
         Ok(match spool {

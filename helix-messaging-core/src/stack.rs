@@ -9,6 +9,9 @@
 //! | [`BreakerLayer`](crate::breaker::BreakerLayer) | [`BreakerBroker`](crate::breaker::BreakerBroker) | a circuit breaker on publishing and one on consuming |
 //! | [`FallbackLayer`](crate::fallback::FallbackLayer) | [`FallbackBroker`](crate::fallback::FallbackBroker) | its own breaker, and a spool while that breaker is open |
 //!
+//! [`Guarded`] wraps a broker with a [`PublishGuard`] asked before each publish and group
+//! creation: the hub's task queues use it, and so can a test's fault switch.
+//!
 //! [`LazyBroker`](crate::lazy::LazyBroker) is no layer but a root: it stands in for the
 //! adapter while the adapter connects in the background.
 //!
@@ -18,7 +21,10 @@
 //! 2. [`ObserveLayer`](crate::observe::ObserveLayer): beneath the breaker and the spool, so a
 //!    publish is counted when the broker takes it (a spooled one when it is forwarded), and
 //!    a breaker's fast failures are not counted as the broker's;
-//! 3. [`BreakerLayer`](crate::breaker::BreakerLayer) or, with a spool,
+//! 3. on the task side, a [`Guarded`] broker that creates each task queue's workers' group
+//!    before the first task reaches it: beneath the spool, so a task drained from the spool
+//!    finds its group too;
+//! 4. [`BreakerLayer`](crate::breaker::BreakerLayer) or, with a spool,
 //!    [`FallbackLayer`](crate::fallback::FallbackLayer), which brings its breaker along: the
 //!    breaker's state is what decides that a publish goes to the spool.
 //!
@@ -69,4 +75,114 @@ pub trait BrokerLayer: Send + Sync {
     /// The layer's own: [`ErrorKind::InvalidInput`](crate::ErrorKind::InvalidInput) for a bad
     /// configuration, a spool's error reading what it holds.
     async fn wrap(&self, inner: Arc<dyn Broker>) -> Result<Self::Wrapped>;
+}
+
+/// A check a [`Guarded`] broker makes before a publish, or a group's creation, reaches the
+/// broker it wraps: creating what the publish needs first, or refusing it.
+#[async_trait]
+pub trait PublishGuard: Send + Sync + std::fmt::Debug {
+    /// Before a publish (or a batch) to `topic` reaches `inner`.
+    ///
+    /// # Errors
+    /// Whatever refuses the publish: it then fails unsent, with this error.
+    async fn before_publish(&self, inner: &dyn Broker, topic: &str) -> Result<()>;
+
+    /// Before [`Broker::create_group`] on `topic` reaches `inner`. By default nothing.
+    ///
+    /// # Errors
+    /// Whatever refuses the creation.
+    async fn before_create_group(&self, inner: &dyn Broker, topic: &str) -> Result<()> {
+        let _ = (inner, topic);
+        Ok(())
+    }
+}
+
+/// A broker that asks its [`PublishGuard`] before each publish and group creation, and
+/// passes everything else to the broker it wraps as it is.
+#[derive(Debug)]
+pub struct Guarded<G> {
+    inner: Arc<dyn Broker>,
+    guard: G,
+}
+
+impl<G: PublishGuard> Guarded<G> {
+    /// `inner`, guarded by `guard`.
+    pub fn new(inner: Arc<dyn Broker>, guard: G) -> Self {
+        Guarded { inner, guard }
+    }
+
+    /// The guard.
+    pub fn guard(&self) -> &G {
+        &self.guard
+    }
+}
+
+#[async_trait]
+impl<G: PublishGuard> crate::broker::Publisher for Guarded<G> {
+    async fn publish(&self, topic: &str, message: crate::message::Message) -> Result<()> {
+        self.guard.before_publish(&*self.inner, topic).await?;
+        self.inner.publish(topic, message).await
+    }
+
+    async fn publish_batch(
+        &self,
+        topic: &str,
+        messages: Vec<crate::message::Message>,
+    ) -> crate::broker::BatchReport {
+        match self.guard.before_publish(&*self.inner, topic).await {
+            Ok(()) => self.inner.publish_batch(topic, messages).await,
+            Err(err) => crate::broker::BatchReport::all_failed(messages.len(), &err),
+        }
+    }
+}
+
+#[async_trait]
+impl<G: PublishGuard> crate::broker::Subscriber for Guarded<G> {
+    async fn subscribe(
+        &self,
+        topic: &str,
+        options: crate::broker::SubscribeOptions,
+    ) -> Result<crate::broker::Subscription> {
+        self.inner.subscribe(topic, options).await
+    }
+}
+
+#[async_trait]
+impl<G: PublishGuard> Broker for Guarded<G> {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+
+    fn capabilities(&self) -> crate::capabilities::Capabilities {
+        self.inner.capabilities()
+    }
+
+    async fn health(&self) -> crate::broker::Health {
+        self.inner.health().await
+    }
+
+    async fn read_range(
+        &self,
+        topic: &str,
+        range: crate::broker::TimeRange,
+    ) -> Result<crate::broker::HistoryStream> {
+        self.inner.read_range(topic, range).await
+    }
+
+    async fn backlog(&self, topic: &str, group: &str) -> Result<crate::broker::Backlog> {
+        self.inner.backlog(topic, group).await
+    }
+
+    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
+        self.inner.group_address(topic, group)
+    }
+
+    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
+        self.guard.before_create_group(&*self.inner, topic).await?;
+        self.inner.create_group(topic, group).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.inner.close().await
+    }
 }

@@ -100,31 +100,55 @@ fn partitions_of(consumer: &BaseConsumer, topic: &str, timeout: Duration) -> Res
         .collect())
 }
 
+/// A client that speaks for `group` to its coordinator without joining it.
+fn group_client(config: &KafkaConfig, group: &str, doing: &str) -> Result<BaseConsumer> {
+    let mut client = config.reader();
+    client.set("group.id", group);
+    client.create().map_err(|e| config.client_error(e, doing))
+}
+
+/// What `group` has committed on `partitions` of `topic`.
+fn committed_offsets(
+    consumer: &BaseConsumer,
+    topic: &str,
+    group: &str,
+    partitions: &[i32],
+    timeout: Duration,
+) -> Result<TopicPartitionList> {
+    let mut query = TopicPartitionList::new();
+    for partition in partitions {
+        query.add_partition(topic, *partition);
+    }
+    consumer
+        .committed_offsets(query, timeout)
+        .map_err(|e| from_kafka(e, format!("reading {group}'s committed offsets on {topic}")))
+}
+
+/// The low and high watermarks of one partition.
+fn watermarks(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64)> {
+    consumer
+        .fetch_watermarks(topic, partition, timeout)
+        .map_err(|e| from_kafka(e, format!("reading the watermarks of {topic}/{partition}")))
+}
+
 /// How many records of `topic` (a Kafka topic name) `group` has not committed past, over
 /// every partition. Blocking. Asks the group's coordinator without joining the group.
 pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Result<u64> {
-    let mut client = config.reader();
-    client.set("group.id", group);
-    let consumer: BaseConsumer = client
-        .create()
-        .map_err(|e| config.client_error(e, "creating a lag reader"))?;
+    let consumer = group_client(config, group, "creating a lag reader")?;
     let timeout = config.request_timeout;
     let partitions = partitions_of(&consumer, topic, timeout)?;
     if partitions.is_empty() {
         return Ok(0);
     }
-    let mut query = TopicPartitionList::new();
-    for partition in &partitions {
-        query.add_partition(topic, *partition);
-    }
-    let committed = consumer
-        .committed_offsets(query, timeout)
-        .map_err(|e| from_kafka(e, format!("reading {group}'s committed offsets on {topic}")))?;
+    let committed = committed_offsets(&consumer, topic, group, &partitions, timeout)?;
     let mut lag = 0u64;
     for partition in partitions {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition, timeout)
-            .map_err(|e| from_kafka(e, format!("reading the watermarks of {topic}/{partition}")))?;
+        let (low, high) = watermarks(&consumer, topic, partition, timeout)?;
         let from = match committed
             .find_partition(topic, partition)
             .map(|p| p.offset())
@@ -146,11 +170,7 @@ pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Resul
 /// A topic just created has no leaders for a moment (`NotLeaderForPartition`, no partitions
 /// in its metadata): such retryable failures are tried again for up to the request timeout.
 pub(crate) fn create_group(config: &KafkaConfig, topic: &str, group: &str) -> Result<()> {
-    let mut client = config.reader();
-    client.set("group.id", group);
-    let consumer: BaseConsumer = client
-        .create()
-        .map_err(|e| config.client_error(e, "creating a group creator"))?;
+    let consumer = group_client(config, group, "creating a group creator")?;
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_millis(500))
@@ -179,24 +199,14 @@ fn commit_start(
         )
         .with_retryable(true));
     }
-    let mut query = TopicPartitionList::new();
-    for partition in &partitions {
-        query.add_partition(topic, *partition);
-    }
-    let committed = consumer
-        .committed_offsets(query, timeout)
-        .map_err(|e| from_kafka(e, format!("reading {group}'s committed offsets on {topic}")))?;
+    let committed = committed_offsets(consumer, topic, group, &partitions, timeout)?;
     let mut fresh = TopicPartitionList::new();
     for partition in partitions {
         let known = committed
             .find_partition(topic, partition)
             .is_some_and(|p| matches!(p.offset(), Offset::Offset(_)));
         if !known {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, partition, timeout)
-                .map_err(|e| {
-                    from_kafka(e, format!("reading the watermarks of {topic}/{partition}"))
-                })?;
+            let (_, high) = watermarks(consumer, topic, partition, timeout)?;
             fresh
                 .add_partition_offset(topic, partition, Offset::Offset(high))
                 .map_err(|e| {

@@ -302,6 +302,23 @@ impl Publisher for RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// Check the names and that the broker is open, for `doing` something to a consumer
+    /// group, which only Streams mode has.
+    fn streams_group(&self, topic: &str, group: &str, doing: &str) -> Result<()> {
+        validate_name("topic", topic)?;
+        validate_name("group", group)?;
+        self.shared.ensure_open()?;
+        match self.shared.config.mode {
+            RedisMode::PubSub => Err(Error::unsupported(
+                PUBSUB_NAME,
+                format!("{doing} (pub/sub has no groups; use redis-streams)"),
+            )),
+            RedisMode::Streams => Ok(()),
+        }
+    }
+}
+
 #[async_trait]
 impl Subscriber for RedisBroker {
     async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
@@ -347,16 +364,8 @@ impl Broker for RedisBroker {
     }
 
     async fn backlog(&self, topic: &str, group: &str) -> Result<helix_messaging_core::Backlog> {
-        validate_name("topic", topic)?;
-        validate_name("group", group)?;
-        self.shared.ensure_open()?;
-        match self.shared.config.mode {
-            RedisMode::PubSub => Err(Error::unsupported(
-                PUBSUB_NAME,
-                "reporting a group's backlog (pub/sub has no groups; use redis-streams)",
-            )),
-            RedisMode::Streams => streams::backlog(&self.shared, topic, group).await,
-        }
+        self.streams_group(topic, group, "reporting a group's backlog")?;
+        streams::backlog(&self.shared, topic, group).await
     }
 
     /// Streams: the group of that name on the stream whose key is the topic. Pub/sub has no
@@ -379,16 +388,8 @@ impl Broker for RedisBroker {
     /// Streams: `XGROUP CREATE <topic> <group> $ MKSTREAM`, no consumer and no blocking
     /// connection; pub/sub has no groups.
     async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
-        validate_name("topic", topic)?;
-        validate_name("group", group)?;
-        self.shared.ensure_open()?;
-        match self.shared.config.mode {
-            RedisMode::PubSub => Err(Error::unsupported(
-                PUBSUB_NAME,
-                "consumer groups (pub/sub delivers every message to every subscriber; use redis-streams)",
-            )),
-            RedisMode::Streams => streams::create_group(&self.shared, topic, group).await,
-        }
+        self.streams_group(topic, group, "creating a consumer group")?;
+        streams::create_group(&self.shared, topic, group).await
     }
 
     async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {

@@ -284,45 +284,35 @@ pub fn assert_retryable_timeout(err: &helix_messaging_core::Error) {
     assert!(err.is_retryable(), "{err}");
 }
 
-pub use outage::Outage;
+pub use outage::{Outage, OutageSwitch, outage};
 
 mod outage {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     use async_trait::async_trait;
-    use helix_messaging_core::{
-        Backlog, BatchReport, Broker, Capabilities, Error, ErrorKind, Health, HistoryStream,
-        Message, Publisher, Result, SubscribeOptions, Subscriber, Subscription, TimeRange,
-    };
+    use helix_messaging_core::stack::{Guarded, PublishGuard};
+    use helix_messaging_core::{Broker, Error, ErrorKind, Result};
 
-    /// A broker that is away while [`Outage::set_down`] says so: publishing and creating groups
-    /// fail with a retryable [`ErrorKind::Connection`](helix_messaging_core::ErrorKind::Connection)
-    /// error, as they do against a broker that cannot be reached; subscriptions and everything
-    /// else pass to the real broker. For tests of what the layers above do during an outage
-    /// without stopping a shared server.
+    /// A broker that is away while its [`OutageSwitch`] says so: publishing and creating
+    /// groups fail with a retryable [`ErrorKind::Connection`] error, as they do against a
+    /// broker that cannot be reached; subscriptions and everything else pass to the real
+    /// broker. For tests of what the layers above do during an outage without stopping a
+    /// shared server.
+    pub type Outage = Guarded<OutageSwitch>;
+
+    /// Whether an [`Outage`]'s broker is away.
     #[derive(Debug)]
-    pub struct Outage {
-        inner: Arc<dyn Broker>,
-        down: AtomicBool,
-    }
+    pub struct OutageSwitch(AtomicBool);
 
-    impl Outage {
-        /// `inner`, away (`down`) or reachable.
-        pub fn new(inner: Arc<dyn Broker>, down: bool) -> Self {
-            Outage {
-                inner,
-                down: down.into(),
-            }
-        }
-
+    impl OutageSwitch {
         /// Take the broker away (`true`) or bring it back.
         pub fn set_down(&self, down: bool) {
-            self.down.store(down, Ordering::SeqCst);
+            self.0.store(down, Ordering::SeqCst);
         }
 
         fn check(&self) -> Result<()> {
-            if self.down.load(Ordering::SeqCst) {
+            if self.0.load(Ordering::SeqCst) {
                 Err(Error::new(ErrorKind::Connection, "broker is away"))
             } else {
                 Ok(())
@@ -330,61 +320,20 @@ mod outage {
         }
     }
 
-    #[async_trait]
-    impl Publisher for Outage {
-        async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-            self.check()?;
-            self.inner.publish(topic, message).await
-        }
-
-        async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
-            match self.check() {
-                Ok(()) => self.inner.publish_batch(topic, messages).await,
-                Err(err) => BatchReport::all_failed(messages.len(), &err),
-            }
-        }
+    /// `inner`, away (`down`) or reachable, until [`OutageSwitch::set_down`] says otherwise
+    /// (reach it with [`Guarded::guard`]).
+    pub fn outage(inner: Arc<dyn Broker>, down: bool) -> Outage {
+        Guarded::new(inner, OutageSwitch(AtomicBool::new(down)))
     }
 
     #[async_trait]
-    impl Subscriber for Outage {
-        async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-            self.inner.subscribe(topic, options).await
-        }
-    }
-
-    #[async_trait]
-    impl Broker for Outage {
-        fn name(&self) -> &'static str {
-            self.inner.name()
+    impl PublishGuard for OutageSwitch {
+        async fn before_publish(&self, _inner: &dyn Broker, _topic: &str) -> Result<()> {
+            self.check()
         }
 
-        fn capabilities(&self) -> Capabilities {
-            self.inner.capabilities()
-        }
-
-        async fn health(&self) -> Health {
-            self.inner.health().await
-        }
-
-        async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
-            self.inner.read_range(topic, range).await
-        }
-
-        async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
-            self.inner.backlog(topic, group).await
-        }
-
-        fn group_address(&self, topic: &str, group: &str) -> helix_messaging_core::GroupAddress {
-            self.inner.group_address(topic, group)
-        }
-
-        async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
-            self.check()?;
-            self.inner.create_group(topic, group).await
-        }
-
-        async fn close(&self) -> Result<()> {
-            self.inner.close().await
+        async fn before_create_group(&self, _inner: &dyn Broker, _topic: &str) -> Result<()> {
+            self.check()
         }
     }
 }

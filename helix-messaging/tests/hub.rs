@@ -209,6 +209,34 @@ async fn recording_workers(
     (workers, handled)
 }
 
+/// A hub with `tasks` on both sides, a workers' group of its own, `task_queues` and `spools`.
+async fn workers_hub(
+    tasks: Arc<dyn helix_messaging::Broker>,
+    task_queues: Vec<String>,
+    spools: Option<(
+        Arc<dyn helix_messaging::fallback::Spool>,
+        Arc<dyn helix_messaging::fallback::Spool>,
+    )>,
+) -> Hub {
+    let config = HubConfig {
+        task_group: fresh_name("workers"),
+        task_queues,
+        ..HubConfig::default()
+    };
+    Hub::new(config, tasks.clone(), tasks, spools)
+        .await
+        .unwrap()
+}
+
+/// The first worker to subscribe to `queue` handles `task`, and only it; then the hub closes.
+async fn first_worker_handles(hub: Hub, queue: &str, task: &Task) {
+    let (workers, handled) = recording_workers(&hub, queue).await;
+    until("the task handled", || handled.lock().len() == 1).await;
+    assert_eq!(handled.lock().as_slice(), std::slice::from_ref(task));
+    workers.shutdown().await;
+    hub.close().await.unwrap();
+}
+
 /// RabbitMQ refuses a publish no queue is bound for: before its first publish to a queue the
 /// hub creates the workers' group, so the task waits for the first worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,27 +244,13 @@ async fn a_task_published_before_the_first_worker_subscribes_waits_for_it() {
     let tasks = helix_messaging::connect(&rabbitmq_url())
         .await
         .expect("RabbitMQ");
-    let hub = Hub::new(
-        HubConfig {
-            task_group: fresh_name("workers"),
-            ..HubConfig::default()
-        },
-        tasks.clone(),
-        tasks,
-        None,
-    )
-    .await
-    .unwrap();
+    let hub = workers_hub(tasks, Vec::new(), None).await;
     let queue = fresh_name("tasks");
     let early = Task::new("summarise", serde_json::json!({ "document": 1 }));
     hub.publish_task(&queue, &early)
         .await
         .expect("kept for the first worker");
-    let (workers, handled) = recording_workers(&hub, &queue).await;
-    until("the early task handled", || handled.lock().len() == 1).await;
-    assert_eq!(handled.lock()[0], early);
-    workers.shutdown().await;
-    hub.close().await.unwrap();
+    first_worker_handles(hub, &queue, &early).await;
 }
 
 /// The queues listed in `HubConfig::task_queues` exist once the hub has started: even a
@@ -247,18 +261,7 @@ async fn configured_task_queues_exist_once_the_hub_has_started() {
         .await
         .expect("RabbitMQ");
     let (listed, unlisted) = (fresh_name("tasks"), fresh_name("tasks"));
-    let hub = Hub::new(
-        HubConfig {
-            task_group: fresh_name("workers"),
-            task_queues: vec![listed.clone()],
-            ..HubConfig::default()
-        },
-        tasks.clone(),
-        tasks.clone(),
-        None,
-    )
-    .await
-    .unwrap();
+    let hub = workers_hub(tasks.clone(), vec![listed.clone()], None).await;
     let task = Task::new("verify", serde_json::json!({}));
     let as_message = || Message::new(serde_json::to_vec(&task).unwrap()).with_id(task.id.clone());
     tasks
@@ -270,11 +273,7 @@ async fn configured_task_queues_exist_once_the_hub_has_started() {
         .await
         .expect_err("nothing is bound for a queue the hub was not told of");
     assert_eq!(refused.kind(), helix_messaging::ErrorKind::Rejected);
-    let (workers, handled) = recording_workers(&hub, &listed).await;
-    until("the task handled", || handled.lock().len() == 1).await;
-    assert_eq!(handled.lock()[0], task);
-    workers.shutdown().await;
-    hub.close().await.unwrap();
+    first_worker_handles(hub, &listed, &task).await;
 }
 
 /// A task spooled while the broker was away, before its queue's group existed, is not
@@ -282,33 +281,23 @@ async fn configured_task_queues_exist_once_the_hub_has_started() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_spooled_before_its_queue_existed_reaches_the_first_worker() {
     use helix_messaging::fallback::{MemorySpool, SpoolLimits};
-    use helix_messaging_testkit::faults::Outage;
+    use helix_messaging_testkit::faults::outage;
 
     let rabbitmq = helix_messaging::connect(&rabbitmq_url())
         .await
         .expect("RabbitMQ");
-    let outage = Arc::new(Outage::new(rabbitmq, true));
-    let tasks: Arc<dyn helix_messaging::Broker> = outage.clone();
+    let away = Arc::new(outage(rabbitmq, true));
+    let tasks: Arc<dyn helix_messaging::Broker> = away.clone();
     let spool = || -> Arc<dyn helix_messaging::fallback::Spool> {
         Arc::new(MemorySpool::new(SpoolLimits::default()))
     };
-    let hub = Hub::new(
-        HubConfig {
-            task_group: fresh_name("workers"),
-            ..HubConfig::default()
-        },
-        tasks.clone(),
-        tasks,
-        Some((spool(), spool())),
-    )
-    .await
-    .unwrap();
+    let hub = workers_hub(tasks, Vec::new(), Some((spool(), spool()))).await;
     let queue = fresh_name("tasks");
     let task = Task::new("notify", serde_json::json!({ "to": "ops" }));
     hub.publish_task(&queue, &task).await.expect("spooled");
     let fallback = hub.task_fallback().unwrap().clone();
     assert_eq!(fallback.spool_stats().await.unwrap().depth, 1, "spooled");
-    outage.set_down(false);
+    away.guard().set_down(false);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let stats = fallback.spool_stats().await.unwrap();
@@ -327,9 +316,5 @@ async fn a_task_spooled_before_its_queue_existed_reaches_the_first_worker() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (workers, handled) = recording_workers(&hub, &queue).await;
-    until("the spooled task handled", || handled.lock().len() == 1).await;
-    assert_eq!(handled.lock()[0], task);
-    workers.shutdown().await;
-    hub.close().await.unwrap();
+    first_worker_handles(hub, &queue, &task).await;
 }

@@ -18,7 +18,7 @@ use helix_messaging::observe::ObservedBroker;
 use helix_messaging::replay::{ReplayConfig, ReplayHandler, ReplayRequest};
 use helix_messaging::trace::TRACEPARENT_HEADER;
 use helix_messaging::{Broker, Envelope, HandlerError, Message, Publisher, Runner, handler_fn};
-use helix_messaging_testkit::faults::Outage;
+use helix_messaging_testkit::faults::outage;
 use helix_messaging_testkit::{eventually, fresh_name};
 use opentelemetry::trace::{SpanId, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
@@ -445,8 +445,8 @@ async fn a_replayed_copy_continues_the_original_trace() {
 async fn a_spooled_publish_continues_the_publishers_trace() {
     exporter();
     let memory = helix_messaging::connect("memory://").await.unwrap();
-    let outage = Arc::new(Outage::new(memory, true));
-    let observed: Arc<dyn Broker> = Arc::new(ObservedBroker::new(outage.clone()));
+    let away = Arc::new(outage(memory, true));
+    let observed: Arc<dyn Broker> = Arc::new(ObservedBroker::new(away.clone()));
     let fallback = FallbackBroker::new(
         BreakerBroker::new(
             observed.clone(),
@@ -473,7 +473,7 @@ async fn a_spooled_publish_continues_the_publishers_trace() {
     })
     .await;
     assert_eq!(fallback.spool_stats().await.unwrap().depth, 1, "spooled");
-    outage.set_down(false);
+    away.guard().set_down(false);
     wait_for(&format!("process {topic}"), 1).await;
     runner.shutdown().await;
 

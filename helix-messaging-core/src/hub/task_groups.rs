@@ -9,13 +9,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 
-use crate::broker::{
-    Backlog, BatchReport, Broker, Health, HistoryStream, Publisher, SubscribeOptions, Subscriber,
-    Subscription, TimeRange,
-};
-use crate::capabilities::Capabilities;
+use crate::broker::Broker;
 use crate::error::Result;
-use crate::message::Message;
+use crate::stack::PublishGuard;
 
 /// The task queues the hub knows of, and whether the workers' group of each exists yet.
 #[derive(Debug)]
@@ -75,68 +71,12 @@ impl TaskQueues {
     }
 }
 
-/// The task side's broker beneath its breaker and spool: a publish to a task queue whose
-/// group does not exist yet creates it first, so a publish drained from the spool is
-/// covered too. Publishes to any other topic pass untouched.
-#[derive(Debug)]
-pub(super) struct TaskGroupBroker {
-    pub(super) inner: Arc<dyn Broker>,
-    pub(super) queues: Arc<TaskQueues>,
-}
-
+/// The task side's broker beneath its breaker and spool is guarded by the task queues: a
+/// publish to a task queue whose group does not exist yet creates it first, so a publish
+/// drained from the spool is covered too. Publishes to any other topic pass untouched.
 #[async_trait]
-impl Publisher for TaskGroupBroker {
-    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        self.queues.ensure(&*self.inner, topic).await?;
-        self.inner.publish(topic, message).await
-    }
-
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
-        match self.queues.ensure(&*self.inner, topic).await {
-            Ok(()) => self.inner.publish_batch(topic, messages).await,
-            Err(err) => BatchReport::all_failed(messages.len(), &err),
-        }
-    }
-}
-
-#[async_trait]
-impl Subscriber for TaskGroupBroker {
-    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        self.inner.subscribe(topic, options).await
-    }
-}
-
-#[async_trait]
-impl Broker for TaskGroupBroker {
-    fn name(&self) -> &'static str {
-        self.inner.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
-    }
-
-    async fn health(&self) -> Health {
-        self.inner.health().await
-    }
-
-    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
-        self.inner.read_range(topic, range).await
-    }
-
-    async fn backlog(&self, topic: &str, group: &str) -> Result<Backlog> {
-        self.inner.backlog(topic, group).await
-    }
-
-    fn group_address(&self, topic: &str, group: &str) -> crate::broker::GroupAddress {
-        self.inner.group_address(topic, group)
-    }
-
-    async fn create_group(&self, topic: &str, group: &str) -> Result<()> {
-        self.inner.create_group(topic, group).await
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.inner.close().await
+impl PublishGuard for Arc<TaskQueues> {
+    async fn before_publish(&self, inner: &dyn Broker, topic: &str) -> Result<()> {
+        self.ensure(inner, topic).await
     }
 }
