@@ -56,6 +56,13 @@ pub struct RabbitConfig {
     /// queues, which the broker handles faster (about 15% more throughput in `bench/`) but
     /// which deliver in publish order whatever the priority (the capabilities then say so).
     pub max_priority: u8,
+    /// The type of group queues (`RABBITMQ_QUEUE_TYPE`: `classic`, the default, or
+    /// `quorum`; `RABBITMQ_HA_MODE`, the documents' mirroring setting, asks for quorum
+    /// queues, RabbitMQ's replicated queues since classic mirroring was removed). Quorum
+    /// queues take no priority on RabbitMQ 3.10: [`RabbitConfig::capabilities`] then says
+    /// so. Private queues (a subscription without a group) and the backend's own queues stay
+    /// classic.
+    pub queue_type: crate::topology::QueueType,
     /// Delete a group's queue after it has had no consumer for this long (`x-expires`).
     /// `None` (default) keeps groups until deleted by an operator.
     pub group_queue_expires: Option<Duration>,
@@ -109,6 +116,39 @@ pub struct RabbitConfig {
     pub journal_clock_skew: Duration,
 }
 
+/// The group queues' type from `RABBITMQ_QUEUE_TYPE` and the documents' `RABBITMQ_HA_MODE`
+/// (`all`, `exactly` or `nodes` asked classic queues to be mirrored; quorum queues are what
+/// replicates a queue now, so any of them means quorum; `none` or unset means nothing).
+fn queue_type(
+    queue_type: Option<String>,
+    ha_mode: Option<String>,
+) -> Result<crate::topology::QueueType> {
+    use crate::topology::QueueType;
+    let replicated = match ha_mode.as_deref().map(str::trim) {
+        None | Some("" | "none") => false,
+        Some("all" | "exactly" | "nodes") => true,
+        Some(other) => {
+            return Err(Error::config(
+                "RABBITMQ_HA_MODE",
+                format!("expected all, exactly, nodes or none, got {other:?}"),
+            ));
+        }
+    };
+    match (queue_type.as_deref().map(str::trim), replicated) {
+        (None | Some(""), false) => Ok(QueueType::Classic),
+        (None | Some("") | Some("quorum"), true) | (Some("quorum"), false) => Ok(QueueType::Quorum),
+        (Some("classic"), false) => Ok(QueueType::Classic),
+        (Some("classic"), true) => Err(Error::config(
+            "RABBITMQ_QUEUE_TYPE",
+            "classic, while RABBITMQ_HA_MODE asks for replicated queues: RabbitMQ replicates quorum queues, not classic ones",
+        )),
+        (Some(other), _) => Err(Error::config(
+            "RABBITMQ_QUEUE_TYPE",
+            format!("expected classic or quorum, got {other:?}"),
+        )),
+    }
+}
+
 impl RabbitConfig {
     /// What a broker connected with these settings promises (its
     /// [`Broker::capabilities`](helix_messaging_core::Broker::capabilities)), known before
@@ -116,7 +156,8 @@ impl RabbitConfig {
     pub fn capabilities(&self) -> helix_messaging_core::Capabilities {
         helix_messaging_core::Capabilities {
             durable: self.publisher_confirm,
-            priority: self.max_priority > 0,
+            priority: self.max_priority > 0
+                && self.queue_type == crate::topology::QueueType::Classic,
             replay_by_time: self.replay_journal,
             native_dlq: self.dead_letter_queue.is_some(),
             max_payload_bytes: Some(self.max_payload_bytes),
@@ -153,6 +194,7 @@ impl RabbitConfig {
             prefetch_count: DEFAULT_PREFETCH as u16,
             publisher_confirm: true,
             max_priority: 10,
+            queue_type: crate::topology::QueueType::Classic,
             group_queue_expires: None,
             private_queue_expires: Duration::from_secs(600),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
@@ -284,6 +326,7 @@ impl RabbitConfig {
         if let Some(timeout) = var("RABBITMQ_CONNECT_TIMEOUT") {
             config.connect_timeout = duration("RABBITMQ_CONNECT_TIMEOUT", &timeout)?;
         }
+        config.queue_type = queue_type(var("RABBITMQ_QUEUE_TYPE"), var("RABBITMQ_HA_MODE"))?;
         if let Some(timeout) = var("RABBITMQ_PUBLISH_TIMEOUT") {
             config.publish_timeout = duration("RABBITMQ_PUBLISH_TIMEOUT", &timeout)?;
         }

@@ -20,7 +20,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use crate::error::from_lapin;
 use crate::link::{Link, Supervisor};
 use crate::shared::Shared;
-use crate::topology::Queue;
+use crate::topology::{Queue, QueueType};
 use crate::wire;
 
 /// What a subscription is, so it can be re-created on a new connection.
@@ -107,8 +107,11 @@ pub(crate) async fn declare_group_queue(
         .group_queue()
         .or_else(|| spec.private_queue.clone())
         .unwrap_or_default();
-    let mut queue = Queue::classic(name);
-    if config.max_priority > 0 {
+    let mut queue = match (private, config.queue_type) {
+        (false, QueueType::Quorum) => Queue::quorum(name),
+        _ => Queue::classic(name),
+    };
+    if queue.queue_type == QueueType::Classic && config.max_priority > 0 {
         queue = queue.max_priority(config.max_priority);
     }
     if let Some(dlq) = &config.dead_letter_queue {

@@ -115,6 +115,15 @@ impl Queue {
         }
     }
 
+    /// A durable quorum queue named `name` with no arguments (replicated over the cluster's
+    /// nodes; no priority on RabbitMQ 3.10).
+    pub fn quorum(name: impl Into<String>) -> Self {
+        Queue {
+            queue_type: QueueType::Quorum,
+            ..Queue::classic(name)
+        }
+    }
+
     /// A durable stream named `name` keeping messages for `max_age`.
     pub fn stream(name: impl Into<String>, max_age: Duration) -> Self {
         Queue {

@@ -24,7 +24,8 @@ const TTL_MS: &str = "x-helix-ttl-ms";
 pub(crate) const FENCE: &str = "x-helix-fence";
 /// Where a stream delivery sits in its stream (set by RabbitMQ).
 const STREAM_OFFSET: &str = "x-stream-offset";
-/// Earlier deliveries of a message from a quorum queue (set by RabbitMQ).
+/// Earlier deliveries of a message from a quorum queue (set by RabbitMQ; broker bookkeeping,
+/// not part of the message, see [`uncounted_redelivery`]).
 const DELIVERY_COUNT: &str = "x-delivery-count";
 
 /// Persistent delivery mode.
@@ -113,9 +114,14 @@ pub(crate) fn message_id(props: &BasicProperties) -> Option<String> {
     props.message_id().as_ref().map(|id| id.to_string())
 }
 
-/// A native redelivery that the queue does not count (classic queues keep only the flag).
+/// A native redelivery, which the consumer re-counts itself (see `ConsumerContext::screen`).
+///
+/// Classic queues keep only the redelivered flag. Quorum queues count deliveries in
+/// `x-delivery-count`, but they count every return: one this broker's subscriptions had
+/// prefetched and never handed out too, which is no attempt here. So their redeliveries are
+/// re-counted the same way, and the broker's count is not read.
 pub(crate) fn uncounted_redelivery(delivery: &lapin::message::Delivery) -> bool {
-    delivery.redelivered && header(&delivery.properties, DELIVERY_COUNT).is_none()
+    delivery.redelivered
 }
 
 /// The message's TTL: ours, else a plain client's AMQP `expiration`.
@@ -225,11 +231,7 @@ pub(crate) fn received(delivery: &mut lapin::message::Delivery) -> Received {
     // A native redelivery (closed channel) adds one delivery the header cannot know about;
     // the consumer re-counts those before they get here (see `uncounted_redelivery`), so this
     // is only the estimate used when that copy could not be made.
-    let mut attempt = earlier + 1 + u32::from(delivery.redelivered);
-    // Quorum queues count deliveries themselves: exact where the flag is only a hint.
-    if let Some(count) = header(DELIVERY_COUNT).and_then(integer) {
-        attempt = attempt.max(earlier + 1 + u32::try_from(count).unwrap_or(u32::MAX));
-    }
+    let attempt = earlier + 1 + u32::from(delivery.redelivered);
     Received { message, attempt }
 }
 

@@ -52,3 +52,62 @@ async fn rabbitmq_passes_the_conformance_suite_in_its_default_configuration() {
     }
     suite.run().await.assert_passed();
 }
+
+/// `RABBITMQ_QUEUE_TYPE=quorum`, the replicated queue type (what the documents'
+/// `RABBITMQ_HA_MODE` asked of classic mirrored queues, which RabbitMQ removed): every group
+/// queue the suite makes is a quorum queue, and the suite passes on them. Quorum queues on
+/// 3.10 take no priority, so the capability says so and the priority case skips.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_with_quorum_queues_passes_the_conformance_suite() {
+    let vhost = common::Vhost::new("helix-quorum");
+    let url = vhost.0.url();
+    let config = RabbitConfig::from_vars(helix_messaging_testkit::env_lookup(&[
+        ("RABBITMQ_URL", url.as_str()),
+        ("RABBITMQ_QUEUE_TYPE", "quorum"),
+        // Every case but priority applies, the history ones read from the journal.
+        ("RABBITMQ_REPLAY_JOURNAL", "true"),
+    ]))
+    .unwrap();
+    assert!(
+        !config.capabilities().priority,
+        "quorum queues have no priority on 3.10"
+    );
+    Conformance::new("rabbitmq-quorum", move || {
+        let config = config.clone();
+        async move { Ok(Arc::new(RabbitBroker::connect(config).await?) as Arc<dyn Broker>) }
+    })
+    .expect_skipped(
+        "priority_order",
+        "quorum queues take no priority on RabbitMQ 3.10",
+    )
+    .run()
+    .await
+    .assert_passed();
+    // Every group queue the suite declared is a quorum queue; private ones (a subscription
+    // without a group, gone with it) and the backend's own queues stay classic.
+    let listed = common::rabbitmqctl(&[
+        "list_queues",
+        "-p",
+        vhost.name(),
+        "name",
+        "type",
+        "--no-table-headers",
+        "--quiet",
+    ]);
+    let mut groups = 0;
+    for line in listed.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(kind)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        // A private queue, a delayed requeue's retry queue, the dead-letter queue.
+        let backend_own = name.contains(".private-")
+            || name.contains(".retry.")
+            || name.starts_with("helixagent.");
+        if !backend_own {
+            groups += 1;
+            assert_eq!(kind, "quorum", "{name} is a {kind} queue");
+        }
+    }
+    assert!(groups > 10, "the suite declared group queues:\n{listed}");
+}
