@@ -57,6 +57,37 @@ pub(crate) fn offset_for_time(
 /// Entries handed from the reading thread to the stream ahead of being asked for.
 const HANDOFF: usize = 256;
 
+/// What the consumer's main queue holds for a partition fetched before it had a queue of its
+/// own (the client fetches from the assignment on, and a loaded machine may split the queues
+/// only once a partition's whole window is fetched).
+enum Early {
+    /// A record, at its offset.
+    Entry(i64, HistoryEntry),
+    /// The end of the partition: no partition-end event follows on the partition's own
+    /// queue, which without it would wait for records that never come.
+    End,
+}
+
+/// The next event of `consumer`'s main queue, waiting up to `timeout`, with the partition it
+/// is about; `None` when there is none.
+fn main_queue_event(
+    consumer: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Option<Result<(i32, Early)>> {
+    Some(match consumer.poll(timeout)? {
+        Ok(record) => {
+            let (partition, offset) = (record.partition(), record.offset());
+            Ok((
+                partition,
+                Early::Entry(offset, entry(&record, partition, offset)),
+            ))
+        }
+        Err(KafkaError::PartitionEOF(partition)) => Ok((partition, Early::End)),
+        Err(err) => Err(from_kafka(err, format!("reading {topic}"))),
+    })
+}
+
 /// One partition of a read: its queue, where it ends, and its next entry in the window.
 struct Part {
     partition: i32,
@@ -69,9 +100,9 @@ struct Part {
     /// point inside the last batch, and a read ending there would miss its end.
     end: i64,
     queue: PartitionQueue<DefaultConsumerContext>,
-    /// Records fetched before the partition had its own queue, which arrive on the
-    /// consumer's main queue; they precede everything on the partition queue.
-    early: std::collections::VecDeque<(i64, HistoryEntry)>,
+    /// What was fetched before the partition had its own queue, which arrives on the
+    /// consumer's main queue; it precedes everything on the partition queue.
+    early: std::collections::VecDeque<Early>,
     head: Option<HistoryEntry>,
     done: bool,
 }
@@ -238,6 +269,19 @@ fn commit_start(
 
 /// Start reading `topic` (a Kafka topic name) inside `range`. Blocking.
 pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Result<Reader> {
+    open_with(config, topic, range, |_, _| Ok(Vec::new()))
+}
+
+/// [`open`], running `before_split` between the assignment and the split of the partitions'
+/// queues with the consumer and the partitions read; what it takes off the consumer's main
+/// queue goes to those partitions as fetched before the split. A test holds a read there
+/// until its partitions are fetched to their ends, as a loaded machine may.
+fn open_with(
+    config: &KafkaConfig,
+    topic: &str,
+    range: TimeRange,
+    before_split: impl FnOnce(&BaseConsumer, &[i32]) -> Result<Vec<(i32, Early)>>,
+) -> Result<Reader> {
     let consumer: Arc<BaseConsumer> = Arc::new(
         config
             .reader()
@@ -270,6 +314,8 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
             .assign(&assignment)
             .map_err(|e| from_kafka(e, format!("reading {topic}")))?;
     }
+    let read: Vec<i32> = ends.iter().map(|(partition, _, _)| *partition).collect();
+    let fetched = before_split(&consumer, &read)?;
     // After the assignment: assigning deactivates the partition queues split before it.
     let mut parts = Vec::with_capacity(ends.len());
     for (partition, start, end) in ends {
@@ -291,6 +337,11 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
             done: false,
         });
     }
+    for (partition, early) in fetched {
+        if let Some(part) = parts.iter_mut().find(|p| p.partition == partition) {
+            part.early.push_back(early);
+        }
+    }
     for part in &parts {
         tracing::debug!(
             topic,
@@ -311,20 +362,13 @@ pub(crate) fn open(config: &KafkaConfig, topic: &str, range: TimeRange) -> Resul
 }
 
 impl Reader {
-    /// Serve the client's events; a record fetched before the split is kept for its
+    /// Serve the client's events; what was fetched before the split is kept for its
     /// partition.
     fn serve_main_queue(&mut self) -> Result<()> {
-        while let Some(event) = self.consumer.poll(Duration::ZERO) {
-            let record = match event {
-                Ok(record) => record,
-                Err(rdkafka::error::KafkaError::PartitionEOF(_)) => continue,
-                Err(err) => return Err(from_kafka(err, format!("reading {}", self.topic))),
-            };
-            let partition = record.partition();
-            let offset = record.offset();
-            let entry = entry(&record, partition, offset);
+        while let Some(event) = main_queue_event(&self.consumer, &self.topic, Duration::ZERO) {
+            let (partition, early) = event?;
             if let Some(part) = self.parts.iter_mut().find(|p| p.partition == partition) {
-                part.early.push_back((offset, entry));
+                part.early.push_back(early);
             }
         }
         Ok(())
@@ -339,7 +383,11 @@ impl Reader {
             let past_window = range.to() + self.clock_skew;
             let part = &mut self.parts[index];
             let (offset, entry) = match part.early.pop_front() {
-                Some(early) => early,
+                Some(Early::Entry(offset, entry)) => (offset, entry),
+                Some(Early::End) => {
+                    part.done = true;
+                    continue;
+                }
                 None => match part.queue.poll(Duration::from_millis(100)) {
                     None => {
                         if waited_since.elapsed() > timeout {
@@ -479,6 +527,85 @@ mod tests {
             "the first record at or after the window's start"
         );
         drop(reader);
+        broker.close().await.unwrap();
+    }
+
+    /// Takes events off `consumer`'s main queue until it has had the end of each of
+    /// `partitions`, failing after 20 s.
+    fn hold_until_fetched(
+        consumer: &rdkafka::consumer::BaseConsumer,
+        topic: &str,
+        partitions: &[i32],
+    ) -> helix_messaging_core::Result<Vec<(i32, super::Early)>> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut fetched = Vec::new();
+        let mut ended = std::collections::BTreeSet::new();
+        while ended.len() < partitions.len() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{topic}: only partitions {ended:?} of {partitions:?} fetched to their ends in 20 s"
+            );
+            if let Some(event) =
+                super::main_queue_event(consumer, topic, Duration::from_millis(100))
+            {
+                let (partition, early) = event?;
+                if matches!(early, super::Early::End) {
+                    ended.insert(partition);
+                }
+                fetched.push((partition, early));
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// A partition fetched to its end before the read split its queue off has its records
+    /// and its end on the consumer's main queue and nothing on its own queue (the client
+    /// fetches from the assignment on, and on a loaded machine the split can come that
+    /// late): the read still ends, with every record, rather than wait on the partition's
+    /// queue for an end that never comes until it times out. Against the test broker, the
+    /// read held before the split until the main queue has every partition's end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partition_fetched_to_its_end_before_the_split_still_ends_the_read() {
+        let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into());
+        let mut config = KafkaConfig::new(brokers);
+        // How long a read waits for a partition's next event: a read waiting for an end
+        // that never comes fails in 3 s.
+        config.request_timeout = Duration::from_secs(3);
+        let broker = KafkaBroker::connect(config.clone())
+            .await
+            .expect("Kafka on 127.0.0.1:9092 (scripts/test starts it)");
+        let topic = helix_messaging_testkit::fresh_name("fetched-before-split");
+        broker
+            .create_topics(&[KafkaTopic::new(&topic, 3)])
+            .await
+            .unwrap();
+        let from = SystemTime::now() - Duration::from_secs(1);
+        let sent: Vec<String> = (0..12).map(|i| format!("m{i:02}")).collect();
+        for id in &sent {
+            broker
+                .publish(&topic, Message::new("x").with_id(id).with_key(id))
+                .await
+                .unwrap();
+        }
+        let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(1)).unwrap();
+        let kafka_topic = config.kafka_topic(&topic);
+        let read =
+            tokio::task::spawn_blocking(move || -> helix_messaging_core::Result<Vec<String>> {
+                let mut reader =
+                    super::open_with(&config, &kafka_topic, range, |consumer, parts| {
+                        hold_until_fetched(consumer, &kafka_topic, parts)
+                    })?;
+                let mut ids = Vec::new();
+                while let Some(entry) = reader.next_entry() {
+                    ids.push(entry?.message.id().to_owned());
+                }
+                Ok(ids)
+            })
+            .await
+            .unwrap();
+        let mut ids = read.expect("the read ends without an error");
+        ids.sort();
+        assert_eq!(ids, sent);
         broker.close().await.unwrap();
     }
 }

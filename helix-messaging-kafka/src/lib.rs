@@ -20,7 +20,9 @@
 //!   dropped.
 //! - **Replay**: `read_range` reads every partition from the broker's offset for the window's
 //!   start (or the beginning, on brokers without a timestamp index) to the high watermark, and
-//!   filters by record timestamp.
+//!   filters by record timestamp. It begins once the records this handle took and whose
+//!   publishers stopped waiting for them (a dropped publish) are delivered or failed, so it
+//!   sees every record the handle took before it.
 
 mod acker;
 mod attempts;
@@ -405,6 +407,10 @@ impl Broker for KafkaBroker {
         validate_name("topic", topic)?;
         self.shared.ensure_open()?;
         let kafka_topic = self.shared.config.kafka_topic(topic);
+        // A record this handle took stays in the producer when its publisher stops waiting
+        // (a replay run stopped mid-publish), and the read must see it: the run resuming the
+        // replay looks for its predecessor's copies in the history.
+        self.shared.settle().await?;
         history::stream(self.shared.config.clone(), kafka_topic, range).await
     }
 

@@ -3,10 +3,17 @@
 //! publish retry copies and watch for close through it) so that they need nothing from the
 //! crate root, which is built on them.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::task::{Context, Poll};
 
-use helix_messaging_core::{Error, ErrorKind, Message, Result, check_payload_size};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared as SharedFuture};
+
+use helix_messaging_core::{Error, ErrorKind, Message, Result, check_payload_size, within};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use tokio::sync::watch;
 
 use crate::config::{KafkaConfig, NAME};
@@ -18,6 +25,67 @@ use crate::wire;
 /// The adapter's producers, whose statistics count their reconnects.
 pub(crate) type HelixProducer = FutureProducer<StatsContext>;
 
+/// Delivery reports of records whose publishers stopped waiting for them, until they are in.
+///
+/// Dropping a publish does not take its record back from the producer, which still delivers
+/// it: a replay run stopped mid-publish (killed, or its lease lost) leaves its copy there,
+/// and the run resuming it on the same handle searches the target for the copies published
+/// before. A history read waits for these first ([`Shared::settle`]), or it would miss such
+/// a copy and the replay publish it twice.
+#[derive(Default)]
+pub(crate) struct Unsettled(parking_lot::Mutex<Vec<SharedFuture<BoxFuture<'static, ()>>>>);
+
+impl Unsettled {
+    fn keep(&self, report: DeliveryFuture) {
+        let report = report.map(drop).boxed().shared();
+        if report.clone().now_or_never().is_none() {
+            let mut held = self.0.lock();
+            Self::prune(&mut held);
+            held.push(report);
+        }
+    }
+
+    /// The reports not in yet.
+    fn in_flight(&self) -> Vec<SharedFuture<BoxFuture<'static, ()>>> {
+        let mut held = self.0.lock();
+        Self::prune(&mut held);
+        held.clone()
+    }
+
+    /// Drop the reports already in: only what is in flight is held.
+    fn prune(held: &mut Vec<SharedFuture<BoxFuture<'static, ()>>>) {
+        held.retain(|r| r.clone().now_or_never().is_none());
+    }
+}
+
+/// A record's delivery report. Dropped before the report is in, it is kept in the handle's
+/// [`Unsettled`], for history reads to wait for.
+pub(crate) struct Report {
+    future: Option<DeliveryFuture>,
+    unsettled: Arc<Unsettled>,
+}
+
+impl Future for Report {
+    type Output = <DeliveryFuture as Future>::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Some(future) = self.future.as_mut() else {
+            return Poll::Ready(Err(futures::channel::oneshot::Canceled));
+        };
+        let report = std::task::ready!(future.poll_unpin(cx));
+        self.future = None;
+        Poll::Ready(report)
+    }
+}
+
+impl Drop for Report {
+    fn drop(&mut self) {
+        if let Some(future) = self.future.take() {
+            self.unsettled.keep(future);
+        }
+    }
+}
+
 /// What the broker handle and every subscription and delivery share.
 pub(crate) struct Shared {
     pub(crate) config: KafkaConfig,
@@ -25,6 +93,7 @@ pub(crate) struct Shared {
     /// Writes retry-topic copies one record per batch (see [`Shared::retry_producer`]).
     retry_producer: parking_lot::Mutex<Option<HelixProducer>>,
     pub(crate) topics: Topics,
+    unsettled: Arc<Unsettled>,
     /// Set once on close; readers watch it.
     pub(crate) closed: watch::Sender<bool>,
     pub(crate) closing: AtomicBool,
@@ -41,6 +110,7 @@ impl Shared {
             producer,
             retry_producer: parking_lot::Mutex::new(None),
             topics,
+            unsettled: Arc::default(),
             closed: watch::Sender::new(false),
             closing: AtomicBool::new(false),
             readers: parking_lot::Mutex::default(),
@@ -56,11 +126,7 @@ impl Shared {
     }
 
     /// Hand one record to the producer; the returned future resolves with its delivery report.
-    fn enqueue(
-        &self,
-        kafka_topic: &str,
-        message: &Message,
-    ) -> Result<rdkafka::producer::DeliveryFuture> {
+    fn enqueue(&self, kafka_topic: &str, message: &Message) -> Result<Report> {
         self.enqueue_with(&self.producer, kafka_topic, message, wire::headers(message))
     }
 
@@ -93,7 +159,7 @@ impl Shared {
         kafka_topic: &str,
         message: &Message,
         headers: rdkafka::message::OwnedHeaders,
-    ) -> Result<rdkafka::producer::DeliveryFuture> {
+    ) -> Result<Report> {
         check_payload_size(NAME, message, self.config.max_payload_bytes)?;
         let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(kafka_topic)
             .payload(message.payload().as_ref())
@@ -102,17 +168,40 @@ impl Shared {
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        producer
+        let future = producer
             .send_result(record)
-            .map_err(|(err, _)| from_kafka(err, format!("publishing to {kafka_topic}")))
+            .map_err(|(err, _)| from_kafka(err, format!("publishing to {kafka_topic}")))?;
+        Ok(Report {
+            future: Some(future),
+            unsettled: self.unsettled.clone(),
+        })
+    }
+
+    /// Wait for the delivery reports of the records whose publishers stopped waiting for
+    /// them (see [`Unsettled`]), so that a history read that begins now sees every record
+    /// this handle took before. The producer reports on a record within its message timeout
+    /// (the publish timeout) of taking it, or once the request it is in is answered.
+    ///
+    /// # Errors
+    /// A retryable [`ErrorKind::Timeout`] when they are not all in by then.
+    pub(crate) async fn settle(&self) -> Result<()> {
+        let reports = self.unsettled.in_flight();
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let limit = self.config.publish_timeout + self.config.request_timeout;
+        within(
+            limit,
+            "the delivery reports of records published before the read",
+            futures::future::join_all(reports),
+        )
+        .await
+        .map(drop)
+        .map_err(|err| err.with_retryable(true))
     }
 
     /// The broker's verdict on one record.
-    pub(crate) async fn delivered(
-        &self,
-        kafka_topic: &str,
-        report: rdkafka::producer::DeliveryFuture,
-    ) -> Result<()> {
+    pub(crate) async fn delivered(&self, kafka_topic: &str, report: Report) -> Result<()> {
         match report.await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err((err, _))) => Err(from_kafka(err, format!("publishing to {kafka_topic}"))),
@@ -134,7 +223,7 @@ impl Shared {
         &self,
         kafka_topic: &str,
         message: &Message,
-    ) -> Result<rdkafka::producer::DeliveryFuture> {
+    ) -> Result<Report> {
         // The clock is read only once the queue is full: this runs for every record.
         let mut deadline = None;
         loop {

@@ -825,3 +825,46 @@ async fn a_group_consumer_with_the_seed_timings_receives() {
     drop(sub);
     broker.close().await.unwrap();
 }
+
+/// A record the producer took is in a history read of its topic that begins after, though
+/// its publisher stopped waiting for the delivery report: a replay run killed mid-publish
+/// leaves its copy in the producer it shares with the run that resumes it, which searches
+/// the target for the copies published before and, not finding this one, published it
+/// twice (plane replay seed 16). The record lingers in the producer for 2 s, far longer than
+/// the read takes, unless the read waits for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_sees_a_record_whose_publisher_stopped_waiting() {
+    let mut config = common::config();
+    config.linger = Duration::from_secs(2);
+    let broker = KafkaBroker::connect(config).await.unwrap();
+    let topic = fresh_name("abandoned-publish");
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, 1)])
+        .await
+        .unwrap();
+    let from = std::time::SystemTime::now() - Duration::from_secs(1);
+    // The topic is known, so one poll hands the record to the producer; the publish is then
+    // waiting for its report, and is dropped.
+    let publish = broker.publish(&topic, Message::new("x").with_id("abandoned"));
+    assert!(
+        futures::FutureExt::now_or_never(publish).is_none(),
+        "the record lingers in the producer"
+    );
+    let range = helix_messaging_core::TimeRange::new(
+        from,
+        std::time::SystemTime::now() + Duration::from_secs(1),
+    )
+    .unwrap();
+    let read = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut entries = broker.read_range(&topic, range).await.unwrap();
+        let mut ids = Vec::new();
+        while let Some(entry) = entries.next().await {
+            ids.push(entry.unwrap().message.id().to_owned());
+        }
+        ids
+    })
+    .await
+    .expect("the read ends within 20 s");
+    assert_eq!(read, ["abandoned"]);
+    broker.close().await.unwrap();
+}
