@@ -171,15 +171,20 @@ fn watermarks(
 /// every partition. Blocking. Asks the group's coordinator without joining the group.
 pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Result<u64> {
     let consumer = group_client(config, group, "creating a lag reader")?;
+    retrying(config, || lag_of(config, &consumer, topic, group))
+}
+
+/// One attempt of [`group_lag`].
+fn lag_of(config: &KafkaConfig, consumer: &BaseConsumer, topic: &str, group: &str) -> Result<u64> {
     let timeout = config.request_timeout;
-    let partitions = partitions_of(&consumer, topic, timeout)?;
+    let partitions = partitions_of(consumer, topic, timeout)?;
     if partitions.is_empty() {
         return Ok(0);
     }
-    let committed = committed_offsets(&consumer, topic, group, &partitions, timeout)?;
+    let committed = committed_offsets(consumer, topic, group, &partitions, timeout)?;
     let mut lag = 0u64;
     for partition in partitions {
-        let (low, high) = watermarks(&consumer, topic, partition, timeout)?;
+        let (low, high) = watermarks(consumer, topic, partition, timeout)?;
         let from = match committed
             .find_partition(topic, partition)
             .map(|p| p.offset())
@@ -202,12 +207,18 @@ pub(crate) fn group_lag(config: &KafkaConfig, topic: &str, group: &str) -> Resul
 /// in its metadata): such retryable failures are tried again for up to the request timeout.
 pub(crate) fn create_group(config: &KafkaConfig, topic: &str, group: &str) -> Result<()> {
     let consumer = group_client(config, group, "creating a group creator")?;
+    retrying(config, || commit_start(config, &consumer, topic, group))
+}
+
+/// Run `attempt` again while it fails retryably (a topic or cluster just created has no
+/// leader or coordinator for a moment), for up to the request timeout. Blocking.
+fn retrying<T>(config: &KafkaConfig, attempt: impl FnMut() -> Result<T>) -> Result<T> {
     let backoff = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
         .with_max_delay(Duration::from_millis(500))
         .with_total_delay(Some(config.request_timeout))
         .without_max_times();
-    (|| commit_start(config, &consumer, topic, group))
+    attempt
         .retry(backoff)
         .sleep(std::thread::sleep)
         .when(Error::is_retryable)
