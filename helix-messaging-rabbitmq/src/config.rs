@@ -553,6 +553,30 @@ mod tests {
     }
 
     #[test]
+    fn the_queue_type_and_the_documents_ha_mode_pick_quorum_queues() {
+        use crate::topology::QueueType;
+        let of = |pairs: &[(&str, &str)]| RabbitConfig::from_vars(vars(pairs)).unwrap();
+        assert_eq!(of(&[]).queue_type, QueueType::Classic);
+        assert!(of(&[]).capabilities().priority);
+        let quorum = of(&[("RABBITMQ_QUEUE_TYPE", "quorum")]);
+        assert_eq!(quorum.queue_type, QueueType::Quorum);
+        assert!(
+            !quorum.capabilities().priority,
+            "no priority on quorum queues"
+        );
+        for mode in ["all", "exactly", "nodes"] {
+            assert_eq!(
+                of(&[("RABBITMQ_HA_MODE", mode)]).queue_type,
+                QueueType::Quorum
+            );
+        }
+        assert_eq!(
+            of(&[("RABBITMQ_HA_MODE", "none")]).queue_type,
+            QueueType::Classic
+        );
+    }
+
+    #[test]
     fn malformed_variables_are_named() {
         for (pairs, variable) in [
             (vec![("RABBITMQ_PORT", "amqp")], "RABBITMQ_PORT"),
@@ -571,6 +595,18 @@ mod tests {
             (
                 vec![("RABBITMQ_REPLAY_JOURNAL", "sometimes")],
                 "RABBITMQ_REPLAY_JOURNAL",
+            ),
+            (
+                vec![("RABBITMQ_QUEUE_TYPE", "stream")],
+                "RABBITMQ_QUEUE_TYPE",
+            ),
+            (vec![("RABBITMQ_HA_MODE", "everywhere")], "RABBITMQ_HA_MODE"),
+            (
+                vec![
+                    ("RABBITMQ_QUEUE_TYPE", "classic"),
+                    ("RABBITMQ_HA_MODE", "all"),
+                ],
+                "RABBITMQ_QUEUE_TYPE",
             ),
             (vec![("RABBITMQ_URL", "http://x")], "RABBITMQ_URL"),
             (
