@@ -110,6 +110,10 @@ pub struct RabbitConfig {
     pub replay_journal: bool,
     /// How long the journal keeps messages (its `x-max-age`). Default 7 days.
     pub journal_max_age: Duration,
+    /// Other nodes of the cluster, `(host, port)`, tried in order after the URL's own when
+    /// it cannot be reached, on the first connect and on every reconnect
+    /// (`RABBITMQ_CLUSTER_NODES`; credentials, vhost and TLS are the URL's). Default none.
+    pub cluster_nodes: Vec<(String, u16)>,
     /// Largest difference expected between the publishers' clocks and the broker's: a read
     /// of the journal starts this much before the window, since the journal is positioned by
     /// the broker's append time and the window filtered by the message timestamps. Default 5 s.
@@ -210,6 +214,7 @@ impl RabbitConfig {
             replay_journal: false,
             journal_max_age: Duration::from_secs(7 * 24 * 3600),
             journal_clock_skew: Duration::from_secs(5),
+            cluster_nodes: Vec::new(),
         }
     }
 
@@ -327,6 +332,9 @@ impl RabbitConfig {
             config.connect_timeout = duration("RABBITMQ_CONNECT_TIMEOUT", &timeout)?;
         }
         config.queue_type = queue_type(var("RABBITMQ_QUEUE_TYPE"), var("RABBITMQ_HA_MODE"))?;
+        if let Some(nodes) = var("RABBITMQ_CLUSTER_NODES") {
+            config.cluster_nodes = cluster_nodes(&nodes, config.uri.authority.port)?;
+        }
         if let Some(timeout) = var("RABBITMQ_PUBLISH_TIMEOUT") {
             config.publish_timeout = duration("RABBITMQ_PUBLISH_TIMEOUT", &timeout)?;
         }
@@ -393,6 +401,55 @@ impl RabbitConfig {
         uri.query.heartbeat = Some(u16::try_from(self.heartbeat.as_secs()).unwrap_or(u16::MAX));
         uri
     }
+
+    /// The URI of every node to try, in order: the URL's, then each of
+    /// [`RabbitConfig::cluster_nodes`] with the URL's credentials, vhost and settings.
+    pub(crate) fn node_uris(&self) -> Vec<AMQPUri> {
+        let first = self.uri();
+        let others = self.cluster_nodes.iter().map(|(host, port)| {
+            let mut uri = first.clone();
+            uri.authority.host.clone_from(host);
+            uri.authority.port = *port;
+            uri
+        });
+        std::iter::once(first.clone()).chain(others).collect()
+    }
+}
+
+/// `RABBITMQ_CLUSTER_NODES`: comma-separated nodes, each `host`, `host:port`, an
+/// `amqp://` or `amqps://` URL (its host and port are taken) or an Erlang node name
+/// `rabbit@host` as the documents write them; `default_port` where none is given.
+fn cluster_nodes(nodes: &str, default_port: u16) -> Result<Vec<(String, u16)>> {
+    let bad = |node: &str, why: &str| {
+        Error::config(
+            "RABBITMQ_CLUSTER_NODES",
+            format!("{node:?}: {why}; expected host, host:port, amqp://host:port or rabbit@host"),
+        )
+    };
+    let mut parsed = Vec::new();
+    for node in nodes.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        let (host, port) = if node.contains("://") {
+            let uri: AMQPUri = node
+                .parse()
+                .map_err(|_| bad(node, "not a valid AMQP URI"))?;
+            (uri.authority.host, uri.authority.port)
+        } else {
+            let host_port = node.rsplit_once('@').map_or(node, |(_, host)| host);
+            match host_port.rsplit_once(':') {
+                Some((host, port)) => (
+                    host.to_owned(),
+                    port.parse()
+                        .map_err(|_| bad(node, "the port is not a number"))?,
+                ),
+                None => (host_port.to_owned(), default_port),
+            }
+        };
+        if host.is_empty() {
+            return Err(bad(node, "no host"));
+        }
+        parsed.push((host, port));
+    }
+    Ok(parsed)
 }
 
 /// A positive duration variable's value, written as HelixAgent's configuration writes them:
@@ -437,6 +494,7 @@ impl fmt::Debug for RabbitConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitConfig")
             .field("address", &self.address())
+            .field("cluster_nodes", &self.cluster_nodes)
             .field("password", &"<redacted>")
             .field("exchange", &self.exchange)
             .field("prefetch_count", &self.prefetch_count)
@@ -550,6 +608,41 @@ mod tests {
         assert_eq!(defaults.publish_timeout, Duration::from_secs(30));
         assert_eq!(defaults.reconnect_attempts, 100);
         assert_eq!(defaults.reconnect_delay, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn cluster_nodes_are_read_in_every_form_the_documents_use() {
+        let config = RabbitConfig::from_vars(vars(&[
+            ("RABBITMQ_URL", "amqp://u:p@node1:5673/prod"),
+            (
+                "RABBITMQ_CLUSTER_NODES",
+                "rabbit@node2, node3:5680,amqp://x:y@node4:5699/other,node5",
+            ),
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.cluster_nodes,
+            vec![
+                ("node2".to_owned(), 5673),
+                ("node3".to_owned(), 5680),
+                ("node4".to_owned(), 5699),
+                ("node5".to_owned(), 5673),
+            ]
+        );
+        let uris = config.node_uris();
+        assert_eq!(uris.len(), 5);
+        assert_eq!(
+            (uris[2].authority.host.as_str(), uris[2].authority.port),
+            ("node3", 5680)
+        );
+        assert_eq!(uris[2].vhost, "prod", "the URL's vhost on every node");
+        assert_eq!(
+            uris[3].authority.userinfo.username, "u",
+            "and its credentials"
+        );
+        let err =
+            RabbitConfig::from_vars(vars(&[("RABBITMQ_CLUSTER_NODES", "node:port")])).unwrap_err();
+        assert!(err.message().starts_with("RABBITMQ_CLUSTER_NODES"), "{err}");
     }
 
     #[test]

@@ -83,8 +83,10 @@ impl Link {
     /// Counted in `messaging_connections_total` or, when it fails,
     /// `messaging_connection_failures_total`.
     pub(crate) async fn open(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
+        // Each node may take the whole connect timeout to fail.
+        let nodes = u32::try_from(config.node_uris().len()).unwrap_or(u32::MAX);
         let opened = within(
-            config.connect_timeout,
+            config.connect_timeout.saturating_mul(nodes),
             format!("setting up the connection to {}", config.address()),
             Link::open_unbounded(config, declared),
         )
@@ -98,21 +100,7 @@ impl Link {
     }
 
     async fn open_unbounded(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
-        let address = config.address();
-        let runtime = lapin::runtime::default_runtime()
-            .map_err(|e| from_lapin(e, "finding the Tokio runtime"))?;
-        let connection = within(
-            config.connect_timeout,
-            format!("connecting to {address}"),
-            Connection::connect_uri_with_config(
-                config.uri(),
-                ConnectionProperties::default(),
-                config.tls()?,
-                runtime,
-            ),
-        )
-        .await?
-        .map_err(|e| from_lapin(e, format!("connecting to {address}")))?;
+        let connection = connect_to_a_node(config).await?;
         let publisher = open_publisher(&connection, config.publisher_confirm).await?;
         config.base_topology().declare_on(&connection).await?;
         for topology in declared {
@@ -125,6 +113,44 @@ impl Link {
             publisher_confirm: config.publisher_confirm,
         })
     }
+}
+
+/// A connection to the first node that answers: the URL's, then each of the cluster's
+/// other nodes ([`RabbitConfig::cluster_nodes`]). A node that cannot be reached is counted
+/// as a failed attempt and the next is tried; the last node's error is returned when none
+/// answers.
+async fn connect_to_a_node(config: &RabbitConfig) -> Result<Connection> {
+    let nodes = config.node_uris();
+    let last = nodes.len() - 1;
+    let mut failed = None;
+    for (i, uri) in nodes.into_iter().enumerate() {
+        let address = format!("{}:{}", uri.authority.host, uri.authority.port);
+        let runtime = lapin::runtime::default_runtime()
+            .map_err(|e| from_lapin(e, "finding the Tokio runtime"))?;
+        let connected = within(
+            config.connect_timeout,
+            format!("connecting to {address}"),
+            Connection::connect_uri_with_config(
+                uri,
+                ConnectionProperties::default(),
+                config.tls()?,
+                runtime,
+            ),
+        )
+        .await
+        .and_then(|c| c.map_err(|e| from_lapin(e, format!("connecting to {address}"))));
+        match connected {
+            Ok(connection) => return Ok(connection),
+            Err(err) if i < last => {
+                // The outer count records the attempt as a whole; a node passed over is a
+                // failed attempt of its own.
+                count_connection_failure(NAME);
+                tracing::warn!(node = %address, error = %err, "cannot reach this RabbitMQ node; trying the next");
+            }
+            Err(err) => failed = Some(err),
+        }
+    }
+    Err(failed.expect("the last node's error"))
 }
 
 /// A publishing channel on `connection`, in confirm mode if `confirm`.

@@ -108,6 +108,144 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A RabbitMQ node of the test's own: its own node name, AMQP and distribution ports, data
+/// and log folders and an empty plugin list, beside the machine's node (which it does not
+/// join). [`PrivateRabbitMq::kill`] kills it with SIGKILL, as a node dies; dropping it kills
+/// it too and removes its folders.
+#[derive(Debug)]
+pub struct PrivateRabbitMq {
+    node: String,
+    port: u16,
+    dir: PathBuf,
+    server: Option<Child>,
+}
+
+impl PrivateRabbitMq {
+    /// Start one and wait until it is up (`rabbitmqctl await_startup`, retried as
+    /// `scripts/services.sh` does).
+    ///
+    /// # Panics
+    /// When it cannot be started or is not up within 90 s.
+    pub fn start() -> PrivateRabbitMq {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("helix-private-rabbitmq-{port}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("log")).expect("a folder for the private node");
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").expect("its plugin list");
+        // Debian's `rabbitmq-server` run as root drops to the `rabbitmq` user, which must
+        // own the node's folders.
+        let _ = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(&dir)
+            .status();
+        let node = format!("helix{port}@localhost");
+        let log = std::fs::File::create(dir.join("server.out")).expect("its output file");
+        let server = Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_PID_FILE", dir.join("node.pid"))
+            .stdout(log.try_clone().expect("its output file"))
+            .stderr(log)
+            .spawn()
+            .expect("rabbitmq-server on PATH (scripts/test installs RabbitMQ)");
+        let mut rabbit = PrivateRabbitMq {
+            node,
+            port,
+            dir,
+            server: Some(server),
+        };
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let exited = rabbit
+                .server
+                .as_mut()
+                .and_then(|server| server.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                let out =
+                    std::fs::read_to_string(rabbit.dir.join("server.out")).unwrap_or_default();
+                panic!(
+                    "the private RabbitMQ node {} exited ({status}):\n{out}",
+                    rabbit.node
+                );
+            }
+            let up = Command::new("rabbitmqctl")
+                .args(["-n", &rabbit.node, "await_startup", "--timeout", "10"])
+                .output()
+                .is_ok_and(|out| out.status.success());
+            if up {
+                return rabbit;
+            }
+            if Instant::now() >= deadline {
+                let out =
+                    std::fs::read_to_string(rabbit.dir.join("server.out")).unwrap_or_default();
+                rabbit.kill();
+                panic!(
+                    "the private RabbitMQ node {} was not up within 90 s:\n{out}",
+                    rabbit.node
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// `amqp://guest:guest@127.0.0.1:<port>/%2f`.
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Its AMQP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its node name, for `rabbitmqctl -n`.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Kill the node with SIGKILL (its Erlang VM, which the node reports), as a node dies.
+    /// Once killed, nothing more is done.
+    pub fn kill(&mut self) {
+        let Some(mut server) = self.server.take() else {
+            return;
+        };
+        let pid = Command::new("rabbitmqctl")
+            .args(["-n", &self.node, "eval", "os:getpid()."])
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| {
+                String::from_utf8_lossy(&out.stdout)
+                    .trim()
+                    .trim_matches('"')
+                    .to_owned()
+            })
+            .or_else(|| std::fs::read_to_string(self.dir.join("node.pid")).ok());
+        if let Some(pid) = pid {
+            let _ = Command::new("kill")
+                .args(["-9", pid.trim()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
+impl Drop for PrivateRabbitMq {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A `redis-server` of the test's own on a free port, with the append-only file on and
 /// fsynced before every reply (`appendfsync always`): what it acknowledged survives
 /// [`PrivateRedis::crash`]. Killed, and its files removed, when dropped.
