@@ -228,7 +228,11 @@ impl RabbitConfig {
     pub(crate) fn base_topology(&self) -> Topology {
         let mut topology = Topology::new().exchange(self.exchange.as_str(), ExchangeType::Topic);
         if let Some(dlq) = &self.dead_letter_queue {
-            topology = topology.queue(Topology::helixagent_dlq(dlq));
+            let mut queue = Topology::helixagent_dlq(dlq);
+            // Replicated like the group queues that dead-letter to it: a classic queue lives
+            // on one node, and with that node gone every reconnect's declaration would fail.
+            queue.queue_type = self.queue_type;
+            topology = topology.queue(queue);
         }
         if self.replay_journal {
             let journal = self.journal_queue();

@@ -239,6 +239,44 @@ impl PrivateRabbitMq {
     }
 }
 
+impl PrivateRabbitMq {
+    /// Start `nodes` private nodes and join every one after the first to the first's
+    /// cluster (`stop_app`, `join_cluster`, `start_app`).
+    ///
+    /// # Panics
+    /// As [`PrivateRabbitMq::start`], or when a node cannot join.
+    pub fn cluster(nodes: usize) -> Vec<PrivateRabbitMq> {
+        let cluster: Vec<PrivateRabbitMq> = (0..nodes).map(|_| PrivateRabbitMq::start()).collect();
+        for node in &cluster[1..] {
+            rabbitmqctl(&["-n", node.node(), "stop_app"]);
+            rabbitmqctl(&["-n", node.node(), "join_cluster", cluster[0].node()]);
+            rabbitmqctl(&["-n", node.node(), "start_app"]);
+        }
+        cluster
+    }
+
+    /// Stop the RabbitMQ application on this node, leaving its VM running (a graceful stop).
+    ///
+    /// # Panics
+    /// When `rabbitmqctl` fails.
+    pub fn stop_app(&self) {
+        rabbitmqctl(&["-n", self.node(), "stop_app"]);
+    }
+
+    /// Start the application again after [`PrivateRabbitMq::stop_app`].
+    ///
+    /// # Panics
+    /// When `rabbitmqctl` fails.
+    pub fn start_app(&self) {
+        rabbitmqctl(&["-n", self.node(), "start_app"]);
+    }
+
+    /// `host:port` of its AMQP listener, as `RABBITMQ_CLUSTER_NODES` takes it.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
 impl Drop for PrivateRabbitMq {
     fn drop(&mut self) {
         self.kill();
