@@ -490,6 +490,7 @@ impl Hub {
     /// the broker's (or, with fallback, the spool's) error.
     pub async fn publish_task(&self, queue: &str, task: &Task) -> Result<()> {
         let message = task.to_message()?;
+        crate::names::validate_name("task queue", queue)?;
         self.task_queues.expect(queue);
         self.tasks.broker.publish(queue, message).await?;
         self.counters

@@ -199,9 +199,9 @@ fn lag_of(config: &KafkaConfig, consumer: &BaseConsumer, topic: &str, group: &st
 
 /// Create `group` on `topic` (a Kafka topic name) without joining it: every partition the
 /// group has no committed offset on gets its high watermark committed, as a member's first
-/// assignment would. A commit from outside the group is refused while it has members; those
-/// committed their positions when they were placed, so the group exists and that refusal is
-/// success. Blocking.
+/// assignment would. A commit from outside the group is refused while it has members; once
+/// they are placed they commit their start, so the attempt is repeated until every
+/// partition has a committed offset. Blocking.
 ///
 /// A topic just created has no leaders for a moment (`NotLeaderForPartition`, no partitions
 /// in its metadata): such retryable failures are tried again for up to the request timeout.
@@ -261,11 +261,21 @@ fn commit_start(
     }
     match consumer.commit(&fresh, CommitMode::Sync) {
         Ok(()) => Ok(()),
+        // Refused from outside while the group has members. A member commits its start only
+        // once it has been placed, so until every partition has a committed offset the
+        // group is still forming: tried again (see `retrying`), and a task published now
+        // would not be certain to reach it.
         Err(KafkaError::ConsumerCommit(
             RDKafkaErrorCode::UnknownMemberId
             | RDKafkaErrorCode::IllegalGeneration
             | RDKafkaErrorCode::RebalanceInProgress,
-        )) => Ok(()),
+        )) => Err(Error::new(
+            ErrorKind::Backend,
+            format!(
+                "creating group {group} on {topic}: its members have not committed their start yet"
+            ),
+        )
+        .with_retryable(true)),
         // The group's coordinator is still being chosen or loading (a cluster just started).
         Err(
             e @ KafkaError::ConsumerCommit(

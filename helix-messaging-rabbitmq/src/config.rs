@@ -439,13 +439,27 @@ fn cluster_nodes(nodes: &str, default_port: u16) -> Result<Vec<(String, u16)>> {
             (uri.authority.host, uri.authority.port)
         } else {
             let host_port = node.rsplit_once('@').map_or(node, |(_, host)| host);
-            match host_port.rsplit_once(':') {
-                Some((host, port)) => (
-                    host.to_owned(),
-                    port.parse()
-                        .map_err(|_| bad(node, "the port is not a number"))?,
-                ),
-                None => (host_port.to_owned(), default_port),
+            let port_of = |port: &str| {
+                port.parse()
+                    .map_err(|_| bad(node, "the port is not a number"))
+            };
+            if let Some(bracketed) = host_port.strip_prefix('[') {
+                // An IPv6 address, `[::1]` or `[::1]:5672`: connected to without brackets.
+                let (host, rest) = bracketed
+                    .split_once(']')
+                    .ok_or_else(|| bad(node, "an IPv6 address without its closing bracket"))?;
+                match rest.strip_prefix(':') {
+                    Some(port) => (host.to_owned(), port_of(port)?),
+                    None if rest.is_empty() => (host.to_owned(), default_port),
+                    None => return Err(bad(node, "text after the IPv6 address")),
+                }
+            } else if host_port.matches(':').count() > 1 {
+                return Err(bad(node, "an IPv6 address goes in brackets, [::1]:5672"));
+            } else {
+                match host_port.rsplit_once(':') {
+                    Some((host, port)) => (host.to_owned(), port_of(port)?),
+                    None => (host_port.to_owned(), default_port),
+                }
             }
         };
         if host.is_empty() {
@@ -644,9 +658,23 @@ mod tests {
             uris[3].authority.userinfo.username, "u",
             "and its credentials"
         );
-        let err =
-            RabbitConfig::from_vars(vars(&[("RABBITMQ_CLUSTER_NODES", "node:port")])).unwrap_err();
-        assert!(err.message().starts_with("RABBITMQ_CLUSTER_NODES"), "{err}");
+        let ipv6 = RabbitConfig::from_vars(vars(&[(
+            "RABBITMQ_CLUSTER_NODES",
+            "[::1]:5680,[fd00::2], ,",
+        )]))
+        .unwrap();
+        assert_eq!(
+            ipv6.cluster_nodes,
+            vec![("::1".to_owned(), 5680), ("fd00::2".to_owned(), 5672)]
+        );
+        for wrong in ["node:port", "fd00::2", "[::1", "[::1]x"] {
+            let err =
+                RabbitConfig::from_vars(vars(&[("RABBITMQ_CLUSTER_NODES", wrong)])).unwrap_err();
+            assert!(
+                err.message().starts_with("RABBITMQ_CLUSTER_NODES"),
+                "{wrong}: {err}"
+            );
+        }
     }
 
     #[test]

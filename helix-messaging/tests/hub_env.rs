@@ -118,6 +118,13 @@ async fn the_listed_task_queues_exist_once_the_hub_from_the_environment_has_star
     }
     other_producer.close().await.unwrap();
     hub.close().await.unwrap();
+    // Not left on the shared node with their messages.
+    for queue in [&first, &second] {
+        helix_messaging_testkit::faults::rabbitmqctl(&[
+            "delete_queue",
+            &format!("{queue}.{group}"),
+        ]);
+    }
 }
 
 /// A publisher restarted during an outage comes up with the spool on: the hub connects in

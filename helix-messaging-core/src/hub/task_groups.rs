@@ -18,6 +18,10 @@ use crate::stack::PublishGuard;
 pub(super) struct TaskQueues {
     group: String,
     created: RwLock<HashMap<String, bool>>,
+    /// One creation at a time: two publishes to a new queue at once would both find no
+    /// group on Kafka, and the later start position committed could pass the earlier
+    /// one's task.
+    creating: tokio::sync::Mutex<()>,
 }
 
 impl TaskQueues {
@@ -25,6 +29,7 @@ impl TaskQueues {
         TaskQueues {
             group: group.to_owned(),
             created: RwLock::default(),
+            creating: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -50,12 +55,27 @@ impl TaskQueues {
 
     /// Create the group of `topic` on `broker` if it is a task queue whose group is not known
     /// to exist yet. A broker without consumer groups has none to create.
+    ///
+    /// Only a retryable failure (the broker away, a group still forming) fails the publish,
+    /// which is then spooled or retried as any publish would be, and creation is tried again
+    /// before the next. Any other (no permission to declare queues, the workers' queue
+    /// declared with other arguments) is logged and the task published anyway: the workers'
+    /// own declaration stands, and the broker's answer to the publish is what counts.
     async fn ensure(&self, broker: &dyn Broker, topic: &str) -> Result<()> {
         if self.created.read().get(topic) != Some(&false) {
             return Ok(());
         }
-        if broker.capabilities().consumer_groups {
-            broker.create_group(topic, &self.group).await?;
+        let _one_at_a_time = self.creating.lock().await;
+        if self.created.read().get(topic) != Some(&false) {
+            return Ok(());
+        }
+        if broker.capabilities().consumer_groups
+            && let Err(err) = broker.create_group(topic, &self.group).await
+        {
+            if err.is_retryable() {
+                return Err(err);
+            }
+            tracing::warn!(queue = topic, group = %self.group, error = %err, "cannot create the workers' group of this task queue; publishing to it as it is");
         }
         self.created.write().insert(topic.to_owned(), true);
         Ok(())

@@ -536,4 +536,6 @@ async fn queues_shows_each_topics_group_by_the_name_the_brokers_tools_take() {
     );
     audit.shutdown().await;
     hub.close().await.unwrap();
+    // Not left on the shared node with its tasks.
+    helix_messaging_testkit::faults::rabbitmqctl(&["delete_queue", &rabbit_queue]);
 }
