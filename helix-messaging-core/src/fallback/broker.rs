@@ -25,7 +25,9 @@ use crate::trace;
 use super::spool::{RefusedMessage, Spool, SpoolStats};
 
 /// Whether `err` is the broker refusing the message itself (set aside when forwarding), as
-/// opposed to the broker failing or going away (the message waits and goes again).
+/// opposed to the broker failing or going away (the message waits and goes again). A
+/// refusal the broker says is for now (retryable: RabbitMQ's negative confirm while a quorum
+/// queue elects its leader) is the latter.
 fn is_refusal(err: &Error) -> bool {
     matches!(
         err.kind(),
@@ -33,7 +35,7 @@ fn is_refusal(err: &Error) -> bool {
             | ErrorKind::PayloadTooLarge
             | ErrorKind::InvalidInput
             | ErrorKind::Serialization
-    )
+    ) && !err.is_retryable()
 }
 
 /// How the forwarder runs.

@@ -38,6 +38,9 @@ struct Scripted {
     down: std::sync::atomic::AtomicBool,
     closed: std::sync::atomic::AtomicBool,
     accepted: Mutex<Vec<(String, String)>>,
+    /// Payloads "busy" answered with a retryable refusal so far (RabbitMQ's negative
+    /// confirm while a quorum queue elects its leader).
+    busy_refusals: std::sync::atomic::AtomicUsize,
 }
 
 impl Scripted {
@@ -64,6 +67,16 @@ impl Publisher for Scripted {
         let payload = String::from_utf8_lossy(message.payload()).into_owned();
         if payload == "poison" {
             return Err(Error::new(ErrorKind::Rejected, "the broker refuses poison"));
+        }
+        if payload == "busy"
+            && self
+                .busy_refusals
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+                < 2
+        {
+            return Err(
+                Error::new(ErrorKind::Rejected, "negative confirm, for now").with_retryable(true)
+            );
         }
         self.accepted.lock().push((topic.to_owned(), payload));
         Ok(())
@@ -209,6 +222,44 @@ async fn a_refused_message_is_set_aside_and_the_rest_keeps_flowing() {
     assert!(fallback.discard_refused(again[0].seq).await.unwrap());
     assert_eq!(fallback.spool_stats().await.unwrap().refused, 0);
     assert_eq!(fallback.health().await.status, HealthStatus::Healthy);
+    fallback.close().await.unwrap();
+}
+
+/// A refusal the broker says is for now (retryable: RabbitMQ's negative confirm while a
+/// quorum queue elects its leader) is no refusal of the message: it stays spooled and goes
+/// again, and is not set aside for an operator.
+#[tokio::test]
+async fn a_refusal_for_now_is_forwarded_again_not_set_aside() {
+    let broker = Arc::new(Scripted::default());
+    let fallback = fallback_over(broker.clone(), Arc::new(MemorySpool::default())).await;
+    broker.set_down(true);
+    fallback.publish("a", Message::new("busy")).await.unwrap();
+    fallback.publish("a", Message::new("after")).await.unwrap();
+    broker.set_down(false);
+    eventually("the message refused for now forwarded", || {
+        payloads(&broker.accepted(), "a").contains(&"busy".to_owned())
+    })
+    .await;
+    let mut stats = fallback.spool_stats().await.unwrap();
+    for _ in 0..200 {
+        if stats.depth == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        stats = fallback.spool_stats().await.unwrap();
+    }
+    assert_eq!(
+        (stats.depth, stats.refused),
+        (0, 0),
+        "nothing set aside: {stats:?}"
+    );
+    assert_eq!(
+        broker
+            .busy_refusals
+            .load(std::sync::atomic::Ordering::SeqCst),
+        3,
+        "refused twice, then taken"
+    );
     fallback.close().await.unwrap();
 }
 
