@@ -59,7 +59,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::broker::Broker;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Wraps a broker in another that adds one concern (see the [module doc](self) for the
 /// layers and the order they stack in).
@@ -86,6 +86,12 @@ pub trait PublishGuard: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// Whatever refuses the publish: it then fails unsent, with this error.
     async fn before_publish(&self, inner: &dyn Broker, topic: &str) -> Result<()>;
+
+    /// After a publish (or a batch) to `topic` was answered, with the first failure, if any.
+    /// By default nothing.
+    fn after_publish(&self, topic: &str, failure: Option<&Error>) {
+        let _ = (topic, failure);
+    }
 
     /// Before [`Broker::create_group`] on `topic` reaches `inner`. By default nothing.
     ///
@@ -121,7 +127,9 @@ impl<G: PublishGuard> Guarded<G> {
 impl<G: PublishGuard> crate::broker::Publisher for Guarded<G> {
     async fn publish(&self, topic: &str, message: crate::message::Message) -> Result<()> {
         self.guard.before_publish(&*self.inner, topic).await?;
-        self.inner.publish(topic, message).await
+        let published = self.inner.publish(topic, message).await;
+        self.guard.after_publish(topic, published.as_ref().err());
+        published
     }
 
     async fn publish_batch(
@@ -130,7 +138,12 @@ impl<G: PublishGuard> crate::broker::Publisher for Guarded<G> {
         messages: Vec<crate::message::Message>,
     ) -> crate::broker::BatchReport {
         match self.guard.before_publish(&*self.inner, topic).await {
-            Ok(()) => self.inner.publish_batch(topic, messages).await,
+            Ok(()) => {
+                let report = self.inner.publish_batch(topic, messages).await;
+                self.guard
+                    .after_publish(topic, report.failures().first().map(|(_, err)| err));
+                report
+            }
             Err(err) => crate::broker::BatchReport::all_failed(messages.len(), &err),
         }
     }

@@ -318,3 +318,30 @@ async fn a_task_spooled_before_its_queue_existed_reaches_the_first_worker() {
     }
     first_worker_handles(hub, &queue, &task).await;
 }
+
+/// A task queue whose queue went away under the hub (an operator deleted it, or it expired)
+/// is created again: the task that found it gone is refused as unroutable, the next is
+/// kept for the first worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_queue_deleted_under_the_hub_is_created_again() {
+    let tasks = helix_messaging::connect(&rabbitmq_url())
+        .await
+        .expect("RabbitMQ");
+    let hub = workers_hub(tasks, Vec::new(), None).await;
+    let queue = fresh_name("tasks");
+    let rabbit_queue = format!("{queue}.{}", hub.config().task_group);
+    let task = || Task::new("index", serde_json::json!({}));
+    hub.publish_task(&queue, &task()).await.unwrap();
+    helix_messaging_testkit::faults::rabbitmqctl(&["delete_queue", &rabbit_queue]);
+    let refused = hub.publish_task(&queue, &task()).await.unwrap_err();
+    assert_eq!(
+        refused.kind(),
+        helix_messaging::ErrorKind::Rejected,
+        "{refused}"
+    );
+    let kept = task();
+    hub.publish_task(&queue, &kept)
+        .await
+        .expect("its group created again");
+    first_worker_handles(hub, &queue, &kept).await;
+}

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use parking_lot::RwLock;
 
 use crate::broker::Broker;
-use crate::error::Result;
+use crate::error::{ErrorKind, Result};
 use crate::stack::PublishGuard;
 
 /// The task queues the hub knows of, and whether the workers' group of each exists yet.
@@ -98,5 +98,15 @@ impl TaskQueues {
 impl PublishGuard for Arc<TaskQueues> {
     async fn before_publish(&self, inner: &dyn Broker, topic: &str) -> Result<()> {
         self.ensure(inner, topic).await
+    }
+
+    /// A task refused for good (RabbitMQ: unroutable) means the group is gone (its queue
+    /// expired, or an operator deleted it): it is created again before the next publish.
+    fn after_publish(&self, topic: &str, failure: Option<&crate::error::Error>) {
+        if failure.is_some_and(|err| err.kind() == ErrorKind::Rejected && !err.is_retryable())
+            && let Some(created) = self.created.write().get_mut(topic)
+        {
+            *created = false;
+        }
     }
 }
