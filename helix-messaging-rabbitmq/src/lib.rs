@@ -82,7 +82,7 @@ impl RabbitBroker {
     /// [`ErrorKind::Connection`] / [`ErrorKind::Timeout`] when the server cannot be reached,
     /// [`ErrorKind::Config`] when it refuses the credentials or the vhost.
     pub async fn connect(config: RabbitConfig) -> Result<Self> {
-        let first = Link::open(&config, &[]).await?;
+        let first = Link::open(&config, &[], 0).await?;
         Ok(RabbitBroker {
             shared: Arc::new(Shared::new(Supervisor::new(config, first))),
         })

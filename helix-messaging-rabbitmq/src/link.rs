@@ -34,6 +34,9 @@ pub(crate) struct Link {
     /// opened.
     reopening: tokio::sync::Mutex<()>,
     publisher_confirm: bool,
+    /// Which node of [`RabbitConfig::node_uris`] it is connected to: a reconnect tries that
+    /// one first.
+    pub(crate) node: usize,
 }
 
 impl Link {
@@ -82,13 +85,19 @@ impl Link {
     /// still starting, any of these can otherwise wait forever.
     /// Counted in `messaging_connections_total` or, when it fails,
     /// `messaging_connection_failures_total`.
-    pub(crate) async fn open(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
+    ///
+    /// The nodes are tried from `first_node` on (see [`connect_to_a_node`]).
+    pub(crate) async fn open(
+        config: &RabbitConfig,
+        declared: &[Topology],
+        first_node: usize,
+    ) -> Result<Link> {
         // Each node may take the whole connect timeout to fail.
         let nodes = u32::try_from(config.node_uris().len()).unwrap_or(u32::MAX);
         let opened = within(
             config.connect_timeout.saturating_mul(nodes),
             format!("setting up the connection to {}", config.address()),
-            Link::open_unbounded(config, declared),
+            Link::open_unbounded(config, declared, first_node),
         )
         .await
         .and_then(|opened| opened);
@@ -99,8 +108,12 @@ impl Link {
         opened
     }
 
-    async fn open_unbounded(config: &RabbitConfig, declared: &[Topology]) -> Result<Link> {
-        let connection = connect_to_a_node(config).await?;
+    async fn open_unbounded(
+        config: &RabbitConfig,
+        declared: &[Topology],
+        first_node: usize,
+    ) -> Result<Link> {
+        let (connection, node) = connect_to_a_node(config, first_node).await?;
         let publisher = open_publisher(&connection, config.publisher_confirm).await?;
         config.base_topology().declare_on(&connection).await?;
         for topology in declared {
@@ -111,19 +124,23 @@ impl Link {
             publisher: std::sync::RwLock::new(publisher),
             reopening: tokio::sync::Mutex::new(()),
             publisher_confirm: config.publisher_confirm,
+            node,
         })
     }
 }
 
-/// A connection to the first node that answers: the URL's, then each of the cluster's
-/// other nodes ([`RabbitConfig::cluster_nodes`]). A node that cannot be reached is counted
-/// as a failed attempt and the next is tried; the last node's error is returned when none
-/// answers.
-async fn connect_to_a_node(config: &RabbitConfig) -> Result<Connection> {
+/// A connection to the first node that answers, and which it is: the nodes of
+/// [`RabbitConfig::node_uris`] from `first` on, round to the ones before (a reconnect starts
+/// at the node it was on, so a node that is down and silent costs no connect timeout while
+/// another serves). A node that cannot be reached is counted as a failed attempt and the
+/// next is tried; the last one's error is returned when none answers.
+async fn connect_to_a_node(config: &RabbitConfig, first: usize) -> Result<(Connection, usize)> {
     let nodes = config.node_uris();
-    let last = nodes.len() - 1;
+    let count = nodes.len();
     let mut failed = None;
-    for (i, uri) in nodes.into_iter().enumerate() {
+    for step in 0..count {
+        let index = (first + step) % count;
+        let uri = nodes[index].clone();
         let address = format!("{}:{}", uri.authority.host, uri.authority.port);
         let runtime = lapin::runtime::default_runtime()
             .map_err(|e| from_lapin(e, "finding the Tokio runtime"))?;
@@ -140,17 +157,20 @@ async fn connect_to_a_node(config: &RabbitConfig) -> Result<Connection> {
         .await
         .and_then(|c| c.map_err(|e| from_lapin(e, format!("connecting to {address}"))));
         match connected {
-            Ok(connection) => return Ok(connection),
-            Err(err) if i < last => {
-                // The outer count records the attempt as a whole; a node passed over is a
-                // failed attempt of its own.
-                count_connection_failure(NAME);
-                tracing::warn!(node = %address, error = %err, "cannot reach this RabbitMQ node; trying the next");
+            Ok(connection) => return Ok((connection, index)),
+            Err(err) => {
+                if step + 1 < count {
+                    // The outer count records the attempt as a whole; a node passed over is
+                    // a failed attempt of its own.
+                    count_connection_failure(NAME);
+                    tracing::warn!(node = %address, error = %err, "cannot reach this RabbitMQ node; trying the next");
+                }
+                failed = Some(err);
             }
-            Err(err) => failed = Some(err),
         }
     }
-    Err(failed.expect("the last node's error"))
+    Err(failed
+        .unwrap_or_else(|| Error::new(ErrorKind::Connection, "no RabbitMQ node to connect to")))
 }
 
 /// A publishing channel on `connection`, in confirm mode if `confirm`.
@@ -174,6 +194,8 @@ pub(crate) struct Supervisor {
     /// `None` while there is no usable link (reconnecting, given up, or closed).
     current: watch::Sender<Option<Arc<Link>>>,
     reconnecting: AtomicBool,
+    /// The node the last link was on (see [`Link::node`]).
+    last_node: std::sync::atomic::AtomicUsize,
     gave_up: AtomicBool,
     closed: AtomicBool,
     /// `messaging_connection_up` of this broker's connection.
@@ -189,6 +211,7 @@ impl Supervisor {
         state.set(true);
         let supervisor = Arc::new(Supervisor {
             state,
+            last_node: std::sync::atomic::AtomicUsize::new(first.node),
             config,
             current: watch::Sender::new(Some(first.clone())),
             reconnecting: AtomicBool::new(false),
@@ -346,7 +369,8 @@ impl Supervisor {
                 .with_max_times(config.reconnect_attempts)
                 .with_jitter();
             let declared = supervisor.declared();
-            let opened = (|| Link::open(config, &declared))
+            let last_node = supervisor.last_node.load(Ordering::Acquire);
+            let opened = (|| Link::open(config, &declared, last_node))
                 .retry(backoff)
                 .sleep(tokio::time::sleep)
                 .when(|_| !supervisor.is_closed())
@@ -359,6 +383,7 @@ impl Supervisor {
                     tracing::info!(address = %config.address(), "reconnected");
                     helix_messaging_core::observe::count_reconnect(NAME);
                     let link = Arc::new(link);
+                    supervisor.last_node.store(link.node, Ordering::Release);
                     supervisor.watch(&link);
                     supervisor.reconnecting.store(false, Ordering::Release);
                     supervisor.state.set(true);
