@@ -196,20 +196,10 @@ mod tests {
     /// bootstrap entries included, each counted once.
     #[test]
     fn connections_and_failed_attempts_are_counted_once_each() {
-        use helix_messaging_core::observe::connection::{
-            CONNECTION_FAILURES_METRIC, CONNECTIONS_METRIC,
-        };
-        use helix_messaging_testkit::recorded::{self, counter};
+        use helix_messaging_testkit::recorded::{self, connections};
 
         recorded::install();
-        let on = [("backend", crate::config::NAME)];
-        let figures = || {
-            let now = recorded::snapshot();
-            (
-                counter(&now, CONNECTIONS_METRIC, &on),
-                counter(&now, CONNECTION_FAILURES_METRIC, &on),
-            )
-        };
+        let figures = || connections(crate::config::NAME);
         let document = |brokers: &[(&str, i32, &str, u64, u64)]| {
             let brokers: serde_json::Map<String, serde_json::Value> = brokers
                 .iter()

@@ -3,28 +3,17 @@
 
 use std::time::Duration;
 
-use helix_messaging_core::observe::connection::{CONNECTION_FAILURES_METRIC, CONNECTIONS_METRIC};
 use helix_messaging_core::{Broker, Message, Publisher};
 use helix_messaging_kafka::{KafkaBroker, NAME};
 use helix_messaging_testkit::eventually;
-use helix_messaging_testkit::recorded::{self, counter};
+use helix_messaging_testkit::recorded::{self, connections};
 
 mod common;
-
-/// (connections made, attempts failed) counted so far.
-fn figures() -> (u64, u64) {
-    let now = recorded::snapshot();
-    let on = [("backend", NAME)];
-    (
-        counter(&now, CONNECTIONS_METRIC, &on),
-        counter(&now, CONNECTION_FAILURES_METRIC, &on),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_the_real_kafka_are_counted() {
     recorded::install();
-    let before = figures();
+    let before = connections(NAME);
     let mut config = common::config();
     config.statistics_interval = Duration::from_millis(200);
     let broker = KafkaBroker::connect(config).await.unwrap();
@@ -38,10 +27,10 @@ async fn connections_to_the_real_kafka_are_counted() {
     eventually(
         Duration::from_secs(10),
         "the producer's connection counted",
-        || async { (figures().0 > before.0).then_some(()) },
+        || async { (connections(NAME).0 > before.0).then_some(()) },
     )
     .await;
-    assert_eq!(figures().1, before.1, "no attempt failed");
+    assert_eq!(connections(NAME).1, before.1, "no attempt failed");
     broker.close().await.unwrap();
 }
 
@@ -57,7 +46,7 @@ async fn attempts_that_fail_during_an_outage_and_the_reconnect_are_counted() {
     let broker = KafkaBroker::connect(config).await.unwrap();
     broker.publish(topic, Message::new("up")).await.unwrap();
     let connected = eventually(Duration::from_secs(10), "connected", || async {
-        let now = figures();
+        let now = connections(NAME);
         (now.0 > 0).then_some(now)
     })
     .await;
@@ -69,14 +58,14 @@ async fn attempts_that_fail_during_an_outage_and_the_reconnect_are_counted() {
         Duration::from_secs(20),
         "failed attempts counted",
         || async {
-            let now = figures();
+            let now = connections(NAME);
             (now.1 > connected.1).then_some(now)
         },
     )
     .await;
     cluster.broker_up(1).unwrap();
     eventually(Duration::from_secs(30), "the reconnect counted", || async {
-        (figures().0 > failing.0).then_some(())
+        (connections(NAME).0 > failing.0).then_some(())
     })
     .await;
     broker.close().await.unwrap();

@@ -4,11 +4,8 @@
 use std::time::Duration;
 
 use helix_messaging_core::Broker;
-use helix_messaging_core::observe::connection::{
-    CONNECTION_FAILURES_METRIC, CONNECTION_UP_METRIC, CONNECTIONS_METRIC,
-};
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode, STREAMS_NAME};
-use helix_messaging_testkit::recorded::{self, counter, gauge};
+use helix_messaging_testkit::recorded::{self, connections, connections_up};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_state_is_up_after_connect_and_down_after_close() {
@@ -16,26 +13,12 @@ async fn connection_state_is_up_after_connect_and_down_after_close() {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let config = RedisConfig::new(&url, RedisMode::Streams).expect("REDIS_URL");
     let address = config.address();
-    let on = [("backend", STREAMS_NAME), ("connection", address.as_str())];
-    let connections = || {
-        counter(
-            &recorded::snapshot(),
-            CONNECTIONS_METRIC,
-            &[("backend", STREAMS_NAME)],
-        )
-    };
-    let before = connections();
+    let (before, _) = connections(STREAMS_NAME);
     let broker = RedisBroker::connect(config).await.unwrap();
-    assert_eq!(
-        gauge(&recorded::snapshot(), CONNECTION_UP_METRIC, &on),
-        Some(1.0)
-    );
-    assert_eq!(connections() - before, 1);
+    assert_eq!(connections_up(STREAMS_NAME, &address), Some(1.0));
+    assert_eq!(connections(STREAMS_NAME).0 - before, 1);
     broker.close().await.unwrap();
-    assert_eq!(
-        gauge(&recorded::snapshot(), CONNECTION_UP_METRIC, &on),
-        Some(0.0)
-    );
+    assert_eq!(connections_up(STREAMS_NAME, &address), Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,16 +27,9 @@ async fn a_refused_connection_is_counted_as_a_failure() {
     // Port 1 on loopback: nothing listens, the connection is refused at once.
     let mut config = RedisConfig::new("redis://127.0.0.1:1", RedisMode::Streams).unwrap();
     config.connect_timeout = Duration::from_secs(5);
-    let failures = || {
-        counter(
-            &recorded::snapshot(),
-            CONNECTION_FAILURES_METRIC,
-            &[("backend", STREAMS_NAME)],
-        )
-    };
-    let before = failures();
+    let (_, before) = connections(STREAMS_NAME);
     RedisBroker::connect(config).await.unwrap_err();
-    assert_eq!(failures() - before, 1);
+    assert_eq!(connections(STREAMS_NAME).1 - before, 1);
 }
 
 /// Subscriptions read on connections of their own: each is in `messaging_connection_up`
@@ -83,15 +59,8 @@ async fn subscription_through_an_outage(mode: RedisMode) {
     let address = config.address();
     let broker = RedisBroker::connect(config).await.unwrap();
     let backend = broker.name();
-    let on = [("backend", backend), ("connection", address.as_str())];
-    let up = || gauge(&recorded::snapshot(), CONNECTION_UP_METRIC, &on);
-    let figures = || {
-        let now = recorded::snapshot();
-        (
-            counter(&now, CONNECTIONS_METRIC, &[("backend", backend)]),
-            counter(&now, CONNECTION_FAILURES_METRIC, &[("backend", backend)]),
-        )
-    };
+    let up = || connections_up(backend, &address);
+    let figures = || connections(backend);
     let options = match mode {
         RedisMode::Streams => SubscribeOptions::group("g"),
         RedisMode::PubSub => SubscribeOptions::default(),

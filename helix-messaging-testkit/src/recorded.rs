@@ -129,6 +129,29 @@ pub fn gauge(recorded: &Recorded, name: &str, pairs: &[(&str, &str)]) -> Option<
     }
 }
 
+/// `messaging_connections_total` and `messaging_connection_failures_total` of `backend` so
+/// far: (connections made, attempts failed).
+pub fn connections(backend: &str) -> (u64, u64) {
+    use helix_messaging_core::observe::connection::{
+        CONNECTION_FAILURES_METRIC, CONNECTIONS_METRIC,
+    };
+    let now = snapshot();
+    let on = [("backend", backend)];
+    (
+        counter(&now, CONNECTIONS_METRIC, &on),
+        counter(&now, CONNECTION_FAILURES_METRIC, &on),
+    )
+}
+
+/// `messaging_connection_up` of `backend`'s connections to `connection`, if it was set.
+pub fn connections_up(backend: &str, connection: &str) -> Option<f64> {
+    gauge(
+        &snapshot(),
+        helix_messaging_core::observe::connection::CONNECTION_UP_METRIC,
+        &[("backend", backend), ("connection", connection)],
+    )
+}
+
 /// `messaging_reconnects_total` of `backend` so far.
 pub fn reconnects(backend: &str) -> u64 {
     counter(

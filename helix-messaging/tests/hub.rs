@@ -189,6 +189,13 @@ fn rabbitmq_url() -> String {
     std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The test RabbitMQ.
+async fn rabbitmq() -> Arc<dyn helix_messaging::Broker> {
+    helix_messaging::connect(&rabbitmq_url())
+        .await
+        .expect("RabbitMQ")
+}
+
 /// Workers that record the tasks they handle.
 async fn recording_workers(
     hub: &Hub,
@@ -241,9 +248,7 @@ async fn first_worker_handles(hub: Hub, queue: &str, task: &Task) {
 /// hub creates the workers' group, so the task waits for the first worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_published_before_the_first_worker_subscribes_waits_for_it() {
-    let tasks = helix_messaging::connect(&rabbitmq_url())
-        .await
-        .expect("RabbitMQ");
+    let tasks = rabbitmq().await;
     let hub = workers_hub(tasks, Vec::new(), None).await;
     let queue = fresh_name("tasks");
     let early = Task::new("summarise", serde_json::json!({ "document": 1 }));
@@ -257,9 +262,7 @@ async fn a_task_published_before_the_first_worker_subscribes_waits_for_it() {
 /// producer that does not go through the hub can publish to them before any worker runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn configured_task_queues_exist_once_the_hub_has_started() {
-    let tasks = helix_messaging::connect(&rabbitmq_url())
-        .await
-        .expect("RabbitMQ");
+    let tasks = rabbitmq().await;
     let (listed, unlisted) = (fresh_name("tasks"), fresh_name("tasks"));
     let hub = workers_hub(tasks.clone(), vec![listed.clone()], None).await;
     let task = Task::new("verify", serde_json::json!({}));
@@ -283,10 +286,8 @@ async fn a_task_spooled_before_its_queue_existed_reaches_the_first_worker() {
     use helix_messaging::fallback::{MemorySpool, SpoolLimits};
     use helix_messaging_testkit::faults::outage;
 
-    let rabbitmq = helix_messaging::connect(&rabbitmq_url())
-        .await
-        .expect("RabbitMQ");
-    let away = Arc::new(outage(rabbitmq, true));
+    let real = rabbitmq().await;
+    let away = Arc::new(outage(real, true));
     let tasks: Arc<dyn helix_messaging::Broker> = away.clone();
     let spool = || -> Arc<dyn helix_messaging::fallback::Spool> {
         Arc::new(MemorySpool::new(SpoolLimits::default()))
@@ -324,9 +325,7 @@ async fn a_task_spooled_before_its_queue_existed_reaches_the_first_worker() {
 /// kept for the first worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_queue_deleted_under_the_hub_is_created_again() {
-    let tasks = helix_messaging::connect(&rabbitmq_url())
-        .await
-        .expect("RabbitMQ");
+    let tasks = rabbitmq().await;
     let hub = workers_hub(tasks, Vec::new(), None).await;
     let queue = fresh_name("tasks");
     let rabbit_queue = format!("{queue}.{}", hub.config().task_group);

@@ -10,6 +10,33 @@ use helix_messaging::{ErrorKind, HealthStatus, hub_from_vars};
 use helix_messaging_testkit::env_lookup;
 use parking_lot::Mutex;
 
+/// Workers on `helixagent.tasks.background` handle `task`, published there, exactly once
+/// within 10 s; returns them running.
+async fn handled_once(hub: &helix_messaging::hub::Hub, task: &Task) -> helix_messaging::Runner {
+    let got: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = got.clone();
+    let workers = hub
+        .subscribe_tasks("helixagent.tasks.background", move |task: Task, _| {
+            let sink = sink.clone();
+            async move {
+                sink.lock().push(task.id);
+                Ok(())
+            }
+        })
+        .await
+        .unwrap();
+    hub.publish_task("helixagent.tasks.background", task)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while got.lock().is_empty() {
+        assert!(Instant::now() < deadline, "the task was not handled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(got.lock().clone(), vec![task.id.clone()]);
+    workers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_hub_with_fallback_spools_round_trips_tasks() {
     let dir = tempfile::tempdir().unwrap();
@@ -30,28 +57,8 @@ async fn a_memory_hub_with_fallback_spools_round_trips_tasks() {
     }
     assert_eq!(hub.task_broker().name(), "memory");
     assert_eq!(hub.event_broker().name(), "memory");
-    let got: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = got.clone();
-    let workers = hub
-        .subscribe_tasks("helixagent.tasks.background", move |task: Task, _| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().push(task.id);
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
     let task = Task::new("cleanup", serde_json::json!({ "older_than_days": 30 }));
-    hub.publish_task("helixagent.tasks.background", &task)
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.lock().is_empty() {
-        assert!(Instant::now() < deadline, "the task was not handled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(got.lock().clone(), vec![task.id.clone()]);
+    let workers = handled_once(&hub, &task).await;
     let health = hub.health_check().await;
     assert_eq!(health.status, HealthStatus::Healthy, "{health:?}");
     assert!(health.tasks.detail.contains("spool empty"), "{health:?}");
@@ -246,27 +253,7 @@ async fn messaging_disabled_runs_the_hub_in_memory() {
     assert_eq!(hub.task_broker().name(), "memory");
     assert_eq!(hub.event_broker().name(), "memory");
     assert!(!spool_dir.exists(), "no spool is opened");
-    let got: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = got.clone();
-    let workers = hub
-        .subscribe_tasks("helixagent.tasks.background", move |task: Task, _| {
-            let sink = sink.clone();
-            async move {
-                sink.lock().push(task.id);
-                Ok(())
-            }
-        })
-        .await
-        .unwrap();
-    let task = Task::new("cleanup", serde_json::json!({}));
-    hub.publish_task("helixagent.tasks.background", &task)
-        .await
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while got.lock().is_empty() {
-        assert!(Instant::now() < deadline, "the task was not handled");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let workers = handled_once(&hub, &Task::new("cleanup", serde_json::json!({}))).await;
     workers.shutdown().await;
     hub.close().await.unwrap();
 
