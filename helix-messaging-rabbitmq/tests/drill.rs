@@ -1,0 +1,333 @@
+//! The node-loss drill, and the conformance suite, on a RabbitMQ cluster of the test's own: three private nodes,
+//! quorum queues (`RABBITMQ_QUEUE_TYPE=quorum`), eight publishers with confirms (one
+//! connection each, spread over the nodes, every node in `RABBITMQ_CLUSTER_NODES`) and a
+//! consumer group of two connections. The node leading the group's queue is killed
+//! (`SIGKILL`) at one third of the stream; a second node's application is stopped for 3 s
+//! and started again at two thirds (one node of three is then all that runs, so the queue
+//! has no quorum until it is back).
+//!
+//! A publish the broker refused for now (a negative confirm, a connection lost under it) is
+//! made again under the same id, as an application does, for up to a minute. The drill
+//! passes when every publish is confirmed, none confirmed is lost, duplicates stay bounded
+//! and consumers deliver a message published after each fault within 10 s of it. Its
+//! figures are printed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+use helix_messaging_testkit::faults::{PrivateRabbitMq, rabbitmqctl};
+use helix_messaging_testkit::{Conformance, env_lookup, eventually};
+
+const PUBLISHERS: usize = 8;
+const EACH: usize = 2_500;
+const TOPIC: &str = "drill";
+const GROUP: &str = "workers";
+/// How long one publish is made again while the broker refuses it for now.
+const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
+
+/// When each message was first published and first delivered, and how many copies came.
+#[derive(Default)]
+struct Timeline {
+    first_publish: HashMap<String, Instant>,
+    first_delivery: HashMap<String, Instant>,
+    copies: usize,
+}
+
+impl Timeline {
+    /// How long after `fault` the first message published after it was delivered.
+    fn resumed_after(&self, fault: Instant) -> Option<Duration> {
+        self.first_publish
+            .iter()
+            .filter(|(_, published)| **published > fault)
+            .filter_map(|(id, _)| self.first_delivery.get(id))
+            .min()
+            .map(|delivered| delivered.duration_since(fault))
+    }
+}
+
+/// Settings for a connection that starts at `first` and knows every node of `cluster`, with
+/// quorum queues and `extra` variables.
+fn config_with(
+    first: &PrivateRabbitMq,
+    cluster: &[PrivateRabbitMq],
+    extra: &[(&str, &str)],
+) -> RabbitConfig {
+    let nodes: Vec<String> = cluster.iter().map(PrivateRabbitMq::address).collect();
+    let (url, nodes) = (first.url(), nodes.join(","));
+    let mut vars = vec![
+        ("RABBITMQ_URL", url.as_str()),
+        ("RABBITMQ_CLUSTER_NODES", nodes.as_str()),
+        ("RABBITMQ_QUEUE_TYPE", "quorum"),
+    ];
+    vars.extend_from_slice(extra);
+    let mut config = RabbitConfig::from_vars(env_lookup(&vars)).unwrap();
+    config.max_reconnect_delay = Duration::from_millis(500);
+    config
+}
+
+fn config(first: &PrivateRabbitMq, cluster: &[PrivateRabbitMq]) -> RabbitConfig {
+    config_with(first, cluster, &[])
+}
+
+/// The node leading `queue`, asked of `any` node still up.
+fn leader_of(queue: &str, any: &PrivateRabbitMq) -> String {
+    let out = rabbitmqctl(&[
+        "-n",
+        any.node(),
+        "list_queues",
+        "name",
+        "leader",
+        "--quiet",
+        "--no-table-headers",
+    ]);
+    out.lines()
+        .find_map(|line| {
+            let mut words = line.split_whitespace();
+            (words.next() == Some(queue)).then(|| words.next().unwrap_or_default().to_owned())
+        })
+        .unwrap_or_else(|| panic!("{queue} not listed by {}: {out}", any.node()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_queue_leader_loses_no_confirmed_message() {
+    let mut cluster = PrivateRabbitMq::cluster(3);
+    let queue = format!("{TOPIC}.{GROUP}");
+    let timeline: Arc<Mutex<Timeline>> = Arc::default();
+
+    let mut consumers = Vec::new();
+    for c in 0..2 {
+        let broker = RabbitBroker::connect(config(&cluster[c], &cluster))
+            .await
+            .unwrap();
+        let mut sub = broker
+            .subscribe(TOPIC, SubscribeOptions::group(GROUP).with_prefetch(200))
+            .await
+            .unwrap();
+        let timeline = timeline.clone();
+        consumers.push((
+            tokio::spawn(async move {
+                while let Some(next) = sub.next().await {
+                    let Ok(delivery) = next else { continue };
+                    {
+                        let mut timeline = timeline.lock().unwrap();
+                        timeline.copies += 1;
+                        timeline
+                            .first_delivery
+                            .entry(delivery.message().id().to_owned())
+                            .or_insert_with(Instant::now);
+                    }
+                    // An ack on a connection that died meanwhile fails; the message comes
+                    // again (a duplicate, counted).
+                    let _ = delivery.ack().await;
+                }
+            }),
+            broker,
+        ));
+    }
+    let kind = rabbitmqctl(&["-n", cluster[0].node(), "list_queues", "name", "type"]);
+    assert!(
+        kind.lines()
+            .any(|l| l.split_whitespace().eq([queue.as_str(), "quorum"])),
+        "the group's queue is a quorum queue: {kind}"
+    );
+
+    let confirmed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
+    let attempts_refused = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let broker = RabbitBroker::connect(config(&cluster[p % 3], &cluster))
+            .await
+            .unwrap();
+        let (confirmed, refused, attempts_refused, timeline) = (
+            confirmed.clone(),
+            refused.clone(),
+            attempts_refused.clone(),
+            timeline.clone(),
+        );
+        publishers.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let id = format!("p{p}-m{i}");
+                let started = Instant::now();
+                timeline
+                    .lock()
+                    .unwrap()
+                    .first_publish
+                    .insert(id.clone(), started);
+                loop {
+                    match broker
+                        .publish(TOPIC, Message::new("x").with_id(id.clone()))
+                        .await
+                    {
+                        Ok(()) => {
+                            confirmed.lock().unwrap().push(id);
+                            break;
+                        }
+                        Err(e) if e.is_retryable() && started.elapsed() < PUBLISH_PATIENCE => {
+                            *attempts_refused
+                                .lock()
+                                .unwrap()
+                                .entry(e.to_string())
+                                .or_default() += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => {
+                            eprintln!("{id} refused for good: {e}");
+                            refused.lock().unwrap().push(id);
+                            break;
+                        }
+                    }
+                }
+            }
+            broker.close().await.unwrap();
+        }));
+    }
+    let total = PUBLISHERS * EACH;
+    let progress = || confirmed.lock().unwrap().len() + refused.lock().unwrap().len();
+
+    eventually(Duration::from_secs(120), "a third published", || async {
+        (progress() >= total / 3).then_some(())
+    })
+    .await;
+    let leader = leader_of(&queue, &cluster[0]);
+    let killed = cluster
+        .iter()
+        .position(|node| node.node() == leader)
+        .unwrap_or_else(|| panic!("the leader {leader} is none of the cluster's nodes"));
+    cluster[killed].kill();
+    let killed_at = Instant::now();
+    eprintln!("drill: killed {leader}, the queue's leader");
+
+    eventually(Duration::from_secs(180), "two thirds published", || async {
+        (progress() >= 2 * total / 3).then_some(())
+    })
+    .await;
+    let stopped = (killed + 1) % 3;
+    cluster[stopped].stop_app();
+    let stopped_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    cluster[stopped].start_app();
+    eprintln!("drill: stopped and started {}", cluster[stopped].node());
+
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    let confirmed = confirmed.lock().unwrap().clone();
+    eventually(
+        Duration::from_secs(120),
+        "every confirmed message delivered",
+        || async {
+            let timeline = timeline.lock().unwrap();
+            confirmed
+                .iter()
+                .all(|id| timeline.first_delivery.contains_key(id))
+                .then_some(())
+        },
+    )
+    .await;
+
+    let (lost, duplicates, after_kill, after_stop) = {
+        let timeline = timeline.lock().unwrap();
+        let lost = confirmed
+            .iter()
+            .filter(|id| !timeline.first_delivery.contains_key(*id))
+            .count();
+        (
+            lost,
+            timeline.copies - timeline.first_delivery.len(),
+            timeline.resumed_after(killed_at),
+            timeline.resumed_after(stopped_at),
+        )
+    };
+    eprintln!(
+        "drill[rabbitmq, 3 nodes, quorum queue]: published {total}, confirmed {}, refused {}, lost {lost}, duplicates {duplicates}, delivering again {after_kill:?} after the leader was killed and {after_stop:?} after a second node was stopped (3 s); publishes refused for now and made again: {:?}",
+        confirmed.len(),
+        refused.lock().unwrap().len(),
+        attempts_refused.lock().unwrap(),
+    );
+    assert_eq!(lost, 0, "confirmed messages lost");
+    assert_eq!(
+        confirmed.len(),
+        total,
+        "every publish confirmed within a minute"
+    );
+    assert!(duplicates <= total / 10, "{duplicates} duplicates");
+    for (fault, resumed) in [("leader's death", after_kill), ("stop", after_stop)] {
+        let resumed = resumed.unwrap_or_else(|| panic!("nothing delivered after the {fault}"));
+        assert!(
+            resumed <= Duration::from_secs(10),
+            "delivering again {resumed:?} after the {fault}"
+        );
+    }
+    for (consumer, broker) in consumers {
+        broker.close().await.unwrap();
+        consumer.await.unwrap();
+    }
+}
+
+/// The conformance suite on the cluster, quorum queues (every case but priority, which
+/// quorum queues on 3.10 do not take; the history cases read the journal), connected to
+/// one node while the group queues' members span all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_suite_passes_on_the_cluster_with_quorum_queues() {
+    let cluster = PrivateRabbitMq::cluster(3);
+    let config = config_with(
+        &cluster[1],
+        &cluster,
+        &[("RABBITMQ_REPLAY_JOURNAL", "true")],
+    );
+    assert!(
+        !config.capabilities().priority,
+        "quorum queues have no priority on 3.10"
+    );
+    Conformance::new("rabbitmq-quorum-cluster", move || {
+        let config = config.clone();
+        async move { Ok(Arc::new(RabbitBroker::connect(config).await?) as Arc<dyn Broker>) }
+    })
+    .expect_skipped(
+        "priority_order",
+        "quorum queues take no priority on RabbitMQ 3.10",
+    )
+    .run()
+    .await
+    .assert_passed();
+    // Every group queue the suite declared is a quorum queue with a member on each node;
+    // private ones (a subscription without a group, gone with it) and the backend's own
+    // queues stay classic.
+    let listed = rabbitmqctl(&[
+        "-n",
+        cluster[0].node(),
+        "list_queues",
+        "name",
+        "type",
+        "members",
+        "--no-table-headers",
+        "--quiet",
+    ]);
+    let mut groups = 0;
+    for line in listed.lines() {
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(kind)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let backend_own = name.contains(".private-")
+            || name.contains(".retry.")
+            || name.starts_with("helixagent.");
+        if !backend_own {
+            groups += 1;
+            assert_eq!(kind, "quorum", "{name} is a {kind} queue");
+            for node in &cluster {
+                assert!(
+                    line.contains(node.node()),
+                    "{name} has no member on {}",
+                    node.node()
+                );
+            }
+        }
+    }
+    assert!(groups > 10, "the suite declared group queues:\n{listed}");
+}
