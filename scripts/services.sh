@@ -28,10 +28,12 @@ apt_install() {
 }
 
 ensure_redis() {
+  # Fault tests start redis-servers of their own and talk to them with redis-cli; the
+  # failover tests add sentinels (Debian's redis-sentinel).
+  command -v redis-server >/dev/null && command -v redis-cli >/dev/null &&
+    command -v redis-sentinel >/dev/null ||
+    apt_install redis-server redis-tools redis-sentinel
   port_open 6379 && return 0
-  # Fault tests start redis-servers of their own and talk to them with redis-cli.
-  command -v redis-server >/dev/null && command -v redis-cli >/dev/null ||
-    apt_install redis-server redis-tools
   redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
   wait_for_port 6379 Redis 30
 }

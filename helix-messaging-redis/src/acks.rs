@@ -11,8 +11,8 @@
 
 use std::sync::Arc;
 
+use crate::primary::Connection;
 use helix_messaging_core::{Error, Result};
-use redis::aio::ConnectionManager;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -84,7 +84,7 @@ impl Acks {
     /// Start the task that sends `group`'s acks on `topic`. It ends once every handle is
     /// dropped, or at `shutdown` (failing what is still queued as closed).
     pub(crate) fn start(
-        commands: ConnectionManager,
+        commands: Connection,
         topic: Arc<str>,
         group: Arc<str>,
         shutdown: CancellationToken,
@@ -112,7 +112,7 @@ impl Acks {
 }
 
 async fn send_acks(
-    commands: ConnectionManager,
+    commands: Connection,
     topic: Arc<str>,
     group: Arc<str>,
     mut waiting: mpsc::UnboundedReceiver<Waiting>,
@@ -147,7 +147,7 @@ async fn send_acks(
 
 /// Ack one batch and answer each of its waiters.
 async fn send_batch(
-    mut commands: ConnectionManager,
+    mut commands: Connection,
     topic: Arc<str>,
     group: Arc<str>,
     mut batch: Vec<Waiting>,
@@ -226,8 +226,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn acks_sent_together_each_get_their_own_answer() {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let client = redis::Client::open(url).unwrap();
-        let mut commands = ConnectionManager::new(client).await.expect("Redis");
+        let mut commands = crate::primary::tests::connect_to(&url).await;
         let topic = format!("acks-test.{}", uuid::Uuid::new_v4().simple());
         let _: () = redis::cmd("XGROUP")
             .arg("CREATE")
@@ -309,8 +308,7 @@ mod tests {
     #[tokio::test]
     async fn acks_after_shutdown_fail_as_closed() {
         let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        let client = redis::Client::open(url).unwrap();
-        let commands = ConnectionManager::new(client).await.expect("Redis");
+        let commands = crate::primary::tests::connect_to(&url).await;
         let shutdown = CancellationToken::new();
         let acks = Acks::start(commands, Arc::from("t"), Arc::from("g"), shutdown.clone());
         shutdown.cancel();

@@ -131,6 +131,26 @@ pub struct RedisConfig {
     /// then read the body as it is). A subscriber recognises the envelope either way, and a
     /// plain message is delivered with its body as the payload. Default true.
     pub pubsub_envelope: bool,
+    /// Sentinels that name the primary (`REDIS_SENTINELS`, `host:port,…`; a host alone is
+    /// port 26379). When set, the URL's host and port are not used: every connection goes
+    /// to the primary the first answering sentinel names for [`RedisConfig::sentinel_master`],
+    /// and after a failover to the one it names then. The URL's password, database and TLS
+    /// settings still apply to the primary. Empty by default.
+    pub sentinels: Vec<(String, u16)>,
+    /// The name the sentinels know the primary by (`REDIS_SENTINEL_MASTER`); required with
+    /// [`RedisConfig::sentinels`].
+    pub sentinel_master: Option<String>,
+    /// Replicas that must hold a published entry before its publish resolves
+    /// (`REDIS_MIN_REPLICAS_ACK`, Redis' `WAIT` after the publish). Redis replicates
+    /// asynchronously: without this, an entry the primary acknowledged and had not yet sent
+    /// on is lost when a failover promotes a replica. With N, a publish that fewer than N
+    /// replicas confirmed within [`RedisConfig::min_replicas_timeout`] fails retryably (the
+    /// entry is on the primary and may be published twice when retried). Streams mode only;
+    /// 0 (the default) is off.
+    pub min_replicas_ack: usize,
+    /// How long a publish waits for [`RedisConfig::min_replicas_ack`] replicas
+    /// (`REDIS_MIN_REPLICAS_TIMEOUT_MS`). Default 1 s.
+    pub min_replicas_timeout: Duration,
 }
 
 impl RedisConfig {
@@ -179,6 +199,10 @@ impl RedisConfig {
             max_reconnect_delay: Duration::from_secs(5),
             streams: StreamsConfig::default(),
             pubsub_envelope: true,
+            sentinels: Vec::new(),
+            sentinel_master: None,
+            min_replicas_ack: 0,
+            min_replicas_timeout: Duration::from_secs(1),
         }
     }
 
@@ -193,8 +217,9 @@ impl RedisConfig {
     /// Settings from variables read through `lookup`: `REDIS_URL`, or else `REDIS_HOST`
     /// (default `localhost`), `REDIS_PORT` (default 6379), `REDIS_PASSWORD`, `REDIS_DB`;
     /// plus `REDIS_TLS_CA_CERT` (a PEM file path), `REDIS_TLS_CERT` and `REDIS_TLS_KEY` (the
-    /// client certificate and key for mutual TLS, both or neither), `REDIS_STREAM_PAYLOAD_FIELD` and
-    /// `REDIS_PUBSUB_ENVELOPE` (`true` / `false`).
+    /// client certificate and key for mutual TLS, both or neither), `REDIS_STREAM_PAYLOAD_FIELD`,
+    /// `REDIS_PUBSUB_ENVELOPE` (`true` / `false`), `REDIS_SENTINELS` with
+    /// `REDIS_SENTINEL_MASTER`, `REDIS_MIN_REPLICAS_ACK` and `REDIS_MIN_REPLICAS_TIMEOUT_MS`.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the variable
@@ -267,7 +292,68 @@ impl RedisConfig {
                 }
             };
         }
+        if let Some(list) = var("REDIS_SENTINELS") {
+            config.sentinels = parse_sentinels(&list)?;
+        }
+        config.sentinel_master = var("REDIS_SENTINEL_MASTER").map(|m| m.trim().to_owned());
+        match (config.sentinels.is_empty(), &config.sentinel_master) {
+            (false, None) => {
+                return Err(Error::config(
+                    "REDIS_SENTINEL_MASTER",
+                    "required with REDIS_SENTINELS: the name the sentinels know the primary by",
+                ));
+            }
+            (true, Some(_)) => {
+                return Err(Error::config(
+                    "REDIS_SENTINELS",
+                    "required with REDIS_SENTINEL_MASTER: the sentinels to ask (host:port,…)",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(n) = var("REDIS_MIN_REPLICAS_ACK") {
+            config.min_replicas_ack = n.trim().parse().map_err(|_| {
+                Error::config(
+                    "REDIS_MIN_REPLICAS_ACK",
+                    format!("expected a number of replicas, got {n:?}"),
+                )
+            })?;
+            if config.min_replicas_ack > 0 && mode == RedisMode::PubSub {
+                return Err(Error::config(
+                    "REDIS_MIN_REPLICAS_ACK",
+                    "applies to Streams mode only: pub/sub keeps nothing to replicate",
+                ));
+            }
+        }
+        if let Some(ms) = var("REDIS_MIN_REPLICAS_TIMEOUT_MS") {
+            let ms: u64 = ms.trim().parse().map_err(|_| {
+                Error::config(
+                    "REDIS_MIN_REPLICAS_TIMEOUT_MS",
+                    format!("expected milliseconds, got {ms:?}"),
+                )
+            })?;
+            config.min_replicas_timeout = Duration::from_millis(ms);
+        }
         Ok(config)
+    }
+
+    /// The connection settings for the server at `host:port`: the configured ones (password,
+    /// database, TLS) with another address, for a primary a sentinel names.
+    pub(crate) fn info_at(&self, host: &str, port: u16) -> ConnectionInfo {
+        let addr = match self.info.addr() {
+            ConnectionAddr::TcpTls {
+                insecure,
+                tls_params,
+                ..
+            } => ConnectionAddr::TcpTls {
+                host: host.to_owned(),
+                port,
+                insecure: *insecure,
+                tls_params: tls_params.clone(),
+            },
+            _ => ConnectionAddr::Tcp(host.to_owned(), port),
+        };
+        self.info.clone().set_addr(addr)
     }
 
     /// Where the server is, without credentials (`redis://host:port/db`, `rediss://…`).
@@ -287,12 +373,17 @@ impl RedisConfig {
     }
 
     pub(crate) fn client(&self) -> Result<redis::Client> {
+        self.client_for(&self.info)
+    }
+
+    /// A client for the server `info` describes, with the configured TLS files.
+    pub(crate) fn client_for(&self, info: &ConnectionInfo) -> Result<redis::Client> {
         let read = |var: &'static str, path: &PathBuf| {
             std::fs::read(path)
                 .map_err(|e| Error::config(var, format!("cannot read {}: {e}", path.display())))
         };
         let built = if self.tls_ca_cert.is_none() && self.tls_client.is_none() {
-            redis::Client::open(self.info.clone())
+            redis::Client::open(info.clone())
         } else {
             let root_cert = self
                 .tls_ca_cert
@@ -307,7 +398,7 @@ impl RedisConfig {
                 None => None,
             };
             redis::Client::build_with_tls(
-                self.info.clone(),
+                info.clone(),
                 redis::TlsCertificates {
                     client_tls,
                     root_cert,
@@ -340,8 +431,46 @@ impl fmt::Debug for RedisConfig {
             .field("max_reconnect_delay", &self.max_reconnect_delay)
             .field("streams", &self.streams)
             .field("pubsub_envelope", &self.pubsub_envelope)
+            .field("sentinels", &self.sentinels)
+            .field("sentinel_master", &self.sentinel_master)
+            .field("min_replicas_ack", &self.min_replicas_ack)
+            .field("min_replicas_timeout", &self.min_replicas_timeout)
             .finish()
     }
+}
+
+/// `REDIS_SENTINELS`: `host:port`, `[v6]:port` or a host alone (port 26379), comma
+/// separated.
+fn parse_sentinels(list: &str) -> Result<Vec<(String, u16)>> {
+    let malformed = |entry: &str| {
+        Error::config(
+            "REDIS_SENTINELS",
+            format!("expected host:port entries separated by commas, got {entry:?}"),
+        )
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
+                let (host, after) = rest.split_once(']').ok_or_else(|| malformed(entry))?;
+                (host, after.strip_prefix(':'))
+            } else {
+                match entry.rsplit_once(':') {
+                    Some((host, port)) => (host, Some(port)),
+                    None => (entry, None),
+                }
+            };
+            let port = match port {
+                None => 26379,
+                Some(port) => port.parse().map_err(|_| malformed(entry))?,
+            };
+            if host.is_empty() {
+                return Err(malformed(entry));
+            }
+            Ok((host.to_owned(), port))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -400,11 +529,56 @@ mod tests {
     }
 
     #[test]
+    fn sentinels_their_primary_and_replica_acks_come_from_their_variables() {
+        let config = RedisConfig::from_vars(
+            vars(&[
+                ("REDIS_URL", "redis://:pw@ignored:1/3"),
+                ("REDIS_SENTINELS", "10.0.0.1:26380, sentinel-b, [::1]:26381"),
+                ("REDIS_SENTINEL_MASTER", "mymaster"),
+                ("REDIS_MIN_REPLICAS_ACK", "1"),
+                ("REDIS_MIN_REPLICAS_TIMEOUT_MS", "250"),
+            ]),
+            RedisMode::Streams,
+        )
+        .unwrap();
+        assert_eq!(
+            config.sentinels,
+            [
+                ("10.0.0.1".to_owned(), 26380),
+                ("sentinel-b".to_owned(), 26379),
+                ("::1".to_owned(), 26381)
+            ]
+        );
+        assert_eq!(config.sentinel_master.as_deref(), Some("mymaster"));
+        assert_eq!(config.min_replicas_ack, 1);
+        assert_eq!(config.min_replicas_timeout, Duration::from_millis(250));
+        // The primary a sentinel names keeps the URL's password and database.
+        let at = config.info_at("10.9.9.9", 7000);
+        assert_eq!(at.addr(), &ConnectionAddr::Tcp("10.9.9.9".into(), 7000));
+        assert_eq!(at.redis_settings().password(), Some("pw"));
+        assert_eq!(at.redis_settings().db(), 3);
+        let defaults = RedisConfig::from_vars(vars(&[]), RedisMode::Streams).unwrap();
+        assert!(defaults.sentinels.is_empty());
+        assert_eq!(defaults.min_replicas_ack, 0);
+    }
+
+    #[test]
     fn malformed_variables_are_named() {
         for (pairs, variable) in [
             (vec![("REDIS_PORT", "sixty")], "REDIS_PORT"),
             (vec![("REDIS_DB", "first")], "REDIS_DB"),
             (vec![("REDIS_URL", "http://nope")], "REDIS_URL"),
+            (vec![("REDIS_SENTINELS", "a:b")], "REDIS_SENTINELS"),
+            (vec![("REDIS_SENTINELS", "a:1")], "REDIS_SENTINEL_MASTER"),
+            (vec![("REDIS_SENTINEL_MASTER", "m")], "REDIS_SENTINELS"),
+            (
+                vec![("REDIS_MIN_REPLICAS_ACK", "two")],
+                "REDIS_MIN_REPLICAS_ACK",
+            ),
+            (
+                vec![("REDIS_MIN_REPLICAS_TIMEOUT_MS", "1s")],
+                "REDIS_MIN_REPLICAS_TIMEOUT_MS",
+            ),
         ] {
             let err = RedisConfig::from_vars(vars(&pairs), RedisMode::PubSub).expect_err(variable);
             assert_eq!(err.kind(), ErrorKind::Config);

@@ -26,6 +26,7 @@ mod acks;
 mod codec;
 mod config;
 mod error;
+mod primary;
 mod pubsub;
 mod shared;
 mod streams;
@@ -43,6 +44,7 @@ use helix_messaging_core::{
 };
 
 use helix_messaging_core::observe::connection::{count_connection, count_connection_failure};
+use primary::Primary;
 use shared::Shared;
 
 pub use config::{
@@ -87,6 +89,14 @@ impl Shared {
         for command in commands {
             pipe.add_command(command);
         }
+        // Redis replicates asynchronously: WAIT, after the entries on the same connection,
+        // answers once that many replicas hold everything written before it.
+        let replicas = self.config.min_replicas_ack;
+        if replicas > 0 {
+            pipe.cmd("WAIT")
+                .arg(replicas)
+                .arg(self.config.min_replicas_timeout.as_millis() as u64);
+        }
         let mut commands = self.commands.clone();
         let replies: Vec<redis::Value> = match pipe.query_async(&mut commands).await {
             Ok(replies) => {
@@ -106,6 +116,22 @@ impl Shared {
                 return Err(err);
             }
         };
+        if replicas > 0 {
+            let confirmed = match replies.last() {
+                Some(redis::Value::Int(n)) => usize::try_from(*n).unwrap_or(0),
+                _ => 0,
+            };
+            if confirmed < replicas {
+                return Err(Error::new(
+                    helix_messaging_core::ErrorKind::Timeout,
+                    format!(
+                        "publishing to {topic}: {confirmed} of the {replicas} replicas REDIS_MIN_REPLICAS_ACK asks for confirmed within {:?}; the entries are on the primary, and a failover may lose them",
+                        self.config.min_replicas_timeout
+                    ),
+                )
+                .with_retryable(true));
+            }
+        }
         if self.config.mode == RedisMode::PubSub {
             let unrouted = replies
                 .iter()
@@ -183,23 +209,20 @@ impl RedisBroker {
     }
 
     async fn connect_uncounted(config: RedisConfig) -> Result<Self> {
-        let client = config.client()?;
-        let address = config.address();
+        let primary = Arc::new(Primary::locate(&config).await?);
+        let address = primary.address();
         // One direct attempt first, so an unreachable server or a refused certificate is
         // reported at once rather than after the manager's reconnect backoff.
         within(
             config.connect_timeout,
             format!("connecting to {address}"),
-            client.get_multiplexed_async_connection(),
+            primary.client().await?.get_multiplexed_async_connection(),
         )
         .await?
         .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
-        let commands = client
-            .get_connection_manager_with_config(shared::manager_config(&config, Duration::ZERO))
-            .await
-            .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
+        let commands = primary.connect(Duration::ZERO).await?;
         Ok(RedisBroker {
-            shared: Arc::new(Shared::new(config, client, commands)),
+            shared: Arc::new(Shared::new(config, primary, commands)),
         })
     }
 

@@ -118,12 +118,13 @@ impl Puller {
 }
 
 async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
-    let address = shared.config.address();
+    let client = shared.primary.client().await?;
+    let address = shared.primary.address();
     let doing = format!("connecting to {address} for SUBSCRIBE");
     let mut connection = within(
         shared.config.connect_timeout,
         &doing,
-        shared.client.get_async_pubsub(),
+        client.get_async_pubsub(),
     )
     .await?
     .map_err(|e| from_redis(e, &doing))?;

@@ -13,23 +13,27 @@ use helix_messaging_core::observe::connection::{
     ConnectionState, count_connection, count_connection_failure,
 };
 use helix_messaging_core::{Delivery, Error, Result};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use std::sync::Arc;
+
 use crate::config::{PUBSUB_NAME, RedisConfig, RedisMode, STREAMS_NAME};
+use crate::primary::{Connection, Primary};
 use crate::trim::Trimmer;
 
 /// What both modes share.
 pub(crate) struct Shared {
     pub(crate) config: RedisConfig,
-    pub(crate) client: redis::Client,
+    /// Where connections go (the configured server, or the primary the sentinels name).
+    pub(crate) primary: Arc<Primary>,
     /// Commands that do not block: publish, group management. Reconnects by itself.
-    pub(crate) commands: ConnectionManager,
+    pub(crate) commands: Connection,
     /// Streams acks, on a connection of their own (made by the first group subscription):
     /// behind a large pipelined publish on `commands` they would wait for all of it, and
     /// the prefetch window they free with them.
-    pub(crate) acks_connection: tokio::sync::OnceCell<ConnectionManager>,
+    pub(crate) acks_connection: tokio::sync::OnceCell<Connection>,
     /// Cancelled on close; every subscription task holds a child.
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
@@ -48,19 +52,15 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// The state of a broker just connected with `config`: `client` makes its connections,
-    /// `commands` is the first of them.
-    pub(crate) fn new(
-        config: RedisConfig,
-        client: redis::Client,
-        commands: ConnectionManager,
-    ) -> Self {
+    /// The state of a broker just connected with `config`: `primary` makes its
+    /// connections, `commands` is the first of them.
+    pub(crate) fn new(config: RedisConfig, primary: Arc<Primary>, commands: Connection) -> Self {
         let commands_state = ConnectionState::new(backend_name(config.mode), config.address());
         commands_state.set(true);
         Shared {
             commands_state,
             config,
-            client,
+            primary,
             commands,
             acks_connection: tokio::sync::OnceCell::new(),
             shutdown: CancellationToken::new(),
@@ -157,12 +157,18 @@ pub(crate) fn backend_name(mode: RedisMode) -> &'static str {
 /// How a connection manager of this broker connects and reconnects; `blocking` is the
 /// longest a command on it blocks on the server (a blocking read's timeout), added to the
 /// response timeout.
+///
+/// With sentinels a manager tries once: retrying by itself it would reconnect to the address
+/// it was made for, a dead primary (or, restarted, a stale one the sentinels are about to
+/// demote, whose writes the resync throws away) instead of the one they name now. The
+/// broker's [`Connection`] asks them and connects again instead.
 pub(crate) fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
+    let retries = if config.sentinels.is_empty() { 6 } else { 0 };
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.response_timeout + blocking))
         .set_max_delay(config.max_reconnect_delay)
-        .set_number_of_retries(6)
+        .set_number_of_retries(retries)
 }
 
 /// A subscription's stream over the batches its task hands over; dropping the stream cancels

@@ -20,8 +20,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::primary::Connection;
 use helix_messaging_core::Result;
-use redis::aio::ConnectionManager;
 
 use crate::config::StreamsConfig;
 use crate::error::from_redis;
@@ -143,7 +143,7 @@ impl Trimmer {
     /// Trim `topic` now.
     pub(crate) async fn trim(
         &self,
-        commands: &ConnectionManager,
+        commands: &Connection,
         streams: &StreamsConfig,
         topic: &str,
     ) -> Result<TrimReport> {

@@ -526,6 +526,154 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A Redis primary, one replica and three sentinels (Debian's `redis-sentinel`), each
+/// on free ports of its own, the sentinels watching the primary as `helix` with a quorum of
+/// two and a one-second down-after: what `REDIS_SENTINELS` and `REDIS_SENTINEL_MASTER` are
+/// for. Both data servers keep an fsynced append-only file. Everything is killed and
+/// removed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedisSentinels {
+    /// The servers, the first one primary when started. Which one is primary after a
+    /// failover: [`PrivateRedisSentinels::primary_port`].
+    pub servers: Vec<PrivateRedis>,
+    sentinel_ports: Vec<u16>,
+    sentinels: Vec<Child>,
+    dir: PathBuf,
+}
+
+impl PrivateRedisSentinels {
+    /// The name the sentinels know the primary by.
+    pub const MASTER: &'static str = "helix";
+
+    /// Start the primary, its replica and three sentinels, and wait until the replica is in
+    /// sync and every sentinel sees the replica and the two other sentinels.
+    ///
+    /// # Panics
+    /// When a process cannot be started or the group is not formed within 60 s.
+    pub fn start() -> PrivateRedisSentinels {
+        let primary = PrivateRedis::start();
+        let primary_port = primary.port().to_string();
+        let replica = PrivateRedis::start_with(&["--replicaof", "127.0.0.1", &primary_port]);
+        let dir = std::env::temp_dir().join(format!(
+            "helix-private-sentinels-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).expect("a folder for the sentinels");
+        let mut group = PrivateRedisSentinels {
+            servers: vec![primary, replica],
+            sentinel_ports: Vec::new(),
+            sentinels: Vec::new(),
+            dir,
+        };
+        for i in 0..3 {
+            let port = free_port();
+            // A sentinel rewrites its configuration file as it learns: one each.
+            let conf = group.dir.join(format!("sentinel-{i}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                     sentinel monitor {master} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {master} 1000\n\
+                     sentinel failover-timeout {master} 5000\n\
+                     sentinel parallel-syncs {master} 1\n",
+                    dir = group.dir.display(),
+                    master = Self::MASTER,
+                ),
+            )
+            .expect("a sentinel's configuration");
+            let sentinel = Command::new("redis-sentinel")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-sentinel on PATH (scripts/test installs it)");
+            group.sentinels.push(sentinel);
+            group.sentinel_ports.push(port);
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let replica_in_sync = redis_cli(group.servers[1].port(), &["INFO", "replication"])
+                .contains("master_link_status:up");
+            let sentinels_formed = group.sentinel_ports.iter().all(|port| {
+                let master = redis_cli(*port, &["SENTINEL", "MASTER", Self::MASTER]);
+                let field = |name: &str| {
+                    let mut lines = master.lines();
+                    lines.find(|l| l.trim() == name)?;
+                    lines.next().map(|v| v.trim().to_owned())
+                };
+                field("num-slaves").as_deref() == Some("1")
+                    && field("num-other-sentinels").as_deref() == Some("2")
+            });
+            if replica_in_sync && sentinels_formed {
+                return group;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinel group did not form within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The sentinels as `REDIS_SENTINELS` takes them: `127.0.0.1:<port>,…`.
+    pub fn sentinels(&self) -> String {
+        self.sentinel_ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The port of the server the first sentinel names primary now.
+    ///
+    /// # Panics
+    /// When the sentinel does not answer with an address.
+    pub fn primary_port(&self) -> u16 {
+        let reply = redis_cli(
+            self.sentinel_ports[0],
+            &["SENTINEL", "get-master-addr-by-name", Self::MASTER],
+        );
+        reply
+            .lines()
+            .nth(1)
+            .and_then(|port| port.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no primary address from the sentinel: {reply:?}"))
+    }
+
+    /// The server that is primary now.
+    ///
+    /// # Panics
+    /// As [`PrivateRedisSentinels::primary_port`], or when it is none of the servers.
+    pub fn primary(&mut self) -> &mut PrivateRedis {
+        let port = self.primary_port();
+        self.servers
+            .iter_mut()
+            .find(|server| server.port() == port)
+            .unwrap_or_else(|| panic!("the primary on port {port} is none of the servers"))
+    }
+}
+
+impl Drop for PrivateRedisSentinels {
+    fn drop(&mut self) {
+        for sentinel in &mut self.sentinels {
+            let _ = sentinel.kill();
+            let _ = sentinel.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p <port> <args>`'s output (empty when it cannot be run or reach the port).
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()
+        .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+        .unwrap_or_default()
+}
+
 /// Publish a batch of `count` messages to `topic` while the broker takes none, and check
 /// that every one fails with a retryable timeout within `limit`: a batch must not wait a
 /// publish timeout per message, one after another. Returns the messages' ids, which the

@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::primary::Connection;
 use helix_messaging_core::observe::connection::ConnectionState;
 use helix_messaging_core::{
     Delivery, DeliveryInfo, Error, ErrorKind, Position, Result, StartPosition, SubscribeOptions,
     Subscription,
 };
-use redis::aio::ConnectionManager;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ use super::reader::{Reader, ack};
 use crate::acks::{Acks, EntryId};
 use crate::codec;
 use crate::error::from_redis;
-use crate::shared::{Shared, channel_stream, manager_config};
+use crate::shared::{Shared, channel_stream};
 use crate::trim::PRIVATE_GROUP_PREFIX;
 
 pub(crate) async fn subscribe(
@@ -56,23 +56,11 @@ pub(crate) async fn subscribe(
 
     // Blocking reads get a connection of their own: on the shared multiplexed connection a
     // blocked XREADGROUP would hold up every publish and ack queued behind it.
-    let connection = shared
-        .client
-        .get_connection_manager_with_config(manager_config(
-            &shared.config,
-            shared.config.streams.block,
-        ))
-        .await
-        .map_err(|e| from_redis(e, format!("connecting to {}", shared.config.address())))?;
+    let connection = shared.primary.connect(shared.config.streams.block).await?;
     let acks_connection = shared
         .acks_connection
-        .get_or_try_init(|| {
-            shared
-                .client
-                .get_connection_manager_with_config(manager_config(&shared.config, Duration::ZERO))
-        })
-        .await
-        .map_err(|e| from_redis(e, format!("connecting to {}", shared.config.address())))?
+        .get_or_try_init(|| shared.primary.connect(Duration::ZERO))
+        .await?
         .clone();
 
     let topic: Arc<str> = Arc::from(topic);
@@ -133,7 +121,7 @@ const SHORT_READ_WAIT: Duration = Duration::from_millis(10);
 
 async fn read_loop(
     reader: Arc<Reader>,
-    mut connection: ConnectionManager,
+    mut connection: Connection,
     state: ConnectionState,
     tx: mpsc::Sender<Vec<Result<Delivery>>>,
     cancel: CancellationToken,
@@ -269,7 +257,7 @@ async fn read_loop(
 
 async fn read_new(
     reader: &Reader,
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     room: usize,
     block: Duration,
 ) -> Result<Vec<(RawEntry, u32)>> {

@@ -2,8 +2,8 @@
 //! how): the script that requeues an entry with a delay, and the hold pass that keeps a long
 //! delay from being reclaimed before it is due.
 
+use crate::primary::Connection;
 use helix_messaging_core::Result;
-use redis::aio::ConnectionManager;
 
 use super::group::{REQUEUE_CONSUMER, delayed_key};
 use super::reader::Reader;
@@ -56,10 +56,7 @@ static HOLD: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(HOLD_SCRIPT));
 
 /// Run the hold pass for `reader`'s group (see [`HOLD_SCRIPT`]).
-pub(super) async fn hold_delayed(
-    reader: &Reader,
-    connection: &mut ConnectionManager,
-) -> Result<()> {
+pub(super) async fn hold_delayed(reader: &Reader, connection: &mut Connection) -> Result<()> {
     let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
     HOLD.key(&*reader.topic)
         .key(delayed_key(&reader.topic, &reader.group))

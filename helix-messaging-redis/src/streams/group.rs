@@ -2,8 +2,8 @@
 //! set of long delays that stand beside it, and its backlog. The read loop, settlement and
 //! the reclaimer all name these, so they stand at the ground.
 
+use crate::primary::Connection;
 use helix_messaging_core::Result;
-use redis::aio::ConnectionManager;
 
 use crate::error::{from_redis, has_code};
 use crate::shared::Shared;
@@ -25,7 +25,7 @@ pub(crate) async fn create_latest(shared: &Shared, topic: &str, group: &str) -> 
 /// Create `group` on `topic`, and the stream if there is none, delivering what comes after
 /// `start`; a group that exists already is left as it is.
 pub(super) async fn create_group(
-    commands: &mut ConnectionManager,
+    commands: &mut Connection,
     topic: &str,
     group: &str,
     start: &str,

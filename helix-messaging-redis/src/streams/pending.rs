@@ -1,8 +1,8 @@
 //! Taking entries over in the group's pending list: the reclaimer's pass (XAUTOCLAIM, with
 //! each entry's delivery count), and handing a leaving consumer's entries back to the group.
 
+use crate::primary::Connection;
 use helix_messaging_core::Result;
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamAutoClaimReply, StreamPendingCountReply};
 
 use super::entry::RawEntry;
@@ -14,7 +14,7 @@ use crate::error::from_redis;
 /// Take requeued entries and entries idle past the ack deadline, with their delivery counts.
 pub(super) async fn claim(
     reader: &Reader,
-    connection: &mut ConnectionManager,
+    connection: &mut Connection,
     cursor: &mut String,
     room: usize,
 ) -> Result<Vec<(RawEntry, u32)>> {
@@ -79,7 +79,7 @@ pub(super) async fn claim(
 
 /// On the way out: a private group is destroyed; otherwise this consumer's pending entries
 /// go back to the group for the other members, and the consumer is removed.
-pub(super) async fn hand_back(reader: &Reader, connection: &mut ConnectionManager, private: bool) {
+pub(super) async fn hand_back(reader: &Reader, connection: &mut Connection, private: bool) {
     let topic = &*reader.topic;
     let group = &*reader.group;
     if private {

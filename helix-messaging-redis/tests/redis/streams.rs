@@ -530,3 +530,33 @@ async fn an_entry_read_after_the_member_left_waits_rather_than_in_flight() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `REDIS_MIN_REPLICAS_ACK` on a server with no replica: the publish fails retryably, as a
+/// timeout that names the setting, after the timeout it allows, and the entry is on the
+/// primary all the same (a retry may store it twice; consumers deduplicate by id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_too_few_replicas_confirmed_fails_retryably() {
+    let url = shared_url();
+    let topic = topic("min-replicas");
+    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let tune = |c: &mut RedisConfig| {
+        c.min_replicas_ack = 1;
+        c.min_replicas_timeout = Duration::from_millis(200);
+    };
+    let publisher = broker(&url, RedisMode::Streams, tune).await;
+    let started = Instant::now();
+    let err = publisher
+        .publish(&topic, Message::new("on the primary only"))
+        .await
+        .expect_err("no replica confirms it");
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(err.is_retryable(), "{err}");
+    assert!(err.to_string().contains("REDIS_MIN_REPLICAS_ACK"), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+    let stored: usize = redis::cmd("XLEN")
+        .arg(&topic)
+        .query_async(&mut raw(&url).await)
+        .await
+        .unwrap();
+    assert_eq!(stored, 1);
+}
