@@ -140,6 +140,12 @@ pub struct RedisConfig {
     /// The name the sentinels know the primary by (`REDIS_SENTINEL_MASTER`); required with
     /// [`RedisConfig::sentinels`].
     pub sentinel_master: Option<String>,
+    /// Nodes of a Redis Cluster to start from (`REDIS_CLUSTER_NODES`, `host:port,…`): when
+    /// set, Streams mode talks to the cluster through redis-rs' cluster client, each
+    /// topic's stream on the node that owns its slot, and the URL's host and port are not
+    /// used (its password and TLS settings are). Pub/sub mode refuses it (see
+    /// [`RedisConfig::from_vars`]). Empty by default.
+    pub cluster_nodes: Vec<(String, u16)>,
     /// Replicas that must hold a published entry before its publish resolves
     /// (`REDIS_MIN_REPLICAS_ACK`, Redis' `WAIT` after the publish). Redis replicates
     /// asynchronously: without this, an entry the primary acknowledged and had not yet sent
@@ -201,6 +207,7 @@ impl RedisConfig {
             pubsub_envelope: true,
             sentinels: Vec::new(),
             sentinel_master: None,
+            cluster_nodes: Vec::new(),
             min_replicas_ack: 0,
             min_replicas_timeout: Duration::from_secs(1),
         }
@@ -219,7 +226,13 @@ impl RedisConfig {
     /// plus `REDIS_TLS_CA_CERT` (a PEM file path), `REDIS_TLS_CERT` and `REDIS_TLS_KEY` (the
     /// client certificate and key for mutual TLS, both or neither), `REDIS_STREAM_PAYLOAD_FIELD`,
     /// `REDIS_PUBSUB_ENVELOPE` (`true` / `false`), `REDIS_SENTINELS` with
-    /// `REDIS_SENTINEL_MASTER`, `REDIS_MIN_REPLICAS_ACK` and `REDIS_MIN_REPLICAS_TIMEOUT_MS`.
+    /// `REDIS_SENTINEL_MASTER`, `REDIS_CLUSTER_NODES`, `REDIS_MIN_REPLICAS_ACK` and
+    /// `REDIS_MIN_REPLICAS_TIMEOUT_MS`.
+    ///
+    /// `REDIS_CLUSTER_NODES` is refused in pub/sub mode: a subscription reads one node's
+    /// connection, and a Redis Cluster forwards every `PUBLISH` to every node over its bus,
+    /// so pub/sub gains nothing from the cluster but its cost. Use a single server (or
+    /// Sentinel) for pub/sub, Streams for the cluster.
     ///
     /// # Errors
     /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the variable
@@ -293,7 +306,7 @@ impl RedisConfig {
             };
         }
         if let Some(list) = var("REDIS_SENTINELS") {
-            config.sentinels = parse_sentinels(&list)?;
+            config.sentinels = parse_nodes("REDIS_SENTINELS", &list, 26379)?;
         }
         config.sentinel_master = var("REDIS_SENTINEL_MASTER").map(|m| m.trim().to_owned());
         match (config.sentinels.is_empty(), &config.sentinel_master) {
@@ -310,6 +323,21 @@ impl RedisConfig {
                 ));
             }
             _ => {}
+        }
+        if let Some(list) = var("REDIS_CLUSTER_NODES") {
+            config.cluster_nodes = parse_nodes("REDIS_CLUSTER_NODES", &list, 6379)?;
+            if mode == RedisMode::PubSub {
+                return Err(Error::config(
+                    "REDIS_CLUSTER_NODES",
+                    "pub/sub mode does not run on a Redis Cluster (a subscription reads one node; the cluster forwards every PUBLISH to every node): use redis-streams, or one server or Sentinel for pub/sub",
+                ));
+            }
+            if !config.sentinels.is_empty() {
+                return Err(Error::config(
+                    "REDIS_CLUSTER_NODES",
+                    "a Redis Cluster fails over by itself; REDIS_SENTINELS is for a primary with replicas, not both",
+                ));
+            }
         }
         if let Some(n) = var("REDIS_MIN_REPLICAS_ACK") {
             config.min_replicas_ack = n.trim().parse().map_err(|_| {
@@ -378,32 +406,9 @@ impl RedisConfig {
 
     /// A client for the server `info` describes, with the configured TLS files.
     pub(crate) fn client_for(&self, info: &ConnectionInfo) -> Result<redis::Client> {
-        let read = |var: &'static str, path: &PathBuf| {
-            std::fs::read(path)
-                .map_err(|e| Error::config(var, format!("cannot read {}: {e}", path.display())))
-        };
-        let built = if self.tls_ca_cert.is_none() && self.tls_client.is_none() {
-            redis::Client::open(info.clone())
-        } else {
-            let root_cert = self
-                .tls_ca_cert
-                .as_ref()
-                .map(|path| read("REDIS_TLS_CA_CERT", path))
-                .transpose()?;
-            let client_tls = match &self.tls_client {
-                Some((cert, key)) => Some(redis::ClientTlsConfig {
-                    client_cert: read("REDIS_TLS_CERT", cert)?,
-                    client_key: read("REDIS_TLS_KEY", key)?,
-                }),
-                None => None,
-            };
-            redis::Client::build_with_tls(
-                info.clone(),
-                redis::TlsCertificates {
-                    client_tls,
-                    root_cert,
-                },
-            )
+        let built = match self.tls_certificates()? {
+            None => redis::Client::open(info.clone()),
+            Some(certificates) => redis::Client::build_with_tls(info.clone(), certificates),
         };
         built.map_err(|e| {
             Error::config(
@@ -412,6 +417,34 @@ impl RedisConfig {
             )
             .with_source(e)
         })
+    }
+
+    /// The configured CA and client certificate, read from their files; `None` when neither
+    /// is set (the system's trust store then applies to `rediss://`).
+    pub(crate) fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>> {
+        if self.tls_ca_cert.is_none() && self.tls_client.is_none() {
+            return Ok(None);
+        }
+        let read = |var: &'static str, path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| Error::config(var, format!("cannot read {}: {e}", path.display())))
+        };
+        let root_cert = self
+            .tls_ca_cert
+            .as_ref()
+            .map(|path| read("REDIS_TLS_CA_CERT", path))
+            .transpose()?;
+        let client_tls = match &self.tls_client {
+            Some((cert, key)) => Some(redis::ClientTlsConfig {
+                client_cert: read("REDIS_TLS_CERT", cert)?,
+                client_key: read("REDIS_TLS_KEY", key)?,
+            }),
+            None => None,
+        };
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
     }
 }
 
@@ -433,18 +466,19 @@ impl fmt::Debug for RedisConfig {
             .field("pubsub_envelope", &self.pubsub_envelope)
             .field("sentinels", &self.sentinels)
             .field("sentinel_master", &self.sentinel_master)
+            .field("cluster_nodes", &self.cluster_nodes)
             .field("min_replicas_ack", &self.min_replicas_ack)
             .field("min_replicas_timeout", &self.min_replicas_timeout)
             .finish()
     }
 }
 
-/// `REDIS_SENTINELS`: `host:port`, `[v6]:port` or a host alone (port 26379), comma
-/// separated.
-fn parse_sentinels(list: &str) -> Result<Vec<(String, u16)>> {
+/// A list of servers in `variable`: `host:port`, `[v6]:port` or a host alone
+/// (`default_port`), comma separated.
+fn parse_nodes(variable: &str, list: &str, default_port: u16) -> Result<Vec<(String, u16)>> {
     let malformed = |entry: &str| {
         Error::config(
-            "REDIS_SENTINELS",
+            variable,
             format!("expected host:port entries separated by commas, got {entry:?}"),
         )
     };
@@ -462,7 +496,7 @@ fn parse_sentinels(list: &str) -> Result<Vec<(String, u16)>> {
                 }
             };
             let port = match port {
-                None => 26379,
+                None => default_port,
                 Some(port) => port.parse().map_err(|_| malformed(entry))?,
             };
             if host.is_empty() {
@@ -529,7 +563,7 @@ mod tests {
     }
 
     #[test]
-    fn sentinels_their_primary_and_replica_acks_come_from_their_variables() {
+    fn sentinels_cluster_nodes_and_replica_acks_come_from_their_variables() {
         let config = RedisConfig::from_vars(
             vars(&[
                 ("REDIS_URL", "redis://:pw@ignored:1/3"),
@@ -559,6 +593,26 @@ mod tests {
         assert_eq!(at.redis_settings().db(), 3);
         let defaults = RedisConfig::from_vars(vars(&[]), RedisMode::Streams).unwrap();
         assert!(defaults.sentinels.is_empty());
+        assert!(defaults.cluster_nodes.is_empty());
+        let cluster = RedisConfig::from_vars(
+            vars(&[("REDIS_CLUSTER_NODES", "10.0.0.1:7000,10.0.0.2")]),
+            RedisMode::Streams,
+        )
+        .unwrap();
+        assert_eq!(
+            cluster.cluster_nodes,
+            [("10.0.0.1".to_owned(), 7000), ("10.0.0.2".to_owned(), 6379)]
+        );
+        let both = RedisConfig::from_vars(
+            vars(&[
+                ("REDIS_CLUSTER_NODES", "a:1"),
+                ("REDIS_SENTINELS", "b:2"),
+                ("REDIS_SENTINEL_MASTER", "m"),
+            ]),
+            RedisMode::Streams,
+        )
+        .expect_err("a cluster and sentinels");
+        assert!(both.to_string().contains("REDIS_CLUSTER_NODES"), "{both}");
         assert_eq!(defaults.min_replicas_ack, 0);
     }
 
@@ -571,6 +625,9 @@ mod tests {
             (vec![("REDIS_SENTINELS", "a:b")], "REDIS_SENTINELS"),
             (vec![("REDIS_SENTINELS", "a:1")], "REDIS_SENTINEL_MASTER"),
             (vec![("REDIS_SENTINEL_MASTER", "m")], "REDIS_SENTINELS"),
+            // Pub/sub (the mode this test reads in) does not run on a cluster.
+            (vec![("REDIS_CLUSTER_NODES", "a:1")], "REDIS_CLUSTER_NODES"),
+            (vec![("REDIS_CLUSTER_NODES", "a:b")], "REDIS_CLUSTER_NODES"),
             (
                 vec![("REDIS_MIN_REPLICAS_ACK", "two")],
                 "REDIS_MIN_REPLICAS_ACK",

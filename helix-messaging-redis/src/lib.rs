@@ -209,17 +209,26 @@ impl RedisBroker {
     }
 
     async fn connect_uncounted(config: RedisConfig) -> Result<Self> {
+        if !config.cluster_nodes.is_empty() && config.mode == RedisMode::PubSub {
+            return Err(Error::config(
+                "REDIS_CLUSTER_NODES",
+                "pub/sub mode does not run on a Redis Cluster; use redis-streams",
+            ));
+        }
         let primary = Arc::new(Primary::locate(&config).await?);
         let address = primary.address();
         // One direct attempt first, so an unreachable server or a refused certificate is
-        // reported at once rather than after the manager's reconnect backoff.
-        within(
-            config.connect_timeout,
-            format!("connecting to {address}"),
-            primary.client().await?.get_multiplexed_async_connection(),
-        )
-        .await?
-        .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
+        // reported at once rather than after the manager's reconnect backoff. (A cluster
+        // connection is made once, without a backoff, below.)
+        if config.cluster_nodes.is_empty() {
+            within(
+                config.connect_timeout,
+                format!("connecting to {address}"),
+                primary.client().await?.get_multiplexed_async_connection(),
+            )
+            .await?
+            .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
+        }
         let commands = primary.connect(Duration::ZERO).await?;
         Ok(RedisBroker {
             shared: Arc::new(Shared::new(config, primary, commands)),

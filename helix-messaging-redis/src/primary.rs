@@ -8,6 +8,10 @@
 //! longer primary, is replaced (once, for all of its clones) by one to the server the
 //! sentinels name at that moment, checked with `ROLE`. Without sentinels none of this
 //! happens and a command costs one atomic load more than on the manager itself.
+//!
+//! With `REDIS_CLUSTER_NODES` a connection is redis-rs' cluster connection instead, which
+//! routes each command to the node owning its key's slot and follows the cluster's own
+//! failovers and slot moves (`MOVED`, `ASK`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,6 +29,9 @@ use crate::shared::manager_config;
 /// The server connections go to, and how it is found.
 pub(crate) struct Primary {
     config: RedisConfig,
+    /// With `REDIS_CLUSTER_NODES`: the cluster's client (connections then go to the cluster,
+    /// never to `current`).
+    cluster: Option<redis::cluster::ClusterClient>,
     /// Bumped each time a connection to the primary is lost or finds it no longer primary:
     /// every [`Connection`] then connects again, to the server the sentinels name.
     generation: AtomicU64,
@@ -46,7 +53,22 @@ impl Primary {
     /// A client that cannot be built ([`ErrorKind::Config`]); with sentinels, none that
     /// answered with a primary ([`ErrorKind::Connection`], retryable).
     pub(crate) async fn locate(config: &RedisConfig) -> Result<Primary> {
-        let target = if config.sentinels.is_empty() {
+        let cluster = if config.cluster_nodes.is_empty() {
+            None
+        } else {
+            Some(cluster_client(config)?)
+        };
+        let target = if cluster.is_some() {
+            Target {
+                client: config.client()?,
+                address: config
+                    .cluster_nodes
+                    .iter()
+                    .map(|(host, port)| format!("{host}:{port}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            }
+        } else if config.sentinels.is_empty() {
             Target {
                 client: config.client()?,
                 address: config.address(),
@@ -56,6 +78,7 @@ impl Primary {
         };
         Ok(Primary {
             config: config.clone(),
+            cluster,
             generation: AtomicU64::new(0),
             current: parking_lot::RwLock::new(target),
         })
@@ -112,7 +135,19 @@ impl Primary {
         })
     }
 
-    async fn manager(&self, blocking: Duration) -> Result<ConnectionManager> {
+    async fn manager(&self, blocking: Duration) -> Result<Link> {
+        if let Some(cluster) = &self.cluster {
+            let config = redis::cluster::ClusterConfig::new()
+                .set_connection_timeout(self.config.connect_timeout)
+                .set_response_timeout(self.config.response_timeout + blocking);
+            return cluster
+                .get_async_connection_with_config(config)
+                .await
+                .map(Link::Cluster)
+                .map_err(|err| {
+                    from_redis(err, format!("connecting to the cluster {}", self.address()))
+                });
+        }
         let client = self.client().await?;
         let address = self.address();
         let connected = async {
@@ -129,7 +164,7 @@ impl Primary {
                     )));
                 }
             }
-            Ok(manager)
+            Ok(Link::Single(manager))
         };
         let r = connected.await;
         // Not an error of a connection in use: the connections that asked for this one
@@ -199,14 +234,76 @@ pub(crate) struct Connection {
     slot: Arc<Slot>,
     /// The primary generation `manager` connects to.
     generation: u64,
-    manager: ConnectionManager,
+    manager: Link,
+}
+
+/// A connection to one server, or to a cluster.
+#[derive(Clone)]
+enum Link {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Link {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Link::Single(manager) => manager.req_packed_command(cmd),
+            Link::Cluster(cluster) => cluster.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Link::Single(manager) => manager.req_packed_commands(pipeline, offset, count),
+            Link::Cluster(cluster) => cluster.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Single(manager) => manager.get_db(),
+            Link::Cluster(cluster) => cluster.get_db(),
+        }
+    }
+}
+
+/// The cluster's client: its nodes with the configured password and TLS settings.
+fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient> {
+    let nodes: Vec<redis::ConnectionInfo> = config
+        .cluster_nodes
+        .iter()
+        .map(|(host, port)| config.info_at(host, *port))
+        .collect();
+    let builder = redis::cluster::ClusterClient::builder(nodes)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.response_timeout);
+    if config.tls_ca_cert.is_some() || config.tls_client.is_some() {
+        // redis-rs takes certificates for a cluster only with its rustls backend; this
+        // crate uses native-tls. `rediss://` with the system's trust store still works.
+        return Err(Error::config(
+            "REDIS_CLUSTER_NODES",
+            "REDIS_TLS_CA_CERT and REDIS_TLS_CERT / REDIS_TLS_KEY are not supported with a Redis Cluster; use certificates the system trusts",
+        ));
+    }
+    builder.build().map_err(|e| {
+        Error::config(
+            "REDIS_CLUSTER_NODES",
+            "cannot build a client for the cluster's nodes",
+        )
+        .with_source(e)
+    })
 }
 
 /// What a connection's clones share: the manager for the newest primary.
 struct Slot {
     primary: Arc<Primary>,
     blocking: Duration,
-    current: tokio::sync::Mutex<(u64, ConnectionManager)>,
+    current: tokio::sync::Mutex<(u64, Link)>,
 }
 
 impl Connection {
@@ -242,7 +339,7 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         async move {
             self.follow().await?;
-            let reply = self.manager.send_packed_command(cmd).await;
+            let reply = self.manager.req_packed_command(cmd).await;
             if let Err(err) = &reply {
                 self.slot.primary.after_error(err);
             }
@@ -261,7 +358,7 @@ impl ConnectionLike for Connection {
             self.follow().await?;
             let reply = self
                 .manager
-                .send_packed_commands(pipeline, offset, count)
+                .req_packed_commands(pipeline, offset, count)
                 .await;
             if let Err(err) = &reply {
                 self.slot.primary.after_error(err);

@@ -7,6 +7,7 @@ use std::time::Duration;
 use helix_messaging_core::Broker;
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use helix_messaging_testkit::Conformance;
+use helix_messaging_testkit::faults::PrivateRedisCluster;
 
 /// Delete the streams (and their `.undecodable` companions) a case created.
 async fn delete_topics(topics: Vec<String>) {
@@ -46,7 +47,15 @@ async fn redis_streams_pass_the_conformance_suite() {
 }
 
 async fn streams_suite(config: RedisConfig) {
-    Conformance::new("redis-streams", move || {
+    streams_conformance("redis-streams", config)
+        .cleanup(delete_topics)
+        .run()
+        .await
+        .assert_passed();
+}
+
+fn streams_conformance(name: &str, config: RedisConfig) -> Conformance {
+    Conformance::new(name, move || {
         let config = config.clone();
         async move { Ok(Arc::new(RedisBroker::connect(config).await?) as Arc<dyn Broker>) }
     })
@@ -55,10 +64,40 @@ async fn streams_suite(config: RedisConfig) {
         "priority_order",
         "Redis Streams deliver in append order; no priorities",
     )
-    .cleanup(delete_topics)
-    .run()
-    .await
-    .assert_passed();
+}
+
+/// Streams mode on a Redis Cluster of the test's own (three primaries,
+/// `REDIS_CLUSTER_NODES`): each topic's stream on the node owning its slot, through
+/// redis-rs' cluster client. The cluster goes away with the test, and its keys with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_streams_pass_the_conformance_suite_on_a_cluster() {
+    let cluster = PrivateRedisCluster::start();
+    let config = RedisConfig::from_vars(
+        helix_messaging_testkit::env_lookup(&[("REDIS_CLUSTER_NODES", &cluster.addresses())]),
+        RedisMode::Streams,
+    )
+    .unwrap();
+    streams_conformance("redis-streams-cluster", config)
+        .run()
+        .await
+        .assert_passed();
+    // The suite's topics are spread over the nodes, each stream on its slot's owner.
+    let holding = cluster
+        .nodes
+        .iter()
+        .filter(|node| {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &node.port().to_string(), "DBSIZE"])
+                .output()
+                .expect("redis-cli");
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0)
+                > 0
+        })
+        .count();
+    assert_eq!(holding, 3, "every node holds some of the suite's streams");
 }
 
 /// Pub/sub is at most once: the cases that need groups, redelivery or history are skipped.

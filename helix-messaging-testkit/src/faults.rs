@@ -664,6 +664,74 @@ impl Drop for PrivateRedisSentinels {
     }
 }
 
+/// A Redis Cluster of the test's own: three primaries (no replicas) on free ports, each
+/// with its own folder and fsynced append-only file, the slots spread over them with
+/// `redis-cli --cluster create`. Everything is killed and removed when dropped.
+#[derive(Debug)]
+pub struct PrivateRedisCluster {
+    /// The nodes.
+    pub nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateRedisCluster {
+    /// Start three nodes, create the cluster, and wait until every node reports it ok.
+    ///
+    /// # Panics
+    /// When a node cannot be started, `redis-cli --cluster create` fails, or the cluster is
+    /// not ok within 60 s.
+    pub fn start() -> PrivateRedisCluster {
+        let nodes: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                PrivateRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
+            })
+            .collect();
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli on PATH (scripts/test installs it)");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !nodes
+            .iter()
+            .all(|node| redis_cli(node.port(), &["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the cluster was not ok within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        PrivateRedisCluster { nodes }
+    }
+
+    /// The nodes as `REDIS_CLUSTER_NODES` takes them: `127.0.0.1:<port>,…`.
+    pub fn addresses(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
 /// `redis-cli -p <port> <args>`'s output (empty when it cannot be run or reach the port).
 fn redis_cli(port: u16, args: &[&str]) -> String {
     Command::new("redis-cli")

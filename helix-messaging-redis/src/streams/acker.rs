@@ -52,7 +52,11 @@ impl Acknowledge for StreamAcker {
                 let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
                 let held: i64 = DELAY
                     .key(&*reader.topic)
-                    .key(delayed_key(&reader.topic, &reader.group))
+                    .key(delayed_key(
+                        &reader.shared.config,
+                        &reader.topic,
+                        &reader.group,
+                    ))
                     .arg(&*reader.group)
                     .arg(REQUEUE_CONSUMER)
                     .arg(self.key)

@@ -59,7 +59,11 @@ static HOLD: std::sync::LazyLock<redis::Script> =
 pub(super) async fn hold_delayed(reader: &Reader, connection: &mut Connection) -> Result<()> {
     let deadline_ms = reader.shared.config.streams.ack_deadline.as_millis() as u64;
     HOLD.key(&*reader.topic)
-        .key(delayed_key(&reader.topic, &reader.group))
+        .key(delayed_key(
+            &reader.shared.config,
+            &reader.topic,
+            &reader.group,
+        ))
         .arg(&*reader.group)
         .arg(REQUEUE_CONSUMER)
         .arg(deadline_ms)

@@ -5,6 +5,7 @@
 use crate::primary::Connection;
 use helix_messaging_core::Result;
 
+use crate::config::RedisConfig;
 use crate::error::{from_redis, has_code};
 use crate::shared::Shared;
 
@@ -12,8 +13,17 @@ use crate::shared::Shared;
 pub const REQUEUE_CONSUMER: &str = "helix-requeue";
 
 /// The sorted set of `group`'s entries waiting out a delay longer than the ack deadline.
-pub(super) fn delayed_key(topic: &str, group: &str) -> String {
-    format!("{topic}.helix-delayed.{group}")
+///
+/// On a Redis Cluster the topic is the key's hash tag (`{topic}.helix-delayed.<group>`), so
+/// the key lives in the stream's slot: the scripts that move entries between the two touch
+/// both at once, which a cluster allows only within one slot. A single server keeps the
+/// name it always had.
+pub(super) fn delayed_key(config: &RedisConfig, topic: &str, group: &str) -> String {
+    if config.cluster_nodes.is_empty() {
+        format!("{topic}.helix-delayed.{group}")
+    } else {
+        format!("{{{topic}}}.helix-delayed.{group}")
+    }
 }
 
 /// Create `group` on `topic` (and the stream) for what is added from now on, without a
@@ -90,7 +100,7 @@ pub(crate) async fn backlog(
     let mut commands = shared.commands.clone();
     let (unread, pending, delayed, held): (u64, u64, u64, u64) = BACKLOG
         .key(topic)
-        .key(delayed_key(topic, group))
+        .key(delayed_key(&shared.config, topic, group))
         .arg(group)
         .arg(REQUEUE_CONSUMER)
         .invoke_async(&mut commands)

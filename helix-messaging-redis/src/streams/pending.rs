@@ -91,7 +91,7 @@ pub(super) async fn hand_back(reader: &Reader, connection: &mut Connection, priv
             .await;
         // The group's long delays die with it.
         let _: redis::RedisResult<i64> = redis::cmd("DEL")
-            .arg(delayed_key(topic, group))
+            .arg(delayed_key(&reader.shared.config, topic, group))
             .query_async(connection)
             .await;
         if let Err(err) = destroyed {
