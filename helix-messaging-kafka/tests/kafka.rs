@@ -727,27 +727,6 @@ async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() 
     next.close().await.unwrap();
 }
 
-/// The value and source of `key` in the configuration of `topic` on the cluster at `brokers`.
-async fn topic_setting(brokers: &str, topic: &str, key: &str) -> (Option<String>, String) {
-    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .unwrap();
-    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let described = tokio::time::timeout(
-        Duration::from_secs(20),
-        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options),
-    )
-    .await
-    .expect("described within 20 s")
-    .unwrap();
-    let resource = described[0].as_ref().expect("the topic's configuration");
-    let entry = resource.get(key).expect(key);
-    (entry.value.clone(), format!("{:?}", entry.source))
-}
-
 /// A topic of HelixAgent's tables created on first use gets the table's partitions and
 /// retention (not the flat default), and `KAFKA_MIN_INSYNC_REPLICAS` is set on every topic
 /// created.
@@ -774,10 +753,11 @@ async fn topics_created_on_first_use_follow_the_seed_tables_and_min_insync_repli
         let full = format!("{prefix}.{topic}");
         assert_eq!(partitions(&config.brokers, &full), expected, "{full}");
         if let Some(ms) = retention {
-            let (value, _) = topic_setting(&config.brokers, &full, "retention.ms").await;
+            let (value, _) = common::topic_setting(&config.brokers, &full, "retention.ms").await;
             assert_eq!(value.as_deref(), Some(ms), "{full}");
         }
-        let (value, source) = topic_setting(&config.brokers, &full, "min.insync.replicas").await;
+        let (value, source) =
+            common::topic_setting(&config.brokers, &full, "min.insync.replicas").await;
         assert_eq!(value.as_deref(), Some("1"), "{full}");
         assert!(source.contains("DynamicTopic"), "{full}: set from {source}");
     }

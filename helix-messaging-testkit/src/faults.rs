@@ -1,7 +1,9 @@
 //! Fault helpers for tests that take a broker away: stopping and starting the shared
 //! RabbitMQ node's application (always started again, even when the test fails), vhosts of
-//! a test's own, and a private Redis server (its own port, append-only file on) that a test
-//! may crash and restart without touching the machine's Redis.
+//! a test's own, a private Redis server (its own port, append-only file on) that a test
+//! may crash and restart without touching the machine's Redis, RabbitMQ nodes of a test's
+//! own and, with the `kafka` feature, a cluster of Apache Kafka brokers of a test's own
+//! (`PrivateKafkaCluster`) whose brokers a test may kill and restart.
 //!
 //! Every helper panics when its tool fails: a fault that cannot be injected is a failed
 //! test, never a skipped one.
@@ -838,6 +840,507 @@ mod outage {
 
         async fn before_create_group(&self, _inner: &dyn Broker, _topic: &str) -> Result<()> {
             self.check()
+        }
+    }
+}
+
+#[cfg(feature = "kafka")]
+pub use kafka_cluster::PrivateKafkaCluster;
+
+#[cfg(feature = "kafka")]
+mod kafka_cluster {
+    use std::collections::BTreeSet;
+    use std::fs::File;
+    use std::net::TcpStream;
+    use std::path::{Path, PathBuf};
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use rdkafka::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+
+    use super::free_port;
+
+    /// The release whose jars `ensure_kafka` in `scripts/services.sh` caches (its
+    /// `KAFKA_VERSION`): the brokers the test suite runs on.
+    const KAFKA_VERSION: &str = "4.1.1";
+    /// How long a whole cluster may take to serve: three brokers took 10 to 14 s, formatting
+    /// included, on a machine of two cores that also ran the test broker.
+    const START_LIMIT: Duration = Duration::from_secs(120);
+    /// How long one restarted broker may take to serve again (it recovers its logs, which
+    /// a SIGKILL left unclean, and catches up on the metadata).
+    const RESTART_LIMIT: Duration = Duration::from_secs(90);
+    /// Lines of a broker's output shown when it fails.
+    const LOG_TAIL_LINES: usize = 40;
+
+    /// One broker of a [`PrivateKafkaCluster`].
+    #[derive(Debug)]
+    struct Node {
+        id: i32,
+        port: u16,
+        controller_port: u16,
+        dir: PathBuf,
+        jvm: Option<Child>,
+    }
+
+    impl Node {
+        fn address(&self) -> String {
+            format!("127.0.0.1:{}", self.port)
+        }
+
+        fn properties(&self) -> PathBuf {
+            self.dir.join("server.properties")
+        }
+
+        fn output(&self) -> PathBuf {
+            self.dir.join("server.out")
+        }
+
+        /// The end of its output (every run of it: a restart appends).
+        fn log_tail(&self) -> String {
+            let out = std::fs::read_to_string(self.output()).unwrap_or_default();
+            let lines: Vec<&str> = out.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+        }
+
+        fn kill(&mut self) {
+            if let Some(mut jvm) = self.jvm.take() {
+                // `Child::kill` is SIGKILL: the broker flushes nothing, as when a machine dies.
+                let _ = jvm.kill();
+                let _ = jvm.wait();
+            }
+        }
+    }
+
+    /// Apache Kafka brokers of a test's own, in KRaft combined mode (every node is a broker
+    /// and one of the controller quorum's voters), from the jars `scripts/services.sh`
+    /// caches, beside the machine's broker (which they do not join). Each node has its own
+    /// client and controller ports, data folder and a small heap (`-Xms256m -Xmx512m`);
+    /// internal topics are replicated on up to three of them, as in production.
+    ///
+    /// Brokers are named by their ids, 1 to n. [`PrivateKafkaCluster::kill`] kills one with
+    /// SIGKILL, as a machine dies; [`PrivateKafkaCluster::restart`] starts it again on its
+    /// ports and data. Dropping the cluster kills every JVM and removes the folders, also
+    /// when the test panics.
+    ///
+    /// Its methods block (starting, waiting for the metadata): from an async test, call them
+    /// in `tokio::task::block_in_place` so the runtime's other tasks go on meanwhile.
+    #[derive(Debug)]
+    pub struct PrivateKafkaCluster {
+        dir: PathBuf,
+        libs: PathBuf,
+        nodes: Vec<Node>,
+    }
+
+    impl PrivateKafkaCluster {
+        /// Start `brokers` nodes with the base settings and wait until they serve.
+        ///
+        /// # Panics
+        /// As [`PrivateKafkaCluster::start_with`].
+        pub fn start(brokers: usize) -> PrivateKafkaCluster {
+            PrivateKafkaCluster::start_with(brokers, &[])
+        }
+
+        /// Start `brokers` nodes and wait until every one serves: its client port open and
+        /// the cluster's metadata listing all of them (registered with the controller and
+        /// unfenced). Their settings are `scripts/kafka/server.properties` (the test broker's),
+        /// then each node's own (id, the quorum's voters, listeners, data folder, replication
+        /// of the internal topics), then `settings`: a later key wins.
+        ///
+        /// # Panics
+        /// When the jars are not cached (`scripts/test` caches them), storage cannot be
+        /// formatted, a broker exits, or the cluster does not serve within 120 s; the end of
+        /// each broker's output is in the message.
+        pub fn start_with(brokers: usize, settings: &[(&str, &str)]) -> PrivateKafkaCluster {
+            assert!(brokers >= 1, "a cluster needs a broker");
+            let libs = kafka_libs();
+            assert!(
+                libs.join(".complete").exists(),
+                "Apache Kafka {KAFKA_VERSION}'s jars are not in {}: run scripts/test, or \
+                 `source scripts/services.sh && ensure_kafka`, to fetch them",
+                libs.display()
+            );
+            let dir = std::env::temp_dir().join(format!(
+                "helix-private-kafka-{}",
+                uuid::Uuid::new_v4().simple()
+            ));
+            let ports = distinct_free_ports(2 * brokers);
+            let nodes: Vec<Node> = (0..brokers)
+                .map(|i| Node {
+                    id: i32::try_from(i + 1).expect("a few brokers"),
+                    port: ports[2 * i],
+                    controller_port: ports[2 * i + 1],
+                    dir: dir.join(format!("broker-{}", i + 1)),
+                    jvm: None,
+                })
+                .collect();
+            // Built before anything starts, so a panic from here on drops it: JVMs killed,
+            // folders removed.
+            let mut cluster = PrivateKafkaCluster { dir, libs, nodes };
+            cluster.write_properties(settings);
+            cluster.format_storage();
+            for i in 0..cluster.nodes.len() {
+                cluster.launch(i);
+            }
+            cluster.wait_until_serving(START_LIMIT);
+            cluster
+        }
+
+        /// Every broker's client listener, comma-separated, as `bootstrap.servers` takes it.
+        pub fn bootstrap_servers(&self) -> String {
+            let addresses: Vec<String> = self.nodes.iter().map(Node::address).collect();
+            addresses.join(",")
+        }
+
+        /// The brokers' ids, 1 to n.
+        pub fn broker_ids(&self) -> Vec<i32> {
+            self.nodes.iter().map(|node| node.id).collect()
+        }
+
+        /// Kill broker `id`'s JVM with SIGKILL and wait until it is gone. Nothing is done
+        /// when it is not running.
+        ///
+        /// # Panics
+        /// When the cluster has no broker `id`.
+        pub fn kill(&mut self, id: i32) {
+            let i = self.index(id);
+            self.nodes[i].kill();
+        }
+
+        /// Start broker `id` again on its ports and data folder (a running one is killed
+        /// first) and wait until the cluster's metadata lists it, and every other running
+        /// broker, again.
+        ///
+        /// # Panics
+        /// When the cluster has no broker `id`, a broker exits, or the cluster does not
+        /// serve with it within 90 s.
+        pub fn restart(&mut self, id: i32) {
+            let i = self.index(id);
+            self.nodes[i].kill();
+            self.launch(i);
+            self.wait_until_serving(RESTART_LIMIT);
+        }
+
+        /// The broker leading `partition` of `topic` in the running brokers' metadata, `None`
+        /// while it has none (an election under way).
+        ///
+        /// # Panics
+        /// When no running broker answers within 10 s, or the metadata lists no such
+        /// partition.
+        pub fn partition_leader(&self, topic: &str, partition: i32) -> Option<i32> {
+            let metadata = self
+                .metadata_client()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("the metadata of {topic}: {e}"));
+            let leader = metadata
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic)
+                .and_then(|t| t.partitions().iter().find(|p| p.id() == partition))
+                .unwrap_or_else(|| panic!("{topic} has no partition {partition}"))
+                .leader();
+            (leader >= 0).then_some(leader)
+        }
+
+        fn index(&self, id: i32) -> usize {
+            self.nodes
+                .iter()
+                .position(|node| node.id == id)
+                .unwrap_or_else(|| panic!("the cluster has no broker {id}"))
+        }
+
+        /// Each node's `server.properties`: the test broker's, then the node's own settings
+        /// (Kafka reads the file with `java.util.Properties`, where a repeated key's last
+        /// value wins), then `settings`.
+        fn write_properties(&self, settings: &[(&str, &str)]) {
+            let base = std::fs::read_to_string(scripts_kafka().join("server.properties"))
+                .expect("scripts/kafka/server.properties");
+            let voters: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|node| format!("{}@127.0.0.1:{}", node.id, node.controller_port))
+                .collect();
+            let replicas = self.nodes.len().min(3);
+            let min_in_sync = replicas.min(2);
+            for node in &self.nodes {
+                std::fs::create_dir_all(&node.dir).expect("a folder for a private broker");
+                let data = node.dir.join("data");
+                let mut text = base.clone();
+                text += &format!(
+                    "\n# A node of a private cluster of {nodes} (helix-messaging-testkit).\n\
+                     node.id={id}\n\
+                     controller.quorum.voters={voters}\n\
+                     listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}\n\
+                     advertised.listeners=PLAINTEXT://127.0.0.1:{port}\n\
+                     log.dirs={data}\n\
+                     default.replication.factor={replicas}\n\
+                     offsets.topic.replication.factor={replicas}\n\
+                     transaction.state.log.replication.factor={replicas}\n\
+                     transaction.state.log.min.isr={min_in_sync}\n\
+                     share.coordinator.state.topic.replication.factor={replicas}\n\
+                     share.coordinator.state.topic.min.isr={min_in_sync}\n",
+                    nodes = self.nodes.len(),
+                    id = node.id,
+                    voters = voters.join(","),
+                    port = node.port,
+                    controller = node.controller_port,
+                    data = data.display(),
+                );
+                for (key, value) in settings {
+                    text += &format!("{key}={value}\n");
+                }
+                std::fs::write(node.properties(), text).expect("a private broker's settings");
+            }
+        }
+
+        /// Format every node's storage for one new cluster id (the three `StorageTool`s run
+        /// at once: each is a JVM start).
+        fn format_storage(&self) {
+            let cluster_id = new_cluster_id();
+            let formats: Vec<(&Node, Child)> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    let log = File::create(node.dir.join("format.out")).expect("a format log");
+                    let child = self
+                        .java()
+                        .args(["kafka.tools.StorageTool", "format", "-t", &cluster_id, "-c"])
+                        .arg(node.properties())
+                        .stdout(log.try_clone().expect("a format log"))
+                        .stderr(log)
+                        .spawn()
+                        .expect("java on PATH (scripts/test installs it)");
+                    (node, child)
+                })
+                .collect();
+            for (node, mut child) in formats {
+                let status = child.wait().expect("StorageTool ran");
+                assert!(
+                    status.success(),
+                    "formatting broker {}'s storage failed ({status}):\n{}",
+                    node.id,
+                    std::fs::read_to_string(node.dir.join("format.out")).unwrap_or_default()
+                );
+            }
+        }
+
+        /// `java` with the release's jars and the test broker's logging (INFO to stdout).
+        fn java(&self) -> Command {
+            let mut java = Command::new("java");
+            java.arg("-cp")
+                .arg(format!("{}/*", self.libs.display()))
+                .arg(format!(
+                    "-Dlog4j2.configurationFile={}",
+                    scripts_kafka().join("log4j2.yaml").display()
+                ))
+                .stdin(Stdio::null());
+            java
+        }
+
+        /// Start node `i`'s JVM, its output appended to its `server.out`.
+        fn launch(&mut self, i: usize) {
+            let node = &self.nodes[i];
+            let out = File::options()
+                .create(true)
+                .append(true)
+                .open(node.output())
+                .expect("a private broker's output file");
+            let jvm = self
+                .java()
+                .args(["-Xms256m", "-Xmx512m", "-XX:+UseG1GC", "kafka.Kafka"])
+                .arg(node.properties())
+                .stdout(out.try_clone().expect("a private broker's output file"))
+                .stderr(out)
+                .spawn()
+                .expect("java on PATH (scripts/test installs it)");
+            self.nodes[i].jvm = Some(jvm);
+        }
+
+        /// Wait until every running broker's port is open and the metadata lists exactly the
+        /// running brokers.
+        fn wait_until_serving(&mut self, limit: Duration) {
+            let deadline = Instant::now() + limit;
+            loop {
+                self.assert_running_brokers_alive();
+                let running: BTreeSet<i32> = self
+                    .nodes
+                    .iter()
+                    .filter(|node| node.jvm.is_some())
+                    .map(|node| node.id)
+                    .collect();
+                let ports_open = self
+                    .nodes
+                    .iter()
+                    .filter(|node| node.jvm.is_some())
+                    .all(|node| port_open(node.port));
+                let not_yet = if ports_open {
+                    match self
+                        .metadata_client()
+                        .fetch_metadata(None, Duration::from_secs(2))
+                    {
+                        Ok(metadata) => {
+                            let listed: BTreeSet<i32> =
+                                metadata.brokers().iter().map(|b| b.id()).collect();
+                            if listed == running {
+                                return;
+                            }
+                            format!("the metadata lists brokers {listed:?}")
+                        }
+                        Err(e) => format!("metadata: {e}"),
+                    }
+                } else {
+                    "a client port is not open yet".to_owned()
+                };
+                if Instant::now() >= deadline {
+                    panic!(
+                        "the private Kafka cluster did not serve brokers {running:?} within \
+                         {limit:?} ({not_yet}); {}",
+                        self.log_tails()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+
+        /// Panic, with its output, when a broker that should be running has exited.
+        fn assert_running_brokers_alive(&mut self) {
+            let exited = self.nodes.iter_mut().find_map(|node| {
+                let status = node.jvm.as_mut()?.try_wait().ok().flatten()?;
+                node.jvm = None;
+                Some((node.id, status))
+            });
+            if let Some((id, status)) = exited {
+                panic!(
+                    "private Kafka broker {id} exited ({status}); {}",
+                    self.log_tails()
+                );
+            }
+        }
+
+        fn log_tails(&self) -> String {
+            self.nodes
+                .iter()
+                .map(|node| {
+                    format!(
+                        "the end of broker {}'s output ({}):\n{}",
+                        node.id,
+                        node.output().display(),
+                        node.log_tail()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+
+        /// A client bootstrapped from the running brokers (a dead one in the list costs a
+        /// failed connection on every metadata request).
+        fn metadata_client(&self) -> BaseConsumer {
+            let running: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|node| node.jvm.is_some())
+                .map(Node::address)
+                .collect();
+            ClientConfig::new()
+                .set("bootstrap.servers", running.join(","))
+                .create()
+                .expect("an rdkafka client for the metadata")
+        }
+    }
+
+    impl Drop for PrivateKafkaCluster {
+        fn drop(&mut self) {
+            for node in &mut self.nodes {
+                node.kill();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Where `ensure_kafka` in `scripts/services.sh` leaves the release's jars:
+    /// `${XDG_CACHE_HOME:-$HOME/.cache}/helix-messaging/kafka-<version>/libs`.
+    fn kafka_libs() -> PathBuf {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|dir| !dir.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache")
+            });
+        cache
+            .join("helix-messaging")
+            .join(format!("kafka-{KAFKA_VERSION}"))
+            .join("libs")
+    }
+
+    /// `scripts/kafka` of this workspace: the test broker's settings and logging.
+    fn scripts_kafka() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/kafka")
+    }
+
+    /// `count` ports, free when asked and all different (two asks may get the same port).
+    fn distinct_free_ports(count: usize) -> Vec<u16> {
+        let mut ports: Vec<u16> = Vec::with_capacity(count);
+        while ports.len() < count {
+            let port = free_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        ports
+    }
+
+    fn port_open(port: u16) -> bool {
+        TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(1),
+        )
+        .is_ok()
+    }
+
+    /// A cluster id as Kafka writes one (`kafka-storage random-uuid`): 16 random bytes in
+    /// URL-safe base64 without padding. One starting with `-` is drawn again, as Kafka does,
+    /// since the command line would take it for an option.
+    fn new_cluster_id() -> String {
+        loop {
+            let id = base64_url(uuid::Uuid::new_v4().as_bytes());
+            if !id.starts_with('-') {
+                return id;
+            }
+        }
+    }
+
+    fn base64_url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut text = String::with_capacity(bytes.len().div_ceil(3) * 4);
+        for chunk in bytes.chunks(3) {
+            let word = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |word, (i, b)| word | (u32::from(*b) << (16 - 8 * i)));
+            // A chunk of n bytes carries n + 1 characters; the rest would be padding.
+            for i in 0..=chunk.len() {
+                text.push(char::from(ALPHABET[((word >> (18 - 6 * i)) & 63) as usize]));
+            }
+        }
+        text
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cluster_ids_are_url_safe_base64_of_sixteen_bytes() {
+            // RFC 4648's test vectors, in the URL-safe alphabet without padding.
+            assert_eq!(base64_url(b"f"), "Zg");
+            assert_eq!(base64_url(b"fo"), "Zm8");
+            assert_eq!(base64_url(b"foo"), "Zm9v");
+            assert_eq!(base64_url(b"foobar"), "Zm9vYmFy");
+            assert_eq!(base64_url(&[0xfb, 0xff]), "-_8");
+            let id = new_cluster_id();
+            assert_eq!(id.len(), 22, "{id}");
+            assert!(!id.starts_with('-'), "{id}");
         }
     }
 }

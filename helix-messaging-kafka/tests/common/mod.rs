@@ -57,3 +57,24 @@ pub fn log_to_stderr() {
         .with_test_writer()
         .try_init();
 }
+
+/// The value and source of `key` in the configuration of `topic` on the cluster at `brokers`.
+pub async fn topic_setting(brokers: &str, topic: &str, key: &str) -> (Option<String>, String) {
+    use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let described = tokio::time::timeout(
+        Duration::from_secs(20),
+        admin.describe_configs([&ResourceSpecifier::Topic(topic)], &options),
+    )
+    .await
+    .expect("described within 20 s")
+    .unwrap();
+    let resource = described[0].as_ref().expect("the topic's configuration");
+    let entry = resource.get(key).expect(key);
+    (entry.value.clone(), format!("{:?}", entry.source))
+}
