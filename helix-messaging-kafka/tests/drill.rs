@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use helix_messaging_core::{Broker, Message, Position, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
+use helix_messaging_testkit::drill::{Outcomes, Timeline, publish_patiently, record_deliveries};
 use helix_messaging_testkit::faults::PrivateKafkaCluster;
 use parking_lot::Mutex;
 use rdkafka::mocking::{MockCluster, MockCoordinator};
@@ -224,30 +225,6 @@ const JVM_CLUSTER_SETTINGS: &[(&str, &str)] = &[
     ("leader.imbalance.check.interval.seconds", "1"),
 ];
 
-/// When each message was first published and first delivered (and from which partition),
-/// and how many copies came.
-#[derive(Default)]
-struct Timeline {
-    first_publish: HashMap<String, Instant>,
-    first_delivery: HashMap<String, (Instant, i32)>,
-    copies: usize,
-}
-
-impl Timeline {
-    /// How long after `fault` the first message published after it was delivered, from any
-    /// partition or from `partition` only.
-    fn resumed_after(&self, fault: Instant, partition: Option<i32>) -> Option<Duration> {
-        self.first_publish
-            .iter()
-            .filter(|(_, published)| **published > fault)
-            .filter_map(|(id, _)| self.first_delivery.get(id))
-            .filter(|(_, from)| partition.is_none_or(|p| p == *from))
-            .map(|(delivered, _)| *delivered)
-            .min()
-            .map(|delivered| delivered.duration_since(fault))
-    }
-}
-
 /// The replicas and in-sync replicas of every partition of `topic`, by partition.
 fn replication(brokers: &str, topic: &str) -> Vec<(i32, Vec<i32>, Vec<i32>)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -302,46 +279,20 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
         common::topic_setting(&config.brokers, TOPIC, "min.insync.replicas").await;
     assert_eq!(min_in_sync.as_deref(), Some("2"));
 
-    let timeline: Arc<Mutex<Timeline>> = Arc::default();
-    let mut sub = broker
+    let timeline: Arc<Timeline> = Arc::default();
+    let sub = broker
         .subscribe(TOPIC, SubscribeOptions::group(GROUP).with_prefetch(500))
         .await
         .unwrap();
-    let consumer = {
-        let timeline = timeline.clone();
-        tokio::spawn(async move {
-            while let Some(next) = sub.next().await {
-                let Ok(delivery) = next else { continue };
-                let partition = match delivery.info().position {
-                    Some(Position::Offset { partition, .. }) => partition,
-                    _ => -1,
-                };
-                {
-                    let mut timeline = timeline.lock();
-                    timeline.copies += 1;
-                    timeline
-                        .first_delivery
-                        .entry(delivery.message().id().to_owned())
-                        .or_insert_with(|| (Instant::now(), partition));
-                }
-                // A partition moved meanwhile refuses the ack; its new owner gets the
-                // message again (a duplicate, counted).
-                let _ = delivery.ack().await;
-            }
-        })
-    };
+    let consumer = record_deliveries(sub, timeline.clone(), false);
 
     let (leader_returned, returned) = tokio::sync::watch::channel(false);
-    let confirmed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
-    let attempts_refused = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let outcomes: Arc<Outcomes> = Arc::default();
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
-            let (broker, confirmed, refused, attempts_refused, timeline, mut returned) = (
+            let (broker, outcomes, timeline, mut returned) = (
                 broker.clone(),
-                confirmed.clone(),
-                refused.clone(),
-                attempts_refused.clone(),
+                outcomes.clone(),
                 timeline.clone(),
                 returned.clone(),
             );
@@ -357,35 +308,24 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
                         .expect("the drill is still running");
                     }
                     let id = format!("p{p}-m{i}");
-                    let started = Instant::now();
-                    timeline.lock().first_publish.insert(id.clone(), started);
-                    loop {
-                        // Keyed so that every partition, 0 included, carries traffic.
-                        let message = Message::new("x")
-                            .with_id(id.clone())
-                            .with_key(format!("k{i}"));
-                        match broker.publish(TOPIC, message).await {
-                            Ok(()) => {
-                                confirmed.lock().push(id);
-                                break;
-                            }
-                            Err(e) if e.is_retryable() && started.elapsed() < PUBLISH_PATIENCE => {
-                                *attempts_refused.lock().entry(e.to_string()).or_default() += 1;
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                            Err(e) => {
-                                eprintln!("{id} refused for good: {e}");
-                                refused.lock().push(id);
-                                break;
-                            }
-                        }
-                    }
+                    // Keyed so that every partition, 0 included, carries traffic.
+                    let message = || Message::new("x").with_key(format!("k{i}"));
+                    publish_patiently(
+                        &*broker,
+                        TOPIC,
+                        &id,
+                        message,
+                        PUBLISH_PATIENCE,
+                        &timeline,
+                        &outcomes,
+                    )
+                    .await;
                 }
             })
         })
         .collect();
     let total = PUBLISHERS * EACH;
-    let progress = || confirmed.lock().len() + refused.lock().len();
+    let progress = || outcomes.settled();
 
     helix_messaging_testkit::eventually(Duration::from_secs(120), "a third published", || async {
         (progress() >= total / 3).then_some(())
@@ -427,17 +367,11 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
         publisher.await.unwrap();
     }
     let published_by = drill_began.elapsed();
-    let confirmed = confirmed.lock().clone();
+    let confirmed = outcomes.acknowledged();
     helix_messaging_testkit::eventually(
         Duration::from_secs(120),
         "every acknowledged message delivered",
-        || async {
-            let timeline = timeline.lock();
-            confirmed
-                .iter()
-                .all(|id| timeline.first_delivery.contains_key(id))
-                .then_some(())
-        },
+        || async { timeline.all_delivered(&confirmed).then_some(()) },
     )
     .await;
     // Commits resumed: once the consumer has acknowledged everything, nothing is left
@@ -452,28 +386,19 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
     )
     .await;
 
-    let (lost, duplicates, after_kill, after_restart, after_return) = {
-        let timeline = timeline.lock();
-        let lost = confirmed
-            .iter()
-            .filter(|id| !timeline.first_delivery.contains_key(*id))
-            .count();
-        (
-            lost,
-            timeline.copies - timeline.first_delivery.len(),
-            [None, Some(0)].map(|partition| timeline.resumed_after(killed_at, partition)),
-            timeline.resumed_after(restarted_at, None),
-            timeline.resumed_after(returned_at, Some(0)),
-        )
-    };
+    let lost = timeline.lost(&confirmed);
+    let duplicates = timeline.duplicates();
+    let after_kill = [None, Some(0)].map(|partition| timeline.resumed_after(killed_at, partition));
+    let after_restart = timeline.resumed_after(restarted_at, None);
+    let after_return = timeline.resumed_after(returned_at, Some(0));
     eprintln!(
         "drill[kafka 4.1.1, 3 JVM brokers, RF 3, min ISR 2]: published {total}, acknowledged {}, refused {}, lost {lost}, duplicates {duplicates}, delivering again {:?} after partition 0's leader was killed (partition 0: {:?}), {after_restart:?} after its restart (serving again {serving_again_after:?} after it) and {after_return:?} on partition 0 after it led partition 0 again ({:?} after the restart); publishes refused for now and made again: {:?}; cluster up in {cluster_up:?}, stream published by {published_by:?}, drill {:?}",
         confirmed.len(),
-        refused.lock().len(),
+        outcomes.refused().len(),
         after_kill[0],
         after_kill[1],
         returned_at - restarted_at,
-        attempts_refused.lock(),
+        outcomes.refused_for_now(),
         drill_began.elapsed(),
     );
     assert_eq!(lost, 0, "acknowledged messages lost");

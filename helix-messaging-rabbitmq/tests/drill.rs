@@ -12,13 +12,12 @@
 //! and consumers deliver a message published after each fault within 10 s of it. Its
 //! figures are printed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
+use helix_messaging_core::{Broker, Message, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
+use helix_messaging_testkit::drill::{Outcomes, Timeline, publish_patiently, record_deliveries};
 use helix_messaging_testkit::faults::{PrivateRabbitMq, rabbitmqctl};
 use helix_messaging_testkit::{Conformance, env_lookup, eventually};
 
@@ -28,26 +27,6 @@ const TOPIC: &str = "drill";
 const GROUP: &str = "workers";
 /// How long one publish is made again while the broker refuses it for now.
 const PUBLISH_PATIENCE: Duration = Duration::from_secs(60);
-
-/// When each message was first published and first delivered, and how many copies came.
-#[derive(Default)]
-struct Timeline {
-    first_publish: HashMap<String, Instant>,
-    first_delivery: HashMap<String, Instant>,
-    copies: usize,
-}
-
-impl Timeline {
-    /// How long after `fault` the first message published after it was delivered.
-    fn resumed_after(&self, fault: Instant) -> Option<Duration> {
-        self.first_publish
-            .iter()
-            .filter(|(_, published)| **published > fault)
-            .filter_map(|(id, _)| self.first_delivery.get(id))
-            .min()
-            .map(|delivered| delivered.duration_since(fault))
-    }
-}
 
 /// Settings for a connection that starts at `first` and knows every node of `cluster`, with
 /// quorum queues and `extra` variables.
@@ -96,37 +75,18 @@ fn leader_of(queue: &str, any: &PrivateRabbitMq) -> String {
 async fn a_lost_queue_leader_loses_no_confirmed_message() {
     let mut cluster = PrivateRabbitMq::cluster(3);
     let queue = format!("{TOPIC}.{GROUP}");
-    let timeline: Arc<Mutex<Timeline>> = Arc::default();
+    let timeline: Arc<Timeline> = Arc::default();
 
     let mut consumers = Vec::new();
     for c in 0..2 {
         let broker = RabbitBroker::connect(config(&cluster[c], &cluster))
             .await
             .unwrap();
-        let mut sub = broker
+        let sub = broker
             .subscribe(TOPIC, SubscribeOptions::group(GROUP).with_prefetch(200))
             .await
             .unwrap();
-        let timeline = timeline.clone();
-        consumers.push((
-            tokio::spawn(async move {
-                while let Some(next) = sub.next().await {
-                    let Ok(delivery) = next else { continue };
-                    {
-                        let mut timeline = timeline.lock().unwrap();
-                        timeline.copies += 1;
-                        timeline
-                            .first_delivery
-                            .entry(delivery.message().id().to_owned())
-                            .or_insert_with(Instant::now);
-                    }
-                    // An ack on a connection that died meanwhile fails; the message comes
-                    // again (a duplicate, counted).
-                    let _ = delivery.ack().await;
-                }
-            }),
-            broker,
-        ));
+        consumers.push((record_deliveries(sub, timeline.clone(), false), broker));
     }
     let kind = rabbitmqctl(&["-n", cluster[0].node(), "list_queues", "name", "type"]);
     assert!(
@@ -135,59 +95,33 @@ async fn a_lost_queue_leader_loses_no_confirmed_message() {
         "the group's queue is a quorum queue: {kind}"
     );
 
-    let confirmed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let refused = Arc::new(Mutex::new(Vec::<String>::new()));
-    let attempts_refused = Arc::new(Mutex::new(HashMap::<String, usize>::new()));
+    let outcomes: Arc<Outcomes> = Arc::default();
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
         let broker = RabbitBroker::connect(config(&cluster[p % 3], &cluster))
             .await
             .unwrap();
-        let (confirmed, refused, attempts_refused, timeline) = (
-            confirmed.clone(),
-            refused.clone(),
-            attempts_refused.clone(),
-            timeline.clone(),
-        );
+        let (outcomes, timeline) = (outcomes.clone(), timeline.clone());
         publishers.push(tokio::spawn(async move {
             for i in 0..EACH {
                 let id = format!("p{p}-m{i}");
-                let started = Instant::now();
-                timeline
-                    .lock()
-                    .unwrap()
-                    .first_publish
-                    .insert(id.clone(), started);
-                loop {
-                    match broker
-                        .publish(TOPIC, Message::new("x").with_id(id.clone()))
-                        .await
-                    {
-                        Ok(()) => {
-                            confirmed.lock().unwrap().push(id);
-                            break;
-                        }
-                        Err(e) if e.is_retryable() && started.elapsed() < PUBLISH_PATIENCE => {
-                            *attempts_refused
-                                .lock()
-                                .unwrap()
-                                .entry(e.to_string())
-                                .or_default() += 1;
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                        Err(e) => {
-                            eprintln!("{id} refused for good: {e}");
-                            refused.lock().unwrap().push(id);
-                            break;
-                        }
-                    }
-                }
+                let message = || Message::new("x");
+                publish_patiently(
+                    &broker,
+                    TOPIC,
+                    &id,
+                    message,
+                    PUBLISH_PATIENCE,
+                    &timeline,
+                    &outcomes,
+                )
+                .await;
             }
             broker.close().await.unwrap();
         }));
     }
     let total = PUBLISHERS * EACH;
-    let progress = || confirmed.lock().unwrap().len() + refused.lock().unwrap().len();
+    let progress = || outcomes.settled();
 
     eventually(Duration::from_secs(120), "a third published", || async {
         (progress() >= total / 3).then_some(())
@@ -216,38 +150,22 @@ async fn a_lost_queue_leader_loses_no_confirmed_message() {
     for publisher in publishers {
         publisher.await.unwrap();
     }
-    let confirmed = confirmed.lock().unwrap().clone();
+    let confirmed = outcomes.acknowledged();
     eventually(
         Duration::from_secs(120),
         "every confirmed message delivered",
-        || async {
-            let timeline = timeline.lock().unwrap();
-            confirmed
-                .iter()
-                .all(|id| timeline.first_delivery.contains_key(id))
-                .then_some(())
-        },
+        || async { timeline.all_delivered(&confirmed).then_some(()) },
     )
     .await;
-
-    let (lost, duplicates, after_kill, after_stop) = {
-        let timeline = timeline.lock().unwrap();
-        let lost = confirmed
-            .iter()
-            .filter(|id| !timeline.first_delivery.contains_key(*id))
-            .count();
-        (
-            lost,
-            timeline.copies - timeline.first_delivery.len(),
-            timeline.resumed_after(killed_at),
-            timeline.resumed_after(stopped_at),
-        )
-    };
+    let lost = timeline.lost(&confirmed);
+    let duplicates = timeline.duplicates();
+    let after_kill = timeline.resumed_after(killed_at, None);
+    let after_stop = timeline.resumed_after(stopped_at, None);
     eprintln!(
-        "drill[rabbitmq, 3 nodes, quorum queue]: published {total}, confirmed {}, refused {}, lost {lost}, duplicates {duplicates}, delivering again {after_kill:?} after the leader was killed and {after_stop:?} after a second node was stopped (3 s); publishes refused for now and made again: {:?}",
+        "drill[rabbitmq, 3 nodes, quorum queue]: published {total}, confirmed {}, refused {}, lost {lost}, duplicates {duplicates}, delivering again {after_kill:?} after the leader was killed and {after_stop:?} after a second node was stopped (3 s); publishes refused for now and made again, by kind: {:?}",
         confirmed.len(),
-        refused.lock().unwrap().len(),
-        attempts_refused.lock().unwrap(),
+        outcomes.refused().len(),
+        outcomes.refused_for_now(),
     );
     assert_eq!(lost, 0, "confirmed messages lost");
     assert_eq!(

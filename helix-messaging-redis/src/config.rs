@@ -151,8 +151,10 @@ pub struct RedisConfig {
     /// asynchronously: without this, an entry the primary acknowledged and had not yet sent
     /// on is lost when a failover promotes a replica. With N, a publish that fewer than N
     /// replicas confirmed within [`RedisConfig::min_replicas_timeout`] fails retryably (the
-    /// entry is on the primary and may be published twice when retried). Streams mode only;
-    /// 0 (the default) is off.
+    /// entry is on the primary and may be published twice when retried). The `WAIT` runs on
+    /// the broker's shared command connection, whose other commands (publishes, group
+    /// creation, backlog, health) queue behind it for up to one replication round trip.
+    /// Streams mode only; 0 (the default) is off.
     pub min_replicas_ack: usize,
     /// How long a publish waits for [`RedisConfig::min_replicas_ack`] replicas
     /// (`REDIS_MIN_REPLICAS_TIMEOUT_MS`). Default 1 s.
@@ -309,7 +311,43 @@ impl RedisConfig {
             config.sentinels = parse_nodes("REDIS_SENTINELS", &list, 26379)?;
         }
         config.sentinel_master = var("REDIS_SENTINEL_MASTER").map(|m| m.trim().to_owned());
-        match (config.sentinels.is_empty(), &config.sentinel_master) {
+        if let Some(list) = var("REDIS_CLUSTER_NODES") {
+            config.cluster_nodes = parse_nodes("REDIS_CLUSTER_NODES", &list, 6379)?;
+        }
+        if let Some(n) = var("REDIS_MIN_REPLICAS_ACK") {
+            config.min_replicas_ack = n.trim().parse().map_err(|_| {
+                Error::config(
+                    "REDIS_MIN_REPLICAS_ACK",
+                    format!("expected a number of replicas, got {n:?}"),
+                )
+            })?;
+        }
+        if let Some(ms) = var("REDIS_MIN_REPLICAS_TIMEOUT_MS") {
+            let ms: u64 = ms.trim().parse().map_err(|_| {
+                Error::config(
+                    "REDIS_MIN_REPLICAS_TIMEOUT_MS",
+                    format!("expected milliseconds, got {ms:?}"),
+                )
+            })?;
+            config.min_replicas_timeout = Duration::from_millis(ms);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Check that the settings go together (what [`RedisConfig::from_vars`] and
+    /// [`RedisBroker::connect`](crate::RedisBroker::connect) check).
+    ///
+    /// # Errors
+    /// [`ErrorKind::Config`](helix_messaging_core::ErrorKind::Config) naming the variable at
+    /// fault: sentinels without the primary's name or the other way round; a cluster in
+    /// pub/sub mode (a subscription reads one node, and the cluster forwards every
+    /// `PUBLISH` to every node over its bus, so pub/sub gains nothing from it), with
+    /// sentinels, or with a database other than 0 (a cluster has only database 0); replica
+    /// acknowledgements in pub/sub mode (nothing kept to replicate) or with a zero timeout
+    /// (`WAIT n 0` waits forever, holding every command queued behind it).
+    pub fn validate(&self) -> Result<()> {
+        match (self.sentinels.is_empty(), &self.sentinel_master) {
             (false, None) => {
                 return Err(Error::config(
                     "REDIS_SENTINEL_MASTER",
@@ -324,45 +362,39 @@ impl RedisConfig {
             }
             _ => {}
         }
-        if let Some(list) = var("REDIS_CLUSTER_NODES") {
-            config.cluster_nodes = parse_nodes("REDIS_CLUSTER_NODES", &list, 6379)?;
-            if mode == RedisMode::PubSub {
-                return Err(Error::config(
-                    "REDIS_CLUSTER_NODES",
+        if !self.cluster_nodes.is_empty() {
+            let refused = if self.mode == RedisMode::PubSub {
+                Some(
                     "pub/sub mode does not run on a Redis Cluster (a subscription reads one node; the cluster forwards every PUBLISH to every node): use redis-streams, or one server or Sentinel for pub/sub",
-                ));
-            }
-            if !config.sentinels.is_empty() {
-                return Err(Error::config(
-                    "REDIS_CLUSTER_NODES",
+                )
+            } else if !self.sentinels.is_empty() {
+                Some(
                     "a Redis Cluster fails over by itself; REDIS_SENTINELS is for a primary with replicas, not both",
-                ));
+                )
+            } else if self.info.redis_settings().db() != 0 {
+                Some("a Redis Cluster has only database 0; the URL or REDIS_DB names another")
+            } else {
+                None
+            };
+            if let Some(why) = refused {
+                return Err(Error::config("REDIS_CLUSTER_NODES", why));
             }
         }
-        if let Some(n) = var("REDIS_MIN_REPLICAS_ACK") {
-            config.min_replicas_ack = n.trim().parse().map_err(|_| {
-                Error::config(
-                    "REDIS_MIN_REPLICAS_ACK",
-                    format!("expected a number of replicas, got {n:?}"),
-                )
-            })?;
-            if config.min_replicas_ack > 0 && mode == RedisMode::PubSub {
+        if self.min_replicas_ack > 0 {
+            if self.mode == RedisMode::PubSub {
                 return Err(Error::config(
                     "REDIS_MIN_REPLICAS_ACK",
                     "applies to Streams mode only: pub/sub keeps nothing to replicate",
                 ));
             }
-        }
-        if let Some(ms) = var("REDIS_MIN_REPLICAS_TIMEOUT_MS") {
-            let ms: u64 = ms.trim().parse().map_err(|_| {
-                Error::config(
+            if self.min_replicas_timeout.is_zero() {
+                return Err(Error::config(
                     "REDIS_MIN_REPLICAS_TIMEOUT_MS",
-                    format!("expected milliseconds, got {ms:?}"),
-                )
-            })?;
-            config.min_replicas_timeout = Duration::from_millis(ms);
+                    "must be above 0: WAIT with 0 waits forever",
+                ));
+            }
         }
-        Ok(config)
+        Ok(())
     }
 
     /// The connection settings for the server at `host:port`: the configured ones (password,
@@ -499,7 +531,9 @@ fn parse_nodes(variable: &str, list: &str, default_port: u16) -> Result<Vec<(Str
                 None => default_port,
                 Some(port) => port.parse().map_err(|_| malformed(entry))?,
             };
-            if host.is_empty() {
+            // An IPv6 address is written in brackets ("[::1]:26379"): unbracketed, its
+            // colons cannot be told from the port's.
+            if host.is_empty() || (host.contains(':') && !entry.starts_with('[')) {
                 return Err(malformed(entry));
             }
             Ok((host.to_owned(), port))
@@ -613,6 +647,27 @@ mod tests {
         )
         .expect_err("a cluster and sentinels");
         assert!(both.to_string().contains("REDIS_CLUSTER_NODES"), "{both}");
+        for (pairs, variable) in [
+            (
+                vec![
+                    ("REDIS_MIN_REPLICAS_ACK", "1"),
+                    ("REDIS_MIN_REPLICAS_TIMEOUT_MS", "0"),
+                ],
+                "REDIS_MIN_REPLICAS_TIMEOUT_MS",
+            ),
+            (
+                vec![("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_DB", "2")],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (vec![("REDIS_SENTINELS", "::1")], "REDIS_SENTINELS"),
+        ] {
+            let err = RedisConfig::from_vars(vars(&pairs), RedisMode::Streams).expect_err(variable);
+            assert!(err.to_string().contains(variable), "{err}");
+        }
+        // Settings made in code are checked on connecting too.
+        let mut in_code = RedisConfig::new("redis://127.0.0.1:6379", RedisMode::PubSub).unwrap();
+        in_code.min_replicas_ack = 1;
+        assert!(in_code.validate().is_err());
         assert_eq!(defaults.min_replicas_ack, 0);
     }
 

@@ -19,6 +19,11 @@ pub(crate) fn from_redis(err: RedisError, doing: impl Display) -> Error {
                 ErrorKind::Serialization
             }
             _ if err.code() == Some("NOGROUP") => ErrorKind::NotFound,
+            // A server that is not (or not yet) the primary: after a failover, the next
+            // attempt goes to the one that is.
+            _ if matches!(err.code(), Some("READONLY" | "MASTERDOWN" | "LOADING")) => {
+                ErrorKind::Connection
+            }
             _ => ErrorKind::Backend,
         }
     };

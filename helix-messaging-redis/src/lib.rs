@@ -209,27 +209,28 @@ impl RedisBroker {
     }
 
     async fn connect_uncounted(config: RedisConfig) -> Result<Self> {
-        if !config.cluster_nodes.is_empty() && config.mode == RedisMode::PubSub {
-            return Err(Error::config(
-                "REDIS_CLUSTER_NODES",
-                "pub/sub mode does not run on a Redis Cluster; use redis-streams",
-            ));
-        }
+        config.validate()?;
         let primary = Arc::new(Primary::locate(&config).await?);
-        let address = primary.address();
         // One direct attempt first, so an unreachable server or a refused certificate is
         // reported at once rather than after the manager's reconnect backoff. (A cluster
         // connection is made once, without a backoff, below.)
         if config.cluster_nodes.is_empty() {
+            let (client, address) = primary.client().await?;
             within(
                 config.connect_timeout,
                 format!("connecting to {address}"),
-                primary.client().await?.get_multiplexed_async_connection(),
+                client.get_multiplexed_async_connection(),
             )
             .await?
             .map_err(|e| error::from_redis(e, format!("connecting to {address}")))?;
         }
-        let commands = primary.connect(Duration::ZERO).await?;
+        // A publish's WAIT holds the connection's reply for up to its timeout.
+        let waits = if config.min_replicas_ack > 0 {
+            config.min_replicas_timeout
+        } else {
+            Duration::ZERO
+        };
+        let commands = primary.connect(waits).await?;
         Ok(RedisBroker {
             shared: Arc::new(Shared::new(config, primary, commands)),
         })
@@ -382,7 +383,7 @@ impl Broker for RedisBroker {
         }
         let mut commands = self.shared.commands.clone();
         let ping: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut commands).await;
-        let address = self.shared.config.address();
+        let address = self.shared.primary.address();
         match ping {
             Err(err) => Health::unhealthy(format!("{address}: {err}")),
             Ok(_) => match self.shared.reconnecting.load(Ordering::Relaxed) {

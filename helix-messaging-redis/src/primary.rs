@@ -4,10 +4,13 @@
 //! redis-rs' connection manager reconnects to the address it was made for, which after a
 //! failover is a dead server, or, restarted, a stale primary the sentinels are about to
 //! demote (whose writes the resync then throws away). So every connection of the broker is
-//! a [`Connection`]: a connection manager that, once a command finds the server gone or no
-//! longer primary, is replaced (once, for all of its clones) by one to the server the
-//! sentinels name at that moment, checked with `ROLE`. Without sentinels none of this
-//! happens and a command costs one atomic load more than on the manager itself.
+//! a [`Connection`]: a connection manager that, once a command finds the server gone,
+//! silent or no longer primary (`READONLY`, `MASTERDOWN`, `LOADING`), is replaced (once,
+//! for all of its clones) by one to the server the sentinels name at that moment, checked
+//! with `ROLE` (trusted as named when the user may not run `ROLE`). Pub/sub subscriptions
+//! ask the sentinels each time they connect, without the `ROLE` check (a subscribed
+//! connection runs no other command). Without sentinels none of this happens; a command
+//! costs one atomic load and one boxed future more than on the manager itself.
 //!
 //! With `REDIS_CLUSTER_NODES` a connection is redis-rs' cluster connection instead, which
 //! routes each command to the node owning its key's slot and follows the cluster's own
@@ -44,6 +47,12 @@ pub(crate) struct Primary {
 struct Target {
     client: redis::Client,
     address: String,
+}
+
+impl Target {
+    fn into_parts(self) -> (redis::Client, String) {
+        (self.client, self.address)
+    }
 }
 
 impl Primary {
@@ -84,20 +93,33 @@ impl Primary {
         })
     }
 
-    /// A client for the primary: with sentinels, the one they name now.
+    /// A client for the primary and its address: with sentinels, the one they name now
+    /// (both from the same answer, whatever other connections asked meanwhile).
     ///
     /// # Errors
     /// With sentinels, none answered with a primary.
-    pub(crate) async fn client(&self) -> Result<redis::Client> {
-        if !self.config.sentinels.is_empty() {
-            let target = ask_sentinels(&self.config).await?;
+    pub(crate) async fn client(&self) -> Result<(redis::Client, String)> {
+        if self.config.sentinels.is_empty() {
+            let current = self.current.read();
+            return Ok((current.client.clone(), current.address.clone()));
+        }
+        let target = match ask_sentinels(&self.config).await {
+            Ok(target) => target,
+            Err(err) => {
+                // With no sentinel answering, the last primary they named is the best
+                // guess; the connection's ROLE check tells whether it still is one.
+                tracing::warn!(error = %err, "no sentinel answered; trying the last primary they named");
+                return Ok(self.current.read().clone().into_parts());
+            }
+        };
+        {
             let mut current = self.current.write();
             if current.address != target.address {
                 tracing::warn!(from = %current.address, to = %target.address, "the sentinels name another primary; moving there");
             }
-            *current = target;
+            *current = target.clone();
         }
-        Ok(self.current.read().client.clone())
+        Ok((target.client, target.address))
     }
 
     /// The address of the primary last found, without credentials.
@@ -105,15 +127,21 @@ impl Primary {
         self.current.read().address.clone()
     }
 
-    /// After a command to the primary failed with `err`: with sentinels, when the error
-    /// says the connection is gone or the server no longer takes writes, every connection
-    /// connects again, to the server they name then.
-    pub(crate) fn after_error(&self, err: &RedisError) {
-        if !self.config.sentinels.is_empty()
-            && (lost_the_connection(err) || no_longer_primary(err) || err.is_timeout())
-        {
-            self.generation.fetch_add(1, Ordering::AcqRel);
+    /// After a command on a connection of `generation` met `failure`: with sentinels, when
+    /// it says the connection is gone, silent, or the server no longer takes writes, every
+    /// connection connects again, to the server they name then. Only the first failure of a
+    /// generation moves them: those of connections already replaced, or of commands that
+    /// were out together, do not start another round.
+    fn after_failure(&self, generation: u64, failure: Failure) {
+        if self.config.sentinels.is_empty() || failure == Failure::Other {
+            return;
         }
+        let _ = self.generation.compare_exchange(
+            generation,
+            generation + 1,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// A connection to the primary whose commands may block on the server for up to
@@ -128,7 +156,8 @@ impl Primary {
             slot: Arc::new(Slot {
                 primary: self.clone(),
                 blocking,
-                current: tokio::sync::Mutex::new((generation, manager.clone())),
+                current: parking_lot::RwLock::new((generation, manager.clone())),
+                connecting: tokio::sync::Mutex::new(()),
             }),
             generation,
             manager,
@@ -148,83 +177,142 @@ impl Primary {
                     from_redis(err, format!("connecting to the cluster {}", self.address()))
                 });
         }
-        let client = self.client().await?;
-        let address = self.address();
-        let connected = async {
-            let mut manager = client
-                .get_connection_manager_with_config(manager_config(&self.config, blocking))
-                .await?;
-            if !self.config.sentinels.is_empty() {
-                // A sentinel's answer can lag behind a failover; the server knows its role.
-                let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut manager).await?;
-                if !matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") {
-                    return Err(RedisError::from((
-                        redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly),
-                        "the server the sentinels named is not a primary (yet)",
-                    )));
+        let (client, address) = self.client().await?;
+        let doing = || format!("connecting to {address}");
+        let mut manager = client
+            .get_connection_manager_with_config(manager_config(&self.config, blocking))
+            .await
+            .map_err(|err| from_redis(err, doing()))?;
+        if !self.config.sentinels.is_empty() {
+            // A sentinel's answer can lag behind a failover; the server knows its role.
+            match redis::cmd("ROLE")
+                .query_async::<Vec<Value>>(&mut manager)
+                .await
+            {
+                Ok(role) if matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") => {
                 }
+                Ok(_) => {
+                    return Err(Error::new(
+                        ErrorKind::Connection,
+                        format!(
+                            "{}: the server the sentinels named is not a primary (yet)",
+                            doing()
+                        ),
+                    )
+                    .with_retryable(true));
+                }
+                // ROLE is an @admin command: a user without it trusts the sentinels.
+                Err(err) if err.code() == Some("NOPERM") => {
+                    tracing::warn!(%address, "ROLE not permitted; trusting the sentinels' answer");
+                }
+                Err(err) => return Err(from_redis(err, doing())),
             }
-            Ok(Link::Single(manager))
-        };
-        let r = connected.await;
-        // Not an error of a connection in use: the connections that asked for this one
-        // still want a new one and try again on their next command, with no new generation
-        // (which would have every other connection, already moved, connect again too).
-        r.map_err(|err| from_redis(err, format!("connecting to {address}")))
+        }
+        // A failure here is not one of a connection in use: the connections that asked for
+        // this one try again on their next command, with no new generation.
+        Ok(Link::Single(manager))
     }
 }
 
-/// Whether `err` says the connection to the server is gone.
-fn lost_the_connection(err: &RedisError) -> bool {
-    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
+/// What a failed command says about the server it went to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The connection is gone, or the server stayed silent past the response timeout.
+    Lost,
+    /// The server answered that it is not (or not yet) a primary that takes writes.
+    NotPrimary,
+    /// Anything else: the server is there and primary.
+    Other,
 }
 
-/// Whether `err` says the server is no longer (or not yet) a primary that takes writes.
-fn no_longer_primary(err: &RedisError) -> bool {
-    matches!(err.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"))
+impl Failure {
+    fn of_error(err: &RedisError) -> Failure {
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+        {
+            Failure::Lost
+        } else if err.code().is_some_and(not_primary) {
+            Failure::NotPrimary
+        } else {
+            Failure::Other
+        }
+    }
+
+    /// A reply's: redis-rs hands a server's error back as a value (a `ServerError`, made an
+    /// `Err` only where the caller converts it), in a pipeline's reply item by item.
+    fn of_value(value: &Value) -> Failure {
+        match value {
+            Value::ServerError(err) if not_primary(err.code()) => Failure::NotPrimary,
+            _ => Failure::Other,
+        }
+    }
+
+    fn of_values(values: &[Value]) -> Failure {
+        values
+            .iter()
+            .map(Failure::of_value)
+            .find(|failure| *failure != Failure::Other)
+            .unwrap_or(Failure::Other)
+    }
 }
 
-/// Ask each sentinel in turn which server is the primary; the first answer wins.
+/// Whether a server error code says the server does not take writes as a primary.
+fn not_primary(code: &str) -> bool {
+    matches!(code, "READONLY" | "MASTERDOWN" | "LOADING")
+}
+
+/// Ask every sentinel at once which server is the primary; the first answer wins (a
+/// sentinel that is down or slow costs nothing while another answers).
 async fn ask_sentinels(config: &RedisConfig) -> Result<Target> {
     let master = config
         .sentinel_master
         .as_deref()
         .ok_or_else(|| Error::config("REDIS_SENTINEL_MASTER", "required with REDIS_SENTINELS"))?;
-    let mut failures = Vec::new();
-    for (host, port) in &config.sentinels {
-        let asked = async {
-            let sentinel = redis::Client::open((host.as_str(), *port))?;
-            let mut connection = tokio::time::timeout(
-                config.connect_timeout,
-                sentinel.get_multiplexed_async_connection(),
-            )
-            .await
-            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
-            redis::cmd("SENTINEL")
-                .arg("get-master-addr-by-name")
-                .arg(master)
-                .query_async::<Option<(String, u16)>>(&mut connection)
+    let asks = config.sentinels.iter().map(|(host, port)| {
+        Box::pin(async move {
+            let asked = async {
+                let sentinel = redis::Client::open((host.as_str(), *port))?;
+                let mut connection = tokio::time::timeout(
+                    config.connect_timeout,
+                    sentinel.get_multiplexed_async_connection(),
+                )
                 .await
-        };
-        match asked.await {
-            Ok(Some((host, port))) => {
-                let info = config.info_at(&host, port);
-                let client = config.client_for(&info)?;
-                let address = format!("redis://{host}:{port}");
-                return Ok(Target { client, address });
+                .map_err(|_| {
+                    RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+                })??;
+                redis::cmd("SENTINEL")
+                    .arg("get-master-addr-by-name")
+                    .arg(master)
+                    .query_async::<Option<(String, u16)>>(&mut connection)
+                    .await
+            };
+            match asked.await {
+                Ok(Some(primary)) => Ok(primary),
+                Ok(None) => Err(format!("{host}:{port} knows no primary {master:?}")),
+                Err(err) => Err(format!("{host}:{port}: {err}")),
             }
-            Ok(None) => failures.push(format!("{host}:{port} knows no primary {master:?}")),
-            Err(err) => failures.push(format!("{host}:{port}: {err}")),
+        })
+    });
+    let answer = futures::future::select_ok(asks).await;
+    match answer {
+        Ok(((host, port), _)) => {
+            let info = config.info_at(&host, port);
+            let client = config.client_for(&info)?;
+            let address = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            Ok(Target { client, address })
         }
+        Err(last) => Err(Error::new(
+            ErrorKind::Connection,
+            format!("no sentinel named the primary {master:?} (the last to answer: {last})"),
+        )
+        .with_retryable(true)),
     }
-    Err(Error::new(
-        ErrorKind::Connection,
-        format!(
-            "no sentinel named the primary {master:?}: {}",
-            failures.join("; ")
-        ),
-    )
-    .with_retryable(true))
 }
 
 /// A connection to the primary, cheap to clone (clones share one connection), that moves to
@@ -299,39 +387,59 @@ fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient>
     })
 }
 
-/// What a connection's clones share: the manager for the newest primary.
+/// What a connection's clones share: the manager for the newest primary, read without
+/// waiting; connecting a new one is done by one clone at a time.
 struct Slot {
     primary: Arc<Primary>,
     blocking: Duration,
-    current: tokio::sync::Mutex<(u64, Link)>,
+    current: parking_lot::RwLock<(u64, Link)>,
+    connecting: tokio::sync::Mutex<()>,
 }
 
 impl Connection {
-    /// Move to the current primary if the sentinels named another since this clone last
-    /// looked: the first clone to notice connects, the others take its manager.
+    /// Move to the current primary if connections were told to since this clone last
+    /// looked: the first clone to notice connects, the others take its connection.
     async fn follow(&mut self) -> std::result::Result<(), RedisError> {
         let newest = self.slot.primary.generation.load(Ordering::Acquire);
         if newest == self.generation {
             return Ok(());
         }
-        let mut current = self.slot.current.lock().await;
-        if current.0 != newest {
-            let manager = self
-                .slot
-                .primary
-                .manager(self.slot.blocking)
-                .await
-                .map_err(|e| {
-                    // A connection-like error, so the caller's handling (and ours) applies.
-                    RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::ConnectionRefused,
-                        e.to_string(),
-                    ))
-                })?;
-            *current = (newest, manager);
+        if !self.take_current(newest) {
+            let slot = self.slot.clone();
+            let _connecting = slot.connecting.lock().await;
+            if !self.take_current(newest) {
+                let link = self
+                    .slot
+                    .primary
+                    .manager(self.slot.blocking)
+                    .await
+                    .map_err(|e| {
+                        // A connection-like error, so the callers' handling applies.
+                        RedisError::from(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionRefused,
+                            e.to_string(),
+                        ))
+                    })?;
+                *self.slot.current.write() = (newest, link.clone());
+                (self.generation, self.manager) = (newest, link);
+            }
+        }
+        Ok(())
+    }
+
+    /// Take the shared connection if it is of generation `newest` (or later).
+    fn take_current(&mut self, newest: u64) -> bool {
+        let current = self.slot.current.read();
+        if current.0 < newest {
+            return false;
         }
         (self.generation, self.manager) = (current.0, current.1.clone());
-        Ok(())
+        true
+    }
+
+    /// What the reply to a command on this connection says about the server.
+    fn observe(&self, failure: Failure) {
+        self.slot.primary.after_failure(self.generation, failure);
     }
 }
 
@@ -340,9 +448,10 @@ impl ConnectionLike for Connection {
         async move {
             self.follow().await?;
             let reply = self.manager.req_packed_command(cmd).await;
-            if let Err(err) = &reply {
-                self.slot.primary.after_error(err);
-            }
+            self.observe(match &reply {
+                Ok(value) => Failure::of_value(value),
+                Err(err) => Failure::of_error(err),
+            });
             reply
         }
         .boxed()
@@ -360,9 +469,10 @@ impl ConnectionLike for Connection {
                 .manager
                 .req_packed_commands(pipeline, offset, count)
                 .await;
-            if let Err(err) = &reply {
-                self.slot.primary.after_error(err);
-            }
+            self.observe(match &reply {
+                Ok(values) => Failure::of_values(values),
+                Err(err) => Failure::of_error(err),
+            });
             reply
         }
         .boxed()
@@ -377,6 +487,43 @@ impl ConnectionLike for Connection {
 pub(crate) mod tests {
     use super::*;
     use crate::config::RedisMode;
+
+    fn reply(resp: &[u8]) -> Value {
+        redis::parse_redis_value(resp).expect("a RESP reply")
+    }
+
+    /// A server that is not primary says so in its reply's value, not in an `Err`: the
+    /// replies that mean "go to the primary" are told from any other.
+    #[test]
+    fn replies_that_say_the_server_is_not_primary_are_recognised() {
+        for code in ["READONLY", "MASTERDOWN", "LOADING"] {
+            let value = reply(format!("-{code} not now\r\n").as_bytes());
+            assert_eq!(Failure::of_value(&value), Failure::NotPrimary, "{code}");
+            let pipeline = [reply(b"+OK\r\n"), value];
+            assert_eq!(Failure::of_values(&pipeline), Failure::NotPrimary, "{code}");
+        }
+        for other in [
+            &b"-ERR wrong\r\n"[..],
+            b"-NOGROUP none\r\n",
+            b"+OK\r\n",
+            b":1\r\n",
+        ] {
+            assert_eq!(Failure::of_value(&reply(other)), Failure::Other);
+        }
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(Failure::of_error(&refused), Failure::Lost);
+        // As an error (where a caller converted the value), READONLY is a connection error
+        // worth retrying: the next attempt goes to the primary.
+        let readonly: RedisError =
+            match reply(b"-READONLY You can't write against a read only replica.\r\n") {
+                Value::ServerError(err) => err.into(),
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(Failure::of_error(&readonly), Failure::NotPrimary);
+        let mapped = from_redis(readonly, "publishing");
+        assert_eq!(mapped.kind(), ErrorKind::Connection);
+        assert!(mapped.is_retryable());
+    }
 
     /// A connection to the server at `url`, for tests of the parts that take one.
     pub(crate) async fn connect_to(url: &str) -> Connection {

@@ -118,8 +118,7 @@ impl Puller {
 }
 
 async fn connect(shared: &Shared, topic: &str) -> Result<redis::aio::PubSub> {
-    let client = shared.primary.client().await?;
-    let address = shared.primary.address();
+    let (client, address) = shared.primary.client().await?;
     let doing = format!("connecting to {address} for SUBSCRIBE");
     let mut connection = within(
         shared.config.connect_timeout,

@@ -55,7 +55,7 @@ impl Shared {
     /// The state of a broker just connected with `config`: `primary` makes its
     /// connections, `commands` is the first of them.
     pub(crate) fn new(config: RedisConfig, primary: Arc<Primary>, commands: Connection) -> Self {
-        let commands_state = ConnectionState::new(backend_name(config.mode), config.address());
+        let commands_state = ConnectionState::new(backend_name(config.mode), primary.address());
         commands_state.set(true);
         Shared {
             commands_state,
@@ -94,7 +94,7 @@ impl Shared {
     /// A subscription's share of `messaging_connection_up`, up: subscriptions read on
     /// connections of their own, each counted beside the publishing one.
     pub(crate) fn subscription_state(&self) -> ConnectionState {
-        let state = ConnectionState::new(self.name(), self.config.address());
+        let state = ConnectionState::new(self.name(), self.primary.address());
         state.set(true);
         state
     }

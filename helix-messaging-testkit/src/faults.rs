@@ -450,6 +450,33 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Freeze it (SIGSTOP): it holds its connections and answers nothing, as a server
+    /// stalled by its machine does, until [`PrivateRedis::resume`]. A replica frozen so
+    /// falls behind its primary.
+    ///
+    /// # Panics
+    /// When it is not running or `kill` fails.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Let it run again after [`PrivateRedis::pause`].
+    ///
+    /// # Panics
+    /// As [`PrivateRedis::pause`].
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = self.server.as_ref().expect("a running server").id();
+        let sent = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("kill on PATH");
+        assert!(sent.success(), "kill {signal} {pid} failed");
+    }
+
     /// Kill it with SIGKILL (a crash: nothing is flushed beyond what was fsynced).
     pub fn crash(&mut self) {
         if let Some(mut server) = self.server.take() {
@@ -684,6 +711,9 @@ impl PrivateRedisCluster {
     pub fn start() -> PrivateRedisCluster {
         let nodes: Vec<PrivateRedis> = (0..3)
             .map(|_| {
+                // The bus port is chosen too: by default it is the port plus 10,000, which
+                // for a port above 55535 Redis refuses (and may be taken).
+                let bus = free_port().to_string();
                 PrivateRedis::start_with(&[
                     "--cluster-enabled",
                     "yes",
@@ -691,6 +721,8 @@ impl PrivateRedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "2000",
+                    "--cluster-port",
+                    &bus,
                 ])
             })
             .collect();

@@ -29,6 +29,7 @@ mod case;
 pub mod cases;
 mod certs;
 pub mod differential;
+pub mod drill;
 pub mod faults;
 mod helpers;
 pub mod plane;

@@ -533,7 +533,8 @@ async fn an_entry_read_after_the_member_left_waits_rather_than_in_flight() {
 
 /// `REDIS_MIN_REPLICAS_ACK` on a server with no replica: the publish fails retryably, as a
 /// timeout that names the setting, after the timeout it allows, and the entry is on the
-/// primary all the same (a retry may store it twice; consumers deduplicate by id).
+/// primary all the same (a retry stores it again, as a new stream entry with the same
+/// message id, which is what consumers deduplicate by).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_that_too_few_replicas_confirmed_fails_retryably() {
     let url = shared_url();
