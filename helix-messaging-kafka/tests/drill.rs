@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use helix_messaging_core::{Broker, Message, Position, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
-use helix_messaging_testkit::drill::{Outcomes, Timeline, publish_patiently, record_deliveries};
+use helix_messaging_testkit::drill::Drill;
 use helix_messaging_testkit::faults::PrivateKafkaCluster;
 use parking_lot::Mutex;
 use rdkafka::mocking::{MockCluster, MockCoordinator};
@@ -185,17 +185,7 @@ async fn a_lost_partition_leader_loses_no_acknowledged_message() {
             "partition 0 delivered again {resumed:?} after the {fault}"
         );
     }
-    // Commits resumed: once the consumer has acknowledged everything, nothing is left
-    // uncommitted for the group.
-    helix_messaging_testkit::eventually(
-        Duration::from_secs(60),
-        "the group's commits caught up",
-        || async {
-            let backlog = broker.backlog(TOPIC, GROUP).await.ok()?;
-            (backlog.waiting == 0).then_some(())
-        },
-    )
-    .await;
+    commits_caught_up(&broker).await;
     broker.close().await.unwrap();
     consumer.await.unwrap();
 }
@@ -279,23 +269,17 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
         common::topic_setting(&config.brokers, TOPIC, "min.insync.replicas").await;
     assert_eq!(min_in_sync.as_deref(), Some("2"));
 
-    let timeline: Arc<Timeline> = Arc::default();
+    let drill = Drill::new(PUBLISH_PATIENCE);
     let sub = broker
         .subscribe(TOPIC, SubscribeOptions::group(GROUP).with_prefetch(500))
         .await
         .unwrap();
-    let consumer = record_deliveries(sub, timeline.clone(), false);
+    let consumer = drill.record_deliveries(sub, false);
 
     let (leader_returned, returned) = tokio::sync::watch::channel(false);
-    let outcomes: Arc<Outcomes> = Arc::default();
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
-            let (broker, outcomes, timeline, mut returned) = (
-                broker.clone(),
-                outcomes.clone(),
-                timeline.clone(),
-                returned.clone(),
-            );
+            let (broker, drill, mut returned) = (broker.clone(), drill.clone(), returned.clone());
             tokio::spawn(async move {
                 for i in 0..EACH {
                     if i == EACH - AFTER_THE_RETURN {
@@ -310,22 +294,13 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
                     let id = format!("p{p}-m{i}");
                     // Keyed so that every partition, 0 included, carries traffic.
                     let message = || Message::new("x").with_key(format!("k{i}"));
-                    publish_patiently(
-                        &*broker,
-                        TOPIC,
-                        &id,
-                        message,
-                        PUBLISH_PATIENCE,
-                        &timeline,
-                        &outcomes,
-                    )
-                    .await;
+                    drill.publish(&*broker, TOPIC, &id, message).await;
                 }
             })
         })
         .collect();
     let total = PUBLISHERS * EACH;
-    let progress = || outcomes.settled();
+    let progress = || drill.outcomes.settled();
 
     helix_messaging_testkit::eventually(Duration::from_secs(120), "a third published", || async {
         (progress() >= total / 3).then_some(())
@@ -367,38 +342,29 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
         publisher.await.unwrap();
     }
     let published_by = drill_began.elapsed();
-    let confirmed = outcomes.acknowledged();
+    let confirmed = drill.outcomes.acknowledged();
     helix_messaging_testkit::eventually(
         Duration::from_secs(120),
         "every acknowledged message delivered",
-        || async { timeline.all_delivered(&confirmed).then_some(()) },
+        || async { drill.timeline.all_delivered(&confirmed).then_some(()) },
     )
     .await;
-    // Commits resumed: once the consumer has acknowledged everything, nothing is left
-    // uncommitted for the group.
-    helix_messaging_testkit::eventually(
-        Duration::from_secs(60),
-        "the group's commits caught up",
-        || async {
-            let backlog = broker.backlog(TOPIC, GROUP).await.ok()?;
-            (backlog.waiting == 0).then_some(())
-        },
-    )
-    .await;
+    commits_caught_up(&broker).await;
 
-    let lost = timeline.lost(&confirmed);
-    let duplicates = timeline.duplicates();
-    let after_kill = [None, Some(0)].map(|partition| timeline.resumed_after(killed_at, partition));
-    let after_restart = timeline.resumed_after(restarted_at, None);
-    let after_return = timeline.resumed_after(returned_at, Some(0));
+    let lost = drill.timeline.lost(&confirmed);
+    let duplicates = drill.timeline.duplicates();
+    let after_kill =
+        [None, Some(0)].map(|partition| drill.timeline.resumed_after(killed_at, partition));
+    let after_restart = drill.timeline.resumed_after(restarted_at, None);
+    let after_return = drill.timeline.resumed_after(returned_at, Some(0));
     eprintln!(
         "drill[kafka 4.1.1, 3 JVM brokers, RF 3, min ISR 2]: published {total}, acknowledged {}, refused {}, lost {lost}, duplicates {duplicates}, delivering again {:?} after partition 0's leader was killed (partition 0: {:?}), {after_restart:?} after its restart (serving again {serving_again_after:?} after it) and {after_return:?} on partition 0 after it led partition 0 again ({:?} after the restart); publishes refused for now and made again: {:?}; cluster up in {cluster_up:?}, stream published by {published_by:?}, drill {:?}",
         confirmed.len(),
-        outcomes.refused().len(),
+        drill.outcomes.refused().len(),
         after_kill[0],
         after_kill[1],
         returned_at - restarted_at,
-        outcomes.refused_for_now(),
+        drill.outcomes.refused_for_now(),
         drill_began.elapsed(),
     );
     assert_eq!(lost, 0, "acknowledged messages lost");
@@ -422,4 +388,18 @@ async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
     }
     broker.close().await.unwrap();
     consumer.await.unwrap();
+}
+
+/// Commits resumed: once the consumer has acknowledged everything, nothing is left
+/// uncommitted for the group (within a minute).
+async fn commits_caught_up(broker: &KafkaBroker) {
+    helix_messaging_testkit::eventually(
+        Duration::from_secs(60),
+        "the group's commits caught up",
+        || async {
+            let backlog = broker.backlog(TOPIC, GROUP).await.ok()?;
+            (backlog.waiting == 0).then_some(())
+        },
+    )
+    .await;
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use helix_messaging_core::{Broker, Message, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
-use helix_messaging_testkit::drill::{Outcomes, Timeline, publish_patiently, record_deliveries};
+use helix_messaging_testkit::drill::Drill;
 use helix_messaging_testkit::faults::{PrivateRabbitMq, rabbitmqctl};
 use helix_messaging_testkit::{Conformance, env_lookup, eventually};
 
@@ -75,7 +75,7 @@ fn leader_of(queue: &str, any: &PrivateRabbitMq) -> String {
 async fn a_lost_queue_leader_loses_no_confirmed_message() {
     let mut cluster = PrivateRabbitMq::cluster(3);
     let queue = format!("{TOPIC}.{GROUP}");
-    let timeline: Arc<Timeline> = Arc::default();
+    let drill = Drill::new(PUBLISH_PATIENCE);
 
     let mut consumers = Vec::new();
     for c in 0..2 {
@@ -86,7 +86,7 @@ async fn a_lost_queue_leader_loses_no_confirmed_message() {
             .subscribe(TOPIC, SubscribeOptions::group(GROUP).with_prefetch(200))
             .await
             .unwrap();
-        consumers.push((record_deliveries(sub, timeline.clone(), false), broker));
+        consumers.push((drill.record_deliveries(sub, false), broker));
     }
     let kind = rabbitmqctl(&["-n", cluster[0].node(), "list_queues", "name", "type"]);
     assert!(
@@ -95,33 +95,23 @@ async fn a_lost_queue_leader_loses_no_confirmed_message() {
         "the group's queue is a quorum queue: {kind}"
     );
 
-    let outcomes: Arc<Outcomes> = Arc::default();
     let mut publishers = Vec::new();
     for p in 0..PUBLISHERS {
         let broker = RabbitBroker::connect(config(&cluster[p % 3], &cluster))
             .await
             .unwrap();
-        let (outcomes, timeline) = (outcomes.clone(), timeline.clone());
+        let drill = drill.clone();
         publishers.push(tokio::spawn(async move {
             for i in 0..EACH {
                 let id = format!("p{p}-m{i}");
                 let message = || Message::new("x");
-                publish_patiently(
-                    &broker,
-                    TOPIC,
-                    &id,
-                    message,
-                    PUBLISH_PATIENCE,
-                    &timeline,
-                    &outcomes,
-                )
-                .await;
+                drill.publish(&broker, TOPIC, &id, message).await;
             }
             broker.close().await.unwrap();
         }));
     }
     let total = PUBLISHERS * EACH;
-    let progress = || outcomes.settled();
+    let progress = || drill.outcomes.settled();
 
     eventually(Duration::from_secs(120), "a third published", || async {
         (progress() >= total / 3).then_some(())
@@ -150,22 +140,22 @@ async fn a_lost_queue_leader_loses_no_confirmed_message() {
     for publisher in publishers {
         publisher.await.unwrap();
     }
-    let confirmed = outcomes.acknowledged();
+    let confirmed = drill.outcomes.acknowledged();
     eventually(
         Duration::from_secs(120),
         "every confirmed message delivered",
-        || async { timeline.all_delivered(&confirmed).then_some(()) },
+        || async { drill.timeline.all_delivered(&confirmed).then_some(()) },
     )
     .await;
-    let lost = timeline.lost(&confirmed);
-    let duplicates = timeline.duplicates();
-    let after_kill = timeline.resumed_after(killed_at, None);
-    let after_stop = timeline.resumed_after(stopped_at, None);
+    let lost = drill.timeline.lost(&confirmed);
+    let duplicates = drill.timeline.duplicates();
+    let after_kill = drill.timeline.resumed_after(killed_at, None);
+    let after_stop = drill.timeline.resumed_after(stopped_at, None);
     eprintln!(
         "drill[rabbitmq, 3 nodes, quorum queue]: published {total}, confirmed {}, refused {}, lost {lost}, duplicates {duplicates}, delivering again {after_kill:?} after the leader was killed and {after_stop:?} after a second node was stopped (3 s); publishes refused for now and made again, by kind: {:?}",
         confirmed.len(),
-        outcomes.refused().len(),
-        outcomes.refused_for_now(),
+        drill.outcomes.refused().len(),
+        drill.outcomes.refused_for_now(),
     );
     assert_eq!(lost, 0, "confirmed messages lost");
     assert_eq!(

@@ -3,10 +3,10 @@
 //! and from these the figures a drill prints (lost, duplicates, time to deliver again after
 //! a fault).
 //!
-//! A drill's publishers publish with [`publish_patiently`]: a publish refused for now (a
-//! leader election, a lost connection, too few replicas) is made again under the same id, as
-//! an application does, until it is acknowledged or its patience runs out. Its consumers
-//! record with [`record_deliveries`].
+//! A [`Drill`] holds both records. Its publishers publish with [`Drill::publish`]: a publish
+//! refused for now (a leader election, a lost connection, too few replicas) is made again
+//! under the same id, as an application does, until it is acknowledged or the drill's
+//! patience runs out. Its consumers record with [`Drill::record_deliveries`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -125,11 +125,82 @@ impl Outcomes {
     }
 }
 
-/// Publish `message()` (a message with `id`) to `topic`; while it is refused retryably and
-/// `patience` has not run out since the first attempt, wait 50 ms and publish it again.
-/// Each attempt's first is recorded in `timeline`, the outcome in `outcomes` (a refusal for
-/// good is printed with its error).
-pub async fn publish_patiently(
+/// A drill's records: when messages were published and delivered, what publishers were
+/// told, and how long a publish refused for now is made again.
+#[derive(Debug)]
+pub struct Drill {
+    /// When each message was first published and first delivered.
+    pub timeline: Timeline,
+    /// What the publishers were told.
+    pub outcomes: Outcomes,
+    patience: Duration,
+}
+
+impl Drill {
+    /// Records for a drill whose publishes are made again for up to `patience`.
+    pub fn new(patience: Duration) -> Arc<Drill> {
+        Arc::new(Drill {
+            timeline: Timeline::default(),
+            outcomes: Outcomes::default(),
+            patience,
+        })
+    }
+
+    /// Publish `message()` (a message with `id`) to `topic`; while it is refused
+    /// retryably and the patience has not run out since the first attempt, wait 50 ms and
+    /// publish it again. The first attempt is recorded in the timeline, the outcome in the
+    /// outcomes (a refusal for good is printed with its error).
+    pub async fn publish(
+        &self,
+        publisher: &(impl Publisher + ?Sized),
+        topic: &str,
+        id: &str,
+        message: impl Fn() -> Message,
+    ) {
+        publish_patiently(
+            publisher,
+            topic,
+            id,
+            message,
+            self.patience,
+            &self.timeline,
+            &self.outcomes,
+        )
+        .await;
+    }
+
+    /// A task that records every delivery of `subscription` in the timeline (with its Kafka
+    /// partition, if any) and acks it, until the subscription ends. With `concurrent_acks`,
+    /// each ack runs on a task of its own (the prefetch window bounds how many are out), as
+    /// a consumer that keeps up does; otherwise one after another. An ack that fails (its
+    /// connection died, its partition moved) is left: the message comes again, a duplicate.
+    pub fn record_deliveries(
+        self: &Arc<Self>,
+        mut subscription: Subscription,
+        concurrent_acks: bool,
+    ) -> tokio::task::JoinHandle<()> {
+        let drill = self.clone();
+        tokio::spawn(async move {
+            while let Some(next) = subscription.next().await {
+                let Ok(delivery) = next else { continue };
+                let partition = match delivery.info().position {
+                    Some(Position::Offset { partition, .. }) => Some(partition),
+                    _ => None,
+                };
+                drill.timeline.delivered(delivery.message().id(), partition);
+                if concurrent_acks {
+                    tokio::spawn(async move {
+                        let _ = delivery.ack().await;
+                    });
+                } else {
+                    let _ = delivery.ack().await;
+                }
+            }
+        })
+    }
+}
+
+async fn publish_patiently(
     publisher: &(impl Publisher + ?Sized),
     topic: &str,
     id: &str,
@@ -162,33 +233,4 @@ pub async fn publish_patiently(
             }
         }
     }
-}
-
-/// A task that records every delivery of `subscription` in `timeline` (with its Kafka
-/// partition, if any) and acks it, until the subscription ends. With `concurrent_acks`,
-/// each ack runs on a task of its own (the prefetch window bounds how many are out), as a
-/// consumer that keeps up does; otherwise one after another. An ack that fails (its
-/// connection died, its partition moved) is left: the message comes again, a duplicate.
-pub fn record_deliveries(
-    mut subscription: Subscription,
-    timeline: Arc<Timeline>,
-    concurrent_acks: bool,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        while let Some(next) = subscription.next().await {
-            let Ok(delivery) = next else { continue };
-            let partition = match delivery.info().position {
-                Some(Position::Offset { partition, .. }) => Some(partition),
-                _ => None,
-            };
-            timeline.delivered(delivery.message().id(), partition);
-            if concurrent_acks {
-                tokio::spawn(async move {
-                    let _ = delivery.ack().await;
-                });
-            } else {
-                let _ = delivery.ack().await;
-            }
-        }
-    })
 }
