@@ -1,16 +1,18 @@
 //! Where the adapter's connections go: the configured server or, with sentinels
 //! (`REDIS_SENTINELS`), the primary they name, followed through a failover.
 //!
-//! redis-rs' connection manager reconnects to the address it was made for, which after a
-//! failover is a dead server, or, restarted, a stale primary the sentinels are about to
-//! demote (whose writes the resync then throws away). So every connection of the broker is
-//! a [`Connection`]: a connection manager that, once a command finds the server gone,
-//! silent or no longer primary (`READONLY`, `MASTERDOWN`, `LOADING`), is replaced (once,
-//! for all of its clones) by one to the server the sentinels name at that moment, checked
-//! with `ROLE` (trusted as named when the user may not run `ROLE`). Pub/sub subscriptions
-//! ask the sentinels each time they connect, without the `ROLE` check (a subscribed
-//! connection runs no other command). Without sentinels none of this happens; a command
-//! costs one atomic load and one boxed future more than on the manager itself.
+//! redis-rs' connection manager reconnects by itself, even while idle, to the address it
+//! was made for: after a failover a dead server; restarted, a stale primary the sentinels
+//! are about to demote (whose writes the resync then throws away); after a switchover a
+//! replica, which takes a `PUBLISH` without a word. So every connection of the broker is a
+//! [`Connection`]. Without sentinels it is a connection manager, and a command costs one
+//! atomic load and one boxed future more than on the manager itself. With sentinels it is a
+//! plain multiplexed connection to the primary they named, checked with `ROLE` (trusted as
+//! named when the user may not run `ROLE`), that never reconnects by itself: once a command
+//! finds it gone, silent or on a server no longer primary (`READONLY`, `MASTERDOWN`,
+//! `LOADING`), it is replaced (once, for all of its clones) by one to the server the
+//! sentinels name at that moment. Pub/sub subscriptions ask the sentinels each time they
+//! connect, without the `ROLE` check (a subscribed connection runs no other command).
 //!
 //! With `REDIS_CLUSTER_NODES` a connection is redis-rs' cluster connection instead, which
 //! routes each command to the node owning its key's slot and follows the cluster's own
@@ -179,38 +181,50 @@ impl Primary {
         }
         let (client, address) = self.client().await?;
         let doing = || format!("connecting to {address}");
-        let mut manager = client
-            .get_connection_manager_with_config(manager_config(&self.config, blocking))
+        if self.config.sentinels.is_empty() {
+            return client
+                .get_connection_manager_with_config(manager_config(&self.config, blocking))
+                .await
+                .map(Link::Single)
+                .map_err(|err| from_redis(err, doing()));
+        }
+        // With sentinels, a plain multiplexed connection: a connection manager reconnects
+        // by itself, even while idle, to the address it was made for; after a switchover
+        // that is a replica, which takes a PUBLISH without a word (and keeps it from the
+        // primary's subscribers). Lost, this connection fails its next command instead, and
+        // is replaced by one to the server the sentinels name.
+        let connection_config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.connect_timeout))
+            .set_response_timeout(Some(self.config.response_timeout + blocking));
+        let mut connection = client
+            .get_multiplexed_async_connection_with_config(&connection_config)
             .await
             .map_err(|err| from_redis(err, doing()))?;
-        if !self.config.sentinels.is_empty() {
-            // A sentinel's answer can lag behind a failover; the server knows its role.
-            match redis::cmd("ROLE")
-                .query_async::<Vec<Value>>(&mut manager)
-                .await
-            {
-                Ok(role) if matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") => {
-                }
-                Ok(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Connection,
-                        format!(
-                            "{}: the server the sentinels named is not a primary (yet)",
-                            doing()
-                        ),
-                    )
-                    .with_retryable(true));
-                }
-                // ROLE is an @admin command: a user without it trusts the sentinels.
-                Err(err) if err.code() == Some("NOPERM") => {
-                    tracing::warn!(%address, "ROLE not permitted; trusting the sentinels' answer");
-                }
-                Err(err) => return Err(from_redis(err, doing())),
+        // A sentinel's answer can lag behind a failover; the server knows its role.
+        match redis::cmd("ROLE")
+            .query_async::<Vec<Value>>(&mut connection)
+            .await
+        {
+            Ok(role) if matches!(role.first(), Some(Value::BulkString(r)) if r == b"master") => {}
+            Ok(_) => {
+                return Err(Error::new(
+                    ErrorKind::Connection,
+                    format!(
+                        "{}: the server the sentinels named is not a primary (yet)",
+                        doing()
+                    ),
+                )
+                .with_retryable(true));
             }
+            // ROLE is an @admin command: a user without it trusts the sentinels.
+            Err(err) if err.code() == Some("NOPERM") => {
+                tracing::warn!(%address, "ROLE not permitted; trusting the sentinels' answer");
+            }
+            Err(err) => return Err(from_redis(err, doing())),
         }
         // A failure here is not one of a connection in use: the connections that asked for
         // this one try again on their next command, with no new generation.
-        Ok(Link::Single(manager))
+        Ok(Link::Direct(connection))
     }
 }
 
@@ -328,7 +342,10 @@ pub(crate) struct Connection {
 /// A connection to one server, or to a cluster.
 #[derive(Clone)]
 enum Link {
+    /// One server, reconnecting by itself (no sentinels).
     Single(ConnectionManager),
+    /// The primary the sentinels named, never reconnecting by itself.
+    Direct(redis::aio::MultiplexedConnection),
     Cluster(redis::cluster_async::ClusterConnection),
 }
 
@@ -336,6 +353,7 @@ impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Link::Single(manager) => manager.req_packed_command(cmd),
+            Link::Direct(connection) => connection.req_packed_command(cmd),
             Link::Cluster(cluster) => cluster.req_packed_command(cmd),
         }
     }
@@ -348,6 +366,7 @@ impl ConnectionLike for Link {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Link::Single(manager) => manager.req_packed_commands(pipeline, offset, count),
+            Link::Direct(connection) => connection.req_packed_commands(pipeline, offset, count),
             Link::Cluster(cluster) => cluster.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -355,6 +374,7 @@ impl ConnectionLike for Link {
     fn get_db(&self) -> i64 {
         match self {
             Link::Single(manager) => manager.get_db(),
+            Link::Direct(connection) => connection.get_db(),
             Link::Cluster(cluster) => cluster.get_db(),
         }
     }

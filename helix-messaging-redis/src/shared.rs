@@ -156,19 +156,14 @@ pub(crate) fn backend_name(mode: RedisMode) -> &'static str {
 
 /// How a connection manager of this broker connects and reconnects; `blocking` is the
 /// longest a command on it blocks on the server (a blocking read's timeout), added to the
-/// response timeout.
-///
-/// With sentinels a manager tries once: retrying by itself it would reconnect to the address
-/// it was made for, a dead primary (or, restarted, a stale one the sentinels are about to
-/// demote, whose writes the resync throws away) instead of the one they name now. The
-/// broker's [`Connection`] asks them and connects again instead.
+/// response timeout. (With sentinels the broker uses no connection manager: see
+/// [`crate::primary`].)
 pub(crate) fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
-    let retries = if config.sentinels.is_empty() { 6 } else { 0 };
     ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.connect_timeout))
         .set_response_timeout(Some(config.response_timeout + blocking))
         .set_max_delay(config.max_reconnect_delay)
-        .set_number_of_retries(retries)
+        .set_number_of_retries(6)
 }
 
 /// A subscription's stream over the batches its task hands over; dropping the stream cancels

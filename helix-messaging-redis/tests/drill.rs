@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
-use helix_messaging_core::{Broker, Message, SubscribeOptions, Subscriber, TimeRange};
+use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber, TimeRange};
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use helix_messaging_testkit::drill::Drill;
 use helix_messaging_testkit::faults::PrivateRedisSentinels;
@@ -237,4 +237,111 @@ async fn with_one_replica_ack_a_failover_loses_nothing_acknowledged() {
     // Publishing waits for the killed server to rejoin as a replica.
     figures.assert_followed(Duration::from_secs(60));
     assert_eq!(figures.lost, 0, "acknowledged entries lost");
+}
+
+/// Pub/sub through the sentinels, across a planned switchover (`SENTINEL FAILOVER`: the
+/// replica becomes primary, the old primary its replica). A `PUBLISH` on the old primary
+/// would be taken without a word and reach only its own subscribers: the publishing
+/// connection, closed by the switchover, must connect again to the one the sentinels name,
+/// not to the address it had. The subscription goes on receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pubsub_follows_a_planned_switchover() {
+    let group = PrivateRedisSentinels::start();
+    let sentinels = group.sentinels();
+    let mut config = RedisConfig::from_vars(
+        env_lookup(&[
+            ("REDIS_SENTINELS", sentinels.as_str()),
+            ("REDIS_SENTINEL_MASTER", PrivateRedisSentinels::MASTER),
+        ]),
+        RedisMode::PubSub,
+    )
+    .unwrap();
+    config.max_reconnect_delay = Duration::from_millis(200);
+    let broker = RedisBroker::connect(config).await.unwrap();
+    let mut sub = broker
+        .subscribe("switchover", SubscribeOptions::default())
+        .await
+        .unwrap();
+    // Until the subscription is back on the primary, a publish may reach nobody there:
+    // publish until one arrives.
+    let publish_until_received = async |sub: &mut helix_messaging_core::Subscription,
+                                        label: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "nothing arrived on the {label} primary within 30 s"
+            );
+            let _ = broker
+                .publish("switchover", Message::new(label.to_owned()))
+                .await;
+            if let Ok(Some(Ok(delivery))) =
+                tokio::time::timeout(Duration::from_millis(500), sub.next()).await
+            {
+                return delivery.message().payload().clone();
+            }
+        }
+    };
+    let first = group.primary_port();
+    assert_eq!(
+        publish_until_received(&mut sub, "first").await,
+        "first".as_bytes()
+    );
+    let switched = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &group.sentinel_ports()[0].to_string(),
+            "SENTINEL",
+            "FAILOVER",
+            PrivateRedisSentinels::MASTER,
+        ])
+        .output()
+        .expect("redis-cli");
+    assert_eq!(String::from_utf8_lossy(&switched.stdout).trim(), "OK");
+    eventually(
+        Duration::from_secs(30),
+        "the sentinels switched the primary",
+        || async { (group.primary_port() != first).then_some(()) },
+    )
+    .await;
+    // The publishes went to the new primary. (The subscription may stay on the old one,
+    // now a replica: the switchover closes normal clients, not subscribers, and a replica
+    // receives every PUBLISH of its primary through replication, so it keeps receiving.)
+    let publishes_on = |port: u16| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string(), "INFO", "commandstats"])
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // What the new primary had run before (as a replica, what replication brought it).
+    let before = publishes_on(group.primary_port());
+    let switched_at = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "a publish on the new primary",
+        || async {
+            let _ = broker.publish("switchover", Message::new("second")).await;
+            (publishes_on(group.primary_port()) > before).then_some(())
+        },
+    )
+    .await;
+    eprintln!(
+        "switchover: publishing on the new primary {:?} after the sentinels named it",
+        switched_at.elapsed()
+    );
+    // And the subscription goes on receiving (on the new primary, or on the old one once
+    // it replicates from the new).
+    let third = loop {
+        let payload = publish_until_received(&mut sub, "third").await;
+        if payload == "third".as_bytes() {
+            break payload;
+        }
+    };
+    assert_eq!(third, "third".as_bytes());
+    broker.close().await.unwrap();
 }

@@ -654,6 +654,11 @@ impl PrivateRedisSentinels {
             .join(",")
     }
 
+    /// The sentinels' ports.
+    pub fn sentinel_ports(&self) -> &[u16] {
+        &self.sentinel_ports
+    }
+
     /// The port of the server the first sentinel names primary now.
     ///
     /// # Panics
