@@ -5,8 +5,8 @@
 //! was made for: after a failover a dead server; restarted, a stale primary the sentinels
 //! are about to demote (whose writes the resync then throws away); after a switchover a
 //! replica, which takes a `PUBLISH` without a word. So every connection of the broker is a
-//! [`Connection`]. Without sentinels it is a connection manager, and a command costs one
-//! atomic load and one boxed future more than on the manager itself. With sentinels it is a
+//! [`Connection`]. Without sentinels it is a connection manager (or the cluster client),
+//! and a command goes straight to it, past one branch. With sentinels it is a
 //! plain multiplexed connection to the primary they named, checked with `ROLE` (trusted as
 //! named when the user may not run `ROLE`), that never reconnects by itself: once a command
 //! finds it gone, silent or on a server no longer primary (`READONLY`, `MASTERDOWN`,
@@ -122,6 +122,12 @@ impl Primary {
             *current = target.clone();
         }
         Ok((target.client, target.address))
+    }
+
+    /// Whether connections follow the sentinels' choice of primary (else they stay with
+    /// the configured server, or the cluster client follows the cluster).
+    fn follows_sentinels(&self) -> bool {
+        !self.config.sentinels.is_empty()
     }
 
     /// The address of the primary last found, without credentials.
@@ -465,6 +471,10 @@ impl Connection {
 
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        if !self.slot.primary.follows_sentinels() {
+            // Nothing to follow: the manager's own (boxed) future, with no second one.
+            return self.manager.req_packed_command(cmd);
+        }
         async move {
             self.follow().await?;
             let reply = self.manager.req_packed_command(cmd).await;
@@ -483,6 +493,9 @@ impl ConnectionLike for Connection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
+        if !self.slot.primary.follows_sentinels() {
+            return self.manager.req_packed_commands(pipeline, offset, count);
+        }
         async move {
             self.follow().await?;
             let reply = self
