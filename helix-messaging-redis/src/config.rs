@@ -343,7 +343,8 @@ impl RedisConfig {
     /// fault: sentinels without the primary's name or the other way round; a cluster in
     /// pub/sub mode (a subscription reads one node, and the cluster forwards every
     /// `PUBLISH` to every node over its bus, so pub/sub gains nothing from it), with
-    /// sentinels, or with a database other than 0 (a cluster has only database 0); replica
+    /// sentinels, with a database other than 0 (a cluster has only database 0), or with
+    /// certificate files (redis-rs takes a cluster's only with rustls); replica
     /// acknowledgements in pub/sub mode (nothing kept to replicate) or with a zero timeout
     /// (`WAIT n 0` waits forever, holding every command queued behind it).
     pub fn validate(&self) -> Result<()> {
@@ -373,6 +374,12 @@ impl RedisConfig {
                 )
             } else if self.info.redis_settings().db() != 0 {
                 Some("a Redis Cluster has only database 0; the URL or REDIS_DB names another")
+            } else if self.tls_ca_cert.is_some() || self.tls_client.is_some() {
+                // redis-rs takes certificates for a cluster only with its rustls backend;
+                // this crate uses native-tls.
+                Some(
+                    "REDIS_TLS_CA_CERT and REDIS_TLS_CERT / REDIS_TLS_KEY are not supported with a Redis Cluster; use certificates the system trusts",
+                )
             } else {
                 None
             };
@@ -657,6 +664,13 @@ mod tests {
             ),
             (
                 vec![("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_DB", "2")],
+                "REDIS_CLUSTER_NODES",
+            ),
+            (
+                vec![
+                    ("REDIS_CLUSTER_NODES", "a:1"),
+                    ("REDIS_TLS_CA_CERT", "/ca.pem"),
+                ],
                 "REDIS_CLUSTER_NODES",
             ),
             (vec![("REDIS_SENTINELS", "::1")], "REDIS_SENTINELS"),

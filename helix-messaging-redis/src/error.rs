@@ -9,7 +9,7 @@ use redis::RedisError;
 pub(crate) fn from_redis(err: RedisError, doing: impl Display) -> Error {
     let kind = if err.is_timeout() {
         ErrorKind::Timeout
-    } else if err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal() {
+    } else if lost_the_connection(&err) {
         ErrorKind::Connection
     } else {
         match err.kind() {
@@ -21,9 +21,7 @@ pub(crate) fn from_redis(err: RedisError, doing: impl Display) -> Error {
             _ if err.code() == Some("NOGROUP") => ErrorKind::NotFound,
             // A server that is not (or not yet) the primary: after a failover, the next
             // attempt goes to the one that is.
-            _ if matches!(err.code(), Some("READONLY" | "MASTERDOWN" | "LOADING")) => {
-                ErrorKind::Connection
-            }
+            _ if err.code().is_some_and(not_primary) => ErrorKind::Connection,
             _ => ErrorKind::Backend,
         }
     };
@@ -39,6 +37,18 @@ pub(crate) fn from_redis(err: RedisError, doing: impl Display) -> Error {
     Error::new(kind, format!("{doing}: {err}"))
         .with_retryable(retryable)
         .with_source(err)
+}
+
+/// Whether `err` says the connection to the server is gone (or was never made).
+pub(crate) fn lost_the_connection(err: &RedisError) -> bool {
+    err.is_io_error() || err.is_connection_dropped() || err.is_connection_refusal()
+}
+
+/// Whether a server error code says the server does not take writes as a primary: a
+/// replica (`READONLY`), one cut off from its primary (`MASTERDOWN`), or one still loading
+/// its data (`LOADING`).
+pub(crate) fn not_primary(code: &str) -> bool {
+    matches!(code, "READONLY" | "MASTERDOWN" | "LOADING")
 }
 
 /// Whether a server error is the given code (`BUSYGROUP`, `NOGROUP`, …).

@@ -212,9 +212,10 @@ impl RedisBroker {
         config.validate()?;
         let primary = Arc::new(Primary::locate(&config).await?);
         // One direct attempt first, so an unreachable server or a refused certificate is
-        // reported at once rather than after the manager's reconnect backoff. (A cluster
-        // connection is made once, without a backoff, below.)
-        if config.cluster_nodes.is_empty() {
+        // reported at once rather than after the manager's reconnect backoff. (A cluster's
+        // connection, or a sentinel-named primary's, is made once without a backoff below:
+        // only the plain server's is a connection manager.)
+        if config.cluster_nodes.is_empty() && config.sentinels.is_empty() {
             let (client, address) = primary.client().await?;
             within(
                 config.connect_timeout,

@@ -28,7 +28,7 @@ use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::config::RedisConfig;
-use crate::error::from_redis;
+use crate::error::{from_redis, lost_the_connection, not_primary};
 use crate::shared::manager_config;
 
 /// The server connections go to, and how it is found.
@@ -101,7 +101,7 @@ impl Primary {
     /// # Errors
     /// With sentinels, none answered with a primary.
     pub(crate) async fn client(&self) -> Result<(redis::Client, String)> {
-        if self.config.sentinels.is_empty() {
+        if !self.follows_sentinels() {
             let current = self.current.read();
             return Ok((current.client.clone(), current.address.clone()));
         }
@@ -141,7 +141,7 @@ impl Primary {
     /// generation moves them: those of connections already replaced, or of commands that
     /// were out together, do not start another round.
     fn after_failure(&self, generation: u64, failure: Failure) {
-        if self.config.sentinels.is_empty() || failure == Failure::Other {
+        if !self.follows_sentinels() || failure == Failure::Other {
             return;
         }
         let _ = self.generation.compare_exchange(
@@ -187,7 +187,7 @@ impl Primary {
         }
         let (client, address) = self.client().await?;
         let doing = || format!("connecting to {address}");
-        if self.config.sentinels.is_empty() {
+        if !self.follows_sentinels() {
             return client
                 .get_connection_manager_with_config(manager_config(&self.config, blocking))
                 .await
@@ -247,11 +247,7 @@ enum Failure {
 
 impl Failure {
     fn of_error(err: &RedisError) -> Failure {
-        if err.is_io_error()
-            || err.is_connection_dropped()
-            || err.is_connection_refusal()
-            || err.is_timeout()
-        {
+        if lost_the_connection(err) || err.is_timeout() {
             Failure::Lost
         } else if err.code().is_some_and(not_primary) {
             Failure::NotPrimary
@@ -276,11 +272,6 @@ impl Failure {
             .find(|failure| *failure != Failure::Other)
             .unwrap_or(Failure::Other)
     }
-}
-
-/// Whether a server error code says the server does not take writes as a primary.
-fn not_primary(code: &str) -> bool {
-    matches!(code, "READONLY" | "MASTERDOWN" | "LOADING")
 }
 
 /// Ask every sentinel at once which server is the primary; the first answer wins (a
@@ -386,7 +377,8 @@ impl ConnectionLike for Link {
     }
 }
 
-/// The cluster's client: its nodes with the configured password and TLS settings.
+/// The cluster's client: its nodes with the configured password and TLS mode
+/// ([`RedisConfig::validate`] refuses certificate files with a cluster).
 fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient> {
     let nodes: Vec<redis::ConnectionInfo> = config
         .cluster_nodes
@@ -396,14 +388,6 @@ fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient>
     let builder = redis::cluster::ClusterClient::builder(nodes)
         .connection_timeout(config.connect_timeout)
         .response_timeout(config.response_timeout);
-    if config.tls_ca_cert.is_some() || config.tls_client.is_some() {
-        // redis-rs takes certificates for a cluster only with its rustls backend; this
-        // crate uses native-tls. `rediss://` with the system's trust store still works.
-        return Err(Error::config(
-            "REDIS_CLUSTER_NODES",
-            "REDIS_TLS_CA_CERT and REDIS_TLS_CERT / REDIS_TLS_KEY are not supported with a Redis Cluster; use certificates the system trusts",
-        ));
-    }
     builder.build().map_err(|e| {
         Error::config(
             "REDIS_CLUSTER_NODES",
