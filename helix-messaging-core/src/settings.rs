@@ -55,6 +55,40 @@ pub fn paired_files(
     }
 }
 
+/// One server address as the settings write it: `host`, `host:port`, `[v6]` or
+/// `[v6]:port`, with `default_port` where none is given. An IPv6 address goes in brackets:
+/// unbracketed, its colons cannot be told from the port's.
+///
+/// # Errors
+/// What is wrong with `address`, for the caller's error naming its variable: no host, a
+/// port that is not a number, an IPv6 address without brackets, without its closing
+/// bracket or with text after it.
+pub fn host_and_port(address: &str, default_port: u16) -> Result<(String, u16), &'static str> {
+    let port_of = |port: &str| port.parse().map_err(|_| "the port is not a number");
+    let (host, port) = if let Some(bracketed) = address.strip_prefix('[') {
+        // Connected to without the brackets.
+        let (host, rest) = bracketed
+            .split_once(']')
+            .ok_or("an IPv6 address without its closing bracket")?;
+        match rest.strip_prefix(':') {
+            Some(port) => (host, port_of(port)?),
+            None if rest.is_empty() => (host, default_port),
+            None => return Err("text after the IPv6 address"),
+        }
+    } else if address.matches(':').count() > 1 {
+        return Err("an IPv6 address goes in brackets, as [::1]:port");
+    } else {
+        match address.rsplit_once(':') {
+            Some((host, port)) => (host, port_of(port)?),
+            None => (address, default_port),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    Ok((host.to_owned(), port))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,6 +99,31 @@ mod tests {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         move |name| set.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn addresses_are_read_with_or_without_a_port_and_ipv6_in_brackets() {
+        for (address, read) in [
+            ("node", ("node", 5672)),
+            ("node:5680", ("node", 5680)),
+            ("[::1]:5680", ("::1", 5680)),
+            ("[fd00::2]", ("fd00::2", 5672)),
+        ] {
+            assert_eq!(
+                host_and_port(address, 5672),
+                Ok((read.0.to_owned(), read.1)),
+                "{address}"
+            );
+        }
+        for (wrong, why) in [
+            ("node:port", "the port is not a number"),
+            ("fd00::2", "an IPv6 address goes in brackets, as [::1]:port"),
+            ("[::1", "an IPv6 address without its closing bracket"),
+            ("[::1]x", "text after the IPv6 address"),
+            (":5672", "no host"),
+        ] {
+            assert_eq!(host_and_port(wrong, 5672), Err(why), "{wrong}");
+        }
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Configuration from code or from HelixAgent's variables. The password never appears in
 //! `Debug`, `Display`, logs or errors (lapin's URI type prints it, so it stays inside).
 
-use helix_messaging_core::settings::paired_files;
+use helix_messaging_core::settings::{self, paired_files};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -438,29 +438,9 @@ fn cluster_nodes(nodes: &str, default_port: u16) -> Result<Vec<(String, u16)>> {
                 .map_err(|_| bad(node, "not a valid AMQP URI"))?;
             (uri.authority.host, uri.authority.port)
         } else {
+            // The documents' `rabbit@host` names the node's host.
             let host_port = node.rsplit_once('@').map_or(node, |(_, host)| host);
-            let port_of = |port: &str| {
-                port.parse()
-                    .map_err(|_| bad(node, "the port is not a number"))
-            };
-            if let Some(bracketed) = host_port.strip_prefix('[') {
-                // An IPv6 address, `[::1]` or `[::1]:5672`: connected to without brackets.
-                let (host, rest) = bracketed
-                    .split_once(']')
-                    .ok_or_else(|| bad(node, "an IPv6 address without its closing bracket"))?;
-                match rest.strip_prefix(':') {
-                    Some(port) => (host.to_owned(), port_of(port)?),
-                    None if rest.is_empty() => (host.to_owned(), default_port),
-                    None => return Err(bad(node, "text after the IPv6 address")),
-                }
-            } else if host_port.matches(':').count() > 1 {
-                return Err(bad(node, "an IPv6 address goes in brackets, [::1]:5672"));
-            } else {
-                match host_port.rsplit_once(':') {
-                    Some((host, port)) => (host.to_owned(), port_of(port)?),
-                    None => (host_port.to_owned(), default_port),
-                }
-            }
+            settings::host_and_port(host_port, default_port).map_err(|why| bad(node, why))?
         };
         if host.is_empty() {
             return Err(bad(node, "no host"));

@@ -5,7 +5,7 @@
 //! configuration's capabilities start from them, and every other module can name a mode
 //! without reaching up to the crate root.
 
-use helix_messaging_core::settings::paired_files;
+use helix_messaging_core::settings::{self, paired_files};
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -515,35 +515,16 @@ impl fmt::Debug for RedisConfig {
 /// A list of servers in `variable`: `host:port`, `[v6]:port` or a host alone
 /// (`default_port`), comma separated.
 fn parse_nodes(variable: &str, list: &str, default_port: u16) -> Result<Vec<(String, u16)>> {
-    let malformed = |entry: &str| {
-        Error::config(
-            variable,
-            format!("expected host:port entries separated by commas, got {entry:?}"),
-        )
-    };
     list.split(',')
         .map(str::trim)
         .filter(|entry| !entry.is_empty())
         .map(|entry| {
-            let (host, port) = if let Some(rest) = entry.strip_prefix('[') {
-                let (host, after) = rest.split_once(']').ok_or_else(|| malformed(entry))?;
-                (host, after.strip_prefix(':'))
-            } else {
-                match entry.rsplit_once(':') {
-                    Some((host, port)) => (host, Some(port)),
-                    None => (entry, None),
-                }
-            };
-            let port = match port {
-                None => default_port,
-                Some(port) => port.parse().map_err(|_| malformed(entry))?,
-            };
-            // An IPv6 address is written in brackets ("[::1]:26379"): unbracketed, its
-            // colons cannot be told from the port's.
-            if host.is_empty() || (host.contains(':') && !entry.starts_with('[')) {
-                return Err(malformed(entry));
-            }
-            Ok((host.to_owned(), port))
+            settings::host_and_port(entry, default_port).map_err(|why| {
+                Error::config(
+                    variable,
+                    format!("{entry:?}: {why}; expected host:port entries separated by commas"),
+                )
+            })
         })
         .collect()
 }
