@@ -7,7 +7,7 @@ use std::time::Duration;
 use helix_messaging_core::Broker;
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use helix_messaging_testkit::Conformance;
-use helix_messaging_testkit::faults::PrivateRedisCluster;
+use helix_messaging_testkit::faults::{PrivateRedisCluster, redis_cli};
 
 /// Delete the streams (and their `.undecodable` companions) a case created.
 async fn delete_topics(topics: Vec<String>) {
@@ -86,11 +86,7 @@ async fn redis_streams_pass_the_conformance_suite_on_a_cluster() {
         .nodes
         .iter()
         .filter(|node| {
-            let out = std::process::Command::new("redis-cli")
-                .args(["-p", &node.port().to_string(), "DBSIZE"])
-                .output()
-                .expect("redis-cli");
-            String::from_utf8_lossy(&out.stdout)
+            redis_cli(node.port(), &["DBSIZE"])
                 .trim()
                 .parse::<u64>()
                 .unwrap_or(0)

@@ -23,7 +23,7 @@ use futures::StreamExt;
 use helix_messaging_core::{Broker, Message, Publisher, SubscribeOptions, Subscriber, TimeRange};
 use helix_messaging_redis::{RedisBroker, RedisConfig, RedisMode};
 use helix_messaging_testkit::drill::Drill;
-use helix_messaging_testkit::faults::PrivateRedisSentinels;
+use helix_messaging_testkit::faults::{PrivateRedisSentinels, redis_cli};
 use helix_messaging_testkit::{env_lookup, eventually};
 
 const PUBLISHERS: usize = 8;
@@ -115,22 +115,8 @@ async fn drill(extra: &[(&str, &str)]) -> Figures {
     group.servers[replica].pause();
     // Its link dropped too: what the primary had already sent waits in the frozen
     // replica's socket and would still reach it; from here on nothing does.
-    let dropped = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &old_primary.to_string(),
-            "CLIENT",
-            "KILL",
-            "TYPE",
-            "replica",
-        ])
-        .output()
-        .expect("redis-cli");
-    assert_eq!(
-        String::from_utf8_lossy(&dropped.stdout).trim(),
-        "1",
-        "the replica's link dropped"
-    );
+    let dropped = redis_cli(old_primary, &["CLIENT", "KILL", "TYPE", "replica"]);
+    assert_eq!(dropped.trim(), "1", "the replica's link dropped");
     tokio::time::sleep(REPLICA_BEHIND).await;
     group.primary().crash();
     let killed_at = Instant::now();
@@ -154,11 +140,7 @@ async fn drill(extra: &[(&str, &str)]) -> Figures {
     }
 
     // The stream is on the group's primary (the sentinels' choice), not elsewhere.
-    let xlen = std::process::Command::new("redis-cli")
-        .args(["-p", &group.primary_port().to_string(), "XLEN", TOPIC])
-        .output()
-        .expect("redis-cli");
-    let xlen: usize = String::from_utf8_lossy(&xlen.stdout)
+    let xlen: usize = redis_cli(group.primary_port(), &["XLEN", TOPIC])
         .trim()
         .parse()
         .unwrap_or(0);
@@ -287,17 +269,11 @@ async fn pubsub_follows_a_planned_switchover() {
         publish_until_received(&mut sub, "first").await,
         "first".as_bytes()
     );
-    let switched = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &group.sentinel_ports()[0].to_string(),
-            "SENTINEL",
-            "FAILOVER",
-            PrivateRedisSentinels::MASTER,
-        ])
-        .output()
-        .expect("redis-cli");
-    assert_eq!(String::from_utf8_lossy(&switched.stdout).trim(), "OK");
+    let switched = redis_cli(
+        group.sentinel_ports()[0],
+        &["SENTINEL", "FAILOVER", PrivateRedisSentinels::MASTER],
+    );
+    assert_eq!(switched.trim(), "OK");
     eventually(
         Duration::from_secs(30),
         "the sentinels switched the primary",
@@ -308,11 +284,7 @@ async fn pubsub_follows_a_planned_switchover() {
     // now a replica: the switchover closes normal clients, not subscribers, and a replica
     // receives every PUBLISH of its primary through replication, so it keeps receiving.)
     let publishes_on = |port: u16| {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "INFO", "commandstats"])
-            .output()
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout)
+        redis_cli(port, &["INFO", "commandstats"])
             .lines()
             .find_map(|line| line.strip_prefix("cmdstat_publish:calls="))
             .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())

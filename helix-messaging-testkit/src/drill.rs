@@ -157,16 +157,31 @@ impl Drill {
         id: &str,
         message: impl Fn() -> Message,
     ) {
-        publish_patiently(
-            publisher,
-            topic,
-            id,
-            message,
-            self.patience,
-            &self.timeline,
-            &self.outcomes,
-        )
-        .await;
+        let started = Instant::now();
+        self.timeline.published(id);
+        loop {
+            match publisher.publish(topic, message().with_id(id)).await {
+                Ok(()) => {
+                    self.outcomes.inner.lock().acknowledged.push(id.to_owned());
+                    return;
+                }
+                Err(e) if e.is_retryable() && started.elapsed() < self.patience => {
+                    *self
+                        .outcomes
+                        .inner
+                        .lock()
+                        .refused_for_now
+                        .entry(format!("{:?}", e.kind()))
+                        .or_default() += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => {
+                    eprintln!("{id} refused for good: {e}");
+                    self.outcomes.inner.lock().refused.push(id.to_owned());
+                    return;
+                }
+            }
+        }
     }
 
     /// A task that records every delivery of `subscription` in the timeline (with its Kafka
@@ -197,40 +212,5 @@ impl Drill {
                 }
             }
         })
-    }
-}
-
-async fn publish_patiently(
-    publisher: &(impl Publisher + ?Sized),
-    topic: &str,
-    id: &str,
-    message: impl Fn() -> Message,
-    patience: Duration,
-    timeline: &Timeline,
-    outcomes: &Outcomes,
-) {
-    let started = Instant::now();
-    timeline.published(id);
-    loop {
-        match publisher.publish(topic, message().with_id(id)).await {
-            Ok(()) => {
-                outcomes.inner.lock().acknowledged.push(id.to_owned());
-                return;
-            }
-            Err(e) if e.is_retryable() && started.elapsed() < patience => {
-                *outcomes
-                    .inner
-                    .lock()
-                    .refused_for_now
-                    .entry(format!("{:?}", e.kind()))
-                    .or_default() += 1;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => {
-                eprintln!("{id} refused for good: {e}");
-                outcomes.inner.lock().refused.push(id.to_owned());
-                return;
-            }
-        }
     }
 }

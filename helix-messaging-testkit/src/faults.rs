@@ -121,9 +121,7 @@ fn rabbitmq_log_tail() -> String {
     for log in logs.flatten() {
         let name = log.file_name().to_string_lossy().into_owned();
         if name.starts_with("rabbit@") && name.ends_with(".log") {
-            let body = std::fs::read_to_string(log.path()).unwrap_or_default();
-            let lines: Vec<&str> = body.lines().collect();
-            text += &lines[lines.len().saturating_sub(40)..].join("\n");
+            text += &file_tail(&log.path(), 40);
         }
     }
     text
@@ -142,7 +140,7 @@ fn restart_rabbitmq_node() -> Result<(), String> {
         }
     }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while rabbitmq_port_open() && Instant::now() < deadline {
+    while port_open(5672) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
     let out = Command::new("rabbitmq-server")
@@ -163,7 +161,7 @@ fn restart_rabbitmq_node() -> Result<(), String> {
             Duration::from_secs(70),
         )
         .is_ok()
-            && rabbitmq_port_open()
+            && port_open(5672)
         {
             return Ok(());
         }
@@ -177,8 +175,20 @@ fn restart_rabbitmq_node() -> Result<(), String> {
     }
 }
 
-fn rabbitmq_port_open() -> bool {
-    TcpStream::connect_timeout(&"127.0.0.1:5672".parse().unwrap(), Duration::from_secs(1)).is_ok()
+/// Whether something accepts connections on `port` of 127.0.0.1 (within a second).
+fn port_open(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_secs(1),
+    )
+    .is_ok()
+}
+
+/// The last `lines` lines of the file at `path` (empty when it cannot be read).
+fn file_tail(path: &std::path::Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 /// A RabbitMQ vhost of the test's own (guest may use it), deleted when dropped.
@@ -771,8 +781,9 @@ impl PrivateRedisCluster {
     }
 }
 
-/// `redis-cli -p <port> <args>`'s output (empty when it cannot be run or reach the port).
-fn redis_cli(port: u16, args: &[&str]) -> String {
+/// `redis-cli -p <port> <args>`'s output, as it prints it (empty when it cannot be run or
+/// reach the port: a check on the output then fails).
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
     Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)
@@ -888,7 +899,6 @@ pub use kafka_cluster::PrivateKafkaCluster;
 mod kafka_cluster {
     use std::collections::BTreeSet;
     use std::fs::File;
-    use std::net::TcpStream;
     use std::path::{Path, PathBuf};
     use std::process::{Child, Command, Stdio};
     use std::time::{Duration, Instant};
@@ -896,7 +906,7 @@ mod kafka_cluster {
     use rdkafka::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
 
-    use super::free_port;
+    use super::{file_tail, free_port, port_open};
 
     /// The release whose jars `ensure_kafka` in `scripts/services.sh` caches (its
     /// `KAFKA_VERSION`): the brokers the test suite runs on.
@@ -935,9 +945,7 @@ mod kafka_cluster {
 
         /// The end of its output (every run of it: a restart appends).
         fn log_tail(&self) -> String {
-            let out = std::fs::read_to_string(self.output()).unwrap_or_default();
-            let lines: Vec<&str> = out.lines().collect();
-            lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+            file_tail(&self.output(), LOG_TAIL_LINES)
         }
 
         fn kill(&mut self) {
@@ -1324,14 +1332,6 @@ mod kafka_cluster {
             }
         }
         ports
-    }
-
-    fn port_open(port: u16) -> bool {
-        TcpStream::connect_timeout(
-            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(1),
-        )
-        .is_ok()
     }
 
     /// A cluster id as Kafka writes one (`kafka-storage random-uuid`): 16 random bytes in
