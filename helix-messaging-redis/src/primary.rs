@@ -24,12 +24,11 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use helix_messaging_core::{Error, ErrorKind, Result};
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 use crate::config::RedisConfig;
 use crate::error::{from_redis, lost_the_connection, not_primary};
-use crate::shared::manager_config;
 
 /// The server connections go to, and how it is found.
 pub(crate) struct Primary {
@@ -232,6 +231,17 @@ impl Primary {
         // this one try again on their next command, with no new generation.
         Ok(Link::Direct(connection))
     }
+}
+
+/// How a connection manager of this broker connects and reconnects; `blocking` is the
+/// longest a command on it blocks on the server (a blocking read's timeout), added to the
+/// response timeout. (With sentinels the broker uses no connection manager.)
+fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.connect_timeout))
+        .set_response_timeout(Some(config.response_timeout + blocking))
+        .set_max_delay(config.max_reconnect_delay)
+        .set_number_of_retries(6)
 }
 
 /// What a failed command says about the server it went to.

@@ -13,7 +13,6 @@ use helix_messaging_core::observe::connection::{
     ConnectionState, count_connection, count_connection_failure,
 };
 use helix_messaging_core::{Delivery, Error, Result};
-use redis::aio::ConnectionManagerConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -152,18 +151,6 @@ pub(crate) fn backend_name(mode: RedisMode) -> &'static str {
         RedisMode::PubSub => PUBSUB_NAME,
         RedisMode::Streams => STREAMS_NAME,
     }
-}
-
-/// How a connection manager of this broker connects and reconnects; `blocking` is the
-/// longest a command on it blocks on the server (a blocking read's timeout), added to the
-/// response timeout. (With sentinels the broker uses no connection manager: see
-/// [`crate::primary`].)
-pub(crate) fn manager_config(config: &RedisConfig, blocking: Duration) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(config.connect_timeout))
-        .set_response_timeout(Some(config.response_timeout + blocking))
-        .set_max_delay(config.max_reconnect_delay)
-        .set_number_of_retries(6)
 }
 
 /// A subscription's stream over the batches its task hands over; dropping the stream cancels
