@@ -27,8 +27,8 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
-    publish_and_consume, raw_publishing, scenarios,
+    Baseline, Clock, Options, Pattern, Run, Shape, adapter_publish, compare_baselines, histogram,
+    pattern, publish_and_consume, raw_publishing, scenarios,
 };
 
 const PARTITIONS: i32 = 4;
@@ -181,14 +181,14 @@ async fn raw_publish_all(
 
 /// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one record at a time from
 /// each of `PEAK_CALLERS` tasks sharing the producer.
-async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
+async fn raw_publish_only(options: &Options, baseline: Baseline, pattern: Pattern) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("raw-publish");
     raw_create_topic(&topic).await;
     let producer = raw_producer(&topic);
     let started = Instant::now();
     let batch = shape(options).batch;
-    let latency = raw_publishing(options.messages, batch, concurrent, |count, batch| {
+    let latency = raw_publishing(options.messages, batch, pattern, |count, batch| {
         let (producer, topic) = (producer.clone(), topic.clone());
         async move { raw_publish_all(&producer, &topic, count, batch, clock, baseline).await }
     })
@@ -205,7 +205,7 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
 /// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
 /// one `publish` at a time from each of
 /// `PEAK_CALLERS` tasks.
-async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
+async fn adapter_publish_only(options: &Options, pattern: Pattern) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");
     let broker = KafkaBroker::connect(adapter_config())
@@ -221,7 +221,7 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
         &topic,
         options.messages,
         shape(options).batching(),
-        concurrent,
+        pattern,
         clock,
     )
     .await;
@@ -366,16 +366,14 @@ pub(crate) async fn compare(options: &Options) {
         scenarios(options),
         |scenario, baseline| async move {
             match scenario {
-                0 => raw_publish_only(options, baseline, false).await,
                 1 => raw_e2e(options, baseline).await,
-                _ => raw_publish_only(options, baseline, true).await,
+                _ => raw_publish_only(options, baseline, pattern(scenario)).await,
             }
         },
         |scenario| async move {
             match scenario {
-                0 => adapter_publish_only(options, false).await,
                 1 => adapter_e2e(options).await,
-                _ => adapter_publish_only(options, true).await,
+                _ => adapter_publish_only(options, pattern(scenario)).await,
             }
         },
     )

@@ -8,7 +8,9 @@ use helix_messaging::memory::{MemoryBroker, MemoryConfig};
 use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::mpsc;
 
-use crate::measure::{Clock, Options, Run, histogram, publish_concurrently, report};
+use crate::measure::{
+    Clock, Options, Run, histogram, publish_concurrently, publish_through_window, report,
+};
 
 /// Queue bound shared by both sides, so neither buffers more than the other.
 const CAPACITY: usize = 10_000;
@@ -40,21 +42,21 @@ pub(crate) async fn raw_mpsc(options: &Options) -> Run {
     }
 }
 
-/// Publishing for [`memory_broker`]: `publish_batch` of this many (1: `publish`), or one
-/// `publish` at a time from each of `PEAK_CALLERS` tasks.
+/// Publishing for [`memory_broker`]: `publish_batch` of this many (1: `publish`), one
+/// `publish` at a time from each of `PEAK_CALLERS` tasks, or one `PublishWindow::send` per
+/// message with the queue bound in flight.
 #[derive(Clone, Copy)]
 pub(crate) enum Publishing {
     Batches(usize),
     Concurrent,
+    Window,
 }
 
 pub(crate) async fn memory_broker(options: &Options, publishing: Publishing) -> Run {
     let clock = Clock::new(options.size);
     let broker = Arc::new(MemoryBroker::with_config(MemoryConfig {
         max_queue_depth: CAPACITY,
-        retention_messages: std::env::var("XRET")
-            .ok()
-            .map_or(100_000, |v| v.parse().unwrap()),
+        retention_messages: 100_000,
         ..MemoryConfig::default()
     }));
     let topic = "bench.memory";
@@ -74,6 +76,10 @@ pub(crate) async fn memory_broker(options: &Options, publishing: Publishing) -> 
                 Publishing::Batches(batch) => batch,
                 Publishing::Concurrent => {
                     publish_concurrently(&*broker, topic, n, clock).await;
+                    return;
+                }
+                Publishing::Window => {
+                    publish_through_window(broker, topic, n, CAPACITY, clock).await;
                     return;
                 }
             };
@@ -131,6 +137,7 @@ pub(crate) async fn compare(options: &Options) -> f64 {
             Publishing::Batches(1_000),
         ));
         ways.push(("memory (256 publish callers + ack)", Publishing::Concurrent));
+        ways.push(("memory (publish window + ack)", Publishing::Window));
     }
     // `--filter` keeps the adapter ways whose label contains it (the raw side always runs).
     if let Some(filter) = options.filter.as_deref() {
@@ -189,6 +196,7 @@ mod tests {
             Publishing::Batches(1),
             Publishing::Batches(100),
             Publishing::Concurrent,
+            Publishing::Window,
         ] {
             assert_eq!(memory_broker(&options, publishing).await.messages, 5_000);
         }

@@ -32,8 +32,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
-    publish_and_consume, raw_publishing, scenarios,
+    Baseline, Clock, Options, Pattern, Run, Shape, adapter_publish, compare_baselines, histogram,
+    pattern, publish_and_consume, raw_publishing, scenarios,
 };
 
 fn shape(options: &Options) -> Shape {
@@ -216,14 +216,14 @@ async fn adapter() -> RabbitBroker {
 /// Raw publishing: batches of [`Shape::batch`], or (`concurrent`) one message at a time,
 /// each confirm awaited, from each of `PEAK_CALLERS`
 /// tasks sharing the channel.
-async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: bool) -> Run {
+async fn raw_publish_only(options: &Options, baseline: Baseline, pattern: Pattern) -> Run {
     let clock = Clock::new(options.size);
     let key = topic("raw-publish");
     let connection = raw_connection().await;
     let channel = raw_setup(&connection, &key, baseline).await;
     let started = Instant::now();
     let batch = shape(options).batch;
-    let latency = raw_publishing(options.messages, batch, concurrent, |count, batch| {
+    let latency = raw_publishing(options.messages, batch, pattern, |count, batch| {
         let (channel, key) = (channel.clone(), key.clone());
         async move { raw_publish_all(&channel, &key, count, batch, clock, baseline).await }
     })
@@ -241,7 +241,7 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, concurrent: boo
 /// The adapter's publishing: `publish_batch` in [`Shape::batch`] chunks, or (`concurrent`)
 /// one `publish` at a time from each of
 /// `PEAK_CALLERS` tasks.
-async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
+async fn adapter_publish_only(options: &Options, pattern: Pattern) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic("adapter-publish");
     let broker = adapter().await;
@@ -258,7 +258,7 @@ async fn adapter_publish_only(options: &Options, concurrent: bool) -> Run {
         &topic,
         options.messages,
         shape(options).batching(),
-        concurrent,
+        pattern,
         clock,
     )
     .await;
@@ -375,16 +375,14 @@ pub(crate) async fn compare(options: &Options) {
         scenarios(options),
         |scenario, baseline| async move {
             match scenario {
-                0 => raw_publish_only(options, baseline, false).await,
                 1 => raw_e2e(options, baseline).await,
-                _ => raw_publish_only(options, baseline, true).await,
+                _ => raw_publish_only(options, baseline, pattern(scenario)).await,
             }
         },
         |scenario| async move {
             match scenario {
-                0 => adapter_publish_only(options, false).await,
                 1 => adapter_e2e(options).await,
-                _ => adapter_publish_only(options, true).await,
+                _ => adapter_publish_only(options, pattern(scenario)).await,
             }
         },
     )

@@ -17,7 +17,7 @@ use redis::streams::StreamReadReply;
 use hdrhistogram::Histogram;
 
 use crate::measure::{
-    Baseline, Clock, Options, Run, Shape, adapter_publish, compare_baselines, histogram,
+    Baseline, Clock, Options, Pattern, Run, Shape, adapter_publish, compare_baselines, histogram,
     publish_and_consume, raw_publishing,
 };
 
@@ -135,14 +135,13 @@ async fn raw_publish_all(
     round_trips
 }
 
-/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter; with
-/// `concurrent`, one publish at a time from each of
-/// `PEAK_CALLERS` tasks on either side.
+/// Publish-only run; `raw` is the raw side's baseline, `None` the adapter, publishing as
+/// `pattern` says.
 async fn publish_only(
     options: &Options,
     streams: bool,
     raw: Option<Baseline>,
-    concurrent: bool,
+    pattern: Pattern,
 ) -> Run {
     let clock = Clock::new(options.size);
     let topic = topic(if streams { "pub-streams" } else { "pub-pubsub" });
@@ -153,7 +152,7 @@ async fn publish_only(
         let conn = raw_connection().await;
         let metadata = baseline == Baseline::LikeForLike;
         // Concurrent callers share the one multiplexed connection.
-        raw_publishing(n, shape(options).batch, concurrent, |count, batch| {
+        raw_publishing(n, shape(options).batch, pattern, |count, batch| {
             let (mut conn, topic) = (conn.clone(), topic.clone());
             async move {
                 raw_publish_all(&mut conn, streams, metadata, &topic, count, batch, clock).await
@@ -172,7 +171,7 @@ async fn publish_only(
             &topic,
             n,
             shape(options).batching(),
-            concurrent,
+            pattern,
             clock,
         )
         .await
@@ -376,7 +375,7 @@ async fn adapter_e2e(options: &Options, mode: RedisMode) -> Run {
 }
 
 /// The scenarios, by index for [`compare_baselines`].
-const SCENARIOS: [&str; 7] = [
+const SCENARIOS: [&str; 9] = [
     "pub/sub publish",
     "streams publish",
     "pub/sub end to end",
@@ -384,7 +383,18 @@ const SCENARIOS: [&str; 7] = [
     "pub/sub publish, 256 callers",
     "streams publish, 256 callers",
     "streams end to end, raw acks answered per entry",
+    "pub/sub publish, window",
+    "streams publish, window",
 ];
+
+/// The publishing pattern of publish-only scenario `scenario` of [`SCENARIOS`].
+fn publish_pattern(scenario: usize) -> Pattern {
+    match scenario {
+        4 | 5 => Pattern::Callers,
+        7 | 8 => Pattern::Window,
+        _ => Pattern::Batches,
+    }
+}
 
 pub(crate) async fn compare(options: &Options) {
     println!(
@@ -409,8 +419,12 @@ pub(crate) async fn compare(options: &Options) {
         scenarios,
         |scenario, baseline| async move {
             match scenario {
-                0 | 4 => publish_only(options, false, Some(baseline), scenario == 4).await,
-                1 | 5 => publish_only(options, true, Some(baseline), scenario == 5).await,
+                0 | 4 | 7 => {
+                    publish_only(options, false, Some(baseline), publish_pattern(scenario)).await
+                }
+                1 | 5 | 8 => {
+                    publish_only(options, true, Some(baseline), publish_pattern(scenario)).await
+                }
                 2 => raw_pubsub_e2e(options, baseline).await,
                 3 => raw_streams_e2e(options, baseline, RawAck::Counted).await,
                 _ => raw_streams_e2e(options, baseline, RawAck::AnsweredPerEntry).await,
@@ -418,8 +432,8 @@ pub(crate) async fn compare(options: &Options) {
         },
         |scenario| async move {
             match scenario {
-                0 | 4 => publish_only(options, false, None, scenario == 4).await,
-                1 | 5 => publish_only(options, true, None, scenario == 5).await,
+                0 | 4 | 7 => publish_only(options, false, None, publish_pattern(scenario)).await,
+                1 | 5 | 8 => publish_only(options, true, None, publish_pattern(scenario)).await,
                 2 => adapter_e2e(options, RedisMode::PubSub).await,
                 _ => adapter_e2e(options, RedisMode::Streams).await,
             }

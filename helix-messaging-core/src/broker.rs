@@ -345,6 +345,11 @@ impl BatchReport {
         &self.failures
     }
 
+    /// Takes the failed messages' indices and errors out of the report, in batch order.
+    pub fn into_failures(self) -> Vec<(usize, Error)> {
+        self.failures
+    }
+
     /// `Ok(())` if every message was accepted, else the first failure, annotated with how many
     /// failed.
     ///

@@ -49,6 +49,7 @@ pub mod settings;
 pub mod stack;
 pub mod trace;
 mod typed;
+pub mod window;
 
 pub use broker::{
     Backlog, BatchReport, Broker, DEFAULT_PREFETCH, GroupAddress, Health, HealthStatus,
@@ -65,6 +66,7 @@ pub use runner::{
     HandlerFn, Layer, RunReport, Runner, RunnerBuilder, handler_fn,
 };
 pub use typed::{JsonHandler, json_handler};
+pub use window::{PublishWindow, WindowFailure, WindowOptions, WindowReport};
 
 /// Re-exported so adapters and layers implement the traits with the same macro version.
 pub use async_trait::async_trait;

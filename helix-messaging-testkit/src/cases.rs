@@ -32,6 +32,7 @@ macro_rules! cases {
 cases! {
     round_trip: [Metadata];
     batch_publish: [Metadata];
+    a_publish_window_delivers_every_message_and_reports_each: [Metadata];
     per_key_ordering: [Metadata, PerKeyOrdering];
     topic_isolation: [Metadata];
     fan_out_to_groups: [ConsumerGroups];

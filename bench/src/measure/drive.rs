@@ -7,26 +7,64 @@ use std::time::Instant;
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
+use helix_messaging::window::{PublishWindow, WindowOptions};
 use helix_messaging::{Message, Publisher, Subscription};
 
-use super::options::{Batching, PEAK_CALLERS};
+use super::options::{Batching, PEAK_CALLERS, Pattern};
 use super::run::{Clock, Run, histogram};
 
-/// An adapter's publish-only run: [`publish_batches`] as `batching` says, or with
-/// `concurrent` [`publish_concurrently`].
+/// An adapter's publish-only run: [`publish_batches`] as `batching` says,
+/// [`publish_concurrently`], or [`publish_through_window`] with `batching.window` in flight.
 pub(crate) async fn adapter_publish<P: Publisher + Clone + 'static>(
     publisher: &P,
     topic: &str,
     n: usize,
     batching: Batching,
-    concurrent: bool,
+    pattern: Pattern,
     clock: Clock,
 ) -> Histogram<u64> {
-    if concurrent {
-        publish_concurrently(publisher, topic, n, clock).await
-    } else {
-        publish_batches(publisher, topic, n, batching, clock).await
+    match pattern {
+        Pattern::Batches => publish_batches(publisher, topic, n, batching, clock).await,
+        Pattern::Callers => publish_concurrently(publisher, topic, n, clock).await,
+        Pattern::Window => {
+            let publisher: Arc<dyn Publisher> = Arc::new(publisher.clone());
+            publish_through_window(publisher, topic, n, batching.window, clock).await
+        }
     }
+}
+
+/// The loop the README shows for publishing at volume: one `PublishWindow::send` per message
+/// with `window` in flight, then `close`. Returns how long each `window` sends took (the
+/// round trip of a window, as the raw side's batches record theirs).
+pub(crate) async fn publish_through_window(
+    publisher: Arc<dyn Publisher>,
+    topic: &str,
+    n: usize,
+    window: usize,
+    clock: Clock,
+) -> Histogram<u64> {
+    let window_options = WindowOptions {
+        window,
+        ..WindowOptions::default()
+    };
+    let sink = PublishWindow::with_options(publisher, topic, window_options).expect("window");
+    let mut round_trips = histogram();
+    let mut started = Instant::now();
+    for n in 1..=n {
+        sink.send(Message::new(clock.stamped_payload()))
+            .await
+            .expect("send");
+        if n % window == 0 {
+            round_trips.saturating_record(started.elapsed().as_nanos() as u64);
+            started = Instant::now();
+        }
+    }
+    sink.close()
+        .await
+        .into_result()
+        .expect("every message confirmed");
+    round_trips.saturating_record(started.elapsed().as_nanos() as u64);
+    round_trips
 }
 
 /// Split `n` among `tasks` tasks, each running `task(its index, its count)`, and merge the
@@ -50,20 +88,20 @@ where
     merged
 }
 
-/// A raw client's publish-only run: `publish(n, batch)`, or with `concurrent`
+/// A raw client's publish-only run: `publish(n, batch)`, or with [`Pattern::Callers`]
 /// `publish(its count, 1)` in each of [`PEAK_CALLERS`] tasks, so every caller awaits one
 /// acknowledgement at a time.
 pub(crate) async fn raw_publishing<F, Fut>(
     n: usize,
     batch: usize,
-    concurrent: bool,
+    pattern: Pattern,
     publish: F,
 ) -> Histogram<u64>
 where
     F: Fn(usize, usize) -> Fut,
     Fut: Future<Output = Histogram<u64>> + Send + 'static,
 {
-    if concurrent {
+    if pattern == Pattern::Callers {
         in_tasks(PEAK_CALLERS, n, |_, count| publish(count, 1)).await
     } else {
         publish(n, batch).await

@@ -16,7 +16,7 @@ mod run;
 pub(crate) use compare::{compare_baselines, median, report};
 pub(crate) use drive::{
     adapter_publish, in_tasks, publish_and_consume, publish_batches, publish_concurrently,
-    raw_publishing,
+    publish_through_window, raw_publishing,
 };
-pub(crate) use options::{Baseline, Batching, Options, Shape, scenarios};
+pub(crate) use options::{Baseline, Batching, Options, Pattern, Shape, pattern, scenarios};
 pub(crate) use run::{Clock, Run, histogram};

@@ -139,6 +139,19 @@ impl Batching {
     }
 }
 
+/// How a publish-only run publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pattern {
+    /// A window of messages handed over, then its acknowledgements awaited
+    /// ([`Shape::batch`], on the adapter in `publish_batch` calls of [`Shape::chunk`]).
+    Batches,
+    /// [`PEAK_CALLERS`] tasks, each awaiting one acknowledgement at a time.
+    Callers,
+    /// The adapter's `PublishWindow`, one `send` per message with [`Shape::batch`] in
+    /// flight; the raw client publishes as in [`Pattern::Batches`], at its best.
+    Window,
+}
+
 /// Concurrent `publish` callers in peak mode (the 256 tasks).
 pub(crate) const PEAK_CALLERS: usize = 256;
 
@@ -175,12 +188,27 @@ impl Shape {
 
 /// The publish and end-to-end comparisons every broker runs; at peak also the adapter's
 /// concurrent `publish` callers against as many raw callers, each awaiting its own
-/// acknowledgement (scenario 2).
+/// acknowledgement (scenario 2), and the adapter's `PublishWindow` against the raw client's
+/// best publishing (scenario 3).
 pub(crate) fn scenarios(options: &Options) -> &'static [&'static str] {
     if options.peak {
-        &["publish", "end to end", "publish, 256 callers"]
+        &[
+            "publish",
+            "end to end",
+            "publish, 256 callers",
+            "publish, window",
+        ]
     } else {
         &["publish", "end to end"]
+    }
+}
+
+/// The publishing pattern of scenario `scenario` of [`scenarios`] (0, 2 or 3).
+pub(crate) fn pattern(scenario: usize) -> Pattern {
+    match scenario {
+        2 => Pattern::Callers,
+        3 => Pattern::Window,
+        _ => Pattern::Batches,
     }
 }
 

@@ -4,11 +4,13 @@
 //! then receives, without the settlement and handover the other modules check.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use helix_messaging_core::{ErrorKind, Message, Result, SubscribeOptions};
+use helix_messaging_core::window::{PublishWindow, WindowOptions};
+use helix_messaging_core::{ErrorKind, Message, Publisher, Result, SubscribeOptions};
 
 use crate::helpers::{Ctx, fresh_name};
 
@@ -87,6 +89,90 @@ pub async fn batch_publish(ctx: Ctx) -> Result<()> {
     } else {
         let got: HashSet<_> = got.into_iter().collect();
         assert_eq!(got, ids.into_iter().collect::<HashSet<_>>());
+    }
+    ctx.expect_quiet(&mut sub).await;
+    Ok(())
+}
+
+/// A [`PublishWindow`] delivers every message sent through it, once, and reports each
+/// outcome by the sequence number `send` returned: a payload over the backend's limit in the
+/// middle fails alone, as itself. The window is small against the messages, so `send` waits
+/// for room and calls gather what was sent while others were out. With one call in flight,
+/// one key's messages keep their order on a backend that orders by key.
+pub async fn a_publish_window_delivers_every_message_and_reports_each(ctx: Ctx) -> Result<()> {
+    const TOTAL: usize = 2_500;
+    let topic = ctx.topic("window");
+    let mut sub = ctx.subscribe(&topic, SubscribeOptions::default()).await;
+    let publisher: Arc<dyn Publisher> = ctx.broker.clone();
+    let window = PublishWindow::with_options(
+        publisher.clone(),
+        &topic,
+        WindowOptions {
+            window: 200,
+            batches_in_flight: 4,
+        },
+    )?;
+    let limit = ctx.broker.capabilities().max_payload_bytes;
+    let mut ids = HashSet::new();
+    let mut oversized = None;
+    for n in 0..TOTAL {
+        let message = match limit {
+            Some(limit) if n == TOTAL / 2 => Message::new(vec![0u8; limit + 1]),
+            _ => Message::new(format!("w{n}")),
+        };
+        let id = message.id().to_owned();
+        let sequence = window.send(message).await?;
+        assert_eq!(sequence, n as u64, "sequence numbers count the sends");
+        if limit.is_some() && n == TOTAL / 2 {
+            oversized = Some(sequence);
+        } else {
+            ids.insert(id);
+        }
+    }
+    let report = window.close().await;
+    let failed: Vec<(u64, ErrorKind)> = report
+        .failures()
+        .iter()
+        .map(|f| (f.sequence, f.error.kind()))
+        .collect();
+    assert_eq!(
+        failed,
+        oversized
+            .map(|sequence| (sequence, ErrorKind::PayloadTooLarge))
+            .into_iter()
+            .collect::<Vec<_>>(),
+        "only the oversized message fails"
+    );
+    assert_eq!(report.confirmed(), ids.len() as u64);
+    let got: HashSet<String> = ctx
+        .recv_ack_ids(&mut sub, ids.len())
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(got, ids, "every confirmed message arrives");
+    ctx.expect_quiet(&mut sub).await;
+
+    let ordered = PublishWindow::with_options(
+        publisher,
+        &topic,
+        WindowOptions {
+            window: 50,
+            batches_in_flight: 1,
+        },
+    )?;
+    let mut sent = Vec::new();
+    for n in 0..300 {
+        let message = Message::new(format!("o{n}")).with_key("one-key");
+        sent.push(message.id().to_owned());
+        ordered.send(message).await?;
+    }
+    assert_eq!(ordered.close().await.into_result()?, 300);
+    let got = ctx.recv_ack_ids(&mut sub, sent.len()).await;
+    if ctx.broker.capabilities().per_key_ordering {
+        assert_eq!(got, sent, "one call at a time keeps one key's order");
+    } else {
+        let got: HashSet<_> = got.into_iter().collect();
+        assert_eq!(got, sent.into_iter().collect::<HashSet<_>>());
     }
     ctx.expect_quiet(&mut sub).await;
     Ok(())
