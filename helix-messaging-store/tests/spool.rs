@@ -51,6 +51,22 @@ async fn keeps_order_and_bounds(spool: &dyn Spool) {
         .collect();
     assert_eq!(order, want, "spool order");
     assert_eq!(held[0].message, a[0], "every field kept");
+    // The forwarder's read-ahead: what follows a seq, in order, up to the limit.
+    let after: Vec<i64> = spool
+        .oldest_after(held[0].seq, 2)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    assert_eq!(after, vec![held[1].seq, held[2].seq]);
+    assert!(
+        spool
+            .oldest_after(held[3].seq, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         spool.topics().await.unwrap(),
         [
@@ -60,7 +76,12 @@ async fn keeps_order_and_bounds(spool: &dyn Spool) {
         .into(),
         "the newest waiting seq of each topic"
     );
-    spool.remove(&[held[0].seq, held[1].seq]).await.unwrap();
+    // Not consecutive, listed out of order, with a repeat and one not held: exactly those
+    // held go.
+    spool
+        .remove(&[held[1].seq, held[0].seq, held[1].seq, held[3].seq + 100])
+        .await
+        .unwrap();
     let left = spool.oldest(10).await.unwrap();
     assert_eq!(left.len(), 2);
     assert_eq!(left[0].message.id(), a[2].id());

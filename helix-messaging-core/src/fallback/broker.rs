@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -38,10 +39,19 @@ fn is_refusal(err: &Error) -> bool {
     ) && !err.is_retryable()
 }
 
+/// A spooled message the broker refused for good, to be set aside.
+struct Refused {
+    seq: i64,
+    id: String,
+    reason: String,
+}
+
 /// How the forwarder runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardConfig {
-    /// Messages forwarded per batch (default 100).
+    /// Messages read from the spool and published at a time (default 1,000). A batch is
+    /// removed from the spool (one durable commit) once the broker has confirmed it, while
+    /// the next batch is published, and the batch after that is read meanwhile.
     pub batch_size: usize,
     /// Pause after a failed forward before trying again (default 1 s).
     pub retry_interval: Duration,
@@ -50,7 +60,7 @@ pub struct ForwardConfig {
 impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
-            batch_size: 100,
+            batch_size: 1_000,
             retry_interval: Duration::from_secs(1),
         }
     }
@@ -384,6 +394,36 @@ impl FallbackBroker {
         Ok(())
     }
 
+    /// Takes a forwarded chunk's confirmed messages out of the spool and sets aside those
+    /// the broker refused for good; then their topic's mark moves past them.
+    async fn settle_forwarded(
+        &self,
+        topic: String,
+        sent: Vec<i64>,
+        refused: Vec<Refused>,
+    ) -> Result<()> {
+        if !sent.is_empty() {
+            self.inner.spool.remove(&sent).await?;
+            metrics::counter!("messaging_fallback_forwarded_total", "spool" => self.label())
+                .increment(sent.len() as u64);
+        }
+        for Refused { seq, id, reason } in &refused {
+            self.inner.spool.refuse(*seq, reason).await?;
+            tracing::warn!(topic, seq, id, %reason, "the broker refused a spooled message; it is set aside");
+            metrics::counter!("messaging_fallback_refused_total", "spool" => self.label())
+                .increment(1);
+        }
+        let cleared = sent
+            .iter()
+            .copied()
+            .chain(refused.iter().map(|r| r.seq))
+            .max();
+        if let Some(cleared) = cleared {
+            self.mark(&topic, |m| m.cleared = m.cleared.max(cleared));
+        }
+        Ok(())
+    }
+
     async fn forward_loop(&self) {
         loop {
             let forwarded = match self.forward_once().await {
@@ -414,8 +454,9 @@ impl FallbackBroker {
         }
     }
 
-    /// Forward one batch of the oldest spooled messages, setting aside those the broker
-    /// refuses for good; how many went out.
+    /// Forward the oldest spooled messages, batch after batch until the spool is empty, a
+    /// chunk fails or the breaker opens, setting aside those the broker refuses for good;
+    /// how many went out.
     async fn forward_once(&self) -> Result<usize> {
         if self.inner.broker.publish_breaker().state() == BreakerState::Open {
             return Ok(0);
@@ -442,62 +483,102 @@ impl FallbackBroker {
             return Ok(0);
         }
         let mut forwarded = 0;
-        let mut start = 0;
-        // Runs of one topic, in spool order; a run's broker failure stops the round so
-        // nothing overtakes it.
-        while start < batch.len() {
-            let topic = batch[start].topic.clone();
-            let end = batch[start..]
-                .iter()
-                .position(|m| m.topic != topic)
-                .map_or(batch.len(), |n| start + n);
-            let run = &batch[start..end];
-            let report = self
-                .inner
-                .broker
-                .publish_batch(&topic, run.iter().map(|m| m.message.clone()).collect())
-                .await;
-            // In order up to the first failure that is not the broker refusing the message:
-            // accepted, or refused for good.
-            let mut failures = report.failures().iter().peekable();
-            let (mut sent, mut refused, mut stopped) = (Vec::new(), Vec::new(), false);
-            for (i, message) in run.iter().enumerate() {
-                match failures.next_if(|(at, _)| *at == i) {
-                    None => sent.push(message.seq),
-                    Some((_, err)) if is_refusal(err) => refused.push((message, err.to_string())),
-                    Some(_) => {
-                        // A broker failure, or the broker closing: later messages of the run
-                        // may have been accepted out of order; they stay spooled and go
-                        // again (same ids), never lost.
-                        stopped = true;
-                        break;
+        let batch_size = self.inner.config.batch_size;
+        let chunk = batch_size;
+        // The previous chunk's removal (a durable commit), running while the next chunk is
+        // published: a chunk goes out only once the one before it is confirmed, so nothing
+        // overtakes, and a message leaves the spool only once confirmed, but the disk and the
+        // broker work at once instead of in turn.
+        let mut settling: Option<BoxFuture<'_, Result<()>>> = None;
+        let mut read_failed = None;
+        let mut batch = batch;
+        // Batch after batch while the broker takes them, each read while the last chunk of
+        // the one before is published.
+        'batches: loop {
+            let mut next = None;
+            let mut start = 0;
+            // Runs of one topic, in spool order, in chunks; a chunk's broker failure stops
+            // the round so nothing overtakes it.
+            while start < batch.len() {
+                let topic = batch[start].topic.clone();
+                let end = batch[start..]
+                    .iter()
+                    .take(chunk)
+                    .position(|m| m.topic != topic)
+                    .map_or((start + chunk).min(batch.len()), |n| start + n);
+                let run = &batch[start..end];
+                let publishing = self
+                    .inner
+                    .broker
+                    .publish_batch(&topic, run.iter().map(|m| m.message.clone()).collect());
+                let previous = settling.take();
+                let newest = batch[batch.len() - 1].seq;
+                let reading =
+                    (end == batch.len()).then(|| self.inner.spool.oldest_after(newest, batch_size));
+                let (report, settled, read) = tokio::join!(
+                    publishing,
+                    async move {
+                        match previous {
+                            Some(previous) => previous.await,
+                            None => Ok(()),
+                        }
+                    },
+                    async move {
+                        match reading {
+                            Some(reading) => Some(reading.await),
+                            None => None,
+                        }
+                    },
+                );
+                settled?;
+                match read {
+                    Some(Ok(read)) => next = Some(read),
+                    Some(Err(err)) => read_failed = Some(err),
+                    None => {}
+                }
+                // In order up to the first failure that is not the broker refusing the
+                // message: accepted, or refused for good.
+                let mut failures = report.failures().iter().peekable();
+                let (mut sent, mut refused, mut stopped) = (Vec::new(), Vec::new(), false);
+                for (i, message) in run.iter().enumerate() {
+                    match failures.next_if(|(at, _)| *at == i) {
+                        None => sent.push(message.seq),
+                        Some((_, err)) if is_refusal(err) => refused.push(Refused {
+                            seq: message.seq,
+                            id: message.message.id().to_owned(),
+                            reason: err.to_string(),
+                        }),
+                        Some(_) => {
+                            // A broker failure, or the broker closing: later messages of the
+                            // run may have been accepted out of order; they stay spooled and
+                            // go again (same ids), never lost.
+                            stopped = true;
+                            break;
+                        }
                     }
                 }
-            }
-            if !sent.is_empty() {
-                self.inner.spool.remove(&sent).await?;
-                metrics::counter!("messaging_fallback_forwarded_total", "spool" => self.label())
-                    .increment(sent.len() as u64);
                 forwarded += sent.len();
+                settling = Some(Box::pin(self.settle_forwarded(topic, sent, refused)));
+                if stopped {
+                    break 'batches;
+                }
+                start = end;
             }
-            for (message, reason) in &refused {
-                self.inner.spool.refuse(message.seq, reason).await?;
-                tracing::warn!(topic, seq = message.seq, id = message.message.id(), %reason, "the broker refused a spooled message; it is set aside");
-                metrics::counter!("messaging_fallback_refused_total", "spool" => self.label())
-                    .increment(1);
+            match next {
+                Some(read)
+                    if !read.is_empty()
+                        && self.inner.broker.publish_breaker().state() != BreakerState::Open =>
+                {
+                    batch = read;
+                }
+                _ => break,
             }
-            let cleared = sent
-                .iter()
-                .copied()
-                .chain(refused.iter().map(|(m, _)| m.seq))
-                .max();
-            if let Some(cleared) = cleared {
-                self.mark(&topic, |m| m.cleared = m.cleared.max(cleared));
-            }
-            if stopped {
-                break;
-            }
-            start = end;
+        }
+        if let Some(last) = settling {
+            last.await?;
+        }
+        if let Some(err) = read_failed {
+            return Err(err);
         }
         self.publish_gauges().await;
         Ok(forwarded)

@@ -121,6 +121,19 @@ pub trait Spool: Send + Sync + 'static {
     /// The store's error.
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>>;
 
+    /// Up to `limit` of the oldest messages whose `seq` is above `after`, in spool order: the
+    /// forwarder reads its next batch with it while the last one is still being removed.
+    /// The default keeps what [`oldest`](Spool::oldest) returns above `after`, which may be
+    /// fewer than there are, never one at or below it.
+    ///
+    /// # Errors
+    /// The store's error.
+    async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
+        let mut oldest = self.oldest(limit).await?;
+        oldest.retain(|m| m.seq > after);
+        Ok(oldest)
+    }
+
     /// Remove the messages with these `seq`s (forwarded).
     ///
     /// # Errors
@@ -244,7 +257,21 @@ impl Spool for MemorySpool {
             .collect())
     }
 
+    async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
+        let state = self.state.lock();
+        // Held in `seq` order (every append's are above every earlier one's).
+        let start = state.held.partition_point(|(m, _)| m.seq <= after);
+        Ok(state
+            .held
+            .range(start..)
+            .take(limit)
+            .map(|(m, _)| m.clone())
+            .collect())
+    }
+
     async fn remove(&self, seqs: &[i64]) -> Result<()> {
+        // A set: the forwarder removes a thousand at a time from a spool of many more.
+        let seqs: std::collections::HashSet<i64> = seqs.iter().copied().collect();
         let mut state = self.state.lock();
         let mut freed = 0;
         state.held.retain(|(m, _)| {

@@ -214,22 +214,43 @@ impl Spool for SqliteSpool {
         .await
     }
 
+    async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        on_connection(&self.connection, STORE, "reading", move |c| {
+            c.prepare_cached(
+                "SELECT seq, topic, meta, payload FROM helix_spool WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )?
+            .query_map(params![after, limit], |row| {
+                let meta: String = row.get(2)?;
+                Ok(SpooledMessage {
+                    seq: row.get(0)?,
+                    topic: row.get(1)?,
+                    message: restore(&meta, row.get(3)?)?,
+                })
+            })?
+            .collect()
+        })
+        .await
+    }
+
     async fn remove(&self, seqs: &[i64]) -> Result<()> {
-        let seqs = seqs.to_vec();
+        let ranges = contiguous_ranges(seqs);
         let held = self.held.clone();
         on_connection(&self.connection, STORE, "removing", move |c| {
             let tx = c.transaction()?;
             let (mut removed, mut freed) = (0u64, 0u64);
             {
-                let mut delete =
-                    tx.prepare_cached("DELETE FROM helix_spool WHERE seq = ?1 RETURNING bytes")?;
-                for seq in &seqs {
-                    if let Some(bytes) = delete
-                        .query_row(params![seq], |row| row.get::<_, i64>(0))
-                        .optional()?
-                    {
+                // One statement per run of consecutive sequence numbers (a forwarded chunk
+                // of one topic is one run): a statement per message made removing a chunk
+                // of 1,000 slower than publishing it.
+                let mut delete = tx.prepare_cached(
+                    "DELETE FROM helix_spool WHERE seq BETWEEN ?1 AND ?2 RETURNING bytes",
+                )?;
+                for (first, last) in &ranges {
+                    let mut rows = delete.query(params![first, last])?;
+                    while let Some(row) = rows.next()? {
                         removed += 1;
-                        freed += bytes as u64;
+                        freed += row.get::<_, i64>(0)? as u64;
                     }
                 }
             }
@@ -339,5 +360,34 @@ impl Spool for SqliteSpool {
             bytes: held.bytes,
             oldest: oldest.map(from_micros),
         })
+    }
+}
+
+/// `seqs` as runs of consecutive numbers, each `(first, last)`, in order, without repeats.
+fn contiguous_ranges(seqs: &[i64]) -> Vec<(i64, i64)> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut ranges: Vec<(i64, i64)> = Vec::new();
+    for seq in sorted {
+        match ranges.last_mut() {
+            Some((_, last)) if *last + 1 == seq => *last = seq,
+            _ => ranges.push((seq, seq)),
+        }
+    }
+    ranges
+}
+
+#[cfg(test)]
+mod tests {
+    use super::contiguous_ranges;
+
+    #[test]
+    fn sequence_numbers_group_into_runs() {
+        assert_eq!(contiguous_ranges(&[]), vec![]);
+        assert_eq!(
+            contiguous_ranges(&[7, 3, 4, 5, 9, 8, 3, 12]),
+            vec![(3, 5), (7, 9), (12, 12)]
+        );
     }
 }

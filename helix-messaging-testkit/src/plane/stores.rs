@@ -54,6 +54,11 @@ impl Spool for FaultySpool {
         faulted(fault, "spool read", self.inner.oldest(limit)).await
     }
 
+    async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
+        let fault = self.schedule.next("spool read");
+        faulted(fault, "spool read", self.inner.oldest_after(after, limit)).await
+    }
+
     async fn remove(&self, seqs: &[i64]) -> Result<()> {
         let fault = self.schedule.next("spool remove");
         faulted(fault, "spool remove", self.inner.remove(seqs)).await

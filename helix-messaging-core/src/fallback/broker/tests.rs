@@ -359,6 +359,9 @@ impl Spool for ScriptedSpool {
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
         self.inner.oldest(limit).await
     }
+    async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
+        self.inner.oldest_after(after, limit).await
+    }
     async fn remove(&self, seqs: &[i64]) -> Result<()> {
         self.inner.remove(seqs).await
     }
