@@ -32,9 +32,10 @@ use futures::FutureExt;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
 
-use crate::{
-    BatchReport, Error, ErrorKind, Message, Publisher, Result, panic_message, validate_name,
-};
+use crate::broker::{BatchReport, Publisher};
+use crate::error::{Error, ErrorKind, Result, panic_message};
+use crate::message::Message;
+use crate::names::validate_name;
 
 /// Messages a [`PublishWindow`] keeps in flight by default: sent and not yet acknowledged.
 pub const DEFAULT_WINDOW: usize = 10_000;

@@ -196,22 +196,7 @@ impl Spool for SqliteSpool {
     }
 
     async fn oldest(&self, limit: usize) -> Result<Vec<SpooledMessage>> {
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        on_connection(&self.connection, STORE, "reading", move |c| {
-            c.prepare_cached(
-                "SELECT seq, topic, meta, payload FROM helix_spool ORDER BY seq LIMIT ?1",
-            )?
-            .query_map(params![limit], |row| {
-                let meta: String = row.get(2)?;
-                Ok(SpooledMessage {
-                    seq: row.get(0)?,
-                    topic: row.get(1)?,
-                    message: restore(&meta, row.get(3)?)?,
-                })
-            })?
-            .collect()
-        })
-        .await
+        self.oldest_after(i64::MIN, limit).await
     }
 
     async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
