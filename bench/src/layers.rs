@@ -16,6 +16,7 @@ use helix_messaging::dlq::{
     SqliteDeadLetterStore, StoredDeadLetter,
 };
 use helix_messaging::memory::{MemoryBroker, MemoryConfig};
+use helix_messaging::observe::ObservedBroker;
 use helix_messaging::retry::{RetryLayer, RetryPolicy};
 use helix_messaging::{
     Broker, DeliveryInfo, Envelope, Message, Runner, SubscribeOptions, handler_fn,
@@ -32,11 +33,26 @@ fn broker() -> Arc<dyn Broker> {
     }))
 }
 
-/// Publish `options.messages` through the runner, with or without the layers; the time from
-/// the first publish until the handler has seen every message.
-async fn run_through(options: &Options, layered: bool) -> Run {
+/// What the runner runs on in [`run_through`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stack {
+    /// The broker and the runner alone.
+    Bare,
+    /// A `DeadLetterLayer` around a `RetryLayer`.
+    Layers,
+    /// The broker in an `ObservedBroker` (metrics into an installed Prometheus recorder, and
+    /// its spans, no tracing subscriber), publisher and runner alike.
+    Observed,
+}
+
+/// Publish `options.messages` through the runner on `stack`; the time from the first
+/// publish until the handler has seen every message.
+async fn run_through(options: &Options, stack: Stack) -> Run {
     let clock = Clock::new(options.size);
-    let broker = broker();
+    let broker = match stack {
+        Stack::Observed => Arc::new(ObservedBroker::new(broker())) as Arc<dyn Broker>,
+        Stack::Bare | Stack::Layers => broker(),
+    };
     let topic = "bench.layers";
     let seen = Arc::new(AtomicUsize::new(0));
     let counter = seen.clone();
@@ -53,7 +69,7 @@ async fn run_through(options: &Options, layered: bool) -> Run {
         .group("bench")
         .concurrency(64)
         .options(SubscribeOptions::group("bench").with_prefetch(1_000));
-    if layered {
+    if stack == Stack::Layers {
         builder = builder
             .layer(DeadLetterLayer::new(DeadLetterQueue::new(
                 broker.clone(),
@@ -82,24 +98,32 @@ pub(crate) async fn compare_layers(options: &Options) -> f64 {
         "runner on memory, bare vs retry + DLQ layers: {} messages x {} B, {} runs each, concurrency 64",
         options.messages, options.size, options.runs
     );
-    let (mut bare, mut layered) = (Vec::new(), Vec::new());
+    // The metrics go where a service's would: into the Prometheus recorder the admin API
+    // serves them from (without a recorder every metric call is a no-op).
+    let _ = helix_messaging::admin::install_prometheus();
+    let stacks = [
+        (Stack::Bare, "bare runner"),
+        (Stack::Layers, "runner + DLQ + retry layers"),
+        (Stack::Observed, "runner on an ObservedBroker"),
+    ];
+    let mut runs: Vec<Vec<Run>> = stacks.iter().map(|_| Vec::new()).collect();
     for run in 1..=options.runs {
-        // Alternating which goes first keeps warm-up from favouring one side.
-        let (a, b) = if run % 2 == 1 {
-            let a = run_through(options, false).await;
-            (a, run_through(options, true).await)
-        } else {
-            let b = run_through(options, true).await;
-            (run_through(options, false).await, b)
-        };
-        println!("run {run}: {}", a.line("bare runner"));
-        println!("run {run}: {}", b.line("runner + DLQ + retry layers"));
-        bare.push(a);
-        layered.push(b);
+        // Rotating which goes first keeps warm-up from favouring one side.
+        for i in 0..stacks.len() {
+            let at = (i + run) % stacks.len();
+            let (stack, label) = stacks[at];
+            let r = run_through(options, stack).await;
+            println!("run {run}: {}", r.line(label));
+            runs[at].push(r);
+        }
     }
-    let ratio = report("bare runner", bare, "runner + DLQ + retry layers", layered);
-    println!("target: layers >= 0.95x the bare runner; measured {ratio:.2}x");
-    ratio
+    let bare = runs[0].clone();
+    let layered = report(stacks[0].1, bare.clone(), stacks[1].1, runs[1].clone());
+    let observed = report(stacks[0].1, bare, stacks[2].1, runs[2].clone());
+    println!(
+        "target: layers >= 0.95x the bare runner; measured {layered:.2}x (ObservedBroker: {observed:.2}x)"
+    );
+    layered
 }
 
 pub(crate) fn letters(n: usize, size: usize, topic: &str) -> Vec<DeadLetter> {
