@@ -140,9 +140,12 @@ impl WindowReport {
 /// A publisher that keeps up to a window of messages in flight to one topic (see the
 /// [module documentation](self)).
 ///
-/// Every method takes `&self`: tasks may share one window through an `Arc`. Dropping a window does
-/// not cancel what it has sent: every message already in it is still published, and failures
-/// nobody will read are logged (`tracing` warnings) instead of reported.
+/// Every method takes `&self`: tasks may share one window through an `Arc`; a report then goes
+/// to whichever `flush` or `close` takes it first. Calls run on the Tokio runtime `send` runs
+/// on. Dropping a window does not cancel what it has sent: while the runtime runs, every
+/// message already in it is still published, and failures nobody will read are logged
+/// (`tracing` warnings) instead of reported; call [`close`](Self::close) before the runtime
+/// shuts down, or those calls end with it.
 pub struct PublishWindow {
     shared: Arc<Shared>,
 }
@@ -229,9 +232,13 @@ impl PublishWindow {
     ) -> Result<Self> {
         let topic = topic.into();
         validate_name("topic", &topic)?;
-        if options.window == 0 || options.batches_in_flight == 0 {
+        if options.window == 0
+            || options.batches_in_flight == 0
+            || options.window > Semaphore::MAX_PERMITS
+        {
             return Err(Error::invalid_input(format!(
-                "a publish window needs a window and batches in flight of at least 1, got {options:?}"
+                "a publish window needs a window of 1 to {} and batches in flight of at least 1, got {options:?}",
+                Semaphore::MAX_PERMITS
             )));
         }
         Ok(PublishWindow {
@@ -375,18 +382,23 @@ impl Shared {
     async fn run(self: Arc<Self>, mut call: Call) {
         loop {
             let sent = call.messages.len();
-            let report = AssertUnwindSafe(self.publisher.publish_batch(&self.topic, call.messages))
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|panic| {
-                    // A publisher that panics must not leave its messages unsettled forever:
-                    // `flush` would never return.
-                    let error = Error::new(
-                        ErrorKind::Backend,
-                        format!("publish_batch panicked: {}", panic_message(&*panic)),
-                    );
-                    BatchReport::all_failed(sent, &error)
-                });
+            let messages = call.messages;
+            // The call itself inside the guard too: a publisher may panic before it returns
+            // its future.
+            let report = AssertUnwindSafe(async {
+                self.publisher.publish_batch(&self.topic, messages).await
+            })
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|panic| {
+                // A publisher that panics must not leave its messages unsettled forever:
+                // `flush` would never return.
+                let error = Error::new(
+                    ErrorKind::Backend,
+                    format!("publish_batch panicked: {}", panic_message(&*panic)),
+                );
+                BatchReport::all_failed(sent, &error)
+            });
             let next = self.settle(call.first, sent, report);
             self.room.add_permits(sent);
             self.settled.notify_waiters();
@@ -400,10 +412,15 @@ impl Shared {
     /// Records a call's outcome and takes the next call, if messages have gathered.
     fn settle(&self, first: u64, sent: usize, report: BatchReport) -> Option<Call> {
         let mut state = self.state.lock();
-        let failed = report.failures().len();
-        state.report.confirmed += (sent - failed) as u64;
+        // Each message of the call once, whatever the report says: a publisher's report with
+        // an index twice, or past the call, must not count a message twice or blame
+        // another call's.
+        let mut failures = report.into_failures();
+        failures.retain(|(index, _)| *index < sent);
+        failures.dedup_by_key(|(index, _)| *index);
+        state.report.confirmed += (sent - failures.len()) as u64;
         let abandoned = state.abandoned;
-        for (index, error) in report.into_failures() {
+        for (index, error) in failures {
             let failure = WindowFailure {
                 sequence: first + index as u64,
                 error,
@@ -475,12 +492,18 @@ mod tests {
             self.calls.lock().push(payloads.clone());
             self.gate.acquire().await.expect("gate").forget();
             assert!(!payloads.iter().any(|p| p == "panic"), "told to panic");
-            let failures = payloads
+            let mut failures: Vec<(usize, Error)> = payloads
                 .iter()
                 .enumerate()
                 .filter(|(_, p)| p.starts_with("fail"))
                 .map(|(i, _)| (i, Error::new(ErrorKind::Rejected, "refused")))
                 .collect();
+            // A malformed report: the message twice, and an index past the call.
+            if let Some(at) = payloads.iter().position(|p| p == "twice") {
+                for index in [at, at, payloads.len() + 5] {
+                    failures.push((index, Error::new(ErrorKind::Rejected, "refused")));
+                }
+            }
             BatchReport::new(messages.len(), failures)
         }
     }
@@ -633,6 +656,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_malformed_report_counts_each_message_once() {
+        let publisher = Arc::new(Gated::default());
+        publisher.open(10);
+        let window = window(&publisher, 100, 1);
+        for payload in ["m0", "twice", "m2"] {
+            window.send(Message::new(payload)).await.expect("sent");
+        }
+        let report = timeout(PATIENCE, window.close()).await.expect("closed");
+        let failed: Vec<u64> = report.failures().iter().map(|f| f.sequence).collect();
+        assert_eq!(failed, vec![1]);
+        assert_eq!(report.confirmed(), 2);
+    }
+
+    #[tokio::test]
     async fn a_panicking_publisher_fails_its_call_and_the_window_goes_on() {
         let publisher = Arc::new(Gated::default());
         publisher.open(100);
@@ -714,6 +751,10 @@ mod tests {
             WindowOptions {
                 window: 1,
                 batches_in_flight: 0,
+            },
+            WindowOptions {
+                window: Semaphore::MAX_PERMITS + 1,
+                batches_in_flight: 1,
             },
         ] {
             let error = PublishWindow::with_options(publisher.clone(), "orders", options)

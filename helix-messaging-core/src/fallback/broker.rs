@@ -50,8 +50,9 @@ struct Refused {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForwardConfig {
     /// Messages read from the spool and published at a time (default 1,000). A batch is
-    /// removed from the spool (one durable commit) once the broker has confirmed it, while
-    /// the next batch is published, and the batch after that is read meanwhile.
+    /// removed from the spool (a durable commit per run of one topic) once the broker has
+    /// confirmed it, while the next batch is published, and the batch after that is read
+    /// meanwhile.
     pub batch_size: usize,
     /// Pause after a failed forward before trying again (default 1 s).
     pub retry_interval: Duration,
@@ -484,28 +485,26 @@ impl FallbackBroker {
         }
         let mut forwarded = 0;
         let batch_size = self.inner.config.batch_size;
-        let chunk = batch_size;
-        // The previous chunk's removal (a durable commit), running while the next chunk is
-        // published: a chunk goes out only once the one before it is confirmed, so nothing
+        // The previous run's removal (a durable commit), running while the next run is
+        // published: a run goes out only once the one before it is confirmed, so nothing
         // overtakes, and a message leaves the spool only once confirmed, but the disk and the
-        // broker work at once instead of in turn.
+        // broker work at once instead of in turn. A removal that fails is seen one run late:
+        // both runs stay spooled and go again (same ids).
         let mut settling: Option<BoxFuture<'_, Result<()>>> = None;
-        let mut read_failed = None;
         let mut batch = batch;
-        // Batch after batch while the broker takes them, each read while the last chunk of
-        // the one before is published.
+        // Batch after batch while the broker takes them, each read while the last run of the
+        // one before is published.
         'batches: loop {
             let mut next = None;
             let mut start = 0;
-            // Runs of one topic, in spool order, in chunks; a chunk's broker failure stops
-            // the round so nothing overtakes it.
+            // Runs of one topic, in spool order; a run's broker failure stops the round so
+            // nothing overtakes it.
             while start < batch.len() {
                 let topic = batch[start].topic.clone();
                 let end = batch[start..]
                     .iter()
-                    .take(chunk)
                     .position(|m| m.topic != topic)
-                    .map_or((start + chunk).min(batch.len()), |n| start + n);
+                    .map_or(batch.len(), |n| start + n);
                 let run = &batch[start..end];
                 let publishing = self
                     .inner
@@ -533,7 +532,10 @@ impl FallbackBroker {
                 settled?;
                 match read {
                     Some(Ok(read)) => next = Some(read),
-                    Some(Err(err)) => read_failed = Some(err),
+                    Some(Err(err)) => {
+                        // This round ends after this run; the next reads afresh.
+                        tracing::warn!(error = %err, "reading ahead in the fallback spool failed");
+                    }
                     None => {}
                 }
                 // In order up to the first failure that is not the broker refusing the
@@ -564,21 +566,19 @@ impl FallbackBroker {
                 }
                 start = end;
             }
+            let go_on = !self.inner.stop.is_cancelled()
+                && self.inner.broker.publish_breaker().state() != BreakerState::Open;
             match next {
-                Some(read)
-                    if !read.is_empty()
-                        && self.inner.broker.publish_breaker().state() != BreakerState::Open =>
-                {
+                Some(read) if !read.is_empty() && go_on => {
                     batch = read;
+                    // A long drain shows on the depth and age gauges as it goes.
+                    self.publish_gauges().await;
                 }
                 _ => break,
             }
         }
         if let Some(last) = settling {
             last.await?;
-        }
-        if let Some(err) = read_failed {
-            return Err(err);
         }
         self.publish_gauges().await;
         Ok(forwarded)

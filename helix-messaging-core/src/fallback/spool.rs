@@ -108,7 +108,9 @@ pub fn spooled_size(message: &Message) -> u64 {
 pub trait Spool: Send + Sync + 'static {
     /// Append `messages` for `topic`, all or none, durable when it returns; the `seq` of
     /// the last one (0 when there are none). Every append's `seq`s are above every earlier
-    /// append's.
+    /// append's, and a reader never sees a `seq` before every lower one is visible (the
+    /// forwarder reads on past the last `seq` it read; a store that numbers appends before
+    /// committing them, such as a shared sequence, must not let a lower one appear later).
     ///
     /// # Errors
     /// [`ErrorKind::Rejected`] when they do not fit the limits (nothing is appended); the
@@ -124,7 +126,8 @@ pub trait Spool: Send + Sync + 'static {
     /// Up to `limit` of the oldest messages whose `seq` is above `after`, in spool order: the
     /// forwarder reads its next batch with it while the last one is still being removed.
     /// The default keeps what [`oldest`](Spool::oldest) returns above `after`, which may be
-    /// fewer than there are, never one at or below it.
+    /// fewer than there are, never one at or below it; since the batch before is usually
+    /// still held then, a spool without its own gets little reading ahead.
     ///
     /// # Errors
     /// The store's error.
