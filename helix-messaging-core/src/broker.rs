@@ -360,18 +360,12 @@ impl BatchReport {
         match self.failures.into_iter().next() {
             None => Ok(()),
             Some((index, first)) => {
-                let kind = first.kind();
-                let retryable = first.is_retryable();
-                Err(Error::new(
-                    kind,
-                    format!(
-                        "{failed} of {} messages in the batch failed; first (index {index}): {}",
-                        self.total,
-                        first.message()
-                    ),
-                )
-                .with_retryable(retryable)
-                .with_source(first))
+                let summary = format!(
+                    "{failed} of {} messages in the batch failed; first (index {index}): {}",
+                    self.total,
+                    first.message()
+                );
+                Err(Error::summarising(first, summary))
             }
         }
     }

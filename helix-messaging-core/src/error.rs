@@ -173,6 +173,14 @@ impl Error {
         Error::new(ErrorKind::InvalidInput, problem)
     }
 
+    /// An error standing for several, of which `first` is the first: `first`'s kind and
+    /// retryability, `summary` as its message, and `first` as its source.
+    pub fn summarising(first: Error, summary: String) -> Self {
+        Error::new(first.kind, summary)
+            .with_retryable(first.retryable)
+            .with_source(first)
+    }
+
     /// A copy with the same kind, message and retryability but no source (sources cannot be
     /// cloned); for reporting one failure against several operations.
     pub fn copy_without_source(&self) -> Error {

@@ -120,18 +120,12 @@ impl WindowReport {
         match self.failures.into_iter().next() {
             None => Ok(self.confirmed),
             Some(first) => {
-                let kind = first.error.kind();
-                let retryable = first.error.is_retryable();
-                Err(Error::new(
-                    kind,
-                    format!(
-                        "{failed} messages failed; first (sequence {}): {}",
-                        first.sequence,
-                        first.error.message()
-                    ),
-                )
-                .with_retryable(retryable)
-                .with_source(first.error))
+                let summary = format!(
+                    "{failed} messages failed; first (sequence {}): {}",
+                    first.sequence,
+                    first.error.message()
+                );
+                Err(Error::summarising(first.error, summary))
             }
         }
     }
@@ -165,10 +159,9 @@ struct Shared {
 struct State {
     /// The sequence number the next `send` gets.
     next_sequence: u64,
-    /// Messages sent and not yet handed to a call, oldest first.
+    /// Messages sent and not yet handed to a call, oldest first: the newest sent, so the
+    /// first's sequence number is `next_sequence - gathering.len()`.
     gathering: Vec<Message>,
-    /// The sequence number of `gathering`'s first message.
-    gathering_first: u64,
     /// The first sequence number of each call out now.
     calls_out: Vec<u64>,
     report: WindowReport,
@@ -178,20 +171,22 @@ struct State {
 }
 
 impl State {
+    /// The sequence number of `gathering`'s first message (`next_sequence` when empty).
+    fn gathering_first(&self) -> u64 {
+        self.next_sequence - self.gathering.len() as u64
+    }
+
     /// The oldest sequence number not yet settled (`next_sequence` when none is in flight).
     fn oldest_unsettled(&self) -> u64 {
-        let gathering = (!self.gathering.is_empty()).then_some(self.gathering_first);
         self.calls_out
             .iter()
             .copied()
-            .chain(gathering)
-            .min()
-            .unwrap_or(self.next_sequence)
+            .fold(self.gathering_first(), u64::min)
     }
 
     /// The next call's messages: what has gathered, up to `max`, oldest first.
     fn take_call(&mut self, max: usize) -> Call {
-        let first = self.gathering_first;
+        let first = self.gathering_first();
         // The next gathering starts with room for a call: growing it by doubling copied every
         // message again at each step, and freeing those buffers cost the allocator's slow
         // path (Kafka: the largest item of the window's profile, with `perf`).
@@ -200,7 +195,6 @@ impl State {
         } else {
             self.gathering.drain(..max).collect()
         };
-        self.gathering_first += messages.len() as u64;
         self.calls_out.push(first);
         Call { first, messages }
     }
@@ -362,9 +356,6 @@ impl Shared {
         }
         let sequence = state.next_sequence;
         state.next_sequence += 1;
-        if state.gathering.is_empty() {
-            state.gathering_first = sequence;
-        }
         state.gathering.push(message);
         // A call starts here only when none is out, or when a call's worth has gathered and
         // the limit allows another: otherwise messages gather while the broker works, and the

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, OptionFuture};
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +23,7 @@ use crate::message::Message;
 use crate::stack::BrokerLayer;
 use crate::trace;
 
-use super::spool::{RefusedMessage, Spool, SpoolStats};
+use super::spool::{RefusedMessage, Spool, SpoolStats, SpooledMessage};
 
 /// Whether `err` is the broker refusing the message itself (set aside when forwarding), as
 /// opposed to the broker failing or going away (the message waits and goes again). A
@@ -44,6 +44,28 @@ struct Refused {
     seq: i64,
     id: String,
     reason: String,
+}
+
+/// A forwarded run's messages by what the broker said, in order up to the first failure that
+/// is not the broker refusing the message: the `seq`s accepted, those refused for good, and
+/// whether a failure stopped the run there (a broker failure, or the broker closing: later
+/// messages of the run may have been accepted out of order; they stay spooled and go again,
+/// same ids, never lost).
+fn sort_outcomes(run: &[SpooledMessage], report: &BatchReport) -> (Vec<i64>, Vec<Refused>, bool) {
+    let mut failures = report.failures().iter().peekable();
+    let (mut sent, mut refused) = (Vec::new(), Vec::new());
+    for (i, message) in run.iter().enumerate() {
+        match failures.next_if(|(at, _)| *at == i) {
+            None => sent.push(message.seq),
+            Some((_, err)) if is_refusal(err) => refused.push(Refused {
+                seq: message.seq,
+                id: message.message.id().to_owned(),
+                reason: err.to_string(),
+            }),
+            Some(_) => return (sent, refused, true),
+        }
+    }
+    (sent, refused, false)
 }
 
 /// How the forwarder runs.
@@ -395,7 +417,7 @@ impl FallbackBroker {
         Ok(())
     }
 
-    /// Takes a forwarded chunk's confirmed messages out of the spool and sets aside those
+    /// Takes a forwarded run's confirmed messages out of the spool and sets aside those
     /// the broker refused for good; then their topic's mark moves past them.
     async fn settle_forwarded(
         &self,
@@ -456,7 +478,7 @@ impl FallbackBroker {
     }
 
     /// Forward the oldest spooled messages, batch after batch until the spool is empty, a
-    /// chunk fails or the breaker opens, setting aside those the broker refuses for good;
+    /// run fails, the broker closes or the breaker opens, setting aside those the broker refuses for good;
     /// how many went out.
     async fn forward_once(&self) -> Result<usize> {
         if self.inner.broker.publish_breaker().state() == BreakerState::Open {
@@ -510,26 +532,17 @@ impl FallbackBroker {
                     .inner
                     .broker
                     .publish_batch(&topic, run.iter().map(|m| m.message.clone()).collect());
-                let previous = settling.take();
-                let newest = batch[batch.len() - 1].seq;
-                let reading =
-                    (end == batch.len()).then(|| self.inner.spool.oldest_after(newest, batch_size));
+                let reading = (end == batch.len()).then(|| {
+                    self.inner
+                        .spool
+                        .oldest_after(batch[end - 1].seq, batch_size)
+                });
                 let (report, settled, read) = tokio::join!(
                     publishing,
-                    async move {
-                        match previous {
-                            Some(previous) => previous.await,
-                            None => Ok(()),
-                        }
-                    },
-                    async move {
-                        match reading {
-                            Some(reading) => Some(reading.await),
-                            None => None,
-                        }
-                    },
+                    OptionFuture::from(settling.take()),
+                    OptionFuture::from(reading),
                 );
-                settled?;
+                settled.transpose()?;
                 match read {
                     Some(Ok(read)) => next = Some(read),
                     Some(Err(err)) => {
@@ -538,27 +551,7 @@ impl FallbackBroker {
                     }
                     None => {}
                 }
-                // In order up to the first failure that is not the broker refusing the
-                // message: accepted, or refused for good.
-                let mut failures = report.failures().iter().peekable();
-                let (mut sent, mut refused, mut stopped) = (Vec::new(), Vec::new(), false);
-                for (i, message) in run.iter().enumerate() {
-                    match failures.next_if(|(at, _)| *at == i) {
-                        None => sent.push(message.seq),
-                        Some((_, err)) if is_refusal(err) => refused.push(Refused {
-                            seq: message.seq,
-                            id: message.message.id().to_owned(),
-                            reason: err.to_string(),
-                        }),
-                        Some(_) => {
-                            // A broker failure, or the broker closing: later messages of the
-                            // run may have been accepted out of order; they stay spooled and
-                            // go again (same ids), never lost.
-                            stopped = true;
-                            break;
-                        }
-                    }
-                }
+                let (sent, refused, stopped) = sort_outcomes(run, &report);
                 forwarded += sent.len();
                 settling = Some(Box::pin(self.settle_forwarded(topic, sent, refused)));
                 if stopped {
