@@ -60,7 +60,10 @@ pub struct RedriveRequest {
     /// Canary mode.
     pub canary: Option<CanaryConfig>,
     /// Messages published per batch (default 100; the batch's confirmations are awaited
-    /// together).
+    /// together). A paced job claims and removes each chunk it sends on its own; an unpaced
+    /// one claims whole batches up to 1,000 entries at a time and removes the confirmed ones
+    /// while it claims and publishes the next, so a process killed midway leaves at most two
+    /// such groups held until their claims run out.
     pub batch_size: usize,
     /// The job's id (`None`: a new UUID). An id a job this processor still lists already
     /// has is refused with [`ErrorKind::Conflict`](crate::error::ErrorKind::Conflict), so a

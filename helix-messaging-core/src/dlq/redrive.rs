@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
+use futures::future::{BoxFuture, OptionFuture};
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,11 +18,15 @@ use super::jobs::{
 };
 use super::processor::{Processor, publish_timed_out, redrive_copy};
 use super::report::RedrivePreview;
-use super::store::DeadLetterFilter;
 use super::store::remove_redriven;
+use super::store::{DeadLetterFilter, StoredDeadLetter};
 use crate::error::{Error, ErrorKind, Result, panicked};
 use crate::message::Message;
 use crate::names::validate_name;
+
+/// Entries an unpaced redrive claims at once, in whole batches (at least one): with a claim
+/// and a removal per group, the store's commits are shared by this many re-driven entries.
+const CLAIM_GROUP: usize = 1_000;
 
 /// Paces a job's chunks to `rate` messages a second over every window: a chunk goes out no
 /// sooner than the previous one's share of a second after it. Time spent not sending (a
@@ -253,12 +258,7 @@ impl Run {
             }
             self.progress.lock().status = RedriveStatus::Running;
         }
-        for chunk in rest.chunks(self.chunk_size()) {
-            if self.cancel.is_cancelled() {
-                return Ok(RedriveStatus::Cancelled);
-            }
-            self.batch(chunk, &mut pacer).await?;
-        }
+        self.batch(rest, &mut pacer).await?;
         Ok(if self.cancel.is_cancelled() {
             RedriveStatus::Cancelled
         } else {
@@ -275,32 +275,94 @@ impl Run {
         }
     }
 
-    /// Re-drive the entries `ids`, each chunk when `pacer` lets it go; returns the original
-    /// message id of each one re-driven, with the redrive count its copy carries.
+    /// Entries claimed (and later removed) together: a paced job's chunk, so what it holds
+    /// at any time is one chunk; an unpaced job's whole batches up to [`CLAIM_GROUP`], so the
+    /// store's two commits (claim, removal) are shared by many batches.
+    fn group_size(&self) -> usize {
+        match self.request.rate_per_second {
+            Some(_) => self.chunk_size(),
+            None => {
+                let batch = self.request.batch_size;
+                batch * (CLAIM_GROUP / batch).max(1)
+            }
+        }
+    }
+
+    /// Re-drive the entries `ids`, group by group, each when `pacer` lets it go; returns the
+    /// original message id of each one re-driven, with the redrive count its copy carries.
+    ///
+    /// Unpaced, a group's removal from the store goes on while the next group is claimed
+    /// and published: a removal only ever follows its group's confirmations, and the job
+    /// stops at the first removal that fails, once the group under way is confirmed and
+    /// removed.
     async fn batch(
         &self,
         ids: &[String],
         pacer: &mut Option<Pacer>,
     ) -> Result<HashMap<String, u32>> {
         let mut redriven_ids = HashMap::new();
-        for chunk in ids.chunks(self.chunk_size()) {
+        let mut removing: Option<BoxFuture<'_, Result<()>>> = None;
+        let mut outcome = Ok(());
+        for group in ids.chunks(self.group_size()) {
+            if self.cancel.is_cancelled() {
+                break;
+            }
             if let Some(pacer) = pacer {
-                let due = pacer.take(chunk.len());
+                let due = pacer.take(group.len());
                 tokio::select! {
-                    () = self.cancel.cancelled() => return Ok(redriven_ids),
+                    () = self.cancel.cancelled() => break,
                     () = tokio::time::sleep_until(due) => {}
                 }
             }
-            self.publish_chunk(chunk, &mut redriven_ids).await?;
+            let publishing = self.publish_group(group, &mut redriven_ids);
+            let (published, removed) =
+                futures::join!(publishing, OptionFuture::from(removing.take()));
+            if let Some(Err(err)) = removed {
+                outcome = Err(err);
+            }
+            let confirmed = match published {
+                Ok(confirmed) => confirmed,
+                Err(err) => {
+                    outcome = outcome.and(Err(err));
+                    break;
+                }
+            };
+            let removal = self.remove(confirmed);
+            if pacer.is_some() || outcome.is_err() {
+                outcome = outcome.and(removal.await);
+            } else {
+                removing = Some(Box::pin(removal));
+            }
+            if outcome.is_err() {
+                break;
+            }
         }
-        Ok(redriven_ids)
+        if let Some(removal) = removing {
+            outcome = outcome.and(removal.await);
+        }
+        outcome.map(|()| redriven_ids)
     }
 
-    async fn publish_chunk(
+    /// Take re-driven entries (id and claimed version) out of the store.
+    async fn remove(&self, confirmed: Vec<(String, u64)>) -> Result<()> {
+        if confirmed.is_empty() {
+            return Ok(());
+        }
+        let store = &self.processor.inner.store;
+        remove_redriven(store.as_ref(), &confirmed)
+            .await
+            .inspect_err(|err| {
+                tracing::warn!(entries = confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
+            })
+    }
+
+    /// Claim the entries `ids` and publish them, batch by batch; returns the entries whose
+    /// copies were confirmed (to be removed), with the version claimed.
+    async fn publish_group(
         &self,
         ids: &[String],
         redriven_ids: &mut HashMap<String, u32>,
-    ) -> Result<()> {
+    ) -> Result<Vec<(String, u64)>> {
         let store = &self.processor.inner.store;
         // Held for this job alone while it publishes them: another job, a reprocess or an
         // automatic attempt does not re-drive them at the same time.
@@ -308,10 +370,30 @@ impl Run {
             .claim(ids, SystemTime::now(), self.processor.claim_lease())
             .await?;
         // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
-        let skipped = (ids.len() - entries.len()) as u64;
+        self.progress.lock().skipped += (ids.len() - entries.len()) as u64;
+        // The whole group, every batch of it, ends within `processing_timeout`, well within
+        // its hold: what was not confirmed by then (or not sent, the time being up) counts
+        // failed and is let go (a copy may still arrive: at least once).
+        let deadline = tokio::time::Instant::now() + self.processor.config().processing_timeout;
+        let mut confirmed = Vec::with_capacity(entries.len());
+        for batch in entries.chunks(self.request.batch_size) {
+            self.publish_batch(batch, deadline, &mut confirmed, redriven_ids)
+                .await;
+        }
+        Ok(confirmed)
+    }
+
+    /// Publish the claimed entries `entries`, one batch per target topic and source broker
+    /// so confirmations are awaited together; the confirmed ones are added to `confirmed`,
+    /// the others let go.
+    async fn publish_batch(
+        &self,
+        entries: &[StoredDeadLetter],
+        deadline: tokio::time::Instant,
+        confirmed: &mut Vec<(String, u64)>,
+        redriven_ids: &mut HashMap<String, u32>,
+    ) {
         let letters: Vec<&super::letter::DeadLetter> = entries.iter().map(|e| &e.letter).collect();
-        // One batch per target topic on each broker the letters came from, so
-        // confirmations are awaited together.
         let mut by_topic: Vec<(String, Option<&str>, Vec<usize>)> = Vec::new();
         for (i, letter) in letters.iter().enumerate() {
             let topic = self
@@ -330,16 +412,11 @@ impl Run {
         }
         let (mut redriven, mut failed, mut last_error) = (0, 0, None);
         let timeout = self.processor.config().processing_timeout;
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut unremoved: Option<Error> = None;
         for (topic, _, members) in by_topic {
             let messages: Vec<Message> = members
                 .iter()
                 .map(|&i| redrive_copy(letters[i], &topic))
                 .collect();
-            // The whole chunk, every topic of it, ends within `processing_timeout`, well
-            // within its hold: what was not confirmed by then (or not sent, the time being
-            // up) counts failed and is let go (a copy may still arrive: at least once).
             let count = messages.len();
             // The members share a source, so the first names their broker.
             let report = match self.processor.broker_for(letters[members[0]]) {
@@ -371,40 +448,28 @@ impl Run {
             if let Some((_, err)) = report.failures().first() {
                 last_error = Some(err.to_string());
             }
-            let mut confirmed = Vec::with_capacity(members.len());
             for (position, &i) in members.iter().enumerate() {
                 if failures.contains(&position) {
                     failed += 1;
                     self.processor.let_go(&entries[i]).await;
                 } else {
+                    // Published and confirmed: it counts as re-driven whatever the store
+                    // says next, and only now may it leave the DLQ.
                     confirmed.push((entries[i].letter.id.clone(), entries[i].version));
                     redriven_ids.insert(
                         letters[i].message.id().to_owned(),
                         letters[i].redrives.saturating_add(1),
                     );
+                    self.processor.note_redriven();
+                    redriven += 1;
                 }
-            }
-            // Published and confirmed: they count as re-driven whatever the store says next,
-            // and only now do they leave the DLQ.
-            for _ in &confirmed {
-                self.processor.note_redriven();
-            }
-            redriven += confirmed.len() as u64;
-            if let Err(err) = remove_redriven(store.as_ref(), &confirmed).await {
-                tracing::warn!(topic = %topic, entries = confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
-                unremoved = Some(err);
             }
         }
         let mut progress = self.progress.lock();
         progress.redriven += redriven;
         progress.failed += failed;
-        progress.skipped += skipped;
         if last_error.is_some() {
             progress.last_error = last_error;
-        }
-        match unremoved {
-            None => Ok(()),
-            Some(err) => Err(err),
         }
     }
 

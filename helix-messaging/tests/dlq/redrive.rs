@@ -207,6 +207,110 @@ async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
     );
 }
 
+/// An unpaced redrive claims and removes whole groups of batches at a time: across several
+/// groups every entry still goes out once, in DLQ order, and leaves the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaced_redrive_of_several_groups_delivers_each_entry_once_and_empties_the_store() {
+    use helix_messaging_testkit::plane::read_history;
+    const ENTRIES: usize = 2_100;
+    let broker = broker().await;
+    let topic = name("grouped");
+    let dir = tempfile::tempdir().unwrap();
+    let processor = Processor::new(
+        broker.clone(),
+        Arc::new(SqliteDeadLetterStore::open(in_file(&dir)).await.unwrap()),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    let letters = stored_letters(&processor, &topic, ENTRIES).await;
+    let from = SystemTime::now() - Duration::from_secs(1);
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: None,
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (ENTRIES as u64, 0, 0),
+        "{progress:?}"
+    );
+    let got: Vec<String> = read_history(&broker, &topic, from)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.id().to_owned())
+        .collect();
+    let expected: Vec<String> = letters.iter().map(|l| l.message.id().to_owned()).collect();
+    assert_eq!(got, expected, "each once, in DLQ order");
+    let left = processor
+        .list(&DeadLetterFilter::default(), 10, 0)
+        .await
+        .unwrap();
+    assert_eq!(left.count, 0, "every re-driven entry left the store");
+}
+
+/// An unpaced redrive removes a group while it publishes the next one. When a removal fails
+/// it stops once the group under way is out: nothing past it is claimed or published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redrive_stops_at_a_failed_removal_once_the_group_under_way_is_out() {
+    use helix_messaging::dlq::DeadLetterStore;
+    use helix_messaging_testkit::plane::{FaultyDeadLetterStore, read_history};
+    // Three groups of 1,000: the first's removal fails while the second is published.
+    const ENTRIES: usize = 2_100;
+    let broker = broker().await;
+    let topic = name("unremovable-groups");
+    let store = Arc::new(FaultyDeadLetterStore::new(
+        helix_messaging::dlq::MemoryDeadLetterStore::new(),
+    ));
+    let processor = Processor::new(
+        broker.clone(),
+        store.clone(),
+        processor_config(&name("dlq")),
+    )
+    .unwrap();
+    let letters = stored_letters(&processor, &topic, ENTRIES).await;
+    let from = SystemTime::now() - Duration::from_secs(1);
+    store.set_removals_down(true);
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: None,
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let progress = common::redrive_finished(&processor, &job.id).await;
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (2_000, 0, 0),
+        "the first two groups went out: {progress:?}"
+    );
+    assert!(
+        progress
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("removal")),
+        "{progress:?}"
+    );
+    let published = read_history(&broker, &topic, from).await.unwrap();
+    let expected: Vec<&str> = letters[..2_000].iter().map(|l| l.message.id()).collect();
+    let got: Vec<&str> = published.iter().map(|m| m.id()).collect();
+    assert_eq!(got, expected, "the first two groups, once each");
+    let now = SystemTime::now();
+    for letter in &letters[2_000..] {
+        let entry = store.get(&letter.id).await.unwrap().expect("still stored");
+        assert!(
+            !entry.is_claimed(now),
+            "{} was claimed past the failure",
+            letter.id
+        );
+    }
+}
+
 /// A redrive whose canary cannot be re-driven fails, leaving everything else in the DLQ,
 /// instead of going on without a canary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
