@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::request::{
     HEADER_ORIGINAL_TIMESTAMP, HEADER_REPLAY_ID, HEADER_SOURCE_POSITION, HEADER_SOURCE_TOPIC,
-    ReplayConfig, ReplayProgress, ReplayStatus, UNTYPED,
+    ReplayConfig, ReplayProgress, ReplayRequest, ReplayStatus, UNTYPED,
 };
 use super::store::{Frontier, ReplayLease, ReplayRecord, ReplayStore};
 use crate::broker::{Broker, HistoryEntry, TimeRange};
@@ -49,10 +49,129 @@ enum Stop {
     LeaseLost,
 }
 
-/// An original waiting in the batch, with its place in the source.
+/// An original waiting in the batch, with its place in the source and, when it was read
+/// while the previous batch was out, its copy made then.
 struct Pending {
     entry: HistoryEntry,
     position: String,
+    copy: Option<Message>,
+}
+
+/// An entry read from the source, with its place there.
+struct Prepared {
+    entry: HistoryEntry,
+    partition: i32,
+    mark: (u64, u64),
+    position: String,
+    /// Made ahead, while the previous batch was being published.
+    copy: Option<Message>,
+}
+
+/// What every copy of one replay carries besides its original.
+struct Copies {
+    replay_id: String,
+    source_topic: String,
+    target: String,
+}
+
+impl Copies {
+    fn of(request: &ReplayRequest) -> Self {
+        Copies {
+            replay_id: request.id.clone(),
+            source_topic: request.topic.clone(),
+            target: request.target(),
+        }
+    }
+
+    /// The copy published for `original`, found at `position` in the source.
+    fn make(&self, original: &Message, position: &str) -> Message {
+        let mut parts = original.clone().into_parts();
+        let headers = &mut parts.headers;
+        headers.insert(HEADER_REPLAY_ID.to_owned(), self.replay_id.clone());
+        headers.insert(HEADER_SOURCE_TOPIC.to_owned(), self.source_topic.clone());
+        headers.insert(HEADER_SOURCE_POSITION.to_owned(), position.to_owned());
+        headers.insert(
+            HEADER_ORIGINAL_TIMESTAMP.to_owned(),
+            millis(original.timestamp()),
+        );
+        parts.timestamp = SystemTime::now();
+        let mut copy = Message::from_parts(parts);
+        trace::stamp_copy(trace::CopyKind::Replay, &self.target, &mut copy);
+        copy
+    }
+}
+
+/// The window being read: entries come from `staged` (read while a batch was being
+/// published) before the stream.
+struct Source {
+    stream: futures::stream::BoxStream<'static, Result<HistoryEntry>>,
+    /// The stream returned its end (it is not polled again).
+    ended: bool,
+    /// Entries read so far (an entry's place when the backend gives it no position).
+    index: u64,
+    staged: std::collections::VecDeque<Result<Prepared>>,
+}
+
+impl Source {
+    fn prepare(&mut self, item: Result<HistoryEntry>) -> Result<Prepared> {
+        let entry = item?;
+        self.index += 1;
+        let (partition, mark) = position_mark(&entry, self.index);
+        Ok(Prepared {
+            position: position_key(partition, mark),
+            entry,
+            partition,
+            mark,
+            copy: None,
+        })
+    }
+
+    /// Run `work` (a batch being published), reading and preparing up to `limit` entries
+    /// meanwhile, with their copies made when `copies` is given; `work`'s output. The copies
+    /// are made on this task while the broker confirms, rather than after it has.
+    async fn read_during<T>(
+        &mut self,
+        work: impl std::future::Future<Output = T>,
+        limit: usize,
+        copies: Option<&Copies>,
+    ) -> T {
+        let mut work = std::pin::pin!(work);
+        loop {
+            tokio::select! {
+                biased;
+                out = &mut work => return out,
+                item = self.stream.next(), if !self.ended && self.staged.len() < limit => {
+                    let Some(item) = item else {
+                        self.ended = true;
+                        continue;
+                    };
+                    let mut prepared = self.prepare(item);
+                    if let (Ok(p), Some(copies)) = (&mut prepared, copies) {
+                        p.copy = Some(copies.make(&p.entry.message, &p.position));
+                    }
+                    self.staged.push_back(prepared);
+                }
+            }
+        }
+    }
+}
+
+/// `partition:major:minor`, the source position copies carry and a resume looks for.
+fn position_key(partition: i32, (major, minor): (u64, u64)) -> String {
+    let (mut a, mut b, mut c) = (
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+        itoa::Buffer::new(),
+    );
+    let (a, b, c) = (a.format(partition), b.format(major), c.format(minor));
+    let mut key = String::with_capacity(a.len() + b.len() + c.len() + 2);
+    for (i, part) in [a, b, c].into_iter().enumerate() {
+        if i > 0 {
+            key.push(':');
+        }
+        key.push_str(part);
+    }
+    key
 }
 
 /// What a run keeps besides its progress.
@@ -239,11 +358,16 @@ impl Run {
             seen: HashSet::new(),
             last_checkpoint: Instant::now(),
         };
-        let mut stream = read_ahead(
-            self.broker.read_range(&request.topic, range).await?,
-            options.batch_size.max(READ_AHEAD),
-        );
-        let mut index = 0u64;
+        let mut source = Source {
+            stream: read_ahead(
+                self.broker.read_range(&request.topic, range).await?,
+                options.batch_size.max(READ_AHEAD),
+            ),
+            ended: false,
+            index: 0,
+            staged: std::collections::VecDeque::new(),
+        };
+        let copies = Copies::of(&request);
         // An undecodable entry has no position to compare with the checkpoint. In the
         // stream's order, those before an entry the checkpoint covers were counted by the
         // run that took it; those after the last covered entry were not (a checkpoint is
@@ -254,15 +378,36 @@ impl Run {
         let mut past_frontier = resume_from.is_empty();
         let mut held_back: Vec<Error> = Vec::new();
         loop {
-            let item = tokio::select! {
-                biased;
-                () = self.shutdown.cancelled() => return Ok(Stop::Interrupted),
-                () = self.cancel.cancelled() => return Ok(Stop::Cancelled),
-                item = stream.next() => item,
+            let item = match source.staged.pop_front() {
+                Some(item) => {
+                    if self.shutdown.is_cancelled() {
+                        return Ok(Stop::Interrupted);
+                    }
+                    if self.cancel.is_cancelled() {
+                        return Ok(Stop::Cancelled);
+                    }
+                    item
+                }
+                None if source.ended => break,
+                None => {
+                    let item = tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => return Ok(Stop::Interrupted),
+                        () = self.cancel.cancelled() => return Ok(Stop::Cancelled),
+                        item = source.stream.next() => item,
+                    };
+                    let Some(item) = item else { break };
+                    source.prepare(item)
+                }
             };
-            let Some(item) = item else { break };
-            let entry = match item {
-                Ok(entry) => entry,
+            let Prepared {
+                entry,
+                partition,
+                mark,
+                position,
+                copy,
+            } = match item {
+                Ok(prepared) => prepared,
                 // One entry the backend cannot decode: it cannot be replayed, the rest can.
                 Err(err) if err.kind() == ErrorKind::Serialization => {
                     if past_frontier {
@@ -274,8 +419,6 @@ impl Run {
                 }
                 Err(err) => return Err(err),
             };
-            index += 1;
-            let (partition, mark) = position_mark(&entry, index);
             if resume_from
                 .get(&partition)
                 .is_some_and(|done| mark <= *done)
@@ -292,7 +435,6 @@ impl Run {
                 self.count_undecodable(&std::mem::take(&mut held_back));
             }
             state.frontier.insert(partition, mark);
-            let position = format!("{partition}:{}:{}", mark.0, mark.1);
             // Dealt with here (skipped, or published by a previous run) rather than batched.
             let settled = {
                 let mut progress = self.progress.lock();
@@ -311,7 +453,9 @@ impl Run {
                     }
                     bump(&mut progress.skipped_by_type, kind, 1);
                     true
-                } else if state.published_before.remove(&position) {
+                } else if !state.published_before.is_empty()
+                    && state.published_before.remove(&position)
+                {
                     progress.total += 1;
                     progress.replayed += 1;
                     bump(&mut progress.by_type, kind, 1);
@@ -328,9 +472,18 @@ impl Run {
                 }
                 continue;
             }
-            state.batch.push(Pending { entry, position });
+            state.batch.push(Pending {
+                entry,
+                position,
+                copy,
+            });
             if state.batch.len() >= options.batch_size {
-                self.flush(&mut state).await?;
+                // The next batch is read, and its copies made, while this one is confirmed;
+                // it is dealt with (counted, checkpointed) only after.
+                let ahead = (!options.dry_run).then_some(&copies);
+                source
+                    .read_during(self.flush(&mut state, &copies), options.batch_size, ahead)
+                    .await?;
                 self.checkpoint(&mut state, false).await?;
                 if !options.delay_between.is_zero() {
                     tokio::select! {
@@ -343,7 +496,7 @@ impl Run {
             }
         }
         self.count_undecodable(&held_back);
-        self.flush(&mut state).await?;
+        self.flush(&mut state, &copies).await?;
         self.checkpoint(&mut state, true).await?;
         Ok(Stop::Completed)
     }
@@ -397,11 +550,11 @@ impl Run {
     }
 
     /// Publish the batch (or, in a dry run, count it) and count the outcome.
-    async fn flush(&mut self, state: &mut State) -> Result<()> {
+    async fn flush(&mut self, state: &mut State, copies: &Copies) -> Result<()> {
         if state.batch.is_empty() {
             return Ok(());
         }
-        let batch = std::mem::take(&mut state.batch);
+        let mut batch = std::mem::take(&mut state.batch);
         let mut refused = vec![false; batch.len()];
         if !self.record.request.options.dry_run {
             if self.record.checkpoint.in_flight_since.is_none() {
@@ -412,7 +565,7 @@ impl Run {
                 self.save(&record).await?;
                 self.record = record;
             }
-            refused = self.publish(&batch).await?;
+            refused = self.publish(&mut batch, copies).await?;
         }
         let mut progress = self.progress.lock();
         for (pending, failed) in batch.iter().zip(refused) {
@@ -447,8 +600,8 @@ impl Run {
     /// The last error when a copy still fails transiently after
     /// [`ReplayConfig::publish_attempts`]: the replay stops (resumable from its checkpoint,
     /// which never moves past an unpublished copy) rather than count it failed.
-    async fn publish(&self, batch: &[Pending]) -> Result<Vec<bool>> {
-        let target = self.record.request.target();
+    async fn publish(&self, batch: &mut [Pending], copies: &Copies) -> Result<Vec<bool>> {
+        let target = &copies.target;
         let mut refused = vec![false; batch.len()];
         let mut pending: Vec<usize> = (0..batch.len()).collect();
         let mut delays = ExponentialBuilder::default()
@@ -456,11 +609,17 @@ impl Run {
             .with_max_times(self.config.publish_attempts.saturating_sub(1))
             .build();
         loop {
-            let copies = pending
+            // A copy made ahead goes out on the first attempt; a retry makes a fresh one.
+            let messages = pending
                 .iter()
-                .map(|&i| self.copy(&batch[i], &target))
+                .map(|&i| {
+                    let p = &mut batch[i];
+                    p.copy
+                        .take()
+                        .unwrap_or_else(|| copies.make(&p.entry.message, &p.position))
+                })
                 .collect();
-            let report = self.broker.publish_batch(&target, copies).await;
+            let report = self.broker.publish_batch(target, messages).await;
             let mut retry = Vec::new();
             let mut transient: Option<Error> = None;
             for (j, err) in report.failures() {
@@ -491,25 +650,6 @@ impl Run {
             }
             pending = retry;
         }
-    }
-
-    /// The copy published for an original.
-    fn copy(&self, pending: &Pending, target: &str) -> Message {
-        let original = &*pending.entry.message;
-        let request = &self.record.request;
-        let mut parts = original.clone().into_parts();
-        let headers = &mut parts.headers;
-        headers.insert(HEADER_REPLAY_ID.to_owned(), request.id.clone());
-        headers.insert(HEADER_SOURCE_TOPIC.to_owned(), request.topic.clone());
-        headers.insert(HEADER_SOURCE_POSITION.to_owned(), pending.position.clone());
-        headers.insert(
-            HEADER_ORIGINAL_TIMESTAMP.to_owned(),
-            millis(original.timestamp()),
-        );
-        parts.timestamp = SystemTime::now();
-        let mut copy = Message::from_parts(parts);
-        trace::stamp_copy(trace::CopyKind::Replay, target, &mut copy);
-        copy
     }
 
     /// Source positions of the copies this replay published to the target since `since`
@@ -583,6 +723,19 @@ mod tests {
         assert_eq!(
             position_mark(&at(Some(Position::StreamId("garbage".into()))), 5),
             (i32::MIN, (5, 0))
+        );
+    }
+
+    #[test]
+    fn a_position_key_names_partition_and_mark() {
+        assert_eq!(position_key(3, (41, 0)), "3:41:0");
+        assert_eq!(
+            position_key(i32::MIN, (u64::MAX, 7)),
+            format!("{}:{}:7", i32::MIN, u64::MAX)
+        );
+        assert_eq!(
+            millis(std::time::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123)),
+            "1700000000123"
         );
     }
 

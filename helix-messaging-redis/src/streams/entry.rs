@@ -66,16 +66,18 @@ fn text(value: redis::Value) -> Option<String> {
     }
 }
 
+fn malformed(command: &str) -> Error {
+    Error::new(
+        ErrorKind::Serialization,
+        format!("{command} reply does not have the documented shape"),
+    )
+}
+
 /// Parse an XREADGROUP reply (`[[key, [[id, [field, value, …]], …]]]`, or nil on time-out)
 /// by taking the values apart instead of converting through maps and clones: this runs for
 /// every entry read.
 pub(super) fn parse_read_reply(reply: redis::Value) -> Result<Vec<RawEntry>> {
-    let malformed = || {
-        Error::new(
-            ErrorKind::Serialization,
-            "XREADGROUP reply does not have the documented shape",
-        )
-    };
+    const COMMAND: &str = "XREADGROUP";
     let streams = match reply {
         redis::Value::Nil => return Ok(Vec::new()),
         redis::Value::Array(streams) => streams,
@@ -83,37 +85,57 @@ pub(super) fn parse_read_reply(reply: redis::Value) -> Result<Vec<RawEntry>> {
             .into_iter()
             .map(|(k, v)| redis::Value::Array(vec![k, v]))
             .collect(),
-        _ => return Err(malformed()),
+        _ => return Err(malformed(COMMAND)),
     };
     let mut out = Vec::new();
     for stream in streams {
         let redis::Value::Array(mut key_and_entries) = stream else {
-            return Err(malformed());
+            return Err(malformed(COMMAND));
         };
         let Some(redis::Value::Array(entries)) = key_and_entries.pop() else {
-            return Err(malformed());
+            return Err(malformed(COMMAND));
         };
-        out.reserve(entries.len());
-        for entry in entries {
-            let redis::Value::Array(mut id_and_fields) = entry else {
-                return Err(malformed());
-            };
-            let fields = match id_and_fields.pop() {
-                Some(redis::Value::Array(flat)) => flat,
-                // An entry deleted while pending comes back with nil fields.
-                Some(redis::Value::Nil) => Vec::new(),
-                _ => return Err(malformed()),
-            };
-            let id = id_and_fields.pop().and_then(text).ok_or_else(malformed)?;
-            let mut pairs = Vec::with_capacity(fields.len() / 2);
-            let mut flat = fields.into_iter();
-            while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
-                pairs.push((text(name).ok_or_else(malformed)?, value));
-            }
-            out.push(RawEntry { id, fields: pairs });
-        }
+        parse_entries(entries, COMMAND, &mut out)?;
     }
     Ok(out)
+}
+
+/// Parse an XRANGE reply (`[[id, [field, value, …]], …]`) the same way.
+pub(super) fn parse_range_reply(reply: redis::Value) -> Result<Vec<RawEntry>> {
+    const COMMAND: &str = "XRANGE";
+    let redis::Value::Array(entries) = reply else {
+        return Err(malformed(COMMAND));
+    };
+    let mut out = Vec::new();
+    parse_entries(entries, COMMAND, &mut out)?;
+    Ok(out)
+}
+
+/// `[[id, [field, value, …]], …]`, from `command`'s reply, onto `out`.
+fn parse_entries(entries: Vec<redis::Value>, command: &str, out: &mut Vec<RawEntry>) -> Result<()> {
+    out.reserve(entries.len());
+    for entry in entries {
+        let redis::Value::Array(mut id_and_fields) = entry else {
+            return Err(malformed(command));
+        };
+        let fields = match id_and_fields.pop() {
+            Some(redis::Value::Array(flat)) => flat,
+            // An entry deleted while pending comes back with nil fields.
+            Some(redis::Value::Nil) => Vec::new(),
+            _ => return Err(malformed(command)),
+        };
+        let id = id_and_fields
+            .pop()
+            .and_then(text)
+            .ok_or_else(|| malformed(command))?;
+        let mut pairs = Vec::with_capacity(fields.len() / 2);
+        let mut flat = fields.into_iter();
+        while let (Some(name), Some(value)) = (flat.next(), flat.next()) {
+            pairs.push((text(name).ok_or_else(|| malformed(command))?, value));
+        }
+        out.push(RawEntry { id, fields: pairs });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
