@@ -60,10 +60,15 @@ pub struct RedriveRequest {
     /// Canary mode.
     pub canary: Option<CanaryConfig>,
     /// Messages published per batch (default 100; the batch's confirmations are awaited
-    /// together). A paced job claims and removes each chunk it sends on its own; an unpaced
-    /// one claims whole batches up to 1,000 entries at a time and removes the confirmed ones
-    /// while it claims and publishes the next, so a process killed midway leaves at most two
-    /// such groups held until their claims run out.
+    /// together, within the processor's `processing_timeout`).
+    ///
+    /// A paced job claims, publishes and removes each chunk it sends before the next. An
+    /// unpaced one claims a group of whole batches at a time (as many as fit in 1,000
+    /// entries, at least one) and removes the group's confirmed entries while it claims and
+    /// publishes the next group; a cancel takes effect between groups. So a process killed
+    /// midway leaves at most two groups held until their claims run out, and the entries
+    /// of those that were published but not yet removed are re-driven again after that (at
+    /// least once).
     pub batch_size: usize,
     /// The job's id (`None`: a new UUID). An id a job this processor still lists already
     /// has is refused with [`ErrorKind::Conflict`](crate::error::ErrorKind::Conflict), so a

@@ -197,6 +197,13 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<Redrive
     Ok(started)
 }
 
+/// A group's entries once published: confirmed (id and claimed version, to be removed) or
+/// failed (to be let go).
+struct Settled {
+    confirmed: Vec<(String, u64)>,
+    failed: Vec<StoredDeadLetter>,
+}
+
 struct Run {
     processor: Processor,
     request: RedriveRequest,
@@ -320,14 +327,14 @@ impl Run {
             if let Some(Err(err)) = removed {
                 outcome = Err(err);
             }
-            let confirmed = match published {
-                Ok(confirmed) => confirmed,
+            let settled = match published {
+                Ok(settled) => settled,
                 Err(err) => {
                     outcome = outcome.and(Err(err));
                     break;
                 }
             };
-            let removal = self.remove(confirmed);
+            let removal = self.settle(settled);
             if pacer.is_some() || outcome.is_err() {
                 outcome = outcome.and(removal.await);
             } else {
@@ -343,26 +350,33 @@ impl Run {
         outcome.map(|()| redriven_ids)
     }
 
-    /// Take re-driven entries (id and claimed version) out of the store.
-    async fn remove(&self, confirmed: Vec<(String, u64)>) -> Result<()> {
-        if confirmed.is_empty() {
-            return Ok(());
+    /// Take a group's re-driven entries out of the store, then let go of the ones that
+    /// failed: the removals first, while their claims are young, and one commit for all of
+    /// them, whatever number of failures (one write each) follows.
+    async fn settle(&self, group: Settled) -> Result<()> {
+        let removed = if group.confirmed.is_empty() {
+            Ok(())
+        } else {
+            let store = &self.processor.inner.store;
+            remove_redriven(store.as_ref(), &group.confirmed)
+                .await
+                .inspect_err(|err| {
+                    tracing::warn!(entries = group.confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
+                })
+        };
+        for entry in &group.failed {
+            self.processor.let_go(entry).await;
         }
-        let store = &self.processor.inner.store;
-        remove_redriven(store.as_ref(), &confirmed)
-            .await
-            .inspect_err(|err| {
-                tracing::warn!(entries = confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
-            })
+        removed
     }
 
     /// Claim the entries `ids` and publish them, batch by batch; returns the entries whose
-    /// copies were confirmed (to be removed), with the version claimed.
+    /// copies were confirmed (to be removed) and those that failed (to be let go).
     async fn publish_group(
         &self,
         ids: &[String],
         redriven_ids: &mut HashMap<String, u32>,
-    ) -> Result<Vec<(String, u64)>> {
+    ) -> Result<Settled> {
         let store = &self.processor.inner.store;
         // Held for this job alone while it publishes them: another job, a reprocess or an
         // automatic attempt does not re-drive them at the same time.
@@ -371,26 +385,33 @@ impl Run {
             .await?;
         // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
         self.progress.lock().skipped += (ids.len() - entries.len()) as u64;
-        // The whole group, every batch of it, ends within `processing_timeout`, well within
-        // its hold: what was not confirmed by then (or not sent, the time being up) counts
-        // failed and is let go (a copy may still arrive: at least once).
-        let deadline = tokio::time::Instant::now() + self.processor.config().processing_timeout;
-        let mut confirmed = Vec::with_capacity(entries.len());
+        // Each batch has `processing_timeout`, as a batch claimed on its own would; and the
+        // group ends its publishing within half its hold's margin past that, so the removal
+        // still comes well within the hold. What was not confirmed by its deadline (or not
+        // sent, the time being up) counts failed and is let go (a copy may still arrive: at
+        // least once).
+        let timeout = self.processor.config().processing_timeout;
+        let margin = self.processor.claim_lease().saturating_sub(timeout) / 2;
+        let group_ends = tokio::time::Instant::now() + timeout + margin;
+        let mut settled = Settled {
+            confirmed: Vec::with_capacity(entries.len()),
+            failed: Vec::new(),
+        };
         for batch in entries.chunks(self.request.batch_size) {
-            self.publish_batch(batch, deadline, &mut confirmed, redriven_ids)
+            let deadline = (tokio::time::Instant::now() + timeout).min(group_ends);
+            self.publish_batch(batch, deadline, &mut settled, redriven_ids)
                 .await;
         }
-        Ok(confirmed)
+        Ok(settled)
     }
 
     /// Publish the claimed entries `entries`, one batch per target topic and source broker
-    /// so confirmations are awaited together; the confirmed ones are added to `confirmed`,
-    /// the others let go.
+    /// so confirmations are awaited together; each goes to `settled`, confirmed or failed.
     async fn publish_batch(
         &self,
         entries: &[StoredDeadLetter],
         deadline: tokio::time::Instant,
-        confirmed: &mut Vec<(String, u64)>,
+        settled: &mut Settled,
         redriven_ids: &mut HashMap<String, u32>,
     ) {
         let letters: Vec<&super::letter::DeadLetter> = entries.iter().map(|e| &e.letter).collect();
@@ -451,11 +472,13 @@ impl Run {
             for (position, &i) in members.iter().enumerate() {
                 if failures.contains(&position) {
                     failed += 1;
-                    self.processor.let_go(&entries[i]).await;
+                    settled.failed.push(entries[i].clone());
                 } else {
                     // Published and confirmed: it counts as re-driven whatever the store
                     // says next, and only now may it leave the DLQ.
-                    confirmed.push((entries[i].letter.id.clone(), entries[i].version));
+                    settled
+                        .confirmed
+                        .push((entries[i].letter.id.clone(), entries[i].version));
                     redriven_ids.insert(
                         letters[i].message.id().to_owned(),
                         letters[i].redrives.saturating_add(1),

@@ -609,14 +609,19 @@ impl Run {
             .with_max_times(self.config.publish_attempts.saturating_sub(1))
             .build();
         loop {
-            // A copy made ahead goes out on the first attempt; a retry makes a fresh one.
+            // A copy made ahead goes out on the first attempt, stamped now: a resumed run
+            // looks for copies from the in-flight mark on, which may be later than when it
+            // was made (a broker such as Kafka reads a time range by the copies' own
+            // timestamps). A retry makes a fresh one.
+            let now = SystemTime::now();
             let messages = pending
                 .iter()
                 .map(|&i| {
                     let p = &mut batch[i];
-                    p.copy
-                        .take()
-                        .unwrap_or_else(|| copies.make(&p.entry.message, &p.position))
+                    match p.copy.take() {
+                        Some(copy) => copy.with_timestamp(now),
+                        None => copies.make(&p.entry.message, &p.position),
+                    }
                 })
                 .collect();
             let report = self.broker.publish_batch(target, messages).await;

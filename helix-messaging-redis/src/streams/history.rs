@@ -35,7 +35,14 @@ pub(crate) fn read_range(shared: Arc<Shared>, topic: &str, range: TimeRange) -> 
                 Some(connection) => connection,
                 None => match shared.primary.connect(Duration::ZERO).await {
                     Ok(connection) => connection,
-                    Err(err) => return Some((vec![Err(err)], (None, None))),
+                    Err(err) => {
+                        let err = Error::new(
+                            err.kind(),
+                            format!("XRANGE on {topic}: connecting: {}", err.message()),
+                        )
+                        .with_source(err);
+                        return Some((vec![Err(err)], (None, None)));
+                    }
                 },
             };
             let page = redis::cmd("XRANGE")

@@ -1,0 +1,173 @@
+//! Background jobs against a broker whose publishes are slow.
+//!
+//! - A replay reads its next batch, and makes its copies, while the previous batch is being
+//!   published: a copy made ahead still carries the time it is published, which a resumed
+//!   replay relies on to find it (Kafka reads a time range by the records' own timestamps).
+//! - An unpaced redrive claims several batches at once: each batch still has the whole
+//!   `processing_timeout`, as a batch claimed on its own would.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use helix_messaging_core::dlq::{
+    DEFAULT_DLQ_TOPIC, DeadLetter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore, Processor,
+    ProcessorConfig, RedriveRequest, RedriveStatus,
+};
+use helix_messaging_core::replay::{
+    ReplayConfig, ReplayHandler, ReplayOptions, ReplayRequest, ReplayStatus,
+};
+use helix_messaging_core::{
+    BatchReport, Broker, Capabilities, Health, HistoryStream, Message, Publisher, Result,
+    SubscribeOptions, Subscriber, Subscription, TimeRange, async_trait,
+};
+use helix_messaging_memory::MemoryBroker;
+
+/// How long each publish takes: long enough for the replay to read ahead meanwhile.
+const PUBLISH_TAKES: Duration = Duration::from_millis(20);
+/// The pause between batches: longer than any copy may wait between being made and sent.
+const BETWEEN_BATCHES: Duration = Duration::from_millis(400);
+
+/// The memory broker, except that a publish takes [`PUBLISH_TAKES`] before it is made.
+#[derive(Debug)]
+struct SlowPublish(MemoryBroker);
+
+#[async_trait]
+impl Publisher for SlowPublish {
+    async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        tokio::time::sleep(PUBLISH_TAKES).await;
+        self.0.publish(topic, message).await
+    }
+
+    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+        tokio::time::sleep(PUBLISH_TAKES).await;
+        self.0.publish_batch(topic, messages).await
+    }
+}
+
+#[async_trait]
+impl Subscriber for SlowPublish {
+    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
+        self.0.subscribe(topic, options).await
+    }
+}
+
+#[async_trait]
+impl Broker for SlowPublish {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+
+    async fn health(&self) -> Health {
+        self.0.health().await
+    }
+
+    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
+        self.0.read_range(topic, range).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.0.close().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_made_ahead_carry_the_time_they_are_published() {
+    const WINDOW: usize = 300;
+    let memory = MemoryBroker::new();
+    let from = SystemTime::now() - Duration::from_secs(60);
+    for i in 0..WINDOW {
+        memory
+            .publish("audit", Message::new(format!("m{i}")))
+            .await
+            .unwrap();
+    }
+    let to = SystemTime::now() + Duration::from_millis(1);
+    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(memory));
+    let handler = ReplayHandler::new(broker.clone(), ReplayConfig::default());
+    let request = ReplayRequest::new("audit", from, to)
+        .with_target_topic("audit.replayed")
+        .with_options(ReplayOptions {
+            batch_size: 100,
+            delay_between: BETWEEN_BATCHES,
+            ..ReplayOptions::default()
+        });
+    let id = handler.start_replay(request).await.unwrap().id;
+    let done = tokio::time::timeout(Duration::from_secs(30), handler.wait(&id))
+        .await
+        .expect("the replay finished within 30 s")
+        .unwrap();
+    assert_eq!(done.status, ReplayStatus::Completed, "{done:?}");
+    assert_eq!(done.replayed as usize, WINDOW, "{done:?}");
+
+    let range = TimeRange::new(from, SystemTime::now() + Duration::from_secs(5)).unwrap();
+    let mut copies = broker.read_range("audit.replayed", range).await.unwrap();
+    let mut seen = 0;
+    while let Some(entry) = copies.next().await {
+        let entry = entry.unwrap();
+        let waited = entry
+            .recorded_at
+            .duration_since(entry.message.timestamp())
+            .unwrap_or_default();
+        assert!(
+            waited < BETWEEN_BATCHES / 2,
+            "copy {} was stamped {waited:?} before the broker took it",
+            entry.message.id()
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, WINDOW);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
+    // Five batches of 100 in one claimed group: together they take five publishes, longer
+    // than one timeout, each well within it.
+    const LETTERS: usize = 500;
+    let timeout = PUBLISH_TAKES * 3;
+    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(MemoryBroker::new()));
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        processing_timeout: timeout,
+        ..ProcessorConfig::default()
+    };
+    let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), config).unwrap();
+    for i in 0..LETTERS {
+        let failed =
+            Message::new(format!("order {i}")).with_header(HEADER_ORIGINAL_TOPIC, "orders");
+        processor
+            .ingest(DeadLetter::from_message(&failed, DEFAULT_DLQ_TOPIC))
+            .await
+            .unwrap();
+    }
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: None,
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let progress = loop {
+        let progress = processor.redrive_progress(&job.id).unwrap();
+        if progress.status.is_finished() {
+            break progress;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {:?} 30 s later",
+            progress.status
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (LETTERS as u64, 0, 0),
+        "{progress:?}"
+    );
+}
