@@ -9,11 +9,10 @@ use helix_messaging_core::dlq::{
     ProcessorConfig, RedriveRequest, RedriveStatus,
 };
 use helix_messaging_core::replay::{ReplayConfig, ReplayHandler, ReplayRequest, ReplayStatus};
-use helix_messaging_core::{
-    BatchReport, Broker, Capabilities, Health, HistoryStream, Message, Publisher, Result,
-    SubscribeOptions, Subscriber, Subscription, TimeRange, async_trait,
-};
+use helix_messaging_core::{BatchReport, Broker, Message, Publisher, Result, async_trait};
 use helix_messaging_memory::MemoryBroker;
+
+mod common;
 
 const BOOM: &str = "the publish path exploded";
 
@@ -32,35 +31,7 @@ impl Publisher for PanicsOnPublish {
     }
 }
 
-#[async_trait]
-impl Subscriber for PanicsOnPublish {
-    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        self.0.subscribe(topic, options).await
-    }
-}
-
-#[async_trait]
-impl Broker for PanicsOnPublish {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
-    async fn health(&self) -> Health {
-        self.0.health().await
-    }
-
-    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
-        self.0.read_range(topic, range).await
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.0.close().await
-    }
-}
+common::memory_underneath!(PanicsOnPublish);
 
 #[tokio::test]
 async fn a_redrive_that_panics_ends_failed_with_the_panics_message() {
@@ -80,19 +51,7 @@ async fn a_redrive_that_panics_ends_failed_with_the_panics_message() {
         .start_redrive(RedriveRequest::default())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let progress = loop {
-        let progress = processor.redrive_progress(&job.id).unwrap();
-        if progress.status.is_finished() {
-            break progress;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {:?} 10 s later",
-            progress.status
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(10)).await;
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
     let error = progress.last_error.unwrap_or_default();
     assert!(error.contains(BOOM), "{error}");

@@ -18,10 +18,11 @@ use helix_messaging_core::replay::{
     ReplayConfig, ReplayHandler, ReplayOptions, ReplayRequest, ReplayStatus,
 };
 use helix_messaging_core::{
-    BatchReport, Broker, Capabilities, Health, HistoryStream, Message, Publisher, Result,
-    SubscribeOptions, Subscriber, Subscription, TimeRange, async_trait,
+    BatchReport, Broker, Message, Publisher, Result, TimeRange, async_trait,
 };
 use helix_messaging_memory::MemoryBroker;
+
+mod common;
 
 /// How long each publish takes: long enough for the replay to read ahead meanwhile.
 const PUBLISH_TAKES: Duration = Duration::from_millis(20);
@@ -45,35 +46,7 @@ impl Publisher for SlowPublish {
     }
 }
 
-#[async_trait]
-impl Subscriber for SlowPublish {
-    async fn subscribe(&self, topic: &str, options: SubscribeOptions) -> Result<Subscription> {
-        self.0.subscribe(topic, options).await
-    }
-}
-
-#[async_trait]
-impl Broker for SlowPublish {
-    fn name(&self) -> &'static str {
-        self.0.name()
-    }
-
-    fn capabilities(&self) -> Capabilities {
-        self.0.capabilities()
-    }
-
-    async fn health(&self) -> Health {
-        self.0.health().await
-    }
-
-    async fn read_range(&self, topic: &str, range: TimeRange) -> Result<HistoryStream> {
-        self.0.read_range(topic, range).await
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.0.close().await
-    }
-}
+common::memory_underneath!(SlowPublish);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn copies_made_ahead_carry_the_time_they_are_published() {
@@ -151,19 +124,7 @@ async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
         })
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let progress = loop {
-        let progress = processor.redrive_progress(&job.id).unwrap();
-        if progress.status.is_finished() {
-            break progress;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {:?} 30 s later",
-            progress.status
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed, progress.skipped),

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use helix_messaging::dlq::{
-    CanaryConfig, DeadLetter, DeadLetterFilter, DeadLetterReason, Processor, ProcessorConfig,
-    RedriveRequest, RedriveStatus, SqliteDeadLetterStore, StoredDeadLetter,
+    CanaryConfig, DeadLetter, DeadLetterFilter, DeadLetterReason, MemoryDeadLetterStore, Processor,
+    ProcessorConfig, RedriveProgress, RedriveRequest, RedriveStatus, SqliteDeadLetterStore,
+    StoredDeadLetter,
 };
 use helix_messaging::{Broker, SubscribeOptions};
 
@@ -19,7 +20,7 @@ use helix_messaging_testkit::stores::letter;
 fn memory_processor(broker: Arc<dyn Broker>) -> Processor {
     Processor::new(
         broker,
-        Arc::new(helix_messaging::dlq::MemoryDeadLetterStore::new()),
+        Arc::new(MemoryDeadLetterStore::new()),
         processor_config(&name("dlq")),
     )
     .unwrap()
@@ -44,6 +45,70 @@ async fn stored_letters(processor: &Processor, topic: &str, n: usize) -> Vec<Dea
         out.push(l);
     }
     out
+}
+
+/// A processor on the embedded broker whose DLQ store (in memory) fails every removal,
+/// with `n` letters of `topic` stored.
+struct Unremovable {
+    broker: Arc<dyn Broker>,
+    topic: String,
+    store: Arc<helix_messaging_testkit::plane::FaultyDeadLetterStore<MemoryDeadLetterStore>>,
+    processor: Processor,
+    letters: Vec<DeadLetter>,
+}
+
+impl Unremovable {
+    async fn new(what: &str, n: usize) -> Self {
+        let broker = broker().await;
+        let topic = name(what);
+        let store = Arc::new(helix_messaging_testkit::plane::FaultyDeadLetterStore::new(
+            MemoryDeadLetterStore::new(),
+        ));
+        let processor = Processor::new(
+            broker.clone(),
+            store.clone(),
+            processor_config(&name("dlq")),
+        )
+        .unwrap();
+        let letters = stored_letters(&processor, &topic, n).await;
+        store.set_removals_down(true);
+        Unremovable {
+            broker,
+            topic,
+            store,
+            processor,
+            letters,
+        }
+    }
+}
+
+/// Re-drive every entry as fast as the broker confirms; the job once finished.
+async fn unpaced_redrive(processor: &Processor) -> RedriveProgress {
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: None,
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    common::redrive_finished(processor, &job.id).await
+}
+
+/// The job failed at a removal, `redriven` having gone out, none failed or skipped.
+fn failed_at_a_removal(progress: &RedriveProgress, redriven: u64) {
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (redriven, 0, 0),
+        "{progress:?}"
+    );
+    assert!(
+        progress
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("removal")),
+        "{progress:?}"
+    );
 }
 
 /// Re-drive `count` entries first and watch them for `watch`.
@@ -169,42 +234,12 @@ async fn a_bulk_redrive_keeps_its_rate_after_the_canary_watch() {
 /// selection: what went out counts as re-driven, and the job fails saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
-    use helix_messaging_testkit::plane::FaultyDeadLetterStore;
-    let broker = broker().await;
-    let topic = name("unremovable");
-    let store = Arc::new(FaultyDeadLetterStore::new(
-        helix_messaging::dlq::MemoryDeadLetterStore::new(),
-    ));
-    let processor = Processor::new(
-        broker.clone(),
-        store.clone(),
-        processor_config(&name("dlq")),
-    )
-    .unwrap();
-    stored_letters(&processor, &topic, 10).await;
-    store.set_removals_down(true);
-    let job = processor
-        .start_redrive(RedriveRequest {
-            // Unpaced: the ten go out as one batch, whose removal fails.
-            rate_per_second: None,
-            ..RedriveRequest::default()
-        })
-        .await
-        .unwrap();
-    let progress = common::redrive_finished(&processor, &job.id).await;
-    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
-    assert_eq!(
-        (progress.redriven, progress.failed, progress.skipped),
-        (10, 0, 0),
-        "published, so re-driven, though still in the store: {progress:?}"
-    );
-    assert!(
-        progress
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("removal")),
-        "{progress:?}"
-    );
+    let scene = Unremovable::new("unremovable", 10).await;
+    let processor = scene.processor;
+    // Unpaced: the ten go out as one batch, whose removal fails.
+    let progress = unpaced_redrive(&processor).await;
+    // Published, so re-driven, though still in the store.
+    failed_at_a_removal(&progress, 10);
 }
 
 /// An unpaced redrive claims and removes whole groups of batches at a time: across several
@@ -224,14 +259,7 @@ async fn an_unpaced_redrive_of_several_groups_delivers_each_entry_once_and_empti
     .unwrap();
     let letters = stored_letters(&processor, &topic, ENTRIES).await;
     let from = SystemTime::now() - Duration::from_secs(1);
-    let job = processor
-        .start_redrive(RedriveRequest {
-            rate_per_second: None,
-            ..RedriveRequest::default()
-        })
-        .await
-        .unwrap();
-    let progress = common::redrive_finished(&processor, &job.id).await;
+    let progress = unpaced_redrive(&processor).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed, progress.skipped),
@@ -258,44 +286,19 @@ async fn an_unpaced_redrive_of_several_groups_delivers_each_entry_once_and_empti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redrive_stops_at_a_failed_removal_once_the_group_under_way_is_out() {
     use helix_messaging::dlq::DeadLetterStore;
-    use helix_messaging_testkit::plane::{FaultyDeadLetterStore, read_history};
+    use helix_messaging_testkit::plane::read_history;
     // Three groups of 1,000: the first's removal fails while the second is published.
-    const ENTRIES: usize = 2_100;
-    let broker = broker().await;
-    let topic = name("unremovable-groups");
-    let store = Arc::new(FaultyDeadLetterStore::new(
-        helix_messaging::dlq::MemoryDeadLetterStore::new(),
-    ));
-    let processor = Processor::new(
-        broker.clone(),
-        store.clone(),
-        processor_config(&name("dlq")),
-    )
-    .unwrap();
-    let letters = stored_letters(&processor, &topic, ENTRIES).await;
     let from = SystemTime::now() - Duration::from_secs(1);
-    store.set_removals_down(true);
-    let job = processor
-        .start_redrive(RedriveRequest {
-            rate_per_second: None,
-            ..RedriveRequest::default()
-        })
-        .await
-        .unwrap();
-    let progress = common::redrive_finished(&processor, &job.id).await;
-    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
-    assert_eq!(
-        (progress.redriven, progress.failed, progress.skipped),
-        (2_000, 0, 0),
-        "the first two groups went out: {progress:?}"
-    );
-    assert!(
-        progress
-            .last_error
-            .as_deref()
-            .is_some_and(|e| e.contains("removal")),
-        "{progress:?}"
-    );
+    let Unremovable {
+        broker,
+        topic,
+        store,
+        processor,
+        letters,
+    } = Unremovable::new("unremovable-groups", 2_100).await;
+    let progress = unpaced_redrive(&processor).await;
+    // The first two groups went out.
+    failed_at_a_removal(&progress, 2_000);
     let published = read_history(&broker, &topic, from).await.unwrap();
     let expected: Vec<&str> = letters[..2_000].iter().map(|l| l.message.id()).collect();
     let got: Vec<&str> = published.iter().map(|m| m.id()).collect();
