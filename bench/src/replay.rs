@@ -109,31 +109,25 @@ pub(crate) async fn compare(options: &Options) {
         let window = (from, SystemTime::now() + Duration::from_secs(1));
         println!("run {run}: {}", p.line("plain publish_batch 100"));
         plain.push(p);
-        let m = replay(
-            &broker,
-            Arc::new(helix_messaging::replay::MemoryReplayStore::new()),
-            &topic,
-            window,
-            options.messages,
-            false,
-        )
-        .await;
-        println!("run {run}: {}", m.line("replay, memory checkpoints"));
-        memory.push(m);
-        let store = SqliteReplayStore::open(dir.join(format!("run-{run}.sqlite")))
-            .await
-            .expect("sqlite");
-        let s = replay(
-            &broker,
-            Arc::new(store),
-            &topic,
-            window,
-            options.messages,
-            false,
-        )
-        .await;
-        println!("run {run}: {}", s.line("replay, SQLite checkpoints"));
-        sqlite.push(s);
+        // Each replay's copies stay in the broker, so the second replay of a run publishes
+        // into a fuller broker: the two checkpoint stores take turns going first.
+        let sqlite_first = run % 2 == 0;
+        for with_sqlite in [sqlite_first, !sqlite_first] {
+            let store: Arc<dyn ReplayStore> = if with_sqlite {
+                let path = dir.join(format!("run-{run}.sqlite"));
+                Arc::new(SqliteReplayStore::open(path).await.expect("sqlite"))
+            } else {
+                Arc::new(helix_messaging::replay::MemoryReplayStore::new())
+            };
+            let r = replay(&broker, store, &topic, window, options.messages, false).await;
+            let (label, runs) = if with_sqlite {
+                ("replay, SQLite checkpoints", &mut sqlite)
+            } else {
+                ("replay, memory checkpoints", &mut memory)
+            };
+            println!("run {run}: {}", r.line(label));
+            runs.push(r);
+        }
         let d = replay(
             &broker,
             Arc::new(helix_messaging::replay::MemoryReplayStore::new()),
