@@ -166,11 +166,15 @@ impl MemoryBroker {
     }
 
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
-        validate_name("topic", name)?;
-        self.ensure_open()?;
-        if let Some(topic) = self.shared.topics.read().get(name) {
+        // Only a valid name is ever entered below, so one found needs no checking again
+        // (this runs for every publish); otherwise the checks come in their usual order.
+        if !self.shared.closed.load(Ordering::Acquire)
+            && let Some(topic) = self.shared.topics.read().get(name)
+        {
             return Ok(topic.clone());
         }
+        validate_name("topic", name)?;
+        self.ensure_open()?;
         let mut topics = self.shared.topics.write();
         // Re-checked under the write lock: close() marks topics closed under it, so a topic
         // created here after close would never be closed.
