@@ -168,7 +168,7 @@ impl MemoryBroker {
     fn topic(&self, name: &str) -> Result<Arc<Topic>> {
         // Only a valid name is ever entered below, so one found needs no checking again
         // (this runs for every publish); otherwise the checks come in their usual order.
-        if !self.shared.closed.load(Ordering::Acquire)
+        if self.ensure_open().is_ok()
             && let Some(topic) = self.shared.topics.read().get(name)
         {
             return Ok(topic.clone());

@@ -483,15 +483,8 @@ async fn a_bulk_redrive_killed_midway_loses_nothing_and_leaves_at_most_its_chunk
     // The restarted process.
     let store = Arc::new(SqliteDeadLetterStore::open(&path).await.unwrap());
     let processor = Processor::new(broker.clone(), store.clone(), config()).unwrap();
-    let job = processor
-        .start_redrive(RedriveRequest {
-            // The rest as fast as the broker confirms: the pace is not under test here.
-            rate_per_second: None,
-            ..RedriveRequest::default()
-        })
-        .await
-        .unwrap();
-    let progress = common::redrive_finished(&processor, &job.id).await;
+    // The rest as fast as the broker confirms: the pace is not under test here.
+    let progress = common::unpaced_redrive(&processor).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
         progress.redriven + progress.skipped,

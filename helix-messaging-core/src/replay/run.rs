@@ -49,21 +49,14 @@ enum Stop {
     LeaseLost,
 }
 
-/// An original waiting in the batch, with its place in the source and, when it was read
-/// while the previous batch was out, its copy made then.
-struct Pending {
-    entry: HistoryEntry,
-    position: String,
-    copy: Option<Message>,
-}
-
-/// An entry read from the source, with its place there.
+/// An entry read from the source, with its place there; in the batch, an original waiting
+/// to be copied.
 struct Prepared {
     entry: HistoryEntry,
     partition: i32,
     mark: (u64, u64),
     position: String,
-    /// Made ahead, while the previous batch was being published.
+    /// Made ahead, when it was read while the previous batch was being published.
     copy: Option<Message>,
 }
 
@@ -158,26 +151,20 @@ impl Source {
 
 /// `partition:major:minor`, the source position copies carry and a resume looks for.
 fn position_key(partition: i32, (major, minor): (u64, u64)) -> String {
-    let (mut a, mut b, mut c) = (
-        itoa::Buffer::new(),
-        itoa::Buffer::new(),
-        itoa::Buffer::new(),
-    );
-    let (a, b, c) = (a.format(partition), b.format(major), c.format(minor));
-    let mut key = String::with_capacity(a.len() + b.len() + c.len() + 2);
-    for (i, part) in [a, b, c].into_iter().enumerate() {
-        if i > 0 {
-            key.push(':');
-        }
-        key.push_str(part);
-    }
+    // At most 11 + 20 + 20 digits and two colons.
+    let mut key = String::with_capacity(53);
+    key.push_str(itoa::Buffer::new().format(partition));
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(major));
+    key.push(':');
+    key.push_str(itoa::Buffer::new().format(minor));
     key
 }
 
 /// What a run keeps besides its progress.
 struct State {
     frontier: Frontier,
-    batch: Vec<Pending>,
+    batch: Vec<Prepared>,
     /// Copies a previous run published after its last checkpoint (source positions).
     published_before: HashSet<String>,
     /// Hashes of the ids seen (with `skip_duplicates`).
@@ -400,13 +387,7 @@ impl Run {
                     source.prepare(item)
                 }
             };
-            let Prepared {
-                entry,
-                partition,
-                mark,
-                position,
-                copy,
-            } = match item {
+            let prepared = match item {
                 Ok(prepared) => prepared,
                 // One entry the backend cannot decode: it cannot be replayed, the rest can.
                 Err(err) if err.kind() == ErrorKind::Serialization => {
@@ -419,6 +400,7 @@ impl Run {
                 }
                 Err(err) => return Err(err),
             };
+            let (entry, partition, mark) = (&prepared.entry, prepared.partition, prepared.mark);
             if resume_from
                 .get(&partition)
                 .is_some_and(|done| mark <= *done)
@@ -454,7 +436,7 @@ impl Run {
                     bump(&mut progress.skipped_by_type, kind, 1);
                     true
                 } else if !state.published_before.is_empty()
-                    && state.published_before.remove(&position)
+                    && state.published_before.remove(&prepared.position)
                 {
                     progress.total += 1;
                     progress.replayed += 1;
@@ -472,11 +454,7 @@ impl Run {
                 }
                 continue;
             }
-            state.batch.push(Pending {
-                entry,
-                position,
-                copy,
-            });
+            state.batch.push(prepared);
             if state.batch.len() >= options.batch_size {
                 // The next batch is read, and its copies made, while this one is confirmed;
                 // it is dealt with (counted, checkpointed) only after.
@@ -600,7 +578,7 @@ impl Run {
     /// The last error when a copy still fails transiently after
     /// [`ReplayConfig::publish_attempts`]: the replay stops (resumable from its checkpoint,
     /// which never moves past an unpublished copy) rather than count it failed.
-    async fn publish(&self, batch: &mut [Pending], copies: &Copies) -> Result<Vec<bool>> {
+    async fn publish(&self, batch: &mut [Prepared], copies: &Copies) -> Result<Vec<bool>> {
         let target = &copies.target;
         let mut refused = vec![false; batch.len()];
         let mut pending: Vec<usize> = (0..batch.len()).collect();

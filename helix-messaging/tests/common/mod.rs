@@ -20,3 +20,18 @@ pub async fn redrive_finished(
     })
     .await
 }
+
+/// Re-drive every entry `processor`'s store holds, as fast as the broker confirms; the job's
+/// progress once it has finished.
+pub async fn unpaced_redrive(
+    processor: &helix_messaging::dlq::Processor,
+) -> helix_messaging::dlq::RedriveProgress {
+    let job = processor
+        .start_redrive(helix_messaging::dlq::RedriveRequest {
+            rate_per_second: None,
+            ..helix_messaging::dlq::RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    redrive_finished(processor, &job.id).await
+}

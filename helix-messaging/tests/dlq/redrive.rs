@@ -82,18 +82,6 @@ impl Unremovable {
     }
 }
 
-/// Re-drive every entry as fast as the broker confirms; the job once finished.
-async fn unpaced_redrive(processor: &Processor) -> RedriveProgress {
-    let job = processor
-        .start_redrive(RedriveRequest {
-            rate_per_second: None,
-            ..RedriveRequest::default()
-        })
-        .await
-        .unwrap();
-    common::redrive_finished(processor, &job.id).await
-}
-
 /// The job failed at a removal, `redriven` having gone out, none failed or skipped.
 fn failed_at_a_removal(progress: &RedriveProgress, redriven: u64) {
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
@@ -237,7 +225,7 @@ async fn a_redrive_whose_removals_fail_still_counts_what_went_out() {
     let scene = Unremovable::new("unremovable", 10).await;
     let processor = scene.processor;
     // Unpaced: the ten go out as one batch, whose removal fails.
-    let progress = unpaced_redrive(&processor).await;
+    let progress = common::unpaced_redrive(&processor).await;
     // Published, so re-driven, though still in the store.
     failed_at_a_removal(&progress, 10);
 }
@@ -259,7 +247,7 @@ async fn an_unpaced_redrive_of_several_groups_delivers_each_entry_once_and_empti
     .unwrap();
     let letters = stored_letters(&processor, &topic, ENTRIES).await;
     let from = SystemTime::now() - Duration::from_secs(1);
-    let progress = unpaced_redrive(&processor).await;
+    let progress = common::unpaced_redrive(&processor).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
         (progress.redriven, progress.failed, progress.skipped),
@@ -296,7 +284,7 @@ async fn a_redrive_stops_at_a_failed_removal_once_the_group_under_way_is_out() {
         processor,
         letters,
     } = Unremovable::new("unremovable-groups", 2_100).await;
-    let progress = unpaced_redrive(&processor).await;
+    let progress = common::unpaced_redrive(&processor).await;
     // The first two groups went out.
     failed_at_a_removal(&progress, 2_000);
     let published = read_history(&broker, &topic, from).await.unwrap();
