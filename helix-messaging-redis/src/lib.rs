@@ -67,12 +67,7 @@ impl Shared {
         check_payload_size(self.name(), message, self.config.max_payload_bytes)?;
         match self.config.mode {
             RedisMode::PubSub => {
-                let body = codec::pubsub_body(message, self.config.pubsub_envelope)?;
-                // Sized up front, as an `XADD` is (see `codec::stream_fields_capacity`).
-                let mut cmd =
-                    redis::Cmd::with_capacity(3, "PUBLISH".len() + topic.len() + body.len());
-                cmd.arg("PUBLISH").arg(topic).arg(body.as_ref());
-                Ok(cmd)
+                codec::publish_command(topic, message, self.config.pubsub_envelope)
             }
             RedisMode::Streams => Ok(streams::xadd(self, topic, message)),
         }

@@ -32,9 +32,22 @@ pub struct DeleteOnDrop(pub Vec<String>);
 
 impl Drop for DeleteOnDrop {
     fn drop(&mut self) {
-        if let Ok(mut conn) = redis::Client::open(shared_url()).and_then(|c| c.get_connection()) {
-            let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(&self.0).query(&mut conn);
-        }
+        delete_keys(&shared_url(), &self.0);
+    }
+}
+
+/// [`DeleteOnDrop`] for keys on the server and database `.0` names (a URL).
+pub struct DeleteOnDropAt(pub String, pub Vec<String>);
+
+impl Drop for DeleteOnDropAt {
+    fn drop(&mut self) {
+        delete_keys(&self.0, &self.1);
+    }
+}
+
+fn delete_keys(url: &str, keys: &[String]) {
+    if let Ok(mut conn) = redis::Client::open(url).and_then(|c| c.get_connection()) {
+        let _: redis::RedisResult<i64> = redis::cmd("DEL").arg(keys).query(&mut conn);
     }
 }
 

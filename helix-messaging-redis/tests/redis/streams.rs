@@ -9,7 +9,7 @@ use futures::StreamExt;
 use helix_messaging_core::{Broker, ErrorKind, Message, Publisher, SubscribeOptions, Subscriber};
 use helix_messaging_redis::{RedisConfig, RedisMode};
 
-use crate::common::{DeleteOnDrop, WAIT, broker, recv, shared_url};
+use crate::common::{DeleteOnDrop, DeleteOnDropAt, WAIT, broker, recv, shared_url};
 use crate::{raw, topic};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -473,9 +473,15 @@ async fn a_delay_longer_than_the_ack_deadline_survives_the_consumers_crash() {
 /// hand-back queued behind it runs only once the entry has arrived.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_read_after_the_member_left_waits_rather_than_in_flight() {
-    let url = shared_url();
+    // A database no other test uses: the probe below tells this test's blocked reader from
+    // the other tests' by the database in its `CLIENT LIST` line (run in parallel, another
+    // test's blocked read let it go on before its own reader had read anything).
+    const DATABASE: &str = "7";
+    let mut url = redis::parse_redis_url(&shared_url()).expect("REDIS_URL is a redis URL");
+    url.set_path(DATABASE);
+    let url = url.to_string();
     let topic = topic("late-read");
-    let _cleanup = DeleteOnDrop(vec![topic.clone()]);
+    let _cleanup = DeleteOnDropAt(url.clone(), vec![topic.clone()]);
     let group = "late";
     // A long block keeps the dropped reader's read on the server while the test publishes.
     let broker = broker(&url, RedisMode::Streams, |c| {
@@ -494,10 +500,11 @@ async fn an_entry_read_after_the_member_left_waits_rather_than_in_flight() {
             .query_async(&mut probe)
             .await
             .unwrap();
-        if clients
-            .lines()
-            .any(|c| c.contains("cmd=xreadgroup") && c.contains("flags=b"))
-        {
+        if clients.lines().any(|c| {
+            c.contains("cmd=xreadgroup")
+                && c.contains("flags=b")
+                && c.split(' ').any(|field| field == format!("db={DATABASE}"))
+        }) {
             break;
         }
         assert!(
