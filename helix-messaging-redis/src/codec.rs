@@ -137,7 +137,15 @@ fn envelope_capacity(message: &Message) -> usize {
         .iter()
         .map(|(k, v)| k.len() + v.len() + 10)
         .sum();
-    message.payload().len() + message.id().len() + headers + 96
+    let optional = [
+        message.key(),
+        message.content_type(),
+        message.correlation_id(),
+    ]
+    .iter()
+    .map(|field| field.map_or(0, str::len))
+    .sum::<usize>();
+    message.payload().len() + message.id().len() + optional + headers + 96
 }
 
 /// Decode a wire message.
@@ -372,13 +380,7 @@ pub(crate) fn from_stream_fields(
 /// the command, which is sized up front as an `XADD` is (see [`stream_fields_capacity`]):
 /// `rmp_serde` and a buffer of its own per message cost about 1,200 instructions a publish.
 ///
-/// # Errors
-/// None today: the `Result` keeps the shape of [`encode`], whose errors are the writer's.
-pub(crate) fn publish_command(
-    channel: &str,
-    message: &Message,
-    envelope: bool,
-) -> Result<redis::Cmd> {
+pub(crate) fn publish_command(channel: &str, message: &Message, envelope: bool) -> redis::Cmd {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
@@ -386,7 +388,7 @@ pub(crate) fn publish_command(
         let body = message.payload();
         let mut cmd = redis::Cmd::with_capacity(3, "PUBLISH".len() + channel.len() + body.len());
         cmd.arg("PUBLISH").arg(channel).arg(body.as_ref());
-        return Ok(cmd);
+        return cmd;
     }
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.clear();
@@ -397,12 +399,12 @@ pub(crate) fn publish_command(
         if scratch.capacity() > 64 * 1024 {
             *scratch = Vec::new();
         }
-        Ok(cmd)
+        cmd
     })
 }
 
 /// Append the envelope of `message` to `out`: the bytes `rmp_serde::encode::write_named`
-/// writes for [`Outgoing`] (a map of the fields set, in declaration order), written by hand
+/// writes for `Outgoing` (a map of the fields set, in declaration order), written by hand
 /// because this runs for every pub/sub publish. The test
 /// `hand_written_envelopes_are_byte_for_byte_rmp_serde` holds the two together.
 fn write_envelope(out: &mut Vec<u8>, message: &Message) {
@@ -653,12 +655,12 @@ mod tests {
             args[2].clone()
         };
         let m = Message::new("body").with_header("h", "v");
-        assert_eq!(body(publish_command("chan", &m, false).unwrap()), b"body");
+        assert_eq!(body(publish_command("chan", &m, false)), b"body");
         assert_eq!(
             from_pubsub_body(b"{\"a\":1}").payload().as_ref(),
             b"{\"a\":1}"
         );
-        let enveloped = body(publish_command("chan", &m, true).unwrap());
+        let enveloped = body(publish_command("chan", &m, true));
         assert_eq!(
             enveloped,
             encode(&m).unwrap(),
@@ -673,7 +675,7 @@ mod tests {
             .with_correlation_id("corr")
             .with_priority(9)
             .with_ttl(Duration::from_millis(u64::MAX));
-        let enveloped = body(publish_command("chan", &big, true).unwrap());
+        let enveloped = body(publish_command("chan", &big, true));
         assert_eq!(from_pubsub_body(&enveloped), big);
     }
 
@@ -706,7 +708,21 @@ mod tests {
                 .with_timestamp(UNIX_EPOCH + Duration::from_nanos(65_535))
                 .with_ttl(Duration::from_millis(u64::from(u32::MAX) + 1)),
         ];
-        for message in messages {
+        // Every boundary between two forms of a length or a number.
+        let lengths = [0, 31, 32, 255, 256, 65_535, 65_536];
+        let numbers = [127, 128, 255, 256, 65_535, 65_536];
+        let numbers = numbers
+            .into_iter()
+            .chain([u64::from(u32::MAX), u64::from(u32::MAX) + 1]);
+        let edges = lengths
+            .into_iter()
+            .map(|n| Message::new(vec![4u8; n]).with_key("k".repeat(n)))
+            .chain([15, 16].map(|n| {
+                Message::new("h")
+                    .with_headers((0..n).map(|i| (i.to_string(), String::new())).collect())
+            }))
+            .chain(numbers.map(|n| Message::new("n").with_ttl(Duration::from_millis(n))));
+        for message in messages.into_iter().chain(edges) {
             let mut hand = Vec::new();
             write_envelope(&mut hand, &message);
             assert_eq!(hand, encode(&message).unwrap(), "{message:?}");

@@ -66,9 +66,11 @@ impl Shared {
     fn prepare(&self, topic: &str, message: &Message) -> Result<redis::Cmd> {
         check_payload_size(self.name(), message, self.config.max_payload_bytes)?;
         match self.config.mode {
-            RedisMode::PubSub => {
-                codec::publish_command(topic, message, self.config.pubsub_envelope)
-            }
+            RedisMode::PubSub => Ok(codec::publish_command(
+                topic,
+                message,
+                self.config.pubsub_envelope,
+            )),
             RedisMode::Streams => Ok(streams::xadd(self, topic, message)),
         }
     }

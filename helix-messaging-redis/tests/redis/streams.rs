@@ -478,6 +478,11 @@ async fn an_entry_read_after_the_member_left_waits_rather_than_in_flight() {
     // test's blocked read let it go on before its own reader had read anything).
     const DATABASE: &str = "7";
     let mut url = redis::parse_redis_url(&shared_url()).expect("REDIS_URL is a redis URL");
+    assert!(
+        matches!(url.scheme(), "redis" | "rediss"),
+        "this test picks its database by the URL's path, which a {} URL does not hold",
+        url.scheme()
+    );
     url.set_path(DATABASE);
     let url = url.to_string();
     let topic = topic("late-read");
