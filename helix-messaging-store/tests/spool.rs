@@ -162,3 +162,43 @@ async fn the_sqlite_spool_keeps_order_and_bounds_and_survives_reopening() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+/// A spool file written before the compact metadata form holds each message's metadata as
+/// JSON text; opened by this version, its messages are read, forwarded and set aside as
+/// whole as the ones spooled now, side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spool_file_with_json_metadata_from_an_earlier_version_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.sqlite");
+    let old = Message::new("written before")
+        .with_key("k")
+        .with_header("traceparent", "00-1-2-01")
+        .with_correlation_id("c")
+        .with_priority(3)
+        .with_ttl(std::time::Duration::from_millis(1500));
+    let spool = SqliteSpool::open(&path, limits()).await.unwrap();
+    drop(spool);
+    {
+        // The row as the earlier version wrote it: the payloadless message as JSON text.
+        let mut parts = old.clone().into_parts();
+        parts.payload = bytes::Bytes::new();
+        let json = serde_json::to_string(&Message::from_parts(parts)).unwrap();
+        let file = rusqlite::Connection::open(&path).unwrap();
+        file.execute(
+            "INSERT INTO helix_spool (topic, meta, payload, bytes, spooled_us) VALUES ('orders', ?1, ?2, 14, 0)",
+            rusqlite::params![json, old.payload().as_ref()],
+        )
+        .unwrap();
+    }
+    let spool = SqliteSpool::open(&path, limits()).await.unwrap();
+    let new = Message::new("written now").with_header("h", "v");
+    spool
+        .append("orders", std::slice::from_ref(&new))
+        .await
+        .unwrap();
+    let waiting = spool.oldest(10).await.unwrap();
+    let messages: Vec<&Message> = waiting.iter().map(|m| &m.message).collect();
+    assert_eq!(messages, [&old, &new]);
+    spool.refuse(waiting[0].seq, "test").await.unwrap();
+    assert_eq!(spool.refused(10).await.unwrap()[0].message, old);
+}

@@ -10,10 +10,11 @@ use bytes::Bytes;
 use helix_messaging_core::fallback::{
     RefusedMessage, Spool, SpoolLimits, SpoolStats, SpooledMessage, spooled_size,
 };
-use helix_messaging_core::{Error, ErrorKind, Message, Result};
+use helix_messaging_core::{Message, Result};
 use parking_lot::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::meta;
 use crate::connection::Step;
 use crate::connection::sqlite::{Shared, migrate, on_connection, open_file};
 use crate::sql::{from_micros, micros};
@@ -74,27 +75,6 @@ impl std::fmt::Debug for SqliteSpool {
     }
 }
 
-/// The message without its payload, as JSON (the payload has a column of its own).
-fn meta(message: &Message) -> Result<String> {
-    let mut parts = message.clone().into_parts();
-    parts.payload = Bytes::new();
-    serde_json::to_string(&Message::from_parts(parts)).map_err(|e| {
-        Error::new(
-            ErrorKind::Serialization,
-            format!("spooling message {}: {e}", message.id()),
-        )
-    })
-}
-
-fn restore(meta: &str, payload: Vec<u8>) -> rusqlite::Result<Message> {
-    let bare: Message = serde_json::from_str(meta).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, Box::new(e))
-    })?;
-    let mut parts = bare.into_parts();
-    parts.payload = payload.into();
-    Ok(Message::from_parts(parts))
-}
-
 fn count(c: &Connection) -> rusqlite::Result<Held> {
     let mut held = Held::default();
     for (table, refused) in [("helix_spool", false), ("helix_spool_refused", true)] {
@@ -151,9 +131,9 @@ impl Spool for SqliteSpool {
         if messages.is_empty() {
             return Ok(0);
         }
-        let rows: Vec<(String, Bytes, u64)> = messages
+        let rows: Vec<(Vec<u8>, Bytes, u64)> = messages
             .iter()
-            .map(|m| Ok((meta(m)?, m.payload().clone(), spooled_size(m))))
+            .map(|m| Ok((meta::encode(m)?, m.payload().clone(), spooled_size(m))))
             .collect::<Result<_>>()?;
         let (topic, count) = (topic.to_owned(), messages.len());
         let bytes: u64 = rows.iter().map(|r| r.2).sum();
@@ -206,11 +186,10 @@ impl Spool for SqliteSpool {
                 "SELECT seq, topic, meta, payload FROM helix_spool WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?
             .query_map(params![after, limit], |row| {
-                let meta: String = row.get(2)?;
                 Ok(SpooledMessage {
                     seq: row.get(0)?,
                     topic: row.get(1)?,
-                    message: restore(&meta, row.get(3)?)?,
+                    message: meta::decode(row.get_ref(2)?, row.get(3)?, 2)?,
                 })
             })?
             .collect()
@@ -276,11 +255,10 @@ impl Spool for SqliteSpool {
                 "SELECT seq, topic, meta, payload, reason, refused_us FROM helix_spool_refused ORDER BY seq LIMIT ?1",
             )?
             .query_map(params![limit], |row| {
-                let meta: String = row.get(2)?;
                 Ok(RefusedMessage {
                     seq: row.get(0)?,
                     topic: row.get(1)?,
-                    message: restore(&meta, row.get(3)?)?,
+                    message: meta::decode(row.get_ref(2)?, row.get(3)?, 2)?,
                     reason: row.get(4)?,
                     refused_at: from_micros(row.get(5)?),
                 })
