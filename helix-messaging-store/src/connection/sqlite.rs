@@ -86,6 +86,32 @@ pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared
     Ok(shared)
 }
 
+/// A second connection to `path`, already opened by [`open_file`], for reads that should not
+/// queue behind the stores' commits: in a WAL file a read goes on while another connection
+/// commits, seeing everything committed before it began.
+///
+/// # Errors
+/// [`ErrorKind::Backend`], naming `store` and the file, when it cannot be opened.
+pub(crate) async fn open_reader(path: &Path, store: &'static str) -> Result<Shared> {
+    let opened = path.to_path_buf();
+    let connection = tokio::task::spawn_blocking(move || {
+        let connection = Connection::open(&opened)?;
+        connection.pragma_update(None, "cache_size", -16384)?;
+        connection.busy_timeout(Duration::from_secs(5))?;
+        Ok::<_, rusqlite::Error>(connection)
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Backend, format!("{store}: open a reader: {e}")))?
+    .map_err(|e| {
+        Error::new(
+            ErrorKind::Backend,
+            format!("{store}: open a reader of {}: {e}", path.display()),
+        )
+        .with_source(e)
+    })?;
+    Ok(Arc::new(Mutex::new(connection)))
+}
+
 /// How often the background checkpoint runs: a busy file's WAL grows by at most this much
 /// of its writes between two.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);

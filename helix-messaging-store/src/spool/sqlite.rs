@@ -16,7 +16,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::meta;
 use crate::connection::Step;
-use crate::connection::sqlite::{Shared, migrate, on_connection, open_file};
+use crate::connection::sqlite::{Shared, migrate, on_connection, open_file, open_reader};
 use crate::sql::{from_micros, micros};
 
 /// The spool's schema, oldest step first ([`crate::connection`]).
@@ -61,6 +61,9 @@ const STORE: &str = "fallback spool";
 #[derive(Clone)]
 pub struct SqliteSpool {
     connection: Shared,
+    /// Reads the forwarder's next batch and the spool's age without waiting for a commit
+    /// (a removal's, an append's) on `connection`.
+    reader: Shared,
     path: PathBuf,
     limits: SpoolLimits,
     held: Arc<Mutex<Held>>,
@@ -111,8 +114,10 @@ impl SqliteSpool {
         )
         .await?;
         let held = on_connection(&connection, STORE, "counting", |c| count(c)).await?;
+        let reader = open_reader(&path, STORE).await?;
         Ok(SqliteSpool {
             connection,
+            reader,
             path,
             limits,
             held: Arc::new(Mutex::new(held)),
@@ -181,7 +186,7 @@ impl Spool for SqliteSpool {
 
     async fn oldest_after(&self, after: i64, limit: usize) -> Result<Vec<SpooledMessage>> {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        on_connection(&self.connection, STORE, "reading", move |c| {
+        on_connection(&self.reader, STORE, "reading", move |c| {
             c.prepare_cached(
                 "SELECT seq, topic, meta, payload FROM helix_spool WHERE seq > ?1 ORDER BY seq LIMIT ?2",
             )?
@@ -310,7 +315,7 @@ impl Spool for SqliteSpool {
     }
 
     async fn stats(&self) -> Result<SpoolStats> {
-        let oldest: Option<i64> = on_connection(&self.connection, STORE, "reading its age", |c| {
+        let oldest: Option<i64> = on_connection(&self.reader, STORE, "reading its age", |c| {
             c.prepare_cached("SELECT spooled_us FROM helix_spool ORDER BY seq LIMIT 1")?
                 .query_row([], |row| row.get(0))
                 .optional()
@@ -343,7 +348,51 @@ fn contiguous_ranges(seqs: &[i64]) -> Vec<(i64, i64)> {
 
 #[cfg(test)]
 mod tests {
-    use super::contiguous_ranges;
+    use std::time::Duration;
+
+    use helix_messaging_core::Message;
+    use helix_messaging_core::fallback::{Spool, SpoolLimits};
+
+    use super::{SqliteSpool, contiguous_ranges};
+
+    /// The forwarder reads its next batch, and the gauges the spool's age, while a removal or
+    /// an append holds the stores' connection (a durable commit, a checkpoint in the old
+    /// days): reads have a connection of their own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_do_not_wait_for_the_connection_that_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = SpoolLimits {
+            max_messages: 100,
+            max_bytes: 1_000_000,
+        };
+        let spool = SqliteSpool::open(dir.path().join("spool.sqlite"), limits)
+            .await
+            .unwrap();
+        spool.append("orders", &[Message::new("a")]).await.unwrap();
+        let held = spool.connection.clone();
+        let (locked, unlock) = (
+            std::sync::Arc::new(tokio::sync::Notify::new()),
+            std::sync::Arc::new(std::sync::Barrier::new(2)),
+        );
+        let holder = std::thread::spawn({
+            let (locked, unlock) = (locked.clone(), unlock.clone());
+            move || {
+                let _busy = held.lock();
+                locked.notify_one();
+                unlock.wait();
+            }
+        });
+        locked.notified().await;
+        let read = tokio::time::timeout(Duration::from_secs(2), async {
+            (spool.oldest(10).await, spool.stats().await)
+        })
+        .await;
+        unlock.wait();
+        holder.join().unwrap();
+        let (waiting, stats) = read.expect("reads went on while the writer was busy");
+        assert_eq!(waiting.unwrap().len(), 1);
+        assert!(stats.unwrap().oldest.is_some());
+    }
 
     #[test]
     fn sequence_numbers_group_into_runs() {
