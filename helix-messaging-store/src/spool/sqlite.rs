@@ -102,7 +102,8 @@ impl SqliteSpool {
     /// stays, to be forwarded.
     ///
     /// # Errors
-    /// [`ErrorKind::Backend`] when the file cannot be opened or its table created.
+    /// [`ErrorKind::Backend`](helix_messaging_core::ErrorKind::Backend) when the file cannot be
+    /// opened or its table created.
     pub async fn open(path: impl AsRef<Path>, limits: SpoolLimits) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
         let connection = open_file(&path, STORE).await?;
