@@ -68,3 +68,39 @@ async fn a_dropped_store_leaves_no_connection_behind() {
     let reopened = SqliteSpool::open(&path, limits()).await.unwrap();
     assert_eq!(reopened.oldest(10).await.unwrap().len(), 1);
 }
+
+/// Under writes that never pause, the WAL is still brought back to its start: it stays
+/// within a few checkpoints' worth of pages however much goes through the file (a PASSIVE
+/// checkpoint alone copies the pages but never lets the WAL start over while commits keep
+/// coming).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_bounded_under_writes_that_never_pause() {
+    const LIMIT: u64 = 48 * 1024 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.sqlite");
+    let wal = dir.path().join("spool.sqlite-wal");
+    let spool = SqliteSpool::open(
+        &path,
+        SpoolLimits {
+            max_messages: 1_000_000,
+            max_bytes: 1 << 40,
+        },
+    )
+    .await
+    .unwrap();
+    let batch: Vec<Message> = (0..100).map(|_| Message::new(vec![3u8; 4_000])).collect();
+    let mut largest = 0;
+    // About 120 MB in all, each batch forwarded (removed) as the next is appended, as a
+    // spool under load is.
+    for _ in 0..300 {
+        spool.append("orders", &batch).await.unwrap();
+        let waiting = spool.oldest(100).await.unwrap();
+        let seqs: Vec<i64> = waiting.iter().map(|m| m.seq).collect();
+        spool.remove(&seqs).await.unwrap();
+        largest = largest.max(size(&wal));
+    }
+    assert!(
+        largest < LIMIT,
+        "the WAL reached {largest} bytes with about 120 MB written"
+    );
+}

@@ -47,7 +47,9 @@ where
 /// ([`checkpoint_in_background`]), not by the commit that happens to fill it: done inline,
 /// one commit in a few hundred took 16 ms instead of 1–3, and a spool forward or a redrive
 /// waits for every commit. A checkpoint moves what is already on disk, so durability is
-/// the same.
+/// the same. The thread closes its connection within [`CHECKPOINT_EVERY`] of the stores'
+/// being dropped; a process that exits sooner leaves the WAL beside the file, which the
+/// next open reads (copy both when backing up a file in use).
 ///
 /// # Errors
 /// [`ErrorKind::Backend`], naming `store` and the file, when it cannot be opened.
@@ -69,6 +71,7 @@ pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared
             // Opened before the commits stop checkpointing, so a WAL is never left to grow.
             let checkpointer = Connection::open(&opened)
                 .and_then(|c| c.pragma_update(None, "synchronous", "FULL").map(|()| c))
+                .and_then(|c| c.busy_timeout(RESTART_WAIT).map(|()| c))
                 .map_err(|e| error(&what, e.into()))?;
             connection
                 .pragma_update(None, "wal_autocheckpoint", 0)
@@ -112,22 +115,39 @@ pub(crate) async fn open_reader(path: &Path, store: &'static str) -> Result<Shar
     Ok(Arc::new(Mutex::new(connection)))
 }
 
-/// How often the background checkpoint runs: a busy file's WAL grows by at most this much
-/// of its writes between two.
+/// How often the background checkpoint runs.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
+
+/// The WAL's length, in frames (pages), past which a round also brings it back to its start:
+/// 16 MiB of 4 KiB pages, where SQLite's own checkpoint on commit kept it before.
+const RESTART_AFTER_FRAMES: i64 = 4_000;
+
+/// How long a round waits for the commit under way before restarting the WAL; a round that
+/// waits longer leaves it to the next.
+const RESTART_WAIT: Duration = Duration::from_millis(250);
 
 /// Copy the WAL's pages into the file every [`CHECKPOINT_EVERY`] on `checkpointer`, a
 /// connection of its own, until `file` (the stores' connection) is dropped; then close it,
-/// which checkpoints what is left. `PASSIVE`: it never waits for, nor holds up, the stores'
-/// reads and commits, which go on while it copies; a round it could not finish is finished
-/// by the next.
+/// which checkpoints what is left.
+///
+/// Each round is `PASSIVE`: it never waits for, nor holds up, the stores' reads and commits,
+/// which go on while it copies. But a WAL starts over only when a commit finds every page of
+/// it copied, which under commits that never pause does not happen, so a WAL past
+/// [`RESTART_AFTER_FRAMES`] is also `RESTART`ed: that waits for the commit under way, copies
+/// what the passive round left (little), and holds the next commit until the file is
+/// synced; that commit then writes the WAL from its start.
 fn checkpoint_in_background(checkpointer: &Connection, file: &std::sync::Weak<Mutex<Connection>>) {
     while file.strong_count() > 0 {
         std::thread::sleep(CHECKPOINT_EVERY);
         // A round that fails (the file being checkpointed by a process of its own, say)
         // leaves the WAL as it was: the next round takes it up, and the stores' commits do
         // not depend on it.
-        let _ = checkpointer.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        let frames: i64 = checkpointer
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
+            .unwrap_or(0);
+        if frames > RESTART_AFTER_FRAMES {
+            let _ = checkpointer.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+        }
     }
 }
 

@@ -105,7 +105,8 @@ pub(crate) fn decode(
 }
 
 fn length(out: &mut Vec<u8>, n: usize) {
-    // A spooled text is far below 4 GiB: the spool refuses messages past its byte limit.
+    // A text past 4 GiB would be written with a wrong length, but never reaches the file:
+    // SQLite refuses a value over 1,000,000,000 bytes (SQLITE_MAX_LENGTH), so its append fails.
     out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes());
 }
 
