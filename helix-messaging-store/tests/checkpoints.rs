@@ -75,7 +75,9 @@ async fn a_dropped_store_leaves_no_connection_behind() {
 /// coming).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wal_stays_bounded_under_writes_that_never_pause() {
-    const LIMIT: u64 = 48 * 1024 * 1024;
+    // Well above where it stays (16 MiB and one round of writes), well below the 155 MB it
+    // reached with passive rounds alone.
+    const LIMIT: u64 = 96 * 1024 * 1024;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("spool.sqlite");
     let wal = dir.path().join("spool.sqlite-wal");

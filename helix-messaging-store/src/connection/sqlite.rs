@@ -122,8 +122,8 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(50);
 /// 16 MiB of 4 KiB pages, where SQLite's own checkpoint on commit kept it before.
 const RESTART_AFTER_FRAMES: i64 = 4_000;
 
-/// How long a round waits for the commit under way before restarting the WAL; a round that
-/// waits longer leaves it to the next.
+/// How long a restart waits for reads under way on other connections; a round that would
+/// wait longer leaves the restart to the next.
 const RESTART_WAIT: Duration = Duration::from_millis(250);
 
 /// Copy the WAL's pages into the file every [`CHECKPOINT_EVERY`] on `checkpointer`, a
@@ -133,9 +133,10 @@ const RESTART_WAIT: Duration = Duration::from_millis(250);
 /// Each round is `PASSIVE`: it never waits for, nor holds up, the stores' reads and commits,
 /// which go on while it copies. But a WAL starts over only when a commit finds every page of
 /// it copied, which under commits that never pause does not happen, so a WAL past
-/// [`RESTART_AFTER_FRAMES`] is also `RESTART`ed: that waits for the commit under way, copies
-/// what the passive round left (little), and holds the next commit until the file is
-/// synced; that commit then writes the WAL from its start.
+/// [`RESTART_AFTER_FRAMES`] is also `RESTART`ed, between two of the stores' operations (it
+/// holds their connection meanwhile): it copies what the passive round left (little), syncs
+/// the file, and the next commit writes the WAL from its start. A commit waits for that,
+/// and that waits for reads under way on other connections, up to [`RESTART_WAIT`].
 fn checkpoint_in_background(checkpointer: &Connection, file: &std::sync::Weak<Mutex<Connection>>) {
     while file.strong_count() > 0 {
         std::thread::sleep(CHECKPOINT_EVERY);
@@ -145,7 +146,13 @@ fn checkpoint_in_background(checkpointer: &Connection, file: &std::sync::Weak<Mu
         let frames: i64 = checkpointer
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))
             .unwrap_or(0);
-        if frames > RESTART_AFTER_FRAMES {
+        if frames > RESTART_AFTER_FRAMES
+            && let Some(file) = file.upgrade()
+        {
+            // Holding the stores' connection, so no commit of theirs is under way: RESTART,
+            // which must have the write lock and cannot queue for it, waits only for reads
+            // in progress (the spool's reader), never misses its turn between two commits.
+            let _between_commits = file.lock();
             let _ = checkpointer.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
         }
     }
