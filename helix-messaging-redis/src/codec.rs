@@ -137,15 +137,20 @@ fn envelope_capacity(message: &Message) -> usize {
         .iter()
         .map(|(k, v)| k.len() + v.len() + 10)
         .sum();
-    let optional = [
+    message.payload().len() + message.id().len() + optional_texts_len(message) + headers + 96
+}
+
+/// The bytes of `message`'s key, content type and correlation id, those it has.
+fn optional_texts_len(message: &Message) -> usize {
+    [
         message.key(),
         message.content_type(),
         message.correlation_id(),
     ]
-    .iter()
-    .map(|field| field.map_or(0, str::len))
-    .sum::<usize>();
-    message.payload().len() + message.id().len() + optional + headers + 96
+    .into_iter()
+    .flatten()
+    .map(str::len)
+    .sum()
 }
 
 /// Decode a wire message.
@@ -205,15 +210,7 @@ pub(crate) fn stream_fields_capacity(message: &Message, payload_field: &str) -> 
         .iter()
         .map(|(name, value)| F_HEADER.len() + name.len() + value.len())
         .sum();
-    let texts = [
-        message.key(),
-        message.content_type(),
-        message.correlation_id(),
-    ]
-    .into_iter()
-    .flatten()
-    .map(str::len)
-    .sum::<usize>();
+    let texts = optional_texts_len(message);
     let args = 6 + 10 + 2 * message.headers().len();
     let bytes = payload_field.len()
         + message.payload().len()
@@ -379,22 +376,22 @@ pub(crate) fn from_stream_fields(
 /// The envelope is written by [`write_envelope`] into a buffer each thread keeps, then into
 /// the command, which is sized up front as an `XADD` is (see [`stream_fields_capacity`]):
 /// `rmp_serde` and a buffer of its own per message cost about 1,200 instructions a publish.
-///
 pub(crate) fn publish_command(channel: &str, message: &Message, envelope: bool) -> redis::Cmd {
     thread_local! {
         static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     }
-    if !envelope {
-        let body = message.payload();
+    let publish = |body: &[u8]| {
         let mut cmd = redis::Cmd::with_capacity(3, "PUBLISH".len() + channel.len() + body.len());
-        cmd.arg("PUBLISH").arg(channel).arg(body.as_ref());
-        return cmd;
+        cmd.arg("PUBLISH").arg(channel).arg(body);
+        cmd
+    };
+    if !envelope {
+        return publish(message.payload());
     }
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.clear();
         write_envelope(scratch, message);
-        let mut cmd = redis::Cmd::with_capacity(3, "PUBLISH".len() + channel.len() + scratch.len());
-        cmd.arg("PUBLISH").arg(channel).arg(scratch.as_slice());
+        let cmd = publish(scratch);
         // A rare large message does not leave its buffer behind on the thread.
         if scratch.capacity() > 64 * 1024 {
             *scratch = Vec::new();
