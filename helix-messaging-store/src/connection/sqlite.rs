@@ -61,12 +61,9 @@ pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared
     let (connection, checkpointer) =
         tokio::task::spawn_blocking(move || -> Result<(Connection, Connection)> {
             let what = format!("open {}", opened.display());
-            let connection = Connection::open(&opened).map_err(|e| error(&what, e.into()))?;
-            connection
-                .pragma_update(None, "journal_mode", "WAL")
-                .and_then(|()| connection.pragma_update(None, "synchronous", "FULL"))
-                .and_then(|()| connection.pragma_update(None, "cache_size", -16384))
-                .and_then(|()| connection.busy_timeout(Duration::from_secs(5)))
+            let connection = connect(&opened)
+                .and_then(|c| c.pragma_update(None, "journal_mode", "WAL").map(|()| c))
+                .and_then(|c| c.pragma_update(None, "synchronous", "FULL").map(|()| c))
                 .map_err(|e| error(&what, e.into()))?;
             // Opened before the commits stop checkpointing, so a WAL is never left to grow.
             let checkpointer = Connection::open(&opened)
@@ -97,22 +94,26 @@ pub(crate) async fn open_file(path: &Path, store: &'static str) -> Result<Shared
 /// [`ErrorKind::Backend`], naming `store` and the file, when it cannot be opened.
 pub(crate) async fn open_reader(path: &Path, store: &'static str) -> Result<Shared> {
     let opened = path.to_path_buf();
-    let connection = tokio::task::spawn_blocking(move || {
-        let connection = Connection::open(&opened)?;
-        connection.pragma_update(None, "cache_size", -16384)?;
-        connection.busy_timeout(Duration::from_secs(5))?;
-        Ok::<_, rusqlite::Error>(connection)
-    })
-    .await
-    .map_err(|e| Error::new(ErrorKind::Backend, format!("{store}: open a reader: {e}")))?
-    .map_err(|e| {
-        Error::new(
-            ErrorKind::Backend,
-            format!("{store}: open a reader of {}: {e}", path.display()),
-        )
-        .with_source(e)
-    })?;
+    let connection = tokio::task::spawn_blocking(move || connect(&opened))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Backend, format!("{store}: open a reader: {e}")))?
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Backend,
+                format!("{store}: open a reader of {}: {e}", path.display()),
+            )
+            .with_source(e)
+        })?;
     Ok(Arc::new(Mutex::new(connection)))
+}
+
+/// A connection to `path` as the stores use theirs: a 16 MiB page cache, and a busy timeout
+/// for when another connection holds the file.
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let connection = Connection::open(path)?;
+    connection.pragma_update(None, "cache_size", -16384)?;
+    connection.busy_timeout(Duration::from_secs(5))?;
+    Ok(connection)
 }
 
 /// How often the background checkpoint runs.
