@@ -5,14 +5,16 @@
 //!   replay relies on to find it (Kafka reads a time range by the records' own timestamps).
 //! - An unpaced redrive claims several batches at once: each batch still has the whole
 //!   `processing_timeout`, as a batch claimed on its own would.
+//! - An unpaced redrive cancelled between two groups leaves nothing held: what it claimed
+//!   ahead and did not publish can be re-driven at once.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use helix_messaging_core::dlq::{
-    DEFAULT_DLQ_TOPIC, DeadLetter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore, Processor,
-    ProcessorConfig, RedriveRequest, RedriveStatus,
+    DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterFilter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore,
+    Processor, ProcessorConfig, RedriveRequest, RedriveStatus,
 };
 use helix_messaging_core::replay::{
     ReplayConfig, ReplayHandler, ReplayOptions, ReplayRequest, ReplayStatus,
@@ -130,5 +132,64 @@ async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
         (progress.redriven, progress.failed, progress.skipped),
         (LETTERS as u64, 0, 0),
         "{progress:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() {
+    // Three claimed groups of 1,000, each ten slow batches: the cancel lands while the
+    // first is being published.
+    const LETTERS: usize = 3_000;
+    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(MemoryBroker::new()));
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        ..ProcessorConfig::default()
+    };
+    let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), config).unwrap();
+    for i in 0..LETTERS {
+        let failed =
+            Message::new(format!("order {i}")).with_header(HEADER_ORIGINAL_TOPIC, "orders");
+        processor
+            .ingest(DeadLetter::from_message(&failed, DEFAULT_DLQ_TOPIC))
+            .await
+            .unwrap();
+    }
+    let job = processor
+        .start_redrive(RedriveRequest {
+            rate_per_second: None,
+            ..RedriveRequest::default()
+        })
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while processor.redrive_progress(&job.id).unwrap().redriven == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing re-driven in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    processor.cancel_redrive(&job.id).unwrap();
+    let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
+    assert_eq!(progress.status, RedriveStatus::Cancelled, "{progress:?}");
+    assert!(
+        progress.redriven > 0 && (progress.redriven as usize) < LETTERS,
+        "{progress:?}"
+    );
+    let left = processor
+        .store()
+        .list(&DeadLetterFilter::default(), usize::MAX, 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        left.len() + progress.redriven as usize,
+        LETTERS,
+        "{progress:?}"
+    );
+    let now = SystemTime::now();
+    let held = left.iter().filter(|entry| !entry.claimable(now)).count();
+    assert_eq!(
+        held, 0,
+        "entries still held after the job ended: {progress:?}"
     );
 }

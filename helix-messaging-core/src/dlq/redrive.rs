@@ -197,6 +197,14 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<Redrive
     Ok(started)
 }
 
+/// A group's entries as claimed: those held for the job, how many of the group's ids could
+/// not be claimed, and when the claim was asked for (the holds run from then).
+struct Claimed {
+    entries: Vec<StoredDeadLetter>,
+    skipped: usize,
+    claimed_at: tokio::time::Instant,
+}
+
 /// A group's entries once published: confirmed (id and claimed version, to be removed) or
 /// failed (to be let go).
 struct Settled {
@@ -298,10 +306,11 @@ impl Run {
     /// Re-drive the entries `ids`, group by group, each when `pacer` lets it go; returns the
     /// original message id of each one re-driven, with the redrive count its copy carries.
     ///
-    /// Unpaced, a group's removal from the store goes on while the next group is claimed
-    /// and published: a removal only ever follows its group's confirmations, and the job
-    /// stops at the first removal that fails, once the group under way is confirmed and
-    /// removed.
+    /// Unpaced, the store's work for neighbouring groups goes on while a group is
+    /// published: the previous group's removal and the next group's claim. A removal only
+    /// ever follows its group's confirmations; the job stops at the first claim or removal
+    /// that fails, once the group under way is confirmed and removed; and a group claimed
+    /// ahead that is not published (cancelled, or stopped by an error) is let go at once.
     async fn batch(
         &self,
         ids: &[String],
@@ -309,8 +318,10 @@ impl Run {
     ) -> Result<HashMap<String, u32>> {
         let mut redriven_ids = HashMap::new();
         let mut removing: Option<BoxFuture<'_, Result<()>>> = None;
+        let mut ahead: Option<Result<Claimed>> = None;
         let mut outcome = Ok(());
-        for group in ids.chunks(self.group_size()) {
+        let mut groups = ids.chunks(self.group_size()).peekable();
+        while let Some(group) = groups.next() {
             if self.cancel.is_cancelled() {
                 break;
             }
@@ -321,19 +332,31 @@ impl Run {
                     () = tokio::time::sleep_until(due) => {}
                 }
             }
-            let publishing = self.publish_group(group, &mut redriven_ids);
-            let (published, removed) =
-                futures::join!(publishing, OptionFuture::from(removing.take()));
-            if let Some(Err(err)) = removed {
-                outcome = Err(err);
-            }
-            let settled = match published {
-                Ok(settled) => settled,
+            let claimed = match ahead.take() {
+                Some(claimed) => claimed,
+                None => self.claim_group(group).await,
+            };
+            let claimed = match claimed {
+                Ok(claimed) => claimed,
                 Err(err) => {
                     outcome = outcome.and(Err(err));
                     break;
                 }
             };
+            let next = groups
+                .peek()
+                .filter(|_| pacer.is_none())
+                .map(|next| self.claim_group(next));
+            let publishing = self.publish_group(claimed, &mut redriven_ids);
+            let (settled, removed, next) = futures::join!(
+                publishing,
+                OptionFuture::from(removing.take()),
+                OptionFuture::from(next)
+            );
+            ahead = next;
+            if let Some(Err(err)) = removed {
+                outcome = Err(err);
+            }
             let removal = self.settle(settled);
             if pacer.is_some() || outcome.is_err() {
                 outcome = outcome.and(removal.await);
@@ -346,6 +369,11 @@ impl Run {
         }
         if let Some(removal) = removing {
             outcome = outcome.and(removal.await);
+        }
+        if let Some(Ok(unpublished)) = ahead {
+            for entry in &unpublished.entries {
+                self.processor.let_go(entry).await;
+            }
         }
         outcome.map(|()| redriven_ids)
     }
@@ -370,39 +398,50 @@ impl Run {
         removed
     }
 
-    /// Claim the entries `ids` and publish them, batch by batch; returns the entries whose
-    /// copies were confirmed (to be removed) and those that failed (to be let go).
-    async fn publish_group(
-        &self,
-        ids: &[String],
-        redriven_ids: &mut HashMap<String, u32>,
-    ) -> Result<Settled> {
-        let store = &self.processor.inner.store;
-        // Held for this job alone while it publishes them: another job, a reprocess or an
-        // automatic attempt does not re-drive them at the same time.
-        let entries = store
+    /// Claim the entries `ids` for this job alone, so another job, a reprocess or an
+    /// automatic attempt does not re-drive them at the same time.
+    async fn claim_group(&self, ids: &[String]) -> Result<Claimed> {
+        let claimed_at = tokio::time::Instant::now();
+        let entries = self
+            .processor
+            .inner
+            .store
             .claim(ids, SystemTime::now(), self.processor.claim_lease())
             .await?;
+        Ok(Claimed {
+            skipped: ids.len() - entries.len(),
+            entries,
+            claimed_at,
+        })
+    }
+
+    /// Publish a claimed group, batch by batch; returns the entries whose copies were
+    /// confirmed (to be removed) and those that failed (to be let go).
+    async fn publish_group(
+        &self,
+        group: Claimed,
+        redriven_ids: &mut HashMap<String, u32>,
+    ) -> Settled {
         // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
-        self.progress.lock().skipped += (ids.len() - entries.len()) as u64;
+        self.progress.lock().skipped += group.skipped as u64;
         // Each batch has `processing_timeout`, as a batch claimed on its own would; and the
-        // group ends its publishing within half its hold's margin past that, so the removal
-        // still comes well within the hold. What was not confirmed by its deadline (or not
-        // sent, the time being up) counts failed and is let go (a copy may still arrive: at
-        // least once).
+        // group ends its publishing within half its hold's margin past that, counted from
+        // its claim, so the removal still comes well within the hold. What was not
+        // confirmed by its deadline (or not sent, the time being up) counts failed and is
+        // let go (a copy may still arrive: at least once).
         let timeout = self.processor.config().processing_timeout;
         let margin = self.processor.claim_lease().saturating_sub(timeout) / 2;
-        let group_ends = tokio::time::Instant::now() + timeout + margin;
+        let group_ends = group.claimed_at + timeout + margin;
         let mut settled = Settled {
-            confirmed: Vec::with_capacity(entries.len()),
+            confirmed: Vec::with_capacity(group.entries.len()),
             failed: Vec::new(),
         };
-        for batch in entries.chunks(self.request.batch_size) {
+        for batch in group.entries.chunks(self.request.batch_size) {
             let deadline = (tokio::time::Instant::now() + timeout).min(group_ends);
             self.publish_batch(batch, deadline, &mut settled, redriven_ids)
                 .await;
         }
-        Ok(settled)
+        settled
     }
 
     /// Publish the claimed entries `entries`, one batch per target topic and source broker
