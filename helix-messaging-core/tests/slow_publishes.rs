@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use futures::StreamExt;
 use helix_messaging_core::dlq::{
     DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterFilter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore,
-    Processor, ProcessorConfig, RedriveRequest, RedriveStatus,
+    Processor, ProcessorConfig, RedriveProgress, RedriveRequest, RedriveStatus,
 };
 use helix_messaging_core::replay::{
     ReplayConfig, ReplayHandler, ReplayOptions, ReplayRequest, ReplayStatus,
@@ -98,20 +98,20 @@ async fn copies_made_ahead_carry_the_time_they_are_published() {
     assert_eq!(seen, WINDOW);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
-    // Five batches of 100 in one claimed group: together they take five publishes, longer
-    // than one timeout, each well within it.
-    const LETTERS: usize = 500;
-    let timeout = PUBLISH_TAKES * 3;
+/// A processor on the slow broker holding `letters` dead letters of `orders`, and the
+/// unpaced redrive of them it has started.
+async fn unpaced_redrive(
+    letters: usize,
+    processing_timeout: Duration,
+) -> (Processor, RedriveProgress) {
     let broker: Arc<dyn Broker> = Arc::new(SlowPublish(MemoryBroker::new()));
     let config = ProcessorConfig {
         auto_redrive: false,
-        processing_timeout: timeout,
+        processing_timeout,
         ..ProcessorConfig::default()
     };
     let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), config).unwrap();
-    for i in 0..LETTERS {
+    for i in 0..letters {
         let failed =
             Message::new(format!("order {i}")).with_header(HEADER_ORIGINAL_TOPIC, "orders");
         processor
@@ -126,6 +126,16 @@ async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
         })
         .await
         .unwrap();
+    (processor, job)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
+    // Five batches of 100 in one claimed group: together they take five publishes, longer
+    // than one timeout, each well within it.
+    const LETTERS: usize = 500;
+    let timeout = PUBLISH_TAKES * 3;
+    let (processor, job) = unpaced_redrive(LETTERS, timeout).await;
     let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
     assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
     assert_eq!(
@@ -140,27 +150,8 @@ async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() 
     // Three claimed groups of 1,000, each ten slow batches: the cancel lands while the
     // first is being published.
     const LETTERS: usize = 3_000;
-    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(MemoryBroker::new()));
-    let config = ProcessorConfig {
-        auto_redrive: false,
-        ..ProcessorConfig::default()
-    };
-    let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), config).unwrap();
-    for i in 0..LETTERS {
-        let failed =
-            Message::new(format!("order {i}")).with_header(HEADER_ORIGINAL_TOPIC, "orders");
-        processor
-            .ingest(DeadLetter::from_message(&failed, DEFAULT_DLQ_TOPIC))
-            .await
-            .unwrap();
-    }
-    let job = processor
-        .start_redrive(RedriveRequest {
-            rate_per_second: None,
-            ..RedriveRequest::default()
-        })
-        .await
-        .unwrap();
+    let (processor, job) =
+        unpaced_redrive(LETTERS, ProcessorConfig::default().processing_timeout).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while processor.redrive_progress(&job.id).unwrap().redriven == 0 {
         assert!(
