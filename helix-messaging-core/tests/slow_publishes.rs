@@ -5,16 +5,19 @@
 //!   replay relies on to find it (Kafka reads a time range by the records' own timestamps).
 //! - An unpaced redrive claims several batches at once: each batch still has the whole
 //!   `processing_timeout`, as a batch claimed on its own would.
-//! - An unpaced redrive cancelled between two groups leaves nothing held: what it claimed
-//!   ahead and did not publish can be re-driven at once.
+//! - An unpaced redrive cancelled midway leaves nothing held: the group it claimed ahead
+//!   is published, not left held (another job may have skipped it), and each of its groups
+//!   still has the whole `processing_timeout` per batch. A job stopped by a failing store
+//!   lets its group ahead go.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
 use helix_messaging_core::dlq::{
-    DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterFilter, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore,
-    Processor, ProcessorConfig, RedriveProgress, RedriveRequest, RedriveStatus,
+    DEFAULT_DLQ_TOPIC, DeadLetter, DeadLetterFilter, DeadLetterStats, DeadLetterStore,
+    FailureGroup, HEADER_ORIGINAL_TOPIC, MemoryDeadLetterStore, Processor, ProcessorConfig,
+    RedriveProgress, RedriveRequest, RedriveStatus, StoredDeadLetter,
 };
 use helix_messaging_core::replay::{
     ReplayConfig, ReplayHandler, ReplayOptions, ReplayRequest, ReplayStatus,
@@ -31,19 +34,19 @@ const PUBLISH_TAKES: Duration = Duration::from_millis(20);
 /// The pause between batches: longer than any copy may wait between being made and sent.
 const BETWEEN_BATCHES: Duration = Duration::from_millis(400);
 
-/// The memory broker, except that a publish takes [`PUBLISH_TAKES`] before it is made.
+/// The memory broker, except that a publish takes the given time before it is made.
 #[derive(Debug)]
-struct SlowPublish(MemoryBroker);
+struct SlowPublish(MemoryBroker, Duration);
 
 #[async_trait]
 impl Publisher for SlowPublish {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        tokio::time::sleep(PUBLISH_TAKES).await;
+        tokio::time::sleep(self.1).await;
         self.0.publish(topic, message).await
     }
 
     async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
-        tokio::time::sleep(PUBLISH_TAKES).await;
+        tokio::time::sleep(self.1).await;
         self.0.publish_batch(topic, messages).await
     }
 }
@@ -62,7 +65,7 @@ async fn copies_made_ahead_carry_the_time_they_are_published() {
             .unwrap();
     }
     let to = SystemTime::now() + Duration::from_millis(1);
-    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(memory));
+    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(memory, PUBLISH_TAKES));
     let handler = ReplayHandler::new(broker.clone(), ReplayConfig::default());
     let request = ReplayRequest::new("audit", from, to)
         .with_target_topic("audit.replayed")
@@ -98,19 +101,26 @@ async fn copies_made_ahead_carry_the_time_they_are_published() {
     assert_eq!(seen, WINDOW);
 }
 
-/// A processor on the slow broker holding `letters` dead letters of `orders`, and the
-/// unpaced redrive of them it has started.
-async fn unpaced_redrive(
+/// A processor on a broker whose every publish takes `publish_takes`, holding `letters` dead
+/// letters of `orders`.
+async fn slow_processor(
     letters: usize,
     processing_timeout: Duration,
-) -> (Processor, RedriveProgress) {
-    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(MemoryBroker::new()));
+    publish_takes: Duration,
+) -> Processor {
+    let broker: Arc<dyn Broker> = Arc::new(SlowPublish(MemoryBroker::new(), publish_takes));
     let config = ProcessorConfig {
         auto_redrive: false,
         processing_timeout,
         ..ProcessorConfig::default()
     };
     let processor = Processor::new(broker, Arc::new(MemoryDeadLetterStore::new()), config).unwrap();
+    ingest_orders(&processor, letters).await;
+    processor
+}
+
+/// Dead-letter `letters` messages of `orders` into `processor`'s store.
+async fn ingest_orders(processor: &Processor, letters: usize) {
     for i in 0..letters {
         let failed =
             Message::new(format!("order {i}")).with_header(HEADER_ORIGINAL_TOPIC, "orders");
@@ -119,13 +129,38 @@ async fn unpaced_redrive(
             .await
             .unwrap();
     }
-    let job = processor
+}
+
+/// Wait (up to `within`) for the job `id` to complete, every one of `letters` re-driven.
+async fn every_letter_redriven(processor: &Processor, id: &str, letters: usize, within: Duration) {
+    let progress = common::redrive_finished(processor, id, within).await;
+    assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
+    assert_eq!(
+        (progress.redriven, progress.failed, progress.skipped),
+        (letters as u64, 0, 0),
+        "{progress:?}"
+    );
+}
+
+/// Start an unpaced redrive of everything `processor` holds.
+async fn start_unpaced(processor: &Processor) -> RedriveProgress {
+    processor
         .start_redrive(RedriveRequest {
             rate_per_second: None,
             ..RedriveRequest::default()
         })
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A processor as [`slow_processor`] makes it, with [`PUBLISH_TAKES`], and the unpaced
+/// redrive of its letters it has started.
+async fn unpaced_redrive(
+    letters: usize,
+    processing_timeout: Duration,
+) -> (Processor, RedriveProgress) {
+    let processor = slow_processor(letters, processing_timeout, PUBLISH_TAKES).await;
+    let job = start_unpaced(&processor).await;
     (processor, job)
 }
 
@@ -136,20 +171,14 @@ async fn each_batch_of_a_grouped_redrive_has_the_whole_processing_timeout() {
     const LETTERS: usize = 500;
     let timeout = PUBLISH_TAKES * 3;
     let (processor, job) = unpaced_redrive(LETTERS, timeout).await;
-    let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
-    assert_eq!(progress.status, RedriveStatus::Completed, "{progress:?}");
-    assert_eq!(
-        (progress.redriven, progress.failed, progress.skipped),
-        (LETTERS as u64, 0, 0),
-        "{progress:?}"
-    );
+    every_letter_redriven(&processor, &job.id, LETTERS, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() {
-    // Three claimed groups of 1,000, each ten slow batches: the cancel lands while the
-    // first is being published.
-    const LETTERS: usize = 3_000;
+    // Four claimed groups of 1,000, each ten slow batches: the cancel lands while the
+    // first is being published, and the group claimed ahead meanwhile goes out too.
+    const LETTERS: usize = 4_000;
     let (processor, job) =
         unpaced_redrive(LETTERS, ProcessorConfig::default().processing_timeout).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -182,5 +211,154 @@ async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() 
     assert_eq!(
         held, 0,
         "entries still held after the job ended: {progress:?}"
+    );
+}
+
+/// Three groups of ten batches, each batch taking 3 s against a 10 s timeout: each group
+/// takes 30 s, and a group claimed while the one before it was published still has the
+/// whole timeout for each of its batches.
+#[tokio::test(start_paused = true)]
+async fn every_group_of_a_slow_unpaced_redrive_has_the_whole_processing_timeout() {
+    const LETTERS: usize = 3_000;
+    let processor = slow_processor(LETTERS, Duration::from_secs(10), Duration::from_secs(3)).await;
+    let job = start_unpaced(&processor).await;
+    every_letter_redriven(&processor, &job.id, LETTERS, Duration::from_secs(600)).await;
+}
+
+/// Two jobs over the same letters, the second skipping what the first holds, and the first
+/// cancelled: between them every letter is re-driven, as if the first had held only what it
+/// was publishing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_cancelled_while_another_skips_what_it_holds_leaves_no_letter_behind() {
+    const LETTERS: usize = 3_000;
+    let processor = slow_processor(
+        LETTERS,
+        ProcessorConfig::default().processing_timeout,
+        PUBLISH_TAKES,
+    )
+    .await;
+    let first = start_unpaced(&processor).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while processor.redrive_progress(&first.id).unwrap().redriven == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing re-driven in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let second = start_unpaced(&processor).await;
+    processor.cancel_redrive(&first.id).unwrap();
+    let first = common::redrive_finished(&processor, &first.id, Duration::from_secs(30)).await;
+    let second = common::redrive_finished(&processor, &second.id, Duration::from_secs(30)).await;
+    assert_eq!(second.status, RedriveStatus::Completed, "{second:?}");
+    let left = processor
+        .store()
+        .list(&DeadLetterFilter::default(), usize::MAX, 0)
+        .await
+        .unwrap();
+    assert!(
+        left.is_empty(),
+        "{} left; first {first:?}, second {second:?}",
+        left.len()
+    );
+    assert_eq!(
+        first.redriven + second.redriven,
+        LETTERS as u64,
+        "first {first:?}, second {second:?}"
+    );
+}
+
+/// The memory store, except that nothing can be removed from it.
+struct RemovalsFail(MemoryDeadLetterStore);
+
+#[async_trait]
+impl DeadLetterStore for RemovalsFail {
+    async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
+        self.0.insert(entry).await
+    }
+    async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
+        self.0.get(id).await
+    }
+    async fn list(
+        &self,
+        filter: &DeadLetterFilter,
+        limit: usize,
+        offset: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.0.list(filter, limit, offset).await
+    }
+    async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
+        self.0.count(filter).await
+    }
+    async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {
+        self.0.ids(filter).await
+    }
+    async fn claim_due(
+        &self,
+        now: SystemTime,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.0.claim_due(now, lease, limit).await
+    }
+    async fn claim(
+        &self,
+        ids: &[String],
+        now: SystemTime,
+        lease: Duration,
+    ) -> Result<Vec<StoredDeadLetter>> {
+        self.0.claim(ids, now, lease).await
+    }
+    async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
+        self.0.update(entry).await
+    }
+    async fn remove(&self, _id: &str, _version: u64) -> Result<bool> {
+        Err(helix_messaging_core::Error::new(
+            helix_messaging_core::ErrorKind::Backend,
+            "the disk is full",
+        ))
+    }
+    async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
+        self.0.purge(filter).await
+    }
+    async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
+        self.0.groups(filter).await
+    }
+    async fn stats(&self) -> Result<DeadLetterStats> {
+        self.0.stats().await
+    }
+}
+
+/// Removals fail: the job stops once the group under way is published, and the group it
+/// claimed ahead is let go at once rather than held until its claim runs out. (What was
+/// published and could not be removed stays held: it may be re-driven again later.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_stopped_by_its_store_lets_go_of_the_group_it_claimed_ahead() {
+    const LETTERS: usize = 4_000;
+    let store = Arc::new(RemovalsFail(MemoryDeadLetterStore::new()));
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        ..ProcessorConfig::default()
+    };
+    let processor = Processor::new(broker, store, config).unwrap();
+    ingest_orders(&processor, LETTERS).await;
+    let job = start_unpaced(&processor).await;
+    let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
+    assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");
+    // The first group's removal fails while the second is published and the third
+    // claimed: the job stops after the second.
+    assert_eq!(progress.redriven, 2_000, "{progress:?}");
+    let left = processor
+        .store()
+        .list(&DeadLetterFilter::default(), usize::MAX, 0)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), LETTERS, "nothing could be removed");
+    let now = SystemTime::now();
+    let held = left.iter().filter(|entry| !entry.claimable(now)).count();
+    assert_eq!(
+        held, 2_000,
+        "only what was published stays held: {progress:?}"
     );
 }

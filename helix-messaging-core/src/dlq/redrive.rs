@@ -198,11 +198,11 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<Redrive
 }
 
 /// A group's entries as claimed: those held for the job, how many of the group's ids could
-/// not be claimed, and when the claim was asked for (the holds run from then).
+/// not be claimed, and when the holds run out (counted from when the claim was asked for).
 struct Claimed {
     entries: Vec<StoredDeadLetter>,
     skipped: usize,
-    claimed_at: tokio::time::Instant,
+    held_until: tokio::time::Instant,
 }
 
 /// A group's entries once published: confirmed (id and claimed version, to be removed) or
@@ -308,9 +308,13 @@ impl Run {
     ///
     /// Unpaced, the store's work for neighbouring groups goes on while a group is
     /// published: the previous group's removal and the next group's claim. A removal only
-    /// ever follows its group's confirmations; the job stops at the first claim or removal
-    /// that fails, once the group under way is confirmed and removed; and a group claimed
-    /// ahead that is not published (cancelled, or stopped by an error) is let go at once.
+    /// ever follows its group's confirmations, and the job stops at the first claim or
+    /// removal that fails, once the group under way is confirmed and removed.
+    ///
+    /// A group claimed ahead is published even when the job is cancelled meanwhile:
+    /// another job skips what this one holds, so letting it go unpublished would leave it
+    /// re-driven by neither. When the job stops on an error, it is let go; a panic or a
+    /// crash leaves it held until its claim runs out, as it does the group being published.
     async fn batch(
         &self,
         ids: &[String],
@@ -320,21 +324,27 @@ impl Run {
         let mut removing: Option<BoxFuture<'_, Result<()>>> = None;
         let mut ahead: Option<Result<Claimed>> = None;
         let mut outcome = Ok(());
-        let mut groups = ids.chunks(self.group_size()).peekable();
-        while let Some(group) = groups.next() {
-            if self.cancel.is_cancelled() {
-                break;
-            }
-            if let Some(pacer) = pacer {
-                let due = pacer.take(group.len());
-                tokio::select! {
-                    () = self.cancel.cancelled() => break,
-                    () = tokio::time::sleep_until(due) => {}
-                }
-            }
+        let mut groups = ids.chunks(self.group_size());
+        let lease = self.processor.claim_lease();
+        loop {
             let claimed = match ahead.take() {
                 Some(claimed) => claimed,
-                None => self.claim_group(group).await,
+                None => {
+                    if self.cancel.is_cancelled() {
+                        break;
+                    }
+                    let Some(group) = groups.next() else {
+                        break;
+                    };
+                    if let Some(pacer) = pacer {
+                        let due = pacer.take(group.len());
+                        tokio::select! {
+                            () = self.cancel.cancelled() => break,
+                            () = tokio::time::sleep_until(due) => {}
+                        }
+                    }
+                    self.claim_group(group, lease).await
+                }
             };
             let claimed = match claimed {
                 Ok(claimed) => claimed,
@@ -343,10 +353,17 @@ impl Run {
                     break;
                 }
             };
-            let next = groups
-                .peek()
-                .filter(|_| pacer.is_none())
-                .map(|next| self.claim_group(next));
+            let next = if pacer.is_none() && !self.cancel.is_cancelled() {
+                // Held for as long as it may wait for this group's publishing besides what
+                // a group claimed on its own is held for: its own publishing is timed from
+                // when it starts, as if it had been claimed then.
+                let waits = self.processor.config().processing_timeout + self.hold_margin();
+                groups
+                    .next()
+                    .map(|next| self.claim_group(next, lease + waits))
+            } else {
+                None
+            };
             let publishing = self.publish_group(claimed, &mut redriven_ids);
             let (settled, removed, next) = futures::join!(
                 publishing,
@@ -378,6 +395,14 @@ impl Run {
         outcome.map(|()| redriven_ids)
     }
 
+    /// How much of a claim's hold is kept past its group's publishing for the removal
+    /// (and how long past `processing_timeout` the publishing may take): half of what the
+    /// hold gives beyond `processing_timeout`.
+    fn hold_margin(&self) -> Duration {
+        let timeout = self.processor.config().processing_timeout;
+        self.processor.claim_lease().saturating_sub(timeout) / 2
+    }
+
     /// Take a group's re-driven entries out of the store, then let go of the ones that
     /// failed: the removals first, while their claims are young, and one commit for all of
     /// them, whatever number of failures (one write each) follows.
@@ -398,20 +423,20 @@ impl Run {
         removed
     }
 
-    /// Claim the entries `ids` for this job alone, so another job, a reprocess or an
-    /// automatic attempt does not re-drive them at the same time.
-    async fn claim_group(&self, ids: &[String]) -> Result<Claimed> {
+    /// Claim the entries `ids` for this job alone, for `lease`, so another job, a reprocess
+    /// or an automatic attempt does not re-drive them at the same time.
+    async fn claim_group(&self, ids: &[String], lease: Duration) -> Result<Claimed> {
         let claimed_at = tokio::time::Instant::now();
         let entries = self
             .processor
             .inner
             .store
-            .claim(ids, SystemTime::now(), self.processor.claim_lease())
+            .claim(ids, SystemTime::now(), lease)
             .await?;
         Ok(Claimed {
             skipped: ids.len() - entries.len(),
             entries,
-            claimed_at,
+            held_until: claimed_at + lease,
         })
     }
 
@@ -425,13 +450,19 @@ impl Run {
         // Gone (reprocessed, purged), discarded, or being re-driven by another operation.
         self.progress.lock().skipped += group.skipped as u64;
         // Each batch has `processing_timeout`, as a batch claimed on its own would; and the
-        // group ends its publishing within half its hold's margin past that, counted from
-        // its claim, so the removal still comes well within the hold. What was not
-        // confirmed by its deadline (or not sent, the time being up) counts failed and is
-        // let go (a copy may still arrive: at least once).
+        // group ends its publishing within the hold's margin past that, counted from when
+        // it starts, and a margin before its hold runs out, so the removal still comes
+        // well within the hold. What was not confirmed by its deadline (or not sent, the
+        // time being up) counts failed and is let go (a copy may still arrive: at least
+        // once).
         let timeout = self.processor.config().processing_timeout;
-        let margin = self.processor.claim_lease().saturating_sub(timeout) / 2;
-        let group_ends = group.claimed_at + timeout + margin;
+        let margin = self.hold_margin();
+        let group_ends = (tokio::time::Instant::now() + timeout + margin).min(
+            group
+                .held_until
+                .checked_sub(margin)
+                .unwrap_or(group.held_until),
+        );
         let mut settled = Settled {
             confirmed: Vec::with_capacity(group.entries.len()),
             failed: Vec::new(),
