@@ -5,10 +5,11 @@
 //!   replay relies on to find it (Kafka reads a time range by the records' own timestamps).
 //! - An unpaced redrive claims several batches at once: each batch still has the whole
 //!   `processing_timeout`, as a batch claimed on its own would.
+//! - Each group of a slow unpaced redrive, the ones claimed while the group before was
+//!   being published too, still has the whole `processing_timeout` per batch.
 //! - An unpaced redrive cancelled midway leaves nothing held: the group it claimed ahead
-//!   is published, not left held (another job may have skipped it), and each of its groups
-//!   still has the whole `processing_timeout` per batch. A job stopped by a failing store
-//!   lets its group ahead go.
+//!   is published, not left held (another job may have skipped it). A job stopped by a
+//!   failing store lets its group ahead go.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -192,8 +193,9 @@ async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() 
     processor.cancel_redrive(&job.id).unwrap();
     let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
     assert_eq!(progress.status, RedriveStatus::Cancelled, "{progress:?}");
+    // The first group, and the one claimed ahead while it was published.
     assert!(
-        progress.redriven > 0 && (progress.redriven as usize) < LETTERS,
+        progress.redriven >= 2_000 && (progress.redriven as usize) < LETTERS,
         "{progress:?}"
     );
     let left = processor
@@ -268,16 +270,27 @@ async fn a_job_cancelled_while_another_skips_what_it_holds_leaves_no_letter_behi
     );
 }
 
-/// The memory store, except that nothing can be removed from it.
-struct RemovalsFail(MemoryDeadLetterStore);
+/// The memory store with scripted faults, which notes when each claimed entry's hold runs
+/// out (in tokio's time) and counts the removals that came later than that.
+#[derive(Default)]
+struct ScriptedStore {
+    inner: MemoryDeadLetterStore,
+    /// Every removal fails.
+    removals_fail: bool,
+    /// The claim with this number (from 1) waits this long before it is made.
+    slow_claim: Option<(usize, Duration)>,
+    claims: std::sync::atomic::AtomicUsize,
+    held_until: parking_lot::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    late_removals: std::sync::atomic::AtomicUsize,
+}
 
 #[async_trait]
-impl DeadLetterStore for RemovalsFail {
+impl DeadLetterStore for ScriptedStore {
     async fn insert(&self, entry: StoredDeadLetter) -> Result<bool> {
-        self.0.insert(entry).await
+        self.inner.insert(entry).await
     }
     async fn get(&self, id: &str) -> Result<Option<StoredDeadLetter>> {
-        self.0.get(id).await
+        self.inner.get(id).await
     }
     async fn list(
         &self,
@@ -285,13 +298,13 @@ impl DeadLetterStore for RemovalsFail {
         limit: usize,
         offset: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.0.list(filter, limit, offset).await
+        self.inner.list(filter, limit, offset).await
     }
     async fn count(&self, filter: &DeadLetterFilter) -> Result<u64> {
-        self.0.count(filter).await
+        self.inner.count(filter).await
     }
     async fn ids(&self, filter: &DeadLetterFilter) -> Result<Vec<String>> {
-        self.0.ids(filter).await
+        self.inner.ids(filter).await
     }
     async fn claim_due(
         &self,
@@ -299,7 +312,7 @@ impl DeadLetterStore for RemovalsFail {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.0.claim_due(now, lease, limit).await
+        self.inner.claim_due(now, lease, limit).await
     }
     async fn claim(
         &self,
@@ -307,26 +320,82 @@ impl DeadLetterStore for RemovalsFail {
         now: SystemTime,
         lease: Duration,
     ) -> Result<Vec<StoredDeadLetter>> {
-        self.0.claim(ids, now, lease).await
+        let number = self
+            .claims
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let asked = tokio::time::Instant::now();
+        if let Some((_, wait)) = self.slow_claim.filter(|(slow, _)| *slow == number) {
+            tokio::time::sleep(wait).await;
+        }
+        let claimed = self.inner.claim(ids, now, lease).await?;
+        let mut held = self.held_until.lock();
+        for entry in &claimed {
+            held.insert(entry.id().to_owned(), asked + lease);
+        }
+        Ok(claimed)
     }
     async fn update(&self, entry: &StoredDeadLetter) -> Result<bool> {
-        self.0.update(entry).await
+        self.inner.update(entry).await
     }
-    async fn remove(&self, _id: &str, _version: u64) -> Result<bool> {
-        Err(helix_messaging_core::Error::new(
-            helix_messaging_core::ErrorKind::Backend,
-            "the disk is full",
-        ))
+    async fn remove(&self, id: &str, version: u64) -> Result<bool> {
+        if self.removals_fail {
+            return Err(helix_messaging_core::Error::new(
+                helix_messaging_core::ErrorKind::Backend,
+                "the disk is full",
+            ));
+        }
+        let held_until = self.held_until.lock().get(id).copied();
+        if held_until.is_some_and(|until| tokio::time::Instant::now() >= until) {
+            self.late_removals
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.inner.remove(id, version).await
     }
     async fn purge(&self, filter: &DeadLetterFilter) -> Result<u64> {
-        self.0.purge(filter).await
+        self.inner.purge(filter).await
     }
     async fn groups(&self, filter: &DeadLetterFilter) -> Result<Vec<FailureGroup>> {
-        self.0.groups(filter).await
+        self.inner.groups(filter).await
     }
     async fn stats(&self) -> Result<DeadLetterStats> {
-        self.0.stats().await
+        self.inner.stats().await
     }
+}
+
+/// A processor on the memory broker over `store`, holding `letters` dead letters of
+/// `orders`.
+async fn processor_over(store: Arc<ScriptedStore>, letters: usize) -> Processor {
+    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
+    let config = ProcessorConfig {
+        auto_redrive: false,
+        ..ProcessorConfig::default()
+    };
+    let processor = Processor::new(broker, store, config).unwrap();
+    ingest_orders(&processor, letters).await;
+    processor
+}
+
+/// The claim of the second group (made while the first is published) takes 100 s, longer
+/// than the first group's hold (90 s): the first group's removal does not wait for it, and
+/// comes while its hold lasts.
+#[tokio::test(start_paused = true)]
+async fn a_slow_claim_ahead_does_not_hold_back_the_removal_before_it() {
+    const LETTERS: usize = 2_000;
+    let store = Arc::new(ScriptedStore {
+        slow_claim: Some((2, Duration::from_secs(100))),
+        ..ScriptedStore::default()
+    });
+    let processor = processor_over(store.clone(), LETTERS).await;
+    let job = start_unpaced(&processor).await;
+    every_letter_redriven(&processor, &job.id, LETTERS, Duration::from_secs(900)).await;
+    assert_eq!(
+        store
+            .late_removals
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "removals after their hold ran out"
+    );
 }
 
 /// Removals fail: the job stops once the group under way is published, and the group it
@@ -335,14 +404,11 @@ impl DeadLetterStore for RemovalsFail {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_stopped_by_its_store_lets_go_of_the_group_it_claimed_ahead() {
     const LETTERS: usize = 4_000;
-    let store = Arc::new(RemovalsFail(MemoryDeadLetterStore::new()));
-    let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new());
-    let config = ProcessorConfig {
-        auto_redrive: false,
-        ..ProcessorConfig::default()
-    };
-    let processor = Processor::new(broker, store, config).unwrap();
-    ingest_orders(&processor, LETTERS).await;
+    let store = Arc::new(ScriptedStore {
+        removals_fail: true,
+        ..ScriptedStore::default()
+    });
+    let processor = processor_over(store, LETTERS).await;
     let job = start_unpaced(&processor).await;
     let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
     assert_eq!(progress.status, RedriveStatus::Failed, "{progress:?}");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
-use futures::future::{BoxFuture, OptionFuture};
+use futures::future::OptionFuture;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -205,6 +205,49 @@ struct Claimed {
     held_until: tokio::time::Instant,
 }
 
+/// A group's removal, running on a task of its own from the moment the group was published,
+/// so that nothing the job does next (publishing the next group, waiting for the claim of
+/// the one after) holds it back.
+struct Removal(tokio::task::JoinHandle<Result<()>>);
+
+impl Removal {
+    /// Start removing `group` (and letting go of its failures) on `processor`'s store.
+    fn start(processor: &Processor, group: Settled) -> Self {
+        Removal(tokio::spawn(settle(processor.clone(), group)))
+    }
+
+    /// The removal's outcome, once it is done.
+    async fn finish(self) -> Result<()> {
+        self.0.await.unwrap_or_else(|err| {
+            Err(match err.try_into_panic() {
+                Ok(panic) => panicked("redrive's removal", &*panic),
+                // Only a runtime shutting down cancels it.
+                Err(err) => Error::new(ErrorKind::Backend, format!("a redrive's removal: {err}")),
+            })
+        })
+    }
+}
+
+/// Take a group's re-driven entries out of the store, then let go of the ones that failed:
+/// the removals first, while their claims are young, and one commit for all of them,
+/// whatever number of failures (one write each) follows.
+async fn settle(processor: Processor, group: Settled) -> Result<()> {
+    let removed = if group.confirmed.is_empty() {
+        Ok(())
+    } else {
+        let store = &processor.inner.store;
+        remove_redriven(store.as_ref(), &group.confirmed)
+            .await
+            .inspect_err(|err| {
+                tracing::warn!(entries = group.confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
+            })
+    };
+    for entry in &group.failed {
+        processor.let_go(entry).await;
+    }
+    removed
+}
+
 /// A group's entries once published: confirmed (id and claimed version, to be removed) or
 /// failed (to be let go).
 struct Settled {
@@ -306,26 +349,30 @@ impl Run {
     /// Re-drive the entries `ids`, group by group, each when `pacer` lets it go; returns the
     /// original message id of each one re-driven, with the redrive count its copy carries.
     ///
-    /// Unpaced, the store's work for neighbouring groups goes on while a group is
-    /// published: the previous group's removal and the next group's claim. A removal only
-    /// ever follows its group's confirmations, and the job stops at the first claim or
-    /// removal that fails, once the group under way is confirmed and removed.
+    /// A group's removal starts the moment its publishing ends (a removal only ever follows
+    /// its group's confirmations, and comes well within its hold). Unpaced, it goes on while
+    /// the next group is published, and the group after that is claimed while one is
+    /// published; the job stops at the first claim or removal that fails, once the group
+    /// under way is out and its removal done. Paced, each group is removed before the next.
     ///
     /// A group claimed ahead is published even when the job is cancelled meanwhile:
     /// another job skips what this one holds, so letting it go unpublished would leave it
-    /// re-driven by neither. When the job stops on an error, it is let go; a panic or a
-    /// crash leaves it held until its claim runs out, as it does the group being published.
+    /// re-driven by neither. When the job stops on an error it is let go (another job that
+    /// skipped it leaves it in the DLQ, as a job that fails does with what it did not
+    /// reach); a panic or a crash leaves it held until its claim runs out, as it does the
+    /// group being published.
     async fn batch(
         &self,
         ids: &[String],
         pacer: &mut Option<Pacer>,
     ) -> Result<HashMap<String, u32>> {
         let mut redriven_ids = HashMap::new();
-        let mut removing: Option<BoxFuture<'_, Result<()>>> = None;
+        let mut removing: Option<Removal> = None;
         let mut ahead: Option<Result<Claimed>> = None;
         let mut outcome = Ok(());
         let mut groups = ids.chunks(self.group_size());
         let lease = self.processor.claim_lease();
+        let paced = pacer.is_some();
         loop {
             let claimed = match ahead.take() {
                 Some(claimed) => claimed,
@@ -353,10 +400,9 @@ impl Run {
                     break;
                 }
             };
-            let next = if pacer.is_none() && !self.cancel.is_cancelled() {
-                // Held for as long as it may wait for this group's publishing besides what
-                // a group claimed on its own is held for: its own publishing is timed from
-                // when it starts, as if it had been claimed then.
+            let next = if !paced && !self.cancel.is_cancelled() {
+                // Held longer by as long as this group's publishing may take: its own
+                // publishing is timed from when it starts, as if it had been claimed then.
                 let waits = self.processor.config().processing_timeout + self.hold_margin();
                 groups
                     .next()
@@ -364,28 +410,30 @@ impl Run {
             } else {
                 None
             };
-            let publishing = self.publish_group(claimed, &mut redriven_ids);
-            let (settled, removed, next) = futures::join!(
-                publishing,
-                OptionFuture::from(removing.take()),
+            let published = async {
+                let settled = self.publish_group(claimed, &mut redriven_ids).await;
+                Removal::start(&self.processor, settled)
+            };
+            let (removal, removed, next) = futures::join!(
+                published,
+                OptionFuture::from(removing.take().map(Removal::finish)),
                 OptionFuture::from(next)
             );
             ahead = next;
             if let Some(Err(err)) = removed {
                 outcome = Err(err);
             }
-            let removal = self.settle(settled);
-            if pacer.is_some() || outcome.is_err() {
-                outcome = outcome.and(removal.await);
+            if paced || outcome.is_err() {
+                outcome = outcome.and(removal.finish().await);
             } else {
-                removing = Some(Box::pin(removal));
+                removing = Some(removal);
             }
             if outcome.is_err() {
                 break;
             }
         }
         if let Some(removal) = removing {
-            outcome = outcome.and(removal.await);
+            outcome = outcome.and(removal.finish().await);
         }
         if let Some(Ok(unpublished)) = ahead {
             for entry in &unpublished.entries {
@@ -395,32 +443,12 @@ impl Run {
         outcome.map(|()| redriven_ids)
     }
 
-    /// How much of a claim's hold is kept past its group's publishing for the removal
-    /// (and how long past `processing_timeout` the publishing may take): half of what the
-    /// hold gives beyond `processing_timeout`.
+    /// How much of a claim's hold is kept past its group's publishing for the removal,
+    /// and how long past `processing_timeout` the publishing may go on: half of what the
+    /// hold gives beyond `processing_timeout` (the hold being a minute more, 30 s).
     fn hold_margin(&self) -> Duration {
         let timeout = self.processor.config().processing_timeout;
         self.processor.claim_lease().saturating_sub(timeout) / 2
-    }
-
-    /// Take a group's re-driven entries out of the store, then let go of the ones that
-    /// failed: the removals first, while their claims are young, and one commit for all of
-    /// them, whatever number of failures (one write each) follows.
-    async fn settle(&self, group: Settled) -> Result<()> {
-        let removed = if group.confirmed.is_empty() {
-            Ok(())
-        } else {
-            let store = &self.processor.inner.store;
-            remove_redriven(store.as_ref(), &group.confirmed)
-                .await
-                .inspect_err(|err| {
-                    tracing::warn!(entries = group.confirmed.len(), error = %err, "re-driven dead letters could not be removed from the DLQ; they stay there and may be re-driven again");
-                })
-        };
-        for entry in &group.failed {
-            self.processor.let_go(entry).await;
-        }
-        removed
     }
 
     /// Claim the entries `ids` for this job alone, for `lease`, so another job, a reprocess
@@ -451,18 +479,15 @@ impl Run {
         self.progress.lock().skipped += group.skipped as u64;
         // Each batch has `processing_timeout`, as a batch claimed on its own would; and the
         // group ends its publishing within the hold's margin past that, counted from when
-        // it starts, and a margin before its hold runs out, so the removal still comes
-        // well within the hold. What was not confirmed by its deadline (or not sent, the
-        // time being up) counts failed and is let go (a copy may still arrive: at least
-        // once).
+        // it starts, and never later than a margin before its hold runs out (which only a
+        // store slow for minutes brings forward), so the removal that follows comes well
+        // within the hold. What was not confirmed by its deadline (or not sent, the time
+        // being up) counts failed and is let go (a copy may still arrive: at least once).
         let timeout = self.processor.config().processing_timeout;
         let margin = self.hold_margin();
-        let group_ends = (tokio::time::Instant::now() + timeout + margin).min(
-            group
-                .held_until
-                .checked_sub(margin)
-                .unwrap_or(group.held_until),
-        );
+        let now = tokio::time::Instant::now();
+        let group_ends =
+            (now + timeout + margin).min(group.held_until.checked_sub(margin).unwrap_or(now));
         let mut settled = Settled {
             confirmed: Vec::with_capacity(group.entries.len()),
             failed: Vec::new(),
