@@ -11,6 +11,7 @@ use futures::future::OptionFuture;
 use parking_lot::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::jobs::{
     Job, MAX_FINISHED_REDRIVES, MAX_RUNNING_REDRIVES, RedriveProgress, RedriveRequest,
@@ -207,13 +208,18 @@ struct Claimed {
 
 /// A group's removal, running on a task of its own from the moment the group was published,
 /// so that nothing the job does next (publishing the next group, waiting for the claim of
-/// the one after) holds it back.
-struct Removal(tokio::task::JoinHandle<Result<()>>);
+/// the one after) holds it back. The job always waits for it; should the job's future be
+/// dropped instead (a panic unwinding it), the task is aborted with it rather than left to
+/// write after the job has reported how it ended.
+struct Removal(AbortOnDropHandle<Result<()>>);
 
 impl Removal {
     /// Start removing `group` (and letting go of its failures) on `processor`'s store.
     fn start(processor: &Processor, group: Settled) -> Self {
-        Removal(tokio::spawn(settle(processor.clone(), group)))
+        Removal(AbortOnDropHandle::new(tokio::spawn(settle(
+            processor.clone(),
+            group,
+        ))))
     }
 
     /// The removal's outcome, once it is done.
@@ -359,8 +365,8 @@ impl Run {
     /// another job skips what this one holds, so letting it go unpublished would leave it
     /// re-driven by neither. When the job stops on an error it is let go (another job that
     /// skipped it leaves it in the DLQ, as a job that fails does with what it did not
-    /// reach); a panic or a crash leaves it held until its claim runs out, as it does the
-    /// group being published.
+    /// reach), and so when a removal panics; a panic in the job itself, or a crash, leaves
+    /// it held until its claim runs out, as it does the group being published.
     async fn batch(
         &self,
         ids: &[String],
