@@ -226,6 +226,12 @@ pub async fn within<T>(
     })
 }
 
+/// The error for a task of `what` that did not run to its end (it panicked, or its runtime
+/// shut down): the task's own account, which carries the panic's message.
+pub(crate) fn task_stopped(what: &str, err: &tokio::task::JoinError) -> Error {
+    Error::new(ErrorKind::Backend, format!("{what} stopped: {err}"))
+}
+
 /// The error a background job (a bulk redrive, a replay) ends with when its work panicked:
 /// the panic's message, when it carries one.
 pub(crate) fn panicked(job: &str, payload: &(dyn std::any::Any + Send)) -> Error {

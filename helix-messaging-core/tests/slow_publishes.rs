@@ -145,6 +145,27 @@ async fn every_letter_redriven(processor: &Processor, id: &str, letters: usize, 
     );
 }
 
+/// Wait (up to 10 s) until the job `id` has re-driven something.
+async fn some_redriven(processor: &Processor, id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while processor.redrive_progress(id).unwrap().redriven == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing re-driven in 10 s"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Every entry `processor`'s store holds.
+async fn every_entry(processor: &Processor) -> Vec<StoredDeadLetter> {
+    processor
+        .store()
+        .list(&DeadLetterFilter::default(), usize::MAX, 0)
+        .await
+        .unwrap()
+}
+
 /// Start an unpaced redrive of everything `processor` holds.
 async fn start_unpaced(processor: &Processor) -> RedriveProgress {
     processor
@@ -185,14 +206,7 @@ async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() 
     const LETTERS: usize = 6_000;
     let (processor, job) =
         unpaced_redrive(LETTERS, ProcessorConfig::default().processing_timeout).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while processor.redrive_progress(&job.id).unwrap().redriven == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing re-driven in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    some_redriven(&processor, &job.id).await;
     processor.cancel_redrive(&job.id).unwrap();
     let progress = common::redrive_finished(&processor, &job.id, Duration::from_secs(30)).await;
     assert_eq!(progress.status, RedriveStatus::Cancelled, "{progress:?}");
@@ -201,11 +215,7 @@ async fn an_unpaced_redrive_cancelled_midway_holds_nothing_it_did_not_publish() 
         progress.redriven >= 2_000 && (progress.redriven as usize) < LETTERS,
         "{progress:?}"
     );
-    let left = processor
-        .store()
-        .list(&DeadLetterFilter::default(), usize::MAX, 0)
-        .await
-        .unwrap();
+    let left = every_entry(&processor).await;
     assert_eq!(
         left.len() + progress.redriven as usize,
         LETTERS,
@@ -243,24 +253,13 @@ async fn a_job_cancelled_while_another_skips_what_it_holds_leaves_no_letter_behi
     )
     .await;
     let first = start_unpaced(&processor).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while processor.redrive_progress(&first.id).unwrap().redriven == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "nothing re-driven in 10 s"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    some_redriven(&processor, &first.id).await;
     let second = start_unpaced(&processor).await;
     processor.cancel_redrive(&first.id).unwrap();
     let first = common::redrive_finished(&processor, &first.id, Duration::from_secs(30)).await;
     let second = common::redrive_finished(&processor, &second.id, Duration::from_secs(30)).await;
     assert_eq!(second.status, RedriveStatus::Completed, "{second:?}");
-    let left = processor
-        .store()
-        .list(&DeadLetterFilter::default(), usize::MAX, 0)
-        .await
-        .unwrap();
+    let left = every_entry(&processor).await;
     assert!(
         left.is_empty(),
         "{} left; first {first:?}, second {second:?}",
@@ -420,11 +419,7 @@ async fn a_job_stopped_by_its_store_lets_go_of_the_group_it_claimed_ahead() {
     // The first group's removal fails while the second is published and the third
     // claimed: the job stops after the second.
     assert_eq!(progress.redriven, 2_000, "{progress:?}");
-    let left = processor
-        .store()
-        .list(&DeadLetterFilter::default(), usize::MAX, 0)
-        .await
-        .unwrap();
+    let left = every_entry(&processor).await;
     assert_eq!(left.len(), LETTERS, "nothing could be removed");
     let now = SystemTime::now();
     let held = left.iter().filter(|entry| !entry.claimable(now)).count();

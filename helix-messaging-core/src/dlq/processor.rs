@@ -21,7 +21,7 @@ use super::store::{
     DeadLetterFilter, DeadLetterStats, DeadLetterStore, EntryStatus, FailureGroup, StoredDeadLetter,
 };
 use crate::broker::Broker;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, task_stopped};
 use crate::names::validate_name;
 use crate::retry::RetryPolicy;
 use crate::runner::{HandlerError, Runner};
@@ -543,12 +543,7 @@ impl Processor {
         let (id, target) = (id.to_owned(), target_topic.map(str::to_owned));
         tokio::spawn(async move { processor.reprocess_claimed(&id, target.as_deref()).await })
             .await
-            .map_err(|err| {
-                Error::new(
-                    ErrorKind::Backend,
-                    format!("a DLQ reprocess stopped: {err}"),
-                )
-            })?
+            .map_err(|err| task_stopped("a DLQ reprocess", &err))?
     }
 
     async fn reprocess_claimed(&self, id: &str, target_topic: Option<&str>) -> Result<()> {

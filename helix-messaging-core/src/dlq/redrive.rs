@@ -21,7 +21,7 @@ use super::processor::{Processor, publish_timed_out, redrive_copy};
 use super::report::RedrivePreview;
 use super::store::remove_redriven;
 use super::store::{DeadLetterFilter, StoredDeadLetter};
-use crate::error::{Error, ErrorKind, Result, panicked};
+use crate::error::{Error, ErrorKind, Result, panicked, task_stopped};
 use crate::message::Message;
 use crate::names::validate_name;
 
@@ -203,7 +203,7 @@ async fn start(processor: &Processor, request: RedriveRequest) -> Result<Redrive
 struct Claimed {
     entries: Vec<StoredDeadLetter>,
     skipped: usize,
-    held_until: tokio::time::Instant,
+    held_until: Instant,
 }
 
 /// A group's removal, running on a task of its own from the moment the group was published,
@@ -224,13 +224,9 @@ impl Removal {
 
     /// The removal's outcome, once it is done.
     async fn finish(self) -> Result<()> {
-        self.0.await.unwrap_or_else(|err| {
-            Err(match err.try_into_panic() {
-                Ok(panic) => panicked("redrive's removal", &*panic),
-                // Only a runtime shutting down cancels it.
-                Err(err) => Error::new(ErrorKind::Backend, format!("a redrive's removal: {err}")),
-            })
-        })
+        self.0
+            .await
+            .unwrap_or_else(|err| Err(task_stopped("a redrive's removal", &err)))
     }
 }
 
@@ -460,7 +456,7 @@ impl Run {
     /// Claim the entries `ids` for this job alone, for `lease`, so another job, a reprocess
     /// or an automatic attempt does not re-drive them at the same time.
     async fn claim_group(&self, ids: &[String], lease: Duration) -> Result<Claimed> {
-        let claimed_at = tokio::time::Instant::now();
+        let claimed_at = Instant::now();
         let entries = self
             .processor
             .inner
@@ -491,7 +487,7 @@ impl Run {
         // being up) counts failed and is let go (a copy may still arrive: at least once).
         let timeout = self.processor.config().processing_timeout;
         let margin = self.hold_margin();
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let group_ends =
             (now + timeout + margin).min(group.held_until.checked_sub(margin).unwrap_or(now));
         let mut settled = Settled {
