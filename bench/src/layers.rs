@@ -22,6 +22,7 @@ use helix_messaging::{
     Broker, DeliveryInfo, Envelope, Message, Runner, SubscribeOptions, handler_fn,
 };
 
+use crate::leftovers;
 use crate::measure::{Batching, Clock, Options, Run, histogram, publish_batches, report};
 
 const BATCH: usize = 1_000;
@@ -152,9 +153,7 @@ pub(crate) fn letters(n: usize, size: usize, topic: &str) -> Vec<DeadLetter> {
 
 /// The broker `MESSAGING_BACKEND` names (memory by default) for the redrive comparison.
 async fn redrive_broker() -> Arc<dyn Broker> {
-    helix_messaging::from_env()
-        .await
-        .expect("MESSAGING_BACKEND broker")
+    leftovers::broker().await
 }
 
 pub(crate) fn fresh(what: &str) -> String {
@@ -172,7 +171,7 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
             .expect("insert");
     }
     // The group that receives the re-driven messages (so they are routed and counted).
-    let _sink = broker
+    let sink = broker
         .subscribe(&topic, SubscribeOptions::group("sink"))
         .await
         .expect("subscribe");
@@ -204,7 +203,9 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
     };
     assert_eq!(progress.redriven as usize, options.messages, "{progress:?}");
     let elapsed = started.elapsed();
+    drop(sink);
     let _ = broker.close().await;
+    leftovers::remove_topic(&topic, &["sink"]).await;
     Run {
         messages: options.messages,
         elapsed,
@@ -215,7 +216,7 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
 async fn plain_batches(options: &Options) -> Run {
     let broker = redrive_broker().await;
     let topic = fresh("plain");
-    let _sink = broker
+    let sink = broker
         .subscribe(&topic, SubscribeOptions::group("sink"))
         .await
         .expect("subscribe");
@@ -233,7 +234,9 @@ async fn plain_batches(options: &Options) -> Run {
         sent += count;
     }
     let elapsed = started.elapsed();
+    drop(sink);
     let _ = broker.close().await;
+    leftovers::remove_topic(&topic, &["sink"]).await;
     Run {
         messages: options.messages,
         elapsed,
@@ -242,7 +245,7 @@ async fn plain_batches(options: &Options) -> Run {
 }
 
 pub(crate) async fn compare_redrive(options: &Options) {
-    let backend = std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into());
+    let backend = leftovers::backend();
     println!(
         "bulk redrive on {backend}: {} dead letters x {} B, batches of 100, {} runs each",
         options.messages, options.size, options.runs
@@ -263,6 +266,7 @@ pub(crate) async fn compare_redrive(options: &Options) {
         println!("run {run}: {}", s.line("redrive job, SQLite store"));
         sqlite.push(s);
     }
+    leftovers::remove_exchange().await;
     report(
         "plain publish_batch 100",
         plain.clone(),

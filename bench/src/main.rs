@@ -33,6 +33,7 @@
 mod admin;
 mod kafka;
 mod layers;
+mod leftovers;
 mod measure;
 mod memory;
 mod rabbitmq;

@@ -17,21 +17,19 @@ use helix_messaging::replay::{
     SqliteReplayStore,
 };
 
+use crate::leftovers;
 use crate::measure::{Batching, Clock, Options, Run, histogram, publish_batches, report};
 
 /// Both the window and its copies stay in the memory broker's log.
 async fn broker(messages: usize) -> Arc<dyn Broker> {
-    let backend = std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into());
-    if backend == "memory" {
+    if leftovers::backend() == "memory" {
         return Arc::new(MemoryBroker::with_config(MemoryConfig {
             retention_messages: messages + 1,
             retention_age: None,
             ..MemoryConfig::default()
         }));
     }
-    helix_messaging::from_env()
-        .await
-        .expect("MESSAGING_BACKEND broker")
+    leftovers::broker().await
 }
 
 fn fresh(what: &str) -> String {
@@ -56,7 +54,8 @@ async fn publish_window(broker: &Arc<dyn Broker>, topic: &str, options: &Options
     }
 }
 
-/// Replay everything recorded in `[from, to)` of `topic`; the replay's own time.
+/// Replay everything recorded in `[from, to)` of `topic` into a new topic, which is removed
+/// afterwards; the replay's own time.
 async fn replay(
     broker: &Arc<dyn Broker>,
     store: Arc<dyn ReplayStore>,
@@ -65,12 +64,13 @@ async fn replay(
     expected: usize,
     dry_run: bool,
 ) -> Run {
+    let target = fresh("replayed");
     let handler = ReplayHandler::open(broker.clone(), ReplayConfig::default(), store)
         .await
         .expect("replay handler");
     let started = Instant::now();
     let request = ReplayRequest::new(topic, from, to)
-        .with_target_topic(fresh("replayed"))
+        .with_target_topic(target.clone())
         .with_options(ReplayOptions {
             batch_size: 100,
             dry_run,
@@ -80,9 +80,11 @@ async fn replay(
     let done = handler.wait(&id).await.expect("replay");
     assert_eq!(done.status, ReplayStatus::Completed, "{done:?}");
     assert_eq!(done.replayed as usize, expected, "{done:?}");
+    let elapsed = started.elapsed();
+    leftovers::remove_topic(&target, &[]).await;
     Run {
         messages: expected,
-        elapsed: started.elapsed(),
+        elapsed,
         latency: histogram(),
     }
 }
@@ -94,7 +96,7 @@ fn temp_dir(what: &str) -> std::path::PathBuf {
 }
 
 pub(crate) async fn compare(options: &Options) {
-    let backend = std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into());
+    let backend = leftovers::backend();
     println!(
         "replay on {backend}: a window of {} messages x {} B into a target topic, batches of 100, {} runs each",
         options.messages, options.size, options.runs
@@ -109,8 +111,9 @@ pub(crate) async fn compare(options: &Options) {
         let window = (from, SystemTime::now() + Duration::from_secs(1));
         println!("run {run}: {}", p.line("plain publish_batch 100"));
         plain.push(p);
-        // Each replay's copies stay in the broker, so the second replay of a run publishes
-        // into a fuller broker: the two checkpoint stores take turns going first.
+        // On memory and in RabbitMQ's journal each replay's copies stay until the run ends,
+        // so the second replay of a run publishes into a fuller broker: the two checkpoint
+        // stores take turns going first.
         let sqlite_first = run % 2 == 0;
         for with_sqlite in [sqlite_first, !sqlite_first] {
             let store: Arc<dyn ReplayStore> = if with_sqlite {
@@ -139,7 +142,9 @@ pub(crate) async fn compare(options: &Options) {
         .await;
         println!("run {run}: {}", d.line("dry run (reading only)"));
         let _ = broker.close().await;
+        leftovers::remove_topic(&topic, &[]).await;
     }
+    leftovers::remove_exchange().await;
     report(
         "plain publish_batch 100",
         plain.clone(),
@@ -163,7 +168,7 @@ fn status_kib(field: &str) -> Option<u64> {
 }
 
 pub(crate) async fn peak_memory(options: &Options) {
-    let backend = std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into());
+    let backend = leftovers::backend();
     println!(
         "replay peak memory on {backend}: a window of {} messages x {} B, batches of 100, SQLite checkpoints",
         options.messages, options.size
@@ -223,5 +228,7 @@ pub(crate) async fn peak_memory(options: &Options) {
         );
     }
     let _ = broker.close().await;
+    leftovers::remove_topic(&topic, &[]).await;
+    leftovers::remove_exchange().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,7 @@ use helix_messaging::Message;
 use helix_messaging::breaker::{BreakerBroker, BreakerConfig};
 use helix_messaging::fallback::{FallbackBroker, ForwardConfig, Spool, SpoolLimits, SqliteSpool};
 
+use crate::leftovers;
 use crate::measure::{Options, Run, histogram, report};
 
 fn messages(n: usize, size: usize) -> Vec<Message> {
@@ -33,7 +34,7 @@ fn limits() -> SpoolLimits {
 }
 
 pub(crate) async fn compare(options: &Options) {
-    let backend = std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into());
+    let backend = leftovers::backend();
     println!(
         "fallback spool on {backend}: {} messages x {} B, {} runs each",
         options.messages, options.size, options.runs
@@ -43,12 +44,10 @@ pub(crate) async fn compare(options: &Options) {
     let (mut plain, mut batches, mut singles, mut forwards) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 1..=options.runs {
-        let broker = helix_messaging::from_env()
-            .await
-            .expect("MESSAGING_BACKEND broker");
+        let broker = leftovers::broker().await;
         let topic = format!("bench.spool.{}", uuid::Uuid::new_v4().simple());
         // A group, so the topic is routable where that matters (RabbitMQ).
-        let _sink = broker
+        let sink = broker
             .subscribe(&topic, helix_messaging::SubscribeOptions::group("sink"))
             .await
             .expect("subscribe");
@@ -104,8 +103,11 @@ pub(crate) async fn compare(options: &Options) {
         let f = run(options.messages, started.elapsed());
         println!("run {r}: {}", f.line("forwarding the spool"));
         forwards.push(f);
+        drop(sink);
         let _ = broker.close().await;
+        leftovers::remove_topic(&topic, &["sink"]).await;
     }
+    leftovers::remove_exchange().await;
     report(
         "plain publish_batch 100",
         plain.clone(),
