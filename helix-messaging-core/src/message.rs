@@ -34,7 +34,7 @@ pub type Headers = BTreeMap<String, String>;
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
-    id: String,
+    id: MessageId,
     key: Option<String>,
     payload: Bytes,
     headers: Headers,
@@ -74,7 +74,7 @@ impl Message {
     /// no headers, priority 0 and no TTL.
     pub fn new(payload: impl Into<Bytes>) -> Self {
         Message {
-            id: new_id(),
+            id: MessageId::generate(),
             key: None,
             payload: payload.into(),
             headers: Headers::new(),
@@ -90,7 +90,7 @@ impl Message {
     /// for adapters rebuilding a received message in one step.
     pub fn from_parts(parts: MessageParts) -> Self {
         Message {
-            id: parts.id,
+            id: MessageId::Given(parts.id),
             key: parts.key,
             payload: parts.payload,
             headers: parts.headers,
@@ -106,7 +106,7 @@ impl Message {
     /// building a changed copy without naming every field.
     pub fn into_parts(self) -> MessageParts {
         MessageParts {
-            id: self.id,
+            id: self.id.into_string(),
             key: self.key,
             payload: self.payload,
             headers: self.headers,
@@ -127,7 +127,7 @@ impl Message {
         timestamp: SystemTime,
     ) -> Self {
         Message {
-            id: id.into(),
+            id: MessageId::Given(id.into()),
             key: None,
             payload: payload.into(),
             headers: Headers::new(),
@@ -142,7 +142,7 @@ impl Message {
     /// Replace the generated id (for example with an id from an upstream system).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = id.into();
+        self.id = MessageId::Given(id.into());
         self
     }
 
@@ -211,7 +211,7 @@ impl Message {
 
     /// The message id (a UUID v4 unless one was given).
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 
     /// The key, if any (see [`Message::with_key`]).
@@ -265,15 +265,66 @@ impl Message {
     }
 }
 
-/// A fresh UUID v4 as a lowercase hyphenated string.
-fn new_id() -> String {
-    // Encoding into a stack buffer skips the `fmt` machinery `to_string` goes through; this
-    // runs once per message.
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    uuid::Uuid::new_v4()
-        .hyphenated()
-        .encode_lower(&mut buf)
-        .to_owned()
+/// A message's id, as [`Message::id`] shows it. A generated one, a UUID v4's 36 characters,
+/// is kept inline, so that making a message allocates nothing for its id (this runs once
+/// per message on every backend); an id given or received is kept as it came.
+#[derive(Clone)]
+enum MessageId {
+    /// Lowercase hex digits and hyphens.
+    Generated([u8; uuid::fmt::Hyphenated::LENGTH]),
+    Given(String),
+}
+
+impl MessageId {
+    /// A fresh UUID v4, lowercase and hyphenated.
+    fn generate() -> Self {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
+        MessageId::Generated(text)
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // Always ASCII (written by `encode_lower`), so the check cannot fail.
+            MessageId::Generated(text) => std::str::from_utf8(text).unwrap_or_default(),
+            MessageId::Given(text) => text,
+        }
+    }
+
+    fn into_string(self) -> String {
+        match self {
+            MessageId::Generated(_) => self.as_str().to_owned(),
+            MessageId::Given(text) => text,
+        }
+    }
+}
+
+/// Ids are equal when their text is, however each was made: a message received back equals
+/// the one that was sent.
+impl PartialEq for MessageId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for MessageId {}
+
+impl std::fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for MessageId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for MessageId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(MessageId::Given)
+    }
 }
 
 /// `t` as milliseconds since the Unix epoch, the form times take in headers.
@@ -309,6 +360,23 @@ mod tests {
         assert_eq!(a.priority(), 0);
         assert_eq!(a.ttl(), None);
         assert!(a.headers().is_empty());
+    }
+
+    #[test]
+    fn a_generated_id_equals_the_same_id_given_and_survives_serde() {
+        let sent = Message::new("x");
+        let received = Message::from_parts(sent.clone().into_parts());
+        assert_eq!(received.id(), sent.id());
+        assert_eq!(received, sent);
+        assert_eq!(format!("{:?}", sent.id), format!("{:?}", sent.id()));
+        let json = serde_json::to_value(&sent).unwrap();
+        assert_eq!(json["id"], serde_json::Value::from(sent.id()));
+        let back: Message = serde_json::from_value(json).unwrap();
+        assert_eq!(back, sent);
+        assert_ne!(
+            Message::new("x").with_id("other"),
+            sent.clone().with_id("another")
+        );
     }
 
     #[test]
