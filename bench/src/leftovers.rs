@@ -29,10 +29,15 @@ fn exchange() -> String {
 /// The broker `MESSAGING_BACKEND` names, configured from the environment, except that on
 /// RabbitMQ it publishes to an exchange of this process's own (see [`remove_exchange`]).
 pub(crate) async fn broker() -> Arc<dyn Broker> {
+    broker_from(|name| std::env::var(name).ok()).await
+}
+
+/// [`broker`] with its variables read through `lookup`.
+async fn broker_from(lookup: impl Fn(&str) -> Option<String>) -> Arc<dyn Broker> {
     let exchange = exchange();
     helix_messaging::from_vars(|name| match name {
         "RABBITMQ_EXCHANGE" => Some(exchange.clone()),
-        _ => std::env::var(name).ok(),
+        _ => lookup(name),
     })
     .await
     .expect("MESSAGING_BACKEND broker")
@@ -42,7 +47,11 @@ pub(crate) async fn broker() -> Arc<dyn Broker> {
 /// Kafka, each group's queue on RabbitMQ. Nothing is kept on memory or Redis pub/sub. A
 /// failure is reported and otherwise ignored: the figures are already taken.
 pub(crate) async fn remove_topic(topic: &str, groups: &[&str]) {
-    match backend().as_str() {
+    remove_topic_on(&backend(), topic, groups).await;
+}
+
+async fn remove_topic_on(backend: &str, topic: &str, groups: &[&str]) {
+    match backend {
         "rabbitmq" => {
             for group in groups {
                 rabbitmq_delete(&format!("{topic}.{group}"), Delete::Queue).await;
@@ -81,9 +90,12 @@ pub(crate) async fn remove_topic(topic: &str, groups: &[&str]) {
 /// After a scenario's last run on RabbitMQ: delete this process's exchange and, if
 /// `RABBITMQ_REPLAY_JOURNAL` made one, its journal stream.
 pub(crate) async fn remove_exchange() {
-    if backend() != "rabbitmq" {
-        return;
+    if backend() == "rabbitmq" {
+        remove_rabbitmq_exchange().await;
     }
+}
+
+async fn remove_rabbitmq_exchange() {
     let exchange = exchange();
     rabbitmq_delete(&format!("{exchange}.journal"), Delete::Queue).await;
     rabbitmq_delete(&exchange, Delete::Exchange).await;
@@ -129,4 +141,127 @@ async fn rabbitmq_delete(name: &str, what: Delete) {
 
 fn var_or(name: &str, default: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| default.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures::StreamExt;
+    use helix_messaging::{Message, SubscribeOptions};
+    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    use super::*;
+
+    fn fresh_topic() -> String {
+        format!("bench.leftovers.{}", uuid::Uuid::new_v4().simple())
+    }
+
+    /// Run what a scenario does on `backend`: a group's subscription, one message published
+    /// to it and received, then the broker closed and the run's leftovers removed.
+    async fn one_run(backend: &str, extra: &[(&str, &str)], topic: &str) {
+        let vars: Vec<(String, String)> = [("MESSAGING_BACKEND", backend)]
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let broker = broker_from(|name| {
+            vars.iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| std::env::var(name).ok())
+        })
+        .await;
+        let mut sink = broker
+            .subscribe(topic, SubscribeOptions::group("sink"))
+            .await
+            .expect("subscribe");
+        broker
+            .publish(topic, Message::new("x"))
+            .await
+            .expect("publish");
+        let delivery = tokio::time::timeout(Duration::from_secs(10), sink.next())
+            .await
+            .expect("delivered in time")
+            .expect("open")
+            .expect("delivery");
+        delivery.ack().await.expect("ack");
+        drop(sink);
+        broker.close().await.expect("close");
+        remove_topic_on(backend, topic, &["sink"]).await;
+    }
+
+    /// Whether RabbitMQ has a queue (`exchange` false) or an exchange named `name`.
+    async fn rabbitmq_has(name: &str, exchange: bool) -> bool {
+        let url = var_or("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
+        let connection = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .expect("connect to RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        let found = if exchange {
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            channel
+                .exchange_declare(
+                    name.into(),
+                    lapin::ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                )
+                .await
+        } else {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await
+                .map(drop)
+        };
+        let _ = connection.close(200, "checked".into()).await;
+        match found {
+            Ok(()) => true,
+            Err(err) if err.to_string().contains("NOT_FOUND") => false,
+            Err(err) => panic!("looking up {name}: {err}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rabbitmq_run_leaves_no_group_queue_exchange_or_journal() {
+        let topic = fresh_topic();
+        one_run("rabbitmq", &[("RABBITMQ_REPLAY_JOURNAL", "true")], &topic).await;
+        let exchange = exchange();
+        assert!(
+            rabbitmq_has(&exchange, true).await,
+            "the run's exchange stays until the end"
+        );
+        assert!(!rabbitmq_has(&format!("{topic}.sink"), false).await);
+        remove_rabbitmq_exchange().await;
+        assert!(!rabbitmq_has(&format!("{exchange}.journal"), false).await);
+        assert!(!rabbitmq_has(&exchange, true).await);
+        // The broker's own dead-letter queue and the default exchange are not the bench's.
+        assert!(rabbitmq_has("helixagent.dlq", false).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_redis_streams_run_leaves_no_stream() {
+        let topic = fresh_topic();
+        one_run("redis-streams", &[], &topic).await;
+        let client =
+            redis::Client::open(var_or("REDIS_URL", "redis://127.0.0.1:6379")).expect("REDIS_URL");
+        let mut connection = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis");
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&topic)
+            .query_async(&mut connection)
+            .await
+            .expect("EXISTS");
+        assert_eq!(exists, 0, "the stream {topic} is still there");
+    }
 }
