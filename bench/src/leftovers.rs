@@ -6,24 +6,42 @@
 //! RabbitMQ node holding a gigabyte of them recovered its queues so slowly on restart that
 //! the suite's outage tests timed out, and runs of a scenario slowed each other down.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use helix_messaging::Broker;
-use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use lapin::{Connection, ConnectionProperties};
+use helix_messaging::kafka::KafkaConfig;
+use lapin::options::{
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 
-/// The backend `MESSAGING_BACKEND` names (memory without one).
+/// The backend `MESSAGING_BACKEND` names (memory without one), read as the library reads it.
 pub(crate) fn backend() -> String {
-    std::env::var("MESSAGING_BACKEND").unwrap_or_else(|_| "memory".into())
+    std::env::var("MESSAGING_BACKEND")
+        .map(|v| v.trim().to_ascii_lowercase())
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "memory".into())
 }
 
 /// The exchange this process publishes to on RabbitMQ: its own, so that the replay journal
-/// bound to it holds only this process's messages and can go with it.
+/// bound to it holds only this process's messages and can go with it. A UUID besides the
+/// process id keeps two machines' processes apart on one broker.
 fn exchange() -> String {
-    format!("helix-bench.{}", std::process::id())
+    static EXCHANGE: OnceLock<String> = OnceLock::new();
+    EXCHANGE
+        .get_or_init(|| {
+            format!(
+                "helix-bench.{}.{}",
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            )
+        })
+        .clone()
 }
 
 /// The broker `MESSAGING_BACKEND` names, configured from the environment, except that on
@@ -35,6 +53,12 @@ pub(crate) async fn broker() -> Arc<dyn Broker> {
 /// [`broker`] with its variables read through `lookup`.
 async fn broker_from(lookup: impl Fn(&str) -> Option<String>) -> Arc<dyn Broker> {
     let exchange = exchange();
+    if let Some(theirs) = lookup("RABBITMQ_EXCHANGE") {
+        static SAID: OnceLock<()> = OnceLock::new();
+        SAID.get_or_init(|| {
+            eprintln!("RABBITMQ_EXCHANGE={theirs} is not used: the bench publishes to {exchange}");
+        });
+    }
     helix_messaging::from_vars(|name| match name {
         "RABBITMQ_EXCHANGE" => Some(exchange.clone()),
         _ => lookup(name),
@@ -44,8 +68,11 @@ async fn broker_from(lookup: impl Fn(&str) -> Option<String>) -> Arc<dyn Broker>
 }
 
 /// Delete `topic` and the queues of its `groups`: the stream on Redis Streams, the topic on
-/// Kafka, each group's queue on RabbitMQ. Nothing is kept on memory or Redis pub/sub. A
-/// failure is reported and otherwise ignored: the figures are already taken.
+/// Kafka, each group's queue on RabbitMQ. Nothing is kept on memory or Redis pub/sub. The
+/// raw connections this takes read `RABBITMQ_URL`, `REDIS_URL` and `KAFKA_BROKERS`, as the
+/// bench's raw clients do: what it does not find there (another vhost, database or
+/// cluster) is reported, as is any failure, and otherwise ignored, since the figures are
+/// already taken.
 pub(crate) async fn remove_topic(topic: &str, groups: &[&str]) {
     remove_topic_on(&backend(), topic, groups).await;
 }
@@ -60,30 +87,53 @@ async fn remove_topic_on(backend: &str, topic: &str, groups: &[&str]) {
         "redis-streams" => {
             let url = var_or("REDIS_URL", "redis://127.0.0.1:6379");
             let deleted = async {
-                let client = redis::Client::open(url)?;
+                let client = redis::Client::open(url.as_str())?;
                 let mut connection = client.get_multiplexed_async_connection().await?;
                 redis::cmd("DEL")
                     .arg(topic)
                     .query_async::<i64>(&mut connection)
                     .await
             };
-            if let Err(err) = deleted.await {
-                eprintln!("deleting stream {topic}: {err}");
+            match deleted.await {
+                Ok(1) => {}
+                Ok(_) => eprintln!("deleting stream {topic}: not found at {url}"),
+                Err(err) => eprintln!("deleting stream {topic}: {err}"),
             }
         }
-        "kafka" => {
-            let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-                .set(
-                    "bootstrap.servers",
-                    var_or("KAFKA_BROKERS", "127.0.0.1:9092"),
-                )
-                .create()
-                .expect("Kafka admin client");
-            if let Err(err) = admin.delete_topics(&[topic], &AdminOptions::new()).await {
-                eprintln!("deleting topic {topic}: {err}");
-            }
-        }
+        "kafka" => kafka_delete(topic).await,
         _ => {}
+    }
+}
+
+/// Delete the Kafka topic the adapter made for `topic` (its `KAFKA_TOPIC_PREFIX` applied).
+async fn kafka_delete(topic: &str) {
+    let name = match KafkaConfig::from_vars(|name| std::env::var(name).ok()) {
+        Ok(config) => config.kafka_topic(topic),
+        Err(err) => {
+            eprintln!("deleting topic {topic}: {err}");
+            return;
+        }
+    };
+    let admin: AdminClient<DefaultClientContext> = match ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            var_or("KAFKA_BROKERS", "127.0.0.1:9092"),
+        )
+        .create()
+    {
+        Ok(admin) => admin,
+        Err(err) => {
+            eprintln!("deleting topic {name}: {err}");
+            return;
+        }
+    };
+    match admin.delete_topics(&[&name], &AdminOptions::new()).await {
+        Ok(results) => {
+            for (failed, code) in results.into_iter().filter_map(Result::err) {
+                eprintln!("deleting topic {failed}: {code}");
+            }
+        }
+        Err(err) => eprintln!("deleting topic {name}: {err}"),
     }
 }
 
@@ -97,17 +147,22 @@ pub(crate) async fn remove_exchange() {
 
 async fn remove_rabbitmq_exchange() {
     let exchange = exchange();
-    rabbitmq_delete(&format!("{exchange}.journal"), Delete::Queue).await;
+    rabbitmq_delete(&format!("{exchange}.journal"), Delete::Journal).await;
     rabbitmq_delete(&exchange, Delete::Exchange).await;
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Delete {
     Queue,
+    /// A queue that is there only when the scenario ran with the journal on.
+    Journal,
     Exchange,
 }
 
-/// Delete one queue or exchange, on a connection of its own: deleting one that does not
-/// exist closes the channel, which would fail whatever came after it on that channel.
+/// Delete one queue or exchange. RabbitMQ deletes one that is not there without a word, so
+/// it is looked up first, on a channel of its own (a failed lookup closes its channel): not
+/// finding what the bench made means the cleanup is looking at another vhost than the
+/// broker used, which is reported.
 async fn rabbitmq_delete(name: &str, what: Delete) {
     let url = var_or("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
     let connection = match Connection::connect(&url, ConnectionProperties::default()).await {
@@ -117,9 +172,16 @@ async fn rabbitmq_delete(name: &str, what: Delete) {
             return;
         }
     };
-    if let Ok(channel) = connection.create_channel().await {
-        let deleted = match what {
-            Delete::Queue => channel
+    let deleted = async {
+        if !rabbitmq_has(&connection.create_channel().await?, name, what).await? {
+            if what != Delete::Journal {
+                eprintln!("deleting {name}: not found in the vhost of RABBITMQ_URL");
+            }
+            return Ok(());
+        }
+        let channel = connection.create_channel().await?;
+        match what {
+            Delete::Queue | Delete::Journal => channel
                 .queue_delete(name.into(), QueueDeleteOptions::default())
                 .await
                 .map(drop),
@@ -128,15 +190,47 @@ async fn rabbitmq_delete(name: &str, what: Delete) {
                     .exchange_delete(name.into(), ExchangeDeleteOptions::default())
                     .await
             }
-        };
-        if let Err(err) = deleted {
-            // A queue that was never declared (no journal) is not an error worth a line.
-            if !err.to_string().contains("NOT_FOUND") {
-                eprintln!("deleting {name}: {err}");
-            }
         }
+    };
+    if let Err(err) = deleted.await {
+        eprintln!("deleting {name}: {err}");
     }
     let _ = connection.close(200, "done".into()).await;
+}
+
+/// Whether `name` exists (a passive declaration on `channel`, which a refusal closes).
+async fn rabbitmq_has(channel: &Channel, name: &str, what: Delete) -> lapin::Result<bool> {
+    let found = match what {
+        Delete::Exchange => {
+            let passive = ExchangeDeclareOptions {
+                passive: true,
+                ..ExchangeDeclareOptions::default()
+            };
+            channel
+                .exchange_declare(
+                    name.into(),
+                    lapin::ExchangeKind::Topic,
+                    passive,
+                    FieldTable::default(),
+                )
+                .await
+        }
+        Delete::Queue | Delete::Journal => {
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            channel
+                .queue_declare(name.into(), passive, FieldTable::default())
+                .await
+                .map(drop)
+        }
+    };
+    match found {
+        Ok(()) => Ok(true),
+        Err(err) if err.to_string().contains("NOT_FOUND") => Ok(false),
+        Err(err) => Err(err),
+    }
 }
 
 fn var_or(name: &str, default: &str) -> String {
@@ -149,8 +243,6 @@ mod tests {
 
     use futures::StreamExt;
     use helix_messaging::{Message, SubscribeOptions};
-    use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
 
     use super::*;
 
@@ -192,42 +284,16 @@ mod tests {
         remove_topic_on(backend, topic, &["sink"]).await;
     }
 
-    /// Whether RabbitMQ has a queue (`exchange` false) or an exchange named `name`.
-    async fn rabbitmq_has(name: &str, exchange: bool) -> bool {
+    /// Whether RabbitMQ's vhost of `RABBITMQ_URL` has `name`.
+    async fn rabbitmq_holds(name: &str, what: Delete) -> bool {
         let url = var_or("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
         let connection = Connection::connect(&url, ConnectionProperties::default())
             .await
             .expect("connect to RabbitMQ");
         let channel = connection.create_channel().await.expect("channel");
-        let found = if exchange {
-            let passive = ExchangeDeclareOptions {
-                passive: true,
-                ..ExchangeDeclareOptions::default()
-            };
-            channel
-                .exchange_declare(
-                    name.into(),
-                    lapin::ExchangeKind::Topic,
-                    passive,
-                    FieldTable::default(),
-                )
-                .await
-        } else {
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
-            channel
-                .queue_declare(name.into(), passive, FieldTable::default())
-                .await
-                .map(drop)
-        };
+        let found = rabbitmq_has(&channel, name, what).await.expect("lookup");
         let _ = connection.close(200, "checked".into()).await;
-        match found {
-            Ok(()) => true,
-            Err(err) if err.to_string().contains("NOT_FOUND") => false,
-            Err(err) => panic!("looking up {name}: {err}"),
-        }
+        found
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,15 +302,15 @@ mod tests {
         one_run("rabbitmq", &[("RABBITMQ_REPLAY_JOURNAL", "true")], &topic).await;
         let exchange = exchange();
         assert!(
-            rabbitmq_has(&exchange, true).await,
+            rabbitmq_holds(&exchange, Delete::Exchange).await,
             "the run's exchange stays until the end"
         );
-        assert!(!rabbitmq_has(&format!("{topic}.sink"), false).await);
+        assert!(!rabbitmq_holds(&format!("{topic}.sink"), Delete::Queue).await);
         remove_rabbitmq_exchange().await;
-        assert!(!rabbitmq_has(&format!("{exchange}.journal"), false).await);
-        assert!(!rabbitmq_has(&exchange, true).await);
+        assert!(!rabbitmq_holds(&format!("{exchange}.journal"), Delete::Queue).await);
+        assert!(!rabbitmq_holds(&exchange, Delete::Exchange).await);
         // The broker's own dead-letter queue and the default exchange are not the bench's.
-        assert!(rabbitmq_has("helixagent.dlq", false).await);
+        assert!(rabbitmq_holds("helixagent.dlq", Delete::Queue).await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,23 +54,22 @@ async fn publish_window(broker: &Arc<dyn Broker>, topic: &str, options: &Options
     }
 }
 
-/// Replay everything recorded in `[from, to)` of `topic` into a new topic, which is removed
-/// afterwards; the replay's own time.
+/// Replay everything recorded in `[from, to)` of `topic` into `target`; the replay's own
+/// time.
 async fn replay(
     broker: &Arc<dyn Broker>,
     store: Arc<dyn ReplayStore>,
-    topic: &str,
+    (topic, target): (&str, &str),
     (from, to): (SystemTime, SystemTime),
     expected: usize,
     dry_run: bool,
 ) -> Run {
-    let target = fresh("replayed");
     let handler = ReplayHandler::open(broker.clone(), ReplayConfig::default(), store)
         .await
         .expect("replay handler");
     let started = Instant::now();
     let request = ReplayRequest::new(topic, from, to)
-        .with_target_topic(target.clone())
+        .with_target_topic(target)
         .with_options(ReplayOptions {
             batch_size: 100,
             dry_run,
@@ -80,11 +79,9 @@ async fn replay(
     let done = handler.wait(&id).await.expect("replay");
     assert_eq!(done.status, ReplayStatus::Completed, "{done:?}");
     assert_eq!(done.replayed as usize, expected, "{done:?}");
-    let elapsed = started.elapsed();
-    leftovers::remove_topic(&target, &[]).await;
     Run {
         messages: expected,
-        elapsed,
+        elapsed: started.elapsed(),
         latency: histogram(),
     }
 }
@@ -111,18 +108,27 @@ pub(crate) async fn compare(options: &Options) {
         let window = (from, SystemTime::now() + Duration::from_secs(1));
         println!("run {run}: {}", p.line("plain publish_batch 100"));
         plain.push(p);
-        // On memory and in RabbitMQ's journal each replay's copies stay until the run ends,
-        // so the second replay of a run publishes into a fuller broker: the two checkpoint
-        // stores take turns going first.
+        // Each replay's copies stay until the run ends (in RabbitMQ's journal, until the
+        // scenario's last run), so the second replay of a run publishes into a fuller
+        // broker: the two checkpoint stores take turns going first.
         let sqlite_first = run % 2 == 0;
-        for with_sqlite in [sqlite_first, !sqlite_first] {
+        let targets = [fresh("replayed"), fresh("replayed"), fresh("dry-run")];
+        for (with_sqlite, target) in [sqlite_first, !sqlite_first].into_iter().zip(&targets) {
             let store: Arc<dyn ReplayStore> = if with_sqlite {
                 let path = dir.join(format!("run-{run}.sqlite"));
                 Arc::new(SqliteReplayStore::open(path).await.expect("sqlite"))
             } else {
                 Arc::new(helix_messaging::replay::MemoryReplayStore::new())
             };
-            let r = replay(&broker, store, &topic, window, options.messages, false).await;
+            let r = replay(
+                &broker,
+                store,
+                (&topic, target),
+                window,
+                options.messages,
+                false,
+            )
+            .await;
             let (label, runs) = if with_sqlite {
                 ("replay, SQLite checkpoints", &mut sqlite)
             } else {
@@ -134,7 +140,7 @@ pub(crate) async fn compare(options: &Options) {
         let d = replay(
             &broker,
             Arc::new(helix_messaging::replay::MemoryReplayStore::new()),
-            &topic,
+            (&topic, &targets[2]),
             window,
             options.messages,
             true,
@@ -142,7 +148,10 @@ pub(crate) async fn compare(options: &Options) {
         .await;
         println!("run {run}: {}", d.line("dry run (reading only)"));
         let _ = broker.close().await;
-        leftovers::remove_topic(&topic, &[]).await;
+        // The dry run made no topic.
+        for made in [&topic, &targets[0], &targets[1]] {
+            leftovers::remove_topic(made, &[]).await;
+        }
     }
     leftovers::remove_exchange().await;
     report(
@@ -180,6 +189,7 @@ pub(crate) async fn peak_memory(options: &Options) {
     println!("{}", published.line("window published"));
     let window = (from, SystemTime::now() + Duration::from_secs(1));
     let dir = temp_dir("replay-peak");
+    let target = fresh("replayed");
     // On the memory backend the broker's own log keeps every copy, which is the broker's
     // memory, not the replay's: a dry run first shows what the replay itself holds.
     let passes: &[bool] = if backend == "memory" {
@@ -197,7 +207,7 @@ pub(crate) async fn peak_memory(options: &Options) {
         let run = replay(
             &broker,
             Arc::new(store),
-            &topic,
+            (&topic, &target),
             window,
             options.messages,
             dry_run,
@@ -228,7 +238,9 @@ pub(crate) async fn peak_memory(options: &Options) {
         );
     }
     let _ = broker.close().await;
-    leftovers::remove_topic(&topic, &[]).await;
+    for made in [&topic, &target] {
+        leftovers::remove_topic(made, &[]).await;
+    }
     leftovers::remove_exchange().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

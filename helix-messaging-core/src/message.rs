@@ -373,9 +373,10 @@ mod tests {
         assert_eq!(json["id"], serde_json::Value::from(sent.id()));
         let back: Message = serde_json::from_value(json).unwrap();
         assert_eq!(back, sent);
+        let renamed = sent.clone().with_id("another");
         assert_ne!(
-            Message::new("x").with_id("other"),
-            sent.clone().with_id("another")
+            renamed, sent,
+            "messages differing only in their id are not equal"
         );
     }
 
