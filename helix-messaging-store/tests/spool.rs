@@ -163,6 +163,58 @@ async fn the_sqlite_spool_keeps_order_and_bounds_and_survives_reopening() {
     }
 }
 
+/// Each topic's newest waiting message, when a topic's messages come in several runs with
+/// another topic's between them.
+async fn lists_each_topics_newest_across_interleaved_runs(spool: &dyn Spool) {
+    let mut newest = std::collections::HashMap::new();
+    for (topic, count) in [("a", 2), ("b", 1), ("a", 1), ("c", 1), ("b", 1)] {
+        let messages: Vec<Message> = (0..count).map(|i| Message::new(format!("{i}"))).collect();
+        newest.insert(
+            topic.to_owned(),
+            spool.append(topic, &messages).await.unwrap(),
+        );
+    }
+    assert_eq!(spool.topics().await.unwrap(), newest);
+    let first_b = spool.oldest(10).await.unwrap()[2].seq;
+    spool.remove(&[first_b]).await.unwrap();
+    assert_eq!(
+        spool.topics().await.unwrap(),
+        newest,
+        "b's newest still waits"
+    );
+    let every: Vec<i64> = spool
+        .oldest(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.seq)
+        .collect();
+    spool.remove(&every).await.unwrap();
+    assert!(spool.topics().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_memory_spool_lists_each_topics_newest_across_interleaved_runs() {
+    lists_each_topics_newest_across_interleaved_runs(&MemorySpool::new(SpoolLimits {
+        max_messages: 100,
+        max_bytes: 100_000,
+    }))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sqlite_spool_lists_each_topics_newest_across_interleaved_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = SpoolLimits {
+        max_messages: 100,
+        max_bytes: 100_000,
+    };
+    let spool = SqliteSpool::open(dir.path().join("spool.sqlite"), limits)
+        .await
+        .unwrap();
+    lists_each_topics_newest_across_interleaved_runs(&spool).await;
+}
+
 /// A spool file written before the compact metadata form holds each message's metadata as
 /// JSON text; opened by this version, its messages are read, forwarded and set aside as
 /// whole as the ones spooled now, side by side.

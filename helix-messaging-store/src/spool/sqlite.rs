@@ -308,9 +308,29 @@ impl Spool for SqliteSpool {
 
     async fn topics(&self) -> Result<HashMap<String, i64>> {
         on_connection(&self.connection, STORE, "listing topics", |c| {
-            c.prepare_cached("SELECT topic, MAX(seq) FROM helix_spool GROUP BY topic")?
-                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-                .collect()
+            // One pass in spool order, kept here rather than in SQL: `GROUP BY topic` sorts
+            // every row by its topic first, while a spool's rows come in runs of one topic,
+            // so comparing each with the run before finds the newest of each cheaply.
+            let mut topics: HashMap<String, i64> = HashMap::new();
+            let mut current: Option<(String, i64)> = None;
+            let mut statement =
+                c.prepare_cached("SELECT topic, seq FROM helix_spool ORDER BY seq")?;
+            let mut rows = statement.query([])?;
+            while let Some(row) = rows.next()? {
+                let (topic, seq) = (row.get_ref(0)?.as_str()?, row.get::<_, i64>(1)?);
+                match current.as_mut() {
+                    Some((name, newest)) if name == topic => *newest = seq,
+                    _ => {
+                        if let Some((name, newest)) = current.replace((topic.to_owned(), seq)) {
+                            topics.insert(name, newest);
+                        }
+                    }
+                }
+            }
+            if let Some((name, newest)) = current {
+                topics.insert(name, newest);
+            }
+            Ok(topics)
         })
         .await
     }
