@@ -193,25 +193,24 @@ async fn lists_each_topics_newest_across_interleaved_runs(spool: &dyn Spool) {
     assert!(spool.topics().await.unwrap().is_empty());
 }
 
-#[tokio::test]
-async fn the_memory_spool_lists_each_topics_newest_across_interleaved_runs() {
-    lists_each_topics_newest_across_interleaved_runs(&MemorySpool::new(SpoolLimits {
+/// Room for every message of a test that is not about the limits.
+fn roomy() -> SpoolLimits {
+    SpoolLimits {
         max_messages: 100,
         max_bytes: 100_000,
-    }))
-    .await;
+    }
+}
+
+#[tokio::test]
+async fn the_memory_spool_lists_each_topics_newest_across_interleaved_runs() {
+    lists_each_topics_newest_across_interleaved_runs(&MemorySpool::new(roomy())).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sqlite_spool_lists_each_topics_newest_across_interleaved_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let limits = SpoolLimits {
-        max_messages: 100,
-        max_bytes: 100_000,
-    };
-    let spool = SqliteSpool::open(dir.path().join("spool.sqlite"), limits)
-        .await
-        .unwrap();
+    let path = dir.path().join("spool.sqlite");
+    let spool = SqliteSpool::open(path, roomy()).await.unwrap();
     lists_each_topics_newest_across_interleaved_runs(&spool).await;
 }
 
