@@ -107,18 +107,16 @@ async fn remove_topic_on(backend: &str, topic: &str, groups: &[&str]) {
 
 /// Delete the Kafka topic the adapter made for `topic` (its `KAFKA_TOPIC_PREFIX` applied).
 async fn kafka_delete(topic: &str) {
-    let name = match KafkaConfig::from_vars(|name| std::env::var(name).ok()) {
-        Ok(config) => config.kafka_topic(topic),
+    let config = match KafkaConfig::from_vars(|name| std::env::var(name).ok()) {
+        Ok(config) => config,
         Err(err) => {
             eprintln!("deleting topic {topic}: {err}");
             return;
         }
     };
+    let name = config.kafka_topic(topic);
     let admin: AdminClient<DefaultClientContext> = match ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            var_or("KAFKA_BROKERS", "127.0.0.1:9092"),
-        )
+        .set("bootstrap.servers", &config.brokers)
         .create()
     {
         Ok(admin) => admin,
@@ -228,9 +226,17 @@ async fn rabbitmq_has(channel: &Channel, name: &str, what: Delete) -> lapin::Res
     };
     match found {
         Ok(()) => Ok(true),
-        Err(err) if err.to_string().contains("NOT_FOUND") => Ok(false),
+        Err(err) if is_not_found(&err) => Ok(false),
         Err(err) => Err(err),
     }
+}
+
+fn is_not_found(err: &lapin::Error) -> bool {
+    matches!(
+        err.kind(),
+        lapin::ErrorKind::ProtocolError(amqp) if *amqp.kind()
+            == lapin::protocol::AMQPErrorKind::Soft(lapin::protocol::AMQPSoftError::NOTFOUND)
+    )
 }
 
 fn var_or(name: &str, default: &str) -> String {
@@ -239,9 +245,11 @@ fn var_or(name: &str, default: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
     use std::time::Duration;
 
-    use futures::StreamExt;
+    use futures::{FutureExt, StreamExt};
+    use helix_messaging::rabbitmq::RabbitConfig;
     use helix_messaging::{Message, SubscribeOptions};
 
     use super::*;
@@ -250,8 +258,17 @@ mod tests {
         format!("bench.leftovers.{}", uuid::Uuid::new_v4().simple())
     }
 
-    /// Run what a scenario does on `backend`: a group's subscription, one message published
-    /// to it and received, then the broker closed and the run's leftovers removed.
+    /// Run `checks`; if one fails, remove what the run made before the test fails with it,
+    /// so that a failing test leaves nothing behind either.
+    async fn checked(checks: impl Future<Output = ()>, clean_up: impl Future<Output = ()>) {
+        if let Err(panic) = std::panic::AssertUnwindSafe(checks).catch_unwind().await {
+            clean_up.await;
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    /// What a scenario's run does on `backend`: a group's subscription, one message
+    /// published to it and received, then the broker closed.
     async fn one_run(backend: &str, extra: &[(&str, &str)], topic: &str) {
         let vars: Vec<(String, String)> = [("MESSAGING_BACKEND", backend)]
             .iter()
@@ -281,7 +298,6 @@ mod tests {
         delivery.ack().await.expect("ack");
         drop(sink);
         broker.close().await.expect("close");
-        remove_topic_on(backend, topic, &["sink"]).await;
     }
 
     /// Whether RabbitMQ's vhost of `RABBITMQ_URL` has `name`.
@@ -299,35 +315,62 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rabbitmq_run_leaves_no_group_queue_exchange_or_journal() {
         let topic = fresh_topic();
-        one_run("rabbitmq", &[("RABBITMQ_REPLAY_JOURNAL", "true")], &topic).await;
-        let exchange = exchange();
-        assert!(
-            rabbitmq_holds(&exchange, Delete::Exchange).await,
-            "the run's exchange stays until the end"
-        );
-        assert!(!rabbitmq_holds(&format!("{topic}.sink"), Delete::Queue).await);
-        remove_rabbitmq_exchange().await;
-        assert!(!rabbitmq_holds(&format!("{exchange}.journal"), Delete::Queue).await);
-        assert!(!rabbitmq_holds(&exchange, Delete::Exchange).await);
-        // The broker's own dead-letter queue and the default exchange are not the bench's.
-        assert!(rabbitmq_holds("helixagent.dlq", Delete::Queue).await);
+        let (exchange, queue) = (exchange(), format!("{topic}.sink"));
+        let journal = format!("{exchange}.journal");
+        let checks = async {
+            one_run("rabbitmq", &[("RABBITMQ_REPLAY_JOURNAL", "true")], &topic).await;
+            for (name, what) in [
+                (&queue, Delete::Queue),
+                (&journal, Delete::Queue),
+                (&exchange, Delete::Exchange),
+            ] {
+                assert!(rabbitmq_holds(name, what).await, "the run made {name}");
+            }
+            remove_topic_on("rabbitmq", &topic, &["sink"]).await;
+            assert!(!rabbitmq_holds(&queue, Delete::Queue).await);
+            assert!(
+                rabbitmq_holds(&exchange, Delete::Exchange).await,
+                "the exchange stays until the scenario's last run"
+            );
+            remove_rabbitmq_exchange().await;
+            assert!(!rabbitmq_holds(&journal, Delete::Queue).await);
+            assert!(!rabbitmq_holds(&exchange, Delete::Exchange).await);
+            // The adapter's own dead-letter queue, declared on every connection, is not the
+            // bench's to remove.
+            let config = RabbitConfig::from_env().expect("RabbitMQ settings");
+            if let Some(dlq) = &config.dead_letter_queue {
+                assert!(rabbitmq_holds(dlq, Delete::Queue).await, "{dlq} kept");
+            }
+        };
+        checked(checks, async {
+            remove_topic_on("rabbitmq", &topic, &["sink"]).await;
+            remove_rabbitmq_exchange().await;
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redis_streams_run_leaves_no_stream() {
         let topic = fresh_topic();
-        one_run("redis-streams", &[], &topic).await;
-        let client =
-            redis::Client::open(var_or("REDIS_URL", "redis://127.0.0.1:6379")).expect("REDIS_URL");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect to Redis");
-        let exists: i64 = redis::cmd("EXISTS")
-            .arg(&topic)
-            .query_async(&mut connection)
-            .await
-            .expect("EXISTS");
-        assert_eq!(exists, 0, "the stream {topic} is still there");
+        let checks = async {
+            one_run("redis-streams", &[], &topic).await;
+            let client = redis::Client::open(var_or("REDIS_URL", "redis://127.0.0.1:6379"))
+                .expect("REDIS_URL");
+            let mut connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to Redis");
+            let mut exists = async || -> i64 {
+                redis::cmd("EXISTS")
+                    .arg(&topic)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("EXISTS")
+            };
+            assert_eq!(exists().await, 1, "the run made {topic}");
+            remove_topic_on("redis-streams", &topic, &["sink"]).await;
+            assert_eq!(exists().await, 0, "{topic} is still there");
+        };
+        checked(checks, remove_topic_on("redis-streams", &topic, &["sink"])).await;
     }
 }

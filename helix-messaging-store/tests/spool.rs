@@ -167,7 +167,7 @@ async fn the_sqlite_spool_keeps_order_and_bounds_and_survives_reopening() {
 /// another topic's between them.
 async fn lists_each_topics_newest_across_interleaved_runs(spool: &dyn Spool) {
     let mut newest = std::collections::HashMap::new();
-    for (topic, count) in [("a", 2), ("b", 1), ("a", 1), ("c", 1), ("b", 1)] {
+    for (topic, count) in [("a", 2), ("b", 1), ("a", 1), ("c", 1), ("b", 2)] {
         let messages: Vec<Message> = (0..count).map(|i| Message::new(format!("{i}"))).collect();
         newest.insert(
             topic.to_owned(),
