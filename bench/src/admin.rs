@@ -15,7 +15,8 @@ use helix_messaging::dlq::{
 use helix_messaging::hub::{Hub, HubConfig};
 use helix_messaging::memory::MemoryBroker;
 
-use crate::layers::{fresh, letters};
+use crate::layers::letters;
+use crate::leftovers::fresh;
 use crate::measure::{Options, Run, histogram, in_tasks, median};
 
 const CLIENTS: usize = 50;

@@ -151,19 +151,10 @@ pub(crate) fn letters(n: usize, size: usize, topic: &str) -> Vec<DeadLetter> {
         .collect()
 }
 
-/// The broker `MESSAGING_BACKEND` names (memory by default) for the redrive comparison.
-async fn redrive_broker() -> Arc<dyn Broker> {
-    leftovers::broker().await
-}
-
-pub(crate) fn fresh(what: &str) -> String {
-    format!("bench.{what}.{}", uuid::Uuid::new_v4().simple())
-}
-
 /// Redrive `options.messages` stored dead letters in one job; the job's own time.
 async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run {
-    let broker = redrive_broker().await;
-    let topic = fresh("redriven");
+    let broker = leftovers::broker().await;
+    let topic = leftovers::fresh("redriven");
     for letter in letters(options.messages, options.size, &topic) {
         store
             .insert(StoredDeadLetter::received(letter, SystemTime::now()))
@@ -214,8 +205,8 @@ async fn redrive_job(options: &Options, store: Arc<dyn DeadLetterStore>) -> Run 
 }
 
 async fn plain_batches(options: &Options) -> Run {
-    let broker = redrive_broker().await;
-    let topic = fresh("plain");
+    let broker = leftovers::broker().await;
+    let topic = leftovers::fresh("plain");
     let sink = broker
         .subscribe(&topic, SubscribeOptions::group("sink"))
         .await

@@ -28,6 +28,12 @@ pub(crate) fn backend() -> String {
         .unwrap_or_else(|| "memory".into())
 }
 
+/// A topic of its own for one run (`bench.<what>.<uuid>`), to be removed with
+/// [`remove_topic`] once the run is measured.
+pub(crate) fn fresh(what: &str) -> String {
+    format!("bench.{what}.{}", uuid::Uuid::new_v4().simple())
+}
+
 /// The exchange this process publishes to on RabbitMQ: its own, so that the replay journal
 /// bound to it holds only this process's messages and can go with it. A UUID besides the
 /// process id keeps two machines' processes apart on one broker.
@@ -85,7 +91,7 @@ async fn remove_topic_on(backend: &str, topic: &str, groups: &[&str]) {
             }
         }
         "redis-streams" => {
-            let url = var_or("REDIS_URL", "redis://127.0.0.1:6379");
+            let url = crate::redis::url();
             let deleted = async {
                 let client = redis::Client::open(url.as_str())?;
                 let mut connection = client.get_multiplexed_async_connection().await?;
@@ -162,14 +168,14 @@ enum Delete {
 /// finding what the bench made means the cleanup is looking at another vhost than the
 /// broker used, which is reported.
 async fn rabbitmq_delete(name: &str, what: Delete) {
-    let url = var_or("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-    let connection = match Connection::connect(&url, ConnectionProperties::default()).await {
-        Ok(connection) => connection,
-        Err(err) => {
-            eprintln!("deleting {name}: {err}");
-            return;
-        }
-    };
+    let connection =
+        match Connection::connect(&crate::rabbitmq::url(), ConnectionProperties::default()).await {
+            Ok(connection) => connection,
+            Err(err) => {
+                eprintln!("deleting {name}: {err}");
+                return;
+            }
+        };
     let deleted = async {
         if !rabbitmq_has(&connection.create_channel().await?, name, what).await? {
             if what != Delete::Journal {
@@ -239,10 +245,6 @@ fn is_not_found(err: &lapin::Error) -> bool {
     )
 }
 
-fn var_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.into())
-}
-
 #[cfg(test)]
 mod tests {
     use std::future::Future;
@@ -253,10 +255,6 @@ mod tests {
     use helix_messaging::{Message, SubscribeOptions};
 
     use super::*;
-
-    fn fresh_topic() -> String {
-        format!("bench.leftovers.{}", uuid::Uuid::new_v4().simple())
-    }
 
     /// Run `checks`; if one fails, remove what the run made before the test fails with it,
     /// so that a failing test leaves nothing behind either.
@@ -302,10 +300,10 @@ mod tests {
 
     /// Whether RabbitMQ's vhost of `RABBITMQ_URL` has `name`.
     async fn rabbitmq_holds(name: &str, what: Delete) -> bool {
-        let url = var_or("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/%2f");
-        let connection = Connection::connect(&url, ConnectionProperties::default())
-            .await
-            .expect("connect to RabbitMQ");
+        let connection =
+            Connection::connect(&crate::rabbitmq::url(), ConnectionProperties::default())
+                .await
+                .expect("connect to RabbitMQ");
         let channel = connection.create_channel().await.expect("channel");
         let found = rabbitmq_has(&channel, name, what).await.expect("lookup");
         let _ = connection.close(200, "checked".into()).await;
@@ -314,7 +312,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_rabbitmq_run_leaves_no_group_queue_exchange_or_journal() {
-        let topic = fresh_topic();
+        let topic = fresh("leftovers");
         let (exchange, queue) = (exchange(), format!("{topic}.sink"));
         let journal = format!("{exchange}.journal");
         let checks = async {
@@ -351,11 +349,10 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_redis_streams_run_leaves_no_stream() {
-        let topic = fresh_topic();
+        let topic = fresh("leftovers");
         let checks = async {
             one_run("redis-streams", &[], &topic).await;
-            let client = redis::Client::open(var_or("REDIS_URL", "redis://127.0.0.1:6379"))
-                .expect("REDIS_URL");
+            let client = redis::Client::open(crate::redis::url()).expect("REDIS_URL");
             let mut connection = client
                 .get_multiplexed_async_connection()
                 .await

@@ -50,7 +50,8 @@ fn shape(options: &Options) -> Shape {
 }
 const RAW_EXCHANGE: &str = "bench.raw";
 
-fn url() -> String {
+/// The server the raw clients (and the scenarios' cleanup) connect to: `RABBITMQ_URL`.
+pub(crate) fn url() -> String {
     std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 

@@ -35,7 +35,8 @@ fn shape(options: &Options) -> Shape {
 }
 const FIELD: &str = "data";
 
-fn url() -> String {
+/// The server the raw clients (and the scenarios' cleanup) connect to: `REDIS_URL`.
+pub(crate) fn url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 

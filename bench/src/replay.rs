@@ -17,7 +17,7 @@ use helix_messaging::replay::{
     SqliteReplayStore,
 };
 
-use crate::leftovers;
+use crate::leftovers::{self, fresh};
 use crate::measure::{Batching, Clock, Options, Run, histogram, publish_batches, report};
 
 /// Both the window and its copies stay in the memory broker's log.
@@ -30,10 +30,6 @@ async fn broker(messages: usize) -> Arc<dyn Broker> {
         }));
     }
     leftovers::broker().await
-}
-
-fn fresh(what: &str) -> String {
-    format!("bench.{what}.{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Publish the window: `n` messages, timed as the plain `publish_batch` side.

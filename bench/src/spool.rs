@@ -45,7 +45,7 @@ pub(crate) async fn compare(options: &Options) {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 1..=options.runs {
         let broker = leftovers::broker().await;
-        let topic = format!("bench.spool.{}", uuid::Uuid::new_v4().simple());
+        let topic = leftovers::fresh("spool");
         // A group, so the topic is routable where that matters (RabbitMQ).
         let sink = broker
             .subscribe(&topic, helix_messaging::SubscribeOptions::group("sink"))
