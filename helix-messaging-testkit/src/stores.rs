@@ -401,6 +401,14 @@ pub async fn check_claims_hold_entries_and_versions_fence_writes(
         store.claim(&wanted, now, lease).await.unwrap().is_empty(),
         "held entries are not claimed twice"
     );
+    // One id asked for twice in one claim: held once, returned once, as stored.
+    let once = store
+        .claim(&[ids[3].clone(), ids[3].clone()], now, lease)
+        .await
+        .unwrap();
+    assert_eq!(once.len(), 1, "an id asked for twice is claimed once");
+    assert_eq!(once[0].version, 1);
+    assert_eq!(read(&ids[3]).await, once[0], "returned as stored");
     assert!(
         !store
             .update(&stale_copy(&read(&ids[0]).await))
@@ -420,15 +428,8 @@ pub async fn check_claims_hold_entries_and_versions_fence_writes(
     assert!(store.get(&ids[0]).await.unwrap().is_none());
     assert_eq!(read(&ids[1]).await.version, 1);
 
-    // Held by a claim, a due entry is not due; its hold run out, it is claimed again.
-    assert_eq!(
-        store
-            .claim(&[ids[3].clone()], now, lease)
-            .await
-            .unwrap()
-            .len(),
-        1
-    );
+    // Held by the claim above, a due entry is not due; its hold run out, it is claimed
+    // again.
     assert!(store.claim_due(now, lease, 10).await.unwrap().is_empty());
     let due = store.claim_due(after_the_hold, lease, 10).await.unwrap();
     assert_eq!(due.len(), 1);
@@ -442,6 +443,7 @@ pub async fn check_claims_hold_entries_and_versions_fence_writes(
         .unwrap();
     assert_eq!(again.len(), 1, "a hold that ran out is taken over");
     assert_eq!(again[0].version, 2);
+    assert_eq!(read(&ids[1]).await, again[0], "returned as stored");
     // Let go: an update clearing the hold, from the holder's copy.
     let mut released = again[0].clone();
     released.claimed_until = None;

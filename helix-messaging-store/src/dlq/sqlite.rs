@@ -75,7 +75,8 @@ const COLUMNS: &str = "id, original_topic, consumer_group, reason, error, attemp
     content_type, correlation_id, priority, status, retries, next_attempt_us, last_error, \
     discard_reason, stored_us, version, claimed_until_us";
 
-/// How many columns [`COLUMNS`] names (what [`read_entry`] reads).
+/// How many columns [`COLUMNS`] names, which is where a claim finds the `rowid` it selects
+/// after them (counted from the commas: the list names plain columns only).
 const COLUMN_COUNT: usize = {
     let bytes = COLUMNS.as_bytes();
     let (mut commas, mut i) = (0, 0);
@@ -167,36 +168,52 @@ fn read_entry(row: &Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
     })
 }
 
-/// An entry read with its rowid (the column after [`COLUMNS`]), to be claimed by it.
-fn read_claimable(row: &Row<'_>) -> rusqlite::Result<(StoredDeadLetter, i64)> {
-    Ok((read_entry(row)?, row.get(COLUMN_COUNT)?))
-}
-
-/// Hold each of `found` (read by [`read_claimable`]) until `until` with `update` (whose
-/// parameters are `until` and the rowid), and return the entries as the claim leaves them:
-/// their version one up, held until `until`.
+/// Claim, one after the other, each of `ids` that exists, is not discarded and that nothing
+/// holds at `now`: hold it until `until` with `update` (whose parameters are `until` and the
+/// row's rowid), and return the entries as the claim leaves them, their version one up and
+/// held until `until`. Whatever else `update` sets, the caller sets on the returned entries
+/// too (as `claim_due` does with the next attempt).
 ///
-/// Rows are read, then updated by rowid, rather than updated with `RETURNING`: SQLite
-/// collects a statement's `RETURNING` rows in a temporary table of its own, opened and
-/// closed (with its own page cache) for every statement, which was about half the time of a
-/// claim of 1,000 entries. The caller's transaction holds the write lock from its start, so
-/// no row changes between its read and its update.
-fn hold(
+/// Each row is read, then updated by its rowid, rather than updated with `RETURNING`:
+/// SQLite collects a statement's `RETURNING` rows in a temporary table of its own, opened
+/// and closed (with its own page cache) for every statement, which was about a third of a
+/// claim's instructions. Read and held one id at a time, an id asked for twice is found
+/// held the second time, as an `UPDATE` would find it. The caller's transaction holds the
+/// write lock from its start, so no other connection changes a row between its read and
+/// its update.
+fn claim_ids(
     tx: &rusqlite::Transaction<'_>,
-    update: &str,
-    found: Vec<(StoredDeadLetter, i64)>,
+    ids: Vec<String>,
+    now: i64,
     until: i64,
+    update: &str,
 ) -> rusqlite::Result<Vec<StoredDeadLetter>> {
+    let select = format!(
+        "SELECT {COLUMNS}, rowid FROM helix_dead_letters \
+         WHERE id = ?1 AND status != 'discarded' \
+           AND (claimed_until_us IS NULL OR claimed_until_us <= ?2)"
+    );
+    let mut select = tx.prepare_cached(&select)?;
     let mut update = tx.prepare_cached(update)?;
-    found
-        .into_iter()
-        .map(|(mut entry, rowid)| {
-            update.execute(rusqlite::params![until, rowid])?;
+    let mut claimed = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some((mut entry, rowid)) = select
+            .query_row(rusqlite::params![id, now], |row| {
+                Ok((read_entry(row)?, row.get::<_, i64>(COLUMN_COUNT)?))
+            })
+            .optional()?
+        else {
+            continue;
+        };
+        // A version at the integer's end is left unclaimed: one more would be stored as a
+        // real number, which no read of the entry could take back.
+        if update.execute(rusqlite::params![until, rowid])? == 1 {
             entry.version += 1;
             entry.claimed_until = Some(from_micros(until));
-            Ok(entry)
-        })
-        .collect()
+            claimed.push(entry);
+        }
+    }
+    Ok(claimed)
 }
 
 fn entry_values(entry: &StoredDeadLetter) -> Result<Vec<Value>> {
@@ -426,21 +443,20 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         self.run("claim due entries", move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let due = {
-                let sql = format!(
-                    "SELECT {COLUMNS}, rowid FROM helix_dead_letters \
+            let due: Vec<String> = {
+                let mut statement = tx.prepare_cached(
+                    "SELECT id FROM helix_dead_letters \
                      WHERE status = 'pending' AND next_attempt_us <= ?1 \
                        AND (claimed_until_us IS NULL OR claimed_until_us <= ?1) \
-                     ORDER BY next_attempt_us, id LIMIT ?2"
-                );
-                let mut statement = tx.prepare_cached(&sql)?;
-                let rows = statement.query_map(rusqlite::params![now, limit], read_claimable)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()?
+                     ORDER BY next_attempt_us, id LIMIT ?2",
+                )?;
+                let rows = statement.query_map(rusqlite::params![now, limit], |row| row.get(0))?;
+                rows.collect::<rusqlite::Result<_>>()?
             };
             let update = "UPDATE helix_dead_letters \
                  SET next_attempt_us = ?1, claimed_until_us = ?1, version = version + 1 \
-                 WHERE rowid = ?2";
-            let claimed = hold(&tx, update, due, until)?
+                 WHERE rowid = ?2 AND version < 9223372036854775807";
+            let claimed = claim_ids(&tx, due, now, until, update)?
                 .into_iter()
                 .map(|entry| StoredDeadLetter {
                     next_attempt_at: entry.claimed_until,
@@ -462,26 +478,10 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         let (ids, now, until) = (ids.to_vec(), micros(now), micros(now + lease));
         self.run("claim entries", move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let found = {
-                let sql = format!(
-                    "SELECT {COLUMNS}, rowid FROM helix_dead_letters \
-                     WHERE id = ?1 AND status != 'discarded' \
-                       AND (claimed_until_us IS NULL OR claimed_until_us <= ?2)"
-                );
-                let mut select = tx.prepare_cached(&sql)?;
-                let mut found = Vec::with_capacity(ids.len());
-                for id in ids {
-                    found.extend(
-                        select
-                            .query_row(rusqlite::params![id, now], read_claimable)
-                            .optional()?,
-                    );
-                }
-                found
-            };
             let update = "UPDATE helix_dead_letters \
-                 SET claimed_until_us = ?1, version = version + 1 WHERE rowid = ?2";
-            let claimed = hold(&tx, update, found, until)?;
+                 SET claimed_until_us = ?1, version = version + 1 \
+                 WHERE rowid = ?2 AND version < 9223372036854775807";
+            let claimed = claim_ids(&tx, ids, now, until, update)?;
             tx.commit()?;
             Ok(claimed)
         })
