@@ -169,10 +169,10 @@ fn read_entry(row: &Row<'_>) -> rusqlite::Result<StoredDeadLetter> {
 }
 
 /// Claim, one after the other, each of `ids` that exists, is not discarded and that nothing
-/// holds at `now`: hold it until `until` with `update` (whose parameters are `until` and the
-/// row's rowid), and return the entries as the claim leaves them, their version one up and
-/// held until `until`. Whatever else `update` sets, the caller sets on the returned entries
-/// too (as `claim_due` does with the next attempt).
+/// holds at `now`: hold it until `until`, its version one up (and, with
+/// `moving_next_attempt`, its next attempt moved to `until` too), and return the entries as
+/// the claim leaves them. The update and the entries returned are written side by side here,
+/// so the two cannot drift apart.
 ///
 /// Each row is read, then updated by its rowid, rather than updated with `RETURNING`:
 /// SQLite collects a statement's `RETURNING` rows in a temporary table of its own, opened
@@ -186,15 +186,27 @@ fn claim_ids(
     ids: Vec<String>,
     now: i64,
     until: i64,
-    update: &str,
+    moving_next_attempt: bool,
 ) -> rusqlite::Result<Vec<StoredDeadLetter>> {
+    // A version at the integer's end is left unclaimed: one more would be stored as a real
+    // number, which no read of the entry could take back.
+    let update = format!(
+        "UPDATE helix_dead_letters SET {}claimed_until_us = ?1, version = version + 1 \
+         WHERE rowid = ?2 AND version < {}",
+        if moving_next_attempt {
+            "next_attempt_us = ?1, "
+        } else {
+            ""
+        },
+        i64::MAX
+    );
     let select = format!(
         "SELECT {COLUMNS}, rowid FROM helix_dead_letters \
          WHERE id = ?1 AND status != 'discarded' \
            AND (claimed_until_us IS NULL OR claimed_until_us <= ?2)"
     );
     let mut select = tx.prepare_cached(&select)?;
-    let mut update = tx.prepare_cached(update)?;
+    let mut update = tx.prepare_cached(&update)?;
     let mut claimed = Vec::with_capacity(ids.len());
     for id in ids {
         let Some((mut entry, rowid)) = select
@@ -205,11 +217,12 @@ fn claim_ids(
         else {
             continue;
         };
-        // A version at the integer's end is left unclaimed: one more would be stored as a
-        // real number, which no read of the entry could take back.
         if update.execute(rusqlite::params![until, rowid])? == 1 {
             entry.version += 1;
             entry.claimed_until = Some(from_micros(until));
+            if moving_next_attempt {
+                entry.next_attempt_at = entry.claimed_until;
+            }
             claimed.push(entry);
         }
     }
@@ -453,16 +466,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
                 let rows = statement.query_map(rusqlite::params![now, limit], |row| row.get(0))?;
                 rows.collect::<rusqlite::Result<_>>()?
             };
-            let update = "UPDATE helix_dead_letters \
-                 SET next_attempt_us = ?1, claimed_until_us = ?1, version = version + 1 \
-                 WHERE rowid = ?2 AND version < 9223372036854775807";
-            let claimed = claim_ids(&tx, due, now, until, update)?
-                .into_iter()
-                .map(|entry| StoredDeadLetter {
-                    next_attempt_at: entry.claimed_until,
-                    ..entry
-                })
-                .collect();
+            let claimed = claim_ids(&tx, due, now, until, true)?;
             tx.commit()?;
             Ok(claimed)
         })
@@ -478,10 +482,7 @@ impl DeadLetterStore for SqliteDeadLetterStore {
         let (ids, now, until) = (ids.to_vec(), micros(now), micros(now + lease));
         self.run("claim entries", move |c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let update = "UPDATE helix_dead_letters \
-                 SET claimed_until_us = ?1, version = version + 1 \
-                 WHERE rowid = ?2 AND version < 9223372036854775807";
-            let claimed = claim_ids(&tx, ids, now, until, update)?;
+            let claimed = claim_ids(&tx, ids, now, until, false)?;
             tx.commit()?;
             Ok(claimed)
         })
