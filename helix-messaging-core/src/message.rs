@@ -90,7 +90,7 @@ impl Message {
     /// for adapters rebuilding a received message in one step.
     pub fn from_parts(parts: MessageParts) -> Self {
         Message {
-            id: MessageId::Given(parts.id),
+            id: MessageId::from_string(parts.id),
             key: parts.key,
             payload: parts.payload,
             headers: parts.headers,
@@ -127,7 +127,7 @@ impl Message {
         timestamp: SystemTime,
     ) -> Self {
         Message {
-            id: MessageId::Given(id.into()),
+            id: MessageId::from_string(id.into()),
             key: None,
             payload: payload.into(),
             headers: Headers::new(),
@@ -142,7 +142,7 @@ impl Message {
     /// Replace the generated id (for example with an id from an upstream system).
     #[must_use]
     pub fn with_id(mut self, id: impl Into<String>) -> Self {
-        self.id = MessageId::Given(id.into());
+        self.id = MessageId::from_string(id.into());
         self
     }
 
@@ -265,35 +265,62 @@ impl Message {
     }
 }
 
-/// A message's id, as [`Message::id`] shows it. A generated one, a UUID v4's 36 characters,
-/// is kept inline, so that making a message allocates nothing for its id (this runs once
-/// per message on every backend); an id given or received is kept as it came.
+/// The longest id kept inline: a UUID's 36 characters, hyphenated.
+const INLINE_ID: usize = uuid::fmt::Hyphenated::LENGTH;
+
+/// A message's id, as [`Message::id`] shows it. An id of up to 36 bytes (a generated UUID
+/// v4, a UUID received back, a Kafka offset or Redis entry id) is kept inline, so that
+/// making a message allocates nothing for its id and a received one holds no allocation for
+/// it: this runs once per message on every backend, and a received message is usually
+/// dropped on another thread than the one that built it, where glibc frees a chunk that
+/// is not its own on its slow path. A longer id is kept as it came.
 #[derive(Clone)]
 enum MessageId {
-    /// Lowercase hex digits and hyphens.
-    Generated([u8; uuid::fmt::Hyphenated::LENGTH]),
+    /// The first `len` bytes of `text`, valid UTF-8.
+    Inline {
+        len: u8,
+        text: [u8; INLINE_ID],
+    },
     Given(String),
 }
 
 impl MessageId {
     /// A fresh UUID v4, lowercase and hyphenated.
     fn generate() -> Self {
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let mut text = [0u8; INLINE_ID];
         uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-        MessageId::Generated(text)
+        MessageId::Inline {
+            len: INLINE_ID as u8,
+            text,
+        }
+    }
+
+    /// `id` inline when it fits, freeing its `String` here, on the thread that built it.
+    fn from_string(id: String) -> Self {
+        if id.len() > INLINE_ID {
+            return MessageId::Given(id);
+        }
+        let mut text = [0u8; INLINE_ID];
+        text[..id.len()].copy_from_slice(id.as_bytes());
+        MessageId::Inline {
+            len: id.len() as u8,
+            text,
+        }
     }
 
     fn as_str(&self) -> &str {
         match self {
-            // Always ASCII (written by `encode_lower`), so the check cannot fail.
-            MessageId::Generated(text) => std::str::from_utf8(text).unwrap_or_default(),
+            // Copied from a `str` or written by `encode_lower`, so the check cannot fail.
+            MessageId::Inline { len, text } => {
+                std::str::from_utf8(&text[..usize::from(*len)]).unwrap_or_default()
+            }
             MessageId::Given(text) => text,
         }
     }
 
     fn into_string(self) -> String {
         match self {
-            MessageId::Generated(_) => self.as_str().to_owned(),
+            MessageId::Inline { .. } => self.as_str().to_owned(),
             MessageId::Given(text) => text,
         }
     }
@@ -323,7 +350,7 @@ impl Serialize for MessageId {
 
 impl<'de> Deserialize<'de> for MessageId {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer).map(MessageId::Given)
+        String::deserialize(deserializer).map(MessageId::from_string)
     }
 }
 
@@ -350,6 +377,39 @@ pub(crate) fn parse_millis(s: &str) -> Option<SystemTime> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Ids up to 36 bytes are kept inline and longer ones as given; either way every id
+    /// reads back, takes the message apart and goes through serde exactly as it was given,
+    /// multi-byte characters at the boundary included.
+    #[test]
+    fn every_id_reads_back_as_given_inline_or_not() {
+        let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
+        let ids = [
+            String::new(),
+            "a".to_owned(),
+            "topic-3@1234567".to_owned(),
+            "x".repeat(35),
+            "x".repeat(36),
+            "x".repeat(37),
+            format!("{}é", "x".repeat(34)),
+            format!("{}é", "x".repeat(35)),
+            uuid.to_uppercase(),
+            uuid,
+            "z".repeat(200),
+        ];
+        for id in ids {
+            let message = Message::new("p").with_id(id.clone());
+            assert_eq!(message.id(), id);
+            let restored = Message::restore(id.clone(), "p", std::time::UNIX_EPOCH);
+            assert_eq!(restored.id(), id);
+            let rebuilt = Message::from_parts(message.clone().into_parts());
+            assert_eq!(rebuilt.id(), id);
+            assert_eq!(rebuilt, message);
+            let json = serde_json::to_string(&message).expect("serialize");
+            let back: Message = serde_json::from_str(&json).expect("deserialize");
+            assert_eq!(back.id(), id, "through serde");
+        }
+    }
 
     #[test]
     fn new_message_has_a_uuid_and_defaults() {
