@@ -78,8 +78,10 @@ impl Copies {
 
     /// The copy published for `original`, found at `position` in the source.
     fn make(&self, original: &Message, position: &str) -> Message {
-        let mut parts = original.clone().into_parts();
-        let headers = &mut parts.headers;
+        // Changed in place rather than taken apart: taking it apart gives the id back as a
+        // `String`, an allocation per copy only to be copied inline again.
+        let mut copy = original.clone().with_timestamp(SystemTime::now());
+        let headers = copy.headers_mut();
         headers.insert(HEADER_REPLAY_ID.to_owned(), self.replay_id.clone());
         headers.insert(HEADER_SOURCE_TOPIC.to_owned(), self.source_topic.clone());
         headers.insert(HEADER_SOURCE_POSITION.to_owned(), position.to_owned());
@@ -87,8 +89,6 @@ impl Copies {
             HEADER_ORIGINAL_TIMESTAMP.to_owned(),
             millis(original.timestamp()),
         );
-        parts.timestamp = SystemTime::now();
-        let mut copy = Message::from_parts(parts);
         trace::stamp_copy(trace::CopyKind::Replay, &self.target, &mut copy);
         copy
     }
