@@ -202,6 +202,14 @@ pub(crate) enum Take {
 /// allocates nothing for it.
 pub(crate) type Evicted = smallvec::SmallVec<[Arc<Message>; 4]>;
 
+/// A message published without the topic lock, waiting in the topic's inbox until the next
+/// holder of the lock enters it. Its clocks were read when it was published.
+pub(crate) struct Inboxed {
+    pub(crate) message: Arc<Message>,
+    pub(crate) wall: SystemTime,
+    pub(crate) expires_at: Option<Instant>,
+}
+
 /// Why a publish could not be enqueued right now.
 pub(crate) enum Blocked {
     Full { group: String, capacity: usize },
@@ -245,6 +253,8 @@ pub(crate) struct TopicState {
     group_slots: HashMap<Arc<str>, usize>,
     /// Messages dropped because their TTL passed before delivery (diagnostics, tests).
     pub(crate) expired: u64,
+    /// The topic's inbox queue not in use, kept here to be swapped with the one in use.
+    pub(crate) inbox_spare: Vec<Inboxed>,
 }
 
 impl TopicState {
@@ -260,6 +270,7 @@ impl TopicState {
             groups: Vec::new(),
             group_slots: HashMap::new(),
             expired: 0,
+            inbox_spare: Vec::new(),
         }
     }
 
@@ -267,18 +278,19 @@ impl TopicState {
         self.groups.get_mut(slot).and_then(Option::as_mut)
     }
 
-    /// Check whether one more message fits in every group; purges expired messages from a
-    /// full group before declaring it full.
-    pub(crate) fn check_space(&mut self, now: &mut LazyNow) -> Result<(), Blocked> {
+    /// Check whether one more message fits in every group, besides `pending` ones already
+    /// admitted but not yet entered; purges expired messages from a full group before
+    /// declaring it full.
+    pub(crate) fn check_space(&mut self, now: &mut LazyNow, pending: usize) -> Result<(), Blocked> {
         if self.closed {
             return Err(Blocked::Closed);
         }
         let capacity = self.config.max_queue_depth;
         let mut purged = 0;
         for group in self.groups.iter_mut().flatten() {
-            if group.depth() >= capacity {
+            if group.depth() + pending >= capacity {
                 purged += group.purge_expired(now.get());
-                if group.depth() >= capacity {
+                if group.depth() + pending >= capacity {
                     let name = group.name.as_deref().unwrap_or("(private)").to_owned();
                     self.expired += purged as u64;
                     return Err(Blocked::Full {
@@ -302,9 +314,31 @@ impl TopicState {
         wall: SystemTime,
         evicted: &mut Evicted,
     ) {
+        let expires_at = message.ttl().map(|ttl| now.get() + ttl);
+        self.append(message, expires_at, wall, evicted, true);
+    }
+
+    /// Enter a message from the inbox. Its publisher woke the members already.
+    pub(crate) fn enter(&mut self, inboxed: Inboxed, evicted: &mut Evicted) {
+        self.append(
+            inboxed.message,
+            inboxed.expires_at,
+            inboxed.wall,
+            evicted,
+            false,
+        );
+    }
+
+    fn append(
+        &mut self,
+        message: Arc<Message>,
+        expires_at: Option<Instant>,
+        wall: SystemTime,
+        evicted: &mut Evicted,
+        notify: bool,
+    ) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let expires_at = message.ttl().map(|ttl| now.get() + ttl);
         // Recorded times never go backwards, so the log stays sorted for range reads even if
         // the wall clock is stepped back.
         let recorded_at = wall.max(self.last_recorded);
@@ -316,7 +350,9 @@ impl TopicState {
                 deliveries: 0,
                 expires_at,
             });
-            group.notify_members();
+            if notify {
+                group.notify_members();
+            }
         }
         if self.config.retention_messages > 0 {
             self.log.push_back(LogEntry {
@@ -603,5 +639,29 @@ impl TopicState {
     /// Number of groups and their total depth (health, tests).
     pub(crate) fn depth(&self) -> usize {
         self.groups.iter().flatten().map(Group::depth).sum()
+    }
+
+    /// How many messages a group may hold.
+    pub(crate) fn capacity(&self) -> usize {
+        self.config.max_queue_depth
+    }
+
+    /// The depth of the fullest group (0 without groups).
+    pub(crate) fn fullest(&self) -> usize {
+        self.groups
+            .iter()
+            .flatten()
+            .map(Group::depth)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Every member's wake-up, to be woken for each message published.
+    pub(crate) fn wake_ups(&self) -> Vec<Arc<Notify>> {
+        self.groups
+            .iter()
+            .flatten()
+            .flat_map(|group| group.members.iter().map(|m| m.notify.clone()))
+            .collect()
     }
 }

@@ -423,3 +423,74 @@ async fn expired_messages_make_room_in_a_full_group() {
 fn a_publish_future_fits_the_allocators_per_thread_cache() {
     helix_messaging_testkit::assert_publish_future_fits_the_allocators_cache(&MemoryBroker::new());
 }
+
+/// Publishers admitted without the topic lock, racing each other, a consumer settling and a
+/// new group joining, never fill a group past its bound: exactly the bound's worth of
+/// publishes succeed, the rest time out, and the group holds each message that succeeded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_publishers_never_overfill_a_group() {
+    const BOUND: usize = 500;
+    for round in 0..10 {
+        let broker = Arc::new(
+            broker_with_group(MemoryConfig {
+                max_queue_depth: BOUND,
+                publish_timeout: Duration::from_millis(20),
+                ..MemoryConfig::default()
+            })
+            .await,
+        );
+        let tasks: Vec<_> = (0..8)
+            .map(|task| {
+                let broker = broker.clone();
+                tokio::spawn(async move {
+                    let mut ok = 0usize;
+                    for i in 0..70 {
+                        let message = Message::new(format!("{task}-{i}"));
+                        let published = if i % 3 == 0 {
+                            broker.publish_batch("t", vec![message]).await.into_result()
+                        } else {
+                            broker.publish("t", message).await
+                        };
+                        match published {
+                            Ok(()) => ok += 1,
+                            Err(err) => assert_eq!(err.kind(), ErrorKind::Timeout, "{err}"),
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        let mut succeeded = 0;
+        for task in tasks {
+            succeeded += task.await.unwrap();
+        }
+        assert_eq!(succeeded, BOUND, "round {round}: publishes that succeeded");
+        assert_eq!(
+            broker.backlog("t", "g").await.unwrap().waiting,
+            BOUND as u64,
+            "round {round}: the group holds every message that succeeded, and no more"
+        );
+    }
+}
+
+/// A message published without the topic lock is in the broker once `publish` returns:
+/// every reader sees it at once, with no consumer having taken the lock since.
+#[tokio::test]
+async fn a_published_message_is_seen_by_every_reader_at_once() {
+    let broker = broker_with_group(MemoryConfig::default()).await;
+    let message = Message::new("here");
+    let id = message.id().to_owned();
+    broker.publish("t", message).await.unwrap();
+    assert_eq!(broker.backlog("t", "g").await.unwrap().waiting, 1);
+    assert_eq!(broker.topic_stats("t").depth, 1);
+    assert_eq!(history(&broker, "t").await, vec![id.clone()]);
+    let mut late = broker
+        .subscribe(
+            "t",
+            SubscribeOptions::group("late")
+                .with_start(helix_messaging_core::StartPosition::Earliest),
+        )
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut late).await.message().id(), id);
+}
