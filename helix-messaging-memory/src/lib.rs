@@ -613,15 +613,17 @@ struct MemberStream {
     id: u64,
     notify: Arc<Notify>,
     group: Option<Arc<str>>,
-    /// Taken from the group, not yet received by the application; with each one's token.
-    buffer: VecDeque<(u64, Delivery)>,
+    /// Taken from the group, not yet received by the application. Each becomes a
+    /// [`Delivery`] as it is received: made all at once, a take's 64 ackers came from
+    /// glibc's slower paths, past the few chunks its per-thread cache holds.
+    buffer: VecDeque<Taken>,
 }
 
 impl MemberStream {
     async fn next_delivery(&mut self) -> Option<Delivery> {
         loop {
-            if let Some((_, delivery)) = self.buffer.pop_front() {
-                return Some(delivery);
+            if let Some(taken) = self.buffer.pop_front() {
+                return Some(self.delivery(taken));
             }
             let take = {
                 let mut state = self.topic.lock();
@@ -631,14 +633,7 @@ impl MemberStream {
                 take
             };
             match take {
-                Take::Some(taken) => {
-                    self.buffer.reserve(taken.len());
-                    for t in taken {
-                        let token = t.token;
-                        let delivery = self.delivery(t);
-                        self.buffer.push_back((token, delivery));
-                    }
-                }
+                Take::Some(taken) => self.buffer.extend(taken),
                 Take::Closed => return None,
                 // notify_one stores a permit, so a publish between take() and here still
                 // wakes us.
@@ -672,7 +667,7 @@ impl MemberStream {
 impl Drop for MemberStream {
     fn drop(&mut self) {
         // What is still buffered was never received: it goes back uncounted.
-        let unseen: Vec<u64> = self.buffer.iter().map(|(token, _)| *token).collect();
+        let unseen: Vec<u64> = self.buffer.iter().map(|taken| taken.token).collect();
         let group_gone = {
             let mut state = self.topic.lock();
             let gone = state.leave(self.slot, self.id, &unseen);
