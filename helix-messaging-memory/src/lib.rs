@@ -329,23 +329,10 @@ impl MemoryBroker {
         I: IntoIterator<Item = Arc<Message>>,
         I::IntoIter: ExactSizeIterator,
     {
-        let messages = messages.into_iter();
-        let count = messages.len();
-        if count > 0 && topic.admit(count, self.shared.config.max_queue_depth) {
-            let wall = SystemTime::now();
-            let mut now = LazyNow::default();
-            topic.push(messages.map(|message| Inboxed {
-                expires_at: message.ttl().map(|ttl| now.get() + ttl),
-                message,
-                wall,
-            }));
-            // A close that began before the push may never have seen these messages.
-            return if self.shared.closed.load(Ordering::SeqCst) {
-                Err((0, Error::closed("the memory broker")))
-            } else {
-                Ok(())
-            };
-        }
+        let messages = match self.try_inbox(topic, messages.into_iter()) {
+            Ok(outcome) => return outcome,
+            Err(messages) => messages,
+        };
         let mut done = 0;
         let mut messages = messages.peekable();
         while messages.peek().is_some() {
@@ -388,6 +375,56 @@ impl MemoryBroker {
             }
         }
         Ok(())
+    }
+
+    /// Publish `messages` through `topic`'s inbox if they fit there (see [`Inbox`]): the
+    /// outcome, or the messages back to publish under the lock.
+    fn try_inbox<I>(&self, topic: &Topic, messages: I) -> Result<Result<(), (usize, Error)>, I>
+    where
+        I: ExactSizeIterator<Item = Arc<Message>>,
+    {
+        let count = messages.len();
+        if count == 0 || !topic.admit(count, self.shared.config.max_queue_depth) {
+            return Err(messages);
+        }
+        let wall = SystemTime::now();
+        let mut now = LazyNow::default();
+        topic.push(messages.map(|message| Inboxed {
+            expires_at: message.ttl().map(|ttl| now.get() + ttl),
+            message,
+            wall,
+        }));
+        // A close that began before the push may never have seen these messages.
+        Ok(if self.shared.closed.load(Ordering::SeqCst) {
+            Err((0, Error::closed("the memory broker")))
+        } else {
+            Ok(())
+        })
+    }
+
+    /// Publish one message to an existing topic through its inbox, looked up without
+    /// cloning the topic's `Arc`: its count shares a cache line with the topic lock, which
+    /// the consumers take for every batch and settlement. The outcome, or the message back
+    /// to publish the long way (a new topic, a closed broker, no room in the inbox).
+    fn publish_to_inbox(
+        &self,
+        name: &str,
+        message: Arc<Message>,
+    ) -> Result<Result<()>, Arc<Message>> {
+        if self.ensure_open().is_err() {
+            return Err(message);
+        }
+        let topics = self.shared.topics.read();
+        let Some(topic) = topics.get(name) else {
+            return Err(message);
+        };
+        if let Err(err) = self.check_payload(&message) {
+            return Ok(Err(err));
+        }
+        match self.try_inbox(topic, std::iter::once(message)) {
+            Ok(outcome) => Ok(outcome.map_err(|(_, err)| err)),
+            Err(mut back) => Err(back.next().expect("the message given")),
+        }
     }
 
     /// Wait until every group of `topic` has room, the broker closes, or the publish timeout
@@ -444,9 +481,13 @@ impl Drop for SpaceWaiter<'_> {
 #[async_trait]
 impl Publisher for MemoryBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
+        let message = match self.publish_to_inbox(topic, Arc::new(message)) {
+            Ok(published) => return published,
+            Err(message) => message,
+        };
         let topic = self.topic(topic)?;
         self.check_payload(&message)?;
-        self.enqueue_all(&topic, [Arc::new(message)])
+        self.enqueue_all(&topic, [message])
             .await
             .map_err(|(_, e)| e)
     }
