@@ -112,9 +112,11 @@ struct Inbox {
     /// Messages admitted and not yet entered: counted before they are pushed, and uncounted
     /// only after they are entered, so a publisher never sees fewer than there are.
     len: CachePadded<AtomicUsize>,
-    /// The fullest group's depth, raised before a message is entered and lowered after a
-    /// settlement or a drain, so never below the true depth: with `len`, a publisher decides
-    /// without the lock that a message fits.
+    /// The fullest group's depth as last recorded under the lock. With `len` it never falls
+    /// short of the true depth: a message entered from the inbox stays counted in `len`
+    /// until this is recorded after it, a message published under the lock is counted here
+    /// before it is entered, and a joining group holds it at the bound until it is seeded.
+    /// With it a publisher decides without the lock that a message fits.
     fullest: CachePadded<AtomicUsize>,
     /// Every member's wake-up, woken for each message put here.
     wake_ups: CachePadded<RwLock<Vec<Arc<Notify>>>>,
@@ -124,9 +126,13 @@ struct Inbox {
     /// publisher: glibc frees memory another thread allocated on its slow path, under the
     /// lock of the allocating thread's arena, which that thread is taking to allocate the
     /// next message. Entering them from a consumer's thread and freeing them there cost
-    /// more than the inbox saved.
+    /// more than the inbox saved. No more than [`EVICTED_KEPT`] wait here: past that the
+    /// lock holder frees them (publishing has stopped), and closing frees them all.
     evicted: CachePadded<Mutex<Vec<Arc<Message>>>>,
 }
+
+/// How many evicted messages may wait for a publisher to free them.
+const EVICTED_KEPT: usize = 256;
 
 /// How many messages may wait in an inbox before a publisher takes the lock and enters
 /// them itself: keeps the log and the groups current on a topic nobody reads.
@@ -158,8 +164,14 @@ impl Topic {
             return;
         }
         if !evicted.is_empty() {
-            self.inbox.evicted.lock().extend(evicted);
-            self.inbox.has_evicted.store(true, Ordering::Release);
+            let mut kept = self.inbox.evicted.lock();
+            kept.extend(evicted);
+            if kept.len() > EVICTED_KEPT {
+                kept.clear();
+            }
+            self.inbox
+                .has_evicted
+                .store(!kept.is_empty(), Ordering::Release);
         }
         // Raised before the count drops, so a publisher never sees room that is not there.
         self.inbox.fullest.store(state.fullest(), Ordering::SeqCst);
@@ -179,23 +191,29 @@ impl Topic {
         fits
     }
 
-    /// Put admitted messages in the inbox and wake every member; free what retention
-    /// evicted meanwhile.
-    fn push(&self, messages: impl IntoIterator<Item = Inboxed>) {
+    /// Put admitted messages in the inbox and wake every member. Returns what retention
+    /// evicted meanwhile, for the caller to free once it holds no lock.
+    fn push(&self, messages: impl IntoIterator<Item = Inboxed>) -> Vec<Arc<Message>> {
         self.inbox.queue.lock().extend(messages);
         for wake_up in self.inbox.wake_ups.read().iter() {
             wake_up.notify_one();
         }
         if !self.inbox.has_evicted.load(Ordering::Acquire) {
-            return;
+            return Vec::new();
         }
-        let evicted = match self.inbox.evicted.try_lock() {
+        match self.inbox.evicted.try_lock() {
             Some(mut evicted) => {
                 self.inbox.has_evicted.store(false, Ordering::Release);
                 std::mem::take(&mut *evicted)
             }
-            None => return,
-        };
+            None => Vec::new(),
+        }
+    }
+
+    /// Free every evicted message waiting for a publisher.
+    fn free_evicted(&self) {
+        let evicted = std::mem::take(&mut *self.inbox.evicted.lock());
+        self.inbox.has_evicted.store(false, Ordering::Release);
         drop(evicted);
     }
 
@@ -324,17 +342,13 @@ impl MemoryBroker {
     /// Enqueue `messages` in order, waiting for room as needed. On failure returns how many
     /// were enqueued before it and the error. Messages come already shared: a future holding
     /// them by value would be one message larger per copy it keeps.
-    async fn enqueue_all<I>(&self, topic: &Topic, messages: I) -> Result<(), (usize, Error)>
-    where
-        I: IntoIterator<Item = Arc<Message>>,
-        I::IntoIter: ExactSizeIterator,
-    {
-        let messages = match self.try_inbox(topic, messages.into_iter()) {
-            Ok(outcome) => return outcome,
-            Err(messages) => messages,
-        };
+    async fn enqueue_all(
+        &self,
+        topic: &Topic,
+        messages: impl IntoIterator<Item = Arc<Message>>,
+    ) -> Result<(), (usize, Error)> {
         let mut done = 0;
-        let mut messages = messages.peekable();
+        let mut messages = messages.into_iter().peekable();
         while messages.peek().is_some() {
             // Clocks are read and evicted messages freed outside the lock, which publishers
             // and consumers of the topic share.
@@ -377,54 +391,39 @@ impl MemoryBroker {
         Ok(())
     }
 
-    /// Publish `messages` through `topic`'s inbox if they fit there (see [`Inbox`]): the
-    /// outcome, or the messages back to publish under the lock.
-    fn try_inbox<I>(&self, topic: &Topic, messages: I) -> Result<Result<(), (usize, Error)>, I>
+    /// Publish `messages` to the existing topic `name` through its inbox (see [`Inbox`]) if
+    /// the broker is open and they fit; otherwise give them back, to be published under the
+    /// topic lock. The topic is looked up under the map's read lock, without cloning its
+    /// `Arc`: the count shares a cache line with the topic lock, which the consumers take for
+    /// every batch and settlement. Holding the read lock also keeps [`Broker::close`], which
+    /// takes the write lock, from running between the check that the broker is open and the
+    /// push: a message pushed is never one a close has already refused.
+    fn try_inbox<I>(&self, name: &str, messages: I) -> std::result::Result<(), I>
     where
         I: ExactSizeIterator<Item = Arc<Message>>,
     {
         let count = messages.len();
-        if count == 0 || !topic.admit(count, self.shared.config.max_queue_depth) {
-            return Err(messages);
-        }
-        let wall = SystemTime::now();
-        let mut now = LazyNow::default();
-        topic.push(messages.map(|message| Inboxed {
-            expires_at: message.ttl().map(|ttl| now.get() + ttl),
-            message,
-            wall,
-        }));
-        // A close that began before the push may never have seen these messages.
-        Ok(if self.shared.closed.load(Ordering::SeqCst) {
-            Err((0, Error::closed("the memory broker")))
-        } else {
-            Ok(())
-        })
-    }
-
-    /// Publish one message to an existing topic through its inbox, looked up without
-    /// cloning the topic's `Arc`: its count shares a cache line with the topic lock, which
-    /// the consumers take for every batch and settlement. The outcome, or the message back
-    /// to publish the long way (a new topic, a closed broker, no room in the inbox).
-    fn publish_to_inbox(
-        &self,
-        name: &str,
-        message: Arc<Message>,
-    ) -> Result<Result<()>, Arc<Message>> {
-        if self.ensure_open().is_err() {
-            return Err(message);
-        }
-        let topics = self.shared.topics.read();
-        let Some(topic) = topics.get(name) else {
-            return Err(message);
+        let evicted = {
+            let topics = self.shared.topics.read();
+            if self.shared.closed.load(Ordering::Acquire) || count == 0 {
+                return Err(messages);
+            }
+            let Some(topic) = topics.get(name) else {
+                return Err(messages);
+            };
+            if !topic.admit(count, self.shared.config.max_queue_depth) {
+                return Err(messages);
+            }
+            let wall = SystemTime::now();
+            let mut now = LazyNow::default();
+            topic.push(messages.map(|message| Inboxed {
+                expires_at: message.ttl().map(|ttl| now.get() + ttl),
+                message,
+                wall,
+            }))
         };
-        if let Err(err) = self.check_payload(&message) {
-            return Ok(Err(err));
-        }
-        match self.try_inbox(topic, std::iter::once(message)) {
-            Ok(outcome) => Ok(outcome.map_err(|(_, err)| err)),
-            Err(mut back) => Err(back.next().expect("the message given")),
-        }
+        drop(evicted);
+        Ok(())
     }
 
     /// Wait until every group of `topic` has room, the broker closes, or the publish timeout
@@ -442,8 +441,13 @@ impl MemoryBroker {
             room_freed.as_mut().enable();
             let mut now = LazyNow::default();
             let now_checked = now.get();
-            let pending = topic.inbox.len.load(Ordering::SeqCst);
-            match topic.lock().check_space(&mut now, pending) {
+            let space = {
+                let mut state = topic.lock();
+                // Read after the inbox is entered: what was entered counts once, in its group.
+                let pending = topic.inbox.len.load(Ordering::SeqCst);
+                state.check_space(&mut now, pending)
+            };
+            match space {
                 Ok(()) => return Ok(()),
                 Err(Blocked::Closed) => return Err(Error::closed("the memory broker")),
                 Err(Blocked::Full { group, capacity }) if now_checked >= deadline => {
@@ -481,9 +485,15 @@ impl Drop for SpaceWaiter<'_> {
 #[async_trait]
 impl Publisher for MemoryBroker {
     async fn publish(&self, topic: &str, message: Message) -> Result<()> {
-        let message = match self.publish_to_inbox(topic, Arc::new(message)) {
-            Ok(published) => return published,
-            Err(message) => message,
+        let message = Arc::new(message);
+        // The long way reports a bad name or a closed broker before an oversized payload.
+        let message = if self.check_payload(&message).is_ok() {
+            match self.try_inbox(topic, std::iter::once(message)) {
+                Ok(()) => return Ok(()),
+                Err(mut back) => back.next().expect("the message given back"),
+            }
+        } else {
+            message
         };
         let topic = self.topic(topic)?;
         self.check_payload(&message)?;
@@ -492,9 +502,9 @@ impl Publisher for MemoryBroker {
             .map_err(|(_, e)| e)
     }
 
-    async fn publish_batch(&self, topic: &str, messages: Vec<Message>) -> BatchReport {
+    async fn publish_batch(&self, name: &str, messages: Vec<Message>) -> BatchReport {
         let total = messages.len();
-        let topic = match self.topic(topic) {
+        let topic = match self.topic(name) {
             Ok(topic) => topic,
             Err(err) => return BatchReport::all_failed(total, &err),
         };
@@ -510,10 +520,11 @@ impl Publisher for MemoryBroker {
                 Err(err) => failures.push((index, err)),
             }
         }
-        if let Err((done, err)) = self
-            .enqueue_all(&topic, accepted.into_iter().map(Arc::new))
-            .await
-        {
+        let rest = match self.try_inbox(name, accepted.into_iter().map(Arc::new)) {
+            Ok(()) => return BatchReport::new(total, failures),
+            Err(rest) => rest,
+        };
+        if let Err((done, err)) = self.enqueue_all(&topic, rest).await {
             failures.extend(
                 accepted_indices[done..]
                     .iter()
@@ -539,16 +550,21 @@ impl Subscriber for MemoryBroker {
                 return Err(Error::closed("the memory broker"));
             }
             // A new group starts with what it takes from the log, past the depth publishers
-            // read: they are turned to the lock until it is recorded.
+            // read: they are turned to the lock until it is recorded, and what they were
+            // admitted before it, still to be entered, keeps its room.
             topic
                 .inbox
                 .fullest
                 .store(state.capacity(), Ordering::SeqCst);
+            let room = state
+                .capacity()
+                .saturating_sub(topic.inbox.len.load(Ordering::SeqCst));
             let joined = state.join(
                 group_name.clone(),
                 options.prefetch,
                 options.start,
                 notify.clone(),
+                room,
             );
             topic.note_depth(&state);
             topic.note_members(&state);
@@ -642,6 +658,7 @@ impl Broker for MemoryBroker {
         for topic in topics.values() {
             topic.lock().close();
             topic.space.notify_waiters();
+            topic.free_evicted();
         }
         Ok(())
     }

@@ -382,13 +382,15 @@ impl TopicState {
         }
     }
 
-    /// Join (creating if needed) a group; returns `(slot, member id)`.
+    /// Join (creating if needed) a group; returns `(slot, member id)`. A new group takes at
+    /// most `room` messages from the log.
     pub(crate) fn join(
         &mut self,
         group_name: Option<Arc<str>>,
         prefetch: usize,
         start: StartPosition,
         notify: Arc<Notify>,
+        room: usize,
     ) -> (usize, u64) {
         let existing = group_name
             .as_ref()
@@ -397,7 +399,7 @@ impl TopicState {
             Some(slot) => slot,
             None => {
                 let mut group = Group::new(group_name.clone());
-                self.seed_from_log(&mut group, start);
+                self.seed_from_log(&mut group, start, room);
                 let slot = match self.groups.iter().position(Option::is_none) {
                     Some(free) => {
                         self.groups[free] = Some(group);
@@ -426,13 +428,12 @@ impl TopicState {
         (slot, id)
     }
 
-    fn seed_from_log(&self, group: &mut Group, start: StartPosition) {
+    fn seed_from_log(&self, group: &mut Group, start: StartPosition, room: usize) {
         let first = match start {
             StartPosition::Latest => return,
             StartPosition::Earliest => 0,
             StartPosition::Time(t) => self.log.partition_point(|e| e.recorded_at < t),
         };
-        let room = self.config.max_queue_depth;
         for entry in self.log.range(first..).take(room) {
             group.push_back(Ready {
                 message: entry.message.clone(),

@@ -424,9 +424,9 @@ fn a_publish_future_fits_the_allocators_per_thread_cache() {
     helix_messaging_testkit::assert_publish_future_fits_the_allocators_cache(&MemoryBroker::new());
 }
 
-/// Publishers admitted without the topic lock, racing each other, a consumer settling and a
-/// new group joining, never fill a group past its bound: exactly the bound's worth of
-/// publishes succeed, the rest time out, and the group holds each message that succeeded.
+/// Publishers admitted without the topic lock, racing each other, never fill a group past
+/// its bound: exactly the bound's worth of publishes succeed, the rest time out, and the
+/// group holds each message that succeeded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_publishers_never_overfill_a_group() {
     const BOUND: usize = 500;
@@ -474,23 +474,196 @@ async fn racing_publishers_never_overfill_a_group() {
 }
 
 /// A message published without the topic lock is in the broker once `publish` returns:
-/// every reader sees it at once, with no consumer having taken the lock since.
+/// each reader sees it at once, the first to look after the publish, with no consumer having
+/// taken the lock since.
 #[tokio::test]
 async fn a_published_message_is_seen_by_every_reader_at_once() {
-    let broker = broker_with_group(MemoryConfig::default()).await;
-    let message = Message::new("here");
-    let id = message.id().to_owned();
-    broker.publish("t", message).await.unwrap();
-    assert_eq!(broker.backlog("t", "g").await.unwrap().waiting, 1);
-    assert_eq!(broker.topic_stats("t").depth, 1);
-    assert_eq!(history(&broker, "t").await, vec![id.clone()]);
-    let mut late = broker
-        .subscribe(
-            "t",
-            SubscribeOptions::group("late")
-                .with_start(helix_messaging_core::StartPosition::Earliest),
-        )
+    type Reader = fn(MemoryBroker, String) -> futures::future::BoxFuture<'static, ()>;
+    let readers: [(&str, Reader); 4] = [
+        ("backlog", |broker, _| {
+            Box::pin(async move {
+                assert_eq!(broker.backlog("t", "g").await.unwrap().waiting, 1);
+            })
+        }),
+        ("topic_stats", |broker, _| {
+            Box::pin(async move { assert_eq!(broker.topic_stats("t").depth, 1) })
+        }),
+        ("read_range", |broker, id| {
+            Box::pin(async move { assert_eq!(history(&broker, "t").await, vec![id]) })
+        }),
+        ("subscribe from the earliest", |broker, id| {
+            Box::pin(async move {
+                let mut late = broker
+                    .subscribe(
+                        "t",
+                        SubscribeOptions::group("late")
+                            .with_start(helix_messaging_core::StartPosition::Earliest),
+                    )
+                    .await
+                    .unwrap();
+                assert_eq!(recv(&mut late).await.message().id(), id);
+            })
+        }),
+    ];
+    for (name, read) in readers {
+        let broker = broker_with_group(MemoryConfig::default()).await;
+        let message = Message::new("here");
+        let id = message.id().to_owned();
+        broker.publish("t", message).await.unwrap();
+        eprintln!("reader: {name}");
+        read(broker, id).await;
+    }
+}
+
+/// A publisher waiting for room goes on as soon as there is room, even when other publishes
+/// went into the inbox meanwhile: they are counted once, not once in the group and again as
+/// waiting to be entered.
+#[tokio::test(flavor = "current_thread")]
+async fn a_waiting_publisher_goes_on_while_others_publish_into_the_room() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 3,
+        publish_timeout: Duration::from_secs(600),
+        ..MemoryConfig::default()
+    });
+    let mut group = broker
+        .subscribe("t", SubscribeOptions::group("g").with_prefetch(10))
         .await
         .unwrap();
-    assert_eq!(recv(&mut late).await.message().id(), id);
+    let private = broker
+        .subscribe("t", SubscribeOptions::default())
+        .await
+        .unwrap();
+    for i in 0..3 {
+        broker
+            .publish("t", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let waiting = {
+        let broker = broker.clone();
+        tokio::spawn(async move { broker.publish("t", Message::new("waits")).await })
+    };
+    let_spawned_tasks_run().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(recv(&mut group).await);
+    }
+    for delivery in held {
+        delivery.ack().await.unwrap();
+    }
+    let_spawned_tasks_run().await;
+    assert!(!waiting.is_finished(), "the private group is still full");
+    // The full private group goes away, waking the waiting publisher, and two more
+    // publishes take room without the lock before it runs: 2 of 3 in "g", room for it.
+    drop(private);
+    broker.publish("t", Message::new("first")).await.unwrap();
+    broker.publish("t", Message::new("second")).await.unwrap();
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("the waiting publish went on while there was room")
+        .unwrap()
+        .unwrap();
+    assert_eq!(broker.backlog("t", "g").await.unwrap().waiting, 3);
+}
+
+/// A group that joins from the earliest message, while publishers race to fill the topic,
+/// never holds more than its bound: what it takes from the log leaves room for what was
+/// admitted to the inbox before it joined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_joining_from_the_earliest_never_holds_more_than_its_bound() {
+    const BOUND: usize = 64;
+    let broker = Arc::new(MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: BOUND,
+        publish_timeout: Duration::from_millis(5),
+        ..MemoryConfig::default()
+    }));
+    for i in 0..BOUND {
+        broker
+            .publish("t", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishers: Vec<_> = (0..3)
+        .map(|_| {
+            let broker = broker.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let batch = (0..8).map(|i| Message::new(format!("{i}"))).collect();
+                    let _ = broker.publish_batch("t", batch).await;
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    let mut fullest = 0;
+    for _ in 0..3_000 {
+        let joined = broker
+            .subscribe(
+                "t",
+                SubscribeOptions::default()
+                    .with_start(helix_messaging_core::StartPosition::Earliest),
+            )
+            .await
+            .unwrap();
+        // The private group is the topic's only one: the topic's depth is its own.
+        fullest = fullest.max(broker.topic_stats("t").depth);
+        drop(joined);
+        if fullest > BOUND {
+            break;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    assert!(
+        fullest <= BOUND,
+        "a group held {fullest}, past its bound of {BOUND}"
+    );
+}
+
+static PAYLOADS_FREED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A payload that counts when it is freed.
+struct Counted(Vec<u8>);
+
+impl AsRef<[u8]> for Counted {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        PAYLOADS_FREED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Messages retention drops from the log are freed even when nothing is published after
+/// them: at most 256 wait for the next publish, and closing the broker frees those too.
+#[tokio::test]
+async fn messages_past_retention_are_freed_without_another_publish() {
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        retention_messages: 1,
+        ..MemoryConfig::default()
+    });
+    for _ in 0..1_000 {
+        let payload = bytes::Bytes::from_owner(Counted(vec![0; 1024]));
+        broker.publish("t", Message::new(payload)).await.unwrap();
+    }
+    // A reader enters whatever waits in the inbox: retention drops all but the newest.
+    assert_eq!(history(&broker, "t").await.len(), 1);
+    let freed = PAYLOADS_FREED.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        freed >= 999 - 256,
+        "{freed} of the 999 messages past retention freed"
+    );
+    broker.close().await.unwrap();
+    assert_eq!(
+        PAYLOADS_FREED.load(std::sync::atomic::Ordering::SeqCst),
+        999,
+        "closing frees every message past retention"
+    );
 }
