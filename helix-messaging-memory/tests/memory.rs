@@ -34,6 +34,16 @@ async fn broker_with_group(config: MemoryConfig) -> MemoryBroker {
     broker
 }
 
+/// Publish messages "0", "1", … to topic "t", each publish awaited.
+async fn publish_numbered(broker: &MemoryBroker, count: usize) {
+    for i in 0..count {
+        broker
+            .publish("t", Message::new(format!("{i}")))
+            .await
+            .unwrap();
+    }
+}
+
 async fn history(broker: &MemoryBroker, topic: &str) -> Vec<String> {
     let range = TimeRange::new(SystemTime::UNIX_EPOCH, SystemTime::now() + WAIT).unwrap();
     broker
@@ -89,12 +99,7 @@ async fn a_full_group_makes_publish_wait_then_time_out_without_dropping() {
         ..MemoryConfig::default()
     })
     .await;
-    for i in 0..3 {
-        broker
-            .publish("t", Message::new(format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish_numbered(&broker, 3).await;
     let started = Instant::now();
     let err = broker
         .publish("t", Message::new("one too many"))
@@ -349,12 +354,7 @@ async fn prefetch_bounds_unacked_deliveries_per_subscription() {
         .subscribe("t", SubscribeOptions::group("g").with_prefetch(2))
         .await
         .unwrap();
-    for i in 0..3 {
-        broker
-            .publish("t", Message::new(format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish_numbered(&broker, 3).await;
     let a = recv(&mut sub).await;
     let _b = recv(&mut sub).await;
     let third = tokio::time::timeout(Duration::from_millis(200), sub.next()).await;
@@ -533,12 +533,7 @@ async fn a_waiting_publisher_goes_on_while_others_publish_into_the_room() {
         .subscribe("t", SubscribeOptions::default())
         .await
         .unwrap();
-    for i in 0..3 {
-        broker
-            .publish("t", Message::new(format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish_numbered(&broker, 3).await;
     let waiting = {
         let broker = broker.clone();
         tokio::spawn(async move { broker.publish("t", Message::new("waits")).await })
@@ -577,12 +572,7 @@ async fn a_group_joining_from_the_earliest_never_holds_more_than_its_bound() {
         publish_timeout: Duration::from_millis(5),
         ..MemoryConfig::default()
     }));
-    for i in 0..BOUND {
-        broker
-            .publish("t", Message::new(format!("{i}")))
-            .await
-            .unwrap();
-    }
+    publish_numbered(&broker, BOUND).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publishers: Vec<_> = (0..3)
         .map(|_| {
