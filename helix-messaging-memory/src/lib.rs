@@ -198,6 +198,12 @@ impl Topic {
         for wake_up in self.inbox.wake_ups.read().iter() {
             wake_up.notify_one();
         }
+        self.take_evicted()
+    }
+
+    /// What retention evicted and left for a publisher to free, unless another publisher is
+    /// taking it: for the caller to free once it holds no lock.
+    fn take_evicted(&self) -> Vec<Arc<Message>> {
         if !self.inbox.has_evicted.load(Ordering::Acquire) {
             return Vec::new();
         }
@@ -380,6 +386,10 @@ impl MemoryBroker {
                 full
             };
             drop(evicted);
+            // With the groups full every publish comes this way: left to the inbox's
+            // publishers, the evicted messages would pass the limit and be freed by a
+            // consumer, on the slow path this avoids.
+            drop(topic.take_evicted());
             if full {
                 // Boxed: the wait (a notification, a timer) would otherwise make every
                 // publish's future larger than the allocator's per-thread cache serves.
