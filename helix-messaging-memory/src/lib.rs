@@ -223,6 +223,11 @@ impl Topic {
         drop(evicted);
     }
 
+    /// Messages admitted to the inbox and not yet entered.
+    fn admitted(&self) -> usize {
+        self.inbox.len.load(Ordering::SeqCst)
+    }
+
     /// Record the fullest group's depth after it may have changed under the lock.
     fn note_depth(&self, state: &TopicState) {
         self.inbox.fullest.store(state.fullest(), Ordering::SeqCst);
@@ -363,6 +368,9 @@ impl MemoryBroker {
             let mut evicted = Evicted::new();
             let full = {
                 let mut state = topic.lock();
+                // Each message entered adds one to every group; a purge in the check only
+                // lowers them, so counting on from here never falls short.
+                let mut fullest = state.fullest();
                 let full = loop {
                     if messages.peek().is_none() {
                         break false;
@@ -370,12 +378,9 @@ impl MemoryBroker {
                     // The message is counted in the fullest depth before the check reads
                     // what waits admitted: a publisher admitting one meanwhile either sees
                     // this one or is seen by the check.
-                    topic
-                        .inbox
-                        .fullest
-                        .store(state.fullest() + 1, Ordering::SeqCst);
-                    let pending = topic.inbox.len.load(Ordering::SeqCst);
-                    if state.check_space(&mut now, pending).is_err() {
+                    fullest += 1;
+                    topic.inbox.fullest.store(fullest, Ordering::SeqCst);
+                    if state.check_space(&mut now, topic.admitted()).is_err() {
                         break true;
                     }
                     let message = messages.next().expect("peeked");
@@ -454,8 +459,7 @@ impl MemoryBroker {
             let space = {
                 let mut state = topic.lock();
                 // Read after the inbox is entered: what was entered counts once, in its group.
-                let pending = topic.inbox.len.load(Ordering::SeqCst);
-                state.check_space(&mut now, pending)
+                state.check_space(&mut now, topic.admitted())
             };
             match space {
                 Ok(()) => return Ok(()),
@@ -566,9 +570,7 @@ impl Subscriber for MemoryBroker {
                 .inbox
                 .fullest
                 .store(state.capacity(), Ordering::SeqCst);
-            let room = state
-                .capacity()
-                .saturating_sub(topic.inbox.len.load(Ordering::SeqCst));
+            let room = state.capacity().saturating_sub(topic.admitted());
             let joined = state.join(
                 group_name.clone(),
                 options.prefetch,
