@@ -52,12 +52,22 @@ impl Printed {
     }
 }
 
+/// A publisher process, killed when dropped so a failing drill leaves none behind.
+struct Publisher(Child);
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A `spool_publisher` process whose output is read into `printed` as it comes.
 fn spawn_publisher(
     env: &[(String, String)],
     args: &[&str],
     printed: &Arc<Mutex<Printed>>,
-) -> Child {
+) -> Publisher {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spool_publisher"))
         .args(args)
         .env_remove("MESSAGING_BACKEND")
@@ -89,12 +99,22 @@ fn spawn_publisher(
             }
         }
     });
-    child
+    Publisher(child)
 }
 
-/// Wait until `check` holds (the testkit's `eventually`, for a plain condition).
-async fn until(what: &str, limit: Duration, check: impl Fn() -> bool) {
+/// The whole drill's time. It is under the runner's five-minute limit so that a drill
+/// that overruns fails here, where unwinding starts the broker again, rather than being
+/// killed with the broker down for the rest of the suite.
+const DRILL_LIMIT: Duration = Duration::from_secs(270);
+
+/// Wait until `check` holds, for at most `limit` and never past `deadline` (the testkit's
+/// `eventually`, for a plain condition). Says how long it took, so a slow drill's output
+/// shows where its time went.
+async fn until(what: &str, limit: Duration, deadline: Instant, check: impl Fn() -> bool) {
+    let started = Instant::now();
+    let limit = limit.min(deadline.saturating_duration_since(started));
     eventually(limit, what, || std::future::ready(check().then_some(()))).await;
+    eprintln!("{what}: {:?}", started.elapsed());
 }
 
 /// The broker taken away and brought back.
@@ -147,6 +167,7 @@ async fn drill(
     mut outage: Outage,
     publisher_env: Vec<(String, String)>,
 ) {
+    let deadline = Instant::now() + DRILL_LIMIT;
     let run = format!("drill{}", uuid::Uuid::new_v4().simple());
     let topic = match side {
         Side::Tasks => "helixagent.tasks.drill",
@@ -220,7 +241,9 @@ async fn drill(
             .unwrap(),
     };
 
+    let began = Instant::now();
     outage.begin().await;
+    eprintln!("broker taken away: {:?}", began.elapsed());
     let spool = tempfile::tempdir().unwrap();
     let mut env = publisher_env;
     env.extend([
@@ -247,11 +270,12 @@ async fn drill(
     until(
         "the first publisher's outcomes",
         Duration::from_secs(120),
+        deadline,
         || printed.lock().unwrap().outcomes() >= KILL_AFTER,
     )
     .await;
-    first.kill().expect("SIGKILL");
-    first.wait().unwrap();
+    first.0.kill().expect("SIGKILL");
+    first.0.wait().unwrap();
     let killed_at = {
         let printed = printed.lock().unwrap();
         assert!(!printed.published, "killed before it finished");
@@ -263,19 +287,25 @@ async fn drill(
     until(
         "the second publisher's publishes",
         Duration::from_secs(180),
+        deadline,
         || printed.lock().unwrap().published,
     )
     .await;
     // Every deadline task (500 ms) expires in the outage.
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let ending = Instant::now();
     outage.end().await;
+    eprintln!("broker back: {:?}", ending.elapsed());
     let started = Instant::now();
-    until("the spool forwarded", Duration::from_secs(240), || {
-        printed.lock().unwrap().drained
-    })
+    until(
+        "the spool forwarded",
+        Duration::from_secs(240),
+        deadline,
+        || printed.lock().unwrap().drained,
+    )
     .await;
     let forwarded_in = started.elapsed();
-    let status = second.wait().unwrap();
+    let status = second.0.wait().unwrap();
     assert!(status.success(), "the second publisher failed: {status}");
 
     let (ok, rejected) = {
@@ -303,6 +333,7 @@ async fn drill(
     until(
         "every accepted publish delivered or dead-lettered",
         Duration::from_secs(180),
+        deadline,
         || {
             let consumed = consumed.lock().unwrap();
             accepted

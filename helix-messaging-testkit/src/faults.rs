@@ -17,18 +17,9 @@ use std::time::{Duration, Instant};
 /// Run `rabbitmqctl` with `args`, returning its output.
 ///
 /// # Panics
-/// When it cannot be run or fails.
+/// When it cannot be run, fails, or has not finished within two minutes.
 pub fn rabbitmqctl(args: &[&str]) -> String {
-    let out = Command::new("rabbitmqctl")
-        .args(args)
-        .output()
-        .expect("rabbitmqctl on PATH (scripts/test installs RabbitMQ)");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    run_within("rabbitmqctl", args, Duration::from_secs(120)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Starts the RabbitMQ application when dropped, so a test that stopped it (and failed
@@ -57,10 +48,10 @@ pub async fn stop_rabbitmq() {
 
 /// Start the RabbitMQ application and wait until it serves again.
 ///
-/// A `start_app` that has not finished within 30 s (seen once in CI, with no trace of
-/// why: the test then held the node down past its own timeout, and every later RabbitMQ
-/// test failed with it) is given up on: the node is killed and started afresh, its log
-/// printed, so the test goes on against a running broker and the rest of the suite too.
+/// A `start_app` that has not finished within 30 s (seen twice in CI: the test then held
+/// the node down past its own timeout, and every later RabbitMQ test failed with it) is
+/// given up on: the node is killed and started afresh, its log printed, so the test goes
+/// on against a running broker and the rest of the suite too.
 ///
 /// # Panics
 /// When neither the application nor a restarted node serves within their limits.
@@ -71,29 +62,106 @@ pub async fn start_rabbitmq() {
         .unwrap_or_else(|e| panic!("{e}"));
 }
 
-/// `rabbitmqctl args`, killed if it has not finished within `limit`.
+/// `rabbitmqctl args`, given up on (and every process it started killed) if it has not
+/// finished within `limit`.
 fn rabbitmqctl_within(args: &[&str], limit: Duration) -> Result<(), String> {
-    let out = Command::new("timeout")
-        .args([
-            "--kill-after=5",
-            &limit.as_secs().to_string(),
-            "rabbitmqctl",
-        ])
+    run_within("rabbitmqctl", args, limit).map(drop)
+}
+
+/// What `program args` printed, or why it failed; given up on (and every process it
+/// started killed) if it has not finished within `limit`.
+///
+/// Debian's RabbitMQ commands run as `su rabbitmq -c …`, in a session of their own: a
+/// signal to the command or to its process group leaves its Erlang VM running, and a
+/// reader of a pipe the VM holds waits as long as the VM does (for a detached node,
+/// forever). So the command writes to files, not pipes, and at the limit the whole tree of
+/// processes under it is killed.
+fn run_within(program: &str, args: &[&str], limit: Duration) -> Result<String, String> {
+    let base = std::env::temp_dir().join(format!("{program}-{}", uuid::Uuid::new_v4().simple()));
+    let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
+    let file = |path: &PathBuf| {
+        std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))
+    };
+    let spawned = Command::new(program)
         .args(args)
-        .output()
-        .map_err(|e| format!("running rabbitmqctl {args:?}: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else if out.status.code() == Some(124) || out.status.code() == Some(137) {
-        Err(format!(
-            "rabbitmqctl {args:?} did not finish within {limit:?}"
-        ))
-    } else {
-        Err(format!(
-            "rabbitmqctl {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
+        .stdin(Stdio::null())
+        .stdout(file(&out_path)?)
+        .stderr(file(&err_path)?)
+        .spawn()
+        .map_err(|e| format!("running {program} {args:?} (scripts/test installs it): {e}"));
+    let read = |path: &PathBuf| {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let _ = std::fs::remove_file(path);
+        text
+    };
+    let status = spawned.and_then(|mut child| {
+        let deadline = Instant::now() + limit;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                gave_up => {
+                    kill_process_tree(child.id());
+                    let _ = child.wait();
+                    return Err(match gave_up {
+                        Err(e) => format!("waiting for {program} {args:?}: {e}"),
+                        _ => format!("{program} {args:?} did not finish within {limit:?}"),
+                    });
+                }
+            }
+        }
+    });
+    let (stdout, stderr) = (read(&out_path), read(&err_path));
+    match status {
+        Ok(status) if status.success() => Ok(stdout),
+        Ok(_) => Err(format!("{program} {args:?} failed: {stderr}")),
+        Err(e) => Err(format!("{e}: {stderr}")),
     }
+}
+
+/// SIGKILL to `root` and every process descended from it, found through `/proc`, so
+/// descendants that left `root`'s session go too.
+fn kill_process_tree(root: u32) {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`: the command may hold spaces and parentheses, the
+            // fields after its last `)` do not.
+            let Some(ppid) = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            parents.push((pid, ppid));
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, ppid)| *ppid == parent)
+                .map(|(pid, _)| *pid),
+        );
+        i += 1;
+    }
+    let _ = Command::new("kill")
+        .arg("-KILL")
+        .args(tree.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status();
 }
 
 /// The machine's node: `start_app`, or when that does not finish, a node started afresh.
@@ -143,16 +211,7 @@ fn restart_rabbitmq_node() -> Result<(), String> {
     while port_open(5672) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
-    let out = Command::new("rabbitmq-server")
-        .arg("-detached")
-        .output()
-        .map_err(|e| format!("running rabbitmq-server: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "rabbitmq-server -detached failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    run_within("rabbitmq-server", &["-detached"], Duration::from_secs(60))?;
     // `await_startup` fails at once until the node answers at all, so it is retried.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -1379,5 +1438,56 @@ mod kafka_cluster {
             assert_eq!(id.len(), 22, "{id}");
             assert!(!id.starts_with('-'), "{id}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CI failure of 2026-12-07: the drill's `start_app` never returned and the node stayed
+    /// down for the rest of the suite. Debian's `rabbitmqctl` runs the CLI under `su -c`, in a
+    /// session of its own, so a signal to `rabbitmqctl` (or its process group) leaves the
+    /// CLI's Erlang VM running, holding any pipe it was given.
+    #[test]
+    fn a_rabbitmqctl_past_its_limit_is_given_up_on_with_everything_it_started() {
+        let started = Instant::now();
+        // The node sleeps; the CLI waits for its answer for 20 s. The number marks the CLI's
+        // command line, to look for it afterwards.
+        let marker = u32::from_le_bytes(uuid::Uuid::new_v4().as_bytes()[..4].try_into().unwrap());
+        let expression = format!("timer:sleep(20000), {marker}.");
+        let outcome = rabbitmqctl_within(&["eval", &expression], Duration::from_secs(2));
+        let took = started.elapsed();
+        let err = outcome.expect_err("the eval outlasts its limit");
+        assert!(err.contains("did not finish within"), "{err}");
+        assert!(
+            took < Duration::from_secs(15),
+            "given up on after {took:?}, not at its 2 s limit"
+        );
+        let survivors = || -> Vec<String> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|entry| std::fs::read(entry.path().join("cmdline")).ok())
+                .map(|cmdline| String::from_utf8_lossy(&cmdline).replace('\0', " "))
+                .filter(|cmdline| cmdline.contains(&expression))
+                .collect()
+        };
+        // A killed process's command line goes when it has exited, not when `kill` returns.
+        let gone_by = Instant::now() + Duration::from_secs(3);
+        while !survivors().is_empty() && Instant::now() < gone_by {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(survivors().is_empty(), "still running: {:?}", survivors());
+    }
+
+    /// The way out when `start_app` hangs: the machine's node killed and started afresh.
+    /// (In the `rabbitmq-node` test group: nothing else uses the node meanwhile.)
+    #[test]
+    fn the_machines_node_killed_and_restarted_serves_again() {
+        restart_rabbitmq_node().unwrap();
+        assert!(port_open(5672), "AMQP is served");
+        let status = rabbitmqctl(&["status"]);
+        assert!(status.contains("RabbitMQ version"), "{status}");
     }
 }
