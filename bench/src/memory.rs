@@ -9,7 +9,7 @@ use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::mpsc;
 
 use crate::measure::{
-    Clock, Options, Run, histogram, publish_concurrently, publish_through_window, report,
+    Clock, Options, Run, Side, histogram, publish_concurrently, publish_through_window, report,
 };
 
 /// Queue bound shared by both sides, so neither buffers more than the other.
@@ -146,6 +146,23 @@ pub(crate) async fn compare(options: &Options) -> f64 {
             !ways.is_empty(),
             "--filter {filter:?} matches no memory way"
         );
+    }
+    // `--side`: one side alone, for a profiler; no ratio.
+    if let Some(side) = options.side {
+        for run in 1..=options.runs {
+            if side == Side::Raw {
+                println!(
+                    "run {run}: {}",
+                    raw_mpsc(options).await.line("raw tokio mpsc")
+                );
+                continue;
+            }
+            for (label, publishing) in &ways {
+                let m = memory_broker(options, *publishing).await;
+                println!("run {run}: {}", m.line(label));
+            }
+        }
+        return 0.0;
     }
     let mut raw = Vec::new();
     let mut ours: Vec<Vec<Run>> = ways.iter().map(|_| Vec::new()).collect();

@@ -27,7 +27,6 @@ mod config;
 mod state;
 
 use std::collections::{HashMap, VecDeque};
-use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -358,50 +357,77 @@ impl MemoryBroker {
         topic: &Topic,
         messages: impl IntoIterator<Item = Arc<Message>>,
     ) -> Result<(), (usize, Error)> {
+        let timeout = self.shared.config.publish_timeout;
         let mut done = 0;
         let mut messages = messages.into_iter().peekable();
+        // Counted as waiting from the start, before the first check under the lock, so that
+        // a settlement after any check sees it (see `Topic::space_waiters`). A publish comes
+        // this way when the inbox refused it, mostly because a group is at its bound; this
+        // way the lock that finds the room freed is the one that enters the message, where
+        // a wait after the first check took one lock to find room and another to use it.
+        let _waiting = SpaceWaiter::register(topic);
+        let mut deadline = None;
         while messages.peek().is_some() {
+            // Registered before the check, so a settlement between the check and the wait
+            // still wakes us. Boxed: the notification would otherwise make every publish's
+            // future larger than the allocator's per-thread cache serves.
+            let mut room_freed = Box::pin(topic.space.notified());
+            room_freed.as_mut().enable();
             // Clocks are read and evicted messages freed outside the lock, which publishers
             // and consumers of the topic share.
             let mut now = LazyNow::default();
             let wall = SystemTime::now();
             let mut evicted = Evicted::new();
-            let full = {
+            let blocked = {
                 let mut state = topic.lock();
                 // Each message entered adds one to every group; a purge in the check only
                 // lowers them, so counting on from here never falls short.
                 let mut fullest = state.fullest();
-                let full = loop {
+                let blocked = loop {
                     if messages.peek().is_none() {
-                        break false;
+                        break None;
                     }
                     // The message is counted in the fullest depth before the check reads
                     // what waits admitted: a publisher admitting one meanwhile either sees
                     // this one or is seen by the check.
                     fullest += 1;
                     topic.inbox.fullest.store(fullest, Ordering::SeqCst);
-                    if state.check_space(&mut now, topic.admitted()).is_err() {
-                        break true;
+                    if let Err(blocked) = state.check_space(&mut now, topic.admitted()) {
+                        break Some(blocked);
                     }
                     let message = messages.next().expect("peeked");
                     state.enqueue(message, &mut now, wall, &mut evicted);
                     done += 1;
                 };
                 topic.note_depth(&state);
-                full
+                blocked
             };
             drop(evicted);
             // With the groups full every publish comes this way: left to the inbox's
             // publishers, the evicted messages would pass the limit and be freed by a
             // consumer, on the slow path this avoids.
             drop(topic.take_evicted());
-            if full {
-                // Boxed: the wait (a notification, a timer) would otherwise make every
-                // publish's future larger than the allocator's per-thread cache serves.
-                Box::pin(self.wait_for_space(topic))
-                    .await
-                    .map_err(|e| (done, e))?;
+            let full_slot = match blocked {
+                None => break,
+                Some(Blocked::Closed) => return Err((done, Error::closed("the memory broker"))),
+                Some(Blocked::Full { slot }) => slot,
+            };
+            let checked_at = now.get();
+            let deadline = *deadline.get_or_insert(checked_at + timeout);
+            if checked_at >= deadline {
+                let group = topic.state.lock().group_label(full_slot);
+                return Err((
+                    done,
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!(
+                            "topic {:?}: group {group:?} is full ({} messages) and no room freed within {timeout:?}",
+                            topic.name, self.shared.config.max_queue_depth
+                        ),
+                    ),
+                ));
             }
+            let _ = tokio::time::timeout_at(deadline.into(), room_freed).await;
         }
         Ok(())
     }
@@ -439,44 +465,6 @@ impl MemoryBroker {
         };
         drop(evicted);
         Ok(())
-    }
-
-    /// Wait until every group of `topic` has room, the broker closes, or the publish timeout
-    /// passes.
-    async fn wait_for_space(&self, topic: &Topic) -> Result<()> {
-        let timeout = self.shared.config.publish_timeout;
-        let deadline = Instant::now() + timeout;
-        // Counted before the first check under the lock, so a settlement after that check
-        // sees this publisher waiting (see `Topic::space_waiters`).
-        let _waiting = SpaceWaiter::register(topic);
-        loop {
-            let mut room_freed = pin!(topic.space.notified());
-            // Registered before checking, so an ack between the check and the wait still
-            // wakes us.
-            room_freed.as_mut().enable();
-            let mut now = LazyNow::default();
-            let now_checked = now.get();
-            let space = {
-                let mut state = topic.lock();
-                // Read after the inbox is entered: what was entered counts once, in its group.
-                state.check_space(&mut now, topic.admitted())
-            };
-            match space {
-                Ok(()) => return Ok(()),
-                Err(Blocked::Closed) => return Err(Error::closed("the memory broker")),
-                Err(Blocked::Full { group, capacity }) if now_checked >= deadline => {
-                    return Err(Error::new(
-                        ErrorKind::Timeout,
-                        format!(
-                            "topic {:?}: group {group:?} is full ({capacity} messages) and no room freed within {timeout:?}",
-                            topic.name
-                        ),
-                    ));
-                }
-                Err(Blocked::Full { .. }) => {}
-            }
-            let _ = tokio::time::timeout_at(deadline.into(), room_freed).await;
-        }
     }
 }
 
@@ -584,10 +572,11 @@ impl Subscriber for MemoryBroker {
         };
         let member = MemberStream {
             topic: topic.clone(),
+            topic_name: Arc::from(&*topic.name),
             slot,
             id,
             notify,
-            group: group_name.clone(),
+            group: options.group.as_deref().map(Arc::from),
             buffer: VecDeque::new(),
         };
         let stream = futures::stream::unfold(member, |mut member| async move {
@@ -679,6 +668,11 @@ impl Broker for MemoryBroker {
 /// One subscription's view of its group.
 struct MemberStream {
     topic: Arc<Topic>,
+    /// The topic's and the group's names for each delivery's `DeliveryInfo`, in allocations
+    /// of this member's own: each delivery clones and drops them, and the topic's own name
+    /// shares its allocation's cache line with the count those clones write, which every
+    /// publish reads to find the topic.
+    topic_name: Arc<str>,
     slot: usize,
     id: u64,
     notify: Arc<Notify>,
@@ -719,7 +713,7 @@ impl MemberStream {
         Delivery::new(
             taken.message,
             DeliveryInfo {
-                topic: self.topic.name.clone(),
+                topic: self.topic_name.clone(),
                 group: self.group.clone(),
                 attempt: taken.attempt,
                 redelivered: taken.attempt > 1,
@@ -729,6 +723,7 @@ impl MemberStream {
                 topic: self.topic.clone(),
                 slot: self.slot,
                 token: taken.token,
+                index: taken.index,
             }),
         )
     }
@@ -757,6 +752,8 @@ struct MemoryAcker {
     topic: Arc<Topic>,
     slot: usize,
     token: u64,
+    /// Where the group keeps the delivery in flight.
+    index: u64,
 }
 
 #[async_trait]
@@ -779,7 +776,7 @@ impl Acknowledge for MemoryAcker {
         let settled = {
             // The inbox is not entered: settling reads and changes nothing it could hold.
             let mut state = self.topic.state.lock();
-            let settled = state.settle(self.slot, self.token, action);
+            let settled = state.settle(self.slot, self.token, self.index, action);
             // Only where the depth a publisher reads could turn it away: elsewhere the next
             // take records it, and writing it here for every ack takes its cache line from
             // the publishers' core as often.
