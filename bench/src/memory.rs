@@ -9,7 +9,8 @@ use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use tokio::sync::mpsc;
 
 use crate::measure::{
-    Clock, Options, Run, Side, histogram, publish_concurrently, publish_through_window, report,
+    Clock, Options, PEAK_CALLERS, Run, Side, histogram, in_tasks, publish_concurrently,
+    publish_through_window, report,
 };
 
 /// Queue bound shared by both sides, so neither buffers more than the other.
@@ -18,7 +19,7 @@ const PREFETCH: usize = 1_000;
 
 pub(crate) async fn raw_mpsc(options: &Options) -> Run {
     let clock = Clock::new(options.size);
-    let (tx, mut rx) = mpsc::channel::<bytes::Bytes>(CAPACITY);
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(CAPACITY);
     let n = options.messages;
     let started = Instant::now();
     let producer = tokio::spawn(async move {
@@ -28,13 +29,49 @@ pub(crate) async fn raw_mpsc(options: &Options) -> Run {
                 .expect("receiver alive");
         }
     });
+    let run = receive_all(rx, clock, started).await;
+    producer.await.expect("producer");
+    run
+}
+
+/// The raw side of the 256-callers row like for like: [`PEAK_CALLERS`] tasks, each with a
+/// clone of the channel's sender, each sending one message at a time and timing every send
+/// as [`publish_concurrently`] times every publish.
+pub(crate) async fn raw_mpsc_senders(options: &Options) -> Run {
+    let clock = Clock::new(options.size);
+    let (tx, rx) = mpsc::channel::<bytes::Bytes>(CAPACITY);
+    let n = options.messages;
+    let started = Instant::now();
+    let producers = tokio::spawn(async move {
+        in_tasks(PEAK_CALLERS, n, move |_, count| {
+            let tx = tx.clone();
+            async move {
+                let mut round_trips = histogram();
+                for _ in 0..count {
+                    let sent = Instant::now();
+                    tx.send(clock.stamped_payload())
+                        .await
+                        .expect("receiver alive");
+                    round_trips.saturating_record(sent.elapsed().as_nanos() as u64);
+                }
+                round_trips
+            }
+        })
+        .await
+    });
+    let run = receive_all(rx, clock, started).await;
+    producers.await.expect("producers");
+    run
+}
+
+/// Receive until every sender is gone, recording each message's latency.
+async fn receive_all(mut rx: mpsc::Receiver<bytes::Bytes>, clock: Clock, started: Instant) -> Run {
     let mut latency = histogram();
     let mut received = 0;
     while let Some(payload) = rx.recv().await {
         latency.saturating_record(clock.latency_ns(&payload));
         received += 1;
     }
-    producer.await.expect("producer");
     Run {
         messages: received,
         elapsed: started.elapsed(),
@@ -147,6 +184,11 @@ pub(crate) async fn compare(options: &Options) -> f64 {
             "--filter {filter:?} matches no memory way"
         );
     }
+    // The 256 callers are also measured against as many senders on the channel.
+    let callers = ways
+        .iter()
+        .any(|(_, publishing)| matches!(publishing, Publishing::Concurrent));
+    const SENDERS: &str = "raw tokio mpsc, 256 senders";
     // `--side`: one side alone, for a profiler; no ratio.
     if let Some(side) = options.side {
         for run in 1..=options.runs {
@@ -155,6 +197,12 @@ pub(crate) async fn compare(options: &Options) -> f64 {
                     "run {run}: {}",
                     raw_mpsc(options).await.line("raw tokio mpsc")
                 );
+                if callers {
+                    println!(
+                        "run {run}: {}",
+                        raw_mpsc_senders(options).await.line(SENDERS)
+                    );
+                }
                 continue;
             }
             for (label, publishing) in &ways {
@@ -165,11 +213,17 @@ pub(crate) async fn compare(options: &Options) -> f64 {
         return 0.0;
     }
     let mut raw = Vec::new();
+    let mut raw_senders = Vec::new();
     let mut ours: Vec<Vec<Run>> = ways.iter().map(|_| Vec::new()).collect();
     for run in 1..=options.runs {
         let r = raw_mpsc(options).await;
         println!("run {run}: {}", r.line("raw tokio mpsc"));
         raw.push(r);
+        if callers {
+            let r = raw_mpsc_senders(options).await;
+            println!("run {run}: {}", r.line(SENDERS));
+            raw_senders.push(r);
+        }
         for ((label, publishing), runs) in ways.iter().zip(&mut ours) {
             let m = memory_broker(options, *publishing).await;
             println!("run {run}: {}", m.line(label));
@@ -179,7 +233,12 @@ pub(crate) async fn compare(options: &Options) -> f64 {
     let ratios: Vec<f64> = ways
         .iter()
         .zip(ours)
-        .map(|((label, _), runs)| report("raw tokio mpsc", raw.clone(), label, runs))
+        .map(|((label, publishing), runs)| {
+            if matches!(publishing, Publishing::Concurrent) {
+                report(SENDERS, raw_senders.clone(), label, runs.clone());
+            }
+            report("raw tokio mpsc", raw.clone(), label, runs)
+        })
         .collect();
     let best = ratios.iter().copied().fold(0.0, f64::max);
     println!(
@@ -209,6 +268,7 @@ mod tests {
             prefetch: None,
         };
         assert_eq!(raw_mpsc(&options).await.messages, 5_000);
+        assert_eq!(raw_mpsc_senders(&options).await.messages, 5_000);
         for publishing in [
             Publishing::Batches(1),
             Publishing::Batches(100),

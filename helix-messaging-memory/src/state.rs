@@ -860,7 +860,10 @@ mod tests {
         }
         assert_eq!(table.len(), 1);
         assert_eq!(table.first().map(|f| f.token), Some(token_of(0)));
-        assert!(table.remove(0, token_of(0)).is_some(), "the held one settles");
+        assert!(
+            table.remove(0, token_of(0)).is_some(),
+            "the held one settles"
+        );
         assert_eq!(table.len(), 0);
         assert!(table.first().is_none());
     }
@@ -891,7 +894,10 @@ mod tests {
         }
         assert!(table.base > 1, "the oldest moved out of the ring");
         assert!(table.remove(1, token_of(1) + 1).is_none());
-        assert_eq!(table.remove(1, token_of(1)).map(|f| f.token), Some(token_of(1)));
+        assert_eq!(
+            table.remove(1, token_of(1)).map(|f| f.token),
+            Some(token_of(1))
+        );
     }
 
     #[test]

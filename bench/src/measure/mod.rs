@@ -18,5 +18,7 @@ pub(crate) use drive::{
     adapter_publish, in_tasks, publish_and_consume, publish_batches, publish_concurrently,
     publish_through_window, raw_publishing,
 };
-pub(crate) use options::{Baseline, Batching, Options, Pattern, Shape, Side, pattern, scenarios};
+pub(crate) use options::{
+    Baseline, Batching, Options, PEAK_CALLERS, Pattern, Shape, Side, pattern, scenarios,
+};
 pub(crate) use run::{Clock, Run, histogram};
