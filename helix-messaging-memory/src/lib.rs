@@ -88,8 +88,9 @@ struct Topic {
     state: Mutex<TopicState>,
     /// Publishers waiting for room in a full group.
     space: Notify,
-    /// How many publishers wait on `space`. A settlement that frees a slot wakes one of them
-    /// while any wait: waking them all for every slot made hundreds of callers fight over
+    /// How many publishers are publishing under the lock, each of which may wait on `space`
+    /// (counted from before its first check). A settlement that frees a slot wakes one of
+    /// them while any are counted: waking them all for every slot made hundreds of callers fight over
     /// one slot under the topic lock, and waking one only when the group was full before
     /// could leave a second waiter asleep beside room freed by the next settlement.
     space_waiters: AtomicUsize,
@@ -366,8 +367,11 @@ impl MemoryBroker {
         // way the lock that finds the room freed is the one that enters the message, where
         // a wait after the first check took one lock to find room and another to use it.
         let _waiting = SpaceWaiter::register(topic);
+        // When the current wait for room ends: each message has the publish timeout to be
+        // taken, so it starts again once one is.
         let mut deadline = None;
         while messages.peek().is_some() {
+            let done_before = done;
             // Registered before the check, so a settlement between the check and the wait
             // still wakes us. Boxed: the notification would otherwise make every publish's
             // future larger than the allocator's per-thread cache serves.
@@ -413,6 +417,9 @@ impl MemoryBroker {
                 Some(Blocked::Full { slot }) => slot,
             };
             let checked_at = now.get();
+            if done > done_before {
+                deadline = None;
+            }
             let deadline = *deadline.get_or_insert(checked_at + timeout);
             if checked_at >= deadline {
                 let group = topic.state.lock().group_label(full_slot);
@@ -468,7 +475,7 @@ impl MemoryBroker {
     }
 }
 
-/// A publisher's place among `Topic::space_waiters`, given up however its wait ends.
+/// A publisher's place among `Topic::space_waiters`, given up however its publish ends.
 struct SpaceWaiter<'a>(&'a Topic);
 
 impl<'a> SpaceWaiter<'a> {

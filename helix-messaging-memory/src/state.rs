@@ -42,8 +42,9 @@ struct InFlight {
     deadline: Option<Instant>,
 }
 
-/// Slots the in-flight ring may hold beyond four per delivery held before its oldest half
-/// moves aside (see [`InFlightTable`]).
+/// The ring of deliveries in flight moves its oldest half aside once it is longer than this
+/// and than four slots per delivery in it (see [`InFlightTable`]); a ring that has held
+/// more than four times this much is shrunk as it empties.
 const RING_SLACK: usize = 1024;
 
 /// A group's deliveries in flight, by the index each was given when taken (consecutive in
@@ -128,6 +129,10 @@ impl InFlightTable {
         while let Some(None) = self.ring.front() {
             self.ring.pop_front();
             self.base += 1;
+        }
+        // A burst of deliveries in flight would otherwise keep its ring's memory for good.
+        if self.ring.capacity() > 4 * RING_SLACK && self.ring.len() < self.ring.capacity() / 8 {
+            self.ring.shrink_to(self.ring.capacity() / 4);
         }
     }
 
@@ -423,7 +428,8 @@ impl TopicState {
     }
 
     /// The name of the group in `slot`, for an error: `(private)` for a private
-    /// subscription's, `(gone)` when it has left since.
+    /// subscription's, `(gone)` when it has left since (or a later group's, had one taken
+    /// the slot meanwhile).
     pub(crate) fn group_label(&self, slot: usize) -> String {
         match self.groups.get(slot).and_then(Option::as_ref) {
             Some(group) => group.name.as_deref().unwrap_or("(private)").to_owned(),
@@ -866,6 +872,23 @@ mod tests {
         );
         assert_eq!(table.len(), 0);
         assert!(table.first().is_none());
+    }
+
+    #[test]
+    fn a_burst_in_flight_gives_its_memory_back_once_settled() {
+        let mut table = InFlightTable::new();
+        for index in 0..100_000 {
+            table.insert(index, in_flight(token_of(index), 1));
+        }
+        assert!(table.ring.capacity() >= 100_000);
+        for index in 0..100_000 {
+            table.remove(index, token_of(index)).expect("held");
+        }
+        assert!(
+            table.ring.capacity() <= 4 * RING_SLACK,
+            "{} slots kept",
+            table.ring.capacity()
+        );
     }
 
     #[test]

@@ -160,6 +160,46 @@ async fn a_waiting_publish_completes_when_an_ack_frees_room() {
     assert_eq!(got, expected, "all delivered, in order");
 }
 
+/// The publish timeout bounds each wait for room, not the whole batch: a batch whose
+/// messages each get room within the timeout goes through, however long it takes in all
+/// (the contract of `Publisher::publish_batch`: it fails once a message is not taken in
+/// time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_gets_room_within_each_timeout_goes_through_however_long_in_all() {
+    let timeout = Duration::from_millis(300);
+    let broker = MemoryBroker::with_config(MemoryConfig {
+        max_queue_depth: 2,
+        publish_timeout: timeout,
+        ..MemoryConfig::default()
+    });
+    let mut sub = broker
+        .subscribe("t", SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    // One ack every 100 ms: each wait is about that, the batch takes about 800 ms.
+    let consumer = tokio::spawn(async move {
+        for _ in 0..10 {
+            let d = recv(&mut sub).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            d.ack().await.unwrap();
+        }
+    });
+    let started = Instant::now();
+    let sent: Vec<Message> = (0..10).map(|i| Message::new(format!("{i}"))).collect();
+    let report = broker.publish_batch("t", sent).await;
+    assert!(
+        report.is_ok(),
+        "after {:?}: {:?}",
+        started.elapsed(),
+        report.failures()
+    );
+    assert!(
+        started.elapsed() > timeout,
+        "the batch did wait past one timeout in all"
+    );
+    tokio::time::timeout(WAIT, consumer).await.unwrap().unwrap();
+}
+
 /// Lets every spawned task run until it waits (on the current-thread runtime, a task runs
 /// when the test task yields).
 async fn let_spawned_tasks_run() {
