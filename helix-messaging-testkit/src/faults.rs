@@ -1,5 +1,6 @@
 //! Fault helpers for tests that take a broker away: stopping and starting the shared
-//! RabbitMQ node's application (always started again, even when the test fails), vhosts of
+//! RabbitMQ node's application (started again even when the test fails, unless the test
+//! runner kills the test), vhosts of
 //! a test's own, a private Redis server (its own port, append-only file on) that a test
 //! may crash and restart without touching the machine's Redis, RabbitMQ nodes of a test's
 //! own and, with the `kafka` feature, a cluster of Apache Kafka brokers of a test's own
@@ -71,22 +72,26 @@ fn rabbitmqctl_within(args: &[&str], limit: Duration) -> Result<(), String> {
 /// What `program args` printed, or why it failed; given up on (and every process it
 /// started killed) if it has not finished within `limit`.
 ///
-/// Debian's RabbitMQ commands run as `su rabbitmq -c …`, in a session of their own: a
-/// signal to the command or to its process group leaves its Erlang VM running, and a
-/// reader of a pipe the VM holds waits as long as the VM does (for a detached node,
-/// forever). So the command writes to files, not pipes, and at the limit the whole tree of
-/// processes under it is killed.
+/// Run as root, Debian's RabbitMQ commands run as `su rabbitmq -c …`, in a session of their
+/// own: a signal to the command or to its process group leaves its Erlang VM running, and
+/// a reader of a pipe the VM holds waits as long as the VM does. So the command writes to
+/// files, not pipes, and at the limit the whole tree of processes under it is killed.
 fn run_within(program: &str, args: &[&str], limit: Duration) -> Result<String, String> {
     let base = std::env::temp_dir().join(format!("{program}-{}", uuid::Uuid::new_v4().simple()));
     let (out_path, err_path) = (base.with_extension("out"), base.with_extension("err"));
     let file = |path: &PathBuf| {
         std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))
     };
+    let (out, err) = (file(&out_path)?, file(&err_path));
+    let Ok(err) = err else {
+        let _ = std::fs::remove_file(&out_path);
+        return Err(format!("creating {}", err_path.display()));
+    };
     let spawned = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
-        .stdout(file(&out_path)?)
-        .stderr(file(&err_path)?)
+        .stdout(out)
+        .stderr(err)
         .spawn()
         .map_err(|e| format!("running {program} {args:?} (scripts/test installs it): {e}"));
     let read = |path: &PathBuf| {
@@ -104,6 +109,9 @@ fn run_within(program: &str, args: &[&str], limit: Duration) -> Result<String, S
                 }
                 gave_up => {
                     kill_process_tree(child.id());
+                    // The root is not reaped before this, so its pid is still its own: killed
+                    // here too, should `kill` have failed to run.
+                    let _ = child.kill();
                     let _ = child.wait();
                     return Err(match gave_up {
                         Err(e) => format!("waiting for {program} {args:?}: {e}"),
@@ -122,7 +130,9 @@ fn run_within(program: &str, args: &[&str], limit: Duration) -> Result<String, S
 }
 
 /// SIGKILL to `root` and every process descended from it, found through `/proc`, so
-/// descendants that left `root`'s session go too.
+/// descendants that left `root`'s session go too. Processes already orphaned (reparented to
+/// PID 1) are not found; a descendant that exits between the scan and the kill leaves a pid
+/// that could in principle be reused meanwhile, a window of microseconds.
 fn kill_process_tree(root: u32) {
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir("/proc") {
@@ -198,18 +208,32 @@ fn rabbitmq_log_tail() -> String {
 /// Kill the machine's node (its pid file is `/var/lib/rabbitmq/mnesia/<node>.pid`, as
 /// Debian's package lays it out) and start it detached, as `scripts/services.sh` does.
 fn restart_rabbitmq_node() -> Result<(), String> {
+    let mut killed = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/var/lib/rabbitmq/mnesia") {
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with("rabbit@") && name.ends_with(".pid") {
                 let pid = std::fs::read_to_string(entry.path()).unwrap_or_default();
-                let _ = Command::new("kill").args(["-9", pid.trim()]).output();
+                let pid = pid.trim().to_owned();
+                let _ = Command::new("kill")
+                    .args(["-9", &pid])
+                    .stderr(Stdio::null())
+                    .status();
+                killed.push(pid);
             }
         }
     }
+    // Until the killed VM is gone (or a zombie): with the application stopped the port is
+    // closed already, and a node started beside the old VM clashes with it.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while port_open(5672) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
+    let alive = |pid: &String| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+        })
+    };
+    while killed.iter().any(alive) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
     run_within("rabbitmq-server", &["-detached"], Duration::from_secs(60))?;
     // `await_startup` fails at once until the node answers at all, so it is retried.
@@ -274,9 +298,11 @@ impl TestVhost {
 
 impl Drop for TestVhost {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl")
-            .args(["delete_vhost", &self.0])
-            .output();
+        let _ = run_within(
+            "rabbitmqctl",
+            &["delete_vhost", &self.0],
+            Duration::from_secs(60),
+        );
     }
 }
 
@@ -358,10 +384,11 @@ impl PrivateRabbitMq {
                     rabbit.node
                 );
             }
-            let up = Command::new("rabbitmqctl")
-                .args(["-n", &rabbit.node, "await_startup", "--timeout", "10"])
-                .output()
-                .is_ok_and(|out| out.status.success());
+            let up = rabbitmqctl_within(
+                &["-n", &rabbit.node, "await_startup", "--timeout", "10"],
+                Duration::from_secs(20),
+            )
+            .is_ok();
             if up {
                 return rabbit;
             }
@@ -399,18 +426,14 @@ impl PrivateRabbitMq {
         let Some(mut server) = self.server.take() else {
             return;
         };
-        let pid = Command::new("rabbitmqctl")
-            .args(["-n", &self.node, "eval", "os:getpid()."])
-            .output()
-            .ok()
-            .filter(|out| out.status.success())
-            .map(|out| {
-                String::from_utf8_lossy(&out.stdout)
-                    .trim()
-                    .trim_matches('"')
-                    .to_owned()
-            })
-            .or_else(|| std::fs::read_to_string(self.dir.join("node.pid")).ok());
+        let pid = run_within(
+            "rabbitmqctl",
+            &["-n", &self.node, "eval", "os:getpid()."],
+            Duration::from_secs(20),
+        )
+        .ok()
+        .map(|out| out.trim().trim_matches('"').to_owned())
+        .or_else(|| std::fs::read_to_string(self.dir.join("node.pid")).ok());
         if let Some(pid) = pid {
             let _ = Command::new("kill")
                 .args(["-9", pid.trim()])
