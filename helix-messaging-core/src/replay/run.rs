@@ -193,24 +193,38 @@ fn position_mark(entry: &HistoryEntry, index: u64) -> (i32, (u64, u64)) {
 /// Entries read ahead of the batch being published (at least one batch's worth).
 const READ_AHEAD: usize = 1024;
 
-/// `stream` read by a task of its own into a buffer of `ahead` entries, so the next batch
-/// is read while this one is published. The task ends with the stream or when the returned
-/// stream is dropped.
+/// Most entries handed from the reading task to the run at once (see [`read_ahead`]).
+const READ_AHEAD_CHUNK: usize = 256;
+
+/// `stream` read by a task of its own into a buffer of about `ahead` entries, so the next
+/// batch is read while this one is published. The task ends with the stream or when the
+/// returned stream is dropped.
+///
+/// Entries cross in chunks of what the stream has ready, up to [`READ_AHEAD_CHUNK`]: sent
+/// one by one, the channel's send, wake-up and receive for each entry cost more than
+/// reading it from the in-process broker.
 fn read_ahead(
-    mut stream: crate::broker::HistoryStream,
+    stream: crate::broker::HistoryStream,
     ahead: usize,
 ) -> futures::stream::BoxStream<'static, Result<HistoryEntry>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(ahead);
+    let chunk = READ_AHEAD_CHUNK.min(ahead).max(1);
+    let (tx, rx) = tokio::sync::mpsc::channel((ahead / chunk).max(1));
     tokio::spawn(async move {
-        while let Some(entry) = stream.next().await {
-            if tx.send(entry).await.is_err() {
+        let mut chunks = stream.ready_chunks(chunk);
+        while let Some(entries) = chunks.next().await {
+            if tx.send(entries).await.is_err() {
                 break;
             }
         }
     });
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|entry| (entry, rx))
-    }))
+    Box::pin(
+        futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|entries| (futures::stream::iter(entries), rx))
+        })
+        .flatten(),
+    )
 }
 
 fn id_hash(id: &str) -> u64 {
