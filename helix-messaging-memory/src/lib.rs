@@ -90,9 +90,9 @@ struct Topic {
     space: Notify,
     /// How many publishers are publishing under the lock, each of which may wait on `space`
     /// (counted from before its first check). A settlement that frees a slot wakes one of
-    /// them while any are counted: waking them all for every slot made hundreds of callers fight over
-    /// one slot under the topic lock, and waking one only when the group was full before
-    /// could leave a second waiter asleep beside room freed by the next settlement.
+    /// them while any are counted: waking them all for every slot made hundreds of callers
+    /// fight over one slot under the topic lock, and waking one only when the group was full
+    /// before could leave a second waiter asleep beside room freed by the next settlement.
     space_waiters: AtomicUsize,
     /// Messages published without taking `state`'s lock.
     inbox: Inbox,
@@ -174,7 +174,7 @@ impl Topic {
                 .store(!kept.is_empty(), Ordering::Release);
         }
         // Raised before the count drops, so a publisher never sees room that is not there.
-        self.inbox.fullest.store(state.fullest(), Ordering::SeqCst);
+        self.note_depth(state);
         self.inbox.len.fetch_sub(count, Ordering::SeqCst);
     }
 

@@ -80,16 +80,10 @@ impl InFlightTable {
         self.in_ring + self.held_long.len()
     }
 
-    /// Add the delivery taken with `index`, one past every index added before.
-    fn insert(&mut self, index: u64, in_flight: InFlight) {
-        if self.ring.is_empty() {
-            self.base = index;
-        }
-        debug_assert_eq!(
-            index,
-            self.base + self.ring.len() as u64,
-            "indices are consecutive"
-        );
+    /// Add a delivery just taken; returns the index it is kept at, one past every index
+    /// given before (the ring always ends there: slots leave it only from the front).
+    fn push(&mut self, in_flight: InFlight) -> u64 {
+        let index = self.base + self.ring.len() as u64;
         self.ring.push_back(Some(in_flight));
         self.in_ring += 1;
         if self.ring.len() > RING_SLACK && self.ring.len() > 4 * self.in_ring {
@@ -102,6 +96,7 @@ impl InFlightTable {
             }
             self.trim_front();
         }
+        index
     }
 
     /// Remove the delivery at `index` if it is the one with `token` (a stale acker may name
@@ -201,8 +196,6 @@ pub(crate) struct Group {
     /// By index, which grows with delivery time; with one ack deadline for the whole broker
     /// the first entry is therefore always the next to expire.
     in_flight: InFlightTable,
-    /// The index the next delivery taken from this group gets.
-    next_index: u64,
     /// Requeued with a delay: held back until the instant, keyed with the delivery token so
     /// equal instants stay apart and keep their order.
     delayed: BTreeMap<(Instant, u64), Ready>,
@@ -217,7 +210,6 @@ impl Group {
             ready_len: 0,
             earliest_expiry: None,
             in_flight: InFlightTable::new(),
-            next_index: 0,
             delayed: BTreeMap::new(),
             members: Vec::new(),
         }
@@ -661,24 +653,20 @@ impl TopicState {
             ready.deliveries += 1;
             let token = next_token;
             next_token += 1;
-            let index = group.next_index;
-            group.next_index += 1;
+            let (message, attempt, seq) = (ready.message.clone(), ready.deliveries, ready.seq);
+            let index = group.in_flight.push(InFlight {
+                ready,
+                token,
+                member: member_id,
+                deadline: ack_deadline.map(|d| now + d),
+            });
             taken.push(Taken {
-                message: ready.message.clone(),
+                message,
                 token,
                 index,
-                attempt: ready.deliveries,
-                seq: ready.seq,
+                attempt,
+                seq,
             });
-            group.in_flight.insert(
-                index,
-                InFlight {
-                    ready,
-                    token,
-                    member: member_id,
-                    deadline: ack_deadline.map(|d| now + d),
-                },
-            );
         }
         let next_ack_deadline = group.in_flight.first().and_then(|f| f.deadline);
         let next_release = group.delayed.keys().next().map(|(at, _)| *at);
@@ -852,9 +840,9 @@ mod tests {
     #[test]
     fn one_delivery_held_while_a_hundred_thousand_are_settled_keeps_the_table_small() {
         let mut table = InFlightTable::new();
-        table.insert(0, in_flight(token_of(0), 1));
+        assert_eq!(table.push(in_flight(token_of(0), 1)), 0);
         for index in 1..100_000 {
-            table.insert(index, in_flight(token_of(index), 1));
+            assert_eq!(table.push(in_flight(token_of(index), 1)), index);
             let settled = table.remove(index, token_of(index)).expect("held");
             assert_eq!(settled.token, token_of(index));
             assert!(
@@ -878,7 +866,7 @@ mod tests {
     fn a_burst_in_flight_gives_its_memory_back_once_settled() {
         let mut table = InFlightTable::new();
         for index in 0..100_000 {
-            table.insert(index, in_flight(token_of(index), 1));
+            assert_eq!(table.push(in_flight(token_of(index), 1)), index);
         }
         assert!(table.ring.capacity() >= 100_000);
         for index in 0..100_000 {
@@ -895,7 +883,7 @@ mod tests {
     fn a_token_that_is_not_the_one_at_its_index_settles_nothing() {
         let mut table = InFlightTable::new();
         for index in 0..3_000 {
-            table.insert(index, in_flight(token_of(index), 1));
+            assert_eq!(table.push(in_flight(token_of(index), 1)), index);
         }
         // Past the ring's front and inside it, and an index never given.
         for index in [0, 1_500, 2_999] {
@@ -912,7 +900,7 @@ mod tests {
             table.remove(index, token_of(index)).expect("held");
         }
         for index in 3_000..6_000 {
-            table.insert(index, in_flight(token_of(index), 1));
+            assert_eq!(table.push(in_flight(token_of(index), 1)), index);
             table.remove(index, token_of(index)).expect("held");
         }
         assert!(table.base > 1, "the oldest moved out of the ring");
@@ -927,14 +915,14 @@ mod tests {
     fn the_oldest_comes_first_wherever_it_is_kept() {
         let mut table = InFlightTable::new();
         for index in 0..5_000 {
-            table.insert(index, in_flight(token_of(index), index % 2));
+            assert_eq!(table.push(in_flight(token_of(index), index % 2)), index);
         }
         // Settle every index but multiples of 100 below 4,000: the ring's front moves aside.
         for index in (0..4_000).filter(|i| i % 100 != 0) {
             table.remove(index, token_of(index)).expect("held");
         }
         for index in 5_000..9_000 {
-            table.insert(index, in_flight(token_of(index), 0));
+            assert_eq!(table.push(in_flight(token_of(index), 0)), index);
             table.remove(index, token_of(index)).expect("held");
         }
         assert!(!table.held_long.is_empty(), "some moved aside");
