@@ -1,7 +1,6 @@
 //! Fault helpers for tests that take a broker away: stopping and starting the shared
 //! RabbitMQ node's application (started again even when the test fails, unless the test
-//! runner kills the test), vhosts of
-//! a test's own, a private Redis server (its own port, append-only file on) that a test
+//! runner kills the test), vhosts of a test's own, a private Redis server (its own port, append-only file on) that a test
 //! may crash and restart without touching the machine's Redis, RabbitMQ nodes of a test's
 //! own and, with the `kafka` feature, a cluster of Apache Kafka brokers of a test's own
 //! (`PrivateKafkaCluster`) whose brokers a test may kill and restart.
@@ -82,11 +81,10 @@ fn run_within(program: &str, args: &[&str], limit: Duration) -> Result<String, S
     let file = |path: &PathBuf| {
         std::fs::File::create(path).map_err(|e| format!("creating {}: {e}", path.display()))
     };
-    let (out, err) = (file(&out_path)?, file(&err_path));
-    let Ok(err) = err else {
+    let out = file(&out_path)?;
+    let err = file(&err_path).inspect_err(|_| {
         let _ = std::fs::remove_file(&out_path);
-        return Err(format!("creating {}", err_path.display()));
-    };
+    })?;
     let spawned = Command::new(program)
         .args(args)
         .stdin(Stdio::null())
@@ -140,15 +138,8 @@ fn kill_process_tree(root: u32) {
             let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
                 continue;
             };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid …`: the command may hold spaces and parentheses, the
-            // fields after its last `)` do not.
-            let Some(ppid) = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|ppid| ppid.parse::<u32>().ok())
+            let Some(ppid) = process_status(pid)
+                .and_then(|fields| fields.split_whitespace().nth(1)?.parse::<u32>().ok())
             else {
                 continue;
             };
@@ -172,6 +163,14 @@ fn kill_process_tree(root: u32) {
         .args(tree.iter().map(u32::to_string))
         .stderr(Stdio::null())
         .status();
+}
+
+/// The fields of `/proc/<pid>/stat` after the command's name, from the state on (`S 1 …`:
+/// state, parent, …); `None` when there is no such process. The name may hold spaces and
+/// parentheses; the fields after its last `)` do not.
+fn process_status(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')').map(|(_, fields)| fields.to_owned())
 }
 
 /// The machine's node: `start_app`, or when that does not finish, a node started afresh.
@@ -227,10 +226,10 @@ fn restart_rabbitmq_node() -> Result<(), String> {
     // closed already, and a node started beside the old VM clashes with it.
     let deadline = Instant::now() + Duration::from_secs(30);
     let alive = |pid: &String| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-            stat.rsplit_once(')')
-                .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
+        pid.parse()
+            .ok()
+            .and_then(process_status)
+            .is_some_and(|fields| !fields.trim_start().starts_with('Z'))
     };
     while killed.iter().any(alive) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
@@ -298,11 +297,7 @@ impl TestVhost {
 
 impl Drop for TestVhost {
     fn drop(&mut self) {
-        let _ = run_within(
-            "rabbitmqctl",
-            &["delete_vhost", &self.0],
-            Duration::from_secs(60),
-        );
+        let _ = rabbitmqctl_within(&["delete_vhost", &self.0], Duration::from_secs(60));
     }
 }
 
