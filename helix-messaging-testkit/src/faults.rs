@@ -1501,7 +1501,13 @@ mod tests {
 
     /// The way out when `start_app` hangs: the machine's node killed and started afresh.
     /// (In the `rabbitmq-node` test group: nothing else uses the node meanwhile.)
+    ///
+    /// Run by hand only (`--run-ignored`): in a CI run on 2026-12-07 the node started afresh
+    /// after the whole suite stayed booting (recovering vhost `/`) past the 120 s limit, and
+    /// every RabbitMQ test after it failed; a test that can take the shared node down for
+    /// the rest of the suite costs more than it proves.
     #[test]
+    #[ignore = "kills the machine's RabbitMQ node; run by hand"]
     fn the_machines_node_killed_and_restarted_serves_again() {
         restart_rabbitmq_node().unwrap();
         assert!(port_open(5672), "AMQP is served");
