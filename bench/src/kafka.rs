@@ -18,7 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use hdrhistogram::Histogram;
 use helix_messaging::kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
-use helix_messaging::{Broker, SubscribeOptions, Subscriber};
+use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -86,11 +86,31 @@ fn raw_producer(topic: &str) -> FutureProducer {
         .set("linger.ms", "5")
         .create()
         .expect("raw producer");
-    producer
-        .client()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("topic metadata");
-    producer
+    // Until every partition has a leader: a producer told of a topic whose leaders are not
+    // elected yet holds its records until it asks again.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .expect("topic metadata");
+        let led = metadata.topics().iter().any(|t| {
+            t.name() == topic
+                && t.error().is_none()
+                && t.partitions().len() == PARTITIONS as usize
+                && t.partitions()
+                    .iter()
+                    .all(|p| p.error().is_none() && p.leader() >= 0)
+        });
+        if led {
+            return producer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} has no leaders after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 async fn raw_create_topic(name: &str) {
@@ -186,6 +206,16 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, pattern: Patter
     let topic = topic("raw-publish");
     raw_create_topic(&topic).await;
     let producer = raw_producer(&topic);
+    // One record first, as the adapter's side sends: the run times publishing, not the
+    // producer's start (an idempotent producer asks for its producer id up to 500 ms after
+    // it is created, and holds every record until it has one).
+    producer
+        .send(
+            FutureRecord::<'_, str, [u8]>::to(&topic).payload(&[]),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the first record delivered");
     let started = Instant::now();
     let batch = shape(options).batch;
     let latency = raw_publishing(options.messages, batch, pattern, |count, batch| {
@@ -215,6 +245,11 @@ async fn adapter_publish_only(options: &Options, pattern: Pattern) -> Run {
         .create_topics(&[KafkaTopic::new(&topic, PARTITIONS)])
         .await
         .expect("create topic");
+    // One message first, as the raw side sends.
+    broker
+        .publish(&topic, Message::new(Vec::new()))
+        .await
+        .expect("the first message published");
     let started = Instant::now();
     let latency = adapter_publish(
         &broker,
@@ -267,6 +302,9 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     let topic = topic("raw-e2e");
     let n = options.messages;
     raw_create_topic(&topic).await;
+    // Made before the consumer joins its group, which takes seconds: by the clock's start
+    // the producer has its producer id, as the adapter's, made at connect, has.
+    let producer = raw_producer(&topic);
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set(
@@ -285,7 +323,6 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     while consumer.assignment().map_or(0, |a| a.count()) == 0 {
         let _ = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await;
     }
-    let producer = raw_producer(&topic);
     let started = Instant::now();
     let producer = {
         let topic = topic.clone();
