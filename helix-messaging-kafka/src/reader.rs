@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures::FutureExt as _;
+use futures::StreamExt as _;
 use helix_messaging_core::{Delivery, DeliveryInfo, Position, Result};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{CommitMode, Consumer};
@@ -286,12 +287,16 @@ impl Reader {
                         // had fetched beyond a paused position. They reach the subscription
                         // together, once the burst is over.
                         let mut out = Vec::new();
+                        // One stream for the burst: each `recv` makes a stream of its own,
+                        // which takes a slot in the consumer's waker list under its lock
+                        // and gives it back, for every record.
+                        let mut records = self.consumer.stream();
                         for _ in 1..RECV_BURST {
                             self.gather(&mut buffer, &permits, &mut out);
                             if pauses.wanted() {
                                 break;
                             }
-                            match self.consumer.recv().now_or_never() {
+                            match records.next().now_or_never().flatten() {
                                 Some(Ok(record)) => {
                                     self.take(record, &mut buffer, &mut held, paused, &mut pauses);
                                 }
@@ -442,8 +447,9 @@ impl Reader {
         if !pauses.wanted() {
             return Ok(());
         }
+        let mut records = self.consumer.stream();
         let drained = loop {
-            match self.consumer.recv().now_or_never() {
+            match records.next().now_or_never().flatten() {
                 Some(Ok(record)) => self.take(record, buffer, held, *paused, pauses),
                 Some(Err(err)) => break Err(err),
                 None => break Ok(()),
