@@ -289,8 +289,7 @@ impl MessageId {
     fn generate() -> Self {
         let mut text = [0u8; INLINE_ID];
         let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut text);
-        // 36 bytes into room for 36: `from` cannot refuse it.
-        MessageId::Inline(ArrayString::from(id).unwrap_or_default())
+        MessageId::Inline(ArrayString::from(id).expect("a hyphenated UUID is 36 bytes"))
     }
 
     /// `id` inline when it fits, freeing its `String` here, on the thread that built it.
