@@ -16,12 +16,14 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use helix_messaging::kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
 use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{Client, DefaultClientContext};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
@@ -86,31 +88,51 @@ fn raw_producer(topic: &str) -> FutureProducer {
         .set("linger.ms", "5")
         .create()
         .expect("raw producer");
-    // Until every partition has a leader: a producer told of a topic whose leaders are not
-    // elected yet holds its records until it asks again.
+    await_leaders(producer.client(), topic);
+    producer
+}
+
+/// Wait until every partition of `topic` has a leader in the metadata `client` reads, for up
+/// to 10 s in all: a producer that reads a topic before its leaders are elected holds its
+/// records until it asks again. Panics with the last answer seen after that.
+fn await_leaders<C: ClientContext>(client: &Client<C>, topic: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::from("no answer");
     loop {
-        let metadata = producer
-            .client()
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .expect("topic metadata");
-        let led = metadata.topics().iter().any(|t| {
-            t.name() == topic
-                && t.error().is_none()
-                && t.partitions().len() == PARTITIONS as usize
-                && t.partitions()
-                    .iter()
-                    .all(|p| p.error().is_none() && p.leader() >= 0)
-        });
-        if led {
-            return producer;
-        }
+        let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            Instant::now() < deadline,
-            "{topic} has no leaders after 10 s"
+            !left.is_zero(),
+            "{topic}: not every partition has a leader after 10 s; last seen: {last}"
         );
+        match client.fetch_metadata(Some(topic), left) {
+            Ok(metadata) => match metadata.topics().iter().find(|t| t.name() == topic) {
+                Some(t)
+                    if t.error().is_none()
+                        && t.partitions().len() == PARTITIONS as usize
+                        && t.partitions()
+                            .iter()
+                            .all(|p| p.error().is_none() && p.leader() >= 0) =>
+                {
+                    return;
+                }
+                Some(t) => {
+                    let leaders: Vec<i32> = t.partitions().iter().map(|p| p.leader()).collect();
+                    last = format!("error {:?}, leaders {leaders:?}", t.error());
+                }
+                None => last = "the topic is not listed".to_owned(),
+            },
+            Err(err) => last = err.to_string(),
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A client that only reads metadata, for [`await_leaders`] on the adapter's side.
+fn metadata_client() -> AdminClient<DefaultClientContext> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client")
 }
 
 async fn raw_create_topic(name: &str) {
@@ -207,8 +229,8 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, pattern: Patter
     raw_create_topic(&topic).await;
     let producer = raw_producer(&topic);
     // One record first, as the adapter's side sends: the run times publishing, not the
-    // producer's start (an idempotent producer asks for its producer id up to 500 ms after
-    // it is created, and holds every record until it has one).
+    // producer's start (an idempotent producer holds every record until it has its producer
+    // id, asked for once a broker answers, and again 500 ms later when none had).
     producer
         .send(
             FutureRecord::<'_, str, [u8]>::to(&topic).payload(&[]),
@@ -245,7 +267,9 @@ async fn adapter_publish_only(options: &Options, pattern: Pattern) -> Run {
         .create_topics(&[KafkaTopic::new(&topic, PARTITIONS)])
         .await
         .expect("create topic");
-    // One message first, as the raw side sends.
+    await_leaders(metadata_client().inner(), &topic);
+    // One message first, as the raw side sends: the producer reads the topic's partitions
+    // before it sends its first record there, and the run times publishing.
     broker
         .publish(&topic, Message::new(Vec::new()))
         .await
@@ -302,9 +326,6 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     let topic = topic("raw-e2e");
     let n = options.messages;
     raw_create_topic(&topic).await;
-    // Made before the consumer joins its group, which takes seconds: by the clock's start
-    // the producer has its producer id, as the adapter's, made at connect, has.
-    let producer = raw_producer(&topic);
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set(
@@ -323,6 +344,24 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
     while consumer.assignment().map_or(0, |a| a.count()) == 0 {
         let _ = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await;
     }
+    let producer = raw_producer(&topic);
+    // One record through first, as on the adapter's side: the run times neither the
+    // producer's start nor the consumer's first fetch.
+    producer
+        .send(
+            FutureRecord::<'_, str, [u8]>::to(&topic).payload(&[]),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("the first record delivered");
+    let first = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
+        .await
+        .expect("the first record within 10 s")
+        .expect("the first record");
+    consumer
+        .store_offset_from_message(&first)
+        .expect("store offset");
+    drop(first);
     let started = Instant::now();
     let producer = {
         let topic = topic.clone();
@@ -360,13 +399,27 @@ async fn adapter_e2e(options: &Options) -> Run {
     let broker = KafkaBroker::connect(adapter_config())
         .await
         .expect("connect");
-    let subscription = broker
+    let mut subscription = broker
         .subscribe(
             &topic,
             SubscribeOptions::group("bench").with_prefetch(shape(options).prefetch),
         )
         .await
         .expect("subscribe");
+    await_leaders(metadata_client().inner(), &topic);
+    // One message through first, as on the raw side.
+    broker
+        .publish(&topic, Message::new(Vec::new()))
+        .await
+        .expect("the first message published");
+    tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("the first message within 10 s")
+        .expect("the subscription is open")
+        .expect("the first delivery")
+        .ack()
+        .await
+        .expect("the first ack");
     let run = publish_and_consume(
         &broker,
         &topic,
