@@ -135,6 +135,20 @@ fn metadata_client() -> AdminClient<DefaultClientContext> {
         .expect("admin client")
 }
 
+/// One bare record to `topic`, delivered within 10 s: the raw side's first message, sent
+/// before a run's clock starts. (`send`'s own limit is only the wait for room in the
+/// producer's queue; the delivery itself has librdkafka's message timeout, 5 minutes.)
+async fn raw_send_first(producer: &FutureProducer, topic: &str) {
+    let delivery = producer.send(
+        FutureRecord::<'_, str, [u8]>::to(topic).payload(&[]),
+        Duration::from_secs(10),
+    );
+    tokio::time::timeout(Duration::from_secs(10), delivery)
+        .await
+        .expect("the first record delivered within 10 s")
+        .expect("the first record delivered");
+}
+
 async fn raw_create_topic(name: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -231,13 +245,7 @@ async fn raw_publish_only(options: &Options, baseline: Baseline, pattern: Patter
     // One record first, as the adapter's side sends: the run times publishing, not the
     // producer's start (an idempotent producer holds every record until it has its producer
     // id, asked for once a broker answers, and again 500 ms later when none had).
-    producer
-        .send(
-            FutureRecord::<'_, str, [u8]>::to(&topic).payload(&[]),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("the first record delivered");
+    raw_send_first(&producer, &topic).await;
     let started = Instant::now();
     let batch = shape(options).batch;
     let latency = raw_publishing(options.messages, batch, pattern, |count, batch| {
@@ -341,19 +349,18 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
         .expect("raw consumer");
     consumer.subscribe(&[&topic]).expect("subscribe");
     // Joined before the clock starts, as the adapter's `subscribe` is when it returns.
+    let joining = Instant::now();
     while consumer.assignment().map_or(0, |a| a.count()) == 0 {
+        assert!(
+            joining.elapsed() < Duration::from_secs(30),
+            "the raw consumer has no partitions 30 s after subscribing"
+        );
         let _ = tokio::time::timeout(Duration::from_millis(50), consumer.recv()).await;
     }
     let producer = raw_producer(&topic);
     // One record through first, as on the adapter's side: the run times neither the
     // producer's start nor the consumer's first fetch.
-    producer
-        .send(
-            FutureRecord::<'_, str, [u8]>::to(&topic).payload(&[]),
-            Duration::from_secs(10),
-        )
-        .await
-        .expect("the first record delivered");
+    raw_send_first(&producer, &topic).await;
     let first = tokio::time::timeout(Duration::from_secs(10), consumer.recv())
         .await
         .expect("the first record within 10 s")
@@ -412,13 +419,14 @@ async fn adapter_e2e(options: &Options) -> Run {
         .publish(&topic, Message::new(Vec::new()))
         .await
         .expect("the first message published");
-    tokio::time::timeout(Duration::from_secs(10), subscription.next())
+    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
         .await
         .expect("the first message within 10 s")
         .expect("the subscription is open")
-        .expect("the first delivery")
-        .ack()
+        .expect("the first delivery");
+    tokio::time::timeout(Duration::from_secs(10), first.ack())
         .await
+        .expect("the first ack within 10 s")
         .expect("the first ack");
     let run = publish_and_consume(
         &broker,
