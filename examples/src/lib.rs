@@ -39,3 +39,14 @@ pub async fn run_main(
         }
     }
 }
+
+/// Remove the SQLite database at `path` with its WAL and shared-memory files, ignoring any
+/// that is not there. SQLite removes those two itself only when the file's last connection
+/// closes, and an example's store can still be held open when it cleans up.
+pub fn remove_sqlite_files(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+}

@@ -25,6 +25,27 @@ fn run(program: &str) -> String {
     stdout
 }
 
+/// Assert that the SQLite file the example named on the line starting with `prefix` is gone,
+/// with its WAL and shared-memory files: an example that made its own store in the temp
+/// directory leaves nothing of it there.
+fn assert_store_removed(out: &str, prefix: &str) {
+    let path = out
+        .lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?} in:\n{out}"))
+        .trim();
+    for file in [
+        path.to_owned(),
+        format!("{path}-wal"),
+        format!("{path}-shm"),
+    ] {
+        assert!(
+            !std::path::Path::new(&file).exists(),
+            "{file} is left behind"
+        );
+    }
+}
+
 #[test]
 fn the_replay_example_replays_what_its_dry_run_counted() {
     let out = run(env!("CARGO_BIN_EXE_replay"));
@@ -34,12 +55,14 @@ fn the_replay_example_replays_what_its_dry_run_counted() {
         "{out}"
     );
     assert!(out.contains("cancelled replay: cancelled"), "{out}");
+    assert_store_removed(&out, "checkpoints in ");
 }
 
 #[test]
 fn the_dlq_example_runs() {
     let out = run(env!("CARGO_BIN_EXE_dlq"));
     assert!(out.contains("backend: memory"), "{out}");
+    assert_store_removed(&out, "DLQ store: ");
 }
 
 #[test]

@@ -221,7 +221,7 @@ async fn run() -> Result<()> {
     );
     broker.close().await?;
     if std::env::var_os("HELIX_DLQ_STORE").is_none() {
-        let _ = std::fs::remove_file(&store_path);
+        helix_messaging_examples::remove_sqlite_files(&store_path);
     }
     Ok(())
 }

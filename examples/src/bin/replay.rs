@@ -217,7 +217,7 @@ async fn run() -> Result<()> {
     }
     broker.close().await?;
     if std::env::var_os("HELIX_REPLAY_STORE").is_none() {
-        let _ = std::fs::remove_file(&path);
+        helix_messaging_examples::remove_sqlite_files(&path);
     }
     Ok(())
 }
