@@ -16,7 +16,6 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use helix_messaging::kafka::{KafkaBroker, KafkaConfig, KafkaTopic};
 use helix_messaging::{Broker, Message, Publisher, SubscribeOptions, Subscriber};
@@ -30,7 +29,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::measure::{
     Baseline, Clock, Options, Pattern, Run, Shape, adapter_publish, compare_baselines, histogram,
-    pattern, publish_and_consume, raw_publishing, scenarios,
+    one_through, pattern, publish_and_consume, raw_publishing, scenarios,
 };
 
 const PARTITIONS: i32 = 4;
@@ -415,19 +414,7 @@ async fn adapter_e2e(options: &Options) -> Run {
         .expect("subscribe");
     await_leaders(metadata_client().inner(), &topic);
     // One message through first, as on the raw side.
-    broker
-        .publish(&topic, Message::new(Vec::new()))
-        .await
-        .expect("the first message published");
-    let first = tokio::time::timeout(Duration::from_secs(10), subscription.next())
-        .await
-        .expect("the first message within 10 s")
-        .expect("the subscription is open")
-        .expect("the first delivery");
-    tokio::time::timeout(Duration::from_secs(10), first.ack())
-        .await
-        .expect("the first ack within 10 s")
-        .expect("the first ack");
+    one_through(&broker, &topic, &mut subscription, Message::new(Vec::new())).await;
     let run = publish_and_consume(
         &broker,
         &topic,

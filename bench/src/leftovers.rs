@@ -248,9 +248,8 @@ fn is_not_found(err: &lapin::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use std::future::Future;
-    use std::time::Duration;
 
-    use futures::{FutureExt, StreamExt};
+    use futures::FutureExt;
     use helix_messaging::rabbitmq::RabbitConfig;
     use helix_messaging::{Message, SubscribeOptions};
 
@@ -284,16 +283,7 @@ mod tests {
             .subscribe(topic, SubscribeOptions::group("sink"))
             .await
             .expect("subscribe");
-        broker
-            .publish(topic, Message::new("x"))
-            .await
-            .expect("publish");
-        let delivery = tokio::time::timeout(Duration::from_secs(10), sink.next())
-            .await
-            .expect("delivered in time")
-            .expect("open")
-            .expect("delivery");
-        delivery.ack().await.expect("ack");
+        crate::measure::one_through(&*broker, topic, &mut sink, Message::new("x")).await;
         drop(sink);
         broker.close().await.expect("close");
     }

@@ -1,9 +1,10 @@
 //! Fault helpers for tests that take a broker away: stopping and starting the shared
 //! RabbitMQ node's application (started again even when the test fails, unless the test
-//! runner kills the test), vhosts of a test's own, a private Redis server (its own port, append-only file on) that a test
-//! may crash and restart without touching the machine's Redis, RabbitMQ nodes of a test's
-//! own and, with the `kafka` feature, a cluster of Apache Kafka brokers of a test's own
-//! (`PrivateKafkaCluster`) whose brokers a test may kill and restart.
+//! runner kills the test), vhosts of a test's own, a private Redis server (its own port,
+//! append-only file on) that a test may crash and restart without touching the machine's
+//! Redis, RabbitMQ nodes of a test's own and, with the `kafka` feature, a cluster of Apache
+//! Kafka brokers of a test's own (`PrivateKafkaCluster`) whose brokers a test may kill and
+//! restart.
 //!
 //! Every helper panics when its tool fails: a fault that cannot be injected is a failed
 //! test, never a skipped one.

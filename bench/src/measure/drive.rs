@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -173,6 +173,30 @@ pub(crate) async fn publish_batches<P: Publisher + ?Sized>(
         sent += count;
     }
     round_trips
+}
+
+/// Publish `message` to `topic` and take it back through `subscription`, acked, the receive
+/// and the ack each within 10 s: one message through before a run's clock starts, or a
+/// check that one goes through. Panics naming the step that failed.
+pub(crate) async fn one_through<P: Publisher + ?Sized>(
+    publisher: &P,
+    topic: &str,
+    subscription: &mut Subscription,
+    message: Message,
+) {
+    publisher
+        .publish(topic, message)
+        .await
+        .expect("one message published");
+    let delivery = tokio::time::timeout(Duration::from_secs(10), subscription.next())
+        .await
+        .expect("the message delivered within 10 s")
+        .expect("the subscription is open")
+        .expect("the delivery");
+    tokio::time::timeout(Duration::from_secs(10), delivery.ack())
+        .await
+        .expect("the ack within 10 s")
+        .expect("the ack");
 }
 
 /// An adapter's end-to-end run: `n` stamped messages published with [`publish_batches`] in

@@ -15,8 +15,8 @@ mod run;
 
 pub(crate) use compare::{compare_baselines, median, report};
 pub(crate) use drive::{
-    adapter_publish, in_tasks, publish_and_consume, publish_batches, publish_concurrently,
-    publish_through_window, raw_publishing,
+    adapter_publish, in_tasks, one_through, publish_and_consume, publish_batches,
+    publish_concurrently, publish_through_window, raw_publishing,
 };
 pub(crate) use options::{
     Baseline, Batching, Options, PEAK_CALLERS, Pattern, Shape, Side, pattern, scenarios,
