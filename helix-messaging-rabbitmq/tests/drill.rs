@@ -24,7 +24,7 @@ use helix_messaging_core::{Broker, Message, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 use helix_messaging_testkit::drill::Drill;
 use helix_messaging_testkit::faults::{PrivateRabbitMq, rabbitmqctl};
-use helix_messaging_testkit::{Conformance, env_lookup, eventually};
+use helix_messaging_testkit::{Conformance, env_lookup, eventually, log_to_stderr};
 
 const PUBLISHERS: usize = 8;
 const EACH: usize = 2_500;
@@ -57,18 +57,6 @@ fn config(first: &PrivateRabbitMq, cluster: &[PrivateRabbitMq]) -> RabbitConfig 
     config_with(first, cluster, &[])
 }
 
-/// The adapter's warnings (reconnects, consumers re-created) in the test output, so a failure
-/// shows what supervision was doing.
-fn log_to_stderr() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "helix_messaging_rabbitmq=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
-
 /// The node leading `queue`, asked of `any` node still up.
 fn leader_of(queue: &str, any: &PrivateRabbitMq) -> String {
     let out = rabbitmqctl(&[
@@ -90,7 +78,7 @@ fn leader_of(queue: &str, any: &PrivateRabbitMq) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_queue_leader_loses_no_confirmed_message() {
-    log_to_stderr();
+    log_to_stderr("helix_messaging_rabbitmq=info");
     let mut cluster = PrivateRabbitMq::cluster(3);
     let queue = format!("{TOPIC}.{GROUP}");
     let drill = Drill::new(PUBLISH_PATIENCE);

@@ -14,23 +14,12 @@ use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 mod common;
 use common::{Vhost, rabbitmqctl};
 use helix_messaging_testkit::faults::{KeepRabbitMqRunning, start_rabbitmq, stop_rabbitmq};
+use helix_messaging_testkit::log_to_stderr;
 
 const MESSAGES: usize = 20_000;
 
 /// Both tests act on the whole node; they must not overlap.
 static NODE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The adapter's warnings (reconnects, consumers re-created) in the test output, so a failure
-/// shows what supervision was doing.
-fn log_to_stderr() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "helix_messaging_rabbitmq=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-}
 
 /// Test settings for `vhost` with quick reconnects, retried for long enough to outlast a
 /// restart on a loaded machine.
@@ -194,7 +183,7 @@ async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_kil
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_confirmed_publish_survives_a_broker_restart() {
     const PUBLISHERS: usize = 8;
-    log_to_stderr();
+    log_to_stderr("helix_messaging_rabbitmq=info");
     let _node = NODE.lock().await;
     let vhost = Vhost::new("helix-fault");
     let topic = "fault.restart";
@@ -273,7 +262,7 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
     // requeued), or it would hold its prefetch slot, and the subscription would stall, for as
     // long as its channel lives.
     let _node = NODE.lock().await;
-    log_to_stderr();
+    log_to_stderr("helix_messaging_rabbitmq=info");
     let vhost = Vhost::new("helix-slow-requeue");
     // Configured as an operator does, so the variable itself is what is proven here.
     let url = vhost.0.url();
@@ -366,7 +355,7 @@ async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
     use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig, BreakerState};
     use helix_messaging_core::{ErrorKind, HealthStatus};
 
-    log_to_stderr();
+    log_to_stderr("helix_messaging_rabbitmq=info");
     let _node = NODE.lock().await;
     let vhost = Vhost::new("helix-breaker");
     let mut config = fault_config(&vhost);
@@ -449,7 +438,7 @@ async fn publishes_during_an_outage_are_spooled_and_forwarded_in_order() {
     use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig};
     use helix_messaging_core::fallback::{FallbackBroker, ForwardConfig, MemorySpool, SpoolLimits};
 
-    log_to_stderr();
+    log_to_stderr("helix_messaging_rabbitmq=info");
     let _node = NODE.lock().await;
     let vhost = Vhost::new("helix-spool");
     let mut config = fault_config(&vhost);

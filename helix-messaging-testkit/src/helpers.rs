@@ -63,6 +63,19 @@ pub fn env_lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + u
     move |name| map.get(name).cloned()
 }
 
+/// Send the log to the test's output, filtered by `RUST_LOG` or, without it, by `default`
+/// (for example `"helix_messaging_rabbitmq=info"`: an adapter's reconnects and re-created
+/// consumers), so a failing fault test shows what supervision was doing. Only the first
+/// call in a test binary installs it; later ones do nothing.
+pub fn log_to_stderr(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
+}
+
 /// A random name with a readable prefix, unique per call, valid on every backend.
 pub fn fresh_name(prefix: &str) -> String {
     let id = uuid::Uuid::new_v4().simple().to_string();

@@ -49,13 +49,7 @@ pub async fn recv(sub: &mut Subscription) -> Delivery {
 /// The adapter's log in the test output (`RUST_LOG` overrides), so a failure shows what the
 /// group was doing.
 pub fn log_to_stderr() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "helix_messaging_kafka=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    helix_messaging_testkit::log_to_stderr("helix_messaging_kafka=info");
 }
 
 /// The value and source of `key` in the configuration of `topic` on the cluster at `brokers`.
