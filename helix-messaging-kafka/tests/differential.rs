@@ -12,7 +12,7 @@ use helix_messaging_testkit::Differential;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kafka_agrees_with_the_memory_reference() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     // What `MESSAGING_BACKEND=kafka` gives with nothing but the brokers set.
     let config = KafkaConfig::new(common::brokers());
     let mut differential = Differential::new("kafka", move || {

@@ -48,7 +48,7 @@ struct Seen {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_partition_leader_loses_no_acknowledged_message() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     let cluster = MockCluster::new(3).unwrap();
     cluster.create_topic(TOPIC, 3, 3).unwrap();
     for (partition, leader) in [(0, 1), (1, 2), (2, 3)] {
@@ -239,7 +239,7 @@ fn replication(brokers: &str, topic: &str) -> Vec<(i32, Vec<i32>, Vec<i32>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "three JVM brokers: run with cargo nextest run -p helix-messaging-kafka --test drill --run-ignored only"]
 async fn three_jvm_brokers_lose_no_acknowledged_message_when_a_leader_dies() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     let drill_began = Instant::now();
     let mut cluster =
         tokio::task::block_in_place(|| PrivateKafkaCluster::start_with(3, JVM_CLUSTER_SETTINGS));

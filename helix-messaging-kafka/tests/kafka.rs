@@ -104,13 +104,13 @@ async fn check_commits_stop_at_the_unsettled_message(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_out_of_order_never_commits_past_an_unsettled_message() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     check_commits_stop_at_the_unsettled_message(common::config(), None).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_stop_at_the_unsettled_message_inside_a_batch_too() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     // The same on librdkafka's mock broker, which serves fetches from inside a record batch.
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let config = common::config_for(&cluster.bootstrap_servers());
@@ -219,7 +219,7 @@ async fn wait_until(what: &str, limit: Duration, cond: impl Fn() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_joining_and_leaving_mid_stream_loses_nothing() {
     const MESSAGES: usize = 10_000;
-    common::log_to_stderr();
+    common::log_to_test_output();
     let mut config = common::config();
     if common::on_tansu() {
         // After a rebalance or a pause a member fetches from the first offset it has not
@@ -312,7 +312,7 @@ async fn a_member_joining_and_leaving_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_loses_no_acknowledged_message() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     const MESSAGES: usize = 3_000;
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let topic = "outage";
@@ -404,7 +404,7 @@ async fn a_broker_outage_loses_no_acknowledged_message() {
 /// instead of each waiting its own, one after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_producer_cannot_take_fails_within_one_publish_timeout() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let topic = "full-queue";
     cluster.create_topic(topic, 1, 1).unwrap();
@@ -486,7 +486,7 @@ async fn a_crash_loop_counts_every_attempt_across_owners() {
     // member's commit while the group prepares its rebalance, but the mock cluster refuses
     // every commit once a new member has asked to join, so there the attempt would be lost
     // to the mock, not to the adapter.
-    common::log_to_stderr();
+    common::log_to_test_output();
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let config = common::config_for(&cluster.bootstrap_servers());
     let publisher = KafkaBroker::connect(config.clone()).await.unwrap();
@@ -549,7 +549,7 @@ async fn a_crash_loop_counts_every_attempt_across_owners() {
 async fn a_delivery_dropped_unsettled_comes_back_and_commits_move_on() {
     // Dropped without a settlement, a delivery would otherwise hold its partition's commit
     // point for good: it is handed out again, and once settled the group moves past it.
-    common::log_to_stderr();
+    common::log_to_test_output();
     let broker = KafkaBroker::connect(common::config()).await.unwrap();
     let topic = fresh_name("dropped");
     broker
@@ -619,7 +619,7 @@ async fn a_delivery_dropped_unsettled_comes_back_and_commits_move_on() {
 /// consumer's process went away is read by the group's next member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_requeues_pause_only_their_partition_and_survive_the_consumer() {
-    common::log_to_stderr();
+    common::log_to_test_output();
     let mut config = common::config();
     if common::on_tansu() {
         // Tansu 0.6 serves nothing to a fetch that starts inside a record batch.

@@ -67,7 +67,7 @@ pub fn env_lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + u
 /// (for example `"helix_messaging_rabbitmq=info"`: an adapter's reconnects and re-created
 /// consumers), so a failing fault test shows what supervision was doing. Only the first
 /// call in a test binary installs it; later ones do nothing.
-pub fn log_to_stderr(default: &str) {
+pub fn log_to_test_output(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()

@@ -51,7 +51,7 @@ pub use certs::test_certificates;
 pub use differential::{Differential, DifferentialReport};
 pub use helpers::{
     Ctx, MAX_PUBLISH_FUTURE_BYTES, Settings, assert_publish_future_fits_the_allocators_cache,
-    env_lookup, eventually, fresh_name, log_to_stderr,
+    env_lookup, eventually, fresh_name, log_to_test_output,
 };
 
 /// Result of one case.

@@ -48,8 +48,8 @@ pub async fn recv(sub: &mut Subscription) -> Delivery {
 
 /// The adapter's log in the test output (`RUST_LOG` overrides), so a failure shows what the
 /// group was doing.
-pub fn log_to_stderr() {
-    helix_messaging_testkit::log_to_stderr("helix_messaging_kafka=info");
+pub fn log_to_test_output() {
+    helix_messaging_testkit::log_to_test_output("helix_messaging_kafka=info");
 }
 
 /// The value and source of `key` in the configuration of `topic` on the cluster at `brokers`.
