@@ -18,6 +18,11 @@ pub(crate) struct CpuTime {
     stolen_ticks: u64,
 }
 
+/// The longest a measured run may take. The receive loops being timed have no timeout of
+/// their own (a timer per message would be part of what both sides are timed doing), so a
+/// run that lost a message would otherwise wait for it forever.
+pub(crate) const RUN_LIMIT: Duration = Duration::from_secs(600);
+
 impl CpuTime {
     /// Nothing yet: the start of a total.
     pub(super) const ZERO: CpuTime = CpuTime {
@@ -28,10 +33,19 @@ impl CpuTime {
     };
 
     /// The CPU time `work` took, on both sides, with its result.
+    ///
+    /// # Panics
+    /// When `work` takes longer than [`RUN_LIMIT`].
     pub(crate) async fn of<T>(broker_process: &str, work: impl Future<Output = T>) -> (T, Self) {
         let (client, broker) = (process_cpu("self"), broker_cpu(broker_process));
         let machine = machine_cpu_ticks();
-        let out = work.await;
+        let out = tokio::time::timeout(RUN_LIMIT, work)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a measured run took longer than {RUN_LIMIT:?}: a message it waits for was lost, or the broker stalled"
+                )
+            });
         let (machine_ticks, stolen_ticks) = machine_cpu_ticks().zip(machine).map_or(
             (0, 0),
             |((total, stolen), (total0, stolen0))| {
@@ -134,6 +148,13 @@ fn broker_cpu(name: &str) -> Option<Duration> {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    /// A run that never ends (a message lost) is stopped at the limit rather than waited for.
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "a measured run took longer than 600s")]
+    async fn a_run_past_the_limit_is_stopped() {
+        CpuTime::of("no-such-broker-process", std::future::pending::<()>()).await;
+    }
 
     /// The client's CPU time is this process's and grows with work done; a broker process
     /// that does not exist reads as unknown rather than as zero.
