@@ -242,23 +242,23 @@ impl Subscriber for KafkaBroker {
         .await?;
         // A delivery counts as an attempt once the application has it: one still queued here
         // when the subscription is dropped was never seen.
-        let mut batch: Option<(
-            Arc<GroupState>,
-            std::vec::IntoIter<Result<helix_messaging_core::Delivery>>,
-        )> = None;
+        let mut batch: Option<(Arc<GroupState>, std::vec::IntoIter<Result<reader::Unboxed>>)> =
+            None;
         let stream = futures::stream::poll_fn(move |cx| {
             loop {
                 if let Some((state, deliveries)) = &mut batch {
                     if let Some(delivery) = deliveries.next() {
                         if let Ok(delivery) = &delivery
-                            && let Some(helix_messaging_core::Position::Offset {
-                                partition,
-                                offset,
-                            }) = delivery.info().position
+                            && let (
+                                Some(&helix_messaging_core::Position::Offset { partition, offset }),
+                                attempt,
+                            ) = delivery.received_at()
                         {
-                            state.received(partition, offset, delivery.attempt());
+                            state.received(partition, offset, attempt);
                         }
-                        return std::task::Poll::Ready(Some(delivery));
+                        return std::task::Poll::Ready(Some(
+                            delivery.map(reader::Unboxed::into_delivery),
+                        ));
                     }
                     batch = None;
                 }

@@ -61,7 +61,32 @@ const STORE_INTERVAL: Duration = Duration::from_millis(100);
 /// topic's, or its retry topic's), and the deliveries, in order. Handed over together: a
 /// hand-over per delivery woke the application's task (on another thread) and touched the
 /// channel and the state's count from both threads for each one.
-pub(crate) type Handed = (Arc<GroupState>, Vec<Result<Delivery>>);
+pub(crate) type Handed = (Arc<GroupState>, Vec<Result<Unboxed>>);
+
+/// A delivery as the reader makes it, its acker not yet boxed: the subscription's stream
+/// boxes it ([`Unboxed::into_delivery`]) on the application's task, which frees it after
+/// the settlement. Boxed on the reader's task, it was allocated on one thread and freed on
+/// another, where glibc's per-thread cache cannot serve it. Dropped unboxed (the
+/// subscription gone first), its acker hands the record out again as a dropped delivery's
+/// does.
+pub(crate) struct Unboxed {
+    message: Arc<helix_messaging_core::Message>,
+    info: DeliveryInfo,
+    acker: KafkaAcker,
+}
+
+impl Unboxed {
+    /// Where the record sits and which attempt this is, for the group's count of what the
+    /// application has received.
+    pub(crate) fn received_at(&self) -> (Option<&Position>, u32) {
+        (self.info.position.as_ref(), self.info.attempt)
+    }
+
+    /// The delivery the application gets.
+    pub(crate) fn into_delivery(self) -> Delivery {
+        Delivery::new(self.message, self.info, Box::new(self.acker))
+    }
+}
 
 /// The earliest time a held partition's first record is due (`None`: nothing held).
 fn next_release(held: &BTreeMap<i32, VecDeque<Buffered>>) -> Option<tokio::time::Instant> {
@@ -342,7 +367,7 @@ impl Reader {
         &self,
         buffer: &mut VecDeque<Buffered>,
         permits: &Arc<Semaphore>,
-        out: &mut Vec<Result<Delivery>>,
+        out: &mut Vec<Result<Unboxed>>,
     ) {
         while !buffer.is_empty() {
             let Ok(permit) = permits.clone().try_acquire_owned() else {
@@ -359,7 +384,7 @@ impl Reader {
     }
 
     /// Hand the deliveries in `out` to the subscription; `false` once it is gone.
-    fn send_out(&self, out: &mut Vec<Result<Delivery>>) -> bool {
+    fn send_out(&self, out: &mut Vec<Result<Unboxed>>) -> bool {
         out.is_empty()
             || self
                 .deliveries
@@ -562,11 +587,11 @@ impl Reader {
         let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
     }
 
-    fn delivery(&self, item: Buffered, permit: OwnedSemaphorePermit) -> Delivery {
+    fn delivery(&self, item: Buffered, permit: OwnedSemaphorePermit) -> Unboxed {
         let acker = KafkaAcker::new(self.acks.clone(), &item, permit);
-        Delivery::new(
-            item.message,
-            DeliveryInfo {
+        Unboxed {
+            message: item.message,
+            info: DeliveryInfo {
                 topic: self.topic.clone(),
                 group: self.group.clone(),
                 attempt: item.attempt,
@@ -576,7 +601,7 @@ impl Reader {
                     offset: item.offset,
                 }),
             },
-            Box::new(acker),
-        )
+            acker,
+        }
     }
 }
