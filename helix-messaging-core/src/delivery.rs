@@ -267,6 +267,31 @@ pub struct Envelope {
     pub info: DeliveryInfo,
 }
 
+/// A delivery not yet assembled: its message, its facts and its acker, unboxed. An adapter
+/// whose reading task is not the application's hands deliveries over in this form and
+/// assembles them with [`UnboxedDelivery::into_delivery`] where the application takes them.
+/// The acker's box is then allocated on the thread that frees it after the settlement:
+/// boxed on the reading task, it was allocated on one thread and freed on another, which
+/// glibc's per-thread cache cannot serve, so both threads took its slow path.
+///
+/// Dropped unassembled, its acker is dropped as an unsettled delivery's is.
+#[derive(Debug)]
+pub struct UnboxedDelivery<A> {
+    /// The message.
+    pub message: Arc<Message>,
+    /// Facts about the delivery.
+    pub info: DeliveryInfo,
+    /// What settles it.
+    pub acker: A,
+}
+
+impl<A: Acknowledge> UnboxedDelivery<A> {
+    /// The delivery, its acker boxed here.
+    pub fn into_delivery(self) -> Delivery {
+        Delivery::new(self.message, self.info, Box::new(self.acker))
+    }
+}
+
 /// A message received from a [`Subscription`](crate::Subscription), to be settled with
 /// [`ack`](Delivery::ack), [`nack`](Delivery::nack) or [`reject`](Delivery::reject).
 ///
@@ -400,6 +425,59 @@ mod tests {
             },
             Box::new(Counting(calls.clone())),
         )
+    }
+
+    /// An acker that counts its settlements and its drops.
+    struct Watched {
+        settled: Arc<AtomicUsize>,
+        dropped: Arc<AtomicUsize>,
+    }
+
+    #[async_trait]
+    impl Acknowledge for Watched {
+        async fn settle(self: Box<Self>, _outcome: Settlement) -> Result<()> {
+            self.settled.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl Drop for Watched {
+        fn drop(&mut self) {
+            self.dropped.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Assembled, an unboxed delivery is the delivery it describes and its acker settles it;
+    /// dropped unassembled, its acker is dropped unsettled, as an unsettled delivery's is.
+    #[tokio::test]
+    async fn an_unboxed_delivery_assembles_into_its_delivery_or_drops_its_acker() {
+        let (settled, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let unboxed = || UnboxedDelivery {
+            message: Arc::new(Message::new("x").with_id("m-1")),
+            info: DeliveryInfo {
+                topic: "t".into(),
+                group: Some("g".into()),
+                attempt: 2,
+                redelivered: true,
+                position: Some(Position::Sequence(7)),
+            },
+            acker: Watched {
+                settled: settled.clone(),
+                dropped: dropped.clone(),
+            },
+        };
+        let delivery = unboxed().into_delivery();
+        assert_eq!(delivery.message().id(), "m-1");
+        assert_eq!(delivery.info().group.as_deref(), Some("g"));
+        assert_eq!(delivery.attempt(), 2);
+        assert_eq!(delivery.info().position, Some(Position::Sequence(7)));
+        delivery.ack().await.unwrap();
+        assert_eq!(settled.load(Ordering::SeqCst), 1);
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "settled, then let go");
+
+        drop(unboxed());
+        assert_eq!(settled.load(Ordering::SeqCst), 1, "never settled");
+        assert_eq!(dropped.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

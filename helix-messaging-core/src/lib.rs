@@ -57,7 +57,9 @@ pub use broker::{
     Subscription, TimeRange,
 };
 pub use capabilities::Capabilities;
-pub use delivery::{Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler};
+pub use delivery::{
+    Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler, UnboxedDelivery,
+};
 pub use error::{BoxError, Error, ErrorKind, Result, panic_message, within};
 pub use message::{Headers, MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message, MessageParts};
 pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};

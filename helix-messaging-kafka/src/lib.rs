@@ -249,12 +249,12 @@ impl Subscriber for KafkaBroker {
                 if let Some((state, deliveries)) = &mut batch {
                     if let Some(delivery) = deliveries.next() {
                         if let Ok(delivery) = &delivery
-                            && let (
-                                Some(&helix_messaging_core::Position::Offset { partition, offset }),
-                                attempt,
-                            ) = delivery.received_at()
+                            && let Some(helix_messaging_core::Position::Offset {
+                                partition,
+                                offset,
+                            }) = delivery.info.position
                         {
-                            state.received(partition, offset, attempt);
+                            state.received(partition, offset, delivery.info.attempt);
                         }
                         return std::task::Poll::Ready(Some(
                             delivery.map(reader::Unboxed::into_delivery),

@@ -21,7 +21,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::FutureExt as _;
 use futures::StreamExt as _;
-use helix_messaging_core::{Delivery, DeliveryInfo, Position, Result};
+use helix_messaging_core::{DeliveryInfo, Position, Result, UnboxedDelivery};
 use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::message::Message as _;
@@ -63,30 +63,9 @@ const STORE_INTERVAL: Duration = Duration::from_millis(100);
 /// channel and the state's count from both threads for each one.
 pub(crate) type Handed = (Arc<GroupState>, Vec<Result<Unboxed>>);
 
-/// A delivery as the reader makes it, its acker not yet boxed: the subscription's stream
-/// boxes it ([`Unboxed::into_delivery`]) on the application's task, which frees it after
-/// the settlement. Boxed on the reader's task, it was allocated on one thread and freed on
-/// another, where glibc's per-thread cache cannot serve it. Dropped unboxed (the
-/// subscription gone first), its acker hands the record out again as a dropped delivery's
-/// does.
-pub(crate) struct Unboxed {
-    message: Arc<helix_messaging_core::Message>,
-    info: DeliveryInfo,
-    acker: KafkaAcker,
-}
-
-impl Unboxed {
-    /// Where the record sits and which attempt this is, for the group's count of what the
-    /// application has received.
-    pub(crate) fn received_at(&self) -> (Option<&Position>, u32) {
-        (self.info.position.as_ref(), self.info.attempt)
-    }
-
-    /// The delivery the application gets.
-    pub(crate) fn into_delivery(self) -> Delivery {
-        Delivery::new(self.message, self.info, Box::new(self.acker))
-    }
-}
+/// A delivery as the reader makes it: assembled by the subscription's stream, on the
+/// application's task (see [`UnboxedDelivery`]).
+pub(crate) type Unboxed = UnboxedDelivery<KafkaAcker>;
 
 /// The earliest time a held partition's first record is due (`None`: nothing held).
 fn next_release(held: &BTreeMap<i32, VecDeque<Buffered>>) -> Option<tokio::time::Instant> {

@@ -12,7 +12,7 @@ use backon::{ExponentialBuilder, Retryable};
 use helix_messaging_core::observe::connection::{
     ConnectionState, count_connection, count_connection_failure,
 };
-use helix_messaging_core::{Delivery, Error, Result};
+use helix_messaging_core::{Error, Result};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -155,10 +155,10 @@ pub(crate) fn backend_name(mode: RedisMode) -> &'static str {
 
 /// A subscription's stream over the batches its task hands over; dropping the stream cancels
 /// the task.
-pub(crate) fn channel_stream(
-    rx: tokio::sync::mpsc::Receiver<Vec<Result<Delivery>>>,
+pub(crate) fn channel_stream<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<Vec<Result<T>>>,
     cancel: CancellationToken,
-) -> futures::stream::BoxStream<'static, Result<Delivery>> {
+) -> futures::stream::BoxStream<'static, Result<T>> {
     let inbox = Inbox {
         cancel,
         rx,
@@ -176,13 +176,13 @@ pub(crate) fn channel_stream(
 }
 
 /// What a subscription's stream holds: the deliveries handed over and not yet taken.
-struct Inbox {
+struct Inbox<T> {
     cancel: CancellationToken,
-    rx: tokio::sync::mpsc::Receiver<Vec<Result<Delivery>>>,
-    buffered: std::collections::VecDeque<Result<Delivery>>,
+    rx: tokio::sync::mpsc::Receiver<Vec<Result<T>>>,
+    buffered: std::collections::VecDeque<Result<T>>,
 }
 
-impl Drop for Inbox {
+impl<T> Drop for Inbox<T> {
     /// The task is cancelled before the deliveries still held here are dropped: dropping one
     /// frees a slot of the prefetch window, and a reader woken by that while not yet
     /// cancelled would read one more batch from the server, left pending on a consumer that

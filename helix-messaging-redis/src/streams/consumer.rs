@@ -9,13 +9,17 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::primary::Connection;
 use helix_messaging_core::observe::connection::ConnectionState;
 use helix_messaging_core::{
-    Delivery, DeliveryInfo, Error, ErrorKind, Position, Result, StartPosition, SubscribeOptions,
-    Subscription,
+    DeliveryInfo, Error, ErrorKind, Position, Result, StartPosition, SubscribeOptions,
+    Subscription, UnboxedDelivery,
 };
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::acker::StreamAcker;
+
+/// A delivery as the reading task makes it: assembled by the subscription's stream, on the
+/// application's task (see [`UnboxedDelivery`]).
+type Unboxed = UnboxedDelivery<StreamAcker>;
 use super::delay::hold_delayed;
 use super::entry::{RawEntry, ceil_ms, id_time, parse_read_reply};
 use super::group::create_group;
@@ -98,13 +102,10 @@ pub(crate) async fn subscribe(
         cancel.clone(),
         private,
     ));
-    let deliveries = futures::StreamExt::inspect(channel_stream(rx, cancel), move |item| {
-        if let Ok(delivery) = item
-            && let Some(Position::StreamId(id)) = &delivery.info().position
-            && let Some(key) = EntryId::parse(id)
-        {
-            seen_by.received.lock().insert(key);
-        }
+    let deliveries = futures::StreamExt::map(channel_stream(rx, cancel), move |item| {
+        let delivery = item?;
+        seen_by.received.lock().insert(delivery.acker.key);
+        Ok(delivery.into_delivery())
     });
     Ok(Subscription::new(
         topic,
@@ -123,7 +124,7 @@ async fn read_loop(
     reader: Arc<Reader>,
     mut connection: Connection,
     state: ConnectionState,
-    tx: mpsc::Sender<Vec<Result<Delivery>>>,
+    tx: mpsc::Sender<Vec<Result<Unboxed>>>,
     cancel: CancellationToken,
     private: bool,
 ) {
@@ -288,7 +289,7 @@ async fn to_delivery(
     reader: &Arc<Reader>,
     mut entry: RawEntry,
     attempt: u32,
-) -> Option<Result<Delivery>> {
+) -> Option<Result<Unboxed>> {
     let recorded_at = id_time(&entry.id);
     let decoded = codec::from_stream_fields(
         &entry.id,
@@ -310,20 +311,20 @@ async fn to_delivery(
                 );
                 return Some(Err(set_aside(reader, entry, &err).await));
             };
-            Some(Ok(Delivery::new(
-                Arc::new(message),
-                DeliveryInfo {
+            Some(Ok(UnboxedDelivery {
+                message: Arc::new(message),
+                info: DeliveryInfo {
                     topic: reader.topic.clone(),
                     group: reader.reported_group.clone(),
                     attempt,
                     redelivered: attempt > 1,
                     position: Some(Position::StreamId(entry.id)),
                 },
-                Box::new(StreamAcker {
+                acker: StreamAcker {
                     reader: reader.clone(),
                     key,
-                }),
-            )))
+                },
+            }))
         }
         Err(err) => Some(Err(set_aside(reader, entry, &err).await)),
     }
