@@ -413,71 +413,42 @@ mod tests {
         }
     }
 
-    fn delivery(calls: &Arc<AtomicUsize>) -> Delivery {
-        Delivery::new(
-            Arc::new(Message::new("x")),
-            DeliveryInfo {
+    fn unboxed(calls: &Arc<AtomicUsize>) -> UnboxedDelivery<Counting> {
+        UnboxedDelivery {
+            message: Arc::new(Message::new("x")),
+            info: DeliveryInfo {
                 topic: "t".into(),
                 group: None,
                 attempt: 1,
                 redelivered: false,
                 position: Some(Position::Sequence(7)),
             },
-            Box::new(Counting(calls.clone())),
-        )
-    }
-
-    /// An acker that counts its settlements and its drops.
-    struct Watched {
-        settled: Arc<AtomicUsize>,
-        dropped: Arc<AtomicUsize>,
-    }
-
-    #[async_trait]
-    impl Acknowledge for Watched {
-        async fn settle(self: Box<Self>, _outcome: Settlement) -> Result<()> {
-            self.settled.fetch_add(1, Ordering::SeqCst);
-            Ok(())
+            acker: Counting(calls.clone()),
         }
     }
 
-    impl Drop for Watched {
-        fn drop(&mut self) {
-            self.dropped.fetch_add(1, Ordering::SeqCst);
-        }
+    fn delivery(calls: &Arc<AtomicUsize>) -> Delivery {
+        unboxed(calls).into_delivery()
     }
 
     /// Assembled, an unboxed delivery is the delivery it describes and its acker settles it;
     /// dropped unassembled, its acker is dropped unsettled, as an unsettled delivery's is.
     #[tokio::test]
     async fn an_unboxed_delivery_assembles_into_its_delivery_or_drops_its_acker() {
-        let (settled, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let unboxed = || UnboxedDelivery {
-            message: Arc::new(Message::new("x").with_id("m-1")),
-            info: DeliveryInfo {
-                topic: "t".into(),
-                group: Some("g".into()),
-                attempt: 2,
-                redelivered: true,
-                position: Some(Position::Sequence(7)),
-            },
-            acker: Watched {
-                settled: settled.clone(),
-                dropped: dropped.clone(),
-            },
-        };
-        let delivery = unboxed().into_delivery();
-        assert_eq!(delivery.message().id(), "m-1");
-        assert_eq!(delivery.info().group.as_deref(), Some("g"));
-        assert_eq!(delivery.attempt(), 2);
+        let calls = Arc::new(AtomicUsize::new(0));
+        let delivery = unboxed(&calls).into_delivery();
+        assert_eq!(delivery.message().payload().as_ref(), b"x");
+        assert_eq!(delivery.attempt(), 1);
         assert_eq!(delivery.info().position, Some(Position::Sequence(7)));
         delivery.ack().await.unwrap();
-        assert_eq!(settled.load(Ordering::SeqCst), 1);
-        assert_eq!(dropped.load(Ordering::SeqCst), 1, "settled, then let go");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(Arc::strong_count(&calls), 1, "settled, then let go");
 
-        drop(unboxed());
-        assert_eq!(settled.load(Ordering::SeqCst), 1, "never settled");
-        assert_eq!(dropped.load(Ordering::SeqCst), 2);
+        let held = unboxed(&calls);
+        assert_eq!(Arc::strong_count(&calls), 2);
+        drop(held);
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "never settled");
+        assert_eq!(Arc::strong_count(&calls), 1, "its acker dropped");
     }
 
     #[tokio::test]
