@@ -269,10 +269,9 @@ pub struct Envelope {
 
 /// A delivery not yet assembled: its message, its facts and its acker, unboxed. An adapter
 /// whose reading task is not the application's hands deliveries over in this form and
-/// assembles them with [`UnboxedDelivery::into_delivery`] where the application takes them.
-/// The acker's box is then allocated on the thread that frees it after the settlement:
-/// boxed on the reading task, it was allocated on one thread and freed on another, which
-/// glibc's per-thread cache cannot serve, so both threads took its slow path.
+/// assembles them with [`UnboxedDelivery::into_delivery`] where the application takes them,
+/// so that the acker's box is allocated on the application's task, usually the thread that
+/// settles and frees it, rather than on the reading task's.
 ///
 /// Dropped unassembled, its acker is dropped as an unsettled delivery's is.
 #[derive(Debug)]
@@ -436,9 +435,18 @@ mod tests {
     #[tokio::test]
     async fn an_unboxed_delivery_assembles_into_its_delivery_or_drops_its_acker() {
         let calls = Arc::new(AtomicUsize::new(0));
-        let delivery = unboxed(&calls).into_delivery();
-        assert_eq!(delivery.message().payload().as_ref(), b"x");
-        assert_eq!(delivery.attempt(), 1);
+        let mut parts = unboxed(&calls);
+        parts.message = Arc::new(Message::new("y").with_id("m-1"));
+        parts.info.group = Some("g".into());
+        parts.info.attempt = 3;
+        parts.info.redelivered = true;
+        let delivery = parts.into_delivery();
+        assert_eq!(delivery.message().id(), "m-1");
+        assert_eq!(delivery.message().payload().as_ref(), b"y");
+        assert_eq!(&*delivery.info().topic, "t");
+        assert_eq!(delivery.info().group.as_deref(), Some("g"));
+        assert_eq!(delivery.attempt(), 3);
+        assert!(delivery.info().redelivered);
         assert_eq!(delivery.info().position, Some(Position::Sequence(7)));
         delivery.ack().await.unwrap();
         assert_eq!(calls.load(Ordering::SeqCst), 1);

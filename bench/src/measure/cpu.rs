@@ -18,9 +18,10 @@ pub(crate) struct CpuTime {
     stolen_ticks: u64,
 }
 
-/// The longest a measured run may take. The receive loops being timed have no timeout of
-/// their own (a timer per message would be part of what both sides are timed doing), so a
-/// run that lost a message would otherwise wait for it forever.
+/// The longest a run measured by [`CpuTime::of`] (every run of the backends' comparisons)
+/// may take. The receive loops being timed have no timeout of their own (a timer per message
+/// would be part of what both sides are timed doing), so a run that lost a message would
+/// otherwise wait for it forever.
 pub(crate) const RUN_LIMIT: Duration = Duration::from_secs(600);
 
 impl CpuTime {
@@ -153,7 +154,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     #[should_panic(expected = "a measured run took longer than 600s")]
     async fn a_run_past_the_limit_is_stopped() {
-        CpuTime::of("no-such-broker-process", std::future::pending::<()>()).await;
+        let run = CpuTime::of("no-such-broker-process", std::future::pending::<()>());
+        // Without the limit the run would wait past this bound and fail the test here.
+        let _ = tokio::time::timeout(RUN_LIMIT * 2, run).await;
+        panic!("not stopped at the limit");
     }
 
     /// The client's CPU time is this process's and grows with work done; a broker process

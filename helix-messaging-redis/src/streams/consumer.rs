@@ -16,10 +16,6 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::acker::StreamAcker;
-
-/// A delivery as the reading task makes it: assembled by the subscription's stream, on the
-/// application's task (see [`UnboxedDelivery`]).
-type Unboxed = UnboxedDelivery<StreamAcker>;
 use super::delay::hold_delayed;
 use super::entry::{RawEntry, ceil_ms, id_time, parse_read_reply};
 use super::group::create_group;
@@ -30,6 +26,10 @@ use crate::codec;
 use crate::error::from_redis;
 use crate::shared::{Shared, channel_stream};
 use crate::trim::PRIVATE_GROUP_PREFIX;
+
+/// A delivery as the reading task makes it: assembled by the subscription's stream, on the
+/// application's task (see [`UnboxedDelivery`]).
+type Unboxed = UnboxedDelivery<StreamAcker>;
 
 pub(crate) async fn subscribe(
     shared: &Arc<Shared>,
