@@ -126,8 +126,9 @@ fn await_leaders<C: ClientContext>(client: &Client<C>, topic: &str) {
     }
 }
 
-/// A client that only reads metadata, for [`await_leaders`] on the adapter's side.
-fn metadata_client() -> AdminClient<DefaultClientContext> {
+/// An admin client of `KAFKA_BROKERS`: it creates and deletes the runs' topics and reads
+/// their metadata for [`await_leaders`] on the adapter's side.
+fn admin_client() -> AdminClient<DefaultClientContext> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
@@ -149,10 +150,7 @@ async fn raw_send_first(producer: &FutureProducer, topic: &str) {
 }
 
 async fn raw_create_topic(name: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin = admin_client();
     let topic = NewTopic::new(name, PARTITIONS, TopicReplication::Fixed(1));
     admin
         .create_topics([&topic], &AdminOptions::new())
@@ -164,10 +162,7 @@ async fn raw_create_topic(name: &str) {
 /// every topic in memory; Apache Kafka keeps their segments and indexes open), which would
 /// favour whichever side runs first.
 async fn delete_topic(name: &str) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("admin client");
+    let admin = admin_client();
     if let Err(err) = admin.delete_topics(&[name], &AdminOptions::new()).await {
         eprintln!("deleting {name}: {err}");
     }
@@ -274,7 +269,7 @@ async fn adapter_publish_only(options: &Options, pattern: Pattern) -> Run {
         .create_topics(&[KafkaTopic::new(&topic, PARTITIONS)])
         .await
         .expect("create topic");
-    await_leaders(metadata_client().inner(), &topic);
+    await_leaders(admin_client().inner(), &topic);
     // One message first, as the raw side sends: the producer reads the topic's partitions
     // before it sends its first record there, and the run times publishing.
     broker
@@ -412,7 +407,7 @@ async fn adapter_e2e(options: &Options) -> Run {
         )
         .await
         .expect("subscribe");
-    await_leaders(metadata_client().inner(), &topic);
+    await_leaders(admin_client().inner(), &topic);
     // One message through first, as on the raw side.
     one_through(&broker, &topic, &mut subscription, Message::new(Vec::new())).await;
     let run = publish_and_consume(

@@ -22,7 +22,9 @@ use helix_messaging_core::{Broker, Message, SubscribeOptions, Subscriber};
 use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 use helix_messaging_testkit::drill::Drill;
 use helix_messaging_testkit::faults::{PrivateRabbitMq, rabbitmqctl};
-use helix_messaging_testkit::{Conformance, env_lookup, eventually, log_to_test_output};
+use helix_messaging_testkit::{Conformance, env_lookup, eventually};
+
+mod common;
 
 const PUBLISHERS: usize = 8;
 const EACH: usize = 2_500;
@@ -76,7 +78,7 @@ fn leader_of(queue: &str, any: &PrivateRabbitMq) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_queue_leader_loses_no_confirmed_message() {
-    log_to_test_output("helix_messaging_rabbitmq=info");
+    common::log_to_test_output();
     let mut cluster = PrivateRabbitMq::cluster(3);
     let queue = format!("{TOPIC}.{GROUP}");
     let drill = Drill::new(PUBLISH_PATIENCE);

@@ -14,7 +14,6 @@ use helix_messaging_rabbitmq::{RabbitBroker, RabbitConfig};
 mod common;
 use common::{Vhost, rabbitmqctl};
 use helix_messaging_testkit::faults::{KeepRabbitMqRunning, start_rabbitmq, stop_rabbitmq};
-use helix_messaging_testkit::log_to_test_output;
 
 const MESSAGES: usize = 20_000;
 
@@ -183,7 +182,7 @@ async fn consumers_resume_and_nothing_confirmed_is_lost_when_connections_are_kil
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_confirmed_publish_survives_a_broker_restart() {
     const PUBLISHERS: usize = 8;
-    log_to_test_output("helix_messaging_rabbitmq=info");
+    common::log_to_test_output();
     let _node = NODE.lock().await;
     let vhost = Vhost::new("helix-fault");
     let topic = "fault.restart";
@@ -262,7 +261,7 @@ async fn a_requeue_whose_copy_times_out_still_settles_the_delivery() {
     // requeued), or it would hold its prefetch slot, and the subscription would stall, for as
     // long as its channel lives.
     let _node = NODE.lock().await;
-    log_to_test_output("helix_messaging_rabbitmq=info");
+    common::log_to_test_output();
     let vhost = Vhost::new("helix-slow-requeue");
     // Configured as an operator does, so the variable itself is what is proven here.
     let url = vhost.0.url();
@@ -355,7 +354,7 @@ async fn the_publish_breaker_opens_in_an_outage_and_closes_after_it() {
     use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig, BreakerState};
     use helix_messaging_core::{ErrorKind, HealthStatus};
 
-    log_to_test_output("helix_messaging_rabbitmq=info");
+    common::log_to_test_output();
     let _node = NODE.lock().await;
     let vhost = Vhost::new("helix-breaker");
     let mut config = fault_config(&vhost);
@@ -438,7 +437,7 @@ async fn publishes_during_an_outage_are_spooled_and_forwarded_in_order() {
     use helix_messaging_core::breaker::{BreakerBroker, BreakerConfig};
     use helix_messaging_core::fallback::{FallbackBroker, ForwardConfig, MemorySpool, SpoolLimits};
 
-    log_to_test_output("helix_messaging_rabbitmq=info");
+    common::log_to_test_output();
     let _node = NODE.lock().await;
     let vhost = Vhost::new("helix-spool");
     let mut config = fault_config(&vhost);

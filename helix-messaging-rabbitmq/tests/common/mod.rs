@@ -9,6 +9,12 @@ use futures::StreamExt;
 use helix_messaging_core::{Delivery, Subscription};
 use helix_messaging_rabbitmq::RabbitConfig;
 
+/// The adapter's log in the test output (`RUST_LOG` overrides): its reconnects and
+/// re-created consumers, so a failure shows what supervision was doing.
+pub fn log_to_test_output() {
+    helix_messaging_testkit::log_to_test_output("helix_messaging_rabbitmq=info");
+}
+
 /// Test settings for the server at `url`.
 fn config_for(url: &str) -> RabbitConfig {
     let mut config = RabbitConfig::new(url).expect("RABBITMQ_URL");
