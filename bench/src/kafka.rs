@@ -12,7 +12,9 @@
 //! Two raw baselines, as for RabbitMQ: *like for like* records carry what the adapter needs to
 //! carry a `Message` (id and nanosecond timestamp headers, record timestamp), and the raw
 //! consumer reads those headers back as the adapter does; *minimal* records are bare
-//! payloads.
+//! payloads. A third, *owned* (`--baseline owned`, end to end only), is like for like with
+//! a consumer that copies each record out of the client on a reading task and hands it to
+//! the application's task, as the adapter's subscriptions do.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -187,7 +189,7 @@ async fn raw_publish_all(
         for _ in 0..count {
             let payload = clock.stamped_payload();
             let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(topic).payload(&payload);
-            if baseline == Baseline::LikeForLike {
+            if baseline.carries_metadata() {
                 let now = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .unwrap_or_default();
@@ -371,25 +373,153 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
             async move { raw_publish_all(&producer, &topic, n, batch, clock, baseline).await },
         )
     };
+    if baseline == Baseline::Owned {
+        let latency = consume_owned(consumer, &topic, n, clock, shape(options).prefetch).await;
+        return finish_raw_e2e(n, started, latency, producer, &topic).await;
+    }
     let mut latency = histogram();
     for _ in 0..n {
         let record = consumer.recv().await.expect("record");
         latency.saturating_record(clock.latency_ns(record.payload().expect("payload")));
-        if baseline == Baseline::LikeForLike {
+        if baseline.carries_metadata() {
             read_identity(&record);
         }
         consumer
             .store_offset_from_message(&record)
             .expect("store offset");
     }
+    drop(consumer);
+    finish_raw_e2e(n, started, latency, producer, &topic).await
+}
+
+/// The end of a raw end-to-end run: its time, once the producer's task is done, and the
+/// topic deleted.
+async fn finish_raw_e2e(
+    n: usize,
+    started: Instant,
+    latency: Histogram<u64>,
+    producer: tokio::task::JoinHandle<Histogram<u64>>,
+    topic: &str,
+) -> Run {
     let elapsed = started.elapsed();
     producer.await.unwrap();
-    drop(consumer);
-    delete_topic(&topic).await;
+    delete_topic(topic).await;
     Run {
         messages: n,
         elapsed,
         latency,
+    }
+}
+
+/// A record as a hand-written consumer keeps it once it hands records from a reading task to
+/// the application's: the payload copied out of the client, the identity it carries, and
+/// where its offset goes.
+struct OwnedRecord {
+    payload: Vec<u8>,
+    id: String,
+    nanos: u128,
+    partition: i32,
+    offset: i64,
+}
+
+/// Records a reading task hands over at once at most, in [`Baseline::Owned`]'s consumer.
+const OWNED_BURST: usize = 256;
+
+/// [`Baseline::Owned`]'s consumer: a task of its own reads the records, copies each out of
+/// the client with its identity headers, and sends whatever it found ready (up to
+/// [`OWNED_BURST`]) in one message over a channel holding `prefetch` records; the
+/// application's task takes them in turn and stores their offsets for the background commit
+/// once for each burst (a `store_offset` looks the topic up by name, so a call per record
+/// would charge the raw side for that instead). Returns the latency histogram of `n`
+/// records.
+async fn consume_owned(
+    consumer: StreamConsumer,
+    topic: &str,
+    n: usize,
+    clock: Clock,
+    prefetch: usize,
+) -> Histogram<u64> {
+    use futures::{FutureExt as _, StreamExt as _};
+    let consumer = std::sync::Arc::new(consumer);
+    let (bursts, mut received) =
+        tokio::sync::mpsc::channel::<Vec<OwnedRecord>>(prefetch.div_ceil(OWNED_BURST).max(1));
+    let reader = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            let mut stream = consumer.stream();
+            let mut read = 0;
+            while read < n {
+                let first = stream.next().await.expect("a record").expect("record");
+                let mut burst = Vec::with_capacity(OWNED_BURST.min(n - read));
+                burst.push(owned_record(&first));
+                drop(first);
+                while burst.len() < burst.capacity() {
+                    match stream.next().now_or_never() {
+                        Some(record) => {
+                            let record = record.expect("a record").expect("record");
+                            burst.push(owned_record(&record));
+                        }
+                        None => break,
+                    }
+                }
+                read += burst.len();
+                if bursts.send(burst).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut latency = histogram();
+    let mut stored = [None::<i64>; PARTITIONS as usize];
+    let mut taken = 0;
+    while taken < n {
+        let burst = received
+            .recv()
+            .await
+            .expect("the reader hands over every record");
+        taken += burst.len();
+        for record in burst {
+            latency.saturating_record(clock.latency_ns(&record.payload));
+            assert!(
+                !record.id.is_empty() && record.nanos > 0,
+                "a like-for-like record carries its id and timestamp"
+            );
+            stored[usize::try_from(record.partition).expect("a partition number")] =
+                Some(record.offset);
+        }
+        for (partition, offset) in stored.iter_mut().enumerate() {
+            if let Some(offset) = offset.take() {
+                consumer
+                    .store_offset(topic, partition as i32, offset)
+                    .expect("store offset");
+            }
+        }
+    }
+    reader.await.expect("the reader");
+    latency
+}
+
+/// `record` copied out of the client, with the identity its headers carry.
+fn owned_record(record: &rdkafka::message::BorrowedMessage<'_>) -> OwnedRecord {
+    use rdkafka::message::Headers as _;
+    let (mut id, mut nanos) = (None, None);
+    let headers = record
+        .headers()
+        .expect("like-for-like records carry headers");
+    for header in headers.iter() {
+        let text = header.value.and_then(|v| std::str::from_utf8(v).ok());
+        match header.key {
+            "x-helix-id" => id = text.map(str::to_owned),
+            "x-helix-timestamp-ns" => nanos = text.and_then(|v| v.parse().ok()),
+            _ => {}
+        }
+    }
+    OwnedRecord {
+        payload: record.payload().expect("payload").to_vec(),
+        id: id.expect("a like-for-like record carries its id"),
+        nanos: nanos.expect("a like-for-like record carries its timestamp"),
+        partition: record.partition(),
+        offset: record.offset(),
     }
 }
 

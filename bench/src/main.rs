@@ -46,7 +46,7 @@ use std::process::ExitCode;
 use measure::Options;
 
 fn usage() -> &'static str {
-    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME|=NAME] [--peak] [--side adapter|raw] [--baseline like|minimal] [--chunk N] [--prefetch N]"
+    "usage: helix-messaging-bench memory|redis|rabbitmq|kafka|layers|redrive|replay|replay-peak|spool|admin-dlq [--messages N] [--size BYTES] [--runs R] [--filter NAME|=NAME] [--peak] [--side adapter|raw] [--baseline like|minimal|owned] [--chunk N] [--prefetch N]"
 }
 
 fn main() -> ExitCode {
@@ -62,6 +62,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if options.baseline == Some(measure::Baseline::Owned) && scenario != "kafka" {
+        eprintln!("--baseline owned is Kafka's end to end only\n{}", usage());
+        return ExitCode::FAILURE;
+    }
     // `RUST_LOG=helix_messaging_rabbitmq=debug` shows what an adapter is doing during a run.
     if std::env::var_os("RUST_LOG").is_some() {
         tracing_subscriber::fmt()

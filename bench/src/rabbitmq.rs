@@ -90,7 +90,7 @@ async fn raw_setup(connection: &Connection, key: &str, baseline: Baseline) -> Ch
         .await
         .unwrap();
     let mut args = FieldTable::default();
-    if baseline == Baseline::LikeForLike {
+    if baseline.carries_metadata() {
         args.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
         args.insert("x-dead-letter-exchange".into(), text(""));
         args.insert("x-dead-letter-routing-key".into(), text("bench.dlq"));
@@ -149,7 +149,7 @@ async fn raw_publish_all(
             let payload = clock.stamped_payload();
             let properties = match baseline {
                 Baseline::Minimal => persistent.clone(),
-                Baseline::LikeForLike => {
+                Baseline::LikeForLike | Baseline::Owned => {
                     let now = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
                         .unwrap_or_default();

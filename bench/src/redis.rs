@@ -151,7 +151,7 @@ async fn publish_only(
     // For publish-only runs the latency columns are batch round trips.
     let latency = if let Some(baseline) = raw {
         let conn = raw_connection().await;
-        let metadata = baseline == Baseline::LikeForLike;
+        let metadata = baseline.carries_metadata();
         // Concurrent callers share the one multiplexed connection.
         raw_publishing(n, shape(options).batch, pattern, |count, batch| {
             let (mut conn, topic) = (conn.clone(), topic.clone());
@@ -213,7 +213,7 @@ async fn raw_pubsub_e2e(options: &Options, baseline: Baseline) -> Run {
         .unwrap();
     subscriber.subscribe(&topic).await.unwrap();
     let started = Instant::now();
-    let metadata = baseline == Baseline::LikeForLike;
+    let metadata = baseline.carries_metadata();
     let producer = spawn_raw_producer(false, metadata, &topic, n, shape(options).batch, clock);
     let mut latency = histogram();
     let mut messages = subscriber.on_message();
@@ -256,7 +256,7 @@ return missing
 /// The raw Streams consumer: each read acked in one command, as `ack` says. Like for like,
 /// its producer writes the adapter's metadata; minimal, bare entries.
 async fn raw_streams_e2e(options: &Options, baseline: Baseline, ack: RawAck) -> Run {
-    let metadata = baseline == Baseline::LikeForLike;
+    let metadata = baseline.carries_metadata();
     let clock = Clock::new(options.size);
     let topic = topic("e2e-raw-streams");
     let n = options.messages;

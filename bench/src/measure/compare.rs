@@ -55,8 +55,11 @@ fn median_of(values: &[f64]) -> f64 {
     }
 }
 
-/// Run every scenario of `scenarios` against both raw baselines (like for like first),
-/// `options.runs` times each, and print every run, the medians, the ratios and a summary line.
+/// The scenario [`Baseline::Owned`] applies to.
+const OWNED_SCENARIO: &str = "end to end";
+
+/// Run every scenario of `scenarios` against both raw baselines (like for like first; and
+/// end to end against [`Baseline::Owned`] when `--baseline owned` asks), `options.runs` times each, and print every run, the medians, the ratios and a summary line.
 /// `raw(scenario, baseline)` and `ours(scenario)` measure one run; a scenario is its index
 /// in `scenarios`.
 pub(crate) async fn compare_baselines<R, RF, O, OF>(
@@ -72,16 +75,24 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
     O: Fn(usize) -> OF,
     OF: Future<Output = Run>,
 {
-    let comparisons = [Baseline::LikeForLike, Baseline::Minimal]
+    let comparisons = [Baseline::LikeForLike, Baseline::Minimal, Baseline::Owned]
         .into_iter()
         .flat_map(|baseline| {
-            scenarios.iter().enumerate().map(move |(scenario, name)| {
-                let name = match baseline {
-                    Baseline::LikeForLike => (*name).to_owned(),
-                    Baseline::Minimal => format!("{name} vs minimal raw"),
-                };
-                (name, scenario, baseline)
-            })
+            scenarios
+                .iter()
+                .enumerate()
+                .filter_map(move |(scenario, name)| {
+                    let name = match baseline {
+                        Baseline::LikeForLike => (*name).to_owned(),
+                        Baseline::Minimal => format!("{name} vs minimal raw"),
+                        // Only asked for, and only where a consumer hands records over.
+                        Baseline::Owned if *name == OWNED_SCENARIO => {
+                            format!("{name} vs owned raw")
+                        }
+                        Baseline::Owned => return None,
+                    };
+                    Some((name, scenario, baseline))
+                })
         });
     let mut results = Vec::new();
     // Time each side ran: the client's and the broker's CPU time, per run and in all.
@@ -92,6 +103,7 @@ pub(crate) async fn compare_baselines<R, RF, O, OF>(
     for (name, scenario, baseline) in comparisons {
         if options.filter.as_deref().is_some_and(|f| !filter_matches(f, &name))
             || options.baseline.is_some_and(|b| b != baseline)
+            || (baseline == Baseline::Owned && options.baseline != Some(Baseline::Owned))
             // The adapter's run does not depend on the raw baseline: once is enough.
             || (options.side == Some(Side::Adapter) && baseline == Baseline::Minimal)
         {

@@ -65,7 +65,8 @@ impl Options {
                 options.baseline = match it.next().map(String::as_str) {
                     Some("like") => Some(Baseline::LikeForLike),
                     Some("minimal") => Some(Baseline::Minimal),
-                    _ => return Err("--baseline needs like or minimal".into()),
+                    Some("owned") => Some(Baseline::Owned),
+                    _ => return Err("--baseline needs like, minimal or owned".into()),
                 };
                 continue;
             }
@@ -220,6 +221,18 @@ pub(crate) enum Baseline {
     LikeForLike,
     /// Bare payloads: the ratio adds what the metadata costs.
     Minimal,
+    /// Like for like, and the raw consumer hands each record, copied out of the client, from
+    /// a reading task to the application's task, as the adapter's subscriptions hand over
+    /// owned deliveries: what that ownership costs, paid on the raw side too. Kafka's end to
+    /// end only, and only when asked for (`--baseline owned`).
+    Owned,
+}
+
+impl Baseline {
+    /// Whether the raw side's messages carry the adapter's metadata (id and timestamp).
+    pub(crate) fn carries_metadata(self) -> bool {
+        matches!(self, Baseline::LikeForLike | Baseline::Owned)
+    }
 }
 
 #[cfg(test)]
@@ -247,6 +260,9 @@ mod tests {
         assert_eq!(options.baseline, Some(Baseline::LikeForLike));
         let options = Options::parse(&args(&["--baseline", "minimal"])).unwrap();
         assert_eq!(options.baseline, Some(Baseline::Minimal));
+        let options = Options::parse(&args(&["--baseline", "owned"])).unwrap();
+        assert_eq!(options.baseline, Some(Baseline::Owned));
+        assert!(Baseline::Owned.carries_metadata() && !Baseline::Minimal.carries_metadata());
         assert!(Options::parse(&args(&["--baseline", "both"])).is_err());
         assert_eq!(Options::parse(&[]).unwrap().baseline, None);
     }
