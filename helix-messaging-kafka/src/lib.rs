@@ -33,6 +33,7 @@ mod offsets;
 mod reader;
 mod rebalance;
 mod reconnects;
+mod reports;
 mod retry_lane;
 mod shared;
 mod topics;
@@ -175,13 +176,24 @@ impl Publisher for KafkaBroker {
             return BatchReport::all_failed(total, &err);
         }
         // Every record goes to the producer before any report is awaited: librdkafka batches
-        // them, and the reports arrive together.
+        // them, and the reports arrive together. The first verdict asked for waits for them
+        // all, once; each record's is then looked up by the key its slot was made with.
         let shared = &self.shared;
         let kafka_topic = &kafka_topic;
+        let reports = &shared.pending_reports();
+        let mut next_key = 0;
         BatchReport::pipelined(
             messages,
-            |message| async move { shared.enqueue_waiting(kafka_topic, &message).await },
-            |report| shared.delivered(kafka_topic, report),
+            |message| {
+                let key = next_key;
+                next_key += 1;
+                let slot = reports.slot(key);
+                async move {
+                    shared.enqueue_waiting(kafka_topic, &message, slot).await?;
+                    Ok(key)
+                }
+            },
+            |key| reports.delivered(key, kafka_topic),
         )
         .await
     }

@@ -92,12 +92,16 @@ impl RetryLane {
     ) -> Result<()> {
         self.ensure_started().await?;
         let shared = &self.shared;
-        let report = shared.enqueue_with(
-            &shared.retry_producer()?,
-            &self.kafka_topic,
-            message,
-            wire::retry_headers(message, attempt, not_before),
-        )?;
-        shared.delivered(&self.kafka_topic, report).await
+        let reports = shared.pending_reports();
+        shared
+            .enqueue_with(
+                &shared.retry_producer()?,
+                &self.kafka_topic,
+                message,
+                wire::retry_headers(message, attempt, not_before),
+                reports.slot(0),
+            )
+            .map_err(|(err, _)| err)?;
+        reports.delivered(0, &self.kafka_topic).await
     }
 }

@@ -3,88 +3,20 @@
 //! publish retry copies and watch for close through it) so that they need nothing from the
 //! crate root, which is built on them.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::task::{Context, Poll};
-
-use futures::FutureExt;
-use futures::future::{BoxFuture, Shared as SharedFuture};
 
 use helix_messaging_core::{Error, ErrorKind, Message, Result, check_payload_size, within};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::BaseRecord;
 use tokio::sync::watch;
 
 use crate::config::{KafkaConfig, NAME};
 use crate::error::from_kafka;
 use crate::reconnects::StatsContext;
+pub(crate) use crate::reports::HelixProducer;
+use crate::reports::{PendingReports, Slot, Unsettled};
 use crate::topics::Topics;
 use crate::wire;
-
-/// The adapter's producers, whose statistics count their reconnects.
-pub(crate) type HelixProducer = FutureProducer<StatsContext>;
-
-/// Delivery reports of records whose publishers stopped waiting for them, until they are in.
-///
-/// Dropping a publish does not take its record back from the producer, which still delivers
-/// it: a replay run stopped mid-publish (killed, or its lease lost) leaves its copy there,
-/// and the run resuming it on the same handle searches the target for the copies published
-/// before. A history read waits for these first ([`Shared::settle`]), or it would miss such
-/// a copy and the replay publish it twice.
-#[derive(Default)]
-pub(crate) struct Unsettled(parking_lot::Mutex<Vec<SharedFuture<BoxFuture<'static, ()>>>>);
-
-impl Unsettled {
-    fn keep(&self, report: DeliveryFuture) {
-        let report = report.map(drop).boxed().shared();
-        if report.clone().now_or_never().is_none() {
-            let mut held = self.0.lock();
-            Self::prune(&mut held);
-            held.push(report);
-        }
-    }
-
-    /// The reports not in yet.
-    fn in_flight(&self) -> Vec<SharedFuture<BoxFuture<'static, ()>>> {
-        let mut held = self.0.lock();
-        Self::prune(&mut held);
-        held.clone()
-    }
-
-    /// Drop the reports already in: only what is in flight is held.
-    fn prune(held: &mut Vec<SharedFuture<BoxFuture<'static, ()>>>) {
-        held.retain(|r| r.clone().now_or_never().is_none());
-    }
-}
-
-/// A record's delivery report. Dropped before the report is in, it is kept in the handle's
-/// [`Unsettled`], for history reads to wait for.
-pub(crate) struct Report {
-    future: Option<DeliveryFuture>,
-    unsettled: Arc<Unsettled>,
-}
-
-impl Future for Report {
-    type Output = <DeliveryFuture as Future>::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let Some(future) = self.future.as_mut() else {
-            return Poll::Ready(Err(futures::channel::oneshot::Canceled));
-        };
-        let report = std::task::ready!(future.poll_unpin(cx));
-        self.future = None;
-        Poll::Ready(report)
-    }
-}
-
-impl Drop for Report {
-    fn drop(&mut self) {
-        if let Some(future) = self.future.take() {
-            self.unsettled.keep(future);
-        }
-    }
-}
 
 /// What the broker handle and every subscription and delivery share.
 pub(crate) struct Shared {
@@ -125,9 +57,9 @@ impl Shared {
         }
     }
 
-    /// Hand one record to the producer; the returned future resolves with its delivery report.
-    fn enqueue(&self, kafka_topic: &str, message: &Message) -> Result<Report> {
-        self.enqueue_with(&self.producer, kafka_topic, message, wire::headers(message))
+    /// A publishing call's delivery reports (see [`PendingReports`]).
+    pub(crate) fn pending_reports(&self) -> PendingReports {
+        PendingReports::new(self.unsettled.clone())
     }
 
     /// The producer of retry-topic copies, created on first use, with no linger: a delayed
@@ -152,28 +84,36 @@ impl Shared {
         Ok(producer)
     }
 
-    /// [`Shared::enqueue`] through `producer` with the record headers given.
+    /// Hand one record to `producer` with the record headers given; its report settles
+    /// `slot`.
+    ///
+    /// # Errors
+    /// The producer's refusal (a full queue is a retryable [`ErrorKind::Timeout`]), or a
+    /// payload over the size limit, with `slot` back for another try.
     pub(crate) fn enqueue_with(
         &self,
         producer: &HelixProducer,
         kafka_topic: &str,
         message: &Message,
         headers: rdkafka::message::OwnedHeaders,
-    ) -> Result<Report> {
-        check_payload_size(NAME, message, self.config.max_payload_bytes)?;
-        let mut record: FutureRecord<'_, str, [u8]> = FutureRecord::to(kafka_topic)
-            .payload(message.payload().as_ref())
-            .timestamp(wire::millis(message.timestamp()))
-            .headers(headers);
+        slot: Box<Slot>,
+    ) -> std::result::Result<(), (Error, Box<Slot>)> {
+        if let Err(err) = check_payload_size(NAME, message, self.config.max_payload_bytes) {
+            return Err((err, slot));
+        }
+        let mut record: BaseRecord<'_, str, [u8], Box<Slot>> =
+            BaseRecord::with_opaque_to(kafka_topic, slot)
+                .payload(message.payload().as_ref())
+                .timestamp(wire::millis(message.timestamp()))
+                .headers(headers);
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        let future = producer
-            .send_result(record)
-            .map_err(|(err, _)| from_kafka(err, format!("publishing to {kafka_topic}")))?;
-        Ok(Report {
-            future: Some(future),
-            unsettled: self.unsettled.clone(),
+        producer.send(record).map_err(|(err, record)| {
+            (
+                from_kafka(err, format!("publishing to {kafka_topic}")),
+                record.delivery_opaque,
+            )
         })
     }
 
@@ -185,28 +125,19 @@ impl Shared {
     /// # Errors
     /// A retryable [`ErrorKind::Timeout`] when they are not all in by then.
     pub(crate) async fn settle(&self) -> Result<()> {
-        let reports = self.unsettled.in_flight();
-        if reports.is_empty() {
+        let calls = self.unsettled.in_flight();
+        if calls.is_empty() {
             return Ok(());
         }
         let limit = self.config.publish_timeout + self.config.request_timeout;
         within(
             limit,
             "the delivery reports of records published before the read",
-            futures::future::join_all(reports),
+            futures::future::join_all(calls.iter().map(|reports| reports.all_in())),
         )
         .await
         .map(drop)
         .map_err(|err| err.with_retryable(true))
-    }
-
-    /// The broker's verdict on one record.
-    pub(crate) async fn delivered(&self, kafka_topic: &str, report: Report) -> Result<()> {
-        match report.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((err, _))) => Err(from_kafka(err, format!("publishing to {kafka_topic}"))),
-            Err(_) => Err(Error::closed("the kafka producer")),
-        }
     }
 
     /// Publish one message to `topic` (as the application names it) and wait for its report.
@@ -214,29 +145,40 @@ impl Shared {
     pub(crate) async fn publish_one(&self, topic: &str, message: &Message) -> Result<()> {
         let kafka_topic = self.config.kafka_topic_ref(topic);
         self.topics.ensure(&self.config, &kafka_topic).await?;
-        let report = self.enqueue_waiting(&kafka_topic, message).await?;
-        self.delivered(&kafka_topic, report).await
+        let reports = self.pending_reports();
+        self.enqueue_waiting(&kafka_topic, message, reports.slot(0))
+            .await?;
+        reports.delivered(0, &kafka_topic).await
     }
 
-    /// [`Shared::enqueue`], waiting while the producer's queue is full.
+    /// Hand `message` to the handle's producer, its report settling `slot`, waiting while
+    /// the producer's queue is full.
+    ///
+    /// # Errors
+    /// As [`Shared::enqueue_with`]; a queue that stays full for the publish timeout is a
+    /// retryable [`ErrorKind::Timeout`].
     pub(crate) async fn enqueue_waiting(
         &self,
         kafka_topic: &str,
         message: &Message,
-    ) -> Result<Report> {
+        mut slot: Box<Slot>,
+    ) -> Result<()> {
         // The clock is read only once the queue is full: this runs for every record.
         let mut deadline = None;
         loop {
-            match self.enqueue(kafka_topic, message) {
-                Err(err) if err.kind() == ErrorKind::Timeout && err.is_retryable() => {
+            let headers = wire::headers(message);
+            match self.enqueue_with(&self.producer, kafka_topic, message, headers, slot) {
+                Err((err, back)) if err.kind() == ErrorKind::Timeout && err.is_retryable() => {
                     let now = tokio::time::Instant::now();
                     if now >= *deadline.get_or_insert(now + self.config.publish_timeout) {
                         return Err(err);
                     }
+                    slot = back;
                     // The queue is full: the delivery reports of earlier records free it.
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
-                other => return other,
+                Err((err, _)) => return Err(err),
+                Ok(()) => return Ok(()),
             }
         }
     }
