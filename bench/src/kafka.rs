@@ -302,27 +302,31 @@ async fn adapter_publish_only(options: &Options, pattern: Pattern) -> Run {
 /// producer sent in headers, which the adapter reads to give each delivery its `Message`.
 /// A consumer that deduplicates, traces or orders by them reads them as well.
 fn read_identity(record: &rdkafka::message::BorrowedMessage<'_>) {
+    let (id, nanos) = identity(record);
+    assert!(
+        id.is_some_and(|id| !id.is_empty()) && nanos.is_some(),
+        "a like-for-like record carries its id and timestamp"
+    );
+}
+
+/// The id and nanosecond timestamp a like-for-like record's headers carry.
+fn identity<'a>(
+    record: &'a rdkafka::message::BorrowedMessage<'_>,
+) -> (Option<&'a str>, Option<u128>) {
     use rdkafka::message::Headers as _;
     let headers = record
         .headers()
         .expect("like-for-like records carry headers");
     let (mut id, mut nanos) = (None, None);
     for header in headers.iter() {
+        let text = header.value.and_then(|v| std::str::from_utf8(v).ok());
         match header.key {
-            "x-helix-id" => id = header.value.and_then(|v| std::str::from_utf8(v).ok()),
-            "x-helix-timestamp-ns" => {
-                nanos = header
-                    .value
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|v| v.parse::<u128>().ok());
-            }
+            "x-helix-id" => id = text,
+            "x-helix-timestamp-ns" => nanos = text.and_then(|v| v.parse::<u128>().ok()),
             _ => {}
         }
     }
-    assert!(
-        id.is_some_and(|id| !id.is_empty()) && nanos.is_some(),
-        "a like-for-like record carries its id and timestamp"
-    );
+    (id, nanos)
 }
 
 async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
@@ -373,37 +377,28 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
             async move { raw_publish_all(&producer, &topic, n, batch, clock, baseline).await },
         )
     };
-    if baseline == Baseline::Owned {
-        let latency = consume_owned(consumer, &topic, n, clock, shape(options).prefetch).await;
-        return finish_raw_e2e(n, started, latency, producer, &topic).await;
-    }
-    let mut latency = histogram();
-    for _ in 0..n {
-        let record = consumer.recv().await.expect("record");
-        latency.saturating_record(clock.latency_ns(record.payload().expect("payload")));
-        if baseline.carries_metadata() {
-            read_identity(&record);
+    // The consumer is dropped only after the clock is read: a group consumer's drop leaves
+    // the group and commits, which the adapter's side does after its clock too.
+    let (latency, consumer) = if baseline == Baseline::Owned {
+        consume_owned(consumer, &topic, n, clock, shape(options).prefetch).await
+    } else {
+        let mut latency = histogram();
+        for _ in 0..n {
+            let record = consumer.recv().await.expect("record");
+            latency.saturating_record(clock.latency_ns(record.payload().expect("payload")));
+            if baseline.carries_metadata() {
+                read_identity(&record);
+            }
+            consumer
+                .store_offset_from_message(&record)
+                .expect("store offset");
         }
-        consumer
-            .store_offset_from_message(&record)
-            .expect("store offset");
-    }
-    drop(consumer);
-    finish_raw_e2e(n, started, latency, producer, &topic).await
-}
-
-/// The end of a raw end-to-end run: its time, once the producer's task is done, and the
-/// topic deleted.
-async fn finish_raw_e2e(
-    n: usize,
-    started: Instant,
-    latency: Histogram<u64>,
-    producer: tokio::task::JoinHandle<Histogram<u64>>,
-    topic: &str,
-) -> Run {
+        (latency, std::sync::Arc::new(consumer))
+    };
     let elapsed = started.elapsed();
     producer.await.unwrap();
-    delete_topic(topic).await;
+    drop(consumer);
+    delete_topic(&topic).await;
     Run {
         messages: n,
         elapsed,
@@ -427,18 +422,18 @@ const OWNED_BURST: usize = 256;
 
 /// [`Baseline::Owned`]'s consumer: a task of its own reads the records, copies each out of
 /// the client with its identity headers, and sends whatever it found ready (up to
-/// [`OWNED_BURST`]) in one message over a channel holding `prefetch` records; the
-/// application's task takes them in turn and stores their offsets for the background commit
-/// once for each burst (a `store_offset` looks the topic up by name, so a call per record
-/// would charge the raw side for that instead). Returns the latency histogram of `n`
-/// records.
+/// [`OWNED_BURST`]) in one message over a channel of `prefetch / OWNED_BURST` such bursts;
+/// the application's task takes them in turn and stores their offsets for the background
+/// commit once for each burst (a `store_offset` looks the topic up by name, so a call per
+/// record would charge the raw side for that instead). Returns the latency histogram of `n`
+/// records, and the consumer, for the caller to drop once its clock is read.
 async fn consume_owned(
     consumer: StreamConsumer,
     topic: &str,
     n: usize,
     clock: Clock,
     prefetch: usize,
-) -> Histogram<u64> {
+) -> (Histogram<u64>, std::sync::Arc<StreamConsumer>) {
     use futures::{FutureExt as _, StreamExt as _};
     let consumer = std::sync::Arc::new(consumer);
     let (bursts, mut received) =
@@ -450,10 +445,11 @@ async fn consume_owned(
             let mut read = 0;
             while read < n {
                 let first = stream.next().await.expect("a record").expect("record");
-                let mut burst = Vec::with_capacity(OWNED_BURST.min(n - read));
+                let limit = OWNED_BURST.min(n - read);
+                let mut burst = Vec::with_capacity(limit);
                 burst.push(owned_record(&first));
                 drop(first);
-                while burst.len() < burst.capacity() {
+                while burst.len() < limit {
                     match stream.next().now_or_never() {
                         Some(record) => {
                             let record = record.expect("a record").expect("record");
@@ -473,10 +469,11 @@ async fn consume_owned(
     let mut stored = [None::<i64>; PARTITIONS as usize];
     let mut taken = 0;
     while taken < n {
-        let burst = received
-            .recv()
-            .await
-            .expect("the reader hands over every record");
+        let Some(burst) = received.recv().await else {
+            // The reader ended early: its panic says why.
+            reader.await.expect("the reader");
+            panic!("the reader handed over {taken} of {n} records");
+        };
         taken += burst.len();
         for record in burst {
             latency.saturating_record(clock.latency_ns(&record.payload));
@@ -496,27 +493,17 @@ async fn consume_owned(
         }
     }
     reader.await.expect("the reader");
-    latency
+    (latency, consumer)
 }
 
 /// `record` copied out of the client, with the identity its headers carry.
 fn owned_record(record: &rdkafka::message::BorrowedMessage<'_>) -> OwnedRecord {
-    use rdkafka::message::Headers as _;
-    let (mut id, mut nanos) = (None, None);
-    let headers = record
-        .headers()
-        .expect("like-for-like records carry headers");
-    for header in headers.iter() {
-        let text = header.value.and_then(|v| std::str::from_utf8(v).ok());
-        match header.key {
-            "x-helix-id" => id = text.map(str::to_owned),
-            "x-helix-timestamp-ns" => nanos = text.and_then(|v| v.parse().ok()),
-            _ => {}
-        }
-    }
+    let (id, nanos) = identity(record);
     OwnedRecord {
         payload: record.payload().expect("payload").to_vec(),
-        id: id.expect("a like-for-like record carries its id"),
+        id: id
+            .expect("a like-for-like record carries its id")
+            .to_owned(),
         nanos: nanos.expect("a like-for-like record carries its timestamp"),
         partition: record.partition(),
         offset: record.offset(),

@@ -32,6 +32,11 @@ fn classify(code: RDKafkaErrorCode) -> (ErrorKind, bool) {
     }
 }
 
+/// The producer's refusal or failure of a record bound for `kafka_topic`.
+pub(crate) fn publishing(err: KafkaError, kafka_topic: &str) -> Error {
+    from_kafka(err, format!("publishing to {kafka_topic}"))
+}
+
 /// Map an rdkafka error met while `doing` something.
 pub(crate) fn from_kafka(err: KafkaError, doing: impl Display) -> Error {
     let (kind, retryable) = match &err {

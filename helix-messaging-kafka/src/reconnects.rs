@@ -138,7 +138,8 @@ impl Reconnects {
     }
 }
 
-/// The context of the adapter's producers: counts their reconnects.
+/// The context of the adapter's producers: counts their reconnects, and (in `reports`) takes
+/// each record's delivery report to its call.
 #[derive(Default)]
 pub(crate) struct StatsContext {
     reconnects: Reconnects,

@@ -15,7 +15,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::producer::{DeliveryResult, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
-use crate::error::from_kafka;
+use crate::error::publishing;
 use crate::reconnects::StatsContext;
 
 /// The adapter's producers: each record's report settles its [`Slot`]; their statistics
@@ -37,8 +37,10 @@ impl ProducerContext for StatsContext {
 enum Failure {
     /// The producer reported this error.
     Refused(KafkaError),
-    /// The producer let the record go without a report (it was refused before it was
-    /// taken, or dropped with the producer).
+    /// The record's slot was dropped without a report or a withdrawal: the call was dropped
+    /// before it handed the record over. (Records still in the producer when it is destroyed
+    /// get a report of their purge; any left after that are never reported, their slots
+    /// never dropped, as rdkafka's own futures never resolved then.)
     Unreported,
 }
 
@@ -58,8 +60,8 @@ pub(crate) struct Reports {
 }
 
 impl Reports {
-    /// The slot of one more record, reported under `key`. Counted from now: a slot dropped
-    /// without being handed to the producer settles as a failure nobody asks about.
+    /// The slot of one more record, reported under `key`. Counted from now: a record the
+    /// producer refuses has its slot withdrawn ([`Slot::withdraw`]).
     pub(crate) fn slot(self: &Arc<Self>, key: usize) -> Box<Slot> {
         self.outstanding.fetch_add(1, Ordering::AcqRel);
         Box::new(Slot {
@@ -84,6 +86,11 @@ impl Reports {
 
     /// Wait until every slot made so far is settled.
     pub(crate) async fn all_in(&self) {
+        // Usually already so when asked: the notification is only registered for when a
+        // report is still out.
+        if self.is_in() {
+            return;
+        }
         loop {
             let notified = self.all_in.notified();
             tokio::pin!(notified);
@@ -96,28 +103,33 @@ impl Reports {
     }
 }
 
-/// One record's place in its call's [`Reports`]: the producer's delivery opaque. Dropped
-/// without a report (the producer refused the record, or let it go when it was destroyed),
-/// it settles as failed.
+/// One record's place in its call's [`Reports`]: the producer's delivery opaque. Settled by
+/// the record's report, withdrawn when the producer refuses the record, and settled as
+/// [`Failure::Unreported`] when dropped otherwise.
 pub(crate) struct Slot {
     reports: Option<Arc<Reports>>,
     key: usize,
 }
 
 impl Slot {
-    /// Settle with `failure` (`None`: delivered).
+    /// Settle with `failure` (`None`: delivered), once.
     fn settle(&mut self, failure: Option<Failure>) {
         if let Some(reports) = self.reports.take() {
             reports.settle(self.key, failure);
         }
     }
+
+    /// Take the record out of its call's count without a verdict: the producer refused it,
+    /// and the caller reports that error itself (a failure recorded here would only make
+    /// every other verdict of the call search the failures).
+    pub(crate) fn withdraw(&mut self) {
+        self.settle(None);
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(reports) = self.reports.take() {
-            reports.settle(self.key, Some(Failure::Unreported));
-        }
+        self.settle(Some(Failure::Unreported));
     }
 }
 
@@ -135,15 +147,20 @@ pub(crate) struct Unsettled(parking_lot::Mutex<Vec<Arc<Reports>>>);
 impl Unsettled {
     fn keep(&self, reports: Arc<Reports>) {
         let mut held = self.0.lock();
-        held.retain(|r| !r.is_in());
+        Self::prune(&mut held);
         held.push(reports);
     }
 
     /// The calls whose reports are not all in yet.
     pub(crate) fn in_flight(&self) -> Vec<Arc<Reports>> {
         let mut held = self.0.lock();
-        held.retain(|r| !r.is_in());
+        Self::prune(&mut held);
         held.clone()
+    }
+
+    /// Let go of the calls whose reports are all in: only what is in flight is held.
+    fn prune(held: &mut Vec<Arc<Reports>>) {
+        held.retain(|r| !r.is_in());
     }
 }
 
@@ -175,11 +192,7 @@ impl PendingReports {
     /// [`ErrorKind::Closed`](helix_messaging_core::ErrorKind::Closed) when the producer let
     /// it go without a report.
     pub(crate) async fn delivered(&self, key: usize, kafka_topic: &str) -> Result<()> {
-        // Asked once a record, and usually once every report is in: the notification is
-        // only waited for when one is still out.
-        if !self.reports.is_in() {
-            self.reports.all_in().await;
-        }
+        self.reports.all_in().await;
         if self.reports.failed.load(Ordering::Acquire) == 0 {
             return Ok(());
         }
@@ -191,9 +204,7 @@ impl PendingReports {
         };
         match failure {
             None => Ok(()),
-            Some(Failure::Refused(err)) => {
-                Err(from_kafka(err, format!("publishing to {kafka_topic}")))
-            }
+            Some(Failure::Refused(err)) => Err(publishing(err, kafka_topic)),
             Some(Failure::Unreported) => Err(Error::closed("the kafka producer")),
         }
     }
@@ -241,6 +252,32 @@ mod tests {
             outcomes[1].is_err() && outcomes[1] != Err(helix_messaging_core::ErrorKind::Closed)
         );
         assert_eq!(outcomes[2], Err(helix_messaging_core::ErrorKind::Closed));
+        assert!(unsettled.in_flight().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_withdrawn_record_is_out_of_the_count_and_leaves_the_others_verdicts_alone() {
+        let pending = PendingReports::new(Arc::default());
+        let (mut refused, mut delivered) = (pending.slot(0), pending.slot(1));
+        refused.withdraw();
+        delivered.settle(None);
+        drop((refused, delivered));
+        tokio::time::timeout(std::time::Duration::from_secs(5), pending.delivered(1, "t"))
+            .await
+            .expect("no report is out")
+            .expect("the delivered record's verdict");
+        assert_eq!(pending.reports.failed.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_call_dropped_before_it_handed_a_record_over_holds_no_read_up() {
+        let unsettled = Arc::new(Unsettled::default());
+        let pending = PendingReports::new(unsettled.clone());
+        // Made, and dropped with the call before the producer took it (a full queue).
+        let slot = pending.slot(0);
+        drop(pending);
+        assert_eq!(unsettled.in_flight().len(), 1);
+        drop(slot);
         assert!(unsettled.in_flight().is_empty());
     }
 

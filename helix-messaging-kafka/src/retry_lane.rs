@@ -101,7 +101,10 @@ impl RetryLane {
                 wire::retry_headers(message, attempt, not_before),
                 reports.slot(0),
             )
-            .map_err(|(err, _)| err)?;
+            .map_err(|(err, mut refused)| {
+                refused.withdraw();
+                err
+            })?;
         reports.delivered(0, &self.kafka_topic).await
     }
 }

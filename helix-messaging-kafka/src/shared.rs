@@ -11,7 +11,7 @@ use rdkafka::producer::BaseRecord;
 use tokio::sync::watch;
 
 use crate::config::{KafkaConfig, NAME};
-use crate::error::from_kafka;
+use crate::error::publishing;
 use crate::reconnects::StatsContext;
 pub(crate) use crate::reports::HelixProducer;
 use crate::reports::{PendingReports, Slot, Unsettled};
@@ -109,12 +109,9 @@ impl Shared {
         if let Some(key) = message.key() {
             record = record.key(key);
         }
-        producer.send(record).map_err(|(err, record)| {
-            (
-                from_kafka(err, format!("publishing to {kafka_topic}")),
-                record.delivery_opaque,
-            )
-        })
+        producer
+            .send(record)
+            .map_err(|(err, record)| (publishing(err, kafka_topic), record.delivery_opaque))
     }
 
     /// Wait for the delivery reports of the records whose publishers stopped waiting for
@@ -155,8 +152,8 @@ impl Shared {
     /// the producer's queue is full.
     ///
     /// # Errors
-    /// As [`Shared::enqueue_with`]; a queue that stays full for the publish timeout is a
-    /// retryable [`ErrorKind::Timeout`].
+    /// As [`Shared::enqueue_with`], with `slot` withdrawn; a queue that stays full for the
+    /// publish timeout is a retryable [`ErrorKind::Timeout`].
     pub(crate) async fn enqueue_waiting(
         &self,
         kafka_topic: &str,
@@ -170,14 +167,18 @@ impl Shared {
             match self.enqueue_with(&self.producer, kafka_topic, message, headers, slot) {
                 Err((err, back)) if err.kind() == ErrorKind::Timeout && err.is_retryable() => {
                     let now = tokio::time::Instant::now();
+                    slot = back;
                     if now >= *deadline.get_or_insert(now + self.config.publish_timeout) {
+                        slot.withdraw();
                         return Err(err);
                     }
-                    slot = back;
                     // The queue is full: the delivery reports of earlier records free it.
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
-                Err((err, _)) => return Err(err),
+                Err((err, mut refused)) => {
+                    refused.withdraw();
+                    return Err(err);
+                }
                 Ok(()) => return Ok(()),
             }
         }
