@@ -370,15 +370,17 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
         .expect("store offset");
     drop(first);
     let started = Instant::now();
-    let producer = {
-        let topic = topic.clone();
+    // The task publishes through a clone: the producer is destroyed only after the clock is
+    // read (its drop joins its polling thread and flushes), as the adapter's is on close.
+    let publishing = {
+        let (producer, topic) = (producer.clone(), topic.clone());
         let batch = shape(options).batch;
         tokio::spawn(
             async move { raw_publish_all(&producer, &topic, n, batch, clock, baseline).await },
         )
     };
-    // The consumer is dropped only after the clock is read: a group consumer's drop leaves
-    // the group and commits, which the adapter's side does after its clock too.
+    // The consumer is dropped only after the clock is read too: a group consumer's drop
+    // leaves the group and commits, which the adapter's side does after its clock.
     let (latency, consumer) = if baseline == Baseline::Owned {
         consume_owned(consumer, &topic, n, clock, shape(options).prefetch).await
     } else {
@@ -396,8 +398,8 @@ async fn raw_e2e(options: &Options, baseline: Baseline) -> Run {
         (latency, std::sync::Arc::new(consumer))
     };
     let elapsed = started.elapsed();
-    producer.await.unwrap();
-    drop(consumer);
+    publishing.await.unwrap();
+    drop((producer, consumer));
     delete_topic(&topic).await;
     Run {
         messages: n,

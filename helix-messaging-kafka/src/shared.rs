@@ -14,7 +14,7 @@ use crate::config::{KafkaConfig, NAME};
 use crate::error::publishing;
 use crate::reconnects::StatsContext;
 pub(crate) use crate::reports::HelixProducer;
-use crate::reports::{PendingReports, Slot, Unsettled};
+use crate::reports::{self, PendingReports, Slot, Unsettled};
 use crate::topics::Topics;
 use crate::wire;
 
@@ -127,16 +127,10 @@ impl Shared {
             return Ok(());
         }
         let limit = self.config.publish_timeout + self.config.request_timeout;
-        // Polled: the calls' own waker belongs to the call, which is gone, and reads after a
-        // dropped publish are rare.
         within(
             limit,
             "the delivery reports of records published before the read",
-            async {
-                while !calls.iter().all(|reports| reports.is_in()) {
-                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                }
-            },
+            reports::all_in(&calls),
         )
         .await
         .map_err(|err| err.with_retryable(true))
