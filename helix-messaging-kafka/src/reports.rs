@@ -60,7 +60,7 @@ pub(crate) struct Reports {
     /// The call waiting for its reports, woken when `outstanding` comes down to 0. One
     /// waiter: a `Notify` cost a lock on every report's way in and out of its waiter list
     /// (about 750–800 instructions a `publish`). Reads waiting for dropped calls poll instead
-    /// ([`Shared::settle`](crate::shared::Shared::settle)).
+    /// ([`all_in_by_polling`]).
     waiter: AtomicWaker,
 }
 
@@ -172,7 +172,7 @@ impl Unsettled {
 /// Wait until the reports of every call of `calls` are in. Polled every 5 ms: each call's
 /// waker is its own, and the calls waited for here were dropped (reads after a dropped
 /// publish are rare).
-pub(crate) async fn all_in(calls: &[Arc<Reports>]) {
+pub(crate) async fn all_in_by_polling(calls: &[Arc<Reports>]) {
     while !calls.iter().all(|reports| reports.is_in()) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
@@ -207,8 +207,8 @@ impl PendingReports {
     ///
     /// # Errors
     /// The producer's error for the record, described as publishing to `kafka_topic`;
-    /// [`ErrorKind::Closed`](helix_messaging_core::ErrorKind::Closed) when the producer let
-    /// it go without a report.
+    /// [`ErrorKind::Closed`](helix_messaging_core::ErrorKind::Closed) when its slot was
+    /// dropped without a report ([`Failure::Unreported`]).
     pub(crate) async fn delivered(&self, key: usize, kafka_topic: &str) -> Result<()> {
         self.reports.all_in().await;
         if self.reports.failed.load(Ordering::Acquire) == 0 {
@@ -307,7 +307,7 @@ mod tests {
         drop(pending);
         let held = unsettled.in_flight();
         assert_eq!(held.len(), 1, "the call's report is still out");
-        let waiting = tokio::spawn(async move { all_in(&held).await });
+        let waiting = tokio::spawn(async move { all_in_by_polling(&held).await });
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         assert!(!waiting.is_finished(), "the call's report is still out");
         slot.settle(None);

@@ -130,7 +130,7 @@ impl Shared {
         within(
             limit,
             "the delivery reports of records published before the read",
-            reports::all_in(&calls),
+            reports::all_in_by_polling(&calls),
         )
         .await
         .map_err(|err| err.with_retryable(true))
