@@ -61,7 +61,9 @@ pub use delivery::{
     Acknowledge, Delivery, DeliveryInfo, Envelope, Position, Settlement, Settler, UnboxedDelivery,
 };
 pub use error::{BoxError, Error, ErrorKind, Result, panic_message, within};
-pub use message::{Headers, MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message, MessageParts};
+pub use message::{
+    Headers, MAX_PRIORITY, MESSAGE_TYPE_HEADER, Message, MessageParts, parse_timestamp_nanos,
+};
 pub use names::{MAX_NAME_LEN, check_payload_size, validate_name};
 pub use runner::{
     BoxHandler, DEFAULT_CONCURRENCY, DEFAULT_SHUTDOWN_TIMEOUT, FailureKind, Handler, HandlerError,

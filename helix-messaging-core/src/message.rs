@@ -147,6 +147,16 @@ impl Message {
         self
     }
 
+    /// Replace the id with a copy of `id`. Unlike [`Message::with_id`], it allocates
+    /// nothing for an id of up to 36 bytes (a UUID's text): for an id read from a received
+    /// record, where a `String` made only to be handed over would be allocated and freed
+    /// for every message.
+    #[must_use]
+    pub fn with_id_copied(mut self, id: &str) -> Self {
+        self.id = MessageId::copied(id);
+        self
+    }
+
     /// Set the key: messages with the same key keep their order on backends that declare
     /// per-key ordering. On Kafka it is the record key (so it picks the partition). On
     /// RabbitMQ and Redis it travels with the message (the `x-helix-key` header, the
@@ -300,6 +310,14 @@ impl MessageId {
         }
     }
 
+    /// `id` inline when it fits, copied into a `String` otherwise.
+    fn copied(id: &str) -> Self {
+        match ArrayString::from(id) {
+            Ok(inline) => MessageId::Inline(inline),
+            Err(_) => MessageId::Given(id.to_owned()),
+        }
+    }
+
     fn as_str(&self) -> &str {
         match self {
             MessageId::Inline(text) => text,
@@ -343,6 +361,25 @@ impl<'de> Deserialize<'de> for MessageId {
     }
 }
 
+/// The time `text` gives as a decimal count of nanoseconds since the Unix epoch, the form
+/// every backend writes a message's exact timestamp in; `None` unless `text` is what
+/// `str::parse::<u64>` accepts.
+///
+/// The same result as that parse, for every input, but faster on the 19 digits a timestamp
+/// of this century has: the standard parse checks each digit for overflow beyond 16 digits,
+/// which no number of 19 digits can reach. It runs for every message received.
+pub fn parse_timestamp_nanos(text: &[u8]) -> Option<SystemTime> {
+    let digits = text.strip_prefix(b"+").unwrap_or(text);
+    let nanos = if (1..=19).contains(&digits.len()) {
+        digits.iter().try_fold(0u64, |n, &d| {
+            d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+        })?
+    } else {
+        std::str::from_utf8(text).ok()?.parse::<u64>().ok()?
+    };
+    Some(std::time::UNIX_EPOCH + Duration::from_nanos(nanos))
+}
+
 /// `t` as milliseconds since the Unix epoch, the form times take in headers.
 pub(crate) fn millis(t: SystemTime) -> String {
     let ms = t
@@ -370,6 +407,50 @@ mod tests {
     /// Ids up to 36 bytes are kept inline and longer ones as given; either way every id
     /// reads back, takes the message apart and goes through serde exactly as it was given,
     /// multi-byte characters at the boundary included.
+    /// The fast path agrees with `str::parse::<u64>` on every input: signs, empty text,
+    /// non-digits, the widths around the fast path's limit and the edges of `u64`.
+    #[test]
+    fn timestamps_in_nanoseconds_parse_as_the_standard_parse_does() {
+        let mut inputs: Vec<String> = [
+            "",
+            "+",
+            "-",
+            "-1",
+            "0",
+            "+0",
+            "00",
+            "7",
+            "+7",
+            " 7",
+            "7 ",
+            "1a",
+            "١",
+            "1_000",
+            "18446744073709551615",
+            "18446744073709551616",
+            "+18446744073709551615",
+            "99999999999999999999",
+            "000000000000000000001",
+            "1765000000123456789",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        for width in 15..=21 {
+            inputs.push("9".repeat(width));
+            inputs.push(format!("1{}", "0".repeat(width - 1)));
+            inputs.push(format!("{}x", "1".repeat(width - 1)));
+        }
+        for text in inputs {
+            let expected = text
+                .parse::<u64>()
+                .ok()
+                .map(|ns| std::time::UNIX_EPOCH + Duration::from_nanos(ns));
+            assert_eq!(parse_timestamp_nanos(text.as_bytes()), expected, "{text:?}");
+        }
+        assert_eq!(parse_timestamp_nanos(b"\xff1"), None, "not UTF-8");
+    }
+
     #[test]
     fn every_id_reads_back_as_given_inline_or_not() {
         let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
@@ -389,6 +470,7 @@ mod tests {
         for id in ids {
             let message = Message::new("p").with_id(id.clone());
             assert_eq!(message.id(), id);
+            assert_eq!(message.clone().with_id_copied(&id), message, "copied");
             let restored = Message::restore(id.clone(), "p", std::time::UNIX_EPOCH);
             assert_eq!(restored.id(), id);
             let rebuilt = Message::from_parts(message.clone().into_parts());

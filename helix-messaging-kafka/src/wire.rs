@@ -118,7 +118,9 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
         .timestamp()
         .to_millis()
         .map_or_else(SystemTime::now, from_millis);
-    let mut id = None;
+    // Borrowed from the record until the message is made: an owned copy would be a
+    // `String` allocated only to be copied into the message's inline id and freed.
+    let mut id: Option<std::borrow::Cow<'_, str>> = None;
     let mut timestamp = recorded_at;
     let mut content_type = None;
     let mut correlation_id = None;
@@ -129,38 +131,31 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
     let mut app_headers = helix_messaging_core::Headers::new();
     if let Some(headers) = record.headers() {
         for header in headers.iter() {
-            let value = text(header.value.unwrap_or_default());
+            let raw = header.value.unwrap_or_default();
+            let value = || text(raw);
             match header.key {
-                ID => id = Some(value.into_owned()),
+                ID => id = Some(value()),
                 TIMESTAMP_NS => {
-                    if let Ok(ns) = value.parse::<u64>() {
-                        timestamp = UNIX_EPOCH + Duration::from_nanos(ns);
+                    if let Some(at) = helix_messaging_core::parse_timestamp_nanos(raw) {
+                        timestamp = at;
                     }
                 }
-                CONTENT_TYPE => content_type = Some(value.into_owned()),
-                CORRELATION_ID => correlation_id = Some(value.into_owned()),
-                PRIORITY => priority = value.parse().unwrap_or(0),
-                TTL_MS => ttl = value.parse::<u64>().ok().map(Duration::from_millis),
-                ATTEMPT => earlier = value.parse().unwrap_or(0),
-                NOT_BEFORE_MS => not_before = value.parse::<i64>().ok().map(from_millis),
+                CONTENT_TYPE => content_type = Some(value().into_owned()),
+                CORRELATION_ID => correlation_id = Some(value().into_owned()),
+                PRIORITY => priority = value().parse().unwrap_or(0),
+                TTL_MS => ttl = value().parse::<u64>().ok().map(Duration::from_millis),
+                ATTEMPT => earlier = value().parse().unwrap_or(0),
+                NOT_BEFORE_MS => not_before = value().parse::<i64>().ok().map(from_millis),
                 key if key.starts_with("x-helix-") => {}
                 key => {
-                    app_headers.insert(key.to_owned(), value.into_owned());
+                    app_headers.insert(key.to_owned(), value().into_owned());
                 }
             }
         }
     }
-    let id = id.unwrap_or_else(|| {
-        format!(
-            "{}-{}@{}",
-            record.topic(),
-            record.partition(),
-            record.offset()
-        )
-    });
     let payload = bytes_of(record.payload());
     let message = Message::from_parts(MessageParts {
-        id,
+        id: String::new(),
         key: record
             .key()
             .map(|key| String::from_utf8_lossy(key).into_owned()),
@@ -172,6 +167,15 @@ pub(crate) fn received(record: &BorrowedMessage<'_>) -> Received {
         priority,
         ttl,
     });
+    let message = match id {
+        Some(id) => message.with_id_copied(&id),
+        None => message.with_id(format!(
+            "{}-{}@{}",
+            record.topic(),
+            record.partition(),
+            record.offset()
+        )),
+    };
     Received {
         message,
         attempts_in_header: earlier,

@@ -196,10 +196,6 @@ pub(crate) fn received(delivery: &mut lapin::message::Delivery) -> Received {
     let table = props.headers().as_ref();
     let header = |name: &str| header(props, name);
     let timestamp = timestamp(props);
-    let id = props
-        .message_id()
-        .as_ref()
-        .map_or_else(|| uuid::Uuid::new_v4().to_string(), |id| id.to_string());
     let payload = std::mem::take(&mut delivery.data);
     let mut headers = Headers::new();
     if let Some(table) = table {
@@ -217,7 +213,9 @@ pub(crate) fn received(delivery: &mut lapin::message::Delivery) -> Received {
         }
     }
     let message = Message::from_parts(MessageParts {
-        id,
+        // A message without an id keeps the fresh one set below; one with an id has it
+        // copied in place, never through a `String` of its own.
+        id: String::new(),
         key: header(KEY).map(text),
         payload: payload.into(),
         headers,
@@ -227,6 +225,10 @@ pub(crate) fn received(delivery: &mut lapin::message::Delivery) -> Received {
         priority: props.priority().unwrap_or(0),
         ttl: ttl(props),
     });
+    let message = match props.message_id() {
+        Some(id) => message.with_id_copied(id.as_str()),
+        None => message.with_id(uuid::Uuid::new_v4().to_string()),
+    };
     let earlier = attempts_in_header(props);
     // A native redelivery (closed channel) adds one delivery the header cannot know about;
     // the consumer re-counts those before they get here (see `uncounted_redelivery`), so this

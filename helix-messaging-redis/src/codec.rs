@@ -337,8 +337,9 @@ pub(crate) fn from_stream_fields(
             LEGACY_FIELD => {}
             F_ID => id = Some(take_text(value)),
             F_TS_NS => {
-                if let Ok(ns) = value_text(value).parse::<u64>() {
-                    timestamp = UNIX_EPOCH + Duration::from_nanos(ns);
+                // Parsed where it lies: a `String` of it was an allocation per entry read.
+                if let Some(at) = helix_messaging_core::parse_timestamp_nanos(&value_bytes(value)) {
+                    timestamp = at;
                 }
             }
             F_KEY => key = Some(take_text(value)),
