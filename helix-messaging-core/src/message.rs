@@ -362,8 +362,8 @@ impl<'de> Deserialize<'de> for MessageId {
 }
 
 /// The time `text` gives as a decimal count of nanoseconds since the Unix epoch, the form
-/// every backend writes a message's exact timestamp in; `None` unless `text` is what
-/// `str::parse::<u64>` accepts.
+/// a message's exact timestamp takes in Kafka's `x-helix-timestamp-ns` header and the Redis
+/// Streams `helix.ts-ns` field; `None` unless `text` is what `str::parse::<u64>` accepts.
 ///
 /// The same result as that parse, for every input, but faster on the 19 digits a timestamp
 /// of this century has: the standard parse checks each digit for overflow beyond 16 digits,
@@ -404,9 +404,6 @@ pub(crate) fn parse_millis(s: &str) -> Option<SystemTime> {
 mod tests {
     use super::*;
 
-    /// Ids up to 36 bytes are kept inline and longer ones as given; either way every id
-    /// reads back, takes the message apart and goes through serde exactly as it was given,
-    /// multi-byte characters at the boundary included.
     /// The fast path agrees with `str::parse::<u64>` on every input: signs, empty text,
     /// non-digits, the widths around the fast path's limit and the edges of `u64`.
     #[test]
@@ -421,6 +418,8 @@ mod tests {
             "00",
             "7",
             "+7",
+            "++7",
+            "+-7",
             " 7",
             "7 ",
             "1a",
@@ -451,6 +450,9 @@ mod tests {
         assert_eq!(parse_timestamp_nanos(b"\xff1"), None, "not UTF-8");
     }
 
+    /// Ids up to 36 bytes are kept inline and longer ones as given; either way every id
+    /// reads back, takes the message apart and goes through serde exactly as it was given,
+    /// multi-byte characters at the boundary included.
     #[test]
     fn every_id_reads_back_as_given_inline_or_not() {
         let uuid = uuid::Uuid::new_v4().hyphenated().to_string();
@@ -470,7 +472,14 @@ mod tests {
         for id in ids {
             let message = Message::new("p").with_id(id.clone());
             assert_eq!(message.id(), id);
-            assert_eq!(message.clone().with_id_copied(&id), message, "copied");
+            let copied = Message::new("p").with_id_copied(&id);
+            assert_eq!(copied.id(), id, "copied");
+            assert_eq!(
+                matches!(copied.id, MessageId::Inline(_)),
+                id.len() <= INLINE_ID,
+                "a copied id of {} bytes is inline exactly when it fits",
+                id.len()
+            );
             let restored = Message::restore(id.clone(), "p", std::time::UNIX_EPOCH);
             assert_eq!(restored.id(), id);
             let rebuilt = Message::from_parts(message.clone().into_parts());
