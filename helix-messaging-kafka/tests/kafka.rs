@@ -848,3 +848,100 @@ async fn a_history_read_sees_a_record_whose_publisher_stopped_waiting() {
     assert_eq!(read, ["abandoned"]);
     broker.close().await.unwrap();
 }
+
+/// Records cross to and from other Kafka clients as plain records (the crate's and the
+/// README's promise). A record another producer wrote, with no helix headers, is received
+/// as it is: its key, its headers, its payload, the record timestamp, and the id
+/// `<topic>-<partition>@<offset>`. A message published here reads, to a plain consumer, as
+/// a record with the payload as value, the key as key, the application's headers as record
+/// headers and the id in `x-helix-id`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_cross_to_and_from_other_clients_as_plain_records() {
+    use rdkafka::Message as _;
+    use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let brokers = common::brokers();
+    let broker = KafkaBroker::connect(common::config()).await.unwrap();
+    let topic = fresh_name("plain-records");
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, 1)])
+        .await
+        .unwrap();
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group(fresh_name("g")))
+        .await
+        .unwrap();
+
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .create()
+        .unwrap();
+    let stamped_ms = 1_700_000_000_123_i64;
+    let written = producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("plain-key")
+                .payload("from a plain producer")
+                .timestamp(stamped_ms)
+                .headers(OwnedHeaders::new().insert(Header {
+                    key: "origin",
+                    value: Some("elsewhere"),
+                })),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let (partition, offset) = (written.partition, written.offset);
+    let delivery = recv(&mut sub).await;
+    let message = delivery.message();
+    assert_eq!(message.id(), format!("{topic}-{partition}@{offset}"));
+    assert_eq!(message.payload().as_ref(), b"from a plain producer");
+    assert_eq!(message.key(), Some("plain-key"));
+    assert_eq!(message.header("origin"), Some("elsewhere"));
+    assert_eq!(
+        message.timestamp(),
+        std::time::UNIX_EPOCH + Duration::from_millis(stamped_ms as u64)
+    );
+    assert_eq!(
+        delivery.info().position,
+        Some(Position::Offset { partition, offset })
+    );
+    delivery.ack().await.unwrap();
+    drop(sub);
+
+    let sent = Message::new("from helix")
+        .with_key("helix-key")
+        .with_header("origin", "here");
+    broker.publish(&topic, sent.clone()).await.unwrap();
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", fresh_name("plain-reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&topic]).unwrap();
+    let record = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let record = consumer.recv().await.expect("a record");
+            if record.payload() == Some(b"from helix".as_slice()) {
+                break record.detach();
+            }
+        }
+    })
+    .await
+    .expect("the published message within 20 s");
+    assert_eq!(record.key(), Some(b"helix-key".as_slice()));
+    let headers = record.headers().expect("record headers");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(header("origin").as_deref(), Some("here"));
+    assert_eq!(header("x-helix-id").as_deref(), Some(sent.id()));
+    broker.close().await.unwrap();
+}
