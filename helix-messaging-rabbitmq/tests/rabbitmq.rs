@@ -360,3 +360,79 @@ async fn the_connect_timeout_variable_bounds_a_silent_server() {
         started.elapsed()
     );
 }
+
+/// Messages of other AMQP publishers (no helix headers) are taken as they are, as the wire
+/// module promises: the message id they carry, or a fresh UUID each when they carry none;
+/// the AMQP timestamp (seconds); their headers and their payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_of_other_publishers_are_received_as_they_are() {
+    use lapin::options::BasicPublishOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let config = common::config();
+    let broker = RabbitBroker::connect(config.clone()).await.unwrap();
+    let topic = helix_messaging_testkit::fresh_name("plain-amqp");
+    let mut sub = broker
+        .subscribe(&topic, SubscribeOptions::group("g"))
+        .await
+        .unwrap();
+    let url = std::env::var("RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
+    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert("origin".into(), AMQPValue::LongString("elsewhere".into()));
+    let publish = |body: &'static [u8], properties: lapin::BasicProperties| {
+        let (channel, exchange, topic) = (&channel, config.exchange.clone(), topic.clone());
+        async move {
+            channel
+                .basic_publish(
+                    exchange.into(),
+                    topic.into(),
+                    BasicPublishOptions::default(),
+                    body,
+                    properties,
+                )
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    publish(
+        b"with an id",
+        lapin::BasicProperties::default()
+            .with_message_id("their-id-1".into())
+            .with_timestamp(1_700_000_000)
+            .with_headers(headers),
+    )
+    .await;
+    publish(b"without one", lapin::BasicProperties::default()).await;
+    publish(b"without one either", lapin::BasicProperties::default()).await;
+
+    let first = common::recv(&mut sub).await;
+    let message = first.message();
+    assert_eq!(message.id(), "their-id-1");
+    assert_eq!(message.payload().as_ref(), b"with an id");
+    assert_eq!(message.header("origin"), Some("elsewhere"));
+    assert_eq!(
+        message.timestamp(),
+        std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    );
+    first.ack().await.unwrap();
+    let mut fresh = Vec::new();
+    for body in [b"without one".as_slice(), b"without one either"] {
+        let delivery = common::recv(&mut sub).await;
+        assert_eq!(delivery.message().payload().as_ref(), body);
+        let id = uuid::Uuid::parse_str(delivery.message().id()).expect("a UUID");
+        assert_eq!(id.get_version_num(), 4);
+        assert_eq!(id.hyphenated().to_string(), delivery.message().id());
+        fresh.push(id);
+        delivery.ack().await.unwrap();
+    }
+    assert_ne!(fresh[0], fresh[1], "each message gets an id of its own");
+    connection.close(0, "done".into()).await.unwrap();
+    broker.close().await.unwrap();
+}
