@@ -31,6 +31,17 @@ fn partitions(brokers: &str, topic: &str) -> usize {
     metadata.topics()[0].partitions().len()
 }
 
+/// A topic of one partition on `broker`'s cluster, under a fresh name starting with
+/// `prefix`.
+async fn one_partition_topic(broker: &KafkaBroker, prefix: &str) -> String {
+    let topic = fresh_name(prefix);
+    broker
+        .create_topics(&[KafkaTopic::new(&topic, 1)])
+        .await
+        .unwrap();
+    topic
+}
+
 /// Acks all but the second of five messages, latest first; the group must resume at the
 /// unsettled one.
 async fn check_commits_stop_at_the_unsettled_message(
@@ -551,11 +562,7 @@ async fn a_delivery_dropped_unsettled_comes_back_and_commits_move_on() {
     // point for good: it is handed out again, and once settled the group moves past it.
     common::log_to_test_output();
     let broker = KafkaBroker::connect(common::config()).await.unwrap();
-    let topic = fresh_name("dropped");
-    broker
-        .create_topics(&[KafkaTopic::new(&topic, 1)])
-        .await
-        .unwrap();
+    let topic = one_partition_topic(&broker, "dropped").await;
     let group = fresh_name("g");
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group(&group))
@@ -777,11 +784,7 @@ async fn a_group_consumer_with_the_seed_timings_receives() {
     ]))
     .unwrap();
     let broker = KafkaBroker::connect(config).await.unwrap();
-    let topic = fresh_name("timings");
-    broker
-        .create_topics(&[KafkaTopic::new(&topic, 1)])
-        .await
-        .unwrap();
+    let topic = one_partition_topic(&broker, "timings").await;
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group(fresh_name("g")))
         .await
@@ -817,11 +820,7 @@ async fn a_history_read_sees_a_record_whose_publisher_stopped_waiting() {
     let mut config = common::config();
     config.linger = Duration::from_secs(2);
     let broker = KafkaBroker::connect(config).await.unwrap();
-    let topic = fresh_name("abandoned-publish");
-    broker
-        .create_topics(&[KafkaTopic::new(&topic, 1)])
-        .await
-        .unwrap();
+    let topic = one_partition_topic(&broker, "abandoned-publish").await;
     let from = std::time::SystemTime::now() - Duration::from_secs(1);
     // The topic is known, so one poll hands the record to the producer; the publish is then
     // waiting for its report, and is dropped.
@@ -863,11 +862,7 @@ async fn records_cross_to_and_from_other_clients_as_plain_records() {
 
     let brokers = common::brokers();
     let broker = KafkaBroker::connect(common::config()).await.unwrap();
-    let topic = fresh_name("plain-records");
-    broker
-        .create_topics(&[KafkaTopic::new(&topic, 1)])
-        .await
-        .unwrap();
+    let topic = one_partition_topic(&broker, "plain-records").await;
     let mut sub = broker
         .subscribe(&topic, SubscribeOptions::group(fresh_name("g")))
         .await
