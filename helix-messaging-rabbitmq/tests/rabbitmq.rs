@@ -376,11 +376,10 @@ async fn messages_of_other_publishers_are_received_as_they_are() {
         .subscribe(&topic, SubscribeOptions::group("g"))
         .await
         .unwrap();
-    let url = std::env::var("RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection =
+        lapin::Connection::connect(&common::url(), lapin::ConnectionProperties::default())
+            .await
+            .unwrap();
     let channel = connection.create_channel().await.unwrap();
     let mut headers = FieldTable::default();
     headers.insert("origin".into(), AMQPValue::LongString("elsewhere".into()));

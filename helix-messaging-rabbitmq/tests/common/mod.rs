@@ -27,9 +27,12 @@ fn config_for(url: &str) -> RabbitConfig {
 
 /// The shared server's default vhost.
 pub fn config() -> RabbitConfig {
-    let url = std::env::var("RABBITMQ_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    config_for(&url)
+    config_for(&url())
+}
+
+/// The shared server's URL, its default vhost (`RABBITMQ_URL` overrides).
+pub fn url() -> String {
+    std::env::var("RABBITMQ_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 use helix_messaging_testkit::faults::TestVhost;
